@@ -1,0 +1,111 @@
+"""The ``cubic`` engine: cubic B-spline interpolation through-plane and in-plane, sigma = 0.
+
+Interpolating (the prefiltered spline passes through every input sample), so output slice k*f equals input
+slice k to float precision. Mirror boundary conditions. numpy only; fast enough on CPU for 512^2 x 600.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from models.engine import EngineOptions, EngineResult, Factors, VolumeInput, output_shape, register
+
+_POLE = math.sqrt(3.0) - 2.0
+
+
+def bspline_prefilter(c: np.ndarray, axis: int) -> np.ndarray:
+    """Cubic B-spline coefficients of samples ``c`` along ``axis`` (Unser's recursive filter, mirror ends)."""
+    c = np.moveaxis(np.array(c, dtype=np.float64, copy=True), axis, 0)
+    n = c.shape[0]
+    if n == 1:
+        return np.moveaxis(c, 0, axis)
+    z = _POLE
+    gain = (1 - z) * (1 - 1 / z)
+    c *= gain
+    # causal initialisation (mirror-symmetric boundary), truncated sum
+    horizon = min(n, int(math.ceil(math.log(1e-12) / math.log(abs(z)))))
+    zn = z
+    s = c[0].copy()
+    for k in range(1, horizon):
+        s += zn * c[k]
+        zn *= z
+    c[0] = s
+    for k in range(1, n):
+        c[k] += z * c[k - 1]
+    c[n - 1] = (z / (z * z - 1)) * (z * c[n - 2] + c[n - 1])
+    for k in range(n - 2, -1, -1):
+        c[k] = z * (c[k + 1] - c[k])
+    return np.moveaxis(c, 0, axis)
+
+
+def _bspline3(t: np.ndarray) -> np.ndarray:
+    a = np.abs(t)
+    out = np.where(a < 1, 2 / 3 - a**2 + a**3 / 2, 0.0)
+    return np.where((a >= 1) & (a < 2), (2 - a) ** 3 / 6, out)
+
+
+def _mirror(i: np.ndarray, n: int) -> np.ndarray:
+    if n == 1:
+        return np.zeros_like(i)
+    period = 2 * n - 2
+    i = np.mod(i, period)
+    return np.where(i >= n, period - i, i)
+
+
+def resample_axis(data: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
+    """Cubic B-spline values of ``data`` at fractional sample ``positions`` along ``axis``."""
+    n = data.shape[axis]
+    coef = np.moveaxis(bspline_prefilter(data, axis), axis, 0)
+    base = np.floor(positions).astype(np.int64)
+    out = np.zeros((len(positions),) + coef.shape[1:], dtype=np.float64)
+    for m in (-1, 0, 1, 2):
+        idx = _mirror(base + m, n)
+        w = _bspline3(positions - (base + m))
+        out += coef[idx] * w.reshape((-1,) + (1,) * (coef.ndim - 1))
+    return np.moveaxis(out, 0, axis)
+
+
+def upsample(data: np.ndarray, factors: Factors) -> np.ndarray:
+    """Cubic B-spline ×f through-plane (node-aligned) and ×f in-plane (pixel-area aligned), float32."""
+    out = np.asarray(data, dtype=np.float64)
+    f = factors.through_plane
+    if f > 1 and out.shape[0] > 1:
+        out = resample_axis(out, 0, np.arange((out.shape[0] - 1) * f + 1) / f)
+    g = factors.in_plane
+    if g > 1:
+        for axis in (1, 2):
+            n = out.shape[axis]
+            pos = (np.arange(n * g) + 0.5) / g - 0.5
+            out = resample_axis(out, axis, pos)
+    return out.astype(np.float32)
+
+
+class CubicEngine:
+    name = "cubic"
+    version = "1"
+
+    def __init__(self, options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
+
+    def upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult:
+        t0 = time.perf_counter()
+        out = upsample(volume.data, factors)
+        if volume.value_range is not None:
+            np.clip(out, volume.value_range[0], volume.value_range[1], out=out)
+        assert out.shape == output_shape(volume.data.shape, factors)  # type: ignore[arg-type]
+        dz, dy, dx = volume.spacing
+        return EngineResult(
+            data=out,
+            sigma=np.zeros_like(out),
+            spacing=(dz / factors.through_plane, dy / factors.in_plane, dx / factors.in_plane),
+            engine=self.name,
+            report={"seconds": round(time.perf_counter() - t0, 3)},
+        )
+
+
+@register("cubic")
+def _factory(options: EngineOptions) -> CubicEngine:
+    return CubicEngine(options)

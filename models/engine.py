@@ -1,0 +1,126 @@
+"""The engine boundary: one narrow interface between the node and every super-resolution engine.
+
+The node hands an engine a ``VolumeInput`` (float32 modality units, axes (z, y, x), voxel spacing in mm and the
+acquisition's slice profile) and ``Factors``; the engine returns an ``EngineResult``. Nothing here knows DICOM.
+
+Geometry contract (the node relies on it):
+- through-plane factor f over N input slices gives (N-1)*f + 1 output slices; output slice k*f lies exactly at
+  input slice k (the first and last input positions are kept), spacing dz / f;
+- in-plane factor f gives (Y*f, X*f) pixels with spacing dy / f, dx / f, pixel centres aligned so that the
+  first output pixel centre lies at the first input pixel centre minus (f-1)/(2f) of an input pixel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Factors:
+    through_plane: int = 2
+    in_plane: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.through_plane <= 8:
+            raise ValueError(f"Factors.through_plane: {self.through_plane} must be 1..8")
+        if not 1 <= self.in_plane <= 4:
+            raise ValueError(f"Factors.in_plane: {self.in_plane} must be 1..4")
+
+
+@dataclass(frozen=True)
+class VolumeInput:
+    """What an engine sees of a series."""
+
+    data: np.ndarray  # (Z, Y, X) float32, modality units (HU for CT)
+    spacing: tuple[float, float, float]  # (dz, dy, dx) mm; dz = step between slice centres
+    slice_thickness: float  # mm, FWHM of the slice profile (SliceThickness); <= 0: unknown, use dz
+    modality: str = ""  # "CT", "MR", ... (for body masks and value ranges)
+    value_range: tuple[float, float] | None = None  # representable range in modality units (clip to it)
+    profile: str = "box"  # slice profile shape: "box" | "gaussian"
+
+    def __post_init__(self) -> None:
+        if self.data.ndim != 3:
+            raise ValueError(f"VolumeInput.data: expected 3 dims (z, y, x), got shape {self.data.shape}")
+        if any(s <= 0 for s in self.spacing):
+            raise ValueError(f"VolumeInput.spacing: all spacings must be > 0, got {self.spacing}")
+
+
+@dataclass
+class EngineResult:
+    data: np.ndarray  # (Z', Y', X') float32, modality units
+    sigma: np.ndarray  # (Z', Y', X') float32, calibrated 1-sigma in modality units (0 for deterministic engines)
+    spacing: tuple[float, float, float]  # (dz', dy', dx') mm
+    engine: str  # the engine that produced ``data`` (after any fallback)
+    fallback: str = ""  # non-empty: why the requested engine was not used ("internal gain 0.1 dB < 0.3 dB")
+    report: dict[str, Any] = field(default_factory=dict)  # figures for the job record (gain, residual, seconds)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    name: str
+    version: str
+
+    def upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult: ...
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Engine settings the node passes through (mirrors config.toml's [engine])."""
+
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    fast: bool = False
+    finetune_steps: int = 200
+    tta_passes: int = 8
+    samples: int = 8
+    weights: str = ""
+    seed: int = 0
+    min_gain_db: float = 0.3
+    max_voxels_per_tile: int = 0
+
+
+EngineFactory = Callable[[EngineOptions], Engine]
+_REGISTRY: dict[str, EngineFactory] = {}
+
+
+def register(name: str) -> Callable[[EngineFactory], EngineFactory]:
+    """Decorator: make an engine factory available under ``name``."""
+
+    def deco(factory: EngineFactory) -> EngineFactory:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def _load_builtin() -> None:
+    # Imported for their @register side effect; an engine whose module is absent is simply not offered.
+    import importlib
+
+    for mod in ("models.cubic", "models.selfsup", "models.diffusion"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def available() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_engine(name: str, options: EngineOptions | None = None) -> Engine:
+    """The engine registered as ``name``; ValueError names the known engines."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ValueError(f"engine {name!r} is not known; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](options or EngineOptions())
+
+
+def output_shape(shape: tuple[int, int, int], factors: Factors) -> tuple[int, int, int]:
+    z, y, x = shape
+    return ((z - 1) * factors.through_plane + 1, y * factors.in_plane, x * factors.in_plane)
