@@ -1,0 +1,39 @@
+"""Shared fixtures: the shared real-data folder, a session Orthanc, tool paths."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from peers import Orthanc, start_orthanc  # noqa: E402
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_series(name: str) -> Path:
+    """A folder of ../shared/data, or skip the test with the reason."""
+    p = SHARED_DATA / name
+    if not p.is_dir():
+        pytest.skip(f"real scanner data not present: {p} (CI always has ../shared/data)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real scanner data not present: {SHARED_DATA} (CI always has ../shared/data)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """A plain real Orthanc (PACS stand-in) for the whole session; tests call ``orthanc.clear()`` if needed."""
+    o = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    yield o
+    o.stop()

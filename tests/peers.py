@@ -1,0 +1,181 @@
+"""Real peers for tests: a real Orthanc (Debian binary) and dcmtk tools, started on free loopback ports.
+
+No mocks: what srnode talks to in tests is what it talks to in a hospital.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ORTHANC_BIN = "/usr/sbin/Orthanc"
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+# dcmtk by absolute path: pynetdicom installs console scripts of the same names that shadow dcmtk on PATH
+STORESCU = "/usr/bin/storescu"
+STORESCP = "/usr/bin/storescp"
+ECHOSCU = "/usr/bin/echoscu"
+DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
+    """Poll ``cond`` until it returns a truthy value or ``timeout`` passes (then AssertionError naming ``what``)."""
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - polling a peer that is still starting
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}" + (f" (last error: {last_exc})" if last_exc else ""))
+
+
+@dataclass
+class Orthanc:
+    """A running Orthanc: REST at ``url``, DICOM at ``aet``@127.0.0.1:``dicom_port``."""
+
+    url: str
+    dicom_port: int
+    aet: str
+    workdir: Path
+    proc: subprocess.Popen[bytes]
+    username: str = ""
+    password: str = ""
+    log_path: Path = field(default_factory=Path)
+
+    @property
+    def auth(self) -> tuple[str, str] | None:
+        return (self.username, self.password) if self.username else None
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, auth=self.auth, timeout=30.0)
+
+    def get(self, path: str) -> Any:
+        with self.client() as c:
+            r = c.get(path)
+            r.raise_for_status()
+            return r.json()
+
+    def series_of_study(self, study_instance_uid: str) -> list[dict[str, Any]]:
+        with self.client() as c:
+            r = c.post("/tools/find", json={"Level": "Series", "Expand": True,
+                                            "Query": {"StudyInstanceUID": study_instance_uid}})
+            r.raise_for_status()
+            return list(r.json())
+
+    def clear(self) -> None:
+        """Delete every patient (between tests sharing one session Orthanc)."""
+        with self.client() as c:
+            for pid in c.get("/patients").json():
+                c.delete(f"/patients/{pid}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-5000:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_orthanc(
+    workdir: Path,
+    *,
+    plugins: Sequence[str | Path] = (),
+    modalities: dict[str, list[Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+    username: str = "",
+    password: str = "",
+    aet: str = "ORTHANC",
+    env: dict[str, str] | None = None,
+) -> Orthanc:
+    """Start Orthanc from a generated config on free ports and wait until ``/system`` answers."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    http_port, dicom_port = free_port(), free_port()
+    cfg: dict[str, Any] = {
+        "Name": "srnode-test",
+        "StorageDirectory": str(workdir / "db"),
+        "IndexDirectory": str(workdir / "db"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": aet,
+        "RemoteAccessAllowed": False,
+        "HttpServerEnabled": True,
+        "AuthenticationEnabled": bool(username),
+        "RegisteredUsers": {username: password} if username else {},
+        "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowEcho": True,
+        "DicomAlwaysAllowFind": True,
+        "DicomAlwaysAllowMove": True,
+        "UnknownSopClassAccepted": True,
+        "DicomModalities": modalities or {},
+        "Plugins": [str(p) for p in plugins],
+        "StableAge": 2,
+        "ConcurrentJobs": 2,
+        "HttpTimeout": 60,
+        "SaveJobs": False,
+        "DicomScuTimeout": 30,
+    }
+    if extra:
+        cfg.update(extra)
+    cfg_path = workdir / "orthanc.json"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    log_path = workdir / "orthanc.log"
+    logf = log_path.open("wb")
+    proc = subprocess.Popen([ORTHANC_BIN, str(cfg_path)], stdout=logf, stderr=subprocess.STDOUT,
+                            cwd=workdir, env={**os.environ, **(env or {})})
+    o = Orthanc(url=f"http://127.0.0.1:{http_port}", dicom_port=dicom_port, aet=aet, workdir=workdir,
+                proc=proc, username=username, password=password, log_path=log_path)
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Orthanc exited with {proc.returncode}: {o.log()}")
+        r = httpx.get(f"{o.url}/system", auth=o.auth, timeout=2.0)
+        return r.status_code == 200
+
+    try:
+        wait_until(up, timeout=60, what="Orthanc /system")
+    except Exception:
+        o.stop()
+        raise
+    return o
+
+
+def storescu(files: Sequence[Path | str], port: int, aet: str = "SRNODE", calling: str = "STORESCU",
+             extra_args: Sequence[str] = (), timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Send files with dcmtk storescu (``-xs``: propose the file's own transfer syntax first)."""
+    cmd = [STORESCU, "-aec", aet, "-aet", calling, *extra_args, "127.0.0.1", str(port), *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def dciodvfy(path: Path | str) -> tuple[list[str], list[str]]:
+    """Run dicom3tools' dciodvfy; returns (errors, warnings) lines."""
+    out = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
+    lines = (out.stdout + out.stderr).splitlines()
+    return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
