@@ -1,0 +1,280 @@
+"""srnode plugin for Orthanc (orthanc-python >= 3.2, Orthanc >= 1.10; stdlib only).
+
+Load it with ``"PythonScript": "/path/to/orthanc/plugin.py"`` next to ``libOrthancPython.so`` in ``Plugins``.
+It reads the ``"SrNode"`` section of the Orthanc configuration:
+
+    "SrNode": {
+      "AeTitle": "SRNODE", "Host": "127.0.0.1", "Port": 11112,   // the node's DICOM SCP
+      "Modalities": ["CT", "MR"],          // series modalities to route (default: every image series)
+      "SeriesDescriptionRegex": "",        // optional: only series whose description matches (re.search)
+      "Label": "",                         // optional (Orthanc >= 1.12): only series of studies with this label
+      "HttpUrl": "http://127.0.0.1:8480",  // optional: the node's HTTP API, to follow the job to its end
+      "Token": "",                         // bearer token of the node's HTTP API ([http].token)
+      "DerivedSuffix": " SR",              // [derive].series_description_suffix of the node
+      "TimeoutSeconds": 3600               // a series not done after this long is marked srnode-failed
+    }
+
+Flow: on STABLE_SERIES the callback only queues the series id (Orthanc must never wait on us). A worker thread
+filters it, skips srnode's own output (ImageType DERIVED, description ending in the suffix, Manufacturer or
+contributing equipment "srnode"), registers the node as modality ``srnode`` and sends the series with Orthanc's
+own store job (``/modalities/srnode/store``, asynchronous). A tracker thread follows each series to its end —
+the node's ``GET /jobs?series=UID`` when HttpUrl is set, else the arrival of a derived series in the same study
+that references the original — and marks the original.
+
+Marks: Orthanc 1.10 has no labels, so the state is the series metadata ``SrNodeState`` (declare it in
+``UserMetadata``, e.g. ``"UserMetadata": {"SrNodeState": 4242, "SrNodeReason": 4243}``) with values
+``srnode-queued`` / ``srnode-done`` / ``srnode-failed``; the reason of a failure goes to ``SrNodeReason``.
+When the server supports labels (Orthanc >= 1.12) the same three words are also set as series labels.
+
+The Orthanc Python plugin is AGPL-3.0; this script runs inside it (see the README, section integration).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+import orthanc  # type: ignore[import-not-found]  # provided by libOrthancPython at run time
+
+MODALITY_NAME = "srnode"
+STATE_KEY = "SrNodeState"
+REASON_KEY = "SrNodeReason"
+QUEUED, DONE, FAILED = "srnode-queued", "srnode-done", "srnode-failed"
+NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "RTSTRUCT", "RTPLAN", "RTDOSE", "SEG", "REG", "DOC", "AU", "ECG"}
+
+
+class _Settings:
+    def __init__(self, section: dict[str, Any]) -> None:
+        self.ae_title = str(section.get("AeTitle", "SRNODE"))
+        self.host = str(section.get("Host", "127.0.0.1"))
+        self.port = int(section.get("Port", 11112))
+        self.modalities = {str(m).upper() for m in section.get("Modalities", [])}
+        rx = str(section.get("SeriesDescriptionRegex", ""))
+        self.description_rx = re.compile(rx) if rx else None
+        self.label = str(section.get("Label", ""))
+        self.http_url = str(section.get("HttpUrl", "")).rstrip("/")
+        self.token = str(section.get("Token", ""))
+        self.suffix = str(section.get("DerivedSuffix", " SR"))
+        self.timeout_s = float(section.get("TimeoutSeconds", 3600))
+        self.poll_s = float(section.get("PollSeconds", 1.0))
+
+
+def _log(msg: str) -> None:
+    orthanc.LogWarning(f"srnode plugin: {msg}")
+
+
+def _get(uri: str) -> Any:
+    return json.loads(orthanc.RestApiGet(uri))
+
+
+class SrNodePlugin:
+    """State of the plugin: a work queue, a tracker table and two daemon threads."""
+
+    def __init__(self, settings: _Settings) -> None:
+        self.s = settings
+        self.work: queue.Queue[str] = queue.Queue()
+        self.pending: dict[str, dict[str, Any]] = {}  # orthanc series id -> {uid, study, since}
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.labels = False
+        self.threads = [threading.Thread(target=self._dispatch_loop, name="srnode-dispatch", daemon=True),
+                        threading.Thread(target=self._track_loop, name="srnode-track", daemon=True)]
+
+    # ---------------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self.work.put("")
+        for t in self.threads:
+            t.join(timeout=10)
+
+    def _setup(self) -> None:
+        modality = {"AET": self.s.ae_title, "Host": self.s.host, "Port": self.s.port}
+        orthanc.RestApiPut(f"/modalities/{MODALITY_NAME}", json.dumps(modality))
+        try:
+            orthanc.RestApiGet("/tools/labels")  # Orthanc >= 1.12
+            self.labels = True
+        except Exception:  # noqa: BLE001 - older server: metadata only
+            self.labels = False
+        _log(f"routing stable series to {self.s.ae_title}@{self.s.host}:{self.s.port}"
+             f" (labels {'on' if self.labels else 'unsupported, metadata only'})")
+
+    # ---------------------------------------------------------------------------------- marks
+    def mark(self, series_id: str, state: str, reason: str = "") -> None:
+        try:
+            orthanc.RestApiPut(f"/series/{series_id}/metadata/{STATE_KEY}", state)
+            if reason:
+                orthanc.RestApiPut(f"/series/{series_id}/metadata/{REASON_KEY}", reason[:500])
+            if self.labels:
+                for other in (QUEUED, DONE, FAILED):
+                    if other != state:
+                        try:
+                            orthanc.RestApiDelete(f"/series/{series_id}/labels/{other}")
+                        except Exception:  # noqa: BLE001 - label was not set
+                            pass
+                orthanc.RestApiPut(f"/series/{series_id}/labels/{state}", "")
+        except Exception as exc:  # noqa: BLE001 - a failed mark must not stop the plugin
+            _log(f"series {series_id}: could not set {state}: {exc}")
+
+    # ---------------------------------------------------------------------------------- filter
+    def is_own_output(self, tags: dict[str, Any]) -> bool:
+        image_type = tags.get("ImageType", "")
+        if "DERIVED" in str(image_type).upper().split("\\"):
+            return True
+        if self.s.suffix and str(tags.get("SeriesDescription", "")).endswith(self.s.suffix):
+            return True
+        if str(tags.get("Manufacturer", "")).strip().lower() == "srnode":
+            return True
+        for item in tags.get("ContributingEquipmentSequence", []) or []:
+            if isinstance(item, dict) and str(item.get("Manufacturer", "")).strip().lower() == "srnode":
+                return True
+        return False
+
+    def wanted(self, series_id: str) -> tuple[bool, str, dict[str, Any]]:
+        series = _get(f"/series/{series_id}")
+        main = series.get("MainDicomTags", {})
+        instances = series.get("Instances", [])
+        if not instances:
+            return False, "no instances", main
+        tags = _get(f"/instances/{instances[0]}/tags?simplify")
+        modality = str(main.get("Modality", tags.get("Modality", ""))).upper()
+        if self.is_own_output(tags):
+            return False, "srnode's own output", main
+        if self.s.modalities and modality not in self.s.modalities:
+            return False, f"modality {modality!r} not routed", main
+        if not self.s.modalities and (modality in NON_IMAGE_MODALITIES or "PixelData" not in tags
+                                      and "Rows" not in tags):
+            return False, f"not an image series ({modality})", main
+        if self.s.description_rx and not self.s.description_rx.search(str(main.get("SeriesDescription", ""))):
+            return False, "series description does not match", main
+        if self.s.label:
+            study_labels = _get(f"/studies/{series['ParentStudy']}").get("Labels", [])
+            if self.s.label not in study_labels:
+                return False, f"study has no label {self.s.label!r}", main
+        return True, "", main
+
+    # ---------------------------------------------------------------------------------- threads
+    def _dispatch_loop(self) -> None:
+        try:
+            self._setup()
+        except Exception as exc:  # noqa: BLE001 - keep the thread alive; a later store names the failure
+            _log(f"could not register modality {MODALITY_NAME}: {exc}")
+        while not self.stop.is_set():
+            series_id = self.work.get()
+            if not series_id:
+                continue
+            try:
+                self._dispatch(series_id)
+            except Exception as exc:  # noqa: BLE001 - one bad series must not stop routing
+                _log(f"series {series_id}: not sent: {exc}")
+                self.mark(series_id, FAILED, f"not sent to srnode: {exc}")
+
+    def _dispatch(self, series_id: str) -> None:
+        ok, why, main = self.wanted(series_id)
+        if not ok:
+            orthanc.LogInfo(f"srnode plugin: series {series_id} left alone: {why}")
+            return
+        body = {"Resources": [series_id], "Asynchronous": True, "Priority": 0}
+        job = json.loads(orthanc.RestApiPost(f"/modalities/{MODALITY_NAME}/store", json.dumps(body)))
+        job_id = job["ID"]
+        deadline = time.monotonic() + self.s.timeout_s
+        while not self.stop.is_set():
+            info = _get(f"/jobs/{job_id}")
+            if info.get("State") == "Success":
+                break
+            if info.get("State") == "Failure":
+                raise RuntimeError(f"C-STORE job {job_id} failed: {info.get('ErrorDescription', '?')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"C-STORE job {job_id} did not finish in {self.s.timeout_s:.0f} s")
+            self.stop.wait(0.5)
+        self.mark(series_id, QUEUED)
+        with self.lock:
+            self.pending[series_id] = {"uid": main.get("SeriesInstanceUID", ""),
+                                       "study": _get(f"/series/{series_id}")["ParentStudy"],
+                                       "since": time.monotonic()}
+        _log(f"series {series_id} sent to srnode")
+
+    def _track_loop(self) -> None:
+        while not self.stop.wait(self.s.poll_s):
+            with self.lock:
+                items = list(self.pending.items())
+            for series_id, info in items:
+                try:
+                    state, reason = self._result(info)
+                except Exception as exc:  # noqa: BLE001 - node or REST hiccup: try again next round
+                    orthanc.LogInfo(f"srnode plugin: series {series_id}: state unknown yet: {exc}")
+                    state, reason = "", ""
+                if not state and time.monotonic() - info["since"] > self.s.timeout_s:
+                    state, reason = FAILED, f"no result after {self.s.timeout_s:.0f} s"
+                if state:
+                    self.mark(series_id, state, reason)
+                    with self.lock:
+                        self.pending.pop(series_id, None)
+                    _log(f"series {series_id}: {state}" + (f" ({reason})" if reason else ""))
+
+    # ---------------------------------------------------------------------------------- results
+    def _result(self, info: dict[str, Any]) -> tuple[str, str]:
+        if self.s.http_url:
+            return self._result_from_node(info["uid"])
+        return self._result_from_study(info)
+
+    def _result_from_node(self, series_uid: str) -> tuple[str, str]:
+        url = f"{self.s.http_url}/jobs?series={urllib.parse.quote(series_uid)}"
+        req = urllib.request.Request(url, headers={"Accept": "application/json"})
+        if self.s.token:
+            req.add_header("Authorization", f"Bearer {self.s.token}")
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            jobs = json.loads(resp.read().decode("utf-8")).get("jobs", [])
+        if not jobs:
+            return "", ""
+        job = jobs[-1]
+        state = str(job.get("state", ""))
+        if state == "delivered":
+            return DONE, ""
+        if state in ("failed", "dead-letter", "ignored", "skipped"):
+            return FAILED, str(job.get("reason", state))
+        return "", ""
+
+    def _result_from_study(self, info: dict[str, Any]) -> tuple[str, str]:
+        for other in _get(f"/studies/{info['study']}/series"):
+            instances = other.get("Instances", [])
+            if not instances:
+                continue
+            tags = _get(f"/instances/{instances[0]}/tags?simplify")
+            if not self.is_own_output(tags):
+                continue
+            for ref in tags.get("ReferencedSeriesSequence", []) or []:
+                if isinstance(ref, dict) and ref.get("SeriesInstanceUID") == info["uid"]:
+                    return DONE, ""
+        return "", ""
+
+
+_PLUGIN: SrNodePlugin | None = None
+
+
+def on_change(change_type: int, level: int, resource_id: str) -> None:
+    """Orthanc's change callback: never blocks; the threads do the work."""
+    global _PLUGIN
+    if change_type == orthanc.ChangeType.ORTHANC_STARTED:
+        section = json.loads(orthanc.GetConfiguration()).get("SrNode", {})
+        _PLUGIN = SrNodePlugin(_Settings(section))
+        _PLUGIN.start()
+    elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+        if _PLUGIN is not None:
+            _PLUGIN.shutdown()
+            _PLUGIN = None
+    elif change_type == orthanc.ChangeType.STABLE_SERIES and _PLUGIN is not None:
+        _PLUGIN.work.put(resource_id)
+
+
+orthanc.RegisterOnChangeCallback(on_change)
