@@ -1,0 +1,469 @@
+"""Series → volume: read datasets, decode pixels, check and measure geometry, convert to modality units.
+
+Geometry comes only from ImagePositionPatient / ImageOrientationPatient (or, for enhanced multi-frame objects,
+from the Plane Position / Plane Orientation / Pixel Measures functional groups); intensities only from Rescale
+Slope / Intercept, BitsStored and PixelPaddingValue. Every refusal is a ``VolumeError`` whose message names the
+series and says why, in words a PACS administrator understands.
+
+Irregular stacks (decision): a stack whose steps between slice centres are not one constant is *not* forced onto a
+regular grid. ``load_series`` still returns the volume (with ``steps`` and ``irregular`` set) because in-plane
+work is per slice; ``regular_runs`` splits it where the step changes into regular runs (the tilted GE head:
+14 slices at 4.0 mm and 14 at 7.0 mm, joined by one 1.08 mm step), and the pipeline super-resolves each run of
+3 or more slices through-plane as its own derived series. Nothing is resampled across a step change.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from models.engine import VolumeInput
+from node.errors import VolumeError
+
+log = logging.getLogger(__name__)
+
+MIN_SLICES_THROUGH_PLANE = 3
+_STEP_REL_TOL = 0.01  # steps within 1 % (or 0.02 mm) of the median count as one regular grid
+_STEP_ABS_TOL = 0.02
+_ORIENT_TOL = 1e-3
+
+# SOP classes that carry no image a volume can be built from
+_NON_IMAGE_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF / CDA
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.481.",  # RT plans, structures, doses
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, registration, segmentation
+    "1.2.840.10008.5.1.4.1.1.67",  # real world value mapping
+)
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+
+
+@dataclass
+class SeriesVolume:
+    """One series as a regular (or measured-irregular) stack of slices, in modality units."""
+
+    data: np.ndarray  # (Z, Y, X) float32, modality units (HU for CT)
+    spacing: tuple[float, float, float]  # (dz, dy, dx) mm; dz = median step between slice centres
+    slice_thickness: float  # mm (SliceThickness; 0 when absent)
+    modality: str
+    positions: np.ndarray  # (Z, 3) ImagePositionPatient of each slice, slice order
+    row_cosine: np.ndarray  # (3,) direction of increasing column index
+    col_cosine: np.ndarray  # (3,) direction of increasing row index
+    normal: np.ndarray  # (3,) row x col; slices are sorted by increasing IPP . normal
+    datasets: list[Dataset]  # headers in slice order (multi-frame: the same dataset once per frame)
+    series_uid: str
+    sop_class_uid: str
+    frame_numbers: list[int] = field(default_factory=list)  # 1-based frame per slice (multi-frame), else []
+    rescale_slope: float = 1.0
+    rescale_intercept: float = 0.0
+    value_range: tuple[float, float] = (-32768.0, 32767.0)  # representable range in modality units
+    steps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (Z-1,) measured steps, mm
+    irregular: bool = False
+    tilt_deg: float = 0.0  # angle between the slice normal and the line through the slice positions
+    notes: list[str] = field(default_factory=list)  # geometry remarks for the job record
+    run: tuple[int, int] | None = None  # (index, count) when this volume is one regular run of a series
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = self.data.shape
+        return int(z), int(y), int(x)
+
+    @property
+    def multiframe(self) -> bool:
+        return bool(self.frame_numbers)
+
+    def describe(self) -> str:
+        z, y, x = self.shape
+        return (f"series {self.series_uid}: {self.modality} {z}x{y}x{x}, spacing "
+                f"{self.spacing[0]:.3g}/{self.spacing[1]:.4g}/{self.spacing[2]:.4g} mm")
+
+    def to_engine_input(self) -> VolumeInput:
+        return VolumeInput(
+            data=self.data,
+            spacing=self.spacing,
+            slice_thickness=self.slice_thickness,
+            modality=self.modality,
+            value_range=self.value_range,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def read_header(path: Path) -> Dataset:
+    """Header only (no pixels); VolumeError names the file when it is not DICOM."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+        raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+
+
+def sop_class_of(ds: Dataset) -> str:
+    """SOPClassUID, falling back to the file meta's MediaStorageSOPClassUID (some PET/CT files leave it empty)."""
+    uid = str(ds.get("SOPClassUID", "") or "")
+    if not uid and hasattr(ds, "file_meta"):
+        uid = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
+    return uid
+
+
+def is_image_sop_class(uid: str) -> bool:
+    return bool(uid) and not any(uid.startswith(p) for p in _NON_IMAGE_PREFIXES)
+
+
+def _read_full(path: Path) -> Dataset:
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+        raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+    return ds
+
+
+def _pixels(ds: Dataset, name: str) -> np.ndarray:
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise VolumeError(f"{name}: has no pixel data")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types; translated once here
+        ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
+        raise VolumeError(f"{name}: pixel data cannot be decoded (transfer syntax {ts}): {exc}") from exc
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise VolumeError(f"{name}: colour image ({ds.get('PhotometricInterpretation', '?')}); "
+                          "only grayscale series can be super-resolved")
+    return np.asarray(arr)
+
+
+def _floats(value: Any, n: int, what: str, name: str) -> np.ndarray:
+    try:
+        out = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise VolumeError(f"{name}: {what} is not numeric ({value!r})") from exc
+    if out.shape != (n,):
+        raise VolumeError(f"{name}: {what} needs {n} values, has {len(out)}")
+    return out
+
+
+def _group_item(ds: Dataset, seq: str, frame: int) -> Dataset | None:
+    """The item of functional group ``seq`` for ``frame`` (0-based): per-frame first, then shared."""
+    for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        g = ds.get(groups)
+        if g is not None and len(g) > idx and seq in g[idx] and len(g[idx][seq].value) > 0:
+            return g[idx][seq].value[0]  # type: ignore[no-any-return]
+    return None
+
+
+def group_value(ds: Dataset, keyword: str) -> Any:
+    """``keyword`` from the top level, else from the first frame's (or the shared) functional groups."""
+    if keyword in ds:
+        return ds.get(keyword)
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        g = ds.get(groups)
+        if not g:
+            continue
+        for seq_elem in g[0]:
+            if seq_elem.VR == "SQ" and len(seq_elem.value) > 0 and keyword in seq_elem.value[0]:
+                return seq_elem.value[0].get(keyword)
+    return None
+
+
+@dataclass
+class _Slice:
+    ds: Dataset
+    name: str
+    frame: int  # 0-based frame in ds; -1 for single-frame
+    ipp: np.ndarray
+    iop: np.ndarray
+    spacing: tuple[float, float]
+    thickness: float
+    slope: float
+    intercept: float
+
+
+def _slices_of(ds: Dataset, name: str) -> list[_Slice]:
+    nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        out: list[_Slice] = []
+        for f in range(nframes):
+            pos = _group_item(ds, "PlanePositionSequence", f)
+            ori = _group_item(ds, "PlaneOrientationSequence", f)
+            meas = _group_item(ds, "PixelMeasuresSequence", f)
+            pvt = _group_item(ds, "PixelValueTransformationSequence", f)
+            if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
+                raise VolumeError(f"{name}: frame {f + 1} lacks Plane Position / Plane Orientation / Pixel "
+                                  "Measures functional groups; its geometry is unknown")
+            ps = _floats(meas.PixelSpacing, 2, "PixelSpacing", name)
+            out.append(_Slice(
+                ds, name, f,
+                _floats(pos.ImagePositionPatient, 3, "ImagePositionPatient", name),
+                _floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", name),
+                (float(ps[0]), float(ps[1])),
+                float(meas.get("SliceThickness", 0) or 0),
+                float(pvt.get("RescaleSlope", 1) or 1) if pvt is not None else 1.0,
+                float(pvt.get("RescaleIntercept", 0) or 0) if pvt is not None else 0.0,
+            ))
+        return out
+    if nframes > 1:
+        raise VolumeError(f"{name}: multi-frame object with {nframes} frames but no functional groups; "
+                          "per-frame geometry is unknown")
+    for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if kw not in ds or ds[kw].value is None or ds[kw].VM == 0:
+            raise VolumeError(f"{name}: {kw} is missing; the slice cannot be placed in patient space")
+    ps = _floats(ds.PixelSpacing, 2, "PixelSpacing", name)
+    return [_Slice(
+        ds, name, -1,
+        _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", name),
+        _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", name),
+        (float(ps[0]), float(ps[1])),
+        float(ds.get("SliceThickness", 0) or 0),
+        float(ds.get("RescaleSlope", 1) or 1),
+        float(ds.get("RescaleIntercept", 0) or 0),
+    )]
+
+
+def _is_localizer(ds: Dataset) -> bool:
+    return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
+
+
+def _group_key(s: _Slice) -> tuple[Any, ...]:
+    return (str(s.ds.get("SeriesInstanceUID", "")), tuple(np.round(s.iop, 3)),
+            int(s.ds.Rows), int(s.ds.Columns), tuple(np.round(s.spacing, 4)))
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+
+
+def representable_range(ds: Dataset, slope: float, intercept: float) -> tuple[float, float]:
+    bits = int(ds.get("BitsStored", 16) or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0):
+        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    else:
+        lo, hi = 0, 2**bits - 1
+    a, b = lo * slope + intercept, hi * slope + intercept
+    return (float(min(a, b)), float(max(a, b)))
+
+
+def load_series(paths: Sequence[Path]) -> SeriesVolume:
+    """Assemble the files of one series into a ``SeriesVolume``; VolumeError says why it cannot be one."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise VolumeError("no files given")
+    slices: list[_Slice] = []
+    for p in sorted(paths):
+        ds = _read_full(p)
+        uid = sop_class_of(ds)
+        if not is_image_sop_class(uid):
+            raise VolumeError(f"{p.name}: SOP class {uid or '(none)'} is not an image "
+                              "(report, presentation state, RT or other non-image object)")
+        if "PixelData" not in ds:
+            raise VolumeError(f"{p.name}: has no pixel data")
+        slices.extend(_slices_of(ds, p.name))
+    series_uid = str(slices[0].ds.get("SeriesInstanceUID", ""))
+
+    groups: dict[tuple[Any, ...], list[_Slice]] = {}
+    for s in slices:
+        groups.setdefault(_group_key(s), []).append(s)
+    if len(groups) > 1:
+        uids = {k[0] for k in groups}
+        if len(uids) > 1:
+            raise VolumeError(f"files belong to {len(uids)} different series ({', '.join(sorted(uids))}); "
+                              "send one series at a time")
+        loc = [s.name for s in slices if _is_localizer(s.ds)]
+        if loc:
+            raise VolumeError(f"series {series_uid}: localizer image(s) mixed in ({', '.join(loc[:5])}); "
+                              "a scout cannot be stacked with the axial/sagittal/coronal slices")
+        desc = "; ".join(f"{len(v)} slice(s) {k[2]}x{k[3]} orientation {list(k[1])}"
+                         for k, v in groups.items())
+        raise VolumeError(f"series {series_uid}: slices differ in matrix, orientation or pixel spacing ({desc}); "
+                          "they do not form one volume")
+    loc = [s.name for s in slices if _is_localizer(s.ds)]
+    if loc:
+        raise VolumeError(f"series {series_uid}: is a localizer (scout) series; not super-resolved")
+
+    iop = slices[0].iop
+    row, col = iop[:3], iop[3:]
+    normal = np.cross(row, col)
+    nn = float(np.linalg.norm(normal))
+    if nn < 1e-6:
+        raise VolumeError(f"series {series_uid}: ImageOrientationPatient {list(iop)} has parallel row and "
+                          "column directions")
+    normal = normal / nn
+    slices.sort(key=lambda s: float(np.dot(s.ipp, normal)))
+    positions = np.stack([s.ipp for s in slices])
+    dist = positions @ normal
+    steps = np.diff(dist)
+    name = f"series {series_uid}"
+    if len(slices) > 1 and np.any(steps < 1e-3):
+        dup = int(np.sum(steps < 1e-3)) + 1
+        raise VolumeError(f"{name}: {dup} images share the same slice position; they are repeats, "
+                          "time points or echoes, not a stack of slices")
+
+    # intensities
+    slope0, icpt0 = slices[0].slope, slices[0].intercept
+    first = slices[0].ds
+    vrange = representable_range(first, slope0, icpt0)
+    modality = str(first.get("Modality", "") or "")
+    data = np.empty((len(slices), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    decoded: dict[int, np.ndarray] = {}
+    notes: list[str] = []
+    for z, s in enumerate(slices):
+        key = id(s.ds)
+        if key not in decoded:
+            decoded[key] = _pixels(s.ds, s.name)
+        arr = decoded[key]
+        frame = arr[s.frame] if s.frame >= 0 and arr.ndim == 3 else arr
+        stored = frame.astype(np.float64)
+        pad = _padding_mask(s.ds, frame)
+        vals = stored * s.slope + s.intercept
+        if pad is not None and pad.any():
+            vals[pad] = np.nan
+        data[z] = vals
+    if np.isnan(data).any():
+        fill = -1000.0 if modality == "CT" else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
+        fill = max(fill, vrange[0])
+        notes.append(f"PixelPaddingValue voxels ({int(np.isnan(data).sum())}) set to {fill:g}")
+        np.nan_to_num(data, copy=False, nan=fill)
+    if any(abs(s.slope - slope0) > 1e-9 or abs(s.intercept - icpt0) > 1e-9 for s in slices):
+        notes.append("rescale slope/intercept vary between slices (converted per slice)")
+        lo = min(representable_range(s.ds, s.slope, s.intercept)[0] for s in slices)
+        hi = max(representable_range(s.ds, s.slope, s.intercept)[1] for s in slices)
+        vrange = (lo, hi)
+
+    dy, dx = slices[0].spacing
+    irregular = False
+    tilt = 0.0
+    if len(slices) > 1:
+        med = float(np.median(steps))
+        irregular = bool(np.any(np.abs(steps - med) > max(_STEP_ABS_TOL, _STEP_REL_TOL * med)))
+        line = positions[-1] - positions[0]
+        cosang = abs(float(np.dot(line, normal))) / max(float(np.linalg.norm(line)), 1e-9)
+        tilt = math.degrees(math.acos(min(1.0, cosang)))
+        if tilt > 0.5:
+            notes.append(f"gantry tilt / sheared stack: slice line is {tilt:.1f} deg from the slice normal")
+        if irregular:
+            notes.append("irregular slice steps: " + _describe_steps(steps))
+    else:
+        med = float(slices[0].thickness or 1.0)
+    vol = SeriesVolume(
+        data=data,
+        spacing=(med if med > 0 else 1.0, dy, dx),
+        slice_thickness=float(slices[0].thickness),
+        modality=modality,
+        positions=positions,
+        row_cosine=row,
+        col_cosine=col,
+        normal=normal,
+        datasets=[s.ds for s in slices],
+        series_uid=series_uid,
+        sop_class_uid=sop_class_of(first),
+        frame_numbers=[s.frame + 1 for s in slices] if slices[0].frame >= 0 else [],
+        rescale_slope=slope0,
+        rescale_intercept=icpt0,
+        value_range=vrange,
+        steps=steps,
+        irregular=irregular,
+        tilt_deg=tilt,
+        notes=notes,
+    )
+    log.info("%s%s", vol.describe(), ("; " + "; ".join(notes)) if notes else "")
+    return vol
+
+
+def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
+    if "PixelPaddingValue" not in ds:
+        return None
+    a = int(ds.PixelPaddingValue)
+    b = int(ds.get("PixelPaddingRangeLimit", a))
+    lo, hi = min(a, b), max(a, b)
+    return (stored >= lo) & (stored <= hi)  # type: ignore[no-any-return]
+
+
+def _describe_steps(steps: np.ndarray) -> str:
+    parts: list[str] = []
+    i = 0
+    while i < len(steps):
+        j = i
+        while j + 1 < len(steps) and abs(steps[j + 1] - steps[i]) <= max(_STEP_ABS_TOL, _STEP_REL_TOL * steps[i]):
+            j += 1
+        n = j - i + 1
+        parts.append(f"{steps[i]:.2f} mm" + (f" x{n}" if n > 1 else ""))
+        i = j + 1
+    return ", ".join(parts)
+
+
+def regular_runs(vol: SeriesVolume) -> list[SeriesVolume]:
+    """Split an irregular stack where the step changes; a regular volume comes back as itself.
+
+    Each step belongs to one run; a slice where the step changes ends one run and starts the next only when the
+    next run has a constant step of its own. Runs are returned in slice order with ``run = (index, count)``.
+    """
+    if not vol.irregular:
+        return [vol]
+    steps = vol.steps
+    bounds: list[tuple[int, int]] = []  # slice index ranges [a, b]
+    i = 0
+    n = len(steps)
+    while i < n:
+        j = i
+        while j + 1 < n and abs(steps[j + 1] - steps[i]) <= max(_STEP_ABS_TOL, _STEP_REL_TOL * steps[i]):
+            j += 1
+        bounds.append((i, j + 1))  # steps i..j join slices i..j+1
+        i = j + 1
+    # a lone odd step between two runs joins nothing: slices [a, a+1] with one step become a 2-slice run
+    runs: list[SeriesVolume] = []
+    used_until = -1
+    for a, b in bounds:
+        a = max(a, used_until + 1)
+        if b - a + 1 < 2:
+            continue
+        if b - a + 1 == 2 and (b - a) == 1 and len(bounds) > 1:
+            continue  # a single odd step: the gap between two runs
+        runs.append(_subvolume(vol, a, b))
+        used_until = b
+    for k, r in enumerate(runs):
+        r.run = (k + 1, len(runs))
+    return runs
+
+
+def _subvolume(vol: SeriesVolume, a: int, b: int) -> SeriesVolume:
+    sl = slice(a, b + 1)
+    steps = vol.steps[a:b]
+    med = float(np.median(steps)) if len(steps) else vol.spacing[0]
+    thick = vol.slice_thickness
+    hdr = vol.datasets[a]
+    if "SliceThickness" in hdr and not vol.multiframe:
+        thick = float(hdr.SliceThickness or 0)
+    return replace(
+        vol,
+        data=vol.data[sl],
+        spacing=(med, vol.spacing[1], vol.spacing[2]),
+        slice_thickness=thick,
+        positions=vol.positions[sl],
+        datasets=vol.datasets[sl],
+        frame_numbers=vol.frame_numbers[sl] if vol.frame_numbers else [],
+        steps=steps,
+        irregular=False,
+        notes=vol.notes + [f"regular run of slices {a + 1}..{b + 1} at {med:.2f} mm"],
+    )
+
+
+def check_through_plane(vol: SeriesVolume, factor: int) -> None:
+    """VolumeError when ``vol`` cannot be super-resolved through-plane by ``factor``."""
+    if factor <= 1:
+        return
+    if vol.shape[0] < MIN_SLICES_THROUGH_PLANE:
+        raise VolumeError(f"series {vol.series_uid}: {vol.shape[0]} slice(s); through-plane super-resolution "
+                          f"needs at least {MIN_SLICES_THROUGH_PLANE}")
+    if vol.irregular:
+        raise VolumeError(f"series {vol.series_uid}: slice steps are irregular ({_describe_steps(vol.steps)}); "
+                          "they do not lie on one regular grid")
