@@ -1,0 +1,83 @@
+"""Destination ``kind = "dicomweb"``: STOW-RS with dicomweb-client.
+
+Auth: ``token`` (bearer) or ``username``/``password`` (basic). Files go in batches of ``batch_size`` per request;
+dicomweb-client retries 408/429/503/504 with exponential backoff, and the outbox retries the whole delivery on a
+``DeliveryError(retryable=True)``. A STOW response listing failed instances is a delivery error naming them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+import requests
+from dicomweb_client import DICOMwebClient
+from dicomweb_client.session_utils import create_session, create_session_from_user_pass
+
+from node.config import DestinationConfig
+from node.errors import DeliveryError
+
+log = logging.getLogger(__name__)
+
+_PERMANENT = {400, 401, 403, 404, 409, 413, 415}
+
+
+class DicomWebSender:
+    """STOW-RS sender for one DICOMweb service root (``url``, e.g. ``http://pacs/dicom-web``)."""
+
+    def __init__(self, dest: DestinationConfig) -> None:
+        self.name = dest.name
+        self.url = dest.url.rstrip("/")
+        self.batch_size = max(1, dest.batch_size)
+        self.timeout_s = dest.timeout_s
+        if dest.username and not dest.token:
+            session = create_session_from_user_pass(dest.username, dest.password)
+        else:
+            session = create_session()
+        if dest.tls_ca:
+            session.verify = dest.tls_ca
+        if dest.tls_cert:
+            session.cert = (dest.tls_cert, dest.tls_key) if dest.tls_key else dest.tls_cert
+        headers = {"Authorization": f"Bearer {dest.token}"} if dest.token else None
+        self._client = DICOMwebClient(self.url, session=session, headers=headers, timeout=dest.timeout_s)
+        self._client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=500)
+
+    def _error(self, what: str, exc: Exception) -> DeliveryError:
+        resp = getattr(exc, "response", None)
+        status = getattr(resp, "status_code", None)
+        retryable = status not in _PERMANENT
+        detail = f"HTTP {status}" if status is not None else type(exc).__name__
+        return DeliveryError(f"dicomweb destination {self.name!r} ({self.url}): {what}: {detail}", retryable)
+
+    def send(self, paths: Sequence[Path]) -> None:
+        for start in range(0, len(paths), self.batch_size):
+            batch = [Path(p) for p in paths[start:start + self.batch_size]]
+            try:
+                datasets = [pydicom.dcmread(p) for p in batch]
+            except (OSError, pydicom.errors.InvalidDicomError) as exc:
+                raise DeliveryError(f"dicomweb destination {self.name!r}: cannot read a file of the batch "
+                                    f"starting {batch[0].name}: {exc}", retryable=False) from exc
+            try:
+                result = self._client.store_instances(datasets)
+            except requests.RequestException as exc:
+                raise self._error(f"STOW-RS of {len(batch)} instance(s) failed", exc) from exc
+            failed = list(getattr(result, "FailedSOPSequence", []) or [])
+            if failed:
+                reasons = sorted({f"{getattr(item, 'ReferencedSOPInstanceUID', '?')}: reason "
+                                  f"0x{int(getattr(item, 'FailureReason', 0)):04X}" for item in failed})
+                raise DeliveryError(f"dicomweb destination {self.name!r}: {len(failed)} of {len(batch)} "
+                                    f"instance(s) refused ({'; '.join(reasons[:3])})", retryable=True)
+        log.info("dicomweb destination %s: %d file(s) stored", self.name, len(paths))
+
+    def check(self) -> None:
+        try:
+            # QIDO-RS with limit=1: cheap and needs the same auth as STOW
+            self._client.search_for_studies(limit=1)
+        except requests.RequestException as exc:
+            raise self._error("not reachable", exc) from exc
+
+
+def create(dest: DestinationConfig) -> DicomWebSender:
+    return DicomWebSender(dest)
