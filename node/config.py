@@ -218,7 +218,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
     """Build dataclass ``cls`` from a TOML table, checking unknown keys and types; errors name the key."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+    # Config.path is where the file was read from, not a key; DestinationConfig.path is a real key
+    fields = {f.name: f for f in dataclasses.fields(cls) if not (cls is Config and f.name == "path")}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(fields))}")
