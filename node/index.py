@@ -373,7 +373,7 @@ class Index:
                     " updated = excluded.updated", (job_id, dest, json.dumps(files), now, now))
 
     def deliveries(self, job_id: int | None = None, states: Sequence[str] = ()) -> list[Delivery]:
-        sql, args = "SELECT * FROM deliveries WHERE 1=1", []
+        sql, args = "SELECT * FROM deliveries WHERE 1=1", list[Any]()
         if job_id is not None:
             sql += " AND job_id = ?"
             args.append(job_id)

@@ -127,7 +127,7 @@ class StoreSCP:
 
     # ------------------------------------------------------------------------------------ handlers
 
-    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+    def handlers(self) -> list[Any]:
         return [
             (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_ACCEPTED, self.on_accepted),
@@ -139,7 +139,7 @@ class StoreSCP:
 
     def on_requested(self, event: evt.Event) -> None:
         assoc = event.assoc
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip() if assoc.requestor.primitive else ""
         address = str(assoc.requestor.address)
         if self._stopping:
             log.info("association from %s@%s rejected: the node is stopping", calling, address)
@@ -182,7 +182,7 @@ class StoreSCP:
                 c[0 if ok else 1] += 1
 
     def on_store(self, event: evt.Event) -> int:
-        req = event.request
+        req: Any = event.request  # a C_STORE primitive
         sop_class = str(req.AffectedSOPClassUID or "")
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
@@ -233,7 +233,7 @@ class StoreSCP:
         ae.require_called_aet = False
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         return ae
 
     def start(self) -> None:
