@@ -1,0 +1,341 @@
+"""``srnode bench celery``: series per minute with 1 and 2 Celery workers on this machine (CPU, cubic engine).
+
+For each worker count: a fresh spool gets ``--series`` generated CT series (ingested through the spool and its
+index exactly as the SCP does, one job each), a private ``redis-server`` on a free loopback port, and that many
+real ``srnode worker`` processes. The clock runs from the first job published to the last job processed (its
+results in the outbox, state 'sending'); ingest, stability wait and delivery are the node's and not measured.
+
+Also holds the real-process helpers the Celery tests share: ``RedisServer``, ``WorkerProcess``,
+``write_ct_series``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+log = logging.getLogger(__name__)
+
+REDIS_SERVER = "/usr/bin/redis-server"
+UID_ROOT = "1.2.826.0.1.3680043.10.1087.7."
+
+
+# ------------------------------------------------------------------------------------ real peers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    """Poll ``cond`` until truthy; TimeoutError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class RedisServer:
+    """A throw-away ``redis-server`` on a free loopback port, no persistence."""
+
+    workdir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import redis
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        logf = (self.workdir / "redis.log").open("wb")
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--protected-mode", "yes"],
+            stdout=logf, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: "
+                                   f"{(self.workdir / 'redis.log').read_text(errors='replace')[-2000:]}")
+            try:
+                return bool(redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1).ping())
+            except redis.exceptions.ConnectionError:
+                return False
+
+        wait_for(up, 20, "redis-server to answer PING")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class WorkerProcess:
+    """A real ``srnode worker`` process (its own session: ``kill9`` takes its pool children with it)."""
+
+    config: Path
+    name: str
+    log_path: Path
+    pool: str = "prefork"
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self, ready_timeout: float = 60.0) -> WorkerProcess:
+        self._log = self.log_path.open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "--log-level", "INFO", "worker", "--config", str(self.config),
+             "--name", self.name, "--pool", self.pool],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}: {self.log()[-3000:]}")
+            return " ready." in self.log()
+
+        wait_for(ready, ready_timeout, f"worker {self.name} to be ready")
+        return self
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def kill9(self) -> None:
+        """SIGKILL the worker and its pool children at once, as a machine that dies."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (Celery's warm shutdown), SIGKILL after ``timeout``."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+# ------------------------------------------------------------------------------------ generated series
+
+
+def write_ct_series(out_dir: Path, seed: int, slices: int = 16, size: int = 64, step_mm: float = 5.0) -> list[Path]:
+    """A small axial CT series (smooth random HU content, exact geometry), deterministic UIDs per seed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(np.linspace(-1, 1, slices), np.linspace(-1, 1, size), np.linspace(-1, 1, size),
+                          indexing="ij")
+    hu = -1000.0 + 1040.0 * ((x**2 + y**2) < 0.8)
+    for _ in range(4):
+        cx, cy, cz, r = rng.uniform(-0.5, 0.5, 3).tolist() + [rng.uniform(0.1, 0.3)]
+        hu[((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) < r**2] = rng.uniform(-100, 300)
+    ent = [str(seed), str(slices), str(size)]
+    study, series, frame = (generate_uid(UID_ROOT, ent + [k]) for k in ("study", "series", "for"))
+    px = 200.0 / size
+    paths = []
+    for k in range(slices):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        # SOP Common
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(UID_ROOT, ent + ["sop", str(k)])
+        # Patient, General Study, General Series, Frame of Reference, General Equipment
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"CELERY^{seed}", f"C{seed}", "", "O"
+        ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study, "20240101", "120000", str(seed)
+        ds.ReferringPhysicianName, ds.AccessionNumber = "", ""
+        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "CT", series, 3
+        ds.SeriesDescription = f"generated {step_mm:g} mm"
+        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame, ""
+        ds.Manufacturer = "TESTCT"
+        # General Image, Image Plane
+        ds.InstanceNumber, ds.ImageType = k + 1, ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.PixelSpacing = [f"{px:g}", f"{px:g}"]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-100, -100, f"{k * step_mm:g}"]
+        ds.SliceThickness = f"{step_mm:g}"
+        # Image Pixel, CT Image
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows = ds.Columns = size
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType, ds.KVP = -1024, 1, "HU", 120
+        ds.PixelData = np.clip(np.rint(hu[k] + 1024), 0, 4095).astype(np.uint16).tobytes()
+        p = out_dir / f"CT{k + 1:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def config_toml(spool: Path, broker_url: str, out: Path, visibility_timeout_s: int = 3600,
+                extra: str = "") -> str:
+    """A worker/node config for a Celery set-up on loopback with the cubic engine on CPU."""
+    return f"""
+[node]
+spool_dir = "{spool}"
+stable_age_s = 1.0
+port = {free_port()}
+
+[http]
+enabled = false
+
+[engine]
+name = "cubic"
+device = "cpu"
+
+[executor]
+kind = "celery"
+broker_url = "{broker_url}"
+visibility_timeout_s = {visibility_timeout_s}
+
+[[destinations]]
+name = "out"
+kind = "folder"
+path = "{out}"
+
+[[rules]]
+name = "ct"
+match = {{ Modality = "^CT$" }}
+through_plane_factor = 2
+destinations = ["out"]
+{extra}
+"""
+
+
+# ------------------------------------------------------------------------------------ the benchmark
+
+
+def spool_series(spool_dir: Path, files: list[Path], rule: str) -> int:
+    """Ingest ``files`` into the spool and its index as the SCP does, and create their job; returns its id."""
+    from pydicom import dcmread
+
+    from node.index import Index, Instance
+    from node.spool import Spool
+
+    spool = Spool(spool_dir)
+    index = Index(spool.index_path)
+    series_uid = ""
+    for f in files:
+        ds = dcmread(f, stop_before_pixels=True)
+        stored = spool.store_file(f, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        index.add_instance(Instance(sop_uid=ds.SOPInstanceUID, series_uid=ds.SeriesInstanceUID,
+                                    study_uid=ds.StudyInstanceUID, sop_class=ds.SOPClassUID,
+                                    transfer_syntax=ds.file_meta.TransferSyntaxUID, path=str(stored.path),
+                                    calling_ae="BENCH", allowed_rules=""), ds.Modality, f.stat().st_size)
+        series_uid = ds.SeriesInstanceUID
+    index.mark_stable(series_uid, time.time() + 1)
+    job_id = index.create_job(series_uid, rule)
+    index.close()
+    return job_id
+
+
+def run_once(n_workers: int, n_series: int, slices: int, size: int, workdir: Path) -> dict[str, Any]:
+    from node.celery_exec import CeleryExecutor
+    from node.config import load_config
+    from node.index import Index
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    redis_srv = RedisServer(workdir / "redis").start()
+    workers: list[WorkerProcess] = []
+    try:
+        cfg_path = workdir / "config.toml"
+        spool_dir = workdir / "spool"
+        cfg_path.write_text(config_toml(spool_dir, redis_srv.url, workdir / "out"))
+        cfg = load_config(cfg_path)
+        jobs = [spool_series(spool_dir, write_ct_series(workdir / f"in-{i}", seed=100 + i, slices=slices,
+                                                        size=size), "ct") for i in range(n_series)]
+        for w in range(n_workers):
+            workers.append(WorkerProcess(cfg_path, f"bench{w}@{socket.gethostname()}",
+                                         workdir / f"worker{w}.log").start())
+        # one warm-up job per worker is not taken out: the first job's imports are part of a cold worker's cost
+        index = Index(spool_dir / "index.sqlite")
+        ex = CeleryExecutor(cfg)
+        ex.start()
+        t0 = time.monotonic()
+        for j in jobs:
+            ex.submit(j)
+
+        def done() -> bool:
+            states = [index.job(j).state for j in jobs]
+            return all(s in ("sending", "delivered", "failed", "dead-letter") for s in states)
+
+        wait_for(done, 60.0 + 60.0 * n_series, f"{n_series} jobs processed by {n_workers} worker(s)", 0.05)
+        elapsed = time.monotonic() - t0
+        ex.stop()
+        states = [index.job(j).state for j in jobs]
+        per_worker = {w.name: w.log().count(": finished on ") for w in workers}
+        return {"workers": n_workers, "series": n_series, "slices": slices, "matrix": size,
+                "elapsed_s": round(elapsed, 2), "series_per_minute": round(60.0 * n_series / elapsed, 2),
+                "jobs_by_worker": per_worker, "failed": sum(s == "failed" for s in states)}
+    finally:
+        for wp in workers:
+            wp.stop()
+        redis_srv.stop()
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--series", type=int, default=8, help="series per run (default 8)")
+    parser.add_argument("--slices", type=int, default=40, help="slices per series (default 40)")
+    parser.add_argument("--size", type=int, default=256, help="matrix (default 256)")
+    parser.add_argument("--workers", default="1,2", help="worker counts to run (default 1,2)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    from node.bench import write_result
+
+    root = Path(tempfile.mkdtemp(prefix="srnode-bench-celery-"))
+    results = []
+    try:
+        for n in [int(v) for v in str(args.workers).split(",") if v]:
+            r = run_once(n, args.series, args.slices, args.size, root / f"w{n}")
+            results.append(r)
+            print(f"celery, {n} worker(s), CPU, cubic: {r['series']} series of {r['slices']}x{r['matrix']}^2 in "
+                  f"{r['elapsed_s']} s = {r['series_per_minute']} series/min; jobs by worker {r['jobs_by_worker']}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    figures = {"runs": results, "cpu_count": os.cpu_count(), "device": "cpu", "engine": "cubic",
+               "note": "clock: first job published -> last job's results in the outbox; GPU figure not taken here"}
+    out = write_result("celery", figures)
+    print(f"written {out}")
+    return 1 if any(r["failed"] for r in results) else 0

@@ -1,0 +1,215 @@
+"""Scale-out executor on Celery: the receiving node publishes job ids, GPU workers run them.
+
+The receiving node keeps ingest, spool and outbox; ``CeleryExecutor.submit(job_id)`` only publishes a message
+to the broker ([executor].broker_url: Redis by default, RabbitMQ with an ``amqp://`` URL and nothing else).
+``srnode worker --config FILE`` runs one worker per GPU: one job at a time (prefetch 1), acknowledged only
+when it is done (acks late). A job whose worker dies is delivered again and re-run by another worker:
+
+- a pool child that dies (OOM killer, segfault): the parent rejects the message at once (reject on worker lost);
+- a whole worker or its machine that dies: the broker gives the unacknowledged message back, Redis after
+  [executor].visibility_timeout_s (keep it above the longest job), RabbitMQ when the connection drops.
+
+A re-run is safe: the job's derived UIDs are deterministic and the outbox keeps each file once, so results
+are delivered once. Only a redelivered message (or a retry) takes over a job left 'processing'; a duplicate
+publish of a job that is running elsewhere is a no-op.
+
+Data reaches a worker through the shared spool path ([executor].data_access = "shared", the worker's
+[node].spool_dir is the node's spool) or over WADO-RS from the receiving node ("dicomweb", see
+``node.celery_fetch``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import time
+from typing import Any
+
+from celery import Celery, Task
+
+from node.config import Config, load_config
+from node.errors import NodeError
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "srnode.run_job"
+RETRY_COUNTDOWN_S = 15
+MAX_RETRIES = 3
+
+# the worker process's configuration, set by run() before the pool forks
+_WORKER_CFG: Config | None = None
+
+
+def broker_display(url: str) -> str:
+    """The broker URL with any password masked (for logs and errors)."""
+    from kombu import Connection
+
+    try:
+        return str(Connection(url).as_uri(include_password=False))
+    except Exception:  # noqa: BLE001 - a malformed URL must not leak in an error message
+        return url.split("@")[-1]
+
+
+def transport_options(cfg: Config) -> dict[str, Any]:
+    """Broker options: visibility timeout, and a restore sweep frequent enough for it (Redis)."""
+    vt = int(cfg.executor.visibility_timeout_s)
+    return {
+        "visibility_timeout": vt,
+        # sweep for messages of dead workers every vt/10 s (1..60 s), on every sweep
+        "unacked_restore_interval": max(1, min(60, vt // 10)),
+        "unacked_restore_throttle": 1,
+    }
+
+
+def make_app(cfg: Config) -> Celery:
+    """The Celery app for ``cfg``: same settings on the publishing node and on the workers."""
+    ex = cfg.executor
+    app = Celery("srnode", broker=ex.broker_url, backend=ex.result_backend or None, set_as_current=False)
+    app.conf.update(
+        task_default_queue=ex.queue,
+        task_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=not ex.result_backend,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_send_task_events=False,
+        broker_transport_options=transport_options(cfg),
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+    )
+    app.task(name=TASK_NAME, bind=True, max_retries=MAX_RETRIES)(_run_job_task)
+    return app
+
+
+# ------------------------------------------------------------------------------------ the publishing side
+
+
+class CeleryExecutor:
+    """Executor that hands job ids to Celery workers; the node's own process runs no job."""
+
+    def __init__(self, cfg: Config, index: Any = None) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.app: Celery | None = None
+
+    def start(self) -> None:
+        self.app = make_app(self.cfg)
+        where = broker_display(self.cfg.executor.broker_url)
+        try:
+            with self.app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=2, interval_start=0.5, interval_step=0.5)
+        except Exception as exc:  # noqa: BLE001 - kombu raises transport-specific errors
+            # not fatal: the broker may come up later; publishes retry, queued jobs stay in the index
+            log.warning("celery executor: broker %s not reachable yet (%s); jobs wait in the index", where, exc)
+        else:
+            log.info("celery executor: publishing jobs to %s, queue %r", where, self.cfg.executor.queue)
+
+    def submit(self, job_id: int | str) -> None:
+        if self.app is None:
+            self.start()
+        assert self.app is not None
+        try:
+            self.app.send_task(
+                TASK_NAME,
+                args=[job_id],
+                kwargs=self._job_spec(job_id),
+                queue=self.cfg.executor.queue,
+                retry=True,
+                retry_policy={"max_retries": 5, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 5.0},
+            )
+        except Exception as exc:  # noqa: BLE001 - kombu/redis/amqp errors, translated once here
+            raise NodeError(
+                f"job {job_id}: could not publish to the Celery broker "
+                f"{broker_display(self.cfg.executor.broker_url)}: {exc}"
+            ) from exc
+        log.info("job %s: published to Celery queue %r", job_id, self.cfg.executor.queue)
+
+    def _job_spec(self, job_id: int | str) -> dict[str, Any]:
+        """What a "dicomweb" worker needs to fetch the series: its UIDs (no PHI)."""
+        if self.cfg.executor.data_access != "dicomweb":
+            return {}
+        from node.celery_fetch import job_spec
+
+        return job_spec(self.cfg, self.index, job_id)
+
+    def stop(self) -> None:
+        if self.app is not None:
+            self.app.close()
+            self.app = None
+
+
+# -------------------------------------------------------------------------------------- the worker side
+
+
+def _run_job_task(self: Task, job_id: int | str, study_uid: str = "", series_uid: str = "",
+                  takeover: bool = False) -> None:
+    """The Celery task: run one job from the index (shared spool) or from a WADO-RS fetch (dicomweb)."""
+    cfg = _WORKER_CFG
+    if cfg is None:  # pragma: no cover - only `srnode worker` registers this task with a config
+        raise NodeError("srnode worker: no configuration loaded")
+    redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
+    me = f"{self.request.hostname} pid {os.getpid()}"
+    log.info("job %s: started on %s%s", job_id, me, " (redelivered)" if redelivered else "")
+    t0 = time.monotonic()
+    try:
+        if cfg.executor.data_access == "dicomweb":
+            from node.celery_fetch import run_remote_job
+
+            run_remote_job(cfg, job_id, study_uid, series_uid)
+        else:
+            from node.celery_claim import run_shared_job
+
+            run_shared_job(cfg, job_id, takeover=takeover or redelivered, worker=me)
+    except Exception as exc:
+        # run_job records job-level failures itself; what escapes is infrastructure (spool, broker, node)
+        log.error("job %s: failed on %s: %s; retry %d/%d in %d s", job_id, me, exc,
+                  self.request.retries + 1, MAX_RETRIES, RETRY_COUNTDOWN_S)
+        raise self.retry(exc=exc, countdown=RETRY_COUNTDOWN_S,
+                         kwargs={"study_uid": study_uid, "series_uid": series_uid, "takeover": True}) from exc
+    log.info("job %s: finished on %s in %.1f s", job_id, me, time.monotonic() - t0)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config.toml ([executor] kind = 'celery')")
+    parser.add_argument("--name", default="", help="worker name (default srnode-<pid>@<host>); one per GPU")
+    parser.add_argument("--pool", choices=("prefork", "solo"), default="prefork",
+                        help="prefork (default): a dying job process is re-queued at once; solo: no child")
+    parser.add_argument("--device", default="", help="override [engine].device for this worker (cpu, cuda)")
+
+
+def run(args: argparse.Namespace) -> int:
+    global _WORKER_CFG
+    cfg = load_config(args.config)
+    if cfg.executor.kind != "celery":
+        log.warning("%s: executor.kind is %r; the worker serves Celery jobs anyway", args.config, cfg.executor.kind)
+    if args.device:
+        from dataclasses import replace as dc_replace
+
+        cfg = dc_replace(cfg, engine=dc_replace(cfg.engine, device=args.device))
+    logging.getLogger().setLevel(args.log_level.upper() if args.log_level else cfg.node.log_level.upper())
+    _WORKER_CFG = cfg
+    app = make_app(cfg)
+    name = args.name or f"srnode-{os.getpid()}@{socket.gethostname()}"
+    log.info("srnode worker %s: broker %s, queue %r, pool %s, data access %s, engine %s on %s",
+             name, broker_display(cfg.executor.broker_url), cfg.executor.queue, args.pool,
+             cfg.executor.data_access, cfg.engine.name, cfg.engine.device)
+    worker = app.Worker(
+        hostname=name,
+        pool_cls=args.pool,
+        concurrency=1,
+        queues=[cfg.executor.queue],
+        loglevel=logging.getLevelName(logging.getLogger().level),
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        optimization="fair",
+        quiet=True,
+    )
+    worker.start()
+    return int(worker.exitcode or 0)

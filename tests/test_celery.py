@@ -1,0 +1,153 @@
+"""Scale-out on Celery with real peers: redis-server, the real node, two real `srnode worker` processes, and
+dcmtk's storescp as the PACS (``+uf``: every received instance gets its own file, so a second delivery of the
+same instance would show as a second file).
+
+N series are spread over both workers; then one worker is SIGKILLed (with its pool child) in the middle of a
+job: the broker gives the job to the other worker after the visibility timeout, and every result arrives once.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from peers import STORESCP, free_port, storescu, wait_until
+from pydicom import dcmread
+
+from node.bench_celery import RedisServer, WorkerProcess, config_toml, write_ct_series
+from node.celery_exec import broker_display, make_app, transport_options
+from node.config import config_from_dict, load_config
+from node.index import Index
+
+pytestmark = pytest.mark.timeout(300)
+
+VISIBILITY_S = 8  # above the longest job here (a few seconds); the kill test waits this long once
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    srv = RedisServer(tmp_path / "redis").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """dcmtk storescp: AE PACS on a free port, one file per received instance (+uf)."""
+    port, out = free_port(), tmp_path / "pacs"
+    out.mkdir()
+    logf = (tmp_path / "storescp.log").open("wb")
+    proc = subprocess.Popen([STORESCP, "-aet", "PACS", "+uf", "-od", str(out), str(port)],
+                            stdout=logf, stderr=subprocess.STDOUT)
+    yield port, out
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _node(tmp_path: Path, cfg_path: Path) -> subprocess.Popen[bytes]:
+    """The real node (`srnode serve`), publishing jobs to Celery; up when it answers C-ECHO."""
+    logf = (tmp_path / "node.log").open("wb")
+    proc = subprocess.Popen(["python", "-m", "node.cli", "serve", "--config", str(cfg_path)],
+                            stdout=logf, stderr=subprocess.STDOUT)
+    port = load_config(cfg_path).node.port
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"node exited: {(tmp_path / 'node.log').read_text()[-3000:]}")
+        return subprocess.run(["/usr/bin/echoscu", "-aec", "SRNODE", "127.0.0.1", str(port)],
+                              capture_output=True, timeout=10).returncode == 0
+
+    wait_until(up, timeout=60, what="srnode serve to answer C-ECHO")
+    return proc
+
+
+def _jobs_done(index: Index, n: int) -> list[int]:
+    jobs = [j for j in index.jobs() if j.state != "superseded"]
+    done = [j.id for j in jobs if j.state in ("delivered", "failed", "dead-letter")]
+    return done if len(done) >= n else []
+
+
+def test_settings_for_scale_out() -> None:
+    """Prefetch 1, acks late, reject on worker lost, visibility timeout from config; no password in logs."""
+    cfg = config_from_dict({"executor": {"kind": "celery", "broker_url": "amqp://srnode:s3cret@mq:5672//",
+                                         "visibility_timeout_s": 600}})
+    app = make_app(cfg)
+    assert app.conf.worker_prefetch_multiplier == 1
+    assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+    assert app.conf.broker_transport_options["visibility_timeout"] == 600
+    assert transport_options(cfg)["unacked_restore_interval"] == 60
+    assert app.conf.broker_url.startswith("amqp://")  # RabbitMQ by configuration alone
+    assert "s3cret" not in broker_display(cfg.executor.broker_url)
+
+
+def test_two_workers_share_jobs_and_survive_a_kill(tmp_path: Path, redis_server: RedisServer,
+                                                   pacs: tuple[int, Path]) -> None:
+    pacs_port, pacs_dir = pacs
+    spool = tmp_path / "spool"
+    extra = f"""
+[[destinations]]
+name = "pacs"
+kind = "dicom"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = {pacs_port}
+"""
+    text = config_toml(spool, redis_server.url, tmp_path / "unused", VISIBILITY_S, extra)
+    cfg_path = tmp_path / "config.toml"
+    cfg_path.write_text(text.replace('destinations = ["out"]', 'destinations = ["pacs"]'))
+    node = _node(tmp_path, cfg_path)
+    workers = [WorkerProcess(cfg_path, f"w{i}@test", tmp_path / f"worker{i}.log") for i in (1, 2)]
+    try:
+        for w in workers:
+            w.start()
+        index = Index(spool / "index.sqlite")
+        port = load_config(cfg_path).node.port
+
+        # N small series, sent together: both workers take jobs
+        n = 4
+        for i in range(n):
+            files = write_ct_series(tmp_path / f"in{i}", seed=i, slices=12, size=64)
+            assert storescu(files, port).returncode == 0
+        wait_until(lambda: _jobs_done(index, n), timeout=120, what=f"{n} jobs delivered")
+        ran = {w.name: w.log().count(": finished on ") for w in workers}
+        assert all(ran.values()), f"both workers should have run jobs: {ran}"
+
+        # a bigger series; SIGKILL the worker that starts it, mid-job
+        files = write_ct_series(tmp_path / "big", seed=99, slices=48, size=256)
+        assert storescu(files, port).returncode == 0
+        series_uid = dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+
+        def started() -> WorkerProcess | None:
+            job = next((j for j in index.jobs() if j.series_uid == series_uid), None)
+            if job is None:
+                return None
+            return next((w for w in workers if f"job {job.id}: started on " in w.log()), None)
+
+        victim = wait_until(started, timeout=60, what="a worker to start the big job")
+        job_id = next(j.id for j in index.jobs() if j.series_uid == series_uid)
+        assert index.job(job_id).state == "processing"
+        victim.kill9()
+        survivor = next(w for w in workers if w is not victim)
+        wait_until(lambda: index.job(job_id).state == "delivered", timeout=VISIBILITY_S + 90,
+                   what=f"job {job_id} re-run by {survivor.name} and delivered")
+        assert f"job {job_id}: started on {survivor.name}" in survivor.log()
+        assert f"job {job_id}: finished on {survivor.name}" in survivor.log()
+
+        # every result delivered once: one file per SOP instance at the PACS, every job's series there
+        received = [dcmread(p, stop_before_pixels=True) for p in sorted(pacs_dir.rglob("*")) if p.is_file()]
+        counts = Counter(ds.SOPInstanceUID for ds in received)
+        assert received and max(counts.values()) == 1, f"instances delivered twice: {counts.most_common(3)}"
+        series_at_pacs = {ds.SeriesInstanceUID for ds in received}
+        jobs = [j for j in index.jobs() if j.state == "delivered"]
+        assert len(jobs) == n + 1
+        for j in jobs:
+            assert j.derived_series_uid in series_at_pacs, f"job {j.id}: derived series not at the PACS"
+            assert j.uncertainty_series_uid in series_at_pacs, f"job {j.id}: uncertainty series not at the PACS"
+    finally:
+        for w in workers:
+            w.stop()
+        node.terminate()
+        node.wait(timeout=60)
