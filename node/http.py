@@ -220,8 +220,9 @@ def _read(path: str) -> bytes:
 class HttpHandle:
     """A running uvicorn server in a daemon thread; ``port`` is the bound port, ``stop()`` shuts it down."""
 
-    def __init__(self, server: uvicorn.Server, thread: threading.Thread) -> None:
+    def __init__(self, server: uvicorn.Server, thread: threading.Thread, followers: list[Any] | None = None) -> None:
         self.server, self.thread = server, thread
+        self.followers = followers or []
 
     @property
     def port(self) -> int:
@@ -231,12 +232,20 @@ class HttpHandle:
         return int(self.server.config.port)
 
     def stop(self) -> None:
+        for f in self.followers:
+            f.stop()
         self.server.should_exit = True
         self.thread.join(timeout=10)
 
 
 def start_http(ctx: Any) -> HttpHandle:
-    """Serve :func:`build_app` on ``[http]`` host:port in a thread; returns once the socket is bound."""
+    """Serve :func:`build_app` on ``[http]`` host:port in a thread; returns once the socket is bound.
+
+    Also starts the Orthanc ``/changes`` followers of ``[[sources]]`` with ``follow_changes = true`` (they stop
+    with the handle).
+    """
+    from node.fetch import spool_sink, start_followers
+
     cfg = ctx.cfg.http
     config = uvicorn.Config(build_app(ctx), host=cfg.host, port=cfg.port, log_level="warning",
                             access_log=False, lifespan="off")
@@ -249,5 +258,7 @@ def start_http(ctx: Any) -> HttpHandle:
         if not thread.is_alive() or time.monotonic() > deadline:
             raise ConfigError(f"http: could not listen on {cfg.host}:{cfg.port} (port in use?)")
         time.sleep(0.05)
-    log.info("HTTP API on http://%s:%d", cfg.host, HttpHandle(server, thread).port)
-    return HttpHandle(server, thread)
+    sink = spool_sink(ctx.cfg, spool=ctx.spool, index=ctx.index, metrics=getattr(ctx, "metrics", None))
+    handle = HttpHandle(server, thread, start_followers(ctx.cfg, sink))
+    log.info("HTTP API on http://%s:%d", cfg.host, handle.port)
+    return handle
