@@ -66,14 +66,18 @@ def transport_options(cfg: Config) -> dict[str, Any]:
 def make_app(cfg: Config) -> Celery:
     """The Celery app for ``cfg``: same settings on the publishing node and on the workers."""
     ex = cfg.executor
-    app = Celery("srnode", broker=ex.broker_url, backend=ex.result_backend or None, set_as_current=False)
+    backend = ex.result_backend or None
+    if backend is None and ex.data_access == "dicomweb" and ex.broker_url.startswith(("redis://", "rediss://")):
+        backend = ex.broker_url  # remote workers report outcomes back to the node through it
+    app = Celery("srnode", broker=ex.broker_url, backend=backend, set_as_current=False)
     app.conf.update(
         task_default_queue=ex.queue,
         task_serializer="json",
         accept_content=["json"],
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        task_ignore_result=not ex.result_backend,
+        task_ignore_result=backend is None,
+        result_expires=7 * 24 * 3600,
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
         worker_hijack_root_logger=False,
@@ -97,9 +101,22 @@ class CeleryExecutor:
         self.cfg = cfg
         self.index = index
         self.app: Celery | None = None
+        self.outcomes: Any = None  # data_access = "dicomweb": records remote outcomes on the node's jobs
 
     def start(self) -> None:
         self.app = make_app(self.cfg)
+        if self.cfg.executor.data_access == "dicomweb":
+            from node.celery_fetch import OutcomeWatcher
+
+            if self.index is None:
+                from node.worker import open_spool
+
+                self.index = open_spool(self.cfg)[1]
+            if self.app.conf.task_ignore_result:
+                log.warning("celery executor: data_access = 'dicomweb' without a result backend "
+                            "([executor].result_backend): jobs stay 'processing' in this node's index")
+            self.outcomes = OutcomeWatcher(self.cfg, self.index, self.app)
+            self.outcomes.start()
         where = broker_display(self.cfg.executor.broker_url)
         try:
             with self.app.connection_for_write() as conn:
@@ -115,7 +132,7 @@ class CeleryExecutor:
             self.start()
         assert self.app is not None
         try:
-            self.app.send_task(
+            res = self.app.send_task(
                 TASK_NAME,
                 args=[job_id],
                 kwargs=self._job_spec(job_id),
@@ -129,6 +146,10 @@ class CeleryExecutor:
                 f"{broker_display(self.cfg.executor.broker_url)}: {exc}"
             ) from exc
         log.info("job %s: published to Celery queue %r", job_id, self.cfg.executor.queue)
+        if self.outcomes is not None:
+            # the job runs in the worker's own spool: this node's job is 'processing' until the outcome comes back
+            if self.index.claim_job(int(job_id)) is not None and not self.app.conf.task_ignore_result:
+                self.outcomes.track(int(job_id), res)
 
     def _job_spec(self, job_id: int | str) -> dict[str, Any]:
         """What a "dicomweb" worker needs to fetch the series: its UIDs (no PHI)."""
@@ -139,6 +160,9 @@ class CeleryExecutor:
         return job_spec(self.cfg, self.index, job_id)
 
     def stop(self) -> None:
+        if self.outcomes is not None:
+            self.outcomes.stop()
+            self.outcomes = None
         if self.app is not None:
             self.app.close()
             self.app = None
@@ -147,8 +171,8 @@ class CeleryExecutor:
 # -------------------------------------------------------------------------------------- the worker side
 
 
-def _run_job_task(self: Task, job_id: int | str, study_uid: str = "", series_uid: str = "",
-                  takeover: bool = False) -> None:
+def _run_job_task(self: Task, job_id: int | str, study_uid: str = "", series_uid: str = "", rule: str = "",
+                  takeover: bool = False) -> dict[str, Any] | None:
     """The Celery task: run one job from the index (shared spool) or from a WADO-RS fetch (dicomweb)."""
     cfg = _WORKER_CFG
     if cfg is None:  # pragma: no cover - only `srnode worker` registers this task with a config
@@ -157,22 +181,49 @@ def _run_job_task(self: Task, job_id: int | str, study_uid: str = "", series_uid
     me = f"{self.request.hostname} pid {os.getpid()}"
     log.info("job %s: started on %s%s", job_id, me, " (redelivered)" if redelivered else "")
     t0 = time.monotonic()
+    outcome: dict[str, Any] | None = None
     try:
         if cfg.executor.data_access == "dicomweb":
             from node.celery_fetch import run_remote_job
 
-            run_remote_job(cfg, job_id, study_uid, series_uid)
+            outcome = run_remote_job(cfg, job_id, study_uid, series_uid, rule)
         else:
-            from node.celery_claim import run_shared_job
-
-            run_shared_job(cfg, job_id, takeover=takeover or redelivered, worker=me)
+            run_shared_job(cfg, int(job_id), takeover=takeover or redelivered, worker=me)
     except Exception as exc:
         # run_job records job-level failures itself; what escapes is infrastructure (spool, broker, node)
         log.error("job %s: failed on %s: %s; retry %d/%d in %d s", job_id, me, exc,
                   self.request.retries + 1, MAX_RETRIES, RETRY_COUNTDOWN_S)
         raise self.retry(exc=exc, countdown=RETRY_COUNTDOWN_S,
-                         kwargs={"study_uid": study_uid, "series_uid": series_uid, "takeover": True}) from exc
+                         kwargs={"study_uid": study_uid, "series_uid": series_uid, "rule": rule,
+                                 "takeover": True}) from exc
     log.info("job %s: finished on %s in %.1f s", job_id, me, time.monotonic() - t0)
+    return outcome
+
+
+def run_shared_job(cfg: Config, job_id: int, *, takeover: bool = False, worker: str = "") -> None:
+    """Run a job from the shared spool; ``takeover``: the message came back because its worker died, so a job
+    left 'processing' is claimed again here (a job queued, finished or superseded is handled as usual)."""
+    from node.worker import open_spool, process_claimed, run_job
+
+    if takeover:
+        spool, index = open_spool(cfg)
+        job = _take_over(index, job_id, worker)
+        if job is not None:
+            log.warning("job %d: its worker was lost while processing; re-run on %s", job_id, worker)
+            process_claimed(cfg, spool, index, job)
+            return
+    run_job(cfg, job_id)
+
+
+def _take_over(index: Any, job_id: int, worker: str) -> Any:
+    """processing → processing (claimed again, one more attempt), atomically; None if not 'processing'."""
+    now = time.time()
+    with index.tx() as c:
+        cur = c.execute("UPDATE jobs SET attempts = attempts + 1, started = ?, updated = ?, reason = ?"
+                        " WHERE id = ? AND state = 'processing'",
+                        (now, now, f"re-run on {worker}: the previous worker was lost", job_id))
+        taken = cur.rowcount == 1
+    return index.job(job_id) if taken else None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

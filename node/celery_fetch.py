@@ -1,0 +1,171 @@
+"""Celery workers without the shared spool ([executor] data_access = "dicomweb").
+
+The worker fetches the job's series over WADO-RS from the receiving node ([executor].node_url, bearer
+[http].token) into its own local spool ([node].spool_dir of the worker's config), runs the same job there
+(``node.worker.run_job``) and delivers the results from its local outbox to the rule's destinations. The
+task's return value (state, reason, derived UIDs: no PHI) goes back through the Celery result backend, and
+the node records it on its own job (``OutcomeWatcher``), so ``srnode status`` and /jobs stay true.
+
+Re-running a job is cheap and harmless: a series whose job already delivered here is not processed again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from node.config import Config
+from node.errors import DeliveryError, NodeError
+
+log = logging.getLogger(__name__)
+
+FETCH_TIMEOUT_S = 300.0
+_OUTBOX_LOCK = threading.Lock()
+_OUTBOX: Any = None  # this worker process's background outbox, for deliveries that need retries
+
+
+class FetchFromNodeError(DeliveryError):
+    """The series could not be fetched from the receiving node over WADO-RS."""
+
+
+def job_spec(cfg: Config, index: Any, job_id: int | str) -> dict[str, Any]:
+    """The task arguments a remote worker needs: the job's study/series UIDs and rule (no PHI)."""
+    if index is None:
+        from node.worker import open_spool
+
+        index = open_spool(cfg)[1]
+    job = index.job(int(job_id))
+    return {"study_uid": job.study_uid, "series_uid": job.series_uid, "rule": job.rule}
+
+
+def fetch_series(cfg: Config, study_uid: str, series_uid: str) -> list[bytes]:
+    """GET {node_url}/dicom-web/studies/{study}/series/{series} (multipart/related application/dicom)."""
+    from node.ingest.stow import MultipartError, boundary_of, split_multipart
+
+    base = cfg.executor.node_url.rstrip("/")
+    if not base:
+        raise NodeError("executor.node_url: data_access = 'dicomweb' needs the receiving node's HTTP URL")
+    url = f"{base}/dicom-web/studies/{study_uid}/series/{series_uid}"
+    headers = {"Accept": 'multipart/related; type="application/dicom"'}
+    if cfg.http.token:
+        headers["Authorization"] = f"Bearer {cfg.http.token}"
+    try:
+        r = httpx.get(url, headers=headers, timeout=FETCH_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        raise FetchFromNodeError(f"series {series_uid}: WADO-RS from {base} failed: {exc}") from exc
+    if r.status_code != 200:
+        raise FetchFromNodeError(f"series {series_uid}: WADO-RS from {base} answered HTTP {r.status_code}",
+                                 retryable=r.status_code not in (400, 401, 403, 404))
+    try:
+        parts = [payload for _h, payload in split_multipart(r.content, boundary_of(r.headers["content-type"]))]
+    except (MultipartError, KeyError) as exc:
+        raise FetchFromNodeError(f"series {series_uid}: WADO-RS answer from {base} is not readable: {exc}",
+                                 retryable=False) from exc
+    return parts
+
+
+def run_remote_job(cfg: Config, job_id: int | str, study_uid: str, series_uid: str, rule: str) -> dict[str, Any]:
+    """Fetch, process and deliver one job in this worker's own spool; returns the outcome for the node."""
+    from node.fetch import spool_sink
+    from node.worker import open_spool, run_job
+
+    spool, index = open_spool(cfg)
+    done = _already_delivered(index, series_uid, rule)
+    if done is not None:
+        log.info("job %s: series %s already processed and delivered here (local job %d)", job_id, series_uid,
+                 done.id)
+        return _outcome(done)
+    t0 = time.monotonic()
+    files = fetch_series(cfg, study_uid, series_uid)
+    sink = spool_sink(cfg, spool=spool, index=index)
+    for data in files:
+        sink(data, "node", calling_ae="SRNODE-NODE")
+    log.info("job %s: fetched %d instances of series %s in %.1f s", job_id, len(files), series_uid,
+             time.monotonic() - t0)
+    index.mark_stable(series_uid, time.time() + 1.0)
+    local = index.create_job(series_uid, rule, reason=f"node job {job_id}")
+    run_job(cfg, local)
+    _deliver_now(cfg, index, local)
+    return _outcome(index.job(local))
+
+
+def _already_delivered(index: Any, series_uid: str, rule: str) -> Any:
+    s = index.series(series_uid)
+    if not s or s.get("job_id") is None:
+        return None
+    job = index.job(int(s["job_id"]))
+    same = job.rule == rule and job.n_instances == s.get("n_instances")
+    return job if same and job.state == "delivered" else None
+
+
+def _deliver_now(cfg: Config, index: Any, job_id: int) -> None:
+    """One pass over the job's deliveries now; what fails waits for this process's background outbox."""
+    global _OUTBOX
+    from node.outbox import Outbox
+
+    with _OUTBOX_LOCK:
+        if _OUTBOX is None:
+            _OUTBOX = Outbox(cfg, index)
+            _OUTBOX.start()
+    for d in index.deliveries(job_id, states=("pending",)):
+        _OUTBOX.attempt(d)
+    index.settle_job(job_id)
+
+
+def _outcome(job: Any) -> dict[str, Any]:
+    return {"state": job.state, "reason": job.reason, "derived_series_uid": job.derived_series_uid,
+            "uncertainty_series_uid": job.uncertainty_series_uid, "engine": job.engine,
+            "fallback": job.fallback, "report": job.report}
+
+
+class OutcomeWatcher:
+    """On the node: records remote workers' outcomes (from the result backend) on the node's own jobs."""
+
+    def __init__(self, cfg: Config, index: Any, app: Any) -> None:
+        self.cfg, self.index, self.app = cfg, index, app
+        self._pending: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="srnode-celery-outcomes", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def track(self, job_id: int, result: Any) -> None:
+        with self._lock:
+            self._pending[job_id] = result
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            with self._lock:
+                items = list(self._pending.items())
+            for job_id, res in items:
+                try:
+                    if not res.ready():
+                        continue
+                    self._record(job_id, res)
+                except Exception as exc:  # noqa: BLE001 - the backend may be down for a moment; try again
+                    log.warning("job %d: cannot read its outcome from the result backend: %s", job_id, exc)
+                    continue
+                with self._lock:
+                    self._pending.pop(job_id, None)
+
+    def _record(self, job_id: int, res: Any) -> None:
+        if res.successful() and isinstance(res.result, dict):
+            out = res.result
+            fields = {k: out[k] for k in ("derived_series_uid", "uncertainty_series_uid", "engine", "fallback",
+                                          "report") if k in out}
+            self.index.finish_job(job_id, str(out.get("state", "failed")), str(out.get("reason", "")), **fields)
+            log.info("job %d: %s on a remote worker", job_id, out.get("state"))
+        else:
+            self.index.finish_job(job_id, "failed", f"remote worker: {res.result!r}")
+            log.warning("job %d: failed on a remote worker: %r", job_id, res.result)
