@@ -14,12 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nodeproc import NodeProc, dump_toml, merge
 from peers import STORESCP, free_port, storescu, wait_until
 from pydicom import dcmread
 
-from node.bench_celery import RedisServer, WorkerProcess, config_toml, write_ct_series
+from node.bench_celery import RedisServer, WorkerProcess, write_ct_series
 from node.celery_exec import broker_display, make_app, transport_options
-from node.config import config_from_dict, load_config
+from node.config import config_from_dict
 from node.index import Index
 
 pytestmark = pytest.mark.timeout(300)
@@ -47,23 +48,6 @@ def pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
     proc.wait(timeout=10)
 
 
-def _node(tmp_path: Path, cfg_path: Path) -> subprocess.Popen[bytes]:
-    """The real node (`srnode serve`), publishing jobs to Celery; up when it answers C-ECHO."""
-    logf = (tmp_path / "node.log").open("wb")
-    proc = subprocess.Popen(["python", "-m", "node.cli", "serve", "--config", str(cfg_path)],
-                            stdout=logf, stderr=subprocess.STDOUT)
-    port = load_config(cfg_path).node.port
-
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"node exited: {(tmp_path / 'node.log').read_text()[-3000:]}")
-        return subprocess.run(["/usr/bin/echoscu", "-aec", "SRNODE", "127.0.0.1", str(port)],
-                              capture_output=True, timeout=10).returncode == 0
-
-    wait_until(up, timeout=60, what="srnode serve to answer C-ECHO")
-    return proc
-
-
 def _jobs_done(index: Index, n: int) -> list[int]:
     jobs = [j for j in index.jobs() if j.state != "superseded"]
     done = [j.id for j in jobs if j.state in ("delivered", "failed", "dead-letter")]
@@ -86,25 +70,21 @@ def test_settings_for_scale_out() -> None:
 def test_two_workers_share_jobs_and_survive_a_kill(tmp_path: Path, redis_server: RedisServer,
                                                    pacs: tuple[int, Path]) -> None:
     pacs_port, pacs_dir = pacs
-    spool = tmp_path / "spool"
-    extra = f"""
-[[destinations]]
-name = "pacs"
-kind = "dicom"
-ae_title = "PACS"
-host = "127.0.0.1"
-port = {pacs_port}
-"""
-    text = config_toml(spool, redis_server.url, tmp_path / "unused", VISIBILITY_S, extra)
-    cfg_path = tmp_path / "config.toml"
-    cfg_path.write_text(text.replace('destinations = ["out"]', 'destinations = ["pacs"]'))
-    node = _node(tmp_path, cfg_path)
-    workers = [WorkerProcess(cfg_path, f"w{i}@test", tmp_path / f"worker{i}.log") for i in (1, 2)]
+    node = NodeProc.start(tmp_path / "node", {
+        "http": {"enabled": False},
+        "executor": {"kind": "celery", "broker_url": redis_server.url, "visibility_timeout_s": VISIBILITY_S},
+        "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                          "port": pacs_port}],
+        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
+                   "destinations": ["pacs"]}],
+    })
+    spool = node.spool
+    workers = [WorkerProcess(node.config_path, f"w{i}@test", tmp_path / f"worker{i}.log") for i in (1, 2)]
     try:
         for w in workers:
             w.start()
         index = Index(spool / "index.sqlite")
-        port = load_config(cfg_path).node.port
+        port = node.port
 
         # N small series, sent together: both workers take jobs
         n = 4
@@ -149,5 +129,39 @@ port = {pacs_port}
     finally:
         for w in workers:
             w.stop()
-        node.terminate()
-        node.wait(timeout=60)
+        node.stop()
+
+
+def test_worker_without_shared_spool_fetches_over_dicomweb(tmp_path: Path, redis_server: RedisServer,
+                                                           pacs: tuple[int, Path]) -> None:
+    """data_access = "dicomweb": the worker has its own spool, fetches the series from the node over WADO-RS,
+    delivers the results itself, and the node's job records the outcome."""
+    pacs_port, pacs_dir = pacs
+    executor = {"kind": "celery", "broker_url": redis_server.url, "data_access": "dicomweb",
+                "visibility_timeout_s": 60}
+    node = NodeProc.start(tmp_path / "node", {
+        "http": {"token": "t0ken"},
+        "executor": executor,
+        "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                          "port": pacs_port}],
+        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
+                   "destinations": ["pacs"]}],
+    })
+    wcfg = tmp_path / "worker.toml"
+    wcfg.write_text(dump_toml(merge(node.config, {"node": {"spool_dir": str(tmp_path / "worker-spool")},
+                                                  "executor": {**executor, "node_url": node.http_url}})))
+    worker = WorkerProcess(wcfg, "remote@test", tmp_path / "worker.log")
+    try:
+        worker.start()
+        files = write_ct_series(tmp_path / "in", seed=7, slices=10, size=64)
+        assert storescu(files, node.port).returncode == 0
+        jobs = node.wait_jobs(lambda js: js and all(j["state"] in ("delivered", "failed") for j in js),
+                              timeout=120, what="the remote job recorded on the node")
+        assert [j["state"] for j in jobs] == ["delivered"], jobs
+        assert "fetched 10 instances" in worker.log()
+        assert not (node.spool / "outbox").exists() or not any((node.spool / "outbox").iterdir())
+        received = [dcmread(p, stop_before_pixels=True) for p in pacs_dir.rglob("*") if p.is_file()]
+        assert {ds.SeriesInstanceUID for ds in received} >= {jobs[0]["derived_series"]}
+    finally:
+        worker.stop()
+        node.stop()
