@@ -277,7 +277,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         ds.ImagePositionPatient = [ds_str(v) for v in positions[k]]
         if thickness > 0:
             ds.SliceThickness = ds_str(thickness)
-        if vol.shape[0] > 1:
+        if vol.shape[0] > 1 and not vol.irregular:
             ds.SpacingBetweenSlices = ds_str(step)
         # Image Pixel
         ds.SamplesPerPixel = 1

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from models.engine import VolumeInput
 from node.errors import VolumeError
@@ -106,7 +107,7 @@ def read_header(path: Path) -> Dataset:
     """Header only (no pixels); VolumeError names the file when it is not DICOM."""
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+    except (InvalidDicomError, OSError, EOFError, *_MALFORMED) as exc:
         raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
 
 
@@ -125,7 +126,7 @@ def is_image_sop_class(uid: str) -> bool:
 def _read_full(path: Path) -> Dataset:
     try:
         ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError) as exc:
+    except (InvalidDicomError, OSError, EOFError, *_MALFORMED) as exc:
         raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
     return ds
 
@@ -253,21 +254,40 @@ def representable_range(ds: Dataset, slope: float, intercept: float) -> tuple[fl
     return (float(min(a, b)), float(max(a, b)))
 
 
+# what pydicom raises on malformed headers, lazily, when a value is first read (untrusted input)
+_MALFORMED = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError, struct.error,
+              RecursionError, NotImplementedError, BytesLengthException, InvalidDicomError)
+
+
 def load_series(paths: Sequence[Path]) -> SeriesVolume:
     """Assemble the files of one series into a ``SeriesVolume``; VolumeError says why it cannot be one."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise VolumeError("no files given")
+    try:
+        return _load_series(paths)
+    except _MALFORMED as exc:
+        raise VolumeError(f"series of {len(paths)} file(s) starting {sorted(paths)[0].name}: a header value "
+                          f"cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_series(paths: list[Path]) -> SeriesVolume:
     slices: list[_Slice] = []
     for p in sorted(paths):
         ds = _read_full(p)
-        uid = sop_class_of(ds)
-        if not is_image_sop_class(uid):
-            raise VolumeError(f"{p.name}: SOP class {uid or '(none)'} is not an image "
-                              "(report, presentation state, RT or other non-image object)")
-        if "PixelData" not in ds:
-            raise VolumeError(f"{p.name}: has no pixel data")
-        slices.extend(_slices_of(ds, p.name))
+        try:
+            uid = sop_class_of(ds)
+            if not is_image_sop_class(uid):
+                raise VolumeError(f"{p.name}: SOP class {uid or '(none)'} is not an image "
+                                  "(report, presentation state, RT or other non-image object)")
+            if "PixelData" not in ds:
+                raise VolumeError(f"{p.name}: has no pixel data")
+            slices.extend(_slices_of(ds, p.name))
+        except _MALFORMED as exc:
+            raise VolumeError(f"{p.name}: a header value cannot be read ({type(exc).__name__}: {exc})") from exc
+    for s in slices:
+        if not all(math.isfinite(v) and v > 0 for v in s.spacing):
+            raise VolumeError(f"{s.name}: PixelSpacing {list(s.spacing)} is not two positive numbers")
     series_uid = str(slices[0].ds.get("SeriesInstanceUID", ""))
 
     groups: dict[tuple[Any, ...], list[_Slice]] = {}

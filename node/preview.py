@@ -1,0 +1,85 @@
+"""A PNG preview: original / derived / uncertainty at one matching position, axial and coronal (pillow)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from node.volume import SeriesVolume, load_series
+
+log = logging.getLogger(__name__)
+
+PANEL = 256  # pixels, height of each panel
+
+
+def _window(vol: SeriesVolume) -> tuple[float, float]:
+    ds = vol.datasets[0]
+    try:
+        c = ds.WindowCenter
+        w = ds.WindowWidth
+        c = float(c[0] if hasattr(c, "__len__") and not isinstance(c, str) else c)
+        w = float(w[0] if hasattr(w, "__len__") and not isinstance(w, str) else w)
+        if w > 0:
+            return c - w / 2, c + w / 2
+    except (AttributeError, TypeError, ValueError):
+        pass
+    lo, hi = np.percentile(vol.data, [1, 99])
+    return float(lo), float(max(hi, lo + 1))
+
+
+def _to_image(img: np.ndarray, lo: float, hi: float, aspect: float) -> Image.Image:
+    """``img`` (rows, cols) windowed to 8 bits, resized to PANEL high with row/col ``aspect`` (dy/dx)."""
+    a = np.clip((img.astype(np.float64) - lo) / max(hi - lo, 1e-6), 0, 1)
+    im = Image.fromarray((a * 255).astype(np.uint8))
+    h_mm = img.shape[0] * aspect
+    w = max(1, int(round(PANEL * img.shape[1] / max(h_mm, 1e-6))))
+    return im.resize((w, PANEL), Image.Resampling.BILINEAR)
+
+
+def _coronal(vol: SeriesVolume) -> tuple[np.ndarray, float]:
+    """Middle row through all slices (z, x), top = last slice, and its aspect dz/dx."""
+    y = vol.shape[1] // 2
+    return vol.data[::-1, y, :], vol.spacing[0] / vol.spacing[2]
+
+
+def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty: Sequence[Path], png: Path) -> Path:
+    """Write the preview PNG (first derived run when the series was split); returns its path."""
+    orig = load_series(original)
+    dparent = Path(derived[0]).parent
+    der = load_series([p for p in derived if Path(p).parent == dparent])
+    sig = load_series([p for p in uncertainty if Path(p).parent.name == dparent.name.replace("derived", "uncertainty")]) \
+        if uncertainty else None
+    # the input slice nearest the middle of the derived stack, and the derived slice at the same position
+    mid = der.positions[der.shape[0] // 2] @ der.normal
+    i = int(np.argmin(np.abs(orig.positions @ orig.normal - mid)))
+    k = int(np.argmin(np.abs(der.positions @ der.normal - orig.positions[i] @ orig.normal)))
+    lo, hi = _window(orig)
+    row1 = [("original", _to_image(orig.data[i], lo, hi, orig.spacing[1] / orig.spacing[2])),
+            ("derived", _to_image(der.data[k], lo, hi, der.spacing[1] / der.spacing[2]))]
+    oc, oa = _coronal(orig)
+    dc, da = _coronal(der)
+    row2 = [("original coronal", _to_image(oc, lo, hi, oa)), ("derived coronal", _to_image(dc, lo, hi, da))]
+    if sig is not None:
+        smax = float(np.percentile(sig.data, 99.5)) or 1.0
+        row1.append(("uncertainty (sigma)", _to_image(sig.data[min(k, sig.shape[0] - 1)], 0.0, smax,
+                                                     sig.spacing[1] / sig.spacing[2])))
+        sc, sa = _coronal(sig)
+        row2.append(("sigma coronal", _to_image(sc, 0.0, smax, sa)))
+    width = max(sum(im.width for _, im in row) for row in (row1, row2)) + 10 * (len(row1) + 1)
+    canvas = Image.new("L", (width, 2 * (PANEL + 20) + 10), 0)
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate((row1, row2)):
+        x = 10
+        for label, im in row:
+            y = 10 + r * (PANEL + 20)
+            canvas.paste(im, (x, y + 14))
+            draw.text((x, y), label, fill=255)
+            x += im.width + 10
+    png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(png)
+    log.info("preview written: %s", png)
+    return png
