@@ -31,19 +31,23 @@ def _window(vol: SeriesVolume) -> tuple[float, float]:
     return float(lo), float(max(hi, lo + 1))
 
 
-def _to_image(img: np.ndarray, lo: float, hi: float, aspect: float) -> Image.Image:
-    """``img`` (rows, cols) windowed to 8 bits, resized to PANEL high with row/col ``aspect`` (dy/dx)."""
+def _to_image(img: np.ndarray, lo: float, hi: float, mm: tuple[float, float], scale: float) -> Image.Image:
+    """``img`` (rows, cols) windowed to 8 bits, resized to ``scale`` pixels per mm (row, col spacing ``mm``)."""
     a = np.clip((img.astype(np.float64) - lo) / max(hi - lo, 1e-6), 0, 1)
     im = Image.fromarray((a * 255).astype(np.uint8))
-    h_mm = img.shape[0] * aspect
-    w = max(1, int(round(PANEL * img.shape[1] / max(h_mm, 1e-6))))
-    return im.resize((w, PANEL), Image.Resampling.BILINEAR)
+    h = max(1, int(round(img.shape[0] * mm[0] * scale)))
+    w = max(1, int(round(img.shape[1] * mm[1] * scale)))
+    return im.resize((w, h), Image.Resampling.BILINEAR)
 
 
-def _coronal(vol: SeriesVolume) -> tuple[np.ndarray, float]:
-    """Middle row through all slices (z, x), top = last slice, and its aspect dz/dx."""
+def _axial(vol: SeriesVolume, k: int) -> tuple[np.ndarray, tuple[float, float]]:
+    return vol.data[k], (vol.spacing[1], vol.spacing[2])
+
+
+def _coronal(vol: SeriesVolume) -> tuple[np.ndarray, tuple[float, float]]:
+    """Middle row through all slices (z, x), top = last slice."""
     y = vol.shape[1] // 2
-    return vol.data[::-1, y, :], vol.spacing[0] / vol.spacing[2]
+    return vol.data[::-1, y, :], (vol.spacing[0], vol.spacing[2])
 
 
 def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty: Sequence[Path], png: Path) -> Path:
@@ -58,27 +62,33 @@ def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty
     i = int(np.argmin(np.abs(orig.positions @ orig.normal - mid)))
     k = int(np.argmin(np.abs(der.positions @ der.normal - orig.positions[i] @ orig.normal)))
     lo, hi = _window(orig)
-    row1 = [("original", _to_image(orig.data[i], lo, hi, orig.spacing[1] / orig.spacing[2])),
-            ("derived", _to_image(der.data[k], lo, hi, der.spacing[1] / der.spacing[2]))]
-    oc, oa = _coronal(orig)
-    dc, da = _coronal(der)
-    row2 = [("original coronal", _to_image(oc, lo, hi, oa)), ("derived coronal", _to_image(dc, lo, hi, da))]
+    oa, oa_mm = _axial(orig, i)
+    oc, oc_mm = _coronal(orig)
+    s_ax = PANEL / (oa.shape[0] * oa_mm[0])  # pixels per mm, the same for every panel of a row
+    s_co = PANEL / max(oc.shape[0] * oc_mm[0], oc.shape[1] * oc_mm[1] / 2)
+    da, da_mm = _axial(der, k)
+    row1 = [("original", _to_image(oa, lo, hi, oa_mm, s_ax)), ("derived", _to_image(da, lo, hi, da_mm, s_ax))]
+    dc, dc_mm = _coronal(der)
+    row2 = [("original coronal", _to_image(oc, lo, hi, oc_mm, s_co)),
+            ("derived coronal", _to_image(dc, lo, hi, dc_mm, s_co))]
     if sig is not None:
         smax = float(np.percentile(sig.data, 99.5)) or 1.0
-        row1.append(("uncertainty (sigma)", _to_image(sig.data[min(k, sig.shape[0] - 1)], 0.0, smax,
-                                                     sig.spacing[1] / sig.spacing[2])))
-        sc, sa = _coronal(sig)
-        row2.append(("sigma coronal", _to_image(sc, 0.0, smax, sa)))
+        sa, sa_mm = _axial(sig, min(k, sig.shape[0] - 1))
+        row1.append(("uncertainty (sigma)", _to_image(sa, 0.0, smax, sa_mm, s_ax)))
+        sc, sc_mm = _coronal(sig)
+        row2.append(("sigma coronal", _to_image(sc, 0.0, smax, sc_mm, s_co)))
     width = max(sum(im.width for _, im in row) for row in (row1, row2)) + 10 * (len(row1) + 1)
-    canvas = Image.new("L", (width, 2 * (PANEL + 20) + 10), 0)
+    heights = [max(im.height for _, im in row) for row in (row1, row2)]
+    canvas = Image.new("L", (width, sum(heights) + 2 * 24 + 10), 0)
     draw = ImageDraw.Draw(canvas)
+    y = 10
     for r, row in enumerate((row1, row2)):
         x = 10
         for label, im in row:
-            y = 10 + r * (PANEL + 20)
             canvas.paste(im, (x, y + 14))
             draw.text((x, y), label, fill=255)
             x += im.width + 10
+        y += heights[r] + 24
     png.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(png)
     log.info("preview written: %s", png)
