@@ -190,14 +190,20 @@ def _referenced_series(series_uid: str, instances: Sequence[tuple[str, str]]) ->
     return DicomSequence([ser])
 
 
+def check_identifiers(vol: SeriesVolume) -> None:
+    """DeriveError when the input lacks the UIDs a derived series must share (checked before the engine runs)."""
+    study_uid = str(vol.datasets[0].get("StudyInstanceUID", "") or "")
+    if not study_uid or not vol.series_uid:
+        raise DeriveError(f"series {vol.series_uid or '(no SeriesInstanceUID)'}: the input has an empty "
+                          "StudyInstanceUID or SeriesInstanceUID; a derived series cannot be filed beside it")
+    _output_sop_class(vol)
+
+
 def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg: DeriveConfig,
                   engine_version: str = "") -> DerivedObjects:
     """Build the derived image series (and the uncertainty SC series when ``cfg.uncertainty``)."""
     ref0 = vol.datasets[0]
-    study_uid = str(ref0.get("StudyInstanceUID", "") or "")
-    if not study_uid or not vol.series_uid:
-        raise DeriveError(f"series {vol.series_uid or '(no SeriesInstanceUID)'}: the input has an empty "
-                          "StudyInstanceUID or SeriesInstanceUID; a derived series could not be filed beside it")
+    check_identifiers(vol)
     expect = output_shape(vol.shape, factors)
     if tuple(result.data.shape) != expect:
         raise DeriveError(f"series {vol.series_uid}: engine {result.engine} returned shape {result.data.shape}, "

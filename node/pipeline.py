@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 
 from models.engine import Engine, EngineOptions, EngineResult, Factors, VolumeInput, get_engine
 from node.config import Config, RuleConfig, load_config
-from node.derive import derive_series
+from node.derive import check_identifiers, derive_series
 from node.errors import DeriveError, EngineError, NodeError, VolumeError
 from node.volume import MIN_SLICES_THROUGH_PLANE, SeriesVolume, check_through_plane, load_series, regular_runs
 
@@ -148,6 +148,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
     t0 = time.perf_counter()
     say = progress or (lambda _msg: None)
     vol = load_series(paths)
+    check_identifiers(vol)
     factors = Factors(rule.through_plane_factor, rule.in_plane_factor)
     name = engine_name or rule.engine or cfg.engine.name
     options = engine_options(cfg)
