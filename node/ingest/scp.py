@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import logging
 import ssl
+import struct
 import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 SUCCESS, REFUSED_SOP_CLASS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0x0122, 0xA700, 0xC210
 PROCESSING_FAILURE = 0x0110
-_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 # A-ASSOCIATE-RJ (result, source, diagnostic)
@@ -59,20 +58,56 @@ class Header:
     modality: str
 
 
+def _pixel_data_end(fh: BinaryIO, little: bool, implicit: bool) -> tuple[int, str] | None:
+    """From the start of the pixel data element: (offset where its value ends, tag) or None at end of file.
+
+    Encapsulated (undefined length) pixel data is walked item by item up to its sequence delimiter.
+    """
+    end = "<" if little else ">"
+    head = fh.read(8)
+    if len(head) < 8:
+        return None
+    group, elem = struct.unpack(end + "HH", head[:4])
+    tag = f"({group:04X},{elem:04X})"
+    if implicit:
+        (length,) = struct.unpack(end + "L", head[4:8])
+    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+        more = fh.read(4)
+        if len(more) < 4:
+            return fh.tell() + 4, tag
+        (length,) = struct.unpack(end + "L", more)
+    else:
+        (length,) = struct.unpack(end + "H", head[6:8])
+    if length != _UNDEFINED_LENGTH:
+        return fh.tell() + length, tag
+    while True:  # encapsulated: items (FFFE,E000) up to the sequence delimiter (FFFE,E0DD)
+        item = fh.read(8)
+        if len(item) < 8:
+            return fh.tell() + 8, tag
+        ig, ie, ilen = struct.unpack(end + "HHL", item)
+        if (ig, ie) == (0xFFFE, 0xE0DD):
+            return fh.tell(), tag
+        fh.seek(ilen, 1)
+
+
 def read_header(path: Path, sop_class: str) -> Header:
-    """Parse the header of a received file; IngestError(0xC210) naming the reason when it is unusable."""
+    """Parse the header of a received file; IngestError(0xC210) naming the reason when it is unusable.
+
+    Pixels are not decoded; the pixel data element is only checked to lie wholly inside the file.
+    """
+    size = path.stat().st_size
     try:
-        ds: Dataset = dcmread(path, defer_size=1024)
-        elements = list(ds.elements())  # raw elements: values are not converted, pixels not read
+        with path.open("rb") as fh:
+            ds: Dataset = dcmread(fh, stop_before_pixels=True)
+            deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
+            has_pixels = fh.tell() < size and not deflated
+            ends = _pixel_data_end(fh, ds.original_encoding[1] is not False,
+                                   ds.original_encoding[0] is not False) if has_pixels else None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
         raise IngestError(f"file cannot be parsed: {type(exc).__name__}: {exc}", CANNOT_UNDERSTAND) from exc
-    size = path.stat().st_size
-    if elements:
-        last = elements[-1]
-        if (isinstance(last, RawDataElement) and last.length != _UNDEFINED_LENGTH
-                and last.value_tell + last.length > size):
-            raise IngestError(f"file is truncated: element {last.tag} needs {last.length} bytes at offset "
-                              f"{last.value_tell}, the file has {size}", CANNOT_UNDERSTAND)
+    if ends is not None and ends[0] > size:
+        raise IngestError(f"file is truncated: element {ends[1]} ends at byte {ends[0]}, the file has {size}",
+                          CANNOT_UNDERSTAND)
     uids: dict[str, str] = {}
     for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
         try:
@@ -85,7 +120,7 @@ def read_header(path: Path, sop_class: str) -> Header:
             raise IngestError(f"{kw} {value!r} is not a valid UID", CANNOT_UNDERSTAND)
         uids[kw] = value
     name = UID(sop_class).name if sop_class else ""
-    if "Image Storage" in name and not any(ds.get(t) is not None for t in _PIXEL_TAGS):
+    if "Image Storage" in name and ends is None and not deflated:
         raise IngestError(f"{name} without pixel data", CANNOT_UNDERSTAND)
     return Header(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"],
                   study_uid=uids["StudyInstanceUID"], modality=str(ds.get("Modality", "") or ""))
@@ -144,6 +179,7 @@ class StoreSCP:
         if self._stopping:
             log.info("association from %s@%s rejected: the node is stopping", calling, address)
             assoc.acse.send_reject(*REJECT_BUSY)
+            assoc.kill()  # waits until the rejection went out (as pynetdicom's own rejections do)
             return
         node = self.cfg.node
         if node.require_known_callers and find_caller(node.allowed_callers, calling, address) is None:
@@ -152,6 +188,7 @@ class StoreSCP:
                 self.audit.write("association-rejected", calling_ae=calling, address=address,
                                  reason="caller not in node.allowed_callers")
             assoc.acse.send_reject(*REJECT_UNKNOWN_CALLER)
+            assoc.kill()
 
     def on_accepted(self, event: evt.Event) -> None:
         with self._lock:
