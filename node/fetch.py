@@ -286,7 +286,8 @@ def is_own_output(ds: Dataset, suffix: str) -> bool:
         return True
     if suffix and str(ds.get("SeriesDescription", "")).endswith(suffix):
         return True
-    return str(ds.get("Manufacturer", "")).strip().lower() == "srnode"
+    return any(str(item.get("Manufacturer", "")).strip().lower() == "srnode"
+               for item in (ds.get("ContributingEquipmentSequence") or []))
 
 
 class ChangesFollower:

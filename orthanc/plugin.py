@@ -15,8 +15,8 @@ It reads the ``"SrNode"`` section of the Orthanc configuration:
     }
 
 Flow: on STABLE_SERIES the callback only queues the series id (Orthanc must never wait on us). A worker thread
-filters it, skips srnode's own output (ImageType DERIVED, description ending in the suffix, Manufacturer or
-contributing equipment "srnode"), registers the node as modality ``srnode`` and sends the series with Orthanc's
+filters it, skips srnode's own output (ImageType DERIVED, description ending in the suffix, Contributing
+Equipment Sequence naming manufacturer "srnode"), registers the node as modality ``srnode`` and sends the series with Orthanc's
 own store job (``/modalities/srnode/store``, asynchronous). A tracker thread follows each series to its end —
 the node's ``GET /jobs?series=UID`` when HttpUrl is set, else the arrival of a derived series in the same study
 that references the original — and marks the original.
@@ -133,8 +133,6 @@ class SrNodePlugin:
             return True
         if self.s.suffix and str(tags.get("SeriesDescription", "")).endswith(self.s.suffix):
             return True
-        if str(tags.get("Manufacturer", "")).strip().lower() == "srnode":
-            return True
         for item in tags.get("ContributingEquipmentSequence", []) or []:
             if isinstance(item, dict) and str(item.get("Manufacturer", "")).strip().lower() == "srnode":
                 return True
@@ -182,7 +180,7 @@ class SrNodePlugin:
     def _dispatch(self, series_id: str) -> None:
         ok, why, main = self.wanted(series_id)
         if not ok:
-            orthanc.LogInfo(f"srnode plugin: series {series_id} left alone: {why}")
+            _log(f"series {series_id} left alone: {why}")
             return
         body = {"Resources": [series_id], "Asynchronous": True, "Priority": 0}
         job = json.loads(orthanc.RestApiPost(f"/modalities/{MODALITY_NAME}/store", json.dumps(body)))
