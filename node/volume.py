@@ -302,7 +302,7 @@ def _load_series(paths: list[Path]) -> SeriesVolume:
         if loc:
             raise VolumeError(f"series {series_uid}: localizer image(s) mixed in ({', '.join(loc[:5])}); "
                               "a scout cannot be stacked with the axial/sagittal/coronal slices")
-        desc = "; ".join(f"{len(v)} slice(s) {k[2]}x{k[3]} orientation {list(k[1])}"
+        desc = "; ".join(f"{len(v)} slice(s) {k[2]}x{k[3]} orientation {'/'.join(f'{c:g}' for c in k[1])}"
                          for k, v in groups.items())
         raise VolumeError(f"series {series_uid}: slices differ in matrix, orientation or pixel spacing ({desc}); "
                           "they do not form one volume")
