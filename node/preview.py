@@ -55,8 +55,8 @@ def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty
     orig = load_series(original)
     dparent = Path(derived[0]).parent
     der = load_series([p for p in derived if Path(p).parent == dparent])
-    sig = load_series([p for p in uncertainty if Path(p).parent.name == dparent.name.replace("derived", "uncertainty")]) \
-        if uncertainty else None
+    sig_files = [p for p in uncertainty if Path(p).parent.name == dparent.name.replace("derived", "uncertainty")]
+    sig = load_series(sig_files or list(uncertainty)) if uncertainty else None
     # the input slice nearest the middle of the derived stack, and the derived slice at the same position
     mid = der.positions[der.shape[0] // 2] @ der.normal
     i = int(np.argmin(np.abs(orig.positions @ orig.normal - mid)))
