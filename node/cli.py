@@ -57,6 +57,8 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # pynetdicom is chatty at INFO and logs identifiers from datasets at DEBUG
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # httpx logs every request (URLs with UIDs) at INFO
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
