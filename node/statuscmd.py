@@ -39,6 +39,7 @@ def job_dict(index: Index, j: Job) -> dict[str, Any]:
         "reason": j.reason, "instances": j.n_instances, "attempts": j.attempts, "engine": j.engine,
         "fallback": j.fallback, "derived_series": j.derived_series_uid,
         "uncertainty_series": j.uncertainty_series_uid, "supersedes": j.supersedes,
+        "report": j.report,
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.updated)),
         "deliveries": [{"destination": d.destination, "state": d.state, "attempts": d.attempts,
                         "files": len(d.files), "reason": d.reason} for d in index.deliveries(j.id)],
