@@ -113,7 +113,12 @@ class WorkerProcess:
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
 
-    def start(self, ready_timeout: float = 60.0) -> WorkerProcess:
+    def start(self, ready_timeout: float = 90.0) -> WorkerProcess:
+        self.launch()
+        self.wait_ready(ready_timeout)
+        return self
+
+    def launch(self) -> None:
         self._log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
@@ -121,14 +126,16 @@ class WorkerProcess:
              "--name", self.name, "--pool", self.pool],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        """Until Celery says ready (the pipeline and CPU engines are loaded before that)."""
+
         def ready() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}: {self.log()[-3000:]}")
             return " ready." in self.log()
 
-        wait_for(ready, ready_timeout, f"worker {self.name} to be ready")
-        return self
+        wait_for(ready, timeout, f"worker {self.name} to be ready")
 
     def log(self) -> str:
         try:
@@ -283,10 +290,13 @@ def run_once(n_workers: int, n_series: int, slices: int, size: int, workdir: Pat
         cfg = load_config(cfg_path)
         jobs = [spool_series(spool_dir, write_ct_series(workdir / f"in-{i}", seed=100 + i, slices=slices,
                                                         size=size), "ct") for i in range(n_series)]
-        for w in range(n_workers):
-            workers.append(WorkerProcess(cfg_path, f"bench{w}@{socket.gethostname()}",
-                                         workdir / f"worker{w}.log").start())
-        # one warm-up job per worker is not taken out: the first job's imports are part of a cold worker's cost
+        workers = [WorkerProcess(cfg_path, f"bench{w}@{socket.gethostname()}", workdir / f"worker{w}.log")
+                   for w in range(n_workers)]
+        for wp in workers:
+            wp.launch()
+        for wp in workers:
+            wp.wait_ready()
+        # workers load the pipeline and engine before they say ready: no cold first job in the clock
         index = Index(spool_dir / "index.sqlite")
         ex = CeleryExecutor(cfg)
         ex.start()
@@ -302,6 +312,8 @@ def run_once(n_workers: int, n_series: int, slices: int, size: int, workdir: Pat
         elapsed = time.monotonic() - t0
         ex.stop()
         states = [index.job(j).state for j in jobs]
+        for wp in workers:
+            wp.stop()  # (its last log line may follow the job's state change)
         per_worker = {w.name: w.log().count(": finished on ") for w in workers}
         return {"workers": n_workers, "series": n_series, "slices": slices, "matrix": size,
                 "elapsed_s": round(elapsed, 2), "series_per_minute": round(60.0 * n_series / elapsed, 2),

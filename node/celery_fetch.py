@@ -2,7 +2,8 @@
 
 The worker fetches the job's series over WADO-RS from the receiving node ([executor].node_url, bearer
 [http].token) into its own local spool ([node].spool_dir of the worker's config), runs the same job there
-(``node.worker.run_job``) and delivers the results from its local outbox to the rule's destinations. The
+(``node.worker.run_job``) and delivers the results from its local outbox to the rule's destinations, with the
+[outbox] retries and backoff, before it takes its next job. The
 task's return value (state, reason, derived UIDs: no PHI) goes back through the Celery result backend, and
 the node records it on its own job (``OutcomeWatcher``), so ``srnode status`` and /jobs stay true.
 
@@ -24,8 +25,6 @@ from node.errors import DeliveryError, NodeError
 log = logging.getLogger(__name__)
 
 FETCH_TIMEOUT_S = 300.0
-_OUTBOX_LOCK = threading.Lock()
-_OUTBOX: Any = None  # this worker process's background outbox, for deliveries that need retries
 
 
 class FetchFromNodeError(DeliveryError):
@@ -103,16 +102,21 @@ def _already_delivered(index: Any, series_uid: str, rule: str) -> Any:
 
 
 def _deliver_now(cfg: Config, index: Any, job_id: int) -> None:
-    """One pass over the job's deliveries now; what fails waits for this process's background outbox."""
-    global _OUTBOX
+    """Deliver the job's results from this worker, with the outbox's retries and backoff, until each delivery
+    is done or dead-lettered. Only this task touches them (one job at a time per worker): sent once."""
     from node.outbox import Outbox
 
-    with _OUTBOX_LOCK:
-        if _OUTBOX is None:
-            _OUTBOX = Outbox(cfg, index)
-            _OUTBOX.start()
-    for d in index.deliveries(job_id, states=("pending",)):
-        _OUTBOX.attempt(d)
+    outbox = Outbox(cfg, index)  # its thread is not started: the attempts happen here, in order
+    while True:
+        pending = index.deliveries(job_id, states=("pending",))
+        if not pending:
+            break
+        now = time.time()
+        due = [d for d in pending if d.next_attempt <= now]
+        for d in due:
+            outbox.attempt(d)
+        if not due:
+            time.sleep(min(5.0, max(0.05, min(d.next_attempt for d in pending) - now)))
     index.settle_job(job_id)
 
 

@@ -82,21 +82,23 @@ def test_two_workers_share_jobs_and_survive_a_kill(tmp_path: Path, redis_server:
     workers = [WorkerProcess(node.config_path, f"w{i}@test", tmp_path / f"worker{i}.log") for i in (1, 2)]
     try:
         for w in workers:
-            w.start()
+            w.launch()
+        for w in workers:
+            w.wait_ready()
         index = Index(spool / "index.sqlite")
         port = node.port
 
         # N small series, sent together: both workers take jobs
         n = 4
         for i in range(n):
-            files = write_ct_series(tmp_path / f"in{i}", seed=i, slices=12, size=64)
+            files = write_ct_series(tmp_path / f"in{i}", seed=i, slices=8, size=64)
             assert storescu(files, port).returncode == 0
         wait_until(lambda: _jobs_done(index, n), timeout=120, what=f"{n} jobs delivered")
         ran = {w.name: w.log().count(": finished on ") for w in workers}
         assert all(ran.values()), f"both workers should have run jobs: {ran}"
 
         # a bigger series; SIGKILL the worker that starts it, mid-job
-        files = write_ct_series(tmp_path / "big", seed=99, slices=48, size=256)
+        files = write_ct_series(tmp_path / "big", seed=99, slices=16, size=512)
         assert storescu(files, port).returncode == 0
         series_uid = dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
 
@@ -161,7 +163,10 @@ def test_worker_without_shared_spool_fetches_over_dicomweb(tmp_path: Path, redis
         assert "fetched 10 instances" in worker.log()
         assert not (node.spool / "outbox").exists() or not any((node.spool / "outbox").iterdir())
         received = [dcmread(p, stop_before_pixels=True) for p in pacs_dir.rglob("*") if p.is_file()]
-        assert {ds.SeriesInstanceUID for ds in received} >= {jobs[0]["derived_series"]}
+        counts = Counter(ds.SOPInstanceUID for ds in received)
+        assert received and max(counts.values()) == 1, f"instances delivered twice: {counts.most_common(3)}"
+        assert {ds.SeriesInstanceUID for ds in received} == {jobs[0]["derived_series"],
+                                                              jobs[0]["uncertainty_series"]}
     finally:
         worker.stop()
         node.stop()
