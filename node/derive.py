@@ -228,9 +228,6 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     equipment = _contributing_equipment(result.engine, engine_version, result.fallback, now)
     derivation = (f"srnode {__version__}: super-resolution x{f} through-plane, x{g} in-plane by engine "
                   f"{result.engine} {engine_version}" + (f"; fallback: {result.fallback}" if result.fallback else ""))
-    sources = [(str(ds.get("SOPClassUID", "") or ds.file_meta.MediaStorageSOPClassUID), sop_instance_of(ds))
-               for ds in vol.datasets]
-    ref_series = _referenced_series(vol.series_uid, sources)
     iop = [ds_str(v) for v in (*vol.row_cosine, *vol.col_cosine)]
     windows = _windows(ref0)
     out: list[Dataset] = []
@@ -275,8 +272,9 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         if r and i + 1 < vol.shape[0]:
             src.append(_source_item(vol.datasets[i + 1], vol.frame_numbers[i + 1] if vol.frame_numbers else 0))
         ds.SourceImageSequence = DicomSequence(src)
-        # Common Instance Reference
-        ds.ReferencedSeriesSequence = ref_series
+        # Common Instance Reference (the instances this object references)
+        ds.ReferencedSeriesSequence = _referenced_series(
+            vol.series_uid, [(it.ReferencedSOPClassUID, it.ReferencedSOPInstanceUID) for it in src])
         # Image Plane
         ds.PixelSpacing = [ds_str(dy), ds_str(dx)]
         ds.ImageOrientationPatient = iop
@@ -377,7 +375,7 @@ def uncertainty_series(derived: list[Dataset], sigma: np.ndarray, vol: SeriesVol
     smax = float(sig.max()) if sig.size else 0.0
     slope = max(smax, 1e-3) / 65000.0
     stored = np.clip(np.rint(sig / slope), 0, 65535).astype(np.uint16)
-    p99 = float(np.percentile(sig, 99)) if sig.size else 0.0
+    p99 = float(np.percentile(sig[::2, ::4, ::4], 99)) if sig.size else 0.0
     width = max(p99, 1.0)
     units = "HU" if vol.modality == "CT" else "US"
     orient = (_orientation_letter(vol.row_cosine), _orientation_letter(vol.col_cosine))
