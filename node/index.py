@@ -347,6 +347,8 @@ class Index:
             c.execute("UPDATE jobs SET state = 'queued', reason = 'interrupted (node restarted), re-queued',"
                       " updated = ? WHERE state = 'processing'", (now,))
             c.execute("UPDATE series SET state = 'queued' WHERE state = 'processing'")
+            # stable but no job yet (crash between the two): let the watcher decide again
+            c.execute("UPDATE series SET state = 'receiving' WHERE state = 'stable'")
             rows = c.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id").fetchall()
         return [int(r["id"]) for r in rows]
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -62,8 +63,8 @@ def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = 
     try:
         header = dcmread(instances[0].path, stop_before_pixels=True)
         rule, reason = match_rule(cfg, header, str(s.get("calling_ae", "")))
-    except (OSError, IndexError, ValueError, NodeError) as exc:
-        reason = f"cannot read the series' first instance: {exc}"
+    except Exception as exc:  # noqa: BLE001 - a broken first instance or rule: record it, keep watching
+        reason = f"cannot match the rules on the series' first instance: {type(exc).__name__}: {exc}"
         job_id = index.create_job(series_uid, "", state="failed", reason=reason)
         log.warning("series %s: job %d failed: %s", series_uid, job_id, reason)
         return None
@@ -196,6 +197,7 @@ def process_claimed(cfg: Config, spool: Spool, index: Index, job: Job, audit: Au
                      uncertainty_series_uid=result.uncertainty_series_uid, engine=result.engine,
                      fallback=result.fallback or "", report=report)
     METRICS.series_processed.labels(outcome="processed").inc()
+    _gpu_peak()
     log.info("job %d: %d derived + %d uncertainty objects in %.1f s (engine %s%s); %s", job.id,
              len(result.derived_files), len(result.uncertainty_files), seconds, result.engine,
              f", fallback: {result.fallback}" if result.fallback else "",
@@ -204,6 +206,14 @@ def process_claimed(cfg: Config, spool: Spool, index: Index, job: Job, audit: Au
                 uncertainty_series=result.uncertainty_series_uid, engine=result.engine,
                 fallback=result.fallback or "", seconds=round(seconds, 2), destinations=list(per_dest))
     return state
+
+
+def _gpu_peak() -> None:
+    """Publish the engine's peak GPU memory of the last job (only when torch is loaded and sees a GPU)."""
+    torch: Any = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        METRICS.gpu_memory_bytes.set(torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _fail(index: Index, job: Job, reason: str, audit: AuditLog, category: str) -> str:
