@@ -169,7 +169,7 @@ class Index:
             c = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
             c.row_factory = sqlite3.Row
             c.execute("PRAGMA journal_mode=WAL")
-            c.execute("PRAGMA synchronous=NORMAL")
+            c.execute("PRAGMA synchronous=FULL")  # a Success status means the row survives a power cut
             c.execute("PRAGMA busy_timeout=60000")
             self._local.conn = c
         return c

@@ -171,7 +171,10 @@ class Spool:
         n = 0
         for p in self.incoming.iterdir():
             try:
-                p.unlink()
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
                 n += 1
             except OSError as exc:  # pragma: no cover - permissions
                 log.warning("spool: cannot remove leftover %s: %s", p, exc)
