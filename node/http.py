@@ -139,7 +139,10 @@ def build_app(ctx: Any) -> Starlette:
             return unauthorized()
         states = [s for s in request.query_params.getlist("state") if s]
         series = request.query_params.get("series", "")
-        limit = int(request.query_params.get("limit", "500") or 500)
+        try:
+            limit = max(0, int(request.query_params.get("limit", "500") or 500))
+        except ValueError:
+            return JSONResponse({"error": "limit must be an integer"}, status_code=400)
         jobs = await run_in_threadpool(ctx.index.jobs, states)
         if series:
             jobs = [j for j in jobs if j.series_uid == series]
