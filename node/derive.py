@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -115,7 +113,7 @@ def _copy(dst: Dataset, src: Dataset, keywords: Sequence[str], from_groups: bool
             setattr(dst, kw, "" if kw != "AcquisitionNumber" else None)
 
 
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
+def code_item(value: str, scheme: str, meaning: str) -> Dataset:
     item = Dataset()
     item.CodeValue = value
     item.CodingSchemeDesignator = scheme
@@ -158,7 +156,7 @@ def _contributing_equipment(engine: str, engine_version: str, fallback: str, now
     if fallback:
         desc += f" (fallback: {fallback})"
     item.ContributionDescription = desc[:1024]
-    item.PurposeOfReferenceCodeSequence = DicomSequence([_code("109103", "DCM", "Modifying Equipment")])
+    item.PurposeOfReferenceCodeSequence = DicomSequence([code_item("109103", "DCM", "Modifying Equipment")])
     return item
 
 
@@ -169,11 +167,11 @@ def _source_item(ds: Dataset, frame: int) -> Dataset:
     if frame > 0:
         item.ReferencedFrameNumber = frame
     item.PurposeOfReferenceCodeSequence = DicomSequence(
-        [_code("121322", "DCM", "Source image for image processing operation")])
+        [code_item("121322", "DCM", "Source image for image processing operation")])
     return item
 
 
-def _referenced_series(series_uid: str, instances: Sequence[tuple[str, str]]) -> DicomSequence:
+def referenced_series(series_uid: str, instances: Sequence[tuple[str, str]]) -> DicomSequence:
     ser = Dataset()
     ser.SeriesInstanceUID = series_uid
     refs = []
@@ -267,13 +265,13 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         _copy(ds, ref, _ACQUISITION)
         ds.ImageType = ["DERIVED", "SECONDARY"] + [str(v) for v in list(ref.get("ImageType") or [])[2:3]]
         ds.DerivationDescription = derivation[:1024]
-        ds.DerivationCodeSequence = DicomSequence([_code("113085", "DCM", "Spatial resampling")])
+        ds.DerivationCodeSequence = DicomSequence([code_item("113085", "DCM", "Spatial resampling")])
         src = [_source_item(vol.datasets[i], vol.frame_numbers[i] if vol.frame_numbers else 0)]
         if r and i + 1 < vol.shape[0]:
             src.append(_source_item(vol.datasets[i + 1], vol.frame_numbers[i + 1] if vol.frame_numbers else 0))
         ds.SourceImageSequence = DicomSequence(src)
         # Common Instance Reference (the instances this object references)
-        ds.ReferencedSeriesSequence = _referenced_series(
+        ds.ReferencedSeriesSequence = referenced_series(
             vol.series_uid, [(it.ReferencedSOPClassUID, it.ReferencedSOPInstanceUID) for it in src])
         # Image Plane
         ds.PixelSpacing = [ds_str(dy), ds_str(dx)]
@@ -307,12 +305,14 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         if windows:
             ds.WindowCenter, ds.WindowWidth = windows
         ds.PixelData = np.ascontiguousarray(stored_all[k]).tobytes()
-        _file_meta(ds)
+        add_file_meta(ds)
         out.append(ds)
     geometry_gate(out, vol, factors)
     sc: list[Dataset] = []
     sc_uid = derived_uid(cfg, vol, factors, result.engine, "sigma")
     if cfg.uncertainty:
+        from node.uncertainty import uncertainty_series  # imports this module's helpers
+
         sc = uncertainty_series(out, result.sigma, vol, sc_uid, cfg, factors, result.engine, equipment)
     log.info("series %s: derived %d slices into %s (engine %s%s)", vol.series_uid, nz, series_uid, result.engine,
              f", fallback: {result.fallback}" if result.fallback else "")
@@ -335,9 +335,9 @@ def _mr_type1(ds: Dataset, ref: Dataset, frame: int) -> None:
             seq.append("IR")
         ds.ScanningSequence = seq
     if "IR" in list(ds.ScanningSequence) and not ds.get("InversionTime"):
-        ti = group_value(ref, "InversionTimes")
-        ds.InversionTime = ds_str(ti[0] if isinstance(ti, (list, tuple)) or hasattr(ti, "__getitem__") and
-                                  not isinstance(ti, (str, float)) else ti) if ti is not None else ""
+        ti = group_value(ref, "InversionTimes")  # FD, VM 1-n, in the MR Modifier functional group
+        values = [] if ti is None else [ti] if isinstance(ti, (int, float)) else list(ti)
+        ds.InversionTime = ds_str(values[0]) if values else ""
     if "SequenceVariant" not in ds:
         ds.SequenceVariant = "NONE"
     if "EchoTime" not in ds or ds.EchoTime in ("", None):
@@ -349,103 +349,13 @@ def _mr_type1(ds: Dataset, ref: Dataset, frame: int) -> None:
             ds.RepetitionTime = tr
 
 
-def _file_meta(ds: Dataset) -> None:
+def add_file_meta(ds: Dataset) -> None:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
-
-
-# ---------------------------------------------------------------------------------------------- uncertainty
-
-
-def _orientation_letter(v: np.ndarray) -> str:
-    letters = (("L", "R"), ("P", "A"), ("H", "F"))  # DICOM LPS: +x left, +y posterior, +z head
-    axis = int(np.argmax(np.abs(v)))
-    return letters[axis][0] if v[axis] > 0 else letters[axis][1]
-
-
-def uncertainty_series(derived: list[Dataset], sigma: np.ndarray, vol: SeriesVolume, series_uid: str,
-                       cfg: DeriveConfig, factors: Factors, engine: str, equipment: Dataset) -> list[Dataset]:
-    """One single-frame Secondary Capture per derived slice; stored value * RescaleSlope = sigma (modality units)."""
-    sig = np.nan_to_num(np.asarray(sigma, dtype=np.float64), nan=0.0, posinf=0.0)
-    sig = np.maximum(sig, 0.0)
-    smax = float(sig.max()) if sig.size else 0.0
-    slope = max(smax, 1e-3) / 65000.0
-    stored = np.clip(np.rint(sig / slope), 0, 65535).astype(np.uint16)
-    p99 = float(np.percentile(sig[::2, ::4, ::4], 99)) if sig.size else 0.0
-    width = max(p99, 1.0)
-    units = "HU" if vol.modality == "CT" else "US"
-    orient = (_orientation_letter(vol.row_cosine), _orientation_letter(vol.col_cosine))
-    out: list[Dataset] = []
-    for k, d in enumerate(derived):
-        with warnings.catch_warnings():
-            # highdicom warns about unusual person names by quoting them: never let a name reach a log
-            warnings.simplefilter("ignore", UserWarning)
-            sc = _sc_image(d, stored[k], series_uid, derived_uid(cfg, vol, factors, engine, "sigma", str(k)),
-                           k, orient)
-        # General Series
-        sc.SeriesDescription = (str(d.SeriesDescription)[:56] + " sigma")[:64]
-        for kw in ("BodyPartExamined", "Laterality"):
-            if d.get(kw):
-                setattr(sc, kw, d.get(kw))
-        if "BodyPartExamined" not in sc and "Laterality" not in sc:
-            sc.Laterality = ""  # type 2C; dciodvfy wants it when the body part is unknown
-        # General Image: what this is and where it comes from
-        sc.ImageType = ["DERIVED", "SECONDARY", "UNCERTAINTY"]
-        sc.DerivationDescription = (f"Per-pixel 1-sigma uncertainty of the {engine} super-resolution, in {units}; "
-                                    "sigma = stored value * RescaleSlope + RescaleIntercept")[:1024]
-        src = Dataset()
-        src.ReferencedSOPClassUID = d.SOPClassUID
-        src.ReferencedSOPInstanceUID = d.SOPInstanceUID
-        src.PurposeOfReferenceCodeSequence = DicomSequence(
-            [_code("121322", "DCM", "Source image for image processing operation")])
-        sc.SourceImageSequence = DicomSequence([src])
-        sc.ReferencedSeriesSequence = _referenced_series(d.SeriesInstanceUID, [(d.SOPClassUID, d.SOPInstanceUID)])
-        sc.ContributingEquipmentSequence = DicomSequence([equipment])  # type: ignore[assignment]
-        # Frame of Reference + Image Plane (not in the SC IOD; lets viewers line it up with the derived slice)
-        sc.FrameOfReferenceUID = d.FrameOfReferenceUID
-        sc.ImageOrientationPatient = d.ImageOrientationPatient
-        sc.ImagePositionPatient = d.ImagePositionPatient
-        # Modality LUT: the sigma mapping
-        sc.RescaleIntercept = "0"
-        sc.RescaleSlope = ds_str(slope)
-        sc.RescaleType = units
-        # VOI LUT: 0 .. p99 of sigma
-        sc.WindowCenter = ds_str(width / 2)
-        sc.WindowWidth = ds_str(width)
-        _file_meta(sc)
-        out.append(sc)
-    return out
-
-
-def _sc_image(d: Dataset, pixels: np.ndarray, series_uid: str, sop_uid: str, k: int,
-              orient: tuple[str, str]) -> hd.sc.SCImage:
-    return hd.sc.SCImage(
-        pixel_array=pixels,
-        photometric_interpretation="MONOCHROME2",
-        bits_allocated=16,
-        coordinate_system="PATIENT",
-        study_instance_uid=d.StudyInstanceUID,
-        series_instance_uid=series_uid,
-        series_number=int(d.SeriesNumber) + 1,
-        sop_instance_uid=sop_uid,
-        instance_number=k + 1,
-        manufacturer="srnode",
-        patient_id=str(d.get("PatientID", "") or ""),
-        patient_name=d.get("PatientName") or None,
-        patient_birth_date=str(d.get("PatientBirthDate", "") or "") or None,
-        patient_sex=str(d.get("PatientSex", "") or "") or None,
-        accession_number=str(d.get("AccessionNumber", "") or "") or None,
-        study_id=str(d.get("StudyID", "") or "") or None,
-        study_date=str(d.get("StudyDate", "") or "") or None,
-        study_time=str(d.get("StudyTime", "") or "") or None,
-        referring_physician_name=d.get("ReferringPhysicianName") or None,
-        pixel_spacing=(float(d.PixelSpacing[0]), float(d.PixelSpacing[1])),
-        patient_orientation=orient,
-    )
 
 
 # ---------------------------------------------------------------------------------------------- gate

@@ -18,7 +18,7 @@ import logging
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,13 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from models.engine import VolumeInput
 from node.errors import VolumeError
+from node.runs import MIN_SLICES_THROUGH_PLANE, check_through_plane, describe_steps, regular_runs, same_step
+
+__all__ = ["MIN_SLICES_THROUGH_PLANE", "SeriesVolume", "check_through_plane", "load_series", "read_header",
+           "regular_runs"]
 
 log = logging.getLogger(__name__)
 
-MIN_SLICES_THROUGH_PLANE = 3
-_STEP_REL_TOL = 0.01  # steps within 1 % (or 0.02 mm) of the median count as one regular grid
-_STEP_ABS_TOL = 0.02
-_ORIENT_TOL = 1e-3
 
 # SOP classes that carry no image a volume can be built from
 _NON_IMAGE_PREFIXES = (
@@ -364,14 +364,14 @@ def _load_series(paths: list[Path]) -> SeriesVolume:
     tilt = 0.0
     if len(slices) > 1:
         med = float(np.median(steps))
-        irregular = bool(np.any(np.abs(steps - med) > max(_STEP_ABS_TOL, _STEP_REL_TOL * med)))
+        irregular = not all(same_step(float(st), med) for st in steps)
         line = positions[-1] - positions[0]
         cosang = abs(float(np.dot(line, normal))) / max(float(np.linalg.norm(line)), 1e-9)
         tilt = math.degrees(math.acos(min(1.0, cosang)))
         if tilt > 0.5:
             notes.append(f"gantry tilt / sheared stack: slice line is {tilt:.1f} deg from the slice normal")
         if irregular:
-            notes.append("irregular slice steps: " + _describe_steps(steps))
+            notes.append("irregular slice steps: " + describe_steps(steps))
     else:
         med = float(slices[0].thickness or 1.0)
     vol = SeriesVolume(
@@ -406,84 +406,3 @@ def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     b = int(ds.get("PixelPaddingRangeLimit", a))
     lo, hi = min(a, b), max(a, b)
     return (stored >= lo) & (stored <= hi)  # type: ignore[no-any-return]
-
-
-def _describe_steps(steps: np.ndarray) -> str:
-    parts: list[str] = []
-    i = 0
-    while i < len(steps):
-        j = i
-        while j + 1 < len(steps) and abs(steps[j + 1] - steps[i]) <= max(_STEP_ABS_TOL, _STEP_REL_TOL * steps[i]):
-            j += 1
-        n = j - i + 1
-        parts.append(f"{steps[i]:.2f} mm" + (f" x{n}" if n > 1 else ""))
-        i = j + 1
-    return ", ".join(parts)
-
-
-def regular_runs(vol: SeriesVolume) -> list[SeriesVolume]:
-    """Split an irregular stack where the step changes; a regular volume comes back as itself.
-
-    Each step belongs to one run; a slice where the step changes ends one run and starts the next only when the
-    next run has a constant step of its own. Runs are returned in slice order with ``run = (index, count)``.
-    """
-    if not vol.irregular:
-        return [vol]
-    steps = vol.steps
-    bounds: list[tuple[int, int]] = []  # slice index ranges [a, b]
-    i = 0
-    n = len(steps)
-    while i < n:
-        j = i
-        while j + 1 < n and abs(steps[j + 1] - steps[i]) <= max(_STEP_ABS_TOL, _STEP_REL_TOL * steps[i]):
-            j += 1
-        bounds.append((i, j + 1))  # steps i..j join slices i..j+1
-        i = j + 1
-    # a lone odd step between two runs joins nothing: slices [a, a+1] with one step become a 2-slice run
-    runs: list[SeriesVolume] = []
-    used_until = -1
-    for a, b in bounds:
-        a = max(a, used_until + 1)
-        if b - a + 1 < 2:
-            continue
-        if b - a + 1 == 2 and (b - a) == 1 and len(bounds) > 1:
-            continue  # a single odd step: the gap between two runs
-        runs.append(_subvolume(vol, a, b))
-        used_until = b
-    for k, r in enumerate(runs):
-        r.run = (k + 1, len(runs))
-    return runs
-
-
-def _subvolume(vol: SeriesVolume, a: int, b: int) -> SeriesVolume:
-    sl = slice(a, b + 1)
-    steps = vol.steps[a:b]
-    med = float(np.median(steps)) if len(steps) else vol.spacing[0]
-    thick = vol.slice_thickness
-    hdr = vol.datasets[a]
-    if "SliceThickness" in hdr and not vol.multiframe:
-        thick = float(hdr.SliceThickness or 0)
-    return replace(
-        vol,
-        data=vol.data[sl],
-        spacing=(med, vol.spacing[1], vol.spacing[2]),
-        slice_thickness=thick,
-        positions=vol.positions[sl],
-        datasets=vol.datasets[sl],
-        frame_numbers=vol.frame_numbers[sl] if vol.frame_numbers else [],
-        steps=steps,
-        irregular=False,
-        notes=vol.notes + [f"regular run of slices {a + 1}..{b + 1} at {med:.2f} mm"],
-    )
-
-
-def check_through_plane(vol: SeriesVolume, factor: int) -> None:
-    """VolumeError when ``vol`` cannot be super-resolved through-plane by ``factor``."""
-    if factor <= 1:
-        return
-    if vol.shape[0] < MIN_SLICES_THROUGH_PLANE:
-        raise VolumeError(f"series {vol.series_uid}: {vol.shape[0]} slice(s); through-plane super-resolution "
-                          f"needs at least {MIN_SLICES_THROUGH_PLANE}")
-    if vol.irregular:
-        raise VolumeError(f"series {vol.series_uid}: slice steps are irregular ({_describe_steps(vol.steps)}); "
-                          "they do not lie on one regular grid")
