@@ -240,8 +240,11 @@ def _preload(cfg: Config, pool: str) -> None:
     Engines are built here only on the CPU or with the solo pool: CUDA must not be initialised before a fork.
     """
     t0 = time.monotonic()
-    import node.worker  # noqa: F401 - imports pydicom, highdicom, the index
-    from node.pipeline import cached_engine, engine_options
+    try:
+        import node.worker  # noqa: F401 - imports pydicom, highdicom, the index
+        from node.pipeline import cached_engine, engine_options
+    except ImportError as exc:
+        raise NodeError(f"srnode worker: the pipeline cannot be loaded (broken install?): {exc}") from exc
 
     if pool == "solo" or cfg.engine.device == "cpu":
         for name in sorted({cfg.engine.name, *(r.engine for r in cfg.rules if r.engine)}):
