@@ -159,6 +159,7 @@ class StoreSCP:
     _stopping: bool = field(default=False, init=False)
     _counts: dict[int, list[int]] = field(default_factory=dict, init=False)  # assoc -> [stored, refused]
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _saved: tuple[bool, str | None] = field(default=(False, None), init=False)
 
     # ------------------------------------------------------------------------------------ handlers
 
@@ -276,6 +277,7 @@ class StoreSCP:
     def start(self) -> None:
         """Listen on [node].host:port (TLS when [node.tls].enabled); returns once the socket is bound."""
         # pynetdicom writes each received dataset to a temporary file; keep those on the spool's disk
+        self._saved = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.spool.incoming)
         node = self.cfg.node
@@ -309,4 +311,5 @@ class StoreSCP:
                 a.abort()
         server.shutdown()
         self._server = None
+        _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved
         log.info("DICOM SCP stopped")
