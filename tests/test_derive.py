@@ -14,11 +14,12 @@ from peers import dciodvfy
 from pydicom import config as pydicom_config
 
 from models.cubic import CubicEngine
-from models.engine import Factors
-from node.config import DeriveConfig
+from models.engine import EngineOptions, EngineResult, Factors, VolumeInput, register
+from node.config import DeriveConfig, load_config
 from node.derive import DerivedObjects, derive_series
+from node.errors import EngineError
 from node.phantom import write_phantom_series
-from node.pipeline import write_atomic
+from node.pipeline import process_series, write_atomic
 from node.volume import SeriesVolume, load_series, regular_runs
 
 CFG = DeriveConfig()
@@ -170,3 +171,28 @@ def test_enhanced_mr_becomes_classic_mr_valid(tmp_path: Path, strict: None) -> N
     assert d0.SourceImageSequence[0].ReferencedFrameNumber == vol.frame_numbers[0]
     assert _ipp(d0) == pytest.approx(vol.positions[0], abs=1e-4)
     _check_files(out, tmp_path)
+
+
+class _BrokenEngine:
+    """A real engine registered under its own name that always fails (exercises the fallback path)."""
+
+    name = "broken-for-test"
+    version = "0"
+
+    def __init__(self, options: EngineOptions) -> None:
+        self.options = options
+
+    def upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult:
+        raise EngineError("weights file is corrupt")
+
+
+def test_engine_failure_falls_back_to_cubic_and_says_so(phantom: SeriesVolume, tmp_path: Path) -> None:
+    register(_BrokenEngine.name)(_BrokenEngine)
+    cfg = load_config(None)
+    files = [Path(ds.filename) for ds in phantom.datasets[:4]]
+    res = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name=_BrokenEngine.name)
+    assert res.engine == "cubic" and "broken-for-test failed (weights file is corrupt)" in res.fallback
+    ds = pydicom.dcmread(res.derived_files[0], stop_before_pixels=True)
+    assert "fallback" in ds.DerivationDescription and "cubic" in ds.DerivationDescription
+    assert "fallback" in ds.ContributingEquipmentSequence[0].ContributionDescription
+    assert len(res.derived_files) == 7 and len(res.uncertainty_files) == 7
