@@ -4,6 +4,7 @@ folder sender, and the durable outbox of the real node: destination down -> retr
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -100,3 +101,30 @@ def test_destination_down_dead_letter_then_retry_delivers(tmp_path: Path) -> Non
         finally:
             scp.terminate()
             scp.wait(10)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed")
+def test_dimse_sender_over_tls(tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=pacs",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    port, out = free_port(), tmp_path / "tls-in"
+    out.mkdir()
+    scp = subprocess.Popen([STORESCP, "-aet", "TLSPACS", "+tls", str(key), str(cert), "+cf", str(cert), "-od", str(out), str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=10)
+        dest = DestinationConfig(name="tls", kind="dicom", ae_title="TLSPACS", host="127.0.0.1", port=port,
+                                 tls=True, tls_ca=str(cert), tls_cert=str(cert), tls_key=str(key),
+                                 timeout_s=10)  # mutual TLS: storescp requires a client certificate
+        wait_until(lambda: make_sender(dest).check() is None, timeout=20, what="TLS storescp up")
+        make_sender(dest).send(files)
+        assert len(list(out.iterdir())) == 2
+        plain = make_sender(DestinationConfig(name="plain", kind="dicom", ae_title="TLSPACS", host="127.0.0.1",
+                                              port=port, timeout_s=5))
+        with pytest.raises(DeliveryError):
+            plain.send(files)
+    finally:
+        scp.terminate()
+        scp.wait(10)
