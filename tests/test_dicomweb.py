@@ -49,6 +49,11 @@ def test_stow_in_is_processed_and_stow_out_lands_in_orthanc(tmp_path: Path, web_
             sorted(d.SOPInstanceUID for d in datasets)
         assert "FailedSOPSequence" not in response
 
+        # WADO-RS of the spooled series (what remote Celery workers read): the same instances come back
+        back = client.retrieve_series(ref.StudyInstanceUID, ref.SeriesInstanceUID)
+        assert sorted(d.SOPInstanceUID for d in back) == sorted(d.SOPInstanceUID for d in datasets)
+        assert back[0].pixel_array.tobytes() in {d.pixel_array.tobytes() for d in datasets}
+
         job = wait_job(node, ref.SeriesInstanceUID)
         assert job["state"] == "delivered", job
         # the results are in Orthanc, seen through its own DICOMweb (QIDO-RS)

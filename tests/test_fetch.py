@@ -48,6 +48,20 @@ def test_fetch_by_c_move_from_the_cli(tmp_path: Path, pacs_and_node: tuple[Ortha
     assert len(_derived_files(node, job)) == 11
 
 
+def test_fetch_by_c_get_into_the_spool(tmp_path: Path, pacs_and_node: tuple[Orthanc, NodeProc]) -> None:
+    orthanc, node = pacs_and_node
+    files = phantom(tmp_path, seed=64, slices=4)
+    upload(orthanc, files)
+    ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+    # C-GET: the fetch process itself receives the instances and spools them beside the running node
+    r = node.cli("fetch", "--from", "pacs", "--method", "get", "--study", ref.StudyInstanceUID)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["received"] == 4
+    job = wait_job(node, ref.SeriesInstanceUID)
+    assert job["state"] == "delivered", job
+    assert len(_derived_files(node, job)) == 7
+
+
 def test_pull_by_wado_rs_through_post_jobs(tmp_path: Path, pacs_and_node: tuple[Orthanc, NodeProc]) -> None:
     orthanc, node = pacs_and_node
     files = phantom(tmp_path, seed=62, slices=5)
