@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import shared_series
 from nodeproc import NodeProc
-from peers import Orthanc, storescu
+from peers import STORESCU, Orthanc, storescu, wait_until
 from pydicom import dcmread
 
+from node.index import Index
 from node.phantom import write_phantom_series
 
 
@@ -104,7 +107,17 @@ def test_folder_destination_unmatched_series_and_restart(tmp_path: Path) -> None
     assert {"association", "job-decision", "job-processed", "delivery"} <= {a["event"] for a in audit}
 
 
-def test_sigterm_stops_cleanly(tmp_path: Path) -> None:
-    node = NodeProc.start(tmp_path / "node")
-    assert node.stop() == 0
+def test_sigterm_lets_stores_in_flight_finish(tmp_path: Path) -> None:
+    files = write_phantom_series(tmp_path / "ct", slices=60, size=256, seed=4)
+    node = NodeProc.start(tmp_path / "node", {"node": {"stable_age_s": 60.0}})
+    sender = subprocess.Popen([STORESCU, "-aec", node.ae_title, "-aet", "SCANNER", "127.0.0.1", str(node.port),
+                               *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    index = Index(node.spool / "index.sqlite")
+    wait_until(lambda: index.count_instances() >= 1, timeout=30, what="the first instance stored")
+    assert node.stop() == 0  # SIGTERM while the association is open
+    out, _ = sender.communicate(timeout=60)
+    assert sender.returncode == 0, out  # every store answered Success ...
+    assert index.count_instances() == len(files)  # ... and every one of them is in the spool
     assert "stopped" in node.log()
+    with pytest.raises(AssertionError):  # the node is gone: no association any more
+        node.wait_ready(timeout=1)
