@@ -110,6 +110,7 @@ class WorkerProcess:
     name: str
     log_path: Path
     pool: str = "prefork"
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -120,7 +121,7 @@ class WorkerProcess:
 
     def launch(self) -> None:
         self._log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "--log-level", "INFO", "worker", "--config", str(self.config),
              "--name", self.name, "--pool", self.pool],
@@ -290,7 +291,10 @@ def run_once(n_workers: int, n_series: int, slices: int, size: int, workdir: Pat
         cfg = load_config(cfg_path)
         jobs = [spool_series(spool_dir, write_ct_series(workdir / f"in-{i}", seed=100 + i, slices=slices,
                                                         size=size), "ct") for i in range(n_series)]
-        workers = [WorkerProcess(cfg_path, f"bench{w}@{socket.gethostname()}", workdir / f"worker{w}.log")
+        # CPU workers share the cores: each gets its share of threads, as GPU workers each get their GPU
+        threads = str(max(1, (os.cpu_count() or 1) // n_workers))
+        workers = [WorkerProcess(cfg_path, f"bench{w}@{socket.gethostname()}", workdir / f"worker{w}.log",
+                                 env={"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
                    for w in range(n_workers)]
         for wp in workers:
             wp.launch()
@@ -300,6 +304,7 @@ def run_once(n_workers: int, n_series: int, slices: int, size: int, workdir: Pat
         index = Index(spool_dir / "index.sqlite")
         ex = CeleryExecutor(cfg)
         ex.start()
+        load_before = os.getloadavg()[0]
         t0 = time.monotonic()
         for j in jobs:
             ex.submit(j)
@@ -317,7 +322,9 @@ def run_once(n_workers: int, n_series: int, slices: int, size: int, workdir: Pat
         per_worker = {w.name: w.log().count(": finished on ") for w in workers}
         return {"workers": n_workers, "series": n_series, "slices": slices, "matrix": size,
                 "elapsed_s": round(elapsed, 2), "series_per_minute": round(60.0 * n_series / elapsed, 2),
-                "jobs_by_worker": per_worker, "failed": sum(s == "failed" for s in states)}
+                "jobs_by_worker": per_worker, "failed": sum(s == "failed" for s in states),
+                "torch_threads_per_worker": int(threads),
+                "load_avg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     finally:
         for wp in workers:
             wp.stop()
@@ -342,7 +349,8 @@ def run(args: argparse.Namespace) -> int:
             r = run_once(n, args.series, args.slices, args.size, root / f"w{n}")
             results.append(r)
             print(f"celery, {n} worker(s), CPU, cubic: {r['series']} series of {r['slices']}x{r['matrix']}^2 in "
-                  f"{r['elapsed_s']} s = {r['series_per_minute']} series/min; jobs by worker {r['jobs_by_worker']}")
+                  f"{r['elapsed_s']} s = {r['series_per_minute']} series/min; jobs by worker {r['jobs_by_worker']}; "
+                  f"load avg before/after {r['load_avg_1min_before_after']}")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
