@@ -101,3 +101,25 @@ def test_process_j2k_ct_without_uids_is_refused_with_reason(tmp_path: Path) -> N
     r = srnode("process", in_dir, tmp_path / "out", "--engine", "cubic", "--no-preview")
     assert r.returncode == 1
     assert "empty StudyInstanceUID or SeriesInstanceUID" in r.stdout, r.stdout + r.stderr
+
+
+def test_process_ge_tilted_irregular_gives_one_derived_series_per_regular_run(tmp_path: Path) -> None:
+    src = shared_series("ct_head_ge_tilted_irregular")
+    r = srnode("process", src, tmp_path / "out", "--engine", "cubic", "--no-preview")
+    assert r.returncode == 0, r.stdout + r.stderr
+    vol = load_series(sorted(src.glob("*.dcm")))
+    base = tmp_path / "out" / vol.series_uid
+    uids = set()
+    for run, step in ((1, 4.0), (2, 7.0)):
+        files = sorted((base / f"derived-run{run}").glob("*.dcm"))
+        assert len(files) == 27  # 14 slices x2 -> 27
+        first, last = (pydicom.dcmread(f, stop_before_pixels=True) for f in (files[0], files[-1]))
+        assert float(first.SpacingBetweenSlices) == pytest.approx(step / 2, abs=0.01)
+        assert f"run {run}/2" in first.SeriesDescription
+        a = vol.positions[0 if run == 1 else 14]
+        b = vol.positions[13 if run == 1 else 27]
+        assert [float(v) for v in first.ImagePositionPatient] == pytest.approx(a, abs=1e-3)
+        assert [float(v) for v in last.ImagePositionPatient] == pytest.approx(b, abs=1e-3)
+        uids.add(first.SeriesInstanceUID)
+        assert len(list((base / f"uncertainty-run{run}").glob("*.dcm"))) == 27
+    assert len(uids) == 2
