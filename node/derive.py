@@ -217,7 +217,6 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     dy, dx = vol.spacing[1] / g, vol.spacing[2] / g
     dtype, lo, hi = _stored_dtype(ref0)
     slope, icpt = vol.rescale_slope, vol.rescale_intercept
-    stored_all = np.clip(np.rint((result.data.astype(np.float64) - icpt) / slope), lo, hi).astype(dtype)
     desc = str(ref0.get("SeriesDescription", "") or vol.modality)
     if vol.run:
         desc += f" run {vol.run[0]}/{vol.run[1]}"
@@ -284,7 +283,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         # Image Pixel
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = int(stored_all.shape[1]), int(stored_all.shape[2])
+        ds.Rows, ds.Columns = int(result.data.shape[1]), int(result.data.shape[2])
         ds.BitsAllocated = dtype.itemsize * 8
         ds.BitsStored = int(ref.get("BitsStored", ds.BitsAllocated))
         ds.HighBit = ds.BitsStored - 1
@@ -304,7 +303,9 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         # VOI LUT
         if windows:
             ds.WindowCenter, ds.WindowWidth = windows
-        ds.PixelData = np.ascontiguousarray(stored_all[k]).tobytes()
+        # stored = (value - intercept) / slope, clipped to the input's stored range (one slice at a time)
+        stored = np.clip(np.rint((result.data[k].astype(np.float64) - icpt) / slope), lo, hi).astype(dtype)
+        ds.PixelData = np.ascontiguousarray(stored).tobytes()
         add_file_meta(ds)
         out.append(ds)
     geometry_gate(out, vol, factors)
