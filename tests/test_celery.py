@@ -8,6 +8,9 @@ job: the broker gives the job to the other worker after the visibility timeout, 
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -97,19 +100,25 @@ def test_two_workers_share_jobs_and_survive_a_kill(tmp_path: Path, redis_server:
         ran = {w.name: w.log().count(": finished on ") for w in workers}
         assert all(ran.values()), f"both workers should have run jobs: {ran}"
 
-        # a bigger series; SIGKILL the worker that starts it, mid-job
-        files = write_ct_series(tmp_path / "big", seed=99, slices=16, size=512)
-        assert storescu(files, port).returncode == 0
-        series_uid = dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+        def start_big(seed: int) -> tuple[int, WorkerProcess, int]:
+            """Send a bigger series; returns (job id, the worker running it, its pool process id)."""
+            files = write_ct_series(tmp_path / f"big{seed}", seed=seed, slices=16, size=512)
+            assert storescu(files, port).returncode == 0
+            series_uid = dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
 
-        def started() -> WorkerProcess | None:
-            job = next((j for j in index.jobs() if j.series_uid == series_uid), None)
-            if job is None:
+            def started() -> tuple[int, WorkerProcess, int] | None:
+                job = next((j for j in index.jobs() if j.series_uid == series_uid), None)
+                for w in workers if job is not None else []:
+                    m = re.search(rf"job {job.id}: started on {re.escape(w.name)} pid (\d+)", w.log())
+                    if m:
+                        return job.id, w, int(m.group(1))
                 return None
-            return next((w for w in workers if f"job {job.id}: started on " in w.log()), None)
 
-        victim = wait_until(started, timeout=60, what="a worker to start the big job")
-        job_id = next(j.id for j in index.jobs() if j.series_uid == series_uid)
+            return wait_until(started, timeout=60, what=f"a worker to start the job of series seed {seed}")
+
+        # the whole worker dies mid-job (SIGKILL to it and its pool process, as a machine that fails): the
+        # broker gives the job to the other worker after the visibility timeout
+        job_id, victim, _pid = start_big(99)
         assert index.job(job_id).state == "processing"
         victim.kill9()
         survivor = next(w for w in workers if w is not victim)
@@ -118,13 +127,22 @@ def test_two_workers_share_jobs_and_survive_a_kill(tmp_path: Path, redis_server:
         assert f"job {job_id}: started on {survivor.name}" in survivor.log()
         assert f"job {job_id}: finished on {survivor.name}" in survivor.log()
 
+        # only the job's pool process dies (as under the OOM killer): rejected and re-run at once
+        job_id2, w, pid = start_big(98)
+        assert w is survivor and index.job(job_id2).state == "processing"
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: index.job(job_id2).state == "delivered", timeout=90,
+                   what=f"job {job_id2} re-run after its pool process was killed")
+        assert survivor.log().count(f"job {job_id2}: started on ") == 2
+        assert f"job {job_id2}: finished on {survivor.name}" in survivor.log()
+
         # every result delivered once: one file per SOP instance at the PACS, every job's series there
         received = [dcmread(p, stop_before_pixels=True) for p in sorted(pacs_dir.rglob("*")) if p.is_file()]
         counts = Counter(ds.SOPInstanceUID for ds in received)
         assert received and max(counts.values()) == 1, f"instances delivered twice: {counts.most_common(3)}"
         series_at_pacs = {ds.SeriesInstanceUID for ds in received}
         jobs = [j for j in index.jobs() if j.state == "delivered"]
-        assert len(jobs) == n + 1
+        assert len(jobs) == n + 2
         for j in jobs:
             assert j.derived_series_uid in series_at_pacs, f"job {j.id}: derived series not at the PACS"
             assert j.uncertainty_series_uid in series_at_pacs, f"job {j.id}: uncertainty series not at the PACS"
