@@ -18,6 +18,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+# The node's one exception tree (node/errors.py is stdlib-only: no DICOM, no networking). Engines raise
+# EngineError for every internal failure, so a bad series never crashes the node.
+from node.errors import EngineError
+
+__all__ = ["EngineError", "EngineOptions", "EngineResult", "Factors", "VolumeInput", "get_engine", "register"]
+
 
 @dataclass(frozen=True)
 class Factors:

@@ -1,0 +1,129 @@
+"""Fidelity metrics for ``srnode eval``: PSNR, SSIM, HU-MAE, HU bias (body-masked) and uncertainty quality.
+
+Body mask: CT voxels > -500 HU, MR (other) voxels > 10 % of the 99th percentile (above the noise floor); then
+filled per axial slice (a voxel inside the mask's extent along both its row and its column counts). PSNR uses
+the truth's 0.1-99.9 percentile span as the data range. Uncertainty: Spearman(sigma, |error|), the fraction of
+errors inside the 95 % interval (|error| <= 1.96 sigma), and AUSE / AUSE of a random order (< 1 is informative).
+torch + numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.internal import spearman
+
+
+def _fill(mask: np.ndarray) -> np.ndarray:
+    """Fill each axial slice of a (Z, Y, X) mask between its first and last voxel along rows and along columns."""
+    def span(m: np.ndarray, axis: int) -> np.ndarray:
+        fwd = np.maximum.accumulate(m, axis=axis)
+        bwd = np.flip(np.maximum.accumulate(np.flip(m, axis=axis), axis=axis), axis=axis)
+        return fwd & bwd
+
+    return span(mask, 1) & span(mask, 2)
+
+
+def body_mask(truth: np.ndarray, modality: str) -> np.ndarray:
+    if modality.upper() == "CT":
+        m = truth > -500.0
+    else:
+        m = truth > 0.1 * float(np.percentile(truth, 99))
+    return _fill(m)
+
+
+def data_range(truth: np.ndarray) -> float:
+    lo, hi = np.percentile(truth[:: max(1, truth.shape[0] // 32)], [0.1, 99.9])
+    return float(max(hi - lo, 1e-6))
+
+
+def psnr(pred: np.ndarray, truth: np.ndarray, drange: float, mask: np.ndarray | None = None) -> float:
+    err = (pred.astype(np.float64) - truth)[mask] if mask is not None else pred.astype(np.float64) - truth
+    mse = float(np.mean(err**2)) if err.size else 0.0
+    return float("inf") if mse == 0 else 10 * math.log10(drange**2 / mse)
+
+
+def ssim(pred: np.ndarray, truth: np.ndarray, drange: float, mask: np.ndarray | None = None) -> float:
+    """Mean SSIM (Gaussian window sigma 1.5, 11 x 11, per axial slice) over the mask."""
+    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+    g = g / g.sum()
+    w = (g[:, None] * g[None, :])[None, None]
+    c1, c2 = (0.01 * drange) ** 2, (0.03 * drange) ** 2
+    total, count = 0.0, 0
+    for z0 in range(0, pred.shape[0], 16):
+        a = torch.from_numpy(np.asarray(pred[z0 : z0 + 16], dtype=np.float64))[:, None]
+        b = torch.from_numpy(np.asarray(truth[z0 : z0 + 16], dtype=np.float64))[:, None]
+
+        def blur(t: torch.Tensor) -> torch.Tensor:
+            return F.conv2d(F.pad(t, (5, 5, 5, 5), mode="reflect"), w)
+
+        ma, mb = blur(a), blur(b)
+        va, vb, cov = blur(a * a) - ma**2, blur(b * b) - mb**2, blur(a * b) - ma * mb
+        s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
+        s_np = s[:, 0].numpy()
+        m = mask[z0 : z0 + 16] if mask is not None else np.ones(s_np.shape, bool)
+        total += float(s_np[m].sum())
+        count += int(m.sum())
+    return total / max(count, 1)
+
+
+def fidelity(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, drange: float) -> dict[str, float]:
+    err = (pred.astype(np.float64) - truth)[mask]
+    return {
+        "psnr_db": round(psnr(pred, truth, drange, mask), 3),
+        "ssim": round(ssim(pred, truth, drange, mask), 4),
+        "hu_mae": round(float(np.mean(np.abs(err))) if err.size else 0.0, 3),
+        "hu_bias": round(float(np.mean(err)) if err.size else 0.0, 3),
+    }
+
+
+def ause_ratio(sigma: np.ndarray, abs_err: np.ndarray, steps: int = 50) -> float:
+    """Area under the sparsification error curve (MAE of what remains after removing the most uncertain
+    fraction, minus the oracle's), divided by that of a random order (whose curve is the flat overall MAE)."""
+    n = abs_err.size
+    if n < steps:
+        return float("nan")
+    by_sigma = abs_err[np.argsort(-sigma, kind="stable")]
+    oracle = np.sort(abs_err)[::-1]
+    fracs = np.linspace(0, 0.99, steps)
+    cs_s, cs_o = np.cumsum(by_sigma[::-1])[::-1], np.cumsum(oracle[::-1])[::-1]
+    curve_s, curve_o = [], []
+    for f in fracs:
+        k = int(f * n)
+        curve_s.append(cs_s[k] / (n - k))
+        curve_o.append(cs_o[k] / (n - k))
+    ause = float(np.trapezoid(np.array(curve_s) - curve_o, fracs))
+    rand = float(np.trapezoid(abs_err.mean() - np.array(curve_o), fracs))
+    return ause / rand if rand > 0 else float("nan")
+
+
+def uncertainty(sigma: np.ndarray, pred: np.ndarray, truth: np.ndarray, mask: np.ndarray,
+                seed: int = 0) -> dict[str, float]:
+    abs_err = np.abs(pred.astype(np.float64) - truth)[mask]
+    sig = sigma[mask].astype(np.float64)
+    if abs_err.size == 0 or not np.any(sig > 0):
+        return {"spearman": 0.0, "coverage_95": 0.0, "ause_ratio": float("nan")}
+    rng = np.random.default_rng(seed)
+    sub = rng.choice(abs_err.size, min(abs_err.size, 500_000), replace=False)
+    return {
+        "spearman": round(spearman(sig[sub], abs_err[sub]), 4),
+        "coverage_95": round(float(np.mean(abs_err <= 1.96 * sig)), 4),
+        "ause_ratio": round(ause_ratio(sig[sub], abs_err[sub]), 4),
+    }
+
+
+def summary(doc: dict[str, Any]) -> str:
+    e, c = doc["engine"], doc["cubic"]
+    u = doc.get("uncertainty", {})
+    return (
+        f"{doc.get('engine_name', 'engine')}: PSNR {e['psnr_db']:.2f} dB (cubic {c['psnr_db']:.2f}, "
+        f"{e['psnr_db'] - c['psnr_db']:+.2f} dB), SSIM {e['ssim']:.4f} (cubic {c['ssim']:.4f}), MAE "
+        f"{e['hu_mae']:.2f} (cubic {c['hu_mae']:.2f}), bias {e['hu_bias']:+.2f}; sigma Spearman "
+        f"{u.get('spearman', 0):.3f}, coverage95 {u.get('coverage_95', 0):.3f}, AUSE ratio "
+        f"{u.get('ause_ratio', float('nan')):.3f}; {doc.get('seconds', 0):.1f} s"
+    )

@@ -1,0 +1,254 @@
+"""Internal learning for ``selfsup``: pairs from the series itself, training, validation and sigma calibration.
+
+A ``Task`` is one up-sampling problem on 2D images: through-plane (rows node-aligned, x f along rows only) or
+in-plane (area-aligned, x f along both axes). The same code trains the shipped prior (many series) and fine-tunes
+it per series (a bounded number of steps). torch + numpy only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models.cubic import resample_axis
+from models.degrade import DegradationModel, degrade_in_plane, make_pairs, through_plane_matrix
+from models.nets import SRNet
+
+log = logging.getLogger(__name__)
+
+FLIPS: tuple[tuple[int, ...], ...] = ((), (-2,), (-1,), (-2, -1))  # test-time flips of (rows, cols)
+EPS = 1e-3  # sigma floor in normalised units
+
+
+def cubic_matrix(n: int, f: int, node_aligned: bool) -> np.ndarray:
+    """(n_out, n) matrix of cubic B-spline up-sampling x f of n samples (node- or area-aligned)."""
+    if node_aligned:
+        pos = np.arange((n - 1) * f + 1) / f
+    else:
+        pos = (np.arange(n * f) + 0.5) / f - 0.5
+    return resample_axis(np.eye(n), 0, pos)
+
+
+def dc_matrices(n_lr: int, model: DegradationModel) -> tuple[np.ndarray, np.ndarray]:
+    """Through-plane data consistency: D (n_lr x n_fine) and its pseudo-inverse P = D^T (D D^T)^-1."""
+    d = through_plane_matrix(n_lr, model.factor, model.thickness_fine_px, model.profile)
+    gram = d @ d.T + 1e-9 * np.eye(n_lr)
+    return d, d.T @ np.linalg.inv(gram)
+
+
+@dataclass
+class Task:
+    fz: int
+    fx: int
+    node_rows: bool  # through-plane: output rows (n-1)*f+1 with row k*f at input row k
+    model: DegradationModel | None = None  # through-plane: the slice profile for data consistency
+
+    def out_shape(self, h: int, w: int) -> tuple[int, int]:
+        rows = (h - 1) * self.fz + 1 if self.node_rows else h * self.fz
+        return rows, w * self.fx
+
+    def base(self, lr: torch.Tensor) -> torch.Tensor:
+        """Cubic B-spline up-sampling of (B, h, w) on lr's device (float32)."""
+        b, h, w = lr.shape
+        cz = torch.from_numpy(cubic_matrix(h, self.fz, self.node_rows)).float().to(lr.device)
+        out = torch.einsum("ij,bjw->biw", cz, lr.float())
+        if self.fx > 1:
+            cx = torch.from_numpy(cubic_matrix(w, self.fx, False)).float().to(lr.device)
+            out = torch.einsum("biw,kw->bik", out, cx)
+        return out
+
+    def project(self, y: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+        """Data consistency on (B, H, W): the returned image re-degrades to ``lr`` exactly (minimum change)."""
+        if self.node_rows:
+            assert self.model is not None
+            d, p = (torch.from_numpy(m).float().to(y.device) for m in dc_matrices(lr.shape[1], self.model))
+            r = lr.float() - torch.einsum("ij,bjw->biw", d, y)
+            return y + torch.einsum("ij,bjw->biw", p, r)
+        f = self.fz
+        b, h, w = y.shape
+        mean = y.view(b, h // f, f, w // f, f).mean(dim=(2, 4))
+        r = lr.float() - mean
+        return y + r.repeat_interleave(f, 1).repeat_interleave(f, 2)
+
+
+@dataclass
+class PairSet:
+    lr: torch.Tensor  # (B, h, w) normalised
+    hr: torch.Tensor  # (B, H, W)
+    base: torch.Tensor = field(init=False)
+    task: Task = field(default_factory=lambda: Task(2, 1, True))
+
+    def __post_init__(self) -> None:
+        self.base = self.task.base(self.lr)
+
+
+def through_pairs(
+    vol: np.ndarray, spacing: tuple[float, float, float], model: DegradationModel, z_idx: np.ndarray,
+    device: torch.device,
+) -> list[PairSet]:
+    """Pairs from axial slices ``z_idx`` of a normalised (Z, Y, X) volume, degraded along y and along x."""
+    task = Task(model.factor, 1, True, model)
+    imgs = vol[z_idx]
+    out = []
+    for images, src in ((imgs, spacing[1]), (np.ascontiguousarray(imgs.transpose(0, 2, 1)), spacing[2])):
+        lr, hr = make_pairs(images, model, src_spacing=src)
+        if lr.shape[1] >= 4:
+            out.append(PairSet(torch.from_numpy(lr).to(device), torch.from_numpy(hr).to(device), task))
+    return out
+
+
+def in_plane_pairs(vol: np.ndarray, factor: int, z_idx: np.ndarray, device: torch.device) -> list[PairSet]:
+    """ZSSR pairs: the acquired axial slices (cropped to multiples of f) and their f x f block means."""
+    task = Task(factor, factor, False)
+    h, w = (vol.shape[1] // factor) * factor, (vol.shape[2] // factor) * factor
+    hr = np.ascontiguousarray(vol[z_idx, :h, :w])
+    lr = degrade_in_plane(hr, factor)
+    return [PairSet(torch.from_numpy(lr).to(device), torch.from_numpy(hr).to(device), task)]
+
+
+def split_slices(n: int, n_train: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint training / held-out axial slice indices (every 5th slice is held out)."""
+    idx = np.arange(n)
+    val, train = idx[2::5], np.setdiff1d(idx, idx[2::5])
+    if val.size == 0:
+        val = train[-1:]
+    rng = np.random.default_rng(seed)
+    train = np.sort(rng.choice(train, min(n_train, train.size), replace=False))
+    val = np.sort(rng.choice(val, min(n_val, val.size), replace=False))
+    return train, val
+
+
+def _autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def train(
+    net: SRNet, sets: list[PairSet], steps: int, lr_rate: float, seed: int,
+    patch: tuple[int, int] = (24, 48), batch: int = 16,
+) -> float:
+    """``steps`` Adam steps of L1 on random patches; returns the mean loss of the last 20 steps."""
+    if steps <= 0 or not sets:
+        return float("nan")
+    device = sets[0].lr.device
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=lr_rate)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr_rate * 0.1)
+    net.train()
+    losses: list[float] = []
+    ph = min(patch[0], *(s.lr.shape[1] for s in sets))
+    pw = min(patch[1], *(s.lr.shape[2] for s in sets))
+    for _ in range(steps):
+        lrs, bases, hrs = [], [], []
+        for _b in range(batch):
+            s = sets[int(torch.randint(len(sets), (1,), generator=gen))]
+            n, h, w = s.lr.shape
+            b = int(torch.randint(n, (1,), generator=gen))
+            i = int(torch.randint(h - ph + 1, (1,), generator=gen))
+            j = int(torch.randint(w - pw + 1, (1,), generator=gen))
+            oh, ow = s.task.out_shape(ph, pw)
+            fz, fx = s.task.fz, s.task.fx
+            lrs.append(s.lr[b, i : i + ph, j : j + pw])
+            bases.append(s.base[b, i * fz : i * fz + oh, j * fx : j * fx + ow])
+            hrs.append(s.hr[b, i * fz : i * fz + oh, j * fx : j * fx + ow])
+        x = torch.stack(lrs)[:, None]
+        with _autocast(device):
+            res = net(x)
+        oh, ow = hrs[0].shape
+        pred = torch.stack(bases) + res[:, 0, :oh, :ow].float()
+        loss = (pred - torch.stack(hrs)).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    net.eval()
+    return float(np.mean(losses[-20:]))
+
+
+@torch.no_grad()
+def residual(net: SRNet, lr: torch.Tensor, task: Task, flip: tuple[int, ...], max_pixels: int = 0) -> torch.Tensor:
+    """Network residual for (B, h, w) images on the fine grid (B, H, W), float32, under one test-time flip.
+
+    Tiles along columns with a halo of the receptive field when h*w exceeds ``max_pixels`` (> 0): exact.
+    """
+    b, h, w = lr.shape
+    oh, ow = task.out_shape(h, w)
+    x = lr.flip(flip) if flip else lr
+    halo = net.cfg.halo
+    step = w if max_pixels <= 0 or h * w <= max_pixels else max(8, max_pixels // h - 2 * halo)
+    out = torch.empty((b, oh, ow), dtype=torch.float32, device=lr.device)
+    with _autocast(lr.device):
+        for c0 in range(0, w, step):
+            c1 = min(w, c0 + step)
+            a0, a1 = max(0, c0 - halo), min(w, c1 + halo)
+            xt = x[:, None, :, a0:a1].contiguous(memory_format=torch.channels_last)
+            r = net(xt)[:, 0].float()
+            s0 = (c0 - a0) * task.fx
+            out[:, :, c0 * task.fx : c1 * task.fx] = r[:, :oh, s0 : s0 + (c1 - c0) * task.fx]
+    if flip:
+        out = out.flip(flip)
+    return out
+
+
+@torch.no_grad()
+def ensemble(net: SRNet, s: PairSet, n_flips: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the residual over the first ``n_flips`` test-time flips."""
+    rs = torch.stack([residual(net, s.lr, s.task, fl) for fl in FLIPS[: max(1, n_flips)]])
+    return rs.mean(0), rs.std(0, unbiased=False) if rs.shape[0] > 1 else torch.zeros_like(rs[0])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    r = np.empty(x.size)
+    r[np.argsort(x, kind="stable")] = np.arange(x.size)
+    return r
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+
+
+@dataclass
+class Validation:
+    gain_db: float  # PSNR(engine) - PSNR(cubic) on held-out internal pairs, normalised units, body
+    k: float  # sigma_raw = std_tta + k * |engine - cubic|
+    q: float  # conformal factor: sigma = (sigma_raw + EPS) * q / 1.96
+    spearman: float
+    coverage_95: float
+
+
+@torch.no_grad()
+def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, seed: int = 0) -> Validation:
+    """Held-out gain over cubic and the sigma calibration (k by rank correlation, q by conformal quantile)."""
+    errs, stds, deltas, base_errs = [], [], [], []
+    for s in sets:
+        mean, spread = ensemble(net, s, n_flips)
+        pred = s.task.project(s.base + mean, s.lr)
+        base = s.task.project(s.base.clone(), s.lr)
+        m = s.hr > body
+        errs.append((pred - s.hr)[m].cpu().numpy())
+        base_errs.append((base - s.hr)[m].cpu().numpy())
+        stds.append(spread[m].cpu().numpy())
+        deltas.append((pred - base)[m].abs().cpu().numpy())
+    err, berr = np.concatenate(errs), np.concatenate(base_errs)
+    std, delta = np.concatenate(stds), np.concatenate(deltas)
+    if err.size == 0:
+        return Validation(0.0, 1.0, 1.0, 0.0, 0.0)
+    gain = 10 * math.log10(max(float(np.mean(berr**2)), 1e-20) / max(float(np.mean(err**2)), 1e-20))
+    rng = np.random.default_rng(seed)
+    sub = rng.choice(err.size, min(err.size, 200_000), replace=False)
+    ae = np.abs(err[sub])
+    best = (-2.0, 1.0)
+    for k in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 1e3):
+        rho = spearman(std[sub] + k * delta[sub] + EPS, ae)
+        best = max(best, (rho, k))
+    rho, k = best
+    u = std + k * delta + EPS
+    q = float(np.quantile(np.abs(err) / u, 0.95))
+    cov = float(np.mean(np.abs(err) <= q * u))
+    return Validation(gain, k, q, rho, cov)

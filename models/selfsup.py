@@ -1,0 +1,284 @@
+"""The ``selfsup`` engine: internal learning from the series itself (SMORE / ZSSR style), calibrated sigma.
+
+upscale(volume, factors):
+  1. normalise (0.5 / 99.5 percentiles), build the degradation model from the geometry and log it;
+  2. through-plane x f: pairs from held-in axial slices degraded along y and x with the slice profile; start from
+     the shipped prior (models/weights/prior.pt) and fine-tune ``finetune_steps`` steps (``fast``: none);
+  3. self-check on held-out axial slices: gain over cubic < ``min_gain_db`` -> cubic, with the reason;
+  4. apply the net along z on coronal and sagittal stacks x flips (``tta_passes``), fuse by the mean;
+  5. data consistency: project so that re-degrading reproduces the acquired slices; report the residual;
+  6. sigma = (std over flips + k |engine - cubic|) * q / 1.96, k and q fitted on the held-out pairs;
+  7. in-plane x f: the same with ZSSR pairs (acquired slices and their f x f block means).
+Any internal failure is an ``EngineError`` naming the stage. torch + numpy only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import internal as il
+from models.cubic import upsample
+from models.degrade import DegradationModel
+from models.engine import (
+    EngineError,
+    EngineOptions,
+    EngineResult,
+    Factors,
+    VolumeInput,
+    output_shape,
+    register,
+)
+from models.nets import SRNet, SRNetConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "prior.pt"
+NET = SRNetConfig(width=24, depth=6)  # the shipped prior's shape (overridden by the checkpoint's config)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EngineError("engine.device = 'cuda' but no CUDA device is available")
+    if name in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_prior(path: Path) -> dict[str, Any]:
+    """The shipped prior: {"config": {...}, "through": {f: state}, "in": {f: state}}; {} when absent."""
+    if not path.is_file():
+        return {}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise EngineError(f"selfsup: cannot read prior weights {path}: {exc}") from exc
+    if not isinstance(ckpt, dict) or "config" not in ckpt:
+        raise EngineError(f"selfsup: {path} is not a selfsup prior (no 'config')")
+    return ckpt
+
+
+def make_net(prior: dict[str, Any], kind: str, fz: int, fx: int, device: torch.device) -> tuple[SRNet, bool]:
+    """A net for (kind, factor), initialised from the prior when it has one; (net, from_prior)."""
+    c = prior.get("config", {})
+    cfg = SRNetConfig(fz=fz, fx=fx, width=int(c.get("width", NET.width)), depth=int(c.get("depth", NET.depth)))
+    torch.manual_seed(0)
+    net = SRNet(cfg)
+    state = prior.get(kind, {}).get(str(fz))
+    if state is not None:
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+    net = net.to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return net.eval(), state is not None
+
+
+class SelfSupEngine:
+    name = "selfsup"
+    version = "1"
+
+    def __init__(self, options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
+        self.weights = Path(self.options.weights) if self.options.weights else DEFAULT_WEIGHTS
+
+    # ------------------------------------------------------------------ public
+    def upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult:
+        try:
+            return self._upscale(volume, factors)
+        except EngineError:
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            raise EngineError(f"selfsup: out of GPU memory on {volume.data.shape} (set max_voxels_per_tile)") from exc
+        except Exception as exc:
+            raise EngineError(f"selfsup failed on a {volume.data.shape} volume: {type(exc).__name__}: {exc}") from exc
+
+    # ------------------------------------------------------------------ steps
+    def _upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult:
+        t0 = time.perf_counter()
+        opt = self.options
+        data = np.asarray(volume.data, dtype=np.float32)
+        if not np.isfinite(data).all():
+            raise EngineError("selfsup: the volume holds NaN or infinite values")
+        if factors.through_plane > 1 and data.shape[0] < 3:
+            raise EngineError(f"selfsup: through-plane x{factors.through_plane} needs >= 3 slices, got {data.shape[0]}")
+        device = pick_device(opt.device)
+        torch.manual_seed(opt.seed)
+        np.random.seed(opt.seed % 2**32)
+        torch.use_deterministic_algorithms(False)
+        sample = data[:: max(1, data.shape[0] // 16)].ravel()
+        lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
+        scale = max(hi - lo, 1e-6)
+        vol_n = (data - lo) / scale
+        model = DegradationModel.from_volume(volume, factors)
+        log.info("selfsup on %s: %s", device, model.describe())
+        prior = load_prior(self.weights)
+        passes = opt.tta_passes
+        if opt.fast and device.type == "cpu":
+            passes = min(passes, 2)  # CPU fast mode: coronal + sagittal only
+        report: dict[str, Any] = {"device": str(device), "degradation": model.describe(), "tta_passes": passes,
+                                  "prior": self.weights.name if prior else ""}
+        out_n, sig_n = vol_n, np.zeros_like(vol_n)
+        fallback = ""
+        if factors.through_plane > 1:
+            out_n, sig_n, fallback = self._stage("through", vol_n, volume.spacing, model, prior, device, passes,
+                                                 report)
+        if factors.in_plane > 1 and not fallback:
+            out_n, sig_n, fallback = self._in_plane(vol_n, out_n, sig_n, factors.in_plane, prior, device, passes,
+                                                    report)
+        dz, dy, dx = volume.spacing
+        spacing = (dz / factors.through_plane, dy / factors.in_plane, dx / factors.in_plane)
+        if fallback:
+            log.warning("selfsup falls back to cubic: %s", fallback)
+            out = upsample(data, factors)
+            sigma = np.zeros_like(out)
+        else:
+            out = out_n * scale + lo
+            sigma = (sig_n * scale).astype(np.float32)
+        if volume.value_range is not None:
+            np.clip(out, volume.value_range[0], volume.value_range[1], out=out)
+        if out.shape != output_shape(data.shape, factors):  # type: ignore[arg-type]
+            raise EngineError(f"selfsup: output {out.shape} breaks the geometry contract for {data.shape}")
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        return EngineResult(out.astype(np.float32), sigma, spacing, "cubic" if fallback else self.name,
+                            fallback, report)
+
+    def _fit(
+        self, kind: str, sets: list[il.PairSet], val: list[il.PairSet], fz: int, fx: int, prior: dict[str, Any],
+        device: torch.device, passes_per_orient: int, report: dict[str, Any],
+    ) -> tuple[SRNet, il.Validation]:
+        t = time.perf_counter()
+        net, from_prior = make_net(prior, kind, fz, fx, device)
+        steps = 0 if self.options.fast else self.options.finetune_steps
+        if steps > 0:
+            loss = il.train(net, sets, steps, 3e-4 if from_prior else 1e-3, self.options.seed)
+            report[f"{kind}_train_loss"] = round(loss, 5)
+        v = il.validate(net, val, passes_per_orient, seed=self.options.seed)
+        report.update({f"{kind}_from_prior": from_prior, f"{kind}_finetune_steps": steps,
+                       f"{kind}_finetune_s": round(time.perf_counter() - t, 3),
+                       f"{kind}_internal_gain_db": round(v.gain_db, 3),
+                       f"{kind}_internal_spearman": round(v.spearman, 3),
+                       f"{kind}_internal_coverage_95": round(v.coverage_95, 3), f"{kind}_sigma_k": v.k,
+                       f"{kind}_sigma_q": round(v.q, 4)})
+        return net, v
+
+    def _stage(
+        self, kind: str, vol_n: np.ndarray, spacing: tuple[float, float, float], model: DegradationModel,
+        prior: dict[str, Any], device: torch.device, passes: int, report: dict[str, Any],
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        """Through-plane x f on a normalised volume: (output, sigma, fallback reason)."""
+        f = model.factor
+        train_z, val_z = il.split_slices(vol_n.shape[0], 48, 12, self.options.seed)
+        sets = il.through_pairs(vol_n, spacing, model, train_z, device)
+        val = il.through_pairs(vol_n, spacing, model, val_z, device)
+        if not sets or not val:
+            return vol_n, vol_n, "in-plane matrix too small for internal training pairs"
+        orients = 2 if passes >= 2 else 1
+        net, v = self._fit(kind, sets, val, f, 1, prior, device, max(1, passes // orients), report)
+        if v.gain_db < self.options.min_gain_db:
+            return vol_n, vol_n, f"internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
+        t = time.perf_counter()
+        task = il.Task(f, 1, True, model)
+        x = torch.from_numpy(vol_n).to(device)  # (Z, Y, X)
+        z, y, xx = x.shape
+        zf = (z - 1) * f + 1
+        base = task.base(x.permute(1, 0, 2)).permute(1, 0, 2)  # (Zf, Y, X)
+        fused = torch.zeros_like(base)
+        spread = torch.zeros_like(base)
+        plan = [(o, fl) for fl in il.FLIPS for o in range(orients)][:passes]
+        for o in range(orients):
+            stack = x.permute(1, 0, 2) if o == 0 else x.permute(2, 0, 1)  # coronal (Y,Z,X) | sagittal (X,Z,Y)
+            flips = [fl for (oo, fl) in plan if oo == o]
+            s1 = torch.zeros((stack.shape[0], zf, stack.shape[2]), device=device)
+            s2 = torch.zeros_like(s1)
+            chunk = self._chunk(net, stack.shape[1], stack.shape[2], device)
+            for fl in flips:
+                for b0 in range(0, stack.shape[0], chunk):
+                    r = il.residual(net, stack[b0 : b0 + chunk], task, fl, self.options.max_voxels_per_tile)
+                    s1[b0 : b0 + chunk] += r
+                    s2[b0 : b0 + chunk] += r * r
+            mean = s1 / len(flips)
+            std = (s2 / len(flips) - mean * mean).clamp_min(0).sqrt()
+            back = (1, 0, 2) if o == 0 else (1, 2, 0)
+            fused += mean.permute(*back)
+            spread += std.permute(*back)
+            del s1, s2, mean, std
+        fused = base + fused / orients
+        spread /= orients
+        report[f"{kind}_inference_s"] = round(time.perf_counter() - t, 3)
+        report[f"{kind}_flops"] = float(net.flops_per_lr_pixel() * z * y * xx * len(plan))
+        fused, rep = self._consistency(fused, x, model)
+        report.update(rep)
+        sigma = (spread + v.k * (fused - base).abs() + il.EPS) * (v.q / 1.96)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return fused.cpu().numpy(), sigma.cpu().numpy(), ""
+
+    def _consistency(self, y: torch.Tensor, x: torch.Tensor, model: DegradationModel) -> tuple[torch.Tensor,
+                                                                                               dict[str, float]]:
+        """Project y (Zf, Y, X) so that D y = x (the acquired slices); report rms residuals before and after."""
+        d, p = (torch.from_numpy(m).float().to(y.device) for m in il.dc_matrices(x.shape[0], model))
+        zf = y.shape[0]
+        yv, xv = y.reshape(zf, -1), x.reshape(x.shape[0], -1)
+        before = after = 0.0
+        step = 1 << 21
+        for c0 in range(0, yv.shape[1], step):
+            r = xv[:, c0 : c0 + step] - d @ yv[:, c0 : c0 + step]
+            before += float((r * r).sum())
+            yv[:, c0 : c0 + step] += p @ r
+            r2 = xv[:, c0 : c0 + step] - d @ yv[:, c0 : c0 + step]
+            after += float((r2 * r2).sum())
+        n = max(1, xv.numel())
+        return yv.view_as(y), {"dc_residual_before": (before / n) ** 0.5, "dc_residual_after": (after / n) ** 0.5}
+
+    def _chunk(self, net: SRNet, h: int, w: int, device: torch.device) -> int:
+        """Images per batch sized from free memory (GPU) or a 1 GiB activation budget (CPU)."""
+        per = net.cfg.width * h * w * net.cfg.fz * net.cfg.fx * 4 * 4
+        if self.options.max_voxels_per_tile > 0:
+            per = net.cfg.width * min(h * w, self.options.max_voxels_per_tile) * 4 * 4
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * 0.4)
+        else:
+            budget = 1 << 30
+        return max(1, budget // max(per, 1))
+
+    def _in_plane(
+        self, vol_n: np.ndarray, cur: np.ndarray, cur_sigma: np.ndarray, g: int, prior: dict[str, Any],
+        device: torch.device, passes: int, report: dict[str, Any],
+    ) -> tuple[np.ndarray, np.ndarray, str]:
+        """In-plane x g (ZSSR) on every axial slice of ``cur``; sigma combined with the through-plane sigma."""
+        if min(vol_n.shape[1:]) < 8 * g:
+            return cur, cur_sigma, f"matrix {vol_n.shape[1:]} too small for in-plane x{g} internal pairs"
+        train_z, val_z = il.split_slices(vol_n.shape[0], 24, 6, self.options.seed)
+        sets = il.in_plane_pairs(vol_n, g, train_z, device)
+        val = il.in_plane_pairs(vol_n, g, val_z, device)
+        n_flips = max(1, min(passes, len(il.FLIPS)))
+        net, v = self._fit("in", sets, val, g, g, prior, device, n_flips, report)
+        if v.gain_db < self.options.min_gain_db:
+            return cur, cur_sigma, f"in-plane internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
+        task = il.Task(g, g, False)
+        x = torch.from_numpy(np.ascontiguousarray(cur)).to(device)
+        chunk = self._chunk(net, x.shape[1], x.shape[2], device)
+        outs, sigs = [], []
+        for b0 in range(0, x.shape[0], chunk):
+            xb = x[b0 : b0 + chunk]
+            rs = torch.stack([il.residual(net, xb, task, fl, self.options.max_voxels_per_tile)
+                              for fl in il.FLIPS[:n_flips]])
+            base = task.base(xb)
+            y = task.project(base + rs.mean(0), xb)
+            std = rs.std(0, unbiased=False) if n_flips > 1 else torch.zeros_like(y)
+            outs.append(y.cpu().numpy())
+            sigs.append(((std + v.k * (y - base).abs() + il.EPS) * (v.q / 1.96)).cpu().numpy())
+        sig = np.concatenate(sigs)
+        prev = np.repeat(np.repeat(cur_sigma, g, axis=1), g, axis=2)
+        return np.concatenate(outs), np.sqrt(sig**2 + prev**2).astype(np.float32), ""
+
+
+@register("selfsup")
+def _factory(options: EngineOptions) -> SelfSupEngine:
+    return SelfSupEngine(options)
