@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, shared_series
 
 from node.phantom import write_phantom_series
-from node.volume import load_series
+from node.volume import load_series, regular_runs
 
 
 def srnode(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -121,5 +121,9 @@ def test_process_ge_tilted_irregular_gives_one_derived_series_per_regular_run(tm
         assert [float(v) for v in first.ImagePositionPatient] == pytest.approx(a, abs=1e-3)
         assert [float(v) for v in last.ImagePositionPatient] == pytest.approx(b, abs=1e-3)
         uids.add(first.SeriesInstanceUID)
+        # HU at the original slice positions (every 2nd derived slice) within 1 HU for cubic
+        derived = load_series(files)
+        original = regular_runs(vol)[run - 1]
+        assert np.max(np.abs(derived.data[::2] - original.data)) <= 1.0
         assert len(list((base / f"uncertainty-run{run}").glob("*.dcm"))) == 27
     assert len(uids) == 2
