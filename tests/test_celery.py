@@ -29,7 +29,7 @@ from node.index import Index
 
 pytestmark = pytest.mark.timeout(300)
 
-VISIBILITY_S = 8  # above the longest job here (a few seconds); the kill test waits this long once
+VISIBILITY_S = 12  # above the longest job here (a few seconds, more on a loaded CI); the kill test waits this once
 
 
 @pytest.fixture
