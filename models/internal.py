@@ -201,6 +201,32 @@ def ensemble(net: SRNet, s: PairSet, n_flips: int) -> tuple[torch.Tensor, torch.
     return rs.mean(0), rs.std(0, unbiased=False) if rs.shape[0] > 1 else torch.zeros_like(rs[0])
 
 
+def noise_sigma(vol: np.ndarray, body: float = 0.05) -> float:
+    """Robust in-plane noise estimate (MAD of neighbour differences / sqrt 2) over voxels above ``body``."""
+    d = np.diff(vol[:: max(1, vol.shape[0] // 16)], axis=-1)
+    m = vol[:: max(1, vol.shape[0] // 16), :, 1:] > body
+    d = d[m] if m.sum() > 100 else d.ravel()
+    return float(1.4826 * np.median(np.abs(d - np.median(d))) / np.sqrt(2.0))
+
+
+def missing_noise(sigma_in: float, model: DegradationModel | None, src_spacing: float, in_factor: int = 1) -> float:
+    """Noise of the target grid that the internal pairs cannot show (added in quadrature to sigma).
+
+    Through-plane: thin slices carry sigma_in / sqrt(sum k^2) (k the slice profile on the output grid) while the
+    pairs' targets carry sigma_in * g, g the noise gain of ``make_pairs`` (measured on white noise). In-plane:
+    fine pixels carry sigma_in * f (block means average f^2 of them) while the ZSSR targets carry sigma_in.
+    """
+    if model is None:
+        return sigma_in * math.sqrt(max(in_factor**2 - 1, 0))
+    from models.degrade import slice_profile
+
+    k = slice_profile(model.thickness_fine_px, model.profile)
+    noise = np.random.default_rng(0).normal(0, 1, (4, 96, 64)).astype(np.float32)
+    _, hr = make_pairs(noise, model, src_spacing=src_spacing)
+    g = float(hr[:, 4:-4, 4:-4].std())
+    return sigma_in * math.sqrt(max(1.0 / float((k**2).sum()) - g * g, 0.0))
+
+
 def _ranks(x: np.ndarray) -> np.ndarray:
     r = np.empty(x.size)
     r[np.argsort(x, kind="stable")] = np.arange(x.size)

@@ -7,7 +7,8 @@ upscale(volume, factors):
   3. self-check on held-out axial slices: gain over cubic < ``min_gain_db`` -> cubic, with the reason;
   4. apply the net along z on coronal and sagittal stacks x flips (``tta_passes``), fuse by the mean;
   5. data consistency: project so that re-degrading reproduces the acquired slices; report the residual;
-  6. sigma = (std over flips + k |engine - cubic|) * q / 1.96, k and q fitted on the held-out pairs;
+  6. sigma = sqrt(((std over flips + k |engine - cubic|) * q / 1.96)^2 + target noise^2): k and q fitted on the
+     held-out pairs, the target-grid noise the pairs cannot show estimated from the data (internal.missing_noise);
   7. in-plane x f: the same with ZSSR pairs (acquired slices and their f x f block means).
 Any internal failure is an ``EngineError`` naming the stage. torch + numpy only.
 """
@@ -213,7 +214,9 @@ class SelfSupEngine:
         report[f"{kind}_flops"] = float(net.flops_per_lr_pixel() * z * y * xx * len(plan))
         fused, rep = self._consistency(fused, x, model)
         report.update(rep)
-        sigma = (spread + v.k * (fused - base).abs() + il.EPS) * (v.q / 1.96)
+        extra = il.missing_noise(il.noise_sigma(vol_n), model, min(spacing[1:]))
+        report[f"{kind}_sigma_target_noise"] = round(extra, 5)
+        sigma = (((spread + v.k * (fused - base).abs() + il.EPS) * (v.q / 1.96)) ** 2 + extra**2).sqrt()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return fused.cpu().numpy(), sigma.cpu().numpy(), ""
@@ -258,6 +261,8 @@ class SelfSupEngine:
         sets = il.in_plane_pairs(vol_n, g, train_z, device)
         val = il.in_plane_pairs(vol_n, g, val_z, device)
         n_flips = max(1, min(passes, len(il.FLIPS)))
+        extra = il.missing_noise(il.noise_sigma(vol_n), None, 0.0, g)
+        report["in_sigma_target_noise"] = round(extra, 5)
         net, v = self._fit("in", sets, val, g, g, prior, device, n_flips, report)
         if v.gain_db < self.options.min_gain_db:
             return cur, cur_sigma, f"in-plane internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
@@ -273,7 +278,8 @@ class SelfSupEngine:
             y = task.project(base + rs.mean(0), xb)
             std = rs.std(0, unbiased=False) if n_flips > 1 else torch.zeros_like(y)
             outs.append(y.cpu().numpy())
-            sigs.append(((std + v.k * (y - base).abs() + il.EPS) * (v.q / 1.96)).cpu().numpy())
+            cal = (std + v.k * (y - base).abs() + il.EPS) * (v.q / 1.96)
+            sigs.append((cal**2 + extra**2).sqrt().cpu().numpy())
         sig = np.concatenate(sigs)
         prev = np.repeat(np.repeat(cur_sigma, g, axis=1), g, axis=2)
         return np.concatenate(outs), np.sqrt(sig**2 + prev**2).astype(np.float32), ""
