@@ -91,17 +91,19 @@ def test_folder_destination_unmatched_series_and_restart(tmp_path: Path) -> None
         assert again["supersedes"] == job["id"] and again["instances"] == 6 and again["state"] == "delivered"
 
         # restart with a job in hand: kill -9 while it is queued or processing, start again, it completes
-        more = write_phantom_series(tmp_path / "more", slices=8, size=96, step_mm=3.0, seed=3)
+        more = write_phantom_series(tmp_path / "more", slices=20, size=256, step_mm=3.0, seed=3)
         assert storescu(more, node.port).returncode == 0
-        node.wait_jobs(lambda js: len(js) >= 4 and js[-1]["state"] in ("queued", "processing"), timeout=60,
-                       what="the new job queued")
+        index = Index(node.spool / "index.sqlite")
+        wait_until(lambda: [j for j in index.jobs(("queued", "processing")) if j.id == 4], timeout=60,
+                   interval=0.01, what="the new job queued")
         node.kill9()
+        assert index.job(4).state in ("queued", "processing")
         node.launch()
         jobs = node.wait_jobs(lambda js: _done(js, 4), timeout=120, what="the interrupted job finished")
         assert jobs[-1]["state"] == "delivered", jobs[-1]
         first_more = dcmread(more[0], stop_before_pixels=True)
         out_more = node.workdir / "out" / first_more.StudyInstanceUID
-        assert sorted(len(list(d.glob("*.dcm"))) for d in out_more.iterdir()) == [15, 15]
+        assert sorted(len(list(d.glob("*.dcm"))) for d in out_more.iterdir()) == [39, 39]
         assert node.stop() == 0
     audit = [json.loads(x) for x in (node.spool / "audit.log").read_text().splitlines()]
     assert {"association", "job-decision", "job-processed", "delivery"} <= {a["event"] for a in audit}
