@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TASK_NAME = "srnode.run_job"
 RETRY_COUNTDOWN_S = 15
+BROKER_RETRY_S = 5.0
 MAX_RETRIES = 3
 
 # the worker process's configuration, set by run() before the pool forks
@@ -102,6 +103,7 @@ class CeleryExecutor:
         self.index = index
         self.app: Celery | None = None
         self.outcomes: Any = None  # data_access = "dicomweb": records remote outcomes on the node's jobs
+        self._down_until = 0.0  # after a failed publish, fail fast for a while (the watcher retries each tick)
 
     def start(self) -> None:
         self.app = make_app(self.cfg)
@@ -131,6 +133,9 @@ class CeleryExecutor:
         if self.app is None:
             self.start()
         assert self.app is not None
+        where = broker_display(self.cfg.executor.broker_url)
+        if time.monotonic() < self._down_until:
+            raise NodeError(f"job {job_id}: the Celery broker {where} was unreachable moments ago; stays queued")
         try:
             res = self.app.send_task(
                 TASK_NAME,
@@ -138,13 +143,11 @@ class CeleryExecutor:
                 kwargs=self._job_spec(job_id),
                 queue=self.cfg.executor.queue,
                 retry=True,
-                retry_policy={"max_retries": 5, "interval_start": 0.5, "interval_step": 1.0, "interval_max": 5.0},
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0},
             )
         except Exception as exc:  # noqa: BLE001 - kombu/redis/amqp errors, translated once here
-            raise NodeError(
-                f"job {job_id}: could not publish to the Celery broker "
-                f"{broker_display(self.cfg.executor.broker_url)}: {exc}"
-            ) from exc
+            self._down_until = time.monotonic() + BROKER_RETRY_S
+            raise NodeError(f"job {job_id}: could not publish to the Celery broker {where}: {exc}") from exc
         log.info("job %s: published to Celery queue %r", job_id, self.cfg.executor.queue)
         if self.outcomes is not None:
             # the job runs in the worker's own spool: this node's job is 'processing' until the outcome comes back
