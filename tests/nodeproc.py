@@ -94,6 +94,7 @@ class NodeProc:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    _index: Any = None
 
     @classmethod
     def start(cls, workdir: Path, sections: Mapping[str, Any] | None = None, *, env: dict[str, str] | None = None,
@@ -173,7 +174,7 @@ class NodeProc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"node did not stop within {timeout:.0f} s after SIGTERM:\n{self.log()[-3000:]}")
+            raise AssertionError(f"node did not stop within {timeout:.0f} s after SIGTERM:\n{self.log()[-3000:]}") from None
 
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -195,6 +196,16 @@ class NodeProc:
                               cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
     def jobs(self) -> list[dict[str, Any]]:
+        """What ``srnode status --json`` lists (same code, read in-process: polling stays cheap)."""
+        from node.index import Index
+        from node.statuscmd import job_dict
+
+        if self._index is None:
+            self._index = Index(self.spool / "index.sqlite")
+        return [job_dict(self._index, j) for j in self._index.jobs()]
+
+    def status_cli(self) -> list[dict[str, Any]]:
+        """The jobs as the real ``srnode status --json`` prints them."""
         r = self.cli("status", "--json", "--limit", "0")
         if r.returncode != 0:
             raise AssertionError(f"srnode status failed: {r.stderr}")

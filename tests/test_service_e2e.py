@@ -39,6 +39,7 @@ def test_series_from_storescu_arrive_in_orthanc(tmp_path: Path, orthanc: Orthanc
         assert [j["state"] for j in jobs] == ["delivered", "delivered"], json.dumps(jobs, indent=1)
         status = node.cli("status")
         assert status.returncode == 0 and status.stdout.count("delivered") >= 2
+        assert [j["state"] for j in node.status_cli()] == ["delivered", "delivered"]
         log = node.log()
     for files in (thick, generated):
         first = dcmread(files[0], stop_before_pixels=True)
