@@ -13,6 +13,7 @@ Re-running a job is cheap and harmless: a series whose job already delivered her
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 from typing import Any
@@ -89,7 +90,17 @@ def run_remote_job(cfg: Config, job_id: int | str, study_uid: str, series_uid: s
     local = index.create_job(series_uid, rule, reason=f"node job {job_id}")
     run_job(cfg, local)
     _deliver_now(cfg, index, local)
-    return _outcome(index.job(local))
+    job = index.job(local)
+    if job.state == "delivered":
+        _clean(spool, study_uid, series_uid, local)
+    return _outcome(job)
+
+
+def _clean(spool: Any, study_uid: str, series_uid: str, local_job: int) -> None:
+    """A delivered job's files leave the worker's scratch spool (its index rows stay: a re-run is recognised;
+    a later fetch of the same series stores the files again). Dead-lettered jobs keep theirs for a retry."""
+    for d in (spool.instances / study_uid / series_uid, spool.outbox / f"job-{local_job}"):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _already_delivered(index: Any, series_uid: str, rule: str) -> Any:

@@ -180,6 +180,7 @@ def test_worker_without_shared_spool_fetches_over_dicomweb(tmp_path: Path, redis
                               timeout=120, what="the remote job recorded on the node")
         assert [j["state"] for j in jobs] == ["delivered"], jobs
         assert "fetched 10 instances" in worker.log()
+        assert not list((tmp_path / "worker-spool" / "instances").rglob("*.dcm")), "worker scratch not cleaned"
         assert not (node.spool / "outbox").exists() or not any((node.spool / "outbox").iterdir())
         received = [dcmread(p, stop_before_pixels=True) for p in pacs_dir.rglob("*") if p.is_file()]
         counts = Counter(ds.SOPInstanceUID for ds in received)
