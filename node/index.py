@@ -340,13 +340,18 @@ class Index:
                 c.execute("UPDATE series SET state = ?, reason = ? WHERE series_uid = ? AND job_id = ?"
                           " AND state NOT IN ('receiving', 'stable')", (state, reason, row["series_uid"], job_id))
 
-    def requeue_interrupted(self) -> list[int]:
-        """Start-up: jobs left 'processing' by a crash go back to 'queued'; returns every queued job id."""
+    def requeue_interrupted(self, processing: bool = True) -> list[int]:
+        """Start-up: jobs left 'processing' by a crash go back to 'queued'; returns every queued job id.
+
+        ``processing=False`` leaves 'processing' jobs alone: with Celery workers on a shared spool they may still
+        be running elsewhere, and the broker re-delivers the jobs of workers that died.
+        """
         now = time.time()
         with self.tx() as c:
-            c.execute("UPDATE jobs SET state = 'queued', reason = 'interrupted (node restarted), re-queued',"
-                      " updated = ? WHERE state = 'processing'", (now,))
-            c.execute("UPDATE series SET state = 'queued' WHERE state = 'processing'")
+            if processing:
+                c.execute("UPDATE jobs SET state = 'queued', reason = 'interrupted (node restarted), re-queued',"
+                          " updated = ? WHERE state = 'processing'", (now,))
+                c.execute("UPDATE series SET state = 'queued' WHERE state = 'processing'")
             # stable but no job yet (crash between the two): let the watcher decide again
             c.execute("UPDATE series SET state = 'receiving' WHERE state = 'stable'")
             rows = c.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id").fetchall()

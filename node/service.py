@@ -66,7 +66,8 @@ class Node:
     def start(self) -> None:
         ctx = self.ctx
         leftovers = ctx.spool.clean_incoming()
-        queued = ctx.index.requeue_interrupted()
+        # in-process: nothing can still be running after a restart; Celery: workers may be (see requeue_interrupted)
+        queued = ctx.index.requeue_interrupted(processing=self.cfg.executor.kind == "inprocess")
         log.info("spool %s: %d instances indexed, %d job(s) queued, %d partial file(s) removed",
                  ctx.spool.root, ctx.index.count_instances(), len(queued), leftovers)
         ctx.executor.start()
