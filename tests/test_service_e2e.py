@@ -66,7 +66,7 @@ def test_folder_destination_unmatched_series_and_restart(tmp_path: Path) -> None
         ds.SeriesDescription = "SCOUT"
         ds.save_as(p)
     sections = {"rules": [{"name": "ct", "match": {"Modality": "CT", "SeriesDescription": "(?!SCOUT).*"},
-                           "destinations": ["out"]}]}
+                           "destinations": ["out"], "forward_originals": True}]}
     with NodeProc.start(tmp_path / "node", sections) as node:
         assert storescu([*ct, *other], node.port).returncode == 0
         jobs = node.wait_jobs(lambda js: _done(js, 2), timeout=120, what="one delivered, one ignored")
@@ -78,7 +78,8 @@ def test_folder_destination_unmatched_series_and_restart(tmp_path: Path) -> None
         assert ignored["state"] == "ignored" and ignored["reason"].startswith("no rule matched")
         out = node.workdir / "out" / first.StudyInstanceUID
         files = {d.name: sorted(d.glob("*.dcm")) for d in out.iterdir()}
-        assert sorted(len(v) for v in files.values()) == [9, 9]
+        assert sorted(len(v) for v in files.values()) == [5, 9, 9]  # originals forwarded, derived, sigma
+        assert len(files[first.SeriesInstanceUID]) == 5
         assert files[job["derived_series"]][0].name.endswith(".dcm")
         # a late instance after processing: the series is processed again and the new job supersedes
         late = write_phantom_series(tmp_path / "late", slices=6, size=64, step_mm=4.0, seed=1)[-1]
@@ -104,7 +105,7 @@ def test_folder_destination_unmatched_series_and_restart(tmp_path: Path) -> None
         assert jobs[-1]["state"] == "delivered", jobs[-1]
         first_more = dcmread(more[0], stop_before_pixels=True)
         out_more = node.workdir / "out" / first_more.StudyInstanceUID
-        assert sorted(len(list(d.glob("*.dcm"))) for d in out_more.iterdir()) == [39, 39]
+        assert sorted(len(list(d.glob("*.dcm"))) for d in out_more.iterdir()) == [20, 39, 39]
         assert node.stop() == 0
     audit = [json.loads(x) for x in (node.spool / "audit.log").read_text().splitlines()]
     assert {"association", "job-decision", "job-processed", "delivery"} <= {a["event"] for a in audit}
