@@ -72,8 +72,10 @@ class InProcessExecutor:
                 with self._lock:
                     self._pending.discard(job_id)
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """Finish the job in hand (up to ``timeout``); queued jobs stay queued in the index for the next start."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the job in hand (up to ``timeout``); queued jobs stay queued in the index for the next start.
+
+        A job still running after ``timeout`` dies with the process and is re-queued at the next start."""
         if self._thread is None:
             return
         while True:  # drop what was not started: it is still 'queued' in the index

@@ -164,7 +164,7 @@ class NodeProc:
 
         wait_until(up, timeout=timeout, interval=0.2, what=f"srnode C-ECHO on port {self.port}")
 
-    def stop(self, timeout: float = 60.0) -> int:
+    def stop(self, timeout: float = 90.0) -> int:
         """SIGTERM and wait; returns the exit code."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
