@@ -44,8 +44,9 @@ class Outbox:
     def wake(self) -> None:
         self._wake.set()
 
-    def stop(self, timeout: float = 60.0) -> None:
-        """Stop after the delivery in hand (a half-sent delivery is resent at the next start)."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the delivery in hand, waiting up to ``timeout`` (a half-sent delivery is resent at the next
+        start; resends are harmless)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
