@@ -10,6 +10,7 @@ again by ``geometry_gate`` before anything leaves.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,10 +80,13 @@ def sop_instance_of(ds: Dataset) -> str:
 
 
 def derived_uid(cfg: DeriveConfig, vol: SeriesVolume, factors: Factors, engine: str, *what: str) -> str:
-    """Deterministic UID under ``cfg.uid_root`` from the input series, pipeline version, factors, engine, run."""
+    """Deterministic UID under ``cfg.uid_root`` from the input series and instances, pipeline, factors, engine, run."""
     run = f"run{vol.run[0]}" if vol.run else "all"
+    # the exact set of input instances: a reprocess after late instances makes a new series (it never overwrites
+    # slices of the earlier one in PACS); a re-run of the same input gives the same UIDs (a resend is harmless)
+    inputs = hashlib.sha256("\n".join(sorted({sop_instance_of(d) for d in vol.datasets})).encode()).hexdigest()[:16]
     ent = [vol.series_uid, PIPELINE_VERSION, f"tp{factors.through_plane}", f"ip{factors.in_plane}", engine, run,
-           *what]
+           inputs, *what]
     return str(generate_uid(cfg.uid_root, entropy_srcs=ent))
 
 
