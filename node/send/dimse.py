@@ -61,7 +61,9 @@ class DimseSender:
         except (OSError, ssl.SSLError) as exc:
             raise DeliveryError(f"destination {self._where()}: cannot connect: {exc}") from exc
         if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+            why = ("rejected" if assoc.is_rejected
+                   else "aborted (peer not reachable or it dropped the connection)" if assoc.is_aborted
+                   else "not established")
             raise DeliveryError(f"destination {self._where()}: association {why}")
         return assoc
 
