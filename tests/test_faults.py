@@ -203,7 +203,7 @@ def test_destination_down_then_back_dead_letter_and_retry(tmp_path: Path) -> Non
         node.wait_jobs(lambda js: any(d["attempts"] >= 2 for j in js for d in j["deliveries"]), timeout=120,
                        what="delivery attempts failing while Orthanc is down")
         (job,) = node.jobs()
-        assert job["state"] == "sending" and "cannot connect" in job["deliveries"][0]["reason"], job
+        assert job["state"] == "sending" and "pacs" in job["deliveries"][0]["reason"], job
         o = restart_orthanc(o)
         node.wait_jobs(lambda js: js[0]["state"] == "delivered", timeout=120, what="delivered after the outage")
         expect_delivered_once(o, first)
