@@ -58,12 +58,14 @@ def run(args: argparse.Namespace) -> int:
     if not docs:
         print(f"no jobs ({index.count_instances()} instances in the spool)")
         return 0
-    print(f"{'JOB':>5}  {'STATE':<11} {'RULE':<14} {'N':>4}  {'SERIES':<44} REASON / DELIVERIES")
+    width = max(len(d["series"]) for d in docs)
+    print(f"{'JOB':>5}  {'STATE':<11} {'RULE':<14} {'N':>4}  {'SERIES':<{width}}  REASON / DELIVERIES")
     for d in docs:
         dl = ", ".join(f"{x['destination']}:{x['state']}" + (f"({x['attempts']})" if x["attempts"] > 1 else "")
                        for x in d["deliveries"])
-        extra = "; ".join(s for s in (d["reason"], dl, f"fallback: {d['fallback']}" if d["fallback"] else "") if s)
-        print(f"{d['id']:>5}  {d['state']:<11} {d['rule'][:14]:<14} {d['instances']:>4}  {d['series'][:44]:<44} "
+        extra = "; ".join(s for s in (d["reason"], dl, f"fallback: {d['fallback']}" if d["fallback"] else "",
+                                      f"supersedes job {d['supersedes']}" if d["supersedes"] else "") if s)
+        print(f"{d['id']:>5}  {d['state']:<11} {d['rule'][:14]:<14} {d['instances']:>4}  {d['series']:<{width}}  "
               f"{extra}")
     return 0
 
