@@ -122,8 +122,12 @@ def read_header(path: Path, sop_class: str) -> Header:
     name = UID(sop_class).name if sop_class else ""
     if "Image Storage" in name and ends is None and not deflated:
         raise IngestError(f"{name} without pixel data", CANNOT_UNDERSTAND)
+    try:
+        modality = str(ds.get("Modality", "") or "")
+    except Exception as exc:  # noqa: BLE001 - a malformed value (found by tests/fuzz/fuzz_ingest.py)
+        raise IngestError(f"Modality cannot be read: {exc}", CANNOT_UNDERSTAND) from exc
     return Header(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"],
-                  study_uid=uids["StudyInstanceUID"], modality=str(ds.get("Modality", "") or ""))
+                  study_uid=uids["StudyInstanceUID"], modality=modality)
 
 
 def find_caller(callers: tuple[CallerConfig, ...], ae_title: str, address: str) -> CallerConfig | None:
