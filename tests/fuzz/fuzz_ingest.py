@@ -3,8 +3,8 @@
     python tests/fuzz/fuzz_ingest.py [libFuzzer options] [CORPUS_DIR ...]     (``make fuzz``)
 
 One input = one Part 10 file as a peer could send it. The harness runs, in order, what the node runs:
-1. the SCP's header check (``node.ingest.scp.check_header`` when the spine provides it; otherwise the same
-   minimal check inline: a readable dataset with SOP Class/Instance, Study and Series UIDs);
+1. the SCP's header check, ``node.ingest.scp.read_header`` (UIDs, completeness of the pixel data element,
+   no decoding), with the SOP class the C-STORE request would carry (the file meta's);
 2. ``node.volume.load_series`` on the file alone and on the file beside two clean slices of its series.
 A ``NodeError`` (IngestError, VolumeError, ...) is a refusal with a reason: fine. Any other exception escaping
 is a crash the node would have suffered, and libFuzzer stops with the input saved as ``crash-*``.
@@ -22,22 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import atheris
+from pydicom.filereader import read_file_meta_info
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "badinput"))
 
 with atheris.instrument_imports(include=["node"]):
-    import pydicom
-    from pydicom.dataset import Dataset
-
     from node.errors import NodeError
+    from node.ingest.scp import read_header
     from node.volume import load_series
-
-    try:  # the SCP's own header check, when the spine exposes one
-        from node.ingest.scp import check_header as _scp_check_header  # type: ignore[attr-defined]
-    except ImportError:  # pragma: no cover - depends on the spine
-        _scp_check_header = None
 
 import make_corpus  # noqa: E402
 
@@ -54,37 +48,22 @@ def _neighbours() -> list[Path]:
     return NEIGHBOURS
 
 
-def header_check(ds: Dataset) -> None:
-    """The inline stand-in for the SCP's header check (used only when node.ingest.scp has none)."""
-    from node.errors import IngestError
-
-    for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        try:
-            value = str(ds.get(kw, "") or "")
-        except Exception as exc:  # noqa: BLE001 - pydicom converts lazily; any failure is a refusal
-            raise IngestError(f"{kw} cannot be read ({exc})") from exc
-        if not value:
-            raise IngestError(f"{kw} is missing or empty")
-
-
-def parse(data: bytes) -> Dataset | None:
-    """What the SCP receives: the dataset decoded from the bytes (a file a peer streamed to us)."""
+def sop_class_of(data: bytes) -> str:
+    """The SOP class a sender would put in the C-STORE request: the file meta's (empty if unreadable)."""
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=True)
-    except Exception:  # noqa: BLE001 - pynetdicom answers 0xC210 for a dataset it cannot decode
-        return None
+        meta = read_file_meta_info(io.BytesIO(data))
+        return str(meta.get("MediaStorageSOPClassUID", "") or "")
+    except Exception:  # noqa: BLE001 - a sender could not have sent it; the SCP would see no SOP class
+        return ""
 
 
 def one_input(data: bytes) -> None:
-    ds = parse(data)
-    if ds is None:
-        return
-    try:
-        (_scp_check_header or header_check)(ds)
-    except NodeError:
-        return
     path = WORK / "fuzzed.dcm"
     path.write_bytes(data)
+    try:
+        read_header(path, sop_class_of(data))  # IngestError: refused with a status, as the SCP does
+    except NodeError:
+        return
     for paths in ([path], [path, *_neighbours()]):
         try:
             vol: Any = load_series(paths)
