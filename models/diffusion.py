@@ -230,8 +230,13 @@ class DiffusionEngine:
         want_cuda = o.device == "cuda" or (o.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda" if want_cuda else "cpu")
         self.budget = o.max_voxels_per_tile or (1 << 24 if self.device.type == "cuda" else 1 << 19)
-        w = Path(o.weights) if o.weights and "diffusion" in Path(o.weights).name else PRIOR
-        self.weights: Path | None = w
+        # weights: "none" trains a small net from scratch; a path naming a diffusion checkpoint replaces the
+        # shipped prior; anything else (e.g. the selfsup weights of a shared [engine] section) is not ours
+        self.weights: Path | None = PRIOR
+        if o.weights == "none":
+            self.weights = None
+        elif o.weights and "diffusion" in Path(o.weights).name:
+            self.weights = Path(o.weights)
 
     def upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult:
         t0 = time.perf_counter()
@@ -272,10 +277,15 @@ class DiffusionEngine:
         report["sample_seconds"] = round(time.perf_counter() - t2, 2)
         out = mean * s + c0
         sigma = sd * scale * s
-        d, _ = projector(z, f, dm.thickness_fine_px, dm.profile)
-        out, sigma = self._in_plane(out, sigma, factors.in_plane, report)
-        if volume.value_range is not None:
+        d, p = projector(z, f, dm.thickness_fine_px, dm.profile)
+        if volume.value_range is not None:  # alternate clip and projection: in range *and* consistent
+            for _ in range(20):
+                np.clip(out, volume.value_range[0], volume.value_range[1], out=out)
+                out = project(out, data, d, p)
+                if out.min() >= volume.value_range[0] - 0.5 and out.max() <= volume.value_range[1] + 0.5:
+                    break
             np.clip(out, volume.value_range[0], volume.value_range[1], out=out)
+        out, sigma = self._in_plane(out, sigma, factors.in_plane, report)
         lr_check = degrade_in_plane(out, factors.in_plane) if factors.in_plane > 1 else out
         resid = (d @ lr_check.reshape(lr_check.shape[0], -1)).reshape(data.shape) - data
         report["consistency_max_abs"] = round(float(np.abs(resid).max()), 4)
