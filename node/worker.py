@@ -59,6 +59,9 @@ def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = 
 
     s = index.series(series_uid) or {}
     instances = index.instances_of(series_uid)
+    if audit:
+        audit.write("series-received", series=series_uid, study=s.get("study_uid", ""), instances=len(instances),
+                    modality=s.get("modality", ""), calling_ae=s.get("calling_ae", ""))
     rule: RuleConfig | None = None
     try:
         header = dcmread(instances[0].path, stop_before_pixels=True)
@@ -67,6 +70,9 @@ def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = 
         reason = f"cannot match the rules on the series' first instance: {type(exc).__name__}: {exc}"
         job_id = index.create_job(series_uid, "", state="failed", reason=reason)
         log.warning("series %s: job %d failed: %s", series_uid, job_id, reason)
+        if audit:
+            audit.write("job-decision", job=job_id, series=series_uid, instances=len(instances),
+                        decision="failed", reason=reason)
         return None
     allowed = [r for r in str(s.get("allowed_rules", "")).split(",") if r]
     if rule is not None and allowed and rule.name not in allowed:
