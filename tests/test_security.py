@@ -217,6 +217,6 @@ def test_full_run_logs_carry_no_patient_identifiers_and_audit_is_complete(
     for j in jobs:
         mine = [a for a in audit if a.get("job") == j["id"] or a.get("series") == j["series"]]
         kinds = {a["event"] for a in mine}
-        assert {"job-decision", "job-processed", "delivery"} <= kinds, (j["id"], kinds)
+        assert {"series-received", "job-decision", "job-processed", "delivery"} <= kinds, (j["id"], kinds)
         assert [a["outcome"] for a in mine if a["event"] == "delivery"] == ["delivered"]
     assert "node-started" in events and events[-1] == "node-stopped", events
