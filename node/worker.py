@@ -191,6 +191,13 @@ def process_claimed(cfg: Config, spool: Spool, index: Index, job: Job, audit: Au
     seconds = time.monotonic() - t0
     METRICS.job_seconds.labels(stage="process").observe(seconds)
     files = [str(p) for p in [*result.derived_files, *result.uncertainty_files]]
+    try:  # a reprocess after late instances: retire the earlier results in PACS (IOCM rejection note)
+        from node.iocm import reject_superseded
+
+        files += [str(p) for p in reject_superseded(index, spool.outbox, job, result.derived_series_uid,
+                                                    cfg.derive, out_dir)]
+    except NodeError as exc:
+        log.warning("job %d: no rejection note for the superseded job: %s", job.id, exc)
     per_dest = {d: files + ([str(p) for p in paths] if rule.forward_originals else []) for d in rule.destinations}
     index.add_deliveries(job.id, per_dest)
     report = dict(result.report or {})
