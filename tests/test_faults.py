@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from nodeproc import NodeProc
-from peers import ORTHANC_BIN, Orthanc, start_orthanc, storescu, wait_until
+from peers import ORTHANC_BIN, Orthanc, dciodvfy, start_orthanc, storescu, wait_until
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
@@ -297,7 +297,8 @@ def test_late_instances_reprocess_and_supersede(tmp_path: Path) -> None:
     """Two slices arrive after the series was delivered (at its start): a new job supersedes the first one.
 
     How PACS sees it: a second derived series (new UIDs, all slices) beside the first one; the first one's
-    instances are never overwritten in place, so no series ever mixes slices of two reconstructions.
+    instances are never overwritten in place, so no series ever mixes slices of two reconstructions; and a KO
+    rejection note ("Rejected for Quality Reasons", IOCM) lists every instance of the superseded results.
     """
     o = start_orthanc(tmp_path / "orthanc")
     files = write_phantom_series(tmp_path / "ct", slices=8, size=64, step_mm=3.0, seed=51)
@@ -315,6 +316,18 @@ def test_late_instances_reprocess_and_supersede(tmp_path: Path) -> None:
         by_uid = {s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"]) for s in o.series_of_study(study)}
         assert by_uid[jobs[1]["derived_series"]] == (len(files) - 1) * 2 + 1
         assert by_uid[jobs[0]["derived_series"]] == (len(files) - 3) * 2 + 1  # intact, not mixed
+        # the IOCM rejection note: one KO in the study, rejecting exactly the first job's derived + uncertainty
+        (ko,) = [s for s in o.series_of_study(study) if s["MainDicomTags"].get("Modality") == "KO"]
+        (ko_file,) = list((tmp_path / "node" / "spool" / "outbox").glob(f"job-{jobs[1]['id']}/**/KO-*.dcm"))
+        note = dcmread(ko_file)
+        assert note.ConceptNameCodeSequence[0].CodeValue == "113001"  # Rejected for Quality Reasons
+        rejected = {s.SeriesInstanceUID for st in note.CurrentRequestedProcedureEvidenceSequence
+                    for s in st.ReferencedSeriesSequence}
+        assert jobs[0]["derived_series"] in rejected and jobs[1]["derived_series"] not in rejected
+        assert sum(1 for it in note.ContentSequence if it.ValueType == "IMAGE") == 2 * ((len(files) - 3) * 2 + 1)
+        errors, _ = dciodvfy(ko_file)
+        assert not errors, errors
+        assert len(ko["Instances"]) == 1
         # every derived series in PACS is geometrically consistent: one position per instance
         for uid in (jobs[0]["derived_series"], jobs[1]["derived_series"]):
             (series,) = [s for s in o.series_of_study(study) if s["MainDicomTags"]["SeriesInstanceUID"] == uid]
