@@ -178,11 +178,14 @@ def process_claimed(cfg: Config, spool: Spool, index: Index, job: Job, audit: Au
 
         result: Any = process_series(paths, rule, cfg, out_dir)
     except VolumeError as exc:
-        return _fail(index, job, f"series cannot be a volume: {exc}", audit, "volume")
+        why = f"series cannot be a volume: {exc}"
+        return _originals_only(index, job, rule, paths, why, audit) or _fail(index, job, why, audit, "volume")
     except EngineError as exc:
-        return _fail(index, job, f"engine failed: {exc}", audit, "engine")
+        why = f"engine failed: {exc}"
+        return _originals_only(index, job, rule, paths, why, audit) or _fail(index, job, why, audit, "engine")
     except DeriveError as exc:
-        return _fail(index, job, f"derived series could not be built: {exc}", audit, "derive")
+        why = f"derived series could not be built: {exc}"
+        return _originals_only(index, job, rule, paths, why, audit) or _fail(index, job, why, audit, "derive")
     except NodeError as exc:
         return _fail(index, job, str(exc), audit, type(exc).__name__)
     except Exception as exc:  # noqa: BLE001 - record it on the job, keep the node running
@@ -227,6 +230,22 @@ def _gpu_peak() -> None:
     if torch is not None and torch.cuda.is_available():
         METRICS.gpu_memory_bytes.set(torch.cuda.max_memory_allocated())
         torch.cuda.reset_peak_memory_stats()
+
+
+def _originals_only(index: Index, job: Job, rule: RuleConfig, paths: list[Path], why: str,
+                    audit: AuditLog) -> str:
+    """The last fallback: a rule that forwards originals still forwards them when SR cannot be applied, so the
+    study reaches PACS; the job says "SR not applied" and why. Returns '' when the rule forwards nothing."""
+    if not (rule.forward_originals and rule.destinations and paths):
+        return ""
+    note = f"SR not applied: {why}; originals forwarded unchanged"
+    index.add_deliveries(job.id, {d: [str(p) for p in paths] for d in rule.destinations})
+    index.finish_job(job.id, "sending", "", engine="none", fallback=note)
+    METRICS.series_processed.labels(outcome="originals-only").inc()
+    log.warning("job %d (series %s): %s", job.id, job.series_uid, note)
+    audit.write("job-processed", job=job.id, series=job.series_uid, engine="none", fallback=note,
+                destinations=list(rule.destinations))
+    return "sending"
 
 
 def _fail(index: Index, job: Job, reason: str, audit: AuditLog, category: str) -> str:
