@@ -354,3 +354,19 @@ def test_engine_failure_falls_back_to_cubic_with_a_note(tmp_path: Path) -> None:
     derived = [dcmread(p, stop_before_pixels=True) for p in (tmp_path / "node" / "out").rglob("*.dcm")]
     assert derived and all("fallback" in str(d.get("DerivationDescription", "")) for d in derived
                            if d.Modality == "CT"), "the derived series does not say SR fell back"
+
+
+def test_sr_impossible_still_forwards_originals_with_sr_not_applied(tmp_path: Path) -> None:
+    """The last fallback: a rule that forwards originals delivers them even when SR cannot be applied."""
+    files = write_phantom_series(tmp_path / "ct", slices=2, size=32, step_mm=3.0, seed=62)  # too few for SR
+    rule = {"name": "ct", "match": {"Modality": "CT"}, "destinations": ["out"], "forward_originals": True}
+    with NodeProc.start(tmp_path / "node", {"rules": [rule]}) as node:
+        assert storescu(files, node.port).returncode == 0
+        jobs = node.wait_jobs(lambda js: any(j["state"] in DONE for j in js), timeout=120, what="job finished")
+    (job,) = jobs
+    assert job["state"] == "delivered" and job["engine"] == "none", job
+    assert job["fallback"].startswith("SR not applied: series cannot be a volume"), job
+    out = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, (tmp_path / "node" / "out").rglob("*.dcm"))}
+    sent = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, files)}
+    assert sorted(out) == sorted(sent)
+    assert all(out[k] == sent[k] for k in sent), "originals were changed"  # every data element, file meta aside
