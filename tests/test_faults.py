@@ -283,10 +283,17 @@ def test_16_concurrent_associations_100_instances_each_all_indexed(tmp_path: Pat
         res = send_concurrently(node.port, batches, node.ae_title)
         rss = peak_rss_mb(node.proc.pid)
         count = index_of(node).count_instances()
-    print(f"16 x 100 instances: {res['instances'] / res['seconds']:.0f} instances/s, node peak RSS {rss:.0f} MB")
+        # one large instance (4096 x 4096 x 16 bit = 32 MiB): received in chunks to disk, not held in memory
+        (big,) = write_series(tmp_path / "big", 99, 1, 4096)
+        assert storescu([big], node.port).returncode == 0
+        rss_big = peak_rss_mb(node.proc.pid)
+        assert index_of(node).has_instance(str(dcmread(big, stop_before_pixels=True).SOPInstanceUID))
+    print(f"16 x 100 instances: {res['instances'] / res['seconds']:.0f} instances/s, node peak RSS {rss:.0f} MB; "
+          f"after a 32 MiB instance {rss_big:.0f} MB")
     assert not res["failed"], res["failed"]
     assert count == 1600
     assert rss < 1024, f"node peak RSS {rss:.0f} MB for 1600 small instances: memory is not bounded"
+    assert rss_big - rss < 24, f"a 32 MiB instance raised the node's peak RSS by {rss_big - rss:.0f} MB"
 
 
 # ------------------------------------------------------------------------------------------ late instances
