@@ -152,19 +152,25 @@ def denoise(volume: VolumeInput, options: EngineOptions) -> tuple[np.ndarray, np
                 inp, m = _mask(x, None, phase)
                 acc += net(inp) * m
             out[idx] = acc[:, 0].cpu().numpy()
-    removed = vol - out
-    out += _gauss(removed, MEAN_SIGMA_PX)  # keep local means: only high frequencies leave
-    removed = vol - out
-    noise_var = _noise_var(vol)
-    err_var = max(mse_j - noise_var, 0.05 * noise_var)
-    local = np.sqrt(_gauss(removed**2, 2.0))  # local noise level
-    sigma = local / max(float(np.sqrt(np.mean(local**2))), 1e-12) * math.sqrt(err_var) * s
-    result = out * s + c0
+    # J-invariant blend (Noise2Self calibration, per voxel): for f_J independent of a pixel's noise,
+    # E(x + w (f_J - x) - clean)^2 = (1 - w)^2 s2 + w^2 e2 with e2 = E(f_J - clean)^2 = E(f_J - x)^2 - s2, smallest at
+    # w = s2 / (s2 + e2); e2 estimated locally, so edges the net cannot follow keep the input
+    s2 = _noise_var(vol)
+    e2 = np.maximum(_gauss((out - vol) ** 2, 2.0) - s2, 0.0)
+    w = s2 / (s2 + e2 + 1e-12)
+    blended = vol + w * (out - vol)
+    blended += _gauss(vol - blended, MEAN_SIGMA_PX)  # keep local means: only high frequencies leave
+    err_var = (1 - w) ** 2 * s2 + w**2 * e2
+    sigma = np.sqrt(err_var) * s
+    result = blended * s + c0
+    report_extra = {"mean_weight": round(float(w.mean()), 3), "heldout_mse_j": round(mse_j * s * s, 2)}
+    noise_var = s2
+    err_var = float(np.mean(err_var))
     if volume.value_range is not None:
         np.clip(result, volume.value_range[0], volume.value_range[1], out=result)
     report = {"denoise_steps": steps, "noise_sigma": round(math.sqrt(noise_var) * s, 3),
               "residual_sigma": round(math.sqrt(err_var) * s, 3), "device": dev.type,
-              "seconds": round(time.perf_counter() - t0, 2)}
+              "seconds": round(time.perf_counter() - t0, 2), **report_extra}
     log.info("denoise: noise %.1f -> residual %.1f (modality units), %.1f s", report["noise_sigma"],
              report["residual_sigma"], report["seconds"])
     return result.astype(np.float32), sigma.astype(np.float32), report

@@ -8,8 +8,9 @@ Method (ResShift-style residual shifting, in residual space):
   pixels degraded with the slice profile and step), starting from the shipped prior
   models/weights/diffusion_prior.pt when present (fine-tuned ``finetune_steps``; ``fast`` skips fine-tuning);
 - applied on coronal and sagittal stacks, fused; each of the K samples is projected so that re-degrading it
-  reproduces the acquired slices exactly (minimum-norm data consistency, D x = lr); σ is the spread of the K
-  projected samples, scaled by a factor fitted on internal held-out pairs (95 % interval covers 95 %);
+  reproduces the acquired slices exactly (``models.internal.dc_matrices``: minimum-norm, D x = lr); σ is the
+  spread of the K projected samples, scaled by a conformal factor fitted on internal held-out pairs (95 %
+  interval covers 95 %), plus selfsup's term for the finer grid's noise that no sample can show;
 - self-check: internal held-out gain over cubic below ``min_gain_db`` returns cubic with a fallback reason.
 In-plane factors > 1 are done by cubic B-spline plus exact block-mean consistency (reported as such).
 torch + numpy only.
@@ -30,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from models.cubic import CubicEngine, resample_axis, upsample
-from models.degrade import DegradationModel, degrade_in_plane, make_pairs, through_plane_matrix
+from models.degrade import DegradationModel, degrade_in_plane, make_pairs
 from models.engine import EngineOptions, EngineResult, Factors, VolumeInput, output_shape, register
+from models.internal import dc_matrices, missing_noise, noise_sigma
 from models.nets_diffusion import CondUNet, UNetConfig
 
 log = logging.getLogger(__name__)
@@ -177,12 +179,6 @@ def sample_stack(net: CondUNet, cond: np.ndarray, k: int, seed: int, device: tor
     return out
 
 
-def projector(n_lr: int, factor: int, thickness_px: float, profile: str) -> tuple[np.ndarray, np.ndarray]:
-    """(D, P): D the degradation along z (n_lr x n), P = D^T (D D^T)^-1 its minimum-norm right inverse."""
-    d = through_plane_matrix(n_lr, factor, thickness_px, profile)
-    return d, d.T @ np.linalg.inv(d @ d.T)
-
-
 def project(vol: np.ndarray, lr: np.ndarray, d: np.ndarray, p: np.ndarray) -> np.ndarray:
     """Smallest change along axis 0 that makes D vol == lr exactly (mean-preserving over each slice profile)."""
     shp = vol.shape
@@ -276,8 +272,12 @@ class DiffusionEngine:
         mean, sd = self._sample_volume(net, vol_n, dm, tp.r_scale)
         report["sample_seconds"] = round(time.perf_counter() - t2, 2)
         out = mean * s + c0
-        sigma = sd * scale * s
-        d, p = projector(z, f, dm.thickness_fine_px, dm.profile)
+        # the noise of the finer grid, which no sample can show (selfsup's term, on its normalisation)
+        lo, hi = (float(v) for v in np.percentile(data[:: max(1, z // 16)], [0.5, 99.5]))
+        extra = missing_noise(noise_sigma((data - lo) / max(hi - lo, 1e-6)), dm, min(dy, dx)) * max(hi - lo, 1e-6)
+        report["sigma_target_noise"] = round(extra, 3)
+        sigma = np.sqrt((sd * scale * s) ** 2 + extra**2)
+        d, p = dc_matrices(z, dm)
         if volume.value_range is not None:  # alternate clip and projection: in range *and* consistent
             for _ in range(20):
                 np.clip(out, volume.value_range[0], volume.value_range[1], out=out)
@@ -302,7 +302,7 @@ class DiffusionEngine:
         for j, (c, r, lr) in enumerate(zip(vp.cond, vp.res, vp.lr, strict=True)):
             w0 = max(0, (c.shape[1] - 128) // 2)
             c, r = c[:, w0 : w0 + 128], r[:, w0 : w0 + 128]
-            d, p = projector(lr.shape[0], dm.factor, dm.thickness_fine_px, dm.profile)
+            d, p = dc_matrices(lr.shape[0], dm)
             lr_res = (lr[:, w0 : w0 + 128] - d @ c) / vp.r_scale  # the acquired rows, in residual space
             smp = np.stack([sample_stack(net, c[None], i, self.options.seed + 7919 * (j + 1), self.device,
                                          self.budget)[0] for i in range(k)])
@@ -323,7 +323,7 @@ class DiffusionEngine:
         """Mean and spread of K fused (coronal + sagittal), projected samples, normalised units."""
         f, z = dm.factor, vol_n.shape[0]
         cond = resample_axis(vol_n, 0, np.arange((z - 1) * f + 1) / f).astype(np.float32)  # (Z', Y, X)
-        d, p = projector(z, f, dm.thickness_fine_px, dm.profile)
+        d, p = dc_matrices(z, dm)
         cor = np.ascontiguousarray(cond.transpose(1, 0, 2))  # (Y, Z', X)
         sag = np.ascontiguousarray(cond.transpose(2, 0, 1))  # (X, Z', Y)
         k = max(1, self.options.samples)

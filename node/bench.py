@@ -23,6 +23,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "e2e": ("node.bench_e2e", "first instance sent -> last derived instance stored in Orthanc"),
     "ingest": ("node.bench_ingest", "C-STORE ingest throughput vs dcmtk storescp, 16 concurrent senders"),
     "celery": ("node.bench_celery", "series/minute with 1 and 2 Celery workers"),
+    "denoise": ("node.bench_denoise", "self-supervised denoising vs Gaussian/bilateral on the shared CT phantom"),
 }
 RESULTS = Path("bench/results")
 
