@@ -160,12 +160,12 @@ def denoise(volume: VolumeInput, options: EngineOptions) -> tuple[np.ndarray, np
     w = s2 / (s2 + e2 + 1e-12)
     blended = vol + w * (out - vol)
     blended += _gauss(vol - blended, MEAN_SIGMA_PX)  # keep local means: only high frequencies leave
-    err_var = (1 - w) ** 2 * s2 + w**2 * e2
-    sigma = np.sqrt(err_var) * s
+    err_map = (1 - w) ** 2 * s2 + w**2 * e2
+    sigma = np.sqrt(err_map) * s
     result = blended * s + c0
     report_extra = {"mean_weight": round(float(w.mean()), 3), "heldout_mse_j": round(mse_j * s * s, 2)}
     noise_var = s2
-    err_var = float(np.mean(err_var))
+    err_var = float(np.mean(err_map))
     if volume.value_range is not None:
         np.clip(result, volume.value_range[0], volume.value_range[1], out=result)
     report = {"denoise_steps": steps, "noise_sigma": round(math.sqrt(noise_var) * s, 3),
