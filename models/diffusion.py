@@ -32,7 +32,15 @@ import torch.nn.functional as F
 
 from models.cubic import CubicEngine, resample_axis, upsample
 from models.degrade import DegradationModel, degrade_in_plane, make_pairs
-from models.engine import EngineOptions, EngineResult, Factors, VolumeInput, output_shape, register
+from models.engine import (
+    EngineError,
+    EngineOptions,
+    EngineResult,
+    Factors,
+    VolumeInput,
+    output_shape,
+    register,
+)
 from models.internal import dc_matrices, missing_noise, noise_sigma
 from models.nets_diffusion import CondUNet, UNetConfig
 
@@ -235,6 +243,17 @@ class DiffusionEngine:
             self.weights = Path(o.weights)
 
     def upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult:
+        """Any internal failure becomes an ``EngineError`` (the node then falls back to cubic and says why)."""
+        if not np.isfinite(volume.data).all():
+            raise EngineError("diffusion: the volume holds NaN or infinite values")
+        try:
+            return self._upscale(volume, factors)
+        except EngineError:
+            raise
+        except (ValueError, RuntimeError, np.linalg.LinAlgError, MemoryError) as exc:
+            raise EngineError(f"diffusion: {type(exc).__name__}: {exc}") from exc
+
+    def _upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult:
         t0 = time.perf_counter()
         o = self.options
         torch.manual_seed(o.seed)
