@@ -8,7 +8,8 @@ upscale(volume, factors):
   4. apply the net along z on coronal and sagittal stacks x flips (``tta_passes``), fuse by the mean;
   5. data consistency: project so that re-degrading reproduces the acquired slices; report the residual;
   6. sigma = sqrt(((std over flips + k |engine - cubic|) * q / 1.96)^2 + target noise^2): k and q fitted on the
-     held-out pairs, the target-grid noise the pairs cannot show estimated from the data (internal.missing_noise);
+     held-out pairs and scaled by how much harder z is than in-plane at the acquired scale (internal.z_difficulty),
+     the target-grid noise the pairs cannot show estimated from the data (internal.missing_noise);
   7. in-plane x f: the same with ZSSR pairs (acquired slices and their f x f block means).
 Any internal failure is an ``EngineError`` naming the stage. torch + numpy only.
 """
@@ -138,15 +139,20 @@ class SelfSupEngine:
             out = upsample(data, factors)
             sigma = np.zeros_like(out)
         else:
-            out = out_n * scale + lo
-            sigma = (sig_n * scale).astype(np.float32)
+            out, sigma = out_n.astype(np.float32, copy=False), sig_n.astype(np.float32, copy=False)
+            out *= scale  # in place: no temporaries of the (large) output
+            out += lo
+            sigma *= scale
         if volume.value_range is not None:
             np.clip(out, volume.value_range[0], volume.value_range[1], out=out)
         if out.shape != output_shape(data.shape, factors):  # type: ignore[arg-type]
             raise EngineError(f"selfsup: output {out.shape} breaks the geometry contract for {data.shape}")
         report["seconds"] = round(time.perf_counter() - t0, 3)
-        return EngineResult(out.astype(np.float32), sigma, spacing, "cubic" if fallback else self.name,
+        return EngineResult(out.astype(np.float32, copy=False), sigma, spacing, "cubic" if fallback else self.name,
                             fallback, report)
+
+    def _skip_training(self) -> bool:
+        return self.options.fast or self.options.finetune_steps <= 0
 
     def _fit(
         self, kind: str, sets: list[il.PairSet], val: list[il.PairSet], fz: int, fx: int, prior: dict[str, Any],
@@ -174,9 +180,9 @@ class SelfSupEngine:
         """Through-plane x f on a normalised volume: (output, sigma, fallback reason)."""
         f = model.factor
         train_z, val_z = il.split_slices(vol_n.shape[0], 48, 12, self.options.seed)
-        sets = il.through_pairs(vol_n, spacing, model, train_z, device)
         val = il.through_pairs(vol_n, spacing, model, val_z, device)
-        if not sets or not val:
+        sets = [] if self._skip_training() else il.through_pairs(vol_n, spacing, model, train_z, device)
+        if not val or (not sets and not self._skip_training()):
             return vol_n, vol_n, "in-plane matrix too small for internal training pairs"
         orients = 2 if passes >= 2 else 1
         net, v = self._fit(kind, sets, val, f, 1, prior, device, max(1, passes // orients), report)
@@ -210,13 +216,16 @@ class SelfSupEngine:
             del s1, s2, mean, std
         fused = base + fused / orients
         spread /= orients
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # kernels run asynchronously: time them when they are done
         report[f"{kind}_inference_s"] = round(time.perf_counter() - t, 3)
         report[f"{kind}_flops"] = float(net.flops_per_lr_pixel() * z * y * xx * len(plan))
         fused, rep = self._consistency(fused, x, model)
         report.update(rep)
         extra = il.missing_noise(il.noise_sigma(vol_n), model, min(spacing[1:]))
-        report[f"{kind}_sigma_target_noise"] = round(extra, 5)
-        sigma = (((spread + v.k * (fused - base).abs() + il.EPS) * (v.q / 1.96)) ** 2 + extra**2).sqrt()
+        rho = il.z_difficulty(vol_n, spacing, model, val_z)
+        report.update({f"{kind}_sigma_target_noise": round(extra, 5), f"{kind}_sigma_z_difficulty": round(rho, 3)})
+        sigma = (((spread + v.k * (fused - base).abs() + il.EPS) * (v.q * rho / 1.96)) ** 2 + extra**2).sqrt()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return fused.cpu().numpy(), sigma.cpu().numpy(), ""
@@ -258,7 +267,7 @@ class SelfSupEngine:
         if min(vol_n.shape[1:]) < 8 * g:
             return cur, cur_sigma, f"matrix {vol_n.shape[1:]} too small for in-plane x{g} internal pairs"
         train_z, val_z = il.split_slices(vol_n.shape[0], 24, 6, self.options.seed)
-        sets = il.in_plane_pairs(vol_n, g, train_z, device)
+        sets = [] if self._skip_training() else il.in_plane_pairs(vol_n, g, train_z, device)
         val = il.in_plane_pairs(vol_n, g, val_z, device)
         n_flips = max(1, min(passes, len(il.FLIPS)))
         extra = il.missing_noise(il.noise_sigma(vol_n), None, 0.0, g)
