@@ -32,7 +32,8 @@ from models.engine import EngineResult, Factors, output_shape
 from node import PIPELINE_VERSION, __version__
 from node.config import DeriveConfig
 from node.errors import DeriveError
-from node.volume import ENHANCED_CT, ENHANCED_MR, SeriesVolume, group_value
+from node.slices import ENHANCED_CT, ENHANCED_MR, group_value
+from node.volume import SeriesVolume
 
 log = logging.getLogger(__name__)
 

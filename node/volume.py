@@ -1,4 +1,7 @@
-"""Series → volume: read datasets, decode pixels, check and measure geometry, convert to modality units.
+"""Series → volume: stack the slices of one series, decode pixels, measure geometry, convert to modality units.
+
+Headers are read into placed slices by ``node.slices`` (including the functional groups of enhanced multi-frame
+objects); this module checks that they form one stack, sorts and measures it, and decodes the pixels.
 
 Geometry comes only from ImagePositionPatient / ImageOrientationPatient (or, for enhanced multi-frame objects,
 from the Plane Position / Plane Orientation / Pixel Measures functional groups); intensities only from Rescale
@@ -16,39 +19,34 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from models.engine import VolumeInput
 from node.errors import VolumeError
 from node.runs import MIN_SLICES_THROUGH_PLANE, check_through_plane, describe_steps, regular_runs, same_step
+from node.slices import (
+    MALFORMED,
+    Slice,
+    group_key,
+    is_image_sop_class,
+    is_localizer,
+    read_dataset,
+    read_header,
+    slices_of,
+    sop_class_of,
+)
 
 __all__ = ["MIN_SLICES_THROUGH_PLANE", "SeriesVolume", "check_through_plane", "load_series", "read_header",
            "regular_runs"]
 
 log = logging.getLogger(__name__)
 
-
-# SOP classes that carry no image a volume can be built from
-_NON_IMAGE_PREFIXES = (
-    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports
-    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF / CDA
-    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
-    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
-    "1.2.840.10008.5.1.4.1.1.481.",  # RT plans, structures, doses
-    "1.2.840.10008.5.1.4.1.1.66",  # raw data, registration, segmentation
-    "1.2.840.10008.5.1.4.1.1.67",  # real world value mapping
-)
-ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
-ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
 
 
 @dataclass
@@ -100,35 +98,7 @@ class SeriesVolume:
         )
 
 
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def read_header(path: Path) -> Dataset:
-    """Header only (no pixels); VolumeError names the file when it is not DICOM."""
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, *_MALFORMED) as exc:
-        raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
-
-
-def sop_class_of(ds: Dataset) -> str:
-    """SOPClassUID, falling back to the file meta's MediaStorageSOPClassUID (some PET/CT files leave it empty)."""
-    uid = str(ds.get("SOPClassUID", "") or "")
-    if not uid and hasattr(ds, "file_meta"):
-        uid = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
-    return uid
-
-
-def is_image_sop_class(uid: str) -> bool:
-    return bool(uid) and not any(uid.startswith(p) for p in _NON_IMAGE_PREFIXES)
-
-
-def _read_full(path: Path) -> Dataset:
-    try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, EOFError, *_MALFORMED) as exc:
-        raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
-    return ds
+# ---------------------------------------------------------------------------------------------- pixels
 
 
 def _pixels(ds: Dataset, name: str) -> np.ndarray:
@@ -145,105 +115,6 @@ def _pixels(ds: Dataset, name: str) -> np.ndarray:
     return np.asarray(arr)
 
 
-def _floats(value: Any, n: int, what: str, name: str) -> np.ndarray:
-    try:
-        out = np.array([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise VolumeError(f"{name}: {what} is not numeric ({value!r})") from exc
-    if out.shape != (n,):
-        raise VolumeError(f"{name}: {what} needs {n} values, has {len(out)}")
-    return out
-
-
-def _group_item(ds: Dataset, seq: str, frame: int) -> Dataset | None:
-    """The item of functional group ``seq`` for ``frame`` (0-based): per-frame first, then shared."""
-    for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
-        g = ds.get(groups)
-        if g is not None and len(g) > idx and seq in g[idx] and len(g[idx][seq].value) > 0:
-            return g[idx][seq].value[0]  # type: ignore[no-any-return]
-    return None
-
-
-def group_value(ds: Dataset, keyword: str) -> Any:
-    """``keyword`` from the top level, else from the first frame's (or the shared) functional groups."""
-    if keyword in ds:
-        return ds.get(keyword)
-    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        g = ds.get(groups)
-        if not g:
-            continue
-        for seq_elem in g[0]:
-            if seq_elem.VR == "SQ" and len(seq_elem.value) > 0 and keyword in seq_elem.value[0]:
-                return seq_elem.value[0].get(keyword)
-    return None
-
-
-@dataclass
-class _Slice:
-    ds: Dataset
-    name: str
-    frame: int  # 0-based frame in ds; -1 for single-frame
-    ipp: np.ndarray
-    iop: np.ndarray
-    spacing: tuple[float, float]
-    thickness: float
-    slope: float
-    intercept: float
-
-
-def _slices_of(ds: Dataset, name: str) -> list[_Slice]:
-    nframes = int(ds.get("NumberOfFrames", 1) or 1)
-    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
-        out: list[_Slice] = []
-        for f in range(nframes):
-            pos = _group_item(ds, "PlanePositionSequence", f)
-            ori = _group_item(ds, "PlaneOrientationSequence", f)
-            meas = _group_item(ds, "PixelMeasuresSequence", f)
-            pvt = _group_item(ds, "PixelValueTransformationSequence", f)
-            if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
-                raise VolumeError(f"{name}: frame {f + 1} lacks Plane Position / Plane Orientation / Pixel "
-                                  "Measures functional groups; its geometry is unknown")
-            ps = _floats(meas.PixelSpacing, 2, "PixelSpacing", name)
-            out.append(_Slice(
-                ds, name, f,
-                _floats(pos.ImagePositionPatient, 3, "ImagePositionPatient", name),
-                _floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", name),
-                (float(ps[0]), float(ps[1])),
-                float(meas.get("SliceThickness", 0) or 0),
-                float(pvt.get("RescaleSlope", 1) or 1) if pvt is not None else 1.0,
-                float(pvt.get("RescaleIntercept", 0) or 0) if pvt is not None else 0.0,
-            ))
-        return out
-    if nframes > 1:
-        raise VolumeError(f"{name}: multi-frame object with {nframes} frames but no functional groups; "
-                          "per-frame geometry is unknown")
-    for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-        if kw not in ds or ds[kw].value is None or ds[kw].VM == 0:
-            raise VolumeError(f"{name}: {kw} is missing; the slice cannot be placed in patient space")
-    ps = _floats(ds.PixelSpacing, 2, "PixelSpacing", name)
-    return [_Slice(
-        ds, name, -1,
-        _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", name),
-        _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", name),
-        (float(ps[0]), float(ps[1])),
-        float(ds.get("SliceThickness", 0) or 0),
-        float(ds.get("RescaleSlope", 1) or 1),
-        float(ds.get("RescaleIntercept", 0) or 0),
-    )]
-
-
-def _is_localizer(ds: Dataset) -> bool:
-    return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
-
-
-def _group_key(s: _Slice) -> tuple[Any, ...]:
-    return (str(s.ds.get("SeriesInstanceUID", "")), tuple(np.round(s.iop, 3)),
-            int(s.ds.Rows), int(s.ds.Columns), tuple(np.round(s.spacing, 4)))
-
-
-# ---------------------------------------------------------------------------------------------- assembly
-
-
 def representable_range(ds: Dataset, slope: float, intercept: float) -> tuple[float, float]:
     bits = int(ds.get("BitsStored", 16) or 16)
     if int(ds.get("PixelRepresentation", 0) or 0):
@@ -254,10 +125,6 @@ def representable_range(ds: Dataset, slope: float, intercept: float) -> tuple[fl
     return (float(min(a, b)), float(max(a, b)))
 
 
-# what pydicom raises on malformed headers, lazily, when a value is first read (untrusted input)
-_MALFORMED = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError, struct.error,
-              RecursionError, NotImplementedError, BytesLengthException, InvalidDicomError)
-
 
 def load_series(paths: Sequence[Path]) -> SeriesVolume:
     """Assemble the files of one series into a ``SeriesVolume``; VolumeError says why it cannot be one."""
@@ -266,49 +133,15 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
         raise VolumeError("no files given")
     try:
         return _load_series(paths)
-    except _MALFORMED as exc:
+    except MALFORMED as exc:
         raise VolumeError(f"series of {len(paths)} file(s) starting {sorted(paths)[0].name}: a header value "
                           f"cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
 def _load_series(paths: list[Path]) -> SeriesVolume:
-    slices: list[_Slice] = []
-    for p in sorted(paths):
-        ds = _read_full(p)
-        try:
-            uid = sop_class_of(ds)
-            if not is_image_sop_class(uid):
-                raise VolumeError(f"{p.name}: SOP class {uid or '(none)'} is not an image "
-                                  "(report, presentation state, RT or other non-image object)")
-            if "PixelData" not in ds:
-                raise VolumeError(f"{p.name}: has no pixel data")
-            slices.extend(_slices_of(ds, p.name))
-        except _MALFORMED as exc:
-            raise VolumeError(f"{p.name}: a header value cannot be read ({type(exc).__name__}: {exc})") from exc
-    for s in slices:
-        if not all(math.isfinite(v) and v > 0 for v in s.spacing):
-            raise VolumeError(f"{s.name}: PixelSpacing {list(s.spacing)} is not two positive numbers")
+    slices = _read_slices(paths)
     series_uid = str(slices[0].ds.get("SeriesInstanceUID", ""))
-
-    groups: dict[tuple[Any, ...], list[_Slice]] = {}
-    for s in slices:
-        groups.setdefault(_group_key(s), []).append(s)
-    if len(groups) > 1:
-        uids = {k[0] for k in groups}
-        if len(uids) > 1:
-            raise VolumeError(f"files belong to {len(uids)} different series ({', '.join(sorted(uids))}); "
-                              "send one series at a time")
-        loc = [s.name for s in slices if _is_localizer(s.ds)]
-        if loc:
-            raise VolumeError(f"series {series_uid}: localizer image(s) mixed in ({', '.join(loc[:5])}); "
-                              "a scout cannot be stacked with the axial/sagittal/coronal slices")
-        desc = "; ".join(f"{len(v)} slice(s) {k[2]}x{k[3]} orientation {'/'.join(f'{c:g}' for c in k[1])}"
-                         for k, v in groups.items())
-        raise VolumeError(f"series {series_uid}: slices differ in matrix, orientation or pixel spacing ({desc}); "
-                          "they do not form one volume")
-    loc = [s.name for s in slices if _is_localizer(s.ds)]
-    if loc:
-        raise VolumeError(f"series {series_uid}: is a localizer (scout) series; not super-resolved")
+    _check_one_stack(slices, series_uid)
 
     iop = slices[0].iop
     row, col = iop[:3], iop[3:]
@@ -328,36 +161,9 @@ def _load_series(paths: list[Path]) -> SeriesVolume:
         raise VolumeError(f"{name}: {dup} images share the same slice position; they are repeats, "
                           "time points or echoes, not a stack of slices")
 
-    # intensities
-    slope0, icpt0 = slices[0].slope, slices[0].intercept
     first = slices[0].ds
-    vrange = representable_range(first, slope0, icpt0)
     modality = str(first.get("Modality", "") or "")
-    data = np.empty((len(slices), int(first.Rows), int(first.Columns)), dtype=np.float32)
-    decoded: dict[int, np.ndarray] = {}
-    notes: list[str] = []
-    for z, s in enumerate(slices):
-        key = id(s.ds)
-        if key not in decoded:
-            decoded[key] = _pixels(s.ds, s.name)
-        arr = decoded[key]
-        frame = arr[s.frame] if s.frame >= 0 and arr.ndim == 3 else arr
-        stored = frame.astype(np.float64)
-        pad = _padding_mask(s.ds, frame)
-        vals = stored * s.slope + s.intercept
-        if pad is not None and pad.any():
-            vals[pad] = np.nan
-        data[z] = vals
-    if np.isnan(data).any():
-        fill = -1000.0 if modality == "CT" else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
-        fill = max(fill, vrange[0])
-        notes.append(f"PixelPaddingValue voxels ({int(np.isnan(data).sum())}) set to {fill:g}")
-        np.nan_to_num(data, copy=False, nan=fill)
-    if any(abs(s.slope - slope0) > 1e-9 or abs(s.intercept - icpt0) > 1e-9 for s in slices):
-        notes.append("rescale slope/intercept vary between slices (converted per slice)")
-        lo = min(representable_range(s.ds, s.slope, s.intercept)[0] for s in slices)
-        hi = max(representable_range(s.ds, s.slope, s.intercept)[1] for s in slices)
-        vrange = (lo, hi)
+    data, vrange, notes = _modality_values(slices, modality)
 
     dy, dx = slices[0].spacing
     irregular = False
@@ -387,8 +193,8 @@ def _load_series(paths: list[Path]) -> SeriesVolume:
         series_uid=series_uid,
         sop_class_uid=sop_class_of(first),
         frame_numbers=[s.frame + 1 for s in slices] if slices[0].frame >= 0 else [],
-        rescale_slope=slope0,
-        rescale_intercept=icpt0,
+        rescale_slope=slices[0].slope,
+        rescale_intercept=slices[0].intercept,
         value_range=vrange,
         steps=steps,
         irregular=irregular,
@@ -397,6 +203,83 @@ def _load_series(paths: list[Path]) -> SeriesVolume:
     )
     log.info("%s%s", vol.describe(), ("; " + "; ".join(notes)) if notes else "")
     return vol
+
+
+def _read_slices(paths: list[Path]) -> list[Slice]:
+    """Every image of the files (one per frame of a multi-frame object), refusing non-image objects."""
+    slices: list[Slice] = []
+    for p in sorted(paths):
+        ds = read_dataset(p)
+        try:
+            uid = sop_class_of(ds)
+            if not is_image_sop_class(uid):
+                raise VolumeError(f"{p.name}: SOP class {uid or '(none)'} is not an image "
+                                  "(report, presentation state, RT or other non-image object)")
+            if "PixelData" not in ds:
+                raise VolumeError(f"{p.name}: has no pixel data")
+            slices.extend(slices_of(ds, p.name))
+        except MALFORMED as exc:
+            raise VolumeError(f"{p.name}: a header value cannot be read ({type(exc).__name__}: {exc})") from exc
+    for s in slices:
+        if not all(math.isfinite(v) and v > 0 for v in s.spacing):
+            raise VolumeError(f"{s.name}: PixelSpacing {list(s.spacing)} is not two positive numbers")
+    return slices
+
+
+def _check_one_stack(slices: list[Slice], series_uid: str) -> None:
+    """VolumeError unless the slices are one series, one matrix/orientation/spacing, and not a localizer."""
+    groups: dict[tuple[Any, ...], list[Slice]] = {}
+    for s in slices:
+        groups.setdefault(group_key(s), []).append(s)
+    if len(groups) > 1:
+        uids = {k[0] for k in groups}
+        if len(uids) > 1:
+            raise VolumeError(f"files belong to {len(uids)} different series ({', '.join(sorted(uids))}); "
+                              "send one series at a time")
+        loc = [s.name for s in slices if is_localizer(s.ds)]
+        if loc:
+            raise VolumeError(f"series {series_uid}: localizer image(s) mixed in ({', '.join(loc[:5])}); "
+                              "a scout cannot be stacked with the axial/sagittal/coronal slices")
+        desc = "; ".join(f"{len(v)} slice(s) {k[2]}x{k[3]} orientation {'/'.join(f'{c:g}' for c in k[1])}"
+                         for k, v in groups.items())
+        raise VolumeError(f"series {series_uid}: slices differ in matrix, orientation or pixel spacing ({desc}); "
+                          "they do not form one volume")
+    loc = [s.name for s in slices if is_localizer(s.ds)]
+    if loc:
+        raise VolumeError(f"series {series_uid}: is a localizer (scout) series; not super-resolved")
+
+
+def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, tuple[float, float], list[str]]:
+    """(Z, Y, X) float32 modality values of the sorted slices, their representable range, and remarks."""
+    slope0, icpt0 = slices[0].slope, slices[0].intercept
+    first = slices[0].ds
+    vrange = representable_range(first, slope0, icpt0)
+    data = np.empty((len(slices), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    decoded: dict[int, np.ndarray] = {}
+    notes: list[str] = []
+    for z, s in enumerate(slices):
+        key = id(s.ds)
+        if key not in decoded:
+            decoded[key] = _pixels(s.ds, s.name)
+        arr = decoded[key]
+        frame = arr[s.frame] if s.frame >= 0 and arr.ndim == 3 else arr
+        stored = frame.astype(np.float64)
+        pad = _padding_mask(s.ds, frame)
+        vals = stored * s.slope + s.intercept
+        if pad is not None and pad.any():
+            vals[pad] = np.nan
+        data[z] = vals
+    if np.isnan(data).any():
+        fill = -1000.0 if modality == "CT" else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
+        fill = max(fill, vrange[0])
+        notes.append(f"PixelPaddingValue voxels ({int(np.isnan(data).sum())}) set to {fill:g}")
+        np.nan_to_num(data, copy=False, nan=fill)
+    if any(abs(s.slope - slope0) > 1e-9 or abs(s.intercept - icpt0) > 1e-9 for s in slices):
+        notes.append("rescale slope/intercept vary between slices (converted per slice)")
+        lo = min(representable_range(s.ds, s.slope, s.intercept)[0] for s in slices)
+        hi = max(representable_range(s.ds, s.slope, s.intercept)[1] for s in slices)
+        vrange = (lo, hi)
+    return data, vrange, notes
 
 
 def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
