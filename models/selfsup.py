@@ -7,8 +7,8 @@ upscale(volume, factors):
   3. self-check on held-out axial slices: gain over cubic < ``min_gain_db`` -> cubic, with the reason;
   4. apply the net along z on coronal and sagittal stacks x flips (``tta_passes``), fuse by the mean;
   5. data consistency: project so that re-degrading reproduces the acquired slices; report the residual;
-  6. sigma = sqrt(((std over flips + k |engine - cubic|) * q / 1.96)^2 + target noise^2): k and q fitted on the
-     held-out pairs and scaled by how much harder z is than in-plane at the acquired scale (internal.z_difficulty),
+  6. sigma = sqrt(((std over flips + k |engine - cubic| + j |dz engine|) * q / 1.96)^2 + target noise^2): k, j, q
+     fitted on the held-out pairs and scaled by how much harder z is than in-plane at the acquired scale (internal.z_difficulty),
      the target-grid noise the pairs cannot show estimated from the data (internal.missing_noise);
   7. in-plane x f: the same with ZSSR pairs (acquired slices and their f x f block means).
 Any internal failure is an ``EngineError`` naming the stage. torch + numpy only.
@@ -170,6 +170,7 @@ class SelfSupEngine:
                        f"{kind}_internal_gain_db": round(v.gain_db, 3),
                        f"{kind}_internal_spearman": round(v.spearman, 3),
                        f"{kind}_internal_coverage_95": round(v.coverage_95, 3), f"{kind}_sigma_k": v.k,
+                       f"{kind}_sigma_j": v.j,
                        f"{kind}_sigma_q": round(v.q, 4)})
         return net, v
 
@@ -225,7 +226,8 @@ class SelfSupEngine:
         extra = il.missing_noise(il.noise_sigma(vol_n), model, min(spacing[1:]))
         rho = il.z_difficulty(vol_n, spacing, model, val_z)
         report.update({f"{kind}_sigma_target_noise": round(extra, 5), f"{kind}_sigma_z_difficulty": round(rho, 3)})
-        sigma = (((spread + v.k * (fused - base).abs() + il.EPS) * (v.q * rho / 1.96)) ** 2 + extra**2).sqrt()
+        raw = spread + v.k * (fused - base).abs() + v.j * il.edge(fused, (0,)) + il.EPS
+        sigma = ((raw * (v.q * rho / 1.96)) ** 2 + extra**2).sqrt()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return fused.cpu().numpy(), sigma.cpu().numpy(), ""
@@ -287,7 +289,7 @@ class SelfSupEngine:
             y = task.project(base + rs.mean(0), xb)
             std = rs.std(0, unbiased=False) if n_flips > 1 else torch.zeros_like(y)
             outs.append(y.cpu().numpy())
-            cal = (std + v.k * (y - base).abs() + il.EPS) * (v.q / 1.96)
+            cal = (std + v.k * (y - base).abs() + v.j * il.edge(y, (-2, -1)) + il.EPS) * (v.q / 1.96)
             sigs.append((cal**2 + extra**2).sqrt().cpu().numpy())
         sig = np.concatenate(sigs)
         prev = np.repeat(np.repeat(cur_sigma, g, axis=1), g, axis=2)
