@@ -17,7 +17,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from models.engine import Factors
 from node.config import DeriveConfig
-from node.derive import add_file_meta, code_item, derived_uid, ds_str, referenced_series
+from node.dicomparts import add_file_meta, derived_uid, ds_str, referenced_series, source_item
 from node.volume import SeriesVolume
 
 
@@ -46,12 +46,7 @@ def uncertainty_series(derived: list[Dataset], sigma: np.ndarray, vol: SeriesVol
         sc.SOPInstanceUID = derived_uid(cfg, vol, factors, engine, "sigma", str(k))
         sc.InstanceNumber = k + 1
         # General Image: the derived slice this sigma belongs to
-        src = Dataset()
-        src.ReferencedSOPClassUID = d.SOPClassUID
-        src.ReferencedSOPInstanceUID = d.SOPInstanceUID
-        src.PurposeOfReferenceCodeSequence = DicomSequence(
-            [code_item("121322", "DCM", "Source image for image processing operation")])
-        sc.SourceImageSequence = DicomSequence([src])
+        sc.SourceImageSequence = DicomSequence([source_item(d, 0)])
         # Common Instance Reference
         sc.ReferencedSeriesSequence = referenced_series(d.SeriesInstanceUID, [(d.SOPClassUID, d.SOPInstanceUID)])
         # Image Plane (not in the SC IOD; lets viewers line it up with the derived slice)
