@@ -1,4 +1,4 @@
-"""The spool index: SQLite in WAL mode, safe across threads and processes (serve, status, retry, workers).
+"""The spool index: the state of every instance, series, job and delivery, and its transitions.
 
 State machines (every change records a reason in words):
 
@@ -7,200 +7,27 @@ State machines (every change records a reason in words):
 - jobs: queued → processing → sending → delivered | failed | dead-letter (and ignored: no rule matched).
 - deliveries (the outbox, one row per job and destination): pending → delivered | dead-letter.
 
-Each thread gets its own connection; writes that must not race (claiming a job) use BEGIN IMMEDIATE.
+Storage (SQLite in WAL mode, safe across threads and processes; a connection per thread; writes that must not
+race, such as claiming a job, in BEGIN IMMEDIATE transactions) is ``node.indexdb``.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from node.errors import SpoolError
+from node.indexdb import Delivery, IndexDB, Instance, Job, delivery_of, instance_of, job_of
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    sop_uid TEXT PRIMARY KEY,
-    series_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL,
-    sop_class TEXT NOT NULL,
-    transfer_syntax TEXT NOT NULL,
-    path TEXT NOT NULL,
-    calling_ae TEXT NOT NULL DEFAULT '',
-    allowed_rules TEXT NOT NULL DEFAULT '',
-    size INTEGER NOT NULL DEFAULT 0,
-    received_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    modality TEXT NOT NULL DEFAULT '',
-    calling_ae TEXT NOT NULL DEFAULT '',
-    allowed_rules TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT '',
-    n_instances INTEGER NOT NULL DEFAULT 0,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    job_id INTEGER
-);
-CREATE INDEX IF NOT EXISTS series_state ON series(state);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    series_uid TEXT NOT NULL,
-    study_uid TEXT NOT NULL DEFAULT '',
-    rule TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT '',
-    n_instances INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    supersedes INTEGER,
-    derived_series_uid TEXT NOT NULL DEFAULT '',
-    uncertainty_series_uid TEXT NOT NULL DEFAULT '',
-    engine TEXT NOT NULL DEFAULT '',
-    fallback TEXT NOT NULL DEFAULT '',
-    report TEXT NOT NULL DEFAULT '{}',
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    started REAL,
-    finished REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-CREATE TABLE IF NOT EXISTS deliveries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    job_id INTEGER NOT NULL,
-    destination TEXT NOT NULL,
-    files TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt REAL NOT NULL DEFAULT 0,
-    reason TEXT NOT NULL DEFAULT '',
-    created REAL NOT NULL,
-    updated REAL NOT NULL,
-    UNIQUE(job_id, destination)
-);
-CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt);
-"""
+__all__ = ["JOB_DONE_STATES", "Delivery", "Index", "Instance", "Job"]
 
 JOB_DONE_STATES = ("delivered", "failed", "dead-letter", "ignored", "superseded")
 
 
-@dataclass(frozen=True)
-class Job:
-    id: int
-    series_uid: str
-    study_uid: str
-    rule: str
-    state: str
-    reason: str
-    n_instances: int
-    attempts: int
-    supersedes: int | None
-    derived_series_uid: str
-    uncertainty_series_uid: str
-    engine: str
-    fallback: str
-    report: dict[str, Any]
-    created: float
-    updated: float
-
-
-@dataclass(frozen=True)
-class Delivery:
-    id: int
-    job_id: int
-    destination: str
-    files: list[str]
-    state: str
-    attempts: int
-    next_attempt: float
-    reason: str
-
-
-@dataclass(frozen=True)
-class Instance:
-    sop_uid: str
-    series_uid: str
-    study_uid: str
-    sop_class: str
-    transfer_syntax: str
-    path: str
-    calling_ae: str
-    allowed_rules: str
-
-
-def _job(row: sqlite3.Row) -> Job:
-    return Job(id=row["id"], series_uid=row["series_uid"], study_uid=row["study_uid"], rule=row["rule"],
-               state=row["state"], reason=row["reason"], n_instances=row["n_instances"],
-               attempts=row["attempts"], supersedes=row["supersedes"],
-               derived_series_uid=row["derived_series_uid"], uncertainty_series_uid=row["uncertainty_series_uid"],
-               engine=row["engine"], fallback=row["fallback"], report=json.loads(row["report"] or "{}"),
-               created=row["created"], updated=row["updated"])
-
-
-def _delivery(row: sqlite3.Row) -> Delivery:
-    return Delivery(id=row["id"], job_id=row["job_id"], destination=row["destination"],
-                    files=json.loads(row["files"]), state=row["state"], attempts=row["attempts"],
-                    next_attempt=row["next_attempt"], reason=row["reason"])
-
-
-class Index:
+class Index(IndexDB):
     """The spool index at ``path`` (created on first use)."""
-
-    def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        self._local = threading.local()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn().executescript(SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise SpoolError(f"index {self.path}: cannot open: {exc}") from exc
-
-    def _conn(self) -> sqlite3.Connection:
-        c: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if c is None:
-            c = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
-            c.row_factory = sqlite3.Row
-            c.execute("PRAGMA journal_mode=WAL")
-            c.execute("PRAGMA synchronous=FULL")  # a Success status means the row survives a power cut
-            c.execute("PRAGMA busy_timeout=60000")
-            self._local.conn = c
-        return c
-
-    @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: takes the write lock up front, no upgrade deadlocks)."""
-        c = self._conn()
-        try:
-            c.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise SpoolError(f"index {self.path}: cannot start a transaction: {exc}") from exc
-        try:
-            yield c
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        else:
-            c.execute("COMMIT")
-
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        try:
-            return list(self._conn().execute(sql, args))
-        except sqlite3.Error as exc:
-            raise SpoolError(f"index {self.path}: query failed: {exc}") from exc
-
-    def close(self) -> None:
-        c = getattr(self._local, "conn", None)
-        if c is not None:
-            c.close()
-            self._local.conn = None
 
     # ------------------------------------------------------------------------------------ instances, series
 
@@ -238,9 +65,7 @@ class Index:
     def instances_of(self, series_uid: str) -> list[Instance]:
         rows = self._query("SELECT * FROM instances WHERE series_uid = ? ORDER BY received_at, sop_uid",
                            (series_uid,))
-        return [Instance(sop_uid=r["sop_uid"], series_uid=r["series_uid"], study_uid=r["study_uid"],
-                         sop_class=r["sop_class"], transfer_syntax=r["transfer_syntax"], path=r["path"],
-                         calling_ae=r["calling_ae"], allowed_rules=r["allowed_rules"]) for r in rows]
+        return [instance_of(r) for r in rows]
 
     def count_instances(self) -> int:
         return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
@@ -297,7 +122,7 @@ class Index:
         rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not rows:
             raise SpoolError(f"index: no job {job_id}")
-        return _job(rows[0])
+        return job_of(rows[0])
 
     def jobs(self, states: Sequence[str] = ()) -> list[Job]:
         if states:
@@ -305,7 +130,7 @@ class Index:
             rows = self._query(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", list(states))
         else:
             rows = self._query("SELECT * FROM jobs ORDER BY id")
-        return [_job(r) for r in rows]
+        return [job_of(r) for r in rows]
 
     def claim_job(self, job_id: int) -> Job | None:
         """queued → processing, atomically; None if another worker has it or it is no longer queued."""
@@ -318,7 +143,7 @@ class Index:
             row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
             c.execute("UPDATE series SET state = 'processing', reason = '' WHERE series_uid = ? AND job_id = ?"
                       " AND state = 'queued'", (row["series_uid"], job_id))
-        return _job(row)
+        return job_of(row)
 
     def finish_job(self, job_id: int, state: str, reason: str = "", **fields: Any) -> None:
         """Record a job's outcome (and its series', unless a later job has taken the series over)."""
@@ -387,12 +212,12 @@ class Index:
         if states:
             sql += f" AND state IN ({','.join('?' * len(states))})"
             args.extend(states)
-        return [_delivery(r) for r in self._query(sql + " ORDER BY id", args)]
+        return [delivery_of(r) for r in self._query(sql + " ORDER BY id", args)]
 
     def due_deliveries(self, now: float) -> list[Delivery]:
         rows = self._query("SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt <= ? ORDER BY id",
                            (now,))
-        return [_delivery(r) for r in rows]
+        return [delivery_of(r) for r in rows]
 
     def delivery_done(self, delivery_id: int) -> None:
         with self.tx() as c:
