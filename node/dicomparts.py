@@ -16,7 +16,7 @@ from pydicom.valuerep import format_number_as_ds
 from models.engine import Factors
 from node import PIPELINE_VERSION, __version__
 from node.config import DeriveConfig
-from node.slices import group_value
+from node.slices import group_value, sop_class_of, sop_instance_of
 from node.volume import SeriesVolume
 
 # attributes copied from the nearest input slice, per module (a whitelist; never private tags)
@@ -44,13 +44,6 @@ _TYPE2 = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
 
 def ds_str(x: float) -> str:
     return str(format_number_as_ds(float(x)))
-
-
-def sop_instance_of(ds: Dataset) -> str:
-    uid = str(ds.get("SOPInstanceUID", "") or "")
-    if not uid and hasattr(ds, "file_meta"):
-        uid = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "")
-    return uid
 
 
 def derived_uid(cfg: DeriveConfig, vol: SeriesVolume, factors: Factors, engine: str, *what: str) -> str:
@@ -97,7 +90,7 @@ def contributing_equipment(engine: str, engine_version: str, fallback: str, now:
 
 def source_item(ds: Dataset, frame: int) -> Dataset:
     item = Dataset()
-    item.ReferencedSOPClassUID = str(ds.get("SOPClassUID", "") or ds.file_meta.MediaStorageSOPClassUID)
+    item.ReferencedSOPClassUID = sop_class_of(ds)
     item.ReferencedSOPInstanceUID = sop_instance_of(ds)
     if frame > 0:
         item.ReferencedFrameNumber = frame

@@ -45,9 +45,18 @@ def read_header(path: Path) -> Dataset:
 
 def sop_class_of(ds: Dataset) -> str:
     """SOPClassUID, falling back to the file meta's MediaStorageSOPClassUID (some PET/CT files leave it empty)."""
-    uid = str(ds.get("SOPClassUID", "") or "")
+    return _uid_or_meta(ds, "SOPClassUID", "MediaStorageSOPClassUID")
+
+
+def sop_instance_of(ds: Dataset) -> str:
+    """SOPInstanceUID, falling back to the file meta's MediaStorageSOPInstanceUID."""
+    return _uid_or_meta(ds, "SOPInstanceUID", "MediaStorageSOPInstanceUID")
+
+
+def _uid_or_meta(ds: Dataset, keyword: str, meta_keyword: str) -> str:
+    uid = str(ds.get(keyword, "") or "")
     if not uid and hasattr(ds, "file_meta"):
-        uid = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or "")
+        uid = str(ds.file_meta.get(meta_keyword, "") or "")
     return uid
 
 

@@ -43,18 +43,28 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_copy(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through a temporary file in dst's folder, fsync, rename (replaces dst)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=dst.parent)
+def synced_temp_copy(src: Path, folder: Path, prefix: str, suffix: str = "") -> Path:
+    """A new temporary file in ``folder`` holding a copy of ``src``, fsync'ed; the caller renames or removes it."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
             shutil.copyfileobj(inp, out, 1 << 20)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file in dst's folder, fsync, rename (replaces dst)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = synced_temp_copy(src, dst.parent, ".part-")
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(dst.parent)
 
@@ -151,12 +161,8 @@ class Spool:
             Path(tmp).unlink(missing_ok=True)
 
     def _store_copy(self, src: Path, dst: Path) -> Stored:
-        fd, tmp = tempfile.mkstemp(prefix="rx-", suffix=".dcm", dir=self.incoming)
+        tmp = synced_temp_copy(src, self.incoming, "rx-", ".dcm")
         try:
-            with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
-                shutil.copyfileobj(inp, out, 1 << 20)
-                out.flush()
-                os.fsync(out.fileno())
             try:
                 os.link(tmp, dst)
             except FileExistsError:
@@ -164,7 +170,7 @@ class Spool:
             fsync_dir(dst.parent)
             return Stored(dst, duplicate=False)
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
 
     def clean_incoming(self) -> int:
         """Remove leftovers of interrupted writes (start-up); returns how many."""
