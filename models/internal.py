@@ -313,11 +313,12 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
     gain = 10 * math.log10(max(float(np.mean(berr**2)), 1e-20) / max(float(np.mean(err**2)), 1e-20))
     rng = np.random.default_rng(seed)
     sub = rng.choice(err.size, min(err.size, 100_000), replace=False)
-    ae = np.abs(err[sub])
+    rank_err = _ranks(np.abs(err[sub]))  # ranked once; each candidate ranks only its sigma
     best = (-2.0, 1.0, 0.0)
     for k in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 1e3):
         for j in (0.0, 0.05, 0.2, 1.0):
-            rho = spearman(std[sub] + k * delta[sub] + j * grad[sub] + EPS, ae)
+            u_sub = std[sub] + k * delta[sub] + j * grad[sub] + EPS
+            rho = float(np.corrcoef(_ranks(u_sub), rank_err)[0, 1]) if np.ptp(u_sub) > 0 else 0.0
             best = max(best, (rho, k, j))
     rho, k, j = best
     u = std + k * delta + j * grad + EPS
