@@ -10,7 +10,7 @@ from models.cubic import upsample
 from models.degrade import degrade_through_plane, through_plane_matrix
 from models.engine import EngineOptions, EngineResult, Factors, VolumeInput, get_engine
 
-FAST = {"samples": 3, "finetune_steps": 12, "weights": "none", "min_gain_db": -99.0, "device": "cpu"}
+FAST = {"samples": 2, "finetune_steps": 8, "weights": "none", "min_gain_db": -99.0, "device": "cpu"}
 
 
 def _phantom() -> np.ndarray:
