@@ -18,9 +18,14 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-# The node's one exception tree (node/errors.py is stdlib-only: no DICOM, no networking). Engines raise
-# EngineError for every internal failure, so a bad series never crashes the node.
-from node.errors import EngineError
+
+class EngineError(RuntimeError):
+    """Any internal engine failure (bad input, out of memory, unreadable weights), with the reason in words.
+
+    ``models/`` knows nothing of the node: the node translates this once, at its boundary (node/pipeline.py),
+    into ``node.errors.EngineError``, and falls back to cubic.
+    """
+
 
 __all__ = ["EngineError", "EngineOptions", "EngineResult", "Factors", "VolumeInput", "get_engine", "register"]
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from models.engine import EngineError as ModelsEngineError
 from models.engine import EngineOptions, Factors, VolumeInput, get_engine
 from node.errors import EngineError, VolumeError
 
@@ -153,7 +154,7 @@ def evaluate(lr_in: VolumeInput, truth: np.ndarray, factors: Factors, options: E
     t0 = time.perf_counter()
     try:
         res = get_engine(engine, options).upscale(lr_in, factors)
-    except ValueError as exc:
+    except (ValueError, ModelsEngineError) as exc:
         raise EngineError(str(exc)) from exc
     seconds = time.perf_counter() - t0
     log.info("[2/3] baselines (cubic, linear)")

@@ -24,6 +24,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from models.engine import Engine, EngineOptions, EngineResult, Factors, VolumeInput, get_engine
+from models.engine import EngineError as ModelsEngineError
 from node.config import Config, RuleConfig, load_config
 from node.derive import check_identifiers, derive_series
 from node.errors import DeriveError, EngineError, NodeError, VolumeError
@@ -80,7 +81,10 @@ def run_engine(name: str, options: EngineOptions, vin: VolumeInput, factors: Fac
     """Upscale with ``name``; on EngineError or out-of-memory retry with cubic. Returns (result, engine version)."""
     try:
         engine = cached_engine(name, options)
-        result = engine.upscale(vin, factors)
+        try:
+            result = engine.upscale(vin, factors)
+        except ModelsEngineError as exc:  # the engine boundary: translated once
+            raise EngineError(str(exc)) from exc
         return result, str(getattr(engine, "version", ""))
     except Exception as exc:
         if name == FALLBACK_ENGINE or not (isinstance(exc, EngineError) or _is_oom(exc)):
@@ -103,7 +107,10 @@ def _denoise(vin: VolumeInput, options: EngineOptions) -> tuple[VolumeInput, np.
         if exc.name != "models.denoise":
             raise
         return vin, None, {"denoise": "skipped: models.denoise is not installed"}
-    data, sigma, rep = mod.denoise(vin, options)
+    try:
+        data, sigma, rep = mod.denoise(vin, options)
+    except ModelsEngineError as exc:
+        raise EngineError(f"denoise: {exc}") from exc
     return dataclasses.replace(vin, data=np.asarray(data, dtype=np.float32)), np.asarray(sigma), dict(rep)
 
 

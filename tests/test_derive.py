@@ -14,10 +14,9 @@ from peers import dciodvfy
 from pydicom import config as pydicom_config
 
 from models.cubic import CubicEngine
-from models.engine import EngineOptions, EngineResult, Factors, VolumeInput, register
+from models.engine import EngineError, EngineOptions, EngineResult, Factors, VolumeInput, register
 from node.config import DeriveConfig, load_config
 from node.derive import DerivedObjects, derive_series
-from node.errors import EngineError
 from node.phantom import write_phantom_series
 from node.pipeline import process_series, write_atomic
 from node.volume import SeriesVolume, load_series, regular_runs
