@@ -323,8 +323,9 @@ class DiffusionEngine:
             c, r = c[:, w0 : w0 + 128], r[:, w0 : w0 + 128]
             d, p = dc_matrices(lr.shape[0], dm)
             lr_res = (lr[:, w0 : w0 + 128] - d @ c) / vp.r_scale  # the acquired rows, in residual space
-            smp = np.stack([sample_stack(net, c[None], i, self.options.seed + 7919 * (j + 1), self.device,
-                                         self.budget)[0] for i in range(k)])
+            # the K samples of one held-out image run as one batch (each its own noise)
+            smp = sample_stack(net, np.repeat(c[None], k, axis=0), 0, self.options.seed + 7919 * (j + 1),
+                               self.device, self.budget)
             smp = np.stack([project(x, lr_res, d, p) for x in smp])
             m, sd = smp.mean(0), smp.std(0, ddof=1)
             errs_c.append(r.ravel())
