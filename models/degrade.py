@@ -64,14 +64,16 @@ def _reflect_index(i: np.ndarray, n: int) -> np.ndarray:
     return np.where(i >= n, period - i, i)
 
 
-def blur_axis(data: np.ndarray, axis: int, kernel: np.ndarray) -> np.ndarray:
-    """Convolve ``data`` along ``axis`` with a centred odd ``kernel`` (mirror boundaries), float64 math."""
+def blur_axis(data: np.ndarray, axis: int, kernel: np.ndarray, at: np.ndarray | None = None) -> np.ndarray:
+    """Convolve ``data`` along ``axis`` with a centred odd ``kernel`` (mirror boundaries), float64 math.
+
+    ``at``: only the output samples at these indices along ``axis`` (the same values, less work)."""
     if kernel.size == 1:
-        return np.array(data, dtype=np.float32, copy=True)
+        return np.array(data if at is None else np.take(data, at, axis=axis), dtype=np.float32, copy=True)
     x = np.moveaxis(np.asarray(data, dtype=np.float64), axis, 0)
     n, r = x.shape[0], kernel.size // 2
-    out = np.zeros_like(x)
-    base = np.arange(n)
+    base = np.arange(n) if at is None else np.asarray(at)
+    out = np.zeros((base.size, *x.shape[1:]), dtype=np.float64)
     for j, w in enumerate(kernel):
         out += w * x[_reflect_index(base + j - r, n)]
     return np.moveaxis(out, 0, axis).astype(np.float32)
@@ -86,9 +88,8 @@ def degrade_through_plane(
     (N,...) -> ((N-1)//f + 1, ...), float32. The step is ``factor`` fine samples; thickness != factor models
     gaps (thickness < step) or overlap (thickness > step).
     """
-    blurred = blur_axis(vol, axis, slice_profile(thickness, profile))
     idx = np.arange(0, vol.shape[axis], factor)
-    return np.take(blurred, idx, axis=axis)
+    return blur_axis(vol, axis, slice_profile(thickness, profile), at=idx)
 
 
 def degrade_in_plane(img: np.ndarray, factor: int) -> np.ndarray:
