@@ -130,16 +130,7 @@ def slices_of(ds: Dataset, name: str) -> list[Slice]:
             if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
                 raise VolumeError(f"{name}: frame {f + 1} lacks Plane Position / Plane Orientation / Pixel "
                                   "Measures functional groups; its geometry is unknown")
-            ps = _floats(meas.PixelSpacing, 2, "PixelSpacing", name)
-            out.append(Slice(
-                ds, name, f,
-                _floats(pos.ImagePositionPatient, 3, "ImagePositionPatient", name),
-                _floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", name),
-                (float(ps[0]), float(ps[1])),
-                float(meas.get("SliceThickness", 0) or 0),
-                float(pvt.get("RescaleSlope", 1) or 1) if pvt is not None else 1.0,
-                float(pvt.get("RescaleIntercept", 0) or 0) if pvt is not None else 0.0,
-            ))
+            out.append(_placed(ds, name, f, pos, ori, meas, pvt))
         return out
     if nframes > 1:
         raise VolumeError(f"{name}: multi-frame object with {nframes} frames but no functional groups; "
@@ -147,16 +138,23 @@ def slices_of(ds: Dataset, name: str) -> list[Slice]:
     for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if kw not in ds or ds[kw].value is None or ds[kw].VM == 0:
             raise VolumeError(f"{name}: {kw} is missing; the slice cannot be placed in patient space")
-    ps = _floats(ds.PixelSpacing, 2, "PixelSpacing", name)
-    return [Slice(
-        ds, name, -1,
-        _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient", name),
-        _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", name),
+    return [_placed(ds, name, -1, ds, ds, ds, ds)]
+
+
+def _placed(ds: Dataset, name: str, frame: int, pos: Dataset, ori: Dataset, meas: Dataset,
+            pvt: Dataset | None) -> Slice:
+    """A Slice from the items holding its Plane Position, Plane Orientation, Pixel Measures and Pixel Value
+    Transformation (functional group items of a frame, or the single-frame dataset itself for all four)."""
+    ps = _floats(meas.PixelSpacing, 2, "PixelSpacing", name)
+    return Slice(
+        ds, name, frame,
+        _floats(pos.ImagePositionPatient, 3, "ImagePositionPatient", name),
+        _floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", name),
         (float(ps[0]), float(ps[1])),
-        float(ds.get("SliceThickness", 0) or 0),
-        float(ds.get("RescaleSlope", 1) or 1),
-        float(ds.get("RescaleIntercept", 0) or 0),
-    )]
+        float(meas.get("SliceThickness", 0) or 0),
+        float(pvt.get("RescaleSlope", 1) or 1) if pvt is not None else 1.0,
+        float(pvt.get("RescaleIntercept", 0) or 0) if pvt is not None else 0.0,
+    )
 
 
 def is_localizer(ds: Dataset) -> bool:
