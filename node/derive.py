@@ -25,6 +25,7 @@ from node.config import DeriveConfig
 from node.dicomparts import (
     ACQUISITION,
     CT_IMAGE,
+    DENOISE_NOTE,
     EQUIPMENT,
     FRAME_OF_REFERENCE,
     MR_IMAGE,
@@ -101,7 +102,9 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
                           f"expected {expect}")
     sop_class = _output_sop_class(vol)
     now = _dt.datetime.now()
-    series_uid = derived_uid(cfg, vol, factors, result.engine, "derived")
+    denoised = bool(result.report.get("denoised"))
+    made_by = result.engine + ("+denoise" if denoised else "")  # what produced the pixels: feeds the UIDs
+    series_uid = derived_uid(cfg, vol, factors, made_by, "derived")
     f, g = factors.through_plane, factors.in_plane
     positions = output_positions(vol, factors)
     nz = positions.shape[0]
@@ -115,9 +118,10 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         desc += f" run {vol.run[0]}/{vol.run[1]}"
     desc = (desc + cfg.series_description_suffix)[:64]
     series_number = int(ref0.get("SeriesNumber") or 0) + cfg.series_number_offset + (vol.run[0] - 1 if vol.run else 0)
-    equipment = contributing_equipment(result.engine, engine_version, result.fallback, now)
-    derivation = (f"srnode {__version__}: super-resolution x{f} through-plane, x{g} in-plane by engine "
-                  f"{result.engine} {engine_version}" + (f"; fallback: {result.fallback}" if result.fallback else ""))
+    equipment = contributing_equipment(result.engine, engine_version, result.fallback, now, denoised)
+    derivation = (f"srnode {__version__}: " + (f"{DENOISE_NOTE}, then " if denoised else "")
+                  + f"super-resolution x{f} through-plane, x{g} in-plane by engine {result.engine} {engine_version}"
+                  + (f"; fallback: {result.fallback}" if result.fallback else ""))
     iop = [ds_str(v) for v in (*vol.row_cosine, *vol.col_cosine)]
     windows = _windows(ref0)
     out: list[Dataset] = []
@@ -130,7 +134,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         # SOP Common
         ds.SpecificCharacterSet = ref.get("SpecificCharacterSet", "ISO_IR 100")
         ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = derived_uid(cfg, vol, factors, result.engine, "derived", str(k))
+        ds.SOPInstanceUID = derived_uid(cfg, vol, factors, made_by, "derived", str(k))
         ds.InstanceCreationDate = now.strftime("%Y%m%d")
         ds.InstanceCreationTime = now.strftime("%H%M%S")
         # Patient
@@ -203,12 +207,12 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         out.append(ds)
     geometry_gate(out, vol, factors)
     sc: list[Dataset] = []
-    sc_uid = derived_uid(cfg, vol, factors, result.engine, "sigma")
+    sc_uid = derived_uid(cfg, vol, factors, made_by, "sigma")
     if cfg.uncertainty:
         # highdicom is imported only when the SC series is made
         from node.uncertainty import uncertainty_series
 
-        sc = uncertainty_series(out, result.sigma, vol, sc_uid, cfg, factors, result.engine, equipment)
+        sc = uncertainty_series(out, result.sigma, vol, sc_uid, cfg, factors, made_by, equipment)
     log.info("series %s: derived %d slices into %s (engine %s%s)", vol.series_uid, nz, series_uid, result.engine,
              f", fallback: {result.fallback}" if result.fallback else "")
     return DerivedObjects(out, sc, series_uid, sc_uid)

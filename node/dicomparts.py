@@ -74,13 +74,19 @@ def code_item(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def contributing_equipment(engine: str, engine_version: str, fallback: str, now: _dt.datetime) -> Dataset:
+DENOISE_NOTE = "self-supervised denoising (blind-spot network trained on this series)"
+
+
+def contributing_equipment(engine: str, engine_version: str, fallback: str, now: _dt.datetime,
+                           denoised: bool = False) -> Dataset:
     item = Dataset()
     item.Manufacturer = "srnode"
     item.ManufacturerModelName = "srnode"
     item.SoftwareVersions = [f"srnode {__version__}", f"pipeline {PIPELINE_VERSION}", f"{engine} {engine_version}"]
     item.ContributionDateTime = now.strftime("%Y%m%d%H%M%S")
     desc = f"Super-resolution by srnode {__version__}, engine {engine} {engine_version}"
+    if denoised:
+        desc = f"{DENOISE_NOTE[0].upper()}{DENOISE_NOTE[1:]}, then s{desc[1:]}"
     if fallback:
         desc += f" (fallback: {fallback})"
     item.ContributionDescription = desc[:1024]

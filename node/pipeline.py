@@ -176,6 +176,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         er, version = run_engine(name, options, vin, factors)
         if sigma_d is not None:
             _add_denoise_sigma(er, sigma_d, options, vin, factors)
+            er.report["denoised"] = True  # the derived objects say so, and their UIDs differ from plain SR
         t_engine = time.perf_counter() - t1
         say(f"{tag}deriving {er.data.shape[0]} slices")
         objs = derive_series(v, er, factors, cfg.derive, version)
