@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -37,8 +39,10 @@ from models.engine import (
     register,
 )
 from models.nets import SRNet, SRNetConfig
+from models.transfer import host_pool, to_device, to_host
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "prior.pt"
 NET = SRNetConfig(width=24, depth=6)  # the shipped prior's shape (overridden by the checkpoint's config)
@@ -115,7 +119,8 @@ class SelfSupEngine:
         sample = data[:: max(1, data.shape[0] // 16)].ravel()
         lo, hi = (float(v) for v in np.percentile(sample, [0.5, 99.5]))
         scale = max(hi - lo, 1e-6)
-        vol_n = (data - lo) / scale
+        vol_n = data - lo
+        vol_n /= scale  # in place: one temporary less (same float32 values)
         model = DegradationModel.from_volume(volume, factors)
         log.info("selfsup on %s: %s", device, model.describe())
         prior = load_prior(self.weights)
@@ -124,11 +129,17 @@ class SelfSupEngine:
             passes = min(passes, 2)  # CPU fast mode: coronal + sagittal only
         report: dict[str, Any] = {"device": str(device), "degradation": model.describe(), "tta_passes": passes,
                                   "prior": self.weights.name if prior else ""}
-        out_n, sig_n = vol_n, np.zeros_like(vol_n)
+        out_n, sig_n = vol_n, np.zeros(vol_n.shape, np.float32)  # calloc: pages untouched unless used
         fallback = ""
+        done: tuple[np.ndarray, np.ndarray] | None = None  # denormalised (and clipped) on the device
         if factors.through_plane > 1:
-            out_n, sig_n, fallback = self._stage("through", vol_n, volume.spacing, model, prior, device, passes,
+            out_t, sig_t, fallback = self._stage("through", vol_n, volume.spacing, model, prior, device, passes,
                                                  report)
+            if out_t is not None and sig_t is not None and not fallback:
+                if factors.in_plane > 1:
+                    out_n, sig_n = to_host(out_t), to_host(sig_t)
+                else:
+                    done = self._finish(out_t, sig_t, lo, scale, volume.value_range, report)
         if factors.in_plane > 1 and not fallback:
             out_n, sig_n, fallback = self._in_plane(vol_n, out_n, sig_n, factors.in_plane, prior, device, passes,
                                                     report)
@@ -138,12 +149,14 @@ class SelfSupEngine:
             log.warning("selfsup falls back to cubic: %s", fallback)
             out = upsample(data, factors)
             sigma = np.zeros_like(out)
+        elif done is not None:
+            out, sigma = done
         else:
             out, sigma = out_n.astype(np.float32, copy=False), sig_n.astype(np.float32, copy=False)
             out *= scale  # in place: no temporaries of the (large) output
             out += lo
             sigma *= scale
-        if volume.value_range is not None:
+        if volume.value_range is not None and done is None:
             np.clip(out, volume.value_range[0], volume.value_range[1], out=out)
         if out.shape != output_shape(data.shape, factors):  # type: ignore[arg-type]
             raise EngineError(f"selfsup: output {out.shape} breaks the geometry contract for {data.shape}")
@@ -154,46 +167,86 @@ class SelfSupEngine:
     def _skip_training(self) -> bool:
         return self.options.fast or self.options.finetune_steps <= 0
 
+    @staticmethod
+    def _soon(device: torch.device, fn: Callable[[], T]) -> Future[T]:
+        """Host-side work: on a host thread while CUDA works through its queue; inline on the CPU (whose cores
+        the network already uses), so CPU results and timings are as before."""
+        if device.type == "cuda":
+            return host_pool.submit(fn)
+        fut: Future[T] = Future()
+        fut.set_result(fn())
+        return fut
+
     def _fit(
         self, kind: str, sets: list[il.PairSet], val: list[il.PairSet], fz: int, fx: int, prior: dict[str, Any],
         device: torch.device, passes_per_orient: int, report: dict[str, Any],
     ) -> tuple[SRNet, il.Validation]:
+        net = self._train_net(kind, sets, fz, fx, prior, device, report)
+        return net, self._validate(kind, net, val, passes_per_orient, report)
+
+    def _train_net(
+        self, kind: str, sets: list[il.PairSet], fz: int, fx: int, prior: dict[str, Any], device: torch.device,
+        report: dict[str, Any],
+    ) -> SRNet:
+        """The prior's net for (kind, factor), fine-tuned on ``sets`` unless in fast mode."""
         t = time.perf_counter()
         net, from_prior = make_net(prior, kind, fz, fx, device)
         steps = 0 if self.options.fast else self.options.finetune_steps
         if steps > 0:
             loss = il.train(net, sets, steps, 3e-4 if from_prior else 1e-3, self.options.seed)
             report[f"{kind}_train_loss"] = round(loss, 5)
-        v = il.validate(net, val, passes_per_orient, seed=self.options.seed)
         report.update({f"{kind}_from_prior": from_prior, f"{kind}_finetune_steps": steps,
-                       f"{kind}_finetune_s": round(time.perf_counter() - t, 3),
+                       f"{kind}_finetune_s": round(time.perf_counter() - t, 3)})
+        return net
+
+    def _validate(
+        self, kind: str, net: SRNet, val: list[il.PairSet], passes_per_orient: int, report: dict[str, Any],
+    ) -> il.Validation:
+        """Held-out gain and sigma calibration (on CUDA its wall time includes waiting for queued work)."""
+        t = time.perf_counter()
+        v = il.validate(net, val, passes_per_orient, seed=self.options.seed)
+        report.update({f"{kind}_validate_s": round(time.perf_counter() - t, 3),
                        f"{kind}_internal_gain_db": round(v.gain_db, 3),
                        f"{kind}_internal_spearman": round(v.spearman, 3),
                        f"{kind}_internal_coverage_95": round(v.coverage_95, 3), f"{kind}_sigma_k": v.k,
                        f"{kind}_sigma_j": v.j,
                        f"{kind}_sigma_q": round(v.q, 4)})
-        return net, v
+        return v
 
     def _stage(
         self, kind: str, vol_n: np.ndarray, spacing: tuple[float, float, float], model: DegradationModel,
         prior: dict[str, Any], device: torch.device, passes: int, report: dict[str, Any],
-    ) -> tuple[np.ndarray, np.ndarray, str]:
-        """Through-plane x f on a normalised volume: (output, sigma, fallback reason)."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+        """Through-plane x f on a normalised volume: (output, sigma, fallback reason), tensors on ``device``.
+
+        On CUDA the network passes are queued before the validation (which only decides fallback and sigma), and
+        the validation pairs and host-side sigma helpers are built on host threads meanwhile: host and GPU overlap.
+        """
         f = model.factor
         train_z, val_z = il.split_slices(vol_n.shape[0], 48, 12, self.options.seed)
-        val = il.through_pairs(vol_n, spacing, model, val_z, device)
+        val_job = self._soon(device, lambda: il.through_pairs(vol_n, spacing, model, val_z, device))
+
+        def sigma_helpers() -> tuple[float, float]:  # host-side numpy on the acquired volume
+            extra = il.missing_noise(il.noise_sigma(vol_n), model, min(spacing[1:]))
+            rho = il.z_difficulty(vol_n, spacing, model, val_z)
+            return extra, rho
+
+        helpers = self._soon(device, sigma_helpers)
         sets = [] if self._skip_training() else il.through_pairs(vol_n, spacing, model, train_z, device)
-        if not val or (not sets and not self._skip_training()):
-            return vol_n, vol_n, "in-plane matrix too small for internal training pairs"
+        if not sets and not self._skip_training():
+            return None, None, "in-plane matrix too small for internal training pairs"
         orients = 2 if passes >= 2 else 1
-        net, v = self._fit(kind, sets, val, f, 1, prior, device, max(1, passes // orients), report)
-        if v.gain_db < self.options.min_gain_db:
-            return vol_n, vol_n, f"internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
-        t = time.perf_counter()
+        net = self._train_net(kind, sets, f, 1, prior, device, report)
         task = il.Task(f, 1, True, model)
-        x = torch.from_numpy(vol_n).to(device)  # (Z, Y, X)
+        x = to_device(vol_n, device)  # (Z, Y, X)
         z, y, xx = x.shape
         zf = (z - 1) * f + 1
+        dcm = [torch.from_numpy(m).float().to(device) for m in il.dc_matrices(z, model)]  # uploads before the queue
+        chunks = [self._chunk(net, z, xx, device), self._chunk(net, z, y, device)]
+        t = time.perf_counter()
+        timer = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else []
+        if timer:
+            timer[0].record()
         base = task.base(x.permute(1, 0, 2)).permute(1, 0, 2)  # (Zf, Y, X)
         fused = torch.zeros_like(base)
         spread = torch.zeros_like(base)
@@ -203,7 +256,7 @@ class SelfSupEngine:
             flips = [fl for (oo, fl) in plan if oo == o]
             s1 = torch.zeros((stack.shape[0], zf, stack.shape[2]), device=device)
             s2 = torch.zeros_like(s1)
-            chunk = self._chunk(net, stack.shape[1], stack.shape[2], device)
+            chunk = chunks[o]
             for fl in flips:
                 for b0 in range(0, stack.shape[0], chunk):
                     r = il.residual(net, stack[b0 : b0 + chunk], task, fl, self.options.max_voxels_per_tile)
@@ -217,37 +270,61 @@ class SelfSupEngine:
             del s1, s2, mean, std
         fused = base + fused / orients
         spread /= orients
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # kernels run asynchronously: time them when they are done
-        report[f"{kind}_inference_s"] = round(time.perf_counter() - t, 3)
+        if timer:
+            timer[1].record()  # GPU time of the passes, read once they are done (no host wait here)
+        wall = time.perf_counter() - t
+        fused, residuals = self._consistency(fused, x, dcm)
+        val = val_job.result()
+        if not val:
+            return None, None, "in-plane matrix too small for internal training pairs"
+        v = self._validate(kind, net, val, max(1, passes // orients), report)
+        if v.gain_db < self.options.min_gain_db:
+            return None, None, f"internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
+        if timer:
+            timer[1].synchronize()
+        report[f"{kind}_inference_s"] = round(timer[0].elapsed_time(timer[1]) / 1e3 if timer else wall, 3)
         report[f"{kind}_flops"] = float(net.flops_per_lr_pixel() * z * y * xx * len(plan))
-        fused, rep = self._consistency(fused, x, model)
-        report.update(rep)
-        extra = il.missing_noise(il.noise_sigma(vol_n), model, min(spacing[1:]))
-        rho = il.z_difficulty(vol_n, spacing, model, val_z)
+        n = max(1, x.numel())
+        before, after = (sum(float(c) for c in part) for part in residuals)
+        report.update({"dc_residual_before": (before / n) ** 0.5, "dc_residual_after": (after / n) ** 0.5})
+        extra, rho = helpers.result()
         report.update({f"{kind}_sigma_target_noise": round(extra, 5), f"{kind}_sigma_z_difficulty": round(rho, 3)})
         raw = spread + v.k * (fused - base).abs() + v.j * il.edge(fused, (0,)) + il.EPS
         sigma = ((raw * (v.q * rho / 1.96)) ** 2 + extra**2).sqrt()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return fused.cpu().numpy(), sigma.cpu().numpy(), ""
+        return fused, sigma, ""
 
-    def _consistency(self, y: torch.Tensor, x: torch.Tensor, model: DegradationModel) -> tuple[torch.Tensor,
-                                                                                               dict[str, float]]:
-        """Project y (Zf, Y, X) so that D y = x (the acquired slices); report rms residuals before and after."""
-        d, p = (torch.from_numpy(m).float().to(y.device) for m in il.dc_matrices(x.shape[0], model))
+    @staticmethod
+    def _finish(out: torch.Tensor, sigma: torch.Tensor, lo: float, scale: float,
+                value_range: tuple[float, float] | None, report: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Denormalise (and clip) on the device, in place, with the float32 operations of the host path, then
+        copy to the host (pinned, chunked on CUDA)."""
+        t = time.perf_counter()
+        out.mul_(scale).add_(lo)
+        if value_range is not None:
+            out.clamp_(value_range[0], value_range[1])
+        sigma.mul_(scale)
+        res = to_host(out), to_host(sigma)
+        report["to_host_s"] = round(time.perf_counter() - t, 3)
+        return res
+
+    @staticmethod
+    def _consistency(y: torch.Tensor, x: torch.Tensor, dcm: list[torch.Tensor]) -> tuple[
+            torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+        """Project y (Zf, Y, X) so that D y = x (the acquired slices), D and its pseudo-inverse P in ``dcm``;
+        the squared residuals before and after, per column chunk, stay on the device (no host wait)."""
+        d, p = dcm
         zf = y.shape[0]
         yv, xv = y.reshape(zf, -1), x.reshape(x.shape[0], -1)
-        before = after = 0.0
+        before: list[torch.Tensor] = []
+        after: list[torch.Tensor] = []
         step = 1 << 21
         for c0 in range(0, yv.shape[1], step):
             r = xv[:, c0 : c0 + step] - d @ yv[:, c0 : c0 + step]
-            before += float((r * r).sum())
+            before.append((r * r).sum())
             yv[:, c0 : c0 + step] += p @ r
             r2 = xv[:, c0 : c0 + step] - d @ yv[:, c0 : c0 + step]
-            after += float((r2 * r2).sum())
-        n = max(1, xv.numel())
-        return yv.view_as(y), {"dc_residual_before": (before / n) ** 0.5, "dc_residual_after": (after / n) ** 0.5}
+            after.append((r2 * r2).sum())
+        return yv.view_as(y), (before, after)
 
     def _chunk(self, net: SRNet, h: int, w: int, device: torch.device) -> int:
         """Images per batch sized from free memory (GPU) or a 1 GiB activation budget (CPU)."""
@@ -278,7 +355,7 @@ class SelfSupEngine:
         if v.gain_db < self.options.min_gain_db:
             return cur, cur_sigma, f"in-plane internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
         task = il.Task(g, g, False)
-        x = torch.from_numpy(np.ascontiguousarray(cur)).to(device)
+        x = to_device(cur, device)
         chunk = self._chunk(net, x.shape[1], x.shape[2], device)
         outs, sigs = [], []
         for b0 in range(0, x.shape[0], chunk):
@@ -288,9 +365,9 @@ class SelfSupEngine:
             base = task.base(xb)
             y = task.project(base + rs.mean(0), xb)
             std = rs.std(0, unbiased=False) if n_flips > 1 else torch.zeros_like(y)
-            outs.append(y.cpu().numpy())
+            outs.append(to_host(y))
             cal = (std + v.k * (y - base).abs() + v.j * il.edge(y, (-2, -1)) + il.EPS) * (v.q / 1.96)
-            sigs.append((cal**2 + extra**2).sqrt().cpu().numpy())
+            sigs.append(to_host((cal**2 + extra**2).sqrt()))
         sig = np.concatenate(sigs)
         prev = np.repeat(np.repeat(cur_sigma, g, axis=1), g, axis=2)
         return np.concatenate(outs), np.sqrt(sig**2 + prev**2).astype(np.float32), ""
