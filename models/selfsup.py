@@ -224,7 +224,9 @@ class SelfSupEngine:
         """
         f = model.factor
         train_z, val_z = il.split_slices(vol_n.shape[0], 48, 12, self.options.seed)
-        val_job = self._soon(device, lambda: il.through_pairs(vol_n, spacing, model, val_z, device))
+        side = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None  # validation beside passes
+        val_job = self._soon(device, lambda: _on(side, lambda: il.through_pairs(vol_n, spacing, model, val_z,
+                                                                                device)))
 
         def sigma_helpers() -> tuple[float, float]:  # host-side numpy on the acquired volume
             extra = il.missing_noise(il.noise_sigma(vol_n), model, min(spacing[1:]))
@@ -237,6 +239,8 @@ class SelfSupEngine:
             return None, None, "in-plane matrix too small for internal training pairs"
         orients = 2 if passes >= 2 else 1
         net = self._train_net(kind, sets, f, 1, prior, device, report)
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))  # the (fine-tuned) weights, before the passes
         task = il.Task(f, 1, True, model)
         x = to_device(vol_n, device)  # (Z, Y, X)
         z, y, xx = x.shape
@@ -277,7 +281,7 @@ class SelfSupEngine:
         val = val_job.result()
         if not val:
             return None, None, "in-plane matrix too small for internal training pairs"
-        v = self._validate(kind, net, val, max(1, passes // orients), report)
+        v = _on(side, lambda: self._validate(kind, net, val, max(1, passes // orients), report))
         if v.gain_db < self.options.min_gain_db:
             return None, None, f"internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
         if timer:
@@ -371,6 +375,14 @@ class SelfSupEngine:
         sig = np.concatenate(sigs)
         prev = np.repeat(np.repeat(cur_sigma, g, axis=1), g, axis=2)
         return np.concatenate(outs), np.sqrt(sig**2 + prev**2).astype(np.float32), ""
+
+
+def _on(stream: torch.cuda.Stream | None, fn: Callable[[], T]) -> T:
+    """fn() with ``stream`` as the calling thread's current CUDA stream (None: as is)."""
+    if stream is None:
+        return fn()
+    with torch.cuda.stream(stream):
+        return fn()
 
 
 @register("selfsup")

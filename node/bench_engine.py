@@ -103,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
             figures[key]["max_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         print(f"selfsup x2 through-plane {z}x{y}x{x} on {name}, {key}: {total:.2f} s "
               f"(fine-tune {rep.get('through_finetune_s')} s, validate {rep.get('through_validate_s')} s, "
-              f"inference {inf:.2f} s GPU, {tflops:.1f} TFLOP/s, to host {rep.get('to_host_s')} s)")
+              f"inference {inf:.2f} s{' GPU' if args.device == 'cuda' else ''}, {tflops:.1f} TFLOP/s, "
+              f"to host {rep.get('to_host_s')} s)")
     out = write_result("engine", figures)
     print(f"written {out}")
     return 0
