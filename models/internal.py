@@ -7,6 +7,7 @@ it per series (a bounded number of steps). torch + numpy only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class PairSet:
     hr: torch.Tensor  # (B, H, W)
     base: torch.Tensor = field(init=False)
     task: Task = field(default_factory=lambda: Task(2, 1, True))
+    noise: tuple[float, ...] = ()  # sd of the noise error no engine can avoid, per output-row phase (row % fz)
 
     def __post_init__(self) -> None:
         self.base = self.task.base(self.lr)
@@ -99,11 +101,13 @@ def through_pairs(
     """Pairs from axial slices ``z_idx`` of a normalised (Z, Y, X) volume, degraded along y and along x."""
     task = Task(model.factor, 1, True, model)
     imgs = vol[z_idx]
+    sd = noise_sigma(vol)
     out = []
     for images, src in ((imgs, spacing[1]), (np.ascontiguousarray(imgs.transpose(0, 2, 1)), spacing[2])):
         lr, hr = make_pairs(images, model, src_spacing=src)
         if lr.shape[1] >= 4:
-            out.append(PairSet(torch.from_numpy(lr).to(device), torch.from_numpy(hr).to(device), task))
+            noise = tuple(float(sd * g) for g in phase_noise(model, src)[1])
+            out.append(PairSet(torch.from_numpy(lr).to(device), torch.from_numpy(hr).to(device), task, noise))
     return out
 
 
@@ -113,7 +117,8 @@ def in_plane_pairs(vol: np.ndarray, factor: int, z_idx: np.ndarray, device: torc
     h, w = (vol.shape[1] // factor) * factor, (vol.shape[2] // factor) * factor
     hr = np.ascontiguousarray(vol[z_idx, :h, :w])
     lr = degrade_in_plane(hr, factor)
-    return [PairSet(torch.from_numpy(lr).to(device), torch.from_numpy(hr).to(device), task)]
+    noise = (noise_sigma(vol) * math.sqrt(1.0 - 1.0 / factor**2),)  # the target pixel minus its block mean
+    return [PairSet(torch.from_numpy(lr).to(device), torch.from_numpy(hr).to(device), task, noise)]
 
 
 def split_slices(n: int, n_train: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,6 +240,45 @@ def missing_noise(sigma_in: float, model: DegradationModel | None, src_spacing: 
     return sigma_in * math.sqrt(max(1.0 / float((k**2).sum()) - g * g, 0.0))
 
 
+@functools.lru_cache(maxsize=16)
+def phase_noise(model: DegradationModel, src_spacing: float, n_lr: int = 33, cols: int = 2048,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Per output-row phase (row index mod f), the rms error that cubic + data consistency makes on pure white
+    noise, per unit of the thick input's in-plane noise: (on the target grid, on the internal pairs).
+
+    Target grid: thin noise of sd 1 degraded with the slice profile (what the thick slices carry), restored, and
+    compared with the thin noise (the eval truth holds it; no engine can predict it). Pairs: in-plane noise of
+    sd 1 through ``make_pairs``, restored, compared with the pair's target. Node rows (phase 0) keep part of the
+    truth's noise through data consistency; the rows between do not. Linear, so one simulation gives the gains.
+    """
+    f = model.factor
+    rng = np.random.default_rng(seed)
+    d, p = dc_matrices(n_lr, model)
+    c = cubic_matrix(n_lr, f, True)
+    thin = rng.normal(0.0, 1.0, ((n_lr - 1) * f + 1, cols))
+    thick = d @ thin
+    y = c @ thick
+    y += p @ (thick - d @ y)
+    e_t, s_thick = y - thin, float(thick[2:-2].std())
+    noise = rng.normal(0.0, 1.0, (4, 8 * n_lr * f, 256)).astype(np.float32)
+    lr, hr = make_pairs(noise, model, src_spacing=src_spacing)
+    task = Task(f, 1, True, model)
+    lr_t = torch.from_numpy(lr)
+    e_p = (task.project(task.base(lr_t), lr_t) - torch.from_numpy(hr)).numpy()
+
+    def per_phase(e: np.ndarray, axis: int) -> np.ndarray:
+        e = np.moveaxis(e, axis, 0)[2 * f : -2 * f]
+        idx = np.arange(2 * f, 2 * f + e.shape[0]) % f
+        return np.array([float(np.sqrt(np.mean(e[idx == k] ** 2))) for k in range(f)])
+
+    return per_phase(e_t, 0) / max(s_thick, 1e-12), per_phase(e_p, 1)
+
+
+def target_noise_rows(sd: float, model: DegradationModel, src_spacing: float, rows: int) -> np.ndarray:
+    """(rows,) sd of the truth's noise error on the x f output grid (phase ``row % f``), normalised units."""
+    return (sd * phase_noise(model, src_spacing)[0])[np.arange(rows) % model.factor]
+
+
 def z_difficulty(vol: np.ndarray, spacing: tuple[float, float, float], model: DegradationModel,
                  z_idx: np.ndarray, body: float = 0.05) -> float:
     """How much harder z is than the in-plane axes at the acquired scale: RMS error of cubic on a x f step made
@@ -273,7 +317,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 class Validation:
     gain_db: float  # PSNR(engine) - PSNR(cubic) on held-out internal pairs, normalised units, body
     k: float  # sigma_raw = std_tta + k * |engine - cubic| + j * edge(engine)
-    q: float  # conformal factor: sigma = (sigma_raw + EPS) * q / 1.96
+    q: float  # conformal factor: sigma = sqrt(((sigma_raw + EPS) * q / 1.96)^2 + noise^2), 95 % covered
     spearman: float
     coverage_95: float
     j: float = 0.0
@@ -295,7 +339,7 @@ def edge(y: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
 @torch.no_grad()
 def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, seed: int = 0) -> Validation:
     """Held-out gain over cubic and the sigma calibration (k by rank correlation, q by conformal quantile)."""
-    errs, stds, deltas, base_errs, edges = [], [], [], [], []
+    errs, stds, deltas, base_errs, edges, noises = [], [], [], [], [], []
     for s in sets:
         mean, spread = ensemble(net, s, n_flips)
         pred = s.task.project(s.base + mean, s.lr)
@@ -306,8 +350,11 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
         stds.append(spread[m].cpu().numpy())
         deltas.append((pred - base)[m].abs().cpu().numpy())
         edges.append(edge(pred, (-2,) if s.task.node_rows else (-2, -1))[m].cpu().numpy())
+        rows = np.asarray(s.noise or (0.0,), dtype=np.float32)[np.arange(s.hr.shape[1]) % len(s.noise or (0.0,))]
+        noises.append(np.broadcast_to(rows[None, :, None], s.hr.shape)[m.cpu().numpy()])
     err, berr = np.concatenate(errs), np.concatenate(base_errs)
     std, delta, grad = np.concatenate(stds), np.concatenate(deltas), np.concatenate(edges)
+    noise = np.concatenate(noises)
     if err.size == 0:
         return Validation(0.0, 1.0, 1.0, 0.0, 0.0)
     gain = 10 * math.log10(max(float(np.mean(berr**2)), 1e-20) / max(float(np.mean(err**2)), 1e-20))
@@ -322,6 +369,28 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
             best = max(best, (rho, k, j))
     rho, k, j = best
     u = std + k * delta + j * grad + EPS
-    q = float(np.quantile(np.abs(err) / u, 0.95))
-    cov = float(np.mean(np.abs(err) <= q * u))
+    q = conformal_q(np.abs(err[sub]), u[sub], noise[sub])
+    cov = float(np.mean(np.abs(err) <= 1.96 * np.sqrt((u * (q / 1.96)) ** 2 + noise**2)))
     return Validation(gain, k, q, rho, cov, j)
+
+
+def conformal_q(abs_err: np.ndarray, u: np.ndarray, noise: np.ndarray, level: float = 0.95) -> float:
+    """The q for which ``level`` of |err| <= 1.96 sqrt((u q / 1.96)^2 + noise^2) (bisection; q is monotone).
+
+    noise = 0 gives the plain conformal quantile of |err| / u. The noise the pairs' targets carry is part of the
+    interval, not of q, so that the target grid's (different) noise can replace it at inference.
+    """
+    e2, u2, n2 = (abs_err / 1.96) ** 2, u * u, noise * noise
+    if not np.any(n2 > 0):
+        return float(np.quantile(abs_err / u, level))
+
+    def cover(q: float) -> float:
+        return float(np.mean(e2 <= (q / 1.96) ** 2 * u2 + n2))
+
+    lo, hi = 0.0, float(np.quantile(abs_err / u, level))
+    if cover(lo) >= level:
+        return 0.0
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if cover(mid) >= level else (mid, hi)
+    return hi

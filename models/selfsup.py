@@ -9,7 +9,8 @@ upscale(volume, factors):
   5. data consistency: project so that re-degrading reproduces the acquired slices; report the residual;
   6. sigma = sqrt(((std over flips + k |engine - cubic| + j |dz engine|) * q / 1.96)^2 + target noise^2): k, j, q
      fitted on the held-out pairs and scaled by how much harder z is than in-plane at the acquired scale (internal.z_difficulty),
-     the target-grid noise the pairs cannot show estimated from the data (internal.missing_noise);
+     the truth-grid noise no engine can predict (in-plane noise of the data x the per-slice-phase gain of
+     internal.phase_noise) replaces, in quadrature, the pairs' own target noise that the q fit accounted for;
   7. in-plane x f: the same with ZSSR pairs (acquired slices and their f x f block means).
 Any internal failure is an ``EngineError`` naming the stage. torch + numpy only.
 """
@@ -228,8 +229,9 @@ class SelfSupEngine:
         val_job = self._soon(device, lambda: _on(side, lambda: il.through_pairs(vol_n, spacing, model, val_z,
                                                                                 device)))
 
-        def sigma_helpers() -> tuple[float, float]:  # host-side numpy on the acquired volume
-            extra = il.missing_noise(il.noise_sigma(vol_n), model, min(spacing[1:]))
+        def sigma_helpers() -> tuple[np.ndarray, float]:  # host-side numpy on the acquired volume
+            zf_rows = (vol_n.shape[0] - 1) * f + 1  # truth-noise sd per output slice (its phase k % f)
+            extra = il.target_noise_rows(il.noise_sigma(vol_n), model, min(spacing[1:]), zf_rows)
             rho = il.z_difficulty(vol_n, spacing, model, val_z)
             return extra, rho
 
@@ -292,9 +294,11 @@ class SelfSupEngine:
         before, after = (sum(float(c) for c in part) for part in residuals)
         report.update({"dc_residual_before": (before / n) ** 0.5, "dc_residual_after": (after / n) ** 0.5})
         extra, rho = helpers.result()
-        report.update({f"{kind}_sigma_target_noise": round(extra, 5), f"{kind}_sigma_z_difficulty": round(rho, 3)})
+        report.update({f"{kind}_sigma_target_noise": [round(float(e), 5) for e in extra[:f]],
+                       f"{kind}_sigma_z_difficulty": round(rho, 3)})
         raw = spread + v.k * (fused - base).abs() + v.j * il.edge(fused, (0,)) + il.EPS
-        sigma = ((raw * (v.q * rho / 1.96)) ** 2 + extra**2).sqrt()
+        noise = torch.from_numpy(extra).float().to(fused.device)[:, None, None]
+        sigma = ((raw * (v.q * rho / 1.96)) ** 2 + noise**2).sqrt()
         return fused, sigma, ""
 
     @staticmethod
