@@ -117,7 +117,7 @@ def in_plane_pairs(vol: np.ndarray, factor: int, z_idx: np.ndarray, device: torc
     h, w = (vol.shape[1] // factor) * factor, (vol.shape[2] // factor) * factor
     hr = np.ascontiguousarray(vol[z_idx, :h, :w])
     lr = degrade_in_plane(hr, factor)
-    noise = (noise_sigma(vol) * math.sqrt(1.0 - 1.0 / factor**2),)  # the target pixel minus its block mean
+    noise = (in_plane_noise(vol, factor)[1],)
     return [PairSet(torch.from_numpy(lr).to(device), torch.from_numpy(hr).to(device), task, noise)]
 
 
@@ -272,6 +272,25 @@ def phase_noise(model: DegradationModel, src_spacing: float, n_lr: int = 33, col
         return np.array([float(np.sqrt(np.mean(e[idx == k] ** 2))) for k in range(f)])
 
     return per_phase(e_t, 0) / max(s_thick, 1e-12), per_phase(e_p, 1)
+
+
+def in_plane_noise(vol: np.ndarray, factor: int) -> tuple[float, float]:
+    """In-plane x f: sd of the noise error no engine can avoid, (on the x f target grid, on the ZSSR pairs).
+
+    White noise of sd s on the acquired pixels means s * f on pixels f times finer (block means average f^2 of
+    them); scanners' noise is often correlated (zero-filled or filtered reconstructions), and then finer pixels
+    carry hardly more. The gain g = noise(acquired) / noise(their f x f block means), clipped to 1..f, measures
+    that one scale down and is assumed one scale up: target error s * sqrt(g^2 - 1), pairs' error
+    s * sqrt(1 - 1 / g^2) (a pixel minus its block mean).
+    """
+    sub = vol[:: max(1, vol.shape[0] // 16)]
+    h, w = (sub.shape[1] // factor) * factor, (sub.shape[2] // factor) * factor
+    sd = noise_sigma(sub)
+    if h < 4 * factor or w < 4 * factor or sd <= 0:
+        return 0.0, 0.0
+    sd_v = noise_sigma(degrade_in_plane(np.ascontiguousarray(sub[:, :h, :w]), factor))
+    g = float(np.clip(sd / max(sd_v, 1e-12), 1.0, factor))
+    return sd * math.sqrt(g * g - 1.0), sd * math.sqrt(1.0 - 1.0 / (g * g))
 
 
 def target_noise_rows(sd: float, model: DegradationModel, src_spacing: float, rows: int) -> np.ndarray:

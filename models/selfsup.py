@@ -357,7 +357,7 @@ class SelfSupEngine:
         sets = [] if self._skip_training() else il.in_plane_pairs(vol_n, g, train_z, device)
         val = il.in_plane_pairs(vol_n, g, val_z, device)
         n_flips = max(1, min(passes, len(il.FLIPS)))
-        extra = il.missing_noise(il.noise_sigma(vol_n), None, 0.0, g)
+        extra = il.in_plane_noise(vol_n, g)[0]  # the finer grid's noise (its pairs' share is in the q fit)
         report["in_sigma_target_noise"] = round(extra, 5)
         net, v = self._fit("in", sets, val, g, g, prior, device, n_flips, report)
         if v.gain_db < self.options.min_gain_db:
