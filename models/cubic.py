@@ -47,7 +47,8 @@ def _bspline3(t: np.ndarray) -> np.ndarray:
     return np.where((a >= 1) & (a < 2), (2 - a) ** 3 / 6, out)
 
 
-def _mirror(i: np.ndarray, n: int) -> np.ndarray:
+def mirror_index(i: np.ndarray, n: int) -> np.ndarray:
+    """Whole-sample symmetric (mirror) mapping of indices ``i`` into 0..n-1."""
     if n == 1:
         return np.zeros_like(i)
     period = 2 * n - 2
@@ -62,7 +63,7 @@ def resample_axis(data: np.ndarray, axis: int, positions: np.ndarray) -> np.ndar
     base = np.floor(positions).astype(np.int64)
     out = np.zeros((len(positions),) + coef.shape[1:], dtype=np.float64)
     for m in (-1, 0, 1, 2):
-        idx = _mirror(base + m, n)
+        idx = mirror_index(base + m, n)
         w = _bspline3(positions - (base + m))
         out += coef[idx] * w.reshape((-1,) + (1,) * (coef.ndim - 1))
     return np.moveaxis(out, 0, axis)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.cubic import resample_axis
+from models.cubic import mirror_index, resample_axis
 from models.engine import Factors, VolumeInput
 
 log = logging.getLogger(__name__)
@@ -55,15 +55,6 @@ def slice_profile(fwhm_px: float, kind: str = "box") -> np.ndarray:
     return w / w.sum()
 
 
-def _reflect_index(i: np.ndarray, n: int) -> np.ndarray:
-    """Mirror (whole-sample symmetric, like ``models.cubic``) index mapping into 0..n-1."""
-    if n == 1:
-        return np.zeros_like(i)
-    period = 2 * n - 2
-    i = np.mod(i, period)
-    return np.where(i >= n, period - i, i)
-
-
 def blur_axis(data: np.ndarray, axis: int, kernel: np.ndarray, at: np.ndarray | None = None) -> np.ndarray:
     """Convolve ``data`` along ``axis`` with a centred odd ``kernel`` (mirror boundaries), float64 math.
 
@@ -75,7 +66,7 @@ def blur_axis(data: np.ndarray, axis: int, kernel: np.ndarray, at: np.ndarray | 
     base = np.arange(n) if at is None else np.asarray(at)
     out = np.zeros((base.size, *x.shape[1:]), dtype=np.float64)
     for j, w in enumerate(kernel):
-        out += w * x[_reflect_index(base + j - r, n)]
+        out += w * x[mirror_index(base + j - r, n)]
     return np.moveaxis(out, 0, axis).astype(np.float32)
 
 
@@ -111,7 +102,7 @@ def through_plane_matrix(n_lr: int, factor: int, thickness: float, profile: str 
     d = np.zeros((n_lr, n))
     for i in range(n_lr):
         for j, w in enumerate(k):
-            d[i, _reflect_index(np.array([i * factor + j - r]), n)[0]] += w
+            d[i, mirror_index(np.array([i * factor + j - r]), n)[0]] += w
     return d
 
 
