@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from models.compiled import infer
 from models.cubic import resample_axis
 from models.degrade import (
     DegradationModel,
@@ -198,7 +197,7 @@ def residual(net: SRNet, lr: torch.Tensor, task: Task, flip: tuple[int, ...], ma
             c1 = min(w, c0 + step)
             a0, a1 = max(0, c0 - halo), min(w, c1 + halo)
             xt = x[:, None, :, a0:a1].contiguous(memory_format=torch.channels_last)
-            r = infer(net, xt)[:, 0].float()  # torch.compile on CUDA, eager on CPU
+            r = net(xt)[:, 0].float()
             s0 = (c0 - a0) * task.fx
             out[:, :, c0 * task.fx : c1 * task.fx] = r[:, :oh, s0 : s0 + (c1 - c0) * task.fx]
     if flip:
