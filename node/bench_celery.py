@@ -5,8 +5,8 @@ index exactly as the SCP does, one job each), a private ``redis-server`` on a fr
 real ``srnode worker`` processes. The clock runs from the first job published to the last job processed (its
 results in the outbox, state 'sending'); ingest, stability wait and delivery are the node's and not measured.
 
-Also holds the real-process helpers the Celery tests share: ``RedisServer``, ``WorkerProcess``,
-``write_ct_series``.
+Also holds the real-process helpers the Celery tests share: ``RedisServer`` and ``WorkerProcess`` (series come
+from ``node.phantom.write_phantom_series``).
 """
 
 from __future__ import annotations
@@ -26,14 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from node.phantom import write_phantom_series
 
 log = logging.getLogger(__name__)
 
 REDIS_SERVER = "/usr/bin/redis-server"
-UID_ROOT = "1.2.826.0.1.3680043.10.1087.7."
 
 
 # ------------------------------------------------------------------------------------ real peers
@@ -163,57 +160,6 @@ class WorkerProcess:
             self._log = None
 
 
-# ------------------------------------------------------------------------------------ generated series
-
-
-def write_ct_series(out_dir: Path, seed: int, slices: int = 16, size: int = 64, step_mm: float = 5.0) -> list[Path]:
-    """A small axial CT series (smooth random HU content, exact geometry), deterministic UIDs per seed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    z, y, x = np.meshgrid(np.linspace(-1, 1, slices), np.linspace(-1, 1, size), np.linspace(-1, 1, size),
-                          indexing="ij")
-    hu = -1000.0 + 1040.0 * ((x**2 + y**2) < 0.8)
-    for _ in range(4):
-        cx, cy, cz, r = rng.uniform(-0.5, 0.5, 3).tolist() + [rng.uniform(0.1, 0.3)]
-        hu[((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) < r**2] = rng.uniform(-100, 300)
-    ent = [str(seed), str(slices), str(size)]
-    study, series, frame = (generate_uid(UID_ROOT, ent + [k]) for k in ("study", "series", "for"))
-    px = 200.0 / size
-    paths = []
-    for k in range(slices):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        # SOP Common
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid(UID_ROOT, ent + ["sop", str(k)])
-        # Patient, General Study, General Series, Frame of Reference, General Equipment
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = f"CELERY^{seed}", f"C{seed}", "", "O"
-        ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study, "20240101", "120000", str(seed)
-        ds.ReferringPhysicianName, ds.AccessionNumber = "", ""
-        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "CT", series, 3
-        ds.SeriesDescription = f"generated {step_mm:g} mm"
-        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame, ""
-        ds.Manufacturer = "TESTCT"
-        # General Image, Image Plane
-        ds.InstanceNumber, ds.ImageType = k + 1, ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.PixelSpacing = [f"{px:g}", f"{px:g}"]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-100, -100, f"{k * step_mm:g}"]
-        ds.SliceThickness = f"{step_mm:g}"
-        # Image Pixel, CT Image
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows = ds.Columns = size
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType, ds.KVP = -1024, 1, "HU", 120
-        ds.PixelData = np.clip(np.rint(hu[k] + 1024), 0, 4095).astype(np.uint16).tobytes()
-        p = out_dir / f"CT{k + 1:04d}.dcm"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
-
-
 def config_toml(spool: Path, broker_url: str, out: Path, visibility_timeout_s: int = 3600,
                 extra: str = "") -> str:
     """A worker/node config for a Celery set-up on loopback with the cubic engine on CPU."""
@@ -289,8 +235,8 @@ def run_once(n_workers: int, n_series: int, slices: int, size: int, workdir: Pat
         spool_dir = workdir / "spool"
         cfg_path.write_text(config_toml(spool_dir, redis_srv.url, workdir / "out"))
         cfg = load_config(cfg_path)
-        jobs = [spool_series(spool_dir, write_ct_series(workdir / f"in-{i}", seed=100 + i, slices=slices,
-                                                        size=size), "ct") for i in range(n_series)]
+        jobs = [spool_series(spool_dir, write_phantom_series(workdir / f"in-{i}", seed=100 + i, slices=slices,
+                                                             size=size), "ct") for i in range(n_series)]
         # CPU workers share the cores: each gets its share of threads, as GPU workers each get their GPU
         threads = str(max(1, (os.cpu_count() or 1) // n_workers))
         workers = [WorkerProcess(cfg_path, f"bench{w}@{socket.gethostname()}", workdir / f"worker{w}.log",

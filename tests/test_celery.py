@@ -22,10 +22,11 @@ from nodeproc import NodeProc, dump_toml, merge
 from peers import STORESCP, free_port, storescu, wait_until
 from pydicom import dcmread
 
-from node.bench_celery import RedisServer, WorkerProcess, write_ct_series
+from node.bench_celery import RedisServer, WorkerProcess
 from node.celery_exec import broker_display, make_app, transport_options
 from node.config import config_from_dict, load_config
 from node.index import Index
+from node.phantom import write_phantom_series
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -95,7 +96,7 @@ def test_two_workers_share_jobs_and_survive_a_kill(tmp_path: Path, redis_server:
         # N small series, sent together: both workers take jobs
         n = 4
         for i in range(n):
-            files = write_ct_series(tmp_path / f"in{i}", seed=i, slices=8, size=64)
+            files = write_phantom_series(tmp_path / f"in{i}", seed=i, slices=8, size=64)
             assert storescu(files, port).returncode == 0
         wait_until(lambda: _jobs_done(index, n), timeout=120, what=f"{n} jobs delivered")
         ran = {w.name: w.log().count(": finished on ") for w in workers}
@@ -103,7 +104,7 @@ def test_two_workers_share_jobs_and_survive_a_kill(tmp_path: Path, redis_server:
 
         def start_big(seed: int) -> tuple[int, WorkerProcess, int]:
             """Send a bigger series; returns (job id, the worker running it, its pool process id)."""
-            files = write_ct_series(tmp_path / f"big{seed}", seed=seed, slices=16, size=512)
+            files = write_phantom_series(tmp_path / f"big{seed}", seed=seed, slices=16, size=512)
             assert storescu(files, port).returncode == 0
             series_uid = dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
 
@@ -174,7 +175,7 @@ def test_worker_without_shared_spool_fetches_over_dicomweb(tmp_path: Path, redis
     worker = WorkerProcess(wcfg, "remote@test", tmp_path / "worker.log")
     try:
         worker.start()
-        files = write_ct_series(tmp_path / "in", seed=7, slices=10, size=64)
+        files = write_phantom_series(tmp_path / "in", seed=7, slices=10, size=64)
         assert storescu(files, node.port).returncode == 0
         jobs = node.wait_jobs(lambda js: js and all(j["state"] in ("delivered", "failed") for j in js),
                               timeout=120, what="the remote job recorded on the node")
