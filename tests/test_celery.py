@@ -121,7 +121,8 @@ def test_two_workers_share_jobs_and_survive_a_kill(tmp_path: Path, redis_server:
         # the whole worker dies mid-job (SIGKILL to it and its pool process, as a machine that fails): the
         # broker gives the job to the other worker after the visibility timeout
         job_id, victim, _pid = start_big(99)
-        assert index.job(job_id).state == "processing"
+        # the worker logs "started" just before it claims the job in the index
+        wait_until(lambda: index.job(job_id).state == "processing", timeout=30, what=f"job {job_id} processing")
         victim.kill9()
         survivor = next(w for w in workers if w is not victim)
         wait_until(lambda: index.job(job_id).state == "delivered", timeout=VISIBILITY_S + 90,
@@ -131,7 +132,8 @@ def test_two_workers_share_jobs_and_survive_a_kill(tmp_path: Path, redis_server:
 
         # only the job's pool process dies (as under the OOM killer): rejected and re-run at once
         job_id2, w, pid = start_big(98)
-        assert w is survivor and index.job(job_id2).state == "processing"
+        assert w is survivor
+        wait_until(lambda: index.job(job_id2).state == "processing", timeout=30, what=f"job {job_id2} processing")
         os.kill(pid, signal.SIGKILL)
         wait_until(lambda: index.job(job_id2).state == "delivered", timeout=90,
                    what=f"job {job_id2} re-run after its pool process was killed")
