@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -47,6 +48,7 @@ T = TypeVar("T")
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "prior.pt"
 NET = SRNetConfig(width=24, depth=6)  # the shipped prior's shape (overridden by the checkpoint's config)
+OOM_TILES = (1 << 18, 1 << 16, 1 << 13)  # max_voxels_per_tile of the retries after a CUDA out-of-memory error
 
 
 def pick_device(name: str) -> torch.device:
@@ -89,20 +91,37 @@ class SelfSupEngine:
     name = "selfsup"
     version = "1"
 
-    def __init__(self, options: EngineOptions | None = None) -> None:
+    def __init__(self, options: EngineOptions | None = None, mem_fraction: float = 0.4) -> None:
         self.options = options or EngineOptions()
+        self.mem_fraction = mem_fraction  # of free GPU memory one batch of network activations may take
         self.weights = Path(self.options.weights) if self.options.weights else DEFAULT_WEIGHTS
 
     # ------------------------------------------------------------------ public
     def upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult:
-        try:
-            return self._upscale(volume, factors)
-        except EngineError:
-            raise
-        except torch.cuda.OutOfMemoryError as exc:
-            raise EngineError(f"selfsup: out of GPU memory on {volume.data.shape} (set max_voxels_per_tile)") from exc
-        except Exception as exc:
-            raise EngineError(f"selfsup failed on a {volume.data.shape} volume: {type(exc).__name__}: {exc}") from exc
+        """The engine run; out of GPU memory, it runs again with smaller tiles (``OOM_TILES``) before giving up."""
+        tiles = [self.options.max_voxels_per_tile]
+        tiles += [t for t in OOM_TILES if tiles[0] <= 0 or t < tiles[0]]
+        for attempt, tile in enumerate(tiles):
+            engine = self if attempt == 0 else SelfSupEngine(replace(self.options, max_voxels_per_tile=tile),
+                                                             self.mem_fraction / 4**attempt)
+            try:
+                res = engine._upscale(volume, factors)
+            except EngineError:
+                raise
+            except torch.cuda.OutOfMemoryError:
+                log.warning("selfsup: out of GPU memory on %s with max_voxels_per_tile=%d (attempt %d of %d)",
+                            volume.data.shape, tile, attempt + 1, len(tiles))
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # the failed attempt's tensors are gone with its frames
+                continue
+            except Exception as exc:
+                raise EngineError(f"selfsup failed on a {volume.data.shape} volume: {type(exc).__name__}: {exc}") from exc
+            if attempt:
+                res.report.update({"oom_retries": attempt, "max_voxels_per_tile": tile,
+                                   "mem_fraction": engine.mem_fraction})
+            return res
+        raise EngineError(f"selfsup: out of GPU memory on {volume.data.shape} even with {tiles[-1]}-pixel tiles "
+                          f"and {100 * self.mem_fraction / 4 ** (len(tiles) - 1):.2g} % of free memory per batch")
 
     # ------------------------------------------------------------------ steps
     def _upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult:
@@ -341,7 +360,7 @@ class SelfSupEngine:
             per = net.cfg.width * min(h * w, self.options.max_voxels_per_tile) * 4 * 4
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            budget = int(free * 0.4)
+            budget = int(free * self.mem_fraction)
         else:
             budget = 1 << 30
         return max(1, budget // max(per, 1))
