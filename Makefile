@@ -3,7 +3,7 @@ PY ?= python3
 PIP = $(PY) -m pip
 STAMP = .venv-stamp
 
-.PHONY: install system demo test test-faults bench fuzz lint lint-docker typecheck clean
+.PHONY: install system demo test test-faults bench bench-eval fuzz lint lint-docker typecheck clean
 
 system:
 	bash scripts/install-system.sh
@@ -25,6 +25,9 @@ test-faults: install
 
 bench: install
 	$(PY) -m node.cli bench all --cpu-only
+
+bench-eval: install
+	PY=$(PY) bash bench/cpu_eval.sh $$(git rev-parse --short HEAD)
 
 fuzz: install
 	$(PIP) install -q atheris
