@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models import inplane as ip
 from models import internal as il
 from models.degrade import DegradationModel
 from models.engine import VolumeInput
@@ -53,7 +54,7 @@ def _in_sets(vols: list[VolumeInput], f: int, device: torch.device, seed: int, h
         if min(vn.shape[1:]) < 8 * f:
             continue
         train_z, val_z = il.split_slices(vn.shape[0], 24, 6, seed + i)
-        sets += il.in_plane_pairs(vn, f, val_z if held_out else train_z, device)
+        sets += ip.in_plane_pairs(vn, f, val_z if held_out else train_z, device)
     return sets
 
 
