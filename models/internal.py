@@ -143,9 +143,10 @@ def _autocast(device: torch.device) -> torch.autocast:
 
 def train(
     net: SRNet, sets: list[PairSet], steps: int, lr_rate: float, seed: int,
-    patch: tuple[int, int] = (24, 48), batch: int = 16,
+    patch: tuple[int, int] = (24, 48), batch: int = 16, augment: bool = False,
 ) -> float:
-    """``steps`` Adam steps of L1 on random patches; returns the mean loss of the last 20 steps."""
+    """``steps`` Adam steps of L1 on random patches; returns the mean loss of the last 20 steps. ``augment``: each
+    batch under a random symmetry of the square (in-plane sets on square pixels only, else ignored)."""
     if steps <= 0 or not sets:
         return float("nan")
     device = sets[0].lr.device
@@ -169,12 +170,18 @@ def train(
             lrs.append(s.inp[b, :, i : i + ph, j : j + pw])  # (C, ph, pw)
             bases.append(s.base[b, i * fz : i * fz + oh, j * fx : j * fx + ow])
             hrs.append(s.hr[b, i * fz : i * fz + oh, j * fx : j * fx + ow])
-        x = torch.stack(lrs)  # (N, C, ph, pw)
+        x, bt, ht = torch.stack(lrs), torch.stack(bases), torch.stack(hrs)  # (N, C, ph, pw), (N, oh, ow) x 2
+        if augment and all(s.square and not s.task.node_rows for s in sets):
+            fl, tr = DIHEDRAL[int(torch.randint(len(DIHEDRAL), (1,), generator=gen))]
+            if tr:
+                x, bt, ht = x.transpose(-2, -1), bt.transpose(-2, -1), ht.transpose(-2, -1)
+            if fl:
+                x, bt, ht = x.flip(fl), bt.flip(fl), ht.flip(fl)
         with _autocast(device):
             res = net(x)
-        oh, ow = hrs[0].shape
-        pred = torch.stack(bases) + res[:, 0, :oh, :ow].float()
-        loss = (pred - torch.stack(hrs)).abs().mean()
+        oh, ow = ht.shape[1:]
+        pred = bt + res[:, 0, :oh, :ow].float()
+        loss = (pred - ht).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
