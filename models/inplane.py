@@ -20,7 +20,7 @@ from models.degrade import degrade_in_plane
 from models.internal import PairSet, Task, TTAOp, noise_sigma, residual
 from models.nets import SRNet
 
-CONTEXT = 3  # input slices of the in-plane net (z-1, z, z+1); 1 = plain 2D ZSSR
+CONTEXT = 1  # input slices of the in-plane net: 1 = plain 2D ZSSR; 3 = 2.5D (z-1, z, z+1)
 
 
 def context_index(z: np.ndarray, n: int, c: int) -> np.ndarray:
@@ -79,3 +79,33 @@ def infer(net: SRNet, x: torch.Tensor, task: Task, ops: tuple[TTAOp, ...], chunk
         y = task.project(base + rs.mean(0), xb)
         std = rs.std(0, unbiased=False) if len(ops) > 1 else torch.zeros_like(y)
         yield b0, base, y, std
+
+
+def scale_difficulty(vol: np.ndarray, factor: int, body: float = 0.05) -> float:
+    """How the x f step to the finer grid compares with the internal pairs' step, by self-similarity across
+    scales: e_s = RMS body error of cubic x f from block means of block means (s times) to s - 1 times (e_1: the
+    pairs). The target step's e_0 is extrapolated with the ratio r_1 = e_1 / e_2 changing geometrically across
+    scales: e_0 / e_1 = r_1^2 / r_2 (r_1 alone when the matrix is too small for e_3), clipped to 0.25..4. Images
+    are smoother the finer the scale when the acquisition resolves them, and then the pairs overstate the errors;
+    the sigma scale from the pairs is multiplied by this ratio (1.0 when the matrix is too small to tell)."""
+    sub = vol[:: max(1, vol.shape[0] // 16)]
+    task = Task(factor, factor, False)
+
+    def cubic_rms(hr: np.ndarray) -> float:  # hr (B, H, W) -> RMS of cubic(block means) - hr inside the body
+        h, w = (hr.shape[1] // factor) * factor, (hr.shape[2] // factor) * factor
+        if h < 8 * factor or w < 8 * factor:
+            return 0.0
+        hr = np.ascontiguousarray(hr[:, :h, :w])
+        up = task.base(torch.from_numpy(degrade_in_plane(hr, factor))).numpy()
+        m = hr > body
+        return float(np.sqrt(np.mean((up - hr)[m] ** 2))) if m.sum() > 100 else 0.0
+
+    e = [cubic_rms(sub)]
+    for _ in range(2):
+        sub = degrade_in_plane(sub, factor)
+        e.append(cubic_rms(sub))
+    if e[0] <= 0 or e[1] <= 0:
+        return 1.0
+    r1 = e[0] / e[1]
+    ratio = r1 * r1 / (e[1] / e[2]) if e[2] > 0 else r1
+    return float(np.clip(ratio, 0.25, 4.0))

@@ -11,7 +11,10 @@ upscale(volume, factors):
      fitted on the held-out pairs and scaled by how much harder z is than in-plane at the acquired scale (internal.z_difficulty),
      the truth-grid noise no engine can predict (in-plane noise of the data x the per-slice-phase gain of
      internal.phase_noise) replaces, in quadrature, the pairs' own target noise that the q fit accounted for;
-  7. in-plane x f: the same with ZSSR pairs (acquired slices and their f x f block means).
+  7. in-plane x f (models.inplane): the prior's ZSSR net (optionally 2.5D: neighbouring slices as channels), fine-tuned
+     ``in_plane_finetune_steps`` on ZSSR pairs (acquired slices and their f x f block means; default none: the
+     pairs' coarser scale pulled the net away from the finer one the prior learned, -4.4 dB on the phantom), the
+     pairs for the self-check and sigma (q scaled by ``inplane.scale_difficulty``), a test-time flip ensemble.
 Any internal failure is an ``EngineError`` naming the stage. torch + numpy only.
 """
 
@@ -180,8 +183,14 @@ class SelfSupEngine:
         return EngineResult(out.astype(np.float32, copy=False), sigma, spacing, "cubic" if fallback else self.name,
                             fallback, report)
 
-    def _skip_training(self) -> bool:
-        return self.options.fast or self.options.finetune_steps <= 0
+    def _steps(self, kind: str) -> int:
+        """Fine-tuning steps for "through" or "in" (0 in fast mode)."""
+        o = self.options
+        steps = o.in_plane_finetune_steps if kind == "in" and o.in_plane_finetune_steps >= 0 else o.finetune_steps
+        return 0 if o.fast else max(steps, 0)
+
+    def _skip_training(self, kind: str = "through") -> bool:
+        return self._steps(kind) == 0
 
     @staticmethod
     def _soon(device: torch.device, fn: Callable[[], T]) -> Future[T]:
@@ -207,9 +216,9 @@ class SelfSupEngine:
         """The prior's net for (kind, factor), fine-tuned on ``sets`` unless in fast mode."""
         t = time.perf_counter()
         net, from_prior = make_net(prior, kind, fz, fx, device, in_ch)
-        steps = 0 if self.options.fast else self.options.finetune_steps
+        steps = self._steps(kind)
         if steps > 0:
-            loss = il.train(net, sets, steps, 3e-4 if from_prior else 1e-3, self.options.seed)
+            loss = il.train(net, sets, steps, 3e-4 if from_prior else 1e-3, self.options.seed, augment=kind == "in")
             report[f"{kind}_train_loss"] = round(loss, 5)
         report.update({f"{kind}_from_prior": from_prior, f"{kind}_finetune_steps": steps,
                        f"{kind}_finetune_s": round(time.perf_counter() - t, 3)})
@@ -371,11 +380,13 @@ class SelfSupEngine:
             return cur, cur_sigma, f"matrix {vol_n.shape[1:]} too small for in-plane x{g} internal pairs"
         train_z, val_z = il.split_slices(vol_n.shape[0], 24, 6, self.options.seed)
         ctx = ip.CONTEXT
-        sets = [] if self._skip_training() else ip.in_plane_pairs(vol_n, g, train_z, device, ctx, square)
+        sets = [] if self._skip_training("in") else ip.in_plane_pairs(vol_n, g, train_z, device, ctx, square)
         val = ip.in_plane_pairs(vol_n, g, val_z, device, ctx, square)
         ops = il.tta_ops(passes, square)
         extra = ip.in_plane_noise(vol_n, g)[0]  # the finer grid's noise (its pairs' share is in the q fit)
-        report.update({"in_sigma_target_noise": round(extra, 5), "in_context": ctx, "in_tta": len(ops)})
+        rho = ip.scale_difficulty(vol_n, g)  # the finer step's difficulty relative to the pairs'
+        report.update({"in_sigma_target_noise": round(extra, 5), "in_sigma_scale_difficulty": round(rho, 3),
+                       "in_context": ctx, "in_tta": len(ops)})
         net, v = self._fit("in", sets, val, g, g, prior, device, len(ops), report, ctx)
         if v.gain_db < self.options.min_gain_db:
             return cur, cur_sigma, f"in-plane internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
@@ -385,7 +396,7 @@ class SelfSupEngine:
         outs, sigs = [], []
         for _, base, y, std in ip.infer(net, x, task, ops, chunk, self.options.max_voxels_per_tile):
             outs.append(to_host(y))
-            cal = (std + v.k * (y - base).abs() + v.j * il.edge(y, (-2, -1)) + il.EPS) * (v.q / 1.96)
+            cal = (std + v.k * (y - base).abs() + v.j * il.edge(y, (-2, -1)) + il.EPS) * (v.q * rho / 1.96)
             sigs.append(to_host((cal**2 + extra**2).sqrt()))
         sig = np.concatenate(sigs)
         prev = np.repeat(np.repeat(cur_sigma, g, axis=1), g, axis=2)
