@@ -85,6 +85,7 @@ class EngineOptions:
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     fast: bool = False
     finetune_steps: int = 200
+    in_plane_finetune_steps: int = 0  # selfsup in-plane (ZSSR) fine-tuning steps; < 0: finetune_steps
     tta_passes: int = 8
     samples: int = 8
     weights: str = ""

@@ -18,7 +18,6 @@ import torch
 from models.cubic import resample_axis
 from models.degrade import (
     DegradationModel,
-    degrade_in_plane,
     degrade_through_plane,
     make_pairs,
     through_plane_matrix,
@@ -28,6 +27,14 @@ from models.nets import SRNet
 log = logging.getLogger(__name__)
 
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-2,), (-1,), (-2, -1))  # test-time flips of (rows, cols)
+TTAOp = tuple[tuple[int, ...], bool]  # (flipped axes, transposed first)
+DIHEDRAL: tuple[TTAOp, ...] = tuple((fl, False) for fl in FLIPS) + tuple((fl, True) for fl in FLIPS)
+
+
+def tta_ops(n: int, transpose: bool) -> tuple[TTAOp, ...]:
+    """The first ``n`` test-time ops: the 4 flips, then (``transpose``: square pixels, fz == fx) the 4 flips
+    of the transposed image (the 8 symmetries of the square)."""
+    return DIHEDRAL[: max(1, min(n, 8 if transpose else 4))]
 EPS = 1e-3  # sigma floor in normalised units
 
 
@@ -89,9 +96,16 @@ class PairSet:
     base: torch.Tensor = field(init=False)
     task: Task = field(default_factory=lambda: Task(2, 1, True))
     noise: tuple[float, ...] = ()  # sd of the noise error no engine can avoid, per output-row phase (row % fz)
+    ctx: torch.Tensor | None = None  # (B, C, h, w) net input with context channels (None: lr itself, C = 1)
+    square: bool = False  # square pixels and fz == fx: the transposed image is a valid test-time view
 
     def __post_init__(self) -> None:
         self.base = self.task.base(self.lr)
+
+    @property
+    def inp(self) -> torch.Tensor:
+        """(B, C, h, w) the net's input."""
+        return self.ctx if self.ctx is not None else self.lr[:, None]
 
 
 def through_pairs(
@@ -109,16 +123,6 @@ def through_pairs(
             noise = tuple(float(sd * g) for g in phase_noise(model, src)[1])
             out.append(PairSet(torch.from_numpy(lr).to(device), torch.from_numpy(hr).to(device), task, noise))
     return out
-
-
-def in_plane_pairs(vol: np.ndarray, factor: int, z_idx: np.ndarray, device: torch.device) -> list[PairSet]:
-    """ZSSR pairs: the acquired axial slices (cropped to multiples of f) and their f x f block means."""
-    task = Task(factor, factor, False)
-    h, w = (vol.shape[1] // factor) * factor, (vol.shape[2] // factor) * factor
-    hr = np.ascontiguousarray(vol[z_idx, :h, :w])
-    lr = degrade_in_plane(hr, factor)
-    noise = (in_plane_noise(vol, factor)[1],)
-    return [PairSet(torch.from_numpy(lr).to(device), torch.from_numpy(hr).to(device), task, noise)]
 
 
 def split_slices(n: int, n_train: int, n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,9 +143,10 @@ def _autocast(device: torch.device) -> torch.autocast:
 
 def train(
     net: SRNet, sets: list[PairSet], steps: int, lr_rate: float, seed: int,
-    patch: tuple[int, int] = (24, 48), batch: int = 16,
+    patch: tuple[int, int] = (24, 48), batch: int = 16, augment: bool = False,
 ) -> float:
-    """``steps`` Adam steps of L1 on random patches; returns the mean loss of the last 20 steps."""
+    """``steps`` Adam steps of L1 on random patches; returns the mean loss of the last 20 steps. ``augment``: each
+    batch under a random symmetry of the square (in-plane sets on square pixels only, else ignored)."""
     if steps <= 0 or not sets:
         return float("nan")
     device = sets[0].lr.device
@@ -162,15 +167,21 @@ def train(
             j = int(torch.randint(w - pw + 1, (1,), generator=gen))
             oh, ow = s.task.out_shape(ph, pw)
             fz, fx = s.task.fz, s.task.fx
-            lrs.append(s.lr[b, i : i + ph, j : j + pw])
+            lrs.append(s.inp[b, :, i : i + ph, j : j + pw])  # (C, ph, pw)
             bases.append(s.base[b, i * fz : i * fz + oh, j * fx : j * fx + ow])
             hrs.append(s.hr[b, i * fz : i * fz + oh, j * fx : j * fx + ow])
-        x = torch.stack(lrs)[:, None]
+        x, bt, ht = torch.stack(lrs), torch.stack(bases), torch.stack(hrs)  # (N, C, ph, pw), (N, oh, ow) x 2
+        if augment and all(s.square and not s.task.node_rows for s in sets):
+            fl, tr = DIHEDRAL[int(torch.randint(len(DIHEDRAL), (1,), generator=gen))]
+            if tr:
+                x, bt, ht = x.transpose(-2, -1), bt.transpose(-2, -1), ht.transpose(-2, -1)
+            if fl:
+                x, bt, ht = x.flip(fl), bt.flip(fl), ht.flip(fl)
         with _autocast(device):
             res = net(x)
-        oh, ow = hrs[0].shape
-        pred = torch.stack(bases) + res[:, 0, :oh, :ow].float()
-        loss = (pred - torch.stack(hrs)).abs().mean()
+        oh, ow = ht.shape[1:]
+        pred = bt + res[:, 0, :oh, :ow].float()
+        loss = (pred - ht).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -181,14 +192,20 @@ def train(
 
 
 @torch.no_grad()
-def residual(net: SRNet, lr: torch.Tensor, task: Task, flip: tuple[int, ...], max_pixels: int = 0) -> torch.Tensor:
-    """Network residual for (B, h, w) images on the fine grid (B, H, W), float32, under one test-time flip.
+def residual(net: SRNet, lr: torch.Tensor, task: Task, flip: tuple[int, ...], max_pixels: int = 0,
+             transpose: bool = False) -> torch.Tensor:
+    """Network residual for (B, h, w) images, or (B, C, h, w) with context channels, on the fine grid (B, H, W),
+    float32, under one test-time view: transposed (``transpose``; in-plane, fz == fx), then flipped (``flip``).
 
     Tiles along columns with a halo of the receptive field when h*w exceeds ``max_pixels`` (> 0): exact.
     """
-    b, h, w = lr.shape
+    x = lr if lr.dim() == 4 else lr[:, None]  # (B, C, h, w)
+    if transpose:
+        x = x.transpose(-2, -1)
+    if flip:
+        x = x.flip(flip)
+    b, _, h, w = x.shape
     oh, ow = task.out_shape(h, w)
-    x = lr.flip(flip) if flip else lr
     halo = net.cfg.halo
     step = w if max_pixels <= 0 or h * w <= max_pixels else max(8, max_pixels // h - 2 * halo)
     out = torch.empty((b, oh, ow), dtype=torch.float32, device=lr.device)
@@ -196,19 +213,20 @@ def residual(net: SRNet, lr: torch.Tensor, task: Task, flip: tuple[int, ...], ma
         for c0 in range(0, w, step):
             c1 = min(w, c0 + step)
             a0, a1 = max(0, c0 - halo), min(w, c1 + halo)
-            xt = x[:, None, :, a0:a1].contiguous(memory_format=torch.channels_last)
+            xt = x[..., a0:a1].contiguous(memory_format=torch.channels_last)
             r = net(xt)[:, 0].float()
             s0 = (c0 - a0) * task.fx
             out[:, :, c0 * task.fx : c1 * task.fx] = r[:, :oh, s0 : s0 + (c1 - c0) * task.fx]
     if flip:
         out = out.flip(flip)
-    return out
+    return out.transpose(-2, -1) if transpose else out
 
 
 @torch.no_grad()
 def ensemble(net: SRNet, s: PairSet, n_flips: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the residual over the first ``n_flips`` test-time flips."""
-    rs = torch.stack([residual(net, s.lr, s.task, fl) for fl in FLIPS[: max(1, n_flips)]])
+    """Mean and std of the residual over the first ``n_flips`` test-time views (``tta_ops``)."""
+    ops = tta_ops(n_flips, s.square and s.task.fz == s.task.fx and not s.task.node_rows)
+    rs = torch.stack([residual(net, s.inp, s.task, fl, transpose=tr) for fl, tr in ops])
     return rs.mean(0), rs.std(0, unbiased=False) if rs.shape[0] > 1 else torch.zeros_like(rs[0])
 
 
@@ -272,25 +290,6 @@ def phase_noise(model: DegradationModel, src_spacing: float, n_lr: int = 33, col
         return np.array([float(np.sqrt(np.mean(e[idx == k] ** 2))) for k in range(f)])
 
     return per_phase(e_t, 0) / max(s_thick, 1e-12), per_phase(e_p, 1)
-
-
-def in_plane_noise(vol: np.ndarray, factor: int) -> tuple[float, float]:
-    """In-plane x f: sd of the noise error no engine can avoid, (on the x f target grid, on the ZSSR pairs).
-
-    White noise of sd s on the acquired pixels means s * f on pixels f times finer (block means average f^2 of
-    them); scanners' noise is often correlated (zero-filled or filtered reconstructions), and then finer pixels
-    carry hardly more. The gain g = noise(acquired) / noise(their f x f block means), clipped to 1..f, measures
-    that one scale down and is assumed one scale up: target error s * sqrt(g^2 - 1), pairs' error
-    s * sqrt(1 - 1 / g^2) (a pixel minus its block mean).
-    """
-    sub = vol[:: max(1, vol.shape[0] // 16)]
-    h, w = (sub.shape[1] // factor) * factor, (sub.shape[2] // factor) * factor
-    sd = noise_sigma(sub)
-    if h < 4 * factor or w < 4 * factor or sd <= 0:
-        return 0.0, 0.0
-    sd_v = noise_sigma(degrade_in_plane(np.ascontiguousarray(sub[:, :h, :w]), factor))
-    g = float(np.clip(sd / max(sd_v, 1e-12), 1.0, factor))
-    return sd * math.sqrt(g * g - 1.0), sd * math.sqrt(1.0 - 1.0 / (g * g))
 
 
 def target_noise_rows(sd: float, model: DegradationModel, src_spacing: float, rows: int) -> np.ndarray:

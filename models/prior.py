@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models import inplane as ip
 from models import internal as il
 from models.degrade import DegradationModel
 from models.engine import VolumeInput
@@ -53,18 +54,30 @@ def _in_sets(vols: list[VolumeInput], f: int, device: torch.device, seed: int, h
         if min(vn.shape[1:]) < 8 * f:
             continue
         train_z, val_z = il.split_slices(vn.shape[0], 24, 6, seed + i)
-        sets += il.in_plane_pairs(vn, f, val_z if held_out else train_z, device)
+        square = abs(v.spacing[1] - v.spacing[2]) <= 1e-3 * v.spacing[2]
+        sets += ip.in_plane_pairs(vn, f, val_z if held_out else train_z, device, ip.CONTEXT, square)
     return sets
 
 
-def train_prior(vols: list[VolumeInput], steps: int, device: torch.device, cfg: SRNetConfig,
-                seed: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(checkpoint, metrics): nets for every factor trained ``steps`` steps each on all ``vols``."""
-    ckpt: dict[str, Any] = {"format": 1, "config": {"width": cfg.width, "depth": cfg.depth},
+def train_prior(vols: list[VolumeInput], steps: int, device: torch.device, cfg: SRNetConfig, seed: int = 0,
+                only: str = "", keep: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(checkpoint, metrics): nets for every factor trained ``steps`` steps each on all ``vols``; in-plane nets
+    see ``inplane.CONTEXT`` slices. ``only`` ("in" | "through"): train that kind only and copy the other kind's
+    nets from the checkpoint ``keep`` (which must have the same width and depth)."""
+    ckpt: dict[str, Any] = {"format": 1, "config": {"width": cfg.width, "depth": cfg.depth, "in_context": ip.CONTEXT},
                             "norm": "percentile 0.5-99.5", "through": {}, "in": {}}
+    if only:
+        old = (keep or {}).get("config", {})
+        if (old.get("width"), old.get("depth")) != (cfg.width, cfg.depth):
+            raise ValueError(f"--only {only}: the kept checkpoint's config {old} is not width {cfg.width}, depth "
+                             f"{cfg.depth}")
+        other = "through" if only == "in" else "in"
+        ckpt[other] = dict((keep or {}).get(other, {}))
+        if other == "in":
+            ckpt["config"]["in_context"] = old.get("in_context", 1)
     metrics: dict[str, Any] = {}
     jobs = [("through", f) for f in THROUGH_FACTORS] + [("in", f) for f in IN_FACTORS]
-    for kind, f in jobs:
+    for kind, f in (j for j in jobs if not only or j[0] == only):
         t = time.perf_counter()
         make = _through_sets if kind == "through" else _in_sets
         sets, val = make(vols, f, device, seed, False), make(vols, f, device, seed, True)
@@ -72,9 +85,10 @@ def train_prior(vols: list[VolumeInput], steps: int, device: torch.device, cfg: 
             log.warning("prior %s x%d: no training pairs, skipped", kind, f)
             continue
         torch.manual_seed(seed)
-        net = SRNet(SRNetConfig(fz=f, fx=1 if kind == "through" else f, width=cfg.width, depth=cfg.depth))
+        net = SRNet(SRNetConfig(fz=f, fx=1 if kind == "through" else f, width=cfg.width, depth=cfg.depth,
+                                in_ch=1 if kind == "through" else ip.CONTEXT))
         net = net.to(device)
-        loss = il.train(net, sets, steps, 2e-3, seed, patch=(32, 64), batch=32)
+        loss = il.train(net, sets, steps, 2e-3, seed, patch=(32, 64), batch=32, augment=kind == "in")
         v = il.validate(net, val, 4, seed=seed)
         ckpt[kind][str(f)] = {k: t.detach().cpu().half() for k, t in net.state_dict().items()}
         metrics[f"{kind}_x{f}"] = {"loss": round(loss, 5), "val_gain_db": round(v.gain_db, 3),

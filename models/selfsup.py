@@ -11,7 +11,10 @@ upscale(volume, factors):
      fitted on the held-out pairs and scaled by how much harder z is than in-plane at the acquired scale (internal.z_difficulty),
      the truth-grid noise no engine can predict (in-plane noise of the data x the per-slice-phase gain of
      internal.phase_noise) replaces, in quadrature, the pairs' own target noise that the q fit accounted for;
-  7. in-plane x f: the same with ZSSR pairs (acquired slices and their f x f block means).
+  7. in-plane x f (models.inplane): the prior's ZSSR net (optionally 2.5D: neighbouring slices as channels), fine-tuned
+     ``in_plane_finetune_steps`` on ZSSR pairs (acquired slices and their f x f block means; default none: the
+     pairs' coarser scale pulled the net away from the finer one the prior learned, -4.4 dB on the phantom), the
+     pairs for the self-check and sigma (q scaled by ``inplane.scale_difficulty``), a test-time flip ensemble.
 Any internal failure is an ``EngineError`` naming the stage. torch + numpy only.
 """
 
@@ -28,6 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from models import inplane as ip
 from models import internal as il
 from models.cubic import upsample
 from models.degrade import DegradationModel
@@ -72,15 +76,28 @@ def load_prior(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def make_net(prior: dict[str, Any], kind: str, fz: int, fx: int, device: torch.device) -> tuple[SRNet, bool]:
-    """A net for (kind, factor), initialised from the prior when it has one; (net, from_prior)."""
+def make_net(prior: dict[str, Any], kind: str, fz: int, fx: int, device: torch.device,
+             in_ch: int = 1) -> tuple[SRNet, bool]:
+    """A net for (kind, factor) with ``in_ch`` input slices, initialised from the prior when it has one;
+    (net, from_prior). A prior net with another channel count is adapted: a 2D net's first layer goes to the
+    centre channel (the context starts unused), a 2.5D net's is summed (one slice repeated)."""
     c = prior.get("config", {})
-    cfg = SRNetConfig(fz=fz, fx=fx, width=int(c.get("width", NET.width)), depth=int(c.get("depth", NET.depth)))
+    cfg = SRNetConfig(fz=fz, fx=fx, width=int(c.get("width", NET.width)), depth=int(c.get("depth", NET.depth)),
+                      in_ch=in_ch)
     torch.manual_seed(0)
     net = SRNet(cfg)
     state = prior.get(kind, {}).get(str(fz))
     if state is not None:
-        net.load_state_dict({k: v.float() for k, v in state.items()})
+        state = {k: v.float() for k, v in state.items()}
+        w0 = state["body.0.weight"]  # (width, C, 3, 3)
+        if w0.shape[1] == 1 and in_ch > 1:
+            state["body.0.weight"] = torch.zeros((w0.shape[0], in_ch, *w0.shape[2:]))
+            state["body.0.weight"][:, in_ch // 2] = w0[:, 0]
+        elif w0.shape[1] != in_ch and in_ch == 1:
+            state["body.0.weight"] = w0.sum(1, keepdim=True)
+        elif w0.shape[1] != in_ch:
+            raise EngineError(f"selfsup: prior {kind} x{fz} has {w0.shape[1]} input slices, not {in_ch}")
+        net.load_state_dict(state)
     net = net.to(device)
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -161,8 +178,9 @@ class SelfSupEngine:
                 else:
                     done = self._finish(out_t, sig_t, lo, scale, volume.value_range, report)
         if factors.in_plane > 1 and not fallback:
-            out_n, sig_n, fallback = self._in_plane(vol_n, out_n, sig_n, factors.in_plane, prior, device, passes,
-                                                    report)
+            square = abs(volume.spacing[1] - volume.spacing[2]) <= 1e-3 * volume.spacing[2]
+            out_n, sig_n, fallback = self._in_plane(vol_n, out_n, sig_n, factors.in_plane, square, prior, device,
+                                                    passes, report)
         dz, dy, dx = volume.spacing
         spacing = (dz / factors.through_plane, dy / factors.in_plane, dx / factors.in_plane)
         if fallback:
@@ -184,8 +202,14 @@ class SelfSupEngine:
         return EngineResult(out.astype(np.float32, copy=False), sigma, spacing, "cubic" if fallback else self.name,
                             fallback, report)
 
-    def _skip_training(self) -> bool:
-        return self.options.fast or self.options.finetune_steps <= 0
+    def _steps(self, kind: str) -> int:
+        """Fine-tuning steps for "through" or "in" (0 in fast mode)."""
+        o = self.options
+        steps = o.in_plane_finetune_steps if kind == "in" and o.in_plane_finetune_steps >= 0 else o.finetune_steps
+        return 0 if o.fast else max(steps, 0)
+
+    def _skip_training(self, kind: str = "through") -> bool:
+        return self._steps(kind) == 0
 
     @staticmethod
     def _soon(device: torch.device, fn: Callable[[], T]) -> Future[T]:
@@ -199,21 +223,21 @@ class SelfSupEngine:
 
     def _fit(
         self, kind: str, sets: list[il.PairSet], val: list[il.PairSet], fz: int, fx: int, prior: dict[str, Any],
-        device: torch.device, passes_per_orient: int, report: dict[str, Any],
+        device: torch.device, passes_per_orient: int, report: dict[str, Any], in_ch: int = 1,
     ) -> tuple[SRNet, il.Validation]:
-        net = self._train_net(kind, sets, fz, fx, prior, device, report)
+        net = self._train_net(kind, sets, fz, fx, prior, device, report, in_ch)
         return net, self._validate(kind, net, val, passes_per_orient, report)
 
     def _train_net(
         self, kind: str, sets: list[il.PairSet], fz: int, fx: int, prior: dict[str, Any], device: torch.device,
-        report: dict[str, Any],
+        report: dict[str, Any], in_ch: int = 1,
     ) -> SRNet:
         """The prior's net for (kind, factor), fine-tuned on ``sets`` unless in fast mode."""
         t = time.perf_counter()
-        net, from_prior = make_net(prior, kind, fz, fx, device)
-        steps = 0 if self.options.fast else self.options.finetune_steps
+        net, from_prior = make_net(prior, kind, fz, fx, device, in_ch)
+        steps = self._steps(kind)
         if steps > 0:
-            loss = il.train(net, sets, steps, 3e-4 if from_prior else 1e-3, self.options.seed)
+            loss = il.train(net, sets, steps, 3e-4 if from_prior else 1e-3, self.options.seed, augment=kind == "in")
             report[f"{kind}_train_loss"] = round(loss, 5)
         report.update({f"{kind}_from_prior": from_prior, f"{kind}_finetune_steps": steps,
                        f"{kind}_finetune_s": round(time.perf_counter() - t, 3)})
@@ -366,34 +390,32 @@ class SelfSupEngine:
         return max(1, budget // max(per, 1))
 
     def _in_plane(
-        self, vol_n: np.ndarray, cur: np.ndarray, cur_sigma: np.ndarray, g: int, prior: dict[str, Any],
-        device: torch.device, passes: int, report: dict[str, Any],
+        self, vol_n: np.ndarray, cur: np.ndarray, cur_sigma: np.ndarray, g: int, square: bool,
+        prior: dict[str, Any], device: torch.device, passes: int, report: dict[str, Any],
     ) -> tuple[np.ndarray, np.ndarray, str]:
-        """In-plane x g (ZSSR) on every axial slice of ``cur``; sigma combined with the through-plane sigma."""
+        """In-plane x g (ZSSR, 2.5D context) on every axial slice of ``cur``; sigma combined with the
+        through-plane sigma. ``square``: square pixels (dy == dx), so the ensemble may transpose."""
         if min(vol_n.shape[1:]) < 8 * g:
             return cur, cur_sigma, f"matrix {vol_n.shape[1:]} too small for in-plane x{g} internal pairs"
         train_z, val_z = il.split_slices(vol_n.shape[0], 24, 6, self.options.seed)
-        sets = [] if self._skip_training() else il.in_plane_pairs(vol_n, g, train_z, device)
-        val = il.in_plane_pairs(vol_n, g, val_z, device)
-        n_flips = max(1, min(passes, len(il.FLIPS)))
-        extra = il.in_plane_noise(vol_n, g)[0]  # the finer grid's noise (its pairs' share is in the q fit)
-        report["in_sigma_target_noise"] = round(extra, 5)
-        net, v = self._fit("in", sets, val, g, g, prior, device, n_flips, report)
+        ctx = ip.CONTEXT
+        sets = [] if self._skip_training("in") else ip.in_plane_pairs(vol_n, g, train_z, device, ctx, square)
+        val = ip.in_plane_pairs(vol_n, g, val_z, device, ctx, square)
+        ops = il.tta_ops(passes, square)
+        extra = ip.in_plane_noise(vol_n, g)[0]  # the finer grid's noise (its pairs' share is in the q fit)
+        rho = ip.scale_difficulty(vol_n, g)  # the finer step's difficulty relative to the pairs'
+        report.update({"in_sigma_target_noise": round(extra, 5), "in_sigma_scale_difficulty": round(rho, 3),
+                       "in_context": ctx, "in_tta": len(ops)})
+        net, v = self._fit("in", sets, val, g, g, prior, device, len(ops), report, ctx)
         if v.gain_db < self.options.min_gain_db:
             return cur, cur_sigma, f"in-plane internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
         task = il.Task(g, g, False)
-        x = to_device(cur, device)
+        x = to_device(cur, device)  # (Z, Y, X)
         chunk = self._chunk(net, x.shape[1], x.shape[2], device)
         outs, sigs = [], []
-        for b0 in range(0, x.shape[0], chunk):
-            xb = x[b0 : b0 + chunk]
-            rs = torch.stack([il.residual(net, xb, task, fl, self.options.max_voxels_per_tile)
-                              for fl in il.FLIPS[:n_flips]])
-            base = task.base(xb)
-            y = task.project(base + rs.mean(0), xb)
-            std = rs.std(0, unbiased=False) if n_flips > 1 else torch.zeros_like(y)
+        for _, base, y, std in ip.infer(net, x, task, ops, chunk, self.options.max_voxels_per_tile):
             outs.append(to_host(y))
-            cal = (std + v.k * (y - base).abs() + v.j * il.edge(y, (-2, -1)) + il.EPS) * (v.q / 1.96)
+            cal = (std + v.k * (y - base).abs() + v.j * il.edge(y, (-2, -1)) + il.EPS) * (v.q * rho / 1.96)
             sigs.append(to_host((cal**2 + extra**2).sqrt()))
         sig = np.concatenate(sigs)
         prev = np.repeat(np.repeat(cur_sigma, g, axis=1), g, axis=2)

@@ -70,6 +70,7 @@ class EngineConfig:
     device: str = "auto"
     fast: bool = False
     finetune_steps: int = 200
+    in_plane_finetune_steps: int = 0  # selfsup in-plane (ZSSR) steps; < 0: finetune_steps
     tta_passes: int = 8
     samples: int = 8
     weights: str = ""  # default: the shipped prior in models/weights

@@ -186,6 +186,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, required=True, help="where to write the figures")
     parser.add_argument("--fast", action="store_true", help="engine fast mode (no per-series fine-tuning)")
     parser.add_argument("--finetune-steps", type=int, default=EngineOptions.finetune_steps)
+    parser.add_argument("--in-plane-finetune-steps", type=int, default=EngineOptions.in_plane_finetune_steps)
     parser.add_argument("--tta-passes", type=int, default=EngineOptions.tta_passes)
     parser.add_argument("--weights", default="", help="prior weights (default: models/weights/prior.pt)")
     parser.add_argument("--seed", type=int, default=0)
@@ -193,6 +194,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     options = EngineOptions(device=args.device, fast=args.fast, finetune_steps=args.finetune_steps,
+                            in_plane_finetune_steps=args.in_plane_finetune_steps,
                             tta_passes=args.tta_passes, weights=args.weights, seed=args.seed)
     series = central(load_volume(args.series), args.max_slices, args.crop)
     out_idx = None

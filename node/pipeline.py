@@ -56,8 +56,8 @@ _ENGINES_LOCK = threading.Lock()
 
 def engine_options(cfg: Config) -> EngineOptions:
     e = cfg.engine
-    return EngineOptions(device=e.device, fast=e.fast, finetune_steps=e.finetune_steps, tta_passes=e.tta_passes,
-                         samples=e.samples, weights=e.weights, seed=e.seed, min_gain_db=e.min_gain_db,
+    return EngineOptions(device=e.device, fast=e.fast, finetune_steps=e.finetune_steps,
+                         in_plane_finetune_steps=e.in_plane_finetune_steps, tta_passes=e.tta_passes, samples=e.samples, weights=e.weights, seed=e.seed, min_gain_db=e.min_gain_db,
                          max_voxels_per_tile=e.max_voxels_per_tile)
 
 

@@ -12,6 +12,7 @@ import logging
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,6 +48,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=24)
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=["in", "through"], default="",
+                        help="retrain these nets only; the others are copied from the existing --out checkpoint")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,14 +74,33 @@ def run(args: argparse.Namespace) -> int:
             log.info("training series %d: %s", len(vols), names[-1])
     if not vols:
         raise VolumeError("no usable training series")
+    keep: dict[str, Any] = {}
+    kept_prov: dict[str, Any] = {}
+    if args.only:
+        if not args.out.is_file():
+            raise VolumeError(f"--only {args.only}: {args.out} does not exist (nothing to keep)")
+        keep = torch.load(args.out, map_location="cpu", weights_only=True)
+        prov_path = args.out.with_suffix(".json")
+        kept_prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
     t0 = time.perf_counter()
-    ckpt, metrics = train_prior(vols, args.steps, device, SRNetConfig(width=args.width, depth=args.depth), args.seed)
+    ckpt, metrics = train_prior(vols, args.steps, device, SRNetConfig(width=args.width, depth=args.depth), args.seed,
+                                args.only, keep)
+    if args.only:  # the kept nets' figures and provenance stay on record
+        other = "through" if args.only == "in" else "in"
+        metrics = {**{k: v for k, v in kept_prov.get("metrics", {}).items() if k.startswith(other)}, **metrics}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, args.out)
     prov = {"data": names, "steps_per_net": args.steps, "device": str(device),
             "torch": torch.__version__, "commit": _commit(), "seconds": round(time.perf_counter() - t0, 1),
             "config": ckpt["config"], "metrics": metrics, "bytes": args.out.stat().st_size,
-            "method": "internal pairs from in-plane axes (box profiles: contiguous, gap, overlap) and ZSSR pairs"}
+            "method": "internal pairs from in-plane axes (box profiles: contiguous, gap, overlap) and ZSSR pairs "
+                      f"({ckpt['config'].get('in_context', 1)} input slices; each batch under a random symmetry of "
+                      "the square)"}
+    if args.only:
+        other = "through" if args.only == "in" else "in"
+        prov["only"] = args.only
+        prov["kept"] = {"nets": other, "from": {k: kept_prov.get(k) for k in
+                                                ("data", "steps_per_net", "device", "torch", "commit", "seconds")}}
     args.out.with_suffix(".json").write_text(json.dumps(prov, indent=2) + "\n")
     print(f"prior written to {args.out} ({prov['bytes'] / 1e6:.2f} MB) in {prov['seconds']} s: "
           + ", ".join(f"{k} {v['val_gain_db']:+.2f} dB" for k, v in metrics.items()))

@@ -113,3 +113,47 @@ def test_bad_input_is_an_engine_error() -> None:
     with pytest.raises(EngineError, match="cannot read prior"):
         bad_w = EngineOptions(device="cpu", fast=True, weights=__file__)
         get_engine("selfsup", bad_w).upscale(VolumeInput(_phantom((9, 32, 32)), (2.0, 1.0, 1.0), 2.0), Factors(2, 1))
+
+
+def test_in_plane_context_net_from_a_2d_prior_and_dihedral_views() -> None:
+    from models.selfsup import make_net
+
+    torch.manual_seed(0)
+    net2d = SRNet(SRNetConfig(fz=2, fx=2, width=8, depth=3))
+    torch.nn.init.normal_(net2d.head.weight, std=0.1)
+    prior = {"config": {"width": 8, "depth": 3}, "in": {"2": net2d.state_dict()}}
+    net3, from_prior = make_net(prior, "in", 2, 2, torch.device("cpu"), in_ch=3)
+    assert from_prior and net3.cfg.in_ch == 3
+    task = il.Task(2, 2, False)
+    lr = torch.randn(2, 3, 20, 20)  # (B, C, h, w): neighbours first and last
+    a = il.residual(net2d, lr[:, 1], task, ())
+    b = il.residual(net3, lr, task, ())
+    assert torch.allclose(a, b, atol=1e-5)  # a 2D prior starts with the context unused
+    # a transposed view is the transposed residual of the transposed input
+    t = il.residual(net2d, lr[:, 1], task, (-1,), transpose=True)
+    ref = il.residual(net2d, lr[:, 1].transpose(-2, -1).flip(-1), task, ()).flip(-1).transpose(-2, -1)
+    assert torch.allclose(t, ref, atol=1e-5) and not torch.allclose(t, a, atol=1e-3)
+    assert len(il.tta_ops(8, True)) == 8 and len(il.tta_ops(8, False)) == 4
+
+
+def test_in_plane_pairs_with_context_and_scale_difficulty() -> None:
+    from models import inplane as ip
+
+    vol = (_phantom((7, 64, 64)) + 1000.0) / 1600.0
+    (s,) = ip.in_plane_pairs(vol, 2, np.array([0, 3, 6]), torch.device("cpu"), context=3, square=True)
+    assert s.inp.shape == (3, 3, 32, 32) and s.hr.shape == (3, 64, 64)
+    assert torch.equal(s.inp[:, 1], s.lr) and torch.equal(s.inp[0, 0], s.inp[0, 2])  # mirrored at z = 0
+    assert np.array_equal(ip.context_index(np.array([0, 6]), 7, 3), [[1, 0, 1], [5, 6, 5]])
+    assert 0.25 <= ip.scale_difficulty(vol, 2) <= 4.0
+
+
+def test_train_prior_only_in_keeps_the_through_nets() -> None:
+    from models.prior import train_prior
+
+    vin = VolumeInput(_phantom((9, 64, 64)), (1.0, 0.8, 0.8), 1.0, "CT")
+    old = {"config": {"width": 8, "depth": 3}, "through": {"2": {"w": torch.ones(2)}}, "in": {}}
+    ckpt, metrics = train_prior([vin], 2, torch.device("cpu"), SRNetConfig(width=8, depth=3), only="in", keep=old)
+    assert ckpt["through"] == old["through"] and set(ckpt["in"]) == {"2", "3", "4"}
+    assert set(metrics) == {"in_x2", "in_x3", "in_x4"}
+    with pytest.raises(ValueError, match="width"):
+        train_prior([vin], 2, torch.device("cpu"), SRNetConfig(width=16, depth=3), only="in", keep=old)
