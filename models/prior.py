@@ -1,4 +1,5 @@
-"""Training the shipped prior of ``selfsup`` (``srnode train``): one small net per task and factor.
+"""The shipped prior of ``selfsup``: loading it (``load_prior``, ``make_net``) and training it (``srnode train``:
+one small net per task and factor).
 
 Through-plane nets (x2..x5) learn from in-plane axes of every training series, degraded with box profiles of
 several physical sizes (contiguous, 20 % gap, 25 % overlap) so that the prior is not tied to one scanner; in-plane
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,10 +20,63 @@ import torch
 from models import inplane as ip
 from models import internal as il
 from models.degrade import DegradationModel
-from models.engine import VolumeInput
+from models.engine import EngineError, VolumeInput
 from models.nets import SRNet, SRNetConfig
 
 log = logging.getLogger(__name__)
+
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "prior.pt"
+NET = SRNetConfig(width=24, depth=6)  # the shipped prior's shape (overridden by the checkpoint's config)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EngineError("engine.device = 'cuda' but no CUDA device is available")
+    if name in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_prior(path: Path) -> dict[str, Any]:
+    """The shipped prior: {"config": {...}, "through": {f: state}, "in": {f: state}}; {} when absent."""
+    if not path.is_file():
+        return {}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign file
+        raise EngineError(f"selfsup: cannot read prior weights {path}: {exc}") from exc
+    if not isinstance(ckpt, dict) or "config" not in ckpt:
+        raise EngineError(f"selfsup: {path} is not a selfsup prior (no 'config')")
+    return ckpt
+
+
+def make_net(prior: dict[str, Any], kind: str, fz: int, fx: int, device: torch.device,
+             in_ch: int = 1) -> tuple[SRNet, bool]:
+    """A net for (kind, factor) with ``in_ch`` input slices, initialised from the prior when it has one;
+    (net, from_prior). A prior net with another channel count is adapted: a 2D net's first layer goes to the
+    centre channel (the context starts unused), a 2.5D net's is summed (one slice repeated)."""
+    c = prior.get("config", {})
+    cfg = SRNetConfig(fz=fz, fx=fx, width=int(c.get("width", NET.width)), depth=int(c.get("depth", NET.depth)),
+                      in_ch=in_ch)
+    torch.manual_seed(0)
+    net = SRNet(cfg)
+    state = prior.get(kind, {}).get(str(fz))
+    if state is not None:
+        state = {k: v.float() for k, v in state.items()}
+        w0 = state["body.0.weight"]  # (width, C, 3, 3)
+        if w0.shape[1] == 1 and in_ch > 1:
+            state["body.0.weight"] = torch.zeros((w0.shape[0], in_ch, *w0.shape[2:]))
+            state["body.0.weight"][:, in_ch // 2] = w0[:, 0]
+        elif w0.shape[1] != in_ch and in_ch == 1:
+            state["body.0.weight"] = w0.sum(1, keepdim=True)
+        elif w0.shape[1] != in_ch:
+            raise EngineError(f"selfsup: prior {kind} x{fz} has {w0.shape[1]} input slices, not {in_ch}")
+        net.load_state_dict(state)
+    net = net.to(device)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    return net.eval(), state is not None
+
 
 THROUGH_FACTORS = (2, 3, 4, 5)
 IN_FACTORS = (2, 3, 4)

@@ -53,8 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.prior import train_prior
-    from models.selfsup import pick_device
+    from models.prior import pick_device, train_prior
 
     device = pick_device(args.device)
     vols: list[VolumeInput] = []

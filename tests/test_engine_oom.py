@@ -29,11 +29,12 @@ def _fail_until(monkeypatch: pytest.MonkeyPatch, tile: int | None) -> list[int]:
     seen: list[int] = []
     real = il.residual
 
-    def residual(net: Any, lr: torch.Tensor, task: il.Task, flip: tuple[int, ...], max_pixels: int = 0) -> Any:
+    def residual(net: Any, lr: torch.Tensor, task: il.Task, flip: tuple[int, ...], max_pixels: int = 0,
+                 **kw: Any) -> Any:
         seen.append(max_pixels)
         if tile is None or tile not in seen:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(net, lr, task, flip, max_pixels)
+        return real(net, lr, task, flip, max_pixels, **kw)
 
     monkeypatch.setattr(il, "residual", residual)
     return seen
