@@ -129,8 +129,9 @@ class SelfSupEngine:
                     done = self._finish(out_t, sig_t, lo, scale, volume.value_range, report)
         if factors.in_plane > 1 and not fallback:
             square = abs(volume.spacing[1] - volume.spacing[2]) <= 1e-3 * volume.spacing[2]
+            in_passes = min(opt.tta_passes, 4) if opt.fast and device.type == "cpu" else opt.tta_passes  # cheap 2D
             out_n, sig_n, fallback = self._in_plane(vol_n, out_n, sig_n, factors.in_plane, square, prior, device,
-                                                    passes, report)
+                                                    in_passes, report)
         dz, dy, dx = volume.spacing
         spacing = (dz / factors.through_plane, dy / factors.in_plane, dx / factors.in_plane)
         if fallback:
