@@ -29,13 +29,13 @@ log = logging.getLogger(__name__)
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-2,), (-1,), (-2, -1))  # test-time flips of (rows, cols)
 TTAOp = tuple[tuple[int, ...], bool]  # (flipped axes, transposed first)
 DIHEDRAL: tuple[TTAOp, ...] = tuple((fl, False) for fl in FLIPS) + tuple((fl, True) for fl in FLIPS)
+EPS = 1e-3  # sigma floor in normalised units
 
 
 def tta_ops(n: int, transpose: bool) -> tuple[TTAOp, ...]:
     """The first ``n`` test-time ops: the 4 flips, then (``transpose``: square pixels, fz == fx) the 4 flips
     of the transposed image (the 8 symmetries of the square)."""
     return DIHEDRAL[: max(1, min(n, 8 if transpose else 4))]
-EPS = 1e-3  # sigma floor in normalised units
 
 
 def cubic_matrix(n: int, f: int, node_aligned: bool) -> np.ndarray:

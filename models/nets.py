@@ -3,7 +3,8 @@
 ``SRNet`` works on the low-resolution grid (cheap) and predicts the residual over cubic B-spline interpolation
 on the fine grid through an anisotropic pixel shuffle: ``fz`` sub-rows along axis 0 and ``fx`` sub-columns along
 axis 1. Through-plane x f uses (fz, fx) = (f, 1) on coronal/sagittal slices; in-plane x f uses (f, f) on axial
-slices, optionally with the neighbouring slices as extra input channels (``in_ch`` = 3: 2.5D context). The last layer starts near zero, so an untrained net is cubic to ~1e-3.
+slices, optionally with the neighbouring slices as extra input channels (``in_ch`` = 3: 2.5D context). The last
+layer starts near zero, so an untrained net is cubic to ~1e-3.
 """
 
 from __future__ import annotations

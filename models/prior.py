@@ -109,8 +109,8 @@ def _in_sets(vols: list[VolumeInput], f: int, device: torch.device, seed: int, h
         if min(vn.shape[1:]) < 8 * f:
             continue
         train_z, val_z = il.split_slices(vn.shape[0], 24, 6, seed + i)
-        square = abs(v.spacing[1] - v.spacing[2]) <= 1e-3 * v.spacing[2]
-        sets += ip.in_plane_pairs(vn, f, val_z if held_out else train_z, device, ip.CONTEXT, square)
+        sets += ip.in_plane_pairs(vn, f, val_z if held_out else train_z, device, ip.CONTEXT,
+                                  ip.square_pixels(v.spacing))
     return sets
 
 

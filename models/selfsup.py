@@ -14,7 +14,7 @@ upscale(volume, factors):
   7. in-plane x f (models.inplane): the prior's ZSSR net (optionally 2.5D: neighbouring slices as channels), fine-tuned
      ``in_plane_finetune_steps`` on ZSSR pairs (acquired slices and their f x f block means; default none: the
      pairs' coarser scale pulled the net away from the finer one the prior learned, -4.4 dB on the phantom), the
-     pairs for the self-check and sigma (q scaled by ``inplane.scale_difficulty``), a test-time flip ensemble.
+     pairs for the self-check and sigma (q scaled by ``inplane.scale_difficulty``), the 8-view dihedral ensemble.
 Any internal failure is an ``EngineError`` naming the stage. torch + numpy only.
 """
 
@@ -128,7 +128,7 @@ class SelfSupEngine:
                 else:
                     done = self._finish(out_t, sig_t, lo, scale, volume.value_range, report)
         if factors.in_plane > 1 and not fallback:
-            square = abs(volume.spacing[1] - volume.spacing[2]) <= 1e-3 * volume.spacing[2]
+            square = ip.square_pixels(volume.spacing)
             in_passes = min(opt.tta_passes, 4) if opt.fast and device.type == "cpu" else opt.tta_passes  # cheap 2D
             out_n, sig_n, fallback = self._in_plane(vol_n, out_n, sig_n, factors.in_plane, square, prior, device,
                                                     in_passes, report)
@@ -344,7 +344,7 @@ class SelfSupEngine:
         self, vol_n: np.ndarray, cur: np.ndarray, cur_sigma: np.ndarray, g: int, square: bool,
         prior: dict[str, Any], device: torch.device, passes: int, report: dict[str, Any],
     ) -> tuple[np.ndarray, np.ndarray, str]:
-        """In-plane x g (ZSSR, 2.5D context) on every axial slice of ``cur``; sigma combined with the
+        """In-plane x g (ZSSR net, ``inplane.CONTEXT`` input slices) on every axial slice of ``cur``; sigma combined with the
         through-plane sigma. ``square``: square pixels (dy == dx), so the ensemble may transpose."""
         if min(vol_n.shape[1:]) < 8 * g:
             return cur, cur_sigma, f"matrix {vol_n.shape[1:]} too small for in-plane x{g} internal pairs"
