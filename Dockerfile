@@ -34,7 +34,7 @@ COPY node node
 COPY models models
 RUN python -m venv "$VIRTUAL_ENV" \
     && PY="$VIRTUAL_ENV/bin/python" bash scripts/install-python.sh \
-    && python -c "import node.cli, models.engine"
+    && python -c "import node.app.cli, models.engine"
 
 # non-root user; the spool is a volume, the config a read-only mount
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/srnode --shell /usr/sbin/nologin srnode \

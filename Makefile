@@ -1,21 +1,30 @@
 # srnode — the two commands a new user needs: `make demo` and `make test`.
-PY ?= python3
+# Everything runs inside the project's own virtual environment (.venv/), made from the system python3: on a stock
+# Debian machine python3 is "externally managed" (PEP 668) and refuses pip installs outside a venv.
+SYSTEM_PY ?= $(shell [ -x /usr/bin/python3 ] && echo /usr/bin/python3 || command -v python3)
+VENV ?= .venv
+PY = $(VENV)/bin/python
 PIP = $(PY) -m pip
-STAMP = .venv-stamp
+STAMP = $(VENV)/.installed
 
-.PHONY: install system demo test test-faults bench bench-eval fuzz lint lint-docker typecheck clean
+.PHONY: install system venv demo test test-faults bench bench-eval fuzz lint lint-docker typecheck clean
 
 system:
 	bash scripts/install-system.sh
 
-$(STAMP): pyproject.toml scripts/install-python.sh
+$(PY):
+	$(SYSTEM_PY) -m venv $(VENV)
+
+venv: $(PY)
+
+$(STAMP): $(PY) pyproject.toml scripts/install-python.sh
 	PY=$(PY) bash scripts/install-python.sh --dev --editable
 	touch $(STAMP)
 
 install: system $(STAMP)
 
 demo: install
-	$(PY) -m node.demo
+	$(PY) -m node.app.demo
 
 test: install
 	$(PY) -m pytest -q -m "not faults and not gpu" tests
@@ -24,14 +33,14 @@ test-faults: install
 	$(PY) -m pytest -q -m faults tests
 
 bench: install
-	$(PY) -m node.cli bench all --cpu-only
+	$(PY) -m node.app.cli bench all --cpu-only
 
 bench-eval: install
 	PY=$(PY) bash bench/cpu_eval.sh $$(git rev-parse --short HEAD)
 
 fuzz: install
 	$(PIP) install -q atheris
-	$(PY) tests/fuzz/fuzz_ingest.py -max_total_time=$${FUZZ_SECONDS:-60}
+	$(PY) -m tests.ingest.fuzz_ingest -max_total_time=$${FUZZ_SECONDS:-60}
 
 lint: install
 	$(PY) -m ruff check node models tests orthanc
@@ -39,7 +48,7 @@ lint: install
 
 # the image cannot be built here (no Docker engine): lint it; its build steps are the two install scripts above
 lint-docker: install
-	hadolint Dockerfile
+	$(VENV)/bin/hadolint Dockerfile
 
 clean:
-	rm -rf $(STAMP) spool srnode-out .pytest_cache .mypy_cache
+	rm -rf $(VENV) spool srnode-out .pytest_cache .mypy_cache

@@ -9,7 +9,7 @@ PY=${PY:-python3}  # make bench-eval passes its own
 D=${DATA:-../shared/data}
 R=bench/results
 EXTRA=("$@")
-ev() { local c=$1; shift; $PY -m node.cli eval "$@" --device cpu --json $R/eval-cpu-$c-$TAG.json "${EXTRA[@]}" 2>&1 | tail -1; }
+ev() { local c=$1; shift; $PY -m node.app.cli eval "$@" --device cpu --json $R/eval-cpu-$c-$TAG.json "${EXTRA[@]}" 2>&1 | tail -1; }
 ev ph1_through2 $D/ct_head_phantom_philips_1mm --axis through --factor 2
 ev mpr_through2 $D/mr_t1_mprage_sag_siemens --axis through --factor 2
 ev ph5_truth5 $D/ct_head_phantom_philips_5mm --truth $D/ct_head_phantom_philips_1mm --factor 5

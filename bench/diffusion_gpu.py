@@ -39,7 +39,7 @@ EVAL_SERIES = {"phantom1": "ct_head_phantom_philips_1mm", "phantom5": "ct_head_p
 
 
 def export(args: argparse.Namespace) -> int:
-    from node.volume import load_series
+    from node.series import load_series
 
     CARRY.mkdir(parents=True, exist_ok=True)
     data = ROOT.parent / "shared" / "data"

@@ -1,7 +1,7 @@
 """Benchmark: time from an Orthanc upload to the derived series visible in the same Orthanc study.
 
 Real peers only: Orthanc 1.10 with its DICOMweb and Python plugins and orthanc/plugin.py (SrNode section), and
-the real node (``python -m node.cli serve``) whose destination is that Orthanc (kind "orthanc", REST). The series
+the real node (``python -m node.app.cli serve``) whose destination is that Orthanc (kind "orthanc", REST). The series
 is uploaded over Orthanc's REST API; nothing else is done: the plugin sends the stable series to the node, the
 node sends the derived + uncertainty series back, the plugin marks the original ``srnode-done``.
 
@@ -32,7 +32,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from peers import ORTHANC_PLUGINS, Orthanc, free_port, start_orthanc, wait_until  # noqa: E402
 
-from node.bench import write_result  # noqa: E402
+from node.bench.command import write_result  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 STABLE_AGE_ORTHANC = 2
@@ -95,7 +95,7 @@ def roundtrip(files: list[Path], engine: str, fast: bool, factor: int, workdir: 
     orthanc = start_orthanc_with_srnode(workdir / "orthanc", node_port, node_http)
     log = (workdir / "node.log").open("wb")
     cfg = node_config(workdir, node_port, http_port, orthanc.url, engine, fast, factor)
-    node = subprocess.Popen([sys.executable, "-m", "node.cli", "serve", "--config", str(cfg)], cwd=ROOT,
+    node = subprocess.Popen([sys.executable, "-m", "node.app.cli", "serve", "--config", str(cfg)], cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         wait_until(lambda: httpx.get(f"{node_http}/healthz", timeout=2).status_code == 200, 120,

@@ -10,18 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from node.errors import ConfigError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 SECRET_KEYS = frozenset({"password", "token", "broker_url", "result_backend"})
 DESTINATION_KINDS = ("dicom", "folder", "orthanc", "dicomweb")
@@ -93,6 +88,7 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8480
     token: str = ""
+    stow_caller: str = "STOW-RS"  # the caller identity of STOW-RS instances, for [node].allowed_callers
 
 
 @dataclass(frozen=True)

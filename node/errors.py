@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from node.dimse import Status
+
 
 class NodeError(Exception):
     """Base of every error srnode raises on purpose."""
@@ -12,9 +14,9 @@ class ConfigError(NodeError):
 
 
 class IngestError(NodeError):
-    """An inbound instance was refused. ``status`` is the DIMSE status to answer with."""
+    """An inbound instance was refused. ``status`` is the DIMSE status to answer with (``node.dimse.Status``)."""
 
-    def __init__(self, message: str, status: int = 0xC210) -> None:
+    def __init__(self, message: str, status: int = Status.CANNOT_UNDERSTAND) -> None:
         super().__init__(message)
         self.status = status
 

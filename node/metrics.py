@@ -1,17 +1,20 @@
-"""Prometheus metrics of the node (the HTTP API exposes them on /metrics from the default registry).
+"""Prometheus metrics of the node: one ``Metrics`` object per running node, carried by its context.
 
-Labels stay low-cardinality: statuses, stages, destination names and error classes, never UIDs or patient data.
+Each ``Metrics`` owns its own ``CollectorRegistry`` (no process-wide default registry): the HTTP API exposes
+``metrics.registry`` on ``/metrics``; offline commands and tests make their own. Labels stay low-cardinality:
+statuses, stages, destination names and error classes, never UIDs or patient data.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 @dataclass(frozen=True)
 class Metrics:
+    registry: CollectorRegistry
     instances_received: Counter
     series_processed: Counter
     job_seconds: Histogram
@@ -21,21 +24,24 @@ class Metrics:
     gpu_memory_bytes: Gauge
     active_associations: Gauge
 
-
-def _make() -> Metrics:
-    return Metrics(
-        instances_received=Counter("srnode_instances_received_total", "C-STORE requests by outcome",
-                                   ["status"]),
-        series_processed=Counter("srnode_series_processed_total", "jobs finished, by outcome", ["outcome"]),
-        job_seconds=Histogram("srnode_job_seconds", "job duration by stage", ["stage"],
-                              buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)),
-        queue_depth=Gauge("srnode_queue_depth", "jobs queued or processing"),
-        failures=Counter("srnode_failures_total", "failures by reason (error class)", ["where", "reason"]),
-        deliveries=Counter("srnode_deliveries_total", "delivery attempts by destination and outcome",
-                           ["destination", "outcome"]),
-        gpu_memory_bytes=Gauge("srnode_gpu_memory_bytes", "GPU memory allocated by the engine (peak of last job)"),
-        active_associations=Gauge("srnode_active_associations", "DICOM associations open now"),
-    )
-
-
-METRICS = _make()  # one set per process (prometheus_client's default registry refuses duplicates)
+    @classmethod
+    def create(cls) -> Metrics:
+        """A fresh set of the node's metrics in a registry of their own."""
+        r = CollectorRegistry()
+        return cls(
+            registry=r,
+            instances_received=Counter("srnode_instances_received_total", "instances offered to admission, by"
+                                       " DIMSE status (C-STORE, STOW-RS, pulls)", ["status"], registry=r),
+            series_processed=Counter("srnode_series_processed_total", "jobs finished, by outcome", ["outcome"],
+                                     registry=r),
+            job_seconds=Histogram("srnode_job_seconds", "job duration by stage", ["stage"],
+                                  buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800), registry=r),
+            queue_depth=Gauge("srnode_queue_depth", "jobs queued or processing", registry=r),
+            failures=Counter("srnode_failures_total", "failures by reason (error class)", ["where", "reason"],
+                             registry=r),
+            deliveries=Counter("srnode_deliveries_total", "delivery attempts by destination and outcome",
+                               ["destination", "outcome"], registry=r),
+            gpu_memory_bytes=Gauge("srnode_gpu_memory_bytes", "GPU memory allocated by the engine (peak of last"
+                                   " job)", registry=r),
+            active_associations=Gauge("srnode_active_associations", "DICOM associations open now", registry=r),
+        )

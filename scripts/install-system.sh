@@ -2,7 +2,7 @@
 # Debian packages srnode's tests and demo use as real peers. Idempotent: installs only what is missing.
 # Shared by `make`, .ci/run and the Dockerfile.
 set -euo pipefail
-pkgs=(dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python redis-server)
+pkgs=(python3-venv dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python redis-server)
 [ "${1:-}" = "--runtime" ] && pkgs=(dcmtk)
 missing=()
 for p in "${pkgs[@]}"; do

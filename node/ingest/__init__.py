@@ -1,0 +1,47 @@
+"""Stage ``ingest``: how instances enter the node. Every path ends in ONE admission (``admit.Admission``).
+
+- ``scp``: the C-STORE SCP (and C-ECHO), TLS, caller checks at association time;
+- ``stow``: STOW-RS multipart bodies (the HTTP route lives in ``node.app.http``);
+- ``pull``: retrieval by UID from a configured source (C-MOVE, C-GET, WADO-RS, Orthanc REST);
+- ``follower``: the Orthanc ``/changes`` follower.
+
+To add a source: a module here that turns the source's objects into files or bytes and calls
+``Admission.admit_file`` / ``admit_bytes`` with a ``Caller`` naming it.
+"""
+
+from node.ingest.admit import (
+    STORAGE_SOP_CLASSES,
+    Admission,
+    Caller,
+    Header,
+    caller_rules,
+    find_caller,
+    read_header,
+)
+from node.ingest.follower import ChangesFollower, is_own_output, start_followers
+from node.ingest.pull import FetchError, FetchResult, fetch, source_caller
+from node.ingest.scp import StoreSCP
+from node.ingest.stow import MultipartError, StowResult, multipart_close, multipart_part, store_multipart
+
+__all__ = [
+    "STORAGE_SOP_CLASSES",
+    "Admission",
+    "Caller",
+    "ChangesFollower",
+    "FetchError",
+    "FetchResult",
+    "Header",
+    "MultipartError",
+    "StoreSCP",
+    "StowResult",
+    "caller_rules",
+    "fetch",
+    "find_caller",
+    "is_own_output",
+    "multipart_close",
+    "multipart_part",
+    "read_header",
+    "source_caller",
+    "start_followers",
+    "store_multipart",
+]

@@ -1,140 +1,45 @@
 """Inbound DICOM: a pynetdicom AE with C-ECHO and C-STORE for every storage SOP class and transfer syntax.
 
-The C-STORE handler never decodes pixels. It reads the header of the received file (pynetdicom writes it in
-chunks to the spool's ``incoming/`` folder, so memory stays bounded), checks the UIDs and that the file is
-complete, links the file into the spool, records it in the index and only then answers Success.
+The C-STORE handler never decodes pixels. pynetdicom writes the received dataset in chunks to the spool's
+``incoming/`` folder (memory stays bounded); the handler hands that file to ``node.ingest.admit.Admission``
+(header check, spool, index) and answers Success only once the file and its index row are on disk.
 
-Statuses: 0x0000 stored (a duplicate SOPInstanceUID is kept once and logged), 0xA700 spool disk below the
-watermark or not writable, 0xC210 cannot understand (truncated, UIDs missing or invalid, no pixel data in an
-image), 0x0122 SOP class not supported. Unknown callers (when ``[node].require_known_callers``) get an
+Statuses (``node.dimse.Status``): 0x0000 stored (a duplicate SOPInstanceUID is kept once and logged), 0xA700 spool
+disk below the watermark or not writable, 0xC210 cannot understand (truncated, UIDs missing or invalid, no pixel
+data in an image), 0x0122 SOP class not supported, 0xA900 the dataset's SOP class is not the command's, 0x0110
+an unexpected failure. Unknown callers (when ``[node].require_known_callers``) get an
 association rejection, as does everyone once the node is stopping.
 """
 
 from __future__ import annotations
 
 import logging
+import socketserver
 import ssl
-import struct
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
-from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.audit import AuditLog
-from node.config import CallerConfig, Config
+from node.config import Config
+from node.dimse import Status
 from node.errors import IngestError
-from node.index import Index, Instance
-from node.metrics import METRICS
-from node.spool import Spool, valid_uid
+from node.ingest.admit import Admission, Caller, find_caller
+from node.metrics import Metrics
 
 log = logging.getLogger(__name__)
-
-STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
-SUCCESS, REFUSED_SOP_CLASS, OUT_OF_RESOURCES, CANNOT_UNDERSTAND = 0x0000, 0x0122, 0xA700, 0xC210
-PROCESSING_FAILURE = 0x0110
-_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 # A-ASSOCIATE-RJ (result, source, diagnostic)
 REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
-
-
-@dataclass(frozen=True)
-class Header:
-    """What the handler learns from a received file, without its pixels."""
-
-    sop_uid: str
-    series_uid: str
-    study_uid: str
-    modality: str
-
-
-def _pixel_data_end(fh: BinaryIO, little: bool, implicit: bool) -> tuple[int, str] | None:
-    """From the start of the pixel data element: (offset where its value ends, tag) or None at end of file.
-
-    Encapsulated (undefined length) pixel data is walked item by item up to its sequence delimiter.
-    """
-    end = "<" if little else ">"
-    head = fh.read(8)
-    if len(head) < 8:
-        return None
-    group, elem = struct.unpack(end + "HH", head[:4])
-    tag = f"({group:04X},{elem:04X})"
-    if implicit:
-        (length,) = struct.unpack(end + "L", head[4:8])
-    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"):
-        more = fh.read(4)
-        if len(more) < 4:
-            return fh.tell() + 4, tag
-        (length,) = struct.unpack(end + "L", more)
-    else:
-        (length,) = struct.unpack(end + "H", head[6:8])
-    if length != _UNDEFINED_LENGTH:
-        return fh.tell() + length, tag
-    while True:  # encapsulated: items (FFFE,E000) up to the sequence delimiter (FFFE,E0DD)
-        item = fh.read(8)
-        if len(item) < 8:
-            return fh.tell() + 8, tag
-        ig, ie, ilen = struct.unpack(end + "HHL", item)
-        if (ig, ie) == (0xFFFE, 0xE0DD):
-            return fh.tell(), tag
-        fh.seek(ilen, 1)
-
-
-def read_header(path: Path, sop_class: str) -> Header:
-    """Parse the header of a received file; IngestError(0xC210) naming the reason when it is unusable.
-
-    Pixels are not decoded; the pixel data element is only checked to lie wholly inside the file.
-    """
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as fh:
-            ds: Dataset = dcmread(fh, stop_before_pixels=True)
-            deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
-            has_pixels = fh.tell() < size and not deflated
-            ends = _pixel_data_end(fh, ds.original_encoding[1] is not False,
-                                   ds.original_encoding[0] is not False) if has_pixels else None
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
-        raise IngestError(f"file cannot be parsed: {type(exc).__name__}: {exc}", CANNOT_UNDERSTAND) from exc
-    if ends is not None and ends[0] > size:
-        raise IngestError(f"file is truncated: element {ends[1]} ends at byte {ends[0]}, the file has {size}",
-                          CANNOT_UNDERSTAND)
-    uids: dict[str, str] = {}
-    for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
-        try:
-            value = str(ds.get(kw, "") or "").strip()
-        except Exception as exc:  # noqa: BLE001 - a malformed value
-            raise IngestError(f"{kw} cannot be read: {exc}", CANNOT_UNDERSTAND) from exc
-        if not value:
-            raise IngestError(f"{kw} is missing or empty", CANNOT_UNDERSTAND)
-        if not valid_uid(value):
-            raise IngestError(f"{kw} {value!r} is not a valid UID", CANNOT_UNDERSTAND)
-        uids[kw] = value
-    name = UID(sop_class).name if sop_class else ""
-    if "Image Storage" in name and ends is None and not deflated:
-        raise IngestError(f"{name} without pixel data", CANNOT_UNDERSTAND)
-    try:
-        modality = str(ds.get("Modality", "") or "")
-    except Exception as exc:  # noqa: BLE001 - a malformed value (found by tests/fuzz/fuzz_ingest.py)
-        raise IngestError(f"Modality cannot be read: {exc}", CANNOT_UNDERSTAND) from exc
-    return Header(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"],
-                  study_uid=uids["StudyInstanceUID"], modality=modality)
-
-
-def find_caller(callers: tuple[CallerConfig, ...], ae_title: str, address: str) -> CallerConfig | None:
-    for c in callers:
-        if c.ae_title.strip() == ae_title.strip() and (not c.host or c.host == address):
-            return c
-    return None
 
 
 def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
@@ -155,8 +60,8 @@ class StoreSCP:
     """The node's SCP. ``on_release`` is called after an association is released (a stability hint)."""
 
     cfg: Config
-    spool: Spool
-    index: Index
+    admission: Admission
+    metrics: Metrics
     audit: AuditLog | None = None
     on_release: Callable[[], None] | None = None
     _server: ThreadedAssociationServer | None = field(default=None, init=False)
@@ -198,14 +103,14 @@ class StoreSCP:
     def on_accepted(self, event: evt.Event) -> None:
         with self._lock:
             self._counts[id(event.assoc)] = [0, 0]
-        METRICS.active_associations.inc()
+        self.metrics.active_associations.inc()
 
     def on_closed(self, event: evt.Event) -> None:
         with self._lock:
             counts = self._counts.pop(id(event.assoc), None)
         if counts is None:
             return
-        METRICS.active_associations.dec()
+        self.metrics.active_associations.dec()
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         if self.audit:
             self.audit.write("association", calling_ae=str(event.assoc.requestor.ae_title).strip(),
@@ -215,7 +120,7 @@ class StoreSCP:
             self.on_release()
 
     def on_echo(self, event: evt.Event) -> int:
-        return SUCCESS
+        return Status.SUCCESS
 
     def _count(self, event: evt.Event, ok: bool) -> None:
         with self._lock:
@@ -224,45 +129,26 @@ class StoreSCP:
                 c[0 if ok else 1] += 1
 
     def on_store(self, event: evt.Event) -> int:
+        """C-STORE: admit the file pynetdicom wrote to the spool's ``incoming/`` (no decoding here)."""
         req: Any = event.request  # a C_STORE primitive
-        sop_class = str(req.AffectedSOPClassUID or "")
-        calling = str(event.assoc.requestor.ae_title).strip()
+        caller = Caller(str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address))
         try:
-            status = self._store(event, sop_class, calling)
+            self.admission.admit_file(Path(event.dataset_path), caller,
+                                      declared_sop_class=str(req.AffectedSOPClassUID or ""),
+                                      transfer_syntax=str(event.context.transfer_syntax))
         except IngestError as exc:
-            log.warning("C-STORE from %s refused (0x%04X): instance %s: %s", calling, exc.status,
+            log.warning("C-STORE from %s refused (0x%04X): instance %s: %s", caller.ae_title, exc.status,
                         req.AffectedSOPInstanceUID, exc)
-            METRICS.instances_received.labels(status=f"0x{exc.status:04X}").inc()
-            METRICS.failures.labels(where="ingest", reason=f"0x{exc.status:04X}").inc()
             self._count(event, False)
             return exc.status
         except Exception as exc:  # noqa: BLE001 - an SCP must answer with a status, never crash
-            log.exception("C-STORE from %s: instance %s: unexpected error: %s", calling,
+            log.exception("C-STORE from %s: instance %s: unexpected error: %s", caller.ae_title,
                           req.AffectedSOPInstanceUID, exc)
-            METRICS.failures.labels(where="ingest", reason=type(exc).__name__).inc()
+            self.metrics.failures.labels(where="ingest", reason=type(exc).__name__).inc()
             self._count(event, False)
-            return PROCESSING_FAILURE
-        METRICS.instances_received.labels(status="0x0000").inc()
+            return Status.PROCESSING_FAILURE
         self._count(event, True)
-        return status
-
-    def _store(self, event: evt.Event, sop_class: str, calling: str) -> int:
-        if sop_class not in STORAGE_SOP_CLASSES:
-            raise IngestError(f"SOP class {sop_class!r} is not a storage SOP class", REFUSED_SOP_CLASS)
-        self.spool.check_space()
-        path = Path(event.dataset_path)
-        header = read_header(path, sop_class)
-        stored = self.spool.store_file(path, header.study_uid, header.series_uid, header.sop_uid)
-        caller = find_caller(self.cfg.node.allowed_callers, calling, str(event.assoc.requestor.address))
-        inst = Instance(sop_uid=header.sop_uid, series_uid=header.series_uid, study_uid=header.study_uid,
-                        sop_class=sop_class, transfer_syntax=str(event.context.transfer_syntax),
-                        path=str(stored.path), calling_ae=calling,
-                        allowed_rules=",".join(caller.rules) if caller else "")
-        added = self.index.add_instance(inst, header.modality, stored.path.stat().st_size)
-        if not added:
-            log.info("duplicate instance %s of series %s from %s: kept the copy already stored", header.sop_uid,
-                     header.series_uid, calling)
-        return SUCCESS
+        return Status.SUCCESS
 
     # ------------------------------------------------------------------------------------ life cycle
 
@@ -283,7 +169,7 @@ class StoreSCP:
         # pynetdicom writes each received dataset to a temporary file; keep those on the spool's disk
         self._saved = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
         _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(self.spool.incoming)
+        tempfile.tempdir = str(self.admission.spool.incoming)
         node = self.cfg.node
         ae = self.make_ae()
         self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=self.handlers(),
@@ -291,15 +177,8 @@ class StoreSCP:
         log.info("DICOM SCP %s listening on %s:%d%s", node.ae_title, node.host, node.port,
                  " (TLS)" if node.tls.enabled else "")
 
-    @property
-    def active(self) -> int:
-        return len(self._server.active_associations) if self._server else 0
-
     def stop(self, timeout: float = 30.0) -> None:
         """Refuse new associations, let the open ones finish (up to ``timeout``), then close."""
-        import socketserver
-        import time
-
         if self._server is None:
             return
         self._stopping = True

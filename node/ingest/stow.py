@@ -1,7 +1,8 @@
 """STOW-RS inbound and WADO-RS outbound encoding (PS3.18): multipart/related bodies and the STOW response.
 
-No HTTP server here: ``node.http`` calls :func:`store_multipart` with the request body and a ``spool`` callable
-that stores one instance exactly as a C-STORE would (and raises IngestError with a DIMSE status when refused).
+No HTTP server here: ``node.app.http`` calls :func:`store_multipart` with the request body and a ``spool`` callable
+that admits one instance (``node.ingest.admit.Admission.admit_bytes``: exactly as a C-STORE) and raises
+IngestError with the DIMSE status when it is refused.
 """
 
 from __future__ import annotations
@@ -16,14 +17,10 @@ from typing import Any
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from node.dimse import Status
 from node.errors import IngestError
 
 log = logging.getLogger(__name__)
-
-# PS3.18 failure reasons / DIMSE statuses
-CANNOT_UNDERSTAND = 0xC210
-PROCESSING_FAILURE = 0x0110
-STUDY_MISMATCH = 0xA900  # the instance does not belong to the study of the URL
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.I)
 
@@ -101,7 +98,7 @@ def store_multipart(body: bytes, content_type: str, spool: Callable[[bytes], Any
     for n, (headers, payload) in enumerate(split_multipart(body, boundary_of(content_type)), start=1):
         part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
         if part_type != "application/dicom":
-            result.failed.append(("", "", CANNOT_UNDERSTAND, f"part {n}: {part_type} is not application/dicom"))
+            result.failed.append(("", "", Status.CANNOT_UNDERSTAND, f"part {n}: {part_type} is not application/dicom"))
             continue
         sop_class = sop_uid = ""
         try:
@@ -110,11 +107,11 @@ def store_multipart(body: bytes, content_type: str, spool: Callable[[bytes], Any
             sop_uid = str(ds.get("SOPInstanceUID", "") or ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
             if study and str(ds.get("StudyInstanceUID", "")) != study:
                 raise IngestError(f"part {n}: StudyInstanceUID does not match the study of the URL",
-                                  status=STUDY_MISMATCH)
+                                  status=Status.DATASET_DOES_NOT_MATCH)
             spool(payload)
             result.stored.append((sop_class, sop_uid))
         except (InvalidDicomError, EOFError, ValueError, AttributeError) as exc:
-            result.failed.append((sop_class, sop_uid, CANNOT_UNDERSTAND, f"part {n}: not a DICOM file: {exc}"))
+            result.failed.append((sop_class, sop_uid, Status.CANNOT_UNDERSTAND, f"part {n}: not a DICOM file: {exc}"))
         except IngestError as exc:
             result.failed.append((sop_class, sop_uid, exc.status, f"part {n}: {exc}"))
     for *_, words in result.failed:

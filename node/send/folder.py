@@ -10,7 +10,7 @@ from pydicom import dcmread
 
 from node.config import DestinationConfig
 from node.errors import DeliveryError
-from node.spool import atomic_copy, valid_uid
+from node.store.spool import atomic_copy, valid_uid
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,165 @@
+"""``make demo``: the main job on embedded defaults, end to end, on this machine.
+
+Starts the node on localhost (free ports), sends it a real series (the shared 5 mm phantom CT when
+``../shared/data`` is present, otherwise a generated CT head phantom with exact geometry and HU) with dcmtk
+``storescu`` (pynetdicom's SCU when dcmtk is absent), waits for the job to be delivered, and prints where the
+derived and uncertainty series went plus a PNG preview (original / derived / uncertainty).
+The destination is the folder ./srnode-out, plus a local Orthanc on 127.0.0.1:8042 if one answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from node.config import DEFAULTS, Config, config_from_dict
+
+log = logging.getLogger("srnode.demo")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_SERIES = ROOT.parent / "shared" / "data" / "ct_head_phantom_philips_5mm"
+STORESCU = "/usr/bin/storescu"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _local_orthanc() -> str:
+    url = os.environ.get("SRNODE_DEMO_ORTHANC", "http://127.0.0.1:8042")
+    try:
+        with urllib.request.urlopen(f"{url}/system", timeout=1.0) as r:
+            return url if r.status == 200 else ""
+    except OSError:
+        return ""
+
+
+def demo_config(workdir: Path, out_dir: Path, orthanc_url: str, engine: str | None) -> Config:
+    data = {k: v for k, v in DEFAULTS.items()}
+    data["node"] = {**DEFAULTS["node"], "spool_dir": str(workdir / "spool"), "port": _free_port(),
+                    "stable_age_s": 2.0}
+    data["http"] = {"port": _free_port()}
+    dests = [{"name": "local", "kind": "folder", "path": str(out_dir)}]
+    if orthanc_url:
+        dests.append({"name": "orthanc", "kind": "orthanc", "url": orthanc_url})
+    data["destinations"] = dests
+    data["rules"] = [{**DEFAULTS["rules"][0], "destinations": [d["name"] for d in dests]}]
+    if engine:
+        data["engine"] = {**DEFAULTS.get("engine", {}), "name": engine}
+    return config_from_dict(data, "embedded defaults (demo)")
+
+
+def _series_files(workdir: Path) -> tuple[list[Path], str]:
+    if SHARED_SERIES.is_dir():
+        return sorted(SHARED_SERIES.glob("*.dcm")), f"real CT (phantom, 5 mm) from {SHARED_SERIES}"
+    from node.bench.phantom import write_phantom_series
+
+    files = write_phantom_series(workdir / "phantom")
+    return list(files), "generated CT head phantom (../shared/data absent)"
+
+
+def _send(files: list[Path], cfg: Config) -> None:
+    if Path(STORESCU).exists():
+        cmd = [STORESCU, "-aec", cfg.node.ae_title, "-aet", "DEMO_SCU", "127.0.0.1", str(cfg.node.port),
+               *map(str, files)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if r.returncode != 0:
+            raise SystemExit(f"storescu failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
+        return
+    from pydicom import dcmread
+    from pynetdicom import AE, StoragePresentationContexts
+
+    ae = AE(ae_title="DEMO_SCU")
+    ae.requested_contexts = StoragePresentationContexts
+    assoc = ae.associate("127.0.0.1", cfg.node.port, ae_title=cfg.node.ae_title)
+    if not assoc.is_established:
+        raise SystemExit("the node refused the association")
+    try:
+        for f in files:
+            status = assoc.send_c_store(dcmread(f))
+            if getattr(status, "Status", 0xFFFF) != 0:
+                raise SystemExit(f"{f}: C-STORE status 0x{getattr(status, 'Status', 0xFFFF):04X}")
+    finally:
+        assoc.release()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m node.app.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", default="demo-run", help="spool and scratch (default ./demo-run, recreated)")
+    p.add_argument("--out", default="srnode-out", help="folder destination (default ./srnode-out)")
+    p.add_argument("--engine", default=None, help="engine name (default: the embedded default)")
+    p.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for the result")
+    args = p.parse_args(argv)
+
+    from node.app.logs import setup_logging
+
+    setup_logging("WARNING")
+    workdir, out_dir = (ROOT / args.workdir).resolve(), (ROOT / args.out).resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    orthanc_url = _local_orthanc()
+    cfg = demo_config(workdir, out_dir, orthanc_url, args.engine)
+    files, what = _series_files(workdir)
+
+    from node.app.service import Node
+
+    print(f"srnode demo: node {cfg.node.ae_title} on 127.0.0.1:{cfg.node.port}, engine {cfg.engine.name} "
+          f"(device {cfg.engine.device}), destinations: {', '.join(d.name + '=' + (d.path or d.url) for d in cfg.destinations)}")
+    node = Node(cfg)
+    node.start()
+    t0 = time.monotonic()
+    try:
+        print(f"sending {len(files)} instances: {what}")
+        _send(files, cfg)
+        print(f"sent in {time.monotonic() - t0:.1f} s; waiting {cfg.node.stable_age_s:.0f} s of quiet, then processing…")
+        job = _wait_delivered(node, args.timeout)
+    finally:
+        node.stop()
+    took = time.monotonic() - t0
+    if job is None or job.state != "delivered":
+        print(f"demo FAILED: job state {getattr(job, 'state', 'none')}: {getattr(job, 'reason', '')}")
+        return 1
+    derived = sorted((out_dir / job.study_uid / job.derived_series_uid).glob("*.dcm"))
+    unc = sorted((out_dir / job.study_uid / job.uncertainty_series_uid).glob("*.dcm")) if job.uncertainty_series_uid else []
+    print(f"\ndone in {took:.1f} s (engine {job.engine}{'; fallback: ' + job.fallback if job.fallback else ''})")
+    print(f"  derived series     {len(derived):4d} instances -> {out_dir / job.study_uid / job.derived_series_uid}")
+    if unc:
+        print(f"  uncertainty series {len(unc):4d} instances -> {out_dir / job.study_uid / job.uncertainty_series_uid}")
+    if orthanc_url:
+        print(f"  also stored in Orthanc at {orthanc_url} (same study)")
+    from node.app.preview import write_preview
+
+    png = write_preview(files, derived, unc, out_dir / "preview.png")
+    print(f"  preview (original / derived / uncertainty): {png}")
+    return 0
+
+
+def _wait_delivered(node: object, timeout: float):  # type: ignore[no-untyped-def]
+    index = node.ctx.index  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        jobs = index.jobs(())
+        if jobs:
+            job = jobs[-1]
+            if job.state != last:
+                print(f"  job {job.id}: {job.state}{(' — ' + job.reason) if job.reason else ''}")
+                last = job.state
+            if job.state in ("delivered", "failed", "dead-letter"):
+                return job
+        time.sleep(0.5)
+    return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

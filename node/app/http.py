@@ -1,0 +1,271 @@
+"""The node's HTTP API: one small Starlette app served by uvicorn in a thread.
+
+Routes (``[http]`` host/port; ``token``: bearer token for everything but the probes and metrics)
+
+- ``GET /healthz``  the process answers
+- ``GET /readyz``   spool writable, every destination reachable (``Sender.check()``), engine(s) loadable; 503 if not
+- ``GET /metrics``  Prometheus text (the node's ``Metrics`` registry)
+- ``GET /jobs``     jobs with states and reasons (``?state=``, ``?series=``, ``?limit=``)
+- ``POST /jobs``    pull by UID: ``{"study": UID, "series": UID?, "source": NAME, "method": "move"|"get"?}``
+- ``POST /dicom-web/studies[/{study}]``  STOW-RS in (multipart/related; type="application/dicom")
+- ``GET /dicom-web/studies/{study}/series/{series}``  WADO-RS of a spooled series (remote Celery workers)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import tempfile
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from models.engine import EngineOptions, get_engine
+from node.app.context import NodeContext
+from node.errors import ConfigError, NodeError
+from node.ingest import (
+    Caller,
+    ChangesFollower,
+    MultipartError,
+    fetch,
+    multipart_close,
+    multipart_part,
+    start_followers,
+    store_multipart,
+)
+from node.send import make_sender
+from node.store import Job
+
+log = logging.getLogger(__name__)
+
+DICOM_JSON = "application/dicom+json"
+READY_CACHE_S = 10.0
+
+
+class _Ready:
+    """readyz checks, cached for a few seconds so a probe every second does not hammer the destinations."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.ctx = ctx
+        self.lock = threading.Lock()
+        self.at = 0.0
+        self.result: dict[str, Any] = {}
+        self.engines_ok: dict[str, str] = {}
+
+    def check(self) -> dict[str, Any]:
+        with self.lock:
+            if time.monotonic() - self.at < READY_CACHE_S and self.result:
+                return self.result
+            checks = {"spool": self._spool(), **self._destinations(), **self._engines()}
+            self.result = {"ready": all(v == "ok" for v in checks.values()), "checks": checks}
+            self.at = time.monotonic()
+            return self.result
+
+    def _spool(self) -> str:
+        root = self.ctx.spool.root
+        try:
+            with tempfile.NamedTemporaryFile(dir=root, prefix=".readyz-"):
+                pass
+        except OSError as exc:
+            return f"spool {root} not writable: {exc}"
+        if not self.ctx.spool.has_space():
+            return f"spool {root} below min_free_mb ({self.ctx.spool.free_mb():.0f} MB free)"
+        return "ok"
+
+    def _destinations(self) -> dict[str, str]:
+        out = {}
+        for dest in self.ctx.cfg.destinations:
+            try:
+                make_sender(dest).check()
+                out[f"destination:{dest.name}"] = "ok"
+            except NodeError as exc:
+                out[f"destination:{dest.name}"] = str(exc)
+        return out
+
+    def _engines(self) -> dict[str, str]:
+        cfg = self.ctx.cfg
+        names = {cfg.engine.name, *(r.engine for r in cfg.rules if r.engine)}
+        for name in sorted(names - set(self.engines_ok)):
+            try:
+                get_engine(name, EngineOptions(device="cpu"))
+                self.engines_ok[name] = "ok"
+            except Exception as exc:  # noqa: BLE001 - any failure to build the engine is "not ready"
+                return {f"engine:{name}": f"engine {name!r} cannot be loaded: {exc}"}
+        return {f"engine:{n}": "ok" for n in sorted(names)}
+
+
+def _job_dict(job: Job) -> dict[str, Any]:
+    d = asdict(job)
+    d.pop("report", None)
+    return d
+
+
+def build_app(ctx: NodeContext) -> Starlette:
+    """The ASGI app over the node's context (config, spool, index, admission, metrics)."""
+    cfg = ctx.cfg
+    token = cfg.http.token
+    ready = _Ready(ctx)
+
+    def authorized(request: Request) -> bool:
+        if not token:
+            return True
+        given = request.headers.get("authorization", "")
+        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), token.encode())
+
+    def unauthorized() -> Response:
+        return JSONResponse({"error": "a valid bearer token is required ([http].token)"}, status_code=401,
+                            headers={"WWW-Authenticate": 'Bearer realm="srnode"'})
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        result = await run_in_threadpool(ready.check)
+        return JSONResponse(result, status_code=200 if result["ready"] else 503)
+
+    async def metrics(request: Request) -> Response:
+        ctx.metrics.queue_depth.set(await run_in_threadpool(ctx.index.queue_depth))
+        return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def jobs_list(request: Request) -> Response:
+        if not authorized(request):
+            return unauthorized()
+        states = [s for s in request.query_params.getlist("state") if s]
+        series = request.query_params.get("series", "")
+        try:
+            limit = max(0, int(request.query_params.get("limit", "500") or 500))
+        except ValueError:
+            return JSONResponse({"error": "limit must be an integer"}, status_code=400)
+        jobs = await run_in_threadpool(ctx.index.jobs, states)
+        if series:
+            jobs = [j for j in jobs if j.series_uid == series]
+        return JSONResponse({"jobs": [_job_dict(j) for j in jobs[-limit:]]})
+
+    async def jobs_pull(request: Request) -> Response:
+        if not authorized(request):
+            return unauthorized()
+        try:
+            body = await request.json()
+            study, source = str(body["study"]), str(body["source"])
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse({"error": 'expected JSON {"study": UID, "series": UID, "source": NAME}'},
+                                status_code=400)
+        try:
+            result = await run_in_threadpool(fetch, cfg, source, study, str(body.get("series", "") or ""),
+                                             admission=ctx.admission,
+                                             method=str(body.get("method", "") or ""))
+        except ConfigError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        except NodeError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=502)
+        return JSONResponse(result.as_dict(), status_code=202)
+
+    async def stow(request: Request) -> Response:
+        if not authorized(request):
+            return unauthorized()
+        study = request.path_params.get("study", "")
+        body = await request.body()
+        remote = request.client.host if request.client else ""
+        caller = Caller(cfg.http.stow_caller, remote, "stow-rs")
+
+        def one(data: bytes) -> Any:
+            return ctx.admission.admit_bytes(data, caller)
+
+        try:
+            result = await run_in_threadpool(store_multipart, body, request.headers.get("content-type", ""),
+                                             one, study)
+        except MultipartError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=415 if "not multipart" in str(exc) else 400)
+        base = str(request.base_url).rstrip("/") + "/dicom-web/studies" + (f"/{study}" if study else "")
+        log.info("STOW-RS from %s: %d stored, %d refused", remote, len(result.stored), len(result.failed))
+        return JSONResponse(result.as_json(base), status_code=result.http_status, media_type=DICOM_JSON)
+
+    async def wado_series(request: Request) -> Response:
+        if not authorized(request):
+            return unauthorized()
+        study, series = request.path_params["study"], request.path_params["series"]
+        instances = [i for i in await run_in_threadpool(ctx.index.instances_of, series) if i.study_uid == study]
+        if not instances:
+            return JSONResponse({"error": f"series {series} is not in the spool"}, status_code=404)
+        boundary = secrets.token_hex(16)
+
+        async def body() -> Any:
+            for inst in instances:
+                yield multipart_part(await asyncio.to_thread(_read, inst.path), boundary)
+            yield multipart_close(boundary)
+
+        ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
+        return StreamingResponse(body(), media_type=ctype)
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/jobs", jobs_list, methods=["GET"]),
+        Route("/jobs", jobs_pull, methods=["POST"]),
+        Route("/dicom-web/studies", stow, methods=["POST"]),
+        Route("/dicom-web/studies/{study}", stow, methods=["POST"]),
+        Route("/dicom-web/studies/{study}/series/{series}", wado_series, methods=["GET"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+class HttpHandle:
+    """A running uvicorn server in a daemon thread; ``port`` is the bound port, ``stop()`` shuts it down."""
+
+    def __init__(self, server: uvicorn.Server, thread: threading.Thread,
+                 followers: list[ChangesFollower] | None = None) -> None:
+        self.server, self.thread = server, thread
+        self.followers = followers or []
+
+    @property
+    def port(self) -> int:
+        for srv in getattr(self.server, "servers", []):
+            for sock in srv.sockets:
+                return int(sock.getsockname()[1])
+        return int(self.server.config.port)
+
+    def stop(self) -> None:
+        for f in self.followers:
+            f.stop()
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def start_http(ctx: NodeContext) -> HttpHandle:
+    """Serve :func:`build_app` on ``[http]`` host:port in a thread; returns once the socket is bound.
+
+    Also starts the Orthanc ``/changes`` followers of ``[[sources]]`` with ``follow_changes = true`` (they stop
+    with the handle).
+    """
+    cfg = ctx.cfg.http
+    config = uvicorn.Config(build_app(ctx), host=cfg.host, port=cfg.port, log_level="warning",
+                            access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    # uvicorn installs signal handlers only in the main thread: the service keeps owning SIGTERM/SIGINT
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise ConfigError(f"http: could not listen on {cfg.host}:{cfg.port} (port in use?)")
+        time.sleep(0.05)
+    handle = HttpHandle(server, thread, start_followers(ctx.cfg, ctx.admission))
+    log.info("HTTP API on http://%s:%d", cfg.host, handle.port)
+    return handle

@@ -1,0 +1,111 @@
+"""``srnode serve --config FILE``: the running node.
+
+Starts, in order: the spool and index (re-reading them: jobs left 'processing' by a crash are re-queued), the
+executor, the stability watcher, the outbox, the DICOM SCP and the HTTP API (``node.app.http.start_http(ctx)``,
+when [http].enabled). SIGTERM or SIGINT stops gracefully: new associations are refused, the stores in
+flight finish, then the threads stop; whatever is unfinished stays in the index for the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+from types import FrameType
+
+from node.app.context import NodeContext
+from node.app.http import HttpHandle, start_http
+from node.app.logs import REDACT
+from node.config import Config, load_config
+from node.ingest import Admission, StoreSCP
+from node.jobs import JobContext, StabilityWatcher, make_executor
+from node.send import Outbox
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="config.toml (default: the embedded defaults)")
+
+
+class Node:
+    """The node's components, started and stopped in order."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        jobs = JobContext.open(cfg)
+        spool, index, metrics = jobs.store.spool, jobs.store.index, jobs.metrics
+        self.ctx = NodeContext(jobs=jobs, executor=make_executor(jobs),
+                               admission=Admission(cfg, spool, index, metrics))
+        self.watcher = StabilityWatcher(cfg, index, self.ctx.executor.submit, metrics, jobs.audit)
+        self.outbox = Outbox(cfg, index, metrics, jobs.audit)
+        self.scp = StoreSCP(cfg, self.ctx.admission, metrics, jobs.audit, on_release=self.watcher.hint)
+        self.http: HttpHandle | None = None
+
+    def start(self) -> None:
+        ctx = self.ctx
+        leftovers = ctx.spool.clean_incoming()
+        # in-process: nothing can still be running after a restart; Celery: workers may be (see requeue_interrupted)
+        queued = ctx.index.requeue_interrupted(processing=self.cfg.executor.kind == "inprocess")
+        log.info("spool %s: %d instances indexed, %d job(s) queued, %d partial file(s) removed",
+                 ctx.spool.root, ctx.index.count_instances(), len(queued), leftovers)
+        ctx.executor.start()
+        self.watcher.start()  # submits the queued jobs on its first tick
+        self.outbox.start()
+        self.scp.start()
+        if self.cfg.http.enabled:
+            self.http = start_http(ctx)
+        else:
+            log.info("HTTP API disabled ([http].enabled = false)")
+        ctx.audit.write("node-started", ae_title=self.cfg.node.ae_title, port=self.cfg.node.port,
+                        queued_jobs=len(queued))
+
+    def stop(self) -> None:
+        log.info("stopping: refusing new associations, finishing the stores in flight")
+        self.ctx.stopping.set()
+        self.scp.stop()
+        if self.http is not None:
+            try:
+                self.http.stop()
+            except Exception as exc:  # noqa: BLE001 - stopping anyway
+                log.warning("HTTP API did not stop cleanly: %s", exc)
+        self.watcher.stop()
+        self.outbox.stop()
+        self.ctx.executor.stop()
+        self.ctx.audit.write("node-stopped", ae_title=self.cfg.node.ae_title)
+        log.info("stopped")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if not args.log_level:
+        logging.getLogger().setLevel(cfg.node.log_level.upper())
+    REDACT.secrets.update(_secrets(cfg))
+    log.info("effective configuration (%s): %s", cfg.path or "embedded defaults",
+             json.dumps(cfg.redacted(), default=str))
+    node = Node(cfg)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal %s received", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    node.start()
+    log.info("srnode %s ready (DICOM %s:%d)", cfg.node.ae_title, cfg.node.host, cfg.node.port)
+    while not stop.wait(1.0):
+        pass
+    node.stop()
+    return 0
+
+
+def _secrets(cfg: Config) -> set[str]:
+    out = {cfg.http.token}
+    for d in cfg.destinations:
+        out |= {d.password, d.token}
+    for s in cfg.sources:
+        out |= {s.password, s.token}
+    return {s for s in out if s}

@@ -1,0 +1,92 @@
+"""``srnode status`` (jobs, their states and reasons) and ``srnode retry`` (re-queue what failed).
+
+Both read the spool index directly, so they work whether or not the node is running; a running node picks up
+re-queued work within a second or two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from node.config import load_config
+from node.store import Index, Job, Spool
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, help="config.toml (default: the embedded defaults)")
+    if parser.prog.endswith("retry"):
+        parser.add_argument("jobs", nargs="*", type=int, metavar="JOB",
+                            help="job ids (default: every dead-letter delivery and failed job)")
+    else:
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
+        parser.add_argument("--state", action="append", default=[], help="only jobs in this state (repeatable)")
+        parser.add_argument("--limit", type=int, default=50, help="the most recent N jobs (default 50)")
+
+
+def _open(args: argparse.Namespace) -> Index:
+    cfg = load_config(args.config)
+    return Index(Spool(cfg.spool_path).index_path)
+
+
+def job_dict(index: Index, j: Job) -> dict[str, Any]:
+    return {
+        "id": j.id, "series": j.series_uid, "study": j.study_uid, "rule": j.rule, "state": j.state,
+        "reason": j.reason, "instances": j.n_instances, "attempts": j.attempts, "engine": j.engine,
+        "fallback": j.fallback, "derived_series": j.derived_series_uid,
+        "uncertainty_series": j.uncertainty_series_uid, "supersedes": j.supersedes,
+        "report": j.report,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.updated)),
+        "deliveries": [{"destination": d.destination, "state": d.state, "attempts": d.attempts,
+                        "files": len(d.files), "reason": d.reason} for d in index.deliveries(j.id)],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    index = _open(args)
+    if args.command == "retry":
+        return _retry(index, list(args.jobs))
+    jobs = index.jobs(args.state)[-args.limit:] if args.limit > 0 else index.jobs(args.state)
+    docs = [job_dict(index, j) for j in jobs]
+    if args.json:
+        print(json.dumps({"jobs": docs, "instances": index.count_instances()}, indent=2))
+        return 0
+    if not docs:
+        print(f"no jobs ({index.count_instances()} instances in the spool)")
+        return 0
+    width = max(len(d["series"]) for d in docs)
+    print(f"{'JOB':>5}  {'STATE':<11} {'RULE':<14} {'N':>4}  {'SERIES':<{width}}  REASON / DELIVERIES")
+    for d in docs:
+        dl = ", ".join(f"{x['destination']}:{x['state']}" + (f"({x['attempts']})" if x["attempts"] > 1 else "")
+                       for x in d["deliveries"])
+        extra = "; ".join(s for s in (d["reason"], dl, f"fallback: {d['fallback']}" if d["fallback"] else "",
+                                      f"supersedes job {d['supersedes']}" if d["supersedes"] else "") if s)
+        print(f"{d['id']:>5}  {d['state']:<11} {d['rule'][:14]:<14} {d['instances']:>4}  {d['series']:<{width}}  "
+              f"{extra}")
+    return 0
+
+
+def _retry(index: Index, job_ids: list[int]) -> int:
+    targets = job_ids or sorted({j.id for j in index.jobs(("failed", "dead-letter"))})
+    if not targets:
+        print("nothing to retry: no failed jobs or dead-letter deliveries")
+        return 0
+    rc = 0
+    for jid in targets:
+        try:
+            job = index.job(jid)
+        except Exception as exc:  # noqa: BLE001 - SpoolError: unknown job
+            print(f"job {jid}: {exc}", file=sys.stderr)
+            rc = 1
+            continue
+        if job.state == "failed":
+            index.requeue_job(jid)
+            print(f"job {jid}: re-queued for processing")
+        elif index.requeue_deliveries(jid):
+            print(f"job {jid}: dead-letter deliveries re-queued")
+        else:
+            print(f"job {jid}: nothing to retry (state {job.state})")
+    return rc

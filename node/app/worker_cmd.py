@@ -1,0 +1,77 @@
+"""``srnode worker --config FILE``: a Celery GPU worker ([executor].kind = "celery"); one per GPU.
+
+It opens its job context (spool, index, engines) once, binds it into the Celery task and serves the queue one job
+at a time (see ``node.jobs.celery_executor`` for acknowledgement and redelivery).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import time
+
+from node.config import load_config
+from node.errors import NodeError
+from node.jobs import JobContext
+from node.jobs.celery_executor import broker_display, make_app
+from node.process import engine_options
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="config.toml ([executor] kind = 'celery')")
+    parser.add_argument("--name", default="", help="worker name (default srnode-<pid>@<host>); one per GPU")
+    parser.add_argument("--pool", choices=("prefork", "solo"), default="prefork",
+                        help="prefork (default): a dying job process is re-queued at once; solo: no child")
+    parser.add_argument("--device", default="", help="override [engine].device for this worker (cpu, cuda)")
+
+
+def _preload(ctx: JobContext, pool: str) -> None:
+    """Build the engines before the pool forks, where safe, so the first job starts warm.
+
+    Engines are built here only on the CPU or with the solo pool: CUDA must not be initialised before a fork.
+    """
+    t0 = time.monotonic()
+    cfg = ctx.cfg
+    if pool == "solo" or cfg.engine.device == "cpu":
+        for name in sorted({cfg.engine.name, *(r.engine for r in cfg.rules if r.engine)}):
+            try:
+                ctx.engines.get(name, engine_options(cfg))
+            except NodeError as exc:
+                log.warning("engine %s could not be loaded (jobs will fall back to cubic): %s", name, exc)
+    log.info("worker: pipeline loaded in %.1f s", time.monotonic() - t0)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    if cfg.executor.kind != "celery":
+        log.warning("%s: executor.kind is %r; the worker serves Celery jobs anyway", args.config, cfg.executor.kind)
+    if args.device:
+        from dataclasses import replace as dc_replace
+
+        cfg = dc_replace(cfg, engine=dc_replace(cfg.engine, device=args.device))
+    logging.getLogger().setLevel(args.log_level.upper() if args.log_level else cfg.node.log_level.upper())
+    ctx = JobContext.open(cfg)
+    _preload(ctx, args.pool)
+    app = make_app(cfg, worker=ctx)
+    name = args.name or f"srnode-{os.getpid()}@{socket.gethostname()}"
+    log.info("srnode worker %s: broker %s, queue %r, pool %s, data access %s, engine %s on %s",
+             name, broker_display(cfg.executor.broker_url), cfg.executor.queue, args.pool,
+             cfg.executor.data_access, cfg.engine.name, cfg.engine.device)
+    worker = app.Worker(
+        hostname=name,
+        pool_cls=args.pool,
+        concurrency=1,
+        queues=[cfg.executor.queue],
+        loglevel=logging.getLevelName(logging.getLogger().level),
+        without_gossip=True,
+        without_mingle=True,
+        without_heartbeat=True,
+        optimization="fair",
+        quiet=True,
+    )
+    worker.start()
+    return int(worker.exitcode or 0)

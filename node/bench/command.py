@@ -1,0 +1,35 @@
+"""``srnode bench KIND``: benchmarks that print figures and write JSON to bench/results/.
+
+Each benchmark is a module exposing ``configure(parser)`` and ``run(args) -> int``; ``all`` runs the
+CPU-feasible set (``make bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# name -> (module, help): a new benchmark is a module of node/bench/ and a line here
+BENCHES: dict[str, tuple[str, str]] = {
+    "engine": ("node.bench.engine", "engine timings (CPU fast mode; GPU with --device cuda)"),
+    "e2e": ("node.bench.e2e", "first instance sent -> last derived instance stored in Orthanc"),
+    "ingest": ("node.bench.ingest", "C-STORE ingest throughput vs dcmtk storescp, 16 concurrent senders"),
+    "celery": ("node.bench.scaleout", "series/minute with 1 and 2 Celery workers"),
+    "denoise": ("node.bench.denoise", "self-supervised denoising vs Gaussian/bilateral on the shared CT phantom"),
+}
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("kind", choices=[*BENCHES, "all"], help="which benchmark")
+    parser.add_argument("--cpu-only", action="store_true", help="with 'all': skip what needs a GPU")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark (see KIND --help)")
+
+
+def run(args: argparse.Namespace) -> int:
+    kinds = ["engine", "e2e", "ingest", "celery"] if args.kind == "all" else [args.kind]
+    rc = 0
+    for kind in kinds:
+        mod = importlib.import_module(BENCHES[kind][0])
+        p = argparse.ArgumentParser(prog=f"srnode bench {kind}", description=BENCHES[kind][1])
+        mod.configure(p)
+        sub = p.parse_args(args.rest if args.kind != "all" else [])
+        rc |= int(mod.run(sub) or 0)
+    return rc

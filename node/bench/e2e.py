@@ -1,0 +1,180 @@
+"""``srnode bench e2e``: first instance sent → last derived instance stored in Orthanc.
+
+A real node process (cubic engine, CPU) receives a 140-slice 512² CT (the shared 1 mm phantom, or a generated
+phantom of the same size when ../shared/data is absent) from dcmtk ``storescu`` and sends the derived and
+uncertainty series to a real Orthanc started for the run. The clock starts when storescu starts and stops when
+Orthanc holds every derived instance (and, separately, every uncertainty instance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from node.bench.results import write_result
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_1MM = ROOT.parent / "shared" / "data" / "ct_head_phantom_philips_1mm"
+ORTHANC = "/usr/sbin/Orthanc"
+STORESCU = "/usr/bin/storescu"  # dcmtk's, not pynetdicom's script of the same name
+ECHOSCU = "/usr/bin/echoscu"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--series", default="", help="folder of the input series (default: the shared 1 mm "
+                                                      "phantom, or a generated 140x512x512 phantom)")
+    parser.add_argument("--stable-age", type=float, default=2.0, help="[node].stable_age_s for the run (s)")
+    parser.add_argument("--factor", type=int, default=2, help="through-plane factor")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, spool)")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait(cond: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            v = cond()
+            if v:
+                return v
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(interval)
+    raise TimeoutError(f"bench e2e: timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _toml(cfg: dict[str, Any]) -> str:
+    out = []
+    for section, body in cfg.items():
+        if isinstance(body, list):
+            for item in body:
+                out.append(f"[[{section}]]")
+                out += [f"{k} = {json.dumps(v)}" if not isinstance(v, dict) else
+                        f"{k} = {{ {', '.join(f'{a} = {json.dumps(b)}' for a, b in v.items())} }}"
+                        for k, v in item.items()]
+        else:
+            out.append(f"[{section}]")
+            out += [f"{k} = {json.dumps(v)}" for k, v in body.items()]
+    return "\n".join(out) + "\n"
+
+
+def _series_files(args: argparse.Namespace, work: Path) -> tuple[list[Path], str]:
+    if args.series:
+        return sorted(Path(args.series).glob("*.dcm")), args.series
+    if SHARED_1MM.is_dir():
+        return sorted(SHARED_1MM.glob("*.dcm")), "shared ct_head_phantom_philips_1mm"
+    from node.bench.phantom import write_phantom_series
+
+    return write_phantom_series(work / "phantom", slices=140, size=512, step_mm=1.0), "generated phantom 140x512"
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from pydicom import dcmread
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    work = Path(tempfile.mkdtemp(prefix="srnode-bench-e2e-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        files, source = _series_files(args, work)
+        study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        n_out = (len(files) - 1) * args.factor + 1
+        # Orthanc, the PACS
+        o_http, o_dicom = _port(), _port()
+        (work / "orthanc").mkdir()
+        (work / "orthanc.json").write_text(json.dumps({
+            "Name": "bench", "StorageDirectory": str(work / "orthanc"), "IndexDirectory": str(work / "orthanc"),
+            "HttpPort": o_http, "DicomPort": o_dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+            "Plugins": []}))
+        with (work / "orthanc.log").open("wb") as lf:
+            procs.append(subprocess.Popen([ORTHANC, str(work / "orthanc.json")], stdout=lf, stderr=lf))
+        url = f"http://127.0.0.1:{o_http}"
+        _wait(lambda: httpx.get(f"{url}/system", timeout=2).status_code == 200, 60, "Orthanc")
+        # the node
+        port = _port()
+        cfg = {"node": {"port": port, "spool_dir": str(work / "spool"), "stable_age_s": args.stable_age,
+                        "min_free_mb": 1},
+               "engine": {"name": "cubic", "device": "cpu"}, "http": {"enabled": False},
+               "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1",
+                                 "port": o_dicom}],
+               "rules": [{"name": "bench", "match": {"Modality": ".*"}, "through_plane_factor": args.factor,
+                          "destinations": ["pacs"]}]}
+        (work / "config.toml").write_text(_toml(cfg))
+        with (work / "node.log").open("wb") as lf:
+            procs.append(subprocess.Popen([sys.executable, "-m", "node.app.cli", "serve", "--config",
+                                           str(work / "config.toml")], cwd=ROOT, stdout=lf, stderr=lf,
+                                          env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+        _wait(lambda: subprocess.run([ECHOSCU, "-aec", "SRNODE", "127.0.0.1", str(port)],
+                                     capture_output=True).returncode == 0, 60, "the node")
+
+        def counts() -> dict[str, int]:
+            r = httpx.post(f"{url}/tools/find", json={"Level": "Series", "Expand": True,
+                                                      "Query": {"StudyInstanceUID": study}}, timeout=10)
+            return {s["MainDicomTags"].get("Modality", ""): len(s["Instances"]) for s in r.json()}
+
+        print(f"bench e2e: {len(files)} slices from {source} -> srnode (cubic, CPU, x{args.factor}) -> Orthanc")
+        t0 = time.monotonic()
+        sent = subprocess.run([STORESCU, "-aec", "SRNODE", "-aet", "BENCH", "127.0.0.1", str(port),
+                               *map(str, files)], capture_output=True, text=True)
+        t_sent = time.monotonic() - t0
+        if sent.returncode != 0:
+            raise RuntimeError(f"storescu failed: {sent.stderr[-500:]}")
+        marks: dict[str, float] = {}
+
+        def done() -> bool:
+            c = counts()
+            for modality, key in (("CT", "derived"), ("OT", "uncertainty")):
+                if key not in marks and c.get(modality, 0) >= n_out:
+                    marks[key] = time.monotonic() - t0
+            return len(marks) == 2
+
+        _wait(done, args.timeout, "derived and uncertainty series in Orthanc", interval=0.25)
+        status = subprocess.run([sys.executable, "-m", "node.app.cli", "status", "--json", "--config",
+                                 str(work / "config.toml")], cwd=ROOT, capture_output=True, text=True)
+        job = json.loads(status.stdout)["jobs"][-1] if status.returncode == 0 else {}
+        figures = {
+            "input": source, "slices_in": len(files), "matrix": "512x512", "slices_out": n_out,
+            "engine": "cubic", "device": "cpu", "factor": args.factor, "stable_age_s": args.stable_age,
+            "send_s": round(t_sent, 2),
+            "first_sent_to_last_derived_in_orthanc_s": round(marks["derived"], 2),
+            "first_sent_to_last_uncertainty_in_orthanc_s": round(marks["uncertainty"], 2),
+            "job_processing_s": (job.get("report") or {}).get("seconds"),
+            "cpu_count": os.cpu_count(),
+        }
+        out = write_result("e2e", figures)
+        for k, v in figures.items():
+            print(f"  {k}: {v}")
+        print(f"wrote {out}")
+        return 0
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"work folder kept: {work}")

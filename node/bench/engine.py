@@ -1,0 +1,110 @@
+"""``srnode bench engine [--device cpu|cuda] [--shape Y,X,Z]``: selfsup timings per stage, x2 through-plane.
+
+The volume is the shared 1 mm head phantom mirrored along z and padded/cropped in-plane to the shape (or a
+synthetic phantom where ../shared/data is absent). Runs fast mode and per-series fine-tuning, both with the
+configured test-time passes (8: coronal + sagittal x 4 flips, the uncertainty included); on CUDA also the
+achieved TFLOP/s of the network against the bf16 dense peak: network FLOPs of all passes over the GPU time of the
+passes (CUDA events; the host work that overlaps them is not counted). Writes bench/results/engine-*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.engine import EngineOptions, Factors, VolumeInput, get_engine
+from node.bench.results import write_result
+
+log = logging.getLogger(__name__)
+
+PHANTOM = Path("../shared/data/ct_head_phantom_philips_1mm")
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def make_volume(shape: tuple[int, int, int], source: Path | None) -> VolumeInput:
+    """(Z, Y, X) CT volume of ``shape``: the phantom mirrored along z, centred in-plane; else synthetic."""
+    z, y, x = shape
+    if source is not None and source.exists():
+        from node.bench.eval import load_volume
+
+        base = load_volume(source).vin
+        data, spacing = base.data, base.spacing
+    else:
+        rng = np.random.default_rng(0)
+        zz, yy, xx = np.mgrid[0:64, 0:y, 0:x].astype(np.float32)
+        data = np.full((64, y, x), -1000.0, np.float32)
+        for _ in range(40):
+            c, r = rng.uniform(0, 1, 3) * (64, y, x), rng.uniform(0.03, 0.12) * min(y, x)
+            data += rng.uniform(50, 400) * (((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2) < r * r)
+        spacing = (1.0, 0.5, 0.5)
+    reps = int(np.ceil(z / data.shape[0]))
+    stack = np.concatenate([data if i % 2 == 0 else data[::-1] for i in range(reps)])[:z]
+    out = np.full((z, y, x), float(stack.min()), np.float32)
+    sy, sx = min(y, stack.shape[1]), min(x, stack.shape[2])
+    oy, ox = (stack.shape[1] - sy) // 2, (stack.shape[2] - sx) // 2
+    ty, tx = (y - sy) // 2, (x - sx) // 2
+    out[:, ty : ty + sy, tx : tx + sx] = stack[:, oy : oy + sy, ox : ox + sx]
+    return VolumeInput(out, (2.0 * spacing[0], spacing[1], spacing[2]), 2.0 * spacing[0], "CT", (-1024.0, 3071.0))
+
+
+def _peak(device_name: str) -> float:
+    for key, val in BF16_PEAK_TFLOPS.items():
+        if key in device_name:
+            return val
+    return 0.0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--shape", default="", help="Y,X,Z of the input (default 512,512,300 cuda; 512,512,134 cpu)")
+    parser.add_argument("--modes", default="fast,finetune", help="comma list of fast, finetune")
+    parser.add_argument("--source", type=Path, default=PHANTOM, help="series folder or .npz to build the volume")
+    parser.add_argument("--tta-passes", type=int, default=EngineOptions.tta_passes)
+    parser.add_argument("--finetune-steps", type=int, default=EngineOptions.finetune_steps)
+    parser.add_argument("--repeat", type=int, default=1, help="calls per mode (the figures of each call are kept)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    default = "512,512,300" if args.device == "cuda" else "512,512,134"
+    y, x, z = (int(v) for v in (args.shape or default).split(","))
+    vol = make_volume((z, y, x), args.source)
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    figures: dict[str, Any] = {"device": name, "shape_zyx": [z, y, x], "factor": 2, "tta_passes": args.tta_passes,
+                               "bf16_peak_tflops": _peak(name)}
+    if args.device == "cuda":  # warm-up: CUDA context, cuDNN autotune, allocator
+        get_engine("selfsup", EngineOptions(device="cuda", fast=True)).upscale(
+            VolumeInput(vol.data[:20, :128, :128], vol.spacing, vol.slice_thickness, "CT"), Factors(2, 1))
+    for mode, call in ((m, i) for m in args.modes.split(",") for i in range(max(1, args.repeat))):
+        opts = EngineOptions(device=args.device, fast=mode == "fast", finetune_steps=args.finetune_steps,
+                             tta_passes=args.tta_passes, min_gain_db=-1e9)
+        t0 = time.perf_counter()
+        res = get_engine("selfsup", opts).upscale(vol, Factors(2, 1))
+        total = time.perf_counter() - t0
+        rep = res.report
+        inf = float(rep.get("through_inference_s", 0) or 0)
+        tflops = float(rep.get("through_flops", 0)) / inf / 1e12 if inf > 0 else 0.0
+        key = mode if call == 0 else f"{mode}_call{call + 1}"
+        figures[key] = {"engine_s": round(total, 3), "finetune_s": rep.get("through_finetune_s"),
+                        "validate_s": rep.get("through_validate_s"), "to_host_s": rep.get("to_host_s"),
+                        "inference_s": inf, "net_tflops_achieved": round(tflops, 2),
+                        "fraction_of_bf16_peak": round(tflops / figures["bf16_peak_tflops"], 4)
+                        if figures["bf16_peak_tflops"] else None,
+                        "internal_gain_db": rep.get("through_internal_gain_db"),
+                        "dc_residual_after": rep.get("dc_residual_after"), "engine": res.engine,
+                        "fallback": res.fallback, "output_shape": list(res.data.shape)}
+        if args.device == "cuda":
+            figures[key]["max_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        print(f"selfsup x2 through-plane {z}x{y}x{x} on {name}, {key}: {total:.2f} s "
+              f"(fine-tune {rep.get('through_finetune_s')} s, validate {rep.get('through_validate_s')} s, "
+              f"inference {inf:.2f} s{' GPU' if args.device == 'cuda' else ''}, {tflops:.1f} TFLOP/s, "
+              f"to host {rep.get('to_host_s')} s)")
+    out = write_result("engine", figures)
+    print(f"written {out}")
+    return 0

@@ -1,0 +1,16 @@
+"""Stage ``derived``: the objects the node writes, built as pydicom Datasets from the source series.
+
+- ``image_series``: the derived image series (new UIDs, DERIVED\\SECONDARY, exact geometry, values in range);
+- ``uncertainty``: the per-voxel sigma objects;
+- ``geometry``: where each output slice lies, and the gate every derived series passes before it leaves;
+- ``iocm``: IHE IOCM rejection notes retiring superseded results;
+- ``modules``: the DICOM modules and UIDs they share.
+"""
+
+from node.derived.geometry import GEOMETRY_TOL_MM, geometry_gate, output_positions
+from node.derived.image_series import DerivedObjects, check_identifiers, derive_series
+from node.derived.iocm import reject_superseded, rejection_note
+from node.derived.uncertainty import uncertainty_series
+
+__all__ = ["GEOMETRY_TOL_MM", "DerivedObjects", "check_identifiers", "derive_series", "geometry_gate",
+           "output_positions", "reject_superseded", "rejection_note", "uncertainty_series"]

@@ -1,0 +1,141 @@
+"""IOCM-style rejection note: a Key Object Selection document that retires a superseded derived series.
+
+When late instances make a reprocess, the new derived series (new UIDs) is sent beside the earlier one, and this
+note tells the PACS that every instance of the earlier derived and uncertainty series is "Rejected for Quality
+Reasons" (DCM 113001, PS3.3 / IHE IOCM). A PACS that implements IOCM hides them; one that does not shows a KO
+series whose description says which series were superseded. Its UIDs are deterministic, so a resend is harmless.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+
+from node import __version__
+from node.config import DeriveConfig
+from node.errors import DeriveError
+from node.store.index import Index, Job
+
+log = logging.getLogger(__name__)
+
+KEY_OBJECT_SELECTION = UID("1.2.840.10008.5.1.4.1.1.88.59")
+_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                  "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID")
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    c = Dataset()
+    c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning = value, scheme, meaning
+    return c
+
+
+def rejection_note(files: Sequence[Path], cfg: DeriveConfig, out_dir: Path, reason: str) -> Path:
+    """Write a KOS rejecting every instance in ``files`` (one study); returns its path."""
+    headers = []
+    for p in files:
+        try:
+            headers.append(dcmread(p, stop_before_pixels=True))
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
+            raise DeriveError(f"rejection note: {Path(p).name} cannot be read: {exc}") from exc
+    if not headers:
+        raise DeriveError("rejection note: no instances to reject")
+    first = headers[0]
+    series: dict[str, list[tuple[str, str]]] = {}
+    for h in headers:
+        series.setdefault(str(h.SeriesInstanceUID), []).append((str(h.SOPClassUID), str(h.SOPInstanceUID)))
+    ent = ["rejection", *sorted(series), *sorted(sop for refs in series.values() for _, sop in refs)]
+    now = _dt.datetime.now()
+
+    ds = Dataset()
+    # Patient / General Study: copied from the rejected instances (the note must file into the same study)
+    for kw in _PATIENT_STUDY:
+        if kw in first:
+            setattr(ds, kw, first.data_element(kw).value)  # type: ignore[union-attr]
+    # Key Object Document Series
+    ds.Modality = "KO"
+    ds.SeriesInstanceUID = generate_uid(cfg.uid_root, [*ent, "series"])
+    ds.SeriesNumber = int(first.get("SeriesNumber", 0) or 0) + 1
+    ds.SeriesDescription = "srnode: superseded series rejected"[:64]
+    ds.ReferencedPerformedProcedureStepSequence = DicomSequence()
+    # General Equipment
+    ds.Manufacturer = "srnode"
+    ds.SoftwareVersions = __version__
+    # Key Object Document
+    ds.InstanceNumber = 1
+    ds.ContentDate, ds.ContentTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    evidence = DicomSequence()
+    study = Dataset()
+    study.StudyInstanceUID = first.StudyInstanceUID
+    study.ReferencedSeriesSequence = DicomSequence()
+    for uid, refs in sorted(series.items()):
+        s = Dataset()
+        s.SeriesInstanceUID = uid
+        s.ReferencedSOPSequence = DicomSequence()
+        for cls, sop in refs:
+            r = Dataset()
+            r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID = cls, sop
+            s.ReferencedSOPSequence.append(r)
+        study.ReferencedSeriesSequence.append(s)
+    evidence.append(study)
+    ds.CurrentRequestedProcedureEvidenceSequence = evidence
+    # SR Document Content: TID 2010 titled "Rejected for Quality Reasons", one IMAGE item per instance
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = DicomSequence([_code("113001", "DCM", "Rejected for Quality Reasons")])
+    ds.ContinuityOfContent = "SEPARATE"
+    tpl = Dataset()
+    tpl.MappingResource, tpl.TemplateIdentifier = "DCMR", "2010"
+    ds.ContentTemplateSequence = DicomSequence([tpl])
+    items = []
+    text = Dataset()
+    text.RelationshipType, text.ValueType = "CONTAINS", "TEXT"
+    text.ConceptNameCodeSequence = DicomSequence([_code("113012", "DCM", "Key Object Description")])
+    text.TextValue = reason[:1024]
+    items.append(text)
+    for h in headers:
+        it = Dataset()
+        it.RelationshipType, it.ValueType = "CONTAINS", "IMAGE"
+        r = Dataset()
+        r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID = h.SOPClassUID, h.SOPInstanceUID
+        it.ReferencedSOPSequence = DicomSequence([r])
+        items.append(it)
+    ds.ContentSequence = DicomSequence(items)
+    # SOP Common
+    ds.SOPClassUID = KEY_OBJECT_SELECTION
+    ds.SOPInstanceUID = generate_uid(cfg.uid_root, [*ent, "instance"])
+    ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 100")
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = KEY_OBJECT_SELECTION
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"KO-{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    log.info("rejection note %s for %d instance(s) of %d superseded series", ds.SOPInstanceUID, len(headers),
+             len(series))
+    return path
+
+
+def reject_superseded(index: Index, spool_outbox: Path, job: Job, new_derived_series: str, cfg: DeriveConfig,
+                      out_dir: Path) -> list[Path]:
+    """The rejection note for the results of the job ``job`` supersedes, if it produced any; else []."""
+    if not job.supersedes:
+        return []
+    old = index.job(job.supersedes)
+    if not old.derived_series_uid or old.derived_series_uid == new_derived_series:
+        return []
+    old_dir = spool_outbox / f"job-{old.id}"
+    files = sorted(p for p in old_dir.glob("**/*.dcm") if not p.name.startswith("KO-")) if old_dir.is_dir() else []
+    if not files:
+        log.warning("job %d supersedes job %d, whose results are no longer in the spool: no rejection note",
+                    job.id, old.id)
+        return []
+    reason = (f"superseded by srnode job {job.id} (series {new_derived_series}): late instances made the "
+              f"input of job {old.id} incomplete")
+    return [rejection_note(files, cfg, out_dir, reason)]

@@ -1,0 +1,130 @@
+"""Building blocks of the derived objects: deterministic UIDs, copied module attributes, code items, references,
+Contributing Equipment and file meta (shared by ``node.derived.image_series`` and ``node.derived.uncertainty``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from collections.abc import Sequence
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+from models.engine import Factors
+from node import PIPELINE_VERSION, __version__
+from node.config import DeriveConfig
+from node.series import SeriesVolume, group_value, sop_class_of, sop_instance_of
+
+# attributes copied from the nearest input slice, per module (a whitelist; never private tags)
+PATIENT = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+           "PatientSize", "PatientWeight", "EthnicGroup")
+STUDY = ("StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+         "StudyDescription")
+SERIES = ("Modality", "BodyPartExamined", "PatientPosition", "Laterality", "ProtocolName")
+FRAME_OF_REFERENCE = ("FrameOfReferenceUID", "PositionReferenceIndicator")
+EQUIPMENT = ("Manufacturer", "InstitutionName", "StationName", "ManufacturerModelName", "DeviceSerialNumber")
+ACQUISITION = ("AcquisitionDate", "AcquisitionTime")
+CT_IMAGE = ("KVP", "AcquisitionNumber", "ScanOptions", "DataCollectionDiameter", "ReconstructionDiameter",
+            "DistanceSourceToDetector", "DistanceSourceToPatient", "GantryDetectorTilt", "TableHeight",
+            "RotationDirection", "ExposureTime", "XRayTubeCurrent", "Exposure", "FilterType", "GeneratorPower",
+            "FocalSpots", "ConvolutionKernel")
+MR_IMAGE = ("ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType", "RepetitionTime",
+            "EchoTime", "EchoTrainLength", "InversionTime", "SequenceName", "NumberOfAverages",
+            "ImagingFrequency", "ImagedNucleus", "MagneticFieldStrength", "NumberOfPhaseEncodingSteps",
+            "PercentSampling", "PercentPhaseFieldOfView", "PixelBandwidth", "ReceiveCoilName",
+            "TransmitCoilName", "InPlanePhaseEncodingDirection", "FlipAngle", "AcquisitionNumber")
+_TYPE2 = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber", "PositionReferenceIndicator", "Manufacturer",
+          "KVP", "AcquisitionNumber", "ScanOptions", "MRAcquisitionType", "EchoTime", "EchoTrainLength"}
+
+
+def ds_str(x: float) -> str:
+    return str(format_number_as_ds(float(x)))
+
+
+def derived_uid(cfg: DeriveConfig, vol: SeriesVolume, factors: Factors, engine: str, *what: str) -> str:
+    """Deterministic UID under ``cfg.uid_root`` from the input series and instances, pipeline, factors, engine, run."""
+    run = f"run{vol.run[0]}" if vol.run else "all"
+    # the exact set of input instances: a reprocess after late instances makes a new series (it never overwrites
+    # slices of the earlier one in PACS); a re-run of the same input gives the same UIDs (a resend is harmless)
+    inputs = hashlib.sha256("\n".join(sorted({sop_instance_of(d) for d in vol.datasets})).encode()).hexdigest()[:16]
+    ent = [vol.series_uid, PIPELINE_VERSION, f"tp{factors.through_plane}", f"ip{factors.in_plane}", engine, run,
+           inputs, *what]
+    return str(generate_uid(cfg.uid_root, entropy_srcs=ent))
+
+
+def copy_module(dst: Dataset, src: Dataset, keywords: Sequence[str], from_groups: bool = False) -> None:
+    for kw in keywords:
+        value = src.get(kw) if kw in src else (group_value(src, kw) if from_groups else None)
+        if value is not None and value != "":
+            setattr(dst, kw, value)
+        elif kw in _TYPE2:
+            setattr(dst, kw, "" if kw != "AcquisitionNumber" else None)
+
+
+def code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+DENOISE_NOTE = "self-supervised denoising (blind-spot network trained on this series)"
+
+
+def contributing_equipment(engine: str, engine_version: str, fallback: str, now: _dt.datetime,
+                           denoised: bool = False) -> Dataset:
+    item = Dataset()
+    item.Manufacturer = "srnode"
+    item.ManufacturerModelName = "srnode"
+    item.SoftwareVersions = [f"srnode {__version__}", f"pipeline {PIPELINE_VERSION}", f"{engine} {engine_version}"]
+    item.ContributionDateTime = now.strftime("%Y%m%d%H%M%S")
+    desc = f"Super-resolution by srnode {__version__}, engine {engine} {engine_version}"
+    if denoised:
+        desc = f"{DENOISE_NOTE[0].upper()}{DENOISE_NOTE[1:]}, then s{desc[1:]}"
+    if fallback:
+        desc += f" (fallback: {fallback})"
+    item.ContributionDescription = desc[:1024]
+    item.PurposeOfReferenceCodeSequence = DicomSequence([code_item("109103", "DCM", "Modifying Equipment")])
+    return item
+
+
+def source_item(ds: Dataset, frame: int) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = sop_class_of(ds)
+    item.ReferencedSOPInstanceUID = sop_instance_of(ds)
+    if frame > 0:
+        item.ReferencedFrameNumber = frame
+    item.PurposeOfReferenceCodeSequence = DicomSequence(
+        [code_item("121322", "DCM", "Source image for image processing operation")])
+    return item
+
+
+def referenced_series(series_uid: str, instances: Sequence[tuple[str, str]]) -> DicomSequence:
+    ser = Dataset()
+    ser.SeriesInstanceUID = series_uid
+    refs = []
+    seen: set[str] = set()
+    for cls, uid in instances:
+        if uid in seen:
+            continue
+        seen.add(uid)
+        it = Dataset()
+        it.ReferencedSOPClassUID = cls
+        it.ReferencedSOPInstanceUID = uid
+        refs.append(it)
+    ser.ReferencedInstanceSequence = DicomSequence(refs)
+    return DicomSequence([ser])
+
+
+def add_file_meta(ds: Dataset) -> None:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.file_meta = meta

@@ -1,0 +1,34 @@
+"""DIMSE status codes the node answers with or reads from peers: one closed set, named as in DICOM PS3.4 / PS3.7.
+
+Sources: PS3.4 Annex B.2.3 (Storage Service Class statuses), Annex C.4 (Query/Retrieve statuses), PS3.7 Annex C
+(general status codes). STOW-RS failure reasons (PS3.18 Table 10.5.3-1, Failure Reason 0008,1197) use the same
+values.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Status(IntEnum):
+    """A DIMSE status (the Status (0000,0900) of a response)."""
+
+    SUCCESS = 0x0000
+    PROCESSING_FAILURE = 0x0110  # PS3.7 C.4.2: the node failed while handling the request
+    SOP_CLASS_NOT_SUPPORTED = 0x0122  # PS3.7 C.5.3: refused, SOP class not supported
+    NOT_AUTHORIZED = 0x0124  # PS3.7 C.5.10: refused, the caller may not store here
+    OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: refused, out of resources (spool disk below its watermark)
+    MOVE_OUT_OF_RESOURCES_MATCHES = 0xA701  # PS3.4 C.4.2.1.5: unable to calculate number of matches
+    MOVE_OUT_OF_RESOURCES_SUBOPS = 0xA702  # PS3.4 C.4.2.1.5: unable to perform sub-operations
+    DATASET_DOES_NOT_MATCH = 0xA900  # PS3.4 B.2.3: data set does not match SOP class (or study of the URL)
+    CANNOT_UNDERSTAND = 0xC210  # PS3.4 B.2.3: cannot understand (unparseable, UIDs missing or invalid)
+    PENDING = 0xFF00
+    PENDING_WARNING = 0xFF01
+
+    def __str__(self) -> str:
+        return f"0x{int(self):04X}"
+
+
+def label(status: int) -> str:
+    """A status as the ``0xXXXX`` text used in metrics labels and logs."""
+    return f"0x{int(status):04X}"

@@ -1,0 +1,232 @@
+"""Admission: the ONE way an instance enters the node, whatever carried it.
+
+The C-STORE SCP, STOW-RS, every pull (C-GET, WADO-RS, Orthanc REST; C-MOVE arrives through the SCP) and the
+Orthanc changes follower all call :meth:`Admission.admit_file` or :meth:`Admission.admit_bytes`. Admission:
+
+1. decides what the caller may do (``[node].allowed_callers`` / ``require_known_callers``): one decision, by
+   calling AE title and, where an entry names one, the caller's address;
+2. reads the header without decoding pixels (:func:`read_header`): UIDs present and valid, the pixel data
+   element wholly inside the file; the SOP class comes from the dataset itself (SOPClassUID, else the file meta),
+   and a C-STORE whose command names another class is answered 0xA900;
+3. checks the spool's disk watermark, links the file into the spool atomically and records it in the index,
+   with the caller's AE title and the rules it may use;
+4. counts the outcome in one metric (``srnode_instances_received_total{status}``).
+
+Every refusal is an :class:`~node.errors.IngestError` carrying the DIMSE status to answer with
+(:class:`node.dimse.Status`); STOW-RS reports the same value as its Failure Reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pynetdicom import AllStoragePresentationContexts
+
+from node.config import CallerConfig, Config
+from node.dimse import Status, label
+from node.errors import IngestError
+from node.metrics import Metrics
+from node.store import Index, Instance, Spool, Stored, valid_uid
+
+log = logging.getLogger(__name__)
+
+STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who handed the node an instance.
+
+    ``ae_title``: the calling AE title (C-STORE), or the identity configured for the path (a source's
+    ``ae_title`` or name for pulls, ``[http].stow_caller`` for STOW-RS); ``address``: the peer's IP address or
+    host; ``via``: the path, for logs and the audit ("c-store", "stow-rs", "c-get", "wado-rs", "orthanc-rest").
+    ``trusted``: the instances were already admitted by the receiving node (a Celery worker fetching its job's
+    series from it); the caller checks were applied there and are not repeated.
+    """
+
+    ae_title: str
+    address: str = ""
+    via: str = "c-store"
+    trusted: bool = False
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the handler learns from a received file, without its pixels."""
+
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    modality: str
+    sop_class: str  # SOPClassUID of the dataset (else the file meta's MediaStorageSOPClassUID)
+    transfer_syntax: str  # the file meta's TransferSyntaxUID ("" when the file has no meta)
+
+
+def _pixel_data_end(fh: BinaryIO, little: bool, implicit: bool) -> tuple[int, str] | None:
+    """From the start of the pixel data element: (offset where its value ends, tag) or None at end of file.
+
+    Encapsulated (undefined length) pixel data is walked item by item up to its sequence delimiter.
+    """
+    end = "<" if little else ">"
+    head = fh.read(8)
+    if len(head) < 8:
+        return None
+    group, elem = struct.unpack(end + "HH", head[:4])
+    tag = f"({group:04X},{elem:04X})"
+    if implicit:
+        (length,) = struct.unpack(end + "L", head[4:8])
+    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+        more = fh.read(4)
+        if len(more) < 4:
+            return fh.tell() + 4, tag
+        (length,) = struct.unpack(end + "L", more)
+    else:
+        (length,) = struct.unpack(end + "H", head[6:8])
+    if length != _UNDEFINED_LENGTH:
+        return fh.tell() + length, tag
+    while True:  # encapsulated: items (FFFE,E000) up to the sequence delimiter (FFFE,E0DD)
+        item = fh.read(8)
+        if len(item) < 8:
+            return fh.tell() + 8, tag
+        ig, ie, ilen = struct.unpack(end + "HHL", item)
+        if (ig, ie) == (0xFFFE, 0xE0DD):
+            return fh.tell(), tag
+        fh.seek(ilen, 1)
+
+
+def read_header(path: Path) -> Header:
+    """Parse the header of a received file; IngestError(0xC210) naming the reason when it is unusable.
+
+    Pixels are not decoded; the pixel data element is only checked to lie wholly inside the file. The SOP class
+    is the dataset's SOPClassUID, else the file meta's MediaStorageSOPClassUID.
+    """
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as fh:
+            ds: Dataset = dcmread(fh, stop_before_pixels=True)
+            deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
+            has_pixels = fh.tell() < size and not deflated
+            ends = _pixel_data_end(fh, ds.original_encoding[1] is not False,
+                                   ds.original_encoding[0] is not False) if has_pixels else None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
+        raise IngestError(f"file cannot be parsed: {type(exc).__name__}: {exc}", Status.CANNOT_UNDERSTAND) from exc
+    if ends is not None and ends[0] > size:
+        raise IngestError(f"file is truncated: element {ends[1]} ends at byte {ends[0]}, the file has {size}",
+                          Status.CANNOT_UNDERSTAND)
+    uids: dict[str, str] = {}
+    for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        try:
+            value = str(ds.get(kw, "") or "").strip()
+        except Exception as exc:  # noqa: BLE001 - a malformed value
+            raise IngestError(f"{kw} cannot be read: {exc}", Status.CANNOT_UNDERSTAND) from exc
+        if not value:
+            raise IngestError(f"{kw} is missing or empty", Status.CANNOT_UNDERSTAND)
+        if not valid_uid(value):
+            raise IngestError(f"{kw} {value!r} is not a valid UID", Status.CANNOT_UNDERSTAND)
+        uids[kw] = value
+    try:
+        sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", "") or "").strip()
+        transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    except Exception as exc:  # noqa: BLE001 - a malformed value
+        raise IngestError(f"SOPClassUID cannot be read: {exc}", Status.CANNOT_UNDERSTAND) from exc
+    name = UID(sop_class).name if sop_class else ""
+    if "Image Storage" in name and ends is None and not deflated:
+        raise IngestError(f"{name} without pixel data", Status.CANNOT_UNDERSTAND)
+    try:
+        modality = str(ds.get("Modality", "") or "")
+    except Exception as exc:  # noqa: BLE001 - a malformed value (found by tests/fuzz/fuzz_ingest.py)
+        raise IngestError(f"Modality cannot be read: {exc}", Status.CANNOT_UNDERSTAND) from exc
+    return Header(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"],
+                  study_uid=uids["StudyInstanceUID"], modality=modality, sop_class=sop_class,
+                  transfer_syntax=transfer_syntax)
+
+
+def find_caller(callers: tuple[CallerConfig, ...], ae_title: str, address: str) -> CallerConfig | None:
+    """The ``[node].allowed_callers`` entry for this AE title (and address, where the entry names a host)."""
+    for c in callers:
+        if c.ae_title.strip() == ae_title.strip() and (not c.host or c.host == address):
+            return c
+    return None
+
+
+def caller_rules(cfg: Config, caller: Caller) -> str:
+    """The rules ``caller`` may use, as the index stores them ("" = every rule; "a,b" = only these).
+
+    Raises IngestError(0x0124 not authorized) when ``[node].require_known_callers`` is set and the caller is not
+    in ``[node].allowed_callers``. The SCP applies the same decision at association time (A-ASSOCIATE-RJ).
+    """
+    if caller.trusted:
+        return ""
+    entry = find_caller(cfg.node.allowed_callers, caller.ae_title, caller.address)
+    if entry is None:
+        if cfg.node.require_known_callers:
+            raise IngestError(f"caller {caller.ae_title!r} ({caller.via}) is not in node.allowed_callers",
+                              Status.NOT_AUTHORIZED)
+        return ""
+    return ",".join(entry.rules)
+
+
+class Admission:
+    """Admits instances into ``spool`` and ``index`` for ``cfg``; safe to share between threads."""
+
+    def __init__(self, cfg: Config, spool: Spool, index: Index, metrics: Metrics) -> None:
+        self.cfg, self.spool, self.index, self.metrics = cfg, spool, index, metrics
+
+    def admit_file(self, path: Path, caller: Caller, declared_sop_class: str = "",
+                   transfer_syntax: str = "") -> Stored:
+        """Admit the complete DICOM file at ``path`` (on the spool's disk; it is linked, not moved).
+
+        ``declared_sop_class``: the SOP class the C-STORE command named (0xA900 when the dataset's differs);
+        ``transfer_syntax``: the negotiated one (default: the file meta's). Returns where the instance is stored
+        (``duplicate`` when its SOPInstanceUID was already there: the first copy is kept). Raises IngestError with
+        the DIMSE status.
+        """
+        status = Status.SUCCESS
+        try:
+            return self._admit(path, caller, declared_sop_class, transfer_syntax)
+        except IngestError as exc:
+            status = Status(exc.status) if exc.status in Status._value2member_map_ else Status.CANNOT_UNDERSTAND
+            self.metrics.failures.labels(where="ingest", reason=label(exc.status)).inc()
+            raise
+        finally:
+            self.metrics.instances_received.labels(status=label(status)).inc()
+
+    def admit_bytes(self, data: bytes, caller: Caller) -> Stored:
+        """Admit one DICOM Part 10 file given as bytes (STOW-RS part, pulled instance); as :meth:`admit_file`."""
+        with tempfile.NamedTemporaryFile(prefix="rx-", suffix=".dcm", dir=self.spool.incoming) as tmp:
+            try:
+                tmp.write(data)
+                tmp.flush()
+            except OSError as exc:
+                self.metrics.instances_received.labels(status=label(Status.OUT_OF_RESOURCES)).inc()
+                raise IngestError(f"cannot write to the spool {self.spool.root}: {exc}",
+                                  Status.OUT_OF_RESOURCES) from exc
+            return self.admit_file(Path(tmp.name), caller)
+
+    def _admit(self, path: Path, caller: Caller, declared_sop_class: str, transfer_syntax: str) -> Stored:
+        allowed_rules = caller_rules(self.cfg, caller)
+        self.spool.check_space()
+        header = read_header(path)
+        if header.sop_class not in STORAGE_SOP_CLASSES:
+            raise IngestError(f"SOP class {header.sop_class!r} is not a storage SOP class",
+                              Status.SOP_CLASS_NOT_SUPPORTED)
+        if declared_sop_class and declared_sop_class != header.sop_class:
+            raise IngestError(f"the dataset's SOP class {header.sop_class} differs from the command's "
+                              f"{declared_sop_class}", Status.DATASET_DOES_NOT_MATCH)
+        stored = self.spool.store_file(path, header.study_uid, header.series_uid, header.sop_uid)
+        inst = Instance(sop_uid=header.sop_uid, series_uid=header.series_uid, study_uid=header.study_uid,
+                        sop_class=header.sop_class, transfer_syntax=transfer_syntax or header.transfer_syntax,
+                        path=str(stored.path), calling_ae=caller.ae_title, allowed_rules=allowed_rules)
+        if not self.index.add_instance(inst, header.modality, stored.path.stat().st_size):
+            log.info("duplicate instance %s of series %s from %s (%s): kept the copy already stored",
+                     header.sop_uid, header.series_uid, caller.ae_title, caller.via)
+        return stored

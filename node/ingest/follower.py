@@ -1,0 +1,120 @@
+"""Follow an Orthanc ``/changes`` feed: every StableSeries of a ``[[sources]]`` entry with ``follow_changes = true``
+is pulled over Orthanc's REST API and admitted like any received series (never srnode's own output).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+from pathlib import Path
+
+import httpx
+import pydicom
+from pydicom.dataset import Dataset
+
+from node.config import Config, SourceConfig
+from node.errors import IngestError, NodeError
+from node.ingest.admit import Admission
+from node.ingest.pull import orthanc_call, orthanc_client, orthanc_series_files, source_caller
+
+log = logging.getLogger(__name__)
+
+
+def is_own_output(ds: Dataset, suffix: str) -> bool:
+    """srnode's derived / uncertainty output (never pulled back in)."""
+    if "DERIVED" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
+        return True
+    if suffix and str(ds.get("SeriesDescription", "")).endswith(suffix):
+        return True
+    return any(str(item.get("Manufacturer", "")).strip().lower() == "srnode"
+               for item in (ds.get("ContributingEquipmentSequence") or []))
+
+
+class ChangesFollower:
+    """Follow an Orthanc ``/changes`` feed; every StableSeries is pulled over REST into the spool.
+
+    The last change seen is kept in ``<spool>/changes-<source>.json`` so a restart neither misses nor repeats.
+    """
+
+    def __init__(self, cfg: Config, src: SourceConfig, admission: Admission) -> None:
+        self.cfg, self.src, self.admission = cfg, src, admission
+        self.caller = source_caller(src, "orthanc-changes")
+        self.state_path = Path(cfg.node.spool_dir) / f"changes-{src.name}.json"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"changes-{src.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _since(self, client: httpx.Client) -> int:
+        try:
+            return int(json.loads(self.state_path.read_text())["since"])
+        except (OSError, ValueError, KeyError):
+            # first start: begin at the end of the feed (do not pull the whole archive)
+            last = orthanc_call(self.src, "changes", lambda: client.get("/changes", params={"last": ""})).json()
+            return int(last.get("Last", 0))
+
+    def _save(self, since: int) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"since": since}))
+        tmp.replace(self.state_path)
+
+    def _loop(self) -> None:
+        since: int | None = None
+        with orthanc_client(self.src) as client:
+            while not self._stop.is_set():
+                try:
+                    if since is None:
+                        since = self._since(client)
+                    params = {"since": since, "limit": 100}
+                    page = orthanc_call(self.src, "changes", lambda p=params: client.get(  # type: ignore[misc]
+                        "/changes", params=p)).json()
+                    for change in page.get("Changes", []):
+                        if change.get("ChangeType") == "StableSeries":
+                            self._pull(client, change["ID"])
+                        since = int(change["Seq"])
+                        self._save(since)
+                    if page.get("Done", True):
+                        self._stop.wait(self.src.poll_s)
+                except (NodeError, OSError, ValueError) as exc:
+                    log.warning("changes follower %s: %s; retrying in %.0f s", self.src.name, exc,
+                                self.src.poll_s)
+                    self._stop.wait(self.src.poll_s)
+
+    def _pull(self, client: httpx.Client, series_id: str) -> None:
+        files = orthanc_series_files(client, self.src, series_id)
+        first = next(files, None)
+        if first is None:
+            return
+        if is_own_output(pydicom.dcmread(io.BytesIO(first), stop_before_pixels=True),
+                         self.cfg.derive.series_description_suffix):
+            log.info("changes follower %s: series %s is srnode output, left alone", self.src.name, series_id)
+            return
+        n = 0
+        for data in (first, *files):
+            try:
+                self.admission.admit_bytes(data, self.caller)
+                n += 1
+            except IngestError as exc:
+                log.warning("changes follower %s: instance of series %s refused: %s", self.src.name,
+                            series_id, exc)
+        log.info("changes follower %s: series %s pulled, %d instance(s)", self.src.name, series_id, n)
+
+
+def start_followers(cfg: Config, admission: Admission) -> list[ChangesFollower]:
+    """Start a follower for every ``kind = "orthanc"`` source with ``follow_changes = true``."""
+    out = []
+    for src in cfg.sources:
+        if src.kind == "orthanc" and src.follow_changes:
+            f = ChangesFollower(cfg, src, admission)
+            f.start()
+            out.append(f)
+    return out
+
+

@@ -1,0 +1,236 @@
+"""Pull by UID: retrieve a study/series from a configured ``[[sources]]`` entry into the spool.
+
+``srnode fetch --study UID [--series UID] --from NAME`` and ``POST /jobs`` both call :func:`fetch`.
+Instances go into the spool through the same admission as received ones (``node.ingest.admit``), so the normal
+stable → job path processes them.
+
+- kind ``dicom``: C-MOVE (default) with the node's own AE as move destination — the PACS sends the instances to the
+  running node's SCP, so the PACS must know the node's AE title, host and port; or C-GET (``--method get``), where
+  this process receives the instances on the same association and spools them itself.
+- kind ``dicomweb``: WADO-RS (dicomweb-client) from ``url`` (the DICOMweb service root).
+- kind ``orthanc``: Orthanc REST (``/tools/find`` + ``/instances/{id}/file``, byte-exact) from ``url``; with
+  ``follow_changes = true`` a ``node.ingest.follower.ChangesFollower`` also pulls every StableSeries from
+  ``/changes``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from pydicom.dataset import Dataset
+
+from node.config import Config, SourceConfig
+from node.errors import ConfigError, DeliveryError, IngestError
+from node.ingest.admit import Admission, Caller
+
+log = logging.getLogger(__name__)
+
+METHODS = ("move", "get")
+
+
+class FetchError(DeliveryError):
+    """A source refused or could not be reached (``retryable`` as for deliveries)."""
+
+
+@dataclass
+class FetchResult:
+    source: str
+    method: str
+    study: str
+    series: str
+    received: int = 0  # instances spooled by this process (C-GET, WADO-RS, REST)
+    moved: int = 0  # instances the PACS reported sent by C-MOVE (they arrive through the node's SCP)
+    refused: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "method": self.method, "study": self.study, "series": self.series,
+                "received": self.received, "moved": self.moved, "refused": self.refused}
+
+
+def source_caller(src: SourceConfig, via: str) -> Caller:
+    """The caller identity of instances pulled from ``src``: its ``ae_title`` (else its name) and host."""
+    host = src.host or (urlsplit(src.url).hostname or "" if src.url else "")
+    return Caller(src.ae_title or src.name, host, via)
+
+
+def fetch(cfg: Config, source_name: str, study: str, series: str = "", *, admission: Admission,
+          method: str = "") -> FetchResult:
+    """Retrieve ``study`` (or one ``series`` of it) from source ``source_name`` into the spool.
+
+    Every instance enters through ``admission`` with the source as its caller (``[node].allowed_callers``
+    applies as for C-STORE). Raises ConfigError for an unknown source or method, FetchError when the source
+    refuses or cannot be reached; refused instances are listed in the result.
+    """
+    src = cfg.source(source_name)
+    if not study:
+        raise ConfigError("fetch: a StudyInstanceUID is required")
+    if src.kind == "dicom":
+        method = method or "move"
+        if method not in METHODS:
+            raise ConfigError(f"fetch: method {method!r} is not one of {', '.join(METHODS)}")
+        result = FetchResult(src.name, f"c-{method}", study, series)
+        _dimse(cfg, src, result, admission, method)
+    elif src.kind == "dicomweb":
+        result = FetchResult(src.name, "wado-rs", study, series)
+        _feed(result, admission, source_caller(src, "wado-rs"), _wado(src, study, series))
+    else:
+        result = FetchResult(src.name, "orthanc-rest", study, series)
+        with orthanc_client(src) as client:
+            _feed(result, admission, source_caller(src, "orthanc-rest"), _orthanc_files(client, src, study, series))
+    log.info("fetch from %s (%s): %d spooled, %d moved, %d refused", src.name, result.method,
+             result.received, result.moved, len(result.refused))
+    return result
+
+
+def _feed(result: FetchResult, admission: Admission, caller: Caller, files: Iterator[bytes]) -> None:
+    for data in files:
+        try:
+            admission.admit_bytes(data, caller)
+            result.received += 1
+        except IngestError as exc:
+            result.refused.append(str(exc))
+
+
+# ------------------------------------------------------------------------------------------ DIMSE
+
+
+def _query(study: str, series: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "SERIES" if series else "STUDY"
+    ds.StudyInstanceUID = study
+    if series:
+        ds.SeriesInstanceUID = series
+    return ds
+
+
+def _dimse(cfg: Config, src: SourceConfig, result: FetchResult, admission: Admission, method: str) -> None:
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.presentation import StoragePresentationContexts
+    from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+        StudyRootQueryRetrieveInformationModelGet,
+        StudyRootQueryRetrieveInformationModelMove,
+    )
+
+    if not (src.ae_title and src.host and src.port):
+        raise ConfigError(f"sources {src.name!r}: kind 'dicom' needs ae_title, host and port")
+    ae = AE(ae_title=cfg.node.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    handlers: list[Any] = []
+    roles: list[Any] = []
+    if method == "move":
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        model = StudyRootQueryRetrieveInformationModelMove
+    else:
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        for ctx in StoragePresentationContexts[:120]:
+            syntax = str(ctx.abstract_syntax)
+            ae.add_requested_context(syntax)
+            roles.append(build_role(syntax, scp_role=True))
+        model = StudyRootQueryRetrieveInformationModelGet
+
+        caller = source_caller(src, "c-get")
+
+        def on_store(event: Any) -> int:
+            try:
+                admission.admit_bytes(event.encoded_dataset(), caller)
+                result.received += 1
+                return 0x0000
+            except IngestError as exc:
+                result.refused.append(str(exc))
+                return exc.status
+
+        handlers = [(evt.EVT_C_STORE, on_store)]
+    assoc = ae.associate(src.host, src.port, ae_title=src.ae_title, ext_neg=roles, evt_handlers=handlers)
+    if not assoc.is_established:
+        raise FetchError(f"source {src.name!r}: association with {src.ae_title}@{src.host}:{src.port} "
+                         "was rejected or not answered")
+    try:
+        query = _query(result.study, result.series)
+        responses = (assoc.send_c_move(query, cfg.node.ae_title, model) if method == "move"
+                     else assoc.send_c_get(query, model))
+        last = 0xFFFF
+        for status, _identifier in responses:
+            if status is None or "Status" not in status:
+                raise FetchError(f"source {src.name!r}: C-{method.upper()} got no answer (timeout or abort)")
+            last = int(status.Status)
+            if last == 0x0000 and method == "move":
+                result.moved = int(getattr(status, "NumberOfCompletedSuboperations", 0) or 0)
+            if last not in (0x0000, 0xFF00, 0xFF01):
+                failed = int(getattr(status, "NumberOfFailedSuboperations", 0) or 0)
+                raise FetchError(f"source {src.name!r}: C-{method.upper()} ended with status 0x{last:04X}"
+                                 f" ({failed} sub-operation(s) failed; is {cfg.node.ae_title} known to the PACS?)",
+                                 retryable=last in (0xA701, 0xA702))
+    finally:
+        assoc.release()
+
+
+# ------------------------------------------------------------------------------------------ DICOMweb
+
+
+def _wado(src: SourceConfig, study: str, series: str) -> Iterator[bytes]:
+    import requests
+    from dicomweb_client import DICOMwebClient
+    from dicomweb_client.session_utils import create_session, create_session_from_user_pass
+
+    session = (create_session_from_user_pass(src.username, src.password) if src.username and not src.token
+               else create_session())
+    headers = {"Authorization": f"Bearer {src.token}"} if src.token else None
+    client = DICOMwebClient(src.url.rstrip("/"), session=session, headers=headers, timeout=120)
+    try:
+        datasets = client.iter_series(study, series) if series else client.iter_study(study)
+        for ds in datasets:
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            yield buf.getvalue()
+    except requests.RequestException as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        raise FetchError(f"source {src.name!r}: WADO-RS from {src.url} failed: "
+                         f"{f'HTTP {status}' if status else type(exc).__name__}",
+                         retryable=status not in (400, 401, 403, 404)) from exc
+
+
+# ------------------------------------------------------------------------------------------ Orthanc REST
+
+
+def orthanc_client(src: SourceConfig) -> httpx.Client:
+    if not src.url:
+        raise ConfigError(f"sources {src.name!r}: kind {src.kind!r} needs a url")
+    auth = (src.username, src.password) if src.username else None
+    headers = {"Authorization": f"Bearer {src.token}"} if src.token else {}
+    return httpx.Client(base_url=src.url.rstrip("/"), auth=auth, headers=headers, timeout=120)
+
+
+def orthanc_call(src: SourceConfig, what: str, fn: Callable[[], httpx.Response]) -> httpx.Response:
+    try:
+        r = fn()
+        r.raise_for_status()
+        return r
+    except httpx.HTTPStatusError as exc:
+        code = exc.response.status_code
+        raise FetchError(f"source {src.name!r}: {what}: HTTP {code}", retryable=code >= 500) from exc
+    except httpx.HTTPError as exc:
+        raise FetchError(f"source {src.name!r}: {what}: {type(exc).__name__}") from exc
+
+
+def _orthanc_files(client: httpx.Client, src: SourceConfig, study: str, series: str) -> Iterator[bytes]:
+    query = {"StudyInstanceUID": study, **({"SeriesInstanceUID": series} if series else {})}
+    found = orthanc_call(src, "find", lambda: client.post("/tools/find", json={
+        "Level": "Series", "Query": query})).json()
+    if not found:
+        raise FetchError(f"source {src.name!r}: no series for study {study}" + (f" series {series}" if series
+                         else ""), retryable=False)
+    for series_id in found:
+        yield from orthanc_series_files(client, src, series_id)
+
+
+def orthanc_series_files(client: httpx.Client, src: SourceConfig, series_id: str) -> Iterator[bytes]:
+    instances = orthanc_call(src, f"series {series_id}", lambda: client.get(f"/series/{series_id}")).json()
+    for inst in instances.get("Instances", []):
+        url = f"/instances/{inst}/file"
+        yield orthanc_call(src, f"instance {inst}", lambda u=url: client.get(u)).content  # type: ignore[misc]

@@ -1,0 +1,54 @@
+"""The decision on a stable series: which rule takes it (and so factors, engine, destinations), or why none.
+
+The rules a series may use were fixed when its instances were admitted (``node.ingest.admit.caller_rules``, stored
+as the series' ``allowed_rules``); here the rules are matched on the series' first instance's header.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom import dcmread
+
+from node.audit import AuditLog
+from node.config import Config, RuleConfig
+from node.jobs.rules import allowed_rules, match_rule
+from node.store import Index, JobState
+
+log = logging.getLogger(__name__)
+
+
+def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = None) -> int | None:
+    """A stable series: match the rules on its first instance's header; returns the queued job id or None."""
+    s = index.series(series_uid) or {}
+    instances = index.instances_of(series_uid)
+    if audit:
+        audit.write("series-received", series=series_uid, study=s.get("study_uid", ""), instances=len(instances),
+                    modality=s.get("modality", ""), calling_ae=s.get("calling_ae", ""))
+    rule: RuleConfig | None = None
+    try:
+        header = dcmread(instances[0].path, stop_before_pixels=True)
+        rule, reason = match_rule(cfg, header, allowed_rules(str(s.get("allowed_rules", ""))))
+    except Exception as exc:  # noqa: BLE001 - a broken first instance or rule: record it, keep watching
+        reason = f"cannot match the rules on the series' first instance: {type(exc).__name__}: {exc}"
+        job_id = index.create_job(series_uid, "", state=JobState.FAILED, reason=reason)
+        log.warning("series %s: job %d failed: %s", series_uid, job_id, reason)
+        if audit:
+            audit.write("job-decision", job=job_id, series=series_uid, instances=len(instances),
+                        decision=JobState.FAILED, reason=reason)
+        return None
+    if rule is None:
+        if not reason.startswith("no rule matched"):
+            reason = f"no rule matched: {reason}"
+        job_id = index.create_job(series_uid, "", state=JobState.IGNORED, reason=reason)
+        log.info("series %s (%d instances): left alone: %s", series_uid, len(instances), reason)
+        if audit:
+            audit.write("job-decision", job=job_id, series=series_uid, instances=len(instances),
+                        decision="ignored", reason=reason)
+        return None
+    job_id = index.create_job(series_uid, rule.name, reason=reason if isinstance(reason, str) else "")
+    log.info("series %s (%d instances): job %d queued (rule %s)", series_uid, len(instances), job_id, rule.name)
+    if audit:
+        audit.write("job-decision", job=job_id, series=series_uid, instances=len(instances), decision="queued",
+                    rule=rule.name, calling_ae=s.get("calling_ae", ""))
+    return job_id

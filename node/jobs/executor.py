@@ -1,0 +1,100 @@
+"""Where jobs run: one ``Executor`` interface, two implementations.
+
+- ``InProcessExecutor`` (default): one worker thread in the serving process; jobs run one at a time, so GPU
+  work is serialised.
+- ``node.jobs.celery_executor.CeleryExecutor`` ([executor].kind = "celery"): publishes job ids to GPU workers.
+
+Submitting is only a wake-up: the job's state lives in the index, ``run_job`` claims it atomically, so a job
+submitted twice runs once.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Protocol, runtime_checkable
+
+from node.jobs.context import JobContext
+from node.jobs.runner import run_job
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Where jobs run. ``submit`` only wakes a runner: the job's state lives in the index."""
+
+    def start(self) -> None: ...
+
+    def submit(self, job_id: int) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class InProcessExecutor:
+    """A single worker thread calling ``node.jobs.runner.run_job(ctx, job_id)`` for each submitted job."""
+
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._pending: set[int] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="srnode-worker", daemon=True)
+            self._thread.start()
+
+    def submit(self, job_id: int) -> None:
+        with self._lock:
+            if job_id in self._pending:
+                return
+            self._pending.add(job_id)
+        self._queue.put(job_id)
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def _loop(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            if job_id is None:
+                return
+            try:
+                run_job(self.ctx, job_id)
+            except Exception as exc:  # noqa: BLE001 - run_job records job failures; this is the spool failing
+                log.exception("job %s: the worker could not record its outcome: %s", job_id, exc)
+            finally:
+                with self._lock:
+                    self._pending.discard(job_id)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the job in hand (up to ``timeout``); queued jobs stay queued in the index for the next start.
+
+        A job still running after ``timeout`` dies with the process and is re-queued at the next start."""
+        if self._thread is None:
+            return
+        while True:  # drop what was not started: it is still 'queued' in the index
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("worker: the running job did not finish within %.0f s; it is re-queued at next start",
+                        timeout)
+        self._thread = None
+
+
+def make_executor(ctx: JobContext) -> Executor:
+    """The executor named by ``[executor].kind`` (Celery is imported only when configured)."""
+    if ctx.cfg.executor.kind == "celery":
+        from node.jobs.celery_executor import CeleryExecutor
+
+        return CeleryExecutor(ctx)
+    return InProcessExecutor(ctx)

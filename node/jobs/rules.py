@@ -1,0 +1,94 @@
+"""Routing rules: which pipeline (factors, engine, destinations) a series gets, or why it is left alone.
+
+A rule matches when every entry of its ``match`` table matches: the entry's key is a DICOM keyword, its value a
+literal or a regular expression that must match the whole element value. Multi-valued elements match when any
+single value matches or when the values joined with a backslash do (``ImageType = "ORIGINAL\\\\PRIMARY.*"``).
+The first matching rule wins. Callers listed in ``[node].allowed_callers`` with a ``rules`` list may only use
+those rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from functools import lru_cache
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from node.config import Config, RuleConfig
+
+log = logging.getLogger(__name__)
+
+# never quote these in a reason: they identify a patient or an encounter
+_PRIVATE_KEYWORDS = frozenset({"PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate",
+                               "OtherPatientIDs", "PatientAddress", "IssuerOfPatientID"})
+
+
+@lru_cache(maxsize=256)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def element_values(header: Dataset, keyword: str) -> list[str] | None:
+    """The element's values as strings (``None`` when absent); a multi-valued element gives each value."""
+    if keyword not in header:
+        return None
+    value = header.get(keyword)
+    if value is None:
+        return [""]
+    if isinstance(value, (MultiValue, list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def matches(pattern: str, values: list[str]) -> bool:
+    rx = _compiled(pattern)
+    candidates = values + (["\\".join(values)] if len(values) > 1 else [])
+    return any(v == pattern or rx.fullmatch(v) is not None for v in candidates)
+
+
+def _shown(keyword: str, values: list[str] | None) -> str:
+    if values is None:
+        return f"{keyword} absent"
+    if keyword in _PRIVATE_KEYWORDS:
+        return f"{keyword} (value not shown)"
+    joined = "\\".join(values)
+    return f"{keyword} {joined!r}"
+
+
+def rule_mismatch(rule: RuleConfig, header: Dataset) -> str:
+    """Empty when ``rule`` matches ``header``; otherwise the first entry that does not, as words."""
+    for keyword, pattern in rule.match.items():
+        values = element_values(header, keyword)
+        if values is None or not matches(str(pattern), values):
+            return f"{_shown(keyword, values)} does not match {pattern!r}"
+    return ""
+
+
+def allowed_rules(stored: str) -> frozenset[str] | None:
+    """The rule names a series may use, from the index's ``allowed_rules`` column ("" or absent: every rule).
+
+    The value was decided once, at admission (``node.ingest.admit.caller_rules``), from ``[node].allowed_callers``.
+    """
+    names = frozenset(r for r in stored.split(",") if r)
+    return names or None
+
+
+def match_rule(cfg: Config, header: Dataset,
+               allowed: frozenset[str] | None = None) -> tuple[RuleConfig | None, str]:
+    """The first rule matching ``header`` among ``allowed`` (None: every rule), with a reason a person can read."""
+    if not cfg.rules:
+        return None, "no rules are configured"
+    misses: list[str] = []
+    for rule in cfg.rules:
+        if allowed is not None and rule.name not in allowed:
+            misses.append(f"{rule.name}: not allowed for the series' caller (node.allowed_callers)")
+            continue
+        miss = rule_mismatch(rule, header)
+        if not miss:
+            return rule, f"rule {rule.name!r} matched"
+        misses.append(f"{rule.name}: {miss}")
+    modality = element_values(header, "Modality")
+    head = f"no rule matched: {_shown('Modality', modality)}"
+    return None, head + " (" + "; ".join(misses) + ")"

@@ -1,0 +1,125 @@
+"""Running a job: claim it, run ``node.process.process_series`` on its instance files, put the results in the
+spool's outbox area and enqueue one delivery per destination. Every outcome is recorded on the job with a
+reason. Safe to call from any process that sees the spool (the in-process worker, a Celery worker).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from node.config import RuleConfig
+from node.derived import reject_superseded
+from node.errors import DeriveError, EngineError, NodeError, VolumeError
+from node.jobs.context import JobContext
+from node.metrics import Metrics
+from node.process import process_series
+from node.store import Job, JobState
+
+log = logging.getLogger(__name__)
+
+
+def _rule(rules: tuple[RuleConfig, ...], name: str) -> RuleConfig | None:
+    return next((r for r in rules if r.name == name), None)
+
+
+def run_job(ctx: JobContext, job_id: int) -> None:
+    """Claim queued job ``job_id`` and run it; its outcome (and reason) is recorded in the index."""
+    job = ctx.store.index.claim_job(job_id)
+    if job is None:
+        log.info("job %s: not queued any more (taken or finished elsewhere), skipped", job_id)
+        return
+    process_claimed(ctx, job)
+
+
+def process_claimed(ctx: JobContext, job: Job) -> str:
+    """Run a job already claimed ('processing'); returns its new state (a ``JobState`` value)."""
+    cfg, spool, index, audit, metrics = ctx.cfg, ctx.store.spool, ctx.store.index, ctx.audit, ctx.metrics
+    t0 = time.monotonic()
+    rule = _rule(cfg.rules, job.rule)
+    if rule is None:
+        return _fail(ctx, job, f"rule {job.rule!r} is no longer in the configuration", "config")
+    paths = [Path(i.path) for i in index.instances_of(job.series_uid)]
+    out_dir = spool.job_dir(job.id, fresh=True)
+    log.info("job %d: series %s, %d instances, rule %s", job.id, job.series_uid, len(paths), rule.name)
+    try:
+        result = process_series(paths, rule, cfg, out_dir, engines=ctx.engines)
+    except VolumeError as exc:
+        why = f"series cannot be a volume: {exc}"
+        return _originals_only(ctx, job, rule, paths, why) or _fail(ctx, job, why, "volume")
+    except EngineError as exc:
+        why = f"engine failed: {exc}"
+        return _originals_only(ctx, job, rule, paths, why) or _fail(ctx, job, why, "engine")
+    except DeriveError as exc:
+        why = f"derived series could not be built: {exc}"
+        return _originals_only(ctx, job, rule, paths, why) or _fail(ctx, job, why, "derive")
+    except NodeError as exc:
+        return _fail(ctx, job, str(exc), type(exc).__name__)
+    except Exception as exc:  # noqa: BLE001 - record it on the job, keep the node running
+        log.exception("job %d: unexpected error", job.id)
+        return _fail(ctx, job, f"internal error: {type(exc).__name__}: {exc}", "internal")
+    seconds = time.monotonic() - t0
+    metrics.job_seconds.labels(stage="process").observe(seconds)
+    files = [str(p) for p in [*result.derived_files, *result.uncertainty_files]]
+    try:  # a reprocess after late instances: retire the earlier results in PACS (IOCM rejection note)
+        files += [str(p) for p in reject_superseded(index, spool.outbox, job, result.derived_series_uid,
+                                                    cfg.derive, out_dir)]
+    except NodeError as exc:
+        log.warning("job %d: no rejection note for the superseded job: %s", job.id, exc)
+    per_dest = {d: files + ([str(p) for p in paths] if rule.forward_originals else []) for d in rule.destinations}
+    index.add_deliveries(job.id, per_dest)
+    report = dict(result.report or {})
+    report.setdefault("seconds", round(seconds, 3))
+    report.setdefault("derived_files", len(result.derived_files))
+    report.setdefault("uncertainty_files", len(result.uncertainty_files))
+    state = JobState.SENDING if per_dest else JobState.DELIVERED
+    reason = "" if per_dest else "rule has no destinations; results kept in the spool"
+    index.finish_job(job.id, state, reason, derived_series_uid=result.derived_series_uid,
+                     uncertainty_series_uid=result.uncertainty_series_uid, engine=result.engine,
+                     fallback=result.fallback or "", report=report)
+    metrics.series_processed.labels(outcome="processed").inc()
+    _gpu_peak(metrics)
+    log.info("job %d: %d derived + %d uncertainty objects in %.1f s (engine %s%s); %s", job.id,
+             len(result.derived_files), len(result.uncertainty_files), seconds, result.engine,
+             f", fallback: {result.fallback}" if result.fallback else "",
+             f"to {', '.join(per_dest)}" if per_dest else reason)
+    audit.write("job-processed", job=job.id, series=job.series_uid, derived_series=result.derived_series_uid,
+                uncertainty_series=result.uncertainty_series_uid, engine=result.engine,
+                fallback=result.fallback or "", seconds=round(seconds, 2), destinations=list(per_dest))
+    return state
+
+
+def _gpu_peak(metrics: Metrics) -> None:
+    """Publish the engine's peak GPU memory of the last job (only when torch is loaded and sees a GPU)."""
+    torch: Any = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        metrics.gpu_memory_bytes.set(torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _originals_only(ctx: JobContext, job: Job, rule: RuleConfig, paths: list[Path], why: str) -> str:
+    """The last fallback: a rule that forwards originals still forwards them when SR cannot be applied, so the
+    study reaches PACS; the job says "SR not applied" and why. Returns '' when the rule forwards nothing."""
+    if not (rule.forward_originals and rule.destinations and paths):
+        return ""
+    note = f"SR not applied: {why}; originals forwarded unchanged"
+    index = ctx.store.index
+    index.add_deliveries(job.id, {d: [str(p) for p in paths] for d in rule.destinations})
+    index.finish_job(job.id, JobState.SENDING, "", engine="none", fallback=note)
+    ctx.metrics.series_processed.labels(outcome="originals-only").inc()
+    log.warning("job %d (series %s): %s", job.id, job.series_uid, note)
+    ctx.audit.write("job-processed", job=job.id, series=job.series_uid, engine="none", fallback=note,
+                    destinations=list(rule.destinations))
+    return JobState.SENDING
+
+
+def _fail(ctx: JobContext, job: Job, reason: str, category: str) -> str:
+    log.warning("job %d (series %s): failed: %s", job.id, job.series_uid, reason)
+    ctx.store.index.finish_job(job.id, JobState.FAILED, reason)
+    ctx.metrics.series_processed.labels(outcome="failed").inc()
+    ctx.metrics.failures.labels(where="job", reason=category).inc()
+    ctx.audit.write("job-failed", job=job.id, series=job.series_uid, reason=reason)
+    return JobState.FAILED

@@ -1,0 +1,77 @@
+"""The completeness watcher: a series quiet for ``[node].stable_age_s`` becomes a job (``node.jobs.decide``), and
+queued jobs are (re)submitted to the executor. An association release only wakes it.
+
+To change when a series counts as complete, change :meth:`StabilityWatcher.tick` (and the index queries it
+uses, ``Index.quiet_series`` / ``Index.mark_stable``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from node.audit import AuditLog
+from node.config import Config
+from node.errors import NodeError
+from node.jobs.decide import decide
+from node.metrics import Metrics
+from node.store import Index, JobState
+
+log = logging.getLogger(__name__)
+
+
+class StabilityWatcher:
+    """Polls the index: quiet series become jobs; queued jobs are handed to ``submit``."""
+
+    def __init__(self, cfg: Config, index: Index, submit: Callable[[int], None], metrics: Metrics,
+                 audit: AuditLog | None = None) -> None:
+        self.cfg, self.index, self.submit, self.metrics, self.audit = cfg, index, submit, metrics, audit
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._submitted: dict[int, float] = {}  # job id -> its 'updated' time when last submitted
+
+    def hint(self) -> None:
+        """An association was released: look now (the series must still be quiet for stable_age_s)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="srnode-stability", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def tick(self) -> None:
+        now = time.time()
+        quiet_since = now - self.cfg.node.stable_age_s
+        for series_uid in self.index.quiet_series(quiet_since):
+            if self.index.mark_stable(series_uid, quiet_since):
+                try:
+                    decide(self.cfg, self.index, series_uid, self.audit)
+                except NodeError as exc:
+                    log.error("series %s: could not decide what to do: %s", series_uid, exc)
+        for job in self.index.jobs((JobState.QUEUED,)):
+            if self._submitted.get(job.id) != job.updated:
+                self._submitted[job.id] = job.updated
+                try:
+                    self.submit(job.id)
+                except NodeError as exc:
+                    log.error("job %d: could not be submitted (stays queued): %s", job.id, exc)
+                    del self._submitted[job.id]
+        self.metrics.queue_depth.set(self.index.queue_depth())
+
+    def _loop(self) -> None:
+        interval = min(0.5, self.cfg.node.stable_age_s / 4)
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 - keep watching; the index may be busy for a moment
+                log.exception("stability watcher: %s", exc)
+            self._wake.wait(interval)
+            self._wake.clear()

@@ -1,0 +1,100 @@
+"""The engine boundary of the node: an engine cache, the cubic fallback, the optional denoise step.
+
+``models/`` is reached only through ``models.engine`` (and ``models.denoise``); its ``EngineError`` is translated
+here, once, into ``node.errors.EngineError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+
+from models.denoise import denoise
+from models.engine import Engine, EngineOptions, EngineResult, Factors, VolumeInput, get_engine
+from models.engine import EngineError as ModelsEngineError
+from node.config import Config
+from node.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+FALLBACK_ENGINE = "cubic"
+
+
+def engine_options(cfg: Config) -> EngineOptions:
+    e = cfg.engine
+    return EngineOptions(device=e.device, fast=e.fast, finetune_steps=e.finetune_steps,
+                         in_plane_finetune_steps=e.in_plane_finetune_steps, tta_passes=e.tta_passes, samples=e.samples, weights=e.weights, seed=e.seed, min_gain_db=e.min_gain_db,
+                         max_voxels_per_tile=e.max_voxels_per_tile)
+
+
+class EngineCache:
+    """Engines built once per (name, options) and kept by their owner (a node, a worker): weights load once.
+
+    Thread-safe. ``get`` raises ``node.errors.EngineError`` naming the known engines for an unknown name.
+    """
+
+    def __init__(self) -> None:
+        self._engines: dict[tuple[str, EngineOptions], Engine] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, options: EngineOptions) -> Engine:
+        key = (name, options)
+        with self._lock:
+            if key not in self._engines:
+                try:
+                    self._engines[key] = get_engine(name, options)
+                except ValueError as exc:
+                    raise EngineError(str(exc)) from exc
+            return self._engines[key]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc)
+
+
+def run_engine(engines: EngineCache, name: str, options: EngineOptions, vin: VolumeInput,
+               factors: Factors) -> tuple[EngineResult, str]:
+    """Upscale with ``name``; on EngineError or out-of-memory retry with cubic. Returns (result, engine version).
+
+    ``vin.data`` is (Z, Y, X) float32 in modality units; the result's arrays are on the output grid
+    (``models.engine.output_shape``). Raises ``node.errors.EngineError`` when cubic itself fails.
+    """
+    try:
+        engine = engines.get(name, options)
+        try:
+            result = engine.upscale(vin, factors)
+        except ModelsEngineError as exc:  # the engine boundary: translated once
+            raise EngineError(str(exc)) from exc
+        return result, str(getattr(engine, "version", ""))
+    except Exception as exc:
+        if name == FALLBACK_ENGINE or not (isinstance(exc, EngineError) or _is_oom(exc)):
+            if isinstance(exc, EngineError):
+                raise
+            raise EngineError(f"engine {name} failed: {type(exc).__name__}: {exc}") from exc
+        reason = f"engine {name} failed ({'out of memory' if _is_oom(exc) else exc}); used {FALLBACK_ENGINE}"
+        log.warning("%s", reason)
+    engine = engines.get(FALLBACK_ENGINE, options)
+    result = engine.upscale(vin, factors)
+    result.fallback = (result.fallback + "; " if result.fallback else "") + reason
+    return result, str(getattr(engine, "version", ""))
+
+
+def denoise_input(vin: VolumeInput, options: EngineOptions) -> tuple[VolumeInput, np.ndarray, dict[str, Any]]:
+    """The optional denoise step (``models.denoise``): (denoised input, its (Z, Y, X) sigma, report)."""
+    try:
+        data, sigma, rep = denoise(vin, options)
+    except ModelsEngineError as exc:
+        raise EngineError(f"denoise: {exc}") from exc
+    return dataclasses.replace(vin, data=np.asarray(data, dtype=np.float32)), np.asarray(sigma), dict(rep)
+
+
+def add_denoise_sigma(engines: EngineCache, result: EngineResult, sigma_in: np.ndarray, options: EngineOptions,
+                      vin: VolumeInput, factors: Factors) -> None:
+    """Carry the denoiser's sigma to the output grid (cubic) and add it in quadrature."""
+    up = engines.get(FALLBACK_ENGINE, options).upscale(
+        dataclasses.replace(vin, data=sigma_in.astype(np.float32), value_range=None), factors).data
+    result.sigma = np.sqrt(result.sigma.astype(np.float64) ** 2 + np.maximum(up, 0) ** 2).astype(np.float32)

@@ -1,0 +1,117 @@
+"""The durable outbox: each job's results wait in the index, one delivery per destination, until sent.
+
+A thread picks due deliveries, sends them with the destination's Sender and records the outcome. A retryable
+failure is tried again after an exponential backoff ([outbox] backoff_initial_s doubling up to backoff_max_s);
+after max_attempts, or at once for a non-retryable failure, the delivery goes to dead-letter with the reason
+(``srnode retry`` puts it back). A resend is harmless: derived UIDs are deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from node.audit import AuditLog
+from node.config import Config
+from node.errors import ConfigError, DeliveryError, NodeError
+from node.metrics import Metrics
+from node.send.base import Sender, make_sender
+from node.store import Delivery, Index
+
+log = logging.getLogger(__name__)
+
+
+def backoff_s(cfg: Config, failed_attempts: int) -> float:
+    """Delay before the next try after ``failed_attempts`` (>= 1) failures."""
+    o = cfg.outbox
+    return float(min(o.backoff_max_s, o.backoff_initial_s * 2 ** max(0, failed_attempts - 1)))
+
+
+class Outbox:
+    """Delivers due deliveries of ``index`` with one Sender per destination of ``cfg``, in its own thread."""
+
+    def __init__(self, cfg: Config, index: Index, metrics: Metrics, audit: AuditLog | None = None) -> None:
+        self.cfg, self.index, self.metrics, self.audit = cfg, index, metrics, audit
+        self._senders: dict[str, Sender] = {}
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="srnode-outbox", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop after the delivery in hand, waiting up to ``timeout`` (a half-sent delivery is resent at the next
+        start; resends are harmless)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_due()
+            except Exception as exc:  # noqa: BLE001 - keep the outbox alive; the index may be busy
+                log.exception("outbox: %s", exc)
+            self._wake.wait(0.5)
+            self._wake.clear()
+
+    def run_due(self) -> int:
+        """Attempt every due delivery once; returns how many were attempted."""
+        due = self.index.due_deliveries(time.time())
+        for d in due:
+            if self._stop.is_set():
+                break
+            self.attempt(d)
+        return len(due)
+
+    def sender(self, name: str) -> Sender:
+        if name not in self._senders:
+            self._senders[name] = make_sender(self.cfg.destination(name))
+        return self._senders[name]
+
+    def attempt(self, d: Delivery) -> None:
+        t0 = time.monotonic()
+        try:
+            missing = [f for f in d.files if not Path(f).is_file()]
+            if missing:
+                raise DeliveryError(f"{len(missing)} result file(s) are missing from the spool, e.g. {missing[0]}",
+                                    retryable=False)
+            self.sender(d.destination).send([Path(f) for f in d.files])
+        except (DeliveryError, ConfigError, NodeError) as exc:
+            retryable = exc.retryable if isinstance(exc, DeliveryError) else False
+            attempts = d.attempts + 1
+            if retryable and attempts < self.cfg.outbox.max_attempts:
+                delay = backoff_s(self.cfg, attempts)
+                self.index.delivery_failed(d.id, str(exc), time.time() + delay)
+                log.warning("job %d -> %s: attempt %d/%d failed, next in %.0f s: %s", d.job_id, d.destination,
+                            attempts, self.cfg.outbox.max_attempts, delay, exc)
+                self.metrics.deliveries.labels(destination=d.destination, outcome="retry").inc()
+            else:
+                why = f"after {attempts} attempt(s): {exc}" if retryable else f"not retryable: {exc}"
+                self.index.delivery_failed(d.id, why, None)
+                log.error("job %d -> %s: dead-letter %s", d.job_id, d.destination, why)
+                self.metrics.deliveries.labels(destination=d.destination, outcome="dead-letter").inc()
+                self.metrics.failures.labels(where="delivery", reason=type(exc).__name__).inc()
+                if self.audit:
+                    self.audit.write("delivery", job=d.job_id, destination=d.destination, outcome="dead-letter",
+                                     attempts=attempts, reason=str(exc))
+            self.index.settle_job(d.job_id)
+            return
+        seconds = time.monotonic() - t0
+        self.index.delivery_done(d.id)
+        state = self.index.settle_job(d.job_id)
+        self.metrics.deliveries.labels(destination=d.destination, outcome="delivered").inc()
+        self.metrics.job_seconds.labels(stage="deliver").observe(seconds)
+        log.info("job %d -> %s: %d file(s) delivered in %.1f s (job %s)", d.job_id, d.destination, len(d.files),
+                 seconds, state)
+        if self.audit:
+            self.audit.write("delivery", job=d.job_id, destination=d.destination, outcome="delivered",
+                             files=len(d.files), attempts=d.attempts + 1)

@@ -1,0 +1,166 @@
+"""DICOM headers → placed slices: SOP class checks, enhanced multi-frame functional groups, one ``Slice`` per image.
+
+Each image (a single-frame instance, or one frame of an enhanced multi-frame object) becomes a ``Slice`` that
+carries its position, orientation and pixel spacing (from ImagePositionPatient / ImageOrientationPatient /
+PixelSpacing, or from the Plane Position / Plane Orientation / Pixel Measures functional groups) and its
+Rescale Slope / Intercept. ``node.series.volume`` stacks them into a volume and decodes the pixels.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import BytesLengthException, InvalidDicomError
+
+from node.errors import VolumeError
+
+# SOP classes that carry no image a volume can be built from
+_NON_IMAGE_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF / CDA
+    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.481.",  # RT plans, structures, doses
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, registration, segmentation
+    "1.2.840.10008.5.1.4.1.1.67",  # real world value mapping
+)
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+
+# what pydicom raises on malformed headers, lazily, when a value is first read (untrusted input)
+MALFORMED = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError, struct.error,
+             RecursionError, NotImplementedError, BytesLengthException, InvalidDicomError)
+
+
+def read_header(path: Path) -> Dataset:
+    """Header only (no pixels); VolumeError names the file when it is not DICOM."""
+    return read_dataset(path, pixels=False)
+
+
+def sop_class_of(ds: Dataset) -> str:
+    """SOPClassUID, falling back to the file meta's MediaStorageSOPClassUID (some PET/CT files leave it empty)."""
+    return _uid_or_meta(ds, "SOPClassUID", "MediaStorageSOPClassUID")
+
+
+def sop_instance_of(ds: Dataset) -> str:
+    """SOPInstanceUID, falling back to the file meta's MediaStorageSOPInstanceUID."""
+    return _uid_or_meta(ds, "SOPInstanceUID", "MediaStorageSOPInstanceUID")
+
+
+def _uid_or_meta(ds: Dataset, keyword: str, meta_keyword: str) -> str:
+    uid = str(ds.get(keyword, "") or "")
+    if not uid and hasattr(ds, "file_meta"):
+        uid = str(ds.file_meta.get(meta_keyword, "") or "")
+    return uid
+
+
+def is_image_sop_class(uid: str) -> bool:
+    return bool(uid) and not any(uid.startswith(p) for p in _NON_IMAGE_PREFIXES)
+
+
+def read_dataset(path: Path, pixels: bool = True) -> Dataset:
+    """The whole file (or its header only); VolumeError names the file when it is not DICOM."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+    except (InvalidDicomError, OSError, EOFError, *MALFORMED) as exc:
+        raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+
+
+def _floats(value: Any, n: int, what: str, name: str) -> np.ndarray:
+    try:
+        out = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise VolumeError(f"{name}: {what} is not numeric ({value!r})") from exc
+    if out.shape != (n,):
+        raise VolumeError(f"{name}: {what} needs {n} values, has {len(out)}")
+    return out
+
+
+def _group_item(ds: Dataset, seq: str, frame: int) -> Dataset | None:
+    """The item of functional group ``seq`` for ``frame`` (0-based): per-frame first, then shared."""
+    for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        g = ds.get(groups)
+        if g is not None and len(g) > idx and seq in g[idx] and len(g[idx][seq].value) > 0:
+            return g[idx][seq].value[0]  # type: ignore[no-any-return]
+    return None
+
+
+def group_value(ds: Dataset, keyword: str) -> Any:
+    """``keyword`` from the top level, else from the first frame's (or the shared) functional groups."""
+    if keyword in ds:
+        return ds.get(keyword)
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        g = ds.get(groups)
+        if not g:
+            continue
+        for seq_elem in g[0]:
+            if seq_elem.VR == "SQ" and len(seq_elem.value) > 0 and keyword in seq_elem.value[0]:
+                return seq_elem.value[0].get(keyword)
+    return None
+
+
+@dataclass
+class Slice:
+    ds: Dataset
+    name: str
+    frame: int  # 0-based frame in ds; -1 for single-frame
+    ipp: np.ndarray
+    iop: np.ndarray
+    spacing: tuple[float, float]
+    thickness: float
+    slope: float
+    intercept: float
+
+
+def slices_of(ds: Dataset, name: str) -> list[Slice]:
+    nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
+        out: list[Slice] = []
+        for f in range(nframes):
+            pos = _group_item(ds, "PlanePositionSequence", f)
+            ori = _group_item(ds, "PlaneOrientationSequence", f)
+            meas = _group_item(ds, "PixelMeasuresSequence", f)
+            pvt = _group_item(ds, "PixelValueTransformationSequence", f)
+            if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
+                raise VolumeError(f"{name}: frame {f + 1} lacks Plane Position / Plane Orientation / Pixel "
+                                  "Measures functional groups; its geometry is unknown")
+            out.append(_placed(ds, name, f, pos, ori, meas, pvt))
+        return out
+    if nframes > 1:
+        raise VolumeError(f"{name}: multi-frame object with {nframes} frames but no functional groups; "
+                          "per-frame geometry is unknown")
+    for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if kw not in ds or ds[kw].value is None or ds[kw].VM == 0:
+            raise VolumeError(f"{name}: {kw} is missing; the slice cannot be placed in patient space")
+    return [_placed(ds, name, -1, ds, ds, ds, ds)]
+
+
+def _placed(ds: Dataset, name: str, frame: int, pos: Dataset, ori: Dataset, meas: Dataset,
+            pvt: Dataset | None) -> Slice:
+    """A Slice from the items holding its Plane Position, Plane Orientation, Pixel Measures and Pixel Value
+    Transformation (functional group items of a frame, or the single-frame dataset itself for all four)."""
+    ps = _floats(meas.PixelSpacing, 2, "PixelSpacing", name)
+    return Slice(
+        ds, name, frame,
+        _floats(pos.ImagePositionPatient, 3, "ImagePositionPatient", name),
+        _floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", name),
+        (float(ps[0]), float(ps[1])),
+        float(meas.get("SliceThickness", 0) or 0),
+        float(pvt.get("RescaleSlope", 1) or 1) if pvt is not None else 1.0,
+        float(pvt.get("RescaleIntercept", 0) or 0) if pvt is not None else 0.0,
+    )
+
+
+def is_localizer(ds: Dataset) -> bool:
+    return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
+
+
+def group_key(s: Slice) -> tuple[Any, ...]:
+    return (str(s.ds.get("SeriesInstanceUID", "")), tuple(np.round(s.iop, 3)),
+            int(s.ds.Rows), int(s.ds.Columns), tuple(np.round(s.spacing, 4)))

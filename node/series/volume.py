@@ -1,0 +1,62 @@
+"""``SeriesVolume``: one series as a stack of placed slices in modality units, with its measured geometry.
+
+Built by ``node.series.load.load_series``; cut into regular runs by ``node.series.runs``. Nothing here reads files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from models.engine import VolumeInput
+
+
+@dataclass
+class SeriesVolume:
+    """One series as a regular (or measured-irregular) stack of slices, in modality units."""
+
+    data: np.ndarray  # (Z, Y, X) float32, modality units (HU for CT)
+    spacing: tuple[float, float, float]  # (dz, dy, dx) mm; dz = median step between slice centres
+    slice_thickness: float  # mm (SliceThickness; 0 when absent)
+    modality: str
+    positions: np.ndarray  # (Z, 3) ImagePositionPatient of each slice, slice order
+    row_cosine: np.ndarray  # (3,) direction of increasing column index
+    col_cosine: np.ndarray  # (3,) direction of increasing row index
+    normal: np.ndarray  # (3,) row x col; slices are sorted by increasing IPP . normal
+    datasets: list[Dataset]  # headers in slice order (multi-frame: the same dataset once per frame)
+    series_uid: str
+    sop_class_uid: str
+    frame_numbers: list[int] = field(default_factory=list)  # 1-based frame per slice (multi-frame), else []
+    rescale_slope: float = 1.0
+    rescale_intercept: float = 0.0
+    value_range: tuple[float, float] = (-32768.0, 32767.0)  # representable range in modality units
+    steps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (Z-1,) measured steps, mm
+    irregular: bool = False
+    tilt_deg: float = 0.0  # angle between the slice normal and the line through the slice positions
+    notes: list[str] = field(default_factory=list)  # geometry remarks for the job record
+    run: tuple[int, int] | None = None  # (index, count) when this volume is one regular run of a series
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = self.data.shape
+        return int(z), int(y), int(x)
+
+    @property
+    def multiframe(self) -> bool:
+        return bool(self.frame_numbers)
+
+    def describe(self) -> str:
+        z, y, x = self.shape
+        return (f"series {self.series_uid}: {self.modality} {z}x{y}x{x}, spacing "
+                f"{self.spacing[0]:.3g}/{self.spacing[1]:.4g}/{self.spacing[2]:.4g} mm")
+
+    def to_engine_input(self) -> VolumeInput:
+        return VolumeInput(
+            data=self.data,
+            spacing=self.spacing,
+            slice_thickness=self.slice_thickness,
+            modality=self.modality,
+            value_range=self.value_range,
+        )

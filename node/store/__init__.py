@@ -1,0 +1,48 @@
+"""Stage ``store``: the spool (atomic files, disk watermark) and its SQLite index (instances, series, jobs,
+deliveries, their states as enums). The lowest stage: it imports nothing of the node but config and errors.
+
+The spool files are the truth; the index says where each instance is and what happened to it. Everything the
+node does must be restartable from these two alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from node.config import Config
+from node.store.index import Index
+from node.store.schema import Delivery, Instance, Job
+from node.store.spool import Spool, Stored, atomic_copy, fsync_dir, valid_uid
+from node.store.states import JOB_DONE_STATES, DeliveryState, JobState, SeriesState
+
+__all__ = [
+    "JOB_DONE_STATES",
+    "Delivery",
+    "DeliveryState",
+    "Index",
+    "Instance",
+    "Job",
+    "JobState",
+    "SeriesState",
+    "Spool",
+    "Store",
+    "Stored",
+    "atomic_copy",
+    "fsync_dir",
+    "open_store",
+    "valid_uid",
+]
+
+
+@dataclass(frozen=True)
+class Store:
+    """A spool and its index, opened together (one per process and spool folder: pass it, do not reopen)."""
+
+    spool: Spool
+    index: Index
+
+
+def open_store(cfg: Config) -> Store:
+    """Open (create on first use) the spool at ``[node].spool_dir`` and its index. Raises SpoolError."""
+    spool = Spool(cfg.spool_path, cfg.node.min_free_mb)
+    return Store(spool, Index(spool.index_path))

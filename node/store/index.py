@@ -1,0 +1,269 @@
+"""The spool index: the state of every instance, series, job and delivery, and its transitions.
+
+State machines (every change records a reason in words):
+
+- series: receiving → stable → queued → processing → delivered | failed | ignored; a late instance puts a
+  series back to receiving, and the next stable point makes a new job that supersedes the earlier one.
+- jobs: queued → processing → sending → delivered | failed | dead-letter (and ignored: no rule matched).
+- deliveries (the outbox, one row per job and destination): pending → delivered | dead-letter.
+
+Storage (SQLite in WAL mode, safe across threads and processes; a connection per thread; writes that must not
+race, such as claiming a job, in BEGIN IMMEDIATE transactions) is ``node.store.schema``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from node.errors import SpoolError
+from node.store.schema import Delivery, IndexDB, Instance, Job, delivery_of, instance_of, job_of
+from node.store.states import JOB_DONE_STATES
+
+
+class Index(IndexDB):
+    """The spool index at ``path`` (created on first use)."""
+
+    # ------------------------------------------------------------------------------------ instances, series
+
+    def add_instance(self, inst: Instance, modality: str, size: int) -> bool:
+        """Record a received instance; False if its SOPInstanceUID was already known (kept once).
+
+        The series is created in 'receiving', or put back to 'receiving' (a late instance after processing).
+        """
+        now = time.time()
+        with self.tx() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO instances (sop_uid, series_uid, study_uid, sop_class, transfer_syntax, path,"
+                " calling_ae, allowed_rules, size, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class, inst.transfer_syntax, inst.path,
+                 inst.calling_ae, inst.allowed_rules, size, now))
+            if cur.rowcount == 0:
+                return False
+            row = c.execute("SELECT state FROM series WHERE series_uid = ?", (inst.series_uid,)).fetchone()
+            if row is None:
+                c.execute(
+                    "INSERT INTO series (series_uid, study_uid, modality, calling_ae, allowed_rules, state,"
+                    " n_instances, first_received, last_received) VALUES (?,?,?,?,?,'receiving',1,?,?)",
+                    (inst.series_uid, inst.study_uid, modality, inst.calling_ae, inst.allowed_rules, now, now))
+            else:
+                reason = "" if row["state"] == "receiving" else f"late instance after the series was {row['state']}"
+                c.execute(
+                    "UPDATE series SET n_instances = n_instances + 1, last_received = ?, state = 'receiving',"
+                    " reason = CASE WHEN ? = '' THEN reason ELSE ? END WHERE series_uid = ?",
+                    (now, reason, reason, inst.series_uid))
+        return True
+
+    def has_instance(self, sop_uid: str) -> bool:
+        return bool(self._query("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)))
+
+    def instances_of(self, series_uid: str) -> list[Instance]:
+        rows = self._query("SELECT * FROM instances WHERE series_uid = ? ORDER BY received_at, sop_uid",
+                           (series_uid,))
+        return [instance_of(r) for r in rows]
+
+    def count_instances(self) -> int:
+        return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
+
+    def series(self, series_uid: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT * FROM series WHERE series_uid = ?", (series_uid,))
+        return dict(rows[0]) if rows else None
+
+    def all_series(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._query("SELECT * FROM series ORDER BY first_received")]
+
+    def quiet_series(self, quiet_since: float) -> list[str]:
+        """Series still 'receiving' whose last instance arrived before ``quiet_since``."""
+        rows = self._query("SELECT series_uid FROM series WHERE state = 'receiving' AND last_received < ?",
+                           (quiet_since,))
+        return [r["series_uid"] for r in rows]
+
+    def set_series_state(self, series_uid: str, state: str, reason: str = "", job_id: int | None = None) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE series SET state = ?, reason = ?, job_id = COALESCE(?, job_id) WHERE series_uid = ?",
+                      (state, reason, job_id, series_uid))
+
+    def mark_stable(self, series_uid: str, quiet_since: float) -> bool:
+        """receiving → stable, only if no instance arrived since ``quiet_since`` (atomic against ingest)."""
+        with self.tx() as c:
+            cur = c.execute("UPDATE series SET state = 'stable', reason = '' WHERE series_uid = ?"
+                            " AND state = 'receiving' AND last_received < ?", (series_uid, quiet_since))
+            return cur.rowcount == 1
+
+    # ------------------------------------------------------------------------------------ jobs
+
+    def create_job(self, series_uid: str, rule: str, state: str = "queued", reason: str = "") -> int:
+        """A new job for the series' current instances; an earlier unfinished or delivered job is superseded."""
+        now = time.time()
+        with self.tx() as c:
+            s = c.execute("SELECT study_uid, n_instances, job_id FROM series WHERE series_uid = ?",
+                          (series_uid,)).fetchone()
+            if s is None:
+                raise SpoolError(f"index: series {series_uid} is not known")
+            cur = c.execute(
+                "INSERT INTO jobs (series_uid, study_uid, rule, state, reason, n_instances, supersedes, created,"
+                " updated) VALUES (?,?,?,?,?,?,?,?,?)",
+                (series_uid, s["study_uid"], rule, state, reason, s["n_instances"], s["job_id"], now, now))
+            job_id = int(cur.lastrowid or 0)
+            if s["job_id"] is not None:
+                c.execute("UPDATE jobs SET state = 'superseded', reason = ?, updated = ? WHERE id = ?"
+                          " AND state IN ('queued')", (f"superseded by job {job_id}", now, s["job_id"]))
+            series_state = "queued" if state == "queued" else state
+            c.execute("UPDATE series SET state = ?, reason = ?, job_id = ? WHERE series_uid = ?",
+                      (series_state, reason, job_id, series_uid))
+        return job_id
+
+    def job(self, job_id: int) -> Job:
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise SpoolError(f"index: no job {job_id}")
+        return job_of(rows[0])
+
+    def jobs(self, states: Sequence[str] = ()) -> list[Job]:
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = self._query(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", list(states))
+        else:
+            rows = self._query("SELECT * FROM jobs ORDER BY id")
+        return [job_of(r) for r in rows]
+
+    def claim_job(self, job_id: int) -> Job | None:
+        """queued → processing, atomically; None if another worker has it or it is no longer queued."""
+        now = time.time()
+        with self.tx() as c:
+            cur = c.execute("UPDATE jobs SET state = 'processing', reason = '', attempts = attempts + 1,"
+                            " started = ?, updated = ? WHERE id = ? AND state = 'queued'", (now, now, job_id))
+            if cur.rowcount != 1:
+                return None
+            row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            c.execute("UPDATE series SET state = 'processing', reason = '' WHERE series_uid = ? AND job_id = ?"
+                      " AND state = 'queued'", (row["series_uid"], job_id))
+        return job_of(row)
+
+    def finish_job(self, job_id: int, state: str, reason: str = "", **fields: Any) -> None:
+        """Record a job's outcome (and its series', unless a later job has taken the series over)."""
+        now = time.time()
+        allowed = {"derived_series_uid", "uncertainty_series_uid", "engine", "fallback", "report"}
+        sets, args = ["state = ?", "reason = ?", "updated = ?"], [state, reason, now]
+        if state in JOB_DONE_STATES or state == "sending":
+            sets.append("finished = ?")
+            args.append(now)
+        for k, v in fields.items():
+            if k not in allowed:
+                raise SpoolError(f"index: unknown job field {k!r}")
+            sets.append(f"{k} = ?")
+            args.append(json.dumps(v, default=str) if k == "report" else v)
+        with self.tx() as c:
+            c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
+            row = c.execute("SELECT series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None:
+                c.execute("UPDATE series SET state = ?, reason = ? WHERE series_uid = ? AND job_id = ?"
+                          " AND state NOT IN ('receiving', 'stable')", (state, reason, row["series_uid"], job_id))
+
+    def requeue_interrupted(self, processing: bool = True) -> list[int]:
+        """Start-up: jobs left 'processing' by a crash go back to 'queued'; returns every queued job id.
+
+        ``processing=False`` leaves 'processing' jobs alone: with Celery workers on a shared spool they may still
+        be running elsewhere, and the broker re-delivers the jobs of workers that died.
+        """
+        now = time.time()
+        with self.tx() as c:
+            if processing:
+                c.execute("UPDATE jobs SET state = 'queued', reason = 'interrupted (node restarted), re-queued',"
+                          " updated = ? WHERE state = 'processing'", (now,))
+                c.execute("UPDATE series SET state = 'queued' WHERE state = 'processing'")
+            # stable but no job yet (crash between the two): let the watcher decide again
+            c.execute("UPDATE series SET state = 'receiving' WHERE state = 'stable'")
+            rows = c.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id").fetchall()
+        return [int(r["id"]) for r in rows]
+
+    def requeue_job(self, job_id: int, reason: str = "re-queued by srnode retry") -> bool:
+        now = time.time()
+        with self.tx() as c:
+            cur = c.execute("UPDATE jobs SET state = 'queued', reason = ?, updated = ? WHERE id = ?"
+                            " AND state IN ('failed')", (reason, now, job_id))
+            if cur.rowcount == 1:
+                c.execute("UPDATE series SET state = 'queued', reason = ? WHERE job_id = ?", (reason, job_id))
+            return cur.rowcount == 1
+
+    # ------------------------------------------------------------------------------------ deliveries
+
+    def add_deliveries(self, job_id: int, per_destination: dict[str, list[str]]) -> None:
+        """Enqueue the job's files per destination (idempotent: a re-run replaces pending rows)."""
+        now = time.time()
+        with self.tx() as c:
+            for dest, files in per_destination.items():
+                c.execute(
+                    "INSERT INTO deliveries (job_id, destination, files, state, created, updated)"
+                    " VALUES (?,?,?,'pending',?,?) ON CONFLICT(job_id, destination) DO UPDATE SET"
+                    " files = excluded.files, state = 'pending', attempts = 0, next_attempt = 0, reason = '',"
+                    " updated = excluded.updated", (job_id, dest, json.dumps(files), now, now))
+
+    def deliveries(self, job_id: int | None = None, states: Sequence[str] = ()) -> list[Delivery]:
+        sql, args = "SELECT * FROM deliveries WHERE 1=1", list[Any]()
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            args.append(job_id)
+        if states:
+            sql += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        return [delivery_of(r) for r in self._query(sql + " ORDER BY id", args)]
+
+    def due_deliveries(self, now: float) -> list[Delivery]:
+        rows = self._query("SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt <= ? ORDER BY id",
+                           (now,))
+        return [delivery_of(r) for r in rows]
+
+    def delivery_done(self, delivery_id: int) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE deliveries SET state = 'delivered', reason = '', attempts = attempts + 1,"
+                      " updated = ? WHERE id = ?", (time.time(), delivery_id))
+
+    def delivery_failed(self, delivery_id: int, reason: str, next_attempt: float | None) -> None:
+        """A failed attempt: retry at ``next_attempt``, or dead-letter (None)."""
+        state = "pending" if next_attempt is not None else "dead-letter"
+        with self.tx() as c:
+            c.execute("UPDATE deliveries SET state = ?, reason = ?, attempts = attempts + 1, next_attempt = ?,"
+                      " updated = ? WHERE id = ?", (state, reason, next_attempt or 0.0, time.time(), delivery_id))
+
+    def requeue_deliveries(self, job_id: int | None = None) -> int:
+        """dead-letter → pending (attempts reset); returns how many."""
+        now = time.time()
+        sql = ("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt = 0, reason = 'retry requested',"
+               " updated = ? WHERE state = 'dead-letter'")
+        args: list[Any] = [now]
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            args.append(job_id)
+        with self.tx() as c:
+            cur = c.execute(sql, args)
+            n = cur.rowcount
+            ids = [r["job_id"] for r in c.execute("SELECT DISTINCT job_id FROM deliveries WHERE state = 'pending'")]
+            for jid in ids:
+                c.execute("UPDATE jobs SET state = 'sending', reason = 'delivery retry requested', updated = ?"
+                          " WHERE id = ? AND state = 'dead-letter'", (now, jid))
+        return n
+
+    def settle_job(self, job_id: int) -> str:
+        """After a delivery changed: the job is 'delivered' when all are, 'dead-letter' when any is and none is
+        pending; otherwise it stays 'sending'. Returns the job's state."""
+        ds = self.deliveries(job_id)
+        job = self.job(job_id)
+        if job.state not in ("sending", "dead-letter", "delivered"):
+            return job.state
+        if any(d.state == "pending" for d in ds):
+            state, reason = "sending", ""
+        elif any(d.state == "dead-letter" for d in ds):
+            bad = [d for d in ds if d.state == "dead-letter"]
+            state = "dead-letter"
+            reason = "; ".join(f"{d.destination}: {d.reason}" for d in bad)
+        else:
+            state, reason = "delivered", ""
+        if state != job.state or reason != job.reason:
+            self.finish_job(job_id, state, reason)
+        return state
+
+    def queue_depth(self) -> int:
+        return int(self._query("SELECT COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'processing')")[0]["n"])

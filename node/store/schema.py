@@ -1,0 +1,200 @@
+"""The spool index's storage: the SQLite schema, its row records, and one connection per thread.
+
+WAL mode, safe across threads and processes (serve, status, retry, workers); ``synchronous=FULL`` so a row
+survives a power cut once written. Writes that must not race (claiming a job) use ``tx()``: BEGIN IMMEDIATE.
+The state transitions live in ``node.store.index``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node.errors import SpoolError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    sop_class TEXT NOT NULL,
+    transfer_syntax TEXT NOT NULL,
+    path TEXT NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT '',
+    allowed_rules TEXT NOT NULL DEFAULT '',
+    size INTEGER NOT NULL DEFAULT 0,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    modality TEXT NOT NULL DEFAULT '',
+    calling_ae TEXT NOT NULL DEFAULT '',
+    allowed_rules TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    job_id INTEGER
+);
+CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL DEFAULT '',
+    rule TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    supersedes INTEGER,
+    derived_series_uid TEXT NOT NULL DEFAULT '',
+    uncertainty_series_uid TEXT NOT NULL DEFAULT '',
+    engine TEXT NOT NULL DEFAULT '',
+    fallback TEXT NOT NULL DEFAULT '',
+    report TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    started REAL,
+    finished REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL,
+    destination TEXT NOT NULL,
+    files TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT '',
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    UNIQUE(job_id, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt);
+"""
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    series_uid: str
+    study_uid: str
+    rule: str
+    state: str
+    reason: str
+    n_instances: int
+    attempts: int
+    supersedes: int | None
+    derived_series_uid: str
+    uncertainty_series_uid: str
+    engine: str
+    fallback: str
+    report: dict[str, Any]
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: int
+    job_id: int
+    destination: str
+    files: list[str]
+    state: str
+    attempts: int
+    next_attempt: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class Instance:
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    sop_class: str
+    transfer_syntax: str
+    path: str
+    calling_ae: str
+    allowed_rules: str
+
+
+def job_of(row: sqlite3.Row) -> Job:
+    return Job(id=row["id"], series_uid=row["series_uid"], study_uid=row["study_uid"], rule=row["rule"],
+               state=row["state"], reason=row["reason"], n_instances=row["n_instances"],
+               attempts=row["attempts"], supersedes=row["supersedes"],
+               derived_series_uid=row["derived_series_uid"], uncertainty_series_uid=row["uncertainty_series_uid"],
+               engine=row["engine"], fallback=row["fallback"], report=json.loads(row["report"] or "{}"),
+               created=row["created"], updated=row["updated"])
+
+
+def delivery_of(row: sqlite3.Row) -> Delivery:
+    return Delivery(id=row["id"], job_id=row["job_id"], destination=row["destination"],
+                    files=json.loads(row["files"]), state=row["state"], attempts=row["attempts"],
+                    next_attempt=row["next_attempt"], reason=row["reason"])
+
+
+def instance_of(row: sqlite3.Row) -> Instance:
+    return Instance(sop_uid=row["sop_uid"], series_uid=row["series_uid"], study_uid=row["study_uid"],
+                    sop_class=row["sop_class"], transfer_syntax=row["transfer_syntax"], path=row["path"],
+                    calling_ae=row["calling_ae"], allowed_rules=row["allowed_rules"])
+
+
+class IndexDB:
+    """The SQLite file at ``path`` (created, with its schema, on first use) and a connection per thread."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn().executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise SpoolError(f"index {self.path}: cannot open: {exc}") from exc
+
+    def _conn(self) -> sqlite3.Connection:
+        c: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if c is None:
+            c = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+            c.row_factory = sqlite3.Row
+            c.execute("PRAGMA journal_mode=WAL")
+            c.execute("PRAGMA synchronous=FULL")  # a Success status means the row survives a power cut
+            c.execute("PRAGMA busy_timeout=60000")
+            self._local.conn = c
+        return c
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE: takes the write lock up front, no upgrade deadlocks)."""
+        c = self._conn()
+        try:
+            c.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise SpoolError(f"index {self.path}: cannot start a transaction: {exc}") from exc
+        try:
+            yield c
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        else:
+            c.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return list(self._conn().execute(sql, args))
+        except sqlite3.Error as exc:
+            raise SpoolError(f"index {self.path}: query failed: {exc}") from exc
+
+    def close(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            c.close()
+            self._local.conn = None

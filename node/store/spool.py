@@ -1,0 +1,197 @@
+"""The spool: an atomic file store for received instances and for results waiting in the outbox.
+
+Layout under ``[node].spool_dir``::
+
+    index.sqlite                      the index (node.store.index)
+    incoming/                         temporary files (pynetdicom's chunked receive, partial writes)
+    instances/<Study>/<Series>/<SOP>.dcm
+    outbox/job-<id>/...               a job's results until they are delivered
+
+A file is written to ``incoming/``, fsync'ed, then hard-linked to its final name (``os.link`` fails when the name
+exists, so a duplicate is never overwritten) and the directory is fsync'ed: a name under ``instances/`` always
+points at a complete file. The disk watermark ``[node].min_free_mb`` is checked before every write.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.dimse import Status
+from node.errors import IngestError, SpoolError
+
+log = logging.getLogger(__name__)
+
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def valid_uid(uid: str) -> bool:
+    """A DICOM UID usable as a file name: digits and dots, at most 64 characters."""
+    return 0 < len(uid) <= 64 and bool(_UID.match(uid))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def synced_temp_copy(src: Path, folder: Path, prefix: str, suffix: str = "") -> Path:
+    """A new temporary file in ``folder`` holding a copy of ``src``, fsync'ed; the caller renames or removes it."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through a temporary file in dst's folder, fsync, rename (replaces dst)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = synced_temp_copy(src, dst.parent, ".part-")
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(dst.parent)
+
+
+@dataclass(frozen=True)
+class Stored:
+    path: Path
+    duplicate: bool  # True: the instance was already in the spool and was kept as it was
+
+
+class Spool:
+    """Atomic file store rooted at ``root``; refuses writes when free space falls below ``min_free_mb``."""
+
+    def __init__(self, root: Path | str, min_free_mb: int = 0) -> None:
+        self.root = Path(root).resolve()
+        self.min_free_mb = min_free_mb
+        self.incoming = self.root / "incoming"
+        self.instances = self.root / "instances"
+        self.outbox = self.root / "outbox"
+        try:
+            for d in (self.incoming, self.instances, self.outbox):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"spool {self.root}: cannot create its folders: {exc}") from exc
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "index.sqlite"
+
+    # ------------------------------------------------------------------------------------ disk watermark
+
+    def free_mb(self) -> float:
+        return shutil.disk_usage(self.root).free / (1024 * 1024)
+
+    def has_space(self) -> bool:
+        return self.free_mb() >= self.min_free_mb
+
+    def check_space(self) -> None:
+        """Raise IngestError(0xA700) when the spool disk is below the watermark."""
+        free = self.free_mb()
+        if free < self.min_free_mb:
+            raise IngestError(
+                f"spool disk {self.root} has {free:.0f} MB free, below node.min_free_mb = {self.min_free_mb}",
+                status=Status.OUT_OF_RESOURCES,
+            )
+
+    # ------------------------------------------------------------------------------------ instances
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        for what, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
+                          ("SOPInstanceUID", sop_uid)):
+            if not valid_uid(uid):
+                raise IngestError(f"{what} {uid!r} is not a valid UID")
+        return self.instances / study_uid / series_uid / f"{sop_uid}.dcm"
+
+    def store_file(self, src: Path, study_uid: str, series_uid: str, sop_uid: str) -> Stored:
+        """Move a complete file (already on the spool's disk, e.g. in ``incoming/``) to its final name.
+
+        ``src`` is hard-linked, not moved: the caller (pynetdicom) removes its temporary file itself.
+        A file on another disk is copied first.
+        """
+        self.check_space()
+        dst = self.instance_path(study_uid, series_uid, sop_uid)
+        try:
+            with src.open("rb") as fh:
+                os.fsync(fh.fileno())
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except FileExistsError:
+                return Stored(dst, duplicate=True)
+            except OSError as exc:
+                if exc.errno != 18:  # EXDEV: another file system
+                    raise
+                return self._store_copy(src, dst)
+            fsync_dir(dst.parent)
+            return Stored(dst, duplicate=False)
+        except OSError as exc:
+            raise IngestError(f"instance {sop_uid}: cannot write to the spool {self.root}: {exc}",
+                              status=Status.OUT_OF_RESOURCES) from exc
+
+    def store_bytes(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> Stored:
+        """Write ``data`` (a DICOM file) atomically under its final name; a duplicate is kept as it was."""
+        self.check_space()
+        fd, tmp = tempfile.mkstemp(prefix="rx-", suffix=".dcm", dir=self.incoming)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            return self.store_file(Path(tmp), study_uid, series_uid, sop_uid)
+        except OSError as exc:
+            raise IngestError(f"instance {sop_uid}: cannot write to the spool {self.root}: {exc}",
+                              status=Status.OUT_OF_RESOURCES) from exc
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def _store_copy(self, src: Path, dst: Path) -> Stored:
+        tmp = synced_temp_copy(src, self.incoming, "rx-", ".dcm")
+        try:
+            try:
+                os.link(tmp, dst)
+            except FileExistsError:
+                return Stored(dst, duplicate=True)
+            fsync_dir(dst.parent)
+            return Stored(dst, duplicate=False)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def clean_incoming(self) -> int:
+        """Remove leftovers of interrupted writes (start-up); returns how many."""
+        n = 0
+        for p in self.incoming.iterdir():
+            try:
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                n += 1
+            except OSError as exc:  # pragma: no cover - permissions
+                log.warning("spool: cannot remove leftover %s: %s", p, exc)
+        return n
+
+    # ------------------------------------------------------------------------------------ outbox area
+
+    def job_dir(self, job_id: int, fresh: bool = False) -> Path:
+        """The folder holding job ``job_id``'s results; ``fresh`` empties it first (a re-run after a crash)."""
+        d = self.outbox / f"job-{job_id}"
+        if fresh and d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True, exist_ok=True)
+        return d

@@ -1,0 +1,55 @@
+"""Orthanc plugin workflow: an upload to Orthanc, and nothing else, brings derived + uncertainty series back
+into the same Orthanc study, with the original marked srnode-done (Orthanc 1.10: series metadata)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pydicom
+
+from tests.support.pacs import api, orthanc_dicomweb, phantom, start_node, upload, wait_job
+from tests.support.peers import free_port, wait_until
+
+
+def test_upload_to_orthanc_comes_back_derived_in_the_same_study(tmp_path: Path) -> None:
+    node_port, http_port = free_port(), free_port()
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", srnode={
+        "AeTitle": "SRNODE", "Host": "127.0.0.1", "Port": node_port, "Modalities": ["CT", "MR"],
+        "HttpUrl": f"http://127.0.0.1:{http_port}", "Token": "test-token-3f9a", "PollSeconds": 0.3})
+    node = start_node(tmp_path / "node", {
+        "node": {"port": node_port}, "http": {"port": http_port},
+        "destinations": [{"name": "orthanc", "kind": "orthanc", "url": orthanc.url}],
+        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
+                   "destinations": ["orthanc"]}]})
+    try:
+        files = phantom(tmp_path, seed=41, slices=6)
+        ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+        upload(orthanc, files)  # the only action: everything else is the plugin's and the node's doing
+        original = orthanc.series_of_study(ref.StudyInstanceUID)[0]["ID"]
+
+        def marked() -> str:
+            with orthanc.client() as c:
+                r = c.get(f"/series/{original}/metadata/SrNodeState")
+                return r.text if r.status_code == 200 and r.text != "srnode-queued" else ""
+
+        assert wait_until(marked, 120, interval=0.3, what="original marked") == "srnode-done", orthanc.log()
+        job = wait_job(node, ref.SeriesInstanceUID)
+        assert job["state"] == "delivered"
+
+        series = orthanc.series_of_study(ref.StudyInstanceUID)
+        others = {s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"]) for s in series if s["ID"] != original}
+        assert others == {job["derived_series_uid"]: 11, job["uncertainty_series_uid"]: 11}
+
+        # srnode's own output is never sent back to the node: once both result series are stable, the plugin
+        # says it left them alone, and the node still has exactly one job
+        wait_until(lambda: orthanc.log_path.read_text().count("left alone: srnode's own output") >= 2, 60,
+                   interval=0.3,
+                   what="plugin to skip the derived and uncertainty series")
+        with orthanc.client() as c:
+            stores = [j for j in c.get("/jobs?expand").json() if j["Type"] == "DicomModalityStore"]
+        assert len(stores) == 1
+        with api(node) as c:
+            assert [j["series_uid"] for j in c.get("/jobs").json()["jobs"]] == [ref.SeriesInstanceUID]
+    finally:
+        node.stop()
+        orthanc.stop()

@@ -1,0 +1,197 @@
+"""Derived series + uncertainty SC: geometry, HU fidelity, UIDs, references, dciodvfy, strict round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom import config as pydicom_config
+
+from models.cubic import CubicEngine
+from models.engine import EngineError, EngineOptions, EngineResult, Factors, VolumeInput, register
+from node.bench.phantom import write_phantom_series
+from node.config import DeriveConfig, load_config
+from node.derived import DerivedObjects, derive_series
+from node.process import process_series, write_atomic
+from node.series import SeriesVolume, load_series, regular_runs
+from tests.support.fixtures import shared_series
+from tests.support.peers import dciodvfy
+
+CFG = DeriveConfig()
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> SeriesVolume:
+    d = tmp_path_factory.mktemp("phantom")
+    return load_series(write_phantom_series(d, slices=10, size=64, step_mm=3.0, fov_mm=200.0))
+
+
+def _derive(vol: SeriesVolume, f: int, g: int, cfg: DeriveConfig = CFG) -> DerivedObjects:
+    factors = Factors(f, g)
+    res = CubicEngine().upscale(vol.to_engine_input(), factors)
+    return derive_series(vol, res, factors, cfg, CubicEngine.version)
+
+
+def _crop(vol: SeriesVolume, n: int = 64, slices: int | None = None) -> SeriesVolume:
+    """Top-left n x n (the first pixel, hence every IPP, is unchanged) and optionally the first slices."""
+    z = slices or vol.shape[0]
+    return dataclasses.replace(vol, data=vol.data[:z, :n, :n].copy(), positions=vol.positions[:z],
+                               datasets=vol.datasets[:z], frame_numbers=vol.frame_numbers[:z],
+                               steps=vol.steps[: max(z - 1, 0)])
+
+
+def _ipp(ds: pydicom.Dataset) -> np.ndarray:
+    return np.array([float(v) for v in ds.ImagePositionPatient])
+
+
+@pytest.fixture()
+def strict() -> Iterator[None]:
+    old = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.RAISE
+    yield
+    pydicom_config.settings.reading_validation_mode = old
+
+
+def test_through_plane_geometry_and_hu(phantom: SeriesVolume, tmp_path: Path) -> None:
+    out = _derive(phantom, 3, 1)
+    d = out.derived
+    n, s = phantom.shape[0], phantom.spacing[0]
+    assert len(d) == (n - 1) * 3 + 1 == len(out.uncertainty)
+    assert _ipp(d[0]) == pytest.approx(phantom.positions[0], abs=1e-4)
+    assert _ipp(d[-1]) == pytest.approx(phantom.positions[-1], abs=1e-4)
+    steps = np.diff([_ipp(x)[2] for x in d])
+    assert steps == pytest.approx(np.full(len(d) - 1, s / 3), abs=1e-4)
+    assert float(d[0].SliceThickness) == pytest.approx(s / 3) and float(d[0].SpacingBetweenSlices) == pytest.approx(1)
+    assert [float(v) for v in d[0].PixelSpacing] == pytest.approx([phantom.spacing[1], phantom.spacing[2]])
+    assert all(_ipp(x)[:2] == pytest.approx(phantom.positions[0][:2], abs=1e-4) for x in d)  # on the slice line
+    # HU at the original positions (through the written files): within 1 HU for cubic
+    files = []
+    for k, ds in enumerate(d):
+        files.append(tmp_path / f"d{k}.dcm")
+        write_atomic(ds, files[-1])
+    back = load_series(files)
+    assert np.max(np.abs(back.data[::3] - phantom.data)) <= 1.0
+    assert d[0].RescaleIntercept == phantom.datasets[0].RescaleIntercept
+    assert float(d[0].WindowCenter) == 40 and float(d[0].WindowWidth) == 80  # window carried over
+
+
+def test_in_plane_geometry(phantom: SeriesVolume) -> None:
+    vol = _crop(phantom, 32, slices=4)
+    out = _derive(vol, 1, 2)
+    d = out.derived
+    assert len(d) == 4 and (d[0].Rows, d[0].Columns) == (64, 64)
+    dy, dx = vol.spacing[1], vol.spacing[2]
+    assert [float(v) for v in d[0].PixelSpacing] == pytest.approx([dy / 2, dx / 2])
+    # first pixel centre moves back by a quarter input pixel along rows and columns
+    want = vol.positions[0] - 0.25 * (dx * vol.row_cosine + dy * vol.col_cosine)
+    assert _ipp(d[0]) == pytest.approx(want, abs=1e-4)
+    assert float(d[0].SliceThickness) == pytest.approx(vol.slice_thickness)
+
+
+def test_uids_new_deterministic_and_references(phantom: SeriesVolume) -> None:
+    vol = _crop(phantom, 16)
+    a, b = _derive(vol, 2, 1), _derive(vol, 2, 1)
+    assert [x.SOPInstanceUID for x in a.derived] == [x.SOPInstanceUID for x in b.derived]
+    assert a.derived_series_uid == b.derived_series_uid != vol.series_uid
+    assert a.uncertainty_series_uid not in (a.derived_series_uid, vol.series_uid)
+    assert _derive(vol, 3, 1).derived_series_uid != a.derived_series_uid  # other factors: other series
+    inputs = {ds.SOPInstanceUID for ds in vol.datasets}
+    assert not inputs & {x.SOPInstanceUID for x in a.derived}
+    assert all(str(x.SOPInstanceUID).startswith(CFG.uid_root) for x in a.derived + a.uncertainty)
+    d0, d1 = a.derived[0], a.derived[1]
+    assert d0.StudyInstanceUID == vol.datasets[0].StudyInstanceUID
+    assert d0.FrameOfReferenceUID == vol.datasets[0].FrameOfReferenceUID
+    assert list(d0.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert d0.SourceImageSequence[0].ReferencedSOPInstanceUID == vol.datasets[0].SOPInstanceUID
+    assert {r.ReferencedSOPInstanceUID for r in d1.SourceImageSequence} == {ds.SOPInstanceUID for ds in vol.datasets[:2]}
+    assert d0.ReferencedSeriesSequence[0].SeriesInstanceUID == vol.series_uid
+    assert "srnode" in d0.DerivationDescription and "cubic" in d0.DerivationDescription
+    assert d0.ContributingEquipmentSequence[0].Manufacturer == "srnode"
+    assert d0.SeriesDescription.endswith(CFG.series_description_suffix)
+    assert int(d0.SeriesNumber) == int(vol.datasets[0].SeriesNumber) + CFG.series_number_offset
+    sc = a.uncertainty[0]
+    assert sc.StudyInstanceUID == d0.StudyInstanceUID and sc.SeriesInstanceUID == a.uncertainty_series_uid
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == d0.SOPInstanceUID
+    assert sc.ReferencedSeriesSequence[0].SeriesInstanceUID == a.derived_series_uid
+    assert sc.RescaleType == "HU" and float(sc.RescaleSlope) > 0 and float(sc.WindowWidth) > 0
+
+
+def test_uncertainty_mapping_stored_value_to_sigma(phantom: SeriesVolume) -> None:
+    vol = _crop(phantom, 16, slices=3)
+    factors = Factors(2, 1)
+    res = CubicEngine().upscale(vol.to_engine_input(), factors)
+    res.sigma = np.linspace(0, 50, res.data.size, dtype=np.float32).reshape(res.data.shape)
+    out = derive_series(vol, res, factors, CFG, "1")
+    for k, sc in enumerate(out.uncertainty):
+        sigma = sc.pixel_array * float(sc.RescaleSlope) + float(sc.RescaleIntercept)
+        assert np.max(np.abs(sigma - res.sigma[k])) <= float(sc.RescaleSlope)
+
+
+def _check_files(objs: DerivedObjects, tmp_path: Path) -> None:
+    """dciodvfy reports no error and strict pydicom reads every value back (first, middle, last + one SC)."""
+    picks = [objs.derived[0], objs.derived[len(objs.derived) // 2], objs.derived[-1], objs.uncertainty[0]]
+    for i, ds in enumerate(picks):
+        p = tmp_path / f"o{i}.dcm"
+        write_atomic(ds, p)
+        errors, _warnings = dciodvfy(p)
+        assert not errors, f"{ds.SOPClassUID}: {errors}"
+        back = pydicom.dcmread(p)
+        for elem in back.iterall():
+            _ = elem.value
+        assert back.pixel_array.shape == (int(ds.Rows), int(ds.Columns))
+
+
+def test_phantom_objects_pass_dciodvfy_and_strict_roundtrip(phantom: SeriesVolume, tmp_path: Path,
+                                                            strict: None) -> None:
+    _check_files(_derive(_crop(phantom, 32), 2, 2), tmp_path)
+
+
+def test_ge_tilted_run_objects_valid_and_on_the_tilted_line(tmp_path: Path, strict: None) -> None:
+    vol = load_series(sorted(shared_series("ct_head_ge_tilted_irregular").glob("*.dcm")))
+    run = _crop(regular_runs(vol)[1], 64, slices=4)
+    out = _derive(run, 2, 1)
+    # the slice line is tilted 18.5 deg from the normal: derived positions follow it, not the normal
+    mid = _ipp(out.derived[1])
+    assert mid == pytest.approx((run.positions[0] + run.positions[1]) / 2, abs=1e-3)
+    assert float(out.derived[0].SliceThickness) == pytest.approx(run.spacing[0] / 2, abs=1e-3)
+    assert "run 2/2" in out.derived[0].SeriesDescription
+    _check_files(out, tmp_path)
+
+
+def test_enhanced_mr_becomes_classic_mr_valid(tmp_path: Path, strict: None) -> None:
+    vol = load_series(sorted(shared_series("mr_t1_enhanced_multiframe_siemens_xa30").glob("*.dcm")))
+    out = _derive(_crop(vol, 32, slices=5), 2, 1)
+    d0 = out.derived[0]
+    assert d0.SOPClassUID == pydicom.uid.MRImageStorage
+    assert d0.SourceImageSequence[0].ReferencedFrameNumber == vol.frame_numbers[0]
+    assert _ipp(d0) == pytest.approx(vol.positions[0], abs=1e-4)
+    _check_files(out, tmp_path)
+
+
+class _BrokenEngine:
+    """A real engine registered under its own name that always fails (exercises the fallback path)."""
+
+    name = "broken-for-test"
+    version = "0"
+
+    def __init__(self, options: EngineOptions) -> None:
+        self.options = options
+
+    def upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult:
+        raise EngineError("weights file is corrupt")
+
+
+def test_engine_failure_falls_back_to_cubic_and_says_so(phantom: SeriesVolume, tmp_path: Path) -> None:
+    register(_BrokenEngine.name)(_BrokenEngine)
+    cfg = load_config(None)
+    files = [Path(ds.filename) for ds in phantom.datasets[:4]]
+    res = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name=_BrokenEngine.name)
+    assert res.engine == "cubic" and "broken-for-test failed (weights file is corrupt)" in res.fallback
+    ds = pydicom.dcmread(res.derived_files[0], stop_before_pixels=True)
+    assert "fallback" in ds.DerivationDescription and "cubic" in ds.DerivationDescription
+    assert "fallback" in ds.ContributingEquipmentSequence[0].ContributionDescription
+    assert len(res.derived_files) == 7 and len(res.uncertainty_files) == 7

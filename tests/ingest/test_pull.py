@@ -1,0 +1,95 @@
+"""Pull by UID from a real Orthanc: C-MOVE (srnode fetch CLI), WADO-RS (POST /jobs), and the /changes follower."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from tests.support.nodeproc import NodeProc
+from tests.support.pacs import api, orthanc_dicomweb, phantom, start_node, upload, wait_job
+from tests.support.peers import Orthanc, free_port
+
+
+@pytest.fixture(scope="module")
+def pacs_and_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Orthanc, NodeProc]]:
+    tmp = tmp_path_factory.mktemp("fetch")
+    node_port = free_port()
+    # the PACS knows the node's AE (a C-MOVE destination must be known to the PACS)
+    orthanc = orthanc_dicomweb(tmp / "orthanc", modalities={"SRNODE": ["SRNODE", "127.0.0.1", node_port]})
+    node = start_node(tmp / "node", {
+        "node": {"port": node_port},
+        "sources": [
+            {"name": "pacs", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1",
+             "port": orthanc.dicom_port},
+            {"name": "web", "kind": "dicomweb", "url": f"{orthanc.url}/dicom-web"},
+        ]})
+    yield orthanc, node
+    node.stop()
+    orthanc.stop()
+
+
+def _derived_files(node: NodeProc, job: dict[str, object]) -> list[Path]:
+    return sorted((node.workdir / "out").glob(f"*/{job['derived_series_uid']}/*.dcm"))
+
+
+def test_fetch_by_c_move_from_the_cli(tmp_path: Path, pacs_and_node: tuple[Orthanc, NodeProc]) -> None:
+    orthanc, node = pacs_and_node
+    files = phantom(tmp_path, seed=61, slices=6)
+    upload(orthanc, files)
+    ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+    r = node.app.cli("fetch", "--from", "pacs", "--study", ref.StudyInstanceUID, "--series", ref.SeriesInstanceUID)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["moved"] == 6
+    job = wait_job(node, ref.SeriesInstanceUID)
+    assert job["state"] == "delivered", job
+    assert len(_derived_files(node, job)) == 11
+
+
+def test_fetch_by_c_get_into_the_spool(tmp_path: Path, pacs_and_node: tuple[Orthanc, NodeProc]) -> None:
+    orthanc, node = pacs_and_node
+    files = phantom(tmp_path, seed=64, slices=4)
+    upload(orthanc, files)
+    ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+    # C-GET: the fetch process itself receives the instances and spools them beside the running node
+    r = node.app.cli("fetch", "--from", "pacs", "--method", "get", "--study", ref.StudyInstanceUID)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["received"] == 4
+    job = wait_job(node, ref.SeriesInstanceUID)
+    assert job["state"] == "delivered", job
+    assert len(_derived_files(node, job)) == 7
+
+
+def test_pull_by_wado_rs_through_post_jobs(tmp_path: Path, pacs_and_node: tuple[Orthanc, NodeProc]) -> None:
+    orthanc, node = pacs_and_node
+    files = phantom(tmp_path, seed=62, slices=5)
+    upload(orthanc, files)
+    ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+    with api(node) as c:
+        r = c.post("/jobs", json={"study": ref.StudyInstanceUID, "series": ref.SeriesInstanceUID, "source": "web"})
+        assert r.status_code == 202, r.text
+        assert r.json()["received"] == 5
+        unknown = c.post("/jobs", json={"study": ref.StudyInstanceUID, "source": "nowhere"})
+        assert unknown.status_code == 400 and "nowhere" in unknown.json()["error"]
+    job = wait_job(node, ref.SeriesInstanceUID)
+    assert job["state"] == "delivered", job
+    assert len(_derived_files(node, job)) == 9
+
+
+def test_changes_follower_pulls_stable_series(tmp_path: Path) -> None:
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc")
+    node = start_node(tmp_path / "node", {"sources": [
+        {"name": "orthanc", "kind": "orthanc", "url": orthanc.url, "follow_changes": True, "poll_s": 0.5}]})
+    try:
+        files = phantom(tmp_path, seed=63, slices=4)
+        upload(orthanc, files)  # Orthanc marks it stable after StableAge; the node follows /changes
+        ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+        job = wait_job(node, ref.SeriesInstanceUID)
+        assert job["state"] == "delivered", job
+        assert len(_derived_files(node, job)) == 7
+    finally:
+        node.stop()
+        orthanc.stop()

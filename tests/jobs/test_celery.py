@@ -1,0 +1,215 @@
+"""Scale-out on Celery with real peers: redis-server, the real node, two real `srnode worker` processes, and
+dcmtk's storescp as the PACS (``+uf``: every received instance gets its own file, so a second delivery of the
+same instance would show as a second file).
+
+N series are spread over both workers; then one worker is SIGKILLed (with its pool child) in the middle of a
+job: the broker gives the job to the other worker after the visibility timeout, and every result arrives once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from node.bench.phantom import write_phantom_series
+from node.bench.scaleout import RedisServer, WorkerProcess
+from node.config import config_from_dict, load_config
+from node.jobs.celery_executor import broker_display, make_app, transport_options
+from node.store import Index
+from tests.support.nodeproc import NodeProc, dump_toml, merge
+from tests.support.peers import STORESCP, free_port, storescu, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+VISIBILITY_S = 12  # above the longest job here (a few seconds, more on a loaded CI); the kill test waits this once
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    srv = RedisServer(tmp_path / "redis").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """dcmtk storescp: AE PACS on a free port, one file per received instance (+uf)."""
+    port, out = free_port(), tmp_path / "pacs"
+    out.mkdir()
+    logf = (tmp_path / "storescp.log").open("wb")
+    proc = subprocess.Popen([STORESCP, "-aet", "PACS", "+uf", "-od", str(out), str(port)],
+                            stdout=logf, stderr=subprocess.STDOUT)
+    yield port, out
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _jobs_done(index: Index, n: int) -> list[int]:
+    jobs = [j for j in index.jobs() if j.state != "superseded"]
+    done = [j.id for j in jobs if j.state in ("delivered", "failed", "dead-letter")]
+    return done if len(done) >= n else []
+
+
+def test_settings_for_scale_out() -> None:
+    """Prefetch 1, acks late, reject on worker lost, visibility timeout from config; no password in logs."""
+    cfg = config_from_dict({"executor": {"kind": "celery", "broker_url": "amqp://srnode:s3cret@mq:5672//",
+                                         "visibility_timeout_s": 600}})
+    app = make_app(cfg)
+    assert app.conf.worker_prefetch_multiplier == 1
+    assert app.conf.task_acks_late and app.conf.task_reject_on_worker_lost
+    assert app.conf.broker_transport_options["visibility_timeout"] == 600
+    assert transport_options(cfg)["unacked_restore_interval"] == 60
+    assert app.conf.broker_url.startswith("amqp://")  # RabbitMQ by configuration alone
+    assert "s3cret" not in broker_display(cfg.executor.broker_url)
+
+
+def test_two_workers_share_jobs_and_survive_a_kill(tmp_path: Path, redis_server: RedisServer,
+                                                   pacs: tuple[int, Path]) -> None:
+    pacs_port, pacs_dir = pacs
+    node = NodeProc.start(tmp_path / "node", {
+        "http": {"enabled": False},
+        "executor": {"kind": "celery", "broker_url": redis_server.url, "visibility_timeout_s": VISIBILITY_S},
+        "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                          "port": pacs_port}],
+        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
+                   "destinations": ["pacs"]}],
+    })
+    spool = node.store.spool
+    workers = [WorkerProcess(node.config_path, f"w{i}@test", tmp_path / f"worker{i}.log") for i in (1, 2)]
+    try:
+        for w in workers:
+            w.launch()
+        for w in workers:
+            w.wait_ready()
+        index = Index(spool / "index.sqlite")
+        port = node.port
+
+        # N small series, sent together: both workers take jobs
+        n = 4
+        for i in range(n):
+            files = write_phantom_series(tmp_path / f"in{i}", seed=i, slices=8, size=64)
+            assert storescu(files, port).returncode == 0
+        wait_until(lambda: _jobs_done(index, n), timeout=120, what=f"{n} jobs delivered")
+        ran = {w.name: w.log().count(": finished on ") for w in workers}
+        assert all(ran.values()), f"both workers should have run jobs: {ran}"
+
+        def start_big(seed: int) -> tuple[int, WorkerProcess, int]:
+            """Send a bigger series; returns (job id, the worker running it, its pool process id)."""
+            files = write_phantom_series(tmp_path / f"big{seed}", seed=seed, slices=16, size=512)
+            assert storescu(files, port).returncode == 0
+            series_uid = dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+
+            def started() -> tuple[int, WorkerProcess, int] | None:
+                job = next((j for j in index.jobs() if j.series_uid == series_uid), None)
+                for w in workers if job is not None else []:
+                    m = re.search(rf"job {job.id}: started on {re.escape(w.name)} pid (\d+)", w.log())
+                    if m:
+                        return job.id, w, int(m.group(1))
+                return None
+
+            return wait_until(started, timeout=60, what=f"a worker to start the job of series seed {seed}")
+
+        # the whole worker dies mid-job (SIGKILL to it and its pool process, as a machine that fails): the
+        # broker gives the job to the other worker after the visibility timeout
+        job_id, victim, _pid = start_big(99)
+        # the worker logs "started" just before it claims the job in the index
+        wait_until(lambda: index.job(job_id).state == "processing", timeout=30, what=f"job {job_id} processing")
+        victim.kill9()
+        survivor = next(w for w in workers if w is not victim)
+        wait_until(lambda: index.job(job_id).state == "delivered", timeout=VISIBILITY_S + 90,
+                   what=f"job {job_id} re-run by {survivor.name} and delivered")
+        assert f"job {job_id}: started on {survivor.name}" in survivor.log()
+        assert f"job {job_id}: finished on {survivor.name}" in survivor.log()
+
+        # only the job's pool process dies (as under the OOM killer): rejected and re-run at once
+        job_id2, w, pid = start_big(98)
+        assert w is survivor
+        wait_until(lambda: index.job(job_id2).state == "processing", timeout=30, what=f"job {job_id2} processing")
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: index.job(job_id2).state == "delivered", timeout=90,
+                   what=f"job {job_id2} re-run after its pool process was killed")
+        assert survivor.log().count(f"job {job_id2}: started on ") == 2
+        assert f"job {job_id2}: finished on {survivor.name}" in survivor.log()
+
+        # every result delivered once: one file per SOP instance at the PACS, every job's series there
+        received = [dcmread(p, stop_before_pixels=True) for p in sorted(pacs_dir.rglob("*")) if p.is_file()]
+        counts = Counter(ds.SOPInstanceUID for ds in received)
+        assert received and max(counts.values()) == 1, f"instances delivered twice: {counts.most_common(3)}"
+        series_at_pacs = {ds.SeriesInstanceUID for ds in received}
+        jobs = [j for j in index.jobs() if j.state == "delivered"]
+        assert len(jobs) == n + 2
+        for j in jobs:
+            assert j.derived_series_uid in series_at_pacs, f"job {j.id}: derived series not at the PACS"
+            assert j.uncertainty_series_uid in series_at_pacs, f"job {j.id}: uncertainty series not at the PACS"
+    finally:
+        for w in workers:
+            w.stop()
+        node.stop()
+
+
+def test_worker_without_shared_spool_fetches_over_dicomweb(tmp_path: Path, redis_server: RedisServer,
+                                                           pacs: tuple[int, Path]) -> None:
+    """data_access = "dicomweb": the worker has its own spool, fetches the series from the node over WADO-RS,
+    delivers the results itself, and the node's job records the outcome."""
+    pacs_port, pacs_dir = pacs
+    executor = {"kind": "celery", "broker_url": redis_server.url, "data_access": "dicomweb",
+                "visibility_timeout_s": 60}
+    node = NodeProc.start(tmp_path / "node", {
+        "http": {"token": "t0ken"},
+        "executor": executor,
+        "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                          "port": pacs_port}],
+        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
+                   "destinations": ["pacs"]}],
+    })
+    wcfg = tmp_path / "worker.toml"
+    wcfg.write_text(dump_toml(merge(node.config, {"node": {"spool_dir": str(tmp_path / "worker-spool")},
+                                                  "executor": {**executor, "node_url": node.http_url}})))
+    worker = WorkerProcess(wcfg, "remote@test", tmp_path / "worker.log")
+    try:
+        worker.start()
+        files = write_phantom_series(tmp_path / "in", seed=7, slices=10, size=64)
+        assert storescu(files, node.port).returncode == 0
+        jobs = node.wait_jobs(lambda js: js and all(j["state"] in ("delivered", "failed") for j in js),
+                              timeout=120, what="the remote job recorded on the node")
+        assert [j["state"] for j in jobs] == ["delivered"], jobs
+        assert "fetched 10 instances" in worker.log()
+        assert not list((tmp_path / "worker-spool" / "instances").rglob("*.dcm")), "worker scratch not cleaned"
+        assert not (node.store.spool / "outbox").exists() or not any((node.store.spool / "outbox").iterdir())
+        received = [dcmread(p, stop_before_pixels=True) for p in pacs_dir.rglob("*") if p.is_file()]
+        counts = Counter(ds.SOPInstanceUID for ds in received)
+        assert received and max(counts.values()) == 1, f"instances delivered twice: {counts.most_common(3)}"
+        assert {ds.SeriesInstanceUID for ds in received} == {jobs[0]["derived_series"],
+                                                              jobs[0]["uncertainty_series"]}
+    finally:
+        worker.stop()
+        node.stop()
+
+
+def test_deployment_files_are_consistent() -> None:
+    """The image's and compose's configs load; every COPY source exists; the Dockerfile lints clean."""
+    root = Path(__file__).resolve().parents[2]
+    assert load_config(root / "deploy/config.toml").executor.kind == "inprocess"
+    cfg = load_config(root / "deploy/config-celery.toml")
+    assert cfg.executor.kind == "celery" and cfg.node.spool_dir == "/var/lib/srnode/spool"
+    dockerfile = (root / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for src in [w for w in line.split()[1:-1] if not w.startswith("--")]:
+                assert (root / src).exists(), f"Dockerfile: COPY source {src} is missing"
+    assert "scripts/install-python.sh" in dockerfile and "scripts/install-python.sh" in (root / "Makefile").read_text()
+    compose = (root / "deploy/docker-compose.yml").read_text()
+    assert "./config-celery.toml:/etc/srnode/config.toml" in compose
+    hadolint = shutil.which("hadolint")
+    if hadolint:
+        r = subprocess.run([hadolint, str(root / "Dockerfile")], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr

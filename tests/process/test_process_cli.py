@@ -1,0 +1,129 @@
+"""``srnode process IN_DIR OUT_DIR``: real series in, derived + uncertainty series out; bad inputs get reasons."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from node.bench.phantom import write_phantom_series
+from node.series import load_series, regular_runs
+from tests.support.fixtures import ROOT, shared_series
+
+
+def srnode(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "node.app.cli", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_process_phantom_and_enhanced_mr(tmp_path: Path) -> None:
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    write_phantom_series(in_dir / "phantom", slices=8, size=64, step_mm=2.5)
+    mr = shared_series("mr_t1_enhanced_multiframe_siemens_xa30")
+    shutil.copytree(mr, in_dir / "mr")
+    r = srnode("process", in_dir, out_dir, "--engine", "cubic")
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
+    assert len(lines) == 2 and all("derived ->" in ln and "uncertainty ->" in ln for ln in lines), r.stdout
+    # the phantom: 8 slices at 2.5 mm, factor 2 -> 15 slices at 1.25 mm, HU kept at the original positions
+    ph_in = load_series(sorted((in_dir / "phantom").glob("*.dcm")))
+    ph_out = out_dir / ph_in.series_uid
+    der = load_series(sorted((ph_out / "derived").glob("*.dcm")))
+    assert der.shape == (15, 64, 64) and der.spacing[0] == pytest.approx(1.25)
+    assert np.max(np.abs(der.data[::2] - ph_in.data)) <= 1.0
+    assert len(list((ph_out / "uncertainty").glob("*.dcm"))) == 15
+    assert (ph_out / "preview.png").stat().st_size > 1000
+    # the enhanced multi-frame MR: 96 frames -> 191 classic MR images, 1 mm apart, same frame of reference
+    mr_in = load_series(sorted(mr.glob("*.dcm")))
+    mr_out = sorted((out_dir / mr_in.series_uid / "derived").glob("*.dcm"))
+    assert len(mr_out) == 191
+    first = pydicom.dcmread(mr_out[0], stop_before_pixels=True)
+    assert first.SOPClassUID == pydicom.uid.MRImageStorage
+    assert first.FrameOfReferenceUID == mr_in.datasets[0].FrameOfReferenceUID
+    assert float(first.SpacingBetweenSlices) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_process_bad_inputs_give_reasons(tmp_path: Path) -> None:
+    in_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    good = write_phantom_series(in_dir / "good", slices=5, size=32, step_mm=3.0, seed=1)
+    # a truncated file, alone in its series
+    trunc = pydicom.dcmread(good[0])
+    trunc.SeriesInstanceUID = pydicom.uid.generate_uid()
+    (in_dir / "trunc").mkdir()
+    trunc.save_as(in_dir / "trunc" / "t.dcm", enforce_file_format=True)
+    data = (in_dir / "trunc" / "t.dcm").read_bytes()
+    (in_dir / "trunc" / "t.dcm").write_bytes(data[: len(data) - 900])
+    # a non-image SOP (a structured report)
+    sr = pydicom.dcmread(good[0])
+    sr.SeriesInstanceUID = pydicom.uid.generate_uid()
+    sr.SOPClassUID = sr.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.88.22"
+    sr.Modality = "SR"
+    del sr.PixelData
+    (in_dir / "sr").mkdir()
+    sr.save_as(in_dir / "sr" / "sr.dcm", enforce_file_format=True)
+    # a mixed series: same SeriesInstanceUID, two matrices
+    mixed = write_phantom_series(in_dir / "mixed", slices=4, size=32, step_mm=3.0, seed=2)
+    odd = pydicom.dcmread(mixed[0])
+    odd.SOPInstanceUID = pydicom.uid.generate_uid()
+    odd.Rows = odd.Columns = 16
+    odd.PixelData = np.zeros((16, 16), np.uint16).tobytes()
+    odd.save_as(in_dir / "mixed" / "odd.dcm", enforce_file_format=True)
+    (in_dir / "notes.txt").write_text("not DICOM")
+    config = tmp_path / "all.toml"
+    config.write_text('[[rules]]\nname = "everything"\nmatch = {}\nthrough_plane_factor = 2\n')
+
+    r = srnode("process", in_dir, out_dir, "--engine", "cubic", "--config", config, "--no-preview")
+    out = r.stdout
+    assert r.returncode == 1, out + r.stderr
+    assert "notes.txt: not a readable DICOM file" in out
+    assert "t.dcm" in out and "FAILED" in out
+    assert "is not an image" in out
+    assert "differ in matrix" in out
+    good_uid = pydicom.dcmread(good[0]).SeriesInstanceUID
+    assert len(list((out_dir / good_uid / "derived").glob("*.dcm"))) == 9  # the good series still processed
+
+    # the default rules leave a report alone, with the reason
+    r = srnode("process", in_dir / "sr", tmp_path / "out2", "--engine", "cubic")
+    assert r.returncode == 0 and "left alone: no rule matched: Modality 'SR'" in r.stdout, r.stdout + r.stderr
+
+
+def test_process_j2k_ct_without_uids_is_refused_with_reason(tmp_path: Path) -> None:
+    src = shared_series("ct_body_j2k_siemens_petct")
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    for p in sorted(src.glob("*.dcm"))[:4]:
+        shutil.copy(p, in_dir / p.name)
+    r = srnode("process", in_dir, tmp_path / "out", "--engine", "cubic", "--no-preview")
+    assert r.returncode == 1
+    assert "empty StudyInstanceUID or SeriesInstanceUID" in r.stdout, r.stdout + r.stderr
+
+
+def test_process_ge_tilted_irregular_gives_one_derived_series_per_regular_run(tmp_path: Path) -> None:
+    src = shared_series("ct_head_ge_tilted_irregular")
+    r = srnode("process", src, tmp_path / "out", "--engine", "cubic", "--no-preview")
+    assert r.returncode == 0, r.stdout + r.stderr
+    vol = load_series(sorted(src.glob("*.dcm")))
+    base = tmp_path / "out" / vol.series_uid
+    uids = set()
+    for run, step in ((1, 4.0), (2, 7.0)):
+        files = sorted((base / f"derived-run{run}").glob("*.dcm"))
+        assert len(files) == 27  # 14 slices x2 -> 27
+        first, last = (pydicom.dcmread(f, stop_before_pixels=True) for f in (files[0], files[-1]))
+        assert float(first.SpacingBetweenSlices) == pytest.approx(step / 2, abs=0.01)
+        assert f"run {run}/2" in first.SeriesDescription
+        a = vol.positions[0 if run == 1 else 14]
+        b = vol.positions[13 if run == 1 else 27]
+        assert [float(v) for v in first.ImagePositionPatient] == pytest.approx(a, abs=1e-3)
+        assert [float(v) for v in last.ImagePositionPatient] == pytest.approx(b, abs=1e-3)
+        uids.add(first.SeriesInstanceUID)
+        # HU at the original slice positions (every 2nd derived slice) within 1 HU for cubic
+        derived = load_series(files)
+        original = regular_runs(vol)[run - 1]
+        assert np.max(np.abs(derived.data[::2] - original.data)) <= 1.0
+        assert len(list((base / f"uncertainty-run{run}").glob("*.dcm"))) == 27
+    assert len(uids) == 2

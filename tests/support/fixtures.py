@@ -1,0 +1,42 @@
+"""The shared fixtures of srnode's tests, loaded as a pytest plugin by ``tests/conftest.py``.
+
+Real peers only: a session Orthanc (Debian's binary on a free loopback port), the shared real-data folder. The
+peers themselves (dcmtk tools, Orthanc, the node as a process, a PKI) live beside this module in
+``tests/support``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.peers import Orthanc, start_orthanc
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_CASES = ROOT.parent / "shared" / "cases"
+
+
+def shared_series(name: str) -> Path:
+    """A folder of ../shared/data, or skip the test with the reason."""
+    p = SHARED_DATA / name
+    if not p.is_dir():
+        pytest.skip(f"real scanner data not present: {p} (CI always has ../shared/data)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real scanner data not present: {SHARED_DATA} (CI always has ../shared/data)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """A plain real Orthanc (PACS stand-in) for the whole session; tests call ``orthanc.clear()`` if needed."""
+    o = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    yield o
+    o.stop()
