@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from models.engine import EngineOptions, EngineResult, Factors, VolumeInput, output_shape, register
+from models.engine import EngineOptions, EngineResult, Factors, VolumeInput, output_shape
 
 _POLE = math.sqrt(3.0) - 2.0
 
@@ -106,7 +106,3 @@ class CubicEngine:
             report={"seconds": round(time.perf_counter() - t0, 3)},
         )
 
-
-@register("cubic")
-def _factory(options: EngineOptions) -> CubicEngine:
-    return CubicEngine(options)

@@ -39,7 +39,6 @@ from models.engine import (
     Factors,
     VolumeInput,
     output_shape,
-    register,
 )
 from models.internal import dc_matrices, missing_noise, noise_sigma
 from models.nets_diffusion import CondUNet, UNetConfig
@@ -376,7 +375,3 @@ class DiffusionEngine:
         log.info("diffusion: returning cubic: %s", why)
         return res
 
-
-@register("diffusion")
-def _factory(options: EngineOptions) -> DiffusionEngine:
-    return DiffusionEngine(options)

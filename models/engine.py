@@ -12,8 +12,10 @@ Geometry contract (the node relies on it):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -22,12 +24,13 @@ import numpy as np
 class EngineError(RuntimeError):
     """Any internal engine failure (bad input, out of memory, unreadable weights), with the reason in words.
 
-    ``models/`` knows nothing of the node: the node translates this once, at its boundary (node/pipeline.py),
+    ``models/`` knows nothing of the node: the node translates this once, at its boundary (node/process/engines.py),
     into ``node.errors.EngineError``, and falls back to cubic.
     """
 
 
-__all__ = ["EngineError", "EngineOptions", "EngineResult", "Factors", "VolumeInput", "get_engine", "register"]
+__all__ = ["ENGINES", "EngineError", "EngineOptions", "EngineResult", "Factors", "VolumeInput", "available",
+           "get_engine"]
 
 
 @dataclass(frozen=True)
@@ -95,42 +98,32 @@ class EngineOptions:
 
 
 EngineFactory = Callable[[EngineOptions], Engine]
-_REGISTRY: dict[str, EngineFactory] = {}
+
+# name -> "module:factory" of the shipped engines. An engine is a module of models/ whose factory (usually the
+# engine class) takes EngineOptions; adding one is a module and a line here. Read-only: a caller that needs
+# another set (a test's broken engine) passes its own registry.
+ENGINES: Mapping[str, str | EngineFactory] = MappingProxyType({
+    "cubic": "models.cubic:CubicEngine",
+    "selfsup": "models.selfsup:SelfSupEngine",
+    "diffusion": "models.diffusion:DiffusionEngine",
+})
 
 
-def register(name: str) -> Callable[[EngineFactory], EngineFactory]:
-    """Decorator: make an engine factory available under ``name``."""
-
-    def deco(factory: EngineFactory) -> EngineFactory:
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
+def available(registry: Mapping[str, str | EngineFactory] = ENGINES) -> list[str]:
+    """The engine names of ``registry``, sorted."""
+    return sorted(registry)
 
 
-def _load_builtin() -> None:
-    # Imported for their @register side effect; an engine whose module is absent is simply not offered.
-    import importlib
-
-    for mod in ("models.cubic", "models.selfsup", "models.diffusion"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
-
-
-def available() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def get_engine(name: str, options: EngineOptions | None = None) -> Engine:
-    """The engine registered as ``name``; ValueError names the known engines."""
-    _load_builtin()
-    if name not in _REGISTRY:
-        raise ValueError(f"engine {name!r} is not known; available: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](options or EngineOptions())
+def get_engine(name: str, options: EngineOptions | None = None,
+               registry: Mapping[str, str | EngineFactory] = ENGINES) -> Engine:
+    """A new engine ``name`` from ``registry`` built with ``options``; ValueError names the known engines."""
+    if name not in registry:
+        raise ValueError(f"engine {name!r} is not known; available: {', '.join(sorted(registry))}")
+    factory = registry[name]
+    if isinstance(factory, str):
+        module, _, attr = factory.partition(":")
+        factory = getattr(importlib.import_module(module), attr)
+    return factory(options or EngineOptions())
 
 
 def output_shape(shape: tuple[int, int, int], factors: Factors) -> tuple[int, int, int]:

@@ -42,7 +42,6 @@ from models.engine import (
     Factors,
     VolumeInput,
     output_shape,
-    register,
 )
 from models.nets import SRNet
 from models.prior import DEFAULT_WEIGHTS, load_prior, make_net, pick_device
@@ -380,7 +379,3 @@ def _on(stream: torch.cuda.Stream | None, fn: Callable[[], T]) -> T:
     with torch.cuda.stream(stream):
         return fn()
 
-
-@register("selfsup")
-def _factory(options: EngineOptions) -> SelfSupEngine:
-    return SelfSupEngine(options)

@@ -20,10 +20,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+from node.app.logs import setup_logging
+from node.app.preview import write_preview
+from node.app.service import Node
+from node.bench.phantom import write_phantom_series
 from node.config import DEFAULTS, Config, config_from_dict
+from node.store import Job, JobState
 
 log = logging.getLogger("srnode.demo")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED_SERIES = ROOT.parent / "shared" / "data" / "ct_head_phantom_philips_5mm"
 STORESCU = "/usr/bin/storescu"
 
@@ -61,8 +66,6 @@ def demo_config(workdir: Path, out_dir: Path, orthanc_url: str, engine: str | No
 def _series_files(workdir: Path) -> tuple[list[Path], str]:
     if SHARED_SERIES.is_dir():
         return sorted(SHARED_SERIES.glob("*.dcm")), f"real CT (phantom, 5 mm) from {SHARED_SERIES}"
-    from node.bench.phantom import write_phantom_series
-
     files = write_phantom_series(workdir / "phantom")
     return list(files), "generated CT head phantom (../shared/data absent)"
 
@@ -100,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for the result")
     args = p.parse_args(argv)
 
-    from node.app.logs import setup_logging
-
     setup_logging("WARNING")
     workdir, out_dir = (ROOT / args.workdir).resolve(), (ROOT / args.out).resolve()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -109,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     orthanc_url = _local_orthanc()
     cfg = demo_config(workdir, out_dir, orthanc_url, args.engine)
     files, what = _series_files(workdir)
-
-    from node.app.service import Node
 
     print(f"srnode demo: node {cfg.node.ae_title} on 127.0.0.1:{cfg.node.port}, engine {cfg.engine.name} "
           f"(device {cfg.engine.device}), destinations: {', '.join(d.name + '=' + (d.path or d.url) for d in cfg.destinations)}")
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         node.stop()
     took = time.monotonic() - t0
-    if job is None or job.state != "delivered":
+    if job is None or job.state != JobState.DELIVERED:
         print(f"demo FAILED: job state {getattr(job, 'state', 'none')}: {getattr(job, 'reason', '')}")
         return 1
     derived = sorted((out_dir / job.study_uid / job.derived_series_uid).glob("*.dcm"))
@@ -136,15 +135,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  uncertainty series {len(unc):4d} instances -> {out_dir / job.study_uid / job.uncertainty_series_uid}")
     if orthanc_url:
         print(f"  also stored in Orthanc at {orthanc_url} (same study)")
-    from node.app.preview import write_preview
-
     png = write_preview(files, derived, unc, out_dir / "preview.png")
     print(f"  preview (original / derived / uncertainty): {png}")
     return 0
 
 
-def _wait_delivered(node: object, timeout: float):  # type: ignore[no-untyped-def]
-    index = node.ctx.index  # type: ignore[attr-defined]
+def _wait_delivered(node: Node, timeout: float) -> Job | None:
+    """The demo's job once delivered, failed or dead-lettered (its states printed as they change)."""
+    index = node.ctx.index
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -154,7 +152,7 @@ def _wait_delivered(node: object, timeout: float):  # type: ignore[no-untyped-de
             if job.state != last:
                 print(f"  job {job.id}: {job.state}{(' — ' + job.reason) if job.reason else ''}")
                 last = job.state
-            if job.state in ("delivered", "failed", "dead-letter"):
+            if job.state in (JobState.DELIVERED, JobState.FAILED, JobState.DEAD_LETTER):
                 return job
         time.sleep(0.5)
     return None

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 
 from node.app.preview import write_preview
 from node.config import load_config
-from node.errors import DeriveError, EngineError, NodeError, VolumeError
+from node.errors import NodeError, VolumeError
 from node.jobs import match_rule
 from node.process import EngineCache, ProcessResult, process_series
 from node.series import read_header
@@ -85,11 +85,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             res = process_series(files, rule, cfg, dest, engine_name=args.engine, progress=progress,
                                  engines=engines)
-        except (VolumeError, EngineError, DeriveError) as exc:
-            failed += 1
-            print(f"{label}: FAILED: {exc}")
-            continue
-        except NodeError as exc:
+        except NodeError as exc:  # VolumeError, EngineError, DeriveError: the reason in words
             failed += 1
             print(f"{label}: FAILED: {exc}")
             continue

@@ -22,7 +22,7 @@ from models.denoise import denoise
 from models.engine import EngineOptions, VolumeInput
 from node.bench.results import write_result
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

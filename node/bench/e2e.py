@@ -25,7 +25,7 @@ import httpx
 
 from node.bench.results import write_result
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED_1MM = ROOT.parent / "shared" / "data" / "ct_head_phantom_philips_1mm"
 ORTHANC = "/usr/sbin/Orthanc"
 STORESCU = "/usr/bin/storescu"  # dcmtk's, not pynetdicom's script of the same name

@@ -95,26 +95,18 @@ def _template(d: Dataset, series_uid: str, orient: tuple[str, str], engine: str,
 
 def _sc_image(d: Dataset, pixels: np.ndarray, series_uid: str, sop_uid: str, k: int,
               orient: tuple[str, str]) -> hd.sc.SCImage:
-    return hd.sc.SCImage(
+    """A Secondary Capture image whose Patient, General Study and Patient Study modules come from ``d``."""
+    return hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=d,
         pixel_array=pixels,
         photometric_interpretation="MONOCHROME2",
         bits_allocated=16,
         coordinate_system="PATIENT",
-        study_instance_uid=d.StudyInstanceUID,
         series_instance_uid=series_uid,
         series_number=int(d.SeriesNumber) + 1,
         sop_instance_uid=sop_uid,
         instance_number=k + 1,
         manufacturer="srnode",
-        patient_id=str(d.get("PatientID", "") or ""),
-        patient_name=d.get("PatientName") or None,
-        patient_birth_date=str(d.get("PatientBirthDate", "") or "") or None,
-        patient_sex=str(d.get("PatientSex", "") or "") or None,
-        accession_number=str(d.get("AccessionNumber", "") or "") or None,
-        study_id=str(d.get("StudyID", "") or "") or None,
-        study_date=str(d.get("StudyDate", "") or "") or None,
-        study_time=str(d.get("StudyTime", "") or "") or None,
-        referring_physician_name=d.get("ReferringPhysicianName") or None,
         pixel_spacing=(float(d.PixelSpacing[0]), float(d.PixelSpacing[1])),
         patient_orientation=orient,
     )

@@ -143,7 +143,7 @@ def read_header(path: Path) -> Header:
         raise IngestError(f"{name} without pixel data", Status.CANNOT_UNDERSTAND)
     try:
         modality = str(ds.get("Modality", "") or "")
-    except Exception as exc:  # noqa: BLE001 - a malformed value (found by tests/fuzz/fuzz_ingest.py)
+    except Exception as exc:  # noqa: BLE001 - a malformed value (found by tests/ingest/fuzz_ingest.py)
         raise IngestError(f"Modality cannot be read: {exc}", Status.CANNOT_UNDERSTAND) from exc
     return Header(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"],
                   study_uid=uids["StudyInstanceUID"], modality=modality, sop_class=sop_class,

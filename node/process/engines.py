@@ -9,12 +9,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from models.denoise import denoise
-from models.engine import Engine, EngineOptions, EngineResult, Factors, VolumeInput, get_engine
+from models.engine import (
+    ENGINES,
+    Engine,
+    EngineFactory,
+    EngineOptions,
+    EngineResult,
+    Factors,
+    VolumeInput,
+    get_engine,
+)
 from models.engine import EngineError as ModelsEngineError
 from node.config import Config
 from node.errors import EngineError
@@ -34,10 +44,12 @@ def engine_options(cfg: Config) -> EngineOptions:
 class EngineCache:
     """Engines built once per (name, options) and kept by their owner (a node, a worker): weights load once.
 
-    Thread-safe. ``get`` raises ``node.errors.EngineError`` naming the known engines for an unknown name.
+    ``registry``: engine name -> factory (default: the shipped engines, ``models.engine.ENGINES``). Thread-safe.
+    ``get`` raises ``node.errors.EngineError`` naming the known engines for an unknown name.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, registry: Mapping[str, str | EngineFactory] = ENGINES) -> None:
+        self.registry = registry
         self._engines: dict[tuple[str, EngineOptions], Engine] = {}
         self._lock = threading.Lock()
 
@@ -46,7 +58,7 @@ class EngineCache:
         with self._lock:
             if key not in self._engines:
                 try:
-                    self._engines[key] = get_engine(name, options)
+                    self._engines[key] = get_engine(name, options, self.registry)
                 except ValueError as exc:
                     raise EngineError(str(exc)) from exc
             return self._engines[key]

@@ -12,11 +12,11 @@ import pytest
 from pydicom import config as pydicom_config
 
 from models.cubic import CubicEngine
-from models.engine import EngineError, EngineOptions, EngineResult, Factors, VolumeInput, register
+from models.engine import ENGINES, EngineError, EngineOptions, EngineResult, Factors, VolumeInput
 from node.bench.phantom import write_phantom_series
 from node.config import DeriveConfig, load_config
 from node.derived import DerivedObjects, derive_series
-from node.process import process_series, write_atomic
+from node.process import EngineCache, process_series, write_atomic
 from node.series import SeriesVolume, load_series, regular_runs
 from tests.support.fixtures import shared_series
 from tests.support.peers import dciodvfy
@@ -186,10 +186,11 @@ class _BrokenEngine:
 
 
 def test_engine_failure_falls_back_to_cubic_and_says_so(phantom: SeriesVolume, tmp_path: Path) -> None:
-    register(_BrokenEngine.name)(_BrokenEngine)
+    engines = EngineCache({**ENGINES, _BrokenEngine.name: _BrokenEngine})
     cfg = load_config(None)
     files = [Path(ds.filename) for ds in phantom.datasets[:4]]
-    res = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name=_BrokenEngine.name)
+    res = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name=_BrokenEngine.name,
+                         engines=engines)
     assert res.engine == "cubic" and "broken-for-test failed (weights file is corrupt)" in res.fallback
     ds = pydicom.dcmread(res.derived_files[0], stop_before_pixels=True)
     assert "fallback" in ds.DerivationDescription and "cubic" in ds.DerivationDescription

@@ -1,6 +1,6 @@
 """Generate the bad-input corpus: crafted DICOM files a node must refuse or record a reason for, never crash on.
 
-    python tests/badinput/make_corpus.py OUT_DIR     # writes the files and OUT_DIR/manifest.json
+    python tests/ingest/make_corpus.py OUT_DIR     # writes the files and OUT_DIR/manifest.json
 
 Nothing here is committed as binaries: tests call ``make_corpus(tmp_dir)``. Every case is its own series (its own
 SeriesInstanceUID) so the node's decision can be checked per case; ``good_series`` writes a clean series that
