@@ -21,6 +21,8 @@ import urllib.request
 from pathlib import Path
 
 from node.config import DEFAULTS, Config, config_from_dict
+from node.dimse import Status, label
+from node.store import JobState
 
 log = logging.getLogger("srnode.demo")
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,8 +88,9 @@ def _send(files: list[Path], cfg: Config) -> None:
     try:
         for f in files:
             status = assoc.send_c_store(dcmread(f))
-            if getattr(status, "Status", 0xFFFF) != 0:
-                raise SystemExit(f"{f}: C-STORE status 0x{getattr(status, 'Status', 0xFFFF):04X}")
+            code = getattr(status, "Status", None)
+            if code != Status.SUCCESS:
+                raise SystemExit(f"{f}: C-STORE status {label(code) if code is not None else 'none (no answer)'}")
     finally:
         assoc.release()
 
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         node.stop()
     took = time.monotonic() - t0
-    if job is None or job.state != "delivered":
+    if job is None or job.state != JobState.DELIVERED:
         print(f"demo FAILED: job state {getattr(job, 'state', 'none')}: {getattr(job, 'reason', '')}")
         return 1
     derived = sorted((out_dir / job.study_uid / job.derived_series_uid).glob("*.dcm"))
@@ -154,7 +157,7 @@ def _wait_delivered(node: object, timeout: float):  # type: ignore[no-untyped-de
             if job.state != last:
                 print(f"  job {job.id}: {job.state}{(' — ' + job.reason) if job.reason else ''}")
                 last = job.state
-            if job.state in ("delivered", "failed", "dead-letter"):
+            if job.state in (JobState.DELIVERED, JobState.FAILED, JobState.DEAD_LETTER):
                 return job
         time.sleep(0.5)
     return None
