@@ -21,12 +21,32 @@ class Status(IntEnum):
     MOVE_OUT_OF_RESOURCES_MATCHES = 0xA701  # PS3.4 C.4.2.1.5: unable to calculate number of matches
     MOVE_OUT_OF_RESOURCES_SUBOPS = 0xA702  # PS3.4 C.4.2.1.5: unable to perform sub-operations
     DATASET_DOES_NOT_MATCH = 0xA900  # PS3.4 B.2.3: data set does not match SOP class (or study of the URL)
+    WARNING_COERCION = 0xB000  # PS3.4 B.2.3: stored, with coercion of data elements
+    WARNING_ELEMENTS_DISCARDED = 0xB006  # PS3.4 B.2.3: stored, elements discarded
+    WARNING_DATASET_MISMATCH = 0xB007  # PS3.4 B.2.3: stored, though the data set does not match the SOP class
     CANNOT_UNDERSTAND = 0xC210  # PS3.4 B.2.3: cannot understand (unparseable, UIDs missing or invalid)
     PENDING = 0xFF00
     PENDING_WARNING = 0xFF01
 
     def __str__(self) -> str:
         return f"0x{int(self):04X}"
+
+
+# a C-STORE that stored the instance: success, or one of the Storage warnings (PS3.4 B.2.3)
+STORED_STATUSES = frozenset({Status.SUCCESS, Status.WARNING_COERCION, Status.WARNING_ELEMENTS_DISCARDED,
+                             Status.WARNING_DATASET_MISMATCH})
+# a C-MOVE / C-GET response that more will follow (PS3.4 C.4.2.1.5, C.4.3.1.4)
+PENDING_STATUSES = frozenset({Status.PENDING, Status.PENDING_WARNING})
+# a C-MOVE / C-GET that ended out of resources: worth another try later
+RETRIEVE_RETRYABLE_STATUSES = frozenset({Status.MOVE_OUT_OF_RESOURCES_MATCHES, Status.MOVE_OUT_OF_RESOURCES_SUBOPS})
+# status families (the high byte) of a refused C-STORE worth another try: out of resources (A7xx, PS3.4 B.2.3)
+# and failures while processing (01xx, PS3.7 C)
+_RETRYABLE_STORE_FAMILIES = (Status.OUT_OF_RESOURCES >> 8, Status.PROCESSING_FAILURE >> 8)
+
+
+def store_retryable(status: int) -> bool:
+    """Whether a C-STORE refused with ``status`` may succeed if sent again later."""
+    return status >> 8 in _RETRYABLE_STORE_FAMILIES
 
 
 def label(status: int) -> str:

@@ -25,6 +25,7 @@ from node.app.preview import write_preview
 from node.app.service import Node
 from node.bench.phantom import write_phantom_series
 from node.config import DEFAULTS, Config, config_from_dict
+from node.dimse import Status, label
 from node.store import Job, JobState
 
 log = logging.getLogger("srnode.demo")
@@ -89,8 +90,9 @@ def _send(files: list[Path], cfg: Config) -> None:
     try:
         for f in files:
             status = assoc.send_c_store(dcmread(f))
-            if getattr(status, "Status", 0xFFFF) != 0:
-                raise SystemExit(f"{f}: C-STORE status 0x{getattr(status, 'Status', 0xFFFF):04X}")
+            code = getattr(status, "Status", None)
+            if code != Status.SUCCESS:
+                raise SystemExit(f"{f}: C-STORE status {label(code) if code is not None else 'none (no answer)'}")
     finally:
         assoc.release()
 

@@ -45,7 +45,7 @@ from node.ingest import (
     store_multipart,
 )
 from node.send import make_sender
-from node.store import Job
+from node.store import Job, JobState
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,11 @@ def build_app(ctx: NodeContext) -> Starlette:
     async def jobs_list(request: Request) -> Response:
         if not authorized(request):
             return unauthorized()
-        states = [s for s in request.query_params.getlist("state") if s]
         series = request.query_params.get("series", "")
+        try:
+            states = [JobState(s) for s in request.query_params.getlist("state") if s]
+        except ValueError:
+            return JSONResponse({"error": f"state must be one of {', '.join(JobState)}"}, status_code=400)
         try:
             limit = max(0, int(request.query_params.get("limit", "500") or 500))
         except ValueError:

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from node.config import load_config
-from node.store import Index, Job, Spool
+from node.store import Index, Job, JobState, Spool
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                             help="job ids (default: every dead-letter delivery and failed job)")
     else:
         parser.add_argument("--json", action="store_true", help="machine-readable output")
-        parser.add_argument("--state", action="append", default=[], help="only jobs in this state (repeatable)")
+        parser.add_argument("--state", action="append", default=[], type=JobState, choices=list(JobState),
+                            help="only jobs in this state (repeatable)")
         parser.add_argument("--limit", type=int, default=50, help="the most recent N jobs (default 50)")
 
 
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _retry(index: Index, job_ids: list[int]) -> int:
-    targets = job_ids or sorted({j.id for j in index.jobs(("failed", "dead-letter"))})
+    targets = job_ids or sorted({j.id for j in index.jobs((JobState.FAILED, JobState.DEAD_LETTER))})
     if not targets:
         print("nothing to retry: no failed jobs or dead-letter deliveries")
         return 0
@@ -82,7 +83,7 @@ def _retry(index: Index, job_ids: list[int]) -> int:
             print(f"job {jid}: {exc}", file=sys.stderr)
             rc = 1
             continue
-        if job.state == "failed":
+        if job.state is JobState.FAILED:
             index.requeue_job(jid)
             print(f"job {jid}: re-queued for processing")
         elif index.requeue_deliveries(jid):

@@ -32,6 +32,7 @@ from node.config import load_config
 from node.ingest import Admission, Caller
 from node.jobs import JobContext
 from node.jobs.celery_executor import CeleryExecutor
+from node.store import JobState
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +246,7 @@ def run_once(n_workers: int, n_series: int, slices: int, size: int, workdir: Pat
 
         def done() -> bool:
             states = [index.job(j).state for j in jobs]
-            return all(s in ("sending", "delivered", "failed", "dead-letter") for s in states)
+            return all(s in (JobState.SENDING, JobState.DELIVERED, JobState.FAILED, JobState.DEAD_LETTER) for s in states)
 
         wait_for(done, 60.0 + 60.0 * n_series, f"{n_series} jobs processed by {n_workers} worker(s)", 0.05)
         elapsed = time.monotonic() - t0
@@ -256,7 +257,7 @@ def run_once(n_workers: int, n_series: int, slices: int, size: int, workdir: Pat
         per_worker = {w.name: w.log().count(": finished on ") for w in workers}
         return {"workers": n_workers, "series": n_series, "slices": slices, "matrix": size,
                 "elapsed_s": round(elapsed, 2), "series_per_minute": round(60.0 * n_series / elapsed, 2),
-                "jobs_by_worker": per_worker, "failed": sum(s == "failed" for s in states),
+                "jobs_by_worker": per_worker, "failed": sum(s is JobState.FAILED for s in states),
                 "torch_threads_per_worker": int(threads),
                 "load_avg_1min_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     finally:

@@ -26,6 +26,7 @@ import httpx
 from pydicom.dataset import Dataset
 
 from node.config import Config, SourceConfig
+from node.dimse import PENDING_STATUSES, RETRIEVE_RETRYABLE_STATUSES, Status, label
 from node.errors import ConfigError, DeliveryError, IngestError
 from node.ingest.admit import Admission, Caller
 
@@ -140,7 +141,7 @@ def _dimse(cfg: Config, src: SourceConfig, result: FetchResult, admission: Admis
             try:
                 admission.admit_bytes(event.encoded_dataset(), caller)
                 result.received += 1
-                return 0x0000
+                return Status.SUCCESS
             except IngestError as exc:
                 result.refused.append(str(exc))
                 return exc.status
@@ -154,18 +155,17 @@ def _dimse(cfg: Config, src: SourceConfig, result: FetchResult, admission: Admis
         query = _query(result.study, result.series)
         responses = (assoc.send_c_move(query, cfg.node.ae_title, model) if method == "move"
                      else assoc.send_c_get(query, model))
-        last = 0xFFFF
         for status, _identifier in responses:
             if status is None or "Status" not in status:
                 raise FetchError(f"source {src.name!r}: C-{method.upper()} got no answer (timeout or abort)")
             last = int(status.Status)
-            if last == 0x0000 and method == "move":
+            if last == Status.SUCCESS and method == "move":
                 result.moved = int(getattr(status, "NumberOfCompletedSuboperations", 0) or 0)
-            if last not in (0x0000, 0xFF00, 0xFF01):
+            if last != Status.SUCCESS and last not in PENDING_STATUSES:
                 failed = int(getattr(status, "NumberOfFailedSuboperations", 0) or 0)
-                raise FetchError(f"source {src.name!r}: C-{method.upper()} ended with status 0x{last:04X}"
+                raise FetchError(f"source {src.name!r}: C-{method.upper()} ended with status {label(last)}"
                                  f" ({failed} sub-operation(s) failed; is {cfg.node.ae_title} known to the PACS?)",
-                                 retryable=last in (0xA701, 0xA702))
+                                 retryable=last in RETRIEVE_RETRYABLE_STATUSES)
     finally:
         assoc.release()
 

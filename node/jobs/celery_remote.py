@@ -133,7 +133,7 @@ def _deliver_now(ctx: JobContext, job_id: int) -> None:
 
 
 def _outcome(job: Job) -> dict[str, Any]:
-    return {"state": job.state, "reason": job.reason, "derived_series_uid": job.derived_series_uid,
+    return {"state": job.state.value, "reason": job.reason, "derived_series_uid": job.derived_series_uid,
             "uncertainty_series_uid": job.uncertainty_series_uid, "engine": job.engine,
             "fallback": job.fallback, "report": job.report}
 
@@ -180,8 +180,14 @@ class OutcomeWatcher:
             out = res.result
             fields = {k: out[k] for k in ("derived_series_uid", "uncertainty_series_uid", "engine", "fallback",
                                           "report") if k in out}
-            self.index.finish_job(job_id, str(out.get("state", JobState.FAILED)), str(out.get("reason", "")), **fields)
-            log.info("job %d: %s on a remote worker", job_id, out.get("state"))
+            try:
+                state = JobState(str(out.get("state", JobState.FAILED)))
+            except ValueError:
+                self.index.finish_job(job_id, JobState.FAILED, f"remote worker answered an unknown state: {out!r}")
+                log.warning("job %d: the remote worker answered an unknown state: %r", job_id, out.get("state"))
+                return
+            self.index.finish_job(job_id, state, str(out.get("reason", "")), **fields)
+            log.info("job %d: %s on a remote worker", job_id, state)
         else:
             self.index.finish_job(job_id, JobState.FAILED, f"remote worker: {res.result!r}")
             log.warning("job %d: failed on a remote worker: %r", job_id, res.result)

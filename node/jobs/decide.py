@@ -44,11 +44,11 @@ def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = 
         log.info("series %s (%d instances): left alone: %s", series_uid, len(instances), reason)
         if audit:
             audit.write("job-decision", job=job_id, series=series_uid, instances=len(instances),
-                        decision="ignored", reason=reason)
+                        decision=JobState.IGNORED, reason=reason)
         return None
     job_id = index.create_job(series_uid, rule.name, reason=reason if isinstance(reason, str) else "")
     log.info("series %s (%d instances): job %d queued (rule %s)", series_uid, len(instances), job_id, rule.name)
     if audit:
-        audit.write("job-decision", job=job_id, series=series_uid, instances=len(instances), decision="queued",
+        audit.write("job-decision", job=job_id, series=series_uid, instances=len(instances), decision=JobState.QUEUED,
                     rule=rule.name, calling_ae=s.get("calling_ae", ""))
     return job_id

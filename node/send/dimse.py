@@ -20,12 +20,12 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import DestinationConfig
+from node.dimse import STORED_STATUSES, Status, label, store_retryable
 from node.errors import DeliveryError
 
 log = logging.getLogger(__name__)
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-OK_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 MAX_CONTEXTS = 128
 
 
@@ -116,9 +116,9 @@ class DimseSender:
         if status == -1:
             raise DeliveryError(f"destination {self._where()}: no C-STORE response for {path.name} "
                                 "(connection lost or timed out)")
-        if status not in OK_STATUSES:
-            raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} answered 0x{status:04X}",
-                                retryable=status >> 8 in (0xA7, 0x01))
+        if status not in STORED_STATUSES:
+            raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} answered {label(status)}",
+                                retryable=store_retryable(status))
 
     def check(self) -> None:
         ae = self._ae()
@@ -126,7 +126,7 @@ class DimseSender:
         assoc = self._associate(ae)
         try:
             rsp = assoc.send_c_echo()
-            if rsp is None or int(rsp.get("Status", -1)) != 0:
+            if rsp is None or int(rsp.get("Status", -1)) != Status.SUCCESS:
                 raise DeliveryError(f"destination {self._where()}: C-ECHO failed")
         finally:
             if assoc.is_established:

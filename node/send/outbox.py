@@ -18,7 +18,7 @@ from node.config import Config
 from node.errors import ConfigError, DeliveryError, NodeError
 from node.metrics import Metrics
 from node.send.base import Sender, make_sender
-from node.store import Delivery, Index
+from node.store import Delivery, DeliveryState, Index
 
 log = logging.getLogger(__name__)
 
@@ -98,20 +98,20 @@ class Outbox:
                 why = f"after {attempts} attempt(s): {exc}" if retryable else f"not retryable: {exc}"
                 self.index.delivery_failed(d.id, why, None)
                 log.error("job %d -> %s: dead-letter %s", d.job_id, d.destination, why)
-                self.metrics.deliveries.labels(destination=d.destination, outcome="dead-letter").inc()
+                self.metrics.deliveries.labels(destination=d.destination, outcome=DeliveryState.DEAD_LETTER).inc()
                 self.metrics.failures.labels(where="delivery", reason=type(exc).__name__).inc()
                 if self.audit:
-                    self.audit.write("delivery", job=d.job_id, destination=d.destination, outcome="dead-letter",
+                    self.audit.write("delivery", job=d.job_id, destination=d.destination, outcome=DeliveryState.DEAD_LETTER,
                                      attempts=attempts, reason=str(exc))
             self.index.settle_job(d.job_id)
             return
         seconds = time.monotonic() - t0
         self.index.delivery_done(d.id)
         state = self.index.settle_job(d.job_id)
-        self.metrics.deliveries.labels(destination=d.destination, outcome="delivered").inc()
+        self.metrics.deliveries.labels(destination=d.destination, outcome=DeliveryState.DELIVERED).inc()
         self.metrics.job_seconds.labels(stage="deliver").observe(seconds)
         log.info("job %d -> %s: %d file(s) delivered in %.1f s (job %s)", d.job_id, d.destination, len(d.files),
                  seconds, state)
         if self.audit:
-            self.audit.write("delivery", job=d.job_id, destination=d.destination, outcome="delivered",
+            self.audit.write("delivery", job=d.job_id, destination=d.destination, outcome=DeliveryState.DELIVERED,
                              files=len(d.files), attempts=d.attempts + 1)

@@ -19,8 +19,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from node.errors import SpoolError
-from node.store.schema import Delivery, IndexDB, Instance, Job, delivery_of, instance_of, job_of
-from node.store.states import JOB_DONE_STATES
+from node.store.schema import Delivery, IndexDB, Instance, Job, delivery_of, instance_of, job_of, series_of
+from node.store.states import JOB_DONE_STATES, DeliveryState, JobState, SeriesState, series_state_of
+
+
+def _marks(values: Sequence[object]) -> str:
+    """``?,?,...`` for an ``IN (...)`` of ``values`` (bound, never formatted into the SQL)."""
+    return ",".join("?" * len(values))
 
 
 class Index(IndexDB):
@@ -46,14 +51,16 @@ class Index(IndexDB):
             if row is None:
                 c.execute(
                     "INSERT INTO series (series_uid, study_uid, modality, calling_ae, allowed_rules, state,"
-                    " n_instances, first_received, last_received) VALUES (?,?,?,?,?,'receiving',1,?,?)",
-                    (inst.series_uid, inst.study_uid, modality, inst.calling_ae, inst.allowed_rules, now, now))
+                    " n_instances, first_received, last_received) VALUES (?,?,?,?,?,?,1,?,?)",
+                    (inst.series_uid, inst.study_uid, modality, inst.calling_ae, inst.allowed_rules,
+                     SeriesState.RECEIVING, now, now))
             else:
-                reason = "" if row["state"] == "receiving" else f"late instance after the series was {row['state']}"
+                was = row["state"]
+                reason = "" if was == SeriesState.RECEIVING else f"late instance after the series was {was}"
                 c.execute(
-                    "UPDATE series SET n_instances = n_instances + 1, last_received = ?, state = 'receiving',"
+                    "UPDATE series SET n_instances = n_instances + 1, last_received = ?, state = ?,"
                     " reason = CASE WHEN ? = '' THEN reason ELSE ? END WHERE series_uid = ?",
-                    (now, reason, reason, inst.series_uid))
+                    (now, SeriesState.RECEIVING, reason, reason, inst.series_uid))
         return True
 
     def has_instance(self, sop_uid: str) -> bool:
@@ -68,34 +75,40 @@ class Index(IndexDB):
         return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
 
     def series(self, series_uid: str) -> dict[str, Any] | None:
+        """The series row as a dict (its ``state`` a ``SeriesState``), or None."""
         rows = self._query("SELECT * FROM series WHERE series_uid = ?", (series_uid,))
-        return dict(rows[0]) if rows else None
+        return series_of(rows[0]) if rows else None
 
     def all_series(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._query("SELECT * FROM series ORDER BY first_received")]
+        """Every series row, oldest first (as ``series``)."""
+        return [series_of(r) for r in self._query("SELECT * FROM series ORDER BY first_received")]
 
     def quiet_series(self, quiet_since: float) -> list[str]:
         """Series still 'receiving' whose last instance arrived before ``quiet_since``."""
-        rows = self._query("SELECT series_uid FROM series WHERE state = 'receiving' AND last_received < ?",
-                           (quiet_since,))
+        rows = self._query("SELECT series_uid FROM series WHERE state = ? AND last_received < ?",
+                           (SeriesState.RECEIVING, quiet_since))
         return [r["series_uid"] for r in rows]
-
-    def set_series_state(self, series_uid: str, state: str, reason: str = "", job_id: int | None = None) -> None:
-        with self.tx() as c:
-            c.execute("UPDATE series SET state = ?, reason = ?, job_id = COALESCE(?, job_id) WHERE series_uid = ?",
-                      (state, reason, job_id, series_uid))
 
     def mark_stable(self, series_uid: str, quiet_since: float) -> bool:
         """receiving → stable, only if no instance arrived since ``quiet_since`` (atomic against ingest)."""
         with self.tx() as c:
-            cur = c.execute("UPDATE series SET state = 'stable', reason = '' WHERE series_uid = ?"
-                            " AND state = 'receiving' AND last_received < ?", (series_uid, quiet_since))
+            cur = c.execute("UPDATE series SET state = ?, reason = '' WHERE series_uid = ?"
+                            " AND state = ? AND last_received < ?",
+                            (SeriesState.STABLE, series_uid, SeriesState.RECEIVING, quiet_since))
             return cur.rowcount == 1
 
     # ------------------------------------------------------------------------------------ jobs
 
-    def create_job(self, series_uid: str, rule: str, state: str = "queued", reason: str = "") -> int:
-        """A new job for the series' current instances; an earlier unfinished or delivered job is superseded."""
+    def create_job(self, series_uid: str, rule: str, state: JobState = JobState.QUEUED, reason: str = "") -> int:
+        """A new job for the series' current instances. It records the series' earlier job in ``supersedes``, and
+        that job, if still queued, becomes superseded.
+
+        ``state`` is queued, or a decision already taken (failed, ignored); the series takes the same state.
+        """
+        state = JobState(state)  # a bare string that is no state fails here, not in a query much later
+        series_state = series_state_of(state)
+        if series_state is None:
+            raise SpoolError(f"index: a job cannot be created {state}")
         now = time.time()
         with self.tx() as c:
             s = c.execute("SELECT study_uid, n_instances, job_id FROM series WHERE series_uid = ?",
@@ -108,23 +121,24 @@ class Index(IndexDB):
                 (series_uid, s["study_uid"], rule, state, reason, s["n_instances"], s["job_id"], now, now))
             job_id = int(cur.lastrowid or 0)
             if s["job_id"] is not None:
-                c.execute("UPDATE jobs SET state = 'superseded', reason = ?, updated = ? WHERE id = ?"
-                          " AND state IN ('queued')", (f"superseded by job {job_id}", now, s["job_id"]))
-            series_state = "queued" if state == "queued" else state
+                c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ? AND state = ?",
+                          (JobState.SUPERSEDED, f"superseded by job {job_id}", now, s["job_id"], JobState.QUEUED))
             c.execute("UPDATE series SET state = ?, reason = ?, job_id = ? WHERE series_uid = ?",
                       (series_state, reason, job_id, series_uid))
         return job_id
 
     def job(self, job_id: int) -> Job:
+        """The job ``job_id``; SpoolError when there is none."""
         rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not rows:
             raise SpoolError(f"index: no job {job_id}")
         return job_of(rows[0])
 
-    def jobs(self, states: Sequence[str] = ()) -> list[Job]:
+    def jobs(self, states: Sequence[JobState] = ()) -> list[Job]:
+        """Every job (in one of ``states``, when given), oldest first."""
         if states:
-            marks = ",".join("?" * len(states))
-            rows = self._query(f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", list(states))
+            wanted = [JobState(s) for s in states]
+            rows = self._query(f"SELECT * FROM jobs WHERE state IN ({_marks(wanted)}) ORDER BY id", wanted)
         else:
             rows = self._query("SELECT * FROM jobs ORDER BY id")
         return [job_of(r) for r in rows]
@@ -133,21 +147,23 @@ class Index(IndexDB):
         """queued → processing, atomically; None if another worker has it or it is no longer queued."""
         now = time.time()
         with self.tx() as c:
-            cur = c.execute("UPDATE jobs SET state = 'processing', reason = '', attempts = attempts + 1,"
-                            " started = ?, updated = ? WHERE id = ? AND state = 'queued'", (now, now, job_id))
+            cur = c.execute("UPDATE jobs SET state = ?, reason = '', attempts = attempts + 1,"
+                            " started = ?, updated = ? WHERE id = ? AND state = ?",
+                            (JobState.PROCESSING, now, now, job_id, JobState.QUEUED))
             if cur.rowcount != 1:
                 return None
             row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            c.execute("UPDATE series SET state = 'processing', reason = '' WHERE series_uid = ? AND job_id = ?"
-                      " AND state = 'queued'", (row["series_uid"], job_id))
+            c.execute("UPDATE series SET state = ?, reason = '' WHERE series_uid = ? AND job_id = ? AND state = ?",
+                      (SeriesState.PROCESSING, row["series_uid"], job_id, SeriesState.QUEUED))
         return job_of(row)
 
-    def finish_job(self, job_id: int, state: str, reason: str = "", **fields: Any) -> None:
+    def finish_job(self, job_id: int, state: JobState, reason: str = "", **fields: Any) -> None:
         """Record a job's outcome (and its series', unless a later job has taken the series over)."""
+        state = JobState(state)  # a bare string that is no state fails here
         now = time.time()
         allowed = {"derived_series_uid", "uncertainty_series_uid", "engine", "fallback", "report"}
         sets, args = ["state = ?", "reason = ?", "updated = ?"], [state, reason, now]
-        if state in JOB_DONE_STATES or state == "sending":
+        if state in JOB_DONE_STATES or state is JobState.SENDING:
             sets.append("finished = ?")
             args.append(now)
         for k, v in fields.items():
@@ -158,9 +174,11 @@ class Index(IndexDB):
         with self.tx() as c:
             c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
             row = c.execute("SELECT series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is not None:
+            series_state = series_state_of(state)
+            if row is not None and series_state is not None:
                 c.execute("UPDATE series SET state = ?, reason = ? WHERE series_uid = ? AND job_id = ?"
-                          " AND state NOT IN ('receiving', 'stable')", (state, reason, row["series_uid"], job_id))
+                          " AND state NOT IN (?, ?)", (series_state, reason, row["series_uid"], job_id,
+                                                       SeriesState.RECEIVING, SeriesState.STABLE))
 
     def requeue_interrupted(self, processing: bool = True) -> list[int]:
         """Start-up: jobs left 'processing' by a crash go back to 'queued'; returns every queued job id.
@@ -171,21 +189,23 @@ class Index(IndexDB):
         now = time.time()
         with self.tx() as c:
             if processing:
-                c.execute("UPDATE jobs SET state = 'queued', reason = 'interrupted (node restarted), re-queued',"
-                          " updated = ? WHERE state = 'processing'", (now,))
-                c.execute("UPDATE series SET state = 'queued' WHERE state = 'processing'")
+                c.execute("UPDATE jobs SET state = ?, reason = 'interrupted (node restarted), re-queued',"
+                          " updated = ? WHERE state = ?", (JobState.QUEUED, now, JobState.PROCESSING))
+                c.execute("UPDATE series SET state = ? WHERE state = ?", (SeriesState.QUEUED, SeriesState.PROCESSING))
             # stable but no job yet (crash between the two): let the watcher decide again
-            c.execute("UPDATE series SET state = 'receiving' WHERE state = 'stable'")
-            rows = c.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY id").fetchall()
+            c.execute("UPDATE series SET state = ? WHERE state = ?", (SeriesState.RECEIVING, SeriesState.STABLE))
+            rows = c.execute("SELECT id FROM jobs WHERE state = ? ORDER BY id", (JobState.QUEUED,)).fetchall()
         return [int(r["id"]) for r in rows]
 
     def requeue_job(self, job_id: int, reason: str = "re-queued by srnode retry") -> bool:
+        """failed → queued (and its series); False when the job is not 'failed'."""
         now = time.time()
         with self.tx() as c:
-            cur = c.execute("UPDATE jobs SET state = 'queued', reason = ?, updated = ? WHERE id = ?"
-                            " AND state IN ('failed')", (reason, now, job_id))
+            cur = c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ? AND state = ?",
+                            (JobState.QUEUED, reason, now, job_id, JobState.FAILED))
             if cur.rowcount == 1:
-                c.execute("UPDATE series SET state = 'queued', reason = ? WHERE job_id = ?", (reason, job_id))
+                c.execute("UPDATE series SET state = ?, reason = ? WHERE job_id = ?",
+                          (SeriesState.QUEUED, reason, job_id))
             return cur.rowcount == 1
 
     # ------------------------------------------------------------------------------------ deliveries
@@ -197,33 +217,37 @@ class Index(IndexDB):
             for dest, files in per_destination.items():
                 c.execute(
                     "INSERT INTO deliveries (job_id, destination, files, state, created, updated)"
-                    " VALUES (?,?,?,'pending',?,?) ON CONFLICT(job_id, destination) DO UPDATE SET"
-                    " files = excluded.files, state = 'pending', attempts = 0, next_attempt = 0, reason = '',"
-                    " updated = excluded.updated", (job_id, dest, json.dumps(files), now, now))
+                    " VALUES (?,?,?,?,?,?) ON CONFLICT(job_id, destination) DO UPDATE SET"
+                    " files = excluded.files, state = excluded.state, attempts = 0, next_attempt = 0, reason = '',"
+                    " updated = excluded.updated", (job_id, dest, json.dumps(files), DeliveryState.PENDING, now, now))
 
-    def deliveries(self, job_id: int | None = None, states: Sequence[str] = ()) -> list[Delivery]:
+    def deliveries(self, job_id: int | None = None, states: Sequence[DeliveryState] = ()) -> list[Delivery]:
+        """The deliveries (of one job, in one of ``states``, when given), oldest first."""
         sql, args = "SELECT * FROM deliveries WHERE 1=1", list[Any]()
         if job_id is not None:
             sql += " AND job_id = ?"
             args.append(job_id)
         if states:
-            sql += f" AND state IN ({','.join('?' * len(states))})"
-            args.extend(states)
+            wanted = [DeliveryState(s) for s in states]
+            sql += f" AND state IN ({_marks(wanted)})"
+            args.extend(wanted)
         return [delivery_of(r) for r in self._query(sql + " ORDER BY id", args)]
 
     def due_deliveries(self, now: float) -> list[Delivery]:
-        rows = self._query("SELECT * FROM deliveries WHERE state = 'pending' AND next_attempt <= ? ORDER BY id",
-                           (now,))
+        """Pending deliveries whose next attempt is due at ``now``."""
+        rows = self._query("SELECT * FROM deliveries WHERE state = ? AND next_attempt <= ? ORDER BY id",
+                           (DeliveryState.PENDING, now))
         return [delivery_of(r) for r in rows]
 
     def delivery_done(self, delivery_id: int) -> None:
+        """A successful attempt: the delivery is delivered."""
         with self.tx() as c:
-            c.execute("UPDATE deliveries SET state = 'delivered', reason = '', attempts = attempts + 1,"
-                      " updated = ? WHERE id = ?", (time.time(), delivery_id))
+            c.execute("UPDATE deliveries SET state = ?, reason = '', attempts = attempts + 1, updated = ? WHERE id = ?",
+                      (DeliveryState.DELIVERED, time.time(), delivery_id))
 
     def delivery_failed(self, delivery_id: int, reason: str, next_attempt: float | None) -> None:
         """A failed attempt: retry at ``next_attempt``, or dead-letter (None)."""
-        state = "pending" if next_attempt is not None else "dead-letter"
+        state = DeliveryState.PENDING if next_attempt is not None else DeliveryState.DEAD_LETTER
         with self.tx() as c:
             c.execute("UPDATE deliveries SET state = ?, reason = ?, attempts = attempts + 1, next_attempt = ?,"
                       " updated = ? WHERE id = ?", (state, reason, next_attempt or 0.0, time.time(), delivery_id))
@@ -231,39 +255,42 @@ class Index(IndexDB):
     def requeue_deliveries(self, job_id: int | None = None) -> int:
         """dead-letter → pending (attempts reset); returns how many."""
         now = time.time()
-        sql = ("UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt = 0, reason = 'retry requested',"
-               " updated = ? WHERE state = 'dead-letter'")
-        args: list[Any] = [now]
+        sql = ("UPDATE deliveries SET state = ?, attempts = 0, next_attempt = 0, reason = 'retry requested',"
+               " updated = ? WHERE state = ?")
+        args: list[Any] = [DeliveryState.PENDING, now, DeliveryState.DEAD_LETTER]
         if job_id is not None:
             sql += " AND job_id = ?"
             args.append(job_id)
         with self.tx() as c:
             cur = c.execute(sql, args)
             n = cur.rowcount
-            ids = [r["job_id"] for r in c.execute("SELECT DISTINCT job_id FROM deliveries WHERE state = 'pending'")]
+            ids = [r["job_id"] for r in c.execute("SELECT DISTINCT job_id FROM deliveries WHERE state = ?",
+                                                  (DeliveryState.PENDING,))]
             for jid in ids:
-                c.execute("UPDATE jobs SET state = 'sending', reason = 'delivery retry requested', updated = ?"
-                          " WHERE id = ? AND state = 'dead-letter'", (now, jid))
+                c.execute("UPDATE jobs SET state = ?, reason = 'delivery retry requested', updated = ?"
+                          " WHERE id = ? AND state = ?", (JobState.SENDING, now, jid, JobState.DEAD_LETTER))
         return n
 
-    def settle_job(self, job_id: int) -> str:
+    def settle_job(self, job_id: int) -> JobState:
         """After a delivery changed: the job is 'delivered' when all are, 'dead-letter' when any is and none is
         pending; otherwise it stays 'sending'. Returns the job's state."""
         ds = self.deliveries(job_id)
         job = self.job(job_id)
-        if job.state not in ("sending", "dead-letter", "delivered"):
+        if job.state not in (JobState.SENDING, JobState.DEAD_LETTER, JobState.DELIVERED):
             return job.state
-        if any(d.state == "pending" for d in ds):
-            state, reason = "sending", ""
-        elif any(d.state == "dead-letter" for d in ds):
-            bad = [d for d in ds if d.state == "dead-letter"]
-            state = "dead-letter"
+        bad = [d for d in ds if d.state is DeliveryState.DEAD_LETTER]
+        if any(d.state is DeliveryState.PENDING for d in ds):
+            state, reason = JobState.SENDING, ""
+        elif bad:
+            state = JobState.DEAD_LETTER
             reason = "; ".join(f"{d.destination}: {d.reason}" for d in bad)
         else:
-            state, reason = "delivered", ""
+            state, reason = JobState.DELIVERED, ""
         if state != job.state or reason != job.reason:
             self.finish_job(job_id, state, reason)
         return state
 
     def queue_depth(self) -> int:
-        return int(self._query("SELECT COUNT(*) AS n FROM jobs WHERE state IN ('queued', 'processing')")[0]["n"])
+        """How many jobs are queued or processing."""
+        return int(self._query("SELECT COUNT(*) AS n FROM jobs WHERE state IN (?, ?)",
+                               (JobState.QUEUED, JobState.PROCESSING))[0]["n"])

@@ -13,10 +13,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from node.errors import SpoolError
+from node.store.states import DeliveryState, JobState, SeriesState
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -85,11 +87,13 @@ CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt);
 
 @dataclass(frozen=True)
 class Job:
+    """A row of ``jobs``: one processing of a series' instances under a rule."""
+
     id: int
     series_uid: str
     study_uid: str
     rule: str
-    state: str
+    state: JobState
     reason: str
     n_instances: int
     attempts: int
@@ -105,11 +109,13 @@ class Job:
 
 @dataclass(frozen=True)
 class Delivery:
+    """A row of ``deliveries`` (the outbox): a job's files for one destination."""
+
     id: int
     job_id: int
     destination: str
     files: list[str]
-    state: str
+    state: DeliveryState
     attempts: int
     next_attempt: float
     reason: str
@@ -117,6 +123,8 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Instance:
+    """A row of ``instances``: one received SOP instance and where the spool keeps it."""
+
     sop_uid: str
     series_uid: str
     study_uid: str
@@ -127,9 +135,21 @@ class Instance:
     allowed_rules: str
 
 
+_S = TypeVar("_S", bound=StrEnum)
+
+
+def state_of(kind: type[_S], row: sqlite3.Row, table: str) -> _S:
+    """The row's ``state`` column as a member of ``kind``; SpoolError naming the row when it is none."""
+    try:
+        return kind(row["state"])
+    except ValueError:
+        raise SpoolError(f"index: {table} row {row[0]!r} has an unknown state {row['state']!r}") from None
+
+
 def job_of(row: sqlite3.Row) -> Job:
+    """A ``jobs`` row as a record."""
     return Job(id=row["id"], series_uid=row["series_uid"], study_uid=row["study_uid"], rule=row["rule"],
-               state=row["state"], reason=row["reason"], n_instances=row["n_instances"],
+               state=state_of(JobState, row, "jobs"), reason=row["reason"], n_instances=row["n_instances"],
                attempts=row["attempts"], supersedes=row["supersedes"],
                derived_series_uid=row["derived_series_uid"], uncertainty_series_uid=row["uncertainty_series_uid"],
                engine=row["engine"], fallback=row["fallback"], report=json.loads(row["report"] or "{}"),
@@ -137,12 +157,21 @@ def job_of(row: sqlite3.Row) -> Job:
 
 
 def delivery_of(row: sqlite3.Row) -> Delivery:
+    """A ``deliveries`` row as a record."""
     return Delivery(id=row["id"], job_id=row["job_id"], destination=row["destination"],
-                    files=json.loads(row["files"]), state=row["state"], attempts=row["attempts"],
+                    files=json.loads(row["files"]), state=state_of(DeliveryState, row, "deliveries"), attempts=row["attempts"],
                     next_attempt=row["next_attempt"], reason=row["reason"])
 
 
+def series_of(row: sqlite3.Row) -> dict[str, Any]:
+    """A ``series`` row as a dict, its ``state`` a ``SeriesState``."""
+    d = dict(row)
+    d["state"] = state_of(SeriesState, row, "series")
+    return d
+
+
 def instance_of(row: sqlite3.Row) -> Instance:
+    """An ``instances`` row as a record."""
     return Instance(sop_uid=row["sop_uid"], series_uid=row["series_uid"], study_uid=row["study_uid"],
                     sop_class=row["sop_class"], transfer_syntax=row["transfer_syntax"], path=row["path"],
                     calling_ae=row["calling_ae"], allowed_rules=row["allowed_rules"])

@@ -14,6 +14,8 @@ from enum import StrEnum
 
 
 class JobState(StrEnum):
+    """The state of a job (the ``jobs.state`` column)."""
+
     QUEUED = "queued"
     PROCESSING = "processing"
     SENDING = "sending"
@@ -25,6 +27,8 @@ class JobState(StrEnum):
 
 
 class SeriesState(StrEnum):
+    """The state of a series (the ``series.state`` column)."""
+
     RECEIVING = "receiving"
     STABLE = "stable"
     QUEUED = "queued"
@@ -37,6 +41,8 @@ class SeriesState(StrEnum):
 
 
 class DeliveryState(StrEnum):
+    """The state of a delivery (the ``deliveries.state`` column)."""
+
     PENDING = "pending"
     DELIVERED = "delivered"
     DEAD_LETTER = "dead-letter"
@@ -45,3 +51,12 @@ class DeliveryState(StrEnum):
 # a job in one of these states will not change again by itself
 JOB_DONE_STATES = (JobState.DELIVERED, JobState.FAILED, JobState.DEAD_LETTER, JobState.IGNORED,
                    JobState.SUPERSEDED)
+
+
+def series_state_of(job: JobState) -> SeriesState | None:
+    """The series state that mirrors a job state (a series follows its current job); None for superseded, which
+    only an earlier job of the series can be."""
+    try:
+        return SeriesState(job.value)
+    except ValueError:
+        return None

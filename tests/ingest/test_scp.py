@@ -101,7 +101,7 @@ def test_duplicate_instance_is_kept_once(scp: StoreSCP, phantom: list[Path], tmp
     assert send_dataset(scp.cfg.node.port, ds) == 0x0000
     first = scp.admission.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID).read_bytes()
     ds.WindowCenter = 1234  # same SOPInstanceUID, different content
-    with caplog.at_level(logging.INFO, logger="node.ingest.scp"):
+    with caplog.at_level(logging.INFO, logger="node.ingest.admit"):
         assert send_dataset(scp.cfg.node.port, ds) == 0x0000
     assert scp.admission.index.count_instances() == 1
     assert scp.admission.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID).read_bytes() == first

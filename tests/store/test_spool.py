@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from node.dimse import Status
 from node.errors import IngestError
-from node.store import Index, Instance, Spool
+from node.store import Index, Instance, JobState, SeriesState, Spool
 
 
 def _inst(sop: str, series: str = "1.2.3.4", path: str = "/x") -> Instance:
@@ -31,14 +32,14 @@ def test_uids_that_are_not_uids_are_refused(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     with pytest.raises(IngestError) as exc:
         spool.store_bytes(b"x", "1.2.3", "../../etc", "1.2")
-    assert exc.value.status == 0xC210 and "SeriesInstanceUID" in str(exc.value)
+    assert exc.value.status == Status.CANNOT_UNDERSTAND and "SeriesInstanceUID" in str(exc.value)
 
 
 def test_watermark_refuses_with_a700_and_writes_nothing(tmp_path: Path) -> None:
     spool = Spool(tmp_path, min_free_mb=10**12)
     with pytest.raises(IngestError) as exc:
         spool.store_bytes(b"x", "1.2.3", "1.2.3.4", "1.2.3.4.5")
-    assert exc.value.status == 0xA700 and "min_free_mb" in str(exc.value)
+    assert exc.value.status == Status.OUT_OF_RESOURCES and "min_free_mb" in str(exc.value)
     assert not any(spool.instances.rglob("*.dcm"))
 
 
@@ -54,19 +55,19 @@ def test_series_job_and_delivery_states(tmp_path: Path) -> None:
     assert ix.claim_job(job_id) is not None
     assert ix.claim_job(job_id) is None  # claimed once
     ix.add_deliveries(job_id, {"a": ["/f1"], "b": ["/f1"]})
-    ix.finish_job(job_id, "sending")
+    ix.finish_job(job_id, JobState.SENDING)
     a, b = ix.deliveries(job_id)
     ix.delivery_done(a.id)
     ix.delivery_failed(b.id, "peer down", None)
-    assert ix.settle_job(job_id) == "dead-letter"
+    assert ix.settle_job(job_id) is JobState.DEAD_LETTER
     assert "b: peer down" in ix.job(job_id).reason
     assert ix.requeue_deliveries(job_id) == 1
-    assert ix.job(job_id).state == "sending"
+    assert ix.job(job_id).state is JobState.SENDING
     ix.delivery_done(b.id)
-    assert ix.settle_job(job_id) == "delivered"
+    assert ix.settle_job(job_id) is JobState.DELIVERED
     # a late instance puts the series back to receiving; the next job supersedes
     assert ix.add_instance(_inst("1.3"), "CT", 10)
-    assert ix.series("1.2.3.4")["state"] == "receiving"
+    assert ix.series("1.2.3.4")["state"] is SeriesState.RECEIVING
     assert "late instance" in ix.series("1.2.3.4")["reason"]
     assert ix.create_job("1.2.3.4", "r") == job_id + 1
     assert ix.job(job_id + 1).supersedes == job_id and ix.job(job_id + 1).n_instances == 3
@@ -80,7 +81,7 @@ def test_crash_while_processing_requeues(tmp_path: Path) -> None:
     ix.close()
     again = Index(tmp_path / "index.sqlite")  # as after a restart
     assert again.requeue_interrupted() == [job_id]
-    assert again.job(job_id).state == "queued" and "restarted" in again.job(job_id).reason
+    assert again.job(job_id).state is JobState.QUEUED and "restarted" in again.job(job_id).reason
 
 
 def test_index_is_shared_between_processes(tmp_path: Path) -> None:
