@@ -107,6 +107,6 @@ def _sc_image(d: Dataset, pixels: np.ndarray, series_uid: str, sop_uid: str, k: 
         sop_instance_uid=sop_uid,
         instance_number=k + 1,
         manufacturer="srnode",
-        pixel_spacing=(float(d.PixelSpacing[0]), float(d.PixelSpacing[1])),
+        pixel_spacing=(float(d.PixelSpacing[0]), float(d.PixelSpacing[1])),  # type: ignore[arg-type] # mm (floats; highdicom annotates int)
         patient_orientation=orient,
     )
