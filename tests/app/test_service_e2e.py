@@ -37,7 +37,7 @@ def test_series_from_storescu_arrive_in_orthanc(tmp_path: Path, orthanc: Orthanc
             assert r.returncode == 0, r.stderr
         jobs = node.wait_jobs(lambda js: _done(js, 2), timeout=240, what="both series delivered")
         assert [j["state"] for j in jobs] == ["delivered", "delivered"], json.dumps(jobs, indent=1)
-        status = node.app.cli("status")
+        status = node.cli("status")
         assert status.returncode == 0 and status.stdout.count("delivered") >= 2
         assert [j["state"] for j in node.status_cli()] == ["delivered", "delivered"]
         log = node.log()
@@ -95,7 +95,7 @@ def test_folder_destination_unmatched_series_and_restart(tmp_path: Path) -> None
         # restart with a job in hand: kill -9 while it is queued or processing, start again, it completes
         more = write_phantom_series(tmp_path / "more", slices=20, size=256, step_mm=3.0, seed=3)
         assert storescu(more, node.port).returncode == 0
-        index = Index(node.store.spool / "index.sqlite")
+        index = Index(node.spool / "index.sqlite")
         wait_until(lambda: [j for j in index.jobs(("queued", "processing")) if j.id == 4], timeout=60,
                    interval=0.01, what="the new job queued")
         node.kill9()
@@ -107,7 +107,7 @@ def test_folder_destination_unmatched_series_and_restart(tmp_path: Path) -> None
         out_more = node.workdir / "out" / first_more.StudyInstanceUID
         assert sorted(len(list(d.glob("*.dcm"))) for d in out_more.iterdir()) == [20, 39, 39]
         assert node.stop() == 0
-    audit = [json.loads(x) for x in (node.store.spool / "audit.log").read_text().splitlines()]
+    audit = [json.loads(x) for x in (node.spool / "audit.log").read_text().splitlines()]
     assert {"association", "job-decision", "job-processed", "delivery"} <= {a["event"] for a in audit}
 
 
@@ -116,7 +116,7 @@ def test_sigterm_lets_stores_in_flight_finish(tmp_path: Path) -> None:
     node = NodeProc.start(tmp_path / "node", {"node": {"stable_age_s": 60.0}})
     sender = subprocess.Popen([STORESCU, "-aec", node.ae_title, "-aet", "SCANNER", "127.0.0.1", str(node.port),
                                *map(str, files)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    index = Index(node.store.spool / "index.sqlite")
+    index = Index(node.spool / "index.sqlite")
     wait_until(lambda: index.count_instances() >= 1, timeout=30, what="the first instance stored")
     assert node.stop() == 0  # SIGTERM while the association is open
     out, _ = sender.communicate(timeout=60)

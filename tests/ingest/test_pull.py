@@ -41,7 +41,7 @@ def test_fetch_by_c_move_from_the_cli(tmp_path: Path, pacs_and_node: tuple[Ortha
     files = phantom(tmp_path, seed=61, slices=6)
     upload(orthanc, files)
     ref = pydicom.dcmread(files[0], stop_before_pixels=True)
-    r = node.app.cli("fetch", "--from", "pacs", "--study", ref.StudyInstanceUID, "--series", ref.SeriesInstanceUID)
+    r = node.cli("fetch", "--from", "pacs", "--study", ref.StudyInstanceUID, "--series", ref.SeriesInstanceUID)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["moved"] == 6
     job = wait_job(node, ref.SeriesInstanceUID)
@@ -55,7 +55,7 @@ def test_fetch_by_c_get_into_the_spool(tmp_path: Path, pacs_and_node: tuple[Orth
     upload(orthanc, files)
     ref = pydicom.dcmread(files[0], stop_before_pixels=True)
     # C-GET: the fetch process itself receives the instances and spools them beside the running node
-    r = node.app.cli("fetch", "--from", "pacs", "--method", "get", "--study", ref.StudyInstanceUID)
+    r = node.cli("fetch", "--from", "pacs", "--method", "get", "--study", ref.StudyInstanceUID)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["received"] == 4
     job = wait_job(node, ref.SeriesInstanceUID)

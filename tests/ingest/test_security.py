@@ -70,7 +70,7 @@ def test_allow_list_rejects_unknown_callers_and_routes_per_ae(tmp_path: Path, ph
         assert storescu(phantom, node.port, calling="CT01").returncode == 0
         assert storescu(ct, node.port, calling="MRONLY").returncode == 0  # CT, but MRONLY may use only 'mr'
         jobs = node.wait_jobs(_finished(2), what="both allowed series decided")
-        audit = [json.loads(ln) for ln in (node.store.spool / "audit.log").read_text().splitlines()]
+        audit = [json.loads(ln) for ln in (node.spool / "audit.log").read_text().splitlines()]
     states = {j["series"]: j for j in jobs}
     assert states[str(dcmread(phantom[0]).SeriesInstanceUID)]["state"] == "delivered"
     restricted = states[str(dcmread(ct[0]).SeriesInstanceUID)]
@@ -155,7 +155,7 @@ def test_http_token_and_secrets_never_logged(tmp_path: Path, phantom: list[Path]
             return [j["state"] for j in r.json()["jobs"]] == ["delivered"]
 
         wait_until(delivered, timeout=120, what="series delivered (seen through GET /jobs with the token)")
-        logs = node.log() + (node.store.spool / "audit.log").read_text()
+        logs = node.log() + (node.spool / "audit.log").read_text()
     assert token not in logs and password not in logs
     assert "***" in node.log(), "the effective configuration should be logged with secrets redacted"
 
@@ -198,10 +198,10 @@ def test_full_run_logs_carry_no_patient_identifiers_and_audit_is_complete(
             r = storescu(files, node.port, calling="SCANNER1")
             assert r.returncode == 0, r.stderr
         jobs = node.wait_jobs(_finished(2), timeout=400, what="both shared series delivered")
-        status = node.app.cli("status").stdout + node.app.cli("status", "--json").stdout
+        status = node.cli("status").stdout + node.cli("status", "--json").stdout
         api = httpx.get(f"{node.http_url}/jobs", timeout=10).text
     assert [j["state"] for j in jobs] == ["delivered", "delivered"], json.dumps(jobs, indent=1)
-    texts = {"node log": node.log(), "audit log": (node.store.spool / "audit.log").read_text(), "srnode status": status,
+    texts = {"node log": node.log(), "audit log": (node.spool / "audit.log").read_text(), "srnode status": status,
              "GET /jobs": api}
     # a value counts when it stands alone: Siemens UIDs embed the acquisition date (…45152.2013030808…), and UIDs
     # are what the logs must name; a date is also looked for written as 2013-03-08

@@ -83,7 +83,7 @@ def test_two_workers_share_jobs_and_survive_a_kill(tmp_path: Path, redis_server:
         "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
                    "destinations": ["pacs"]}],
     })
-    spool = node.store.spool
+    spool = node.spool
     workers = [WorkerProcess(node.config_path, f"w{i}@test", tmp_path / f"worker{i}.log") for i in (1, 2)]
     try:
         for w in workers:
@@ -184,7 +184,7 @@ def test_worker_without_shared_spool_fetches_over_dicomweb(tmp_path: Path, redis
         assert [j["state"] for j in jobs] == ["delivered"], jobs
         assert "fetched 10 instances" in worker.log()
         assert not list((tmp_path / "worker-spool" / "instances").rglob("*.dcm")), "worker scratch not cleaned"
-        assert not (node.store.spool / "outbox").exists() or not any((node.store.spool / "outbox").iterdir())
+        assert not (node.spool / "outbox").exists() or not any((node.spool / "outbox").iterdir())
         received = [dcmread(p, stop_before_pixels=True) for p in pacs_dir.rglob("*") if p.is_file()]
         counts = Counter(ds.SOPInstanceUID for ds in received)
         assert received and max(counts.values()) == 1, f"instances delivered twice: {counts.most_common(3)}"

@@ -59,7 +59,7 @@ def series_counts(o: Orthanc, study_uid: str) -> list[tuple[str, int]]:
 
 
 def index_of(node: NodeProc) -> Index:
-    return Index(node.store.spool / "index.sqlite")
+    return Index(node.spool / "index.sqlite")
 
 
 def job_states(node: NodeProc) -> list[tuple[str, str]]:
@@ -127,7 +127,7 @@ def test_kill9_during_ingest_keeps_every_acknowledged_instance(tmp_path: Path) -
             assert idx.has_instance(sop), f"instance {sop} got Success before the crash but is not in the spool"
         for inst in idx.instances_of(str(dcmread(files[0]).SeriesInstanceUID)):
             dcmread(inst.path)  # every spooled file is complete and readable
-        assert not list((node.store.spool / "incoming").iterdir()), "partial files left in incoming/"
+        assert not list((node.spool / "incoming").iterdir()), "partial files left in incoming/"
         # the scanner resends the whole series (duplicates of what was stored must be harmless)
         r = storescu(files, node.port, calling="SCANNER")
         assert r.returncode == 0, r.stderr
@@ -217,7 +217,7 @@ def test_destination_down_then_back_dead_letter_and_retry(tmp_path: Path) -> Non
         dl = jobs[1]["deliveries"][0]
         assert dl["state"] == "dead-letter" and "after 2 attempt(s)" in dl["reason"], dl
         o = restart_orthanc(o)
-        r = node.app.cli("retry")
+        r = node.cli("retry")
         assert r.returncode == 0 and "re-queued" in r.stdout, r.stdout + r.stderr
         node.wait_jobs(lambda js: js[1]["state"] == "delivered", timeout=120, what="delivered after srnode retry")
         expect_delivered_once(o, second)
@@ -262,7 +262,7 @@ def test_spool_below_watermark_answers_a700_and_recovers_when_space_returns(tmp_
             assert _store_status(node.port, files[1]) == 0xA700
         finally:
             ballast.unlink()
-        assert not list((node.store.spool / "incoming").iterdir()), "half-written files left in incoming/"
+        assert not list((node.spool / "incoming").iterdir()), "half-written files left in incoming/"
         assert not index_of(node).has_instance(str(dcmread(files[1]).SOPInstanceUID))
         # space is back: the same instance and the rest are accepted, and the series is processed
         for f in files[1:]:

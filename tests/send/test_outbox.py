@@ -94,7 +94,7 @@ def test_destination_down_dead_letter_then_retry_delivers(tmp_path: Path) -> Non
         try:
             wait_until(lambda: subprocess.run(["/usr/bin/echoscu", "-aec", "STORESCP", "127.0.0.1", str(pacs_port)],
                                               capture_output=True).returncode == 0, timeout=20, what="storescp up")
-            r = node.app.cli("retry")
+            r = node.cli("retry")
             assert r.returncode == 0 and "re-queued" in r.stdout
             (job,) = node.wait_jobs(lambda js: js[-1]["state"] == "delivered", timeout=60, what="delivered")
             assert len(list(received.iterdir())) == 2 * ((3 - 1) * 2 + 1)  # derived + uncertainty
