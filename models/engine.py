@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
@@ -29,20 +30,38 @@ class EngineError(RuntimeError):
     """
 
 
-__all__ = ["ENGINES", "EngineError", "EngineOptions", "EngineResult", "Factors", "VolumeInput", "available",
-           "get_engine"]
+__all__ = ["ENGINES", "FACTOR_LIMITS", "Device", "EngineError", "EngineOptions", "EngineResult", "Factors",
+           "VolumeInput", "available", "factor_problem", "get_engine"]
+
+# The accepted upscaling factors per axis, (lowest, highest) inclusive: the one source of these bounds (the node's
+# config names its own key with them, ``Factors`` checks them).
+FACTOR_LIMITS: dict[str, tuple[int, int]] = {"through_plane": (1, 8), "in_plane": (1, 4)}
+
+
+def factor_problem(axis: str, value: int) -> str:
+    """Why ``value`` is not an accepted factor for ``axis`` ("through_plane" | "in_plane"), or "" when it is.
+
+    Raises KeyError for an unknown axis.
+    """
+    lo, hi = FACTOR_LIMITS[axis]
+    return "" if lo <= value <= hi else f"{value} must be {lo}..{hi}"
 
 
 @dataclass(frozen=True)
 class Factors:
+    """Upscaling factors (dimensionless): through-plane (slices) and in-plane (rows and columns).
+
+    Raises ValueError for a factor outside ``FACTOR_LIMITS``.
+    """
+
     through_plane: int = 2
     in_plane: int = 1
 
     def __post_init__(self) -> None:
-        if not 1 <= self.through_plane <= 8:
-            raise ValueError(f"Factors.through_plane: {self.through_plane} must be 1..8")
-        if not 1 <= self.in_plane <= 4:
-            raise ValueError(f"Factors.in_plane: {self.in_plane} must be 1..4")
+        for axis, value in (("through_plane", self.through_plane), ("in_plane", self.in_plane)):
+            problem = factor_problem(axis, value)
+            if problem:
+                raise ValueError(f"Factors.{axis}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -81,20 +100,33 @@ class Engine(Protocol):
     def upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult: ...
 
 
+class Device(StrEnum):
+    """Where an engine runs: ``auto`` (CUDA when available, else the CPU), ``cpu`` or ``cuda``."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
 @dataclass(frozen=True)
 class EngineOptions:
-    """Engine settings the node passes through (mirrors config.toml's [engine])."""
+    """Engine settings the node passes through: the one field list of config.toml's ``[engine]`` table.
 
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    The node's config reads every field here from ``[engine]`` under the same key (``engine.tta_passes``), beside
+    ``name``; a field added here is a config key at once. Counts are numbers of steps, passes and samples; ``min_gain_db`` is in dB,
+    ``max_voxels_per_tile`` in voxels (0: sized from free memory), ``weights`` a file path ("": the shipped prior).
+    """
+
+    device: Device = Device.AUTO
     fast: bool = False
     finetune_steps: int = 200
     in_plane_finetune_steps: int = 0  # selfsup in-plane (ZSSR) fine-tuning steps; < 0: finetune_steps
     tta_passes: int = 8
     samples: int = 8
-    weights: str = ""
+    weights: str = ""  # prior weights; "": the shipped prior in models/weights
     seed: int = 0
     min_gain_db: float = 0.3
-    max_voxels_per_tile: int = 0
+    max_voxels_per_tile: int = 0  # tile size limit; 0: sized from free GPU/CPU memory
 
 
 EngineFactory = Callable[[EngineOptions], Engine]

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     files, what = _series_files(workdir)
 
     print(f"srnode demo: node {cfg.node.ae_title} on 127.0.0.1:{cfg.node.port}, engine {cfg.engine.name} "
-          f"(device {cfg.engine.device}), destinations: {', '.join(d.name + '=' + (d.path or d.url) for d in cfg.destinations)}")
+          f"(device {cfg.engine.options.device}), destinations: {', '.join(d.name + '=' + d.address for d in cfg.destinations)}")
     node = Node(cfg)
     node.start()
     t0 = time.monotonic()

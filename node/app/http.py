@@ -31,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from models.engine import EngineOptions, get_engine
+from models.engine import Device, EngineOptions, get_engine
 from node.app.context import NodeContext
 from node.errors import ConfigError, NodeError
 from node.ingest import (
@@ -98,7 +98,7 @@ class _Ready:
         names = {cfg.engine.name, *(r.engine for r in cfg.rules if r.engine)}
         for name in sorted(names - set(self.engines_ok)):
             try:
-                get_engine(name, EngineOptions(device="cpu"))
+                get_engine(name, EngineOptions(device=Device.CPU))
                 self.engines_ok[name] = "ok"
             except Exception as exc:  # noqa: BLE001 - any failure to build the engine is "not ready"
                 return {f"engine:{name}": f"engine {name!r} cannot be loaded: {exc}"}

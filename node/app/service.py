@@ -18,7 +18,7 @@ from types import FrameType
 from node.app.context import NodeContext
 from node.app.http import HttpHandle, start_http
 from node.app.logs import REDACT
-from node.config import Config, load_config
+from node.config import Config, ExecutorKind, load_config, secret_values
 from node.ingest import Admission, StoreSCP
 from node.jobs import JobContext, StabilityWatcher, make_executor
 from node.send import Outbox
@@ -48,7 +48,7 @@ class Node:
         ctx = self.ctx
         leftovers = ctx.spool.clean_incoming()
         # in-process: nothing can still be running after a restart; Celery: workers may be (see requeue_interrupted)
-        queued = ctx.index.requeue_interrupted(processing=self.cfg.executor.kind == "inprocess")
+        queued = ctx.index.requeue_interrupted(processing=self.cfg.executor.kind == ExecutorKind.INPROCESS)
         log.info("spool %s: %d instances indexed, %d job(s) queued, %d partial file(s) removed",
                  ctx.spool.root, ctx.index.count_instances(), len(queued), leftovers)
         ctx.executor.start()
@@ -103,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _secrets(cfg: Config) -> set[str]:
-    out = {cfg.http.token}
-    for d in cfg.destinations:
-        out |= {d.password, d.token}
-    for s in cfg.sources:
-        out |= {s.password, s.token}
-    return {s for s in out if s}
+    """The values masked in every log line: each password and token of the config (http, destinations, sources).
+
+    URLs (broker_url, result_backend) are logged through ``broker_display``, which drops their credentials;
+    masking them whole would hide the host too.
+    """
+    return secret_values(cfg, keys=("password", "token"))

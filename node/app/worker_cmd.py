@@ -12,11 +12,10 @@ import os
 import socket
 import time
 
-from node.config import load_config
+from node.config import Device, ExecutorKind, load_config
 from node.errors import NodeError
 from node.jobs import JobContext
 from node.jobs.celery_executor import broker_display, make_app
-from node.process import engine_options
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="", help="worker name (default srnode-<pid>@<host>); one per GPU")
     parser.add_argument("--pool", choices=("prefork", "solo"), default="prefork",
                         help="prefork (default): a dying job process is re-queued at once; solo: no child")
-    parser.add_argument("--device", default="", help="override [engine].device for this worker (cpu, cuda)")
+    parser.add_argument("--device", default="", choices=["", *(d.value for d in Device)],
+                        help="override [engine].device for this worker (auto, cpu, cuda)")
 
 
 def _preload(ctx: JobContext, pool: str) -> None:
@@ -36,10 +36,10 @@ def _preload(ctx: JobContext, pool: str) -> None:
     """
     t0 = time.monotonic()
     cfg = ctx.cfg
-    if pool == "solo" or cfg.engine.device == "cpu":
+    if pool == "solo" or cfg.engine.options.device == Device.CPU:
         for name in sorted({cfg.engine.name, *(r.engine for r in cfg.rules if r.engine)}):
             try:
-                ctx.engines.get(name, engine_options(cfg))
+                ctx.engines.get(name, cfg.engine.options)
             except NodeError as exc:
                 log.warning("engine %s could not be loaded (jobs will fall back to cubic): %s", name, exc)
     log.info("worker: pipeline loaded in %.1f s", time.monotonic() - t0)
@@ -47,12 +47,14 @@ def _preload(ctx: JobContext, pool: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    if cfg.executor.kind != "celery":
-        log.warning("%s: executor.kind is %r; the worker serves Celery jobs anyway", args.config, cfg.executor.kind)
+    if cfg.executor.kind != ExecutorKind.CELERY:
+        log.warning("%s: executor.kind is %r; the worker serves Celery jobs anyway", args.config,
+                    cfg.executor.kind.value)
     if args.device:
         from dataclasses import replace as dc_replace
 
-        cfg = dc_replace(cfg, engine=dc_replace(cfg.engine, device=args.device))
+        options = dc_replace(cfg.engine.options, device=Device(args.device))
+        cfg = dc_replace(cfg, engine=dc_replace(cfg.engine, options=options))
     logging.getLogger().setLevel(args.log_level.upper() if args.log_level else cfg.node.log_level.upper())
     ctx = JobContext.open(cfg)
     _preload(ctx, args.pool)
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or f"srnode-{os.getpid()}@{socket.gethostname()}"
     log.info("srnode worker %s: broker %s, queue %r, pool %s, data access %s, engine %s on %s",
              name, broker_display(cfg.executor.broker_url), cfg.executor.queue, args.pool,
-             cfg.executor.data_access, cfg.engine.name, cfg.engine.device)
+             cfg.executor.data_access, cfg.engine.name, cfg.engine.options.device)
     worker = app.Worker(
         hostname=name,
         pool_cls=args.pool,

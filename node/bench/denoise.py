@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from models.denoise import denoise
-from models.engine import EngineOptions, VolumeInput
+from models.engine import Device, EngineOptions, VolumeInput
 from node.bench.results import write_result
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -31,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slices", type=int, default=30, help="central slices of the 1 mm series")
     parser.add_argument("--noise", type=float, nargs="+", default=[10.0, 25.0], help="added noise levels, HU")
     parser.add_argument("--steps", type=int, default=300, help="denoiser training steps")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", choices=[d.value for d in Device], default="auto")
 
 
 def _gauss(vol: np.ndarray, sigma: float) -> np.ndarray:
@@ -66,7 +66,7 @@ def _methods(noisy: np.ndarray, sigma_n: float, args: argparse.Namespace) -> dic
     out: dict[str, tuple[np.ndarray, float]] = {}
     t = time.perf_counter()
     vol = VolumeInput(noisy, (1.0, 0.45, 0.45), 1.0, "CT", (-1024.0, 3071.0))
-    d, _, rep = denoise(vol, EngineOptions(device=args.device, finetune_steps=args.steps, seed=0))
+    d, _, rep = denoise(vol, EngineOptions(device=Device(args.device), finetune_steps=args.steps, seed=0))
     out["selfsup_n2s"] = (d, time.perf_counter() - t)
     t = time.perf_counter()
     out["gaussian_1px"] = (_gauss(noisy, 1.0), time.perf_counter() - t)

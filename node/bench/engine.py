@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from models.engine import EngineOptions, Factors, VolumeInput, get_engine
+from models.engine import Device, EngineOptions, Factors, VolumeInput, get_engine
 from node.bench.results import write_result
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
     figures: dict[str, Any] = {"device": name, "shape_zyx": [z, y, x], "factor": 2, "tta_passes": args.tta_passes,
                                "bf16_peak_tflops": _peak(name)}
     if args.device == "cuda":  # warm-up: CUDA context, cuDNN autotune, allocator
-        get_engine("selfsup", EngineOptions(device="cuda", fast=True)).upscale(
+        get_engine("selfsup", EngineOptions(device=Device.CUDA, fast=True)).upscale(
             VolumeInput(vol.data[:20, :128, :128], vol.spacing, vol.slice_thickness, "CT"), Factors(2, 1))
     for mode, call in ((m, i) for m in args.modes.split(",") for i in range(max(1, args.repeat))):
-        opts = EngineOptions(device=args.device, fast=mode == "fast", finetune_steps=args.finetune_steps,
+        opts = EngineOptions(device=Device(args.device), fast=mode == "fast", finetune_steps=args.finetune_steps,
                              tta_passes=args.tta_passes, min_gain_db=-1e9)
         t0 = time.perf_counter()
         res = get_engine("selfsup", opts).upscale(vol, Factors(2, 1))

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from models.engine import Device, EngineOptions, Factors, VolumeInput, get_engine
 from models.engine import EngineError as ModelsEngineError
-from models.engine import EngineOptions, Factors, VolumeInput, get_engine
 from node.errors import EngineError, VolumeError
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axis", choices=["through", "in"], default="through")
     parser.add_argument("--factor", type=int, default=2)
     parser.add_argument("--engine", default="selfsup")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", choices=[d.value for d in Device], default="auto")
     parser.add_argument("--max-slices", type=int, default=0, help="central slices only (0: all)")
     parser.add_argument("--crop", type=int, default=0, help="central N x N in-plane window (0: whole matrix)")
     parser.add_argument("--truth", type=Path, default=None, help="thin series: compare a real thick SERIES to it")
@@ -193,7 +193,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = EngineOptions(device=args.device, fast=args.fast, finetune_steps=args.finetune_steps,
+    options = EngineOptions(device=Device(args.device), fast=args.fast, finetune_steps=args.finetune_steps,
                             in_plane_finetune_steps=args.in_plane_finetune_steps,
                             tta_passes=args.tta_passes, weights=args.weights, seed=args.seed)
     series = central(load_volume(args.series), args.max_slices, args.crop)

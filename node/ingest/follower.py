@@ -14,7 +14,7 @@ import httpx
 import pydicom
 from pydicom.dataset import Dataset
 
-from node.config import Config, SourceConfig
+from node.config import Config, OrthancSource
 from node.errors import IngestError, NodeError
 from node.ingest.admit import Admission
 from node.ingest.pull import orthanc_call, orthanc_client, orthanc_series_files, source_caller
@@ -38,7 +38,7 @@ class ChangesFollower:
     The last change seen is kept in ``<spool>/changes-<source>.json`` so a restart neither misses nor repeats.
     """
 
-    def __init__(self, cfg: Config, src: SourceConfig, admission: Admission) -> None:
+    def __init__(self, cfg: Config, src: OrthancSource, admission: Admission) -> None:
         self.cfg, self.src, self.admission = cfg, src, admission
         self.caller = source_caller(src, "orthanc-changes")
         self.state_path = Path(cfg.node.spool_dir) / f"changes-{src.name}.json"
@@ -111,7 +111,7 @@ def start_followers(cfg: Config, admission: Admission) -> list[ChangesFollower]:
     """Start a follower for every ``kind = "orthanc"`` source with ``follow_changes = true``."""
     out = []
     for src in cfg.sources:
-        if src.kind == "orthanc" and src.follow_changes:
+        if isinstance(src, OrthancSource) and src.follow_changes:
             f = ChangesFollower(cfg, src, admission)
             f.start()
             out.append(f)

@@ -20,12 +20,11 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from pydicom.dataset import Dataset
 
-from node.config import Config, SourceConfig
+from node.config import Config, DicomSource, DicomwebSource, OrthancSource, Source
 from node.dimse import PENDING_STATUSES, RETRIEVE_RETRYABLE_STATUSES, Status, label
 from node.errors import ConfigError, DeliveryError, IngestError
 from node.ingest.admit import Admission, Caller
@@ -54,10 +53,9 @@ class FetchResult:
                 "received": self.received, "moved": self.moved, "refused": self.refused}
 
 
-def source_caller(src: SourceConfig, via: str) -> Caller:
+def source_caller(src: Source, via: str) -> Caller:
     """The caller identity of instances pulled from ``src``: its ``ae_title`` (else its name) and host."""
-    host = src.host or (urlsplit(src.url).hostname or "" if src.url else "")
-    return Caller(src.ae_title or src.name, host, via)
+    return Caller(src.ae_title or src.name, src.caller_host, via)
 
 
 def fetch(cfg: Config, source_name: str, study: str, series: str = "", *, admission: Admission,
@@ -71,13 +69,13 @@ def fetch(cfg: Config, source_name: str, study: str, series: str = "", *, admiss
     src = cfg.source(source_name)
     if not study:
         raise ConfigError("fetch: a StudyInstanceUID is required")
-    if src.kind == "dicom":
+    if isinstance(src, DicomSource):
         method = method or "move"
         if method not in METHODS:
             raise ConfigError(f"fetch: method {method!r} is not one of {', '.join(METHODS)}")
         result = FetchResult(src.name, f"c-{method}", study, series)
         _dimse(cfg, src, result, admission, method)
-    elif src.kind == "dicomweb":
+    elif isinstance(src, DicomwebSource):
         result = FetchResult(src.name, "wado-rs", study, series)
         _feed(result, admission, source_caller(src, "wado-rs"), _wado(src, study, series))
     else:
@@ -110,7 +108,7 @@ def _query(study: str, series: str) -> Dataset:
     return ds
 
 
-def _dimse(cfg: Config, src: SourceConfig, result: FetchResult, admission: Admission, method: str) -> None:
+def _dimse(cfg: Config, src: DicomSource, result: FetchResult, admission: Admission, method: str) -> None:
     from pynetdicom import AE, build_role, evt
     from pynetdicom.presentation import StoragePresentationContexts
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -118,8 +116,6 @@ def _dimse(cfg: Config, src: SourceConfig, result: FetchResult, admission: Admis
         StudyRootQueryRetrieveInformationModelMove,
     )
 
-    if not (src.ae_title and src.host and src.port):
-        raise ConfigError(f"sources {src.name!r}: kind 'dicom' needs ae_title, host and port")
     ae = AE(ae_title=cfg.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
     handlers: list[Any] = []
@@ -173,7 +169,7 @@ def _dimse(cfg: Config, src: SourceConfig, result: FetchResult, admission: Admis
 # ------------------------------------------------------------------------------------------ DICOMweb
 
 
-def _wado(src: SourceConfig, study: str, series: str) -> Iterator[bytes]:
+def _wado(src: DicomwebSource, study: str, series: str) -> Iterator[bytes]:
     import requests
     from dicomweb_client import DICOMwebClient
     from dicomweb_client.session_utils import create_session, create_session_from_user_pass
@@ -198,15 +194,15 @@ def _wado(src: SourceConfig, study: str, series: str) -> Iterator[bytes]:
 # ------------------------------------------------------------------------------------------ Orthanc REST
 
 
-def orthanc_client(src: SourceConfig) -> httpx.Client:
-    if not src.url:
-        raise ConfigError(f"sources {src.name!r}: kind {src.kind!r} needs a url")
+def orthanc_client(src: OrthancSource) -> httpx.Client:
+    """An HTTP client for ``src``'s REST API (basic auth or bearer token, 120 s timeout)."""
     auth = (src.username, src.password) if src.username else None
     headers = {"Authorization": f"Bearer {src.token}"} if src.token else {}
     return httpx.Client(base_url=src.url.rstrip("/"), auth=auth, headers=headers, timeout=120)
 
 
-def orthanc_call(src: SourceConfig, what: str, fn: Callable[[], httpx.Response]) -> httpx.Response:
+def orthanc_call(src: OrthancSource, what: str, fn: Callable[[], httpx.Response]) -> httpx.Response:
+    """``fn()``'s response; raises FetchError naming ``src`` and ``what`` (retryable for 5xx and transport errors)."""
     try:
         r = fn()
         r.raise_for_status()
@@ -218,7 +214,7 @@ def orthanc_call(src: SourceConfig, what: str, fn: Callable[[], httpx.Response])
         raise FetchError(f"source {src.name!r}: {what}: {type(exc).__name__}") from exc
 
 
-def _orthanc_files(client: httpx.Client, src: SourceConfig, study: str, series: str) -> Iterator[bytes]:
+def _orthanc_files(client: httpx.Client, src: OrthancSource, study: str, series: str) -> Iterator[bytes]:
     query = {"StudyInstanceUID": study, **({"SeriesInstanceUID": series} if series else {})}
     found = orthanc_call(src, "find", lambda: client.post("/tools/find", json={
         "Level": "Series", "Query": query})).json()
@@ -229,7 +225,8 @@ def _orthanc_files(client: httpx.Client, src: SourceConfig, study: str, series: 
         yield from orthanc_series_files(client, src, series_id)
 
 
-def orthanc_series_files(client: httpx.Client, src: SourceConfig, series_id: str) -> Iterator[bytes]:
+def orthanc_series_files(client: httpx.Client, src: OrthancSource, series_id: str) -> Iterator[bytes]:
+    """The files of Orthanc series ``series_id``, byte-exact; raises FetchError."""
     instances = orthanc_call(src, f"series {series_id}", lambda: client.get(f"/series/{series_id}")).json()
     for inst in instances.get("Instances", []):
         url = f"/instances/{inst}/file"

@@ -27,7 +27,7 @@ from typing import Any
 
 from celery import Celery, Task
 
-from node.config import Config
+from node.config import Config, DataAccess
 from node.errors import NodeError
 from node.jobs.context import JobContext
 from node.jobs.runner import process_claimed, run_job
@@ -69,7 +69,7 @@ def make_app(cfg: Config, worker: JobContext | None = None) -> Celery:
     """
     ex = cfg.executor
     backend = ex.result_backend or None
-    if backend is None and ex.data_access == "dicomweb" and ex.broker_url.startswith(("redis://", "rediss://")):
+    if backend is None and ex.data_access == DataAccess.DICOMWEB and ex.broker_url.startswith(("redis://", "rediss://")):
         backend = ex.broker_url  # remote workers report outcomes back to the node through it
     app = Celery("srnode", broker=ex.broker_url, backend=backend, set_as_current=False)
     app.conf.update(
@@ -115,7 +115,7 @@ class CeleryExecutor:
 
     def start(self) -> None:
         self.app = make_app(self.cfg)
-        if self.cfg.executor.data_access == "dicomweb":
+        if self.cfg.executor.data_access == DataAccess.DICOMWEB:
             from node.jobs.celery_remote import OutcomeWatcher
 
             if self.app.conf.task_ignore_result:
@@ -160,7 +160,7 @@ class CeleryExecutor:
 
     def _job_spec(self, job_id: int | str) -> dict[str, Any]:
         """What a "dicomweb" worker needs to fetch the series: its UIDs (no PHI)."""
-        if self.cfg.executor.data_access != "dicomweb":
+        if self.cfg.executor.data_access != DataAccess.DICOMWEB:
             return {}
         from node.jobs.celery_remote import job_spec
 
@@ -188,7 +188,7 @@ def _run_job_task(ctx: JobContext, self: Task, job_id: int | str, study_uid: str
     t0 = time.monotonic()
     outcome: dict[str, Any] | None = None
     try:
-        if cfg.executor.data_access == "dicomweb":
+        if cfg.executor.data_access == DataAccess.DICOMWEB:
             from node.jobs.celery_remote import run_remote_job
 
             outcome = run_remote_job(ctx, job_id, study_uid, series_uid, rule)

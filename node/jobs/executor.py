@@ -15,6 +15,7 @@ import queue
 import threading
 from typing import Protocol, runtime_checkable
 
+from node.config import ExecutorKind
 from node.jobs.context import JobContext
 from node.jobs.runner import run_job
 
@@ -93,7 +94,7 @@ class InProcessExecutor:
 
 def make_executor(ctx: JobContext) -> Executor:
     """The executor named by ``[executor].kind`` (Celery is imported only when configured)."""
-    if ctx.cfg.executor.kind == "celery":
+    if ctx.cfg.executor.kind == ExecutorKind.CELERY:
         from node.jobs.celery_executor import CeleryExecutor
 
         return CeleryExecutor(ctx)

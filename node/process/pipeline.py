@@ -21,7 +21,7 @@ from models.engine import Factors
 from node.config import Config, RuleConfig
 from node.derived import check_identifiers, derive_series
 from node.errors import VolumeError
-from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, engine_options, run_engine
+from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine
 from node.series import MIN_SLICES_THROUGH_PLANE, SeriesVolume, check_through_plane, load_series, regular_runs
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
     check_identifiers(vol)
     factors = Factors(rule.through_plane_factor, rule.in_plane_factor)
     name = engine_name or rule.engine or cfg.engine.name
-    options = engine_options(cfg)
+    options = cfg.engine.options
     volumes, notes = _volumes_for(vol, factors)
     report: dict[str, Any] = {"input": vol.describe(), "notes": vol.notes + notes,
                               "factors": [factors.through_plane, factors.in_plane], "runs": []}

@@ -1,8 +1,9 @@
 """Stage ``send``: the durable outbox and the senders, one per destination kind (C-STORE SCU, STOW-RS,
 Orthanc REST, folder).
 
-To add a destination kind: a module here exposing ``create(dest) -> Sender``, its name in
-``node.send.base._KIND_MODULES``, and its config dataclass in ``node.config``.
+To add a destination kind: its value in ``node.config.DestinationKind``, its config dataclass (with that
+``kind``) in ``node.config.endpoints`` and the ``Destination`` union, and a module here exposing
+``create(dest) -> Sender`` named in ``node.send.base.KIND_MODULES`` (a test checks the two registries agree).
 """
 
 from node.send.base import Sender, make_sender

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from node.config import DestinationConfig
+from node.config import Destination, DestinationKind
 from node.errors import ConfigError
 
 
@@ -28,22 +28,26 @@ class Sender(Protocol):
         ...
 
 
-_KIND_MODULES = {
-    "dicom": "node.send.dimse",
-    "folder": "node.send.folder",
-    "orthanc": "node.send.orthanc",
-    "dicomweb": "node.send.dicomweb",
+# kind -> the module whose ``create(dest)`` takes that kind's config dataclass (``node.config.DESTINATION_TYPES``)
+KIND_MODULES: dict[DestinationKind, str] = {
+    DestinationKind.DICOM: "node.send.dimse",
+    DestinationKind.FOLDER: "node.send.folder",
+    DestinationKind.ORTHANC: "node.send.orthanc",
+    DestinationKind.DICOMWEB: "node.send.dicomweb",
 }
 
 
-def make_sender(dest: DestinationConfig) -> Sender:
-    """The Sender for ``dest``; each kind's module exposes ``create(dest) -> Sender``."""
-    mod_name = _KIND_MODULES.get(dest.kind)
+def make_sender(dest: Destination) -> Sender:
+    """The Sender for ``dest``; each kind's module exposes ``create(dest) -> Sender`` for its own dataclass.
+
+    Raises ConfigError when the kind has no sender module or its module cannot be imported.
+    """
+    mod_name = KIND_MODULES.get(dest.kind)
     if mod_name is None:
-        raise ConfigError(f"destination {dest.name!r}: kind {dest.kind!r} is not supported")
+        raise ConfigError(f"destination {dest.name!r}: kind {dest.kind.value!r} is not supported")
     try:
         mod = importlib.import_module(mod_name)
     except ModuleNotFoundError as exc:
-        raise ConfigError(f"destination {dest.name!r}: kind {dest.kind!r} is not available ({exc})") from exc
+        raise ConfigError(f"destination {dest.name!r}: kind {dest.kind.value!r} is not available ({exc})") from exc
     sender: Sender = mod.create(dest)
     return sender

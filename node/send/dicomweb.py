@@ -16,7 +16,7 @@ import requests
 from dicomweb_client import DICOMwebClient
 from dicomweb_client.session_utils import create_session, create_session_from_user_pass
 
-from node.config import DestinationConfig
+from node.config import DicomwebDestination
 from node.errors import DeliveryError
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ _PERMANENT = {400, 401, 403, 404, 409, 413, 415}
 class DicomWebSender:
     """STOW-RS sender for one DICOMweb service root (``url``, e.g. ``http://pacs/dicom-web``)."""
 
-    def __init__(self, dest: DestinationConfig) -> None:
+    def __init__(self, dest: DicomwebDestination) -> None:
         self.name = dest.name
         self.url = dest.url.rstrip("/")
         self.batch_size = max(1, dest.batch_size)
@@ -79,5 +79,6 @@ class DicomWebSender:
             raise self._error("not reachable", exc) from exc
 
 
-def create(dest: DestinationConfig) -> DicomWebSender:
+def create(dest: DicomwebDestination) -> DicomWebSender:
+    """The sender of kind ``DicomwebDestination.kind`` for ``dest`` (``node.send.base.make_sender``)."""
     return DicomWebSender(dest)

@@ -19,7 +19,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.config import DestinationConfig
+from node.config import DicomDestination
 from node.dimse import STORED_STATUSES, Status, label, store_retryable
 from node.errors import DeliveryError
 
@@ -29,7 +29,8 @@ UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128
 
 
-def client_ssl_context(dest: DestinationConfig) -> ssl.SSLContext:
+def client_ssl_context(dest: DicomDestination) -> ssl.SSLContext:
+    """The TLS client context of ``dest`` (``tls_ca``, ``tls_cert``, ``tls_key``); raises OSError/SSLError on bad files."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=dest.tls_ca or None)
     if dest.tls_cert:
         ctx.load_cert_chain(certfile=dest.tls_cert, keyfile=dest.tls_key or None)
@@ -37,7 +38,9 @@ def client_ssl_context(dest: DestinationConfig) -> ssl.SSLContext:
 
 
 class DimseSender:
-    def __init__(self, dest: DestinationConfig) -> None:
+    """C-STORE SCU sender for one ``DicomDestination`` (one association per ``send``)."""
+
+    def __init__(self, dest: DicomDestination) -> None:
         self.name = dest.name
         self.dest = dest
 
@@ -49,7 +52,7 @@ class DimseSender:
 
     def _where(self) -> str:
         d = self.dest
-        return f"{d.name} ({d.ae_title}@{d.host}:{d.port}{', TLS' if d.tls else ''})"
+        return f"{d.name} ({d.address}{', TLS' if d.tls else ''})"
 
     def _associate(self, ae: AE) -> Any:
         d = self.dest
@@ -133,5 +136,6 @@ class DimseSender:
                 assoc.release()
 
 
-def create(dest: DestinationConfig) -> DimseSender:
+def create(dest: DicomDestination) -> DimseSender:
+    """The sender of kind ``DicomDestination.kind`` for ``dest`` (``node.send.base.make_sender``)."""
     return DimseSender(dest)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from node.config import DestinationConfig
+from node.config import FolderDestination
 from node.errors import DeliveryError
 from node.store.spool import atomic_copy, valid_uid
 
@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 
 class FolderSender:
-    def __init__(self, dest: DestinationConfig) -> None:
+    """Sender writing into one ``FolderDestination``'s ``path``."""
+
+    def __init__(self, dest: FolderDestination) -> None:
         self.name = dest.name
         self.root = Path(dest.path)
 
@@ -49,5 +51,6 @@ class FolderSender:
             raise DeliveryError(f"folder {self.name}: cannot create {self.root}: {exc}") from exc
 
 
-def create(dest: DestinationConfig) -> FolderSender:
+def create(dest: FolderDestination) -> FolderSender:
+    """The sender of kind ``FolderDestination.kind`` for ``dest`` (``node.send.base.make_sender``)."""
     return FolderSender(dest)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from orthanc_api_client import OrthancApiClient, exceptions
 
-from node.config import DestinationConfig
+from node.config import OrthancDestination
 from node.errors import DeliveryError
 
 log = logging.getLogger(__name__)
@@ -22,13 +22,15 @@ _PERMANENT = {400, 401, 403, 413, 415}
 
 
 class OrthancSender:
-    """Sender for one Orthanc server (``url``, ``username``, ``password``, ``timeout_s``)."""
+    """Sender for one Orthanc server (``url``; ``username``/``password`` or a bearer ``token``; ``timeout_s``)."""
 
-    def __init__(self, dest: DestinationConfig) -> None:
+    def __init__(self, dest: OrthancDestination) -> None:
         self.name = dest.name
         self.url = dest.url.rstrip("/") + "/"
         self.timeout_s = dest.timeout_s
-        self._client = OrthancApiClient(self.url, user=dest.username or None, pwd=dest.password or None)
+        headers = {"Authorization": f"Bearer {dest.token}"} if dest.token else None
+        self._client = OrthancApiClient(self.url, user=dest.username or None, pwd=dest.password or None,
+                                        headers=headers)
 
     def _fail(self, what: str, exc: Exception) -> DeliveryError:
         status = getattr(exc, "http_status_code", None)
@@ -62,5 +64,6 @@ class OrthancSender:
             raise self._fail("not reachable", exc) from exc
 
 
-def create(dest: DestinationConfig) -> OrthancSender:
+def create(dest: OrthancDestination) -> OrthancSender:
+    """The sender of kind ``OrthancDestination.kind`` for ``dest`` (``node.send.base.make_sender``)."""
     return OrthancSender(dest)

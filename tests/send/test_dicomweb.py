@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from dicomweb_client import DICOMwebClient
 
-from node.config import DestinationConfig
+from node.config import DicomwebDestination
 from node.send import make_sender
 from tests.support.pacs import TOKEN, api, orthanc_dicomweb, phantom, start_node, wait_job
 from tests.support.peers import Orthanc
@@ -91,7 +91,7 @@ def test_stow_reports_each_refused_instance(tmp_path: Path) -> None:
 
 def test_stow_out_batches_into_orthanc(tmp_path: Path, web_orthanc: Orthanc) -> None:
     files = phantom(tmp_path, seed=54, slices=7)
-    sender = make_sender(DestinationConfig(name="web", kind="dicomweb", url=f"{web_orthanc.url}/dicom-web",
+    sender = make_sender(DicomwebDestination(name="web", url=f"{web_orthanc.url}/dicom-web",
                                            batch_size=3))
     sender.check()
     sender.send(files)

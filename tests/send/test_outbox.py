@@ -14,7 +14,7 @@ from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
 
 from node.bench.phantom import write_phantom_series
-from node.config import DestinationConfig
+from node.config import DicomDestination, FolderDestination
 from node.errors import DeliveryError
 from node.send import make_sender
 from tests.support.fixtures import shared_series
@@ -40,7 +40,7 @@ def test_dimse_sender_transcodes_for_a_peer_without_jpeg2000(storescp: tuple[int
     port, out = storescp
     j2k = shared_series("ts_parity_mr_mosaic_9syntaxes") / "9.dcm"
     assert dcmread(j2k, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEG2000Lossless
-    sender = make_sender(DestinationConfig(name="scp", kind="dicom", ae_title="STORESCP", host="127.0.0.1",
+    sender = make_sender(DicomDestination(name="scp", ae_title="STORESCP", host="127.0.0.1",
                                            port=port))
     sender.check()
     sender.send([j2k])
@@ -52,13 +52,13 @@ def test_dimse_sender_transcodes_for_a_peer_without_jpeg2000(storescp: tuple[int
 
 def test_dimse_sender_to_orthanc_and_unreachable_peer(orthanc: Orthanc, tmp_path: Path) -> None:
     files = write_phantom_series(tmp_path / "ct", slices=3, size=32, seed=7)
-    sender = make_sender(DestinationConfig(name="pacs", kind="dicom", ae_title=orthanc.aet, host="127.0.0.1",
+    sender = make_sender(DicomDestination(name="pacs", ae_title=orthanc.aet, host="127.0.0.1",
                                            port=orthanc.dicom_port))
     sender.send(files)
     sender.send(files)  # a resend is harmless
     uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     assert [len(s["Instances"]) for s in orthanc.series_of_study(uid)] == [3]
-    down = make_sender(DestinationConfig(name="down", kind="dicom", ae_title="X", host="127.0.0.1",
+    down = make_sender(DicomDestination(name="down", ae_title="X", host="127.0.0.1",
                                          port=free_port(), timeout_s=5))
     with pytest.raises(DeliveryError) as exc:
         down.send(files)
@@ -67,7 +67,7 @@ def test_dimse_sender_to_orthanc_and_unreachable_peer(orthanc: Orthanc, tmp_path
 
 def test_folder_sender_writes_study_series_sop(tmp_path: Path) -> None:
     files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=8)
-    sender = make_sender(DestinationConfig(name="f", kind="folder", path=str(tmp_path / "out")))
+    sender = make_sender(FolderDestination(name="f", path=str(tmp_path / "out")))
     sender.send(files)
     ds = dcmread(files[1], stop_before_pixels=True)
     target = tmp_path / "out" / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
@@ -115,13 +115,13 @@ def test_dimse_sender_over_tls(tmp_path: Path) -> None:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=10)
-        dest = DestinationConfig(name="tls", kind="dicom", ae_title="TLSPACS", host="127.0.0.1", port=port,
+        dest = DicomDestination(name="tls", ae_title="TLSPACS", host="127.0.0.1", port=port,
                                  tls=True, tls_ca=str(cert), tls_cert=str(cert), tls_key=str(key),
                                  timeout_s=10)  # mutual TLS: storescp requires a client certificate
         wait_until(lambda: make_sender(dest).check() is None, timeout=20, what="TLS storescp up")
         make_sender(dest).send(files)
         assert len(list(out.iterdir())) == 2
-        plain = make_sender(DestinationConfig(name="plain", kind="dicom", ae_title="TLSPACS", host="127.0.0.1",
+        plain = make_sender(DicomDestination(name="plain", ae_title="TLSPACS", host="127.0.0.1",
                                               port=port, timeout_s=5))
         with pytest.raises(DeliveryError):
             plain.send(files)

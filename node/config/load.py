@@ -1,0 +1,243 @@
+"""Loading config.toml into the typed ``Config`` (``schema.py``, ``endpoints.py``).
+
+Every key is validated at load; an error names the key (``rules[1].through_plane_factor``) and the reason.
+Values are read by the field's real type (``typing.get_type_hints``): str/int/float/bool, enums (the closed value
+sets), nested dataclasses, ``tuple[X, ...]``, ``Mapping[str, str]`` and the tagged unions of destinations and
+sources (picked by ``kind``). Secrets may be given as ``"env:VARNAME"`` and are resolved from the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from models.engine import factor_problem
+from node.config.endpoints import DestinationKind, DicomDestination, DicomSource
+from node.config.schema import FLATTEN, NOT_A_KEY, Config, kind_tag
+from node.errors import ConfigError
+
+_TABLE_ARRAYS = {"destinations", "sources", "rules"}  # written [[name]] in the file (for the error message)
+
+
+def _resolve_secret(value: Any, where: str) -> Any:
+    if isinstance(value, str) and value.startswith("env:"):
+        var = value[4:]
+        if var not in os.environ:
+            raise ConfigError(f"{where}: environment variable {var!r} is not set")
+        return os.environ[var]
+    return value
+
+
+def _keys(cls: type) -> list[str]:
+    """The keys of ``cls``'s table: its fields, a FLATTEN field's own keys in its place, ``kind`` for tagged."""
+    hints = typing.get_type_hints(cls)
+    out = ["kind"] if kind_tag(cls) else []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get(NOT_A_KEY):
+            continue
+        out += _keys(hints[f.name]) if f.metadata.get(FLATTEN) else [f.name]
+    return out
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a TOML table, checking unknown keys and types; errors name the key.
+
+    Raises ConfigError for a non-table, an unknown key (listing the known ones), a missing required key, an empty
+    required string and any value of the wrong type.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a table, got {type(data).__name__}")
+    known = _keys(cls)
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        what = f"{where}: unknown key(s)" if where else "unknown section(s)"
+        tag = kind_tag(cls)
+        for_kind = f" for kind {tag!r}" if tag else ""
+        raise ConfigError(f"{what} {', '.join(unknown)}{for_kind}; known: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get(NOT_A_KEY):
+            continue
+        if f.metadata.get(FLATTEN):
+            sub = set(_keys(hints[f.name]))
+            kwargs[f.name] = _build(hints[f.name], {k: v for k, v in data.items() if k in sub}, where)
+            continue
+        key = f"{where}.{f.name}" if where else f.name
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if f.name not in data:
+            if required:
+                raise ConfigError(f"{key}: required key is missing")
+            continue
+        value = _convert(hints[f.name], _resolve_secret(data[f.name], key), key)
+        if required and value == "":
+            raise ConfigError(f"{key}: must not be empty")
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """``value`` read as type ``tp``; raises ConfigError naming ``key`` when it is not one."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in (str, int, float, bool):
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if (tp is not bool and isinstance(value, bool)) or not isinstance(value, tp):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        names = [m.value for m in tp]
+        if value not in names:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(names)}")
+        return tp(value)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if args[0] is str and isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            name = key.rsplit(".", 1)[-1]
+            hint = f" ([[{name}]])" if name in _TABLE_ARRAYS else ""
+            raise ConfigError(f"{key}: expected an array{hint}, got {type(value).__name__}")
+        return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) and args == (str, str):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
+        out: dict[str, str] = {}
+        for k, v in value.items():  # numbers are kept as their text (match = { EchoNumbers = 1 })
+            if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                raise ConfigError(f"{key}.{k}: expected a string or number, got {v!r}")
+            out[str(k)] = str(v)
+        return out
+    if origin in (typing.Union, types.UnionType) and all(isinstance(a, type) and kind_tag(a) for a in args):
+        return _tagged(args, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - programming error
+
+
+def _tagged(members: tuple[type, ...], value: Any, key: str) -> Any:
+    """A member of a tagged union, picked by the table's ``kind``; raises ConfigError naming ``key.kind``."""
+    by_kind = {str(kind_tag(m)): m for m in members}
+    kinds = ", ".join(by_kind)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a table, got {type(value).__name__}")
+    if "kind" not in value:
+        raise ConfigError(f"{key}.kind: required key is missing; one of {kinds}")
+    kind = value["kind"]
+    if kind not in by_kind:
+        raise ConfigError(f"{key}.kind: {kind!r} is not one of {kinds}")
+    return _build(by_kind[kind], {k: v for k, v in value.items() if k != "kind"}, key)
+
+
+def _check_port(port: int, key: str, allow_zero: bool = False) -> None:
+    if not (0 if allow_zero else 1) <= port < 65536:
+        raise ConfigError(f"{key}: {port} is not a TCP port ({0 if allow_zero else 1}-65535)")
+
+
+def _check_ae_title(title: str, key: str) -> None:
+    if not 1 <= len(title) <= 16:
+        raise ConfigError(f"{key}: {title!r} must be 1-16 characters")
+
+
+def _check(cfg: Config) -> None:
+    """Checks across keys and of value ranges; raises ConfigError naming the key."""
+    n = cfg.node
+    _check_port(n.port, "node.port")
+    _check_ae_title(n.ae_title, "node.ae_title")
+    if n.stable_age_s <= 0:
+        raise ConfigError("node.stable_age_s: must be > 0")
+    if n.tls.enabled and not (n.tls.cert and n.tls.key):
+        raise ConfigError("node.tls: enabled = true needs cert and key")
+    _check_port(cfg.http.port, "http.port", allow_zero=True)
+    if not re.fullmatch(r"[0-9.]+\.", cfg.derive.uid_root) or len(cfg.derive.uid_root) > 40:
+        raise ConfigError("derive.uid_root: must be digits and dots, end with '.', at most 40 characters")
+    for key, endpoints in (("destinations", cfg.destinations), ("sources", cfg.sources)):
+        names: set[str] = set()
+        for i, e in enumerate(endpoints):
+            w = f"{key}[{i}]"
+            if e.name in names:
+                raise ConfigError(f"{w}.name: duplicate name {e.name!r}")
+            names.add(e.name)
+            if isinstance(e, (DicomDestination, DicomSource)):
+                _check_port(e.port, f"{w}.port")
+                _check_ae_title(e.ae_title, f"{w}.ae_title")
+    dest_names = {d.name for d in cfg.destinations}
+    rule_names: set[str] = set()
+    for i, r in enumerate(cfg.rules):
+        w = f"rules[{i}]"
+        if r.name in rule_names:
+            raise ConfigError(f"{w}.name: duplicate rule name {r.name!r}")
+        rule_names.add(r.name)
+        for k, pattern in r.match.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"{w}.match.{k}: not a valid regular expression: {exc}") from exc
+        for field_key, axis, value in (("through_plane_factor", "through_plane", r.through_plane_factor),
+                                       ("in_plane_factor", "in_plane", r.in_plane_factor)):
+            problem = factor_problem(axis, value)
+            if problem:
+                raise ConfigError(f"{w}.{field_key}: {problem}")
+        for dn in r.destinations:
+            if dn not in dest_names:
+                raise ConfigError(f"{w}.destinations: no destination named {dn!r}")
+    for i, c in enumerate(n.allowed_callers):
+        for rn in c.rules:
+            if rn not in rule_names:
+                raise ConfigError(f"node.allowed_callers[{i}].rules: no rule named {rn!r}")
+
+
+def config_from_dict(data: Mapping[str, Any], path: str = "") -> Config:
+    """Build and validate a Config from a parsed TOML document; raises ConfigError naming the key."""
+    cfg: Config = _build(Config, data, "")
+    _check(cfg)
+    return dataclasses.replace(cfg, path=path)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Load config.toml; ``None`` gives the embedded defaults (used by ``make demo``).
+
+    Raises ConfigError (prefixed with the file name) for a missing file, invalid TOML or an invalid key.
+    """
+    if path is None:
+        return config_from_dict(DEFAULTS)
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{p}: config file not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    try:
+        return config_from_dict(data, str(p))
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc}") from exc
+
+
+def replace(cfg: Config, **sections: Any) -> Config:
+    """A copy of ``cfg`` with whole sections replaced (tests and CLI overrides)."""
+    return dataclasses.replace(cfg, **sections)
+
+
+# The embedded defaults: a working node that writes results to ./srnode-out.
+DEFAULTS: dict[str, Any] = {
+    "node": {"spool_dir": "./spool", "stable_age_s": 5.0},
+    "destinations": [{"name": "local", "kind": DestinationKind.FOLDER.value, "path": "./srnode-out"}],
+    "rules": [
+        {
+            "name": "ct-mr-thick",
+            "match": {"Modality": "^(CT|MR)$"},
+            "through_plane_factor": 2,
+            "in_plane_factor": 1,
+            "destinations": ["local"],
+        }
+    ],
+}

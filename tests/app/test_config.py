@@ -1,0 +1,182 @@
+"""The typed config: one dataclass per destination/source kind, [engine] as the one EngineOptions, errors that
+name the key, secrets redacted, the factor bounds from models.engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from models.engine import FACTOR_LIMITS, Device, EngineOptions, Factors
+from node.config import (
+    DEFAULTS,
+    DESTINATION_TYPES,
+    SOURCE_TYPES,
+    Config,
+    DestinationKind,
+    DicomDestination,
+    DicomSource,
+    DicomwebDestination,
+    DicomwebSource,
+    ExecutorKind,
+    FolderDestination,
+    OrthancDestination,
+    OrthancSource,
+    SourceKind,
+    as_table,
+    config_from_dict,
+    load_config,
+    secret_values,
+)
+from node.errors import ConfigError
+from node.send.base import KIND_MODULES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+DESTINATIONS: list[dict[str, Any]] = [
+    {"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "10.0.0.10", "port": 104, "calling_ae_title": "SR",
+     "tls": True, "tls_ca": "ca.pem", "tls_cert": "c.pem", "tls_key": "k.pem", "timeout_s": 10},
+    {"name": "local", "kind": "folder", "path": "/tmp/out"},
+    {"name": "orthanc", "kind": "orthanc", "url": "http://o:8042", "username": "u", "password": "pw-orthanc",
+     "timeout_s": 5.0},
+    {"name": "vna", "kind": "dicomweb", "url": "https://vna/dicom-web", "token": "tok-vna", "batch_size": 3,
+     "tls_ca": "ca.pem"},
+]
+SOURCES: list[dict[str, Any]] = [
+    {"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "10.0.0.10", "port": 104},
+    {"name": "web", "kind": "dicomweb", "url": "http://web:8042/dicom-web", "username": "u", "password": "pw-web"},
+    {"name": "o", "kind": "orthanc", "url": "http://o:8042", "token": "tok-o", "follow_changes": True, "poll_s": 0.5,
+     "ae_title": "ORTHANC"},
+]
+
+
+def _cfg(**sections: Any) -> Config:
+    return config_from_dict({**DEFAULTS, **sections})
+
+
+def _error(**sections: Any) -> str:
+    with pytest.raises(ConfigError) as info:
+        _cfg(**sections)
+    return str(info.value)
+
+
+def test_every_destination_and_source_kind_loads_as_its_own_dataclass() -> None:
+    cfg = _cfg(destinations=DESTINATIONS, sources=SOURCES)
+    assert [type(d) for d in cfg.destinations] == [DicomDestination, FolderDestination, OrthancDestination,
+                                                   DicomwebDestination]
+    assert [type(s) for s in cfg.sources] == [DicomSource, DicomwebSource, OrthancSource]
+    pacs = cfg.destination("pacs")
+    assert isinstance(pacs, DicomDestination) and pacs.kind == DestinationKind.DICOM == "dicom"
+    assert pacs.timeout_s == 10.0 and isinstance(pacs.timeout_s, float) and pacs.tls
+    assert pacs.address == "PACS@10.0.0.10:104"
+    vna = cfg.destination("vna")
+    assert isinstance(vna, DicomwebDestination) and vna.batch_size == 3 and vna.token == "tok-vna"
+    o = cfg.source("o")
+    assert isinstance(o, OrthancSource) and o.follow_changes and o.poll_s == 0.5 and o.caller_host == "o"
+    assert cfg.source("pacs").kind == SourceKind.DICOM
+    # the table form of the config reads back to the same config
+    table = {k: v for k, v in as_table(cfg).items() if k != "path"}
+    assert config_from_dict(table) == cfg
+
+
+def test_registries_agree_on_the_kinds() -> None:
+    assert set(DESTINATION_TYPES) == set(DestinationKind) == set(KIND_MODULES)
+    assert set(SOURCE_TYPES) == set(SourceKind)
+    for kind, cls in DESTINATION_TYPES.items():
+        assert cls.kind == kind
+        assert hasattr(importlib.import_module(KIND_MODULES[kind]), "create")
+    for source_kind, source_cls in SOURCE_TYPES.items():
+        assert source_cls.kind == source_kind
+
+
+def test_a_key_of_another_kind_is_named_with_the_kinds_keys() -> None:
+    msg = _error(destinations=[{"name": "out", "kind": "folder", "path": "/x", "url": "http://x"}])
+    assert msg == "destinations[0]: unknown key(s) url for kind 'folder'; known: kind, name, path"
+    msg = _error(sources=[{"name": "p", "kind": "dicom", "ae_title": "P", "host": "h", "port": 104,
+                           "follow_changes": True}])
+    assert msg.startswith("sources[0]: unknown key(s) follow_changes for kind 'dicom'; known: ae_title, host, ")
+    msg = _error(destinations=[{"name": "o", "kind": "orthanc", "url": "http://o", "batch_size": 5}])
+    assert "batch_size for kind 'orthanc'" in msg and "token" in msg
+
+
+def test_a_missing_required_field_or_kind_is_named() -> None:
+    assert _error(destinations=[{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "h"}]) \
+        == "destinations[0].port: required key is missing"
+    assert _error(destinations=[{"name": "f", "kind": "folder", "path": ""}]) \
+        == "destinations[0].path: must not be empty"
+    assert _error(sources=[{"name": "web", "kind": "dicomweb"}]) == "sources[0].url: required key is missing"
+    assert _error(destinations=[{"name": "x", "path": "/x"}]) \
+        == "destinations[0].kind: required key is missing; one of dicom, folder, orthanc, dicomweb"
+    assert _error(destinations=[{"name": "x", "kind": "ftp"}]) \
+        == "destinations[0].kind: 'ftp' is not one of dicom, folder, orthanc, dicomweb"
+    assert _error(destinations=[{**DESTINATIONS[0], "port": 70000}]) \
+        == "destinations[0].port: 70000 is not a TCP port (1-65535)"
+    assert _error(destinations={"name": "x"}) == "destinations: expected an array ([[destinations]]), got dict"
+
+
+def test_secrets_are_redacted_and_env_secrets_resolved(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SRNODE_TEST_PW", "pw-from-env")
+    dests = [*DESTINATIONS[:2], {**DESTINATIONS[2], "password": "env:SRNODE_TEST_PW"}, DESTINATIONS[3]]
+    cfg = _cfg(destinations=dests, sources=SOURCES, http={"token": "tok-http"},
+               executor={"kind": "celery", "broker_url": "amqp://u:pw-mq@mq//", "result_backend": "redis://r/1"})
+    assert cfg.destination("orthanc").password == "pw-from-env"  # type: ignore[union-attr]
+    assert cfg.executor.kind == ExecutorKind.CELERY
+    red = cfg.redacted()
+    text = repr(red)
+    for secret in ("pw-from-env", "tok-vna", "pw-web", "tok-o", "tok-http", "pw-mq", "redis://r/1"):
+        assert secret not in text, secret
+    assert red["destinations"][2] == {"kind": "orthanc", "name": "orthanc", "url": "http://o:8042", "username": "u",
+                                      "password": "***", "token": "", "timeout_s": 5.0}
+    assert red["executor"]["broker_url"] == "***" and red["http"]["token"] == "***"
+    assert secret_values(cfg, keys=("password", "token")) == {"pw-from-env", "tok-vna", "pw-web", "tok-o",
+                                                              "tok-http"}
+    monkeypatch.delenv("SRNODE_TEST_PW")
+    assert "environment variable 'SRNODE_TEST_PW' is not set" in _error(destinations=dests)
+
+
+def test_engine_keys_build_the_one_engine_options() -> None:
+    engine = {"name": "cubic", "device": "cpu", "fast": True, "finetune_steps": 8, "in_plane_finetune_steps": -1,
+              "tta_passes": 2, "samples": 3, "weights": "none", "seed": 4, "min_gain_db": -99, "max_voxels_per_tile": 9}
+    cfg = _cfg(engine=engine)
+    assert cfg.engine.name == "cubic"
+    assert cfg.engine.options == EngineOptions(device=Device.CPU, fast=True, finetune_steps=8,
+                                               in_plane_finetune_steps=-1, tta_passes=2, samples=3, weights="none",
+                                               seed=4, min_gain_db=-99.0, max_voxels_per_tile=9)
+    assert cfg.redacted()["engine"] == {**engine, "min_gain_db": -99.0}  # flat, as in the file
+    # every EngineOptions field is an [engine] key, under its own name
+    assert {f.name for f in dataclasses.fields(EngineOptions)} | {"name"} == set(as_table(cfg.engine))
+    assert _error(engine={"tta_passes": "8"}) == "engine.tta_passes: expected int, got str '8'"
+    assert _error(engine={"device": "gpu"}) == "engine.device: 'gpu' is not one of auto, cpu, cuda"
+    assert _error(engine={"passes": 8}).startswith("engine: unknown key(s) passes; known: device, fast, ")
+    # the repository's own files load
+    assert load_config(ROOT / "config.toml").engine.options == EngineOptions()
+    assert load_config(ROOT / "deploy/config.toml").engine.options.device == Device.AUTO
+
+
+def test_factor_bounds_come_from_models_engine() -> None:
+    lo, hi = FACTOR_LIMITS["through_plane"]
+    rule = DEFAULTS["rules"][0]
+    assert _cfg(rules=[{**rule, "through_plane_factor": hi}]).rules[0].through_plane_factor == hi
+    assert _error(rules=[{**rule, "through_plane_factor": hi + 1}]) \
+        == f"rules[0].through_plane_factor: {hi + 1} must be {lo}..{hi}"
+    with pytest.raises(ValueError, match=rf"Factors.through_plane: {hi + 1} must be {lo}\.\.{hi}"):
+        Factors(hi + 1, 1)
+    lo, hi = FACTOR_LIMITS["in_plane"]
+    assert _error(rules=[{**rule, "in_plane_factor": lo - 1}]) \
+        == f"rules[0].in_plane_factor: {lo - 1} must be {lo}..{hi}"
+    assert _error(rules=[{**rule, "match": {"Modality": "(CT"}}]).startswith(
+        "rules[0].match.Modality: not a valid regular expression")
+
+
+def test_other_types_are_read_by_their_type() -> None:
+    cfg = _cfg(node={"allowed_callers": [{"ae_title": "CT01", "rules": "ct-mr-thick"}]},
+               rules=[{**DEFAULTS["rules"][0], "destinations": "local", "match": {"EchoNumbers": 1}}])
+    assert cfg.node.allowed_callers[0].rules == ("ct-mr-thick",)
+    assert cfg.rules[0].destinations == ("local",) and cfg.rules[0].match == {"EchoNumbers": "1"}
+    assert _error(node={"allowed_callers": ["CT01"]}) == "node.allowed_callers[0]: expected a table, got str"
+    assert _error(node={"tls": {"enabled": "yes"}}) == "node.tls.enabled: expected bool, got str 'yes'"
+    assert _error(executor={"data_access": "nfs"}) == "executor.data_access: 'nfs' is not one of shared, dicomweb"
+    assert _error(colour={}).startswith("unknown section(s) colour; known: derive, destinations, engine, ")
