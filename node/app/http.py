@@ -6,7 +6,8 @@ Routes (``[http]`` host/port; ``token``: bearer token for everything but the pro
 - ``GET /readyz``   spool writable, every destination reachable (``Sender.check()``), engine(s) loadable; 503 if not
 - ``GET /metrics``  Prometheus text (the node's ``Metrics`` registry)
 - ``GET /jobs``     jobs with states and reasons (``?state=``, ``?series=``, ``?limit=``)
-- ``POST /jobs``    pull by UID: ``{"study": UID, "series": UID?, "source": NAME, "method": "move"|"get"?}``
+- ``POST /jobs``    pull by UID: ``{"study": UID, "series": UID?, "source": NAME, "method": "move"|"get"?}``;
+  202 with the outcome, 409 when the source sent instances and admission refused every one
 - ``POST /dicom-web/studies[/{study}]``  STOW-RS in (multipart/related; type="application/dicom")
 - ``GET /dicom-web/studies/{study}/series/{series}``  WADO-RS of a spooled series (remote Celery workers)
 """
@@ -172,7 +173,9 @@ def build_app(ctx: NodeContext) -> Starlette:
             return JSONResponse({"error": str(exc)}, status_code=400)
         except NodeError as exc:
             return JSONResponse({"error": str(exc)}, status_code=502)
-        return JSONResponse(result.as_dict(), status_code=202)
+        # 409 when the source sent instances and admission refused every one (as STOW-RS answers it)
+        refused_all = bool(result.refused) and result.received == 0
+        return JSONResponse(result.as_dict(), status_code=409 if refused_all else 202)
 
     async def stow(request: Request) -> Response:
         if not authorized(request):

@@ -28,7 +28,8 @@ def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = 
     rule: RuleConfig | None = None
     try:
         header = dcmread(instances[0].path, stop_before_pixels=True)
-        rule, reason = match_rule(cfg, header, allowed_rules(str(s.get("allowed_rules", ""))))
+        rule, reason = match_rule(cfg, header, allowed_rules(str(s.get("allowed_rules", ""))),
+                                  str(s.get("calling_ae", "")))
     except Exception as exc:  # noqa: BLE001 - a broken first instance or rule: record it, keep watching
         reason = f"cannot match the rules on the series' first instance: {type(exc).__name__}: {exc}"
         job_id = index.create_job(series_uid, "", state=JobState.FAILED, reason=reason)

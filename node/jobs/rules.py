@@ -75,15 +75,19 @@ def allowed_rules(stored: str) -> frozenset[str] | None:
     return names or None
 
 
-def match_rule(cfg: Config, header: Dataset,
-               allowed: frozenset[str] | None = None) -> tuple[RuleConfig | None, str]:
-    """The first rule matching ``header`` among ``allowed`` (None: every rule), with a reason a person can read."""
+def match_rule(cfg: Config, header: Dataset, allowed: frozenset[str] | None = None,
+               caller: str = "") -> tuple[RuleConfig | None, str]:
+    """The first rule matching ``header`` among ``allowed`` (None: every rule), with a reason a person can read.
+
+    ``caller``: the calling AE title (or path identity) of the series, named in the reason when a rule is not
+    allowed for it.
+    """
     if not cfg.rules:
         return None, "no rules are configured"
     misses: list[str] = []
     for rule in cfg.rules:
         if allowed is not None and rule.name not in allowed:
-            misses.append(f"{rule.name}: not allowed for the series' caller (node.allowed_callers)")
+            misses.append(f"{rule.name}: not allowed for calling AE {caller!r} (node.allowed_callers)")
             continue
         miss = rule_mismatch(rule, header)
         if not miss:

@@ -154,10 +154,10 @@ def _pull_sources(orthanc: Orthanc) -> dict[str, Any]:
                          "ae_title": "WEBPACS"}]}
 
 
-def _post_pull(node: NodeProc, study: str, series: str, source: str) -> dict[str, Any]:
+def _post_pull(node: NodeProc, study: str, series: str, source: str, status: int = 202) -> dict[str, Any]:
     with api(node) as c:
         r = c.post("/jobs", json={"study": study, "series": series, "source": source})
-    assert r.status_code == 202, r.text
+    assert r.status_code == status, r.text
     return dict(r.json())
 
 
@@ -174,8 +174,8 @@ def test_pulled_series_obey_allowed_callers_and_caller_rules(tmp_path: Path, pac
     web_study, web_series, _ = _uids(web)
     node = _start(tmp_path / "node", _sections([{"ae_title": "CT01"}], **_pull_sources(pacs)))
     try:
-        # neither source is a known caller: every pulled instance is refused, nothing is spooled, no job
-        res = _post_pull(node, rest_study, rest_series, "pacs")
+        # neither source is a known caller: every pulled instance is refused (409), nothing is spooled, no job
+        res = _post_pull(node, rest_study, rest_series, "pacs", status=409)
         assert (res["method"], res["received"], len(res["refused"])) == ("orthanc-rest", 0, SLICES), res
         assert all("'pacs'" in why and "not in node.allowed_callers" in why for why in res["refused"]), res
         rc, res = _cli_fetch(node, web_study, web_series, "web")
