@@ -20,7 +20,10 @@ _FORBIDDEN = frozenset({"PatientName", "PatientID", "PatientBirthDate", "Accessi
 
 
 class AuditLog:
-    """Appends one JSON object per event to ``path`` (opened in append mode, flushed and fsync'ed)."""
+    """Appends one JSON object per event to ``path`` (opened in append mode, flushed and fsync'ed).
+
+    Creates the parent folder (OSError when it cannot).
+    """
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -28,6 +31,9 @@ class AuditLog:
         self._lock = threading.Lock()
 
     def write(self, event: str, **fields: Any) -> None:
+        """Append ``{"time": UTC ISO 8601, "event": event, **fields}``; patient keys (PatientName, PatientID,
+        ...) are dropped, other values are written with ``str`` when not JSON. A write error is logged, not
+        raised."""
         rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event}
         rec.update({k: v for k, v in fields.items() if k not in _FORBIDDEN})
         line = json.dumps(rec, default=str, sort_keys=False) + "\n"
@@ -40,6 +46,8 @@ class AuditLog:
             log.error("audit log %s: cannot append: %s", self.path, exc)
 
     def read(self) -> list[dict[str, Any]]:
+        """Every record, oldest first ([] when the file does not exist). json.JSONDecodeError on a damaged
+        line, OSError."""
         if not self.path.exists():
             return []
         return [json.loads(ln) for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]

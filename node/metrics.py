@@ -14,6 +14,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 @dataclass(frozen=True)
 class Metrics:
+    """The node's metrics, all in ``registry``: instances received {status}, series processed {outcome}, job
+    seconds {stage}, queue depth, failures {where, reason}, deliveries {destination, outcome}, GPU memory
+    bytes (peak of the last job), active DICOM associations. Make one with :meth:`create`."""
+
     registry: CollectorRegistry
     instances_received: Counter
     series_processed: Counter

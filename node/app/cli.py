@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The ``srnode`` parser and one bare sub-parser per command (its options are added by its module)."""
     parser = argparse.ArgumentParser(prog="srnode", description="Super-resolution DICOM node")
     parser.add_argument("--version", action="version", version=f"srnode {__version__}")
     parser.add_argument("--log-level", default="", help="DEBUG, INFO, WARNING (default: [node].log_level)")
@@ -41,6 +42,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``srnode`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    2 when no command is named (the help is printed), 1 on a NodeError (printed), 130 on Ctrl-C.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subs = build_parser()
     # configure only the chosen sub-command (imports stay lazy: `srnode status` never loads torch)

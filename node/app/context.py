@@ -24,20 +24,25 @@ class NodeContext:
 
     @property
     def cfg(self) -> Config:
+        """The node's configuration."""
         return self.jobs.cfg
 
     @property
     def spool(self) -> Spool:
+        """The node's spool (files)."""
         return self.jobs.store.spool
 
     @property
     def index(self) -> Index:
+        """The spool's index (states)."""
         return self.jobs.store.index
 
     @property
     def metrics(self) -> Metrics:
+        """The node's Prometheus metrics."""
         return self.jobs.metrics
 
     @property
     def audit(self) -> AuditLog:
+        """The node's audit log."""
         return self.jobs.audit

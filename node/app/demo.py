@@ -4,7 +4,8 @@ Starts the node on localhost (free ports), sends it a real series (the shared 5 
 ``../shared/data`` is present, otherwise a generated CT head phantom with exact geometry and HU) with dcmtk
 ``storescu`` (pynetdicom's SCU when dcmtk is absent), waits for the job to be delivered, and prints where the
 derived and uncertainty series went plus a PNG preview (original / derived / uncertainty).
-The destination is the folder ./srnode-out, plus a local Orthanc on 127.0.0.1:8042 if one answers.
+The destination is the folder srnode-out/ in the repository root, plus a local Orthanc on 127.0.0.1:8042
+(``SRNODE_DEMO_ORTHANC``) if one answers.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def _local_orthanc() -> str:
 
 
 def demo_config(workdir: Path, out_dir: Path, orthanc_url: str, engine: str | None) -> Config:
+    """The embedded defaults with the spool under ``workdir``, free loopback ports for DICOM and HTTP,
+    stable_age_s 2 s, the folder ``out_dir`` (and Orthanc at ``orthanc_url``, when given) as destinations of
+    the default rule, and ``engine`` when given. ConfigError when the result is not valid."""
     data = {k: v for k, v in DEFAULTS.items()}
     data["node"] = {**DEFAULTS["node"], "spool_dir": str(workdir / "spool"), "port": _free_port(),
                     "stable_age_s": 2.0}
@@ -98,6 +102,8 @@ def _send(files: list[Path], cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns 0 when the job was delivered, else 1. ``--workdir`` is deleted and recreated;
+    relative paths are taken from the repository root."""
     p = argparse.ArgumentParser(prog="python -m node.app.demo", description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="demo-run", help="spool and scratch (default ./demo-run, recreated)")
     p.add_argument("--out", default="srnode-out", help="folder destination (default ./srnode-out)")

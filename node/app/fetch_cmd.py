@@ -17,6 +17,7 @@ from node.store import open_store
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``srnode fetch`` options to ``parser``."""
     parser.add_argument("--study", required=True, help="StudyInstanceUID to retrieve")
     parser.add_argument("--series", default="", help="SeriesInstanceUID (default: every series of the study)")
     parser.add_argument("--from", dest="source", required=True, help="name of a [[sources]] entry")
@@ -26,6 +27,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``srnode fetch``; returns the exit code (1 when an instance was refused). Raises ConfigError,
+    SpoolError, FetchError (``node.ingest.pull.fetch``)."""
     cfg = load_config(args.config)
     store = open_store(cfg)
     admission = Admission(cfg, store.spool, store.index, Metrics.create())

@@ -14,6 +14,7 @@ class _RedactFilter(logging.Filter):
         self.secrets: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Replace every secret in the formatted message by ``***``; never drops a record."""
         if self.secrets:
             msg = record.getMessage()
             for s in self.secrets:
@@ -23,10 +24,12 @@ class _RedactFilter(logging.Filter):
         return True
 
 
-REDACT = _RedactFilter()
+REDACT = _RedactFilter()  # the one filter on the stderr handler; the service adds the configured secrets
 
 
 def setup_logging(level: str = "INFO") -> None:
+    """Replace the root logger's handlers by one stderr handler (with ``REDACT``) at ``level``; pynetdicom and
+    httpx at WARNING. ValueError for an unknown level name."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     handler.addFilter(REDACT)

@@ -51,7 +51,12 @@ def _coronal(vol: SeriesVolume) -> tuple[np.ndarray, tuple[float, float]]:
 
 
 def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty: Sequence[Path], png: Path) -> Path:
-    """Write the preview PNG (first derived run when the series was split); returns its path."""
+    """Write the preview PNG (first derived run when the series was split); returns its path.
+
+    Panels are scaled to millimetres (axial row: 256 px high); grey levels follow the original's first
+    WindowCenter / WindowWidth, else its 1st..99th percentile; sigma spans 0..its 99.5th percentile. Raises
+    VolumeError (a series cannot be loaded), IndexError when ``derived`` is empty, OSError.
+    """
     orig = load_series(original)
     dparent = Path(derived[0]).parent
     der = load_series([p for p in derived if Path(p).parent == dparent])

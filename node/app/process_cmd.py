@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``srnode process`` options to ``parser``."""
     parser.add_argument("in_dir", metavar="IN_DIR", type=Path, help="folder of DICOM files (searched recursively)")
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="where derived + uncertainty series go")
     parser.add_argument("--config", default=None, help="config.toml (default: the embedded defaults)")
@@ -32,7 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def group_by_series(in_dir: Path) -> tuple[dict[str, list[Path]], dict[str, Dataset], list[str]]:
-    """Files of ``in_dir`` by SeriesInstanceUID, one header per series, and the files that are not DICOM."""
+    """Files of ``in_dir`` (recursive, hidden names skipped) by SeriesInstanceUID ("" when absent), one header
+    per series, and the reasons for the files that are not DICOM."""
     groups: dict[str, list[Path]] = {}
     headers: dict[str, Dataset] = {}
     bad: list[str] = []
@@ -55,6 +57,8 @@ def _safe(uid: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``srnode process``; returns the exit code (1 when a file or series failed or nothing was found).
+    VolumeError when IN_DIR is not a folder; ConfigError for a bad config."""
     cfg = load_config(args.config)
     in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
     if not in_dir.is_dir():

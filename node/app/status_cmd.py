@@ -17,6 +17,7 @@ from node.store import Index, Job, JobState, Spool
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``srnode status`` (or, for the ``retry`` parser, ``srnode retry``) options to ``parser``."""
     parser.add_argument("--config", default=None, help="config.toml (default: the embedded defaults)")
     if parser.prog.endswith("retry"):
         parser.add_argument("jobs", nargs="*", type=int, metavar="JOB",
@@ -34,6 +35,7 @@ def _open(args: argparse.Namespace) -> Index:
 
 
 def job_dict(index: Index, j: Job) -> dict[str, Any]:
+    """Job ``j`` with its deliveries as a JSON-ready dict (``updated`` as UTC ISO 8601, no PHI)."""
     return {
         "id": j.id, "series": j.series_uid, "study": j.study_uid, "rule": j.rule, "state": j.state,
         "reason": j.reason, "instances": j.n_instances, "attempts": j.attempts, "engine": j.engine,
@@ -47,6 +49,7 @@ def job_dict(index: Index, j: Job) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``srnode status`` or ``srnode retry``; returns the exit code (retry: 1 for an unknown job id)."""
     index = _open(args)
     if args.command == "retry":
         return _retry(index, list(args.jobs))

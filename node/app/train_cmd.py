@@ -41,6 +41,7 @@ def _commit() -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``srnode train`` options to ``parser``."""
     parser.add_argument("data", nargs="+", type=Path, help="series folders, folders of series, or .npz exports")
     parser.add_argument("--out", type=Path, default=Path("models/weights/prior.pt"))
     parser.add_argument("--steps", type=int, default=2000, help="training steps per net (task x factor)")
@@ -53,6 +54,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``srnode train``; returns the exit code. Series with fewer than 3 slices or under 64 x 64 are
+    skipped; VolumeError when none is usable or ``--only`` finds no checkpoint to keep."""
     from models.prior import pick_device, train_prior
 
     device = pick_device(args.device)

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``srnode worker`` options to ``parser``."""
     parser.add_argument("--config", required=True, help="config.toml ([executor] kind = 'celery')")
     parser.add_argument("--name", default="", help="worker name (default srnode-<pid>@<host>); one per GPU")
     parser.add_argument("--pool", choices=("prefork", "solo"), default="prefork",
@@ -46,6 +47,7 @@ def _preload(ctx: JobContext, pool: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``srnode worker`` until Celery stops it; returns its exit code. Raises ConfigError, SpoolError."""
     cfg = load_config(args.config)
     if cfg.executor.kind != ExecutorKind.CELERY:
         log.warning("%s: executor.kind is %r; the worker serves Celery jobs anyway", args.config,

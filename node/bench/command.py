@@ -18,12 +18,15 @@ BENCHES: dict[str, tuple[str, str]] = {
     "denoise": ("node.bench.denoise", "self-supervised denoising vs Gaussian/bilateral on the shared CT phantom"),
 }
 def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``srnode bench`` options to ``parser``."""
     parser.add_argument("kind", choices=[*BENCHES, "all"], help="which benchmark")
     parser.add_argument("--cpu-only", action="store_true", help="with 'all': skip what needs a GPU")
     parser.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark (see KIND --help)")
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``srnode bench KIND`` (``all``: engine, e2e, ingest, celery with their defaults); returns the exit
+    code, non-zero when any benchmark failed."""
     kinds = ["engine", "e2e", "ingest", "celery"] if args.kind == "all" else [args.kind]
     rc = 0
     for kind in kinds:

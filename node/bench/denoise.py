@@ -22,10 +22,11 @@ from models.denoise import denoise
 from models.engine import Device, EngineOptions, VolumeInput
 from node.bench.results import write_result
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the repository
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``srnode bench denoise`` options to ``parser``."""
     parser.add_argument("--data", default=str(DATA), help="the shared real-data folder")
     parser.add_argument("--crop", type=int, default=256, help="central in-plane crop (pixels)")
     parser.add_argument("--slices", type=int, default=30, help="central slices of the 1 mm series")
@@ -76,6 +77,7 @@ def _methods(noisy: np.ndarray, sigma_n: float, args: argparse.Namespace) -> dic
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``srnode bench denoise``; returns the exit code. VolumeError when the shared series are absent."""
     data = Path(args.data)
     thin, pos1, _ = _load("ct_head_phantom_philips_1mm", data)
     c = args.crop

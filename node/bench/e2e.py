@@ -33,6 +33,7 @@ ECHOSCU = "/usr/bin/echoscu"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``srnode bench e2e`` options to ``parser``."""
     parser.add_argument("--series", default="", help="folder of the input series (default: the shared 1 mm "
                                                       "phantom, or a generated 140x512x512 phantom)")
     parser.add_argument("--stable-age", type=float, default=2.0, help="[node].stable_age_s for the run (s)")
@@ -86,6 +87,8 @@ def _series_files(args: argparse.Namespace, work: Path) -> tuple[list[Path], str
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``srnode bench e2e``; returns the exit code. TimeoutError when Orthanc, the node or the results do
+    not appear in time; RuntimeError when storescu fails."""
     import logging
 
     from pydicom import dcmread

@@ -22,12 +22,16 @@ from node.bench.results import write_result
 
 log = logging.getLogger(__name__)
 
-PHANTOM = Path("../shared/data/ct_head_phantom_philips_1mm")
+PHANTOM = Path("../shared/data/ct_head_phantom_philips_1mm")  # relative to the current directory
+# dense (no sparsity) BF16 tensor-core peak, TFLOP/s, from NVIDIA's H100 / H200 / A100 data sheets (SXM unless
+# named); matched by substring of the device name, first match wins
 BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def make_volume(shape: tuple[int, int, int], source: Path | None) -> VolumeInput:
-    """(Z, Y, X) CT volume of ``shape``: the phantom mirrored along z, centred in-plane; else synthetic."""
+    """(Z, Y, X) float32 HU volume of ``shape``: the phantom at ``source`` repeated along z with every other
+    copy mirrored, centred in-plane (cropped or padded with its minimum); a synthetic one when ``source`` is
+    absent. Its spacing and slice thickness claim twice the source's dz (a thick input for x2)."""
     z, y, x = shape
     if source is not None and source.exists():
         from node.bench.eval import load_volume
@@ -60,6 +64,7 @@ def _peak(device_name: str) -> float:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``srnode bench engine`` options to ``parser``."""
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--shape", default="", help="Y,X,Z of the input (default 512,512,300 cuda; 512,512,134 cpu)")
     parser.add_argument("--modes", default="fast,finetune", help="comma list of fast, finetune")
@@ -70,6 +75,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``srnode bench engine``; returns the exit code."""
     import torch
 
     default = "512,512,300" if args.device == "cuda" else "512,512,134"

@@ -7,8 +7,8 @@ truth. With ``--truth THIN_DIR``: SERIES_DIR is a real thick series and the outp
 thin slices at matching patient positions (along the slice normal). ``--max-slices`` / ``--crop`` take a central
 sub-volume. Writes OUT.json (engine/cubic/linear: psnr_db, ssim, hu_mae, hu_bias; uncertainty: spearman,
 coverage_95, ause_ratio; seconds) and a PNG panel beside it; prints a one-line summary.
-SERIES_DIR may also be a ``.npz`` (data int16/float, spacing, thickness, modality, positions, normal) for
-machines without the DICOM stack.
+SERIES_DIR may also be a ``.npz`` (data int16/float, spacing, thickness, modality, value_range, positions,
+normal) for machines without the DICOM stack.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Loaded:
+    """A series loaded for evaluation: engine input, slice positions and normal (patient space, mm), name."""
+
     vin: VolumeInput
     positions: np.ndarray  # (Z, 3) mm
     normal: np.ndarray  # (3,)
@@ -39,7 +41,10 @@ class Loaded:
 
 
 def load_volume(path: Path) -> Loaded:
-    """A series folder (via node.series.volume.load_series) or a .npz export, as engine input + slice positions."""
+    """A series folder (via ``node.series.load_series``) or a .npz export, as engine input + slice positions.
+
+    VolumeError when the folder is missing, empty or not one volume; KeyError for a .npz lacking an array.
+    """
     if path.suffix == ".npz":
         d = np.load(path)
         vin = VolumeInput(d["data"].astype(np.float32), tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
@@ -57,7 +62,8 @@ def load_volume(path: Path) -> Loaded:
 
 
 def central(lo: Loaded, max_slices: int, crop: int) -> Loaded:
-    """Central sub-volume: at most ``max_slices`` slices and a ``crop`` x ``crop`` in-plane window."""
+    """Central sub-volume: at most ``max_slices`` slices and a ``crop`` x ``crop`` in-plane window (0: all);
+    the positions follow the slices."""
     z, y, x = lo.vin.data.shape
     z0, z1 = (0, z) if max_slices <= 0 or max_slices >= z else ((z - max_slices) // 2, (z - max_slices) // 2 + max_slices)
     y0 = 0 if crop <= 0 or crop >= y else (y - crop) // 2
@@ -68,7 +74,10 @@ def central(lo: Loaded, max_slices: int, crop: int) -> Loaded:
 
 
 def linear_upsample(data: np.ndarray, factors: Factors) -> np.ndarray:
-    """Linear interpolation with the engine geometry contract (node-aligned z, area-aligned in-plane)."""
+    """Linear interpolation with the engine geometry contract (node-aligned z, area-aligned in-plane).
+
+    ``data`` (Z, Y, X) → float32 of ``models.engine.output_shape``: ((Z - 1) f + 1, g Y, g X).
+    """
     out = np.asarray(data, dtype=np.float64)
     f, g = factors.through_plane, factors.in_plane
     if f > 1:
@@ -89,7 +98,11 @@ def linear_upsample(data: np.ndarray, factors: Factors) -> np.ndarray:
 
 
 def simulate(truth: Loaded, axis: str, f: int) -> tuple[VolumeInput, np.ndarray, Factors]:
-    """(degraded input, truth cropped to the output grid, factors) for a run without --truth."""
+    """(degraded input, truth cropped to the output grid, factors) for a run without --truth.
+
+    ``axis`` "through": box profile of FWHM f x max(thickness, dz) sampled every f slices; "in": f x f block
+    means (``models.degrade``). VolumeError when fewer than 3 thick slices would remain.
+    """
     from models.degrade import degrade_in_plane, degrade_through_plane
 
     v = truth.vin
@@ -113,7 +126,8 @@ def simulate(truth: Loaded, axis: str, f: int) -> tuple[VolumeInput, np.ndarray,
 
 
 def match_truth(thick: Loaded, thin: Loaded, f: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (into the x f output, into the thin series) of slices at the same position along the normal."""
+    """Indices (into the x f output, into the thin series) of slices at the same position along the normal
+    (within a quarter of the finer step). VolumeError when the matrices differ or under 3 slices match."""
     if thick.vin.data.shape[1:] != thin.vin.data.shape[1:]:
         raise VolumeError(f"{thick.name} and {thin.name}: in-plane matrices differ {thick.vin.data.shape[1:]} vs "
                           f"{thin.vin.data.shape[1:]}")
@@ -147,7 +161,11 @@ def panel(path: Path, truth: np.ndarray, outs: dict[str, np.ndarray], sigma: np.
 
 def evaluate(lr_in: VolumeInput, truth: np.ndarray, factors: Factors, options: EngineOptions, engine: str,
              out_idx: np.ndarray | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
-    """Run engine, cubic and linear on ``lr_in``; compare with ``truth`` (rows ``out_idx`` of the output)."""
+    """Run engine, cubic and linear on ``lr_in``; compare with ``truth`` (rows ``out_idx`` of the output).
+
+    Returns (figures, outputs by method, sigma); the outputs and sigma have ``truth``'s shape. EngineError
+    when the engine refuses the input.
+    """
     from models.evaluate import body_mask, data_range, fidelity, uncertainty
 
     log.info("[1/3] engine %s on %s input (factors %s)", engine, lr_in.data.shape, factors)
@@ -175,6 +193,7 @@ def evaluate(lr_in: VolumeInput, truth: np.ndarray, factors: Factors, options: E
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``srnode eval`` options to ``parser``."""
     parser.add_argument("series", type=Path, help="series folder (the truth, or the thick series with --truth)")
     parser.add_argument("--axis", choices=["through", "in"], default="through")
     parser.add_argument("--factor", type=int, default=2)
@@ -193,6 +212,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``srnode eval``; returns the exit code. Raises VolumeError or EngineError (see above)."""
     options = EngineOptions(device=Device(args.device), fast=args.fast, finetune_steps=args.finetune_steps,
                             in_plane_finetune_steps=args.in_plane_finetune_steps,
                             tta_passes=args.tta_passes, weights=args.weights, seed=args.seed)

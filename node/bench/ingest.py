@@ -29,11 +29,12 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 STORESCU = "/usr/bin/storescu"
 STORESCP = "/usr/bin/storescp"
 ECHOSCU = "/usr/bin/echoscu"
-UID_ROOT = "1.2.826.0.1.3680043.10.1087.98."
-CT_IMAGE = UID("1.2.840.10008.5.1.4.1.1.2")
+UID_ROOT = "1.2.826.0.1.3680043.10.1087.98."  # UIDs of the synthetic benchmark series
+CT_IMAGE = UID("1.2.840.10008.5.1.4.1.1.2")  # CT Image Storage (PS3.4 B.5)
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (another process may take it before it is used)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -88,6 +89,8 @@ def send_concurrently(port: int, batches: list[list[Path]], aet: str, timeout: f
 
 
 def wait_echo(port: int, aet: str, timeout: float = 60) -> None:
+    """Until dcmtk ``echoscu`` gets a C-ECHO answer from ``aet`` on 127.0.0.1:``port``; RuntimeError after
+    ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         r = subprocess.run([ECHOSCU, "-aec", aet, "-to", "2", "127.0.0.1", str(port)], capture_output=True)
@@ -106,6 +109,8 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def node_config(workdir: Path, port: int) -> str:
+    """config.toml text for the node under test: SCP on 127.0.0.1:``port``, spool in ``workdir``, stable_age_s
+    3600 s (no processing during the run), HTTP off, cubic engine on CPU."""
     spool = workdir / "spool"
     return (f'[node]\nae_title = "SRNODE"\nhost = "127.0.0.1"\nport = {port}\nspool_dir = "{spool}"\n'
             f"stable_age_s = 3600.0\nmin_free_mb = 1\nmax_associations = 32\n\n[http]\nenabled = false\n\n"
@@ -113,6 +118,8 @@ def node_config(workdir: Path, port: int) -> str:
 
 
 def run_node(workdir: Path, batches: list[list[Path]]) -> dict[str, Any]:
+    """Start ``srnode serve``, send ``batches`` concurrently, stop it (SIGTERM); returns the send figures plus
+    the node's peak and after-start RSS (MiB) and the instances indexed (-1 when ``srnode status`` failed)."""
     port = free_port()
     cfg = workdir / "config.toml"
     cfg.write_text(node_config(workdir, port))
@@ -139,6 +146,8 @@ def run_node(workdir: Path, batches: list[list[Path]]) -> dict[str, Any]:
 
 
 def run_storescp(workdir: Path, batches: list[list[Path]]) -> dict[str, Any]:
+    """Start dcmtk ``storescp --fork`` writing to ``workdir/storescp``, send ``batches`` concurrently, and
+    return the send figures plus the number of files stored."""
     port, out = free_port(), workdir / "storescp"
     out.mkdir()
     proc = subprocess.Popen([STORESCP, "--fork", "-aet", "STORESCP", "-od", str(out), str(port)],
@@ -154,6 +163,7 @@ def run_storescp(workdir: Path, batches: list[list[Path]]) -> dict[str, Any]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``srnode bench ingest`` options to ``parser``."""
     parser.add_argument("--senders", type=int, default=16, help="concurrent associations (default 16)")
     parser.add_argument("--instances", type=int, default=100, help="instances per association (default 100)")
     parser.add_argument("--size", type=int, default=256, help="rows = columns of each instance (default 256)")
@@ -161,6 +171,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def measure(senders: int, instances: int, size: int, workdir: Path) -> dict[str, Any]:
+    """Write ``senders`` series of ``instances`` ``size``² slices, send them to the node and then to storescp;
+    the figures (instances/s, MB/s with MB = 2^20 bytes, peak RSS MiB, their ratio)."""
     batches = [write_series(workdir / "send" / f"s{i:02d}", i, instances, size) for i in range(senders)]
     mb = sum(p.stat().st_size for b in batches for p in b) / 2**20
     (workdir / "node").mkdir(parents=True)
@@ -182,6 +194,8 @@ def measure(senders: int, instances: int, size: int, workdir: Path) -> dict[str,
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``srnode bench ingest``; returns the exit code (1 when dcmtk is missing, a sender failed or an
+    instance was not indexed)."""
     from node.bench.results import write_result
 
     for tool in (STORESCU, STORESCP, ECHOSCU):

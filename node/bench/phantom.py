@@ -16,12 +16,14 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from node import __version__
 
-UID_PREFIX = "1.2.826.0.1.3680043.10.1087.9."
+UID_PREFIX = "1.2.826.0.1.3680043.10.1087.9."  # UIDs of the phantom series (deterministic per parameters)
 
 
 def phantom_hu(slices: int = 40, size: int = 256, step_mm: float = 2.5, fov_mm: float = 230.0,
                seed: int = 0) -> np.ndarray:
-    """(Z, Y, X) float32 HU volume of an ellipsoidal head: skull shell, brain, lesions, a little noise."""
+    """(Z, Y, X) = (``slices``, ``size``, ``size``) float32 HU volume of an ellipsoidal head: skull shell,
+    brain, CSF, lesions, Gaussian noise of 4 HU inside the head. ``step_mm``: slice step, ``fov_mm``: in-plane
+    field of view (mm), centred on the origin."""
     rng = np.random.default_rng(seed)
     px = fov_mm / size
     zc = (np.arange(slices) - (slices - 1) / 2) * step_mm
@@ -44,7 +46,8 @@ def phantom_hu(slices: int = 40, size: int = 256, step_mm: float = 2.5, fov_mm: 
 
 def write_phantom_series(out_dir: Path, slices: int = 40, size: int = 256, step_mm: float = 2.5,
                          fov_mm: float = 230.0, seed: int = 0) -> list[Path]:
-    """Write the phantom as CT Image Storage files ``out_dir/CT{k:04d}.dcm``; returns the paths in slice order."""
+    """Write the phantom as CT Image Storage files ``out_dir/CT{k:04d}.dcm`` (k from 1); returns the paths in
+    slice order. Stored 12 bits unsigned, RescaleIntercept -1024 (HU -1024..3071); raises OSError."""
     out_dir.mkdir(parents=True, exist_ok=True)
     hu = phantom_hu(slices, size, step_mm, fov_mm, seed)
     px = fov_mm / size

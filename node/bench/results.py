@@ -11,11 +11,14 @@ from typing import Any
 
 from node import __version__
 
-RESULTS = Path("bench/results")
+RESULTS = Path("bench/results")  # relative to the current directory
 
 
 def write_result(name: str, figures: dict[str, Any], command: str | None = None) -> Path:
-    """Write ``figures`` to bench/results/<name>-<UTC time>.json with the command and machine that made them."""
+    """Write ``figures`` to bench/results/<name>-<UTC time>.json with the command and machine that made them.
+
+    Returns the path; values that are not JSON are written with ``str``. Raises OSError.
+    """
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out = RESULTS / f"{name}-{stamp}.json"

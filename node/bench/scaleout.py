@@ -43,6 +43,7 @@ REDIS_SERVER = "/usr/bin/redis-server"
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (another process may take it before it is used)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -69,9 +70,12 @@ class RedisServer:
 
     @property
     def url(self) -> str:
+        """The broker URL, ``redis://127.0.0.1:<port>/0``."""
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        """Start it (log in ``workdir/redis.log``) and wait until it answers PING; RuntimeError when it exits,
+        TimeoutError after 20 s."""
         import redis
 
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -96,6 +100,7 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
+        """SIGTERM, SIGKILL after 10 s."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -118,11 +123,13 @@ class WorkerProcess:
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     def start(self, ready_timeout: float = 90.0) -> WorkerProcess:
+        """Launch it and wait until it is ready (``ready_timeout`` seconds, as :meth:`wait_ready`)."""
         self.launch()
         self.wait_ready(ready_timeout)
         return self
 
     def launch(self) -> None:
+        """Start ``srnode worker`` in a new session, output appended to ``log_path``; does not wait."""
         self._log = self.log_path.open("ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(
@@ -131,7 +138,8 @@ class WorkerProcess:
             stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def wait_ready(self, timeout: float = 90.0) -> None:
-        """Until Celery says ready (the pipeline and CPU engines are loaded before that)."""
+        """Until Celery says ready (the pipeline and CPU engines are loaded before that); RuntimeError when
+        the worker exits, TimeoutError after ``timeout`` seconds."""
 
         def ready() -> bool:
             assert self.proc is not None
@@ -142,6 +150,7 @@ class WorkerProcess:
         wait_for(ready, timeout, f"worker {self.name} to be ready")
 
     def log(self) -> str:
+        """The worker's log so far ("" when it cannot be read)."""
         try:
             return self.log_path.read_text(errors="replace")
         except OSError:
@@ -215,6 +224,10 @@ def spool_series(ctx: JobContext, files: list[Path], rule: str) -> int:
 
 
 def run_once(n_workers: int, n_series: int, slices: int, size: int, workdir: Path) -> dict[str, Any]:
+    """One measurement: ``n_series`` phantom series (``slices`` x ``size``²) spooled as jobs, ``n_workers``
+    workers, the clock from the first publish until every job is past processing. Returns the figures
+    (seconds, series per minute, jobs per worker, failures, load average); TimeoutError after 60 s + 60 s
+    per series."""
     workdir.mkdir(parents=True, exist_ok=True)
     redis_srv = RedisServer(workdir / "redis").start()
     workers: list[WorkerProcess] = []
@@ -267,6 +280,7 @@ def run_once(n_workers: int, n_series: int, slices: int, size: int, workdir: Pat
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``srnode bench celery`` options to ``parser``."""
     parser.add_argument("--series", type=int, default=8, help="series per run (default 8)")
     parser.add_argument("--slices", type=int, default=40, help="slices per series (default 40)")
     parser.add_argument("--size", type=int, default=256, help="matrix (default 256)")
@@ -275,6 +289,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``srnode bench celery``; returns the exit code (1 when a job failed)."""
     root = Path(tempfile.mkdtemp(prefix="srnode-bench-celery-"))
     results = []
     try:

@@ -1,10 +1,11 @@
 """The derived image series (pydicom), and with it the uncertainty Secondary Capture series (``node.derived.uncertainty``).
 
 The derived series sits in the input's study and frame of reference, with new UIDs that are deterministic from
-(input SeriesInstanceUID, PIPELINE_VERSION, factors, engine, run) so that reprocessing is recognisable. Patient,
-study and acquisition attributes are copied from the nearest input slice (a whitelist per module, never private
-tags; ``node.derived.modules``); geometry is recomputed from the input positions exactly as ``models.engine``
-documents it, then checked again by ``geometry_gate`` (``node.derived.geometry``) before anything leaves.
+(input SeriesInstanceUID and SOPInstanceUIDs, PIPELINE_VERSION, factors, engine, run) so that reprocessing is
+recognisable. Patient, study and acquisition attributes are copied from the nearest input slice (a whitelist
+per module, never private tags; ``node.derived.modules``); geometry is recomputed from the input positions
+exactly as ``models.engine`` documents it, then checked again by ``geometry_gate`` (``node.derived.geometry``)
+before anything leaves.
 """
 
 from __future__ import annotations
@@ -50,6 +51,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DerivedObjects:
+    """What ``derive_series`` built: the derived slices (in output slice order), the uncertainty SCs (one per
+    derived slice; [] when ``[derive].uncertainty`` is off) and the two series' UIDs (the uncertainty UID is
+    computed even when no SC was made)."""
+
     derived: list[Dataset]
     uncertainty: list[Dataset]
     derived_series_uid: str
@@ -82,7 +87,8 @@ def _stored_dtype(ref: Dataset) -> tuple[np.dtype[Any], float, float]:
 
 
 def check_identifiers(vol: SeriesVolume) -> None:
-    """DeriveError when the input lacks the UIDs a derived series must share (checked before the engine runs)."""
+    """DeriveError when the input lacks the UIDs a derived series must share, or its SOP class and modality
+    have no derived-image template (only CT and MR) (checked before the engine runs)."""
     study_uid = str(vol.datasets[0].get("StudyInstanceUID", "") or "")
     if not study_uid or not vol.series_uid:
         raise DeriveError(f"series {vol.series_uid or '(no SeriesInstanceUID)'}: the input has an empty "
@@ -92,7 +98,13 @@ def check_identifiers(vol: SeriesVolume) -> None:
 
 def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg: DeriveConfig,
                   engine_version: str = "") -> DerivedObjects:
-    """Build the derived image series (and the uncertainty SC series when ``cfg.uncertainty``)."""
+    """Build the derived image series (and the uncertainty SC series when ``cfg.uncertainty``).
+
+    ``result.data`` (Z', Y', X') float32 modality units must have ``output_shape(vol.shape, factors)``; its
+    values are stored with the input's rescale slope / intercept, rounded and clipped to the input's stored
+    range. Classic CT / MR Image Storage objects (an enhanced input becomes classic). Raises DeriveError
+    (shape, identifiers, SOP class, or the geometry gate, ``node.derived.geometry``).
+    """
     ref0 = vol.datasets[0]
     check_identifiers(vol)
     expect = output_shape(vol.shape, factors)

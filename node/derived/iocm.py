@@ -25,7 +25,7 @@ from node.store.index import Index, Job
 
 log = logging.getLogger(__name__)
 
-KEY_OBJECT_SELECTION = UID("1.2.840.10008.5.1.4.1.1.88.59")
+KEY_OBJECT_SELECTION = UID("1.2.840.10008.5.1.4.1.1.88.59")  # Key Object Selection Document (PS3.4 B.5)
 _PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
                   "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID")
 
@@ -37,7 +37,12 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 
 
 def rejection_note(files: Sequence[Path], cfg: DeriveConfig, out_dir: Path, reason: str) -> Path:
-    """Write a KOS rejecting every instance in ``files`` (one study); returns its path."""
+    """Write a KOS rejecting every instance in ``files`` (one study) into ``out_dir``; returns its path.
+
+    Key Object Selection Document IOD (PS3.3 A.35.4), TID 2010 titled (113001, DCM, "Rejected for Quality
+    Reasons") (PS3.16), ``reason`` as its Key Object Description. DeriveError when a file cannot be read or
+    ``files`` is empty; OSError when the note cannot be written.
+    """
     headers = []
     for p in files:
         try:
@@ -124,7 +129,11 @@ def rejection_note(files: Sequence[Path], cfg: DeriveConfig, out_dir: Path, reas
 
 def reject_superseded(index: Index, spool_outbox: Path, job: Job, new_derived_series: str, cfg: DeriveConfig,
                       out_dir: Path) -> list[Path]:
-    """The rejection note for the results of the job ``job`` supersedes, if it produced any; else []."""
+    """The rejection note for the results of the job ``job`` supersedes, if it produced any; else [].
+
+    Only the directly superseded job is looked at (its files under ``spool_outbox/job-<id>``). Raises
+    SpoolError (index) and as :func:`rejection_note`.
+    """
     if not job.supersedes:
         return []
     old = index.job(job.supersedes)

@@ -42,11 +42,16 @@ _TYPE2 = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
 
 
 def ds_str(x: float) -> str:
+    """``x`` as a Decimal String value of at most 16 characters (DS, PS3.5 6.2); ValueError for NaN / inf."""
     return str(format_number_as_ds(float(x)))
 
 
 def derived_uid(cfg: DeriveConfig, vol: SeriesVolume, factors: Factors, engine: str, *what: str) -> str:
-    """Deterministic UID under ``cfg.uid_root`` from the input series and instances, pipeline, factors, engine, run."""
+    """Deterministic UID under ``cfg.uid_root`` from input series, instances, pipeline, factors, engine, run.
+
+    ``what`` tells apart the UIDs of one output ("derived", "sigma", slice index). pydicom's ``generate_uid``
+    hashes the entropy sources (SHA-512) into the root's remaining digits (at most 64 characters, PS3.5 9.1).
+    """
     run = f"run{vol.run[0]}" if vol.run else "all"
     # the exact set of input instances: a reprocess after late instances makes a new series (it never overwrites
     # slices of the earlier one in PACS); a re-run of the same input gives the same UIDs (a resend is harmless)
@@ -57,6 +62,8 @@ def derived_uid(cfg: DeriveConfig, vol: SeriesVolume, factors: Factors, engine: 
 
 
 def copy_module(dst: Dataset, src: Dataset, keywords: Sequence[str], from_groups: bool = False) -> None:
+    """Copy ``keywords`` present and non-empty in ``src`` (``from_groups``: also from the first frame's or the
+    shared functional groups) to ``dst``; an absent Type 2 attribute is written empty (PS3.5 7.4.2)."""
     for kw in keywords:
         value = src.get(kw) if kw in src else (group_value(src, kw) if from_groups else None)
         if value is not None and value != "":
@@ -66,6 +73,7 @@ def copy_module(dst: Dataset, src: Dataset, keywords: Sequence[str], from_groups
 
 
 def code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    """A Code Sequence item: CodeValue, CodingSchemeDesignator, CodeMeaning (PS3.3 8.8, Table 8.8-1)."""
     item = Dataset()
     item.CodeValue = value
     item.CodingSchemeDesignator = scheme
@@ -78,6 +86,8 @@ DENOISE_NOTE = "self-supervised denoising (blind-spot network trained on this se
 
 def contributing_equipment(engine: str, engine_version: str, fallback: str, now: _dt.datetime,
                            denoised: bool = False) -> Dataset:
+    """The ContributingEquipmentSequence item naming srnode as Modifying Equipment (DCM 109103), with the
+    engine, the fallback and the denoising step, if any (PS3.3 C.12.1 SOP Common Module)."""
     item = Dataset()
     item.Manufacturer = "srnode"
     item.ManufacturerModelName = "srnode"
@@ -94,6 +104,8 @@ def contributing_equipment(engine: str, engine_version: str, fallback: str, now:
 
 
 def source_item(ds: Dataset, frame: int) -> Dataset:
+    """A SourceImageSequence item referencing ``ds`` (and ``frame``, 1-based, when > 0) as "Source image for
+    image processing operation" (DCM 121322; PS3.3 C.12.4 General Reference Module)."""
     item = Dataset()
     item.ReferencedSOPClassUID = sop_class_of(ds)
     item.ReferencedSOPInstanceUID = sop_instance_of(ds)
@@ -105,6 +117,8 @@ def source_item(ds: Dataset, frame: int) -> Dataset:
 
 
 def referenced_series(series_uid: str, instances: Sequence[tuple[str, str]]) -> DicomSequence:
+    """ReferencedSeriesSequence of one series listing ``instances`` ((SOP class, SOP instance) pairs, each
+    once) (PS3.3 C.12.2 Common Instance Reference Module)."""
     ser = Dataset()
     ser.SeriesInstanceUID = series_uid
     refs = []
@@ -122,6 +136,8 @@ def referenced_series(series_uid: str, instances: Sequence[tuple[str, str]]) -> 
 
 
 def add_file_meta(ds: Dataset) -> None:
+    """Set ``ds.file_meta`` for writing as Explicit VR Little Endian (PS3.10 7.1); needs SOPClassUID and
+    SOPInstanceUID (AttributeError otherwise)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = ds.SOPClassUID
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -29,7 +29,12 @@ def _orientation_letter(v: np.ndarray) -> str:
 
 def uncertainty_series(derived: list[Dataset], sigma: np.ndarray, vol: SeriesVolume, series_uid: str,
                        cfg: DeriveConfig, factors: Factors, engine: str, equipment: Dataset) -> list[Dataset]:
-    """One single-frame Secondary Capture per derived slice; stored value * RescaleSlope = sigma (modality units)."""
+    """One single-frame Secondary Capture per derived slice; stored value x RescaleSlope = sigma.
+
+    ``sigma``: (Z', Y', X') 1-sigma per voxel, modality units (HU for CT), same shape as the derived slices;
+    non-finite or negative values are stored as 0. Stored as uint16 with slope max(sigma, 1e-3) / 65000
+    (Secondary Capture Image IOD, PS3.3 A.8.1; Modality LUT, PS3.3 C.11.1). ``derived`` must not be empty.
+    """
     sig = np.asarray(sigma, dtype=np.float32)
     finite = np.isfinite(sig)
     smax = float(np.max(sig, initial=0.0, where=finite)) if sig.size else 0.0

@@ -38,6 +38,7 @@ from node.store import Index, Instance, Spool, Stored, valid_uid
 
 log = logging.getLogger(__name__)
 
+# the storage SOP classes pynetdicom knows (PS3.4 Annex B.5), as UID strings
 STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -106,8 +107,9 @@ def _pixel_data_end(fh: BinaryIO, little: bool, implicit: bool) -> tuple[int, st
 def read_header(path: Path) -> Header:
     """Parse the header of a received file; IngestError(0xC210) naming the reason when it is unusable.
 
-    Pixels are not decoded; the pixel data element is only checked to lie wholly inside the file. The SOP class
-    is the dataset's SOPClassUID, else the file meta's MediaStorageSOPClassUID.
+    Pixels are not decoded; the pixel data element is only checked to lie wholly inside the file (not for a
+    deflated transfer syntax). The SOP class is the dataset's SOPClassUID, else the file meta's
+    MediaStorageSOPClassUID. OSError when ``path`` cannot be read at all.
     """
     size = path.stat().st_size
     try:
@@ -176,7 +178,12 @@ def caller_rules(cfg: Config, caller: Caller) -> str:
 
 
 class Admission:
-    """Admits instances into ``spool`` and ``index`` for ``cfg``; safe to share between threads."""
+    """Admits instances into ``spool`` and ``index`` for ``cfg``; safe to share between threads.
+
+    Counts each offered instance in ``srnode_instances_received_total{status}`` (an error other than
+    IngestError counts under 0x0000) and each refusal by :meth:`admit_file` in
+    ``srnode_failures_total{where="ingest"}``.
+    """
 
     def __init__(self, cfg: Config, spool: Spool, index: Index, metrics: Metrics) -> None:
         self.cfg, self.spool, self.index, self.metrics = cfg, spool, index, metrics
@@ -201,7 +208,10 @@ class Admission:
             self.metrics.instances_received.labels(status=label(status)).inc()
 
     def admit_bytes(self, data: bytes, caller: Caller) -> Stored:
-        """Admit one DICOM Part 10 file given as bytes (STOW-RS part, pulled instance); as :meth:`admit_file`."""
+        """Admit one DICOM Part 10 file given as bytes (STOW-RS part, pulled instance); as :meth:`admit_file`.
+
+        The bytes go to a temporary file in the spool's ``incoming/`` first (IngestError 0xA700 if it fails).
+        """
         with tempfile.NamedTemporaryFile(prefix="rx-", suffix=".dcm", dir=self.spool.incoming) as tmp:
             try:
                 tmp.write(data)

@@ -37,12 +37,14 @@ from node.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-# A-ASSOCIATE-RJ (result, source, diagnostic)
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4 (Table 9-21)
 REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
 
 
 def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
+    """The SCP's TLS context from ``[node.tls]`` (certificate chain, optional CA, optional client certificate
+    requirement), or None when TLS is off. Raises OSError / ssl.SSLError for unreadable or bad files."""
     t = cfg.node.tls
     if not t.enabled:
         return None
@@ -57,7 +59,7 @@ def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
 
 @dataclass
 class StoreSCP:
-    """The node's SCP. ``on_release`` is called after an association is released (a stability hint)."""
+    """The node's SCP. ``on_release`` is called after an association ends, released or aborted (a hint)."""
 
     cfg: Config
     admission: Admission
@@ -73,6 +75,8 @@ class StoreSCP:
     # ------------------------------------------------------------------------------------ handlers
 
     def handlers(self) -> list[Any]:
+        """The pynetdicom (event, handler) pairs: association requested / accepted / released / aborted,
+        C-ECHO, C-STORE."""
         return [
             (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_ACCEPTED, self.on_accepted),
@@ -83,6 +87,9 @@ class StoreSCP:
         ]
 
     def on_requested(self, event: evt.Event) -> None:
+        """Reject the association (A-ASSOCIATE-RJ) when the node is stopping (``REJECT_BUSY``) or, with
+        ``[node].require_known_callers``, when the caller is not in ``[node].allowed_callers``
+        (``REJECT_UNKNOWN_CALLER``, audited)."""
         assoc = event.assoc
         calling = str(assoc.requestor.primitive.calling_ae_title).strip() if assoc.requestor.primitive else ""
         address = str(assoc.requestor.address)
@@ -101,11 +108,14 @@ class StoreSCP:
             assoc.kill()
 
     def on_accepted(self, event: evt.Event) -> None:
+        """Start counting the association's stored / refused instances; one more active association."""
         with self._lock:
             self._counts[id(event.assoc)] = [0, 0]
         self.metrics.active_associations.inc()
 
     def on_closed(self, event: evt.Event) -> None:
+        """An accepted association released or aborted: audit its counts, one fewer active association, call
+        ``on_release``."""
         with self._lock:
             counts = self._counts.pop(id(event.assoc), None)
         if counts is None:
@@ -120,6 +130,7 @@ class StoreSCP:
             self.on_release()
 
     def on_echo(self, event: evt.Event) -> int:
+        """C-ECHO (Verification SOP Class, PS3.4 Annex A): always 0x0000."""
         return Status.SUCCESS
 
     def _count(self, event: evt.Event, ok: bool) -> None:
@@ -129,7 +140,11 @@ class StoreSCP:
                 c[0 if ok else 1] += 1
 
     def on_store(self, event: evt.Event) -> int:
-        """C-STORE: admit the file pynetdicom wrote to the spool's ``incoming/`` (no decoding here)."""
+        """C-STORE: admit the file pynetdicom wrote to the spool's ``incoming/`` (no decoding here).
+
+        Returns the DIMSE status: 0x0000, the IngestError's status (PS3.4 B.2.3), or 0x0110 for any other
+        error (PS3.7 C.4.2).
+        """
         req: Any = event.request  # a C_STORE primitive
         caller = Caller(str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address))
         try:
@@ -153,6 +168,8 @@ class StoreSCP:
     # ------------------------------------------------------------------------------------ life cycle
 
     def make_ae(self) -> AE:
+        """The pynetdicom AE: ``[node].ae_title``, max associations and PDU size, any called AE title
+        accepted, Verification and every storage SOP class with every transfer syntax pynetdicom knows."""
         node = self.cfg.node
         ae = AE(ae_title=node.ae_title)
         ae.maximum_associations = node.max_associations
@@ -165,7 +182,11 @@ class StoreSCP:
         return ae
 
     def start(self) -> None:
-        """Listen on [node].host:port (TLS when [node.tls].enabled); returns once the socket is bound."""
+        """Listen on [node].host:port (TLS when [node.tls].enabled); returns once the socket is bound.
+
+        Sets process-wide state until :meth:`stop`: pynetdicom's chunked receive and ``tempfile.tempdir`` (the
+        spool's ``incoming/``). Raises OSError when the port cannot be bound.
+        """
         # pynetdicom writes each received dataset to a temporary file; keep those on the spool's disk
         self._saved = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
         _config.STORE_RECV_CHUNKED_DATASET = True
@@ -178,7 +199,8 @@ class StoreSCP:
                  " (TLS)" if node.tls.enabled else "")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Refuse new associations, let the open ones finish (up to ``timeout``), then close."""
+        """Refuse new associations, let the open ones finish (up to ``timeout`` seconds, then abort them),
+        then close and restore the process-wide settings."""
         if self._server is None:
             return
         self._stopping = True

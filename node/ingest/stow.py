@@ -30,6 +30,8 @@ class MultipartError(ValueError):
 
 
 def boundary_of(content_type: str) -> str:
+    """The ``boundary`` parameter of a multipart/related Content-Type (RFC 2046 5.1.1, RFC 2387);
+    MultipartError when the type is another or the parameter is missing."""
     if not content_type.lower().startswith("multipart/related"):
         raise MultipartError(f"Content-Type {content_type.split(';')[0]!r} is not multipart/related")
     m = _BOUNDARY.search(content_type)
@@ -39,7 +41,11 @@ def boundary_of(content_type: str) -> str:
 
 
 def split_multipart(body: bytes, boundary: str) -> Iterator[tuple[dict[str, str], bytes]]:
-    """Yield (headers, payload) for each part of a multipart body."""
+    """Yield (headers, payload) for each part of a multipart body; header names lower-cased.
+
+    A generator: MultipartError (no parts, a part without a blank line, no closing delimiter) is raised when
+    iteration reaches the fault, after the parts before it were yielded.
+    """
     delim = b"--" + boundary.encode("latin-1")
     chunks = body.split(delim)
     if len(chunks) < 3:
@@ -65,11 +71,16 @@ def split_multipart(body: bytes, boundary: str) -> Iterator[tuple[dict[str, str]
 
 @dataclass
 class StowResult:
+    """Per-instance outcome of a STOW-RS request: stored (SOP class, SOP instance) pairs and failed ones with
+    the DIMSE status used as Failure Reason (0008,1197) and the reason in words."""
+
     stored: list[tuple[str, str]] = field(default_factory=list)  # (SOP class, SOP instance)
     failed: list[tuple[str, str, int, str]] = field(default_factory=list)  # (class, instance, reason, words)
 
     @property
     def http_status(self) -> int:
+        """200 when nothing failed, 202 when some were stored and some failed, 409 when every one failed
+        (PS3.18 10.5.3)."""
         if not self.failed:
             return 200
         return 202 if self.stored else 409
@@ -93,7 +104,12 @@ class StowResult:
 
 
 def store_multipart(body: bytes, content_type: str, spool: Callable[[bytes], Any], study: str = "") -> StowResult:
-    """Store every application/dicom part of a STOW-RS request; per-instance outcome in the result."""
+    """Store every application/dicom part of a STOW-RS request; per-instance outcome in the result.
+
+    ``spool`` admits one part (raising IngestError with the DIMSE status); ``study``: the StudyInstanceUID of
+    the URL, if any (a part of another study fails with 0xA900). MultipartError when the body cannot be split;
+    parts before the fault may already be stored (see :func:`split_multipart`).
+    """
     result = StowResult()
     for n, (headers, payload) in enumerate(split_multipart(body, boundary_of(content_type)), start=1):
         part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
@@ -125,4 +141,5 @@ def multipart_part(data: bytes, boundary: str) -> bytes:
 
 
 def multipart_close(boundary: str) -> bytes:
+    """The closing delimiter of a multipart stream (``--boundary--``, RFC 2046 5.1.1)."""
     return b"--" + boundary.encode("latin-1") + b"--\r\n"

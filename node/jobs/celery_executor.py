@@ -35,10 +35,10 @@ from node.store import Index, Job, JobState
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "srnode.run_job"
-RETRY_COUNTDOWN_S = 15
-BROKER_RETRY_S = 5.0
-MAX_RETRIES = 3
+TASK_NAME = "srnode.run_job"  # the Celery task name; node and workers must agree
+RETRY_COUNTDOWN_S = 15  # seconds before a task retry after an infrastructure failure on the worker
+BROKER_RETRY_S = 5.0  # seconds after a failed publish during which submit fails fast
+MAX_RETRIES = 3  # task retries after infrastructure failures
 
 def broker_display(url: str) -> str:
     """The broker URL with any password masked (for logs and errors)."""
@@ -51,7 +51,8 @@ def broker_display(url: str) -> str:
 
 
 def transport_options(cfg: Config) -> dict[str, Any]:
-    """Broker options: visibility timeout, and a restore sweep frequent enough for it (Redis)."""
+    """Broker transport options: visibility timeout (seconds, ``[executor].visibility_timeout_s``), and a
+    restore sweep for unacknowledged messages every vt/10 s, 1..60 s (Redis transport of kombu)."""
     vt = int(cfg.executor.visibility_timeout_s)
     return {
         "visibility_timeout": vt,
@@ -114,6 +115,8 @@ class CeleryExecutor:
         self._down_until = 0.0  # after a failed publish, fail fast for a while (the watcher retries each tick)
 
     def start(self) -> None:
+        """Make the Celery app (and, for "dicomweb", start the ``OutcomeWatcher``) and try the broker once; an
+        unreachable broker is logged, not raised."""
         self.app = make_app(self.cfg)
         if self.cfg.executor.data_access == DataAccess.DICOMWEB:
             from node.jobs.celery_remote import OutcomeWatcher
@@ -134,6 +137,9 @@ class CeleryExecutor:
             log.info("celery executor: publishing jobs to %s, queue %r", where, self.cfg.executor.queue)
 
     def submit(self, job_id: int | str) -> None:
+        """Publish ``job_id`` to ``[executor].queue``. NodeError when publishing fails (the broker, or for
+        "dicomweb" reading the job's spec from the index) and for ``BROKER_RETRY_S`` seconds afterwards. For
+        "dicomweb" the node's job is then claimed ('processing', SpoolError there) and its outcome tracked."""
         if self.app is None:
             self.start()
         assert self.app is not None
@@ -167,6 +173,7 @@ class CeleryExecutor:
         return job_spec(self.index, job_id)
 
     def stop(self) -> None:
+        """Stop the outcome watcher and close the Celery app; published jobs stay with the broker."""
         if self.outcomes is not None:
             self.outcomes.stop()
             self.outcomes = None

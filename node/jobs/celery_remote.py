@@ -41,13 +41,19 @@ class FetchFromNodeError(DeliveryError):
 
 
 def job_spec(index: Index, job_id: int | str) -> dict[str, Any]:
-    """The task arguments a remote worker needs: the job's study/series UIDs and rule (no PHI)."""
+    """The task arguments a remote worker needs: the job's study/series UIDs and rule (no PHI); SpoolError
+    when there is no such job."""
     job = index.job(int(job_id))
     return {"study_uid": job.study_uid, "series_uid": job.series_uid, "rule": job.rule}
 
 
 def fetch_series(cfg: Config, study_uid: str, series_uid: str) -> list[bytes]:
-    """GET {node_url}/dicom-web/studies/{study}/series/{series} (multipart/related application/dicom)."""
+    """GET {node_url}/dicom-web/studies/{study}/series/{series} (WADO-RS, PS3.18 10.4; multipart/related
+    application/dicom); returns each part's bytes (a DICOM file). Timeout ``FETCH_TIMEOUT_S`` seconds.
+
+    NodeError when ``[executor].node_url`` is empty; FetchFromNodeError when the request fails, the answer is
+    not 200 (not retryable for 400, 401, 403, 404) or the body cannot be split.
+    """
     base = cfg.executor.node_url.rstrip("/")
     if not base:
         raise NodeError("executor.node_url: data_access = 'dicomweb' needs the receiving node's HTTP URL")
@@ -72,7 +78,12 @@ def fetch_series(cfg: Config, study_uid: str, series_uid: str) -> list[bytes]:
 
 def run_remote_job(ctx: JobContext, job_id: int | str, study_uid: str, series_uid: str,
                    rule: str) -> dict[str, Any]:
-    """Fetch, process and deliver one job in this worker's own spool; returns the outcome for the node."""
+    """Fetch, process and deliver one job in this worker's own spool; returns the outcome for the node.
+
+    The outcome: state, reason, derived / uncertainty series UIDs, engine, fallback, report (no PHI). A series
+    already delivered here under the same rule and instance count is not fetched again. Raises as
+    :func:`fetch_series`, IngestError for a refused instance, SpoolError (index).
+    """
     cfg, spool, index = ctx.cfg, ctx.store.spool, ctx.store.index
     done = _already_delivered(index, series_uid, rule)
     if done is not None:
@@ -149,13 +160,16 @@ class OutcomeWatcher:
         self._thread = threading.Thread(target=self._loop, name="srnode-celery-outcomes", daemon=True)
 
     def start(self) -> None:
+        """Start polling the tracked results every second (a daemon thread)."""
         self._thread.start()
 
     def track(self, job_id: int, result: Any) -> None:
+        """Record ``result`` (a Celery ``AsyncResult``) on job ``job_id`` once it is ready."""
         with self._lock:
             self._pending[job_id] = result
 
     def stop(self) -> None:
+        """Stop polling (waits up to 10 s); outcomes not yet read are not recorded."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(10)

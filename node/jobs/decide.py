@@ -19,7 +19,11 @@ log = logging.getLogger(__name__)
 
 
 def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = None) -> int | None:
-    """A stable series: match the rules on its first instance's header; returns the queued job id or None."""
+    """A stable series: match the rules on its first instance's header; returns the queued job id or None.
+
+    None: a job was recorded as ignored (no rule matched) or failed (the header or a rule could not be read).
+    Raises SpoolError (index).
+    """
     s = index.series(series_uid) or {}
     instances = index.instances_of(series_uid)
     if audit:

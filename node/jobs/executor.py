@@ -26,11 +26,14 @@ log = logging.getLogger(__name__)
 class Executor(Protocol):
     """Where jobs run. ``submit`` only wakes a runner: the job's state lives in the index."""
 
-    def start(self) -> None: ...
+    def start(self) -> None:
+        """Start running (or publishing) jobs."""
 
-    def submit(self, job_id: int) -> None: ...
+    def submit(self, job_id: int) -> None:
+        """Wake a runner for ``job_id`` (queued in the index); NodeError when it cannot be handed on now."""
 
-    def stop(self) -> None: ...
+    def stop(self) -> None:
+        """Stop; jobs not started stay queued in the index."""
 
 
 class InProcessExecutor:
@@ -44,11 +47,13 @@ class InProcessExecutor:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Start the worker thread (a daemon); no-op when it runs."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="srnode-worker", daemon=True)
             self._thread.start()
 
     def submit(self, job_id: int) -> None:
+        """Queue ``job_id`` for the worker thread, unless it is already waiting or running there."""
         with self._lock:
             if job_id in self._pending:
                 return
@@ -57,6 +62,7 @@ class InProcessExecutor:
 
     @property
     def pending(self) -> int:
+        """How many submitted jobs are waiting or running in this executor."""
         with self._lock:
             return len(self._pending)
 
@@ -74,7 +80,7 @@ class InProcessExecutor:
                     self._pending.discard(job_id)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the job in hand (up to ``timeout``); queued jobs stay queued in the index for the next start.
+        """Finish the job in hand (up to ``timeout`` seconds); queued jobs stay queued in the index.
 
         A job still running after ``timeout`` dies with the process and is re-queued at the next start."""
         if self._thread is None:

@@ -43,6 +43,8 @@ def element_values(header: Dataset, keyword: str) -> list[str] | None:
 
 
 def matches(pattern: str, values: list[str]) -> bool:
+    """Whether ``pattern`` (a literal, or a regular expression that must match a whole value) matches one of
+    ``values`` or, for several, the values joined with a backslash (the multi-value separator, PS3.5 6.4)."""
     rx = _compiled(pattern)
     candidates = values + (["\\".join(values)] if len(values) > 1 else [])
     return any(v == pattern or rx.fullmatch(v) is not None for v in candidates)

@@ -27,7 +27,11 @@ def _rule(rules: tuple[RuleConfig, ...], name: str) -> RuleConfig | None:
 
 
 def run_job(ctx: JobContext, job_id: int) -> None:
-    """Claim queued job ``job_id`` and run it; its outcome (and reason) is recorded in the index."""
+    """Claim queued job ``job_id`` and run it; its outcome (and reason) is recorded in the index.
+
+    A job that is not queued any more is skipped. Only spool and index failures (SpoolError, OSError,
+    sqlite3.Error) escape.
+    """
     job = ctx.store.index.claim_job(job_id)
     if job is None:
         log.info("job %s: not queued any more (taken or finished elsewhere), skipped", job_id)
@@ -36,7 +40,12 @@ def run_job(ctx: JobContext, job_id: int) -> None:
 
 
 def process_claimed(ctx: JobContext, job: Job) -> str:
-    """Run a job already claimed ('processing'); returns its new state (a ``JobState`` value)."""
+    """Run a job already claimed ('processing'); returns its new state (a ``JobState`` value).
+
+    'sending' (deliveries enqueued, or originals forwarded when SR failed and the rule forwards them),
+    'delivered' (no destinations), or 'failed' with the reason. Only spool and index failures (SpoolError,
+    OSError, sqlite3.Error) escape.
+    """
     cfg, spool, index, audit, metrics = ctx.cfg, ctx.store.spool, ctx.store.index, ctx.audit, ctx.metrics
     t0 = time.monotonic()
     rule = _rule(cfg.rules, job.rule)

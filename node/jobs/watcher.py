@@ -38,16 +38,22 @@ class StabilityWatcher:
         self._wake.set()
 
     def start(self) -> None:
+        """Start polling in a daemon thread, every min(0.5 s, stable_age_s / 4) or when hinted."""
         self._thread = threading.Thread(target=self._loop, name="srnode-stability", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop polling; waits up to 30 s for the thread to end."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(30)
 
     def tick(self) -> None:
+        """One pass: series quiet for ``[node].stable_age_s`` (seconds) become stable and get a decision
+        (``node.jobs.decide``); queued jobs not submitted since their last change go to ``submit``; the
+        queue depth metric is set. NodeError from a decision or a submit is logged; index errors
+        (SpoolError) raise."""
         now = time.time()
         quiet_since = now - self.cfg.node.stable_age_s
         for series_uid in self.index.quiet_series(quiet_since):

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ProcessResult:
+    """What ``process_series`` wrote: the derived and uncertainty file paths (all runs, in order), the
+    series UIDs, the engine that made the pixels (of the last run), the fallback reasons (joined) and the
+    job report."""
+
     derived_files: list[Path]
     uncertainty_files: list[Path]
     derived_series_uid: str  # the first derived series (the only one unless the input was split into runs)
@@ -43,7 +47,10 @@ class ProcessResult:
 
 
 def write_atomic(ds: Dataset, path: Path) -> None:
-    """Write ``ds`` as a DICOM file: temp file, fsync, rename (a reader never sees half a file)."""
+    """Write ``ds`` as a DICOM file: temp file, fsync, rename (a reader never sees half a file).
+
+    Creates the folder; the directory is not fsync'ed. Raises OSError (a temp file may be left behind).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     ds.save_as(tmp, enforce_file_format=True)
@@ -69,10 +76,12 @@ def _volumes_for(vol: SeriesVolume, factors: Factors) -> tuple[list[SeriesVolume
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,
                    engine_name: str = "", progress: Callable[[str], None] | None = None,
                    engines: EngineCache | None = None) -> ProcessResult:
-    """Super-resolve the series in ``paths`` by ``rule`` and write derived + uncertainty files under ``out_dir``.
+    """Super-resolve the series in ``paths`` by ``rule``; write derived + uncertainty files under ``out_dir``.
 
-    ``engines``: the caller's engine cache (a fresh one when not given). Raises VolumeError (not one volume),
-    EngineError (even cubic failed) or DeriveError (a derived object failed its checks); engine failures
+    ``engines``: the caller's engine cache (a fresh one when not given); ``progress`` gets one line per step.
+    An irregular stack with through-plane factor > 1 is processed per regular run
+    (``node.series.regular_runs``). Raises VolumeError (not one volume), EngineError (even cubic failed),
+    DeriveError (a derived object failed its checks) or OSError (a file cannot be written); engine failures
     otherwise fall back to cubic, recorded in ``ProcessResult.fallback``.
     """
     t0 = time.perf_counter()

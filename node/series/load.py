@@ -61,6 +61,11 @@ def _pixels(ds: Dataset, name: str) -> np.ndarray:
 
 
 def representable_range(ds: Dataset, slope: float, intercept: float) -> tuple[float, float]:
+    """(low, high) modality values that the stored range maps to under ``slope`` / ``intercept``.
+
+    The stored range follows BitsStored (default 16) and PixelRepresentation (PS3.3 C.7.6.3 Image Pixel
+    Module); the mapping is the Modality LUT's value = stored x slope + intercept (PS3.3 C.11.1).
+    """
     bits = int(ds.get("BitsStored", 16) or 16)
     if int(ds.get("PixelRepresentation", 0) or 0):
         lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -72,7 +77,14 @@ def representable_range(ds: Dataset, slope: float, intercept: float) -> tuple[fl
 
 
 def load_series(paths: Sequence[Path]) -> SeriesVolume:
-    """Assemble the files of one series into a ``SeriesVolume``; VolumeError says why it cannot be one."""
+    """Assemble the files of one series into a ``SeriesVolume``; VolumeError says why it cannot be one.
+
+    The volume's ``data`` is (Z, Y, X) float32 in modality units (HU for CT), slices sorted along the normal
+    of ImageOrientationPatient (PS3.3 C.7.6.2.1.1); ``spacing`` (dz, dy, dx) mm, dz the median step between
+    slice centres. Padding voxels (PixelPaddingValue, PS3.3 C.7.5.1.1.2) become -1000 HU for CT, else the
+    lowest value present (not below the representable range); an irregular stack is returned with
+    ``irregular`` set.
+    """
     paths = [Path(p) for p in paths]
     if not paths:
         raise VolumeError("no files given")

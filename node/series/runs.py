@@ -19,7 +19,12 @@ from node.series.volume import SeriesVolume
 
 
 def regular_runs(vol: SeriesVolume) -> list[SeriesVolume]:
-    """A regular volume as itself; an irregular one cut into regular runs (``run = (index, count)``)."""
+    """A regular volume as itself; an irregular one cut into regular runs (``run = (index, count)``, 1-based).
+
+    Each run's ``data`` is a view of the parent's. A lone odd step belongs to no run, so a slice joined to the
+    stack only by odd steps (e.g. the first slice, before an odd first step) is in none. The result may hold
+    runs shorter than ``MIN_SLICES_THROUGH_PLANE``, or be empty.
+    """
     if not vol.irregular:
         return [vol]
     runs: list[SeriesVolume] = []
@@ -59,7 +64,8 @@ def _subvolume(vol: SeriesVolume, a: int, b: int) -> SeriesVolume:
 
 
 def check_through_plane(vol: SeriesVolume, factor: int) -> None:
-    """VolumeError when ``vol`` cannot be super-resolved through-plane by ``factor``."""
+    """VolumeError when ``vol`` cannot be super-resolved through-plane by ``factor``: fewer than
+    ``MIN_SLICES_THROUGH_PLANE`` slices, or irregular steps. A ``factor`` of 1 always passes."""
     if factor <= 1:
         return
     if vol.shape[0] < MIN_SLICES_THROUGH_PLANE:

@@ -3,7 +3,7 @@
 Each image (a single-frame instance, or one frame of an enhanced multi-frame object) becomes a ``Slice`` that
 carries its position, orientation and pixel spacing (from ImagePositionPatient / ImageOrientationPatient /
 PixelSpacing, or from the Plane Position / Plane Orientation / Pixel Measures functional groups) and its
-Rescale Slope / Intercept. ``node.series.volume`` stacks them into a volume and decodes the pixels.
+Rescale Slope / Intercept. ``node.series.load`` stacks them into a ``SeriesVolume`` and decodes the pixels.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ _NON_IMAGE_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.66",  # raw data, registration, segmentation
     "1.2.840.10008.5.1.4.1.1.67",  # real world value mapping
 )
-ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
-ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"  # Enhanced CT Image Storage (PS3.4 B.5)
+ENHANCED_MR = "1.2.840.10008.5.1.4.1.1.4.1"  # Enhanced MR Image Storage (PS3.4 B.5)
 
 # what pydicom raises on malformed headers, lazily, when a value is first read (untrusted input)
 MALFORMED = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError, struct.error,
@@ -61,11 +61,16 @@ def _uid_or_meta(ds: Dataset, keyword: str, meta_keyword: str) -> str:
 
 
 def is_image_sop_class(uid: str) -> bool:
+    """False for an empty UID and for the non-image families (SR, encapsulated documents, waveforms,
+    presentation states, RT objects, raw data / registration / segmentation, real world value mapping)."""
     return bool(uid) and not any(uid.startswith(p) for p in _NON_IMAGE_PREFIXES)
 
 
 def read_dataset(path: Path, pixels: bool = True) -> Dataset:
-    """The whole file (or its header only); VolumeError names the file when it is not DICOM."""
+    """The whole file (or, ``pixels=False``, its header only; pixels are not decoded here either way).
+
+    VolumeError names the file when it cannot be read or is not DICOM.
+    """
     try:
         return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except (InvalidDicomError, OSError, EOFError, *MALFORMED) as exc:
@@ -107,6 +112,13 @@ def group_value(ds: Dataset, keyword: str) -> Any:
 
 @dataclass
 class Slice:
+    """One image placed in patient space: a single-frame instance, or one frame of a multi-frame object.
+
+    ``ipp`` (3,) mm and ``iop`` (6,) direction cosines, float64 (PS3.3 C.7.6.2 Image Plane / C.7.6.16.2
+    functional groups); ``spacing`` (row, column) = (dy, dx) mm; ``thickness`` mm (0 when absent); ``slope`` /
+    ``intercept`` map stored values to modality units (PS3.3 C.11.1).
+    """
+
     ds: Dataset
     name: str
     frame: int  # 0-based frame in ds; -1 for single-frame
@@ -119,6 +131,12 @@ class Slice:
 
 
 def slices_of(ds: Dataset, name: str) -> list[Slice]:
+    """The placed slices of one dataset (one per frame; ``name`` is used in messages).
+
+    Enhanced objects take geometry from the Plane Position / Plane Orientation / Pixel Measures functional
+    groups, per frame first, then shared (PS3.3 C.7.6.16). VolumeError when a frame's geometry is missing, a
+    multi-frame object has no functional groups, or a value is not numeric or has the wrong count.
+    """
     nframes = int(ds.get("NumberOfFrames", 1) or 1)
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         out: list[Slice] = []
@@ -158,9 +176,12 @@ def _placed(ds: Dataset, name: str, frame: int, pos: Dataset, ori: Dataset, meas
 
 
 def is_localizer(ds: Dataset) -> bool:
+    """Whether ImageType has a LOCALIZER value (a scout, PS3.3 C.8.2.1.1.1)."""
     return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
 
 
 def group_key(s: Slice) -> tuple[Any, ...]:
+    """What slices of one stack share: (SeriesInstanceUID, IOP rounded to 1e-3, Rows, Columns, PixelSpacing
+    rounded to 1e-4 mm)."""
     return (str(s.ds.get("SeriesInstanceUID", "")), tuple(np.round(s.iop, 3)),
             int(s.ds.Rows), int(s.ds.Columns), tuple(np.round(s.spacing, 4)))

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 
-MIN_SLICES_THROUGH_PLANE = 3
+MIN_SLICES_THROUGH_PLANE = 3  # fewest slices a stack (or run) needs for through-plane super-resolution
 STEP_REL_TOL = 0.01  # steps within 1 % (or 0.02 mm) of each other count as one regular grid
-STEP_ABS_TOL = 0.02
+STEP_ABS_TOL = 0.02  # mm
 
 
 def same_step(a: float, b: float) -> bool:
+    """Whether step ``a`` equals reference step ``b`` (mm) within max(0.02 mm, 1 % of ``b``)."""
     return abs(a - b) <= max(STEP_ABS_TOL, STEP_REL_TOL * abs(b))
 
 
 def step_segments(steps: np.ndarray) -> list[tuple[int, int]]:
-    """Maximal ranges [i, j] of consecutive steps equal (within tolerance) to the first of the range."""
+    """Maximal ranges [i, j] (inclusive indices into ``steps``, shape (Z-1,), mm) of consecutive steps equal
+    (within tolerance) to the first of the range."""
     segs: list[tuple[int, int]] = []
     i = 0
     while i < len(steps):
@@ -27,6 +29,6 @@ def step_segments(steps: np.ndarray) -> list[tuple[int, int]]:
 
 
 def describe_steps(steps: np.ndarray) -> str:
-    """'4.00 mm x13, 1.08 mm, 7.00 mm x13'."""
+    """``steps`` (Z-1,) mm in words, one median per segment: '4.00 mm x13, 1.08 mm, 7.00 mm x13'."""
     return ", ".join(f"{float(np.median(steps[i:j + 1])):.2f} mm" + (f" x{j - i + 1}" if j > i else "")
                      for i, j in step_segments(steps))

@@ -40,19 +40,23 @@ class SeriesVolume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X): slices, rows, columns."""
         z, y, x = self.data.shape
         return int(z), int(y), int(x)
 
     @property
     def multiframe(self) -> bool:
+        """Whether the slices are frames of multi-frame object(s) (``frame_numbers`` set)."""
         return bool(self.frame_numbers)
 
     def describe(self) -> str:
+        """One line for logs and the job report: series UID, modality, Z x Y x X, spacing dz/dy/dx mm."""
         z, y, x = self.shape
         return (f"series {self.series_uid}: {self.modality} {z}x{y}x{x}, spacing "
                 f"{self.spacing[0]:.3g}/{self.spacing[1]:.4g}/{self.spacing[2]:.4g} mm")
 
     def to_engine_input(self) -> VolumeInput:
+        """The engine's view of this volume (``models.engine.VolumeInput``): ``data`` shared, not copied."""
         return VolumeInput(
             data=self.data,
             spacing=self.spacing,

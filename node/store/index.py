@@ -1,11 +1,15 @@
 """The spool index: the state of every instance, series, job and delivery, and its transitions.
 
-State machines (every change records a reason in words):
+State machines (every change records a reason in words; the states are ``node.store.states``):
 
-- series: receiving → stable → queued → processing → delivered | failed | ignored; a late instance puts a
-  series back to receiving, and the next stable point makes a new job that supersedes the earlier one.
-- jobs: queued → processing → sending → delivered | failed | dead-letter (and ignored: no rule matched).
+- series: receiving → stable → queued → processing → sending → delivered | failed | ignored | dead-letter; a
+  late instance puts a series back to receiving, and the next stable point makes a new job that supersedes the
+  earlier one.
+- jobs: queued → processing → sending → delivered | failed | dead-letter; ignored (no rule matched);
+  superseded (a later job of the same series replaced it while queued).
 - deliveries (the outbox, one row per job and destination): pending → delivered | dead-letter.
+
+Times (``received_at``, ``created``, ``updated``, ``next_attempt``, ...) are Unix seconds (``time.time()``).
 
 Storage (SQLite in WAL mode, safe across threads and processes; a connection per thread; writes that must not
 race, such as claiming a job, in BEGIN IMMEDIATE transactions) is ``node.store.schema``.
@@ -29,12 +33,12 @@ def _marks(values: Sequence[object]) -> str:
 
 
 class Index(IndexDB):
-    """The spool index at ``path`` (created on first use)."""
+    """The spool index at ``path`` (created on first use); errors as ``IndexDB``."""
 
     # ------------------------------------------------------------------------------------ instances, series
 
     def add_instance(self, inst: Instance, modality: str, size: int) -> bool:
-        """Record a received instance; False if its SOPInstanceUID was already known (kept once).
+        """Record a received instance of ``size`` bytes; False if its SOPInstanceUID was known (kept once).
 
         The series is created in 'receiving', or put back to 'receiving' (a late instance after processing).
         """
@@ -64,14 +68,17 @@ class Index(IndexDB):
         return True
 
     def has_instance(self, sop_uid: str) -> bool:
+        """Whether an instance with this SOPInstanceUID is recorded."""
         return bool(self._query("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)))
 
     def instances_of(self, series_uid: str) -> list[Instance]:
+        """The series' instances, in order of arrival (then SOPInstanceUID); [] for an unknown series."""
         rows = self._query("SELECT * FROM instances WHERE series_uid = ? ORDER BY received_at, sop_uid",
                            (series_uid,))
         return [instance_of(r) for r in rows]
 
     def count_instances(self) -> int:
+        """How many instances the index records (all series)."""
         return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
 
     def series(self, series_uid: str) -> dict[str, Any] | None:
@@ -84,7 +91,7 @@ class Index(IndexDB):
         return [series_of(r) for r in self._query("SELECT * FROM series ORDER BY first_received")]
 
     def quiet_series(self, quiet_since: float) -> list[str]:
-        """Series still 'receiving' whose last instance arrived before ``quiet_since``."""
+        """UIDs of the series still 'receiving' with no instance since ``quiet_since`` (Unix seconds)."""
         rows = self._query("SELECT series_uid FROM series WHERE state = ? AND last_received < ?",
                            (SeriesState.RECEIVING, quiet_since))
         return [r["series_uid"] for r in rows]
@@ -100,10 +107,12 @@ class Index(IndexDB):
     # ------------------------------------------------------------------------------------ jobs
 
     def create_job(self, series_uid: str, rule: str, state: JobState = JobState.QUEUED, reason: str = "") -> int:
-        """A new job for the series' current instances. It records the series' earlier job in ``supersedes``, and
-        that job, if still queued, becomes superseded.
+        """A new job for the series' current instances. It records the series' earlier job in ``supersedes``,
+        and that job, if still queued, becomes superseded.
 
         ``state`` is queued, or a decision already taken (failed, ignored); the series takes the same state.
+        Returns the new job id. Raises SpoolError for an unknown series or ``state`` superseded, ValueError
+        when ``state`` is no ``JobState`` value.
         """
         state = JobState(state)  # a bare string that is no state fails here, not in a query much later
         series_state = series_state_of(state)
@@ -158,7 +167,12 @@ class Index(IndexDB):
         return job_of(row)
 
     def finish_job(self, job_id: int, state: JobState, reason: str = "", **fields: Any) -> None:
-        """Record a job's outcome (and its series', unless a later job has taken the series over)."""
+        """Record a job's outcome (and its series', unless a later job has taken the series over).
+
+        ``fields``: derived_series_uid, uncertainty_series_uid, engine, fallback, report (a dict, stored as
+        JSON); SpoolError for any other, ValueError when ``state`` is no ``JobState`` value. A done state or
+        'sending' also sets ``finished``.
+        """
         state = JobState(state)  # a bare string that is no state fails here
         now = time.time()
         allowed = {"derived_series_uid", "uncertainty_series_uid", "engine", "fallback", "report"}
@@ -211,7 +225,8 @@ class Index(IndexDB):
     # ------------------------------------------------------------------------------------ deliveries
 
     def add_deliveries(self, job_id: int, per_destination: dict[str, list[str]]) -> None:
-        """Enqueue the job's files per destination (idempotent: a re-run replaces pending rows)."""
+        """Enqueue the job's files (paths) per destination name (idempotent: a re-run resets the job's rows
+        for these destinations to pending, attempts 0)."""
         now = time.time()
         with self.tx() as c:
             for dest, files in per_destination.items():
@@ -234,7 +249,7 @@ class Index(IndexDB):
         return [delivery_of(r) for r in self._query(sql + " ORDER BY id", args)]
 
     def due_deliveries(self, now: float) -> list[Delivery]:
-        """Pending deliveries whose next attempt is due at ``now``."""
+        """Pending deliveries whose next attempt is due at ``now`` (Unix seconds)."""
         rows = self._query("SELECT * FROM deliveries WHERE state = ? AND next_attempt <= ? ORDER BY id",
                            (DeliveryState.PENDING, now))
         return [delivery_of(r) for r in rows]
@@ -246,14 +261,15 @@ class Index(IndexDB):
                       (DeliveryState.DELIVERED, time.time(), delivery_id))
 
     def delivery_failed(self, delivery_id: int, reason: str, next_attempt: float | None) -> None:
-        """A failed attempt: retry at ``next_attempt``, or dead-letter (None)."""
+        """A failed attempt: retry at ``next_attempt`` (Unix seconds), or dead-letter (None)."""
         state = DeliveryState.PENDING if next_attempt is not None else DeliveryState.DEAD_LETTER
         with self.tx() as c:
             c.execute("UPDATE deliveries SET state = ?, reason = ?, attempts = attempts + 1, next_attempt = ?,"
                       " updated = ? WHERE id = ?", (state, reason, next_attempt or 0.0, time.time(), delivery_id))
 
     def requeue_deliveries(self, job_id: int | None = None) -> int:
-        """dead-letter → pending (attempts reset); returns how many."""
+        """dead-letter → pending (attempts reset), of one job or all; returns how many. Jobs in 'dead-letter'
+        that now have a pending delivery go back to 'sending'."""
         now = time.time()
         sql = ("UPDATE deliveries SET state = ?, attempts = 0, next_attempt = 0, reason = 'retry requested',"
                " updated = ? WHERE state = ?")
@@ -273,7 +289,8 @@ class Index(IndexDB):
 
     def settle_job(self, job_id: int) -> JobState:
         """After a delivery changed: the job is 'delivered' when all are, 'dead-letter' when any is and none is
-        pending; otherwise it stays 'sending'. Returns the job's state."""
+        pending; otherwise it stays 'sending'. A job in another state is left alone. Returns the job's state;
+        SpoolError when there is no such job."""
         ds = self.deliveries(job_id)
         job = self.job(job_id)
         if job.state not in (JobState.SENDING, JobState.DEAD_LETTER, JobState.DELIVERED):

@@ -87,7 +87,11 @@ CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt);
 
 @dataclass(frozen=True)
 class Job:
-    """A row of ``jobs``: one processing of a series' instances under a rule."""
+    """A row of ``jobs``: one processing of a series' instances under a rule.
+
+    ``supersedes``: the series' earlier job, if any; ``report``: the job's figures (JSON object); ``created``
+    / ``updated``: Unix seconds.
+    """
 
     id: int
     series_uid: str
@@ -109,7 +113,10 @@ class Job:
 
 @dataclass(frozen=True)
 class Delivery:
-    """A row of ``deliveries`` (the outbox): a job's files for one destination."""
+    """A row of ``deliveries`` (the outbox): a job's files (paths) for one destination.
+
+    ``next_attempt``: Unix seconds (0: now); ``reason``: the last failure, in words.
+    """
 
     id: int
     job_id: int
@@ -123,7 +130,10 @@ class Delivery:
 
 @dataclass(frozen=True)
 class Instance:
-    """A row of ``instances``: one received SOP instance and where the spool keeps it."""
+    """A row of ``instances``: one received SOP instance and where the spool keeps it.
+
+    ``allowed_rules``: the rule names its caller may use, comma-separated ("" = every rule).
+    """
 
     sop_uid: str
     series_uid: str
@@ -178,7 +188,11 @@ def instance_of(row: sqlite3.Row) -> Instance:
 
 
 class IndexDB:
-    """The SQLite file at ``path`` (created, with its schema, on first use) and a connection per thread."""
+    """The SQLite file at ``path`` (created, with its schema, on first use) and a connection per thread.
+
+    SpoolError when the file cannot be opened, a query fails, or a write transaction cannot start; a statement
+    that fails inside ``tx()`` raises ``sqlite3.Error`` (rolled back).
+    """
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -202,7 +216,10 @@ class IndexDB:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE: takes the write lock up front, no upgrade deadlocks)."""
+        """One write transaction (BEGIN IMMEDIATE: takes the write lock up front, no upgrade deadlocks).
+
+        Commits when the block ends, rolls back when it raises. SpoolError when BEGIN fails (busy for 60 s).
+        """
         c = self._conn()
         try:
             c.execute("BEGIN IMMEDIATE")
@@ -223,6 +240,7 @@ class IndexDB:
             raise SpoolError(f"index {self.path}: query failed: {exc}") from exc
 
     def close(self) -> None:
+        """Close the calling thread's connection (other threads' connections stay open)."""
         c = getattr(self._local, "conn", None)
         if c is not None:
             c.close()

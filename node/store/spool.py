@@ -31,11 +31,13 @@ _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def valid_uid(uid: str) -> bool:
-    """A DICOM UID usable as a file name: digits and dots, at most 64 characters."""
+    """Whether ``uid`` is a DICOM UID usable as a file name: digits and dots, at most 64 characters
+    (PS3.5 9.1; a leading zero in a component is not checked)."""
     return 0 < len(uid) <= 64 and bool(_UID.match(uid))
 
 
 def fsync_dir(path: Path) -> None:
+    """fsync the directory ``path`` so that a rename or link in it survives a power cut. Raises OSError."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -44,7 +46,10 @@ def fsync_dir(path: Path) -> None:
 
 
 def synced_temp_copy(src: Path, folder: Path, prefix: str, suffix: str = "") -> Path:
-    """A new temporary file in ``folder`` holding a copy of ``src``, fsync'ed; the caller renames or removes it."""
+    """A new temporary file in ``folder`` holding an fsync'ed copy of ``src``; the caller renames or drops it.
+
+    Raises OSError (the temporary file is removed first).
+    """
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, "wb") as out, src.open("rb") as inp:
@@ -58,7 +63,10 @@ def synced_temp_copy(src: Path, folder: Path, prefix: str, suffix: str = "") -> 
 
 
 def atomic_copy(src: Path, dst: Path) -> None:
-    """Copy ``src`` to ``dst`` through a temporary file in dst's folder, fsync, rename (replaces dst)."""
+    """Copy ``src`` to ``dst`` through a temporary file in dst's folder, fsync, rename (replaces dst).
+
+    Creates dst's folder; raises OSError.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = synced_temp_copy(src, dst.parent, ".part-")
     try:
@@ -71,12 +79,17 @@ def atomic_copy(src: Path, dst: Path) -> None:
 
 @dataclass(frozen=True)
 class Stored:
+    """Where an admitted instance lies in the spool (``instances/<Study>/<Series>/<SOP>.dcm``)."""
+
     path: Path
     duplicate: bool  # True: the instance was already in the spool and was kept as it was
 
 
 class Spool:
-    """Atomic file store rooted at ``root``; refuses writes when free space falls below ``min_free_mb``."""
+    """Atomic file store rooted at ``root``; refuses writes when free space falls below ``min_free_mb`` (MB).
+
+    Creates ``incoming/``, ``instances/`` and ``outbox/`` under ``root``; SpoolError when it cannot.
+    """
 
     def __init__(self, root: Path | str, min_free_mb: int = 0) -> None:
         self.root = Path(root).resolve()
@@ -92,18 +105,21 @@ class Spool:
 
     @property
     def index_path(self) -> Path:
+        """``<root>/index.sqlite``, the spool index's file."""
         return self.root / "index.sqlite"
 
     # ------------------------------------------------------------------------------------ disk watermark
 
     def free_mb(self) -> float:
+        """Free space on the spool's file system, in MiB (1024 x 1024 bytes). Raises OSError."""
         return shutil.disk_usage(self.root).free / (1024 * 1024)
 
     def has_space(self) -> bool:
+        """Whether the free space is at least ``min_free_mb``."""
         return self.free_mb() >= self.min_free_mb
 
     def check_space(self) -> None:
-        """Raise IngestError(0xA700) when the spool disk is below the watermark."""
+        """IngestError(0xA700 out of resources, PS3.4 B.2.3) when the spool disk is below the watermark."""
         free = self.free_mb()
         if free < self.min_free_mb:
             raise IngestError(
@@ -114,6 +130,7 @@ class Spool:
     # ------------------------------------------------------------------------------------ instances
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """``instances/<Study>/<Series>/<SOP>.dcm``; IngestError(0xC210) when a UID fails ``valid_uid``."""
         for what, uid in (("StudyInstanceUID", study_uid), ("SeriesInstanceUID", series_uid),
                           ("SOPInstanceUID", sop_uid)):
             if not valid_uid(uid):
@@ -123,8 +140,9 @@ class Spool:
     def store_file(self, src: Path, study_uid: str, series_uid: str, sop_uid: str) -> Stored:
         """Move a complete file (already on the spool's disk, e.g. in ``incoming/``) to its final name.
 
-        ``src`` is hard-linked, not moved: the caller (pynetdicom) removes its temporary file itself.
-        A file on another disk is copied first.
+        ``src`` is hard-linked, not moved: the caller (pynetdicom) removes its temporary file itself. A file
+        on another disk is copied first. ``Stored.duplicate``: the name existed; the first copy is kept.
+        Raises IngestError: 0xA700 below the watermark or on a write error, 0xC210 for an invalid UID.
         """
         self.check_space()
         dst = self.instance_path(study_uid, series_uid, sop_uid)
@@ -147,7 +165,10 @@ class Spool:
                               status=Status.OUT_OF_RESOURCES) from exc
 
     def store_bytes(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> Stored:
-        """Write ``data`` (a DICOM file) atomically under its final name; a duplicate is kept as it was."""
+        """Write ``data`` (a DICOM file) atomically under its final name; a duplicate is kept as it was.
+
+        Raises IngestError as :meth:`store_file`.
+        """
         self.check_space()
         fd, tmp = tempfile.mkstemp(prefix="rx-", suffix=".dcm", dir=self.incoming)
         try:
@@ -173,7 +194,8 @@ class Spool:
             tmp.unlink(missing_ok=True)
 
     def clean_incoming(self) -> int:
-        """Remove leftovers of interrupted writes (start-up); returns how many."""
+        """Remove leftovers of interrupted writes (start-up); returns how many. An entry that cannot be
+        removed is logged and left."""
         n = 0
         for p in self.incoming.iterdir():
             try:
@@ -189,7 +211,8 @@ class Spool:
     # ------------------------------------------------------------------------------------ outbox area
 
     def job_dir(self, job_id: int, fresh: bool = False) -> Path:
-        """The folder holding job ``job_id``'s results; ``fresh`` empties it first (a re-run after a crash)."""
+        """The folder holding job ``job_id``'s results (``outbox/job-<id>``), created if absent; ``fresh``
+        empties it first (a re-run after a crash). Raises OSError."""
         d = self.outbox / f"job-{job_id}"
         if fresh and d.exists():
             shutil.rmtree(d)
