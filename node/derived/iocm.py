@@ -129,15 +129,22 @@ def rejection_note(files: Sequence[Path], cfg: DeriveConfig, out_dir: Path, reas
 
 def reject_superseded(index: Index, spool_outbox: Path, job: Job, new_derived_series: str, cfg: DeriveConfig,
                       out_dir: Path) -> list[Path]:
-    """The rejection note for the results of the job ``job`` supersedes, if it produced any; else [].
+    """The rejection note for the results of the latest earlier job of the series that produced any; else [].
 
-    Only the directly superseded job is looked at (its files under ``spool_outbox/job-<id>``). Raises
-    SpoolError (index) and as :func:`rejection_note`.
+    The chain of superseded jobs is followed back past jobs that produced nothing (superseded while queued) to
+    the first one with a derived series (its files under ``spool_outbox/job-<id>``); that job's own run already
+    retired anything older. Raises SpoolError (index) and as :func:`rejection_note`.
     """
-    if not job.supersedes:
+    old_id, seen = job.supersedes, {job.id}
+    while old_id and old_id not in seen:
+        seen.add(old_id)
+        old = index.job(old_id)
+        if old.derived_series_uid:
+            break
+        old_id = old.supersedes
+    else:
         return []
-    old = index.job(job.supersedes)
-    if not old.derived_series_uid or old.derived_series_uid == new_derived_series:
+    if old.derived_series_uid == new_derived_series:
         return []
     old_dir = spool_outbox / f"job-{old.id}"
     files = sorted(p for p in old_dir.glob("**/*.dcm") if not p.name.startswith("KO-")) if old_dir.is_dir() else []

@@ -204,6 +204,10 @@ class Admission:
             status = Status(exc.status) if exc.status in Status._value2member_map_ else Status.CANNOT_UNDERSTAND
             self.metrics.failures.labels(where="ingest", reason=label(exc.status)).inc()
             raise
+        except BaseException as exc:  # the index or the disk failed: counted as such, then raised as it is
+            status = Status.PROCESSING_FAILURE
+            self.metrics.failures.labels(where="ingest", reason=type(exc).__name__).inc()
+            raise
         finally:
             self.metrics.instances_received.labels(status=label(status)).inc()
 

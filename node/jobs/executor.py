@@ -87,9 +87,11 @@ class InProcessExecutor:
             return
         while True:  # drop what was not started: it is still 'queued' in the index
             try:
-                self._queue.get_nowait()
+                dropped = self._queue.get_nowait()
             except queue.Empty:
                 break
+            with self._lock:
+                self._pending.discard(dropped or 0)
         self._queue.put(None)
         self._thread.join(timeout)
         if self._thread.is_alive():

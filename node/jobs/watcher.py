@@ -62,7 +62,11 @@ class StabilityWatcher:
                     decide(self.cfg, self.index, series_uid, self.audit)
                 except NodeError as exc:
                     log.error("series %s: could not decide what to do: %s", series_uid, exc)
-        for job in self.index.jobs((JobState.QUEUED,)):
+        queued = self.index.jobs((JobState.QUEUED,))
+        # forget jobs that left the queue (the map holds only queued jobs: it does not grow with the node's age)
+        for gone in set(self._submitted) - {j.id for j in queued}:
+            del self._submitted[gone]
+        for job in queued:
             if self._submitted.get(job.id) != job.updated:
                 self._submitted[job.id] = job.updated
                 try:

@@ -23,6 +23,7 @@ from node.derived import check_identifiers, derive_series
 from node.errors import VolumeError
 from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine
 from node.series import MIN_SLICES_THROUGH_PLANE, SeriesVolume, check_through_plane, load_series, regular_runs
+from node.store import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,16 +48,18 @@ class ProcessResult:
 
 
 def write_atomic(ds: Dataset, path: Path) -> None:
-    """Write ``ds`` as a DICOM file: temp file, fsync, rename (a reader never sees half a file).
-
-    Creates the folder; the directory is not fsync'ed. Raises OSError (a temp file may be left behind).
-    """
+    """Write ``ds`` as a DICOM file: temp file, fsync, rename, fsync of the folder (a reader never sees half a
+    file, and the name survives a power cut). Creates the folder. Raises OSError (the temp file is removed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        ds.save_as(tmp, enforce_file_format=True)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def _volumes_for(vol: SeriesVolume, factors: Factors) -> tuple[list[SeriesVolume], list[str]]:

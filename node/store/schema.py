@@ -218,7 +218,8 @@ class IndexDB:
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE: takes the write lock up front, no upgrade deadlocks).
 
-        Commits when the block ends, rolls back when it raises. SpoolError when BEGIN fails (busy for 60 s).
+        Commits when the block ends, rolls back when it raises. SpoolError when BEGIN fails (busy for 60 s), when
+        a statement of the block fails in SQLite, or when the commit fails.
         """
         c = self._conn()
         try:
@@ -227,11 +228,15 @@ class IndexDB:
             raise SpoolError(f"index {self.path}: cannot start a transaction: {exc}") from exc
         try:
             yield c
-        except BaseException:
+        except BaseException as exc:
             c.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise SpoolError(f"index {self.path}: write failed: {exc}") from exc
             raise
-        else:
+        try:
             c.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise SpoolError(f"index {self.path}: cannot commit: {exc}") from exc
 
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
