@@ -71,43 +71,45 @@ class FolderDestination:
 
 
 @dataclass(frozen=True)
-class OrthancDestination:
-    """``kind = "orthanc"``: upload over Orthanc's REST API at ``url``; basic auth or a bearer ``token``."""
+class WebEndpoint:
+    """The keys every HTTP peer shares: its service root ``url`` and credentials (basic auth, or a bearer
+    ``token``, preferred when both are given). Not a kind of its own: the base of the HTTP kinds below."""
 
-    kind: ClassVar[DestinationKind] = DestinationKind.ORTHANC
     name: str
     url: str
     username: str = ""
     password: str = ""  # secret
     token: str = ""  # secret
-    timeout_s: float = 60.0  # per request
 
     @property
     def address(self) -> str:
-        """The base URL, for messages."""
+        """The URL, for messages."""
         return self.url
+
+    @property
+    def caller_host(self) -> str:
+        """The URL's host, for ``[node].allowed_callers``."""
+        return urlsplit(self.url).hostname or ""
 
 
 @dataclass(frozen=True)
-class DicomwebDestination:
+class OrthancDestination(WebEndpoint):
+    """``kind = "orthanc"``: upload over Orthanc's REST API at ``url``; basic auth or a bearer ``token``."""
+
+    kind: ClassVar[DestinationKind] = DestinationKind.ORTHANC
+    timeout_s: float = 60.0  # per request
+
+
+@dataclass(frozen=True)
+class DicomwebDestination(WebEndpoint):
     """``kind = "dicomweb"``: STOW-RS to the service root ``url``, ``batch_size`` instances per request."""
 
     kind: ClassVar[DestinationKind] = DestinationKind.DICOMWEB
-    name: str
-    url: str
-    username: str = ""
-    password: str = ""  # secret
-    token: str = ""  # secret; bearer, preferred over username/password
     tls_ca: str = ""  # PEM CA bundle to verify the server
     tls_cert: str = ""  # PEM client certificate
     tls_key: str = ""
     batch_size: int = 50
     timeout_s: float = 60.0  # per request
-
-    @property
-    def address(self) -> str:
-        """The service root URL, for messages."""
-        return self.url
 
 
 Destination = DicomDestination | FolderDestination | OrthancDestination | DicomwebDestination
@@ -134,41 +136,21 @@ class DicomSource:
 
 
 @dataclass(frozen=True)
-class DicomwebSource:
+class DicomwebSource(WebEndpoint):
     """``kind = "dicomweb"``: WADO-RS from the service root ``url``; basic auth or a bearer ``token``."""
 
     kind: ClassVar[SourceKind] = SourceKind.DICOMWEB
-    name: str
-    url: str
-    username: str = ""
-    password: str = ""  # secret
-    token: str = ""  # secret
     ae_title: str = ""  # the caller identity of pulled instances ([node].allowed_callers); "": the name
-
-    @property
-    def caller_host(self) -> str:
-        """The URL's host, for ``[node].allowed_callers``."""
-        return urlsplit(self.url).hostname or ""
 
 
 @dataclass(frozen=True)
-class OrthancSource:
+class OrthancSource(WebEndpoint):
     """``kind = "orthanc"``: Orthanc REST at ``url``; ``follow_changes`` also follows ``/changes``, every ``poll_s``."""
 
     kind: ClassVar[SourceKind] = SourceKind.ORTHANC
-    name: str
-    url: str
-    username: str = ""
-    password: str = ""  # secret
-    token: str = ""  # secret
     ae_title: str = ""  # the caller identity of pulled instances ([node].allowed_callers); "": the name
     follow_changes: bool = False
     poll_s: float = 5.0  # seconds between /changes polls once the feed is read to its end
-
-    @property
-    def caller_host(self) -> str:
-        """The URL's host, for ``[node].allowed_callers``."""
-        return urlsplit(self.url).hostname or ""
 
 
 Source = DicomSource | DicomwebSource | OrthancSource
