@@ -46,7 +46,7 @@ from node.ingest import (
     store_multipart,
 )
 from node.send import make_sender
-from node.store import Job, JobState
+from node.store import Job, JobState, Stored
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def build_app(ctx: NodeContext) -> Starlette:
         remote = request.client.host if request.client else ""
         caller = Caller(cfg.http.stow_caller, remote, "stow-rs")
 
-        def one(data: bytes) -> Any:
+        def one(data: bytes) -> Stored:
             return ctx.admission.admit_bytes(data, caller)
 
         try:

@@ -29,6 +29,7 @@ from celery import Celery, Task
 
 from node.config import Config, DataAccess
 from node.errors import NodeError
+from node.jobs.celery_remote import OutcomeWatcher, job_spec, run_remote_job
 from node.jobs.context import JobContext
 from node.jobs.runner import process_claimed, run_job
 from node.store import Index, Job, JobState
@@ -111,7 +112,7 @@ class CeleryExecutor:
         self.cfg = ctx.cfg
         self.index = ctx.store.index
         self.app: Celery | None = None
-        self.outcomes: Any = None  # data_access = "dicomweb": records remote outcomes on the node's jobs
+        self.outcomes: OutcomeWatcher | None = None  # data_access = "dicomweb": records remote outcomes on the node's jobs
         self._down_until = 0.0  # after a failed publish, fail fast for a while (the watcher retries each tick)
 
     def start(self) -> None:
@@ -119,8 +120,6 @@ class CeleryExecutor:
         unreachable broker is logged, not raised."""
         self.app = make_app(self.cfg)
         if self.cfg.executor.data_access == DataAccess.DICOMWEB:
-            from node.jobs.celery_remote import OutcomeWatcher
-
             if self.app.conf.task_ignore_result:
                 log.warning("celery executor: data_access = 'dicomweb' without a result backend "
                             "([executor].result_backend): jobs stay 'processing' in this node's index")
@@ -168,8 +167,6 @@ class CeleryExecutor:
         """What a "dicomweb" worker needs to fetch the series: its UIDs (no PHI)."""
         if self.cfg.executor.data_access != DataAccess.DICOMWEB:
             return {}
-        from node.jobs.celery_remote import job_spec
-
         return job_spec(self.index, job_id)
 
     def stop(self) -> None:
@@ -196,8 +193,6 @@ def _run_job_task(ctx: JobContext, self: Task, job_id: int | str, study_uid: str
     outcome: dict[str, Any] | None = None
     try:
         if cfg.executor.data_access == DataAccess.DICOMWEB:
-            from node.jobs.celery_remote import run_remote_job
-
             outcome = run_remote_job(ctx, job_id, study_uid, series_uid, rule)
         else:
             run_shared_job(ctx, int(job_id), takeover=takeover or redelivered, worker=me)

@@ -20,6 +20,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+from celery import Celery
+from celery.result import AsyncResult
 
 from node.config import Config
 from node.errors import DeliveryError, NodeError
@@ -152,7 +154,7 @@ def _outcome(job: Job) -> dict[str, Any]:
 class OutcomeWatcher:
     """On the node: records remote workers' outcomes (from the result backend) on the node's own jobs."""
 
-    def __init__(self, cfg: Config, index: Index, app: Any) -> None:
+    def __init__(self, cfg: Config, index: Index, app: Celery) -> None:
         self.cfg, self.index, self.app = cfg, index, app
         self._pending: dict[int, Any] = {}
         self._lock = threading.Lock()
@@ -163,7 +165,7 @@ class OutcomeWatcher:
         """Start polling the tracked results every second (a daemon thread)."""
         self._thread.start()
 
-    def track(self, job_id: int, result: Any) -> None:
+    def track(self, job_id: int, result: AsyncResult) -> None:
         """Record ``result`` (a Celery ``AsyncResult``) on job ``job_id`` once it is ready."""
         with self._lock:
             self._pending[job_id] = result
@@ -189,7 +191,7 @@ class OutcomeWatcher:
                 with self._lock:
                     self._pending.pop(job_id, None)
 
-    def _record(self, job_id: int, res: Any) -> None:
+    def _record(self, job_id: int, res: AsyncResult) -> None:
         if res.successful() and isinstance(res.result, dict):
             out = res.result
             fields = {k: out[k] for k in ("derived_series_uid", "uncertainty_series_uid", "engine", "fallback",
