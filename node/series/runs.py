@@ -1,43 +1,97 @@
-"""Slice steps: when a stack is a regular grid, how to describe it when not, and splitting it into regular runs.
+"""Slice steps: splitting an irregular stack into regular runs, and saying which slices no run holds.
 
 Decision for irregular stacks (the tilted GE head: 4.0 mm x13, one 1.08 mm step, 7.0 mm x13): nothing is
-resampled across a step change. ``regular_runs`` cuts the stack where the step changes; each run of at least
-``MIN_SLICES_THROUGH_PLANE`` slices is super-resolved through-plane as its own derived series ("run 1/2", ...).
-A lone odd step between two runs belongs to neither. ``check_through_plane`` refuses, with the steps in the
-message, a stack that is still irregular.
+resampled across a step change. ``split_runs`` cuts the stack where the step changes; every run of at least
+``MIN_SLICES_THROUGH_PLANE`` (2) slices is super-resolved through-plane as its own derived series ("run 1/2", ...).
+Longer stretches of equal steps claim their slices first (a slice shared by two stretches goes to the longer one,
+to the earlier on a tie); a lone odd step joins two slices into a 2-slice run only when neither is in a longer run
+(the 5 mm phantom missing its 3rd slice: steps 5, 10, 5 x24 give runs of 2 and 25 slices). A slice that ends in
+no run is returned with its file name and the reason, for the job report: nothing is left out without a word.
+``check_through_plane`` refuses, with the steps in the message, a stack that is still irregular.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 
 from node.errors import VolumeError
+from node.series.slices import sop_instance_of
 from node.series.steps import MIN_SLICES_THROUGH_PLANE, describe_steps, step_segments
 from node.series.volume import SeriesVolume
 
 
-def regular_runs(vol: SeriesVolume) -> list[SeriesVolume]:
-    """A regular volume as itself; an irregular one cut into regular runs (``run = (index, count)``)."""
+@dataclass(frozen=True)
+class LeftOut:
+    """An input slice that is in no derived series: which one (1-based position along the stack of ``of``
+    slices, file name, SOPInstanceUID) and why, in words."""
+
+    index: int
+    of: int
+    file: str
+    sop_instance_uid: str
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunSplit:
+    """The regular runs of a volume (slice order) and the slices none of them holds."""
+
+    runs: list[SeriesVolume]
+    left_out: list[LeftOut]
+
+
+def split_runs(vol: SeriesVolume) -> RunSplit:
+    """A regular volume as itself; an irregular one cut into regular runs of >= 2 slices (``run = (index,
+    count)``, ``run_slices`` = 1-based input slices) plus the isolated slices that belong to no run."""
     if not vol.irregular:
-        return [vol]
-    runs: list[SeriesVolume] = []
-    last = -1  # last slice already in a run
-    for i, j in step_segments(vol.steps):
-        a, b = max(i, last + 1), j + 1  # steps i..j join slices i..j+1
-        if b - a < 1 or (j == i and len(vol.steps) > 1):
-            continue  # nothing left, or a lone odd step between runs
-        runs.append(_subvolume(vol, a, b))
-        last = b
+        return RunSplit([vol], [])
+    n = vol.shape[0]
+    segs = step_segments(vol.steps)  # steps i..j (slices i..j+1) equal
+    taken = np.zeros(n, dtype=bool)
+    spans: list[tuple[int, int]] = []
+    for i, j in sorted(segs, key=lambda seg: (-(seg[1] - seg[0]), seg[0])):  # longest first, then earliest
+        a, b = i, j + 1
+        while a <= b and taken[a]:
+            a += 1
+        while b >= a and taken[b]:
+            b -= 1
+        if b - a + 1 >= MIN_SLICES_THROUGH_PLANE and not taken[a:b + 1].any():
+            taken[a:b + 1] = True
+            spans.append((a, b))
+    spans.sort()
+    runs = [_subvolume(vol, a, b) for a, b in spans]
     for k, r in enumerate(runs):
         r.run = (k + 1, len(runs))
-    return runs
+    left = [_left_out(vol, z) for z in range(n) if not taken[z]]
+    return RunSplit(runs, left)
+
+
+def regular_runs(vol: SeriesVolume) -> list[SeriesVolume]:
+    """The regular runs of ``split_runs`` (``split_runs(vol).left_out`` names the slices in none)."""
+    return split_runs(vol).runs
+
+
+def _left_out(vol: SeriesVolume, z: int) -> LeftOut:
+    n = vol.shape[0]
+    around = [f"{float(vol.steps[z - 1]):.2f} mm to slice {z}" if z > 0 else "",
+              f"{float(vol.steps[z]):.2f} mm to slice {z + 2}" if z < n - 1 else ""]
+    reason = (f"isolated between irregular slice steps ({', '.join(s for s in around if s)}; the stack steps "
+              f"{describe_steps(vol.steps)}): no regular run of {MIN_SLICES_THROUGH_PLANE} or more slices holds it, "
+              "so it is not super-resolved through-plane")
+    name = vol.names[z] if z < len(vol.names) else f"slice {z + 1}"
+    return LeftOut(z + 1, n, name, sop_instance_of(vol.datasets[z]), reason)
 
 
 def _subvolume(vol: SeriesVolume, a: int, b: int) -> SeriesVolume:
     """Slices a..b (inclusive) of ``vol`` as a regular volume of their own."""
     sl = slice(a, b + 1)
+    n = vol.shape[0]
     steps = vol.steps[a:b]
     med = float(np.median(steps)) if len(steps) else vol.spacing[0]
     thick = vol.slice_thickness
@@ -52,8 +106,11 @@ def _subvolume(vol: SeriesVolume, a: int, b: int) -> SeriesVolume:
         positions=vol.positions[sl],
         datasets=vol.datasets[sl],
         frame_numbers=vol.frame_numbers[sl] if vol.frame_numbers else [],
+        formats=vol.formats[sl],
+        names=vol.names[sl],
         steps=steps,
         irregular=False,
+        run_slices=(a + 1, b + 1, n),
         notes=vol.notes + [f"regular run of slices {a + 1}..{b + 1} at {med:.2f} mm"],
     )
 
