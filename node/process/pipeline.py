@@ -22,7 +22,7 @@ from node.config import Config, RuleConfig
 from node.derived import check_identifiers, derive_series
 from node.errors import VolumeError
 from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine
-from node.series import LeftOut, SeriesVolume, check_through_plane, load_series, split_runs
+from node.series import LeftOut, SeriesVolume, check_through_plane, describe_steps, load_series, split_runs
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def _volumes_for(vol: SeriesVolume, factors: Factors) -> tuple[list[SeriesVolume
     if factors.through_plane > 1 and vol.irregular:
         split = split_runs(vol)
         if not split.runs:
-            raise VolumeError(f"series {vol.series_uid}: slice steps are irregular and no two neighbouring slices "
-                              "share a regular step; through-plane super-resolution refused")
+            raise VolumeError(f"series {vol.series_uid}: slice steps are irregular ({describe_steps(vol.steps)}) "
+                              "and no stretch of them is regular; through-plane super-resolution refused")
         spans = ", ".join(f"{r.run_slices[0]}-{r.run_slices[1]}" for r in split.runs if r.run_slices)
         notes = [f"irregular steps: split into {len(split.runs)} regular run(s) (input slices {spans} of "
                  f"{vol.shape[0]}), each its own derived series"]

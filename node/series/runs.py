@@ -3,10 +3,12 @@
 Decision for irregular stacks (the tilted GE head: 4.0 mm x13, one 1.08 mm step, 7.0 mm x13): nothing is
 resampled across a step change. ``split_runs`` cuts the stack where the step changes; every run of at least
 ``MIN_SLICES_THROUGH_PLANE`` (2) slices is super-resolved through-plane as its own derived series ("run 1/2", ...).
-Longer stretches of equal steps claim their slices first (a slice shared by two stretches goes to the longer one,
-to the earlier on a tie); a lone odd step joins two slices into a 2-slice run only when neither is in a longer run
-(the 5 mm phantom missing its 3rd slice: steps 5, 10, 5 x24 give runs of 2 and 25 slices). A slice that ends in
-no run is returned with its file name and the reason, for the job report: nothing is left out without a word.
+Stretches of two or more equal steps claim their slices first (a slice shared by two stretches goes to the longer
+one, to the earlier on a tie). A lone step proves no regularity by itself: it joins two slices into a 2-slice run
+only when neither is in a longer run and its step and slice line are those of a longer stretch of the series, i.e.
+a slice is missing from a regular stack (the 5 mm phantom missing its 3rd slice: steps 5, 10, 5 x24 give runs of 2
+and 25 slices; steps 5, 32, 4 give none). A slice that ends in no run is returned with its file name and the
+reason, for the job report: nothing is left out without a word.
 ``check_through_plane`` refuses, with the steps in the message, a stack that is still irregular.
 """
 
@@ -19,8 +21,11 @@ import numpy as np
 
 from node.errors import VolumeError
 from node.series.slices import sop_instance_of
-from node.series.steps import MIN_SLICES_THROUGH_PLANE, describe_steps, step_segments
+from node.series.steps import MIN_SLICES_THROUGH_PLANE, describe_steps, same_step, step_segments
 from node.series.volume import SeriesVolume
+
+
+MAX_LINE_ANGLE_DEG = 0.5  # a 2-slice stretch must lie on a line parallel to its longer stretch's (as tilt notes)
 
 
 @dataclass(frozen=True)
@@ -48,15 +53,16 @@ class RunSplit:
 
 def split_runs(vol: SeriesVolume) -> RunSplit:
     """A regular volume as itself; an irregular one cut into regular runs of >= 2 slices (``run = (index,
-    count)``, ``run_slices`` = 1-based input slices) plus the isolated slices that belong to no run."""
+    count)``, ``run_slices`` = 1-based input slices) plus the slices that belong to no run, each with why."""
     if not vol.irregular:
         return RunSplit([vol], [])
     n = vol.shape[0]
     segs = step_segments(vol.steps)  # steps i..j (slices i..j+1) equal
     taken = np.zeros(n, dtype=bool)
     spans: list[tuple[int, int]] = []
-    for i, j in sorted(segs, key=lambda seg: (-(seg[1] - seg[0]), seg[0])):  # longest first, then earliest
-        a, b = i, j + 1
+    anchors: list[tuple[float, np.ndarray]] = []  # (step, slice-line direction) of the stretches of >= 2 steps
+    for i, j in sorted((sg for sg in segs if sg[1] > sg[0]), key=lambda sg: (sg[0] - sg[1], sg[0])):
+        a, b = i, j + 1  # longest first, then earliest
         while a <= b and taken[a]:
             a += 1
         while b >= a and taken[b]:
@@ -64,12 +70,31 @@ def split_runs(vol: SeriesVolume) -> RunSplit:
         if b - a + 1 >= MIN_SLICES_THROUGH_PLANE and not taken[a:b + 1].any():
             taken[a:b + 1] = True
             spans.append((a, b))
+            anchors.append((float(np.median(vol.steps[i:j + 1])), _direction(vol, i, j + 1)))
+    for i, j in segs:
+        # one lone step proves no regularity by itself: two slices form a run only when their step and slice line
+        # are those of a longer stretch of the series (a slice missing from a regular stack), else they are named
+        if j == i and not taken[i] and not taken[i + 1] and any(
+                same_step(float(vol.steps[i]), st) and _angle_deg(d, _direction(vol, i, i + 1)) <= MAX_LINE_ANGLE_DEG
+                for st, d in anchors):
+            taken[i:i + 2] = True
+            spans.append((i, i + 1))
     spans.sort()
     runs = [_subvolume(vol, a, b) for a, b in spans]
     for k, r in enumerate(runs):
         r.run = (k + 1, len(runs))
     left = [_left_out(vol, z) for z in range(n) if not taken[z]]
     return RunSplit(runs, left)
+
+
+def _direction(vol: SeriesVolume, a: int, b: int) -> np.ndarray:
+    """(3,) unit vector from slice a's position to slice b's."""
+    d = vol.positions[b] - vol.positions[a]
+    return d / max(float(np.linalg.norm(d)), 1e-12)  # type: ignore[no-any-return]
+
+
+def _angle_deg(u: np.ndarray, v: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip(float(np.dot(u, v)), -1.0, 1.0))))
 
 
 def regular_runs(vol: SeriesVolume) -> list[SeriesVolume]:
@@ -82,8 +107,8 @@ def _left_out(vol: SeriesVolume, z: int) -> LeftOut:
     around = [f"{float(vol.steps[z - 1]):.2f} mm to slice {z}" if z > 0 else "",
               f"{float(vol.steps[z]):.2f} mm to slice {z + 2}" if z < n - 1 else ""]
     reason = (f"isolated between irregular slice steps ({', '.join(s for s in around if s)}; the stack steps "
-              f"{describe_steps(vol.steps)}): no regular run of {MIN_SLICES_THROUGH_PLANE} or more slices holds it, "
-              "so it is not super-resolved through-plane")
+              f"{describe_steps(vol.steps)}): no regular run of {MIN_SLICES_THROUGH_PLANE} or more slices on the "
+              "series' step holds it, so it is not super-resolved through-plane")
     name = vol.names[z] if z < len(vol.names) else f"slice {z + 1}"
     return LeftOut(z + 1, n, name, sop_instance_of(vol.datasets[z]), reason)
 

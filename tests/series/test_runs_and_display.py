@@ -117,3 +117,30 @@ def test_photometric_interpretation_kept_or_said(tmp_path: Path) -> None:
         ds.save_as(f, enforce_file_format=True)
     pick, note = series_photometric(load_series(files))
     assert pick == "MONOCHROME1" and "mix MONOCHROME1 (2) and MONOCHROME2 (1)" in note
+
+
+def test_lone_steps_of_their_own_make_no_run(tmp_path: Path) -> None:
+    # steps 5, 32, 4 with the x position drifting 20 mm a slice: no stretch is regular, every slice is named
+    files = write_phantom_series(tmp_path, slices=4, size=16, step_mm=5.0, fov_mm=200.0)
+    for k, (z, x) in enumerate(((0.0, -8.0), (5.0, 12.0), (37.0, 32.0), (41.0, 52.0))):
+        _edit_position(files[k], [x, -8.0, z])
+    split = split_runs(load_series(files))
+    assert split.runs == [] and [x.index for x in split.left_out] == [1, 2, 3, 4]
+
+
+def test_a_pair_off_the_series_line_is_not_a_run(tmp_path: Path) -> None:
+    # slice 3 missing, and slices 1-2 shifted 3 mm sideways: their step matches, their line does not
+    files = _phantom_missing(tmp_path, [0, 1, *range(3, 11)])
+    for f in files[:2]:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        _edit_position(f, [float(ds.ImagePositionPatient[0]) + 3 * (f == files[1]), float(ds.ImagePositionPatient[1]),
+                           float(ds.ImagePositionPatient[2])])
+    split = split_runs(load_series(files))
+    assert [r.run_slices for r in split.runs] == [(3, 10, 10)]
+    assert [x.index for x in split.left_out] == [1, 2]
+
+
+def _edit_position(path: Path, ipp: list[float]) -> None:
+    ds = pydicom.dcmread(path)
+    ds.ImagePositionPatient = [f"{v:.6g}" for v in ipp]
+    ds.save_as(path, enforce_file_format=True)
