@@ -24,7 +24,6 @@ from node.series.slices import sop_instance_of
 from node.series.steps import MIN_SLICES_THROUGH_PLANE, describe_steps, same_step, step_segments
 from node.series.volume import SeriesVolume
 
-
 MAX_LINE_ANGLE_DEG = 0.5  # a 2-slice stretch must lie on a line parallel to its longer stretch's (as tilt notes)
 
 
