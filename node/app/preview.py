@@ -1,4 +1,9 @@
-"""A PNG preview: original / derived / uncertainty at one matching position, axial and coronal (pillow)."""
+"""A PNG preview: original / derived / uncertainty at one matching position, axial and coronal (pillow).
+
+Original and derived panels share one window: the source series' own (median over its slices,
+``node.series.series_window``), else its 1st..99th percentile; a MONOCHROME1 source is shown as a viewer shows it
+(lowest value white).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from node.series import SeriesVolume, load_series
+from node.series import SeriesVolume, load_series, series_photometric, series_window
 
 log = logging.getLogger(__name__)
 
@@ -17,23 +22,22 @@ PANEL = 256  # pixels, height of each panel
 
 
 def _window(vol: SeriesVolume) -> tuple[float, float]:
-    ds = vol.datasets[0]
-    try:
-        c = ds.WindowCenter
-        w = ds.WindowWidth
-        c = float(c[0] if hasattr(c, "__len__") and not isinstance(c, str) else c)
-        w = float(w[0] if hasattr(w, "__len__") and not isinstance(w, str) else w)
-        if w > 0:
-            return c - w / 2, c + w / 2
-    except (AttributeError, TypeError, ValueError):
-        pass
+    """(lowest, highest) modality value of the grey ramp: the series' first window (median over its slices)."""
+    win = series_window(vol)
+    if win is not None:
+        c, w = win[0][0], win[1][0]
+        return c - w / 2, c + w / 2
     lo, hi = np.percentile(vol.data, [1, 99])
     return float(lo), float(max(hi, lo + 1))
 
 
-def _to_image(img: np.ndarray, lo: float, hi: float, mm: tuple[float, float], scale: float) -> Image.Image:
-    """``img`` (rows, cols) windowed to 8 bits, resized to ``scale`` pixels per mm (row, col spacing ``mm``)."""
+def _to_image(img: np.ndarray, lo: float, hi: float, mm: tuple[float, float], scale: float,
+              invert: bool = False) -> Image.Image:
+    """``img`` (rows, cols) windowed to 8 bits (``invert``: MONOCHROME1, lo shown white), resized to ``scale``
+    pixels per mm (row, col spacing ``mm``)."""
     a = np.clip((img.astype(np.float64) - lo) / max(hi - lo, 1e-6), 0, 1)
+    if invert:
+        a = 1.0 - a
     im = Image.fromarray((a * 255).astype(np.uint8))
     h = max(1, int(round(img.shape[0] * mm[0] * scale)))
     w = max(1, int(round(img.shape[1] * mm[1] * scale)))
@@ -67,15 +71,17 @@ def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty
     i = int(np.argmin(np.abs(orig.positions @ orig.normal - mid)))
     k = int(np.argmin(np.abs(der.positions @ der.normal - orig.positions[i] @ orig.normal)))
     lo, hi = _window(orig)
+    inv = series_photometric(orig)[0] == "MONOCHROME1"
     oa, oa_mm = _axial(orig, i)
     oc, oc_mm = _coronal(orig)
     s_ax = PANEL / (oa.shape[0] * oa_mm[0])  # pixels per mm, the same for every panel of a row
     s_co = PANEL / max(oc.shape[0] * oc_mm[0], oc.shape[1] * oc_mm[1] / 2)
     da, da_mm = _axial(der, k)
-    row1 = [("original", _to_image(oa, lo, hi, oa_mm, s_ax)), ("derived", _to_image(da, lo, hi, da_mm, s_ax))]
+    row1 = [("original", _to_image(oa, lo, hi, oa_mm, s_ax, inv)),
+            ("derived", _to_image(da, lo, hi, da_mm, s_ax, inv))]
     dc, dc_mm = _coronal(der)
-    row2 = [("original coronal", _to_image(oc, lo, hi, oc_mm, s_co)),
-            ("derived coronal", _to_image(dc, lo, hi, dc_mm, s_co))]
+    row2 = [("original coronal", _to_image(oc, lo, hi, oc_mm, s_co, inv)),
+            ("derived coronal", _to_image(dc, lo, hi, dc_mm, s_co, inv))]
     if sig is not None:
         smax = float(np.percentile(sig.data, 99.5)) or 1.0
         sa, sa_mm = _axial(sig, min(k, sig.shape[0] - 1))

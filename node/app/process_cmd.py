@@ -1,7 +1,8 @@
 """``srnode process IN_DIR OUT_DIR``: offline, the same pipeline as the node on a folder of DICOM files.
 
 Files are grouped by SeriesInstanceUID; each series goes through the configured rules (no caller: every rule may
-take it) and ``node.process.process_series``; one line per series says what was written, or why not.
+take it) and ``node.process.process_series``; one line per series says what was written, or why not, followed by
+one "NOT IN ANY DERIVED SERIES" line per input slice that no derived series holds (file and reason).
 """
 
 from __future__ import annotations
@@ -101,6 +102,8 @@ def run(args: argparse.Namespace) -> int:
               f"{sorted({str(p.parent) for p in res.derived_files})}, {len(res.uncertainty_files)} uncertainty -> "
               f"{sorted({str(p.parent) for p in res.uncertainty_files})} (engine {res.engine}{fb}, "
               f"{res.report.get('seconds', 0):.1f} s){preview}")
+        for line in res.left_out_lines():
+            print(f"{label}: NOT IN ANY DERIVED SERIES: {line}")
     return 1 if failed else 0
 
 

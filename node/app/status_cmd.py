@@ -1,7 +1,8 @@
 """``srnode status`` (jobs, their states and reasons) and ``srnode retry`` (re-queue what failed).
 
 Both read the spool index directly, so they work whether or not the node is running; a running node picks up
-re-queued work within a second or two.
+re-queued work within a second or two. A job whose input slices are not all in a derived series lists each such
+slice (file and reason) under its line, and in ``--json`` as ``left_out``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def job_dict(index: Index, j: Job) -> dict[str, Any]:
         "fallback": j.fallback, "derived_series": j.derived_series_uid,
         "uncertainty_series": j.uncertainty_series_uid, "supersedes": j.supersedes,
         "report": j.report,
+        "left_out": list((j.report or {}).get("left_out", [])),  # input slices in no derived series, with why
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.updated)),
         "deliveries": [{"destination": d.destination, "state": d.state, "attempts": d.attempts,
                         "files": len(d.files), "reason": d.reason} for d in index.deliveries(j.id)],
@@ -70,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
                                       f"supersedes job {d['supersedes']}" if d["supersedes"] else "") if s)
         print(f"{d['id']:>5}  {d['state']:<11} {d['rule'][:14]:<14} {d['instances']:>4}  {d['series']:<{width}}  "
               f"{extra}")
+        for x in d["left_out"]:
+            print(f"{'':>5}  NOT IN ANY DERIVED SERIES: slice {x.get('index')}/{x.get('of')} {x.get('file')}: "
+                  f"{x.get('reason')}")
     return 0
 
 

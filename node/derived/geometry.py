@@ -87,5 +87,11 @@ def geometry_gate(derived: Sequence[Dataset], vol: SeriesVolume, factors: Factor
         iop = np.array([float(v) for v in d.ImageOrientationPatient])
         if np.max(np.abs(iop - np.concatenate([vol.row_cosine, vol.col_cosine]))) > 1e-6:
             raise DeriveError(f"{name}: ImageOrientationPatient changed")
-        if f > 1 and "SliceThickness" in d and abs(float(d.SliceThickness) - vol.spacing[0] / f) > 1e-6:
-            raise DeriveError(f"{name}: SliceThickness {d.SliceThickness}, expected {vol.spacing[0] / f:.6g}")
+        # SliceThickness claims resolution: the acquired nominal thickness, never the (finer) new step
+        thick = str(d.get("SliceThickness", "") or "")
+        if vol.slice_thickness > 0 and (not thick or abs(float(thick) - vol.slice_thickness) > 1e-6):
+            raise DeriveError(f"{name}: SliceThickness {thick or '(empty)'}, expected the acquired "
+                              f"{vol.slice_thickness:.6g} mm")
+        between = str(d.get("SpacingBetweenSlices", "") or "")
+        if between and abs(float(between) - vol.spacing[0] / f) > 1e-6 * max(1.0, vol.spacing[0]):
+            raise DeriveError(f"{name}: SpacingBetweenSlices {between}, expected {vol.spacing[0] / f:.6g}")

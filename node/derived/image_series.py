@@ -1,19 +1,23 @@
 """The derived image series (pydicom), and with it the uncertainty Secondary Capture series (``node.derived.uncertainty``).
 
 The derived series sits in the input's study and frame of reference, with new UIDs that are deterministic from
-(input SeriesInstanceUID and SOPInstanceUIDs, PIPELINE_VERSION, factors, engine, run) so that reprocessing is
-recognisable. Patient, study and acquisition attributes are copied from the nearest input slice (a whitelist
-per module, never private tags; ``node.derived.modules``); geometry is recomputed from the input positions
-exactly as ``models.engine`` documents it, then checked again by ``geometry_gate`` (``node.derived.geometry``)
-before anything leaves.
+(input SeriesInstanceUID and SOPInstanceUIDs, PIPELINE_VERSION, factors, engine, run) so that reprocessing is recognisable. Patient,
+study and acquisition attributes are copied from the nearest input slice (a whitelist per module, never private
+tags; ``node.derived.modules``); geometry is recomputed from the input positions exactly as ``models.engine``
+documents it, then checked again by ``geometry_gate`` (``node.derived.geometry``) before anything leaves.
+
+Values and display (``node.derived.values``, ``node.series.display``): one output rescale holds every value of
+every input slice and of the engine's result (never a clip to the first slice's range); the photometric
+interpretation of the source is kept (MONOCHROME1 stays MONOCHROME1); the window is the series' own (median over
+its slices), not the first slice's. SliceThickness is the acquired nominal thickness for every engine: the new
+step is written as SpacingBetweenSlices and in the positions, never as a thickness the output does not have.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import logging
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -35,6 +39,7 @@ from node.derived.modules import (
     SERIES,
     STUDY,
     add_file_meta,
+    character_set,
     code_item,
     contributing_equipment,
     copy_module,
@@ -43,8 +48,9 @@ from node.derived.modules import (
     referenced_series,
     source_item,
 )
+from node.derived.values import output_format, to_stored
 from node.errors import DeriveError
-from node.series import ENHANCED_CT, ENHANCED_MR, SeriesVolume, group_value
+from node.series import ENHANCED_CT, ENHANCED_MR, SeriesVolume, group_value, series_photometric, series_window
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,7 @@ class DerivedObjects:
     uncertainty: list[Dataset]
     derived_series_uid: str
     uncertainty_series_uid: str
+    notes: list[str] = field(default_factory=list)  # what was changed from the source's format, for the job report
 
 
 def _output_sop_class(vol: SeriesVolume) -> str:
@@ -77,15 +84,6 @@ def _output_sop_class(vol: SeriesVolume) -> str:
                       "template; only CT and MR series can be super-resolved")
 
 
-def _stored_dtype(ref: Dataset) -> tuple[np.dtype[Any], float, float]:
-    bits = int(ref.get("BitsStored", 16) or 16)
-    signed = bool(int(ref.get("PixelRepresentation", 0) or 0))
-    alloc = int(ref.get("BitsAllocated", 16) or 16)
-    dt = np.dtype(("int" if signed else "uint") + str(max(alloc, 8)))
-    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    return dt, float(lo), float(hi)
-
-
 def check_identifiers(vol: SeriesVolume) -> None:
     """DeriveError when the input lacks the UIDs a derived series must share, or its SOP class and modality
     have no derived-image template (only CT and MR) (checked before the engine runs)."""
@@ -100,10 +98,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
                   engine_version: str = "") -> DerivedObjects:
     """Build the derived image series (and the uncertainty SC series when ``cfg.uncertainty``).
 
-    ``result.data`` (Z', Y', X') float32 modality units must have ``output_shape(vol.shape, factors)``; its
-    values are stored with the input's rescale slope / intercept, rounded and clipped to the input's stored
-    range. Classic CT / MR Image Storage objects (an enhanced input becomes classic). Raises DeriveError
-    (shape, identifiers, SOP class, or the geometry gate, ``node.derived.geometry``).
+    ``result.data`` is (Z', Y', X') float32 in modality units on the output grid of ``models.engine``. Raises
+    DeriveError when the shape breaks that contract, the output holds non-finite values, or the geometry gate fails.
     """
     ref0 = vol.datasets[0]
     check_identifiers(vol)
@@ -120,21 +116,31 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     positions = output_positions(vol, factors)
     nz = positions.shape[0]
     step = vol.spacing[0] / f
-    thickness = step if (f > 1 and vol.shape[0] > 1) else vol.slice_thickness
+    thickness = vol.slice_thickness  # mm, acquired: the output is sampled every ``step``, not thinner slices
     dy, dx = vol.spacing[1] / g, vol.spacing[2] / g
-    dtype, lo, hi = _stored_dtype(ref0)
-    slope, icpt = vol.rescale_slope, vol.rescale_intercept
+    fmt, value_note = output_format(vol, result.data)
+    photometric, photo_note = series_photometric(vol)
+    notes = [n for n in (value_note, photo_note) if n]
     desc = str(ref0.get("SeriesDescription", "") or vol.modality)
     if vol.run:
-        desc += f" run {vol.run[0]}/{vol.run[1]}"
+        # one run of an irregular series is not the whole series: "run 1/1" would say it is
+        if vol.run[1] == 1 and vol.run_slices:
+            desc += f" slices {vol.run_slices[0]}-{vol.run_slices[1]} of {vol.run_slices[2]}"
+        else:
+            desc += f" run {vol.run[0]}/{vol.run[1]}"
+        if vol.run_slices:
+            notes.insert(0, f"run {vol.run[0]}/{vol.run[1]}: input slices {vol.run_slices[0]}-{vol.run_slices[1]} "
+                            f"of {vol.run_slices[2]} (the series' slice steps are irregular)")
     desc = (desc + cfg.series_description_suffix)[:64]
     series_number = int(ref0.get("SeriesNumber") or 0) + cfg.series_number_offset + (vol.run[0] - 1 if vol.run else 0)
     equipment = contributing_equipment(result.engine, engine_version, result.fallback, now, denoised)
     derivation = (f"srnode {__version__}: " + (f"{DENOISE_NOTE}, then " if denoised else "")
                   + f"super-resolution x{f} through-plane, x{g} in-plane by engine {result.engine} {engine_version}"
-                  + (f"; fallback: {result.fallback}" if result.fallback else ""))
+                  + (f"; fallback: {result.fallback}" if result.fallback else "")
+                  + "".join(f"; {n}" for n in notes))
     iop = [ds_str(v) for v in (*vol.row_cosine, *vol.col_cosine)]
-    windows = _windows(ref0)
+    windows = series_window(vol)
+    charset = character_set(ref0)
     out: list[Dataset] = []
     for k in range(nz):
         i, r = divmod(k, f)
@@ -143,7 +149,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         frame = vol.frame_numbers[near] if vol.frame_numbers else 0
         ds = Dataset()
         # SOP Common
-        ds.SpecificCharacterSet = ref.get("SpecificCharacterSet", "ISO_IR 100")
+        if charset is not None:  # the source's repertoire, so names keep their exact bytes
+            ds.SpecificCharacterSet = charset
         ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = derived_uid(cfg, vol, factors, made_by, "derived", str(k))
         ds.InstanceCreationDate = now.strftime("%Y%m%d")
@@ -184,36 +191,35 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         ds.PixelSpacing = [ds_str(dy), ds_str(dx)]
         ds.ImageOrientationPatient = iop
         ds.ImagePositionPatient = [ds_str(v) for v in positions[k]]
-        if thickness > 0:
-            ds.SliceThickness = ds_str(thickness)
+        ds.SliceThickness = ds_str(thickness) if thickness > 0 else ""  # type 2: empty when unknown
         if vol.shape[0] > 1 and not vol.irregular:
             ds.SpacingBetweenSlices = ds_str(step)
         # Image Pixel
         ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PhotometricInterpretation = photometric
         ds.Rows, ds.Columns = int(result.data.shape[1]), int(result.data.shape[2])
-        ds.BitsAllocated = dtype.itemsize * 8
-        ds.BitsStored = int(ref.get("BitsStored", ds.BitsAllocated))
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = 1 if dtype.kind == "i" else 0
+        ds.BitsAllocated = 16
+        ds.BitsStored = fmt.bits_stored
+        ds.HighBit = fmt.bits_stored - 1
+        ds.PixelRepresentation = 1 if fmt.signed else 0
         # CT Image / MR Image
         if sop_class == CTImageStorage:
             copy_module(ds, ref, CT_IMAGE, from_groups=True)
         else:
             copy_module(ds, ref, MR_IMAGE, from_groups=True)
             _mr_type1(ds, ref, frame)
-        # Modality LUT (rescale kept from the input so stored values mean the same)
-        if sop_class == CTImageStorage or slope != 1.0 or icpt != 0.0:
-            ds.RescaleIntercept = ds_str(icpt)
-            ds.RescaleSlope = ds_str(slope)
+        # Modality LUT: one rescale for the series that holds every value (``node.derived.values``)
+        if sop_class == CTImageStorage or fmt.slope != 1.0 or fmt.intercept != 0.0:
+            ds.RescaleIntercept = ds_str(fmt.intercept)
+            ds.RescaleSlope = ds_str(fmt.slope)
             if sop_class == CTImageStorage:
                 ds.RescaleType = "HU"
-        # VOI LUT
+        # VOI LUT: the series' window (median over its slices), in modality units
         if windows:
-            ds.WindowCenter, ds.WindowWidth = windows
-        # stored = (value - intercept) / slope, clipped to the input's stored range (one slice at a time)
-        stored = np.clip(np.rint((result.data[k].astype(np.float64) - icpt) / slope), lo, hi).astype(dtype)
-        ds.PixelData = np.ascontiguousarray(stored).tobytes()
+            centres, widths = ([ds_str(v) for v in vals] for vals in windows)
+            ds.WindowCenter = centres if len(centres) > 1 else centres[0]
+            ds.WindowWidth = widths if len(widths) > 1 else widths[0]
+        ds.PixelData = np.ascontiguousarray(to_stored(result.data[k], fmt)).tobytes()
         add_file_meta(ds)
         out.append(ds)
     geometry_gate(out, vol, factors)
@@ -226,14 +232,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         sc = uncertainty_series(out, result.sigma, vol, sc_uid, cfg, factors, made_by, equipment)
     log.info("series %s: derived %d slices into %s (engine %s%s)", vol.series_uid, nz, series_uid, result.engine,
              f", fallback: {result.fallback}" if result.fallback else "")
-    return DerivedObjects(out, sc, series_uid, sc_uid)
-
-
-def _windows(ref: Dataset) -> tuple[Any, Any] | None:
-    c, w = group_value(ref, "WindowCenter"), group_value(ref, "WindowWidth")
-    if c is None or w is None or c == "" or w == "":
-        return None
-    return c, w
+    return DerivedObjects(out, sc, series_uid, sc_uid, notes)
 
 
 def _mr_type1(ds: Dataset, ref: Dataset, frame: int) -> None:

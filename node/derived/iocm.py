@@ -20,6 +20,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from node import __version__
 from node.config import DeriveConfig
+from node.derived.modules import character_set
 from node.errors import DeriveError
 from node.store.index import Index, Job
 
@@ -114,7 +115,9 @@ def rejection_note(files: Sequence[Path], cfg: DeriveConfig, out_dir: Path, reas
     # SOP Common
     ds.SOPClassUID = KEY_OBJECT_SELECTION
     ds.SOPInstanceUID = generate_uid(cfg.uid_root, [*ent, "instance"])
-    ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 100")
+    charset = character_set(first)  # the rejected objects' repertoire: the copied names keep their bytes
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = KEY_OBJECT_SELECTION
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

@@ -61,6 +61,17 @@ def derived_uid(cfg: DeriveConfig, vol: SeriesVolume, factors: Factors, engine: 
     return str(generate_uid(cfg.uid_root, entropy_srcs=ent))
 
 
+def character_set(src: Dataset) -> str | list[str] | None:
+    """The source's SpecificCharacterSet (one value or several, ISO 2022), or None when it has none (the default
+    repertoire). Every object the node writes carries it, so person names keep their exact bytes."""
+    if "SpecificCharacterSet" not in src:
+        return None
+    value = src.SpecificCharacterSet
+    if value is None or value == "":
+        return None
+    return [str(v) for v in value] if not isinstance(value, str) and hasattr(value, "__len__") else str(value)
+
+
 def copy_module(dst: Dataset, src: Dataset, keywords: Sequence[str], from_groups: bool = False) -> None:
     """Copy ``keywords`` present and non-empty in ``src`` (``from_groups``: also from the first frame's or the
     shared functional groups) to ``dst``; an absent Type 2 attribute is written empty (PS3.5 7.4.2)."""

@@ -17,7 +17,16 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from models.engine import Factors
 from node.config import DeriveConfig
-from node.derived.modules import add_file_meta, derived_uid, ds_str, referenced_series, source_item
+from node.derived.modules import (
+    PATIENT,
+    STUDY,
+    add_file_meta,
+    character_set,
+    derived_uid,
+    ds_str,
+    referenced_series,
+    source_item,
+)
 from node.series import SeriesVolume
 
 
@@ -73,6 +82,16 @@ def _template(d: Dataset, series_uid: str, orient: tuple[str, str], engine: str,
         sc = _sc_image(d, np.zeros((int(d.Rows), int(d.Columns)), np.uint16), series_uid, d.SOPInstanceUID, 0,
                        orient)
     del sc.PixelData
+    # SOP Common: the derived slice's (= the source's) character set, and its patient and study attributes as they
+    # are, so the names keep their bytes and the PACS files both series under the same patient
+    charset = character_set(d)
+    if charset is not None:
+        sc.SpecificCharacterSet = charset
+    elif "SpecificCharacterSet" in sc:
+        del sc.SpecificCharacterSet
+    for kw in (*PATIENT, *STUDY):
+        if kw in d:
+            sc[kw] = copy.deepcopy(d[kw])
     # General Series
     sc.SeriesDescription = (str(d.SeriesDescription)[:56] + " sigma")[:64]
     for kw in ("BodyPartExamined", "Laterality"):

@@ -84,6 +84,7 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     report.setdefault("seconds", round(seconds, 3))
     report.setdefault("derived_files", len(result.derived_files))
     report.setdefault("uncertainty_files", len(result.uncertainty_files))
+    report["left_out"] = [x.as_dict() for x in result.left_out]  # input slices in no derived series, with why
     state = JobState.SENDING if per_dest else JobState.DELIVERED
     reason = "" if per_dest else "rule has no destinations; results kept in the spool"
     index.finish_job(job.id, state, reason, derived_series_uid=result.derived_series_uid,
@@ -97,7 +98,8 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
              f"to {', '.join(per_dest)}" if per_dest else reason)
     audit.write("job-processed", job=job.id, series=job.series_uid, derived_series=result.derived_series_uid,
                 uncertainty_series=result.uncertainty_series_uid, engine=result.engine,
-                fallback=result.fallback or "", seconds=round(seconds, 2), destinations=list(per_dest))
+                fallback=result.fallback or "", seconds=round(seconds, 2), destinations=list(per_dest),
+                left_out=[x.file for x in result.left_out])
     return state
 
 

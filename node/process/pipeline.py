@@ -22,7 +22,7 @@ from node.config import Config, RuleConfig
 from node.derived import check_identifiers, derive_series
 from node.errors import VolumeError
 from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine
-from node.series import MIN_SLICES_THROUGH_PLANE, SeriesVolume, check_through_plane, load_series, regular_runs
+from node.series import LeftOut, SeriesVolume, check_through_plane, describe_steps, load_series, split_runs
 from node.store import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,11 @@ class ProcessResult:
     report: dict[str, Any] = field(default_factory=dict)
     derived_series_uids: list[str] = field(default_factory=list)  # one per regular run
     uncertainty_series_uids: list[str] = field(default_factory=list)
+    left_out: list[LeftOut] = field(default_factory=list)  # input slices in no derived series, each with why
+
+    def left_out_lines(self) -> list[str]:
+        """One line per input slice that is in no derived series: 'slice 1/27 IM0001.dcm: reason'."""
+        return [f"slice {x.index}/{x.of} {x.file}: {x.reason}" for x in self.left_out]
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -62,18 +67,22 @@ def write_atomic(ds: Dataset, path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def _volumes_for(vol: SeriesVolume, factors: Factors) -> tuple[list[SeriesVolume], list[str]]:
+def _volumes_for(vol: SeriesVolume, factors: Factors) -> tuple[list[SeriesVolume], list[LeftOut], list[str]]:
+    """The volumes to super-resolve (the series, or its regular runs), the slices in none, and remarks."""
     if factors.through_plane > 1 and vol.irregular:
-        runs = regular_runs(vol)
-        keep = [r for r in runs if r.shape[0] >= MIN_SLICES_THROUGH_PLANE]
-        notes = [f"irregular steps: split into {len(runs)} regular run(s), {len(keep)} with >= "
-                 f"{MIN_SLICES_THROUGH_PLANE} slices processed"]
-        if not keep:
-            raise VolumeError(f"series {vol.series_uid}: slice steps are irregular and no regular run has "
-                              f"{MIN_SLICES_THROUGH_PLANE} or more slices; through-plane super-resolution refused")
-        return keep, notes
+        split = split_runs(vol)
+        if not split.runs:
+            raise VolumeError(f"series {vol.series_uid}: slice steps are irregular ({describe_steps(vol.steps)}) "
+                              "and no stretch of them is regular; through-plane super-resolution refused")
+        spans = ", ".join(f"{r.run_slices[0]}-{r.run_slices[1]}" for r in split.runs if r.run_slices)
+        notes = [f"irregular steps: split into {len(split.runs)} regular run(s) (input slices {spans} of "
+                 f"{vol.shape[0]}), each its own derived series"]
+        if split.left_out:
+            notes.append(f"{len(split.left_out)} input slice(s) in no derived series: "
+                         + "; ".join(f"slice {x.index} ({x.file})" for x in split.left_out))
+        return split.runs, split.left_out, notes
     check_through_plane(vol, factors.through_plane)
-    return [vol], []
+    return [vol], [], []
 
 
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,
@@ -95,10 +104,14 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
     factors = Factors(rule.through_plane_factor, rule.in_plane_factor)
     name = engine_name or rule.engine or cfg.engine.name
     options = cfg.engine.options
-    volumes, notes = _volumes_for(vol, factors)
+    volumes, left_out, notes = _volumes_for(vol, factors)
     report: dict[str, Any] = {"input": vol.describe(), "notes": vol.notes + notes,
-                              "factors": [factors.through_plane, factors.in_plane], "runs": []}
-    result = ProcessResult([], [], "", "", name, report=report)
+                              "factors": [factors.through_plane, factors.in_plane], "runs": [],
+                              "left_out": [x.as_dict() for x in left_out]}
+    result = ProcessResult([], [], "", "", name, report=report, left_out=left_out)
+    for x in left_out:
+        log.warning("series %s: input slice %d/%d (%s) is in no derived series: %s", vol.series_uid, x.index,
+                    x.of, x.file, x.reason)
     fallbacks: list[str] = []
     for v in volumes:
         tag = f"run {v.run[0]}/{v.run[1]} " if v.run else ""
@@ -130,7 +143,9 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         result.engine = er.engine
         if er.fallback:
             fallbacks.append(er.fallback)
-        report["runs"].append({"slices_in": v.shape[0], "slices_out": len(objs.derived),
+        report["notes"].extend(n for n in objs.notes if n not in report["notes"])
+        report["runs"].append({"slices_in": v.shape[0], "input_slices": list(v.run_slices or (1, v.shape[0], v.shape[0])),
+                               "slices_out": len(objs.derived),
                                "spacing_out": [round(s, 6) for s in er.spacing], "engine": er.engine,
                                "engine_seconds": round(t_engine, 3), "engine_report": er.report,
                                "derived_series_uid": objs.derived_series_uid})

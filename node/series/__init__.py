@@ -1,13 +1,14 @@
 """Stage ``series``: DICOM headers → placed slices → one ``SeriesVolume`` → regular runs.
 
 The door of the stage: other stages import from ``node.series`` only. Inside, imports run one way:
-``slices`` (headers → placed slices) and ``steps`` (step tolerances) ← ``volume`` (the model) ← ``runs`` ←
-``load``. Geometry comes only from ImagePositionPatient / ImageOrientationPatient (or the enhanced functional
-groups), never from InstanceNumber.
+``slices`` (headers → placed slices) and ``steps`` (step tolerances) ← ``volume`` (the model) ← ``runs`` and
+``display`` (the series' window and photometric interpretation) ← ``load``. Geometry comes only from
+ImagePositionPatient / ImageOrientationPatient (or the enhanced functional groups), never from InstanceNumber.
 """
 
-from node.series.load import load_series, representable_range
-from node.series.runs import check_through_plane, regular_runs
+from node.series.display import series_photometric, series_window, slice_window
+from node.series.load import load_series, representable_range, stored_format
+from node.series.runs import LeftOut, RunSplit, check_through_plane, regular_runs, split_runs
 from node.series.slices import (
     ENHANCED_CT,
     ENHANCED_MR,
@@ -17,13 +18,16 @@ from node.series.slices import (
     sop_instance_of,
 )
 from node.series.steps import MIN_SLICES_THROUGH_PLANE, describe_steps, same_step
-from node.series.volume import SeriesVolume
+from node.series.volume import SeriesVolume, StoredFormat
 
 __all__ = [
     "ENHANCED_CT",
     "ENHANCED_MR",
+    "LeftOut",
     "MIN_SLICES_THROUGH_PLANE",
+    "RunSplit",
     "SeriesVolume",
+    "StoredFormat",
     "check_through_plane",
     "describe_steps",
     "group_value",
@@ -32,6 +36,11 @@ __all__ = [
     "regular_runs",
     "representable_range",
     "same_step",
+    "series_photometric",
+    "series_window",
+    "slice_window",
     "sop_class_of",
     "sop_instance_of",
+    "split_runs",
+    "stored_format",
 ]

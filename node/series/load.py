@@ -12,7 +12,8 @@ Irregular stacks (decision): a stack whose steps between slice centres are not o
 regular grid. ``load_series`` still returns the volume (with ``steps`` and ``irregular`` set) because in-plane
 work is per slice; ``regular_runs`` splits it where the step changes into regular runs (the tilted GE head:
 14 slices at 4.0 mm and 14 at 7.0 mm, joined by one 1.08 mm step), and the pipeline super-resolves each run of
-3 or more slices through-plane as its own derived series. Nothing is resampled across a step change.
+2 or more slices through-plane as its own derived series; a slice in no run is named in the job report (file and
+reason). Nothing is resampled across a step change.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from node.series.slices import (
     sop_class_of,
 )
 from node.series.steps import describe_steps, same_step
-from node.series.volume import SeriesVolume
+from node.series.volume import SeriesVolume, StoredFormat
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +61,15 @@ def _pixels(ds: Dataset, name: str) -> np.ndarray:
     return np.asarray(arr)
 
 
-def representable_range(ds: Dataset, slope: float, intercept: float) -> tuple[float, float]:
-    """(low, high) modality values that the stored range maps to under ``slope`` / ``intercept``.
-
-    The stored range follows BitsStored (default 16) and PixelRepresentation (PS3.3 C.7.6.3 Image Pixel
-    Module); the mapping is the Modality LUT's value = stored x slope + intercept (PS3.3 C.11.1).
-    """
+def stored_format(ds: Dataset, slope: float, intercept: float) -> StoredFormat:
+    """The slice's stored-value format: its own rescale, BitsStored (default 16) and PixelRepresentation."""
     bits = int(ds.get("BitsStored", 16) or 16)
-    if int(ds.get("PixelRepresentation", 0) or 0):
-        lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    else:
-        lo, hi = 0, 2**bits - 1
-    a, b = lo * slope + intercept, hi * slope + intercept
-    return (float(min(a, b)), float(max(a, b)))
+    return StoredFormat(float(slope), float(intercept), bits, bool(int(ds.get("PixelRepresentation", 0) or 0)))
 
+
+def representable_range(ds: Dataset, slope: float, intercept: float) -> tuple[float, float]:
+    """Lowest and highest modality value the slice ``ds`` can hold with this rescale."""
+    return stored_format(ds, slope, intercept).value_range
 
 
 def load_series(paths: Sequence[Path]) -> SeriesVolume:
@@ -120,7 +116,8 @@ def _load_series(paths: list[Path]) -> SeriesVolume:
 
     first = slices[0].ds
     modality = str(first.get("Modality", "") or "")
-    data, vrange, notes = _modality_values(slices, modality)
+    data, formats, notes = _modality_values(slices, modality)
+    vrange = (min(f.value_range[0] for f in formats), max(f.value_range[1] for f in formats))
 
     dy, dx = slices[0].spacing
     irregular = False
@@ -153,6 +150,8 @@ def _load_series(paths: list[Path]) -> SeriesVolume:
         rescale_slope=slices[0].slope,
         rescale_intercept=slices[0].intercept,
         value_range=vrange,
+        formats=formats,
+        names=[s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else "") for s in slices],
         steps=steps,
         irregular=irregular,
         tilt_deg=tilt,
@@ -206,11 +205,14 @@ def _check_one_stack(slices: list[Slice], series_uid: str) -> None:
         raise VolumeError(f"series {series_uid}: is a localizer (scout) series; not super-resolved")
 
 
-def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, tuple[float, float], list[str]]:
-    """(Z, Y, X) float32 modality values of the sorted slices, their representable range, and remarks."""
-    slope0, icpt0 = slices[0].slope, slices[0].intercept
+def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, list[StoredFormat], list[str]]:
+    """(Z, Y, X) float32 modality values of the sorted slices, each slice's stored format, and remarks.
+
+    Every slice is converted with its own RescaleSlope / Intercept (Philips MR and some CT store one per slice);
+    padding voxels (PixelPaddingValue) become air for CT, else the lowest value of the series.
+    """
     first = slices[0].ds
-    vrange = representable_range(first, slope0, icpt0)
+    formats = [stored_format(s.ds, s.slope, s.intercept) for s in slices]
     data = np.empty((len(slices), int(first.Rows), int(first.Columns)), dtype=np.float32)
     decoded: dict[int, np.ndarray] = {}
     notes: list[str] = []
@@ -227,16 +229,16 @@ def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, tu
             vals[pad] = np.nan
         data[z] = vals
     if np.isnan(data).any():
+        lowest = min(f.value_range[0] for f in formats)
         fill = -1000.0 if modality == "CT" else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
-        fill = max(fill, vrange[0])
+        fill = max(fill, lowest)
         notes.append(f"PixelPaddingValue voxels ({int(np.isnan(data).sum())}) set to {fill:g}")
         np.nan_to_num(data, copy=False, nan=fill)
-    if any(abs(s.slope - slope0) > 1e-9 or abs(s.intercept - icpt0) > 1e-9 for s in slices):
+    if len({(f.slope, f.intercept) for f in formats}) > 1:
         notes.append("rescale slope/intercept vary between slices (converted per slice)")
-        lo = min(representable_range(s.ds, s.slope, s.intercept)[0] for s in slices)
-        hi = max(representable_range(s.ds, s.slope, s.intercept)[1] for s in slices)
-        vrange = (lo, hi)
-    return data, vrange, notes
+    if len({(f.bits_stored, f.signed) for f in formats}) > 1:
+        notes.append("BitsStored / PixelRepresentation vary between slices (converted per slice)")
+    return data, formats, notes
 
 
 def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:

@@ -1,48 +1,121 @@
-"""Slice steps: when a stack is a regular grid, how to describe it when not, and splitting it into regular runs.
+"""Slice steps: splitting an irregular stack into regular runs, and saying which slices no run holds.
 
 Decision for irregular stacks (the tilted GE head: 4.0 mm x13, one 1.08 mm step, 7.0 mm x13): nothing is
-resampled across a step change. ``regular_runs`` cuts the stack where the step changes; each run of at least
-``MIN_SLICES_THROUGH_PLANE`` slices is super-resolved through-plane as its own derived series ("run 1/2", ...).
-A lone odd step between two runs belongs to neither. ``check_through_plane`` refuses, with the steps in the
-message, a stack that is still irregular.
+resampled across a step change. ``split_runs`` cuts the stack where the step changes; every run of at least
+``MIN_SLICES_THROUGH_PLANE`` (2) slices is super-resolved through-plane as its own derived series ("run 1/2", ...).
+Stretches of two or more equal steps claim their slices first (a slice shared by two stretches goes to the longer
+one, to the earlier on a tie). A lone step proves no regularity by itself: it joins two slices into a 2-slice run
+only when neither is in a longer run and its step and slice line are those of a longer stretch of the series, i.e.
+a slice is missing from a regular stack (the 5 mm phantom missing its 3rd slice: steps 5, 10, 5 x24 give runs of 2
+and 25 slices; steps 5, 32, 4 give none). A slice that ends in no run is returned with its file name and the
+reason, for the job report: nothing is left out without a word.
+``check_through_plane`` refuses, with the steps in the message, a stack that is still irregular.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 
 from node.errors import VolumeError
-from node.series.steps import MIN_SLICES_THROUGH_PLANE, describe_steps, step_segments
+from node.series.slices import sop_instance_of
+from node.series.steps import MIN_SLICES_THROUGH_PLANE, describe_steps, same_step, step_segments
 from node.series.volume import SeriesVolume
+
+MAX_LINE_ANGLE_DEG = 0.5  # a 2-slice stretch must lie on a line parallel to its longer stretch's (as tilt notes)
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """An input slice that is in no derived series: which one (1-based position along the stack of ``of``
+    slices, file name, SOPInstanceUID) and why, in words."""
+
+    index: int
+    of: int
+    file: str
+    sop_instance_uid: str
+    reason: str
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunSplit:
+    """The regular runs of a volume (slice order) and the slices none of them holds."""
+
+    runs: list[SeriesVolume]
+    left_out: list[LeftOut]
+
+
+def split_runs(vol: SeriesVolume) -> RunSplit:
+    """A regular volume as itself; an irregular one cut into regular runs of >= 2 slices (``run = (index,
+    count)``, ``run_slices`` = 1-based input slices) plus the slices that belong to no run, each with why."""
+    if not vol.irregular:
+        return RunSplit([vol], [])
+    n = vol.shape[0]
+    segs = step_segments(vol.steps)  # steps i..j (slices i..j+1) equal
+    taken = np.zeros(n, dtype=bool)
+    spans: list[tuple[int, int]] = []
+    anchors: list[tuple[float, np.ndarray]] = []  # (step, slice-line direction) of the stretches of >= 2 steps
+    for i, j in sorted((sg for sg in segs if sg[1] > sg[0]), key=lambda sg: (sg[0] - sg[1], sg[0])):
+        a, b = i, j + 1  # longest first, then earliest
+        while a <= b and taken[a]:
+            a += 1
+        while b >= a and taken[b]:
+            b -= 1
+        if b - a + 1 >= MIN_SLICES_THROUGH_PLANE and not taken[a:b + 1].any():
+            taken[a:b + 1] = True
+            spans.append((a, b))
+            anchors.append((float(np.median(vol.steps[i:j + 1])), _direction(vol, i, j + 1)))
+    for i, j in segs:
+        # one lone step proves no regularity by itself: two slices form a run only when their step and slice line
+        # are those of a longer stretch of the series (a slice missing from a regular stack), else they are named
+        if j == i and not taken[i] and not taken[i + 1] and any(
+                same_step(float(vol.steps[i]), st) and _angle_deg(d, _direction(vol, i, i + 1)) <= MAX_LINE_ANGLE_DEG
+                for st, d in anchors):
+            taken[i:i + 2] = True
+            spans.append((i, i + 1))
+    spans.sort()
+    runs = [_subvolume(vol, a, b) for a, b in spans]
+    for k, r in enumerate(runs):
+        r.run = (k + 1, len(runs))
+    left = [_left_out(vol, z) for z in range(n) if not taken[z]]
+    return RunSplit(runs, left)
+
+
+def _direction(vol: SeriesVolume, a: int, b: int) -> np.ndarray:
+    """(3,) unit vector from slice a's position to slice b's."""
+    d = vol.positions[b] - vol.positions[a]
+    return d / max(float(np.linalg.norm(d)), 1e-12)  # type: ignore[no-any-return]
+
+
+def _angle_deg(u: np.ndarray, v: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip(float(np.dot(u, v)), -1.0, 1.0))))
 
 
 def regular_runs(vol: SeriesVolume) -> list[SeriesVolume]:
-    """A regular volume as itself; an irregular one cut into regular runs (``run = (index, count)``, 1-based).
+    """The regular runs of ``split_runs`` (``split_runs(vol).left_out`` names the slices in none)."""
+    return split_runs(vol).runs
 
-    Each run's ``data`` is a view of the parent's. A lone odd step belongs to no run, so a slice joined to the
-    stack only by odd steps (e.g. the first slice, before an odd first step) is in none. The result may hold
-    runs shorter than ``MIN_SLICES_THROUGH_PLANE``, or be empty.
-    """
-    if not vol.irregular:
-        return [vol]
-    runs: list[SeriesVolume] = []
-    last = -1  # last slice already in a run
-    for i, j in step_segments(vol.steps):
-        a, b = max(i, last + 1), j + 1  # steps i..j join slices i..j+1
-        if b - a < 1 or (j == i and len(vol.steps) > 1):
-            continue  # nothing left, or a lone odd step between runs
-        runs.append(_subvolume(vol, a, b))
-        last = b
-    for k, r in enumerate(runs):
-        r.run = (k + 1, len(runs))
-    return runs
+
+def _left_out(vol: SeriesVolume, z: int) -> LeftOut:
+    n = vol.shape[0]
+    around = [f"{float(vol.steps[z - 1]):.2f} mm to slice {z}" if z > 0 else "",
+              f"{float(vol.steps[z]):.2f} mm to slice {z + 2}" if z < n - 1 else ""]
+    reason = (f"isolated between irregular slice steps ({', '.join(s for s in around if s)}; the stack steps "
+              f"{describe_steps(vol.steps)}): no regular run of {MIN_SLICES_THROUGH_PLANE} or more slices on the "
+              "series' step holds it, so it is not super-resolved through-plane")
+    name = vol.names[z] if z < len(vol.names) else f"slice {z + 1}"
+    return LeftOut(z + 1, n, name, sop_instance_of(vol.datasets[z]), reason)
 
 
 def _subvolume(vol: SeriesVolume, a: int, b: int) -> SeriesVolume:
     """Slices a..b (inclusive) of ``vol`` as a regular volume of their own."""
     sl = slice(a, b + 1)
+    n = vol.shape[0]
     steps = vol.steps[a:b]
     med = float(np.median(steps)) if len(steps) else vol.spacing[0]
     thick = vol.slice_thickness
@@ -57,8 +130,11 @@ def _subvolume(vol: SeriesVolume, a: int, b: int) -> SeriesVolume:
         positions=vol.positions[sl],
         datasets=vol.datasets[sl],
         frame_numbers=vol.frame_numbers[sl] if vol.frame_numbers else [],
+        formats=vol.formats[sl],
+        names=vol.names[sl],
         steps=steps,
         irregular=False,
+        run_slices=(a + 1, b + 1, n),
         notes=vol.notes + [f"regular run of slices {a + 1}..{b + 1} at {med:.2f} mm"],
     )
 

@@ -87,7 +87,7 @@ def _floats(value: Any, n: int, what: str, name: str) -> np.ndarray:
     return out
 
 
-def _group_item(ds: Dataset, seq: str, frame: int) -> Dataset | None:
+def frame_group_item(ds: Dataset, seq: str, frame: int) -> Dataset | None:
     """The item of functional group ``seq`` for ``frame`` (0-based): per-frame first, then shared."""
     for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         g = ds.get(groups)
@@ -141,10 +141,10 @@ def slices_of(ds: Dataset, name: str) -> list[Slice]:
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         out: list[Slice] = []
         for f in range(nframes):
-            pos = _group_item(ds, "PlanePositionSequence", f)
-            ori = _group_item(ds, "PlaneOrientationSequence", f)
-            meas = _group_item(ds, "PixelMeasuresSequence", f)
-            pvt = _group_item(ds, "PixelValueTransformationSequence", f)
+            pos = frame_group_item(ds, "PlanePositionSequence", f)
+            ori = frame_group_item(ds, "PlaneOrientationSequence", f)
+            meas = frame_group_item(ds, "PixelMeasuresSequence", f)
+            pvt = frame_group_item(ds, "PixelValueTransformationSequence", f)
             if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
                 raise VolumeError(f"{name}: frame {f + 1} lacks Plane Position / Plane Orientation / Pixel "
                                   "Measures functional groups; its geometry is unknown")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-MIN_SLICES_THROUGH_PLANE = 3  # fewest slices a stack (or run) needs for through-plane super-resolution
+MIN_SLICES_THROUGH_PLANE = 2  # a regular run of 2 slices is processed (the cubic spline interpolates any n >= 2)
 STEP_REL_TOL = 0.01  # steps within 1 % (or 0.02 mm) of each other count as one regular grid
 STEP_ABS_TOL = 0.02  # mm
 

@@ -13,6 +13,32 @@ from pydicom.dataset import Dataset
 from models.engine import VolumeInput
 
 
+@dataclass(frozen=True)
+class StoredFormat:
+    """How one slice's stored integers map to modality units: value = stored * slope + intercept.
+
+    ``bits_stored`` (BitsStored, 1..16 here) and ``signed`` (PixelRepresentation 1) give the stored range.
+    """
+
+    slope: float = 1.0
+    intercept: float = 0.0
+    bits_stored: int = 16
+    signed: bool = False
+
+    @property
+    def stored_range(self) -> tuple[int, int]:
+        """Lowest and highest stored integer (e.g. (0, 4095) for 12 unsigned bits)."""
+        b = self.bits_stored
+        return (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if self.signed else (0, 2**b - 1)
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """Lowest and highest modality value this format can hold."""
+        lo, hi = self.stored_range
+        a, b = lo * self.slope + self.intercept, hi * self.slope + self.intercept
+        return (float(min(a, b)), float(max(a, b)))
+
+
 @dataclass
 class SeriesVolume:
     """One series as a regular (or measured-irregular) stack of slices, in modality units."""
@@ -29,14 +55,17 @@ class SeriesVolume:
     series_uid: str
     sop_class_uid: str
     frame_numbers: list[int] = field(default_factory=list)  # 1-based frame per slice (multi-frame), else []
-    rescale_slope: float = 1.0
+    rescale_slope: float = 1.0  # the first slice's (``formats`` holds every slice's own)
     rescale_intercept: float = 0.0
-    value_range: tuple[float, float] = (-32768.0, 32767.0)  # representable range in modality units
+    value_range: tuple[float, float] = (-32768.0, 32767.0)  # representable range in modality units, all slices
+    formats: list[StoredFormat] = field(default_factory=list)  # per slice: its own rescale and stored bits
+    names: list[str] = field(default_factory=list)  # per slice: file name (", frame N" for multi-frame)
     steps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (Z-1,) measured steps, mm
     irregular: bool = False
     tilt_deg: float = 0.0  # angle between the slice normal and the line through the slice positions
     notes: list[str] = field(default_factory=list)  # geometry remarks for the job record
     run: tuple[int, int] | None = None  # (index, count) when this volume is one regular run of a series
+    run_slices: tuple[int, int, int] | None = None  # (first, last, of): 1-based input slices of this run
 
     @property
     def shape(self) -> tuple[int, int, int]:

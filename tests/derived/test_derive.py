@@ -41,7 +41,7 @@ def _crop(vol: SeriesVolume, n: int = 64, slices: int | None = None) -> SeriesVo
     z = slices or vol.shape[0]
     return dataclasses.replace(vol, data=vol.data[:z, :n, :n].copy(), positions=vol.positions[:z],
                                datasets=vol.datasets[:z], frame_numbers=vol.frame_numbers[:z],
-                               steps=vol.steps[: max(z - 1, 0)])
+                               formats=vol.formats[:z], names=vol.names[:z], steps=vol.steps[: max(z - 1, 0)])
 
 
 def _ipp(ds: pydicom.Dataset) -> np.ndarray:
@@ -65,7 +65,8 @@ def test_through_plane_geometry_and_hu(phantom: SeriesVolume, tmp_path: Path) ->
     assert _ipp(d[-1]) == pytest.approx(phantom.positions[-1], abs=1e-4)
     steps = np.diff([_ipp(x)[2] for x in d])
     assert steps == pytest.approx(np.full(len(d) - 1, s / 3), abs=1e-4)
-    assert float(d[0].SliceThickness) == pytest.approx(s / 3) and float(d[0].SpacingBetweenSlices) == pytest.approx(1)
+    # the new step is the sampling (SpacingBetweenSlices); SliceThickness stays the acquired 3 mm (cubic)
+    assert float(d[0].SliceThickness) == pytest.approx(3.0) and float(d[0].SpacingBetweenSlices) == pytest.approx(1)
     assert [float(v) for v in d[0].PixelSpacing] == pytest.approx([phantom.spacing[1], phantom.spacing[2]])
     assert all(_ipp(x)[:2] == pytest.approx(phantom.positions[0][:2], abs=1e-4) for x in d)  # on the slice line
     # HU at the original positions (through the written files): within 1 HU for cubic
@@ -157,7 +158,8 @@ def test_ge_tilted_run_objects_valid_and_on_the_tilted_line(tmp_path: Path, stri
     # the slice line is tilted 18.5 deg from the normal: derived positions follow it, not the normal
     mid = _ipp(out.derived[1])
     assert mid == pytest.approx((run.positions[0] + run.positions[1]) / 2, abs=1e-3)
-    assert float(out.derived[0].SliceThickness) == pytest.approx(run.spacing[0] / 2, abs=1e-3)
+    assert float(out.derived[0].SpacingBetweenSlices) == pytest.approx(run.spacing[0] / 2, abs=1e-3)
+    assert float(out.derived[0].SliceThickness) == pytest.approx(7.0)  # the run's acquired thickness
     assert "run 2/2" in out.derived[0].SeriesDescription
     _check_files(out, tmp_path)
 

@@ -7,6 +7,9 @@ peers themselves (dcmtk tools, Orthanc, the node as a process, a PKI) live besid
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +28,18 @@ def shared_series(name: str) -> Path:
     if not p.is_dir():
         pytest.skip(f"real scanner data not present: {p} (CI always has ../shared/data)")
     return p
+
+
+def shared_case(name: str, out: Path) -> list[Path]:
+    """Build the rebuildable case ``../shared/cases/<name>`` (its make_case.py) into ``out``; returns its files
+    sorted by name. Skips the test with the reason when ../shared is absent."""
+    script = SHARED_CASES / name / "make_case.py"
+    if not script.is_file() or not SHARED_DATA.is_dir():
+        pytest.skip(f"shared case not present: {script} (CI always has ../shared)")
+    env = {**os.environ, "SHARED_DATA": str(SHARED_DATA)}
+    r = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, f"{name}/make_case.py failed: {r.stdout}{r.stderr}"
+    return sorted(p for p in out.rglob("*") if p.is_file())
 
 
 @pytest.fixture(scope="session")

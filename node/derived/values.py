@@ -1,0 +1,97 @@
+"""Stored values of the derived series: one output rescale that holds every value, and the conversion to it.
+
+The input may carry a different RescaleSlope / Intercept, BitsStored or PixelRepresentation per slice (Philips MR
+scales each slice to its own maximum; some CT is saved with each slice's bit depth). The derived series gets one
+format for all its slices, chosen so that every value of every input slice and of the engine's result is held
+(never clipped):
+
+- every input slice shares one rescale: that rescale is kept (stored values at acquired positions then equal the
+  input's exactly), with BitsStored / PixelRepresentation widened just enough for the whole range (<= 16 bits);
+- otherwise (or when 16 bits at the shared rescale cannot hold the range): unsigned 16 bits, intercept 0 (or the
+  floor of the lowest value when it is negative) and slope = range / 65534, so every modality value is held within
+  +-slope/2 (the stored-value rounding), whatever the slope of the slice it came from.
+
+The slope and intercept are returned as the numbers their DS strings read back as, so that the stored values are
+computed with exactly what a reader will apply.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from pydicom.valuerep import format_number_as_ds
+
+from node.errors import DeriveError
+from node.series import SeriesVolume, StoredFormat
+
+MAX_BITS = 16  # CT and MR Image IODs: BitsAllocated 16
+
+
+def ds_value(x: float) -> float:
+    """``x`` as it reads back from its DS string (at most 16 characters)."""
+    return float(format_number_as_ds(float(x)))
+
+
+def _bits_for(lo: int, hi: int, signed: bool) -> int:
+    """Fewest bits holding the stored integers lo..hi (two's complement when ``signed``)."""
+    bits = 1
+    while True:
+        rlo, rhi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+        if rlo <= lo and hi <= rhi:
+            return bits
+        bits += 1
+
+
+def output_format(vol: SeriesVolume, data: np.ndarray) -> tuple[StoredFormat, str]:
+    """The one stored format of the derived series and a remark ("" when the input's format is kept as it was).
+
+    ``data``: the engine's output, modality units (any shape). Raises DeriveError when it holds NaN or infinity
+    (nothing is written that the engine did not compute).
+    """
+    if data.size and not np.isfinite(data).all():
+        raise DeriveError(f"series {vol.series_uid}: the engine's output holds NaN or infinite values; "
+                          "no derived series is written")
+    formats = vol.formats or [StoredFormat(vol.rescale_slope, vol.rescale_intercept,
+                                           int(vol.datasets[0].get("BitsStored", 16) or 16),
+                                           bool(int(vol.datasets[0].get("PixelRepresentation", 0) or 0)))]
+    lo = float(min(np.min(data, initial=np.inf), np.min(vol.data, initial=np.inf)))
+    hi = float(max(np.max(data, initial=-np.inf), np.max(vol.data, initial=-np.inf)))
+    rescales = {(f.slope, f.intercept) for f in formats}
+    if len(rescales) == 1:
+        slope, icpt = ds_value(formats[0].slope), ds_value(formats[0].intercept)
+        if slope > 0:
+            slo, shi = int(np.rint((lo - icpt) / slope)), int(np.rint((hi - icpt) / slope))
+            signed = any(f.signed for f in formats) or slo < 0
+            in_bits = max(f.bits_stored for f in formats)
+            bits = max(min(in_bits, MAX_BITS), _bits_for(slo, shi, signed))
+            if bits <= MAX_BITS:
+                fmt = StoredFormat(slope, icpt, bits, signed)
+                changed = bits != in_bits or len({(f.bits_stored, f.signed) for f in formats}) > 1 or \
+                    signed != formats[0].signed
+                note = (f"stored as {bits} bits {'signed' if signed else 'unsigned'} (input: "
+                        + ", ".join(sorted({f"{f.bits_stored} bits {'signed' if f.signed else 'unsigned'}"
+                                            for f in formats})) + ") to hold every value") if changed else ""
+                return fmt, note
+    icpt = 0.0 if lo >= 0 else ds_value(math.floor(lo))
+    slope = ds_value(max(hi - icpt, 1e-6) / (2**MAX_BITS - 2))
+    while np.rint((hi - icpt) / slope) > 2**MAX_BITS - 1:  # DS rounding made the slope a hair too small
+        slope = ds_value(slope * (1 + 1e-9))
+    fmt = StoredFormat(slope, icpt, MAX_BITS, False)
+    slopes = sorted(f.slope for f in formats)
+    note = (f"input rescale varies between slices ({len(rescales)} different; slope {slopes[0]:.6g}..{slopes[-1]:.6g}); "
+            f"derived series stored with one rescale, slope {format_number_as_ds(slope)} intercept "
+            f"{format_number_as_ds(icpt)} (values within +-{slope / 2:.3g} of the engine output)")
+    return fmt, note
+
+
+def to_stored(values: np.ndarray, fmt: StoredFormat) -> np.ndarray:
+    """Modality values (any shape) as stored integers of ``fmt`` (int16/uint16). DeriveError, never a silent clip,
+    when a value falls outside the format (``output_format`` chose it to hold them all)."""
+    stored = np.rint((values.astype(np.float64) - fmt.intercept) / fmt.slope)
+    lo, hi = fmt.stored_range
+    if stored.size and (stored.min() < lo or stored.max() > hi):
+        raise DeriveError(f"derived values {stored.min() * fmt.slope + fmt.intercept:g}.."
+                          f"{stored.max() * fmt.slope + fmt.intercept:g} fall outside the stored range "
+                          f"{lo}..{hi}; not written")
+    return stored.astype(np.int16 if fmt.signed else np.uint16)
