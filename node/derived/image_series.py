@@ -1,9 +1,9 @@
 """The derived image series (pydicom), and with it the uncertainty Secondary Capture series (``node.derived.uncertainty``).
 
 The derived series sits in the input's study and frame of reference, with new UIDs that are deterministic from
-(input SeriesInstanceUID and SOPInstanceUIDs, PIPELINE_VERSION, factors, engine, run) so that reprocessing is recognisable. Patient,
-study and acquisition attributes are copied from the nearest input slice (a whitelist per module, never private
-tags; ``node.derived.modules``); geometry is recomputed from the input positions exactly as ``models.engine``
+(input SeriesInstanceUID and SOPInstanceUIDs, PIPELINE_VERSION, factors, engine, run) so that reprocessing is
+recognisable. Patient, study and acquisition attributes are copied from the nearest input slice (a whitelist per
+module, never private tags; ``node.derived.modules``); geometry is recomputed from the input positions exactly as ``models.engine``
 documents it, then checked again by ``geometry_gate`` (``node.derived.geometry``) before anything leaves.
 
 Values and display (``node.derived.values``, ``node.series.display``): one output rescale holds every value of
