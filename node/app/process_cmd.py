@@ -1,7 +1,8 @@
 """``srnode process IN_DIR OUT_DIR``: offline, the same pipeline as the node on a folder of DICOM files.
 
-Files are grouped by SeriesInstanceUID; each series goes through the configured rules (no caller: every rule may
-take it) and ``node.process.process_series``; one line per series says what was written, or why not.
+IN_DIR may also be one DICOM file. Files are grouped by SeriesInstanceUID; each series goes through the configured
+rules (no caller: every rule may take it) and ``node.process.process_series``; one line per series says what was
+written, or why not.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("in_dir", metavar="IN_DIR", type=Path, help="folder of DICOM files (searched recursively)")
+    parser.add_argument("in_dir", metavar="IN_DIR", type=Path,
+                        help="folder of DICOM files (searched recursively), or one DICOM file")
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="where derived + uncertainty series go")
     parser.add_argument("--config", default=None, help="config.toml (default: the embedded defaults)")
     parser.add_argument("--engine", default="", help="engine for every series (default: rule / [engine].name)")
@@ -32,7 +34,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def group_by_series(in_dir: Path) -> tuple[dict[str, list[Path]], dict[str, Dataset], list[str]]:
-    """Files of ``in_dir`` by SeriesInstanceUID, one header per series, and the files that are not DICOM."""
+    """Files of ``in_dir`` by SeriesInstanceUID, one header per series, and the files that are not DICOM.
+
+    ``in_dir`` may be a single file (an enhanced multi-frame object holds a whole series); one that is not DICOM
+    raises VolumeError, as does a path that does not exist.
+    """
+    if not in_dir.exists():
+        raise VolumeError(f"{in_dir}: does not exist")
+    if in_dir.is_file():
+        hdr = read_header(in_dir)  # VolumeError: not DICOM
+        uid = str(hdr.get("SeriesInstanceUID", "") or "")
+        return {uid: [in_dir]}, {uid: hdr}, []
+    if not in_dir.is_dir():
+        raise VolumeError(f"{in_dir}: neither a folder nor a file")
     groups: dict[str, list[Path]] = {}
     headers: dict[str, Dataset] = {}
     bad: list[str] = []
@@ -57,14 +71,14 @@ def _safe(uid: str) -> str:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
-    if not in_dir.is_dir():
-        raise VolumeError(f"{in_dir}: not a folder")
     groups, headers, bad = group_by_series(in_dir)
     failed = 0
     for reason in bad:
         print(f"FAILED {reason}")
         failed += 1
     if not groups:
+        if not bad:
+            raise VolumeError(f"{in_dir}: no files in this folder")
         print(f"no DICOM series found in {in_dir}")
         return 1
     total = len(groups)

@@ -31,7 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.audit import AuditLog
 from node.config import Config
 from node.dimse import Status
-from node.errors import IngestError
+from node.errors import ConfigError, IngestError, listen_problem
 from node.ingest.admit import Admission, Caller, find_caller
 from node.metrics import Metrics
 
@@ -172,8 +172,12 @@ class StoreSCP:
         tempfile.tempdir = str(self.admission.spool.incoming)
         node = self.cfg.node
         ae = self.make_ae()
-        self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=self.handlers(),
-                                       ssl_context=server_ssl_context(self.cfg))
+        try:
+            self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=self.handlers(),
+                                           ssl_context=server_ssl_context(self.cfg))
+        except OSError as exc:
+            _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved
+            raise ConfigError(listen_problem("DICOM port", "node", node.host, node.port, exc)) from exc
         log.info("DICOM SCP %s listening on %s:%d%s", node.ae_title, node.host, node.port,
                  " (TLS)" if node.tls.enabled else "")
 
