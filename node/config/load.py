@@ -227,6 +227,10 @@ def replace(cfg: Config, **sections: Any) -> Config:
     return dataclasses.replace(cfg, **sections)
 
 
+# SliceThickness of 2 mm or more, as the DS text of the element ("2", "2.5", "5.0", "10"): thin series (a 0.9 mm
+# MPRAGE, a 1 mm CT) are left alone by default. config.toml's rule is the same.
+THICK_2MM_OR_MORE = r"^([2-9]|[1-9][0-9]+)(\.[0-9]*)?$"
+
 # The embedded defaults: a working node that writes results to ./srnode-out.
 DEFAULTS: dict[str, Any] = {
     "node": {"spool_dir": "./spool", "stable_age_s": 5.0},
@@ -234,7 +238,8 @@ DEFAULTS: dict[str, Any] = {
     "rules": [
         {
             "name": "ct-mr-thick",
-            "match": {"Modality": "^(CT|MR)$"},
+            "description": "thick CT/MR only: SliceThickness 2 mm or more",
+            "match": {"Modality": "^(CT|MR)$", "SliceThickness": THICK_2MM_OR_MORE},
             "through_plane_factor": 2,
             "in_plane_factor": 1,
             "destinations": ["local"],

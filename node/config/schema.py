@@ -133,6 +133,7 @@ class RuleConfig:
     """One ``[[rules]]`` entry: which series (``match``: DICOM keyword = regex) get which factors and where."""
 
     name: str
+    description: str = ""  # what the rule is for, in words; quoted in the reason a series is left alone
     match: Mapping[str, str] = field(default_factory=dict)
     through_plane_factor: int = 2
     in_plane_factor: int = 1
