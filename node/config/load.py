@@ -158,6 +158,13 @@ def _check(cfg: Config) -> None:
     _check_port(cfg.http.port, "http.port", allow_zero=True)
     if not re.fullmatch(r"[0-9.]+\.", cfg.derive.uid_root) or len(cfg.derive.uid_root) > 40:
         raise ConfigError("derive.uid_root: must be digits and dots, end with '.', at most 40 characters")
+    for key in ("caution", "series_description_suffix"):
+        text = getattr(cfg.derive, key)
+        if len(text) > 32 or "\\" in text or not text.isprintable():
+            raise ConfigError(f"derive.{key}: {text!r} must be at most 32 printable characters without a backslash "
+                              "(it goes into SeriesDescription, 64 characters in all)")
+    if not 0 <= cfg.derive.series_number_offset <= 10_000_000:
+        raise ConfigError("derive.series_number_offset: must be 0..10000000")
     for key, endpoints in (("destinations", cfg.destinations), ("sources", cfg.sources)):
         names: set[str] = set()
         for i, e in enumerate(endpoints):

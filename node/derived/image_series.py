@@ -23,6 +23,8 @@ from models.engine import EngineResult, Factors, output_shape
 from node import __version__
 from node.config import DeriveConfig
 from node.derived.geometry import geometry_gate, output_positions
+from node.derived.labels import series_descriptions
+from node.derived.labels import series_number as labelled_number
 from node.derived.modules import (
     ACQUISITION,
     CT_IMAGE,
@@ -112,11 +114,11 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     dy, dx = vol.spacing[1] / g, vol.spacing[2] / g
     dtype, lo, hi = _stored_dtype(ref0)
     slope, icpt = vol.rescale_slope, vol.rescale_intercept
-    desc = str(ref0.get("SeriesDescription", "") or vol.modality)
-    if vol.run:
-        desc += f" run {vol.run[0]}/{vol.run[1]}"
-    desc = (desc + cfg.series_description_suffix)[:64]
-    series_number = int(ref0.get("SeriesNumber") or 0) + cfg.series_number_offset + (vol.run[0] - 1 if vol.run else 0)
+    # node.derived.labels: what a reader sees in the study list (engine, factors, fallback, caution)
+    desc, sigma_desc = series_descriptions(str(ref0.get("SeriesDescription", "") or vol.modality), cfg, factors,
+                                           made_by, bool(result.fallback), vol.run)
+    series_number = labelled_number(int(ref0.get("SeriesNumber") or 0), cfg.series_number_offset, made_by, factors,
+                                    vol.run[0] if vol.run else 1)
     equipment = contributing_equipment(result.engine, engine_version, result.fallback, now, denoised)
     derivation = (f"srnode {__version__}: " + (f"{DENOISE_NOTE}, then " if denoised else "")
                   + f"super-resolution x{f} through-plane, x{g} in-plane by engine {result.engine} {engine_version}"
@@ -211,7 +213,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         # highdicom is imported only when the SC series is made
         from node.derived.uncertainty import uncertainty_series
 
-        sc = uncertainty_series(out, result.sigma, vol, sc_uid, cfg, factors, made_by, equipment)
+        sc = uncertainty_series(out, result.sigma, vol, sc_uid, cfg, factors, made_by, equipment,
+                                description=sigma_desc)
     log.info("series %s: derived %d slices into %s (engine %s%s)", vol.series_uid, nz, series_uid, result.engine,
              f", fallback: {result.fallback}" if result.fallback else "")
     return DerivedObjects(out, sc, series_uid, sc_uid)
