@@ -56,6 +56,15 @@ def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
 
 
 @dataclass
+class _AssocCount:
+    """What one association did: instances stored and refused, since when (monotonic seconds)."""
+
+    started: float
+    stored: int = 0
+    refused: int = 0
+
+
+@dataclass
 class StoreSCP:
     """The node's SCP. ``on_release`` is called after an association is released (a stability hint)."""
 
@@ -66,7 +75,7 @@ class StoreSCP:
     on_release: Callable[[], None] | None = None
     _server: ThreadedAssociationServer | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
-    _counts: dict[int, list[int]] = field(default_factory=dict, init=False)  # assoc -> [stored, refused]
+    _counts: dict[int, _AssocCount] = field(default_factory=dict, init=False)  # per open association
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _saved: tuple[bool, str | None] = field(default=(False, None), init=False)
 
@@ -102,20 +111,23 @@ class StoreSCP:
 
     def on_accepted(self, event: evt.Event) -> None:
         with self._lock:
-            self._counts[id(event.assoc)] = [0, 0]
+            self._counts[id(event.assoc)] = _AssocCount(time.monotonic())
         self.metrics.active_associations.inc()
 
     def on_closed(self, event: evt.Event) -> None:
+        """One INFO line per association (caller, address, instances stored/refused, duration; no patient data)."""
         with self._lock:
             counts = self._counts.pop(id(event.assoc), None)
         if counts is None:
             return
         self.metrics.active_associations.dec()
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        calling, address = str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address)
+        log.info("association from %s@%s %s after %.1f s: %d instance(s) stored, %d refused", calling, address, how,
+                 time.monotonic() - counts.started, counts.stored, counts.refused)
         if self.audit:
-            self.audit.write("association", calling_ae=str(event.assoc.requestor.ae_title).strip(),
-                             address=str(event.assoc.requestor.address), end=how, stored=counts[0],
-                             refused=counts[1])
+            self.audit.write("association", calling_ae=calling, address=address, end=how, stored=counts.stored,
+                             refused=counts.refused)
         if self.on_release is not None:
             self.on_release()
 
@@ -126,7 +138,10 @@ class StoreSCP:
         with self._lock:
             c = self._counts.get(id(event.assoc))
             if c is not None:
-                c[0 if ok else 1] += 1
+                if ok:
+                    c.stored += 1
+                else:
+                    c.refused += 1
 
     def on_store(self, event: evt.Event) -> int:
         """C-STORE: admit the file pynetdicom wrote to the spool's ``incoming/`` (no decoding here)."""

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import pty
 import re
 import socket
+import struct
 import subprocess
 import sys
+import termios
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from node import __version__
+from node.bench.phantom import write_phantom_series
 from node.config import load_config
 from node.store import Index, Spool
 from tests.support.fixtures import ROOT
@@ -47,7 +52,7 @@ def test_version_and_help_exit_0() -> None:
     assert r.returncode == 0 and r.stderr == ""
     assert all(c in r.stdout for c in ("serve", "process", "status", "retry", "fetch")), r.stdout
     r = srnode("process", "--help")
-    assert r.returncode == 0 and "IN_DIR" in r.stdout
+    assert r.returncode == 0 and "IN_DIR" in r.stdout and "--quiet" in r.stdout
 
 
 def test_mistyped_or_missing_command_is_a_usage_error() -> None:
@@ -164,3 +169,37 @@ def test_demo_leaves_a_config_for_status(tmp_path: Path) -> None:
     assert status.returncode == 0, status.stderr
     rows = [ln for ln in status.stdout.splitlines()[1:] if ln.strip()]
     assert len(rows) == 1 and " delivered " in rows[0] and "local:delivered" in rows[0], status.stdout
+
+
+def test_process_progress_bar_only_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal each series gets a bar naming its stages; piped or with --quiet, only the result lines."""
+    src = tmp_path / "in"
+    write_phantom_series(src, slices=5, size=32, step_mm=3.0)
+
+    def run(*extra: str) -> tuple[int, str, str]:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        p = subprocess.Popen([sys.executable, "-m", "node.app.cli", "process", str(src), str(tmp_path / "out"),
+                              "--engine", "cubic", "--no-preview", *extra], cwd=ROOT, env=_env(),
+                             stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed its end
+                break
+            if not data:
+                break
+            chunks.append(data)
+        out = p.communicate(timeout=300)[0].decode()
+        os.close(master)
+        return p.returncode, out, b"".join(chunks).decode(errors="replace")
+
+    rc, out, tty = run()
+    assert rc == 0 and out.count("rule ct-mr-thick:") == 1, out + tty
+    assert "[1/1] CT 5 file(s)" in tty and "stages" in tty and "engine cubic" in tty and "deriving" in tty, tty
+    rc, out, tty = run("--quiet")
+    assert rc == 0 and "stages" not in tty and "rule ct-mr-thick:" in out, tty
+    r = srnode("process", src, tmp_path / "out2", "--engine", "cubic", "--no-preview")
+    assert r.returncode == 0 and "stages" not in r.stderr and "rule ct-mr-thick:" in r.stdout
