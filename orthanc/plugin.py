@@ -26,7 +26,7 @@ Marks: Orthanc 1.10 has no labels, so the state is the series metadata ``SrNodeS
 ``srnode-queued`` / ``srnode-done`` / ``srnode-failed``; the reason of a failure goes to ``SrNodeReason``.
 When the server supports labels (Orthanc >= 1.12) the same three words are also set as series labels.
 
-The Orthanc Python plugin is AGPL-3.0; this script runs inside it (see the README, section integration).
+The Orthanc Python plugin is AGPL-3.0; this script runs inside it (see docs/integration.md, Orthanc plugin).
 """
 
 from __future__ import annotations
