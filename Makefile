@@ -51,4 +51,4 @@ lint-docker: install
 	$(VENV)/bin/hadolint Dockerfile
 
 clean:
-	rm -rf $(VENV) spool srnode-out .pytest_cache .mypy_cache
+	rm -rf $(VENV) spool srnode-out demo-run .pytest_cache .mypy_cache

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import re
+
 from node.dimse import Status
 
 
@@ -43,3 +46,27 @@ class DeliveryError(NodeError):
     def __init__(self, message: str, retryable: bool = True) -> None:
         super().__init__(message)
         self.retryable = retryable
+
+
+def listen_problem(what: str, section: str, host: str, port: int, exc: OSError) -> str:
+    """Why ``what`` cannot listen on host:port (config keys ``[section]`` host, port), in words."""
+    where = f"{what} {host}:{port} ([{section}] host, port)"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: in use by another program (is another srnode running?)"
+    if exc.errno == errno.EACCES:
+        return f"{where}: permission denied (ports below 1024 need privileges; use a higher port)"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: this machine has no such address"
+    return f"{where}: cannot listen: {exc.strerror or exc}"
+
+
+_FORCE_ADVICE = re.compile(r"\s*[^.]*\bforce\s*=\s*True\b[^.]*\.?")
+
+
+def dicom_read_problem(exc: BaseException) -> str:
+    """pydicom's reason a file could not be read, in words for a user (never its "Use force=True" advice)."""
+    text = " ".join(str(exc).split())
+    if "DICM" in text or "File Meta Information" in text:
+        return "no DICOM header: the 'DICM' marker after the 128-byte preamble is missing"
+    text = _FORCE_ADVICE.sub("", text).strip()
+    return text or type(exc).__name__

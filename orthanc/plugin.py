@@ -15,18 +15,18 @@ It reads the ``"SrNode"`` section of the Orthanc configuration:
     }
 
 Flow: on STABLE_SERIES the callback only queues the series id (Orthanc must never wait on us). A worker thread
-filters it, skips srnode's own output (ImageType DERIVED, description ending in the suffix, Contributing
-Equipment Sequence naming manufacturer "srnode"), registers the node as modality ``srnode`` and sends the series with Orthanc's
-own store job (``/modalities/srnode/store``, asynchronous). A tracker thread follows each series to its end —
-the node's ``GET /jobs?series=UID`` when HttpUrl is set, else the arrival of a derived series in the same study
-that references the original — and marks the original.
+filters it, skips srnode's own output (ImageType DERIVED, the suffix followed by "x<factor>" in the description,
+Contributing Equipment Sequence naming manufacturer "srnode"), registers the node as modality ``srnode`` and sends
+the series with Orthanc's own store job (``/modalities/srnode/store``, asynchronous). A tracker thread follows each
+series to its end — the node's ``GET /jobs?series=UID`` when HttpUrl is set, else the arrival of a derived series
+in the same study that references the original — and marks the original.
 
 Marks: Orthanc 1.10 has no labels, so the state is the series metadata ``SrNodeState`` (declare it in
 ``UserMetadata``, e.g. ``"UserMetadata": {"SrNodeState": 4242, "SrNodeReason": 4243}``) with values
 ``srnode-queued`` / ``srnode-done`` / ``srnode-failed``; the reason of a failure goes to ``SrNodeReason``.
 When the server supports labels (Orthanc >= 1.12) the same three words are also set as series labels.
 
-The Orthanc Python plugin is AGPL-3.0; this script runs inside it (see the README, section integration).
+The Orthanc Python plugin is AGPL-3.0; this script runs inside it (see docs/integration.md, Orthanc plugin).
 """
 
 from __future__ import annotations
@@ -64,6 +64,15 @@ class _Settings:
         self.suffix = str(section.get("DerivedSuffix", " SR"))
         self.timeout_s = float(section.get("TimeoutSeconds", 3600))
         self.poll_s = float(section.get("PollSeconds", 1.0))
+
+
+def _srnode_description(description: str, suffix: str) -> bool:
+    """A SeriesDescription srnode wrote: "<source><suffix> x2 <engine>..." (node.derived.labels), or the older
+    "<source><suffix>"."""
+    if not suffix:
+        return False
+    return description.endswith(suffix) or re.search(re.escape(suffix) + r" x\d+(?: x\d+)?(?: in-plane)? \S",
+                                                     description) is not None
 
 
 def _log(msg: str) -> None:
@@ -131,7 +140,7 @@ class SrNodePlugin:
         image_type = tags.get("ImageType", "")
         if "DERIVED" in str(image_type).upper().split("\\"):
             return True
-        if self.s.suffix and str(tags.get("SeriesDescription", "")).endswith(self.s.suffix):
+        if _srnode_description(str(tags.get("SeriesDescription", "")), self.s.suffix):
             return True
         for item in tags.get("ContributingEquipmentSequence", []) or []:
             if isinstance(item, dict) and str(item.get("Manufacturer", "")).strip().lower() == "srnode":

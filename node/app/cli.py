@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
+import os
+import select
 import sys
 
 from node import __version__
@@ -31,7 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     """The ``srnode`` parser and one bare sub-parser per command (its options are added by its module)."""
-    parser = argparse.ArgumentParser(prog="srnode", description="Super-resolution DICOM node")
+    parser = argparse.ArgumentParser(prog="srnode", description="Super-resolution DICOM node",
+                                     epilog="srnode COMMAND --help: the command's options")
     parser.add_argument("--version", action="version", version=f"srnode {__version__}")
     parser.add_argument("--log-level", default="", help="DEBUG, INFO, WARNING (default: [node].log_level)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -42,29 +44,68 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``srnode`` with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+    """Run one ``srnode`` command; returns the exit status.
 
-    2 when no command is named (the help is printed), 1 on a NodeError (printed), 130 on Ctrl-C.
+    0: done; 1: a user error (one line on stderr, ``srnode COMMAND: error: ...``, no traceback) or a command that
+    reports failures; 2: a usage error (argparse's message); 130: interrupted. Output cut short by a closed pipe
+    (``srnode status --json | head -1``) ends quietly.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, subs = build_parser()
-    # configure only the chosen sub-command (imports stay lazy: `srnode status` never loads torch)
+    # configure only the chosen sub-command (imports stay lazy: `srnode status` never loads torch);
+    # without one, argparse answers --help / --version (exit 0) and a mistyped command (exit 2) by itself
     chosen = next((a for a in argv if a in COMMANDS), None)
-    if chosen is None:
-        parser.print_help()
-        return 2
-    module = importlib.import_module(COMMANDS[chosen][0])
-    module.configure(subs[chosen])
+    module = None
+    if chosen is not None:
+        module = importlib.import_module(COMMANDS[chosen][0])
+        module.configure(subs[chosen])
     args = parser.parse_args(argv)
+    if module is None:
+        parser.print_usage(sys.stderr)
+        print("srnode: error: a COMMAND is required (srnode --help lists them)", file=sys.stderr)
+        return 2
     setup_logging(args.log_level or "INFO")
     try:
-        return int(module.run(args) or 0)
-    except NodeError as exc:
-        logging.getLogger("srnode").error("%s", exc)
-        print(f"srnode {chosen}: error: {exc}", file=sys.stderr)
+        rc = int(module.run(args) or 0)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError as exc:
+        if _stdout_gone():
+            return _stdout_closed()
+        print(f"srnode {chosen}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except (NodeError, OSError) as exc:  # a user's error or the machine's (port, disk, permission): one line
+        print(f"srnode {chosen}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, NodeError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone (a BrokenPipeError may also come from a network peer)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _fd, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, and keep the exit flush from failing too."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 if __name__ == "__main__":

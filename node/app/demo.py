@@ -21,11 +21,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pydicom import dcmread
+
 from node.app.logs import setup_logging
 from node.app.preview import write_preview
 from node.app.service import Node
 from node.bench.phantom import write_phantom_series
 from node.config import DEFAULTS, Config, config_from_dict
+from node.config.dump import config_toml
 from node.dimse import Status, label
 from node.store import Job, JobState
 
@@ -83,7 +86,6 @@ def _send(files: list[Path], cfg: Config) -> None:
         if r.returncode != 0:
             raise SystemExit(f"storescu failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
         return
-    from pydicom import dcmread
     from pynetdicom import AE, StoragePresentationContexts
 
     ae = AE(ae_title="DEMO_SCU")
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True)
     orthanc_url = _local_orthanc()
     cfg = demo_config(workdir, out_dir, orthanc_url, args.engine)
+    config_file = workdir / "config.toml"  # the demo's spool is workdir/spool: `srnode status` needs this config
+    config_file.write_text(config_toml(cfg, "the configuration `make demo` ran with (python -m node.app.demo)"))
     files, what = _series_files(workdir)
 
     print(f"srnode demo: node {cfg.node.ae_title} on 127.0.0.1:{cfg.node.port}, engine {cfg.engine.name} "
@@ -141,11 +145,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  derived series     {len(derived):4d} instances -> {out_dir / job.study_uid / job.derived_series_uid}")
     if unc:
         print(f"  uncertainty series {len(unc):4d} instances -> {out_dir / job.study_uid / job.uncertainty_series_uid}")
+    for what, series in (("derived", derived), ("uncertainty", unc)):
+        if series:
+            hdr = dcmread(series[0], stop_before_pixels=True)
+            print(f"  {what} label: SeriesNumber {hdr.get('SeriesNumber', '')}, "
+                  f"SeriesDescription {str(hdr.get('SeriesDescription', ''))!r}")
     if orthanc_url:
         print(f"  also stored in Orthanc at {orthanc_url} (same study)")
     png = write_preview(files, derived, unc, out_dir / "preview.png")
     print(f"  preview (original / derived / uncertainty): {png}")
+    print(f"  the job and its deliveries: {_srnode()} status --config {_shown(config_file)}")
     return 0
+
+
+def _srnode() -> str:
+    """How to call the ``srnode`` command from here: the venv's script when this is its python."""
+    script = Path(sys.executable).parent / "srnode"
+    on_path = shutil.which("srnode")
+    if script.exists():
+        return "srnode" if on_path and Path(on_path).absolute() == script.absolute() else _shown(script)
+    return "srnode" if on_path else f"{_shown(Path(sys.executable))} -m node.app.cli"
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the current folder when it lies below it."""
+    try:
+        return str(path.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _wait_delivered(node: Node, timeout: float) -> Job | None:

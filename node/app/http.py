@@ -18,6 +18,7 @@ import asyncio
 import hmac
 import logging
 import secrets
+import socket
 import tempfile
 import threading
 import time
@@ -34,7 +35,7 @@ from starlette.routing import Route
 
 from models.engine import Device, EngineOptions, get_engine
 from node.app.context import NodeContext
-from node.errors import ConfigError, NodeError
+from node.errors import ConfigError, NodeError, listen_problem
 from node.ingest import (
     Caller,
     ChangesFollower,
@@ -254,6 +255,22 @@ class HttpHandle:
         self.thread.join(timeout=10)
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on host:port; ConfigError in words when the port is taken or not allowed."""
+    try:
+        family, kind, proto, _name, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise ConfigError(listen_problem("HTTP port", "http", host, port, exc)) from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(listen_problem("HTTP port", "http", host, port, exc)) from exc
+    return sock
+
+
 def start_http(ctx: NodeContext) -> HttpHandle:
     """Serve :func:`build_app` on ``[http]`` host:port in a thread; returns once the socket is bound.
 
@@ -261,16 +278,17 @@ def start_http(ctx: NodeContext) -> HttpHandle:
     with the handle).
     """
     cfg = ctx.cfg.http
+    sock = _bind(cfg.host, cfg.port)  # here, so that a port in use is one ConfigError (uvicorn would log and exit)
     config = uvicorn.Config(build_app(ctx), host=cfg.host, port=cfg.port, log_level="warning",
                             access_log=False, lifespan="off")
     server = uvicorn.Server(config)
     # uvicorn installs signal handlers only in the main thread: the service keeps owning SIGTERM/SIGINT
-    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise ConfigError(f"http: could not listen on {cfg.host}:{cfg.port} (port in use?)")
+            raise ConfigError(f"http: the API did not start on {cfg.host}:{cfg.port} within 15 s")
         time.sleep(0.05)
     handle = HttpHandle(server, thread, start_followers(ctx.cfg, ctx.admission))
     log.info("HTTP API on http://%s:%d", cfg.host, handle.port)

@@ -1,21 +1,23 @@
 """``srnode process IN_DIR OUT_DIR``: offline, the same pipeline as the node on a folder of DICOM files.
 
-Files are grouped by SeriesInstanceUID; each series goes through the configured rules (no caller: every rule may
-take it) and ``node.process.process_series``; one line per series says what was written, or why not, followed by
-one "NOT IN ANY DERIVED SERIES" line per input slice that no derived series holds (file and reason).
+IN_DIR may also be one DICOM file. Files are grouped by SeriesInstanceUID; each series goes through the configured
+rules (no caller: every rule may take it) and ``node.process.process_series``; one line per series says what was
+written, or why not, followed by one "NOT IN ANY DERIVED SERIES" line per input slice that no derived series holds
+(file and reason). On a terminal a progress bar per series names the stage (``node.app.progress``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
 from node.app.preview import write_preview
-from node.config import load_config
+from node.app.progress import SeriesBar, logs_through_bars
+from node.app.progress import wanted as progress_bar_wanted
+from node.config import Config, load_config
 from node.errors import NodeError, VolumeError
 from node.jobs import match_rule
 from node.process import EngineCache, ProcessResult, process_series
@@ -26,16 +28,30 @@ log = logging.getLogger(__name__)
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add ``srnode process`` options to ``parser``."""
-    parser.add_argument("in_dir", metavar="IN_DIR", type=Path, help="folder of DICOM files (searched recursively)")
+    parser.add_argument("in_dir", metavar="IN_DIR", type=Path,
+                        help="folder of DICOM files (searched recursively), or one DICOM file")
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="where derived + uncertainty series go")
     parser.add_argument("--config", default=None, help="config.toml (default: the embedded defaults)")
     parser.add_argument("--engine", default="", help="engine for every series (default: rule / [engine].name)")
     parser.add_argument("--no-preview", action="store_true", help="do not write preview.png per series")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (there is none either when stderr is not a terminal)")
 
 
 def group_by_series(in_dir: Path) -> tuple[dict[str, list[Path]], dict[str, Dataset], list[str]]:
-    """Files of ``in_dir`` (recursive, hidden names skipped) by SeriesInstanceUID ("" when absent), one header
-    per series, and the reasons for the files that are not DICOM."""
+    """Files of ``in_dir`` by SeriesInstanceUID, one header per series, and the files that are not DICOM.
+
+    ``in_dir`` may be a single file (an enhanced multi-frame object holds a whole series); one that is not DICOM
+    raises VolumeError, as does a path that does not exist.
+    """
+    if not in_dir.exists():
+        raise VolumeError(f"{in_dir}: does not exist")
+    if in_dir.is_file():
+        hdr = read_header(in_dir)  # VolumeError: not DICOM
+        uid = str(hdr.get("SeriesInstanceUID", "") or "")
+        return {uid: [in_dir]}, {uid: hdr}, []
+    if not in_dir.is_dir():
+        raise VolumeError(f"{in_dir}: neither a folder nor a file")
     groups: dict[str, list[Path]] = {}
     headers: dict[str, Dataset] = {}
     bad: list[str] = []
@@ -62,16 +78,24 @@ def run(args: argparse.Namespace) -> int:
     VolumeError when IN_DIR is not a folder; ConfigError for a bad config."""
     cfg = load_config(args.config)
     in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
-    if not in_dir.is_dir():
-        raise VolumeError(f"{in_dir}: not a folder")
     groups, headers, bad = group_by_series(in_dir)
     failed = 0
     for reason in bad:
         print(f"FAILED {reason}")
         failed += 1
     if not groups:
+        if not bad:
+            raise VolumeError(f"{in_dir}: no files in this folder")
         print(f"no DICOM series found in {in_dir}")
         return 1
+    bars = progress_bar_wanted(args.quiet)
+    with logs_through_bars(bars):
+        return _process(cfg, groups, headers, out_dir, args, bars, failed)
+
+
+def _process(cfg: Config, groups: dict[str, list[Path]], headers: dict[str, Dataset], out_dir: Path,
+             args: argparse.Namespace, bars: bool, failed: int) -> int:
+    """Each series through its rule; one result line per series on stdout. Returns the exit status."""
     total = len(groups)
     engines = EngineCache()
     for n, (uid, files) in enumerate(sorted(groups.items()), start=1):
@@ -83,17 +107,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"{label}: left alone: {why}")
             continue
 
-        def progress(msg: str, _label: str = label) -> None:
-            print(f"{_label}: {msg}", file=sys.stderr, flush=True)
-
+        bar = SeriesBar(f"[{n}/{total}] {hdr.get('Modality', '?')} {len(files)} file(s)", bars)
         dest = out_dir / _safe(uid)
         try:
-            res = process_series(files, rule, cfg, dest, engine_name=args.engine, progress=progress,
+            res = process_series(files, rule, cfg, dest, engine_name=args.engine, progress=bar.stage,
                                  engines=engines)
         except NodeError as exc:  # VolumeError, EngineError, DeriveError: the reason in words
+            bar.close()
             failed += 1
             print(f"{label}: FAILED: {exc}")
             continue
+        bar.close()
         preview = ""
         if not args.no_preview:
             preview = _write_preview(files, res, dest)

@@ -94,7 +94,11 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    node.start()
+    try:
+        node.start()
+    except BaseException:
+        node.stop()  # what did start (executor, watcher, outbox, SCP) stops before the error is reported
+        raise
     log.info("srnode %s ready (DICOM %s:%d)", cfg.node.ae_title, cfg.node.host, cfg.node.port)
     while not stop.wait(1.0):
         pass

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from node.config import load_config
+from node.errors import NodeError
 from node.store import Index, Job, JobState, Spool
 
 
@@ -31,8 +32,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace) -> Index:
+    """The spool's index; NodeError when there is none (never creates an empty spool where nothing was received)."""
     cfg = load_config(args.config)
-    return Index(Spool(cfg.spool_path).index_path)
+    where = f"the spool_dir of {cfg.path}" if cfg.path else "the embedded default; pass the node's --config"
+    if not cfg.spool_path.is_dir():
+        raise NodeError(f"no spool at {cfg.spool_path.resolve()} ({where})")
+    index_path = Spool(cfg.spool_path).index_path
+    if not index_path.is_file():
+        raise NodeError(f"no spool index at {index_path}: the node has not run with this spool ({where})")
+    return Index(index_path)
 
 
 def job_dict(index: Index, j: Job) -> dict[str, Any]:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def _series_dirs(path: Path) -> list[Path]:
+    if not path.exists():
+        raise VolumeError(f"{path}: does not exist")
     if path.suffix == ".npz" or (path.is_dir() and any(p.is_file() for p in path.iterdir())):
         return [path]
     if path.is_dir():

@@ -52,6 +52,8 @@ def load_volume(path: Path) -> Loaded:
         return Loaded(vin, np.asarray(d["positions"], float), np.asarray(d["normal"], float), path.stem)
     from node.series import load_series  # the DICOM stack only where needed
 
+    if not path.exists():
+        raise VolumeError(f"{path}: does not exist")
     if not path.is_dir():
         raise VolumeError(f"{path}: not a series folder")
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))

@@ -158,6 +158,13 @@ def _check(cfg: Config) -> None:
     _check_port(cfg.http.port, "http.port", allow_zero=True)
     if not re.fullmatch(r"[0-9.]+\.", cfg.derive.uid_root) or len(cfg.derive.uid_root) > 40:
         raise ConfigError("derive.uid_root: must be digits and dots, end with '.', at most 40 characters")
+    for key in ("caution", "series_description_suffix"):
+        text = getattr(cfg.derive, key)
+        if len(text) > 32 or "\\" in text or not text.isprintable():
+            raise ConfigError(f"derive.{key}: {text!r} must be at most 32 printable characters without a backslash "
+                              "(it goes into SeriesDescription, 64 characters in all)")
+    if not 0 <= cfg.derive.series_number_offset <= 10_000_000:
+        raise ConfigError("derive.series_number_offset: must be 0..10000000")
     for key, endpoints in (("destinations", cfg.destinations), ("sources", cfg.sources)):
         names: set[str] = set()
         for i, e in enumerate(endpoints):
@@ -227,6 +234,10 @@ def replace(cfg: Config, **sections: Any) -> Config:
     return dataclasses.replace(cfg, **sections)
 
 
+# SliceThickness of 2 mm or more, as the DS text of the element ("2", "2.5", "5.0", "10"): thin series (a 0.9 mm
+# MPRAGE, a 1 mm CT) are left alone by default. config.toml's rule is the same.
+THICK_2MM_OR_MORE = r"^([2-9]|[1-9][0-9]+)(\.[0-9]*)?$"
+
 # The embedded defaults: a working node that writes results to ./srnode-out.
 DEFAULTS: dict[str, Any] = {
     "node": {"spool_dir": "./spool", "stable_age_s": 5.0},
@@ -234,7 +245,8 @@ DEFAULTS: dict[str, Any] = {
     "rules": [
         {
             "name": "ct-mr-thick",
-            "match": {"Modality": "^(CT|MR)$"},
+            "description": "thick CT/MR only: SliceThickness 2 mm or more",
+            "match": {"Modality": "^(CT|MR)$", "SliceThickness": THICK_2MM_OR_MORE},
             "through_plane_factor": 2,
             "in_plane_factor": 1,
             "destinations": ["local"],

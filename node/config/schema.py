@@ -87,11 +87,12 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class DeriveConfig:
-    """``[derive]``: UIDs and descriptions of the derived series."""
+    """``[derive]``: UIDs and labels of the derived series (``node.derived.labels`` says how they are made)."""
 
     uid_root: str = "1.2.826.0.1.3680043.10.1087."
     series_description_suffix: str = " SR"
     series_number_offset: int = 1000
+    caution: str = "not for diagnosis"  # ends every derived SeriesDescription ("" = none)
     uncertainty: bool = True
 
 
@@ -133,6 +134,7 @@ class RuleConfig:
     """One ``[[rules]]`` entry: which series (``match``: DICOM keyword = regex) get which factors and where."""
 
     name: str
+    description: str = ""  # what the rule is for, in words; quoted in the reason a series is left alone
     match: Mapping[str, str] = field(default_factory=dict)
     through_plane_factor: int = 2
     in_plane_factor: int = 1

@@ -28,6 +28,8 @@ from models.engine import EngineResult, Factors, output_shape
 from node import __version__
 from node.config import DeriveConfig
 from node.derived.geometry import geometry_gate, output_positions
+from node.derived.labels import series_descriptions
+from node.derived.labels import series_number as labelled_number
 from node.derived.modules import (
     ACQUISITION,
     CT_IMAGE,
@@ -121,18 +123,21 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     fmt, value_note = output_format(vol, result.data)
     photometric, photo_note = series_photometric(vol)
     notes = [n for n in (value_note, photo_note) if n]
-    desc = str(ref0.get("SeriesDescription", "") or vol.modality)
+    run_label = ""
     if vol.run:
         # one run of an irregular series is not the whole series: "run 1/1" would say it is
         if vol.run[1] == 1 and vol.run_slices:
-            desc += f" slices {vol.run_slices[0]}-{vol.run_slices[1]} of {vol.run_slices[2]}"
+            run_label = f"slices {vol.run_slices[0]}-{vol.run_slices[1]} of {vol.run_slices[2]}"
         else:
-            desc += f" run {vol.run[0]}/{vol.run[1]}"
+            run_label = f"run {vol.run[0]}/{vol.run[1]}"
         if vol.run_slices:
             notes.insert(0, f"run {vol.run[0]}/{vol.run[1]}: input slices {vol.run_slices[0]}-{vol.run_slices[1]} "
                             f"of {vol.run_slices[2]} (the series' slice steps are irregular)")
-    desc = (desc + cfg.series_description_suffix)[:64]
-    series_number = int(ref0.get("SeriesNumber") or 0) + cfg.series_number_offset + (vol.run[0] - 1 if vol.run else 0)
+    # node.derived.labels: what a reader sees in the study list (engine, factors, fallback, caution)
+    desc, sigma_desc = series_descriptions(str(ref0.get("SeriesDescription", "") or vol.modality), cfg, factors,
+                                           made_by, bool(result.fallback), run_label)
+    series_number = labelled_number(int(ref0.get("SeriesNumber") or 0), cfg.series_number_offset, made_by, factors,
+                                    vol.run[0] if vol.run else 1)
     equipment = contributing_equipment(result.engine, engine_version, result.fallback, now, denoised)
     derivation = (f"srnode {__version__}: " + (f"{DENOISE_NOTE}, then " if denoised else "")
                   + f"super-resolution x{f} through-plane, x{g} in-plane by engine {result.engine} {engine_version}"
@@ -229,7 +234,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         # highdicom is imported only when the SC series is made
         from node.derived.uncertainty import uncertainty_series
 
-        sc = uncertainty_series(out, result.sigma, vol, sc_uid, cfg, factors, made_by, equipment)
+        sc = uncertainty_series(out, result.sigma, vol, sc_uid, cfg, factors, made_by, equipment,
+                                description=sigma_desc)
     log.info("series %s: derived %d slices into %s (engine %s%s)", vol.series_uid, nz, series_uid, result.engine,
              f", fallback: {result.fallback}" if result.fallback else "")
     return DerivedObjects(out, sc, series_uid, sc_uid, notes)

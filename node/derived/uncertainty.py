@@ -37,12 +37,15 @@ def _orientation_letter(v: np.ndarray) -> str:
 
 
 def uncertainty_series(derived: list[Dataset], sigma: np.ndarray, vol: SeriesVolume, series_uid: str,
-                       cfg: DeriveConfig, factors: Factors, engine: str, equipment: Dataset) -> list[Dataset]:
+                       cfg: DeriveConfig, factors: Factors, engine: str, equipment: Dataset,
+                       description: str = "") -> list[Dataset]:
     """One single-frame Secondary Capture per derived slice; stored value x RescaleSlope = sigma.
 
     ``sigma``: (Z', Y', X') 1-sigma per voxel, modality units (HU for CT), same shape as the derived slices;
     non-finite or negative values are stored as 0. Stored as uint16 with slope max(sigma, 1e-3) / 65000
     (Secondary Capture Image IOD, PS3.3 A.8.1; Modality LUT, PS3.3 C.11.1). ``derived`` must not be empty.
+    ``description``: the series' SeriesDescription (``node.derived.labels``; default: the derived one + " sigma");
+    its SeriesNumber is the derived series' + 1.
     """
     sig = np.asarray(sigma, dtype=np.float32)
     finite = np.isfinite(sig)
@@ -53,7 +56,8 @@ def uncertainty_series(derived: list[Dataset], sigma: np.ndarray, vol: SeriesVol
     width = max(p99, 1.0)
     units = "HU" if vol.modality == "CT" else "US"
     orient = (_orientation_letter(vol.row_cosine), _orientation_letter(vol.col_cosine))
-    template = _template(derived[0], series_uid, orient, engine, units, slope, width, equipment)
+    template = _template(derived[0], series_uid, orient, engine, units, slope, width, equipment,
+                         description or (str(derived[0].SeriesDescription)[:58] + " sigma"))
     out: list[Dataset] = []
     for k, d in enumerate(derived):
         sc = copy.deepcopy(template)
@@ -74,7 +78,7 @@ def uncertainty_series(derived: list[Dataset], sigma: np.ndarray, vol: SeriesVol
 
 
 def _template(d: Dataset, series_uid: str, orient: tuple[str, str], engine: str, units: str, slope: float,
-              width: float, equipment: Dataset) -> Dataset:
+              width: float, equipment: Dataset, description: str) -> Dataset:
     """The attributes every SC of the series shares, built once with highdicom (pixel data left out)."""
     with warnings.catch_warnings():
         # highdicom warns about unusual person names by quoting them: never let a name reach a log
@@ -93,7 +97,7 @@ def _template(d: Dataset, series_uid: str, orient: tuple[str, str], engine: str,
         if kw in d:
             sc[kw] = copy.deepcopy(d[kw])
     # General Series
-    sc.SeriesDescription = (str(d.SeriesDescription)[:56] + " sigma")[:64]
+    sc.SeriesDescription = description[:64]
     for kw in ("BodyPartExamined", "Laterality"):
         if d.get(kw):
             setattr(sc, kw, d.get(kw))

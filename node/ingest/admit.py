@@ -32,7 +32,7 @@ from pynetdicom import AllStoragePresentationContexts
 
 from node.config import CallerConfig, Config
 from node.dimse import Status, label
-from node.errors import IngestError
+from node.errors import IngestError, dicom_read_problem
 from node.metrics import Metrics
 from node.store import Index, Instance, Spool, Stored, valid_uid
 
@@ -120,7 +120,8 @@ def read_header(path: Path) -> Header:
             ends = _pixel_data_end(fh, ds.original_encoding[1] is not False,
                                    ds.original_encoding[0] is not False) if has_pixels else None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
-        raise IngestError(f"file cannot be parsed: {type(exc).__name__}: {exc}", Status.CANNOT_UNDERSTAND) from exc
+        raise IngestError(f"file cannot be parsed: {type(exc).__name__}: {dicom_read_problem(exc)}",
+                          Status.CANNOT_UNDERSTAND) from exc
     if ends is not None and ends[0] > size:
         raise IngestError(f"file is truncated: element {ends[1]} ends at byte {ends[0]}, the file has {size}",
                           Status.CANNOT_UNDERSTAND)

@@ -15,6 +15,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from node.config import Config, OrthancSource
+from node.derived.labels import is_srnode_description
 from node.errors import IngestError, NodeError
 from node.ingest.admit import Admission
 from node.ingest.pull import orthanc_call, orthanc_client, orthanc_series_files, source_caller
@@ -26,7 +27,7 @@ def is_own_output(ds: Dataset, suffix: str) -> bool:
     """srnode's derived / uncertainty output (never pulled back in)."""
     if "DERIVED" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
         return True
-    if suffix and str(ds.get("SeriesDescription", "")).endswith(suffix):
+    if is_srnode_description(str(ds.get("SeriesDescription", "") or ""), suffix):
         return True
     return any(str(item.get("Manufacturer", "")).strip().lower() == "srnode"
                for item in (ds.get("ContributingEquipmentSequence") or []))

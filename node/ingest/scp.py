@@ -31,7 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from node.audit import AuditLog
 from node.config import Config
 from node.dimse import Status
-from node.errors import IngestError
+from node.errors import ConfigError, IngestError, listen_problem
 from node.ingest.admit import Admission, Caller, find_caller
 from node.metrics import Metrics
 
@@ -58,6 +58,15 @@ def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
 
 
 @dataclass
+class _AssocCount:
+    """What one association did: instances stored and refused, since when (monotonic seconds)."""
+
+    started: float
+    stored: int = 0
+    refused: int = 0
+
+
+@dataclass
 class StoreSCP:
     """The node's SCP. ``on_release`` is called after an association ends, released or aborted (a hint)."""
 
@@ -68,7 +77,7 @@ class StoreSCP:
     on_release: Callable[[], None] | None = None
     _server: ThreadedAssociationServer | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
-    _counts: dict[int, list[int]] = field(default_factory=dict, init=False)  # assoc -> [stored, refused]
+    _counts: dict[int, _AssocCount] = field(default_factory=dict, init=False)  # per open association
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _saved: tuple[bool, str | None] = field(default=(False, None), init=False)
 
@@ -110,22 +119,24 @@ class StoreSCP:
     def on_accepted(self, event: evt.Event) -> None:
         """Start counting the association's stored / refused instances; one more active association."""
         with self._lock:
-            self._counts[id(event.assoc)] = [0, 0]
+            self._counts[id(event.assoc)] = _AssocCount(time.monotonic())
         self.metrics.active_associations.inc()
 
     def on_closed(self, event: evt.Event) -> None:
-        """An accepted association released or aborted: audit its counts, one fewer active association, call
-        ``on_release``."""
+        """An accepted association released or aborted: audit its counts, log one INFO line (caller, address,
+        instances stored/refused, duration; no patient data), one fewer active association, call ``on_release``."""
         with self._lock:
             counts = self._counts.pop(id(event.assoc), None)
         if counts is None:
             return
         self.metrics.active_associations.dec()
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        calling, address = str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address)
+        log.info("association from %s@%s %s after %.1f s: %d instance(s) stored, %d refused", calling, address, how,
+                 time.monotonic() - counts.started, counts.stored, counts.refused)
         if self.audit:
-            self.audit.write("association", calling_ae=str(event.assoc.requestor.ae_title).strip(),
-                             address=str(event.assoc.requestor.address), end=how, stored=counts[0],
-                             refused=counts[1])
+            self.audit.write("association", calling_ae=calling, address=address, end=how, stored=counts.stored,
+                             refused=counts.refused)
         if self.on_release is not None:
             self.on_release()
 
@@ -137,7 +148,10 @@ class StoreSCP:
         with self._lock:
             c = self._counts.get(id(event.assoc))
             if c is not None:
-                c[0 if ok else 1] += 1
+                if ok:
+                    c.stored += 1
+                else:
+                    c.refused += 1
 
     def on_store(self, event: evt.Event) -> int:
         """C-STORE: admit the file pynetdicom wrote to the spool's ``incoming/`` (no decoding here).
@@ -193,8 +207,12 @@ class StoreSCP:
         tempfile.tempdir = str(self.admission.spool.incoming)
         node = self.cfg.node
         ae = self.make_ae()
-        self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=self.handlers(),
-                                       ssl_context=server_ssl_context(self.cfg))
+        try:
+            self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=self.handlers(),
+                                           ssl_context=server_ssl_context(self.cfg))
+        except OSError as exc:
+            _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved
+            raise ConfigError(listen_problem("DICOM port", "node", node.host, node.port, exc)) from exc
         log.info("DICOM SCP %s listening on %s:%d%s", node.ae_title, node.host, node.port,
                  " (TLS)" if node.tls.enabled else "")
 

@@ -18,7 +18,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from node.dimse import Status
-from node.errors import IngestError
+from node.errors import IngestError, dicom_read_problem
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def store_multipart(body: bytes, content_type: str, spool: Callable[[bytes], Any
             spool(payload)
             result.stored.append((sop_class, sop_uid))
         except (InvalidDicomError, EOFError, ValueError, AttributeError) as exc:
-            result.failed.append((sop_class, sop_uid, Status.CANNOT_UNDERSTAND, f"part {n}: not a DICOM file: {exc}"))
+            result.failed.append((sop_class, sop_uid, Status.CANNOT_UNDERSTAND, f"part {n}: not a DICOM file: {dicom_read_problem(exc)}"))
         except IngestError as exc:
             result.failed.append((sop_class, sop_uid, exc.status, f"part {n}: {exc}"))
     for *_, words in result.failed:

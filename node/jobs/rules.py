@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from node.config import Config, RuleConfig
+from node.series import group_value
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,21 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 
 
 def element_values(header: Dataset, keyword: str) -> list[str] | None:
-    """The element's values as strings (``None`` when absent); a multi-valued element gives each value."""
+    """The element's values as strings (``None`` when absent); a multi-valued element gives each value.
+
+    An enhanced (multi-frame) object keeps SliceThickness, PixelSpacing and the like only in its functional
+    groups: an element absent at the top level is looked up there (shared groups, then the first frame's).
+    """
     if keyword not in header:
-        return None
-    value = header.get(keyword)
+        value = group_value(header, keyword)
+        if value is None:
+            return None
+        return element_text(value)
+    return element_text(header.get(keyword))
+
+
+def element_text(value: object) -> list[str]:
+    """An element value as strings, one per value."""
     if value is None:
         return [""]
     if isinstance(value, (MultiValue, list, tuple)):
@@ -94,7 +106,7 @@ def match_rule(cfg: Config, header: Dataset, allowed: frozenset[str] | None = No
         miss = rule_mismatch(rule, header)
         if not miss:
             return rule, f"rule {rule.name!r} matched"
-        misses.append(f"{rule.name}: {miss}")
+        misses.append(f"{rule.name}" + (f" ({rule.description})" if rule.description else "") + f": {miss}")
     modality = element_values(header, "Modality")
     head = f"no rule matched: {_shown('Modality', modality)}"
     return None, head + " (" + "; ".join(misses) + ")"

@@ -18,7 +18,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
-from node.errors import VolumeError
+from node.errors import VolumeError, dicom_read_problem
 
 # SOP classes that carry no image a volume can be built from
 _NON_IMAGE_PREFIXES = (
@@ -74,7 +74,7 @@ def read_dataset(path: Path, pixels: bool = True) -> Dataset:
     try:
         return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except (InvalidDicomError, OSError, EOFError, *MALFORMED) as exc:
-        raise VolumeError(f"{path.name}: not a readable DICOM file ({exc})") from exc
+        raise VolumeError(f"{path.name}: not a readable DICOM file ({dicom_read_problem(exc)})") from exc
 
 
 def _floats(value: Any, n: int, what: str, name: str) -> np.ndarray:

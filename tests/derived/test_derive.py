@@ -112,8 +112,8 @@ def test_uids_new_deterministic_and_references(phantom: SeriesVolume) -> None:
     assert d0.ReferencedSeriesSequence[0].SeriesInstanceUID == vol.series_uid
     assert "srnode" in d0.DerivationDescription and "cubic" in d0.DerivationDescription
     assert d0.ContributingEquipmentSequence[0].Manufacturer == "srnode"
-    assert d0.SeriesDescription.endswith(CFG.series_description_suffix)
-    assert int(d0.SeriesNumber) == int(vol.datasets[0].SeriesNumber) + CFG.series_number_offset
+    assert d0.SeriesDescription == f"Head phantom 3 mm{CFG.series_description_suffix} x2 cubic - {CFG.caution}"
+    assert int(d0.SeriesNumber) % CFG.series_number_offset == int(vol.datasets[0].SeriesNumber)  # labels.py
     sc = a.uncertainty[0]
     assert sc.StudyInstanceUID == d0.StudyInstanceUID and sc.SeriesInstanceUID == a.uncertainty_series_uid
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == d0.SOPInstanceUID

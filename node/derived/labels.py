@@ -1,0 +1,90 @@
+"""What a reader sees of srnode's output in a study list: SeriesDescription and SeriesNumber.
+
+SeriesDescription (LO, at most 64 characters)::
+
+    <source description>[ run i/n | slices a-b of N]<suffix> <factors> <engine>[ (fallback)][ sigma][ - <caution>]
+
+    STD BRAIN 5MM SR x2 selfsup - not for diagnosis               the derived series
+    STD BRAIN 5MM SR x2 selfsup sigma - not for diagnosis         its uncertainty series
+    STD BRAIN 5MM SR x2 cubic (fallback) - not for diagnosis      SR failed or gained too little: cubic instead
+
+``suffix`` is ``[derive] series_description_suffix`` (default " SR"), ``caution`` is ``[derive] caution`` (default
+"not for diagnosis"; "" leaves it out). ``factors`` is ``x<f>`` for a through-plane factor f, ``x<g> in-plane``
+for an in-plane factor g alone, ``x<f> x<g> in-plane`` for both. ``engine`` is the engine that made the pixels
+(``selfsup``, ``cubic``, ``selfsup+denoise``). When the whole is longer than 64 characters the source description
+is shortened first; only then the end of the caution.
+
+SeriesNumber (IS)::
+
+    derived     = source + offset * k + 2 * (run - 1)
+    uncertainty = derived + 1
+    k           = 1 + (first 4 bytes of SHA-256 of "<engine>|<f>|<g>") mod 99       (1..99)
+
+``source`` is the input's SeriesNumber (0 when absent), ``offset`` is ``[derive] series_number_offset`` (default
+1000), ``run`` the regular run of an irregular series (1 otherwise). So with the default offset a result of series
+201 is numbered <k>201 (1201 ... 99201): the source number stays readable in the last digits, each run and the
+uncertainty series get their own number, and results of other engines or factors land in another thousand (98
+times in 99; their descriptions differ in any case). The rule's name is not part of k on purpose: two rules with the same engine and
+factors make the very same series (the same SeriesInstanceUID, ``node.derived.modules.derived_uid``), which must
+carry one number. The same inputs always give the same number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from models.engine import Factors
+from node.config import DeriveConfig
+
+LO_MAX = 64
+IS_MAX = 2**31 - 1
+_FACTORS = r" x\d+(?: x\d+)?(?: in-plane)? "
+
+
+def factors_label(factors: Factors) -> str:
+    """``x2``; ``x2 in-plane``; ``x2 x2 in-plane`` (through-plane, then in-plane)."""
+    f, g = factors.through_plane, factors.in_plane
+    if g == 1:
+        return f"x{f}"
+    return f"x{g} in-plane" if f == 1 else f"x{f} x{g} in-plane"
+
+
+def series_description(source: str, suffix: str, factors: Factors, engine: str, *, fallback: bool = False,
+                       caution: str = "", run: str = "", sigma: bool = False) -> str:
+    """The SeriesDescription of a derived (``sigma``: uncertainty) series; see the module's docstring.
+
+    ``run``: which part of an irregular series this is ("run 1/2", "slices 3-27 of 27"), "" for a whole series.
+    """
+    run_text = f" {run}" if run else ""
+    tail = (f"{run_text}{suffix} {factors_label(factors)} {engine}" + (" (fallback)" if fallback else "")
+            + (" sigma" if sigma else "") + (f" - {caution}" if caution else ""))
+    room = LO_MAX - len(tail)
+    head = " ".join(source.split())  # one line, single spaces (a description may hold odd whitespace)
+    if room <= 0:
+        return tail.strip()[:LO_MAX].rstrip(" -")
+    if len(head) > room:
+        head = head[:room].rstrip()
+    return (head + tail).strip()
+
+
+def series_descriptions(source: str, cfg: DeriveConfig, factors: Factors, engine: str, fallback: bool,
+                        run: str) -> tuple[str, str]:
+    """The derived series' description and its uncertainty series' (``[derive]`` suffix and caution)."""
+    derived, sigma = (series_description(source, cfg.series_description_suffix, factors, engine, fallback=fallback,
+                                         caution=cfg.caution, run=run, sigma=s) for s in (False, True))
+    return derived, sigma
+
+
+def is_srnode_description(description: str, suffix: str) -> bool:
+    """Whether a SeriesDescription is one srnode wrote (this format, or the older ``<description><suffix>``)."""
+    if not suffix:
+        return False
+    return description.endswith(suffix) or re.search(re.escape(suffix) + _FACTORS + r"\S", description) is not None
+
+
+def series_number(source: int, offset: int, engine: str, factors: Factors, run: int = 1) -> int:
+    """The derived series' SeriesNumber (the uncertainty series takes the next one); see the module's docstring."""
+    key = f"{engine}|{factors.through_plane}|{factors.in_plane}".encode()
+    k = 1 + int.from_bytes(hashlib.sha256(key).digest()[:4], "big") % 99
+    return max(0, min(source + offset * k + 2 * (max(run, 1) - 1), IS_MAX - 1))

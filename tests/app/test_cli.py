@@ -1,0 +1,205 @@
+"""The ``srnode`` command line as a user meets it: real subprocess runs of the CLI, exit codes and stderr."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import re
+import socket
+import struct
+import subprocess
+import sys
+import termios
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node import __version__
+from node.bench.phantom import write_phantom_series
+from node.config import load_config
+from node.store import Index, Spool
+from tests.support.fixtures import ROOT
+from tests.support.peers import free_port
+
+
+def srnode(*args: str | Path, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "node.app.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env=_env())
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")  # the checkout's code, from any cwd
+    return env
+
+
+def one_error_line(r: subprocess.CompletedProcess[str], command: str) -> str:
+    """The run failed with exit 1 and said why in exactly one stderr line ``srnode COMMAND: error: ...``."""
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"srnode {command}: error: "), r.stderr
+    return lines[0]
+
+
+def test_version_and_help_exit_0() -> None:
+    r = srnode("--version")
+    assert (r.returncode, r.stdout.strip()) == (0, f"srnode {__version__}")
+    r = srnode("--help")
+    assert r.returncode == 0 and r.stderr == ""
+    assert all(c in r.stdout for c in ("serve", "process", "status", "retry", "fetch")), r.stdout
+    r = srnode("process", "--help")
+    assert r.returncode == 0 and "IN_DIR" in r.stdout and "--quiet" in r.stdout
+
+
+def test_mistyped_or_missing_command_is_a_usage_error() -> None:
+    r = srnode("stauts")
+    assert r.returncode == 2 and "invalid choice: 'stauts'" in r.stderr and "Traceback" not in r.stderr
+    r = srnode()
+    assert r.returncode == 2 and "a COMMAND is required" in r.stderr
+
+
+def test_process_path_errors_are_one_line(tmp_path: Path) -> None:
+    line = one_error_line(srnode("process", tmp_path / "nowhere", tmp_path / "out"), "process")
+    assert line.endswith("nowhere: does not exist"), line
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not DICOM")
+    line = one_error_line(srnode("process", notes, tmp_path / "out"), "process")
+    assert "notes.txt: not a readable DICOM file" in line and "DICM" in line, line
+    assert "force" not in line  # pydicom's advice to force-read is for programmers, not users
+    (tmp_path / "empty").mkdir()
+    line = one_error_line(srnode("process", tmp_path / "empty", tmp_path / "out"), "process")
+    assert "empty: no files in this folder" in line
+
+
+def test_a_folder_with_a_non_dicom_file_names_it_without_pydicom_advice(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "readme.txt").write_text("hello")
+    r = srnode("process", tmp_path / "in", tmp_path / "out", "--no-preview")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "readme.txt: not a readable DICOM file (no DICOM header" in r.stdout, r.stdout
+    assert "force=True" not in r.stdout + r.stderr
+
+
+def test_bad_config_is_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[node]\nport = "eleven"\n')
+    line = one_error_line(srnode("status", "--config", bad), "status")
+    assert line.endswith("bad.toml: node.port: expected int, got str 'eleven'"), line
+    line = one_error_line(srnode("process", tmp_path, tmp_path / "o", "--config", tmp_path / "nope.toml"), "process")
+    assert line.endswith("nope.toml: config file not found"), line
+    bad.write_text("[node\n")
+    assert "not valid TOML" in one_error_line(srnode("serve", "--config", bad), "serve")
+
+
+def test_status_without_a_spool_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    line = one_error_line(srnode("status", cwd=tmp_path), "status")
+    assert f"no spool at {tmp_path.resolve() / 'spool'}" in line and "--config" in line, line
+    assert list(tmp_path.iterdir()) == []  # no empty ./spool left behind
+    assert "no spool at" in one_error_line(srnode("retry", cwd=tmp_path), "retry")
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A port another program listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def _serve_config(tmp_path: Path, dicom_port: int, http_port: int) -> Path:
+    p = tmp_path / "config.toml"
+    p.write_text(f'[node]\nport = {dicom_port}\nspool_dir = "{tmp_path / "spool"}"\n[http]\nport = {http_port}\n')
+    return p
+
+
+def test_serve_with_the_dicom_port_in_use(tmp_path: Path, busy_port: int) -> None:
+    cfg = _serve_config(tmp_path, busy_port, 0)
+    line = one_error_line(srnode("--log-level", "WARNING", "serve", "--config", cfg), "serve")
+    assert f"DICOM port 127.0.0.1:{busy_port} ([node] host, port): in use by another program" in line, line
+    # at the default log level the same single error line follows the start-up log, once
+    r = srnode("serve", "--config", cfg)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert [ln for ln in r.stderr.splitlines() if "error" in ln.lower()] == [line], r.stderr
+
+
+def test_serve_with_the_http_port_in_use(tmp_path: Path, busy_port: int) -> None:
+    cfg = _serve_config(tmp_path, free_port(), busy_port)
+    line = one_error_line(srnode("--log-level", "WARNING", "serve", "--config", cfg), "serve")
+    assert f"HTTP port 127.0.0.1:{busy_port} ([http] host, port): in use by another program" in line, line
+
+
+def _spool_with_an_index(tmp_path: Path) -> Path:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[node]\nspool_dir = "{tmp_path / "spool"}"\n')
+    Index(Spool(load_config(cfg).spool_path).index_path)  # what a node leaves: the spool and its index
+    return cfg
+
+
+def test_status_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    cfg = _spool_with_an_index(tmp_path)
+    p = subprocess.Popen([sys.executable, "-m", "node.app.cli", "status", "--json", "--config", str(cfg)],
+                         cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # the reader is gone before srnode writes (as `| head -1` after its line)
+    err = p.stderr.read()
+    assert p.wait(timeout=120) == 0, err
+    assert err == ""
+    # and the shell's own pipe
+    r = subprocess.run(f"{sys.executable} -m node.app.cli status --json --config {cfg} | head -1", shell=True,
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.stdout == "{\n" and r.stderr == ""
+
+
+def test_demo_leaves_a_config_for_status(tmp_path: Path) -> None:
+    """`make demo` (here with the cubic engine): the printed `srnode status --config ...` finds the demo's job."""
+    r = subprocess.run([sys.executable, "-m", "node.app.demo", "--engine", "cubic", "--workdir", str(tmp_path / "run"),
+                        "--out", str(tmp_path / "out")], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = re.search(r"status --config (\S+)", r.stdout)
+    assert m, r.stdout
+    config = Path(m.group(1)) if Path(m.group(1)).is_absolute() else ROOT / m.group(1)
+    assert config == tmp_path / "run" / "config.toml"
+    status = srnode("status", "--config", config, cwd=tmp_path)
+    assert status.returncode == 0, status.stderr
+    rows = [ln for ln in status.stdout.splitlines()[1:] if ln.strip()]
+    assert len(rows) == 1 and " delivered " in rows[0] and "local:delivered" in rows[0], status.stdout
+
+
+def test_process_progress_bar_only_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal each series gets a bar naming its stages; piped or with --quiet, only the result lines."""
+    src = tmp_path / "in"
+    write_phantom_series(src, slices=5, size=32, step_mm=3.0)
+
+    def run(*extra: str) -> tuple[int, str, str]:
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        p = subprocess.Popen([sys.executable, "-m", "node.app.cli", "process", str(src), str(tmp_path / "out"),
+                              "--engine", "cubic", "--no-preview", *extra], cwd=ROOT, env=_env(),
+                             stdout=subprocess.PIPE, stderr=slave)
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed its end
+                break
+            if not data:
+                break
+            chunks.append(data)
+        out = p.communicate(timeout=300)[0].decode()
+        os.close(master)
+        return p.returncode, out, b"".join(chunks).decode(errors="replace")
+
+    rc, out, tty = run()
+    assert rc == 0 and out.count("rule ct-mr-thick:") == 1, out + tty
+    assert "[1/1] CT 5 file(s)" in tty and "stages" in tty and "engine cubic" in tty and "deriving" in tty, tty
+    rc, out, tty = run("--quiet")
+    assert rc == 0 and "stages" not in tty and "rule ct-mr-thick:" in out, tty
+    r = srnode("process", src, tmp_path / "out2", "--engine", "cubic", "--no-preview")
+    assert r.returncode == 0 and "stages" not in r.stderr and "rule ct-mr-thick:" in r.stdout
