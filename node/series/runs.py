@@ -32,6 +32,7 @@ def regular_runs(vol: SeriesVolume) -> list[SeriesVolume]:
         last = b
     for k, r in enumerate(runs):
         r.run = (k + 1, len(runs))
+        r.part = vol.part + k
     return runs
 
 

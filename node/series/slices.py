@@ -159,8 +159,3 @@ def _placed(ds: Dataset, name: str, frame: int, pos: Dataset, ori: Dataset, meas
 
 def is_localizer(ds: Dataset) -> bool:
     return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
-
-
-def group_key(s: Slice) -> tuple[Any, ...]:
-    return (str(s.ds.get("SeriesInstanceUID", "")), tuple(np.round(s.iop, 3)),
-            int(s.ds.Rows), int(s.ds.Columns), tuple(np.round(s.spacing, 4)))

@@ -37,6 +37,9 @@ class SeriesVolume:
     tilt_deg: float = 0.0  # angle between the slice normal and the line through the slice positions
     notes: list[str] = field(default_factory=list)  # geometry remarks for the job record
     run: tuple[int, int] | None = None  # (index, count) when this volume is one regular run of a series
+    volume: tuple[int, int] | None = None  # (index, count) when the series holds several volumes
+    volume_label: str = ""  # how a reader tells this volume from its siblings: "echo 2", "time 3", "type P"
+    part: int = 0  # 0-based index among the derived series made from one input series (series numbers)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -49,7 +52,8 @@ class SeriesVolume:
 
     def describe(self) -> str:
         z, y, x = self.shape
-        return (f"series {self.series_uid}: {self.modality} {z}x{y}x{x}, spacing "
+        vol = f" volume {self.volume[0]}/{self.volume[1]} ({self.volume_label})" if self.volume else ""
+        return (f"series {self.series_uid}{vol}: {self.modality} {z}x{y}x{x}, spacing "
                 f"{self.spacing[0]:.3g}/{self.spacing[1]:.4g}/{self.spacing[2]:.4g} mm")
 
     def to_engine_input(self) -> VolumeInput:
