@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from node.series import SeriesVolume, load_series
+from node.series import SeriesVolume, load_series, load_volumes
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def _coronal(vol: SeriesVolume) -> tuple[np.ndarray, tuple[float, float]]:
 
 def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty: Sequence[Path], png: Path) -> Path:
     """Write the preview PNG (first derived run when the series was split); returns its path."""
-    orig = load_series(original)
+    orig = load_volumes(original)[0]  # a series of several volumes: the first, as the first derived series
     dparent = Path(derived[0]).parent
     der = load_series([p for p in derived if Path(p).parent == dparent])
     sig_files = [p for p in uncertainty if Path(p).parent.name == dparent.name.replace("derived", "uncertainty")]

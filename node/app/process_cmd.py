@@ -1,12 +1,15 @@
 """``srnode process IN_DIR OUT_DIR``: offline, the same pipeline as the node on a folder of DICOM files.
 
 Files are grouped by SeriesInstanceUID; each series goes through the configured rules (no caller: every rule may
-take it) and ``node.process.process_series``; one line per series says what was written, or why not.
+take it) and ``node.process.process_series``; one line per series says what was written, or why not, and
+``OUT_DIR/<SeriesUID>/report.json`` keeps the same (the job report, a refusal or "left alone" with the reason),
+for ``srnode check``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -74,21 +77,25 @@ def run(args: argparse.Namespace) -> int:
         label = f"[{n}/{total}] series {uid or '(no SeriesInstanceUID)'} ({hdr.get('Modality', '?')}, " \
                 f"{str(hdr.get('SeriesDescription', '') or '').strip() or 'no description'}, {len(files)} file(s))"
         rule, why = match_rule(cfg, hdr)
+        dest = out_dir / _safe(uid)
+        names = sorted(p.name for p in files)
         if rule is None:
             print(f"{label}: left alone: {why}")
+            _write_report(dest, {"series": uid, "files": names, "left_alone": why})
             continue
 
         def progress(msg: str, _label: str = label) -> None:
             print(f"{_label}: {msg}", file=sys.stderr, flush=True)
 
-        dest = out_dir / _safe(uid)
         try:
             res = process_series(files, rule, cfg, dest, engine_name=args.engine, progress=progress,
                                  engines=engines)
         except NodeError as exc:  # VolumeError, EngineError, DeriveError: the reason in words
             failed += 1
             print(f"{label}: FAILED: {exc}")
+            _write_report(dest, {"series": uid, "files": names, "failed": str(exc)})
             continue
+        _write_report(dest, {"series": uid, "files": names, "rule": rule.name, "report": res.report})
         preview = ""
         if not args.no_preview:
             preview = _write_preview(files, res, dest)
@@ -97,7 +104,16 @@ def run(args: argparse.Namespace) -> int:
               f"{sorted({str(p.parent) for p in res.derived_files})}, {len(res.uncertainty_files)} uncertainty -> "
               f"{sorted({str(p.parent) for p in res.uncertainty_files})} (engine {res.engine}{fb}, "
               f"{res.report.get('seconds', 0):.1f} s){preview}")
+        for why in res.report.get("refused", []):  # volumes of the series that could not be super-resolved
+            failed += 1
+            print(f"{label}: FAILED: {why}")
     return 1 if failed else 0
+
+
+def _write_report(dest: Path, record: dict[str, object]) -> None:
+    """``dest/report.json``: what was done with the series, or why not (``srnode check`` reads it)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "report.json").write_text(json.dumps(record, indent=1, default=str))
 
 
 def _write_preview(files: list[Path], res: ProcessResult, dest: Path) -> str:

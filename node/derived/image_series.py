@@ -113,10 +113,11 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     dtype, lo, hi = _stored_dtype(ref0)
     slope, icpt = vol.rescale_slope, vol.rescale_intercept
     desc = str(ref0.get("SeriesDescription", "") or vol.modality)
-    if vol.run:
-        desc += f" run {vol.run[0]}/{vol.run[1]}"
-    desc = (desc + cfg.series_description_suffix)[:64]
-    series_number = int(ref0.get("SeriesNumber") or 0) + cfg.series_number_offset + (vol.run[0] - 1 if vol.run else 0)
+    tail = (f" {vol.volume_label}" if vol.volume else "") + (f" run {vol.run[0]}/{vol.run[1]}" if vol.run else "")
+    tail += cfg.series_description_suffix
+    desc = desc[:max(0, 64 - len(tail))] + tail[:64]  # the volume / run label and suffix are never cut off
+    # two numbers per derived series (its uncertainty series takes the next): distinct for every volume and run
+    series_number = int(ref0.get("SeriesNumber") or 0) + cfg.series_number_offset + 2 * vol.part
     equipment = contributing_equipment(result.engine, engine_version, result.fallback, now, denoised)
     derivation = (f"srnode {__version__}: " + (f"{DENOISE_NOTE}, then " if denoised else "")
                   + f"super-resolution x{f} through-plane, x{g} in-plane by engine {result.engine} {engine_version}"

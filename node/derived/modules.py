@@ -48,6 +48,8 @@ def ds_str(x: float) -> str:
 def derived_uid(cfg: DeriveConfig, vol: SeriesVolume, factors: Factors, engine: str, *what: str) -> str:
     """Deterministic UID under ``cfg.uid_root`` from the input series and instances, pipeline, factors, engine, run."""
     run = f"run{vol.run[0]}" if vol.run else "all"
+    if vol.volume:  # volumes of one enhanced object share their input instances: the volume tells them apart
+        run = f"volume{vol.volume[0]}-{run}"
     # the exact set of input instances: a reprocess after late instances makes a new series (it never overwrites
     # slices of the earlier one in PACS); a re-run of the same input gives the same UIDs (a resend is harmless)
     inputs = hashlib.sha256("\n".join(sorted({sop_instance_of(d) for d in vol.datasets})).encode()).hexdigest()[:16]

@@ -18,11 +18,17 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from models.engine import Factors
-from node.config import Config, RuleConfig
+from node.config import Config, RuleConfig, VolumeChoice
 from node.derived import check_identifiers, derive_series
 from node.errors import VolumeError
 from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine
-from node.series import MIN_SLICES_THROUGH_PLANE, SeriesVolume, check_through_plane, load_series, regular_runs
+from node.series import (
+    MIN_SLICES_THROUGH_PLANE,
+    SeriesVolume,
+    check_through_plane,
+    load_volumes,
+    regular_runs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +65,52 @@ def _volumes_for(vol: SeriesVolume, factors: Factors) -> tuple[list[SeriesVolume
         notes = [f"irregular steps: split into {len(runs)} regular run(s), {len(keep)} with >= "
                  f"{MIN_SLICES_THROUGH_PLANE} slices processed"]
         if not keep:
-            raise VolumeError(f"series {vol.series_uid}: slice steps are irregular and no regular run has "
+            raise VolumeError(f"{vol.name}: slice steps are irregular and no regular run has "
                               f"{MIN_SLICES_THROUGH_PLANE} or more slices; through-plane super-resolution refused")
         return keep, notes
     check_through_plane(vol, factors.through_plane)
     return [vol], []
+
+
+def _select_volumes(vols: list[SeriesVolume], choice: VolumeChoice) -> tuple[list[SeriesVolume], list[str]]:
+    """The volumes a rule's ``volumes`` option keeps, and a note naming the ones left out."""
+    if len(vols) <= 1 or choice == VolumeChoice.ALL:
+        return vols, []
+    left = ", ".join(v.volume_label for v in vols[1:])
+    return vols[:1], [f"rule volumes = \"first\": {len(vols) - 1} other volume(s) of the series not processed ({left})"]
+
+
+def _volumes_of(vols: list[SeriesVolume], factors: Factors) -> tuple[list[SeriesVolume], list[str], list[str]]:
+    """Every volume (or regular run) to super-resolve, notes, and the volumes refused (each with its reason).
+
+    A volume that cannot be super-resolved is refused alone when its siblings can; raises VolumeError when no
+    volume is left."""
+    out: list[SeriesVolume] = []
+    notes: list[str] = []
+    refused: list[str] = []
+    for vol in vols:
+        try:
+            vs, ns = _volumes_for(vol, factors)
+        except VolumeError as exc:
+            if len(vols) == 1:
+                raise
+            files = sorted({Path(str(getattr(d, "filename", "") or "")).name for d in vol.datasets} - {""})
+            refused.append(f"{exc} (files: {', '.join(files)})" if files else str(exc))
+            continue
+        out += vs
+        notes += ns
+    if not out:
+        raise VolumeError("no volume of the series can be super-resolved: " + "; ".join(refused))
+    for j, v in enumerate(out):
+        v.part = j  # distinct series numbers for every derived series of this input
+    return out, notes, refused
+
+
+def _describe_input(vols: list[SeriesVolume]) -> str:
+    if len(vols) == 1:
+        return vols[0].describe()
+    return (f"series {vols[0].series_uid}: {len(vols)} volumes ("
+            + "; ".join(f"{v.volume_label}: {v.shape[0]} slices" for v in vols) + ")")
 
 
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,
@@ -78,18 +125,24 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
     t0 = time.perf_counter()
     engines = engines or EngineCache()
     say = progress or (lambda _msg: None)
-    vol = load_series(paths)
-    check_identifiers(vol)
+    found = load_volumes(paths)
+    for vol in found:
+        check_identifiers(vol)
     factors = Factors(rule.through_plane_factor, rule.in_plane_factor)
     name = engine_name or rule.engine or cfg.engine.name
     options = cfg.engine.options
-    volumes, notes = _volumes_for(vol, factors)
-    report: dict[str, Any] = {"input": vol.describe(), "notes": vol.notes + notes,
+    chosen, notes = _select_volumes(found, rule.volumes)
+    volumes, run_notes, refused = _volumes_of(chosen, factors)
+    vol_notes = list(dict.fromkeys(n for v in chosen for n in v.notes))
+    report: dict[str, Any] = {"input": _describe_input(found), "notes": vol_notes + notes + run_notes,
                               "factors": [factors.through_plane, factors.in_plane], "runs": []}
+    if refused:
+        report["refused"] = refused
     result = ProcessResult([], [], "", "", name, report=report)
     fallbacks: list[str] = []
     for v in volumes:
-        tag = f"run {v.run[0]}/{v.run[1]} " if v.run else ""
+        tag = (f"volume {v.volume[0]}/{v.volume[1]} ({v.volume_label}) " if v.volume else "") \
+            + (f"run {v.run[0]}/{v.run[1]} " if v.run else "")
         say(f"{tag}{v.shape[0]} slices: engine {name}")
         vin = v.to_engine_input()
         sigma_d = None
@@ -104,7 +157,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         t_engine = time.perf_counter() - t1
         say(f"{tag}deriving {er.data.shape[0]} slices")
         objs = derive_series(v, er, factors, cfg.derive, version)
-        suffix = f"-run{v.run[0]}" if v.run else ""
+        suffix = (f"-vol{v.volume[0]}" if v.volume else "") + (f"-run{v.run[0]}" if v.run else "")
         for k, ds in enumerate(objs.derived):
             p = out_dir / f"derived{suffix}" / f"IM{k + 1:05d}.dcm"
             write_atomic(ds, p)
@@ -118,7 +171,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         result.engine = er.engine
         if er.fallback:
             fallbacks.append(er.fallback)
-        report["runs"].append({"slices_in": v.shape[0], "slices_out": len(objs.derived),
+        report["runs"].append({"volume": v.volume_label, "slices_in": v.shape[0], "slices_out": len(objs.derived),
                                "spacing_out": [round(s, 6) for s in er.spacing], "engine": er.engine,
                                "engine_seconds": round(t_engine, 3), "engine_report": er.report,
                                "derived_series_uid": objs.derived_series_uid})

@@ -64,8 +64,8 @@ def check_through_plane(vol: SeriesVolume, factor: int) -> None:
     if factor <= 1:
         return
     if vol.shape[0] < MIN_SLICES_THROUGH_PLANE:
-        raise VolumeError(f"series {vol.series_uid}: {vol.shape[0]} slice(s); through-plane super-resolution "
+        raise VolumeError(f"{vol.name}: {vol.shape[0]} slice(s); through-plane super-resolution "
                           f"needs at least {MIN_SLICES_THROUGH_PLANE}")
     if vol.irregular:
-        raise VolumeError(f"series {vol.series_uid}: slice steps are irregular ({describe_steps(vol.steps)}); "
+        raise VolumeError(f"{vol.name}: slice steps are irregular ({describe_steps(vol.steps)}); "
                           "they do not lie on one regular grid")

@@ -50,10 +50,15 @@ class SeriesVolume:
     def multiframe(self) -> bool:
         return bool(self.frame_numbers)
 
+    @property
+    def name(self) -> str:
+        """How messages name this volume: 'series UID', or 'series UID volume 2/3 (time 2)'."""
+        vol = f" volume {self.volume[0]}/{self.volume[1]} ({self.volume_label})" if self.volume else ""
+        return f"series {self.series_uid}{vol}"
+
     def describe(self) -> str:
         z, y, x = self.shape
-        vol = f" volume {self.volume[0]}/{self.volume[1]} ({self.volume_label})" if self.volume else ""
-        return (f"series {self.series_uid}{vol}: {self.modality} {z}x{y}x{x}, spacing "
+        return (f"{self.name}: {self.modality} {z}x{y}x{x}, spacing "
                 f"{self.spacing[0]:.3g}/{self.spacing[1]:.4g}/{self.spacing[2]:.4g} mm")
 
     def to_engine_input(self) -> VolumeInput:
