@@ -22,6 +22,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage
 from models.engine import EngineResult, Factors, output_shape
 from node import __version__
 from node.config import DeriveConfig
+from node.derived.classic import classic_ct_values, classic_mr_values
 from node.derived.geometry import geometry_gate, output_positions
 from node.derived.modules import (
     ACQUISITION,
@@ -188,9 +189,11 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         # CT Image / MR Image
         if sop_class == CTImageStorage:
             copy_module(ds, ref, CT_IMAGE, from_groups=True)
+            classic_ct_values(ds)
         else:
             copy_module(ds, ref, MR_IMAGE, from_groups=True)
             _mr_type1(ds, ref, frame)
+            classic_mr_values(ds)
         # Modality LUT (rescale kept from the input so stored values mean the same)
         if sop_class == CTImageStorage or slope != 1.0 or icpt != 0.0:
             ds.RescaleIntercept = ds_str(icpt)
