@@ -118,6 +118,10 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
                    engines: EngineCache | None = None) -> ProcessResult:
     """Super-resolve the series in ``paths`` by ``rule`` and write derived + uncertainty files under ``out_dir``.
 
+    A series holding several volumes (``node.series.load_volumes``) gives one derived series per volume (and per
+    regular run), in ``derived-vol<k>``; ``rule.volumes`` keeps all or the first; refused volumes are listed in
+    ``report["refused"]`` with their files.
+
     ``engines``: the caller's engine cache (a fresh one when not given). Raises VolumeError (not one volume),
     EngineError (even cubic failed) or DeriveError (a derived object failed its checks); engine failures
     otherwise fall back to cubic, recorded in ``ProcessResult.fallback``.
