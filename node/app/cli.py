@@ -20,6 +20,8 @@ from node.errors import NodeError
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("node.app.service", "run the node: DICOM SCP, HTTP API, workers, outbox (SIGTERM stops gracefully)"),
     "process": ("node.app.process_cmd", "offline: super-resolve the series in IN_DIR into OUT_DIR (same pipeline)"),
+    "check": ("node.app.check_cmd", "check OUT_DIR of `process` against IN_DIR: geometry, values, dciodvfy; "
+                                    "one line per volume"),
     "status": ("node.app.status_cmd", "list jobs and their states from the spool index"),
     "retry": ("node.app.status_cmd", "re-queue dead-letter deliveries (and failed jobs) for another attempt"),
     "eval": ("node.bench.eval", "measure an engine against cubic/linear on a series (PSNR, SSIM, HU, uncertainty)"),

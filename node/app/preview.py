@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from node.series import SeriesVolume, load_series, series_photometric, series_window
+from node.series import SeriesVolume, load_series, load_volumes, series_photometric, series_window
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty
     WindowCenter / WindowWidth, else its 1st..99th percentile; sigma spans 0..its 99.5th percentile. Raises
     VolumeError (a series cannot be loaded), IndexError when ``derived`` is empty, OSError.
     """
-    orig = load_series(original)
+    orig = load_volumes(original)[0]  # a series of several volumes: the first, as the first derived series
     dparent = Path(derived[0]).parent
     der = load_series([p for p in derived if Path(p).parent == dparent])
     sig_files = [p for p in uncertainty if Path(p).parent.name == dparent.name.replace("derived", "uncertainty")]

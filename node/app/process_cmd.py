@@ -3,12 +3,15 @@
 IN_DIR may also be one DICOM file. Files are grouped by SeriesInstanceUID; each series goes through the configured
 rules (no caller: every rule may take it) and ``node.process.process_series``; one line per series says what was
 written, or why not, followed by one "NOT IN ANY DERIVED SERIES" line per input slice that no derived series holds
-(file and reason). On a terminal a progress bar per series names the stage (``node.app.progress``).
+(file and reason), and ``OUT_DIR/<SeriesUID>/report.json`` keeps the same (the job report, a refusal or "left
+alone" with the reason), for ``srnode check``. On a terminal a progress bar per series names the stage
+(``node.app.progress``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -103,12 +106,14 @@ def _process(cfg: Config, groups: dict[str, list[Path]], headers: dict[str, Data
         label = f"[{n}/{total}] series {uid or '(no SeriesInstanceUID)'} ({hdr.get('Modality', '?')}, " \
                 f"{str(hdr.get('SeriesDescription', '') or '').strip() or 'no description'}, {len(files)} file(s))"
         rule, why = match_rule(cfg, hdr)
+        dest = out_dir / _safe(uid)
+        names = sorted(p.name for p in files)
         if rule is None:
             print(f"{label}: left alone: {why}")
+            _write_report(dest, {"series": uid, "files": names, "left_alone": why})
             continue
 
         bar = SeriesBar(f"[{n}/{total}] {hdr.get('Modality', '?')} {len(files)} file(s)", bars)
-        dest = out_dir / _safe(uid)
         try:
             res = process_series(files, rule, cfg, dest, engine_name=args.engine, progress=bar.stage,
                                  engines=engines)
@@ -116,8 +121,10 @@ def _process(cfg: Config, groups: dict[str, list[Path]], headers: dict[str, Data
             bar.close()
             failed += 1
             print(f"{label}: FAILED: {exc}")
+            _write_report(dest, {"series": uid, "files": names, "failed": str(exc)})
             continue
         bar.close()
+        _write_report(dest, {"series": uid, "files": names, "rule": rule.name, "report": res.report})
         preview = ""
         if not args.no_preview:
             preview = _write_preview(files, res, dest)
@@ -128,7 +135,16 @@ def _process(cfg: Config, groups: dict[str, list[Path]], headers: dict[str, Data
               f"{res.report.get('seconds', 0):.1f} s){preview}")
         for line in res.left_out_lines():
             print(f"{label}: NOT IN ANY DERIVED SERIES: {line}")
+        for why in res.report.get("refused", []):  # volumes of the series that could not be super-resolved
+            failed += 1
+            print(f"{label}: FAILED: {why}")
     return 1 if failed else 0
+
+
+def _write_report(dest: Path, record: dict[str, object]) -> None:
+    """``dest/report.json``: what was done with the series, or why not (``srnode check`` reads it)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "report.json").write_text(json.dumps(record, indent=1, default=str))
 
 
 def _write_preview(files: list[Path], res: ProcessResult, dest: Path) -> str:

@@ -38,6 +38,13 @@ class DataAccess(StrEnum):
     DICOMWEB = "dicomweb"
 
 
+class VolumeChoice(StrEnum):
+    """Which volumes of a series holding several (time points, echoes, M/P, b-values) a rule processes."""
+
+    ALL = "all"  # each volume its own derived series
+    FIRST = "first"  # only the first (lowest time point / echo / ...); the others are named in the job notes
+
+
 @dataclass(frozen=True)
 class CallerConfig:
     """One allowed calling AE: title, optional source address and the rules it may use (empty: all)."""
@@ -142,6 +149,7 @@ class RuleConfig:
     engine: str = ""  # empty: [engine].name
     denoise: bool = False
     forward_originals: bool = False
+    volumes: VolumeChoice = VolumeChoice.ALL  # series with several volumes: "all" or only the "first"
 
 
 @dataclass(frozen=True)

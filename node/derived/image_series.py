@@ -27,6 +27,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage
 from models.engine import EngineResult, Factors, output_shape
 from node import __version__
 from node.config import DeriveConfig
+from node.derived.classic import classic_ct_values, classic_mr_values
 from node.derived.geometry import geometry_gate, output_positions
 from node.derived.labels import series_descriptions
 from node.derived.labels import series_number as labelled_number
@@ -123,21 +124,22 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     fmt, value_note = output_format(vol, result.data)
     photometric, photo_note = series_photometric(vol)
     notes = [n for n in (value_note, photo_note) if n]
-    run_label = ""
+    part_label = vol.volume_label if vol.volume else ""  # "echo 2", "time 3": one volume of several
     if vol.run:
         # one run of an irregular series is not the whole series: "run 1/1" would say it is
         if vol.run[1] == 1 and vol.run_slices:
-            run_label = f"slices {vol.run_slices[0]}-{vol.run_slices[1]} of {vol.run_slices[2]}"
+            part_label += f" slices {vol.run_slices[0]}-{vol.run_slices[1]} of {vol.run_slices[2]}"
         else:
-            run_label = f"run {vol.run[0]}/{vol.run[1]}"
+            part_label += f" run {vol.run[0]}/{vol.run[1]}"
         if vol.run_slices:
             notes.insert(0, f"run {vol.run[0]}/{vol.run[1]}: input slices {vol.run_slices[0]}-{vol.run_slices[1]} "
                             f"of {vol.run_slices[2]} (the series' slice steps are irregular)")
-    # node.derived.labels: what a reader sees in the study list (engine, factors, fallback, caution)
+    # node.derived.labels: what a reader sees in the study list (volume/run, engine, factors, fallback, caution)
     desc, sigma_desc = series_descriptions(str(ref0.get("SeriesDescription", "") or vol.modality), cfg, factors,
-                                           made_by, bool(result.fallback), run_label)
+                                           made_by, bool(result.fallback), part_label.strip())
+    # two numbers per derived series (its uncertainty series takes the next): distinct for every volume and run
     series_number = labelled_number(int(ref0.get("SeriesNumber") or 0), cfg.series_number_offset, made_by, factors,
-                                    vol.run[0] if vol.run else 1)
+                                    vol.part + 1)
     equipment = contributing_equipment(result.engine, engine_version, result.fallback, now, denoised)
     derivation = (f"srnode {__version__}: " + (f"{DENOISE_NOTE}, then " if denoised else "")
                   + f"super-resolution x{f} through-plane, x{g} in-plane by engine {result.engine} {engine_version}"
@@ -210,9 +212,11 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         # CT Image / MR Image
         if sop_class == CTImageStorage:
             copy_module(ds, ref, CT_IMAGE, from_groups=True)
+            classic_ct_values(ds)
         else:
             copy_module(ds, ref, MR_IMAGE, from_groups=True)
             _mr_type1(ds, ref, frame)
+            classic_mr_values(ds)
         # Modality LUT: one rescale for the series that holds every value (``node.derived.values``)
         if sop_class == CTImageStorage or fmt.slope != 1.0 or fmt.intercept != 0.0:
             ds.RescaleIntercept = ds_str(fmt.intercept)

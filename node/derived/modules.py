@@ -53,6 +53,8 @@ def derived_uid(cfg: DeriveConfig, vol: SeriesVolume, factors: Factors, engine: 
     hashes the entropy sources (SHA-512) into the root's remaining digits (at most 64 characters, PS3.5 9.1).
     """
     run = f"run{vol.run[0]}" if vol.run else "all"
+    if vol.volume:  # volumes of one enhanced object share their input instances: the volume tells them apart
+        run = f"volume{vol.volume[0]}-{run}"
     # the exact set of input instances: a reprocess after late instances makes a new series (it never overwrites
     # slices of the earlier one in PACS); a re-run of the same input gives the same UIDs (a resend is harmless)
     inputs = hashlib.sha256("\n".join(sorted({sop_instance_of(d) for d in vol.datasets})).encode()).hexdigest()[:16]

@@ -18,11 +18,18 @@ from typing import Any
 from pydicom.dataset import Dataset
 
 from models.engine import Factors
-from node.config import Config, RuleConfig
+from node.config import Config, RuleConfig, VolumeChoice
 from node.derived import check_identifiers, derive_series
 from node.errors import VolumeError
 from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine
-from node.series import LeftOut, SeriesVolume, check_through_plane, describe_steps, load_series, split_runs
+from node.series import (
+    LeftOut,
+    SeriesVolume,
+    check_through_plane,
+    describe_steps,
+    load_volumes,
+    split_runs,
+)
 from node.store import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -72,7 +79,7 @@ def _volumes_for(vol: SeriesVolume, factors: Factors) -> tuple[list[SeriesVolume
     if factors.through_plane > 1 and vol.irregular:
         split = split_runs(vol)
         if not split.runs:
-            raise VolumeError(f"series {vol.series_uid}: slice steps are irregular ({describe_steps(vol.steps)}) "
+            raise VolumeError(f"{vol.name}: slice steps are irregular ({describe_steps(vol.steps)}) "
                               "and no stretch of them is regular; through-plane super-resolution refused")
         spans = ", ".join(f"{r.run_slices[0]}-{r.run_slices[1]}" for r in split.runs if r.run_slices)
         notes = [f"irregular steps: split into {len(split.runs)} regular run(s) (input slices {spans} of "
@@ -85,36 +92,90 @@ def _volumes_for(vol: SeriesVolume, factors: Factors) -> tuple[list[SeriesVolume
     return [vol], [], []
 
 
+def _select_volumes(vols: list[SeriesVolume], choice: VolumeChoice) -> tuple[list[SeriesVolume], list[str]]:
+    """The volumes a rule's ``volumes`` option keeps, and a note naming the ones left out."""
+    if len(vols) <= 1 or choice == VolumeChoice.ALL:
+        return vols, []
+    left = ", ".join(v.volume_label for v in vols[1:])
+    return vols[:1], [f"rule volumes = \"first\": {len(vols) - 1} other volume(s) of the series not processed ({left})"]
+
+
+def _volumes_of(vols: list[SeriesVolume],
+                factors: Factors) -> tuple[list[SeriesVolume], list[LeftOut], list[str], list[str]]:
+    """Every volume (or regular run) to super-resolve, the input slices in none, notes, and the volumes refused
+    (each with its reason).
+
+    A volume that cannot be super-resolved is refused alone when its siblings can; raises VolumeError when no
+    volume is left."""
+    out: list[SeriesVolume] = []
+    left_out: list[LeftOut] = []
+    notes: list[str] = []
+    refused: list[str] = []
+    for vol in vols:
+        try:
+            vs, lo, ns = _volumes_for(vol, factors)
+        except VolumeError as exc:
+            if len(vols) == 1:
+                raise
+            files = sorted({Path(str(getattr(d, "filename", "") or "")).name for d in vol.datasets} - {""})
+            refused.append(f"{exc} (files: {', '.join(files)})" if files else str(exc))
+            continue
+        out += vs
+        left_out += lo
+        notes += ns
+    if not out:
+        raise VolumeError("no volume of the series can be super-resolved: " + "; ".join(refused))
+    for j, v in enumerate(out):
+        v.part = j  # distinct series numbers for every derived series of this input
+    return out, left_out, notes, refused
+
+
+def _describe_input(vols: list[SeriesVolume]) -> str:
+    if len(vols) == 1:
+        return vols[0].describe()
+    return (f"series {vols[0].series_uid}: {len(vols)} volumes ("
+            + "; ".join(f"{v.volume_label}: {v.shape[0]} slices" for v in vols) + ")")
+
+
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,
                    engine_name: str = "", progress: Callable[[str], None] | None = None,
                    engines: EngineCache | None = None) -> ProcessResult:
     """Super-resolve the series in ``paths`` by ``rule``; write derived + uncertainty files under ``out_dir``.
 
+    A series holding several volumes (``node.series.load_volumes``) gives one derived series per volume (and per
+    regular run), in ``derived-vol<k>``; ``rule.volumes`` keeps all or the first; refused volumes are listed in
+    ``report["refused"]`` with their files, and input slices in no derived series in ``report["left_out"]``.
+
     ``engines``: the caller's engine cache (a fresh one when not given); ``progress`` gets one line per step.
-    An irregular stack with through-plane factor > 1 is processed per regular run
-    (``node.series.regular_runs``). Raises VolumeError (not one volume), EngineError (even cubic failed),
-    DeriveError (a derived object failed its checks) or OSError (a file cannot be written); engine failures
+    Raises VolumeError (no volume can be super-resolved), EngineError (even cubic failed), DeriveError (a derived
+    object failed its checks) or OSError (a file cannot be written); engine failures
     otherwise fall back to cubic, recorded in ``ProcessResult.fallback``.
     """
     t0 = time.perf_counter()
     engines = engines or EngineCache()
     say = progress or (lambda _msg: None)
-    vol = load_series(paths)
-    check_identifiers(vol)
+    found = load_volumes(paths)
+    for vol in found:
+        check_identifiers(vol)
     factors = Factors(rule.through_plane_factor, rule.in_plane_factor)
     name = engine_name or rule.engine or cfg.engine.name
     options = cfg.engine.options
-    volumes, left_out, notes = _volumes_for(vol, factors)
-    report: dict[str, Any] = {"input": vol.describe(), "notes": vol.notes + notes,
+    chosen, notes = _select_volumes(found, rule.volumes)
+    volumes, left_out, run_notes, refused = _volumes_of(chosen, factors)
+    vol_notes = list(dict.fromkeys(n for v in chosen for n in v.notes))
+    report: dict[str, Any] = {"input": _describe_input(found), "notes": vol_notes + notes + run_notes,
                               "factors": [factors.through_plane, factors.in_plane], "runs": [],
                               "left_out": [x.as_dict() for x in left_out]}
+    if refused:
+        report["refused"] = refused
     result = ProcessResult([], [], "", "", name, report=report, left_out=left_out)
     for x in left_out:
-        log.warning("series %s: input slice %d/%d (%s) is in no derived series: %s", vol.series_uid, x.index,
-                    x.of, x.file, x.reason)
+        log.warning("series %s: input slice %d/%d (%s) is in no derived series: %s", found[0].series_uid,
+                    x.index, x.of, x.file, x.reason)
     fallbacks: list[str] = []
     for v in volumes:
-        tag = f"run {v.run[0]}/{v.run[1]} " if v.run else ""
+        tag = (f"volume {v.volume[0]}/{v.volume[1]} ({v.volume_label}) " if v.volume else "") \
+            + (f"run {v.run[0]}/{v.run[1]} " if v.run else "")
         say(f"{tag}{v.shape[0]} slices: engine {name}")
         vin = v.to_engine_input()
         sigma_d = None
@@ -129,7 +190,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         t_engine = time.perf_counter() - t1
         say(f"{tag}deriving {er.data.shape[0]} slices")
         objs = derive_series(v, er, factors, cfg.derive, version)
-        suffix = f"-run{v.run[0]}" if v.run else ""
+        suffix = (f"-vol{v.volume[0]}" if v.volume else "") + (f"-run{v.run[0]}" if v.run else "")
         for k, ds in enumerate(objs.derived):
             p = out_dir / f"derived{suffix}" / f"IM{k + 1:05d}.dcm"
             write_atomic(ds, p)
@@ -144,7 +205,8 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         if er.fallback:
             fallbacks.append(er.fallback)
         report["notes"].extend(n for n in objs.notes if n not in report["notes"])
-        report["runs"].append({"slices_in": v.shape[0], "input_slices": list(v.run_slices or (1, v.shape[0], v.shape[0])),
+        report["runs"].append({"volume": v.volume_label, "slices_in": v.shape[0],
+                               "input_slices": list(v.run_slices or (1, v.shape[0], v.shape[0])),
                                "slices_out": len(objs.derived),
                                "spacing_out": [round(s, 6) for s in er.spacing], "engine": er.engine,
                                "engine_seconds": round(t_engine, 3), "engine_report": er.report,

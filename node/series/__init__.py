@@ -1,13 +1,15 @@
 """Stage ``series``: DICOM headers → placed slices → one ``SeriesVolume`` → regular runs.
 
 The door of the stage: other stages import from ``node.series`` only. Inside, imports run one way:
-``slices`` (headers → placed slices) and ``steps`` (step tolerances) ← ``volume`` (the model) ← ``runs`` and
-``display`` (the series' window and photometric interpretation) ← ``load``. Geometry comes only from
-ImagePositionPatient / ImageOrientationPatient (or the enhanced functional groups), never from InstanceNumber.
+``slices`` (headers → placed slices), ``instances`` (one copy per SOPInstanceUID), ``mosaic`` (Siemens mosaics
+→ their slices), ``planes`` (orientation within tolerance), ``split`` (several volumes in one series) and ``steps``
+(step tolerances) ← ``volume`` (the model) ← ``runs`` and ``display`` (the series' window and photometric
+interpretation) ← ``load``. Geometry comes only from ImagePositionPatient / ImageOrientationPatient (or the
+enhanced functional groups), never from InstanceNumber.
 """
 
 from node.series.display import series_photometric, series_window, slice_window
-from node.series.load import load_series, representable_range, stored_format
+from node.series.load import load_series, load_volumes, representable_range, stored_format
 from node.series.runs import LeftOut, RunSplit, check_through_plane, regular_runs, split_runs
 from node.series.slices import (
     ENHANCED_CT,
@@ -32,6 +34,7 @@ __all__ = [
     "describe_steps",
     "group_value",
     "load_series",
+    "load_volumes",
     "read_header",
     "regular_runs",
     "representable_range",

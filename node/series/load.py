@@ -22,22 +22,24 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from node.errors import VolumeError
+from node.series.instances import unique_instances
+from node.series.mosaic import is_mosaic, split_mosaic, tile_name
+from node.series.planes import describe_plane_groups, plane_groups
 from node.series.slices import (
     MALFORMED,
     Slice,
-    group_key,
     is_image_sop_class,
     is_localizer,
     read_dataset,
     slices_of,
     sop_class_of,
 )
+from node.series.split import position_groups, split_volumes
 from node.series.steps import describe_steps, same_step
 from node.series.volume import SeriesVolume, StoredFormat
 
@@ -73,51 +75,79 @@ def representable_range(ds: Dataset, slope: float, intercept: float) -> tuple[fl
 
 
 def load_series(paths: Sequence[Path]) -> SeriesVolume:
-    """Assemble the files of one series into a ``SeriesVolume``; VolumeError says why it cannot be one.
+    """Assemble the files of one single-volume series into a ``SeriesVolume``; VolumeError says why it cannot be
+    one (including when the files hold several volumes: ``load_volumes`` splits those)."""
+    vols = load_volumes(paths)
+    if len(vols) > 1:
+        raise VolumeError(f"series {vols[0].series_uid}: holds {len(vols)} volumes "
+                          f"({', '.join(v.volume_label for v in vols)}), not one stack of slices")
+    return vols[0]
 
-    The volume's ``data`` is (Z, Y, X) float32 in modality units (HU for CT), slices sorted along the normal
-    of ImageOrientationPatient (PS3.3 C.7.6.2.1.1); ``spacing`` (dz, dy, dx) mm, dz the median step between
-    slice centres. Padding voxels (PixelPaddingValue, PS3.3 C.7.5.1.1.2) become -1000 HU for CT, else the
-    lowest value present (not below the representable range); an irregular stack is returned with
-    ``irregular`` set.
-    """
+
+def load_volumes(paths: Sequence[Path]) -> list[SeriesVolume]:
+    """The volumes of the files of one series (one, or one per time point / echo / image type / b-value /
+    stack: ``node.series.split``), each a ``SeriesVolume`` with ``volume`` = (index, count) and ``volume_label``
+    set when there are several. Duplicate instances are kept once; Siemens mosaics are split into their slices.
+
+    Each volume's ``data`` is (Z, Y, X) float32 in modality units (HU for CT), every slice converted with its own
+    rescale, slices sorted along the normal of ImageOrientationPatient (PS3.3 C.7.6.2.1.1); ``spacing`` (dz, dy,
+    dx) mm, dz the median step between slice centres. Padding voxels (PixelPaddingValue, PS3.3 C.7.5.1.1.2)
+    become -1000 HU for CT, else the lowest value present; an irregular stack is returned with ``irregular`` set.
+    Raises VolumeError (the reason, naming files) when they cannot be volumes."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise VolumeError("no files given")
     try:
-        return _load_series(paths)
+        return _load_volumes(paths)
     except MALFORMED as exc:
         raise VolumeError(f"series of {len(paths)} file(s) starting {sorted(paths)[0].name}: a header value "
                           f"cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
-def _load_series(paths: list[Path]) -> SeriesVolume:
-    slices = _read_slices(paths)
+def _load_volumes(paths: list[Path]) -> list[SeriesVolume]:
+    slices, notes = _read_slices(paths)
     series_uid = str(slices[0].ds.get("SeriesInstanceUID", ""))
-    _check_one_stack(slices, series_uid)
+    _check_one_series(slices, series_uid)
+    try:
+        groups = split_volumes(slices, f"series {series_uid}")
+    except VolumeError:
+        _check_one_stack(slices, f"series {series_uid}")  # mixed matrices / orientations explain it better
+        raise
+    vols = []
+    for k, g in enumerate(groups):
+        name = f"series {series_uid}" + (f" volume {k + 1}/{len(groups)} ({g.label})" if len(groups) > 1 else "")
+        _check_one_stack(g.slices, name)
+        vol = _stack(g.slices, series_uid, name, notes + g.notes)
+        if len(groups) > 1:
+            vol.volume, vol.volume_label = (k + 1, len(groups)), g.label
+        vols.append(vol)
+    return vols
 
+
+def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str]) -> SeriesVolume:
+    """One volume from slices of one plane family without repeated positions: sorted, measured, decoded."""
     iop = slices[0].iop
     row, col = iop[:3], iop[3:]
     normal = np.cross(row, col)
     nn = float(np.linalg.norm(normal))
     if nn < 1e-6:
-        raise VolumeError(f"series {series_uid}: ImageOrientationPatient {list(iop)} has parallel row and "
-                          "column directions")
+        raise VolumeError(f"{name}: ImageOrientationPatient {list(iop)} has parallel row and column directions")
     normal = normal / nn
     slices.sort(key=lambda s: float(np.dot(s.ipp, normal)))
     positions = np.stack([s.ipp for s in slices])
     dist = positions @ normal
     steps = np.diff(dist)
-    name = f"series {series_uid}"
-    if len(slices) > 1 and np.any(steps < 1e-3):
-        dup = int(np.sum(steps < 1e-3)) + 1
-        raise VolumeError(f"{name}: {dup} images share the same slice position; they are repeats, "
-                          "time points or echoes, not a stack of slices")
+    repeats = [g for g in position_groups(slices) if len(g) > 1]
+    if repeats:
+        files = ", ".join(slices[i].name for i in repeats[0][:4]) + (", ..." if len(repeats[0]) > 4 else "")
+        raise VolumeError(f"{name}: {sum(len(g) for g in repeats)} images share a slice position with another "
+                          f"({files}); they are repeats, time points or echoes, not a stack of slices")
 
     first = slices[0].ds
     modality = str(first.get("Modality", "") or "")
     data, formats, notes = _modality_values(slices, modality)
     vrange = (min(f.value_range[0] for f in formats), max(f.value_range[1] for f in formats))
+    notes = notes_in + notes
 
     dy, dx = slices[0].spacing
     irregular = False
@@ -161,11 +191,15 @@ def _load_series(paths: list[Path]) -> SeriesVolume:
     return vol
 
 
-def _read_slices(paths: list[Path]) -> list[Slice]:
-    """Every image of the files (one per frame of a multi-frame object), refusing non-image objects."""
+def _read_slices(paths: list[Path]) -> tuple[list[Slice], list[str]]:
+    """Every image of the files (one per frame of a multi-frame object, one per tile of a Siemens mosaic), each
+    instance once (``node.series.instances``), refusing non-image objects; and notes on what was done."""
+    # shortest name first, so "IM0010 (1).dcm" is named as the copy of "IM0010.dcm"
+    items = [(p, read_dataset(p)) for p in sorted(paths, key=lambda p: (len(p.name), str(p)))]
+    items, notes = unique_instances(items)
     slices: list[Slice] = []
-    for p in sorted(paths):
-        ds = read_dataset(p)
+    mosaics = 0
+    for p, ds in items:
         try:
             uid = sop_class_of(ds)
             if not is_image_sop_class(uid):
@@ -173,36 +207,43 @@ def _read_slices(paths: list[Path]) -> list[Slice]:
                                   "(report, presentation state, RT or other non-image object)")
             if "PixelData" not in ds:
                 raise VolumeError(f"{p.name}: has no pixel data")
-            slices.extend(slices_of(ds, p.name))
+            if is_mosaic(ds):
+                tiles = split_mosaic(ds, p.name)
+                mosaics += 1
+                for k, t in enumerate(tiles):
+                    slices.extend(slices_of(t, tile_name(p.name, k, len(tiles))))
+            else:
+                slices.extend(slices_of(ds, p.name))
         except MALFORMED as exc:
             raise VolumeError(f"{p.name}: a header value cannot be read ({type(exc).__name__}: {exc})") from exc
+    if mosaics:
+        notes.append(f"{mosaics} Siemens mosaic image(s) split into their slices (CSA header)")
     for s in slices:
         if not all(math.isfinite(v) and v > 0 for v in s.spacing):
             raise VolumeError(f"{s.name}: PixelSpacing {list(s.spacing)} is not two positive numbers")
-    return slices
+    return slices, notes
 
 
-def _check_one_stack(slices: list[Slice], series_uid: str) -> None:
-    """VolumeError unless the slices are one series, one matrix/orientation/spacing, and not a localizer."""
-    groups: dict[tuple[Any, ...], list[Slice]] = {}
-    for s in slices:
-        groups.setdefault(group_key(s), []).append(s)
-    if len(groups) > 1:
-        uids = {k[0] for k in groups}
-        if len(uids) > 1:
-            raise VolumeError(f"files belong to {len(uids)} different series ({', '.join(sorted(uids))}); "
-                              "send one series at a time")
-        loc = [s.name for s in slices if is_localizer(s.ds)]
-        if loc:
-            raise VolumeError(f"series {series_uid}: localizer image(s) mixed in ({', '.join(loc[:5])}); "
-                              "a scout cannot be stacked with the axial/sagittal/coronal slices")
-        desc = "; ".join(f"{len(v)} slice(s) {k[2]}x{k[3]} orientation {'/'.join(f'{c:g}' for c in k[1])}"
-                         for k, v in groups.items())
-        raise VolumeError(f"series {series_uid}: slices differ in matrix, orientation or pixel spacing ({desc}); "
-                          "they do not form one volume")
+def _check_one_series(slices: list[Slice], series_uid: str) -> None:
+    """VolumeError unless the slices belong to one series and are not (or do not include) localizer images."""
+    uids = {str(s.ds.get("SeriesInstanceUID", "")) for s in slices}
+    if len(uids) > 1:
+        raise VolumeError(f"files belong to {len(uids)} different series ({', '.join(sorted(uids))}); "
+                          "send one series at a time")
     loc = [s.name for s in slices if is_localizer(s.ds)]
+    if loc and len(loc) < len(slices):
+        raise VolumeError(f"series {series_uid}: localizer image(s) mixed in ({', '.join(loc[:5])}); "
+                          "a scout cannot be stacked with the axial/sagittal/coronal slices")
     if loc:
         raise VolumeError(f"series {series_uid}: is a localizer (scout) series; not super-resolved")
+
+
+def _check_one_stack(slices: list[Slice], name: str) -> None:
+    """VolumeError unless the slices share one matrix, pixel spacing and orientation (within tolerance)."""
+    groups = plane_groups(slices)
+    if len(groups) > 1:
+        raise VolumeError(f"{name}: slices differ in matrix, orientation or pixel spacing "
+                          f"({describe_plane_groups(groups)}); they do not form one volume")
 
 
 def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, list[StoredFormat], list[str]]:

@@ -82,6 +82,7 @@ def split_runs(vol: SeriesVolume) -> RunSplit:
     runs = [_subvolume(vol, a, b) for a, b in spans]
     for k, r in enumerate(runs):
         r.run = (k + 1, len(runs))
+        r.part = vol.part + k
     left = [_left_out(vol, z) for z in range(n) if not taken[z]]
     return RunSplit(runs, left)
 
@@ -145,8 +146,8 @@ def check_through_plane(vol: SeriesVolume, factor: int) -> None:
     if factor <= 1:
         return
     if vol.shape[0] < MIN_SLICES_THROUGH_PLANE:
-        raise VolumeError(f"series {vol.series_uid}: {vol.shape[0]} slice(s); through-plane super-resolution "
+        raise VolumeError(f"{vol.name}: {vol.shape[0]} slice(s); through-plane super-resolution "
                           f"needs at least {MIN_SLICES_THROUGH_PLANE}")
     if vol.irregular:
-        raise VolumeError(f"series {vol.series_uid}: slice steps are irregular ({describe_steps(vol.steps)}); "
+        raise VolumeError(f"{vol.name}: slice steps are irregular ({describe_steps(vol.steps)}); "
                           "they do not lie on one regular grid")

@@ -178,10 +178,3 @@ def _placed(ds: Dataset, name: str, frame: int, pos: Dataset, ori: Dataset, meas
 def is_localizer(ds: Dataset) -> bool:
     """Whether ImageType has a LOCALIZER value (a scout, PS3.3 C.8.2.1.1.1)."""
     return "LOCALIZER" in [str(v).upper() for v in (ds.get("ImageType") or [])]
-
-
-def group_key(s: Slice) -> tuple[Any, ...]:
-    """What slices of one stack share: (SeriesInstanceUID, IOP rounded to 1e-3, Rows, Columns, PixelSpacing
-    rounded to 1e-4 mm)."""
-    return (str(s.ds.get("SeriesInstanceUID", "")), tuple(np.round(s.iop, 3)),
-            int(s.ds.Rows), int(s.ds.Columns), tuple(np.round(s.spacing, 4)))

@@ -66,6 +66,9 @@ class SeriesVolume:
     notes: list[str] = field(default_factory=list)  # geometry remarks for the job record
     run: tuple[int, int] | None = None  # (index, count) when this volume is one regular run of a series
     run_slices: tuple[int, int, int] | None = None  # (first, last, of): 1-based input slices of this run
+    volume: tuple[int, int] | None = None  # (index, count) when the series holds several volumes
+    volume_label: str = ""  # how a reader tells this volume from its siblings: "echo 2", "time 3", "type P"
+    part: int = 0  # 0-based index among the derived series made from one input series (series numbers)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -78,10 +81,16 @@ class SeriesVolume:
         """Whether the slices are frames of multi-frame object(s) (``frame_numbers`` set)."""
         return bool(self.frame_numbers)
 
+    @property
+    def name(self) -> str:
+        """How messages name this volume: 'series UID', or 'series UID volume 2/3 (time 2)'."""
+        vol = f" volume {self.volume[0]}/{self.volume[1]} ({self.volume_label})" if self.volume else ""
+        return f"series {self.series_uid}{vol}"
+
     def describe(self) -> str:
         """One line for logs and the job report: series UID, modality, Z x Y x X, spacing dz/dy/dx mm."""
         z, y, x = self.shape
-        return (f"series {self.series_uid}: {self.modality} {z}x{y}x{x}, spacing "
+        return (f"{self.name}: {self.modality} {z}x{y}x{x}, spacing "
                 f"{self.spacing[0]:.3g}/{self.spacing[1]:.4g}/{self.spacing[2]:.4g} mm")
 
     def to_engine_input(self) -> VolumeInput:

@@ -26,6 +26,7 @@ from node.config import (
     OrthancDestination,
     OrthancSource,
     SourceKind,
+    VolumeChoice,
     as_table,
     config_from_dict,
     load_config,
@@ -180,3 +181,10 @@ def test_other_types_are_read_by_their_type() -> None:
     assert _error(node={"tls": {"enabled": "yes"}}) == "node.tls.enabled: expected bool, got str 'yes'"
     assert _error(executor={"data_access": "nfs"}) == "executor.data_access: 'nfs' is not one of shared, dicomweb"
     assert _error(colour={}).startswith("unknown section(s) colour; known: derive, destinations, engine, ")
+
+
+def test_rule_volumes_is_all_or_first() -> None:
+    rule = DEFAULTS["rules"][0]
+    assert _cfg().rules[0].volumes == VolumeChoice.ALL  # default: each volume of a series its own derived series
+    assert _cfg(rules=[{**rule, "volumes": "first"}]).rules[0].volumes == VolumeChoice.FIRST
+    assert _error(rules=[{**rule, "volumes": "some"}]) == "rules[0].volumes: 'some' is not one of all, first"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import JPEG2000Lossless, MRImageStorage
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
@@ -107,3 +107,24 @@ def test_enhanced_multiframe_mr_is_upscaled_through_plane(tmp_path: Path) -> Non
     assert float(ds.SliceThickness) == pytest.approx(2.0)
     errors, _ = dciodvfy(derived[0][0])
     assert not errors, errors
+
+
+def test_node_delivers_one_derived_series_per_volume_of_the_fmri_and_a_mosaic_as_slices(tmp_path: Path) -> None:
+    fmri = sorted(shared_series("mr_fmri_philips_3volumes").glob("*.dcm"))
+    mosaic = sorted(shared_series("mr_epi_mosaic_siemens_single").glob("*.dcm"))
+    with NodeProc.start(tmp_path) as node:
+        for files in (fmri, mosaic):
+            r = storescu(files, node.port, aet=node.ae_title)
+            assert r.returncode == 0, r.stderr
+        jobs = node.wait_jobs(lambda js: len(js) == 2 and all(j["state"] in ("delivered", "failed") for j in js),
+                              timeout=240, what="fMRI and mosaic jobs")
+    assert [j["state"] for j in jobs] == ["delivered", "delivered"], jobs
+    series = {uid: [dcmread(f, stop_before_pixels=True) for f in fs] for uid, fs in _series_dirs(tmp_path / "out").items()}
+    derived = {dss[0].SeriesDescription: dss for dss in series.values() if dss[0].SOPClassUID == MRImageStorage}
+    assert sorted(derived) == ["EPI_asc time 1 SR", "EPI_asc time 2 SR", "EPI_asc time 3 SR",
+                               "noPF_noPAT_noPOS_PEres100_ES0p59_BW2222_AP SR"]
+    assert [len(derived[f"EPI_asc time {t} SR"]) for t in (1, 2, 3)] == [17, 17, 17]
+    mos = derived["noPF_noPAT_noPOS_PEres100_ES0p59_BW2222_AP SR"]
+    assert len(mos) == 119 and {(int(d.Rows), int(d.Columns)) for d in mos} == {(90, 90)}
+    numbers = [int(dss[0].SeriesNumber) for dss in series.values()]
+    assert len(series) == 8 and len(set(numbers)) == 8  # 4 derived + 4 uncertainty series, numbers all distinct

@@ -112,10 +112,13 @@ def test_nine_transfer_syntaxes_decode_identically_and_are_not_a_stack() -> None
     files = _files(shared_series("ts_parity_mr_mosaic_9syntaxes"))
     syntaxes = {str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID) for f in files}
     assert len(files) == 9 and len(syntaxes) >= 7
-    vols = [load_series([f]) for f in files]
+    vols = [load_series([f]) for f in files]  # each a Siemens mosaic: 35 slices of 64x64 in a 6x6 grid
+    assert vols[0].shape == (35, 64, 64)
     for v in vols[1:]:
         np.testing.assert_array_equal(v.data, vols[0].data)
-    with pytest.raises(VolumeError, match="same slice position"):
+        np.testing.assert_array_equal(v.positions, vols[0].positions)
+    # nine copies of one image at the same positions, nothing telling them apart: refused, the files named
+    with pytest.raises(VolumeError, match=r"share a slice position.*1\.dcm, 2\.dcm.*copies of one image"):
         load_series(files)
 
 

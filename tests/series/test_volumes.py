@@ -1,0 +1,235 @@
+"""What a series is made of: orientation compared with a tolerance, one copy per instance, Siemens mosaics split into
+their slices, and series holding several volumes (time points, echoes, M/P, b-values) split into volumes."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import generate_uid
+
+from node.bench.phantom import write_phantom_series
+from node.errors import VolumeError
+from node.series import load_series, load_volumes
+from tests.support.fixtures import shared_series
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.dcm"))
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return write_phantom_series(tmp_path_factory.mktemp("phantom"), slices=6, size=32, step_mm=3.0, fov_mm=96.0)
+
+
+def _variant(files: list[Path], out: Path, tag: str, change: Callable[[pydicom.Dataset, int], None]) -> list[Path]:
+    """Copies of ``files`` in ``out`` as new instances of the same series, each changed by ``change(ds, k)``."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), tag])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        change(ds, k)
+        p = out / f"{tag}-{f.name}"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def _set_pixels(ds: pydicom.Dataset, arr: np.ndarray) -> None:
+    ds.PixelData = np.ascontiguousarray(arr.astype(ds.pixel_array.dtype)).tobytes()
+
+
+# ---------------------------------------------------------------------------------------------- item 8: orientation
+
+
+def _rotated(files: list[Path], out: Path, cosines: Callable[[int], tuple[float, float]]) -> list[Path]:
+    """The phantom rotated about x: slice k gets column cosine (0, c, s) = cosines(k), positions rotated with it."""
+    def change(ds: pydicom.Dataset, k: int) -> None:
+        c, s = cosines(k)
+        rot = np.array([[1, 0, 0], [0, c, -s], [0, s, c]])
+        ipp = rot @ np.array([float(v) for v in ds.ImagePositionPatient])
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", f"{c:.8f}", f"{s:.8f}"]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
+    return _variant(files, out, "rot", change)
+
+
+def test_orientation_jitter_below_1e6_is_one_orientation(phantom: list[Path], tmp_path: Path) -> None:
+    # as case 05: the y-cosine alternates 0.99949960 / 0.99950040, on both sides of a 3-decimal rounding edge
+    c0 = 0.9995
+    s0 = math.sqrt(1 - c0 * c0)
+    files = _rotated(phantom, tmp_path, lambda k: (c0 + (4e-7 if k % 2 else -4e-7), s0))
+    vol = load_series(files)
+    assert vol.shape == (6, 32, 32) and not vol.irregular
+    assert vol.spacing[0] == pytest.approx(3.0, abs=1e-3)
+
+
+def test_real_orientation_change_is_refused_with_the_real_difference(phantom: list[Path], tmp_path: Path) -> None:
+    tilt = math.radians(0.5)
+    files = _rotated(phantom, tmp_path, lambda k: (math.cos(tilt), math.sin(tilt)) if k >= 3 else (1.0, 0.0))
+    with pytest.raises(VolumeError) as err:
+        load_series(files)
+    msg = str(err.value)
+    assert "differ in matrix, orientation or pixel spacing" in msg
+    # the real difference: 1 - cos(0.5 deg) on y, sin(0.5 deg) = 0.00873 on z; 0.5 deg; never a rounded 0.001
+    assert f"{math.sin(tilt):.3g} in a direction cosine (0.5 deg" in msg, msg
+    assert "3 slice(s) 32x32" in msg and "rot-CT0003.dcm" in msg
+
+
+# ---------------------------------------------------------------------------------------------- item 9: duplicates
+
+
+def test_duplicate_instance_is_kept_once_and_named(phantom: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    shutil.copytree(phantom[0].parent, folder)
+    shutil.copyfile(folder / "CT0003.dcm", folder / "CT0003 (1).dcm")
+    vol = load_series(_files(folder))
+    assert vol.shape[0] == 6  # the copy is the same instance: 6 slices, not a repeated position
+    assert "CT0003 (1).dcm is a second copy of CT0003.dcm (same SOPInstanceUID, same pixels): kept once" in vol.notes
+
+
+def test_conflicting_duplicate_is_refused_naming_both_files(phantom: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    shutil.copytree(phantom[0].parent, folder)
+    ds = pydicom.dcmread(folder / "CT0003.dcm")
+    _set_pixels(ds, ds.pixel_array + 7)  # same SOPInstanceUID, other pixels
+    ds.save_as(folder / "CT0003-other.dcm", enforce_file_format=True)
+    with pytest.raises(VolumeError, match=r"CT0003\.dcm and CT0003-other\.dcm carry the same SOPInstanceUID but "
+                                          r"different pixel data"):
+        load_series(_files(folder))
+
+
+# ---------------------------------------------------------------------------------------------- item 10: mosaics
+
+
+def test_siemens_mosaic_is_split_into_its_60_slices() -> None:
+    f = _files(shared_series("mr_epi_mosaic_siemens_single"))[0]
+    vol = load_series([f])
+    assert vol.shape == (60, 90, 90)  # 60 slices of 90x90 in an 8x8 grid of the 720x720 image
+    assert vol.spacing == pytest.approx((2.4, 2.4, 2.4), abs=1e-4)
+    assert vol.normal == pytest.approx([0, 0, 1], abs=1e-6)
+    # the first tile: the mosaic's IPP moved to the top-left tile ((720 - 90) / 2 pixels of 2.4 mm in x and y)
+    ds = pydicom.dcmread(f)
+    ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+    assert vol.positions[0] == pytest.approx(ipp + [315 * 2.4, 315 * 2.4, 0], abs=1e-3)
+    # slices 2.4 mm apart along +z, in tile order; slice k holds tile k of the grid
+    assert np.allclose(np.diff(vol.positions[:, 2]), 2.4, atol=1e-4)
+    raw = ds.pixel_array
+    for k in (0, 1, 37, 59):
+        r, c = divmod(k, 8)
+        np.testing.assert_array_equal(vol.data[k], raw[r * 90:(r + 1) * 90, c * 90:(c + 1) * 90])
+    assert any("mosaic" in n for n in vol.notes)
+
+
+def test_mosaic_that_cannot_be_split_is_refused_with_the_reason(tmp_path: Path) -> None:
+    src = _files(shared_series("mr_epi_mosaic_siemens_single"))[0]
+    no_csa = pydicom.dcmread(src)
+    del no_csa[no_csa.private_block(0x0029, "SIEMENS CSA HEADER").get_tag(0x10)]
+    no_csa.save_as(tmp_path / "no_csa.dcm", enforce_file_format=True)
+    with pytest.raises(VolumeError, match=r"no_csa\.dcm: Siemens mosaic .* no Siemens CSA image header .*not "
+                                          r"super-resolved as one picture"):
+        load_series([tmp_path / "no_csa.dcm"])
+    wrong = pydicom.dcmread(src)
+    wrong.private_block(0x0019, "SIEMENS MR HEADER")[0x0A].value = 59
+    wrong.save_as(tmp_path / "wrong.dcm", enforce_file_format=True)
+    with pytest.raises(VolumeError, match=r"\(0019,100A\) says 59 images, the CSA header 60"):
+        load_series([tmp_path / "wrong.dcm"])
+
+
+# ---------------------------------------------------------------------------------------------- item 11: volumes
+
+
+def test_fmri_three_time_points_are_three_volumes() -> None:
+    files = _files(shared_series("mr_fmri_philips_3volumes"))
+    vols = load_volumes(files)
+    assert [v.shape[0] for v in vols] == [9, 9, 9]
+    assert [v.volume_label for v in vols] == ["time 1", "time 2", "time 3"]
+    assert [v.volume for v in vols] == [(1, 3), (2, 3), (3, 3)]
+    for v in vols:  # each volume a regular stack at the same 9 positions, from its own 9 files
+        assert not v.irregular and v.spacing[0] == pytest.approx(8.0, abs=1e-3)
+        np.testing.assert_allclose(v.positions, vols[0].positions, atol=1e-6)
+        assert {int(d.TemporalPositionIdentifier) for d in v.datasets} == {v.volume[0]}
+    with pytest.raises(VolumeError, match=r"holds 3 volumes \(time 1, time 2, time 3\)"):
+        load_series(files)
+
+
+def test_enhanced_field_map_two_echoes_are_two_volumes() -> None:
+    files = _files(shared_series("mr_fieldmap_enhanced_2echo_siemens_xa30"))
+    vols = load_volumes(files)
+    assert [v.shape for v in vols] == [(33, 64, 64), (33, 64, 64)]
+    assert [v.volume_label for v in vols] == ["echo 1 TE 10", "echo 2 TE 12.46"]
+    assert {d.SOPInstanceUID for d in vols[0].datasets} != {d.SOPInstanceUID for d in vols[1].datasets}
+    np.testing.assert_allclose(vols[0].positions, vols[1].positions, atol=1e-6)
+    assert not np.array_equal(vols[0].data, vols[1].data)
+
+
+def test_magnitude_and_phase_are_two_volumes(phantom: list[Path], tmp_path: Path) -> None:
+    def mag(ds: pydicom.Dataset, k: int) -> None:
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+
+    def phase(ds: pydicom.Dataset, k: int) -> None:
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "P", "ND"]
+        _set_pixels(ds, ds.pixel_array // 2)
+
+    files = _variant(phantom, tmp_path, "m", mag) + _variant(phantom, tmp_path, "p", phase)
+    vols = load_volumes(files)
+    assert [(v.volume_label, v.shape[0]) for v in vols] == [("type M", 6), ("type P", 6)]
+    assert all(str(d.ImageType[2]) == "P" for d in vols[1].datasets)
+
+
+def test_echoes_with_jittered_echo_times_are_two_volumes(phantom: list[Path], tmp_path: Path) -> None:
+    def echo(n: int, te: float) -> Callable[[pydicom.Dataset, int], None]:
+        def change(ds: pydicom.Dataset, k: int) -> None:
+            ds.EchoNumbers = n
+            ds.EchoTime = f"{te + (4e-4 if k % 2 else 0):.4f}"  # TE written 10.0000 / 10.0004: one echo
+        return change
+
+    files = _variant(phantom, tmp_path, "e1", echo(1, 10.0)) + _variant(phantom, tmp_path, "e2", echo(2, 20.0))
+    vols = load_volumes(files)
+    assert [(v.volume_label, v.shape[0]) for v in vols] == [("echo 1", 6), ("echo 2", 6)]
+
+
+def test_diffusion_b_values_and_directions_are_volumes(phantom: list[Path], tmp_path: Path) -> None:
+    def dwi(b: float, g: tuple[float, float, float]) -> Callable[[pydicom.Dataset, int], None]:
+        def change(ds: pydicom.Dataset, k: int) -> None:
+            ds.DiffusionBValue = b
+            ds.DiffusionGradientOrientation = list(g)
+        return change
+
+    files = (_variant(phantom, tmp_path, "b0", dwi(0, (0, 0, 0)))
+             + _variant(phantom, tmp_path, "bx", dwi(1000, (1, 0, 0)))
+             + _variant(phantom, tmp_path, "by", dwi(1000, (0, 1, 0))))
+    vols = load_volumes(files)
+    assert [(v.volume_label, v.shape[0]) for v in vols] == [("b=0", 6), ("b=1000 dir 1", 6), ("b=1000 dir 2", 6)]
+
+
+def test_a_per_slice_acquisition_number_does_not_fragment_the_volumes(phantom: list[Path], tmp_path: Path) -> None:
+    def time(t: int) -> Callable[[pydicom.Dataset, int], None]:
+        def change(ds: pydicom.Dataset, k: int) -> None:
+            ds.TemporalPositionIdentifier = t
+            ds.AcquisitionNumber = 100 * t + k  # changes with every slice
+        return change
+
+    files = _variant(phantom, tmp_path, "t1", time(1)) + _variant(phantom, tmp_path, "t2", time(2))
+    vols = load_volumes(files)
+    assert [(v.volume_label, v.shape[0]) for v in vols] == [("time 1", 6), ("time 2", 6)]
+
+
+def test_repeats_nothing_tells_apart_are_refused_naming_the_files(phantom: list[Path], tmp_path: Path) -> None:
+    def other(ds: pydicom.Dataset, k: int) -> None:
+        _set_pixels(ds, ds.pixel_array // 3)
+
+    files = list(phantom) + _variant(phantom[:2], tmp_path, "again", other)
+    with pytest.raises(VolumeError) as err:
+        load_volumes(files)
+    msg = str(err.value)
+    assert "4 of its 8 images share a slice position with another" in msg
+    assert "files CT0001.dcm, again-CT0001.dcm, CT0002.dcm, again-CT0002.dcm)" in msg
+    assert "repeats that no dimension tells apart" in msg and "not super-resolved" in msg
