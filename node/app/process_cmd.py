@@ -1,7 +1,10 @@
 """``srnode process IN_DIR OUT_DIR``: offline, the same pipeline as the node on a folder of DICOM files.
 
-Files are grouped by SeriesInstanceUID; each series goes through the configured rules (no caller: every rule may
-take it) and ``node.process.process_series``; one line per series says what was written, or why not.
+Files are grouped by study and series (StudyInstanceUID + SeriesInstanceUID: two studies sharing a series UID are two
+series); each series goes through the configured rules (no caller: every rule may take it) and
+``node.process.process_series`` (which refuses a series whose instances belong to more than one patient); one line
+per series says what was written, or why not. Results go to ``OUT_DIR/<SeriesUID>/``, or to
+``OUT_DIR/<StudyUID>/<SeriesUID>/`` for a series UID found in more than one study.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from node.app.preview import write_preview
 from node.config import load_config
 from node.errors import NodeError, VolumeError
 from node.jobs import match_rule
+from node.phi import scrub, series_values
 from node.process import EngineCache, ProcessResult, process_series
 from node.series import read_header
 
@@ -31,10 +35,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-preview", action="store_true", help="do not write preview.png per series")
 
 
-def group_by_series(in_dir: Path) -> tuple[dict[str, list[Path]], dict[str, Dataset], list[str]]:
-    """Files of ``in_dir`` by SeriesInstanceUID, one header per series, and the files that are not DICOM."""
-    groups: dict[str, list[Path]] = {}
-    headers: dict[str, Dataset] = {}
+SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
+
+
+def group_by_series(in_dir: Path) -> tuple[dict[SeriesKey, list[Path]], dict[SeriesKey, Dataset], list[str]]:
+    """Files of ``in_dir`` by (study, series), one header per series, and the files that are not DICOM."""
+    groups: dict[SeriesKey, list[Path]] = {}
+    headers: dict[SeriesKey, Dataset] = {}
     bad: list[str] = []
     for p in sorted(in_dir.rglob("*")):
         if not p.is_file() or p.name.startswith("."):
@@ -44,9 +51,9 @@ def group_by_series(in_dir: Path) -> tuple[dict[str, list[Path]], dict[str, Data
         except VolumeError as exc:
             bad.append(str(exc))
             continue
-        uid = str(hdr.get("SeriesInstanceUID", "") or "")
-        groups.setdefault(uid, []).append(p)
-        headers.setdefault(uid, hdr)
+        key = (str(hdr.get("StudyInstanceUID", "") or ""), str(hdr.get("SeriesInstanceUID", "") or ""))
+        groups.setdefault(key, []).append(p)
+        headers.setdefault(key, hdr)
     return groups, headers, bad
 
 
@@ -69,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
         return 1
     total = len(groups)
     engines = EngineCache()
-    for n, (uid, files) in enumerate(sorted(groups.items()), start=1):
-        hdr = headers[uid]
-        label = f"[{n}/{total}] series {uid or '(no SeriesInstanceUID)'} ({hdr.get('Modality', '?')}, " \
+    shared = {uid for _study, uid in groups if sum(1 for k in groups if k[1] == uid) > 1}
+    for n, ((study, uid), files) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])), start=1):
+        hdr = headers[(study, uid)]
+        in_study = f" of study {study}" if uid in shared else ""
+        label = f"[{n}/{total}] series {uid or '(no SeriesInstanceUID)'}{in_study} ({hdr.get('Modality', '?')}, " \
                 f"{str(hdr.get('SeriesDescription', '') or '').strip() or 'no description'}, {len(files)} file(s))"
         rule, why = match_rule(cfg, hdr)
         if rule is None:
@@ -81,13 +90,13 @@ def run(args: argparse.Namespace) -> int:
         def progress(msg: str, _label: str = label) -> None:
             print(f"{_label}: {msg}", file=sys.stderr, flush=True)
 
-        dest = out_dir / _safe(uid)
+        dest = out_dir / _safe(study) / _safe(uid) if uid in shared else out_dir / _safe(uid)
         try:
             res = process_series(files, rule, cfg, dest, engine_name=args.engine, progress=progress,
                                  engines=engines)
         except NodeError as exc:  # VolumeError, EngineError, DeriveError: the reason in words
             failed += 1
-            print(f"{label}: FAILED: {exc}")
+            print(f"{label}: FAILED: {scrub(str(exc), series_values(files))}")  # no patient values
             continue
         preview = ""
         if not args.no_preview:

@@ -50,12 +50,12 @@ class StabilityWatcher:
     def tick(self) -> None:
         now = time.time()
         quiet_since = now - self.cfg.node.stable_age_s
-        for series_uid in self.index.quiet_series(quiet_since):
-            if self.index.mark_stable(series_uid, quiet_since):
+        for study_uid, series_uid in self.index.quiet_series(quiet_since):
+            if self.index.mark_stable(series_uid, quiet_since, study_uid=study_uid):
                 try:
-                    decide(self.cfg, self.index, series_uid, self.audit)
+                    decide(self.cfg, self.index, series_uid, self.audit, study_uid=study_uid)
                 except NodeError as exc:
-                    log.error("series %s: could not decide what to do: %s", series_uid, exc)
+                    log.error("series %s (study %s): could not decide what to do: %s", series_uid, study_uid, exc)
         for job in self.index.jobs((JobState.QUEUED,)):
             if self._submitted.get(job.id) != job.updated:
                 self._submitted[job.id] = job.updated
