@@ -137,6 +137,7 @@ def build_app(ctx: NodeContext) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         ctx.metrics.queue_depth.set(await run_in_threadpool(ctx.index.queue_depth))
+        ctx.metrics.incoming_bytes.set(await run_in_threadpool(ctx.spool.incoming_bytes))
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def jobs_list(request: Request) -> Response:

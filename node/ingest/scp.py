@@ -4,11 +4,16 @@ The C-STORE handler never decodes pixels. pynetdicom writes the received dataset
 ``incoming/`` folder (memory stays bounded); the handler hands that file to ``node.ingest.admit.Admission``
 (header check, spool, index) and answers Success only once the file and its index row are on disk.
 
-Statuses (``node.dimse.Status``): 0x0000 stored (a duplicate SOPInstanceUID is kept once and logged), 0xA700 spool
-disk below the watermark or not writable, 0xC210 cannot understand (truncated, UIDs missing or invalid, no pixel
-data in an image), 0x0122 SOP class not supported, 0xA900 the dataset's SOP class is not the command's, 0x0110
-an unexpected failure. Unknown callers (when ``[node].require_known_callers``) get an
-association rejection, as does everyone once the node is stopping.
+Statuses (``node.dimse.Status``): 0x0000 stored (a duplicate SOPInstanceUID is kept once and logged; one that
+differs from the stored copy is kept aside and reported as a conflict), 0xA700 spool disk below the watermark or
+not writable, 0xC210 cannot understand (truncated, UIDs missing or invalid, no pixel data in an image), 0x0122 SOP
+class not supported, 0xA900 the dataset's SOP class or SOP instance is not the command's, 0x0110 an unexpected
+failure. Associations calling another AE title than ours (``[node].require_called_ae``) and unknown callers
+(``[node].require_known_callers``) get an association rejection (logged and audited), as does everyone once the
+node is stopping.
+
+A transfer that ends before its dataset is complete (A-ABORT, a dropped connection, a network timeout) leaves the
+part pynetdicom had written in ``incoming/``; it is removed as soon as the association ends.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ (result, source, diagnostic)
 REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
 
 
@@ -78,6 +84,7 @@ class StoreSCP:
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_RELEASED, self.on_closed),
             (evt.EVT_ABORTED, self.on_closed),
+            (evt.EVT_CONN_CLOSE, self.on_conn_close),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
         ]
@@ -92,6 +99,16 @@ class StoreSCP:
             assoc.kill()  # waits until the rejection went out (as pynetdicom's own rejections do)
             return
         node = self.cfg.node
+        called = str(assoc.requestor.primitive.called_ae_title).strip() if assoc.requestor.primitive else ""
+        if node.require_called_ae and called != node.ae_title.strip():
+            log.warning("association from %s@%s rejected: it called AE title %r, ours is %r "
+                        "(node.require_called_ae)", calling, address, called, node.ae_title)
+            if self.audit:
+                self.audit.write("association-rejected", calling_ae=calling, address=address, called_ae=called,
+                                 reason=f"called AE title is not ours ({node.ae_title})")
+            assoc.acse.send_reject(*REJECT_CALLED_AE)
+            assoc.kill()
+            return
         if node.require_known_callers and find_caller(node.allowed_callers, calling, address) is None:
             log.warning("association from %s@%s rejected: caller not in node.allowed_callers", calling, address)
             if self.audit:
@@ -106,6 +123,8 @@ class StoreSCP:
         self.metrics.active_associations.inc()
 
     def on_closed(self, event: evt.Event) -> None:
+        if event.event is evt.EVT_ABORTED:
+            self._discard_partial(event.assoc)
         with self._lock:
             counts = self._counts.pop(id(event.assoc), None)
         if counts is None:
@@ -118,6 +137,43 @@ class StoreSCP:
                              refused=counts[1])
         if self.on_release is not None:
             self.on_release()
+
+    def on_conn_close(self, event: evt.Event) -> None:
+        """The connection is gone (whatever ended it): nothing of the association is still being received."""
+        self._discard_partial(event.assoc)
+
+    def _discard_partial(self, assoc: Any) -> None:
+        """Remove the dataset files of this association that will never reach the handler: the one pynetdicom was
+        writing when the transfer ended, and complete ones still queued behind it (the peer got no answer for
+        them and will send them again)."""
+        dimse = getattr(assoc, "dimse", None)
+        files = [getattr(getattr(dimse, "message", None), "_data_set_file", None)]
+        queue = getattr(dimse, "msg_queue", None)
+        while queue is not None:
+            try:
+                item = queue.get_nowait()
+            except Exception:  # noqa: BLE001 - queue.Empty
+                break
+            files.append(getattr(item[1], "_dataset_file", None) if isinstance(item, tuple) else None)
+        n = 0
+        for fh in files:
+            name = getattr(fh, "name", None)
+            if not name:
+                continue
+            try:
+                Path(name).unlink()
+                n += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # pragma: no cover - permissions
+                log.warning("partial file %s of an ended association not removed: %s", name, exc)
+        if n:
+            calling = str(getattr(assoc.requestor, "ae_title", "")).strip()
+            log.warning("association from %s@%s ended during a transfer: %d incomplete dataset file(s) removed "
+                        "from incoming/", calling, assoc.requestor.address, n)
+            if self.audit:
+                self.audit.write("transfer-incomplete", calling_ae=calling, address=str(assoc.requestor.address),
+                                 removed=n)
 
     def on_echo(self, event: evt.Event) -> int:
         return Status.SUCCESS
@@ -135,7 +191,8 @@ class StoreSCP:
         try:
             self.admission.admit_file(Path(event.dataset_path), caller,
                                       declared_sop_class=str(req.AffectedSOPClassUID or ""),
-                                      transfer_syntax=str(event.context.transfer_syntax))
+                                      transfer_syntax=str(event.context.transfer_syntax),
+                                      declared_sop_instance=str(req.AffectedSOPInstanceUID or ""))
         except IngestError as exc:
             log.warning("C-STORE from %s refused (0x%04X): instance %s: %s", caller.ae_title, exc.status,
                         req.AffectedSOPInstanceUID, exc)
