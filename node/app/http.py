@@ -202,7 +202,7 @@ def build_app(ctx: NodeContext) -> Starlette:
         if not authorized(request):
             return unauthorized()
         study, series = request.path_params["study"], request.path_params["series"]
-        instances = [i for i in await run_in_threadpool(ctx.index.instances_of, series) if i.study_uid == study]
+        instances = await run_in_threadpool(ctx.index.instances_of, series, study)
         if not instances:
             return JSONResponse({"error": f"series {series} is not in the spool"}, status_code=404)
         boundary = secrets.token_hex(16)
