@@ -13,7 +13,10 @@ failure. Associations calling another AE title than ours (``[node].require_calle
 node is stopping.
 
 A transfer that ends before its dataset is complete (A-ABORT, a dropped connection, a network timeout) leaves the
-part pynetdicom had written in ``incoming/``; it is removed as soon as the association ends.
+part pynetdicom had written in ``incoming/``; it is removed as soon as the association ends. What is being received
+counts against the disk watermark while it arrives, not only once complete: every ``WATERMARK_CHECK_BYTES``
+received on an association the spool's free space is checked, and below ``[node].min_free_mb`` the association
+is aborted (the sender got no Success; it sends again later) and its partial file removed.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ log = logging.getLogger(__name__)
 REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
+WATERMARK_CHECK_BYTES = 1 << 20  # received on one association between two checks of the spool's free space
 
 
 def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
@@ -73,6 +77,7 @@ class StoreSCP:
     _server: ThreadedAssociationServer | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
     _counts: dict[int, list[int]] = field(default_factory=dict, init=False)  # assoc -> [stored, refused]
+    _received: dict[int, int] = field(default_factory=dict, init=False)  # assoc -> bytes since the last check
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _saved: tuple[bool, str | None] = field(default=(False, None), init=False)
 
@@ -87,6 +92,7 @@ class StoreSCP:
             (evt.EVT_CONN_CLOSE, self.on_conn_close),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_DATA_RECV, self.on_data),
         ]
 
     def on_requested(self, event: evt.Event) -> None:
@@ -127,6 +133,7 @@ class StoreSCP:
             self._discard_partial(event.assoc)
         with self._lock:
             counts = self._counts.pop(id(event.assoc), None)
+            self._received.pop(id(event.assoc), None)
         if counts is None:
             return
         self.metrics.active_associations.dec()
@@ -138,8 +145,31 @@ class StoreSCP:
         if self.on_release is not None:
             self.on_release()
 
+    def on_data(self, event: evt.Event) -> None:
+        """A PDU arrived: every WATERMARK_CHECK_BYTES per association, the spool must still be above its watermark,
+        else the transfer is aborted before it fills the disk further (runs in the association's reader thread)."""
+        key = id(event.assoc)
+        with self._lock:
+            n = self._received.get(key, 0) + len(event.data)
+            self._received[key] = 0 if n >= WATERMARK_CHECK_BYTES else n
+        if n < WATERMARK_CHECK_BYTES or self.admission.spool.has_space():
+            return
+        spool = self.admission.spool
+        assoc = event.assoc
+        calling = str(getattr(assoc.requestor, "ae_title", "")).strip()
+        why = (f"spool disk {spool.root} has {spool.free_mb():.0f} MB free, below node.min_free_mb = "
+               f"{spool.min_free_mb} ({spool.incoming_bytes() / 2**20:.0f} MB of it in incoming/)")
+        log.warning("association from %s@%s aborted during a transfer: %s", calling, assoc.requestor.address, why)
+        if self.audit:
+            self.audit.write("transfer-aborted", calling_ae=calling, address=str(assoc.requestor.address),
+                             reason=why)
+        self.metrics.failures.labels(where="ingest", reason="0xA700").inc()
+        assoc.abort(block=False)
+
     def on_conn_close(self, event: evt.Event) -> None:
         """The connection is gone (whatever ended it): nothing of the association is still being received."""
+        with self._lock:
+            self._received.pop(id(event.assoc), None)
         self._discard_partial(event.assoc)
 
     def _discard_partial(self, assoc: Any) -> None:

@@ -5,12 +5,15 @@ study); a transfer killed (the sender dies) or aborted (A-ABORT) half-way. Befor
 dropped with one INFO line; the partial file stayed in spool/incoming/ until the next restart. Now: a differing
 resend is a conflict: kept aside in spool/conflicts/, listed by ``srnode status`` (text and --json), counted in
 ``srnode_instance_conflicts_total`` and audited, the first copy still the one used (an identical resend is still
-a plain duplicate); the partial file is removed as soon as the association ends, and logged and audited.
+a plain duplicate); the partial file is removed as soon as the association ends, and logged and audited. And a
+transfer still arriving counts against the disk watermark: when the spool disk falls below ``min_free_mb`` during
+it, the association is aborted and its partial file removed, instead of filling the disk to the end of the data set.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from pydicom import dcmread
 
 from tests.support.hostile import series
@@ -97,7 +101,7 @@ sent = [0]
 def on_pdu(event):
     sent[0] += 1
     time.sleep(0.03)  # one PDU every 30 ms: the 2 MB transfer would take about 4 s
-    if mode == "abort" and sent[0] == 40:  # an A-ABORT half-way through the data set, then gone
+    if mode == "abort" and sent[0] == 40:  # an A-ABORT part-way through the data set, then gone
         pdu = A_ABORT_RQ()
         pdu.source, pdu.reason_diagnostic = 0x00, 0x00
         event.assoc.dul.socket.socket.sendall(pdu.encode())
@@ -106,7 +110,8 @@ ae = AE(ae_title="ABORTER")
 ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
 assoc = ae.associate("127.0.0.1", port, ae_title="SRNODE", evt_handlers=[(evt.EVT_PDU_SENT, on_pdu)])
 assert assoc.is_established
-assoc.send_c_store(path)
+rsp = assoc.send_c_store(path)
+print("status", rsp.Status if rsp is not None and "Status" in rsp else None, "aborted", assoc.is_aborted, flush=True)
 """
 
 
@@ -138,3 +143,47 @@ def test_an_ended_transfer_leaves_no_partial_file_in_incoming(tmp_path: Path) ->
         assert node.log().count("incomplete dataset file(s) removed from incoming/") == 2
         assert json.loads(node.cli("status", "--json").stdout)["instances"] == 0
         assert node.echo(), "the node stopped answering"
+
+
+def test_a_transfer_that_takes_the_disk_below_the_watermark_is_aborted_midway(tmp_path: Path) -> None:
+    """The spool disk is filled by a real ballast file while a slow 8 MB transfer arrives (no restart)."""
+    (big,) = series(tmp_path / "big", 63, 1, size=2048)  # 8 MB of pixel data: about 5 s at the sender's pace
+    (tmp_path / "node").mkdir()
+    st = os.statvfs(tmp_path / "node")
+    free_mb = st.f_bavail * st.f_frsize // 2**20
+    margin_mb, ballast_mb = 2000, 6000  # generous: teammates' tests write to the same disk meanwhile
+    if free_mb < ballast_mb + 4000:
+        pytest.skip(f"only {free_mb} MB free on the spool disk; the ballast needs {ballast_mb + 4000} MB")
+    ballast = tmp_path / "node" / "ballast"
+    with NodeProc.start(tmp_path / "node", {"node": {"max_pdu": 16384, "min_free_mb": int(free_mb - margin_mb)}}
+                        ) as node:
+        incoming = node.spool / "incoming"
+        proc = subprocess.Popen([sys.executable, "-c", SENDER, str(big), str(node.port), "slow"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: _partial(incoming), timeout=30, interval=0.05, what="a partial file")
+            fd = os.open(ballast, os.O_CREAT | os.O_WRONLY, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, ballast_mb * 2**20)
+            finally:
+                os.close(fd)
+            try:
+                wait_until(lambda: proc.poll() is not None, timeout=30, what="the sender sees the abort")
+                wait_until(lambda: not any(incoming.iterdir()), timeout=15, what="incoming/ empty")
+            finally:
+                ballast.unlink()
+            out = proc.stdout.read() if proc.stdout else ""
+            assert out.startswith("status None"), out  # no Success, no status at all: the association ended
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        log = node.log()
+        audit = [json.loads(ln) for ln in (node.spool / "audit.log").read_text().splitlines()]
+        assert "aborted during a transfer: spool disk" in log and "below node.min_free_mb" in log, log[-2000:]
+        assert [a["event"] for a in audit if a["event"].startswith("transfer-")] == ["transfer-aborted",
+                                                                                     "transfer-incomplete"]
+        assert json.loads(node.cli("status", "--json").stdout)["instances"] == 0
+        # space is back: the same instance is accepted
+        r = storescu([big], node.port)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert json.loads(node.cli("status", "--json").stdout)["instances"] == 1
