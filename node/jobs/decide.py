@@ -13,7 +13,7 @@ from pydicom import dcmread
 from node.audit import AuditLog
 from node.config import Config, RuleConfig
 from node.jobs.rules import allowed_rules, match_rule
-from node.phi import dataset_values, scrub
+from node.phi import dataset_values, mask_quoted, scrub
 from node.store import Index, JobState
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = 
     except Exception as exc:  # noqa: BLE001 - a broken first instance or rule: record it, keep watching
         reason = f"cannot match the rules on the series' first instance: {type(exc).__name__}: {exc}"
         # the exception's text may quote a header value: never let it reach the index, the log or the audit
-        reason = scrub(reason, dataset_values(header) if header is not None else set())
+        reason = scrub(reason, dataset_values(header)) if header is not None else mask_quoted(reason)
         job_id = index.create_job(series_uid, "", state=JobState.FAILED, reason=reason, study_uid=study_uid)
         log.warning("series %s: job %d failed: %s", series_uid, job_id, reason)
         if audit:
