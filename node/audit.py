@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from node.phi import PHI_KEYWORDS
+
 log = logging.getLogger(__name__)
 
 # keys that must never reach the audit log, whatever a caller passes
-_FORBIDDEN = frozenset({"PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate"})
+_FORBIDDEN = frozenset(PHI_KEYWORDS)
 
 
 class AuditLog:

@@ -27,6 +27,8 @@ class Metrics:
     deliveries: Counter
     gpu_memory_bytes: Gauge
     active_associations: Gauge
+    instance_conflicts: Counter
+    incoming_bytes: Gauge
 
     @classmethod
     def create(cls) -> Metrics:
@@ -48,4 +50,8 @@ class Metrics:
             gpu_memory_bytes=Gauge("srnode_gpu_memory_bytes", "GPU memory allocated by the engine (peak of last"
                                    " job)", registry=r),
             active_associations=Gauge("srnode_active_associations", "DICOM associations open now", registry=r),
+            instance_conflicts=Counter("srnode_instance_conflicts_total", "resends of a known SOPInstanceUID that"
+                                       " differ from the stored copy (kept aside in spool/conflicts/)", registry=r),
+            incoming_bytes=Gauge("srnode_spool_incoming_bytes", "bytes in spool/incoming/ (datasets being"
+                                 " received)", registry=r),
         )

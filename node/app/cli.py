@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                                     "one line per volume"),
     "status": ("node.app.status_cmd", "list jobs and their states from the spool index"),
     "retry": ("node.app.status_cmd", "re-queue dead-letter deliveries (and failed jobs) for another attempt"),
+    "reindex": ("node.app.reindex_cmd", "rebuild the spool index from the spool's instance files"),
     "eval": ("node.bench.eval", "measure an engine against cubic/linear on a series (PSNR, SSIM, HU, uncertainty)"),
     "bench": ("node.bench.command", "benchmarks: engine timings, end-to-end latency, throughput"),
     "train": ("node.app.train_cmd", "train the shipped prior on a folder of series"),

@@ -138,6 +138,7 @@ def build_app(ctx: NodeContext) -> Starlette:
 
     async def metrics(request: Request) -> Response:
         ctx.metrics.queue_depth.set(await run_in_threadpool(ctx.index.queue_depth))
+        ctx.metrics.incoming_bytes.set(await run_in_threadpool(ctx.spool.incoming_bytes))
         return Response(generate_latest(ctx.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def jobs_list(request: Request) -> Response:
@@ -202,7 +203,7 @@ def build_app(ctx: NodeContext) -> Starlette:
         if not authorized(request):
             return unauthorized()
         study, series = request.path_params["study"], request.path_params["series"]
-        instances = [i for i in await run_in_threadpool(ctx.index.instances_of, series) if i.study_uid == study]
+        instances = await run_in_threadpool(ctx.index.instances_of, series, study)
         if not instances:
             return JSONResponse({"error": f"series {series} is not in the spool"}, status_code=404)
         boundary = secrets.token_hex(16)

@@ -1,9 +1,24 @@
-"""Logging of the ``srnode`` commands: one stderr handler, third-party chatter lowered, secrets redacted."""
+"""Logging of the ``srnode`` commands: one stderr handler, third-party chatter lowered, secrets redacted, patient
+data kept out.
+
+Patient data: the node's own messages name UIDs, never patient or study values (``node.phi``). What other code
+says is filtered here: every record of a third-party logger (pydicom, highdicom, pynetdicom, uvicorn, ...) and
+every Python warning (``logging.captureWarnings``: pydicom warns with the offending value, ``Invalid value for VR
+DA: '...'``) has its quoted values masked, and so do the message lines of every logged traceback. Uncaught
+exceptions in any thread are logged through the same handler instead of printed raw to stderr.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+from types import TracebackType
+
+from node.phi import mask_quoted, mask_traceback
+
+# loggers whose messages are the node's own (they name UIDs and reasons, never values of patient attributes)
+OWN_LOGGERS = frozenset({"node", "models", "srnode", "__main__"})
 
 
 class _RedactFilter(logging.Filter):
@@ -24,7 +39,38 @@ class _RedactFilter(logging.Filter):
         return True
 
 
+class PhiFilter(logging.Filter):
+    """Masks quoted values in third-party records (and Python warnings) and in every logged traceback."""
+
+    _formatter = logging.Formatter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] not in OWN_LOGGERS:
+            record.msg, record.args = mask_quoted(record.getMessage()), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = mask_traceback(self._formatter.formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = mask_traceback(record.stack_info)
+        return True
+
+
 REDACT = _RedactFilter()  # the one filter on the stderr handler; the service adds the configured secrets
+PHI = PhiFilter()
+
+
+def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None,
+                  where: str = "") -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    logging.getLogger("srnode").error("%s", f"Exception in thread {where} (uncaught)" if where else
+                                      "Uncaught exception", exc_info=(kind, exc, tb))
+
+
+def _log_thread_uncaught(args: threading.ExceptHookArgs) -> None:
+    if args.exc_value is None:
+        return
+    _log_uncaught(args.exc_type, args.exc_value, args.exc_traceback, args.thread.name if args.thread else "")
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -32,10 +78,15 @@ def setup_logging(level: str = "INFO") -> None:
     httpx at WARNING. ValueError for an unknown level name."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.addFilter(PHI)
     handler.addFilter(REDACT)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # warnings (pydicom's carry the values they complain about) go through the handler and its filters
+    logging.captureWarnings(True)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_thread_uncaught
     # pynetdicom is chatty at INFO and logs identifiers from datasets at DEBUG
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # httpx logs every request (URLs with UIDs) at INFO

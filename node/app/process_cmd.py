@@ -1,11 +1,13 @@
 """``srnode process IN_DIR OUT_DIR``: offline, the same pipeline as the node on a folder of DICOM files.
 
-IN_DIR may also be one DICOM file. Files are grouped by SeriesInstanceUID; each series goes through the configured
-rules (no caller: every rule may take it) and ``node.process.process_series``; one line per series says what was
-written, or why not, followed by one "NOT IN ANY DERIVED SERIES" line per input slice that no derived series holds
-(file and reason), and ``OUT_DIR/<SeriesUID>/report.json`` keeps the same (the job report, a refusal or "left
-alone" with the reason), for ``srnode check``. On a terminal a progress bar per series names the stage
-(``node.app.progress``).
+IN_DIR may also be one DICOM file. Files are grouped by study and series (StudyInstanceUID + SeriesInstanceUID: two
+studies sharing a series UID are two series); each series goes through the configured rules (no caller: every rule
+may take it) and ``node.process.process_series`` (which refuses a series whose instances belong to more than one
+patient); one line per series says what was written, or why not, followed by one "NOT IN ANY DERIVED SERIES" line
+per input slice that no derived series holds (file and reason), and ``report.json`` in the series' output folder
+keeps the same (the job report, a refusal or "left alone" with the reason), for ``srnode check``. Results go to
+``OUT_DIR/<SeriesUID>/``, or to ``OUT_DIR/<StudyUID>/<SeriesUID>/`` for a series UID found in more than one study.
+On a terminal a progress bar per series names the stage (``node.app.progress``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from node.app.progress import wanted as progress_bar_wanted
 from node.config import Config, load_config
 from node.errors import NodeError, VolumeError
 from node.jobs import match_rule
+from node.phi import scrub, series_values
 from node.process import EngineCache, ProcessResult, process_series
 from node.series import read_header
 
@@ -41,8 +44,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="no progress bar (there is none either when stderr is not a terminal)")
 
 
-def group_by_series(in_dir: Path) -> tuple[dict[str, list[Path]], dict[str, Dataset], list[str]]:
-    """Files of ``in_dir`` by SeriesInstanceUID, one header per series, and the files that are not DICOM.
+SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
+
+
+def group_by_series(in_dir: Path) -> tuple[dict[SeriesKey, list[Path]], dict[SeriesKey, Dataset], list[str]]:
+    """Files of ``in_dir`` by (study, series), one header per series, and the files that are not DICOM.
 
     ``in_dir`` may be a single file (an enhanced multi-frame object holds a whole series); one that is not DICOM
     raises VolumeError, as does a path that does not exist.
@@ -51,12 +57,12 @@ def group_by_series(in_dir: Path) -> tuple[dict[str, list[Path]], dict[str, Data
         raise VolumeError(f"{in_dir}: does not exist")
     if in_dir.is_file():
         hdr = read_header(in_dir)  # VolumeError: not DICOM
-        uid = str(hdr.get("SeriesInstanceUID", "") or "")
-        return {uid: [in_dir]}, {uid: hdr}, []
+        key = (str(hdr.get("StudyInstanceUID", "") or ""), str(hdr.get("SeriesInstanceUID", "") or ""))
+        return {key: [in_dir]}, {key: hdr}, []
     if not in_dir.is_dir():
         raise VolumeError(f"{in_dir}: neither a folder nor a file")
-    groups: dict[str, list[Path]] = {}
-    headers: dict[str, Dataset] = {}
+    groups: dict[SeriesKey, list[Path]] = {}
+    headers: dict[SeriesKey, Dataset] = {}
     bad: list[str] = []
     for p in sorted(in_dir.rglob("*")):
         if not p.is_file() or p.name.startswith("."):
@@ -66,9 +72,9 @@ def group_by_series(in_dir: Path) -> tuple[dict[str, list[Path]], dict[str, Data
         except VolumeError as exc:
             bad.append(str(exc))
             continue
-        uid = str(hdr.get("SeriesInstanceUID", "") or "")
-        groups.setdefault(uid, []).append(p)
-        headers.setdefault(uid, hdr)
+        key = (str(hdr.get("StudyInstanceUID", "") or ""), str(hdr.get("SeriesInstanceUID", "") or ""))
+        groups.setdefault(key, []).append(p)
+        headers.setdefault(key, hdr)
     return groups, headers, bad
 
 
@@ -96,17 +102,19 @@ def run(args: argparse.Namespace) -> int:
         return _process(cfg, groups, headers, out_dir, args, bars, failed)
 
 
-def _process(cfg: Config, groups: dict[str, list[Path]], headers: dict[str, Dataset], out_dir: Path,
+def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[SeriesKey, Dataset], out_dir: Path,
              args: argparse.Namespace, bars: bool, failed: int) -> int:
     """Each series through its rule; one result line per series on stdout. Returns the exit status."""
     total = len(groups)
     engines = EngineCache()
-    for n, (uid, files) in enumerate(sorted(groups.items()), start=1):
-        hdr = headers[uid]
-        label = f"[{n}/{total}] series {uid or '(no SeriesInstanceUID)'} ({hdr.get('Modality', '?')}, " \
+    shared = {uid for _study, uid in groups if sum(1 for k in groups if k[1] == uid) > 1}
+    for n, ((study, uid), files) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])), start=1):
+        hdr = headers[(study, uid)]
+        in_study = f" of study {study}" if uid in shared else ""
+        label = f"[{n}/{total}] series {uid or '(no SeriesInstanceUID)'}{in_study} ({hdr.get('Modality', '?')}, " \
                 f"{str(hdr.get('SeriesDescription', '') or '').strip() or 'no description'}, {len(files)} file(s))"
         rule, why = match_rule(cfg, hdr)
-        dest = out_dir / _safe(uid)
+        dest = out_dir / _safe(study) / _safe(uid) if uid in shared else out_dir / _safe(uid)
         names = sorted(p.name for p in files)
         if rule is None:
             print(f"{label}: left alone: {why}")
@@ -120,8 +128,9 @@ def _process(cfg: Config, groups: dict[str, list[Path]], headers: dict[str, Data
         except NodeError as exc:  # VolumeError, EngineError, DeriveError: the reason in words
             bar.close()
             failed += 1
-            print(f"{label}: FAILED: {exc}")
-            _write_report(dest, {"series": uid, "files": names, "failed": str(exc)})
+            why = scrub(str(exc), series_values(files))  # no patient values
+            print(f"{label}: FAILED: {why}")
+            _write_report(dest, {"series": uid, "files": names, "failed": why})
             continue
         bar.close()
         _write_report(dest, {"series": uid, "files": names, "rule": rule.name, "report": res.report})

@@ -1,8 +1,9 @@
 """``srnode serve --config FILE``: the running node.
 
-Starts, in order: the spool and index (re-reading them: jobs left 'processing' by a crash are re-queued), the
-executor, the stability watcher, the outbox, the DICOM SCP and the HTTP API (``node.app.http.start_http(ctx)``,
-when [http].enabled). SIGTERM or SIGINT stops gracefully: new associations are refused, the stores in
+Starts, in order: the spool and index (re-reading them: every page of the index is checked, a damaged one stops
+the start with one line saying what to do; instance files the index does not list are re-indexed -- the spool
+files are the truth; jobs left 'processing' by a crash are re-queued), the executor, the stability watcher, the
+outbox, the DICOM SCP and the HTTP API (``node.app.http.start_http(ctx)``, when [http].enabled). SIGTERM or SIGINT stops gracefully: new associations are refused, the stores in
 flight finish, then the threads stop; whatever is unfinished stays in the index for the next start.
 """
 
@@ -19,7 +20,7 @@ from node.app.context import NodeContext
 from node.app.http import HttpHandle, start_http
 from node.app.logs import REDACT
 from node.config import Config, ExecutorKind, load_config, secret_values
-from node.ingest import Admission, StoreSCP
+from node.ingest import Admission, StoreSCP, reindex_spool
 from node.jobs import JobContext, StabilityWatcher, make_executor
 from node.send import Outbox
 
@@ -35,10 +36,10 @@ class Node:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        jobs = JobContext.open(cfg)
+        jobs = JobContext.open(cfg, check=True)
         spool, index, metrics = jobs.store.spool, jobs.store.index, jobs.metrics
         self.ctx = NodeContext(jobs=jobs, executor=make_executor(jobs),
-                               admission=Admission(cfg, spool, index, metrics))
+                               admission=Admission(cfg, spool, index, metrics, jobs.audit))
         self.watcher = StabilityWatcher(cfg, index, self.ctx.executor.submit, metrics, jobs.audit)
         self.outbox = Outbox(cfg, index, metrics, jobs.audit)
         self.scp = StoreSCP(cfg, self.ctx.admission, metrics, jobs.audit, on_release=self.watcher.hint)
@@ -47,6 +48,13 @@ class Node:
     def start(self) -> None:
         ctx = self.ctx
         leftovers = ctx.spool.clean_incoming()
+        found = reindex_spool(ctx.spool, ctx.index)
+        if found.added:
+            log.warning("spool %s: %d instance file(s) of %d series were not in the index %s (deleted, emptied or "
+                        "restored from an older copy?): re-indexed from the spool; those series are processed "
+                        "again", ctx.spool.root, found.added, len(found.series), ctx.spool.index_path)
+            ctx.audit.write("spool-reindexed", spool=str(ctx.spool.root), instances=found.added,
+                            series=len(found.series), skipped=len(found.skipped))
         # in-process: nothing can still be running after a restart; Celery: workers may be (see requeue_interrupted)
         queued = ctx.index.requeue_interrupted(processing=self.cfg.executor.kind == ExecutorKind.INPROCESS)
         log.info("spool %s: %d instances indexed, %d job(s) queued, %d partial file(s) removed",

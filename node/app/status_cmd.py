@@ -58,6 +58,24 @@ def job_dict(index: Index, j: Job) -> dict[str, Any]:
     }
 
 
+def conflict_dict(c: dict[str, Any]) -> dict[str, Any]:
+    """A conflicting resend (``conflicts`` row) as ``status --json`` lists it: UIDs, caller, the difference in
+    words (attribute names, never values), where the kept copy and the resend are."""
+    return {"sop": c["sop_uid"], "series": c["series_uid"], "study": c["study_uid"], "calling_ae": c["calling_ae"],
+            "via": c["via"], "reason": c["reason"], "kept": c["kept_path"], "resend": c["resend_path"],
+            "received": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(c["received_at"]))}
+
+
+def _print_conflicts(conflicts: list[dict[str, Any]]) -> None:
+    if not conflicts:
+        return
+    print(f"\n{len(conflicts)} conflicting resend(s): a known SOPInstanceUID came again with different content; the "
+          "first copy is kept and used, each resend is kept aside in spool/conflicts/")
+    for c in conflicts[-10:]:
+        print(f"  {c['received']}  instance {c['sop']} (series {c['series']}) from {c['calling_ae']} ({c['via']}): "
+              f"{c['reason']}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``srnode status`` or ``srnode retry``; returns the exit code (retry: 1 for an unknown job id)."""
     index = _open(args)
@@ -65,11 +83,13 @@ def run(args: argparse.Namespace) -> int:
         return _retry(index, list(args.jobs))
     jobs = index.jobs(args.state)[-args.limit:] if args.limit > 0 else index.jobs(args.state)
     docs = [job_dict(index, j) for j in jobs]
+    conflicts = [conflict_dict(c) for c in index.conflicts()]
     if args.json:
-        print(json.dumps({"jobs": docs, "instances": index.count_instances()}, indent=2))
+        print(json.dumps({"jobs": docs, "instances": index.count_instances(), "conflicts": conflicts}, indent=2))
         return 0
     if not docs:
         print(f"no jobs ({index.count_instances()} instances in the spool)")
+        _print_conflicts(conflicts)
         return 0
     width = max(len(d["series"]) for d in docs)
     print(f"{'JOB':>5}  {'STATE':<11} {'RULE':<14} {'N':>4}  {'SERIES':<{width}}  REASON / DELIVERIES")
@@ -83,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         for x in d["left_out"]:
             print(f"{'':>5}  NOT IN ANY DERIVED SERIES: slice {x.get('index')}/{x.get('of')} {x.get('file')}: "
                   f"{x.get('reason')}")
+    _print_conflicts(conflicts)
     return 0
 
 

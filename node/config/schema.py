@@ -80,6 +80,7 @@ class NodeConfig:
     log_level: str = "INFO"
     audit_log: str = ""  # default: <spool_dir>/audit.log
     require_known_callers: bool = False
+    require_called_ae: bool = True  # associations calling another AE title than ae_title are rejected
     allowed_callers: tuple[CallerConfig, ...] = ()
     tls: TlsConfig = field(default_factory=TlsConfig)
 

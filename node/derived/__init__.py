@@ -4,13 +4,16 @@
 - ``uncertainty``: the per-voxel sigma objects;
 - ``geometry``: where each output slice lies, and the gate every derived series passes before it leaves;
 - ``iocm``: IHE IOCM rejection notes retiring superseded results;
+- ``inputs``: checks on the input series first: one patient and study; copied values valid for their VR;
 - ``modules``: the DICOM modules and UIDs they share.
 """
 
 from node.derived.geometry import GEOMETRY_TOL_MM, geometry_gate, output_positions
 from node.derived.image_series import DerivedObjects, check_identifiers, derive_series
+from node.derived.inputs import check_inputs, check_one_patient, conform_copied
 from node.derived.iocm import reject_superseded, rejection_note
 from node.derived.uncertainty import uncertainty_series
 
-__all__ = ["GEOMETRY_TOL_MM", "DerivedObjects", "check_identifiers", "derive_series", "geometry_gate",
-           "output_positions", "reject_superseded", "rejection_note", "uncertainty_series"]
+__all__ = ["GEOMETRY_TOL_MM", "DerivedObjects", "check_identifiers", "check_inputs", "check_one_patient",
+           "conform_copied", "derive_series", "geometry_gate", "output_positions", "reject_superseded",
+           "rejection_note", "uncertainty_series"]

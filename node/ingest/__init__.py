@@ -3,7 +3,9 @@
 - ``scp``: the C-STORE SCP (and C-ECHO), TLS, caller checks at association time;
 - ``stow``: STOW-RS multipart bodies (the HTTP route lives in ``node.app.http``);
 - ``pull``: retrieval by UID from a configured source (C-MOVE, C-GET, WADO-RS, Orthanc REST);
-- ``follower``: the Orthanc ``/changes`` follower.
+- ``follower``: the Orthanc ``/changes`` follower;
+- ``resend``: a known SOPInstanceUID sent again: duplicate or conflict;
+- ``reindex``: spool files the index lacks, recorded again (start-up, ``srnode reindex``).
 
 To add a source: a module here that turns the source's objects into files or bytes and calls
 ``Admission.admit_file`` / ``admit_bytes`` with a ``Caller`` naming it.
@@ -20,10 +22,12 @@ from node.ingest.admit import (
 )
 from node.ingest.follower import ChangesFollower, is_own_output, start_followers
 from node.ingest.pull import FetchError, FetchResult, fetch, source_caller
+from node.ingest.reindex import REINDEXED_CALLER, ReindexResult, reindex_spool
 from node.ingest.scp import StoreSCP
 from node.ingest.stow import MultipartError, StowResult, multipart_close, multipart_part, store_multipart
 
 __all__ = [
+    "REINDEXED_CALLER",
     "STORAGE_SOP_CLASSES",
     "Admission",
     "Caller",
@@ -32,6 +36,7 @@ __all__ = [
     "FetchResult",
     "Header",
     "MultipartError",
+    "ReindexResult",
     "StoreSCP",
     "StowResult",
     "caller_rules",
@@ -41,6 +46,7 @@ __all__ = [
     "multipart_close",
     "multipart_part",
     "read_header",
+    "reindex_spool",
     "source_caller",
     "start_followers",
     "store_multipart",

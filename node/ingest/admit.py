@@ -7,9 +7,12 @@ Orthanc changes follower all call :meth:`Admission.admit_file` or :meth:`Admissi
    calling AE title and, where an entry names one, the caller's address;
 2. reads the header without decoding pixels (:func:`read_header`): UIDs present and valid, the pixel data
    element wholly inside the file; the SOP class comes from the dataset itself (SOPClassUID, else the file meta),
-   and a C-STORE whose command names another class is answered 0xA900;
+   and a C-STORE whose command names another SOP class or another SOP instance than the dataset's is answered
+   0xA900 (nothing is stored: the command and the data set disagree on what this is);
 3. checks the spool's disk watermark, links the file into the spool atomically and records it in the index,
-   with the caller's AE title and the rules it may use;
+   with the caller's AE title and the rules it may use; a resend of a known SOPInstanceUID that differs from the
+   stored copy is a conflict (``node.ingest.resend``): kept aside in ``spool/conflicts/``, recorded in the index,
+   counted and audited, the first copy still the one used;
 4. counts the outcome in one metric (``srnode_instances_received_total{status}``).
 
 Every refusal is an :class:`~node.errors.IngestError` carrying the DIMSE status to answer with
@@ -30,9 +33,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AllStoragePresentationContexts
 
+from node.audit import AuditLog
 from node.config import CallerConfig, Config
 from node.dimse import Status, label
 from node.errors import IngestError, dicom_read_problem
+from node.ingest.resend import resend_difference
 from node.metrics import Metrics
 from node.store import Index, Instance, Spool, Stored, valid_uid
 
@@ -182,25 +187,28 @@ class Admission:
     """Admits instances into ``spool`` and ``index`` for ``cfg``; safe to share between threads.
 
     Counts each offered instance in ``srnode_instances_received_total{status}`` (an error other than
-    IngestError counts under 0x0000) and each refusal by :meth:`admit_file` in
-    ``srnode_failures_total{where="ingest"}``.
+    IngestError counts under 0x0110) and each refusal by :meth:`admit_file` in
+    ``srnode_failures_total{where="ingest"}``. ``audit``: where conflicting resends are recorded (the running
+    node's audit log).
     """
 
-    def __init__(self, cfg: Config, spool: Spool, index: Index, metrics: Metrics) -> None:
-        self.cfg, self.spool, self.index, self.metrics = cfg, spool, index, metrics
+    def __init__(self, cfg: Config, spool: Spool, index: Index, metrics: Metrics,
+                 audit: AuditLog | None = None) -> None:
+        self.cfg, self.spool, self.index, self.metrics, self.audit = cfg, spool, index, metrics, audit
 
     def admit_file(self, path: Path, caller: Caller, declared_sop_class: str = "",
-                   transfer_syntax: str = "") -> Stored:
+                   transfer_syntax: str = "", declared_sop_instance: str = "") -> Stored:
         """Admit the complete DICOM file at ``path`` (on the spool's disk; it is linked, not moved).
 
-        ``declared_sop_class``: the SOP class the C-STORE command named (0xA900 when the dataset's differs);
-        ``transfer_syntax``: the negotiated one (default: the file meta's). Returns where the instance is stored
-        (``duplicate`` when its SOPInstanceUID was already there: the first copy is kept). Raises IngestError with
-        the DIMSE status.
+        ``declared_sop_class`` / ``declared_sop_instance``: the Affected SOP Class / Instance UID of the C-STORE
+        command (0xA900 when the dataset's differ); ``transfer_syntax``: the negotiated one (default: the file
+        meta's). Returns where the instance is stored (``duplicate`` when its SOPInstanceUID was already there:
+        the first copy is kept; a resend that differs is kept aside as a conflict). Raises IngestError with the
+        DIMSE status.
         """
         status = Status.SUCCESS
         try:
-            return self._admit(path, caller, declared_sop_class, transfer_syntax)
+            return self._admit(path, caller, declared_sop_class, transfer_syntax, declared_sop_instance)
         except IngestError as exc:
             status = Status(exc.status) if exc.status in Status._value2member_map_ else Status.CANNOT_UNDERSTAND
             self.metrics.failures.labels(where="ingest", reason=label(exc.status)).inc()
@@ -227,7 +235,8 @@ class Admission:
                                   Status.OUT_OF_RESOURCES) from exc
             return self.admit_file(Path(tmp.name), caller)
 
-    def _admit(self, path: Path, caller: Caller, declared_sop_class: str, transfer_syntax: str) -> Stored:
+    def _admit(self, path: Path, caller: Caller, declared_sop_class: str, transfer_syntax: str,
+               declared_sop_instance: str) -> Stored:
         allowed_rules = caller_rules(self.cfg, caller)
         self.spool.check_space()
         header = read_header(path)
@@ -237,11 +246,37 @@ class Admission:
         if declared_sop_class and declared_sop_class != header.sop_class:
             raise IngestError(f"the dataset's SOP class {header.sop_class} differs from the command's "
                               f"{declared_sop_class}", Status.DATASET_DOES_NOT_MATCH)
+        if declared_sop_instance and declared_sop_instance.strip() != header.sop_uid:
+            raise IngestError(f"the dataset's SOPInstanceUID {header.sop_uid} differs from the command's Affected "
+                              f"SOP Instance UID {declared_sop_instance.strip()}", Status.DATASET_DOES_NOT_MATCH)
         stored = self.spool.store_file(path, header.study_uid, header.series_uid, header.sop_uid)
         inst = Instance(sop_uid=header.sop_uid, series_uid=header.series_uid, study_uid=header.study_uid,
                         sop_class=header.sop_class, transfer_syntax=transfer_syntax or header.transfer_syntax,
                         path=str(stored.path), calling_ae=caller.ae_title, allowed_rules=allowed_rules)
-        if not self.index.add_instance(inst, header.modality, stored.path.stat().st_size):
+        if self.index.add_instance(inst, header.modality, stored.path.stat().st_size):
+            return stored
+        return self._resent(path, stored, inst, caller)
+
+    def _resent(self, path: Path, stored: Stored, inst: Instance, caller: Caller) -> Stored:
+        """A SOPInstanceUID already in the index came again: a plain duplicate, or a conflict kept aside."""
+        kept = self.index.instance(inst.sop_uid)
+        if kept is None:  # pragma: no cover - the row was there a moment ago; nothing deletes rows
+            return stored
+        why = resend_difference(kept, inst.study_uid, inst.series_uid, path)
+        if not why:
             log.info("duplicate instance %s of series %s from %s (%s): kept the copy already stored",
-                     header.sop_uid, header.series_uid, caller.ae_title, caller.via)
-        return stored
+                     inst.sop_uid, inst.series_uid, caller.ae_title, caller.via)
+            return stored
+        if not stored.duplicate and stored.path != Path(kept.path):
+            stored.path.unlink(missing_ok=True)  # linked under another study/series just now: not an instance
+        aside = self.spool.keep_aside(path, inst.sop_uid)
+        self.index.add_conflict(inst, caller.via, why, kept.path, str(aside))
+        self.metrics.instance_conflicts.inc()
+        log.warning("conflicting resend of instance %s (series %s) from %s (%s): %s; the stored copy is kept and "
+                    "used, the resend is kept aside as %s", inst.sop_uid, inst.series_uid, caller.ae_title,
+                    caller.via, why, aside)
+        if self.audit is not None:
+            self.audit.write("instance-conflict", sop=inst.sop_uid, series=inst.series_uid, study=inst.study_uid,
+                             calling_ae=caller.ae_title, via=caller.via, reason=why, kept=kept.path,
+                             resend=str(aside))
+        return Stored(Path(kept.path), duplicate=True)

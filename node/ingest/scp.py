@@ -4,11 +4,19 @@ The C-STORE handler never decodes pixels. pynetdicom writes the received dataset
 ``incoming/`` folder (memory stays bounded); the handler hands that file to ``node.ingest.admit.Admission``
 (header check, spool, index) and answers Success only once the file and its index row are on disk.
 
-Statuses (``node.dimse.Status``): 0x0000 stored (a duplicate SOPInstanceUID is kept once and logged), 0xA700 spool
-disk below the watermark or not writable, 0xC210 cannot understand (truncated, UIDs missing or invalid, no pixel
-data in an image), 0x0122 SOP class not supported, 0xA900 the dataset's SOP class is not the command's, 0x0110
-an unexpected failure. Unknown callers (when ``[node].require_known_callers``) get an
-association rejection, as does everyone once the node is stopping.
+Statuses (``node.dimse.Status``): 0x0000 stored (a duplicate SOPInstanceUID is kept once and logged; one that
+differs from the stored copy is kept aside and reported as a conflict), 0xA700 spool disk below the watermark or
+not writable, 0xC210 cannot understand (truncated, UIDs missing or invalid, no pixel data in an image), 0x0122 SOP
+class not supported, 0xA900 the dataset's SOP class or SOP instance is not the command's, 0x0110 an unexpected
+failure. Associations calling another AE title than ours (``[node].require_called_ae``) and unknown callers
+(``[node].require_known_callers``) get an association rejection (logged and audited), as does everyone once the
+node is stopping.
+
+A transfer that ends before its dataset is complete (A-ABORT, a dropped connection, a network timeout) leaves the
+part pynetdicom had written in ``incoming/``; it is removed as soon as the association ends. What is being received
+counts against the disk watermark while it arrives, not only once complete: every ``WATERMARK_CHECK_BYTES``
+received on an association the spool's free space is checked, and below ``[node].min_free_mb`` the association
+is aborted (the sender got no Success; it sends again later) and its partial file removed.
 """
 
 from __future__ import annotations
@@ -39,7 +47,9 @@ log = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4 (Table 9-21)
 REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
+WATERMARK_CHECK_BYTES = 1 << 20  # received on one association between two checks of the spool's free space
 
 
 def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
@@ -78,6 +88,7 @@ class StoreSCP:
     _server: ThreadedAssociationServer | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
     _counts: dict[int, _AssocCount] = field(default_factory=dict, init=False)  # per open association
+    _received: dict[int, int] = field(default_factory=dict, init=False)  # assoc -> bytes since the last check
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _saved: tuple[bool, str | None] = field(default=(False, None), init=False)
 
@@ -91,8 +102,10 @@ class StoreSCP:
             (evt.EVT_ACCEPTED, self.on_accepted),
             (evt.EVT_RELEASED, self.on_closed),
             (evt.EVT_ABORTED, self.on_closed),
+            (evt.EVT_CONN_CLOSE, self.on_conn_close),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_DATA_RECV, self.on_data),
         ]
 
     def on_requested(self, event: evt.Event) -> None:
@@ -108,6 +121,16 @@ class StoreSCP:
             assoc.kill()  # waits until the rejection went out (as pynetdicom's own rejections do)
             return
         node = self.cfg.node
+        called = str(assoc.requestor.primitive.called_ae_title).strip() if assoc.requestor.primitive else ""
+        if node.require_called_ae and called != node.ae_title.strip():
+            log.warning("association from %s@%s rejected: it called AE title %r, ours is %r "
+                        "(node.require_called_ae)", calling, address, called, node.ae_title)
+            if self.audit:
+                self.audit.write("association-rejected", calling_ae=calling, address=address, called_ae=called,
+                                 reason=f"called AE title is not ours ({node.ae_title})")
+            assoc.acse.send_reject(*REJECT_CALLED_AE)
+            assoc.kill()
+            return
         if node.require_known_callers and find_caller(node.allowed_callers, calling, address) is None:
             log.warning("association from %s@%s rejected: caller not in node.allowed_callers", calling, address)
             if self.audit:
@@ -123,10 +146,14 @@ class StoreSCP:
         self.metrics.active_associations.inc()
 
     def on_closed(self, event: evt.Event) -> None:
-        """An accepted association released or aborted: audit its counts, log one INFO line (caller, address,
-        instances stored/refused, duration; no patient data), one fewer active association, call ``on_release``."""
+        """An accepted association released or aborted: remove what an aborted transfer left in incoming/, audit
+        its counts, log one INFO line (caller, address, instances stored/refused, duration; no patient data), one
+        fewer active association, call ``on_release``."""
+        if event.event is evt.EVT_ABORTED:
+            self._discard_partial(event.assoc)
         with self._lock:
             counts = self._counts.pop(id(event.assoc), None)
+            self._received.pop(id(event.assoc), None)
         if counts is None:
             return
         self.metrics.active_associations.dec()
@@ -139,6 +166,66 @@ class StoreSCP:
                              refused=counts.refused)
         if self.on_release is not None:
             self.on_release()
+
+    def on_data(self, event: evt.Event) -> None:
+        """A PDU arrived: every WATERMARK_CHECK_BYTES per association, the spool must still be above its watermark,
+        else the transfer is aborted before it fills the disk further (runs in the association's reader thread)."""
+        key = id(event.assoc)
+        with self._lock:
+            n = self._received.get(key, 0) + len(event.data)
+            self._received[key] = 0 if n >= WATERMARK_CHECK_BYTES else n
+        if n < WATERMARK_CHECK_BYTES or self.admission.spool.has_space():
+            return
+        spool = self.admission.spool
+        assoc = event.assoc
+        calling = str(getattr(assoc.requestor, "ae_title", "")).strip()
+        why = (f"spool disk {spool.root} has {spool.free_mb():.0f} MB free, below node.min_free_mb = "
+               f"{spool.min_free_mb} ({spool.incoming_bytes() / 2**20:.0f} MB of it in incoming/)")
+        log.warning("association from %s@%s aborted during a transfer: %s", calling, assoc.requestor.address, why)
+        if self.audit:
+            self.audit.write("transfer-aborted", calling_ae=calling, address=str(assoc.requestor.address),
+                             reason=why)
+        self.metrics.failures.labels(where="ingest", reason="0xA700").inc()
+        assoc.abort(block=False)
+
+    def on_conn_close(self, event: evt.Event) -> None:
+        """The connection is gone (whatever ended it): nothing of the association is still being received."""
+        with self._lock:
+            self._received.pop(id(event.assoc), None)
+        self._discard_partial(event.assoc)
+
+    def _discard_partial(self, assoc: Any) -> None:
+        """Remove the dataset files of this association that will never reach the handler: the one pynetdicom was
+        writing when the transfer ended, and complete ones still queued behind it (the peer got no answer for
+        them and will send them again)."""
+        dimse = getattr(assoc, "dimse", None)
+        files = [getattr(getattr(dimse, "message", None), "_data_set_file", None)]
+        queue = getattr(dimse, "msg_queue", None)
+        while queue is not None:
+            try:
+                item = queue.get_nowait()
+            except Exception:  # noqa: BLE001 - queue.Empty
+                break
+            files.append(getattr(item[1], "_dataset_file", None) if isinstance(item, tuple) else None)
+        n = 0
+        for fh in files:
+            name = getattr(fh, "name", None)
+            if not name:
+                continue
+            try:
+                Path(name).unlink()
+                n += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # pragma: no cover - permissions
+                log.warning("partial file %s of an ended association not removed: %s", name, exc)
+        if n:
+            calling = str(getattr(assoc.requestor, "ae_title", "")).strip()
+            log.warning("association from %s@%s ended during a transfer: %d incomplete dataset file(s) removed "
+                        "from incoming/", calling, assoc.requestor.address, n)
+            if self.audit:
+                self.audit.write("transfer-incomplete", calling_ae=calling, address=str(assoc.requestor.address),
+                                 removed=n)
 
     def on_echo(self, event: evt.Event) -> int:
         """C-ECHO (Verification SOP Class, PS3.4 Annex A): always 0x0000."""
@@ -164,7 +251,8 @@ class StoreSCP:
         try:
             self.admission.admit_file(Path(event.dataset_path), caller,
                                       declared_sop_class=str(req.AffectedSOPClassUID or ""),
-                                      transfer_syntax=str(event.context.transfer_syntax))
+                                      transfer_syntax=str(event.context.transfer_syntax),
+                                      declared_sop_instance=str(req.AffectedSOPInstanceUID or ""))
         except IngestError as exc:
             log.warning("C-STORE from %s refused (0x%04X): instance %s: %s", caller.ae_title, exc.status,
                         req.AffectedSOPInstanceUID, exc)

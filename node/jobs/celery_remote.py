@@ -87,7 +87,7 @@ def run_remote_job(ctx: JobContext, job_id: int | str, study_uid: str, series_ui
     :func:`fetch_series`, IngestError for a refused instance, SpoolError (index).
     """
     cfg, spool, index = ctx.cfg, ctx.store.spool, ctx.store.index
-    done = _already_delivered(index, series_uid, rule)
+    done = _already_delivered(index, study_uid, series_uid, rule)
     if done is not None:
         log.info("job %s: series %s already processed and delivered here (local job %d)", job_id, series_uid,
                  done.id)
@@ -101,8 +101,8 @@ def run_remote_job(ctx: JobContext, job_id: int | str, study_uid: str, series_ui
         admission.admit_bytes(data, caller)
     log.info("job %s: fetched %d instances of series %s in %.1f s", job_id, len(files), series_uid,
              time.monotonic() - t0)
-    index.mark_stable(series_uid, time.time() + 1.0)
-    local = index.create_job(series_uid, rule, reason=f"node job {job_id}")
+    index.mark_stable(series_uid, time.time() + 1.0, study_uid=study_uid)
+    local = index.create_job(series_uid, rule, reason=f"node job {job_id}", study_uid=study_uid)
     run_job(ctx, local)
     _deliver_now(ctx, local)
     job = index.job(local)
@@ -118,8 +118,8 @@ def _clean(spool: Spool, study_uid: str, series_uid: str, local_job: int) -> Non
         shutil.rmtree(d, ignore_errors=True)
 
 
-def _already_delivered(index: Index, series_uid: str, rule: str) -> Job | None:
-    s = index.series(series_uid)
+def _already_delivered(index: Index, study_uid: str, series_uid: str, rule: str) -> Job | None:
+    s = index.series(series_uid, study_uid)
     if not s or s.get("job_id") is None:
         return None
     job = index.job(int(s["job_id"]))

@@ -22,8 +22,9 @@ class JobContext:
     engines: EngineCache = field(default_factory=EngineCache)
 
     @classmethod
-    def open(cls, cfg: Config, metrics: Metrics | None = None) -> JobContext:
-        """Open the spool of ``cfg`` (SpoolError when it cannot be) with fresh metrics unless given."""
-        store = open_store(cfg)
+    def open(cls, cfg: Config, metrics: Metrics | None = None, check: bool = False) -> JobContext:
+        """Open the spool of ``cfg`` (SpoolError when it cannot be; ``check``: every page of the index is checked
+        first, IndexDamaged when one is not readable) with fresh metrics unless given."""
+        store = open_store(cfg, check=check)
         audit = AuditLog(cfg.node.audit_log or store.spool.root / "audit.log")
         return cls(cfg, store, metrics or Metrics.create(), audit)

@@ -13,30 +13,37 @@ from pydicom import dcmread
 from node.audit import AuditLog
 from node.config import Config, RuleConfig
 from node.jobs.rules import allowed_rules, match_rule
+from node.phi import dataset_values, mask_quoted, scrub
 from node.store import Index, JobState
 
 log = logging.getLogger(__name__)
 
 
-def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = None) -> int | None:
-    """A stable series: match the rules on its first instance's header; returns the queued job id or None.
+def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = None,
+           study_uid: str = "") -> int | None:
+    """A stable series (of ``study_uid``): match the rules on its first instance's header; returns the queued job
+    id or None.
 
     None: a job was recorded as ignored (no rule matched) or failed (the header or a rule could not be read).
     Raises SpoolError (index).
     """
-    s = index.series(series_uid) or {}
-    instances = index.instances_of(series_uid)
+    s = index.series(series_uid, study_uid) or {}
+    study_uid = study_uid or str(s.get("study_uid", ""))
+    instances = index.instances_of(series_uid, study_uid)
     if audit:
         audit.write("series-received", series=series_uid, study=s.get("study_uid", ""), instances=len(instances),
                     modality=s.get("modality", ""), calling_ae=s.get("calling_ae", ""))
     rule: RuleConfig | None = None
+    header = None
     try:
         header = dcmread(instances[0].path, stop_before_pixels=True)
         rule, reason = match_rule(cfg, header, allowed_rules(str(s.get("allowed_rules", ""))),
                                   str(s.get("calling_ae", "")))
     except Exception as exc:  # noqa: BLE001 - a broken first instance or rule: record it, keep watching
         reason = f"cannot match the rules on the series' first instance: {type(exc).__name__}: {exc}"
-        job_id = index.create_job(series_uid, "", state=JobState.FAILED, reason=reason)
+        # the exception's text may quote a header value: never let it reach the index, the log or the audit
+        reason = scrub(reason, dataset_values(header)) if header is not None else mask_quoted(reason)
+        job_id = index.create_job(series_uid, "", state=JobState.FAILED, reason=reason, study_uid=study_uid)
         log.warning("series %s: job %d failed: %s", series_uid, job_id, reason)
         if audit:
             audit.write("job-decision", job=job_id, series=series_uid, instances=len(instances),
@@ -45,13 +52,14 @@ def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = 
     if rule is None:
         if not reason.startswith("no rule matched"):
             reason = f"no rule matched: {reason}"
-        job_id = index.create_job(series_uid, "", state=JobState.IGNORED, reason=reason)
+        job_id = index.create_job(series_uid, "", state=JobState.IGNORED, reason=reason, study_uid=study_uid)
         log.info("series %s (%d instances): left alone: %s", series_uid, len(instances), reason)
         if audit:
             audit.write("job-decision", job=job_id, series=series_uid, instances=len(instances),
                         decision=JobState.IGNORED, reason=reason)
         return None
-    job_id = index.create_job(series_uid, rule.name, reason=reason if isinstance(reason, str) else "")
+    job_id = index.create_job(series_uid, rule.name, reason=reason if isinstance(reason, str) else "",
+                              study_uid=study_uid)
     log.info("series %s (%d instances): job %d queued (rule %s)", series_uid, len(instances), job_id, rule.name)
     if audit:
         audit.write("job-decision", job=job_id, series=series_uid, instances=len(instances), decision=JobState.QUEUED,

@@ -17,13 +17,13 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from node.config import Config, RuleConfig
+from node.phi import PHI_KEYWORDS
 from node.series import group_value
 
 log = logging.getLogger(__name__)
 
 # never quote these in a reason: they identify a patient or an encounter
-_PRIVATE_KEYWORDS = frozenset({"PatientName", "PatientID", "PatientBirthDate", "AccessionNumber", "StudyDate",
-                               "OtherPatientIDs", "PatientAddress", "IssuerOfPatientID"})
+_PRIVATE_KEYWORDS = frozenset(PHI_KEYWORDS)
 
 
 @lru_cache(maxsize=256)

@@ -1,6 +1,10 @@
 """Running a job: claim it, run ``node.process.process_series`` on its instance files, put the results in the
 spool's outbox area and enqueue one delivery per destination. Every outcome is recorded on the job with a
 reason. Safe to call from any process that sees the spool (the in-process worker, a Celery worker).
+
+A failure's reason is the boundary where foreign text (pydicom's, highdicom's, an engine's exception messages)
+becomes ours: every value of a patient or study attribute the series carries is replaced by ``***`` there
+(``node.phi.scrub``) before the reason reaches the index (``srnode status``, GET /jobs), the log or the audit.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from node.derived import reject_superseded
 from node.errors import DeriveError, EngineError, NodeError, VolumeError
 from node.jobs.context import JobContext
 from node.metrics import Metrics
+from node.phi import scrub, series_values
 from node.process import process_series
 from node.store import Job, JobState
 
@@ -51,25 +56,25 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     rule = _rule(cfg.rules, job.rule)
     if rule is None:
         return _fail(ctx, job, f"rule {job.rule!r} is no longer in the configuration", "config")
-    paths = [Path(i.path) for i in index.instances_of(job.series_uid)]
+    paths = [Path(i.path) for i in index.instances_of(job.series_uid, job.study_uid)]
     out_dir = spool.job_dir(job.id, fresh=True)
     log.info("job %d: series %s, %d instances, rule %s", job.id, job.series_uid, len(paths), rule.name)
     try:
         result = process_series(paths, rule, cfg, out_dir, engines=ctx.engines)
     except VolumeError as exc:
-        why = f"series cannot be a volume: {exc}"
+        why = _scrubbed(f"series cannot be a volume: {exc}", paths)
         return _originals_only(ctx, job, rule, paths, why) or _fail(ctx, job, why, "volume")
     except EngineError as exc:
-        why = f"engine failed: {exc}"
+        why = _scrubbed(f"engine failed: {exc}", paths)
         return _originals_only(ctx, job, rule, paths, why) or _fail(ctx, job, why, "engine")
     except DeriveError as exc:
-        why = f"derived series could not be built: {exc}"
+        why = _scrubbed(f"derived series could not be built: {exc}", paths)
         return _originals_only(ctx, job, rule, paths, why) or _fail(ctx, job, why, "derive")
     except NodeError as exc:
-        return _fail(ctx, job, str(exc), type(exc).__name__)
+        return _fail(ctx, job, _scrubbed(str(exc), paths), type(exc).__name__)
     except Exception as exc:  # noqa: BLE001 - record it on the job, keep the node running
-        log.exception("job %d: unexpected error", job.id)
-        return _fail(ctx, job, f"internal error: {type(exc).__name__}: {exc}", "internal")
+        log.exception("job %d: unexpected error", job.id)  # the log's filter masks the traceback's values
+        return _fail(ctx, job, _scrubbed(f"internal error: {type(exc).__name__}: {exc}", paths), "internal")
     seconds = time.monotonic() - t0
     metrics.job_seconds.labels(stage="process").observe(seconds)
     files = [str(p) for p in [*result.derived_files, *result.uncertainty_files]]
@@ -101,6 +106,11 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
                 fallback=result.fallback or "", seconds=round(seconds, 2), destinations=list(per_dest),
                 left_out=[x.file for x in result.left_out])
     return state
+
+
+def _scrubbed(reason: str, paths: list[Path]) -> str:
+    """``reason`` (an exception's text) without any patient or study value of the series' files."""
+    return scrub(reason, series_values(paths))
 
 
 def _gpu_peak(metrics: Metrics) -> None:

@@ -56,12 +56,12 @@ class StabilityWatcher:
         (SpoolError) raise."""
         now = time.time()
         quiet_since = now - self.cfg.node.stable_age_s
-        for series_uid in self.index.quiet_series(quiet_since):
-            if self.index.mark_stable(series_uid, quiet_since):
+        for study_uid, series_uid in self.index.quiet_series(quiet_since):
+            if self.index.mark_stable(series_uid, quiet_since, study_uid=study_uid):
                 try:
-                    decide(self.cfg, self.index, series_uid, self.audit)
+                    decide(self.cfg, self.index, series_uid, self.audit, study_uid=study_uid)
                 except NodeError as exc:
-                    log.error("series %s: could not decide what to do: %s", series_uid, exc)
+                    log.error("series %s (study %s): could not decide what to do: %s", series_uid, study_uid, exc)
         queued = self.index.jobs((JobState.QUEUED,))
         # forget jobs that left the queue (the map holds only queued jobs: it does not grow with the node's age)
         for gone in set(self._submitted) - {j.id for j in queued}:

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from models.engine import Factors
 from node.config import Config, RuleConfig, VolumeChoice
-from node.derived import check_identifiers, derive_series
+from node.derived import check_identifiers, check_inputs, derive_series
 from node.errors import VolumeError
 from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine
 from node.series import (
@@ -157,6 +157,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
     found = load_volumes(paths)
     for vol in found:
         check_identifiers(vol)
+        check_inputs(vol)  # one patient and study (else VolumeError); non-conformant copied values dropped, noted
     factors = Factors(rule.through_plane_factor, rule.in_plane_factor)
     name = engine_name or rule.engine or cfg.engine.name
     options = cfg.engine.options

@@ -10,19 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from node.config import Config
-from node.store.index import Index
-from node.store.schema import Delivery, Instance, Job
+from node.store.index import Index, SeriesKey
+from node.store.schema import DAMAGED_HINT, Delivery, IndexDamaged, Instance, Job
 from node.store.spool import Spool, Stored, atomic_copy, fsync_dir, valid_uid
 from node.store.states import JOB_DONE_STATES, DeliveryState, JobState, SeriesState
 
 __all__ = [
+    "DAMAGED_HINT",
     "JOB_DONE_STATES",
     "Delivery",
     "DeliveryState",
     "Index",
+    "IndexDamaged",
     "Instance",
     "Job",
     "JobState",
+    "SeriesKey",
     "SeriesState",
     "Spool",
     "Store",
@@ -42,7 +45,8 @@ class Store:
     index: Index
 
 
-def open_store(cfg: Config) -> Store:
-    """Open (create on first use) the spool at ``[node].spool_dir`` and its index. Raises SpoolError."""
+def open_store(cfg: Config, check: bool = False) -> Store:
+    """Open (create on first use) the spool at ``[node].spool_dir`` and its index. Raises SpoolError
+    (``IndexDamaged`` when the index file is not readable; ``check``: every page is checked first)."""
     spool = Spool(cfg.spool_path, cfg.node.min_free_mb)
-    return Store(spool, Index(spool.index_path))
+    return Store(spool, Index(spool.index_path, check=check))

@@ -4,7 +4,8 @@ State machines (every change records a reason in words; the states are ``node.st
 
 - series: receiving → stable → queued → processing → sending → delivered | failed | ignored | dead-letter; a
   late instance puts a series back to receiving, and the next stable point makes a new job that supersedes the
-  earlier one.
+  earlier one. A series is keyed by its study and its SeriesInstanceUID: two studies that share a
+  SeriesInstanceUID are two series.
 - jobs: queued → processing → sending → delivered | failed | dead-letter; ignored (no rule matched);
   superseded (a later job of the same series replaced it while queued).
 - deliveries (the outbox, one row per job and destination): pending → delivered | dead-letter.
@@ -26,10 +27,19 @@ from node.errors import SpoolError
 from node.store.schema import Delivery, IndexDB, Instance, Job, delivery_of, instance_of, job_of, series_of
 from node.store.states import JOB_DONE_STATES, DeliveryState, JobState, SeriesState, series_state_of
 
+SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
+
 
 def _marks(values: Sequence[object]) -> str:
     """``?,?,...`` for an ``IN (...)`` of ``values`` (bound, never formatted into the SQL)."""
     return ",".join("?" * len(values))
+
+
+def _of_series(series_uid: str, study_uid: str) -> tuple[str, list[str]]:
+    """``WHERE`` text and arguments for a series (and its study, when given)."""
+    if study_uid:
+        return "series_uid = ? AND study_uid = ?", [series_uid, study_uid]
+    return "series_uid = ?", [series_uid]
 
 
 class Index(IndexDB):
@@ -51,7 +61,8 @@ class Index(IndexDB):
                  inst.calling_ae, inst.allowed_rules, size, now))
             if cur.rowcount == 0:
                 return False
-            row = c.execute("SELECT state FROM series WHERE series_uid = ?", (inst.series_uid,)).fetchone()
+            row = c.execute("SELECT state FROM series WHERE study_uid = ? AND series_uid = ?",
+                            (inst.study_uid, inst.series_uid)).fetchone()
             if row is None:
                 c.execute(
                     "INSERT INTO series (series_uid, study_uid, modality, calling_ae, allowed_rules, state,"
@@ -63,56 +74,75 @@ class Index(IndexDB):
                 reason = "" if was == SeriesState.RECEIVING else f"late instance after the series was {was}"
                 c.execute(
                     "UPDATE series SET n_instances = n_instances + 1, last_received = ?, state = ?,"
-                    " reason = CASE WHEN ? = '' THEN reason ELSE ? END WHERE series_uid = ?",
-                    (now, SeriesState.RECEIVING, reason, reason, inst.series_uid))
+                    " reason = CASE WHEN ? = '' THEN reason ELSE ? END WHERE study_uid = ? AND series_uid = ?",
+                    (now, SeriesState.RECEIVING, reason, reason, inst.study_uid, inst.series_uid))
         return True
 
     def has_instance(self, sop_uid: str) -> bool:
         """Whether an instance with this SOPInstanceUID is recorded."""
         return bool(self._query("SELECT 1 FROM instances WHERE sop_uid = ?", (sop_uid,)))
 
-    def instances_of(self, series_uid: str) -> list[Instance]:
-        """The series' instances, in order of arrival (then SOPInstanceUID); [] for an unknown series."""
-        rows = self._query("SELECT * FROM instances WHERE series_uid = ? ORDER BY received_at, sop_uid",
-                           (series_uid,))
+    def instance(self, sop_uid: str) -> Instance | None:
+        """The instance recorded under ``sop_uid``, or None."""
+        rows = self._query("SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,))
+        return instance_of(rows[0]) if rows else None
+
+    def instances_of(self, series_uid: str, study_uid: str = "") -> list[Instance]:
+        """The series' instances (of one study when ``study_uid`` is given: the node always gives it), in order of
+        arrival (then SOPInstanceUID); [] for an unknown series."""
+        where, args = _of_series(series_uid, study_uid)
+        rows = self._query(f"SELECT * FROM instances WHERE {where} ORDER BY received_at, sop_uid", args)
         return [instance_of(r) for r in rows]
 
     def count_instances(self) -> int:
         """How many instances the index records (all series)."""
         return int(self._query("SELECT COUNT(*) AS n FROM instances")[0]["n"])
 
-    def series(self, series_uid: str) -> dict[str, Any] | None:
-        """The series row as a dict (its ``state`` a ``SeriesState``), or None."""
-        rows = self._query("SELECT * FROM series WHERE series_uid = ?", (series_uid,))
+    def indexed_sops(self) -> set[str]:
+        """The SOPInstanceUID of every indexed instance (start-up compares them with the spool's files)."""
+        return {r["sop_uid"] for r in self._query("SELECT sop_uid FROM instances")}
+
+    def series(self, series_uid: str, study_uid: str = "") -> dict[str, Any] | None:
+        """The series row as a dict (its ``state`` a ``SeriesState``), or None.
+
+        Without ``study_uid``: the one series of that UID; SpoolError when studies share it.
+        """
+        where, args = _of_series(series_uid, study_uid)
+        rows = self._query(f"SELECT * FROM series WHERE {where}", args)
+        if len(rows) > 1:
+            raise SpoolError(f"index: series {series_uid} exists in {len(rows)} studies; name the study")
         return series_of(rows[0]) if rows else None
 
     def all_series(self) -> list[dict[str, Any]]:
         """Every series row, oldest first (as ``series``)."""
         return [series_of(r) for r in self._query("SELECT * FROM series ORDER BY first_received")]
 
-    def quiet_series(self, quiet_since: float) -> list[str]:
-        """UIDs of the series still 'receiving' with no instance since ``quiet_since`` (Unix seconds)."""
-        rows = self._query("SELECT series_uid FROM series WHERE state = ? AND last_received < ?",
-                           (SeriesState.RECEIVING, quiet_since))
-        return [r["series_uid"] for r in rows]
+    def quiet_series(self, quiet_since: float) -> list[SeriesKey]:
+        """(study, series) of the series still 'receiving' whose last instance arrived before ``quiet_since``."""
+        rows = self._query("SELECT study_uid, series_uid FROM series WHERE state = ? AND last_received < ?"
+                           " ORDER BY first_received", (SeriesState.RECEIVING, quiet_since))
+        return [(r["study_uid"], r["series_uid"]) for r in rows]
 
-    def mark_stable(self, series_uid: str, quiet_since: float) -> bool:
+    def mark_stable(self, series_uid: str, quiet_since: float, study_uid: str = "") -> bool:
         """receiving → stable, only if no instance arrived since ``quiet_since`` (atomic against ingest)."""
+        where, args = _of_series(series_uid, study_uid)
         with self.tx() as c:
-            cur = c.execute("UPDATE series SET state = ?, reason = '' WHERE series_uid = ?"
+            cur = c.execute(f"UPDATE series SET state = ?, reason = '' WHERE {where}"
                             " AND state = ? AND last_received < ?",
-                            (SeriesState.STABLE, series_uid, SeriesState.RECEIVING, quiet_since))
-            return cur.rowcount == 1
+                            (SeriesState.STABLE, *args, SeriesState.RECEIVING, quiet_since))
+            return cur.rowcount >= 1
 
     # ------------------------------------------------------------------------------------ jobs
 
-    def create_job(self, series_uid: str, rule: str, state: JobState = JobState.QUEUED, reason: str = "") -> int:
-        """A new job for the series' current instances. It records the series' earlier job in ``supersedes``,
-        and that job, if still queued, becomes superseded.
+    def create_job(self, series_uid: str, rule: str, state: JobState = JobState.QUEUED, reason: str = "",
+                   study_uid: str = "") -> int:
+        """A new job for the series' current instances. It records the series' earlier job in ``supersedes``, and
+        that job, if still queued, becomes superseded.
 
         ``state`` is queued, or a decision already taken (failed, ignored); the series takes the same state.
-        Returns the new job id. Raises SpoolError for an unknown series or ``state`` superseded, ValueError
-        when ``state`` is no ``JobState`` value.
+        ``study_uid``: the series' study (without it the series UID must be in one study only). Returns the new
+        job id. Raises SpoolError for an unknown series or ``state`` superseded, ValueError when ``state`` is no
+        ``JobState`` value.
         """
         state = JobState(state)  # a bare string that is no state fails here, not in a query much later
         series_state = series_state_of(state)
@@ -120,10 +150,13 @@ class Index(IndexDB):
             raise SpoolError(f"index: a job cannot be created {state}")
         now = time.time()
         with self.tx() as c:
-            s = c.execute("SELECT study_uid, n_instances, job_id FROM series WHERE series_uid = ?",
-                          (series_uid,)).fetchone()
-            if s is None:
+            where, args = _of_series(series_uid, study_uid)
+            found = c.execute(f"SELECT study_uid, n_instances, job_id FROM series WHERE {where}", args).fetchall()
+            if not found:
                 raise SpoolError(f"index: series {series_uid} is not known")
+            if len(found) > 1:
+                raise SpoolError(f"index: series {series_uid} exists in {len(found)} studies; name the study")
+            s = found[0]
             cur = c.execute(
                 "INSERT INTO jobs (series_uid, study_uid, rule, state, reason, n_instances, supersedes, created,"
                 " updated) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -132,8 +165,8 @@ class Index(IndexDB):
             if s["job_id"] is not None:
                 c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ? AND state = ?",
                           (JobState.SUPERSEDED, f"superseded by job {job_id}", now, s["job_id"], JobState.QUEUED))
-            c.execute("UPDATE series SET state = ?, reason = ?, job_id = ? WHERE series_uid = ?",
-                      (series_state, reason, job_id, series_uid))
+            c.execute("UPDATE series SET state = ?, reason = ?, job_id = ? WHERE study_uid = ? AND series_uid = ?",
+                      (series_state, reason, job_id, s["study_uid"], series_uid))
         return job_id
 
     def job(self, job_id: int) -> Job:
@@ -162,8 +195,9 @@ class Index(IndexDB):
             if cur.rowcount != 1:
                 return None
             row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            c.execute("UPDATE series SET state = ?, reason = '' WHERE series_uid = ? AND job_id = ? AND state = ?",
-                      (SeriesState.PROCESSING, row["series_uid"], job_id, SeriesState.QUEUED))
+            c.execute("UPDATE series SET state = ?, reason = '' WHERE study_uid = ? AND series_uid = ? AND job_id = ?"
+                      " AND state = ?", (SeriesState.PROCESSING, row["study_uid"], row["series_uid"], job_id,
+                                         SeriesState.QUEUED))
         return job_of(row)
 
     def finish_job(self, job_id: int, state: JobState, reason: str = "", **fields: Any) -> None:
@@ -187,12 +221,13 @@ class Index(IndexDB):
             args.append(json.dumps(v, default=str) if k == "report" else v)
         with self.tx() as c:
             c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
-            row = c.execute("SELECT series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = c.execute("SELECT study_uid, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
             series_state = series_state_of(state)
             if row is not None and series_state is not None:
-                c.execute("UPDATE series SET state = ?, reason = ? WHERE series_uid = ? AND job_id = ?"
-                          " AND state NOT IN (?, ?)", (series_state, reason, row["series_uid"], job_id,
-                                                       SeriesState.RECEIVING, SeriesState.STABLE))
+                c.execute("UPDATE series SET state = ?, reason = ? WHERE study_uid = ? AND series_uid = ?"
+                          " AND job_id = ? AND state NOT IN (?, ?)",
+                          (series_state, reason, row["study_uid"], row["series_uid"], job_id,
+                           SeriesState.RECEIVING, SeriesState.STABLE))
 
     def requeue_interrupted(self, processing: bool = True) -> list[int]:
         """Start-up: jobs left 'processing' by a crash go back to 'queued'; returns every queued job id.
@@ -306,6 +341,25 @@ class Index(IndexDB):
         if state != job.state or reason != job.reason:
             self.finish_job(job_id, state, reason)
         return state
+
+    # ------------------------------------------------------------------------------------ conflicts
+
+    def add_conflict(self, inst: Instance, via: str, reason: str, kept_path: str, resend_path: str) -> int:
+        """Record a resend of a known SOPInstanceUID that differs from the stored copy (kept aside, not used)."""
+        with self.tx() as c:
+            cur = c.execute(
+                "INSERT INTO conflicts (sop_uid, series_uid, study_uid, calling_ae, via, reason, kept_path,"
+                " resend_path, received_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (inst.sop_uid, inst.series_uid, inst.study_uid, inst.calling_ae, via, reason, kept_path,
+                 resend_path, time.time()))
+            return int(cur.lastrowid or 0)
+
+    def conflicts(self) -> list[dict[str, Any]]:
+        """Every recorded conflicting resend, oldest first."""
+        return [dict(r) for r in self._query("SELECT * FROM conflicts ORDER BY id")]
+
+    def count_conflicts(self) -> int:
+        return int(self._query("SELECT COUNT(*) AS n FROM conflicts")[0]["n"])
 
     def queue_depth(self) -> int:
         """How many jobs are queued or processing."""

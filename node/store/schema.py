@@ -8,6 +8,7 @@ The state transitions live in ``node.store.index``.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -20,7 +21,25 @@ from typing import Any, TypeVar
 from node.errors import SpoolError
 from node.store.states import DeliveryState, JobState, SeriesState
 
-SCHEMA = """
+log = logging.getLogger(__name__)
+
+# a series is keyed by its study and its SeriesInstanceUID (schema format 1; the first format keyed the UID alone)
+SERIES_TABLE = """CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    modality TEXT NOT NULL DEFAULT '',
+    calling_ae TEXT NOT NULL DEFAULT '',
+    allowed_rules TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    job_id INTEGER,
+    PRIMARY KEY (study_uid, series_uid)
+)"""
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY,
     series_uid TEXT NOT NULL,
@@ -34,20 +53,10 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
-CREATE TABLE IF NOT EXISTS series (
-    series_uid TEXT PRIMARY KEY,
-    study_uid TEXT NOT NULL,
-    modality TEXT NOT NULL DEFAULT '',
-    calling_ae TEXT NOT NULL DEFAULT '',
-    allowed_rules TEXT NOT NULL DEFAULT '',
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT '',
-    n_instances INTEGER NOT NULL DEFAULT 0,
-    first_received REAL NOT NULL,
-    last_received REAL NOT NULL,
-    job_id INTEGER
-);
+CREATE INDEX IF NOT EXISTS instances_study_series ON instances(study_uid, series_uid);
+{SERIES_TABLE};
 CREATE INDEX IF NOT EXISTS series_state ON series(state);
+CREATE INDEX IF NOT EXISTS series_uid ON series(series_uid);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     series_uid TEXT NOT NULL,
@@ -62,7 +71,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     uncertainty_series_uid TEXT NOT NULL DEFAULT '',
     engine TEXT NOT NULL DEFAULT '',
     fallback TEXT NOT NULL DEFAULT '',
-    report TEXT NOT NULL DEFAULT '{}',
+    report TEXT NOT NULL DEFAULT '{{}}',
     created REAL NOT NULL,
     updated REAL NOT NULL,
     started REAL,
@@ -83,6 +92,18 @@ CREATE TABLE IF NOT EXISTS deliveries (
     UNIQUE(job_id, destination)
 );
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt);
+CREATE TABLE IF NOT EXISTS conflicts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_uid TEXT NOT NULL,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT '',
+    via TEXT NOT NULL DEFAULT '',
+    reason TEXT NOT NULL,
+    kept_path TEXT NOT NULL,
+    resend_path TEXT NOT NULL,
+    received_at REAL NOT NULL
+);
 """
 
 @dataclass(frozen=True)
@@ -187,21 +208,115 @@ def instance_of(row: sqlite3.Row) -> Instance:
                     calling_ae=row["calling_ae"], allowed_rules=row["allowed_rules"])
 
 
+SCHEMA_VERSION = 1  # PRAGMA user_version: 0 = the first format (series keyed by SeriesInstanceUID alone)
+
+# the first format's series table keyed one series UID to one row, whatever the study: two studies sharing a
+# SeriesInstanceUID were one series (one job, one derived series holding both). Version 1 keys a series by
+# (study, series); the migration gives every (study, series) of the instances its own row, and a series whose
+# row held instances of more than one study goes back to 'receiving', so it is processed again on its own (the
+# new job supersedes the fused one).
+_MIGRATE_TO_1 = f"""
+ALTER TABLE series RENAME TO series_v0;
+{SERIES_TABLE};
+INSERT INTO series (series_uid, study_uid, modality, calling_ae, allowed_rules, state, reason, n_instances,
+                    first_received, last_received, job_id)
+    SELECT series_uid, study_uid, modality, calling_ae, allowed_rules, state, reason, n_instances, first_received,
+           last_received, job_id FROM series_v0;
+INSERT OR IGNORE INTO series (series_uid, study_uid, modality, calling_ae, allowed_rules, state, reason,
+                              n_instances, first_received, last_received)
+    SELECT i.series_uid, i.study_uid, s.modality, MIN(i.calling_ae), MIN(i.allowed_rules),
+           '{SeriesState.RECEIVING.value}', 'index migration: a series of another study shares this SeriesInstanceUID',
+           COUNT(*), MIN(i.received_at), MAX(i.received_at)
+    FROM instances i LEFT JOIN series_v0 s ON s.series_uid = i.series_uid GROUP BY i.study_uid, i.series_uid;
+UPDATE series SET
+    state = '{SeriesState.RECEIVING.value}',
+    reason = 'index migration: instances of another study shared this SeriesInstanceUID, processed again alone'
+    WHERE job_id IS NOT NULL AND EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid
+                                         AND i.study_uid != series.study_uid);
+UPDATE series SET n_instances = (SELECT COUNT(*) FROM instances i
+                                 WHERE i.study_uid = series.study_uid AND i.series_uid = series.series_uid)
+    WHERE EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid);
+DROP TABLE series_v0;
+"""
+
+DAMAGED_HINT = "move it aside (with its -wal and -shm files) and run `srnode reindex` to rebuild it from the spool"
+
+
+class IndexDamaged(SpoolError):
+    """The index file is not a readable SQLite database (garbage written into it, a disk error)."""
+
+
+def damaged(path: Path, exc: BaseException | str) -> IndexDamaged:
+    """The IndexDamaged error for ``path``, with what to do."""
+    return IndexDamaged(f"index {path} is damaged ({exc}); {DAMAGED_HINT}")
+
+
+def _is_damage(exc: sqlite3.Error) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.DatabaseError) and any(
+        w in text for w in ("not a database", "malformed", "corrupt", "disk i/o error"))
+
+
 class IndexDB:
     """The SQLite file at ``path`` (created, with its schema, on first use) and a connection per thread.
 
-    SpoolError when the file cannot be opened, a query fails, or a write transaction cannot start; a statement
-    that fails inside ``tx()`` raises ``sqlite3.Error`` (rolled back).
+    An index written by the first format is migrated on open (``SCHEMA_VERSION``). ``check=True`` also runs
+    SQLite's ``quick_check`` over every page (the node's start-up does): a damaged file raises
+    :class:`IndexDamaged` with one line naming the file and what to do. SpoolError when the file cannot be
+    opened, a query fails, or a write transaction cannot start, fails inside or cannot commit (rolled back).
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, check: bool = False) -> None:
         self.path = Path(path)
         self._local = threading.local()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn().executescript(SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
+            c = self._conn()
+            if check:
+                rows = [r[0] for r in c.execute("PRAGMA quick_check")]
+                if rows != ["ok"]:
+                    problems = [ln.strip() for r in rows for ln in str(r).splitlines()
+                                if ln.strip() and not ln.startswith("***")]
+                    raise damaged(self.path, f"quick_check found {len(problems)} problem(s), the first: "
+                                             f"{problems[0] if problems else rows[0]}")
+            c.executescript(SCHEMA)
+            self._migrate(c)
+        except sqlite3.Error as exc:
+            self.close()
+            if _is_damage(exc):
+                raise damaged(self.path, exc) from exc
             raise SpoolError(f"index {self.path}: cannot open: {exc}") from exc
+        except OSError as exc:
+            self.close()
+            raise SpoolError(f"index {self.path}: cannot open: {exc}") from exc
+        except SpoolError:
+            self.close()
+            raise
+
+    def _migrate(self, c: sqlite3.Connection) -> None:
+        """Bring an index of an earlier format to ``SCHEMA_VERSION`` (one transaction; other processes wait)."""
+        version = int(c.execute("PRAGMA user_version").fetchone()[0])
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise SpoolError(f"index {self.path}: format {version} was written by a newer srnode (this one reads "
+                             f"up to {SCHEMA_VERSION})")
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(c.execute("PRAGMA user_version").fetchone()[0])  # another process may have done it
+            if version < 1:
+                pk = [r["name"] for r in c.execute("PRAGMA table_info(series)") if r["pk"]]
+                if pk == ["series_uid"]:
+                    for stmt in _MIGRATE_TO_1.split(";"):
+                        if stmt.strip():
+                            c.execute(stmt)
+                    log.warning("index %s: migrated to format 1 (series keyed by study + series)", self.path)
+            c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+        c.executescript(SCHEMA)  # the indexes of the rebuilt table
 
     def _conn(self) -> sqlite3.Connection:
         c: sqlite3.Connection | None = getattr(self._local, "conn", None)

@@ -5,6 +5,7 @@ Layout under ``[node].spool_dir``::
     index.sqlite                      the index (node.store.index)
     incoming/                         temporary files (pynetdicom's chunked receive, partial writes)
     instances/<Study>/<Series>/<SOP>.dcm
+    conflicts/<SOP>.<n>.dcm           resends of a known SOPInstanceUID that differ from the stored copy
     outbox/job-<id>/...               a job's results until they are delivered
 
 A file is written to ``incoming/``, fsync'ed, then hard-linked to its final name (``os.link`` fails when the name
@@ -96,9 +97,10 @@ class Spool:
         self.min_free_mb = min_free_mb
         self.incoming = self.root / "incoming"
         self.instances = self.root / "instances"
+        self.conflicts = self.root / "conflicts"
         self.outbox = self.root / "outbox"
         try:
-            for d in (self.incoming, self.instances, self.outbox):
+            for d in (self.incoming, self.instances, self.conflicts, self.outbox):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise SpoolError(f"spool {self.root}: cannot create its folders: {exc}") from exc
@@ -118,13 +120,28 @@ class Spool:
         """Whether the free space is at least ``min_free_mb``."""
         return self.free_mb() >= self.min_free_mb
 
+    def incoming_bytes(self) -> int:
+        """Bytes in ``incoming/`` now: datasets being received, and partial files not yet cleaned."""
+        total = 0
+        try:
+            with os.scandir(self.incoming) as it:
+                for e in it:
+                    try:
+                        total += e.stat(follow_symlinks=False).st_size if e.is_file(follow_symlinks=False) else 0
+                    except OSError:
+                        continue  # removed while we looked
+        except OSError:
+            return 0
+        return total
+
     def check_space(self) -> None:
         """IngestError(0xA700 out of resources, PS3.4 B.2.3) when the spool disk is below the watermark."""
         free = self.free_mb()
         if free < self.min_free_mb:
+            incoming = self.incoming_bytes() / (1024 * 1024)
             raise IngestError(
-                f"spool disk {self.root} has {free:.0f} MB free, below node.min_free_mb = {self.min_free_mb}",
-                status=Status.OUT_OF_RESOURCES,
+                f"spool disk {self.root} has {free:.0f} MB free, below node.min_free_mb = {self.min_free_mb}"
+                f" ({incoming:.0f} MB of it in incoming/)", status=Status.OUT_OF_RESOURCES,
             )
 
     # ------------------------------------------------------------------------------------ instances
@@ -192,6 +209,41 @@ class Spool:
             return Stored(dst, duplicate=False)
         finally:
             tmp.unlink(missing_ok=True)
+
+    def keep_aside(self, src: Path, sop_uid: str) -> Path:
+        """Keep a conflicting resend under ``conflicts/<SOP>.<n>.dcm`` (linked, or copied across disks)."""
+        if not valid_uid(sop_uid):
+            raise IngestError(f"SOPInstanceUID {sop_uid!r} is not a valid UID")
+        for n in range(1, 10_000):
+            dst = self.conflicts / f"{sop_uid}.{n}.dcm"
+            try:
+                os.link(src, dst)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                if exc.errno != 18:  # EXDEV: another file system
+                    raise
+                tmp = synced_temp_copy(src, self.conflicts, ".part-")
+                try:
+                    os.link(tmp, dst)
+                except FileExistsError:
+                    continue
+                finally:
+                    tmp.unlink(missing_ok=True)
+            fsync_dir(self.conflicts)
+            return dst
+        raise IngestError(f"instance {sop_uid}: too many conflicting resends kept", Status.OUT_OF_RESOURCES)
+
+    def instance_files(self) -> list[Path]:
+        """Every file under ``instances/<Study>/<Series>/`` (what the index must list)."""
+        out: list[Path] = []
+        for study in sorted(self.instances.iterdir()) if self.instances.is_dir() else []:
+            if not study.is_dir():
+                continue
+            for series in sorted(study.iterdir()):
+                if series.is_dir():
+                    out.extend(sorted(p for p in series.iterdir() if p.is_file() and p.suffix == ".dcm"))
+        return out
 
     def clean_incoming(self) -> int:
         """Remove leftovers of interrupted writes (start-up); returns how many. An entry that cannot be

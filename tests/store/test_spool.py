@@ -89,7 +89,7 @@ def test_index_is_shared_between_processes(tmp_path: Path) -> None:
     ix = Index(db)
     code = ("import sys; from node.store import Index, Instance; ix = Index(sys.argv[1])\n"
             "for i in range(200):\n"
-            "    ix.add_instance(Instance(f'9.{i}', '9.9', '9', 'c', 't', '/x', 'A', ''), 'CT', 1)\n")
+            "    ix.add_instance(Instance(f'9.{i}', '9.9', '1.2.3', 'c', 't', '/x', 'A', ''), 'CT', 1)\n")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(db)]) for _ in range(2)]
     for i in range(200):
         ix.add_instance(_inst(f"8.{i}", series="9.9"), "CT", 1)

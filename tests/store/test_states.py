@@ -14,7 +14,8 @@ from node.errors import SpoolError
 from node.store import DeliveryState, Index, Instance, JobState, SeriesState
 
 # The index schema of the previous layout (node/indexdb.py before the stage folders; node/store/schema.py kept it
-# unchanged), as it is on disk in existing spools. Kept here verbatim: those spools must keep working.
+# unchanged until format 1 keyed series by study + series), as it is on disk in existing spools. Kept here verbatim:
+# those spools must keep working.
 PREVIOUS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY,
@@ -125,7 +126,8 @@ def test_a_spool_of_the_previous_layout_is_read_and_its_jobs_resume(tmp_path: Pa
     old.parent.mkdir()
     _previous_layout_spool(old)
     ix = Index(old)
-    # the new code's schema is the previous one: opening changed nothing, and a fresh index is the same
+    # opening migrated it (series keyed by study + series, tests/store/test_index_format.py): its schema is now a
+    # fresh index's, and every row below reads as before
     assert _schema_of(old) == _schema_of(Index(tmp_path / "new" / "index.sqlite").path)
 
     assert ix.requeue_interrupted() == [1]

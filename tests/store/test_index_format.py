@@ -1,0 +1,123 @@
+"""Index format 1: a series is keyed by study + series. An index of the first format (series keyed by the
+SeriesInstanceUID alone) is migrated on open, a series that had fused two studies is split and processed again
+alone; a damaged index file is named in one line that says what to do."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from node.store import Index, IndexDamaged, Instance, JobState, SeriesState
+from node.store.schema import SCHEMA_VERSION
+from tests.store.test_states import PREVIOUS_SCHEMA
+
+SHARED, OTHER = "1.2.826.0.1.9.1", "1.2.826.0.1.9.2"  # series UIDs
+STUDY_A, STUDY_B = "1.2.826.0.1.8.1", "1.2.826.0.1.8.2"
+
+
+def _old_index(db: Path) -> None:
+    """First-format index: series SHARED holds 4 instances of study A and 3 of study B in ONE row (what the old
+    key did), its job 1 delivered over all 7; series OTHER (study A, 2 instances) delivered by job 2."""
+    now = time.time() - 100
+    c = sqlite3.connect(db)
+    c.executescript(PREVIOUS_SCHEMA)
+    rows = [(f"{SHARED}.{k}", SHARED, STUDY_A if k < 4 else STUDY_B) for k in range(7)]
+    rows += [(f"{OTHER}.{k}", OTHER, STUDY_A) for k in range(2)]
+    for sop, series, study in rows:
+        c.execute("INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class, transfer_syntax, path,"
+                  " calling_ae, size, received_at) VALUES (?,?,?,'1.2.840.10008.5.1.4.1.1.2','1.2.840.10008.1.2.1',"
+                  " ?, 'CT01', 1, ?)", (sop, series, study, f"/spool/{study}/{series}/{sop}.dcm", now))
+    for job, series, n in ((1, SHARED, 7), (2, OTHER, 2)):
+        c.execute("INSERT INTO series (series_uid, study_uid, modality, calling_ae, state, n_instances,"
+                  " first_received, last_received, job_id) VALUES (?, ?, 'CT', 'CT01', 'delivered', ?, ?, ?, ?)",
+                  (series, STUDY_A, n, now, now, job))
+        c.execute("INSERT INTO jobs (id, series_uid, study_uid, rule, state, n_instances, created, updated)"
+                  " VALUES (?, ?, ?, 'ct', 'delivered', ?, ?, ?)", (job, series, STUDY_A, n, now, now))
+    c.commit()
+    c.close()
+
+
+def _version(db: Path) -> int:
+    c = sqlite3.connect(db)
+    try:
+        return int(c.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        c.close()
+
+
+def test_first_format_index_is_migrated_and_a_fused_series_split(tmp_path: Path) -> None:
+    db = tmp_path / "index.sqlite"
+    _old_index(db)
+    assert _version(db) == 0
+    ix = Index(db)
+    assert _version(db) == SCHEMA_VERSION == 1
+    a, b = ix.series(SHARED, STUDY_A), ix.series(SHARED, STUDY_B)
+    assert a is not None and b is not None
+    assert (a["n_instances"], b["n_instances"]) == (4, 3)
+    # both go back to 'receiving': the watcher makes a job for each, alone (the new one supersedes job 1)
+    assert a["state"] is SeriesState.RECEIVING and b["state"] is SeriesState.RECEIVING
+    assert "another study" in a["reason"] and a["job_id"] == 1 and b["job_id"] is None
+    assert {(s, u) for s, u in ix.quiet_series(time.time())} == {(STUDY_A, SHARED), (STUDY_B, SHARED)}
+    # a series that fused nothing is as it was
+    other = ix.series(OTHER)
+    assert other is not None and other["state"] is SeriesState.DELIVERED and other["n_instances"] == 2
+    assert [i.study_uid for i in ix.instances_of(SHARED, STUDY_B)] == [STUDY_B] * 3
+    assert len(ix.instances_of(SHARED, STUDY_A)) == 4
+    # without the study the UID is ambiguous: refused rather than guessed
+    with pytest.raises(Exception, match="2 studies"):
+        ix.series(SHARED)
+    # the job history is kept; a new job for study B's part is its own
+    assert [j.state for j in ix.jobs()] == [JobState.DELIVERED, JobState.DELIVERED]
+    assert ix.mark_stable(SHARED, time.time() + 1, study_uid=STUDY_B)
+    job_b = ix.create_job(SHARED, "ct", study_uid=STUDY_B)
+    assert ix.job(job_b).study_uid == STUDY_B and ix.job(job_b).n_instances == 3 and ix.job(job_b).supersedes is None
+    ix.close()
+    # opening again changes nothing more
+    again = Index(db)
+    assert again.series(SHARED, STUDY_A) == {**a}
+
+
+def test_migration_by_two_processes_at_once_happens_once(tmp_path: Path) -> None:
+    db = tmp_path / "index.sqlite"
+    _old_index(db)
+    code = "import sys; from node.store import Index; Index(sys.argv[1]).count_instances()"
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(db)], stderr=subprocess.PIPE) for _ in range(3)]
+    errs = [p.communicate(timeout=60)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errs
+    ix = Index(db)
+    assert len(ix.all_series()) == 3 and ix.count_instances() == 9
+
+
+def test_new_instances_of_two_studies_sharing_a_series_uid_are_two_series(tmp_path: Path) -> None:
+    ix = Index(tmp_path / "index.sqlite")
+    for k in range(7):
+        study = STUDY_A if k < 4 else STUDY_B
+        ix.add_instance(Instance(f"{SHARED}.{k}", SHARED, study, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                                 f"/x/{k}.dcm", "CT01", ""), "CT", 1)
+    rows = sorted((s["study_uid"], s["n_instances"]) for s in ix.all_series())
+    assert rows == [(STUDY_A, 4), (STUDY_B, 3)]
+
+
+def test_a_damaged_index_is_named_in_one_line_with_what_to_do(tmp_path: Path) -> None:
+    db = tmp_path / "index.sqlite"
+    ix = Index(db)
+    for k in range(300):  # a few pages of rows
+        ix.add_instance(Instance(f"1.2.{k}", "1.2", "1", "c", "t", "/x/" + "p" * 200, "A", ""), "CT", 1)
+    ix.close()
+    c = sqlite3.connect(db)
+    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    c.close()
+    data = bytearray(db.read_bytes())
+    page = 4096
+    assert len(data) > 4 * page
+    data[2 * page:4 * page] = b"\xde\xad\xbe\xef" * (page // 2)  # garbage over two pages in the middle
+    db.write_bytes(bytes(data))
+    with pytest.raises(IndexDamaged) as err:
+        Index(db, check=True)
+    msg = str(err.value)
+    assert "\n" not in msg and str(db) in msg and "srnode reindex" in msg, msg
