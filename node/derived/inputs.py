@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, TM, validate_value
@@ -38,9 +40,10 @@ def _identity(ds: Dataset, kw: str) -> str:
     return text.rstrip("^ ") if kw == "PatientName" else text
 
 
-def check_one_patient(vol: SeriesVolume) -> None:
-    """VolumeError when the series' instances belong to more than one patient or study (names, not values)."""
-    unique = list({id(ds): ds for ds in vol.datasets}.values())
+def check_one_patient(series_uid: str, datasets: Sequence[Dataset]) -> None:
+    """VolumeError when the series' instances (``datasets``, every volume of the series together) belong to more
+    than one patient or study; the reason names the attributes, never their values."""
+    unique = list({id(ds): ds for ds in datasets}.values())
     if len(unique) < 2:
         return
     differ: list[str] = []
@@ -52,7 +55,7 @@ def check_one_patient(vol: SeriesVolume) -> None:
         return
     patients = len({tuple(_identity(ds, kw) for kw in IDENTITY_KEYWORDS) for ds in unique})
     studies = len({_identity(ds, "StudyInstanceUID") for ds in unique})
-    raise VolumeError(f"series {vol.series_uid}: its {len(unique)} instances belong to {patients} patient(s) in "
+    raise VolumeError(f"series {series_uid}: its {len(unique)} instances belong to {patients} patient(s) in "
                       f"{studies} study(ies) ({'; '.join(differ)}); instances of different patients or studies are "
                       "never stacked into one derived series")
 
@@ -98,8 +101,12 @@ def conform_copied(vol: SeriesVolume) -> list[str]:
     return [f"values not valid for their VR were not copied into the derived objects: {names}"]
 
 
-def check_inputs(vol: SeriesVolume) -> None:
-    """Both checks, in order: one patient and study (VolumeError), then the copied values (noted in
-    ``vol.notes``, which the job's report carries)."""
-    check_one_patient(vol)
-    vol.notes.extend(conform_copied(vol))
+def check_inputs(vols: Sequence[SeriesVolume]) -> None:
+    """Both checks on the volumes of one series, in order: one patient and study across all of them (VolumeError;
+    a series split into volumes is checked as a whole), then each volume's copied values (noted in its
+    ``notes``, which the job's report carries)."""
+    if not vols:
+        return
+    check_one_patient(vols[0].series_uid, [ds for v in vols for ds in v.datasets])
+    for vol in vols:
+        vol.notes.extend(conform_copied(vol))

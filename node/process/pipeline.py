@@ -157,7 +157,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
     found = load_volumes(paths)
     for vol in found:
         check_identifiers(vol)
-        check_inputs(vol)  # one patient and study (else VolumeError); non-conformant copied values dropped, noted
+    check_inputs(found)  # one patient and study (else VolumeError); non-conformant copied values dropped, noted
     factors = Factors(rule.through_plane_factor, rule.in_plane_factor)
     name = engine_name or rule.engine or cfg.engine.name
     options = cfg.engine.options
