@@ -155,6 +155,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError("node.stable_age_s: must be > 0")
     if n.tls.enabled and not (n.tls.cert and n.tls.key):
         raise ConfigError("node.tls: enabled = true needs cert and key")
+    for key, seconds in (("node.association_timeout_s", n.association_timeout_s),
+                         ("node.tls.handshake_timeout_s", n.tls.handshake_timeout_s)):
+        if not 0 < seconds <= 600:
+            raise ConfigError(f"{key}: {seconds:g} must be > 0 and <= 600 seconds")
     _check_port(cfg.http.port, "http.port", allow_zero=True)
     if not re.fullmatch(r"[0-9.]+\.", cfg.derive.uid_root) or len(cfg.derive.uid_root) > 40:
         raise ConfigError("derive.uid_root: must be digits and dots, end with '.', at most 40 characters")

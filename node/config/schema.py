@@ -56,6 +56,7 @@ class TlsConfig:
     key: str = ""
     ca: str = ""
     require_client_cert: bool = False
+    handshake_timeout_s: float = 10.0  # a connection's TLS handshake must finish within this
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class NodeConfig:
     min_free_mb: int = 500
     max_associations: int = 32
     max_pdu: int = 0  # bytes; 0: unlimited
+    association_timeout_s: float = 10.0  # a connection must start (and then finish) its A-ASSOCIATE-RQ within this
     log_level: str = "INFO"
     audit_log: str = ""  # default: <spool_dir>/audit.log
     require_known_callers: bool = False

@@ -33,6 +33,7 @@ from node.config import Config
 from node.dimse import Status
 from node.errors import IngestError
 from node.ingest.admit import Admission, Caller, find_caller
+from node.ingest.server import start_guarded_server
 from node.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,9 @@ class StoreSCP:
         tempfile.tempdir = str(self.admission.spool.incoming)
         node = self.cfg.node
         ae = self.make_ae()
-        self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=self.handlers(),
-                                       ssl_context=server_ssl_context(self.cfg))
+        self._server = start_guarded_server(ae, (node.host, node.port), self.handlers(), server_ssl_context(self.cfg),
+                                            handshake_timeout_s=node.tls.handshake_timeout_s,
+                                            association_timeout_s=node.association_timeout_s, audit=self.audit)
         log.info("DICOM SCP %s listening on %s:%d%s", node.ae_title, node.host, node.port,
                  " (TLS)" if node.tls.enabled else "")
 
