@@ -16,7 +16,7 @@ import threading
 from types import FrameType
 
 from node.app.context import NodeContext
-from node.app.http import HttpHandle, start_http
+from node.app.http import HttpHandle, check_exposure, start_http
 from node.app.logs import REDACT
 from node.config import Config, ExecutorKind, load_config, secret_values
 from node.ingest import Admission, StoreSCP
@@ -45,6 +45,10 @@ class Node:
         self.http: HttpHandle | None = None
 
     def start(self) -> None:
+        """Start every component; raises ConfigError before anything starts when ``[http]`` would serve
+        patient data to the network without a token (``check_exposure``)."""
+        if self.cfg.http.enabled:
+            check_exposure(self.cfg.http)
         ctx = self.ctx
         leftovers = ctx.spool.clean_incoming()
         # in-process: nothing can still be running after a restart; Celery: workers may be (see requeue_interrupted)

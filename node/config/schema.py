@@ -105,6 +105,7 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8480
     token: str = ""
+    allow_anonymous: bool = False  # serve without a token on an address beyond loopback (refused otherwise)
     stow_caller: str = "STOW-RS"  # the caller identity of STOW-RS instances, for [node].allowed_callers
 
 
