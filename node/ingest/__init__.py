@@ -21,7 +21,15 @@ from node.ingest.admit import (
 from node.ingest.follower import ChangesFollower, is_own_output, start_followers
 from node.ingest.pull import FetchError, FetchResult, fetch, source_caller
 from node.ingest.scp import StoreSCP
-from node.ingest.stow import MultipartError, StowResult, multipart_close, multipart_part, store_multipart
+from node.ingest.stow import (
+    MultipartError,
+    MultipartStream,
+    StowReceiver,
+    StowResult,
+    boundary_of,
+    multipart_close,
+    multipart_part,
+)
 
 __all__ = [
     "STORAGE_SOP_CLASSES",
@@ -32,8 +40,11 @@ __all__ = [
     "FetchResult",
     "Header",
     "MultipartError",
+    "MultipartStream",
     "StoreSCP",
+    "StowReceiver",
     "StowResult",
+    "boundary_of",
     "caller_rules",
     "fetch",
     "find_caller",
@@ -43,5 +54,4 @@ __all__ = [
     "read_header",
     "source_caller",
     "start_followers",
-    "store_multipart",
 ]
