@@ -21,6 +21,7 @@ from node.app.logs import REDACT
 from node.config import Config, ExecutorKind, load_config, secret_values
 from node.ingest import Admission, StoreSCP
 from node.jobs import JobContext, StabilityWatcher, make_executor
+from node.process import series_budget_mb
 from node.send import Outbox
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,19 @@ class Node:
         ctx = self.ctx
         leftovers = ctx.spool.clean_incoming()
         # in-process: nothing can still be running after a restart; Celery: workers may be (see requeue_interrupted)
-        queued = ctx.index.requeue_interrupted(processing=self.cfg.executor.kind == ExecutorKind.INPROCESS)
+        inprocess = self.cfg.executor.kind == ExecutorKind.INPROCESS
+        max_attempts = self.cfg.node.max_job_attempts
+        poisoned = ctx.index.poison_candidates(max_attempts) if inprocess else []
+        queued = ctx.index.requeue_interrupted(processing=inprocess, max_attempts=max_attempts)
+        for job in poisoned:  # their runs killed the node max_job_attempts times: failed, never run again
+            reason = ctx.index.job(job.id).reason
+            log.error("job %d (series %s): failed as poison: %s", job.id, job.series_uid, reason)
+            ctx.metrics.series_processed.labels(outcome="failed").inc()
+            ctx.metrics.failures.labels(where="job", reason="poison").inc()
+            ctx.audit.write("job-failed", job=job.id, series=job.series_uid, reason=reason)
+        budget, how = series_budget_mb(self.cfg.node.max_series_memory_mb)
+        log.info("series memory budget %d MB (%s); a job is failed as poison after %d run(s) that stopped the node",
+                 budget, how, max_attempts)
         log.info("spool %s: %d instances indexed, %d job(s) queued, %d partial file(s) removed",
                  ctx.spool.root, ctx.index.count_instances(), len(queued), leftovers)
         ctx.executor.start()

@@ -155,6 +155,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError("node.stable_age_s: must be > 0")
     if n.tls.enabled and not (n.tls.cert and n.tls.key):
         raise ConfigError("node.tls: enabled = true needs cert and key")
+    if n.max_series_memory_mb < 0:
+        raise ConfigError(f"node.max_series_memory_mb: {n.max_series_memory_mb} must be >= 0 (0: 3/4 of the memory)")
+    if n.max_job_attempts < 1:
+        raise ConfigError(f"node.max_job_attempts: {n.max_job_attempts} must be >= 1")
     for key, seconds in (("node.association_timeout_s", n.association_timeout_s),
                          ("node.tls.handshake_timeout_s", n.tls.handshake_timeout_s)):
         if not 0 < seconds <= 600:

@@ -74,6 +74,8 @@ class NodeConfig:
     association_timeout_s: float = 10.0  # a connection must start (and then finish) its A-ASSOCIATE-RQ within this
     log_level: str = "INFO"
     audit_log: str = ""  # default: <spool_dir>/audit.log
+    max_series_memory_mb: int = 0  # memory a series may need to process (estimated from headers); 0: 3/4 of RAM
+    max_job_attempts: int = 3  # a job whose runs stopped the node this many times is failed as poison
     require_known_callers: bool = False
     allowed_callers: tuple[CallerConfig, ...] = ()
     tls: TlsConfig = field(default_factory=TlsConfig)

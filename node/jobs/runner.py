@@ -16,7 +16,7 @@ from node.derived import reject_superseded
 from node.errors import DeriveError, EngineError, NodeError, VolumeError
 from node.jobs.context import JobContext
 from node.metrics import Metrics
-from node.process import process_series
+from node.process import BudgetError, process_series
 from node.store import Job, JobState
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     log.info("job %d: series %s, %d instances, rule %s", job.id, job.series_uid, len(paths), rule.name)
     try:
         result = process_series(paths, rule, cfg, out_dir, engines=ctx.engines)
+    except BudgetError as exc:
+        why = f"refused before decoding: {exc}"
+        return _originals_only(ctx, job, rule, paths, why) or _fail(ctx, job, why, "budget")
     except VolumeError as exc:
         why = f"series cannot be a volume: {exc}"
         return _originals_only(ctx, job, rule, paths, why) or _fail(ctx, job, why, "volume")

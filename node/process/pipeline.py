@@ -21,6 +21,7 @@ from models.engine import Factors
 from node.config import Config, RuleConfig
 from node.derived import check_identifiers, derive_series
 from node.errors import VolumeError
+from node.process.budget import check_series
 from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine
 from node.series import MIN_SLICES_THROUGH_PLANE, SeriesVolume, check_through_plane, load_series, regular_runs
 from node.store import fsync_dir
@@ -83,17 +84,20 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
 
     ``engines``: the caller's engine cache (a fresh one when not given); ``progress`` gets one line per step.
     An irregular stack with through-plane factor > 1 is processed per regular run
-    (``node.series.regular_runs``). Raises VolumeError (not one volume), EngineError (even cubic failed),
+    (``node.series.regular_runs``). Before decoding, ``node.process.budget.check_series`` refuses a series whose
+    pixel data cannot hold what its headers declare (VolumeError) or that would need more memory than
+    ``[node] max_series_memory_mb`` (BudgetError, a VolumeError). Raises VolumeError (not one volume), EngineError (even cubic failed),
     DeriveError (a derived object failed its checks) or OSError (a file cannot be written); engine failures
     otherwise fall back to cubic, recorded in ``ProcessResult.fallback``.
     """
     t0 = time.perf_counter()
     engines = engines or EngineCache()
     say = progress or (lambda _msg: None)
-    vol = load_series(paths)
-    check_identifiers(vol)
     factors = Factors(rule.through_plane_factor, rule.in_plane_factor)
     name = engine_name or rule.engine or cfg.engine.name
+    check_series(paths, factors, name, cfg.node.max_series_memory_mb)  # headers only, before any decoding
+    vol = load_series(paths)
+    check_identifiers(vol)
     options = cfg.engine.options
     volumes, notes = _volumes_for(vol, factors)
     report: dict[str, Any] = {"input": vol.describe(), "notes": vol.notes + notes,

@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from node.config import Config
-from node.store.index import Index
+from node.store.index import Index, poison_reason
 from node.store.schema import Delivery, Instance, Job
 from node.store.spool import Spool, Stored, atomic_copy, fsync_dir, valid_uid
 from node.store.states import JOB_DONE_STATES, DeliveryState, JobState, SeriesState
 
 __all__ = [
+    "poison_reason",
     "JOB_DONE_STATES",
     "Delivery",
     "DeliveryState",
