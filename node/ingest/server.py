@@ -16,7 +16,8 @@ Only then is the connection handed to pynetdicom as an association (and counted 
 ``[node] max_associations``); the rest of the A-ASSOCIATE-RQ must arrive within ``association_timeout_s`` too
 (the AE's ``acse_timeout``). At most ``MAX_PENDING`` connections wait at the gate; a newer one evicts the oldest
 (a caller that means it sends its request within milliseconds). A connection that fails the gate is closed,
-logged and audited (``tls-handshake-failed``, ``connection-dropped``) with the address and the reason.
+logged and audited (``tls-handshake-failed``, ``connection-dropped``) with the address and the reason; one
+that the caller closes without sending a byte (a TCP health probe) is only logged at DEBUG.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ Address = tuple[str, int] | tuple[str, int, int, int]
 
 class GateClosed(Exception):
     """A connection did not pass the gate; the message is the reason (for the log and the audit)."""
+
+
+class _Hangup(Exception):
+    """The caller closed the connection without sending a byte (a TCP health probe): not logged as a failure."""
 
 
 class _Pending:
@@ -117,33 +122,50 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
     def _gate_then_associate(self, key: int, entry: _Pending, client_address: Any) -> None:
         address = str(client_address[0]) if isinstance(client_address, tuple) else str(client_address)
-        tls = self.ssl_context is not None
-        stage = "TLS handshake" if tls else "waiting for the A-ASSOCIATE-RQ"
+        handshake = self.ssl_context is not None
         try:
+            first = self.handshake_timeout_s if handshake else self.association_timeout_s
+            if not self._first_bytes(entry.sock, entry.since + first):
+                raise GateClosed(f"no ClientHello arrived within {first:g} s" if handshake
+                                 else f"no A-ASSOCIATE-RQ within {first:g} s")
             if self.ssl_context is not None:
                 entry.sock = self._handshake(entry, self.ssl_context)
-                stage = "waiting for the A-ASSOCIATE-RQ"
-            self._await_request(entry)
-        except (GateClosed, OSError, ssl.SSLError, ValueError) as exc:
+                handshake = False
+                self._await_request(entry)
+        except (_Hangup, GateClosed, OSError, ssl.SSLError, ValueError) as exc:
             self._forget(key)
+            if isinstance(exc, _Hangup) and not entry.evicted:
+                self._close(entry.sock)
+                log.debug("DICOM connection from %s closed by the caller before it said anything", address)
+                return
             reason = str(exc) if isinstance(exc, GateClosed) else f"{type(exc).__name__}: {exc}"
             if entry.evicted:
                 reason = f"evicted: more than {self.max_pending} connections waiting at the gate"
             self._close(entry.sock)
-            self._refused(address, tls and stage == "TLS handshake", reason)
+            self._refused(address, handshake, reason)
             return
         self._forget(key)
         # as ThreadedAssociationServer.process_request_thread: pynetdicom's handler starts the association
         super().process_request_thread(entry.sock, client_address)
 
+    @staticmethod
+    def _first_bytes(sock: socket.socket, deadline: float) -> bool:
+        """Whether the caller sent something (a ClientHello, an A-ASSOCIATE-RQ) before ``deadline``
+        (monotonic seconds); _Hangup when it closed the connection without a byte (a TCP probe)."""
+        r, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+        if not r:
+            return False
+        if not sock.recv(1, socket.MSG_PEEK):
+            raise _Hangup()
+        return True
+
     def _handshake(self, entry: _Pending, context: ssl.SSLContext) -> ssl.SSLSocket:
-        """The server side of the TLS handshake, finished within ``handshake_timeout_s``; GateClosed or
-        ssl.SSLError / OSError when it fails."""
+        """The server side of the TLS handshake, finished within ``handshake_timeout_s`` of the connection;
+        GateClosed or ssl.SSLError / OSError when it fails."""
         deadline = entry.since + self.handshake_timeout_s
         entry.sock.setblocking(False)
         tls = context.wrap_socket(entry.sock, server_side=True, do_handshake_on_connect=False)
         entry.sock = tls  # the plain socket object is detached now; eviction must reach the TLS one
-        said_anything = False
         while True:
             try:
                 tls.do_handshake()
@@ -154,25 +176,20 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                 wait_read = False
             left = deadline - time.monotonic()
             if left <= 0:
-                what = "the handshake was not finished" if said_anything else "no ClientHello arrived"
-                raise GateClosed(f"TLS: {what} within {self.handshake_timeout_s:g} s")
-            r, w, _ = select.select([tls] if wait_read else [], [] if wait_read else [tls], [], left)
-            said_anything = said_anything or bool(r)
+                raise GateClosed(f"TLS: the handshake was not finished within {self.handshake_timeout_s:g} s")
+            select.select([tls] if wait_read else [], [] if wait_read else [tls], [], left)
         tls.setblocking(True)
         return tls
 
     def _await_request(self, entry: _Pending) -> None:
-        """Wait until the caller starts its A-ASSOCIATE-RQ (a first byte), at most ``association_timeout_s``
-        after the gate (or the handshake) began; GateClosed when it says nothing or hangs up."""
-        start = time.monotonic()
+        """After the TLS handshake: wait until the caller starts its A-ASSOCIATE-RQ, at most
+        ``association_timeout_s``; GateClosed when it says nothing."""
         sock = entry.sock
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return
-        r, _, _ = select.select([sock], [], [], max(0.0, start + self.association_timeout_s - time.monotonic()))
+        r, _, _ = select.select([sock], [], [], self.association_timeout_s)
         if not r:
             raise GateClosed(f"no A-ASSOCIATE-RQ within {self.association_timeout_s:g} s")
-        if not isinstance(sock, ssl.SSLSocket) and not sock.recv(1, socket.MSG_PEEK):
-            raise GateClosed("closed by the caller before an A-ASSOCIATE-RQ")
 
     def _refused(self, address: str, handshake: bool, reason: str) -> None:
         event = "tls-handshake-failed" if handshake else "connection-dropped"

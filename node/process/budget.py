@@ -10,8 +10,9 @@ killed again. :func:`check_series` reads every instance's header (never its pixe
 - a series whose estimated working memory exceeds the budget ``[node] max_series_memory_mb`` (0: three quarters
   of the memory limit: physical RAM, or the cgroup limit in a container).
 
-The estimate is the output voxel count (``models.engine.output_shape`` of all frames) times the engine's
-working bytes per output voxel, plus the engine's fixed cost. Those were measured end to end (``srnode process``
+The estimate is the decoded pixels (Rows x Columns x frames x bytes per sample) plus the output voxel count
+(``models.engine.output_shape`` of all frames) times the engine's working bytes per output voxel, plus the
+engine's fixed cost. Those were measured end to end (``srnode process``
 from files: decode, float volume, engine, derived objects; peak RSS growth) on the CPU:
 cubic 37-39 B per output voxel (40x256^2 and 80x256^2, factor 2); selfsup 40 B at 512^2x600 (12.8 GB peak,
 README engine section) and about 47 B between 24x256^2 and 48x256^2 plus about 0.4 GB fixed. The check uses
@@ -86,12 +87,13 @@ class SeriesFootprint:
 
     def needed_bytes(self, factors: Factors, engine: str) -> tuple[int, int, int, int]:
         """(bytes needed, output voxels, bytes per output voxel, fixed bytes) to process with ``engine`` (and
-        its cubic fallback)."""
+        its cubic fallback): the decoded pixels (Rows x Columns x frames x bytes per sample), plus the output
+        voxels times the engine's working bytes per voxel, plus its fixed cost."""
         z, y, x = output_shape((max(self.frames, 1), self.rows, self.columns), factors)
         per, fixed = ENGINE_COST.get(engine, UNKNOWN_ENGINE_COST)
         per, fixed = max(per, ENGINE_COST["cubic"][0]), max(fixed, ENGINE_COST["cubic"][1])
         voxels = z * y * x
-        return voxels * per + fixed, voxels, per, fixed
+        return self.decoded_bytes + voxels * per + fixed, voxels, per, fixed
 
 
 def memory_limit_bytes() -> int:
@@ -191,9 +193,9 @@ def check_series(paths: Sequence[Path], factors: Factors, engine: str, configure
     if need > budget_mb * MB:
         raise BudgetError(
             f"series needs about {need / MB:.0f} MB of memory, over the budget of {budget_mb} MB ({how}): "
-            f"{fp.frames} frame(s) of up to {fp.rows}x{fp.columns}, {fp.bytes_per_sample} byte(s)/sample "
-            f"({fp.decoded_bytes / MB:.0f} MB decoded), x{factors.through_plane} through-plane x{factors.in_plane} "
-            f"in-plane -> {voxels / 1e6:.0f} M output voxels x {per} B (engine {engine}) + {fixed // MB} MB; "
+            f"{fp.frames} frame(s) of up to {fp.rows}x{fp.columns}, {fp.bytes_per_sample} byte(s)/sample = "
+            f"{fp.decoded_bytes / MB:.0f} MB decoded, + x{factors.through_plane} through-plane x{factors.in_plane} "
+            f"in-plane = {voxels / 1e6:.0f} M output voxels x {per} B (engine {engine}) + {fixed // MB} MB fixed; "
             "not decoded")
     log.debug("series footprint %s: about %d MB of %d MB", fp, need // MB, budget_mb)
     return fp

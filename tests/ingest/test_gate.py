@@ -116,12 +116,15 @@ def test_silent_sockets_do_not_block_tls_callers(tmp_path: Path, pki: Pki) -> No
     assert any("CERTIFICATE" in r.upper() for r in others), (others, ossl.stdout[-500:], ossl.stderr[-500:])
     assert all(a["address"] == "127.0.0.1" for a in failed)
     assert "no ClientHello arrived within 3 s" in log and "local limit exceeded" not in log.lower()
+    assert "closed by the caller" not in log
 
 
 def test_silent_sockets_do_not_lock_out_plain_callers(tmp_path: Path) -> None:
     """300 silent sockets: more than the gate holds (256); the oldest are evicted, callers still get through."""
     n = MAX_PENDING + 44
     with NodeProc.start(tmp_path / "node", _nodes_sections(4)) as node:
+        for _ in range(5):  # TCP health probes: connect, close; neither a warning nor an audit record
+            socket.create_connection(("127.0.0.1", node.port), timeout=5).close()
         with silent_sockets(node.port, n) as socks:
             for _ in range(3):
                 ok, seconds, out = _echo(node)
@@ -133,5 +136,5 @@ def test_silent_sockets_do_not_lock_out_plain_callers(tmp_path: Path) -> None:
                    timeout=20, what="the silent connections audited")
     dropped = [a["reason"] for a in _audit(node) if a["event"] == "connection-dropped"]
     evicted = [r for r in dropped if r.startswith("evicted")]
-    assert len(dropped) == n and len(evicted) >= 44, (len(dropped), len(evicted))
+    assert len(dropped) == n and len(evicted) >= 44, (len(dropped), len(evicted))  # the probes are not there
     assert set(dropped) - set(evicted) == {"no A-ASSOCIATE-RQ within 3 s"}, set(dropped)

@@ -96,7 +96,8 @@ def test_bomb_and_lying_headers_are_refused_before_decoding(tmp_path: Path) -> N
     assert ok["state"] == "delivered", ok
     assert b["state"] == "failed" and b["reason"].startswith("refused before decoding: series needs about "), b
     for words in ("over the budget of 4096 MB (node.max_series_memory_mb)", "3 frame(s) of up to 16384x16384",
-                  "2 byte(s)/sample (1536 MB decoded)", "not decoded"):
+                  "2 byte(s)/sample = 1536 MB decoded", "1342 M output voxels x 40 B (engine cubic)",
+                  "not decoded"):
         assert words in b["reason"], (words, b["reason"])
     assert lie["state"] == "failed", lie
     assert "PixelData has 65536 bytes, the header declares 536870912" in lie["reason"], lie
