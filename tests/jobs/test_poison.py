@@ -89,6 +89,7 @@ def test_bomb_and_lying_headers_are_refused_before_decoding(tmp_path: Path) -> N
         jobs = node.wait_jobs(lambda js: len([j for j in js if j["state"] in DONE]) == 3, timeout=180,
                               what="three series decided")
         peak_mb = _vm_kb(pid, "VmHWM") / 1024
+        print(f"\nbomb + liar + good series: node peak RSS {peak_mb:.0f} MB")
         assert node.proc.poll() is None and node.starts == 1, "the node went down"
         audit = _audit(node)
     by_series = {j["series"]: j for j in jobs}
