@@ -10,12 +10,17 @@ Routes (``[http]`` host/port; ``token``: bearer token for everything but the pro
   202 with the outcome, 409 when the source sent instances and admission refused every one
 - ``POST /dicom-web/studies[/{study}]``  STOW-RS in (multipart/related; type="application/dicom")
 - ``GET /dicom-web/studies/{study}/series/{series}``  WADO-RS of a spooled series (remote Celery workers)
+
+Limits (``node.app.limits``): request heads within ``header_timeout_s``, bodies up to ``max_body_mb`` (413) and
+within ``body_idle_timeout_s`` / ``body_timeout_s`` (408); STOW-RS bodies and WADO-RS files are streamed, never
+held whole in memory. An API bound beyond loopback needs ``token`` (:func:`check_exposure`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import secrets
 import socket
@@ -29,30 +34,36 @@ import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from models.engine import Device, EngineOptions, get_engine
 from node.app.context import NodeContext
+from node.app.limits import MB, BodyLimitError, BodyLimits, guarded_h11
+from node.config import HttpConfig
 from node.errors import ConfigError, NodeError, listen_problem
 from node.ingest import (
     Caller,
     ChangesFollower,
     MultipartError,
+    StowReceiver,
+    boundary_of,
     fetch,
     multipart_close,
     multipart_part,
     start_followers,
-    store_multipart,
 )
 from node.send import make_sender
-from node.store import Job, JobState, Stored
+from node.store import Job, JobState
 
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
 READY_CACHE_S = 10.0
+READ_CHUNK = 1024 * 1024  # bytes per read when streaming a spooled file out (WADO-RS)
+KEEP_ALIVE_S = 5  # an idle keep-alive connection is closed after this (seconds)
 
 
 class _Ready:
@@ -105,6 +116,42 @@ class _Ready:
             except Exception as exc:  # noqa: BLE001 - any failure to build the engine is "not ready"
                 return {f"engine:{name}": f"engine {name!r} cannot be loaded: {exc}"}
         return {f"engine:{n}": "ok" for n in sorted(names)}
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) reaches this machine only: 127.0.0.0/8, ::1, or a name that
+    resolves to those alone. "", 0.0.0.0, :: and names that do not resolve count as beyond loopback."""
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
+
+
+def check_exposure(cfg: HttpConfig) -> None:
+    """Refuse to serve patient data to anyone on the network: an HTTP API bound beyond loopback needs
+    ``[http] token`` unless ``[http] allow_anonymous = true`` (then a warning is logged). Raises ConfigError
+    (one line, naming the keys)."""
+    if cfg.token:
+        return
+    if not is_loopback(cfg.host):
+        if not cfg.allow_anonymous:
+            raise ConfigError(
+                f"http: [http] host = {cfg.host!r} is reachable beyond loopback and [http] token is empty: anyone "
+                "on the network could read /jobs and the spooled series (WADO-RS) and post STOW-RS; set "
+                '[http] token (e.g. "env:SRNODE_HTTP_TOKEN"), or bind [http] host to 127.0.0.1, or set '
+                "[http] allow_anonymous = true")
+        log.warning("HTTP API on %s:%d WITHOUT a token ([http] allow_anonymous = true): anyone who can reach it "
+                    "may read /jobs and the spooled series and post STOW-RS", cfg.host, cfg.port)
+    elif cfg.allow_anonymous:
+        log.warning("HTTP API without a token ([http] allow_anonymous = true): every local user and process "
+                    "may read /jobs and the spooled series")
 
 
 def _job_dict(job: Job) -> dict[str, Any]:
@@ -180,23 +227,40 @@ def build_app(ctx: NodeContext) -> Starlette:
         return JSONResponse(result.as_dict(), status_code=409 if refused_all else 202)
 
     async def stow(request: Request) -> Response:
+        """STOW-RS, streamed: each part goes to a temporary file in the spool's incoming/ as it arrives and is
+        admitted when complete (memory bounded by a chunk, whatever the size of the request). 413/408 when the
+        body breaks ``[http]`` max_body_mb / body timeouts (the parts completed before are kept and counted)."""
         if not authorized(request):
             return unauthorized()
         study = request.path_params.get("study", "")
-        body = await request.body()
         remote = request.client.host if request.client else ""
         caller = Caller(cfg.http.stow_caller, remote, "stow-rs")
-
-        def one(data: bytes) -> Stored:
-            return ctx.admission.admit_bytes(data, caller)
-
         try:
-            result = await run_in_threadpool(store_multipart, body, request.headers.get("content-type", ""),
-                                             one, study)
+            boundary = boundary_of(request.headers.get("content-type", ""))
         except MultipartError as exc:
             return JSONResponse({"error": str(exc)}, status_code=415 if "not multipart" in str(exc) else 400)
+        receiver = StowReceiver(boundary, lambda path: ctx.admission.admit_file(path, caller),
+                                ctx.spool.incoming, study, has_space=ctx.spool.has_space)
+        try:
+            async for chunk in request.stream():
+                await run_in_threadpool(receiver.feed, chunk)
+            result = await run_in_threadpool(receiver.finish)
+        except BodyLimitError as exc:
+            log.warning("STOW-RS from %s: %s; %d instance(s) stored before", remote, exc.detail,
+                        len(receiver.result.stored))
+            return JSONResponse({"error": exc.detail, "stored": len(receiver.result.stored)},
+                                status_code=exc.status_code, headers=exc.headers)
+        except ClientDisconnect:
+            log.warning("STOW-RS from %s: the client went away after %d bytes; %d instance(s) stored before",
+                        remote, receiver.bytes_received, len(receiver.result.stored))
+            return Response(status_code=400)
+        except MultipartError as exc:
+            return JSONResponse({"error": str(exc), "stored": len(receiver.result.stored)}, status_code=400)
+        finally:
+            receiver.abort()
         base = str(request.base_url).rstrip("/") + "/dicom-web/studies" + (f"/{study}" if study else "")
-        log.info("STOW-RS from %s: %d stored, %d refused", remote, len(result.stored), len(result.failed))
+        log.info("STOW-RS from %s: %d stored, %d refused (%d bytes)", remote, len(result.stored),
+                 len(result.failed), receiver.bytes_received)
         return JSONResponse(result.as_json(base), status_code=result.http_status, media_type=DICOM_JSON)
 
     async def wado_series(request: Request) -> Response:
@@ -208,9 +272,14 @@ def build_app(ctx: NodeContext) -> Starlette:
             return JSONResponse({"error": f"series {series} is not in the spool"}, status_code=404)
         boundary = secrets.token_hex(16)
 
-        async def body() -> Any:
+        async def body() -> Any:  # file by file, chunk by chunk: memory bounded whatever the series' size
             for inst in instances:
-                yield multipart_part(await asyncio.to_thread(_read, inst.path), boundary)
+                head, tail = multipart_part(b"", boundary).split(b"\r\n\r\n", 1)
+                yield head + b"\r\n\r\n"
+                with open(inst.path, "rb") as fh:
+                    while chunk := await asyncio.to_thread(fh.read, READ_CHUNK):
+                        yield chunk
+                yield tail
             yield multipart_close(boundary)
 
         ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
@@ -226,12 +295,9 @@ def build_app(ctx: NodeContext) -> Starlette:
         Route("/dicom-web/studies/{study}", stow, methods=["POST"]),
         Route("/dicom-web/studies/{study}/series/{series}", wado_series, methods=["GET"]),
     ]
-    return Starlette(routes=routes)
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
+    limits = Middleware(BodyLimits, max_body_bytes=cfg.http.max_body_mb * MB,
+                        idle_timeout_s=cfg.http.body_idle_timeout_s, total_timeout_s=cfg.http.body_timeout_s)
+    return Starlette(routes=routes, middleware=[limits])
 
 
 class HttpHandle:
@@ -281,7 +347,8 @@ def start_http(ctx: NodeContext) -> HttpHandle:
     cfg = ctx.cfg.http
     sock = _bind(cfg.host, cfg.port)  # here, so that a port in use is one ConfigError (uvicorn would log and exit)
     config = uvicorn.Config(build_app(ctx), host=cfg.host, port=cfg.port, log_level="warning",
-                            access_log=False, lifespan="off")
+                            access_log=False, lifespan="off", http=guarded_h11(cfg.header_timeout_s),
+                            timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     # uvicorn installs signal handlers only in the main thread: the service keeps owning SIGTERM/SIGINT
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="http", daemon=True)

@@ -17,11 +17,12 @@ import threading
 from types import FrameType
 
 from node.app.context import NodeContext
-from node.app.http import HttpHandle, start_http
+from node.app.http import HttpHandle, check_exposure, start_http
 from node.app.logs import REDACT
 from node.config import Config, ExecutorKind, load_config, secret_values
 from node.ingest import Admission, StoreSCP, reindex_spool
 from node.jobs import JobContext, StabilityWatcher, make_executor
+from node.process import series_budget_mb
 from node.send import Outbox
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,10 @@ class Node:
         self.http: HttpHandle | None = None
 
     def start(self) -> None:
+        """Start every component; raises ConfigError before anything starts when ``[http]`` would serve
+        patient data to the network without a token (``check_exposure``)."""
+        if self.cfg.http.enabled:
+            check_exposure(self.cfg.http)
         ctx = self.ctx
         leftovers = ctx.spool.clean_incoming()
         found = reindex_spool(ctx.spool, ctx.index)
@@ -56,7 +61,19 @@ class Node:
             ctx.audit.write("spool-reindexed", spool=str(ctx.spool.root), instances=found.added,
                             series=len(found.series), skipped=len(found.skipped))
         # in-process: nothing can still be running after a restart; Celery: workers may be (see requeue_interrupted)
-        queued = ctx.index.requeue_interrupted(processing=self.cfg.executor.kind == ExecutorKind.INPROCESS)
+        inprocess = self.cfg.executor.kind == ExecutorKind.INPROCESS
+        max_attempts = self.cfg.node.max_job_attempts
+        poisoned = ctx.index.poison_candidates(max_attempts) if inprocess else []
+        queued = ctx.index.requeue_interrupted(processing=inprocess, max_attempts=max_attempts)
+        for job in poisoned:  # their runs killed the node max_job_attempts times: failed, never run again
+            reason = ctx.index.job(job.id).reason
+            log.error("job %d (series %s): failed as poison: %s", job.id, job.series_uid, reason)
+            ctx.metrics.series_processed.labels(outcome="failed").inc()
+            ctx.metrics.failures.labels(where="job", reason="poison").inc()
+            ctx.audit.write("job-failed", job=job.id, series=job.series_uid, reason=reason)
+        budget, how = series_budget_mb(self.cfg.node.max_series_memory_mb)
+        log.info("series memory budget %d MB (%s); a job is failed as poison after %d run(s) that stopped the node",
+                 budget, how, max_attempts)
         log.info("spool %s: %d instances indexed, %d job(s) queued, %d partial file(s) removed",
                  ctx.spool.root, ctx.index.count_instances(), len(queued), leftovers)
         ctx.executor.start()

@@ -155,7 +155,23 @@ def _check(cfg: Config) -> None:
         raise ConfigError("node.stable_age_s: must be > 0")
     if n.tls.enabled and not (n.tls.cert and n.tls.key):
         raise ConfigError("node.tls: enabled = true needs cert and key")
+    if n.max_series_memory_mb < 0:
+        raise ConfigError(f"node.max_series_memory_mb: {n.max_series_memory_mb} must be >= 0 (0: 3/4 of the memory)")
+    if n.max_job_attempts < 1:
+        raise ConfigError(f"node.max_job_attempts: {n.max_job_attempts} must be >= 1")
+    for key, seconds in (("node.association_timeout_s", n.association_timeout_s),
+                         ("node.tls.handshake_timeout_s", n.tls.handshake_timeout_s)):
+        if not 0 < seconds <= 600:
+            raise ConfigError(f"{key}: {seconds:g} must be > 0 and <= 600 seconds")
     _check_port(cfg.http.port, "http.port", allow_zero=True)
+    h = cfg.http
+    if h.max_body_mb < 1:
+        raise ConfigError(f"http.max_body_mb: {h.max_body_mb} must be >= 1")
+    for key, seconds, zero_ok in (("http.header_timeout_s", h.header_timeout_s, False),
+                                  ("http.body_idle_timeout_s", h.body_idle_timeout_s, False),
+                                  ("http.body_timeout_s", h.body_timeout_s, True)):
+        if seconds < 0 or (seconds == 0 and not zero_ok):
+            raise ConfigError(f"{key}: {seconds:g} must be > 0" + (" (0: no limit)" if zero_ok else ""))
     if not re.fullmatch(r"[0-9.]+\.", cfg.derive.uid_root) or len(cfg.derive.uid_root) > 40:
         raise ConfigError("derive.uid_root: must be digits and dots, end with '.', at most 40 characters")
     for key in ("caution", "series_description_suffix"):

@@ -63,6 +63,7 @@ class TlsConfig:
     key: str = ""
     ca: str = ""
     require_client_cert: bool = False
+    handshake_timeout_s: float = 10.0  # a connection's TLS handshake must finish within this
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,11 @@ class NodeConfig:
     min_free_mb: int = 500
     max_associations: int = 32
     max_pdu: int = 0  # bytes; 0: unlimited
+    association_timeout_s: float = 10.0  # a connection must start (and then finish) its A-ASSOCIATE-RQ within this
     log_level: str = "INFO"
     audit_log: str = ""  # default: <spool_dir>/audit.log
+    max_series_memory_mb: int = 0  # memory a series may need to process (estimated from headers); 0: 3/4 of RAM
+    max_job_attempts: int = 3  # a job whose runs stopped the node this many times is failed as poison
     require_known_callers: bool = False
     require_called_ae: bool = True  # associations calling another AE title than ae_title are rejected
     allowed_callers: tuple[CallerConfig, ...] = ()
@@ -112,6 +116,11 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8480
     token: str = ""
+    allow_anonymous: bool = False  # serve without a token on an address beyond loopback (refused otherwise)
+    max_body_mb: int = 2048  # largest request body (STOW-RS: the whole multipart request); above: 413
+    header_timeout_s: float = 10.0  # a connection must deliver a complete request head within this; else 408
+    body_idle_timeout_s: float = 30.0  # longest wait for the next bytes of a request body; else 408
+    body_timeout_s: float = 3600.0  # longest time to read a whole request body (0: no limit); else 408
     stow_caller: str = "STOW-RS"  # the caller identity of STOW-RS instances, for [node].allowed_callers
 
 

@@ -1,6 +1,8 @@
 """Stage ``ingest``: how instances enter the node. Every path ends in ONE admission (``admit.Admission``).
 
 - ``scp``: the C-STORE SCP (and C-ECHO), TLS, caller checks at association time;
+- ``server``: the SCP's listening server: a gate with deadlines (TLS handshake, first bytes of the A-ASSOCIATE-RQ)
+  before a connection becomes an association, so silent peers never lock callers out;
 - ``stow``: STOW-RS multipart bodies (the HTTP route lives in ``node.app.http``);
 - ``pull``: retrieval by UID from a configured source (C-MOVE, C-GET, WADO-RS, Orthanc REST);
 - ``follower``: the Orthanc ``/changes`` follower;
@@ -24,7 +26,15 @@ from node.ingest.follower import ChangesFollower, is_own_output, start_followers
 from node.ingest.pull import FetchError, FetchResult, fetch, source_caller
 from node.ingest.reindex import REINDEXED_CALLER, ReindexResult, reindex_spool
 from node.ingest.scp import StoreSCP
-from node.ingest.stow import MultipartError, StowResult, multipart_close, multipart_part, store_multipart
+from node.ingest.stow import (
+    MultipartError,
+    MultipartStream,
+    StowReceiver,
+    StowResult,
+    boundary_of,
+    multipart_close,
+    multipart_part,
+)
 
 __all__ = [
     "REINDEXED_CALLER",
@@ -37,8 +47,11 @@ __all__ = [
     "Header",
     "MultipartError",
     "ReindexResult",
+    "MultipartStream",
     "StoreSCP",
+    "StowReceiver",
     "StowResult",
+    "boundary_of",
     "caller_rules",
     "fetch",
     "find_caller",
@@ -49,5 +62,4 @@ __all__ = [
     "reindex_spool",
     "source_caller",
     "start_followers",
-    "store_multipart",
 ]

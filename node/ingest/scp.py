@@ -41,6 +41,7 @@ from node.config import Config
 from node.dimse import Status
 from node.errors import ConfigError, IngestError, listen_problem
 from node.ingest.admit import Admission, Caller, find_caller
+from node.ingest.server import start_guarded_server
 from node.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -296,8 +297,10 @@ class StoreSCP:
         node = self.cfg.node
         ae = self.make_ae()
         try:
-            self._server = ae.start_server((node.host, node.port), block=False, evt_handlers=self.handlers(),
-                                           ssl_context=server_ssl_context(self.cfg))
+            self._server = start_guarded_server(ae, (node.host, node.port), self.handlers(),
+                                                server_ssl_context(self.cfg),
+                                                handshake_timeout_s=node.tls.handshake_timeout_s,
+                                                association_timeout_s=node.association_timeout_s, audit=self.audit)
         except OSError as exc:
             _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved
             raise ConfigError(listen_problem("DICOM port", "node", node.host, node.port, exc)) from exc

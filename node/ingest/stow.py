@@ -1,18 +1,22 @@
 """STOW-RS inbound and WADO-RS outbound encoding (PS3.18): multipart/related bodies and the STOW response.
 
-No HTTP server here: ``node.app.http`` calls :func:`store_multipart` with the request body and a ``spool`` callable
-that admits one instance (``node.ingest.admit.Admission.admit_bytes``: exactly as a C-STORE) and raises
-IngestError with the DIMSE status when it is refused.
+No HTTP server here. ``node.app.http`` feeds the request body, chunk by chunk as it arrives, to a
+:class:`StowReceiver`: an incremental multipart parser (:class:`MultipartStream`) writes each part to a temporary
+file in the spool's ``incoming/`` and, once the part is complete, hands the file to an ``admit`` callable
+(``Admission.admit_file``: exactly as a C-STORE), which raises IngestError with the DIMSE status when the
+instance is refused. Memory stays bounded whatever the size of a part (one chunk and one delimiter's length).
 """
 
 from __future__ import annotations
 
-import io
 import logging
+import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import pydicom
 from pydicom.errors import InvalidDicomError
@@ -103,36 +107,235 @@ class StowResult:
         return out
 
 
-def store_multipart(body: bytes, content_type: str, spool: Callable[[bytes], Any], study: str = "") -> StowResult:
-    """Store every application/dicom part of a STOW-RS request; per-instance outcome in the result.
+MAX_PART_HEADER_BYTES = 16 * 1024  # the header block of one part; beyond: MultipartError
 
-    ``spool`` admits one part (raising IngestError with the DIMSE status); ``study``: the StudyInstanceUID of
-    the URL, if any (a part of another study fails with 0xA900). MultipartError when the body cannot be split;
-    parts before the fault may already be stored (see :func:`split_multipart`).
+
+@dataclass(frozen=True)
+class PartStart:
+    """A part begins: its headers (names lower-cased)."""
+
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class PartData:
+    """Some bytes of the current part's body."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class PartEnd:
+    """The current part is complete (its closing delimiter was seen)."""
+
+
+PartEvent = PartStart | PartData | PartEnd
+
+
+class MultipartStream:
+    """An incremental multipart parser (RFC 2046 5.1.1): :meth:`feed` it chunks of any size, get part events.
+
+    Holds at most one chunk plus a delimiter's length (and one part's header block, at most
+    ``MAX_PART_HEADER_BYTES``) in memory. The preamble and the epilogue are ignored.
     """
-    result = StowResult()
-    for n, (headers, payload) in enumerate(split_multipart(body, boundary_of(content_type)), start=1):
+
+    def __init__(self, boundary: str) -> None:
+        self.delimiter = b"\r\n--" + boundary.encode("latin-1")
+        self._buf = bytearray(b"\r\n")  # the first delimiter may start the body, without a CRLF before it
+        self._state = "preamble"  # preamble, after-delimiter, headers, body, closed
+        self.parts = 0
+
+    @property
+    def closed(self) -> bool:
+        """Whether the closing delimiter (``--boundary--``) was seen."""
+        return self._state == "closed"
+
+    def feed(self, data: bytes) -> Iterator[PartEvent]:
+        """The events that ``data`` completes, in order. A generator: MultipartError (a part header block over
+        ``MAX_PART_HEADER_BYTES``) is raised when iteration reaches it."""
+        if self._state == "closed":
+            return
+        self._buf += data
+        d = self.delimiter
+        while True:
+            buf = self._buf
+            if self._state in ("preamble", "body"):
+                i = buf.find(d)
+                if i < 0:
+                    keep = len(d) - 1  # a delimiter may be cut between this chunk and the next
+                    if len(buf) > keep:
+                        if self._state == "body":
+                            yield PartData(bytes(buf[: len(buf) - keep]))
+                        del buf[: len(buf) - keep]
+                    return
+                if self._state == "body":
+                    if i:
+                        yield PartData(bytes(buf[:i]))
+                    yield PartEnd()
+                del buf[: i + len(d)]
+                self._state = "after-delimiter"
+            elif self._state == "after-delimiter":
+                if len(buf) < 2:
+                    return
+                if buf[:2] == b"--":
+                    self._state = "closed"
+                    buf.clear()
+                    return
+                eol = buf.find(b"\r\n")  # transport padding (RFC 2046) may precede it
+                if eol < 0:
+                    if len(buf) > MAX_PART_HEADER_BYTES:
+                        raise MultipartError("multipart delimiter line too long")
+                    return
+                del buf[: eol + 2]
+                self._state = "headers"
+            elif self._state == "headers":
+                if buf[:2] == b"\r\n":
+                    head, cut = b"", 2
+                else:
+                    end = buf.find(b"\r\n\r\n")
+                    if end < 0:
+                        if len(buf) > MAX_PART_HEADER_BYTES:
+                            raise MultipartError(f"part {self.parts + 1}: header block over "
+                                                 f"{MAX_PART_HEADER_BYTES} bytes")
+                        return
+                    head, cut = bytes(buf[:end]), end + 4
+                del buf[:cut]
+                headers: dict[str, str] = {}
+                for line in head.decode("latin-1").split("\r\n"):
+                    name, colon, value = line.partition(":")
+                    if colon:
+                        headers[name.strip().lower()] = value.strip()
+                self.parts += 1
+                self._state = "body"
+                yield PartStart(headers)
+            else:  # closed
+                return
+
+    def close(self) -> None:
+        """The body ended: MultipartError unless the closing delimiter was seen after at least one part."""
+        if self._state == "closed" and self.parts:
+            return
+        if self.parts == 0:
+            raise MultipartError("multipart body has no parts (boundary not found)")
+        raise MultipartError("multipart body has no closing delimiter (truncated?)")
+
+
+class StowReceiver:
+    """One STOW-RS request body, received incrementally: :meth:`feed` its chunks, then :meth:`finish`.
+
+    Each ``application/dicom`` part is written to a temporary file in ``incoming`` (the spool's disk) and, when
+    complete, checked (SOP class and instance UIDs read from its header; ``study``: the StudyInstanceUID of the
+    URL, if any, else 0xA900) and passed to ``admit`` (which links it into the spool or raises IngestError);
+    the temporary file is then removed. A part of another type is skipped (0xC210), as is a part that arrives
+    while ``has_space()`` is False or cannot be written (0xA700). Outcomes per part are in :attr:`result`.
+    Call :meth:`abort` when the body ends early (a partial part is removed, never admitted).
+    """
+
+    def __init__(self, boundary: str, admit: Callable[[Path], Any], incoming: Path, study: str = "",
+                 has_space: Callable[[], bool] | None = None) -> None:
+        self.parser = MultipartStream(boundary)
+        self.admit, self.incoming, self.study = admit, Path(incoming), study
+        self.has_space = has_space or (lambda: True)
+        self.result = StowResult()
+        self.bytes_received = 0
+        self._fh: IO[bytes] | None = None
+        self._path: Path | None = None
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data`` (the next bytes of the body), writing and admitting parts as they complete.
+        MultipartError for a malformed body; what escapes ``admit`` other than IngestError (SpoolError,
+        OSError) propagates (the temporary file is removed)."""
+        self.bytes_received += len(data)
+        try:
+            for event in self.parser.feed(data):
+                if isinstance(event, PartStart):
+                    self._start(event.headers)
+                elif isinstance(event, PartData):
+                    self._write(event.data)
+                else:
+                    self._end()
+        except BaseException:
+            self.abort()
+            raise
+
+    def finish(self) -> StowResult:
+        """The body is complete: MultipartError when it was not a whole multipart message (the parts completed
+        before the fault are stored); else the per-instance result."""
+        self.abort()
+        self.parser.close()
+        for *_, words in self.result.failed:
+            log.warning("STOW-RS: instance refused: %s", words)
+        return self.result
+
+    def abort(self) -> None:
+        """Drop a part still being written (its temporary file is removed)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+            self._path = None
+
+    # ------------------------------------------------------------------------------------ parts
+
+    def _start(self, headers: dict[str, str]) -> None:
+        n = self.parser.parts
         part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
         if part_type != "application/dicom":
-            result.failed.append(("", "", Status.CANNOT_UNDERSTAND, f"part {n}: {part_type} is not application/dicom"))
-            continue
+            self.result.failed.append(("", "", Status.CANNOT_UNDERSTAND,
+                                       f"part {n}: {part_type} is not application/dicom"))
+            return
+        if not self.has_space():
+            self.result.failed.append(("", "", Status.OUT_OF_RESOURCES,
+                                       f"part {n}: the spool disk is below node.min_free_mb"))
+            return
+        fd, name = tempfile.mkstemp(prefix="stow-", suffix=".dcm", dir=self.incoming)
+        self._fh, self._path = os.fdopen(fd, "wb"), Path(name)
+
+    def _write(self, data: bytes) -> None:
+        if self._fh is None:
+            return  # a part being skipped
+        try:
+            self._fh.write(data)
+        except OSError as exc:
+            self.abort()
+            self.result.failed.append(("", "", Status.OUT_OF_RESOURCES,
+                                       f"part {self.parser.parts}: cannot write to the spool: {exc}"))
+
+    def _end(self) -> None:
+        if self._fh is None or self._path is None:
+            return
+        n, path = self.parser.parts, self._path
+        try:
+            self._fh.close()
+        except OSError as exc:
+            self.abort()
+            self.result.failed.append(("", "", Status.OUT_OF_RESOURCES,
+                                       f"part {n}: cannot write to the spool: {exc}"))
+            return
+        self._fh = None
+        try:
+            self._admit_part(n, path)
+        finally:
+            self._path = None
+            path.unlink(missing_ok=True)
+
+    def _admit_part(self, n: int, path: Path) -> None:
         sop_class = sop_uid = ""
         try:
-            ds = pydicom.dcmread(io.BytesIO(payload), stop_before_pixels=True)
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
             sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
             sop_uid = str(ds.get("SOPInstanceUID", "") or ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
-            if study and str(ds.get("StudyInstanceUID", "")) != study:
+            if self.study and str(ds.get("StudyInstanceUID", "")) != self.study:
                 raise IngestError(f"part {n}: StudyInstanceUID does not match the study of the URL",
                                   status=Status.DATASET_DOES_NOT_MATCH)
-            spool(payload)
-            result.stored.append((sop_class, sop_uid))
+            self.admit(path)
+            self.result.stored.append((sop_class, sop_uid))
         except (InvalidDicomError, EOFError, ValueError, AttributeError) as exc:
-            result.failed.append((sop_class, sop_uid, Status.CANNOT_UNDERSTAND, f"part {n}: not a DICOM file: {dicom_read_problem(exc)}"))
+            self.result.failed.append((sop_class, sop_uid, Status.CANNOT_UNDERSTAND,
+                                       f"part {n}: not a DICOM file: {dicom_read_problem(exc)}"))
         except IngestError as exc:
-            result.failed.append((sop_class, sop_uid, exc.status, f"part {n}: {exc}"))
-    for *_, words in result.failed:
-        log.warning("STOW-RS: instance refused: %s", words)
-    return result
+            self.result.failed.append((sop_class, sop_uid, exc.status, f"part {n}: {exc}"))
 
 
 def multipart_part(data: bytes, boundary: str) -> bytes:

@@ -32,7 +32,7 @@ from node.errors import NodeError
 from node.jobs.celery_remote import OutcomeWatcher, job_spec, run_remote_job
 from node.jobs.context import JobContext
 from node.jobs.runner import process_claimed, run_job
-from node.store import Index, Job, JobState
+from node.store import Index, Job, JobState, poison_reason
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,14 @@ def run_shared_job(ctx: JobContext, job_id: int, *, takeover: bool = False, work
     if takeover:
         job = _take_over(ctx.store.index, job_id, worker)
         if job is not None:
+            died, limit = job.attempts - 1, ctx.cfg.node.max_job_attempts
+            if died >= limit:  # every run so far lost its worker (killed, out of memory): poison
+                reason = poison_reason(died, limit)
+                ctx.store.index.fail_poison(job.id, reason)
+                log.error("job %d (series %s): failed as poison: %s", job.id, job.series_uid, reason)
+                ctx.metrics.failures.labels(where="job", reason="poison").inc()
+                ctx.audit.write("job-failed", job=job.id, series=job.series_uid, reason=reason)
+                return
             log.warning("job %d: its worker was lost while processing; re-run on %s", job_id, worker)
             process_claimed(ctx, job)
             return

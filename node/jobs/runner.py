@@ -21,7 +21,7 @@ from node.errors import DeriveError, EngineError, NodeError, VolumeError
 from node.jobs.context import JobContext
 from node.metrics import Metrics
 from node.phi import scrub, series_values
-from node.process import process_series
+from node.process import BudgetError, process_series
 from node.store import Job, JobState
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     log.info("job %d: series %s, %d instances, rule %s", job.id, job.series_uid, len(paths), rule.name)
     try:
         result = process_series(paths, rule, cfg, out_dir, engines=ctx.engines)
+    except BudgetError as exc:
+        why = f"refused before decoding: {exc}"
+        return _originals_only(ctx, job, rule, paths, why) or _fail(ctx, job, why, "budget")
     except VolumeError as exc:
         why = _scrubbed(f"series cannot be a volume: {exc}", paths)
         return _originals_only(ctx, job, rule, paths, why) or _fail(ctx, job, why, "volume")

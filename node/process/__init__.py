@@ -4,7 +4,9 @@ and the engine boundary (engine cache, cubic fallback). Used by the job runner a
 To add an engine: a module in ``models/`` registered by name in ``models.engine``; nothing here changes.
 """
 
+from node.process.budget import BudgetError, check_series, series_budget_mb
 from node.process.engines import FALLBACK_ENGINE, EngineCache, run_engine
 from node.process.pipeline import ProcessResult, process_series, write_atomic
 
-__all__ = ["FALLBACK_ENGINE", "EngineCache", "ProcessResult", "process_series", "run_engine", "write_atomic"]
+__all__ = ["FALLBACK_ENGINE", "BudgetError", "EngineCache", "ProcessResult", "check_series", "process_series",
+           "run_engine", "series_budget_mb", "write_atomic"]

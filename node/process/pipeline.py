@@ -21,6 +21,7 @@ from models.engine import Factors
 from node.config import Config, RuleConfig, VolumeChoice
 from node.derived import check_identifiers, check_inputs, derive_series
 from node.errors import VolumeError
+from node.process.budget import check_series
 from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine
 from node.series import (
     LeftOut,
@@ -147,19 +148,22 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
     ``report["refused"]`` with their files, and input slices in no derived series in ``report["left_out"]``.
 
     ``engines``: the caller's engine cache (a fresh one when not given); ``progress`` gets one line per step.
-    Raises VolumeError (no volume can be super-resolved), EngineError (even cubic failed), DeriveError (a derived
-    object failed its checks) or OSError (a file cannot be written); engine failures
+    Before decoding, ``node.process.budget.check_series`` refuses a series whose pixel data cannot hold what its
+    headers declare (VolumeError) or that would need more memory than ``[node] max_series_memory_mb``
+    (BudgetError, a VolumeError). Raises VolumeError (no volume can be super-resolved), EngineError (even cubic
+    failed), DeriveError (a derived object failed its checks) or OSError (a file cannot be written); engine failures
     otherwise fall back to cubic, recorded in ``ProcessResult.fallback``.
     """
     t0 = time.perf_counter()
     engines = engines or EngineCache()
     say = progress or (lambda _msg: None)
+    factors = Factors(rule.through_plane_factor, rule.in_plane_factor)
+    name = engine_name or rule.engine or cfg.engine.name
+    check_series(paths, factors, name, cfg.node.max_series_memory_mb)  # headers only, before any decoding
     found = load_volumes(paths)
     for vol in found:
         check_identifiers(vol)
     check_inputs(found)  # one patient and study (else VolumeError); non-conformant copied values dropped, noted
-    factors = Factors(rule.through_plane_factor, rule.in_plane_factor)
-    name = engine_name or rule.engine or cfg.engine.name
     options = cfg.engine.options
     chosen, notes = _select_volumes(found, rule.volumes)
     volumes, left_out, run_notes, refused = _volumes_of(chosen, factors)

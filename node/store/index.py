@@ -30,6 +30,12 @@ from node.store.states import JOB_DONE_STATES, DeliveryState, JobState, SeriesSt
 SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
 
 
+def poison_reason(attempts: int, max_attempts: int) -> str:
+    """Why a job is failed as poison: its ``attempts`` runs each stopped the process (killed, out of memory)."""
+    return (f"poison: the node stopped {attempts} time(s) while processing this job (killed? out of memory?); "
+            f"node.max_job_attempts = {max_attempts}, so it is not run again ('srnode retry' re-queues it)")
+
+
 def _marks(values: Sequence[object]) -> str:
     """``?,?,...`` for an ``IN (...)`` of ``values`` (bound, never formatted into the SQL)."""
     return ",".join("?" * len(values))
@@ -229,14 +235,28 @@ class Index(IndexDB):
                           (series_state, reason, row["study_uid"], row["series_uid"], job_id,
                            SeriesState.RECEIVING, SeriesState.STABLE))
 
-    def requeue_interrupted(self, processing: bool = True) -> list[int]:
+    def poison_candidates(self, max_attempts: int) -> list[Job]:
+        """Jobs left 'processing' whose ``attempts`` reached ``max_attempts`` (read only; what
+        :meth:`requeue_interrupted` will fail as poison)."""
+        rows = self._query("SELECT * FROM jobs WHERE state = ? AND attempts >= ? ORDER BY id",
+                           (JobState.PROCESSING, max_attempts))
+        return [job_of(r) for r in rows]
+
+    def requeue_interrupted(self, processing: bool = True, max_attempts: int = 0) -> list[int]:
         """Start-up: jobs left 'processing' by a crash go back to 'queued'; returns every queued job id.
 
-        ``processing=False`` leaves 'processing' jobs alone: with Celery workers on a shared spool they may still
-        be running elsewhere, and the broker re-delivers the jobs of workers that died.
+        ``max_attempts`` (> 0): a job left 'processing' that was claimed that many times (``attempts`` is counted
+        by :meth:`claim_job` before each run, so it counts the runs that stopped the node) is failed as poison,
+        with the reason (:func:`poison_reason`), instead of being run again. ``processing=False`` leaves
+        'processing' jobs alone: with Celery workers on a shared spool they may still be running elsewhere, and
+        the broker re-delivers the jobs of workers that died.
         """
         now = time.time()
         with self.tx() as c:
+            if processing and max_attempts > 0:
+                for row in c.execute("SELECT id, attempts FROM jobs WHERE state = ? AND attempts >= ?",
+                                     (JobState.PROCESSING, max_attempts)).fetchall():
+                    self._fail_poison(c, int(row["id"]), poison_reason(int(row["attempts"]), max_attempts), now)
             if processing:
                 c.execute("UPDATE jobs SET state = ?, reason = 'interrupted (node restarted), re-queued',"
                           " updated = ? WHERE state = ?", (JobState.QUEUED, now, JobState.PROCESSING))
@@ -246,11 +266,25 @@ class Index(IndexDB):
             rows = c.execute("SELECT id FROM jobs WHERE state = ? ORDER BY id", (JobState.QUEUED,)).fetchall()
         return [int(r["id"]) for r in rows]
 
+    def fail_poison(self, job_id: int, reason: str) -> None:
+        """A job whose runs kept stopping the process: 'failed' with ``reason`` (and its series)."""
+        with self.tx() as c:
+            self._fail_poison(c, job_id, reason, time.time())
+
+    @staticmethod
+    def _fail_poison(c: Any, job_id: int, reason: str, now: float) -> None:
+        c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ?, finished = ? WHERE id = ?",
+                  (JobState.FAILED, reason, now, now, job_id))
+        c.execute("UPDATE series SET state = ?, reason = ? WHERE job_id = ? AND state NOT IN (?, ?)",
+                  (SeriesState.FAILED, reason, job_id, SeriesState.RECEIVING, SeriesState.STABLE))
+
     def requeue_job(self, job_id: int, reason: str = "re-queued by srnode retry") -> bool:
-        """failed → queued (and its series); False when the job is not 'failed'."""
+        """failed → queued (and its series), its attempts counted afresh (a poison job gets
+        ``node.max_job_attempts`` runs again); False when the job is not 'failed'."""
         now = time.time()
         with self.tx() as c:
-            cur = c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ? AND state = ?",
+            cur = c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ?, attempts = 0"
+                            " WHERE id = ? AND state = ?",
                             (JobState.QUEUED, reason, now, job_id, JobState.FAILED))
             if cur.rowcount == 1:
                 c.execute("UPDATE series SET state = ?, reason = ? WHERE job_id = ?",

@@ -138,7 +138,7 @@ def test_secrets_are_redacted_and_env_secrets_resolved(monkeypatch: pytest.Monke
     assert "environment variable 'SRNODE_TEST_PW' is not set" in _error(destinations=dests)
 
 
-def test_engine_keys_build_the_one_engine_options() -> None:
+def test_engine_keys_build_the_one_engine_options(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = {"name": "cubic", "device": "cpu", "fast": True, "finetune_steps": 8, "in_plane_finetune_steps": -1,
               "tta_passes": 2, "samples": 3, "weights": "none", "seed": 4, "min_gain_db": -99, "max_voxels_per_tile": 9}
     cfg = _cfg(engine=engine)
@@ -154,6 +154,7 @@ def test_engine_keys_build_the_one_engine_options() -> None:
     assert _error(engine={"passes": 8}).startswith("engine: unknown key(s) passes; known: device, fast, ")
     # the repository's own files load
     assert load_config(ROOT / "config.toml").engine.options == EngineOptions()
+    monkeypatch.setenv("SRNODE_HTTP_TOKEN", "tok")  # deploy/config.toml: token = "env:SRNODE_HTTP_TOKEN"
     assert load_config(ROOT / "deploy/config.toml").engine.options.device == Device.AUTO
 
 

@@ -195,12 +195,15 @@ def test_worker_without_shared_spool_fetches_over_dicomweb(tmp_path: Path, redis
         node.stop()
 
 
-def test_deployment_files_are_consistent() -> None:
-    """The image's and compose's configs load; every COPY source exists; the Dockerfile lints clean."""
+def test_deployment_files_are_consistent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The image's and compose's configs load (their HTTP token from SRNODE_HTTP_TOKEN, which compose passes to
+    the node and the workers); every COPY source exists; the Dockerfile lints clean."""
     root = Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("SRNODE_HTTP_TOKEN", "tok-deploy-test")
     assert load_config(root / "deploy/config.toml").executor.kind == "inprocess"
     cfg = load_config(root / "deploy/config-celery.toml")
     assert cfg.executor.kind == "celery" and cfg.node.spool_dir == "/var/lib/srnode/spool"
+    assert cfg.http.token == "tok-deploy-test" == load_config(root / "deploy/config.toml").http.token
     dockerfile = (root / "Dockerfile").read_text()
     for line in dockerfile.splitlines():
         if line.startswith("COPY "):
@@ -209,6 +212,7 @@ def test_deployment_files_are_consistent() -> None:
     assert "scripts/install-python.sh" in dockerfile and "scripts/install-python.sh" in (root / "Makefile").read_text()
     compose = (root / "deploy/docker-compose.yml").read_text()
     assert "./config-celery.toml:/etc/srnode/config.toml" in compose
+    assert compose.count("SRNODE_HTTP_TOKEN: ${SRNODE_HTTP_TOKEN:?") == 2, "node and worker need the HTTP token"
     hadolint = shutil.which("hadolint")
     if hadolint:
         r = subprocess.run([hadolint, str(root / "Dockerfile")], capture_output=True, text=True, timeout=60)

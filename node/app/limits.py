@@ -1,0 +1,169 @@
+"""Limits of the HTTP server against slow, lying and oversized clients (``[http]`` keys, times in seconds).
+
+- **headers**: a connection must deliver a complete request head within ``header_timeout_s`` of connecting (or of
+  its previous response); else it gets ``408`` and is closed (:func:`guarded_h11`, a uvicorn h11 protocol).
+  uvicorn alone waits forever on a connection that trickles its headers, or sends nothing.
+- **body**: ``Content-Length`` above ``max_body_mb`` is answered ``413`` before a byte of the body is read, and a
+  body (chunked, or lying about its length) that grows past it is cut off with ``413``; a body that stalls for
+  ``body_idle_timeout_s`` or takes longer than ``body_timeout_s`` in all gets ``408`` (:class:`BodyLimits`, an
+  ASGI middleware around every route). Both answers close the connection.
+
+Reading stops at the limit, so memory and disk stay bounded by what the route itself keeps (STOW-RS streams to
+the spool).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger(__name__)
+
+MB = 1024 * 1024
+CLOSE = {"Connection": "close"}
+
+
+class BodyLimitError(HTTPException):
+    """A request body broke a limit: ``status_code`` 408 (too slow) or 413 (too large); ``detail`` says which
+    limit, with the numbers."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(status_code=status_code, detail=detail, headers=dict(CLOSE))
+
+
+class BodyLimits:
+    """ASGI middleware: the body limits of the module docstring for every HTTP request.
+
+    ``max_body_bytes`` (0: none); ``idle_timeout_s``: longest wait for the next body bytes; ``total_timeout_s``:
+    longest time to read the whole body (0: none). A broken limit is raised from ``receive`` as
+    :class:`BodyLimitError` (routes may catch it to report what they did; Starlette answers it otherwise).
+    Once the body is complete, ``receive`` passes through untouched (waiting for a disconnect is not limited).
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, idle_timeout_s: float, total_timeout_s: float) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.total_timeout_s = total_timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if self.max_body_bytes and declared is not None and declared > self.max_body_bytes:
+            await _answer(send, 413, f"request body of {declared} bytes (Content-Length) is over "
+                                     f"[http] max_body_mb = {self.max_body_bytes // MB}")
+            _log_refusal(scope, 413, "Content-Length over max_body_mb")
+            return
+        start = time.monotonic()
+        received = 0
+        done = False
+
+        async def limited() -> Message:
+            nonlocal received, done
+            if done:
+                return await receive()
+            wait = self.idle_timeout_s
+            if self.total_timeout_s:
+                left = start + self.total_timeout_s - time.monotonic()
+                if left <= 0:
+                    raise self._slow(scope, received, f"[http] body_timeout_s = {self.total_timeout_s:g}")
+                wait = min(wait, left)
+            try:
+                message = await asyncio.wait_for(receive(), wait)
+            except TimeoutError:
+                total = self.total_timeout_s and time.monotonic() - start >= self.total_timeout_s
+                limit = (f"[http] body_timeout_s = {self.total_timeout_s:g}" if total
+                         else f"[http] body_idle_timeout_s = {self.idle_timeout_s:g}")
+                raise self._slow(scope, received, limit, declared) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if self.max_body_bytes and received > self.max_body_bytes:
+                    _log_refusal(scope, 413, "body over max_body_mb")
+                    raise BodyLimitError(413, f"request body over [http] max_body_mb = "
+                                              f"{self.max_body_bytes // MB} (read {received} bytes)")
+                done = not message.get("more_body", False)
+            else:
+                done = True
+            return message
+
+        await self.app(scope, limited, send)
+
+    @staticmethod
+    def _slow(scope: Scope, received: int, limit: str, declared: int | None = None) -> BodyLimitError:
+        of = f" of {declared}" if declared is not None else ""
+        _log_refusal(scope, 408, f"{limit}, {received}{of} bytes received")
+        return BodyLimitError(408, f"request body too slow: {received}{of} bytes received, {limit}")
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # h11 refuses such a request before it gets here
+    return None
+
+
+def _log_refusal(scope: Scope, status: int, why: str) -> None:
+    client = scope.get("client") or ("?", 0)
+    log.warning("HTTP %s %s from %s: %d (%s)", scope.get("method", ""), scope.get("path", ""), client[0], status, why)
+
+
+async def _answer(send: Send, status: int, detail: str) -> None:
+    body = ('{"error": "' + detail.replace('"', "'") + '"}').encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"connection", b"close"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def guarded_h11(header_timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline on request heads: a connection that has not delivered a complete
+    request head ``header_timeout_s`` seconds after it opened (or after its previous response) gets
+    ``408 Request Timeout`` and is closed. Pass as ``uvicorn.Config(http=...)``."""
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+        _head_cycle: Any = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            self._arm_head_deadline()  # before the next (maybe pipelined) request is parsed
+            super().on_response_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_deadline(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_cycle = self.cycle
+            self._head_timer = self.loop.call_later(header_timeout_s, self._head_deadline)
+
+        def _head_deadline(self) -> None:
+            self._head_timer = None
+            if self.cycle is not self._head_cycle or self.transport.is_closing():
+                return  # a request head arrived since
+            client = self.client[0] if self.client else "?"
+            log.warning("HTTP connection from %s closed: no complete request head within [http] header_timeout_s "
+                        "= %g", client, header_timeout_s)
+            body = b"no complete request head within the header timeout\n"
+            self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+                                 b"content-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            self.transport.close()
+
+    return GuardedH11Protocol
