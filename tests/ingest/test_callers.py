@@ -63,7 +63,8 @@ def _status(node: NodeProc) -> dict[str, Any]:
     """What ``srnode status --json`` prints: {"jobs": [...], "instances": N}."""
     r = node.cli("status", "--json", "--limit", "0")
     assert r.returncode == 0, r.stderr
-    return dict(json.loads(r.stdout))
+    doc = json.loads(r.stdout)
+    return {"jobs": doc["jobs"], "instances": doc["instances"]}
 
 
 def _uids(files: list[Path]) -> tuple[str, str, set[str]]:

@@ -365,7 +365,7 @@ def test_engine_failure_falls_back_to_cubic_with_a_note(tmp_path: Path) -> None:
 
 def test_sr_impossible_still_forwards_originals_with_sr_not_applied(tmp_path: Path) -> None:
     """The last fallback: a rule that forwards originals delivers them even when SR cannot be applied."""
-    files = write_phantom_series(tmp_path / "ct", slices=2, size=32, step_mm=3.0, seed=62)  # too few for SR
+    files = write_phantom_series(tmp_path / "ct", slices=1, size=32, step_mm=3.0, seed=62)  # too few for SR
     rule = {"name": "ct", "match": {"Modality": "CT"}, "destinations": ["out"], "forward_originals": True}
     with NodeProc.start(tmp_path / "node", {"rules": [rule]}) as node:
         assert storescu(files, node.port).returncode == 0

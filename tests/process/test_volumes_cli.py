@@ -44,8 +44,8 @@ def test_fmri_time_points_become_three_derived_series(tmp_path: Path) -> None:
     for t in (1, 2, 3):
         der, sig = folders[f"derived-vol{t}"], folders[f"uncertainty-vol{t}"]
         assert len(der) == 17 and len(sig) == 17  # 9 slices x2 -> 17
-        assert {d.SeriesDescription for d in der} == {f"EPI_asc time {t} SR"}
-        assert {d.SeriesDescription for d in sig} == {f"EPI_asc time {t} SR sigma"}
+        assert {d.SeriesDescription for d in der} == {f"EPI_asc time {t} SR x2 cubic - not for diagnosis"}
+        assert {d.SeriesDescription for d in sig} == {f"EPI_asc time {t} SR x2 cubic sigma - not for diagnosis"}
         numbers |= {int(der[0].SeriesNumber), int(sig[0].SeriesNumber)}
         uids |= {der[0].SeriesInstanceUID, sig[0].SeriesInstanceUID}
         # each derived series comes from its own time point's 9 images
@@ -66,7 +66,7 @@ def test_rule_volumes_first_processes_the_first_volume_only(tmp_path: Path) -> N
     assert r.returncode == 0, r.stdout + r.stderr
     folders = _series_folders(tmp_path / "out")
     assert sorted(folders) == ["derived-vol1", "uncertainty-vol1"]
-    assert folders["derived-vol1"][0].SeriesDescription == "EPI_asc time 1 SR"
+    assert folders["derived-vol1"][0].SeriesDescription == "EPI_asc time 1 SR x2 cubic - not for diagnosis"
     report = json.loads(next((tmp_path / "out").glob("*/report.json")).read_text())
     assert 'rule volumes = "first": 2 other volume(s) of the series not processed (time 2, time 3)' \
         in report["report"]["notes"]
@@ -78,8 +78,10 @@ def test_enhanced_echoes_become_classic_series_valid_for_dciodvfy(tmp_path: Path
     assert r.returncode == 0, r.stdout + r.stderr
     folders = _series_folders(tmp_path / "out")
     assert sorted(folders) == ["derived-vol1", "derived-vol2", "uncertainty-vol1", "uncertainty-vol2"]
-    assert folders["derived-vol1"][0].SeriesDescription == "gre_field_mapping echo 1 TE 10 SR"
-    assert folders["derived-vol2"][0].SeriesDescription == "gre_field_mapping echo 2 TE 12.46 SR"
+    assert folders["derived-vol1"][0].SeriesDescription == "gre_field_mapping echo 1 TE 10 SR x2 cubic - not for diagnosis"
+    # 64 characters at most (LO): the source description is shortened first, the labels are kept
+    assert folders["derived-vol2"][0].SeriesDescription == \
+        "gre_field_mappin echo 2 TE 12.46 SR x2 cubic - not for diagnosis"
     assert [float(folders[f"derived-vol{k}"][0].EchoTime) for k in (1, 2)] == [10.0, 12.46]
     for d in folders["derived-vol1"]:
         assert d.SOPClassUID == pydicom.uid.MRImageStorage
@@ -131,11 +133,11 @@ def _copy_series(files: list[Path], out: Path, tag: str, time: int) -> list[Path
 def test_a_volume_too_short_is_refused_alone_naming_its_files(tmp_path: Path) -> None:
     ph = write_phantom_series(tmp_path / "ph", slices=6, size=32, step_mm=3.0)
     _copy_series(ph, tmp_path / "in", "t1", 1)
-    _copy_series(ph[:2], tmp_path / "in", "t2", 2)  # time point 2 has only 2 slices
+    _copy_series(ph[:1], tmp_path / "in", "t2", 2)  # time point 2 has only 1 slice
     r = srnode("process", tmp_path / "in", tmp_path / "out", "--engine", "cubic", "--no-preview")
     assert r.returncode == 1, r.stdout + r.stderr
-    assert "volume 2/2 (time 2): 2 slice(s); through-plane super-resolution needs at least 3 " \
-           "(files: t2-CT0001.dcm, t2-CT0002.dcm)" in r.stdout, r.stdout
+    assert "volume 2/2 (time 2): 1 slice(s); through-plane super-resolution needs at least 2 " \
+           "(files: t2-CT0001.dcm)" in r.stdout, r.stdout
     folders = _series_folders(tmp_path / "out")
     assert sorted(folders) == ["derived-vol1", "uncertainty-vol1"] and len(folders["derived-vol1"]) == 11
 
