@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages srnode's tests and demo use as real peers. Idempotent: installs only what is missing.
-# Shared by `make`, .ci/run and the Dockerfile.
+# Shared by `make`, .ci/run and the Dockerfile. chromium + chromium-driver: the dashboard's browser test (selenium).
 set -euo pipefail
-pkgs=(python3-venv dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python redis-server)
+pkgs=(python3-venv dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python redis-server chromium chromium-driver)
 [ "${1:-}" = "--runtime" ] && pkgs=(dcmtk)
 missing=()
 for p in "${pkgs[@]}"; do

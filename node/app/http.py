@@ -10,6 +10,7 @@ Routes (``[http]`` host/port; ``token``: bearer token for everything but the pro
   202 with the outcome, 409 when the source sent instances and admission refused every one
 - ``POST /dicom-web/studies[/{study}]``  STOW-RS in (multipart/related; type="application/dicom")
 - ``GET /dicom-web/studies/{study}/series/{series}``  WADO-RS of a spooled series (remote Celery workers)
+- ``/dashboard``    the operator dashboard (``node.app.dashboard``): the same token, taken once by a login form
 
 Limits (``node.app.limits``): request heads within ``header_timeout_s``, bodies up to ``max_body_mb`` (413) and
 within ``body_idle_timeout_s`` / ``body_timeout_s`` (408); STOW-RS bodies and WADO-RS files are streamed, never
@@ -41,6 +42,7 @@ from starlette.routing import Route
 
 from models.engine import Device, EngineOptions, get_engine
 from node.app.context import NodeContext
+from node.app.dashboard import dashboard_routes
 from node.app.limits import MB, BodyLimitError, BodyLimits, guarded_h11
 from node.config import HttpConfig
 from node.errors import ConfigError, NodeError, listen_problem
@@ -294,6 +296,7 @@ def build_app(ctx: NodeContext) -> Starlette:
         Route("/dicom-web/studies", stow, methods=["POST"]),
         Route("/dicom-web/studies/{study}", stow, methods=["POST"]),
         Route("/dicom-web/studies/{study}/series/{series}", wado_series, methods=["GET"]),
+        *dashboard_routes(ctx),
     ]
     limits = Middleware(BodyLimits, max_body_bytes=cfg.http.max_body_mb * MB,
                         idle_timeout_s=cfg.http.body_idle_timeout_s, total_timeout_s=cfg.http.body_timeout_s)
