@@ -3,7 +3,8 @@
 Starts the node on localhost (free ports), sends it a real series (the shared 5 mm phantom CT when
 ``../shared/data`` is present, otherwise a generated CT head phantom with exact geometry and HU) with dcmtk
 ``storescu`` (pynetdicom's SCU when dcmtk is absent), waits for the job to be delivered, and prints where the
-derived and uncertainty series went plus a PNG preview (original / derived / uncertainty).
+derived and uncertainty series went plus the job's PNG preview, ``preview-job<N>.png`` (original / derived /
+uncertainty in three planes; one file per job, never overwritten).
 The destination is the folder srnode-out/ in the repository root, plus a local Orthanc on 127.0.0.1:8042
 (``SRNODE_DEMO_ORTHANC``) if one answers.
 """
@@ -152,10 +153,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"SeriesDescription {str(hdr.get('SeriesDescription', ''))!r}")
     if orthanc_url:
         print(f"  also stored in Orthanc at {orthanc_url} (same study)")
-    png = write_preview(files, derived, unc, out_dir / "preview.png")
-    print(f"  preview (original / derived / uncertainty): {png}")
+    png = write_preview(files, derived, unc, preview_path(out_dir, job.id))
+    print(f"  preview (original / derived / uncertainty, 3 planes): {png}")
     print(f"  the job and its deliveries: {_srnode()} status --config {_shown(config_file)}")
     return 0
+
+
+def preview_path(out_dir: Path, job_id: int) -> Path:
+    """``out_dir/preview-job<N>.png``, one per job; the spool (and so job numbers) starts afresh with every demo,
+    so an earlier demo's file of that number is kept and this one is ``preview-job<N>-<k>.png``."""
+    path, k = out_dir / f"preview-job{job_id}.png", 1
+    while path.exists():
+        k += 1
+        path = out_dir / f"preview-job{job_id}-{k}.png"
+    return path
 
 
 def _srnode() -> str:

@@ -1,106 +1,166 @@
-"""A PNG preview: original / derived / uncertainty at one matching position, axial and coronal (pillow).
+"""A PNG preview that explains itself (matplotlib, Agg; no display needed).
 
-Original and derived panels share one window: the source series' own (median over its slices,
-``node.series.series_window``), else its 1st..99th percentile; a MONOCHROME1 source is shown as a viewer shows it
-(lowest value white).
+Three rows of panels, the acquisition plane first, then the two orthogonal planes (``node.app.preview_planes``:
+oriented as viewers show them, letters on the edges, square millimetre pixels), and three columns: original,
+derived, uncertainty (sigma). Original and derived share the source series' own window (median over its slices,
+``node.series.series_window``), else its 1st..99th percentile, stated in each grey panel; a MONOCHROME1 source is
+shown as a viewer shows it (lowest value white). Sigma has a colour map and a colour bar in the modality's units
+(HU for CT). The title names the derived series, the engine and the factors as the derived objects record them.
+The PNG's text chunks hold the panel boxes (``srnode-panels``, JSON) for tests and tools.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
+from node.app.preview_panels import Panel, draw_figure
+from node.app.preview_planes import PLANES, acquisition_plane, cut, shown_spacing, volume_centre
 from node.series import SeriesVolume, load_series, load_volumes, series_photometric, series_window
 
 log = logging.getLogger(__name__)
 
-PANEL = 256  # pixels, height of each panel
+DISPLAY_PX = 500  # pixels across the longer side of a cut, at least (resampled linearly, as viewers do)
 
 
-def _window(vol: SeriesVolume) -> tuple[float, float]:
-    """(lowest, highest) modality value of the grey ramp: the series' first window (median over its slices)."""
+def window(vol: SeriesVolume) -> tuple[float, float, str]:
+    """(lowest, highest) modality value of the grey ramp and where it comes from: the series' first window
+    (median over its slices), else its 1st..99th percentile."""
     win = series_window(vol)
     if win is not None:
         c, w = win[0][0], win[1][0]
-        return c - w / 2, c + w / 2
+        return c - w / 2, c + w / 2, "series window"
     lo, hi = np.percentile(vol.data, [1, 99])
-    return float(lo), float(max(hi, lo + 1))
+    return float(lo), float(max(hi, lo + 1)), "1st-99th percentile"
 
 
-def _to_image(img: np.ndarray, lo: float, hi: float, mm: tuple[float, float], scale: float,
-              invert: bool = False) -> Image.Image:
-    """``img`` (rows, cols) windowed to 8 bits (``invert``: MONOCHROME1, lo shown white), resized to ``scale``
-    pixels per mm (row, col spacing ``mm``)."""
-    a = np.clip((img.astype(np.float64) - lo) / max(hi - lo, 1e-6), 0, 1)
-    if invert:
-        a = 1.0 - a
-    im = Image.fromarray((a * 255).astype(np.uint8))
-    h = max(1, int(round(img.shape[0] * mm[0] * scale)))
-    w = max(1, int(round(img.shape[1] * mm[1] * scale)))
-    return im.resize((w, h), Image.Resampling.BILINEAR)
+def _groups(paths: Sequence[Path]) -> list[tuple[str, list[Path]]]:
+    """Files grouped by folder (one derived series per folder: derived, derived-run2, derived-vol1...), in order."""
+    out: dict[str, list[Path]] = {}
+    for p in paths:
+        out.setdefault(Path(p).parent.name, []).append(Path(p))
+    return list(out.items())
 
 
-def _axial(vol: SeriesVolume, k: int) -> tuple[np.ndarray, tuple[float, float]]:
-    return vol.data[k], (vol.spacing[1], vol.spacing[2])
+def _source_volume(found: list[SeriesVolume], der: SeriesVolume) -> SeriesVolume:
+    """The original volume the derived series was made from (its first source image), else the first."""
+    src = der.datasets[0].get("SourceImageSequence") or []
+    uid = str(src[0].get("ReferencedSOPInstanceUID", "")) if len(src) else ""
+    for vol in found:
+        if any(str(ds.get("SOPInstanceUID", "")) == uid for ds in vol.datasets):
+            return vol
+    return found[0]
 
 
-def _coronal(vol: SeriesVolume) -> tuple[np.ndarray, tuple[float, float]]:
-    """Middle row through all slices (z, x), top = last slice."""
-    y = vol.shape[1] // 2
-    return vol.data[::-1, y, :], (vol.spacing[0], vol.spacing[2])
+def derivation(der: SeriesVolume, orig: SeriesVolume) -> dict[str, str]:
+    """What the derived objects say made them: engine (and version), factors, fallback, description."""
+    ds = der.datasets[0]
+    text = str(ds.get("DerivationDescription", "") or "")
+    engine, version = "", ""
+    for item in ds.get("ContributingEquipmentSequence") or []:
+        versions = item.get("SoftwareVersions") or []
+        versions = [versions] if isinstance(versions, str) else list(versions)
+        if str(item.get("Manufacturer", "")) == "srnode" and len(versions) >= 3:
+            engine, _, version = str(versions[-1]).partition(" ")
+    m = re.search(r"x(\d+) through-plane, x(\d+) in-plane by engine (\S+)", text)
+    if m and not engine:
+        engine = m.group(3)
+    if m:
+        f, g = int(m.group(1)), int(m.group(2))
+    else:  # from the geometry
+        f = max(1, round(orig.spacing[0] / der.spacing[0]))
+        g = max(1, round(orig.spacing[2] / der.spacing[2]))
+    factors = f"x{f} through-plane" + (f", x{g} in-plane" if g > 1 else "")
+    fb = re.search(r"fallback: ([^;]+)", text)
+    if "+denoise" in str(ds.get("SeriesDescription", "")):
+        engine += "+denoise"
+    return {"engine": engine or "unknown", "version": version, "factors": factors,
+            "fallback": fb.group(1).strip() if fb else "",
+            "description": str(ds.get("SeriesDescription", "") or "")}
 
 
-def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty: Sequence[Path], png: Path) -> Path:
-    """Write the preview PNG (first derived run when the series was split); returns its path.
+def sigma_units(orig: SeriesVolume, sig: SeriesVolume | None) -> tuple[str, str]:
+    """Sigma's units, short and long: ('HU', 'HU') for CT; else the uncertainty series' RescaleType when it names
+    one, else ('a.u.', 'MR signal, arbitrary units')."""
+    if orig.modality == "CT":
+        return "HU", "HU"
+    kind = str(sig.datasets[0].get("RescaleType", "") or "") if sig is not None and sig.datasets else ""
+    if kind and kind != "US":
+        return kind, kind
+    return "a.u.", f"{orig.modality or 'image'} signal, arbitrary units"
 
-    Panels are scaled to millimetres (axial row: 256 px high); grey levels follow the original's first
-    WindowCenter / WindowWidth, else its 1st..99th percentile; sigma spans 0..its 99.5th percentile. Raises
-    VolumeError (a series cannot be loaded), IndexError when ``derived`` is empty, OSError.
+
+def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty: Sequence[Path], png: Path,
+                  *, dpi: int = 100) -> Path:
+    """Write the preview PNG of the first derived series (the title says which when there are several) to
+    ``png`` (the caller names one file per job); returns its path.
+
+    Raises VolumeError (a series cannot be loaded), IndexError when ``derived`` is empty, OSError.
     """
-    orig = load_volumes(original)[0]  # a series of several volumes: the first, as the first derived series
-    dparent = Path(derived[0]).parent
-    der = load_series([p for p in derived if Path(p).parent == dparent])
-    sig_files = [p for p in uncertainty if Path(p).parent.name == dparent.name.replace("derived", "uncertainty")]
-    sig = load_series(sig_files or list(uncertainty)) if uncertainty else None
-    # the input slice nearest the middle of the derived stack, and the derived slice at the same position
-    mid = der.positions[der.shape[0] // 2] @ der.normal
-    i = int(np.argmin(np.abs(orig.positions @ orig.normal - mid)))
-    k = int(np.argmin(np.abs(der.positions @ der.normal - orig.positions[i] @ orig.normal)))
-    lo, hi = _window(orig)
-    inv = series_photometric(orig)[0] == "MONOCHROME1"
-    oa, oa_mm = _axial(orig, i)
-    oc, oc_mm = _coronal(orig)
-    s_ax = PANEL / (oa.shape[0] * oa_mm[0])  # pixels per mm, the same for every panel of a row
-    s_co = PANEL / max(oc.shape[0] * oc_mm[0], oc.shape[1] * oc_mm[1] / 2)
-    da, da_mm = _axial(der, k)
-    row1 = [("original", _to_image(oa, lo, hi, oa_mm, s_ax, inv)),
-            ("derived", _to_image(da, lo, hi, da_mm, s_ax, inv))]
-    dc, dc_mm = _coronal(der)
-    row2 = [("original coronal", _to_image(oc, lo, hi, oc_mm, s_co, inv)),
-            ("derived coronal", _to_image(dc, lo, hi, dc_mm, s_co, inv))]
-    if sig is not None:
-        smax = float(np.percentile(sig.data, 99.5)) or 1.0
-        sa, sa_mm = _axial(sig, min(k, sig.shape[0] - 1))
-        row1.append(("uncertainty (sigma)", _to_image(sa, 0.0, smax, sa_mm, s_ax)))
-        sc, sc_mm = _coronal(sig)
-        row2.append(("sigma coronal", _to_image(sc, 0.0, smax, sc_mm, s_co)))
-    width = max(sum(im.width for _, im in row) for row in (row1, row2)) + 10 * (len(row1) + 1)
-    heights = [max(im.height for _, im in row) for row in (row1, row2)]
-    canvas = Image.new("L", (width, sum(heights) + 2 * 24 + 10), 0)
-    draw = ImageDraw.Draw(canvas)
-    y = 10
-    for r, row in enumerate((row1, row2)):
-        x = 10
-        for label, im in row:
-            canvas.paste(im, (x, y + 14))
-            draw.text((x, y), label, fill=255)
-            x += im.width + 10
-        y += heights[r] + 24
+    groups = _groups(derived)
+    dname, dfiles = groups[0]
+    der = load_series(dfiles)
+    orig = _source_volume(load_volumes(original), der)
+    sname = dname.replace("derived", "uncertainty", 1)
+    sig_files = [p for p in uncertainty if Path(p).parent.name == sname]
+    if not sig_files and len(groups) == 1:
+        sig_files = list(uncertainty)
+    sig = load_series(sig_files) if sig_files else None
+    made = derivation(der, orig)
+    smax = float(np.percentile(sig.data[::2, ::2, ::2], 99.5)) if sig is not None else 0.0
+    if sig is not None and smax <= 0:
+        smax = float(np.max(sig.data))
+    has_sigma = sig is not None and smax > 0
+
+    # the cut point: the middle of the derived volume, moved onto the original slice nearest it
+    point = volume_centre(der)
+    t = orig.positions @ orig.normal
+    i = int(np.argmin(np.abs(t - point @ orig.normal)))
+    point = point + orig.normal * (t[i] - point @ orig.normal)
+    acquired = acquisition_plane(orig)
+    lo, hi, wsource = window(orig)
+    invert = series_photometric(orig)[0] == "MONOCHROME1"
+    units, units_long = sigma_units(orig, sig)
+    srange = f"\u03c3 0\u2013{smax:.3g} {units}"
+    rows: list[list[Panel]] = []
+    for plane in [acquired] + [p for p in PLANES if p != acquired]:
+        # square pixels no coarser than the finer series nor than the panel's (~500 px across the longer side)
+        (o_step, o_span), (d_step, _) = shown_spacing(orig, plane), shown_spacing(der, plane)
+        pix = min(o_step, d_step, max(o_span, 1.0) / DISPLAY_PX)
+        ocut, dcut = cut(orig, plane, point, pix), cut(der, plane, point, pix)
+        where = "acquired" if plane == acquired else "reformat"
+        n = (f", slice {ocut.index + 1}/{orig.shape[0]}", f", slice {dcut.index + 1}/{der.shape[0]}") \
+            if plane == acquired else ("", "")
+        row = [Panel("original", f"original {plane} ({where}{n[0]})", ocut, (lo, hi), wsource, invert),
+               Panel("derived", f"derived {plane} ({where}{n[1]})", dcut, (lo, hi), wsource, invert)]
+        scut = cut(sig, plane, point, pix) if sig is not None and has_sigma else None
+        row.append(Panel("sigma", f"uncertainty \u03c3 {plane}", scut, (0.0, smax), srange, False))
+        rows.append(row)
+
+    engine = made["engine"] + (f" (version {made['version']})" if made["version"] else "")
+    title = [f"srnode preview: {made['description']}",
+             f"engine {engine}, {made['factors']}" + (f"  (fallback: {made['fallback']})" if made["fallback"] else ""),
+             f"original: {orig.modality} {_shape(orig)}" + (f", {orig.volume_label}" if orig.volume else "")
+             + (";  MONOCHROME1, shown inverted as viewers do" if invert else ""),
+             f"derived:  {_shape(der)}"]
+    if len(groups) > 1:
+        title.append(f"showing derived series 1 of {len(groups)} ({dname}); also: "
+                     + ", ".join(g for g, _ in groups[1:]))
+    no_sigma = "" if has_sigma else f"no uncertainty (engine {made['engine']})"
+    png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(png)
+    draw_figure(rows, title, f"\u03c3 ({units_long}), 0 to its 99.5th percentile", no_sigma, png, dpi)
     log.info("preview written: %s", png)
     return png
+
+
+def _shape(vol: SeriesVolume) -> str:
+    """'28×512×512, 5 mm steps, 0.451×0.451 mm pixels' (irregular steps and gantry tilt said)."""
+    z, y, x = vol.shape
+    steps = f"irregular steps (median {vol.spacing[0]:.3g} mm)" if vol.irregular else f"{vol.spacing[0]:.3g} mm steps"
+    tilt = f", gantry tilt {vol.tilt_deg:.1f}\u00b0" if vol.tilt_deg > 0.5 else ""
+    return f"{z}\u00d7{y}\u00d7{x}, {steps}, {vol.spacing[1]:.3g}\u00d7{vol.spacing[2]:.3g} mm pixels{tilt}"
