@@ -94,10 +94,12 @@ def _integer(ds: Dataset, keyword: str) -> str:
 def size_hint(ds: Dataset) -> SizeHint:
     """What ``ds`` (a header) says about the size of its series: ImagesInAcquisition (0020,1002), the number of
     images of its acquisition. For a multi-frame object (NumberOfFrames > 1, e.g. an enhanced CT/MR image) those
-    images are frames: the series is expected to hold ImagesInAcquisition / NumberOfFrames instances (a single
-    enhanced object: 1). The signature also carries NumberOfFrames and AcquisitionNumber, so a series is trusted
-    to declare a size only when every instance agrees on all three (one acquisition, one frame count; see
-    ``node.store.SizeHint``). No ImagesInAcquisition: no hint. Never raises."""
+    images are frames: the series is expected to hold ImagesInAcquisition / NumberOfFrames instances (1 for a
+    single enhanced object whose ImagesInAcquisition equals its NumberOfFrames; no hint when it does not divide).
+    The signature also carries NumberOfFrames and AcquisitionNumber, so a series is trusted to declare a size
+    only when every instance agrees on all three (one acquisition, one frame count; see ``node.store.SizeHint``).
+    No ImagesInAcquisition: no hint -- an enhanced object without it is NOT taken as a series of one (a series
+    may hold several, e.g. one per echo). Never raises."""
     images = _integer(ds, "ImagesInAcquisition")
     if not images:
         return NO_HINT

@@ -119,7 +119,6 @@ def test_a_wrong_declared_size_waits_for_the_quiet_period(tmp_path: Path) -> Non
         assert f"more instances (6) than declared (5, by {HEADER_DECLARED})" in node.log()
 
 
-@pytest.mark.faults
 def test_real_series_declaring_their_size_start_without_the_quiet_period(tmp_path: Path) -> None:
     """A GE 3D T1 whose 130 slices each say ImagesInAcquisition 130 (as the scanner wrote them), and a Siemens
     enhanced field map (two objects of 33 frames: one per echo) given ImagesInAcquisition 66 on both, as a
@@ -145,6 +144,34 @@ def test_real_series_declaring_their_size_start_without_the_quiet_period(tmp_pat
             assert (job.n_instances, row["declared_instances"], row["declared_by"]) == (len(files), len(files),
                                                                                        HEADER_DECLARED)
             assert job.created - row["last_received"] < stable_age_s, (job.created, row)
+
+
+def test_the_nodes_downtime_is_no_quiet(tmp_path: Path) -> None:
+    """A series half received when the node stopped, the node down for longer than stable_age_s: the sender could
+    not reach it, so that silence is no sign the series is complete. Restarted, the node waits stable_age_s
+    before calling anything quiet: the rest, sent right after the restart, is in the one job."""
+    stable_age_s = 5.0
+    files = write_phantom_series(tmp_path / "ct", slices=10, size=32, step_mm=3.0, seed=56)
+    study, series = uids(files)
+    node = NodeProc.start(tmp_path / "node", {"node": {"stable_age_s": stable_age_s}})
+    try:
+        r = storescu(files[:4], node.port, aet=node.ae_title)
+        assert r.returncode == 0, r.stdout + r.stderr
+        node.stop()
+        ix = Index(node.spool / "index.sqlite")
+        row = ix.series(series, study)
+        assert row is not None and row["n_instances"] == 4 and row["job_id"] is None
+        wait_until(lambda: time.time() - row["last_received"] > stable_age_s, timeout=60, interval=0.05,
+                   what="the downtime to outlast stable_age_s")
+        node.launch()
+        r = storescu(files[4:], node.port, aet=node.ae_title)
+        assert r.returncode == 0, r.stdout + r.stderr
+        jobs = node.wait_jobs(all_done(1), timeout=120, what="the series processed")
+        assert [(j["state"], j["instances"], j["supersedes"]) for j in jobs] == [("delivered", 10, None)], \
+            json.dumps(jobs, indent=1)
+        ix.close()
+    finally:
+        node.stop()
 
 
 @pytest.mark.faults
