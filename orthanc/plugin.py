@@ -8,7 +8,9 @@ It reads the ``"SrNode"`` section of the Orthanc configuration:
       "Modalities": ["CT", "MR"],          // series modalities to route (default: every image series)
       "SeriesDescriptionRegex": "",        // optional: only series whose description matches (re.search)
       "Label": "",                         // optional (Orthanc >= 1.12): only series of studies with this label
-      "HttpUrl": "http://127.0.0.1:8480",  // optional: the node's HTTP API, to follow the job to its end
+      "HttpUrl": "http://127.0.0.1:8480",  // optional: the node's HTTP API, to follow the job to its end (and
+                                           //   to say how many instances were sent, see DeclareSize)
+      "DeclareSize": true,                 // with HttpUrl: after the store job, tell the node the series' size
       "Token": "",                         // bearer token of the node's HTTP API ([http].token)
       "DerivedSuffix": " SR",              // [derive].series_description_suffix of the node
       "TimeoutSeconds": 3600               // a series not done after this long is marked srnode-failed
@@ -17,7 +19,10 @@ It reads the ``"SrNode"`` section of the Orthanc configuration:
 Flow: on STABLE_SERIES the callback only queues the series id (Orthanc must never wait on us). A worker thread
 filters it, skips srnode's own output (ImageType DERIVED, the suffix followed by "x<factor>" in the description,
 Contributing Equipment Sequence naming manufacturer "srnode"), registers the node as modality ``srnode`` and sends
-the series with Orthanc's own store job (``/modalities/srnode/store``, asynchronous). A tracker thread follows each
+the series with Orthanc's own store job (``/modalities/srnode/store``, asynchronous); once it succeeded, and when
+HttpUrl is set, it tells the node how many instances it sent (``POST /series/{study}/{series}/complete``
+``{"instances": N}``), so the node starts as soon as they are in instead of waiting its quiet period (a failure
+to tell is logged; the node then waits the quiet period). A tracker thread follows each
 series to its end — the node's ``GET /jobs?series=UID`` when HttpUrl is set, else the arrival of a derived series
 in the same study that references the original — and marks the original.
 
@@ -61,6 +66,7 @@ class _Settings:
         self.label = str(section.get("Label", ""))
         self.http_url = str(section.get("HttpUrl", "")).rstrip("/")
         self.token = str(section.get("Token", ""))
+        self.declare_size = bool(section.get("DeclareSize", True))
         self.suffix = str(section.get("DerivedSuffix", " SR"))
         self.timeout_s = float(section.get("TimeoutSeconds", 3600))
         self.poll_s = float(section.get("PollSeconds", 1.0))
@@ -195,6 +201,7 @@ class SrNodePlugin:
         job = json.loads(orthanc.RestApiPost(f"/modalities/{MODALITY_NAME}/store", json.dumps(body)))
         job_id = job["ID"]
         deadline = time.monotonic() + self.s.timeout_s
+        info: dict[str, Any] = {}
         while not self.stop.is_set():
             info = _get(f"/jobs/{job_id}")
             if info.get("State") == "Success":
@@ -204,12 +211,40 @@ class SrNodePlugin:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"C-STORE job {job_id} did not finish in {self.s.timeout_s:.0f} s")
             self.stop.wait(0.5)
+        now = _get(f"/series/{series_id}")
+        parent = now["ParentStudy"]
+        content = (info.get("Content", {}) or {}) if info.get("State") == "Success" else {}
+        if "InstancesCount" in content:  # what the store job sent, less what failed
+            sent = int(content.get("InstancesCount") or 0) - int(content.get("FailedInstancesCount", 0) or 0)
+        else:  # an Orthanc whose job content lacks it: the series as it is now (never fewer than were sent)
+            sent = len(now.get("Instances", [])) if info.get("State") == "Success" else 0
+        self.declare(str(_get(f"/studies/{parent}").get("MainDicomTags", {}).get("StudyInstanceUID", "")),
+                     str(main.get("SeriesInstanceUID", "")), sent)
         self.mark(series_id, QUEUED)
         with self.lock:
-            self.pending[series_id] = {"uid": main.get("SeriesInstanceUID", ""),
-                                       "study": _get(f"/series/{series_id}")["ParentStudy"],
+            self.pending[series_id] = {"uid": main.get("SeriesInstanceUID", ""), "study": parent,
                                        "since": time.monotonic()}
-        _log(f"series {series_id} sent to srnode")
+        _log(f"series {series_id} sent to srnode ({sent} instance(s))")
+
+    def declare(self, study_uid: str, series_uid: str, instances: int) -> bool:
+        """Tell the node the series holds ``instances`` instances (all sent): it completes the series once they
+        are in, without its quiet period. Needs HttpUrl (and DeclareSize); False, logged, when not told."""
+        if not (self.s.http_url and self.s.declare_size) or instances < 1 or not study_uid or not series_uid:
+            return False
+        url = (f"{self.s.http_url}/series/{urllib.parse.quote(study_uid, safe='')}/"
+               f"{urllib.parse.quote(series_uid, safe='')}/complete")
+        req = urllib.request.Request(url, data=json.dumps({"instances": instances}).encode("utf-8"), method="POST",
+                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+        if self.s.token:
+            req.add_header("Authorization", f"Bearer {self.s.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                resp.read()
+            return True
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            _log(f"series {series_uid}: could not tell srnode its size ({instances}): {exc}; it waits its quiet "
+                 "period instead")
+            return False
 
     def _track_loop(self) -> None:
         while not self.stop.wait(self.s.poll_s):

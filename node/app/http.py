@@ -10,6 +10,10 @@ Routes (``[http]`` host/port; ``token``: bearer token for everything but the pro
   202 with the outcome, 409 when the source sent instances and admission refused every one
 - ``POST /dicom-web/studies[/{study}]``  STOW-RS in (multipart/related; type="application/dicom")
 - ``GET /dicom-web/studies/{study}/series/{series}``  WADO-RS of a spooled series (remote Celery workers)
+- ``POST /series/{study}/{series}/complete``  ``{"instances": N}``: the sender says the series holds N instances
+  (the Orthanc plugin, after its store job): once N distinct instances are in, the series completes after
+  ``[node] declared_settle_s`` instead of the quiet period. 200 with the series' counts, 400 for a bad body,
+  404 when nothing of the series was received
 - ``/dashboard``    the operator dashboard (``node.app.dashboard``): the same token, taken once by a login form
 
 Limits (``node.app.limits``): request heads within ``header_timeout_s``, bodies up to ``max_body_mb`` (413) and
@@ -58,7 +62,7 @@ from node.ingest import (
     start_followers,
 )
 from node.send import make_sender
-from node.store import Job, JobState
+from node.store import Job, JobState, valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -287,6 +291,28 @@ def build_app(ctx: NodeContext) -> Starlette:
         ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
         return StreamingResponse(body(), media_type=ctype)
 
+    async def series_complete(request: Request) -> Response:
+        """The sender's declared size of a series (``{"instances": N}``, N >= 1): see ``Admission.declare``."""
+        if not authorized(request):
+            return unauthorized()
+        study, series = request.path_params["study"], request.path_params["series"]
+        if not (valid_uid(study) and valid_uid(series)):
+            return JSONResponse({"error": "study and series must be valid UIDs"}, status_code=400)
+        try:
+            body = await request.json()
+            instances = body["instances"]
+            if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+                raise ValueError(instances)
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse({"error": 'expected JSON {"instances": N} with N an integer >= 1'}, status_code=400)
+        remote = request.client.host if request.client else ""
+        row = await run_in_threadpool(ctx.admission.declare, study, series, instances, f"http from {remote}")
+        if row is None:
+            return JSONResponse({"error": f"series {series} of study {study} is not in the spool"}, status_code=404)
+        return JSONResponse({"study": study, "series": series, "state": str(row["state"]),
+                             "received": row["n_instances"], "declared_instances": row["declared_instances"],
+                             "declared_by": row["declared_by"]})
+
     routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
@@ -296,6 +322,7 @@ def build_app(ctx: NodeContext) -> Starlette:
         Route("/dicom-web/studies", stow, methods=["POST"]),
         Route("/dicom-web/studies/{study}", stow, methods=["POST"]),
         Route("/dicom-web/studies/{study}/series/{series}", wado_series, methods=["GET"]),
+        Route("/series/{study}/{series}/complete", series_complete, methods=["POST"]),
         *dashboard_routes(ctx),
     ]
     limits = Middleware(BodyLimits, max_body_bytes=cfg.http.max_body_mb * MB,

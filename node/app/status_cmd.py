@@ -2,7 +2,8 @@
 
 Both read the spool index directly, so they work whether or not the node is running; a running node picks up
 re-queued work within a second or two. A job whose input slices are not all in a derived series lists each such
-slice (file and reason) under its line, and in ``--json`` as ``left_out``.
+slice (file and reason) under its line, and in ``--json`` as ``left_out``. The series not yet complete (and, in
+``--json``, the series of the jobs listed) are shown with their instance counts and declared sizes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from node.config import load_config
 from node.errors import NodeError
-from node.store import Index, Job, JobState, Spool
+from node.store import Index, Job, JobState, SeriesState, Spool
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -52,10 +53,29 @@ def job_dict(index: Index, j: Job) -> dict[str, Any]:
         "uncertainty_series": j.uncertainty_series_uid, "supersedes": j.supersedes,
         "report": j.report,
         "left_out": list((j.report or {}).get("left_out", [])),  # input slices in no derived series, with why
+        "created": _utc(j.created),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.updated)),
         "deliveries": [{"destination": d.destination, "state": d.state, "attempts": d.attempts,
                         "files": len(d.files), "reason": d.reason} for d in index.deliveries(j.id)],
     }
+
+
+def _utc(t: float | None) -> str | None:
+    """Unix seconds as UTC ISO 8601 with milliseconds (None stays None)."""
+    if t is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
+
+
+def series_dict(s: dict[str, Any]) -> dict[str, Any]:
+    """A series row as ``status --json`` lists it: UIDs, state, distinct instances received, the declared size
+    (``declared_instances``: null when nothing trusted declares it; ``declared_by``: ImagesInAcquisition, or the
+    puller / HTTP hint that said it), first and last receipt (UTC ISO 8601, ms; a plain duplicate while receiving
+    counts as a receipt) and its latest job. No PHI."""
+    return {"study": s["study_uid"], "series": s["series_uid"], "state": s["state"], "reason": s["reason"],
+            "instances": s["n_instances"], "declared_instances": s["declared_instances"],
+            "declared_by": s["declared_by"], "first_received": _utc(s["first_received"]),
+            "last_received": _utc(s["last_received"]), "job": s["job_id"]}
 
 
 def conflict_dict(c: dict[str, Any]) -> dict[str, Any]:
@@ -84,11 +104,17 @@ def run(args: argparse.Namespace) -> int:
     jobs = index.jobs(args.state)[-args.limit:] if args.limit > 0 else index.jobs(args.state)
     docs = [job_dict(index, j) for j in jobs]
     conflicts = [conflict_dict(c) for c in index.conflicts()]
+    waiting = [series_dict(s) for s in index.receiving_series()]
     if args.json:
-        print(json.dumps({"jobs": docs, "instances": index.count_instances(), "conflicts": conflicts}, indent=2))
+        listed = {(j.study_uid, j.series_uid) for j in jobs}
+        series = waiting + [series_dict(s) for s in index.all_series() if (s["study_uid"], s["series_uid"]) in listed
+                            and s["state"] not in (SeriesState.RECEIVING, SeriesState.STABLE)]
+        print(json.dumps({"jobs": docs, "series": series, "instances": index.count_instances(),
+                          "conflicts": conflicts}, indent=2))
         return 0
     if not docs:
         print(f"no jobs ({index.count_instances()} instances in the spool)")
+        _print_waiting(waiting)
         _print_conflicts(conflicts)
         return 0
     width = max(len(d["series"]) for d in docs)
@@ -103,8 +129,19 @@ def run(args: argparse.Namespace) -> int:
         for x in d["left_out"]:
             print(f"{'':>5}  NOT IN ANY DERIVED SERIES: slice {x.get('index')}/{x.get('of')} {x.get('file')}: "
                   f"{x.get('reason')}")
+    _print_waiting(waiting)
     _print_conflicts(conflicts)
     return 0
+
+
+def _print_waiting(waiting: list[dict[str, Any]]) -> None:
+    if not waiting:
+        return
+    print(f"\n{len(waiting)} series not complete yet (quiet for stable_age_s, or their declared size reached):")
+    for s in waiting[-10:]:
+        declared = (f", declared {s['declared_instances']} ({s['declared_by']})" if s["declared_instances"] is not None
+                    else "")
+        print(f"  series {s['series']}: {s['instances']} instance(s){declared}, last received {s['last_received']}")
 
 
 def _retry(index: Index, job_ids: list[int]) -> int:

@@ -153,6 +153,8 @@ def _check(cfg: Config) -> None:
     _check_ae_title(n.ae_title, "node.ae_title")
     if n.stable_age_s <= 0:
         raise ConfigError("node.stable_age_s: must be > 0")
+    if n.declared_settle_s < 0:
+        raise ConfigError(f"node.declared_settle_s: {n.declared_settle_s:g} must be >= 0 (seconds)")
     if n.tls.enabled and not (n.tls.cert and n.tls.key):
         raise ConfigError("node.tls: enabled = true needs cert and key")
     if n.max_series_memory_mb < 0:

@@ -75,6 +75,7 @@ class NodeConfig:
     port: int = 11112
     spool_dir: str = "./spool"
     stable_age_s: float = 10.0
+    declared_settle_s: float = 1.0  # s; a series holding its declared count completes after min(this, stable_age_s)
     min_free_mb: int = 500
     max_associations: int = 32
     max_pdu: int = 0  # bytes; 0: unlimited

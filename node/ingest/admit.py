@@ -12,7 +12,8 @@ Orthanc changes follower all call :meth:`Admission.admit_file` or :meth:`Admissi
 3. checks the spool's disk watermark, links the file into the spool atomically and records it in the index,
    with the caller's AE title and the rules it may use; a resend of a known SOPInstanceUID that differs from the
    stored copy is a conflict (``node.ingest.resend``): kept aside in ``spool/conflicts/``, recorded in the index,
-   counted and audited, the first copy still the one used;
+   counted and audited, the first copy still the one used; a plain duplicate (same content) restarts its series'
+   quiet timer while the series is still receiving (``Index.note_duplicate``: a sender resending is sending);
 4. counts the outcome in one metric (``srnode_instances_received_total{status}``).
 
 Every refusal is an :class:`~node.errors.IngestError` carrying the DIMSE status to answer with
@@ -22,11 +23,12 @@ Every refusal is an :class:`~node.errors.IngestError` carrying the DIMSE status 
 from __future__ import annotations
 
 import logging
+import re
 import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -39,7 +41,8 @@ from node.dimse import Status, label
 from node.errors import IngestError, dicom_read_problem
 from node.ingest.resend import resend_difference
 from node.metrics import Metrics
-from node.store import Index, Instance, Spool, Stored, valid_uid
+from node.phi import raw_text
+from node.store import NO_HINT, Index, Instance, SizeHint, Spool, Stored, valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,38 @@ class Header:
     modality: str
     sop_class: str  # SOPClassUID of the dataset (else the file meta's MediaStorageSOPClassUID)
     transfer_syntax: str  # the file meta's TransferSyntaxUID ("" when the file has no meta)
+    size_hint: SizeHint = NO_HINT  # what the header says about the series' size (:func:`size_hint`)
+
+
+def _integer(ds: Dataset, keyword: str) -> str:
+    """``keyword``'s value as a decimal integer string, read raw (no pydicom conversion, so no warning quoting the
+    value); "" when absent or empty, "?" when it is no single integer (a malformed or hostile value is never
+    echoed: it may hold anything)."""
+    text = raw_text(ds, keyword)
+    if not text:
+        return ""
+    return str(int(text)) if re.fullmatch(r"[+-]?\d{1,9}", text) else "?"
+
+
+def size_hint(ds: Dataset) -> SizeHint:
+    """What ``ds`` (a header) says about the size of its series: ImagesInAcquisition (0020,1002), the number of
+    images of its acquisition. For a multi-frame object (NumberOfFrames > 1, e.g. an enhanced CT/MR image) those
+    images are frames: the series is expected to hold ImagesInAcquisition / NumberOfFrames instances (1 for a
+    single enhanced object whose ImagesInAcquisition equals its NumberOfFrames; no hint when it does not divide).
+    The signature also carries NumberOfFrames and AcquisitionNumber, so a series is trusted to declare a size
+    only when every instance agrees on all three (one acquisition, one frame count; see ``node.store.SizeHint``).
+    No ImagesInAcquisition: no hint -- an enhanced object without it is NOT taken as a series of one (a series
+    may hold several, e.g. one per echo). Never raises."""
+    images = _integer(ds, "ImagesInAcquisition")
+    if not images:
+        return NO_HINT
+    frames = _integer(ds, "NumberOfFrames") or "1"
+    acquisition = _integer(ds, "AcquisitionNumber")
+    signature = f"ImagesInAcquisition={images} NumberOfFrames={frames} AcquisitionNumber={acquisition}"
+    n = 0
+    if images.isdigit() and frames.isdigit() and int(frames) > 0 and int(images) % int(frames) == 0:
+        n = int(images) // int(frames)
+    return SizeHint(signature, n)
 
 
 def _pixel_data_end(fh: BinaryIO, little: bool, implicit: bool) -> tuple[int, str] | None:
@@ -114,7 +149,8 @@ def read_header(path: Path) -> Header:
 
     Pixels are not decoded; the pixel data element is only checked to lie wholly inside the file (not for a
     deflated transfer syntax). The SOP class is the dataset's SOPClassUID, else the file meta's
-    MediaStorageSOPClassUID. OSError when ``path`` cannot be read at all.
+    MediaStorageSOPClassUID; the series' declared size is read too (:func:`size_hint`). OSError when ``path``
+    cannot be read at all.
     """
     size = path.stat().st_size
     try:
@@ -155,7 +191,7 @@ def read_header(path: Path) -> Header:
         raise IngestError(f"Modality cannot be read: {exc}", Status.CANNOT_UNDERSTAND) from exc
     return Header(sop_uid=uids["SOPInstanceUID"], series_uid=uids["SeriesInstanceUID"],
                   study_uid=uids["StudyInstanceUID"], modality=modality, sop_class=sop_class,
-                  transfer_syntax=transfer_syntax)
+                  transfer_syntax=transfer_syntax, size_hint=size_hint(ds))
 
 
 def find_caller(callers: tuple[CallerConfig, ...], ae_title: str, address: str) -> CallerConfig | None:
@@ -253,9 +289,25 @@ class Admission:
         inst = Instance(sop_uid=header.sop_uid, series_uid=header.series_uid, study_uid=header.study_uid,
                         sop_class=header.sop_class, transfer_syntax=transfer_syntax or header.transfer_syntax,
                         path=str(stored.path), calling_ae=caller.ae_title, allowed_rules=allowed_rules)
-        if self.index.add_instance(inst, header.modality, stored.path.stat().st_size):
+        if self.index.add_instance(inst, header.modality, stored.path.stat().st_size, header.size_hint):
             return stored
         return self._resent(path, stored, inst, caller)
+
+    def declare(self, study_uid: str, series_uid: str, instances: int, by: str) -> dict[str, Any] | None:
+        """A puller (or the Orthanc plugin, through the HTTP API) says series (``study_uid``, ``series_uid``)
+        holds ``instances`` distinct instances (``by``: who, in words: "c-move", "http", ...): once they are in,
+        the series completes after ``[node] declared_settle_s`` instead of the quiet period
+        (``Index.declare_series``). Returns the series row (as ``Index.series``), None when nothing of the series
+        was received (the declaration is not kept).
+        ValueError when ``instances`` < 1; SpoolError when the index cannot be written."""
+        row = self.index.declare_series(study_uid, series_uid, instances, by)
+        if row is None:
+            log.warning("series %s (study %s): %s declares %d instance(s) but none was received: ignored",
+                        series_uid, study_uid, by, instances)
+            return None
+        log.info("series %s (study %s): %s declares %d instance(s); %d received", series_uid, study_uid, by,
+                 instances, row["n_instances"])
+        return row
 
     def _resent(self, path: Path, stored: Stored, inst: Instance, caller: Caller) -> Stored:
         """A SOPInstanceUID already in the index came again: a plain duplicate, or a conflict kept aside."""
@@ -264,8 +316,10 @@ class Admission:
             return stored
         why = resend_difference(kept, inst.study_uid, inst.series_uid, path)
         if not why:
-            log.info("duplicate instance %s of series %s from %s (%s): kept the copy already stored",
-                     inst.sop_uid, inst.series_uid, caller.ae_title, caller.via)
+            active = self.index.note_duplicate(kept.study_uid, kept.series_uid)
+            log.info("duplicate instance %s of series %s from %s (%s): kept the copy already stored%s",
+                     inst.sop_uid, inst.series_uid, caller.ae_title, caller.via,
+                     "; the series is still receiving: its quiet timer restarts" if active else "")
             return stored
         if not stored.duplicate and stored.path != Path(kept.path):
             stored.path.unlink(missing_ok=True)  # linked under another study/series just now: not an instance

@@ -1,5 +1,6 @@
 """Follow an Orthanc ``/changes`` feed: every StableSeries of a ``[[sources]]`` entry with ``follow_changes = true``
-is pulled over Orthanc's REST API and admitted like any received series (never srnode's own output).
+is pulled over Orthanc's REST API and admitted like any received series (never srnode's own output). A series
+pulled whole, nothing refused, declares its size (``Admission.declare``): it completes without the quiet period.
 """
 
 from __future__ import annotations
@@ -93,19 +94,23 @@ class ChangesFollower:
         first = next(files, None)
         if first is None:
             return
-        if is_own_output(pydicom.dcmread(io.BytesIO(first), stop_before_pixels=True),
-                         self.cfg.derive.series_description_suffix):
+        head = pydicom.dcmread(io.BytesIO(first), stop_before_pixels=True)
+        if is_own_output(head, self.cfg.derive.series_description_suffix):
             log.info("changes follower %s: series %s is srnode output, left alone", self.src.name, series_id)
             return
-        n = 0
+        n, refused = 0, 0
         for data in (first, *files):
             try:
                 self.admission.admit_bytes(data, self.caller)
                 n += 1
             except IngestError as exc:
+                refused += 1
                 log.warning("changes follower %s: instance of series %s refused: %s", self.src.name,
                             series_id, exc)
         log.info("changes follower %s: series %s pulled, %d instance(s)", self.src.name, series_id, n)
+        if n and not refused:  # Orthanc's whole stable series is in: its size is known
+            self.admission.declare(str(head.StudyInstanceUID), str(head.SeriesInstanceUID), n,
+                                   f"orthanc-changes from {self.src.name}")
 
 
 def start_followers(cfg: Config, admission: Admission) -> list[ChangesFollower]:

@@ -63,8 +63,11 @@ def fetch(cfg: Config, source_name: str, study: str, series: str = "", *, admiss
     """Retrieve ``study`` (or one ``series`` of it) from source ``source_name`` into the spool.
 
     Every instance enters through ``admission`` with the source as its caller (``[node].allowed_callers``
-    applies as for C-STORE). Raises ConfigError for an unknown source or method, FetchError when the source
-    refuses or cannot be reached; refused instances are listed in the result.
+    applies as for C-STORE). A pull of one ``series`` that ended well with nothing refused declares the series'
+    size (C-MOVE: the final response's NumberOfCompletedSuboperations; else the instances received), so the
+    series completes after ``[node] declared_settle_s`` rather than the quiet period (``Admission.declare``).
+    Raises ConfigError for an unknown source or method, FetchError when the source refuses or cannot be
+    reached; refused instances are listed in the result.
     """
     src = cfg.source(source_name)
     if not study:
@@ -84,6 +87,9 @@ def fetch(cfg: Config, source_name: str, study: str, series: str = "", *, admiss
             _feed(result, admission, source_caller(src, "orthanc-rest"), _orthanc_files(client, src, study, series))
     log.info("fetch from %s (%s): %d spooled, %d moved, %d refused", src.name, result.method,
              result.received, result.moved, len(result.refused))
+    sent = result.moved if result.method == "c-move" else result.received
+    if series and sent > 0 and not result.refused:
+        admission.declare(study, series, sent, f"{result.method} from {src.name}")
     return result
 
 

@@ -49,7 +49,7 @@ def reindex_spool(spool: Spool, index: Index) -> ReindexResult:
         inst = Instance(sop_uid=header.sop_uid, series_uid=header.series_uid, study_uid=header.study_uid,
                         sop_class=header.sop_class, transfer_syntax=header.transfer_syntax, path=str(path),
                         calling_ae=REINDEXED_CALLER, allowed_rules="")
-        if index.add_instance(inst, header.modality, path.stat().st_size):
+        if index.add_instance(inst, header.modality, path.stat().st_size, header.size_hint):
             out.added += 1
             out.series.add((header.study_uid, header.series_uid))
     for why in out.skipped:

@@ -1,6 +1,16 @@
 """The completeness watcher: a series quiet for ``[node].stable_age_s`` becomes a job (``node.jobs.decide``), and
 queued jobs are (re)submitted to the executor. An association release only wakes it.
 
+When is a series complete:
+
+- it declares its size (every instance agrees on ImagesInAcquisition; a puller or the Orthanc plugin said how
+  many it sent: ``Index.declare_series``) and exactly that many distinct instances are in, the last of them
+  ``min([node].declared_settle_s, stable_age_s)`` ago: complete without waiting the quiet period. More instances
+  than declared: the declaration no longer counts (logged), the quiet period applies;
+- else it has been quiet for ``stable_age_s``: no new instance, and no duplicate either (a resend is activity);
+  and the node itself has been up that long: silence while the node was down (a sender that could not reach
+  it) is no evidence that a series is complete.
+
 To change when a series counts as complete, change :meth:`StabilityWatcher.tick` (and the index queries it
 uses, ``Index.quiet_series`` / ``Index.mark_stable``).
 """
@@ -32,13 +42,16 @@ class StabilityWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._submitted: dict[int, float] = {}  # job id -> its 'updated' time when last submitted
+        self._up_since = 0.0  # Unix seconds the watcher started (0: never started; tick() called directly)
 
     def hint(self) -> None:
         """An association was released: look now (the series must still be quiet for stable_age_s)."""
         self._wake.set()
 
     def start(self) -> None:
-        """Start polling in a daemon thread, every min(0.5 s, stable_age_s / 4) or when hinted."""
+        """Start polling in a daemon thread, every min(0.5 s, stable_age_s / 4, declared settle time / 2) or when
+        hinted. Series received before now count as quiet only from now on (the node was down)."""
+        self._up_since = time.time()
         self._thread = threading.Thread(target=self._loop, name="srnode-stability", daemon=True)
         self._thread.start()
 
@@ -49,19 +62,32 @@ class StabilityWatcher:
         if self._thread is not None:
             self._thread.join(30)
 
+    @property
+    def settle_s(self) -> float:
+        """Seconds a series holding its declared instance count must stay without a new instance or duplicate
+        before it is complete: min(``[node].declared_settle_s``, ``stable_age_s``)."""
+        return min(self.cfg.node.declared_settle_s, self.cfg.node.stable_age_s)
+
     def tick(self) -> None:
-        """One pass: series quiet for ``[node].stable_age_s`` (seconds) become stable and get a decision
-        (``node.jobs.decide``); queued jobs not submitted since their last change go to ``submit``; the
-        queue depth metric is set. NodeError from a decision or a submit is logged; index errors
+        """One pass: series holding their declared instance count for :attr:`settle_s`, then series quiet for
+        ``[node].stable_age_s`` (seconds; counted from the watcher's start for series received before it) become
+        stable and get a decision (``node.jobs.decide``); queued jobs not submitted since their last change go to
+        ``submit``; the queue depth metric is set. NodeError from a decision or a submit is logged; index errors
         (SpoolError) raise."""
         now = time.time()
+        settled_since = now - self.settle_s
+        for study_uid, series_uid in self.index.complete_series(settled_since):
+            if self.index.mark_stable(series_uid, settled_since, study_uid=study_uid, complete=True):
+                row = self.index.series(series_uid, study_uid) or {}
+                log.info("series %s (study %s): complete, %s of %s declared instance(s) (by %s), %.1f s after the "
+                         "last", series_uid, study_uid, row.get("n_instances"), row.get("declared_instances"),
+                         row.get("declared_by"), now - float(row.get("last_received") or now))
+                self._decide(study_uid, series_uid)
         quiet_since = now - self.cfg.node.stable_age_s
-        for study_uid, series_uid in self.index.quiet_series(quiet_since):
-            if self.index.mark_stable(series_uid, quiet_since, study_uid=study_uid):
-                try:
-                    decide(self.cfg, self.index, series_uid, self.audit, study_uid=study_uid)
-                except NodeError as exc:
-                    log.error("series %s (study %s): could not decide what to do: %s", series_uid, study_uid, exc)
+        if self._up_since <= quiet_since:  # up for less than stable_age_s: nothing has been quiet long enough
+            for study_uid, series_uid in self.index.quiet_series(quiet_since):
+                if self.index.mark_stable(series_uid, quiet_since, study_uid=study_uid):
+                    self._decide(study_uid, series_uid)
         queued = self.index.jobs((JobState.QUEUED,))
         # forget jobs that left the queue (the map holds only queued jobs: it does not grow with the node's age)
         for gone in set(self._submitted) - {j.id for j in queued}:
@@ -76,8 +102,14 @@ class StabilityWatcher:
                     del self._submitted[job.id]
         self.metrics.queue_depth.set(self.index.queue_depth())
 
+    def _decide(self, study_uid: str, series_uid: str) -> None:
+        try:
+            decide(self.cfg, self.index, series_uid, self.audit, study_uid=study_uid)
+        except NodeError as exc:
+            log.error("series %s (study %s): could not decide what to do: %s", series_uid, study_uid, exc)
+
     def _loop(self) -> None:
-        interval = min(0.5, self.cfg.node.stable_age_s / 4)
+        interval = min(0.5, self.cfg.node.stable_age_s / 4, max(self.settle_s / 2, 0.1))
         while not self._stop.is_set():
             try:
                 self.tick()

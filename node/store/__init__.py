@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from node.config import Config
-from node.store.index import Index, SeriesKey, poison_reason
+from node.store.index import HEADER_DECLARED, NO_HINT, Index, SeriesKey, SizeHint, poison_reason
 from node.store.schema import DAMAGED_HINT, Delivery, IndexDamaged, Instance, Job
 from node.store.spool import Spool, Stored, atomic_copy, fsync_dir, valid_uid
 from node.store.states import JOB_DONE_STATES, DeliveryState, JobState, SeriesState
 
 __all__ = [
     "DAMAGED_HINT",
+    "HEADER_DECLARED",
+    "NO_HINT",
     "poison_reason",
     "JOB_DONE_STATES",
     "Delivery",
@@ -28,6 +30,7 @@ __all__ = [
     "JobState",
     "SeriesKey",
     "SeriesState",
+    "SizeHint",
     "Spool",
     "Store",
     "Stored",

@@ -12,6 +12,12 @@ State machines (every change records a reason in words; the states are ``node.st
 
 Times (``received_at``, ``created``, ``updated``, ``next_attempt``, ...) are Unix seconds (``time.time()``).
 
+When a series is complete (the watcher, ``node.jobs.watcher``, asks :meth:`Index.quiet_series` and
+:meth:`Index.complete_series`): quiet for ``stable_age_s`` (``last_received``: the last instance, or the last
+plain duplicate while still receiving: a resend is activity), or sooner when it declares its size and that many
+distinct instances arrived (``declared_instances``, ``declared_by``): its headers agree on ImagesInAcquisition
+(:class:`SizeHint`), or a puller / the Orthanc plugin said how many it sent (:meth:`Index.declare_series`).
+
 Storage (SQLite in WAL mode, safe across threads and processes; a connection per thread; writes that must not
 race, such as claiming a job, in BEGIN IMMEDIATE transactions) is ``node.store.schema``.
 """
@@ -19,15 +25,39 @@ race, such as claiming a job, in BEGIN IMMEDIATE transactions) is ``node.store.s
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from node.errors import SpoolError
 from node.store.schema import Delivery, IndexDB, Instance, Job, delivery_of, instance_of, job_of, series_of
 from node.store.states import JOB_DONE_STATES, DeliveryState, JobState, SeriesState, series_state_of
 
+log = logging.getLogger(__name__)
+
 SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
+
+HEADER_DECLARED = "ImagesInAcquisition"  # declared_by of a size the series' headers agree on
+MIXED = "mixed"  # header_sig once two instances of a series said different things about its size
+
+
+@dataclass(frozen=True)
+class SizeHint:
+    """What one instance's header says about the size of its series (read at admission, no pixels).
+
+    ``signature``: the values that must agree across every instance of the series for the size to be trusted
+    (e.g. ``"ImagesInAcquisition=200 NumberOfFrames=1 AcquisitionNumber=1"``; ``""``: the header says nothing, so
+    a series of such instances declares no size). ``instances``: the distinct instance count the header implies
+    (ImagesInAcquisition / NumberOfFrames when that divides; 0: none).
+    """
+
+    signature: str = ""
+    instances: int = 0
+
+
+NO_HINT = SizeHint()
 
 
 def poison_reason(attempts: int, max_attempts: int) -> str:
@@ -53,10 +83,15 @@ class Index(IndexDB):
 
     # ------------------------------------------------------------------------------------ instances, series
 
-    def add_instance(self, inst: Instance, modality: str, size: int) -> bool:
-        """Record a received instance of ``size`` bytes; False if its SOPInstanceUID was known (kept once).
+    def add_instance(self, inst: Instance, modality: str, size: int, hint: SizeHint = NO_HINT) -> bool:
+        """Record a received instance of ``size`` bytes; False if its SOPInstanceUID was known (kept once; nothing
+        changes: see :meth:`note_duplicate`).
 
         The series is created in 'receiving', or put back to 'receiving' (a late instance after processing).
+        ``hint``: what the instance's header says about the series' size; the series declares that size
+        (``declared_by`` ImagesInAcquisition) while every instance's hint has the same signature, and stops
+        declaring it (logged) at the first that differs. A series receiving more instances than declared is
+        logged and left to the quiet period. SpoolError when the index cannot be written.
         """
         now = time.time()
         with self.tx() as c:
@@ -67,22 +102,80 @@ class Index(IndexDB):
                  inst.calling_ae, inst.allowed_rules, size, now))
             if cur.rowcount == 0:
                 return False
-            row = c.execute("SELECT state FROM series WHERE study_uid = ? AND series_uid = ?",
-                            (inst.study_uid, inst.series_uid)).fetchone()
+            row = c.execute("SELECT state, n_instances, declared_instances, declared_by, header_sig FROM series"
+                            " WHERE study_uid = ? AND series_uid = ?", (inst.study_uid, inst.series_uid)).fetchone()
             if row is None:
+                declared = hint.instances if hint.signature and hint.instances > 0 else None
                 c.execute(
                     "INSERT INTO series (series_uid, study_uid, modality, calling_ae, allowed_rules, state,"
-                    " n_instances, first_received, last_received) VALUES (?,?,?,?,?,?,1,?,?)",
+                    " n_instances, first_received, last_received, declared_instances, declared_by, header_sig)"
+                    " VALUES (?,?,?,?,?,?,1,?,?,?,?,?)",
                     (inst.series_uid, inst.study_uid, modality, inst.calling_ae, inst.allowed_rules,
-                     SeriesState.RECEIVING, now, now))
-            else:
-                was = row["state"]
-                reason = "" if was == SeriesState.RECEIVING else f"late instance after the series was {was}"
-                c.execute(
-                    "UPDATE series SET n_instances = n_instances + 1, last_received = ?, state = ?,"
-                    " reason = CASE WHEN ? = '' THEN reason ELSE ? END WHERE study_uid = ? AND series_uid = ?",
-                    (now, SeriesState.RECEIVING, reason, reason, inst.study_uid, inst.series_uid))
+                     SeriesState.RECEIVING, now, now, declared, HEADER_DECLARED if declared else "",
+                     hint.signature))
+                return True
+            was = row["state"]
+            reason = "" if was == SeriesState.RECEIVING else f"late instance after the series was {was}"
+            c.execute(
+                "UPDATE series SET n_instances = n_instances + 1, last_received = ?, state = ?,"
+                " reason = CASE WHEN ? = '' THEN reason ELSE ? END WHERE study_uid = ? AND series_uid = ?",
+                (now, SeriesState.RECEIVING, reason, reason, inst.study_uid, inst.series_uid))
+            declared, by = row["declared_instances"], row["declared_by"]
+            sig = row["header_sig"]
+            if sig is not None and sig != MIXED and sig != hint.signature:
+                c.execute("UPDATE series SET header_sig = ? WHERE study_uid = ? AND series_uid = ?",
+                          (MIXED, inst.study_uid, inst.series_uid))
+                if by == HEADER_DECLARED:
+                    declared = None
+                    c.execute("UPDATE series SET declared_instances = NULL, declared_by = ''"
+                              " WHERE study_uid = ? AND series_uid = ?", (inst.study_uid, inst.series_uid))
+                if sig:  # the first instances declared a size: say why it is no longer trusted
+                    log.warning("series %s (study %s): its instances disagree on their size (%r, then %r): no size"
+                                " declared by the headers, the series completes by the quiet period%s",
+                                inst.series_uid, inst.study_uid, sig, hint.signature,
+                                f" (still declared by {by}: {declared})" if declared is not None else "")
+            n = int(row["n_instances"]) + 1
+            if declared is not None and n == int(declared) + 1:
+                log.warning("series %s (study %s): more instances (%d) than declared (%d, by %s): the series "
+                            "completes by the quiet period", inst.series_uid, inst.study_uid, n, declared, by)
         return True
+
+    def note_duplicate(self, study_uid: str, series_uid: str) -> bool:
+        """A plain duplicate (same SOPInstanceUID, same content) of an instance of this series arrived: while the
+        series is 'receiving' its quiet timer restarts (``last_received`` = now; ``n_instances`` unchanged), since
+        a sender resending a series (after a restart of the node, an aborted association) is still sending it.
+        A series in any other state is left alone (a resend of a processed series brings nothing new). Returns
+        whether the series was touched; SpoolError when the index cannot be written."""
+        with self.tx() as c:
+            cur = c.execute("UPDATE series SET last_received = MAX(last_received, ?) WHERE study_uid = ? AND"
+                            " series_uid = ? AND state = ?",
+                            (time.time(), study_uid, series_uid, SeriesState.RECEIVING))
+            return cur.rowcount >= 1
+
+    def declare_series(self, study_uid: str, series_uid: str, instances: int, by: str) -> dict[str, Any] | None:
+        """Declare that series (``study_uid``, ``series_uid``) holds ``instances`` distinct instances, said by
+        ``by`` (a puller, the Orthanc plugin's HTTP hint; in words, e.g. "c-move", "http"). It overrides what the
+        headers declare; a later declaration replaces it. Once that many distinct instances are in, the watcher
+        completes the series after ``[node] declared_settle_s``; with more, the quiet period applies (logged).
+
+        Returns the series row after the change, None when the series is not in the index (nothing of it was
+        received: the declaration is not kept). ValueError when ``instances`` < 1; SpoolError when the index
+        cannot be written.
+        """
+        if instances < 1:
+            raise ValueError(f"a declared series size must be >= 1 instance, not {instances}")
+        with self.tx() as c:
+            cur = c.execute("UPDATE series SET declared_instances = ?, declared_by = ? WHERE study_uid = ? AND"
+                            " series_uid = ?", (instances, by, study_uid, series_uid))
+            if cur.rowcount == 0:
+                return None
+            row = c.execute("SELECT * FROM series WHERE study_uid = ? AND series_uid = ?",
+                            (study_uid, series_uid)).fetchone()
+        if int(row["n_instances"]) > instances:
+            log.warning("series %s (study %s): %s declares %d instance(s), %d are in: more than declared, the "
+                        "series completes by the quiet period", series_uid, study_uid, by, instances,
+                        row["n_instances"])
+        return series_of(row)
 
     def has_instance(self, sop_uid: str) -> bool:
         """Whether an instance with this SOPInstanceUID is recorded."""
@@ -129,12 +222,29 @@ class Index(IndexDB):
                            " ORDER BY first_received", (SeriesState.RECEIVING, quiet_since))
         return [(r["study_uid"], r["series_uid"]) for r in rows]
 
-    def mark_stable(self, series_uid: str, quiet_since: float, study_uid: str = "") -> bool:
-        """receiving → stable, only if no instance arrived since ``quiet_since`` (atomic against ingest)."""
+    def complete_series(self, settled_since: float) -> list[SeriesKey]:
+        """(study, series) of the series still 'receiving' that hold exactly their declared number of distinct
+        instances, the last of them (or a duplicate) received before ``settled_since`` (Unix seconds)."""
+        rows = self._query("SELECT study_uid, series_uid FROM series WHERE state = ? AND declared_instances IS NOT"
+                           " NULL AND n_instances = declared_instances AND last_received < ? ORDER BY first_received",
+                           (SeriesState.RECEIVING, settled_since))
+        return [(r["study_uid"], r["series_uid"]) for r in rows]
+
+    def receiving_series(self) -> list[dict[str, Any]]:
+        """The series still 'receiving' or 'stable' (no job yet), oldest first (as ``series``)."""
+        rows = self._query("SELECT * FROM series WHERE state IN (?, ?) ORDER BY first_received",
+                           (SeriesState.RECEIVING, SeriesState.STABLE))
+        return [series_of(r) for r in rows]
+
+    def mark_stable(self, series_uid: str, quiet_since: float, study_uid: str = "", complete: bool = False) -> bool:
+        """receiving → stable, only if no instance arrived since ``quiet_since`` (Unix seconds; atomic against
+        ingest). ``complete``: only if the series also holds exactly its declared number of instances
+        (:meth:`complete_series`; ``quiet_since`` is then the end of the settle time)."""
         where, args = _of_series(series_uid, study_uid)
+        declared = " AND declared_instances IS NOT NULL AND n_instances = declared_instances" if complete else ""
         with self.tx() as c:
             cur = c.execute(f"UPDATE series SET state = ?, reason = '' WHERE {where}"
-                            " AND state = ? AND last_received < ?",
+                            f" AND state = ? AND last_received < ?{declared}",
                             (SeriesState.STABLE, *args, SeriesState.RECEIVING, quiet_since))
             return cur.rowcount >= 1
 

@@ -23,7 +23,11 @@ from node.store.states import DeliveryState, JobState, SeriesState
 
 log = logging.getLogger(__name__)
 
-# a series is keyed by its study and its SeriesInstanceUID (schema format 1; the first format keyed the UID alone)
+# a series is keyed by its study and its SeriesInstanceUID (schema format 1; the first format keyed the UID alone).
+# Format 2 added the declared size: declared_instances (the distinct instance count the series is said to hold,
+# NULL: nothing trusted declares it), declared_by (who said so: a header attribute, a puller, the HTTP hint) and
+# header_sig (what the series' instance headers say about its size: the first instance's signature, 'mixed' once
+# an instance disagreed; see node.store.index.SizeHint).
 SERIES_TABLE = """CREATE TABLE IF NOT EXISTS series (
     series_uid TEXT NOT NULL,
     study_uid TEXT NOT NULL,
@@ -36,8 +40,15 @@ SERIES_TABLE = """CREATE TABLE IF NOT EXISTS series (
     first_received REAL NOT NULL,
     last_received REAL NOT NULL,
     job_id INTEGER,
+    declared_instances INTEGER,
+    declared_by TEXT NOT NULL DEFAULT '',
+    header_sig TEXT,
     PRIMARY KEY (study_uid, series_uid)
 )"""
+
+# format 2's columns, added to a format-1 series table by the migration (name, declaration)
+SERIES_COLUMNS_2 = (("declared_instances", "INTEGER"), ("declared_by", "TEXT NOT NULL DEFAULT ''"),
+                    ("header_sig", "TEXT"))
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS instances (
@@ -208,7 +219,8 @@ def instance_of(row: sqlite3.Row) -> Instance:
                     calling_ae=row["calling_ae"], allowed_rules=row["allowed_rules"])
 
 
-SCHEMA_VERSION = 1  # PRAGMA user_version: 0 = the first format (series keyed by SeriesInstanceUID alone)
+SCHEMA_VERSION = 2  # PRAGMA user_version: 0 = the first format (series keyed by SeriesInstanceUID alone), 1 = series
+# keyed by (study, series), 2 = the series' declared size (declared_instances, declared_by, header_sig)
 
 # the first format's series table keyed one series UID to one row, whatever the study: two studies sharing a
 # SeriesInstanceUID were one series (one job, one derived series holding both). Version 1 keys a series by
@@ -294,7 +306,11 @@ class IndexDB:
             raise
 
     def _migrate(self, c: sqlite3.Connection) -> None:
-        """Bring an index of an earlier format to ``SCHEMA_VERSION`` (one transaction; other processes wait)."""
+        """Bring an index of an earlier format to ``SCHEMA_VERSION`` (one transaction; other processes wait).
+
+        0 → 1: series re-keyed by (study, series) (``_MIGRATE_TO_1``); 1 → 2: the declared-size columns
+        (``SERIES_COLUMNS_2``, NULL/'' for every existing series: they complete by the quiet period as before).
+        SpoolError for an index of a newer format; sqlite3.Error from a failed step (rolled back)."""
         version = int(c.execute("PRAGMA user_version").fetchone()[0])
         if version == SCHEMA_VERSION:
             return
@@ -311,6 +327,15 @@ class IndexDB:
                         if stmt.strip():
                             c.execute(stmt)
                     log.warning("index %s: migrated to format 1 (series keyed by study + series)", self.path)
+            if version < 2:
+                have = {r["name"] for r in c.execute("PRAGMA table_info(series)")}
+                added = [name for name, _ in SERIES_COLUMNS_2 if name not in have]
+                for name, decl in SERIES_COLUMNS_2:
+                    if name not in have:
+                        c.execute(f"ALTER TABLE series ADD COLUMN {name} {decl}")
+                if added:
+                    log.warning("index %s: migrated to format 2 (declared series sizes: %s)", self.path,
+                                ", ".join(added))
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:
             c.execute("ROLLBACK")

@@ -1,5 +1,6 @@
 """Orthanc plugin workflow: an upload to Orthanc, and nothing else, brings derived + uncertainty series back
-into the same Orthanc study, with the original marked srnode-done (Orthanc 1.10: series metadata)."""
+into the same Orthanc study, with the original marked srnode-done (Orthanc 1.10: series metadata). The plugin
+tells the node how many instances its store job sent, so the node starts without waiting its quiet period."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pydicom
 
+from node.store import Index
 from tests.support.pacs import api, orthanc_dicomweb, phantom, start_node, upload, wait_job
 from tests.support.peers import free_port, wait_until
 
@@ -16,8 +18,9 @@ def test_upload_to_orthanc_comes_back_derived_in_the_same_study(tmp_path: Path) 
     orthanc = orthanc_dicomweb(tmp_path / "orthanc", srnode={
         "AeTitle": "SRNODE", "Host": "127.0.0.1", "Port": node_port, "Modalities": ["CT", "MR"],
         "HttpUrl": f"http://127.0.0.1:{http_port}", "Token": "test-token-3f9a", "PollSeconds": 0.3})
+    stable_age_s = 60.0  # the plugin's size hint must make the job, never the quiet period
     node = start_node(tmp_path / "node", {
-        "node": {"port": node_port}, "http": {"port": http_port},
+        "node": {"port": node_port, "stable_age_s": stable_age_s}, "http": {"port": http_port},
         "destinations": [{"name": "orthanc", "kind": "orthanc", "url": orthanc.url}],
         "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
                    "destinations": ["orthanc"]}]})
@@ -35,6 +38,12 @@ def test_upload_to_orthanc_comes_back_derived_in_the_same_study(tmp_path: Path) 
         assert wait_until(marked, 120, interval=0.3, what="original marked") == "srnode-done", orthanc.log()
         job = wait_job(node, ref.SeriesInstanceUID)
         assert job["state"] == "delivered"
+        ix = Index(node.spool / "index.sqlite")
+        row = ix.series(ref.SeriesInstanceUID, ref.StudyInstanceUID)
+        assert row is not None and (row["declared_instances"], row["declared_by"]) == (6, "http from 127.0.0.1")
+        # created while the quiet period had provably not elapsed: by the plugin's declaration
+        assert ix.job(job["id"]).created - row["last_received"] < stable_age_s, row
+        ix.close()
 
         series = orthanc.series_of_study(ref.StudyInstanceUID)
         others = {s["MainDicomTags"]["SeriesInstanceUID"]: len(s["Instances"]) for s in series if s["ID"] != original}

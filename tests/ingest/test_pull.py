@@ -1,4 +1,6 @@
-"""Pull by UID from a real Orthanc: C-MOVE (srnode fetch CLI), WADO-RS (POST /jobs), and the /changes follower."""
+"""Pull by UID from a real Orthanc: C-MOVE (srnode fetch CLI), WADO-RS (POST /jobs), and the /changes follower.
+A pull of a whole series declares its size (the C-MOVE's completed sub-operations, the instances pulled), so the
+series starts without the quiet period."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from node.store import Index
 from tests.support.nodeproc import NodeProc
 from tests.support.pacs import api, orthanc_dicomweb, phantom, start_node, upload, wait_job
 from tests.support.peers import Orthanc, free_port
@@ -36,6 +39,17 @@ def _derived_files(node: NodeProc, job: dict[str, object]) -> list[Path]:
     return sorted((node.workdir / "out").glob(f"*/{job['derived_series_uid']}/*.dcm"))
 
 
+def _declared(node: NodeProc, ref: pydicom.Dataset, job: dict[str, object]) -> tuple[object, object, float]:
+    """The series' declared size, who declared it, and how long after its last instance its job was created (s)."""
+    ix = Index(node.spool / "index.sqlite")
+    try:
+        row = ix.series(ref.SeriesInstanceUID, ref.StudyInstanceUID)
+        assert row is not None
+        return row["declared_instances"], row["declared_by"], ix.job(int(str(job["id"]))).created - row["last_received"]
+    finally:
+        ix.close()
+
+
 def test_fetch_by_c_move_from_the_cli(tmp_path: Path, pacs_and_node: tuple[Orthanc, NodeProc]) -> None:
     orthanc, node = pacs_and_node
     files = phantom(tmp_path, seed=61, slices=6)
@@ -47,6 +61,7 @@ def test_fetch_by_c_move_from_the_cli(tmp_path: Path, pacs_and_node: tuple[Ortha
     job = wait_job(node, ref.SeriesInstanceUID)
     assert job["state"] == "delivered", job
     assert len(_derived_files(node, job)) == 11
+    assert _declared(node, ref, job)[:2] == (6, "c-move from pacs")  # NumberOfCompletedSuboperations
 
 
 def test_fetch_by_c_get_into_the_spool(tmp_path: Path, pacs_and_node: tuple[Orthanc, NodeProc]) -> None:
@@ -77,11 +92,13 @@ def test_pull_by_wado_rs_through_post_jobs(tmp_path: Path, pacs_and_node: tuple[
     job = wait_job(node, ref.SeriesInstanceUID)
     assert job["state"] == "delivered", job
     assert len(_derived_files(node, job)) == 9
+    assert _declared(node, ref, job)[:2] == (5, "wado-rs from web")
 
 
 def test_changes_follower_pulls_stable_series(tmp_path: Path) -> None:
     orthanc = orthanc_dicomweb(tmp_path / "orthanc")
-    node = start_node(tmp_path / "node", {"sources": [
+    stable_age_s = 60.0  # the follower's declared size must make the job, never the quiet period
+    node = start_node(tmp_path / "node", {"node": {"stable_age_s": stable_age_s}, "sources": [
         {"name": "orthanc", "kind": "orthanc", "url": orthanc.url, "follow_changes": True, "poll_s": 0.5}]})
     try:
         files = phantom(tmp_path, seed=63, slices=4)
@@ -90,6 +107,9 @@ def test_changes_follower_pulls_stable_series(tmp_path: Path) -> None:
         job = wait_job(node, ref.SeriesInstanceUID)
         assert job["state"] == "delivered", job
         assert len(_derived_files(node, job)) == 7
+        declared, by, after = _declared(node, ref, job)
+        assert (declared, by) == (4, "orthanc-changes from orthanc")
+        assert after < stable_age_s  # created while the quiet period had provably not elapsed
     finally:
         node.stop()
         orthanc.stop()

@@ -1,6 +1,8 @@
 """Index format 1: a series is keyed by study + series. An index of the first format (series keyed by the
 SeriesInstanceUID alone) is migrated on open, a series that had fused two studies is split and processed again
-alone; a damaged index file is named in one line that says what to do."""
+alone; format 2 adds the series' declared size, and an index of format 1 opens with its series as they were (no
+size declared: they complete by the quiet period); a damaged index file is named in one line that says what to
+do."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from node.store import Index, IndexDamaged, Instance, JobState, SeriesState
+from node.store import Index, IndexDamaged, Instance, JobState, SeriesState, SizeHint
 from node.store.schema import SCHEMA_VERSION
 from tests.store.test_states import PREVIOUS_SCHEMA
 
@@ -55,7 +57,7 @@ def test_first_format_index_is_migrated_and_a_fused_series_split(tmp_path: Path)
     _old_index(db)
     assert _version(db) == 0
     ix = Index(db)
-    assert _version(db) == SCHEMA_VERSION == 1
+    assert _version(db) == SCHEMA_VERSION == 2
     a, b = ix.series(SHARED, STUDY_A), ix.series(SHARED, STUDY_B)
     assert a is not None and b is not None
     assert (a["n_instances"], b["n_instances"]) == (4, 3)
@@ -80,6 +82,77 @@ def test_first_format_index_is_migrated_and_a_fused_series_split(tmp_path: Path)
     # opening again changes nothing more
     again = Index(db)
     assert again.series(SHARED, STUDY_A) == {**a}
+
+
+# format 1 as spools written before the declared size hold it: PREVIOUS_SCHEMA with the series keyed by study +
+# series (kept verbatim: those spools must keep working)
+FORMAT_1_SERIES = """CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    modality TEXT NOT NULL DEFAULT '',
+    calling_ae TEXT NOT NULL DEFAULT '',
+    allowed_rules TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    n_instances INTEGER NOT NULL DEFAULT 0,
+    first_received REAL NOT NULL,
+    last_received REAL NOT NULL,
+    job_id INTEGER,
+    PRIMARY KEY (study_uid, series_uid)
+);
+CREATE INDEX IF NOT EXISTS instances_study_series ON instances(study_uid, series_uid);
+CREATE INDEX IF NOT EXISTS series_uid ON series(series_uid);
+CREATE INDEX IF NOT EXISTS series_state ON series(state);
+"""
+
+
+def _format_1_index(db: Path) -> None:
+    """A format-1 index: series OTHER (study A) receiving with 2 instances, SHARED (study A) delivered by job 1."""
+    now = time.time() - 100
+    head, tail = PREVIOUS_SCHEMA.split("CREATE TABLE IF NOT EXISTS series (", 1)
+    schema = head + FORMAT_1_SERIES + tail.split("CREATE INDEX IF NOT EXISTS series_state ON series(state);", 1)[1]
+    c = sqlite3.connect(db)
+    c.executescript(schema)
+    c.execute("PRAGMA user_version = 1")
+    for k, series in ((0, OTHER), (1, OTHER), (2, SHARED)):
+        c.execute("INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class, transfer_syntax, path,"
+                  " calling_ae, size, received_at) VALUES (?,?,?,'1.2.840.10008.5.1.4.1.1.2','1.2.840.10008.1.2.1',"
+                  " ?, 'CT01', 1, ?)", (f"{series}.{k}", series, STUDY_A, f"/spool/{k}.dcm", now))
+    c.execute("INSERT INTO series (series_uid, study_uid, modality, calling_ae, state, n_instances, first_received,"
+              " last_received) VALUES (?, ?, 'CT', 'CT01', 'receiving', 2, ?, ?)", (OTHER, STUDY_A, now, now))
+    c.execute("INSERT INTO series (series_uid, study_uid, modality, calling_ae, state, n_instances, first_received,"
+              " last_received, job_id) VALUES (?, ?, 'CT', 'CT01', 'delivered', 1, ?, ?, 1)",
+              (SHARED, STUDY_A, now, now))
+    c.execute("INSERT INTO jobs (id, series_uid, study_uid, rule, state, n_instances, created, updated)"
+              " VALUES (1, ?, ?, 'ct', 'delivered', 1, ?, ?)", (SHARED, STUDY_A, now, now))
+    c.commit()
+    c.close()
+
+
+def test_a_format_1_index_opens_with_no_declared_sizes(tmp_path: Path) -> None:
+    db = tmp_path / "index.sqlite"
+    _format_1_index(db)
+    columns = {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(series)")}
+    assert "declared_instances" not in columns
+    ix = Index(db)
+    assert _version(db) == SCHEMA_VERSION == 2
+    other = ix.series(OTHER, STUDY_A)
+    assert other is not None and other["state"] is SeriesState.RECEIVING and other["n_instances"] == 2
+    assert (other["declared_instances"], other["declared_by"], other["header_sig"]) == (None, "", None)
+    shared = ix.series(SHARED, STUDY_A)
+    assert shared is not None and shared["state"] is SeriesState.DELIVERED and shared["job_id"] == 1
+    assert [j.state for j in ix.jobs()] == [JobState.DELIVERED]
+    # nothing declared: the quiet period, as before; a new instance with a size in its header does not make the
+    # older instances (which said nothing the index knows) agree with it
+    assert ix.complete_series(time.time() + 1) == [] and ix.quiet_series(time.time()) == [(STUDY_A, OTHER)]
+    ix.add_instance(Instance(f"{OTHER}.9", OTHER, STUDY_A, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                             "/spool/9.dcm", "CT01", ""), "CT", 1, SizeHint("ImagesInAcquisition=3", 3))
+    assert ix.complete_series(time.time() + 1) == []
+    # a puller's declaration works on a migrated series
+    assert ix.declare_series(STUDY_A, OTHER, 3, "c-move from pacs") is not None
+    assert ix.complete_series(time.time() + 1) == [(STUDY_A, OTHER)]
+    ix.close()
+    assert Index(db).series(OTHER, STUDY_A) is not None  # opening again changes nothing more
 
 
 def test_migration_by_two_processes_at_once_happens_once(tmp_path: Path) -> None:
