@@ -22,7 +22,7 @@ from node import __version__
 from node.config import DeriveConfig
 from node.derived.modules import character_set
 from node.errors import DeriveError
-from node.store.index import Index, Job
+from node.store import Index, Job
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,104 @@
+"""The outbox rows of the spool index: one delivery per job and destination, pending → delivered | dead-letter,
+with attempts and the next attempt's time (Unix seconds); a job settles once its deliveries have.
+
+Part of :class:`node.store.index.Index` (its mixin base).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from node.store.jobs import JobTable, _marks
+from node.store.schema import Delivery, delivery_of
+from node.store.states import DeliveryState, JobState
+
+
+class DeliveryTable(JobTable):
+    """The ``deliveries`` table's transitions."""
+
+
+    def add_deliveries(self, job_id: int, per_destination: dict[str, list[str]]) -> None:
+        """Enqueue the job's files (paths) per destination name (idempotent: a re-run resets the job's rows
+        for these destinations to pending, attempts 0)."""
+        now = time.time()
+        with self.tx() as c:
+            for dest, files in per_destination.items():
+                c.execute(
+                    "INSERT INTO deliveries (job_id, destination, files, state, created, updated)"
+                    " VALUES (?,?,?,?,?,?) ON CONFLICT(job_id, destination) DO UPDATE SET"
+                    " files = excluded.files, state = excluded.state, attempts = 0, next_attempt = 0, reason = '',"
+                    " updated = excluded.updated", (job_id, dest, json.dumps(files), DeliveryState.PENDING, now, now))
+
+    def deliveries(self, job_id: int | None = None, states: Sequence[DeliveryState] = ()) -> list[Delivery]:
+        """The deliveries (of one job, in one of ``states``, when given), oldest first."""
+        sql, args = "SELECT * FROM deliveries WHERE 1=1", list[Any]()
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            args.append(job_id)
+        if states:
+            wanted = [DeliveryState(s) for s in states]
+            sql += f" AND state IN ({_marks(wanted)})"
+            args.extend(wanted)
+        return [delivery_of(r) for r in self._query(sql + " ORDER BY id", args)]
+
+    def due_deliveries(self, now: float) -> list[Delivery]:
+        """Pending deliveries whose next attempt is due at ``now`` (Unix seconds)."""
+        rows = self._query("SELECT * FROM deliveries WHERE state = ? AND next_attempt <= ? ORDER BY id",
+                           (DeliveryState.PENDING, now))
+        return [delivery_of(r) for r in rows]
+
+    def delivery_done(self, delivery_id: int) -> None:
+        """A successful attempt: the delivery is delivered."""
+        with self.tx() as c:
+            c.execute("UPDATE deliveries SET state = ?, reason = '', attempts = attempts + 1, updated = ? WHERE id = ?",
+                      (DeliveryState.DELIVERED, time.time(), delivery_id))
+
+    def delivery_failed(self, delivery_id: int, reason: str, next_attempt: float | None) -> None:
+        """A failed attempt: retry at ``next_attempt`` (Unix seconds), or dead-letter (None)."""
+        state = DeliveryState.PENDING if next_attempt is not None else DeliveryState.DEAD_LETTER
+        with self.tx() as c:
+            c.execute("UPDATE deliveries SET state = ?, reason = ?, attempts = attempts + 1, next_attempt = ?,"
+                      " updated = ? WHERE id = ?", (state, reason, next_attempt or 0.0, time.time(), delivery_id))
+
+    def requeue_deliveries(self, job_id: int | None = None) -> int:
+        """dead-letter → pending (attempts reset), of one job or all; returns how many. Jobs in 'dead-letter'
+        that now have a pending delivery go back to 'sending'."""
+        now = time.time()
+        sql = ("UPDATE deliveries SET state = ?, attempts = 0, next_attempt = 0, reason = 'retry requested',"
+               " updated = ? WHERE state = ?")
+        args: list[Any] = [DeliveryState.PENDING, now, DeliveryState.DEAD_LETTER]
+        if job_id is not None:
+            sql += " AND job_id = ?"
+            args.append(job_id)
+        with self.tx() as c:
+            cur = c.execute(sql, args)
+            n = cur.rowcount
+            ids = [r["job_id"] for r in c.execute("SELECT DISTINCT job_id FROM deliveries WHERE state = ?",
+                                                  (DeliveryState.PENDING,))]
+            for jid in ids:
+                c.execute("UPDATE jobs SET state = ?, reason = 'delivery retry requested', updated = ?"
+                          " WHERE id = ? AND state = ?", (JobState.SENDING, now, jid, JobState.DEAD_LETTER))
+        return n
+
+    def settle_job(self, job_id: int) -> JobState:
+        """After a delivery changed: the job is 'delivered' when all are, 'dead-letter' when any is and none is
+        pending; otherwise it stays 'sending'. A job in another state is left alone. Returns the job's state;
+        SpoolError when there is no such job."""
+        ds = self.deliveries(job_id)
+        job = self.job(job_id)
+        if job.state not in (JobState.SENDING, JobState.DEAD_LETTER, JobState.DELIVERED):
+            return job.state
+        bad = [d for d in ds if d.state is DeliveryState.DEAD_LETTER]
+        if any(d.state is DeliveryState.PENDING for d in ds):
+            state, reason = JobState.SENDING, ""
+        elif bad:
+            state = JobState.DEAD_LETTER
+            reason = "; ".join(f"{d.destination}: {d.reason}" for d in bad)
+        else:
+            state, reason = JobState.DELIVERED, ""
+        if state != job.state or reason != job.reason:
+            self.finish_job(job_id, state, reason)
+        return state

@@ -1,0 +1,190 @@
+"""The jobs of the spool index: created per stable series, claimed atomically, finished with a reason, re-queued
+after a crash or by ``srnode retry``, failed as poison after ``max_job_attempts`` runs that stopped the node.
+
+Part of :class:`node.store.index.Index` (its mixin base); times are Unix seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from node.errors import SpoolError
+from node.store.schema import IndexDB, Job, job_of
+from node.store.states import JOB_DONE_STATES, JobState, SeriesState, series_state_of
+
+
+def poison_reason(attempts: int, max_attempts: int) -> str:
+    """Why a job is failed as poison: its ``attempts`` runs each stopped the process (killed, out of memory)."""
+    return (f"poison: the node stopped {attempts} time(s) while processing this job (killed? out of memory?); "
+            f"node.max_job_attempts = {max_attempts}, so it is not run again ('srnode retry' re-queues it)")
+
+
+def _marks(values: Sequence[object]) -> str:
+    """``?,?,...`` for an ``IN (...)`` of ``values`` (bound, never formatted into the SQL)."""
+    return ",".join("?" * len(values))
+
+
+def _of_series(series_uid: str, study_uid: str) -> tuple[str, list[str]]:
+    """``WHERE`` text and arguments for a series (and its study, when given)."""
+    if study_uid:
+        return "series_uid = ? AND study_uid = ?", [series_uid, study_uid]
+    return "series_uid = ?", [series_uid]
+
+
+class JobTable(IndexDB):
+    """The ``jobs`` table's transitions (and the series state each one implies)."""
+
+
+    def create_job(self, series_uid: str, rule: str, state: JobState = JobState.QUEUED, reason: str = "",
+                   study_uid: str = "") -> int:
+        """A new job for the series' current instances. It records the series' earlier job in ``supersedes``, and
+        that job, if still queued, becomes superseded.
+
+        ``state`` is queued, or a decision already taken (failed, ignored); the series takes the same state.
+        ``study_uid``: the series' study (without it the series UID must be in one study only). Returns the new
+        job id. Raises SpoolError for an unknown series or ``state`` superseded, ValueError when ``state`` is no
+        ``JobState`` value.
+        """
+        state = JobState(state)  # a bare string that is no state fails here, not in a query much later
+        series_state = series_state_of(state)
+        if series_state is None:
+            raise SpoolError(f"index: a job cannot be created {state}")
+        now = time.time()
+        with self.tx() as c:
+            where, args = _of_series(series_uid, study_uid)
+            found = c.execute(f"SELECT study_uid, n_instances, job_id FROM series WHERE {where}", args).fetchall()
+            if not found:
+                raise SpoolError(f"index: series {series_uid} is not known")
+            if len(found) > 1:
+                raise SpoolError(f"index: series {series_uid} exists in {len(found)} studies; name the study")
+            s = found[0]
+            cur = c.execute(
+                "INSERT INTO jobs (series_uid, study_uid, rule, state, reason, n_instances, supersedes, created,"
+                " updated) VALUES (?,?,?,?,?,?,?,?,?)",
+                (series_uid, s["study_uid"], rule, state, reason, s["n_instances"], s["job_id"], now, now))
+            job_id = int(cur.lastrowid or 0)
+            if s["job_id"] is not None:
+                c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ? AND state = ?",
+                          (JobState.SUPERSEDED, f"superseded by job {job_id}", now, s["job_id"], JobState.QUEUED))
+            c.execute("UPDATE series SET state = ?, reason = ?, job_id = ? WHERE study_uid = ? AND series_uid = ?",
+                      (series_state, reason, job_id, s["study_uid"], series_uid))
+        return job_id
+
+    def job(self, job_id: int) -> Job:
+        """The job ``job_id``; SpoolError when there is none."""
+        rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise SpoolError(f"index: no job {job_id}")
+        return job_of(rows[0])
+
+    def jobs(self, states: Sequence[JobState] = ()) -> list[Job]:
+        """Every job (in one of ``states``, when given), oldest first."""
+        if states:
+            wanted = [JobState(s) for s in states]
+            rows = self._query(f"SELECT * FROM jobs WHERE state IN ({_marks(wanted)}) ORDER BY id", wanted)
+        else:
+            rows = self._query("SELECT * FROM jobs ORDER BY id")
+        return [job_of(r) for r in rows]
+
+    def claim_job(self, job_id: int) -> Job | None:
+        """queued → processing, atomically; None if another worker has it or it is no longer queued."""
+        now = time.time()
+        with self.tx() as c:
+            cur = c.execute("UPDATE jobs SET state = ?, reason = '', attempts = attempts + 1,"
+                            " started = ?, updated = ? WHERE id = ? AND state = ?",
+                            (JobState.PROCESSING, now, now, job_id, JobState.QUEUED))
+            if cur.rowcount != 1:
+                return None
+            row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            c.execute("UPDATE series SET state = ?, reason = '' WHERE study_uid = ? AND series_uid = ? AND job_id = ?"
+                      " AND state = ?", (SeriesState.PROCESSING, row["study_uid"], row["series_uid"], job_id,
+                                         SeriesState.QUEUED))
+        return job_of(row)
+
+    def finish_job(self, job_id: int, state: JobState, reason: str = "", **fields: Any) -> None:
+        """Record a job's outcome (and its series', unless a later job has taken the series over).
+
+        ``fields``: derived_series_uid, uncertainty_series_uid, engine, fallback, report (a dict, stored as
+        JSON); SpoolError for any other, ValueError when ``state`` is no ``JobState`` value. A done state or
+        'sending' also sets ``finished``.
+        """
+        state = JobState(state)  # a bare string that is no state fails here
+        now = time.time()
+        allowed = {"derived_series_uid", "uncertainty_series_uid", "engine", "fallback", "report"}
+        sets, args = ["state = ?", "reason = ?", "updated = ?"], [state, reason, now]
+        if state in JOB_DONE_STATES or state is JobState.SENDING:
+            sets.append("finished = ?")
+            args.append(now)
+        for k, v in fields.items():
+            if k not in allowed:
+                raise SpoolError(f"index: unknown job field {k!r}")
+            sets.append(f"{k} = ?")
+            args.append(json.dumps(v, default=str) if k == "report" else v)
+        with self.tx() as c:
+            c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
+            row = c.execute("SELECT study_uid, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            series_state = series_state_of(state)
+            if row is not None and series_state is not None:
+                c.execute("UPDATE series SET state = ?, reason = ? WHERE study_uid = ? AND series_uid = ?"
+                          " AND job_id = ? AND state NOT IN (?, ?)",
+                          (series_state, reason, row["study_uid"], row["series_uid"], job_id,
+                           SeriesState.RECEIVING, SeriesState.STABLE))
+
+    def poison_candidates(self, max_attempts: int) -> list[Job]:
+        """Jobs left 'processing' whose ``attempts`` reached ``max_attempts`` (read only; what
+        :meth:`requeue_interrupted` will fail as poison)."""
+        rows = self._query("SELECT * FROM jobs WHERE state = ? AND attempts >= ? ORDER BY id",
+                           (JobState.PROCESSING, max_attempts))
+        return [job_of(r) for r in rows]
+
+    def requeue_interrupted(self, processing: bool = True, max_attempts: int = 0) -> list[int]:
+        """Start-up: jobs left 'processing' by a crash go back to 'queued'; returns every queued job id.
+
+        ``max_attempts`` (> 0): a job left 'processing' that was claimed that many times (``attempts`` is counted
+        by :meth:`claim_job` before each run, so it counts the runs that stopped the node) is failed as poison,
+        with the reason (:func:`poison_reason`), instead of being run again. ``processing=False`` leaves
+        'processing' jobs alone: with Celery workers on a shared spool they may still be running elsewhere, and
+        the broker re-delivers the jobs of workers that died.
+        """
+        now = time.time()
+        with self.tx() as c:
+            if processing and max_attempts > 0:
+                for row in c.execute("SELECT id, attempts FROM jobs WHERE state = ? AND attempts >= ?",
+                                     (JobState.PROCESSING, max_attempts)).fetchall():
+                    self._fail_poison(c, int(row["id"]), poison_reason(int(row["attempts"]), max_attempts), now)
+            if processing:
+                c.execute("UPDATE jobs SET state = ?, reason = 'interrupted (node restarted), re-queued',"
+                          " updated = ? WHERE state = ?", (JobState.QUEUED, now, JobState.PROCESSING))
+                c.execute("UPDATE series SET state = ? WHERE state = ?", (SeriesState.QUEUED, SeriesState.PROCESSING))
+            # stable but no job yet (crash between the two): let the watcher decide again
+            c.execute("UPDATE series SET state = ? WHERE state = ?", (SeriesState.RECEIVING, SeriesState.STABLE))
+            rows = c.execute("SELECT id FROM jobs WHERE state = ? ORDER BY id", (JobState.QUEUED,)).fetchall()
+        return [int(r["id"]) for r in rows]
+
+    def fail_poison(self, job_id: int, reason: str) -> None:
+        """A job whose runs kept stopping the process: 'failed' with ``reason`` (and its series)."""
+        with self.tx() as c:
+            self._fail_poison(c, job_id, reason, time.time())
+
+    @staticmethod
+    def _fail_poison(c: Any, job_id: int, reason: str, now: float) -> None:
+        c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ?, finished = ? WHERE id = ?",
+                  (JobState.FAILED, reason, now, now, job_id))
+        c.execute("UPDATE series SET state = ?, reason = ? WHERE job_id = ? AND state NOT IN (?, ?)",
+                  (SeriesState.FAILED, reason, job_id, SeriesState.RECEIVING, SeriesState.STABLE))
+
+    def requeue_job(self, job_id: int, reason: str = "re-queued by srnode retry") -> bool:
+        """failed → queued (and its series), its attempts counted afresh (a poison job gets
+        ``node.max_job_attempts`` runs again); False when the job is not 'failed'."""
+        now = time.time()
+        with self.tx() as c:
+            cur = c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ?, attempts = 0"
+                            " WHERE id = ? AND state = ?",
+                            (JobState.QUEUED, reason, now, job_id, JobState.FAILED))
+            if cur.rowcount == 1:
+                c.execute("UPDATE series SET state = ?, reason = ? WHERE job_id = ?",
+                          (SeriesState.QUEUED, reason, job_id))
+            return cur.rowcount == 1
