@@ -27,24 +27,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import re
 import shutil
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
-POSITION_TOL_MM = 0.01
-IOP_TOL = 1e-4
-SPACING_REL_TOL = 1e-4
+from node.app.check_read import (
+    IOP_TOL,
+    POSITION_TOL_MM,
+    SPACING_REL_TOL,
+    InImage,
+    OutImage,
+    Pixels,
+    floats,
+    read_inputs,
+    read_outputs,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,210 +58,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- reading
-
-
-def _floats(v: Any) -> np.ndarray:
-    return np.array([float(x) for x in v], dtype=np.float64)
-
-
-def _item(ds: Dataset, seq: str, frame: int) -> Dataset | None:
-    for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
-        g = ds.get(groups)
-        if g is not None and len(g) > idx and seq in g[idx] and len(g[idx][seq].value) > 0:
-            return g[idx][seq].value[0]  # type: ignore[no-any-return]
-    return None
-
-
-@dataclass
-class InImage:
-    """One input image: a single-frame instance, a frame of a multi-frame object, or a tile of a mosaic."""
-
-    file: Path
-    sop: str
-    series: str
-    frame: int  # 1-based frame number of a multi-frame object, else 0
-    tile: int  # 0-based tile of a mosaic, else -1
-    ipp: np.ndarray
-    iop: np.ndarray
-    spacing: tuple[float, float]  # (row spacing dy, column spacing dx), mm
-    rows: int
-    cols: int
-    slope: float
-    intercept: float
-    photometric: str
-    padding: tuple[int, int] | None
-
-    @property
-    def name(self) -> str:
-        extra = f" frame {self.frame}" if self.frame else f" mosaic image {self.tile + 1}" if self.tile >= 0 else ""
-        return self.file.name + extra
-
-
-def _padding(ds: Dataset) -> tuple[int, int] | None:
-    if "PixelPaddingValue" not in ds:
-        return None
-    a = int(ds.PixelPaddingValue)
-    b = int(ds.get("PixelPaddingRangeLimit", a))
-    return (min(a, b), max(a, b))
-
-
-def _ascconv_positions(ds: Dataset, n: int) -> np.ndarray | None:
-    """(n, 3) slice centres of the protocol (sSliceArray.asSlice[k].sPosition; absent components are 0)."""
-    text = ""
-    for elem in ds:
-        if elem.tag.group == 0x0029 and isinstance(elem.value, bytes) and b"ASCCONV" in elem.value:
-            text = elem.value.decode("latin-1", "replace")
-            break
-    if not text:
-        return None
-    out = np.zeros((n, 3))
-    found = False
-    for m in re.finditer(r"sSliceArray\.asSlice\[(\d+)\]\.sPosition\.d(Sag|Cor|Tra)\s*=\s*([-+0-9.eE]+)", text):
-        k = int(m.group(1))
-        if k < n:
-            out[k, ("Sag", "Cor", "Tra").index(m.group(2))] = float(m.group(3))
-            found = True
-    return out if found else None
-
-
-def _images_in_mosaic(ds: Dataset) -> int | None:
-    try:
-        return int(ds.private_block(0x0019, "SIEMENS MR HEADER")[0x0A].value)
-    except (KeyError, ValueError, TypeError):
-        return None
-
-
-def _read_input(path: Path, ds: Dataset) -> list[InImage]:
-    series, sop = str(ds.get("SeriesInstanceUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
-    if not sop and hasattr(ds, "file_meta"):
-        sop = str(ds.file_meta.get("MediaStorageSOPInstanceUID", "") or "")
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    pad = _padding(ds)
-    if "PerFrameFunctionalGroupsSequence" in ds:
-        out = []
-        for f in range(int(ds.get("NumberOfFrames", 1) or 1)):
-            pos, ori = _item(ds, "PlanePositionSequence", f), _item(ds, "PlaneOrientationSequence", f)
-            meas, pvt = _item(ds, "PixelMeasuresSequence", f), _item(ds, "PixelValueTransformationSequence", f)
-            if pos is None or ori is None or meas is None:
-                continue
-            ps = _floats(meas.PixelSpacing)
-            out.append(InImage(path, sop, series, f + 1, -1, _floats(pos.ImagePositionPatient),
-                               _floats(ori.ImageOrientationPatient), (ps[0], ps[1]), rows, cols,
-                               float(pvt.get("RescaleSlope", 1) or 1) if pvt else 1.0,
-                               float(pvt.get("RescaleIntercept", 0) or 0) if pvt else 0.0, photometric, pad))
-        return out
-    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
-        return []
-    ipp, iop, ps = _floats(ds.ImagePositionPatient), _floats(ds.ImageOrientationPatient), _floats(ds.PixelSpacing)
-    slope, icpt = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    if "MOSAIC" not in [str(v).upper() for v in ds.get("ImageType") or []]:
-        return [InImage(path, sop, series, 0, -1, ipp, iop, (ps[0], ps[1]), rows, cols, slope, icpt, photometric,
-                        pad)]
-    n = _images_in_mosaic(ds) or 0
-    centres = _ascconv_positions(ds, n) if n else None
-    if not n or centres is None:
-        return []  # cannot be placed: stays uncovered unless reported
-    grid = math.ceil(math.sqrt(n))
-    r, c = rows // grid, cols // grid
-    first = ipp + iop[3:] * ps[0] * (rows - r) / 2 + iop[:3] * ps[1] * (cols - c) / 2
-    return [InImage(path, sop, series, 0, k, first + centres[k] - centres[0], iop, (ps[0], ps[1]), r, c, slope,
-                    icpt, photometric, pad) for k in range(n)]
-
-
-def read_inputs(in_dir: Path) -> list[InImage]:
-    """Every image under ``in_dir``, once per SOPInstanceUID (+ frame, tile) as the node keeps an instance once;
-    non-DICOM and non-image files are left out."""
-    out: list[InImage] = []
-    seen: set[tuple[str, int, int]] = set()
-    for p in sorted(in_dir.rglob("*")):
-        if not p.is_file() or p.name.startswith(".") or p.name == "report.json":
-            continue
-        try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
-            continue
-        if "Rows" not in ds or "Columns" not in ds:
-            continue
-        try:
-            images = _read_input(p, ds)
-        except (ValueError, TypeError, AttributeError, KeyError, IndexError):
-            continue
-        for x in images:
-            key = (x.sop, x.frame, x.tile)
-            if not x.sop or key not in seen:
-                seen.add(key)
-                out.append(x)
-    return out
-
-
-@dataclass
-class OutImage:
-    file: Path
-    ds: Dataset  # header only
-    refs: list[tuple[str, int]]  # (SOPInstanceUID, frame number or 0) of SourceImageSequence
-
-    @property
-    def ipp(self) -> np.ndarray:
-        return _floats(self.ds.ImagePositionPatient)
-
-    @property
-    def iop(self) -> np.ndarray:
-        return _floats(self.ds.ImageOrientationPatient)
-
-
-def read_outputs(out_dir: Path) -> tuple[dict[str, list[OutImage]], dict[str, list[OutImage]]]:
-    """(derived image series, uncertainty Secondary Capture series), each SeriesInstanceUID -> images."""
-    derived: dict[str, list[OutImage]] = {}
-    sc: dict[str, list[OutImage]] = {}
-    for p in sorted(out_dir.rglob("*.dcm")):
-        try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, EOFError):
-            continue
-        refs = [(str(it.get("ReferencedSOPInstanceUID", "")), int(it.get("ReferencedFrameNumber", 0) or 0))
-                for it in ds.get("SourceImageSequence") or []]
-        img = OutImage(p, ds, refs)
-        target = sc if str(ds.get("SOPClassUID", "")) == SECONDARY_CAPTURE else derived
-        target.setdefault(str(ds.SeriesInstanceUID), []).append(img)
-    return derived, sc
-
-
-class Pixels:
-    """Modality values of input and output images, decoded once per file (NaN where input padding)."""
-
-    def __init__(self) -> None:
-        self._arrays: dict[Path, np.ndarray] = {}
-
-    def _array(self, path: Path) -> np.ndarray:
-        if path not in self._arrays:
-            if len(self._arrays) > 64:
-                self._arrays.clear()
-            self._arrays[path] = np.asarray(pydicom.dcmread(path).pixel_array)
-        return self._arrays[path]
-
-    def of_input(self, img: InImage) -> np.ndarray:
-        arr = self._array(img.file)
-        if img.frame:
-            stored = arr[img.frame - 1]
-        elif img.tile >= 0:
-            grid = arr.shape[0] // img.rows
-            gr, gc = divmod(img.tile, grid)
-            stored = arr[gr * img.rows:(gr + 1) * img.rows, gc * img.cols:(gc + 1) * img.cols]
-        else:
-            stored = arr
-        vals = stored.astype(np.float64) * img.slope + img.intercept
-        if img.padding is not None:
-            vals[(stored >= img.padding[0]) & (stored <= img.padding[1])] = np.nan
-        return vals  # type: ignore[no-any-return]
-
-    def of_output(self, img: OutImage) -> np.ndarray:
-        ds = img.ds
-        slope, icpt = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-        return self._array(img.file).astype(np.float64) * slope + icpt  # type: ignore[no-any-return]
-
-
-# ---------------------------------------------------------------------------------------------- checking
 
 
 @dataclass
@@ -346,7 +143,7 @@ def check_volume(series: str, images: list[OutImage], inputs: dict[tuple[str, in
     if worst_iop > IOP_TOL:
         p.append(f"orientation differs from the input's by {worst_iop:.3g} in a direction cosine")
     dy, dx = ins[0].spacing
-    ps = _floats(ds0.PixelSpacing)
+    ps = floats(ds0.PixelSpacing)
     if abs(ps[0] * g - dy) > SPACING_REL_TOL * dy or abs(ps[1] * g - dx) > SPACING_REL_TOL * dx:
         p.append(f"pixel spacing {ps[0]:g}/{ps[1]:g} mm, expected {dy / g:g}/{dx / g:g}")
     photometric = {str(o.ds.get("PhotometricInterpretation", "")) for o in outs}

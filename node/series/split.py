@@ -26,22 +26,18 @@ When nothing explains the repeats the series is truly ambiguous and is refused, 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 
 from node.errors import VolumeError
-from node.series.mosaic import SIEMENS_MR_HEADER
+from node.series.dimensions import DIMENSIONS, STACK, Dimension, canonical, order
 from node.series.slices import Slice
 
 # images whose centres lie within this distance (mm) along the slice normal share one slice position
 SAME_POSITION_MM = 0.01
-# numeric dimension values within this (absolute, in the attribute's unit) count as one value
-VALUE_TOL = 1e-3
 
 
 @dataclass
@@ -54,254 +50,6 @@ class VolumeGroup:
 
 
 # ---------------------------------------------------------------------------------------------- attribute access
-
-
-def _item(ds: Dataset, seq: str, frame: int) -> Dataset | None:
-    """Functional group ``seq``'s item for ``frame`` (per-frame first, then shared), or None."""
-    for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
-        g = ds.get(groups)
-        if g is not None and len(g) > idx and seq in g[idx] and len(g[idx][seq].value) > 0:
-            return g[idx][seq].value[0]  # type: ignore[no-any-return]
-    return None
-
-
-def _frame_value(s: Slice, seq: str, keyword: str) -> Any:
-    """``keyword`` inside functional group ``seq`` of the slice's frame (enhanced objects only), else None."""
-    if s.frame < 0:
-        return None
-    item = _item(s.ds, seq, s.frame)
-    return item.get(keyword) if item is not None else None
-
-
-def _present(value: Any) -> bool:
-    return value is not None and value != "" and not (isinstance(value, (list, tuple)) and len(value) == 0)
-
-
-def _first(value: Any) -> Any:
-    """The first value of a multi-valued attribute (a single value as it is)."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        return value
-    seq = list(value)
-    return seq[0] if seq else None
-
-
-def _num(value: Any) -> float | None:
-    try:
-        v = float(_first(value))
-    except (TypeError, ValueError):
-        return None
-    return v if np.isfinite(v) else None
-
-
-def _nums(value: Any) -> tuple[float, ...] | None:
-    try:
-        out = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    return out if out and all(np.isfinite(out)) else None
-
-
-def _siemens(ds: Dataset, offset: int) -> Any:
-    try:
-        return ds.private_block(0x0019, SIEMENS_MR_HEADER)[offset].value
-    except (KeyError, ValueError):
-        return None
-
-
-# ---------------------------------------------------------------------------------------------- dimensions
-
-
-def _image_type(s: Slice) -> Hashable:
-    if s.frame >= 0:
-        for seq in ("MRImageFrameTypeSequence", "CTImageFrameTypeSequence"):
-            ft = _frame_value(s, seq, "FrameType")
-            if _present(ft):
-                comp = _frame_value(s, seq, "ComplexImageComponent")
-                return tuple(str(v).upper() for v in ft) + ((str(comp).upper(),) if _present(comp) else ())
-    it = s.ds.get("ImageType")
-    return tuple(str(v).upper() for v in it) if _present(it) else None
-
-
-def _echo(s: Slice) -> Hashable:
-    number = s.ds.get("EchoNumbers")
-    te = _frame_value(s, "MREchoSequence", "EffectiveEchoTime") if s.frame >= 0 else None
-    if not _present(te):
-        te = s.ds.get("EchoTime")
-    n = _num(number) if _present(number) else None
-    t = _num(te) if _present(te) else None
-    return None if n is None and t is None else (n, t)
-
-
-def _diffusion(s: Slice) -> Hashable:
-    b: Any = None
-    g: Any = None
-    if s.frame >= 0:
-        b = _frame_value(s, "MRDiffusionSequence", "DiffusionBValue")
-        item = _item(s.ds, "MRDiffusionSequence", s.frame)
-        seq = item.get("DiffusionGradientDirectionSequence") if item is not None else None
-        if seq:
-            g = seq[0].get("DiffusionGradientOrientation")
-    if not _present(b):
-        b = s.ds.get("DiffusionBValue")
-        g = s.ds.get("DiffusionGradientOrientation")
-        if not _present(b) and s.ds.get("MRDiffusionSequence"):
-            item = s.ds.MRDiffusionSequence[0]
-            b = item.get("DiffusionBValue")
-            seq = item.get("DiffusionGradientDirectionSequence")
-            g = seq[0].get("DiffusionGradientOrientation") if seq else None
-    if not _present(b):
-        b, g = _siemens(s.ds, 0x0C), _siemens(s.ds, 0x0E)
-    bv = _num(b) if _present(b) else None
-    if bv is None:
-        return None
-    gv = _nums(g) if _present(g) else None
-    return (bv, gv)
-
-
-def _temporal(s: Slice) -> Hashable:
-    v = _frame_value(s, "FrameContentSequence", "TemporalPositionIndex") if s.frame >= 0 else None
-    if not _present(v):
-        v = s.ds.get("TemporalPositionIdentifier")
-    return _num(v) if _present(v) else None
-
-
-def _trigger(s: Slice) -> Hashable:
-    v = _frame_value(s, "CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime") if s.frame >= 0 else None
-    if not _present(v):
-        v = s.ds.get("TriggerTime")
-    return _num(v) if _present(v) else None
-
-
-def _acquisition(s: Slice) -> Hashable:
-    v = s.ds.get("AcquisitionNumber")
-    return _num(v) if _present(v) else None
-
-
-_POSITION_POINTERS = {Tag("InStackPositionNumber"), Tag("ImagePositionPatient"), Tag("StackID")}
-
-
-def _dimension_index(s: Slice) -> Hashable:
-    values = _frame_value(s, "FrameContentSequence", "DimensionIndexValues")
-    dims = s.ds.get("DimensionIndexSequence")
-    if not _present(values) or not dims:
-        return None
-    values = [values] if isinstance(values, int) else list(values)
-    keep = [int(v) for d, v in zip(dims, values, strict=False)
-            if Tag(d.get("DimensionIndexPointer", 0)) not in _POSITION_POINTERS]
-    return tuple(keep) if keep else None
-
-
-def _stack(s: Slice) -> Hashable:
-    v = _frame_value(s, "FrameContentSequence", "StackID")
-    return str(v) if _present(v) else None
-
-
-@dataclass(frozen=True)
-class Dimension:
-    """One way images of a series can differ, its value per image and a reader's label per value."""
-
-    name: str
-    key: Callable[[Slice], Hashable]
-    label: Callable[[Any, list[Any]], str]  # (this volume's value, every volume's value) -> "echo 2"
-
-
-def _rank(value: Any, values: list[Any]) -> int:
-    uniq = sorted({v for v in values if v is not None}, key=_order)
-    return uniq.index(value) + 1 if value in uniq else 0
-
-
-def _type_label(value: Any, values: list[Any]) -> str:
-    if value is None:
-        return "type none"
-    others = [v for v in values if v is not None and v != value]
-    differing = [c for i, c in enumerate(value) if any(i >= len(o) or o[i] != c for o in others)]
-    return "type " + "/".join(differing or value)
-
-
-def _echo_label(value: Any, values: list[Any]) -> str:
-    if value is None:
-        return "echo ?"
-    n, te = value
-    numbers = {v[0] for v in values if v is not None}
-    if n is not None and len(numbers) == len({v for v in values if v is not None}):
-        return f"echo {n:g}"
-    return f"echo {_rank(value, values)}" + (f" TE {te:g}" if te is not None else "")
-
-
-def _diffusion_label(value: Any, values: list[Any]) -> str:
-    if value is None:
-        return "b=?"
-    b, g = value
-    same_b = [v for v in values if v is not None and v[0] == b]
-    if len({v[1] for v in same_b}) > 1:
-        return f"b={b:g} dir {_rank(value, same_b)}"
-    return f"b={b:g}"
-
-
-def _simple(prefix: str, unit: str = "") -> Callable[[Any, list[Any]], str]:
-    def label(value: Any, values: list[Any]) -> str:
-        if value is None:
-            return f"{prefix} ?"
-        return f"{prefix} {value:g}{unit}" if isinstance(value, float) else f"{prefix} {value}"
-    return label
-
-
-def _index_label(value: Any, values: list[Any]) -> str:
-    return "index " + ("?" if value is None else ".".join(str(v) for v in value))
-
-
-# in order of preference when two explain the repeats equally well
-DIMENSIONS: tuple[Dimension, ...] = (
-    Dimension("image type", _image_type, _type_label),
-    Dimension("echo", _echo, _echo_label),
-    Dimension("diffusion b-value/direction", _diffusion, _diffusion_label),
-    Dimension("temporal position", _temporal, _simple("time")),
-    Dimension("trigger time", _trigger, _simple("trigger", " ms")),
-    Dimension("acquisition number", _acquisition, _simple("acquisition")),
-    Dimension("dimension index", _dimension_index, _index_label),
-)
-STACK = Dimension("stack", _stack, _simple("stack"))
-
-
-# ---------------------------------------------------------------------------------------------- values
-
-
-def _order(v: Any) -> tuple[Any, ...]:
-    """Sort key of a dimension value (None last; numbers by value, the rest by text)."""
-    if v is None:
-        return (2,)
-    if isinstance(v, (int, float)):
-        return (0, float(v))
-    if isinstance(v, tuple):
-        return (1, tuple(_order(x) for x in v))
-    return (1, ((1, str(v)),))
-
-
-def _close(a: Any, b: Any) -> bool:
-    """Equal, numbers within VALUE_TOL (tuples element by element)."""
-    if isinstance(a, float) and isinstance(b, float):
-        return abs(a - b) <= VALUE_TOL
-    if isinstance(a, tuple) and isinstance(b, tuple):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
-
-
-def canonical(values: Sequence[Any]) -> list[Any]:
-    """``values`` with each replaced by the first earlier value it is close to (numbers within VALUE_TOL)."""
-    reps: list[Any] = []
-    out = []
-    for v in values:
-        for r in reps:
-            if _close(r, v):
-                out.append(r)
-                break
-        else:
-            reps.append(v)
-            out.append(v)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- positions
 
 
 def position_groups(slices: Sequence[Slice]) -> list[list[int]]:
@@ -347,7 +95,7 @@ def split_volumes(slices: list[Slice], series: str) -> list[VolumeGroup]:
     if len(set(stacks)) > 1:
         out: list[VolumeGroup] = []
         parts = _partition(slices, [(v,) for v in stacks])
-        for (v,), part in sorted(parts.items(), key=lambda kv: _order(kv[0][0])):
+        for (v,), part in sorted(parts.items(), key=lambda kv: order(kv[0][0])):
             label = STACK.label(v, [k for (k,) in parts])
             for g in _split(part, f"{series} {label}"):
                 out.append(VolumeGroup(g.slices, " ".join(x for x in (label, g.label) if x), g.notes))
@@ -375,7 +123,7 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
 
 
 def _groups(combo: tuple[Dimension, ...], parts: dict[tuple[Any, ...], list[Slice]]) -> list[VolumeGroup]:
-    keys = sorted(parts, key=lambda k: tuple(_order(v) for v in k))
+    keys = sorted(parts, key=lambda k: tuple(order(v) for v in k))
     out = []
     for k in keys:
         label = " ".join(d.label(v, [kk[i] for kk in keys]) for i, (d, v) in enumerate(zip(combo, k, strict=True)))
