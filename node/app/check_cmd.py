@@ -46,6 +46,7 @@ from node.app.check_read import (
     read_inputs,
     read_outputs,
 )
+from node.errors import VolumeError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -276,6 +277,11 @@ def check_folders(in_dir: Path, out_dir: Path, run_dciodvfy: bool = True,
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``srnode check``: one line per derived series and a summary; 0 when everything holds, else 1.
+    VolumeError (one line, exit 1) when IN_DIR or OUT_DIR does not exist."""
+    for what, path in (("IN_DIR", Path(args.in_dir)), ("OUT_DIR", Path(args.out_dir))):
+        if not path.exists():
+            raise VolumeError(f"{path}: {what} does not exist")
     result = check_folders(Path(args.in_dir), Path(args.out_dir), not args.no_dciodvfy, args.value_tol)
     for ln in result.lines():
         print(ln)

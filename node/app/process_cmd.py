@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     VolumeError when IN_DIR is not a folder; ConfigError for a bad config."""
     cfg = load_config(args.config)
     in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VolumeError(f"{out_dir}: OUT_DIR exists and is not a folder")
     groups, headers, bad = group_by_series(in_dir)
     failed = 0
     for reason in bad:

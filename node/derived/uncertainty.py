@@ -123,9 +123,20 @@ def _template(d: Dataset, series_uid: str, orient: tuple[str, str], engine: str,
 
 def _sc_image(d: Dataset, pixels: np.ndarray, series_uid: str, sop_uid: str, k: int,
               orient: tuple[str, str]) -> hd.sc.SCImage:
-    """A Secondary Capture image whose Patient, General Study and Patient Study modules come from ``d``."""
+    """A Secondary Capture image whose Patient, General Study and Patient Study modules come from ``d``.
+
+    highdicom checks SpecificCharacterSet against its own list, which lacks the ISO 2022 form with an empty first
+    value (``['', 'ISO 2022 IR 87']``, Japanese / Korean); the caller sets the source's character set on the
+    result itself (``modules.character_set``), so ``d`` is handed over without it.
+    """
+    ref = d
+    if "SpecificCharacterSet" in d:
+        ref = Dataset()  # a new element map over the same elements: ``d`` itself keeps its character set
+        for elem in d:
+            if elem.keyword != "SpecificCharacterSet":
+                ref.add(elem)
     return hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=d,
+        ref_dataset=ref,
         pixel_array=pixels,
         photometric_interpretation="MONOCHROME2",
         bits_allocated=16,

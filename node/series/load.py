@@ -45,6 +45,8 @@ from node.series.volume import SeriesVolume, StoredFormat
 
 log = logging.getLogger(__name__)
 
+IOP_UNIT_TOL = 1e-3  # |norm - 1| and |row . col| above this: not two orthogonal unit vectors
+
 
 # ---------------------------------------------------------------------------------------------- pixels
 
@@ -219,17 +221,44 @@ def _read_slices(paths: list[Path]) -> tuple[list[Slice], list[str]]:
     if mosaics:
         notes.append(f"{mosaics} Siemens mosaic image(s) split into their slices (CSA header)")
     for s in slices:
-        if not all(math.isfinite(v) and v > 0 for v in s.spacing):
-            raise VolumeError(f"{s.name}: PixelSpacing {list(s.spacing)} is not two positive numbers")
+        _check_slice(s)
     return slices, notes
 
 
+def _check_slice(s: Slice) -> None:
+    """VolumeError when one image's geometry or rescale cannot place or convert it (PS3.3 C.7.6.2 Image Plane:
+    ImageOrientationPatient is two orthogonal unit vectors; C.11.1 Modality LUT: a slope of 0 maps every stored
+    value to one)."""
+    if not all(math.isfinite(v) and v > 0 for v in s.spacing):
+        raise VolumeError(f"{s.name}: PixelSpacing {list(s.spacing)} is not two positive numbers")
+    if not all(math.isfinite(float(v)) for v in s.ipp):
+        raise VolumeError(f"{s.name}: ImagePositionPatient {[float(v) for v in s.ipp]} is not three finite numbers")
+    row, col = np.asarray(s.iop[:3], dtype=np.float64), np.asarray(s.iop[3:], dtype=np.float64)
+    if not (np.all(np.isfinite(s.iop)) and abs(np.linalg.norm(row) - 1) < IOP_UNIT_TOL
+            and abs(np.linalg.norm(col) - 1) < IOP_UNIT_TOL and abs(float(row @ col)) < IOP_UNIT_TOL):
+        raise VolumeError(f"{s.name}: ImageOrientationPatient {[round(float(v), 6) for v in s.iop]} is not two "
+                          "orthogonal unit vectors (row and column directions); the slice cannot be placed")
+    if not math.isfinite(s.slope) or s.slope == 0 or not math.isfinite(s.intercept):
+        raise VolumeError(f"{s.name}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} cannot convert "
+                          "stored values to modality values (a slope of 0 maps every pixel to one value)")
+
+
 def _check_one_series(slices: list[Slice], series_uid: str) -> None:
-    """VolumeError unless the slices belong to one series and are not (or do not include) localizer images."""
+    """VolumeError unless the slices belong to one series, one frame of reference, one modality and one grey-scale
+    polarity, and are not (or do not include) localizer images (the reasons count values, never quote them)."""
     uids = {str(s.ds.get("SeriesInstanceUID", "")) for s in slices}
     if len(uids) > 1:
         raise VolumeError(f"files belong to {len(uids)} different series ({', '.join(sorted(uids))}); "
                           "send one series at a time")
+    for keyword, what in (("FrameOfReferenceUID", "frames of reference (their positions are not in one "
+                                                   "coordinate system)"),
+                          ("Modality", "modalities"),
+                          ("PhotometricInterpretation", "photometric interpretations (MONOCHROME1 slices would "
+                                                        "display inverted beside MONOCHROME2 ones)")):
+        values = {str(s.ds.get(keyword, "") or "").strip() for s in slices}
+        if len(values) > 1:
+            raise VolumeError(f"series {series_uid}: its images have {len(values)} different {keyword} values: "
+                              f"{len(values)} {what}; they cannot be stacked into one volume")
     loc = [s.name for s in slices if is_localizer(s.ds)]
     if loc and len(loc) < len(slices):
         raise VolumeError(f"series {series_uid}: localizer image(s) mixed in ({', '.join(loc[:5])}); "

@@ -170,9 +170,17 @@ def _placed(ds: Dataset, name: str, frame: int, pos: Dataset, ori: Dataset, meas
         _floats(ori.ImageOrientationPatient, 6, "ImageOrientationPatient", name),
         (float(ps[0]), float(ps[1])),
         float(meas.get("SliceThickness", 0) or 0),
-        float(pvt.get("RescaleSlope", 1) or 1) if pvt is not None else 1.0,
-        float(pvt.get("RescaleIntercept", 0) or 0) if pvt is not None else 0.0,
+        _number(pvt, "RescaleSlope", 1.0),
+        _number(pvt, "RescaleIntercept", 0.0),
     )
+
+
+def _number(ds: Dataset | None, keyword: str, default: float) -> float:
+    """``keyword``'s value as a float; ``default`` only when it is absent or empty (a present 0 stays 0)."""
+    value = ds.get(keyword) if ds is not None else None
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    return float(value)
 
 
 def is_localizer(ds: Dataset) -> bool:

@@ -1,0 +1,99 @@
+"""Inputs that cannot be one volume are refused with the reason, never stacked or blended into a derived series:
+several frames of reference, modalities or grey-scale polarities in one series; an orientation that is not two
+orthogonal unit vectors; a non-finite position; a rescale slope of 0. And a Japanese ISO 2022 series (empty first
+character-set value) is derived with its character set and names intact."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from node.bench.phantom import write_phantom_series
+from node.config import load_config
+from node.errors import VolumeError
+from node.process import process_series
+from node.series import load_volumes
+
+
+def _series(tmp_path: Path, change: Callable[[int, Dataset], None], slices: int = 8) -> list[Path]:
+    files = write_phantom_series(tmp_path / "in", slices=slices, size=32, step_mm=3.0)
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        change(k, ds)
+        ds.save_as(f)
+    return files
+
+
+def _frame_of_reference(k: int, ds: Dataset) -> None:
+    if k >= 4:
+        ds.FrameOfReferenceUID = generate_uid()
+
+
+def _modality(k: int, ds: Dataset) -> None:
+    if k >= 4:
+        ds.Modality = "MR"
+
+
+def _photometric(k: int, ds: Dataset) -> None:
+    if k < 4:
+        ds.PhotometricInterpretation = "MONOCHROME1"
+
+
+def _not_unit(k: int, ds: Dataset) -> None:
+    ds.ImageOrientationPatient = [1, 0, 0, 0.5, 0.5, 0]
+
+
+def _zero_iop(k: int, ds: Dataset) -> None:
+    ds.ImageOrientationPatient = [0, 0, 0, 0, 0, 0]
+
+
+def _inf_position(k: int, ds: Dataset) -> None:
+    if k == 3:
+        ds.ImagePositionPatient = [0, 0, "inf"]
+
+
+def _slope_zero(k: int, ds: Dataset) -> None:
+    ds.RescaleSlope = "0"
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (_frame_of_reference, "different FrameOfReferenceUID values"),
+    (_modality, "2 different Modality values"),
+    (_photometric, "2 different PhotometricInterpretation values"),
+    (_not_unit, "is not two orthogonal unit vectors"),
+    (_zero_iop, "is not two orthogonal unit vectors"),
+    (_inf_position, "is not three finite numbers"),
+    (_slope_zero, "a slope of 0 maps every pixel to one value"),
+])
+def test_unstackable_series_is_refused_with_its_reason(tmp_path: Path, change: Callable[[int, Dataset], None],
+                                                       reason: str) -> None:
+    files = _series(tmp_path, change)
+    with pytest.raises(VolumeError) as exc:
+        load_volumes(files)
+    assert reason in str(exc.value)
+    cfg = load_config(None)
+    with pytest.raises(VolumeError):
+        process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name="cubic")
+    assert not list((tmp_path / "out").rglob("*.dcm")), "nothing may be derived from an unstackable series"
+
+
+def test_iso_2022_japanese_series_keeps_its_character_set_and_names(tmp_path: Path) -> None:
+    name = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+
+    def japanese(k: int, ds: Dataset) -> None:
+        ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        ds.PatientName = name
+        ds.SeriesDescription = "頭部"
+
+    files = _series(tmp_path, japanese, slices=4)
+    cfg = load_config(None)
+    res = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name="cubic")
+    for path in (res.derived_files[0], res.uncertainty_files[0]):
+        ds = pydicom.dcmread(path)
+        assert list(ds.SpecificCharacterSet) == ["", "ISO 2022 IR 87"], path
+        assert str(ds.PatientName) == name and str(ds.SeriesDescription).startswith("頭部"), path
