@@ -21,47 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from node.config.dump import dump_toml
 from tests.support.peers import ECHOSCU, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, Mapping):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def _is_table_array(v: Any) -> bool:
-    return isinstance(v, (list, tuple)) and bool(v) and all(isinstance(x, Mapping) for x in v)
-
-
-def dump_toml(data: Mapping[str, Any], prefix: str = "") -> str:
-    """A small TOML writer: scalars, arrays, inline tables for ``match``, [tables] and [[arrays of tables]]."""
-    lines: list[str] = []
-    nested: list[tuple[str, Any]] = []
-    for k, v in data.items():
-        if (isinstance(v, Mapping) and k != "match") or _is_table_array(v):
-            nested.append((k, v))
-        else:
-            lines.append(f"{k} = {_toml_value(v)}")
-    out = "\n".join(lines) + ("\n" if lines else "")
-    for k, v in nested:
-        name = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out += f"\n[{name}]\n" + dump_toml(v, prefix=f"{name}.")
-        else:
-            for item in v:
-                out += f"\n[[{name}]]\n" + dump_toml(item, prefix=f"{name}.")
-    return out
 
 
 def base_config(workdir: Path) -> dict[str, Any]:
