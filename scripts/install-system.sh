@@ -13,5 +13,8 @@ SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 echo "installing Debian packages: ${missing[*]}"
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-# the Debian package starts a system Orthanc on 4242/8042 where it can; tests start their own on free ports
-$SUDO service orthanc stop >/dev/null 2>&1 || true
+# the Debian package starts a system Orthanc on 4242/8042 where it can; tests start their own on free ports.
+# Stop it only when this run installed it: an Orthanc the machine already ran is left alone.
+if printf '%s\n' "${missing[@]}" | grep -qx orthanc; then
+  $SUDO service orthanc stop >/dev/null 2>&1 || true
+fi

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("node.app.service", "run the node: DICOM SCP, HTTP API, workers, outbox (SIGTERM stops gracefully)"),
     "process": ("node.app.process_cmd", "offline: super-resolve the series in IN_DIR into OUT_DIR (same pipeline)"),
     "check": ("node.app.check_cmd", "check OUT_DIR of `process` against IN_DIR: geometry, values, dciodvfy; "
-                                    "one line per volume"),
+                                    "one line per derived series"),
     "status": ("node.app.status_cmd", "list jobs and their states from the spool index"),
     "retry": ("node.app.status_cmd", "re-queue dead-letter deliveries (and failed jobs) for another attempt"),
     "reindex": ("node.app.reindex_cmd", "rebuild the spool index from the spool's instance files"),
@@ -38,7 +38,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser = argparse.ArgumentParser(prog="srnode", description="Super-resolution DICOM node",
                                      epilog="srnode COMMAND --help: the command's options")
     parser.add_argument("--version", action="version", version=f"srnode {__version__}")
-    parser.add_argument("--log-level", default="", help="DEBUG, INFO, WARNING (default: [node].log_level)")
+    parser.add_argument("--log-level", default="", help="DEBUG, INFO, WARNING, ERROR; before the command (default: [node].log_level)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     subs: dict[str, argparse.ArgumentParser] = {}
     for name, (_mod, help_) in COMMANDS.items():
