@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from models.engine import Factors
 from node.config import Config, RuleConfig, VolumeChoice
-from node.derived import check_identifiers, check_inputs, derive_series
+from node.derived import check_identifiers, check_inputs, check_one_patient, derive_series
 from node.errors import VolumeError
 from node.process.budget import check_series
 from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine
@@ -29,6 +29,7 @@ from node.series import (
     check_through_plane,
     describe_steps,
     load_volumes,
+    read_header,
     split_runs,
 )
 from node.store import fsync_dir
@@ -138,6 +139,17 @@ def _describe_input(vols: list[SeriesVolume]) -> str:
             + "; ".join(f"{v.volume_label}: {v.shape[0]} slices" for v in vols) + ")")
 
 
+def _mixed_patients(paths: Sequence[Path]) -> None:
+    """VolumeError naming the attributes that differ when ``paths`` hold several patients or studies (headers only);
+    nothing when they do not, or when a header cannot be read (the caller's own reason then stands)."""
+    try:
+        headers = [read_header(p) for p in paths]
+    except VolumeError:
+        return
+    if headers:
+        check_one_patient(str(headers[0].get("SeriesInstanceUID", "") or ""), headers)
+
+
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,
                    engine_name: str = "", progress: Callable[[str], None] | None = None,
                    engines: EngineCache | None = None) -> ProcessResult:
@@ -160,7 +172,11 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
     factors = Factors(rule.through_plane_factor, rule.in_plane_factor)
     name = engine_name or rule.engine or cfg.engine.name
     check_series(paths, factors, name, cfg.node.max_series_memory_mb)  # headers only, before any decoding
-    found = load_volumes(paths)
+    try:
+        found = load_volumes(paths)
+    except VolumeError:
+        _mixed_patients(paths)  # instances of several patients or studies: that reason matters more
+        raise
     for vol in found:
         check_identifiers(vol)
     check_inputs(found)  # one patient and study (else VolumeError); non-conformant copied values dropped, noted

@@ -23,7 +23,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.app import check_cmd, process_cmd
+from node.app import check_read, process_cmd
 from node.app.check_cmd import CheckResult, check_folders
 from tests.support.fixtures import ROOT, SHARED_CASES, SHARED_DATA, shared_series
 
@@ -185,4 +185,4 @@ def test_srnode_check_prints_a_line_per_volume_and_fails_on_a_wrong_output(tmp_p
     assert "derived slice IM00004.dcm is 1 mm off its place on the source slice line" in r.stdout, r.stdout
     assert "16 uncertainty object(s) for 17 derived slices" in r.stdout, r.stdout
     assert r.stdout.splitlines()[-1].endswith("3 failure(s)")
-    assert check_cmd.SECONDARY_CAPTURE == pydicom.uid.SecondaryCaptureImageStorage
+    assert check_read.SECONDARY_CAPTURE == pydicom.uid.SecondaryCaptureImageStorage

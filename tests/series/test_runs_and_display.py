@@ -9,6 +9,7 @@ import pydicom
 import pytest
 
 from node.bench.phantom import phantom_hu, write_phantom_series
+from node.errors import VolumeError
 from node.series import load_series, series_photometric, series_window, split_runs
 from tests.support.fixtures import shared_case, shared_series
 
@@ -108,15 +109,16 @@ def test_series_window_of_the_mprage() -> None:
     assert inside > 0.8, inside
 
 
-def test_photometric_interpretation_kept_or_said(tmp_path: Path) -> None:
+def test_photometric_interpretation_kept_or_refused(tmp_path: Path) -> None:
     files = write_phantom_series(tmp_path, slices=3, size=16, step_mm=5.0, fov_mm=200.0)
     assert series_photometric(load_series(files)) == ("MONOCHROME2", "")
     for f in files[:2]:
         ds = pydicom.dcmread(f)
         ds.PhotometricInterpretation = "MONOCHROME1"
         ds.save_as(f, enforce_file_format=True)
-    pick, note = series_photometric(load_series(files))
-    assert pick == "MONOCHROME1" and "mix MONOCHROME1 (2) and MONOCHROME2 (1)" in note
+    # a mixed series cannot display like its source in one derived series: refused, never half inverted
+    with pytest.raises(VolumeError, match="2 different PhotometricInterpretation values"):
+        load_series(files)
 
 
 def test_lone_steps_of_their_own_make_no_run(tmp_path: Path) -> None:
