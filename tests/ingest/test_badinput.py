@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config
+from pynetdicom import AE
 
 from tests.ingest import make_corpus
 from tests.support.nodeproc import NodeProc
@@ -23,16 +21,6 @@ DONE = ("delivered", "failed", "dead-letter", "ignored", "superseded")
 MAY_BE_PROCESSED = {"series_mixed_signedness", "series_mixed_rescale", "len_pixel_past_eof"}
 UNEXPECTED = 0x0110  # the SCP's "processing failure": an exception it did not foresee
 
-
-@pytest.fixture
-def raw_send() -> Iterator[None]:
-    """Stream files as they are on disk (no re-encoding): broken bodies must reach the node broken."""
-    before = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        yield
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = before
 
 
 def send_raw(port: int, paths: list[Path], aet: str = "SRNODE") -> list[str]:

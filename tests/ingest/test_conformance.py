@@ -12,29 +12,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-from pynetdicom import AE, _config
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from tests.support.hostile import series
 from tests.support.nodeproc import NodeProc
 from tests.support.peers import ECHOSCU, storescu
-
-
-@pytest.fixture
-def raw_send() -> Iterator[None]:
-    """Send files as they are: the command's UIDs come from the file meta, the data set is not re-encoded."""
-    before = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        yield
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = before
 
 
 def _send(port: int, path: Path, sop_class: str) -> int:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pynetdicom import _config
 
 from tests.support.peers import Orthanc, start_orthanc
 
@@ -55,3 +56,15 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     o = start_orthanc(tmp_path_factory.mktemp("orthanc"))
     yield o
     o.stop()
+
+
+@pytest.fixture
+def raw_send() -> Iterator[None]:
+    """Send files as they are on disk (pynetdicom's chunked send, no re-encoding): the command's UIDs come from
+    the file meta, and broken bodies reach the node broken."""
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before
