@@ -16,7 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 class Metrics:
     """The node's metrics, all in ``registry``: instances received {status}, series processed {outcome}, job
     seconds {stage}, queue depth, failures {where, reason}, deliveries {destination, outcome}, GPU memory
-    bytes (peak of the last job), active DICOM associations. Make one with :meth:`create`."""
+    bytes (peak of the last job), active DICOM associations, delivery confirmations {destination, method,
+    outcome}. Make one with :meth:`create`."""
 
     registry: CollectorRegistry
     instances_received: Counter
@@ -29,6 +30,7 @@ class Metrics:
     active_associations: Gauge
     instance_conflicts: Counter
     incoming_bytes: Gauge
+    confirmations: Counter
 
     @classmethod
     def create(cls) -> Metrics:
@@ -54,4 +56,7 @@ class Metrics:
                                        " differ from the stored copy (kept aside in spool/conflicts/)", registry=r),
             incoming_bytes=Gauge("srnode_spool_incoming_bytes", "bytes in spool/incoming/ (datasets being"
                                  " received)", registry=r),
+            confirmations=Counter("srnode_delivery_confirmations_total", "delivery confirmations by destination,"
+                                  " method (commitment, count, none) and outcome (confirmed, mismatch, overdue,"
+                                  " unconfirmed, not-confirmed)", ["destination", "method", "outcome"], registry=r),
         )

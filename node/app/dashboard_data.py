@@ -67,7 +67,9 @@ def job_view(job: Job, deliveries: list[Delivery], now: float) -> dict[str, Any]
         "notes": [str(n) for n in report.get("notes") or []],
         "left_out": list(report.get("left_out") or []),
         "deliveries": [{"destination": d.destination, "state": str(d.state), "attempts": d.attempts,
-                        "files": len(d.files), "reason": d.reason} for d in deliveries],
+                        "files": len(d.files), "reason": d.reason, "confirm_method": d.confirm_method,
+                        "expected": d.expected, "confirmed": d.confirmed, "confirmed_at": when(d.confirmed_at)
+                        if d.confirmed_at else None, "confirm_note": d.confirm_note} for d in deliveries],
         "can_retry": job.state in (JobState.FAILED, JobState.DEAD_LETTER),
         "can_replay": job.state in (JobState.DELIVERED, JobState.DEAD_LETTER) and bool(job.rule),
         "done": job.state not in (JobState.QUEUED, JobState.PROCESSING, JobState.SENDING),

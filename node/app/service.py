@@ -43,7 +43,8 @@ class Node:
                                admission=Admission(cfg, spool, index, metrics, jobs.audit))
         self.watcher = StabilityWatcher(cfg, index, self.ctx.executor.submit, metrics, jobs.audit)
         self.outbox = Outbox(cfg, index, metrics, jobs.audit)
-        self.scp = StoreSCP(cfg, self.ctx.admission, metrics, jobs.audit, on_release=self.watcher.hint)
+        self.scp = StoreSCP(cfg, self.ctx.admission, metrics, jobs.audit, on_release=self.watcher.hint,
+                            on_report=self.outbox.confirm.on_report)
         self.http: HttpHandle | None = None
 
     def start(self) -> None:

@@ -3,7 +3,9 @@
 Both read the spool index directly, so they work whether or not the node is running; a running node picks up
 re-queued work within a second or two. A job whose input slices are not all in a derived series lists each such
 slice (file and reason) under its line, and in ``--json`` as ``left_out``. The series not yet complete (and, in
-``--json``, the series of the jobs listed) are shown with their instance counts and declared sizes.
+``--json``, the series of the jobs listed) are shown with their instance counts and declared sizes. Each delivery
+shows how the destination confirmed it (``node.send.confirm``): the method, instances confirmed of expected and
+when, or why it is not confirmed.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 from node.config import load_config
 from node.errors import NodeError
-from node.store import Index, Job, JobState, SeriesState, Spool
+from node.store import Delivery, DeliveryState, Index, Job, JobState, SeriesState, Spool
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +57,32 @@ def job_dict(index: Index, j: Job) -> dict[str, Any]:
         "left_out": list((j.report or {}).get("left_out", [])),  # input slices in no derived series, with why
         "created": _utc(j.created),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.updated)),
-        "deliveries": [{"destination": d.destination, "state": d.state, "attempts": d.attempts,
-                        "files": len(d.files), "reason": d.reason} for d in index.deliveries(j.id)],
+        "deliveries": [delivery_dict(d) for d in index.deliveries(j.id)],
     }
+
+
+def delivery_dict(d: Delivery) -> dict[str, Any]:
+    """A delivery as ``status --json`` lists it: destination, state, attempts, files, last failure, and its
+    ``confirmation``: ``method`` (commitment, count, none; "" before any), ``expected`` / ``confirmed`` instances
+    (null: not known), ``confirmed_at`` (UTC ISO 8601, ms; null: not confirmed), ``note`` (how, or why not)."""
+    return {"destination": d.destination, "state": d.state, "attempts": d.attempts, "files": len(d.files),
+            "reason": d.reason,
+            "confirmation": {"method": d.confirm_method, "expected": d.expected, "confirmed": d.confirmed,
+                             "confirmed_at": _utc(d.confirmed_at), "note": d.confirm_note}}
+
+
+def confirmation_text(x: dict[str, Any]) -> str:
+    """One delivery's confirmation in words, for the status line ("" when nothing was tried yet)."""
+    c = x["confirmation"]
+    if not c["method"]:
+        return ""
+    if x["state"] == DeliveryState.DELIVERED and c["method"] != "none":
+        return f"confirmed by {c['method']} {c['confirmed']}/{c['expected']} at {c['confirmed_at']}"
+    if x["state"] == DeliveryState.SENT:
+        return f"awaiting {c['method']} of {c['expected']}"
+    if x["state"] in (DeliveryState.PENDING, DeliveryState.DEAD_LETTER):
+        return f"{c['method']}: {c['confirmed'] if c['confirmed'] is not None else '?'}/{c['expected']}"
+    return f"not confirmed: {c['note']}"
 
 
 def _utc(t: float | None) -> str | None:
@@ -121,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'JOB':>5}  {'STATE':<11} {'RULE':<14} {'N':>4}  {'SERIES':<{width}}  REASON / DELIVERIES")
     for d in docs:
         dl = ", ".join(f"{x['destination']}:{x['state']}" + (f"({x['attempts']})" if x["attempts"] > 1 else "")
-                       for x in d["deliveries"])
+                       + (f" [{confirmation_text(x)}]" if confirmation_text(x) else "") for x in d["deliveries"])
         extra = "; ".join(s for s in (d["reason"], dl, f"fallback: {d['fallback']}" if d["fallback"] else "",
                                       f"supersedes job {d['supersedes']}" if d["supersedes"] else "") if s)
         print(f"{d['id']:>5}  {d['state']:<11} {d['rule'][:14]:<14} {d['instances']:>4}  {d['series']:<{width}}  "

@@ -10,6 +10,7 @@ from models.engine import Device, EngineOptions
 from node.config.endpoints import (
     DESTINATION_TYPES,
     SOURCE_TYPES,
+    ConfirmMethod,
     Destination,
     DestinationKind,
     DicomDestination,
@@ -43,8 +44,8 @@ from node.config.schema import (
 )
 
 __all__ = [
-    "DEFAULTS", "DESTINATION_TYPES", "SECRET_KEYS", "SOURCE_TYPES", "CallerConfig", "Config", "DataAccess",
-    "DeriveConfig", "Destination", "DestinationKind", "Device", "DicomDestination", "DicomSource",
+    "DEFAULTS", "DESTINATION_TYPES", "SECRET_KEYS", "SOURCE_TYPES", "CallerConfig", "Config", "ConfirmMethod",
+    "DataAccess", "DeriveConfig", "Destination", "DestinationKind", "Device", "DicomDestination", "DicomSource",
     "DicomwebDestination", "DicomwebSource", "EngineConfig", "EngineOptions", "ExecutorConfig", "ExecutorKind",
     "FolderDestination", "HttpConfig", "NodeConfig", "OrthancDestination", "OrthancSource", "OutboxConfig",
     "RuleConfig", "Source", "SourceKind", "TlsConfig", "VolumeChoice", "as_table", "config_from_dict", "load_config", "replace",

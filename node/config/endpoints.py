@@ -23,6 +23,20 @@ class DestinationKind(StrEnum):
     DICOMWEB = "dicomweb"
 
 
+class ConfirmMethod(StrEnum):
+    """How a delivery is confirmed once its files were sent (``confirm`` of a destination; ``node.send.confirm``).
+
+    auto: the best the peer offers (DICOM: Storage Commitment, else a C-FIND count; Orthanc: its REST API;
+    DICOMweb: a QIDO-RS count); commitment: Storage Commitment only (DICOM); count: a query of what the peer holds
+    (C-FIND, QIDO-RS or Orthanc REST); none: delivered once the peer accepted the files, shown as not confirmed.
+    """
+
+    AUTO = "auto"
+    COMMITMENT = "commitment"
+    COUNT = "count"
+    NONE = "none"
+
+
 class SourceKind(StrEnum):
     """How series are pulled: C-MOVE/C-GET, WADO-RS or Orthanc REST."""
 
@@ -49,6 +63,7 @@ class DicomDestination:
     tls_cert: str = ""
     tls_key: str = ""
     timeout_s: float = 60.0  # ACSE, DIMSE and network timeout
+    confirm: ConfirmMethod = ConfirmMethod.AUTO  # how delivery is confirmed (ConfirmMethod)
 
     @property
     def address(self) -> str:
@@ -98,6 +113,7 @@ class OrthancDestination(WebEndpoint):
 
     kind: ClassVar[DestinationKind] = DestinationKind.ORTHANC
     timeout_s: float = 60.0  # per request
+    confirm: ConfirmMethod = ConfirmMethod.AUTO  # auto/count: the series' instances counted over REST; none
 
 
 @dataclass(frozen=True)
@@ -110,6 +126,7 @@ class DicomwebDestination(WebEndpoint):
     tls_key: str = ""
     batch_size: int = 50
     timeout_s: float = 60.0  # per request
+    confirm: ConfirmMethod = ConfirmMethod.AUTO  # auto/count: the series' instances counted by QIDO-RS; none
 
 
 Destination = DicomDestination | FolderDestination | OrthancDestination | DicomwebDestination

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from models.engine import factor_problem
-from node.config.endpoints import DestinationKind, DicomDestination, DicomSource
+from node.config.endpoints import ConfirmMethod, DestinationKind, DicomDestination, DicomSource
 from node.config.schema import FLATTEN, NOT_A_KEY, Config, kind_tag
 from node.errors import ConfigError
 
@@ -193,6 +193,9 @@ def _check(cfg: Config) -> None:
             if isinstance(e, (DicomDestination, DicomSource)):
                 _check_port(e.port, f"{w}.port")
                 _check_ae_title(e.ae_title, f"{w}.ae_title")
+            if getattr(e, "confirm", None) == ConfirmMethod.COMMITMENT and not isinstance(e, DicomDestination):
+                raise ConfigError(f"{w}.confirm: 'commitment' (DICOM Storage Commitment) needs kind = \"dicom\"; "
+                                  "use 'auto', 'count' or 'none'")
     dest_names = {d.name for d in cfg.destinations}
     rule_names: set[str] = set()
     for i, r in enumerate(cfg.rules):

@@ -145,6 +145,7 @@ class OutboxConfig:
     max_attempts: int = 8
     backoff_initial_s: float = 2.0
     backoff_max_s: float = 300.0
+    confirm_timeout_s: float = 120.0  # how long a Storage Commitment report is awaited before the delivery is retried
 
 
 @dataclass(frozen=True)

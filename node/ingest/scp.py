@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.audit import AuditLog
@@ -79,13 +79,16 @@ class _AssocCount:
 
 @dataclass
 class StoreSCP:
-    """The node's SCP. ``on_release`` is called after an association ends, released or aborted (a hint)."""
+    """The node's SCP. ``on_release`` is called after an association ends, released or aborted (a hint).
+    ``on_report``, when given, answers Storage Commitment N-EVENT-REPORTs (``node.send.confirm``: the reports
+    for the commitments the outbox requested) and the SCP accepts the Storage Commitment Push Model context."""
 
     cfg: Config
     admission: Admission
     metrics: Metrics
     audit: AuditLog | None = None
     on_release: Callable[[], None] | None = None
+    on_report: Callable[[evt.Event], tuple[int, Any]] | None = None
     _server: ThreadedAssociationServer | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
     _counts: dict[int, _AssocCount] = field(default_factory=dict, init=False)  # per open association
@@ -107,7 +110,7 @@ class StoreSCP:
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
             (evt.EVT_DATA_RECV, self.on_data),
-        ]
+        ] + ([(evt.EVT_N_EVENT_REPORT, self.on_report)] if self.on_report is not None else [])
 
     def on_requested(self, event: evt.Event) -> None:
         """Reject the association (A-ASSOCIATE-RJ) when the node is stopping (``REJECT_BUSY``) or, with
@@ -282,6 +285,8 @@ class StoreSCP:
         ae.add_supported_context(Verification)
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
+        if self.on_report is not None:  # the peer reports as the Storage Commitment SCP (role selection)
+            ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         return ae
 
     def start(self) -> None:

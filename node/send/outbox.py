@@ -4,6 +4,9 @@ A thread picks due deliveries, sends them with the destination's Sender and reco
 failure is tried again after an exponential backoff ([outbox] backoff_initial_s doubling up to backoff_max_s);
 after max_attempts, or at once for a non-retryable failure, the delivery goes to dead-letter with the reason
 (``srnode retry`` puts it back). A resend is harmless: derived UIDs are deterministic.
+
+Accepted files are not yet delivered: ``node.send.confirm`` asks the destination (Storage Commitment, or a count
+of what it holds), and only its answer makes the delivery 'delivered'; a shortfall is a failed attempt.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from node.config import Config
 from node.errors import ConfigError, DeliveryError, NodeError
 from node.metrics import Metrics
 from node.send.base import Sender, make_sender
+from node.send.confirm import Confirmations, Mismatch
 from node.store import Delivery, DeliveryState, Index
 
 log = logging.getLogger(__name__)
@@ -38,8 +42,13 @@ class Outbox:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.confirm = Confirmations(cfg, index, metrics, self)
 
     def start(self) -> None:
+        try:
+            self.confirm.resume()  # deliveries a stopped node left awaiting their confirmation
+        except Exception as exc:  # noqa: BLE001 - the outbox must start; the deadline settles them later
+            log.warning("outbox: confirmations left by the last run not resumed: %s", exc)
         self._thread = threading.Thread(target=self._loop, name="srnode-outbox", daemon=True)
         self._thread.start()
 
@@ -65,6 +74,7 @@ class Outbox:
 
     def run_due(self) -> int:
         """Attempt every due delivery once; returns how many were attempted."""
+        self.confirm.overdue(time.time())
         due = self.index.due_deliveries(time.time())
         for d in due:
             if self._stop.is_set():
@@ -85,33 +95,51 @@ class Outbox:
                 raise DeliveryError(f"{len(missing)} result file(s) are missing from the spool, e.g. {missing[0]}",
                                     retryable=False)
             self.sender(d.destination).send([Path(f) for f in d.files])
+            settled = self.confirm.after_send(d, [Path(f) for f in d.files])
         except (DeliveryError, ConfigError, NodeError) as exc:
-            retryable = exc.retryable if isinstance(exc, DeliveryError) else False
-            attempts = d.attempts + 1
-            if retryable and attempts < self.cfg.outbox.max_attempts:
-                delay = backoff_s(self.cfg, attempts)
-                self.index.delivery_failed(d.id, str(exc), time.time() + delay)
-                log.warning("job %d -> %s: attempt %d/%d failed, next in %.0f s: %s", d.job_id, d.destination,
-                            attempts, self.cfg.outbox.max_attempts, delay, exc)
-                self.metrics.deliveries.labels(destination=d.destination, outcome="retry").inc()
-            else:
-                why = f"after {attempts} attempt(s): {exc}" if retryable else f"not retryable: {exc}"
-                self.index.delivery_failed(d.id, why, None)
-                log.error("job %d -> %s: dead-letter %s", d.job_id, d.destination, why)
-                self.metrics.deliveries.labels(destination=d.destination, outcome=DeliveryState.DEAD_LETTER).inc()
-                self.metrics.failures.labels(where="delivery", reason=type(exc).__name__).inc()
-                if self.audit:
-                    self.audit.write("delivery", job=d.job_id, destination=d.destination, outcome=DeliveryState.DEAD_LETTER,
-                                     attempts=attempts, reason=str(exc))
-            self.index.settle_job(d.job_id)
+            self.failed(d, exc)
             return
         seconds = time.monotonic() - t0
-        self.index.delivery_done(d.id)
-        state = self.index.settle_job(d.job_id)
-        self.metrics.deliveries.labels(destination=d.destination, outcome=DeliveryState.DELIVERED).inc()
         self.metrics.job_seconds.labels(stage="deliver").observe(seconds)
-        log.info("job %d -> %s: %d file(s) delivered in %.1f s (job %s)", d.job_id, d.destination, len(d.files),
-                 seconds, state)
+        if not settled:
+            log.info("job %d -> %s: %d file(s) accepted in %.1f s, storage commitment report awaited", d.job_id,
+                     d.destination, len(d.files), seconds)
+            return
+        self.settled(d)
+
+    def failed(self, d: Delivery, exc: Exception) -> None:
+        """Record a failed attempt of ``d`` (``exc``: a DeliveryError says whether to retry): pending again after
+        the backoff, or dead-letter after max_attempts; then settle its job."""
+        retryable = exc.retryable if isinstance(exc, DeliveryError) else False
+        attempts = d.attempts + 1
+        confirmed = exc.confirmed if isinstance(exc, Mismatch) else None
+        if retryable and attempts < self.cfg.outbox.max_attempts:
+            delay = backoff_s(self.cfg, attempts)
+            self.index.delivery_failed(d.id, str(exc), time.time() + delay, confirmed)
+            log.warning("job %d -> %s: attempt %d/%d failed, next in %.0f s: %s", d.job_id, d.destination,
+                        attempts, self.cfg.outbox.max_attempts, delay, exc)
+            self.metrics.deliveries.labels(destination=d.destination, outcome="retry").inc()
+            self.wake()
+        else:
+            why = f"after {attempts} attempt(s): {exc}" if retryable else f"not retryable: {exc}"
+            self.index.delivery_failed(d.id, why, None, confirmed)
+            log.error("job %d -> %s: dead-letter %s", d.job_id, d.destination, why)
+            self.metrics.deliveries.labels(destination=d.destination, outcome=DeliveryState.DEAD_LETTER).inc()
+            self.metrics.failures.labels(where="delivery", reason=type(exc).__name__).inc()
+            if self.audit:
+                self.audit.write("delivery", job=d.job_id, destination=d.destination, outcome=DeliveryState.DEAD_LETTER,
+                                 attempts=attempts, reason=str(exc))
+        self.index.settle_job(d.job_id)
+
+    def settled(self, d: Delivery) -> None:
+        """``d`` ended delivered or unconfirmed (the index holds which, and how it was confirmed): settle its job,
+        count, log and audit it."""
+        now = self.index.delivery(d.id) or d
+        state = self.index.settle_job(d.job_id)
+        self.metrics.deliveries.labels(destination=d.destination, outcome=now.state).inc()
+        log.info("job %d -> %s: %d file(s) %s, %s (job %s)", d.job_id, d.destination, len(d.files), now.state,
+                 now.confirm_note, state)
         if self.audit:
-            self.audit.write("delivery", job=d.job_id, destination=d.destination, outcome=DeliveryState.DELIVERED,
-                             files=len(d.files), attempts=d.attempts + 1)
+            self.audit.write("delivery", job=d.job_id, destination=d.destination, outcome=now.state,
+                             files=len(d.files), attempts=now.attempts, confirmed_by=now.confirm_method,
+                             confirmed=now.confirmed, expected=now.expected)

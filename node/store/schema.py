@@ -50,6 +50,17 @@ SERIES_TABLE = """CREATE TABLE IF NOT EXISTS series (
 SERIES_COLUMNS_2 = (("declared_instances", "INTEGER"), ("declared_by", "TEXT NOT NULL DEFAULT ''"),
                     ("header_sig", "TEXT"))
 
+# format 3's columns of the deliveries table: how the delivery was confirmed (node.send.confirm). confirm_method
+# ('commitment', 'count', 'none', '' before any), expected / confirmed (instances sent / the destination holds),
+# confirmed_at (Unix seconds), confirm_note (how, or why not, in words), transaction_uid (the Storage Commitment
+# request awaiting its report), sop_refs (JSON [[study, series, SOP class, SOP instance], ...] of what was sent),
+# confirm_deadline (Unix seconds: the report is overdue after it). Added by the migration to every index, a new
+# one too (a fresh index starts at format 0), so a migrated index's schema is the same text as a new one's.
+DELIVERY_COLUMNS_3 = (("confirm_method", "TEXT NOT NULL DEFAULT ''"), ("expected", "INTEGER"),
+                      ("confirmed", "INTEGER"), ("confirmed_at", "REAL"), ("confirm_note", "TEXT NOT NULL DEFAULT ''"),
+                      ("transaction_uid", "TEXT NOT NULL DEFAULT ''"), ("sop_refs", "TEXT NOT NULL DEFAULT '[]'"),
+                      ("confirm_deadline", "REAL NOT NULL DEFAULT 0"))
+
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY,
@@ -147,7 +158,11 @@ class Job:
 class Delivery:
     """A row of ``deliveries`` (the outbox): a job's files (paths) for one destination.
 
-    ``next_attempt``: Unix seconds (0: now); ``reason``: the last failure, in words.
+    ``next_attempt``: Unix seconds (0: now); ``reason``: the last failure, in words. The confirmation
+    (``node.send.confirm``): ``confirm_method`` ('commitment', 'count', 'none'; '' before the first), ``expected``
+    and ``confirmed`` instances (None: not known), ``confirmed_at`` (Unix seconds), ``confirm_note`` (how, or why
+    not, in words), ``transaction_uid`` (the Storage Commitment request awaiting its report), ``sop_refs`` ((study,
+    series, SOP class, SOP instance) of each file sent), ``confirm_deadline`` (Unix seconds).
     """
 
     id: int
@@ -158,6 +173,14 @@ class Delivery:
     attempts: int
     next_attempt: float
     reason: str
+    confirm_method: str = ""
+    expected: int | None = None
+    confirmed: int | None = None
+    confirmed_at: float | None = None
+    confirm_note: str = ""
+    transaction_uid: str = ""
+    sop_refs: tuple[tuple[str, str, str, str], ...] = ()
+    confirm_deadline: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -202,7 +225,11 @@ def delivery_of(row: sqlite3.Row) -> Delivery:
     """A ``deliveries`` row as a record."""
     return Delivery(id=row["id"], job_id=row["job_id"], destination=row["destination"],
                     files=json.loads(row["files"]), state=state_of(DeliveryState, row, "deliveries"), attempts=row["attempts"],
-                    next_attempt=row["next_attempt"], reason=row["reason"])
+                    next_attempt=row["next_attempt"], reason=row["reason"], confirm_method=row["confirm_method"],
+                    expected=row["expected"], confirmed=row["confirmed"], confirmed_at=row["confirmed_at"],
+                    confirm_note=row["confirm_note"], transaction_uid=row["transaction_uid"],
+                    sop_refs=tuple(tuple(r) for r in json.loads(row["sop_refs"] or "[]")),  # type: ignore[misc]
+                    confirm_deadline=row["confirm_deadline"])
 
 
 def series_of(row: sqlite3.Row) -> dict[str, Any]:
@@ -219,8 +246,9 @@ def instance_of(row: sqlite3.Row) -> Instance:
                     calling_ae=row["calling_ae"], allowed_rules=row["allowed_rules"])
 
 
-SCHEMA_VERSION = 2  # PRAGMA user_version: 0 = the first format (series keyed by SeriesInstanceUID alone), 1 = series
-# keyed by (study, series), 2 = the series' declared size (declared_instances, declared_by, header_sig)
+SCHEMA_VERSION = 3  # PRAGMA user_version: 0 = the first format (series keyed by SeriesInstanceUID alone), 1 = series
+# keyed by (study, series), 2 = the series' declared size (declared_instances, declared_by, header_sig), 3 = the
+# deliveries' confirmation (DELIVERY_COLUMNS_3)
 
 # the first format's series table keyed one series UID to one row, whatever the study: two studies sharing a
 # SeriesInstanceUID were one series (one job, one derived series holding both). Version 1 keys a series by
@@ -250,6 +278,9 @@ UPDATE series SET n_instances = (SELECT COUNT(*) FROM instances i
     WHERE EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = series.series_uid);
 DROP TABLE series_v0;
 """
+
+# indexes on columns that an earlier format lacks: created once the migration added them
+AFTER_MIGRATION = "CREATE INDEX IF NOT EXISTS deliveries_transaction ON deliveries(transaction_uid);"
 
 DAMAGED_HINT = "move it aside (with its -wal and -shm files) and run `srnode reindex` to rebuild it from the spool"
 
@@ -293,6 +324,7 @@ class IndexDB:
                                              f"{problems[0] if problems else rows[0]}")
             c.executescript(SCHEMA)
             self._migrate(c)
+            c.executescript(AFTER_MIGRATION)
         except sqlite3.Error as exc:
             self.close()
             if _is_damage(exc):
@@ -309,7 +341,9 @@ class IndexDB:
         """Bring an index of an earlier format to ``SCHEMA_VERSION`` (one transaction; other processes wait).
 
         0 → 1: series re-keyed by (study, series) (``_MIGRATE_TO_1``); 1 → 2: the declared-size columns
-        (``SERIES_COLUMNS_2``, NULL/'' for every existing series: they complete by the quiet period as before).
+        (``SERIES_COLUMNS_2``, NULL/'' for every existing series: they complete by the quiet period as before);
+        2 → 3: the deliveries' confirmation columns (``DELIVERY_COLUMNS_3``; existing deliveries keep their state,
+        their method '' shows they were delivered before confirmation existed).
         SpoolError for an index of a newer format; sqlite3.Error from a failed step (rolled back)."""
         version = int(c.execute("PRAGMA user_version").fetchone()[0])
         if version == SCHEMA_VERSION:
@@ -335,6 +369,15 @@ class IndexDB:
                         c.execute(f"ALTER TABLE series ADD COLUMN {name} {decl}")
                 if added:
                     log.warning("index %s: migrated to format 2 (declared series sizes: %s)", self.path,
+                                ", ".join(added))
+            if version < 3:
+                have = {r["name"] for r in c.execute("PRAGMA table_info(deliveries)")}
+                added = [name for name, _ in DELIVERY_COLUMNS_3 if name not in have]
+                for name, decl in DELIVERY_COLUMNS_3:
+                    if name not in have:
+                        c.execute(f"ALTER TABLE deliveries ADD COLUMN {name} {decl}")
+                if added and version > 0:  # a new index (format 0, empty) is not worth a warning
+                    log.warning("index %s: migrated to format 3 (delivery confirmation: %s)", self.path,
                                 ", ".join(added))
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:

@@ -5,7 +5,10 @@ first spool format, so existing spools keep working); a ``StrEnum`` member compa
   instance puts a series back to receiving, and the next stable point makes a job that supersedes the earlier one.
 - jobs: queued → processing → sending → delivered | failed | dead-letter; ignored (no rule took the series);
   superseded (a later job of the same series replaced it before it ran).
-- deliveries (the outbox, one row per job and destination): pending → delivered | dead-letter.
+- deliveries (the outbox, one row per job and destination): pending → [sent →] delivered | unconfirmed |
+  dead-letter. 'sent': the files were accepted and the destination's confirmation (a Storage Commitment report)
+  is awaited; 'unconfirmed': accepted, but the destination offers no way to confirm it (``node.send.confirm``);
+  a confirmation that finds fewer instances than were sent puts the delivery back to pending (or dead-letter).
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ class DeliveryState(StrEnum):
     """The state of a delivery (the ``deliveries.state`` column)."""
 
     PENDING = "pending"
+    SENT = "sent"  # accepted by the destination, its confirmation awaited
     DELIVERED = "delivered"
+    UNCONFIRMED = "unconfirmed"  # accepted by a destination that can confirm nothing
     DEAD_LETTER = "dead-letter"
 
 

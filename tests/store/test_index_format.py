@@ -57,7 +57,7 @@ def test_first_format_index_is_migrated_and_a_fused_series_split(tmp_path: Path)
     _old_index(db)
     assert _version(db) == 0
     ix = Index(db)
-    assert _version(db) == SCHEMA_VERSION == 2
+    assert _version(db) == SCHEMA_VERSION == 3
     a, b = ix.series(SHARED, STUDY_A), ix.series(SHARED, STUDY_B)
     assert a is not None and b is not None
     assert (a["n_instances"], b["n_instances"]) == (4, 3)
@@ -135,7 +135,7 @@ def test_a_format_1_index_opens_with_no_declared_sizes(tmp_path: Path) -> None:
     columns = {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(series)")}
     assert "declared_instances" not in columns
     ix = Index(db)
-    assert _version(db) == SCHEMA_VERSION == 2
+    assert _version(db) == SCHEMA_VERSION == 3
     other = ix.series(OTHER, STUDY_A)
     assert other is not None and other["state"] is SeriesState.RECEIVING and other["n_instances"] == 2
     assert (other["declared_instances"], other["declared_by"], other["header_sig"]) == (None, "", None)
@@ -194,3 +194,39 @@ def test_a_damaged_index_is_named_in_one_line_with_what_to_do(tmp_path: Path) ->
         Index(db, check=True)
     msg = str(err.value)
     assert "\n" not in msg and str(db) in msg and "srnode reindex" in msg, msg
+
+
+def test_a_format_2_index_gets_the_confirmation_columns_and_keeps_its_deliveries(tmp_path: Path) -> None:
+    from node.store import DeliveryState
+    from node.store.schema import DELIVERY_COLUMNS_3
+
+    db = tmp_path / "index.sqlite"
+    ix = Index(db)
+    ix.add_instance(Instance(f"{OTHER}.1", OTHER, STUDY_A, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                             "/spool/1.dcm", "CT01", ""), "CT", 1)
+    assert ix.mark_stable(OTHER, time.time() + 1, study_uid=STUDY_A)
+    job = ix.create_job(OTHER, "ct", study_uid=STUDY_A)
+    ix.add_deliveries(job, {"pacs": ["/out/1.dcm"], "down": ["/out/1.dcm"]})
+    pacs, down = ix.deliveries(job)
+    ix.delivery_done(pacs.id)
+    ix.delivery_failed(down.id, "peer down", None)
+    ix.close()
+    c = sqlite3.connect(db)  # back to format 2: the deliveries table as it was before confirmation
+    c.execute("DROP INDEX deliveries_transaction")
+    for name, _ in DELIVERY_COLUMNS_3:
+        c.execute(f"ALTER TABLE deliveries DROP COLUMN {name}")
+    c.execute("PRAGMA user_version = 2")
+    c.commit()
+    c.close()
+    ix = Index(db)
+    assert _version(db) == SCHEMA_VERSION == 3
+    pacs, down = ix.deliveries(job)
+    assert (pacs.state, down.state) == (DeliveryState.DELIVERED, DeliveryState.DEAD_LETTER)
+    assert (pacs.confirm_method, pacs.expected, pacs.confirmed, pacs.confirmed_at, pacs.sop_refs) == ("", None, None,
+                                                                                                      None, ())
+    assert down.reason == "peer down"
+    # the new columns work on the migrated rows
+    ix.delivery_sent(pacs.id, "count", [(STUDY_A, OTHER, "1.2.840.10008.5.1.4.1.1.2", f"{OTHER}.1")], "count check")
+    ix.delivery_confirmed(pacs.id, "count", 1, 1, "1 of 1")
+    got = ix.delivery(pacs.id)
+    assert got is not None and got.state is DeliveryState.DELIVERED and got.confirmed == 1 and got.confirmed_at

@@ -212,8 +212,15 @@ def test_every_stored_state_is_a_member_of_its_enum(tmp_path: Path) -> None:
     raw.look()
     ix.requeue_deliveries(job)
     raw.look()
-    ix.delivery_done(archive.id)
+    # accepted, its confirmation awaited; then the destination can confirm nothing: unconfirmed (the job is
+    # delivered, its reason says which destination is unconfirmed and why)
+    ix.delivery_sent(archive.id, "commitment", [("1", "2", "3", "4")], "report awaited", "2.25.7", time.time() + 60)
+    raw.look()
+    assert ix.settle_job(job) is JobState.SENDING
+    assert ix.delivery_by_transaction("2.25.7") == ix.delivery(archive.id)
+    ix.delivery_confirmed(archive.id, "count", 1, None, "peer supports neither", DeliveryState.UNCONFIRMED)
     assert ix.settle_job(job) is JobState.DELIVERED
+    assert "archive: sent, unconfirmed: peer supports neither" in ix.job(job).reason
     raw.look()
     # series B: queued, superseded by a late instance's job, that one fails and is retried; a crash mid-run
     ix.add_instance(_inst("2.1", SERIES_B), "CT", 1)
