@@ -1,0 +1,358 @@
+"""Delivery confirmed, not assumed (``node.send.confirm``), against real peers: Orthanc's Storage Commitment SCP
+(report on a new association to our SCP), Orthanc REST counts, dcmtk's dcmqrscp (C-STORE + C-FIND, no Storage
+Commitment: the count fallback) and dcmtk's storescp (neither: 'unconfirmed'). Instances deleted from Orthanc
+between the send and the check make a shortfall: retried, then dead-lettered with the numbers. A node restarted
+while a commitment report is outstanding asks again and is confirmed.
+
+The outbox runs in-process here (its attempts called directly, one at a time) with a pynetdicom listener that
+hands N-EVENT-REPORTs to the same handler the node's SCP uses; the last test runs the real node process.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+from node.bench.phantom import write_phantom_series
+from node.config import Config, config_from_dict
+from node.metrics import Metrics
+from node.send import Outbox
+from node.send.confirm import NEITHER
+from node.store import Delivery, DeliveryState, Index, Instance, JobState
+from tests.support.nodeproc import NodeProc
+from tests.support.peers import STORESCP, STORESCU, Orthanc, free_port, storescu, wait_until
+
+DCMQRSCP = "/usr/bin/dcmqrscp"
+ECHOSCU = "/usr/bin/echoscu"
+FAST = {"max_attempts": 3, "backoff_initial_s": 0.01, "backoff_max_s": 0.01, "confirm_timeout_s": 60.0}
+
+
+def _cfg(tmp: Path, dest: dict[str, Any], outbox: dict[str, Any] | None = None) -> Config:
+    return config_from_dict({"node": {"spool_dir": str(tmp / "spool")}, "outbox": {**FAST, **(outbox or {})},
+                             "destinations": [dest],
+                             "rules": [{"name": "ct", "match": {"Modality": "CT"}, "destinations": [dest["name"]]}]})
+
+
+class Harness:
+    """An index with one job in 'sending' whose delivery holds ``files``, and the outbox (not started)."""
+
+    def __init__(self, tmp: Path, cfg: Config, files: Sequence[Path], index: Index | None = None) -> None:
+        self.cfg, self.metrics = cfg, Metrics.create()
+        self.index = index or Index(tmp / "index.sqlite")
+        self.outbox = Outbox(cfg, self.index, self.metrics)
+        self.files = list(files)
+
+    def job(self, seed: int) -> Delivery:
+        series = f"1.2.826.0.1.77.{seed}"
+        self.index.add_instance(Instance(f"{series}.1", series, "1.2.826.0.1.76", "1.2.840.10008.5.1.4.1.1.2",
+                                         "1.2.840.10008.1.2.1", "/x.dcm", "CT01", ""), "CT", 1)
+        assert self.index.mark_stable(series, time.time() + 1)
+        job = self.index.create_job(series, "ct")
+        assert self.index.claim_job(job) is not None
+        self.index.add_deliveries(job, {self.cfg.destinations[0].name: [str(f) for f in self.files]})
+        self.index.finish_job(job, JobState.SENDING)
+        (d,) = self.index.deliveries(job)
+        return d
+
+    def now(self, d: Delivery) -> Delivery:
+        fresh = self.index.delivery(d.id)
+        assert fresh is not None
+        return fresh
+
+    def wait_state(self, d: Delivery, *states: DeliveryState, timeout: float = 30) -> Delivery:
+        got: Delivery = wait_until(lambda: (x := self.now(d)).state in states and x, timeout,
+                                   what=f"delivery in {[str(s) for s in states]}")
+        return got
+
+    def wait_job(self, d: Delivery, state: JobState, timeout: float = 30) -> None:
+        wait_until(lambda: self.index.job(d.job_id).state is state, timeout, what=f"job {d.job_id} {state}")
+
+    def confirmed(self, method: str, outcome: str) -> float:
+        return float(self.metrics.registry.get_sample_value(
+            "srnode_delivery_confirmations_total",
+            {"destination": self.cfg.destinations[0].name, "method": method, "outcome": outcome}) or 0)
+
+
+def report_listener(port: int, harness_ref: list[Harness], ae_title: str = "SRNODE") -> Any:
+    """A DICOM listener that hands N-EVENT-REPORTs to the current harness' outbox (as the node's SCP does)."""
+    ae = AE(ae_title=ae_title)
+    ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    return ae.start_server(("127.0.0.1", port), block=False,
+                           evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda e: harness_ref[0].outbox.confirm.on_report(e))])
+
+
+def put_modality(orthanc: Orthanc, name: str, aet: str, port: int) -> None:
+    """Declare (or change) the node as a modality of Orthanc: where its commitment reports go."""
+    with orthanc.client() as c:
+        c.put(f"/modalities/{name}", json={"AET": aet, "Host": "127.0.0.1", "Port": port}).raise_for_status()
+
+
+def delete_from_orthanc(orthanc: Orthanc, files: Sequence[Path]) -> None:
+    with orthanc.client() as c:
+        for f in files:
+            sop = str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+            for hit in c.post("/tools/lookup", content=sop).json():
+                if hit["Type"] == "Instance":
+                    c.delete(f"/instances/{hit['ID']}").raise_for_status()
+
+
+class Losing:
+    """A sender that sends, then makes Orthanc lose ``lose`` of the files (the first ``times`` sends)."""
+
+    def __init__(self, inner: Any, orthanc: Orthanc, lose: Sequence[Path], times: int) -> None:
+        self.inner, self.orthanc, self.lose, self.times = inner, orthanc, list(lose), times
+        self.name = inner.name
+
+    def send(self, paths: Sequence[Path]) -> None:
+        self.inner.send(paths)
+        if self.times > 0:
+            self.times -= 1
+            delete_from_orthanc(self.orthanc, self.lose)
+
+    def check(self) -> None:
+        self.inner.check()
+
+
+def _dicom(orthanc: Orthanc, calling: str, **extra: Any) -> dict[str, Any]:
+    return {"name": "pacs", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1",
+            "port": orthanc.dicom_port, "calling_ae_title": calling, "timeout_s": 10.0, **extra}
+
+
+# ---------------------------------------------------------------------------------------------- commitment
+
+
+def test_orthanc_storage_commitment_confirms_then_a_shortfall_is_retried(orthanc: Orthanc, tmp_path: Path) -> None:
+    files = write_phantom_series(tmp_path / "ct", slices=3, size=32, seed=31)
+    port, ref = free_port(), list[Harness]()
+    put_modality(orthanc, "confirm-a", "SRCONFA", port)
+    h = Harness(tmp_path, _cfg(tmp_path, _dicom(orthanc, "SRCONFA")), files)
+    ref.append(h)
+    server = report_listener(port, ref)
+    try:
+        d = h.job(1)
+        h.outbox.attempt(d)  # C-STORE, then N-ACTION; the report comes on a new association
+        got = h.wait_state(d, DeliveryState.DELIVERED)
+        assert (got.confirm_method, got.expected, got.confirmed, got.attempts) == ("commitment", 3, 3, 1)
+        assert got.confirmed_at and "all 3 instance(s) committed" in got.confirm_note and not got.transaction_uid
+        h.wait_job(d, JobState.DELIVERED)
+        assert h.confirmed("commitment", "confirmed") == 1
+
+        # a second job: Orthanc loses one instance before the commitment is asked: its report lists it as failed
+        d2 = h.job(2)
+        h.outbox._senders["pacs"] = Losing(h.outbox.sender("pacs"), orthanc, files[:1], times=1)
+        h.outbox.attempt(d2)
+        got = h.wait_state(d2, DeliveryState.PENDING)
+        h.wait_job(d2, JobState.SENDING)
+        assert "storage commitment: expected 3, PACS has 2" in got.reason and "1 failed, reason 0x0112" in got.reason
+        assert (got.attempts, got.confirmed, got.expected) == (1, 2, 3)
+        assert h.confirmed("commitment", "mismatch") == 1
+        h.outbox.attempt(got)  # the retry sends all files again: committed
+        got = h.wait_state(d2, DeliveryState.DELIVERED)
+        assert (got.attempts, got.confirmed, got.expected) == (2, 3, 3)
+        h.wait_job(d2, JobState.DELIVERED)
+    finally:
+        server.shutdown()
+
+
+def test_restart_between_commitment_request_and_report(orthanc: Orthanc, tmp_path: Path) -> None:
+    """The report of the first request is lost (the node was down: Orthanc could not connect); the restarted
+    node finds the delivery awaiting its report in the index, asks again and is confirmed."""
+    files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=32)
+    port = free_port()
+    put_modality(orthanc, "confirm-b", "SRCONFB", port)  # nothing listens there yet
+    cfg = _cfg(tmp_path, _dicom(orthanc, "SRCONFB"))
+    first = Harness(tmp_path, cfg, files)
+    d = first.job(1)
+    with orthanc.client() as c:
+        jobs_before = set(c.get("/jobs").json())
+    first.outbox.attempt(d)
+    sent = first.now(d)
+    assert sent.state is DeliveryState.SENT and sent.transaction_uid and len(sent.sop_refs) == 2
+
+    def report_failed() -> bool:  # Orthanc's StorageCommitmentScp job could not reach the node
+        with orthanc.client() as c:
+            new = [c.get(f"/jobs/{j}").json() for j in set(c.get("/jobs").json()) - jobs_before]
+        return any(j["Type"] == "StorageCommitmentScp" and j["State"] == "Failure" for j in new)
+
+    wait_until(report_failed, 30, what="Orthanc's commitment report to fail")
+    assert first.now(d).state is DeliveryState.SENT
+    first.index.close()
+
+    # "restart": a new index connection, a new outbox; its SCP listens now
+    second = Harness(tmp_path, cfg, files, index=Index(tmp_path / "index.sqlite"))
+    server = report_listener(port, [second])
+    try:
+        second.outbox.start()  # resume(): a new N-ACTION for the delivery left 'sent'
+        got = second.wait_state(d, DeliveryState.DELIVERED)
+        assert got.transaction_uid == "" and got.confirmed == got.expected == 2 and got.attempts == 1
+        second.wait_job(d, JobState.DELIVERED)
+    finally:
+        second.outbox.stop()
+        server.shutdown()
+
+
+def test_a_report_that_never_comes_is_a_failed_attempt(orthanc: Orthanc, tmp_path: Path) -> None:
+    files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=33)
+    put_modality(orthanc, "confirm-c", "SRCONFC", free_port())  # reports go nowhere
+    h = Harness(tmp_path, _cfg(tmp_path, _dicom(orthanc, "SRCONFC"), {"confirm_timeout_s": 0.5,
+                                                                     "max_attempts": 1}), files)
+    d = h.job(1)
+    h.outbox.attempt(d)
+    assert h.now(d).state is DeliveryState.SENT
+    wait_until(lambda: h.outbox.run_due() == 0 and h.now(d).state is DeliveryState.DEAD_LETTER, 30,
+               what="overdue report -> dead-letter")
+    got = h.now(d)
+    assert "no report within 0.5 s" in got.reason and "after 1 attempt(s)" in got.reason
+    assert h.index.job(d.job_id).state is JobState.DEAD_LETTER and h.confirmed("commitment", "overdue") == 1
+
+
+# ---------------------------------------------------------------------------------------------- counts
+
+
+def test_orthanc_rest_count_confirms_and_a_persistent_shortfall_dead_letters_with_numbers(
+        orthanc: Orthanc, tmp_path: Path) -> None:
+    files = write_phantom_series(tmp_path / "ct", slices=3, size=32, seed=34)
+    dest = {"name": "rest", "kind": "orthanc", "url": orthanc.url}
+    h = Harness(tmp_path, _cfg(tmp_path, dest, {"max_attempts": 2}), files)
+    d = h.job(1)
+    h.outbox.attempt(d)
+    got = h.now(d)
+    assert (got.state, got.confirm_method, got.confirmed, got.expected) == (DeliveryState.DELIVERED, "count", 3, 3)
+
+    d2 = h.job(2)
+    h.outbox._senders["rest"] = Losing(h.outbox.sender("rest"), orthanc, files[1:], times=2)
+    h.outbox.attempt(d2)
+    assert h.now(d2).state is DeliveryState.PENDING and "expected 3, PACS has 1" in h.now(d2).reason
+    h.outbox.attempt(h.now(d2))
+    got = h.now(d2)
+    assert got.state is DeliveryState.DEAD_LETTER and got.confirmed == 1 and got.expected == 3
+    assert got.reason.startswith("after 2 attempt(s): count check: expected 3, PACS has 1")
+    job = h.index.job(d2.job_id)
+    assert job.state is JobState.DEAD_LETTER and "expected 3, PACS has 1" in job.reason
+    assert h.confirmed("count", "mismatch") == 2 and h.confirmed("count", "confirmed") == 1
+
+
+@pytest.fixture
+def dcmqrscp(tmp_path: Path) -> Iterator[int]:
+    """dcmtk's dcmqrscp: a real archive that takes C-STORE and answers C-FIND, without Storage Commitment."""
+    port, db = free_port(), tmp_path / "qrdb"
+    db.mkdir()
+    cfg = tmp_path / "dcmqrscp.cfg"
+    cfg.write_text(f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+                   "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+                   f"AETable BEGIN\nQRSCP {db} RW (200, 1024mb) ANY\nAETable END\n")
+    proc = subprocess.Popen([DCMQRSCP, "-c", str(cfg)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    wait_until(lambda: subprocess.run([ECHOSCU, "-aec", "QRSCP", "127.0.0.1", str(port)],
+                                      capture_output=True).returncode == 0, timeout=20, what="dcmqrscp up")
+    yield port
+    proc.terminate()
+    proc.wait(10)
+
+
+def test_dcmqrscp_count_fallback_when_commitment_is_refused(dcmqrscp: int, tmp_path: Path) -> None:
+    files = write_phantom_series(tmp_path / "ct", slices=3, size=32, seed=35)
+    dest = {"name": "qr", "kind": "dicom", "ae_title": "QRSCP", "host": "127.0.0.1", "port": dcmqrscp,
+            "timeout_s": 10.0}
+    h = Harness(tmp_path, _cfg(tmp_path, dest), files)
+    d = h.job(1)
+    h.outbox.attempt(d)
+    got = h.now(d)
+    assert (got.state, got.confirm_method, got.confirmed, got.expected) == (DeliveryState.DELIVERED, "count", 3, 3)
+    assert got.confirm_note.startswith("storage commitment refused") and "3 of 3" in got.confirm_note
+    # confirm = "commitment" with this peer: refused for good, not retried
+    strict = Harness(tmp_path / "strict", _cfg(tmp_path / "strict", {**dest, "confirm": "commitment"}), files)
+    (tmp_path / "strict").mkdir(exist_ok=True)
+    d = strict.job(2)
+    strict.outbox.attempt(d)
+    got = strict.now(d)
+    assert got.state is DeliveryState.DEAD_LETTER and "refuses Storage Commitment" in got.reason
+
+
+def test_storescp_supports_neither_and_ends_unconfirmed(tmp_path: Path) -> None:
+    port, out = free_port(), tmp_path / "in"
+    out.mkdir()
+    proc = subprocess.Popen([STORESCP, "-aet", "STORESCP", "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: subprocess.run([ECHOSCU, "-aec", "STORESCP", "127.0.0.1", str(port)],
+                                          capture_output=True).returncode == 0, timeout=20, what="storescp up")
+        files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=36)
+        dest = {"name": "scp", "kind": "dicom", "ae_title": "STORESCP", "host": "127.0.0.1", "port": port,
+                "timeout_s": 10.0}
+        h = Harness(tmp_path, _cfg(tmp_path, dest), files)
+        d = h.job(1)
+        h.outbox.attempt(d)
+        got = h.now(d)
+        assert got.state is DeliveryState.UNCONFIRMED and got.confirm_note == NEITHER and got.confirmed is None
+        assert len(list(out.iterdir())) == 2
+        job = h.index.job(d.job_id)
+        assert job.state is JobState.DELIVERED and f"scp: sent, unconfirmed: {NEITHER}" in job.reason
+        assert h.confirmed("count", "unconfirmed") == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_folder_and_none_are_delivered_but_not_confirmed(orthanc: Orthanc, tmp_path: Path) -> None:
+    files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=37)
+    folder = Harness(tmp_path / "f", _cfg(tmp_path / "f", {"name": "out", "kind": "folder",
+                                                            "path": str(tmp_path / "out")}), files)
+    d = folder.job(1)
+    folder.outbox.attempt(d)
+    got = folder.now(d)
+    assert (got.state, got.confirm_method, got.confirmed) == (DeliveryState.DELIVERED, "none", None)
+    assert "fsync" in got.confirm_note
+    none = Harness(tmp_path / "n", _cfg(tmp_path / "n", {"name": "rest", "kind": "orthanc", "url": orthanc.url,
+                                                          "confirm": "none"}), files)
+    d = none.job(1)
+    none.outbox.attempt(d)
+    got = none.now(d)
+    assert (got.state, got.confirm_method, got.confirm_note) == (DeliveryState.DELIVERED, "none",
+                                                                 "not confirmed (confirm = none)")
+
+
+def test_commitment_for_a_web_destination_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match=r"destinations\[0\]\.confirm: 'commitment'"):
+        _cfg(tmp_path, {"name": "rest", "kind": "orthanc", "url": "http://x", "confirm": "commitment"})
+
+
+# ---------------------------------------------------------------------------------------------- the real node
+
+
+def test_real_node_confirmed_by_commitment_after_a_restart(orthanc: Orthanc, tmp_path: Path) -> None:
+    """The real node: its first commitment report cannot reach it (Orthanc knows it at a wrong port), the job
+    waits in 'sending' with the delivery 'sent'; once Orthanc knows the right port, a restart asks again, the
+    node's own SCP takes the report, and ``srnode status`` shows the confirmation."""
+    put_modality(orthanc, "confirm-node", "SRNODE", free_port())
+    sections = {"destinations": [_dicom(orthanc, "SRNODE", name="pacs")],
+                "rules": [{"name": "ct", "match": {"Modality": "CT"}, "destinations": ["pacs"],
+                           "through_plane_factor": 2}],
+                "node": {"require_known_callers": False}}
+    files = write_phantom_series(tmp_path / "ct", slices=3, size=32, seed=38)
+    with NodeProc.start(tmp_path / "node", sections) as node:
+        assert storescu(files, node.port).returncode == 0, STORESCU
+        (job,) = node.wait_jobs(lambda js: js and js[-1]["deliveries"]
+                                and js[-1]["deliveries"][0]["state"] == "sent", timeout=120, what="sent")
+        assert job["state"] == "sending"
+        put_modality(orthanc, "confirm-node", "SRNODE", node.port)
+        node.restart()
+        (job,) = node.wait_jobs(lambda js: js[-1]["state"] == "delivered", timeout=60, what="delivered")
+        (d,) = job["deliveries"]
+        n = d["files"]
+        assert d["state"] == "delivered" and d["confirmation"]["method"] == "commitment"
+        assert d["confirmation"]["confirmed"] == d["confirmation"]["expected"] == n and d["confirmation"]["confirmed_at"]
+        r = node.cli("status")
+        assert r.returncode == 0 and f"confirmed by commitment {n}/{n} at" in r.stdout, r.stdout
+        metrics = httpx.get(f"{node.http_url}/metrics", timeout=10).text
+        assert 'srnode_delivery_confirmations_total{destination="pacs",method="commitment",outcome="confirmed"} 1.0' \
+            in metrics
