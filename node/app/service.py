@@ -81,6 +81,7 @@ class Node:
         self.watcher.start()  # submits the queued jobs on its first tick
         self.outbox.start()
         self.scp.start()
+        self.outbox.resume()  # the SCP takes the Storage Commitment reports now: ask again for those still awaited
         if self.cfg.http.enabled:
             self.http = start_http(ctx)
         else:

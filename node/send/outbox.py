@@ -41,16 +41,19 @@ class Outbox:
         self._senders: dict[str, Sender] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._resume = threading.Event()
         self._thread: threading.Thread | None = None
         self.confirm = Confirmations(cfg, index, metrics, self)
 
     def start(self) -> None:
-        try:
-            self.confirm.resume()  # deliveries a stopped node left awaiting their confirmation
-        except Exception as exc:  # noqa: BLE001 - the outbox must start; the deadline settles them later
-            log.warning("outbox: confirmations left by the last run not resumed: %s", exc)
         self._thread = threading.Thread(target=self._loop, name="srnode-outbox", daemon=True)
         self._thread.start()
+
+    def resume(self) -> None:
+        """Ask again (in the outbox thread) for the confirmations a stopped node left awaiting; call it once the
+        SCP that takes Storage Commitment reports listens."""
+        self._resume.set()
+        self._wake.set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -66,6 +69,9 @@ class Outbox:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
+                if self._resume.is_set():
+                    self._resume.clear()
+                    self.confirm.resume()
                 self.run_due()
             except Exception as exc:  # noqa: BLE001 - keep the outbox alive; the index may be busy
                 log.exception("outbox: %s", exc)

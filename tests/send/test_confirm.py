@@ -191,7 +191,8 @@ def test_restart_between_commitment_request_and_report(orthanc: Orthanc, tmp_pat
     second = Harness(tmp_path, cfg, files, index=Index(tmp_path / "index.sqlite"))
     server = report_listener(port, [second])
     try:
-        second.outbox.start()  # resume(): a new N-ACTION for the delivery left 'sent'
+        second.outbox.start()
+        second.outbox.resume()  # as the node does once its SCP listens: a new N-ACTION for the delivery left 'sent'
         got = second.wait_state(d, DeliveryState.DELIVERED)
         assert got.transaction_uid == "" and got.confirmed == got.expected == 2 and got.attempts == 1
         second.wait_job(d, JobState.DELIVERED)
