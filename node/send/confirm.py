@@ -12,7 +12,8 @@ Methods, by the destination's ``confirm`` (``node.config.ConfirmMethod``) and ki
   (``resume``). The peer must know the node as a modality: Orthanc sends the report to the DicomModalities entry
   whose AE title is the delivery's calling AE title (``calling_ae_title``, "" = "SRNODE"), at that entry's
   host and port (the node's [node] port); Orthanc answers asynchronously only.
-- DICOM, ``auto`` when the peer refuses the Storage Commitment context, or ``count``: a C-FIND (Study Root,
+- DICOM, ``auto`` when the peer refuses the Storage Commitment context or request (Orthanc refuses the request
+  of a caller that is not in its DicomModalities), or ``count``: a C-FIND (Study Root,
   IMAGE level) per series of the delivery lists the SOP Instance UIDs the peer holds.
 - Orthanc REST (``auto``/``count``): ``POST /tools/find`` at Instance level per series.
 - DICOMweb (``auto``/``count``): QIDO-RS ``GET {root}/studies/{study}/series/{series}/instances``.
@@ -147,8 +148,9 @@ def _associate(dest: DicomDestination, context: str) -> Any:
 
 def request_commitment(dest: DicomDestination, transaction_uid: str, refs: Sequence[Ref]) -> None:
     """Send the Storage Commitment N-ACTION for ``refs`` under ``transaction_uid`` (the report comes later, on
-    another association). Unsupported when the peer refuses the SOP class; DeliveryError when the N-ACTION fails
-    (retryable unless the peer answered a failure status)."""
+    another association). Unsupported when the peer refuses the SOP class or the request (a failure status, or
+    no answer: Orthanc aborts a request from a caller it does not know as a modality); DeliveryError when the
+    peer cannot be reached or the request cannot be sent."""
     ds = Dataset()
     ds.TransactionUID = transaction_uid
     items = []
@@ -167,11 +169,10 @@ def request_commitment(dest: DicomDestination, transaction_uid: str, refs: Seque
         if assoc.is_established:
             assoc.release()
     code = int(status.get("Status", -1)) if status is not None and len(status) else -1
-    if code == -1:
-        raise DeliveryError(f"destination {dest.name}: no N-ACTION response (connection lost or timed out)")
+    if code == -1:  # Orthanc aborts the N-ACTION of a caller not in its DicomModalities
+        raise Unsupported("N-ACTION not answered: is the node in the peer's modality list?")
     if code != Status.SUCCESS:
-        raise DeliveryError(f"destination {dest.name}: storage commitment N-ACTION answered 0x{code:04X}",
-                            retryable=False)
+        raise Unsupported(f"N-ACTION answered 0x{code:04X}")
 
 
 def find_dimse(dest: DicomDestination, refs: Sequence[Ref]) -> set[str]:

@@ -201,6 +201,17 @@ def test_restart_between_commitment_request_and_report(orthanc: Orthanc, tmp_pat
         server.shutdown()
 
 
+def test_orthanc_that_does_not_know_the_node_is_counted_by_c_find(orthanc: Orthanc, tmp_path: Path) -> None:
+    """Orthanc refuses the N-ACTION of a caller not in its DicomModalities: ``auto`` falls back to C-FIND."""
+    files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=39)
+    h = Harness(tmp_path, _cfg(tmp_path, _dicom(orthanc, "SRNOBODY")), files)
+    d = h.job(1)
+    h.outbox.attempt(d)
+    got = h.now(d)
+    assert (got.state, got.confirm_method, got.confirmed, got.expected) == (DeliveryState.DELIVERED, "count", 2, 2)
+    assert "storage commitment refused (N-ACTION not answered" in got.confirm_note
+
+
 def test_a_report_that_never_comes_is_a_failed_attempt(orthanc: Orthanc, tmp_path: Path) -> None:
     files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=33)
     put_modality(orthanc, "confirm-c", "SRCONFC", free_port())  # reports go nowhere
