@@ -253,6 +253,28 @@ def test_orthanc_rest_count_confirms_and_a_persistent_shortfall_dead_letters_wit
     assert h.confirmed("count", "mismatch") == 2 and h.confirmed("count", "confirmed") == 1
 
 
+def test_dicomweb_qido_count_confirms(tmp_path: Path) -> None:
+    from tests.support.pacs import orthanc_dicomweb
+
+    web = orthanc_dicomweb(tmp_path / "orthanc")
+    try:
+        files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=40)
+        h = Harness(tmp_path, _cfg(tmp_path, {"name": "web", "kind": "dicomweb", "url": f"{web.url}/dicom-web"}),
+                    files)
+        d = h.job(1)
+        h.outbox.attempt(d)
+        got = h.now(d)
+        assert (got.state, got.confirm_method, got.confirmed, got.expected) == (DeliveryState.DELIVERED, "count", 2,
+                                                                                2)
+        # the series loses an instance: QIDO-RS lists one
+        d2 = h.job(2)
+        h.outbox._senders["web"] = Losing(h.outbox.sender("web"), web, files[:1], times=1)
+        h.outbox.attempt(d2)
+        assert "count check: expected 2, PACS has 1" in h.now(d2).reason
+    finally:
+        web.stop()
+
+
 @pytest.fixture
 def dcmqrscp(tmp_path: Path) -> Iterator[int]:
     """dcmtk's dcmqrscp: a real archive that takes C-STORE and answers C-FIND, without Storage Commitment."""
