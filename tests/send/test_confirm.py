@@ -68,8 +68,8 @@ class Harness:
         assert fresh is not None
         return fresh
 
-    def wait_state(self, d: Delivery, *states: DeliveryState, timeout: float = 30) -> Delivery:
-        got: Delivery = wait_until(lambda: (x := self.now(d)).state in states and x, timeout,
+    def wait_state(self, d: Delivery, *states: DeliveryState, timeout: float = 30, interval: float = 0.1) -> Delivery:
+        got: Delivery = wait_until(lambda: (x := self.now(d)).state in states and x, timeout, interval=interval,
                                    what=f"delivery in {[str(s) for s in states]}")
         return got
 
