@@ -58,6 +58,7 @@ def write_series(folder: Path, sender: int, n: int, size: int, tag: str = "") ->
     folder.mkdir(parents=True, exist_ok=True)
     study = generate_uid(UID_ROOT, [f"bench-study-{tag}{sender}"])
     series = generate_uid(UID_ROOT, [f"bench-series-{tag}{sender}"])
+    frame = generate_uid(UID_ROOT, [f"bench-frame-{tag}{sender}"])
     rng = np.random.default_rng(sender)
     pixels = rng.integers(-1000, 1500, size=(size, size), dtype=np.int16).tobytes()
     out = []
@@ -76,6 +77,7 @@ def write_series(folder: Path, sender: int, n: int, size: int, tag: str = "") ->
         # Image Plane / Image Pixel
         ds.ImagePositionPatient = [0.0, 0.0, float(k)]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.FrameOfReferenceUID = frame
         ds.PixelSpacing, ds.SliceThickness = [0.5, 0.5], 1.0
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.Rows = ds.Columns = size
