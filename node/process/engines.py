@@ -88,7 +88,8 @@ def run_engine(engines: EngineCache, name: str, options: EngineOptions, vin: Vol
 
 def denoise_input(vin: VolumeInput, options: EngineOptions) -> tuple[VolumeInput, np.ndarray, dict[str, Any]]:
     """The optional denoise step (``models.denoise``): (denoised input, its (Z, Y, X) sigma, report)."""
-    from models.denoise import denoise  # imports torch: only when a rule asks for denoising (node RSS at start)
+    # imported here, not at module level: it imports torch, which only a rule that denoises needs (node RSS)
+    from models.denoise import denoise
 
     try:
         data, sigma, rep = denoise(vin, options)
