@@ -13,7 +13,7 @@ import importlib
 BENCHES: dict[str, tuple[str, str]] = {
     "engine": ("node.bench.engine", "engine timings (CPU fast mode; GPU with --device cuda)"),
     "e2e": ("node.bench.e2e", "first instance sent -> last derived instance stored in Orthanc"),
-    "ingest": ("node.bench.ingest", "C-STORE ingest throughput vs dcmtk storescp, 16 concurrent senders"),
+    "ingest": ("node.bench.ingest", "C-STORE ingest vs dcmtk storescp and Orthanc: 16 senders, then 1 association"),
     "celery": ("node.bench.scaleout", "series/minute with 1 and 2 Celery workers"),
     "denoise": ("node.bench.denoise", "self-supervised denoising vs Gaussian/bilateral on the shared CT phantom"),
 }

@@ -9,8 +9,10 @@ Orthanc changes follower all call :meth:`Admission.admit_file` or :meth:`Admissi
    element wholly inside the file; the SOP class comes from the dataset itself (SOPClassUID, else the file meta),
    and a C-STORE whose command names another SOP class or another SOP instance than the dataset's is answered
    0xA900 (nothing is stored: the command and the data set disagree on what this is);
-3. checks the spool's disk watermark, links the file into the spool atomically and records it in the index,
-   with the caller's AE title and the rules it may use; a resend of a known SOPInstanceUID that differs from the
+3. hands the file to the group commit (``node.ingest.commit``), which checks the spool's disk watermark, links
+   it into the spool, makes it durable and records it in the index (with the caller's AE title and the rules it
+   may use) together with the instances other callers handed it meanwhile: one sync and one index transaction
+   per batch, and the caller waits until its batch is on disk; a resend of a known SOPInstanceUID that differs from the
    stored copy is a conflict (``node.ingest.resend``): kept aside in ``spool/conflicts/``, recorded in the index,
    counted and audited, the first copy still the one used; a plain duplicate (same content) restarts its series'
    quiet timer while the series is still receiving (``Index.note_duplicate``: a sender resending is sending);
@@ -26,7 +28,7 @@ import logging
 import re
 import struct
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -39,6 +41,7 @@ from node.audit import AuditLog
 from node.config import CallerConfig, Config
 from node.dimse import Status, label
 from node.errors import IngestError, dicom_read_problem
+from node.ingest.commit import GroupCommit
 from node.ingest.resend import resend_difference
 from node.metrics import Metrics
 from node.phi import raw_text
@@ -231,6 +234,7 @@ class Admission:
     def __init__(self, cfg: Config, spool: Spool, index: Index, metrics: Metrics,
                  audit: AuditLog | None = None) -> None:
         self.cfg, self.spool, self.index, self.metrics, self.audit = cfg, spool, index, metrics, audit
+        self.writer = GroupCommit(spool, index)  # makes admitted instances durable in shared batches
 
     def admit_file(self, path: Path, caller: Caller, declared_sop_class: str = "",
                    transfer_syntax: str = "", declared_sop_instance: str = "") -> Stored:
@@ -274,7 +278,6 @@ class Admission:
     def _admit(self, path: Path, caller: Caller, declared_sop_class: str, transfer_syntax: str,
                declared_sop_instance: str) -> Stored:
         allowed_rules = caller_rules(self.cfg, caller)
-        self.spool.check_space()
         header = read_header(path)
         if header.sop_class not in STORAGE_SOP_CLASSES:
             raise IngestError(f"SOP class {header.sop_class!r} is not a storage SOP class",
@@ -285,13 +288,13 @@ class Admission:
         if declared_sop_instance and declared_sop_instance.strip() != header.sop_uid:
             raise IngestError(f"the dataset's SOPInstanceUID {header.sop_uid} differs from the command's Affected "
                               f"SOP Instance UID {declared_sop_instance.strip()}", Status.DATASET_DOES_NOT_MATCH)
-        stored = self.spool.store_file(path, header.study_uid, header.series_uid, header.sop_uid)
         inst = Instance(sop_uid=header.sop_uid, series_uid=header.series_uid, study_uid=header.study_uid,
                         sop_class=header.sop_class, transfer_syntax=transfer_syntax or header.transfer_syntax,
-                        path=str(stored.path), calling_ae=caller.ae_title, allowed_rules=allowed_rules)
-        if self.index.add_instance(inst, header.modality, stored.path.stat().st_size, header.size_hint):
+                        path="", calling_ae=caller.ae_title, allowed_rules=allowed_rules)
+        stored, added = self.writer.commit(path, inst, header.modality, header.size_hint)
+        if added:
             return stored
-        return self._resent(path, stored, inst, caller)
+        return self._resent(path, stored, replace(inst, path=str(stored.path)), caller)
 
     def declare(self, study_uid: str, series_uid: str, instances: int, by: str) -> dict[str, Any] | None:
         """A puller (or the Orthanc plugin, through the HTTP API) says series (``study_uid``, ``series_uid``)

@@ -2,7 +2,10 @@
 
 The C-STORE handler never decodes pixels. pynetdicom writes the received dataset in chunks to the spool's
 ``incoming/`` folder (memory stays bounded); the handler hands that file to ``node.ingest.admit.Admission``
-(header check, spool, index) and answers Success only once the file and its index row are on disk.
+(header check, spool, index) and answers Success only once the file and its index row are on disk: the
+group commit (``node.ingest.commit``) makes the files of every open association durable together, one sync and
+one index transaction per batch. The associations' pynetdicom threads wait for their events instead of polling
+every millisecond (``node.ingest.reactor``).
 
 Statuses (``node.dimse.Status``): 0x0000 stored (a duplicate SOPInstanceUID is kept once and logged; one that
 differs from the stored copy is kept aside and reported as a conflict), 0xA700 spool disk below the watermark or

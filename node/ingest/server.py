@@ -37,6 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from node.audit import AuditLog
+from node.ingest.reactor import QuietRequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self._pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()
         self._pending_lock = threading.Lock()
         self._serial = 0
-        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers)
+        super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
+                         request_handler=QuietRequestHandler)
 
     # ------------------------------------------------------------------------------------ accept loop
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from models.denoise import denoise
 from models.engine import (
     ENGINES,
     Engine,
@@ -89,6 +88,9 @@ def run_engine(engines: EngineCache, name: str, options: EngineOptions, vin: Vol
 
 def denoise_input(vin: VolumeInput, options: EngineOptions) -> tuple[VolumeInput, np.ndarray, dict[str, Any]]:
     """The optional denoise step (``models.denoise``): (denoised input, its (Z, Y, X) sigma, report)."""
+    # imported here, not at module level: it imports torch, which only a rule that denoises needs (node RSS)
+    from models.denoise import denoise
+
     try:
         data, sigma, rep = denoise(vin, options)
     except ModelsEngineError as exc:

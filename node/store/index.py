@@ -25,7 +25,9 @@ race, such as claiming a job, in BEGIN IMMEDIATE transactions) is ``node.store.s
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,51 +78,66 @@ class Index(DeliveryTable):
         declaring it (logged) at the first that differs. A series receiving more instances than declared is
         logged and left to the quiet period. SpoolError when the index cannot be written.
         """
+        with self.tx() as c:
+            return self._add_instance(c, inst, modality, size, hint, time.time())
+
+    def add_instances(self, items: Sequence[tuple[Instance, str, int, SizeHint]]) -> list[bool]:
+        """Record several received instances, each ``(instance, modality, size in bytes, hint)``, in ONE
+        transaction (one commit, one WAL fsync: the group commit's index step); per item as :meth:`add_instance`
+        (False: its SOPInstanceUID was known, or came earlier in ``items``). All or nothing: SpoolError when the
+        index cannot be written, and then none is recorded."""
+        if not items:
+            return []
         now = time.time()
         with self.tx() as c:
-            cur = c.execute(
-                "INSERT OR IGNORE INTO instances (sop_uid, series_uid, study_uid, sop_class, transfer_syntax, path,"
-                " calling_ae, allowed_rules, size, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class, inst.transfer_syntax, inst.path,
-                 inst.calling_ae, inst.allowed_rules, size, now))
-            if cur.rowcount == 0:
-                return False
-            row = c.execute("SELECT state, n_instances, declared_instances, declared_by, header_sig FROM series"
-                            " WHERE study_uid = ? AND series_uid = ?", (inst.study_uid, inst.series_uid)).fetchone()
-            if row is None:
-                declared = hint.instances if hint.signature and hint.instances > 0 else None
-                c.execute(
-                    "INSERT INTO series (series_uid, study_uid, modality, calling_ae, allowed_rules, state,"
-                    " n_instances, first_received, last_received, declared_instances, declared_by, header_sig)"
-                    " VALUES (?,?,?,?,?,?,1,?,?,?,?,?)",
-                    (inst.series_uid, inst.study_uid, modality, inst.calling_ae, inst.allowed_rules,
-                     SeriesState.RECEIVING, now, now, declared, HEADER_DECLARED if declared else "",
-                     hint.signature))
-                return True
-            was = row["state"]
-            reason = "" if was == SeriesState.RECEIVING else f"late instance after the series was {was}"
+            return [self._add_instance(c, inst, modality, size, hint, now) for inst, modality, size, hint in items]
+
+    def _add_instance(self, c: sqlite3.Connection, inst: Instance, modality: str, size: int, hint: SizeHint,
+                      now: float) -> bool:
+        """:meth:`add_instance`'s statements, inside the caller's transaction ``c``."""
+        cur = c.execute(
+            "INSERT OR IGNORE INTO instances (sop_uid, series_uid, study_uid, sop_class, transfer_syntax, path,"
+            " calling_ae, allowed_rules, size, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (inst.sop_uid, inst.series_uid, inst.study_uid, inst.sop_class, inst.transfer_syntax, inst.path,
+             inst.calling_ae, inst.allowed_rules, size, now))
+        if cur.rowcount == 0:
+            return False
+        row = c.execute("SELECT state, n_instances, declared_instances, declared_by, header_sig FROM series"
+                        " WHERE study_uid = ? AND series_uid = ?", (inst.study_uid, inst.series_uid)).fetchone()
+        if row is None:
+            declared = hint.instances if hint.signature and hint.instances > 0 else None
             c.execute(
-                "UPDATE series SET n_instances = n_instances + 1, last_received = ?, state = ?,"
-                " reason = CASE WHEN ? = '' THEN reason ELSE ? END WHERE study_uid = ? AND series_uid = ?",
-                (now, SeriesState.RECEIVING, reason, reason, inst.study_uid, inst.series_uid))
-            declared, by = row["declared_instances"], row["declared_by"]
-            sig = row["header_sig"]
-            if sig is not None and sig != MIXED and sig != hint.signature:
-                c.execute("UPDATE series SET header_sig = ? WHERE study_uid = ? AND series_uid = ?",
-                          (MIXED, inst.study_uid, inst.series_uid))
-                if by == HEADER_DECLARED:
-                    declared = None
-                    c.execute("UPDATE series SET declared_instances = NULL, declared_by = ''"
-                              " WHERE study_uid = ? AND series_uid = ?", (inst.study_uid, inst.series_uid))
-                if sig:  # the first instances declared a size: say why it is no longer trusted
-                    log.warning("series %s (study %s): its instances disagree on their size (%r, then %r): no size"
-                                " declared by the headers, the series completes by the quiet period%s",
-                                inst.series_uid, inst.study_uid, sig, hint.signature,
-                                f" (still declared by {by}: {declared})" if declared is not None else "")
-            n = int(row["n_instances"]) + 1
-            if declared is not None and n == int(declared) + 1:
-                log.warning("series %s (study %s): more instances (%d) than declared (%d, by %s): the series "
-                            "completes by the quiet period", inst.series_uid, inst.study_uid, n, declared, by)
+                "INSERT INTO series (series_uid, study_uid, modality, calling_ae, allowed_rules, state,"
+                " n_instances, first_received, last_received, declared_instances, declared_by, header_sig)"
+                " VALUES (?,?,?,?,?,?,1,?,?,?,?,?)",
+                (inst.series_uid, inst.study_uid, modality, inst.calling_ae, inst.allowed_rules,
+                 SeriesState.RECEIVING, now, now, declared, HEADER_DECLARED if declared else "",
+                 hint.signature))
+            return True
+        was = row["state"]
+        reason = "" if was == SeriesState.RECEIVING else f"late instance after the series was {was}"
+        c.execute(
+            "UPDATE series SET n_instances = n_instances + 1, last_received = ?, state = ?,"
+            " reason = CASE WHEN ? = '' THEN reason ELSE ? END WHERE study_uid = ? AND series_uid = ?",
+            (now, SeriesState.RECEIVING, reason, reason, inst.study_uid, inst.series_uid))
+        declared, by = row["declared_instances"], row["declared_by"]
+        sig = row["header_sig"]
+        if sig is not None and sig != MIXED and sig != hint.signature:
+            c.execute("UPDATE series SET header_sig = ? WHERE study_uid = ? AND series_uid = ?",
+                      (MIXED, inst.study_uid, inst.series_uid))
+            if by == HEADER_DECLARED:
+                declared = None
+                c.execute("UPDATE series SET declared_instances = NULL, declared_by = ''"
+                          " WHERE study_uid = ? AND series_uid = ?", (inst.study_uid, inst.series_uid))
+            if sig:  # the first instances declared a size: say why it is no longer trusted
+                log.warning("series %s (study %s): its instances disagree on their size (%r, then %r): no size"
+                            " declared by the headers, the series completes by the quiet period%s",
+                            inst.series_uid, inst.study_uid, sig, hint.signature,
+                            f" (still declared by {by}: {declared})" if declared is not None else "")
+        n = int(row["n_instances"]) + 1
+        if declared is not None and n == int(declared) + 1:
+            log.warning("series %s (study %s): more instances (%d) than declared (%d, by %s): the series "
+                        "completes by the quiet period", inst.series_uid, inst.study_uid, n, declared, by)
         return True
 
     def note_duplicate(self, study_uid: str, series_uid: str) -> bool:

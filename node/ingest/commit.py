@@ -1,0 +1,202 @@
+"""Group commit: one writer thread makes the instances admitted by every association durable together.
+
+Admission (``node.ingest.admit``) checks an instance on the caller's thread (header, UIDs, SOP class) and then
+hands it to :class:`GroupCommit` and waits. The writer takes everything queued since its previous commit (natural
+batching: no timer, a batch is whatever arrived while the last one was being made durable, at most
+``max_batch``), and for the batch:
+
+1. checks the spool's disk watermark once (0xA700 for the whole batch below ``[node].min_free_mb``);
+2. hard-links each received file under ``instances/<Study>/<Series>/<SOP>.dcm`` (``Spool.link_instance``);
+3. makes all of them durable at once (``Spool.sync``: one ``syncfs``, or an fsync per file and per directory);
+4. records all their index rows in ONE SQLite transaction (``Index.add_instances``: one WAL fsync);
+5. wakes every waiting caller with its outcome.
+
+Only then does a C-STORE handler answer Success, so "Success" still means the bytes and the index row are on
+disk. Failures: a sync that fails unlinks what this batch linked (no name without durable bytes) and fails the
+batch with 0xA700; an index transaction that fails is retried row by row (one bad row does not fail the others);
+a row that still fails has its link removed and its caller gets the error (SpoolError: 0x0110 at the SCP).
+A caller waits at most ``timeout_s`` (``COMMIT_TIMEOUT_S``) and then gets IngestError(0xA700): it was not
+acknowledged; if the writer stores it later anyway, a resend is a plain duplicate.
+
+A kill -9 at any point leaves either nothing acknowledged unstored, or files linked but not indexed, which the
+node re-indexes at its next start (``node.ingest.reindex``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from node.dimse import Status
+from node.errors import IngestError, SpoolError
+from node.store import Index, Instance, SizeHint, Spool, Stored
+
+log = logging.getLogger(__name__)
+
+COMMIT_TIMEOUT_S = 120.0  # longest a caller waits for its batch to be durable before answering 0xA700
+MAX_BATCH = 256  # instances in one commit at most
+IDLE_EXIT_S = 10.0  # the writer thread ends after this long without work (a new one starts on demand)
+
+
+@dataclass
+class Pending:
+    """One instance waiting for the group commit: the file to link and the index row to write."""
+
+    src: Path  # the complete received file, on the spool's disk
+    inst: Instance  # its row; ``path`` is filled in by the writer
+    modality: str
+    hint: SizeHint
+    done: threading.Event = field(default_factory=threading.Event)
+    stored: Stored | None = None
+    added: bool = False  # False: the SOPInstanceUID was already indexed (a resend)
+    error: BaseException | None = None
+
+
+@dataclass
+class GroupCommit:
+    """The writer for ``spool`` and ``index``; safe to share between threads. ``max_batch``: instances per commit
+    at most; ``timeout_s``: how long :meth:`commit` waits."""
+
+    spool: Spool
+    index: Index
+    max_batch: int = MAX_BATCH
+    timeout_s: float = COMMIT_TIMEOUT_S
+    _queue: queue.SimpleQueue[Pending] = field(default_factory=queue.SimpleQueue, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+    batches: int = field(default=0, init=False)  # commits made (figures for tests and benchmarks)
+    committed: int = field(default=0, init=False)  # instances in them
+
+    def commit(self, src: Path, inst: Instance, modality: str, hint: SizeHint) -> tuple[Stored, bool]:
+        """Link ``src`` under its final name and record ``inst``, durably, together with whatever else is
+        waiting; returns (where it is stored, whether its row was added: False for a known SOPInstanceUID).
+
+        Blocks until the batch is on disk. Raises IngestError (0xA700: disk below the watermark, a write or sync
+        failure, or no commit within ``timeout_s``; 0xC210: invalid UID), SpoolError (the index failed)."""
+        item = Pending(src=src, inst=inst, modality=modality, hint=hint)
+        with self._lock:
+            self._queue.put(item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
+                self._thread.start()
+        if not item.done.wait(self.timeout_s):
+            raise IngestError(f"instance {inst.sop_uid}: not on disk within {self.timeout_s:.0f} s (the spool "
+                              f"writer is stalled)", Status.OUT_OF_RESOURCES)
+        if item.error is not None:
+            raise item.error
+        assert item.stored is not None
+        return item.stored, item.added
+
+    # ------------------------------------------------------------------------------------ the writer thread
+
+    def _run(self) -> None:
+        while True:
+            try:
+                first = self._queue.get(timeout=IDLE_EXIT_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._queue.empty():
+                        self._thread = None
+                        return
+                continue
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._commit(batch)
+            except BaseException as exc:  # noqa: BLE001 - never leave a caller waiting
+                log.exception("ingest commit of %d instance(s) failed unexpectedly: %s", len(batch), exc)
+                for p in batch:
+                    if not p.done.is_set():
+                        p.error = exc if isinstance(exc, Exception) else SpoolError(str(exc))
+                        p.done.set()
+
+    def _commit(self, batch: list[Pending]) -> None:
+        t0 = time.monotonic()
+        try:
+            self.spool.check_space()
+        except IngestError as exc:
+            self._fail(batch, exc)
+            self._wake(batch)
+            return
+        linked: list[Pending] = []
+        for p in batch:
+            try:
+                p.stored = self.spool.link_instance(p.src, p.inst.study_uid, p.inst.series_uid, p.inst.sop_uid)
+            except (IngestError, OSError) as exc:
+                p.error = exc if isinstance(exc, IngestError) else IngestError(
+                    f"instance {p.inst.sop_uid}: cannot write to the spool: {exc}", Status.OUT_OF_RESOURCES)
+                continue
+            p.inst = replace(p.inst, path=str(p.stored.path))
+            linked.append(p)
+        new = [p for p in linked if p.stored is not None and not p.stored.duplicate]
+        try:
+            self.spool.sync([p.stored.path for p in new if p.stored],
+                            sorted({p.stored.path.parent for p in new if p.stored}))
+        except OSError as exc:
+            self._unlink(new)
+            self._fail(linked, IngestError(f"the spool {self.spool.root} could not be synced: {exc}",
+                                           Status.OUT_OF_RESOURCES))
+            self._wake(batch)
+            return
+        self._index(linked)
+        self._wake(batch)
+        self.batches += 1
+        self.committed += len(linked)
+        log.debug("ingest commit: %d instance(s) in %.1f ms", len(linked), 1000 * (time.monotonic() - t0))
+
+    def _index(self, linked: list[Pending]) -> None:
+        """All rows in one transaction; when it fails, row by row (a failed row: its new link is removed)."""
+        rows = [(p.inst, p.modality, _size(p), p.hint) for p in linked]
+        try:
+            for p, added in zip(linked, self.index.add_instances(rows), strict=True):
+                p.added = added
+            return
+        except SpoolError as exc:
+            if len(linked) == 1:
+                self._unlink([p for p in linked if p.stored and not p.stored.duplicate])
+                linked[0].error = exc
+                return
+            log.warning("ingest commit: the index transaction of %d rows failed (%s); writing them one by one",
+                        len(linked), exc)
+        for p, row in zip(linked, rows, strict=True):
+            try:
+                p.added = self.index.add_instances([row])[0]
+            except SpoolError as exc:
+                if p.stored and not p.stored.duplicate:
+                    self._unlink([p])
+                p.error = exc
+
+    @staticmethod
+    def _unlink(items: list[Pending]) -> None:
+        for p in items:
+            if p.stored is not None:
+                try:
+                    p.stored.path.unlink(missing_ok=True)
+                except OSError as exc:  # pragma: no cover - permissions changed under us
+                    log.warning("ingest commit: cannot remove %s after a failure: %s", p.stored.path, exc)
+
+    @staticmethod
+    def _fail(items: list[Pending], exc: BaseException) -> None:
+        for p in items:
+            if p.error is None:
+                p.error = exc
+
+    @staticmethod
+    def _wake(items: list[Pending]) -> None:
+        for p in items:
+            p.done.set()
+
+
+def _size(p: Pending) -> int:
+    try:
+        return (p.stored.path if p.stored else p.src).stat().st_size
+    except OSError:
+        return 0

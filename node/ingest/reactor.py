@@ -1,0 +1,164 @@
+"""pynetdicom's association threads without their millisecond polling (ingest CPU under many associations).
+
+pynetdicom 3.0 runs two threads per association, each polling: the DUL reactor sleeps ``_run_loop_delay``
+(1 ms) whenever it had nothing to do, then polls its socket with ``select(..., 0)``; the association reactor
+sleeps 1 ms per loop before it looks for a complete DIMSE message. With 16 open associations that is ~32,000
+Python wake-ups a second, each taking the GIL: profiled (py-spy, ``srnode bench ingest``, 16 senders) as about
+half of the node's CPU samples while it ingests, more than admission and the group commit together.
+
+Here the waits end on the event itself instead, and otherwise poll every ``IDLE_S``:
+
+- :class:`QuietDUL`: where the reactor would sleep, it waits in ``select`` on its socket and on a wake-up
+  socket pair written by ``send_pdu`` / ``kill_dul`` (a primitive to send, e.g. the C-STORE response): data
+  from the peer and primitives from the association thread are handled as soon as they come, timers (ARTIM)
+  at most ``IDLE_S`` late. Hooked through ``_run_loop_delay``, which the reactor reads right before its sleep:
+  the property waits and then returns 0 (so the sleep that follows is none).
+- :class:`QuietAssociation`: its ``_reactor_checkpoint`` (an Event the reactor waits on after its 1 ms sleep in
+  every loop) first waits until a DIMSE message is queued (``DIMSEServiceProvider.msg_queue``) or ``IDLE_S``
+  passed; release / abort requests and the network timeout are noticed at most ``IDLE_S`` late.
+
+Only the SCP's accepted associations use them (:class:`QuietRequestHandler`); pynetdicom's protocol code is
+unchanged. Tested against pynetdicom 3.0.x (``SUPPORTED``); with another version the stock classes are used.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import threading
+import time
+from copy import deepcopy
+from datetime import datetime
+from typing import Any
+
+import pynetdicom
+from pynetdicom import evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+IDLE_S = 0.02  # longest wait before the reactors look at their timers and flags again (seconds)
+SUPPORTED = pynetdicom.__version__.startswith("3.0.")
+
+
+class QuietDUL(DULServiceProvider):
+    """A DUL reactor that waits for socket data or a queued primitive instead of sleeping 1 ms per loop."""
+
+    def __init__(self, assoc: Association) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        super().__init__(assoc)
+
+    @property  # type: ignore[override]
+    def _run_loop_delay(self) -> float:
+        """Wait for activity (at most IDLE_S), then 0: the reactor's ``time.sleep`` after this is none."""
+        self._idle_wait()
+        return 0.0
+
+    @_run_loop_delay.setter
+    def _run_loop_delay(self, value: float) -> None:  # pynetdicom's __init__ sets 0.001: not used
+        pass
+
+    def _idle_wait(self) -> None:
+        if self._kill_thread or not self.to_provider_queue.empty() or not self.event_queue.empty():
+            return
+        wrapper = self.socket
+        raw = getattr(wrapper, "socket", None)
+        if raw is None or not getattr(wrapper, "_is_connected", False):
+            time.sleep(0.001)  # not connected (yet, or any more): as pynetdicom does
+            return
+        if isinstance(raw, ssl.SSLSocket) and raw.pending():
+            return
+        try:
+            ready, _, _ = select.select([raw, self._wake_r], [], [], IDLE_S)
+        except (OSError, ValueError):  # closed under us: the reactor's own check reports it
+            return
+        if self._wake_r in ready:
+            self._drain()
+
+    def _drain(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):  # full (a wake-up is pending anyway) or closed
+            pass
+
+    def send_pdu(self, primitive: Any) -> None:
+        super().send_pdu(primitive)
+        self._wake()
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self._wake()
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            self._wake_r.close()
+            self._wake_w.close()
+
+
+class _Checkpoint(threading.Event):
+    """The association reactor's checkpoint: ``wait()`` without a timeout first waits (at most IDLE_S) for a
+    DIMSE message to be queued, then behaves as ``threading.Event.wait``."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__()
+        self._assoc = assoc
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if timeout is None and threading.current_thread() is self._assoc:
+            q = self._assoc.dimse.msg_queue
+            with q.not_empty:
+                if not q._qsize() and not self._assoc._kill:  # the mutex is held: qsize() would deadlock
+                    q.not_empty.wait(IDLE_S)
+        return super().wait(timeout)
+
+
+class QuietAssociation(Association):
+    """An acceptor association with :class:`QuietDUL` and a reactor that waits for DIMSE messages."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dul = QuietDUL(self)
+        checkpoint = _Checkpoint(self)
+        checkpoint.set()
+        self._reactor_checkpoint = checkpoint
+
+
+class QuietRequestHandler(RequestHandler):
+    """pynetdicom's request handler, making :class:`QuietAssociation` s (stock ones when not ``SUPPORTED``)."""
+
+    def _create_association(self) -> Association:
+        """As ``RequestHandler._create_association`` of pynetdicom 3.0.4, with our association class."""
+        if not SUPPORTED:
+            return super()._create_association()
+        assoc = QuietAssociation(self.ae, MODE_ACCEPTOR)
+        assoc._server = self.server
+        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
+        assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+        assoc.requestor.address_info = self.remote
+        for event in self.server._handlers:
+            if event.is_intervention and self.server._handlers[event]:
+                assoc.bind(event, *self.server._handlers[event])
+            elif isinstance(event, evt.NotificationEvent):
+                for handler in self.server._handlers[event]:
+                    h: Any = handler
+                    assoc.bind(event, h[0], h[1])
+        return assoc
