@@ -34,6 +34,11 @@ log = logging.getLogger(__name__)
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128
+NO_RESPONSE_RETRIES = 3  # per association and send: C-STOREs without a response sent again on a new association
+
+
+class _NoResponse(DeliveryError):
+    """A C-STORE got no response (timeout, connection lost, or pynetdicom's reactor took it); retryable."""
 
 
 def client_ssl_context(dest: DicomDestination) -> ssl.SSLContext:
@@ -126,17 +131,31 @@ class DimseSender:
     def _send_on_one(self, contexts: list[tuple[str, list[str]]], headers: list[tuple[Path, str, str]],
                      stop: threading.Event) -> None:
         """Send ``headers`` (path, SOP class, transfer syntax) in order on one new association; returns early
-        when ``stop`` is set (another association failed). Raises DeliveryError."""
+        when ``stop`` is set (another association failed). A C-STORE without a response (pynetdicom aborts the
+        association) is sent again on a new association, up to ``NO_RESPONSE_RETRIES`` times per call: under
+        heavy CPU load pynetdicom 3.0's association reactor can take a response meant for ``send_c_store``
+        ("Received unexpected C-STORE service message", pydicom/pynetdicom#875). Raises DeliveryError."""
         ae = self._ae()
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, syntaxes)
+        retries = NO_RESPONSE_RETRIES
         assoc = self._associate(ae)
         try:
             accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
-            for path, sop_class, ts in headers:
-                if stop.is_set():
-                    return
-                self._send_one(assoc, accepted, path, sop_class, ts)
+            k = 0
+            while k < len(headers) and not stop.is_set():
+                path, sop_class, ts = headers[k]
+                try:
+                    self._send_one(assoc, accepted, path, sop_class, ts)
+                except _NoResponse:
+                    if retries <= 0 or assoc.is_established:
+                        raise
+                    retries -= 1
+                    log.warning("destination %s: no C-STORE response for %s; again on a new association",
+                                self._where(), path.name)
+                    assoc = self._associate(ae)
+                    continue
+                k += 1
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -160,7 +179,7 @@ class DimseSender:
             raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} failed: {exc}") from exc
         status = int(rsp.get("Status", -1)) if rsp is not None and len(rsp) else -1
         if status == -1:
-            raise DeliveryError(f"destination {self._where()}: no C-STORE response for {path.name} "
+            raise _NoResponse(f"destination {self._where()}: no C-STORE response for {path.name} "
                                 "(connection lost or timed out)")
         if status not in STORED_STATUSES:
             raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} answered {label(status)}",
