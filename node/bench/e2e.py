@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                                            str(work / "config.toml")], cwd=ROOT, stdout=lf, stderr=lf,
                                           env={**os.environ, "PYTHONUNBUFFERED": "1"}))
         _wait(lambda: subprocess.run([ECHOSCU, "-aec", "SRNODE", "127.0.0.1", str(port)],
-                                     capture_output=True).returncode == 0, 60, "the node")
+                                     capture_output=True).returncode == 0, 300, "the node")
 
         def counts() -> dict[str, int]:
             r = httpx.post(f"{url}/tools/find", json={"Level": "Series", "Expand": True,
