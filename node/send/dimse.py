@@ -37,6 +37,30 @@ MAX_CONTEXTS = 128
 NO_RESPONSE_RETRIES = 3  # per association and send: C-STOREs without a response sent again on a new association
 
 
+def _keep_responses(assoc: Any) -> Any:
+    """``assoc`` with its reactor handing a stolen C-STORE response back to the waiting ``send_c_store``.
+
+    pynetdicom 3.0's requestor reactor pauses for ``send_c_store`` through a checkpoint that has a window: under
+    heavy CPU load the reactor can take the response off the DIMSE queue itself, log "Received unexpected C-STORE
+    service message" and drop it, and ``send_c_store`` then waits until the peer gives up (Orthanc closes the
+    association after its 30 s DicomScpTimeout). Seen 2-5 times per 558-instance delivery with 4 associations at
+    load average 20 on 2 cores (pydicom/pynetdicom#875 reports it for C-FIND). This hook on the association
+    object (pynetdicom's private ``_serve_request`` and ``dimse.msg_queue``) puts a response back on the queue,
+    once per message, so the waiting call gets it; requests from the peer are served as before."""
+    serve = assoc._serve_request
+    requeued: set[int] = set()
+
+    def serve_or_requeue(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and msg.is_valid_response and id(msg) not in requeued:
+            requeued.add(id(msg))
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_requeue
+    return assoc
+
+
 class _NoResponse(DeliveryError):
     """A C-STORE got no response (timeout, connection lost, or pynetdicom's reactor took it); retryable."""
 
@@ -139,7 +163,7 @@ class DimseSender:
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, syntaxes)
         retries = NO_RESPONSE_RETRIES
-        assoc = self._associate(ae)
+        assoc = _keep_responses(self._associate(ae))
         try:
             accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
             k = 0
@@ -148,12 +172,14 @@ class DimseSender:
                 try:
                     self._send_one(assoc, accepted, path, sop_class, ts)
                 except _NoResponse:
-                    if retries <= 0 or assoc.is_established:
+                    if retries <= 0:
                         raise
                     retries -= 1
+                    if assoc.is_established:  # pynetdicom may not have noticed the abort yet
+                        assoc.abort()
                     log.warning("destination %s: no C-STORE response for %s; again on a new association",
                                 self._where(), path.name)
-                    assoc = self._associate(ae)
+                    assoc = _keep_responses(self._associate(ae))
                     continue
                 k += 1
         finally:
