@@ -3,7 +3,17 @@
 A real node process (cubic engine, CPU) receives a 140-slice 512² CT (the shared 1 mm phantom, or a generated
 phantom of the same size when ../shared/data is absent) from dcmtk ``storescu`` and sends the derived and
 uncertainty series to a real Orthanc started for the run. The clock starts when storescu starts and stops when
-Orthanc holds every derived instance (and, separately, every uncertainty instance).
+Orthanc holds every derived instance (and, separately, every uncertainty instance, and every result the node
+delivered).
+
+Then, in the same run and to the same Orthanc, dcmtk ``storescu`` sends the same result files again (the study
+deleted first): once on one association (the reference rate) and once split over as many ``storescu`` processes
+as the node has associations. Two targets (issue #15 item 2), each printed with PASS/FAIL:
+
+- latency: last instance received (storescu done) -> last result stored in Orthanc <= ``stable_age_s`` + the
+  job's processing seconds + 8 s;
+- rate: the node's delivery rate (results / seconds of the delivery, from the node's log) >= 0.8 x the rate of one
+  ``storescu`` association sending the same files.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -40,6 +51,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--factor", type=int, default=2, help="through-plane factor")
     parser.add_argument("--timeout", type=float, default=1800.0, help="give up after this many seconds")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, spool)")
+    parser.add_argument("--associations", type=int, default=4,
+                        help="the node's C-STORE associations to Orthanc ([[destinations]] associations)")
+
+
+LATENCY_SLACK_S = 8.0  # issue #15 item 2: last received -> last stored <= stable_age + processing + 8 s
+RATE_RATIO = 0.8  # issue #15 item 2: node delivery rate >= 0.8 x one storescu association's
+DELIVERED = re.compile(r"job (\d+) -> pacs: (\d+) file\(s\) delivered in ([0-9.]+) s")
 
 
 def _port() -> int:
@@ -86,6 +104,28 @@ def _series_files(args: argparse.Namespace, work: Path) -> tuple[list[Path], str
     return write_phantom_series(work / "phantom", slices=140, size=512, step_mm=1.0), "generated phantom 140x512"
 
 
+def _storescu_rates(url: str, study: str, dicom_port: int, results: list[Path], associations: int,
+                    counts: Any) -> dict[str, float]:
+    """dcmtk ``storescu`` sending ``results`` to the same Orthanc, its copy of ``study`` deleted before each try:
+    on one association, then split over ``associations`` storescu processes. Rates in instances/s; RuntimeError
+    when storescu fails, TimeoutError when Orthanc does not hold them all afterwards."""
+    out: dict[str, float] = {"storescu_files": len(results)}
+    for n in (1, associations):
+        for sid in httpx.post(f"{url}/tools/lookup", content=study, timeout=30).json():
+            httpx.delete(f"{url}/studies/{sid['ID']}", timeout=120).raise_for_status()
+        t = time.monotonic()
+        procs = [subprocess.Popen([STORESCU, "-aec", "ORTHANC", "-aet", "BENCH", "127.0.0.1", str(dicom_port),
+                                   *map(str, results[i::n])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for i in range(n)]
+        if any(p.wait() != 0 for p in procs):
+            raise RuntimeError("storescu of the result files to Orthanc failed")
+        seconds = time.monotonic() - t
+        _wait(lambda: sum(counts().values()) >= len(results), 60, "storescu's files in Orthanc")
+        out[f"storescu_{n}_assoc_s"] = round(seconds, 2)
+        out[f"storescu_{n}_assoc_inst_per_s"] = round(len(results) / seconds, 1)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``srnode bench e2e``; returns the exit code. TimeoutError when Orthanc, the node or the results do
     not appear in time; RuntimeError when storescu fails."""
@@ -119,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                         "min_free_mb": 1},
                "engine": {"name": "cubic", "device": "cpu"}, "http": {"enabled": False},
                "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "ORTHANC", "host": "127.0.0.1",
-                                 "port": o_dicom}],
+                                 "port": o_dicom, "associations": args.associations}],
                "rules": [{"name": "bench", "match": {"Modality": ".*"}, "through_plane_factor": args.factor,
                           "destinations": ["pacs"]}]}
         (work / "config.toml").write_text(_toml(cfg))
@@ -128,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                                            str(work / "config.toml")], cwd=ROOT, stdout=lf, stderr=lf,
                                           env={**os.environ, "PYTHONUNBUFFERED": "1"}))
         _wait(lambda: subprocess.run([ECHOSCU, "-aec", "SRNODE", "127.0.0.1", str(port)],
-                                     capture_output=True).returncode == 0, 60, "the node")
+                                     capture_output=True).returncode == 0, 300, "the node")
 
         def counts() -> dict[str, int]:
             r = httpx.post(f"{url}/tools/find", json={"Level": "Series", "Expand": True,
@@ -143,30 +183,61 @@ def run(args: argparse.Namespace) -> int:
         if sent.returncode != 0:
             raise RuntimeError(f"storescu failed: {sent.stderr[-500:]}")
         marks: dict[str, float] = {}
+        delivered: dict[str, float] = {}
+        node_log = work / "node.log"
 
         def done() -> bool:
             c = counts()
             for modality, key in (("CT", "derived"), ("OT", "uncertainty")):
                 if key not in marks and c.get(modality, 0) >= n_out:
                     marks[key] = time.monotonic() - t0
-            return len(marks) == 2
+            if "all" not in marks:
+                m = DELIVERED.search(node_log.read_text(errors="replace"))
+                if m and sum(c.values()) >= int(m.group(2)):
+                    marks["all"] = time.monotonic() - t0
+                    delivered.update(files=int(m.group(2)), seconds=float(m.group(3)))
+            return "derived" in marks and "all" in marks
 
-        _wait(done, args.timeout, "derived and uncertainty series in Orthanc", interval=0.25)
+        _wait(done, args.timeout, "the derived series and every delivered result in Orthanc", interval=0.25)
         status = subprocess.run([sys.executable, "-m", "node.app.cli", "status", "--json", "--config",
                                  str(work / "config.toml")], cwd=ROOT, capture_output=True, text=True)
         job = json.loads(status.stdout)["jobs"][-1] if status.returncode == 0 else {}
+        processing_s = float((job.get("report") or {}).get("seconds") or 0.0)
+        results = sorted((work / "spool" / "outbox").rglob("*.dcm"))
+        reference = _storescu_rates(url, study, o_dicom, results, args.associations, counts)
+        latency = marks["all"] - t_sent
+        budget = args.stable_age + processing_s + LATENCY_SLACK_S
+        node_rate = delivered["files"] / max(delivered["seconds"], 1e-3)
+        ratio = node_rate / reference["storescu_1_assoc_inst_per_s"]
         figures = {
             "input": source, "slices_in": len(files), "matrix": "512x512", "slices_out": n_out,
             "engine": "cubic", "device": "cpu", "factor": args.factor, "stable_age_s": args.stable_age,
+            "associations": args.associations,
             "send_s": round(t_sent, 2),
             "first_sent_to_last_derived_in_orthanc_s": round(marks["derived"], 2),
-            "first_sent_to_last_uncertainty_in_orthanc_s": round(marks["uncertainty"], 2),
+            "first_sent_to_last_uncertainty_in_orthanc_s": round(marks["uncertainty"], 2)
+            if "uncertainty" in marks else None,
+            "first_sent_to_last_result_in_orthanc_s": round(marks["all"], 2),
             "job_processing_s": (job.get("report") or {}).get("seconds"),
-            "cpu_count": os.cpu_count(),
+            "results_delivered": delivered["files"], "node_delivery_s": delivered["seconds"],
+            "node_delivery_inst_per_s": round(node_rate, 1),
+            **reference,
+            "last_received_to_last_stored_s": round(latency, 2),
+            "target_latency_budget_s": round(budget, 2),
+            "target_latency_pass": latency <= budget,
+            "rate_ratio_vs_storescu": round(ratio, 2),
+            "target_rate_ratio": RATE_RATIO,
+            "target_rate_pass": ratio >= RATE_RATIO,
+            "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
         }
         out = write_result("e2e", figures)
         for k, v in figures.items():
             print(f"  {k}: {v}")
+        print(f"target latency: last received -> last stored {latency:.1f} s <= stable_age {args.stable_age:g} + "
+              f"processing {processing_s:.1f} + {LATENCY_SLACK_S:g} = {budget:.1f} s: "
+              f"{'PASS' if latency <= budget else 'FAIL'}")
+        print(f"target rate: node {node_rate:.1f} inst/s vs storescu {reference['storescu_1_assoc_inst_per_s']:.1f} "
+              f"inst/s = {ratio:.2f} >= {RATE_RATIO}: {'PASS' if ratio >= RATE_RATIO else 'FAIL'}")
         print(f"wrote {out}")
         return 0
     finally:

@@ -64,6 +64,7 @@ class DicomDestination:
     tls_key: str = ""
     timeout_s: float = 60.0  # ACSE, DIMSE and network timeout
     confirm: ConfirmMethod = ConfirmMethod.AUTO  # how delivery is confirmed (ConfirmMethod)
+    associations: int = 4  # associations at once per delivery (1..32); a PACS stores one instance at a time on each
 
     @property
     def address(self) -> str:
@@ -114,17 +115,21 @@ class OrthancDestination(WebEndpoint):
     kind: ClassVar[DestinationKind] = DestinationKind.ORTHANC
     timeout_s: float = 60.0  # per request
     confirm: ConfirmMethod = ConfirmMethod.AUTO  # auto/count: the series' instances counted over REST; none
+    parallel: int = 4  # uploads (POST /instances) at once per delivery (1..32)
 
 
 @dataclass(frozen=True)
 class DicomwebDestination(WebEndpoint):
-    """``kind = "dicomweb"``: STOW-RS to the service root ``url``, ``batch_size`` instances per request."""
+    """``kind = "dicomweb"``: STOW-RS to the service root ``url``, at most ``batch_size`` instances and ``batch_mb``
+    MB (one file larger than that goes alone) per request, ``parallel`` requests at once."""
 
     kind: ClassVar[DestinationKind] = DestinationKind.DICOMWEB
     tls_ca: str = ""  # PEM CA bundle to verify the server
     tls_cert: str = ""  # PEM client certificate
     tls_key: str = ""
-    batch_size: int = 50
+    batch_size: int = 50  # instances per STOW-RS request (1..1000)
+    batch_mb: float = 64.0  # bytes per STOW-RS request, in MB (> 0)
+    parallel: int = 2  # STOW-RS requests at once per delivery (1..32)
     timeout_s: float = 60.0  # per request
     confirm: ConfirmMethod = ConfirmMethod.AUTO  # auto/count: the series' instances counted by QIDO-RS; none
 

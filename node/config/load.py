@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from models.engine import factor_problem
-from node.config.endpoints import ConfirmMethod, DestinationKind, DicomDestination, DicomSource
+from node.config.endpoints import (
+    ConfirmMethod,
+    DestinationKind,
+    DicomDestination,
+    DicomSource,
+    DicomwebDestination,
+    OrthancDestination,
+)
 from node.config.schema import FLATTEN, NOT_A_KEY, Config, kind_tag
 from node.errors import ConfigError
 
@@ -196,6 +203,15 @@ def _check(cfg: Config) -> None:
             if getattr(e, "confirm", None) == ConfirmMethod.COMMITMENT and not isinstance(e, DicomDestination):
                 raise ConfigError(f"{w}.confirm: 'commitment' (DICOM Storage Commitment) needs kind = \"dicom\"; "
                                   "use 'auto', 'count' or 'none'")
+            if isinstance(e, DicomDestination) and not 1 <= e.associations <= 32:
+                raise ConfigError(f"{w}.associations: {e.associations} must be 1..32")
+            if isinstance(e, (OrthancDestination, DicomwebDestination)) and not 1 <= e.parallel <= 32:
+                raise ConfigError(f"{w}.parallel: {e.parallel} must be 1..32")
+            if isinstance(e, DicomwebDestination):
+                if not 1 <= e.batch_size <= 1000:
+                    raise ConfigError(f"{w}.batch_size: {e.batch_size} must be 1..1000")
+                if not e.batch_mb > 0:
+                    raise ConfigError(f"{w}.batch_mb: {e.batch_mb:g} must be > 0 (MB)")
     dest_names = {d.name for d in cfg.destinations}
     rule_names: set[str] = set()
     for i, r in enumerate(cfg.rules):

@@ -1,6 +1,8 @@
 """Destination ``kind = "dicomweb"``: STOW-RS with dicomweb-client.
 
-Auth: ``token`` (bearer) or ``username``/``password`` (basic). Files go in batches of ``batch_size`` per request;
+Auth: ``token`` (bearer) or ``username``/``password`` (basic). Files go in batches of at most ``batch_size``
+instances and ``batch_mb`` MB of files (a larger single file goes alone) per multipart request, ``parallel``
+requests at once; the first failure stops the batches not yet started and is raised (a non-retryable one first).
 dicomweb-client retries 408/429/503/504 with exponential backoff, and the outbox retries the whole delivery on a
 ``DeliveryError(retryable=True)``. A STOW response listing failed instances is a delivery error naming them.
 """
@@ -8,7 +10,9 @@ dicomweb-client retries 408/429/503/504 with exponential backoff, and the outbox
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -24,6 +28,27 @@ log = logging.getLogger(__name__)
 _PERMANENT = {400, 401, 403, 404, 409, 413, 415}
 
 
+def batches(paths: Sequence[Path], max_files: int, max_bytes: int) -> list[list[Path]]:
+    """``paths`` in order, cut into runs of at most ``max_files`` files and ``max_bytes`` bytes on disk (a file
+    larger than ``max_bytes`` makes a batch of its own). Raises DeliveryError when a file cannot be stat'ed."""
+    out: list[list[Path]] = []
+    cur: list[Path] = []
+    size = 0
+    for p in map(Path, paths):
+        try:
+            n = p.stat().st_size
+        except OSError as exc:
+            raise DeliveryError(f"cannot read {p}: {exc}", retryable=False) from exc
+        if cur and (len(cur) >= max_files or size + n > max_bytes):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(p)
+        size += n
+    if cur:
+        out.append(cur)
+    return out
+
+
 class DicomWebSender:
     """STOW-RS sender for one DICOMweb service root (``url``, e.g. ``http://pacs/dicom-web``)."""
 
@@ -31,6 +56,8 @@ class DicomWebSender:
         self.name = dest.name
         self.url = dest.url.rstrip("/")
         self.batch_size = max(1, dest.batch_size)
+        self.batch_bytes = max(1, int(dest.batch_mb * 1024 * 1024))
+        self.parallel = max(1, dest.parallel)
         self.timeout_s = dest.timeout_s
         if dest.username and not dest.token:
             session = create_session_from_user_pass(dest.username, dest.password)
@@ -52,24 +79,47 @@ class DicomWebSender:
         return DeliveryError(f"dicomweb destination {self.name!r} ({self.url}): {what}: {detail}", retryable)
 
     def send(self, paths: Sequence[Path]) -> None:
-        for start in range(0, len(paths), self.batch_size):
-            batch = [Path(p) for p in paths[start:start + self.batch_size]]
+        todo = batches(paths, self.batch_size, self.batch_bytes)
+        stop = threading.Event()
+        errors: list[DeliveryError] = []
+
+        def store(batch: list[Path]) -> None:
+            if stop.is_set():
+                return
             try:
-                datasets = [pydicom.dcmread(p) for p in batch]
-            except (OSError, pydicom.errors.InvalidDicomError) as exc:
-                raise DeliveryError(f"dicomweb destination {self.name!r}: cannot read a file of the batch "
-                                    f"starting {batch[0].name}: {exc}", retryable=False) from exc
-            try:
-                result = self._client.store_instances(datasets)
-            except requests.RequestException as exc:
-                raise self._error(f"STOW-RS of {len(batch)} instance(s) failed", exc) from exc
-            failed = list(getattr(result, "FailedSOPSequence", []) or [])
-            if failed:
-                reasons = sorted({f"{getattr(item, 'ReferencedSOPInstanceUID', '?')}: reason "
-                                  f"0x{int(getattr(item, 'FailureReason', 0)):04X}" for item in failed})
-                raise DeliveryError(f"dicomweb destination {self.name!r}: {len(failed)} of {len(batch)} "
-                                    f"instance(s) refused ({'; '.join(reasons[:3])})", retryable=True)
-        log.info("dicomweb destination %s: %d file(s) stored", self.name, len(paths))
+                self._store(batch)
+            except DeliveryError as exc:
+                errors.append(exc)
+                stop.set()
+
+        workers = max(1, min(self.parallel, len(todo)))
+        if workers == 1:
+            for batch in todo:
+                self._store(batch)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix=f"srnode-stow-{self.name}") as pool:
+                list(pool.map(store, todo))
+            if errors:
+                raise next((e for e in errors if not e.retryable), errors[0])
+        log.info("dicomweb destination %s: %d file(s) stored in %d request(s)", self.name, len(paths), len(todo))
+
+    def _store(self, batch: list[Path]) -> None:
+        """One STOW-RS request with the files of ``batch``; raises DeliveryError."""
+        try:
+            datasets = [pydicom.dcmread(p) for p in batch]
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise DeliveryError(f"dicomweb destination {self.name!r}: cannot read a file of the batch "
+                                f"starting {batch[0].name}: {exc}", retryable=False) from exc
+        try:
+            result = self._client.store_instances(datasets)
+        except requests.RequestException as exc:
+            raise self._error(f"STOW-RS of {len(batch)} instance(s) failed", exc) from exc
+        failed = list(getattr(result, "FailedSOPSequence", []) or [])
+        if failed:
+            reasons = sorted({f"{getattr(item, 'ReferencedSOPInstanceUID', '?')}: reason "
+                              f"0x{int(getattr(item, 'FailureReason', 0)):04X}" for item in failed})
+            raise DeliveryError(f"dicomweb destination {self.name!r}: {len(failed)} of {len(batch)} "
+                                f"instance(s) refused ({'; '.join(reasons[:3])})", retryable=True)
 
     def check(self) -> None:
         try:

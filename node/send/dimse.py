@@ -1,14 +1,21 @@
 """C-STORE SCU destination (kind "dicom").
 
-One association per ``send``: for every SOP class among the files it proposes the files' own transfer
-syntax and, in a second context, Explicit/Implicit VR Little Endian. A file whose compressed syntax the peer
-refused is decompressed (pylibjpeg) and sent uncompressed. TLS when ``dest.tls``.
+Up to ``dest.associations`` (N) associations per ``send``, in parallel threads; association i sends files
+i, i + N, i + 2N, ... in order: a PACS answers one C-STORE at a time per association, so one association is bound
+by the round trip and the peer's per-instance latency (measured: dcmtk ``storescu`` to Orthanc 1.10.1 on
+localhost 15 instances/s with one association, 55/s with four; docs/benchmarks.md "Delivery"). Each association
+proposes, for every SOP class among the files, the files' own transfer syntax and, in a second context,
+Explicit/Implicit VR Little Endian. A file whose own syntax was accepted is streamed from disk as it is (no
+decoding); one whose compressed syntax the peer refused is decompressed (pylibjpeg) and sent uncompressed. TLS
+when ``dest.tls``. The first failure stops the other associations; ``send`` then raises it (a non-retryable one
+before a retryable one) and the outbox resends the whole delivery later (harmless: deterministic UIDs).
 """
 
 from __future__ import annotations
 
 import logging
 import ssl
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,35 @@ log = logging.getLogger(__name__)
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128
+NO_RESPONSE_RETRIES = 3  # per association and send: C-STOREs without a response sent again on a new association
+
+
+def _keep_responses(assoc: Any) -> Any:
+    """``assoc`` with its reactor handing a stolen C-STORE response back to the waiting ``send_c_store``.
+
+    pynetdicom 3.0's requestor reactor pauses for ``send_c_store`` through a checkpoint that has a window: under
+    heavy CPU load the reactor can take the response off the DIMSE queue itself, log "Received unexpected C-STORE
+    service message" and drop it, and ``send_c_store`` then waits until the peer gives up (Orthanc closes the
+    association after its 30 s DicomScpTimeout). Seen 2-5 times per 558-instance delivery with 4 associations at
+    load average 20 on 2 cores (pydicom/pynetdicom#875 reports it for C-FIND). This hook on the association
+    object (pynetdicom's private ``_serve_request`` and ``dimse.msg_queue``) puts a response back on the queue,
+    once per message, so the waiting call gets it; requests from the peer are served as before."""
+    serve = assoc._serve_request
+    requeued: set[int] = set()
+
+    def serve_or_requeue(msg: Any, context_id: int) -> None:
+        if not msg.is_valid_request and msg.is_valid_response and id(msg) not in requeued:
+            requeued.add(id(msg))
+            assoc.dimse.msg_queue.put((context_id, msg))
+            return
+        serve(msg, context_id)
+
+    assoc._serve_request = serve_or_requeue
+    return assoc
+
+
+class _NoResponse(DeliveryError):
+    """A C-STORE got no response (timeout, connection lost, or pynetdicom's reactor took it); retryable."""
 
 
 def client_ssl_context(dest: DicomDestination) -> ssl.SSLContext:
@@ -38,7 +74,7 @@ def client_ssl_context(dest: DicomDestination) -> ssl.SSLContext:
 
 
 class DimseSender:
-    """C-STORE SCU sender for one ``DicomDestination`` (one association per ``send``)."""
+    """C-STORE SCU sender for one ``DicomDestination`` (``dest.associations`` associations at once per ``send``)."""
 
     def __init__(self, dest: DicomDestination) -> None:
         self.name = dest.name
@@ -82,20 +118,70 @@ class DimseSender:
             meta = h.file_meta
             sop_class = str(meta.get("MediaStorageSOPClassUID", "") or h.get("SOPClassUID", ""))
             headers.append((Path(p), sop_class, str(meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))))
-        ae = self._ae()
+        contexts: list[tuple[str, list[str]]] = []
         for sop_class in sorted({h[1] for h in headers}):
             own = sorted({h[2] for h in headers if h[1] == sop_class and h[2] not in UNCOMPRESSED})
-            for ts in own:
-                ae.add_requested_context(sop_class, ts)
-            ae.add_requested_context(sop_class, list(UNCOMPRESSED))
-        if len(ae.requested_contexts) > MAX_CONTEXTS:  # pragma: no cover - > 60 SOP classes in one job
+            contexts += [(sop_class, [ts]) for ts in own]
+            contexts.append((sop_class, list(UNCOMPRESSED)))
+        if len(contexts) > MAX_CONTEXTS:  # pragma: no cover - > 60 SOP classes in one job
             raise DeliveryError(f"destination {self._where()}: too many SOP classes for one association",
                                 retryable=False)
-        assoc = self._associate(ae)
+        n = max(1, min(self.dest.associations, len(headers)))
+        if n == 1:
+            self._send_on_one(contexts, headers, threading.Event())
+            return
+        stop = threading.Event()
+        errors: list[DeliveryError] = []
+
+        def work(part: list[tuple[Path, str, str]]) -> None:
+            try:
+                self._send_on_one(contexts, part, stop)
+            except DeliveryError as exc:
+                errors.append(exc)
+                stop.set()
+            except Exception as exc:  # noqa: BLE001 - a thread must not die silently; translated once here
+                errors.append(DeliveryError(f"destination {self._where()}: sending failed: {exc}"))
+                stop.set()
+
+        threads = [threading.Thread(target=work, args=(headers[i::n],), name=f"srnode-send-{self.name}-{i}",
+                                    daemon=True) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise next((e for e in errors if not e.retryable), errors[0])
+
+    def _send_on_one(self, contexts: list[tuple[str, list[str]]], headers: list[tuple[Path, str, str]],
+                     stop: threading.Event) -> None:
+        """Send ``headers`` (path, SOP class, transfer syntax) in order on one new association; returns early
+        when ``stop`` is set (another association failed). A C-STORE without a response (pynetdicom aborts the
+        association) is sent again on a new association, up to ``NO_RESPONSE_RETRIES`` times per call: under
+        heavy CPU load pynetdicom 3.0's association reactor can take a response meant for ``send_c_store``
+        ("Received unexpected C-STORE service message", pydicom/pynetdicom#875). Raises DeliveryError."""
+        ae = self._ae()
+        for sop_class, syntaxes in contexts:
+            ae.add_requested_context(sop_class, syntaxes)
+        retries = NO_RESPONSE_RETRIES
+        assoc = _keep_responses(self._associate(ae))
         try:
             accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
-            for path, sop_class, ts in headers:
-                self._send_one(assoc, accepted, path, sop_class, ts)
+            k = 0
+            while k < len(headers) and not stop.is_set():
+                path, sop_class, ts = headers[k]
+                try:
+                    self._send_one(assoc, accepted, path, sop_class, ts)
+                except _NoResponse:
+                    if retries <= 0:
+                        raise
+                    retries -= 1
+                    if assoc.is_established:  # pynetdicom may not have noticed the abort yet
+                        assoc.abort()
+                    log.warning("destination %s: no C-STORE response for %s; again on a new association",
+                                self._where(), path.name)
+                    assoc = _keep_responses(self._associate(ae))
+                    continue
+                k += 1
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -104,20 +190,22 @@ class DimseSender:
         if not any(a[0] == sop_class for a in accepted):
             raise DeliveryError(f"destination {self._where()}: refused SOP class {UID(sop_class).name} "
                                 f"({path.name})", retryable=False)
+        what: Dataset | Path = path  # accepted as it is on disk: pynetdicom streams the file's own encoding
+        if (sop_class, ts) not in accepted:
+            try:
+                what = dcmread(path)
+                if ts not in UNCOMPRESSED:
+                    what.decompress()  # the peer refused the compressed syntax: send it uncompressed
+            except Exception as exc:  # noqa: BLE001 - pydicom/pylibjpeg errors
+                raise DeliveryError(f"{path}: cannot be read or transcoded for {self._where()}: {exc}",
+                                    retryable=False) from exc
         try:
-            ds: Dataset = dcmread(path)
-            if (sop_class, ts) not in accepted and ts not in UNCOMPRESSED:
-                ds.decompress()  # the peer refused the compressed syntax: send it uncompressed
-        except Exception as exc:  # noqa: BLE001 - pydicom/pylibjpeg errors
-            raise DeliveryError(f"{path}: cannot be read or transcoded for {self._where()}: {exc}",
-                                retryable=False) from exc
-        try:
-            rsp = assoc.send_c_store(ds)
+            rsp = assoc.send_c_store(what)
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises on encoding/context problems
             raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} failed: {exc}") from exc
         status = int(rsp.get("Status", -1)) if rsp is not None and len(rsp) else -1
         if status == -1:
-            raise DeliveryError(f"destination {self._where()}: no C-STORE response for {path.name} "
+            raise _NoResponse(f"destination {self._where()}: no C-STORE response for {path.name} "
                                 "(connection lost or timed out)")
         if status not in STORED_STATUSES:
             raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} answered {label(status)}",

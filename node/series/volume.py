@@ -5,12 +5,15 @@ Built by ``node.series.load.load_series``; cut into regular runs by ``node.serie
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from models.engine import VolumeInput
+from node.series.slices import sop_instance_of
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,15 @@ class SeriesVolume:
     volume: tuple[int, int] | None = None  # (index, count) when the series holds several volumes
     volume_label: str = ""  # how a reader tells this volume from its siblings: "echo 2", "time 3", "type P"
     part: int = 0  # 0-based index among the derived series made from one input series (series numbers)
+
+    @cached_property
+    def instances_digest(self) -> str:
+        """16 hex digits of SHA-256 over the sorted SOPInstanceUIDs of ``datasets`` (each once): the exact set of
+        input instances, for the derived UIDs (``node.derived.modules.derived_uid``). Computed once per volume:
+        every derived object asks for it, and recomputing it per object made deriving O(slices²) (issue #15
+        item 5). ``datasets`` is not changed after construction (runs and volumes are new objects)."""
+        uids = sorted({sop_instance_of(d) for d in self.datasets})
+        return hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16]
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -130,7 +130,7 @@ def test_secrets_are_redacted_and_env_secrets_resolved(monkeypatch: pytest.Monke
     for secret in ("pw-from-env", "tok-vna", "pw-web", "tok-o", "tok-http", "pw-mq", "redis://r/1"):
         assert secret not in text, secret
     assert red["destinations"][2] == {"kind": "orthanc", "name": "orthanc", "url": "http://o:8042", "username": "u",
-                                      "password": "***", "token": "", "timeout_s": 5.0, "confirm": "auto"}
+                                      "password": "***", "token": "", "timeout_s": 5.0, "parallel": 4, "confirm": "auto"}
     assert red["executor"]["broker_url"] == "***" and red["http"]["token"] == "***"
     assert secret_values(cfg, keys=("password", "token")) == {"pw-from-env", "tok-vna", "pw-web", "tok-o",
                                                               "tok-http"}
