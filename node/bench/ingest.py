@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,13 +171,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="", help="keep files here (default: a temporary folder)")
 
 
-def measure(senders: int, instances: int, size: int, workdir: Path) -> dict[str, Any]:
+def measure(senders: int, instances: int, size: int, workdir: Path,
+            stage: Callable[[str], None] = lambda _name: None) -> dict[str, Any]:
     """Write ``senders`` series of ``instances`` ``size``² slices, send them to the node and then to storescp;
-    the figures (instances/s, MB/s with MB = 2^20 bytes, peak RSS MiB, their ratio)."""
+    the figures (instances/s, MB/s with MB = 2^20 bytes, peak RSS MiB, their ratio). ``stage`` gets each step's
+    name as it starts."""
+    stage("writing series")
     batches = [write_series(workdir / "send" / f"s{i:02d}", i, instances, size) for i in range(senders)]
     mb = sum(p.stat().st_size for b in batches for p in b) / 2**20
     (workdir / "node").mkdir(parents=True)
+    stage("sending to srnode")
     node = run_node(workdir / "node", batches)
+    stage("sending to storescp")
     ref = run_storescp(workdir, batches)
     node_ips = node["instances"] / node["seconds"]
     ref_ips = ref["instances"] / ref["seconds"]
@@ -196,6 +202,7 @@ def measure(senders: int, instances: int, size: int, workdir: Path) -> dict[str,
 def run(args: argparse.Namespace) -> int:
     """Run ``srnode bench ingest``; returns the exit code (1 when dcmtk is missing, a sender failed or an
     instance was not indexed)."""
+    from node.app.progress import bar_of
     from node.bench.results import write_result
 
     for tool in (STORESCU, STORESCP, ECHOSCU):
@@ -205,7 +212,9 @@ def run(args: argparse.Namespace) -> int:
     own = not args.workdir
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="srnode-bench-ingest-"))
     try:
-        figures = measure(args.senders, args.instances, args.size, workdir)
+        bar = bar_of(args)
+        bar.stage("starting", 4)
+        figures = measure(args.senders, args.instances, args.size, workdir, bar.stage)
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
