@@ -22,10 +22,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 _RUN = re.compile(r"^run (\d+)/(\d+) ")
 
 
-def wanted(quiet: bool, stream: TextIO = sys.stderr) -> bool:
-    """Whether to show a bar: not ``--quiet`` and ``stream`` is a terminal."""
+def wanted(quiet: bool, stream: TextIO | None = None) -> bool:
+    """Whether to show a bar: not ``--quiet`` and ``stream`` (default: the current ``sys.stderr``) is a terminal."""
     try:
-        return not quiet and stream.isatty()
+        return not quiet and (stream or sys.stderr).isatty()
     except (AttributeError, ValueError):
         return False
 

@@ -123,17 +123,18 @@ def test_bench_peers_writes_json_and_png_side_by_side(tmp_path: Path) -> None:
 
 
 @pytest.mark.peers
+@pytest.mark.timeout(3600)  # ECLARE's network (WDSR, 256 channels) is slow on a CPU: ~15 min on a loaded 2-core one
 def test_eclare_runs_on_a_small_crop(tmp_path: Path) -> None:
     """The real peer (make peers-venv) on a tiny CT crop with a tiny patch budget: it runs, its output lands on
     the truth grid and scores sanely."""
     if not (ROOT / ".venv-eclare" / "bin" / "run-eclare").is_file():
         pytest.skip("no .venv-eclare (make peers-venv)")
     src = tmp_path / "axial"
-    write_phantom_series(src, slices=9, size=48, step_mm=2.0, fov_mm=96.0)
+    write_phantom_series(src, slices=9, size=32, step_mm=2.0, fov_mm=64.0)
     out = tmp_path / "peers.json"
     r = subprocess.run([sys.executable, "-m", "node.app.cli", "--log-level", "WARNING", "bench", "peers", str(src),
-                        "--engine", "cubic", "--n-patches", "64", "--batch-size", "16", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
+                        "--engine", "cubic", "--n-patches", "32", "--batch-size", "16", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=3500)
     assert r.returncode == 0, r.stdout + r.stderr
     s = json.loads(out.read_text())["series"][0]
-    assert s["methods"]["eclare"]["psnr_db"] > 10 and s["eclare"]["output_shape_xyz"][:2] == [48, 48]
+    assert s["methods"]["eclare"]["psnr_db"] > 10 and s["eclare"]["output_shape_xyz"][:2] == [32, 32]
