@@ -323,7 +323,10 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
                    "own_elapsed_s": float(eclare_own.group(1)) if eclare_own else None,
                    "read_back": "cubic B-spline along the slice axis from ECLARE's grid onto the truth grid "
                                 "(its affine); in-plane grid unchanged",
-                   "resampling_ceiling_psnr_db": ceiling["psnr_db"]},
+                   "resampling_ceiling_psnr_db": ceiling["psnr_db"],
+                   # ECLARE clips to the input's range: an undertrained net leaves much of the body at its minimum
+                   "body_at_input_minimum": round(float((peer.data[mask] <= float(lr.data.min()) + 1e-3).mean()),
+                                                  4)},
     }
     images = {"truth": truth, "cubic": outs["cubic"], "srnode": outs["engine"], "ECLARE": peer.data}
     return figures, images
@@ -363,33 +366,9 @@ def write_png(path: Path, rows: list[tuple[dict[str, Any], dict[str, np.ndarray]
     plt.close(fig)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``srnode bench peers``; returns the exit code. VolumeError for a series that cannot be loaded,
-    EngineError when the peer is missing or fails."""
-    from node.app.progress import bar_of
-    from node.bench.results import RESULTS
-
-    if args.factor < 2:
-        raise VolumeError("--factor must be >= 2")
-    command = _peer_command(args)
-    bar = bar_of(args)
-    own = args.workdir is None
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="srnode-bench-peers-"))
-    rows = []
-    try:
-        for k, path in enumerate(args.series):
-            rows.append(compare(path, args, command, workdir, bar, len(args.series)))
-            m = rows[-1][0]["methods"]
-            print(f"{path.name} x{args.factor}: " + ", ".join(
-                f"{n} {v['gain_db']:+.2f} dB MAE {v['hu_mae']:.2f} bias {v['hu_bias']:+.2f} {v['seconds']:.1f} s"
-                for n, v in m.items()) + f" ({k + 1}/{len(args.series)})", flush=True)
-    finally:
-        if own:
-            import shutil
-
-            shutil.rmtree(workdir, ignore_errors=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    out = args.out or RESULTS / f"peers-{stamp}.json"
+def _write(out: Path, rows: list[tuple[dict[str, Any], dict[str, np.ndarray]]], args: argparse.Namespace,
+           stamp: str) -> None:
+    """The JSON (command, machine, budget note, figures per series) and the PNG beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     budget = rows[0][0]["eclare"] if rows else {}
     doc = {
@@ -411,5 +390,35 @@ def run(args: argparse.Namespace) -> int:
     }
     out.write_text(json.dumps(doc, indent=2, default=float) + "\n")
     write_png(out.with_suffix(".png"), rows, f"{doc['command']}  [{args.note or platform.node()}]")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``srnode bench peers``; returns the exit code. VolumeError for a series that cannot be loaded,
+    EngineError when the peer is missing or fails."""
+    from node.app.progress import bar_of
+    from node.bench.results import RESULTS
+
+    if args.factor < 2:
+        raise VolumeError("--factor must be >= 2")
+    command = _peer_command(args)
+    bar = bar_of(args)
+    own = args.workdir is None
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="srnode-bench-peers-"))
+    rows: list[tuple[dict[str, Any], dict[str, np.ndarray]]] = []
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = args.out or RESULTS / f"peers-{stamp}.json"
+    try:
+        for k, path in enumerate(args.series):
+            rows.append(compare(path, args, command, workdir, bar, len(args.series)))
+            m = rows[-1][0]["methods"]
+            print(f"{path.name} x{args.factor}: " + ", ".join(
+                f"{n} {v['gain_db']:+.2f} dB MAE {v['hu_mae']:.2f} bias {v['hu_bias']:+.2f} {v['seconds']:.1f} s"
+                for n, v in m.items()) + f" ({k + 1}/{len(args.series)})", flush=True)
+            _write(out, rows, args, stamp)  # after each series: a long run stopped early keeps what it measured
+    finally:
+        if own:
+            import shutil
+
+            shutil.rmtree(workdir, ignore_errors=True)
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
