@@ -44,8 +44,8 @@ test-peers: install peers-venv
 
 # side by side on the held-out MR and the body CT; CPU: central crops and a reduced ECLARE budget (in the JSON)
 bench-peers: install peers-venv
-	$(PY) -m node.app.cli bench peers ../shared/data/mr_t1_3d_axial_ge --crop 96 --max-slices 41 --n-patches 2048 \
-	  --note "$${NOTE:-}"
+	$(PY) -m node.app.cli bench peers ../shared/data/mr_t1_3d_axial_ge ../shared/data/ct_body_j2k_siemens_petct \
+	  --crop $${CROP:-40} --max-slices 21 --n-patches $${PATCHES:-128} --batch-size 16 --note "$${NOTE:-}"
 
 bench-eval: install
 	PY=$(PY) bash bench/cpu_eval.sh $$(git rev-parse --short HEAD)
