@@ -7,7 +7,7 @@ PY = $(VENV)/bin/python
 PIP = $(PY) -m pip
 STAMP = $(VENV)/.installed
 
-.PHONY: install system venv demo test test-faults bench bench-eval fuzz lint lint-docker typecheck clean
+.PHONY: install system venv demo test test-faults test-peers bench bench-eval bench-peers peers-venv fuzz lint lint-docker typecheck clean
 
 system:
 	bash scripts/install-system.sh
@@ -27,13 +27,25 @@ demo: install
 	$(PY) -m node.app.demo
 
 test: install
-	$(PY) -m pytest -q -m "not faults and not gpu" tests
+	$(PY) -m pytest -q -m "not faults and not gpu and not peers" tests
 
 test-faults: install
 	$(PY) -m pytest -q -m faults tests
 
 bench: install
 	$(PY) -m node.app.cli bench all --cpu-only
+
+# ECLARE, the peer of `srnode bench peers`, in its own venv (.venv-eclare/: it pins scipy), torch pinned to ours
+peers-venv:
+	bash scripts/peers-venv.sh
+
+test-peers: install peers-venv
+	$(PY) -m pytest -q -m peers tests
+
+# side by side on the held-out MR and the body CT; CPU: central crops and a reduced ECLARE budget (in the JSON)
+bench-peers: install peers-venv
+	$(PY) -m node.app.cli bench peers ../shared/data/mr_t1_3d_axial_ge ../shared/data/ct_body_j2k_siemens_petct \
+	  --crop $${CROP:-40} --max-slices 21 --n-patches $${PATCHES:-128} --batch-size 16 --note "$${NOTE:-}"
 
 bench-eval: install
 	PY=$(PY) bash bench/cpu_eval.sh $$(git rev-parse --short HEAD)
@@ -51,4 +63,4 @@ lint-docker: install
 	$(VENV)/bin/hadolint Dockerfile
 
 clean:
-	rm -rf $(VENV) spool srnode-out demo-run .pytest_cache .mypy_cache
+	rm -rf $(VENV) .venv-eclare spool srnode-out demo-run .pytest_cache .mypy_cache

@@ -13,6 +13,7 @@ Geometry contract (the node relies on it):
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -30,8 +31,8 @@ class EngineError(RuntimeError):
     """
 
 
-__all__ = ["ENGINES", "FACTOR_LIMITS", "Device", "EngineError", "EngineOptions", "EngineResult", "Factors",
-           "VolumeInput", "available", "factor_problem", "get_engine"]
+__all__ = ["ENGINES", "FACTOR_LIMITS", "Device", "EngineError", "EngineOptions", "EngineResult", "Factors", "Progress",
+           "VolumeInput", "available", "factor_problem", "get_engine", "upscale"]
 
 # The accepted upscaling factors per axis, (lowest, highest) inclusive: the one source of these bounds (the node's
 # config names its own key with them, ``Factors`` checks them).
@@ -92,8 +93,20 @@ class EngineResult:
     report: dict[str, Any] = field(default_factory=dict)  # figures for the job record (gain, residual, seconds)
 
 
+class Progress(Protocol):
+    """Where an engine reports its long stages: ``stage`` a short name ("through fine-tune", "through passes",
+    "in passes", ...), ``done`` of ``total`` units of it (steps, batches of slices), ``loss`` the training loss
+    of the step just done (fine-tuning stages only). Called from the engine's thread, often (once per step): a
+    caller that draws should throttle (tqdm does). ``models/`` only calls it; drawing is the caller's business."""
+
+    def __call__(self, stage: str, done: int, total: int, loss: float | None = None) -> None: ...
+
+
 @runtime_checkable
 class Engine(Protocol):
+    """An engine. ``upscale``'s optional ``progress`` gets its long stages (``Progress``); callers pass it only
+    when they have one, so an engine that does not take it still works without progress."""
+
     name: str
     version: str
 
@@ -156,6 +169,15 @@ def get_engine(name: str, options: EngineOptions | None = None,
         module, _, attr = factory.partition(":")
         factory = getattr(importlib.import_module(module), attr)
     return factory(options or EngineOptions())
+
+
+def upscale(engine: Engine, volume: VolumeInput, factors: Factors,
+            progress: Progress | None = None) -> EngineResult:
+    """``engine.upscale(volume, factors)``, handing it ``progress`` when one is given and the engine's ``upscale``
+    takes a ``progress`` parameter (the selfsup engine does; cubic and foreign engines run without)."""
+    if progress is not None and "progress" in inspect.signature(engine.upscale).parameters:
+        return engine.upscale(volume, factors, progress=progress)  # type: ignore[call-arg]
+    return engine.upscale(volume, factors)
 
 
 def output_shape(shape: tuple[int, int, int], factors: Factors) -> tuple[int, int, int]:

@@ -22,6 +22,7 @@ from models.degrade import (
     make_pairs,
     through_plane_matrix,
 )
+from models.engine import Progress
 from models.nets import SRNet
 
 log = logging.getLogger(__name__)
@@ -144,9 +145,11 @@ def _autocast(device: torch.device) -> torch.autocast:
 def train(
     net: SRNet, sets: list[PairSet], steps: int, lr_rate: float, seed: int,
     patch: tuple[int, int] = (24, 48), batch: int = 16, augment: bool = False,
+    progress: tuple[Progress, str] | None = None,
 ) -> float:
     """``steps`` Adam steps of L1 on random patches; returns the mean loss of the last 20 steps. ``augment``: each
-    batch under a random symmetry of the square (in-plane sets on square pixels only, else ignored)."""
+    batch under a random symmetry of the square (in-plane sets on square pixels only, else ignored).
+    ``progress``: (callback, stage name), called after each step with (stage, step, steps, loss)."""
     if steps <= 0 or not sets:
         return float("nan")
     device = sets[0].lr.device
@@ -157,7 +160,7 @@ def train(
     losses: list[float] = []
     ph = min(patch[0], *(s.lr.shape[1] for s in sets))
     pw = min(patch[1], *(s.lr.shape[2] for s in sets))
-    for _ in range(steps):
+    for step in range(steps):
         lrs, bases, hrs = [], [], []
         for _b in range(batch):
             s = sets[int(torch.randint(len(sets), (1,), generator=gen))]
@@ -187,6 +190,8 @@ def train(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+        if progress is not None:
+            progress[0](progress[1], step + 1, steps, losses[-1])
     net.eval()
     return float(np.mean(losses[-20:]))
 

@@ -40,6 +40,7 @@ from models.engine import (
     EngineOptions,
     EngineResult,
     Factors,
+    Progress,
     VolumeInput,
     output_shape,
 )
@@ -63,15 +64,17 @@ class SelfSupEngine:
         self.weights = Path(self.options.weights) if self.options.weights else DEFAULT_WEIGHTS
 
     # ------------------------------------------------------------------ public
-    def upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult:
-        """The engine run; out of GPU memory, it runs again with smaller tiles (``OOM_TILES``) before giving up."""
+    def upscale(self, volume: VolumeInput, factors: Factors, progress: Progress | None = None) -> EngineResult:
+        """The engine run; out of GPU memory, it runs again with smaller tiles (``OOM_TILES``) before giving up.
+        ``progress`` gets the fine-tuning steps and network passes ("through fine-tune", "through passes",
+        "in fine-tune", "in passes"; ``models.engine.Progress``)."""
         tiles = [self.options.max_voxels_per_tile]
         tiles += [t for t in OOM_TILES if tiles[0] <= 0 or t < tiles[0]]
         for attempt, tile in enumerate(tiles):
             engine = self if attempt == 0 else SelfSupEngine(replace(self.options, max_voxels_per_tile=tile),
                                                              self.mem_fraction / 4**attempt)
             try:
-                res = engine._upscale(volume, factors)
+                res = engine._upscale(volume, factors, progress)
             except EngineError:
                 raise
             except torch.cuda.OutOfMemoryError:
@@ -90,7 +93,7 @@ class SelfSupEngine:
                           f"and {100 * self.mem_fraction / 4 ** (len(tiles) - 1):.2g} % of free memory per batch")
 
     # ------------------------------------------------------------------ steps
-    def _upscale(self, volume: VolumeInput, factors: Factors) -> EngineResult:
+    def _upscale(self, volume: VolumeInput, factors: Factors, progress: Progress | None = None) -> EngineResult:
         t0 = time.perf_counter()
         opt = self.options
         data = np.asarray(volume.data, dtype=np.float32)
@@ -120,7 +123,7 @@ class SelfSupEngine:
         done: tuple[np.ndarray, np.ndarray] | None = None  # denormalised (and clipped) on the device
         if factors.through_plane > 1:
             out_t, sig_t, fallback = self._stage("through", vol_n, volume.spacing, model, prior, device, passes,
-                                                 report)
+                                                 report, progress)
             if out_t is not None and sig_t is not None and not fallback:
                 if factors.in_plane > 1:
                     out_n, sig_n = to_host(out_t), to_host(sig_t)
@@ -130,7 +133,7 @@ class SelfSupEngine:
             square = ip.square_pixels(volume.spacing)
             in_passes = min(opt.tta_passes, 4) if opt.fast and device.type == "cpu" else opt.tta_passes  # cheap 2D
             out_n, sig_n, fallback = self._in_plane(vol_n, out_n, sig_n, factors.in_plane, square, prior, device,
-                                                    in_passes, report)
+                                                    in_passes, report, progress)
         dz, dy, dx = volume.spacing
         spacing = (dz / factors.through_plane, dy / factors.in_plane, dx / factors.in_plane)
         if fallback:
@@ -174,20 +177,22 @@ class SelfSupEngine:
     def _fit(
         self, kind: str, sets: list[il.PairSet], val: list[il.PairSet], fz: int, fx: int, prior: dict[str, Any],
         device: torch.device, passes_per_orient: int, report: dict[str, Any], in_ch: int = 1,
+        progress: Progress | None = None,
     ) -> tuple[SRNet, il.Validation]:
-        net = self._train_net(kind, sets, fz, fx, prior, device, report, in_ch)
+        net = self._train_net(kind, sets, fz, fx, prior, device, report, in_ch, progress)
         return net, self._validate(kind, net, val, passes_per_orient, report)
 
     def _train_net(
         self, kind: str, sets: list[il.PairSet], fz: int, fx: int, prior: dict[str, Any], device: torch.device,
-        report: dict[str, Any], in_ch: int = 1,
+        report: dict[str, Any], in_ch: int = 1, progress: Progress | None = None,
     ) -> SRNet:
         """The prior's net for (kind, factor), fine-tuned on ``sets`` unless in fast mode."""
         t = time.perf_counter()
         net, from_prior = make_net(prior, kind, fz, fx, device, in_ch)
         steps = self._steps(kind)
         if steps > 0:
-            loss = il.train(net, sets, steps, 3e-4 if from_prior else 1e-3, self.options.seed, augment=kind == "in")
+            loss = il.train(net, sets, steps, 3e-4 if from_prior else 1e-3, self.options.seed, augment=kind == "in",
+                            progress=(progress, f"{kind} fine-tune") if progress else None)
             report[f"{kind}_train_loss"] = round(loss, 5)
         report.update({f"{kind}_from_prior": from_prior, f"{kind}_finetune_steps": steps,
                        f"{kind}_finetune_s": round(time.perf_counter() - t, 3)})
@@ -210,6 +215,7 @@ class SelfSupEngine:
     def _stage(
         self, kind: str, vol_n: np.ndarray, spacing: tuple[float, float, float], model: DegradationModel,
         prior: dict[str, Any], device: torch.device, passes: int, report: dict[str, Any],
+        progress: Progress | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
         """Through-plane x f on a normalised volume: (output, sigma, fallback reason), tensors on ``device``.
 
@@ -233,7 +239,7 @@ class SelfSupEngine:
         if not sets and not self._skip_training():
             return None, None, "in-plane matrix too small for internal training pairs"
         orients = 2 if passes >= 2 else 1
-        net = self._train_net(kind, sets, f, 1, prior, device, report)
+        net = self._train_net(kind, sets, f, 1, prior, device, report, progress=progress)
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))  # the (fine-tuned) weights, before the passes
         task = il.Task(f, 1, True, model)
@@ -250,6 +256,8 @@ class SelfSupEngine:
         fused = torch.zeros_like(base)
         spread = torch.zeros_like(base)
         plan = [(o, fl) for fl in il.FLIPS for o in range(orients)][:passes]
+        batches = sum(-(-(y if o == 0 else xx) // chunks[o]) for o, _fl in plan)
+        done = 0
         for o in range(orients):
             stack = x.permute(1, 0, 2) if o == 0 else x.permute(2, 0, 1)  # coronal (Y,Z,X) | sagittal (X,Z,Y)
             flips = [fl for (oo, fl) in plan if oo == o]
@@ -261,6 +269,9 @@ class SelfSupEngine:
                     r = il.residual(net, stack[b0 : b0 + chunk], task, fl, self.options.max_voxels_per_tile)
                     s1[b0 : b0 + chunk] += r
                     s2[b0 : b0 + chunk] += r * r
+                    done += 1
+                    if progress is not None:
+                        progress(f"{kind} passes", done, batches)
             mean = s1 / len(flips)
             std = (s2 / len(flips) - mean * mean).clamp_min(0).sqrt()
             back = (1, 0, 2) if o == 0 else (1, 2, 0)
@@ -342,6 +353,7 @@ class SelfSupEngine:
     def _in_plane(
         self, vol_n: np.ndarray, cur: np.ndarray, cur_sigma: np.ndarray, g: int, square: bool,
         prior: dict[str, Any], device: torch.device, passes: int, report: dict[str, Any],
+        progress: Progress | None = None,
     ) -> tuple[np.ndarray, np.ndarray, str]:
         """In-plane x g (ZSSR net, ``inplane.CONTEXT`` input slices) on every axial slice of ``cur``; sigma combined with the
         through-plane sigma. ``square``: square pixels (dy == dx), so the ensemble may transpose."""
@@ -356,14 +368,16 @@ class SelfSupEngine:
         rho = ip.scale_difficulty(vol_n, g)  # the finer step's difficulty relative to the pairs'
         report.update({"in_sigma_target_noise": round(extra, 5), "in_sigma_scale_difficulty": round(rho, 3),
                        "in_context": ctx, "in_tta": len(ops)})
-        net, v = self._fit("in", sets, val, g, g, prior, device, len(ops), report, ctx)
+        net, v = self._fit("in", sets, val, g, g, prior, device, len(ops), report, ctx, progress)
         if v.gain_db < self.options.min_gain_db:
             return cur, cur_sigma, f"in-plane internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
         task = il.Task(g, g, False)
         x = to_device(cur, device)  # (Z, Y, X)
         chunk = self._chunk(net, x.shape[1], x.shape[2], device)
         outs, sigs = [], []
-        for _, base, y, std in ip.infer(net, x, task, ops, chunk, self.options.max_voxels_per_tile):
+        for b0, base, y, std in ip.infer(net, x, task, ops, chunk, self.options.max_voxels_per_tile):
+            if progress is not None:
+                progress("in passes", min(b0 + chunk, x.shape[0]), x.shape[0])
             outs.append(to_host(y))
             cal = (std + v.k * (y - base).abs() + v.j * il.edge(y, (-2, -1)) + il.EPS) * (v.q * rho / 1.96)
             sigs.append(to_host((cal**2 + extra**2).sqrt()))

@@ -126,7 +126,7 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
         bar = SeriesBar(f"[{n}/{total}] {hdr.get('Modality', '?')} {len(files)} file(s)", bars)
         try:
             res = process_series(files, rule, cfg, dest, engine_name=args.engine, progress=bar.stage,
-                                 engines=engines)
+                                 engines=engines, engine_progress=bar.engine if bars else None)
         except NodeError as exc:  # VolumeError, EngineError, DeriveError: the reason in words
             bar.close()
             failed += 1

@@ -18,6 +18,7 @@ import torch
 
 from models.engine import VolumeInput
 from models.nets import SRNetConfig
+from node.app.progress import StageBar, logs_through_bars, wanted
 from node.bench.eval import load_volume
 from node.errors import NodeError, VolumeError
 
@@ -53,14 +54,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["in", "through"], default="",
                         help="retrain these nets only; the others are copied from the existing --out checkpoint")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (there is none either when stderr is not a terminal)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``srnode train``; returns the exit code. Series with fewer than 3 slices or under 64 x 64 are
-    skipped; VolumeError when none is usable or ``--only`` finds no checkpoint to keep."""
+    skipped; VolumeError when none is usable or ``--only`` finds no checkpoint to keep. On a terminal (and
+    without ``--quiet``) a bar names the stage and one under it counts each net's steps with its loss and ETA."""
+    bars = wanted(args.quiet)
+    with logs_through_bars(bars), StageBar("train", 2, bars) as bar:
+        return _run(args, bar, bars)
+
+
+def _run(args: argparse.Namespace, bar: StageBar, bars: bool) -> int:
     from models.prior import pick_device, train_prior
 
     device = pick_device(args.device)
+    bar.stage("loading series")
     vols: list[VolumeInput] = []
     names: list[str] = []
     for p in args.data:
@@ -87,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
         prov_path = args.out.with_suffix(".json")
         kept_prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
     t0 = time.perf_counter()
+    bar.stage(f"training on {len(vols)} series")
     ckpt, metrics = train_prior(vols, args.steps, device, SRNetConfig(width=args.width, depth=args.depth), args.seed,
-                                args.only, keep)
+                                args.only, keep, bar.engine if bars else None)
     if args.only:  # the kept nets' figures and provenance stay on record
         other = "through" if args.only == "in" else "in"
         metrics = {**{k: v for k, v in kept_prov.get("metrics", {}).items() if k.startswith(other)}, **metrics}

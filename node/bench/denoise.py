@@ -20,6 +20,7 @@ import numpy as np
 
 from models.denoise import denoise
 from models.engine import Device, EngineOptions, VolumeInput
+from node.app.progress import bar_of
 from node.bench.results import write_result
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"  # ../shared/data beside the repository
@@ -88,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
     body = clean > -500
     figures: dict[str, Any] = {"crop": list(clean.shape), "added_noise": {}}
     rng = np.random.default_rng(0)
+    bar = bar_of(args)
     for level in args.noise:
+        bar.stage(f"added noise {level:g} HU", len(args.noise) + 1)
         noisy = (clean + rng.normal(0.0, level, clean.shape)).astype(np.float32)
         before = float(np.sqrt(np.mean((noisy - clean)[body] ** 2)))
         row: dict[str, Any] = {}
@@ -100,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"added noise {level:g} HU: " + ", ".join(f"{k} {v['snr_gain_db']:+.2f} dB bias {v['hu_bias']:+.2f} HU"
                                                     for k, v in row.items()), flush=True)
     # real: the 1 mm series against its own 5 mm reconstruction (low noise), at the 5 mm slice positions
+    bar.stage("real 1 mm vs 5 mm")
     thick, pos5, _ = _load("ct_head_phantom_philips_5mm", data)
     near = [int(np.argmin(np.abs(pos1 - p))) for p in pos5]
     keep = [i for i, j in enumerate(near) if abs(pos1[j] - pos5[i]) < 0.05 and 2 <= j < thin.shape[0] - 2]

@@ -133,10 +133,14 @@ def run(args: argparse.Namespace) -> int:
 
     from pydicom import dcmread
 
+    from node.app.progress import bar_of
+
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     work = Path(tempfile.mkdtemp(prefix="srnode-bench-e2e-"))
     procs: list[subprocess.Popen[bytes]] = []
+    bar = bar_of(args)
+    bar.stage("starting Orthanc", 4)
     try:
         files, source = _series_files(args, work)
         study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
@@ -154,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
         url = f"http://127.0.0.1:{o_http}"
         _wait(lambda: httpx.get(f"{url}/system", timeout=2).status_code == 200, 60, "Orthanc")
         # the node
+        bar.stage("starting srnode")
         port = _port()
         cfg = {"node": {"port": port, "spool_dir": str(work / "spool"), "stable_age_s": args.stable_age,
                         "min_free_mb": 1},
@@ -176,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             return {s["MainDicomTags"].get("Modality", ""): len(s["Instances"]) for s in r.json()}
 
         print(f"bench e2e: {len(files)} slices from {source} -> srnode (cubic, CPU, x{args.factor}) -> Orthanc")
+        bar.stage("sending")
         t0 = time.monotonic()
         sent = subprocess.run([STORESCU, "-aec", "SRNODE", "-aet", "BENCH", "127.0.0.1", str(port),
                                *map(str, files)], capture_output=True, text=True)
@@ -185,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         marks: dict[str, float] = {}
         delivered: dict[str, float] = {}
         node_log = work / "node.log"
+        bar.stage("waiting for the derived series in Orthanc")
 
         def done() -> bool:
             c = counts()

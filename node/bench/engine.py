@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from models.engine import Device, EngineOptions, Factors, VolumeInput, get_engine
+from models.engine import Device, EngineOptions, Factors, VolumeInput, get_engine, upscale
+from node.app.progress import bar_of
 from node.bench.results import write_result
 
 log = logging.getLogger(__name__)
@@ -84,14 +85,19 @@ def run(args: argparse.Namespace) -> int:
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     figures: dict[str, Any] = {"device": name, "shape_zyx": [z, y, x], "factor": 2, "tta_passes": args.tta_passes,
                                "bf16_peak_tflops": _peak(name)}
+    bar = bar_of(args)
+    runs = [(m, i) for m in args.modes.split(",") for i in range(max(1, args.repeat))]
+    bar.stage("warm-up" if args.device == "cuda" else f"{runs[0][0]} run 1", len(runs) + (args.device == "cuda"))
     if args.device == "cuda":  # warm-up: CUDA context, cuDNN autotune, allocator
         get_engine("selfsup", EngineOptions(device=Device.CUDA, fast=True)).upscale(
             VolumeInput(vol.data[:20, :128, :128], vol.spacing, vol.slice_thickness, "CT"), Factors(2, 1))
-    for mode, call in ((m, i) for m in args.modes.split(",") for i in range(max(1, args.repeat))):
+    for k, (mode, call) in enumerate(runs):
+        if k or args.device == "cuda":
+            bar.stage(f"{mode} run {call + 1}")
         opts = EngineOptions(device=Device(args.device), fast=mode == "fast", finetune_steps=args.finetune_steps,
                              tta_passes=args.tta_passes, min_gain_db=-1e9)
         t0 = time.perf_counter()
-        res = get_engine("selfsup", opts).upscale(vol, Factors(2, 1))
+        res = upscale(get_engine("selfsup", opts), vol, Factors(2, 1), bar.engine if bar.bar else None)
         total = time.perf_counter() - t0
         rep = res.report
         inf = float(rep.get("through_inference_s", 0) or 0)

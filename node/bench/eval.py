@@ -17,13 +17,14 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from models.engine import Device, EngineOptions, Factors, VolumeInput, get_engine
+from models.engine import Device, EngineOptions, Factors, Progress, VolumeInput, get_engine, upscale
 from models.engine import EngineError as ModelsEngineError
 from node.errors import EngineError, VolumeError
 
@@ -162,22 +163,27 @@ def panel(path: Path, truth: np.ndarray, outs: dict[str, np.ndarray], sigma: np.
 
 
 def evaluate(lr_in: VolumeInput, truth: np.ndarray, factors: Factors, options: EngineOptions, engine: str,
-             out_idx: np.ndarray | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
+             out_idx: np.ndarray | None = None, stage: Callable[[str], None] | None = None,
+             engine_progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
     """Run engine, cubic and linear on ``lr_in``; compare with ``truth`` (rows ``out_idx`` of the output).
+    ``stage`` gets the name of each of the three stages as it starts, ``engine_progress`` the engine's own.
 
     Returns (figures, outputs by method, sigma); the outputs and sigma have ``truth``'s shape. EngineError
     when the engine refuses the input.
     """
     from models.evaluate import body_mask, data_range, fidelity, uncertainty
 
+    say = stage or (lambda _name: None)
     log.info("[1/3] engine %s on %s input (factors %s)", engine, lr_in.data.shape, factors)
+    say(f"engine {engine}")
     t0 = time.perf_counter()
     try:
-        res = get_engine(engine, options).upscale(lr_in, factors)
+        res = upscale(get_engine(engine, options), lr_in, factors, engine_progress)
     except (ValueError, ModelsEngineError) as exc:
         raise EngineError(str(exc)) from exc
     seconds = time.perf_counter() - t0
     log.info("[2/3] baselines (cubic, linear)")
+    say("baselines")
     outs = {"engine": res.data, "cubic": get_engine("cubic").upscale(lr_in, factors).data,
             "linear": linear_upsample(lr_in.data, factors)}
     sigma = res.sigma
@@ -185,6 +191,7 @@ def evaluate(lr_in: VolumeInput, truth: np.ndarray, factors: Factors, options: E
         outs = {k: v[out_idx] for k, v in outs.items()}
         sigma = sigma[out_idx]
     log.info("[3/3] metrics on %s voxels", truth.shape)
+    say("metrics")
     mask = body_mask(truth, lr_in.modality)
     drange = data_range(truth)
     doc: dict[str, Any] = {k: fidelity(v, truth, mask, drange) for k, v in outs.items()}
@@ -211,6 +218,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta-passes", type=int, default=EngineOptions.tta_passes)
     parser.add_argument("--weights", default="", help="prior weights (default: models/weights/prior.pt)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (there is none either when stderr is not a terminal)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,7 +238,12 @@ def run(args: argparse.Namespace) -> int:
         lr_in, truth = series.vin, thin.vin.data[thin_idx]
     else:
         lr_in, truth, factors = simulate(series, args.axis, args.factor)
-    doc, outs, sigma = evaluate(lr_in, truth, factors, options, args.engine, out_idx)
+    from node.app.progress import StageBar, logs_through_bars, wanted
+
+    bars = wanted(getattr(args, "quiet", False))
+    with logs_through_bars(bars), StageBar(f"eval {series.name} {args.axis} x{args.factor}", 3, bars) as bar:
+        doc, outs, sigma = evaluate(lr_in, truth, factors, options, args.engine, out_idx, bar.stage,
+                                    bar.engine if bars else None)
     doc.update({"series": series.name, "truth": args.truth.name if args.truth else "simulated", "axis": args.axis,
                 "factor": args.factor, "input_shape": list(lr_in.data.shape), "compared_shape": list(truth.shape),
                 "device": args.device, "fast": args.fast})

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -249,18 +250,23 @@ def _figures(res: dict[str, Any], expected: int) -> dict[str, Any]:
 
 
 def measure(senders: int, instances: int, size: int, workdir: Path, small_instances: int = 0,
-            small_size: int = 64, orthanc: bool = True) -> dict[str, Any]:
+            small_size: int = 64, orthanc: bool = True,
+            stage: Callable[[str], None] = lambda _name: None) -> dict[str, Any]:
     """Write the workloads, send them to the node, storescp and (``orthanc``) Orthanc in that order; per workload
     and server the figures (instances/s, seconds, stored), the ratios srnode/storescp and srnode/Orthanc, MB
-    (2^20 bytes) sent and the peak RSS (MiB) of the node and Orthanc."""
+    (2^20 bytes) sent and the peak RSS (MiB) of the node and Orthanc. ``stage`` gets each step's name as it starts."""
+    stage("writing series")
     workloads = {"concurrent": [write_series(workdir / "send" / f"s{i:02d}", i, instances, size)
                                 for i in range(senders)]}
     if small_instances:
         workloads["one_association"] = [write_series(workdir / "send" / "small", 0, small_instances, small_size,
                                                       tag="small-")]
-    servers: dict[str, dict[str, dict[str, Any]]] = {"srnode": run_node(workdir / "node", workloads),
-                                                     "storescp": run_storescp(workdir, workloads)}
+    stage("sending to srnode")
+    servers: dict[str, dict[str, dict[str, Any]]] = {"srnode": run_node(workdir / "node", workloads)}
+    stage("sending to storescp")
+    servers["storescp"] = run_storescp(workdir, workloads)
     if orthanc:
+        stage("sending to Orthanc")
         servers["orthanc"] = run_orthanc(workdir / "orthanc", workloads)
     figures: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_before": os.getloadavg()}
     expected = 0
@@ -285,6 +291,7 @@ def measure(senders: int, instances: int, size: int, workdir: Path, small_instan
 def run(args: argparse.Namespace) -> int:
     """Run ``srnode bench ingest``; returns the exit code (1 when dcmtk or Orthanc is missing, a sender failed
     or an instance was not indexed / stored)."""
+    from node.app.progress import bar_of
     from node.bench.results import write_result
 
     tools = [STORESCU, STORESCP, ECHOSCU] + ([] if args.no_orthanc else [ORTHANC])
@@ -296,8 +303,11 @@ def run(args: argparse.Namespace) -> int:
     own = not args.workdir
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="srnode-bench-ingest-"))
     try:
+        bar = bar_of(args)
+        bar.stage("starting", 4 if args.no_orthanc else 5)
         figures = measure(args.senders, args.instances, args.size, workdir, args.small_instances,
-                          args.small_size, not args.no_orthanc)
+                          args.small_size, not args.no_orthanc, bar.stage)
+        bar.close()
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)

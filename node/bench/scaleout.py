@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from node.app.progress import bar_of
 from node.bench.phantom import write_phantom_series
 from node.bench.results import write_result
 from node.config import load_config
@@ -293,7 +294,10 @@ def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="srnode-bench-celery-"))
     results = []
     try:
-        for n in [int(v) for v in str(args.workers).split(",") if v]:
+        counts = [int(v) for v in str(args.workers).split(",") if v]
+        bar = bar_of(args)
+        for n in counts:
+            bar.stage(f"{n} worker(s)", len(counts))
             r = run_once(n, args.series, args.slices, args.size, root / f"w{n}")
             results.append(r)
             print(f"celery, {n} worker(s), CPU, cubic: {r['series']} series of {r['slices']}x{r['matrix']}^2 in "

@@ -21,8 +21,10 @@ from models.engine import (
     EngineOptions,
     EngineResult,
     Factors,
+    Progress,
     VolumeInput,
     get_engine,
+    upscale,
 )
 from models.engine import EngineError as ModelsEngineError
 from node.errors import EngineError
@@ -60,8 +62,10 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def run_engine(engines: EngineCache, name: str, options: EngineOptions, vin: VolumeInput,
-               factors: Factors) -> tuple[EngineResult, str]:
+               factors: Factors, progress: Progress | None = None) -> tuple[EngineResult, str]:
     """Upscale with ``name``; on EngineError or out-of-memory retry with cubic. Returns (result, engine version).
+
+    ``progress`` gets the engine's long stages when it reports them (``models.engine.Progress``).
 
     ``vin.data`` is (Z, Y, X) float32 in modality units; the result's arrays are on the output grid
     (``models.engine.output_shape``). Raises ``node.errors.EngineError`` when cubic itself fails.
@@ -69,7 +73,7 @@ def run_engine(engines: EngineCache, name: str, options: EngineOptions, vin: Vol
     try:
         engine = engines.get(name, options)
         try:
-            result = engine.upscale(vin, factors)
+            result = upscale(engine, vin, factors, progress)
         except ModelsEngineError as exc:  # the engine boundary: translated once
             raise EngineError(str(exc)) from exc
         return result, str(getattr(engine, "version", ""))

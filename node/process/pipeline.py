@@ -17,7 +17,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from models.engine import Factors
+from models.engine import Factors, Progress
 from node.config import Config, RuleConfig, VolumeChoice
 from node.derived import check_identifiers, check_inputs, check_one_patient, derive_series
 from node.errors import VolumeError
@@ -152,14 +152,15 @@ def _mixed_patients(paths: Sequence[Path]) -> None:
 
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,
                    engine_name: str = "", progress: Callable[[str], None] | None = None,
-                   engines: EngineCache | None = None) -> ProcessResult:
+                   engines: EngineCache | None = None, engine_progress: Progress | None = None) -> ProcessResult:
     """Super-resolve the series in ``paths`` by ``rule``; write derived + uncertainty files under ``out_dir``.
 
     A series holding several volumes (``node.series.load_volumes``) gives one derived series per volume (and per
     regular run), in ``derived-vol<k>``; ``rule.volumes`` keeps all or the first; refused volumes are listed in
     ``report["refused"]`` with their files, and input slices in no derived series in ``report["left_out"]``.
 
-    ``engines``: the caller's engine cache (a fresh one when not given); ``progress`` gets one line per step.
+    ``engines``: the caller's engine cache (a fresh one when not given); ``progress`` gets one line per step,
+    ``engine_progress`` the engine's own long stages (fine-tuning steps, network passes: ``models.engine.Progress``).
     Before decoding, ``node.process.budget.check_series`` refuses a series whose pixel data cannot hold what its
     headers declare (VolumeError) or that would need more memory than ``[node] max_series_memory_mb``
     (BudgetError, a VolumeError). Raises VolumeError (no volume can be super-resolved), EngineError (even cubic
@@ -204,7 +205,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
             vin, sigma_d, rep = denoise_input(vin, options)
             report.setdefault("denoise", []).append(rep)
         t1 = time.perf_counter()
-        er, version = run_engine(engines, name, options, vin, factors)
+        er, version = run_engine(engines, name, options, vin, factors, engine_progress)
         if sigma_d is not None:
             add_denoise_sigma(engines, er, sigma_d, options, vin, factors)
             er.report["denoised"] = True  # the derived objects say so, and their UIDs differ from plain SR
