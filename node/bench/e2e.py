@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="srnode-bench-e2e-"))
     procs: list[subprocess.Popen[bytes]] = []
     bar = bar_of(args)
-    bar.stage("starting Orthanc", 4)
+    bar.stage("starting Orthanc", 5)
     try:
         files, source = _series_files(args, work)
         study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
@@ -211,6 +211,7 @@ def run(args: argparse.Namespace) -> int:
         job = json.loads(status.stdout)["jobs"][-1] if status.returncode == 0 else {}
         processing_s = float((job.get("report") or {}).get("seconds") or 0.0)
         results = sorted((work / "spool" / "outbox").rglob("*.dcm"))
+        bar.stage("storescu sending the same results")
         reference = _storescu_rates(url, study, o_dicom, results, args.associations, counts)
         latency = marks["all"] - t_sent
         budget = args.stable_age + processing_s + LATENCY_SLACK_S
