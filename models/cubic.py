@@ -125,5 +125,6 @@ class CubicEngine:
             spacing=(dz / factors.through_plane, dy / factors.in_plane, dx / factors.in_plane),
             engine=self.name,
             report={"seconds": round(time.perf_counter() - t0, 3)},
+            has_sigma=False,
         )
 
