@@ -211,10 +211,12 @@ def _derived_order(pm: Dataset, derived: list[Dataset], sig: np.ndarray) -> None
         if placed[k] is not None or float(np.linalg.norm(wanted[k] - ipp)) > 1e-3:
             raise DeriveError("uncertainty map: a frame's position matches no derived slice")
         placed[k] = item
-    for item, d in zip(placed, derived, strict=True):
-        assert item is not None  # every one of len(derived) frames was placed once
+    ordered = [item for item in placed if item is not None]
+    if len(ordered) != len(derived):
+        raise DeriveError("uncertainty map: a derived slice has no frame")
+    for item, d in zip(ordered, derived, strict=True):
         item.PlanePositionSequence[0].ImagePositionPatient = d.ImagePositionPatient
-    pm.PerFrameFunctionalGroupsSequence = DicomSequence(placed)
+    pm.PerFrameFunctionalGroupsSequence = DicomSequence(ordered)
     pm.FloatPixelData = np.ascontiguousarray(sig, dtype="<f4").tobytes()
 
 
