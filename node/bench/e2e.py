@@ -1,9 +1,9 @@
 """``srnode bench e2e``: first instance sent → last derived instance stored in Orthanc.
 
 A real node process (cubic engine, CPU) receives a 140-slice 512² CT (the shared 1 mm phantom, or a generated
-phantom of the same size when ../shared/data is absent) from dcmtk ``storescu`` and sends the derived and
-uncertainty series to a real Orthanc started for the run. The clock starts when storescu starts and stops when
-Orthanc holds every derived instance (and, separately, every uncertainty instance).
+phantom of the same size when ../shared/data is absent) from dcmtk ``storescu`` and sends the derived series
+to a real Orthanc started for the run (cubic has no sigma: no uncertainty object). The clock starts when storescu
+starts and stops when Orthanc holds every derived instance.
 """
 
 from __future__ import annotations
@@ -146,12 +146,11 @@ def run(args: argparse.Namespace) -> int:
 
         def done() -> bool:
             c = counts()
-            for modality, key in (("CT", "derived"), ("OT", "uncertainty")):
-                if key not in marks and c.get(modality, 0) >= n_out:
-                    marks[key] = time.monotonic() - t0
-            return len(marks) == 2
+            if "derived" not in marks and c.get("CT", 0) >= n_out:
+                marks["derived"] = time.monotonic() - t0
+            return bool(marks)
 
-        _wait(done, args.timeout, "derived and uncertainty series in Orthanc", interval=0.25)
+        _wait(done, args.timeout, "derived series in Orthanc", interval=0.25)
         status = subprocess.run([sys.executable, "-m", "node.app.cli", "status", "--json", "--config",
                                  str(work / "config.toml")], cwd=ROOT, capture_output=True, text=True)
         job = json.loads(status.stdout)["jobs"][-1] if status.returncode == 0 else {}
@@ -160,7 +159,6 @@ def run(args: argparse.Namespace) -> int:
             "engine": "cubic", "device": "cpu", "factor": args.factor, "stable_age_s": args.stable_age,
             "send_s": round(t_sent, 2),
             "first_sent_to_last_derived_in_orthanc_s": round(marks["derived"], 2),
-            "first_sent_to_last_uncertainty_in_orthanc_s": round(marks["uncertainty"], 2),
             "job_processing_s": (job.get("report") or {}).get("seconds"),
             "cpu_count": os.cpu_count(),
         }
