@@ -35,7 +35,7 @@ def test_series_from_storescu_arrive_in_orthanc(tmp_path: Path, orthanc: Orthanc
     sections = _pacs(orthanc)
     # the small generated series through selfsup (fast, 1 pass; kept whatever its gain): its sigma goes to Orthanc
     # as a Parametric Map; the thick one through cubic, which has no sigma and sends no sigma object
-    sections["rules"].insert(0, {"name": "phantom-selfsup", "match": {"SeriesDescription": "^Head phantom"},
+    sections["rules"].insert(0, {"name": "phantom-selfsup", "match": {"SeriesDescription": "Head phantom.*"},
                                  "through_plane_factor": 2, "engine": "selfsup", "destinations": ["pacs"]})
     sections["engine"] = {"fast": True, "tta_passes": 1, "samples": 2, "min_gain_db": -100.0}
     with NodeProc.start(tmp_path / "node", sections) as node:
@@ -125,7 +125,7 @@ def test_folder_destination_unmatched_series_and_restart(tmp_path: Path) -> None
         assert jobs[-1]["state"] == "delivered", jobs[-1]
         first_more = dcmread(more[0], stop_before_pixels=True)
         out_more = node.workdir / "out" / first_more.StudyInstanceUID
-        assert sorted(len(list(d.glob("*.dcm"))) for d in out_more.iterdir()) == [20, 39, 39]
+        assert sorted(len(list(d.glob("*.dcm"))) for d in out_more.iterdir()) == [20, 39]  # cubic: no sigma
         assert node.stop() == 0
     audit = [json.loads(x) for x in (node.spool / "audit.log").read_text().splitlines()]
     assert {"association", "job-decision", "job-processed", "delivery"} <= {a["event"] for a in audit}
