@@ -34,10 +34,11 @@ def test_series_from_storescu_arrive_in_orthanc(tmp_path: Path, orthanc: Orthanc
     generated = write_phantom_series(tmp_path / "gen", slices=6, size=64, step_mm=3.0)
     sections = _pacs(orthanc)
     # the small generated series through selfsup (fast, 1 pass; kept whatever its gain): its sigma goes to Orthanc
-    # as a Parametric Map; the thick one through cubic, which has no sigma and sends no sigma object
+    # as a Parametric Map and an SC card ("both"); the thick one through cubic, which has no sigma and sends none
     sections["rules"].insert(0, {"name": "phantom-selfsup", "match": {"SeriesDescription": "Head phantom.*"},
                                  "through_plane_factor": 2, "engine": "selfsup", "destinations": ["pacs"]})
     sections["engine"] = {"fast": True, "tta_passes": 1, "samples": 2, "min_gain_db": -100.0}
+    sections["derive"] = {"uncertainty": "both"}
     with NodeProc.start(tmp_path / "node", sections) as node:
         for files in (thick, generated):
             r = storescu(files, node.port)
@@ -55,16 +56,18 @@ def test_series_from_storescu_arrive_in_orthanc(tmp_path: Path, orthanc: Orthanc
         n_out = (len(files) - 1) * 2 + 1
         series = orthanc.series_of_study(first.StudyInstanceUID)
         got = sorted((s["MainDicomTags"].get("Modality", ""), len(s["Instances"])) for s in series)
-        # derived CT (+ one uncertainty Parametric Map, modality OT, for the engine with sigma), same study
-        assert got == ([("CT", n_out), ("OT", 1)] if with_sigma else [("CT", n_out)]), got
+        # derived CT (+ the Parametric Map and the card, modality OT each, for the engine with sigma), same study
+        assert got == ([("CT", n_out), ("OT", 1), ("OT", 1)] if with_sigma else [("CT", n_out)]), got
         derived = next(s for s in series if s["MainDicomTags"]["Modality"] == "CT")
         assert derived["MainDicomTags"]["SeriesInstanceUID"] != first.SeriesInstanceUID
         job = by_series[first.SeriesInstanceUID]
         assert bool(job["uncertainty_series"]) == with_sigma, job  # no sigma series claimed for cubic
         if with_sigma:
-            sigma = next(s for s in series if s["MainDicomTags"]["Modality"] == "OT")
-            assert sigma["MainDicomTags"]["SeriesInstanceUID"] == job["uncertainty_series"]
+            sigma = next(s for s in series if s["MainDicomTags"]["SeriesInstanceUID"] == job["uncertainty_series"])
             pm = orthanc.instance_file(sigma["Instances"][0])
+            (card_series,) = [s for s in series if s["MainDicomTags"]["Modality"] == "OT" and s is not sigma]
+            card = orthanc.instance_file(card_series["Instances"][0])
+            assert card.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and card.PhotometricInterpretation == "RGB"
             assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" and int(pm.NumberOfFrames) == n_out
             assert pm.pixel_array.dtype == np.float32 and np.isfinite(pm.pixel_array).all()
             assert float(pm.pixel_array.max()) > 0  # selfsup's sigma, not zeros
