@@ -1,4 +1,5 @@
-"""The ``cubic`` engine: cubic B-spline interpolation through-plane and in-plane, sigma = 0.
+"""The ``cubic`` engine: cubic B-spline interpolation through-plane and in-plane, sigma = 0 and
+``has_sigma`` False (no uncertainty: the node writes no sigma object).
 
 Interpolating (the prefiltered spline passes through every input sample), so output slice k*f equals input
 slice k to float precision. Mirror boundary conditions. numpy only; fast enough on CPU for 512^2 x 600.
@@ -125,5 +126,6 @@ class CubicEngine:
             spacing=(dz / factors.through_plane, dy / factors.in_plane, dx / factors.in_plane),
             engine=self.name,
             report={"seconds": round(time.perf_counter() - t0, 3)},
+            has_sigma=False,
         )
 

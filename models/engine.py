@@ -91,6 +91,9 @@ class EngineResult:
     engine: str  # the engine that produced ``data`` (after any fallback)
     fallback: str = ""  # non-empty: why the requested engine was not used ("internal gain 0.1 dB < 0.3 dB")
     report: dict[str, Any] = field(default_factory=dict)  # figures for the job record (gain, residual, seconds)
+    # whether ``sigma`` is an uncertainty estimate at all: False for deterministic engines (cubic, and any
+    # engine's fallback to it), whose ``sigma`` is all zeros by convention; the node writes no sigma object then
+    has_sigma: bool = True
 
 
 class Progress(Protocol):

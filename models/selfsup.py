@@ -153,7 +153,7 @@ class SelfSupEngine:
             raise EngineError(f"selfsup: output {out.shape} breaks the geometry contract for {data.shape}")
         report["seconds"] = round(time.perf_counter() - t0, 3)
         return EngineResult(out.astype(np.float32, copy=False), sigma, spacing, "cubic" if fallback else self.name,
-                            fallback, report)
+                            fallback, report, has_sigma=not fallback)
 
     def _steps(self, kind: str) -> int:
         """Fine-tuning steps for "through" or "in" (0 in fast mode)."""

@@ -13,7 +13,10 @@ a mistake in the pipeline's reading cannot hide itself. Per derived series (one 
   the output, plus float rounding; in-plane factors that put no derived pixel centre on an input one are
   reported as not compared);
 - photometric interpretation equal to the input's (the same grey-scale polarity);
-- one uncertainty object per derived slice; dciodvfy reports 0 errors on every derived and uncertainty object.
+- its uncertainty objects: a Parametric Map has one frame per derived slice, frame k at derived slice k's position
+  (0.01 mm) and in its frame of reference; a Secondary Capture card carries no plane or frame of reference; an
+  engine without sigma (cubic) has none, any other at least one; dciodvfy reports 0 errors on every derived and
+  uncertainty object.
 
 Input images that no derived series covers must be reported: ``srnode process`` writes ``report.json`` per series
 (a refusal with its reason, or the files it names); otherwise they are a failure.
@@ -39,6 +42,7 @@ from pydicom.dataset import Dataset
 
 from node.app.check_read import (
     IOP_TOL,
+    PARAMETRIC_MAP,
     POSITION_TOL_MM,
     SPACING_REL_TOL,
     InImage,
@@ -197,13 +201,10 @@ def check_volume(series: str, images: list[OutImage], inputs: dict[tuple[str, in
             check.facts.append(f"values at acquired positions equal (max |diff| {worst_v:.3g})")
     else:
         check.facts.append(f"values not compared (in-plane x{g} puts no derived pixel centre on an input one)")
-    # uncertainty objects: one per derived slice
+    # uncertainty objects: a Parametric Map on the derived grid and/or an SC card; none for an engine without sigma
     uids = {str(o.ds.SOPInstanceUID) for o in outs}
     sig = [s for objs in sc.values() for s in objs if any(ref[0] in uids for ref in s.refs)]
-    if len(sig) != m:
-        p.append(f"{len(sig)} uncertainty object(s) for {m} derived slices")
-    else:
-        check.facts.append(f"{m} uncertainty objects")
+    _check_sigma(check, outs, sig, engine)
     if run_dciodvfy:
         errors, first = _dciodvfy_errors([o.file for o in outs] + [s.file for s in sig])
         if errors < 0:
@@ -214,6 +215,44 @@ def check_volume(series: str, images: list[OutImage], inputs: dict[tuple[str, in
             check.facts.append("dciodvfy 0 errors")
     check.covered = ins  # covered by this derived series (which passed or is reported as failed)
     return check
+
+
+def _check_sigma(check: VolumeCheck, outs: list[OutImage], sig: list[OutImage], engine: str) -> None:
+    """The uncertainty objects of one derived series (``outs``, in slice order); see the module docstring."""
+    p, m = check.problems, len(outs)
+    if not sig:
+        if engine == "cubic":
+            check.facts.append("no uncertainty object (cubic has no sigma)")
+        else:
+            p.append(f"no uncertainty object (engine {engine or 'unknown'})")
+        return
+    made = []
+    for s in sig:
+        if str(s.ds.SOPClassUID) == PARAMETRIC_MAP:
+            frames = list(s.ds.get("PerFrameFunctionalGroupsSequence") or [])
+            if len(frames) != m:
+                p.append(f"uncertainty map {s.file.name}: {len(frames)} frames for {m} derived slices")
+                continue
+            by_number = sorted(outs, key=lambda o: int(o.ds.get("InstanceNumber", 0) or 0))  # derived slice order
+            worst = max(float(np.linalg.norm(floats(f.PlanePositionSequence[0].ImagePositionPatient) - o.ipp))
+                        for f, o in zip(frames, by_number, strict=True))
+            if worst > POSITION_TOL_MM:
+                p.append(f"uncertainty map {s.file.name}: a frame lies {worst:.3g} mm off its derived slice")
+            if str(s.ds.get("FrameOfReferenceUID", "")) != str(outs[0].ds.get("FrameOfReferenceUID", "")):
+                p.append(f"uncertainty map {s.file.name}: another frame of reference than the derived series")
+            made.append(f"uncertainty map of {m} frames on the derived positions")
+        elif int(s.ds.get("SamplesPerPixel", 1) or 1) == 3:  # the colour card
+            extra = [kw for kw in ("ImagePositionPatient", "ImageOrientationPatient", "FrameOfReferenceUID")
+                     if kw in s.ds]
+            if extra:
+                p.append(f"uncertainty card {s.file.name} carries {', '.join(extra)} (not in the SC IOD)")
+            made.append("uncertainty card")
+        else:  # one grey SC per derived slice (srnode before the Parametric Map)
+            made.append("uncertainty SC")
+    legacy = made.count("uncertainty SC")
+    if legacy and legacy != m:
+        p.append(f"{legacy} uncertainty object(s) for {m} derived slices")
+    check.facts.append(", ".join(dict.fromkeys(made)))
 
 
 def _reports(out_dir: Path) -> dict[str, str]:

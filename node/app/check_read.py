@@ -21,6 +21,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
+SIGMA_CLASSES = (SECONDARY_CAPTURE, PARAMETRIC_MAP)  # the uncertainty objects: Parametric Map, SC card
 POSITION_TOL_MM = 0.01
 IOP_TOL = 1e-4
 SPACING_REL_TOL = 1e-4
@@ -165,7 +167,8 @@ def read_inputs(in_dir: Path) -> list[InImage]:
 class OutImage:
     file: Path
     ds: Dataset  # header only
-    refs: list[tuple[str, int]]  # (SOPInstanceUID, frame number or 0) of SourceImageSequence
+    refs: list[tuple[str, int]]  # (SOPInstanceUID, frame number or 0) of SourceImageSequence (a multi-frame
+    # object: of each frame's DerivationImageSequence, frame by frame)
 
     @property
     def ipp(self) -> np.ndarray:
@@ -177,7 +180,8 @@ class OutImage:
 
 
 def read_outputs(out_dir: Path) -> tuple[dict[str, list[OutImage]], dict[str, list[OutImage]]]:
-    """(derived image series, uncertainty Secondary Capture series), each SeriesInstanceUID -> images."""
+    """(derived image series, uncertainty series: Parametric Maps and Secondary Captures), each
+    SeriesInstanceUID -> images."""
     derived: dict[str, list[OutImage]] = {}
     sc: dict[str, list[OutImage]] = {}
     for p in sorted(out_dir.rglob("*.dcm")):
@@ -185,10 +189,14 @@ def read_outputs(out_dir: Path) -> tuple[dict[str, list[OutImage]], dict[str, li
             ds = pydicom.dcmread(p, stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError):
             continue
+        items = list(ds.get("SourceImageSequence") or [])
+        for frame in ds.get("PerFrameFunctionalGroupsSequence") or []:
+            for der in frame.get("DerivationImageSequence") or []:
+                items.extend(der.get("SourceImageSequence") or [])
         refs = [(str(it.get("ReferencedSOPInstanceUID", "")), int(it.get("ReferencedFrameNumber", 0) or 0))
-                for it in ds.get("SourceImageSequence") or []]
+                for it in items]
         img = OutImage(p, ds, refs)
-        target = sc if str(ds.get("SOPClassUID", "")) == SECONDARY_CAPTURE else derived
+        target = sc if str(ds.get("SOPClassUID", "")) in SIGMA_CLASSES else derived
         target.setdefault(str(ds.SeriesInstanceUID), []).append(img)
     return derived, sc
 

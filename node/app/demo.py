@@ -30,6 +30,7 @@ from node.app.service import Node
 from node.bench.phantom import write_phantom_series
 from node.config import DEFAULTS, Config, config_from_dict
 from node.config.dump import config_toml
+from node.derived.modules import PARAMETRIC_MAP_STORAGE
 from node.dimse import Status, label
 from node.store import Job, JobState
 
@@ -145,7 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndone in {took:.1f} s (engine {job.engine}{'; fallback: ' + job.fallback if job.fallback else ''})")
     print(f"  derived series     {len(derived):4d} instances -> {out_dir / job.study_uid / job.derived_series_uid}")
     if unc:
-        print(f"  uncertainty series {len(unc):4d} instances -> {out_dir / job.study_uid / job.uncertainty_series_uid}")
+        head = dcmread(unc[0], stop_before_pixels=True)
+        kind = (f"Parametric Map, {head.get('NumberOfFrames', '?')} float frames"
+                if str(head.SOPClassUID) == PARAMETRIC_MAP_STORAGE else "Secondary Capture card")
+        print(f"  uncertainty series {len(unc):4d} instance{'s' if len(unc) != 1 else ''} ({kind}) -> "
+              f"{out_dir / job.study_uid / job.uncertainty_series_uid}")
+    else:
+        print(f"  no uncertainty series (engine {job.engine} has no sigma, or [derive] uncertainty = \"none\")")
     for what, series in (("derived", derived), ("uncertainty", unc)):
         if series:
             hdr = dcmread(series[0], stop_before_pixels=True)

@@ -2,7 +2,7 @@
 
 Three rows of panels, the acquisition plane first, then the two orthogonal planes (``node.app.preview_planes``:
 oriented as viewers show them, letters on the edges, square millimetre pixels), and three columns: original,
-derived, uncertainty (sigma). Original and derived share the source series' own window (median over its slices,
+derived, uncertainty (sigma, from the Parametric Map: ``load_sigma``). Original and derived share the source series' own window (median over its slices,
 ``node.series.series_window``), else its 1st..99th percentile, stated in each grey panel; a MONOCHROME1 source is
 shown as a viewer shows it (lowest value white). Sigma has a colour map and a colour bar in the modality's units
 (HU for CT). The title names the derived series, the engine and the factors as the derived objects record them.
@@ -11,15 +11,19 @@ The PNG's text chunks hold the panel boxes (``srnode-panels``, JSON) for tests a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from node.app.preview_panels import Panel, draw_figure
 from node.app.preview_planes import PLANES, acquisition_plane, cut, shown_spacing, volume_centre
+from node.derived.modules import PARAMETRIC_MAP_STORAGE
+from node.errors import VolumeError
 from node.series import SeriesVolume, load_series, load_volumes, series_photometric, series_window
 
 log = logging.getLogger(__name__)
@@ -94,6 +98,29 @@ def sigma_units(orig: SeriesVolume, sig: SeriesVolume | None) -> tuple[str, str]
     return "a.u.", f"{orig.modality or 'image'} signal, arbitrary units"
 
 
+def load_sigma(files: Sequence[Path], der: SeriesVolume) -> SeriesVolume | None:
+    """Sigma on the derived grid: the Parametric Map among ``files`` (float frames placed on the derived slices by
+    their positions, 1 µm), else grey single-frame uncertainty images (srnode before the map) loaded as a series;
+    None when there is neither (no uncertainty, or only the colour card, which is a picture, not values).
+
+    Raises VolumeError when a map's frames do not lie on the derived slices.
+    """
+    heads = [(Path(p), pydicom.dcmread(p, stop_before_pixels=True)) for p in files]
+    maps = [p for p, h in heads if str(h.get("SOPClassUID", "")) == PARAMETRIC_MAP_STORAGE]
+    if maps:
+        ds = pydicom.dcmread(maps[0])
+        frames = np.asarray(ds.pixel_array, dtype=np.float32).reshape(-1, int(ds.Rows), int(ds.Columns))
+        ipps = np.array([[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]
+                         for f in ds.PerFrameFunctionalGroupsSequence])
+        dist = np.linalg.norm(der.positions[:, None, :] - ipps[None, :, :], axis=2)  # (derived slice, frame)
+        idx = np.argmin(dist, axis=1)
+        if frames.shape[1:] != der.data.shape[1:] or float(dist[np.arange(len(idx)), idx].max()) > 1e-3:
+            raise VolumeError(f"uncertainty map {maps[0].name}: its frames do not lie on the derived slices")
+        return dataclasses.replace(der, data=frames[idx])
+    grey = [p for p, h in heads if int(h.get("SamplesPerPixel", 1) or 1) == 1]
+    return load_series(grey) if grey else None
+
+
 def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty: Sequence[Path], png: Path,
                   *, dpi: int = 100) -> Path:
     """Write the preview PNG of the first derived series (the title says which when there are several) to
@@ -109,7 +136,7 @@ def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty
     sig_files = [p for p in uncertainty if Path(p).parent.name == sname]
     if not sig_files and len(groups) == 1:
         sig_files = list(uncertainty)
-    sig = load_series(sig_files) if sig_files else None
+    sig = load_sigma(sig_files, der)
     made = derivation(der, orig)
     smax = float(np.percentile(sig.data[::2, ::2, ::2], 99.5)) if sig is not None else 0.0
     if sig is not None and smax <= 0:

@@ -140,9 +140,11 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
         if not args.no_preview:
             preview = _write_preview(files, res, dest)
         fb = f", fallback: {res.fallback}" if res.fallback else ""
+        unc = (f"{len(res.uncertainty_files)} uncertainty -> {sorted({str(p.parent) for p in res.uncertainty_files})}"
+               if res.uncertainty_files else "no uncertainty object (no sigma from the engine, or [derive] "
+               "uncertainty = \"none\")")
         print(f"{label}: rule {rule.name}: {len(res.derived_files)} derived -> "
-              f"{sorted({str(p.parent) for p in res.derived_files})}, {len(res.uncertainty_files)} uncertainty -> "
-              f"{sorted({str(p.parent) for p in res.uncertainty_files})} (engine {res.engine}{fb}, "
+              f"{sorted({str(p.parent) for p in res.derived_files})}, {unc} (engine {res.engine}{fb}, "
               f"{res.report.get('seconds', 0):.1f} s){preview}")
         for line in res.left_out_lines():
             print(f"{label}: NOT IN ANY DERIVED SERIES: {line}")

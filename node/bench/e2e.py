@@ -1,10 +1,10 @@
 """``srnode bench e2e``: first instance sent → last derived instance stored in Orthanc.
 
 A real node process (cubic engine, CPU) receives a 140-slice 512² CT (the shared 1 mm phantom, or a generated
-phantom of the same size when ../shared/data is absent) from dcmtk ``storescu`` and sends the derived and
-uncertainty series to a real Orthanc started for the run. The clock starts when storescu starts and stops when
-Orthanc holds every derived instance (and, separately, every uncertainty instance, and every result the node
-delivered).
+phantom of the same size when ../shared/data is absent) from dcmtk ``storescu`` and sends the derived series
+to a real Orthanc started for the run (cubic has no sigma: no uncertainty object; with a sigma engine its
+Parametric Map is one more result). The clock starts when storescu starts and stops when Orthanc holds every
+derived instance (and, separately, every result the node delivered).
 
 Then, in the same run and to the same Orthanc, dcmtk ``storescu`` sends the same result files again (the study
 deleted first): once on one association (the reference rate) and once split over as many ``storescu`` processes

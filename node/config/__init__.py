@@ -38,6 +38,7 @@ from node.config.schema import (
     OutboxConfig,
     RuleConfig,
     TlsConfig,
+    UncertaintyObject,
     VolumeChoice,
     as_table,
     secret_values,
@@ -48,6 +49,7 @@ __all__ = [
     "DataAccess", "DeriveConfig", "Destination", "DestinationKind", "Device", "DicomDestination", "DicomSource",
     "DicomwebDestination", "DicomwebSource", "EngineConfig", "EngineOptions", "ExecutorConfig", "ExecutorKind",
     "FolderDestination", "HttpConfig", "NodeConfig", "OrthancDestination", "OrthancSource", "OutboxConfig",
-    "RuleConfig", "Source", "SourceKind", "TlsConfig", "VolumeChoice", "as_table", "config_from_dict", "load_config", "replace",
+    "RuleConfig", "Source", "SourceKind", "TlsConfig", "UncertaintyObject", "VolumeChoice",
+    "as_table", "config_from_dict", "load_config", "replace",
     "secret_values",
 ]

@@ -45,6 +45,26 @@ class VolumeChoice(StrEnum):
     FIRST = "first"  # only the first (lowest time point / echo / ...); the others are named in the job notes
 
 
+class UncertaintyObject(StrEnum):
+    """How the engine's 1-sigma uncertainty leaves the node (``[derive] uncertainty``; ``node.derived.uncertainty``).
+
+    Engines without an uncertainty (cubic, and every fallback to it) write no sigma object whatever this says.
+    """
+
+    PARAMETRIC_MAP = "parametric_map"  # one float multi-frame Parametric Map per derived volume (its geometry)
+    SECONDARY_CAPTURE = "secondary_capture"  # one colour-mapped sigma "card" (RGB, colour bar; no geometry)
+    BOTH = "both"  # the map and the card, each its own series
+    NONE = "none"  # no sigma object
+
+    @property
+    def parametric_map(self) -> bool:
+        return self in (UncertaintyObject.PARAMETRIC_MAP, UncertaintyObject.BOTH)
+
+    @property
+    def card(self) -> bool:
+        return self in (UncertaintyObject.SECONDARY_CAPTURE, UncertaintyObject.BOTH)
+
+
 @dataclass(frozen=True)
 class CallerConfig:
     """One allowed calling AE: title, optional source address and the rules it may use (empty: all)."""
@@ -106,7 +126,7 @@ class DeriveConfig:
     series_description_suffix: str = " SR"
     series_number_offset: int = 1000
     caution: str = "not for diagnosis"  # ends every derived SeriesDescription ("" = none)
-    uncertainty: bool = True
+    uncertainty: UncertaintyObject = UncertaintyObject.PARAMETRIC_MAP
 
 
 @dataclass(frozen=True)

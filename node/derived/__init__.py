@@ -1,7 +1,7 @@
 """Stage ``derived``: the objects the node writes, built as pydicom Datasets from the source series.
 
 - ``image_series``: the derived image series (new UIDs, DERIVED\\SECONDARY, exact geometry, values in range);
-- ``uncertainty``: the per-voxel sigma objects;
+- ``uncertainty``: the per-voxel sigma objects (Parametric Map, SC card);
 - ``geometry``: where each output slice lies, and the gate every derived series passes before it leaves;
 - ``iocm``: IHE IOCM rejection notes retiring superseded results;
 - ``inputs``: checks on the input series first: one patient and study; copied values valid for their VR;
@@ -12,8 +12,8 @@ from node.derived.geometry import GEOMETRY_TOL_MM, geometry_gate, output_positio
 from node.derived.image_series import DerivedObjects, check_identifiers, derive_series
 from node.derived.inputs import check_inputs, check_one_patient, conform_copied
 from node.derived.iocm import reject_superseded, rejection_note
-from node.derived.uncertainty import uncertainty_series
+from node.derived.uncertainty import uncertainty_objects
 
 __all__ = ["GEOMETRY_TOL_MM", "DerivedObjects", "check_identifiers", "check_inputs", "check_one_patient",
            "conform_copied", "derive_series", "geometry_gate", "output_positions", "reject_superseded",
-           "rejection_note", "uncertainty_series"]
+           "rejection_note", "uncertainty_objects"]

@@ -1,4 +1,4 @@
-"""The derived image series (pydicom), and with it the uncertainty Secondary Capture series (``node.derived.uncertainty``).
+"""The derived image series (pydicom), and with it the uncertainty objects (``node.derived.uncertainty``).
 
 The derived series sits in the input's study and frame of reference, with new UIDs that are deterministic from
 (input SeriesInstanceUID and SOPInstanceUIDs, PIPELINE_VERSION, factors, engine, run) so that reprocessing is
@@ -60,15 +60,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DerivedObjects:
-    """What ``derive_series`` built: the derived slices (in output slice order), the uncertainty SCs (one per
-    derived slice; [] when ``[derive].uncertainty`` is off) and the two series' UIDs (the uncertainty UID is
-    computed even when no SC was made)."""
+    """What ``derive_series`` built: the derived slices (in output slice order), the uncertainty objects (the
+    Parametric Map and/or the SC card, ``[derive] uncertainty``; [] when it is "none" or the engine has no sigma)
+    and the series' UIDs: ``uncertainty_series_uid`` is the first uncertainty object's series ("" when none was
+    made), ``uncertainty_series_uids`` every uncertainty object's series, in order."""
 
     derived: list[Dataset]
     uncertainty: list[Dataset]
     derived_series_uid: str
     uncertainty_series_uid: str
     notes: list[str] = field(default_factory=list)  # what was changed from the source's format, for the job report
+    uncertainty_series_uids: list[str] = field(default_factory=list)
 
 
 def _output_sop_class(vol: SeriesVolume) -> str:
@@ -99,7 +101,8 @@ def check_identifiers(vol: SeriesVolume) -> None:
 
 def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg: DeriveConfig,
                   engine_version: str = "") -> DerivedObjects:
-    """Build the derived image series (and the uncertainty SC series when ``cfg.uncertainty``).
+    """Build the derived image series, and the uncertainty objects ``cfg.uncertainty`` names when the engine has
+    a sigma (``result.has_sigma``; ``node.derived.uncertainty``).
 
     ``result.data`` is (Z', Y', X') float32 in modality units on the output grid of ``models.engine``. Raises
     DeriveError when the shape breaks that contract, the output holds non-finite values, or the geometry gate fails.
@@ -135,9 +138,9 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
             notes.insert(0, f"run {vol.run[0]}/{vol.run[1]}: input slices {vol.run_slices[0]}-{vol.run_slices[1]} "
                             f"of {vol.run_slices[2]} (the series' slice steps are irregular)")
     # node.derived.labels: what a reader sees in the study list (volume/run, engine, factors, fallback, caution)
-    desc, sigma_desc = series_descriptions(str(ref0.get("SeriesDescription", "") or vol.modality), cfg, factors,
+    desc, sigma_desc, card_desc = series_descriptions(str(ref0.get("SeriesDescription", "") or vol.modality), cfg, factors,
                                            made_by, bool(result.fallback), part_label.strip())
-    # two numbers per derived series (its uncertainty series takes the next): distinct for every volume and run
+    # three numbers per derived series (its uncertainty series take the next two): distinct for every volume and run
     series_number = labelled_number(int(ref0.get("SeriesNumber") or 0), cfg.series_number_offset, made_by, factors,
                                     vol.part + 1)
     equipment = contributing_equipment(result.engine, engine_version, result.fallback, now, denoised)
@@ -232,17 +235,23 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         add_file_meta(ds)
         out.append(ds)
     geometry_gate(out, vol, factors)
-    sc: list[Dataset] = []
-    sc_uid = derived_uid(cfg, vol, factors, made_by, "sigma")
-    if cfg.uncertainty:
-        # highdicom is imported only when the SC series is made
-        from node.derived.uncertainty import uncertainty_series
+    sigma_objs: list[Dataset] = []
+    kind = cfg.uncertainty
+    if result.has_sigma and (kind.parametric_map or kind.card):
+        # highdicom (and matplotlib for the card) are imported only when a sigma object is made
+        from node.derived.uncertainty import SigmaSeries, uncertainty_objects
 
-        sc = uncertainty_series(out, result.sigma, vol, sc_uid, cfg, factors, made_by, equipment,
-                                description=sigma_desc)
+        pm = SigmaSeries(derived_uid(cfg, vol, factors, made_by, "sigma"),
+                         derived_uid(cfg, vol, factors, made_by, "sigma", "map"), series_number + 1, sigma_desc)
+        card = SigmaSeries(derived_uid(cfg, vol, factors, made_by, "sigma-card"),
+                           derived_uid(cfg, vol, factors, made_by, "sigma-card", "0"),
+                           series_number + (2 if kind.parametric_map else 1), card_desc)
+        sigma_objs = uncertainty_objects(out, result.sigma, vol.modality, kind, made_by, equipment,
+                                         parametric_map=pm, card=card)
+    sigma_uids = list(dict.fromkeys(str(x.SeriesInstanceUID) for x in sigma_objs))
     log.info("series %s: derived %d slices into %s (engine %s%s)", vol.series_uid, nz, series_uid, result.engine,
              f", fallback: {result.fallback}" if result.fallback else "")
-    return DerivedObjects(out, sc, series_uid, sc_uid, notes)
+    return DerivedObjects(out, sigma_objs, series_uid, sigma_uids[0] if sigma_uids else "", notes, sigma_uids)
 
 
 def _mr_type1(ds: Dataset, ref: Dataset, frame: int) -> None:

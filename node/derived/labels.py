@@ -2,10 +2,11 @@
 
 SeriesDescription (LO, at most 64 characters)::
 
-    <source description>[ run i/n | slices a-b of N]<suffix> <factors> <engine>[ (fallback)][ sigma][ - <caution>]
+    <source description>[ run i/n | slices a-b of N]<suffix> <factors> <engine>[ (fallback)][ sigma[ card]][ - <caution>]
 
     STD BRAIN 5MM SR x2 selfsup - not for diagnosis               the derived series
-    STD BRAIN 5MM SR x2 selfsup sigma - not for diagnosis         its uncertainty series
+    STD BRAIN 5MM SR x2 selfsup sigma - not for diagnosis         its uncertainty (Parametric Map) series
+    STD BRAIN 5MM SR x2 selfsup sigma card - not for diagnosis    its uncertainty card (Secondary Capture)
     STD BRAIN 5MM SR x2 cubic (fallback) - not for diagnosis      SR failed or gained too little: cubic instead
 
 ``suffix`` is ``[derive] series_description_suffix`` (default " SR"), ``caution`` is ``[derive] caution`` (default
@@ -16,14 +17,15 @@ is shortened first; only then the end of the caution.
 
 SeriesNumber (IS)::
 
-    derived     = source + offset * k + 2 * (run - 1)
-    uncertainty = derived + 1
+    derived     = source + offset * k + 3 * (run - 1)
+    uncertainty = derived + 1      (the Parametric Map; the card when it is the only sigma object)
+    card        = derived + 2      (the Secondary Capture card when both are made)
     k           = 1 + (first 4 bytes of SHA-256 of "<engine>|<f>|<g>") mod 99       (1..99)
 
 ``source`` is the input's SeriesNumber (0 when absent), ``offset`` is ``[derive] series_number_offset`` (default
 1000), ``run`` the regular run of an irregular series (1 otherwise). So with the default offset a result of series
 201 is numbered <k>201 (1201 ... 99201): the source number stays readable in the last digits, each run and the
-uncertainty series get their own number, and results of other engines or factors land in another thousand (98
+uncertainty series (and card) get their own number, and results of other engines or factors land in another thousand (98
 times in 99; their descriptions differ in any case). The rule's name is not part of k on purpose: two rules with the same engine and
 factors make the very same series (the same SeriesInstanceUID, ``node.derived.modules.derived_uid``), which must
 carry one number. The same inputs always give the same number.
@@ -51,14 +53,16 @@ def factors_label(factors: Factors) -> str:
 
 
 def series_description(source: str, suffix: str, factors: Factors, engine: str, *, fallback: bool = False,
-                       caution: str = "", run: str = "", sigma: bool = False) -> str:
-    """The SeriesDescription of a derived (``sigma``: uncertainty) series; see the module's docstring.
+                       caution: str = "", run: str = "", sigma: bool = False, card: bool = False) -> str:
+    """The SeriesDescription of a derived (``sigma``: uncertainty; ``card`` too: its card) series; see the
+    module's docstring.
 
     ``run``: which part of an irregular series this is ("run 1/2", "slices 3-27 of 27"), "" for a whole series.
     """
     run_text = f" {run}" if run else ""
     tail = (f"{run_text}{suffix} {factors_label(factors)} {engine}" + (" (fallback)" if fallback else "")
-            + (" sigma" if sigma else "") + (f" - {caution}" if caution else ""))
+            + (" sigma" if sigma else "") + (" card" if sigma and card else "")
+            + (f" - {caution}" if caution else ""))
     room = LO_MAX - len(tail)
     head = " ".join(source.split())  # one line, single spaces (a description may hold odd whitespace)
     if room <= 0:
@@ -69,11 +73,13 @@ def series_description(source: str, suffix: str, factors: Factors, engine: str, 
 
 
 def series_descriptions(source: str, cfg: DeriveConfig, factors: Factors, engine: str, fallback: bool,
-                        run: str) -> tuple[str, str]:
-    """The derived series' description and its uncertainty series' (``[derive]`` suffix and caution)."""
-    derived, sigma = (series_description(source, cfg.series_description_suffix, factors, engine, fallback=fallback,
-                                         caution=cfg.caution, run=run, sigma=s) for s in (False, True))
-    return derived, sigma
+                        run: str) -> tuple[str, str, str]:
+    """The derived series' description, its uncertainty series' and its uncertainty card's (``[derive]`` suffix
+    and caution)."""
+    derived, sigma, card = (series_description(source, cfg.series_description_suffix, factors, engine,
+                                               fallback=fallback, caution=cfg.caution, run=run, sigma=s, card=c)
+                            for s, c in ((False, False), (True, False), (True, True)))
+    return derived, sigma, card
 
 
 def is_srnode_description(description: str, suffix: str) -> bool:
@@ -84,7 +90,7 @@ def is_srnode_description(description: str, suffix: str) -> bool:
 
 
 def series_number(source: int, offset: int, engine: str, factors: Factors, run: int = 1) -> int:
-    """The derived series' SeriesNumber (the uncertainty series takes the next one); see the module's docstring."""
+    """The derived series' SeriesNumber (its uncertainty series take the next two); see the module's docstring."""
     key = f"{engine}|{factors.through_plane}|{factors.in_plane}".encode()
     k = 1 + int.from_bytes(hashlib.sha256(key).digest()[:4], "big") % 99
-    return max(0, min(source + offset * k + 2 * (max(run, 1) - 1), IS_MAX - 1))
+    return max(0, min(source + offset * k + 3 * (max(run, 1) - 1), IS_MAX - 3))

@@ -9,13 +9,16 @@ from collections.abc import Sequence
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
 from models.engine import Factors
 from node import PIPELINE_VERSION, __version__
 from node.config import DeriveConfig
 from node.series import SeriesVolume, group_value, sop_class_of, sop_instance_of
+
+PARAMETRIC_MAP_STORAGE = UID("1.2.840.10008.5.1.4.1.1.30")  # PS3.4 B.5: the uncertainty map
+SECONDARY_CAPTURE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")  # the uncertainty card
 
 # attributes copied from the nearest input slice, per module (a whitelist; never private tags)
 PATIENT = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
@@ -156,3 +159,9 @@ def add_file_meta(ds: Dataset) -> None:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
+
+
+def sigma_file_name(ds: Dataset) -> str:
+    """The file name of an uncertainty object in its folder: ``PM00001.dcm`` (Parametric Map) or ``SC00001.dcm``
+    (the SC card); one of each at most per derived series."""
+    return "PM00001.dcm" if str(ds.SOPClassUID) == PARAMETRIC_MAP_STORAGE else "SC00001.dcm"

@@ -104,7 +104,8 @@ def denoise_input(vin: VolumeInput, options: EngineOptions) -> tuple[VolumeInput
 
 def add_denoise_sigma(engines: EngineCache, result: EngineResult, sigma_in: np.ndarray, options: EngineOptions,
                       vin: VolumeInput, factors: Factors) -> None:
-    """Carry the denoiser's sigma to the output grid (cubic) and add it in quadrature."""
+    """Carry the denoiser's sigma to the output grid (cubic) and add it in quadrature (``result.has_sigma`` then)."""
     up = engines.get(FALLBACK_ENGINE, options).upscale(
         dataclasses.replace(vin, data=sigma_in.astype(np.float32), value_range=None), factors).data
     result.sigma = np.sqrt(result.sigma.astype(np.float64) ** 2 + np.maximum(up, 0) ** 2).astype(np.float32)
+    result.has_sigma = True  # the denoiser's sigma is an estimate even when the engine (cubic) has none

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from models.engine import Factors, Progress
 from node.config import Config, RuleConfig, VolumeChoice
 from node.derived import check_identifiers, check_inputs, check_one_patient, derive_series
+from node.derived.modules import sigma_file_name
 from node.errors import VolumeError
 from node.process.budget import check_series
 from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine
@@ -217,12 +218,14 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
             p = out_dir / f"derived{suffix}" / f"IM{k + 1:05d}.dcm"
             write_atomic(ds, p)
             result.derived_files.append(p)
-        for k, ds in enumerate(objs.uncertainty):
-            p = out_dir / f"uncertainty{suffix}" / f"SC{k + 1:05d}.dcm"
+        for ds in objs.uncertainty:  # the Parametric Map (PM00001.dcm) and/or the SC card (SC00001.dcm)
+            p = out_dir / f"uncertainty{suffix}" / sigma_file_name(ds)
             write_atomic(ds, p)
             result.uncertainty_files.append(p)
         result.derived_series_uids.append(objs.derived_series_uid)
-        result.uncertainty_series_uids.append(objs.uncertainty_series_uid if objs.uncertainty else "")
+        result.uncertainty_series_uids.append(objs.uncertainty_series_uid)
+        if len(objs.uncertainty_series_uids) > 1:
+            report.setdefault("sigma_card_series_uids", []).append(objs.uncertainty_series_uids[1])
         result.engine = er.engine
         if er.fallback:
             fallbacks.append(er.fallback)

@@ -167,6 +167,7 @@ def test_demo_leaves_a_config_for_status(tmp_path: Path) -> None:
     assert config == tmp_path / "run" / "config.toml"
     assert f"preview (original / derived / uncertainty, 3 planes): {tmp_path / 'out' / 'preview-job1.png'}" \
         in r.stdout and (tmp_path / "out" / "preview-job1.png").is_file()  # one preview per job
+    assert "no uncertainty series (engine cubic has no sigma" in r.stdout, r.stdout
     status = srnode("status", "--config", config, cwd=tmp_path)
     assert status.returncode == 0, status.stderr
     rows = [ln for ln in status.stdout.splitlines()[1:] if ln.strip()]

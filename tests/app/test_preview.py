@@ -20,6 +20,7 @@ from node.bench.phantom import write_phantom_series
 from node.config import DEFAULTS, config_from_dict
 from node.process import process_series
 from node.series import SeriesVolume
+from tests.support.engines import SIGMA_TEST_ENGINE, sigma_engines
 from tests.support.fixtures import shared_series
 
 # ------------------------------------------------------------------------------------------------ orientation
@@ -148,10 +149,12 @@ def _read(png: Path) -> tuple[list[dict[str, Any]], list[str], np.ndarray]:
     return boxes, json.loads(text["srnode-title"]), a
 
 
-def _run(tmp_path: Path, files: list[Path], engine: str = "cubic") -> tuple[list[Path], list[Path]]:
+def _run(tmp_path: Path, files: list[Path], engine: str = "cubic",
+         uncertainty: str = "parametric_map") -> tuple[list[Path], list[Path]]:
     cfg = config_from_dict({**DEFAULTS, "rules": [{"name": "all", "match": {"Modality": "^(CT|MR)$"},
-                                                   "through_plane_factor": 2}]})
-    res = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name=engine)
+                                                   "through_plane_factor": 2}],
+                            "derive": {"uncertainty": uncertainty}})
+    res = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name=engine, engines=sigma_engines())
     return res.derived_files, res.uncertainty_files
 
 
@@ -175,17 +178,15 @@ def test_phantom_preview(tmp_path: Path) -> None:
 
 def test_sigma_gets_a_colour_bar_in_hu(tmp_path: Path) -> None:
     files = write_phantom_series(tmp_path / "in", slices=10, size=64, step_mm=4.0)
-    derived, unc = _run(tmp_path, files)
-    out = tmp_path / "sigma"
-    for k, f in enumerate(unc):  # a sigma map that is not zero: 5 HU per slice index
-        ds = pydicom.dcmread(f)
-        ds.RescaleSlope = "0.01"
-        ds.PixelData = np.full((ds.Rows, ds.Columns), 500 * (k + 1), np.uint16).tobytes()
-        (out / f.parent.name).mkdir(parents=True, exist_ok=True)
-        ds.save_as(out / f.parent.name / f.name)
-    with_sigma = sorted(out.rglob("*.dcm"))
-    boxes, _, a = _read(write_preview(files, derived, with_sigma, tmp_path / "p.png"))
+    derived, unc = _run(tmp_path, files)  # cubic: no sigma object
+    assert unc == []
+    # an engine with sigma (a ramp 0..50 HU), the map and the card: the preview reads the map's float frames
+    derived_s, with_sigma = _run(tmp_path / "s", files, SIGMA_TEST_ENGINE, "both")
+    assert [p.name for p in with_sigma] == ["PM00001.dcm", "SC00001.dcm"]
+    boxes, _, a = _read(write_preview(files, derived_s, with_sigma, tmp_path / "p.png"))
     assert all(b["note"].startswith("\u03c3 0\u2013") and " HU" in b["note"] for b in boxes[2::3])
+    top = float(boxes[2]["note"].split("\u2013")[1].split()[0])
+    assert 45 <= top <= 51  # the 99.5th percentile of the ramp, in HU
     x0, y0, x1, y1 = boxes[2]["box"]
     assert a.shape[1] > x1 + 60  # the colour bar's room right of the sigma column
     boxes0, _, a0 = _read(write_preview(files, derived, unc, tmp_path / "p0.png"))

@@ -6,6 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 
@@ -31,7 +32,14 @@ def test_series_from_storescu_arrive_in_orthanc(tmp_path: Path, orthanc: Orthanc
     orthanc.clear()
     thick = sorted(shared_series("ct_head_phantom_philips_5mm").glob("*.dcm"))
     generated = write_phantom_series(tmp_path / "gen", slices=6, size=64, step_mm=3.0)
-    with NodeProc.start(tmp_path / "node", _pacs(orthanc)) as node:
+    sections = _pacs(orthanc)
+    # the small generated series through selfsup (fast, 1 pass; kept whatever its gain): its sigma goes to Orthanc
+    # as a Parametric Map and an SC card ("both"); the thick one through cubic, which has no sigma and sends none
+    sections["rules"].insert(0, {"name": "phantom-selfsup", "match": {"SeriesDescription": "Head phantom.*"},
+                                 "through_plane_factor": 2, "engine": "selfsup", "destinations": ["pacs"]})
+    sections["engine"] = {"fast": True, "tta_passes": 1, "samples": 2, "min_gain_db": -100.0}
+    sections["derive"] = {"uncertainty": "both"}
+    with NodeProc.start(tmp_path / "node", sections) as node:
         for files in (thick, generated):
             r = storescu(files, node.port)
             assert r.returncode == 0, r.stderr
@@ -39,16 +47,31 @@ def test_series_from_storescu_arrive_in_orthanc(tmp_path: Path, orthanc: Orthanc
         assert [j["state"] for j in jobs] == ["delivered", "delivered"], json.dumps(jobs, indent=1)
         status = node.cli("status")
         assert status.returncode == 0 and status.stdout.count("delivered") >= 2
-        assert [j["state"] for j in node.status_cli()] == ["delivered", "delivered"]
+        statuses = node.status_cli()
+        assert [j["state"] for j in statuses] == ["delivered", "delivered"]
         log = node.log()
-    for files in (thick, generated):
+    by_series = {j["series"]: j for j in statuses}
+    for files, with_sigma in ((thick, False), (generated, True)):
         first = dcmread(files[0], stop_before_pixels=True)
         n_out = (len(files) - 1) * 2 + 1
         series = orthanc.series_of_study(first.StudyInstanceUID)
         got = sorted((s["MainDicomTags"].get("Modality", ""), len(s["Instances"])) for s in series)
-        assert got == [("CT", n_out), ("OT", n_out)], got  # derived CT + uncertainty SC, same study
+        # derived CT (+ the Parametric Map and the card, modality OT each, for the engine with sigma), same study
+        assert got == ([("CT", n_out), ("OT", 1), ("OT", 1)] if with_sigma else [("CT", n_out)]), got
         derived = next(s for s in series if s["MainDicomTags"]["Modality"] == "CT")
         assert derived["MainDicomTags"]["SeriesInstanceUID"] != first.SeriesInstanceUID
+        job = by_series[first.SeriesInstanceUID]
+        assert bool(job["uncertainty_series"]) == with_sigma, job  # no sigma series claimed for cubic
+        if with_sigma:
+            sigma = next(s for s in series if s["MainDicomTags"]["SeriesInstanceUID"] == job["uncertainty_series"])
+            pm = orthanc.instance_file(sigma["Instances"][0])
+            (card_series,) = [s for s in series if s["MainDicomTags"]["Modality"] == "OT" and s is not sigma]
+            card = orthanc.instance_file(card_series["Instances"][0])
+            assert card.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and card.PhotometricInterpretation == "RGB"
+            assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" and int(pm.NumberOfFrames) == n_out
+            assert pm.pixel_array.dtype == np.float32 and np.isfinite(pm.pixel_array).all()
+            assert float(pm.pixel_array.max()) > 0  # selfsup's sigma, not zeros
+            assert pm.FrameOfReferenceUID == first.FrameOfReferenceUID
     # no patient identifiers in the node's log
     for files in (thick, generated):
         h = dcmread(files[0], stop_before_pixels=True)
@@ -78,7 +101,7 @@ def test_folder_destination_unmatched_series_and_restart(tmp_path: Path) -> None
         assert ignored["state"] == "ignored" and ignored["reason"].startswith("no rule matched")
         out = node.workdir / "out" / first.StudyInstanceUID
         files = {d.name: sorted(d.glob("*.dcm")) for d in out.iterdir()}
-        assert sorted(len(v) for v in files.values()) == [5, 9, 9]  # originals forwarded, derived, sigma
+        assert sorted(len(v) for v in files.values()) == [5, 9]  # originals forwarded, derived (cubic: no sigma)
         assert len(files[first.SeriesInstanceUID]) == 5
         assert files[job["derived_series"]][0].name.endswith(".dcm")
         # a late instance after processing: the series is processed again and the new job supersedes
@@ -105,7 +128,7 @@ def test_folder_destination_unmatched_series_and_restart(tmp_path: Path) -> None
         assert jobs[-1]["state"] == "delivered", jobs[-1]
         first_more = dcmread(more[0], stop_before_pixels=True)
         out_more = node.workdir / "out" / first_more.StudyInstanceUID
-        assert sorted(len(list(d.glob("*.dcm"))) for d in out_more.iterdir()) == [20, 39, 39]
+        assert sorted(len(list(d.glob("*.dcm"))) for d in out_more.iterdir()) == [20, 39]  # cubic: no sigma
         assert node.stop() == 0
     audit = [json.loads(x) for x in (node.spool / "audit.log").read_text().splitlines()]
     assert {"association", "job-decision", "job-processed", "delivery"} <= {a["event"] for a in audit}

@@ -1,4 +1,4 @@
-"""Derived series + uncertainty SC: geometry, HU fidelity, UIDs, references, dciodvfy, strict round-trip."""
+"""Derived series + uncertainty map: geometry, HU fidelity, UIDs, references, dciodvfy, strict round-trip."""
 
 from __future__ import annotations
 
@@ -30,9 +30,13 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> SeriesVolume:
     return load_series(write_phantom_series(d, slices=10, size=64, step_mm=3.0, fov_mm=200.0))
 
 
-def _derive(vol: SeriesVolume, f: int, g: int, cfg: DeriveConfig = CFG) -> DerivedObjects:
+def _derive(vol: SeriesVolume, f: int, g: int, cfg: DeriveConfig = CFG, sigma: bool = False) -> DerivedObjects:
+    """Cubic; ``sigma``: as an engine with an uncertainty (a ramp 0..50 over the voxels)."""
     factors = Factors(f, g)
     res = CubicEngine().upscale(vol.to_engine_input(), factors)
+    if sigma:
+        res.has_sigma = True
+        res.sigma = np.linspace(0, 50, res.data.size, dtype=np.float32).reshape(res.data.shape)
     return derive_series(vol, res, factors, cfg, CubicEngine.version)
 
 
@@ -60,7 +64,7 @@ def test_through_plane_geometry_and_hu(phantom: SeriesVolume, tmp_path: Path) ->
     out = _derive(phantom, 3, 1)
     d = out.derived
     n, s = phantom.shape[0], phantom.spacing[0]
-    assert len(d) == (n - 1) * 3 + 1 == len(out.uncertainty)
+    assert len(d) == (n - 1) * 3 + 1 and out.uncertainty == [] and out.uncertainty_series_uid == ""  # cubic: no sigma
     assert _ipp(d[0]) == pytest.approx(phantom.positions[0], abs=1e-4)
     assert _ipp(d[-1]) == pytest.approx(phantom.positions[-1], abs=1e-4)
     steps = np.diff([_ipp(x)[2] for x in d])
@@ -95,7 +99,7 @@ def test_in_plane_geometry(phantom: SeriesVolume) -> None:
 
 def test_uids_new_deterministic_and_references(phantom: SeriesVolume) -> None:
     vol = _crop(phantom, 16)
-    a, b = _derive(vol, 2, 1), _derive(vol, 2, 1)
+    a, b = _derive(vol, 2, 1, sigma=True), _derive(vol, 2, 1, sigma=True)
     assert [x.SOPInstanceUID for x in a.derived] == [x.SOPInstanceUID for x in b.derived]
     assert a.derived_series_uid == b.derived_series_uid != vol.series_uid
     assert a.uncertainty_series_uid not in (a.derived_series_uid, vol.series_uid)
@@ -114,22 +118,13 @@ def test_uids_new_deterministic_and_references(phantom: SeriesVolume) -> None:
     assert d0.ContributingEquipmentSequence[0].Manufacturer == "srnode"
     assert d0.SeriesDescription == f"Head phantom 3 mm{CFG.series_description_suffix} x2 cubic - {CFG.caution}"
     assert int(d0.SeriesNumber) % CFG.series_number_offset == int(vol.datasets[0].SeriesNumber)  # labels.py
-    sc = a.uncertainty[0]
-    assert sc.StudyInstanceUID == d0.StudyInstanceUID and sc.SeriesInstanceUID == a.uncertainty_series_uid
-    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == d0.SOPInstanceUID
-    assert sc.ReferencedSeriesSequence[0].SeriesInstanceUID == a.derived_series_uid
-    assert sc.RescaleType == "HU" and float(sc.RescaleSlope) > 0 and float(sc.WindowWidth) > 0
-
-
-def test_uncertainty_mapping_stored_value_to_sigma(phantom: SeriesVolume) -> None:
-    vol = _crop(phantom, 16, slices=3)
-    factors = Factors(2, 1)
-    res = CubicEngine().upscale(vol.to_engine_input(), factors)
-    res.sigma = np.linspace(0, 50, res.data.size, dtype=np.float32).reshape(res.data.shape)
-    out = derive_series(vol, res, factors, CFG, "1")
-    for k, sc in enumerate(out.uncertainty):
-        sigma = sc.pixel_array * float(sc.RescaleSlope) + float(sc.RescaleIntercept)
-        assert np.max(np.abs(sigma - res.sigma[k])) <= float(sc.RescaleSlope)
+    assert [x.SOPInstanceUID for x in a.uncertainty] == [x.SOPInstanceUID for x in b.uncertainty]
+    (pm,) = a.uncertainty  # the default: one Parametric Map
+    assert pm.StudyInstanceUID == d0.StudyInstanceUID and pm.SeriesInstanceUID == a.uncertainty_series_uid
+    assert pm.FrameOfReferenceUID == d0.FrameOfReferenceUID
+    frame0 = pm.PerFrameFunctionalGroupsSequence[0]
+    assert frame0.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID == d0.SOPInstanceUID
+    assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == a.derived_series_uid
 
 
 def _check_files(objs: DerivedObjects, tmp_path: Path) -> None:
@@ -143,18 +138,19 @@ def _check_files(objs: DerivedObjects, tmp_path: Path) -> None:
         back = pydicom.dcmread(p)
         for elem in back.iterall():
             _ = elem.value
-        assert back.pixel_array.shape == (int(ds.Rows), int(ds.Columns))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        assert back.pixel_array.shape == ((frames,) if frames > 1 else ()) + (int(ds.Rows), int(ds.Columns))
 
 
 def test_phantom_objects_pass_dciodvfy_and_strict_roundtrip(phantom: SeriesVolume, tmp_path: Path,
                                                             strict: None) -> None:
-    _check_files(_derive(_crop(phantom, 32), 2, 2), tmp_path)
+    _check_files(_derive(_crop(phantom, 32), 2, 2, sigma=True), tmp_path)
 
 
 def test_ge_tilted_run_objects_valid_and_on_the_tilted_line(tmp_path: Path, strict: None) -> None:
     vol = load_series(sorted(shared_series("ct_head_ge_tilted_irregular").glob("*.dcm")))
     run = _crop(regular_runs(vol)[1], 64, slices=4)
-    out = _derive(run, 2, 1)
+    out = _derive(run, 2, 1, sigma=True)
     # the slice line is tilted 18.5 deg from the normal: derived positions follow it, not the normal
     mid = _ipp(out.derived[1])
     assert mid == pytest.approx((run.positions[0] + run.positions[1]) / 2, abs=1e-3)
@@ -166,7 +162,7 @@ def test_ge_tilted_run_objects_valid_and_on_the_tilted_line(tmp_path: Path, stri
 
 def test_enhanced_mr_becomes_classic_mr_valid(tmp_path: Path, strict: None) -> None:
     vol = load_series(sorted(shared_series("mr_t1_enhanced_multiframe_siemens_xa30").glob("*.dcm")))
-    out = _derive(_crop(vol, 32, slices=5), 2, 1)
+    out = _derive(_crop(vol, 32, slices=5), 2, 1, sigma=True)
     d0 = out.derived[0]
     assert d0.SOPClassUID == pydicom.uid.MRImageStorage
     assert d0.SourceImageSequence[0].ReferencedFrameNumber == vol.frame_numbers[0]
@@ -197,4 +193,4 @@ def test_engine_failure_falls_back_to_cubic_and_says_so(phantom: SeriesVolume, t
     ds = pydicom.dcmread(res.derived_files[0], stop_before_pixels=True)
     assert "fallback" in ds.DerivationDescription and "cubic" in ds.DerivationDescription
     assert "fallback" in ds.ContributingEquipmentSequence[0].ContributionDescription
-    assert len(res.derived_files) == 7 and len(res.uncertainty_files) == 7
+    assert len(res.derived_files) == 7 and res.uncertainty_files == []  # cubic has no sigma: no sigma object

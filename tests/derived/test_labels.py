@@ -12,13 +12,14 @@ from pydicom.dataset import Dataset
 from models.cubic import CubicEngine
 from models.engine import ENGINES, Device, EngineError, EngineOptions, EngineResult, Factors, VolumeInput
 from node.bench.phantom import write_phantom_series
-from node.config import DEFAULTS, DeriveConfig, config_from_dict
+from node.config import DEFAULTS, DeriveConfig, UncertaintyObject, config_from_dict
 from node.derived import DerivedObjects, derive_series
 from node.derived.labels import is_srnode_description, series_description, series_number
 from node.errors import ConfigError
 from node.ingest.follower import is_own_output
 from node.process import EngineCache, process_series
 from node.series import SeriesVolume, load_series, regular_runs
+from tests.support.engines import ramp_sigma
 from tests.support.fixtures import shared_series
 
 CFG = DeriveConfig()
@@ -31,8 +32,11 @@ def phantom(tmp_path_factory: pytest.TempPathFactory) -> SeriesVolume:
 
 
 def _cubic(vol: SeriesVolume, f: int, g: int = 1, cfg: DeriveConfig = CFG) -> DerivedObjects:
+    """Cubic values, labelled cubic, with a sigma (as if the engine had one) so that its objects are made."""
     factors = Factors(f, g)
-    return derive_series(vol, CubicEngine().upscale(vol.to_engine_input(), factors), factors, cfg, CubicEngine.version)
+    res = CubicEngine().upscale(vol.to_engine_input(), factors)
+    res.has_sigma, res.sigma = True, ramp_sigma(res.data.shape)
+    return derive_series(vol, res, factors, cfg, CubicEngine.version)
 
 
 def _labels(out: DerivedObjects) -> tuple[str, int, str, int]:
@@ -52,6 +56,13 @@ def test_description_names_factor_engine_and_caution(phantom: SeriesVolume) -> N
     assert _labels(_cubic(phantom, 2)) == (desc, number, sigma_desc, sigma_number)
     assert _labels(_cubic(phantom, 1, 2))[0] == "Head phantom 3 mm SR x2 in-plane cubic - not for diagnosis"
     assert _labels(_cubic(phantom, 2, 2))[0] == "Head phantom 3 mm SR x2 x2 in-plane cubic - not for diagnosis"
+    # both sigma objects: the map takes number + 1, the card number + 2, each its own series and description
+    both = _cubic(phantom, 2, cfg=DeriveConfig(uncertainty=UncertaintyObject.BOTH))
+    assert [(x.SeriesDescription, int(x.SeriesNumber)) for x in both.uncertainty] == [
+        (sigma_desc, number + 1), ("Head phantom 3 mm SR x2 cubic sigma card - not for diagnosis", number + 2)]
+    assert len(set(both.uncertainty_series_uids)) == 2 and both.uncertainty_series_uid == both.uncertainty_series_uids[0]
+    card = _cubic(phantom, 2, cfg=DeriveConfig(uncertainty=UncertaintyObject.SECONDARY_CAPTURE)).uncertainty
+    assert [int(x.SeriesNumber) for x in card] == [number + 1]  # the card alone takes the next number
 
 
 def test_caution_and_suffix_are_configurable(phantom: SeriesVolume) -> None:
@@ -97,10 +108,12 @@ def test_the_fallback_is_visible_in_the_description(phantom: SeriesVolume, tmp_p
                          engine_name=_FailingEngine.name, engines=engines)
     assert res.engine == "cubic" and res.fallback
     d = pydicom.dcmread(res.derived_files[0], stop_before_pixels=True)
-    s = pydicom.dcmread(res.uncertainty_files[0], stop_before_pixels=True)
     assert d.SeriesDescription == "Head phantom 3 mm SR x2 cubic (fallback) - not for diagnosis"
-    # 67 characters: the source description gives way ("Head phantom 3 mm" -> "Head phantom 3")
-    assert s.SeriesDescription == "Head phantom 3 SR x2 cubic (fallback) sigma - not for diagnosis"
+    assert res.uncertainty_files == [] and res.uncertainty_series_uid == ""  # the cubic fallback has no sigma
+    # (a denoised fallback has sigma) 67 characters: the source description gives way ("... 3 mm" -> "... 3")
+    s = series_description("Head phantom 3 mm", " SR", Factors(2, 1), "cubic", fallback=True,
+                           caution="not for diagnosis", sigma=True)
+    assert s == "Head phantom 3 SR x2 cubic (fallback) sigma - not for diagnosis"
 
 
 def test_two_results_of_one_source_never_look_alike(phantom: SeriesVolume) -> None:
@@ -126,7 +139,7 @@ def test_each_run_of_an_irregular_series_has_its_own_numbers() -> None:
     vol = load_series(sorted(shared_series("ct_head_ge_tilted_irregular").glob("*.dcm")))
     runs = [_cubic(r, 2) for r in regular_runs(vol)]
     (d1, n1, s1, m1), (d2, n2, s2, m2) = (_labels(r) for r in runs)
-    assert (n2, m1, m2) == (n1 + 2, n1 + 1, n1 + 3)
+    assert (n2, m1, m2) == (n1 + 3, n1 + 1, n1 + 4)  # room for the card (+2) of each run
     assert "run 1/2 SR x2 cubic - not for diagnosis" in d1 and "run 2/2 SR x2 cubic sigma" in s2
 
 

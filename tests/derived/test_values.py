@@ -12,19 +12,21 @@ import pytest
 from models.cubic import CubicEngine
 from models.engine import ENGINES, EngineError, EngineOptions, EngineResult, Factors, VolumeInput
 from node.bench.phantom import phantom_hu, write_phantom_series
-from node.config import DeriveConfig, load_config
+from node.config import DeriveConfig, UncertaintyObject, load_config
 from node.derived import DerivedObjects, derive_series, rejection_note
 from node.process import EngineCache, process_series, write_atomic
 from node.series import SeriesVolume, load_series
+from tests.support.engines import SIGMA_TEST_ENGINE, SigmaCubic, sigma_engines
 from tests.support.fixtures import shared_case
 from tests.support.peers import dciodvfy
 
 CFG = DeriveConfig()
 
 
-def _derive(vol: SeriesVolume, f: int = 2, g: int = 1) -> DerivedObjects:
+def _derive(vol: SeriesVolume, f: int = 2, g: int = 1, cfg: DeriveConfig = CFG) -> DerivedObjects:
+    """Cubic values with a sigma (``tests.support.engines.SigmaCubic``): the uncertainty objects are made too."""
     factors = Factors(f, g)
-    return derive_series(vol, CubicEngine().upscale(vol.to_engine_input(), factors), factors, CFG,
+    return derive_series(vol, SigmaCubic().upscale(vol.to_engine_input(), factors), factors, cfg,
                          CubicEngine.version)
 
 
@@ -185,9 +187,10 @@ def _check_names(sources: list[Path], written: list[Path]) -> None:
 def test_utf8_names_identical_in_derived_uncertainty_and_rejection_note(tmp_path: Path) -> None:
     files = write_phantom_series(tmp_path / "in", slices=3, size=32, step_mm=5.0, fov_mm=200.0)
     _edit(files, SpecificCharacterSet="ISO_IR 192", **NAMES)
-    objs = _derive(load_series(files), 2)
+    objs = _derive(load_series(files), 2, cfg=DeriveConfig(uncertainty=UncertaintyObject.BOTH))
     derived = _write(objs.derived, tmp_path / "derived")
-    sigma = _write(objs.uncertainty, tmp_path / "sigma")
+    sigma = _write(objs.uncertainty, tmp_path / "sigma")  # the Parametric Map and the SC card
+    assert len(sigma) == 2
     note = rejection_note([*derived, *sigma], CFG, tmp_path / "ko", "test: superseded")
     assert pydicom.dcmread(note).PatientName == NAMES["PatientName"]
     _check_names(files, [derived[0], derived[-1], sigma[0], sigma[-1], note])
@@ -196,7 +199,8 @@ def test_utf8_names_identical_in_derived_uncertainty_and_rejection_note(tmp_path
 def test_case_03_utf8_names(tmp_path: Path) -> None:
     files = shared_case("03-utf8-patient-name", tmp_path / "in")
     cfg = load_config(None)
-    res = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name="cubic")
+    res = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name=SIGMA_TEST_ENGINE,
+                         engines=sigma_engines())
     note = rejection_note(res.derived_files + res.uncertainty_files, CFG, tmp_path / "ko", "test: superseded")
     _check_names(files, [res.derived_files[0], res.uncertainty_files[0], res.uncertainty_files[-1], note])
 

@@ -38,22 +38,20 @@ def test_fmri_time_points_become_three_derived_series(tmp_path: Path) -> None:
     r = srnode("process", shared_series("mr_fmri_philips_3volumes"), tmp_path / "out", "--engine", "cubic")
     assert r.returncode == 0, r.stdout + r.stderr
     folders = _series_folders(tmp_path / "out")
-    assert sorted(folders) == ["derived-vol1", "derived-vol2", "derived-vol3",
-                               "uncertainty-vol1", "uncertainty-vol2", "uncertainty-vol3"]
+    assert sorted(folders) == ["derived-vol1", "derived-vol2", "derived-vol3"]  # cubic: no sigma objects
     numbers, uids = set(), set()
     for t in (1, 2, 3):
-        der, sig = folders[f"derived-vol{t}"], folders[f"uncertainty-vol{t}"]
-        assert len(der) == 17 and len(sig) == 17  # 9 slices x2 -> 17
+        der = folders[f"derived-vol{t}"]
+        assert len(der) == 17  # 9 slices x2 -> 17
         assert {d.SeriesDescription for d in der} == {f"EPI_asc time {t} SR x2 cubic - not for diagnosis"}
-        assert {d.SeriesDescription for d in sig} == {f"EPI_asc time {t} SR x2 cubic sigma - not for diagnosis"}
-        numbers |= {int(der[0].SeriesNumber), int(sig[0].SeriesNumber)}
-        uids |= {der[0].SeriesInstanceUID, sig[0].SeriesInstanceUID}
+        numbers |= {int(der[0].SeriesNumber)}
+        uids |= {der[0].SeriesInstanceUID}
         # each derived series comes from its own time point's 9 images
         sources = {it.ReferencedSOPInstanceUID for d in der for it in d.SourceImageSequence}
         src = [pydicom.dcmread(f, stop_before_pixels=True)
                for f in sorted(shared_series("mr_fmri_philips_3volumes").glob("*.dcm"))]
         assert sources == {s.SOPInstanceUID for s in src if int(s.TemporalPositionIdentifier) == t}
-    assert len(numbers) == 6 and len(uids) == 6  # every derived and uncertainty series told apart
+    assert len(numbers) == 3 and len(uids) == 3  # every derived series told apart
     report = json.loads(next((tmp_path / "out").glob("*/report.json")).read_text())
     assert [run["volume"] for run in report["report"]["runs"]] == ["time 1", "time 2", "time 3"]
 
@@ -65,7 +63,7 @@ def test_rule_volumes_first_processes_the_first_volume_only(tmp_path: Path) -> N
                "--config", config, "--no-preview")
     assert r.returncode == 0, r.stdout + r.stderr
     folders = _series_folders(tmp_path / "out")
-    assert sorted(folders) == ["derived-vol1", "uncertainty-vol1"]
+    assert sorted(folders) == ["derived-vol1"]
     assert folders["derived-vol1"][0].SeriesDescription == "EPI_asc time 1 SR x2 cubic - not for diagnosis"
     report = json.loads(next((tmp_path / "out").glob("*/report.json")).read_text())
     assert 'rule volumes = "first": 2 other volume(s) of the series not processed (time 2, time 3)' \
@@ -77,7 +75,7 @@ def test_enhanced_echoes_become_classic_series_valid_for_dciodvfy(tmp_path: Path
                "cubic", "--no-preview")
     assert r.returncode == 0, r.stdout + r.stderr
     folders = _series_folders(tmp_path / "out")
-    assert sorted(folders) == ["derived-vol1", "derived-vol2", "uncertainty-vol1", "uncertainty-vol2"]
+    assert sorted(folders) == ["derived-vol1", "derived-vol2"]
     assert folders["derived-vol1"][0].SeriesDescription == "gre_field_mapping echo 1 TE 10 SR x2 cubic - not for diagnosis"
     # 64 characters at most (LO): the source description is shortened first, the labels are kept
     assert folders["derived-vol2"][0].SeriesDescription == \
@@ -97,7 +95,7 @@ def test_enhanced_t1_derived_objects_all_pass_dciodvfy(tmp_path: Path) -> None:
                "cubic", "--no-preview")
     assert r.returncode == 0, r.stdout + r.stderr
     files = sorted((tmp_path / "out").glob("*/*/*.dcm"))
-    assert len(files) == 2 * 191
+    assert len(files) == 191  # cubic: no sigma object
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     assert list(first.ScanningSequence) == ["GR", "IR"] and float(first.InversionTime) == 900.0
     for f in files:
@@ -139,7 +137,7 @@ def test_a_volume_too_short_is_refused_alone_naming_its_files(tmp_path: Path) ->
     assert "volume 2/2 (time 2): 1 slice(s); through-plane super-resolution needs at least 2 " \
            "(files: t2-CT0001.dcm)" in r.stdout, r.stdout
     folders = _series_folders(tmp_path / "out")
-    assert sorted(folders) == ["derived-vol1", "uncertainty-vol1"] and len(folders["derived-vol1"]) == 11
+    assert sorted(folders) == ["derived-vol1"] and len(folders["derived-vol1"]) == 11
 
 
 def test_a_folder_holding_an_instance_twice_is_processed_as_the_node_does(tmp_path: Path) -> None:

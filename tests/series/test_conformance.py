@@ -12,6 +12,7 @@ the failing lines (they pass as soon as the fix is merged).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -25,6 +26,10 @@ import pytest
 
 from node.app import check_read, process_cmd
 from node.app.check_cmd import CheckResult, check_folders
+from node.bench.phantom import write_phantom_series
+from node.config import UncertaintyObject, load_config, replace
+from node.process import process_series
+from tests.support.engines import SIGMA_TEST_ENGINE, sigma_engines
 from tests.support.fixtures import ROOT, SHARED_CASES, SHARED_DATA, shared_series
 
 
@@ -172,17 +177,42 @@ def test_srnode_check_prints_a_line_per_volume_and_fails_on_a_wrong_output(tmp_p
     arr[30, 30] += 50
     ds.PixelData = np.ascontiguousarray(arr).tobytes()
     ds.save_as(vol2 / "IM00003.dcm", enforce_file_format=True)
-    # a derived slice moved 1 mm off the slice line, an uncertainty object lost
+    # a derived slice moved 1 mm off the slice line
     vol3 = next(out.glob("*/derived-vol3"))
     ds = pydicom.dcmread(vol3 / "IM00004.dcm")
     ds.ImagePositionPatient = [float(ds.ImagePositionPatient[0]) + 1.0, *ds.ImagePositionPatient[1:]]
     ds.save_as(vol3 / "IM00004.dcm", enforce_file_format=True)
-    next(out.glob("*/uncertainty-vol1")).joinpath("SC00005.dcm").unlink()
     r = check()
     assert r.returncode == 1, r.stdout + r.stderr
     # 50 stored units x RescaleSlope 1.29 of the Philips EPI
     assert "values at input image 201_EPI_asc_CLEAR_0002_05.dcm differ by up to 64.5" in r.stdout, r.stdout
     assert "derived slice IM00004.dcm is 1 mm off its place on the source slice line" in r.stdout, r.stdout
-    assert "16 uncertainty object(s) for 17 derived slices" in r.stdout, r.stdout
-    assert r.stdout.splitlines()[-1].endswith("3 failure(s)")
+    assert "no uncertainty object (cubic has no sigma)" in r.stdout, r.stdout
+    assert r.stdout.splitlines()[-1].endswith("2 failure(s)")
     assert check_read.SECONDARY_CAPTURE == pydicom.uid.SecondaryCaptureImageStorage
+
+
+def test_check_reads_the_uncertainty_map_and_card(tmp_path: Path) -> None:
+    """``srnode check`` on a result with sigma (both objects): the map's frames on the derived slices, the card
+    without geometry; a frame moved off its slice, and the objects lost, are failures."""
+    src = tmp_path / "in"
+    files = write_phantom_series(src, slices=5, size=32, step_mm=3.0)
+    cfg = load_config(None)
+    cfg = replace(cfg, derive=dataclasses.replace(cfg.derive, uncertainty=UncertaintyObject.BOTH))
+    out = tmp_path / "out"
+    res = process_series(files, cfg.rules[0], cfg, out, engine_name=SIGMA_TEST_ENGINE, engines=sigma_engines())
+    result = check_folders(src, out)
+    assert result.ok, result.lines()
+    assert "uncertainty map of 9 frames on the derived positions, uncertainty card" in result.lines()[0]
+    pm_path = next(p for p in res.uncertainty_files if p.name == "PM00001.dcm")
+    pm = pydicom.dcmread(pm_path)
+    pos = pm.PerFrameFunctionalGroupsSequence[4].PlanePositionSequence[0]
+    pos.ImagePositionPatient = [float(pos.ImagePositionPatient[0]) + 1.0, *pos.ImagePositionPatient[1:]]
+    pm.save_as(pm_path, enforce_file_format=True)
+    result = check_folders(src, out, run_dciodvfy=False)
+    assert not result.ok and "uncertainty map PM00001.dcm: a frame lies 1 mm off its derived slice" in \
+        result.lines()[0], result.lines()
+    for p in res.uncertainty_files:
+        p.unlink()
+    result = check_folders(src, out, run_dciodvfy=False)
+    assert not result.ok and "no uncertainty object (engine sigma-test)" in result.lines()[0], result.lines()

@@ -39,9 +39,9 @@ def test_tilted_ge_ct_gives_one_derived_series_per_regular_run(tmp_path: Path) -
     series = _series_dirs(tmp_path / "out")
     derived = {uid: fs for uid, fs in series.items() if dcmread(fs[0]).Modality == "CT"}
     sc = {uid: fs for uid, fs in series.items() if uid not in derived}
-    # two regular runs (14 slices at 4 mm, 14 at 7 mm): (14-1)*2+1 = 27 derived slices each, and an SC per run
+    # two regular runs (14 slices at 4 mm, 14 at 7 mm): (14-1)*2+1 = 27 derived slices each (cubic: no sigma)
     assert sorted(len(fs) for fs in derived.values()) == [27, 27]
-    assert sorted(len(fs) for fs in sc.values()) == [27, 27]
+    assert sc == {}
     steps = []
     for fs in derived.values():
         dss = sorted((dcmread(f) for f in fs), key=lambda d: int(d.InstanceNumber))
@@ -128,4 +128,4 @@ def test_node_delivers_one_derived_series_per_volume_of_the_fmri_and_a_mosaic_as
     mos = derived[f"noPF_noPAT_noPOS_PEres100_ES0p59{tail}"]
     assert len(mos) == 119 and {(int(d.Rows), int(d.Columns)) for d in mos} == {(90, 90)}
     numbers = [int(dss[0].SeriesNumber) for dss in series.values()]
-    assert len(series) == 8 and len(set(numbers)) == 8  # 4 derived + 4 uncertainty series, numbers all distinct
+    assert len(series) == 4 and len(set(numbers)) == 4  # 4 derived series (cubic: no sigma), numbers distinct

@@ -5,19 +5,23 @@ character-set value) is derived with its character set and names intact."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from node.bench.phantom import write_phantom_series
-from node.config import load_config
+from node.config import UncertaintyObject, load_config, replace
 from node.errors import VolumeError
 from node.process import process_series
 from node.series import load_volumes
+from tests.support.engines import SIGMA_TEST_ENGINE, sigma_engines
+from tests.support.peers import dciodvfy
 
 
 def _series(tmp_path: Path, change: Callable[[int, Dataset], None], slices: int = 8) -> list[Path]:
@@ -92,8 +96,14 @@ def test_iso_2022_japanese_series_keeps_its_character_set_and_names(tmp_path: Pa
 
     files = _series(tmp_path, japanese, slices=4)
     cfg = load_config(None)
-    res = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name="cubic")
-    for path in (res.derived_files[0], res.uncertainty_files[0]):
+    cfg = replace(cfg, derive=dataclasses.replace(cfg.derive, uncertainty=UncertaintyObject.BOTH))
+    res = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name=SIGMA_TEST_ENGINE,
+                         engines=sigma_engines())
+    assert [p.name for p in res.uncertainty_files] == ["PM00001.dcm", "SC00001.dcm"]  # the map and the card
+    for path in (res.derived_files[0], *res.uncertainty_files):
         ds = pydicom.dcmread(path)
         assert list(ds.SpecificCharacterSet) == ["", "ISO 2022 IR 87"], path
         assert str(ds.PatientName) == name and str(ds.SeriesDescription).startswith("頭部"), path
+        errors, _ = dciodvfy(path)
+        assert not errors, f"{path.name}: {errors}"
+    assert hd.pm.ParametricMap.from_dataset(pydicom.dcmread(res.uncertainty_files[0])).PatientName == name

@@ -5,6 +5,7 @@ No mocks: what srnode talks to in tests is what it talks to in a hospital.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
@@ -73,6 +75,13 @@ class Orthanc:
             r = c.get(path)
             r.raise_for_status()
             return r.json()
+
+    def instance_file(self, instance_id: str) -> pydicom.Dataset:
+        """The stored instance (Orthanc's id), read back with pydicom."""
+        with self.client() as c:
+            r = c.get(f"/instances/{instance_id}/file")
+            r.raise_for_status()
+            return pydicom.dcmread(io.BytesIO(r.content))
 
     def series_of_study(self, study_instance_uid: str) -> list[dict[str, Any]]:
         with self.client() as c:
