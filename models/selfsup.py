@@ -204,7 +204,9 @@ class SelfSupEngine:
                        f"{kind}_internal_spearman": round(v.spearman, 3),
                        f"{kind}_internal_coverage_95": round(v.coverage_95, 3), f"{kind}_sigma_k": v.k,
                        f"{kind}_sigma_j": v.j,
-                       f"{kind}_sigma_q": round(v.q, 4)})
+                       f"{kind}_sigma_q": round(v.q, 4),
+                       f"{kind}_sigma_q_phase": [round(q, 4) for q in v.q_phase],
+                       f"{kind}_sigma_n_cal": v.n_cal})
         return v
 
     def _stage(
@@ -291,7 +293,8 @@ class SelfSupEngine:
                        f"{kind}_sigma_z_difficulty": round(rho, 3)})
         raw = spread + v.k * (fused - base).abs() + v.j * il.edge(fused, (0,)) + il.EPS
         noise = torch.from_numpy(extra).float().to(fused.device)[:, None, None]
-        sigma = ((raw * (v.q * rho / 1.96)) ** 2 + noise**2).sqrt()
+        q_rows = torch.from_numpy(v.q_rows(raw.shape[0])).float().to(fused.device)[:, None, None]  # per phase
+        sigma = ((raw * (q_rows * (rho / 1.96))) ** 2 + noise**2).sqrt()
         return fused, sigma, ""
 
     @staticmethod
