@@ -375,14 +375,24 @@ def edge(y: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
     return total.sqrt()
 
 
+@dataclass
+class _Held:
+    """Per held-out body voxel of a list of PairSets: error, cubic's error, the sigma features, pair noise, phase."""
+
+    err: np.ndarray
+    base_err: np.ndarray
+    std: np.ndarray
+    delta: np.ndarray
+    grad: np.ndarray
+    noise: np.ndarray
+    phase: np.ndarray
+
+    def u(self, k: float, j: float) -> np.ndarray:
+        return self.std + k * self.delta + j * self.grad + EPS
+
+
 @torch.no_grad()
-def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, seed: int = 0,
-             level: float = 0.95) -> Validation:
-    """Held-out gain over cubic and the sigma calibration: k, j by rank correlation with |error| (on up to 100 k
-    voxels), then split-conformal q on the other held-out voxels (Vovk et al. 2005; Angelopoulos & Bates 2021,
-    "A gentle introduction to conformal prediction", finite-sample (n + 1) quantile), one q per output-row phase
-    for through-plane pairs (row % fz: rows at the acquired positions keep most of the data through data
-    consistency, the rows between do not, so one q would over-cover the former and under-cover the latter)."""
+def _held(net: SRNet, sets: list[PairSet], n_flips: int, body: float) -> _Held:
     errs, stds, deltas, base_errs, edges, noises, phases = [], [], [], [], [], [], []
     for s in sets:
         mean, spread = ensemble(net, s, n_flips)
@@ -399,35 +409,104 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
         noises.append(np.broadcast_to(rows[None, :, None], s.hr.shape)[m_np])
         nph = s.task.fz if s.task.node_rows else 1
         phases.append(np.broadcast_to((np.arange(s.hr.shape[1]) % nph)[None, :, None], s.hr.shape)[m_np])
-    err, berr = np.concatenate(errs), np.concatenate(base_errs)
-    std, delta, grad = np.concatenate(stds), np.concatenate(deltas), np.concatenate(edges)
-    noise, phase = np.concatenate(noises), np.concatenate(phases)
+
+    def cat(xs: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(xs) if xs else np.zeros(0, np.float32)
+
+    return _Held(cat(errs), cat(base_errs), cat(stds), cat(deltas), cat(edges), cat(noises),
+                 cat(phases).astype(np.int64))
+
+
+def _phase_q(h: _Held, u: np.ndarray, idx: np.ndarray, level: float) -> tuple[float, tuple[float, ...]]:
+    """(q over ``idx``, q per phase over ``idx`` or () with one phase)."""
+    e, uu, nn, ph = np.abs(h.err[idx]), u[idx], h.noise[idx], h.phase[idx]
+    q = conformal_q(e, uu, nn, level)
+    nph = int(ph.max()) + 1 if ph.size else 1
+    if nph <= 1:
+        return q, ()
+    return q, tuple(conformal_q(e[ph == p], uu[ph == p], nn[ph == p], level) if np.any(ph == p) else q
+                    for p in range(nph))
+
+
+@torch.no_grad()
+def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, seed: int = 0,
+             level: float = 0.95) -> Validation:
+    """Held-out gain over cubic and the sigma calibration: k, j by rank correlation with |error| (on up to 100 k
+    voxels), then split-conformal q on the other held-out voxels (Vovk et al. 2005; Angelopoulos & Bates 2021,
+    "A gentle introduction to conformal prediction", finite-sample (n + 1) quantile), one q per output-row phase
+    for through-plane pairs (row % fz: rows at the acquired positions keep most of the data through data
+    consistency, the rows between do not, so one q would over-cover the former and under-cover the latter)."""
+    h = _held(net, sets, n_flips, body)
+    err = h.err
     if err.size == 0:
         return Validation(0.0, 1.0, 1.0, 0.0, 0.0)
-    gain = 10 * math.log10(max(float(np.mean(berr**2)), 1e-20) / max(float(np.mean(err**2)), 1e-20))
+    gain = 10 * math.log10(max(float(np.mean(h.base_err**2)), 1e-20) / max(float(np.mean(err**2)), 1e-20))
     rng = np.random.default_rng(seed)
     perm = rng.permutation(err.size)
     n_fit = min(err.size // 2, 100_000) if err.size >= 200 else err.size  # features fitted on one part ...
     sub = perm[:n_fit]
-    cal = perm[n_fit:] if err.size >= 200 else perm  # ... q calibrated on the rest (split conformal)
-    cal = cal[:400_000]
+    cal = (perm[n_fit:] if err.size >= 200 else perm)[:400_000]  # ... q calibrated on the rest (split conformal)
     rank_err = _ranks(np.abs(err[sub]))  # ranked once; each candidate ranks only its sigma
     best = (-2.0, 1.0, 0.0)
     for k in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 1e3):
         for j in (0.0, 0.05, 0.2, 1.0):
-            u_sub = std[sub] + k * delta[sub] + j * grad[sub] + EPS
+            u_sub = h.std[sub] + k * h.delta[sub] + j * h.grad[sub] + EPS
             rho = float(np.corrcoef(_ranks(u_sub), rank_err)[0, 1]) if np.ptp(u_sub) > 0 else 0.0
             best = max(best, (rho, k, j))
     rho, k, j = best
-    u = std + k * delta + j * grad + EPS
-    q = conformal_q(np.abs(err[cal]), u[cal], noise[cal], level)
-    nph = int(phase.max()) + 1
-    q_phase = tuple(conformal_q(np.abs(err[cal][phase[cal] == p]), u[cal][phase[cal] == p],
-                                noise[cal][phase[cal] == p], level) if np.any(phase[cal] == p) else q
-                    for p in range(nph)) if nph > 1 else ()
-    qv = np.asarray(q_phase or (q,))[phase]
-    cov = float(np.mean(np.abs(err) <= 1.96 * np.sqrt((u * (qv / 1.96)) ** 2 + noise**2)))
+    u = h.u(k, j)
+    q, q_phase = _phase_q(h, u, cal, level)
+    qv = np.asarray(q_phase or (q,))[h.phase]
+    cov = float(np.mean(np.abs(err) <= 1.96 * np.sqrt((u * (qv / 1.96)) ** 2 + h.noise**2)))
     return Validation(gain, k, q, rho, cov, j, q_phase, int(cal.size))
+
+
+@torch.no_grad()
+def calibrate(net: SRNet, sets: list[PairSet], n_flips: int, v: Validation, body: float = 0.05, seed: int = 0,
+              level: float = 0.95) -> Validation | None:
+    """``v`` with q (and q per phase) re-fitted by split-conformal calibration on other pairs (``z_pairs``: the
+    target's own axis one scale coarser), the features k, j kept; None without enough voxels (< 200)."""
+    h = _held(net, sets, n_flips, body)
+    if h.err.size < 200:
+        return None
+    idx = np.random.default_rng(seed).permutation(h.err.size)[:400_000]
+    u = h.u(v.k, v.j)
+    q, q_phase = _phase_q(h, u, idx, level)
+    qv = np.asarray(q_phase or (q,))[h.phase]
+    cov = float(np.mean(np.abs(h.err) <= 1.96 * np.sqrt((u * (qv / 1.96)) ** 2 + h.noise**2)))
+    rank = spearman(u[idx[:100_000]], np.abs(h.err[idx[:100_000]]))
+    return Validation(v.gain_db, v.k, q, rank, cov, v.j, q_phase, int(idx.size))
+
+
+def z_pairs(vol: np.ndarray, model: DegradationModel, device: torch.device, planes: int = 24,
+            src_spacing: float = 0.0) -> list[PairSet]:
+    """Pairs along the target's own axis, one scale coarser: the acquired (normalised, (Z, Y, X)) slices are the
+    targets, the same slices degraded x f along z with a profile f times thicker are the inputs; ``planes``
+    coronal and as many sagittal planes. [] when fewer than 3 coarse slices remain. Their target noise per row
+    phase is the acquired slices' in-plane noise x the coarse profile's noise gain x ``phase_noise`` of the
+    coarse model."""
+    f = model.factor
+    n_lr = (vol.shape[0] - 1) // f + 1
+    if n_lr < 3:
+        return []
+    coarse = DegradationModel(f, 1, model.step_mm * f, model.thickness_mm * f, model.pixel_mm, model.profile)
+    sub = vol[: (n_lr - 1) * f + 1]
+    lr = degrade_through_plane(sub, f, coarse.thickness_fine_px, axis=0, profile=model.profile)  # (n_lr, Y, X)
+    # the coarse inputs' noise from the acquired slices' (white along z assumed, as for the target grid): the
+    # profile's noise gain, not noise_sigma(lr), which the blurred slices' structure inflates relative to noise
+    d = through_plane_matrix(max(n_lr, 9), f, coarse.thickness_fine_px, model.profile)
+    gain = float(np.sqrt((d[d.shape[0] // 2] ** 2).sum()))
+    g = phase_noise(coarse, src_spacing or model.pixel_mm)[0]
+    noise = tuple(float(noise_sigma(vol) * gain * x) for x in g)
+    task = Task(f, 1, True, coarse)
+    out = []
+    for axis in (1, 2):
+        idx = np.unique(np.linspace(0, vol.shape[axis] - 1, min(planes, vol.shape[axis])).round().astype(int))
+        lo = np.ascontiguousarray(np.moveaxis(np.take(lr, idx, axis=axis), axis, 0))  # (P, n_lr, W)
+        hi = np.ascontiguousarray(np.moveaxis(np.take(sub, idx, axis=axis), axis, 0))  # (P, Z', W)
+        out.append(PairSet(torch.from_numpy(lo).float().to(device), torch.from_numpy(hi).float().to(device), task,
+                           noise))
+    return out
 
 
 def conformal_level(n: int, level: float) -> float:
