@@ -54,7 +54,7 @@ T = TypeVar("T")
 # one scale coarser (internal.z_pairs), "xy" the held-out in-plane pairs' q x internal.z_difficulty (the earlier
 # method) per phase, "xy_pooled" one such q for all phases, "xy_floor" per phase but at least the pooled one, or
 # the "mean" / "max" of "xy" and "z" (docs/engines.md: sigma calibration, the figures that chose it)
-SIGMA_FROM = "mean"
+SIGMA_FROM = "xy_floor"
 OOM_TILES = (1 << 18, 1 << 16, 1 << 13)  # max_voxels_per_tile of the retries after a CUDA out-of-memory error
 
 
