@@ -3,7 +3,7 @@
 Body mask: CT voxels > -500 HU, MR (other) voxels > 10 % of the 99th percentile (above the noise floor); then
 filled per axial slice (a voxel inside the mask's extent along both its row and its column counts). PSNR uses
 the truth's 0.1-99.9 percentile span as the data range. Uncertainty: Spearman(sigma, |error|), the fraction of
-errors inside the 95 % interval (|error| <= 1.96 sigma), AUSE / AUSE of a random order (< 1 is informative), and
+errors inside the 95 % interval (|error| <= 1.96 sigma) and its mean width, AUSE / AUSE of a random order (< 1 is informative), and
 the Spearman that a truth-informed local error level reaches (the ceiling noise puts on any sigma's ranking).
 torch + numpy only.
 """
@@ -117,23 +117,39 @@ def local_error_level(abs_err: np.ndarray, radius: int = 1) -> np.ndarray:
 
 
 def uncertainty(sigma: np.ndarray, pred: np.ndarray, truth: np.ndarray, mask: np.ndarray,
-                seed: int = 0) -> dict[str, float]:
-    """Spearman(sigma, |error|), coverage of the 95 % interval, AUSE ratio (on up to 500 k masked voxels), and
-    ``spearman_local_oracle``: the Spearman of ``local_error_level`` (a bound-like reference, not a sigma)."""
+                seed: int = 0, phase: np.ndarray | None = None) -> dict[str, Any]:
+    """Spearman(sigma, |error|), coverage of the 95 % interval, its mean width 2 x 1.96 sigma (data units, e.g.
+    HU), ``scale_to_95`` (the factor on sigma that would make the coverage exactly 95 %: 1 is calibrated, > 1
+    too narrow), AUSE ratio (on up to 500 k masked voxels), and ``spearman_local_oracle``: the Spearman of
+    ``local_error_level`` (a bound-like reference, not a sigma). ``phase`` (Z,) ints (output slice index mod f
+    for through-plane: 0 at the acquired positions) adds ``coverage_95_by_phase`` and ``width_95_by_phase``."""
     err_vol = np.abs(pred.astype(np.float32) - truth.astype(np.float32))
     abs_err = err_vol[mask].astype(np.float64)
     sig = sigma[mask].astype(np.float64)
     if abs_err.size == 0 or not np.any(sig > 0):
-        return {"spearman": 0.0, "coverage_95": 0.0, "ause_ratio": float("nan"), "spearman_local_oracle": 0.0}
+        return {"spearman": 0.0, "coverage_95": 0.0, "width_95": 0.0, "ause_ratio": float("nan"),
+                "spearman_local_oracle": 0.0}
     rng = np.random.default_rng(seed)
     sub = rng.choice(abs_err.size, min(abs_err.size, 500_000), replace=False)
     oracle = local_error_level(err_vol)[mask] if err_vol.ndim == 3 else abs_err
-    return {
+    ratio = abs_err / (1.96 * np.maximum(sig, 1e-12))
+    doc: dict[str, Any] = {
         "spearman": round(spearman(sig[sub], abs_err[sub]), 4),
         "coverage_95": round(float(np.mean(abs_err <= 1.96 * sig)), 4),
+        "width_95": round(float(np.mean(2 * 1.96 * sig)), 4),
+        "scale_to_95": round(float(np.quantile(ratio, 0.95)), 4),
         "ause_ratio": round(ause_ratio(sig[sub], abs_err[sub]), 4),
         "spearman_local_oracle": round(spearman(oracle[sub].astype(np.float64), abs_err[sub]), 4),
     }
+    if phase is not None and err_vol.ndim == 3:
+        ph = np.broadcast_to(np.asarray(phase)[:, None, None], mask.shape)[mask]
+        cov, wid = {}, {}
+        for k in np.unique(ph):
+            m = ph == k
+            cov[str(int(k))] = round(float(np.mean(abs_err[m] <= 1.96 * sig[m])), 4)
+            wid[str(int(k))] = round(float(np.mean(2 * 1.96 * sig[m])), 4)
+        doc.update({"coverage_95_by_phase": cov, "width_95_by_phase": wid})
+    return doc
 
 
 def summary(doc: dict[str, Any]) -> str:
@@ -143,7 +159,8 @@ def summary(doc: dict[str, Any]) -> str:
         f"{doc.get('engine_name', 'engine')}: PSNR {e['psnr_db']:.2f} dB (cubic {c['psnr_db']:.2f}, "
         f"{e['psnr_db'] - c['psnr_db']:+.2f} dB), SSIM {e['ssim']:.4f} (cubic {c['ssim']:.4f}), MAE "
         f"{e['hu_mae']:.2f} (cubic {c['hu_mae']:.2f}), bias {e['hu_bias']:+.2f}; sigma Spearman "
-        f"{u.get('spearman', 0):.3f}, coverage95 {u.get('coverage_95', 0):.3f}, AUSE ratio "
-        f"{u.get('ause_ratio', float('nan')):.3f} (local-error oracle Spearman {u.get('spearman_local_oracle', 0):.3f}); "
+        f"{u.get('spearman', 0):.3f} (local-error oracle {u.get('spearman_local_oracle', 0):.3f}), coverage95 "
+        f"{u.get('coverage_95', 0):.3f}, width95 {u.get('width_95', 0):.4g}, AUSE ratio "
+        f"{u.get('ause_ratio', float('nan')):.3f}; "
         f"{doc.get('seconds', 0):.1f} s"
     )

@@ -51,6 +51,11 @@ from models.transfer import host_pool, to_device, to_host
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# where the through-plane sigma's conformal q (per slice phase) comes from: "z" pairs along the target's own axis
+# one scale coarser (internal.z_pairs), "xy" the held-out in-plane pairs' q x internal.z_difficulty (the earlier
+# method) per phase, "xy_pooled" one such q for all phases, "xy_floor" per phase but at least the pooled one, or
+# the "mean" / "max" of "xy" and "z" (docs/engines.md: sigma calibration, the figures that chose it)
+SIGMA_FROM = "xy_floor"
 OOM_TILES = (1 << 18, 1 << 16, 1 << 13)  # max_voxels_per_tile of the retries after a CUDA out-of-memory error
 
 
@@ -209,7 +214,9 @@ class SelfSupEngine:
                        f"{kind}_internal_spearman": round(v.spearman, 3),
                        f"{kind}_internal_coverage_95": round(v.coverage_95, 3), f"{kind}_sigma_k": v.k,
                        f"{kind}_sigma_j": v.j,
-                       f"{kind}_sigma_q": round(v.q, 4)})
+                       f"{kind}_sigma_q": round(v.q, 4),
+                       f"{kind}_sigma_q_phase": [round(q, 4) for q in v.q_phase],
+                       f"{kind}_sigma_n_cal": v.n_cal})
         return v
 
     def _stage(
@@ -228,11 +235,13 @@ class SelfSupEngine:
         val_job = self._soon(device, lambda: _on(side, lambda: il.through_pairs(vol_n, spacing, model, val_z,
                                                                                 device)))
 
-        def sigma_helpers() -> tuple[np.ndarray, float]:  # host-side numpy on the acquired volume
+        def sigma_helpers() -> tuple[np.ndarray, float, list[il.PairSet]]:  # host-side, on the acquired volume
             zf_rows = (vol_n.shape[0] - 1) * f + 1  # truth-noise sd per output slice (its phase k % f)
             extra = il.target_noise_rows(il.noise_sigma(vol_n), model, min(spacing[1:]), zf_rows)
             rho = il.z_difficulty(vol_n, spacing, model, val_z)
-            return extra, rho
+            use_z = SIGMA_FROM in ("z", "mean", "max")
+            zsets = il.z_pairs(vol_n, model, device, src_spacing=min(spacing[1:])) if use_z else []
+            return extra, rho, zsets
 
         helpers = self._soon(device, sigma_helpers)
         sets = [] if self._skip_training() else il.through_pairs(vol_n, spacing, model, train_z, device)
@@ -297,12 +306,26 @@ class SelfSupEngine:
         n = max(1, x.numel())
         before, after = (sum(float(c) for c in part) for part in residuals)
         report.update({"dc_residual_before": (before / n) ** 0.5, "dc_residual_after": (after / n) ** 0.5})
-        extra, rho = helpers.result()
+        extra, rho, zsets = helpers.result()
+        q_xy = v.q_rows(f) * rho  # in-plane pairs' q per phase x how much harder z is (the former method)
+        vz = _on(side, lambda: il.calibrate(net, zsets, max(1, passes // orients), v, seed=self.options.seed))
+        q_z = vz.q_rows(f) if vz is not None else q_xy
+        q_pool = np.full(f, v.q * rho)  # one q for all phases
+        q_phase = {"z": q_z, "xy": q_xy, "xy_pooled": q_pool, "xy_floor": np.maximum(q_xy, q_pool),
+                   "mean": 0.5 * (q_xy + q_z), "max": np.maximum(q_xy, q_z)}[SIGMA_FROM]
         report.update({f"{kind}_sigma_target_noise": [round(float(e), 5) for e in extra[:f]],
-                       f"{kind}_sigma_z_difficulty": round(rho, 3)})
+                       f"{kind}_sigma_z_difficulty": round(rho, 3),
+                       f"{kind}_sigma_q_xy": [round(float(q), 4) for q in q_xy],
+                       f"{kind}_sigma_q_used": [round(float(q), 4) for q in q_phase],
+                       f"{kind}_sigma_from": SIGMA_FROM if vz is not None or SIGMA_FROM.startswith("xy") else "xy"})
+        if vz is not None:
+            report.update({f"{kind}_sigma_q_z": [round(float(q), 4) for q in vz.q_rows(f)],
+                           f"{kind}_z_pairs_coverage_95": round(vz.coverage_95, 3),
+                           f"{kind}_z_pairs_spearman": round(vz.spearman, 3), f"{kind}_z_pairs_n_cal": vz.n_cal})
         raw = spread + v.k * (fused - base).abs() + v.j * il.edge(fused, (0,)) + il.EPS
         noise = torch.from_numpy(extra).float().to(fused.device)[:, None, None]
-        sigma = ((raw * (v.q * rho / 1.96)) ** 2 + noise**2).sqrt()
+        q_rows = torch.from_numpy(q_phase[np.arange(raw.shape[0]) % f]).float().to(fused.device)[:, None, None]
+        sigma = ((raw * (q_rows / 1.96)) ** 2 + noise**2).sqrt()
         return fused, sigma, ""
 
     @staticmethod

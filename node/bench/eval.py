@@ -6,7 +6,8 @@ the WHOLE engine (self-training included) runs on the degraded input only, and t
 truth. With ``--truth THIN_DIR``: SERIES_DIR is a real thick series and the output slices are compared with the
 thin slices at matching patient positions (along the slice normal). ``--max-slices`` / ``--crop`` take a central
 sub-volume. Writes OUT.json (engine/cubic/linear: psnr_db, ssim, hu_mae, hu_bias; uncertainty: spearman,
-coverage_95, ause_ratio; seconds) and a PNG panel beside it; prints a one-line summary.
+spearman_local_oracle, coverage_95, width_95 (mean 2 x 1.96 sigma), scale_to_95, per slice phase for
+through-plane, ause_ratio; seconds) and a PNG panel beside it; prints a one-line summary.
 SERIES_DIR may also be a ``.npz`` (data int16/float, spacing, thickness, modality, value_range, positions,
 normal) for machines without the DICOM stack.
 """
@@ -195,7 +196,10 @@ def evaluate(lr_in: VolumeInput, truth: np.ndarray, factors: Factors, options: E
     mask = body_mask(truth, lr_in.modality)
     drange = data_range(truth)
     doc: dict[str, Any] = {k: fidelity(v, truth, mask, drange) for k, v in outs.items()}
-    doc["uncertainty"] = uncertainty(sigma, outs["engine"], truth, mask)
+    f = factors.through_plane
+    rows = out_idx if out_idx is not None else np.arange(truth.shape[0])
+    phase = rows % f if f > 1 and factors.in_plane == 1 else None  # 0: the acquired slice positions
+    doc["uncertainty"] = uncertainty(sigma, outs["engine"], truth, mask, phase=phase)
     doc.update({"seconds": round(seconds, 2), "engine_name": res.engine, "fallback": res.fallback,
                 "report": res.report, "data_range": drange, "mask_fraction": round(float(mask.mean()), 4)})
     return doc, outs, sigma
