@@ -53,6 +53,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["in", "through"], default="",
                         help="retrain these nets only; the others are copied from the existing --out checkpoint")
+    parser.add_argument("--factors", type=int, nargs="+", default=[],
+                        help="with --only: retrain these factors only (the others are kept too)")
+    parser.add_argument("--sampling", choices=["uniform", "gradient"], default="uniform",
+                        help="training patch corners: uniform, or half in proportion to the input's |gradient|")
+    parser.add_argument("--sources", type=Path, default=None,
+                        help="JSON list of where the training series came from (repository, commit, path, "
+                             "licence), copied into <out>.json as 'sources'")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,6 +68,14 @@ def run(args: argparse.Namespace) -> int:
     from models.prior import pick_device, train_prior
 
     device = pick_device(args.device)
+    if args.factors and not args.only:
+        raise VolumeError("--factors needs --only in|through (the other factors are kept from --out)")
+    sources: Any = None
+    if args.sources is not None:
+        try:
+            sources = json.loads(args.sources.read_text())
+        except (OSError, ValueError) as exc:
+            raise VolumeError(f"--sources {args.sources}: not a readable JSON file ({exc})") from exc
     vols: list[VolumeInput] = []
     names: list[str] = []
     for p in args.data:
@@ -88,10 +103,13 @@ def run(args: argparse.Namespace) -> int:
         kept_prov = json.loads(prov_path.read_text()) if prov_path.is_file() else {}
     t0 = time.perf_counter()
     ckpt, metrics = train_prior(vols, args.steps, device, SRNetConfig(width=args.width, depth=args.depth), args.seed,
-                                args.only, keep)
+                                args.only, keep, tuple(args.factors), args.sampling)
     if args.only:  # the kept nets' figures and provenance stay on record
         other = "through" if args.only == "in" else "in"
-        metrics = {**{k: v for k, v in kept_prov.get("metrics", {}).items() if k.startswith(other)}, **metrics}
+        kept = {k: v for k, v in kept_prov.get("metrics", {}).items()
+                if k.startswith(other) or (args.factors and k.startswith(args.only) and int(k.split("x")[-1])
+                                           not in args.factors)}
+        metrics = {**kept, **metrics}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, args.out)
     prov = {"data": names, "steps_per_net": args.steps, "device": str(device),
@@ -99,10 +117,14 @@ def run(args: argparse.Namespace) -> int:
             "config": ckpt["config"], "metrics": metrics, "bytes": args.out.stat().st_size,
             "method": "internal pairs from in-plane axes (box profiles: contiguous, gap, overlap) and ZSSR pairs "
                       f"({ckpt['config'].get('in_context', 1)} input slices; each batch under a random symmetry of "
-                      "the square)"}
+                      f"the square); patch sampling: {args.sampling}"}
+    if sources is not None:
+        prov["sources"] = sources
     if args.only:
         other = "through" if args.only == "in" else "in"
         prov["only"] = args.only
+        if args.factors:
+            prov["factors"] = list(args.factors)
         prov["kept"] = {"nets": other, "from": {k: kept_prov.get(k) for k in
                                                 ("data", "steps_per_net", "device", "torch", "commit", "seconds")}}
     args.out.with_suffix(".json").write_text(json.dumps(prov, indent=2) + "\n")
