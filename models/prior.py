@@ -115,12 +115,14 @@ def _in_sets(vols: list[VolumeInput], f: int, device: torch.device, seed: int, h
 
 
 def train_prior(vols: list[VolumeInput], steps: int, device: torch.device, cfg: SRNetConfig, seed: int = 0,
-                only: str = "", keep: dict[str, Any] | None = None,
-                progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                only: str = "", keep: dict[str, Any] | None = None, factors: tuple[int, ...] = (),
+                sampling: str = "uniform", progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(checkpoint, metrics): nets for every factor trained ``steps`` steps each on all ``vols``; in-plane nets
     see ``inplane.CONTEXT`` slices. ``only`` ("in" | "through"): train that kind only and copy the other kind's
-    nets from the checkpoint ``keep`` (which must have the same width and depth). ``progress`` gets each net's
-    steps and loss, stage "<kind> x<f> (<k>/<n>)"."""
+    nets from the checkpoint ``keep`` (which must have the same width and depth); ``factors`` (with ``only``):
+    train these factors of that kind only, the others are kept too. ``sampling`` ("uniform" | "gradient"): where
+    training patches are drawn (``internal.train``). ``progress`` gets each net's steps and loss, stage
+    "<kind> x<f> (<k>/<n>)". ValueError when ``factors`` is given without ``only``."""
     ckpt: dict[str, Any] = {"format": 1, "config": {"width": cfg.width, "depth": cfg.depth, "in_context": ip.CONTEXT},
                             "norm": "percentile 0.5-99.5", "through": {}, "in": {}}
     if only:
@@ -132,9 +134,13 @@ def train_prior(vols: list[VolumeInput], steps: int, device: torch.device, cfg: 
         ckpt[other] = dict((keep or {}).get(other, {}))
         if other == "in":
             ckpt["config"]["in_context"] = old.get("in_context", 1)
+        if factors:
+            ckpt[only] = {f: st for f, st in (keep or {}).get(only, {}).items() if int(f) not in factors}
+    elif factors:
+        raise ValueError("factors need only='in' or 'through' (the other factors are kept from a checkpoint)")
     metrics: dict[str, Any] = {}
     jobs = [("through", f) for f in THROUGH_FACTORS] + [("in", f) for f in IN_FACTORS]
-    jobs = [j for j in jobs if not only or j[0] == only]
+    jobs = [j for j in jobs if (not only or j[0] == only) and (not factors or j[1] in factors)]
     for k, (kind, f) in enumerate(jobs, start=1):
         t = time.perf_counter()
         make = _through_sets if kind == "through" else _in_sets
@@ -147,6 +153,7 @@ def train_prior(vols: list[VolumeInput], steps: int, device: torch.device, cfg: 
                                 in_ch=1 if kind == "through" else ip.CONTEXT))
         net = net.to(device)
         loss = il.train(net, sets, steps, 2e-3, seed, patch=(32, 64), batch=32, augment=kind == "in",
+                        sampling=sampling,
                         progress=(progress, f"{kind} x{f} ({k}/{len(jobs)})") if progress else None)
         v = il.validate(net, val, 4, seed=seed)
         ckpt[kind][str(f)] = {k: t.detach().cpu().half() for k, t in net.state_dict().items()}

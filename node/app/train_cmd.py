@@ -56,6 +56,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="retrain these nets only; the others are copied from the existing --out checkpoint")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar (there is none either when stderr is not a terminal)")
+    parser.add_argument("--factors", type=int, nargs="+", default=[],
+                        help="with --only: retrain these factors only (the others are kept too)")
+    parser.add_argument("--sampling", choices=["uniform", "gradient"], default="uniform",
+                        help="training patch corners: uniform, or half in proportion to the input's |gradient|")
+    parser.add_argument("--sources", type=Path, default=None,
+                        help="JSON list of where the training series came from (repository, commit, path, "
+                             "licence), copied into <out>.json as 'sources'")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,6 +78,14 @@ def _run(args: argparse.Namespace, bar: StageBar, bars: bool) -> int:
     from models.prior import pick_device, train_prior
 
     device = pick_device(args.device)
+    if args.factors and not args.only:
+        raise VolumeError("--factors needs --only in|through (the other factors are kept from --out)")
+    sources: Any = None
+    if args.sources is not None:
+        try:
+            sources = json.loads(args.sources.read_text())
+        except (OSError, ValueError) as exc:
+            raise VolumeError(f"--sources {args.sources}: not a readable JSON file ({exc})") from exc
     bar.stage("loading series")
     vols: list[VolumeInput] = []
     names: list[str] = []
@@ -100,10 +115,13 @@ def _run(args: argparse.Namespace, bar: StageBar, bars: bool) -> int:
     t0 = time.perf_counter()
     bar.stage(f"training on {len(vols)} series")
     ckpt, metrics = train_prior(vols, args.steps, device, SRNetConfig(width=args.width, depth=args.depth), args.seed,
-                                args.only, keep, bar.engine if bars else None)
+                                args.only, keep, tuple(args.factors), args.sampling, bar.engine if bars else None)
     if args.only:  # the kept nets' figures and provenance stay on record
         other = "through" if args.only == "in" else "in"
-        metrics = {**{k: v for k, v in kept_prov.get("metrics", {}).items() if k.startswith(other)}, **metrics}
+        kept = {k: v for k, v in kept_prov.get("metrics", {}).items()
+                if k.startswith(other) or (args.factors and k.startswith(args.only) and int(k.split("x")[-1])
+                                           not in args.factors)}
+        metrics = {**kept, **metrics}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, args.out)
     prov = {"data": names, "steps_per_net": args.steps, "device": str(device),
@@ -111,10 +129,14 @@ def _run(args: argparse.Namespace, bar: StageBar, bars: bool) -> int:
             "config": ckpt["config"], "metrics": metrics, "bytes": args.out.stat().st_size,
             "method": "internal pairs from in-plane axes (box profiles: contiguous, gap, overlap) and ZSSR pairs "
                       f"({ckpt['config'].get('in_context', 1)} input slices; each batch under a random symmetry of "
-                      "the square)"}
+                      f"the square); patch sampling: {args.sampling}"}
+    if sources is not None:
+        prov["sources"] = sources
     if args.only:
         other = "through" if args.only == "in" else "in"
         prov["only"] = args.only
+        if args.factors:
+            prov["factors"] = list(args.factors)
         prov["kept"] = {"nets": other, "from": {k: kept_prov.get(k) for k in
                                                 ("data", "steps_per_net", "device", "torch", "commit", "seconds")}}
     args.out.with_suffix(".json").write_text(json.dumps(prov, indent=2) + "\n")

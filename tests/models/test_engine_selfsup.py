@@ -159,6 +159,35 @@ def test_train_prior_only_in_keeps_the_through_nets() -> None:
         train_prior([vin], 2, torch.device("cpu"), SRNetConfig(width=16, depth=3), only="in", keep=old)
 
 
+def test_train_prior_factors_keep_the_other_factors_of_that_kind() -> None:
+    from models.prior import train_prior
+
+    vin = VolumeInput(_phantom((9, 64, 64)), (1.0, 0.8, 0.8), 1.0, "CT")
+    old = {"config": {"width": 8, "depth": 3}, "through": {"3": {"w": torch.ones(2)}}, "in": {"2": {"w": 1}}}
+    ckpt, metrics = train_prior([vin], 2, torch.device("cpu"), SRNetConfig(width=8, depth=3), only="through",
+                                keep=old, factors=(2,), sampling="gradient")
+    assert set(ckpt["through"]) == {"2", "3"} and ckpt["through"]["3"] == old["through"]["3"]
+    assert ckpt["in"] == old["in"] and set(metrics) == {"through_x2"}
+    with pytest.raises(ValueError, match="factors"):
+        train_prior([vin], 2, torch.device("cpu"), SRNetConfig(width=8, depth=3), factors=(2,))
+
+
+def test_gradient_sampling_draws_patches_at_edges_more_often() -> None:
+    lr = torch.zeros(2, 40, 80)
+    lr[1, :, 60:] = 1.0  # one edge, in image 1 at column 60
+    s = il.PairSet(lr, torch.zeros(2, 79, 80))
+    cdf = il._corner_cdf(s, 8, 16)
+    p = torch.diff(cdf, prepend=torch.zeros(1))
+    assert float(cdf[-1]) == pytest.approx(1.0)
+    gi, gj = (40 - 8) // il.GRAD_STRIDE + 1, (80 - 16) // il.GRAD_STRIDE + 1
+    p = p.view(2, gi, gj)
+    assert float(p[1].sum()) > 0.7 and float(p[0].min()) > 0  # edges weigh more, flat corners stay possible
+    net = SRNet(SRNetConfig(fz=2, fx=1, width=8, depth=3))
+    assert np.isfinite(il.train(net, [s], 3, 1e-3, 0, patch=(8, 16), batch=4, sampling="gradient"))
+    with pytest.raises(ValueError, match="sampling"):
+        il.train(net, [s], 1, 1e-3, 0, sampling="edges")
+
+
 def test_through_and_in_plane_together_keep_both_consistencies() -> None:
     truth = _phantom()
     vin = _thick(truth)
