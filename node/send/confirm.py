@@ -30,7 +30,9 @@ in the distinct state ``unconfirmed`` ("peer supports neither storage commitment
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -278,6 +280,23 @@ def parse_report(info: Dataset) -> Report:
     return Report(str(info.get("TransactionUID", "")), committed, failed)
 
 
+def _not_from(dest: Destination, calling_ae: str, address: str) -> str:
+    """Why a Storage Commitment report from ``calling_ae``@``address`` is not from ``dest`` ("" when it is)."""
+    if not isinstance(dest, DicomDestination):
+        return f"destination {dest.name} is not a DICOM peer"
+    if calling_ae != dest.ae_title.strip():
+        return f"calling AE title is not the destination's ({dest.ae_title})"
+    try:
+        want = {ipaddress.ip_address(str(a[4][0]).split("%")[0]) for a in socket.getaddrinfo(dest.host, None)}
+        got = ipaddress.ip_address(address.split("%")[0])
+    except (OSError, ValueError) as exc:
+        return f"cannot compare the address with the destination's host {dest.host}: {exc}"
+    mapped = got.ipv4_mapped if isinstance(got, ipaddress.IPv6Address) else None
+    if got not in want and mapped not in want:
+        return f"address is not the destination's host ({dest.host})"
+    return ""
+
+
 def shortfall(dest: str, method: str, expected: int, confirmed: int, extra: str = "") -> Mismatch:
     """The failed attempt of a confirmation that found ``confirmed`` of ``expected`` instances."""
     return Mismatch(f"{method}: expected {expected}, PACS has {confirmed} ({dest}{extra})", confirmed)
@@ -387,33 +406,46 @@ class Confirmations:
         except Exception as exc:  # noqa: BLE001 - a malformed report: say so, do not crash the SCP
             log.warning("storage commitment report from %s unreadable: %s", event.assoc.requestor.ae_title, exc)
             return Status.PROCESSING_FAILURE, None
+        requestor = event.assoc.requestor
+        caller = (str(requestor.ae_title).strip(), str(requestor.address))
         try:
-            self.report(report)
+            if not self.report(report, caller):
+                return Status.PROCESSING_FAILURE, None
         except Exception as exc:  # noqa: BLE001 - the index may be busy; the deadline settles it later
             log.exception("storage commitment report %s not recorded: %s", report.transaction_uid, exc)
             return Status.PROCESSING_FAILURE, None
         return Status.SUCCESS, None
 
-    def report(self, report: Report) -> None:
-        """Settle the delivery awaiting ``report`` (none: logged and ignored, e.g. a transaction already given up)."""
+    def report(self, report: Report, caller: tuple[str, str] | None = None) -> bool:
+        """Settle the delivery awaiting ``report`` (none: logged and ignored, e.g. a transaction already given up).
+        ``caller``: (calling AE title, IP address) of the association that brought the report; a report is only
+        taken from the delivery's destination (its AE title, from an address its host resolves to), never from
+        any AE that learnt the transaction UID. Returns False when the report was ignored."""
         with self._lock:
             d = self.index.delivery_by_transaction(report.transaction_uid)
             if d is None:
                 log.warning("storage commitment report for transaction %s: no delivery awaits it (ignored)",
                             report.transaction_uid)
-                return
+                return False
+            if caller is not None:
+                why = _not_from(self.cfg.destination(d.destination), *caller)
+                if why:
+                    log.warning("storage commitment report for transaction %s from %s@%s ignored: %s",
+                                report.transaction_uid, caller[0], caller[1], why)
+                    return False
             expected = {r[3] for r in d.sop_refs}
             have = len(expected & report.committed)
             if have == len(expected):
                 self._done(d, METHOD_COMMITMENT, len(expected), have,
                            f"storage commitment: all {have} instance(s) committed")
                 self.settle.settled(d)
-                return
+                return True
             self.metrics.confirmations.labels(destination=d.destination, method=METHOD_COMMITMENT,
                                               outcome="mismatch").inc()
             reasons = sorted({f"0x{r:04X}" for r in report.failed.values()})
             extra = f"; {len(report.failed)} failed, reason {', '.join(reasons)}" if report.failed else ""
             self.settle.failed(d, shortfall(d.destination, "storage commitment", len(expected), have, extra))
+            return True
 
     def overdue(self, now: float) -> None:
         """Deliveries whose Storage Commitment report did not come by their deadline: a failed attempt each (a

@@ -390,3 +390,51 @@ def test_real_node_confirmed_by_commitment_after_a_restart(orthanc: Orthanc, tmp
         metrics = httpx.get(f"{node.http_url}/metrics", timeout=10).text
         assert 'srnode_delivery_confirmations_total{destination="pacs",method="commitment",outcome="confirmed"} 1.0' \
             in metrics
+
+
+def _send_report(port: int, calling: str, uid: str, refs: Sequence[Sequence[str]]) -> int:
+    """An N-EVENT-REPORT (event 1: all committed) for ``refs`` under ``uid``, from AE ``calling``."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    role = SCP_SCU_RoleSelectionNegotiation()
+    role.sop_class_uid, role.scu_role, role.scp_role = StorageCommitmentPushModel, False, True
+    assoc = ae.associate("127.0.0.1", port, ae_title="SRNODE", ext_neg=[role])
+    assert assoc.is_established
+    info = Dataset()
+    info.TransactionUID = uid
+    items = []
+    for _, _, cls, sop in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, sop
+        items.append(item)
+    info.ReferencedSOPSequence = items
+    status, _ = assoc.send_n_event_report(info, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+    assoc.release()
+    return int(status.Status)
+
+
+def test_a_report_from_another_ae_does_not_confirm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third party that learnt the transaction UID (it is logged, and travels in clear) cannot make a delivery
+    'delivered': only the destination's AE title, from its host's address, settles it."""
+    import node.send.confirm as confirm
+
+    files = write_phantom_series(tmp_path / "ct", slices=3, size=16, seed=41)
+    dest = {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": free_port(), "ae_title": "PACS"}
+    h = Harness(tmp_path, _cfg(tmp_path, dest), files)
+    monkeypatch.setattr(confirm, "request_commitment", lambda *a: None)  # the PACS took the request, nothing else
+    d = h.job(1)
+    assert h.outbox.confirm.after_send(d, files) is False
+    sent = h.now(d)
+    port = free_port()
+    server = report_listener(port, [h])
+    try:
+        assert _send_report(port, "EVIL", sent.transaction_uid, sent.sop_refs) == 0x0110
+        assert h.now(d).state is DeliveryState.SENT and h.now(d).transaction_uid == sent.transaction_uid
+        assert _send_report(port, "PACS", sent.transaction_uid, sent.sop_refs) == 0
+        got = h.now(d)
+        assert got.state is DeliveryState.DELIVERED and got.confirmed == 3
+    finally:
+        server.shutdown()
