@@ -189,6 +189,8 @@ def sigma_parametric_map(derived: list[Dataset], sig: np.ndarray, modality: str,
             specific_character_set=None,
         )
     _patient_study(pm, d0, series.description, equipment)
+    if "BodyPartExamined" not in pm and "Laterality" not in pm:
+        pm.Laterality = ""  # General Series type 2C; dciodvfy wants it when the body part is unknown (as the card)
     _derived_order(pm, derived, sig)
     return pm
 

@@ -168,3 +168,19 @@ def test_engine_without_sigma_writes_no_sigma_object(phantom: SeriesVolume) -> N
     res.has_sigma = False  # as cubic (and every fallback to it) says
     out = derive_series(phantom, res, factors, BOTH, "0")
     assert out.uncertainty == [] and out.uncertainty_series_uid == "" and out.uncertainty_series_uids == []
+
+
+def test_map_of_a_source_without_body_part_is_valid(tmp_path: Path) -> None:
+    """A source with neither BodyPartExamined nor Laterality (the Philips fMRI): the map still passes dciodvfy
+    (General Series Laterality, type 2C, present and empty), one map per time point."""
+    from node.series.load import load_volumes
+
+    vols = load_volumes(sorted(shared_series("mr_fmri_philips_3volumes").glob("*.dcm")))
+    assert len(vols) == 3
+    for k, vol in enumerate(vols):
+        out, sigma = _derive(vol, DeriveConfig(uncertainty=UncertaintyObject.PARAMETRIC_MAP))
+        pm = pydicom.dcmread(_written(out.uncertainty[0], tmp_path / f"PM{k}.dcm", warnings_too=False))
+        assert np.array_equal(pm.pixel_array, sigma)
+        refs = [it.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+                for it in pm.PerFrameFunctionalGroupsSequence]
+        assert refs == [d.SOPInstanceUID for d in out.derived]
