@@ -81,7 +81,11 @@ class OrthancSender:
                                      headers={"Content-Type": "application/dicom"})
         except exceptions.OrthancApiException as exc:
             raise self._fail(f"upload of {path.name} refused", exc) from exc
-        body = resp.json() if resp.content else {}
+        try:
+            body = resp.json() if resp.content else {}
+        except ValueError as exc:  # e.g. a proxy's HTML page with 200: not Orthanc's answer, nothing is known
+            raise DeliveryError(f"orthanc destination {self.name!r}: {path.name}: the answer is not Orthanc's "
+                                f"JSON (HTTP {resp.status_code})", retryable=True) from exc
         status = body.get("Status", "") if isinstance(body, dict) else ""
         if status not in ("Success", "AlreadyStored"):
             raise DeliveryError(f"orthanc destination {self.name!r}: {path.name} answered "

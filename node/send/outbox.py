@@ -105,6 +105,11 @@ class Outbox:
         except (DeliveryError, ConfigError, NodeError) as exc:
             self.failed(d, exc)
             return
+        except Exception as exc:  # noqa: BLE001 - a client library raised something else: still a counted attempt
+            # (backoff, then dead-letter), never an uncounted one that the loop resends every 0.5 s forever
+            log.exception("job %d -> %s: unexpected error: %s", d.job_id, d.destination, exc)
+            self.failed(d, DeliveryError(f"unexpected {type(exc).__name__}: {exc}"[:500]))
+            return
         seconds = time.monotonic() - t0
         self.metrics.job_seconds.labels(stage="deliver").observe(seconds)
         if not settled:

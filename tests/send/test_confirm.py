@@ -438,3 +438,58 @@ def test_a_report_from_another_ae_does_not_confirm(tmp_path: Path, monkeypatch: 
         assert got.state is DeliveryState.DELIVERED and got.confirmed == 3
     finally:
         server.shutdown()
+
+
+def test_an_orthanc_answer_that_is_not_json_is_a_counted_attempt(tmp_path: Path) -> None:
+    """A 200 with an HTML body to POST /instances (a proxy's page, not Orthanc) raised a bare JSONDecodeError out of
+    the outbox's attempt: never counted, the loop resent the delivery every 0.5 s forever. Now: retried with
+    backoff, dead-lettered after max_attempts, the reason says what came back."""
+    import http.server
+    import threading
+
+    posts: list[int] = []
+
+    class Html(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            posts.append(1)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", "15")
+            self.end_headers()
+            self.wfile.write(b"<html>ok</html>")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    port = free_port()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Html)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        files = write_phantom_series(tmp_path / "ct", slices=3, size=16, seed=43)
+        h = Harness(tmp_path, _cfg(tmp_path, {"name": "pacs", "kind": "orthanc", "url": f"http://127.0.0.1:{port}",
+                                              "parallel": 3}), files)
+        d = h.job(1)
+        for _ in range(3):
+            h.outbox.attempt(h.now(d))
+        got = h.now(d)
+        assert got.state is DeliveryState.DEAD_LETTER and got.attempts == 3, (got.state, got.attempts)
+        assert "not Orthanc's JSON" in got.reason
+    finally:
+        srv.shutdown()
+
+
+def test_an_unexpected_sender_exception_is_a_counted_attempt(tmp_path: Path) -> None:
+    class Broken:
+        name = "pacs"
+
+        def send(self, paths: Sequence[Path]) -> None:
+            raise RuntimeError("a client library bug")
+
+    files = write_phantom_series(tmp_path / "ct", slices=2, size=16, seed=44)
+    h = Harness(tmp_path, _cfg(tmp_path, {"name": "pacs", "kind": "folder", "path": str(tmp_path / "out")}), files)
+    d = h.job(1)
+    h.outbox._senders["pacs"] = Broken()
+    h.outbox.attempt(h.now(d))
+    got = h.now(d)
+    assert got.state is DeliveryState.PENDING and got.attempts == 1 and "RuntimeError" in got.reason
