@@ -23,9 +23,11 @@ unchanged. Tested against pynetdicom 3.0.x (``SUPPORTED``); with another version
 
 from __future__ import annotations
 
+import logging
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from copy import deepcopy
@@ -39,8 +41,21 @@ from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+log = logging.getLogger(__name__)
+
 IDLE_S = 0.02  # longest wait before the reactors look at their timers and flags again (seconds)
 SUPPORTED = pynetdicom.__version__.startswith("3.0.")
+MIN_PDU_CAP = 1 << 20  # bytes: the largest PDU body read from a peer is at least this
+UNLIMITED_PDU_CAP = 64 << 20  # bytes: the cap when our maximum PDU length is 0 (unlimited)
+
+
+def pdu_cap(pdu_type: int, max_length: int) -> int:
+    """The largest PDU body (bytes after the 6-byte header) taken from a peer before it is aborted: for a
+    P-DATA-TF four times the maximum length we announced (peers must not exceed it at all), for the others 1 MiB.
+    pynetdicom reads a whole PDU into memory whatever length its header announces."""
+    if pdu_type != 0x04:
+        return MIN_PDU_CAP
+    return max(4 * max_length, MIN_PDU_CAP) if max_length else UNLIMITED_PDU_CAP
 
 
 class QuietDUL(DULServiceProvider):
@@ -95,6 +110,46 @@ class QuietDUL(DULServiceProvider):
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
         self._wake()
+
+    def _read_pdu_data(self) -> None:
+        """As pynetdicom 3.0's ``_read_pdu_data``, refusing (Evt19: A-ABORT) a PDU whose announced length is above
+        :func:`pdu_cap` before reading its body: pynetdicom buffers the whole announced body in memory, so one
+        peer announcing 4 GB and streaming grew the node's memory without bound."""
+        sock = self.socket
+        try:
+            head = bytearray(sock.recv(6))  # type: ignore[union-attr]
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu_type, _, pdu_length = struct.unpack(">BBL", head)
+        except struct.error:
+            self.event_queue.put("Evt17")
+            return
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            self.event_queue.put("Evt19")
+            return
+        cap = pdu_cap(pdu_type, int(self.assoc.acceptor.maximum_length or 0))
+        if pdu_length > cap:
+            log.warning("association from %s: PDU type 0x%02X announces %d bytes, above the %d accepted: aborted",
+                        self.assoc.requestor.address, pdu_type, pdu_length, cap)
+            self.event_queue.put("Evt19")
+            return
+        try:
+            head += sock.recv(pdu_length)  # type: ignore[union-attr]
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")
+            return
+        if len(head) != 6 + pdu_length:
+            self.event_queue.put("Evt17")
+            return
+        try:
+            pdu, event = self._decode_pdu(head)
+            self.event_queue.put(event)
+        except Exception:  # noqa: BLE001 - as pynetdicom: an undecodable PDU is Evt19
+            self.event_queue.put("Evt19")
+            return
+        self._recv_pdu.put(pdu)
 
     def kill_dul(self) -> None:
         super().kill_dul()

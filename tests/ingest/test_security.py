@@ -220,3 +220,35 @@ def test_full_run_logs_carry_no_patient_identifiers_and_audit_is_complete(
         assert {"series-received", "job-decision", "job-processed", "delivery"} <= kinds, (j["id"], kinds)
         assert [a["outcome"] for a in mine if a["event"] == "delivery"] == ["delivered"]
     assert "node-started" in events and events[-1] == "node-stopped", events
+
+
+def test_a_pdu_announcing_gigabytes_is_aborted_before_it_is_read(tmp_path: Path, phantom: list[Path]) -> None:
+    """pynetdicom reads a PDU's whole announced body into memory: a peer announcing a 4 GB P-DATA-TF and streaming
+    grew the node by every byte it sent (600 MB in 60 s, not cut off). The node aborts it at the header now, and
+    a well-behaved sender is served as before."""
+    import socket
+    import struct
+    import time
+
+    node = NodeProc.start(tmp_path, {"node": {"stable_age_s": 3600}})
+    try:
+        ae = AE(ae_title="HUGE")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="SRNODE")
+        assert assoc.is_established
+        sock: socket.socket = assoc.dul.socket.socket
+        assoc.dul._kill_thread = True  # our own reactor must not read the node's answer
+        time.sleep(0.2)
+        sock.sendall(struct.pack(">BBL", 0x04, 0, 0xFFFFFFF0))
+        sent = 0
+        with pytest.raises(OSError):
+            while sent < 256:
+                sock.sendall(b"\0" * (1 << 20))
+                sent += 1
+        assert sent < 64, f"the node took {sent} MB of a 4 GB PDU"
+        sock.close()
+        assert "above the" in node.log() and "aborted" in node.log()
+        r = storescu(phantom[:2], node.port)
+        assert r.returncode == 0, r.stderr
+    finally:
+        node.stop()
