@@ -71,9 +71,11 @@ class EngineBar:
         assert self.bar is not None
         if self.bar.total != total:
             self.bar.total = total
-        self.bar.update(done - self.bar.n)
-        if loss is not None:
+        if loss is not None:  # before the update, whose refresh then shows it
             self.bar.set_postfix_str(f"loss {loss:.4g}", refresh=False)
+        self.bar.update(done - self.bar.n)
+        if done >= total:
+            self.bar.refresh()  # the last step is always drawn (update refreshes at most every mininterval)
 
     def close(self) -> None:
         if self.bar is not None:
