@@ -100,12 +100,14 @@ def check_identifiers(vol: SeriesVolume) -> None:
 
 
 def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg: DeriveConfig,
-                  engine_version: str = "") -> DerivedObjects:
+                  engine_version: str = "", settings: str = "") -> DerivedObjects:
     """Build the derived image series, and the uncertainty objects ``cfg.uncertainty`` names when the engine has
     a sigma (``result.has_sigma``; ``node.derived.uncertainty``).
 
     ``result.data`` is (Z', Y', X') float32 in modality units on the output grid of ``models.engine``. Raises
     DeriveError when the shape breaks that contract, the output holds non-finite values, or the geometry gate fails.
+    ``settings``: a digest of the engine's settings and weights (``node.process.engines.settings_digest``); it
+    enters the UIDs only, so other settings give other SOP instances, and the same settings the same UIDs.
     """
     ref0 = vol.datasets[0]
     check_identifiers(vol)
@@ -116,8 +118,9 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     sop_class = _output_sop_class(vol)
     now = _dt.datetime.now()
     denoised = bool(result.report.get("denoised"))
-    made_by = result.engine + ("+denoise" if denoised else "")  # what produced the pixels: feeds the UIDs
-    series_uid = derived_uid(cfg, vol, factors, made_by, "derived")
+    made_by = result.engine + ("+denoise" if denoised else "")  # what produced the pixels: labels and UIDs
+    uid_by = made_by + (f"|{settings}" if settings else "")  # and with which settings and weights: UIDs only
+    series_uid = derived_uid(cfg, vol, factors, uid_by, "derived")
     f, g = factors.through_plane, factors.in_plane
     positions = output_positions(vol, factors)
     nz = positions.shape[0]
@@ -162,7 +165,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         if charset is not None:  # the source's repertoire, so names keep their exact bytes
             ds.SpecificCharacterSet = charset
         ds.SOPClassUID = sop_class
-        ds.SOPInstanceUID = derived_uid(cfg, vol, factors, made_by, "derived", str(k))
+        ds.SOPInstanceUID = derived_uid(cfg, vol, factors, uid_by, "derived", str(k))
         ds.InstanceCreationDate = now.strftime("%Y%m%d")
         ds.InstanceCreationTime = now.strftime("%H%M%S")
         # Patient
@@ -241,10 +244,10 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         # highdicom (and matplotlib for the card) are imported only when a sigma object is made
         from node.derived.uncertainty import SigmaSeries, uncertainty_objects
 
-        pm = SigmaSeries(derived_uid(cfg, vol, factors, made_by, "sigma"),
-                         derived_uid(cfg, vol, factors, made_by, "sigma", "map"), series_number + 1, sigma_desc)
-        card = SigmaSeries(derived_uid(cfg, vol, factors, made_by, "sigma-card"),
-                           derived_uid(cfg, vol, factors, made_by, "sigma-card", "0"),
+        pm = SigmaSeries(derived_uid(cfg, vol, factors, uid_by, "sigma"),
+                         derived_uid(cfg, vol, factors, uid_by, "sigma", "map"), series_number + 1, sigma_desc)
+        card = SigmaSeries(derived_uid(cfg, vol, factors, uid_by, "sigma-card"),
+                           derived_uid(cfg, vol, factors, uid_by, "sigma-card", "0"),
                            series_number + (2 if kind.parametric_map else 1), card_desc)
         sigma_objs = uncertainty_objects(out, result.sigma, vol.modality, kind, made_by, equipment,
                                          parametric_map=pm, card=card)

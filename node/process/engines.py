@@ -7,9 +7,13 @@ here, once, into ``node.errors.EngineError``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import logging
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -55,6 +59,37 @@ class EngineCache:
                 except ValueError as exc:
                     raise EngineError(str(exc)) from exc
             return self._engines[key]
+
+
+SHIPPED_WEIGHTS = Path(__file__).resolve().parents[2] / "models" / "weights"  # the priors shipped with the engines
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def settings_digest(options: EngineOptions) -> str:
+    """A digest (hex, 16 characters) of everything besides the input that shapes an engine's pixels: every
+    ``EngineOptions`` field and the bytes of the prior weights it loads (``options.weights``, else the shipped
+    ``models/weights/*.pt``). It enters the derived UIDs, so a re-run with other settings or weights makes new
+    SOP instances instead of reusing the UIDs of different pixels (a PACS keeping the first copy would show stale
+    pixels under a confirmed delivery). Unreadable weight files count by name only (the engine itself reports them)."""
+    fields = {k: str(v) for k, v in sorted(dataclasses.asdict(options).items())}
+    paths = [Path(options.weights)] if options.weights else sorted(SHIPPED_WEIGHTS.glob("*.pt"))
+    weights = {}
+    for p in paths:
+        try:
+            st = p.stat()
+            weights[p.name] = _file_digest(str(p), st.st_mtime_ns, st.st_size)
+        except OSError:
+            weights[p.name] = "unreadable"
+    blob = json.dumps({"options": fields, "weights": weights}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -23,7 +23,7 @@ from node.derived import check_identifiers, check_inputs, check_one_patient, der
 from node.derived.modules import sigma_file_name
 from node.errors import VolumeError
 from node.process.budget import check_series
-from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine
+from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine, settings_digest
 from node.series import (
     LeftOut,
     SeriesVolume,
@@ -212,7 +212,8 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
             er.report["denoised"] = True  # the derived objects say so, and their UIDs differ from plain SR
         t_engine = time.perf_counter() - t1
         say(f"{tag}deriving {er.data.shape[0]} slices")
-        objs = derive_series(v, er, factors, cfg.derive, version)
+        objs = derive_series(v, er, factors, cfg.derive, version,
+                             "" if er.engine == "cubic" else settings_digest(options))
         suffix = (f"-vol{v.volume[0]}" if v.volume else "") + (f"-run{v.run[0]}" if v.run else "")
         for k, ds in enumerate(objs.derived):
             p = out_dir / f"derived{suffix}" / f"IM{k + 1:05d}.dcm"

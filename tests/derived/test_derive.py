@@ -142,6 +142,29 @@ def _check_files(objs: DerivedObjects, tmp_path: Path) -> None:
         assert back.pixel_array.shape == ((frames,) if frames > 1 else ()) + (int(ds.Rows), int(ds.Columns))
 
 
+def test_other_engine_settings_or_weights_give_other_uids(phantom: SeriesVolume, tmp_path: Path) -> None:
+    """Re-processing with other settings or weights must not reuse the UIDs of different pixels (a PACS that keeps
+    the first copy would show stale pixels under a confirmed delivery); the same settings keep the same UIDs."""
+    from node.process.engines import settings_digest
+
+    vol = _crop(phantom, 16)
+    factors = Factors(2, 1)
+    res = CubicEngine().upscale(vol.to_engine_input(), factors)
+    base = settings_digest(EngineOptions())
+    assert settings_digest(EngineOptions()) == base
+    assert settings_digest(EngineOptions(tta_passes=4)) != base
+    assert settings_digest(EngineOptions(fast=True)) != base
+    w = tmp_path / "w.pt"
+    w.write_bytes(b"one")
+    other = settings_digest(EngineOptions(weights=str(w)))
+    w.write_bytes(b"two")  # same path, other bytes
+    assert other not in (base, settings_digest(EngineOptions(weights=str(w))))
+    uids = {s: [x.SOPInstanceUID for x in derive_series(vol, res, factors, CFG, "v", s).derived]
+            for s in (base, settings_digest(EngineOptions(tta_passes=4)))}
+    assert uids[base] == [x.SOPInstanceUID for x in derive_series(vol, res, factors, CFG, "v", base).derived]
+    assert not set(uids[base]) & set(uids[settings_digest(EngineOptions(tta_passes=4))])
+
+
 def test_phantom_objects_pass_dciodvfy_and_strict_roundtrip(phantom: SeriesVolume, tmp_path: Path,
                                                             strict: None) -> None:
     _check_files(_derive(_crop(phantom, 32), 2, 2, sigma=True), tmp_path)
