@@ -180,7 +180,8 @@ def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty
     no_sigma = "" if has_sigma else f"no uncertainty (engine {made['engine']})"
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    draw_figure(rows, title, f"\u03c3 ({units_long}), 0 to its 99.5th percentile", no_sigma, png, dpi)
+    draw_figure(rows, title, f"\u03c3 ({units_long}), 0 to its 99.5th percentile; bright = engine unsure",
+                no_sigma, png, dpi)
     log.info("preview written: %s", png)
     return png
 
