@@ -47,6 +47,12 @@ IDLE_S = 0.02  # longest wait before the reactors look at their timers and flags
 SUPPORTED = pynetdicom.__version__.startswith("3.0.")
 MIN_PDU_CAP = 1 << 20  # bytes: the largest PDU body read from a peer is at least this
 UNLIMITED_PDU_CAP = 64 << 20  # bytes: the cap when our maximum PDU length is 0 (unlimited)
+PDU_TIMEOUT_S = 30.0  # seconds a PDU may take to arrive once its first byte came, plus 1 s per PDU_MIN_RATE bytes
+PDU_MIN_RATE = 64 << 10  # bytes/s: slower than this (beyond PDU_TIMEOUT_S) is a trickle, not a network
+
+
+class PduTimeout(Exception):
+    """A PDU (header or body) did not arrive within its deadline: a peer trickling bytes to hold a slot."""
 
 
 def pdu_cap(pdu_type: int, max_length: int) -> int:
@@ -115,11 +121,16 @@ class QuietDUL(DULServiceProvider):
         """As pynetdicom 3.0's ``_read_pdu_data``, refusing (Evt19: A-ABORT) a PDU whose announced length is above
         :func:`pdu_cap` before reading its body: pynetdicom buffers the whole announced body in memory, so one
         peer announcing 4 GB and streaming grew the node's memory without bound."""
-        sock = self.socket
+        deadline = time.monotonic() + PDU_TIMEOUT_S
         try:
-            head = bytearray(sock.recv(6))  # type: ignore[union-attr]
+            head = self._recv(6, deadline)
         except (OSError, TimeoutError):
             self.event_queue.put("Evt17")
+            return
+        except PduTimeout:
+            self._trickled()
+            return
+        if head is None:  # the association is being killed
             return
         try:
             pdu_type, _, pdu_length = struct.unpack(">BBL", head)
@@ -136,10 +147,16 @@ class QuietDUL(DULServiceProvider):
             self.event_queue.put("Evt19")
             return
         try:
-            head += sock.recv(pdu_length)  # type: ignore[union-attr]
+            body = self._recv(pdu_length, deadline + pdu_length / PDU_MIN_RATE)
         except (OSError, TimeoutError):
             self.event_queue.put("Evt17")
             return
+        except PduTimeout:
+            self._trickled()
+            return
+        if body is None:
+            return
+        head += body
         if len(head) != 6 + pdu_length:
             self.event_queue.put("Evt17")
             return
@@ -150,6 +167,39 @@ class QuietDUL(DULServiceProvider):
             self.event_queue.put("Evt19")
             return
         self._recv_pdu.put(pdu)
+
+    def _recv(self, n: int, deadline: float) -> bytearray | None:
+        """``n`` bytes from the peer (fewer when it closed), read as they come (64 KiB at a time, not pynetdicom's
+        4 KiB) until ``deadline`` (monotonic seconds); None when the association is being killed meanwhile.
+        Raises PduTimeout past the deadline (a trickle: ``association_timeout_s`` covers only the
+        A-ASSOCIATE-RQ, pynetdicom's network timeout only silence), OSError/TimeoutError from the socket."""
+        raw = getattr(self.socket, "socket", None)
+        if raw is None:
+            raise OSError("not connected")
+        buf = bytearray()
+        while len(buf) < n:
+            if self._kill_thread:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PduTimeout
+            if not (isinstance(raw, ssl.SSLSocket) and raw.pending()):
+                ready, _, _ = select.select([raw], [], [], min(left, 0.5))
+                if not ready:
+                    continue
+            try:
+                chunk = raw.recv(min(n - len(buf), 1 << 16))
+            except (ssl.SSLWantReadError, BlockingIOError):
+                continue
+            if not chunk:
+                return buf
+            buf += chunk
+        return buf
+
+    def _trickled(self) -> None:
+        log.warning("association from %s: a PDU did not arrive within %.0f s (+1 s per %d KiB): aborted",
+                    self.assoc.requestor.address, PDU_TIMEOUT_S, PDU_MIN_RATE >> 10)
+        self.event_queue.put("Evt19")
 
     def kill_dul(self) -> None:
         super().kill_dul()

@@ -252,3 +252,45 @@ def test_a_pdu_announcing_gigabytes_is_aborted_before_it_is_read(tmp_path: Path,
         assert r.returncode == 0, r.stderr
     finally:
         node.stop()
+
+
+@pytest.mark.faults
+def test_a_trickled_pdu_is_aborted_and_frees_its_slot(tmp_path: Path, phantom: list[Path]) -> None:
+    """A slowloris peer announces a small P-DATA-TF and sends one byte a second: pynetdicom's network timeout
+    counts only silence and ``association_timeout_s`` only the A-ASSOCIATE-RQ, so it held its association (and,
+    with ``max_associations`` = 1, the whole node) forever. A PDU must now arrive within PDU_TIMEOUT_S (+1 s per
+    64 KiB); then the slot is free for a real sender."""
+    import socket
+    import struct
+    import threading
+    import time
+
+    from node.ingest.reactor import PDU_TIMEOUT_S
+
+    node = NodeProc.start(tmp_path, {"node": {"stable_age_s": 3600, "max_associations": 1}})
+    stop = threading.Event()
+    try:
+        ae = AE(ae_title="SLOW")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="SRNODE")
+        assert assoc.is_established
+        sock: socket.socket = assoc.dul.socket.socket
+        assoc.dul._kill_thread = True  # our own reactor must not read the node's answer
+        time.sleep(0.2)
+        sock.sendall(struct.pack(">BBL", 0x04, 0, 1000))
+
+        def trickle() -> None:
+            while not stop.wait(1.0):
+                try:
+                    sock.sendall(b"\0")
+                except OSError:
+                    return
+
+        threading.Thread(target=trickle, daemon=True).start()
+        wait_until(lambda: "did not arrive within" in node.log(), timeout=PDU_TIMEOUT_S + 30,
+                   what="the trickled PDU aborted")
+        r = storescu(phantom[:2], node.port)
+        assert r.returncode == 0, r.stderr
+    finally:
+        stop.set()
+        node.stop()
