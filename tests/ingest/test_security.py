@@ -239,6 +239,7 @@ def test_a_pdu_announcing_gigabytes_is_aborted_before_it_is_read(tmp_path: Path,
         sock: socket.socket = assoc.dul.socket.socket
         assoc.dul._kill_thread = True  # our own reactor must not read the node's answer
         time.sleep(0.2)
+        sock.settimeout(20)  # a node that stops reading without closing ends the loop too (socket.timeout)
         sock.sendall(struct.pack(">BBL", 0x04, 0, 0xFFFFFFF0))
         sent = 0
         with pytest.raises(OSError):
