@@ -117,6 +117,17 @@ class QuietDUL(DULServiceProvider):
         super().send_pdu(primitive)
         self._wake()
 
+    def _is_transport_event(self) -> bool:
+        """As pynetdicom 3.0's, except in Sta13 (we aborted or released; awaiting the close): pynetdicom reads and
+        ignores whatever still arrives and closes only once nothing does, so a peer that keeps streaming after we
+        aborted its oversized or trickled PDU held the association, and the node's shutdown, forever. Nothing it
+        sends then matters (PS3.8 9.2, AA-6 ignores it): the transport is closed at once."""
+        if self.state_machine.current_state == "Sta13":
+            if self.socket:
+                self.socket.close()
+            return True
+        return bool(super()._is_transport_event())
+
     def _read_pdu_data(self) -> None:
         """As pynetdicom 3.0's ``_read_pdu_data``, refusing (Evt19: A-ABORT) a PDU whose announced length is above
         :func:`pdu_cap` before reading its body: pynetdicom buffers the whole announced body in memory, so one
