@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,23 +223,29 @@ def test_full_run_logs_carry_no_patient_identifiers_and_audit_is_complete(
     assert "node-started" in events and events[-1] == "node-stopped", events
 
 
+
+def _raw_association(port: int, calling_ae: str) -> socket.socket:
+    """An established association's socket to the node at ``port``, our own DUL reactor stopped (waited for, not
+    slept on) so that only the test reads and writes it."""
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", port, ae_title="SRNODE")
+    assert assoc.is_established
+    sock: socket.socket = assoc.dul.socket.socket
+    assoc.dul._kill_thread = True
+    wait_until(lambda: not assoc.dul.is_alive(), timeout=10, what="our DUL reactor stopped")
+    return sock
+
+
 def test_a_pdu_announcing_gigabytes_is_aborted_before_it_is_read(tmp_path: Path, phantom: list[Path]) -> None:
     """pynetdicom reads a PDU's whole announced body into memory: a peer announcing a 4 GB P-DATA-TF and streaming
     grew the node by every byte it sent (600 MB in 60 s, not cut off). The node aborts it at the header now, and
     a well-behaved sender is served as before."""
-    import socket
     import struct
-    import time
 
     node = NodeProc.start(tmp_path, {"node": {"stable_age_s": 3600}})
     try:
-        ae = AE(ae_title="HUGE")
-        ae.add_requested_context("1.2.840.10008.1.1")
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="SRNODE")
-        assert assoc.is_established
-        sock: socket.socket = assoc.dul.socket.socket
-        assoc.dul._kill_thread = True  # our own reactor must not read the node's answer
-        time.sleep(0.2)
+        sock = _raw_association(node.port, "HUGE")
         sock.settimeout(20)  # a node that stops reading without closing ends the loop too (socket.timeout)
         sock.sendall(struct.pack(">BBL", 0x04, 0, 0xFFFFFFF0))
         sent = 0
@@ -261,23 +268,15 @@ def test_a_trickled_pdu_is_aborted_and_frees_its_slot(tmp_path: Path, phantom: l
     counts only silence and ``association_timeout_s`` only the A-ASSOCIATE-RQ, so it held its association (and,
     with ``max_associations`` = 1, the whole node) forever. A PDU must now arrive within PDU_TIMEOUT_S (+1 s per
     64 KiB); then the slot is free for a real sender."""
-    import socket
     import struct
     import threading
-    import time
 
     from node.ingest.reactor import PDU_TIMEOUT_S
 
     node = NodeProc.start(tmp_path, {"node": {"stable_age_s": 3600, "max_associations": 1}})
     stop = threading.Event()
     try:
-        ae = AE(ae_title="SLOW")
-        ae.add_requested_context("1.2.840.10008.1.1")
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="SRNODE")
-        assert assoc.is_established
-        sock: socket.socket = assoc.dul.socket.socket
-        assoc.dul._kill_thread = True  # our own reactor must not read the node's answer
-        time.sleep(0.2)
+        sock = _raw_association(node.port, "SLOW")
         sock.sendall(struct.pack(">BBL", 0x04, 0, 1000))
 
         def trickle() -> None:
