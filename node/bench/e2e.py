@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from node.bench.ingest import DCMTK_ENV
 from node.bench.results import write_result
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,7 +116,8 @@ def _storescu_rates(url: str, study: str, dicom_port: int, results: list[Path], 
             httpx.delete(f"{url}/studies/{sid['ID']}", timeout=120).raise_for_status()
         t = time.monotonic()
         procs = [subprocess.Popen([STORESCU, "-aec", "ORTHANC", "-aet", "BENCH", "127.0.0.1", str(dicom_port),
-                                   *map(str, results[i::n])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                   *map(str, results[i::n])], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  env=DCMTK_ENV)
                  for i in range(n)]
         if any(p.wait() != 0 for p in procs):
             raise RuntimeError("storescu of the result files to Orthanc failed")
@@ -154,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
             "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
             "Plugins": []}))
         with (work / "orthanc.log").open("wb") as lf:
-            procs.append(subprocess.Popen([ORTHANC, str(work / "orthanc.json")], stdout=lf, stderr=lf))
+            procs.append(subprocess.Popen([ORTHANC, str(work / "orthanc.json")], stdout=lf, stderr=lf,
+                                          env=DCMTK_ENV))
         url = f"http://127.0.0.1:{o_http}"
         _wait(lambda: httpx.get(f"{url}/system", timeout=2).status_code == 200, 60, "Orthanc")
         # the node
@@ -184,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         bar.stage("sending")
         t0 = time.monotonic()
         sent = subprocess.run([STORESCU, "-aec", "SRNODE", "-aet", "BENCH", "127.0.0.1", str(port),
-                               *map(str, files)], capture_output=True, text=True)
+                               *map(str, files)], capture_output=True, text=True, env=DCMTK_ENV)
         t_sent = time.monotonic() - t0
         if sent.returncode != 0:
             raise RuntimeError(f"storescu failed: {sent.stderr[-500:]}")

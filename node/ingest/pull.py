@@ -25,7 +25,7 @@ import httpx
 from pydicom.dataset import Dataset
 
 from node.config import Config, DicomSource, DicomwebSource, OrthancSource, Source
-from node.dimse import PENDING_STATUSES, RETRIEVE_RETRYABLE_STATUSES, Status, label
+from node.dimse import PENDING_STATUSES, RETRIEVE_RETRYABLE_STATUSES, Status, assoc_no_delay, label
 from node.errors import ConfigError, DeliveryError, IngestError
 from node.ingest.admit import Admission, Caller
 
@@ -153,6 +153,7 @@ def _dimse(cfg: Config, src: DicomSource, result: FetchResult, admission: Admiss
     if not assoc.is_established:
         raise FetchError(f"source {src.name!r}: association with {src.ae_title}@{src.host}:{src.port} "
                          "was rejected or not answered")
+    assoc_no_delay(assoc)
     try:
         query = _query(result.study, result.series)
         responses = (assoc.send_c_move(query, cfg.node.ae_title, model) if method == "move"

@@ -37,6 +37,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
 from node.audit import AuditLog
+from node.dimse import no_delay
 from node.ingest.reactor import QuietRequestHandler
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         """Accept only: the TLS handshake happens in the connection's own thread, with a deadline."""
         assert self.socket is not None
         sock, address = self.socket.accept()
+        no_delay(sock)  # before any TLS wrapping; node.dimse.no_delay says why
         return sock, address
 
     def process_request(self, request: Any, client_address: Any) -> None:

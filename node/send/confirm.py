@@ -61,7 +61,7 @@ from node.config import (
     FolderDestination,
     OrthancDestination,
 )
-from node.dimse import PENDING_STATUSES, Status
+from node.dimse import PENDING_STATUSES, Status, assoc_no_delay
 from node.errors import DeliveryError
 from node.metrics import Metrics
 from node.store import Delivery, DeliveryState, Index
@@ -145,6 +145,7 @@ def _associate(dest: DicomDestination, context: str) -> Any:
     if not any(str(cx.abstract_syntax) == context for cx in assoc.accepted_contexts):
         assoc.release()
         raise Unsupported("presentation context refused")
+    assoc_no_delay(assoc)
     return assoc
 
 

@@ -27,7 +27,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import DicomDestination
-from node.dimse import STORED_STATUSES, Status, label, store_retryable
+from node.dimse import STORED_STATUSES, Status, assoc_no_delay, label, store_retryable
 from node.errors import DeliveryError
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class DimseSender:
                    else "aborted (peer not reachable or it dropped the connection)" if assoc.is_aborted
                    else "not established")
             raise DeliveryError(f"destination {self._where()}: association {why}")
+        assoc_no_delay(assoc)
         return assoc
 
     def send(self, paths: Sequence[Path]) -> None:
