@@ -58,7 +58,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 LATENCY_SLACK_S = 8.0  # issue #15 item 2: last received -> last stored <= stable_age + processing + 8 s
 RATE_RATIO = 0.8  # issue #15 item 2: node delivery rate >= 0.8 x one storescu association's
-DELIVERED = re.compile(r"job (\d+) -> pacs: (\d+) file\(s\) delivered in ([0-9.]+) s")
+# the outbox's line once the destination accepted every file ("accepted" while a commitment report is awaited,
+# "delivered" when the delivery settled at once), and its line once the destination confirmed them
+DELIVERED = re.compile(r"job (\d+) -> pacs: (\d+) file\(s\) (?:delivered|accepted) in ([0-9.]+) s")
+CONFIRMED = re.compile(r"job (\d+) -> pacs: (\d+) file\(s\) delivered(?: in [0-9.]+ s)?, ([^\n]*)")
 
 
 def _port() -> int:
@@ -148,13 +151,14 @@ def run(args: argparse.Namespace) -> int:
         study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
         n_out = (len(files) - 1) * args.factor + 1
         # Orthanc, the PACS
-        o_http, o_dicom = _port(), _port()
+        o_http, o_dicom, port = _port(), _port(), _port()
         (work / "orthanc").mkdir()
         (work / "orthanc.json").write_text(json.dumps({
             "Name": "bench", "StorageDirectory": str(work / "orthanc"), "IndexDirectory": str(work / "orthanc"),
             "HttpPort": o_http, "DicomPort": o_dicom, "DicomAet": "ORTHANC", "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
-            "Plugins": []}))
+            # the node as a known modality, as a PACS administrator sets it up: Storage Commitment reports go to it
+            "DicomModalities": {"srnode": ["SRNODE", "127.0.0.1", port]}, "Plugins": []}))
         with (work / "orthanc.log").open("wb") as lf:
             procs.append(subprocess.Popen([ORTHANC, str(work / "orthanc.json")], stdout=lf, stderr=lf,
                                           env=DCMTK_ENV))
@@ -162,7 +166,6 @@ def run(args: argparse.Namespace) -> int:
         _wait(lambda: httpx.get(f"{url}/system", timeout=2).status_code == 200, 60, "Orthanc")
         # the node
         bar.stage("starting srnode")
-        port = _port()
         cfg = {"node": {"port": port, "spool_dir": str(work / "spool"), "stable_age_s": args.stable_age,
                         "min_free_mb": 1},
                "engine": {"name": "cubic", "device": "cpu"}, "http": {"enabled": False},
@@ -193,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
             raise RuntimeError(f"storescu failed: {sent.stderr[-500:]}")
         marks: dict[str, float] = {}
         delivered: dict[str, float] = {}
+        confirmation: list[str] = []
         node_log = work / "node.log"
         bar.stage("waiting for the derived series in Orthanc")
 
@@ -206,7 +210,12 @@ def run(args: argparse.Namespace) -> int:
                 if m and sum(c.values()) >= int(m.group(2)):
                     marks["all"] = time.monotonic() - t0
                     delivered.update(files=int(m.group(2)), seconds=float(m.group(3)))
-            return "derived" in marks and "all" in marks
+            if "confirmed" not in marks:
+                m = CONFIRMED.search(node_log.read_text(errors="replace"))
+                if m:
+                    marks["confirmed"] = time.monotonic() - t0
+                    confirmation.append(m.group(3))
+            return "derived" in marks and "all" in marks and "confirmed" in marks
 
         _wait(done, args.timeout, "the derived series and every delivered result in Orthanc", interval=0.25)
         status = subprocess.run([sys.executable, "-m", "node.app.cli", "status", "--json", "--config",
@@ -234,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
             "node_delivery_inst_per_s": round(node_rate, 1),
             **reference,
             "last_received_to_last_stored_s": round(latency, 2),
+            "last_received_to_delivery_confirmed_s": round(marks["confirmed"] - t_sent, 2),
+            "confirmation": confirmation[0] if confirmation else "",
             "target_latency_budget_s": round(budget, 2),
             "target_latency_pass": latency <= budget,
             "rate_ratio_vs_storescu": round(ratio, 2),

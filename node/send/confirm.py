@@ -180,7 +180,8 @@ def request_commitment(dest: DicomDestination, transaction_uid: str, refs: Seque
 
 def find_dimse(dest: DicomDestination, refs: Sequence[Ref]) -> set[str]:
     """The SOP Instance UIDs of ``refs``' series that the peer lists by C-FIND (Study Root, IMAGE level).
-    Unsupported when the peer refuses C-FIND; DeliveryError when a query fails."""
+    Unsupported when the peer refuses C-FIND (the context, or aborting the query unanswered); DeliveryError when a
+    query fails otherwise."""
     assoc = _associate(dest, StudyRootQueryRetrieveInformationModelFind)
     found: set[str] = set()
     try:
@@ -195,6 +196,12 @@ def find_dimse(dest: DicomDestination, refs: Sequence[Ref]) -> set[str]:
                 last = int(status.get("Status", -1)) if status is not None and len(status) else -1
                 if last in PENDING_STATUSES and ident is not None:
                     found.add(str(ident.get("SOPInstanceUID", "")))
+            if last == -1:
+                assoc.join(2.0)  # an empty response: the association thread ends when the peer aborted
+            if last == -1 and assoc.is_aborted:
+                # Orthanc aborts the C-FIND of a caller it does not allow to query (DicomAlwaysAllowFind false and
+                # the node not in its DicomModalities): a refusal, not a failed delivery
+                raise Unsupported("C-FIND not answered (the peer aborted): may the node query it?")
             if last != Status.SUCCESS:
                 raise DeliveryError(f"destination {dest.name}: C-FIND to count the series ended with "
                                     f"{'no response' if last == -1 else f'0x{last:04X}'}")
@@ -344,7 +351,7 @@ class Confirmations:
         try:
             found = self._find(dest, refs)
         except Unsupported as exc:
-            note = NEITHER if method is ConfirmMethod.AUTO else f"peer refuses C-FIND ({exc})"
+            note = f"{NEITHER} ({refused}C-FIND: {exc})" if method is ConfirmMethod.AUTO else f"peer refuses C-FIND ({exc})"
             if method is ConfirmMethod.COUNT:
                 raise DeliveryError(f"destination {dest.name}: {note} and confirm = 'count'", retryable=False) from exc
             self._done(d, METHOD_COUNT, len(refs), None, note, DeliveryState.UNCONFIRMED)

@@ -29,7 +29,7 @@ from node.send import Outbox
 from node.send.confirm import NEITHER
 from node.store import Delivery, DeliveryState, Index, Instance, JobState
 from tests.support.nodeproc import NodeProc
-from tests.support.peers import STORESCP, STORESCU, Orthanc, free_port, storescu, wait_until
+from tests.support.peers import STORESCP, STORESCU, Orthanc, free_port, start_orthanc, storescu, wait_until
 
 DCMQRSCP = "/usr/bin/dcmqrscp"
 ECHOSCU = "/usr/bin/echoscu"
@@ -212,6 +212,25 @@ def test_orthanc_that_does_not_know_the_node_is_counted_by_c_find(orthanc: Ortha
     assert "storage commitment refused (N-ACTION not answered" in got.confirm_note
 
 
+def test_orthanc_that_lets_no_stranger_query_ends_unconfirmed_not_dead_lettered(tmp_path: Path) -> None:
+    """Orthanc with its default ``DicomAlwaysAllowFind`` (false) aborts both the N-ACTION and the C-FIND of a caller
+    it does not know: the instances were stored, so the delivery is 'unconfirmed' with both reasons, never resent
+    until dead-lettered."""
+    pacs = start_orthanc(tmp_path / "orthanc", extra={"DicomAlwaysAllowFind": False})
+    try:
+        files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=41)
+        h = Harness(tmp_path, _cfg(tmp_path, _dicom(pacs, "SRSTRANGER")), files)
+        d = h.job(1)
+        h.outbox.attempt(d)
+        got = h.now(d)
+        assert got.state is DeliveryState.UNCONFIRMED and got.confirmed is None and got.attempts == 1
+        assert got.confirm_note.startswith(NEITHER)
+        assert "N-ACTION not answered" in got.confirm_note and "C-FIND not answered" in got.confirm_note
+        assert len(httpx.get(f"{pacs.url}/instances", timeout=10).json()) == 2  # they were stored all the same
+    finally:
+        pacs.stop()
+
+
 def test_a_report_that_never_comes_is_a_failed_attempt(orthanc: Orthanc, tmp_path: Path) -> None:
     files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=33)
     put_modality(orthanc, "confirm-c", "SRCONFC", free_port())  # reports go nowhere
@@ -329,7 +348,7 @@ def test_storescp_supports_neither_and_ends_unconfirmed(tmp_path: Path) -> None:
         d = h.job(1)
         h.outbox.attempt(d)
         got = h.now(d)
-        assert got.state is DeliveryState.UNCONFIRMED and got.confirm_note == NEITHER and got.confirmed is None
+        assert got.state is DeliveryState.UNCONFIRMED and got.confirm_note.startswith(NEITHER) and got.confirmed is None
         assert len(list(out.iterdir())) == 2
         job = h.index.job(d.job_id)
         assert job.state is JobState.DELIVERED and f"scp: sent, unconfirmed: {NEITHER}" in job.reason
