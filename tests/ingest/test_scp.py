@@ -182,3 +182,24 @@ def test_dicom_tls(tmp_path: Path, phantom: list[Path]) -> None:
         assert plain.returncode != 0
     finally:
         scp.stop()
+
+
+def test_both_ends_of_an_association_run_without_nagle(scp: StoreSCP) -> None:
+    """TCP_NODELAY on the node's accepted socket and on its own outgoing associations (node.dimse.no_delay: with
+    Nagle every DIMSE round trip waits for a delayed ACK)."""
+    import socket
+
+    from node.dimse import assoc_no_delay
+
+    ae = AE(ae_title="NAGLE")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", scp.cfg.node.port, ae_title=scp.cfg.node.ae_title)
+    assert assoc.is_established
+    try:
+        assoc_no_delay(assoc)
+        assert assoc.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert scp._server is not None
+        accepted = [a.dul.socket.socket for a in scp._server.active_associations]
+        assert accepted and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in accepted)
+    finally:
+        assoc.release()
