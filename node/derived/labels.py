@@ -34,14 +34,15 @@ carry one number. The same inputs always give the same number.
 from __future__ import annotations
 
 import hashlib
-import re
 
 from models.engine import Factors
 from node.config import DeriveConfig
+from node.own import is_srnode_description
+
+__all__ = ["factors_label", "is_srnode_description", "series_description", "series_descriptions", "series_number"]
 
 LO_MAX = 64
 IS_MAX = 2**31 - 1
-_FACTORS = r" x\d+(?: x\d+)?(?: in-plane)? "
 
 
 def factors_label(factors: Factors) -> str:
@@ -80,13 +81,6 @@ def series_descriptions(source: str, cfg: DeriveConfig, factors: Factors, engine
                                                fallback=fallback, caution=cfg.caution, run=run, sigma=s, card=c)
                             for s, c in ((False, False), (True, False), (True, True)))
     return derived, sigma, card
-
-
-def is_srnode_description(description: str, suffix: str) -> bool:
-    """Whether a SeriesDescription is one srnode wrote (this format, or the older ``<description><suffix>``)."""
-    if not suffix:
-        return False
-    return description.endswith(suffix) or re.search(re.escape(suffix) + _FACTORS + r"\S", description) is not None
 
 
 def series_number(source: int, offset: int, engine: str, factors: Factors, run: int = 1) -> int:
