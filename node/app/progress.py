@@ -37,9 +37,10 @@ def _columns(stream: TextIO) -> int:
         return 0
 
 
-def _bar(enabled: bool, total: int | None, desc: str, position: int, bar_format: str, unit: str = "it"
+def _bar(enabled: bool, total: int | None, desc: str, position: int | None, bar_format: str, unit: str = "it"
          ) -> tqdm[None] | None:
-    """A tqdm bar on stderr (None when not enabled); a terminal that reports no size (0x0) gets 80x24."""
+    """A tqdm bar on stderr (None when not enabled) at ``position`` (None: tqdm's next free line); a terminal
+    that reports no size (0x0) gets 80x24. The one place every bar of this module is built."""
     if not enabled:
         return None
     sized = _columns(sys.stderr) > 0
@@ -84,6 +85,13 @@ class EngineBar:
             self.name = ""
 
 
+def _finish(bar: tqdm[None]) -> None:
+    """Draw ``bar`` full with "done" as postfix, then close it (a stage or series bar at its end)."""
+    bar.n = bar.total or bar.n
+    bar.set_postfix_str("done", refresh=True)
+    bar.close()
+
+
 class StageBar:
     """Named stages of one command (``srnode eval``: engine, baselines, metrics; ``srnode bench``: its runs) with
     elapsed time and ETA, and an ``EngineBar`` (``.engine``) under it. ``stage(name)`` starts the next stage."""
@@ -109,9 +117,7 @@ class StageBar:
     def close(self) -> None:
         self.engine.close()
         if self.bar is not None:
-            self.bar.n = self.bar.total or self.bar.n
-            self.bar.set_postfix_str("done", refresh=True)
-            self.bar.close()
+            _finish(self.bar)
             self.bar = None
 
     def __enter__(self) -> StageBar:
@@ -129,13 +135,10 @@ class SeriesBar:
     """
 
     def __init__(self, title: str, enabled: bool) -> None:
-        self.bar: tqdm[None] | None = None
         self.engine = EngineBar(enabled)
-        if enabled:
-            sized = _columns(sys.stderr) > 0  # a terminal that reports no size (0x0) gets 80x24
-            self.bar = tqdm(total=3, desc=title, unit="stage", leave=False, file=sys.stderr,
-                            dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24,
-                            bar_format="{desc} {bar} {n_fmt}/{total_fmt} stages [{elapsed}]{postfix}")
+        self.bar = _bar(enabled, 3, title, None, "{desc} {bar} {n_fmt}/{total_fmt} stages [{elapsed}]{postfix}",
+                        unit="stage")
+        if self.bar is not None:
             self.bar.set_postfix_str("reading", refresh=True)
 
     def stage(self, msg: str) -> None:
@@ -151,9 +154,7 @@ class SeriesBar:
     def close(self) -> None:
         self.engine.close()
         if self.bar is not None:
-            self.bar.n = self.bar.total or self.bar.n
-            self.bar.set_postfix_str("done", refresh=True)
-            self.bar.close()
+            _finish(self.bar)
 
 
 @contextlib.contextmanager

@@ -100,7 +100,7 @@ def check_identifiers(vol: SeriesVolume) -> None:
 
 
 def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg: DeriveConfig,
-                  engine_version: str = "", settings: str = "") -> DerivedObjects:
+                  engine_version: str = "", settings: str = "", revision: int = 0) -> DerivedObjects:
     """Build the derived image series, and the uncertainty objects ``cfg.uncertainty`` names when the engine has
     a sigma (``result.has_sigma``; ``node.derived.uncertainty``).
 
@@ -108,6 +108,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     DeriveError when the shape breaks that contract, the output holds non-finite values, or the geometry gate fails.
     ``settings``: a digest of the engine's settings and weights (``node.process.engines.settings_digest``); it
     enters the UIDs only, so other settings give other SOP instances, and the same settings the same UIDs.
+    ``revision``: the result's revision (``node.derived.labels``: a superseding result gets another SeriesNumber).
     """
     ref0 = vol.datasets[0]
     check_identifiers(vol)
@@ -145,7 +146,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
                                            made_by, bool(result.fallback), part_label.strip())
     # three numbers per derived series (its uncertainty series take the next two): distinct for every volume and run
     series_number = labelled_number(int(ref0.get("SeriesNumber") or 0), cfg.series_number_offset, made_by, factors,
-                                    vol.part + 1)
+                                    vol.part + 1, revision)
     equipment = contributing_equipment(result.engine, engine_version, result.fallback, now, denoised)
     derivation = (f"srnode {__version__}: " + (f"{DENOISE_NOTE}, then " if denoised else "")
                   + f"super-resolution x{f} through-plane, x{g} in-plane by engine {result.engine} {engine_version}"

@@ -130,6 +130,33 @@ def rejection_note(files: Sequence[Path], cfg: DeriveConfig, out_dir: Path, reas
     return path
 
 
+def _latest_result(index: Index, job: Job) -> Job | None:
+    """The latest earlier job of ``job``'s series that produced a derived series, following the chain of
+    superseded jobs back past those that produced nothing; None when there is none. SpoolError (index)."""
+    old_id, seen = job.supersedes, {job.id}
+    while old_id and old_id not in seen:
+        seen.add(old_id)
+        old = index.job(old_id)
+        if old.derived_series_uid:
+            return old
+        old_id = old.supersedes
+    return None
+
+
+def result_revision(index: Index, job: Job, inputs: int) -> int:
+    """The revision of ``job``'s result (``node.derived.labels``: it moves the SeriesNumbers), for ``inputs``
+    input instances: 0 when no earlier job of the series made results; else that job's revision (its report's
+    ``revision``, 0 when absent), plus one when its input count (report ``inputs``, else its ``n_instances``)
+    differs: a series only gains instances, so an equal count is the same input (a replay, the same UIDs, the same
+    numbers) and another count a superseding result. SpoolError (index)."""
+    old = _latest_result(index, job)
+    if old is None:
+        return 0
+    before = int(old.report.get("revision", 0) or 0)
+    old_inputs = int(old.report.get("inputs", old.n_instances) or 0)
+    return before if old_inputs == inputs else before + 1
+
+
 def reject_superseded(index: Index, spool_outbox: Path, job: Job, new_derived_series: str, cfg: DeriveConfig,
                       out_dir: Path) -> list[Path]:
     """The rejection note for the results of the latest earlier job of the series that produced any; else [].
@@ -138,16 +165,8 @@ def reject_superseded(index: Index, spool_outbox: Path, job: Job, new_derived_se
     the first one with a derived series (its files under ``spool_outbox/job-<id>``); that job's own run already
     retired anything older. Raises SpoolError (index) and as :func:`rejection_note`.
     """
-    old_id, seen = job.supersedes, {job.id}
-    while old_id and old_id not in seen:
-        seen.add(old_id)
-        old = index.job(old_id)
-        if old.derived_series_uid:
-            break
-        old_id = old.supersedes
-    else:
-        return []
-    if old.derived_series_uid == new_derived_series:
+    old = _latest_result(index, job)
+    if old is None or old.derived_series_uid == new_derived_series:
         return []
     old_dir = spool_outbox / f"job-{old.id}"
     files = sorted(p for p in old_dir.glob("**/*.dcm") if not p.name.startswith("KO-")) if old_dir.is_dir() else []

@@ -20,7 +20,7 @@ SeriesNumber (IS)::
     derived     = source + offset * k + 3 * (run - 1)
     uncertainty = derived + 1      (the Parametric Map; the card when it is the only sigma object)
     card        = derived + 2      (the Secondary Capture card when both are made)
-    k           = 1 + (first 4 bytes of SHA-256 of "<engine>|<f>|<g>") mod 99       (1..99)
+    k           = 1 + (first 4 bytes of SHA-256 of "<engine>|<f>|<g>"  +  revision) mod 99       (1..99)
 
 ``source`` is the input's SeriesNumber (0 when absent), ``offset`` is ``[derive] series_number_offset`` (default
 1000), ``run`` the regular run of an irregular series (1 otherwise). So with the default offset a result of series
@@ -29,19 +29,28 @@ uncertainty series (and card) get their own number, and results of other engines
 times in 99; their descriptions differ in any case). The rule's name is not part of k on purpose: two rules with the same engine and
 factors make the very same series (the same SeriesInstanceUID, ``node.derived.modules.derived_uid``), which must
 carry one number. The same inputs always give the same number.
+
+``revision`` (0 for a series' first result) tells a superseding result from the one it supersedes: when late
+instances make a series be processed again, the new derived series (new UIDs) and the earlier one (retired by an
+IOCM rejection note, ``node.derived.iocm``) are both in PACS for a while, and must not show the same number. The
+runner gives the new job the revision of the latest earlier job of the series that made results, plus one when its
+input differs (more instances: a series only ever gains instances, so the count tells), the same revision when it
+is the same input (a replay: the same UIDs, so the same number); ``node.derived.iocm.result_revision``. Each
+revision moves the result into the next thousand: series 201 is 1201, then 2201, then 3201 (k + revision, mod 99).
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 
 from models.engine import Factors
 from node.config import DeriveConfig
+from node.own import is_srnode_description
+
+__all__ = ["factors_label", "is_srnode_description", "series_description", "series_descriptions", "series_number"]
 
 LO_MAX = 64
 IS_MAX = 2**31 - 1
-_FACTORS = r" x\d+(?: x\d+)?(?: in-plane)? "
 
 
 def factors_label(factors: Factors) -> str:
@@ -82,15 +91,9 @@ def series_descriptions(source: str, cfg: DeriveConfig, factors: Factors, engine
     return derived, sigma, card
 
 
-def is_srnode_description(description: str, suffix: str) -> bool:
-    """Whether a SeriesDescription is one srnode wrote (this format, or the older ``<description><suffix>``)."""
-    if not suffix:
-        return False
-    return description.endswith(suffix) or re.search(re.escape(suffix) + _FACTORS + r"\S", description) is not None
-
-
-def series_number(source: int, offset: int, engine: str, factors: Factors, run: int = 1) -> int:
-    """The derived series' SeriesNumber (its uncertainty series take the next two); see the module's docstring."""
+def series_number(source: int, offset: int, engine: str, factors: Factors, run: int = 1, revision: int = 0) -> int:
+    """The derived series' SeriesNumber (its uncertainty series take the next two); see the module's docstring.
+    ``revision``: 0 for a series' first result, +1 for each later result of other input that supersedes one."""
     key = f"{engine}|{factors.through_plane}|{factors.in_plane}".encode()
-    k = 1 + int.from_bytes(hashlib.sha256(key).digest()[:4], "big") % 99
+    k = 1 + (int.from_bytes(hashlib.sha256(key).digest()[:4], "big") + max(revision, 0)) % 99
     return max(0, min(source + offset * k + 3 * (max(run, 1) - 1), IS_MAX - 3))

@@ -14,7 +14,8 @@ batching: no timer, a batch is whatever arrived while the last one was being mad
 Only then does a C-STORE handler answer Success, so "Success" still means the bytes and the index row are on
 disk. Failures: a sync that fails unlinks what this batch linked (no name without durable bytes) and fails the
 batch with 0xA700; an index transaction that fails is retried row by row (one bad row does not fail the others);
-a row that still fails has its link removed and its caller gets the error (SpoolError: 0x0110 at the SCP).
+a row that still fails has its link removed and its caller gets the error (SpoolError: 0x0110 at the SCP; an index
+whose disk is full, SQLITE_FULL or ENOSPC, gives IngestError 0xA700 instead, as every full disk on this path does).
 A caller waits at most ``timeout_s`` (``COMMIT_TIMEOUT_S``) and then gets IngestError(0xA700): it was not
 acknowledged; if the writer stores it later anyway, a resend is a plain duplicate.
 
@@ -24,8 +25,10 @@ node re-indexes at its next start (``node.ingest.reindex``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -162,7 +165,7 @@ class GroupCommit:
         except SpoolError as exc:
             if len(linked) == 1:
                 self._unlink([p for p in linked if p.stored and not p.stored.duplicate])
-                linked[0].error = exc
+                linked[0].error = _disk_full(exc) or exc
                 return
             log.warning("ingest commit: the index transaction of %d rows failed (%s); writing them one by one",
                         len(linked), exc)
@@ -172,7 +175,7 @@ class GroupCommit:
             except SpoolError as exc:
                 if p.stored and not p.stored.duplicate:
                     self._unlink([p])
-                p.error = exc
+                p.error = _disk_full(exc) or exc
 
     @staticmethod
     def _unlink(items: list[Pending]) -> None:
@@ -193,6 +196,19 @@ class GroupCommit:
     def _wake(items: list[Pending]) -> None:
         for p in items:
             p.done.set()
+
+
+def _disk_full(exc: SpoolError) -> IngestError | None:
+    """IngestError 0xA700 (out of resources, PS3.4 B.2.3) when the index failed because its disk is full
+    (SQLITE_FULL, or an OSError ENOSPC), else None (the SpoolError stands)."""
+    cause = exc.__cause__
+    full = ((isinstance(cause, sqlite3.Error) and getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL)
+            or (isinstance(cause, OSError) and cause.errno == errno.ENOSPC))
+    if not full:
+        return None
+    err = IngestError(f"the index could not be written, its disk is full: {exc}", Status.OUT_OF_RESOURCES)
+    err.__cause__ = exc
+    return err
 
 
 def _size(p: Pending) -> int:

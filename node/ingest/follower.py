@@ -16,10 +16,10 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from node.config import Config, OrthancSource
-from node.derived.labels import is_srnode_description
 from node.errors import IngestError, NodeError
 from node.ingest.admit import Admission
 from node.ingest.pull import orthanc_call, orthanc_client, orthanc_series_files, source_caller
+from node.own import is_srnode_description
 
 log = logging.getLogger(__name__)
 

@@ -20,11 +20,17 @@ part pynetdicom had written in ``incoming/``; it is removed as soon as the assoc
 counts against the disk watermark while it arrives, not only once complete: every ``WATERMARK_CHECK_BYTES``
 received on an association the spool's free space is checked, and below ``[node].min_free_mb`` the association
 is aborted (the sender got no Success; it sends again later) and its partial file removed.
+
+A disk that fills while a dataset arrives (ENOSPC, e.g. with ``[node].min_free_mb = 0``) does not end the
+association: the partial file is removed at once, the rest of that dataset is read and dropped, and its C-STORE
+is answered 0xA700 (``_DiskFullGuard``); the next instances of the association are stored once there is room.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import socketserver
 import ssl
 import tempfile
@@ -41,7 +47,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.audit import AuditLog
 from node.config import Config
-from node.dimse import Status
+from node.dimse import Status, label
 from node.errors import ConfigError, IngestError, listen_problem
 from node.ingest.admit import Admission, Caller, find_caller
 from node.ingest.server import start_guarded_server
@@ -69,6 +75,81 @@ def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
     if t.require_client_cert:
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
+
+
+class _DiskFullGuard:
+    """Stands in for pynetdicom's temporary file of one dataset being received (``DIMSEMessage._data_set_file``):
+    passes every write through until the disk is full (OSError ENOSPC); then closes and removes the partial file
+    and drops the rest of the dataset, so that the C-STORE still reaches the handler, which answers 0xA700
+    (PS3.4 B.2.3), instead of the error ending the association. ``disk_full`` tells the handler."""
+
+    def __init__(self, fh: Any) -> None:
+        self._fh = fh
+        self.name: str = fh.name
+        self.file = self  # pynetdicom flushes through ``.file.flush()``
+        self.disk_full = False
+
+    def write(self, data: bytes) -> int:
+        if not self.disk_full:
+            try:
+                return int(self._fh.write(data))
+            except OSError as exc:
+                self._spill(exc)
+        return len(data)
+
+    def flush(self) -> None:
+        if not self.disk_full:
+            try:
+                self._fh.file.flush()
+            except OSError as exc:
+                self._spill(exc)
+
+    def close(self) -> None:
+        if not self.disk_full:
+            try:
+                self._fh.close()
+            except OSError as exc:
+                self._spill(exc)
+
+    def _spill(self, exc: OSError) -> None:
+        if exc.errno != errno.ENOSPC:
+            raise exc
+        self.disk_full = True
+        try:
+            self._fh.close()  # flushes again: fails the same way, and closes all the same
+        except OSError:
+            pass
+        try:
+            os.unlink(self.name)
+        except OSError:
+            pass
+
+
+def _guard_disk_full(assoc: Any) -> None:
+    """Make the association's receiver survive a full disk: every dataset file pynetdicom opens for it is
+    wrapped in a :class:`_DiskFullGuard` as soon as it is created (pynetdicom creates it when the command set is
+    complete; its dataset fragments come in later P-DATA). Installed per association, before it is accepted."""
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is None or getattr(dimse, "_srnode_guarded", False):
+        return
+    receive = dimse.receive_primitive
+
+    def guarded(primitive: Any) -> None:
+        try:
+            receive(primitive)
+        except OSError as exc:  # the first bytes of a dataset met a full disk in the call that created its file
+            if exc.errno == errno.ENOSPC:
+                name = getattr(getattr(dimse.message, "_data_set_file", None), "name", None)
+                if name:
+                    Path(name).unlink(missing_ok=True)
+            raise
+        message: Any = dimse.message
+        fh = getattr(message, "_data_set_file", None)
+        if message is not None and fh is not None and not isinstance(fh, _DiskFullGuard):
+            message._data_set_file = _DiskFullGuard(fh)
+
+    dimse.receive_primitive = guarded
+    dimse._srnode_guarded = True
 
 
 @dataclass
@@ -118,8 +199,9 @@ class StoreSCP:
     def on_requested(self, event: evt.Event) -> None:
         """Reject the association (A-ASSOCIATE-RJ) when the node is stopping (``REJECT_BUSY``) or, with
         ``[node].require_known_callers``, when the caller is not in ``[node].allowed_callers``
-        (``REJECT_UNKNOWN_CALLER``, audited)."""
+        (``REJECT_UNKNOWN_CALLER``, audited). Installs the full-disk guard (``_guard_disk_full``) first."""
         assoc = event.assoc
+        _guard_disk_full(assoc)
         calling = str(assoc.requestor.primitive.calling_ae_title).strip() if assoc.requestor.primitive else ""
         address = str(assoc.requestor.address)
         if self._stopping:
@@ -255,6 +337,14 @@ class StoreSCP:
         """
         req: Any = event.request  # a C_STORE primitive
         caller = Caller(str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address))
+        if getattr(req._dataset_file, "disk_full", False):  # its partial file is already removed
+            log.warning("C-STORE from %s refused (0x%04X): instance %s: the spool disk %s filled up while it "
+                        "arrived; its partial file was removed", caller.ae_title, Status.OUT_OF_RESOURCES,
+                        req.AffectedSOPInstanceUID, self.admission.spool.root)
+            self.metrics.instances_received.labels(status=label(Status.OUT_OF_RESOURCES)).inc()
+            self.metrics.failures.labels(where="ingest", reason="disk-full").inc()
+            self._count(event, False)
+            return Status.OUT_OF_RESOURCES
         try:
             self.admission.admit_file(Path(event.dataset_path), caller,
                                       declared_sop_class=str(req.AffectedSOPClassUID or ""),

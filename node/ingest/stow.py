@@ -268,13 +268,17 @@ class StowReceiver:
         return self.result
 
     def abort(self) -> None:
-        """Drop a part still being written (its temporary file is removed)."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        if self._path is not None:
-            self._path.unlink(missing_ok=True)
-            self._path = None
+        """Drop a part still being written (its temporary file is removed, also when closing it fails: a full
+        disk fails the close's flush as it failed the write)."""
+        fh, path = self._fh, self._path
+        self._fh = self._path = None
+        if fh is not None:
+            try:
+                fh.close()
+            except OSError:
+                pass  # the part is dropped either way
+        if path is not None:
+            path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------ parts
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from node.config import RuleConfig
-from node.derived import reject_superseded
+from node.derived import reject_superseded, result_revision
 from node.errors import DeriveError, EngineError, NodeError, VolumeError
 from node.jobs.context import JobContext
 from node.metrics import Metrics
@@ -58,9 +58,10 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
         return _fail(ctx, job, f"rule {job.rule!r} is no longer in the configuration", "config")
     paths = [Path(i.path) for i in index.instances_of(job.series_uid, job.study_uid)]
     out_dir = spool.job_dir(job.id, fresh=True)
+    revision = result_revision(index, job, len(paths))  # a superseding result gets other SeriesNumbers
     log.info("job %d: series %s, %d instances, rule %s", job.id, job.series_uid, len(paths), rule.name)
     try:
-        result = process_series(paths, rule, cfg, out_dir, engines=ctx.engines)
+        result = process_series(paths, rule, cfg, out_dir, engines=ctx.engines, revision=revision)
     except BudgetError as exc:
         why = f"refused before decoding: {exc}"
         return _originals_only(ctx, job, rule, paths, why) or _fail(ctx, job, why, "budget")
@@ -89,6 +90,7 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     per_dest = {d: files + ([str(p) for p in paths] if rule.forward_originals else []) for d in rule.destinations}
     index.add_deliveries(job.id, per_dest)
     report = dict(result.report or {})
+    report["revision"], report["inputs"] = revision, len(paths)  # for the next result's revision
     report.setdefault("seconds", round(seconds, 3))
     report.setdefault("derived_files", len(result.derived_files))
     report.setdefault("uncertainty_files", len(result.uncertainty_files))

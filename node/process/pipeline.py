@@ -153,7 +153,8 @@ def _mixed_patients(paths: Sequence[Path]) -> None:
 
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,
                    engine_name: str = "", progress: Callable[[str], None] | None = None,
-                   engines: EngineCache | None = None, engine_progress: Progress | None = None) -> ProcessResult:
+                   engines: EngineCache | None = None, engine_progress: Progress | None = None,
+                   revision: int = 0) -> ProcessResult:
     """Super-resolve the series in ``paths`` by ``rule``; write derived + uncertainty files under ``out_dir``.
 
     A series holding several volumes (``node.series.load_volumes``) gives one derived series per volume (and per
@@ -162,6 +163,8 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
 
     ``engines``: the caller's engine cache (a fresh one when not given); ``progress`` gets one line per step,
     ``engine_progress`` the engine's own long stages (fine-tuning steps, network passes: ``models.engine.Progress``).
+    ``revision``: the result's revision (``node.derived.iocm.result_revision``: a reprocess that supersedes an
+    earlier result of other input gets other SeriesNumbers, ``node.derived.labels``).
     Before decoding, ``node.process.budget.check_series`` refuses a series whose pixel data cannot hold what its
     headers declare (VolumeError) or that would need more memory than ``[node] max_series_memory_mb``
     (BudgetError, a VolumeError). Raises VolumeError (no volume can be super-resolved), EngineError (even cubic
@@ -213,7 +216,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         t_engine = time.perf_counter() - t1
         say(f"{tag}deriving {er.data.shape[0]} slices")
         objs = derive_series(v, er, factors, cfg.derive, version,
-                             "" if er.engine == "cubic" else settings_digest(options))
+                             "" if er.engine == "cubic" else settings_digest(options), revision)
         suffix = (f"-vol{v.volume[0]}" if v.volume else "") + (f"-run{v.run[0]}" if v.run else "")
         for k, ds in enumerate(objs.derived):
             p = out_dir / f"derived{suffix}" / f"IM{k + 1:05d}.dcm"

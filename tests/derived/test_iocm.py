@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pydicom
 
+from models.engine import Factors
 from node.bench.phantom import write_phantom_series
 from node.config import load_config
-from node.derived import reject_superseded
+from node.derived import reject_superseded, result_revision
+from node.derived.labels import series_number
 from node.process import process_series
 from node.store import Instance, JobState, open_store
 
@@ -44,3 +47,50 @@ def test_rejection_note_reaches_back_past_jobs_without_results(tmp_path: Path) -
                 for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
     derived = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in res.derived_files}
     assert derived and derived <= rejected, "job 1's derived instances are not all in the rejection note"
+
+
+def _index_files(store: Any, files: list[Path]) -> None:
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        store.index.add_instance(Instance(sop_uid=ds.SOPInstanceUID, series_uid=ds.SeriesInstanceUID,
+                                          study_uid=ds.StudyInstanceUID, sop_class=ds.SOPClassUID,
+                                          transfer_syntax="1.2.840.10008.1.2.1", path=str(f), calling_ae="CT01",
+                                          allowed_rules=""), "CT", f.stat().st_size)
+
+
+def _run(store: Any, cfg: Any, job_id: int, series: str) -> tuple[int, int]:
+    """As the runner does: the job's revision, its result, its report; returns (revision, SeriesNumber)."""
+    job = store.index.job(job_id)
+    paths = [Path(i.path) for i in store.index.instances_of(series)]
+    revision = result_revision(store.index, job, len(paths))
+    res = process_series(paths, cfg.rules[0], cfg, store.spool.job_dir(job_id, fresh=True), engine_name="cubic",
+                         revision=revision)
+    store.index.finish_job(job_id, JobState.DELIVERED, derived_series_uid=res.derived_series_uid,
+                           report={"revision": revision, "inputs": len(paths)})
+    return revision, int(pydicom.dcmread(res.derived_files[0], stop_before_pixels=True).SeriesNumber)
+
+
+def test_a_superseding_result_gets_another_series_number_and_a_replay_the_same(tmp_path: Path) -> None:
+    cfg = load_config(None)
+    cfg = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, spool_dir=str(tmp_path / "spool")))
+    store = open_store(cfg)
+    files = write_phantom_series(tmp_path / "in", slices=6, size=32, step_mm=3.0)
+    series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    source = int(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesNumber)
+    _index_files(store, files[:5])
+    rev1, number1 = _run(store, cfg, store.index.create_job(series, "r"), series)
+    _index_files(store, files[5:])  # a late instance: the series is processed again, the new job supersedes
+    rev2, number2 = _run(store, cfg, store.index.create_job(series, "r"), series)
+    rev3, number3 = _run(store, cfg, store.index.create_job(series, "r"), series)  # a replay: the same input
+    assert (rev1, rev2, rev3) == (0, 1, 1)
+    assert number2 != number1, "the superseding derived series shows the number of the one it supersedes"
+    assert number3 == number2, "a replay of the same input (the same UIDs) must keep its number"
+    offset = cfg.derive.series_number_offset
+    assert number1 % offset == number2 % offset == source % offset  # the source number stays readable
+    assert number2 // offset == number1 // offset % 99 + 1  # the next thousand
+    # its uncertainty series (derived + 1, + 2) collide with neither result's numbers
+    factors = Factors(cfg.rules[0].through_plane_factor, cfg.rules[0].in_plane_factor)
+    for run in (1, 2):
+        earlier = {series_number(source, offset, "selfsup", factors, run) + d for d in range(3)}
+        later = {series_number(source, offset, "selfsup", factors, run, revision=1) + d for d in range(3)}
+        assert not earlier & later

@@ -6,20 +6,28 @@
 - the writer failing (the spool's ``instances/`` folder made immutable with ``chattr +i``, so that no name can be
   created in it, even by root): the C-STOREs are answered 0xA700, nothing is left half-written (no file under
   ``instances/``, no index row, nothing in ``incoming/``), and the same series goes in once the folder is writable;
+- a disk that fills while instances arrive (a real 4 MiB tmpfs as the spool, ``min_free_mb = 0``): each instance
+  that meets the full disk is answered 0xA700 on a living association (dcmtk ``storescu`` goes on to the next),
+  no partial file stays in ``incoming/``, every acknowledged instance is intact, and once space returns the same
+  association stores again;
 - in process: a sync that fails, an index transaction that fails (one row or the whole batch), a writer that
   stalls past the caller's deadline -- each answered with a failure, nothing linked without its row.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
 
 from node.bench.ingest import write_series
 from node.config import config_from_dict
@@ -28,6 +36,7 @@ from node.errors import IngestError, SpoolError
 from node.ingest import Admission
 from node.ingest.admit import Caller
 from node.ingest.commit import GroupCommit
+from node.ingest.stow import StowReceiver, multipart_close, multipart_part
 from node.metrics import Metrics
 from node.store import Index, open_store
 from tests.support.nodeproc import NodeProc
@@ -123,6 +132,145 @@ def test_a_spool_that_cannot_be_written_answers_a700_and_leaves_nothing_half_wri
         node.stop()
     finally:
         node.kill9()
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+def _acknowledged(storescu_output: str) -> tuple[list[str], int]:
+    """From ``storescu -v`` output: the files answered Success (in order), and how many were refused 0xA700."""
+    acked, refused, current = [], 0, ""
+    for line in storescu_output.splitlines():
+        if "Sending file: " in line:
+            current = line.split("Sending file: ", 1)[1].strip()
+        elif SUCCESS_LINE in line:
+            acked.append(current)
+        elif "Refused: OutOfResources" in line:
+            refused += 1
+    return acked, refused
+
+
+@pytest.mark.faults
+def test_a_disk_that_fills_during_receive_answers_a700_and_keeps_the_association(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "4m"):
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): no small real file system to fill")
+    node: NodeProc | None = None
+    try:
+        filler = disk / "filler"  # removed later: the space that "returns"
+        filler.write_bytes(b"\0" * (1 << 20))
+        files = write_series(tmp_path / "ct", 13, 48, 256, tag="diskfull-")  # 48 x 128 KiB: more than fits
+        node = NodeProc.start(tmp_path / "node", {"node": {"spool_dir": str(disk / "spool"), "min_free_mb": 0,
+                                                          "stable_age_s": 3600.0}})
+        r = subprocess.run([STORESCU, "-v", "-nh", "-aec", node.ae_title, "-aet", "CT01", "127.0.0.1",
+                            str(node.port), *map(str, files)], capture_output=True, text=True, timeout=300)
+        out = r.stdout + r.stderr
+        acked, refused = _acknowledged(out)
+        assert acked and refused, out[-3000:]
+        assert len(acked) + refused == len(files), out[-3000:]  # every C-STORE answered: nothing aborted
+        assert "Abort" not in out, out[-3000:]
+        assert "0xA700" in out or "OutOfResources" in out
+        wait_until(lambda: not list((node.spool / "incoming").iterdir()), timeout=30,
+                   what="no partial file in incoming/")
+        # space returns: the same association stores again
+        ae = AE(ae_title="CT01")
+        ae.add_requested_context(str(dcmread(files[0], stop_before_pixels=True).SOPClassUID), ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert assoc.is_established
+        try:
+            refused_file = next(f for f in files if str(f) not in acked)
+            assert assoc.send_c_store(refused_file).Status == Status.OUT_OF_RESOURCES  # still full
+            filler.unlink()
+            assert assoc.send_c_store(refused_file).Status == Status.SUCCESS
+            assert assoc.is_established
+        finally:
+            assoc.release()
+        assert not list((node.spool / "incoming").iterdir()), "partial files left in incoming/"
+        idx = Index(node.spool / "index.sqlite")
+        for f in [*map(Path, acked), refused_file]:
+            inst = idx.instance(str(dcmread(f, stop_before_pixels=True).SOPInstanceUID))
+            assert inst is not None, f"{f.name} was acknowledged but is not in the index"
+            assert dataset_bytes(Path(inst.path)) == dataset_bytes(f), f"{f.name}: the stored bytes differ"
+        assert idx.count_instances() == len(acked) + 1
+        counted = sum(float(ln.rsplit(" ", 1)[1]) for ln in httpx.get(f"{node.http_url}/metrics", timeout=10)
+                      .text.splitlines() if ln.startswith('srnode_instances_received_total{status="0xA700"}'))
+        assert counted == refused + 1, counted
+        log = node.log()
+        assert "filled up while it arrived" in log or "disk is full" in log or "No space" in log, log[-3000:]
+        assert "DISKFULL" not in log and "BENCH^INGEST" not in log  # no patient values in the log
+        node.stop()
+    finally:
+        if node is not None:
+            node.kill9()
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _fill(disk: Path) -> Path:
+    """Write a file on ``disk`` until its file system is full (ENOSPC); returns it (remove it to free space)."""
+    filler = disk / "filler-full"
+    with filler.open("wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\0" * (4 << 10))
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.faults
+def test_an_index_on_a_full_disk_answers_a700_and_unlinks(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "2m"):
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): no small real file system to fill")
+    try:
+        cfg = config_from_dict({"node": {"spool_dir": str(disk / "spool"), "min_free_mb": 0}})
+        store = open_store(cfg)
+        adm = Admission(cfg, store.spool, store.index, Metrics.create())
+        files = write_series(tmp_path / "ct", 14, 3, 32, tag="indexfull-")
+        adm.admit_file(files[0], Caller("CT01"))
+        received = store.spool.incoming / "rx.dcm"  # as the SCP leaves it: complete, on the spool's disk
+        shutil.copyfile(files[1], received)
+        filler = _fill(disk)
+        with pytest.raises(IngestError) as err:  # linking needs no data block on tmpfs; the index's WAL does
+            adm.admit_file(received, Caller("CT01"))
+        assert err.value.status == Status.OUT_OF_RESOURCES, err.value
+        assert adm.index.count_instances() == 1
+        assert len(list(store.spool.instances.rglob("*.dcm"))) == 1, "a link without its index row"
+        filler.unlink()
+        assert not adm.admit_file(received, Caller("CT01")).duplicate
+        assert adm.index.count_instances() == 2
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_stow_parts_on_a_full_disk_fail_a700_and_leave_nothing(tmp_path: Path) -> None:
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): no small real file system to fill")
+    try:
+        incoming = disk / "incoming"
+        incoming.mkdir()
+        kept = disk / "kept"  # the admission links each part into the spool, on the same disk
+        kept.mkdir()
+        receiver = StowReceiver("b0undary", lambda p: os.link(p, kept / p.name), incoming)
+        files = write_series(tmp_path / "ct", 15, 12, 256, tag="stowfull-")  # 12 x 128 KiB in 1 MiB
+        for f in files:
+            receiver.feed(multipart_part(f.read_bytes(), "b0undary"))
+        receiver.feed(multipart_close("b0undary"))
+        result = receiver.finish()
+        assert result.stored and result.failed, result
+        assert all(reason == Status.OUT_OF_RESOURCES for *_, reason, _ in result.failed), result.failed
+        assert len(result.stored) + len(result.failed) == len(files)
+        assert result.http_status == 202
+        assert not list(incoming.iterdir()), "partial parts left in incoming/"
+        assert len(list(kept.iterdir())) == len(result.stored)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 # ------------------------------------------------------------------------------------------ in process
