@@ -38,6 +38,12 @@ from typing import Any, cast
 import pynetdicom
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import LOGGER as ASSOC_LOG
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
@@ -52,6 +58,21 @@ MIN_PDU_CAP = 1 << 20  # bytes: the largest PDU body read from a peer is at leas
 UNLIMITED_PDU_CAP = 64 << 20  # bytes: the cap when our maximum PDU length is 0 (unlimited)
 PDU_TIMEOUT_S = 30.0  # seconds a PDU may take to arrive once its first byte came, plus 1 s per PDU_MIN_RATE bytes
 PDU_MIN_RATE = 64 << 10  # bytes/s: slower than this (beyond PDU_TIMEOUT_S) is a trickle, not a network
+
+
+# pynetdicom's "standard" notification handlers: they only log, at INFO and DEBUG (pynetdicom._handlers), and run
+# for every PDU and DIMSE message in and out, even when nothing would be logged
+LOG_ONLY_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+
+
+def pynetdicom_logs_info() -> bool:
+    """Whether pynetdicom's INFO records would be emitted (the node sets its logger to WARNING)."""
+    return logging.getLogger("pynetdicom").isEnabledFor(logging.INFO)
 
 
 class PduTimeout(Exception):
@@ -270,6 +291,11 @@ class QuietAssociation(Association):
         checkpoint = _Checkpoint(self)
         checkpoint.set()
         self._reactor_checkpoint = checkpoint
+        if not pynetdicom_logs_info():  # LOG_ONLY_HANDLERS would log nothing: not run per PDU and message
+            for event, handler in LOG_ONLY_HANDLERS:
+                bound: Any = self.get_handlers(event)  # notification event: [(handler, args), ...]
+                if any(h[0] is handler for h in bound):
+                    self.unbind(event, handler)
 
     def _run_reactor(self) -> None:
         """As pynetdicom 3.0.4's ``Association._run_reactor`` (acceptor loop: serve DIMSE messages, then the
@@ -336,7 +362,9 @@ class QuietRequestHandler(RequestHandler):
     """pynetdicom's request handler, making :class:`QuietAssociation` s (stock ones when not ``SUPPORTED``)."""
 
     def _create_association(self) -> Association:
-        """As ``RequestHandler._create_association`` of pynetdicom 3.0.4, with our association class."""
+        """As ``RequestHandler._create_association`` of pynetdicom 3.0.4, with our association class, the
+        contexts copied by :func:`copy_contexts`, and without pynetdicom's log-only handlers (LOG_ONLY_HANDLERS)
+        while its logger is above INFO."""
         if not SUPPORTED:
             return super()._create_association()
         assoc = QuietAssociation(self.ae, MODE_ACCEPTOR)
@@ -350,11 +378,13 @@ class QuietRequestHandler(RequestHandler):
         assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
         assoc.acceptor.supported_contexts = copy_contexts(self.server.contexts)
         assoc.requestor.address_info = self.remote
+        skip = {handler for _, handler in LOG_ONLY_HANDLERS} if not pynetdicom_logs_info() else set()
         for event in self.server._handlers:
             if event.is_intervention and self.server._handlers[event]:
                 assoc.bind(event, *self.server._handlers[event])
             elif isinstance(event, evt.NotificationEvent):
                 for handler in self.server._handlers[event]:
                     h: Any = handler
-                    assoc.bind(event, h[0], h[1])
+                    if h[0] not in skip:
+                        assoc.bind(event, h[0], h[1])
         return assoc
