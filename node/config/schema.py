@@ -98,7 +98,7 @@ class NodeConfig:
     declared_settle_s: float = 1.0  # s; a series holding its declared count completes after min(this, stable_age_s)
     min_free_mb: int = 500
     max_associations: int = 32
-    max_pdu: int = 0  # bytes; 0: pynetdicom's default (16382)
+    max_pdu: int = 262144  # bytes we accept in one PDU (announced to callers); 0: pynetdicom's default (16382)
     association_timeout_s: float = 10.0  # a connection must start (and then finish) its A-ASSOCIATE-RQ within this
     log_level: str = "INFO"
     audit_log: str = ""  # default: <spool_dir>/audit.log
