@@ -51,7 +51,7 @@ else:
     for p_ in range(f):
         m = mask & (ph == p_)[:, None, None]
         e, s_, n_ = err[m], (sr * np.ones_like(err))[m] / max(qu[p_], 1e-9), (nz * np.ones_like(err))[m]
-        from models.internal import conformal_q
+        from models.calibration import conformal_q
         ideal.append(conformal_q(e, np.maximum(s_ * 1.96, 1e-12), n_))
     res["q_ideal"] = ideal
     for name, q in (("xy", qx), ("z", qz), ("max", np.maximum(qx, qz)), ("geo", np.sqrt(qx * qz)), ("mean", 0.5 * (qx + qz)), ("xyfloor", np.maximum(qx, rep["through_sigma_q"] * rep["through_sigma_z_difficulty"])), ("xypool", np.full(f, rep["through_sigma_q"] * rep["through_sigma_z_difficulty"]))):
