@@ -19,8 +19,10 @@ import torch
 from models.cubic import resample_axis
 from models.degrade import (
     DegradationModel,
+    blur_axis,
     degrade_through_plane,
     make_pairs,
+    slice_profile,
     through_plane_matrix,
 )
 from models.engine import Progress
@@ -116,11 +118,14 @@ def through_pairs(
     """Pairs from axial slices ``z_idx`` of a normalised (Z, Y, X) volume, degraded along y and along x."""
     task = Task(model.factor, 1, True, model)
     imgs = vol[z_idx]
-    sd = noise_sigma(vol)
     out = []
     for images, src in ((imgs, spacing[1]), (np.ascontiguousarray(imgs.transpose(0, 2, 1)), spacing[2])):
         lr, hr = make_pairs(images, model, src_spacing=src)
         if lr.shape[1] >= 4:
+            # the in-plane noise as the targets show it: measured on them (across the degraded axis) over the
+            # white-noise gain of make_pairs, so noise correlated along the degraded axis (CT kernels) and
+            # anisotropic noise count as they are, not as white noise of the acquired slices' x-difference sd
+            sd = noise_sigma(hr) / pair_noise_gain(model, src)
             noise = tuple(float(sd * g) for g in phase_noise(model, src)[1])
             out.append(PairSet(torch.from_numpy(lr).to(device), torch.from_numpy(hr).to(device), task, noise))
     return out
@@ -299,7 +304,6 @@ def missing_noise(sigma_in: float, model: DegradationModel | None, src_spacing: 
     """
     if model is None:
         return sigma_in * math.sqrt(max(in_factor**2 - 1, 0))
-    from models.degrade import slice_profile
 
     k = slice_profile(model.thickness_fine_px, model.profile)
     noise = np.random.default_rng(0).normal(0, 1, (4, 96, 64)).astype(np.float32)
@@ -309,13 +313,24 @@ def missing_noise(sigma_in: float, model: DegradationModel | None, src_spacing: 
 
 
 @functools.lru_cache(maxsize=16)
+def pair_noise_gain(model: DegradationModel, src_spacing: float) -> float:
+    """sd of ``make_pairs``' targets per unit of white in-plane noise (simulated; away from the borders)."""
+    noise = np.random.default_rng(0).normal(0, 1, (4, 8 * 33 * model.factor, 256)).astype(np.float32)
+    _, hr = make_pairs(noise, model, src_spacing=src_spacing)
+    return float(hr[:, 8:-8].std())
+
+
+@functools.lru_cache(maxsize=16)
 def phase_noise(model: DegradationModel, src_spacing: float, n_lr: int = 33, cols: int = 2048,
                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per output-row phase (row index mod f), the rms error that cubic + data consistency makes on pure white
     noise, per unit of the thick input's in-plane noise: (on the target grid, on the internal pairs).
 
-    Target grid: thin noise of sd 1 degraded with the slice profile (what the thick slices carry), restored, and
-    compared with the thin noise (the eval truth holds it; no engine can predict it). Pairs: in-plane noise of
+    Target grid: thin noise degraded with the slice profile (what the thick slices carry), restored, and
+    compared with the thin noise (the eval truth holds it; no engine can predict it). The thin slices have the
+    FWHM thickness / f (as ``make_pairs``' targets): where that exceeds the output step (overlapping acquisitions,
+    thickness > step), their noise is correlated along z, white noise on a 4x finer grid seen through that profile,
+    so part of it is predictable from the thick neighbours; otherwise it is white. Pairs: in-plane noise of
     sd 1 through ``make_pairs``, restored, compared with the pair's target. Node rows (phase 0) keep part of the
     truth's noise through data consistency; the rows between do not. Linear, so one simulation gives the gains.
     """
@@ -323,7 +338,15 @@ def phase_noise(model: DegradationModel, src_spacing: float, n_lr: int = 33, col
     rng = np.random.default_rng(seed)
     d, p = dc_matrices(n_lr, model)
     c = cubic_matrix(n_lr, f, True)
-    thin = rng.normal(0.0, 1.0, ((n_lr - 1) * f + 1, cols))
+    n = (n_lr - 1) * f + 1
+    thin_px = model.thickness_fine_px / f  # the thin slices' FWHM in output-grid samples
+    if thin_px > 1.0 + 1e-6:
+        sup = 4  # the white noise's grid, 4x finer than the output grid
+        white = rng.normal(0.0, 1.0, (n * sup, cols))
+        thin = blur_axis(white, 0, slice_profile(thin_px * sup, model.profile), at=np.arange(0, n * sup, sup))
+        thin = thin.astype(np.float64)
+    else:
+        thin = rng.normal(0.0, 1.0, (n, cols))
     thick = d @ thin
     y = c @ thick
     y += p @ (thick - d @ y)
