@@ -11,7 +11,11 @@ p = argparse.ArgumentParser()
 p.add_argument("series"); p.add_argument("--truth", default=None); p.add_argument("--factor", type=int, default=2)
 p.add_argument("--crop", type=int, default=0); p.add_argument("--max-slices", type=int, default=0)
 p.add_argument("--fast", action="store_true"); p.add_argument("--out", required=True)
+p.add_argument("--sigma-from", default="")  # run the engine with this selfsup.SIGMA_FROM (e.g. max: q_z reported too)
 a = p.parse_args()
+if a.sigma_from:
+    import models.selfsup as _ss
+    _ss.SIGMA_FROM = a.sigma_from
 from pathlib import Path
 series = ev.central(ev.load_volume(Path(a.series)), a.max_slices, a.crop)
 out_idx = None

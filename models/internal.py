@@ -118,14 +118,11 @@ def through_pairs(
     """Pairs from axial slices ``z_idx`` of a normalised (Z, Y, X) volume, degraded along y and along x."""
     task = Task(model.factor, 1, True, model)
     imgs = vol[z_idx]
+    sd = noise_sigma(vol)
     out = []
     for images, src in ((imgs, spacing[1]), (np.ascontiguousarray(imgs.transpose(0, 2, 1)), spacing[2])):
         lr, hr = make_pairs(images, model, src_spacing=src)
         if lr.shape[1] >= 4:
-            # the in-plane noise as the targets show it: measured on them (across the degraded axis) over the
-            # white-noise gain of make_pairs, so noise correlated along the degraded axis (CT kernels) and
-            # anisotropic noise count as they are, not as white noise of the acquired slices' x-difference sd
-            sd = noise_sigma(hr) / pair_noise_gain(model, src)
             noise = tuple(float(sd * g) for g in phase_noise(model, src)[1])
             out.append(PairSet(torch.from_numpy(lr).to(device), torch.from_numpy(hr).to(device), task, noise))
     return out
@@ -310,14 +307,6 @@ def missing_noise(sigma_in: float, model: DegradationModel | None, src_spacing: 
     _, hr = make_pairs(noise, model, src_spacing=src_spacing)
     g = float(hr[:, 4:-4, 4:-4].std())
     return sigma_in * math.sqrt(max(1.0 / float((k**2).sum()) - g * g, 0.0))
-
-
-@functools.lru_cache(maxsize=16)
-def pair_noise_gain(model: DegradationModel, src_spacing: float) -> float:
-    """sd of ``make_pairs``' targets per unit of white in-plane noise (simulated; away from the borders)."""
-    noise = np.random.default_rng(0).normal(0, 1, (4, 8 * 33 * model.factor, 256)).astype(np.float32)
-    _, hr = make_pairs(noise, model, src_spacing=src_spacing)
-    return float(hr[:, 8:-8].std())
 
 
 @functools.lru_cache(maxsize=16)

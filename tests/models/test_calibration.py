@@ -84,3 +84,26 @@ def test_phase_wise_calibration_on_z_pairs_covers_a_noisy_target() -> None:
     width = float(np.mean(2 * 1.96 * sig))
     rms = float(np.sqrt(np.mean(err**2)))
     assert abs(width / (2 * 1.96 * rms) - 1) < 0.25, (width, rms)
+
+
+def test_phase_noise_of_an_overlapping_acquisition() -> None:
+    """Acquired slices of FWHM 1.5 x their step (overlap: z-correlated noise), made from white noise on a 2x finer
+    grid; thick x2 slices of them. The truth-noise error of cubic + data consistency per phase must match
+    ``phase_noise`` (per unit of the thick slices' noise) within 10 %; the white-thin-noise model misses it."""
+    rng = np.random.default_rng(3)
+    white = rng.normal(0.0, 1.0, (2 * 161, 4, 2000))
+    acq = degrade_through_plane(white, 2, 3.0)  # (161, 4, 2000): FWHM 3 fine units every 2 = 1.5 x the step
+    thick = degrade_through_plane(acq, 2, 3.0)  # (81, ...): the x2 input of FWHM 1.5 x its step
+    model = DegradationModel(2, 1, 4.0, 6.0, 1.0)  # thickness_fine_px 3 on the 2 mm output grid
+    task = il.Task(2, 1, True, model)
+    x = torch.from_numpy(thick).permute(1, 0, 2)  # (4, 81, 2000)
+    pred = task.project(task.base(x), x).permute(1, 0, 2).numpy()
+    err = (pred - acq)[8:-8]
+    s_thick = float(thick[4:-4].std())
+    want = il.phase_noise(model, 1.0)[0]
+    for p in (0, 1):
+        got = float(np.sqrt(np.mean(err[(np.arange(8, 153) % 2) == p] ** 2))) / s_thick
+        assert abs(got / want[p] - 1) < 0.1, (p, got, want)
+    white_model = DegradationModel(2, 1, 4.0, 4.0, 1.0)  # contiguous: white thin noise assumed
+    assert float(il.phase_noise(white_model, 1.0)[0][1]) > 1.25 * want[1]
+
