@@ -11,7 +11,11 @@ p = argparse.ArgumentParser()
 p.add_argument("series"); p.add_argument("--truth", default=None); p.add_argument("--factor", type=int, default=2)
 p.add_argument("--crop", type=int, default=0); p.add_argument("--max-slices", type=int, default=0)
 p.add_argument("--fast", action="store_true"); p.add_argument("--out", required=True)
+p.add_argument("--sigma-from", default="")  # run the engine with this selfsup.SIGMA_FROM (e.g. max: q_z reported too)
 a = p.parse_args()
+if a.sigma_from:
+    import models.selfsup as _ss
+    _ss.SIGMA_FROM = a.sigma_from
 from pathlib import Path
 series = ev.central(ev.load_volume(Path(a.series)), a.max_slices, a.crop)
 out_idx = None
@@ -51,7 +55,7 @@ else:
     for p_ in range(f):
         m = mask & (ph == p_)[:, None, None]
         e, s_, n_ = err[m], (sr * np.ones_like(err))[m] / max(qu[p_], 1e-9), (nz * np.ones_like(err))[m]
-        from models.internal import conformal_q
+        from models.calibration import conformal_q
         ideal.append(conformal_q(e, np.maximum(s_ * 1.96, 1e-12), n_))
     res["q_ideal"] = ideal
     for name, q in (("xy", qx), ("z", qz), ("max", np.maximum(qx, qz)), ("geo", np.sqrt(qx * qz)), ("mean", 0.5 * (qx + qz)), ("xyfloor", np.maximum(qx, rep["through_sigma_q"] * rep["through_sigma_z_difficulty"])), ("xypool", np.full(f, rep["through_sigma_q"] * rep["through_sigma_z_difficulty"]))):

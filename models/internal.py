@@ -1,4 +1,5 @@
-"""Internal learning for ``selfsup``: pairs from the series itself, training, validation and sigma calibration.
+"""Internal learning for ``selfsup``: pairs from the series itself, training, noise estimates (the sigma
+features, validation and conformal calibration are in ``models.calibration``).
 
 A ``Task`` is one up-sampling problem on 2D images: through-plane (rows node-aligned, x f along rows only) or
 in-plane (area-aligned, x f along both axes). The same code trains the shipped prior (many series) and fine-tunes
@@ -18,8 +19,10 @@ import torch
 from models.cubic import resample_axis
 from models.degrade import (
     DegradationModel,
+    blur_axis,
     degrade_through_plane,
     make_pairs,
+    slice_profile,
     through_plane_matrix,
 )
 from models.engine import Progress
@@ -30,7 +33,6 @@ log = logging.getLogger(__name__)
 FLIPS: tuple[tuple[int, ...], ...] = ((), (-2,), (-1,), (-2, -1))  # test-time flips of (rows, cols)
 TTAOp = tuple[tuple[int, ...], bool]  # (flipped axes, transposed first)
 DIHEDRAL: tuple[TTAOp, ...] = tuple((fl, False) for fl in FLIPS) + tuple((fl, True) for fl in FLIPS)
-EPS = 1e-3  # sigma floor in normalised units
 
 
 def tta_ops(n: int, transpose: bool) -> tuple[TTAOp, ...]:
@@ -299,7 +301,6 @@ def missing_noise(sigma_in: float, model: DegradationModel | None, src_spacing: 
     """
     if model is None:
         return sigma_in * math.sqrt(max(in_factor**2 - 1, 0))
-    from models.degrade import slice_profile
 
     k = slice_profile(model.thickness_fine_px, model.profile)
     noise = np.random.default_rng(0).normal(0, 1, (4, 96, 64)).astype(np.float32)
@@ -314,8 +315,11 @@ def phase_noise(model: DegradationModel, src_spacing: float, n_lr: int = 33, col
     """Per output-row phase (row index mod f), the rms error that cubic + data consistency makes on pure white
     noise, per unit of the thick input's in-plane noise: (on the target grid, on the internal pairs).
 
-    Target grid: thin noise of sd 1 degraded with the slice profile (what the thick slices carry), restored, and
-    compared with the thin noise (the eval truth holds it; no engine can predict it). Pairs: in-plane noise of
+    Target grid: thin noise degraded with the slice profile (what the thick slices carry), restored, and
+    compared with the thin noise (the eval truth holds it; no engine can predict it). The thin slices have the
+    FWHM thickness / f (as ``make_pairs``' targets): where that exceeds the output step (overlapping acquisitions,
+    thickness > step), their noise is correlated along z, white noise on a 4x finer grid seen through that profile,
+    so part of it is predictable from the thick neighbours; otherwise it is white. Pairs: in-plane noise of
     sd 1 through ``make_pairs``, restored, compared with the pair's target. Node rows (phase 0) keep part of the
     truth's noise through data consistency; the rows between do not. Linear, so one simulation gives the gains.
     """
@@ -323,7 +327,15 @@ def phase_noise(model: DegradationModel, src_spacing: float, n_lr: int = 33, col
     rng = np.random.default_rng(seed)
     d, p = dc_matrices(n_lr, model)
     c = cubic_matrix(n_lr, f, True)
-    thin = rng.normal(0.0, 1.0, ((n_lr - 1) * f + 1, cols))
+    n = (n_lr - 1) * f + 1
+    thin_px = model.thickness_fine_px / f  # the thin slices' FWHM in output-grid samples
+    if thin_px > 1.0 + 1e-6:
+        sup = 4  # the white noise's grid, 4x finer than the output grid
+        white = rng.normal(0.0, 1.0, (n * sup, cols))
+        thin = blur_axis(white, 0, slice_profile(thin_px * sup, model.profile), at=np.arange(0, n * sup, sup))
+        thin = thin.astype(np.float64)
+    else:
+        thin = rng.normal(0.0, 1.0, (n, cols))
     thick = d @ thin
     y = c @ thick
     y += p @ (thick - d @ y)
@@ -379,199 +391,3 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
     return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
-
-
-@dataclass
-class Validation:
-    gain_db: float  # PSNR(engine) - PSNR(cubic) on held-out internal pairs, normalised units, body
-    k: float  # sigma_raw = std_tta + k * |engine - cubic| + j * edge(engine)
-    q: float  # conformal factor: sigma = sqrt(((sigma_raw + EPS) * q / 1.96)^2 + noise^2), 95 % covered
-    spearman: float
-    coverage_95: float
-    j: float = 0.0
-    q_phase: tuple[float, ...] = ()  # q per output-row phase (row % fz; through-plane), () where one q serves all
-    n_cal: int = 0  # calibration voxels (held-out pairs, body)
-
-    def q_rows(self, rows: int) -> np.ndarray:
-        """(rows,) the conformal q of each output row (its phase row % len(q_phase); ``q`` without phases)."""
-        qp = np.asarray(self.q_phase or (self.q,), dtype=np.float64)
-        return qp[np.arange(rows) % qp.size]
-
-
-def edge(y: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
-    """|central difference| of ``y`` along ``axes`` (root of the sum of squares), same shape."""
-    total = torch.zeros_like(y)
-    for a in axes:
-        n = y.shape[a]
-        if n < 3:
-            continue
-        d = (y.narrow(a, 2, n - 2) - y.narrow(a, 0, n - 2)) * 0.5
-        d = torch.cat([d.narrow(a, 0, 1), d, d.narrow(a, n - 3, 1)], dim=a)
-        total += d * d
-    return total.sqrt()
-
-
-@dataclass
-class _Held:
-    """Per held-out body voxel of a list of PairSets: error, cubic's error, the sigma features, pair noise, phase."""
-
-    err: np.ndarray
-    base_err: np.ndarray
-    std: np.ndarray
-    delta: np.ndarray
-    grad: np.ndarray
-    noise: np.ndarray
-    phase: np.ndarray
-
-    def u(self, k: float, j: float) -> np.ndarray:
-        return self.std + k * self.delta + j * self.grad + EPS
-
-
-@torch.no_grad()
-def _held(net: SRNet, sets: list[PairSet], n_flips: int, body: float) -> _Held:
-    errs, stds, deltas, base_errs, edges, noises, phases = [], [], [], [], [], [], []
-    for s in sets:
-        mean, spread = ensemble(net, s, n_flips)
-        pred = s.task.project(s.base + mean, s.lr)
-        base = s.task.project(s.base.clone(), s.lr)
-        m = s.hr > body
-        m_np = m.cpu().numpy()
-        errs.append((pred - s.hr)[m].cpu().numpy())
-        base_errs.append((base - s.hr)[m].cpu().numpy())
-        stds.append(spread[m].cpu().numpy())
-        deltas.append((pred - base)[m].abs().cpu().numpy())
-        edges.append(edge(pred, (-2,) if s.task.node_rows else (-2, -1))[m].cpu().numpy())
-        rows = np.asarray(s.noise or (0.0,), dtype=np.float32)[np.arange(s.hr.shape[1]) % len(s.noise or (0.0,))]
-        noises.append(np.broadcast_to(rows[None, :, None], s.hr.shape)[m_np])
-        nph = s.task.fz if s.task.node_rows else 1
-        phases.append(np.broadcast_to((np.arange(s.hr.shape[1]) % nph)[None, :, None], s.hr.shape)[m_np])
-
-    def cat(xs: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(xs) if xs else np.zeros(0, np.float32)
-
-    return _Held(cat(errs), cat(base_errs), cat(stds), cat(deltas), cat(edges), cat(noises),
-                 cat(phases).astype(np.int64))
-
-
-def _phase_q(h: _Held, u: np.ndarray, idx: np.ndarray, level: float) -> tuple[float, tuple[float, ...]]:
-    """(q over ``idx``, q per phase over ``idx`` or () with one phase)."""
-    e, uu, nn, ph = np.abs(h.err[idx]), u[idx], h.noise[idx], h.phase[idx]
-    q = conformal_q(e, uu, nn, level)
-    nph = int(ph.max()) + 1 if ph.size else 1
-    if nph <= 1:
-        return q, ()
-    return q, tuple(conformal_q(e[ph == p], uu[ph == p], nn[ph == p], level) if np.any(ph == p) else q
-                    for p in range(nph))
-
-
-@torch.no_grad()
-def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, seed: int = 0,
-             level: float = 0.95) -> Validation:
-    """Held-out gain over cubic and the sigma calibration: k, j by rank correlation with |error| (on up to 100 k
-    voxels), then split-conformal q on the other held-out voxels (Vovk et al. 2005; Angelopoulos & Bates 2021,
-    "A gentle introduction to conformal prediction", finite-sample (n + 1) quantile), one q per output-row phase
-    for through-plane pairs (row % fz: rows at the acquired positions keep most of the data through data
-    consistency, the rows between do not, so one q would over-cover the former and under-cover the latter)."""
-    h = _held(net, sets, n_flips, body)
-    err = h.err
-    if err.size == 0:
-        return Validation(0.0, 1.0, 1.0, 0.0, 0.0)
-    gain = 10 * math.log10(max(float(np.mean(h.base_err**2)), 1e-20) / max(float(np.mean(err**2)), 1e-20))
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(err.size)
-    n_fit = min(err.size // 2, 100_000) if err.size >= 200 else err.size  # features fitted on one part ...
-    sub = perm[:n_fit]
-    cal = (perm[n_fit:] if err.size >= 200 else perm)[:400_000]  # ... q calibrated on the rest (split conformal)
-    rank_err = _ranks(np.abs(err[sub]))  # ranked once; each candidate ranks only its sigma
-    best = (-2.0, 1.0, 0.0)
-    for k in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 1e3):
-        for j in (0.0, 0.05, 0.2, 1.0):
-            u_sub = h.std[sub] + k * h.delta[sub] + j * h.grad[sub] + EPS
-            rho = float(np.corrcoef(_ranks(u_sub), rank_err)[0, 1]) if np.ptp(u_sub) > 0 else 0.0
-            best = max(best, (rho, k, j))
-    rho, k, j = best
-    u = h.u(k, j)
-    q, q_phase = _phase_q(h, u, cal, level)
-    qv = np.asarray(q_phase or (q,))[h.phase]
-    cov = float(np.mean(np.abs(err) <= 1.96 * np.sqrt((u * (qv / 1.96)) ** 2 + h.noise**2)))
-    return Validation(gain, k, q, rho, cov, j, q_phase, int(cal.size))
-
-
-@torch.no_grad()
-def calibrate(net: SRNet, sets: list[PairSet], n_flips: int, v: Validation, body: float = 0.05, seed: int = 0,
-              level: float = 0.95) -> Validation | None:
-    """``v`` with q (and q per phase) re-fitted by split-conformal calibration on other pairs (``z_pairs``: the
-    target's own axis one scale coarser), the features k, j kept; None without enough voxels (< 200)."""
-    h = _held(net, sets, n_flips, body)
-    if h.err.size < 200:
-        return None
-    idx = np.random.default_rng(seed).permutation(h.err.size)[:400_000]
-    u = h.u(v.k, v.j)
-    q, q_phase = _phase_q(h, u, idx, level)
-    qv = np.asarray(q_phase or (q,))[h.phase]
-    cov = float(np.mean(np.abs(h.err) <= 1.96 * np.sqrt((u * (qv / 1.96)) ** 2 + h.noise**2)))
-    rank = spearman(u[idx[:100_000]], np.abs(h.err[idx[:100_000]]))
-    return Validation(v.gain_db, v.k, q, rank, cov, v.j, q_phase, int(idx.size))
-
-
-def z_pairs(vol: np.ndarray, model: DegradationModel, device: torch.device, planes: int = 24,
-            src_spacing: float = 0.0) -> list[PairSet]:
-    """Pairs along the target's own axis, one scale coarser: the acquired (normalised, (Z, Y, X)) slices are the
-    targets, the same slices degraded x f along z with a profile f times thicker are the inputs; ``planes``
-    coronal and as many sagittal planes. [] when fewer than 3 coarse slices remain. Their target noise per row
-    phase is the acquired slices' in-plane noise x the coarse profile's noise gain x ``phase_noise`` of the
-    coarse model."""
-    f = model.factor
-    n_lr = (vol.shape[0] - 1) // f + 1
-    if n_lr < 3:
-        return []
-    coarse = DegradationModel(f, 1, model.step_mm * f, model.thickness_mm * f, model.pixel_mm, model.profile)
-    sub = vol[: (n_lr - 1) * f + 1]
-    lr = degrade_through_plane(sub, f, coarse.thickness_fine_px, axis=0, profile=model.profile)  # (n_lr, Y, X)
-    # the coarse inputs' noise from the acquired slices' (white along z assumed, as for the target grid): the
-    # profile's noise gain, not noise_sigma(lr), which the blurred slices' structure inflates relative to noise
-    d = through_plane_matrix(max(n_lr, 9), f, coarse.thickness_fine_px, model.profile)
-    gain = float(np.sqrt((d[d.shape[0] // 2] ** 2).sum()))
-    g = phase_noise(coarse, src_spacing or model.pixel_mm)[0]
-    noise = tuple(float(noise_sigma(vol) * gain * x) for x in g)
-    task = Task(f, 1, True, coarse)
-    out = []
-    for axis in (1, 2):
-        idx = np.unique(np.linspace(0, vol.shape[axis] - 1, min(planes, vol.shape[axis])).round().astype(int))
-        lo = np.ascontiguousarray(np.moveaxis(np.take(lr, idx, axis=axis), axis, 0))  # (P, n_lr, W)
-        hi = np.ascontiguousarray(np.moveaxis(np.take(sub, idx, axis=axis), axis, 0))  # (P, Z', W)
-        out.append(PairSet(torch.from_numpy(lo).float().to(device), torch.from_numpy(hi).float().to(device), task,
-                           noise))
-    return out
-
-
-def conformal_level(n: int, level: float) -> float:
-    """The split-conformal quantile level for ``n`` calibration scores: ceil((n + 1) level) / n (capped at 1),
-    which makes the coverage of a new exchangeable score >= ``level`` (Angelopoulos & Bates 2021, Thm. 1)."""
-    return min(1.0, math.ceil((n + 1) * level) / max(n, 1))
-
-
-def conformal_q(abs_err: np.ndarray, u: np.ndarray, noise: np.ndarray, level: float = 0.95) -> float:
-    """The q for which ``level`` of |err| <= 1.96 sqrt((u q / 1.96)^2 + noise^2) (bisection; q is monotone), with
-    the finite-sample level of ``conformal_level``.
-
-    noise = 0 gives the plain conformal quantile of |err| / u. The noise the pairs' targets carry is part of the
-    interval, not of q, so that the target grid's (different) noise can replace it at inference.
-    """
-    if abs_err.size == 0:
-        return 1.0
-    lv = conformal_level(abs_err.size, level)
-    e2, u2, n2 = (abs_err / 1.96) ** 2, u * u, noise * noise
-    if not np.any(n2 > 0):
-        return float(np.quantile(abs_err / u, lv, method="higher"))
-
-    def cover(q: float) -> float:
-        return float(np.mean(e2 <= (q / 1.96) ** 2 * u2 + n2))
-
-    lo, hi = 0.0, float(np.quantile(abs_err / u, lv, method="higher"))
-    if cover(lo) >= lv:
-        return 0.0
-    for _ in range(40):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if cover(mid) >= lv else (mid, hi)
-    return hi

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models import calibration as cal
 from models import inplane as ip
 from models import internal as il
 from models.degrade import DegradationModel
@@ -155,7 +156,7 @@ def train_prior(vols: list[VolumeInput], steps: int, device: torch.device, cfg: 
         loss = il.train(net, sets, steps, 2e-3, seed, patch=(32, 64), batch=32, augment=kind == "in",
                         sampling=sampling,
                         progress=(progress, f"{kind} x{f} ({k}/{len(jobs)})") if progress else None)
-        v = il.validate(net, val, 4, seed=seed)
+        v = cal.validate(net, val, 4, seed=seed)
         ckpt[kind][str(f)] = {k: t.detach().cpu().half() for k, t in net.state_dict().items()}
         metrics[f"{kind}_x{f}"] = {"loss": round(loss, 5), "val_gain_db": round(v.gain_db, 3),
                                    "val_spearman": round(v.spearman, 3), "seconds": round(time.perf_counter() - t, 1)}

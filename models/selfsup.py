@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from models import calibration as cal
 from models import inplane as ip
 from models import internal as il
 from models.cubic import upsample
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # where the through-plane sigma's conformal q (per slice phase) comes from: "z" pairs along the target's own axis
-# one scale coarser (internal.z_pairs), "xy" the held-out in-plane pairs' q x internal.z_difficulty (the earlier
+# one scale coarser (calibration.z_pairs), "xy" the held-out in-plane pairs' q x internal.z_difficulty (the earlier
 # method) per phase, "xy_pooled" one such q for all phases, "xy_floor" per phase but at least the pooled one, or
 # the "mean" / "max" of "xy" and "z" (docs/engines.md: sigma calibration, the figures that chose it)
 SIGMA_FROM = "xy_floor"
@@ -183,7 +184,7 @@ class SelfSupEngine:
         self, kind: str, sets: list[il.PairSet], val: list[il.PairSet], fz: int, fx: int, prior: dict[str, Any],
         device: torch.device, passes_per_orient: int, report: dict[str, Any], in_ch: int = 1,
         progress: Progress | None = None,
-    ) -> tuple[SRNet, il.Validation]:
+    ) -> tuple[SRNet, cal.Validation]:
         net = self._train_net(kind, sets, fz, fx, prior, device, report, in_ch, progress)
         return net, self._validate(kind, net, val, passes_per_orient, report)
 
@@ -205,10 +206,10 @@ class SelfSupEngine:
 
     def _validate(
         self, kind: str, net: SRNet, val: list[il.PairSet], passes_per_orient: int, report: dict[str, Any],
-    ) -> il.Validation:
+    ) -> cal.Validation:
         """Held-out gain and sigma calibration (on CUDA its wall time includes waiting for queued work)."""
         t = time.perf_counter()
-        v = il.validate(net, val, passes_per_orient, seed=self.options.seed)
+        v = cal.validate(net, val, passes_per_orient, seed=self.options.seed)
         report.update({f"{kind}_validate_s": round(time.perf_counter() - t, 3),
                        f"{kind}_internal_gain_db": round(v.gain_db, 3),
                        f"{kind}_internal_spearman": round(v.spearman, 3),
@@ -240,7 +241,7 @@ class SelfSupEngine:
             extra = il.target_noise_rows(il.noise_sigma(vol_n), model, min(spacing[1:]), zf_rows)
             rho = il.z_difficulty(vol_n, spacing, model, val_z)
             use_z = SIGMA_FROM in ("z", "mean", "max")
-            zsets = il.z_pairs(vol_n, model, device, src_spacing=min(spacing[1:])) if use_z else []
+            zsets = cal.z_pairs(vol_n, model, device, src_spacing=min(spacing[1:])) if use_z else []
             return extra, rho, zsets
 
         helpers = self._soon(device, sigma_helpers)
@@ -308,7 +309,7 @@ class SelfSupEngine:
         report.update({"dc_residual_before": (before / n) ** 0.5, "dc_residual_after": (after / n) ** 0.5})
         extra, rho, zsets = helpers.result()
         q_xy = v.q_rows(f) * rho  # in-plane pairs' q per phase x how much harder z is (the former method)
-        vz = _on(side, lambda: il.calibrate(net, zsets, max(1, passes // orients), v, seed=self.options.seed))
+        vz = _on(side, lambda: cal.calibrate(net, zsets, max(1, passes // orients), v, seed=self.options.seed))
         q_z = vz.q_rows(f) if vz is not None else q_xy
         q_pool = np.full(f, v.q * rho)  # one q for all phases
         q_phase = {"z": q_z, "xy": q_xy, "xy_pooled": q_pool, "xy_floor": np.maximum(q_xy, q_pool),
@@ -322,7 +323,7 @@ class SelfSupEngine:
             report.update({f"{kind}_sigma_q_z": [round(float(q), 4) for q in vz.q_rows(f)],
                            f"{kind}_z_pairs_coverage_95": round(vz.coverage_95, 3),
                            f"{kind}_z_pairs_spearman": round(vz.spearman, 3), f"{kind}_z_pairs_n_cal": vz.n_cal})
-        raw = spread + v.k * (fused - base).abs() + v.j * il.edge(fused, (0,)) + il.EPS
+        raw = spread + v.k * (fused - base).abs() + v.j * cal.edge(fused, (0,)) + cal.EPS
         noise = torch.from_numpy(extra).float().to(fused.device)[:, None, None]
         q_rows = torch.from_numpy(q_phase[np.arange(raw.shape[0]) % f]).float().to(fused.device)[:, None, None]
         sigma = ((raw * (q_rows / 1.96)) ** 2 + noise**2).sqrt()
@@ -402,8 +403,8 @@ class SelfSupEngine:
             if progress is not None:
                 progress("in passes", min(b0 + chunk, x.shape[0]), x.shape[0])
             outs.append(to_host(y))
-            cal = (std + v.k * (y - base).abs() + v.j * il.edge(y, (-2, -1)) + il.EPS) * (v.q * rho / 1.96)
-            sigs.append(to_host((cal**2 + extra**2).sqrt()))
+            u = (std + v.k * (y - base).abs() + v.j * cal.edge(y, (-2, -1)) + cal.EPS) * (v.q * rho / 1.96)
+            sigs.append(to_host((u**2 + extra**2).sqrt()))
         sig = np.concatenate(sigs)
         prev = np.repeat(np.repeat(cur_sigma, g, axis=1), g, axis=2)
         return np.concatenate(outs), np.sqrt(sig**2 + prev**2).astype(np.float32), ""

@@ -5,23 +5,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from models import calibration as cal
 from models import internal as il
 from models.degrade import DegradationModel, degrade_through_plane
 from models.nets import SRNet, SRNetConfig
 
 
 def test_conformal_level_is_the_finite_sample_quantile() -> None:
-    assert il.conformal_level(19, 0.95) == 1.0  # ceil(20 * 0.95) / 19 > 1: capped
-    assert il.conformal_level(99, 0.95) == 95 / 99
-    assert abs(il.conformal_level(100_000, 0.95) - 0.95) < 1e-4
+    assert cal.conformal_level(19, 0.95) == 1.0  # ceil(20 * 0.95) / 19 > 1: capped
+    assert cal.conformal_level(99, 0.95) == 95 / 99
+    assert abs(cal.conformal_level(100_000, 0.95) - 0.95) < 1e-4
 
 
 def test_conformal_q_covers_fresh_errors_with_the_known_width() -> None:
     rng = np.random.default_rng(0)
     scale = rng.uniform(0.5, 2.0, 40_000)  # a sigma that knows each error's sd
     err = rng.normal(0.0, 1.0, scale.size) * scale
-    cal, new = slice(0, 20_000), slice(20_000, None)
-    q = il.conformal_q(np.abs(err[cal]), scale[cal], np.zeros(20_000))
+    fit, new = slice(0, 20_000), slice(20_000, None)
+    q = cal.conformal_q(np.abs(err[fit]), scale[fit], np.zeros(20_000))
     assert abs(q - 1.96) < 0.08, q  # Gaussian: the 95 % interval is +-1.96 sd
     cover = float(np.mean(np.abs(err[new]) <= q * scale[new]))
     assert 0.93 <= cover <= 0.97, cover
@@ -29,7 +30,7 @@ def test_conformal_q_covers_fresh_errors_with_the_known_width() -> None:
     assert abs(width / (2 * 1.96 * scale[new].mean()) - 1) < 0.05, width
     # with a noise term in the interval (known sd 1 added to every error), q only covers the rest
     noisy = err + rng.normal(0.0, 1.0, err.size)
-    qn = il.conformal_q(np.abs(noisy[cal]), scale[cal], np.ones(20_000))
+    qn = cal.conformal_q(np.abs(noisy[fit]), scale[fit], np.ones(20_000))
     cover_n = float(np.mean(np.abs(noisy[new]) <= 1.96 * np.sqrt((scale[new] * qn / 1.96) ** 2 + 1.0)))
     assert 0.93 <= cover_n <= 0.97 and 0.8 * 1.96 < qn < 1.2 * 1.96, (cover_n, qn)
 
@@ -59,8 +60,8 @@ def test_phase_wise_calibration_on_z_pairs_covers_a_noisy_target() -> None:
     net = SRNet(SRNetConfig(fz=2, fx=1, width=8, depth=3))  # head ~0: cubic to ~1e-3
     cpu = torch.device("cpu")
     val_z = np.arange(2, 41, 5)
-    v = il.validate(net, il.through_pairs(thick, (2.0, 1.0, 1.0), model, val_z, cpu), 1)
-    vz = il.calibrate(net, il.z_pairs(thick, model, cpu, planes=16, src_spacing=1.0), 1, v)
+    v = cal.validate(net, il.through_pairs(thick, (2.0, 1.0, 1.0), model, val_z, cpu), 1)
+    vz = cal.calibrate(net, cal.z_pairs(thick, model, cpu, planes=16, src_spacing=1.0), 1, v)
     assert vz is not None and len(vz.q_phase) == 2 and vz.n_cal > 1000
     assert 0.93 <= vz.coverage_95 <= 0.98, vz  # on its own pairs
     # the target: x2 of the thick slices against the noisy thin truth
@@ -68,7 +69,7 @@ def test_phase_wise_calibration_on_z_pairs_covers_a_noisy_target() -> None:
     x = torch.from_numpy(thick).permute(1, 0, 2)  # coronal (Y, Z, X)
     pred = task.project(task.base(x), x).permute(1, 0, 2).numpy()  # (81, 48, 48)
     base = pred  # the untrained net adds ~nothing: |engine - cubic| ~ 0, the features ~EPS
-    u = np.full(pred.shape, il.EPS, np.float32) + v.k * np.abs(pred - base)
+    u = np.full(pred.shape, cal.EPS, np.float32) + v.k * np.abs(pred - base)
     noise = il.target_noise_rows(il.noise_sigma(thick, body=0.0), model, 1.0, pred.shape[0])[:, None, None]
     q = vz.q_rows(pred.shape[0])[:, None, None]
     sigma = np.sqrt((u * q / 1.96) ** 2 + noise**2)
@@ -83,3 +84,26 @@ def test_phase_wise_calibration_on_z_pairs_covers_a_noisy_target() -> None:
     width = float(np.mean(2 * 1.96 * sig))
     rms = float(np.sqrt(np.mean(err**2)))
     assert abs(width / (2 * 1.96 * rms) - 1) < 0.25, (width, rms)
+
+
+def test_phase_noise_of_an_overlapping_acquisition() -> None:
+    """Acquired slices of FWHM 1.5 x their step (overlap: z-correlated noise), made from white noise on a 2x finer
+    grid; thick x2 slices of them. The truth-noise error of cubic + data consistency per phase must match
+    ``phase_noise`` (per unit of the thick slices' noise) within 10 %; the white-thin-noise model misses it."""
+    rng = np.random.default_rng(3)
+    white = rng.normal(0.0, 1.0, (2 * 161, 4, 2000))
+    acq = degrade_through_plane(white, 2, 3.0)  # (161, 4, 2000): FWHM 3 fine units every 2 = 1.5 x the step
+    thick = degrade_through_plane(acq, 2, 3.0)  # (81, ...): the x2 input of FWHM 1.5 x its step
+    model = DegradationModel(2, 1, 4.0, 6.0, 1.0)  # thickness_fine_px 3 on the 2 mm output grid
+    task = il.Task(2, 1, True, model)
+    x = torch.from_numpy(thick).permute(1, 0, 2)  # (4, 81, 2000)
+    pred = task.project(task.base(x), x).permute(1, 0, 2).numpy()
+    err = (pred - acq)[8:-8]
+    s_thick = float(thick[4:-4].std())
+    want = il.phase_noise(model, 1.0)[0]
+    for p in (0, 1):
+        got = float(np.sqrt(np.mean(err[(np.arange(8, 153) % 2) == p] ** 2))) / s_thick
+        assert abs(got / want[p] - 1) < 0.1, (p, got, want)
+    white_model = DegradationModel(2, 1, 4.0, 4.0, 1.0)  # contiguous: white thin noise assumed
+    assert float(il.phase_noise(white_model, 1.0)[0][1]) > 1.25 * want[1]
+
