@@ -91,19 +91,46 @@ def resample_axis(data: np.ndarray, axis: int, positions: np.ndarray) -> np.ndar
     return np.moveaxis(out, 0, axis)
 
 
+CHUNK_BYTES = 8 * 2**20  # float64 bytes of one resampled slab (resample_axis holds ~4 such arrays at once); a
+# slab that fits the CPU caches is also faster than the whole volume at once (140x512², x2: 1.3-1.9 s against 21 s)
+
+
+def _slab(total: int, bytes_per_index: int) -> int:
+    """How many indices along the slab axis fit ``CHUNK_BYTES`` (at least 1, at most ``total``)."""
+    return max(1, min(total, CHUNK_BYTES // max(1, bytes_per_index)))
+
+
 def upsample(data: np.ndarray, factors: Factors) -> np.ndarray:
-    """Cubic B-spline ×f through-plane (node-aligned) and ×f in-plane (pixel-area aligned), float32."""
-    out = np.asarray(data, dtype=np.float64)
-    f = factors.through_plane
-    if f > 1 and out.shape[0] > 1:
-        out = resample_axis(out, 0, np.arange((out.shape[0] - 1) * f + 1) / f)
-    g = factors.in_plane
+    """Cubic B-spline ×f through-plane (node-aligned) and ×f in-plane (pixel-area aligned), float32.
+
+    ``data`` (Z, Y, X) -> (Z', Y·g, X·g) float32, computed in float64 slab by slab: through-plane in slabs of
+    rows (each row's column of slices is independent), in-plane in slabs of output slices, each slab cast to
+    float32 into the result. Every value is the same operation on the same numbers as on the whole volume at
+    once (the filters are separable, elementwise across the other axes), so the values are identical, while the
+    float64 copies and temporaries are bounded by ``CHUNK_BYTES`` instead of several times the output volume
+    (issue #15 item 5: peak memory of long series). With g > 1 the through-plane result is kept in float64
+    between the two passes, as before.
+    """
+    z, y, x = data.shape
+    f, g = factors.through_plane, factors.in_plane
+    through = f > 1 and z > 1
+    zo = (z - 1) * f + 1 if through else z
+    out = np.empty((zo, y * g, x * g), dtype=np.float32)
+    mid = out if g == 1 else np.empty((zo, y, x), dtype=np.float64)
+    positions = np.arange(zo) / f
+    step = _slab(y, zo * x * 8)
+    for y0 in range(0, y, step):
+        part = np.asarray(data[:, y0:y0 + step, :], dtype=np.float64)
+        mid[:, y0:y0 + step, :] = resample_axis(part, 0, positions) if through else part
     if g > 1:
-        for axis in (1, 2):
-            n = out.shape[axis]
-            pos = (np.arange(n * g) + 0.5) / g - 0.5
-            out = resample_axis(out, axis, pos)
-    return out.astype(np.float32)
+        step = _slab(zo, y * g * x * g * 8)
+        for z0 in range(0, zo, step):
+            part = np.asarray(mid[z0:z0 + step])
+            for axis in (1, 2):
+                n = part.shape[axis]
+                part = resample_axis(part, axis, (np.arange(n * g) + 0.5) / g - 0.5)
+            out[z0:z0 + step] = part
+    return out
 
 
 class CubicEngine:
@@ -122,7 +149,7 @@ class CubicEngine:
         dz, dy, dx = volume.spacing
         return EngineResult(
             data=out,
-            sigma=np.zeros_like(out),
+            sigma=np.zeros(out.shape, dtype=np.float32),  # calloc: zero pages, no resident copy of the output
             spacing=(dz / factors.through_plane, dy / factors.in_plane, dx / factors.in_plane),
             engine=self.name,
             report={"seconds": round(time.perf_counter() - t0, 3)},

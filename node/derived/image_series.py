@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +72,15 @@ class DerivedObjects:
     uncertainty_series_uid: str
     notes: list[str] = field(default_factory=list)  # what was changed from the source's format, for the job report
     uncertainty_series_uids: list[str] = field(default_factory=list)
+    # ``derive_series(defer_pixels=True)``: the derived slices have no PixelData yet; ``with_pixels(k)`` sets it
+    pixels: Callable[[int], bytes] | None = None
+
+    def with_pixels(self, k: int) -> Dataset:
+        """Derived slice ``k`` with its PixelData (set now when it was deferred: the same bytes as at once)."""
+        ds = self.derived[k]
+        if self.pixels is not None and "PixelData" not in ds:
+            ds.PixelData = self.pixels(k)
+        return ds
 
 
 def _output_sop_class(vol: SeriesVolume) -> str:
@@ -100,7 +110,8 @@ def check_identifiers(vol: SeriesVolume) -> None:
 
 
 def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg: DeriveConfig,
-                  engine_version: str = "", settings: str = "", revision: int = 0) -> DerivedObjects:
+                  engine_version: str = "", settings: str = "", revision: int = 0,
+                  defer_pixels: bool = False) -> DerivedObjects:
     """Build the derived image series, and the uncertainty objects ``cfg.uncertainty`` names when the engine has
     a sigma (``result.has_sigma``; ``node.derived.uncertainty``).
 
@@ -109,6 +120,10 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     ``settings``: a digest of the engine's settings and weights (``node.process.engines.settings_digest``); it
     enters the UIDs only, so other settings give other SOP instances, and the same settings the same UIDs.
     ``revision``: the result's revision (``node.derived.labels``: a superseding result gets another SeriesNumber).
+    ``defer_pixels``: leave PixelData out of the derived slices; ``DerivedObjects.with_pixels(k)`` encodes slice k
+    from ``result.data`` when it is written, so that a long series never holds every slice's stored pixels at once
+    (issue #15 item 5; the bytes are the same, ``to_stored`` of the same array). The geometry gate and the
+    uncertainty objects read headers only.
     """
     ref0 = vol.datasets[0]
     check_identifiers(vol)
@@ -156,6 +171,10 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     windows = series_window(vol)
     charset = character_set(ref0)
     out: list[Dataset] = []
+
+    def stored_pixels(k: int) -> bytes:
+        return np.ascontiguousarray(to_stored(result.data[k], fmt)).tobytes()
+
     for k in range(nz):
         i, r = divmod(k, f)
         near = min(i + (1 if 2 * r > f else 0), vol.shape[0] - 1)
@@ -235,7 +254,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
             centres, widths = ([ds_str(v) for v in vals] for vals in windows)
             ds.WindowCenter = centres if len(centres) > 1 else centres[0]
             ds.WindowWidth = widths if len(widths) > 1 else widths[0]
-        ds.PixelData = np.ascontiguousarray(to_stored(result.data[k], fmt)).tobytes()
+        if not defer_pixels:
+            ds.PixelData = stored_pixels(k)
         add_file_meta(ds)
         out.append(ds)
     geometry_gate(out, vol, factors)
@@ -255,7 +275,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     sigma_uids = list(dict.fromkeys(str(x.SeriesInstanceUID) for x in sigma_objs))
     log.info("series %s: derived %d slices into %s (engine %s%s)", vol.series_uid, nz, series_uid, result.engine,
              f", fallback: {result.fallback}" if result.fallback else "")
-    return DerivedObjects(out, sigma_objs, series_uid, sigma_uids[0] if sigma_uids else "", notes, sigma_uids)
+    return DerivedObjects(out, sigma_objs, series_uid, sigma_uids[0] if sigma_uids else "", notes, sigma_uids,
+                          stored_pixels if defer_pixels else None)
 
 
 def _mr_type1(ds: Dataset, ref: Dataset, frame: int) -> None:

@@ -151,6 +151,17 @@ def _mixed_patients(paths: Sequence[Path]) -> None:
         check_one_patient(str(headers[0].get("SeriesInstanceUID", "") or ""), headers)
 
 
+def _release_input_pixels(vols: list[SeriesVolume]) -> None:
+    """Drop the input slices' PixelData (and pydicom's decoded copy of it) once every volume holds its float32
+    data: deriving reads the input headers only, and a long series otherwise kept its stored and its decoded
+    pixels twice beside the volume (issue #15 item 5). A multi-frame object shared by several volumes is
+    released only after all of them were built (hence here, after ``load_volumes``)."""
+    for vol in vols:
+        for ds in vol.datasets:
+            if "PixelData" in ds:
+                del ds.PixelData
+
+
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,
                    engine_name: str = "", progress: Callable[[str], None] | None = None,
                    engines: EngineCache | None = None, engine_progress: Progress | None = None,
@@ -185,6 +196,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
     for vol in found:
         check_identifiers(vol)
     check_inputs(found)  # one patient and study (else VolumeError); non-conformant copied values dropped, noted
+    _release_input_pixels(found)
     options = cfg.engine.options
     chosen, notes = _select_volumes(found, rule.volumes)
     volumes, left_out, run_notes, refused = _volumes_of(chosen, factors)
@@ -216,11 +228,14 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         t_engine = time.perf_counter() - t1
         say(f"{tag}deriving {er.data.shape[0]} slices")
         objs = derive_series(v, er, factors, cfg.derive, version,
-                             "" if er.engine == "cubic" else settings_digest(options), revision)
+                             "" if er.engine == "cubic" else settings_digest(options), revision,
+                             defer_pixels=True)
         suffix = (f"-vol{v.volume[0]}" if v.volume else "") + (f"-run{v.run[0]}" if v.run else "")
-        for k, ds in enumerate(objs.derived):
+        for k in range(len(objs.derived)):
             p = out_dir / f"derived{suffix}" / f"IM{k + 1:05d}.dcm"
+            ds = objs.with_pixels(k)  # one slice's stored pixels at a time (issue #15 item 5)
             write_atomic(ds, p)
+            del ds.PixelData
             result.derived_files.append(p)
         for ds in objs.uncertainty:  # the Parametric Map (PM00001.dcm) and/or the SC card (SC00001.dcm)
             p = out_dir / f"uncertainty{suffix}" / sigma_file_name(ds)

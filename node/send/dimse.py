@@ -22,8 +22,9 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import DicomDestination
@@ -79,6 +80,12 @@ class DimseSender:
     def __init__(self, dest: DicomDestination) -> None:
         self.name = dest.name
         self.dest = dest
+        # pynetdicom's process-wide switch: ``send_c_store(path)`` streams the file's data set from disk in PDU-
+        # sized reads instead of decoding the whole file and encoding it again (dcmread + encode was most of a
+        # sender thread's time: py-spy, 512² CT to Orthanc). A path is passed only when the file's own syntax
+        # was accepted (``_send_one``), which is what the switch requires; this module is the node's only
+        # caller of ``send_c_store`` with a path (the SCP side uses STORE_RECV_CHUNKED_DATASET, not this).
+        _config.STORE_SEND_CHUNKED_DATASET = True
 
     def _ae(self) -> AE:
         d = self.dest
@@ -112,12 +119,14 @@ class DimseSender:
             return
         headers: list[tuple[Path, str, str]] = []
         for p in paths:
-            try:
-                h = dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+            try:  # the file meta only (group 2, ~0.07 ms against 0.35 for a header dcmread of a 512² CT)
+                meta = read_file_meta_info(p)
+                sop_class = str(meta.get("MediaStorageSOPClassUID", ""))
+                if not sop_class:
+                    sop_class = str(dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+                                    .get("SOPClassUID", ""))
             except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
                 raise DeliveryError(f"{p}: not a readable DICOM file: {exc}", retryable=False) from exc
-            meta = h.file_meta
-            sop_class = str(meta.get("MediaStorageSOPClassUID", "") or h.get("SOPClassUID", ""))
             headers.append((Path(p), sop_class, str(meta.get("TransferSyntaxUID", ExplicitVRLittleEndian))))
         contexts: list[tuple[str, list[str]]] = []
         for sop_class in sorted({h[1] for h in headers}):
