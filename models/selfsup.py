@@ -65,6 +65,7 @@ SAMPLING = "uniform"
 # the through-plane slice FWHM: "geometry" (SliceThickness, or the slice step when unknown) or "data"
 # (models.profile.estimate_fwhm: the width whose degraded in-plane spectrum matches the z spectrum)
 PROFILE_FROM = "geometry"
+FINETUNE_LR = 3e-4  # Adam learning rate of the fine-tuning from the prior (cosine to a tenth)
 FUSE_EPS = 2e-3  # normalised units (data range 1): below it, spreads count as equal
 OOM_TILES = (1 << 18, 1 << 16, 1 << 13)  # max_voxels_per_tile of the retries after a CUDA out-of-memory error
 
@@ -215,7 +216,7 @@ class SelfSupEngine:
         net, from_prior = make_net(prior, kind, fz, fx, device, in_ch)
         steps = self._steps(kind)
         if steps > 0:
-            loss = il.train(net, sets, steps, 3e-4 if from_prior else 1e-3, self.options.seed, augment=kind == "in",
+            loss = il.train(net, sets, steps, FINETUNE_LR if from_prior else 1e-3, self.options.seed, augment=kind == "in",
                             sampling=SAMPLING if kind == "through" else "uniform",
                             progress=(progress, f"{kind} fine-tune") if progress else None)
             report[f"{kind}_train_loss"] = round(loss, 5)
