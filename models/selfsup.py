@@ -47,6 +47,7 @@ from models.engine import (
 )
 from models.nets import SRNet
 from models.prior import DEFAULT_WEIGHTS, load_prior, make_net, pick_device
+from models.profile import estimate_fwhm
 from models.transfer import host_pool, to_device, to_host
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,16 @@ T = TypeVar("T")
 # method) per phase, "xy_pooled" one such q for all phases, "xy_floor" per phase but at least the pooled one, or
 # the "mean" / "max" of "xy" and "z" (docs/engines.md: sigma calibration, the figures that chose it)
 SIGMA_FROM = "xy_floor"
+# how the coronal (x-z planes) and sagittal (y-z planes) passes are fused: "mean", or "sigma" (per voxel, each
+# orientation weighted by 1 / (its spread over flips^2 + eps^2); needs >= 2 flips per orientation, else the mean)
+FUSE = "mean"
+# patch corners of the per-series fine-tuning (internal.train): "uniform" or "gradient"
+SAMPLING = "uniform"
+# the through-plane slice FWHM: "geometry" (SliceThickness, or the slice step when unknown) or "data"
+# (models.profile.estimate_fwhm: the width whose degraded in-plane spectrum matches the z spectrum)
+PROFILE_FROM = "geometry"
+FINETUNE_LR = 3e-4  # Adam learning rate of the fine-tuning from the prior (cosine to a tenth)
+FUSE_EPS = 2e-3  # normalised units (data range 1): below it, spreads count as equal
 OOM_TILES = (1 << 18, 1 << 16, 1 << 13)  # max_voxels_per_tile of the retries after a CUDA out-of-memory error
 
 
@@ -117,6 +128,13 @@ class SelfSupEngine:
         vol_n = data - lo
         vol_n /= scale  # in place: one temporary less (same float32 values)
         model = DegradationModel.from_volume(volume, factors)
+        fit = None
+        if PROFILE_FROM == "data" and factors.through_plane > 1:
+            try:
+                fit = estimate_fwhm(vol_n, volume.spacing, model.thickness_mm, model.profile)
+                model = replace(model, thickness_mm=fit.fwhm_mm)
+            except ValueError as exc:
+                log.info("selfsup: slice profile from the geometry (%s)", exc)
         log.info("selfsup on %s: %s", device, model.describe())
         prior = load_prior(self.weights)
         passes = opt.tta_passes
@@ -124,6 +142,8 @@ class SelfSupEngine:
             passes = min(passes, 2)  # CPU fast mode: coronal + sagittal only
         report: dict[str, Any] = {"device": str(device), "degradation": model.describe(), "tta_passes": passes,
                                   "prior": self.weights.name if prior else ""}
+        if fit is not None:
+            report["profile_fwhm_ratio"] = fit.ratio  # the data's FWHM / SliceThickness (models.profile)
         out_n, sig_n = vol_n, np.zeros(vol_n.shape, np.float32)  # calloc: pages untouched unless used
         fallback = ""
         done: tuple[np.ndarray, np.ndarray] | None = None  # denormalised (and clipped) on the device
@@ -197,7 +217,8 @@ class SelfSupEngine:
         net, from_prior = make_net(prior, kind, fz, fx, device, in_ch)
         steps = self._steps(kind)
         if steps > 0:
-            loss = il.train(net, sets, steps, 3e-4 if from_prior else 1e-3, self.options.seed, augment=kind == "in",
+            loss = il.train(net, sets, steps, FINETUNE_LR if from_prior else 1e-3, self.options.seed, augment=kind == "in",
+                            sampling=SAMPLING if kind == "through" else "uniform",
                             progress=(progress, f"{kind} fine-tune") if progress else None)
             report[f"{kind}_train_loss"] = round(loss, 5)
         report.update({f"{kind}_from_prior": from_prior, f"{kind}_finetune_steps": steps,
@@ -266,6 +287,8 @@ class SelfSupEngine:
         fused = torch.zeros_like(base)
         spread = torch.zeros_like(base)
         plan = [(o, fl) for fl in il.FLIPS for o in range(orients)][:passes]
+        weighted = FUSE == "sigma" and orients == 2 and len(plan) >= 2 * orients
+        wsum = torch.zeros_like(base) if weighted else None
         batches = sum(-(-(y if o == 0 else xx) // chunks[o]) for o, _fl in plan)
         done = 0
         for o in range(orients):
@@ -285,11 +308,19 @@ class SelfSupEngine:
             mean = s1 / len(flips)
             std = (s2 / len(flips) - mean * mean).clamp_min(0).sqrt()
             back = (1, 0, 2) if o == 0 else (1, 2, 0)
-            fused += mean.permute(*back)
+            if wsum is not None:
+                w = 1.0 / (std * std + FUSE_EPS**2)
+                fused += (mean * w).permute(*back)
+                wsum += w.permute(*back)
+                del w
+            else:
+                fused += mean.permute(*back)
             spread += std.permute(*back)
             del s1, s2, mean, std
-        fused = base + fused / orients
+        fused = base + (fused / wsum if wsum is not None else fused / orients)
         spread /= orients
+        report["through_fuse"] = "sigma" if wsum is not None else "mean"
+        del wsum
         if timer:
             timer[1].record()  # GPU time of the passes, read once they are done (no host wait here)
         wall = time.perf_counter() - t
