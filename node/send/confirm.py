@@ -76,6 +76,7 @@ COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 REQUEST_COMMITMENT = 1  # N-ACTION Action Type ID (PS3.4 J.3.2)
 METHOD_COMMITMENT, METHOD_COUNT, METHOD_NONE = "commitment", "count", "none"
 NEITHER = "peer supports neither storage commitment nor C-FIND"
+REJECTED_TRANSIENT = 0x02  # A-ASSOCIATE-RJ Result (PS3.8 9.3.4): rejected-transient, worth another try
 
 
 class Unsupported(Exception):
@@ -133,20 +134,36 @@ def _associate(dest: DicomDestination, context: str) -> Any:
     kwargs: dict[str, Any] = {"ae_title": dest.ae_title}
     if dest.tls:
         kwargs["tls_args"] = (client_ssl_context(dest), dest.host)
+    answers: list[Any] = []  # the peer's A-ASSOCIATE-AC / -RJ, if one came
+    kwargs["evt_handlers"] = [(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))]
     try:
         assoc = ae.associate(dest.host, dest.port, **kwargs)
     except (OSError, ssl.SSLError) as exc:
         raise DeliveryError(f"destination {dest.name} ({dest.address}): cannot connect to confirm: {exc}") from exc
     if assoc.is_rejected:
+        if any(getattr(a, "result", None) == REJECTED_TRANSIENT for a in answers):
+            raise DeliveryError(f"destination {dest.name} ({dest.address}): association to confirm rejected "
+                                "(transient)")
         raise Unsupported("association rejected")
     if not assoc.is_established:
-        # dcmtk peers abort (rather than reject) an association none of whose contexts they accept
-        raise Unsupported("association not established (no acceptable presentation context?)")
+        if not answers:  # no A-ASSOCIATE answer at all: refused connection, timeout, or the peer went away
+            raise DeliveryError(f"destination {dest.name} ({dest.address}): no association to confirm "
+                                "(peer not reachable or no answer)")
+        # the peer answered but accepted none of the proposed contexts (pynetdicom aborts then)
+        raise Unsupported("association not established (no acceptable presentation context)")
     if not any(str(cx.abstract_syntax) == context for cx in assoc.accepted_contexts):
         assoc.release()
         raise Unsupported("presentation context refused")
     assoc_no_delay(assoc)
     return assoc
+
+
+def _unanswered(dest: DicomDestination, what: str, started: float) -> None:
+    """A request that got no answer at all: DeliveryError (retryable) when that took the destination's
+    ``timeout_s`` -- a busy or vanished peer, our own DIMSE timeout ended it -- rather than a peer that aborts at
+    once what it will not serve (the caller's refusal)."""
+    if time.monotonic() - started >= 0.9 * dest.timeout_s:
+        raise DeliveryError(f"destination {dest.name}: {what} not answered within {dest.timeout_s:g} s")
 
 
 def request_commitment(dest: DicomDestination, transaction_uid: str, refs: Sequence[Ref]) -> None:
@@ -164,6 +181,7 @@ def request_commitment(dest: DicomDestination, transaction_uid: str, refs: Seque
         items.append(item)
     ds.ReferencedSOPSequence = items
     assoc = _associate(dest, StorageCommitmentPushModel)
+    started = time.monotonic()
     try:
         status, _ = assoc.send_n_action(ds, REQUEST_COMMITMENT, StorageCommitmentPushModel, COMMITMENT_INSTANCE)
     except Exception as exc:  # noqa: BLE001 - pynetdicom raises on encoding/context problems
@@ -172,7 +190,9 @@ def request_commitment(dest: DicomDestination, transaction_uid: str, refs: Seque
         if assoc.is_established:
             assoc.release()
     code = int(status.get("Status", -1)) if status is not None and len(status) else -1
-    if code == -1:  # Orthanc aborts the N-ACTION of a caller not in its DicomModalities
+    if code == -1:
+        _unanswered(dest, "storage commitment N-ACTION", started)
+        # Orthanc aborts the N-ACTION of a caller not in its DicomModalities
         raise Unsupported("N-ACTION not answered: is the node in the peer's modality list?")
     if code != Status.SUCCESS:
         raise Unsupported(f"N-ACTION answered 0x{code:04X}")
@@ -192,11 +212,13 @@ def find_dimse(dest: DicomDestination, refs: Sequence[Ref]) -> set[str]:
             q.SeriesInstanceUID = series
             q.SOPInstanceUID = ""
             last = -1
+            started = time.monotonic()
             for status, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind):
                 last = int(status.get("Status", -1)) if status is not None and len(status) else -1
                 if last in PENDING_STATUSES and ident is not None:
                     found.add(str(ident.get("SOPInstanceUID", "")))
             if last == -1:
+                _unanswered(dest, "C-FIND to count the series", started)
                 assoc.join(2.0)  # an empty response: the association thread ends when the peer aborted
             if last == -1 and assoc.is_aborted:
                 # Orthanc aborts the C-FIND of a caller it does not allow to query (DicomAlwaysAllowFind false and

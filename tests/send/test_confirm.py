@@ -514,3 +514,81 @@ def test_an_unexpected_sender_exception_is_a_counted_attempt(tmp_path: Path) -> 
     h.outbox.attempt(h.now(d))
     got = h.now(d)
     assert got.state is DeliveryState.PENDING and got.attempts == 1 and "RuntimeError" in got.reason
+
+
+# ---------------------------------------------------------------------------------------------- a PACS that fails
+
+
+class _Pacs:
+    """A pynetdicom PACS on a free port that answers C-STORE Success, stores nothing, accepts Storage Commitment
+    and C-FIND, and answers both after ``delay`` seconds (an empty C-FIND: nothing stored)."""
+
+    def __init__(self, delay: float) -> None:
+        from pynetdicom import AllStoragePresentationContexts
+        from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+        self.port, self.stored = free_port(), 0
+        ae = AE(ae_title="SLOWPACS")
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax)
+        ae.add_supported_context(StorageCommitmentPushModel)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+
+        def on_store(event: Any) -> int:
+            self.stored += 1
+            return 0x0000
+
+        def on_action(event: Any) -> Any:
+            time.sleep(delay)  # the slow PACS itself
+            return 0x0000, None
+
+        def on_find(event: Any) -> Any:
+            time.sleep(delay)
+            yield 0x0000, None
+
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, on_store), (evt.EVT_N_ACTION, on_action), (evt.EVT_C_FIND, on_find)])
+
+    def dest(self, **extra: Any) -> dict[str, Any]:
+        return {"name": "pacs", "kind": "dicom", "ae_title": "SLOWPACS", "host": "127.0.0.1", "port": self.port,
+                "timeout_s": 2.0, **extra}
+
+
+@pytest.mark.parametrize("confirm", ["auto", "count"])
+def test_a_pacs_that_vanishes_after_the_c_stores_is_a_failed_attempt(tmp_path: Path, confirm: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accepted C-STOREs, then the PACS is gone (crash, restart) before confirming: no association at all is a
+    failed attempt to retry, never 'unconfirmed' (which settles the job) nor a non-retryable refusal."""
+    pacs = _Pacs(0.0)
+    files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=43)
+    h = Harness(tmp_path, _cfg(tmp_path, pacs.dest(confirm=confirm)), files)
+    from node.send import dimse
+
+    original = dimse.DimseSender.send
+
+    def send_then_vanish(self: Any, paths: Any) -> None:  # the PACS shuts down right after its last Success
+        original(self, paths)
+        pacs.server.shutdown()
+
+    monkeypatch.setattr(dimse.DimseSender, "send", send_then_vanish)
+    d = h.job(1)
+    h.outbox.attempt(d)
+    got = h.now(d)
+    assert pacs.stored == 2
+    assert got.state is DeliveryState.PENDING and got.attempts == 1, (got.state, got.confirm_note)
+    assert h.index.job(d.job_id).state is JobState.SENDING
+
+
+def test_a_pacs_slower_than_timeout_is_a_failed_attempt_not_a_refusal(tmp_path: Path) -> None:
+    """The N-ACTION and C-FIND answered after the destination's timeout_s: our own DIMSE timeout ends them, which
+    is a failed attempt (retried), not 'the peer refuses'."""
+    pacs = _Pacs(3.0)
+    try:
+        files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=44)
+        h = Harness(tmp_path, _cfg(tmp_path, pacs.dest()), files)
+        d = h.job(1)
+        h.outbox.attempt(d)
+        got = h.now(d)
+        assert got.state is DeliveryState.PENDING and got.attempts == 1, (got.state, got.confirm_note)
+    finally:
+        pacs.server.shutdown()
