@@ -30,7 +30,7 @@ from node import __version__
 from node.config import DeriveConfig
 from node.derived.classic import classic_ct_values, classic_mr_values
 from node.derived.geometry import geometry_gate, output_positions
-from node.derived.labels import series_descriptions
+from node.derived.labels import Revision, series_descriptions
 from node.derived.labels import series_number as labelled_number
 from node.derived.modules import (
     ACQUISITION,
@@ -110,7 +110,7 @@ def check_identifiers(vol: SeriesVolume) -> None:
 
 
 def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg: DeriveConfig,
-                  engine_version: str = "", settings: str = "", revision: int = 0,
+                  engine_version: str = "", settings: str = "", revision: Revision | None = None,
                   defer_pixels: bool = False) -> DerivedObjects:
     """Build the derived image series, and the uncertainty objects ``cfg.uncertainty`` names when the engine has
     a sigma (``result.has_sigma``; ``node.derived.uncertainty``).
@@ -119,7 +119,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     DeriveError when the shape breaks that contract, the output holds non-finite values, or the geometry gate fails.
     ``settings``: a digest of the engine's settings and weights (``node.process.engines.settings_digest``); it
     enters the UIDs only, so other settings give other SOP instances, and the same settings the same UIDs.
-    ``revision``: the result's revision (``node.derived.labels``: a superseding result gets another SeriesNumber).
+    ``revision``: what decides the result's revision (``node.derived.labels.Revision``, from the series' earlier
+    result: a superseding result gets another SeriesNumber, a replay with the same UIDs the same one).
     ``defer_pixels``: leave PixelData out of the derived slices; ``DerivedObjects.with_pixels(k)`` encodes slice k
     from ``result.data`` when it is written, so that a long series never holds every slice's stored pixels at once
     (issue #15 item 5; the bytes are the same, ``to_stored`` of the same array). The geometry gate and the
@@ -161,7 +162,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
                                            made_by, bool(result.fallback), part_label.strip())
     # three numbers per derived series (its uncertainty series take the next two): distinct for every volume and run
     series_number = labelled_number(int(ref0.get("SeriesNumber") or 0), cfg.series_number_offset, made_by, factors,
-                                    vol.part + 1, revision)
+                                    vol.part + 1, (revision or Revision()).of(series_uid))
     equipment = contributing_equipment(result.engine, engine_version, result.fallback, now, denoised)
     derivation = (f"srnode {__version__}: " + (f"{DENOISE_NOTE}, then " if denoised else "")
                   + f"super-resolution x{f} through-plane, x{g} in-plane by engine {result.engine} {engine_version}"

@@ -20,6 +20,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from node import __version__
 from node.config import DeriveConfig
+from node.derived.labels import Revision
 from node.derived.modules import character_set
 from node.errors import DeriveError
 from node.store import Index, Job
@@ -143,18 +144,16 @@ def _latest_result(index: Index, job: Job) -> Job | None:
     return None
 
 
-def result_revision(index: Index, job: Job, inputs: int) -> int:
-    """The revision of ``job``'s result (``node.derived.labels``: it moves the SeriesNumbers), for ``inputs``
-    input instances: 0 when no earlier job of the series made results; else that job's revision (its report's
-    ``revision``, 0 when absent), plus one when its input count (report ``inputs``, else its ``n_instances``)
-    differs: a series only gains instances, so an equal count is the same input (a replay, the same UIDs, the same
-    numbers) and another count a superseding result. SpoolError (index)."""
+def result_revision(index: Index, job: Job) -> Revision:
+    """What decides the revision of ``job``'s results (``node.derived.labels.Revision``: it moves the
+    SeriesNumbers): the latest earlier job of the series that made results -- its report's ``revision`` (0 when
+    absent) and its derived SeriesInstanceUIDs (report ``derived_series_uids``, else its ``derived_series_uid``);
+    no earlier result: revision 0. SpoolError (index)."""
     old = _latest_result(index, job)
     if old is None:
-        return 0
-    before = int(old.report.get("revision", 0) or 0)
-    old_inputs = int(old.report.get("inputs", old.n_instances) or 0)
-    return before if old_inputs == inputs else before + 1
+        return Revision()
+    uids = [str(u) for u in old.report.get("derived_series_uids", []) or []] or [old.derived_series_uid]
+    return Revision(int(old.report.get("revision", 0) or 0), frozenset(u for u in uids if u))
 
 
 def reject_superseded(index: Index, spool_outbox: Path, job: Job, new_derived_series: str, cfg: DeriveConfig,

@@ -33,15 +33,17 @@ carry one number. The same inputs always give the same number.
 ``revision`` (0 for a series' first result) tells a superseding result from the one it supersedes: when late
 instances make a series be processed again, the new derived series (new UIDs) and the earlier one (retired by an
 IOCM rejection note, ``node.derived.iocm``) are both in PACS for a while, and must not show the same number. The
-runner gives the new job the revision of the latest earlier job of the series that made results, plus one when its
-input differs (more instances: a series only ever gains instances, so the count tells), the same revision when it
-is the same input (a replay: the same UIDs, so the same number); ``node.derived.iocm.result_revision``. Each
+runner gives the new job the revision of the latest earlier job of the series that made results, plus one for a
+derived series whose SeriesInstanceUID that job did not make (more instances, other engine settings or weights,
+another pipeline version), the same revision for one it made (a replay: the same UIDs, so the same number);
+``node.derived.iocm.result_revision`` and :class:`Revision`. Each
 revision moves the result into the next thousand: series 201 is 1201, then 2201, then 3201 (k + revision, mod 99).
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 from models.engine import Factors
 from node.config import DeriveConfig
@@ -89,6 +91,23 @@ def series_descriptions(source: str, cfg: DeriveConfig, factors: Factors, engine
                                                fallback=fallback, caution=cfg.caution, run=run, sigma=s, card=c)
                             for s, c in ((False, False), (True, False), (True, True)))
     return derived, sigma, card
+
+
+@dataclass(frozen=True)
+class Revision:
+    """What decides a result's revision: the latest earlier result of the series (its revision and its derived
+    SeriesInstanceUIDs; none: ``earlier_series`` empty). A derived series whose UID is one of the earlier result's
+    keeps that revision (the same UIDs: a replay, the same numbers); any other UID -- more instances, other engine
+    settings or weights, another pipeline version -- is a superseding result and takes the next revision."""
+
+    earlier: int = 0
+    earlier_series: frozenset[str] = frozenset()
+
+    def of(self, series_uid: str) -> int:
+        """The revision of a derived series with SeriesInstanceUID ``series_uid``."""
+        if not self.earlier_series or series_uid in self.earlier_series:
+            return self.earlier
+        return self.earlier + 1
 
 
 def series_number(source: int, offset: int, engine: str, factors: Factors, run: int = 1, revision: int = 0) -> int:

@@ -58,7 +58,7 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
         return _fail(ctx, job, f"rule {job.rule!r} is no longer in the configuration", "config")
     paths = [Path(i.path) for i in index.instances_of(job.series_uid, job.study_uid)]
     out_dir = spool.job_dir(job.id, fresh=True)
-    revision = result_revision(index, job, len(paths))  # a superseding result gets other SeriesNumbers
+    revision = result_revision(index, job)  # a superseding result gets other SeriesNumbers
     log.info("job %d: series %s, %d instances, rule %s", job.id, job.series_uid, len(paths), rule.name)
     try:
         result = process_series(paths, rule, cfg, out_dir, engines=ctx.engines, revision=revision)
@@ -90,7 +90,10 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     per_dest = {d: files + ([str(p) for p in paths] if rule.forward_originals else []) for d in rule.destinations}
     index.add_deliveries(job.id, per_dest)
     report = dict(result.report or {})
-    report["revision"], report["inputs"] = revision, len(paths)  # for the next result's revision
+    # for the next result's revision (node.derived.labels.Revision)
+    report["revision"] = revision.of(result.derived_series_uid)
+    report["derived_series_uids"] = result.derived_series_uids or [result.derived_series_uid]
+    report["inputs"] = len(paths)
     report.setdefault("seconds", round(seconds, 3))
     report.setdefault("derived_files", len(result.derived_files))
     report.setdefault("uncertainty_files", len(result.uncertainty_files))

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from models.engine import Factors, Progress
 from node.config import Config, RuleConfig, VolumeChoice
-from node.derived import check_identifiers, check_inputs, check_one_patient, derive_series
+from node.derived import Revision, check_identifiers, check_inputs, check_one_patient, derive_series
 from node.derived.modules import sigma_file_name
 from node.errors import VolumeError
 from node.process.budget import check_series
@@ -165,7 +165,7 @@ def _release_input_pixels(vols: list[SeriesVolume]) -> None:
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,
                    engine_name: str = "", progress: Callable[[str], None] | None = None,
                    engines: EngineCache | None = None, engine_progress: Progress | None = None,
-                   revision: int = 0) -> ProcessResult:
+                   revision: Revision | None = None) -> ProcessResult:
     """Super-resolve the series in ``paths`` by ``rule``; write derived + uncertainty files under ``out_dir``.
 
     A series holding several volumes (``node.series.load_volumes``) gives one derived series per volume (and per
@@ -174,8 +174,8 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
 
     ``engines``: the caller's engine cache (a fresh one when not given); ``progress`` gets one line per step,
     ``engine_progress`` the engine's own long stages (fine-tuning steps, network passes: ``models.engine.Progress``).
-    ``revision``: the result's revision (``node.derived.iocm.result_revision``: a reprocess that supersedes an
-    earlier result of other input gets other SeriesNumbers, ``node.derived.labels``).
+    ``revision``: the series' earlier result (``node.derived.iocm.result_revision``): a derived series with other
+    UIDs than that result's gets other SeriesNumbers, a replay the same (``node.derived.labels.Revision``).
     Before decoding, ``node.process.budget.check_series`` refuses a series whose pixel data cannot hold what its
     headers declare (VolumeError) or that would need more memory than ``[node] max_series_memory_mb``
     (BudgetError, a VolumeError). Raises VolumeError (no volume can be super-resolved), EngineError (even cubic

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 
 from models.engine import Factors
 from node.bench.phantom import write_phantom_series
@@ -62,15 +63,17 @@ def _run(store: Any, cfg: Any, job_id: int, series: str) -> tuple[int, int]:
     """As the runner does: the job's revision, its result, its report; returns (revision, SeriesNumber)."""
     job = store.index.job(job_id)
     paths = [Path(i.path) for i in store.index.instances_of(series)]
-    revision = result_revision(store.index, job, len(paths))
+    revision = result_revision(store.index, job)
     res = process_series(paths, cfg.rules[0], cfg, store.spool.job_dir(job_id, fresh=True), engine_name="cubic",
                          revision=revision)
+    rev = revision.of(res.derived_series_uid)
     store.index.finish_job(job_id, JobState.DELIVERED, derived_series_uid=res.derived_series_uid,
-                           report={"revision": revision, "inputs": len(paths)})
-    return revision, int(pydicom.dcmread(res.derived_files[0], stop_before_pixels=True).SeriesNumber)
+                           report={"revision": rev, "derived_series_uids": res.derived_series_uids})
+    return rev, int(pydicom.dcmread(res.derived_files[0], stop_before_pixels=True).SeriesNumber)
 
 
-def test_a_superseding_result_gets_another_series_number_and_a_replay_the_same(tmp_path: Path) -> None:
+def test_a_superseding_result_gets_another_series_number_and_a_replay_the_same(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config(None)
     cfg = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, spool_dir=str(tmp_path / "spool")))
     store = open_store(cfg)
@@ -82,7 +85,13 @@ def test_a_superseding_result_gets_another_series_number_and_a_replay_the_same(t
     _index_files(store, files[5:])  # a late instance: the series is processed again, the new job supersedes
     rev2, number2 = _run(store, cfg, store.index.create_job(series, "r"), series)
     rev3, number3 = _run(store, cfg, store.index.create_job(series, "r"), series)  # a replay: the same input
-    assert (rev1, rev2, rev3) == (0, 1, 1)
+    # a replay whose UIDs differ (an upgrade changed PIPELINE_VERSION; other engine settings or weights alike)
+    import node.derived.modules
+
+    monkeypatch.setattr(node.derived.modules, "PIPELINE_VERSION", node.derived.modules.PIPELINE_VERSION + ".up")
+    rev4, number4 = _run(store, cfg, store.index.create_job(series, "r"), series)
+    assert (rev1, rev2, rev3, rev4) == (0, 1, 1, 2)
+    assert number4 not in (number1, number2), "a result with other UIDs shows the number of the one it rejects"
     assert number2 != number1, "the superseding derived series shows the number of the one it supersedes"
     assert number3 == number2, "a replay of the same input (the same UIDs) must keep its number"
     offset = cfg.derive.series_number_offset
