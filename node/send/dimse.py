@@ -215,6 +215,9 @@ class DimseSender:
             raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} failed: {exc}") from exc
         status = int(rsp.get("Status", -1)) if rsp is not None and len(rsp) else -1
         if status == -1:
+            damaged = _damaged(path)  # a file the peer could not parse never gets an answer: do not resend it
+            if damaged:
+                raise DeliveryError(f"{path}: {damaged}; not sent to {self._where()}", retryable=False)
             raise _NoResponse(f"destination {self._where()}: no C-STORE response for {path.name} "
                                 "(connection lost or timed out)")
         if status not in STORED_STATUSES:
@@ -232,6 +235,23 @@ class DimseSender:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+
+def _damaged(path: Path) -> str:
+    """Why the file at ``path`` is not a whole DICOM object ('' when it is): unreadable, or native (uncompressed)
+    PixelData shorter than Rows × Columns × SamplesPerPixel × BitsAllocated/8 × NumberOfFrames (pydicom reads a
+    truncated value without complaint; PS3.5 8.1.1 gives the length)."""
+    try:
+        ds = dcmread(path)
+        if "PixelData" not in ds or ds.file_meta.TransferSyntaxUID.is_compressed:
+            return ""
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                    * int(ds.BitsAllocated) * frames + 7) // 8
+        have = len(ds.PixelData)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
+        return f"not a readable DICOM file ({type(exc).__name__})"
+    return f"file truncated: PixelData {have} of {expected} bytes" if have < expected else ""
 
 
 def create(dest: DicomDestination) -> DimseSender:
