@@ -46,6 +46,7 @@ class Node:
         self.scp = StoreSCP(cfg, self.ctx.admission, metrics, jobs.audit, on_release=self.watcher.hint,
                             on_report=self.outbox.confirm.on_report)
         self.http: HttpHandle | None = None
+        self._spool_lock: int | None = None  # the spool's lock while serving (Spool.lock)
 
     def start(self) -> None:
         """Start every component; raises ConfigError before anything starts when ``[http]`` would serve
@@ -53,6 +54,7 @@ class Node:
         if self.cfg.http.enabled:
             check_exposure(self.cfg.http)
         ctx = self.ctx
+        self._spool_lock = ctx.spool.lock()  # one serving node per spool, before the spool is touched
         leftovers = ctx.spool.clean_incoming()
         found = reindex_spool(ctx.spool, ctx.index)
         if found.added:
@@ -102,6 +104,9 @@ class Node:
         self.outbox.stop()
         self.ctx.executor.stop()
         self.ctx.audit.write("node-stopped", ae_title=self.cfg.node.ae_title)
+        if self._spool_lock is not None:
+            self.ctx.spool.unlock(self._spool_lock)
+            self._spool_lock = None
         log.info("stopped")
 
 

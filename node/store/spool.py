@@ -161,6 +161,36 @@ class Spool:
         """``<root>/index.sqlite``, the spool index's file."""
         return self.root / "index.sqlite"
 
+    # ------------------------------------------------------------------------------------ one node per spool
+
+    def lock(self) -> int:
+        """Take the spool's exclusive lock (``<root>/srnode.lock``, flock(2)) for the serving node's lifetime,
+        before anything cleans, re-indexes or requeues: two nodes on one spool would delete each other's partial
+        files and run each other's jobs. The kernel drops the lock when the process dies (kill -9 included).
+        Returns its file descriptor (``unlock(fd)`` releases it). SpoolError when another process holds it."""
+        import fcntl
+
+        path = self.root / "srnode.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise SpoolError(f"spool {self.root}: cannot open its lock {path.name}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            raise SpoolError(f"spool {self.root} is in use by another srnode (its lock {path.name} is held): stop "
+                             "that node, or give this one its own [node] spool_dir") from exc
+        return fd
+
+    @staticmethod
+    def unlock(fd: int) -> None:
+        """Release a lock taken by :meth:`lock` (closing its descriptor)."""
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
     # ------------------------------------------------------------------------------------ disk watermark
 
     def free_mb(self) -> float:
