@@ -391,19 +391,42 @@ def copy_contexts(contexts: list[PresentationContext]) -> list[PresentationConte
     return out
 
 
+class PolledAssociationSocket(AssociationSocket):
+    """pynetdicom's AssociationSocket whose ``ready`` (is there data to read?) asks ``poll`` instead of
+    ``select.select``: pynetdicom 3.0 takes select's ValueError on a descriptor >= 1024 for a closed connection
+    (Evt17), so once a few hundred connections were open every new association was aborted at once ("Peer
+    aborted Association") without a line in the log."""
+
+    @property
+    def ready(self) -> bool:
+        """As pynetdicom 3.0.4's ``AssociationSocket.ready``: whether data can be read now (also a TLS record
+        already buffered); False and Evt17 when the socket is closed."""
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        try:
+            ready = bool(wait_ready([sock], 0))
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            return ready or bool(sock.pending())
+        return ready
+
+
 class QuietRequestHandler(RequestHandler):
     """pynetdicom's request handler, making :class:`QuietAssociation` s (stock ones when not ``SUPPORTED``)."""
 
     def _create_association(self) -> Association:
-        """As ``RequestHandler._create_association`` of pynetdicom 3.0.4, with our association class, the
-        contexts copied by :func:`copy_contexts`, and without pynetdicom's log-only handlers (LOG_ONLY_HANDLERS)
-        while its logger is above INFO."""
+        """As ``RequestHandler._create_association`` of pynetdicom 3.0.4, with our association and socket
+        (:class:`PolledAssociationSocket`) classes, the contexts copied by :func:`copy_contexts`, and without
+        pynetdicom's log-only handlers (LOG_ONLY_HANDLERS) while its logger is above INFO."""
         if not SUPPORTED:
             return super()._create_association()
         assoc = QuietAssociation(self.ae, MODE_ACCEPTOR)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-        assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
+        assoc.set_socket(PolledAssociationSocket(assoc, client_socket=self.request))
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title
         assoc.acceptor.address_info = self.local

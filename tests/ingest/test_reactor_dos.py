@@ -15,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom._globals import MODE_ACCEPTOR
 
 from node.ingest.fdwait import wait_ready
-from node.ingest.reactor import PDU_FIRST_BUFFER, QuietAssociation
+from node.ingest.reactor import PDU_FIRST_BUFFER, PolledAssociationSocket, QuietAssociation
 from tests.support.peers import wait_until
 
 
@@ -88,7 +88,9 @@ def test_a_peer_closing_mid_body_is_evt17() -> None:
 
 
 def test_wait_ready_works_above_fd_1024() -> None:
-    """select.select raises ValueError for descriptors >= 1024 (FD_SETSIZE); the node's waits use poll."""
+    """select.select raises ValueError for descriptors >= 1024 (FD_SETSIZE), which pynetdicom's
+    ``AssociationSocket.ready`` took for a closed connection (every new association aborted once ~340 were
+    open); the node's waits and its acceptor sockets use poll."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1100:
         pytest.skip(f"the descriptor limit ({hard}) is below 1100")
@@ -101,6 +103,12 @@ def test_wait_ready_works_above_fd_1024() -> None:
         b.sendall(b"x")
         assert wait_ready([high], 5) == [high]
         assert wait_ready([high], 0, write=True) == [high]
+        assoc = QuietAssociation(AE(ae_title="SRNODE"), MODE_ACCEPTOR)
+        polled = PolledAssociationSocket(assoc, client_socket=high)
+        assert polled.ready
+        assert high.recv(1) == b"x"
+        assert not polled.ready
+        assert "Evt17" not in list(assoc.dul.event_queue.queue)  # the connection is not taken for closed
         high.close()
     finally:
         a.close()
