@@ -8,7 +8,7 @@ half of the node's CPU samples while it ingests, more than admission and the gro
 
 Here the waits end on the event itself instead, and otherwise poll every ``IDLE_S``:
 
-- :class:`QuietDUL`: where the reactor would sleep, it waits in ``select`` on its socket and on a wake-up
+- :class:`QuietDUL`: where the reactor would sleep, it waits in ``poll`` on its socket and on a wake-up
   socket pair written by ``send_pdu`` / ``kill_dul`` (a primitive to send, e.g. the C-STORE response): data
   from the peer and primitives from the association thread are handled as soon as they come, timers (ARTIM)
   at most ``IDLE_S`` late. Hooked through ``_run_loop_delay``, which the reactor reads right before its sleep:
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import select
 import socket
 import ssl
 import struct
@@ -50,6 +49,8 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from node.ingest.fdwait import wait_ready
+
 log = logging.getLogger(__name__)
 
 IDLE_S = 0.02  # longest wait before the reactors look at their timers and flags again (seconds)
@@ -58,6 +59,7 @@ MIN_PDU_CAP = 1 << 20  # bytes: the largest PDU body read from a peer is at leas
 UNLIMITED_PDU_CAP = 64 << 20  # bytes: the cap when our maximum PDU length is 0 (unlimited)
 PDU_TIMEOUT_S = 30.0  # seconds a PDU may take to arrive once its first byte came, plus 1 s per PDU_MIN_RATE bytes
 PDU_MIN_RATE = 64 << 10  # bytes/s: slower than this (beyond PDU_TIMEOUT_S) is a trickle, not a network
+PDU_FIRST_BUFFER = 64 << 10  # bytes: a PDU's receive buffer starts at most this large, then doubles when full
 
 
 # pynetdicom's "standard" notification handlers: they only log, at INFO and DEBUG (pynetdicom._handlers), and run
@@ -95,6 +97,7 @@ class QuietDUL(DULServiceProvider):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self.pdu_buffer_bytes = 0  # size of the receive buffer of the PDU being read (0: none), for tests
         super().__init__(assoc)
 
     @property  # type: ignore[override]
@@ -118,7 +121,7 @@ class QuietDUL(DULServiceProvider):
         if isinstance(raw, ssl.SSLSocket) and raw.pending():
             return
         try:
-            ready, _, _ = select.select([raw, self._wake_r], [], [], IDLE_S)
+            ready = wait_ready([raw, self._wake_r], IDLE_S)  # poll: no limit on descriptor numbers (fdwait)
         except (OSError, ValueError):  # closed under us: the reactor's own check reports it
             return
         if self._wake_r in ready:
@@ -155,7 +158,8 @@ class QuietDUL(DULServiceProvider):
     def _read_pdu_data(self) -> None:
         """As pynetdicom 3.0's ``_read_pdu_data``, refusing (Evt19: A-ABORT) a PDU whose announced length is above
         :func:`pdu_cap` before reading its body: pynetdicom buffers the whole announced body in memory, so one
-        peer announcing 4 GB and streaming grew the node's memory without bound."""
+        peer announcing 4 GB and streaming grew the node's memory without bound. The body is read by
+        :meth:`_recv_body`: memory in proportion to the bytes that came, not to the length announced."""
         deadline = time.monotonic() + PDU_TIMEOUT_S
         try:
             head = bytearray(6)
@@ -181,19 +185,19 @@ class QuietDUL(DULServiceProvider):
                         self.assoc.requestor.address, pdu_type, pdu_length, cap)
             self.event_queue.put("Evt19")
             return
-        pdu_bytes = bytearray(6 + pdu_length)  # at most pdu_cap: the whole PDU, received in place (no copies)
-        pdu_bytes[:6] = head
         try:
-            got = self._recv_into(pdu_bytes, 6, deadline + pdu_length / PDU_MIN_RATE)
+            pdu_bytes = self._recv_body(head, 6 + pdu_length, deadline + pdu_length / PDU_MIN_RATE)
         except (OSError, TimeoutError):
             self.event_queue.put("Evt17")
             return
         except PduTimeout:
             self._trickled()
             return
-        if got is None:
+        finally:
+            self.pdu_buffer_bytes = 0
+        if pdu_bytes is None:
             return
-        if got != 6 + pdu_length:
+        if len(pdu_bytes) != 6 + pdu_length:
             self.event_queue.put("Evt17")
             return
         try:
@@ -204,11 +208,40 @@ class QuietDUL(DULServiceProvider):
             return
         self._recv_pdu.put(pdu)
 
+    def _recv_body(self, head: bytearray, total: int, deadline: float) -> bytearray | None:
+        """The whole PDU (``total`` bytes, ``head`` its first 6) once its body came before ``deadline`` (monotonic
+        seconds); shorter when the peer closed first, None when the association is being killed meanwhile.
+        Raises as :meth:`_recv_into`.
+
+        The buffer starts at ``min(total, PDU_FIRST_BUFFER)`` bytes and doubles (never beyond ``total``) only
+        once it is full: at most max(PDU_FIRST_BUFFER, twice what the peer sent). Allocating the announced
+        length up front let 400 connections, each sending a header announcing 1 MiB and then a byte every 1.5 s,
+        grow the node by 400 MB without sending it. A PDU of at most PDU_FIRST_BUFFER bytes is received in
+        place, a larger one (a 256 KiB P-DATA-TF at ``max_pdu`` = 262144: two doublings) is copied once per
+        doubling, what came so far each time: less than its size in all."""
+        buf = bytearray(min(total, PDU_FIRST_BUFFER))
+        buf[:6] = head
+        got = 6
+        while True:
+            self.pdu_buffer_bytes = len(buf)
+            filled = self._recv_into(buf, got, deadline)
+            if filled is None:
+                return None
+            got = filled
+            if got < len(buf) or len(buf) == total:  # the peer closed, or the PDU is complete
+                break
+            grown = bytearray(min(total, 2 * len(buf)))
+            grown[:got] = buf
+            buf = grown
+        if got < len(buf):
+            del buf[got:]
+        return buf
+
     def _recv_into(self, buf: bytearray, start: int, deadline: float) -> int | None:
         """Fill ``buf`` from offset ``start`` with bytes from the peer, read as they come, until ``deadline``
         (monotonic seconds); returns how far it is filled (less than ``len(buf)`` when the peer closed), None
         when the association is being killed meanwhile. On a plain socket each read is a non-blocking
-        ``recv_into`` straight into ``buf`` (no chunk copies, no ``select`` while data is waiting); ``select``
+        ``recv_into`` straight into ``buf`` (no chunk copies, no ``poll`` while data is waiting); ``poll``
         (at most 0.5 s, then the kill flag and the deadline are checked again) only when nothing is. Raises
         PduTimeout past the deadline (a trickle: ``association_timeout_s`` covers only the A-ASSOCIATE-RQ,
         pynetdicom's network timeout only silence), OSError/TimeoutError from the socket."""
@@ -236,7 +269,7 @@ class QuietDUL(DULServiceProvider):
                     got += k
                     continue
             if not (tls and raw.pending()):
-                ready, _, _ = select.select([raw], [], [], min(left, 0.5))
+                ready = wait_ready([raw], min(left, 0.5))
                 if not ready or direct:
                     continue
             try:
@@ -358,19 +391,42 @@ def copy_contexts(contexts: list[PresentationContext]) -> list[PresentationConte
     return out
 
 
+class PolledAssociationSocket(AssociationSocket):
+    """pynetdicom's AssociationSocket whose ``ready`` (is there data to read?) asks ``poll`` instead of
+    ``select.select``: pynetdicom 3.0 takes select's ValueError on a descriptor >= 1024 for a closed connection
+    (Evt17), so once a few hundred connections were open every new association was aborted at once ("Peer
+    aborted Association") without a line in the log."""
+
+    @property
+    def ready(self) -> bool:
+        """As pynetdicom 3.0.4's ``AssociationSocket.ready``: whether data can be read now (also a TLS record
+        already buffered); False and Evt17 when the socket is closed."""
+        sock = self.socket
+        if sock is None or self._is_connected is False:
+            return False
+        try:
+            ready = bool(wait_ready([sock], 0))
+        except (OSError, TimeoutError, ValueError):
+            self.event_queue.put("Evt17")
+            return False
+        if isinstance(sock, ssl.SSLSocket):
+            return ready or bool(sock.pending())
+        return ready
+
+
 class QuietRequestHandler(RequestHandler):
     """pynetdicom's request handler, making :class:`QuietAssociation` s (stock ones when not ``SUPPORTED``)."""
 
     def _create_association(self) -> Association:
-        """As ``RequestHandler._create_association`` of pynetdicom 3.0.4, with our association class, the
-        contexts copied by :func:`copy_contexts`, and without pynetdicom's log-only handlers (LOG_ONLY_HANDLERS)
-        while its logger is above INFO."""
+        """As ``RequestHandler._create_association`` of pynetdicom 3.0.4, with our association and socket
+        (:class:`PolledAssociationSocket`) classes, the contexts copied by :func:`copy_contexts`, and without
+        pynetdicom's log-only handlers (LOG_ONLY_HANDLERS) while its logger is above INFO."""
         if not SUPPORTED:
             return super()._create_association()
         assoc = QuietAssociation(self.ae, MODE_ACCEPTOR)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-        assoc.set_socket(AssociationSocket(assoc, client_socket=self.request))
+        assoc.set_socket(PolledAssociationSocket(assoc, client_socket=self.request))
         assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
         assoc.acceptor.ae_title = self.server.ae_title
         assoc.acceptor.address_info = self.local

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import select
 import socket
 import ssl
 import threading
@@ -38,6 +37,7 @@ from pynetdicom.utils import make_target
 
 from node.audit import AuditLog
 from node.dimse import no_delay
+from node.ingest.fdwait import wait_ready
 from node.ingest.reactor import QuietRequestHandler
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def _first_bytes(sock: socket.socket, deadline: float) -> bool:
         """Whether the caller sent something (a ClientHello, an A-ASSOCIATE-RQ) before ``deadline``
         (monotonic seconds); _Hangup when it closed the connection without a byte (a TCP probe)."""
-        r, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
-        if not r:
+        if not wait_ready([sock], deadline - time.monotonic()):  # poll: select() fails on descriptors >= 1024
             return False
         if not sock.recv(1, socket.MSG_PEEK):
             raise _Hangup()
@@ -181,7 +180,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise GateClosed(f"TLS: the handshake was not finished within {self.handshake_timeout_s:g} s")
-            select.select([tls] if wait_read else [], [] if wait_read else [tls], [], left)
+            wait_ready([tls], left, write=not wait_read)
         tls.setblocking(True)
         return tls
 
@@ -191,8 +190,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         sock = entry.sock
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return
-        r, _, _ = select.select([sock], [], [], self.association_timeout_s)
-        if not r:
+        if not wait_ready([sock], self.association_timeout_s):
             raise GateClosed(f"no A-ASSOCIATE-RQ within {self.association_timeout_s:g} s")
 
     def _refused(self, address: str, handshake: bool, reason: str) -> None:
