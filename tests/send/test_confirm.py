@@ -314,8 +314,10 @@ def dcmqrscp(tmp_path: Path) -> Iterator[int]:
 
 def test_dcmqrscp_count_fallback_when_commitment_is_refused(dcmqrscp: int, tmp_path: Path) -> None:
     files = write_phantom_series(tmp_path / "ct", slices=3, size=32, seed=35)
+    # one association: dcmqrscp answers 0xC000 to concurrent stores into its index (seen once the sender got
+    # fast: TCP_NODELAY and files streamed from disk)
     dest = {"name": "qr", "kind": "dicom", "ae_title": "QRSCP", "host": "127.0.0.1", "port": dcmqrscp,
-            "timeout_s": 10.0}
+            "timeout_s": 10.0, "associations": 1}
     h = Harness(tmp_path, _cfg(tmp_path, dest), files)
     d = h.job(1)
     h.outbox.attempt(d)
@@ -324,8 +326,7 @@ def test_dcmqrscp_count_fallback_when_commitment_is_refused(dcmqrscp: int, tmp_p
     assert got.confirm_note.startswith("storage commitment refused") and "3 of 3" in got.confirm_note
     # confirm = "commitment" with this peer: refused for good, not retried (one association: dcmqrscp answers
     # 0xC000 to concurrent re-stores of instances its index already holds)
-    strict = Harness(tmp_path / "strict", _cfg(tmp_path / "strict", {**dest, "confirm": "commitment",
-                                                                       "associations": 1}), files)
+    strict = Harness(tmp_path / "strict", _cfg(tmp_path / "strict", {**dest, "confirm": "commitment"}), files)
     (tmp_path / "strict").mkdir(exist_ok=True)
     d = strict.job(2)
     strict.outbox.attempt(d)
