@@ -31,6 +31,7 @@ import ssl
 import struct
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
@@ -88,6 +89,9 @@ def pdu_cap(pdu_type: int, max_length: int) -> int:
     if pdu_type != 0x04:
         return MIN_PDU_CAP
     return max(4 * max_length, MIN_PDU_CAP) if max_length else UNLIMITED_PDU_CAP
+
+
+_ENDED = object()  # QuietDUL._receive: the read ended the association (already reported)
 
 
 class QuietDUL(DULServiceProvider):
@@ -155,22 +159,26 @@ class QuietDUL(DULServiceProvider):
             return True
         return bool(super()._is_transport_event())
 
+    def _receive(self, read: Callable[[], Any]) -> Any:
+        """``read()``'s result, or ``_ENDED`` once the failure is reported: the transport failed or closed
+        (Evt17), or the PDU trickled past its deadline (``_trickled``)."""
+        try:
+            return read()
+        except (OSError, TimeoutError):
+            self.event_queue.put("Evt17")
+        except PduTimeout:
+            self._trickled()
+        return _ENDED
+
     def _read_pdu_data(self) -> None:
         """As pynetdicom 3.0's ``_read_pdu_data``, refusing (Evt19: A-ABORT) a PDU whose announced length is above
         :func:`pdu_cap` before reading its body: pynetdicom buffers the whole announced body in memory, so one
         peer announcing 4 GB and streaming grew the node's memory without bound. The body is read by
         :meth:`_recv_body`: memory in proportion to the bytes that came, not to the length announced."""
         deadline = time.monotonic() + PDU_TIMEOUT_S
-        try:
-            head = bytearray(6)
-            got = self._recv_into(head, 0, deadline)
-        except (OSError, TimeoutError):
-            self.event_queue.put("Evt17")
-            return
-        except PduTimeout:
-            self._trickled()
-            return
-        if got is None:  # the association is being killed
+        head = bytearray(6)
+        got = self._receive(lambda: self._recv_into(head, 0, deadline))
+        if got is None or got is _ENDED:  # the association is being killed, or the read ended it
             return
         if got < 6:  # the peer closed the connection
             self.event_queue.put("Evt17")
@@ -186,16 +194,11 @@ class QuietDUL(DULServiceProvider):
             self.event_queue.put("Evt19")
             return
         try:
-            pdu_bytes = self._recv_body(head, 6 + pdu_length, deadline + pdu_length / PDU_MIN_RATE)
-        except (OSError, TimeoutError):
-            self.event_queue.put("Evt17")
-            return
-        except PduTimeout:
-            self._trickled()
-            return
+            pdu_bytes = self._receive(lambda: self._recv_body(head, 6 + pdu_length,
+                                                              deadline + pdu_length / PDU_MIN_RATE))
         finally:
             self.pdu_buffer_bytes = 0
-        if pdu_bytes is None:
+        if pdu_bytes is None or pdu_bytes is _ENDED:
             return
         if len(pdu_bytes) != 6 + pdu_length:
             self.event_queue.put("Evt17")

@@ -25,12 +25,7 @@ def test_rejection_note_reaches_back_past_jobs_without_results(tmp_path: Path) -
     store = open_store(cfg)
     files = write_phantom_series(tmp_path / "in", slices=5, size=32, step_mm=3.0)
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    for f in files:
-        ds = pydicom.dcmread(f, stop_before_pixels=True)
-        store.index.add_instance(Instance(sop_uid=ds.SOPInstanceUID, series_uid=ds.SeriesInstanceUID,
-                                          study_uid=ds.StudyInstanceUID, sop_class=ds.SOPClassUID,
-                                          transfer_syntax="1.2.840.10008.1.2.1", path=str(f), calling_ae="CT01",
-                                          allowed_rules=""), "CT", f.stat().st_size)
+    _index_files(store, files)
     series = str(first.SeriesInstanceUID)
     # job 1 ran and delivered its derived series
     job1 = store.index.create_job(series, "r")
