@@ -32,7 +32,7 @@ class EngineError(RuntimeError):
 
 
 __all__ = ["ENGINES", "FACTOR_LIMITS", "Device", "EngineError", "EngineOptions", "EngineResult", "Factors", "Progress",
-           "VolumeInput", "available", "factor_problem", "get_engine", "upscale"]
+           "TorchCompile", "VolumeInput", "available", "factor_problem", "get_engine", "upscale"]
 
 # The accepted upscaling factors per axis, (lowest, highest) inclusive: the one source of these bounds (the node's
 # config names its own key with them, ``Factors`` checks them).
@@ -124,6 +124,17 @@ class Device(StrEnum):
     CUDA = "cuda"
 
 
+class TorchCompile(StrEnum):
+    """Whether the network passes run through ``torch.compile`` (CUDA only; ignored on the CPU): ``none`` (eager),
+    ``default`` (inductor's default mode) or ``max-autotune`` (inductor benchmarks kernel choices, Triton
+    convolution templates included; no CUDA graphs, since the batch shapes vary). Compiled once per net shape and
+    process; the compile time is reported apart (``through_compile_s``)."""
+
+    NONE = "none"
+    DEFAULT = "default"
+    MAX_AUTOTUNE = "max-autotune"
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """Engine settings the node passes through: the one field list of config.toml's ``[engine]`` table.
@@ -143,6 +154,7 @@ class EngineOptions:
     seed: int = 0
     min_gain_db: float = 0.3
     max_voxels_per_tile: int = 0  # tile size limit; 0: sized from free GPU/CPU memory
+    torch_compile: TorchCompile = TorchCompile.NONE  # network passes through torch.compile (CUDA only)
 
 
 EngineFactory = Callable[[EngineOptions], Engine]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +28,7 @@ from models.degrade import (
     through_plane_matrix,
 )
 from models.engine import Progress
-from models.nets import SRNet
+from models.nets import SRNet, SRNetConfig
 
 log = logging.getLogger(__name__)
 
@@ -243,11 +245,41 @@ def train(
     return float(np.mean(losses[-20:]))
 
 
+class CompiledNet:
+    """A ``torch.compile``d forward of one net shape, kept for the process and reused across engine calls: each
+    use copies the caller's weights into ``net`` (same tensors, so no re-trace) while holding ``lock``. Compiling
+    anew per call would cost seconds every series (dynamo traces again; inductor's on-disk caches only shorten it).
+    """
+
+    def __init__(self, cfg: SRNetConfig, device: str, mode: str) -> None:
+        with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: leave the caller's RNG be
+            self.net = SRNet(cfg).to(torch.device(device)).eval()
+        # inductor's own mode names; no CUDA graphs ("-no-cudagraphs"): the last batch of a stack is smaller
+        inductor = {"default": "default", "max-autotune": "max-autotune-no-cudagraphs"}[mode]
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = torch.compile(  # type: ignore[assignment]
+            self.net, mode=inductor, dynamic=False)
+        self.lock = threading.Lock()
+        self.shapes: set[tuple[int, ...]] = set()  # input shapes already compiled (for the compile-time report)
+
+    def load(self, net: SRNet) -> None:
+        """Copy ``net``'s weights in (the caller holds ``lock``)."""
+        with torch.no_grad():
+            for mine, theirs in zip(self.net.parameters(), net.parameters(), strict=True):
+                mine.copy_(theirs)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_net(cfg: SRNetConfig, device: str, mode: str) -> CompiledNet:
+    """The process's ``CompiledNet`` for (net shape, device, ``TorchCompile`` mode "default" | "max-autotune")."""
+    return CompiledNet(cfg, device, mode)
+
+
 @torch.no_grad()
 def residual(net: SRNet, lr: torch.Tensor, task: Task, flip: tuple[int, ...], max_pixels: int = 0,
-             transpose: bool = False) -> torch.Tensor:
+             transpose: bool = False, forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Network residual for (B, h, w) images, or (B, C, h, w) with context channels, on the fine grid (B, H, W),
     float32, under one test-time view: transposed (``transpose``; in-plane, fz == fx), then flipped (``flip``).
+    ``forward``: what runs the net (a ``CompiledNet.forward`` holding ``net``'s weights); default ``net`` itself.
 
     Tiles along columns with a halo of the receptive field when h*w exceeds ``max_pixels`` (> 0): exact.
     """
@@ -266,7 +298,7 @@ def residual(net: SRNet, lr: torch.Tensor, task: Task, flip: tuple[int, ...], ma
             c1 = min(w, c0 + step)
             a0, a1 = max(0, c0 - halo), min(w, c1 + halo)
             xt = x[..., a0:a1].contiguous(memory_format=torch.channels_last)
-            r = net(xt)[:, 0].float()
+            r = (net if forward is None else forward)(xt)[:, 0].float()
             s0 = (c0 - a0) * task.fx
             out[:, :, c0 * task.fx : c1 * task.fx] = r[:, :oh, s0 : s0 + (c1 - c0) * task.fx]
     if flip:

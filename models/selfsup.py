@@ -20,6 +20,7 @@ Any internal failure is an ``EngineError`` naming the stage. torch + numpy only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from models.engine import (
     EngineResult,
     Factors,
     Progress,
+    TorchCompile,
     VolumeInput,
     output_shape,
 )
@@ -276,9 +278,59 @@ class SelfSupEngine:
         task = il.Task(f, 1, True, model)
         x = to_device(vol_n, device)  # (Z, Y, X)
         z, y, xx = x.shape
-        zf = (z - 1) * f + 1
         dcm = [torch.from_numpy(m).float().to(device) for m in il.dc_matrices(z, model)]  # uploads before the queue
         chunks = [self._chunk(net, z, xx, device), self._chunk(net, z, y, device)]
+        stacks = [x.permute(1, 0, 2), x.permute(2, 0, 1)]  # coronal (Y,Z,X) | sagittal (X,Z,Y)
+        with contextlib.ExitStack() as held:
+            forward = self._compiled(net, stacks[:orients], chunks, task, held, report, kind)
+            return self._passes(kind, net, forward, x, stacks, chunks, orients, task, dcm, passes, val_job,
+                                helpers, side, report, progress)
+
+    def _compiled(self, net: SRNet, stacks: list[torch.Tensor], chunks: list[int], task: il.Task,
+                  held: contextlib.ExitStack, report: dict[str, Any], kind: str,
+                  ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The process's compiled forward of ``net``'s shape holding its weights (``internal.CompiledNet``; its lock
+        taken into ``held``), compiled for every batch shape of ``stacks`` before the passes are timed; None (eager)
+        on the CPU, with ``torch_compile`` "none", or when compiling fails (logged, and reported as
+        ``<kind>_compile_error``). Out of GPU memory propagates (the caller retries with smaller tiles)."""
+        mode = TorchCompile(self.options.torch_compile)
+        if mode == TorchCompile.NONE or stacks[0].device.type != "cuda":
+            return None
+        t = time.perf_counter()
+        try:
+            holder = il.compiled_net(net.cfg, str(stacks[0].device), mode.value)
+            held.enter_context(holder.lock)
+            holder.load(net)
+            for stack, chunk in zip(stacks, chunks, strict=True):
+                n = stack.shape[0]
+                for b in sorted({min(chunk, n - b0) for b0 in range(0, n, chunk)}):
+                    shape = (b, *stack.shape[1:])
+                    if shape not in holder.shapes:
+                        il.residual(net, stack[:b], task, (), self.options.max_voxels_per_tile, forward=holder.forward)
+                        holder.shapes.add(shape)
+            torch.cuda.synchronize(stacks[0].device)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a compiler failure must not fail the series: eager passes instead
+            log.warning("selfsup: torch.compile (%s) failed, eager passes: %s: %s", mode.value, type(exc).__name__, exc)
+            report[f"{kind}_compile_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            return None
+        report[f"{kind}_compile_s"] = round(time.perf_counter() - t, 3)
+        report[f"{kind}_torch_compile"] = mode.value
+        return holder.forward
+
+    def _passes(
+        self, kind: str, net: SRNet, forward: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor,
+        stacks: list[torch.Tensor], chunks: list[int], orients: int, task: il.Task, dcm: list[torch.Tensor],
+        passes: int, val_job: Future[list[il.PairSet]], helpers: Future[tuple[np.ndarray, float, list[il.PairSet]]],
+        side: torch.cuda.Stream | None, report: dict[str, Any], progress: Progress | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+        """The network passes (coronal and sagittal stacks x flips), their fusion, data consistency, the
+        self-check and sigma (the second half of ``_stage``)."""
+        f = task.fz
+        z, y, xx = x.shape
+        zf = (z - 1) * f + 1
+        device = x.device
         t = time.perf_counter()
         timer = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else []
         if timer:
@@ -292,14 +344,15 @@ class SelfSupEngine:
         batches = sum(-(-(y if o == 0 else xx) // chunks[o]) for o, _fl in plan)
         done = 0
         for o in range(orients):
-            stack = x.permute(1, 0, 2) if o == 0 else x.permute(2, 0, 1)  # coronal (Y,Z,X) | sagittal (X,Z,Y)
+            stack = stacks[o]
             flips = [fl for (oo, fl) in plan if oo == o]
             s1 = torch.zeros((stack.shape[0], zf, stack.shape[2]), device=device)
             s2 = torch.zeros_like(s1)
             chunk = chunks[o]
             for fl in flips:
                 for b0 in range(0, stack.shape[0], chunk):
-                    r = il.residual(net, stack[b0 : b0 + chunk], task, fl, self.options.max_voxels_per_tile)
+                    r = il.residual(net, stack[b0 : b0 + chunk], task, fl, self.options.max_voxels_per_tile,
+                                    forward=forward)
                     s1[b0 : b0 + chunk] += r
                     s2[b0 : b0 + chunk] += r * r
                     done += 1

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from models.engine import Device, EngineOptions, Factors, VolumeInput, get_engine, upscale
+from models.engine import Device, EngineOptions, Factors, TorchCompile, VolumeInput, get_engine, upscale
 from node.app.progress import bar_of
 from node.bench.results import write_result
 
@@ -73,6 +73,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta-passes", type=int, default=EngineOptions.tta_passes)
     parser.add_argument("--finetune-steps", type=int, default=EngineOptions.finetune_steps)
     parser.add_argument("--repeat", type=int, default=1, help="calls per mode (the figures of each call are kept)")
+    parser.add_argument("--torch-compile", choices=[m.value for m in TorchCompile], default=TorchCompile.NONE.value,
+                        help="network passes through torch.compile (CUDA only; compile time reported apart)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="after the timed calls, one more fast call under torch.profiler: its operators and "
+                             "kernels by device time (top 40) written to this text file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     vol = make_volume((z, y, x), args.source)
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     figures: dict[str, Any] = {"device": name, "shape_zyx": [z, y, x], "factor": 2, "tta_passes": args.tta_passes,
-                               "bf16_peak_tflops": _peak(name)}
+                               "bf16_peak_tflops": _peak(name), "torch_compile": args.torch_compile,
+                               "torch": torch.__version__}
     bar = bar_of(args)
     runs = [(m, i) for m in args.modes.split(",") for i in range(max(1, args.repeat))]
     bar.stage("warm-up" if args.device == "cuda" else f"{runs[0][0]} run 1", len(runs) + (args.device == "cuda"))
@@ -95,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         if k or args.device == "cuda":
             bar.stage(f"{mode} run {call + 1}")
         opts = EngineOptions(device=Device(args.device), fast=mode == "fast", finetune_steps=args.finetune_steps,
-                             tta_passes=args.tta_passes, min_gain_db=-1e9)
+                             tta_passes=args.tta_passes, min_gain_db=-1e9,
+                             torch_compile=TorchCompile(args.torch_compile))
         t0 = time.perf_counter()
         res = upscale(get_engine("selfsup", opts), vol, Factors(2, 1), bar.engine if bar.bar else None)
         total = time.perf_counter() - t0
@@ -105,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         key = mode if call == 0 else f"{mode}_call{call + 1}"
         figures[key] = {"engine_s": round(total, 3), "finetune_s": rep.get("through_finetune_s"),
                         "validate_s": rep.get("through_validate_s"), "to_host_s": rep.get("to_host_s"),
+                        "compile_s": rep.get("through_compile_s"), "compile_error": rep.get("through_compile_error"),
                         "inference_s": inf, "net_tflops_achieved": round(tflops, 2),
                         "fraction_of_bf16_peak": round(tflops / figures["bf16_peak_tflops"], 4)
                         if figures["bf16_peak_tflops"] else None,
@@ -117,6 +125,32 @@ def run(args: argparse.Namespace) -> int:
               f"(fine-tune {rep.get('through_finetune_s')} s, validate {rep.get('through_validate_s')} s, "
               f"inference {inf:.2f} s{' GPU' if args.device == 'cuda' else ''}, {tflops:.1f} TFLOP/s, "
               f"to host {rep.get('to_host_s')} s)")
+    if args.profile is not None:
+        figures["profile"] = str(_profile(args, vol))
     out = write_result("engine", figures)
     print(f"written {out}")
     return 0
+
+
+def _profile(args: argparse.Namespace, vol: VolumeInput) -> Path:
+    """One fast call under ``torch.profiler`` (CPU and, on CUDA, device activity): the operators and kernels by
+    device time (CPU time on the CPU), top 40, written to ``args.profile``; returns that path."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    opts = EngineOptions(device=Device(args.device), fast=True, tta_passes=args.tta_passes, min_gain_db=-1e9,
+                         torch_compile=TorchCompile(args.torch_compile))
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        upscale(get_engine("selfsup", opts), vol, Factors(2, 1))
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    key = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=70)
+    args.profile.parent.mkdir(parents=True, exist_ok=True)
+    args.profile.write_text(f"one fast call under torch.profiler, {wall:.2f} s wall (profiler overhead included)\n"
+                            f"{table}\n")
+    print(f"profile written to {args.profile}")
+    return Path(args.profile)
