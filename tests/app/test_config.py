@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from models.engine import FACTOR_LIMITS, Device, EngineOptions, Factors
+from models.engine import FACTOR_LIMITS, Device, EngineOptions, Factors, TorchCompile
 from node.config import (
     DEFAULTS,
     DESTINATION_TYPES,
@@ -140,12 +140,14 @@ def test_secrets_are_redacted_and_env_secrets_resolved(monkeypatch: pytest.Monke
 
 def test_engine_keys_build_the_one_engine_options(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = {"name": "cubic", "device": "cpu", "fast": True, "finetune_steps": 8, "in_plane_finetune_steps": -1,
-              "tta_passes": 2, "samples": 3, "weights": "none", "seed": 4, "min_gain_db": -99, "max_voxels_per_tile": 9}
+              "tta_passes": 2, "samples": 3, "weights": "none", "seed": 4, "min_gain_db": -99, "max_voxels_per_tile": 9,
+              "torch_compile": "default"}
     cfg = _cfg(engine=engine)
     assert cfg.engine.name == "cubic"
     assert cfg.engine.options == EngineOptions(device=Device.CPU, fast=True, finetune_steps=8,
                                                in_plane_finetune_steps=-1, tta_passes=2, samples=3, weights="none",
-                                               seed=4, min_gain_db=-99.0, max_voxels_per_tile=9)
+                                               seed=4, min_gain_db=-99.0, max_voxels_per_tile=9,
+                                               torch_compile=TorchCompile.DEFAULT)
     assert cfg.redacted()["engine"] == {**engine, "min_gain_db": -99.0}  # flat, as in the file
     # every EngineOptions field is an [engine] key, under its own name
     assert {f.name for f in dataclasses.fields(EngineOptions)} | {"name"} == set(as_table(cfg.engine))
