@@ -166,8 +166,8 @@ def main() -> int:
             rec["error"] = f"{type(exc).__name__}: {exc}"[:400]
         doc["variants"][name] = rec
         print(name, rec, flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")  # after each variant: a cut-off run keeps these
     print(json.dumps(doc["ceilings"]))
     return 0
 
