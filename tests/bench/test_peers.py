@@ -158,8 +158,9 @@ def test_bench_peers_runs_eclare_through_another_python_on_npz_exports(tmp_path:
     stub = tmp_path / "stub" / "eclare"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text("")
-    (stub / "main.py").write_text("import sys\nsys.path.insert(0, %r)\nfrom fake_peer import main as _m\n\n\n"
-                                  "def main():\n    return _m(sys.argv[1:])\n" % str(ROOT / "tests" / "support"))
+    support = str(ROOT / "tests" / "support")
+    (stub / "main.py").write_text(f"import sys\nsys.path.insert(0, {support!r})\nfrom fake_peer import main as _m\n\n\n"
+                                  "def main():\n    return _m(sys.argv[1:])\n")
     a, b = _npz_export(tmp_path, iop=True), _npz_export(tmp_path, iop=False)
     out = tmp_path / "peers.json"
     r = subprocess.run([sys.executable, "-m", "node.app.cli", "--log-level", "WARNING", "bench", "peers", str(a),
