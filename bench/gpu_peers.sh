@@ -7,12 +7,16 @@
 # Installs nothing: the caller has put the wheels of .whl/ (eclare 1.0.1, radifox-utils, sigpy-lite, transforms3d,
 # nibabel + the DICOM stack) into /tmp/site with --no-deps and PYTHONPATH=/tmp/site:$PWD, so ECLARE runs on the
 # machine's own torch/numpy/scipy (--peer-python). Inputs: devcarry/eval/{ge_t1,ctbody}.npz (bench/prior_data.py).
-# Knobs (environment): ECLARE_PATCHES (default 300000 = 30 % of ECLARE's 1,000,000: the full budget, ~100 s of
-# training per series, data-loader bound, does not fit the ~150 s slot for both series), ECLARE_TIMEOUT (s per
-# ECLARE run, default 110), PEERS_BUDGET_S (the whole run's deadline, default 175: ECLARE's caps are cut to fit it,
-# the CT's patch budget too, at the MR run's measured rate; a hard `timeout` 10 s later), PEERS_DEVICE (cuda),
-# PY (python3), PEERS_ARGS (extra options, e.g. for a CPU check: "--crop 24 --max-slices 9 --finetune-steps 2
-# --tta-passes 1"). Exit: 0; 1 when an ECLARE run failed or was cut off (the JSON says which); 2 missing inputs.
+# Knobs (environment):
+#   ECLARE_PATCHES  ECLARE's patch budget per series, default 300000 = 30 % of its 1,000,000: the full budget was
+#                   estimated at ~100 s of training per series (data-loader bound), which does not fit the ~150 s
+#                   slot for both series (docs/benchmarks.md "ECLARE on the GPU: the estimate")
+#   ECLARE_TIMEOUT  seconds per ECLARE run (default 110)
+#   PEERS_BUDGET_S  the whole run's deadline (default 175): ECLARE's caps are cut to fit it, and the CT's patch
+#                   budget too, at the rate measured on the MR; a hard `timeout` follows 5 s later
+#   PEERS_WEIGHTS   srnode's prior (default models/weights/prior.pt), PEERS_DEVICE (cuda), PY (python3)
+#   PEERS_ARGS      extra options, e.g. for a CPU check "--crop 24 --max-slices 9 --finetune-steps 2 --tta-passes 1"
+# Exit: 0; 1 when an ECLARE run failed or was cut off (the JSON says which and why); 2 when an input is missing.
 set -u
 OUTDIR=${1:?usage: bash bench/gpu_peers.sh OUTDIR}
 PY=${PY:-python3}
@@ -28,7 +32,7 @@ J=$OUTDIR/peers-gpu-$STAMP.json
 for f in devcarry/eval/ge_t1.npz devcarry/eval/ctbody.npz; do
   [ -f "$f" ] || { echo "gpu_peers: $f is missing (bench/prior_data.py export)"; exit 2; }
 done
-REASON="the full budget (1,000,000 patches) was estimated at ~100 s of training per series on the H200 machine (data-loader bound: ~0.7-0.9 ms of CPU per patch over ECLARE's 8 workers; GPU ~5.8 PFLOP per 1M patches) and does not fit the ~150 s slot for both series; ${PATCHES} patches do"
+REASON="the full budget (1,000,000 patches) was estimated at ~100-125 s per series on the H200 machine (data-loader bound: ~0.7-0.9 ms of CPU per patch over ECLARE's 8 workers; GPU ~5.8 PFLOP per 1M patches; docs/benchmarks.md) and does not fit the ~150 s slot for both series"
 [ "$PATCHES" -ge 1000000 ] && REASON=""
 # shellcheck disable=SC2086  # PEERS_ARGS is a list of options
 timeout -k 5 $((BUDGET + 5)) "$PY" -m node.app.cli --log-level INFO bench peers \
@@ -36,7 +40,7 @@ timeout -k 5 $((BUDGET + 5)) "$PY" -m node.app.cli --log-level INFO bench peers 
   --n-patches "$PATCHES" --batch-size 128 --peer-python "$PY" --peer-timeout "$TIMEOUT" --deadline-s "$BUDGET" \
   --budget-reason "$REASON" --workdir "$WORK" --out "$J" \
   --note "$(nproc) CPU cores; $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1); ${PEERS_ARGS:-whole volumes}" \
-  ${PEERS_ARGS:-} > "$OUTDIR/peers.log" 2>&1
+  ${PEERS_WEIGHTS:+--weights "$PEERS_WEIGHTS"} ${PEERS_ARGS:-} > "$OUTDIR/peers.log" 2>&1
 rc=$?
 # ECLARE's logs: its progress bar rewrites one line with \r; keep the last 60 lines of each
 for d in "$WORK"/*/; do

@@ -355,6 +355,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", default="selfsup")
     parser.add_argument("--finetune-steps", type=int, default=EngineOptions.finetune_steps)
     parser.add_argument("--tta-passes", type=int, default=EngineOptions.tta_passes)
+    parser.add_argument("--weights", default="", help="srnode's prior weights (default: models/weights/prior.pt)")
     parser.add_argument("--n-patches", type=int, default=0,
                         help=f"ECLARE's training patches (default: {ECLARE_DEFAULT_PATCHES} on cuda, 4096 on cpu)")
     parser.add_argument("--batch-size", type=int, default=0, help="ECLARE's batch (default: 128 cuda, 32 cpu)")
@@ -467,7 +468,7 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
     g_truth = geometry_of(lo.positions[: truth.shape[0]], ori.row_cosine, ori.col_cosine, pixel, (y0, x0))
     g_lr = geometry_of(lo.positions[: truth.shape[0]], ori.row_cosine, ori.col_cosine, pixel, (y0, x0), every=f)
     options = EngineOptions(device=Device(args.device), finetune_steps=args.finetune_steps,
-                            tta_passes=args.tta_passes)
+                            tta_passes=args.tta_passes, weights=args.weights)
     say(f"srnode {args.engine}")
     doc, outs, _sigma = evaluate(lr, truth, factors, options, args.engine, None, None,
                                  bar.engine if bar is not None and bar.bar is not None else None)
@@ -499,7 +500,7 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
         "orientation": ori.orientation,
         "mask_fraction": round(float(mask.mean()), 4), "data_range": drange, "methods": methods,
         "srnode_options": {"engine": args.engine, "device": args.device, "finetune_steps": args.finetune_steps,
-                           "tta_passes": args.tta_passes},
+                           "tta_passes": args.tta_passes, "weights": args.weights or "models/weights/prior.pt"},
         "eclare": budget,
     }
     images = {"truth": truth, "cubic": outs["cubic"], "srnode": outs["engine"]}
@@ -635,7 +636,10 @@ def _write(out: Path, rows: list[tuple[dict[str, Any], dict[str, np.ndarray]]], 
         "series": [r[0] for r in rows],
     }
     out.write_text(json.dumps(doc, indent=2, default=float) + "\n")
-    write_png(out.with_suffix(".png"), rows, f"{doc['command']}  [{args.note or platform.node()}]")
+    per = ", ".join(f"{r[0]['series']} {r[0]['eclare']['n_patches']}" for r in rows)
+    title = (f"srnode bench peers x{args.factor} on {args.device}: srnode {args.engine}, cubic, ECLARE ({per} "
+             f"patches)  [{args.note or platform.node()}]")
+    write_png(out.with_suffix(".png"), rows, title)
 
 
 def run(args: argparse.Namespace) -> int:
