@@ -16,10 +16,15 @@
 #                   budget too, at the rate measured on the MR; a hard `timeout` follows 5 s later
 #   PEERS_WEIGHTS   srnode's prior (default models/weights/prior.pt), PEERS_DEVICE (cuda), PY (python3)
 #   PEERS_ARGS      extra options, e.g. for a CPU check "--crop 24 --max-slices 9 --finetune-steps 2 --tta-passes 1"
+#   DRY=1           (as bench/gpu_session.sh's dry run) the same on the CPU at a toy size: PEERS_DEVICE=cpu,
+#                   ECLARE_PATCHES=128, PEERS_ARGS="--crop 16 --max-slices 9 --finetune-steps 2 --tta-passes 1"
 # Exit: 0; 1 when an ECLARE run failed or was cut off (the JSON says which and why); 2 when an input is missing.
 set -u
 OUTDIR=${1:?usage: bash bench/gpu_peers.sh OUTDIR}
 PY=${PY:-python3}
+if [ "${DRY:-0}" = 1 ]; then
+  : "${PEERS_DEVICE:=cpu}" "${ECLARE_PATCHES:=128}" "${PEERS_ARGS:=--crop 16 --max-slices 9 --finetune-steps 2 --tta-passes 1}"
+fi
 DEVICE=${PEERS_DEVICE:-cuda}
 PATCHES=${ECLARE_PATCHES:-300000}
 TIMEOUT=${ECLARE_TIMEOUT:-110}

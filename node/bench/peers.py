@@ -514,6 +514,7 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
             if why:
                 budget.update({"n_patches": fitted, "reduced_budget": True, "budget_cut": why})
                 n_patches = fitted
+            budget["timeout_s"] = round(max(cap, 0.0), 1)
             if cap < 5.0 or n_patches < batch:
                 raise PeerTimeout(f"not run: {max(left, 0.0):.0f} s left before the deadline")
         budget["timeout_s"] = round(cap, 1)
@@ -541,7 +542,7 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
     budget.update({
         "output_shape_xyz": list(peer.output_shape), "output_spacing_mm": list(peer.output_spacing),
         "truth_slice_to_output_slice": [round(scale, 5), round(shift, 5)],
-        "own_elapsed_s": float(eclare_own.group(1)) if eclare_own else None,
+        "seconds": round(peer.seconds, 2), "own_elapsed_s": float(eclare_own.group(1)) if eclare_own else None,
         "progress": peer.progress,
         # at the measured rate: what the default budget's training would take (for sizing a later run)
         "default_budget_train_s_at_this_rate": round(ECLARE_DEFAULT_PATCHES / rate, 1) if rate else None,
