@@ -18,7 +18,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "ingest": ("node.bench.ingest", "C-STORE ingest vs dcmtk storescp and Orthanc: 16 senders, then 1 association"),
     "celery": ("node.bench.scaleout", "series/minute with 1 and 2 Celery workers"),
     "denoise": ("node.bench.denoise", "self-supervised denoising vs Gaussian/bilateral on the shared CT phantom"),
-    "peers": ("node.bench.peers", "ECLARE (own venv: make peers-venv) vs srnode vs cubic on eval's thick inputs"),
+    "peers": ("node.bench.peers", "ECLARE (make peers-venv or --peer-python) vs srnode vs cubic on eval's thick inputs"),
 }
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add ``srnode bench`` options to ``parser``."""

@@ -1,8 +1,12 @@
 """``srnode bench peers SERIES_DIR...``: a peer method side by side with srnode and cubic (issue #13).
 
 The peer is ECLARE (Remedios et al., self-supervised through-plane SR; ``eclare==1.0.1`` on PyPI, console script
-``run-eclare``), run in its own venv (``make peers-venv`` -> ``.venv-eclare/``: it pins scipy) as a subprocess.
-For each series:
+``run-eclare``), run as a subprocess: by default in its own venv (``make peers-venv`` -> ``.venv-eclare/``: it pins
+scipy); ``--peer-python PY`` (or ``$SRNODE_ECLARE_CMD``, a command line) runs it with another interpreter instead, e.g.
+the GPU machine's own torch/scipy with eclare installed ``--no-deps`` beside it (``bench/gpu_peers.sh``). Each series
+is a folder of DICOM files or a ``.npz`` export (``node.bench.eval.load_volume``; ``row_cosine`` / ``col_cosine``,
+IOP's two halves, give its in-plane orientation, else one is made up perpendicular to ``normal``: ECLARE reads only
+voxel sizes, and the read-back uses the same affine, so the figures do not depend on it). For each series:
 
 1. the truth is the series (``--max-slices`` / ``--crop``: a central sub-volume, ``node.bench.eval.central``) and
    the thick input is made exactly as ``srnode eval`` makes it (``node.bench.eval.simulate``: ``models.degrade``'s
@@ -20,7 +24,10 @@ For each series:
 Writes one ``bench/results/peers-<UTC>.json`` (command, machine, budget note, figures per series and method:
 psnr_db, ssim, hu_mae, hu_bias, gain_db over cubic, seconds) and a PNG beside it (bars per method; central
 coronal cut of truth / cubic / srnode / ECLARE). On the CPU ECLARE's patch budget is reduced (``--n-patches``;
-its default is 1,000,000 patches of batch 128 on a GPU) and the JSON says so; its network is unchanged.
+its default is 1,000,000 patches of batch 128 on a GPU) and the JSON says so; its network is unchanged. Each ECLARE
+run is capped (``--peer-timeout`` seconds, its whole process group killed); a run that fails, times out, or (with
+``--device cuda``) finds no GPU is recorded in the JSON (``eclare.error``) and the other series still run. ECLARE's
+own training rate (patches/s, from its progress bar) is recorded, with what its full budget would take at that rate.
 """
 
 from __future__ import annotations
@@ -31,9 +38,13 @@ import logging
 import os
 import platform
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +62,10 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 PEER_VENV = ROOT / ".venv-eclare"
+PEER_CMD_ENV = "SRNODE_ECLARE_CMD"  # a command line that runs ECLARE's run-eclare (default: the peer venv's)
+ECLARE_MAIN = "import sys; from eclare.main import main; sys.exit(main())"  # run-eclare's entry point
 ECLARE_DEFAULT_PATCHES = 1_000_000  # eclare.main's --n-patches default
+ECLARE_NO_GPU = "Running on CPU"  # eclare.utils.misc_utils.parse_device prints "!!! Running on CPU !!!"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM patient (LPS) <-> NIfTI world (RAS)
 
 
@@ -87,6 +101,62 @@ def geometry_of(positions: np.ndarray, row_cosine: np.ndarray, col_cosine: np.nd
     origin = pos[0] + offset[1] * dx * r + offset[0] * dy * c
     step = (pos[-1] - pos[0]) / (pos.shape[0] - 1)
     return Geometry(origin, r, c, step, (float(dy), float(dx)))
+
+
+def inplane_cosines(normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A (row, column) direction pair perpendicular to the unit ``normal`` (3,) with row x column = normal, as
+    DICOM's IOP has (PS3.3 C.7.6.2.1.1): for an export that lacks IOP. VolumeError for a zero normal."""
+    n = np.asarray(normal, float)
+    nn = float(np.linalg.norm(n))
+    if nn < 1e-9:
+        raise VolumeError("the slice normal is zero")
+    n = n / nn
+    axis = np.eye(3)[int(np.argmin(np.abs(n)))]  # the patient axis least along the normal
+    row = axis - n * float(axis @ n)
+    row /= np.linalg.norm(row)
+    return row, np.cross(n, row)
+
+
+@dataclass(frozen=True)
+class Oriented:
+    """A truth volume for ``bench peers``: the loaded series (``node.bench.eval.Loaded``), its IOP halves and where
+    they came from ("DICOM", "npz", or "made up" for an export without them)."""
+
+    loaded: Any  # node.bench.eval.Loaded (imported lazily: the DICOM stack only for folders)
+    row_cosine: np.ndarray  # (3,)
+    col_cosine: np.ndarray  # (3,)
+    orientation: str
+
+
+def load_oriented(path: Path) -> Oriented:
+    """A series folder (``node.series.load_series``) or a ``.npz`` export (``node.bench.eval.load_volume``; its
+    optional ``row_cosine`` / ``col_cosine`` arrays: IOP[0:3], IOP[3:6]) with its in-plane orientation.
+    VolumeError for a missing, empty or unreadable series, or an export lacking an array it needs."""
+    from node.bench.eval import Loaded, load_volume
+
+    if path.suffix == ".npz":
+        try:
+            lo = load_volume(path)
+            with np.load(path) as d:
+                has = "row_cosine" in d.files and "col_cosine" in d.files
+                row = np.asarray(d["row_cosine"], float) if has else None
+                col = np.asarray(d["col_cosine"], float) if has else None
+        except (OSError, ValueError, KeyError) as exc:
+            raise VolumeError(f"{path.name}: not a usable .npz export: {exc}") from exc
+        if row is None or col is None:
+            row, col = inplane_cosines(lo.normal)
+            return Oriented(lo, row, col, "made up (npz without row_cosine/col_cosine)")
+        return Oriented(lo, row, col, "npz")
+    from node.series import load_series  # the DICOM stack only where needed
+
+    if not path.is_dir():
+        raise VolumeError(f"{path}: not a series folder or a .npz")
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise VolumeError(f"{path}: no files")
+    sv = load_series(files)
+    lo = Loaded(sv.to_engine_input(), np.asarray(sv.positions, float), np.asarray(sv.normal, float), path.name)
+    return Oriented(lo, np.asarray(sv.row_cosine, float), np.asarray(sv.col_cosine, float), "DICOM")
 
 
 def nifti_affine(g: Geometry) -> np.ndarray:
@@ -176,15 +246,74 @@ class PeerRun:
     output_shape: tuple[int, ...]  # the output's nibabel shape (X, Y, Z')
     output_spacing: tuple[float, ...]  # its voxel size (mm)
     log_tail: str
+    progress: dict[str, float]  # ECLARE's training progress bar read back (``training_progress``); {} if none
+
+
+class PeerTimeout(EngineError):
+    """The peer ran past its time cap (``--peer-timeout``) and was killed."""
+
+
+def training_progress(log: str, n_patches: int) -> dict[str, float]:
+    """ECLARE's training bar (tqdm, total = ``n_patches``, ``n/total [elapsed<left, rate it/s, loss=...]``) read
+    from its log: ``patches`` done, ``train_s`` elapsed (tqdm's whole seconds), ``patches_per_s`` (done/elapsed)
+    and the last ``loss``. {} when the log has no such bar."""
+    last = None
+    for m in re.finditer(r"(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<[^,\]]*,[^\]]*?(?:loss=([0-9.eE+-]+))?\]", log):
+        if int(m.group(2)) == n_patches:
+            last = m
+    if last is None:
+        return {}
+    done = int(last.group(1))
+    secs = 3600 * int(last.group(3) or 0) + 60 * int(last.group(4)) + int(last.group(5))
+    out = {"patches": float(done), "train_s": float(secs)}
+    if secs > 0:
+        out["patches_per_s"] = round(done / secs, 1)
+    if last.group(6):
+        out["loss"] = float(last.group(6))
+    return out
+
+
+def _run_capped(argv: list[str], cwd: Path, log_path: Path, timeout: float, need_gpu: bool) -> int:
+    """Run ``argv`` with stdout and stderr into ``log_path``, in its own process group; kill the group (ECLARE's
+    data-loader workers included) after ``timeout`` seconds (PeerTimeout) or, when ``need_gpu``, as soon as ECLARE
+    says it found no GPU (EngineError). Returns the exit code."""
+    with log_path.open("wb") as out:
+        try:
+            proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except OSError as exc:
+            raise EngineError(f"peer {Path(argv[0]).name}: {exc}") from exc
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                try:
+                    return proc.wait(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+                except subprocess.TimeoutExpired:
+                    pass
+                if need_gpu:
+                    with log_path.open("rb") as f:
+                        if ECLARE_NO_GPU in f.read(8192).decode(errors="replace"):
+                            raise EngineError("ECLARE found no GPU (its torch sees no CUDA device): stopped")
+                if time.monotonic() >= deadline:
+                    raise PeerTimeout(f"ECLARE ran past its cap of {timeout:g} s and was stopped")
+        finally:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
 
 
 def run_peer(command: list[str], lr: VolumeInput, g_lr: Geometry, g_truth: Geometry,
              truth_shape: tuple[int, int, int], workdir: Path, n_patches: int, batch_size: int,
              gpu_id: int = -1, timeout: float = 7200.0) -> PeerRun:
-    """Write ``lr`` (its slices at ``g_lr``) as NIfTI, run ``command`` + ECLARE's options on it, read the output
-    back onto ``g_truth``. ``command``: the peer's argv prefix (``run-eclare`` of the peer venv, or a stand-in
-    taking the same options). EngineError when the peer fails or writes nothing; VolumeError for an output
-    that is not on the input's in-plane grid."""
+    """Write ``lr`` (its slices at ``g_lr``) as NIfTI, run ``command`` + ECLARE's options on it (``--gpu-id``
+    ``gpu_id``; >= 0 also means: stop it if it finds no GPU), at most ``timeout`` seconds, its log in
+    ``workdir/peer.log``, and read the output back onto ``g_truth``. ``command``: the peer's argv prefix
+    (``run-eclare`` of the peer venv, ``PY -c <run-eclare's main>``, or a stand-in taking the same options).
+    PeerTimeout past the cap; EngineError when the peer fails or writes nothing; VolumeError for an output that
+    is not on the input's in-plane grid."""
     workdir.mkdir(parents=True, exist_ok=True)
     src = workdir / "lr.nii.gz"
     write_nifti(src, lr.data, g_lr)
@@ -194,76 +323,137 @@ def run_peer(command: list[str], lr: VolumeInput, g_lr: Geometry, g_truth: Geome
     argv = [*command, "--in-fpath", str(src), "--out-dir", str(out_dir), "--n-patches", str(n_patches),
             "--batch-size", str(batch_size), "--relative-slice-thickness", f"{rel:.6g}",
             "--relative-slice-profile-type", profile, "--gpu-id", str(gpu_id), "--suffix", "_peer"]
-    log.info("peer: %s", " ".join(argv))
+    log.info("peer: %s", shlex.join(argv))
+    log_path = workdir / "peer.log"
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise EngineError(f"peer {Path(command[-1]).name}: {exc}") from exc
+    rc = _run_capped(argv, workdir, log_path, timeout, gpu_id >= 0)
     seconds = time.perf_counter() - t0
-    tail = (proc.stdout + proc.stderr)[-1500:]
+    text = log_path.read_bytes().decode(errors="replace")
+    tail = text.replace("\r", "\n")[-1500:]
     outs = sorted(out_dir.glob("*_peer.nii*")) if out_dir.is_dir() else []
-    if proc.returncode != 0 or not outs:
-        raise EngineError(f"peer {Path(command[-1]).name} failed (exit {proc.returncode}): "
-                          + " ".join(tail.split()[-60:]))
+    if rc != 0 or not outs:
+        raise EngineError(f"peer {Path(command[-1]).name} failed (exit {rc}): " + " ".join(tail.split()[-60:]))
     img = _load_nifti(outs[0])
     m = np.linalg.inv(img.affine) @ nifti_affine(g_truth)
     data = read_onto(outs[0], g_truth, truth_shape)
     zooms = np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(axis=0))
     return PeerRun(data, seconds, (float(m[2, 2]), float(m[2, 3])), tuple(int(s) for s in img.shape),
-                   tuple(round(float(z), 4) for z in zooms), tail)
+                   tuple(round(float(z), 4) for z in zooms), tail, training_progress(text, n_patches))
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add ``srnode bench peers`` options to ``parser``."""
-    parser.add_argument("series", nargs="+", type=Path, help="series folders (each is a truth)")
+    parser.add_argument("series", nargs="+", type=Path,
+                        help="series folders or .npz exports (srnode eval's; each is a truth)")
     parser.add_argument("--factor", type=int, default=2, help="through-plane factor (default 2)")
     parser.add_argument("--max-slices", type=int, default=0, help="central slices only (0: all)")
     parser.add_argument("--crop", type=int, default=0, help="central N x N in-plane window (0: whole matrix)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="srnode's engine and ECLARE (--gpu-id 0) on this device")
+                        help="srnode's engine and ECLARE on this device (cuda: ECLARE's --gpu-id, stopped if its "
+                             "torch finds no GPU)")
+    parser.add_argument("--gpu-id", type=int, default=0, help="ECLARE's --gpu-id with --device cuda (default 0)")
     parser.add_argument("--engine", default="selfsup")
     parser.add_argument("--finetune-steps", type=int, default=EngineOptions.finetune_steps)
     parser.add_argument("--tta-passes", type=int, default=EngineOptions.tta_passes)
+    parser.add_argument("--weights", default="", help="srnode's prior weights (default: models/weights/prior.pt)")
     parser.add_argument("--n-patches", type=int, default=0,
                         help=f"ECLARE's training patches (default: {ECLARE_DEFAULT_PATCHES} on cuda, 4096 on cpu)")
     parser.add_argument("--batch-size", type=int, default=0, help="ECLARE's batch (default: 128 cuda, 32 cpu)")
-    parser.add_argument("--peer", default="", help="peer command (default: .venv-eclare/bin/run-eclare)")
+    parser.add_argument("--peer", default="",
+                        help=f"peer command line (default: ${PEER_CMD_ENV}, else .venv-eclare/bin/run-eclare)")
+    parser.add_argument("--peer-python", default="",
+                        help="run ECLARE with this Python (eclare importable there, e.g. installed --no-deps on "
+                             "PYTHONPATH) instead of the peer venv")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default: bench/results/peers-<UTC>.json); the PNG goes beside it")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the NIfTI files here")
-    parser.add_argument("--timeout", type=float, default=7200.0, help="seconds the peer may run per series")
+    parser.add_argument("--peer-timeout", "--timeout", dest="timeout", type=float, default=7200.0,
+                        help="seconds ECLARE may run per series (then killed, recorded in the JSON; default 7200)")
+    parser.add_argument("--deadline-s", type=float, default=0.0,
+                        help="the whole run must end within this many seconds (0: no deadline): each ECLARE run "
+                             "is capped to fit, a later series' patch budget cut to fit at the previous one's rate "
+                             "(both recorded)")
+    parser.add_argument("--budget-reason", default="",
+                        help="why ECLARE's patch budget is what it is (into the JSON's budget_note)")
     parser.add_argument("--note", default="", help="a note for the JSON (the machine: shared, loaded...)")
 
 
 def _peer_command(args: argparse.Namespace) -> list[str]:
+    """ECLARE's argv prefix: ``--peer``, else ``--peer-python PY -c <run-eclare's main>``, else
+    ``$SRNODE_ECLARE_CMD``, else the peer venv's ``run-eclare``. EngineError when none is there."""
     if args.peer:
-        return args.peer.split()
+        return shlex.split(args.peer)
+    if args.peer_python:
+        return [args.peer_python, "-c", ECLARE_MAIN]
+    env = os.environ.get(PEER_CMD_ENV, "").strip()
+    if env:
+        return shlex.split(env)
     exe = PEER_VENV / "bin" / "run-eclare"
     if not exe.is_file():
-        raise EngineError(f"{exe} is missing: make peers-venv (ECLARE in its own venv)")
+        raise EngineError(f"{exe} is missing: make peers-venv (ECLARE in its own venv), or give --peer-python / "
+                          f"${PEER_CMD_ENV}")
     return [str(exe)]
 
 
+def peer_versions(command: list[str]) -> dict[str, str]:
+    """The versions ECLARE runs with (eclare, torch + its CUDA, numpy, scipy, python), asked of the peer's own
+    interpreter: ``command[0]`` when it is a Python, else the ``python`` beside a console script. {} when that
+    cannot be told (a stand-in, no interpreter found, or it fails within 120 s)."""
+    exe = Path(command[0])
+    py = exe if exe.name.startswith("python") else exe.with_name("python")
+    if not (py.is_file() or (exe.name.startswith("python") and "/" not in command[0])):
+        return {}
+    probe = ("import importlib.metadata as m, platform, json, torch\n"
+             "def v(n):\n"
+             "    try:\n        return m.version(n)\n"
+             "    except m.PackageNotFoundError:\n        return ''\n"
+             "print(json.dumps({'eclare': v('eclare'), 'torch': torch.__version__, 'cuda': str(torch.version.cuda),"
+             " 'cuda_available': str(torch.cuda.is_available()), 'numpy': v('numpy'), 'scipy': v('scipy'),"
+             " 'nibabel': v('nibabel'), 'python': platform.python_version()}))")
+    try:
+        r = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, timeout=120)
+        got = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else {}
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in got.items()} if isinstance(got, dict) else {}
+
+
+SCORING_RESERVE_S = 15.0  # kept back from a deadline for scoring, regridding and the PNG of full volumes
+
+
+def fit_budget(n_patches: int, batch: int, left_s: float, prev: dict[str, Any] | None) -> tuple[int, str]:
+    """ECLARE's patch budget for a run that has ``left_s`` seconds: ``n_patches``, or fewer when the previous
+    series' run (``prev``: its ``eclare`` figures, with ``progress.patches_per_s`` and ``seconds``) says they
+    would not fit: its fixed cost (seconds - training seconds) is taken again, the rest at 85 % of its rate (a
+    margin for a costlier series). (budget, why it was cut or ""); 0 when not even one batch fits."""
+    rate = float((prev or {}).get("progress", {}).get("patches_per_s", 0.0))
+    if not prev or rate <= 0:
+        return n_patches, ""
+    fixed = max(0.0, float(prev.get("seconds", 0.0)) - float(prev["progress"].get("train_s", 0.0)))
+    fit = int((left_s - fixed) * rate * 0.85) // batch * batch
+    if fit >= n_patches:
+        return n_patches, ""
+    return max(fit, 0), (f"cut from {n_patches} to fit the {left_s:.0f} s left before the deadline at the previous "
+                         f"series' {rate:.0f} patches/s (+{fixed:.0f} s fixed cost)")
+
+
 def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: Path,
-            bar: StageBar | None = None, n_series: int = 1) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+            bar: StageBar | None = None, n_series: int = 1, deadline: float | None = None,
+            prev: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """One series side by side: (figures, images on the truth grid: truth, cubic, srnode, ECLARE). ``bar``
-    gets four stages per series (of ``n_series``)."""
+    gets four stages per series (of ``n_series``). ``deadline`` (``time.monotonic()``, or None): ECLARE's cap is
+    cut to end ``SCORING_RESERVE_S`` before it, and its budget to fit (``fit_budget``, from ``prev``: the previous
+    series' ``eclare`` figures)."""
     from models.evaluate import body_mask, data_range, fidelity
-    from node.bench.eval import Loaded, central, evaluate, simulate
-    from node.series import load_series
+    from node.bench.eval import central, evaluate, simulate
 
     def say(name: str, total: int | None = None) -> None:
         if bar is not None:
             bar.stage(f"{path.name}: {name}", total)
 
     say("loading", 4 * n_series)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise VolumeError(f"{path}: no files")
-    sv = load_series(files)
-    whole = Loaded(sv.to_engine_input(), np.asarray(sv.positions, float), np.asarray(sv.normal, float), path.name)
+    ori = load_oriented(path)
+    whole = ori.loaded
     lo = central(whole, args.max_slices, args.crop)
     z, y, x = whole.vin.data.shape
     z0 = int(np.argmin(np.abs(whole.positions - lo.positions[0]).sum(axis=1)))
@@ -275,10 +465,10 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
     lr, truth, factors = simulate(lo, "through", args.factor)
     f = factors.through_plane
     pixel = (float(lo.vin.spacing[1]), float(lo.vin.spacing[2]))
-    g_truth = geometry_of(lo.positions[: truth.shape[0]], sv.row_cosine, sv.col_cosine, pixel, (y0, x0))
-    g_lr = geometry_of(lo.positions[: truth.shape[0]], sv.row_cosine, sv.col_cosine, pixel, (y0, x0), every=f)
+    g_truth = geometry_of(lo.positions[: truth.shape[0]], ori.row_cosine, ori.col_cosine, pixel, (y0, x0))
+    g_lr = geometry_of(lo.positions[: truth.shape[0]], ori.row_cosine, ori.col_cosine, pixel, (y0, x0), every=f)
     options = EngineOptions(device=Device(args.device), finetune_steps=args.finetune_steps,
-                            tta_passes=args.tta_passes)
+                            tta_passes=args.tta_passes, weights=args.weights)
     say(f"srnode {args.engine}")
     doc, outs, _sigma = evaluate(lr, truth, factors, options, args.engine, None, None,
                                  bar.engine if bar is not None and bar.bar is not None else None)
@@ -291,50 +481,84 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
     cuda = args.device == "cuda"
     n_patches = args.n_patches or (ECLARE_DEFAULT_PATCHES if cuda else 4096)
     batch = args.batch_size or (128 if cuda else 32)
-    peer = run_peer(command, lr, g_lr, g_truth, truth.shape, workdir / path.name, n_patches, batch,
-                    0 if cuda else -1, args.timeout)
-    say("scoring")
+    budget = {"n_patches": n_patches, "batch_size": batch, "default_n_patches": ECLARE_DEFAULT_PATCHES,
+              "reduced_budget": n_patches < ECLARE_DEFAULT_PATCHES, "gpu": cuda,
+              "gpu_id": args.gpu_id if cuda else -1, "timeout_s": args.timeout,
+              "relative_slice_thickness": round(float(lr.slice_thickness / min(pixel)), 4)}
     mask = body_mask(truth, lr.modality)
     drange = data_range(truth)
-    eclare = fidelity(peer.data, truth, mask, drange)
-    scale, shift = peer.index_map
-    ceiling = fidelity(regrid_ceiling(truth, scale, shift, peer.output_shape[2]), truth, mask, drange)
-    methods = {"cubic": {**doc["cubic"], "seconds": round(cubic_s, 3)},
-               "srnode": {**doc["engine"], "seconds": doc["seconds"], "engine": doc["engine_name"],
-                          "fallback": doc["fallback"]},
-               "eclare": {**eclare, "seconds": round(peer.seconds, 2)}}
-    for m in methods.values():
-        m["gain_db"] = round(m["psnr_db"] - doc["cubic"]["psnr_db"], 3)
-    eclare_own = re.search(r"ECLARE elapsed time: ([0-9.]+)s", peer.log_tail)
+    methods: dict[str, dict[str, Any]] = {
+        "cubic": {**doc["cubic"], "seconds": round(cubic_s, 3)},
+        "srnode": {**doc["engine"], "seconds": doc["seconds"], "engine": doc["engine_name"],
+                   "fallback": doc["fallback"]}}
     figures = {
         "series": path.name, "modality": lr.modality, "factor": f, "truth_shape": list(truth.shape),
         "input_shape": list(lr.data.shape), "crop": [int(z0), int(y0), int(x0)],
         "spacing_truth_mm": [round(float(s), 4) for s in (lo.vin.spacing[0], *pixel)],
         "input_slice_step_mm": round(float(lr.spacing[0]), 4),
         "input_slice_fwhm_mm": round(float(lr.slice_thickness), 4), "profile": lr.profile,
+        "orientation": ori.orientation,
         "mask_fraction": round(float(mask.mean()), 4), "data_range": drange, "methods": methods,
         "srnode_options": {"engine": args.engine, "device": args.device, "finetune_steps": args.finetune_steps,
-                           "tta_passes": args.tta_passes},
-        "eclare": {"n_patches": n_patches, "batch_size": batch, "default_n_patches": ECLARE_DEFAULT_PATCHES,
-                   "reduced_budget": n_patches < ECLARE_DEFAULT_PATCHES, "gpu": cuda,
-                   "relative_slice_thickness": round(float(lr.slice_thickness / min(pixel)), 4),
-                   "output_shape_xyz": list(peer.output_shape), "output_spacing_mm": list(peer.output_spacing),
-                   "truth_slice_to_output_slice": [round(scale, 5), round(shift, 5)],
-                   "own_elapsed_s": float(eclare_own.group(1)) if eclare_own else None,
-                   "read_back": "cubic B-spline along the slice axis from ECLARE's grid onto the truth grid "
-                                "(its affine); in-plane grid unchanged",
-                   "resampling_ceiling_psnr_db": ceiling["psnr_db"],
-                   # ECLARE clips to the input's range: an undertrained net leaves much of the body at its minimum
-                   "body_at_input_minimum": round(float((peer.data[mask] <= float(lr.data.min()) + 1e-3).mean()),
-                                                  4)},
+                           "tta_passes": args.tta_passes, "weights": args.weights or "models/weights/prior.pt"},
+        "eclare": budget,
     }
-    images = {"truth": truth, "cubic": outs["cubic"], "srnode": outs["engine"], "ECLARE": peer.data}
+    images = {"truth": truth, "cubic": outs["cubic"], "srnode": outs["engine"]}
+    t_peer = time.perf_counter()
+    cap = args.timeout
+    try:
+        if deadline is not None:
+            left = deadline - time.monotonic() - SCORING_RESERVE_S
+            cap = min(cap, left)
+            fitted, why = fit_budget(n_patches, batch, left, prev)
+            if why:
+                budget.update({"n_patches": fitted, "reduced_budget": True, "budget_cut": why})
+                n_patches = fitted
+            budget["timeout_s"] = round(max(cap, 0.0), 1)
+            if cap < 5.0 or n_patches < batch:
+                raise PeerTimeout(f"not run: {max(left, 0.0):.0f} s left before the deadline")
+        budget["timeout_s"] = round(cap, 1)
+        peer = run_peer(command, lr, g_lr, g_truth, truth.shape, workdir / path.name, n_patches, batch,
+                        args.gpu_id if cuda else -1, cap)
+    except (EngineError, VolumeError) as exc:  # recorded; the other methods and series still count
+        log.error("%s: ECLARE: %s", path.name, exc)
+        budget.update({"error": str(exc), "timed_out": isinstance(exc, PeerTimeout),
+                       "seconds": round(time.perf_counter() - t_peer, 2)})
+        peer_log = workdir / path.name / "peer.log"
+        if peer_log.is_file():
+            budget["progress"] = training_progress(peer_log.read_bytes().decode(errors="replace"), n_patches)
+        for m in methods.values():
+            m["gain_db"] = round(m["psnr_db"] - doc["cubic"]["psnr_db"], 3)
+        return figures, images
+    say("scoring")
+    eclare = fidelity(peer.data, truth, mask, drange)
+    scale, shift = peer.index_map
+    ceiling = fidelity(regrid_ceiling(truth, scale, shift, peer.output_shape[2]), truth, mask, drange)
+    methods["eclare"] = {**eclare, "seconds": round(peer.seconds, 2)}
+    for m in methods.values():
+        m["gain_db"] = round(m["psnr_db"] - doc["cubic"]["psnr_db"], 3)
+    eclare_own = re.search(r"ECLARE elapsed time: ([0-9.]+)s", peer.log_tail)
+    rate = peer.progress.get("patches_per_s", 0.0)
+    budget.update({
+        "output_shape_xyz": list(peer.output_shape), "output_spacing_mm": list(peer.output_spacing),
+        "truth_slice_to_output_slice": [round(scale, 5), round(shift, 5)],
+        "seconds": round(peer.seconds, 2), "own_elapsed_s": float(eclare_own.group(1)) if eclare_own else None,
+        "progress": peer.progress,
+        # at the measured rate: what the default budget's training would take (for sizing a later run)
+        "default_budget_train_s_at_this_rate": round(ECLARE_DEFAULT_PATCHES / rate, 1) if rate else None,
+        "read_back": "cubic B-spline along the slice axis from ECLARE's grid onto the truth grid "
+                     "(its affine); in-plane grid unchanged",
+        "resampling_ceiling_psnr_db": ceiling["psnr_db"],
+        # ECLARE clips to the input's range: an undertrained net leaves much of the body at its minimum
+        "body_at_input_minimum": round(float((peer.data[mask] <= float(lr.data.min()) + 1e-3).mean()), 4)})
+    images["ECLARE"] = peer.data
     return figures, images
 
 
 def write_png(path: Path, rows: list[tuple[dict[str, Any], dict[str, np.ndarray]]], title: str) -> None:
     """One row per series: bars (gain over cubic dB, HU-MAE, bias, seconds) per method, then the central coronal
-    cut of truth / cubic / srnode / ECLARE (display window: the truth's 1-99 percentiles)."""
+    cut of truth / cubic / srnode / ECLARE (display window: the truth's 1-99 percentiles). A series whose ECLARE
+    run failed shows no ECLARE bar and its error in place of the ECLARE cut."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,8 +572,9 @@ def write_png(path: Path, rows: list[tuple[dict[str, Any], dict[str, np.ndarray]
     for r, (fig_doc, imgs) in enumerate(rows):
         for c, (key, label) in enumerate(metrics):
             ax = axes[r][c]
-            vals = [float(fig_doc["methods"][m][key]) for m in methods]
-            ax.bar(methods, vals, color=colours)
+            have = [k for k, m in enumerate(methods) if m in fig_doc["methods"]]
+            vals = [float(fig_doc["methods"][methods[k]][key]) for k in have]
+            ax.bar([methods[k] for k in have], vals, color=[colours[k] for k in have])
             for i, v in enumerate(vals):
                 ax.text(i, v, f"{v:.3g}", ha="center", va="bottom", fontsize=8)
             ax.set_title(f"{fig_doc['series']}\n{label}" if c == 0 else label, fontsize=9)
@@ -357,20 +582,44 @@ def write_png(path: Path, rows: list[tuple[dict[str, Any], dict[str, np.ndarray]
         lo, hi = np.percentile(truth[:, truth.shape[1] // 2, :], [1, 99])
         for c, name in enumerate(["truth", "cubic", "srnode", "ECLARE"]):
             ax = axes[r][4 + c]
+            ax.axis("off")
+            if name not in imgs:
+                ax.text(0.5, 0.5, "\n".join(textwrap.wrap(str(fig_doc["eclare"].get("error", "no output")), 40)),
+                        ha="center", va="center", fontsize=8, transform=ax.transAxes)
+                ax.set_title(f"{name}: failed", fontsize=9)
+                continue
             ax.imshow(imgs[name][:, imgs[name].shape[1] // 2, :], cmap="gray", vmin=lo, vmax=hi, aspect="auto")
             ax.set_title(name, fontsize=9)
-            ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
+def _budget_note(rows: list[tuple[dict[str, Any], dict[str, np.ndarray]]], args: argparse.Namespace) -> str:
+    """What ECLARE's budget was, per series, why, and its cap: for the JSON."""
+    budgets = [(r[0]["series"], r[0]["eclare"]) for r in rows]
+    note = ""
+    if any(b.get("reduced_budget") for _, b in budgets):
+        gpu = any(b.get("gpu") for _, b in budgets)
+        per = ", ".join(f"{name} {b['n_patches']}" for name, b in budgets)
+        note = (f"ECLARE ran with a reduced patch budget on {'cuda' if gpu else 'the cpu'}: {per} patches of batch "
+                f"{budgets[0][1]['batch_size']} (its default: {ECLARE_DEFAULT_PATCHES} of 128 on a GPU); network "
+                "unchanged (WDSR, 16 blocks x 256 channels), slice profile given, no ESPRESO")
+        if args.budget_reason:
+            note += f"; why: {args.budget_reason}"
+        note += "".join(f"; {name}: {b['budget_cut']}" for name, b in budgets if b.get("budget_cut"))
+    note += ("; " if note else "") + f"each ECLARE run capped at {args.timeout:g} s"
+    if args.deadline_s > 0:
+        note += f" and by the run's deadline of {args.deadline_s:g} s"
+    return note
+
+
 def _write(out: Path, rows: list[tuple[dict[str, Any], dict[str, np.ndarray]]], args: argparse.Namespace,
-           stamp: str) -> None:
-    """The JSON (command, machine, budget note, figures per series) and the PNG beside it."""
+           stamp: str, command: list[str], versions: dict[str, str]) -> None:
+    """The JSON (command, machine, peer and its versions, budget note, figures per series) and the PNG beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    budget = rows[0][0]["eclare"] if rows else {}
+    shown = [c if len(c) < 80 else c[:77] + "..." for c in command]
     doc = {
         "benchmark": "peers",
         "command": " ".join(["srnode", *sys.argv[1:]]) if sys.argv[0].endswith("cli.py") else
@@ -378,30 +627,39 @@ def _write(out: Path, rows: list[tuple[dict[str, Any], dict[str, np.ndarray]]], 
         "machine": {"node": platform.node(), "machine": platform.machine(), "python": platform.python_version(),
                     "cpu_count": os.cpu_count(), "device": args.device, "note": args.note},
         "utc": stamp,
-        "peer": "ECLARE 1.0.1 (pip eclare==1.0.1, run-eclare, own venv .venv-eclare, torch 2.13.0)",
-        "budget_note": ("" if not budget.get("reduced_budget") else
-                        f"ECLARE ran with a reduced patch budget: {budget.get('n_patches')} patches of batch "
-                        f"{budget.get('batch_size')} (its default: {ECLARE_DEFAULT_PATCHES} of 128 on a GPU); "
-                        "network unchanged (WDSR, 16 blocks x 256 channels), slice profile given, no ESPRESO"),
+        "peer": "ECLARE 1.0.1 (pip eclare==1.0.1, its run-eclare)",
+        "peer_command": shlex.join(shown),
+        "peer_versions": versions,
+        "budget_note": _budget_note(rows, args),
         "inputs": "srnode eval's simulated thick input (node.bench.eval.simulate, models.degrade box profile)",
         "metrics": "models.evaluate: body mask of the truth, PSNR over the truth's 0.1-99.9 % range, SSIM, "
                    "MAE and bias in modality units; gain_db = PSNR - cubic's PSNR",
         "series": [r[0] for r in rows],
     }
     out.write_text(json.dumps(doc, indent=2, default=float) + "\n")
-    write_png(out.with_suffix(".png"), rows, f"{doc['command']}  [{args.note or platform.node()}]")
+    per = ", ".join(f"{r[0]['series']} {r[0]['eclare']['n_patches']}" for r in rows)
+    title = (f"srnode bench peers x{args.factor} on {args.device}: srnode {args.engine}, cubic, ECLARE ({per} "
+             f"patches)  [{args.note or platform.node()}]")
+    write_png(out.with_suffix(".png"), rows, title)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``srnode bench peers``; returns the exit code. VolumeError for a series that cannot be loaded,
-    EngineError when the peer is missing or fails."""
+    """Run ``srnode bench peers``; returns the exit code: 0, or 1 when an ECLARE run failed or timed out (its
+    error is in the JSON, the other figures too). VolumeError for a series that cannot be loaded, EngineError
+    when no peer command is there."""
     from node.app.progress import bar_of
     from node.bench.results import RESULTS
 
     if args.factor < 2:
         raise VolumeError("--factor must be >= 2")
     command = _peer_command(args)
+    versions = peer_versions(command)
+    if versions:
+        log.info("peer runs with %s", versions)
     bar = bar_of(args)
+    deadline = time.monotonic() + args.deadline_s if args.deadline_s > 0 else None
+    if threading.current_thread() is threading.main_thread():  # a TERM (an outer timeout) still stops ECLARE's group
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     own = args.workdir is None
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="srnode-bench-peers-"))
     rows: list[tuple[dict[str, Any], dict[str, np.ndarray]]] = []
@@ -409,16 +667,20 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or RESULTS / f"peers-{stamp}.json"
     try:
         for k, path in enumerate(args.series):
-            rows.append(compare(path, args, command, workdir, bar, len(args.series)))
+            prev = rows[-1][0]["eclare"] if rows else None
+            rows.append(compare(path, args, command, workdir, bar, len(args.series), deadline, prev))
             m = rows[-1][0]["methods"]
+            err = rows[-1][0]["eclare"].get("error")
             print(f"{path.name} x{args.factor}: " + ", ".join(
                 f"{n} {v['gain_db']:+.2f} dB MAE {v['hu_mae']:.2f} bias {v['hu_bias']:+.2f} {v['seconds']:.1f} s"
-                for n, v in m.items()) + f" ({k + 1}/{len(args.series)})", flush=True)
-            _write(out, rows, args, stamp)  # after each series: a long run stopped early keeps what it measured
+                for n, v in m.items()) + (f", eclare FAILED: {err}" if err else "")
+                + f" ({k + 1}/{len(args.series)})", flush=True)
+            # after each series: a long run stopped early keeps what it measured
+            _write(out, rows, args, stamp, command, versions)
     finally:
         if own:
             import shutil
 
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"wrote {out} and {out.with_suffix('.png')}")
-    return 0
+    return 1 if any("error" in r[0]["eclare"] for r in rows) else 0

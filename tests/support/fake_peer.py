@@ -4,7 +4,10 @@ Like ECLARE 1.0.1 it takes the NIfTI's coarsest axis as the slice axis, resample
 spacing over the same field of view (``radifox.utils.resize.affine.update_affine``: the first output sample half
 an output step past the input's first slice edge) and writes ``<name><suffix>.nii.gz`` into --out-dir.
 FAKE_PEER=coords (default): each voxel holds its own RAS position along the slice direction (mm) + 0.01 column
-+ 0.02 row, so a reader can check where each value came from; FAKE_PEER=cubic: cubic B-spline of the input.
++ 0.02 row, so a reader can check where each value came from; FAKE_PEER=cubic: cubic B-spline of the input;
+FAKE_PEER=hang: never finishes (for the runner's time cap). Like ECLARE it prints a training bar
+(``n/n [00:02<00:00, ...it/s, loss=...]``) for its --n-patches, and "!!! Running on CPU !!!" for --gpu-id >= 0
+when FAKE_PEER_GPU is unset (it has none).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -23,7 +27,17 @@ def main(argv: list[str]) -> int:
     p.add_argument("--in-fpath", required=True)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--suffix", default="_eclare")
-    args, _rest = p.parse_known_args(argv)  # the budget and profile options are ECLARE's, ignored here
+    p.add_argument("--n-patches", type=int, default=1000000)
+    p.add_argument("--gpu-id", type=int, default=-1)
+    args, _rest = p.parse_known_args(argv)  # the other budget and profile options are ECLARE's, ignored here
+    if args.gpu_id >= 0 and not os.environ.get("FAKE_PEER_GPU"):
+        print("GPU index not provided or no GPU support currently available.\n!!! Running on CPU !!!", flush=True)
+    if os.environ.get("FAKE_PEER") == "hang":
+        print("fake peer: hanging", flush=True)
+        threading.Event().wait()  # until killed
+    n = args.n_patches
+    print(f"\r  0%|          | 0/{n} [00:00<?, ?it/s]\r100%|##########| {n}/{n} [00:02<00:00, {n / 2:.2f}it/s, "
+          "loss=0.0123]", file=sys.stderr)
     img = nib.load(args.in_fpath)
     a = np.asarray(img.affine, float)
     zooms = np.sqrt((a[:3, :3] ** 2).sum(axis=0))
