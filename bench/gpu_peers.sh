@@ -14,6 +14,7 @@
 #   ECLARE_TIMEOUT  seconds per ECLARE run (default 110)
 #   PEERS_BUDGET_S  the whole run's deadline (default 175): ECLARE's caps are cut to fit it, and the CT's patch
 #                   budget too, at the rate measured on the MR; a hard `timeout` follows 5 s later
+#   PEERS_SERIES    the devcarry/eval exports to run, in order (default "ge_t1 ctbody")
 #   PEERS_WEIGHTS   srnode's prior (default models/weights/prior.pt), PEERS_DEVICE (cuda), PY (python3)
 #   PEERS_ARGS      extra options, e.g. for a CPU check "--crop 24 --max-slices 9 --finetune-steps 2 --tta-passes 1"
 #   DRY=1           (as bench/gpu_session.sh's dry run) the same on the CPU at a toy size: PEERS_DEVICE=cpu,
@@ -34,14 +35,17 @@ STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 WORK=$(mktemp -d /tmp/peers-work.XXXXXX)
 J=$OUTDIR/peers-gpu-$STAMP.json
 [ "$DEVICE" = cuda ] || J=$OUTDIR/peers-$DEVICE-$STAMP.json
-for f in devcarry/eval/ge_t1.npz devcarry/eval/ctbody.npz; do
+SERIES=()
+for k in ${PEERS_SERIES:-ge_t1 ctbody}; do
+  f=devcarry/eval/$k.npz
   [ -f "$f" ] || { echo "gpu_peers: $f is missing (bench/prior_data.py export)"; exit 2; }
+  SERIES+=("$f")
 done
 REASON="the full budget (1,000,000 patches) was estimated at ~100-125 s per series on the H200 machine (data-loader bound: ~0.7-0.9 ms of CPU per patch over ECLARE's 8 workers; GPU ~5.8 PFLOP per 1M patches; docs/benchmarks.md) and does not fit the ~150 s slot for both series"
 [ "$PATCHES" -ge 1000000 ] && REASON=""
 # shellcheck disable=SC2086  # PEERS_ARGS is a list of options
 timeout -k 5 $((BUDGET + 5)) "$PY" -m node.app.cli --log-level INFO bench peers \
-  devcarry/eval/ge_t1.npz devcarry/eval/ctbody.npz --factor 2 --device "$DEVICE" \
+  "${SERIES[@]}" --factor 2 --device "$DEVICE" \
   --n-patches "$PATCHES" --batch-size 128 --peer-python "$PY" --peer-timeout "$TIMEOUT" --deadline-s "$BUDGET" \
   --budget-reason "$REASON" --workdir "$WORK" --out "$J" \
   --note "$(nproc) CPU cores; $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1); ${PEERS_ARGS:-whole volumes}" \
