@@ -378,8 +378,9 @@ class LeanReceiver:
                 try:
                     fh.close()
                 except OSError as exc:
-                    self._fh = fh = None
                     self._spill(exc)
+                    path = None
+            self._fh, self._path = None, None  # complete: no longer a partial file for drop_partial
         if not self._disk_full and path is None:
             raise LeanAbort("the data set's file was removed (the association is ending)")
         self._mode = _IDLE
@@ -390,8 +391,6 @@ class LeanReceiver:
             status = self.hooks.store(self.assoc, None if self._disk_full else path, cmd.sop_class,
                                       cmd.sop_instance, self._ts)
         finally:
-            with self._lock:
-                self._fh, self._path = None, None
             if path is not None:
                 path.unlink(missing_ok=True)  # the spool holds its own link; as pynetdicom after the handler
             if timer is not None:
