@@ -13,9 +13,12 @@ Once an association is established, :class:`LeanReceiver` takes each P-DATA-TF t
   ``struct`` (:func:`parse_store_command`). Only a plain C-STORE-RQ takes the lean path: the command holds no
   other element than those PS3.7 9.3.1.1 lists, each well formed, its presentation context accepted and for the
   command's SOP class, its UIDs plain (digits and dots). Anything else (C-ECHO, C-FIND, N-EVENT-REPORT, a
-  malformed or unusual command set, a dataset fragment without a command, a command over ``MAX_COMMAND_BYTES``)
-  is handed to pynetdicom as it came (the PDUs held so far, unchanged, in order), and so answered exactly as by
-  the ``pynetdicom`` receive path, until that message is complete;
+  malformed or unusual command set, a dataset fragment without a command) is handed to pynetdicom as it came (the
+  PDUs held so far, unchanged, in order), and so answered exactly as by the ``pynetdicom`` receive path, until
+  that message is complete. A command set over ``MAX_COMMAND_BYTES`` is aborted (pynetdicom gathers command
+  fragments in memory without a bound: memory would grow with the bytes a peer sends), and so is one that
+  pynetdicom could not decode (:func:`pynetdicom_decodes`: its DUL thread would fail on it and leave the
+  association hanging);
 - the dataset fragments are written straight to a file in the spool's ``incoming/``, with the same preamble
   and file meta pynetdicom writes (``STORE_RECV_CHUNKED_DATASET``: :func:`file_meta_bytes`, byte-identical);
 - when the last fragment came, the file goes to the store callback (``StoreSCP.store_received``: the same
@@ -32,6 +35,7 @@ arrives removes the partial file, drops the rest and answers 0xA700, as :class:`
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import re
@@ -44,10 +48,12 @@ from pathlib import Path
 from typing import Any
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.dimse_messages import _MESSAGE_TYPES
+from pynetdicom.dsutils import decode
 
 log = logging.getLogger(__name__)
 
-MAX_COMMAND_BYTES = 64 << 10  # a command set (and the PDUs held while it arrives) beyond this goes to pynetdicom
+MAX_COMMAND_BYTES = 64 << 10  # a command set beyond this is aborted (C-STORE's are ~200 bytes; pynetdicom has no cap)
 C_STORE_RQ = 0x0001
 C_STORE_RSP = 0x8001
 NO_DATASET = 0x0101  # CommandDataSetType: no data set follows (PS3.7 E.1)
@@ -117,6 +123,17 @@ def parse_store_command(data: bytes | bytearray) -> StoreCommand | None:
     if 0x0000_1030 in values and not values[0x0000_1030].isascii():
         return None
     return StoreCommand(message_id, sop_class.decode("ascii"), sop_instance.decode("ascii"))
+
+
+def pynetdicom_decodes(data: bytes | bytearray) -> bool:
+    """Whether pynetdicom 3.0 can take this command set (``DIMSEMessage.decode_msg``): it decodes and names a
+    DIMSE message type. One it cannot take ends pynetdicom's DUL thread with an exception (the association then
+    answers nothing and is not aborted), so the lean path aborts it instead."""
+    try:
+        field = decode(io.BytesIO(bytes(data)), True, True).CommandField
+        return int(field) in _MESSAGE_TYPES
+    except Exception:  # noqa: BLE001 - whatever pydicom raises on garbage
+        return False
 
 
 def _even(value: bytes, pad: bytes) -> bytes:
@@ -255,10 +272,12 @@ class LeanReceiver:
                 return self._fallback(pdu)
             self._cmd_cx = cx
             self._cmd += view[start:stop]
-            if len(self._cmd) > MAX_COMMAND_BYTES:
-                return self._fallback(pdu)
+            if len(self._cmd) > MAX_COMMAND_BYTES:  # pynetdicom would gather it without a bound
+                raise LeanAbort(f"a command set of more than {MAX_COMMAND_BYTES} bytes")
             if control & 2:
                 if not self._begin(cx):
+                    if not pynetdicom_decodes(self._cmd):
+                        raise LeanAbort("a command set that cannot be decoded")
                     return self._fallback(pdu)
                 if pos >= end:
                     self._reset_command()
@@ -267,8 +286,8 @@ class LeanReceiver:
         if self._mode == _IDLE:  # the command continues in a later PDU
             self._held.append(pdu)
             self._held_bytes += len(pdu)
-            if self._held_bytes > MAX_COMMAND_BYTES:
-                return self._fallback(None)
+            if self._held_bytes > 2 * MAX_COMMAND_BYTES:  # many PDUs of tiny fragments
+                raise LeanAbort(f"a command set sent in more than {2 * MAX_COMMAND_BYTES} bytes of PDUs")
         return []
 
     def _reset_command(self) -> None:
