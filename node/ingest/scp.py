@@ -5,7 +5,9 @@ The C-STORE handler never decodes pixels. pynetdicom writes the received dataset
 (header check, spool, index) and answers Success only once the file and its index row are on disk: the
 group commit (``node.ingest.commit``) makes the files of every open association durable together, one sync and
 one index transaction per batch. The associations' pynetdicom threads wait for their events instead of polling
-every millisecond (``node.ingest.reactor``).
+every millisecond (``node.ingest.reactor``). With ``[node] receive_path = "lean"`` (the default) a plain C-STORE is
+received by the node's own code in the association's reader thread (``node.ingest.lean``: same file, same
+admission, same statuses, :meth:`StoreSCP.store_received`); everything else still goes through pynetdicom.
 
 Statuses (``node.dimse.Status``): 0x0000 stored (a duplicate SOPInstanceUID is kept once and logged; one that
 differs from the stored copy is kept aside and reported as a conflict), 0xA700 spool disk below the watermark or

@@ -25,7 +25,9 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.bench.phantom import write_phantom_series
+from node.config import ReceivePath, config_from_dict
 from node.dimse import Status
+from node.errors import ConfigError
 from node.ingest import StoreSCP
 from node.ingest.lean import (
     LeanHooks,
@@ -45,6 +47,13 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
 # ------------------------------------------------------------------------------------ encodings (no network)
+
+def test_receive_path_setting() -> None:
+    assert config_from_dict({}).node.receive_path is ReceivePath.LEAN
+    assert config_from_dict({"node": {"receive_path": "pynetdicom"}}).node.receive_path is ReceivePath.PYNETDICOM
+    with pytest.raises(ConfigError, match=r"node\.receive_path: 'fast' is not one of lean, pynetdicom"):
+        config_from_dict({"node": {"receive_path": "fast"}})
+
 
 @pytest.mark.parametrize("sop", ["1.2.3.4", "1.2.3.45", "1.2.826.0.1.3680043.8.498.1234567890123456789012345"])
 @pytest.mark.parametrize("ts", ["1.2.840.10008.1.2", EXPLICIT_LE, "1.2.840.10008.1.2.4.50"])
