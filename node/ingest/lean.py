@@ -206,11 +206,13 @@ StoreCallback = Callable[[Any, Path | None, str, str, str], int]
 
 @dataclass(frozen=True)
 class LeanHooks:
-    """What the lean path needs from the SCP: where received files go (``incoming``, on the spool's disk) and
-    the store callback (``StoreSCP.store_received``)."""
+    """What the lean path needs from the SCP: where received files go (``incoming``, on the spool's disk), the
+    store callback (``StoreSCP.store_received``) and, when given, what to call with each PDU's size in bytes
+    instead of triggering ``EVT_DATA_RECV`` (``StoreSCP.data_received``: the disk watermark check)."""
 
     incoming: Path
     store: StoreCallback
+    received: Callable[[Any, int], None] | None = None
 
 
 _IDLE, _DATA, _PASS, _DEAD = range(4)

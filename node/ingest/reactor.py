@@ -220,10 +220,14 @@ class QuietDUL(DULServiceProvider):
     def _lean_feed(self, lean: LeanReceiver, pdu_bytes: bytearray) -> None:
         """A whole P-DATA-TF in an established association: to the lean path (``node.ingest.lean``), which
         stores and answers a plain C-STORE itself and gives back what pynetdicom is to decode (as it came: Evt10
-        each). EVT_DATA_RECV is triggered first, as pynetdicom does (the SCP's disk watermark check, which may
-        abort the association). A LeanAbort is an invalid PDU (Evt19: A-ABORT), its partial file removed."""
-        if self.assoc.get_handlers(evt.EVT_DATA_RECV):
-            evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": pdu_bytes})
+        each). The hooks' ``received`` (else EVT_DATA_RECV, as pynetdicom) is called first: the SCP's disk
+        watermark check, which may abort the association. A LeanAbort is an invalid PDU (Evt19: A-ABORT), its partial file removed."""
+        received = lean.hooks.received
+        if received is not None or self.assoc.get_handlers(evt.EVT_DATA_RECV):
+            if received is not None:
+                received(self.assoc, len(pdu_bytes))
+            else:
+                evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": pdu_bytes})
             if self.assoc._sent_abort or self._kill_thread:  # the watermark check aborted the transfer
                 self._drop_lean_partial()
                 return

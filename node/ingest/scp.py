@@ -262,14 +262,18 @@ class StoreSCP:
     def on_data(self, event: evt.Event) -> None:
         """A PDU arrived: every WATERMARK_CHECK_BYTES per association, the spool must still be above its watermark,
         else the transfer is aborted before it fills the disk further (runs in the association's reader thread)."""
-        key = id(event.assoc)
+        self.data_received(event.assoc, len(event.data))
+
+    def data_received(self, assoc: Any, size: int) -> None:
+        """``size`` bytes (one PDU) arrived on ``assoc``: :meth:`on_data`'s check, called directly by the lean
+        receive path (``node.ingest.lean``)."""
+        key = id(assoc)
         with self._lock:
-            n = self._received.get(key, 0) + len(event.data)
+            n = self._received.get(key, 0) + size
             self._received[key] = 0 if n >= WATERMARK_CHECK_BYTES else n
         if n < WATERMARK_CHECK_BYTES or self.admission.spool.has_space():
             return
         spool = self.admission.spool
-        assoc = event.assoc
         calling = str(getattr(assoc.requestor, "ae_title", "")).strip()
         why = (f"spool disk {spool.root} has {spool.free_mb():.0f} MB free, below node.min_free_mb = "
                f"{spool.min_free_mb} ({spool.incoming_bytes() / 2**20:.0f} MB of it in incoming/)")
@@ -404,7 +408,8 @@ class StoreSCP:
         "pynetdicom"``."""
         if self.cfg.node.receive_path is not ReceivePath.LEAN:
             return None
-        return LeanHooks(incoming=self.admission.spool.incoming, store=self.store_received)
+        return LeanHooks(incoming=self.admission.spool.incoming, store=self.store_received,
+                         received=self.data_received)
 
     def start(self) -> None:
         """Listen on [node].host:port (TLS when [node.tls].enabled); returns once the socket is bound.

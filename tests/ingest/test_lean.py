@@ -44,6 +44,7 @@ from tests.support.peers import STORESCU, wait_until
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+PRIVATE = "1.2.826.0.1.3680043.10.1087.99.1"
 
 
 # ------------------------------------------------------------------------------------ encodings (no network)
@@ -129,7 +130,7 @@ class _Counting:
             self.n += 1
             return hooks.store(*args)
 
-        server.lean_hooks = LeanHooks(hooks.incoming, store)
+        server.lean_hooks = LeanHooks(hooks.incoming, store, hooks.received)
 
 
 @pytest.fixture
@@ -224,10 +225,12 @@ class _Peer:
         ae = AE(ae_title="RAWSCU")
         ae.add_requested_context(CT, EXPLICIT_LE)
         ae.add_requested_context(Verification)
+        ae.add_requested_context(PRIVATE, EXPLICIT_LE)  # not a storage SOP class we know: rejected
         ae.dimse_timeout = 30
         self.assoc = ae.associate("127.0.0.1", port, ae_title="SRNODE")
         assert self.assoc.is_established
         self.cx = next(c.context_id for c in self.assoc.accepted_contexts if c.abstract_syntax == CT)
+        self.rejected_cx = next(c.context_id for c in self.assoc.rejected_contexts if c.abstract_syntax == PRIVATE)
         self.assoc._reactor_checkpoint.clear()  # its reactor must not take (and drop) the responses we read
         wait_until(lambda: self.assoc._is_paused, 10, what="the SCU's reactor paused")
 
@@ -310,6 +313,13 @@ def test_malformed_command_and_foreign_sop_class_answered_as_before(both: tuple[
     # the command names MR on the CT context (the dataset is CT): pynetdicom's path answers 0xA900
     foreign = _outcomes(both, store_with(_rq_command(sop_class=MR, sop=str(ds.SOPInstanceUID))))
     assert foreign[0] == foreign[1] == Status.DATASET_DOES_NOT_MATCH
+    # a C-STORE of a SOP class whose context was rejected, on that context: as pynetdicom answers it
+    def on_rejected(peer: _Peer) -> Any:
+        cmd = _rq_command(sop_class=PRIVATE, sop=str(ds.SOPInstanceUID))
+        peer.send(_pdu((peer.rejected_cx, 0x03, cmd)), _pdu((peer.rejected_cx, 0x02, data)))
+        return peer.answer(10)
+    rejected = _outcomes(both, on_rejected)
+    assert rejected[0] == rejected[1]
     # a command set with an unknown element: as pynetdicom answers it
     odd = _rq_command(sop=str(ds.SOPInstanceUID)) + struct.pack("<HHL", 0, 0x5555, 2) + b"\0\0"
     odd_out = _outcomes(both, store_with(odd))
