@@ -249,7 +249,7 @@ class LeanReceiver:
         if self._mode == _DEAD:
             return []
         if self._mode == _PASS:
-            self._pass_through(pdu, 0)
+            self._pass_through(pdu)
             return [pdu]
         view = memoryview(pdu)
         pos, end = 6, len(pdu)
@@ -308,12 +308,12 @@ class LeanReceiver:
         self._pass_has_data = True
         self.passed += 1
         for p in out:
-            self._pass_through(p, 0)
+            self._pass_through(p)
             if self._mode != _PASS:
                 break
         return out
 
-    def _pass_through(self, pdu: bytes | bytearray, _: int) -> None:
+    def _pass_through(self, pdu: bytes | bytearray) -> None:
         """Follow a PDU handed to pynetdicom: back to _IDLE once the message it belongs to is complete (as
         pynetdicom, the rest of that P-DATA is not read). Malformed items: pynetdicom decides."""
         pos, end = 6, len(pdu)

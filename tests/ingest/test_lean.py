@@ -17,9 +17,10 @@ from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pynetdicom import AE
+from pynetdicom.dimse_messages import C_ECHO_RQ as C_ECHO_RQ_MSG
 from pynetdicom.dimse_messages import C_STORE_RQ as C_STORE_RQ_MSG
 from pynetdicom.dimse_messages import C_STORE_RSP as C_STORE_RSP_MSG
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -230,6 +231,7 @@ class _Peer:
         self.assoc = ae.associate("127.0.0.1", port, ae_title="SRNODE")
         assert self.assoc.is_established
         self.cx = next(c.context_id for c in self.assoc.accepted_contexts if c.abstract_syntax == CT)
+        self.echo_cx = next(c.context_id for c in self.assoc.accepted_contexts if c.abstract_syntax == Verification)
         self.rejected_cx = next(c.context_id for c in self.assoc.rejected_contexts if c.abstract_syntax == PRIVATE)
         self.assoc._reactor_checkpoint.clear()  # its reactor must not take (and drop) the responses we read
         wait_until(lambda: self.assoc._is_paused, 10, what="the SCU's reactor paused")
@@ -367,3 +369,36 @@ def test_endless_command_set_is_aborted(both: tuple[StoreSCP, StoreSCP]) -> None
         assert peer.answer() is None
     finally:
         peer.close()
+
+
+def _echo_command(msg_id: int) -> bytes:
+    req = C_ECHO()
+    req.MessageID = msg_id
+    req.AffectedSOPClassUID = Verification
+    msg = C_ECHO_RQ_MSG()
+    msg.primitive_to_message(req)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, msg.command_set)
+    return fp.getvalue()
+
+
+def test_echo_between_stores_on_one_association(both: tuple[StoreSCP, StoreSCP], tmp_path: Path) -> None:
+    """C-STORE (lean), C-ECHO (pynetdicom), C-STORE (lean again) on one association: all answered."""
+    files = write_phantom_series(tmp_path / "ph", slices=2, size=32)
+    lean, _ = both
+    counted = _Counting(lean)
+    peer = _Peer(lean.cfg.node.port)
+    try:
+        out = []
+        for i, f in enumerate(files):
+            cmd = _rq_command(sop=str(dcmread(f, stop_before_pixels=True).SOPInstanceUID), msg_id=10 + i)
+            peer.send(_pdu((peer.cx, 0x03, cmd)), _pdu((peer.cx, 0x02, _dataset_bytes(f))))
+            out.append(peer.answer())
+            if i == 0:
+                peer.send(_pdu((peer.echo_cx, 0x03, _echo_command(5))))
+                out.append(peer.answer())
+    finally:
+        peer.close()
+    assert out == [Status.SUCCESS, Status.SUCCESS, Status.SUCCESS]
+    assert counted.n == 2 and len(_spool(lean)) == 2
