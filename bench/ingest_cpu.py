@@ -36,6 +36,8 @@ shutil.rmtree(work, ignore_errors=True)
 work.mkdir(parents=True)
 port = B.free_port()
 txt = B.node_config(work, port)
+if os.environ.get("RECEIVE_PATH"):  # [node] receive_path: lean or pynetdicom (default: the checkout's)
+    txt = txt.replace("max_associations = 32", f'max_associations = 32\nreceive_path = "{os.environ["RECEIVE_PATH"]}"')
 if maxpdu:
     txt = txt.replace("max_associations = 32", f"max_associations = 32\nmax_pdu = {maxpdu}")
 (work / "config.toml").write_text(txt)
@@ -49,7 +51,8 @@ def cpu():
 
 
 B.wait_echo(port, "SRNODE")
-out = {"label": label, "max_pdu": maxpdu, "load_before": os.getloadavg()}
+out = {"label": label, "max_pdu": maxpdu, "receive_path": os.environ.get("RECEIVE_PATH", "default"),
+       "load_before": os.getloadavg()}
 spyp = None
 for name, batches in (("concurrent", conc), ("one_association", small)):
     if spy:

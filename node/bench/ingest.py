@@ -130,12 +130,14 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def node_config(workdir: Path, port: int) -> str:
+def node_config(workdir: Path, port: int, receive_path: str = "") -> str:
     """config.toml text for the node under test: SCP on 127.0.0.1:``port``, spool in ``workdir``, stable_age_s
-    3600 s (no processing during the run), HTTP off, cubic engine on CPU."""
+    3600 s (no processing during the run), HTTP off, cubic engine on CPU; ``receive_path``: ``[node]
+    receive_path`` ("": the default)."""
     spool = workdir / "spool"
+    path = f'receive_path = "{receive_path}"\n' if receive_path else ""
     return (f'[node]\nae_title = "SRNODE"\nhost = "127.0.0.1"\nport = {port}\nspool_dir = "{spool}"\n'
-            f"stable_age_s = 3600.0\nmin_free_mb = 1\nmax_associations = 32\n\n[http]\nenabled = false\n\n"
+            f"stable_age_s = 3600.0\nmin_free_mb = 1\nmax_associations = 32\n{path}\n[http]\nenabled = false\n\n"
             f'[engine]\nname = "cubic"\ndevice = "cpu"\n')
 
 
@@ -148,14 +150,15 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
         proc.wait()
 
 
-def run_node(workdir: Path, workloads: dict[str, list[list[Path]]]) -> dict[str, dict[str, Any]]:
+def run_node(workdir: Path, workloads: dict[str, list[list[Path]]],
+             receive_path: str = "") -> dict[str, dict[str, Any]]:
     """Start ``srnode serve``, send each workload (its batches concurrently), stop it (SIGTERM); per workload the
     send figures, the node's peak RSS so far and the instances indexed in all (-1 when ``srnode status``
     failed)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cfg = workdir / "config.toml"
-    cfg.write_text(node_config(workdir, port))
+    cfg.write_text(node_config(workdir, port, receive_path))
     with (workdir / "node.log").open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "node.app.cli", "serve", "--config", str(cfg)],
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -244,6 +247,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small-size", type=int, default=64,
                         help="rows = columns of the one-association workload's instances (default 64)")
     parser.add_argument("--no-orthanc", action="store_true", help="leave Orthanc out (it is needed otherwise)")
+    parser.add_argument("--receive-path", default="", choices=["", "lean", "pynetdicom"],
+                        help="the node's [node] receive_path (default: the node's default)")
     parser.add_argument("--workdir", default="", help="keep files here (default: a temporary folder)")
 
 
@@ -258,10 +263,11 @@ def _figures(res: dict[str, Any], expected: int) -> dict[str, Any]:
 
 def measure(senders: int, instances: int, size: int, workdir: Path, small_instances: int = 0,
             small_size: int = 64, orthanc: bool = True,
-            stage: Callable[[str], None] = lambda _name: None) -> dict[str, Any]:
+            stage: Callable[[str], None] = lambda _name: None, receive_path: str = "") -> dict[str, Any]:
     """Write the workloads, send them to the node, storescp and (``orthanc``) Orthanc in that order; per workload
     and server the figures (instances/s, seconds, stored), the ratios srnode/storescp and srnode/Orthanc, MB
-    (2^20 bytes) sent and the peak RSS (MiB) of the node and Orthanc. ``stage`` gets each step's name as it starts."""
+    (2^20 bytes) sent and the peak RSS (MiB) of the node and Orthanc. ``stage`` gets each step's name as it starts;
+    ``receive_path``: the node's ``[node] receive_path`` ("": its default)."""
     stage("writing series")
     workloads = {"concurrent": [write_series(workdir / "send" / f"s{i:02d}", i, instances, size)
                                 for i in range(senders)]}
@@ -269,13 +275,15 @@ def measure(senders: int, instances: int, size: int, workdir: Path, small_instan
         workloads["one_association"] = [write_series(workdir / "send" / "small", 0, small_instances, small_size,
                                                       tag="small-")]
     stage("sending to srnode")
-    servers: dict[str, dict[str, dict[str, Any]]] = {"srnode": run_node(workdir / "node", workloads)}
+    servers: dict[str, dict[str, dict[str, Any]]] = {"srnode": run_node(workdir / "node", workloads,
+                                                                                 receive_path)}
     stage("sending to storescp")
     servers["storescp"] = run_storescp(workdir, workloads)
     if orthanc:
         stage("sending to Orthanc")
         servers["orthanc"] = run_orthanc(workdir / "orthanc", workloads)
-    figures: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_before": os.getloadavg()}
+    figures: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_before": os.getloadavg(),
+                               "receive_path": receive_path or "default"}
     expected = 0
     for name, batches in workloads.items():
         expected += sum(len(b) for b in batches)
@@ -313,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
         bar = bar_of(args)
         bar.stage("starting", 4 if args.no_orthanc else 5)
         figures = measure(args.senders, args.instances, args.size, workdir, args.small_instances,
-                          args.small_size, not args.no_orthanc, bar.stage)
+                          args.small_size, not args.no_orthanc, bar.stage, args.receive_path)
         bar.close()
     finally:
         if own:

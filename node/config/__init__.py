@@ -36,6 +36,7 @@ from node.config.schema import (
     HttpConfig,
     NodeConfig,
     OutboxConfig,
+    ReceivePath,
     RuleConfig,
     TlsConfig,
     UncertaintyObject,
@@ -49,7 +50,7 @@ __all__ = [
     "DataAccess", "DeriveConfig", "Destination", "DestinationKind", "Device", "DicomDestination", "DicomSource",
     "DicomwebDestination", "DicomwebSource", "EngineConfig", "EngineOptions", "ExecutorConfig", "ExecutorKind",
     "FolderDestination", "HttpConfig", "NodeConfig", "OrthancDestination", "OrthancSource", "OutboxConfig",
-    "RuleConfig", "Source", "SourceKind", "TlsConfig", "UncertaintyObject", "VolumeChoice",
+    "ReceivePath", "RuleConfig", "Source", "SourceKind", "TlsConfig", "UncertaintyObject", "VolumeChoice",
     "as_table", "config_from_dict", "load_config", "replace",
     "secret_values",
 ]

@@ -31,6 +31,16 @@ class ExecutorKind(StrEnum):
     CELERY = "celery"
 
 
+class ReceivePath(StrEnum):
+    """How the SCP receives C-STOREs once an association is established (``node.ingest.lean``): ``lean`` (the
+    node parses P-DATA-TF and plain C-STORE command sets itself, writes the data set straight to the spool and
+    answers from a template; everything else still goes to pynetdicom) or ``pynetdicom`` (pynetdicom's DUL, state
+    machine and DIMSE layers for every message)."""
+
+    LEAN = "lean"
+    PYNETDICOM = "pynetdicom"
+
+
 class DataAccess(StrEnum):
     """How a Celery worker reads a series: the ``shared`` spool path or WADO-RS from the node (``dicomweb``)."""
 
@@ -100,6 +110,7 @@ class NodeConfig:
     max_associations: int = 32
     max_pdu: int = 262144  # bytes we accept in one PDU (announced to callers); 0: pynetdicom's default (16382)
     association_timeout_s: float = 10.0  # a connection must start (and then finish) its A-ASSOCIATE-RQ within this
+    receive_path: ReceivePath = ReceivePath.LEAN  # C-STORE receive path (node.ingest.lean); "pynetdicom": fall back
     log_level: str = "INFO"
     audit_log: str = ""  # default: <spool_dir>/audit.log
     max_series_memory_mb: int = 0  # memory a series may need to process (estimated from headers); 0: 3/4 of RAM

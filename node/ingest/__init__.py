@@ -1,6 +1,8 @@
 """Stage ``ingest``: how instances enter the node. Every path ends in ONE admission (``admit.Admission``).
 
 - ``scp``: the C-STORE SCP (and C-ECHO), TLS, caller checks at association time;
+- ``lean``: the SCP's lean C-STORE receive path (``[node] receive_path``): plain C-STORE P-DATA-TF parsed in the
+  DUL thread, the data set written straight to ``incoming/``, the response from a template;
 - ``server``: the SCP's listening server: a gate with deadlines (TLS handshake, first bytes of the A-ASSOCIATE-RQ)
   before a connection becomes an association, so silent peers never lock callers out;
 - ``stow``: STOW-RS multipart bodies (the HTTP route lives in ``node.app.http``);

@@ -47,10 +47,12 @@ from pynetdicom._handlers import (
 from pynetdicom.association import LOGGER as ASSOC_LOG
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 from node.ingest.fdwait import wait_ready
+from node.ingest.lean import LeanAbort, LeanHooks, LeanReceiver
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class QuietDUL(DULServiceProvider):
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.pdu_buffer_bytes = 0  # size of the receive buffer of the PDU being read (0: none), for tests
+        self.lean: LeanReceiver | None = None  # the lean C-STORE path (node.ingest.lean), when the SCP uses it
         super().__init__(assoc)
 
     @property  # type: ignore[override]
@@ -203,6 +206,9 @@ class QuietDUL(DULServiceProvider):
         if len(pdu_bytes) != 6 + pdu_length:
             self.event_queue.put("Evt17")
             return
+        if pdu_type == 0x04 and self.lean is not None and self.state_machine.current_state == "Sta6":
+            self._lean_feed(self.lean, pdu_bytes)
+            return
         try:
             pdu, event = self._decode_pdu(pdu_bytes)
             self.event_queue.put(event)
@@ -210,6 +216,49 @@ class QuietDUL(DULServiceProvider):
             self.event_queue.put("Evt19")
             return
         self._recv_pdu.put(pdu)
+
+    def _lean_feed(self, lean: LeanReceiver, pdu_bytes: bytearray) -> None:
+        """A whole P-DATA-TF in an established association: to the lean path (``node.ingest.lean``), which
+        stores and answers a plain C-STORE itself and gives back what pynetdicom is to decode (as it came: Evt10
+        each). The hooks' ``received`` (else EVT_DATA_RECV, as pynetdicom) is called first: the SCP's disk
+        watermark check, which may abort the association. A LeanAbort is an invalid PDU (Evt19: A-ABORT), its partial file removed."""
+        received = lean.hooks.received
+        if received is not None or self.assoc.get_handlers(evt.EVT_DATA_RECV):
+            if received is not None:
+                received(self.assoc, len(pdu_bytes))
+            else:
+                evt.trigger(self.assoc, evt.EVT_DATA_RECV, {"data": pdu_bytes})
+            if self.assoc._sent_abort or self._kill_thread:  # the watermark check aborted the transfer
+                self._drop_lean_partial()
+                return
+        try:
+            passed = lean.feed(pdu_bytes, self._lean_send)
+        except LeanAbort as exc:
+            log.warning("association from %s: %s: aborted", self.assoc.requestor.address, exc)
+            self._drop_lean_partial()
+            self.event_queue.put("Evt19")
+            return
+        for raw in passed:
+            try:
+                pdu = P_DATA_TF()
+                pdu.decode(bytes(raw))
+            except Exception:  # noqa: BLE001 - as pynetdicom: an undecodable PDU is Evt19
+                self.event_queue.put("Evt19")
+                return
+            self.event_queue.put("Evt10")
+            self._recv_pdu.put(pdu)
+
+    def _lean_send(self, data: bytes) -> None:
+        """Write a response of the lean path to the peer (this thread is the only writer: pynetdicom's queued
+        primitives are sent by it too); Evt17 when the connection is gone."""
+        if self.socket is not None:
+            self.socket.send(data)
+
+    def _drop_lean_partial(self) -> None:
+        if self.lean is not None:
+            path = self.lean.drop_partial()
+            if path is not None:
+                path.unlink(missing_ok=True)
 
     def _recv_body(self, head: bytearray, total: int, deadline: float) -> bytearray | None:
         """The whole PDU (``total`` bytes, ``head`` its first 6) once its body came before ``deadline`` (monotonic
@@ -297,6 +346,7 @@ class QuietDUL(DULServiceProvider):
         try:
             super().run_reactor()
         finally:
+            self._drop_lean_partial()
             self._wake_r.close()
             self._wake_w.close()
 
@@ -437,6 +487,7 @@ class QuietRequestHandler(RequestHandler):
         assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
         assoc.acceptor.supported_contexts = copy_contexts(self.server.contexts)
         assoc.requestor.address_info = self.remote
+        hooks = getattr(self.server, "lean_hooks", None)
         skip = {handler for _, handler in LOG_ONLY_HANDLERS} if not pynetdicom_logs_info() else set()
         for event in self.server._handlers:
             if event.is_intervention and self.server._handlers[event]:
@@ -446,4 +497,6 @@ class QuietRequestHandler(RequestHandler):
                     h: Any = handler
                     if h[0] not in skip:
                         assoc.bind(event, h[0], h[1])
+        if isinstance(hooks, LeanHooks) and not any(assoc.get_handlers(e) for e, _ in LOG_ONLY_HANDLERS):
+            cast(QuietDUL, assoc.dul).lean = LeanReceiver(assoc, hooks)  # nobody watches PDUs or DIMSE messages one by one
         return assoc

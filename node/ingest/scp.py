@@ -5,7 +5,9 @@ The C-STORE handler never decodes pixels. pynetdicom writes the received dataset
 (header check, spool, index) and answers Success only once the file and its index row are on disk: the
 group commit (``node.ingest.commit``) makes the files of every open association durable together, one sync and
 one index transaction per batch. The associations' pynetdicom threads wait for their events instead of polling
-every millisecond (``node.ingest.reactor``).
+every millisecond (``node.ingest.reactor``). With ``[node] receive_path = "lean"`` (the default) a plain C-STORE is
+received by the node's own code in the association's reader thread (``node.ingest.lean``: same file, same
+admission, same statuses, :meth:`StoreSCP.store_received`); everything else still goes through pynetdicom.
 
 Statuses (``node.dimse.Status``): 0x0000 stored (a duplicate SOPInstanceUID is kept once and logged; one that
 differs from the stored copy is kept aside and reported as a conflict), 0xA700 spool disk below the watermark or
@@ -46,10 +48,11 @@ from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # typ
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.audit import AuditLog
-from node.config import Config
+from node.config import Config, ReceivePath
 from node.dimse import Status, label
 from node.errors import ConfigError, IngestError, listen_problem
 from node.ingest.admit import Admission, Caller, find_caller
+from node.ingest.lean import LeanHooks
 from node.ingest.server import start_guarded_server
 from node.metrics import Metrics
 
@@ -259,14 +262,18 @@ class StoreSCP:
     def on_data(self, event: evt.Event) -> None:
         """A PDU arrived: every WATERMARK_CHECK_BYTES per association, the spool must still be above its watermark,
         else the transfer is aborted before it fills the disk further (runs in the association's reader thread)."""
-        key = id(event.assoc)
+        self.data_received(event.assoc, len(event.data))
+
+    def data_received(self, assoc: Any, size: int) -> None:
+        """``size`` bytes (one PDU) arrived on ``assoc``: :meth:`on_data`'s check, called directly by the lean
+        receive path (``node.ingest.lean``)."""
+        key = id(assoc)
         with self._lock:
-            n = self._received.get(key, 0) + len(event.data)
+            n = self._received.get(key, 0) + size
             self._received[key] = 0 if n >= WATERMARK_CHECK_BYTES else n
         if n < WATERMARK_CHECK_BYTES or self.admission.spool.has_space():
             return
         spool = self.admission.spool
-        assoc = event.assoc
         calling = str(getattr(assoc.requestor, "ae_title", "")).strip()
         why = (f"spool disk {spool.root} has {spool.free_mb():.0f} MB free, below node.min_free_mb = "
                f"{spool.min_free_mb} ({spool.incoming_bytes() / 2**20:.0f} MB of it in incoming/)")
@@ -288,7 +295,11 @@ class StoreSCP:
         writing when the transfer ended, and complete ones still queued behind it (the peer got no answer for
         them and will send them again)."""
         dimse = getattr(assoc, "dimse", None)
-        files = [getattr(getattr(dimse, "message", None), "_data_set_file", None)]
+        files: list[Any] = [getattr(getattr(dimse, "message", None), "_data_set_file", None)]
+        lean = getattr(getattr(assoc, "dul", None), "lean", None)  # the lean path's file (node.ingest.lean)
+        lean_path = lean.drop_partial() if lean is not None else None
+        if lean_path is not None:
+            files.append(lean_path)
         queue = getattr(dimse, "msg_queue", None)
         while queue is not None:
             try:
@@ -298,7 +309,7 @@ class StoreSCP:
             files.append(getattr(item[1], "_dataset_file", None) if isinstance(item, tuple) else None)
         n = 0
         for fh in files:
-            name = getattr(fh, "name", None)
+            name = fh if isinstance(fh, Path) else getattr(fh, "name", None)
             if not name:
                 continue
             try:
@@ -320,9 +331,9 @@ class StoreSCP:
         """C-ECHO (Verification SOP Class, PS3.4 Annex A): always 0x0000."""
         return Status.SUCCESS
 
-    def _count(self, event: evt.Event, ok: bool) -> None:
+    def _count(self, key: int, ok: bool) -> None:
         with self._lock:
-            c = self._counts.get(id(event.assoc))
+            c = self._counts.get(key)
             if c is not None:
                 if ok:
                     c.stored += 1
@@ -330,38 +341,48 @@ class StoreSCP:
                     c.refused += 1
 
     def on_store(self, event: evt.Event) -> int:
-        """C-STORE: admit the file pynetdicom wrote to the spool's ``incoming/`` (no decoding here).
-
-        Returns the DIMSE status: 0x0000, the IngestError's status (PS3.4 B.2.3), or 0x0110 for any other
-        error (PS3.7 C.4.2).
-        """
+        """C-STORE (pynetdicom's receive path): admit the file pynetdicom wrote to the spool's ``incoming/`` (no
+        decoding here), as :meth:`store_received`."""
         req: Any = event.request  # a C_STORE primitive
-        caller = Caller(str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address))
-        if getattr(req._dataset_file, "disk_full", False):  # its partial file is already removed
+        full = getattr(req._dataset_file, "disk_full", False)  # its partial file is already removed
+        return self.store_received(event.assoc, None if full else Path(event.dataset_path),
+                                   str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),
+                                   str(event.context.transfer_syntax))
+
+    def store_received(self, assoc: Any, path: Path | None, sop_class: str, sop_instance: str,
+                       transfer_syntax: str) -> int:
+        """Admit one received data set: the file at ``path`` (in the spool's ``incoming/``; None: the disk filled
+        while it arrived and its partial file is gone) that association ``assoc`` sent under a C-STORE naming
+        ``sop_class`` / ``sop_instance``, on a context of ``transfer_syntax``. Both receive paths (``on_store``;
+        ``node.ingest.lean``) call it.
+
+        Returns the DIMSE status: 0x0000 once the file and its index row are durable, 0xA700 for a full disk,
+        the IngestError's status (PS3.4 B.2.3), or 0x0110 for any other error (PS3.7 C.4.2).
+        """
+        caller = Caller(str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address))
+        key = id(assoc)
+        if path is None:
             log.warning("C-STORE from %s refused (0x%04X): instance %s: the spool disk %s filled up while it "
                         "arrived; its partial file was removed", caller.ae_title, Status.OUT_OF_RESOURCES,
-                        req.AffectedSOPInstanceUID, self.admission.spool.root)
+                        sop_instance, self.admission.spool.root)
             self.metrics.instances_received.labels(status=label(Status.OUT_OF_RESOURCES)).inc()
             self.metrics.failures.labels(where="ingest", reason="disk-full").inc()
-            self._count(event, False)
+            self._count(key, False)
             return Status.OUT_OF_RESOURCES
         try:
-            self.admission.admit_file(Path(event.dataset_path), caller,
-                                      declared_sop_class=str(req.AffectedSOPClassUID or ""),
-                                      transfer_syntax=str(event.context.transfer_syntax),
-                                      declared_sop_instance=str(req.AffectedSOPInstanceUID or ""))
+            self.admission.admit_file(path, caller, declared_sop_class=sop_class, transfer_syntax=transfer_syntax,
+                                      declared_sop_instance=sop_instance)
         except IngestError as exc:
             log.warning("C-STORE from %s refused (0x%04X): instance %s: %s", caller.ae_title, exc.status,
-                        req.AffectedSOPInstanceUID, exc)
-            self._count(event, False)
+                        sop_instance, exc)
+            self._count(key, False)
             return exc.status
         except Exception as exc:  # noqa: BLE001 - an SCP must answer with a status, never crash
-            log.exception("C-STORE from %s: instance %s: unexpected error: %s", caller.ae_title,
-                          req.AffectedSOPInstanceUID, exc)
+            log.exception("C-STORE from %s: instance %s: unexpected error: %s", caller.ae_title, sop_instance, exc)
             self.metrics.failures.labels(where="ingest", reason=type(exc).__name__).inc()
-            self._count(event, False)
+            self._count(key, False)
             return Status.PROCESSING_FAILURE
-        self._count(event, True)
+        self._count(key, True)
         return Status.SUCCESS
 
     # ------------------------------------------------------------------------------------ life cycle
@@ -382,6 +403,14 @@ class StoreSCP:
             ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         return ae
 
+    def lean_hooks(self) -> LeanHooks | None:
+        """What the lean receive path needs (``node.ingest.lean``), or None with ``[node] receive_path =
+        "pynetdicom"``."""
+        if self.cfg.node.receive_path is not ReceivePath.LEAN:
+            return None
+        return LeanHooks(incoming=self.admission.spool.incoming, store=self.store_received,
+                         received=self.data_received)
+
     def start(self) -> None:
         """Listen on [node].host:port (TLS when [node.tls].enabled); returns once the socket is bound.
 
@@ -398,7 +427,8 @@ class StoreSCP:
             self._server = start_guarded_server(ae, (node.host, node.port), self.handlers(),
                                                 server_ssl_context(self.cfg),
                                                 handshake_timeout_s=node.tls.handshake_timeout_s,
-                                                association_timeout_s=node.association_timeout_s, audit=self.audit)
+                                                association_timeout_s=node.association_timeout_s, audit=self.audit,
+                                                lean_hooks=self.lean_hooks())
         except OSError as exc:
             _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved
             raise ConfigError(listen_problem("DICOM port", "node", node.host, node.port, exc)) from exc

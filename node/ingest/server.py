@@ -38,6 +38,7 @@ from pynetdicom.utils import make_target
 from node.audit import AuditLog
 from node.dimse import no_delay
 from node.ingest.fdwait import wait_ready
+from node.ingest.lean import LeanHooks
 from node.ingest.reactor import QuietRequestHandler
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def __init__(self, ae: AE, address: Address, ae_title: str, contexts: Any, ssl_context: ssl.SSLContext | None,
                  evt_handlers: Any = None, *, handshake_timeout_s: float = 10.0,
                  association_timeout_s: float = 10.0, audit: AuditLog | None = None,
-                 max_pending: int = MAX_PENDING) -> None:
+                 max_pending: int = MAX_PENDING, lean_hooks: LeanHooks | None = None) -> None:
+        self.lean_hooks = lean_hooks  # the lean C-STORE receive path (node.ingest.lean); None: pynetdicom's
         self.handshake_timeout_s = handshake_timeout_s
         self.association_timeout_s = association_timeout_s
         self.audit = audit
@@ -229,17 +231,19 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 
 def start_guarded_server(ae: AE, address: tuple[str, int], evt_handlers: list[Any],
                          ssl_context: ssl.SSLContext | None, *, handshake_timeout_s: float,
-                         association_timeout_s: float, audit: AuditLog | None) -> GuardedAssociationServer:
+                         association_timeout_s: float, audit: AuditLog | None,
+                         lean_hooks: LeanHooks | None = None) -> GuardedAssociationServer:
     """Start ``ae`` as an association acceptor on ``address`` behind the gate, in a daemon thread (as
     ``AE.start_server(block=False)`` does); returns the server (``shutdown()`` stops it).
 
     Sets the AE's ``acse_timeout`` to ``association_timeout_s`` (the rest of the A-ASSOCIATE-RQ after its first
-    byte). Raises OSError when the address cannot be bound.
+    byte). ``lean_hooks``: receive plain C-STOREs on the lean path (``node.ingest.lean``). Raises OSError when
+    the address cannot be bound.
     """
     ae.acse_timeout = association_timeout_s
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
                             server_class=GuardedAssociationServer, handshake_timeout_s=handshake_timeout_s,
-                            association_timeout_s=association_timeout_s, audit=audit)
+                            association_timeout_s=association_timeout_s, audit=audit, lean_hooks=lean_hooks)
     assert isinstance(server, GuardedAssociationServer)
     thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}",
                               daemon=True)
