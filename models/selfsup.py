@@ -58,7 +58,9 @@ T = TypeVar("T")
 # where the through-plane sigma's conformal q (per slice phase) comes from: "z" pairs along the target's own axis
 # one scale coarser (calibration.z_pairs), "xy" the held-out in-plane pairs' q x internal.z_difficulty (the earlier
 # method) per phase, "xy_pooled" one such q for all phases, "xy_floor" per phase but at least the pooled one, or
-# the "mean" / "max" of "xy" and "z" (docs/engines.md: sigma calibration, the figures that chose it)
+# the "mean" / "max" of "xy" and "z", "xy_shape" the pooled q x the pairs' / target's phase profile of the mean
+# feature (calibration.shape_transfer), "xy_phase_shape" the per-phase q x the same factor (docs/engines.md: sigma
+# calibration, the figures that chose it)
 SIGMA_FROM = "xy_floor"
 # how the coronal (x-z planes) and sagittal (y-z planes) passes are fused: "mean", or "sigma" (per voxel, each
 # orientation weighted by 1 / (its spread over flips^2 + eps^2); needs >= 2 flips per orientation, else the mean)
@@ -396,18 +398,23 @@ class SelfSupEngine:
         vz = _on(side, lambda: cal.calibrate(net, zsets, max(1, passes // orients), v, seed=self.options.seed))
         q_z = vz.q_rows(f) if vz is not None else q_xy
         q_pool = np.full(f, v.q * rho)  # one q for all phases
+        raw = spread + v.k * (fused - base).abs() + v.j * cal.edge(fused, (0,)) + cal.EPS
+        t_shape = cal.target_phase_shape(raw, fused > 0.05, f)  # body as the pairs' (calibration.validate)
+        transfer = cal.shape_transfer(np.asarray(v.u_shape or np.ones(f)), t_shape)
         q_phase = {"z": q_z, "xy": q_xy, "xy_pooled": q_pool, "xy_floor": np.maximum(q_xy, q_pool),
-                   "mean": 0.5 * (q_xy + q_z), "max": np.maximum(q_xy, q_z)}[SIGMA_FROM]
+                   "mean": 0.5 * (q_xy + q_z), "max": np.maximum(q_xy, q_z), "xy_shape": q_pool * transfer,
+                   "xy_phase_shape": q_xy * transfer}[SIGMA_FROM]
         report.update({f"{kind}_sigma_target_noise": [round(float(e), 5) for e in extra[:f]],
                        f"{kind}_sigma_z_difficulty": round(rho, 3),
                        f"{kind}_sigma_q_xy": [round(float(q), 4) for q in q_xy],
                        f"{kind}_sigma_q_used": [round(float(q), 4) for q in q_phase],
+                       f"{kind}_sigma_u_shape_pairs": [round(float(x), 4) for x in v.u_shape],
+                       f"{kind}_sigma_u_shape_target": [round(float(x), 4) for x in t_shape],
                        f"{kind}_sigma_from": SIGMA_FROM if vz is not None or SIGMA_FROM.startswith("xy") else "xy"})
         if vz is not None:
             report.update({f"{kind}_sigma_q_z": [round(float(q), 4) for q in vz.q_rows(f)],
                            f"{kind}_z_pairs_coverage_95": round(vz.coverage_95, 3),
                            f"{kind}_z_pairs_spearman": round(vz.spearman, 3), f"{kind}_z_pairs_n_cal": vz.n_cal})
-        raw = spread + v.k * (fused - base).abs() + v.j * cal.edge(fused, (0,)) + cal.EPS
         noise = torch.from_numpy(extra).float().to(fused.device)[:, None, None]
         q_rows = torch.from_numpy(q_phase[np.arange(raw.shape[0]) % f]).float().to(fused.device)[:, None, None]
         sigma = ((raw * (q_rows / 1.96)) ** 2 + noise**2).sqrt()
