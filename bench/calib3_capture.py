@@ -43,8 +43,20 @@ fused_cap: list[np.ndarray] = []
 _held0, _edge0 = cal._held, cal.edge
 
 
-def _held_rec(*args, **kw):  # type: ignore[no-untyped-def]
-    h = _held0(*args, **kw)
+maps: list[dict[str, np.ndarray]] = []  # per pair set of the first _held call: (B, H, W) maps
+
+
+@torch.no_grad()
+def _held_rec(net, sets, n_flips, body=0.05):  # type: ignore[no-untyped-def]
+    h = _held0(net, sets, n_flips, body)
+    if not held:
+        for s in sets:
+            mean, spread = il.ensemble(net, s, n_flips)
+            pred = s.task.project(s.base + mean, s.lr)
+            base = s.task.project(s.base.clone(), s.lr)
+            g = _edge0(pred, (-2,) if s.task.node_rows else (-2, -1))
+            maps.append({"err": (pred - s.hr).numpy(), "std": spread.numpy(), "delta": (pred - base).abs().numpy(),
+                         "grad": g.numpy(), "body": (s.hr > body).numpy()})
     held.append(h)
     return h
 
@@ -116,6 +128,7 @@ np.savez_compressed(
     phase_noise_t=il.phase_noise(model, min(lr_in.spacing[1:]))[0],
     phase_noise_p=il.phase_noise(model, min(lr_in.spacing[1:]))[1], noise_sd=il.noise_sigma(vol_n), vol_n=vol_n.astype(np.float32), rows=rows,
     t_yx=np.stack(np.nonzero(m)[1:]).astype(np.int16), **zx,
+    **{f"pm{i}_{key}": val.astype(np.float32) for i, mp in enumerate(maps[:4]) for key, val in mp.items()},
 )
 u = doc["uncertainty"]
 print(series.name, "fast" if a.fast else "whole", f"gain {doc['engine']['psnr_db'] - doc['cubic']['psnr_db']:+.2f}",

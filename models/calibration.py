@@ -192,6 +192,31 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
 
 
 @torch.no_grad()
+def heldout_gain(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05) -> float:
+    """PSNR gain in dB of ``net`` (+ data consistency) over cubic on the held-out pairs' body voxels, as
+    ``validate``'s ``gain_db`` (0.0 without voxels)."""
+    h = _held(net, sets, n_flips, body)
+    if h.err.size == 0:
+        return 0.0
+    return 10 * math.log10(max(float(np.mean(h.base_err**2)), 1e-20) / max(float(np.mean(h.err**2)), 1e-20))
+
+
+def finetune_factor(gain_tuned_db: float, gain_prior_db: float, cap: float = 4.0) -> float:
+    """The factor on q that undoes the fine-tuning's gain on the held-out pairs: rms error of the prior net over
+    that of the fine-tuned net on the same held-out pairs, 10^((gain_tuned - gain_prior) / 20), in [1, ``cap``].
+
+    Why: the held-out pairs are in-plane pairs from axial slices next to the fine-tuning slices (every 5th slice,
+    ``internal.split_slices``), so fine-tuning lowers their error much more than the target's error along z
+    (measured, 2-core CPU, x2 central crops: held-out gain +5.5 dB vs target +1.5 dB on the 1 mm CT phantom, +2.1
+    vs +0.4 dB on the GE 3D T1, +0.9 vs +0.2 dB on the abdomen CT; docs/engines.md, calib3), and a q fitted on
+    them under-covers the target (phantom 0.83). The prior net never saw the series, so its held-out errors carry
+    no such leak; the factor assumes the target gains nothing from fine-tuning (conservative). 1 without
+    fine-tuning (fast mode). ``cap`` bounds a prior far from the series (a net trained from scratch: prior = cubic).
+    """
+    return float(np.clip(10 ** ((gain_tuned_db - gain_prior_db) / 20.0), 1.0, cap))
+
+
+@torch.no_grad()
 def calibrate(net: SRNet, sets: list[PairSet], n_flips: int, v: Validation, body: float = 0.05, seed: int = 0,
               level: float = 0.95) -> Validation | None:
     """``v`` with q (and q per phase) re-fitted by split-conformal calibration on other pairs (``z_pairs``: the

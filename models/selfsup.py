@@ -62,6 +62,9 @@ T = TypeVar("T")
 # feature (calibration.shape_transfer), "xy_phase_shape" the per-phase q x the same factor (docs/engines.md: sigma
 # calibration, the figures that chose it)
 SIGMA_FROM = "xy_floor"
+# the through-plane q x calibration.finetune_factor (the prior net's held-out error over the fine-tuned net's) after
+# fine-tuning: the held-out pairs sit next to the fine-tuning slices, so their error understates the target's
+FINETUNE_SIGMA = True
 # how the coronal (x-z planes) and sagittal (y-z planes) passes are fused: "mean", or "sigma" (per voxel, each
 # orientation weighted by 1 / (its spread over flips^2 + eps^2); needs >= 2 flips per orientation, else the mean)
 FUSE = "mean"
@@ -285,8 +288,12 @@ class SelfSupEngine:
         stacks = [x.permute(1, 0, 2), x.permute(2, 0, 1)]  # coronal (Y,Z,X) | sagittal (X,Z,Y)
         with contextlib.ExitStack() as held:
             forward = self._compiled(net, stacks[:orients], chunks, task, held, report, kind)
+            prior_net = None
+            if not self._skip_training():  # sigma only; a net without prior weights must not move the caller's RNG
+                with torch.random.fork_rng(devices=[]):
+                    prior_net = make_net(prior, kind, f, 1, device)[0].eval()
             return self._passes(kind, net, forward, x, stacks, chunks, orients, task, dcm, passes, val_job,
-                                helpers, side, report, progress)
+                                helpers, side, report, progress, prior_net)
 
     def _compiled(self, net: SRNet, stacks: list[torch.Tensor], chunks: list[int], task: il.Task,
                   held: contextlib.ExitStack, report: dict[str, Any], kind: str,
@@ -326,9 +333,11 @@ class SelfSupEngine:
         stacks: list[torch.Tensor], chunks: list[int], orients: int, task: il.Task, dcm: list[torch.Tensor],
         passes: int, val_job: Future[list[il.PairSet]], helpers: Future[tuple[np.ndarray, float, list[il.PairSet]]],
         side: torch.cuda.Stream | None, report: dict[str, Any], progress: Progress | None,
+        prior_net: SRNet | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
         """The network passes (coronal and sagittal stacks x flips), their fusion, data consistency, the
-        self-check and sigma (the second half of ``_stage``)."""
+        self-check and sigma (the second half of ``_stage``). ``prior_net``: the net before fine-tuning (None in
+        fast mode), whose held-out gain sets ``calibration.finetune_factor``."""
         f = task.fz
         z, y, xx = x.shape
         zf = (z - 1) * f + 1
@@ -404,6 +413,12 @@ class SelfSupEngine:
         q_phase = {"z": q_z, "xy": q_xy, "xy_pooled": q_pool, "xy_floor": np.maximum(q_xy, q_pool),
                    "mean": 0.5 * (q_xy + q_z), "max": np.maximum(q_xy, q_z), "xy_shape": q_pool * transfer,
                    "xy_phase_shape": q_xy * transfer}[SIGMA_FROM]
+        if prior_net is not None and FINETUNE_SIGMA:  # held-out pairs made optimistic by fine-tuning: undo it
+            n_flips = max(1, passes // orients)
+            g_prior = _on(side, lambda: cal.heldout_gain(prior_net, val, n_flips))
+            ft = cal.finetune_factor(v.gain_db, g_prior)
+            q_phase = q_phase * ft
+            report.update({f"{kind}_sigma_prior_gain_db": round(g_prior, 3), f"{kind}_sigma_finetune_factor": round(ft, 4)})
         report.update({f"{kind}_sigma_target_noise": [round(float(e), 5) for e in extra[:f]],
                        f"{kind}_sigma_z_difficulty": round(rho, 3),
                        f"{kind}_sigma_q_xy": [round(float(q), 4) for q in q_xy],

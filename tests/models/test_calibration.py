@@ -144,3 +144,22 @@ def test_shape_transfer_carries_the_pairs_phase_levels_to_a_distorted_target() -
     assert all(0.93 <= x <= 0.97 for x in fixed), (fixed, c)
     assert np.allclose(cal.shape_transfer(np.array([1.0, 1.0]), np.array([1.0, 1.0])), 1.0)
     assert cal.shape_transfer(np.array([0.01, 1.99]), np.array([1.0, 1.0]), clip=4.0)[0] == 0.25  # clipped
+
+
+def test_finetune_factor_undoes_the_held_out_gain_of_fine_tuning() -> None:
+    """A net fine-tuned on slices next to the held-out ones: the factor is the prior's held-out rms error over
+    the tuned net's (dB difference / 20), never below 1, capped; ``heldout_gain`` is ``validate``'s gain."""
+    assert abs(cal.finetune_factor(9.97, 4.50) - 10 ** (5.47 / 20)) < 1e-9  # the 1 mm phantom's figures
+    assert cal.finetune_factor(3.0, 4.0) == 1.0  # fine-tuning made it worse: no shrinking
+    assert cal.finetune_factor(30.0, 0.0) == 4.0
+    sd = 0.02
+    rng = np.random.default_rng(5)
+    thin = _smooth((41, 40, 40), 6) + rng.normal(0.0, sd, (41, 40, 40)).astype(np.float32)
+    thick = degrade_through_plane(thin, 2, 2.0)
+    model = DegradationModel(2, 1, 2.0, 2.0, 1.0)
+    torch.manual_seed(0)
+    net = SRNet(SRNetConfig(fz=2, fx=1, width=8, depth=3))
+    sets = il.through_pairs(thick, (2.0, 1.0, 1.0), model, np.arange(2, 21, 5), torch.device("cpu"))
+    v = cal.validate(net, sets, 1)
+    assert abs(cal.heldout_gain(net, sets, 1) - v.gain_db) < 1e-9
+    assert abs(v.gain_db) < 0.5  # the untrained head adds ~nothing to cubic
