@@ -278,8 +278,12 @@ class SelfSupEngine:
             return None, None, "in-plane matrix too small for internal training pairs"
         orients = 2 if passes >= 2 else 1
         net = self._train_net(kind, sets, f, 1, prior, device, report, progress=progress)
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(device))  # the (fine-tuned) weights, before the passes
+        prior_net = None  # the net before fine-tuning, for sigma only (calibration.finetune_factor)
+        if not self._skip_training():
+            with torch.random.fork_rng(devices=[]):  # a net without prior weights must not move the caller's RNG
+                prior_net = make_net(prior, kind, f, 1, device)[0].eval()
+        if side is not None:  # the (fine-tuned, and the prior) weights, before the passes and the validation
+            side.wait_stream(torch.cuda.current_stream(device))
         task = il.Task(f, 1, True, model)
         x = to_device(vol_n, device)  # (Z, Y, X)
         z, y, xx = x.shape
@@ -288,10 +292,6 @@ class SelfSupEngine:
         stacks = [x.permute(1, 0, 2), x.permute(2, 0, 1)]  # coronal (Y,Z,X) | sagittal (X,Z,Y)
         with contextlib.ExitStack() as held:
             forward = self._compiled(net, stacks[:orients], chunks, task, held, report, kind)
-            prior_net = None
-            if not self._skip_training():  # sigma only; a net without prior weights must not move the caller's RNG
-                with torch.random.fork_rng(devices=[]):
-                    prior_net = make_net(prior, kind, f, 1, device)[0].eval()
             return self._passes(kind, net, forward, x, stacks, chunks, orients, task, dcm, passes, val_job,
                                 helpers, side, report, progress, prior_net)
 
