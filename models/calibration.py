@@ -130,16 +130,18 @@ def phase_shape(u: np.ndarray, phase: np.ndarray, nph: int) -> np.ndarray:
 def target_phase_shape(u: torch.Tensor, body: torch.Tensor, nph: int) -> np.ndarray:
     """``phase_shape`` of a target-grid feature map ``u`` (Zf, Y, X) over the voxels where ``body`` (same shape,
     bool) holds; phase = row index along dim 0 mod ``nph``."""
-    rows = torch.arange(u.shape[0], device=u.device) % nph
-    total, count = float((u * body).sum()), float(body.sum())
+    sums = np.zeros(nph)
+    counts = np.zeros(nph)
+    for p in range(nph):  # strided views: temporaries of 1 / nph of the volume
+        b = body[p::nph]
+        sums[p] = float(torch.where(b, u[p::nph], 0.0).sum())
+        counts[p] = float(b.sum())
     out = np.ones(nph)
-    if count <= 0 or total <= 0:
+    if counts.sum() <= 0 or sums.sum() <= 0:
         return out
-    for p in range(nph):
-        m = body & (rows == p)[:, None, None]
-        n = float(m.sum())
-        if n > 0:
-            out[p] = float(u[m].sum()) / n / (total / count)
+    mean = sums.sum() / counts.sum()
+    ok = counts > 0
+    out[ok] = sums[ok] / counts[ok] / mean
     return out
 
 

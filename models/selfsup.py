@@ -408,7 +408,10 @@ class SelfSupEngine:
         q_z = vz.q_rows(f) if vz is not None else q_xy
         q_pool = np.full(f, v.q * rho)  # one q for all phases
         raw = spread + v.k * (fused - base).abs() + v.j * cal.edge(fused, (0,)) + cal.EPS
-        t_shape = cal.target_phase_shape(raw, fused > 0.05, f)  # body as the pairs' (calibration.validate)
+        t_shape = np.ones(f)
+        if SIGMA_FROM in ("xy_shape", "xy_phase_shape"):  # body as the pairs' (calibration.validate)
+            t_shape = cal.target_phase_shape(raw, fused > 0.05, f)
+            report[f"{kind}_sigma_u_shape_target"] = [round(float(x), 4) for x in t_shape]
         transfer = cal.shape_transfer(np.asarray(v.u_shape or np.ones(f)), t_shape)
         q_phase = {"z": q_z, "xy": q_xy, "xy_pooled": q_pool, "xy_floor": np.maximum(q_xy, q_pool),
                    "mean": 0.5 * (q_xy + q_z), "max": np.maximum(q_xy, q_z), "xy_shape": q_pool * transfer,
@@ -424,7 +427,6 @@ class SelfSupEngine:
                        f"{kind}_sigma_q_xy": [round(float(q), 4) for q in q_xy],
                        f"{kind}_sigma_q_used": [round(float(q), 4) for q in q_phase],
                        f"{kind}_sigma_u_shape_pairs": [round(float(x), 4) for x in v.u_shape],
-                       f"{kind}_sigma_u_shape_target": [round(float(x), 4) for x in t_shape],
                        f"{kind}_sigma_from": SIGMA_FROM if vz is not None or SIGMA_FROM.startswith("xy") else "xy"})
         if vz is not None:
             report.update({f"{kind}_sigma_q_z": [round(float(q), 4) for q in vz.q_rows(f)],
