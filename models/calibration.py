@@ -8,7 +8,10 @@ Lei, G'Sell, Rinaldo, Tibshirani & Wasserman 2018, "Distribution-free predictive
 finite-sample (n + 1) level as in Angelopoulos & Bates 2021, "A gentle introduction to conformal prediction").
 The noise term is the noise the target grid carries (``internal.target_noise_rows``), which no engine can predict;
 q is fitted with the pairs' own noise in the interval so that the target's noise can replace it at inference.
-Through-plane, one q per output-row phase (row % f). torch + numpy only.
+Through-plane, one q per output-row phase (row % f). The features' phase profile differs between the pairs and the
+target (on the target, u at the acquired positions is inflated by the real slice's deblurring and noise, which are
+not errors), so the pairs' per-phase sigma levels are carried over through the ratio of the two phase profiles of
+the mean feature (``phase_shape``, ``shape_transfer``). torch + numpy only.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Validation:
     j: float = 0.0
     q_phase: tuple[float, ...] = ()  # q per output-row phase (row % fz; through-plane), () where one q serves all
     n_cal: int = 0  # calibration voxels (held-out pairs, body)
+    u_shape: tuple[float, ...] = ()  # the pairs' mean feature u per phase / its mean over all (``phase_shape``)
 
     def q_rows(self, rows: int) -> np.ndarray:
         """(rows,) the conformal q of each output row (its phase row % len(q_phase); ``q`` without phases)."""
@@ -109,6 +113,51 @@ def _phase_q(h: _Held, u: np.ndarray, idx: np.ndarray, level: float) -> tuple[fl
                     for p in range(nph))
 
 
+def phase_shape(u: np.ndarray, phase: np.ndarray, nph: int) -> np.ndarray:
+    """(nph,) mean of ``u`` per phase over the mean of ``u`` over all voxels: the phase profile of a sigma feature
+    (1 for a phase without voxels, all 1 for an empty ``u``). ``u``, ``phase`` (N,): feature >= 0, ints in [0, nph)."""
+    out = np.ones(nph)
+    if u.size == 0 or float(u.mean()) <= 0:
+        return out
+    for p in range(nph):
+        sel = phase == p
+        if np.any(sel):
+            out[p] = float(u[sel].mean()) / float(u.mean())
+    return out
+
+
+@torch.no_grad()
+def target_phase_shape(u: torch.Tensor, body: torch.Tensor, nph: int) -> np.ndarray:
+    """``phase_shape`` of a target-grid feature map ``u`` (Zf, Y, X) over the voxels where ``body`` (same shape,
+    bool) holds; phase = row index along dim 0 mod ``nph``."""
+    sums = np.zeros(nph)
+    counts = np.zeros(nph)
+    for p in range(nph):  # strided views: temporaries of 1 / nph of the volume
+        b = body[p::nph]
+        sums[p] = float(torch.where(b, u[p::nph], 0.0).sum())
+        counts[p] = float(b.sum())
+    out = np.ones(nph)
+    if counts.sum() <= 0 or sums.sum() <= 0:
+        return out
+    mean = sums.sum() / counts.sum()
+    ok = counts > 0
+    out[ok] = sums[ok] / counts[ok] / mean
+    return out
+
+
+def shape_transfer(pairs: np.ndarray, target: np.ndarray, clip: float = 4.0) -> np.ndarray:
+    """(nph,) factor on the q of each phase that carries the pairs' per-phase sigma levels over to the target:
+    pairs' ``phase_shape`` / target's (clipped to [1/clip, clip]). With q_t = q_p x factor the target's mean scaled
+    sigma per phase, relative to its mean over phases, is the pairs' (q_p x the pairs' mean u per phase): the error
+    of each phase relative to the others is taken from the pairs (data consistency ties the phases together the same
+    way on both), not from the target's feature, whose phase profile the real slices distort. Measured in
+    docs/engines.md (calib3)."""
+    pairs, target = np.asarray(pairs, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    if pairs.size != target.size or pairs.size == 0:
+        return np.ones(max(pairs.size, target.size, 1))
+    return np.clip(pairs / np.maximum(target, 1e-12), 1.0 / clip, clip)
+
+
 @torch.no_grad()
 def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, seed: int = 0,
              level: float = 0.95) -> Validation:
@@ -139,7 +188,34 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
     q, q_phase = _phase_q(h, u, cal, level)
     qv = np.asarray(q_phase or (q,))[h.phase]
     cov = float(np.mean(np.abs(err) <= 1.96 * np.sqrt((u * (qv / 1.96)) ** 2 + h.noise**2)))
-    return Validation(gain, k, q, rho, cov, j, q_phase, int(cal.size))
+    nph = len(q_phase)
+    shape = tuple(float(x) for x in phase_shape(u[cal], h.phase[cal], nph)) if nph > 1 else ()
+    return Validation(gain, k, q, rho, cov, j, q_phase, int(cal.size), shape)
+
+
+@torch.no_grad()
+def heldout_gain(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05) -> float:
+    """PSNR gain in dB of ``net`` (+ data consistency) over cubic on the held-out pairs' body voxels, as
+    ``validate``'s ``gain_db`` (0.0 without voxels)."""
+    h = _held(net, sets, n_flips, body)
+    if h.err.size == 0:
+        return 0.0
+    return 10 * math.log10(max(float(np.mean(h.base_err**2)), 1e-20) / max(float(np.mean(h.err**2)), 1e-20))
+
+
+def finetune_factor(gain_tuned_db: float, gain_prior_db: float, cap: float = 4.0) -> float:
+    """The factor on q that undoes the fine-tuning's gain on the held-out pairs: rms error of the prior net over
+    that of the fine-tuned net on the same held-out pairs, 10^((gain_tuned - gain_prior) / 20), in [1, ``cap``].
+
+    Why: the held-out pairs are in-plane pairs from axial slices next to the fine-tuning slices (every 5th slice,
+    ``internal.split_slices``), so fine-tuning lowers their error much more than the target's error along z
+    (measured, 2-core CPU, x2 central crops: held-out gain +5.5 dB vs target +1.5 dB on the 1 mm CT phantom, +2.1
+    vs +0.4 dB on the GE 3D T1, +0.9 vs +0.2 dB on the abdomen CT; docs/engines.md, calib3), and a q fitted on
+    them under-covers the target (phantom 0.83). The prior net never saw the series, so its held-out errors carry
+    no such leak; the factor assumes the target gains nothing from fine-tuning (conservative). 1 without
+    fine-tuning (fast mode). ``cap`` bounds a prior far from the series (a net trained from scratch: prior = cubic).
+    """
+    return float(np.clip(10 ** ((gain_tuned_db - gain_prior_db) / 20.0), 1.0, cap))
 
 
 @torch.no_grad()
@@ -156,7 +232,8 @@ def calibrate(net: SRNet, sets: list[PairSet], n_flips: int, v: Validation, body
     qv = np.asarray(q_phase or (q,))[h.phase]
     cov = float(np.mean(np.abs(h.err) <= 1.96 * np.sqrt((u * (qv / 1.96)) ** 2 + h.noise**2)))
     rank = spearman(u[idx[:100_000]], np.abs(h.err[idx[:100_000]]))
-    return Validation(v.gain_db, v.k, q, rank, cov, v.j, q_phase, int(idx.size))
+    shape = tuple(float(x) for x in phase_shape(u[idx], h.phase[idx], len(q_phase))) if len(q_phase) > 1 else ()
+    return Validation(v.gain_db, v.k, q, rank, cov, v.j, q_phase, int(idx.size), shape)
 
 
 def z_pairs(vol: np.ndarray, model: DegradationModel, device: torch.device, planes: int = 24,

@@ -58,8 +58,13 @@ T = TypeVar("T")
 # where the through-plane sigma's conformal q (per slice phase) comes from: "z" pairs along the target's own axis
 # one scale coarser (calibration.z_pairs), "xy" the held-out in-plane pairs' q x internal.z_difficulty (the earlier
 # method) per phase, "xy_pooled" one such q for all phases, "xy_floor" per phase but at least the pooled one, or
-# the "mean" / "max" of "xy" and "z" (docs/engines.md: sigma calibration, the figures that chose it)
+# the "mean" / "max" of "xy" and "z", "xy_shape" the pooled q x the pairs' / target's phase profile of the mean
+# feature (calibration.shape_transfer), "xy_phase_shape" the per-phase q x the same factor (docs/engines.md: sigma
+# calibration, the figures that chose it)
 SIGMA_FROM = "xy_floor"
+# the through-plane q x calibration.finetune_factor (the prior net's held-out error over the fine-tuned net's) after
+# fine-tuning: the held-out pairs sit next to the fine-tuning slices, so their error understates the target's
+FINETUNE_SIGMA = True
 # how the coronal (x-z planes) and sagittal (y-z planes) passes are fused: "mean", or "sigma" (per voxel, each
 # orientation weighted by 1 / (its spread over flips^2 + eps^2); needs >= 2 flips per orientation, else the mean)
 FUSE = "mean"
@@ -273,8 +278,12 @@ class SelfSupEngine:
             return None, None, "in-plane matrix too small for internal training pairs"
         orients = 2 if passes >= 2 else 1
         net = self._train_net(kind, sets, f, 1, prior, device, report, progress=progress)
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(device))  # the (fine-tuned) weights, before the passes
+        prior_net = None  # the net before fine-tuning, for sigma only (calibration.finetune_factor)
+        if not self._skip_training():
+            with torch.random.fork_rng(devices=[]):  # a net without prior weights must not move the caller's RNG
+                prior_net = make_net(prior, kind, f, 1, device)[0].eval()
+        if side is not None:  # the (fine-tuned, and the prior) weights, before the passes and the validation
+            side.wait_stream(torch.cuda.current_stream(device))
         task = il.Task(f, 1, True, model)
         x = to_device(vol_n, device)  # (Z, Y, X)
         z, y, xx = x.shape
@@ -284,7 +293,7 @@ class SelfSupEngine:
         with contextlib.ExitStack() as held:
             forward = self._compiled(net, stacks[:orients], chunks, task, held, report, kind)
             return self._passes(kind, net, forward, x, stacks, chunks, orients, task, dcm, passes, val_job,
-                                helpers, side, report, progress)
+                                helpers, side, report, progress, prior_net)
 
     def _compiled(self, net: SRNet, stacks: list[torch.Tensor], chunks: list[int], task: il.Task,
                   held: contextlib.ExitStack, report: dict[str, Any], kind: str,
@@ -324,9 +333,11 @@ class SelfSupEngine:
         stacks: list[torch.Tensor], chunks: list[int], orients: int, task: il.Task, dcm: list[torch.Tensor],
         passes: int, val_job: Future[list[il.PairSet]], helpers: Future[tuple[np.ndarray, float, list[il.PairSet]]],
         side: torch.cuda.Stream | None, report: dict[str, Any], progress: Progress | None,
+        prior_net: SRNet | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
         """The network passes (coronal and sagittal stacks x flips), their fusion, data consistency, the
-        self-check and sigma (the second half of ``_stage``)."""
+        self-check and sigma (the second half of ``_stage``). ``prior_net``: the net before fine-tuning (None in
+        fast mode), whose held-out gain sets ``calibration.finetune_factor``."""
         f = task.fz
         z, y, xx = x.shape
         zf = (z - 1) * f + 1
@@ -396,18 +407,31 @@ class SelfSupEngine:
         vz = _on(side, lambda: cal.calibrate(net, zsets, max(1, passes // orients), v, seed=self.options.seed))
         q_z = vz.q_rows(f) if vz is not None else q_xy
         q_pool = np.full(f, v.q * rho)  # one q for all phases
+        raw = spread + v.k * (fused - base).abs() + v.j * cal.edge(fused, (0,)) + cal.EPS
+        t_shape = np.ones(f)
+        if SIGMA_FROM in ("xy_shape", "xy_phase_shape"):  # body as the pairs' (calibration.validate)
+            t_shape = cal.target_phase_shape(raw, fused > 0.05, f)
+            report[f"{kind}_sigma_u_shape_target"] = [round(float(x), 4) for x in t_shape]
+        transfer = cal.shape_transfer(np.asarray(v.u_shape or np.ones(f)), t_shape)
         q_phase = {"z": q_z, "xy": q_xy, "xy_pooled": q_pool, "xy_floor": np.maximum(q_xy, q_pool),
-                   "mean": 0.5 * (q_xy + q_z), "max": np.maximum(q_xy, q_z)}[SIGMA_FROM]
+                   "mean": 0.5 * (q_xy + q_z), "max": np.maximum(q_xy, q_z), "xy_shape": q_pool * transfer,
+                   "xy_phase_shape": q_xy * transfer}[SIGMA_FROM]
+        if prior_net is not None and FINETUNE_SIGMA:  # held-out pairs made optimistic by fine-tuning: undo it
+            n_flips = max(1, passes // orients)
+            g_prior = _on(side, lambda: cal.heldout_gain(prior_net, val, n_flips))
+            ft = cal.finetune_factor(v.gain_db, g_prior)
+            q_phase = q_phase * ft
+            report.update({f"{kind}_sigma_prior_gain_db": round(g_prior, 3), f"{kind}_sigma_finetune_factor": round(ft, 4)})
         report.update({f"{kind}_sigma_target_noise": [round(float(e), 5) for e in extra[:f]],
                        f"{kind}_sigma_z_difficulty": round(rho, 3),
                        f"{kind}_sigma_q_xy": [round(float(q), 4) for q in q_xy],
                        f"{kind}_sigma_q_used": [round(float(q), 4) for q in q_phase],
+                       f"{kind}_sigma_u_shape_pairs": [round(float(x), 4) for x in v.u_shape],
                        f"{kind}_sigma_from": SIGMA_FROM if vz is not None or SIGMA_FROM.startswith("xy") else "xy"})
         if vz is not None:
             report.update({f"{kind}_sigma_q_z": [round(float(q), 4) for q in vz.q_rows(f)],
                            f"{kind}_z_pairs_coverage_95": round(vz.coverage_95, 3),
                            f"{kind}_z_pairs_spearman": round(vz.spearman, 3), f"{kind}_z_pairs_n_cal": vz.n_cal})
-        raw = spread + v.k * (fused - base).abs() + v.j * cal.edge(fused, (0,)) + cal.EPS
         noise = torch.from_numpy(extra).float().to(fused.device)[:, None, None]
         q_rows = torch.from_numpy(q_phase[np.arange(raw.shape[0]) % f]).float().to(fused.device)[:, None, None]
         sigma = ((raw * (q_rows / 1.96)) ** 2 + noise**2).sqrt()

@@ -107,3 +107,59 @@ def test_phase_noise_of_an_overlapping_acquisition() -> None:
     white_model = DegradationModel(2, 1, 4.0, 4.0, 1.0)  # contiguous: white thin noise assumed
     assert float(il.phase_noise(white_model, 1.0)[0][1]) > 1.25 * want[1]
 
+
+
+def test_phase_shape_of_a_known_feature_profile_numpy_and_torch() -> None:
+    """u = 1 at phase 0 and 3 at phase 1 (equal counts): profile [0.5, 1.5]; the torch version on a (Zf, Y, X)
+    map with a body mask gives the same, voxels outside the body ignored."""
+    u = np.tile([1.0, 3.0], 500)
+    ph = np.tile([0, 1], 500)
+    assert np.allclose(cal.phase_shape(u, ph, 2), [0.5, 1.5])
+    assert np.allclose(cal.phase_shape(np.zeros(0), np.zeros(0, int), 2), [1.0, 1.0])
+    vol = torch.tensor([1.0, 3.0] * 5)[:, None, None].expand(10, 4, 4).clone()
+    body = torch.ones_like(vol, dtype=torch.bool)
+    body[:, 0, :] = False
+    vol[:, 0, :] = 100.0  # outside the body: must not count
+    assert np.allclose(cal.target_phase_shape(vol, body, 2), [0.5, 1.5])
+
+
+def test_shape_transfer_carries_the_pairs_phase_levels_to_a_distorted_target() -> None:
+    """Errors of sd 1 (phase 0) and 2 (phase 1) on pairs and target alike; the pairs' feature follows the error sd,
+    the target's is flat (inflated at phase 0, as real slices do). The per-phase q from the pairs alone over-covers
+    phase 0 and under-covers phase 1 on the target; times ``shape_transfer`` both phases cover 93-97 %."""
+    rng = np.random.default_rng(3)
+    n = 40_000
+    ph = np.tile([0, 1], n // 2)
+    sd = np.where(ph == 0, 1.0, 2.0)
+    u_pairs = sd * rng.uniform(0.8, 1.2, n)
+    e_pairs = rng.normal(0.0, 1.0, n) * sd
+    q = np.array([cal.conformal_q(np.abs(e_pairs[ph == p]), u_pairs[ph == p], np.zeros(n // 2)) for p in (0, 1)])
+    u_t = 1.5 * rng.uniform(0.8, 1.2, n)  # flat across phases
+    e_t = rng.normal(0.0, 1.0, n) * sd  # the same per-phase errors as the pairs
+    plain = [float(np.mean(np.abs(e_t[ph == p]) <= q[p] * u_t[ph == p])) for p in (0, 1)]
+    assert plain[0] > 0.99 and plain[1] < 0.9, plain
+    c = cal.shape_transfer(cal.phase_shape(u_pairs, ph, 2), cal.phase_shape(u_t, ph, 2))
+    qt = q * c
+    fixed = [float(np.mean(np.abs(e_t[ph == p]) <= qt[p] * u_t[ph == p])) for p in (0, 1)]
+    assert all(0.93 <= x <= 0.97 for x in fixed), (fixed, c)
+    assert np.allclose(cal.shape_transfer(np.array([1.0, 1.0]), np.array([1.0, 1.0])), 1.0)
+    assert cal.shape_transfer(np.array([0.01, 1.99]), np.array([1.0, 1.0]), clip=4.0)[0] == 0.25  # clipped
+
+
+def test_finetune_factor_undoes_the_held_out_gain_of_fine_tuning() -> None:
+    """A net fine-tuned on slices next to the held-out ones: the factor is the prior's held-out rms error over
+    the tuned net's (dB difference / 20), never below 1, capped; ``heldout_gain`` is ``validate``'s gain."""
+    assert abs(cal.finetune_factor(9.97, 4.50) - 10 ** (5.47 / 20)) < 1e-9  # the 1 mm phantom's figures
+    assert cal.finetune_factor(3.0, 4.0) == 1.0  # fine-tuning made it worse: no shrinking
+    assert cal.finetune_factor(30.0, 0.0) == 4.0
+    sd = 0.02
+    rng = np.random.default_rng(5)
+    thin = _smooth((41, 40, 40), 6) + rng.normal(0.0, sd, (41, 40, 40)).astype(np.float32)
+    thick = degrade_through_plane(thin, 2, 2.0)
+    model = DegradationModel(2, 1, 2.0, 2.0, 1.0)
+    torch.manual_seed(0)
+    net = SRNet(SRNetConfig(fz=2, fx=1, width=8, depth=3))
+    sets = il.through_pairs(thick, (2.0, 1.0, 1.0), model, np.arange(2, 21, 5), torch.device("cpu"))
+    v = cal.validate(net, sets, 1)
+    assert abs(cal.heldout_gain(net, sets, 1) - v.gain_db) < 1e-9
+    assert abs(v.gain_db) < 0.5  # the untrained head adds ~nothing to cubic
