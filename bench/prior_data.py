@@ -47,8 +47,9 @@ class Item:
     path: str  # path inside the repository (or the shared folder's name)
     what: str  # series description for sources.json
     step: int = 1  # keep every step-th slice
-    trim: int = 0  # drop this many slices at each end (noise slices)
-    volume: int = 0  # which volume of a multi-volume series (0: the first)
+    trim: int = 0  # drop this many slices at each end; -1: every end slice whose mean is < 10 % of the median
+    volume: int = 0  # which volume of a multi-volume series (0: the first; -1: the last)
+    reformat: str = ""  # "rows": restack the volume along its rows (a sagittal 3D series -> axial planes)
     license: str = "BSD-2"
     shared: str = ""  # the ../shared/data folder, when the series is there
 
@@ -67,14 +68,15 @@ def extract(item: Item, work: Path) -> Path:
     if dest.is_dir() and any(dest.iterdir()):
         return dest
     git = MIRRORS / item.repo.replace("/", "+") / "repo"
-    tar = subprocess.run(["git", "--git-dir", str(git), "archive", "HEAD", item.path], capture_output=True,
-                         check=True).stdout
+    run = subprocess.run(["git", "--git-dir", str(git), "archive", "HEAD", item.path], capture_output=True)
+    if run.returncode:  # e.g. a blob the snapshot lacks (its largest files are listed but absent)
+        raise FileNotFoundError(f"{item.repo}:{item.path}: git archive failed: {run.stderr.decode()[-200:].strip()}")
     dest.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+    with tarfile.open(fileobj=io.BytesIO(run.stdout)) as tf:
         for m in tf.getmembers():
-            if m.isfile():
-                m.name = m.name.replace("/", "__")  # flat: one folder of files per series
-                tf.extract(m, dest, filter="data")
+            src = tf.extractfile(m) if m.isfile() else None
+            if src is not None:  # flat: one folder of files per series
+                (dest / m.name.replace("/", "__")).write_bytes(src.read())
     return dest
 
 
@@ -88,17 +90,22 @@ class Vol:
     positions: np.ndarray
     normal: np.ndarray
     count: int  # volumes in the series
+    label: str = ""  # the node's label of the kept volume ("b=0", "time 1", ...)
+    row_cosine: np.ndarray | None = None
+    col_cosine: np.ndarray | None = None
 
 
 def load(folder: Path, volume: int = 0) -> Vol:
     """The node's own loader; the ``volume``-th volume of a multi-volume series. VolumeError when it refuses."""
     from node.series import load_volumes
 
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")
+                   and not p.name.endswith((".nii", ".txt", ".pdf", ".json")))
     vols = load_volumes(files)
-    sv = vols[volume]
+    sv = vols[volume if volume >= 0 else len(vols) + volume]
     return Vol(sv.data, sv.spacing, sv.slice_thickness, sv.modality, sv.value_range,
-               np.asarray(sv.positions, float), np.asarray(sv.normal, float), len(vols))
+               np.asarray(sv.positions, float), np.asarray(sv.normal, float), len(vols), sv.volume_label,
+               np.asarray(sv.row_cosine, float), np.asarray(sv.col_cosine, float))
 
 
 def save(out: Path, v: Vol, z: slice = slice(None), crop: int = 0) -> dict[str, object]:
@@ -155,17 +162,115 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["eval", "train"])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--work", type=Path, default=Path("/work/train-data"))
+    p.add_argument("--work", type=Path, default=Path("/work/train-data/p3"),
+                   help="where the repositories' series are extracted (outside every repository)")
+    p.add_argument("--only", nargs="*", default=[], help="train: these items only")
     a = p.parse_args()
     if a.what == "eval":
         export_eval(a.out)
     else:
-        export_train(a.out, a.work)
+        export_train(a.out, a.work, tuple(a.only))
     return 0
 
 
-def export_train(out: Path, work: Path) -> None:
-    raise NotImplementedError
+def restack_rows(v: Vol) -> Vol:
+    """The volume restacked along its rows (Z, Y, X) -> (Y, Z, X): planes of constant row index (a sagittal 3D
+    series becomes axial-like planes), with the geometry that follows (normal = the column cosine)."""
+    assert v.col_cosine is not None and v.row_cosine is not None
+    data = np.ascontiguousarray(v.data.transpose(1, 0, 2))
+    dz, dy, dx = v.spacing
+    pos = v.positions[0][None, :] + np.arange(data.shape[0])[:, None] * dy * v.col_cosine[None, :]
+    return Vol(data, (dy, dz, dx), dy, v.modality, v.value_range, pos, v.col_cosine, v.count, v.label,
+               v.row_cosine, v.normal)
+
+
+def _trim(v: Vol, trim: int) -> slice:
+    if trim >= 0:
+        return slice(trim, v.data.shape[0] - trim)
+    m = v.data.mean(axis=(1, 2))
+    ok = np.nonzero(m >= 0.1 * float(np.median(m)))[0]
+    return slice(int(ok[0]), int(ok[-1]) + 1)
+
+
+XA30, QA, GE, PH, TO = ("neurolabusc/dcm_qa_xa30", "neurolabusc/dcm_qa", "neurolabusc/dcm_qa_ge",
+                        "neurolabusc/dcm_qa_philips", "neurolabusc/dcm_qa_toshiba")
+TRAIN = (
+    Item("mpr_sag", "FNNDSC/SAG-anon", "(via ../shared/data/mr_t1_mprage_sag_siemens)",
+         "MR Siemens Skyra 3T sagittal MPRAGE, human child, 0.86 mm in-plane, 0.9 mm slices; noise end slices "
+         "dropped, every 2nd slice kept", step=2, trim=-1, license="MIT", shared="mr_t1_mprage_sag_siemens"),
+    Item("mpr_ax", "FNNDSC/SAG-anon", "(via ../shared/data/mr_t1_mprage_sag_siemens)",
+         "the same MPRAGE restacked along its rows (axial-like planes, 0.9 x 0.86 mm), every 3rd plane kept",
+         step=3, trim=-1, license="MIT", shared="mr_t1_mprage_sag_siemens", reformat="rows"),
+    Item("ct_head_ge", "neurolabusc/dcm_qa_ct", "In/GE",
+         "CT GE HiSpeed Dual, human head, 512x512 0.49 mm, 4/7 mm slices, gantry tilt 18.5 deg",
+         shared="ct_head_ge_tilted_irregular"),
+    Item("xa30_t1w5", XA30, "In/5_anat-T1w_acq-tfl",
+         "MR Siemens Prisma XA30 enhanced T1w (tfl), human, 128x128 2 mm isotropic",
+         shared="mr_t1_enhanced_multiframe_siemens_xa30"),
+    Item("xa30_t1w6", XA30, "In/6_anat-T1w_acq-tfl",
+         "MR Siemens Prisma XA30 enhanced T1w (tfl, second reconstruction), human, 128x128 2 mm isotropic"),
+    Item("xa30_dwi_b0", XA30, "In/10_DWI_dir80_PA", "MR Siemens XA30 DWI, human brain, b=0 volume only, "
+         "72x72 3 mm"),
+    Item("ph_dti_b0", PH, "In/Vanderbilt_2018/601_WIP_dti_ax", "MR Philips DTI, human brain, b=0 volume only, "
+         "80x80 3 mm"),
+    Item("tosh_dti_b0", TO, "In/Galan/8006_DTI_AX_30d", "MR Toshiba/Canon axial DTI, human brain, the last "
+         "volume (the node labels it b=?; its mean is 4.5x the b=1500 volumes': the b=0) only, 64x64 3 mm",
+         volume=-1),
+    Item("qa_epi_ax", QA, "In/Orientation/ax/axasc36", "MR Siemens EPI mosaic, human brain, axial, first of 2 "
+         "volumes, 64x64 3.25 mm"),
+    Item("qa_epi_cor", QA, "In/Orientation/cor/corasc36", "MR Siemens EPI mosaic, human brain, coronal, first "
+         "of 2 volumes, 64x64 3.25 mm"),
+    Item("qa_epi_sag", QA, "In/Orientation/sag/sagasc36", "MR Siemens EPI mosaic, human brain, sagittal, first "
+         "of 2 volumes, 64x64 3.25 mm"),
+)
+SKIPPED = {  # candidates looked at and not exported, with the reason
+    "neurolabusc/dcm_qa_ge:In/04_Ax_DWI_TENSOR_R2MB2 (and 01-03)": "the node's loader refuses it: every image "
+    "shares its slice position with others (DWI volumes it cannot tell apart)",
+    "neurolabusc/dcm_qa_ge:In/SliceTiming/14_Ax_fMRI_HB3_48sl_int_asc": "refused likewise (3 time points it cannot "
+    "tell apart)",
+    "neurolabusc/dcm_qa_philips:In/Bangalore_2008/dwi_no-phi": "refused likewise (34 images per position)",
+    "neurolabusc/dcm_qa_enh:In/Philips/IM_0006_T1.dcm, IM_0035_fMRI.dcm, In/Canon/DTI_PA.dcm": "blob absent "
+    "from the local mirror (large files are listed but not fetched)",
+    "neurolabusc/dcm_qa:In/TotalReadoutTime": "blobs absent from the local mirror",
+    "neurolabusc/dcm_qa_xa30:In/25_asl_2d_tra, dcm_qa_enh:In/Siemens/XA10": "degenerate: 12 and 6 slices of 64x64",
+    "neurolabusc/dcm_qa_enh:In/Philips/IM_0027_fMAP.dcm": "a field map (real/imaginary parts), not anatomy",
+    "neurolabusc/dcm_qa_xa30:In/7_func-bold_task-fa_run-1": "left out: a 4th Siemens EPI like the three "
+    "Orientation series",
+    "held out (never trained on)": ", ".join(HELD_OUT),
+}
+
+
+def export_train(out: Path, work: Path, only: tuple[str, ...] = ()) -> list[dict[str, object]]:
+    """Export TRAIN (or the items named in ``only``) to ``out``; writes ``out/sources.json``."""
+    rows: list[dict[str, object]] = []
+    for it in TRAIN:
+        if only and it.name not in only:
+            continue
+        assert not any(h.split(":")[-1] in f"{it.path} {it.shared}" for h in HELD_OUT), it
+        folder = extract(it, work)
+        v = load(folder, it.volume)
+        if it.reformat == "rows":
+            v = restack_rows(v)
+        t = _trim(v, it.trim)
+        z = slice(t.start, t.stop, it.step)
+        row = save(out / f"{it.name}.npz", v, z)
+        commit = "" if it.repo.startswith("FNNDSC") else _commit(it.repo)
+        row.update({"series": it.name, "repo": it.repo, "commit": commit, "path": it.path, "license": it.license,
+                    "what": it.what, "from": f"../shared/data/{it.shared}" if it.shared else f"{it.repo}:{it.path}",
+                    "volume": v.label or "the only one", "volumes_in_series": v.count,
+                    "slices": f"{t.start}..{t.stop - 1} step {it.step} of {v.data.shape[0]}"})
+        if it.repo.startswith("FNNDSC"):
+            row["commit"] = "not recorded in ../shared/data (MIT, FNNDSC/SAG-anon)"
+        rows.append(row)
+        print(json.dumps({k: row[k] for k in ("series", "shape", "spacing_mm", "bytes", "volume", "slices")}),
+              flush=True)
+    doc = [{k: r[k] for k in ("series", "repo", "commit", "path", "license", "what", "from", "shape", "spacing_mm",
+                               "volume", "slices")} for r in rows]
+    (out / "sources.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "skipped.json").write_text(json.dumps(SKIPPED, indent=1) + "\n")
+    total = sum(int(r["bytes"]) for r in rows)  # type: ignore[call-overload]
+    print(f"{len(rows)} series, {total / 1e6:.1f} MB in {out}")
+    return rows
 
 
 if __name__ == "__main__":
