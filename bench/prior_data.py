@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tarfile
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ class Item:
     reformat: str = ""  # "rows": restack the volume along its rows (a sagittal 3D series -> axial planes)
     license: str = "BSD-2"
     shared: str = ""  # the ../shared/data folder, when the series is there
+    window: tuple[int, int] = (0, 0)  # keep the acquired slices [a, b) only, before any reformat ((0, 0): all)
 
 
 def _commit(repo: str) -> str:
@@ -160,7 +161,7 @@ def export_eval(out: Path) -> list[dict[str, object]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["eval", "train"])
+    p.add_argument("what", choices=["eval", "train", "train-split", "eval-split"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--work", type=Path, default=Path("/work/train-data/p3"),
                    help="where the repositories' series are extracted (outside every repository)")
@@ -168,8 +169,10 @@ def main() -> int:
     a = p.parse_args()
     if a.what == "eval":
         export_eval(a.out)
+    elif a.what == "eval-split":
+        export_split_eval(a.out)
     else:
-        export_train(a.out, a.work, tuple(a.only))
+        export_train(a.out, a.work, tuple(a.only), TRAIN if a.what == "train" else TRAIN_SPLIT)
     return 0
 
 
@@ -223,6 +226,17 @@ TRAIN = (
     Item("qa_epi_sag", QA, "In/Orientation/sag/sagasc36", "MR Siemens EPI mosaic, human brain, sagittal, first "
          "of 2 volumes, 64x64 3.25 mm"),
 )
+MPR_SPLIT = 96  # the MPRAGE's sagittal slices [14, 96) (one side of the head) vs [96, 178) (the other)
+TRAIN_SPLIT = tuple(  # set "split": the human-MR check - MPRAGE one side only, the XA30 T1w held out
+    [replace(it, name=f"{it.name}_l", what=it.what + f"; acquired sagittal slices < {MPR_SPLIT} only",
+             window=(0, MPR_SPLIT))
+     for it in TRAIN if it.name.startswith("mpr")]
+    + [it for it in TRAIN if not it.name.startswith(("mpr", "xa30_t1w"))])
+EVAL_SPLIT = {  # CPU-only held-out human MR for set "split" (not in devcarry/eval)
+    "mpr_r": ("mr_t1_mprage_sag_siemens", (MPR_SPLIT, 178)),
+    "xa30t1": ("mr_t1_enhanced_multiframe_siemens_xa30", (0, 0)),
+}
+
 SKIPPED = {  # candidates looked at and not exported, with the reason
     "neurolabusc/dcm_qa_ge:In/04_Ax_DWI_TENSOR_R2MB2 (and 01-03)": "the node's loader refuses it: every image "
     "shares its slice position with others (DWI volumes it cannot tell apart)",
@@ -240,15 +254,27 @@ SKIPPED = {  # candidates looked at and not exported, with the reason
 }
 
 
-def export_train(out: Path, work: Path, only: tuple[str, ...] = ()) -> list[dict[str, object]]:
-    """Export TRAIN (or the items named in ``only``) to ``out``; writes ``out/sources.json``."""
+def export_split_eval(out: Path) -> None:
+    """EVAL_SPLIT volumes to ``out`` (for the CPU check of set "split")."""
+    for name, (folder, (a, b)) in EVAL_SPLIT.items():
+        v = load(SHARED / folder)
+        print(json.dumps(save(out / f"{name}.npz", v, slice(a, b) if b else slice(None))))
+
+
+def export_train(out: Path, work: Path, only: tuple[str, ...] = (), items: tuple[Item, ...] = TRAIN
+                 ) -> list[dict[str, object]]:
+    """Export ``items`` (or those named in ``only``) to ``out``; writes ``out/sources.json``."""
     rows: list[dict[str, object]] = []
-    for it in TRAIN:
+    for it in items:
         if only and it.name not in only:
             continue
         assert not any(h.split(":")[-1] in f"{it.path} {it.shared}" for h in HELD_OUT), it
         folder = extract(it, work)
         v = load(folder, it.volume)
+        if it.window != (0, 0):
+            a, b = it.window
+            v = Vol(v.data[a:b], v.spacing, v.thickness, v.modality, v.value_range, v.positions[a:b], v.normal,
+                    v.count, v.label, v.row_cosine, v.col_cosine)
         if it.reformat == "rows":
             v = restack_rows(v)
         t = _trim(v, it.trim)
