@@ -18,13 +18,14 @@ PET/CT abdomen and every Philips head-phantom series.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 import sys
 import tarfile
-import io
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -109,7 +110,7 @@ def load(folder: Path, volume: int = 0) -> Vol:
                np.asarray(sv.row_cosine, float), np.asarray(sv.col_cosine, float))
 
 
-def save(out: Path, v: Vol, z: slice = slice(None), crop: int = 0) -> dict[str, object]:
+def save(out: Path, v: Vol, z: slice = slice(None), crop: int = 0) -> dict[str, Any]:
     """Write ``v`` (slices ``z``, central crop x crop when > 0) as an int16 .npz; returns a summary."""
     data = v.data[z]
     pos = v.positions[z]
@@ -140,7 +141,7 @@ EVAL = {  # name: (shared folder, crop)
 }
 
 
-def export_eval(out: Path) -> list[dict[str, object]]:
+def export_eval(out: Path) -> list[dict[str, Any]]:
     rows = []
     for name, (folder, crop) in EVAL.items():
         v = load(SHARED / folder)
@@ -262,9 +263,9 @@ def export_split_eval(out: Path) -> None:
 
 
 def export_train(out: Path, work: Path, only: tuple[str, ...] = (), items: tuple[Item, ...] = TRAIN
-                 ) -> list[dict[str, object]]:
+                 ) -> list[dict[str, Any]]:
     """Export ``items`` (or those named in ``only``) to ``out``; writes ``out/sources.json``."""
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     for it in items:
         if only and it.name not in only:
             continue
@@ -294,7 +295,16 @@ def export_train(out: Path, work: Path, only: tuple[str, ...] = (), items: tuple
                                "volume", "slices")} for r in rows]
     (out / "sources.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "skipped.json").write_text(json.dumps(SKIPPED, indent=1) + "\n")
-    total = sum(int(r["bytes"]) for r in rows)  # type: ignore[call-overload]
+    total = sum(int(r["bytes"]) for r in rows)
+    lines = [f"Training series for the shipped prior (bench/prior_data.py {'train' if items is TRAIN else 'train-split'});"
+             " provenance in sources.json, candidates left out and why in skipped.json.",
+             "Train (all 7 nets): srnode train " + str(out) + "/*.npz --out models/weights/prior.pt --steps N "
+             "--device cuda --sources " + str(out / "sources.json"), "",
+             "Held out, never here: " + ", ".join(HELD_OUT), ""]
+    lines += [f"{r['file']}: {r['from']} ({r['volume']}), {'x'.join(map(str, r['shape']))} {r['modality']}, slices "
+              f"{r['slices']}, {int(r['bytes']) / 1e6:.2f} MB" for r in rows]
+    lines += [f"total {total / 1e6:.1f} MB"]
+    (out / "README.txt").write_text("\n".join(lines) + "\n")
     print(f"{len(rows)} series, {total / 1e6:.1f} MB in {out}")
     return rows
 
