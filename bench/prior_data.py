@@ -54,6 +54,7 @@ class Item:
     license: str = "BSD-2"
     shared: str = ""  # the ../shared/data folder, when the series is there
     window: tuple[int, int] = (0, 0)  # keep the acquired slices [a, b) only, before any reformat ((0, 0): all)
+    sub: str = ""  # export into this subfolder of --out ("epi": low-resolution EPI, not in the recommended set)
 
 
 def _commit(repo: str) -> str:
@@ -214,18 +215,18 @@ TRAIN = (
     Item("xa30_t1w6", XA30, "In/6_anat-T1w_acq-tfl",
          "MR Siemens Prisma XA30 enhanced T1w (tfl, second reconstruction), human, 128x128 2 mm isotropic"),
     Item("xa30_dwi_b0", XA30, "In/10_DWI_dir80_PA", "MR Siemens XA30 DWI, human brain, b=0 volume only, "
-         "72x72 3 mm"),
+         "72x72 3 mm", sub="epi"),
     Item("ph_dti_b0", PH, "In/Vanderbilt_2018/601_WIP_dti_ax", "MR Philips DTI, human brain, b=0 volume only, "
-         "80x80 3 mm"),
+         "80x80 3 mm", sub="epi"),
     Item("tosh_dti_b0", TO, "In/Galan/8006_DTI_AX_30d", "MR Toshiba/Canon axial DTI, human brain, the last "
          "volume (the node labels it b=?; its mean is 4.5x the b=1500 volumes': the b=0) only, 64x64 3 mm",
-         volume=-1),
+         volume=-1, sub="epi"),
     Item("qa_epi_ax", QA, "In/Orientation/ax/axasc36", "MR Siemens EPI mosaic, human brain, axial, first of 2 "
-         "volumes, 64x64 3.25 mm"),
+         "volumes, 64x64 3.25 mm", sub="epi"),
     Item("qa_epi_cor", QA, "In/Orientation/cor/corasc36", "MR Siemens EPI mosaic, human brain, coronal, first "
-         "of 2 volumes, 64x64 3.25 mm"),
+         "of 2 volumes, 64x64 3.25 mm", sub="epi"),
     Item("qa_epi_sag", QA, "In/Orientation/sag/sagasc36", "MR Siemens EPI mosaic, human brain, sagittal, first "
-         "of 2 volumes, 64x64 3.25 mm"),
+         "of 2 volumes, 64x64 3.25 mm", sub="epi"),
 )
 MPR_SPLIT = 96  # the MPRAGE's sagittal slices [14, 96) (one side of the head) vs [96, 178) (the other)
 TRAIN_SPLIT = tuple(  # set "split": the human-MR check - MPRAGE one side only, the XA30 T1w held out
@@ -264,11 +265,19 @@ def export_split_eval(out: Path) -> None:
 
 def export_train(out: Path, work: Path, only: tuple[str, ...] = (), items: tuple[Item, ...] = TRAIN
                  ) -> list[dict[str, Any]]:
-    """Export ``items`` (or those named in ``only``) to ``out``; writes ``out/sources.json``."""
+    """Export ``items`` (or those named in ``only``) to ``out`` (items with ``sub`` to ``out/<sub>``, each folder
+    with its own sources.json, README.txt and the shared skipped.json)."""
+    rows: list[dict[str, Any]] = []
+    for sub in sorted({it.sub for it in items}):
+        sel = tuple(it for it in items if it.sub == sub and (not only or it.name in only))
+        if sel:
+            rows += _export(out / sub if sub else out, work, sel, items is TRAIN)
+    return rows
+
+
+def _export(out: Path, work: Path, items: tuple[Item, ...], full: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for it in items:
-        if only and it.name not in only:
-            continue
         assert not any(h.split(":")[-1] in f"{it.path} {it.shared}" for h in HELD_OUT), it
         folder = extract(it, work)
         v = load(folder, it.volume)
@@ -296,7 +305,7 @@ def export_train(out: Path, work: Path, only: tuple[str, ...] = (), items: tuple
     (out / "sources.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "skipped.json").write_text(json.dumps(SKIPPED, indent=1) + "\n")
     total = sum(int(r["bytes"]) for r in rows)
-    lines = [f"Training series for the shipped prior (bench/prior_data.py {'train' if items is TRAIN else 'train-split'});"
+    lines = [f"Training series for the shipped prior (bench/prior_data.py {'train' if full else 'train-split'});"
              " provenance in sources.json, candidates left out and why in skipped.json.",
              "Train (all 7 nets): srnode train " + str(out) + "/*.npz --out models/weights/prior.pt --steps N "
              "--device cuda --sources " + str(out / "sources.json"), "",
@@ -304,6 +313,11 @@ def export_train(out: Path, work: Path, only: tuple[str, ...] = (), items: tuple
     lines += [f"{r['file']}: {r['from']} ({r['volume']}), {'x'.join(map(str, r['shape']))} {r['modality']}, slices "
               f"{r['slices']}, {int(r['bytes']) / 1e6:.2f} MB" for r in rows]
     lines += [f"total {total / 1e6:.1f} MB"]
+    if full and out.name != "epi":
+        lines += ["", "epi/: six low-resolution EPI volumes (b=0 / first volume), kept apart: in the CPU check (bench/results/",
+                  "prior3-README.md) adding them lowered the held-out MPRAGE x2 gain (+3.47 vs +3.75 dB) and their 64-pixel",
+                  "matrices shrink every through-plane patch (x2: 15 instead of 29 rows; models.internal.train takes the",
+                  "smallest set's size). Add epi/*.npz (and merge epi/sources.json) to train on them anyway."]
     (out / "README.txt").write_text("\n".join(lines) + "\n")
     print(f"{len(rows)} series, {total / 1e6:.1f} MB in {out}")
     return rows
