@@ -215,7 +215,8 @@ def finetune_factor(gain_tuned_db: float, gain_prior_db: float, cap: float = 4.0
     no such leak; the factor assumes the target gains nothing from fine-tuning (conservative). 1 without
     fine-tuning (fast mode). ``cap`` bounds a prior far from the series (a net trained from scratch: prior = cubic).
     """
-    return float(np.clip(10 ** ((gain_tuned_db - gain_prior_db) / 20.0), 1.0, cap))
+    f = 10 ** ((gain_tuned_db - gain_prior_db) / 20.0)
+    return float(np.clip(f, 1.0, cap)) if math.isfinite(f) else cap  # a non-finite gain: the widest interval
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -393,7 +394,7 @@ class SelfSupEngine:
         if not val:
             return None, None, "in-plane matrix too small for internal training pairs"
         v = _on(side, lambda: self._validate(kind, net, val, max(1, passes // orients), report))
-        if v.gain_db < self.options.min_gain_db:
+        if not math.isfinite(v.gain_db) or v.gain_db < self.options.min_gain_db:  # NaN: not a pass
             return None, None, f"internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
         if timer:
             timer[1].synchronize()
@@ -507,7 +508,7 @@ class SelfSupEngine:
         report.update({"in_sigma_target_noise": round(extra, 5), "in_sigma_scale_difficulty": round(rho, 3),
                        "in_context": ctx, "in_tta": len(ops)})
         net, v = self._fit("in", sets, val, g, g, prior, device, len(ops), report, ctx, progress)
-        if v.gain_db < self.options.min_gain_db:
+        if not math.isfinite(v.gain_db) or v.gain_db < self.options.min_gain_db:  # NaN: not a pass
             return cur, cur_sigma, f"in-plane internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
         task = il.Task(g, g, False)
         x = to_device(cur, device)  # (Z, Y, X)

@@ -248,6 +248,7 @@ class LeanReceiver:
         (often none). ``send`` writes bytes to the peer (the C-STORE-RSP). Raises LeanAbort."""
         if self._mode == _DEAD:
             return []
+        self._check_items(pdu)
         if self._mode == _PASS:
             self._pass_through(pdu)
             return [pdu]
@@ -270,7 +271,9 @@ class LeanReceiver:
                     return []  # as pynetdicom: the rest of a P-DATA after a complete message is not read
                 continue
             # _IDLE: the command set of a new message
-            if not control & 1 or (self._cmd_cx >= 0 and cx != self._cmd_cx):
+            if not control & 1:  # pynetdicom would buffer such fragments in memory without a bound
+                raise LeanAbort("a data set fragment arrived with no complete command set before it")
+            if self._cmd_cx >= 0 and cx != self._cmd_cx:
                 return self._fallback(pdu)
             self._cmd_cx = cx
             self._cmd += view[start:stop]
@@ -291,6 +294,26 @@ class LeanReceiver:
             if self._held_bytes > 2 * MAX_COMMAND_BYTES:  # many PDUs of tiny fragments
                 raise LeanAbort(f"a command set sent in more than {2 * MAX_COMMAND_BYTES} bytes of PDUs")
         return []
+
+    def _check_items(self, pdu: bytes | bytearray) -> None:
+        """Every presentation data value item of ``pdu`` well formed and on an accepted presentation context
+        (PS3.8 9.3.5: one or more items, each length >= 2 and inside the PDU), else LeanAbort. pynetdicom's DUL
+        thread dies on a context it did not accept or an item length below 2 (KeyError / IndexError), leaving
+        the association half-closed; an empty P-DATA-TF would count against the command-set bound."""
+        pos, end = 6, len(pdu)
+        if end <= pos:
+            raise LeanAbort("a P-DATA-TF without any presentation data value item")
+        accepted = self.assoc._accepted_cx
+        while pos < end:
+            if end - pos < 6:
+                raise LeanAbort("a P-DATA-TF ending inside a presentation data value item header")
+            length, cx, _control = _PDV.unpack_from(pdu, pos)
+            if length < 2 or length > end - pos - 4:
+                raise LeanAbort(f"a presentation data value item of length {length} in a P-DATA-TF of {end} bytes")
+            if cx not in accepted:
+                raise LeanAbort(f"a presentation data value item on presentation context {cx}, which was not "
+                                "accepted")
+            pos += 4 + length
 
     def _reset_command(self) -> None:
         self._cmd = bytearray()

@@ -344,6 +344,12 @@ class StoreSCP:
         """C-STORE (pynetdicom's receive path): admit the file pynetdicom wrote to the spool's ``incoming/`` (no
         decoding here), as :meth:`store_received`."""
         req: Any = event.request  # a C_STORE primitive
+        if getattr(req, "_dataset_path", None) is None and getattr(req, "_dataset_file", None) is None:
+            caller = str(event.assoc.requestor.ae_title).strip()
+            log.warning("C-STORE from %s refused (0x%04X): the request carries no data set", caller,
+                        Status.CANNOT_UNDERSTAND)
+            self._count(id(event.assoc), False)
+            return Status.CANNOT_UNDERSTAND
         full = getattr(req._dataset_file, "disk_full", False)  # its partial file is already removed
         return self.store_received(event.assoc, None if full else Path(event.dataset_path),
                                    str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),

@@ -67,7 +67,8 @@ def test_file_meta_is_pynetdicoms(sop: str, ts: str) -> None:
     assert file_meta_bytes(CT, sop, ts) == buf.getvalue()
 
 
-def _rq_command(sop_class: str = CT, sop: str = "1.2.3.4", msg_id: int = 7, **extra: Any) -> bytes:
+def _rq_command(sop_class: str = CT, sop: str = "1.2.3.4", msg_id: int = 7, no_dataset: bool = False,
+                **extra: Any) -> bytes:
     req = C_STORE()
     req.MessageID = msg_id
     req.AffectedSOPClassUID = sop_class
@@ -77,7 +78,7 @@ def _rq_command(sop_class: str = CT, sop: str = "1.2.3.4", msg_id: int = 7, **ex
         setattr(req, k, v)
     msg = C_STORE_RQ_MSG()
     msg.primitive_to_message(req)
-    msg.command_set.CommandDataSetType = 0x0001
+    msg.command_set.CommandDataSetType = 0x0101 if no_dataset else 0x0001
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, True
     write_dataset(fp, msg.command_set)
@@ -369,6 +370,49 @@ def test_endless_command_set_is_aborted(both: tuple[StoreSCP, StoreSCP]) -> None
         assert peer.answer() is None
     finally:
         peer.close()
+
+
+def test_items_pynetdicom_would_die_on_are_aborted_with_nothing_left(both: tuple[StoreSCP, StoreSCP],
+                                                                     tmp_path: Path) -> None:
+    """Found by this stop's adversarial review: pynetdicom's DUL thread died (KeyError / IndexError) on an item
+    of a context it never accepted or of length < 2, leaving the association counted open and a file in
+    incoming/; data fragments with no command before them were buffered in memory without a bound. The lean
+    path aborts each at once (A-ABORT, one line) and the association ends cleanly."""
+    f = write_phantom_series(tmp_path / "ph", slices=1, size=32)[0]
+    data = _dataset_bytes(f)
+    cmd = _rq_command(sop=str(dcmread(f, stop_before_pixels=True).SOPInstanceUID))
+    lean, _ = both
+    counted = _Counting(lean)
+    attacks = {
+        "context never proposed": lambda peer: [_pdu((99, 0x03, cmd)), _pdu((99, 0x02, data))],
+        "context rejected": lambda peer: [_pdu((peer.rejected_cx, 0x01, cmd))],
+        "item of length 1": lambda peer: [struct.pack(">BBLLBB", 0x04, 0, 6, 1, peer.cx, 0x03)],
+        "item past the PDU's end": lambda peer: [struct.pack(">BBLLBB", 0x04, 0, 8, 400, peer.cx, 0x03) + b"\0\0"],
+        "no item at all": lambda peer: [struct.pack(">BBL", 0x04, 0, 0)],
+        "data set with no command": lambda peer: [_pdu((peer.cx, 0x00, data[:2000]))] * 3,
+    }
+    for what, make in attacks.items():
+        peer = _Peer(lean.cfg.node.port)
+        try:
+            try:
+                peer.send(*make(peer))
+            except OSError:  # the node closed the connection after its A-ABORT
+                pass
+            assert peer.answer(15) is None, what
+        finally:
+            peer.close()
+    wait_until(lambda: not lean._counts, 15, what="every association's count closed")
+    assert not _incoming(lean) and not _spool(lean) and counted.n == 0
+
+
+def test_store_without_a_data_set_is_refused_with_a_status(both: tuple[StoreSCP, StoreSCP]) -> None:
+    """A C-STORE-RQ whose CommandDataSetType says no data set follows: 0xC210 on both paths (the node's handler
+    raised TypeError on it before, which pynetdicom turned into 0xC211 with a traceback)."""
+    def script(peer: _Peer) -> Any:
+        peer.send(_pdu((peer.cx, 0x03, _rq_command(no_dataset=True))))
+        return peer.answer(15)
+
+    assert _outcomes(both, script) == [Status.CANNOT_UNDERSTAND, Status.CANNOT_UNDERSTAND]
 
 
 def _echo_command(msg_id: int) -> bytes:

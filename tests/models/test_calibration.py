@@ -163,3 +163,12 @@ def test_finetune_factor_undoes_the_held_out_gain_of_fine_tuning() -> None:
     v = cal.validate(net, sets, 1)
     assert abs(cal.heldout_gain(net, sets, 1) - v.gain_db) < 1e-9
     assert abs(v.gain_db) < 0.5  # the untrained head adds ~nothing to cubic
+
+
+def test_finetune_factor_of_a_non_finite_gain_is_the_widest_not_nan() -> None:
+    """Adversarial review: NaN passed through np.clip, so a non-finite held-out gain would have made sigma NaN."""
+    from models.calibration import finetune_factor
+
+    assert finetune_factor(float("nan"), 1.0) == 4.0
+    assert finetune_factor(float("inf"), float("inf")) == 4.0
+    assert abs(finetune_factor(2.0, 1.0) - 10 ** (1 / 20)) < 1e-12
