@@ -238,8 +238,12 @@ class _Peer:
         wait_until(lambda: self.assoc._is_paused, 10, what="the SCU's reactor paused")
 
     def send(self, *pdus: bytes) -> None:
+        """Write ``pdus``; OSError once the node has closed the connection (after its A-ABORT)."""
         for p in pdus:
-            self.assoc.dul.socket.socket.sendall(p)  # type: ignore[union-attr]
+            sock = self.assoc.dul.socket.socket if self.assoc.dul.socket is not None else None
+            if sock is None:
+                raise OSError("the association's socket is closed")
+            sock.sendall(p)
 
     def answer(self, timeout: float = 30) -> int | str | None:
         """The status of the next response, None when the association was aborted instead, "silent" when neither
@@ -316,13 +320,17 @@ def test_malformed_command_and_foreign_sop_class_answered_as_before(both: tuple[
     # the command names MR on the CT context (the dataset is CT): pynetdicom's path answers 0xA900
     foreign = _outcomes(both, store_with(_rq_command(sop_class=MR, sop=str(ds.SOPInstanceUID))))
     assert foreign[0] == foreign[1] == Status.DATASET_DOES_NOT_MATCH
-    # a C-STORE of a SOP class whose context was rejected, on that context: as pynetdicom answers it
+    # a C-STORE on a context that was rejected: the lean path aborts at the first item (pynetdicom's DUL thread
+    # dies on it, test_items_pynetdicom_would_die_on_are_aborted_with_nothing_left); neither path stores it
     def on_rejected(peer: _Peer) -> Any:
         cmd = _rq_command(sop_class=PRIVATE, sop=str(ds.SOPInstanceUID))
-        peer.send(_pdu((peer.rejected_cx, 0x03, cmd)), _pdu((peer.rejected_cx, 0x02, data)))
+        try:
+            peer.send(_pdu((peer.rejected_cx, 0x03, cmd)), _pdu((peer.rejected_cx, 0x02, data)))
+        except OSError:  # the node aborted after the first PDU
+            pass
         return peer.answer(10)
     rejected = _outcomes(both, on_rejected)
-    assert rejected[0] == rejected[1]
+    assert rejected[0] is None and rejected[1] not in (Status.SUCCESS,)
     # a command set with an unknown element: as pynetdicom answers it
     odd = _rq_command(sop=str(ds.SOPInstanceUID)) + struct.pack("<HHL", 0, 0x5555, 2) + b"\0\0"
     odd_out = _outcomes(both, store_with(odd))
