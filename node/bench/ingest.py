@@ -274,6 +274,7 @@ def measure(senders: int, instances: int, size: int, workdir: Path, small_instan
     if small_instances:
         workloads["one_association"] = [write_series(workdir / "send" / "small", 0, small_instances, small_size,
                                                       tag="small-")]
+    os.sync()  # the workloads' own dirty pages are not left for the first server's syncs to write
     stage("sending to srnode")
     servers: dict[str, dict[str, dict[str, Any]]] = {"srnode": run_node(workdir / "node", workloads,
                                                                                  receive_path)}

@@ -7,13 +7,15 @@ batching: no timer, a batch is whatever arrived while the last one was being mad
 
 1. checks the spool's disk watermark once (0xA700 for the whole batch below ``[node].min_free_mb``);
 2. hard-links each received file under ``instances/<Study>/<Series>/<SOP>.dcm`` (``Spool.link_instance``);
-3. makes all of them durable at once (``Spool.sync``: one ``syncfs``, or an fsync per file and per directory);
+3. makes all of them durable at once (``Spool.sync``: every file's and changed folder's fsync issued together on
+   ``SYNC_THREADS`` threads, so the file system commits them in shared journal commits; each caller started its
+   file's writeback already, ``start_writeback``);
 4. records all their index rows in ONE SQLite transaction (``Index.add_instances``: one WAL fsync);
 5. wakes every waiting caller with its outcome.
 
 Only then does a C-STORE handler answer Success, so "Success" still means the bytes and the index row are on
-disk. Failures: a sync that fails unlinks what this batch linked (no name without durable bytes) and fails the
-batch with 0xA700; an index transaction that fails is retried row by row (one bad row does not fail the others);
+disk. Failures: a file whose sync fails is unlinked (no name without durable bytes) and its caller gets 0xA700 (the
+others of the batch go on); an index transaction that fails is retried row by row (one bad row does not fail the others);
 a row that still fails has its link removed and its caller gets the error (SpoolError: 0x0110 at the SCP; an index
 whose disk is full, SQLITE_FULL or ENOSPC, gives IngestError 0xA700 instead, as every full disk on this path does).
 A caller waits at most ``timeout_s`` (``COMMIT_TIMEOUT_S``) and then gets IngestError(0xA700): it was not
@@ -31,18 +33,21 @@ import queue
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from node.dimse import Status
 from node.errors import IngestError, SpoolError
 from node.store import Index, Instance, SizeHint, Spool, Stored
+from node.store.spool import start_writeback
 
 log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_S = 120.0  # longest a caller waits for its batch to be durable before answering 0xA700
 MAX_BATCH = 256  # instances in one commit at most
 IDLE_EXIT_S = 10.0  # the writer thread ends after this long without work (a new one starts on demand)
+SYNC_THREADS = 16  # fsyncs of one batch in flight at once (one per concurrent association is the common case)
 
 
 @dataclass
@@ -71,6 +76,7 @@ class GroupCommit:
     _queue: queue.SimpleQueue[Pending] = field(default_factory=queue.SimpleQueue, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False)  # the fsync threads, made with the writer
     batches: int = field(default=0, init=False)  # commits made (figures for tests and benchmarks)
     committed: int = field(default=0, init=False)  # instances in them
 
@@ -81,9 +87,12 @@ class GroupCommit:
         Blocks until the batch is on disk. Raises IngestError (0xA700: disk below the watermark, a write or sync
         failure, or no commit within ``timeout_s``; 0xC210: invalid UID), SpoolError (the index failed)."""
         item = Pending(src=src, inst=inst, modality=modality, hint=hint)
+        start_writeback(src)  # the disk starts on it while the writer finishes the batch before
         with self._lock:
             self._queue.put(item)
             if self._thread is None:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="ingest-sync")
                 self._thread = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
                 self._thread.start()
         if not item.done.wait(self.timeout_s):
@@ -140,15 +149,15 @@ class GroupCommit:
             p.inst = replace(p.inst, path=str(p.stored.path))
             linked.append(p)
         new = [p for p in linked if p.stored is not None and not p.stored.duplicate]
-        try:
-            self.spool.sync([p.stored.path for p in new if p.stored],
-                            sorted({p.stored.path.parent for p in new if p.stored}))
-        except OSError as exc:
-            self._unlink(new)
-            self._fail(linked, IngestError(f"the spool {self.spool.root} could not be synced: {exc}",
-                                           Status.OUT_OF_RESOURCES))
-            self._wake(batch)
-            return
+        failed = self.spool.sync([p.stored for p in new if p.stored], self._pool)
+        if failed:
+            lost = [p for p in new if p.stored and p.stored.path in failed]
+            self._unlink(lost)
+            for p in lost:
+                assert p.stored is not None
+                p.error = IngestError(f"instance {p.inst.sop_uid}: could not be made durable in the spool "
+                                      f"{self.spool.root}: {failed[p.stored.path]}", Status.OUT_OF_RESOURCES)
+            linked = [p for p in linked if p.error is None]
         self._index(linked)
         self._wake(batch)
         self.batches += 1

@@ -39,6 +39,7 @@ from node.ingest.commit import GroupCommit
 from node.ingest.stow import StowReceiver, multipart_close, multipart_part
 from node.metrics import Metrics
 from node.store import Index, open_store
+from node.store import spool as spool_module
 from tests.support.nodeproc import NodeProc
 from tests.support.peers import STORESCU, storescu, wait_until
 
@@ -312,13 +313,38 @@ def test_concurrent_admissions_share_commits_and_all_are_indexed(tmp_path: Path)
 
 
 def test_a_failed_sync_answers_a700_and_unlinks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file whose fsync fails is answered 0xA700 and unlinked; the others of its batch are stored."""
     adm = _admission(tmp_path)
     files = write_series(tmp_path / "ct", 10, 6, 32, tag="sync-")
+    bad = str(dcmread(files[3], stop_before_pixels=True).SOPInstanceUID)
+    real = spool_module.fsync_dir
 
-    def broken(*args: Any) -> None:
-        raise OSError(5, "Input/output error")
+    def broken(path: Path) -> None:
+        if path.name == f"{bad}.dcm":
+            raise OSError(5, "Input/output error")
+        real(path)
 
-    monkeypatch.setattr(adm.spool, "sync", broken)
+    monkeypatch.setattr(spool_module, "fsync_dir", broken)
+    results = _admit_all(adm, files)
+    assert isinstance(results[3], IngestError) and results[3].status == Status.OUT_OF_RESOURCES, results
+    assert not any(isinstance(r, Exception) for i, r in enumerate(results) if i != 3), results
+    names = {p.stem for p in adm.spool.instances.rglob("*.dcm")}
+    assert bad not in names and len(names) == len(files) - 1 and adm.index.count_instances() == len(files) - 1
+
+
+def test_a_failed_folder_sync_answers_a700_for_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A series folder whose fsync fails (its new entries may not survive a power cut): every instance linked in
+    it is answered 0xA700 and unlinked, nothing is indexed."""
+    adm = _admission(tmp_path)
+    files = write_series(tmp_path / "ct", 13, 6, 32, tag="dsync-")
+    real = spool_module.fsync_dir
+
+    def broken(path: Path) -> None:
+        if path.is_dir():
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(spool_module, "fsync_dir", broken)
     results = _admit_all(adm, files)
     assert all(isinstance(r, IngestError) and r.status == Status.OUT_OF_RESOURCES for r in results), results
     assert not any(p.is_file() for p in adm.spool.instances.rglob("*")) and adm.index.count_instances() == 0
@@ -352,9 +378,9 @@ def test_a_stalled_writer_answers_a700_after_the_deadline(tmp_path: Path, monkey
     release = threading.Event()
     real = adm.spool.sync
 
-    def slow(*args: Any) -> None:
+    def slow(*args: Any) -> dict[Path, OSError]:
         release.wait(30)
-        real(*args)
+        return real(*args)
 
     monkeypatch.setattr(adm.spool, "sync", slow)
     adm.writer = GroupCommit(adm.spool, adm.index, timeout_s=0.5)
