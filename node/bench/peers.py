@@ -103,62 +103,6 @@ def geometry_of(positions: np.ndarray, row_cosine: np.ndarray, col_cosine: np.nd
     return Geometry(origin, r, c, step, (float(dy), float(dx)))
 
 
-def inplane_cosines(normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A (row, column) direction pair perpendicular to the unit ``normal`` (3,) with row x column = normal, as
-    DICOM's IOP has (PS3.3 C.7.6.2.1.1): for an export that lacks IOP. VolumeError for a zero normal."""
-    n = np.asarray(normal, float)
-    nn = float(np.linalg.norm(n))
-    if nn < 1e-9:
-        raise VolumeError("the slice normal is zero")
-    n = n / nn
-    axis = np.eye(3)[int(np.argmin(np.abs(n)))]  # the patient axis least along the normal
-    row = axis - n * float(axis @ n)
-    row /= np.linalg.norm(row)
-    return row, np.cross(n, row)
-
-
-@dataclass(frozen=True)
-class Oriented:
-    """A truth volume for ``bench peers``: the loaded series (``node.bench.eval.Loaded``), its IOP halves and where
-    they came from ("DICOM", "npz", or "made up" for an export without them)."""
-
-    loaded: Any  # node.bench.eval.Loaded (imported lazily: the DICOM stack only for folders)
-    row_cosine: np.ndarray  # (3,)
-    col_cosine: np.ndarray  # (3,)
-    orientation: str
-
-
-def load_oriented(path: Path) -> Oriented:
-    """A series folder (``node.series.load_series``) or a ``.npz`` export (``node.bench.eval.load_volume``; its
-    optional ``row_cosine`` / ``col_cosine`` arrays: IOP[0:3], IOP[3:6]) with its in-plane orientation.
-    VolumeError for a missing, empty or unreadable series, or an export lacking an array it needs."""
-    from node.bench.eval import Loaded, load_volume
-
-    if path.suffix == ".npz":
-        try:
-            lo = load_volume(path)
-            with np.load(path) as d:
-                has = "row_cosine" in d.files and "col_cosine" in d.files
-                row = np.asarray(d["row_cosine"], float) if has else None
-                col = np.asarray(d["col_cosine"], float) if has else None
-        except (OSError, ValueError, KeyError) as exc:
-            raise VolumeError(f"{path.name}: not a usable .npz export: {exc}") from exc
-        if row is None or col is None:
-            row, col = inplane_cosines(lo.normal)
-            return Oriented(lo, row, col, "made up (npz without row_cosine/col_cosine)")
-        return Oriented(lo, row, col, "npz")
-    from node.series import load_series  # the DICOM stack only where needed
-
-    if not path.is_dir():
-        raise VolumeError(f"{path}: not a series folder or a .npz")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise VolumeError(f"{path}: no files")
-    sv = load_series(files)
-    lo = Loaded(sv.to_engine_input(), np.asarray(sv.positions, float), np.asarray(sv.normal, float), path.name)
-    return Oriented(lo, np.asarray(sv.row_cosine, float), np.asarray(sv.col_cosine, float), "DICOM")
-
-
 def nifti_affine(g: Geometry) -> np.ndarray:
     """The NIfTI (RAS) affine of a volume stored as nibabel data (X, Y, Z) = ``volume.transpose(2, 1, 0)``:
     voxel (i, j, k) = (column, row, slice) -> mm. DICOM's LPS is turned into RAS by negating x and y."""
@@ -445,15 +389,14 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
     cut to end ``SCORING_RESERVE_S`` before it, and its budget to fit (``fit_budget``, from ``prev``: the previous
     series' ``eclare`` figures)."""
     from models.evaluate import body_mask, data_range, fidelity
-    from node.bench.eval import central, evaluate, simulate
+    from node.bench.eval import central, evaluate, load_volume, simulate
 
     def say(name: str, total: int | None = None) -> None:
         if bar is not None:
             bar.stage(f"{path.name}: {name}", total)
 
     say("loading", 4 * n_series)
-    ori = load_oriented(path)
-    whole = ori.loaded
+    whole = load_volume(path)
     lo = central(whole, args.max_slices, args.crop)
     z, y, x = whole.vin.data.shape
     z0 = int(np.argmin(np.abs(whole.positions - lo.positions[0]).sum(axis=1)))
@@ -465,8 +408,8 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
     lr, truth, factors = simulate(lo, "through", args.factor)
     f = factors.through_plane
     pixel = (float(lo.vin.spacing[1]), float(lo.vin.spacing[2]))
-    g_truth = geometry_of(lo.positions[: truth.shape[0]], ori.row_cosine, ori.col_cosine, pixel, (y0, x0))
-    g_lr = geometry_of(lo.positions[: truth.shape[0]], ori.row_cosine, ori.col_cosine, pixel, (y0, x0), every=f)
+    g_truth = geometry_of(lo.positions[: truth.shape[0]], whole.row_cosine, whole.col_cosine, pixel, (y0, x0))
+    g_lr = geometry_of(lo.positions[: truth.shape[0]], whole.row_cosine, whole.col_cosine, pixel, (y0, x0), every=f)
     options = EngineOptions(device=Device(args.device), finetune_steps=args.finetune_steps,
                             tta_passes=args.tta_passes, weights=args.weights)
     say(f"srnode {args.engine}")
@@ -497,7 +440,7 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
         "spacing_truth_mm": [round(float(s), 4) for s in (lo.vin.spacing[0], *pixel)],
         "input_slice_step_mm": round(float(lr.spacing[0]), 4),
         "input_slice_fwhm_mm": round(float(lr.slice_thickness), 4), "profile": lr.profile,
-        "orientation": ori.orientation,
+        "orientation": whole.orientation,
         "mask_fraction": round(float(mask.mean()), 4), "data_range": drange, "methods": methods,
         "srnode_options": {"engine": args.engine, "device": args.device, "finetune_steps": args.finetune_steps,
                            "tta_passes": args.tta_passes, "weights": args.weights or "models/weights/prior.pt"},

@@ -216,7 +216,8 @@ def test_a_peer_that_finds_no_gpu_is_stopped_at_once(tmp_path: Path, monkeypatch
 
 
 def test_budget_fitting_progress_parsing_and_made_up_orientation() -> None:
-    from node.bench.peers import fit_budget, inplane_cosines, training_progress
+    from node.bench.eval import inplane_cosines
+    from node.bench.peers import fit_budget, training_progress
 
     bar = ("\r 50%|#####     | 500000/1000000 [00:50<00:50, 9950.1it/s, loss=0.0100]"
            "\r100%|##########| 1000000/1000000 [01:40<00:00, 9990.0it/s, loss=0.0050]\n"
