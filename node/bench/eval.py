@@ -9,7 +9,7 @@ sub-volume. Writes OUT.json (engine/cubic/linear: psnr_db, ssim, hu_mae, hu_bias
 spearman_local_oracle, coverage_95, width_95 (mean 2 x 1.96 sigma), scale_to_95, per slice phase for
 through-plane, ause_ratio; seconds) and a PNG panel beside it; prints a one-line summary.
 SERIES_DIR may also be a ``.npz`` (data int16/float, spacing, thickness, modality, value_range, positions,
-normal) for machines without the DICOM stack.
+normal; optional row_cosine, col_cosine) for machines without the DICOM stack.
 """
 
 from __future__ import annotations
@@ -32,26 +32,63 @@ from node.errors import EngineError, VolumeError
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Loaded:
-    """A series loaded for evaluation: engine input, slice positions and normal (patient space, mm), name."""
+    """A series loaded for evaluation: engine input, where its slices lie (patient space, LPS mm), name.
+
+    ``positions``: (Z, 3) ImagePositionPatient of each slice (``positions[0]``: the first slice's); ``normal``:
+    (3,) the slice normal; ``row_cosine`` / ``col_cosine``: (3,) IOP[0:3] (direction of increasing column index)
+    and IOP[3:6] (of increasing row index); ``orientation``: where those two came from ("DICOM", "npz", or
+    "made up ..." for an export without them: ``inplane_cosines``). Spacing and slice thickness are ``vin``'s.
+    """
 
     vin: VolumeInput
     positions: np.ndarray  # (Z, 3) mm
     normal: np.ndarray  # (3,)
+    row_cosine: np.ndarray  # (3,)
+    col_cosine: np.ndarray  # (3,)
+    orientation: str
     name: str
 
 
-def load_volume(path: Path) -> Loaded:
-    """A series folder (via ``node.series.load_series``) or a .npz export, as engine input + slice positions.
+def inplane_cosines(normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A (row, column) direction pair perpendicular to the unit ``normal`` (3,) with row x column = normal, as
+    DICOM's IOP has (PS3.3 C.7.6.2.1.1): for an export that lacks IOP. VolumeError for a zero normal."""
+    n = np.asarray(normal, float)
+    nn = float(np.linalg.norm(n))
+    if nn < 1e-9:
+        raise VolumeError("the slice normal is zero")
+    n = n / nn
+    axis = np.eye(3)[int(np.argmin(np.abs(n)))]  # the patient axis least along the normal
+    row = axis - n * float(axis @ n)
+    row /= np.linalg.norm(row)
+    return row, np.cross(n, row)
 
-    VolumeError when the folder is missing, empty or not one volume; KeyError for a .npz lacking an array.
+
+def load_volume(path: Path) -> Loaded:
+    """A series folder (via ``node.series.load_series``) or a ``.npz`` export (data, spacing, thickness,
+    modality, value_range, positions, normal; optional ``row_cosine`` / ``col_cosine``: IOP[0:3], IOP[3:6], else
+    a pair is made up perpendicular to ``normal``), as engine input + slice geometry.
+
+    VolumeError when the folder is missing, empty or not one volume, or the .npz is unreadable or lacks an array.
     """
     if path.suffix == ".npz":
-        d = np.load(path)
-        vin = VolumeInput(d["data"].astype(np.float32), tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
-                          float(d["thickness"]), str(d["modality"]), (float(d["value_range"][0]), float(d["value_range"][1])))
-        return Loaded(vin, np.asarray(d["positions"], float), np.asarray(d["normal"], float), path.stem)
+        try:
+            with np.load(path) as d:
+                vin = VolumeInput(d["data"].astype(np.float32), tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
+                                  float(d["thickness"]), str(d["modality"]),
+                                  (float(d["value_range"][0]), float(d["value_range"][1])))
+                positions, normal = np.asarray(d["positions"], float), np.asarray(d["normal"], float)
+                has = "row_cosine" in d.files and "col_cosine" in d.files
+                row = np.asarray(d["row_cosine"], float) if has else None
+                col = np.asarray(d["col_cosine"], float) if has else None
+        except (OSError, ValueError, KeyError) as exc:
+            raise VolumeError(f"{path.name}: not a usable .npz export: {exc}") from exc
+        orientation = "npz"
+        if row is None or col is None:
+            row, col = inplane_cosines(normal)
+            orientation = "made up (npz without row_cosine/col_cosine)"
+        return Loaded(vin, positions, normal, row, col, orientation, path.stem)
     from node.series import load_series  # the DICOM stack only where needed
 
     if not path.exists():
@@ -62,19 +99,20 @@ def load_volume(path: Path) -> Loaded:
     if not files:
         raise VolumeError(f"{path}: no files")
     sv = load_series(files)
-    return Loaded(sv.to_engine_input(), np.asarray(sv.positions, float), np.asarray(sv.normal, float), path.name)
+    return Loaded(sv.to_engine_input(), np.asarray(sv.positions, float), np.asarray(sv.normal, float),
+                  np.asarray(sv.row_cosine, float), np.asarray(sv.col_cosine, float), "DICOM", path.name)
 
 
 def central(lo: Loaded, max_slices: int, crop: int) -> Loaded:
     """Central sub-volume: at most ``max_slices`` slices and a ``crop`` x ``crop`` in-plane window (0: all);
-    the positions follow the slices."""
+    the positions follow the slices (``positions[0]`` stays the first kept slice's IPP, not the crop's corner)."""
     z, y, x = lo.vin.data.shape
     z0, z1 = (0, z) if max_slices <= 0 or max_slices >= z else ((z - max_slices) // 2, (z - max_slices) // 2 + max_slices)
     y0 = 0 if crop <= 0 or crop >= y else (y - crop) // 2
     x0 = 0 if crop <= 0 or crop >= x else (x - crop) // 2
     y1, x1 = (y if crop <= 0 else min(y, y0 + crop)), (x if crop <= 0 else min(x, x0 + crop))
     data = np.ascontiguousarray(lo.vin.data[z0:z1, y0:y1, x0:x1])
-    return Loaded(replace(lo.vin, data=data), lo.positions[z0:z1], lo.normal, lo.name)
+    return replace(lo, vin=replace(lo.vin, data=data), positions=lo.positions[z0:z1])
 
 
 def linear_upsample(data: np.ndarray, factors: Factors) -> np.ndarray:

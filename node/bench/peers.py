@@ -1,7 +1,7 @@
 """``srnode bench peers SERIES_DIR...``: a peer method side by side with srnode and cubic (issue #13).
 
 The peer is ECLARE (Remedios et al., self-supervised through-plane SR; ``eclare==1.0.1`` on PyPI, console script
-``run-eclare``), run as a subprocess: by default in its own venv (``make peers-venv`` -> ``.venv-eclare/``: it pins
+``run-eclare``), run as a subprocess by ``node.bench.eclare``: by default in its own venv (``make peers-venv`` -> ``.venv-eclare/``: it pins
 scipy); ``--peer-python PY`` (or ``$SRNODE_ECLARE_CMD``, a command line) runs it with another interpreter instead, e.g.
 the GPU machine's own torch/scipy with eclare installed ``--no-deps`` beside it (``bench/gpu_peers.sh``). Each series
 is a folder of DICOM files or a ``.npz`` export (``node.bench.eval.load_volume``; ``row_cosine`` / ``col_cosine``,
@@ -13,8 +13,8 @@ voxel sizes, and the read-back uses the same affine, so the figures do not depen
    box profile of FWHM f slices, sampled every f slices);
 2. srnode's engine, cubic and linear run on that input through ``node.bench.eval.evaluate`` (body mask, PSNR,
    SSIM, HU-MAE, bias of ``models.evaluate``);
-3. the same input is written as NIfTI (nibabel), its affine from the DICOM geometry (``nifti_affine``: IPP of the
-   first kept slice, IOP, pixel spacing, slice step; LPS -> RAS), and ECLARE runs on it with the slice profile
+3. the same input is written as NIfTI (nibabel), its affine from the DICOM geometry (``node.bench.nifti``'s
+   ``nifti_affine``: IPP of the first kept slice, IOP, pixel spacing, slice step; LPS -> RAS), and ECLARE runs on it with the slice profile
    given (``--relative-slice-thickness`` = FWHM / in-plane pixel, boxcar or gaussian: no ESPRESO estimate);
 4. ECLARE's output (isotropic at the in-plane pixel size, its own affine) is read back onto the truth grid by
    its affine (``read_onto``: cubic B-spline along the slice axis, ``models.cubic.resample_axis``; the in-plane
@@ -25,7 +25,7 @@ Writes one ``bench/results/peers-<UTC>.json`` (command, machine, budget note, fi
 psnr_db, ssim, hu_mae, hu_bias, gain_db over cubic, seconds) and a PNG beside it (bars per method; central
 coronal cut of truth / cubic / srnode / ECLARE). On the CPU ECLARE's patch budget is reduced (``--n-patches``;
 its default is 1,000,000 patches of batch 128 on a GPU) and the JSON says so; its network is unchanged. Each ECLARE
-run is capped (``--peer-timeout`` seconds, its whole process group killed); a run that fails, times out, or (with
+run is capped (``--peer-timeout`` seconds) and its whole process group killed when it ends, however it ends; a run that fails, times out, or (with
 ``--device cuda``) finds no GPU is recorded in the JSON (``eclare.error``) and the other series still run. ECLARE's
 own training rate (patches/s, from its progress bar) is recorded, with what its full budget would take at that rate.
 """
@@ -40,306 +40,34 @@ import platform
 import re
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.engine import Device, EngineOptions, VolumeInput
+from models.engine import Device, EngineOptions
+from node.bench.eclare import (
+    ECLARE_DEFAULT_PATCHES,
+    PEER_CMD_ENV,
+    PeerTimeout,
+    fit_budget,
+    peer_command,
+    peer_versions,
+    run_peer,
+    training_progress,
+)
+from node.bench.nifti import geometry_of, regrid_ceiling
 from node.errors import EngineError, VolumeError
 
 if TYPE_CHECKING:
     from node.app.progress import StageBar
 
 log = logging.getLogger(__name__)
-
-ROOT = Path(__file__).resolve().parents[2]
-PEER_VENV = ROOT / ".venv-eclare"
-PEER_CMD_ENV = "SRNODE_ECLARE_CMD"  # a command line that runs ECLARE's run-eclare (default: the peer venv's)
-ECLARE_MAIN = "import sys; from eclare.main import main; sys.exit(main())"  # run-eclare's entry point
-ECLARE_DEFAULT_PATCHES = 1_000_000  # eclare.main's --n-patches default
-ECLARE_NO_GPU = "Running on CPU"  # eclare.utils.misc_utils.parse_device prints "!!! Running on CPU !!!"
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM patient (LPS) <-> NIfTI world (RAS)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """Where the voxels of a (Z, Y, X) volume lie in DICOM patient space (LPS, mm).
-
-    ``origin``: ImagePositionPatient of voxel (0, 0, 0); ``row_cosine``: direction of increasing column index x
-    (IOP[0:3]); ``col_cosine``: of increasing row index y (IOP[3:6]); ``step``: vector from one slice's position to
-    the next (mm); ``pixel``: (dy, dx) PixelSpacing (row, column spacing) in mm.
-    """
-
-    origin: np.ndarray  # (3,)
-    row_cosine: np.ndarray  # (3,)
-    col_cosine: np.ndarray  # (3,)
-    step: np.ndarray  # (3,)
-    pixel: tuple[float, float]
-
-    def positions(self, n: int) -> np.ndarray:
-        """(n, 3) ImagePositionPatient of slices 0..n-1."""
-        return self.origin[None, :] + np.arange(n)[:, None] * self.step[None, :]
-
-
-def geometry_of(positions: np.ndarray, row_cosine: np.ndarray, col_cosine: np.ndarray,
-                pixel: tuple[float, float], offset: tuple[int, int] = (0, 0), every: int = 1) -> Geometry:
-    """The geometry of slices ``positions[::every]`` (Z, 3 IPP, LPS mm; >= 2 slices, evenly spaced) cropped to
-    start at row/column ``offset`` = (y0, x0). VolumeError when fewer than two slices remain."""
-    pos = np.asarray(positions, float)[::every]
-    if pos.shape[0] < 2:
-        raise VolumeError("a geometry needs at least two slices")
-    r, c = np.asarray(row_cosine, float), np.asarray(col_cosine, float)
-    dy, dx = pixel
-    origin = pos[0] + offset[1] * dx * r + offset[0] * dy * c
-    step = (pos[-1] - pos[0]) / (pos.shape[0] - 1)
-    return Geometry(origin, r, c, step, (float(dy), float(dx)))
-
-
-def inplane_cosines(normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A (row, column) direction pair perpendicular to the unit ``normal`` (3,) with row x column = normal, as
-    DICOM's IOP has (PS3.3 C.7.6.2.1.1): for an export that lacks IOP. VolumeError for a zero normal."""
-    n = np.asarray(normal, float)
-    nn = float(np.linalg.norm(n))
-    if nn < 1e-9:
-        raise VolumeError("the slice normal is zero")
-    n = n / nn
-    axis = np.eye(3)[int(np.argmin(np.abs(n)))]  # the patient axis least along the normal
-    row = axis - n * float(axis @ n)
-    row /= np.linalg.norm(row)
-    return row, np.cross(n, row)
-
-
-@dataclass(frozen=True)
-class Oriented:
-    """A truth volume for ``bench peers``: the loaded series (``node.bench.eval.Loaded``), its IOP halves and where
-    they came from ("DICOM", "npz", or "made up" for an export without them)."""
-
-    loaded: Any  # node.bench.eval.Loaded (imported lazily: the DICOM stack only for folders)
-    row_cosine: np.ndarray  # (3,)
-    col_cosine: np.ndarray  # (3,)
-    orientation: str
-
-
-def load_oriented(path: Path) -> Oriented:
-    """A series folder (``node.series.load_series``) or a ``.npz`` export (``node.bench.eval.load_volume``; its
-    optional ``row_cosine`` / ``col_cosine`` arrays: IOP[0:3], IOP[3:6]) with its in-plane orientation.
-    VolumeError for a missing, empty or unreadable series, or an export lacking an array it needs."""
-    from node.bench.eval import Loaded, load_volume
-
-    if path.suffix == ".npz":
-        try:
-            lo = load_volume(path)
-            with np.load(path) as d:
-                has = "row_cosine" in d.files and "col_cosine" in d.files
-                row = np.asarray(d["row_cosine"], float) if has else None
-                col = np.asarray(d["col_cosine"], float) if has else None
-        except (OSError, ValueError, KeyError) as exc:
-            raise VolumeError(f"{path.name}: not a usable .npz export: {exc}") from exc
-        if row is None or col is None:
-            row, col = inplane_cosines(lo.normal)
-            return Oriented(lo, row, col, "made up (npz without row_cosine/col_cosine)")
-        return Oriented(lo, row, col, "npz")
-    from node.series import load_series  # the DICOM stack only where needed
-
-    if not path.is_dir():
-        raise VolumeError(f"{path}: not a series folder or a .npz")
-    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise VolumeError(f"{path}: no files")
-    sv = load_series(files)
-    lo = Loaded(sv.to_engine_input(), np.asarray(sv.positions, float), np.asarray(sv.normal, float), path.name)
-    return Oriented(lo, np.asarray(sv.row_cosine, float), np.asarray(sv.col_cosine, float), "DICOM")
-
-
-def nifti_affine(g: Geometry) -> np.ndarray:
-    """The NIfTI (RAS) affine of a volume stored as nibabel data (X, Y, Z) = ``volume.transpose(2, 1, 0)``:
-    voxel (i, j, k) = (column, row, slice) -> mm. DICOM's LPS is turned into RAS by negating x and y."""
-    a = np.eye(4)
-    a[:3, 0] = g.row_cosine * g.pixel[1]
-    a[:3, 1] = g.col_cosine * g.pixel[0]
-    a[:3, 2] = g.step
-    a[:3, 3] = g.origin
-    return LPS_TO_RAS @ a
-
-
-def dicom_positions(affine: np.ndarray, n: int) -> np.ndarray:
-    """(n, 3) ImagePositionPatient (LPS mm) of slices k = 0..n-1 of a NIfTI volume with ``affine`` (RAS)."""
-    lps = LPS_TO_RAS @ affine
-    return (lps @ np.stack([np.zeros(n), np.zeros(n), np.arange(n), np.ones(n)]))[:3].T
-
-
-def write_nifti(path: Path, volume: np.ndarray, g: Geometry) -> None:
-    """Write ``volume`` (Z, Y, X) as NIfTI-1 (float32, data (X, Y, Z), ``nifti_affine(g)`` as sform and qform)."""
-    import nibabel as nib
-
-    img = nib.Nifti1Image(np.ascontiguousarray(volume.transpose(2, 1, 0), dtype=np.float32), nifti_affine(g))
-    img.set_qform(img.affine, code=1)
-    img.set_sform(img.affine, code=1)
-    nib.save(img, str(path))
-
-
-def _load_nifti(path: Path) -> Any:
-    """A NIfTI image (nibabel SpatialImage: ``affine``, ``shape``, ``get_fdata``); VolumeError otherwise."""
-    import nibabel as nib
-    from nibabel.spatialimages import SpatialImage
-
-    try:
-        img = nib.load(str(path))
-    except (OSError, ValueError, nib.filebasedimages.ImageFileError) as exc:
-        raise VolumeError(f"{path.name}: not readable as NIfTI: {exc}") from exc
-    if not isinstance(img, SpatialImage) or img.affine is None:
-        raise VolumeError(f"{path.name}: not a NIfTI volume with an affine")
-    return img
-
-
-def read_onto(path: Path, g: Geometry, shape: tuple[int, int, int]) -> np.ndarray:
-    """A peer's NIfTI output on the grid of ``g`` with ``shape`` (Z, Y, X), float32.
-
-    The output must share the in-plane grid of ``g`` (same columns and rows, any slice step along the same
-    normal): each target slice is found in the output through the two affines and interpolated along the
-    slice axis (cubic B-spline, mirrored at the ends). VolumeError when the grids do not line up in-plane.
-    """
-    from models.cubic import resample_axis
-
-    img = _load_nifti(path)
-    data = np.asarray(img.get_fdata(dtype=np.float32))
-    if data.ndim != 3:
-        raise VolumeError(f"{path.name}: expected a 3-D volume, got shape {data.shape}")
-    m = np.linalg.inv(img.affine) @ nifti_affine(g)  # target voxel (i, j, k) -> output voxel
-    inplane_ok = np.allclose(m[:3, :2], np.eye(3)[:, :2], atol=1e-3) and np.allclose(m[:2, 2:], 0, atol=1e-3)
-    if not inplane_ok or abs(m[2, 2]) < 1e-6:
-        raise VolumeError(f"{path.name}: its grid does not share the input's columns and rows "
-                          f"(target -> output index map {np.round(m[:3], 4).tolist()})")
-    if data.shape[:2] != (shape[2], shape[1]):
-        raise VolumeError(f"{path.name}: in-plane matrix {data.shape[:2]} is not the input's {(shape[2], shape[1])}")
-    k = m[2, 2] * np.arange(shape[0]) + m[2, 3]
-    if k.min() < -1 or k.max() > data.shape[2]:
-        log.warning("%s: target slices %.2f..%.2f extend past the output's 0..%d", path.name, k.min(), k.max(),
-                    data.shape[2] - 1)
-    return resample_axis(data, 2, k).transpose(2, 1, 0).astype(np.float32)
-
-
-def regrid_ceiling(truth: np.ndarray, scale: float, shift: float, n_out: int) -> np.ndarray:
-    """``truth`` (Z, Y, X) taken to a peer's slice grid (output slice k' at truth index (k' - shift) / scale,
-    k' < ``n_out``) and back: what the regridding of ``read_onto`` alone does to a perfect output."""
-    from models.cubic import resample_axis
-
-    there = resample_axis(truth, 0, (np.arange(n_out) - shift) / scale)
-    return resample_axis(there, 0, scale * np.arange(truth.shape[0]) + shift).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class PeerRun:
-    """A peer's output on the truth grid, its wall seconds, and what it said about itself."""
-
-    data: np.ndarray  # (Z, Y, X) float32 on the truth grid
-    seconds: float
-    index_map: tuple[float, float]  # truth slice k -> output slice scale * k + shift
-    output_shape: tuple[int, ...]  # the output's nibabel shape (X, Y, Z')
-    output_spacing: tuple[float, ...]  # its voxel size (mm)
-    log_tail: str
-    progress: dict[str, float]  # ECLARE's training progress bar read back (``training_progress``); {} if none
-
-
-class PeerTimeout(EngineError):
-    """The peer ran past its time cap (``--peer-timeout``) and was killed."""
-
-
-def training_progress(log: str, n_patches: int) -> dict[str, float]:
-    """ECLARE's training bar (tqdm, total = ``n_patches``, ``n/total [elapsed<left, rate it/s, loss=...]``) read
-    from its log: ``patches`` done, ``train_s`` elapsed (tqdm's whole seconds), ``patches_per_s`` (done/elapsed)
-    and the last ``loss``. {} when the log has no such bar."""
-    last = None
-    for m in re.finditer(r"(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<[^,\]]*,[^\]]*?(?:loss=([0-9.eE+-]+))?\]", log):
-        if int(m.group(2)) == n_patches:
-            last = m
-    if last is None:
-        return {}
-    done = int(last.group(1))
-    secs = 3600 * int(last.group(3) or 0) + 60 * int(last.group(4)) + int(last.group(5))
-    out = {"patches": float(done), "train_s": float(secs)}
-    if secs > 0:
-        out["patches_per_s"] = round(done / secs, 1)
-    if last.group(6):
-        out["loss"] = float(last.group(6))
-    return out
-
-
-def _run_capped(argv: list[str], cwd: Path, log_path: Path, timeout: float, need_gpu: bool) -> int:
-    """Run ``argv`` with stdout and stderr into ``log_path``, in its own process group; kill the group (ECLARE's
-    data-loader workers included) after ``timeout`` seconds (PeerTimeout) or, when ``need_gpu``, as soon as ECLARE
-    says it found no GPU (EngineError). Returns the exit code."""
-    with log_path.open("wb") as out:
-        try:
-            proc = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        except OSError as exc:
-            raise EngineError(f"peer {Path(argv[0]).name}: {exc}") from exc
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                try:
-                    return proc.wait(timeout=min(1.0, max(0.01, deadline - time.monotonic())))
-                except subprocess.TimeoutExpired:
-                    pass
-                if need_gpu:
-                    with log_path.open("rb") as f:
-                        if ECLARE_NO_GPU in f.read(8192).decode(errors="replace"):
-                            raise EngineError("ECLARE found no GPU (its torch sees no CUDA device): stopped")
-                if time.monotonic() >= deadline:
-                    raise PeerTimeout(f"ECLARE ran past its cap of {timeout:g} s and was stopped")
-        finally:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
-
-
-def run_peer(command: list[str], lr: VolumeInput, g_lr: Geometry, g_truth: Geometry,
-             truth_shape: tuple[int, int, int], workdir: Path, n_patches: int, batch_size: int,
-             gpu_id: int = -1, timeout: float = 7200.0) -> PeerRun:
-    """Write ``lr`` (its slices at ``g_lr``) as NIfTI, run ``command`` + ECLARE's options on it (``--gpu-id``
-    ``gpu_id``; >= 0 also means: stop it if it finds no GPU), at most ``timeout`` seconds, its log in
-    ``workdir/peer.log``, and read the output back onto ``g_truth``. ``command``: the peer's argv prefix
-    (``run-eclare`` of the peer venv, ``PY -c <run-eclare's main>``, or a stand-in taking the same options).
-    PeerTimeout past the cap; EngineError when the peer fails or writes nothing; VolumeError for an output that
-    is not on the input's in-plane grid."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    src = workdir / "lr.nii.gz"
-    write_nifti(src, lr.data, g_lr)
-    out_dir = workdir / "out"
-    profile = "gaussian" if lr.profile == "gaussian" else "boxcar"
-    rel = lr.slice_thickness / min(g_lr.pixel)
-    argv = [*command, "--in-fpath", str(src), "--out-dir", str(out_dir), "--n-patches", str(n_patches),
-            "--batch-size", str(batch_size), "--relative-slice-thickness", f"{rel:.6g}",
-            "--relative-slice-profile-type", profile, "--gpu-id", str(gpu_id), "--suffix", "_peer"]
-    log.info("peer: %s", shlex.join(argv))
-    log_path = workdir / "peer.log"
-    t0 = time.perf_counter()
-    rc = _run_capped(argv, workdir, log_path, timeout, gpu_id >= 0)
-    seconds = time.perf_counter() - t0
-    text = log_path.read_bytes().decode(errors="replace")
-    tail = text.replace("\r", "\n")[-1500:]
-    outs = sorted(out_dir.glob("*_peer.nii*")) if out_dir.is_dir() else []
-    if rc != 0 or not outs:
-        raise EngineError(f"peer {Path(command[-1]).name} failed (exit {rc}): " + " ".join(tail.split()[-60:]))
-    img = _load_nifti(outs[0])
-    m = np.linalg.inv(img.affine) @ nifti_affine(g_truth)
-    data = read_onto(outs[0], g_truth, truth_shape)
-    zooms = np.sqrt((np.asarray(img.affine)[:3, :3] ** 2).sum(axis=0))
-    return PeerRun(data, seconds, (float(m[2, 2]), float(m[2, 3])), tuple(int(s) for s in img.shape),
-                   tuple(round(float(z), 4) for z in zooms), tail, training_progress(text, n_patches))
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add ``srnode bench peers`` options to ``parser``."""
@@ -378,63 +106,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--note", default="", help="a note for the JSON (the machine: shared, loaded...)")
 
 
-def _peer_command(args: argparse.Namespace) -> list[str]:
-    """ECLARE's argv prefix: ``--peer``, else ``--peer-python PY -c <run-eclare's main>``, else
-    ``$SRNODE_ECLARE_CMD``, else the peer venv's ``run-eclare``. EngineError when none is there."""
-    if args.peer:
-        return shlex.split(args.peer)
-    if args.peer_python:
-        return [args.peer_python, "-c", ECLARE_MAIN]
-    env = os.environ.get(PEER_CMD_ENV, "").strip()
-    if env:
-        return shlex.split(env)
-    exe = PEER_VENV / "bin" / "run-eclare"
-    if not exe.is_file():
-        raise EngineError(f"{exe} is missing: make peers-venv (ECLARE in its own venv), or give --peer-python / "
-                          f"${PEER_CMD_ENV}")
-    return [str(exe)]
-
-
-def peer_versions(command: list[str]) -> dict[str, str]:
-    """The versions ECLARE runs with (eclare, torch + its CUDA, numpy, scipy, python), asked of the peer's own
-    interpreter: ``command[0]`` when it is a Python, else the ``python`` beside a console script. {} when that
-    cannot be told (a stand-in, no interpreter found, or it fails within 120 s)."""
-    exe = Path(command[0])
-    py = exe if exe.name.startswith("python") else exe.with_name("python")
-    if not (py.is_file() or (exe.name.startswith("python") and "/" not in command[0])):
-        return {}
-    probe = ("import importlib.metadata as m, platform, json, torch\n"
-             "def v(n):\n"
-             "    try:\n        return m.version(n)\n"
-             "    except m.PackageNotFoundError:\n        return ''\n"
-             "print(json.dumps({'eclare': v('eclare'), 'torch': torch.__version__, 'cuda': str(torch.version.cuda),"
-             " 'cuda_available': str(torch.cuda.is_available()), 'numpy': v('numpy'), 'scipy': v('scipy'),"
-             " 'nibabel': v('nibabel'), 'python': platform.python_version()}))")
-    try:
-        r = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, timeout=120)
-        got = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else {}
-    except (OSError, subprocess.TimeoutExpired, ValueError):
-        return {}
-    return {str(k): str(v) for k, v in got.items()} if isinstance(got, dict) else {}
-
-
 SCORING_RESERVE_S = 15.0  # kept back from a deadline for scoring, regridding and the PNG of full volumes
-
-
-def fit_budget(n_patches: int, batch: int, left_s: float, prev: dict[str, Any] | None) -> tuple[int, str]:
-    """ECLARE's patch budget for a run that has ``left_s`` seconds: ``n_patches``, or fewer when the previous
-    series' run (``prev``: its ``eclare`` figures, with ``progress.patches_per_s`` and ``seconds``) says they
-    would not fit: its fixed cost (seconds - training seconds) is taken again, the rest at 85 % of its rate (a
-    margin for a costlier series). (budget, why it was cut or ""); 0 when not even one batch fits."""
-    rate = float((prev or {}).get("progress", {}).get("patches_per_s", 0.0))
-    if not prev or rate <= 0:
-        return n_patches, ""
-    fixed = max(0.0, float(prev.get("seconds", 0.0)) - float(prev["progress"].get("train_s", 0.0)))
-    fit = int((left_s - fixed) * rate * 0.85) // batch * batch
-    if fit >= n_patches:
-        return n_patches, ""
-    return max(fit, 0), (f"cut from {n_patches} to fit the {left_s:.0f} s left before the deadline at the previous "
-                         f"series' {rate:.0f} patches/s (+{fixed:.0f} s fixed cost)")
 
 
 def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: Path,
@@ -445,15 +117,14 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
     cut to end ``SCORING_RESERVE_S`` before it, and its budget to fit (``fit_budget``, from ``prev``: the previous
     series' ``eclare`` figures)."""
     from models.evaluate import body_mask, data_range, fidelity
-    from node.bench.eval import central, evaluate, simulate
+    from node.bench.eval import central, evaluate, load_volume, simulate
 
     def say(name: str, total: int | None = None) -> None:
         if bar is not None:
             bar.stage(f"{path.name}: {name}", total)
 
     say("loading", 4 * n_series)
-    ori = load_oriented(path)
-    whole = ori.loaded
+    whole = load_volume(path)
     lo = central(whole, args.max_slices, args.crop)
     z, y, x = whole.vin.data.shape
     z0 = int(np.argmin(np.abs(whole.positions - lo.positions[0]).sum(axis=1)))
@@ -465,8 +136,8 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
     lr, truth, factors = simulate(lo, "through", args.factor)
     f = factors.through_plane
     pixel = (float(lo.vin.spacing[1]), float(lo.vin.spacing[2]))
-    g_truth = geometry_of(lo.positions[: truth.shape[0]], ori.row_cosine, ori.col_cosine, pixel, (y0, x0))
-    g_lr = geometry_of(lo.positions[: truth.shape[0]], ori.row_cosine, ori.col_cosine, pixel, (y0, x0), every=f)
+    g_truth = geometry_of(lo.positions[: truth.shape[0]], whole.row_cosine, whole.col_cosine, pixel, (y0, x0))
+    g_lr = geometry_of(lo.positions[: truth.shape[0]], whole.row_cosine, whole.col_cosine, pixel, (y0, x0), every=f)
     options = EngineOptions(device=Device(args.device), finetune_steps=args.finetune_steps,
                             tta_passes=args.tta_passes, weights=args.weights)
     say(f"srnode {args.engine}")
@@ -497,7 +168,7 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
         "spacing_truth_mm": [round(float(s), 4) for s in (lo.vin.spacing[0], *pixel)],
         "input_slice_step_mm": round(float(lr.spacing[0]), 4),
         "input_slice_fwhm_mm": round(float(lr.slice_thickness), 4), "profile": lr.profile,
-        "orientation": ori.orientation,
+        "orientation": whole.orientation,
         "mask_fraction": round(float(mask.mean()), 4), "data_range": drange, "methods": methods,
         "srnode_options": {"engine": args.engine, "device": args.device, "finetune_steps": args.finetune_steps,
                            "tta_passes": args.tta_passes, "weights": args.weights or "models/weights/prior.pt"},
@@ -652,7 +323,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.factor < 2:
         raise VolumeError("--factor must be >= 2")
-    command = _peer_command(args)
+    command = peer_command(args.peer, args.peer_python)
     versions = peer_versions(command)
     if versions:
         log.info("peer runs with %s", versions)

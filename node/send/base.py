@@ -1,14 +1,25 @@
-"""The outbound boundary: one ``Sender`` protocol, one factory by destination kind."""
+"""The outbound boundary: per destination kind, a ``Sender`` (delivers files) and a ``PeerQuery`` (asks the
+destination what it holds, for ``node.send.confirm``), each made by one factory from its registry by kind."""
 
 from __future__ import annotations
 
 import importlib
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Protocol, runtime_checkable
 
 from node.config import Destination, DestinationKind
 from node.errors import ConfigError
+
+# (StudyInstanceUID, SeriesInstanceUID, SOPClassUID, SOPInstanceUID) of one file sent
+Ref = tuple[str, str, str, str]
+
+
+class Unsupported(Exception):
+    """The peer refuses the service asked for (its presentation context, or the whole association), or the
+    destination's kind has no such service."""
 
 
 @runtime_checkable
@@ -28,6 +39,24 @@ class Sender(Protocol):
         ...
 
 
+@runtime_checkable
+class PeerQuery(Protocol):
+    """Asks one destination whether it holds instances sent to it (``node.send.confirm`` runs the state machine).
+
+    ``offers_commitment``: whether ``request_commitment`` can be asked at all (DICOM Storage Commitment).
+    ``request_commitment(transaction_uid, refs)``: ask for a commitment report on ``refs`` (it comes later, on
+    another association); ``held(refs)``: the SOP Instance UIDs of ``refs``' series that the destination lists.
+    Both raise Unsupported when the peer refuses to be asked that way, DeliveryError (retryable) when it cannot
+    be asked now.
+    """
+
+    offers_commitment: bool
+
+    def request_commitment(self, transaction_uid: str, refs: Sequence[Ref]) -> None: ...
+
+    def held(self, refs: Sequence[Ref]) -> set[str]: ...
+
+
 # kind -> the module whose ``create(dest)`` takes that kind's config dataclass (``node.config.DESTINATION_TYPES``)
 KIND_MODULES: dict[DestinationKind, str] = {
     DestinationKind.DICOM: "node.send.dimse",
@@ -35,6 +64,29 @@ KIND_MODULES: dict[DestinationKind, str] = {
     DestinationKind.ORTHANC: "node.send.orthanc",
     DestinationKind.DICOMWEB: "node.send.dicomweb",
 }
+
+# kind -> the module whose ``query(dest)`` asks that kind of peer; a folder has none (confirmed by nothing)
+QUERY_MODULES: dict[DestinationKind, str] = {
+    DestinationKind.DICOM: "node.send.query_dimse",
+    DestinationKind.ORTHANC: "node.send.query_orthanc",
+    DestinationKind.DICOMWEB: "node.send.query_dicomweb",
+}
+
+
+def by_series(refs: Sequence[Ref]) -> dict[tuple[str, str], set[str]]:
+    """``refs``' SOP Instance UIDs by (study, series) UID."""
+    series: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for study, ser, _, sop in refs:
+        series[(study, ser)].add(sop)
+    return series
+
+
+def _import_kind(dest: Destination, mod_name: str) -> ModuleType:
+    """The module ``mod_name`` that serves ``dest``'s kind; ConfigError when it cannot be imported."""
+    try:
+        return importlib.import_module(mod_name)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"destination {dest.name!r}: kind {dest.kind.value!r} is not available ({exc})") from exc
 
 
 def make_sender(dest: Destination) -> Sender:
@@ -45,9 +97,17 @@ def make_sender(dest: Destination) -> Sender:
     mod_name = KIND_MODULES.get(dest.kind)
     if mod_name is None:
         raise ConfigError(f"destination {dest.name!r}: kind {dest.kind.value!r} is not supported")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ModuleNotFoundError as exc:
-        raise ConfigError(f"destination {dest.name!r}: kind {dest.kind.value!r} is not available ({exc})") from exc
-    sender: Sender = mod.create(dest)
+    sender: Sender = _import_kind(dest, mod_name).create(dest)
     return sender
+
+
+def make_query(dest: Destination) -> PeerQuery:
+    """The PeerQuery for ``dest``; each kind's query module exposes ``query(dest) -> PeerQuery``.
+
+    Raises Unsupported for a kind that cannot be asked (a folder), ConfigError when its module cannot be imported.
+    """
+    mod_name = QUERY_MODULES.get(dest.kind)
+    if mod_name is None:
+        raise Unsupported(f"no query for kind {dest.kind.value!r}")
+    peer: PeerQuery = _import_kind(dest, mod_name).query(dest)
+    return peer

@@ -1,7 +1,10 @@
 """Delivery confirmed, not assumed: after a destination accepted a delivery's files, the destination is asked
 whether it holds them, and only its answer makes the delivery ``delivered``.
 
-Methods, by the destination's ``confirm`` (``node.config.ConfirmMethod``) and kind:
+This module is the state machine (which method, fallbacks, the index's records, reports, deadlines, restarts);
+the asking itself is the destination kind's ``PeerQuery`` (``node.send.base.make_query``: ``query_dimse``,
+``query_orthanc``, ``query_dicomweb``). Methods, by the destination's ``confirm`` (``node.config.ConfirmMethod``)
+and kind:
 
 - DICOM, ``auto`` or ``commitment``: DICOM Storage Commitment, Push Model (PS3.4 Annex J). An N-ACTION (action
   type 1) lists the SOP instances sent under a new Transaction UID; the peer answers later with an N-EVENT-REPORT
@@ -33,54 +36,29 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import ssl
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-import requests
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    StorageCommitmentPushModel,
-    StudyRootQueryRetrieveInformationModelFind,
-)
+from pynetdicom import evt
 
-from node.config import (
-    Config,
-    ConfirmMethod,
-    Destination,
-    DicomDestination,
-    DicomwebDestination,
-    FolderDestination,
-    OrthancDestination,
-)
-from node.dimse import PENDING_STATUSES, Status, assoc_no_delay
+from node.config import Config, ConfirmMethod, Destination, DicomDestination, FolderDestination
+from node.dimse import Status
 from node.errors import DeliveryError
 from node.metrics import Metrics
+from node.send.base import QUERY_MODULES, PeerQuery, Ref, Unsupported, make_query
 from node.store import Delivery, DeliveryState, Index
 
 log = logging.getLogger(__name__)
 
-# (StudyInstanceUID, SeriesInstanceUID, SOPClassUID, SOPInstanceUID) of one file sent
-Ref = tuple[str, str, str, str]
-
-# the well-known SOP Instance of the Storage Commitment Push Model (PS3.4 J.3.5)
-COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
-REQUEST_COMMITMENT = 1  # N-ACTION Action Type ID (PS3.4 J.3.2)
 METHOD_COMMITMENT, METHOD_COUNT, METHOD_NONE = "commitment", "count", "none"
 NEITHER = "peer supports neither storage commitment nor C-FIND"
-REJECTED_TRANSIENT = 0x02  # A-ASSOCIATE-RJ Result (PS3.8 9.3.4): rejected-transient, worth another try
-
-
-class Unsupported(Exception):
-    """The peer refuses the service asked for (its presentation context, or the whole association)."""
 
 
 class Mismatch(DeliveryError):
@@ -111,185 +89,6 @@ def sop_refs(paths: Sequence[Path]) -> list[Ref]:
         out.append((str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")),
                     str(ds.get("SOPClassUID", "")), str(ds.get("SOPInstanceUID", ""))))
     return out
-
-
-def _by_series(refs: Sequence[Ref]) -> dict[tuple[str, str], set[str]]:
-    series: dict[tuple[str, str], set[str]] = defaultdict(set)
-    for study, ser, _, sop in refs:
-        series[(study, ser)].add(sop)
-    return series
-
-
-# ------------------------------------------------------------------------------------------------ DIMSE
-
-
-def _associate(dest: DicomDestination, context: str) -> Any:
-    """An association to ``dest`` proposing only ``context`` (Implicit/Explicit VR LE). Unsupported when the peer
-    rejects it or accepts no context; DeliveryError (retryable) when it cannot be reached."""
-    from node.send.dimse import client_ssl_context  # the sender's TLS settings, unchanged
-
-    ae = AE(ae_title=dest.calling_ae_title or "SRNODE")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
-    ae.add_requested_context(context)
-    kwargs: dict[str, Any] = {"ae_title": dest.ae_title}
-    if dest.tls:
-        kwargs["tls_args"] = (client_ssl_context(dest), dest.host)
-    answers: list[Any] = []  # the peer's A-ASSOCIATE-AC / -RJ, if one came
-    kwargs["evt_handlers"] = [(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))]
-    try:
-        assoc = ae.associate(dest.host, dest.port, **kwargs)
-    except (OSError, ssl.SSLError) as exc:
-        raise DeliveryError(f"destination {dest.name} ({dest.address}): cannot connect to confirm: {exc}") from exc
-    if assoc.is_rejected:
-        if any(getattr(a, "result", None) == REJECTED_TRANSIENT for a in answers):
-            raise DeliveryError(f"destination {dest.name} ({dest.address}): association to confirm rejected "
-                                "(transient)")
-        raise Unsupported("association rejected")
-    if not assoc.is_established:
-        if not answers:  # no A-ASSOCIATE answer at all: refused connection, timeout, or the peer went away
-            raise DeliveryError(f"destination {dest.name} ({dest.address}): no association to confirm "
-                                "(peer not reachable or no answer)")
-        # the peer answered but accepted none of the proposed contexts (pynetdicom aborts then)
-        raise Unsupported("association not established (no acceptable presentation context)")
-    if not any(str(cx.abstract_syntax) == context for cx in assoc.accepted_contexts):
-        assoc.release()
-        raise Unsupported("presentation context refused")
-    assoc_no_delay(assoc)
-    return assoc
-
-
-def _unanswered(dest: DicomDestination, what: str, started: float) -> None:
-    """A request that got no answer at all: DeliveryError (retryable) when that took the destination's
-    ``timeout_s`` -- a busy or vanished peer, our own DIMSE timeout ended it -- rather than a peer that aborts at
-    once what it will not serve (the caller's refusal)."""
-    if time.monotonic() - started >= 0.9 * dest.timeout_s:
-        raise DeliveryError(f"destination {dest.name}: {what} not answered within {dest.timeout_s:g} s")
-
-
-def request_commitment(dest: DicomDestination, transaction_uid: str, refs: Sequence[Ref]) -> None:
-    """Send the Storage Commitment N-ACTION for ``refs`` under ``transaction_uid`` (the report comes later, on
-    another association). Unsupported when the peer refuses the SOP class or the request (a failure status, or
-    no answer: Orthanc aborts a request from a caller it does not know as a modality); DeliveryError when the
-    peer cannot be reached or the request cannot be sent."""
-    ds = Dataset()
-    ds.TransactionUID = transaction_uid
-    items = []
-    for _, _, sop_class, sop in refs:
-        item = Dataset()
-        item.ReferencedSOPClassUID = sop_class
-        item.ReferencedSOPInstanceUID = sop
-        items.append(item)
-    ds.ReferencedSOPSequence = items
-    assoc = _associate(dest, StorageCommitmentPushModel)
-    started = time.monotonic()
-    try:
-        status, _ = assoc.send_n_action(ds, REQUEST_COMMITMENT, StorageCommitmentPushModel, COMMITMENT_INSTANCE)
-    except Exception as exc:  # noqa: BLE001 - pynetdicom raises on encoding/context problems
-        raise DeliveryError(f"destination {dest.name}: storage commitment N-ACTION failed: {exc}") from exc
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    code = int(status.get("Status", -1)) if status is not None and len(status) else -1
-    if code == -1:
-        _unanswered(dest, "storage commitment N-ACTION", started)
-        # Orthanc aborts the N-ACTION of a caller not in its DicomModalities
-        raise Unsupported("N-ACTION not answered: is the node in the peer's modality list?")
-    if code != Status.SUCCESS:
-        raise Unsupported(f"N-ACTION answered 0x{code:04X}")
-
-
-def find_dimse(dest: DicomDestination, refs: Sequence[Ref]) -> set[str]:
-    """The SOP Instance UIDs of ``refs``' series that the peer lists by C-FIND (Study Root, IMAGE level).
-    Unsupported when the peer refuses C-FIND (the context, or aborting the query unanswered); DeliveryError when a
-    query fails otherwise."""
-    assoc = _associate(dest, StudyRootQueryRetrieveInformationModelFind)
-    found: set[str] = set()
-    try:
-        for (study, series), _ in _by_series(refs).items():
-            q = Dataset()
-            q.QueryRetrieveLevel = "IMAGE"
-            q.StudyInstanceUID = study
-            q.SeriesInstanceUID = series
-            q.SOPInstanceUID = ""
-            last = -1
-            started = time.monotonic()
-            for status, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind):
-                last = int(status.get("Status", -1)) if status is not None and len(status) else -1
-                if last in PENDING_STATUSES and ident is not None:
-                    found.add(str(ident.get("SOPInstanceUID", "")))
-            if last == -1:
-                _unanswered(dest, "C-FIND to count the series", started)
-                assoc.join(2.0)  # an empty response: the association thread ends when the peer aborted
-            if last == -1 and assoc.is_aborted:
-                # Orthanc aborts the C-FIND of a caller it does not allow to query (DicomAlwaysAllowFind false and
-                # the node not in its DicomModalities): a refusal, not a failed delivery
-                raise Unsupported("C-FIND not answered (the peer aborted): may the node query it?")
-            if last != Status.SUCCESS:
-                raise DeliveryError(f"destination {dest.name}: C-FIND to count the series ended with "
-                                    f"{'no response' if last == -1 else f'0x{last:04X}'}")
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    return found
-
-
-# ------------------------------------------------------------------------------------------------ HTTP peers
-
-
-def find_orthanc(dest: OrthancDestination, refs: Sequence[Ref]) -> set[str]:
-    """The SOP Instance UIDs of ``refs``' series that Orthanc holds (``POST /tools/find``, Instance level);
-    DeliveryError when Orthanc cannot be asked."""
-    from orthanc_api_client import OrthancApiClient, exceptions
-
-    headers = {"Authorization": f"Bearer {dest.token}"} if dest.token else None
-    client = OrthancApiClient(dest.url.rstrip("/") + "/", user=dest.username or None, pwd=dest.password or None,
-                              headers=headers)
-    found: set[str] = set()
-    for (study, series), _ in _by_series(refs).items():
-        try:
-            resp = client.post("tools/find", timeout=dest.timeout_s, json={
-                "Level": "Instance", "Expand": True,
-                "Query": {"StudyInstanceUID": study, "SeriesInstanceUID": series}})
-        except exceptions.OrthancApiException as exc:
-            status = getattr(exc, "http_status_code", None)
-            raise DeliveryError(f"orthanc destination {dest.name!r}: count of the series failed: "
-                                f"{f'HTTP {status}' if status else type(exc).__name__}") from exc
-        for inst in resp.json() or []:
-            found.add(str((inst.get("MainDicomTags") or {}).get("SOPInstanceUID", "")))
-    return found
-
-
-def find_dicomweb(dest: DicomwebDestination, refs: Sequence[Ref]) -> set[str]:
-    """The SOP Instance UIDs of ``refs``' series that the DICOMweb service lists by QIDO-RS; DeliveryError when
-    the search fails."""
-    from dicomweb_client import DICOMwebClient
-    from dicomweb_client.session_utils import create_session, create_session_from_user_pass
-
-    session = (create_session_from_user_pass(dest.username, dest.password) if dest.username and not dest.token
-               else create_session())
-    if dest.tls_ca:
-        session.verify = dest.tls_ca
-    if dest.tls_cert:
-        session.cert = (dest.tls_cert, dest.tls_key) if dest.tls_key else dest.tls_cert
-    headers = {"Authorization": f"Bearer {dest.token}"} if dest.token else None
-    client = DICOMwebClient(dest.url.rstrip("/"), session=session, headers=headers, timeout=dest.timeout_s)
-    found: set[str] = set()
-    for (study, series), _ in _by_series(refs).items():
-        try:
-            hits = client.search_for_instances(study_instance_uid=study, series_instance_uid=series,
-                                               fields=["SOPInstanceUID"])
-        except requests.RequestException as exc:
-            status = getattr(getattr(exc, "response", None), "status_code", None)
-            if status == 404:  # some servers answer 404 for a series they do not have
-                continue
-            raise DeliveryError(f"dicomweb destination {dest.name!r}: QIDO-RS count of the series failed: "
-                                f"{f'HTTP {status}' if status else type(exc).__name__}") from exc
-        for h in hits or []:
-            found.update(str(v) for v in (h.get("00080018") or {}).get("Value", []))
-    return found
-
-
-# ------------------------------------------------------------------------------------------------ the flow
 
 
 @dataclass(frozen=True)
@@ -342,8 +141,10 @@ class Confirmations:
         self._lock = threading.Lock()  # one outcome per delivery: a report and the deadline may race
 
     def method(self, dest: Destination) -> ConfirmMethod:
-        """The configured method (folders: always none)."""
-        return ConfirmMethod.NONE if isinstance(dest, FolderDestination) else dest.confirm
+        """The configured method; none for a kind that cannot be asked (no ``QUERY_MODULES`` line: folders)."""
+        if isinstance(dest, FolderDestination) or dest.kind not in QUERY_MODULES:
+            return ConfirmMethod.NONE
+        return dest.confirm
 
     def after_send(self, d: Delivery, paths: Sequence[Path]) -> bool:
         """Confirm delivery ``d`` whose ``paths`` the destination just accepted. Returns True when the delivery
@@ -359,9 +160,10 @@ class Confirmations:
             return True
         deadline = time.time() + self.cfg.outbox.confirm_timeout_s
         refused = ""
-        if isinstance(dest, DicomDestination) and method in (ConfirmMethod.AUTO, ConfirmMethod.COMMITMENT):
+        peer = make_query(dest)
+        if peer.offers_commitment and method in (ConfirmMethod.AUTO, ConfirmMethod.COMMITMENT):
             try:
-                self._request(d, dest, refs, deadline)
+                self._request(d, peer, refs, deadline)
                 return False
             except Unsupported as exc:
                 if method is ConfirmMethod.COMMITMENT:
@@ -371,7 +173,7 @@ class Confirmations:
                 refused = f"storage commitment refused ({exc}); "
         self.index.delivery_sent(d.id, METHOD_COUNT, refs, refused + "count check", deadline=deadline)
         try:
-            found = self._find(dest, refs)
+            found = peer.held(refs)
         except Unsupported as exc:
             note = f"{NEITHER} ({refused}C-FIND: {exc})" if method is ConfirmMethod.AUTO else f"peer refuses C-FIND ({exc})"
             if method is ConfirmMethod.COUNT:
@@ -383,21 +185,12 @@ class Confirmations:
 
     # ------------------------------------------------------------------------------------ steps
 
-    def _find(self, dest: Destination, refs: Sequence[Ref]) -> set[str]:
-        if isinstance(dest, DicomDestination):
-            return find_dimse(dest, refs)
-        if isinstance(dest, OrthancDestination):
-            return find_orthanc(dest, refs)
-        if isinstance(dest, DicomwebDestination):
-            return find_dicomweb(dest, refs)
-        raise Unsupported(f"no query for kind {dest.kind.value!r}")  # pragma: no cover - folders are 'none'
-
-    def _request(self, d: Delivery, dest: DicomDestination, refs: Sequence[Ref], deadline: float) -> None:
+    def _request(self, d: Delivery, peer: PeerQuery, refs: Sequence[Ref], deadline: float) -> None:
         uid = generate_uid(prefix=None)  # 2.25.<UUID>: a new transaction each time
         self.index.delivery_sent(d.id, METHOD_COMMITMENT, refs, "storage commitment requested, report awaited",
                                  transaction_uid=uid, deadline=deadline)
         try:
-            request_commitment(dest, uid, refs)
+            peer.request_commitment(uid, refs)
         except (Unsupported, DeliveryError):
             self._undo(d)
             raise

@@ -49,6 +49,21 @@ def batches(paths: Sequence[Path], max_files: int, max_bytes: int) -> list[list[
     return out
 
 
+def client_for(dest: DicomwebDestination) -> DICOMwebClient:
+    """A dicomweb-client for ``dest``'s service root: bearer ``token``, else basic ``username``/``password``;
+    ``tls_ca`` / ``tls_cert`` / ``tls_key``; ``timeout_s`` per request."""
+    if dest.username and not dest.token:
+        session = create_session_from_user_pass(dest.username, dest.password)
+    else:
+        session = create_session()
+    if dest.tls_ca:
+        session.verify = dest.tls_ca
+    if dest.tls_cert:
+        session.cert = (dest.tls_cert, dest.tls_key) if dest.tls_key else dest.tls_cert
+    headers = {"Authorization": f"Bearer {dest.token}"} if dest.token else None
+    return DICOMwebClient(dest.url.rstrip("/"), session=session, headers=headers, timeout=dest.timeout_s)
+
+
 class DicomWebSender:
     """STOW-RS sender for one DICOMweb service root (``url``, e.g. ``http://pacs/dicom-web``)."""
 
@@ -59,16 +74,7 @@ class DicomWebSender:
         self.batch_bytes = max(1, int(dest.batch_mb * 1024 * 1024))
         self.parallel = max(1, dest.parallel)
         self.timeout_s = dest.timeout_s
-        if dest.username and not dest.token:
-            session = create_session_from_user_pass(dest.username, dest.password)
-        else:
-            session = create_session()
-        if dest.tls_ca:
-            session.verify = dest.tls_ca
-        if dest.tls_cert:
-            session.cert = (dest.tls_cert, dest.tls_key) if dest.tls_key else dest.tls_cert
-        headers = {"Authorization": f"Bearer {dest.token}"} if dest.token else None
-        self._client = DICOMwebClient(self.url, session=session, headers=headers, timeout=dest.timeout_s)
+        self._client = client_for(dest)
         self._client.set_http_retry_params(retry=True, max_attempts=3, wait_exponential_multiplier=500)
 
     def _error(self, what: str, exc: Exception) -> DeliveryError:

@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 _PERMANENT = {400, 401, 403, 413, 415}
 
 
+def client_for(dest: OrthancDestination, pool_maxsize: int = 10) -> OrthancApiClient:
+    """An orthanc-api-client for ``dest``'s ``url``: basic ``username``/``password`` or a bearer ``token``;
+    ``pool_maxsize`` connections kept."""
+    headers = {"Authorization": f"Bearer {dest.token}"} if dest.token else None
+    return OrthancApiClient(dest.url.rstrip("/") + "/", user=dest.username or None, pwd=dest.password or None,
+                            headers=headers, pool_maxsize=pool_maxsize)
+
+
 class OrthancSender:
     """Sender for one Orthanc server (``url``; ``username``/``password`` or a bearer ``token``; ``timeout_s``;
     ``parallel`` uploads at once)."""
@@ -35,9 +43,7 @@ class OrthancSender:
         self.url = dest.url.rstrip("/") + "/"
         self.timeout_s = dest.timeout_s
         self.parallel = dest.parallel
-        headers = {"Authorization": f"Bearer {dest.token}"} if dest.token else None
-        self._client = OrthancApiClient(self.url, user=dest.username or None, pwd=dest.password or None,
-                                        headers=headers, pool_maxsize=max(10, dest.parallel))
+        self._client = client_for(dest, pool_maxsize=max(10, dest.parallel))
 
     def _fail(self, what: str, exc: Exception) -> DeliveryError:
         status = getattr(exc, "http_status_code", None)

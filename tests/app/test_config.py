@@ -33,7 +33,7 @@ from node.config import (
     secret_values,
 )
 from node.errors import ConfigError
-from node.send.base import KIND_MODULES
+from node.send.base import KIND_MODULES, QUERY_MODULES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,6 +89,8 @@ def test_registries_agree_on_the_kinds() -> None:
     for kind, cls in DESTINATION_TYPES.items():
         assert cls.kind == kind
         assert hasattr(importlib.import_module(KIND_MODULES[kind]), "create")
+    for kind, mod in QUERY_MODULES.items():  # the kinds that can be asked what they hold (node.send.confirm)
+        assert kind in DESTINATION_TYPES and hasattr(importlib.import_module(mod), "query")
     for source_kind, source_cls in SOURCE_TYPES.items():
         assert source_cls.kind == source_kind
 

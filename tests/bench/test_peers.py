@@ -1,5 +1,6 @@
 """``srnode bench peers``: the NIfTI written for the peer sits where the DICOM slices are (axial and oblique
-sagittal series), the peer's output is read back onto the truth grid, and the runner writes its JSON and PNG.
+sagittal series; ``node.bench.nifti``), the peer's output is read back onto the truth grid (``node.bench.eclare``),
+and the runner writes its JSON and PNG.
 A stand-in peer (tests/support/fake_peer.py) keeps these fast; the real ECLARE run is marked ``peers``."""
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pytest
 from pydicom import dcmread
 
 from models.engine import VolumeInput
-from node.bench.peers import LPS_TO_RAS, dicom_positions, geometry_of, nifti_affine, run_peer, write_nifti
+from node.bench.eclare import run_peer
+from node.bench.nifti import LPS_TO_RAS, dicom_positions, geometry_of, nifti_affine, write_nifti
 from node.bench.phantom import write_phantom_series
 from node.series import load_series
 from tests.support.fixtures import ROOT
@@ -206,7 +208,7 @@ def test_bench_peers_records_a_peer_that_runs_past_its_cap(tmp_path: Path) -> No
 
 def test_a_peer_that_finds_no_gpu_is_stopped_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With --device cuda, ECLARE falling back to the CPU (its torch sees no GPU) is stopped, not waited for."""
-    from node.bench.peers import _run_capped
+    from node.bench.eclare import _run_capped
     from node.errors import EngineError
 
     monkeypatch.setenv("FAKE_PEER", "hang")
@@ -216,7 +218,8 @@ def test_a_peer_that_finds_no_gpu_is_stopped_at_once(tmp_path: Path, monkeypatch
 
 
 def test_budget_fitting_progress_parsing_and_made_up_orientation() -> None:
-    from node.bench.peers import fit_budget, inplane_cosines, training_progress
+    from node.bench.eclare import fit_budget, training_progress
+    from node.bench.eval import inplane_cosines
 
     bar = ("\r 50%|#####     | 500000/1000000 [00:50<00:50, 9950.1it/s, loss=0.0100]"
            "\r100%|##########| 1000000/1000000 [01:40<00:00, 9990.0it/s, loss=0.0050]\n"

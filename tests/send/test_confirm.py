@@ -441,12 +441,12 @@ def _send_report(port: int, calling: str, uid: str, refs: Sequence[Sequence[str]
 def test_a_report_from_another_ae_does_not_confirm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A third party that learnt the transaction UID (it is logged, and travels in clear) cannot make a delivery
     'delivered': only the destination's AE title, from its host's address, settles it."""
-    import node.send.confirm as confirm
+    from node.send.query_dimse import DimseQuery
 
     files = write_phantom_series(tmp_path / "ct", slices=3, size=16, seed=41)
     dest = {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": free_port(), "ae_title": "PACS"}
     h = Harness(tmp_path, _cfg(tmp_path, dest), files)
-    monkeypatch.setattr(confirm, "request_commitment", lambda *a: None)  # the PACS took the request, nothing else
+    monkeypatch.setattr(DimseQuery, "request_commitment", lambda *a: None)  # the PACS took the request, nothing else
     d = h.job(1)
     assert h.outbox.confirm.after_send(d, files) is False
     sent = h.now(d)

@@ -7,22 +7,32 @@ FAKE_PEER=coords (default): each voxel holds its own RAS position along the slic
 + 0.02 row, so a reader can check where each value came from; FAKE_PEER=cubic: cubic B-spline of the input;
 FAKE_PEER=hang: never finishes (for the runner's time cap). Like ECLARE it prints a training bar
 (``n/n [00:02<00:00, ...it/s, loss=...]``) for its --n-patches, and "!!! Running on CPU !!!" for --gpu-id >= 0
-when FAKE_PEER_GPU is unset (it has none).
+when FAKE_PEER_GPU is unset (it has none). FAKE_PEER_CHILD=PATH: first of all it starts a child that waits
+forever (as ECLARE's data-loader workers would, in its process group) and writes the child's PID to PATH;
+FAKE_PEER_EXIT=N: then it exits with N at once (after the GPU line, unless FAKE_PEER=hang).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
+
+def _start_child(pid_path: Path) -> None:
+    """A child waiting forever, its PID written to ``pid_path`` (atomically: a reader sees all of it or none)."""
+    child = subprocess.Popen([sys.executable, "-c", "import threading; threading.Event().wait()"])
+    tmp = pid_path.with_suffix(".tmp")
+    tmp.write_text(str(child.pid))
+    tmp.replace(pid_path)
 
 
 def main(argv: list[str]) -> int:
+    if os.environ.get("FAKE_PEER_CHILD"):
+        _start_child(Path(os.environ["FAKE_PEER_CHILD"]))
     p = argparse.ArgumentParser()
     p.add_argument("--in-fpath", required=True)
     p.add_argument("--out-dir", required=True)
@@ -35,6 +45,11 @@ def main(argv: list[str]) -> int:
     if os.environ.get("FAKE_PEER") == "hang":
         print("fake peer: hanging", flush=True)
         threading.Event().wait()  # until killed
+    if os.environ.get("FAKE_PEER_EXIT"):
+        return int(os.environ["FAKE_PEER_EXIT"])
+    import nibabel as nib  # here: a peer that only starts a child and exits need not load them
+    import numpy as np
+
     n = args.n_patches
     print(f"\r  0%|          | 0/{n} [00:00<?, ?it/s]\r100%|##########| {n}/{n} [00:02<00:00, {n / 2:.2f}it/s, "
           "loss=0.0123]", file=sys.stderr)
