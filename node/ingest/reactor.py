@@ -18,6 +18,13 @@ Here the waits end on the event itself instead, and otherwise poll every ``IDLE_
   queued (``DIMSEServiceProvider.msg_queue``) or ``IDLE_S`` passed; release / abort requests and the network
   timeout are noticed at most ``IDLE_S`` late.
 
+They also close three holes a hostile peer found in pynetdicom's acceptor, on both receive paths: every
+P-DATA-TF's items are checked before pynetdicom decodes them (``node.ingest.lean.pdata_item_problem``: A-ABORT
+and one line instead of a reader thread dying on a KeyError / IndexError); any other exception that ends the
+reader is one line, an A-ABORT and EVT_ABORTED (:meth:`QuietDUL._fail`: the SCP counts the association closed
+and removes its partial file); a request the node does not serve on its presentation context (a C-FIND on a
+storage context) is answered 0x0122 and the association goes on (:meth:`QuietAssociation._serve_request`).
+
 Only the SCP's accepted associations use them (:class:`QuietRequestHandler`); pynetdicom's protocol code is
 unchanged. Tested against pynetdicom 3.0.x (``SUPPORTED``); with another version the stock classes are used.
 """
@@ -295,15 +302,16 @@ class QuietDUL(DULServiceProvider):
         if len(pdu_bytes) != 6 + pdu_length:
             self.event_queue.put("Evt17")
             return
-        if pdu_type == 0x04 and self.state_machine.current_state in _PDATA_STATES:
+        state = self.state_machine.current_state
+        if pdu_type == 0x04 and self.lean is not None and state == "Sta6":
+            self._lean_feed(self.lean, pdu_bytes)  # checks the items first (the same check, the same line)
+            return
+        if pdu_type == 0x04 and state in _PDATA_STATES:
             problem = pdata_item_problem(pdu_bytes, self.assoc._accepted_cx)
-            if problem is not None:  # pynetdicom's state machine would die on it (both receive paths)
+            if problem is not None:  # pynetdicom's state machine would die on it (KeyError / IndexError)
                 log.warning("association from %s: %s: aborted", self.assoc.requestor.address, problem)
                 self._drop_lean_partial()
                 self.event_queue.put("Evt19")
-                return
-            if self.lean is not None and self.state_machine.current_state == "Sta6":
-                self._lean_feed(self.lean, pdu_bytes)
                 return
         try:
             pdu, event = self._decode_pdu(pdu_bytes)
@@ -472,6 +480,19 @@ class QuietAssociation(Association):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dul = QuietDUL(self)
+        dul = self.dul
+        receive = self.dimse.receive_primitive
+
+        def received(primitive: Any) -> None:
+            """pynetdicom's DIMSE receive (run by the reader's state machine, action DT-2): an exception in it
+            ends the reader through :meth:`QuietDUL._fail` (one line) rather than through the state machine,
+            which would log it with a traceback and leave the association counted open."""
+            try:
+                receive(primitive)
+            except Exception as exc:  # noqa: BLE001 - whatever a peer's P-DATA makes pynetdicom raise
+                dul._fail(exc)
+
+        self.dimse.receive_primitive = received  # type: ignore[method-assign]
         checkpoint = _Checkpoint(self)
         checkpoint.set()
         self._reactor_checkpoint = checkpoint

@@ -132,6 +132,7 @@ def test_a_failing_reader_releases_the_association(scp: StoreSCP, tmp_path: Path
     _settled(scp)
     lines = _warnings(caplog, "the DICOM upper layer failed (RuntimeError: injected failure): aborted")
     assert len(lines) == 1, caplog.text
+    assert not any(r.exc_info for r in caplog.records), caplog.text  # no traceback (pynetdicom's fsm logged one)
 
 
 # ------------------------------------------------------------------------------------ requests not served
