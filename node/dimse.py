@@ -34,6 +34,24 @@ class Status(IntEnum):
         return f"0x{int(self):04X}"
 
 
+# PS3.8 9.3.5: a P-DATA-TF's presentation data value item starts with 6 bytes (item length 4, presentation
+# context ID 1, message control header 1); the smallest maximum PDU length that can carry one byte of a message
+MIN_PEER_MAX_PDU = 7
+
+
+def max_pdu_problem(value: int | None) -> str | None:
+    """What is wrong with the maximum PDU length ``value`` (bytes, the Maximum Length sub-item a peer announced
+    in its A-ASSOCIATE-RQ or -AC, PS3.7 D.3.3.1 / PS3.8 D.1; 0 or absent: unlimited), or None when PDUs can be
+    sent within it. 1 to 6 cannot carry any P-DATA-TF item (``MIN_PEER_MAX_PDU``): pynetdicom then divides by
+    zero or fragments into negative sizes, the lean path sent 7-byte PDUs above the peer's limit. The node
+    refuses such an association on every side (SCP: A-ASSOCIATE-RJ; SCU: A-ABORT and a failed request)."""
+    n = int(value or 0)
+    if 0 < n < MIN_PEER_MAX_PDU:
+        return (f"its maximum PDU length of {n} byte(s) cannot carry a P-DATA-TF item (PS3.8 9.3.5: at least "
+                f"{MIN_PEER_MAX_PDU}; 0 means unlimited)")
+    return None
+
+
 # a C-STORE that stored the instance: success, or one of the Storage warnings (PS3.4 B.2.3)
 STORED_STATUSES = frozenset({Status.SUCCESS, Status.WARNING_COERCION, Status.WARNING_ELEMENTS_DISCARDED,
                              Status.WARNING_DATASET_MISMATCH})

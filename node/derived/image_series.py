@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,7 +55,15 @@ from node.derived.modules import (
 )
 from node.derived.values import output_format, to_stored
 from node.errors import DeriveError
-from node.series import ENHANCED_CT, ENHANCED_MR, SeriesVolume, group_value, series_photometric, series_window
+from node.series import (
+    ENHANCED_CT,
+    ENHANCED_MR,
+    MAX_MODALITY_ABS,
+    SeriesVolume,
+    group_value,
+    series_photometric,
+    series_window,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +179,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
                   + "".join(f"; {n}" for n in notes))
     iop = [ds_str(v) for v in (*vol.row_cosine, *vol.col_cosine)]
     windows = series_window(vol)
+    if windows and not all(math.isfinite(v) and abs(v) <= MAX_MODALITY_ABS for vals in windows for v in vals):
+        windows = None  # a source window no reader or validator holds (VOI LUT is optional): not copied
     charset = character_set(ref0)
     out: list[Dataset] = []
 

@@ -37,6 +37,7 @@ from node import __version__
 from node.config import UncertaintyObject
 from node.derived.modules import PATIENT, STUDY, add_file_meta, character_set, referenced_series, source_item
 from node.errors import DeriveError
+from node.series import MAX_MODALITY_ABS
 
 HOUNSFIELD = Code("[hnsf'U]", "UCUM", "Hounsfield unit")
 ARBITRARY = Code("[arb'U]", "UCUM", "arbitrary unit")
@@ -82,8 +83,14 @@ def uncertainty_objects(derived: list[Dataset], sigma: np.ndarray, modality: str
     ``derived``: the derived slices in output order (not empty); ``sigma``: (Z', Y', X') 1-sigma per voxel in
     modality units (HU for CT), the derived slices' shape; non-finite or negative values become 0.
     ``parametric_map`` / ``card``: the series to write (needed when ``kind`` asks for it; ValueError otherwise).
+    DeriveError when sigma reaches beyond ``node.series.MAX_MODALITY_ABS`` (the map's window and value range
+    could not be written validly: refused, not clipped).
     """
     sig = clean_sigma(sigma)
+    top = float(sig.max()) if sig.size else 0.0
+    if top > MAX_MODALITY_ABS:
+        raise DeriveError(f"the engine's uncertainty (sigma) reaches {top:.3g}, beyond the {MAX_MODALITY_ABS:g} "
+                          "an uncertainty object can hold; none is written")
     out: list[Dataset] = []
     if kind.parametric_map:
         if parametric_map is None:

@@ -23,7 +23,7 @@ import numpy as np
 from pydicom.valuerep import format_number_as_ds
 
 from node.errors import DeriveError
-from node.series import SeriesVolume, StoredFormat
+from node.series import MAX_MODALITY_ABS, SeriesVolume, StoredFormat
 
 MAX_BITS = 16  # CT and MR Image IODs: BitsAllocated 16
 
@@ -47,10 +47,15 @@ def output_format(vol: SeriesVolume, data: np.ndarray) -> tuple[StoredFormat, st
     """The one stored format of the derived series and a remark ("" when the input's format is kept as it was).
 
     ``data``: the engine's output, modality units (any shape). Raises DeriveError when it holds NaN or infinity
-    (nothing is written that the engine did not compute).
+    (nothing is written that the engine did not compute) or values beyond ``MAX_MODALITY_ABS`` in magnitude
+    (no rescale, window or validator holds them: refused, never written out of range).
     """
     if data.size and not np.isfinite(data).all():
         raise DeriveError(f"series {vol.series_uid}: the engine's output holds NaN or infinite values; "
+                          "no derived series is written")
+    if data.size and float(np.max(np.abs(data))) > MAX_MODALITY_ABS:
+        raise DeriveError(f"series {vol.series_uid}: the engine's output reaches {float(np.max(np.abs(data))):.3g} "
+                          f"in magnitude, beyond the {MAX_MODALITY_ABS:g} a derived series can hold; "
                           "no derived series is written")
     formats = vol.formats or [StoredFormat(vol.rescale_slope, vol.rescale_intercept,
                                            int(vol.datasets[0].get("BitsStored", 16) or 16),

@@ -42,7 +42,7 @@ import re
 import struct
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,17 +182,42 @@ def store_rsp_command(cmd: StoreCommand, status: int) -> bytes:
 def store_rsp_pdus(cmd: StoreCommand, status: int, context_id: int, peer_max_pdu: int) -> bytes:
     """The P-DATA-TF PDU(s) carrying the C-STORE-RSP, fragmented as pynetdicom does for a peer whose maximum PDU
     length is ``peer_max_pdu`` (bytes; 0: unlimited): one PDV per PDU, each at most ``peer_max_pdu - 6`` bytes
-    of the command."""
+    of the command. Raises LeanAbort for a ``peer_max_pdu`` of 1-6 (no item fits: ``node.dimse.max_pdu_problem``;
+    the SCP rejects such associations before any PDU)."""
     command = store_rsp_command(cmd, status)
     size = peer_max_pdu - 6 if peer_max_pdu else len(command)
     if size < 1:
-        size = 1
+        raise LeanAbort(f"the peer's maximum PDU length of {peer_max_pdu} byte(s) cannot carry a response")
     out = []
     for start in range(0, len(command), size):
         piece = command[start:start + size]
         control = 0x03 if start + size >= len(command) else 0x01
         out.append(_PDU_HEAD.pack(0x04, 0, 6 + len(piece)) + _PDV.pack(2 + len(piece), context_id, control) + piece)
     return b"".join(out)
+
+
+def pdata_item_problem(pdu: bytes | bytearray, accepted: Container[int]) -> str | None:
+    """What is wrong with the presentation data value items of the P-DATA-TF ``pdu`` (header included), or None:
+    PS3.8 9.3.5 wants one or more items, each of length >= 2 and inside the PDU, and each on a presentation
+    context of the association (``accepted``: the accepted context IDs). pynetdicom 3.0's DUL thread dies on an
+    item of a context it did not accept or of length below 2 (KeyError / IndexError in its state machine),
+    leaving the association half-closed, counted open and its partial file in incoming/; an empty P-DATA-TF
+    would count against the lean path's command-set bound. Both receive paths check every P-DATA-TF with this
+    before anything decodes it (``node.ingest.reactor.QuietDUL``) and abort the association with the text
+    returned (no patient data in it)."""
+    pos, end = 6, len(pdu)
+    if end <= pos:
+        return "a P-DATA-TF without any presentation data value item"
+    while pos < end:
+        if end - pos < 6:
+            return "a P-DATA-TF ending inside a presentation data value item header"
+        length, cx, _control = _PDV.unpack_from(pdu, pos)
+        if length < 2 or length > end - pos - 4:
+            return f"a presentation data value item of length {length} in a P-DATA-TF of {end} bytes"
+        if cx not in accepted:
+            return f"a presentation data value item on presentation context {cx}, which was not accepted"
+        pos += 4 + length
+    return None
 
 
 class LeanAbort(Exception):
@@ -296,24 +321,10 @@ class LeanReceiver:
         return []
 
     def _check_items(self, pdu: bytes | bytearray) -> None:
-        """Every presentation data value item of ``pdu`` well formed and on an accepted presentation context
-        (PS3.8 9.3.5: one or more items, each length >= 2 and inside the PDU), else LeanAbort. pynetdicom's DUL
-        thread dies on a context it did not accept or an item length below 2 (KeyError / IndexError), leaving
-        the association half-closed; an empty P-DATA-TF would count against the command-set bound."""
-        pos, end = 6, len(pdu)
-        if end <= pos:
-            raise LeanAbort("a P-DATA-TF without any presentation data value item")
-        accepted = self.assoc._accepted_cx
-        while pos < end:
-            if end - pos < 6:
-                raise LeanAbort("a P-DATA-TF ending inside a presentation data value item header")
-            length, cx, _control = _PDV.unpack_from(pdu, pos)
-            if length < 2 or length > end - pos - 4:
-                raise LeanAbort(f"a presentation data value item of length {length} in a P-DATA-TF of {end} bytes")
-            if cx not in accepted:
-                raise LeanAbort(f"a presentation data value item on presentation context {cx}, which was not "
-                                "accepted")
-            pos += 4 + length
+        """:func:`pdata_item_problem` of ``pdu`` on this association, raised as LeanAbort."""
+        problem = pdata_item_problem(pdu, self.assoc._accepted_cx)
+        if problem is not None:
+            raise LeanAbort(problem)
 
     def _reset_command(self) -> None:
         self._cmd = bytearray()

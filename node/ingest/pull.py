@@ -25,7 +25,14 @@ import httpx
 from pydicom.dataset import Dataset
 
 from node.config import Config, DicomSource, DicomwebSource, OrthancSource, Source
-from node.dimse import PENDING_STATUSES, RETRIEVE_RETRYABLE_STATUSES, Status, assoc_no_delay, label
+from node.dimse import (
+    PENDING_STATUSES,
+    RETRIEVE_RETRYABLE_STATUSES,
+    Status,
+    assoc_no_delay,
+    label,
+    max_pdu_problem,
+)
 from node.errors import ConfigError, DeliveryError, IngestError
 from node.ingest.admit import Admission, Caller
 
@@ -153,6 +160,11 @@ def _dimse(cfg: Config, src: DicomSource, result: FetchResult, admission: Admiss
     if not assoc.is_established:
         raise FetchError(f"source {src.name!r}: association with {src.ae_title}@{src.host}:{src.port} "
                          "was rejected or not answered")
+    too_small = max_pdu_problem(assoc.acceptor.maximum_length)  # no request could be sent within it
+    if too_small is not None:
+        assoc.abort()
+        raise FetchError(f"source {src.name!r}: association with {src.ae_title}@{src.host}:{src.port} aborted: "
+                         f"{too_small}", retryable=False)
     assoc_no_delay(assoc)
     try:
         query = _query(result.study, result.series)

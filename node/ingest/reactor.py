@@ -18,6 +18,13 @@ Here the waits end on the event itself instead, and otherwise poll every ``IDLE_
   queued (``DIMSEServiceProvider.msg_queue``) or ``IDLE_S`` passed; release / abort requests and the network
   timeout are noticed at most ``IDLE_S`` late.
 
+They also close three holes a hostile peer found in pynetdicom's acceptor, on both receive paths: every
+P-DATA-TF's items are checked before pynetdicom decodes them (``node.ingest.lean.pdata_item_problem``: A-ABORT
+and one line instead of a reader thread dying on a KeyError / IndexError); any other exception that ends the
+reader is one line, an A-ABORT and EVT_ABORTED (:meth:`QuietDUL._fail`: the SCP counts the association closed
+and removes its partial file); a request the node does not serve on its presentation context (a C-FIND on a
+storage context) is answered 0x0122 and the association goes on (:meth:`QuietAssociation._serve_request`).
+
 Only the SCP's accepted associations use them (:class:`QuietRequestHandler`); pynetdicom's protocol code is
 unchanged. Tested against pynetdicom 3.0.x (``SUPPORTED``); with another version the stock classes are used.
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import socket
 import ssl
 import struct
@@ -46,13 +54,18 @@ from pynetdicom._handlers import (
 )
 from pynetdicom.association import LOGGER as ASSOC_LOG
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE, N_EVENT_REPORT
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import StorageServiceClass, VerificationServiceClass
+from pynetdicom.service_class_n import StorageCommitmentServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
+from node.dimse import Status
 from node.ingest.fdwait import wait_ready
-from node.ingest.lean import LeanAbort, LeanHooks, LeanReceiver
+from node.ingest.lean import LeanAbort, LeanHooks, LeanReceiver, pdata_item_problem
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +106,45 @@ def pdu_cap(pdu_type: int, max_length: int) -> int:
     return max(4 * max_length, MIN_PDU_CAP) if max_length else UNLIMITED_PDU_CAP
 
 
+# the DIMSE requests the node serves on a presentation context, by the service class of its abstract syntax (the
+# node's SCP accepts only these: Verification, every storage SOP class, Storage Commitment for the reports)
+SERVED: dict[type, tuple[type, ...]] = {
+    VerificationServiceClass: (C_ECHO,),
+    StorageServiceClass: (C_STORE,),
+    StorageCommitmentServiceClass: (N_EVENT_REPORT,),
+}
+
+
+def served_on(msg: Any, abstract_syntax: str) -> bool:
+    """Whether the node serves the DIMSE request ``msg`` (a pynetdicom primitive) on a presentation context of
+    ``abstract_syntax``: its type is one the context's service class serves (``SERVED``) and the SOP class it
+    names (Affected, else Requested SOP Class UID) belongs to that same service class. A C-STORE naming another
+    storage SOP class than its context's is served (the data set check answers it, 0xA900)."""
+    service = uid_to_service_class(abstract_syntax)
+    if not isinstance(msg, SERVED.get(service, ())):
+        return False
+    named = getattr(msg, "AffectedSOPClassUID", None) or getattr(msg, "RequestedSOPClassUID", None)
+    return named is not None and uid_to_service_class(str(named)) is service
+
+
+def refusal(msg: Any, status: int) -> Any:
+    """The response primitive to the request ``msg`` (same type) with ``status``: Message ID Being Responded
+    To, and the Affected SOP Class / Instance UIDs the request named (Affected, else Requested) when valid."""
+    rsp = type(msg)()
+    rsp.MessageIDBeingRespondedTo = msg.MessageID
+    for name in ("SOPClassUID", "SOPInstanceUID"):
+        value = getattr(msg, f"Affected{name}", None) or getattr(msg, f"Requested{name}", None)
+        if value is not None and hasattr(rsp, f"Affected{name}"):
+            try:
+                setattr(rsp, f"Affected{name}", value)
+            except (ValueError, TypeError):  # not a valid UID: left out (conditional in every response)
+                pass
+    rsp.Status = status
+    return rsp
+
+
 _ENDED = object()  # QuietDUL._receive: the read ended the association (already reported)
+_PDATA_STATES = ("Sta6", "Sta7")  # where pynetdicom decodes a P-DATA-TF and hands it to DIMSE (DT-2, AR-6)
 
 
 class QuietDUL(DULServiceProvider):
@@ -105,6 +156,7 @@ class QuietDUL(DULServiceProvider):
         self._wake_w.setblocking(False)
         self.pdu_buffer_bytes = 0  # size of the receive buffer of the PDU being read (0: none), for tests
         self.lean: LeanReceiver | None = None  # the lean C-STORE path (node.ingest.lean), when the SCP uses it
+        self.failure: str | None = None  # why this reader failed (an exception ended it), once it did
         super().__init__(assoc)
 
     @property  # type: ignore[override]
@@ -155,12 +207,56 @@ class QuietDUL(DULServiceProvider):
         """As pynetdicom 3.0's, except in Sta13 (we aborted or released; awaiting the close): pynetdicom reads and
         ignores whatever still arrives and closes only once nothing does, so a peer that keeps streaming after we
         aborted its oversized or trickled PDU held the association, and the node's shutdown, forever. Nothing it
-        sends then matters (PS3.8 9.2, AA-6 ignores it): the transport is closed at once."""
+        sends then matters (PS3.8 9.2, AA-6 ignores it): the transport is closed at once. An exception while
+        reading or decoding ends the reader through :meth:`_fail` (pynetdicom would log a traceback and leave
+        the association counted open)."""
         if self.state_machine.current_state == "Sta13":
             if self.socket:
                 self.socket.close()
             return True
-        return bool(super()._is_transport_event())
+        try:
+            return bool(super()._is_transport_event())
+        except Exception as exc:  # noqa: BLE001 - whatever pynetdicom raises on a peer's bytes
+            self._fail(exc)
+            return False
+
+    def _process_recv_primitive(self) -> bool:
+        """As pynetdicom 3.0's (a primitive of the association thread to send); an exception (e.g. a PDU that
+        cannot be encoded) ends the reader through :meth:`_fail`."""
+        try:
+            return bool(super()._process_recv_primitive())
+        except Exception as exc:  # noqa: BLE001 - whatever pynetdicom raises
+            self._fail(exc)
+            return False
+
+    def _fail(self, exc: BaseException) -> None:
+        """This reader cannot go on (an exception in pynetdicom's state machine, PDU decoding or encoding): one
+        WARNING line naming the exception (its type and text: pynetdicom's texts name tags and context IDs, not
+        patient values), an A-ABORT written straight to the peer (the state machine is in an unknown state, as
+        pynetdicom's own handler does), and both threads told to stop. :class:`QuietAssociation` then reports
+        the association aborted (EVT_ABORTED: the SCP counts it closed and removes its partial file)."""
+        self.failure = f"{type(exc).__name__}: {exc}"[:200]
+        log.warning("association from %s: the DICOM upper layer failed (%s): aborted",
+                    self.assoc.requestor.address, self.failure)
+        try:
+            abort = A_ABORT_RQ()
+            abort.source = 0x02  # service provider
+            abort.reason_diagnostic = 0x00  # reason not specified
+            if self.socket is not None:
+                self.socket.send(abort.encode())
+                self.socket.close()
+        except Exception:  # noqa: BLE001 - the connection may be gone already
+            pass
+        while not self.event_queue.empty():  # nothing more is acted on
+            try:
+                self.event_queue.get_nowait()
+            except Exception:  # noqa: BLE001 - queue.Empty
+                break
+        self.assoc.is_aborted = True
+        self.assoc.is_established = False
+        self._kill_thread = True
+        self.assoc._kill = True
+        self.assoc._reactor_checkpoint.set()
 
     def _receive(self, read: Callable[[], Any]) -> Any:
         """``read()``'s result, or ``_ENDED`` once the failure is reported: the transport failed or closed
@@ -206,9 +302,17 @@ class QuietDUL(DULServiceProvider):
         if len(pdu_bytes) != 6 + pdu_length:
             self.event_queue.put("Evt17")
             return
-        if pdu_type == 0x04 and self.lean is not None and self.state_machine.current_state == "Sta6":
-            self._lean_feed(self.lean, pdu_bytes)
+        state = self.state_machine.current_state
+        if pdu_type == 0x04 and self.lean is not None and state == "Sta6":
+            self._lean_feed(self.lean, pdu_bytes)  # checks the items first (the same check, the same line)
             return
+        if pdu_type == 0x04 and state in _PDATA_STATES:
+            problem = pdata_item_problem(pdu_bytes, self.assoc._accepted_cx)
+            if problem is not None:  # pynetdicom's state machine would die on it (KeyError / IndexError)
+                log.warning("association from %s: %s: aborted", self.assoc.requestor.address, problem)
+                self._drop_lean_partial()
+                self.event_queue.put("Evt19")
+                return
         try:
             pdu, event = self._decode_pdu(pdu_bytes)
             self.event_queue.put(event)
@@ -345,6 +449,8 @@ class QuietDUL(DULServiceProvider):
     def run_reactor(self) -> None:
         try:
             super().run_reactor()
+        except Exception as exc:  # noqa: BLE001 - the state machine's actions (P-DATA to DIMSE, ...) raised
+            self._fail(exc)
         finally:
             self._drop_lean_partial()
             self._wake_r.close()
@@ -374,6 +480,19 @@ class QuietAssociation(Association):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dul = QuietDUL(self)
+        dul = self.dul
+        receive = self.dimse.receive_primitive
+
+        def received(primitive: Any) -> None:
+            """pynetdicom's DIMSE receive (run by the reader's state machine, action DT-2): an exception in it
+            ends the reader through :meth:`QuietDUL._fail` (one line) rather than through the state machine,
+            which would log it with a traceback and leave the association counted open."""
+            try:
+                receive(primitive)
+            except Exception as exc:  # noqa: BLE001 - whatever a peer's P-DATA makes pynetdicom raise
+                dul._fail(exc)
+
+        self.dimse.receive_primitive = received  # type: ignore[method-assign]
         checkpoint = _Checkpoint(self)
         checkpoint.set()
         self._reactor_checkpoint = checkpoint
@@ -383,12 +502,52 @@ class QuietAssociation(Association):
                 if any(h[0] is handler for h in bound):
                     self.unbind(event, handler)
 
+    def _serve_request(self, msg: Any, context_id: int) -> None:
+        """As pynetdicom 3.0's, except for a request the node does not serve on its presentation context
+        (:func:`served_on`: a C-FIND, C-GET, C-MOVE or N-* on a storage context, a C-STORE on the Verification
+        context, a SOP class of another service): answered with the response of its type, Status 0x0122
+        (Refused: SOP Class not supported, PS3.7 C.5.3 / PS3.4 C.4.1.1.4, B.2.3) and one WARNING line, the
+        association kept for the next request. pynetdicom ran the service class of the SOP class the request
+        names: a C-FIND naming a storage class raised in the Storage SCP (a traceback, then A-ABORT), one naming
+        a class it has no SCP for aborted the association."""
+        context = self._accepted_cx.get(context_id)
+        if (self._sent_release or context is None or not getattr(msg, "is_valid_request", False)
+                or served_on(msg, str(context.abstract_syntax))):
+            super()._serve_request(msg, context_id)
+            return
+        if isinstance(msg, C_STORE):
+            _remove_dataset_file(msg)
+        named = getattr(msg, "AffectedSOPClassUID", None) or getattr(msg, "RequestedSOPClassUID", None)
+        log.warning("association from %s@%s: %s naming SOP class %s on presentation context %d (%s) refused "
+                    "(%s): not served there", str(self.requestor.ae_title).strip(), self.requestor.address,
+                    _request_name(msg), str(named)[:64], context_id, context.abstract_syntax,
+                    Status.SOP_CLASS_NOT_SUPPORTED)
+        try:
+            self.dimse.send_msg(refusal(msg, Status.SOP_CLASS_NOT_SUPPORTED), context_id)
+        except Exception as exc:  # noqa: BLE001 - a response pynetdicom cannot encode: end it cleanly
+            log.warning("association from %s: the 0x0122 response could not be sent (%s: %s): aborted",
+                        self.requestor.address, type(exc).__name__, exc)
+            self.abort()
+
     def _run_reactor(self) -> None:
         """As pynetdicom 3.0.4's ``Association._run_reactor`` (acceptor loop: serve DIMSE messages, then the
         release, abort, DUL-alive and network-timeout checks), without its ``time.sleep(0.001)`` at the top of
         every loop: the checkpoint (:class:`_Checkpoint`) already waits until a DIMSE message is queued or IDLE_S
         passed. That sleep made every C-STORE wait ~1 ms (often more: a sleep is rounded up to the scheduler's
-        tick) after its dataset was complete, on every association."""
+        tick) after its dataset was complete, on every association.
+
+        When the reader thread failed (:meth:`QuietDUL._fail`) the association is reported aborted
+        (EVT_ABORTED) as it ends: pynetdicom ended it without any event, so the SCP's open-association count
+        never went back and the partial file of the transfer stayed in incoming/."""
+        try:
+            self._serve()
+        finally:
+            failure = getattr(self.dul, "failure", None)
+            if failure is not None and not self._sent_abort:
+                self._sent_abort = True  # reported once (abort() would neither send nor report again)
+                evt.trigger(self, evt.EVT_ABORTED, {})
+
+    def _serve(self) -> None:
         self._is_paused = False
         while not self._kill:
             self._is_paused = True
@@ -427,6 +586,26 @@ class QuietAssociation(Association):
                     self.abort()
                 self.kill()
                 return
+
+
+def _request_name(msg: Any) -> str:
+    return str(getattr(msg, "msg_type", type(msg).__name__)).replace("_", "-")
+
+
+def _remove_dataset_file(msg: Any) -> None:
+    """Remove the file pynetdicom wrote for a C-STORE's data set (chunked receive) that no handler takes."""
+    path = getattr(msg, "_dataset_path", None)
+    fh = getattr(msg, "_dataset_file", None)
+    try:
+        if fh is not None:
+            fh.close()
+    except OSError:
+        pass
+    if path is not None:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def copy_contexts(contexts: list[PresentationContext]) -> list[PresentationContext]:

@@ -49,7 +49,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from node.audit import AuditLog
 from node.config import Config, ReceivePath
-from node.dimse import Status, label
+from node.dimse import Status, label, max_pdu_problem
 from node.errors import ConfigError, IngestError, listen_problem
 from node.ingest.admit import Admission, Caller, find_caller
 from node.ingest.lean import LeanHooks
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
+REJECT_MAX_PDU = (0x01, 0x01, 0x01)  # permanent, service user, no reason given (a maximum PDU length of 1-6)
 WATERMARK_CHECK_BYTES = 1 << 20  # received on one association between two checks of the spool's free space
 
 
@@ -200,9 +201,11 @@ class StoreSCP:
         ] + ([(evt.EVT_N_EVENT_REPORT, self.on_report)] if self.on_report is not None else [])
 
     def on_requested(self, event: evt.Event) -> None:
-        """Reject the association (A-ASSOCIATE-RJ) when the node is stopping (``REJECT_BUSY``) or, with
-        ``[node].require_known_callers``, when the caller is not in ``[node].allowed_callers``
-        (``REJECT_UNKNOWN_CALLER``, audited). Installs the full-disk guard (``_guard_disk_full``) first."""
+        """Reject the association (A-ASSOCIATE-RJ) when the node is stopping (``REJECT_BUSY``), when the caller's
+        maximum PDU length is 1-6 bytes (``REJECT_MAX_PDU``, audited: no P-DATA-TF fits, so no response could be
+        sent, ``node.dimse.max_pdu_problem``) or, with ``[node].require_known_callers``, when the caller is not
+        in ``[node].allowed_callers`` (``REJECT_UNKNOWN_CALLER``, audited). Installs the full-disk guard
+        (``_guard_disk_full``) first."""
         assoc = event.assoc
         _guard_disk_full(assoc)
         calling = str(assoc.requestor.primitive.calling_ae_title).strip() if assoc.requestor.primitive else ""
@@ -213,6 +216,14 @@ class StoreSCP:
             assoc.kill()  # waits until the rejection went out (as pynetdicom's own rejections do)
             return
         node = self.cfg.node
+        too_small = max_pdu_problem(assoc.requestor.maximum_length) if assoc.requestor.primitive else None
+        if too_small is not None:  # no response could be sent within it (node.dimse.max_pdu_problem)
+            log.warning("association from %s@%s rejected: %s", calling, address, too_small)
+            if self.audit:
+                self.audit.write("association-rejected", calling_ae=calling, address=address, reason=too_small)
+            assoc.acse.send_reject(*REJECT_MAX_PDU)
+            assoc.kill()
+            return
         called = str(assoc.requestor.primitive.called_ae_title).strip() if assoc.requestor.primitive else ""
         if node.require_called_ae and called != node.ae_title.strip():
             log.warning("association from %s@%s rejected: it called AE title %r, ours is %r "

@@ -28,7 +28,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import DicomDestination
-from node.dimse import STORED_STATUSES, Status, assoc_no_delay, label, store_retryable
+from node.dimse import STORED_STATUSES, Status, assoc_no_delay, label, max_pdu_problem, store_retryable
 from node.errors import DeliveryError
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,10 @@ class DimseSender:
                    else "aborted (peer not reachable or it dropped the connection)" if assoc.is_aborted
                    else "not established")
             raise DeliveryError(f"destination {self._where()}: association {why}")
+        too_small = max_pdu_problem(assoc.acceptor.maximum_length)
+        if too_small is not None:  # nothing could be sent within it (pynetdicom would divide by zero)
+            assoc.abort()
+            raise DeliveryError(f"destination {self._where()}: association aborted: {too_small}", retryable=False)
         assoc_no_delay(assoc)
         return assoc
 

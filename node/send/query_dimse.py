@@ -24,7 +24,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from node.config import DicomDestination
-from node.dimse import PENDING_STATUSES, Status, assoc_no_delay
+from node.dimse import PENDING_STATUSES, Status, assoc_no_delay, max_pdu_problem
 from node.errors import DeliveryError
 from node.send.base import Ref, Unsupported, by_series
 from node.send.dimse import client_ssl_context
@@ -64,6 +64,11 @@ def _associate(dest: DicomDestination, context: str) -> Any:
     if not any(str(cx.abstract_syntax) == context for cx in assoc.accepted_contexts):
         assoc.release()
         raise Unsupported("presentation context refused")
+    too_small = max_pdu_problem(assoc.acceptor.maximum_length)  # nothing could be sent within it
+    if too_small is not None:
+        assoc.abort()
+        raise DeliveryError(f"destination {dest.name} ({dest.address}): association to confirm aborted: {too_small}",
+                            retryable=False)
     assoc_no_delay(assoc)
     return assoc
 

@@ -20,9 +20,10 @@ from node.series.slices import (
     sop_instance_of,
 )
 from node.series.steps import MIN_SLICES_THROUGH_PLANE, describe_steps, same_step
-from node.series.volume import SeriesVolume, StoredFormat
+from node.series.volume import MAX_MODALITY_ABS, SeriesVolume, StoredFormat
 
 __all__ = [
+    "MAX_MODALITY_ABS",
     "ENHANCED_CT",
     "ENHANCED_MR",
     "LeftOut",

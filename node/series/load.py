@@ -41,7 +41,7 @@ from node.series.slices import (
 )
 from node.series.split import position_groups, split_volumes
 from node.series.steps import describe_steps, same_step
-from node.series.volume import SeriesVolume, StoredFormat
+from node.series.volume import MAX_MODALITY_ABS, SeriesVolume, StoredFormat
 
 log = logging.getLogger(__name__)
 
@@ -294,9 +294,11 @@ def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, li
         frame = arr[s.frame] if s.frame >= 0 and arr.ndim == 3 else arr
         stored = frame.astype(np.float64)
         pad = _padding_mask(s.ds, frame)
-        vals = stored * s.slope + s.intercept
+        with np.errstate(over="ignore", invalid="ignore"):
+            vals = stored * s.slope + s.intercept
         if pad is not None and pad.any():
             vals[pad] = np.nan
+        _check_range(vals, s)
         data[z] = vals
     if np.isnan(data).any():
         lowest = min(f.value_range[0] for f in formats)
@@ -309,6 +311,22 @@ def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, li
     if len({(f.bits_stored, f.signed) for f in formats}) > 1:
         notes.append("BitsStored / PixelRepresentation vary between slices (converted per slice)")
     return data, formats, notes
+
+
+def _check_range(vals: np.ndarray, s: Slice) -> None:
+    """VolumeError when slice ``s``'s modality values ``vals`` (NaN: padding) reach beyond ``MAX_MODALITY_ABS``
+    or overflow (a rescale that makes values no derived object can hold, e.g. a RescaleSlope of 1e30: they were
+    written with a window dciodvfy rejects, or became infinite in float32)."""
+    if not vals.size:
+        return
+    lo, hi = float(np.fmin.reduce(vals, axis=None)), float(np.fmax.reduce(vals, axis=None))  # NaN skipped
+    if math.isnan(lo):  # padding only
+        return
+    peak = max(abs(lo), abs(hi))
+    if not math.isfinite(peak) or peak > MAX_MODALITY_ABS:
+        raise VolumeError(f"{s.name}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} make modality "
+                          f"values up to {peak:.3g} in magnitude, beyond the {MAX_MODALITY_ABS:g} the derived "
+                          "objects can hold; the series is not super-resolved")
 
 
 def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:

@@ -15,6 +15,13 @@ from pydicom.dataset import Dataset
 from models.engine import VolumeInput
 from node.series.slices import sop_instance_of
 
+# the largest magnitude of a modality value (HU, MR signal, ...) the node derives from: DS values derived from it
+# (WindowCenter / WindowWidth, RescaleSlope, the Parametric Map's window) are read by validators as signed 64-bit
+# integers (dciodvfy 3.x: a WindowWidth of 9.2e18 passes, 9.3e18 is "negative"), the engines work in float32
+# (6-7 significant digits, overflow at 3.4e38). Real images stay far below (CT -1024..~30,000 HU, PET Bq/ml
+# ~1e7); a rescale beyond it (a RescaleSlope of 1e30) is a broken header, refused by name rather than written.
+MAX_MODALITY_ABS = 1e15
+
 
 @dataclass(frozen=True)
 class StoredFormat:
