@@ -99,8 +99,9 @@ def sync_batch(files: Sequence[Path], dirs: Sequence[Path],
     Every fsync runs at once on ``pool``'s threads when given (concurrent fsyncs share the file system's journal
     commits), else one after the other. Only these files are flushed: a ``syncfs`` of the whole file system
     (what the node did before) also waits for every other writer's dirty data on it -- measured on this project's
-    2-core machine, 16 files of 128 KiB: syncfs 3.0 ms alone but 21 ms beside a 1.5 GB ``dd``; 16 concurrent
-    fsyncs 5.6 ms alone, 5.1 ms beside it (``bench/results/sync-20261130.md``).
+    2-core machine, 16 files of 128 KiB: syncfs 2.9 ms median alone but 18.9 ms beside a 1.5 GB ``dd``; the 17
+    fsyncs at once after :func:`start_writeback` 1.2 ms alone, 1.3 ms beside it (``bench/sync_modes.py``,
+    ``bench/results/sync-20261130.md``).
     """
     paths = list(files) + list(dirs)
     outcomes: list[BaseException | None]
