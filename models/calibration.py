@@ -214,6 +214,8 @@ def finetune_factor(gain_tuned_db: float, gain_prior_db: float, cap: float = 4.0
     them under-covers the target (phantom 0.83). The prior net never saw the series, so its held-out errors carry
     no such leak; the factor assumes the target gains nothing from fine-tuning (conservative). 1 without
     fine-tuning (fast mode). ``cap`` bounds a prior far from the series (a net trained from scratch: prior = cubic).
+    ``selfsup`` now uses ``transfer_factor`` (which measures the target's share instead of assuming none; calib4)
+    and falls back to this factor when its probe has no pairs.
     """
     f = 10 ** ((gain_tuned_db - gain_prior_db) / 20.0)
     return float(np.clip(f, 1.0, cap)) if math.isfinite(f) else cap  # a non-finite gain: the widest interval

@@ -63,8 +63,8 @@ T = TypeVar("T")
 # feature (calibration.shape_transfer), "xy_phase_shape" the per-phase q x the same factor (docs/engines.md: sigma
 # calibration, the figures that chose it)
 SIGMA_FROM = "xy_floor"
-# the through-plane q x calibration.finetune_factor (the prior net's held-out error over the fine-tuned net's) after
-# fine-tuning: the held-out pairs sit next to the fine-tuning slices, so their error understates the target's
+# the through-plane q x a factor after fine-tuning (FINETUNE_FAR): fine-tuning adapts the net to the in-plane
+# pairs' task, so the held-out pairs' error understates the target's (docs/engines.md, calib3 and calib4)
 FINETUNE_SIGMA = True
 # how much of that held-out gain the target shares: "none" (the target gains nothing from fine-tuning: the factor is
 # the prior's held-out error over the fine-tuned net's), "z" (the gain fine-tuning gives on the z pairs, the
