@@ -214,9 +214,85 @@ def finetune_factor(gain_tuned_db: float, gain_prior_db: float, cap: float = 4.0
     them under-covers the target (phantom 0.83). The prior net never saw the series, so its held-out errors carry
     no such leak; the factor assumes the target gains nothing from fine-tuning (conservative). 1 without
     fine-tuning (fast mode). ``cap`` bounds a prior far from the series (a net trained from scratch: prior = cubic).
+    ``selfsup`` now uses ``transfer_factor`` (which measures the target's share instead of assuming none; calib4)
+    and falls back to this factor when its probe has no pairs.
     """
     f = 10 ** ((gain_tuned_db - gain_prior_db) / 20.0)
     return float(np.clip(f, 1.0, cap)) if math.isfinite(f) else cap  # a non-finite gain: the widest interval
+
+
+def target_gain_factor(near_tuned_db: float, near_prior_db: float, far_tuned_db: float, far_prior_db: float,
+                       cap: float = 4.0) -> float:
+    """The factor on q that undoes the fine-tuning's gain on the held-out pairs *beyond* the gain it also gives the
+    target: ``finetune_factor`` of the near split (the held-out in-plane pairs next to the fine-tuning slices)
+    divided by that of a far split, pairs as far from the fine-tuning data as the target is (``z_pairs``: the
+    target's own axis one scale coarser, whose inputs and targets are the acquired slices along z, not the
+    in-plane profiles that fine-tuning fits), i.e. 10^((near gain - far gain) / 20) with gain = tuned - prior dB;
+    in [1, ``cap``]. A far gain <= 0 (fine-tuning did not help along z) gives ``finetune_factor``; a far gain
+    >= the near gain gives 1. Non-finite inputs: the near factor alone (``finetune_factor``'s rules).
+    Measured in docs/engines.md (calib4)."""
+    near = finetune_factor(near_tuned_db, near_prior_db, cap)
+    far_db = far_tuned_db - far_prior_db
+    if not math.isfinite(far_db) or not math.isfinite(near_tuned_db - near_prior_db):
+        return near
+    f = near / 10 ** (max(far_db, 0.0) / 20.0)
+    return float(np.clip(f, 1.0, cap))
+
+
+def far_split(n: int, train: np.ndarray, val: np.ndarray, frac: float = 0.25, gap: int = 2,
+              n_train: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A block split along z for measuring how much of fine-tuning's held-out gain is leak: (probe training
+    slices, near held-out slices, far held-out slices), axial indices of an ``n``-slice volume.
+
+    The far block is the central ``frac`` of the slices (>= 3); the probe trains on the fine-tuning slices
+    ``train`` that lie more than ``gap`` slices from it (at most ``n_train``, drawn with ``seed``); near = the
+    held-out slices ``val`` outside that margin (next to probe training slices, as the engine's held-out pairs
+    are next to its fine-tuning slices); far = every slice of the block (none is a probe training slice, the
+    nearest is ``gap`` + 1 slices away). Any of the three is empty when ``n`` is too small (< 4 * (``gap`` + 1)
+    + 3, about)."""
+    w = max(3, int(round(frac * n)))
+    a = max(0, (n - w) // 2)
+    far = np.arange(a, min(n, a + w))
+    out = (np.asarray(train) < a - gap) | (np.asarray(train) >= a + w + gap)
+    probe = np.asarray(train)[out]
+    if probe.size > n_train:
+        probe = np.sort(np.random.default_rng(seed).choice(probe, n_train, replace=False))
+    v = np.asarray(val)
+    near = v[(v < a - gap) | (v >= a + w + gap)]
+    return probe.astype(np.int64), near.astype(np.int64), far.astype(np.int64)
+
+
+def leak_factor(near_probe_db: float, near_prior_db: float, far_probe_db: float, far_prior_db: float,
+                cap: float = 4.0) -> float:
+    """The factor on q that undoes the part of fine-tuning's held-out gain the target does not share, from a
+    probe net fine-tuned on a block split (``far_split``): its gain over the prior net on the near held-out
+    pairs (next to its training slices) minus that on the far block's pairs, 10^((near - far) / 20) with
+    gain = probe - prior dB (held-out PSNR gains over cubic, ``heldout_gain``), in [1, ``cap``]; ``cap`` when a
+    gain is not finite. The far block is as far from the probe's fine-tuning data as the target is from the
+    engine's (no slice near it was fitted), so the near / far error ratio is the held-out pairs' optimism.
+    Measured in docs/engines.md (calib4)."""
+    d = (near_probe_db - near_prior_db) - (far_probe_db - far_prior_db)
+    if not math.isfinite(d):
+        return cap
+    return float(np.clip(10 ** (d / 20.0), 1.0, cap))
+
+
+def transfer_factor(near_tuned_db: float, near_prior_db: float, ip_probe_db: float, ip_prior_db: float,
+                    z_probe_db: float, z_prior_db: float, cap: float = 4.0) -> float:
+    """The factor on q that undoes the part of fine-tuning's held-out gain the target does not share, with the
+    share measured one scale coarser, where the target's own axis has a truth (``z_pairs``): a probe net
+    fine-tuned like the engine's on in-plane pairs of that coarser scale gains ``ip`` = ip_probe - ip_prior dB
+    on held-out in-plane pairs of that scale and ``z`` = z_probe - z_prior dB on the z pairs; the share that
+    reaches the z axis is tau = z / ip (in [0, 1]; 0 when ip <= 0), and the target's gain from fine-tuning is
+    taken as tau x the engine's held-out gain g = near_tuned - near_prior. Factor 10^(g (1 - tau) / 20) in
+    [1, ``cap``]; tau = 0 is ``finetune_factor`` (the target gains nothing), tau = 1 is 1; non-finite inputs: as
+    ``finetune_factor``. Measured in docs/engines.md (calib4)."""
+    g = near_tuned_db - near_prior_db
+    ip, z = ip_probe_db - ip_prior_db, z_probe_db - z_prior_db
+    if not (math.isfinite(g) and math.isfinite(ip) and math.isfinite(z)):
+        return finetune_factor(near_tuned_db, near_prior_db, cap)
+    tau = float(np.clip(z / ip, 0.0, 1.0)) if ip > 0 else 0.0
+    return float(np.clip(10 ** (max(g, 0.0) * (1.0 - tau) / 20.0), 1.0, cap))
 
 
 @torch.no_grad()

@@ -63,9 +63,18 @@ T = TypeVar("T")
 # feature (calibration.shape_transfer), "xy_phase_shape" the per-phase q x the same factor (docs/engines.md: sigma
 # calibration, the figures that chose it)
 SIGMA_FROM = "xy_floor"
-# the through-plane q x calibration.finetune_factor (the prior net's held-out error over the fine-tuned net's) after
-# fine-tuning: the held-out pairs sit next to the fine-tuning slices, so their error understates the target's
+# the through-plane q x a factor after fine-tuning (FINETUNE_FAR): fine-tuning adapts the net to the in-plane
+# pairs' task, so the held-out pairs' error understates the target's (docs/engines.md, calib3 and calib4)
 FINETUNE_SIGMA = True
+# how much of that held-out gain the target shares: "none" (the target gains nothing from fine-tuning: the factor is
+# the prior's held-out error over the fine-tuned net's), "z" (the gain fine-tuning gives on the z pairs, the
+# target's own axis one scale coarser, is taken as the target's and divided out: calibration.target_gain_factor) or
+# "block" (a probe net fine-tuned like the engine's on a block split along z, calibration.far_split: the factor is
+# its near / far held-out error ratio, calibration.leak_factor; one more fine-tuning run, sigma only) or "coarse"
+# (a probe fine-tuned like the engine's one scale coarser, where the z pairs give the target axis a truth: the share
+# of its in-plane held-out gain that reaches the z pairs is the share of the engine's gain the target gets,
+# calibration.transfer_factor; one more fine-tuning run, sigma only)
+FINETUNE_FAR = "coarse"
 # how the coronal (x-z planes) and sagittal (y-z planes) passes are fused: "mean", or "sigma" (per voxel, each
 # orientation weighted by 1 / (its spread over flips^2 + eps^2); needs >= 2 flips per orientation, else the mean)
 FUSE = "mean"
@@ -269,7 +278,8 @@ class SelfSupEngine:
             zf_rows = (vol_n.shape[0] - 1) * f + 1  # truth-noise sd per output slice (its phase k % f)
             extra = il.target_noise_rows(il.noise_sigma(vol_n), model, min(spacing[1:]), zf_rows)
             rho = il.z_difficulty(vol_n, spacing, model, val_z)
-            use_z = SIGMA_FROM in ("z", "mean", "max")
+            use_z = SIGMA_FROM in ("z", "mean", "max") or (FINETUNE_SIGMA and FINETUNE_FAR in ("z", "coarse")
+                                                           and not self._skip_training(kind))
             zsets = cal.z_pairs(vol_n, model, device, src_spacing=min(spacing[1:])) if use_z else []
             return extra, rho, zsets
 
@@ -283,6 +293,16 @@ class SelfSupEngine:
         if not self._skip_training():
             with torch.random.fork_rng(devices=[]):  # a net without prior weights must not move the caller's RNG
                 prior_net = make_net(prior, kind, f, 1, device)[0].eval()
+        far_probe: Callable[[int], tuple[float, float, float, float] | None] | None = None
+        coarse_probe: Callable[[int, list[il.PairSet]], tuple[float, float, float, float] | None] | None = None
+        if prior_net is not None and FINETUNE_SIGMA and FINETUNE_FAR == "block":
+            def far_probe(n_flips: int) -> tuple[float, float, float, float] | None:
+                return self._far_probe(kind, vol_n, spacing, model, prior, device, train_z, val_z, prior_net,
+                                       n_flips, report)
+        if prior_net is not None and FINETUNE_SIGMA and FINETUNE_FAR == "coarse":
+            def coarse_probe(n_flips: int, zsets: list[il.PairSet]) -> tuple[float, float, float, float] | None:
+                return self._coarse_probe(kind, vol_n, spacing, model, prior, device, train_z, val_z, prior_net,
+                                          zsets, n_flips, report)
         if side is not None:  # the (fine-tuned, and the prior) weights, before the passes and the validation
             side.wait_stream(torch.cuda.current_stream(device))
         task = il.Task(f, 1, True, model)
@@ -294,7 +314,63 @@ class SelfSupEngine:
         with contextlib.ExitStack() as held:
             forward = self._compiled(net, stacks[:orients], chunks, task, held, report, kind)
             return self._passes(kind, net, forward, x, stacks, chunks, orients, task, dcm, passes, val_job,
-                                helpers, side, report, progress, prior_net)
+                                helpers, side, report, progress, prior_net, far_probe, coarse_probe)
+
+    def _coarse_probe(
+        self, kind: str, vol_n: np.ndarray, spacing: tuple[float, float, float], model: DegradationModel,
+        prior: dict[str, Any], device: torch.device, train_z: np.ndarray, val_z: np.ndarray, prior_net: SRNet,
+        zsets: list[il.PairSet], n_flips: int, report: dict[str, Any],
+    ) -> tuple[float, float, float, float] | None:
+        """Sigma only: a probe net fine-tuned like the engine's (same steps, rate, sampling, seed, slices) on
+        in-plane pairs one scale coarser (the model of ``calibration.z_pairs``); (probe, prior) gains in dB over
+        cubic on the held-out coarse in-plane pairs, then (probe, prior) on the z pairs ``zsets``; None without
+        pairs."""
+        t = time.perf_counter()
+        f = model.factor
+        coarse = DegradationModel(f, 1, model.step_mm * f, model.thickness_mm * f, model.pixel_mm, model.profile)
+        sets = il.through_pairs(vol_n, spacing, coarse, train_z, device)
+        held = il.through_pairs(vol_n, spacing, coarse, val_z, device)
+        if not (sets and held and zsets):
+            return None
+        with torch.random.fork_rng(devices=[]):  # the engine's RNG stream stays as without the probe
+            net, from_prior = make_net(prior, kind, f, 1, device)
+            il.train(net, sets, self._steps(kind), FINETUNE_LR if from_prior else 1e-3, self.options.seed,
+                     sampling=SAMPLING)
+        net.eval()
+        out = (cal.heldout_gain(net, held, n_flips), cal.heldout_gain(prior_net, held, n_flips),
+               cal.heldout_gain(net, zsets, n_flips), cal.heldout_gain(prior_net, zsets, n_flips))
+        report.update({f"{kind}_sigma_coarse_probe_gains_db": [round(g, 3) for g in out],
+                       f"{kind}_sigma_coarse_probe_s": round(time.perf_counter() - t, 3)})
+        return out
+
+    def _far_probe(
+        self, kind: str, vol_n: np.ndarray, spacing: tuple[float, float, float], model: DegradationModel,
+        prior: dict[str, Any], device: torch.device, train_z: np.ndarray, val_z: np.ndarray, prior_net: SRNet,
+        n_flips: int, report: dict[str, Any],
+    ) -> tuple[float, float, float, float] | None:
+        """Sigma only: a probe net fine-tuned like the engine's (same steps, rate, sampling, seed) on the slices of
+        ``calibration.far_split``; (probe near gain, prior near gain, probe far gain, prior far gain) in dB over
+        cubic (``calibration.heldout_gain``), or None when the volume is too short for the split."""
+        t = time.perf_counter()
+        probe_z, near_z, far_z = cal.far_split(vol_n.shape[0], train_z, val_z, seed=self.options.seed)
+        if min(probe_z.size, near_z.size, far_z.size) == 0:
+            return None
+        sets = il.through_pairs(vol_n, spacing, model, probe_z, device)
+        near = il.through_pairs(vol_n, spacing, model, near_z, device)
+        far = il.through_pairs(vol_n, spacing, model, far_z, device)
+        if not (sets and near and far):
+            return None
+        with torch.random.fork_rng(devices=[]):  # the engine's RNG stream stays as without the probe
+            net, from_prior = make_net(prior, kind, model.factor, 1, device)
+            il.train(net, sets, self._steps(kind), FINETUNE_LR if from_prior else 1e-3, self.options.seed,
+                     sampling=SAMPLING)
+        net.eval()
+        out = (cal.heldout_gain(net, near, n_flips), cal.heldout_gain(prior_net, near, n_flips),
+               cal.heldout_gain(net, far, n_flips), cal.heldout_gain(prior_net, far, n_flips))
+        report.update({f"{kind}_sigma_probe_slices": [int(probe_z.size), int(near_z.size), int(far_z.size)],
+                       f"{kind}_sigma_probe_gains_db": [round(g, 3) for g in out],
+                       f"{kind}_sigma_probe_s": round(time.perf_counter() - t, 3)})
+        return out
 
     def _compiled(self, net: SRNet, stacks: list[torch.Tensor], chunks: list[int], task: il.Task,
                   held: contextlib.ExitStack, report: dict[str, Any], kind: str,
@@ -335,6 +411,8 @@ class SelfSupEngine:
         passes: int, val_job: Future[list[il.PairSet]], helpers: Future[tuple[np.ndarray, float, list[il.PairSet]]],
         side: torch.cuda.Stream | None, report: dict[str, Any], progress: Progress | None,
         prior_net: SRNet | None = None,
+        far_probe: Callable[[int], tuple[float, float, float, float] | None] | None = None,
+        coarse_probe: Callable[[int, list[il.PairSet]], tuple[float, float, float, float] | None] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
         """The network passes (coronal and sagittal stacks x flips), their fusion, data consistency, the
         self-check and sigma (the second half of ``_stage``). ``prior_net``: the net before fine-tuning (None in
@@ -405,7 +483,8 @@ class SelfSupEngine:
         report.update({"dc_residual_before": (before / n) ** 0.5, "dc_residual_after": (after / n) ** 0.5})
         extra, rho, zsets = helpers.result()
         q_xy = v.q_rows(f) * rho  # in-plane pairs' q per phase x how much harder z is (the former method)
-        vz = _on(side, lambda: cal.calibrate(net, zsets, max(1, passes // orients), v, seed=self.options.seed))
+        vz = (_on(side, lambda: cal.calibrate(net, zsets, max(1, passes // orients), v, seed=self.options.seed))
+              if SIGMA_FROM in ("z", "mean", "max") else None)  # z pairs built for FINETUNE_FAR only: no q from them
         q_z = vz.q_rows(f) if vz is not None else q_xy
         q_pool = np.full(f, v.q * rho)  # one q for all phases
         raw = spread + v.k * (fused - base).abs() + v.j * cal.edge(fused, (0,)) + cal.EPS
@@ -421,8 +500,25 @@ class SelfSupEngine:
             n_flips = max(1, passes // orients)
             g_prior = _on(side, lambda: cal.heldout_gain(prior_net, val, n_flips))
             ft = cal.finetune_factor(v.gain_db, g_prior)
+            report.update({f"{kind}_sigma_prior_gain_db": round(g_prior, 3),
+                           f"{kind}_sigma_finetune_factor_near": round(ft, 4)})
+            if FINETUNE_FAR == "z" and zsets:  # the target's own gain from fine-tuning, estimated along z
+                g_far_t = _on(side, lambda: cal.heldout_gain(net, zsets, n_flips))
+                g_far_p = _on(side, lambda: cal.heldout_gain(prior_net, zsets, n_flips))
+                ft = cal.target_gain_factor(v.gain_db, g_prior, g_far_t, g_far_p)
+                report.update({f"{kind}_sigma_far_gain_db": round(g_far_t, 3),
+                               f"{kind}_sigma_far_prior_gain_db": round(g_far_p, 3)})
+            probe = _on(side, lambda: far_probe(n_flips)) if far_probe is not None else None
+            if probe is not None:  # the near / far error ratio of a probe fine-tuned on a block split along z
+                ft = cal.leak_factor(*probe)
+                report[f"{kind}_sigma_leak_factor_mixed"] = round(
+                    cal.target_gain_factor(v.gain_db, g_prior, probe[2], probe[3]), 4)
+            cp = _on(side, lambda: coarse_probe(n_flips, zsets)) if coarse_probe is not None else None
+            if cp is not None:  # the share of the held-out gain that reaches the z axis, one scale coarser
+                ft = cal.transfer_factor(v.gain_db, g_prior, *cp)
+                report[f"{kind}_sigma_coarse_direct_factor"] = round(cal.leak_factor(*cp), 4)
             q_phase = q_phase * ft
-            report.update({f"{kind}_sigma_prior_gain_db": round(g_prior, 3), f"{kind}_sigma_finetune_factor": round(ft, 4)})
+            report[f"{kind}_sigma_finetune_factor"] = round(ft, 4)
         report.update({f"{kind}_sigma_target_noise": [round(float(e), 5) for e in extra[:f]],
                        f"{kind}_sigma_z_difficulty": round(rho, 3),
                        f"{kind}_sigma_q_xy": [round(float(q), 4) for q in q_xy],

@@ -172,3 +172,95 @@ def test_finetune_factor_of_a_non_finite_gain_is_the_widest_not_nan() -> None:
     assert finetune_factor(float("nan"), 1.0) == 4.0
     assert finetune_factor(float("inf"), float("inf")) == 4.0
     assert abs(finetune_factor(2.0, 1.0) - 10 ** (1 / 20)) < 1e-12
+
+
+def test_far_split_keeps_the_far_block_away_from_the_probe_training_slices() -> None:
+    """calib4: the block split that measures fine-tuning's leak into the held-out pairs."""
+    train, val = il.split_slices(60, 48, 12, 0)
+    probe, near, far = cal.far_split(60, train, val, gap=2)
+    assert far.size == 15 and far[0] == 22 and far[-1] == 36  # the central quarter
+    assert probe.size > 0 and near.size > 0
+    assert np.min(np.abs(probe[:, None] - far[None, :])) > 2  # no probe slice within the gap
+    assert np.min(np.abs(near[:, None] - far[None, :])) > 2
+    assert set(probe) <= set(train) and set(near) <= set(val)
+    assert np.min(np.abs(near[:, None] - probe[None, :])) == 1  # near = next to probe training slices
+    p2, n2, f2 = cal.far_split(6, *il.split_slices(6, 48, 12, 0))
+    assert min(p2.size, n2.size, f2.size) == 0  # too short: the engine keeps the near factor
+
+
+def test_leak_factor_is_the_near_over_far_gain_of_the_probe() -> None:
+    """Near gain 7.9 dB, far 3.2 dB (probe - prior): factor 10^(4.7/20); no leak or a negative one: 1; capped;
+    non-finite: the cap. ``target_gain_factor`` divides the near factor by the far gain's."""
+    assert abs(cal.leak_factor(12.3, 4.4, 7.5, 4.3) - 10 ** ((7.9 - 3.2) / 20)) < 1e-9
+    assert cal.leak_factor(5.0, 4.0, 6.0, 4.0) == 1.0
+    assert cal.leak_factor(40.0, 0.0, 0.0, 0.0) == 4.0
+    assert cal.leak_factor(float("nan"), 0.0, 0.0, 0.0) == 4.0
+    assert abs(cal.target_gain_factor(12.3, 4.4, 5.0, 3.0) - 10 ** ((7.9 - 2.0) / 20)) < 1e-9
+    assert cal.target_gain_factor(12.3, 4.4, 3.0, 5.0) == cal.finetune_factor(12.3, 4.4)  # far gain < 0: none
+
+
+def test_leak_factor_of_a_probe_on_a_known_noise_volume() -> None:
+    """Smooth volume + white noise of known sd, thick x2 slices: a probe that is the prior (no fine-tuning)
+    has no leak (factor 1 exactly); a probe fine-tuned a few steps on the block split's training slices gives a
+    finite factor in [1, 4]."""
+    sd = 0.02
+    rng = np.random.default_rng(7)
+    thin = _smooth((81, 40, 40), 8) + rng.normal(0.0, sd, (81, 40, 40)).astype(np.float32)
+    thick = degrade_through_plane(thin, 2, 2.0)  # (41, 40, 40)
+    model = DegradationModel(2, 1, 2.0, 2.0, 1.0)
+    cpu = torch.device("cpu")
+    train, val = il.split_slices(thick.shape[0], 48, 12, 0)
+    probe_z, near_z, far_z = cal.far_split(thick.shape[0], train, val)
+    near = il.through_pairs(thick, (2.0, 1.0, 1.0), model, near_z, cpu)
+    far = il.through_pairs(thick, (2.0, 1.0, 1.0), model, far_z, cpu)
+    torch.manual_seed(0)
+    prior = SRNet(SRNetConfig(fz=2, fx=1, width=8, depth=3))
+    gains = [cal.heldout_gain(prior, s, 1) for s in (near, far)]
+    assert cal.leak_factor(gains[0], gains[0], gains[1], gains[1]) == 1.0
+    probe = SRNet(SRNetConfig(fz=2, fx=1, width=8, depth=3))
+    probe.load_state_dict(prior.state_dict())
+    il.train(probe, il.through_pairs(thick, (2.0, 1.0, 1.0), model, probe_z, cpu), 30, 1e-3, 0)
+    probe.eval()
+    f = cal.leak_factor(cal.heldout_gain(probe, near, 1), gains[0], cal.heldout_gain(probe, far, 1), gains[1])
+    assert 1.0 <= f <= 4.0 and np.isfinite(f), f
+
+
+def test_transfer_factor_keeps_the_share_of_the_gain_the_z_axis_gets() -> None:
+    """calib4: engine held-out gain g = 7.87 dB (the phantom's), coarse probe: in-plane +4.1 dB, z pairs +2.14 dB
+    (tau 0.52): factor 10^(g (1 - tau) / 20); tau >= 1: 1; tau <= 0 or no in-plane gain: ``finetune_factor``."""
+    tau = 2.142 / 4.105
+    f = cal.transfer_factor(12.308, 4.44, 9.757, 5.652, 6.459, 4.317)
+    assert abs(f - 10 ** (7.868 * (1 - tau) / 20)) < 1e-9 and 1.5 < f < 1.6
+    assert cal.transfer_factor(12.0, 4.0, 8.0, 4.0, 9.0, 4.0) == 1.0  # z gains as much: the target shares it all
+    assert cal.transfer_factor(12.0, 4.0, 8.0, 4.0, 3.0, 4.0) == cal.finetune_factor(12.0, 4.0)  # z lost
+    assert cal.transfer_factor(12.0, 4.0, 3.0, 4.0, 5.0, 4.0) == cal.finetune_factor(12.0, 4.0)  # ip <= 0
+    assert cal.transfer_factor(float("nan"), 4.0, 8.0, 4.0, 5.0, 4.0) == 4.0
+    assert cal.transfer_factor(3.0, 4.0, 8.0, 4.0, 5.0, 4.0) == 1.0  # the engine's fine-tuning lost: no factor
+
+
+def test_coarse_probe_on_a_known_noise_volume() -> None:
+    """Smooth volume + white noise of known sd, thick x2 slices: the coarse-scale probe's gains (in-plane pairs
+    one scale coarser, and the z pairs) are 0 for a probe that is the prior, so the factor is
+    ``finetune_factor`` of the engine's gains; a probe fine-tuned a few steps at the coarse scale gives gains on
+    both that make a finite factor between 1 and ``finetune_factor``."""
+    sd = 0.02
+    rng = np.random.default_rng(9)
+    thin = _smooth((81, 40, 40), 10) + rng.normal(0.0, sd, (81, 40, 40)).astype(np.float32)
+    thick = degrade_through_plane(thin, 2, 2.0)  # (41, 40, 40)
+    model = DegradationModel(2, 1, 2.0, 2.0, 1.0)
+    coarse = DegradationModel(2, 1, 4.0, 4.0, 1.0)  # as z_pairs' (and selfsup._coarse_probe's)
+    cpu = torch.device("cpu")
+    train, val = il.split_slices(thick.shape[0], 48, 12, 0)
+    held = il.through_pairs(thick, (2.0, 1.0, 1.0), coarse, val, cpu)
+    zs = cal.z_pairs(thick, model, cpu, planes=8, src_spacing=1.0)
+    assert held and zs
+    torch.manual_seed(0)
+    prior = SRNet(SRNetConfig(fz=2, fx=1, width=8, depth=3))
+    gp = (cal.heldout_gain(prior, held, 1), cal.heldout_gain(prior, zs, 1))
+    assert cal.transfer_factor(6.0, 2.0, gp[0], gp[0], gp[1], gp[1]) == cal.finetune_factor(6.0, 2.0)
+    probe = SRNet(SRNetConfig(fz=2, fx=1, width=8, depth=3))
+    probe.load_state_dict(prior.state_dict())
+    il.train(probe, il.through_pairs(thick, (2.0, 1.0, 1.0), coarse, train, cpu), 30, 1e-3, 0)
+    probe.eval()
+    f = cal.transfer_factor(6.0, 2.0, cal.heldout_gain(probe, held, 1), gp[0], cal.heldout_gain(probe, zs, 1), gp[1])
+    assert 1.0 <= f <= cal.finetune_factor(6.0, 2.0) and np.isfinite(f), f
