@@ -229,13 +229,11 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         say(f"{tag}deriving {er.data.shape[0]} slices")
         objs = derive_series(v, er, factors, cfg.derive, version,
                              "" if er.engine == "cubic" else settings_digest(options), revision,
-                             defer_pixels=True)
+                             lazy=True)
         suffix = (f"-vol{v.volume[0]}" if v.volume else "") + (f"-run{v.run[0]}" if v.run else "")
-        for k in range(len(objs.derived)):
+        for k, ds in enumerate(objs.derived):  # each slice made as it is written, then dropped (issue #15 item 5)
             p = out_dir / f"derived{suffix}" / f"IM{k + 1:05d}.dcm"
-            ds = objs.with_pixels(k)  # one slice's stored pixels at a time (issue #15 item 5)
             write_atomic(ds, p)
-            del ds.PixelData
             result.derived_files.append(p)
         for ds in objs.uncertainty:  # the Parametric Map (PM00001.dcm) and/or the SC card (SC00001.dcm)
             p = out_dir / f"uncertainty{suffix}" / sigma_file_name(ds)
