@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from models.engine import Factors, Progress
 from node.config import Config, RuleConfig, VolumeChoice
@@ -151,15 +152,26 @@ def _mixed_patients(paths: Sequence[Path]) -> None:
         check_one_patient(str(headers[0].get("SeriesInstanceUID", "") or ""), headers)
 
 
+_UNUSED_AFTER_LOAD = (Tag("IconImageSequence"),)
+
+
 def _release_input_pixels(vols: list[SeriesVolume]) -> None:
     """Drop the input slices' PixelData (and pydicom's decoded copy of it) once every volume holds its float32
     data: deriving reads the input headers only, and a long series otherwise kept its stored and its decoded
     pixels twice beside the volume (issue #15 item 5). A multi-frame object shared by several volumes is
-    released only after all of them were built (hence here, after ``load_volumes``)."""
+    released only after all of them were built (hence here, after ``load_volumes``).
+
+    Also dropped, being read by nothing after the volumes are built (the derived objects copy listed standard
+    attributes only, ``node.derived.modules``; vendor dimensions are read while splitting, in ``load_volumes``):
+    private elements (odd groups: scanner headers such as Siemens CSA or GE's, often several KB a slice),
+    overlay data (groups 60xx) and the icon image."""
     for vol in vols:
         for ds in vol.datasets:
             if "PixelData" in ds:
                 del ds.PixelData
+            for tag in [t for t in ds.keys() if t.is_private or 0x6000 <= t.group <= 0x601E
+                        or t in _UNUSED_AFTER_LOAD]:
+                del ds[tag]
 
 
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,
