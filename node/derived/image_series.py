@@ -15,10 +15,10 @@ step is written as SpacingBetweenSlices and in the positions, never as a thickne
 
 from __future__ import annotations
 
+import collections.abc
 import datetime as _dt
 import logging
-from collections.abc import Callable, Iterator
-from collections.abc import Sequence as AbcSequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -60,7 +60,7 @@ from node.series import ENHANCED_CT, ENHANCED_MR, SeriesVolume, group_value, ser
 log = logging.getLogger(__name__)
 
 
-class DerivedSlices(AbcSequence[Dataset]):
+class DerivedSlices(collections.abc.Sequence[Dataset]):
     """The derived slices of ``derive_series(lazy=True)``, made one at a time: item ``k`` is a new Dataset built
     from the input headers and ``result.data[k]`` when it is asked for (the same elements and bytes as the eager
     list's item k), and nothing of it is kept. ``headers()``: the same slices without PixelData (what the geometry
@@ -82,7 +82,7 @@ class DerivedSlices(AbcSequence[Dataset]):
             raise IndexError(k)
         return self._make(k, self._pixels)
 
-    def __iter__(self) -> Iterator[Dataset]:
+    def __iter__(self) -> collections.abc.Iterator[Dataset]:
         return (self._make(k, self._pixels) for k in range(self._count))
 
     def headers(self) -> DerivedSlices:
@@ -98,7 +98,7 @@ class DerivedObjects:
     ``uncertainty_series_uid`` is the first uncertainty object's series ("" when none was made),
     ``uncertainty_series_uids`` every uncertainty object's series, in order."""
 
-    derived: AbcSequence[Dataset]
+    derived: collections.abc.Sequence[Dataset]
     uncertainty: list[Dataset]
     derived_series_uid: str
     uncertainty_series_uid: str
