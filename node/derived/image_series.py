@@ -15,6 +15,7 @@ step is written as SpacingBetweenSlices and in the positions, never as a thickne
 
 from __future__ import annotations
 
+import collections.abc
 import datetime as _dt
 import logging
 import math
@@ -68,28 +69,50 @@ from node.series import (
 log = logging.getLogger(__name__)
 
 
+class DerivedSlices(collections.abc.Sequence[Dataset]):
+    """The derived slices of ``derive_series(lazy=True)``, made one at a time: item ``k`` is a new Dataset built
+    from the input headers and ``result.data[k]`` when it is asked for (the same elements and bytes as the eager
+    list's item k), and nothing of it is kept. ``headers()``: the same slices without PixelData (what the geometry
+    gate and the uncertainty objects read). A long series thus never holds every derived slice at once (issue #15
+    item 5: 2N Datasets of ~37 KB each were most of the memory a 64² series held per slice)."""
+
+    def __init__(self, make: Callable[[int, bool], Dataset], count: int, pixels: bool = True) -> None:
+        self._make, self._count, self._pixels = make, count, pixels
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, k: int) -> Dataset:  # type: ignore[override]  # slices are not asked for
+        if not isinstance(k, int):
+            raise TypeError("DerivedSlices: index by int")
+        if k < 0:
+            k += self._count
+        if not 0 <= k < self._count:
+            raise IndexError(k)
+        return self._make(k, self._pixels)
+
+    def __iter__(self) -> collections.abc.Iterator[Dataset]:
+        return (self._make(k, self._pixels) for k in range(self._count))
+
+    def headers(self) -> DerivedSlices:
+        """The same slices without PixelData."""
+        return DerivedSlices(self._make, self._count, pixels=False)
+
+
 @dataclass
 class DerivedObjects:
-    """What ``derive_series`` built: the derived slices (in output slice order), the uncertainty objects (the
-    Parametric Map and/or the SC card, ``[derive] uncertainty``; [] when it is "none" or the engine has no sigma)
-    and the series' UIDs: ``uncertainty_series_uid`` is the first uncertainty object's series ("" when none was
-    made), ``uncertainty_series_uids`` every uncertainty object's series, in order."""
+    """What ``derive_series`` built: the derived slices (in output slice order: a list, or with ``lazy`` a
+    ``DerivedSlices`` that makes each when asked), the uncertainty objects (the Parametric Map and/or the SC card,
+    ``[derive] uncertainty``; [] when it is "none" or the engine has no sigma) and the series' UIDs:
+    ``uncertainty_series_uid`` is the first uncertainty object's series ("" when none was made),
+    ``uncertainty_series_uids`` every uncertainty object's series, in order."""
 
-    derived: list[Dataset]
+    derived: collections.abc.Sequence[Dataset]
     uncertainty: list[Dataset]
     derived_series_uid: str
     uncertainty_series_uid: str
     notes: list[str] = field(default_factory=list)  # what was changed from the source's format, for the job report
     uncertainty_series_uids: list[str] = field(default_factory=list)
-    # ``derive_series(defer_pixels=True)``: the derived slices have no PixelData yet; ``with_pixels(k)`` sets it
-    pixels: Callable[[int], bytes] | None = None
-
-    def with_pixels(self, k: int) -> Dataset:
-        """Derived slice ``k`` with its PixelData (set now when it was deferred: the same bytes as at once)."""
-        ds = self.derived[k]
-        if self.pixels is not None and "PixelData" not in ds:
-            ds.PixelData = self.pixels(k)
-        return ds
 
 
 def _output_sop_class(vol: SeriesVolume) -> str:
@@ -120,7 +143,7 @@ def check_identifiers(vol: SeriesVolume) -> None:
 
 def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg: DeriveConfig,
                   engine_version: str = "", settings: str = "", revision: Revision | None = None,
-                  defer_pixels: bool = False) -> DerivedObjects:
+                  lazy: bool = False) -> DerivedObjects:
     """Build the derived image series, and the uncertainty objects ``cfg.uncertainty`` names when the engine has
     a sigma (``result.has_sigma``; ``node.derived.uncertainty``).
 
@@ -130,10 +153,12 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     enters the UIDs only, so other settings give other SOP instances, and the same settings the same UIDs.
     ``revision``: what decides the result's revision (``node.derived.labels.Revision``, from the series' earlier
     result: a superseding result gets another SeriesNumber, a replay with the same UIDs the same one).
-    ``defer_pixels``: leave PixelData out of the derived slices; ``DerivedObjects.with_pixels(k)`` encodes slice k
-    from ``result.data`` when it is written, so that a long series never holds every slice's stored pixels at once
-    (issue #15 item 5; the bytes are the same, ``to_stored`` of the same array). The geometry gate and the
-    uncertainty objects read headers only.
+    ``lazy``: ``DerivedObjects.derived`` is a ``DerivedSlices`` that builds slice k (headers and PixelData,
+    ``to_stored`` of ``result.data[k]``) each time it is asked for and keeps nothing, so that a long series never
+    holds every derived slice at once (issue #15 item 5); the objects are the same as the eager list's (one
+    ``now`` for the series, deterministic UIDs). The geometry gate (and the uncertainty objects, when made) read
+    the headers before this returns, so a failing gate still raises before anything is written; that builds every
+    slice's headers twice (once here, once when written).
     """
     ref0 = vol.datasets[0]
     check_identifiers(vol)
@@ -182,12 +207,11 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     if windows and not all(math.isfinite(v) and abs(v) <= MAX_MODALITY_ABS for vals in windows for v in vals):
         windows = None  # a source window no reader or validator holds (VOI LUT is optional): not copied
     charset = character_set(ref0)
-    out: list[Dataset] = []
 
     def stored_pixels(k: int) -> bytes:
         return np.ascontiguousarray(to_stored(result.data[k], fmt)).tobytes()
 
-    for k in range(nz):
+    def make(k: int, pixels: bool) -> Dataset:
         i, r = divmod(k, f)
         near = min(i + (1 if 2 * r > f else 0), vol.shape[0] - 1)
         ref = vol.datasets[near]
@@ -266,11 +290,14 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
             centres, widths = ([ds_str(v) for v in vals] for vals in windows)
             ds.WindowCenter = centres if len(centres) > 1 else centres[0]
             ds.WindowWidth = widths if len(widths) > 1 else widths[0]
-        if not defer_pixels:
+        if pixels:
             ds.PixelData = stored_pixels(k)
         add_file_meta(ds)
-        out.append(ds)
-    geometry_gate(out, vol, factors)
+        return ds
+
+    slices = DerivedSlices(make, nz)
+    headers = slices.headers() if lazy else [make(k, False) for k in range(nz)]
+    geometry_gate(headers, vol, factors)
     sigma_objs: list[Dataset] = []
     kind = cfg.uncertainty
     if result.has_sigma and (kind.parametric_map or kind.card):
@@ -282,13 +309,16 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         card = SigmaSeries(derived_uid(cfg, vol, factors, uid_by, "sigma-card"),
                            derived_uid(cfg, vol, factors, uid_by, "sigma-card", "0"),
                            series_number + (2 if kind.parametric_map else 1), card_desc)
-        sigma_objs = uncertainty_objects(out, result.sigma, vol.modality, kind, made_by, equipment,
+        sigma_objs = uncertainty_objects(list(headers), result.sigma, vol.modality, kind, made_by, equipment,
                                          parametric_map=pm, card=card)
     sigma_uids = list(dict.fromkeys(str(x.SeriesInstanceUID) for x in sigma_objs))
     log.info("series %s: derived %d slices into %s (engine %s%s)", vol.series_uid, nz, series_uid, result.engine,
              f", fallback: {result.fallback}" if result.fallback else "")
-    return DerivedObjects(out, sigma_objs, series_uid, sigma_uids[0] if sigma_uids else "", notes, sigma_uids,
-                          stored_pixels if defer_pixels else None)
+    if not lazy:  # the eager list: the headers already made, with their pixels
+        for k, ds in enumerate(headers):
+            ds.PixelData = stored_pixels(k)
+    return DerivedObjects(slices if lazy else headers, sigma_objs, series_uid, sigma_uids[0] if sigma_uids else "",
+                          notes, sigma_uids)
 
 
 def _mr_type1(ds: Dataset, ref: Dataset, frame: int) -> None:

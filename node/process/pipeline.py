@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from models.engine import Factors, Progress
 from node.config import Config, RuleConfig, VolumeChoice
@@ -151,15 +152,26 @@ def _mixed_patients(paths: Sequence[Path]) -> None:
         check_one_patient(str(headers[0].get("SeriesInstanceUID", "") or ""), headers)
 
 
+_UNUSED_AFTER_LOAD = (Tag("IconImageSequence"),)
+
+
 def _release_input_pixels(vols: list[SeriesVolume]) -> None:
     """Drop the input slices' PixelData (and pydicom's decoded copy of it) once every volume holds its float32
     data: deriving reads the input headers only, and a long series otherwise kept its stored and its decoded
     pixels twice beside the volume (issue #15 item 5). A multi-frame object shared by several volumes is
-    released only after all of them were built (hence here, after ``load_volumes``)."""
+    released only after all of them were built (hence here, after ``load_volumes``).
+
+    Also dropped, being read by nothing after the volumes are built (the derived objects copy listed standard
+    attributes only, ``node.derived.modules``; vendor dimensions are read while splitting, in ``load_volumes``):
+    private elements (odd groups: scanner headers such as Siemens CSA or GE's, often several KB a slice),
+    overlay data (groups 60xx) and the icon image."""
     for vol in vols:
         for ds in vol.datasets:
             if "PixelData" in ds:
                 del ds.PixelData
+            for tag in [t for t in ds.keys() if t.is_private or 0x6000 <= t.group <= 0x601E
+                        or t in _UNUSED_AFTER_LOAD]:
+                del ds[tag]
 
 
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,
@@ -229,13 +241,11 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         say(f"{tag}deriving {er.data.shape[0]} slices")
         objs = derive_series(v, er, factors, cfg.derive, version,
                              "" if er.engine == "cubic" else settings_digest(options), revision,
-                             defer_pixels=True)
+                             lazy=True)
         suffix = (f"-vol{v.volume[0]}" if v.volume else "") + (f"-run{v.run[0]}" if v.run else "")
-        for k in range(len(objs.derived)):
+        for k, ds in enumerate(objs.derived):  # each slice made as it is written, then dropped (issue #15 item 5)
             p = out_dir / f"derived{suffix}" / f"IM{k + 1:05d}.dcm"
-            ds = objs.with_pixels(k)  # one slice's stored pixels at a time (issue #15 item 5)
             write_atomic(ds, p)
-            del ds.PixelData
             result.derived_files.append(p)
         for ds in objs.uncertainty:  # the Parametric Map (PM00001.dcm) and/or the SC card (SC00001.dcm)
             p = out_dir / f"uncertainty{suffix}" / sigma_file_name(ds)
