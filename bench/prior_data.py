@@ -54,7 +54,8 @@ class Item:
     license: str = "BSD-2"
     shared: str = ""  # the ../shared/data folder, when the series is there
     window: tuple[int, int] = (0, 0)  # keep the acquired slices [a, b) only, before any reformat ((0, 0): all)
-    sub: str = ""  # export into this subfolder of --out ("epi": low-resolution EPI, not in the recommended set)
+    sub: str = ""  # export into this subfolder of --out, not in the recommended set ("epi": low-resolution EPI;
+    # "cor": the MPRAGE's column restack, which lowered the in-plane x2 net's held-out gains, docs/engines.md)
 
 
 def _commit(repo: str) -> str:
@@ -219,7 +220,7 @@ TRAIN = (
          step=3, trim=-1, license="MIT", shared="mr_t1_mprage_sag_siemens", reformat="rows"),
     Item("mpr_cor", "FNNDSC/SAG-anon", "(via ../shared/data/mr_t1_mprage_sag_siemens)",
          "the same MPRAGE restacked along its columns (coronal-like planes, 0.9 x 0.86 mm), every 3rd plane kept",
-         step=3, trim=-1, license="MIT", shared="mr_t1_mprage_sag_siemens", reformat="cols"),
+         step=3, trim=-1, license="MIT", shared="mr_t1_mprage_sag_siemens", reformat="cols", sub="cor"),
     Item("ct_head_ge", "neurolabusc/dcm_qa_ct", "In/GE",
          "CT GE HiSpeed Dual, human head, 512x512 0.49 mm, 4/7 mm slices, gantry tilt 18.5 deg",
          shared="ct_head_ge_tilted_irregular"),
@@ -329,7 +330,10 @@ def _export(out: Path, work: Path, items: tuple[Item, ...], full: bool) -> list[
     lines += [f"{r['file']}: {r['from']} ({r['volume']}), {'x'.join(map(str, r['shape']))} {r['modality']}, slices "
               f"{r['slices']}, {int(r['bytes']) / 1e6:.2f} MB" for r in rows]
     lines += [f"total {total / 1e6:.1f} MB"]
-    if full and out.name != "epi":
+    if out.name not in ("epi", "cor"):
+        lines += ["", "cor/: the MPRAGE restacked along its columns (coronal-like planes), kept apart: adding it to the",
+                  "in-plane x2 training lowered the held-out gains (MPRAGE -0.14 dB, XA30 T1 -0.31 dB; docs/engines.md)."]
+    if full and out.name not in ("epi", "cor"):
         lines += ["", "epi/: six low-resolution EPI volumes (b=0 / first volume), kept apart: in the CPU check (bench/results/",
                   "prior3-README.md) adding them lowered the held-out MPRAGE x2 gain (+3.47 vs +3.75 dB) and their 64-pixel",
                   "matrices shrink every through-plane patch (x2: 15 instead of 29 rows; models.internal.train takes the",
