@@ -198,7 +198,7 @@ def restack_cols(v: Vol) -> Vol:
     dz, dy, dx = v.spacing
     pos = v.positions[0][None, :] + np.arange(data.shape[0])[:, None] * dx * v.row_cosine[None, :]
     return Vol(data, (dx, dz, dy), dx, v.modality, v.value_range, pos, v.row_cosine, v.count, v.label,
-               v.normal, v.col_cosine)
+               v.col_cosine, v.normal)
 
 
 def _trim(v: Vol, trim: int) -> slice:
