@@ -182,9 +182,7 @@ def train(
     progress: tuple[Progress, str] | None = None,
 ) -> float:
     """``steps`` Adam steps of L1 on random patches; returns the mean loss of the last 20 steps. ``augment``: each
-    batch under a random symmetry of the square (in-plane sets): a flip on any sets, a transpose only on sets
-    with square pixels (a transposed batch draws its patches from those; before, one set of non-square pixels
-    turned the augmentation off for every batch).
+    batch under a random symmetry of the square (in-plane sets on square pixels only, else ignored).
     ``sampling``: "uniform" patch corners, or "gradient" (half of them drawn in proportion to the input's mean
     |gradient| inside the patch, ``_corner_cdf``). ValueError on another name.
     ``progress``: (callback, stage name), called after each step with (stage, step, steps, loss)."""
@@ -201,17 +199,10 @@ def train(
     ph = min(patch[0], *(s.lr.shape[1] for s in sets))
     pw = min(patch[1], *(s.lr.shape[2] for s in sets))
     cdfs = [_corner_cdf(s, ph, pw) for s in sets] if sampling == "gradient" else []
-    every = list(range(len(sets)))
-    square = [k for k in every if sets[k].square]
-    aug = augment and not any(s.task.node_rows for s in sets)
-    if aug and not square:  # flips only (valid on any pixels); the transpose needs square pixels
-        square = every
     for step in range(steps):
         lrs, bases, hrs = [], [], []
-        op = DIHEDRAL[int(torch.randint(len(DIHEDRAL), (1,), generator=gen))] if aug else None
-        pool = square if op is not None and op[1] else every  # a transposed batch draws square sets only
         for _b in range(batch):
-            k = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+            k = int(torch.randint(len(sets), (1,), generator=gen))
             s = sets[k]
             n, h, w = s.lr.shape
             if cdfs:
@@ -232,8 +223,8 @@ def train(
             bases.append(s.base[b, i * fz : i * fz + oh, j * fx : j * fx + ow])
             hrs.append(s.hr[b, i * fz : i * fz + oh, j * fx : j * fx + ow])
         x, bt, ht = torch.stack(lrs), torch.stack(bases), torch.stack(hrs)  # (N, C, ph, pw), (N, oh, ow) x 2
-        if op is not None:
-            fl, tr = op
+        if augment and all(s.square and not s.task.node_rows for s in sets):
+            fl, tr = DIHEDRAL[int(torch.randint(len(DIHEDRAL), (1,), generator=gen))]
             if tr:
                 x, bt, ht = x.transpose(-2, -1), bt.transpose(-2, -1), ht.transpose(-2, -1)
             if fl:

@@ -188,29 +188,6 @@ def test_gradient_sampling_draws_patches_at_edges_more_often() -> None:
         il.train(net, [s], 1, 1e-3, 0, sampling="edges")
 
 
-def test_in_plane_augmentation_transposes_square_sets_only_and_flips_all() -> None:
-    class Spy(SRNet):
-        def __init__(self) -> None:
-            super().__init__(SRNetConfig(fz=2, fx=2, width=4, depth=2))
-            self.seen: list[tuple[tuple[int, ...], float, float]] = []
-
-        def forward(self, lr: torch.Tensor) -> torch.Tensor:
-            self.seen.append((tuple(lr.shape), float(lr.min()), float(lr.max())))
-            return super().forward(lr)
-
-    task = il.Task(2, 2, False)
-    square = il.PairSet(torch.zeros(2, 16, 16), torch.zeros(2, 32, 32), task, square=True)
-    ramp = torch.arange(16.0).repeat(2, 16, 1) + 1  # (2, 16, 16), values 1..16 along x: shows flips
-    other = il.PairSet(ramp, torch.zeros(2, 32, 32), task, square=False)  # e.g. 0.9 x 0.86 mm pixels
-    net = Spy()
-    il.train(net, [square, other], 40, 1e-3, 0, patch=(4, 8), batch=6, augment=True)
-    transposed = [mx for shape, _, mx in net.seen if shape[-2:] == (8, 4)]
-    assert transposed and all(mx == 0.0 for mx in transposed)  # transposed batches: the square set only
-    assert len(transposed) < len(net.seen)  # the others: both sets, flipped or not
-    mixed = [mn for shape, mn, mx in net.seen if shape[-2:] == (4, 8) and mx > 0]
-    assert mixed
-
-
 def test_through_and_in_plane_together_keep_both_consistencies() -> None:
     truth = _phantom()
     vin = _thick(truth)
