@@ -50,11 +50,12 @@ class Item:
     step: int = 1  # keep every step-th slice
     trim: int = 0  # drop this many slices at each end; -1: every end slice whose mean is < 10 % of the median
     volume: int = 0  # which volume of a multi-volume series (0: the first; -1: the last)
-    reformat: str = ""  # "rows": restack the volume along its rows (a sagittal 3D series -> axial planes)
+    reformat: str = ""  # "rows" / "cols": restack along its rows / columns (sagittal 3D -> axial / coronal planes)
     license: str = "BSD-2"
     shared: str = ""  # the ../shared/data folder, when the series is there
     window: tuple[int, int] = (0, 0)  # keep the acquired slices [a, b) only, before any reformat ((0, 0): all)
-    sub: str = ""  # export into this subfolder of --out ("epi": low-resolution EPI, not in the recommended set)
+    sub: str = ""  # export into this subfolder of --out, not in the recommended set ("epi": low-resolution EPI;
+    # "cor": the MPRAGE's column restack, which lowered the in-plane x2 net's held-out gains, docs/engines.md)
 
 
 def _commit(repo: str) -> str:
@@ -189,6 +190,17 @@ def restack_rows(v: Vol) -> Vol:
                v.row_cosine, v.normal)
 
 
+def restack_cols(v: Vol) -> Vol:
+    """The volume restacked along its columns (Z, Y, X) -> (X, Z, Y): planes of constant column index (a sagittal
+    3D series becomes coronal-like planes), with the geometry that follows (normal = the row cosine)."""
+    assert v.col_cosine is not None and v.row_cosine is not None
+    data = np.ascontiguousarray(v.data.transpose(2, 0, 1))
+    dz, dy, dx = v.spacing
+    pos = v.positions[0][None, :] + np.arange(data.shape[0])[:, None] * dx * v.row_cosine[None, :]
+    return Vol(data, (dx, dz, dy), dx, v.modality, v.value_range, pos, v.row_cosine, v.count, v.label,
+               v.col_cosine, v.normal)
+
+
 def _trim(v: Vol, trim: int) -> slice:
     if trim >= 0:
         return slice(trim, v.data.shape[0] - trim)
@@ -206,6 +218,9 @@ TRAIN = (
     Item("mpr_ax", "FNNDSC/SAG-anon", "(via ../shared/data/mr_t1_mprage_sag_siemens)",
          "the same MPRAGE restacked along its rows (axial-like planes, 0.9 x 0.86 mm), every 3rd plane kept",
          step=3, trim=-1, license="MIT", shared="mr_t1_mprage_sag_siemens", reformat="rows"),
+    Item("mpr_cor", "FNNDSC/SAG-anon", "(via ../shared/data/mr_t1_mprage_sag_siemens)",
+         "the same MPRAGE restacked along its columns (coronal-like planes, 0.9 x 0.86 mm), every 3rd plane kept",
+         step=3, trim=-1, license="MIT", shared="mr_t1_mprage_sag_siemens", reformat="cols", sub="cor"),
     Item("ct_head_ge", "neurolabusc/dcm_qa_ct", "In/GE",
          "CT GE HiSpeed Dual, human head, 512x512 0.49 mm, 4/7 mm slices, gantry tilt 18.5 deg",
          shared="ct_head_ge_tilted_irregular"),
@@ -287,6 +302,8 @@ def _export(out: Path, work: Path, items: tuple[Item, ...], full: bool) -> list[
                     v.count, v.label, v.row_cosine, v.col_cosine)
         if it.reformat == "rows":
             v = restack_rows(v)
+        elif it.reformat == "cols":
+            v = restack_cols(v)
         t = _trim(v, it.trim)
         z = slice(t.start, t.stop, it.step)
         row = save(out / f"{it.name}.npz", v, z)
@@ -313,7 +330,10 @@ def _export(out: Path, work: Path, items: tuple[Item, ...], full: bool) -> list[
     lines += [f"{r['file']}: {r['from']} ({r['volume']}), {'x'.join(map(str, r['shape']))} {r['modality']}, slices "
               f"{r['slices']}, {int(r['bytes']) / 1e6:.2f} MB" for r in rows]
     lines += [f"total {total / 1e6:.1f} MB"]
-    if full and out.name != "epi":
+    if out.name not in ("epi", "cor"):
+        lines += ["", "cor/: the MPRAGE restacked along its columns (coronal-like planes), kept apart: adding it to the",
+                  "in-plane x2 training lowered the held-out gains (MPRAGE -0.14 dB, XA30 T1 -0.31 dB; docs/engines.md)."]
+    if full and out.name not in ("epi", "cor"):
         lines += ["", "epi/: six low-resolution EPI volumes (b=0 / first volume), kept apart: in the CPU check (bench/results/",
                   "prior3-README.md) adding them lowered the held-out MPRAGE x2 gain (+3.47 vs +3.75 dB) and their 64-pixel",
                   "matrices shrink every through-plane patch (x2: 15 instead of 29 rows; models.internal.train takes the",

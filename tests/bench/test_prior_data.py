@@ -1,5 +1,5 @@
 """``bench/prior_data.py``: its .npz exports load with ``node.bench.eval.load_volume`` unchanged, the row restack
-keeps the geometry, and no held-out series is in the training set."""
+(and the column restack) keep the geometry, and no held-out series is in the training set."""
 
 from __future__ import annotations
 
@@ -48,6 +48,23 @@ def test_restack_rows_keeps_geometry() -> None:
     np.testing.assert_array_equal(r.data[3], data[:, 3, :])
     np.testing.assert_allclose(r.positions[2], [0.0, 0.0, -1.0])  # two rows of 0.5 mm down the column cosine
     np.testing.assert_allclose(r.normal, [0.0, 0.0, -1.0])
+
+
+def test_restack_cols_keeps_geometry() -> None:
+    pd = _prior_data()
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    v = pd.Vol(data, (2.0, 0.5, 0.7), 2.0, "MR", (0.0, 4095.0), np.array([[0.0, 0.0, 0.0]] * 4) +
+               np.arange(4)[:, None] * np.array([2.0, 0.0, 0.0]), np.array([1.0, 0.0, 0.0]), 1, "",
+               np.array([0.0, 1.0, 0.0]), np.array([0.0, 0.0, -1.0]))
+    c = pd.restack_cols(v)
+    assert c.data.shape == (6, 4, 5) and c.spacing == (0.7, 2.0, 0.5)
+    np.testing.assert_array_equal(c.data[3], data[:, :, 3])
+    np.testing.assert_allclose(c.positions[2], [0.0, 1.4, 0.0])  # two columns of 0.7 mm along the row cosine
+    np.testing.assert_allclose(c.normal, [0.0, 1.0, 0.0])
+    assert c.row_cosine is not None and c.col_cosine is not None  # columns: the old rows; rows: the old slices
+    np.testing.assert_allclose(c.row_cosine, [0.0, 0.0, -1.0])
+    np.testing.assert_allclose(c.col_cosine, [1.0, 0.0, 0.0])
+    assert all(it.sub for it in pd.TRAIN if it.reformat == "cols")  # kept apart from the recommended set
 
 
 def test_no_held_out_series_is_trained_on() -> None:
