@@ -151,12 +151,11 @@ class GroupCommit:
         new = [p for p in linked if p.stored is not None and not p.stored.duplicate]
         failed = self.spool.sync([p.stored for p in new if p.stored], self._pool)
         if failed:
-            lost = [p for p in new if p.stored and p.stored.path in failed]
-            self._unlink(lost)
-            for p in lost:
-                assert p.stored is not None
-                p.error = IngestError(f"instance {p.inst.sop_uid}: could not be made durable in the spool "
-                                      f"{self.spool.root}: {failed[p.stored.path]}", Status.OUT_OF_RESOURCES)
+            self._unlink([p for p in new if p.stored and p.stored.path in failed])
+            for p in linked:  # the new copy, and any resend of it in this batch linked as its duplicate
+                if p.stored and p.stored.path in failed:
+                    p.error = IngestError(f"instance {p.inst.sop_uid}: could not be made durable in the spool "
+                                          f"{self.spool.root}: {failed[p.stored.path]}", Status.OUT_OF_RESOURCES)
             linked = [p for p in linked if p.error is None]
         self._index(linked)
         self._wake(batch)
@@ -178,12 +177,18 @@ class GroupCommit:
                 return
             log.warning("ingest commit: the index transaction of %d rows failed (%s); writing them one by one",
                         len(linked), exc)
+        removed: set[Path] = set()  # links removed after their row failed: a resend of it in this batch fails too
         for p, row in zip(linked, rows, strict=True):
+            if p.stored and p.stored.path in removed:
+                p.error = IngestError(f"instance {p.inst.sop_uid}: its first copy in this batch could not be "
+                                      "indexed; send it again", Status.OUT_OF_RESOURCES)
+                continue
             try:
                 p.added = self.index.add_instances([row])[0]
             except SpoolError as exc:
                 if p.stored and not p.stored.duplicate:
                     self._unlink([p])
+                    removed.add(p.stored.path)
                 p.error = _disk_full(exc) or exc
 
     @staticmethod

@@ -180,6 +180,7 @@ class Spool:
         self.instances = self.root / "instances"
         self.conflicts = self.root / "conflicts"
         self.outbox = self.root / "outbox"
+        self._durable_folders: set[Path] = set()  # series folders whose entries up to instances/ were synced
         try:
             for d in (self.incoming, self.instances, self.conflicts, self.outbox):
                 d.mkdir(parents=True, exist_ok=True)
@@ -321,15 +322,22 @@ class Spool:
 
     def sync(self, stored: Sequence[Stored], pool: Executor | None = None) -> dict[Path, OSError]:
         """Make the files just linked (``stored``, from :meth:`link_instance`) durable with their names: each
-        file, its series folder, and for a folder made by the link its study folder and ``instances/``
+        file, its series folder, and -- for a folder made by the link, or one this process has not yet seen made
+        durable (a sync that failed, a kill -9 between mkdir and sync) -- its study folder and ``instances/``
         (:func:`sync_batch`, concurrently on ``pool``). Returns the paths that could not be made durable, each
-        with its error."""
+        with its error. Called by one thread at a time (the group commit's writer)."""
         dirs: set[Path] = set()
+        unsure: set[Path] = set()  # series folders whose own entry (and their study folder's) must be synced too
         for s in stored:
-            dirs.add(s.path.parent)
-            if s.new_folder:
-                dirs.update((s.path.parent.parent, self.instances))
-        return sync_batch([s.path for s in stored], sorted(dirs), pool)
+            folder = s.path.parent
+            dirs.add(folder)
+            if s.new_folder or folder not in self._durable_folders:
+                unsure.add(folder)
+                dirs.update((folder.parent, self.instances))
+        failed = sync_batch([s.path for s in stored], sorted(dirs), pool)
+        bad = {f.parent for f in failed}
+        self._durable_folders.update(unsure - bad)
+        return failed
 
     def store_bytes(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> Stored:
         """Write ``data`` (a DICOM file) atomically under its final name; a duplicate is kept as it was.

@@ -332,6 +332,83 @@ def test_a_failed_sync_answers_a700_and_unlinks(tmp_path: Path, monkeypatch: pyt
     assert bad not in names and len(names) == len(files) - 1 and adm.index.count_instances() == len(files) - 1
 
 
+def test_a_resend_in_the_batch_of_a_copy_whose_sync_fails_is_not_acknowledged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two copies of one instance in one batch (a resend from a second association): the first copy's fsync fails,
+    so neither is acknowledged (the second was linked as its duplicate), and no row points at a removed file."""
+    adm = _admission(tmp_path)
+    blocker, target = write_series(tmp_path / "ct", 15, 2, 32, tag="dupfail-")
+    resend = tmp_path / "resend.dcm"
+    shutil.copyfile(target, resend)
+    blk = str(dcmread(blocker, stop_before_pixels=True).SOPInstanceUID)
+    bad = str(dcmread(target, stop_before_pixels=True).SOPInstanceUID)
+    held, release = threading.Event(), threading.Event()
+    real = spool_module.fsync_dir
+
+    def patched(path: Path) -> None:
+        if path.name == f"{blk}.dcm":  # hold the first batch so that both copies queue into the next one
+            held.set()
+            release.wait(30)
+        if path.name == f"{bad}.dcm":
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(spool_module, "fsync_dir", patched)
+    out: dict[str, Any] = {}
+
+    def admit(name: str, path: Path) -> None:
+        try:
+            out[name] = adm.admit_file(path, Caller("CT01", "127.0.0.1"))
+        except Exception as exc:  # noqa: BLE001 - collected for the assertions
+            out[name] = exc
+
+    threads = [threading.Thread(target=admit, args=("blocker", blocker))]
+    threads[0].start()
+    wait_until(held.is_set, timeout=30, what="the first batch syncing")
+    for name, path in (("first", target), ("resend", resend)):
+        threads.append(threading.Thread(target=admit, args=(name, path)))
+        threads[-1].start()
+    wait_until(lambda: adm.writer._queue.qsize() == 2, timeout=30, what="both copies queued")
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert not isinstance(out["blocker"], Exception), out
+    for name in ("first", "resend"):
+        assert isinstance(out[name], IngestError) and out[name].status == Status.OUT_OF_RESOURCES, out
+    assert adm.index.count_instances() == 1
+    assert {p.stem for p in adm.spool.instances.rglob("*.dcm")} == {blk}
+
+
+def test_a_series_folder_whose_parents_failed_to_sync_is_synced_again(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first instance of a new series: its study folder's fsync fails (0xA700). The next instance of that
+    series links into the existing folder; its Success must wait for the folder's parents to be synced again."""
+    adm = _admission(tmp_path)
+    files = write_series(tmp_path / "ct", 16, 2, 32, tag="parents-")
+    synced: list[Path] = []
+    fail_study = [True]
+    real = spool_module.fsync_dir
+
+    def patched(path: Path) -> None:
+        synced.append(path)
+        if path.is_dir() and path.parent == adm.spool.instances and fail_study[0]:
+            fail_study[0] = False
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(spool_module, "fsync_dir", patched)
+    first = _admit_all(adm, files[:1])[0]
+    assert isinstance(first, IngestError) and first.status == Status.OUT_OF_RESOURCES
+    synced.clear()
+    second = adm.admit_file(files[1], Caller("CT01", "127.0.0.1"))
+    assert not second.duplicate
+    study = second.path.parent.parent
+    assert study in synced and adm.spool.instances in synced, synced  # the parents, synced with this batch
+    synced.clear()
+    adm.admit_file(files[0], Caller("CT01", "127.0.0.1"))  # now known durable: the file and its folder only
+    assert study not in synced and second.path.parent in synced, synced
+
+
 def test_a_failed_folder_sync_answers_a700_for_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A series folder whose fsync fails (its new entries may not survive a power cut): every instance linked in
     it is answered 0xA700 and unlinked, nothing is indexed."""
