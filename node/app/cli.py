@@ -23,7 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("node.app.check_cmd", "check OUT_DIR of `process` against IN_DIR: geometry, values, dciodvfy; "
                                     "one line per derived series"),
     "status": ("node.app.status_cmd", "list jobs and their states from the spool index"),
-    "retry": ("node.app.status_cmd", "re-queue dead-letter deliveries (and failed jobs) for another attempt"),
+    "retry": ("node.app.status_cmd", "re-queue dead-letter deliveries and failed jobs; an ignored job named by id:"
+              " its series matched against the rules again"),
     "reindex": ("node.app.reindex_cmd", "rebuild the spool index from the spool's instance files"),
     "eval": ("node.bench.eval", "measure an engine against cubic/linear on a series (PSNR, SSIM, HU, uncertainty)"),
     "bench": ("node.bench.command", "benchmarks: engine timings, end-to-end latency, throughput"),

@@ -4,7 +4,9 @@ The spool files are the truth. Every file under ``instances/<Study>/<Series>/<SO
 is read (header only) and recorded; its series then takes the normal way (stable → rules → job) once a node
 runs. A damaged index (``srnode serve`` stops with "index ... is damaged") is moved aside first, with its -wal
 and -shm files, as ``index.sqlite.damaged-<time>``, and a new one is built; ``--fresh`` does the same with a
-readable index (its jobs and deliveries are forgotten; every series is processed again). Stop the node first.
+readable index, kept as ``index.sqlite.replaced-<time>`` (its jobs and deliveries are forgotten; every series is
+processed again; to process one ignored series again after a rule change, ``srnode retry JOB`` is enough). Stop
+the node first.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="start a new index even if the current one is readable (it is moved aside)")
 
 
-def move_aside(index_path: Path) -> Path:
-    """Rename the index and its -wal/-shm files to ``<name>.damaged-<time>``; returns the new index name."""
+def move_aside(index_path: Path, why: str = "damaged") -> Path:
+    """Rename the index and its -wal/-shm files to ``<name>.<why>-<time>`` (``why``: "damaged", or "replaced"
+    for ``--fresh``); returns the new index name."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = index_path.with_name(f"{index_path.name}.damaged-{stamp}")
+    target = index_path.with_name(f"{index_path.name}.{why}-{stamp}")
     for suffix in ("", "-wal", "-shm"):
         src = index_path.with_name(index_path.name + suffix)
         if src.exists():
@@ -40,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     spool = Spool(cfg.spool_path, cfg.node.min_free_mb)
     path = spool.index_path
     if args.fresh and path.exists():
-        print(f"index {path}: moved aside as {move_aside(path)} (--fresh)")
+        print(f"index {path}: moved aside as {move_aside(path, 'replaced')} (--fresh; its job history is kept "
+              "there, not in the new index)")
     try:
         index = Index(path, check=True)
     except IndexDamaged as exc:

@@ -187,6 +187,8 @@ def _retry(index: Index, job_ids: list[int]) -> int:
             print(f"job {jid}: re-queued for processing")
         elif index.requeue_deliveries(jid):
             print(f"job {jid}: dead-letter deliveries re-queued")
+        elif job.state is JobState.IGNORED and index.reconsider_ignored(jid):
+            print(f"job {jid}: no rule had matched; the running node matches its series against its rules again")
         else:
             print(f"job {jid}: nothing to retry (state {job.state})")
     return rc

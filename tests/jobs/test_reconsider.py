@@ -1,0 +1,38 @@
+"""An ignored series (no rule matched it) is matched against the rules again when ``srnode retry JOB`` names its
+job: the user fixed the rule and wants the series processed without resending it or rebuilding the index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from node.bench.phantom import write_phantom_series
+from tests.support.nodeproc import NodeProc
+from tests.support.peers import storescu
+
+NO_MATCH = {"rules": [{"name": "thick-ct", "match": {"Modality": "^CT$", "SliceThickness": "^[3-9]"},
+                       "through_plane_factor": 2, "destinations": ["out"]}]}
+FIXED = {"rules": [{"name": "thick-ct", "match": {"Modality": "^CT$",
+                                                  "SliceThickness": "^([2-9]|[1-9][0-9]+)(\\.[0-9]*)?$"},
+                    "through_plane_factor": 2, "destinations": ["out"]}]}
+
+
+def test_retry_matches_an_ignored_series_against_the_fixed_rules(tmp_path: Path) -> None:
+    files = write_phantom_series(tmp_path / "ct", slices=8, size=32, step_mm=4.5)  # SliceThickness "4.5"
+    with NodeProc.start(tmp_path / "node", {"node": {"stable_age_s": 1.0}, **NO_MATCH}) as node:
+        assert storescu(files, node.port).returncode == 0
+        jobs = node.wait_jobs(lambda js: js and js[0]["state"] == "ignored", timeout=60, what="the series ignored")
+        assert "no rule matched" in jobs[0]["reason"], jobs
+        r = node.cli("retry", str(jobs[0]["id"]))  # under the old rules: matched again, ignored again
+        assert r.returncode == 0 and "against its rules again" in r.stdout, r.stdout + r.stderr
+        jobs = node.wait_jobs(lambda js: len(js) == 2 and js[1]["state"] == "ignored", timeout=60,
+                              what="the series matched again and ignored again")
+        node.restart(FIXED)
+        r = node.cli("retry", str(jobs[1]["id"]))
+        assert r.returncode == 0, r.stdout + r.stderr
+        jobs = node.wait_jobs(lambda js: len(js) == 3 and js[2]["state"] == "delivered", timeout=120,
+                              what="the series processed under the fixed rule")
+        assert [j["state"] for j in jobs] == ["ignored", "ignored", "delivered"], json.dumps(jobs, indent=1)
+        assert list((tmp_path / "node" / "out").rglob("*.dcm")), "no derived files in the folder destination"
+        r = node.cli("retry", str(jobs[2]["id"]))  # a delivered job: nothing to do, said so
+        assert r.returncode == 0 and "nothing to retry" in r.stdout, r.stdout
