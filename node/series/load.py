@@ -239,8 +239,9 @@ def _check_slice(s: Slice) -> None:
         raise VolumeError(f"{s.name}: ImageOrientationPatient {[round(float(v), 6) for v in s.iop]} is not two "
                           "orthogonal unit vectors (row and column directions); the slice cannot be placed")
     if not math.isfinite(s.slope) or s.slope == 0 or not math.isfinite(s.intercept):
+        why = ("a slope of 0 maps every pixel to one value" if s.slope == 0 else "not finite numbers")
         raise VolumeError(f"{s.name}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} cannot convert "
-                          "stored values to modality values (a slope of 0 maps every pixel to one value)")
+                          f"stored values to modality values ({why})")
 
 
 def _check_one_series(slices: list[Slice], series_uid: str) -> None:
@@ -300,6 +301,7 @@ def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, li
             vals[pad] = np.nan
         _check_range(vals, s)
         data[z] = vals
+    _check_precision(data, slices)
     if np.isnan(data).any():
         lowest = min(f.value_range[0] for f in formats)
         fill = -1000.0 if modality == "CT" else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
@@ -327,6 +329,25 @@ def _check_range(vals: np.ndarray, s: Slice) -> None:
         raise VolumeError(f"{s.name}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} make modality "
                           f"values up to {peak:.3g} in magnitude, beyond the {MAX_MODALITY_ABS:g} the derived "
                           "objects can hold; the series is not super-resolved")
+
+
+def _check_precision(data: np.ndarray, slices: list[Slice]) -> None:
+    """VolumeError when the (Z, Y, X) float32 volume ``data`` (NaN: padding) cannot hold a slice's stored steps:
+    one step of a slice is |RescaleSlope| modality units, and it must stay at least one float32 step (2^-23
+    relative) both at the volume's largest magnitude (values stored as they are) and across its whole value range
+    (the engines normalise the volume by that range). A huge RescaleIntercept (values near 1e9 whose detail is a
+    few units) or slopes that differ by orders of magnitude between slices (a slope-1 slice beside a slope-1e11
+    one) otherwise round the detail away silently: the derived image would be wrong yet valid."""
+    finite = data[np.isfinite(data)]
+    if not finite.size:
+        return
+    lo, hi = float(finite.min()), float(finite.max())
+    needed = max(float(np.spacing(np.float32(max(abs(lo), abs(hi))))), (hi - lo) * 2.0 ** -23)
+    for s in slices:
+        if abs(s.slope) < needed:
+            raise VolumeError(f"{s.name}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g}: its steps of "
+                              f"{abs(s.slope):g} cannot be held in 32-bit floats beside the series' values from "
+                              f"{lo:g} to {hi:g} (they would round away); the series is not super-resolved")
 
 
 def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
