@@ -53,6 +53,7 @@ from node.dimse import Status, label, max_pdu_problem
 from node.errors import ConfigError, IngestError, listen_problem
 from node.ingest.admit import Admission, Caller, find_caller
 from node.ingest.lean import LeanHooks
+from node.ingest.reactor import pynetdicom_logs_info
 from node.ingest.server import start_guarded_server
 from node.metrics import Metrics
 
@@ -425,6 +426,10 @@ class StoreSCP:
         "pynetdicom"``."""
         if self.cfg.node.receive_path is not ReceivePath.LEAN:
             return None
+        if pynetdicom_logs_info():
+            log.warning("[node] receive_path = \"lean\" is not used while the pynetdicom logger is at INFO or below "
+                        "(its log handlers watch every PDU and DIMSE message): C-STOREs are received by pynetdicom; "
+                        "set the pynetdicom logger to WARNING for the lean path")
         return LeanHooks(incoming=self.admission.spool.incoming, store=self.store_received,
                          received=self.data_received)
 

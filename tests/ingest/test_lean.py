@@ -4,6 +4,7 @@ index rows and answers, with real peers (dcmtk storescu, a pynetdicom SCU writin
 from __future__ import annotations
 
 import io
+import logging
 import os
 import struct
 import subprocess
@@ -454,3 +455,20 @@ def test_echo_between_stores_on_one_association(both: tuple[StoreSCP, StoreSCP],
         peer.close()
     assert out == [Status.SUCCESS, Status.SUCCESS, Status.SUCCESS]
     assert counted.n == 2 and len(_spool(lean)) == 2
+
+
+def test_pynetdicom_info_logging_turning_the_lean_path_off_is_said(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """pynetdicom's INFO log handlers watch every PDU, so the lean path steps aside while they are on: a node set
+    to receive_path = "lean" says so in one line instead of silently receiving on the other path."""
+    pnd = logging.getLogger("pynetdicom")
+    old = pnd.level
+    pnd.setLevel(logging.INFO)
+    try:
+        with caplog.at_level(logging.WARNING, logger="node.ingest.scp"):
+            scp = start_scp(tmp_path / "lean", receive_path="lean")
+            scp.stop()
+    finally:
+        pnd.setLevel(old)
+    said = [r.getMessage() for r in caplog.records if "is not used while the pynetdicom logger" in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in caplog.records]
