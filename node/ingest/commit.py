@@ -113,6 +113,7 @@ class GroupCommit:
                 with self._lock:
                     if self._queue.empty():
                         self._thread = None
+                        self.index.close()  # this thread's index connection (else one file handle per writer)
                         return
                 continue
             batch = [first]

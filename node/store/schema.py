@@ -312,6 +312,11 @@ class IndexDB:
     def __init__(self, path: Path | str, check: bool = False) -> None:
         self.path = Path(path)
         self._local = threading.local()
+        # every connection and the thread it belongs to: a thread that ends does not close its own (a threading.local
+        # value of a finished thread is not closed by SQLite: one file handle per thread, e.g. per association),
+        # so each new connection closes those of threads that have ended
+        self._conns: dict[int, tuple[threading.Thread, sqlite3.Connection]] = {}
+        self._conns_lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             c = self._conn()
@@ -395,6 +400,12 @@ class IndexDB:
             c.execute("PRAGMA synchronous=FULL")  # a Success status means the row survives a power cut
             c.execute("PRAGMA busy_timeout=60000")
             self._local.conn = c
+            with self._conns_lock:
+                for key, (thread, conn) in list(self._conns.items()):
+                    if not thread.is_alive():
+                        conn.close()
+                        del self._conns[key]
+                self._conns[id(c)] = (threading.current_thread(), c)
         return c
 
     @contextmanager
@@ -433,3 +444,5 @@ class IndexDB:
         if c is not None:
             c.close()
             self._local.conn = None
+            with self._conns_lock:
+                self._conns.pop(id(c), None)
