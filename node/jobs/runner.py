@@ -5,26 +5,50 @@ reason. Safe to call from any process that sees the spool (the in-process worker
 A failure's reason is the boundary where foreign text (pydicom's, highdicom's, an engine's exception messages)
 becomes ours: every value of a patient or study attribute the series carries is replaced by ``***`` there
 (``node.phi.scrub``) before the reason reaches the index (``srnode status``, GET /jobs), the log or the audit.
+
+A full disk while the results are written (``node.process.space``): the spool's watermark ``[node] min_free_mb``
+is checked before the engine runs and before each result file; a failed write (ENOSPC, EIO, ...) or a refusal
+removes the job's partial ``outbox/job-<id>`` folder FIRST (giving its space back, so that the index can record
+the outcome), then fails the job with one line ("disk full while writing results: ..."); the received instances
+stay. Failed jobs are re-queued by ``srnode retry`` (the node does not re-run a failed job by itself). Recording
+an outcome is retried for a while (:data:`RECORD_DELAYS_S`) when the index cannot be written; a job still left
+'processing' is re-queued at the next start (``Index.requeue_interrupted``).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import sqlite3
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from node.config import RuleConfig
 from node.derived import reject_superseded, result_revision
-from node.errors import DeriveError, EngineError, NodeError, VolumeError
+from node.errors import DeriveError, EngineError, NodeError, SpoolError, VolumeError
 from node.jobs.context import JobContext
 from node.metrics import Metrics
 from node.phi import scrub, series_values
-from node.process import BudgetError, process_series
+from node.process import (
+    BudgetError,
+    ResultsRoom,
+    ResultsSpaceError,
+    describe_write_error,
+    process_series,
+    write_error,
+)
 from node.store import Job, JobState
 
 log = logging.getLogger(__name__)
+
+# seconds between tries to record a job's outcome while the index cannot be written (its disk full, a lock held
+# past sqlite's busy timeout): about 30 s in all, then the error escapes (the worker logs it; the job is re-queued
+# at the next start)
+RECORD_DELAYS_S = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+RETRY_HINT = "the job's outbox folder removed; 'srnode retry' re-queues the job once there is room"
 
 
 def _rule(rules: tuple[RuleConfig, ...], name: str) -> RuleConfig | None:
@@ -57,11 +81,16 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     if rule is None:
         return _fail(ctx, job, f"rule {job.rule!r} is no longer in the configuration", "config")
     paths = [Path(i.path) for i in index.instances_of(job.series_uid, job.study_uid)]
-    out_dir = spool.job_dir(job.id, fresh=True)
     revision = result_revision(index, job)  # a superseding result gets other SeriesNumbers
     log.info("job %d: series %s, %d instances, rule %s", job.id, job.series_uid, len(paths), rule.name)
+    out_dir = spool.outbox / f"job-{job.id}"
+    room = ResultsRoom(spool.outbox, cfg.node.min_free_mb)
     try:
-        result = process_series(paths, rule, cfg, out_dir, engines=ctx.engines, revision=revision)
+        out_dir = spool.job_dir(job.id, fresh=True)
+        room.check(0, "the job's results")  # the watermark, before anything is decoded or written
+        result = process_series(paths, rule, cfg, out_dir, engines=ctx.engines, revision=revision, room=room)
+    except ResultsSpaceError as exc:
+        return _results_lost(ctx, job, out_dir, str(exc))
     except BudgetError as exc:
         why = f"refused before decoding: {exc}"
         return _originals_only(ctx, job, rule, paths, why) or _fail(ctx, job, why, "budget")
@@ -77,18 +106,29 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     except NodeError as exc:
         return _fail(ctx, job, _scrubbed(str(exc), paths), type(exc).__name__)
     except Exception as exc:  # noqa: BLE001 - record it on the job, keep the node running
+        err = write_error(exc)
+        if err is not None:  # ENOSPC, EIO, ...: one line, no traceback
+            return _results_lost(ctx, job, out_dir, _scrubbed(describe_write_error(err, spool.root), paths))
         log.exception("job %d: unexpected error", job.id)  # the log's filter masks the traceback's values
         return _fail(ctx, job, _scrubbed(f"internal error: {type(exc).__name__}: {exc}", paths), "internal")
     seconds = time.monotonic() - t0
     metrics.job_seconds.labels(stage="process").observe(seconds)
     files = [str(p) for p in [*result.derived_files, *result.uncertainty_files]]
     try:  # a reprocess after late instances: retire the earlier results in PACS (IOCM rejection note)
+        room.check(0, "the rejection note")
         files += [str(p) for p in reject_superseded(index, spool.outbox, job, result.derived_series_uid,
                                                     cfg.derive, out_dir)]
+    except ResultsSpaceError as exc:
+        return _results_lost(ctx, job, out_dir, str(exc))
     except NodeError as exc:
         log.warning("job %d: no rejection note for the superseded job: %s", job.id, exc)
+    except OSError as exc:
+        return _results_lost(ctx, job, out_dir, _scrubbed(describe_write_error(exc, spool.root), paths))
     per_dest = {d: files + ([str(p) for p in paths] if rule.forward_originals else []) for d in rule.destinations}
-    index.add_deliveries(job.id, per_dest)
+    try:
+        index.add_deliveries(job.id, per_dest)
+    except (SpoolError, sqlite3.Error) as exc:  # e.g. "database or disk is full": nothing was enqueued
+        return _results_lost(ctx, job, out_dir, f"the results could not be recorded in the index: {exc}")
     report = dict(result.report or {})
     # for the next result's revision (node.derived.labels.Revision)
     report["revision"] = revision.of(result.derived_series_uid)
@@ -100,9 +140,10 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     report["left_out"] = [x.as_dict() for x in result.left_out]  # input slices in no derived series, with why
     state = JobState.SENDING if per_dest else JobState.DELIVERED
     reason = "" if per_dest else "rule has no destinations; results kept in the spool"
-    index.finish_job(job.id, state, reason, derived_series_uid=result.derived_series_uid,
-                     uncertainty_series_uid=result.uncertainty_series_uid, engine=result.engine,
-                     fallback=result.fallback or "", report=report)
+    _recorded(job, lambda: index.finish_job(
+        job.id, state, reason, derived_series_uid=result.derived_series_uid,
+        uncertainty_series_uid=result.uncertainty_series_uid, engine=result.engine, fallback=result.fallback or "",
+        report=report))
     metrics.series_processed.labels(outcome="processed").inc()
     _gpu_peak(metrics)
     log.info("job %d: %d derived + %d uncertainty objects in %.1f s (engine %s%s); %s", job.id,
@@ -145,9 +186,40 @@ def _originals_only(ctx: JobContext, job: Job, rule: RuleConfig, paths: list[Pat
     return JobState.SENDING
 
 
+def _results_lost(ctx: JobContext, job: Job, out_dir: Path, why: str) -> str:
+    """The job's results could not be written (``why``: one line): its partial outbox folder is removed first
+    (its space back, for the index to record this), then the job fails with the reason. The received instances
+    stay. Returns 'failed'."""
+    try:
+        shutil.rmtree(out_dir)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("job %d: its partial results in %s cannot be removed: %s", job.id, out_dir, exc)
+    return _fail(ctx, job, f"{why}; {RETRY_HINT}", "disk")
+
+
+def _recorded(job: Job, record: Callable[[], None]) -> None:
+    """Run ``record`` (an index write of the job's outcome), trying again after each of :data:`RECORD_DELAYS_S`
+    while the index cannot be written (SpoolError, sqlite3.Error: its disk full, a lock held); the last error
+    escapes."""
+    for delay in (*RECORD_DELAYS_S, None):
+        try:
+            record()
+            return
+        except (SpoolError, sqlite3.Error) as exc:
+            if delay is None:
+                log.error("job %d: its outcome could not be recorded (%s); it stays 'processing' until the node "
+                          "restarts and re-queues it", job.id, exc)
+                raise
+            log.warning("job %d: its outcome cannot be recorded yet (%s); trying again in %.2f s", job.id, exc,
+                        delay)
+            time.sleep(delay)
+
+
 def _fail(ctx: JobContext, job: Job, reason: str, category: str) -> str:
     log.warning("job %d (series %s): failed: %s", job.id, job.series_uid, reason)
-    ctx.store.index.finish_job(job.id, JobState.FAILED, reason)
+    _recorded(job, lambda: ctx.store.index.finish_job(job.id, JobState.FAILED, reason))
     ctx.metrics.series_processed.labels(outcome="failed").inc()
     ctx.metrics.failures.labels(where="job", reason=category).inc()
     ctx.audit.write("job-failed", job=job.id, series=job.series_uid, reason=reason)

@@ -7,6 +7,8 @@ To add an engine: a module in ``models/`` registered by name in ``models.engine`
 from node.process.budget import BudgetError, check_series, series_budget_mb
 from node.process.engines import FALLBACK_ENGINE, EngineCache, run_engine
 from node.process.pipeline import ProcessResult, process_series, write_atomic
+from node.process.space import ResultsRoom, ResultsSpaceError, describe_write_error, write_error
 
-__all__ = ["FALLBACK_ENGINE", "BudgetError", "EngineCache", "ProcessResult", "check_series", "process_series",
-           "run_engine", "series_budget_mb", "write_atomic"]
+__all__ = ["FALLBACK_ENGINE", "BudgetError", "EngineCache", "ProcessResult", "ResultsRoom", "ResultsSpaceError",
+           "check_series", "describe_write_error", "process_series", "run_engine", "series_budget_mb",
+           "write_atomic", "write_error"]

@@ -25,6 +25,7 @@ from node.derived.modules import sigma_file_name
 from node.errors import VolumeError
 from node.process.budget import check_series
 from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine, settings_digest
+from node.process.space import ResultsRoom, failed_write, pixel_bytes, results_bytes
 from node.series import (
     LeftOut,
     SeriesVolume,
@@ -76,6 +77,19 @@ def write_atomic(ds: Dataset, path: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def _write_result(ds: Dataset, path: Path, room: ResultsRoom | None, what: str, out_dir: Path) -> None:
+    """``write_atomic``; with a ``room`` (a job's), the watermark is checked first (its pixel data must fit above
+    it) and a failed write becomes ResultsSpaceError naming its error and ``path`` under ``out_dir``'s parent."""
+    if room is None:
+        write_atomic(ds, path)
+        return
+    room.check(pixel_bytes(ds), what)
+    try:
+        write_atomic(ds, path)
+    except OSError as exc:
+        raise failed_write(exc, path, what, out_dir.parent) from exc
 
 
 def _volumes_for(vol: SeriesVolume, factors: Factors) -> tuple[list[SeriesVolume], list[LeftOut], list[str]]:
@@ -177,7 +191,7 @@ def _release_input_pixels(vols: list[SeriesVolume]) -> None:
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,
                    engine_name: str = "", progress: Callable[[str], None] | None = None,
                    engines: EngineCache | None = None, engine_progress: Progress | None = None,
-                   revision: Revision | None = None) -> ProcessResult:
+                   revision: Revision | None = None, room: ResultsRoom | None = None) -> ProcessResult:
     """Super-resolve the series in ``paths`` by ``rule``; write derived + uncertainty files under ``out_dir``.
 
     A series holding several volumes (``node.series.load_volumes``) gives one derived series per volume (and per
@@ -190,7 +204,10 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
     UIDs than that result's gets other SeriesNumbers, a replay the same (``node.derived.labels.Revision``).
     Before decoding, ``node.process.budget.check_series`` refuses a series whose pixel data cannot hold what its
     headers declare (VolumeError) or that would need more memory than ``[node] max_series_memory_mb``
-    (BudgetError, a VolumeError). Raises VolumeError (no volume can be super-resolved), EngineError (even cubic
+    (BudgetError, a VolumeError). ``room`` (the job runner's: ``[node] min_free_mb`` on the spool disk,
+    ``node.process.space``): before decoding, a series whose derived pixel data would not fit above the watermark
+    is refused, and each file is checked before it is written (ResultsSpaceError, a SpoolError, also for a write
+    that fails; the files already written stay: the caller removes ``out_dir``). Raises VolumeError (no volume can be super-resolved), EngineError (even cubic
     failed), DeriveError (a derived object failed its checks) or OSError (a file cannot be written); engine failures
     otherwise fall back to cubic, recorded in ``ProcessResult.fallback``.
     """
@@ -199,7 +216,10 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
     say = progress or (lambda _msg: None)
     factors = Factors(rule.through_plane_factor, rule.in_plane_factor)
     name = engine_name or rule.engine or cfg.engine.name
-    check_series(paths, factors, name, cfg.node.max_series_memory_mb)  # headers only, before any decoding
+    fp = check_series(paths, factors, name, cfg.node.max_series_memory_mb)  # headers only, before any decoding
+    if room is not None:  # before the engine runs: the derived pixel data alone must fit above the watermark
+        room.check(results_bytes(fp, factors), f"the derived series ({fp.frames} input frame(s) "
+                   f"x{factors.through_plane} through-plane x{factors.in_plane} in-plane)")
     try:
         found = load_volumes(paths)
     except VolumeError:
@@ -245,11 +265,11 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         suffix = (f"-vol{v.volume[0]}" if v.volume else "") + (f"-run{v.run[0]}" if v.run else "")
         for k, ds in enumerate(objs.derived):  # each slice made as it is written, then dropped (issue #15 item 5)
             p = out_dir / f"derived{suffix}" / f"IM{k + 1:05d}.dcm"
-            write_atomic(ds, p)
+            _write_result(ds, p, room, f"derived slice {k + 1}", out_dir)
             result.derived_files.append(p)
         for ds in objs.uncertainty:  # the Parametric Map (PM00001.dcm) and/or the SC card (SC00001.dcm)
             p = out_dir / f"uncertainty{suffix}" / sigma_file_name(ds)
-            write_atomic(ds, p)
+            _write_result(ds, p, room, f"uncertainty object {p.name}", out_dir)
             result.uncertainty_files.append(p)
         result.derived_series_uids.append(objs.derived_series_uid)
         result.uncertainty_series_uids.append(objs.uncertainty_series_uid)
