@@ -41,7 +41,7 @@ from node.metrics import Metrics
 from node.store import Index, open_store
 from node.store import spool as spool_module
 from tests.support.nodeproc import NodeProc
-from tests.support.peers import STORESCU, storescu, wait_until
+from tests.support.peers import STORESCU, mount_tmpfs, storescu, wait_until
 
 SUCCESS_LINE = "Received Store Response (Success)"
 
@@ -135,14 +135,6 @@ def test_a_spool_that_cannot_be_written_answers_a700_and_leaves_nothing_half_wri
         node.kill9()
 
 
-def _mount_tmpfs(where: Path, size: str) -> bool:
-    where.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
-
-
 def _acknowledged(storescu_output: str) -> tuple[list[str], int]:
     """From ``storescu -v`` output: the files answered Success (in order), and how many were refused 0xA700."""
     acked, refused, current = [], 0, ""
@@ -159,7 +151,7 @@ def _acknowledged(storescu_output: str) -> tuple[list[str], int]:
 @pytest.mark.faults
 def test_a_disk_that_fills_during_receive_answers_a700_and_keeps_the_association(tmp_path: Path) -> None:
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "4m"):
+    if not mount_tmpfs(disk, "4m"):
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): no small real file system to fill")
     node: NodeProc | None = None
     try:
@@ -226,7 +218,7 @@ def _fill(disk: Path) -> Path:
 @pytest.mark.faults
 def test_an_index_on_a_full_disk_answers_a700_and_unlinks(tmp_path: Path) -> None:
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "2m"):
+    if not mount_tmpfs(disk, "2m"):
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): no small real file system to fill")
     try:
         cfg = config_from_dict({"node": {"spool_dir": str(disk / "spool"), "min_free_mb": 0}})
@@ -251,7 +243,7 @@ def test_an_index_on_a_full_disk_answers_a700_and_unlinks(tmp_path: Path) -> Non
 
 def test_stow_parts_on_a_full_disk_fail_a700_and_leave_nothing(tmp_path: Path) -> None:
     disk = tmp_path / "disk"
-    if not _mount_tmpfs(disk, "1m"):
+    if not mount_tmpfs(disk, "1m"):
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): no small real file system to fill")
     try:
         incoming = disk / "incoming"

@@ -32,22 +32,15 @@ from node.metrics import Metrics
 from node.process import describe_write_error, write_error
 from node.process import space as space_module
 from node.store import JobState
+from tests.support.peers import mount_tmpfs
 
 MB = 1024 * 1024
-
-
-def _mount_tmpfs(where: Path, size: str) -> bool:
-    where.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        return False
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True).returncode == 0
 
 
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Path]:
     d = tmp_path / "disk"
-    if not _mount_tmpfs(d, "6m"):
+    if not mount_tmpfs(d, "6m"):
         pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): no small real file system to fill")
     try:
         yield d

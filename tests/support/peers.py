@@ -188,3 +188,14 @@ def dciodvfy(path: Path | str) -> tuple[list[str], list[str]]:
     out = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, timeout=120)
     lines = (out.stdout + out.stderr).splitlines()
     return [ln for ln in lines if ln.startswith("Error")], [ln for ln in lines if ln.startswith("Warning")]
+
+
+def mount_tmpfs(where: Path, size: str) -> bool:
+    """Mount a tmpfs of ``size`` (e.g. "4m") at ``where`` (made if absent): a small real file system to fill.
+    False when this process cannot (not root, no ``mount``); the caller skips with that reason and unmounts
+    (``umount -l``) what it mounted."""
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
