@@ -20,6 +20,7 @@ from models import internal as il
 from models.degrade import DegradationModel
 from models.engine import Device, EngineOptions, Factors
 from models.evaluate import body_mask
+from node.app.volume_file import load_volume
 from node.bench import eval as ev
 
 p = argparse.ArgumentParser()
@@ -70,10 +71,10 @@ def _edge_rec(y: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
 cal._held = _held_rec  # type: ignore[assignment]
 cal.edge = _edge_rec  # type: ignore[assignment]
 
-series = ev.central(ev.load_volume(Path(a.series)), a.max_slices, a.crop)
+series = ev.central(load_volume(Path(a.series)), a.max_slices, a.crop)
 out_idx = None
 if a.truth:
-    thin = ev.central(ev.load_volume(Path(a.truth)), 0, a.crop)
+    thin = ev.central(load_volume(Path(a.truth)), 0, a.crop)
     factors = Factors(a.factor, 1)
     out_idx, thin_idx = ev.match_truth(series, thin, a.factor)
     lr_in, truth = series.vin, thin.vin.data[thin_idx]

@@ -1,6 +1,7 @@
 """diag: run srnode eval's engine once, report sigma metrics for the q actually used and for the in-plane (xy) q."""
 import argparse, json, sys, time
 import numpy as np
+from node.app.volume_file import load_volume
 from node.bench import eval as ev
 from models.engine import EngineOptions, Factors, Device
 from models import internal as il
@@ -17,10 +18,10 @@ if a.sigma_from:
     import models.selfsup as _ss
     _ss.SIGMA_FROM = a.sigma_from
 from pathlib import Path
-series = ev.central(ev.load_volume(Path(a.series)), a.max_slices, a.crop)
+series = ev.central(load_volume(Path(a.series)), a.max_slices, a.crop)
 out_idx = None
 if a.truth:
-    thin = ev.central(ev.load_volume(Path(a.truth)), 0, a.crop)
+    thin = ev.central(load_volume(Path(a.truth)), 0, a.crop)
     factors = Factors(a.factor, 1)
     out_idx, thin_idx = ev.match_truth(series, thin, a.factor)
     lr_in, truth = series.vin, thin.vin.data[thin_idx]

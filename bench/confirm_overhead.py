@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from pynetdicom import AE, evt  # noqa: E402
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]  # noqa: E402
 
-from node.bench.phantom import write_phantom_series  # noqa: E402
+from node.app.phantom import write_phantom_series  # noqa: E402
 from node.store import DeliveryState  # noqa: E402
 from tests.send.test_confirm import Harness, _cfg, put_modality  # noqa: E402
 from tests.support.pacs import orthanc_dicomweb  # noqa: E402

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from models.cubic import CubicEngine
 from models.engine import Factors
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.bench.results import write_result
 from node.config import DeriveConfig
 from node.derived import derive_series

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from node.bench.phantom import write_phantom_series  # noqa: E402
+from node.app.phantom import write_phantom_series  # noqa: E402
 from node.bench.results import write_result  # noqa: E402
 
 CONFIG = """[engine]

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models.engine import Device, EngineOptions  # noqa: E402
 from models.evaluate import body_mask, data_range, fidelity  # noqa: E402
-from node.bench.eval import evaluate, load_volume, simulate  # noqa: E402
+from node.app.volume_file import load_volume  # noqa: E402
+from node.bench.eval import evaluate, simulate  # noqa: E402
 
 
 def main(volume: Path, weights: str) -> dict[str, object]:

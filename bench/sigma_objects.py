@@ -15,7 +15,7 @@ import numpy as np
 
 from models.cubic import CubicEngine
 from models.engine import Factors
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import DeriveConfig
 from node.derived import derive_series
 from node.derived.modules import contributing_equipment

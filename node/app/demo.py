@@ -25,9 +25,9 @@ from pathlib import Path
 from pydicom import dcmread
 
 from node.app.logs import setup_logging
+from node.app.phantom import write_phantom_series
 from node.app.preview import write_preview
 from node.app.service import Node
-from node.bench.phantom import write_phantom_series
 from node.config import DEFAULTS, Config, config_from_dict
 from node.config.dump import config_toml
 from node.derived.modules import PARAMETRIC_MAP_STORAGE

@@ -19,7 +19,7 @@ import torch
 from models.engine import VolumeInput
 from models.nets import SRNetConfig
 from node.app.progress import StageBar, logs_through_bars, wanted
-from node.bench.eval import load_volume
+from node.app.volume_file import load_volume
 from node.errors import NodeError, VolumeError
 
 log = logging.getLogger(__name__)

@@ -103,7 +103,7 @@ def _series_files(args: argparse.Namespace, work: Path) -> tuple[list[Path], str
         return sorted(Path(args.series).glob("*.dcm")), args.series
     if SHARED_1MM.is_dir():
         return sorted(SHARED_1MM.glob("*.dcm")), "shared ct_head_phantom_philips_1mm"
-    from node.bench.phantom import write_phantom_series
+    from node.app.phantom import write_phantom_series
 
     return write_phantom_series(work / "phantom", slices=140, size=512, step_mm=1.0), "generated phantom 140x512"
 

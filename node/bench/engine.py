@@ -35,7 +35,7 @@ def make_volume(shape: tuple[int, int, int], source: Path | None) -> VolumeInput
     absent. Its spacing and slice thickness claim twice the source's dz (a thick input for x2)."""
     z, y, x = shape
     if source is not None and source.exists():
-        from node.bench.eval import load_volume
+        from node.app.volume_file import load_volume
 
         base = load_volume(source).vin
         data, spacing = base.data, base.spacing

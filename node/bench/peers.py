@@ -4,7 +4,7 @@ The peer is ECLARE (Remedios et al., self-supervised through-plane SR; ``eclare=
 ``run-eclare``), run as a subprocess by ``node.bench.eclare``: by default in its own venv (``make peers-venv`` -> ``.venv-eclare/``: it pins
 scipy); ``--peer-python PY`` (or ``$SRNODE_ECLARE_CMD``, a command line) runs it with another interpreter instead, e.g.
 the GPU machine's own torch/scipy with eclare installed ``--no-deps`` beside it (``bench/gpu_peers.sh``). Each series
-is a folder of DICOM files or a ``.npz`` export (``node.bench.eval.load_volume``; ``row_cosine`` / ``col_cosine``,
+is a folder of DICOM files or a ``.npz`` export (``node.app.volume_file.load_volume``; ``row_cosine`` / ``col_cosine``,
 IOP's two halves, give its in-plane orientation, else one is made up perpendicular to ``normal``: ECLARE reads only
 voxel sizes, and the read-back uses the same affine, so the figures do not depend on it). For each series:
 
@@ -117,7 +117,8 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
     cut to end ``SCORING_RESERVE_S`` before it, and its budget to fit (``fit_budget``, from ``prev``: the previous
     series' ``eclare`` figures)."""
     from models.evaluate import body_mask, data_range, fidelity
-    from node.bench.eval import central, evaluate, load_volume, simulate
+    from node.app.volume_file import load_volume
+    from node.bench.eval import central, evaluate, simulate
 
     def say(name: str, total: int | None = None) -> None:
         if bar is not None:

@@ -6,7 +6,7 @@ real ``srnode worker`` processes. The clock runs from the first job published to
 results in the outbox, state 'sending'); ingest, stability wait and delivery are the node's and not measured.
 
 Also holds the real-process helpers the Celery tests share: ``RedisServer`` and ``WorkerProcess`` (series come
-from ``node.bench.phantom.write_phantom_series``).
+from ``node.app.phantom.write_phantom_series``).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from node.app.phantom import write_phantom_series
 from node.app.progress import bar_of
-from node.bench.phantom import write_phantom_series
 from node.bench.results import write_result
 from node.config import load_config
 from node.ingest import Admission, Caller

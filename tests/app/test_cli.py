@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from node import __version__
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import load_config
 from node.store import Index, Spool
 from tests.support.fixtures import ROOT

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from node.app.demo import preview_path
+from node.app.phantom import write_phantom_series
 from node.app.preview import write_preview
 from node.app.preview_planes import Cut, acquisition_plane, cut, orientation_letters, patient_axes
-from node.bench.phantom import write_phantom_series
 from node.config import DEFAULTS, config_from_dict
 from node.process import process_series
 from node.series import SeriesVolume

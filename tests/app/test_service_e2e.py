@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.store import Index
 from tests.support.fixtures import shared_series
 from tests.support.nodeproc import NodeProc

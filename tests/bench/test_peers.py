@@ -17,9 +17,9 @@ import pytest
 from pydicom import dcmread
 
 from models.engine import VolumeInput
+from node.app.phantom import write_phantom_series
 from node.bench.eclare import run_peer
 from node.bench.nifti import LPS_TO_RAS, dicom_positions, geometry_of, nifti_affine, write_nifti
-from node.bench.phantom import write_phantom_series
 from node.series import load_series
 from tests.support.fixtures import ROOT
 
@@ -218,8 +218,8 @@ def test_a_peer_that_finds_no_gpu_is_stopped_at_once(tmp_path: Path, monkeypatch
 
 
 def test_budget_fitting_progress_parsing_and_made_up_orientation() -> None:
+    from node.app.volume_file import inplane_cosines
     from node.bench.eclare import fit_budget, training_progress
-    from node.bench.eval import inplane_cosines
 
     bar = ("\r 50%|#####     | 500000/1000000 [00:50<00:50, 9950.1it/s, loss=0.0100]"
            "\r100%|##########| 1000000/1000000 [01:40<00:00, 9990.0it/s, loss=0.0050]\n"

@@ -10,7 +10,7 @@ from types import ModuleType
 
 import numpy as np
 
-from node.bench.eval import load_volume
+from node.app.volume_file import load_volume
 from tests.support.fixtures import ROOT, shared_series
 
 

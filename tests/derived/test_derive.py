@@ -13,7 +13,7 @@ from pydicom import config as pydicom_config
 
 from models.cubic import CubicEngine
 from models.engine import ENGINES, EngineError, EngineOptions, EngineResult, Factors, VolumeInput
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import DeriveConfig, load_config
 from node.derived import DerivedObjects, derive_series
 from node.process import EngineCache, process_series, write_atomic

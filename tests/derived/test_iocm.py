@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from models.engine import Factors
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import load_config
 from node.derived import reject_superseded, result_revision
 from node.derived.labels import series_number

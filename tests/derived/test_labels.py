@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 
 from models.cubic import CubicEngine
 from models.engine import ENGINES, Device, EngineError, EngineOptions, EngineResult, Factors, VolumeInput
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import DEFAULTS, DeriveConfig, UncertaintyObject, config_from_dict
 from node.derived import DerivedObjects, derive_series
 from node.derived.labels import is_srnode_description, series_description, series_number

@@ -13,7 +13,7 @@ import pytest
 
 from models.cubic import CubicEngine
 from models.engine import Factors
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import DeriveConfig
 from node.derived import derive_series
 from node.errors import DeriveError, VolumeError

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset
 
 from models.cubic import CubicEngine
 from models.engine import Factors
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import DeriveConfig, load_config
 from node.derived import derive_series, modules
 from node.process import pipeline, process_series

@@ -14,7 +14,7 @@ import pytest
 from pydicom import config as pydicom_config
 
 from models.engine import Factors
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import DEFAULTS, DeriveConfig, UncertaintyObject, config_from_dict
 from node.derived import DerivedObjects, derive_series
 from node.derived.modules import PARAMETRIC_MAP_STORAGE, SECONDARY_CAPTURE_STORAGE

@@ -11,7 +11,7 @@ import pytest
 
 from models.cubic import CubicEngine
 from models.engine import ENGINES, EngineError, EngineOptions, EngineResult, Factors, VolumeInput
-from node.bench.phantom import phantom_hu, write_phantom_series
+from node.app.phantom import phantom_hu, write_phantom_series
 from node.config import DeriveConfig, UncertaintyObject, load_config
 from node.derived import DerivedObjects, derive_series, rejection_note
 from node.process import EngineCache, process_series, write_atomic

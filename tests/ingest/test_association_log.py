@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from tests.ingest.test_scp import send_dataset, start_scp
 from tests.support.peers import storescu, wait_until
 

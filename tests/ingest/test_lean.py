@@ -26,7 +26,7 @@ from pynetdicom.dsutils import create_file_meta
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import ReceivePath, config_from_dict
 from node.dimse import Status
 from node.errors import ConfigError

@@ -13,7 +13,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import config_from_dict
 from node.ingest import Admission, StoreSCP
 from node.metrics import Metrics

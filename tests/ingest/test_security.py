@@ -17,7 +17,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from tests.support.certs import Pki, make_pki
 from tests.support.fixtures import shared_series
 from tests.support.nodeproc import NodeProc

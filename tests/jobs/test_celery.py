@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.bench.scaleout import RedisServer, WorkerProcess
 from node.config import config_from_dict, load_config
 from node.jobs.celery_executor import broker_display, make_app, transport_options

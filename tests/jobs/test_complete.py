@@ -20,7 +20,7 @@ import httpx
 import pytest
 from pydicom import dcmread
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.store import HEADER_DECLARED, Index, Job
 from tests.jobs.test_faults import Scanner
 from tests.support.fixtures import shared_series

@@ -21,8 +21,8 @@ from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
+from node.app.phantom import write_phantom_series
 from node.bench.ingest import peak_rss_mb, send_concurrently, write_series
-from node.bench.phantom import write_phantom_series
 from node.store import Index
 from tests.support.nodeproc import NodeProc
 from tests.support.peers import ORTHANC_BIN, Orthanc, dciodvfy, start_orthanc, storescu, wait_until

@@ -15,7 +15,7 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from tests.support.nodeproc import NodeProc
 from tests.support.peers import storescu, wait_until
 

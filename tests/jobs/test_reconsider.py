@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from tests.support.nodeproc import NodeProc
 from tests.support.peers import storescu
 

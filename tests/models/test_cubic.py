@@ -7,7 +7,7 @@ import pytest
 
 from models.cubic import CubicEngine, resample_axis, upsample
 from models.engine import Factors, VolumeInput
-from node.bench.phantom import phantom_hu
+from node.app.phantom import phantom_hu
 
 
 @pytest.mark.parametrize("n", range(2, 9))

@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.series import load_series
 from tests.support.fixtures import ROOT, shared_case
 from tests.support.nodeproc import NodeProc

@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.series import load_series, regular_runs
 from tests.support.fixtures import ROOT, shared_series
 

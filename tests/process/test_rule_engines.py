@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from tests.support.fixtures import ROOT, shared_series
 from tests.support.peers import dciodvfy
 

@@ -22,7 +22,7 @@ from pydicom import dcmread
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import Config, config_from_dict
 from node.metrics import Metrics
 from node.send import Outbox

@@ -13,7 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import DicomDestination, FolderDestination
 from node.errors import DeliveryError
 from node.send import make_sender

@@ -26,7 +26,7 @@ import pytest
 
 from node.app import check_read, process_cmd
 from node.app.check_cmd import CheckResult, check_folders
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import UncertaintyObject, load_config, replace
 from node.process import process_series
 from tests.support.engines import SIGMA_TEST_ENGINE, sigma_engines

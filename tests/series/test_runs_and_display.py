@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.bench.phantom import phantom_hu, write_phantom_series
+from node.app.phantom import phantom_hu, write_phantom_series
 from node.errors import VolumeError
 from node.series import load_series, series_photometric, series_window, split_runs
 from tests.support.fixtures import shared_case, shared_series

@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.config import UncertaintyObject, load_config, replace
 from node.errors import VolumeError
 from node.process import process_series

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.errors import VolumeError
 from node.series import check_through_plane, load_series, regular_runs
 from tests.support.fixtures import shared_series

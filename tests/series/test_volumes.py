@@ -13,7 +13,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 from node.errors import VolumeError
 from node.series import load_series, load_volumes
 from tests.support.fixtures import shared_series

@@ -12,7 +12,7 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 
-from node.bench.phantom import write_phantom_series
+from node.app.phantom import write_phantom_series
 
 
 def set_raw(ds: Any, keyword: str, value: str) -> None:

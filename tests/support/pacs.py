@@ -59,7 +59,7 @@ def wait_job(node: NodeProc, series_uid: str, timeout: float = 120) -> dict[str,
 
 def phantom(workdir: Path, seed: int, slices: int = 6, size: int = 64) -> list[Path]:
     """A small generated CT series (distinct UIDs per seed)."""
-    from node.bench.phantom import write_phantom_series
+    from node.app.phantom import write_phantom_series
 
     return write_phantom_series(workdir / f"phantom-{seed}", slices=slices, size=size, step_mm=3.0, seed=seed)
 
