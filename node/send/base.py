@@ -4,14 +4,18 @@ destination what it holds, for ``node.send.confirm``), each made by one factory 
 from __future__ import annotations
 
 import importlib
+import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from node.config import Destination, DestinationKind
-from node.errors import ConfigError
+from node.errors import ConfigError, DeliveryError
+
+T = TypeVar("T")
 
 # (StudyInstanceUID, SeriesInstanceUID, SOPClassUID, SOPInstanceUID) of one file sent
 Ref = tuple[str, str, str, str]
@@ -79,6 +83,33 @@ def by_series(refs: Sequence[Ref]) -> dict[tuple[str, str], set[str]]:
     for study, ser, _, sop in refs:
         series[(study, ser)].add(sop)
     return series
+
+
+def in_parallel(items: Sequence[T], work: Callable[[T], None], workers: int, thread_name: str) -> None:
+    """``work(item)`` for every item, on up to ``workers`` threads (in order on this one when 1). The first
+    DeliveryError stops the items not yet started; once the running ones end it is raised again (a non-retryable
+    one before a retryable one: a permanent refusal must not be retried as if the network failed)."""
+    n = max(1, min(workers, len(items)))
+    if n == 1:
+        for item in items:
+            work(item)
+        return
+    stop = threading.Event()
+    errors: list[DeliveryError] = []
+
+    def one(item: T) -> None:
+        if stop.is_set():
+            return
+        try:
+            work(item)
+        except DeliveryError as exc:
+            errors.append(exc)
+            stop.set()
+
+    with ThreadPoolExecutor(n, thread_name_prefix=thread_name) as pool:
+        list(pool.map(one, items))
+    if errors:
+        raise next((e for e in errors if not e.retryable), errors[0])
 
 
 def _import_kind(dest: Destination, mod_name: str) -> ModuleType:

@@ -10,9 +10,7 @@ dicomweb-client retries 408/429/503/504 with exponential backoff, and the outbox
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
@@ -22,6 +20,7 @@ from dicomweb_client.session_utils import create_session, create_session_from_us
 
 from node.config import DicomwebDestination
 from node.errors import DeliveryError
+from node.send.base import in_parallel
 
 log = logging.getLogger(__name__)
 
@@ -86,27 +85,7 @@ class DicomWebSender:
 
     def send(self, paths: Sequence[Path]) -> None:
         todo = batches(paths, self.batch_size, self.batch_bytes)
-        stop = threading.Event()
-        errors: list[DeliveryError] = []
-
-        def store(batch: list[Path]) -> None:
-            if stop.is_set():
-                return
-            try:
-                self._store(batch)
-            except DeliveryError as exc:
-                errors.append(exc)
-                stop.set()
-
-        workers = max(1, min(self.parallel, len(todo)))
-        if workers == 1:
-            for batch in todo:
-                self._store(batch)
-        else:
-            with ThreadPoolExecutor(workers, thread_name_prefix=f"srnode-stow-{self.name}") as pool:
-                list(pool.map(store, todo))
-            if errors:
-                raise next((e for e in errors if not e.retryable), errors[0])
+        in_parallel(todo, self._store, self.parallel, f"srnode-stow-{self.name}")
         log.info("dicomweb destination %s: %d file(s) stored in %d request(s)", self.name, len(paths), len(todo))
 
     def _store(self, batch: list[Path]) -> None:

@@ -10,15 +10,14 @@ failure stops the uploads not yet started and is raised (a non-retryable one fir
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from orthanc_api_client import OrthancApiClient, exceptions
 
 from node.config import OrthancDestination
 from node.errors import DeliveryError
+from node.send.base import in_parallel
 
 log = logging.getLogger(__name__)
 
@@ -52,27 +51,7 @@ class OrthancSender:
         return DeliveryError(f"orthanc destination {self.name!r} ({self.url}): {what}: {detail}", retryable)
 
     def send(self, paths: Sequence[Path]) -> None:
-        stop = threading.Event()
-        errors: list[DeliveryError] = []
-
-        def upload(path: Path) -> None:
-            if stop.is_set():
-                return
-            try:
-                self._upload(Path(path))
-            except DeliveryError as exc:
-                errors.append(exc)
-                stop.set()
-
-        workers = max(1, min(self.parallel, len(paths)))
-        if workers == 1:
-            for path in paths:
-                self._upload(Path(path))
-        else:
-            with ThreadPoolExecutor(workers, thread_name_prefix=f"srnode-orthanc-{self.name}") as pool:
-                list(pool.map(upload, paths))
-            if errors:
-                raise next((e for e in errors if not e.retryable), errors[0])
+        in_parallel([Path(p) for p in paths], self._upload, self.parallel, f"srnode-orthanc-{self.name}")
         log.info("orthanc destination %s: %d file(s) stored", self.name, len(paths))
 
     def _upload(self, path: Path) -> None:

@@ -15,26 +15,17 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from node.series.mosaic import SIEMENS_MR_HEADER
-from node.series.slices import Slice
+from node.series.slices import Slice, frame_group_item
 
 # numeric dimension values within this (absolute, in the attribute's unit) count as one value
 VALUE_TOL = 1e-3
-
-
-def _item(ds: Dataset, seq: str, frame: int) -> Dataset | None:
-    """Functional group ``seq``'s item for ``frame`` (per-frame first, then shared), or None."""
-    for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
-        g = ds.get(groups)
-        if g is not None and len(g) > idx and seq in g[idx] and len(g[idx][seq].value) > 0:
-            return g[idx][seq].value[0]  # type: ignore[no-any-return]
-    return None
 
 
 def _frame_value(s: Slice, seq: str, keyword: str) -> Any:
     """``keyword`` inside functional group ``seq`` of the slice's frame (enhanced objects only), else None."""
     if s.frame < 0:
         return None
-    item = _item(s.ds, seq, s.frame)
+    item = frame_group_item(s.ds, seq, s.frame)
     return item.get(keyword) if item is not None else None
 
 
@@ -102,7 +93,7 @@ def _diffusion(s: Slice) -> Hashable:
     g: Any = None
     if s.frame >= 0:
         b = _frame_value(s, "MRDiffusionSequence", "DiffusionBValue")
-        item = _item(s.ds, "MRDiffusionSequence", s.frame)
+        item = frame_group_item(s.ds, "MRDiffusionSequence", s.frame)
         seq = item.get("DiffusionGradientDirectionSequence") if item is not None else None
         if seq:
             g = seq[0].get("DiffusionGradientOrientation")
