@@ -3,7 +3,8 @@
 Method. The sigma of a voxel is sqrt((u q / 1.96)^2 + noise^2): u = std over test-time views + k |engine - cubic|
 + j |grad engine| + EPS (features; k, j chosen by rank correlation with |error| on one half of the held-out internal
 pairs; through-plane, the features box-averaged along the axes not up-sampled, and the noise term's level measured
-on that half where u is smallest, ``noise_level``), q the split-conformal factor fitted on the other half so that 95 % of |error| lie within 1.96 sigma
+on that half where u is smallest, ``noise_level``), q the split-conformal factor fitted on the other half so that
+95 % of |error| lie within 1.96 sigma
 (split / inductive conformal prediction: Vovk, Gammerman & Shafer 2005, "Algorithmic Learning in a Random World";
 Lei, G'Sell, Rinaldo, Tibshirani & Wasserman 2018, "Distribution-free predictive inference for regression", JASA;
 finite-sample (n + 1) level as in Angelopoulos & Bates 2021, "A gentle introduction to conformal prediction").
@@ -32,8 +33,11 @@ EPS = 1e-3  # sigma floor in normalised units
 # columns; target: y and x) before they are weighted. The error level is locally smooth (the local-error oracle of
 # models.evaluate) while a voxel's own features are not; measured in docs/engines.md (sigma5)
 SMOOTH_RADIUS = 1
-# through-plane: the noise term's level is measured on the held-out pairs (``noise_level``) instead of trusting the
-# in-plane noise estimate (internal.noise_sigma), which texture inflates on MR (docs/engines.md, sigma5)
+# through-plane with >= 2 test-time views (u holds their spread): the noise term's level is measured on the held-out
+# pairs (``noise_level``) instead of trusting the in-plane noise estimate (internal.noise_sigma), which texture
+# inflates on MR. With one view (CPU fast mode) u is k |engine - cubic| + j |dz engine| alone, which transfers to the
+# target's acquired positions less well: there the lower noise term over-covered (MPRAGE 0.993, XA30 0.984) and
+# the estimate is kept (docs/engines.md, sigma5)
 NOISE_FROM_PAIRS = True
 LOW_U_FRACTION = 0.2  # ``noise_level``: the share of voxels with the smallest feature u where noise dominates |err|
 
@@ -220,9 +224,9 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
     "A gentle introduction to conformal prediction", finite-sample (n + 1) quantile), one q per output-row phase
     for through-plane pairs (row % fz: rows at the acquired positions keep most of the data through data
     consistency, the rows between do not, so one q would over-cover the former and under-cover the latter).
-    Through-plane pairs also: features box-averaged along the columns (``SMOOTH_RADIUS``) and the noise term's
-    level measured on the fit part (``noise_level``, ``NOISE_FROM_PAIRS``; the factor is ``noise_factor``, which
-    the caller applies to the target's noise too)."""
+    Through-plane pairs also: features box-averaged along the columns (``SMOOTH_RADIUS``) and, with ``n_flips``
+    >= 2, the noise term's level measured on the fit part (``noise_level``, ``NOISE_FROM_PAIRS``; the factor is
+    ``noise_factor``, which the caller applies to the target's noise too)."""
     h = _held(net, sets, n_flips, body)
     err = h.err
     if err.size == 0:
@@ -243,7 +247,7 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
     rho, k, j = best
     u = h.u(k, j)
     c = 1.0
-    if NOISE_FROM_PAIRS and sets and sets[0].task.node_rows:  # the noise level the fit part shows (``noise_level``)
+    if NOISE_FROM_PAIRS and n_flips >= 2 and sets and sets[0].task.node_rows:  # the fit part's noise level
         c = noise_level(np.abs(err[sub]), u[sub], h.noise[sub])
         h.noise = h.noise * c
     q, q_phase = _phase_q(h, u, cal, level)
