@@ -2,7 +2,9 @@
 
 Method. The sigma of a voxel is sqrt((u q / 1.96)^2 + noise^2): u = std over test-time views + k |engine - cubic|
 + j |grad engine| + EPS (features; k, j chosen by rank correlation with |error| on one half of the held-out internal
-pairs), q the split-conformal factor fitted on the other half so that 95 % of |error| lie within 1.96 sigma
+pairs; through-plane, the features box-averaged along the axes not up-sampled, and the noise term's level measured
+on that half where u is smallest, ``noise_level``), q the split-conformal factor fitted on the other half so that
+95 % of |error| lie within 1.96 sigma
 (split / inductive conformal prediction: Vovk, Gammerman & Shafer 2005, "Algorithmic Learning in a Random World";
 Lei, G'Sell, Rinaldo, Tibshirani & Wasserman 2018, "Distribution-free predictive inference for regression", JASA;
 finite-sample (n + 1) level as in Angelopoulos & Bates 2021, "A gentle introduction to conformal prediction").
@@ -27,6 +29,17 @@ from models.internal import PairSet, Task, _ranks, ensemble, noise_sigma, phase_
 from models.nets import SRNet
 
 EPS = 1e-3  # sigma floor in normalised units
+# through-plane: the features are averaged over a (2 r + 1) box along the axes that were not up-sampled (pairs: the
+# columns; target: y and x) before they are weighted. The error level is locally smooth (the local-error oracle of
+# models.evaluate) while a voxel's own features are not; measured in docs/engines.md (sigma5)
+SMOOTH_RADIUS = 1
+# through-plane with >= 2 test-time views (u holds their spread): the noise term's level is measured on the held-out
+# pairs (``noise_level``) instead of trusting the in-plane noise estimate (internal.noise_sigma), which texture
+# inflates on MR. With one view (CPU fast mode) u is k |engine - cubic| + j |dz engine| alone, which transfers to the
+# target's acquired positions less well: there the lower noise term over-covered (MPRAGE 0.993, XA30 0.984) and
+# the estimate is kept (docs/engines.md, sigma5)
+NOISE_FROM_PAIRS = True
+LOW_U_FRACTION = 0.2  # ``noise_level``: the share of voxels with the smallest feature u where noise dominates |err|
 
 
 @dataclass
@@ -40,6 +53,7 @@ class Validation:
     q_phase: tuple[float, ...] = ()  # q per output-row phase (row % fz; through-plane), () where one q serves all
     n_cal: int = 0  # calibration voxels (held-out pairs, body)
     u_shape: tuple[float, ...] = ()  # the pairs' mean feature u per phase / its mean over all (``phase_shape``)
+    noise_factor: float = 1.0  # the noise term's level measured on the pairs over the estimate's (``noise_level``)
 
     def q_rows(self, rows: int) -> np.ndarray:
         """(rows,) the conformal q of each output row (its phase row % len(q_phase); ``q`` without phases)."""
@@ -58,6 +72,49 @@ def edge(y: torch.Tensor, axes: tuple[int, ...]) -> torch.Tensor:
         d = torch.cat([d.narrow(a, 0, 1), d, d.narrow(a, n - 3, 1)], dim=a)
         total += d * d
     return total.sqrt()
+
+
+def box_smooth(x: torch.Tensor, dims: tuple[int, ...], radius: int) -> torch.Tensor:
+    """``x`` averaged over a (2 ``radius`` + 1) box along each of ``dims`` in turn (edges replicated), same shape
+    and dtype; ``x`` itself for radius 0."""
+    if radius <= 0:
+        return x
+    for d in dims:
+        y = x.movedim(d, -1)
+        shape = y.shape
+        flat = y.reshape(-1, 1, shape[-1])
+        flat = torch.nn.functional.pad(flat, (radius, radius), mode="replicate")
+        y = torch.nn.functional.avg_pool1d(flat, 2 * radius + 1, 1).reshape(shape)
+        x = y.movedim(-1, d)
+    return x
+
+
+@torch.no_grad()
+def target_u(v: Validation, fused: torch.Tensor, base: torch.Tensor, spread: torch.Tensor,
+             lr: torch.Tensor) -> torch.Tensor:
+    """(Zf, Y, X) the through-plane sigma feature u on the target grid: std over test-time views ``spread`` + k
+    |engine - cubic| + j |dz engine|, averaged over the in-plane ``SMOOTH_RADIUS`` box (as the pairs' features
+    along their columns, ``_held``) + EPS. ``fused`` the engine's output after data consistency, ``base`` cubic,
+    ``spread`` (all (Zf, Y, X), normalised units); ``lr`` the acquired (Z, Y, X) slices (unused: the features
+    that used it did not rank better, docs/engines.md sigma5)."""
+    raw = spread + v.k * (fused - base).abs() + v.j * edge(fused, (0,))
+    return box_smooth(raw, (1, 2), SMOOTH_RADIUS) + EPS
+
+
+def noise_level(abs_err: np.ndarray, u: np.ndarray, noise: np.ndarray, frac: float = LOW_U_FRACTION) -> float:
+    """The factor on the noise term that the pairs themselves show, in [0, 1]: over the ``frac`` of voxels with the
+    smallest feature u (where the engine's own error is smallest, so |err| is mostly the pair target's noise),
+    median(|err| / noise) / 0.6745 (the median of |N(0, 1)|). The engine's error left in those voxels biases it
+    up, so it is an upper bound and clipped at 1: the noise estimate is only ever lowered. 1 without noise or
+    voxels. Why: ``internal.noise_sigma`` (in-plane neighbour differences) counts fine texture as noise; on the MR
+    series it was 2-5 x the noise the pairs show, and a too-large noise term, constant per phase, drowns the
+    ranking of u (docs/engines.md, sigma5). ``abs_err``, ``u``, ``noise``: (N,) same units."""
+    ok = noise > 0
+    if abs_err.size == 0 or not np.any(ok):
+        return 1.0
+    e, uu, nn = abs_err[ok], u[ok], noise[ok]
+    low = uu <= np.quantile(uu, frac)
+    return float(np.clip(np.median(e[low] / nn[low]) / 0.6745, 0.0, 1.0))
 
 
 @dataclass
@@ -85,11 +142,12 @@ def _held(net: SRNet, sets: list[PairSet], n_flips: int, body: float) -> _Held:
         base = s.task.project(s.base.clone(), s.lr)
         m = s.hr > body
         m_np = m.cpu().numpy()
+        r = SMOOTH_RADIUS if s.task.node_rows else 0  # through-plane: along the columns, as ``target_u`` in-plane
         errs.append((pred - s.hr)[m].cpu().numpy())
         base_errs.append((base - s.hr)[m].cpu().numpy())
-        stds.append(spread[m].cpu().numpy())
-        deltas.append((pred - base)[m].abs().cpu().numpy())
-        edges.append(edge(pred, (-2,) if s.task.node_rows else (-2, -1))[m].cpu().numpy())
+        stds.append(box_smooth(spread, (-1,), r)[m].cpu().numpy())
+        deltas.append(box_smooth((pred - base).abs(), (-1,), r)[m].cpu().numpy())
+        edges.append(box_smooth(edge(pred, (-2,) if s.task.node_rows else (-2, -1)), (-1,), r)[m].cpu().numpy())
         rows = np.asarray(s.noise or (0.0,), dtype=np.float32)[np.arange(s.hr.shape[1]) % len(s.noise or (0.0,))]
         noises.append(np.broadcast_to(rows[None, :, None], s.hr.shape)[m_np])
         nph = s.task.fz if s.task.node_rows else 1
@@ -165,7 +223,10 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
     voxels), then split-conformal q on the other held-out voxels (Vovk et al. 2005; Angelopoulos & Bates 2021,
     "A gentle introduction to conformal prediction", finite-sample (n + 1) quantile), one q per output-row phase
     for through-plane pairs (row % fz: rows at the acquired positions keep most of the data through data
-    consistency, the rows between do not, so one q would over-cover the former and under-cover the latter)."""
+    consistency, the rows between do not, so one q would over-cover the former and under-cover the latter).
+    Through-plane pairs also: features box-averaged along the columns (``SMOOTH_RADIUS``) and, with ``n_flips``
+    >= 2, the noise term's level measured on the fit part (``noise_level``, ``NOISE_FROM_PAIRS``; the factor is
+    ``noise_factor``, which the caller applies to the target's noise too)."""
     h = _held(net, sets, n_flips, body)
     err = h.err
     if err.size == 0:
@@ -185,12 +246,16 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
             best = max(best, (rho, k, j))
     rho, k, j = best
     u = h.u(k, j)
+    c = 1.0
+    if NOISE_FROM_PAIRS and n_flips >= 2 and sets and sets[0].task.node_rows:  # the fit part's noise level
+        c = noise_level(np.abs(err[sub]), u[sub], h.noise[sub])
+        h.noise = h.noise * c
     q, q_phase = _phase_q(h, u, cal, level)
     qv = np.asarray(q_phase or (q,))[h.phase]
     cov = float(np.mean(np.abs(err) <= 1.96 * np.sqrt((u * (qv / 1.96)) ** 2 + h.noise**2)))
     nph = len(q_phase)
     shape = tuple(float(x) for x in phase_shape(u[cal], h.phase[cal], nph)) if nph > 1 else ()
-    return Validation(gain, k, q, rho, cov, j, q_phase, int(cal.size), shape)
+    return Validation(gain, k, q, rho, cov, j, q_phase, int(cal.size), shape, c)
 
 
 @torch.no_grad()
@@ -221,56 +286,12 @@ def finetune_factor(gain_tuned_db: float, gain_prior_db: float, cap: float = 4.0
     return float(np.clip(f, 1.0, cap)) if math.isfinite(f) else cap  # a non-finite gain: the widest interval
 
 
-def target_gain_factor(near_tuned_db: float, near_prior_db: float, far_tuned_db: float, far_prior_db: float,
-                       cap: float = 4.0) -> float:
-    """The factor on q that undoes the fine-tuning's gain on the held-out pairs *beyond* the gain it also gives the
-    target: ``finetune_factor`` of the near split (the held-out in-plane pairs next to the fine-tuning slices)
-    divided by that of a far split, pairs as far from the fine-tuning data as the target is (``z_pairs``: the
-    target's own axis one scale coarser, whose inputs and targets are the acquired slices along z, not the
-    in-plane profiles that fine-tuning fits), i.e. 10^((near gain - far gain) / 20) with gain = tuned - prior dB;
-    in [1, ``cap``]. A far gain <= 0 (fine-tuning did not help along z) gives ``finetune_factor``; a far gain
-    >= the near gain gives 1. Non-finite inputs: the near factor alone (``finetune_factor``'s rules).
-    Measured in docs/engines.md (calib4)."""
-    near = finetune_factor(near_tuned_db, near_prior_db, cap)
-    far_db = far_tuned_db - far_prior_db
-    if not math.isfinite(far_db) or not math.isfinite(near_tuned_db - near_prior_db):
-        return near
-    f = near / 10 ** (max(far_db, 0.0) / 20.0)
-    return float(np.clip(f, 1.0, cap))
-
-
-def far_split(n: int, train: np.ndarray, val: np.ndarray, frac: float = 0.25, gap: int = 2,
-              n_train: int = 48, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A block split along z for measuring how much of fine-tuning's held-out gain is leak: (probe training
-    slices, near held-out slices, far held-out slices), axial indices of an ``n``-slice volume.
-
-    The far block is the central ``frac`` of the slices (>= 3); the probe trains on the fine-tuning slices
-    ``train`` that lie more than ``gap`` slices from it (at most ``n_train``, drawn with ``seed``); near = the
-    held-out slices ``val`` outside that margin (next to probe training slices, as the engine's held-out pairs
-    are next to its fine-tuning slices); far = every slice of the block (none is a probe training slice, the
-    nearest is ``gap`` + 1 slices away). Any of the three is empty when ``n`` is too small (< 4 * (``gap`` + 1)
-    + 3, about)."""
-    w = max(3, int(round(frac * n)))
-    a = max(0, (n - w) // 2)
-    far = np.arange(a, min(n, a + w))
-    out = (np.asarray(train) < a - gap) | (np.asarray(train) >= a + w + gap)
-    probe = np.asarray(train)[out]
-    if probe.size > n_train:
-        probe = np.sort(np.random.default_rng(seed).choice(probe, n_train, replace=False))
-    v = np.asarray(val)
-    near = v[(v < a - gap) | (v >= a + w + gap)]
-    return probe.astype(np.int64), near.astype(np.int64), far.astype(np.int64)
-
-
 def leak_factor(near_probe_db: float, near_prior_db: float, far_probe_db: float, far_prior_db: float,
                 cap: float = 4.0) -> float:
-    """The factor on q that undoes the part of fine-tuning's held-out gain the target does not share, from a
-    probe net fine-tuned on a block split (``far_split``): its gain over the prior net on the near held-out
-    pairs (next to its training slices) minus that on the far block's pairs, 10^((near - far) / 20) with
-    gain = probe - prior dB (held-out PSNR gains over cubic, ``heldout_gain``), in [1, ``cap``]; ``cap`` when a
-    gain is not finite. The far block is as far from the probe's fine-tuning data as the target is from the
-    engine's (no slice near it was fitted), so the near / far error ratio is the held-out pairs' optimism.
-    Measured in docs/engines.md (calib4)."""
+    """The direct near / far factor of a probe: its gain over the prior net on near pairs minus that on far pairs,
+    10^((near - far) / 20) with gain = probe - prior dB (held-out PSNR gains over cubic, ``heldout_gain``), in
+    [1, ``cap``]; ``cap`` when a gain is not finite. ``selfsup`` reports it for the coarse probe
+    (``through_sigma_coarse_direct_factor``) as a diagnostic and does not use it (docs/engines.md, calib4)."""
     d = (near_probe_db - near_prior_db) - (far_probe_db - far_prior_db)
     if not math.isfinite(d):
         return cap
@@ -303,6 +324,7 @@ def calibrate(net: SRNet, sets: list[PairSet], n_flips: int, v: Validation, body
     h = _held(net, sets, n_flips, body)
     if h.err.size < 200:
         return None
+    h.noise = h.noise * v.noise_factor  # the level ``validate`` measured
     idx = np.random.default_rng(seed).permutation(h.err.size)[:400_000]
     u = h.u(v.k, v.j)
     q, q_phase = _phase_q(h, u, idx, level)
@@ -310,7 +332,7 @@ def calibrate(net: SRNet, sets: list[PairSet], n_flips: int, v: Validation, body
     cov = float(np.mean(np.abs(h.err) <= 1.96 * np.sqrt((u * (qv / 1.96)) ** 2 + h.noise**2)))
     rank = spearman(u[idx[:100_000]], np.abs(h.err[idx[:100_000]]))
     shape = tuple(float(x) for x in phase_shape(u[idx], h.phase[idx], len(q_phase))) if len(q_phase) > 1 else ()
-    return Validation(v.gain_db, v.k, q, rank, cov, v.j, q_phase, int(idx.size), shape)
+    return Validation(v.gain_db, v.k, q, rank, cov, v.j, q_phase, int(idx.size), shape, v.noise_factor)
 
 
 def z_pairs(vol: np.ndarray, model: DegradationModel, device: torch.device, planes: int = 24,

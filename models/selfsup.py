@@ -7,7 +7,8 @@ upscale(volume, factors):
   3. self-check on held-out axial slices: gain over cubic < ``min_gain_db`` -> cubic, with the reason;
   4. apply the net along z on coronal and sagittal stacks x flips (``tta_passes``), fuse by the mean;
   5. data consistency: project so that re-degrading reproduces the acquired slices; report the residual;
-  6. sigma = sqrt(((std over flips + k |engine - cubic| + j |dz engine|) * q / 1.96)^2 + target noise^2): k, j, q
+  6. sigma = sqrt(((std over flips + k |engine - cubic| + j |dz engine|, box-averaged in-plane) * q / 1.96)^2
+     + (c target noise)^2): k, j, q, c (the noise level the pairs show, calibration.noise_level)
      fitted on the held-out pairs and scaled by how much harder z is than in-plane at the acquired scale (internal.z_difficulty),
      the truth-grid noise no engine can predict (in-plane noise of the data x the per-slice-phase gain of
      internal.phase_noise) replaces, in quadrature, the pairs' own target noise that the q fit accounted for;
@@ -67,13 +68,10 @@ SIGMA_FROM = "xy_floor"
 # pairs' task, so the held-out pairs' error understates the target's (docs/engines.md, calib3 and calib4)
 FINETUNE_SIGMA = True
 # how much of that held-out gain the target shares: "none" (the target gains nothing from fine-tuning: the factor is
-# the prior's held-out error over the fine-tuned net's), "z" (the gain fine-tuning gives on the z pairs, the
-# target's own axis one scale coarser, is taken as the target's and divided out: calibration.target_gain_factor) or
-# "block" (a probe net fine-tuned like the engine's on a block split along z, calibration.far_split: the factor is
-# its near / far held-out error ratio, calibration.leak_factor; one more fine-tuning run, sigma only) or "coarse"
-# (a probe fine-tuned like the engine's one scale coarser, where the z pairs give the target axis a truth: the share
-# of its in-plane held-out gain that reaches the z pairs is the share of the engine's gain the target gets,
-# calibration.transfer_factor; one more fine-tuning run, sigma only)
+# the prior's held-out error over the fine-tuned net's) or "coarse" (a probe fine-tuned like the engine's one scale
+# coarser, where the z pairs give the target axis a truth: the share of its in-plane held-out gain that reaches the
+# z pairs is the share of the engine's gain the target gets, calibration.transfer_factor; one more fine-tuning run,
+# sigma only). The "z" and "block" variants of calib4 were measured and removed (docs/engines.md, sigma5).
 FINETUNE_FAR = "coarse"
 # how the coronal (x-z planes) and sagittal (y-z planes) passes are fused: "mean", or "sigma" (per voxel, each
 # orientation weighted by 1 / (its spread over flips^2 + eps^2); needs >= 2 flips per orientation, else the mean)
@@ -278,7 +276,7 @@ class SelfSupEngine:
             zf_rows = (vol_n.shape[0] - 1) * f + 1  # truth-noise sd per output slice (its phase k % f)
             extra = il.target_noise_rows(il.noise_sigma(vol_n), model, min(spacing[1:]), zf_rows)
             rho = il.z_difficulty(vol_n, spacing, model, val_z)
-            use_z = SIGMA_FROM in ("z", "mean", "max") or (FINETUNE_SIGMA and FINETUNE_FAR in ("z", "coarse")
+            use_z = SIGMA_FROM in ("z", "mean", "max") or (FINETUNE_SIGMA and FINETUNE_FAR == "coarse"
                                                            and not self._skip_training(kind))
             zsets = cal.z_pairs(vol_n, model, device, src_spacing=min(spacing[1:])) if use_z else []
             return extra, rho, zsets
@@ -293,12 +291,7 @@ class SelfSupEngine:
         if not self._skip_training():
             with torch.random.fork_rng(devices=[]):  # a net without prior weights must not move the caller's RNG
                 prior_net = make_net(prior, kind, f, 1, device)[0].eval()
-        far_probe: Callable[[int], tuple[float, float, float, float] | None] | None = None
         coarse_probe: Callable[[int, list[il.PairSet]], tuple[float, float, float, float] | None] | None = None
-        if prior_net is not None and FINETUNE_SIGMA and FINETUNE_FAR == "block":
-            def far_probe(n_flips: int) -> tuple[float, float, float, float] | None:
-                return self._far_probe(kind, vol_n, spacing, model, prior, device, train_z, val_z, prior_net,
-                                       n_flips, report)
         if prior_net is not None and FINETUNE_SIGMA and FINETUNE_FAR == "coarse":
             def coarse_probe(n_flips: int, zsets: list[il.PairSet]) -> tuple[float, float, float, float] | None:
                 return self._coarse_probe(kind, vol_n, spacing, model, prior, device, train_z, val_z, prior_net,
@@ -314,7 +307,7 @@ class SelfSupEngine:
         with contextlib.ExitStack() as held:
             forward = self._compiled(net, stacks[:orients], chunks, task, held, report, kind)
             return self._passes(kind, net, forward, x, stacks, chunks, orients, task, dcm, passes, val_job,
-                                helpers, side, report, progress, prior_net, far_probe, coarse_probe)
+                                helpers, side, report, progress, prior_net, coarse_probe)
 
     def _coarse_probe(
         self, kind: str, vol_n: np.ndarray, spacing: tuple[float, float, float], model: DegradationModel,
@@ -341,35 +334,6 @@ class SelfSupEngine:
                cal.heldout_gain(net, zsets, n_flips), cal.heldout_gain(prior_net, zsets, n_flips))
         report.update({f"{kind}_sigma_coarse_probe_gains_db": [round(g, 3) for g in out],
                        f"{kind}_sigma_coarse_probe_s": round(time.perf_counter() - t, 3)})
-        return out
-
-    def _far_probe(
-        self, kind: str, vol_n: np.ndarray, spacing: tuple[float, float, float], model: DegradationModel,
-        prior: dict[str, Any], device: torch.device, train_z: np.ndarray, val_z: np.ndarray, prior_net: SRNet,
-        n_flips: int, report: dict[str, Any],
-    ) -> tuple[float, float, float, float] | None:
-        """Sigma only: a probe net fine-tuned like the engine's (same steps, rate, sampling, seed) on the slices of
-        ``calibration.far_split``; (probe near gain, prior near gain, probe far gain, prior far gain) in dB over
-        cubic (``calibration.heldout_gain``), or None when the volume is too short for the split."""
-        t = time.perf_counter()
-        probe_z, near_z, far_z = cal.far_split(vol_n.shape[0], train_z, val_z, seed=self.options.seed)
-        if min(probe_z.size, near_z.size, far_z.size) == 0:
-            return None
-        sets = il.through_pairs(vol_n, spacing, model, probe_z, device)
-        near = il.through_pairs(vol_n, spacing, model, near_z, device)
-        far = il.through_pairs(vol_n, spacing, model, far_z, device)
-        if not (sets and near and far):
-            return None
-        with torch.random.fork_rng(devices=[]):  # the engine's RNG stream stays as without the probe
-            net, from_prior = make_net(prior, kind, model.factor, 1, device)
-            il.train(net, sets, self._steps(kind), FINETUNE_LR if from_prior else 1e-3, self.options.seed,
-                     sampling=SAMPLING)
-        net.eval()
-        out = (cal.heldout_gain(net, near, n_flips), cal.heldout_gain(prior_net, near, n_flips),
-               cal.heldout_gain(net, far, n_flips), cal.heldout_gain(prior_net, far, n_flips))
-        report.update({f"{kind}_sigma_probe_slices": [int(probe_z.size), int(near_z.size), int(far_z.size)],
-                       f"{kind}_sigma_probe_gains_db": [round(g, 3) for g in out],
-                       f"{kind}_sigma_probe_s": round(time.perf_counter() - t, 3)})
         return out
 
     def _compiled(self, net: SRNet, stacks: list[torch.Tensor], chunks: list[int], task: il.Task,
@@ -411,7 +375,6 @@ class SelfSupEngine:
         passes: int, val_job: Future[list[il.PairSet]], helpers: Future[tuple[np.ndarray, float, list[il.PairSet]]],
         side: torch.cuda.Stream | None, report: dict[str, Any], progress: Progress | None,
         prior_net: SRNet | None = None,
-        far_probe: Callable[[int], tuple[float, float, float, float] | None] | None = None,
         coarse_probe: Callable[[int, list[il.PairSet]], tuple[float, float, float, float] | None] | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
         """The network passes (coronal and sagittal stacks x flips), their fusion, data consistency, the
@@ -487,7 +450,7 @@ class SelfSupEngine:
               if SIGMA_FROM in ("z", "mean", "max") else None)  # z pairs built for FINETUNE_FAR only: no q from them
         q_z = vz.q_rows(f) if vz is not None else q_xy
         q_pool = np.full(f, v.q * rho)  # one q for all phases
-        raw = spread + v.k * (fused - base).abs() + v.j * cal.edge(fused, (0,)) + cal.EPS
+        raw = cal.target_u(v, fused, base, spread, x)
         t_shape = np.ones(f)
         if SIGMA_FROM in ("xy_shape", "xy_phase_shape"):  # body as the pairs' (calibration.validate)
             t_shape = cal.target_phase_shape(raw, fused > 0.05, f)
@@ -502,17 +465,6 @@ class SelfSupEngine:
             ft = cal.finetune_factor(v.gain_db, g_prior)
             report.update({f"{kind}_sigma_prior_gain_db": round(g_prior, 3),
                            f"{kind}_sigma_finetune_factor_near": round(ft, 4)})
-            if FINETUNE_FAR == "z" and zsets:  # the target's own gain from fine-tuning, estimated along z
-                g_far_t = _on(side, lambda: cal.heldout_gain(net, zsets, n_flips))
-                g_far_p = _on(side, lambda: cal.heldout_gain(prior_net, zsets, n_flips))
-                ft = cal.target_gain_factor(v.gain_db, g_prior, g_far_t, g_far_p)
-                report.update({f"{kind}_sigma_far_gain_db": round(g_far_t, 3),
-                               f"{kind}_sigma_far_prior_gain_db": round(g_far_p, 3)})
-            probe = _on(side, lambda: far_probe(n_flips)) if far_probe is not None else None
-            if probe is not None:  # the near / far error ratio of a probe fine-tuned on a block split along z
-                ft = cal.leak_factor(*probe)
-                report[f"{kind}_sigma_leak_factor_mixed"] = round(
-                    cal.target_gain_factor(v.gain_db, g_prior, probe[2], probe[3]), 4)
             cp = _on(side, lambda: coarse_probe(n_flips, zsets)) if coarse_probe is not None else None
             if cp is not None:  # the share of the held-out gain that reaches the z axis, one scale coarser
                 ft = cal.transfer_factor(v.gain_db, g_prior, *cp)
@@ -520,6 +472,7 @@ class SelfSupEngine:
             q_phase = q_phase * ft
             report[f"{kind}_sigma_finetune_factor"] = round(ft, 4)
         report.update({f"{kind}_sigma_target_noise": [round(float(e), 5) for e in extra[:f]],
+                       f"{kind}_sigma_noise_factor": round(v.noise_factor, 4),
                        f"{kind}_sigma_z_difficulty": round(rho, 3),
                        f"{kind}_sigma_q_xy": [round(float(q), 4) for q in q_xy],
                        f"{kind}_sigma_q_used": [round(float(q), 4) for q in q_phase],
@@ -529,7 +482,7 @@ class SelfSupEngine:
             report.update({f"{kind}_sigma_q_z": [round(float(q), 4) for q in vz.q_rows(f)],
                            f"{kind}_z_pairs_coverage_95": round(vz.coverage_95, 3),
                            f"{kind}_z_pairs_spearman": round(vz.spearman, 3), f"{kind}_z_pairs_n_cal": vz.n_cal})
-        noise = torch.from_numpy(extra).float().to(fused.device)[:, None, None]
+        noise = torch.from_numpy(extra * v.noise_factor).float().to(fused.device)[:, None, None]  # pairs' level
         q_rows = torch.from_numpy(q_phase[np.arange(raw.shape[0]) % f]).float().to(fused.device)[:, None, None]
         sigma = ((raw * (q_rows / 1.96)) ** 2 + noise**2).sqrt()
         return fused, sigma, ""

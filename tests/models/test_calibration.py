@@ -174,55 +174,13 @@ def test_finetune_factor_of_a_non_finite_gain_is_the_widest_not_nan() -> None:
     assert abs(finetune_factor(2.0, 1.0) - 10 ** (1 / 20)) < 1e-12
 
 
-def test_far_split_keeps_the_far_block_away_from_the_probe_training_slices() -> None:
-    """calib4: the block split that measures fine-tuning's leak into the held-out pairs."""
-    train, val = il.split_slices(60, 48, 12, 0)
-    probe, near, far = cal.far_split(60, train, val, gap=2)
-    assert far.size == 15 and far[0] == 22 and far[-1] == 36  # the central quarter
-    assert probe.size > 0 and near.size > 0
-    assert np.min(np.abs(probe[:, None] - far[None, :])) > 2  # no probe slice within the gap
-    assert np.min(np.abs(near[:, None] - far[None, :])) > 2
-    assert set(probe) <= set(train) and set(near) <= set(val)
-    assert np.min(np.abs(near[:, None] - probe[None, :])) == 1  # near = next to probe training slices
-    p2, n2, f2 = cal.far_split(6, *il.split_slices(6, 48, 12, 0))
-    assert min(p2.size, n2.size, f2.size) == 0  # too short: the engine keeps the near factor
-
-
 def test_leak_factor_is_the_near_over_far_gain_of_the_probe() -> None:
     """Near gain 7.9 dB, far 3.2 dB (probe - prior): factor 10^(4.7/20); no leak or a negative one: 1; capped;
-    non-finite: the cap. ``target_gain_factor`` divides the near factor by the far gain's."""
+    non-finite: the cap."""
     assert abs(cal.leak_factor(12.3, 4.4, 7.5, 4.3) - 10 ** ((7.9 - 3.2) / 20)) < 1e-9
     assert cal.leak_factor(5.0, 4.0, 6.0, 4.0) == 1.0
     assert cal.leak_factor(40.0, 0.0, 0.0, 0.0) == 4.0
     assert cal.leak_factor(float("nan"), 0.0, 0.0, 0.0) == 4.0
-    assert abs(cal.target_gain_factor(12.3, 4.4, 5.0, 3.0) - 10 ** ((7.9 - 2.0) / 20)) < 1e-9
-    assert cal.target_gain_factor(12.3, 4.4, 3.0, 5.0) == cal.finetune_factor(12.3, 4.4)  # far gain < 0: none
-
-
-def test_leak_factor_of_a_probe_on_a_known_noise_volume() -> None:
-    """Smooth volume + white noise of known sd, thick x2 slices: a probe that is the prior (no fine-tuning)
-    has no leak (factor 1 exactly); a probe fine-tuned a few steps on the block split's training slices gives a
-    finite factor in [1, 4]."""
-    sd = 0.02
-    rng = np.random.default_rng(7)
-    thin = _smooth((81, 40, 40), 8) + rng.normal(0.0, sd, (81, 40, 40)).astype(np.float32)
-    thick = degrade_through_plane(thin, 2, 2.0)  # (41, 40, 40)
-    model = DegradationModel(2, 1, 2.0, 2.0, 1.0)
-    cpu = torch.device("cpu")
-    train, val = il.split_slices(thick.shape[0], 48, 12, 0)
-    probe_z, near_z, far_z = cal.far_split(thick.shape[0], train, val)
-    near = il.through_pairs(thick, (2.0, 1.0, 1.0), model, near_z, cpu)
-    far = il.through_pairs(thick, (2.0, 1.0, 1.0), model, far_z, cpu)
-    torch.manual_seed(0)
-    prior = SRNet(SRNetConfig(fz=2, fx=1, width=8, depth=3))
-    gains = [cal.heldout_gain(prior, s, 1) for s in (near, far)]
-    assert cal.leak_factor(gains[0], gains[0], gains[1], gains[1]) == 1.0
-    probe = SRNet(SRNetConfig(fz=2, fx=1, width=8, depth=3))
-    probe.load_state_dict(prior.state_dict())
-    il.train(probe, il.through_pairs(thick, (2.0, 1.0, 1.0), model, probe_z, cpu), 30, 1e-3, 0)
-    probe.eval()
-    f = cal.leak_factor(cal.heldout_gain(probe, near, 1), gains[0], cal.heldout_gain(probe, far, 1), gains[1])
-    assert 1.0 <= f <= 4.0 and np.isfinite(f), f
 
 
 def test_transfer_factor_keeps_the_share_of_the_gain_the_z_axis_gets() -> None:
@@ -264,3 +222,60 @@ def test_coarse_probe_on_a_known_noise_volume() -> None:
     probe.eval()
     f = cal.transfer_factor(6.0, 2.0, cal.heldout_gain(probe, held, 1), gp[0], cal.heldout_gain(probe, zs, 1), gp[1])
     assert 1.0 <= f <= cal.finetune_factor(6.0, 2.0) and np.isfinite(f), f
+
+
+def test_noise_level_is_the_noise_the_low_feature_voxels_show() -> None:
+    """sigma5: |err| = noise of sd 0.5 x the estimate where the feature u is small (plus an engine error that grows
+    with u): the factor is ~0.5; noise as estimated: 1 (clipped, never above); no noise term: 1."""
+    rng = np.random.default_rng(3)
+    u = rng.uniform(0.0, 1.0, 50_000)
+    est = np.full(u.size, 0.02)
+    err = np.abs(rng.normal(0.0, 0.01, u.size) + rng.normal(0.0, 1.0, u.size) * 0.05 * u**2)
+    c = cal.noise_level(err, u, est)
+    assert 0.45 < c < 0.56, c
+    assert cal.noise_level(np.abs(rng.normal(0.0, 0.03, u.size)), u, est) == 1.0
+    assert cal.noise_level(err, u, np.zeros(u.size)) == 1.0
+    assert cal.noise_level(np.zeros(0), np.zeros(0), np.zeros(0)) == 1.0
+
+
+def test_box_smooth_averages_along_the_given_axes_only() -> None:
+    x = torch.zeros(3, 5, 7)
+    x[1, 2, 3] = 9.0
+    y = cal.box_smooth(x, (1, 2), 1)
+    assert torch.allclose(y[1, 1:4, 2:5], torch.ones(3, 3)) and float(y.sum()) == 9.0 and float(y[0].abs().sum()) == 0
+    assert torch.equal(cal.box_smooth(x, (1, 2), 0), x)
+    e = cal.box_smooth(torch.arange(4.0)[None], (1,), 1)  # edges replicated
+    assert torch.allclose(e, torch.tensor([[1 / 3, 1.0, 2.0, 8 / 3]]))
+
+
+def test_through_sigma_ranks_the_noisier_region_higher() -> None:
+    """sigma5: smooth thin volume whose right half carries 8 x the noise of the left; thick x2 slices. A net
+    fine-tuned a few steps on the series' own pairs, validated on held-out pairs (features, k, j, noise level, q),
+    then sigma on the target grid as ``selfsup`` makes it (``target_u``): sigma is higher on the noisy half, ranks
+    |error| against the thin truth, and the noise level the pairs show stays in (0, 1]."""
+    rng = np.random.default_rng(5)
+    shape = (61, 40, 48)
+    sd = np.where(np.arange(shape[2]) < 24, 0.004, 0.032).astype(np.float32)[None, None, :]
+    thin = _smooth(shape, 6) + rng.normal(0.0, 1.0, shape).astype(np.float32) * sd
+    thick = degrade_through_plane(thin, 2, 2.0)  # (31, 40, 48)
+    model = DegradationModel(2, 1, 2.0, 2.0, 1.0)
+    cpu = torch.device("cpu")
+    train_z, val_z = il.split_slices(thick.shape[0], 48, 12, 0)
+    torch.manual_seed(0)
+    net = SRNet(SRNetConfig(fz=2, fx=1, width=8, depth=3))
+    il.train(net, il.through_pairs(thick, (2.0, 1.0, 1.0), model, train_z, cpu), 40, 1e-3, 0)
+    v = cal.validate(net, il.through_pairs(thick, (2.0, 1.0, 1.0), model, val_z, cpu), 2)
+    assert 0.0 < v.noise_factor <= 1.0 and len(v.q_phase) == 2
+    task = il.Task(2, 1, True, model)
+    x = torch.from_numpy(thick).permute(1, 0, 2)  # coronal (Y, Z, X)
+    rs = torch.stack([il.residual(net, x, task, fl) for fl in il.FLIPS[:2]])
+    base = task.base(x)
+    fused = task.project(base + rs.mean(0), x).permute(1, 0, 2)  # (Zf, Y, X)
+    spread = rs.std(0, unbiased=False).permute(1, 0, 2)
+    u = cal.target_u(v, fused, base.permute(1, 0, 2), spread, torch.from_numpy(thick))
+    noise = il.target_noise_rows(il.noise_sigma(thick, body=0.0), model, 1.0, u.shape[0]) * v.noise_factor
+    q = v.q_rows(u.shape[0])
+    sigma = np.sqrt((u.numpy() * q[:, None, None] / 1.96) ** 2 + noise[:, None, None] ** 2)[2:-2]
+    err = np.abs(fused.numpy() - thin)[2:-2]
+    assert sigma[..., 28:].mean() > 1.5 * sigma[..., :20].mean(), (sigma[..., 28:].mean(), sigma[..., :20].mean())
+    assert il.spearman(sigma.ravel(), err.ravel()) > 0.3
