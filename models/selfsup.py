@@ -450,7 +450,7 @@ class SelfSupEngine:
               if SIGMA_FROM in ("z", "mean", "max") else None)  # z pairs built for FINETUNE_FAR only: no q from them
         q_z = vz.q_rows(f) if vz is not None else q_xy
         q_pool = np.full(f, v.q * rho)  # one q for all phases
-        raw = cal.target_u(v, fused, base, spread, x)
+        raw = cal.target_u(v, fused, base, spread)
         t_shape = np.ones(f)
         if SIGMA_FROM in ("xy_shape", "xy_phase_shape"):  # body as the pairs' (calibration.validate)
             t_shape = cal.target_phase_shape(raw, fused > 0.05, f)

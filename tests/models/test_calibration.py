@@ -272,7 +272,7 @@ def test_through_sigma_ranks_the_noisier_region_higher() -> None:
     base = task.base(x)
     fused = task.project(base + rs.mean(0), x).permute(1, 0, 2)  # (Zf, Y, X)
     spread = rs.std(0, unbiased=False).permute(1, 0, 2)
-    u = cal.target_u(v, fused, base.permute(1, 0, 2), spread, torch.from_numpy(thick))
+    u = cal.target_u(v, fused, base.permute(1, 0, 2), spread)
     noise = il.target_noise_rows(il.noise_sigma(thick, body=0.0), model, 1.0, u.shape[0]) * v.noise_factor
     q = v.q_rows(u.shape[0])
     sigma = np.sqrt((u.numpy() * q[:, None, None] / 1.96) ** 2 + noise[:, None, None] ** 2)[2:-2]
