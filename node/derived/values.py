@@ -58,8 +58,8 @@ def output_format(vol: SeriesVolume, data: np.ndarray) -> tuple[StoredFormat, st
                           f"in magnitude, beyond the {MAX_MODALITY_ABS:g} a derived series can hold; "
                           "no derived series is written")
     formats = vol.formats or [StoredFormat(vol.rescale_slope, vol.rescale_intercept,
-                                           int(vol.datasets[0].get("BitsStored", 16) or 16),
-                                           bool(int(vol.datasets[0].get("PixelRepresentation", 0) or 0)))]
+                                           vol.datasets.record(0).bits_stored,
+                                           bool(vol.datasets.record(0).pixel_representation))]
     lo = float(min(np.min(data, initial=np.inf), np.min(vol.data, initial=np.inf)))
     hi = float(max(np.max(data, initial=-np.inf), np.max(vol.data, initial=-np.inf)))
     rescales = {(f.slope, f.intercept) for f in formats}
