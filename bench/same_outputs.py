@@ -1,7 +1,8 @@
 """Are two code versions' outputs the same? ``srnode process`` of one input by two versions (``--code`` folders
 holding ``node`` and ``models``), then every output file compared: same relative paths, same SOPInstanceUID, same
 PixelData / FloatPixelData bytes, and every other element equal (recursively, sequences included) except the
-run's date and time (elements of VR DA, TM, DT). Prints one line per differing element (at most 20) and a summary;
+run's date and time (elements of VR DA, TM, DT) and the Parametric Map's DimensionOrganizationUID (highdicom
+draws a random one per map). Prints one line per differing element (at most 20) and a summary;
 exit 0 when all are the same.
 
     python bench/same_outputs.py --code-a /path/old --code-b . [--config cfg.toml] IN_DIR
@@ -22,6 +23,8 @@ import pydicom
 from pydicom.dataset import Dataset
 
 SKIP_VR = {"DA", "TM", "DT"}
+# highdicom draws a new DimensionOrganizationUID (a random UID) for every Parametric Map it builds
+SKIP_KEYWORDS = {"DimensionOrganizationUID"}
 
 
 def _diff(a: Dataset, b: Dataset, where: str, out: list[str]) -> None:
@@ -32,7 +35,7 @@ def _diff(a: Dataset, b: Dataset, where: str, out: list[str]) -> None:
         if ea is None or eb is None:
             out.append(f"{name}: only in {'b' if ea is None else 'a'}")
             continue
-        if ea.VR in SKIP_VR and eb.VR in SKIP_VR:
+        if (ea.VR in SKIP_VR and eb.VR in SKIP_VR) or ea.keyword in SKIP_KEYWORDS:
             continue
         if ea.VR == "SQ" and eb.VR == "SQ":
             if len(ea.value) != len(eb.value):

@@ -7,6 +7,8 @@ offline, so both paths produce the same objects. Engine failures (EngineError, o
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import time
@@ -183,6 +185,21 @@ def _release_input_headers(vols: list[SeriesVolume]) -> None:
     after all of them were built (hence here, after ``load_volumes``)."""
     for vol in vols:
         vol.datasets.release(conform_dataset)
+    _give_back_memory()
+
+
+def _give_back_memory() -> None:
+    """Collect and hand the C heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere).
+
+    The headers and pixels just let go of were small objects spread over the heap: freed, their pages stay
+    resident, and the engine's output (its own large mapping) came on top of them. Measured: 5000 64² slices,
+    resident after the headers' release ~450 MB before trimming (issue #15 item 5)."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
 
 
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,

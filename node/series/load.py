@@ -302,7 +302,9 @@ def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, li
     """(Z, Y, X) float32 modality values of the sorted slices, each slice's stored format, and remarks.
 
     Every slice is converted with its own RescaleSlope / Intercept (Philips MR and some CT store one per slice);
-    padding voxels (PixelPaddingValue) become air for CT, else the lowest value of the series.
+    padding voxels (PixelPaddingValue) become air for CT, else the lowest value of the series. A single-frame
+    header's PixelData is dropped once its slice is converted (a multi-frame object's stays: several volumes may
+    share it; the job releases it after all are built).
     """
     first = slices[0].ds
     formats = [stored_format(s.ds, s.slope, s.intercept) for s in slices]
@@ -323,6 +325,10 @@ def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, li
             vals[pad] = np.nan
         _check_range(vals, s)
         data[z] = vals
+        if s.frame < 0:  # a single-frame header is this slice's alone: its stored and decoded pixels are done with
+            del decoded[key]  # (a long series held every slice's twice until the volume was built; issue #15 item 5)
+            if "PixelData" in s.ds:
+                del s.ds.PixelData  # pydicom drops its decoded copy with it
     _check_precision(data, slices)
     if np.isnan(data).any():
         lowest = min(f.value_range[0] for f in formats)
