@@ -158,7 +158,11 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     holds every derived slice at once (issue #15 item 5); the objects are the same as the eager list's (one
     ``now`` for the series, deterministic UIDs). The geometry gate (and the uncertainty objects, when made) read
     the headers before this returns, so a failing gate still raises before anything is written; that builds every
-    slice's headers twice (once here, once when written).
+    slice's headers twice (once here, once when written). Each derived slice copies from the full header of its
+    nearest input slice, ``vol.datasets[near]``: held, or read again from its file once the job released it
+    (``node.series.InputHeaders``; DeriveError naming the file when it is gone or replaced); its source references
+    come from the input slices' records. The Parametric Map keeps of each derived slice only what it reads
+    (``node.derived.uncertainty.FRAME_KEYWORDS``).
     """
     ref0 = vol.datasets[0]
     check_identifiers(vol)
