@@ -81,9 +81,9 @@ def uncertainty_objects(derived: Sequence[Dataset], sigma: np.ndarray, modality:
                         card: SigmaSeries | None) -> list[Dataset]:
     """The sigma objects ``kind`` asks for: [Parametric Map][, SC card] (each with file meta).
 
-    ``derived``: the derived slices in output order (not empty; a list, or ``node.derived.DerivedSlices``' headers
-    that make each when asked: the map reads each once and keeps only its ``FRAME_KEYWORDS``); ``sigma``: (Z', Y', X') 1-sigma per voxel in
-    modality units (HU for CT), the derived slices' shape; non-finite or negative values become 0.
+    ``derived``: the derived slices in output order (not empty; a list, or ``DerivedSlices.headers()`` that makes
+    each when asked: the map reads each once and keeps only its ``FRAME_KEYWORDS``); ``sigma``: (Z', Y', X')
+    1-sigma per voxel in modality units (HU for CT), the derived slices' shape; non-finite or negative values become 0.
     ``parametric_map`` / ``card``: the series to write (needed when ``kind`` asks for it; ValueError otherwise).
     DeriveError when sigma reaches beyond ``node.series.MAX_MODALITY_ABS`` (the map's window and value range
     could not be written validly: refused, not clipped).

@@ -192,8 +192,9 @@ def _give_back_memory() -> None:
     """Collect and hand the C heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere).
 
     The headers and pixels just let go of were small objects spread over the heap: freed, their pages stay
-    resident, and the engine's output (its own large mapping) came on top of them. Measured: 5000 64² slices,
-    resident after the headers' release ~450 MB before trimming (issue #15 item 5)."""
+    resident, and the engine's output (its own large mapping) came on top of them. Measured (5000 64² slices,
+    issue #15 item 5): without the trim the release gave back nothing (451 -> 450 MB resident); with it,
+    396 -> 327 MB."""
     gc.collect()
     try:
         trim = ctypes.CDLL(None).malloc_trim
