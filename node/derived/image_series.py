@@ -52,7 +52,7 @@ from node.derived.modules import (
     derived_uid,
     ds_str,
     referenced_series,
-    source_item,
+    source_ref,
 )
 from node.derived.values import output_format, to_stored
 from node.errors import DeriveError
@@ -134,7 +134,7 @@ def _output_sop_class(vol: SeriesVolume) -> str:
 def check_identifiers(vol: SeriesVolume) -> None:
     """DeriveError when the input lacks the UIDs a derived series must share, or its SOP class and modality
     have no derived-image template (only CT and MR) (checked before the engine runs)."""
-    study_uid = str(vol.datasets[0].get("StudyInstanceUID", "") or "")
+    study_uid = vol.datasets.record(0).study_uid if len(vol.datasets) else ""
     if not study_uid or not vol.series_uid:
         raise DeriveError(f"series {vol.series_uid or '(no SeriesInstanceUID)'}: the input has an empty "
                           "StudyInstanceUID or SeriesInstanceUID; a derived series cannot be filed beside it")
@@ -158,7 +158,11 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     holds every derived slice at once (issue #15 item 5); the objects are the same as the eager list's (one
     ``now`` for the series, deterministic UIDs). The geometry gate (and the uncertainty objects, when made) read
     the headers before this returns, so a failing gate still raises before anything is written; that builds every
-    slice's headers twice (once here, once when written).
+    slice's headers twice (once here, once when written). Each derived slice copies from the full header of its
+    nearest input slice, ``vol.datasets[near]``: held, or read again from its file once the job released it
+    (``node.series.InputHeaders``; DeriveError naming the file when it is gone or replaced); its source references
+    come from the input slices' records. The Parametric Map keeps of each derived slice only what it reads
+    (``node.derived.uncertainty.FRAME_KEYWORDS``).
     """
     ref0 = vol.datasets[0]
     check_identifiers(vol)
@@ -249,9 +253,9 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         ds.ImageType = ["DERIVED", "SECONDARY"] + [str(v) for v in list(ref.get("ImageType") or [])[2:3]]
         ds.DerivationDescription = derivation[:1024]
         ds.DerivationCodeSequence = DicomSequence([code_item("113085", "DCM", "Spatial resampling")])
-        src = [source_item(vol.datasets[i], vol.frame_numbers[i] if vol.frame_numbers else 0)]
+        src = [_source(vol, i)]
         if r and i + 1 < vol.shape[0]:
-            src.append(source_item(vol.datasets[i + 1], vol.frame_numbers[i + 1] if vol.frame_numbers else 0))
+            src.append(_source(vol, i + 1))
         ds.SourceImageSequence = DicomSequence(src)
         # Common Instance Reference (the instances this object references)
         ds.ReferencedSeriesSequence = referenced_series(
@@ -309,7 +313,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         card = SigmaSeries(derived_uid(cfg, vol, factors, uid_by, "sigma-card"),
                            derived_uid(cfg, vol, factors, uid_by, "sigma-card", "0"),
                            series_number + (2 if kind.parametric_map else 1), card_desc)
-        sigma_objs = uncertainty_objects(list(headers), result.sigma, vol.modality, kind, made_by, equipment,
+        sigma_objs = uncertainty_objects(headers, result.sigma, vol.modality, kind, made_by, equipment,
                                          parametric_map=pm, card=card)
     sigma_uids = list(dict.fromkeys(str(x.SeriesInstanceUID) for x in sigma_objs))
     log.info("series %s: derived %d slices into %s (engine %s%s)", vol.series_uid, nz, series_uid, result.engine,
@@ -319,6 +323,12 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
             ds.PixelData = stored_pixels(k)
     return DerivedObjects(slices if lazy else headers, sigma_objs, series_uid, sigma_uids[0] if sigma_uids else "",
                           notes, sigma_uids)
+
+
+def _source(vol: SeriesVolume, i: int) -> Dataset:
+    """The SourceImageSequence item of input slice ``i`` (from its record: no header is read)."""
+    rec = vol.datasets.record(i)
+    return source_ref(rec.sop_class_uid, rec.sop_instance_uid, vol.frame_numbers[i] if vol.frame_numbers else 0)
 
 
 def _mr_type1(ds: Dataset, ref: Dataset, frame: int) -> None:

@@ -73,28 +73,37 @@ def _valid(vr: str, text: str) -> bool:
     return True
 
 
+def conform_dataset(ds: Dataset) -> dict[str, str]:
+    """Drop the copied attributes of ``ds`` whose values are not valid for their VR (in memory; a type 2 one is
+    left empty); returns {keyword: VR} of those dropped. Also applied to an input header read again from its file
+    (``node.series.InputHeaders.release``), so it carries what the checked header carried."""
+    bad: dict[str, str] = {}
+    for kw in COPIED:
+        tag = tag_for_keyword(kw)
+        if kw in _NOT_CHECKED or tag is None or tag not in ds:
+            continue
+        try:
+            vr = str(ds.get_item(tag).VR or dictionary_VR(tag))
+        except Exception:  # noqa: BLE001 - an element that cannot even be read: drop it
+            vr = dictionary_VR(tag)
+            ok = False
+        else:
+            ok = vr in ("SQ", "UN", "OB", "OW") or _valid(vr, raw_text(ds, kw))
+        if ok:
+            continue
+        bad[kw] = vr
+        del ds[tag]  # the raw element goes without being converted (pydicom would warn with its value)
+        if kw in _TYPE2:
+            ds.add_new(tag, vr, None if vr in ("IS", "DS") else "")
+    return bad
+
+
 def conform_copied(vol: SeriesVolume) -> list[str]:
-    """Drop the copied attributes whose values are not valid for their VR from the series' datasets (in memory);
-    returns one note naming them (empty list when every value conforms)."""
+    """Drop the copied attributes whose values are not valid for their VR from the series' datasets (in memory,
+    ``conform_dataset``); returns one note naming them (empty list when every value conforms)."""
     bad: dict[str, str] = {}
     for ds in {id(d): d for d in vol.datasets}.values():
-        for kw in COPIED:
-            tag = tag_for_keyword(kw)
-            if kw in _NOT_CHECKED or tag is None or tag not in ds:
-                continue
-            try:
-                vr = str(ds.get_item(tag).VR or dictionary_VR(tag))
-            except Exception:  # noqa: BLE001 - an element that cannot even be read: drop it
-                vr = dictionary_VR(tag)
-                ok = False
-            else:
-                ok = vr in ("SQ", "UN", "OB", "OW") or _valid(vr, raw_text(ds, kw))
-            if ok:
-                continue
-            bad[kw] = vr
-            del ds[tag]  # the raw element goes without being converted (pydicom would warn with its value)
-            if kw in _TYPE2:
-                ds.add_new(tag, vr, None if vr in ("IS", "DS") else "")
+        bad.update(conform_dataset(ds))
     if not bad:
         return []
     names = ", ".join(f"{kw} ({vr})" for kw, vr in bad.items())

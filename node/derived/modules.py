@@ -121,9 +121,14 @@ def contributing_equipment(engine: str, engine_version: str, fallback: str, now:
 def source_item(ds: Dataset, frame: int) -> Dataset:
     """A SourceImageSequence item referencing ``ds`` (and ``frame``, 1-based, when > 0) as "Source image for
     image processing operation" (DCM 121322; PS3.3 C.12.4 General Reference Module)."""
+    return source_ref(sop_class_of(ds), sop_instance_of(ds), frame)
+
+
+def source_ref(sop_class_uid: str, sop_instance_uid: str, frame: int) -> Dataset:
+    """``source_item`` of the instance with these UIDs (an input slice's ``node.series.SliceHeader``)."""
     item = Dataset()
-    item.ReferencedSOPClassUID = sop_class_of(ds)
-    item.ReferencedSOPInstanceUID = sop_instance_of(ds)
+    item.ReferencedSOPClassUID = sop_class_uid
+    item.ReferencedSOPInstanceUID = sop_instance_uid
     if frame > 0:
         item.ReferencedFrameNumber = frame
     item.PurposeOfReferenceCodeSequence = DicomSequence(

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -75,13 +76,14 @@ def display_max(sig: np.ndarray) -> float:
     return max(float(np.percentile(sub, 99)) if sub.size else 0.0, 1.0)
 
 
-def uncertainty_objects(derived: list[Dataset], sigma: np.ndarray, modality: str, kind: UncertaintyObject,
+def uncertainty_objects(derived: Sequence[Dataset], sigma: np.ndarray, modality: str, kind: UncertaintyObject,
                         engine: str, equipment: Dataset, *, parametric_map: SigmaSeries | None,
                         card: SigmaSeries | None) -> list[Dataset]:
     """The sigma objects ``kind`` asks for: [Parametric Map][, SC card] (each with file meta).
 
-    ``derived``: the derived slices in output order (not empty); ``sigma``: (Z', Y', X') 1-sigma per voxel in
-    modality units (HU for CT), the derived slices' shape; non-finite or negative values become 0.
+    ``derived``: the derived slices in output order (not empty; a list, or ``DerivedSlices.headers()`` that makes
+    each when asked: the map reads each once and keeps only its ``FRAME_KEYWORDS``); ``sigma``: (Z', Y', X')
+    1-sigma per voxel in modality units (HU for CT), the derived slices' shape; non-finite or negative values become 0.
     ``parametric_map`` / ``card``: the series to write (needed when ``kind`` asks for it; ValueError otherwise).
     DeriveError when sigma reaches beyond ``node.series.MAX_MODALITY_ABS`` (the map's window and value range
     could not be written validly: refused, not clipped).
@@ -136,7 +138,23 @@ def _patient_study(obj: Dataset, d: Dataset, description: str, equipment: Datase
     obj.ContributingEquipmentSequence = DicomSequence([copy.deepcopy(equipment)])
 
 
-def sigma_parametric_map(derived: list[Dataset], sig: np.ndarray, modality: str, engine: str, equipment: Dataset,
+# what the map reads of each derived slice but the first (its frame's position; highdicom's checks that the sources
+# are one series, one matrix, one frame of reference and one orientation; its source and derivation references)
+FRAME_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+                  "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+
+
+def frame_source(d: Dataset) -> Dataset:
+    """A Dataset holding ``d``'s ``FRAME_KEYWORDS`` elements only (the same element objects): what the Parametric
+    Map needs of a derived slice, so that the map of a long series does not hold every derived slice's header."""
+    out = Dataset()
+    for kw in FRAME_KEYWORDS:
+        if kw in d:
+            out[kw] = d[kw]
+    return out
+
+
+def sigma_parametric_map(derived: Sequence[Dataset], sig: np.ndarray, modality: str, engine: str, equipment: Dataset,
                          series: SigmaSeries) -> Dataset:
     """One Parametric Map of ``sig`` ((Z', Y', X') float32, >= 0, modality units) on the derived slices' grid.
 
@@ -144,12 +162,13 @@ def sigma_parametric_map(derived: list[Dataset], sig: np.ndarray, modality: str,
     docstring for the mapping, units and references.
     """
     d0 = derived[0]
+    frames = [d0] + [frame_source(derived[k]) for k in range(1, len(derived))]  # each made once, its frame kept
     unit, short = units(modality)
     smax = float(sig.max()) if sig.size else 0.0
     width = display_max(sig)
     step = float(d0.get("SpacingBetweenSlices") or 0.0)
-    if not step and len(derived) > 1:
-        step = float(np.linalg.norm(np.subtract([float(v) for v in derived[1].ImagePositionPatient],
+    if not step and len(frames) > 1:
+        step = float(np.linalg.norm(np.subtract([float(v) for v in frames[1].ImagePositionPatient],
                                                 [float(v) for v in d0.ImagePositionPatient])))
     thickness = float(d0.get("SliceThickness") or 0.0) or step or 1.0
     mapping = hd.pm.RealWorldValueMapping(
@@ -161,7 +180,7 @@ def sigma_parametric_map(derived: list[Dataset], sig: np.ndarray, modality: str,
         intercept=0.0,
         quantity_definition=STANDARD_DEVIATION,
     )
-    sources = [_without_charset(d) for d in derived]
+    sources = [_without_charset(d) for d in frames]
     with warnings.catch_warnings():
         # highdicom warns about unusual person names by quoting them: never let a name reach a log
         warnings.simplefilter("ignore", UserWarning)
@@ -190,7 +209,7 @@ def sigma_parametric_map(derived: list[Dataset], sig: np.ndarray, modality: str,
                 coordinate_system="PATIENT", image_orientation=[float(v) for v in d0.ImageOrientationPatient]),
             plane_positions=[hd.PlanePositionSequence(
                 coordinate_system="PATIENT", image_position=[float(v) for v in d.ImagePositionPatient])
-                for d in derived],
+                for d in frames],
             content_qualification="RESEARCH",
             derived_pixel_contrast="STD_DEVIATION",  # Image Type value 4: the map is a standard deviation
             specific_character_set=None,
@@ -198,7 +217,7 @@ def sigma_parametric_map(derived: list[Dataset], sig: np.ndarray, modality: str,
     _patient_study(pm, d0, series.description, equipment)
     if "BodyPartExamined" not in pm and "Laterality" not in pm:
         pm.Laterality = ""  # General Series type 2C; dciodvfy wants it when the body part is unknown (as the card)
-    _derived_order(pm, derived, sig)
+    _derived_order(pm, frames, sig)
     return pm
 
 
@@ -261,7 +280,7 @@ def card_pixels(sig: np.ndarray, k: int, units_long: str, title: str, aspect: fl
     return np.ascontiguousarray(rgba[..., :3])
 
 
-def sigma_card(derived: list[Dataset], sig: np.ndarray, modality: str, engine: str, equipment: Dataset,
+def sigma_card(derived: Sequence[Dataset], sig: np.ndarray, modality: str, engine: str, equipment: Dataset,
                series: SigmaSeries) -> Dataset:
     """One Secondary Capture (RGB, 8 bit) card of the middle derived slice's sigma with a colour bar; no Image
     Plane or Frame of Reference attributes (not in the SC IOD). PatientOrientation: the slice's row and column

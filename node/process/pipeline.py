@@ -7,6 +7,8 @@ offline, so both paths produce the same objects. Engine failures (EngineError, o
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import os
 import time
@@ -16,11 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.tag import Tag
 
 from models.engine import Factors, Progress
 from node.config import Config, RuleConfig, VolumeChoice
-from node.derived import Revision, check_identifiers, check_inputs, check_one_patient, derive_series
+from node.derived import (
+    Revision,
+    check_identifiers,
+    check_inputs,
+    check_one_patient,
+    conform_dataset,
+    derive_series,
+)
 from node.derived.modules import sigma_file_name
 from node.errors import VolumeError
 from node.process.budget import check_series
@@ -135,7 +143,7 @@ def _volumes_of(vols: list[SeriesVolume],
         except VolumeError as exc:
             if len(vols) == 1:
                 raise
-            files = sorted({Path(str(getattr(d, "filename", "") or "")).name for d in vol.datasets} - {""})
+            files = sorted({r.file.name for r in vol.datasets.records if r.file is not None})
             refused.append(f"{exc} (files: {', '.join(files)})" if files else str(exc))
             continue
         out += vs
@@ -166,26 +174,33 @@ def _mixed_patients(paths: Sequence[Path]) -> None:
         check_one_patient(str(headers[0].get("SeriesInstanceUID", "") or ""), headers)
 
 
-_UNUSED_AFTER_LOAD = (Tag("IconImageSequence"),)
-
-
-def _release_input_pixels(vols: list[SeriesVolume]) -> None:
-    """Drop the input slices' PixelData (and pydicom's decoded copy of it) once every volume holds its float32
-    data: deriving reads the input headers only, and a long series otherwise kept its stored and its decoded
-    pixels twice beside the volume (issue #15 item 5). A multi-frame object shared by several volumes is
-    released only after all of them were built (hence here, after ``load_volumes``).
-
-    Also dropped, being read by nothing after the volumes are built (the derived objects copy listed standard
-    attributes only, ``node.derived.modules``; vendor dimensions are read while splitting, in ``load_volumes``):
-    private elements (odd groups: scanner headers such as Siemens CSA or GE's, often several KB a slice),
-    overlay data (groups 60xx) and the icon image."""
+def _release_input_headers(vols: list[SeriesVolume]) -> None:
+    """Let go of the input headers once every volume holds its float32 data and the headers were checked
+    (``check_inputs``): deriving reads a small record of each input slice (``node.series.SliceHeader``) and the
+    full header of one slice at a time, read again from its file when a derived slice copies from it (with
+    ``conform_dataset`` applied, as to the checked one); a long series otherwise held every header, its stored
+    and its decoded pixels beside the volume for the whole job (issue #15 item 5). Headers that cannot be read
+    again (frames of a multi-frame object, mosaic tiles) stay, without their PixelData, private elements,
+    overlays and icon (``node.series.headers``). A multi-frame object shared by several volumes is released only
+    after all of them were built (hence here, after ``load_volumes``)."""
     for vol in vols:
-        for ds in vol.datasets:
-            if "PixelData" in ds:
-                del ds.PixelData
-            for tag in [t for t in ds.keys() if t.is_private or 0x6000 <= t.group <= 0x601E
-                        or t in _UNUSED_AFTER_LOAD]:
-                del ds[tag]
+        vol.datasets.release(conform_dataset)
+    _give_back_memory()
+
+
+def _give_back_memory() -> None:
+    """Collect and hand the C heap's free pages back to the system (glibc ``malloc_trim``; nothing elsewhere).
+
+    The headers and pixels just let go of were small objects spread over the heap: freed, their pages stay
+    resident, and the engine's output (its own large mapping) came on top of them. Measured (5000 64² slices,
+    issue #15 item 5): without the trim the release gave back nothing (451 -> 450 MB resident); with it,
+    396 -> 327 MB."""
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+    trim(0)
 
 
 def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir: Path,
@@ -228,7 +243,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
     for vol in found:
         check_identifiers(vol)
     check_inputs(found)  # one patient and study (else VolumeError); non-conformant copied values dropped, noted
-    _release_input_pixels(found)
+    _release_input_headers(found)
     options = cfg.engine.options
     chosen, notes = _select_volumes(found, rule.volumes)
     volumes, left_out, run_notes, refused = _volumes_of(chosen, factors)

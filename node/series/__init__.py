@@ -3,12 +3,14 @@
 The door of the stage: other stages import from ``node.series`` only. Inside, imports run one way:
 ``slices`` (headers → placed slices), ``instances`` (one copy per SOPInstanceUID), ``mosaic`` (Siemens mosaics
 → their slices), ``planes`` (orientation within tolerance), ``split`` (several volumes in one series) and ``steps``
-(step tolerances) ← ``volume`` (the model) ← ``runs`` and ``display`` (the series' window and photometric
+(step tolerances) ← ``headers`` (what is kept of each input header after loading; the rest is read again from its
+file when a derived object copies from it) ← ``volume`` (the model) ← ``runs`` and ``display`` (the series' window and photometric
 interpretation) ← ``load``. Geometry comes only from ImagePositionPatient / ImageOrientationPatient (or the
 enhanced functional groups), never from InstanceNumber.
 """
 
 from node.series.display import series_photometric, series_window, slice_window
+from node.series.headers import InputHeaders, SliceHeader
 from node.series.load import load_series, load_volumes, representable_range, stored_format
 from node.series.runs import LeftOut, RunSplit, check_through_plane, regular_runs, split_runs
 from node.series.slices import (
@@ -26,10 +28,12 @@ __all__ = [
     "MAX_MODALITY_ABS",
     "ENHANCED_CT",
     "ENHANCED_MR",
+    "InputHeaders",
     "LeftOut",
     "MIN_SLICES_THROUGH_PLANE",
     "RunSplit",
     "SeriesVolume",
+    "SliceHeader",
     "StoredFormat",
     "check_through_plane",
     "describe_steps",

@@ -9,39 +9,11 @@ from __future__ import annotations
 
 from collections import Counter
 from statistics import median
-from typing import Any
 
-from pydicom.dataset import Dataset
-
-from node.series.slices import MALFORMED, frame_group_item
+from node.series.headers import slice_window
 from node.series.volume import SeriesVolume
 
-
-def _numbers(value: Any) -> list[float]:
-    """A DS value (one number or several) as floats; [] when absent or unreadable."""
-    if value is None or value == "":
-        return []
-    items = list(value) if hasattr(value, "__len__") and not isinstance(value, (str, bytes)) else [value]
-    try:
-        return [float(v) for v in items]
-    except (TypeError, ValueError):
-        return []
-
-
-def slice_window(ds: Dataset, frame: int = -1) -> tuple[list[float], list[float]] | None:
-    """The (centres, widths) of one image: its WindowCenter / WindowWidth, or for a frame of an enhanced object
-    (``frame`` 0-based) its Frame VOI LUT functional group. None when absent, unreadable or a width is not > 0."""
-    try:
-        src: Dataset | None = ds if frame < 0 else frame_group_item(ds, "FrameVOILUTSequence", frame)
-        if src is None:
-            return None
-        c, w = _numbers(src.get("WindowCenter")), _numbers(src.get("WindowWidth"))
-    except MALFORMED:
-        return None
-    n = min(len(c), len(w))
-    if n == 0 or any(x <= 0 for x in w[:n]):
-        return None
-    return c[:n], w[:n]
+__all__ = ["series_photometric", "series_window", "slice_window"]
 
 
 def series_window(vol: SeriesVolume) -> tuple[list[float], list[float]] | None:
@@ -51,8 +23,7 @@ def series_window(vol: SeriesVolume) -> tuple[list[float], list[float]] | None:
     A slice-wise window (Siemens MR computes one per slice) thus takes the value of the bulk of the stack, not of
     an edge slice.
     """
-    frames = [n - 1 for n in vol.frame_numbers] if vol.frame_numbers else [-1] * len(vol.datasets)
-    windows = [w for w in (slice_window(ds, f) for ds, f in zip(vol.datasets, frames, strict=True)) if w]
+    windows = [rec.window for rec in vol.datasets.records if rec.window]  # slice_window of each, read at load
     if not windows:
         return None
     count = Counter(len(c) for c, _ in windows).most_common(1)[0][0]
@@ -69,8 +40,7 @@ def series_photometric(vol: SeriesVolume) -> tuple[str, str]:
     the polarity of its source; a series that mixes MONOCHROME1 and MONOCHROME2 takes the interpretation of most of
     its slices, and the remark says so.
     """
-    kinds = Counter(str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper()
-                    for ds in vol.datasets)
+    kinds = Counter((rec.photometric or "MONOCHROME2").strip().upper() for rec in vol.datasets.records)
     mono = {k: n for k, n in kinds.items() if k in ("MONOCHROME1", "MONOCHROME2")}
     if not mono:
         return "MONOCHROME2", ""

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset
 
-from node.errors import VolumeError
+from node.errors import VolumeError, dicom_read_problem
+from node.series.headers import FileStamp, InputHeaders, SliceHeader, read_stamped
 from node.series.instances import unique_instances
 from node.series.mosaic import is_mosaic, split_mosaic, tile_name
 from node.series.planes import describe_plane_groups, plane_groups
@@ -35,7 +36,6 @@ from node.series.slices import (
     Slice,
     is_image_sop_class,
     is_localizer,
-    read_dataset,
     slices_of,
     sop_class_of,
 )
@@ -106,8 +106,11 @@ def load_volumes(paths: Sequence[Path]) -> list[SeriesVolume]:
                           f"cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
+_Origins = dict[int, tuple[Path, FileStamp]]  # id(dataset) -> the file it was read from, as read
+
+
 def _load_volumes(paths: list[Path]) -> list[SeriesVolume]:
-    slices, notes = _read_slices(paths)
+    slices, notes, origins = _read_slices(paths)
     series_uid = str(slices[0].ds.get("SeriesInstanceUID", ""))
     _check_one_series(slices, series_uid)
     try:
@@ -119,15 +122,16 @@ def _load_volumes(paths: list[Path]) -> list[SeriesVolume]:
     for k, g in enumerate(groups):
         name = f"series {series_uid}" + (f" volume {k + 1}/{len(groups)} ({g.label})" if len(groups) > 1 else "")
         _check_one_stack(g.slices, name)
-        vol = _stack(g.slices, series_uid, name, notes + g.notes)
+        vol = _stack(g.slices, series_uid, name, notes + g.notes, origins)
         if len(groups) > 1:
             vol.volume, vol.volume_label = (k + 1, len(groups)), g.label
         vols.append(vol)
     return vols
 
 
-def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str]) -> SeriesVolume:
-    """One volume from slices of one plane family without repeated positions: sorted, measured, decoded."""
+def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str], origins: _Origins) -> SeriesVolume:
+    """One volume from slices of one plane family without repeated positions: sorted, measured, decoded; each
+    slice's header with its record (``node.series.headers``: the file and stamp it can be read again from)."""
     iop = slices[0].iop
     row, col = iop[:3], iop[3:]
     normal = np.cross(row, col)
@@ -175,7 +179,7 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
         row_cosine=row,
         col_cosine=col,
         normal=normal,
-        datasets=[s.ds for s in slices],
+        datasets=InputHeaders([s.ds for s in slices], records=[_record(s, origins) for s in slices]),
         series_uid=series_uid,
         sop_class_uid=sop_class_of(first),
         frame_numbers=[s.frame + 1 for s in slices] if slices[0].frame >= 0 else [],
@@ -193,12 +197,30 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
     return vol
 
 
-def _read_slices(paths: list[Path]) -> tuple[list[Slice], list[str]]:
+def _record(s: Slice, origins: _Origins) -> SliceHeader:
+    path, stamp = origins.get(id(s.ds), (None, None))
+    file = path or (Path(s.ds.filename) if isinstance(getattr(s.ds, "filename", None), str) else None)
+    return SliceHeader.of(s.ds, s.frame, file, stamp)
+
+
+def _read(path: Path) -> tuple[Dataset, FileStamp]:
+    """The whole file and its stamp; VolumeError names the file when it cannot be read or is not DICOM."""
+    try:
+        return read_stamped(path)
+    except (OSError, EOFError, *MALFORMED) as exc:
+        raise VolumeError(f"{path.name}: not a readable DICOM file ({dicom_read_problem(exc)})") from exc
+
+
+def _read_slices(paths: list[Path]) -> tuple[list[Slice], list[str], _Origins]:
     """Every image of the files (one per frame of a multi-frame object, one per tile of a Siemens mosaic), each
-    instance once (``node.series.instances``), refusing non-image objects; and notes on what was done."""
+    instance once (``node.series.instances``), refusing non-image objects; notes on what was done; and the file
+    (with its stamp) each kept dataset was read from."""
     # shortest name first, so "IM0010 (1).dcm" is named as the copy of "IM0010.dcm"
-    items = [(p, read_dataset(p)) for p in sorted(paths, key=lambda p: (len(p.name), str(p)))]
-    items, notes = unique_instances(items)
+    read = [(p, *_read(p)) for p in sorted(paths, key=lambda p: (len(p.name), str(p)))]
+    items, notes = unique_instances([(p, ds) for p, ds, _ in read])
+    kept = {id(ds) for _, ds in items}
+    origins: _Origins = {id(ds): (p, st) for p, ds, st in read if id(ds) in kept}
+    del read
     slices: list[Slice] = []
     mosaics = 0
     for p, ds in items:
@@ -222,7 +244,7 @@ def _read_slices(paths: list[Path]) -> tuple[list[Slice], list[str]]:
         notes.append(f"{mosaics} Siemens mosaic image(s) split into their slices (CSA header)")
     for s in slices:
         _check_slice(s)
-    return slices, notes
+    return slices, notes, origins
 
 
 def _check_slice(s: Slice) -> None:
@@ -280,7 +302,9 @@ def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, li
     """(Z, Y, X) float32 modality values of the sorted slices, each slice's stored format, and remarks.
 
     Every slice is converted with its own RescaleSlope / Intercept (Philips MR and some CT store one per slice);
-    padding voxels (PixelPaddingValue) become air for CT, else the lowest value of the series.
+    padding voxels (PixelPaddingValue) become air for CT, else the lowest value of the series. A single-frame
+    header's PixelData is dropped once its slice is converted (a multi-frame object's stays: several volumes may
+    share it; the job releases it after all are built).
     """
     first = slices[0].ds
     formats = [stored_format(s.ds, s.slope, s.intercept) for s in slices]
@@ -301,6 +325,10 @@ def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, li
             vals[pad] = np.nan
         _check_range(vals, s)
         data[z] = vals
+        if s.frame < 0:  # a single-frame header is this slice's alone: its stored and decoded pixels are done with
+            del decoded[key]  # (a long series held every slice's twice until the volume was built; issue #15 item 5)
+            if "PixelData" in s.ds:
+                del s.ds.PixelData  # pydicom drops its decoded copy with it
     _check_precision(data, slices)
     if np.isnan(data).any():
         lowest = min(f.value_range[0] for f in formats)

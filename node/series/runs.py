@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from node.errors import VolumeError
-from node.series.slices import sop_instance_of
 from node.series.steps import MIN_SLICES_THROUGH_PLANE, describe_steps, same_step, step_segments
 from node.series.volume import SeriesVolume
 
@@ -110,7 +109,7 @@ def _left_out(vol: SeriesVolume, z: int) -> LeftOut:
               f"{describe_steps(vol.steps)}): no regular run of {MIN_SLICES_THROUGH_PLANE} or more slices on the "
               "series' step holds it, so it is not super-resolved through-plane")
     name = vol.names[z] if z < len(vol.names) else f"slice {z + 1}"
-    return LeftOut(z + 1, n, name, sop_instance_of(vol.datasets[z]), reason)
+    return LeftOut(z + 1, n, name, vol.datasets.record(z).sop_instance_uid, reason)
 
 
 def _subvolume(vol: SeriesVolume, a: int, b: int) -> SeriesVolume:
@@ -120,9 +119,9 @@ def _subvolume(vol: SeriesVolume, a: int, b: int) -> SeriesVolume:
     steps = vol.steps[a:b]
     med = float(np.median(steps)) if len(steps) else vol.spacing[0]
     thick = vol.slice_thickness
-    hdr = vol.datasets[a]
-    if "SliceThickness" in hdr and not vol.multiframe:
-        thick = float(hdr.SliceThickness or 0)
+    own = vol.datasets.record(a).slice_thickness  # SliceThickness of a single-frame header, None when absent
+    if own is not None and not vol.multiframe:
+        thick = own
     return dataclasses.replace(
         vol,
         data=vol.data[sl],

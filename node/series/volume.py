@@ -6,6 +6,7 @@ Built by ``node.series.load.load_series``; cut into regular runs by ``node.serie
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -13,7 +14,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from models.engine import VolumeInput
-from node.series.slices import sop_instance_of
+from node.series.headers import InputHeaders
 
 # the largest magnitude of a modality value (HU, MR signal, ...) the node derives from: DS values derived from it
 # (WindowCenter / WindowWidth, RescaleSlope, the Parametric Map's window) are read by validators as signed 64-bit
@@ -61,7 +62,10 @@ class SeriesVolume:
     row_cosine: np.ndarray  # (3,) direction of increasing column index
     col_cosine: np.ndarray  # (3,) direction of increasing row index
     normal: np.ndarray  # (3,) row x col; slices are sorted by increasing IPP . normal
-    datasets: list[Dataset]  # headers in slice order (multi-frame: the same dataset once per frame)
+    # headers in slice order (multi-frame: the same dataset once per frame): held, or read again from their files
+    # once released (``node.series.headers``); ``datasets.record(k)`` is what is read of slice k after loading.
+    # A plain sequence of Datasets given here is held as it is.
+    datasets: InputHeaders
     series_uid: str
     sop_class_uid: str
     frame_numbers: list[int] = field(default_factory=list)  # 1-based frame per slice (multi-frame), else []
@@ -80,13 +84,19 @@ class SeriesVolume:
     volume_label: str = ""  # how a reader tells this volume from its siblings: "echo 2", "time 3", "type P"
     part: int = 0  # 0-based index among the derived series made from one input series (series numbers)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.datasets, InputHeaders):
+            given: Sequence[Dataset] = self.datasets
+            frames = [n - 1 for n in self.frame_numbers] if self.frame_numbers else None
+            self.datasets = InputHeaders(list(given), frames)
+
     @cached_property
     def instances_digest(self) -> str:
         """16 hex digits of SHA-256 over the sorted SOPInstanceUIDs of ``datasets`` (each once): the exact set of
         input instances, for the derived UIDs (``node.derived.modules.derived_uid``). Computed once per volume:
         every derived object asks for it, and recomputing it per object made deriving O(slices²) (issue #15
         item 5). ``datasets`` is not changed after construction (runs and volumes are new objects)."""
-        uids = sorted({sop_instance_of(d) for d in self.datasets})
+        uids = sorted({rec.sop_instance_uid for rec in self.datasets.records})
         return hashlib.sha256("\n".join(uids).encode()).hexdigest()[:16]
 
     @property

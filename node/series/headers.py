@@ -1,0 +1,272 @@
+"""The input headers of a volume, per slice: a small frozen record of what is read after loading, and the full
+header, held in memory or (once released) read again from its file when a derived object copies from it.
+
+Why (issue #15 item 5): a long series held every input slice's pydicom header for the whole job (~28 KB a slice
+for a 64² CT, far more for scanner headers) although, once the volumes are built, only a few values of each are
+read (``SliceHeader``: its UIDs, window, photometric interpretation, thickness, stored bits) and the full header
+of one slice at a time, when a derived slice copies its patient / study / acquisition attributes from it.
+
+``InputHeaders`` is the ``SeriesVolume.datasets`` sequence: ``headers[k]`` is slice k's full header (a Dataset),
+``headers.record(k)`` its ``SliceHeader``. ``release(fix)`` (the job's pipeline, after the volumes are built and
+checked) drops the PixelData, private elements, overlays and the icon of every header and lets go of the headers
+that can be read again: single-frame images read from a file. Frames of a multi-frame object (one header for many
+slices; re-reading it per slice would parse its functional groups again and again) and the tiles of a Siemens
+mosaic (made in memory) stay held. A released header is read again (header only, ``stop_before_pixels``) when asked
+for, stripped as the held ones, and ``fix`` applied (the job's ``node.derived.conform_dataset``, so it carries the
+same values as the checked one); the last one read is kept for the next ask (a derived slice and its neighbour
+copy from the same input slice). The file must be the one loaded: same device, inode, size and modification time
+(the spool keeps the first copy of a re-sent instance, so only a removal or a replacement changes them) and the
+same SOPInstanceUID; otherwise ``DeriveError`` names the file, so that no derived slice is written without its
+copied attributes.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, overload
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+from node.errors import DeriveError, dicom_read_problem
+from node.series.slices import MALFORMED, frame_group_item, sop_class_of, sop_instance_of
+
+_UNUSED_AFTER_LOAD = (Tag("IconImageSequence"),)
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """Which file a header was read from: device, inode, size (bytes) and modification time (ns) of ``os.stat``.
+    A file removed and written again, or replaced by a rename, has another stamp."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStamp:
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_stamped(path: Path) -> tuple[Dataset, FileStamp]:
+    """The whole file (pixels not decoded) and the stamp of the file it was read from (one open: the stamp is of
+    the bytes read). Raises OSError and pydicom's errors as ``pydicom.dcmread``."""
+    with open(path, "rb") as fh:
+        stamp = FileStamp.of(os.fstat(fh.fileno()))
+        return pydicom.dcmread(fh), stamp
+
+
+def _numbers(value: Any) -> list[float]:
+    """A DS value (one number or several) as floats; [] when absent or unreadable."""
+    if value is None or value == "":
+        return []
+    items = list(value) if hasattr(value, "__len__") and not isinstance(value, (str, bytes)) else [value]
+    try:
+        return [float(v) for v in items]
+    except (TypeError, ValueError):
+        return []
+
+
+def slice_window(ds: Dataset, frame: int = -1) -> tuple[list[float], list[float]] | None:
+    """The (centres, widths) of one image: its WindowCenter / WindowWidth, or for a frame of an enhanced object
+    (``frame`` 0-based) its Frame VOI LUT functional group. None when absent, unreadable or a width is not > 0."""
+    try:
+        src: Dataset | None = ds if frame < 0 else frame_group_item(ds, "FrameVOILUTSequence", frame)
+        if src is None:
+            return None
+        c, w = _numbers(src.get("WindowCenter")), _numbers(src.get("WindowWidth"))
+    except MALFORMED:
+        return None
+    n = min(len(c), len(w))
+    if n == 0 or any(x <= 0 for x in w[:n]):
+        return None
+    return c[:n], w[:n]
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What is read of one input image after its volume is built (everything else of its header is read again
+    from ``file`` when a derived slice copies from it).
+
+    ``file``: where it was read from (None: made in memory); ``stamp``: that file as read (None: the header cannot
+    be read again and stays held); ``frame``: 0-based frame of a multi-frame object, -1 for single-frame;
+    ``sop_class_uid`` / ``sop_instance_uid`` (file meta as fallback, ``node.series.sop_class_of``);
+    ``study_uid``; ``photometric``: PhotometricInterpretation as given ("" when absent); ``window``: the image's
+    (centres, widths) (``slice_window``); ``slice_thickness``: the top-level SliceThickness in mm of a
+    single-frame image (None when absent or multi-frame, 0 when empty); ``bits_stored`` (16 when absent) and ``pixel_representation`` (0 when absent).
+    """
+
+    file: Path | None
+    stamp: FileStamp | None
+    frame: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    photometric: str
+    window: tuple[tuple[float, ...], tuple[float, ...]] | None
+    slice_thickness: float | None
+    bits_stored: int
+    pixel_representation: int
+
+    @classmethod
+    def of(cls, ds: Dataset, frame: int = -1, file: Path | None = None,
+           stamp: FileStamp | None = None) -> SliceHeader:
+        """The record of ``ds`` (frame ``frame``); ``stamp`` only for a single-frame header read from ``file``
+        as it is (what can be read again)."""
+        win = slice_window(ds, frame)
+        thick = float(ds.get("SliceThickness") or 0) if frame < 0 and "SliceThickness" in ds else None
+        return cls(
+            file=file,
+            stamp=stamp if frame < 0 and file is not None else None,
+            frame=frame,
+            sop_class_uid=sop_class_of(ds),
+            sop_instance_uid=sop_instance_of(ds),
+            study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+            photometric=str(ds.get("PhotometricInterpretation", "") or ""),
+            window=(tuple(win[0]), tuple(win[1])) if win else None,
+            slice_thickness=thick,
+            bits_stored=int(ds.get("BitsStored", 16) or 16),
+            pixel_representation=int(ds.get("PixelRepresentation", 0) or 0),
+        )
+
+
+def strip_header(ds: Dataset) -> None:
+    """Drop what nothing reads once the volumes are built: PixelData, private elements (odd groups: scanner
+    headers such as Siemens CSA or GE's, often several KB a slice), overlays (groups 60xx) and the icon image
+    (the derived objects copy listed standard attributes only, ``node.derived.modules``)."""
+    if "PixelData" in ds:
+        del ds.PixelData
+    for tag in [t for t in ds.keys() if t.is_private or 0x6000 <= t.group <= 0x601E or t in _UNUSED_AFTER_LOAD]:
+        del ds[tag]
+
+
+def read_again(rec: SliceHeader, fix: Callable[[Dataset], object] | None = None) -> Dataset:
+    """Slice ``rec``'s header read again from its file (no pixels), stripped (``strip_header``) and ``fix``
+    applied. DeriveError, naming the file, when it is gone, is not the file loaded (``FileStamp``, SOPInstanceUID)
+    or cannot be read."""
+    path = rec.file
+    if path is None or rec.stamp is None:
+        raise DeriveError("an input header that was made in memory cannot be read again")
+    why = ""
+    try:
+        with open(path, "rb") as fh:
+            if FileStamp.of(os.fstat(fh.fileno())) != rec.stamp:
+                why = "was replaced or rewritten since the series was loaded"
+            else:
+                ds = pydicom.dcmread(fh, stop_before_pixels=True)
+                if sop_instance_of(ds) != rec.sop_instance_uid:
+                    why = "holds another instance than when the series was loaded"
+    except FileNotFoundError:
+        why = "is gone (removed or superseded while the job ran)"
+    except (OSError, EOFError, *MALFORMED) as exc:
+        why = f"cannot be read again ({dicom_read_problem(exc)})"
+    if why:
+        raise DeriveError(f"input {path.name} {why}: the derived slices copy their patient, study and acquisition "
+                          "attributes from it, so none is written without it")
+    strip_header(ds)
+    if fix is not None:
+        fix(ds)
+    return ds
+
+
+class _Store:
+    """The headers of one volume: records, held Datasets (None once released), the fix for headers read again,
+    and the last one read again (index, Dataset)."""
+
+    def __init__(self, records: list[SliceHeader], held: list[Dataset | None]) -> None:
+        self.records = records
+        self.held = held
+        self.fix: Callable[[Dataset], object] | None = None
+        self.last: tuple[int, Dataset] | None = None
+
+    def dataset(self, i: int) -> Dataset:
+        ds = self.held[i]
+        if ds is not None:
+            return ds
+        if self.last is not None and self.last[0] == i:
+            return self.last[1]
+        ds = read_again(self.records[i], self.fix)
+        self.last = (i, ds)
+        return ds
+
+
+class InputHeaders(collections.abc.Sequence[Dataset]):
+    """The input headers of a volume in slice order (multi-frame: the same dataset once per frame): item k is
+    slice k's full header (held, or read again from its file once released), ``record(k)`` its ``SliceHeader``.
+    A slice ``headers[a:b]`` is a view sharing the same headers (a regular run of the volume)."""
+
+    def __init__(self, datasets: Sequence[Dataset] = (), frames: Sequence[int] | None = None,
+                 records: Sequence[SliceHeader] | None = None) -> None:
+        """``datasets`` (held) with their 0-based ``frames`` (-1 single-frame; default all -1) or ready
+        ``records`` (one per dataset); ``Path(ds.filename)`` names a file in messages, never read again."""
+        if records is None:
+            fr = list(frames) if frames is not None else [-1] * len(datasets)
+            records = [SliceHeader.of(ds, f, _file_of(ds)) for ds, f in zip(datasets, fr, strict=True)]
+        if len(records) != len(datasets):
+            raise ValueError("InputHeaders: one record per dataset")
+        self._store = _Store(list(records), list(datasets))
+        self._index: range = range(len(records))
+
+    @classmethod
+    def _view(cls, store: _Store, index: range) -> InputHeaders:
+        view = cls.__new__(cls)
+        view._store, view._index = store, index
+        return view
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @overload
+    def __getitem__(self, k: int) -> Dataset: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> InputHeaders: ...
+
+    def __getitem__(self, k: int | slice) -> Dataset | InputHeaders:
+        if isinstance(k, slice):
+            return InputHeaders._view(self._store, self._index[k])
+        return self._store.dataset(self._index[k])
+
+    def __iter__(self) -> Iterator[Dataset]:
+        return (self._store.dataset(i) for i in self._index)
+
+    def record(self, k: int) -> SliceHeader:
+        """Slice ``k``'s record (never reads a file)."""
+        return self._store.records[self._index[k]]
+
+    @property
+    def records(self) -> list[SliceHeader]:
+        """Every slice's record, slice order."""
+        return [self._store.records[i] for i in self._index]
+
+    @property
+    def held(self) -> int:
+        """How many slices' full headers are held in memory (the rest are read again when asked for)."""
+        return sum(1 for i in self._index if self._store.held[i] is not None)
+
+    def release(self, fix: Callable[[Dataset], object] | None = None) -> None:
+        """Strip every held header (``strip_header``) and let go of those that can be read again (single-frame,
+        read from a file); ``fix`` is applied to each header read again. For every slice of the volume, also
+        those outside this view."""
+        store = self._store
+        store.fix, store.last = fix, None
+        stripped: set[int] = set()
+        for i, ds in enumerate(store.held):
+            if ds is None:
+                continue
+            if store.records[i].stamp is not None:
+                store.held[i] = None
+            elif id(ds) not in stripped:  # a multi-frame header is held once per frame
+                strip_header(ds)
+                stripped.add(id(ds))
+
+
+def _file_of(ds: Dataset) -> Path | None:
+    name = getattr(ds, "filename", None)
+    return Path(name) if isinstance(name, str) and name else None
