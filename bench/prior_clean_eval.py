@@ -2,7 +2,7 @@
 engine and cubic figures, plus the same figures with artifact slices left out (truth slices whose maximum exceeds
 4 x the volume's 99.9th percentile: in ``mr_t1_3d_axial_ge`` slice 65 holds a spike up to 5467 against a p99.9 of
 426, and its squared error sets that series' PSNR). Prints one JSON object. VOLUME: a series folder or a .npz
-(``node.bench.eval.load_volume``)."""
+(``node.app.volume_file.load_volume``)."""
 
 from __future__ import annotations
 

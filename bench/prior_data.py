@@ -9,7 +9,7 @@ multi-volume series, e.g. the b0 of a DWI), trims noise slices, keeps every k-th
 learn from the in-plane axes, ``models.prior._through_sets``, so slice subsampling keeps their pairs intact) and
 writes ``<name>.npz`` plus ``sources.json`` (the list ``srnode train --sources`` copies into ``prior.json``).
 
-The ``.npz`` format is the one ``node.bench.eval.load_volume`` reads: data (Z, Y, X) int16 in modality units
+The ``.npz`` format is the one ``node.app.volume_file.load_volume`` reads: data (Z, Y, X) int16 in modality units
 (rounded; HU for CT), spacing (dz, dy, dx) mm, thickness mm, modality, value_range, positions (Z, 3) mm, normal (3,).
 HELD_OUT series are never exported for training (the brief of issue #13 item 2): the GE 3D T1, the Siemens
 PET/CT abdomen and every Philips head-phantom series.
@@ -152,7 +152,7 @@ def export_eval(out: Path) -> list[dict[str, Any]]:
         rows.append(row)
         print(json.dumps(row))
     lines = ["Held-out evaluation volumes for the prior (bench/prior_data.py eval); never trained on.",
-             "Format: node.bench.eval.load_volume .npz (int16 modality units, spacing dz/dy/dx mm, thickness, modality,",
+             "Format: node.app.volume_file.load_volume .npz (int16 modality units, spacing dz/dy/dx mm, thickness, modality,",
              "value_range, positions, normal). Use: srnode eval devcarry/eval/ge_t1.npz --axis through --factor 2 ...", ""]
     lines += [f"{r['file']}: {r['from']}, {'x'.join(map(str, r['shape']))} {r['modality']}, spacing {r['spacing_mm']}"
               f" mm, thickness {r['thickness_mm']} mm, {r['bytes'] / 1e6:.1f} MB" for r in rows]

@@ -85,10 +85,12 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     log.info("job %d: series %s, %d instances, rule %s", job.id, job.series_uid, len(paths), rule.name)
     out_dir = spool.outbox / f"job-{job.id}"
     room = ResultsRoom(spool.outbox, cfg.node.min_free_mb)
+    built = False
     try:
         out_dir = spool.job_dir(job.id, fresh=True)
         room.check(0, "the job's results")  # the watermark, before anything is decoded or written
         result = process_series(paths, rule, cfg, out_dir, engines=ctx.engines, revision=revision, room=room)
+        built = True
     except ResultsSpaceError as exc:
         return _results_lost(ctx, job, out_dir, str(exc))
     except BudgetError as exc:
@@ -111,6 +113,9 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
             return _results_lost(ctx, job, out_dir, _scrubbed(describe_write_error(err, spool.root), paths))
         log.exception("job %d: unexpected error", job.id)  # the log's filter masks the traceback's values
         return _fail(ctx, job, _scrubbed(f"internal error: {type(exc).__name__}: {exc}", paths), "internal")
+    finally:
+        if not built:  # whatever a failed build wrote is never sent: not left to fill the outbox
+            _discard(job, out_dir)
     seconds = time.monotonic() - t0
     metrics.job_seconds.labels(stage="process").observe(seconds)
     files = [str(p) for p in [*result.derived_files, *result.uncertainty_files]]
@@ -190,13 +195,19 @@ def _results_lost(ctx: JobContext, job: Job, out_dir: Path, why: str) -> str:
     """The job's results could not be written (``why``: one line): its partial outbox folder is removed first
     (its space back, for the index to record this), then the job fails with the reason. The received instances
     stay. Returns 'failed'."""
+    _discard(job, out_dir)
+    return _fail(ctx, job, f"{why}; {RETRY_HINT}", "disk")
+
+
+def _discard(job: Job, out_dir: Path) -> None:
+    """Remove the job's partial outbox folder (a build that failed part-way: e.g. an input file replaced under
+    it, the engine failing after the first volume); an error is logged, not raised."""
     try:
         shutil.rmtree(out_dir)
     except FileNotFoundError:
         pass
     except OSError as exc:
         log.error("job %d: its partial results in %s cannot be removed: %s", job.id, out_dir, exc)
-    return _fail(ctx, job, f"{why}; {RETRY_HINT}", "disk")
 
 
 def _recorded(job: Job, record: Callable[[], None]) -> None:

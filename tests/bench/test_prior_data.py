@@ -1,4 +1,4 @@
-"""``bench/prior_data.py``: its .npz exports load with ``node.bench.eval.load_volume`` unchanged, the row restack
+"""``bench/prior_data.py``: its .npz exports load with ``node.app.volume_file.load_volume`` unchanged, the row restack
 (and the column restack) keep the geometry, and no held-out series is in the training set."""
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ from typing import Any
 import pydicom
 import pytest
 
+from node.app.phantom import write_phantom_series
 from node.bench.ingest import write_series
-from node.bench.phantom import write_phantom_series
 from node.config import config_from_dict, load_config
 from node.errors import DeriveError
 from node.ingest import Admission
@@ -102,3 +102,4 @@ def test_a_spool_file_gone_during_a_job_fails_the_job_with_one_line(tmp_path: Pa
     assert job.state == JobState.FAILED, (job.state, job.reason)
     assert f"input {spooled[2].name} is gone" in job.reason and "\n" not in job.reason, job.reason
     assert ctx.store.index.deliveries(job_id) == []
+    assert not (ctx.store.spool.outbox / f"job-{job_id}").exists()  # nothing of the failed build left behind
