@@ -58,7 +58,7 @@ for name, batches in (("concurrent", conc), ("one_association", small)):
     if spy:
         spyp = subprocess.Popen(
             [
-                "/work/main/.venv/bin/py-spy",
+                str(Path(sys.executable).with_name("py-spy")),  # py-spy installed beside this interpreter
                 "record",
                 "-r",
                 "250",

@@ -2,7 +2,7 @@
 
 ``python bench/prior_data.py eval  --out devcarry/eval``: the held-out evaluation volumes (full series; the
 Philips phantom cropped to its central 320 x 320), one ``.npz`` each plus ``README.txt``.
-``python bench/prior_data.py train --out devcarry/train [--work /work/train-data]``: extracts the training series
+``python bench/prior_data.py train --out devcarry/train [--work DIR]``: extracts the training series
 from the local bare mirrors of the neurolabusc/dcm_qa* repositories (``git archive`` at a pinned commit) and from
 ``../shared/data``, loads each with the node's own loader (``node.series.load_volumes``: the first volume of a
 multi-volume series, e.g. the b0 of a DWI), trims noise slices, keeps every k-th slice (the through-plane nets
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SHARED = ROOT.parent / "shared" / "data"
-MIRRORS = Path("/work/.mirror")
+MIRRORS = Path(os.environ.get("SRNODE_MIRRORS", str(ROOT.parent / ".mirror")))  # fetched git mirrors of the dcm_qa repositories
 
 HELD_OUT = ("mr_t1_3d_axial_ge", "ct_body_j2k_siemens_petct", "ct_head_phantom_philips",
             "dcm_qa_ge:In/05_3D_Ax_T1_MP_RAGE_R22", "dcm_qa_ct:In/Philips")
@@ -166,7 +167,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["eval", "train", "train-split", "eval-split"])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--work", type=Path, default=Path("/work/train-data/p3"),
+    p.add_argument("--work", type=Path, default=ROOT.parent / "train-data" / "p3",
                    help="where the repositories' series are extracted (outside every repository)")
     p.add_argument("--only", nargs="*", default=[], help="train: these items only")
     a = p.parse_args()
