@@ -8,7 +8,7 @@ set -u
 T=$1; M=$2; PRE=$3; shift 3
 cd "$(dirname "$0")/.."
 D=${DATA:-../shared/data}
-PY=${PY:-/work/main/.venv/bin/python}
+PY=${PY:-.venv/bin/python}
 for s in "$@"; do
   case $s in
     mr_t1_mprage_sag_siemens) C="--crop 128 --max-slices 96";;
