@@ -11,8 +11,8 @@ Here the waits end on the event itself instead, and otherwise poll every ``IDLE_
 - :class:`QuietDUL`: where the reactor would sleep, it waits in ``poll`` on its socket and on a wake-up
   socket pair written by ``send_pdu`` / ``kill_dul`` (a primitive to send, e.g. the C-STORE response): data
   from the peer and primitives from the association thread are handled as soon as they come, timers (ARTIM)
-  at most ``IDLE_S`` late. Hooked through ``_run_loop_delay``, which the reactor reads right before its sleep:
-  the property waits and then returns 0 (so the sleep that follows is none).
+  at most ``IDLE_S`` late. Its loop (:meth:`QuietDUL._run`) is pynetdicom's with this wait where pynetdicom
+  sleeps ``_run_loop_delay``, and a PDU the wait saw arrive read without polling again.
 - :class:`QuietAssociation`: its reactor loop is pynetdicom's without the 1 ms sleep per loop; its
   ``_reactor_checkpoint`` (an Event the reactor waits on in every loop) first waits until a DIMSE message is
   queued (``DIMSEServiceProvider.msg_queue``) or ``IDLE_S`` passed; release / abort requests and the network
@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import queue
 import socket
 import ssl
 import struct
@@ -157,19 +158,11 @@ class QuietDUL(DULServiceProvider):
         self.pdu_buffer_bytes = 0  # size of the receive buffer of the PDU being read (0: none), for tests
         self.lean: LeanReceiver | None = None  # the lean C-STORE path (node.ingest.lean), when the SCP uses it
         self.failure: str | None = None  # why this reader failed (an exception ended it), once it did
+        self._readable = False  # the last idle wait saw the socket readable (not yet read)
         super().__init__(assoc)
 
-    @property  # type: ignore[override]
-    def _run_loop_delay(self) -> float:
-        """Wait for activity (at most IDLE_S), then 0: the reactor's ``time.sleep`` after this is none."""
-        self._idle_wait()
-        return 0.0
-
-    @_run_loop_delay.setter
-    def _run_loop_delay(self, value: float) -> None:  # pynetdicom's __init__ sets 0.001: not used
-        pass
-
     def _idle_wait(self) -> None:
+        self._readable = False
         if self._kill_thread or not self.to_provider_queue.empty() or not self.event_queue.empty():
             return
         wrapper = self.socket
@@ -185,6 +178,7 @@ class QuietDUL(DULServiceProvider):
             return
         if self._wake_r in ready:
             self._drain()
+        self._readable = raw in ready and not isinstance(raw, ssl.SSLSocket)
 
     def _drain(self) -> None:
         try:
@@ -213,6 +207,14 @@ class QuietDUL(DULServiceProvider):
         if self.state_machine.current_state == "Sta13":
             if self.socket:
                 self.socket.close()
+            return True
+        if self._readable and self.socket is not None:  # the idle wait just saw data: no second poll
+            self._readable = False
+            try:
+                self._read_pdu_data()
+            except Exception as exc:  # noqa: BLE001 - whatever pynetdicom raises on a peer's bytes
+                self._fail(exc)
+                return False
             return True
         try:
             return bool(super()._is_transport_event())
@@ -446,9 +448,42 @@ class QuietDUL(DULServiceProvider):
         super().kill_dul()
         self._wake()
 
+    def _run(self) -> None:
+        """pynetdicom 3.0.4's ``DULServiceProvider.run_reactor`` loop (ARTIM, one primitive to send or one PDU
+        read, then one state-machine event), where its ``time.sleep(self._run_loop_delay)`` after an idle loop is
+        :meth:`_idle_wait` itself: no ``sleep(0)`` system call per PDU (each released the GIL, to be waited for
+        again under many associations), and a PDU the wait saw arrive is read without a second poll."""
+        self._idle_timer.start()
+        idle = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                idle = True
+            if idle:
+                self._idle_wait()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:  # noqa: BLE001 - as pynetdicom: an A-ABORT straight to the peer, both ended
+                self._fail(exc)
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            self.state_machine.do_action(event)
+            idle = False
+
     def run_reactor(self) -> None:
         try:
-            super().run_reactor()
+            self._run()
         except Exception as exc:  # noqa: BLE001 - the state machine's actions (P-DATA to DIMSE, ...) raised
             self._fail(exc)
         finally:
