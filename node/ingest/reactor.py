@@ -15,8 +15,11 @@ Here the waits end on the event itself instead, and otherwise poll every ``IDLE_
   sleeps ``_run_loop_delay``, and a PDU the wait saw arrive read without polling again.
 - :class:`QuietAssociation`: its reactor loop is pynetdicom's without the 1 ms sleep per loop; its
   ``_reactor_checkpoint`` (an Event the reactor waits on in every loop) first waits until a DIMSE message is
-  queued (``DIMSEServiceProvider.msg_queue``) or ``IDLE_S`` passed; release / abort requests and the network
-  timeout are noticed at most ``IDLE_S`` late.
+  queued (``DIMSEServiceProvider.msg_queue``), it is poked, or ``ASSOC_IDLE_S`` passed. It is poked by what it
+  acts on: a primitive for it from the DUL (release or abort requests: :class:`_PokingQueue`), the DUL thread
+  ending, the checkpoint set (``kill``, :meth:`QuietDUL._fail`); only the network timeout is noticed up to
+  ``ASSOC_IDLE_S`` late. It waited ``IDLE_S`` before: 16 idle association threads woke 800 times a second,
+  each taking the GIL, while the lean path received their C-STOREs on the DUL threads.
 
 They also close three holes a hostile peer found in pynetdicom's acceptor, on both receive paths: every
 P-DATA-TF's items are checked before pynetdicom decodes them (``node.ingest.lean.pdata_item_problem``: A-ABORT
@@ -70,7 +73,8 @@ from node.ingest.lean import LeanAbort, LeanHooks, LeanReceiver, pdata_item_prob
 
 log = logging.getLogger(__name__)
 
-IDLE_S = 0.02  # longest wait before the reactors look at their timers and flags again (seconds)
+IDLE_S = 0.02  # longest wait before the DUL reactor looks at its timers and flags again (seconds)
+ASSOC_IDLE_S = 0.5  # longest wait of the association reactor when nothing pokes it (its network timeout check)
 SUPPORTED = pynetdicom.__version__.startswith("3.0.")
 MIN_PDU_CAP = 1 << 20  # bytes: the largest PDU body read from a peer is at least this
 UNLIMITED_PDU_CAP = 64 << 20  # bytes: the cap when our maximum PDU length is 0 (unlimited)
@@ -490,22 +494,49 @@ class QuietDUL(DULServiceProvider):
             self._drop_lean_partial()
             self._wake_r.close()
             self._wake_w.close()
+            poke(self.assoc)  # the association thread sees the reader gone at once (``dul.is_alive()``)
 
 
-class _Checkpoint(threading.Event):
-    """The association reactor's checkpoint: ``wait()`` without a timeout first waits (at most IDLE_S) for a
-    DIMSE message to be queued, then behaves as ``threading.Event.wait``."""
+def poke(assoc: Association) -> None:
+    """Wake ``assoc``'s reactor thread if it waits in :meth:`_Checkpoint.wait` (it then looks at its queues and
+    flags at once)."""
+    q = assoc.dimse.msg_queue
+    with q.not_empty:
+        q.not_empty.notify_all()
+
+
+class _PokingQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DUL's ``to_user_queue`` (primitives for the association thread: A-RELEASE, A-ABORT, ...), poking
+    the association's reactor (:func:`poke`) on every put."""
 
     def __init__(self, assoc: Association) -> None:
         super().__init__()
         self._assoc = assoc
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        poke(self._assoc)
+
+
+class _Checkpoint(threading.Event):
+    """The association reactor's checkpoint: ``wait()`` without a timeout first waits (at most ASSOC_IDLE_S)
+    for a DIMSE message to be queued or a :func:`poke`, then behaves as ``threading.Event.wait``; ``set()``
+    pokes."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__()
+        self._assoc = assoc
+
+    def set(self) -> None:
+        super().set()
+        poke(self._assoc)
 
     def wait(self, timeout: float | None = None) -> bool:
         if timeout is None and threading.current_thread() is self._assoc:
             q = self._assoc.dimse.msg_queue
             with q.not_empty:
                 if not q._qsize() and not self._assoc._kill:  # the mutex is held: qsize() would deadlock
-                    q.not_empty.wait(IDLE_S)
+                    q.not_empty.wait(ASSOC_IDLE_S)
         return super().wait(timeout)
 
 
@@ -515,6 +546,7 @@ class QuietAssociation(Association):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dul = QuietDUL(self)
+        self.dul.to_user_queue = _PokingQueue(self)
         dul = self.dul
         receive = self.dimse.receive_primitive
 
@@ -536,6 +568,12 @@ class QuietAssociation(Association):
                 bound: Any = self.get_handlers(event)  # notification event: [(handler, args), ...]
                 if any(h[0] is handler for h in bound):
                     self.unbind(event, handler)
+
+    def kill(self) -> None:
+        """As pynetdicom's, with the kill flag set before the checkpoint's ``set()`` pokes the reactor (else it
+        could look before the flag is set, then wait ASSOC_IDLE_S)."""
+        self._kill = True
+        super().kill()
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         """As pynetdicom 3.0's, except for a request the node does not serve on its presentation context
@@ -567,9 +605,9 @@ class QuietAssociation(Association):
     def _run_reactor(self) -> None:
         """As pynetdicom 3.0.4's ``Association._run_reactor`` (acceptor loop: serve DIMSE messages, then the
         release, abort, DUL-alive and network-timeout checks), without its ``time.sleep(0.001)`` at the top of
-        every loop: the checkpoint (:class:`_Checkpoint`) already waits until a DIMSE message is queued or IDLE_S
-        passed. That sleep made every C-STORE wait ~1 ms (often more: a sleep is rounded up to the scheduler's
-        tick) after its dataset was complete, on every association.
+        every loop: the checkpoint (:class:`_Checkpoint`) already waits until a DIMSE message is queued, it is
+        poked or ASSOC_IDLE_S passed. That sleep made every C-STORE wait ~1 ms (often more: a sleep is rounded
+        up to the scheduler's tick) after its dataset was complete, on every association.
 
         When the reader thread failed (:meth:`QuietDUL._fail`) the association is reported aborted
         (EVT_ABORTED) as it ends: pynetdicom ended it without any event, so the SCP's open-association count
