@@ -62,6 +62,7 @@ class Pending:
     stored: Stored | None = None
     added: bool = False  # False: the SOPInstanceUID was already indexed (a resend)
     error: BaseException | None = None
+    size: int = 0  # bytes of the file, read by the caller (the writer makes no system call per row for it)
 
 
 @dataclass
@@ -86,7 +87,7 @@ class GroupCommit:
 
         Blocks until the batch is on disk. Raises IngestError (0xA700: disk below the watermark, a write or sync
         failure, or no commit within ``timeout_s``; 0xC210: invalid UID), SpoolError (the index failed)."""
-        item = Pending(src=src, inst=inst, modality=modality, hint=hint)
+        item = Pending(src=src, inst=inst, modality=modality, hint=hint, size=_size(src))
         start_writeback(src)  # the disk starts on it while the writer finishes the batch before
         with self._lock:
             self._queue.put(item)
@@ -166,7 +167,7 @@ class GroupCommit:
 
     def _index(self, linked: list[Pending]) -> None:
         """All rows in one transaction; when it fails, row by row (a failed row: its new link is removed)."""
-        rows = [(p.inst, p.modality, _size(p), p.hint) for p in linked]
+        rows = [(p.inst, p.modality, p.size, p.hint) for p in linked]
         try:
             for p, added in zip(linked, self.index.add_instances(rows), strict=True):
                 p.added = added
@@ -226,8 +227,9 @@ def _disk_full(exc: SpoolError) -> IngestError | None:
     return err
 
 
-def _size(p: Pending) -> int:
+def _size(path: Path) -> int:
+    """The size of ``path`` in bytes, 0 when it cannot be read."""
     try:
-        return (p.stored.path if p.stored else p.src).stat().st_size
+        return path.stat().st_size
     except OSError:
         return 0

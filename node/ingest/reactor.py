@@ -11,12 +11,15 @@ Here the waits end on the event itself instead, and otherwise poll every ``IDLE_
 - :class:`QuietDUL`: where the reactor would sleep, it waits in ``poll`` on its socket and on a wake-up
   socket pair written by ``send_pdu`` / ``kill_dul`` (a primitive to send, e.g. the C-STORE response): data
   from the peer and primitives from the association thread are handled as soon as they come, timers (ARTIM)
-  at most ``IDLE_S`` late. Hooked through ``_run_loop_delay``, which the reactor reads right before its sleep:
-  the property waits and then returns 0 (so the sleep that follows is none).
+  at most ``IDLE_S`` late. Its loop (:meth:`QuietDUL._run`) is pynetdicom's with this wait where pynetdicom
+  sleeps ``_run_loop_delay``, and a PDU the wait saw arrive read without polling again.
 - :class:`QuietAssociation`: its reactor loop is pynetdicom's without the 1 ms sleep per loop; its
   ``_reactor_checkpoint`` (an Event the reactor waits on in every loop) first waits until a DIMSE message is
-  queued (``DIMSEServiceProvider.msg_queue``) or ``IDLE_S`` passed; release / abort requests and the network
-  timeout are noticed at most ``IDLE_S`` late.
+  queued (``DIMSEServiceProvider.msg_queue``), it is poked, or ``ASSOC_IDLE_S`` passed. It is poked by what it
+  acts on: a primitive for it from the DUL (release or abort requests: :class:`_PokingQueue`), the DUL thread
+  ending, the checkpoint set (``kill``, :meth:`QuietDUL._fail`); only the network timeout is noticed up to
+  ``ASSOC_IDLE_S`` late. It waited ``IDLE_S`` before: 16 idle association threads woke 800 times a second,
+  each taking the GIL, while the lean path received their C-STOREs on the DUL threads.
 
 They also close three holes a hostile peer found in pynetdicom's acceptor, on both receive paths: every
 P-DATA-TF's items are checked before pynetdicom decodes them (``node.ingest.lean.pdata_item_problem``: A-ABORT
@@ -34,6 +37,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import queue
 import socket
 import ssl
 import struct
@@ -69,7 +73,8 @@ from node.ingest.lean import LeanAbort, LeanHooks, LeanReceiver, pdata_item_prob
 
 log = logging.getLogger(__name__)
 
-IDLE_S = 0.02  # longest wait before the reactors look at their timers and flags again (seconds)
+IDLE_S = 0.02  # longest wait before the DUL reactor looks at its timers and flags again (seconds)
+ASSOC_IDLE_S = 0.5  # longest wait of the association reactor when nothing pokes it (its network timeout check)
 SUPPORTED = pynetdicom.__version__.startswith("3.0.")
 MIN_PDU_CAP = 1 << 20  # bytes: the largest PDU body read from a peer is at least this
 UNLIMITED_PDU_CAP = 64 << 20  # bytes: the cap when our maximum PDU length is 0 (unlimited)
@@ -157,19 +162,11 @@ class QuietDUL(DULServiceProvider):
         self.pdu_buffer_bytes = 0  # size of the receive buffer of the PDU being read (0: none), for tests
         self.lean: LeanReceiver | None = None  # the lean C-STORE path (node.ingest.lean), when the SCP uses it
         self.failure: str | None = None  # why this reader failed (an exception ended it), once it did
+        self._readable = False  # the last idle wait saw the socket readable (not yet read)
         super().__init__(assoc)
 
-    @property  # type: ignore[override]
-    def _run_loop_delay(self) -> float:
-        """Wait for activity (at most IDLE_S), then 0: the reactor's ``time.sleep`` after this is none."""
-        self._idle_wait()
-        return 0.0
-
-    @_run_loop_delay.setter
-    def _run_loop_delay(self, value: float) -> None:  # pynetdicom's __init__ sets 0.001: not used
-        pass
-
     def _idle_wait(self) -> None:
+        self._readable = False
         if self._kill_thread or not self.to_provider_queue.empty() or not self.event_queue.empty():
             return
         wrapper = self.socket
@@ -185,6 +182,7 @@ class QuietDUL(DULServiceProvider):
             return
         if self._wake_r in ready:
             self._drain()
+        self._readable = raw in ready and not isinstance(raw, ssl.SSLSocket)
 
     def _drain(self) -> None:
         try:
@@ -213,6 +211,14 @@ class QuietDUL(DULServiceProvider):
         if self.state_machine.current_state == "Sta13":
             if self.socket:
                 self.socket.close()
+            return True
+        if self._readable and self.socket is not None:  # the idle wait just saw data: no second poll
+            self._readable = False
+            try:
+                self._read_pdu_data()
+            except Exception as exc:  # noqa: BLE001 - whatever pynetdicom raises on a peer's bytes
+                self._fail(exc)
+                return False
             return True
         try:
             return bool(super()._is_transport_event())
@@ -446,31 +452,91 @@ class QuietDUL(DULServiceProvider):
         super().kill_dul()
         self._wake()
 
+    def _run(self) -> None:
+        """pynetdicom 3.0.4's ``DULServiceProvider.run_reactor`` loop (ARTIM, one primitive to send or one PDU
+        read, then one state-machine event), where its ``time.sleep(self._run_loop_delay)`` after an idle loop is
+        :meth:`_idle_wait` itself: no ``sleep(0)`` system call per PDU (each released the GIL, to be waited for
+        again under many associations), and a PDU the wait saw arrive is read without a second poll."""
+        self._idle_timer.start()
+        idle = False
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                idle = True
+            if idle:
+                self._idle_wait()
+            if self._kill_thread:
+                break
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:  # noqa: BLE001 - as pynetdicom: an A-ABORT straight to the peer, both ended
+                self._fail(exc)
+                return
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                idle = True
+                continue
+            self.state_machine.do_action(event)
+            idle = False
+
     def run_reactor(self) -> None:
         try:
-            super().run_reactor()
+            self._run()
         except Exception as exc:  # noqa: BLE001 - the state machine's actions (P-DATA to DIMSE, ...) raised
             self._fail(exc)
         finally:
             self._drop_lean_partial()
             self._wake_r.close()
             self._wake_w.close()
+            poke(self.assoc)  # the association thread sees the reader gone at once (``dul.is_alive()``)
 
 
-class _Checkpoint(threading.Event):
-    """The association reactor's checkpoint: ``wait()`` without a timeout first waits (at most IDLE_S) for a
-    DIMSE message to be queued, then behaves as ``threading.Event.wait``."""
+def poke(assoc: Association) -> None:
+    """Wake ``assoc``'s reactor thread if it waits in :meth:`_Checkpoint.wait` (it then looks at its queues and
+    flags at once)."""
+    q = assoc.dimse.msg_queue
+    with q.not_empty:
+        q.not_empty.notify_all()
+
+
+class _PokingQueue(queue.Queue):  # type: ignore[type-arg]
+    """The DUL's ``to_user_queue`` (primitives for the association thread: A-RELEASE, A-ABORT, ...), poking
+    the association's reactor (:func:`poke`) on every put."""
 
     def __init__(self, assoc: Association) -> None:
         super().__init__()
         self._assoc = assoc
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        poke(self._assoc)
+
+
+class _Checkpoint(threading.Event):
+    """The association reactor's checkpoint: ``wait()`` without a timeout first waits (at most ASSOC_IDLE_S)
+    for a DIMSE message to be queued or a :func:`poke`, then behaves as ``threading.Event.wait``; ``set()``
+    pokes."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__()
+        self._assoc = assoc
+
+    def set(self) -> None:
+        super().set()
+        poke(self._assoc)
 
     def wait(self, timeout: float | None = None) -> bool:
         if timeout is None and threading.current_thread() is self._assoc:
             q = self._assoc.dimse.msg_queue
             with q.not_empty:
                 if not q._qsize() and not self._assoc._kill:  # the mutex is held: qsize() would deadlock
-                    q.not_empty.wait(IDLE_S)
+                    q.not_empty.wait(ASSOC_IDLE_S)
         return super().wait(timeout)
 
 
@@ -480,6 +546,7 @@ class QuietAssociation(Association):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dul = QuietDUL(self)
+        self.dul.to_user_queue = _PokingQueue(self)
         dul = self.dul
         receive = self.dimse.receive_primitive
 
@@ -501,6 +568,12 @@ class QuietAssociation(Association):
                 bound: Any = self.get_handlers(event)  # notification event: [(handler, args), ...]
                 if any(h[0] is handler for h in bound):
                     self.unbind(event, handler)
+
+    def kill(self) -> None:
+        """As pynetdicom's, with the kill flag set before the checkpoint's ``set()`` pokes the reactor (else it
+        could look before the flag is set, then wait ASSOC_IDLE_S)."""
+        self._kill = True
+        super().kill()
 
     def _serve_request(self, msg: Any, context_id: int) -> None:
         """As pynetdicom 3.0's, except for a request the node does not serve on its presentation context
@@ -532,9 +605,9 @@ class QuietAssociation(Association):
     def _run_reactor(self) -> None:
         """As pynetdicom 3.0.4's ``Association._run_reactor`` (acceptor loop: serve DIMSE messages, then the
         release, abort, DUL-alive and network-timeout checks), without its ``time.sleep(0.001)`` at the top of
-        every loop: the checkpoint (:class:`_Checkpoint`) already waits until a DIMSE message is queued or IDLE_S
-        passed. That sleep made every C-STORE wait ~1 ms (often more: a sleep is rounded up to the scheduler's
-        tick) after its dataset was complete, on every association.
+        every loop: the checkpoint (:class:`_Checkpoint`) already waits until a DIMSE message is queued, it is
+        poked or ASSOC_IDLE_S passed. That sleep made every C-STORE wait ~1 ms (often more: a sleep is rounded
+        up to the scheduler's tick) after its dataset was complete, on every association.
 
         When the reader thread failed (:meth:`QuietDUL._fail`) the association is reported aborted
         (EVT_ABORTED) as it ends: pynetdicom ended it without any event, so the SCP's open-association count
