@@ -72,36 +72,6 @@ def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
 
 
 _SYNC_FILE_RANGE = _load_sync_file_range()  # a constant of the platform, read once
-
-
-def _load_link_holding_gil() -> Callable[[bytes, bytes], int] | None:
-    """libc's ``link(2)`` called WITHOUT releasing the GIL (``ctypes.PyDLL``), None where libc is not found."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.PyDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.link
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_char_p, ctypes.c_char_p], ctypes.c_int
-    return fn  # type: ignore[no-any-return]
-
-
-_LINK = _load_link_holding_gil()
-
-
-def hard_link(src: Path, dst: Path) -> None:
-    """``os.link(src, dst)`` without releasing the GIL where libc allows (:func:`_load_link_holding_gil`):
-    creating a name is a few microseconds on a local disk, while taking the GIL back after ``os.link``
-    released it waited ~0.3-0.5 ms under 16 concurrent associations (the group commit links a whole batch on
-    one thread: measured 4 ms for 8 links). Raises OSError (FileExistsError, FileNotFoundError, ...) as
-    ``os.link``."""
-    if _LINK is None:
-        os.link(src, dst)
-        return
-    if _LINK(os.fsencode(src), os.fsencode(dst)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(src), None, str(dst))
 _SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writeback of the dirty pages, do not wait for it
 
 
@@ -331,11 +301,11 @@ class Spool:
         dst = self.instance_path(study_uid, series_uid, sop_uid)
         try:
             try:
-                hard_link(src, dst)
+                os.link(src, dst)
             except FileNotFoundError:
                 if src.exists():  # the series' folder is not there yet
                     dst.parent.mkdir(parents=True, exist_ok=True)
-                    hard_link(src, dst)
+                    os.link(src, dst)
                     return Stored(dst, duplicate=False, new_folder=True)
                 raise
             return Stored(dst, duplicate=False)

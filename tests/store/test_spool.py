@@ -98,23 +98,6 @@ def test_index_is_shared_between_processes(tmp_path: Path) -> None:
     assert ix.series("9.9")["n_instances"] == 400
 
 
-def test_hard_link_names_the_same_file_and_raises_as_os_link(tmp_path: Path) -> None:
-    """``hard_link`` (libc ``link`` without releasing the GIL) behaves as ``os.link``: same inode, FileExistsError
-    for an existing name (a duplicate), FileNotFoundError for a missing source or folder."""
-    from node.store.spool import hard_link
-
-    src = tmp_path / "a.dcm"
-    src.write_bytes(b"data")
-    hard_link(src, tmp_path / "b.dcm")
-    assert (tmp_path / "b.dcm").stat().st_ino == src.stat().st_ino
-    with pytest.raises(FileExistsError):
-        hard_link(src, tmp_path / "b.dcm")
-    with pytest.raises(FileNotFoundError):
-        hard_link(tmp_path / "missing.dcm", tmp_path / "c.dcm")
-    with pytest.raises(FileNotFoundError):
-        hard_link(src, tmp_path / "no-folder" / "c.dcm")
-
-
 def test_link_instance_makes_the_series_folder_and_keeps_the_first_copy(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     first, second = spool.incoming / "1.dcm", spool.incoming / "2.dcm"
