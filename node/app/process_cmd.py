@@ -13,8 +13,11 @@ On a terminal a progress bar per series names the stage (``node.app.progress``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
+import shutil
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -124,9 +127,12 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
             continue
 
         bar = SeriesBar(f"[{n}/{total}] {hdr.get('Modality', '?')} {len(files)} file(s)", bars)
+        partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"  # written here, moved into dest when whole
+        shutil.rmtree(partial, ignore_errors=True)
         try:
-            res = process_series(files, rule, cfg, dest, engine_name=args.engine, progress=bar.stage,
+            res = process_series(files, rule, cfg, partial, engine_name=args.engine, progress=bar.stage,
                                  engines=engines, engine_progress=bar.engine if bars else None)
+            res = _move_into(res, partial, dest)
         except NodeError as exc:  # VolumeError, EngineError, DeriveError: the reason in words
             bar.close()
             failed += 1
@@ -134,6 +140,8 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
             print(f"{label}: FAILED: {why}")
             _write_report(dest, {"series": uid, "files": names, "failed": why})
             continue
+        finally:  # a build that failed part-way leaves nothing: no partial derived series beside a "failed" report
+            shutil.rmtree(partial, ignore_errors=True)
         bar.close()
         _write_report(dest, {"series": uid, "files": names, "rule": rule.name, "report": res.report})
         preview = ""
@@ -152,6 +160,25 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
             failed += 1
             print(f"{label}: FAILED: {why}")
     return 1 if failed else 0
+
+
+def _move_into(res: ProcessResult, partial: Path, dest: Path) -> ProcessResult:
+    """Move the complete result folders from ``partial`` into ``dest`` (each replacing the folder of the same name
+    from an earlier run, so that no series mixes two runs' slices); ``res`` with its paths under ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for child in sorted(partial.iterdir()) if partial.is_dir() else []:
+        target = dest / child.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(child, target)
+
+    def moved(paths: list[Path]) -> list[Path]:
+        return [dest / p.relative_to(partial) for p in paths]
+
+    return dataclasses.replace(res, derived_files=moved(res.derived_files),
+                               uncertainty_files=moved(res.uncertainty_files))
 
 
 def _write_report(dest: Path, record: dict[str, object]) -> None:

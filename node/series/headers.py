@@ -14,20 +14,20 @@ slices; re-reading it per slice would parse its functional groups again and agai
 mosaic (made in memory) stay held. A released header is read again (header only, ``stop_before_pixels``) when asked
 for, stripped as the held ones, and ``fix`` applied (the job's ``node.derived.conform_dataset``, so it carries the
 same values as the checked one); the last one read is kept for the next ask (a derived slice and its neighbour
-copy from the same input slice). The file must be the one loaded: same device, inode, size and modification time
-(the spool keeps the first copy of a re-sent instance, so only a removal or a replacement changes them) and the
-same SOPInstanceUID; otherwise ``DeriveError`` names the file, so that no derived slice is written without its
-copied attributes.
+copy from the same input slice). The file must hold the bytes loaded (``FileStamp``: size and a digest of all its
+bytes, so an in-place rewrite with its modification time put back is caught, a touch is not a change) and the
+same SOPInstanceUID; otherwise ``DeriveError`` names the file, so that no derived slice is written with values
+other than the checked ones (two patients in one derived series).
 """
 
 from __future__ import annotations
 
 import collections.abc
-import os
+import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, BinaryIO, overload
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -41,24 +41,31 @@ _UNUSED_AFTER_LOAD = (Tag("IconImageSequence"),)
 
 @dataclass(frozen=True)
 class FileStamp:
-    """Which file a header was read from: device, inode, size (bytes) and modification time (ns) of ``os.stat``.
-    A file removed and written again, or replaced by a rename, has another stamp."""
+    """The bytes a header was read from: the file's size and a BLAKE2b-128 digest of all its bytes. A file whose
+    bytes changed in any way (rewritten in place with its mtime put back, replaced by a rename, removed and written
+    again with other values) has another stamp; one touched, or copied back with the same bytes, has the same."""
 
-    device: int
-    inode: int
     size: int
-    mtime_ns: int
+    digest: bytes
 
     @classmethod
-    def of(cls, st: os.stat_result) -> FileStamp:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    def of(cls, fh: BinaryIO) -> FileStamp:
+        """The stamp of the open file ``fh`` (read whole from its start, in 1 MiB blocks; left at its start)."""
+        fh.seek(0)
+        h = hashlib.blake2b(digest_size=16)
+        size = 0
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+        fh.seek(0)
+        return cls(size, h.digest())
 
 
 def read_stamped(path: Path) -> tuple[Dataset, FileStamp]:
-    """The whole file (pixels not decoded) and the stamp of the file it was read from (one open: the stamp is of
-    the bytes read). Raises OSError and pydicom's errors as ``pydicom.dcmread``."""
+    """The whole file (pixels not decoded) and the stamp of the bytes read (one open). Raises OSError and
+    pydicom's errors as ``pydicom.dcmread``."""
     with open(path, "rb") as fh:
-        stamp = FileStamp.of(os.fstat(fh.fileno()))
+        stamp = FileStamp.of(fh)
         return pydicom.dcmread(fh), stamp
 
 
@@ -156,8 +163,8 @@ def read_again(rec: SliceHeader, fix: Callable[[Dataset], object] | None = None)
     why = ""
     try:
         with open(path, "rb") as fh:
-            if FileStamp.of(os.fstat(fh.fileno())) != rec.stamp:
-                why = "was replaced or rewritten since the series was loaded"
+            if FileStamp.of(fh) != rec.stamp:
+                why = "was changed since the series was loaded (its bytes differ)"
             else:
                 ds = pydicom.dcmread(fh, stop_before_pixels=True)
                 if sop_instance_of(ds) != rec.sop_instance_uid:

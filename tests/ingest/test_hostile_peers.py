@@ -259,11 +259,18 @@ def test_max_pdu_below_one_item_is_rejected(scp: StoreSCP, max_pdu: int, caplog:
     """PS3.8 9.3.5: a P-DATA-TF item takes 6 bytes of header, so 1-6 bytes can carry nothing (0 means
     unlimited). Answered with A-ASSOCIATE-RJ (permanent) and one line, not with 7-byte PDUs above the limit."""
     caplog.set_level(logging.WARNING)
-    assoc = _associate_with_max_pdu(scp.cfg.node.port, max_pdu)
-    assert assoc.is_rejected
+    tries = 0
+    assoc = None
+    # up to 3 tries: on a heavily loaded machine pynetdicom's requestor once reported the closed connection
+    # (aborted) instead of the A-ASSOCIATE-RJ the node had sent and logged (newuser run, load > 4); never accepted
+    while tries < 3 and (assoc is None or not assoc.is_rejected):
+        tries += 1
+        assoc = _associate_with_max_pdu(scp.cfg.node.port, max_pdu)
+        assert not assoc.is_established
+    assert assoc is not None and assoc.is_rejected
     assert assoc.acceptor.primitive.result == 0x01  # permanent
     lines = _warnings(caplog, f"maximum PDU length of {max_pdu} byte(s) cannot carry a P-DATA-TF item")
-    assert len(lines) == 1, caplog.text
+    assert len(lines) == tries, caplog.text  # one line per association refused
     _settled(scp)
 
 

@@ -5,6 +5,7 @@ derived slice without its copied attributes."""
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -65,19 +66,44 @@ def test_an_input_removed_during_the_job_fails_it_naming_the_file(tmp_path: Path
     assert not list((tmp_path / "out").rglob("*.dcm")), "a derived slice was written without its input header"
 
 
-def test_an_input_replaced_during_the_job_fails_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_input_rewritten_in_place_with_its_mtime_put_back_fails_the_job(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another patient's values written into the same file (same inode and size, its modification time set back, as
+    ``cp -p`` / ``rsync --inplace -t`` can leave it): no derived series may mix the two patients."""
     files = write_phantom_series(tmp_path / "p", slices=6, size=8, step_mm=3.0)
     cfg = load_config(None)
 
-    def replace() -> None:  # the same bytes under a new inode, as a resend written by rename would be
+    def rewrite() -> None:
+        st = files[2].stat()
+        ds = pydicom.dcmread(files[2])
+        ds.PatientID = "X" * len(str(ds.PatientID))
+        raw = io.BytesIO()
+        ds.save_as(raw)
+        assert len(raw.getvalue()) == st.st_size
+        with open(files[2], "r+b") as fh:
+            fh.write(raw.getvalue())
+        os.utime(files[2], ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    _during_engine(monkeypatch, rewrite)
+    with pytest.raises(DeriveError, match=f"input {files[2].name} was changed since the series was loaded"):
+        process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name="cubic")
+    assert not list((tmp_path / "out").rglob("*.dcm"))
+
+
+def test_an_input_replaced_by_the_same_bytes_or_touched_is_no_change(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    files = write_phantom_series(tmp_path / "p", slices=6, size=8, step_mm=3.0)
+    cfg = load_config(None)
+
+    def replace_and_touch() -> None:  # the same bytes under a new inode, as a resend written by rename would be
         tmp = files[1].with_suffix(".new")
         shutil.copyfile(files[1], tmp)
         os.replace(tmp, files[1])
+        os.utime(files[3])
 
-    _during_engine(monkeypatch, replace)
-    with pytest.raises(DeriveError, match=f"input {files[1].name} was replaced or rewritten"):
-        process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name="cubic")
-    assert not list((tmp_path / "out").rglob("*.dcm"))
+    _during_engine(monkeypatch, replace_and_touch)
+    result = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name="cubic")
+    assert len(result.derived_files) == 11
 
 
 def test_a_spool_file_gone_during_a_job_fails_the_job_with_one_line(tmp_path: Path,
@@ -103,3 +129,19 @@ def test_a_spool_file_gone_during_a_job_fails_the_job_with_one_line(tmp_path: Pa
     assert f"input {spooled[2].name} is gone" in job.reason and "\n" not in job.reason, job.reason
     assert ctx.store.index.deliveries(job_id) == []
     assert not (ctx.store.spool.outbox / f"job-{job_id}").exists()  # nothing of the failed build left behind
+
+
+def test_srnode_process_leaves_no_partial_series_when_an_input_changes(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``srnode process``: a series whose build fails part-way has its report saying so and no derived or
+    uncertainty file beside it (the build is written aside and moved in only when whole)."""
+    from node.app.cli import main
+
+    files = write_phantom_series(tmp_path / "in", slices=6, size=8, step_mm=3.0)
+    _during_engine(monkeypatch, lambda: files[4].write_bytes(files[4].read_bytes() + b"\0\0"))
+    out = tmp_path / "out"
+    assert main(["process", str(tmp_path / "in"), str(out), "--engine", "cubic", "--no-preview"]) == 1
+    assert not [p for p in out.rglob("*.dcm")], sorted(out.rglob("*"))
+    assert not [p for p in out.rglob(".*partial*")]
+    reports = list(out.rglob("report.json"))
+    assert len(reports) == 1 and "failed" in reports[0].read_text()
