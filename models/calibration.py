@@ -114,7 +114,7 @@ def noise_level(abs_err: np.ndarray, u: np.ndarray, noise: np.ndarray, frac: flo
     voxels. Why: ``internal.noise_sigma`` (in-plane neighbour differences) counts fine texture as noise; on the MR
     series it was 2-5 x the noise the pairs show, and a too-large noise term, constant per phase, drowns the
     ranking of u (docs/engines.md, sigma5). ``abs_err``, ``u``, ``noise``: (N,) same units."""
-    ok = noise > 0
+    ok = np.isfinite(abs_err) & np.isfinite(u) & np.isfinite(noise) & (noise > 0)  # non-finite values say nothing
     if abs_err.size == 0 or not np.any(ok):
         return 1.0
     e, uu, nn = abs_err[ok], u[ok], noise[ok]

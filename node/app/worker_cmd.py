@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import socket
 import time
+from dataclasses import replace as dc_replace
+from pathlib import Path
 
-from node.config import Device, ExecutorKind, load_config
+from node.config import Config, DataAccess, Device, ExecutorKind, load_config
 from node.errors import NodeError
 from node.jobs import JobContext
 from node.jobs.celery_executor import broker_display, make_app
@@ -46,6 +49,15 @@ def _preload(ctx: JobContext, pool: str) -> None:
     log.info("worker: pipeline loaded in %.1f s", time.monotonic() - t0)
 
 
+def scratch_spool(cfg: Config, name: str) -> Config:
+    """``cfg`` with the worker's own scratch spool, ``<spool_dir>/workers/<name>`` (``data_access = "dicomweb"``):
+    worker instances started with one config (the systemd template, one per GPU) must not share one, or a worker
+    that cleans up its delivered series removes the files another is still deriving from."""
+    safe = re.sub(r"[^A-Za-z0-9._@-]", "_", name) or "worker"
+    spool = Path(cfg.node.spool_dir) / "workers" / safe
+    return dc_replace(cfg, node=dc_replace(cfg.node, spool_dir=str(spool)))
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``srnode worker`` until Celery stops it; returns its exit code. Raises ConfigError, SpoolError."""
     cfg = load_config(args.config)
@@ -53,18 +65,18 @@ def run(args: argparse.Namespace) -> int:
         log.warning("%s: executor.kind is %r; the worker serves Celery jobs anyway", args.config,
                     cfg.executor.kind.value)
     if args.device:
-        from dataclasses import replace as dc_replace
-
         options = dc_replace(cfg.engine.options, device=Device(args.device))
         cfg = dc_replace(cfg, engine=dc_replace(cfg.engine, options=options))
     logging.getLogger().setLevel(args.log_level.upper() if args.log_level else cfg.node.log_level.upper())
+    name = args.name or f"srnode-{os.getpid()}@{socket.gethostname()}"
+    if cfg.executor.data_access == DataAccess.DICOMWEB:
+        cfg = scratch_spool(cfg, name)
     ctx = JobContext.open(cfg)
     _preload(ctx, args.pool)
     app = make_app(cfg, worker=ctx)
-    name = args.name or f"srnode-{os.getpid()}@{socket.gethostname()}"
-    log.info("srnode worker %s: broker %s, queue %r, pool %s, data access %s, engine %s on %s",
+    log.info("srnode worker %s: broker %s, queue %r, pool %s, data access %s (spool %s), engine %s on %s",
              name, broker_display(cfg.executor.broker_url), cfg.executor.queue, args.pool,
-             cfg.executor.data_access, cfg.engine.name, cfg.engine.options.device)
+             cfg.executor.data_access, cfg.node.spool_dir, cfg.engine.name, cfg.engine.options.device)
     worker = app.Worker(
         hostname=name,
         pool_cls=args.pool,

@@ -183,7 +183,9 @@ def test_worker_without_shared_spool_fetches_over_dicomweb(tmp_path: Path, redis
                               timeout=120, what="the remote job recorded on the node")
         assert [j["state"] for j in jobs] == ["delivered"], jobs
         assert "fetched 10 instances" in worker.log()
-        assert not list((tmp_path / "worker-spool" / "instances").rglob("*.dcm")), "worker scratch not cleaned"
+        scratch = tmp_path / "worker-spool" / "workers" / "remote@test"  # this worker's own (worker_cmd.scratch_spool)
+        assert (scratch / "index.sqlite").exists(), sorted((tmp_path / "worker-spool").rglob("*"))[:20]
+        assert not list((scratch / "instances").rglob("*.dcm")), "worker scratch not cleaned"
         assert not (node.spool / "outbox").exists() or not any((node.spool / "outbox").iterdir())
         received = [dcmread(p, stop_before_pixels=True) for p in pacs_dir.rglob("*") if p.is_file()]
         counts = Counter(ds.SOPInstanceUID for ds in received)
