@@ -316,8 +316,13 @@ def ensemble(net: SRNet, s: PairSet, n_flips: int) -> tuple[torch.Tensor, torch.
 
 def noise_sigma(vol: np.ndarray, body: float = 0.05) -> float:
     """Robust in-plane noise estimate from neighbour differences inside the body, from their lower quartile
-    (edges and texture fill the upper tail): for Gaussian noise |d| has its 25th percentile at 0.3186 sd(d)."""
+    (edges and texture fill the upper tail): for Gaussian noise |d| has its 25th percentile at 0.3186 sd(d).
+    A one-column slice is read along its rows; a one-pixel slice has no neighbours and gives 0.0."""
     sub = vol[:: max(1, vol.shape[0] // 16)]
+    if sub.shape[-1] < 2:
+        sub = np.swapaxes(sub, -1, -2)
+    if sub.shape[-1] < 2 or sub.size == 0:
+        return 0.0
     d = np.abs(np.diff(sub, axis=-1))
     m = (sub[:, :, 1:] > body) & (sub[:, :, :-1] > body)
     d = d[m] if m.sum() > 100 else d.ravel()

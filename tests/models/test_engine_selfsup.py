@@ -75,6 +75,19 @@ def test_fallback_returns_cubic_with_the_reason() -> None:
     assert not res.sigma.any()
 
 
+@pytest.mark.parametrize("shape", [(12, 32, 1), (12, 1, 32), (12, 1, 1)])
+def test_one_row_or_one_column_slices_fall_back_to_cubic(shape: tuple[int, int, int]) -> None:
+    """A slice of one column (or one row, or one pixel) has no in-plane neighbours to learn from: the engine
+    falls back to cubic with its reason instead of failing the job (it raised an IndexError in the noise estimate
+    on one-column slices)."""
+    vol = np.random.default_rng(0).normal(100.0, 10.0, shape).astype(np.float32)
+    res = get_engine("selfsup", EngineOptions(device="cpu", fast=True)).upscale(
+        VolumeInput(vol, (3.0, 1.0, 1.0), 3.0, "CT"), Factors(2, 1))
+    assert res.engine == "cubic" and res.fallback
+    assert res.data.shape == (23, *shape[1:])
+    assert il.noise_sigma(vol) >= 0.0
+
+
 def test_tiled_and_untiled_inference_agree() -> None:
     torch.manual_seed(0)
     net = SRNet(SRNetConfig(fz=3, fx=1, width=8, depth=3))
