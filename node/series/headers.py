@@ -185,6 +185,7 @@ def read_again(rec: SliceHeader, fix: Callable[[Dataset], object] | None = None)
             why = "was changed since the series was loaded (its bytes differ)"
         else:
             ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            ds.filename = str(path)
             if sop_instance_of(ds) != rec.sop_instance_uid:
                 why = "holds another instance than when the series was loaded"
     except FileNotFoundError:
