@@ -461,11 +461,14 @@ def _check_precision(data: np.ndarray, slices: list[Slice]) -> None:
     relative) both at the volume's largest magnitude (values stored as they are) and across its whole value range
     (the engines normalise the volume by that range). A huge RescaleIntercept (values near 1e9 whose detail is a
     few units) or slopes that differ by orders of magnitude between slices (a slope-1 slice beside a slope-1e11
-    one) otherwise round the detail away silently: the derived image would be wrong yet valid."""
-    finite = data[np.isfinite(data)]
-    if not finite.size:
-        return
-    lo, hi = float(finite.min()), float(finite.max())
+    one) otherwise round the detail away silently: the derived image would be wrong yet valid. The range is taken
+    by reductions, not a copy of the finite values (a long series' volume again; issue #15 item 5)."""
+    lo, hi = float(np.fmin.reduce(data, axis=None)), float(np.fmax.reduce(data, axis=None))  # NaN skipped
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # padding only, or (never after _check_range) infinities
+        finite = data[np.isfinite(data)]
+        if not finite.size:
+            return
+        lo, hi = float(finite.min()), float(finite.max())
     needed = max(float(np.spacing(np.float32(max(abs(lo), abs(hi))))), (hi - lo) * 2.0 ** -23)
     for s in slices:
         if abs(s.slope) < needed:
