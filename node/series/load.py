@@ -385,9 +385,10 @@ def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, li
     """(Z, Y, X) float32 modality values of the sorted slices, each slice's stored format, and remarks.
 
     Every slice is converted with its own RescaleSlope / Intercept (Philips MR and some CT store one per slice);
-    padding voxels (PixelPaddingValue) become air for CT, else the lowest value of the series. A single-frame
-    header's PixelData is dropped once its slice is converted (a multi-frame object's stays: several volumes may
-    share it; the job releases it after all are built).
+    padding voxels (PixelPaddingValue) become air for CT, else the lowest value of the series. A slice whose
+    header was let go of was converted as it was read (``_let_go``): its values are copied in and dropped. A held
+    single-frame header's (a mosaic tile's) PixelData is dropped once its slice is converted (a multi-frame
+    object's stays: several volumes may share it; the job releases it after all are built).
     """
     first = slices[0]
     formats: list[StoredFormat] = [s.value("format", _format_of) for s in slices]
