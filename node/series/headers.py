@@ -29,7 +29,7 @@ import io
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, overload
+from typing import Any, overload
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -49,19 +49,6 @@ class FileStamp:
 
     size: int
     digest: bytes
-
-    @classmethod
-    def of(cls, fh: BinaryIO) -> FileStamp:
-        """The stamp of the open file ``fh`` (read whole from its start, in 1 MiB blocks; left at its start)."""
-        fh.seek(0)
-        h = hashlib.blake2b(digest_size=16)
-        size = 0
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
-        fh.seek(0)
-        return cls(size, h.digest())
-
 
     @classmethod
     def of_bytes(cls, data: bytes) -> FileStamp:
