@@ -55,7 +55,7 @@ def _source_volume(found: list[SeriesVolume], der: SeriesVolume) -> SeriesVolume
     src = der.datasets[0].get("SourceImageSequence") or []
     uid = str(src[0].get("ReferencedSOPInstanceUID", "")) if len(src) else ""
     for vol in found:
-        if any(str(ds.get("SOPInstanceUID", "")) == uid for ds in vol.datasets):
+        if any(rec.sop_instance_uid == uid for rec in vol.datasets.records):  # records: no header read again
             return vol
     return found[0]
 

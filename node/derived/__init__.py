@@ -10,11 +10,18 @@
 
 from node.derived.geometry import GEOMETRY_TOL_MM, geometry_gate, output_positions
 from node.derived.image_series import DerivedObjects, check_identifiers, derive_series
-from node.derived.inputs import check_inputs, check_one_patient, conform_copied, conform_dataset
+from node.derived.inputs import (
+    InputCheck,
+    check_inputs,
+    check_one_patient,
+    conform_copied,
+    conform_dataset,
+    inspect_input,
+)
 from node.derived.iocm import reject_superseded, rejection_note, result_revision
 from node.derived.labels import Revision
 from node.derived.uncertainty import uncertainty_objects
 
-__all__ = ["GEOMETRY_TOL_MM", "DerivedObjects", "Revision", "check_identifiers", "check_inputs", "check_one_patient",
+__all__ = ["GEOMETRY_TOL_MM", "DerivedObjects", "InputCheck", "inspect_input", "Revision", "check_identifiers", "check_inputs", "check_one_patient",
            "conform_copied", "conform_dataset", "derive_series", "geometry_gate", "output_positions", "reject_superseded",
            "rejection_note", "result_revision", "uncertainty_objects"]

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
@@ -40,21 +41,44 @@ def _identity(ds: Dataset, kw: str) -> str:
     return text.rstrip("^ ") if kw == "PatientName" else text
 
 
-def check_one_patient(series_uid: str, datasets: Sequence[Dataset]) -> None:
-    """VolumeError when the series' instances (``datasets``, every volume of the series together) belong to more
-    than one patient or study; the reason names the attributes, never their values."""
-    unique = list({id(ds): ds for ds in datasets}.values())
+_IDENTITY = (*IDENTITY_KEYWORDS, "StudyInstanceUID")
+
+
+@dataclass(frozen=True)
+class InputCheck:
+    """What the checks take of one input header as it is read (``inspect_input``), so that the load need not hold
+    it: ``identity`` its ``IDENTITY_KEYWORDS`` and StudyInstanceUID values (as compared by ``check_one_patient``),
+    ``dropped`` {keyword: VR} of the copied attributes ``conform_dataset`` drops from it."""
+
+    identity: tuple[str, ...]
+    dropped: dict[str, str]
+
+
+def inspect_input(ds: Dataset) -> InputCheck:
+    """Take the checks' values of the input header ``ds`` (its identity, then ``conform_dataset``: ``ds`` is
+    changed). Given to ``node.series.load_volumes`` as ``inspect``, kept in each slice's record (``seen``)."""
+    identity = tuple(_identity(ds, kw) for kw in _IDENTITY)
+    return InputCheck(identity, conform_dataset(ds))
+
+
+def check_one_patient(series_uid: str, datasets: Sequence[Dataset | InputCheck]) -> None:
+    """VolumeError when the series' instances (``datasets``, every volume of the series together: headers, or
+    what ``inspect_input`` took of them) belong to more than one patient or study; the reason names the
+    attributes, never their values."""
+    unique = [x.identity if isinstance(x, InputCheck) else tuple(_identity(x, kw) for kw in _IDENTITY)
+              for x in {id(ds): ds for ds in datasets}.values()]
     if len(unique) < 2:
         return
     differ: list[str] = []
-    for kw in (*IDENTITY_KEYWORDS, "StudyInstanceUID"):
-        values = {_identity(ds, kw) for ds in unique}
+    for i, kw in enumerate(_IDENTITY):
+        values = {ident[i] for ident in unique}
         if len(values) > 1:
             differ.append(f"{kw}: {len(values)} different values")
     if not differ:
         return
-    patients = len({tuple(_identity(ds, kw) for kw in IDENTITY_KEYWORDS) for ds in unique})
-    studies = len({_identity(ds, "StudyInstanceUID") for ds in unique})
+    n = len(IDENTITY_KEYWORDS)
+    patients = len({ident[:n] for ident in unique})
+    studies = len({ident[n] for ident in unique})
     raise VolumeError(f"series {series_uid}: its {len(unique)} instances belong to {patients} patient(s) in "
                       f"{studies} study(ies) ({'; '.join(differ)}); instances of different patients or studies are "
                       "never stacked into one derived series")
@@ -98,12 +122,30 @@ def conform_dataset(ds: Dataset) -> dict[str, str]:
     return bad
 
 
-def conform_copied(vol: SeriesVolume) -> list[str]:
-    """Drop the copied attributes whose values are not valid for their VR from the series' datasets (in memory,
-    ``conform_dataset``); returns one note naming them (empty list when every value conforms)."""
+def _inputs(vol: SeriesVolume) -> list[Dataset | InputCheck]:
+    """Each input instance of ``vol`` once, slice order: its held header, or what ``inspect_input`` took of it as
+    it was loaded (its header read again and inspected when the load was not asked to: ``load_volumes``)."""
+    out: dict[int, Dataset | InputCheck] = {}
+    heads = vol.datasets
+    for k in range(len(heads)):
+        ds = heads.held_dataset(k)
+        if ds is not None:
+            out.setdefault(id(ds), ds)
+            continue
+        seen = heads.record(k).seen
+        check = seen if isinstance(seen, InputCheck) else inspect_input(heads[k])
+        out[id(check)] = check
+    return list(out.values())
+
+
+def conform_copied(vol: SeriesVolume, inputs: Sequence[Dataset | InputCheck] | None = None) -> list[str]:
+    """Drop the copied attributes whose values are not valid for their VR from the series' held headers (in
+    memory, ``conform_dataset``; a header not held was conformed as it was loaded, and is again when read again:
+    ``InputHeaders.release``); returns one note naming them all (empty list when every value conforms).
+    ``inputs``: ``vol``'s instances as ``_inputs`` gives them (made here when not given)."""
     bad: dict[str, str] = {}
-    for ds in {id(d): d for d in vol.datasets}.values():
-        bad.update(conform_dataset(ds))
+    for x in inputs if inputs is not None else _inputs(vol):
+        bad.update(x.dropped if isinstance(x, InputCheck) else conform_dataset(x))
     if not bad:
         return []
     names = ", ".join(f"{kw} ({vr})" for kw, vr in bad.items())
@@ -116,6 +158,7 @@ def check_inputs(vols: Sequence[SeriesVolume]) -> None:
     ``notes``, which the job's report carries)."""
     if not vols:
         return
-    check_one_patient(vols[0].series_uid, [ds for v in vols for ds in v.datasets])
-    for vol in vols:
-        vol.notes.extend(conform_copied(vol))
+    inputs = [_inputs(v) for v in vols]
+    check_one_patient(vols[0].series_uid, [x for xs in inputs for x in xs])
+    for vol, xs in zip(vols, inputs, strict=True):
+        vol.notes.extend(conform_copied(vol, xs))

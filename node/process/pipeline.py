@@ -28,6 +28,7 @@ from node.derived import (
     check_one_patient,
     conform_dataset,
     derive_series,
+    inspect_input,
 )
 from node.derived.modules import sigma_file_name
 from node.errors import VolumeError
@@ -236,7 +237,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         room.check(results_bytes(fp, factors), f"the derived series ({fp.frames} input frame(s) "
                    f"x{factors.through_plane} through-plane x{factors.in_plane} in-plane)")
     try:
-        found = load_volumes(paths)
+        found = load_volumes(paths, inspect=inspect_input)  # each header checked as it is read, not held
     except VolumeError:
         _mixed_patients(paths)  # instances of several patients or studies: that reason matters more
         raise

@@ -25,7 +25,7 @@ def _frame_value(s: Slice, seq: str, keyword: str) -> Any:
     """``keyword`` inside functional group ``seq`` of the slice's frame (enhanced objects only), else None."""
     if s.frame < 0:
         return None
-    item = frame_group_item(s.ds, seq, s.frame)
+    item = frame_group_item(s.header, seq, s.frame)
     return item.get(keyword) if item is not None else None
 
 
@@ -74,15 +74,15 @@ def _image_type(s: Slice) -> Hashable:
             if _present(ft):
                 comp = _frame_value(s, seq, "ComplexImageComponent")
                 return tuple(str(v).upper() for v in ft) + ((str(comp).upper(),) if _present(comp) else ())
-    it = s.ds.get("ImageType")
+    it = s.header.get("ImageType")
     return tuple(str(v).upper() for v in it) if _present(it) else None
 
 
 def _echo(s: Slice) -> Hashable:
-    number = s.ds.get("EchoNumbers")
+    number = s.header.get("EchoNumbers")
     te = _frame_value(s, "MREchoSequence", "EffectiveEchoTime") if s.frame >= 0 else None
     if not _present(te):
-        te = s.ds.get("EchoTime")
+        te = s.header.get("EchoTime")
     n = _num(number) if _present(number) else None
     t = _num(te) if _present(te) else None
     return None if n is None and t is None else (n, t)
@@ -93,20 +93,20 @@ def _diffusion(s: Slice) -> Hashable:
     g: Any = None
     if s.frame >= 0:
         b = _frame_value(s, "MRDiffusionSequence", "DiffusionBValue")
-        item = frame_group_item(s.ds, "MRDiffusionSequence", s.frame)
+        item = frame_group_item(s.header, "MRDiffusionSequence", s.frame)
         seq = item.get("DiffusionGradientDirectionSequence") if item is not None else None
         if seq:
             g = seq[0].get("DiffusionGradientOrientation")
     if not _present(b):
-        b = s.ds.get("DiffusionBValue")
-        g = s.ds.get("DiffusionGradientOrientation")
-        if not _present(b) and s.ds.get("MRDiffusionSequence"):
-            item = s.ds.MRDiffusionSequence[0]
+        b = s.header.get("DiffusionBValue")
+        g = s.header.get("DiffusionGradientOrientation")
+        if not _present(b) and s.header.get("MRDiffusionSequence"):
+            item = s.header.MRDiffusionSequence[0]
             b = item.get("DiffusionBValue")
             seq = item.get("DiffusionGradientDirectionSequence")
             g = seq[0].get("DiffusionGradientOrientation") if seq else None
     if not _present(b):
-        b, g = _siemens(s.ds, 0x0C), _siemens(s.ds, 0x0E)
+        b, g = _siemens(s.header, 0x0C), _siemens(s.header, 0x0E)
     bv = _num(b) if _present(b) else None
     if bv is None:
         return None
@@ -117,19 +117,19 @@ def _diffusion(s: Slice) -> Hashable:
 def _temporal(s: Slice) -> Hashable:
     v = _frame_value(s, "FrameContentSequence", "TemporalPositionIndex") if s.frame >= 0 else None
     if not _present(v):
-        v = s.ds.get("TemporalPositionIdentifier")
+        v = s.header.get("TemporalPositionIdentifier")
     return _num(v) if _present(v) else None
 
 
 def _trigger(s: Slice) -> Hashable:
     v = _frame_value(s, "CardiacSynchronizationSequence", "NominalCardiacTriggerDelayTime") if s.frame >= 0 else None
     if not _present(v):
-        v = s.ds.get("TriggerTime")
+        v = s.header.get("TriggerTime")
     return _num(v) if _present(v) else None
 
 
 def _acquisition(s: Slice) -> Hashable:
-    v = s.ds.get("AcquisitionNumber")
+    v = s.header.get("AcquisitionNumber")
     return _num(v) if _present(v) else None
 
 
@@ -138,7 +138,7 @@ _POSITION_POINTERS = {Tag("InStackPositionNumber"), Tag("ImagePositionPatient"),
 
 def _dimension_index(s: Slice) -> Hashable:
     values = _frame_value(s, "FrameContentSequence", "DimensionIndexValues")
-    dims = s.ds.get("DimensionIndexSequence")
+    dims = s.header.get("DimensionIndexSequence")
     if not _present(values) or not dims:
         return None
     values = [values] if isinstance(values, int) else list(values)
@@ -159,6 +159,16 @@ class Dimension:
     name: str
     key: Callable[[Slice], Hashable]
     label: Callable[[Any, list[Any]], str]  # (this volume's value, every volume's value) -> "echo 2"
+
+    def of(self, s: Slice) -> Hashable:
+        """This dimension's value of slice ``s`` (``key``, read from its header or as taken from it:
+        ``Slice.value``)."""
+        return s.value(self.reader[0], self.reader[1])  # type: ignore[no-any-return]
+
+    @property
+    def reader(self) -> tuple[str, Callable[[Slice], Any]]:
+        """(key, how) of this dimension's value, for ``Slice.take``."""
+        return f"dimension {self.name}", self.key
 
 
 def _rank(value: Any, values: list[Any]) -> int:

@@ -7,16 +7,17 @@ read (``SliceHeader``: its UIDs, window, photometric interpretation, thickness, 
 of one slice at a time, when a derived slice copies its patient / study / acquisition attributes from it.
 
 ``InputHeaders`` is the ``SeriesVolume.datasets`` sequence: ``headers[k]`` is slice k's full header (a Dataset),
-``headers.record(k)`` its ``SliceHeader``. ``release(fix)`` (the job's pipeline, after the volumes are built and
-checked) drops the PixelData, private elements, overlays and the icon of every header and lets go of the headers
-that can be read again: single-frame images read from a file. Frames of a multi-frame object (one header for many
-slices; re-reading it per slice would parse its functional groups again and again) and the tiles of a Siemens
-mosaic (made in memory) stay held. A released header is read again (header only, ``stop_before_pixels``) when asked
-for, stripped as the held ones, and ``fix`` applied (the job's ``node.derived.conform_dataset``, so it carries the
-same values as the checked one); the last one read is kept for the next ask (a derived slice and its neighbour
-copy from the same input slice). The file must hold the bytes loaded (``FileStamp``: size and a digest of all its
-bytes, so an in-place rewrite with its modification time put back is caught, a touch is not a change) and the
-same SOPInstanceUID; otherwise ``DeriveError`` names the file, so that no derived slice is written with values
+``headers.record(k)`` its ``SliceHeader``. The load (``node.series.load``) holds no header of a single-frame image
+read from a file: it takes what it needs as it reads each file and lets go of it (the record has what is read
+later, ``seen`` what the job's checks took). Frames of a multi-frame object (one header for many slices;
+re-reading it per slice would parse its functional groups again and again) and the tiles of a Siemens mosaic (made
+in memory) stay held; ``release(fix)`` (the job's pipeline, after the volumes are built and checked) drops their
+PixelData, private elements, overlays and icon and sets ``fix``. A header not held is read again (header only,
+``stop_before_pixels``) when asked for, stripped as the held ones, and ``fix`` applied once released (the job's
+``node.derived.conform_dataset``, so it carries the same values as the checked one); the last one read is kept
+for the next ask (a derived slice and its neighbour copy from the same input slice). The file must hold the bytes
+loaded (``FileStamp``: size and a digest of all its bytes, so an in-place rewrite with its modification time put
+back is caught, a touch is not a change) and the same SOPInstanceUID; otherwise ``DeriveError`` names the file, so that no derived slice is written with values
 other than the checked ones (two patients in one derived series).
 """
 
@@ -24,10 +25,11 @@ from __future__ import annotations
 
 import collections.abc
 import hashlib
+import io
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, overload
+from typing import Any, overload
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -49,24 +51,21 @@ class FileStamp:
     digest: bytes
 
     @classmethod
-    def of(cls, fh: BinaryIO) -> FileStamp:
-        """The stamp of the open file ``fh`` (read whole from its start, in 1 MiB blocks; left at its start)."""
-        fh.seek(0)
-        h = hashlib.blake2b(digest_size=16)
-        size = 0
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
-        fh.seek(0)
-        return cls(size, h.digest())
+    def of_bytes(cls, data: bytes) -> FileStamp:
+        """The stamp of a file whose bytes are ``data``."""
+        return cls(len(data), hashlib.blake2b(data, digest_size=16).digest())
 
 
-def read_stamped(path: Path) -> tuple[Dataset, FileStamp]:
-    """The whole file (pixels not decoded) and the stamp of the bytes read (one open). Raises OSError and
-    pydicom's errors as ``pydicom.dcmread``."""
+def read_stamped(path: Path, stop_before_pixels: bool = False) -> tuple[Dataset, FileStamp]:
+    """The whole file (pixels not decoded; ``stop_before_pixels``: its header only) and the stamp of the bytes
+    read: the file is read once, into memory, and both the digest and pydicom's parse come from those bytes
+    (issue #15 item 5: it was read twice); ``filename`` is ``path``. Raises OSError and pydicom's errors as
+    ``pydicom.dcmread``."""
     with open(path, "rb") as fh:
-        stamp = FileStamp.of(fh)
-        return pydicom.dcmread(fh), stamp
+        data = fh.read()
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+    ds.filename = str(path)  # as ``pydicom.dcmread(path)`` sets it (messages name the file)
+    return ds, FileStamp.of_bytes(data)
 
 
 def _numbers(value: Any) -> list[float]:
@@ -106,7 +105,9 @@ class SliceHeader:
     ``sop_class_uid`` / ``sop_instance_uid`` (file meta as fallback, ``node.series.sop_class_of``);
     ``study_uid``; ``photometric``: PhotometricInterpretation as given ("" when absent); ``window``: the image's
     (centres, widths) (``slice_window``); ``slice_thickness``: the top-level SliceThickness in mm of a
-    single-frame image (None when absent or multi-frame, 0 when empty); ``bits_stored`` (16 when absent) and ``pixel_representation`` (0 when absent).
+    single-frame image (None when absent or multi-frame, 0 when empty); ``bits_stored`` (16 when absent) and ``pixel_representation`` (0 when absent);
+    ``seen``: what the job's check took of the header as it was read (``node.series.load_volumes``'s
+    ``inspect``; None when not asked), so that the header need not be held, or read again, to check it.
     """
 
     file: Path | None
@@ -120,12 +121,14 @@ class SliceHeader:
     slice_thickness: float | None
     bits_stored: int
     pixel_representation: int
+    seen: Any = field(default=None, compare=False)
 
     @classmethod
     def of(cls, ds: Dataset, frame: int = -1, file: Path | None = None,
-           stamp: FileStamp | None = None) -> SliceHeader:
+           stamp: FileStamp | None = None, seen: Any = None) -> SliceHeader:
         """The record of ``ds`` (frame ``frame``); ``stamp`` only for a single-frame header read from ``file``
-        as it is (what can be read again)."""
+        as it is (what can be read again); ``seen``: what the job's check took of the header as it was read
+        (``node.series.load_volumes(inspect=...)``)."""
         win = slice_window(ds, frame)
         thick = float(ds.get("SliceThickness") or 0) if frame < 0 and "SliceThickness" in ds else None
         return cls(
@@ -140,6 +143,7 @@ class SliceHeader:
             slice_thickness=thick,
             bits_stored=int(ds.get("BitsStored", 16) or 16),
             pixel_representation=int(ds.get("PixelRepresentation", 0) or 0),
+            seen=seen,
         )
 
 
@@ -163,12 +167,14 @@ def read_again(rec: SliceHeader, fix: Callable[[Dataset], object] | None = None)
     why = ""
     try:
         with open(path, "rb") as fh:
-            if FileStamp.of(fh) != rec.stamp:
-                why = "was changed since the series was loaded (its bytes differ)"
-            else:
-                ds = pydicom.dcmread(fh, stop_before_pixels=True)
-                if sop_instance_of(ds) != rec.sop_instance_uid:
-                    why = "holds another instance than when the series was loaded"
+            data = fh.read()
+        if FileStamp.of_bytes(data) != rec.stamp:
+            why = "was changed since the series was loaded (its bytes differ)"
+        else:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            ds.filename = str(path)
+            if sop_instance_of(ds) != rec.sop_instance_uid:
+                why = "holds another instance than when the series was loaded"
     except FileNotFoundError:
         why = "is gone (removed or superseded while the job ran)"
     except (OSError, EOFError, *MALFORMED) as exc:
@@ -208,13 +214,17 @@ class InputHeaders(collections.abc.Sequence[Dataset]):
     slice k's full header (held, or read again from its file once released), ``record(k)`` its ``SliceHeader``.
     A slice ``headers[a:b]`` is a view sharing the same headers (a regular run of the volume)."""
 
-    def __init__(self, datasets: Sequence[Dataset] = (), frames: Sequence[int] | None = None,
+    def __init__(self, datasets: Sequence[Dataset | None] = (), frames: Sequence[int] | None = None,
                  records: Sequence[SliceHeader] | None = None) -> None:
         """``datasets`` (held) with their 0-based ``frames`` (-1 single-frame; default all -1) or ready
-        ``records`` (one per dataset); ``Path(ds.filename)`` names a file in messages, never read again."""
+        ``records`` (one per dataset); ``Path(ds.filename)`` names a file in messages, never read again. With
+        ``records``, a None dataset is one not held: read again from its record's file (it must have a stamp)."""
         if records is None:
             fr = list(frames) if frames is not None else [-1] * len(datasets)
-            records = [SliceHeader.of(ds, f, _file_of(ds)) for ds, f in zip(datasets, fr, strict=True)]
+            records = [SliceHeader.of(ds, f, _file_of(ds)) for ds, f in zip(datasets, fr, strict=True)
+                       if ds is not None]
+        if any(ds is None and rec.stamp is None for ds, rec in zip(datasets, records, strict=False)):
+            raise ValueError("InputHeaders: a header not held must be one that can be read again")
         if len(records) != len(datasets):
             raise ValueError("InputHeaders: one record per dataset")
         self._store = _Store(list(records), list(datasets))
@@ -242,6 +252,10 @@ class InputHeaders(collections.abc.Sequence[Dataset]):
 
     def __iter__(self) -> Iterator[Dataset]:
         return (self._store.dataset(i) for i in self._index)
+
+    def held_dataset(self, k: int) -> Dataset | None:
+        """Slice ``k``'s full header if it is held in memory, else None (never reads a file)."""
+        return self._store.held[self._index[k]]
 
     def record(self, k: int) -> SliceHeader:
         """Slice ``k``'s record (never reads a file)."""

@@ -9,7 +9,7 @@ told, so the series is refused naming both files.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,28 +37,30 @@ def _same_pixels(a: Dataset, b: Dataset) -> bool:
         return False
 
 
-def unique_instances(items: Sequence[tuple[Path, Dataset]]) -> tuple[list[tuple[Path, Dataset]], list[str]]:
-    """``items`` (file, dataset) with one entry per SOPInstanceUID, and one note per dropped copy.
+class UniqueInstances:
+    """One entry per SOPInstanceUID, the files given one at a time (``add``), in the order they are to be kept:
+    give them shortest name first to keep "IM0010.dcm" rather than its copy "IM0010 (1).dcm". ``notes``: one per
+    dropped copy. Only the first file of each SOPInstanceUID is remembered (its path), not its dataset: a second
+    copy is compared with the first read again (``reread``), so a long series never holds every header."""
 
-    The first file (in the given order) of each SOPInstanceUID is kept; give the files shortest name first to keep
-    "IM0010.dcm" rather than its copy "IM0010 (1).dcm". Datasets without a SOPInstanceUID are all
-    kept. Raises VolumeError naming both files when two files share a SOPInstanceUID but not their pixels.
-    """
-    kept: list[tuple[Path, Dataset]] = []
-    first: dict[str, tuple[Path, Dataset]] = {}
-    notes: list[str] = []
-    for path, ds in items:
+    def __init__(self, reread: Callable[[Path], Dataset]) -> None:
+        self._reread = reread
+        self._first: dict[str, Path] = {}
+        self.notes: list[str] = []
+
+    def add(self, path: Path, ds: Dataset) -> bool:
+        """Whether ``ds`` (read from ``path``) is kept: True for the first file of its SOPInstanceUID and for
+        datasets without one; False (and a note) for a second copy with the same pixels. Raises VolumeError
+        naming both files when two files share a SOPInstanceUID but not their pixels."""
         uid = sop_instance_of(ds)
         if not uid:
-            kept.append((path, ds))
-            continue
-        if uid not in first:
-            first[uid] = (path, ds)
-            kept.append((path, ds))
-            continue
-        p0, ds0 = first[uid]
-        if not _same_pixels(ds0, ds):
+            return True
+        p0 = self._first.get(uid)
+        if p0 is None:
+            self._first[uid] = path
+            return True
+        if not _same_pixels(self._reread(p0), ds):
             raise VolumeError(f"{p0.name} and {path.name} carry the same SOPInstanceUID but different pixel data; "
                               "one instance cannot have two images, and which one is right cannot be told")
-        notes.append(f"{path.name} is a second copy of {p0.name} (same SOPInstanceUID, same pixels): kept once")
-    return kept, notes
+        self.notes.append(f"{path.name} is a second copy of {p0.name} (same SOPInstanceUID, same pixels): kept once")
+        return False

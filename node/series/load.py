@@ -18,24 +18,28 @@ reason). Nothing is resampled across a step change.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from node.errors import VolumeError, dicom_read_problem
+from node.series.dimensions import DIMENSIONS, STACK
 from node.series.headers import FileStamp, InputHeaders, SliceHeader, read_stamped
-from node.series.instances import unique_instances
+from node.series.instances import UniqueInstances
 from node.series.mosaic import is_mosaic, split_mosaic, tile_name
 from node.series.planes import describe_plane_groups, plane_groups
 from node.series.slices import (
+    HEADER_VALUES,
     MALFORMED,
     Slice,
+    header_value,
     is_image_sop_class,
-    is_localizer,
     slices_of,
     sop_class_of,
 )
@@ -86,7 +90,7 @@ def load_series(paths: Sequence[Path]) -> SeriesVolume:
     return vols[0]
 
 
-def load_volumes(paths: Sequence[Path]) -> list[SeriesVolume]:
+def load_volumes(paths: Sequence[Path], inspect: Callable[[Dataset], object] | None = None) -> list[SeriesVolume]:
     """The volumes of the files of one series (one, or one per time point / echo / image type / b-value /
     stack: ``node.series.split``), each a ``SeriesVolume`` with ``volume`` = (index, count) and ``volume_label``
     set when there are several. Duplicate instances are kept once; Siemens mosaics are split into their slices.
@@ -95,23 +99,29 @@ def load_volumes(paths: Sequence[Path]) -> list[SeriesVolume]:
     rescale, slices sorted along the normal of ImageOrientationPatient (PS3.3 C.7.6.2.1.1); ``spacing`` (dz, dy,
     dx) mm, dz the median step between slice centres. Padding voxels (PixelPaddingValue, PS3.3 C.7.5.1.1.2)
     become -1000 HU for CT, else the lowest value present; an irregular stack is returned with ``irregular`` set.
-    Raises VolumeError (the reason, naming files) when they cannot be volumes."""
+    Raises VolumeError (the reason, naming files) when they cannot be volumes.
+
+    Streaming (issue #15 item 5): each file is read once (its stamp and pydicom's parse from the same bytes) and a
+    single-frame image's header is let go of as soon as it is read, its modality values and what the load reads
+    of it later taken first (``Slice.take``); the checks and refusals are those of reading every header first, in
+    the same order (a refusal found while reading is raised after the files an earlier step would refuse were
+    read; a value that could not be read is raised when it is asked for). Frames of multi-frame objects and
+    mosaic tiles keep their header (``node.series.headers``). ``inspect(header)`` is called on each header let
+    go of, after the load took its values, its result kept in the slice's record (``SliceHeader.seen``): the
+    job's checks of every input header (``node.derived.check_inputs``) without holding or reading it again."""
     paths = [Path(p) for p in paths]
     if not paths:
         raise VolumeError("no files given")
     try:
-        return _load_volumes(paths)
+        return _load_volumes(paths, inspect)
     except MALFORMED as exc:
         raise VolumeError(f"series of {len(paths)} file(s) starting {sorted(paths)[0].name}: a header value "
                           f"cannot be read ({type(exc).__name__}: {exc})") from exc
 
 
-_Origins = dict[int, tuple[Path, FileStamp]]  # id(dataset) -> the file it was read from, as read
-
-
-def _load_volumes(paths: list[Path]) -> list[SeriesVolume]:
-    slices, notes, origins = _read_slices(paths)
-    series_uid = str(slices[0].ds.get("SeriesInstanceUID", ""))
+def _load_volumes(paths: list[Path], inspect: Callable[[Dataset], object] | None) -> list[SeriesVolume]:
+    slices, notes = _read_slices(paths, inspect)
+    series_uid = str(header_value(slices[0], "SeriesInstanceUID"))
     _check_one_series(slices, series_uid)
     try:
         groups = split_volumes(slices, f"series {series_uid}")
@@ -122,14 +132,14 @@ def _load_volumes(paths: list[Path]) -> list[SeriesVolume]:
     for k, g in enumerate(groups):
         name = f"series {series_uid}" + (f" volume {k + 1}/{len(groups)} ({g.label})" if len(groups) > 1 else "")
         _check_one_stack(g.slices, name)
-        vol = _stack(g.slices, series_uid, name, notes + g.notes, origins)
+        vol = _stack(g.slices, series_uid, name, notes + g.notes)
         if len(groups) > 1:
             vol.volume, vol.volume_label = (k + 1, len(groups)), g.label
         vols.append(vol)
     return vols
 
 
-def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str], origins: _Origins) -> SeriesVolume:
+def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str]) -> SeriesVolume:
     """One volume from slices of one plane family without repeated positions: sorted, measured, decoded; each
     slice's header with its record (``node.series.headers``: the file and stamp it can be read again from)."""
     iop = slices[0].iop
@@ -149,8 +159,8 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str],
         raise VolumeError(f"{name}: {sum(len(g) for g in repeats)} images share a slice position with another "
                           f"({files}); they are repeats, time points or echoes, not a stack of slices")
 
-    first = slices[0].ds
-    modality = str(first.get("Modality", "") or "")
+    first = slices[0]
+    modality = str(header_value(first, "Modality"))
     data, formats, notes = _modality_values(slices, modality)
     vrange = (min(f.value_range[0] for f in formats), max(f.value_range[1] for f in formats))
     notes = notes_in + notes
@@ -179,9 +189,9 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str],
         row_cosine=row,
         col_cosine=col,
         normal=normal,
-        datasets=InputHeaders([s.ds for s in slices], records=[_record(s, origins) for s in slices]),
+        datasets=InputHeaders([s.ds for s in slices], records=[_record(s) for s in slices]),
         series_uid=series_uid,
-        sop_class_uid=sop_class_of(first),
+        sop_class_uid=str(header_value(first, "sop_class")),
         frame_numbers=[s.frame + 1 for s in slices] if slices[0].frame >= 0 else [],
         rescale_slope=slices[0].slope,
         rescale_intercept=slices[0].intercept,
@@ -197,54 +207,127 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str],
     return vol
 
 
-def _record(s: Slice, origins: _Origins) -> SliceHeader:
-    path, stamp = origins.get(id(s.ds), (None, None))
-    file = path or (Path(s.ds.filename) if isinstance(getattr(s.ds, "filename", None), str) else None)
-    return SliceHeader.of(s.ds, s.frame, file, stamp)
+def _record(s: Slice) -> SliceHeader:
+    """Slice ``s``'s record: taken when its header was let go of (with the file's stamp), else made from the held
+    header (a frame of a multi-frame object or a mosaic tile: no stamp, never read again)."""
+    return s.value("record", _held_record)  # type: ignore[no-any-return]
+
+
+def _held_record(s: Slice) -> SliceHeader:
+    ds = s.header
+    file = s.file or (Path(ds.filename) if isinstance(getattr(ds, "filename", None), str) else None)
+    return SliceHeader.of(ds, s.frame, file)
 
 
 def _read(path: Path) -> tuple[Dataset, FileStamp]:
-    """The whole file and its stamp; VolumeError names the file when it cannot be read or is not DICOM."""
+    """The whole file and its stamp, read once; VolumeError names the file when it cannot be read or is not
+    DICOM."""
     try:
         return read_stamped(path)
     except (OSError, EOFError, *MALFORMED) as exc:
         raise VolumeError(f"{path.name}: not a readable DICOM file ({dicom_read_problem(exc)})") from exc
 
 
-def _read_slices(paths: list[Path]) -> tuple[list[Slice], list[str], _Origins]:
+def _format_of(s: Slice) -> StoredFormat:
+    return stored_format(s.header, s.slope, s.intercept)
+
+
+# what the load reads of a slice's header after it was read: taken before a single-frame header is let go of
+_TAKEN: tuple[tuple[str, Callable[[Slice], Any]], ...] = (
+    *HEADER_VALUES.items(),
+    *(d.reader for d in (*DIMENSIONS, STACK)),
+    ("format", _format_of),
+)
+
+
+def _image_slices(path: Path, ds: Dataset) -> tuple[list[Slice], bool]:
+    """The slices of one kept file (one per frame of a multi-frame object, one per tile of a Siemens mosaic) and
+    whether it is a mosaic; VolumeError for a non-image object, an image without pixel data or a header value that
+    cannot be read."""
+    try:
+        uid = sop_class_of(ds)
+        if not is_image_sop_class(uid):
+            raise VolumeError(f"{path.name}: SOP class {uid or '(none)'} is not an image "
+                              "(report, presentation state, RT or other non-image object)")
+        if "PixelData" not in ds:
+            raise VolumeError(f"{path.name}: has no pixel data")
+        if is_mosaic(ds):
+            tiles = split_mosaic(ds, path.name)
+            out: list[Slice] = []
+            for k, t in enumerate(tiles):
+                out.extend(slices_of(t, tile_name(path.name, k, len(tiles))))
+            return out, True
+        made = slices_of(ds, path.name)
+    except MALFORMED as exc:
+        raise VolumeError(f"{path.name}: a header value cannot be read ({type(exc).__name__}: {exc})") from exc
+    for s in made:
+        s.file = path
+    return made, False
+
+
+def _let_go(s: Slice, ds: Dataset, path: Path, stamp: FileStamp,
+            inspect: Callable[[Dataset], object] | None) -> None:
+    """Take from the single-frame header ``ds`` (read from ``path`` as ``stamp``) what the load reads later: its
+    header values, its modality values (``_converted``, float32, NaN for padding; or the error converting them
+    raised, raised again when the volume is built), its record (``inspect``'s result in it, taken last: it may
+    change the header), and let go of the header."""
+    s.take(_TAKEN)
+    try:
+        s.values = _converted(ds, s, _pixels(ds, s.name)).astype(np.float32)
+    except Exception as exc:  # noqa: BLE001 - raised again, as it was, where the volume's values are made
+        s.values = exc
+
+    def record(_s: Slice) -> SliceHeader:
+        rec = SliceHeader.of(ds, -1, path, stamp)  # before ``inspect``, which may change the header
+        return dataclasses.replace(rec, seen=inspect(ds)) if inspect is not None else rec
+
+    s.take((("record", record),))
+    s.ds = None
+
+
+def _read_slices(paths: list[Path], inspect: Callable[[Dataset], object] | None) -> tuple[list[Slice], list[str]]:
     """Every image of the files (one per frame of a multi-frame object, one per tile of a Siemens mosaic), each
-    instance once (``node.series.instances``), refusing non-image objects; notes on what was done; and the file
-    (with its stamp) each kept dataset was read from."""
-    # shortest name first, so "IM0010 (1).dcm" is named as the copy of "IM0010.dcm"
-    read = [(p, *_read(p)) for p in sorted(paths, key=lambda p: (len(p.name), str(p)))]
-    items, notes = unique_instances([(p, ds) for p, ds, _ in read])
-    kept = {id(ds) for _, ds in items}
-    origins: _Origins = {id(ds): (p, st) for p, ds, st in read if id(ds) in kept}
-    del read
+    instance once (``node.series.instances``), refusing non-image objects; and notes on what was done.
+
+    The files are read one at a time and each single-frame image's header is let go of once read (``_let_go``).
+    The refusals are those of reading every file first, then keeping one copy of each instance, then making the
+    images, then checking each image's geometry and rescale, the first of the earliest step: an unreadable file
+    refuses at once; a refusal of a later step waits, while the files after it are read for an earlier one."""
+    unique = UniqueInstances(lambda p: _read(p)[0])
     slices: list[Slice] = []
     mosaics = 0
-    for p, ds in items:
+    failed: tuple[int, VolumeError] | None = None  # (step, refusal): the first refusal of the earliest step
+    # shortest name first, so "IM0010 (1).dcm" is named as the copy of "IM0010.dcm"
+    for p in sorted(paths, key=lambda p: (len(p.name), str(p))):
+        ds, stamp = _read(p)  # step 1
+        step = 2
         try:
-            uid = sop_class_of(ds)
-            if not is_image_sop_class(uid):
-                raise VolumeError(f"{p.name}: SOP class {uid or '(none)'} is not an image "
-                                  "(report, presentation state, RT or other non-image object)")
-            if "PixelData" not in ds:
-                raise VolumeError(f"{p.name}: has no pixel data")
-            if is_mosaic(ds):
-                tiles = split_mosaic(ds, p.name)
-                mosaics += 1
-                for k, t in enumerate(tiles):
-                    slices.extend(slices_of(t, tile_name(p.name, k, len(tiles))))
-            else:
-                slices.extend(slices_of(ds, p.name))
-        except MALFORMED as exc:
-            raise VolumeError(f"{p.name}: a header value cannot be read ({type(exc).__name__}: {exc})") from exc
+            if failed and failed[0] <= step or not unique.add(p, ds):
+                continue
+            step = 3
+            if failed and failed[0] <= step:
+                continue
+            made, mosaic = _image_slices(p, ds)
+            mosaics += mosaic
+            step = 4
+            if failed and failed[0] <= step:
+                continue
+            for s in made:
+                _check_slice(s)
+        except VolumeError as exc:
+            failed = (step, exc)
+            continue
+        for s in made:
+            if s.frame < 0 and not mosaic:
+                _let_go(s, ds, p, stamp, inspect)
+        slices.extend(made)
+        del ds
+    if failed:
+        raise failed[1]
+    notes = unique.notes
     if mosaics:
         notes.append(f"{mosaics} Siemens mosaic image(s) split into their slices (CSA header)")
-    for s in slices:
-        _check_slice(s)
-    return slices, notes, origins
+    return slices, notes
 
 
 def _check_slice(s: Slice) -> None:
@@ -269,7 +352,7 @@ def _check_slice(s: Slice) -> None:
 def _check_one_series(slices: list[Slice], series_uid: str) -> None:
     """VolumeError unless the slices belong to one series, one frame of reference, one modality and one grey-scale
     polarity, and are not (or do not include) localizer images (the reasons count values, never quote them)."""
-    uids = {str(s.ds.get("SeriesInstanceUID", "")) for s in slices}
+    uids = {str(header_value(s, "SeriesInstanceUID")) for s in slices}
     if len(uids) > 1:
         raise VolumeError(f"files belong to {len(uids)} different series ({', '.join(sorted(uids))}); "
                           "send one series at a time")
@@ -278,11 +361,11 @@ def _check_one_series(slices: list[Slice], series_uid: str) -> None:
                           ("Modality", "modalities"),
                           ("PhotometricInterpretation", "photometric interpretations (MONOCHROME1 slices would "
                                                         "display inverted beside MONOCHROME2 ones)")):
-        values = {str(s.ds.get(keyword, "") or "").strip() for s in slices}
+        values = {str(header_value(s, keyword)).strip() for s in slices}
         if len(values) > 1:
             raise VolumeError(f"series {series_uid}: its images have {len(values)} different {keyword} values: "
                               f"{len(values)} {what}; they cannot be stacked into one volume")
-    loc = [s.name for s in slices if is_localizer(s.ds)]
+    loc = [s.name for s in slices if header_value(s, "localizer")]
     if loc and len(loc) < len(slices):
         raise VolumeError(f"series {series_uid}: localizer image(s) mixed in ({', '.join(loc[:5])}); "
                           "a scout cannot be stacked with the axial/sagittal/coronal slices")
@@ -302,29 +385,28 @@ def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, li
     """(Z, Y, X) float32 modality values of the sorted slices, each slice's stored format, and remarks.
 
     Every slice is converted with its own RescaleSlope / Intercept (Philips MR and some CT store one per slice);
-    padding voxels (PixelPaddingValue) become air for CT, else the lowest value of the series. A single-frame
-    header's PixelData is dropped once its slice is converted (a multi-frame object's stays: several volumes may
-    share it; the job releases it after all are built).
+    padding voxels (PixelPaddingValue) become air for CT, else the lowest value of the series. A slice whose
+    header was let go of was converted as it was read (``_let_go``): its values are copied in and dropped. A held
+    single-frame header's (a mosaic tile's) PixelData is dropped once its slice is converted (a multi-frame
+    object's stays: several volumes may share it; the job releases it after all are built).
     """
-    first = slices[0].ds
-    formats = [stored_format(s.ds, s.slope, s.intercept) for s in slices]
-    data = np.empty((len(slices), int(first.Rows), int(first.Columns)), dtype=np.float32)
+    first = slices[0]
+    formats: list[StoredFormat] = [s.value("format", _format_of) for s in slices]
+    data = np.empty((len(slices), int(header_value(first, "Rows")), int(header_value(first, "Columns"))),
+                    dtype=np.float32)
     decoded: dict[int, np.ndarray] = {}
     notes: list[str] = []
     for z, s in enumerate(slices):
+        if s.ds is None:  # converted when it was read (``_let_go``): its values, or why they could not be made
+            if isinstance(s.values, BaseException):
+                raise s.values
+            data[z] = s.values
+            s.values = None
+            continue
         key = id(s.ds)
         if key not in decoded:
             decoded[key] = _pixels(s.ds, s.name)
-        arr = decoded[key]
-        frame = arr[s.frame] if s.frame >= 0 and arr.ndim == 3 else arr
-        stored = frame.astype(np.float64)
-        pad = _padding_mask(s.ds, frame)
-        with np.errstate(over="ignore", invalid="ignore"):
-            vals = stored * s.slope + s.intercept
-        if pad is not None and pad.any():
-            vals[pad] = np.nan
-        _check_range(vals, s)
-        data[z] = vals
+        data[z] = _converted(s.ds, s, decoded[key])
         if s.frame < 0:  # a single-frame header is this slice's alone: its stored and decoded pixels are done with
             del decoded[key]  # (a long series held every slice's twice until the volume was built; issue #15 item 5)
             if "PixelData" in s.ds:
@@ -341,6 +423,21 @@ def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, li
     if len({(f.bits_stored, f.signed) for f in formats}) > 1:
         notes.append("BitsStored / PixelRepresentation vary between slices (converted per slice)")
     return data, formats, notes
+
+
+def _converted(ds: Dataset, s: Slice, decoded: np.ndarray) -> np.ndarray:
+    """(Y, X) float64 modality values of slice ``s`` (NaN: padding, PixelPaddingValue of its header ``ds``) from
+    its header's decoded pixels ``decoded`` (all frames of a multi-frame object): stored * slope + intercept.
+    VolumeError when they reach beyond what the derived objects can hold (``_check_range``)."""
+    frame = decoded[s.frame] if s.frame >= 0 and decoded.ndim == 3 else decoded
+    stored = frame.astype(np.float64)
+    pad = _padding_mask(ds, frame)
+    with np.errstate(over="ignore", invalid="ignore"):
+        vals = stored * s.slope + s.intercept
+    if pad is not None and pad.any():
+        vals[pad] = np.nan
+    _check_range(vals, s)
+    return vals
 
 
 def _check_range(vals: np.ndarray, s: Slice) -> None:
@@ -365,11 +462,14 @@ def _check_precision(data: np.ndarray, slices: list[Slice]) -> None:
     relative) both at the volume's largest magnitude (values stored as they are) and across its whole value range
     (the engines normalise the volume by that range). A huge RescaleIntercept (values near 1e9 whose detail is a
     few units) or slopes that differ by orders of magnitude between slices (a slope-1 slice beside a slope-1e11
-    one) otherwise round the detail away silently: the derived image would be wrong yet valid."""
-    finite = data[np.isfinite(data)]
-    if not finite.size:
-        return
-    lo, hi = float(finite.min()), float(finite.max())
+    one) otherwise round the detail away silently: the derived image would be wrong yet valid. The range is taken
+    by reductions, not a copy of the finite values (a long series' volume again; issue #15 item 5)."""
+    lo, hi = float(np.fmin.reduce(data, axis=None)), float(np.fmax.reduce(data, axis=None))  # NaN skipped
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # padding only, or (never after _check_range) infinities
+        finite = data[np.isfinite(data)]
+        if not finite.size:
+            return
+        lo, hi = float(finite.min()), float(finite.max())
     needed = max(float(np.spacing(np.float32(max(abs(lo), abs(hi))))), (hi - lo) * 2.0 ** -23)
     for s in slices:
         if abs(s.slope) < needed:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from node.series.slices import Slice
+from node.series.slices import Slice, header_value
 
 # direction cosines differing by at most this (each of the six) count as one orientation: 1e-4 is 0.0057 deg
 IOP_TOL = 1e-4
@@ -36,7 +36,7 @@ def orientation_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 
 def _same_plane_family(a: Slice, b: Slice) -> bool:
-    if int(a.ds.Rows) != int(b.ds.Rows) or int(a.ds.Columns) != int(b.ds.Columns):
+    if header_value(a, "Rows") != header_value(b, "Rows") or header_value(a, "Columns") != header_value(b, "Columns"):
         return False
     if any(abs(x - y) > SPACING_REL_TOL * max(abs(x), abs(y)) for x, y in zip(a.spacing, b.spacing, strict=True)):
         return False
@@ -64,7 +64,7 @@ def describe_plane_groups(groups: Sequence[Sequence[Slice]]) -> str:
     for g in groups:
         s = g[0]
         names = ", ".join(x.name for x in g[:3]) + (", ..." if len(g) > 3 else "")
-        parts.append(f"{len(g)} slice(s) {int(s.ds.Rows)}x{int(s.ds.Columns)} spacing "
+        parts.append(f"{len(g)} slice(s) {header_value(s, 'Rows')}x{header_value(s, 'Columns')} spacing "
                      f"{s.spacing[0]:.6g}/{s.spacing[1]:.6g} mm orientation "
                      f"{'/'.join(f'{c:.8g}' for c in s.iop)} ({names})")
     ref = groups[0][0].iop

@@ -9,8 +9,10 @@ Rescale Slope / Intercept. ``node.series.load`` stacks them into a ``SeriesVolum
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -117,9 +119,13 @@ class Slice:
     ``ipp`` (3,) mm and ``iop`` (6,) direction cosines, float64 (PS3.3 C.7.6.2 Image Plane / C.7.6.16.2
     functional groups); ``spacing`` (row, column) = (dy, dx) mm; ``thickness`` mm (0 when absent); ``slope`` /
     ``intercept`` map stored values to modality units (PS3.3 C.11.1).
+
+    ``ds`` is the header while it is held; a single-frame image read from a file lets go of it as soon as it is
+    read (``node.series.load``, issue #15 item 5): what the load reads of it later is taken first (``take``,
+    read back by ``value``), its modality values are in ``values`` and ``file`` names where it was read from.
     """
 
-    ds: Dataset
+    ds: Dataset | None
     name: str
     frame: int  # 0-based frame in ds; -1 for single-frame
     ipp: np.ndarray
@@ -128,6 +134,65 @@ class Slice:
     thickness: float
     slope: float
     intercept: float
+    file: Path | None = None  # the file a header let go of was read from (for its stored pixels, read again)
+    values: np.ndarray | BaseException | None = None  # (Y, X) float32 modality values taken at read, or why not
+    taken: dict[str, Any] = field(default_factory=dict, repr=False)  # header values taken before ``ds`` went
+
+    @property
+    def header(self) -> Dataset:
+        """The held header; RuntimeError (a programming error, not a malformed input) once it was let go of."""
+        if self.ds is None:
+            raise RuntimeError(f"{self.name}: the header was let go of; its values are read with Slice.value")
+        return self.ds
+
+    def value(self, key: str, how: Callable[[Slice], Any]) -> Any:
+        """``how(self)``: a value of the header named ``key``, read now from the held header or, once it was let
+        go of, as taken then. An error reading it then is raised now, as reading it now would have raised it (so
+        a load refuses at the same step, with the same message, as when it read every header first)."""
+        if key in self.taken:
+            got = self.taken[key]
+            if isinstance(got, _Failed):
+                raise got.error
+            return got
+        return how(self)
+
+    def take(self, readers: Iterable[tuple[str, Callable[[Slice], Any]]]) -> None:
+        """Read the values ``value`` will be asked for (key, how) from the held header, each value or the error
+        reading it raised."""
+        for key, how in readers:
+            try:
+                self.taken[key] = how(self)
+            except Exception as exc:  # noqa: BLE001 - raised again, as it was, when the value is asked for
+                self.taken[key] = _Failed(exc)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    error: Exception
+
+
+def _text(keyword: str) -> Callable[[Slice], str]:
+    def read(s: Slice) -> str:
+        return str(s.header.get(keyword, "") or "")
+    return read
+
+
+# what the load reads of every image's header once it is stacked (key -> how); ``header_value`` reads them
+HEADER_VALUES: Mapping[str, Callable[[Slice], Any]] = MappingProxyType({
+    "SeriesInstanceUID": lambda s: str(s.header.get("SeriesInstanceUID", "")),
+    "FrameOfReferenceUID": _text("FrameOfReferenceUID"),
+    "Modality": _text("Modality"),
+    "PhotometricInterpretation": _text("PhotometricInterpretation"),
+    "Rows": lambda s: int(s.header.Rows),
+    "Columns": lambda s: int(s.header.Columns),
+    "localizer": lambda s: is_localizer(s.header),
+    "sop_class": lambda s: sop_class_of(s.header),
+})
+
+
+def header_value(s: Slice, key: str) -> Any:
+    """The ``HEADER_VALUES`` value ``key`` of slice ``s`` (``Slice.value``)."""
+    return s.value(key, HEADER_VALUES[key])
 
 
 def slices_of(ds: Dataset, name: str) -> list[Slice]:
@@ -181,6 +246,14 @@ def _number(ds: Dataset | None, keyword: str, default: float) -> float:
     if value is None or (isinstance(value, str) and not value.strip()):
         return default
     return float(value)
+
+
+def stored_pixels(s: Slice) -> np.ndarray:
+    """The slice's stored pixel values as decoded (frame ``s.frame`` of a multi-frame object): from the held
+    header, else from its file read again (only for the wording of a refusal or to compare two copies)."""
+    ds = s.ds if s.ds is not None else pydicom.dcmread(s.file) if s.file is not None else s.header
+    arr = ds.pixel_array
+    return arr[s.frame] if s.frame >= 0 and arr.ndim == 3 else arr  # type: ignore[no-any-return]
 
 
 def is_localizer(ds: Dataset) -> bool:

@@ -34,7 +34,7 @@ import numpy as np
 
 from node.errors import VolumeError
 from node.series.dimensions import DIMENSIONS, STACK, Dimension, canonical, order
-from node.series.slices import Slice
+from node.series.slices import Slice, stored_pixels
 
 # images whose centres lie within this distance (mm) along the slice normal share one slice position
 SAME_POSITION_MM = 0.01
@@ -91,7 +91,7 @@ def split_volumes(slices: list[Slice], series: str) -> list[VolumeGroup]:
     ``series``: how messages name the series. One group with an empty label when the series is one volume.
     Raises VolumeError, naming the files, when images repeat a position and no dimension tells them apart.
     """
-    stacks = canonical([STACK.key(s) for s in slices])
+    stacks = canonical([STACK.of(s) for s in slices])
     if len(set(stacks)) > 1:
         out: list[VolumeGroup] = []
         parts = _partition(slices, [(v,) for v in stacks])
@@ -106,7 +106,7 @@ def split_volumes(slices: list[Slice], series: str) -> list[VolumeGroup]:
 def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
     if not has_repeats(slices):
         return [VolumeGroup(slices)]
-    columns = {d.name: canonical([d.key(s) for s in slices]) for d in DIMENSIONS}
+    columns = {d.name: canonical([d.of(s) for s in slices]) for d in DIMENSIONS}
     varying = [d for d in DIMENSIONS if len(set(columns[d.name])) > 1]
     for size in range(1, min(3, len(varying)) + 1):
         best: tuple[int, int, tuple[Dimension, ...], dict[tuple[Any, ...], list[Slice]]] | None = None
@@ -153,8 +153,7 @@ def _identical_pixels(slices: list[Slice]) -> bool:
     try:
         first = None
         for s in slices:
-            arr = s.ds.pixel_array
-            img = arr[s.frame] if s.frame >= 0 and arr.ndim == 3 else arr
+            img = stored_pixels(s)
             if first is None:
                 first = img
             elif not np.array_equal(first, img):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -17,9 +18,9 @@ from models.cubic import CubicEngine
 from models.engine import Factors
 from node.app.phantom import write_phantom_series
 from node.config import DeriveConfig, load_config
-from node.derived import derive_series, modules
+from node.derived import derive_series, inspect_input, modules
 from node.process import pipeline, process_series
-from node.series import InputHeaders, SliceHeader, load_series, sop_instance_of
+from node.series import InputHeaders, SliceHeader, headers, load_series, load_volumes, sop_instance_of
 
 
 def _calls_to_derive(tmp_path: Path, slices: int, monkeypatch: pytest.MonkeyPatch) -> tuple[int, int]:
@@ -125,3 +126,40 @@ def test_input_headers_keep_no_private_or_overlay_elements_while_writing(tmp_pat
     process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name="cubic")
     assert len(held) == 1  # the header of the input slice the first derived slice copies from
     assert not [t for ds in held for t in ds.keys() if t.is_private or t.group == 0x6000 or t == 0x7FE00010]
+
+
+def _datasets_alive_after_load(tmp_path: Path, slices: int) -> int:
+    """pydicom Datasets alive (gc) once ``load_volumes`` returned, its volumes still held."""
+    files = write_phantom_series(tmp_path / f"l{slices}", slices=slices, size=8, step_mm=2.0)
+    gc.collect()
+    before = sum(1 for o in gc.get_objects() if isinstance(o, Dataset))
+    vols = load_volumes(files, inspect=inspect_input)
+    gc.collect()
+    alive = sum(1 for o in gc.get_objects() if isinstance(o, Dataset)) - before
+    assert vols[0].shape[0] == slices and vols[0].datasets.held == 0
+    return alive
+
+
+def test_the_load_holds_no_input_header_per_slice(tmp_path: Path) -> None:
+    """A streaming load (issue #15 item 5): each single-frame header is let go of as its file is read (what the
+    load and the job's checks read later is taken first), so the Datasets alive after the load do not grow with
+    the input slices (2 per input slice before: header and file meta, all alive together while loading)."""
+    small = _datasets_alive_after_load(tmp_path, 20)
+    large = _datasets_alive_after_load(tmp_path, 80)
+    assert large - small <= 2, (small, large)
+
+
+def test_the_load_reads_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stamp (digest of the file's bytes) and pydicom's parse come from one read of each file (it was opened
+    twice: once to hash, once to parse)."""
+    files = write_phantom_series(tmp_path / "o", slices=12, size=8, step_mm=2.0)
+    opened: list[Path] = []
+
+    def counting_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(file))
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(headers, "open", counting_open, raising=False)
+    vols = load_volumes(files, inspect=inspect_input)
+    assert vols[0].shape[0] == 12
+    assert sorted(opened) == sorted(files)

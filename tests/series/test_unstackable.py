@@ -107,3 +107,36 @@ def test_iso_2022_japanese_series_keeps_its_character_set_and_names(tmp_path: Pa
         errors, _ = dciodvfy(path)
         assert not errors, f"{path.name}: {errors}"
     assert hd.pm.ParametricMap.from_dataset(pydicom.dcmread(res.uncertainty_files[0])).PatientName == name
+
+
+def test_a_streaming_load_refuses_in_the_order_of_reading_every_header_first(tmp_path: Path) -> None:
+    """The load lets go of each header as it reads it (issue #15 item 5), yet refuses as when every file was read
+    first: an unreadable file named last still comes before a non-image object named first; a slice of another
+    series comes before pixel data that cannot be decoded (decoded only after the stack's checks); a slope of 0
+    (each slice's rescale, checked once all are made) before the pixels of another slice."""
+    def non_image_first(k: int, ds: Dataset) -> None:
+        if k == 0:
+            ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"  # Basic Text SR
+    files = _series(tmp_path / "a", non_image_first)
+    files[-1].write_bytes(b"not DICOM at all")
+    with pytest.raises(VolumeError, match=f"{files[-1].name}: not a readable DICOM file"):
+        load_volumes(files)
+
+    def other_series_and_broken_pixels(k: int, ds: Dataset) -> None:
+        if k == 1:
+            ds.PixelData = ds.PixelData[:10]  # cannot be decoded
+        if k == 6:
+            ds.SeriesInstanceUID = generate_uid()
+    with pytest.raises(VolumeError, match="different series"):
+        load_volumes(_series(tmp_path / "b", other_series_and_broken_pixels))
+
+    def broken_pixels_then_zero_slope(k: int, ds: Dataset) -> None:
+        if k == 1:
+            ds.PixelData = ds.PixelData[:10]
+        if k == 5:
+            ds.RescaleSlope = 0
+    with pytest.raises(VolumeError, match="RescaleSlope 0"):
+        load_volumes(_series(tmp_path / "c", broken_pixels_then_zero_slope))
+    with pytest.raises(VolumeError, match="pixel data cannot be decoded"):
+        load_volumes(_series(tmp_path / "d", lambda k, ds: setattr(ds, "PixelData", ds.PixelData[:10])
+                             if k == 3 else None))
