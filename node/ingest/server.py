@@ -37,9 +37,9 @@ from pynetdicom.utils import make_target
 
 from node.audit import AuditLog
 from node.dimse import no_delay
+from node.ingest.association import QuietRequestHandler
 from node.ingest.fdwait import wait_ready
 from node.ingest.lean import LeanHooks
-from node.ingest.reactor import QuietRequestHandler
 
 log = logging.getLogger(__name__)
 
