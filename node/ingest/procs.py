@@ -483,6 +483,8 @@ class ReceiverPool:
         elif kind == "ready":
             child.pid = int(msg[1])
             child.failure = ""
+            if child.ready.is_set():
+                log.info("receiving process %d (pid %d) listening again", child.number, child.pid)
             child.ready.set()
         elif kind == "failed":
             child.failure = str(msg[1])
