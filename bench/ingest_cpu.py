@@ -1,5 +1,5 @@
-"""The node's CPU per instance (utime+stime of the `srnode serve` process and its receiving children, /proc/PID/stat) over two storescu
-workloads: 16 concurrent associations x 100 CT instances of 256x256, then one association of 2000 of 64x64.
+"""The node's CPU per instance (utime+stime of the `srnode serve` process and its receiving children,
+/proc/PID/stat) over two storescu workloads: 16 concurrent associations x 100 CT instances of 256x256, then one association of 2000 of 64x64.
 
 usage: [RECEIVE_PROCESSES=N] [RECEIVE_PATH=lean|pynetdicom] python bench/ingest_cpu.py REPO LABEL [MAX_PDU] [spy]
   REPO: the checkout whose node runs (its node.bench.ingest writes the data); MAX_PDU: [node] max_pdu (0: the
@@ -39,7 +39,8 @@ txt = B.node_config(work, port)
 if os.environ.get("RECEIVE_PATH"):  # [node] receive_path: lean or pynetdicom (default: the checkout's)
     txt = txt.replace("max_associations = 32", f'max_associations = 32\nreceive_path = "{os.environ["RECEIVE_PATH"]}"')
 if os.environ.get("RECEIVE_PROCESSES"):  # [node] receive_processes (default: the checkout's)
-    txt = txt.replace("max_associations = 32", f'max_associations = 32\nreceive_processes = {os.environ["RECEIVE_PROCESSES"]}')
+    n = os.environ["RECEIVE_PROCESSES"]
+    txt = txt.replace("max_associations = 32", f"max_associations = 32\nreceive_processes = {n}")
 if maxpdu:
     txt = txt.replace("max_associations = 32", f"max_associations = 32\nmax_pdu = {maxpdu}")
 (work / "config.toml").write_text(txt)

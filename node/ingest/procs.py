@@ -26,8 +26,9 @@ Life cycle: the main process checks that the port is free (:func:`probe_port`, w
 program or node listening there stops the start with one line), binds its own SCP, then starts the children
 (``python -m node.app.receiver``); start-up fails with one line when a child cannot bind or open the spool. A
 child dies with the main process (``PR_SET_PDEATHSIG``: a kill -9 of the node ends them all); a child that dies
-is restarted, logged in one line. SIGTERM: the children stop accepting, finish their associations
-(``StoreSCP.stop``) and exit; the main process waits for them before it closes the index.
+is restarted, logged in one line (one that exits with code 0 was told to stop and is not). SIGTERM: the
+children stop accepting, finish their associations (``StoreSCP.stop``) and exit; the main process waits for
+them before it closes the index.
 """
 
 from __future__ import annotations
@@ -502,7 +503,8 @@ class ReceiverPool:
 
     def _ended(self, child: _Child) -> None:
         """The child's pipe closed: it exited or died. Its slots and gauges are given back; restarted unless the
-        node is stopping (at once, or after a growing wait when it keeps dying within 10 s of its start)."""
+        node is stopping or it exited with code 0 (it was sent SIGTERM itself) -- at once, or after a growing wait
+        when it keeps dying within 10 s of its start."""
         with child.send_lock:
             if child.conn is not None:
                 child.conn.close()
@@ -521,6 +523,10 @@ class ReceiverPool:
                 child.failure = child.failure or f"it exited with code {code} before it listened"
                 child.restart_at = time.monotonic() + RESTART_MAX_S  # start() gives up and stops the pool
                 child.ready.set()
+            return
+        if code == 0:  # it was told to stop (SIGTERM to the whole group: systemd, docker stop): not restarted
+            log.info("receiving process %d (pid %d) stopped", child.number, child.pid)
+            child.restart_at = float("inf")
             return
         quick = time.monotonic() - child.started < 10.0
         child.quick_deaths = child.quick_deaths + 1 if quick else 0

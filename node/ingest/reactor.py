@@ -30,7 +30,8 @@ and removes its partial file); a request the node does not serve on its presenta
 storage context) is answered 0x0122 and the association goes on (``QuietAssociation._serve_request``).
 
 Only the SCP's accepted associations use them (``node.ingest.association.QuietRequestHandler``); pynetdicom's
-protocol code is unchanged. Tested against pynetdicom 3.0.x (``SUPPORTED``); with another version the stock classes are used.
+protocol code is unchanged. Tested against pynetdicom 3.0.x (``SUPPORTED``); with another version the stock
+classes are used.
 """
 
 from __future__ import annotations

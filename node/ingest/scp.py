@@ -224,8 +224,9 @@ class StoreSCP:
         """Reject the association (A-ASSOCIATE-RJ) when the node is stopping (``REJECT_BUSY``), when the caller's
         maximum PDU length is 1-6 bytes (``REJECT_MAX_PDU``, audited: no P-DATA-TF fits, so no response could be
         sent, ``node.dimse.max_pdu_problem``) or, with ``[node].require_known_callers``, when the caller is not
-        in ``[node].allowed_callers`` (``REJECT_UNKNOWN_CALLER``, audited). Installs the full-disk guard
-        (``_guard_disk_full``) first."""
+        in ``[node].allowed_callers`` (``REJECT_UNKNOWN_CALLER``, audited), or, with ``slots`` (several receiving
+        processes), when every slot of ``[node] max_associations`` is held by an open association of any of them
+        (``REJECT_LIMIT``, as pynetdicom's own limit). Installs the full-disk guard (``_guard_disk_full``) first."""
         assoc = event.assoc
         _guard_disk_full(assoc)
         calling = str(assoc.requestor.primitive.calling_ae_title).strip() if assoc.requestor.primitive else ""
