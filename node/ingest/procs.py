@@ -22,6 +22,9 @@ What crosses processes, over one pipe per child (pickled tuples, :class:`Receive
   answers the peer with its status);
 - the audit log: every process appends its own JSON lines to the one file (``O_APPEND``, one ``write`` per line).
 
+Per process, not shared: the connection gate (``node.ingest.server.MAX_PENDING`` connections waiting for their
+first bytes in each process) and the spool's disk watermark checks (each process asks the disk itself).
+
 Life cycle: the main process checks that the port is free (:func:`probe_port`, without ``SO_REUSEPORT``: another
 program or node listening there stops the start with one line), binds its own SCP, then starts the children
 (``python -m node.app.receiver``); start-up fails with one line when a child cannot bind or open the spool. A
