@@ -213,3 +213,38 @@ def test_commitment_reports_reach_the_main_process_whichever_process_receives_th
         assert ignored == [""] * reports, ignored  # every one recorded (here: looked up) by the main process
     finally:
         node.stop()
+
+
+def test_shared_slots_are_one_limit_and_a_dead_owner_gives_all_back() -> None:
+    from node.ingest.procs import SharedSlots
+
+    slots = SharedSlots(3)
+    main, child = slots.owner(0), slots.owner(1)
+    assert [main.take(), child.take(), child.take(), main.take(), child.take()] == [True, True, True, False, False]
+    slots.reset(1)  # the child died holding two
+    assert slots.held == 1 and child.take() and main.take() and not main.take()
+    main.give()
+    assert slots.held == 2
+
+
+def test_metrics_relay_adds_the_childrens_differences_and_takes_back_a_dead_childs_gauges() -> None:
+    from node.ingest.procs import MetricsRelay, metric_snapshot
+    from node.metrics import Metrics
+
+    main, child = Metrics.create(), Metrics.create()
+    relay = MetricsRelay(main)
+    main.instances_received.labels(status="0x0000").inc(5)
+    child.instances_received.labels(status="0x0000").inc(3)
+    child.active_associations.inc(2)
+    relay.apply(1, metric_snapshot(child))
+    child.instances_received.labels(status="0x0000").inc(4)
+    child.active_associations.dec()
+    relay.apply(1, metric_snapshot(child))
+    relay.apply(1, metric_snapshot(child))  # the same again: nothing more
+    got = metric_snapshot(main)
+    assert got[("srnode_instances_received", (("status", "0x0000"),))] == 12
+    assert got[("srnode_active_associations", ())] == 1
+    relay.forget(1)  # it died with one association open
+    got = metric_snapshot(main)
+    assert got[("srnode_active_associations", ())] == 0
+    assert got[("srnode_instances_received", (("status", "0x0000"),))] == 12
