@@ -179,7 +179,8 @@ def test_a_port_another_program_listens_on_stops_the_start_in_one_line(tmp_path:
         finally:
             node.kill9()
     assert code != 0
-    assert f"DICOM port 127.0.0.1:{port}" in node.log() or f":{port}" in node.log(), node.log()[-2000:]
+    assert f"DICOM port 127.0.0.1:{port} ([node] host, port): in use by another program" in node.log(), \
+        node.log()[-2000:]
 
 
 def _report(port: int, calling: str) -> int:

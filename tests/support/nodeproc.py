@@ -132,7 +132,9 @@ class NodeProc:
             return self.echo()
 
         wait_until(up, timeout=timeout, interval=0.2, what=f"srnode C-ECHO on port {self.port}")
-        # every receiving process listens ([node] receive_processes) once the node logged that it is ready
+        # every receiving process listens ([node] receive_processes) once the node logged that it is ready (INFO)
+        if str(self.config["node"].get("log_level", "INFO")).upper() not in ("INFO", "DEBUG"):
+            return
         wait_until(lambda: up() and " ready (DICOM " in self.log().rsplit("===== start", 1)[-1], timeout=timeout,
                    interval=0.1, what="the node's 'ready' line")
 
