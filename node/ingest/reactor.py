@@ -13,10 +13,11 @@ Here the waits end on the event itself instead, and otherwise poll every ``IDLE_
   from the peer and primitives from the association thread are handled as soon as they come, timers (ARTIM)
   at most ``IDLE_S`` late. Its loop (:meth:`QuietDUL._run`) is pynetdicom's with this wait where pynetdicom
   sleeps ``_run_loop_delay``, and a PDU the wait saw arrive read without polling again.
-- :class:`QuietAssociation`: its reactor loop is pynetdicom's without the 1 ms sleep per loop; its
+- ``QuietAssociation`` (``node.ingest.association``, the association half): its reactor loop is pynetdicom's
+  without the 1 ms sleep per loop; its
   ``_reactor_checkpoint`` (an Event the reactor waits on in every loop) first waits until a DIMSE message is
   queued (``DIMSEServiceProvider.msg_queue``), it is poked, or ``ASSOC_IDLE_S`` passed. It is poked by what it
-  acts on: a primitive for it from the DUL (release or abort requests: :class:`_PokingQueue`), the DUL thread
+  acts on: a primitive for it from the DUL (release or abort requests: ``_PokingQueue``), the DUL thread
   ending, the checkpoint set (``kill``, :meth:`QuietDUL._fail`); only the network timeout is noticed up to
   ``ASSOC_IDLE_S`` late. It waited ``IDLE_S`` before: 16 idle association threads woke 800 times a second,
   each taking the GIL, while the lean path received their C-STOREs on the DUL threads.
@@ -26,55 +27,46 @@ P-DATA-TF's items are checked before pynetdicom decodes them (``node.ingest.lean
 and one line instead of a reader thread dying on a KeyError / IndexError); any other exception that ends the
 reader is one line, an A-ABORT and EVT_ABORTED (:meth:`QuietDUL._fail`: the SCP counts the association closed
 and removes its partial file); a request the node does not serve on its presentation context (a C-FIND on a
-storage context) is answered 0x0122 and the association goes on (:meth:`QuietAssociation._serve_request`).
+storage context) is answered 0x0122 and the association goes on (``QuietAssociation._serve_request``).
 
-Only the SCP's accepted associations use them (:class:`QuietRequestHandler`); pynetdicom's protocol code is
-unchanged. Tested against pynetdicom 3.0.x (``SUPPORTED``); with another version the stock classes are used.
+Only the SCP's accepted associations use them (``node.ingest.association.QuietRequestHandler``); pynetdicom's
+protocol code is unchanged. Tested against pynetdicom 3.0.x (``SUPPORTED``); with another version the stock
+classes are used.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import os
 import queue
 import socket
 import ssl
 import struct
-import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
-from typing import Any, cast
+from typing import Any
 
 import pynetdicom
 from pynetdicom import evt
-from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
     standard_dimse_sent_handler,
     standard_pdu_recv_handler,
     standard_pdu_sent_handler,
 )
-from pynetdicom.association import LOGGER as ASSOC_LOG
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE, N_EVENT_REPORT
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
-from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass, VerificationServiceClass
 from pynetdicom.service_class_n import StorageCommitmentServiceClass
 from pynetdicom.sop_class import uid_to_service_class
-from pynetdicom.transport import AssociationSocket, RequestHandler
 
-from node.dimse import Status
 from node.ingest.fdwait import wait_ready
-from node.ingest.lean import LeanAbort, LeanHooks, LeanReceiver, pdata_item_problem
+from node.ingest.lean import LeanAbort, LeanReceiver, pdata_item_problem
 
 log = logging.getLogger(__name__)
 
 IDLE_S = 0.02  # longest wait before the DUL reactor looks at its timers and flags again (seconds)
-ASSOC_IDLE_S = 0.5  # longest wait of the association reactor when nothing pokes it (its network timeout check)
 SUPPORTED = pynetdicom.__version__.startswith("3.0.")
 MIN_PDU_CAP = 1 << 20  # bytes: the largest PDU body read from a peer is at least this
 UNLIMITED_PDU_CAP = 64 << 20  # bytes: the cap when our maximum PDU length is 0 (unlimited)
@@ -163,6 +155,7 @@ class QuietDUL(DULServiceProvider):
         self.lean: LeanReceiver | None = None  # the lean C-STORE path (node.ingest.lean), when the SCP uses it
         self.failure: str | None = None  # why this reader failed (an exception ended it), once it did
         self._readable = False  # the last idle wait saw the socket readable (not yet read)
+        self.ended: Callable[[], None] | None = None  # called once the reader ends (the association pokes itself)
         super().__init__(assoc)
 
     def _idle_wait(self) -> None:
@@ -239,7 +232,7 @@ class QuietDUL(DULServiceProvider):
         """This reader cannot go on (an exception in pynetdicom's state machine, PDU decoding or encoding): one
         WARNING line naming the exception (its type and text: pynetdicom's texts name tags and context IDs, not
         patient values), an A-ABORT written straight to the peer (the state machine is in an unknown state, as
-        pynetdicom's own handler does), and both threads told to stop. :class:`QuietAssociation` then reports
+        pynetdicom's own handler does), and both threads told to stop. ``QuietAssociation`` then reports
         the association aborted (EVT_ABORTED: the SCP counts it closed and removes its partial file)."""
         self.failure = f"{type(exc).__name__}: {exc}"[:200]
         log.warning("association from %s: the DICOM upper layer failed (%s): aborted",
@@ -494,261 +487,5 @@ class QuietDUL(DULServiceProvider):
             self._drop_lean_partial()
             self._wake_r.close()
             self._wake_w.close()
-            poke(self.assoc)  # the association thread sees the reader gone at once (``dul.is_alive()``)
-
-
-def poke(assoc: Association) -> None:
-    """Wake ``assoc``'s reactor thread if it waits in :meth:`_Checkpoint.wait` (it then looks at its queues and
-    flags at once)."""
-    q = assoc.dimse.msg_queue
-    with q.not_empty:
-        q.not_empty.notify_all()
-
-
-class _PokingQueue(queue.Queue):  # type: ignore[type-arg]
-    """The DUL's ``to_user_queue`` (primitives for the association thread: A-RELEASE, A-ABORT, ...), poking
-    the association's reactor (:func:`poke`) on every put."""
-
-    def __init__(self, assoc: Association) -> None:
-        super().__init__()
-        self._assoc = assoc
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
-        poke(self._assoc)
-
-
-class _Checkpoint(threading.Event):
-    """The association reactor's checkpoint: ``wait()`` without a timeout first waits (at most ASSOC_IDLE_S)
-    for a DIMSE message to be queued or a :func:`poke`, then behaves as ``threading.Event.wait``; ``set()``
-    pokes."""
-
-    def __init__(self, assoc: Association) -> None:
-        super().__init__()
-        self._assoc = assoc
-
-    def set(self) -> None:
-        super().set()
-        poke(self._assoc)
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if timeout is None and threading.current_thread() is self._assoc:
-            q = self._assoc.dimse.msg_queue
-            with q.not_empty:
-                if not q._qsize() and not self._assoc._kill:  # the mutex is held: qsize() would deadlock
-                    q.not_empty.wait(ASSOC_IDLE_S)
-        return super().wait(timeout)
-
-
-class QuietAssociation(Association):
-    """An acceptor association with :class:`QuietDUL` and a reactor that waits for DIMSE messages."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.dul = QuietDUL(self)
-        self.dul.to_user_queue = _PokingQueue(self)
-        dul = self.dul
-        receive = self.dimse.receive_primitive
-
-        def received(primitive: Any) -> None:
-            """pynetdicom's DIMSE receive (run by the reader's state machine, action DT-2): an exception in it
-            ends the reader through :meth:`QuietDUL._fail` (one line) rather than through the state machine,
-            which would log it with a traceback and leave the association counted open."""
-            try:
-                receive(primitive)
-            except Exception as exc:  # noqa: BLE001 - whatever a peer's P-DATA makes pynetdicom raise
-                dul._fail(exc)
-
-        self.dimse.receive_primitive = received  # type: ignore[method-assign]
-        checkpoint = _Checkpoint(self)
-        checkpoint.set()
-        self._reactor_checkpoint = checkpoint
-        if not pynetdicom_logs_info():  # LOG_ONLY_HANDLERS would log nothing: not run per PDU and message
-            for event, handler in LOG_ONLY_HANDLERS:
-                bound: Any = self.get_handlers(event)  # notification event: [(handler, args), ...]
-                if any(h[0] is handler for h in bound):
-                    self.unbind(event, handler)
-
-    def kill(self) -> None:
-        """As pynetdicom's, with the kill flag set before the checkpoint's ``set()`` pokes the reactor (else it
-        could look before the flag is set, then wait ASSOC_IDLE_S)."""
-        self._kill = True
-        super().kill()
-
-    def _serve_request(self, msg: Any, context_id: int) -> None:
-        """As pynetdicom 3.0's, except for a request the node does not serve on its presentation context
-        (:func:`served_on`: a C-FIND, C-GET, C-MOVE or N-* on a storage context, a C-STORE on the Verification
-        context, a SOP class of another service): answered with the response of its type, Status 0x0122
-        (Refused: SOP Class not supported, PS3.7 C.5.3 / PS3.4 C.4.1.1.4, B.2.3) and one WARNING line, the
-        association kept for the next request. pynetdicom ran the service class of the SOP class the request
-        names: a C-FIND naming a storage class raised in the Storage SCP (a traceback, then A-ABORT), one naming
-        a class it has no SCP for aborted the association."""
-        context = self._accepted_cx.get(context_id)
-        if (self._sent_release or context is None or not getattr(msg, "is_valid_request", False)
-                or served_on(msg, str(context.abstract_syntax))):
-            super()._serve_request(msg, context_id)
-            return
-        if isinstance(msg, C_STORE):
-            _remove_dataset_file(msg)
-        named = getattr(msg, "AffectedSOPClassUID", None) or getattr(msg, "RequestedSOPClassUID", None)
-        log.warning("association from %s@%s: %s naming SOP class %s on presentation context %d (%s) refused "
-                    "(%s): not served there", str(self.requestor.ae_title).strip(), self.requestor.address,
-                    _request_name(msg), str(named)[:64], context_id, context.abstract_syntax,
-                    Status.SOP_CLASS_NOT_SUPPORTED)
-        try:
-            self.dimse.send_msg(refusal(msg, Status.SOP_CLASS_NOT_SUPPORTED), context_id)
-        except Exception as exc:  # noqa: BLE001 - a response pynetdicom cannot encode: end it cleanly
-            log.warning("association from %s: the 0x0122 response could not be sent (%s: %s): aborted",
-                        self.requestor.address, type(exc).__name__, exc)
-            self.abort()
-
-    def _run_reactor(self) -> None:
-        """As pynetdicom 3.0.4's ``Association._run_reactor`` (acceptor loop: serve DIMSE messages, then the
-        release, abort, DUL-alive and network-timeout checks), without its ``time.sleep(0.001)`` at the top of
-        every loop: the checkpoint (:class:`_Checkpoint`) already waits until a DIMSE message is queued, it is
-        poked or ASSOC_IDLE_S passed. That sleep made every C-STORE wait ~1 ms (often more: a sleep is rounded
-        up to the scheduler's tick) after its dataset was complete, on every association.
-
-        When the reader thread failed (:meth:`QuietDUL._fail`) the association is reported aborted
-        (EVT_ABORTED) as it ends: pynetdicom ended it without any event, so the SCP's open-association count
-        never went back and the partial file of the transfer stayed in incoming/."""
-        try:
-            self._serve()
-        finally:
-            failure = getattr(self.dul, "failure", None)
-            if failure is not None and not self._sent_abort:
-                self._sent_abort = True  # reported once (abort() would neither send nor report again)
-                evt.trigger(self, evt.EVT_ABORTED, {})
-
-    def _serve(self) -> None:
-        self._is_paused = False
-        while not self._kill:
-            self._is_paused = True
-            self._reactor_checkpoint.wait()
-            self._is_paused = False
-            context_id, msg = self.dimse.get_msg(block=False)
-            if msg:
-                self._serve_request(msg, cast(int, context_id))
-            if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                ASSOC_LOG.info("Association Released")
-                self.is_released = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
-                return
-            if self.acse.is_aborted():
-                ASSOC_LOG.info("Association Aborted%s", " (A-P-ABORT)" if self.acse.is_aborted("a-p-abort") else "")
-                self.dul.receive_pdu(wait=False)  # EVT_ACSE_RECV fires for subscribers, as in pynetdicom
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
-                return
-            if not self.dul.is_alive():
-                self.kill()
-                return
-            if self.dul.idle_timer_expired():
-                ASSOC_LOG.error("Network timeout reached")
-                if self.network_timeout_response == "A-RELEASE":
-                    self._is_paused = True
-                    self._reactor_checkpoint.wait()
-                    self.release()
-                    self._is_paused = False
-                else:
-                    self.abort()
-                self.kill()
-                return
-
-
-def _request_name(msg: Any) -> str:
-    return str(getattr(msg, "msg_type", type(msg).__name__)).replace("_", "-")
-
-
-def _remove_dataset_file(msg: Any) -> None:
-    """Remove the file pynetdicom wrote for a C-STORE's data set (chunked receive) that no handler takes."""
-    path = getattr(msg, "_dataset_path", None)
-    fh = getattr(msg, "_dataset_file", None)
-    try:
-        if fh is not None:
-            fh.close()
-    except OSError:
-        pass
-    if path is not None:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-def copy_contexts(contexts: list[PresentationContext]) -> list[PresentationContext]:
-    """Each association's own copy of the supported presentation contexts, as pynetdicom's ``deepcopy`` gives it,
-    without copying the UIDs: they are immutable ``str`` s, and pydicom re-validates each one (a regex) as
-    ``deepcopy`` rebuilds it. With every storage SOP class times every transfer syntax (170 contexts, 7,650 UIDs)
-    that deepcopy took ~50 ms of CPU per association on an idle core, this copy 0.7 ms (py-spy --gil of 16
-    storescu associations of 100 instances: the deepcopy was the largest single item). pynetdicom 3.0's
-    negotiation (``negotiate_as_acceptor``) only reads them."""
-    out = []
-    for cx in contexts:
-        c = copy.copy(cx)
-        c._transfer_syntax = list(cx._transfer_syntax)
-        out.append(c)
-    return out
-
-
-class PolledAssociationSocket(AssociationSocket):
-    """pynetdicom's AssociationSocket whose ``ready`` (is there data to read?) asks ``poll`` instead of
-    ``select.select``: pynetdicom 3.0 takes select's ValueError on a descriptor >= 1024 for a closed connection
-    (Evt17), so once a few hundred connections were open every new association was aborted at once ("Peer
-    aborted Association") without a line in the log."""
-
-    @property
-    def ready(self) -> bool:
-        """As pynetdicom 3.0.4's ``AssociationSocket.ready``: whether data can be read now (also a TLS record
-        already buffered); False and Evt17 when the socket is closed."""
-        sock = self.socket
-        if sock is None or self._is_connected is False:
-            return False
-        try:
-            ready = bool(wait_ready([sock], 0))
-        except (OSError, TimeoutError, ValueError):
-            self.event_queue.put("Evt17")
-            return False
-        if isinstance(sock, ssl.SSLSocket):
-            return ready or bool(sock.pending())
-        return ready
-
-
-class QuietRequestHandler(RequestHandler):
-    """pynetdicom's request handler, making :class:`QuietAssociation` s (stock ones when not ``SUPPORTED``)."""
-
-    def _create_association(self) -> Association:
-        """As ``RequestHandler._create_association`` of pynetdicom 3.0.4, with our association and socket
-        (:class:`PolledAssociationSocket`) classes, the contexts copied by :func:`copy_contexts`, and without
-        pynetdicom's log-only handlers (LOG_ONLY_HANDLERS) while its logger is above INFO."""
-        if not SUPPORTED:
-            return super()._create_association()
-        assoc = QuietAssociation(self.ae, MODE_ACCEPTOR)
-        assoc._server = self.server
-        assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
-        assoc.set_socket(PolledAssociationSocket(assoc, client_socket=self.request))
-        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
-        assoc.acceptor.ae_title = self.server.ae_title
-        assoc.acceptor.address_info = self.local
-        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
-        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
-        assoc.acceptor.supported_contexts = copy_contexts(self.server.contexts)
-        assoc.requestor.address_info = self.remote
-        hooks = getattr(self.server, "lean_hooks", None)
-        skip = {handler for _, handler in LOG_ONLY_HANDLERS} if not pynetdicom_logs_info() else set()
-        for event in self.server._handlers:
-            if event.is_intervention and self.server._handlers[event]:
-                assoc.bind(event, *self.server._handlers[event])
-            elif isinstance(event, evt.NotificationEvent):
-                for handler in self.server._handlers[event]:
-                    h: Any = handler
-                    if h[0] not in skip:
-                        assoc.bind(event, h[0], h[1])
-        if isinstance(hooks, LeanHooks) and not any(assoc.get_handlers(e) for e, _ in LOG_ONLY_HANDLERS):
-            cast(QuietDUL, assoc.dul).lean = LeanReceiver(assoc, hooks)  # nobody watches PDUs or DIMSE messages one by one
-        return assoc
+            if self.ended is not None:
+                self.ended()  # the association thread sees the reader gone at once (``dul.is_alive()``)

@@ -14,8 +14,9 @@ import pytest
 from pynetdicom import AE
 from pynetdicom._globals import MODE_ACCEPTOR
 
+from node.ingest.association import PolledAssociationSocket, QuietAssociation
 from node.ingest.fdwait import wait_ready
-from node.ingest.reactor import PDU_FIRST_BUFFER, PolledAssociationSocket, QuietAssociation
+from node.ingest.reactor import PDU_FIRST_BUFFER
 from tests.support.peers import wait_until
 
 
