@@ -1,7 +1,8 @@
 """Sigma of ``selfsup``: held-out validation, sigma features and split-conformal calibration.
 
 Method. The sigma of a voxel is sqrt((u q / 1.96)^2 + noise^2): u = std over test-time views + k |engine - cubic|
-+ j |grad engine| + EPS (features; k, j chosen by rank correlation with |error| on one half of the held-out internal
++ j |grad engine| + EPS (features; through-plane, the pairs' cubic is projected by data consistency, the target's
+is not, ``PLAIN_CUBIC_FEATURE``; k, j chosen by rank correlation with |error| on one half of the held-out internal
 pairs; through-plane, the features box-averaged along the axes not up-sampled, and the noise term's level measured
 on that half where u is smallest, ``noise_level``), q the split-conformal factor fitted on the other half so that
 95 % of |error| lie within 1.96 sigma
@@ -40,6 +41,15 @@ SMOOTH_RADIUS = 1
 # the estimate is kept (docs/engines.md, sigma5)
 NOISE_FROM_PAIRS = True
 LOW_U_FRACTION = 0.2  # ``noise_level``: the share of voxels with the smallest feature u where noise dominates |err|
+# through-plane: True takes the held-out pairs' feature |engine - cubic| against the plain cubic B-spline up-sampling,
+# as on the target grid (``target_u`` gets the cubic before data consistency); False (the default, as before sigma6)
+# against the cubic projected by data consistency, which at the acquired positions already holds the deblurring
+# that the target's |engine - cubic| counts (the target's mean u over the pairs' at phase 0: 1.3-3.9 x in fast mode,
+# where k is large). True brought 7 of the 8 sigma6 eval runs into coverage [0.93, 0.97] (fast mode all four, MPRAGE
+# fast 0.983 -> 0.968) but took the phantom's whole engine 0.945 -> 0.977 at 2.3 x the width: there the k, j grid
+# search flips between near-tied candidates (rank correlation 0.459 vs 0.455) whose widths differ 2 x; not the
+# default until that choice is made robust (docs/engines.md, sigma6)
+PLAIN_CUBIC_FEATURE = False
 
 
 @dataclass
@@ -124,7 +134,8 @@ def noise_level(abs_err: np.ndarray, u: np.ndarray, noise: np.ndarray, frac: flo
 
 @dataclass
 class _Held:
-    """Per held-out body voxel of a list of PairSets: error, cubic's error, the sigma features, pair noise, phase."""
+    """Per held-out body voxel of a list of PairSets: error, cubic's error (cubic + data consistency), the sigma
+    features (through-plane ``delta``: against which cubic, ``PLAIN_CUBIC_FEATURE``), pair noise, phase."""
 
     err: np.ndarray
     base_err: np.ndarray
@@ -151,7 +162,8 @@ def _held(net: SRNet, sets: list[PairSet], n_flips: int, body: float) -> _Held:
         errs.append((pred - s.hr)[m].cpu().numpy())
         base_errs.append((base - s.hr)[m].cpu().numpy())
         stds.append(box_smooth(spread, (-1,), r)[m].cpu().numpy())
-        deltas.append(box_smooth((pred - base).abs(), (-1,), r)[m].cpu().numpy())
+        ref = s.base if s.task.node_rows and PLAIN_CUBIC_FEATURE else base  # as ``target_u``'s cubic (no projection)
+        deltas.append(box_smooth((pred - ref).abs(), (-1,), r)[m].cpu().numpy())
         edges.append(box_smooth(edge(pred, (-2,) if s.task.node_rows else (-2, -1)), (-1,), r)[m].cpu().numpy())
         rows = np.asarray(s.noise or (0.0,), dtype=np.float32)[np.arange(s.hr.shape[1]) % len(s.noise or (0.0,))]
         noises.append(np.broadcast_to(rows[None, :, None], s.hr.shape)[m_np])
