@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
@@ -201,17 +200,19 @@ def _report(port: int, calling: str) -> int:
     return int(status.Status)
 
 
-@pytest.mark.parametrize("reports", [12])
-def test_commitment_reports_reach_the_main_process_whichever_process_receives_them(tmp_path: Path,
-                                                                                  reports: int) -> None:
+def test_commitment_reports_reach_the_main_process_whichever_process_receives_them(tmp_path: Path) -> None:
     node = start(tmp_path / "node")
+    child = r"INFO    node\.ingest\.scp: receiver 1: association from PACS@"
     try:
-        assert [_report(node.port, "PACS") for _ in range(reports)] == [0x0110] * reports  # no delivery awaits
+        statuses = [_report(node.port, "PACS") for _ in range(12)]
+        # the kernel's hash picks the process: go on (at most 64 in all) until one report went to the child
+        while len(statuses) < 64 and not re.search(child, node.log()):
+            statuses.append(_report(node.port, "PACS"))
+        assert statuses == [0x0110] * len(statuses)  # no delivery awaits
         log = node.log()
-        assert len(re.findall(r"INFO    node\.ingest\.scp: receiver 1: association from PACS@", log)) >= 1, \
-            "no report went to the child (the kernel's hash): run again"
+        assert re.search(child, log), "64 reports, none went to the child"
         ignored = re.findall(r"(receiver 1: )?storage commitment report for transaction [0-9.]+: no delivery", log)
-        assert ignored == [""] * reports, ignored  # every one recorded (here: looked up) by the main process
+        assert ignored == [""] * len(statuses), ignored  # every one recorded (here: looked up) by the main process
     finally:
         node.stop()
 
