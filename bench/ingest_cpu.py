@@ -1,7 +1,7 @@
-"""The node's CPU per instance (utime+stime of the `srnode serve` process and its receiving children,
-/proc/PID/stat) over two storescu workloads: 16 concurrent associations x 100 CT instances of 256x256, then one association of 2000 of 64x64.
+"""The node's CPU per instance (utime+stime of the `srnode serve` process, /proc/PID/stat) over two storescu
+workloads: 16 concurrent associations x 100 CT instances of 256x256, then one association of 2000 of 64x64.
 
-usage: [RECEIVE_PROCESSES=N] [RECEIVE_PATH=lean|pynetdicom] python bench/ingest_cpu.py REPO LABEL [MAX_PDU] [spy]
+usage: python bench/ingest_cpu.py REPO LABEL [MAX_PDU] [spy]
   REPO: the checkout whose node runs (its node.bench.ingest writes the data); MAX_PDU: [node] max_pdu (0: the
   checkout's default); spy: py-spy --gil --threads profiles (raw) of both workloads in the work folder.
 Prints one JSON line and appends it to $INGEST_CPU_OUT (default /tmp/ingest-cpu/results.jsonl); the data and
@@ -38,9 +38,6 @@ port = B.free_port()
 txt = B.node_config(work, port)
 if os.environ.get("RECEIVE_PATH"):  # [node] receive_path: lean or pynetdicom (default: the checkout's)
     txt = txt.replace("max_associations = 32", f'max_associations = 32\nreceive_path = "{os.environ["RECEIVE_PATH"]}"')
-if os.environ.get("RECEIVE_PROCESSES"):  # [node] receive_processes (default: the checkout's)
-    n = os.environ["RECEIVE_PROCESSES"]
-    txt = txt.replace("max_associations = 32", f"max_associations = 32\nreceive_processes = {n}")
 if maxpdu:
     txt = txt.replace("max_associations = 32", f"max_associations = 32\nmax_pdu = {maxpdu}")
 (work / "config.toml").write_text(txt)
@@ -49,23 +46,12 @@ p = subprocess.Popen(cmd, cwd=repo, stdout=open(work / "log", "wb"), stderr=subp
 
 
 def cpu():
-    """utime, stime of the node: the serve process and its receiving children ([node] receive_processes)."""
-    user = system = 0.0
-    for pid in B.process_tree(p.pid) if hasattr(B, "process_tree") else [p.pid]:
-        try:
-            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        user += int(f[11]) / os.sysconf("SC_CLK_TCK")
-        system += int(f[12]) / os.sysconf("SC_CLK_TCK")
-    return user, system
+    f = open(f"/proc/{p.pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(f[11]) / os.sysconf("SC_CLK_TCK"), int(f[12]) / os.sysconf("SC_CLK_TCK")
 
 
 B.wait_echo(port, "SRNODE")
-if hasattr(B, "wait_ready_line"):
-    B.wait_ready_line(work / "log")
 out = {"label": label, "max_pdu": maxpdu, "receive_path": os.environ.get("RECEIVE_PATH", "default"),
-       "receive_processes": os.environ.get("RECEIVE_PROCESSES", "default"),
        "load_before": os.getloadavg()}
 spyp = None
 for name, batches in (("concurrent", conc), ("one_association", small)):

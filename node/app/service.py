@@ -16,13 +16,11 @@ import signal
 import threading
 from types import FrameType
 
-from node.app import receiver
 from node.app.context import NodeContext
 from node.app.http import HttpHandle, check_exposure, start_http
 from node.app.logs import REDACT
 from node.config import Config, ExecutorKind, load_config, secret_values
 from node.ingest import Admission, StoreSCP, reindex_spool
-from node.ingest.procs import ReceiverPool, SharedSlots, probe_port
 from node.jobs import JobContext, StabilityWatcher, make_executor
 from node.process import series_budget_mb
 from node.send import Outbox
@@ -45,14 +43,8 @@ class Node:
                                admission=Admission(cfg, spool, index, metrics, jobs.audit))
         self.watcher = StabilityWatcher(cfg, index, self.ctx.executor.submit, metrics, jobs.audit)
         self.outbox = Outbox(cfg, index, metrics, jobs.audit)
-        # [node] receive_processes > 1: this process receives too, beside N - 1 children (node.ingest.procs)
-        many = cfg.node.receive_processes > 1
-        self.slots = SharedSlots(cfg.node.max_associations) if many else None
         self.scp = StoreSCP(cfg, self.ctx.admission, metrics, jobs.audit, on_release=self.watcher.hint,
-                            on_report=self.outbox.confirm.on_report, reuse_port=many,
-                            slots=self.slots.owner(0) if self.slots is not None else None)
-        self.receivers = ReceiverPool(cfg, metrics, self.slots, self.watcher.hint, self.outbox.confirm.answer_report,
-                                      receiver.command()) if self.slots is not None else None
+                            on_report=self.outbox.confirm.on_report)
         self.http: HttpHandle | None = None
         self._spool_lock: int | None = None  # the spool's lock while serving (Spool.lock)
 
@@ -90,11 +82,7 @@ class Node:
         ctx.executor.start()
         self.watcher.start()  # submits the queued jobs on its first tick
         self.outbox.start()
-        if self.receivers is not None:
-            probe_port(self.cfg.node.host, self.cfg.node.port)  # nobody else there (SO_REUSEPORT would share it)
         self.scp.start()
-        if self.receivers is not None:
-            self.receivers.start()
         self.outbox.resume()  # the SCP takes the Storage Commitment reports now: ask again for those still awaited
         if self.cfg.http.enabled:
             self.http = start_http(ctx)
@@ -106,13 +94,7 @@ class Node:
     def stop(self) -> None:
         log.info("stopping: refusing new associations, finishing the stores in flight")
         self.ctx.stopping.set()
-        children = None
-        if self.receivers is not None:  # they stop (finish their associations) while this process's SCP does
-            children = threading.Thread(target=self.receivers.stop, name="receivers-stop", daemon=True)
-            children.start()
         self.scp.stop()
-        if children is not None:
-            children.join()
         if self.http is not None:
             try:
                 self.http.stop()

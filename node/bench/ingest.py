@@ -122,43 +122,20 @@ def wait_echo(port: int, aet: str, timeout: float = 60) -> None:
     raise RuntimeError(f"no C-ECHO answer on port {port} within {timeout:.0f} s")
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants now (Linux ``/proc/PID/task/*/children``)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*/children"):
-            try:
-                todo.extend(int(c) for c in task.read_text().split())
-            except OSError:
-                continue
-    return out
-
-
 def peak_rss_mb(pid: int) -> float:
-    """VmHWM (peak resident set) of a live process and its children together (the node's receiving processes,
-    ``[node] receive_processes``), in MiB; an upper bound of their peak together (each one's own peak)."""
-    total, seen = 0.0, False
-    for p in process_tree(pid):
-        try:
-            lines = Path(f"/proc/{p}/status").read_text().splitlines()
-        except OSError:
-            continue
-        for line in lines:
-            if line.startswith("VmHWM:"):
-                total += int(line.split()[1]) / 1024
-                seen = True
-    return total if seen else float("nan")
+    """VmHWM (peak resident set) of a live process, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
-def node_config(workdir: Path, port: int, receive_path: str = "", receive_processes: int = 0) -> str:
+def node_config(workdir: Path, port: int, receive_path: str = "") -> str:
     """config.toml text for the node under test: SCP on 127.0.0.1:``port``, spool in ``workdir``, stable_age_s
-    3600 s (no processing during the run), HTTP off, cubic engine on CPU; ``receive_path``, ``receive_processes``:
-    ``[node] receive_path`` / ``receive_processes`` ("", 0: the default)."""
+    3600 s (no processing during the run), HTTP off, cubic engine on CPU; ``receive_path``: ``[node]
+    receive_path`` ("": the default)."""
     spool = workdir / "spool"
     path = f'receive_path = "{receive_path}"\n' if receive_path else ""
-    path += f"receive_processes = {receive_processes}\n" if receive_processes else ""
     return (f'[node]\nae_title = "SRNODE"\nhost = "127.0.0.1"\nport = {port}\nspool_dir = "{spool}"\n'
             f"stable_age_s = 3600.0\nmin_free_mb = 1\nmax_associations = 32\n{path}\n[http]\nenabled = false\n\n"
             f'[engine]\nname = "cubic"\ndevice = "cpu"\n')
@@ -173,33 +150,21 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
         proc.wait()
 
 
-def wait_ready_line(log: Path, timeout: float = 60) -> None:
-    """Wait until the node's log says it is ready (every receiving process listens); RuntimeError after
-    ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if " ready (DICOM " in log.read_text(errors="replace"):
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"the node did not log 'ready' within {timeout:.0f} s (see {log})")
-
-
 def run_node(workdir: Path, workloads: dict[str, list[list[Path]]],
-             receive_path: str = "", receive_processes: int = 0) -> dict[str, dict[str, Any]]:
+             receive_path: str = "") -> dict[str, dict[str, Any]]:
     """Start ``srnode serve``, send each workload (its batches concurrently), stop it (SIGTERM); per workload the
     send figures, the node's peak RSS so far and the instances indexed in all (-1 when ``srnode status``
     failed)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cfg = workdir / "config.toml"
-    cfg.write_text(node_config(workdir, port, receive_path, receive_processes))
+    cfg.write_text(node_config(workdir, port, receive_path))
     with (workdir / "node.log").open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "node.app.cli", "serve", "--config", str(cfg)],
                                 stdout=log, stderr=subprocess.STDOUT)
     out: dict[str, dict[str, Any]] = {}
     try:
         wait_echo(port, "SRNODE")
-        wait_ready_line(workdir / "node.log")
         rss_idle = peak_rss_mb(proc.pid)
         for name, batches in workloads.items():
             res = send_concurrently(port, batches, "SRNODE")
@@ -284,8 +249,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-orthanc", action="store_true", help="leave Orthanc out (it is needed otherwise)")
     parser.add_argument("--receive-path", default="", choices=["", "lean", "pynetdicom"],
                         help="the node's [node] receive_path (default: the node's default)")
-    parser.add_argument("--receive-processes", type=int, default=0,
-                        help="the node's [node] receive_processes (default 0: the node's default)")
     parser.add_argument("--workdir", default="", help="keep files here (default: a temporary folder)")
 
 
@@ -300,12 +263,11 @@ def _figures(res: dict[str, Any], expected: int) -> dict[str, Any]:
 
 def measure(senders: int, instances: int, size: int, workdir: Path, small_instances: int = 0,
             small_size: int = 64, orthanc: bool = True,
-            stage: Callable[[str], None] = lambda _name: None, receive_path: str = "",
-            receive_processes: int = 0) -> dict[str, Any]:
+            stage: Callable[[str], None] = lambda _name: None, receive_path: str = "") -> dict[str, Any]:
     """Write the workloads, send them to the node, storescp and (``orthanc``) Orthanc in that order; per workload
     and server the figures (instances/s, seconds, stored), the ratios srnode/storescp and srnode/Orthanc, MB
     (2^20 bytes) sent and the peak RSS (MiB) of the node and Orthanc. ``stage`` gets each step's name as it starts;
-    ``receive_path``, ``receive_processes``: the node's ``[node]`` keys ("", 0: its defaults)."""
+    ``receive_path``: the node's ``[node] receive_path`` ("": its default)."""
     stage("writing series")
     workloads = {"concurrent": [write_series(workdir / "send" / f"s{i:02d}", i, instances, size)
                                 for i in range(senders)]}
@@ -315,15 +277,14 @@ def measure(senders: int, instances: int, size: int, workdir: Path, small_instan
     os.sync()  # the workloads' own dirty pages are not left for the first server's syncs to write
     stage("sending to srnode")
     servers: dict[str, dict[str, dict[str, Any]]] = {"srnode": run_node(workdir / "node", workloads,
-                                                                                 receive_path, receive_processes)}
+                                                                                 receive_path)}
     stage("sending to storescp")
     servers["storescp"] = run_storescp(workdir, workloads)
     if orthanc:
         stage("sending to Orthanc")
         servers["orthanc"] = run_orthanc(workdir / "orthanc", workloads)
     figures: dict[str, Any] = {"cpus": os.cpu_count(), "load_average_before": os.getloadavg(),
-                               "receive_path": receive_path or "default",
-                               "receive_processes": receive_processes or "default"}
+                               "receive_path": receive_path or "default"}
     expected = 0
     for name, batches in workloads.items():
         expected += sum(len(b) for b in batches)
@@ -361,8 +322,7 @@ def run(args: argparse.Namespace) -> int:
         bar = bar_of(args)
         bar.stage("starting", 4 if args.no_orthanc else 5)
         figures = measure(args.senders, args.instances, args.size, workdir, args.small_instances,
-                          args.small_size, not args.no_orthanc, bar.stage, args.receive_path,
-                          args.receive_processes)
+                          args.small_size, not args.no_orthanc, bar.stage, args.receive_path)
         bar.close()
     finally:
         if own:

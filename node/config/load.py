@@ -31,7 +31,6 @@ from node.config.endpoints import (
 from node.config.schema import FLATTEN, NOT_A_KEY, Config, kind_tag
 from node.errors import ConfigError
 
-MAX_RECEIVE_PROCESSES = 16  # [node] receive_processes at most (one per core is the useful range)
 _TABLE_ARRAYS = {"destinations", "sources", "rules"}  # written [[name]] in the file (for the error message)
 
 
@@ -167,8 +166,6 @@ def _check(cfg: Config) -> None:
         raise ConfigError("node.tls: enabled = true needs cert and key")
     if n.max_series_memory_mb < 0:
         raise ConfigError(f"node.max_series_memory_mb: {n.max_series_memory_mb} must be >= 0 (0: 3/4 of the memory)")
-    if not 1 <= n.receive_processes <= MAX_RECEIVE_PROCESSES:
-        raise ConfigError(f"node.receive_processes: {n.receive_processes} must be 1-{MAX_RECEIVE_PROCESSES}")
     if n.max_job_attempts < 1:
         raise ConfigError(f"node.max_job_attempts: {n.max_job_attempts} must be >= 1")
     for key, seconds in (("node.association_timeout_s", n.association_timeout_s),

@@ -111,7 +111,6 @@ class NodeConfig:
     max_pdu: int = 262144  # bytes we accept in one PDU (announced to callers); 0: pynetdicom's default (16382)
     association_timeout_s: float = 10.0  # a connection must start (and then finish) its A-ASSOCIATE-RQ within this
     receive_path: ReceivePath = ReceivePath.LEAN  # C-STORE receive path (node.ingest.lean); "pynetdicom": fall back
-    receive_processes: int = 1  # processes receiving on the DICOM port (SO_REUSEPORT; node.ingest.procs)
     log_level: str = "INFO"
     audit_log: str = ""  # default: <spool_dir>/audit.log
     max_series_memory_mb: int = 0  # memory a series may need to process (estimated from headers); 0: 3/4 of RAM

@@ -6,7 +6,6 @@
 - ``server``: the SCP's listening server: a gate with deadlines (TLS handshake, first bytes of the A-ASSOCIATE-RQ)
   before a connection becomes an association, so silent peers never lock callers out;
 - ``reactor`` / ``association``: pynetdicom's DUL and association threads without their millisecond polling;
-- ``procs``: several processes receiving on the one DICOM port (``[node] receive_processes``);
 - ``stow``: STOW-RS multipart bodies (the HTTP route lives in ``node.app.http``);
 - ``pull``: retrieval by UID from a configured source (C-MOVE, C-GET, WADO-RS, Orthanc REST);
 - ``follower``: the Orthanc ``/changes`` follower;

@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
@@ -64,7 +64,6 @@ REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)  # permanent, service user, calling A
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
 REJECT_MAX_PDU = (0x01, 0x01, 0x01)  # permanent, service user, no reason given (a maximum PDU length of 1-6)
-REJECT_LIMIT = (0x02, 0x03, 0x02)  # transient, presentation related, local limit exceeded (as pynetdicom's own)
 WATERMARK_CHECK_BYTES = 1 << 20  # received on one association between two checks of the spool's free space
 
 
@@ -158,19 +157,6 @@ def _guard_disk_full(assoc: Any) -> None:
     dimse._srnode_guarded = True
 
 
-class AssociationSlots(Protocol):
-    """``[node] max_associations`` shared by several receiving processes (``node.ingest.procs``): one slot per
-    open association, whichever process holds it."""
-
-    def take(self) -> bool:
-        """One slot for a new association; False when all ``max_associations`` are taken."""
-        ...
-
-    def give(self) -> None:
-        """The slot of an association that ended."""
-        ...
-
-
 @dataclass
 class _AssocCount:
     """What one association did: instances stored and refused, since when (monotonic seconds)."""
@@ -184,9 +170,7 @@ class _AssocCount:
 class StoreSCP:
     """The node's SCP. ``on_release`` is called after an association ends, released or aborted (a hint).
     ``on_report``, when given, answers Storage Commitment N-EVENT-REPORTs (``node.send.confirm``: the reports
-    for the commitments the outbox requested) and the SCP accepts the Storage Commitment Push Model context.
-    ``reuse_port``: bind with SO_REUSEPORT, ``slots``: the association limit shared with the other receiving
-    processes (both for ``[node] receive_processes`` > 1, ``node.ingest.procs``)."""
+    for the commitments the outbox requested) and the SCP accepts the Storage Commitment Push Model context."""
 
     cfg: Config
     admission: Admission
@@ -194,9 +178,6 @@ class StoreSCP:
     audit: AuditLog | None = None
     on_release: Callable[[], None] | None = None
     on_report: Callable[[evt.Event], tuple[int, Any]] | None = None
-    reuse_port: bool = False
-    slots: AssociationSlots | None = None
-    _slotted: dict[int, Any] = field(default_factory=dict, init=False)  # id -> association holding a slot
     _server: ThreadedAssociationServer | None = field(default=None, init=False)
     _stopping: bool = field(default=False, init=False)
     _counts: dict[int, _AssocCount] = field(default_factory=dict, init=False)  # per open association
@@ -224,9 +205,8 @@ class StoreSCP:
         """Reject the association (A-ASSOCIATE-RJ) when the node is stopping (``REJECT_BUSY``), when the caller's
         maximum PDU length is 1-6 bytes (``REJECT_MAX_PDU``, audited: no P-DATA-TF fits, so no response could be
         sent, ``node.dimse.max_pdu_problem``) or, with ``[node].require_known_callers``, when the caller is not
-        in ``[node].allowed_callers`` (``REJECT_UNKNOWN_CALLER``, audited), or, with ``slots`` (several receiving
-        processes), when every slot of ``[node] max_associations`` is held by an open association of any of them
-        (``REJECT_LIMIT``, as pynetdicom's own limit). Installs the full-disk guard (``_guard_disk_full``) first."""
+        in ``[node].allowed_callers`` (``REJECT_UNKNOWN_CALLER``, audited). Installs the full-disk guard
+        (``_guard_disk_full``) first."""
         assoc = event.assoc
         _guard_disk_full(assoc)
         calling = str(assoc.requestor.primitive.calling_ae_title).strip() if assoc.requestor.primitive else ""
@@ -262,34 +242,6 @@ class StoreSCP:
                                  reason="caller not in node.allowed_callers")
             assoc.acse.send_reject(*REJECT_UNKNOWN_CALLER)
             assoc.kill()
-            return
-        if self.slots is not None and not self._take_slot(assoc):
-            log.warning("association from %s@%s rejected: %d associations open (node.max_associations, all "
-                        "receiving processes)", calling, address, node.max_associations)
-            assoc.acse.send_reject(*REJECT_LIMIT)
-            assoc.kill()
-
-    def _take_slot(self, assoc: Any) -> bool:
-        """A slot of the shared association limit for ``assoc`` (held until it ends: :meth:`_give_slot`); the
-        slots of associations whose thread ended without a close event are given back first."""
-        assert self.slots is not None
-        with self._lock:
-            gone = [k for k, a in self._slotted.items() if not a.is_alive()]
-            for k in gone:
-                del self._slotted[k]
-        for _ in gone:
-            self.slots.give()
-        if not self.slots.take():
-            return False
-        with self._lock:
-            self._slotted[id(assoc)] = assoc
-        return True
-
-    def _give_slot(self, assoc: Any) -> None:
-        with self._lock:
-            held = self._slotted.pop(id(assoc), None)
-        if held is not None and self.slots is not None:
-            self.slots.give()
 
     def on_accepted(self, event: evt.Event) -> None:
         """Start counting the association's stored / refused instances; one more active association."""
@@ -303,7 +255,6 @@ class StoreSCP:
         fewer active association, call ``on_release``."""
         if event.event is evt.EVT_ABORTED:
             self._discard_partial(event.assoc)
-        self._give_slot(event.assoc)
         with self._lock:
             counts = self._counts.pop(id(event.assoc), None)
             self._received.pop(id(event.assoc), None)
@@ -349,7 +300,6 @@ class StoreSCP:
         """The connection is gone (whatever ended it): nothing of the association is still being received."""
         with self._lock:
             self._received.pop(id(event.assoc), None)
-        self._give_slot(event.assoc)
         self._discard_partial(event.assoc)
 
     def _discard_partial(self, assoc: Any) -> None:
@@ -500,7 +450,7 @@ class StoreSCP:
                                                 server_ssl_context(self.cfg),
                                                 handshake_timeout_s=node.tls.handshake_timeout_s,
                                                 association_timeout_s=node.association_timeout_s, audit=self.audit,
-                                                lean_hooks=self.lean_hooks(), reuse_port=self.reuse_port)
+                                                lean_hooks=self.lean_hooks())
         except OSError as exc:
             _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved
             raise ConfigError(listen_problem("DICOM port", "node", node.host, node.port, exc)) from exc

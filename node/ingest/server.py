@@ -85,9 +85,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def __init__(self, ae: AE, address: Address, ae_title: str, contexts: Any, ssl_context: ssl.SSLContext | None,
                  evt_handlers: Any = None, *, handshake_timeout_s: float = 10.0,
                  association_timeout_s: float = 10.0, audit: AuditLog | None = None,
-                 max_pending: int = MAX_PENDING, lean_hooks: LeanHooks | None = None,
-                 reuse_port: bool = False) -> None:
-        self.reuse_port = reuse_port  # SO_REUSEPORT: several receiving processes share the port (node.ingest.procs)
+                 max_pending: int = MAX_PENDING, lean_hooks: LeanHooks | None = None) -> None:
         self.lean_hooks = lean_hooks  # the lean C-STORE receive path (node.ingest.lean); None: pynetdicom's
         self.handshake_timeout_s = handshake_timeout_s
         self.association_timeout_s = association_timeout_s
@@ -98,13 +96,6 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self._serial = 0
         super().__init__(ae, address, ae_title, contexts, ssl_context, evt_handlers=evt_handlers,
                          request_handler=QuietRequestHandler)
-
-    def server_bind(self) -> None:
-        """As pynetdicom's (SO_REUSEADDR, then bind), with SO_REUSEPORT first when ``reuse_port``: every receiving
-        process binds the same address and the kernel spreads the connections among them."""
-        if self.reuse_port and self.socket is not None:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
 
     # ------------------------------------------------------------------------------------ accept loop
 
@@ -241,19 +232,18 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 def start_guarded_server(ae: AE, address: tuple[str, int], evt_handlers: list[Any],
                          ssl_context: ssl.SSLContext | None, *, handshake_timeout_s: float,
                          association_timeout_s: float, audit: AuditLog | None,
-                         lean_hooks: LeanHooks | None = None, reuse_port: bool = False) -> GuardedAssociationServer:
+                         lean_hooks: LeanHooks | None = None) -> GuardedAssociationServer:
     """Start ``ae`` as an association acceptor on ``address`` behind the gate, in a daemon thread (as
     ``AE.start_server(block=False)`` does); returns the server (``shutdown()`` stops it).
 
     Sets the AE's ``acse_timeout`` to ``association_timeout_s`` (the rest of the A-ASSOCIATE-RQ after its first
     byte). ``lean_hooks``: receive plain C-STOREs on the lean path (``node.ingest.lean``). Raises OSError when
-    the address cannot be bound. ``reuse_port``: bind with SO_REUSEPORT (``[node] receive_processes`` > 1).
+    the address cannot be bound.
     """
     ae.acse_timeout = association_timeout_s
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
                             server_class=GuardedAssociationServer, handshake_timeout_s=handshake_timeout_s,
-                            association_timeout_s=association_timeout_s, audit=audit, lean_hooks=lean_hooks,
-                            reuse_port=reuse_port)
+                            association_timeout_s=association_timeout_s, audit=audit, lean_hooks=lean_hooks)
     assert isinstance(server, GuardedAssociationServer)
     thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}",
                               daemon=True)

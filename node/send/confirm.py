@@ -223,31 +223,21 @@ class Confirmations:
     def on_report(self, event: evt.Event) -> tuple[int, Dataset | None]:
         """The SCP's EVT_N_EVENT_REPORT handler: a Storage Commitment report for a transaction this node opened
         settles its delivery (all committed: delivered; else a failed attempt naming the numbers). Answers
-        0x0000, or 0x0110 when the report cannot be read or recorded (:meth:`answer_report`)."""
-        requestor = event.assoc.requestor
+        0x0000, or 0x0110 when the report cannot be read or recorded."""
         try:
-            info = event.event_information
+            report = parse_report(event.event_information)
         except Exception as exc:  # noqa: BLE001 - a malformed report: say so, do not crash the SCP
-            log.warning("storage commitment report from %s unreadable: %s", requestor.ae_title, exc)
+            log.warning("storage commitment report from %s unreadable: %s", event.assoc.requestor.ae_title, exc)
             return Status.PROCESSING_FAILURE, None
-        return self.answer_report(info, str(requestor.ae_title).strip(), str(requestor.address)), None
-
-    def answer_report(self, info: Dataset, ae_title: str, address: str) -> int:
-        """:meth:`on_report` for the Event Information ``info`` of an N-EVENT-REPORT that ``ae_title`` at
-        ``address`` sent (also what another receiving process forwards, ``node.ingest.procs``): the DIMSE
-        status, 0x0000 or 0x0110."""
+        requestor = event.assoc.requestor
+        caller = (str(requestor.ae_title).strip(), str(requestor.address))
         try:
-            report = parse_report(info)
-        except Exception as exc:  # noqa: BLE001 - a malformed report: say so, do not crash the SCP
-            log.warning("storage commitment report from %s unreadable: %s", ae_title, exc)
-            return Status.PROCESSING_FAILURE
-        try:
-            if not self.report(report, (ae_title, address)):
-                return Status.PROCESSING_FAILURE
+            if not self.report(report, caller):
+                return Status.PROCESSING_FAILURE, None
         except Exception as exc:  # noqa: BLE001 - the index may be busy; the deadline settles it later
             log.exception("storage commitment report %s not recorded: %s", report.transaction_uid, exc)
-            return Status.PROCESSING_FAILURE
-        return Status.SUCCESS
+            return Status.PROCESSING_FAILURE, None
+        return Status.SUCCESS, None
 
     def report(self, report: Report, caller: tuple[str, str] | None = None) -> bool:
         """Settle the delivery awaiting ``report`` (none: logged and ignored, e.g. a transaction already given up).

@@ -193,9 +193,3 @@ def test_rule_volumes_is_all_or_first() -> None:
     assert _cfg().rules[0].volumes == VolumeChoice.ALL  # default: each volume of a series its own derived series
     assert _cfg(rules=[{**rule, "volumes": "first"}]).rules[0].volumes == VolumeChoice.FIRST
     assert _error(rules=[{**rule, "volumes": "some"}]) == "rules[0].volumes: 'some' is not one of all, first"
-
-
-@pytest.mark.parametrize("n", [0, 17, -1])
-def test_receive_processes_out_of_range_is_named(n: int) -> None:
-    assert "node.receive_processes" in _error(node={"receive_processes": n})
-    assert _cfg(node={"receive_processes": 2}).node.receive_processes == 2

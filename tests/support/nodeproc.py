@@ -28,15 +28,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def base_config(workdir: Path) -> dict[str, Any]:
-    """The fast test base; ``SRNODE_TEST_RECEIVE_PROCESSES=N`` in the environment sets ``[node] receive_processes``
-    (run a folder of tests with several receiving processes)."""
-    node: dict[str, Any] = {"ae_title": "SRNODE", "host": "127.0.0.1", "port": free_port(),
-                            "spool_dir": str(workdir / "spool"), "stable_age_s": 1.0, "min_free_mb": 1,
-                            "log_level": "INFO"}
-    if os.environ.get("SRNODE_TEST_RECEIVE_PROCESSES"):
-        node["receive_processes"] = int(os.environ["SRNODE_TEST_RECEIVE_PROCESSES"])
     return {
-        "node": node,
+        "node": {"ae_title": "SRNODE", "host": "127.0.0.1", "port": free_port(), "spool_dir": str(workdir / "spool"),
+                 "stable_age_s": 1.0, "min_free_mb": 1, "log_level": "INFO"},
         "engine": {"name": "cubic", "device": "cpu"},
         "http": {"enabled": True, "host": "127.0.0.1", "port": free_port()},
         "outbox": {"max_attempts": 3, "backoff_initial_s": 0.2, "backoff_max_s": 1.0},
@@ -132,11 +126,6 @@ class NodeProc:
             return self.echo()
 
         wait_until(up, timeout=timeout, interval=0.2, what=f"srnode C-ECHO on port {self.port}")
-        # every receiving process listens ([node] receive_processes) once the node logged that it is ready (INFO)
-        if str(self.config["node"].get("log_level", "INFO")).upper() not in ("INFO", "DEBUG"):
-            return
-        wait_until(lambda: up() and " ready (DICOM " in self.log().rsplit("===== start", 1)[-1], timeout=timeout,
-                   interval=0.1, what="the node's 'ready' line")
 
     def stop(self, timeout: float = 90.0) -> int:
         """SIGTERM and wait; returns the exit code."""
