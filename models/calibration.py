@@ -3,8 +3,9 @@
 Method. The sigma of a voxel is sqrt((u q / 1.96)^2 + noise^2): u = std over test-time views + k |engine - cubic|
 + j |grad engine| + EPS (features; through-plane, the pairs' cubic is projected by data consistency, the target's
 is not, ``PLAIN_CUBIC_FEATURE``; k, j chosen by rank correlation with |error| on one half of the held-out internal
-pairs; through-plane, the features box-averaged along the axes not up-sampled, and the noise term's level measured
-on that half where u is smallest, ``noise_level``), q the split-conformal factor fitted on the other half so that
+pairs, ``choose_kj`` by ``KJ_RULE``; through-plane, the features box-averaged along the axes not up-sampled, and the
+noise term's level measured on that half where u is smallest, ``noise_level``), q the split-conformal factor fitted
+on the other half so that
 95 % of |error| lie within 1.96 sigma
 (split / inductive conformal prediction: Vovk, Gammerman & Shafer 2005, "Algorithmic Learning in a Random World";
 Lei, G'Sell, Rinaldo, Tibshirani & Wasserman 2018, "Distribution-free predictive inference for regression", JASA;
@@ -48,15 +49,20 @@ LOW_U_FRACTION = 0.2  # ``noise_level``: the share of voxels with the smallest f
 # where k is large). True brought 7 of the 8 sigma6 eval runs into coverage [0.93, 0.97] (fast mode all four, MPRAGE
 # fast 0.983 -> 0.968) but took the phantom's whole engine 0.945 -> 0.977 at 2.3 x the width: there the k, j grid
 # search flips between near-tied candidates (rank correlation 0.459 vs 0.455) whose widths differ 2 x; not the
-# default until that choice is made robust (docs/engines.md, sigma6)
-PLAIN_CUBIC_FEATURE = True
-# the k, j grid of ``choose_kj`` and its one-standard-error rule: the rank correlations of the candidates are
-# estimated on the same correlated voxels (pixels of one held-out slice are not independent), so their standard error
-# comes from a delete-one-block jackknife over ``JACKKNIFE_BLOCKS`` contiguous blocks of each pair set
+# default until that choice is made robust (docs/engines.md, sigma6). sigma7: the three rules of ``KJ_RULE`` with
+# True all leave the phantom out of [0.93, 0.97] (whole 0.973 / 0.913 / 0.973, fast 0.927 / 0.918), so still False
+PLAIN_CUBIC_FEATURE = False
+# the k, j grid of ``choose_kj``; the rank correlations of the candidates are estimated on the same correlated voxels
+# (pixels of one held-out slice are not independent), so their standard error comes from a delete-one-block jackknife
+# over ``JACKKNIFE_BLOCKS`` contiguous blocks of each pair set (reported as ``through_sigma_rho_se``)
 K_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 1e3)
 J_GRID = (0.0, 0.05, 0.2, 1.0)
 JACKKNIFE_BLOCKS = 20
-ONE_SE_RULE = True  # False: the candidate with the largest rank correlation (before sigma7)
+# through-plane k, j rule (``choose_kj``): "max" the largest rank correlation (the default, as before sigma7);
+# "one_se" the one-standard-error rule; "average" the near-tied candidates' u averaged. Measured with
+# PLAIN_CUBIC_FEATURE = True on the 8 eval runs (docs/engines.md, sigma7): neither puts the phantom in range, so
+# neither is the default
+KJ_RULE = "max"
 
 
 @dataclass
@@ -221,24 +227,27 @@ def _jackknife_corr(ra: np.ndarray, rb: np.ndarray, block: np.ndarray, nb: int) 
 
 
 def choose_kj(std: np.ndarray, delta: np.ndarray, grad: np.ndarray, abs_err: np.ndarray, block: np.ndarray,
-              one_se: bool | None = None) -> KJChoice:
+              rule: str | None = None) -> KJChoice:
     """The sigma feature weights k, j of u = std + k delta + j grad + EPS from the grid ``K_GRID`` x ``J_GRID``,
     by rank correlation (Spearman) of u with |error| on the fit part of the held-out pairs.
 
-    All inputs (N,), same units; ``block`` ints in [0, ``JACKKNIFE_BLOCKS``). With ``one_se`` (default
-    ``ONE_SE_RULE``) the one-standard-error rule (Breiman, Friedman, Olshen & Stone 1984, "Classification and
-    Regression Trees", 3.4.3; Hastie, Tibshirani & Friedman 2009, "The Elements of Statistical Learning", 7.10):
-    among the candidates whose rank correlation is within one standard error of the best's, the most parsimonious
-    (smallest k + j: the test-time spread alone is the simplest; ties: larger rho). The standard error is that of
-    each candidate's difference to the best (paired: all candidates are scored on the same voxels), by a
-    delete-one-block jackknife (Efron & Tibshirani 1993, "An Introduction to the Bootstrap", 11.2; blocks for
-    dependent data: Kuensch 1989, Ann. Statist. 17) over the ``block`` labels: neighbouring pixels of a held-out
-    slice are correlated, so a standard error from the pixel count would be too small. The ranks are those of the
-    whole fit part in every replicate (the correlation of fixed ranks; its difference to re-ranking is O(1/N)).
-    Why: near-tied candidates (rank correlation 0.4594 vs 0.4550, difference within its standard error) gave 2.3 x
-    different widths on the target (docs/engines.md, sigma6 / sigma7). Without ``one_se``: the largest rank
-    correlation. Raises nothing; a constant u scores 0."""
-    one_se = ONE_SE_RULE if one_se is None else one_se
+    All inputs (N,), same units; ``block`` ints in [0, ``JACKKNIFE_BLOCKS``). ``rule`` (default ``KJ_RULE``):
+    "max" the largest rank correlation; "one_se" the one-standard-error rule (Breiman, Friedman, Olshen & Stone
+    1984, "Classification and Regression Trees", 3.4.3; Hastie, Tibshirani & Friedman 2009, "The Elements of
+    Statistical Learning", 7.10): among the candidates whose rank correlation is within one standard error of the
+    best's, the most parsimonious (smallest k + j: the test-time spread alone is the simplest; ties: larger rho);
+    "average": the same near-tied candidates' u, each divided by its median on these voxels, averaged (model
+    averaging; u is linear in the features, so the average is one u with the weighted mean k, j: returned as
+    such). The standard error is the best candidate's, by a delete-one-block jackknife (Efron & Tibshirani 1993,
+    "An Introduction to the Bootstrap", 11.2; blocks for dependent data: Kuensch 1989, Ann. Statist. 17) over the
+    ``block`` labels: neighbouring pixels of a held-out slice are correlated, so a standard error from the pixel
+    count would be too small. The ranks are those of the whole fit part in every replicate (the correlation of
+    fixed ranks; its difference to re-ranking is O(1/N)). Why: near-tied candidates (rank correlation 0.4594 vs
+    0.4550, well within the standard error) gave 2.3 x different widths on the target (docs/engines.md, sigma6 /
+    sigma7). Raises ValueError for another ``rule``; a constant u scores 0."""
+    rule = KJ_RULE if rule is None else rule
+    if rule not in ("max", "one_se", "average"):
+        raise ValueError(f"k, j rule {rule!r} is not one of max, one_se, average")
     n = abs_err.size
     if n < 3:
         return KJChoice(1.0, 0.0, 0.0, 0.0, 1)
@@ -262,11 +271,19 @@ def choose_kj(std: np.ndarray, delta: np.ndarray, grad: np.ndarray, abs_err: np.
         return float(np.sqrt((nb - 1) / nb * np.sum((x - x.mean()) ** 2))) if nb > 1 else 0.0
 
     se_best = jk_se(loos[ib])
-    if not one_se or nb < 2:
+    if rule == "max" or nb < 2:
         return KJChoice(cands[ib][1], cands[ib][2], float(rhos[ib]), se_best, 1)
-    near = [i for i in range(len(cands)) if rhos[i] >= rhos[ib] - jk_se(loos[i] - loos[ib])]
-    pick = min(near, key=lambda i: (cands[i][1] + cands[i][2], -rhos[i]))
-    return KJChoice(cands[pick][1], cands[pick][2], float(rhos[pick]), se_best, len(near))
+    near = [i for i in range(len(cands)) if rhos[i] >= rhos[ib] - se_best]
+    if rule == "one_se":
+        pick = min(near, key=lambda i: (cands[i][1] + cands[i][2], -rhos[i]))
+        return KJChoice(cands[pick][1], cands[pick][2], float(rhos[pick]), se_best, len(near))
+    w = np.array([1.0 / max(float(np.median(std + cands[i][1] * delta + cands[i][2] * grad + EPS)), 1e-12)
+                  for i in near])
+    k = float(sum(wi * cands[i][1] for wi, i in zip(w, near, strict=True)) / w.sum())
+    j = float(sum(wi * cands[i][2] for wi, i in zip(w, near, strict=True)) / w.sum())
+    u = std + k * delta + j * grad + EPS
+    rho = float(np.corrcoef(_ranks(u), rank_err)[0, 1]) if np.ptp(u) > 0 else 0.0
+    return KJChoice(k, j, rho, se_best, len(near))
 
 
 def _phase_q(h: _Held, u: np.ndarray, idx: np.ndarray, level: float) -> tuple[float, tuple[float, ...]]:
@@ -348,7 +365,7 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
     cal = (perm[n_fit:] if err.size >= 200 else perm)[:400_000]  # ... q calibrated on the rest (split conformal)
     through = bool(sets and sets[0].task.node_rows)  # the one-SE rule is measured through-plane only
     choice = choose_kj(h.std[sub], h.delta[sub], h.grad[sub], np.abs(err[sub]), h.block[sub],
-                       ONE_SE_RULE and through)
+                       KJ_RULE if through else "max")
     rho, k, j = choice.rho, choice.k, choice.j
     u = h.u(k, j)
     c = 1.0
