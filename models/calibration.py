@@ -3,8 +3,9 @@
 Method. The sigma of a voxel is sqrt((u q / 1.96)^2 + noise^2): u = std over test-time views + k |engine - cubic|
 + j |grad engine| + EPS (features; through-plane, the pairs' cubic is projected by data consistency, the target's
 is not, ``PLAIN_CUBIC_FEATURE``; k, j chosen by rank correlation with |error| on one half of the held-out internal
-pairs; through-plane, the features box-averaged along the axes not up-sampled, and the noise term's level measured
-on that half where u is smallest, ``noise_level``), q the split-conformal factor fitted on the other half so that
+pairs, ``choose_kj`` by ``KJ_RULE``; through-plane, the features box-averaged along the axes not up-sampled, and the
+noise term's level measured on that half where u is smallest, ``noise_level``), q the split-conformal factor fitted
+on the other half so that
 95 % of |error| lie within 1.96 sigma
 (split / inductive conformal prediction: Vovk, Gammerman & Shafer 2005, "Algorithmic Learning in a Random World";
 Lei, G'Sell, Rinaldo, Tibshirani & Wasserman 2018, "Distribution-free predictive inference for regression", JASA;
@@ -48,8 +49,20 @@ LOW_U_FRACTION = 0.2  # ``noise_level``: the share of voxels with the smallest f
 # where k is large). True brought 7 of the 8 sigma6 eval runs into coverage [0.93, 0.97] (fast mode all four, MPRAGE
 # fast 0.983 -> 0.968) but took the phantom's whole engine 0.945 -> 0.977 at 2.3 x the width: there the k, j grid
 # search flips between near-tied candidates (rank correlation 0.459 vs 0.455) whose widths differ 2 x; not the
-# default until that choice is made robust (docs/engines.md, sigma6)
+# default until that choice is made robust (docs/engines.md, sigma6). sigma7: the three rules of ``KJ_RULE`` with
+# True all leave the phantom out of [0.93, 0.97] (whole 0.973 / 0.913 / 0.973, fast 0.927 / 0.918), so still False
 PLAIN_CUBIC_FEATURE = False
+# the k, j grid of ``choose_kj``; the rank correlations of the candidates are estimated on the same correlated voxels
+# (pixels of one held-out slice are not independent), so their standard error comes from a delete-one-block jackknife
+# over ``JACKKNIFE_BLOCKS`` contiguous blocks of each pair set (reported as ``through_sigma_rho_se``)
+K_GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 1e3)
+J_GRID = (0.0, 0.05, 0.2, 1.0)
+JACKKNIFE_BLOCKS = 20
+# through-plane k, j rule (``choose_kj``): "max" the largest rank correlation (the default, as before sigma7);
+# "one_se" the one-standard-error rule; "average" the near-tied candidates' u averaged. Measured with
+# PLAIN_CUBIC_FEATURE = True on the 8 eval runs (docs/engines.md, sigma7): neither puts the phantom in range, so
+# neither is the default
+KJ_RULE = "max"
 
 
 @dataclass
@@ -64,6 +77,8 @@ class Validation:
     n_cal: int = 0  # calibration voxels (held-out pairs, body)
     u_shape: tuple[float, ...] = ()  # the pairs' mean feature u per phase / its mean over all (``phase_shape``)
     noise_factor: float = 1.0  # the noise term's level measured on the pairs over the estimate's (``noise_level``)
+    rho_se: float = 0.0  # block-jackknife standard error of the best candidate's rank correlation (``choose_kj``)
+    n_near: int = 1  # candidates k, j within one standard error of the best (``choose_kj``)
 
     def q_rows(self, rows: int) -> np.ndarray:
         """(rows,) the conformal q of each output row (its phase row % len(q_phase); ``q`` without phases)."""
@@ -144,6 +159,7 @@ class _Held:
     grad: np.ndarray
     noise: np.ndarray
     phase: np.ndarray
+    block: np.ndarray  # jackknife block in [0, JACKKNIFE_BLOCKS): the same contiguous run of every pair set
 
     def u(self, k: float, j: float) -> np.ndarray:
         return self.std + k * self.delta + j * self.grad + EPS
@@ -151,7 +167,7 @@ class _Held:
 
 @torch.no_grad()
 def _held(net: SRNet, sets: list[PairSet], n_flips: int, body: float) -> _Held:
-    errs, stds, deltas, base_errs, edges, noises, phases = [], [], [], [], [], [], []
+    errs, stds, deltas, base_errs, edges, noises, phases, blocks = [], [], [], [], [], [], [], []
     for s in sets:
         mean, spread = ensemble(net, s, n_flips)
         pred = s.task.project(s.base + mean, s.lr)
@@ -169,12 +185,105 @@ def _held(net: SRNet, sets: list[PairSet], n_flips: int, body: float) -> _Held:
         noises.append(np.broadcast_to(rows[None, :, None], s.hr.shape)[m_np])
         nph = s.task.fz if s.task.node_rows else 1
         phases.append(np.broadcast_to((np.arange(s.hr.shape[1]) % nph)[None, :, None], s.hr.shape)[m_np])
+        nb = int(m_np.sum())  # voxels in (slice, row, column) order: block g is the g-th run of this set's slices
+        blocks.append(np.arange(nb, dtype=np.int64) * JACKKNIFE_BLOCKS // max(nb, 1))
 
     def cat(xs: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(xs) if xs else np.zeros(0, np.float32)
 
     return _Held(cat(errs), cat(base_errs), cat(stds), cat(deltas), cat(edges), cat(noises),
-                 cat(phases).astype(np.int64))
+                 cat(phases).astype(np.int64), cat(blocks).astype(np.int64))
+
+
+@dataclass(frozen=True)
+class KJChoice:
+    """The feature weights ``choose_kj`` picked: k, j, their rank correlation with |error| (rho), the jackknife
+    standard error of the best candidate's rho (rho_se), the number of candidates within one SE (n_near)."""
+
+    k: float
+    j: float
+    rho: float
+    rho_se: float
+    n_near: int
+
+
+def _jackknife_corr(ra: np.ndarray, rb: np.ndarray, block: np.ndarray, nb: int) -> tuple[float, np.ndarray]:
+    """(Pearson correlation of ``ra``, ``rb``, (nb,) the same with each block left out), from per-block sums."""
+    def sums(w: np.ndarray | None) -> np.ndarray:
+        return np.bincount(block, w, nb).astype(np.float64)
+
+    s = [sums(ra), sums(rb), sums(ra * ra), sums(rb * rb), sums(ra * rb), sums(None)]
+    tot = [float(x.sum()) for x in s]
+
+    def corr(a: np.ndarray | float, b: np.ndarray | float, aa: np.ndarray | float, bb: np.ndarray | float,
+             ab: np.ndarray | float, m: np.ndarray | float) -> np.ndarray:
+        m = np.maximum(m, 1.0)
+        den = np.sqrt(np.maximum((aa - a * a / m) * (bb - b * b / m), 1e-300))
+        return np.asarray((ab - a * b / m) / den, dtype=np.float64)
+
+    full = float(corr(*tot))
+    loo = corr(*(t - x for t, x in zip(tot, s, strict=True)))
+    return full, loo
+
+
+def choose_kj(std: np.ndarray, delta: np.ndarray, grad: np.ndarray, abs_err: np.ndarray, block: np.ndarray,
+              rule: str | None = None) -> KJChoice:
+    """The sigma feature weights k, j of u = std + k delta + j grad + EPS from the grid ``K_GRID`` x ``J_GRID``,
+    by rank correlation (Spearman) of u with |error| on the fit part of the held-out pairs.
+
+    All inputs (N,), same units; ``block`` ints in [0, ``JACKKNIFE_BLOCKS``). ``rule`` (default ``KJ_RULE``):
+    "max" the largest rank correlation; "one_se" the one-standard-error rule (Breiman, Friedman, Olshen & Stone
+    1984, "Classification and Regression Trees", 3.4.3; Hastie, Tibshirani & Friedman 2009, "The Elements of
+    Statistical Learning", 7.10): among the candidates whose rank correlation is within one standard error of the
+    best's, the most parsimonious (smallest k + j: the test-time spread alone is the simplest; ties: larger rho);
+    "average": the same near-tied candidates' u, each divided by its median on these voxels, averaged (model
+    averaging; u is linear in the features, so the average is one u with the weighted mean k, j: returned as
+    such). The standard error is the best candidate's, by a delete-one-block jackknife (Efron & Tibshirani 1993,
+    "An Introduction to the Bootstrap", 11.2; blocks for dependent data: Kuensch 1989, Ann. Statist. 17) over the
+    ``block`` labels: neighbouring pixels of a held-out slice are correlated, so a standard error from the pixel
+    count would be too small. The ranks are those of the whole fit part in every replicate (the correlation of
+    fixed ranks; its difference to re-ranking is O(1/N)). Why: near-tied candidates (rank correlation 0.4594 vs
+    0.4550, well within the standard error) gave 2.3 x different widths on the target (docs/engines.md, sigma6 /
+    sigma7). Raises ValueError for another ``rule``; a constant u scores 0."""
+    rule = KJ_RULE if rule is None else rule
+    if rule not in ("max", "one_se", "average"):
+        raise ValueError(f"k, j rule {rule!r} is not one of max, one_se, average")
+    n = abs_err.size
+    if n < 3:
+        return KJChoice(1.0, 0.0, 0.0, 0.0, 1)
+    nb = int(block.max()) + 1 if block.size else 1
+    rank_err = _ranks(abs_err).astype(np.float64)  # ranked once; each candidate ranks only its u
+    cands: list[tuple[float, float, float]] = []
+    loos: list[np.ndarray] = []
+    for k in K_GRID:
+        for j in J_GRID:
+            u = std + k * delta + j * grad + EPS
+            if np.ptp(u) > 0:
+                rho, loo = _jackknife_corr(_ranks(u).astype(np.float64), rank_err, block, nb)
+            else:
+                rho, loo = 0.0, np.zeros(nb)
+            cands.append((rho, k, j))
+            loos.append(loo)
+    rhos = np.array([c[0] for c in cands])
+    ib = max(range(len(cands)), key=lambda i: cands[i])  # ties: the larger k, j (as before sigma7)
+
+    def jk_se(x: np.ndarray) -> float:
+        return float(np.sqrt((nb - 1) / nb * np.sum((x - x.mean()) ** 2))) if nb > 1 else 0.0
+
+    se_best = jk_se(loos[ib])
+    if rule == "max" or nb < 2:
+        return KJChoice(cands[ib][1], cands[ib][2], float(rhos[ib]), se_best, 1)
+    near = [i for i in range(len(cands)) if rhos[i] >= rhos[ib] - se_best]
+    if rule == "one_se":
+        pick = min(near, key=lambda i: (cands[i][1] + cands[i][2], -rhos[i]))
+        return KJChoice(cands[pick][1], cands[pick][2], float(rhos[pick]), se_best, len(near))
+    w = np.array([1.0 / max(float(np.median(std + cands[i][1] * delta + cands[i][2] * grad + EPS)), 1e-12)
+                  for i in near])
+    k = float(sum(wi * cands[i][1] for wi, i in zip(w, near, strict=True)) / w.sum())
+    j = float(sum(wi * cands[i][2] for wi, i in zip(w, near, strict=True)) / w.sum())
+    u = std + k * delta + j * grad + EPS
+    rho = float(np.corrcoef(_ranks(u), rank_err)[0, 1]) if np.ptp(u) > 0 else 0.0
+    return KJChoice(k, j, rho, se_best, len(near))
 
 
 def _phase_q(h: _Held, u: np.ndarray, idx: np.ndarray, level: float) -> tuple[float, tuple[float, ...]]:
@@ -254,14 +363,10 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
     n_fit = min(err.size // 2, 100_000) if err.size >= 200 else err.size  # features fitted on one part ...
     sub = perm[:n_fit]
     cal = (perm[n_fit:] if err.size >= 200 else perm)[:400_000]  # ... q calibrated on the rest (split conformal)
-    rank_err = _ranks(np.abs(err[sub]))  # ranked once; each candidate ranks only its sigma
-    best = (-2.0, 1.0, 0.0)
-    for k in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 1e3):
-        for j in (0.0, 0.05, 0.2, 1.0):
-            u_sub = h.std[sub] + k * h.delta[sub] + j * h.grad[sub] + EPS
-            rho = float(np.corrcoef(_ranks(u_sub), rank_err)[0, 1]) if np.ptp(u_sub) > 0 else 0.0
-            best = max(best, (rho, k, j))
-    rho, k, j = best
+    through = bool(sets and sets[0].task.node_rows)  # the one-SE rule is measured through-plane only
+    choice = choose_kj(h.std[sub], h.delta[sub], h.grad[sub], np.abs(err[sub]), h.block[sub],
+                       KJ_RULE if through else "max")
+    rho, k, j = choice.rho, choice.k, choice.j
     u = h.u(k, j)
     c = 1.0
     if NOISE_FROM_PAIRS and n_flips >= 2 and sets and sets[0].task.node_rows:  # the fit part's noise level
@@ -272,7 +377,7 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
     cov = float(np.mean(np.abs(err) <= 1.96 * np.sqrt((u * (qv / 1.96)) ** 2 + h.noise**2)))
     nph = len(q_phase)
     shape = tuple(float(x) for x in phase_shape(u[cal], h.phase[cal], nph)) if nph > 1 else ()
-    return Validation(gain, k, q, rho, cov, j, q_phase, int(cal.size), shape, c)
+    return Validation(gain, k, q, rho, cov, j, q_phase, int(cal.size), shape, c, choice.rho_se, choice.n_near)
 
 
 @torch.no_grad()

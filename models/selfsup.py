@@ -250,7 +250,8 @@ class SelfSupEngine:
                        f"{kind}_internal_gain_db": round(v.gain_db, 3),
                        f"{kind}_internal_spearman": round(v.spearman, 3),
                        f"{kind}_internal_coverage_95": round(v.coverage_95, 3), f"{kind}_sigma_k": v.k,
-                       f"{kind}_sigma_j": v.j,
+                       f"{kind}_sigma_j": v.j, f"{kind}_sigma_rho_se": round(v.rho_se, 4),
+                       f"{kind}_sigma_kj_near": v.n_near,
                        f"{kind}_sigma_q": round(v.q, 4),
                        f"{kind}_sigma_q_phase": [round(q, 4) for q in v.q_phase],
                        f"{kind}_sigma_n_cal": v.n_cal})
