@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     if orthanc_url:
         print(f"  also stored in Orthanc at {orthanc_url} (same study)")
     png = write_preview(files, derived, unc, preview_path(out_dir, job.id))
-    print(f"  preview (original / derived / uncertainty, 3 planes): {png}")
+    shown = "original / derived / uncertainty" if unc else "original / derived"
+    print(f"  preview ({shown}, 3 planes): {png}")
     print(f"  the job and its deliveries: {_srnode()} status --config {_shown(config_file)}")
     return 0
 
