@@ -165,7 +165,7 @@ def test_demo_leaves_a_config_for_status(tmp_path: Path) -> None:
     assert m, r.stdout
     config = Path(m.group(1)) if Path(m.group(1)).is_absolute() else ROOT / m.group(1)
     assert config == tmp_path / "run" / "config.toml"
-    assert f"preview (original / derived / uncertainty, 3 planes): {tmp_path / 'out' / 'preview-job1.png'}" \
+    assert f"preview (original / derived, 3 planes): {tmp_path / 'out' / 'preview-job1.png'}" \
         in r.stdout and (tmp_path / "out" / "preview-job1.png").is_file()  # one preview per job
     assert "no uncertainty series (engine cubic has no sigma" in r.stdout, r.stdout
     status = srnode("status", "--config", config, cwd=tmp_path)
