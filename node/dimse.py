@@ -1,4 +1,5 @@
-"""DIMSE status codes the node answers with or reads from peers: one closed set, named as in DICOM PS3.4 / PS3.7.
+"""DIMSE status codes the node answers with or reads from peers (one closed set, named as in DICOM PS3.4 / PS3.7),
+and the wire pieces both roles share (TCP_NODELAY, a command element, P-DATA-TF framing).
 
 Sources: PS3.4 Annex B.2.3 (Storage Service Class statuses), Annex C.4 (Query/Retrieve statuses), PS3.7 Annex C
 (general status codes). STOW-RS failure reasons (PS3.18 Table 10.5.3-1, Failure Reason 0008,1197) use the same
@@ -7,7 +8,9 @@ values.
 
 from __future__ import annotations
 
+import io
 import socket
+import struct
 from enum import IntEnum
 from typing import Any
 
@@ -95,3 +98,68 @@ def assoc_no_delay(assoc: Any) -> None:
     """:func:`no_delay` on an established pynetdicom association's socket (``assoc.dul.socket.socket``)."""
     transport = getattr(getattr(assoc, "dul", None), "socket", None)
     no_delay(getattr(transport, "socket", None))
+
+
+_IMPLICIT_ELEMENT = struct.Struct("<HHL")  # group, element, value length: implicit VR little endian (PS3.5 7.1.3)
+_PDU_HEAD = struct.Struct(">BBL")  # PDU type, reserved, PDU length (PS3.8 9.3.1)
+_PDV_HEAD = struct.Struct(">LBB")  # item length, presentation context ID, message control header (PS3.8 9.3.5.1, E.2)
+P_DATA_TF = 0x04
+
+
+def even_uid(uid: str) -> bytes:
+    """A UID value as encoded: ASCII, padded with one NUL to an even length (PS3.5 9.1)."""
+    value = uid.encode("ascii")
+    return value + b"\0" if len(value) % 2 else value
+
+
+def command_element(tag: int, value: bytes) -> bytes:
+    """One element of a command set (always implicit VR little endian, PS3.7 6.3.1): ``tag`` as 0xGGGGEEEE."""
+    return _IMPLICIT_ELEMENT.pack(tag >> 16, tag & 0xFFFF, len(value)) + value
+
+
+def fragment_size(peer_max_pdu: int, length: int) -> int:
+    """Bytes of a message part per PDV for a peer whose maximum PDU length is ``peer_max_pdu`` (0: unlimited, the
+    whole ``length`` in one): ``peer_max_pdu - 6``, the PDV item header taking 6 (PS3.8 9.3.5.1). Raises ValueError
+    for 1-6 (no fragment fits: :func:`max_pdu_problem`)."""
+    size = peer_max_pdu - 6 if peer_max_pdu else max(length, 1)
+    if size < 1:
+        raise ValueError(f"a maximum PDU length of {peer_max_pdu} byte(s) cannot carry a presentation data value")
+    return size
+
+
+def pdata_pdus(payload: bytes, context_id: int, peer_max_pdu: int, *, command: bool) -> list[bytes]:
+    """``payload`` (a whole command set, or a whole data set) as P-DATA-TF PDUs for a peer whose maximum PDU length
+    is ``peer_max_pdu`` (bytes; 0: unlimited), fragmented as pynetdicom 3.0's ``DIMSEMessage.encode_msg``: one
+    PDV per PDU, each at most ``peer_max_pdu - 6`` bytes of ``payload``, the last fragment flagged last (PS3.8 E.2:
+    message control header bit 0 command / data set, bit 1 last). An empty data set gives no PDU. Raises ValueError
+    for a ``peer_max_pdu`` of 1-6 (no fragment fits: :func:`max_pdu_problem`)."""
+    size = fragment_size(peer_max_pdu, len(payload))
+    flag = 0x01 if command else 0x00
+    out = []
+    for start in range(0, len(payload), size):
+        piece = payload[start:start + size]
+        control = flag | (0x02 if start + size >= len(payload) else 0x00)
+        out.append(_PDU_HEAD.pack(P_DATA_TF, 0, 6 + len(piece)) + _PDV_HEAD.pack(2 + len(piece), context_id, control)
+                   + piece)
+    return out
+
+
+def pdata_file(f: io.BufferedReader, length: int, context_id: int, peer_max_pdu: int, prefix: bytes = b"") -> bytearray:
+    """The next ``length`` bytes of the open file ``f`` (a data set) as P-DATA-TF PDUs, framed as
+    :func:`pdata_pdus` frames them (``command=False``), after ``prefix`` (e.g. the command's PDUs): one buffer,
+    each fragment read straight into its place (no copy of the data set in memory). Raises OSError when ``f``
+    ends early, ValueError as :func:`fragment_size`."""
+    size = fragment_size(peer_max_pdu, length)
+    pieces = -(-length // size)
+    buf = bytearray(len(prefix) + 12 * pieces + length)
+    buf[:len(prefix)] = prefix
+    view = memoryview(buf)
+    pos = len(prefix)
+    for start in range(0, length, size):
+        n = min(size, length - start)
+        _PDU_HEAD.pack_into(buf, pos, P_DATA_TF, 0, 6 + n)
+        _PDV_HEAD.pack_into(buf, pos + 6, 2 + n, context_id, 0x02 if start + n >= length else 0x00)
+        if f.readinto(view[pos + 12:pos + 12 + n]) != n:
+            raise OSError(f"the file ended {length - start} byte(s) early")
+        pos += 12 + n
+    return buf
