@@ -91,9 +91,24 @@ def report_listener(port: int, harness_ref: list[Harness], ae_title: str = "SRNO
 
 
 def put_modality(orthanc: Orthanc, name: str, aet: str, port: int) -> None:
-    """Declare (or change) the node as a modality of Orthanc: where its commitment reports go."""
+    """Declare (or change) the node as a modality of Orthanc: where its commitment reports go. The tests' own
+    modalities (named ``confirm-*``) are removed after each test (``_forget_modalities``)."""
     with orthanc.client() as c:
         c.put(f"/modalities/{name}", json={"AET": aet, "Host": "127.0.0.1", "Port": port}).raise_for_status()
+
+
+@pytest.fixture(autouse=True)
+def _forget_modalities(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The session's Orthanc forgets the modalities a test declared: a later test's node with the same AE title
+    (SRNODE) on another port would otherwise have its commitment reports sent to this test's closed port."""
+    yield
+    if "orthanc" not in request.fixturenames:
+        return
+    orthanc: Orthanc = request.getfixturevalue("orthanc")
+    with orthanc.client() as c:
+        for name in c.get("/modalities").json():
+            if str(name).startswith("confirm-"):
+                c.delete(f"/modalities/{name}").raise_for_status()
 
 
 def delete_from_orthanc(orthanc: Orthanc, files: Sequence[Path]) -> None:
