@@ -104,6 +104,7 @@ _IMPLICIT_ELEMENT = struct.Struct("<HHL")  # group, element, value length: impli
 _PDU_HEAD = struct.Struct(">BBL")  # PDU type, reserved, PDU length (PS3.8 9.3.1)
 _PDV_HEAD = struct.Struct(">LBB")  # item length, presentation context ID, message control header (PS3.8 9.3.5.1, E.2)
 P_DATA_TF = 0x04
+MAX_PDU_LENGTH = 0xFFFF_FFFF  # the PDU length field's largest value (4 bytes, PS3.8 9.3.1): "unlimited" still ends here
 
 
 def even_uid(uid: str) -> bytes:
@@ -119,9 +120,9 @@ def command_element(tag: int, value: bytes) -> bytes:
 
 def fragment_size(peer_max_pdu: int, length: int) -> int:
     """Bytes of a message part per PDV for a peer whose maximum PDU length is ``peer_max_pdu`` (0: unlimited, the
-    whole ``length`` in one): ``peer_max_pdu - 6``, the PDV item header taking 6 (PS3.8 9.3.5.1). Raises ValueError
+    whole ``length`` in one, up to what a PDU length field holds): ``peer_max_pdu - 6``, the PDV item header taking 6 (PS3.8 9.3.5.1). Raises ValueError
     for 1-6 (no fragment fits: :func:`max_pdu_problem`)."""
-    size = peer_max_pdu - 6 if peer_max_pdu else max(length, 1)
+    size = peer_max_pdu - 6 if peer_max_pdu else min(max(length, 1), MAX_PDU_LENGTH - 6)
     if size < 1:
         raise ValueError(f"a maximum PDU length of {peer_max_pdu} byte(s) cannot carry a presentation data value")
     return size
