@@ -532,7 +532,7 @@ def zscale(vz: Validation | None, vc: Validation | None, nph: int, fallback: flo
     needed); the scale change, measured in-plane at both scales, cancels the first, the z pairs' phase profile
     fixes the second (docs/engines.md, sigma8). ``fallback`` (``internal.z_difficulty``: cubic's ratio at the same
     coarser scale, one number) for all phases when either is None or a ratio is not finite; with ``ZSCALE_FLOOR``
-    the result is at least ``fallback`` per phase (measured, not the rule: 0.002-0.021 more coverage, 2-20 % wider)."""
+    the result is at least ``fallback`` per phase (measured, not the rule: 0-0.021 more coverage, 0-20 % wider)."""
     if vz is None or vc is None:
         return np.full(nph, float(fallback))
     r = vz.q_rows(nph) / np.maximum(vc.q_rows(nph), 1e-12)

@@ -63,9 +63,9 @@ T = TypeVar("T")
 # the "mean" / "max" of "xy" and "z", "xy_shape" the pooled q x the pairs' / target's phase profile of the mean
 # feature (calibration.shape_transfer), "xy_phase_shape" the per-phase q x the same factor (docs/engines.md: sigma
 # calibration, the figures that chose it); "xy_zscale" (sigma8) the "xy_floor" q with z_difficulty replaced per
-# phase by the engine's own z / in-plane ratio one scale coarser, at least z_difficulty (calibration.zscale; with
-# calibration.KJ_RULE "zwidth" and PLAIN_CUBIC_FEATURE = True: 7 of the 8 eval runs in [0.93, 0.97], the phantom's
-# whole engine 0.918: not the default, docs/engines.md sigma8)
+# phase by the engine's own z / in-plane ratio one scale coarser (calibration.zscale; with calibration.KJ_RULE
+# "zwidth" and PLAIN_CUBIC_FEATURE = True: 7 of the 8 eval runs in [0.93, 0.97] at 8-32 % less width, the
+# phantom's whole engine 0.917: not the default, docs/engines.md sigma8)
 SIGMA_FROM = "xy_floor"
 # the through-plane q x a factor after fine-tuning (FINETUNE_FAR): fine-tuning adapts the net to the in-plane
 # pairs' task, so the held-out pairs' error understates the target's (docs/engines.md, calib3 and calib4)
