@@ -21,13 +21,14 @@ the mean feature (``phase_shape``, ``shape_transfer``). torch + numpy only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from models.degrade import DegradationModel, degrade_through_plane, through_plane_matrix
-from models.internal import PairSet, Task, _ranks, ensemble, noise_sigma, phase_noise, spearman
+from models.internal import PairSet, Task, _ranks, ensemble, noise_sigma, phase_noise, spearman, through_pairs
 from models.nets import SRNet
 
 EPS = 1e-3  # sigma floor in normalised units
@@ -61,8 +62,11 @@ JACKKNIFE_BLOCKS = 20
 # through-plane k, j rule (``choose_kj``): "max" the largest rank correlation (the default, as before sigma7);
 # "one_se" the one-standard-error rule; "average" the near-tied candidates' u averaged. Measured with
 # PLAIN_CUBIC_FEATURE = True on the 8 eval runs (docs/engines.md, sigma7): neither puts the phantom in range, so
-# neither is the default
+# neither is the default. "zwidth" (sigma8): the near-tied candidate with the narrowest split-conformal interval on
+# the z pairs (``narrowest_on``; selfsup.SIGMA_FROM "xy_zscale" passes them), else "max"
 KJ_RULE = "max"
+# ``zscale``: True keeps per phase at least cubic's z_difficulty (sigma8 `zfloor` runs); False the engine's ratio alone
+ZSCALE_FLOOR = False
 
 
 @dataclass
@@ -195,6 +199,9 @@ def _held(net: SRNet, sets: list[PairSet], n_flips: int, body: float) -> _Held:
                  cat(phases).astype(np.int64), cat(blocks).astype(np.int64))
 
 
+Held = _Held  # the held-out features of a pair set (``held``), public name for callers' annotations
+
+
 @dataclass(frozen=True)
 class KJChoice:
     """The feature weights ``choose_kj`` picked: k, j, their rank correlation with |error| (rho), the jackknife
@@ -205,6 +212,7 @@ class KJChoice:
     rho: float
     rho_se: float
     n_near: int
+    near: tuple[tuple[float, float], ...] = ()  # rule "zwidth": the (k, j) within one SE, for ``narrowest_on``
 
 
 def _jackknife_corr(ra: np.ndarray, rb: np.ndarray, block: np.ndarray, nb: int) -> tuple[float, np.ndarray]:
@@ -238,7 +246,8 @@ def choose_kj(std: np.ndarray, delta: np.ndarray, grad: np.ndarray, abs_err: np.
     best's, the most parsimonious (smallest k + j: the test-time spread alone is the simplest; ties: larger rho);
     "average": the same near-tied candidates' u, each divided by its median on these voxels, averaged (model
     averaging; u is linear in the features, so the average is one u with the weighted mean k, j: returned as
-    such). The standard error is the best candidate's, by a delete-one-block jackknife (Efron & Tibshirani 1993,
+    such); "zwidth": the best by rank correlation, with the near-tied candidates in ``near`` (the caller breaks
+    the tie on the target's own axis, ``narrowest_on``; without z pairs it stays the best). The standard error is the best candidate's, by a delete-one-block jackknife (Efron & Tibshirani 1993,
     "An Introduction to the Bootstrap", 11.2; blocks for dependent data: Kuensch 1989, Ann. Statist. 17) over the
     ``block`` labels: neighbouring pixels of a held-out slice are correlated, so a standard error from the pixel
     count would be too small. The ranks are those of the whole fit part in every replicate (the correlation of
@@ -246,8 +255,8 @@ def choose_kj(std: np.ndarray, delta: np.ndarray, grad: np.ndarray, abs_err: np.
     0.4550, well within the standard error) gave 2.3 x different widths on the target (docs/engines.md, sigma6 /
     sigma7). Raises ValueError for another ``rule``; a constant u scores 0."""
     rule = KJ_RULE if rule is None else rule
-    if rule not in ("max", "one_se", "average"):
-        raise ValueError(f"k, j rule {rule!r} is not one of max, one_se, average")
+    if rule not in ("max", "one_se", "average", "zwidth"):
+        raise ValueError(f"k, j rule {rule!r} is not one of max, one_se, average, zwidth")
     n = abs_err.size
     if n < 3:
         return KJChoice(1.0, 0.0, 0.0, 0.0, 1)
@@ -274,6 +283,9 @@ def choose_kj(std: np.ndarray, delta: np.ndarray, grad: np.ndarray, abs_err: np.
     if rule == "max" or nb < 2:
         return KJChoice(cands[ib][1], cands[ib][2], float(rhos[ib]), se_best, 1)
     near = [i for i in range(len(cands)) if rhos[i] >= rhos[ib] - se_best]
+    if rule == "zwidth":  # the best by rank, and the near set for the caller's tie-break (``narrowest_on``)
+        return KJChoice(cands[ib][1], cands[ib][2], float(rhos[ib]), se_best, len(near),
+                        tuple((cands[i][1], cands[i][2]) for i in near))
     if rule == "one_se":
         pick = min(near, key=lambda i: (cands[i][1] + cands[i][2], -rhos[i]))
         return KJChoice(cands[pick][1], cands[pick][2], float(rhos[pick]), se_best, len(near))
@@ -342,9 +354,38 @@ def shape_transfer(pairs: np.ndarray, target: np.ndarray, clip: float = 4.0) -> 
     return np.clip(pairs / np.maximum(target, 1e-12), 1.0 / clip, clip)
 
 
+def narrowest_on(z: _Held, near: tuple[tuple[float, float], ...], noise_factor: Callable[[float, float], float],
+                 seed: int = 0, level: float = 0.95, max_voxels: int = 100_000) -> tuple[float, float]:
+    """The (k, j) of ``near`` whose split-conformal interval on the pairs ``z`` is the narrowest: per candidate,
+    u = z.u(k, j), the pairs' noise x ``noise_factor(k, j)``, q per phase (``_phase_q``) at ``level``, width the
+    mean 1.96 sqrt((u q / 1.96)^2 + noise^2) over ``z``'s voxels (up to ``max_voxels``, seeded). Every candidate
+    covers ``level`` of ``z`` by construction, so the narrowest is the most efficient feature mix on ``z``
+    (efficiency of conformal sets as a model choice: Lei, G'Sell, Rinaldo, Tibshirani & Wasserman 2018, JASA,
+    section 2.3; Yang & Kuchibhotla 2021, "Finite-sample efficient conformal prediction", arXiv:2104.13871).
+    Through-plane ``z`` are the ``z_pairs`` (the target's own axis one scale coarser): the in-plane pairs rank
+    near-tied candidates alike, but on the phantom the candidates within one SE covered the target 0.913-0.984
+    at 53-249 HU (docs/engines.md, sigma7 / sigma8). ``near`` empty or ``z`` with < 200 voxels: ``near[0]`` or (1, 0)."""
+    if not near:
+        return 1.0, 0.0
+    if z.err.size < 200 or len(near) == 1:
+        return near[0]
+    idx = np.random.default_rng(seed).permutation(z.err.size)[:max_voxels]
+    best, best_w = near[0], math.inf
+    for k, j in near:
+        h = _Held(z.err[idx], z.base_err[idx], z.std[idx], z.delta[idx], z.grad[idx],
+                  z.noise[idx] * noise_factor(k, j), z.phase[idx], z.block[idx])
+        u = h.u(k, j)
+        q, q_phase = _phase_q(h, u, np.arange(idx.size), level)
+        qv = np.asarray(q_phase or (q,))[h.phase]
+        w = float(np.mean(np.sqrt((u * (qv / 1.96)) ** 2 + h.noise**2)))
+        if w < best_w:
+            best, best_w = (k, j), w
+    return best
+
+
 @torch.no_grad()
 def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, seed: int = 0,
-             level: float = 0.95) -> Validation:
+             level: float = 0.95, tie: _Held | None = None) -> Validation:
     """Held-out gain over cubic and the sigma calibration: k, j by rank correlation with |error| (on up to 100 k
     voxels), then split-conformal q on the other held-out voxels (Vovk et al. 2005; Angelopoulos & Bates 2021,
     "A gentle introduction to conformal prediction", finite-sample (n + 1) quantile), one q per output-row phase
@@ -352,7 +393,9 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
     consistency, the rows between do not, so one q would over-cover the former and under-cover the latter).
     Through-plane pairs also: features box-averaged along the columns (``SMOOTH_RADIUS``) and, with ``n_flips``
     >= 2, the noise term's level measured on the fit part (``noise_level``, ``NOISE_FROM_PAIRS``; the factor is
-    ``noise_factor``, which the caller applies to the target's noise too)."""
+    ``noise_factor``, which the caller applies to the target's noise too). ``tie``: the held-out features of
+    the ``z_pairs`` (``held``); with ``KJ_RULE`` "zwidth" the near-tied k, j are decided on them
+    (``narrowest_on``)."""
     h = _held(net, sets, n_flips, body)
     err = h.err
     if err.size == 0:
@@ -367,11 +410,19 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
     choice = choose_kj(h.std[sub], h.delta[sub], h.grad[sub], np.abs(err[sub]), h.block[sub],
                        KJ_RULE if through else "max")
     rho, k, j = choice.rho, choice.k, choice.j
+    from_pairs = NOISE_FROM_PAIRS and n_flips >= 2 and through
+
+    def level_of(kk: float, jj: float) -> float:  # the fit part's noise level (``noise_level``) for u(kk, jj)
+        return noise_level(np.abs(err[sub]), h.u(kk, jj)[sub], h.noise[sub]) if from_pairs else 1.0
+
+    if choice.near and tie is not None and through:
+        k, j = narrowest_on(tie, choice.near, level_of, seed, level)
+        if (k, j) != (choice.k, choice.j):
+            u = h.u(k, j)[sub]
+            rho = spearman(u, np.abs(err[sub]))
     u = h.u(k, j)
-    c = 1.0
-    if NOISE_FROM_PAIRS and n_flips >= 2 and sets and sets[0].task.node_rows:  # the fit part's noise level
-        c = noise_level(np.abs(err[sub]), u[sub], h.noise[sub])
-        h.noise = h.noise * c
+    c = level_of(k, j)
+    h.noise = h.noise * c
     q, q_phase = _phase_q(h, u, cal, level)
     qv = np.asarray(q_phase or (q,))[h.phase]
     cov = float(np.mean(np.abs(err) <= 1.96 * np.sqrt((u * (qv / 1.96)) ** 2 + h.noise**2)))
@@ -439,14 +490,25 @@ def transfer_factor(near_tuned_db: float, near_prior_db: float, ip_probe_db: flo
 
 
 @torch.no_grad()
+def held(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05) -> _Held:
+    """Per held-out body voxel of ``sets``: the engine's error, cubic's, the sigma features, the pairs' noise and
+    row phase (each (N,); ``net`` with ``n_flips`` test-time views + data consistency, as ``validate``)."""
+    return _held(net, sets, n_flips, body)
+
+
+@torch.no_grad()
 def calibrate(net: SRNet, sets: list[PairSet], n_flips: int, v: Validation, body: float = 0.05, seed: int = 0,
               level: float = 0.95) -> Validation | None:
     """``v`` with q (and q per phase) re-fitted by split-conformal calibration on other pairs (``z_pairs``: the
     target's own axis one scale coarser), the features k, j kept; None without enough voxels (< 200)."""
-    h = _held(net, sets, n_flips, body)
+    return calibrate_held(_held(net, sets, n_flips, body), v, seed, level)
+
+
+def calibrate_held(h: _Held, v: Validation, seed: int = 0, level: float = 0.95) -> Validation | None:
+    """``calibrate`` on features already computed (``held``); ``h`` is not changed."""
     if h.err.size < 200:
         return None
-    h.noise = h.noise * v.noise_factor  # the level ``validate`` measured
+    h = _Held(h.err, h.base_err, h.std, h.delta, h.grad, h.noise * v.noise_factor, h.phase, h.block)  # ``validate``'s level
     idx = np.random.default_rng(seed).permutation(h.err.size)[:400_000]
     u = h.u(v.k, v.j)
     q, q_phase = _phase_q(h, u, idx, level)
@@ -455,6 +517,38 @@ def calibrate(net: SRNet, sets: list[PairSet], n_flips: int, v: Validation, body
     rank = spearman(u[idx[:100_000]], np.abs(h.err[idx[:100_000]]))
     shape = tuple(float(x) for x in phase_shape(u[idx], h.phase[idx], len(q_phase))) if len(q_phase) > 1 else ()
     return Validation(v.gain_db, v.k, q, rank, cov, v.j, q_phase, int(idx.size), shape, v.noise_factor)
+
+
+def zscale(vz: Validation | None, vc: Validation | None, nph: int, fallback: float, clip: float = 4.0) -> np.ndarray:
+    """(nph,) the factor on the in-plane pairs' q per phase that carries it to the target's axis: the q the z pairs
+    need (``vz``, ``calibrate`` on ``z_pairs``: the target's axis one scale coarser) over the q the in-plane pairs
+    of that same coarser scale need (``vc``, ``calibrate`` on ``coarse_pairs``), per row phase, both with the
+    engine's net, features and noise level, clipped to [1 / ``clip``, ``clip``]. The two coarse pair sets differ
+    only in the axis, so the ratio is how much harder z is than in-plane for this engine at that scale, phase by
+    phase; the fine in-plane pairs x this ratio estimate the target (q_target = q_xy q_z / q_c). It replaces
+    ``internal.z_difficulty`` (the same ratio for cubic, one number for all phases). Why: the z pairs' own q
+    over-covered the target (their scale is coarser: q_ideal / q_z 0.3-0.98 on the eight sigma8 runs) and the
+    in-plane pairs' q under-covered the phantom's slices between (phase ratio 1.2-1.3 vs 2.0-2.5 the target
+    needed); the scale change, measured in-plane at both scales, cancels the first, the z pairs' phase profile
+    fixes the second (docs/engines.md, sigma8). ``fallback`` (``internal.z_difficulty``: cubic's ratio at the same
+    coarser scale, one number) for all phases when either is None or a ratio is not finite; with ``ZSCALE_FLOOR``
+    the result is at least ``fallback`` per phase (measured, not the rule: 0-0.021 more coverage, 0-20 % wider)."""
+    if vz is None or vc is None:
+        return np.full(nph, float(fallback))
+    r = vz.q_rows(nph) / np.maximum(vc.q_rows(nph), 1e-12)
+    r = np.where(np.isfinite(r), r, fallback)
+    if ZSCALE_FLOOR:
+        r = np.maximum(r, fallback)
+    return np.clip(r, 1.0 / clip, clip)
+
+
+def coarse_pairs(vol: np.ndarray, spacing: tuple[float, float, float], model: DegradationModel,
+                 z_idx: np.ndarray, device: torch.device) -> list[PairSet]:
+    """In-plane held-out pairs one scale coarser, the model of ``z_pairs`` (profile and step f times the
+    target's): ``internal.through_pairs`` of the axial slices ``z_idx``; [] when the matrix is too small."""
+    f = model.factor
+    coarse = DegradationModel(f, 1, model.step_mm * f, model.thickness_mm * f, model.pixel_mm, model.profile)
+    return through_pairs(vol, spacing, coarse, z_idx, device)
 
 
 def z_pairs(vol: np.ndarray, model: DegradationModel, device: torch.device, planes: int = 24,

@@ -62,7 +62,10 @@ T = TypeVar("T")
 # method) per phase, "xy_pooled" one such q for all phases, "xy_floor" per phase but at least the pooled one, or
 # the "mean" / "max" of "xy" and "z", "xy_shape" the pooled q x the pairs' / target's phase profile of the mean
 # feature (calibration.shape_transfer), "xy_phase_shape" the per-phase q x the same factor (docs/engines.md: sigma
-# calibration, the figures that chose it)
+# calibration, the figures that chose it); "xy_zscale" (sigma8) the "xy_floor" q with z_difficulty replaced per
+# phase by the engine's own z / in-plane ratio one scale coarser (calibration.zscale; with calibration.KJ_RULE
+# "zwidth" and PLAIN_CUBIC_FEATURE = True: 7 of the 8 eval runs in [0.93, 0.97] at 8-32 % less width, the
+# phantom's whole engine 0.917: not the default, docs/engines.md sigma8)
 SIGMA_FROM = "xy_floor"
 # the through-plane q x a factor after fine-tuning (FINETUNE_FAR): fine-tuning adapts the net to the in-plane
 # pairs' task, so the held-out pairs' error understates the target's (docs/engines.md, calib3 and calib4)
@@ -242,10 +245,12 @@ class SelfSupEngine:
 
     def _validate(
         self, kind: str, net: SRNet, val: list[il.PairSet], passes_per_orient: int, report: dict[str, Any],
+        tie: cal.Held | None = None,
     ) -> cal.Validation:
-        """Held-out gain and sigma calibration (on CUDA its wall time includes waiting for queued work)."""
+        """Held-out gain and sigma calibration (on CUDA its wall time includes waiting for queued work); ``tie``
+        the z pairs' held-out features (``calibration.held``) for ``calibration.KJ_RULE`` "zwidth"."""
         t = time.perf_counter()
-        v = cal.validate(net, val, passes_per_orient, seed=self.options.seed)
+        v = cal.validate(net, val, passes_per_orient, seed=self.options.seed, tie=tie)
         report.update({f"{kind}_validate_s": round(time.perf_counter() - t, 3),
                        f"{kind}_internal_gain_db": round(v.gain_db, 3),
                        f"{kind}_internal_spearman": round(v.spearman, 3),
@@ -273,14 +278,16 @@ class SelfSupEngine:
         val_job = self._soon(device, lambda: _on(side, lambda: il.through_pairs(vol_n, spacing, model, val_z,
                                                                                 device)))
 
-        def sigma_helpers() -> tuple[np.ndarray, float, list[il.PairSet]]:  # host-side, on the acquired volume
+        def sigma_helpers() -> tuple[np.ndarray, float, list[il.PairSet], list[il.PairSet]]:  # host-side
             zf_rows = (vol_n.shape[0] - 1) * f + 1  # truth-noise sd per output slice (its phase k % f)
             extra = il.target_noise_rows(il.noise_sigma(vol_n), model, min(spacing[1:]), zf_rows)
             rho = il.z_difficulty(vol_n, spacing, model, val_z)
-            use_z = SIGMA_FROM in ("z", "mean", "max") or (FINETUNE_SIGMA and FINETUNE_FAR == "coarse"
-                                                           and not self._skip_training(kind))
+            use_z = SIGMA_FROM in ("z", "mean", "max", "xy_zscale") or (
+                FINETUNE_SIGMA and FINETUNE_FAR == "coarse" and not self._skip_training(kind))
             zsets = cal.z_pairs(vol_n, model, device, src_spacing=min(spacing[1:])) if use_z else []
-            return extra, rho, zsets
+            csets = (cal.coarse_pairs(vol_n, spacing, model, val_z, device)
+                     if SIGMA_FROM == "xy_zscale" and zsets else [])
+            return extra, rho, zsets, csets
 
         helpers = self._soon(device, sigma_helpers)
         sets = [] if self._skip_training() else il.through_pairs(vol_n, spacing, model, train_z, device)
@@ -373,7 +380,7 @@ class SelfSupEngine:
     def _passes(
         self, kind: str, net: SRNet, forward: Callable[[torch.Tensor], torch.Tensor] | None, x: torch.Tensor,
         stacks: list[torch.Tensor], chunks: list[int], orients: int, task: il.Task, dcm: list[torch.Tensor],
-        passes: int, val_job: Future[list[il.PairSet]], helpers: Future[tuple[np.ndarray, float, list[il.PairSet]]],
+        passes: int, val_job: Future[list[il.PairSet]], helpers: Future[tuple[np.ndarray, float, list[il.PairSet], list[il.PairSet]]],
         side: torch.cuda.Stream | None, report: dict[str, Any], progress: Progress | None,
         prior_net: SRNet | None = None,
         coarse_probe: Callable[[int, list[il.PairSet]], tuple[float, float, float, float] | None] | None = None,
@@ -435,7 +442,13 @@ class SelfSupEngine:
         val = val_job.result()
         if not val:
             return None, None, "in-plane matrix too small for internal training pairs"
-        v = _on(side, lambda: self._validate(kind, net, val, max(1, passes // orients), report))
+        extra, rho, zsets, csets = helpers.result()
+        n_views = max(1, passes // orients)
+        zh = ch = None  # "xy_zscale": the engine's features and errors on the z pairs and the coarse in-plane pairs
+        if SIGMA_FROM == "xy_zscale" and zsets and csets:
+            zh = _on(side, lambda: cal.held(net, zsets, n_views))
+            ch = _on(side, lambda: cal.held(net, csets, n_views))
+        v = _on(side, lambda: self._validate(kind, net, val, n_views, report, tie=zh))
         if not math.isfinite(v.gain_db) or v.gain_db < self.options.min_gain_db:  # NaN: not a pass
             return None, None, f"internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
         if timer:
@@ -445,10 +458,17 @@ class SelfSupEngine:
         n = max(1, x.numel())
         before, after = (sum(float(c) for c in part) for part in residuals)
         report.update({"dc_residual_before": (before / n) ** 0.5, "dc_residual_after": (after / n) ** 0.5})
-        extra, rho, zsets = helpers.result()
         q_xy = v.q_rows(f) * rho  # in-plane pairs' q per phase x how much harder z is (the former method)
-        vz = (_on(side, lambda: cal.calibrate(net, zsets, max(1, passes // orients), v, seed=self.options.seed))
+        vz = (_on(side, lambda: cal.calibrate(net, zsets, n_views, v, seed=self.options.seed))
               if SIGMA_FROM in ("z", "mean", "max") else None)  # z pairs built for FINETUNE_FAR only: no q from them
+        zscale = np.full(f, rho)
+        if zh is not None and ch is not None:  # "xy_zscale": z over in-plane one scale coarser, per phase
+            vz = cal.calibrate_held(zh, v, self.options.seed)
+            vc = cal.calibrate_held(ch, v, self.options.seed)
+            zscale = cal.zscale(vz, vc, f, rho)
+            if vc is not None:
+                report[f"{kind}_sigma_q_coarse_xy"] = [round(float(q), 4) for q in vc.q_rows(f)]
+            report[f"{kind}_sigma_zscale"] = [round(float(x), 4) for x in zscale]
         q_z = vz.q_rows(f) if vz is not None else q_xy
         q_pool = np.full(f, v.q * rho)  # one q for all phases
         raw = cal.target_u(v, fused, base, spread)
@@ -459,9 +479,10 @@ class SelfSupEngine:
         transfer = cal.shape_transfer(np.asarray(v.u_shape or np.ones(f)), t_shape)
         q_phase = {"z": q_z, "xy": q_xy, "xy_pooled": q_pool, "xy_floor": np.maximum(q_xy, q_pool),
                    "mean": 0.5 * (q_xy + q_z), "max": np.maximum(q_xy, q_z), "xy_shape": q_pool * transfer,
-                   "xy_phase_shape": q_xy * transfer}[SIGMA_FROM]
+                   "xy_phase_shape": q_xy * transfer,
+                   "xy_zscale": np.maximum(v.q_rows(f), v.q) * zscale}[SIGMA_FROM]
         if prior_net is not None and FINETUNE_SIGMA:  # held-out pairs made optimistic by fine-tuning: undo it
-            n_flips = max(1, passes // orients)
+            n_flips = n_views
             g_prior = _on(side, lambda: cal.heldout_gain(prior_net, val, n_flips))
             ft = cal.finetune_factor(v.gain_db, g_prior)
             report.update({f"{kind}_sigma_prior_gain_db": round(g_prior, 3),

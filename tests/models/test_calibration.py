@@ -405,3 +405,60 @@ def test_average_rule_gives_one_stable_feature_mix_and_rejects_unknown_rules() -
         assert "best" in str(exc)
     else:
         raise AssertionError("unknown rule accepted")
+
+
+def _held_known(rng: np.random.Generator, n: int, ratio: tuple[float, float], noise_sd: float) -> cal.Held:
+    """Held-out voxels with a feature u (log-normal) and |err| ~ |N(0, (ratio[phase] u)^2 + noise_sd^2)|: the
+    engine's error is ratio x u per phase plus white noise of known sd (which the pairs report as their noise)."""
+    u = np.exp(rng.normal(0.0, 0.6, n))
+    phase = np.arange(n) % 2
+    err = rng.normal(0.0, 1.0, n) * np.sqrt((np.asarray(ratio)[phase] * u) ** 2 + noise_sd**2)
+    return cal.Held(err, err, u, np.zeros(n), np.zeros(n), np.full(n, noise_sd), phase, np.arange(n) * 20 // n)
+
+
+def test_zscale_carries_the_in_plane_q_to_the_target_axis_with_known_noise() -> None:
+    """sigma8: the engine's error per unit of feature is, at the fine scale, 1 (phase 0) / 1.5 (phase 1) in-plane
+    and 1.2 / 3 along z (the target); one scale coarser everything is 1.6 x larger (in-plane 1.6 / 2.4, z pairs
+    1.92 / 4.8), white noise of known sd 0.3 on every set. The z pairs' own q over-covers the target (the coarser
+    scale), the in-plane q x one z difficulty misses the phases; ``zscale`` (z pairs' q over the coarse in-plane
+    pairs' q, per phase) x the in-plane q covers the target 93-97 % in each phase."""
+    rng = np.random.default_rng(5)
+    n, sd = 40_000, 0.3
+    fine_xy = _held_known(rng, n, (1.0, 1.5), sd)
+    coarse_xy = _held_known(rng, n, (1.6, 2.4), sd)
+    zp = _held_known(rng, n, (1.92, 4.8), sd)
+    target = _held_known(rng, n, (1.2, 3.0), sd)
+    v0 = cal.Validation(0.0, 0.0, 1.0, 0.0, 0.0)  # k = j = 0: u = std + EPS
+    v = cal.calibrate_held(fine_xy, v0)
+    vz, vc = cal.calibrate_held(zp, v0), cal.calibrate_held(coarse_xy, v0)
+    assert v is not None and vz is not None and vc is not None
+    scale = cal.zscale(vz, vc, 2, 1.0)
+    assert np.allclose(scale, [1.2, 2.0], rtol=0.08), scale  # z over in-plane, per phase
+
+    def cover(q: np.ndarray) -> list[float]:
+        u = target.u(0.0, 0.0)
+        sig = np.sqrt((u * q[target.phase] / 1.96) ** 2 + target.noise**2)
+        ok = np.abs(target.err) <= 1.96 * sig
+        return [float(ok[target.phase == p].mean()) for p in (0, 1)]
+
+    new = cover(v.q_rows(2) * scale)
+    assert all(0.93 <= c <= 0.97 for c in new), new
+    assert min(cover(vz.q_rows(2))) > 0.97  # the coarser z pairs' own q over-covers
+    one = cover(v.q_rows(2) * float(np.mean(scale)))  # one ratio for both phases misses them
+    assert one[0] > 0.97 and one[1] < 0.93, one
+
+
+def test_narrowest_on_picks_the_efficient_near_tied_feature() -> None:
+    """``narrowest_on``: of two candidates that both cover the pairs by construction, the one whose feature follows
+    |err| (delta) gives the narrower interval and is picked; the one that does not (grad: noise) is not; an empty
+    near set or too few voxels fall back."""
+    rng = np.random.default_rng(2)
+    n = 6000
+    s = np.exp(rng.normal(0, 0.7, n))
+    err = rng.normal(0, 1, n) * s
+    z = cal.Held(err, err, np.zeros(n), s, np.exp(rng.normal(0, 0.7, n)), np.zeros(n), np.arange(n) % 2,
+                 np.arange(n) * 20 // n)
+    assert cal.narrowest_on(z, ((0.0, 1.0), (1.0, 0.0)), lambda k, j: 1.0) == (1.0, 0.0)
+    assert cal.narrowest_on(z, (), lambda k, j: 1.0) == (1.0, 0.0)
+    small = cal.Held(*(a[:100] for a in (z.err, z.base_err, z.std, z.delta, z.grad, z.noise, z.phase, z.block)))
+    assert cal.narrowest_on(small, ((0.0, 1.0), (1.0, 0.0)), lambda k, j: 1.0) == (0.0, 1.0)
