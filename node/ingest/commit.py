@@ -1,28 +1,35 @@
-"""Group commit: one writer thread makes the instances admitted by every association durable together.
+"""Group commit: one writer thread indexes the instances made durable by every association, together.
 
 Admission (``node.ingest.admit``) checks an instance on the caller's thread (header, UIDs, SOP class) and then
-hands it to :class:`GroupCommit` and waits. The writer takes everything queued since its previous commit (natural
-batching: no timer, a batch is whatever arrived while the last one was being made durable, at most
-``max_batch``), and for the batch:
+calls :meth:`GroupCommit.commit`, which, still on the caller's thread (each association has its own, and it waits
+for its answer anyway, so the 16 associations of a busy sender make their instances durable at the same time and
+the file system commits them in shared journal commits):
 
-1. checks the spool's disk watermark once (0xA700 for the whole batch below ``[node].min_free_mb``);
-2. hard-links each received file under ``instances/<Study>/<Series>/<SOP>.dcm`` (``Spool.link_instance``);
-3. makes all of them durable at once (``Spool.sync``: every file's and changed folder's fsync issued together on
-   ``SYNC_THREADS`` threads, so the file system commits them in shared journal commits; each caller started its
-   file's writeback already, ``start_writeback``);
-4. records all their index rows in ONE SQLite transaction (``Index.add_instances``: one WAL fsync);
-5. wakes every waiting caller with its outcome.
+1. claims the SOPInstanceUID: a second copy arriving while the first is still being stored waits until the first
+   is indexed or has failed (else a resend linked as the first copy's duplicate could be acknowledged, or
+   compared, on bytes that are not durable yet, or that a failure then removes);
+2. checks the spool's disk watermark (0xA700 below ``[node].min_free_mb``);
+3. hard-links the received file under ``instances/<Study>/<Series>/<SOP>.dcm`` (``Spool.link_instance``);
+4. makes it durable with its name (``Spool.sync_instance``: the file, then its series folder, and the folders
+   above for a new series); a duplicate name (a resend) keeps the first copy, which was already durable;
+5. queues it for the writer and waits.
 
-Only then does a C-STORE handler answer Success, so "Success" still means the bytes and the index row are on
-disk. Failures: a file whose sync fails is unlinked (no name without durable bytes) and its caller gets 0xA700 (the
-others of the batch go on); an index transaction that fails is retried row by row (one bad row does not fail the others);
-a row that still fails has its link removed and its caller gets the error (SpoolError: 0x0110 at the SCP; an index
+The writer takes everything queued since its previous commit (natural batching: no timer, a batch is whatever
+became durable while the last index transaction ran, at most ``max_batch``), records all their index rows in ONE
+SQLite transaction (``Index.add_instances``: one WAL fsync) and wakes every waiting caller with its outcome.
+
+Only then does a C-STORE handler answer Success, so "Success" still means the bytes, their folder entry and the
+index row are on disk. Before 2026-12-01 (``ingest8``) the writer also linked and fsynced each batch (on 16 pool
+threads) before its transaction: one serial cycle of ~15 ms per ~8 instances with 16 associations, which capped the
+rate (docs/benchmarks.md). Failures: a file whose sync fails is unlinked (no name without durable bytes) and its
+caller gets 0xA700; an index transaction that fails is retried row by row (one bad row does not fail the others); a
+row that still fails has its link removed and its caller gets the error (SpoolError: 0x0110 at the SCP; an index
 whose disk is full, SQLITE_FULL or ENOSPC, gives IngestError 0xA700 instead, as every full disk on this path does).
 A caller waits at most ``timeout_s`` (``COMMIT_TIMEOUT_S``) and then gets IngestError(0xA700): it was not
 acknowledged; if the writer stores it later anyway, a resend is a plain duplicate.
 
-A kill -9 at any point leaves either nothing acknowledged unstored, or files linked but not indexed, which the
-node re-indexes at its next start (``node.ingest.reindex``).
+A kill -9 at any point leaves either nothing acknowledged unstored, or files linked (and synced) but not indexed,
+which the node re-indexes at its next start (``node.ingest.reindex``).
 """
 
 from __future__ import annotations
@@ -40,19 +47,18 @@ from pathlib import Path
 from node.dimse import Status
 from node.errors import IngestError, SpoolError
 from node.store import Index, Instance, SizeHint, Spool, Stored
-from node.store.spool import start_writeback
 
 log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_S = 120.0  # longest a caller waits for its batch to be durable before answering 0xA700
 MAX_BATCH = 256  # instances in one commit at most
 IDLE_EXIT_S = 10.0  # the writer thread ends after this long without work (a new one starts on demand)
-SYNC_THREADS = 16  # fsyncs of one batch in flight at once (one per concurrent association is the common case)
+SYNC_CHANNELS = 2  # threads for the file's fsync of a caller that syncs alone (Spool.sync_instance)
 
 
 @dataclass
 class Pending:
-    """One instance waiting for the group commit: the file to link and the index row to write."""
+    """One instance being stored: the received file, its index row, and how its commit ended."""
 
     src: Path  # the complete received file, on the spool's disk
     inst: Instance  # its row; ``path`` is filled in by the writer
@@ -63,6 +69,7 @@ class Pending:
     added: bool = False  # False: the SOPInstanceUID was already indexed (a resend)
     error: BaseException | None = None
     size: int = 0  # bytes of the file, read by the caller (the writer makes no system call per row for it)
+    released: threading.Event = field(default_factory=threading.Event)  # its SOPInstanceUID's claim is given up
 
 
 @dataclass
@@ -77,32 +84,91 @@ class GroupCommit:
     _queue: queue.SimpleQueue[Pending] = field(default_factory=queue.SimpleQueue, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
-    _pool: ThreadPoolExecutor | None = field(default=None, init=False)  # the fsync threads, made with the writer
+    _claims: dict[str, Pending] = field(default_factory=dict, init=False)  # SOPInstanceUID -> the copy in flight
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False)  # the files' fsyncs (Spool.sync_instance)
+    _syncing: int = field(default=0, init=False)  # callers in Spool.sync_instance now
     batches: int = field(default=0, init=False)  # commits made (figures for tests and benchmarks)
     committed: int = field(default=0, init=False)  # instances in them
+    waited: int = field(default=0, init=False)  # copies that waited for another copy of their SOPInstanceUID
 
     def commit(self, src: Path, inst: Instance, modality: str, hint: SizeHint) -> tuple[Stored, bool]:
-        """Link ``src`` under its final name and record ``inst``, durably, together with whatever else is
-        waiting; returns (where it is stored, whether its row was added: False for a known SOPInstanceUID).
+        """Link ``src`` under its final name, make it durable, and record ``inst`` together with whatever other
+        callers made durable meanwhile; returns (where it is stored, whether its row was added: False for a known
+        SOPInstanceUID).
 
-        Blocks until the batch is on disk. Raises IngestError (0xA700: disk below the watermark, a write or sync
+        Blocks until the row is on disk. Raises IngestError (0xA700: disk below the watermark, a write or sync
         failure, or no commit within ``timeout_s``; 0xC210: invalid UID), SpoolError (the index failed)."""
-        item = Pending(src=src, inst=inst, modality=modality, hint=hint, size=_size(src))
-        start_writeback(src)  # the disk starts on it while the writer finishes the batch before
-        with self._lock:
-            self._queue.put(item)
-            if self._thread is None:
-                if self._pool is None:
-                    self._pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="ingest-sync")
-                self._thread = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
-                self._thread.start()
-        if not item.done.wait(self.timeout_s):
-            raise IngestError(f"instance {inst.sop_uid}: not on disk within {self.timeout_s:.0f} s (the spool "
-                              f"writer is stalled)", Status.OUT_OF_RESOURCES)
+        deadline = time.monotonic() + self.timeout_s
+        item = Pending(src=src, inst=inst, modality=modality, hint=hint)
+        self._claim(item, deadline)
+        try:
+            self._store(item)
+            item.size = _size(src)
+            with self._lock:
+                self._queue.put(item)
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
+                    self._thread.start()
+            if not item.done.wait(max(0.0, deadline - time.monotonic())):
+                raise IngestError(f"instance {inst.sop_uid}: not on disk within {self.timeout_s:.0f} s (the spool "
+                                  f"writer is stalled)", Status.OUT_OF_RESOURCES)
+        finally:
+            self._release(item)
         if item.error is not None:
             raise item.error
         assert item.stored is not None
         return item.stored, item.added
+
+    # ------------------------------------------------------------------------------------ the caller's part
+
+    def _claim(self, item: Pending, deadline: float) -> None:
+        """Wait until no other copy of ``item``'s SOPInstanceUID is being stored, then claim it. IngestError
+        (0xA700) when that copy is still in flight at ``deadline``."""
+        sop = item.inst.sop_uid
+        while True:
+            with self._lock:
+                other = self._claims.get(sop)
+                if other is None:
+                    self._claims[sop] = item
+                    return
+                self.waited += 1
+            if not other.released.wait(max(0.0, deadline - time.monotonic())):
+                raise IngestError(f"instance {sop}: another copy of it is still being stored after "
+                                  f"{self.timeout_s:.0f} s (the spool writer is stalled)", Status.OUT_OF_RESOURCES)
+
+    def _release(self, item: Pending) -> None:
+        with self._lock:
+            if self._claims.get(item.inst.sop_uid) is item:
+                del self._claims[item.inst.sop_uid]
+        item.released.set()
+
+    def _store(self, item: Pending) -> None:
+        """Check the watermark, link and sync ``item`` on the caller's thread (module docstring, steps 2-4)."""
+        inst = item.inst
+        self.spool.check_space()
+        try:
+            stored = self.spool.link_instance(item.src, inst.study_uid, inst.series_uid, inst.sop_uid)
+        except OSError as exc:
+            raise IngestError(f"instance {inst.sop_uid}: cannot write to the spool: {exc}",
+                              Status.OUT_OF_RESOURCES) from exc
+        item.stored = stored
+        item.inst = replace(inst, path=str(stored.path))
+        if stored.duplicate:  # the first copy: indexed, or durable and re-indexed at the next start (claims)
+            return
+        with self._lock:  # alone: the file's fsync on a pool thread beside the folder's; else all on this thread
+            alone = self._syncing == 0
+            self._syncing += 1
+            if alone and self._pool is None:
+                self._pool = ThreadPoolExecutor(SYNC_CHANNELS, thread_name_prefix="ingest-sync")
+        try:
+            self.spool.sync_instance(stored, self._pool if alone else None)
+        except OSError as exc:
+            self._unlink([item])
+            raise IngestError(f"instance {inst.sop_uid}: could not be made durable in the spool "
+                              f"{self.spool.root}: {exc}", Status.OUT_OF_RESOURCES) from exc
+        finally:
+            with self._lock:
+                self._syncing -= 1
 
     # ------------------------------------------------------------------------------------ the writer thread
 
@@ -134,36 +200,11 @@ class GroupCommit:
 
     def _commit(self, batch: list[Pending]) -> None:
         t0 = time.monotonic()
-        try:
-            self.spool.check_space()
-        except IngestError as exc:
-            self._fail(batch, exc)
-            self._wake(batch)
-            return
-        linked: list[Pending] = []
-        for p in batch:
-            try:
-                p.stored = self.spool.link_instance(p.src, p.inst.study_uid, p.inst.series_uid, p.inst.sop_uid)
-            except (IngestError, OSError) as exc:
-                p.error = exc if isinstance(exc, IngestError) else IngestError(
-                    f"instance {p.inst.sop_uid}: cannot write to the spool: {exc}", Status.OUT_OF_RESOURCES)
-                continue
-            p.inst = replace(p.inst, path=str(p.stored.path))
-            linked.append(p)
-        new = [p for p in linked if p.stored is not None and not p.stored.duplicate]
-        failed = self.spool.sync([p.stored for p in new if p.stored], self._pool)
-        if failed:
-            self._unlink([p for p in new if p.stored and p.stored.path in failed])
-            for p in linked:  # the new copy, and any resend of it in this batch linked as its duplicate
-                if p.stored and p.stored.path in failed:
-                    p.error = IngestError(f"instance {p.inst.sop_uid}: could not be made durable in the spool "
-                                          f"{self.spool.root}: {failed[p.stored.path]}", Status.OUT_OF_RESOURCES)
-            linked = [p for p in linked if p.error is None]
-        self._index(linked)
+        self._index(batch)
         self._wake(batch)
         self.batches += 1
-        self.committed += len(linked)
-        log.debug("ingest commit: %d instance(s) in %.1f ms", len(linked), 1000 * (time.monotonic() - t0))
+        self.committed += sum(1 for p in batch if p.error is None)
+        log.debug("ingest commit: %d instance(s) in %.1f ms", len(batch), 1000 * (time.monotonic() - t0))
 
     def _index(self, linked: list[Pending]) -> None:
         """All rows in one transaction; when it fails, row by row (a failed row: its new link is removed)."""
@@ -201,12 +242,6 @@ class GroupCommit:
                     p.stored.path.unlink(missing_ok=True)
                 except OSError as exc:  # pragma: no cover - permissions changed under us
                     log.warning("ingest commit: cannot remove %s after a failure: %s", p.stored.path, exc)
-
-    @staticmethod
-    def _fail(items: list[Pending], exc: BaseException) -> None:
-        for p in items:
-            if p.error is None:
-                p.error = exc
 
     @staticmethod
     def _wake(items: list[Pending]) -> None:
