@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 COMMIT_TIMEOUT_S = 120.0  # longest a caller waits for its batch to be durable before answering 0xA700
 MAX_BATCH = 256  # instances in one commit at most
 IDLE_EXIT_S = 10.0  # the writer thread ends after this long without work (a new one starts on demand)
-SYNC_CHANNELS = 2  # threads for the file's fsync of a caller that syncs alone (Spool.sync_instance)
+SYNC_THREADS = 4  # the fsyncs of an instance stored alone, at once (a file, its folder, and for a new series two more)
 
 
 @dataclass
@@ -70,6 +70,8 @@ class Pending:
     error: BaseException | None = None
     size: int = 0  # bytes of the file, read by the caller (the writer makes no system call per row for it)
     released: threading.Event = field(default_factory=threading.Event)  # its SOPInstanceUID's claim is given up
+    syncs_left: int = 0  # its fsyncs still running (on the sync threads)
+    sync_error: BaseException | None = None  # the first that failed
 
 
 @dataclass
@@ -85,8 +87,8 @@ class GroupCommit:
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
     _claims: dict[str, Pending] = field(default_factory=dict, init=False)  # SOPInstanceUID -> the copy in flight
-    _pool: ThreadPoolExecutor | None = field(default=None, init=False)  # the files' fsyncs (Spool.sync_instance)
-    _syncing: int = field(default=0, init=False)  # callers in Spool.sync_instance now
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False)  # the sync threads (_sync_one)
+    _syncing: int = field(default=0, init=False)  # instances whose fsyncs are in flight now
     batches: int = field(default=0, init=False)  # commits made (figures for tests and benchmarks)
     committed: int = field(default=0, init=False)  # instances in them
     waited: int = field(default=0, init=False)  # copies that waited for another copy of their SOPInstanceUID
@@ -103,12 +105,6 @@ class GroupCommit:
         self._claim(item, deadline)
         try:
             self._store(item)
-            item.size = _size(src)
-            with self._lock:
-                self._queue.put(item)
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
-                    self._thread.start()
             if not item.done.wait(max(0.0, deadline - time.monotonic())):
                 raise IngestError(f"instance {inst.sop_uid}: not on disk within {self.timeout_s:.0f} s (the spool "
                                   f"writer is stalled)", Status.OUT_OF_RESOURCES)
@@ -143,7 +139,8 @@ class GroupCommit:
         item.released.set()
 
     def _store(self, item: Pending) -> None:
-        """Check the watermark, link and sync ``item`` on the caller's thread (module docstring, steps 2-4)."""
+        """Check the watermark and link ``item`` on the caller's thread, then hand its fsyncs to the sync threads
+        (module docstring, steps 2-4); the last of them queues it for the writer. Raises IngestError."""
         inst = item.inst
         self.spool.check_space()
         try:
@@ -153,15 +150,25 @@ class GroupCommit:
                               Status.OUT_OF_RESOURCES) from exc
         item.stored = stored
         item.inst = replace(inst, path=str(stored.path))
+        item.size = _size(item.src)
         if stored.duplicate:  # the first copy: indexed, or durable and re-indexed at the next start (claims)
+            self._enqueue(item)
             return
-        with self._lock:  # alone: the file's fsync on a pool thread beside the folder's; else all on this thread
-            alone = self._syncing == 0
+        paths = self.spool.durable_paths(stored)
+        with self._lock:
+            alone = self._syncing == 0  # no other caller's fsyncs in flight
             self._syncing += 1
             if alone and self._pool is None:
-                self._pool = ThreadPoolExecutor(SYNC_CHANNELS, thread_name_prefix="ingest-sync")
-        try:
-            self.spool.sync_instance(stored, self._pool if alone else None)
+                self._pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="ingest-sync")
+            pool = self._pool
+            item.syncs_left = len(paths)
+        if alone and pool is not None:  # all at once on the sync threads; the last one queues it
+            for path in paths:
+                pool.submit(self._sync_one, item, path)
+            return
+        try:  # beside other callers' fsyncs: one after the other on this thread (fewer threads to wake)
+            for path in paths:
+                self.spool.fsync(path)
         except OSError as exc:
             self._unlink([item])
             raise IngestError(f"instance {inst.sop_uid}: could not be made durable in the spool "
@@ -169,6 +176,40 @@ class GroupCommit:
         finally:
             with self._lock:
                 self._syncing -= 1
+        self.spool.made_durable(stored)
+        self._enqueue(item)
+
+    def _sync_one(self, item: Pending, path: Path) -> None:
+        """On a sync thread: fsync ``path``, one of ``item``'s; the last of them queues ``item`` for the writer,
+        or, when one failed, removes its link and answers it 0xA700."""
+        try:
+            self.spool.fsync(path)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the caller, never lost on a pool thread
+            with self._lock:
+                item.sync_error = item.sync_error or exc
+        with self._lock:
+            item.syncs_left -= 1
+            if item.syncs_left:
+                return
+            self._syncing -= 1
+        if item.sync_error is None:
+            assert item.stored is not None
+            self.spool.made_durable(item.stored)
+            self._enqueue(item)
+            return
+        self._unlink([item])
+        err = IngestError(f"instance {item.inst.sop_uid}: could not be made durable in the spool "
+                          f"{self.spool.root}: {item.sync_error}", Status.OUT_OF_RESOURCES)
+        err.__cause__ = item.sync_error
+        item.error = err
+        item.done.set()
+
+    def _enqueue(self, item: Pending) -> None:
+        with self._lock:
+            self._queue.put(item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
+                self._thread.start()
 
     # ------------------------------------------------------------------------------------ the writer thread
 

@@ -13,9 +13,9 @@ exists, so a duplicate is never overwritten) and the directory is fsync'ed: a na
 points at a complete file. The disk watermark ``[node].min_free_mb`` is checked before every write.
 
 Group commit (``node.ingest.commit``): each receiving thread links its file under its final name
-(:meth:`Spool.link_instance`) and makes it durable with :meth:`Spool.sync_instance` (an fsync of the file and of
-the folders whose entries changed), concurrently with the other receiving threads, so that the file system commits
-them in shared journal commits; only these files, not a ``syncfs`` of the whole file system, whose time depends on
+(:meth:`Spool.link_instance`); the group commit then fsyncs the file and the folders whose entries changed
+(:meth:`Spool.durable_paths`) at once on its sync threads, concurrently with the other receiving threads' fsyncs, so
+that the file system commits them in shared journal commits; only these files, not a ``syncfs`` of the whole file system, whose time depends on
 every other writer of that disk. :func:`sync_batch` and :func:`start_writeback` are the batch form used before
 (``bench/sync_modes.py``).
 """
@@ -321,30 +321,27 @@ class Spool:
             raise IngestError(f"instance {sop_uid}: cannot write to the spool {self.root}: {exc}",
                               status=Status.OUT_OF_RESOURCES) from exc
 
-    def sync_instance(self, stored: Stored, pool: Executor | None = None) -> None:
-        """Make a file just linked (``stored``, from :meth:`link_instance`) durable with its name: the file, its
-        series folder, and -- for a folder made by the link, or one this process has not yet seen made durable (a
-        sync that failed, a kill -9 between mkdir and sync) -- its study folder and ``instances/``. With ``pool``
-        the file's fsync runs on one of its threads while the calling thread fsyncs the folders: measured on this
-        project's ext4 disk (a VM, load 10), a file's fsync then its folder's took 7.4 ms, the two at once 0.4 ms
-        (median of 150). Raises OSError (the first that failed). Safe to call from several threads (each
-        receiving thread syncs its own instance, concurrently with the others: the file system shares its journal
-        commits between them)."""
+    def durable_paths(self, stored: Stored) -> list[Path]:
+        """What to fsync (:meth:`fsync`) for a file just linked (``stored``, from :meth:`link_instance`) to be
+        durable with its name: the file, its series folder, and -- for a folder made by the link, or one this
+        process has not yet seen made durable (a sync that failed, a kill -9 between mkdir and sync) -- its study
+        folder and ``instances/``. Once all of them were synced, call :meth:`made_durable`. The group commit runs
+        them at once on its sync threads: measured on this project's ext4 disk (a VM, load 10), a file's fsync then
+        its folder's took 7.4 ms, the two at once 0.4 ms (median of 150)."""
         folder = stored.path.parent
-        unsure = stored.new_folder or folder not in self._durable_folders
-        file_synced = pool.submit(fsync_dir, stored.path) if pool is not None else None
-        try:
-            if file_synced is None:
-                fsync_dir(stored.path)
-            fsync_dir(folder)
-            if unsure:
-                fsync_dir(folder.parent)
-                fsync_dir(self.instances)
-        finally:
-            if file_synced is not None:
-                file_synced.result()  # its error first when both failed: raised from here, or chained
-        if unsure:
-            self._durable_folders.add(folder)  # one set operation: atomic between threads
+        if stored.new_folder or folder not in self._durable_folders:
+            return [stored.path, folder, folder.parent, self.instances]
+        return [stored.path, folder]
+
+    def made_durable(self, stored: Stored) -> None:
+        """Every path of ``durable_paths(stored)`` was synced: its series folder is known durable (one set
+        operation, atomic between threads)."""
+        self._durable_folders.add(stored.path.parent)
+
+    @staticmethod
+    def fsync(path: Path) -> None:
+        """fsync ``path`` (a file or a folder). Raises OSError."""
+        fsync_dir(path)
 
     def store_bytes(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> Stored:
         """Write ``data`` (a DICOM file) atomically under its final name; a duplicate is kept as it was.
