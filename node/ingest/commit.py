@@ -47,13 +47,14 @@ from pathlib import Path
 from node.dimse import Status
 from node.errors import IngestError, SpoolError
 from node.store import Index, Instance, SizeHint, Spool, Stored
+from node.store.spool import start_writeback
 
 log = logging.getLogger(__name__)
 
 COMMIT_TIMEOUT_S = 120.0  # longest a caller waits for its batch to be durable before answering 0xA700
 MAX_BATCH = 256  # instances in one commit at most
 IDLE_EXIT_S = 10.0  # the writer thread ends after this long without work (a new one starts on demand)
-SYNC_THREADS = 4  # the fsyncs of an instance stored alone, at once (a file, its folder, and for a new series two more)
+SYNC_THREADS = 16  # the writer's fsyncs in flight at once (Spool.sync)
 
 
 @dataclass
@@ -70,8 +71,7 @@ class Pending:
     error: BaseException | None = None
     size: int = 0  # bytes of the file, read by the caller (the writer makes no system call per row for it)
     released: threading.Event = field(default_factory=threading.Event)  # its SOPInstanceUID's claim is given up
-    syncs_left: int = 0  # its fsyncs still running (on the sync threads)
-    sync_error: BaseException | None = None  # the first that failed
+    raw: bool = False  # queued unlinked: the writer links and syncs it
 
 
 @dataclass
@@ -101,10 +101,22 @@ class GroupCommit:
         Blocks until the row is on disk. Raises IngestError (0xA700: disk below the watermark, a write or sync
         failure, or no commit within ``timeout_s``; 0xC210: invalid UID), SpoolError (the index failed)."""
         deadline = time.monotonic() + self.timeout_s
-        item = Pending(src=src, inst=inst, modality=modality, hint=hint)
+        item = Pending(src=src, inst=inst, modality=modality, hint=hint, size=_size(src))
         self._claim(item, deadline)
         try:
-            self._store(item)
+            with self._lock:
+                alone = self._syncing == 0 and self._queue.empty()  # nobody else storing: the writer does it all
+                self._syncing += 1
+            try:
+                if alone:
+                    start_writeback(src)  # the disk starts on it while the writer wakes up
+                else:
+                    self._store(item)
+            finally:
+                if not alone:
+                    with self._lock:
+                        self._syncing -= 1
+            self._enqueue(item, alone)
             if not item.done.wait(max(0.0, deadline - time.monotonic())):
                 raise IngestError(f"instance {inst.sop_uid}: not on disk within {self.timeout_s:.0f} s (the spool "
                                   f"writer is stalled)", Status.OUT_OF_RESOURCES)
@@ -139,8 +151,8 @@ class GroupCommit:
         item.released.set()
 
     def _store(self, item: Pending) -> None:
-        """Check the watermark and link ``item`` on the caller's thread, then hand its fsyncs to the sync threads
-        (module docstring, steps 2-4); the last of them queues it for the writer. Raises IngestError."""
+        """Check the watermark, link and fsync ``item`` on the caller's thread, one fsync after the other
+        (module docstring, steps 2-4). Raises IngestError."""
         inst = item.inst
         self.spool.check_space()
         try:
@@ -150,64 +162,24 @@ class GroupCommit:
                               Status.OUT_OF_RESOURCES) from exc
         item.stored = stored
         item.inst = replace(inst, path=str(stored.path))
-        item.size = _size(item.src)
         if stored.duplicate:  # the first copy: indexed, or durable and re-indexed at the next start (claims)
-            self._enqueue(item)
             return
-        paths = self.spool.durable_paths(stored)
-        with self._lock:
-            alone = self._syncing == 0  # no other caller's fsyncs in flight
-            self._syncing += 1
-            if alone and self._pool is None:
-                self._pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="ingest-sync")
-            pool = self._pool
-            item.syncs_left = len(paths)
-        if alone and pool is not None:  # all at once on the sync threads; the last one queues it
-            for path in paths:
-                pool.submit(self._sync_one, item, path)
-            return
-        try:  # beside other callers' fsyncs: one after the other on this thread (fewer threads to wake)
-            for path in paths:
+        try:
+            for path in self.spool.durable_paths(stored):
                 self.spool.fsync(path)
         except OSError as exc:
             self._unlink([item])
             raise IngestError(f"instance {inst.sop_uid}: could not be made durable in the spool "
                               f"{self.spool.root}: {exc}", Status.OUT_OF_RESOURCES) from exc
-        finally:
-            with self._lock:
-                self._syncing -= 1
         self.spool.made_durable(stored)
-        self._enqueue(item)
 
-    def _sync_one(self, item: Pending, path: Path) -> None:
-        """On a sync thread: fsync ``path``, one of ``item``'s; the last of them queues ``item`` for the writer,
-        or, when one failed, removes its link and answers it 0xA700."""
-        try:
-            self.spool.fsync(path)
-        except BaseException as exc:  # noqa: BLE001 - recorded for the caller, never lost on a pool thread
-            with self._lock:
-                item.sync_error = item.sync_error or exc
-        with self._lock:
-            item.syncs_left -= 1
-            if item.syncs_left:
-                return
-            self._syncing -= 1
-        if item.sync_error is None:
-            assert item.stored is not None
-            self.spool.made_durable(item.stored)
-            self._enqueue(item)
-            return
-        self._unlink([item])
-        err = IngestError(f"instance {item.inst.sop_uid}: could not be made durable in the spool "
-                          f"{self.spool.root}: {item.sync_error}", Status.OUT_OF_RESOURCES)
-        err.__cause__ = item.sync_error
-        item.error = err
-        item.done.set()
-
-    def _enqueue(self, item: Pending) -> None:
+    def _enqueue(self, item: Pending, raw: bool) -> None:
+        item.raw = raw
         with self._lock:
             self._queue.put(item)
             if self._thread is None:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="ingest-sync")
                 self._thread = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
                 self._thread.start()
 
@@ -241,11 +213,46 @@ class GroupCommit:
 
     def _commit(self, batch: list[Pending]) -> None:
         t0 = time.monotonic()
-        self._index(batch)
+        raw = [p for p in batch if p.raw]
+        if raw:
+            try:
+                self._link_and_sync(raw)
+            finally:
+                with self._lock:
+                    self._syncing -= len(raw)
+        ready = [p for p in batch if p.error is None]
+        self._index(ready)
         self._wake(batch)
         self.batches += 1
-        self.committed += sum(1 for p in batch if p.error is None)
+        self.committed += sum(1 for p in ready if p.error is None)
         log.debug("ingest commit: %d instance(s) in %.1f ms", len(batch), 1000 * (time.monotonic() - t0))
+
+    def _link_and_sync(self, raw: list[Pending]) -> None:
+        """The writer's part for instances queued unlinked (their caller stored alone): the watermark once, their
+        links, then every fsync at once on the sync threads (``Spool.sync``). A failure is the item's error."""
+        try:
+            self.spool.check_space()
+        except IngestError as exc:
+            for p in raw:
+                p.error = exc
+            return
+        linked: list[Pending] = []
+        for p in raw:
+            try:
+                p.stored = self.spool.link_instance(p.src, p.inst.study_uid, p.inst.series_uid, p.inst.sop_uid)
+            except (IngestError, OSError) as exc:
+                p.error = exc if isinstance(exc, IngestError) else IngestError(
+                    f"instance {p.inst.sop_uid}: cannot write to the spool: {exc}", Status.OUT_OF_RESOURCES)
+                continue
+            p.inst = replace(p.inst, path=str(p.stored.path))
+            linked.append(p)
+        new = [p for p in linked if p.stored is not None and not p.stored.duplicate]
+        failed = self.spool.sync([p.stored for p in new if p.stored], self._pool)
+        for p in new:
+            if p.stored and p.stored.path in failed:
+                self._unlink([p])
+                p.error = IngestError(f"instance {p.inst.sop_uid}: could not be made durable in the spool "
+                                      f"{self.spool.root}: {failed[p.stored.path]}", Status.OUT_OF_RESOURCES)
 
     def _index(self, linked: list[Pending]) -> None:
         """All rows in one transaction; when it fails, row by row (a failed row: its new link is removed)."""

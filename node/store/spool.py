@@ -321,6 +321,25 @@ class Spool:
             raise IngestError(f"instance {sop_uid}: cannot write to the spool {self.root}: {exc}",
                               status=Status.OUT_OF_RESOURCES) from exc
 
+    def sync(self, stored: Sequence[Stored], pool: Executor | None = None) -> dict[Path, OSError]:
+        """Make the files just linked (``stored``, from :meth:`link_instance`) durable with their names: each
+        file, its series folder, and -- for a folder made by the link, or one this process has not yet seen made
+        durable (a sync that failed, a kill -9 between mkdir and sync) -- its study folder and ``instances/``
+        (:func:`sync_batch`, concurrently on ``pool``). Returns the paths that could not be made durable, each
+        with its error. Called by one thread at a time (the group commit's writer, for instances whose caller stored alone)."""
+        dirs: set[Path] = set()
+        unsure: set[Path] = set()  # series folders whose own entry (and their study folder's) must be synced too
+        for s in stored:
+            folder = s.path.parent
+            dirs.add(folder)
+            if s.new_folder or folder not in self._durable_folders:
+                unsure.add(folder)
+                dirs.update((folder.parent, self.instances))
+        failed = sync_batch([s.path for s in stored], sorted(dirs), pool)
+        bad = {f.parent for f in failed}
+        self._durable_folders.update(unsure - bad)
+        return failed
+
     def durable_paths(self, stored: Stored) -> list[Path]:
         """What to fsync (:meth:`fsync`) for a file just linked (``stored``, from :meth:`link_instance`) to be
         durable with its name: the file, its series folder, and -- for a folder made by the link, or one this
