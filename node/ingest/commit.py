@@ -1,35 +1,37 @@
-"""Group commit: one writer thread indexes the instances made durable by every association, together.
+"""Group commit: the instances admitted by every association are made durable and indexed in shared batches.
 
 Admission (``node.ingest.admit``) checks an instance on the caller's thread (header, UIDs, SOP class) and then
-calls :meth:`GroupCommit.commit`, which, still on the caller's thread (each association has its own, and it waits
-for its answer anyway, so the 16 associations of a busy sender make their instances durable at the same time and
-the file system commits them in shared journal commits):
+calls :meth:`GroupCommit.commit`, which
 
 1. claims the SOPInstanceUID: a second copy arriving while the first is still being stored waits until the first
    is indexed or has failed (else a resend linked as the first copy's duplicate could be acknowledged, or
-   compared, on bytes that are not durable yet, or that a failure then removes);
-2. checks the spool's disk watermark (0xA700 below ``[node].min_free_mb``);
-3. hard-links the received file under ``instances/<Study>/<Series>/<SOP>.dcm`` (``Spool.link_instance``);
-4. makes it durable with its name (``Spool.sync_instance``: the file, then its series folder, and the folders
-   above for a new series); a duplicate name (a resend) keeps the first copy, which was already durable;
-5. queues it for the writer and waits.
-
-The writer takes everything queued since its previous commit (natural batching: no timer, a batch is whatever
-became durable while the last index transaction ran, at most ``max_batch``), records all their index rows in ONE
-SQLite transaction (``Index.add_instances``: one WAL fsync) and wakes every waiting caller with its outcome.
+   compared, on bytes that are not durable yet, or that a failure then removes: ``tests/ingest/test_durability``);
+2. when other instances are being stored (other associations' fsyncs in flight, or instances queued), links and
+   makes it durable on the caller's own thread, which waits for its answer anyway: the disk watermark (0xA700
+   below ``[node].min_free_mb``), the hard link under ``instances/<Study>/<Series>/<SOP>.dcm``
+   (``Spool.link_instance``), then one fsync after the other of the paths ``Spool.durable_paths`` names (the
+   file, its series folder, the folders above for a new series; a duplicate name keeps the first copy, durable
+   already). The 16 associations of a busy sender so sync at the same time (the file system commits them in shared
+   journal commits) instead of in one writer's serial cycle;
+3. when nothing else is being stored (one association sending one instance after the other), queues it unlinked
+   and the writer links it and runs its fsyncs at once on ``SYNC_THREADS`` threads (``Spool.sync``): measured on
+   this project's disk, two fsyncs issued together return far sooner than one after the other (docs/benchmarks.md);
+4. waits for the writer, which takes everything queued since its previous commit (natural batching: no timer, at
+   most ``max_batch``), links and syncs the unlinked ones, records all their index rows in ONE SQLite transaction
+   (``Index.add_instances``: one WAL fsync) and wakes every waiting caller with its outcome.
 
 Only then does a C-STORE handler answer Success, so "Success" still means the bytes, their folder entry and the
-index row are on disk. Before 2026-12-01 (``ingest8``) the writer also linked and fsynced each batch (on 16 pool
-threads) before its transaction: one serial cycle of ~15 ms per ~8 instances with 16 associations, which capped the
+index row are on disk. Until 2026-12-01 (``ingest8``) the writer linked and synced every batch: with 16 associations
+one serial cycle of ~15 ms per ~8 instances (link 3.3, fsyncs 8.6, index 3.0 ms), busy all the time, which set the
 rate (docs/benchmarks.md). Failures: a file whose sync fails is unlinked (no name without durable bytes) and its
 caller gets 0xA700; an index transaction that fails is retried row by row (one bad row does not fail the others); a
 row that still fails has its link removed and its caller gets the error (SpoolError: 0x0110 at the SCP; an index
 whose disk is full, SQLITE_FULL or ENOSPC, gives IngestError 0xA700 instead, as every full disk on this path does).
-A caller waits at most ``timeout_s`` (``COMMIT_TIMEOUT_S``) and then gets IngestError(0xA700): it was not
-acknowledged; if the writer stores it later anyway, a resend is a plain duplicate.
+A caller waits at most ``timeout_s`` (``COMMIT_TIMEOUT_S``), for its claim and its commit together, and then gets
+IngestError(0xA700): it was not acknowledged; if the writer stores it later anyway, a resend is a plain duplicate.
 
-A kill -9 at any point leaves either nothing acknowledged unstored, or files linked (and synced) but not indexed,
-which the node re-indexes at its next start (``node.ingest.reindex``).
+A kill -9 at any point leaves either nothing acknowledged unstored, or files linked but not indexed, which the node
+re-indexes at its next start (``node.ingest.reindex``).
 """
 
 from __future__ import annotations

@@ -12,12 +12,13 @@ A file is written to ``incoming/``, fsync'ed, then hard-linked to its final name
 exists, so a duplicate is never overwritten) and the directory is fsync'ed: a name under ``instances/`` always
 points at a complete file. The disk watermark ``[node].min_free_mb`` is checked before every write.
 
-Group commit (``node.ingest.commit``): each receiving thread links its file under its final name
-(:meth:`Spool.link_instance`); the group commit then fsyncs the file and the folders whose entries changed
-(:meth:`Spool.durable_paths`) at once on its sync threads, concurrently with the other receiving threads' fsyncs, so
-that the file system commits them in shared journal commits; only these files, not a ``syncfs`` of the whole file system, whose time depends on
-every other writer of that disk. :func:`sync_batch` and :func:`start_writeback` are the batch form used before
-(``bench/sync_modes.py``).
+Group commit (``node.ingest.commit``): a received file is linked under its final name (:meth:`Spool.link_instance`)
+and then the file and the folders whose entries changed are fsynced: by its receiving thread when other
+associations are storing at the same time (:meth:`Spool.durable_paths`, :meth:`Spool.fsync`; the file system commits
+the concurrent fsyncs in shared journal commits), else by the group commit's writer, all at once on its sync threads
+(:meth:`Spool.sync`); only these files, not a ``syncfs`` of the whole file system, whose time depends on
+every other writer of that disk (:func:`sync_batch`; :func:`start_writeback` lets a file's writeback begin
+before, ``bench/sync_modes.py``).
 """
 
 from __future__ import annotations
@@ -296,7 +297,7 @@ class Spool:
 
     def link_instance(self, src: Path, study_uid: str, series_uid: str, sop_uid: str) -> Stored:
         """Link a complete file (on the spool's disk) under its final name WITHOUT syncing: the caller syncs it
-        (:meth:`sync_instance`) before anything is acknowledged. A file on another disk
+        (:meth:`durable_paths` and :meth:`fsync`, or :meth:`sync`) before anything is acknowledged. A file on another disk
         is copied (that copy is synced here). ``Stored.duplicate``: the name existed; the first copy is kept.
         Raises IngestError: 0xA700 on a write error, 0xC210 for an invalid UID."""
         dst = self.instance_path(study_uid, series_uid, sop_uid)
@@ -344,9 +345,9 @@ class Spool:
         """What to fsync (:meth:`fsync`) for a file just linked (``stored``, from :meth:`link_instance`) to be
         durable with its name: the file, its series folder, and -- for a folder made by the link, or one this
         process has not yet seen made durable (a sync that failed, a kill -9 between mkdir and sync) -- its study
-        folder and ``instances/``. Once all of them were synced, call :meth:`made_durable`. The group commit runs
-        them at once on its sync threads: measured on this project's ext4 disk (a VM, load 10), a file's fsync then
-        its folder's took 7.4 ms, the two at once 0.4 ms (median of 150)."""
+        folder and ``instances/``. Once all of them were synced, call :meth:`made_durable`. (One after the other on
+        one thread, a file's fsync then its folder's took 7.4 ms on this project's ext4 disk, a VM at load 10; the
+        two issued together 0.4 ms, median of 150: :meth:`sync` issues them together.)"""
         folder = stored.path.parent
         if stored.new_folder or folder not in self._durable_folders:
             return [stored.path, folder, folder.parent, self.instances]
