@@ -27,8 +27,8 @@ from models.degrade import (
     slice_profile,
     through_plane_matrix,
 )
-from models.engine import Progress
-from models.nets import SRNet, SRNetConfig
+from models.engine import CpuPrecision, Progress
+from models.nets import CpuBf16Forward, SRNet, SRNetConfig, cpu_fused_ok
 
 log = logging.getLogger(__name__)
 
@@ -153,10 +153,24 @@ def cpu_bf16() -> bool:
         return False
 
 
-def _autocast(device: torch.device, inference: bool = False) -> torch.autocast:
-    """bf16 autocast on CUDA; on the CPU for inference only, where the CPU has native bf16 (``cpu_bf16``);
-    CPU training stays float32."""
-    on = device.type == "cuda" or (inference and device.type == "cpu" and cpu_bf16())
+def inference_bf16(net: SRNet, device: torch.device) -> bool:
+    """Whether ``net``'s passes on ``device`` run in bf16: always on CUDA; on the CPU per ``net.cpu_precision``
+    (``auto``: where the CPU has native bf16, ``cpu_bf16``)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    p = CpuPrecision(net.cpu_precision)
+    return p == CpuPrecision.BF16 or (p == CpuPrecision.AUTO and cpu_bf16())
+
+
+def _autocast(device: torch.device, inference: bool = False, net: SRNet | None = None) -> torch.autocast:
+    """bf16 autocast on CUDA; on the CPU for inference only, as ``inference_bf16`` says for ``net`` (None: as
+    ``auto``); CPU training stays float32."""
+    if device.type == "cpu":
+        on = inference and (inference_bf16(net, device) if net is not None else cpu_bf16())
+    else:
+        on = device.type == "cuda"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
@@ -229,7 +243,7 @@ def train(
                 x, bt, ht = x.transpose(-2, -1), bt.transpose(-2, -1), ht.transpose(-2, -1)
             if fl:
                 x, bt, ht = x.flip(fl), bt.flip(fl), ht.flip(fl)
-        with _autocast(device):
+        with _autocast(device, net=net):
             res = net(x)
         oh, ow = ht.shape[1:]
         pred = bt + res[:, 0, :oh, :ow].float()
@@ -291,14 +305,17 @@ def residual(net: SRNet, lr: torch.Tensor, task: Task, flip: tuple[int, ...], ma
     b, _, h, w = x.shape
     oh, ow = task.out_shape(h, w)
     halo = net.cfg.halo
+    fused = forward is None and lr.device.type == "cpu" and inference_bf16(net, lr.device) and cpu_fused_ok()
+    if fused:  # CPU bf16: each LeakyReLU fused into its convolution, the weights in bf16 once per call
+        forward = CpuBf16Forward(net)
     step = w if max_pixels <= 0 or h * w <= max_pixels else max(8, max_pixels // h - 2 * halo)
     out = torch.empty((b, oh, ow), dtype=torch.float32, device=lr.device)
-    with _autocast(lr.device, inference=True):
+    with _autocast(lr.device, inference=not fused, net=net):
         for c0 in range(0, w, step):
             c1 = min(w, c0 + step)
             a0, a1 = max(0, c0 - halo), min(w, c1 + halo)
             xt = x[..., a0:a1].contiguous(memory_format=torch.channels_last)
-            r = (net if forward is None else forward)(xt)[:, 0].float()
+            r = (net if forward is None else forward)(xt)[:, 0]
             s0 = (c0 - a0) * task.fx
             out[:, :, c0 * task.fx : c1 * task.fx] = r[:, :oh, s0 : s0 + (c1 - c0) * task.fx]
     if flip:

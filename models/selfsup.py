@@ -229,7 +229,7 @@ class SelfSupEngine:
     ) -> SRNet:
         """The prior's net for (kind, factor), fine-tuned on ``sets`` unless in fast mode."""
         t = time.perf_counter()
-        net, from_prior = make_net(prior, kind, fz, fx, device, in_ch)
+        net, from_prior = make_net(prior, kind, fz, fx, device, in_ch, self.options.cpu_precision)
         steps = self._steps(kind)
         if steps > 0:
             loss = il.train(net, sets, steps, FINETUNE_LR if from_prior else 1e-3, self.options.seed, augment=kind == "in",
@@ -291,7 +291,7 @@ class SelfSupEngine:
         prior_net = None  # the net before fine-tuning, for sigma only (calibration.finetune_factor)
         if not self._skip_training():
             with torch.random.fork_rng(devices=[]):  # a net without prior weights must not move the caller's RNG
-                prior_net = make_net(prior, kind, f, 1, device)[0].eval()
+                prior_net = make_net(prior, kind, f, 1, device, cpu_precision=self.options.cpu_precision)[0].eval()
         coarse_probe: Callable[[int, list[il.PairSet]], tuple[float, float, float, float] | None] | None = None
         if prior_net is not None and FINETUNE_SIGMA and FINETUNE_FAR == "coarse":
             def coarse_probe(n_flips: int, zsets: list[il.PairSet]) -> tuple[float, float, float, float] | None:
@@ -327,7 +327,7 @@ class SelfSupEngine:
         if not (sets and held and zsets):
             return None
         with torch.random.fork_rng(devices=[]):  # the engine's RNG stream stays as without the probe
-            net, from_prior = make_net(prior, kind, f, 1, device)
+            net, from_prior = make_net(prior, kind, f, 1, device, cpu_precision=self.options.cpu_precision)
             il.train(net, sets, self._steps(kind), FINETUNE_LR if from_prior else 1e-3, self.options.seed,
                      sampling=SAMPLING)
         net.eval()
