@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,6 +175,33 @@ def _autocast(device: torch.device, inference: bool = False, net: SRNet | None =
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
+# LR pixels per network call of the CPU passes (``residual``): a batch of images goes in calls of about this many
+# pixels (at least one image; a 134 x 512 slice of the 512^2 x 134 benchmark is one call), spread over
+# ``cpu_pass_pool``'s single-threaded workers, so that a layer's activations stay in a core's caches from one layer to
+# the next and no core waits on the other at every layer (see ``cpu_pass_pool``)
+CPU_CALL_PIXELS = 1 << 16
+
+
+@functools.lru_cache(maxsize=4)
+def cpu_pass_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's pool of ``workers`` threads for the CPU network passes, each running torch with ONE intra-op
+    thread: the images of a batch go to the workers one call each, instead of every convolution split over all
+    cores. Measured on the 2-core shared AMX CPU (``SRNet`` 6 x 32 bf16, 16 slices of 134 x 512): 165-215 ns of
+    CPU per LR pixel against 395-440 for one 2-thread call of the batch, and no 2-thread barrier per layer, which
+    under a loaded machine cost up to 5x (a descheduled partner thread). torch's thread count is process-wide:
+    the workers set 1 for themselves as they start, then the caller's count is set back (threads already running
+    keep theirs; torch threads first used in that instant would start with 1)."""
+    prev = torch.get_num_threads()
+    ready = threading.Barrier(workers)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="srnode-pass", initializer=torch.set_num_threads,
+                              initargs=(1,))
+    try:
+        list(pool.map(lambda _: ready.wait(timeout=60), range(workers)))  # every worker started (and set to 1)
+    finally:
+        torch.set_num_threads(prev)
+    return pool
+
+
 GRAD_STRIDE = 4  # grid of candidate patch corners for gradient-weighted sampling (pixels of the input)
 
 
@@ -305,19 +333,29 @@ def residual(net: SRNet, lr: torch.Tensor, task: Task, flip: tuple[int, ...], ma
     b, _, h, w = x.shape
     oh, ow = task.out_shape(h, w)
     halo = net.cfg.halo
-    fused = forward is None and lr.device.type == "cpu" and inference_bf16(net, lr.device) and cpu_fused_ok()
-    if fused:  # CPU bf16: each LeakyReLU fused into its convolution, the weights in bf16 once per call
-        forward = CpuBf16Forward(net)
+    cpu = forward is None and lr.device.type == "cpu"
+    fused = cpu and inference_bf16(net, lr.device) and cpu_fused_ok()
+    run = CpuBf16Forward(net) if fused else net if forward is None else forward  # fused: weights in bf16 once
     step = w if max_pixels <= 0 or h * w <= max_pixels else max(8, max_pixels // h - 2 * halo)
+    per = max(1, CPU_CALL_PIXELS // (h * min(w, step + 2 * halo))) if cpu else b  # images per network call
     out = torch.empty((b, oh, ow), dtype=torch.float32, device=lr.device)
-    with _autocast(lr.device, inference=not fused, net=net):
-        for c0 in range(0, w, step):
-            c1 = min(w, c0 + step)
-            a0, a1 = max(0, c0 - halo), min(w, c1 + halo)
-            xt = x[..., a0:a1].contiguous(memory_format=torch.channels_last)
-            r = (net if forward is None else forward)(xt)[:, 0]
+
+    def call(b0: int, c0: int) -> None:  # no_grad and autocast are per thread: set here, in the worker
+        c1 = min(w, c0 + step)
+        a0, a1 = max(0, c0 - halo), min(w, c1 + halo)
+        with torch.no_grad(), _autocast(lr.device, inference=not fused, net=net):
+            xt = x[b0 : b0 + per, ..., a0:a1].contiguous(memory_format=torch.channels_last)
+            r = run(xt)[:, 0]
             s0 = (c0 - a0) * task.fx
-            out[:, :, c0 * task.fx : c1 * task.fx] = r[:, :oh, s0 : s0 + (c1 - c0) * task.fx]
+            out[b0 : b0 + per, :, c0 * task.fx : c1 * task.fx] = r[:, :oh, s0 : s0 + (c1 - c0) * task.fx]
+
+    calls = [(b0, c0) for b0 in range(0, b, per) for c0 in range(0, w, step)]
+    workers = min(torch.get_num_threads(), len(calls)) if cpu else 1
+    if workers > 1:  # disjoint slices of ``out``; an error in a call is raised here
+        list(cpu_pass_pool(torch.get_num_threads()).map(lambda bc: call(*bc), calls))
+    else:
+        for b0, c0 in calls:
+            call(b0, c0)
     if flip:
         out = out.flip(flip)
     return out.transpose(-2, -1) if transpose else out
