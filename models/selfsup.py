@@ -302,7 +302,7 @@ class SelfSupEngine:
         task = il.Task(f, 1, True, model)
         x = to_device(vol_n, device)  # (Z, Y, X)
         z, y, xx = x.shape
-        dcm = [torch.from_numpy(m).float().to(device) for m in il.dc_matrices(z, model)]  # uploads before the queue
+        dcm = [il.matrix_f32(m, device) for m in il.dc_matrices(z, model)]  # uploads before the queue
         chunks = [self._chunk(net, z, xx, device), self._chunk(net, z, y, device)]
         stacks = [x.permute(1, 0, 2), x.permute(2, 0, 1)]  # coronal (Y,Z,X) | sagittal (X,Z,Y)
         with contextlib.ExitStack() as held:
