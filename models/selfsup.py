@@ -389,7 +389,7 @@ class SelfSupEngine:
         timer = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else []
         if timer:
             timer[0].record()
-        base = task.base(x.permute(1, 0, 2)).permute(1, 0, 2)  # (Zf, Y, X)
+        base = task.base_volume(x)  # (Zf, Y, X)
         fused = torch.zeros_like(base)
         spread = torch.zeros_like(base)
         plan = [(o, fl) for fl in il.FLIPS for o in range(orients)][:passes]
@@ -401,28 +401,35 @@ class SelfSupEngine:
             stack = stacks[o]
             flips = [fl for (oo, fl) in plan if oo == o]
             s1 = torch.zeros((stack.shape[0], zf, stack.shape[2]), device=device)
-            s2 = torch.zeros_like(s1)
+            s2 = torch.zeros_like(s1) if len(flips) > 1 else None  # one view: its spread is 0, no squares
             chunk = chunks[o]
             for fl in flips:
                 for b0 in range(0, stack.shape[0], chunk):
                     r = il.residual(net, stack[b0 : b0 + chunk], task, fl, self.options.max_voxels_per_tile,
                                     forward=forward)
                     s1[b0 : b0 + chunk] += r
-                    s2[b0 : b0 + chunk] += r * r
+                    if s2 is not None:
+                        s2[b0 : b0 + chunk] += r * r
                     done += 1
                     if progress is not None:
                         progress(f"{kind} passes", done, batches)
-            mean = s1 / len(flips)
-            std = (s2 / len(flips) - mean * mean).clamp_min(0).sqrt()
+            mean = s1.div_(len(flips))  # in place: the same values as s1 / n, one volume less
+            if s2 is not None:  # (s2 / n - mean^2).clamp_min(0).sqrt() in place, the same operations in order
+                sq = mean * mean
+                std = s2.div_(len(flips)).sub_(sq).clamp_min_(0).sqrt_()
+                del sq
+            else:
+                std = None
             back = (1, 0, 2) if o == 0 else (1, 2, 0)
-            if wsum is not None:
+            if wsum is not None and std is not None:
                 w = 1.0 / (std * std + FUSE_EPS**2)
                 fused += (mean * w).permute(*back)
                 wsum += w.permute(*back)
                 del w
             else:
                 fused += mean.permute(*back)
-            spread += std.permute(*back)
+            if std is not None:  # a single view adds 0
+                spread += std.permute(*back)
             del s1, s2, mean, std
         fused = base + (fused / wsum if wsum is not None else fused / orients)
         spread /= orients
@@ -513,11 +520,11 @@ class SelfSupEngine:
         before: list[torch.Tensor] = []
         after: list[torch.Tensor] = []
         step = 1 << 21
-        for c0 in range(0, yv.shape[1], step):
-            r = xv[:, c0 : c0 + step] - d @ yv[:, c0 : c0 + step]
+        for c0 in range(0, yv.shape[1], step):  # the products in column blocks on the CPU (il.cols_matmul)
+            r = xv[:, c0 : c0 + step] - il.cols_matmul(d, yv[:, c0 : c0 + step])
             before.append((r * r).sum())
-            yv[:, c0 : c0 + step] += p @ r
-            r2 = xv[:, c0 : c0 + step] - d @ yv[:, c0 : c0 + step]
+            yv[:, c0 : c0 + step] += il.cols_matmul(p, r)
+            r2 = xv[:, c0 : c0 + step] - il.cols_matmul(d, yv[:, c0 : c0 + step])
             after.append((r2 * r2).sum())
         return yv.view_as(y), (before, after)
 
