@@ -89,3 +89,23 @@ def test_engine_in_float32_and_bf16_differ_by_rounding_only_and_keep_data_consis
     assert abs(float((a.data - b.data).mean())) < 0.05  # no bias
     for r in (a, b):
         assert r.report["dc_residual_after"] < 1e-5  # data consistency exact in both (float32 after the net)
+
+
+def test_column_blocked_products_and_base_volume_are_bit_identical() -> None:
+    torch.manual_seed(0)
+    m = il.matrix_f32(il.cubic_matrix(40, 2, True), torch.device("cpu"))
+    v = torch.rand(40, 3 * il.CPU_MATMUL_COLS + 17)
+    torch.testing.assert_close(il.cols_matmul(m, v), m @ v, rtol=0, atol=0)
+    x = torch.rand(40, 6, 50)
+    task = il.Task(2, 1, True)
+    want = task.base(x.permute(1, 0, 2)).permute(1, 0, 2)
+    torch.testing.assert_close(task.base_volume(x), want, rtol=0, atol=0)
+
+
+def test_float32_matrices_hold_no_denormals() -> None:
+    m = np.array([[1.0, 1e-40, -1e-39], [1e-30, 0.0, 2.0]])
+    t = il.matrix_f32(m, torch.device("cpu"))
+    assert t.dtype == torch.float32 and t.tolist() == [[1.0, 0.0, 0.0], [pytest.approx(1e-30), 0.0, 2.0]]
+    tiny = torch.finfo(torch.float32).tiny
+    c = il.matrix_f32(il.cubic_matrix(134, 2, True), torch.device("cpu"))
+    assert not bool(((c != 0) & (c.abs() < tiny)).any())
