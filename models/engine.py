@@ -31,7 +31,7 @@ class EngineError(RuntimeError):
     """
 
 
-__all__ = ["ENGINES", "FACTOR_LIMITS", "Device", "EngineError", "EngineOptions", "EngineResult", "Factors", "Progress",
+__all__ = ["ENGINES", "FACTOR_LIMITS", "CpuPrecision", "Device", "EngineError", "EngineOptions", "EngineResult", "Factors", "Progress",
            "TorchCompile", "VolumeInput", "available", "factor_problem", "get_engine", "upscale"]
 
 # The accepted upscaling factors per axis, (lowest, highest) inclusive: the one source of these bounds (the node's
@@ -124,6 +124,17 @@ class Device(StrEnum):
     CUDA = "cuda"
 
 
+class CpuPrecision(StrEnum):
+    """Arithmetic of the network passes on the CPU (inference only: training, data consistency, sigma and all
+    after the network stay float32): ``auto`` (bf16 where the CPU has native bf16 convolutions, AVX-512 BF16 or
+    AMX, detected at run time; else float32), ``bf16`` or ``float32`` (bit-stable across CPUs; on an AMX CPU
+    ~2-3x slower). bf16 changes the residual by <= ~0.5 % of itself (~1e-4 of the data range)."""
+
+    AUTO = "auto"
+    BF16 = "bf16"
+    FLOAT32 = "float32"
+
+
 class TorchCompile(StrEnum):
     """Whether the network passes run through ``torch.compile`` (CUDA only; ignored on the CPU): ``none`` (eager),
     ``default`` (inductor's default mode) or ``max-autotune`` (inductor benchmarks kernel choices, Triton
@@ -155,6 +166,7 @@ class EngineOptions:
     min_gain_db: float = 0.3
     max_voxels_per_tile: int = 0  # tile size limit; 0: sized from free GPU/CPU memory
     torch_compile: TorchCompile = TorchCompile.NONE  # network passes through torch.compile (CUDA only)
+    cpu_precision: CpuPrecision = CpuPrecision.AUTO  # network passes on the CPU: bf16 where native (auto), or fixed
 
 
 EngineFactory = Callable[[EngineOptions], Engine]

@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,8 +28,8 @@ from models.degrade import (
     slice_profile,
     through_plane_matrix,
 )
-from models.engine import Progress
-from models.nets import SRNet, SRNetConfig
+from models.engine import CpuPrecision, Progress
+from models.nets import CpuBf16Forward, SRNet, SRNetConfig, cpu_fused_ok
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,36 @@ def cubic_matrix(n: int, f: int, node_aligned: bool) -> np.ndarray:
     return resample_axis(np.eye(n), 0, pos)
 
 
+def matrix_f32(m: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``m`` as a float32 tensor on ``device`` with the entries that float32 can hold only as denormals (below
+    its smallest normal, ~1.2e-38) set to 0. The cubic and pseudo-inverse matrices decay geometrically away from
+    the diagonal (a 134-slice cubic matrix holds 3733 such entries, P 3014): denormal operands make CPU matrix
+    products ~4x slower (microcode assists), and their products vanish below every sum's rounding (the products
+    of the 512^2 x 134 benchmark came out bit-identical, measured)."""
+    t = torch.from_numpy(m).float()
+    t[t.abs() < torch.finfo(torch.float32).tiny] = 0.0
+    return t.to(device)
+
+
+CPU_MATMUL_COLS = 1 << 13  # columns per call of ``cols_matmul`` on the CPU (a 134-row block: 4.4 MB)
+
+
+def cols_matmul(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``m @ v`` for (R, K) @ (K, N): on the CPU in column blocks of ``CPU_MATMUL_COLS`` spread over
+    ``cpu_pass_pool``'s single-threaded workers (no 2-thread barrier inside each product; each column's sum is
+    the same product, so the result came out bit-identical to one ``m @ v``, measured); elsewhere one product."""
+    threads = torch.get_num_threads()
+    if v.device.type != "cpu" or threads < 2 or v.shape[1] <= CPU_MATMUL_COLS:
+        return m @ v
+    out = torch.empty((m.shape[0], v.shape[1]), dtype=torch.result_type(m, v), device=v.device)
+
+    def block(c0: int) -> None:
+        torch.matmul(m, v[:, c0 : c0 + CPU_MATMUL_COLS], out=out[:, c0 : c0 + CPU_MATMUL_COLS])
+
+    list(cpu_pass_pool(threads).map(block, range(0, v.shape[1], CPU_MATMUL_COLS)))
+    return out
+
+
 def dc_matrices(n_lr: int, model: DegradationModel) -> tuple[np.ndarray, np.ndarray]:
     """Through-plane data consistency: D (n_lr x n_fine) and its pseudo-inverse P = D^T (D D^T)^-1."""
     d = through_plane_matrix(n_lr, model.factor, model.thickness_fine_px, model.profile)
@@ -73,18 +104,26 @@ class Task:
     def base(self, lr: torch.Tensor) -> torch.Tensor:
         """Cubic B-spline up-sampling of (B, h, w) on lr's device (float32)."""
         b, h, w = lr.shape
-        cz = torch.from_numpy(cubic_matrix(h, self.fz, self.node_rows)).float().to(lr.device)
+        cz = matrix_f32(cubic_matrix(h, self.fz, self.node_rows), lr.device)
         out = torch.einsum("ij,bjw->biw", cz, lr.float())
         if self.fx > 1:
-            cx = torch.from_numpy(cubic_matrix(w, self.fx, False)).float().to(lr.device)
+            cx = matrix_f32(cubic_matrix(w, self.fx, False), lr.device)
             out = torch.einsum("biw,kw->bik", out, cx)
         return out
+
+    def base_volume(self, x: torch.Tensor) -> torch.Tensor:
+        """Through-plane cubic up-sampling of a (Z, Y, X) volume along Z: (Zf, Y, X) float32, contiguous; the
+        values of ``base`` on the (Y, Z, X) view, one product (``cols_matmul``) instead of one per image."""
+        if self.fx > 1:
+            raise ValueError("base_volume up-samples along z only (fx = 1)")
+        cz = matrix_f32(cubic_matrix(x.shape[0], self.fz, self.node_rows), x.device)
+        return cols_matmul(cz, x.float().reshape(x.shape[0], -1)).view(-1, *x.shape[1:])
 
     def project(self, y: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
         """Data consistency on (B, H, W): the returned image re-degrades to ``lr`` exactly (minimum change)."""
         if self.node_rows:
             assert self.model is not None
-            d, p = (torch.from_numpy(m).float().to(y.device) for m in dc_matrices(lr.shape[1], self.model))
+            d, p = (matrix_f32(m, y.device) for m in dc_matrices(lr.shape[1], self.model))
             r = lr.float() - torch.einsum("ij,bjw->biw", d, y)
             return y + torch.einsum("ij,bjw->biw", p, r)
         f = self.fz
@@ -153,11 +192,52 @@ def cpu_bf16() -> bool:
         return False
 
 
-def _autocast(device: torch.device, inference: bool = False) -> torch.autocast:
-    """bf16 autocast on CUDA; on the CPU for inference only, where the CPU has native bf16 (``cpu_bf16``);
-    CPU training stays float32."""
-    on = device.type == "cuda" or (inference and device.type == "cpu" and cpu_bf16())
+def inference_bf16(net: SRNet, device: torch.device) -> bool:
+    """Whether ``net``'s passes on ``device`` run in bf16: always on CUDA; on the CPU per ``net.cpu_precision``
+    (``auto``: where the CPU has native bf16, ``cpu_bf16``)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    p = CpuPrecision(net.cpu_precision)
+    return p == CpuPrecision.BF16 or (p == CpuPrecision.AUTO and cpu_bf16())
+
+
+def _autocast(device: torch.device, inference: bool = False, net: SRNet | None = None) -> torch.autocast:
+    """bf16 autocast on CUDA; on the CPU for inference only, as ``inference_bf16`` says for ``net`` (None: as
+    ``auto``); CPU training stays float32."""
+    if device.type == "cpu":
+        on = inference and (inference_bf16(net, device) if net is not None else cpu_bf16())
+    else:
+        on = device.type == "cuda"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
+
+
+# LR pixels per network call of the CPU passes (``residual``): a batch of images goes in calls of about this many
+# pixels (at least one image; a 134 x 512 slice of the 512^2 x 134 benchmark is one call), spread over
+# ``cpu_pass_pool``'s single-threaded workers, so that a layer's activations stay in a core's caches from one layer to
+# the next and no core waits on the other at every layer (see ``cpu_pass_pool``)
+CPU_CALL_PIXELS = 1 << 16
+
+
+@functools.lru_cache(maxsize=4)
+def cpu_pass_pool(workers: int) -> ThreadPoolExecutor:
+    """The process's pool of ``workers`` threads for the CPU network passes, each running torch with ONE intra-op
+    thread: the images of a batch go to the workers one call each, instead of every convolution split over all
+    cores. Measured on the 2-core shared AMX CPU (``SRNet`` 6 x 32 bf16, 16 slices of 134 x 512): 165-215 ns of
+    CPU per LR pixel against 395-440 for one 2-thread call of the batch, and no 2-thread barrier per layer, which
+    under a loaded machine cost up to 5x (a descheduled partner thread). torch's thread count is process-wide:
+    the workers set 1 for themselves as they start, then the caller's count is set back (threads already running
+    keep theirs; torch threads first used in that instant would start with 1)."""
+    prev = torch.get_num_threads()
+    ready = threading.Barrier(workers)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="srnode-pass", initializer=torch.set_num_threads,
+                              initargs=(1,))
+    try:
+        list(pool.map(lambda _: ready.wait(timeout=60), range(workers)))  # every worker started (and set to 1)
+    finally:
+        torch.set_num_threads(prev)
+    return pool
 
 
 GRAD_STRIDE = 4  # grid of candidate patch corners for gradient-weighted sampling (pixels of the input)
@@ -229,7 +309,7 @@ def train(
                 x, bt, ht = x.transpose(-2, -1), bt.transpose(-2, -1), ht.transpose(-2, -1)
             if fl:
                 x, bt, ht = x.flip(fl), bt.flip(fl), ht.flip(fl)
-        with _autocast(device):
+        with _autocast(device, net=net):
             res = net(x)
         oh, ow = ht.shape[1:]
         pred = bt + res[:, 0, :oh, :ow].float()
@@ -291,16 +371,29 @@ def residual(net: SRNet, lr: torch.Tensor, task: Task, flip: tuple[int, ...], ma
     b, _, h, w = x.shape
     oh, ow = task.out_shape(h, w)
     halo = net.cfg.halo
+    cpu = forward is None and lr.device.type == "cpu"
+    fused = cpu and inference_bf16(net, lr.device) and cpu_fused_ok()
+    run = CpuBf16Forward(net) if fused else net if forward is None else forward  # fused: weights in bf16 once
     step = w if max_pixels <= 0 or h * w <= max_pixels else max(8, max_pixels // h - 2 * halo)
+    per = max(1, CPU_CALL_PIXELS // (h * min(w, step + 2 * halo))) if cpu else b  # images per network call
     out = torch.empty((b, oh, ow), dtype=torch.float32, device=lr.device)
-    with _autocast(lr.device, inference=True):
-        for c0 in range(0, w, step):
-            c1 = min(w, c0 + step)
-            a0, a1 = max(0, c0 - halo), min(w, c1 + halo)
-            xt = x[..., a0:a1].contiguous(memory_format=torch.channels_last)
-            r = (net if forward is None else forward)(xt)[:, 0].float()
+
+    def call(b0: int, c0: int) -> None:  # no_grad and autocast are per thread: set here, in the worker
+        c1 = min(w, c0 + step)
+        a0, a1 = max(0, c0 - halo), min(w, c1 + halo)
+        with torch.no_grad(), _autocast(lr.device, inference=not fused, net=net):
+            xt = x[b0 : b0 + per, ..., a0:a1].contiguous(memory_format=torch.channels_last)
+            r = run(xt)[:, 0]
             s0 = (c0 - a0) * task.fx
-            out[:, :, c0 * task.fx : c1 * task.fx] = r[:, :oh, s0 : s0 + (c1 - c0) * task.fx]
+            out[b0 : b0 + per, :, c0 * task.fx : c1 * task.fx] = r[:, :oh, s0 : s0 + (c1 - c0) * task.fx]
+
+    calls = [(b0, c0) for b0 in range(0, b, per) for c0 in range(0, w, step)]
+    workers = min(torch.get_num_threads(), len(calls)) if cpu else 1
+    if workers > 1:  # disjoint slices of ``out``; an error in a call is raised here
+        list(cpu_pass_pool(torch.get_num_threads()).map(lambda bc: call(*bc), calls))
+    else:
+        for b0, c0 in calls:
+            call(b0, c0)
     if flip:
         out = out.flip(flip)
     return out.transpose(-2, -1) if transpose else out

@@ -21,7 +21,7 @@ from models import calibration as cal
 from models import inplane as ip
 from models import internal as il
 from models.degrade import DegradationModel
-from models.engine import EngineError, Progress, VolumeInput
+from models.engine import CpuPrecision, EngineError, Progress, VolumeInput
 from models.nets import SRNet, SRNetConfig
 
 log = logging.getLogger(__name__)
@@ -52,15 +52,16 @@ def load_prior(path: Path) -> dict[str, Any]:
 
 
 def make_net(prior: dict[str, Any], kind: str, fz: int, fx: int, device: torch.device,
-             in_ch: int = 1) -> tuple[SRNet, bool]:
+             in_ch: int = 1, cpu_precision: CpuPrecision = CpuPrecision.AUTO) -> tuple[SRNet, bool]:
     """A net for (kind, factor) with ``in_ch`` input slices, initialised from the prior when it has one;
-    (net, from_prior). A prior net with another channel count is adapted: a 2D net's first layer goes to the
+    (net, from_prior); its passes on the CPU run in ``cpu_precision``. A prior net with another channel count is adapted: a 2D net's first layer goes to the
     centre channel (the context starts unused), a 2.5D net's is summed (one slice repeated)."""
     c = prior.get("config", {})
     cfg = SRNetConfig(fz=fz, fx=fx, width=int(c.get("width", NET.width)), depth=int(c.get("depth", NET.depth)),
                       in_ch=in_ch)
     torch.manual_seed(0)
     net = SRNet(cfg)
+    net.cpu_precision = cpu_precision
     state = prior.get(kind, {}).get(str(fz))
     if state is not None:
         state = {k: v.float() for k, v in state.items()}

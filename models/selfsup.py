@@ -232,7 +232,7 @@ class SelfSupEngine:
     ) -> SRNet:
         """The prior's net for (kind, factor), fine-tuned on ``sets`` unless in fast mode."""
         t = time.perf_counter()
-        net, from_prior = make_net(prior, kind, fz, fx, device, in_ch)
+        net, from_prior = make_net(prior, kind, fz, fx, device, in_ch, self.options.cpu_precision)
         steps = self._steps(kind)
         if steps > 0:
             loss = il.train(net, sets, steps, FINETUNE_LR if from_prior else 1e-3, self.options.seed, augment=kind == "in",
@@ -298,7 +298,7 @@ class SelfSupEngine:
         prior_net = None  # the net before fine-tuning, for sigma only (calibration.finetune_factor)
         if not self._skip_training():
             with torch.random.fork_rng(devices=[]):  # a net without prior weights must not move the caller's RNG
-                prior_net = make_net(prior, kind, f, 1, device)[0].eval()
+                prior_net = make_net(prior, kind, f, 1, device, cpu_precision=self.options.cpu_precision)[0].eval()
         coarse_probe: Callable[[int, list[il.PairSet]], tuple[float, float, float, float] | None] | None = None
         if prior_net is not None and FINETUNE_SIGMA and FINETUNE_FAR == "coarse":
             def coarse_probe(n_flips: int, zsets: list[il.PairSet]) -> tuple[float, float, float, float] | None:
@@ -309,7 +309,7 @@ class SelfSupEngine:
         task = il.Task(f, 1, True, model)
         x = to_device(vol_n, device)  # (Z, Y, X)
         z, y, xx = x.shape
-        dcm = [torch.from_numpy(m).float().to(device) for m in il.dc_matrices(z, model)]  # uploads before the queue
+        dcm = [il.matrix_f32(m, device) for m in il.dc_matrices(z, model)]  # uploads before the queue
         chunks = [self._chunk(net, z, xx, device), self._chunk(net, z, y, device)]
         stacks = [x.permute(1, 0, 2), x.permute(2, 0, 1)]  # coronal (Y,Z,X) | sagittal (X,Z,Y)
         with contextlib.ExitStack() as held:
@@ -334,7 +334,7 @@ class SelfSupEngine:
         if not (sets and held and zsets):
             return None
         with torch.random.fork_rng(devices=[]):  # the engine's RNG stream stays as without the probe
-            net, from_prior = make_net(prior, kind, f, 1, device)
+            net, from_prior = make_net(prior, kind, f, 1, device, cpu_precision=self.options.cpu_precision)
             il.train(net, sets, self._steps(kind), FINETUNE_LR if from_prior else 1e-3, self.options.seed,
                      sampling=SAMPLING)
         net.eval()
@@ -396,7 +396,7 @@ class SelfSupEngine:
         timer = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device.type == "cuda" else []
         if timer:
             timer[0].record()
-        base = task.base(x.permute(1, 0, 2)).permute(1, 0, 2)  # (Zf, Y, X)
+        base = task.base_volume(x)  # (Zf, Y, X)
         fused = torch.zeros_like(base)
         spread = torch.zeros_like(base)
         plan = [(o, fl) for fl in il.FLIPS for o in range(orients)][:passes]
@@ -408,28 +408,35 @@ class SelfSupEngine:
             stack = stacks[o]
             flips = [fl for (oo, fl) in plan if oo == o]
             s1 = torch.zeros((stack.shape[0], zf, stack.shape[2]), device=device)
-            s2 = torch.zeros_like(s1)
+            s2 = torch.zeros_like(s1) if len(flips) > 1 else None  # one view: its spread is 0, no squares
             chunk = chunks[o]
             for fl in flips:
                 for b0 in range(0, stack.shape[0], chunk):
                     r = il.residual(net, stack[b0 : b0 + chunk], task, fl, self.options.max_voxels_per_tile,
                                     forward=forward)
                     s1[b0 : b0 + chunk] += r
-                    s2[b0 : b0 + chunk] += r * r
+                    if s2 is not None:
+                        s2[b0 : b0 + chunk] += r * r
                     done += 1
                     if progress is not None:
                         progress(f"{kind} passes", done, batches)
-            mean = s1 / len(flips)
-            std = (s2 / len(flips) - mean * mean).clamp_min(0).sqrt()
+            mean = s1.div_(len(flips))  # in place: the same values as s1 / n, one volume less
+            if s2 is not None:  # (s2 / n - mean^2).clamp_min(0).sqrt() in place, the same operations in order
+                sq = mean * mean
+                std = s2.div_(len(flips)).sub_(sq).clamp_min_(0).sqrt_()
+                del sq
+            else:
+                std = None
             back = (1, 0, 2) if o == 0 else (1, 2, 0)
-            if wsum is not None:
+            if wsum is not None and std is not None:
                 w = 1.0 / (std * std + FUSE_EPS**2)
                 fused += (mean * w).permute(*back)
                 wsum += w.permute(*back)
                 del w
             else:
                 fused += mean.permute(*back)
-            spread += std.permute(*back)
+            if std is not None:  # a single view adds 0
+                spread += std.permute(*back)
             del s1, s2, mean, std
         fused = base + (fused / wsum if wsum is not None else fused / orients)
         spread /= orients
@@ -534,11 +541,11 @@ class SelfSupEngine:
         before: list[torch.Tensor] = []
         after: list[torch.Tensor] = []
         step = 1 << 21
-        for c0 in range(0, yv.shape[1], step):
-            r = xv[:, c0 : c0 + step] - d @ yv[:, c0 : c0 + step]
+        for c0 in range(0, yv.shape[1], step):  # the products in column blocks on the CPU (il.cols_matmul)
+            r = xv[:, c0 : c0 + step] - il.cols_matmul(d, yv[:, c0 : c0 + step])
             before.append((r * r).sum())
-            yv[:, c0 : c0 + step] += p @ r
-            r2 = xv[:, c0 : c0 + step] - d @ yv[:, c0 : c0 + step]
+            yv[:, c0 : c0 + step] += il.cols_matmul(p, r)
+            r2 = xv[:, c0 : c0 + step] - il.cols_matmul(d, yv[:, c0 : c0 + step])
             after.append((r2 * r2).sum())
         return yv.view_as(y), (before, after)
 

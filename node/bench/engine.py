@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from models.engine import Device, EngineOptions, Factors, TorchCompile, VolumeInput, get_engine, upscale
+from models.engine import (
+    CpuPrecision,
+    Device,
+    EngineOptions,
+    Factors,
+    TorchCompile,
+    VolumeInput,
+    get_engine,
+    upscale,
+)
 from node.app.progress import bar_of
 from node.bench.results import write_result
 
@@ -75,6 +85,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=1, help="calls per mode (the figures of each call are kept)")
     parser.add_argument("--torch-compile", choices=[m.value for m in TorchCompile], default=TorchCompile.NONE.value,
                         help="network passes through torch.compile (CUDA only; compile time reported apart)")
+    parser.add_argument("--cpu-precision", choices=[m.value for m in CpuPrecision], default=CpuPrecision.AUTO.value,
+                        help="network passes on the CPU (EngineOptions.cpu_precision): auto, bf16 or float32")
     parser.add_argument("--profile", type=Path, default=None,
                         help="after the timed calls, one more fast call under torch.profiler: its operators and "
                              "kernels by device time (top 40) written to this text file")
@@ -102,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
             bar.stage(f"{mode} run {call + 1}")
         opts = EngineOptions(device=Device(args.device), fast=mode == "fast", finetune_steps=args.finetune_steps,
                              tta_passes=args.tta_passes, min_gain_db=-1e9,
-                             torch_compile=TorchCompile(args.torch_compile))
+                             torch_compile=TorchCompile(args.torch_compile),
+                             cpu_precision=CpuPrecision(args.cpu_precision))
+        load = os.getloadavg()[0]  # the machine's 1-minute load as the call starts (shared machines)
         t0 = time.perf_counter()
         res = upscale(get_engine("selfsup", opts), vol, Factors(2, 1), bar.engine if bar.bar else None)
         total = time.perf_counter() - t0
@@ -118,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
                         if figures["bf16_peak_tflops"] else None,
                         "internal_gain_db": rep.get("through_internal_gain_db"),
                         "dc_residual_after": rep.get("dc_residual_after"), "engine": res.engine,
-                        "fallback": res.fallback, "output_shape": list(res.data.shape)}
+                        "fallback": res.fallback, "output_shape": list(res.data.shape),
+                        "load_avg_1m_start": round(load, 2), "load_avg_1m_end": round(os.getloadavg()[0], 2),
+                        "cpu_precision": opts.cpu_precision.value}
         if args.device == "cuda":
             figures[key]["max_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         print(f"selfsup x2 through-plane {z}x{y}x{x} on {name}, {key}: {total:.2f} s "

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from models.engine import FACTOR_LIMITS, Device, EngineOptions, Factors, TorchCompile
+from models.engine import FACTOR_LIMITS, CpuPrecision, Device, EngineOptions, Factors, TorchCompile
 from node.config import (
     DEFAULTS,
     DESTINATION_TYPES,
@@ -143,19 +143,20 @@ def test_secrets_are_redacted_and_env_secrets_resolved(monkeypatch: pytest.Monke
 def test_engine_keys_build_the_one_engine_options(monkeypatch: pytest.MonkeyPatch) -> None:
     engine = {"name": "cubic", "device": "cpu", "fast": True, "finetune_steps": 8, "in_plane_finetune_steps": -1,
               "tta_passes": 2, "samples": 3, "weights": "none", "seed": 4, "min_gain_db": -99, "max_voxels_per_tile": 9,
-              "torch_compile": "default"}
+              "torch_compile": "default", "cpu_precision": "float32"}
     cfg = _cfg(engine=engine)
     assert cfg.engine.name == "cubic"
     assert cfg.engine.options == EngineOptions(device=Device.CPU, fast=True, finetune_steps=8,
                                                in_plane_finetune_steps=-1, tta_passes=2, samples=3, weights="none",
                                                seed=4, min_gain_db=-99.0, max_voxels_per_tile=9,
-                                               torch_compile=TorchCompile.DEFAULT)
+                                               torch_compile=TorchCompile.DEFAULT,
+                                               cpu_precision=CpuPrecision.FLOAT32)
     assert cfg.redacted()["engine"] == {**engine, "min_gain_db": -99.0}  # flat, as in the file
     # every EngineOptions field is an [engine] key, under its own name
     assert {f.name for f in dataclasses.fields(EngineOptions)} | {"name"} == set(as_table(cfg.engine))
     assert _error(engine={"tta_passes": "8"}) == "engine.tta_passes: expected int, got str '8'"
     assert _error(engine={"device": "gpu"}) == "engine.device: 'gpu' is not one of auto, cpu, cuda"
-    assert _error(engine={"passes": 8}).startswith("engine: unknown key(s) passes; known: device, fast, ")
+    assert _error(engine={"passes": 8}).startswith("engine: unknown key(s) passes; known: cpu_precision, device, fast, ")
     # the repository's own files load
     assert load_config(ROOT / "config.toml").engine.options == EngineOptions()
     monkeypatch.setenv("SRNODE_HTTP_TOKEN", "tok")  # deploy/config.toml: token = "env:SRNODE_HTTP_TOKEN"
