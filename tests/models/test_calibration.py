@@ -286,7 +286,7 @@ def test_pairs_feature_against_the_plain_cubic_covers_the_target_near_95() -> No
     """sigma6: sharp isotropic detail + white noise of known sd (0.001), thick x2 slices; the engine is cubic + data
     consistency (an untrained net). The target's feature is |engine - cubic| against the plain cubic (``target_u``).
     With the held-out pairs' feature against the data-consistent cubic instead (``PLAIN_CUBIC_FEATURE = False``,
-    the default) the pairs do not see the deblurring at the acquired positions that the target's
+    the default before sigma9) the pairs do not see the deblurring at the acquired positions that the target's
     feature counts, q is fitted too large and the target is over-covered (measured 0.993); with the same feature on
     both (plain cubic) the coverage lands near 95 % (measured 0.958) with half the width."""
     rng = np.random.default_rng(3)
