@@ -65,8 +65,9 @@ T = TypeVar("T")
 # calibration, the figures that chose it); "xy_zscale" (sigma8) the "xy_floor" q with z_difficulty replaced per
 # phase by the engine's own z / in-plane ratio one scale coarser (calibration.zscale; with calibration.KJ_RULE
 # "zwidth" and PLAIN_CUBIC_FEATURE = True: 7 of the 8 eval runs in [0.93, 0.97] at 8-32 % less width, the
-# phantom's whole engine 0.917: not the default, docs/engines.md sigma8)
-SIGMA_FROM = "xy_floor"
+# phantom's whole engine 0.917: not the default, docs/engines.md sigma8); sigma9: the default, with KJ_RULE "zrho"
+# (7 of 8 in range, the phantom's whole engine 0.9702, none under; docs/engines.md sigma9)
+SIGMA_FROM = "xy_zscale"
 # the through-plane q x a factor after fine-tuning (FINETUNE_FAR): fine-tuning adapts the net to the in-plane
 # pairs' task, so the held-out pairs' error understates the target's (docs/engines.md, calib3 and calib4)
 FINETUNE_SIGMA = True

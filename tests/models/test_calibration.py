@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from models import calibration as cal
@@ -285,7 +286,7 @@ def test_pairs_feature_against_the_plain_cubic_covers_the_target_near_95() -> No
     """sigma6: sharp isotropic detail + white noise of known sd (0.001), thick x2 slices; the engine is cubic + data
     consistency (an untrained net). The target's feature is |engine - cubic| against the plain cubic (``target_u``).
     With the held-out pairs' feature against the data-consistent cubic instead (``PLAIN_CUBIC_FEATURE = False``,
-    the default) the pairs do not see the deblurring at the acquired positions that the target's
+    the default before sigma9) the pairs do not see the deblurring at the acquired positions that the target's
     feature counts, q is fitted too large and the target is over-covered (measured 0.993); with the same feature on
     both (plain cubic) the coverage lands near 95 % (measured 0.958) with half the width."""
     rng = np.random.default_rng(3)
@@ -400,7 +401,7 @@ def test_average_rule_gives_one_stable_feature_mix_and_rejects_unknown_rules() -
     ks, js = np.array(mixes).T
     assert np.ptp(ks) < 0.2 * max(ks.mean(), 1e-9) and np.ptp(js) < 0.2 * max(js.mean(), 1e-9), mixes
     try:
-        cal.choose_kj(std, delta, grad, err, block, rule="best")
+        cal.choose_kj(std, delta, grad, err, block, rule="best")  # type: ignore[arg-type]
     except ValueError as exc:
         assert "best" in str(exc)
     else:
@@ -462,3 +463,50 @@ def test_narrowest_on_picks_the_efficient_near_tied_feature() -> None:
     assert cal.narrowest_on(z, (), lambda k, j: 1.0) == (1.0, 0.0)
     small = cal.Held(*(a[:100] for a in (z.err, z.base_err, z.std, z.delta, z.grad, z.noise, z.phase, z.block)))
     assert cal.narrowest_on(small, ((0.0, 1.0), (1.0, 0.0)), lambda k, j: 1.0) == (0.0, 1.0)
+
+
+def _twin_features(seed: int, z_axis: bool, n_blocks: int = 20, per_block: int = 400) -> cal.Held:
+    """Held-out voxels in correlated blocks with |err| of known scale s, a negligible spread, delta ~ s and grad ~
+    5 delta: on the in-plane pairs (``z_axis`` False) grad is delta up to a 2 % jitter, so every candidate with k
+    or j > 0 ranks |err| alike (a near-tie of two features); on the z pairs (True) grad is noise of its own and
+    only delta follows |err|."""
+    rng = np.random.default_rng(seed)
+    n = n_blocks * per_block
+    block = np.repeat(np.arange(n_blocks), per_block)
+    s = np.exp(rng.normal(0, 0.5, n_blocks)[block] + rng.normal(0, 0.5, n))
+    err = rng.normal(0, 1, n) * s
+    std = 1e-4 * np.exp(rng.normal(0, 0.3, n))
+    delta = s * np.exp(rng.normal(0, 0.4, n))
+    grad = 5 * (np.exp(rng.normal(0, 0.6, n)) if z_axis else delta) * np.exp(rng.normal(0, 0.02, n))
+    return cal.Held(err, err, std, delta, grad, np.zeros(n), np.arange(n) % 2, block)
+
+
+def test_zrho_breaks_the_near_tie_by_the_rank_on_the_z_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sigma9, ``KJ_RULE = "zrho"``: two features tie on the in-plane pairs (delta and grad carry the same ranks
+    there), only delta ranks the z pairs' |err|. ``choose_kj`` hands the near set (both pure delta and pure grad
+    candidates in it) to ``best_rank_on``, which picks a candidate whose u is delta's (> 99 % of it), whose
+    Spearman on the z pairs is the largest of the near set; ``validate`` with the rule applies it through-plane (its k, j come from
+    ``best_rank_on``, not ``narrowest_on``); candidates that rank alike (one view, the same k : j) go to the
+    smallest k + j; an empty near set or too few z voxels fall back."""
+    for seed in range(3):
+        h, z = _twin_features(seed, False), _twin_features(100 + seed, True)
+        c = cal.choose_kj(h.std, h.delta, h.grad, np.abs(h.err), h.block, rule="zrho")
+        assert any(k > 0 and j == 0 for k, j in c.near) and any(k == 0 and j > 0 for k, j in c.near), c.near
+        k, j = cal.best_rank_on(z, c.near)
+        assert k > 0 and j * z.grad.mean() < 0.01 * k * z.delta.mean(), (k, j)  # delta carries u
+        rho = {kj: il.spearman(z.u(*kj)[:100_000], np.abs(z.err)) for kj in c.near}
+        assert rho[(k, j)] >= max(rho.values()) - cal.RANK_TIE
+    one_view = cal.Held(z.err, z.base_err, np.zeros_like(z.std), z.delta, z.grad, z.noise, z.phase, z.block)
+    assert cal.best_rank_on(one_view, ((2.0, 0.2), (0.5, 0.05), (0.0, 1.0))) == (0.5, 0.05)  # same k : j, same ranks
+    assert cal.best_rank_on(z, ()) == (1.0, 0.0)
+    small = cal.Held(*(a[:100] for a in (z.err, z.base_err, z.std, z.delta, z.grad, z.noise, z.phase, z.block)))
+    assert cal.best_rank_on(small, ((0.0, 1.0), (1.0, 0.0))) == (0.0, 1.0)
+
+    class _Pairs:  # a through-plane pair set as ``validate`` sees it (features from the patched ``_held``)
+        task = il.Task(2, 1, True, DegradationModel(2, 1, 2.0, 2.0, 1.0))
+
+    monkeypatch.setattr(cal, "_held", lambda *a: _twin_features(0, False))
+    monkeypatch.setattr(cal, "KJ_RULE", "zrho")
+    v = cal.validate(torch.nn.Identity(), [_Pairs()], 1, tie=_twin_features(100, True))  # type: ignore[arg-type, list-item]
+    zt = _twin_features(100, True)
+    assert v.k > 0 and v.j * zt.grad.mean() < 0.01 * v.k * zt.delta.mean() and v.n_near > 1, (v.k, v.j, v.n_near)
