@@ -1,37 +1,28 @@
-"""Group commit: the instances admitted by every association are made durable and indexed in shared batches.
+"""Group commit: one writer thread makes the instances admitted by every association durable together.
 
 Admission (``node.ingest.admit``) checks an instance on the caller's thread (header, UIDs, SOP class) and then
-calls :meth:`GroupCommit.commit`, which
+hands it to :class:`GroupCommit` and waits. The writer takes everything queued since its previous commit (natural
+batching: no timer, a batch is whatever arrived while the last one was being made durable, at most
+``max_batch``), and for the batch:
 
-1. claims the SOPInstanceUID: a second copy arriving while the first is still being stored waits until the first
-   is indexed or has failed (else a resend linked as the first copy's duplicate could be acknowledged, or
-   compared, on bytes that are not durable yet, or that a failure then removes: ``tests/ingest/test_durability``);
-2. when other instances are being stored (other associations' fsyncs in flight, or instances queued), links and
-   makes it durable on the caller's own thread, which waits for its answer anyway: the disk watermark (0xA700
-   below ``[node].min_free_mb``), the hard link under ``instances/<Study>/<Series>/<SOP>.dcm``
-   (``Spool.link_instance``), then one fsync after the other of the paths ``Spool.durable_paths`` names (the
-   file, its series folder, the folders above for a new series; a duplicate name keeps the first copy, durable
-   already). The 16 associations of a busy sender so sync at the same time (the file system commits them in shared
-   journal commits) instead of in one writer's serial cycle;
-3. when nothing else is being stored (one association sending one instance after the other), queues it unlinked
-   and the writer links it and runs its fsyncs at once on ``SYNC_THREADS`` threads (``Spool.sync``): measured on
-   this project's disk, two fsyncs issued together return far sooner than one after the other (docs/benchmarks.md);
-4. waits for the writer, which takes everything queued since its previous commit (natural batching: no timer, at
-   most ``max_batch``), links and syncs the unlinked ones, records all their index rows in ONE SQLite transaction
-   (``Index.add_instances``: one WAL fsync) and wakes every waiting caller with its outcome.
+1. checks the spool's disk watermark once (0xA700 for the whole batch below ``[node].min_free_mb``);
+2. hard-links each received file under ``instances/<Study>/<Series>/<SOP>.dcm`` (``Spool.link_instance``);
+3. makes all of them durable at once (``Spool.sync``: every file's and changed folder's fsync issued together on
+   ``SYNC_THREADS`` threads, so the file system commits them in shared journal commits; each caller started its
+   file's writeback already, ``start_writeback``);
+4. records all their index rows in ONE SQLite transaction (``Index.add_instances``: one WAL fsync);
+5. wakes every waiting caller with its outcome.
 
-Only then does a C-STORE handler answer Success, so "Success" still means the bytes, their folder entry and the
-index row are on disk. Until 2026-12-01 (``ingest8``) the writer linked and synced every batch: with 16 associations
-one serial cycle of ~15 ms per ~8 instances (link 3.3, fsyncs 8.6, index 3.0 ms), busy all the time, which set the
-rate (docs/benchmarks.md). Failures: a file whose sync fails is unlinked (no name without durable bytes) and its
-caller gets 0xA700; an index transaction that fails is retried row by row (one bad row does not fail the others); a
-row that still fails has its link removed and its caller gets the error (SpoolError: 0x0110 at the SCP; an index
+Only then does a C-STORE handler answer Success, so "Success" still means the bytes and the index row are on
+disk. Failures: a file whose sync fails is unlinked (no name without durable bytes) and its caller gets 0xA700 (the
+others of the batch go on); an index transaction that fails is retried row by row (one bad row does not fail the others);
+a row that still fails has its link removed and its caller gets the error (SpoolError: 0x0110 at the SCP; an index
 whose disk is full, SQLITE_FULL or ENOSPC, gives IngestError 0xA700 instead, as every full disk on this path does).
-A caller waits at most ``timeout_s`` (``COMMIT_TIMEOUT_S``), for its claim and its commit together, and then gets
-IngestError(0xA700): it was not acknowledged; if the writer stores it later anyway, a resend is a plain duplicate.
+A caller waits at most ``timeout_s`` (``COMMIT_TIMEOUT_S``) and then gets IngestError(0xA700): it was not
+acknowledged; if the writer stores it later anyway, a resend is a plain duplicate.
 
-A kill -9 at any point leaves either nothing acknowledged unstored, or files linked but not indexed, which the node
-re-indexes at its next start (``node.ingest.reindex``).
+A kill -9 at any point leaves either nothing acknowledged unstored, or files linked but not indexed, which the
+node re-indexes at its next start (``node.ingest.reindex``).
 """
 
 from __future__ import annotations
@@ -56,12 +47,12 @@ log = logging.getLogger(__name__)
 COMMIT_TIMEOUT_S = 120.0  # longest a caller waits for its batch to be durable before answering 0xA700
 MAX_BATCH = 256  # instances in one commit at most
 IDLE_EXIT_S = 10.0  # the writer thread ends after this long without work (a new one starts on demand)
-SYNC_THREADS = 16  # the writer's fsyncs in flight at once (Spool.sync)
+SYNC_THREADS = 16  # fsyncs of one batch in flight at once (one per concurrent association is the common case)
 
 
 @dataclass
 class Pending:
-    """One instance being stored: the received file, its index row, and how its commit ended."""
+    """One instance waiting for the group commit: the file to link and the index row to write."""
 
     src: Path  # the complete received file, on the spool's disk
     inst: Instance  # its row; ``path`` is filled in by the writer
@@ -72,8 +63,6 @@ class Pending:
     added: bool = False  # False: the SOPInstanceUID was already indexed (a resend)
     error: BaseException | None = None
     size: int = 0  # bytes of the file, read by the caller (the writer makes no system call per row for it)
-    released: threading.Event = field(default_factory=threading.Event)  # its SOPInstanceUID's claim is given up
-    raw: bool = False  # queued unlinked: the writer links and syncs it
 
 
 @dataclass
@@ -88,95 +77,18 @@ class GroupCommit:
     _queue: queue.SimpleQueue[Pending] = field(default_factory=queue.SimpleQueue, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _thread: threading.Thread | None = field(default=None, init=False)
-    _claims: dict[str, Pending] = field(default_factory=dict, init=False)  # SOPInstanceUID -> the copy in flight
-    _pool: ThreadPoolExecutor | None = field(default=None, init=False)  # the sync threads (_sync_one)
-    _syncing: int = field(default=0, init=False)  # instances whose fsyncs are in flight now
+    _pool: ThreadPoolExecutor | None = field(default=None, init=False)  # the fsync threads, made with the writer
     batches: int = field(default=0, init=False)  # commits made (figures for tests and benchmarks)
     committed: int = field(default=0, init=False)  # instances in them
-    waited: int = field(default=0, init=False)  # copies that waited for another copy of their SOPInstanceUID
 
     def commit(self, src: Path, inst: Instance, modality: str, hint: SizeHint) -> tuple[Stored, bool]:
-        """Link ``src`` under its final name, make it durable, and record ``inst`` together with whatever other
-        callers made durable meanwhile; returns (where it is stored, whether its row was added: False for a known
-        SOPInstanceUID).
+        """Link ``src`` under its final name and record ``inst``, durably, together with whatever else is
+        waiting; returns (where it is stored, whether its row was added: False for a known SOPInstanceUID).
 
-        Blocks until the row is on disk. Raises IngestError (0xA700: disk below the watermark, a write or sync
+        Blocks until the batch is on disk. Raises IngestError (0xA700: disk below the watermark, a write or sync
         failure, or no commit within ``timeout_s``; 0xC210: invalid UID), SpoolError (the index failed)."""
-        deadline = time.monotonic() + self.timeout_s
         item = Pending(src=src, inst=inst, modality=modality, hint=hint, size=_size(src))
-        self._claim(item, deadline)
-        try:
-            with self._lock:
-                alone = self._syncing == 0 and self._queue.empty()  # nobody else storing: the writer does it all
-                self._syncing += 1
-            try:
-                if alone:
-                    start_writeback(src)  # the disk starts on it while the writer wakes up
-                else:
-                    self._store(item)
-            finally:
-                if not alone:
-                    with self._lock:
-                        self._syncing -= 1
-            self._enqueue(item, alone)
-            if not item.done.wait(max(0.0, deadline - time.monotonic())):
-                raise IngestError(f"instance {inst.sop_uid}: not on disk within {self.timeout_s:.0f} s (the spool "
-                                  f"writer is stalled)", Status.OUT_OF_RESOURCES)
-        finally:
-            self._release(item)
-        if item.error is not None:
-            raise item.error
-        assert item.stored is not None
-        return item.stored, item.added
-
-    # ------------------------------------------------------------------------------------ the caller's part
-
-    def _claim(self, item: Pending, deadline: float) -> None:
-        """Wait until no other copy of ``item``'s SOPInstanceUID is being stored, then claim it. IngestError
-        (0xA700) when that copy is still in flight at ``deadline``."""
-        sop = item.inst.sop_uid
-        while True:
-            with self._lock:
-                other = self._claims.get(sop)
-                if other is None:
-                    self._claims[sop] = item
-                    return
-                self.waited += 1
-            if not other.released.wait(max(0.0, deadline - time.monotonic())):
-                raise IngestError(f"instance {sop}: another copy of it is still being stored after "
-                                  f"{self.timeout_s:.0f} s (the spool writer is stalled)", Status.OUT_OF_RESOURCES)
-
-    def _release(self, item: Pending) -> None:
-        with self._lock:
-            if self._claims.get(item.inst.sop_uid) is item:
-                del self._claims[item.inst.sop_uid]
-        item.released.set()
-
-    def _store(self, item: Pending) -> None:
-        """Check the watermark, link and fsync ``item`` on the caller's thread, one fsync after the other
-        (module docstring, steps 2-4). Raises IngestError."""
-        inst = item.inst
-        self.spool.check_space()
-        try:
-            stored = self.spool.link_instance(item.src, inst.study_uid, inst.series_uid, inst.sop_uid)
-        except OSError as exc:
-            raise IngestError(f"instance {inst.sop_uid}: cannot write to the spool: {exc}",
-                              Status.OUT_OF_RESOURCES) from exc
-        item.stored = stored
-        item.inst = replace(inst, path=str(stored.path))
-        if stored.duplicate:  # the first copy: indexed, or durable and re-indexed at the next start (claims)
-            return
-        try:
-            for path in self.spool.durable_paths(stored):
-                self.spool.fsync(path)
-        except OSError as exc:
-            self._unlink([item])
-            raise IngestError(f"instance {inst.sop_uid}: could not be made durable in the spool "
-                              f"{self.spool.root}: {exc}", Status.OUT_OF_RESOURCES) from exc
-        self.spool.made_durable(stored)
-
-    def _enqueue(self, item: Pending, raw: bool) -> None:
-        item.raw = raw
+        start_writeback(src)  # the disk starts on it while the writer finishes the batch before
         with self._lock:
             self._queue.put(item)
             if self._thread is None:
@@ -184,6 +96,13 @@ class GroupCommit:
                     self._pool = ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="ingest-sync")
                 self._thread = threading.Thread(target=self._run, name="ingest-commit", daemon=True)
                 self._thread.start()
+        if not item.done.wait(self.timeout_s):
+            raise IngestError(f"instance {inst.sop_uid}: not on disk within {self.timeout_s:.0f} s (the spool "
+                              f"writer is stalled)", Status.OUT_OF_RESOURCES)
+        if item.error is not None:
+            raise item.error
+        assert item.stored is not None
+        return item.stored, item.added
 
     # ------------------------------------------------------------------------------------ the writer thread
 
@@ -215,31 +134,14 @@ class GroupCommit:
 
     def _commit(self, batch: list[Pending]) -> None:
         t0 = time.monotonic()
-        raw = [p for p in batch if p.raw]
-        if raw:
-            try:
-                self._link_and_sync(raw)
-            finally:
-                with self._lock:
-                    self._syncing -= len(raw)
-        ready = [p for p in batch if p.error is None]
-        self._index(ready)
-        self._wake(batch)
-        self.batches += 1
-        self.committed += sum(1 for p in ready if p.error is None)
-        log.debug("ingest commit: %d instance(s) in %.1f ms", len(batch), 1000 * (time.monotonic() - t0))
-
-    def _link_and_sync(self, raw: list[Pending]) -> None:
-        """The writer's part for instances queued unlinked (their caller stored alone): the watermark once, their
-        links, then every fsync at once on the sync threads (``Spool.sync``). A failure is the item's error."""
         try:
             self.spool.check_space()
         except IngestError as exc:
-            for p in raw:
-                p.error = exc
+            self._fail(batch, exc)
+            self._wake(batch)
             return
         linked: list[Pending] = []
-        for p in raw:
+        for p in batch:
             try:
                 p.stored = self.spool.link_instance(p.src, p.inst.study_uid, p.inst.series_uid, p.inst.sop_uid)
             except (IngestError, OSError) as exc:
@@ -250,11 +152,18 @@ class GroupCommit:
             linked.append(p)
         new = [p for p in linked if p.stored is not None and not p.stored.duplicate]
         failed = self.spool.sync([p.stored for p in new if p.stored], self._pool)
-        for p in new:
-            if p.stored and p.stored.path in failed:
-                self._unlink([p])
-                p.error = IngestError(f"instance {p.inst.sop_uid}: could not be made durable in the spool "
-                                      f"{self.spool.root}: {failed[p.stored.path]}", Status.OUT_OF_RESOURCES)
+        if failed:
+            self._unlink([p for p in new if p.stored and p.stored.path in failed])
+            for p in linked:  # the new copy, and any resend of it in this batch linked as its duplicate
+                if p.stored and p.stored.path in failed:
+                    p.error = IngestError(f"instance {p.inst.sop_uid}: could not be made durable in the spool "
+                                          f"{self.spool.root}: {failed[p.stored.path]}", Status.OUT_OF_RESOURCES)
+            linked = [p for p in linked if p.error is None]
+        self._index(linked)
+        self._wake(batch)
+        self.batches += 1
+        self.committed += len(linked)
+        log.debug("ingest commit: %d instance(s) in %.1f ms", len(linked), 1000 * (time.monotonic() - t0))
 
     def _index(self, linked: list[Pending]) -> None:
         """All rows in one transaction; when it fails, row by row (a failed row: its new link is removed)."""
@@ -292,6 +201,12 @@ class GroupCommit:
                     p.stored.path.unlink(missing_ok=True)
                 except OSError as exc:  # pragma: no cover - permissions changed under us
                     log.warning("ingest commit: cannot remove %s after a failure: %s", p.stored.path, exc)
+
+    @staticmethod
+    def _fail(items: list[Pending], exc: BaseException) -> None:
+        for p in items:
+            if p.error is None:
+                p.error = exc
 
     @staticmethod
     def _wake(items: list[Pending]) -> None:

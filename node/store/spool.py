@@ -12,13 +12,11 @@ A file is written to ``incoming/``, fsync'ed, then hard-linked to its final name
 exists, so a duplicate is never overwritten) and the directory is fsync'ed: a name under ``instances/`` always
 points at a complete file. The disk watermark ``[node].min_free_mb`` is checked before every write.
 
-Group commit (``node.ingest.commit``): a received file is linked under its final name (:meth:`Spool.link_instance`)
-and then the file and the folders whose entries changed are fsynced: by its receiving thread when other
-associations are storing at the same time (:meth:`Spool.durable_paths`, :meth:`Spool.fsync`; the file system commits
-the concurrent fsyncs in shared journal commits), else by the group commit's writer, all at once on its sync threads
-(:meth:`Spool.sync`); only these files, not a ``syncfs`` of the whole file system, whose time depends on
-every other writer of that disk (:func:`sync_batch`; :func:`start_writeback` lets a file's writeback begin
-before, ``bench/sync_modes.py``).
+Group commit (``node.ingest.commit``): :meth:`Spool.link_instance` links a batch of received files under their
+final names without syncing, then :meth:`Spool.sync` makes the whole batch durable at once: an fsync of every file
+and of every folder whose entries changed, all issued together on a few threads (the file system's journal
+commits them together), and only those: not a ``syncfs`` of the whole file system, whose time depends on every
+other writer of that disk. :func:`start_writeback` lets a received file's writeback begin before that.
 """
 
 from __future__ import annotations
@@ -296,8 +294,8 @@ class Spool:
                               status=Status.OUT_OF_RESOURCES) from exc
 
     def link_instance(self, src: Path, study_uid: str, series_uid: str, sop_uid: str) -> Stored:
-        """Link a complete file (on the spool's disk) under its final name WITHOUT syncing: the caller syncs it
-        (:meth:`durable_paths` and :meth:`fsync`, or :meth:`sync`) before anything is acknowledged. A file on another disk
+        """Link a complete file (on the spool's disk) under its final name WITHOUT syncing: the group commit
+        syncs a whole batch at once (:func:`sync_batch`) before anything is acknowledged. A file on another disk
         is copied (that copy is synced here). ``Stored.duplicate``: the name existed; the first copy is kept.
         Raises IngestError: 0xA700 on a write error, 0xC210 for an invalid UID."""
         dst = self.instance_path(study_uid, series_uid, sop_uid)
@@ -327,7 +325,7 @@ class Spool:
         file, its series folder, and -- for a folder made by the link, or one this process has not yet seen made
         durable (a sync that failed, a kill -9 between mkdir and sync) -- its study folder and ``instances/``
         (:func:`sync_batch`, concurrently on ``pool``). Returns the paths that could not be made durable, each
-        with its error. Called by one thread at a time (the group commit's writer, for instances whose caller stored alone)."""
+        with its error. Called by one thread at a time (the group commit's writer)."""
         dirs: set[Path] = set()
         unsure: set[Path] = set()  # series folders whose own entry (and their study folder's) must be synced too
         for s in stored:
@@ -340,28 +338,6 @@ class Spool:
         bad = {f.parent for f in failed}
         self._durable_folders.update(unsure - bad)
         return failed
-
-    def durable_paths(self, stored: Stored) -> list[Path]:
-        """What to fsync (:meth:`fsync`) for a file just linked (``stored``, from :meth:`link_instance`) to be
-        durable with its name: the file, its series folder, and -- for a folder made by the link, or one this
-        process has not yet seen made durable (a sync that failed, a kill -9 between mkdir and sync) -- its study
-        folder and ``instances/``. Once all of them were synced, call :meth:`made_durable`. (One after the other on
-        one thread, a file's fsync then its folder's took 7.4 ms on this project's ext4 disk, a VM at load 10; the
-        two issued together 0.4 ms, median of 150: :meth:`sync` issues them together.)"""
-        folder = stored.path.parent
-        if stored.new_folder or folder not in self._durable_folders:
-            return [stored.path, folder, folder.parent, self.instances]
-        return [stored.path, folder]
-
-    def made_durable(self, stored: Stored) -> None:
-        """Every path of ``durable_paths(stored)`` was synced: its series folder is known durable (one set
-        operation, atomic between threads)."""
-        self._durable_folders.add(stored.path.parent)
-
-    @staticmethod
-    def fsync(path: Path) -> None:
-        """fsync ``path`` (a file or a folder). Raises OSError."""
-        fsync_dir(path)
 
     def store_bytes(self, data: bytes, study_uid: str, series_uid: str, sop_uid: str) -> Stored:
         """Write ``data`` (a DICOM file) atomically under its final name; a duplicate is kept as it was.

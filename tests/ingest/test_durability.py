@@ -324,87 +324,51 @@ def test_a_failed_sync_answers_a700_and_unlinks(tmp_path: Path, monkeypatch: pyt
     assert bad not in names and len(names) == len(files) - 1 and adm.index.count_instances() == len(files) - 1
 
 
-def _held_copy(adm: Admission, monkeypatch: pytest.MonkeyPatch, target: Path, fail: bool) -> tuple[
-        threading.Event, threading.Event]:
-    """Hold the first fsync of ``target``'s spool file until the returned ``release`` is set (``held`` is set
-    while it waits); then that fsync fails when ``fail``. Later fsyncs run as usual."""
-    name = f"{dcmread(target, stop_before_pixels=True).SOPInstanceUID}.dcm"
+def test_a_resend_in_the_batch_of_a_copy_whose_sync_fails_is_not_acknowledged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two copies of one instance in one batch (a resend from a second association): the first copy's fsync fails,
+    so neither is acknowledged (the second was linked as its duplicate), and no row points at a removed file."""
+    adm = _admission(tmp_path)
+    blocker, target = write_series(tmp_path / "ct", 15, 2, 32, tag="dupfail-")
+    resend = tmp_path / "resend.dcm"
+    shutil.copyfile(target, resend)
+    blk = str(dcmread(blocker, stop_before_pixels=True).SOPInstanceUID)
+    bad = str(dcmread(target, stop_before_pixels=True).SOPInstanceUID)
     held, release = threading.Event(), threading.Event()
     real = spool_module.fsync_dir
 
     def patched(path: Path) -> None:
-        if path.name == name and not held.is_set():
+        if path.name == f"{blk}.dcm":  # hold the first batch so that both copies queue into the next one
             held.set()
             release.wait(30)
-            if fail:
-                raise OSError(5, "Input/output error")
+        if path.name == f"{bad}.dcm":
+            raise OSError(5, "Input/output error")
         real(path)
 
     monkeypatch.setattr(spool_module, "fsync_dir", patched)
-    return held, release
+    out: dict[str, Any] = {}
 
-
-def _admit_in_thread(adm: Admission, path: Path, out: dict[str, Any], name: str) -> threading.Thread:
-    def admit() -> None:
+    def admit(name: str, path: Path) -> None:
         try:
             out[name] = adm.admit_file(path, Caller("CT01", "127.0.0.1"))
         except Exception as exc:  # noqa: BLE001 - collected for the assertions
             out[name] = exc
 
-    t = threading.Thread(target=admit)
-    t.start()
-    return t
-
-
-def test_a_resend_racing_a_copy_whose_sync_fails_is_stored_with_its_own_bytes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two copies of one instance at once (a resend from a second association): the first copy's fsync fails
-    (0xA700, unlinked). The resend waited for it (it was not linked as the first copy's duplicate, so not
-    acknowledged on bytes that were then removed) and is then stored as the only copy, with its own bytes."""
-    adm = _admission(tmp_path)
-    (target,) = write_series(tmp_path / "ct", 15, 1, 32, tag="dupfail-")
-    resend = tmp_path / "resend.dcm"
-    shutil.copyfile(target, resend)
-    held, release = _held_copy(adm, monkeypatch, target, fail=True)
-    out: dict[str, Any] = {}
-    threads = [_admit_in_thread(adm, target, out, "first")]
-    wait_until(held.is_set, timeout=30, what="the first copy syncing")
-    threads.append(_admit_in_thread(adm, resend, out, "resend"))
-    wait_until(lambda: adm.writer.waited >= 1, timeout=30, what="the resend waiting for the first copy")
-    assert "resend" not in out  # nothing answered while the first copy is in flight
+    threads = [threading.Thread(target=admit, args=("blocker", blocker))]
+    threads[0].start()
+    wait_until(held.is_set, timeout=30, what="the first batch syncing")
+    for name, path in (("first", target), ("resend", resend)):
+        threads.append(threading.Thread(target=admit, args=(name, path)))
+        threads[-1].start()
+    wait_until(lambda: adm.writer._queue.qsize() == 2, timeout=30, what="both copies queued")
     release.set()
     for t in threads:
         t.join(30)
-    assert isinstance(out["first"], IngestError) and out["first"].status == Status.OUT_OF_RESOURCES, out
-    assert not isinstance(out["resend"], Exception) and not out["resend"].duplicate, out
+    assert not isinstance(out["blocker"], Exception), out
+    for name in ("first", "resend"):
+        assert isinstance(out[name], IngestError) and out[name].status == Status.OUT_OF_RESOURCES, out
     assert adm.index.count_instances() == 1
-    assert out["resend"].path.read_bytes() == resend.read_bytes()
-
-
-def test_a_conflicting_resend_racing_its_first_copy_is_a_conflict_not_a_success_on_other_bytes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A resend with other bytes arriving while the first copy is being made durable (the race that lost data
-    in the multi-process receiver, docs/benchmarks.md): it waits for the first copy, then is recorded as a
-    conflict and kept aside; the first copy stays, byte for byte."""
-    adm = _admission(tmp_path)
-    (target,) = write_series(tmp_path / "ct", 17, 1, 32, tag="dupconf-")
-    other = tmp_path / "other.dcm"
-    ds = dcmread(target)
-    ds.PixelData = bytes([ds.PixelData[0] ^ 0xFF]) + ds.PixelData[1:]  # other pixels, same UIDs
-    ds.save_as(other)
-    held, release = _held_copy(adm, monkeypatch, target, fail=False)
-    out: dict[str, Any] = {}
-    threads = [_admit_in_thread(adm, target, out, "first")]
-    wait_until(held.is_set, timeout=30, what="the first copy syncing")
-    threads.append(_admit_in_thread(adm, other, out, "other"))
-    wait_until(lambda: adm.writer.waited >= 1, timeout=30, what="the resend waiting for the first copy")
-    release.set()
-    for t in threads:
-        t.join(30)
-    assert not isinstance(out["first"], Exception) and not out["first"].duplicate, out
-    assert not isinstance(out["other"], Exception) and out["other"].duplicate, out
-    assert out["first"].path.read_bytes() == target.read_bytes()
-    assert adm.index.count_instances() == 1 and adm.index.count_conflicts() == 1
+    assert {p.stem for p in adm.spool.instances.rglob("*.dcm")} == {blk}
 
 
 def test_a_series_folder_whose_parents_failed_to_sync_is_synced_again(tmp_path: Path,
@@ -481,13 +445,13 @@ def test_a_stalled_writer_answers_a700_after_the_deadline(tmp_path: Path, monkey
     adm = _admission(tmp_path)
     files = write_series(tmp_path / "ct", 12, 1, 32, tag="stall-")
     release = threading.Event()
-    real = adm.index.add_instances
+    real = adm.spool.sync
 
-    def slow(*args: Any) -> list[bool]:
+    def slow(*args: Any) -> dict[Path, OSError]:
         release.wait(30)
         return real(*args)
 
-    monkeypatch.setattr(adm.index, "add_instances", slow)
+    monkeypatch.setattr(adm.spool, "sync", slow)
     adm.writer = GroupCommit(adm.spool, adm.index, timeout_s=0.5)
     try:
         with pytest.raises(IngestError) as err:
