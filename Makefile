@@ -63,4 +63,4 @@ lint-docker: install
 	$(VENV)/bin/hadolint Dockerfile
 
 clean:
-	rm -rf $(VENV) .venv-eclare spool srnode-out demo-run .pytest_cache .mypy_cache
+	rm -rf $(VENV) .venv-eclare srnode-out demo-run .pytest_cache .mypy_cache

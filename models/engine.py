@@ -135,6 +135,17 @@ class CpuPrecision(StrEnum):
     FLOAT32 = "float32"
 
 
+def resolved_cpu_precision(precision: CpuPrecision) -> CpuPrecision:
+    """``precision`` as it runs on this machine's CPU: ``auto`` becomes ``bf16`` where the CPU has native bf16
+    convolutions (``models.internal.cpu_bf16``), else ``float32``; the others are themselves. The node's UID
+    digest and the engine report use this, so one config on two CPUs that compute differently is told apart."""
+    if precision != CpuPrecision.AUTO:
+        return precision
+    from models.internal import cpu_bf16  # torch is imported only when an engine is used
+
+    return CpuPrecision.BF16 if cpu_bf16() else CpuPrecision.FLOAT32
+
+
 class TorchCompile(StrEnum):
     """Whether the network passes run through ``torch.compile`` (CUDA only; ignored on the CPU): ``none`` (eager),
     ``default`` (inductor's default mode) or ``max-autotune`` (inductor benchmarks kernel choices, Triton

@@ -48,6 +48,7 @@ from models.engine import (
     TorchCompile,
     VolumeInput,
     output_shape,
+    resolved_cpu_precision,
 )
 from models.nets import SRNet
 from models.prior import DEFAULT_WEIGHTS, load_prior, make_net, pick_device
@@ -161,6 +162,8 @@ class SelfSupEngine:
             passes = min(passes, 2)  # CPU fast mode: coronal + sagittal only
         report: dict[str, Any] = {"device": str(device), "degradation": model.describe(), "tta_passes": passes,
                                   "prior": self.weights.name if prior else ""}
+        if device.type == "cpu":  # the network passes' arithmetic, ``auto`` resolved for this CPU
+            report["cpu_precision"] = resolved_cpu_precision(opt.cpu_precision).value
         if fit is not None:
             report["profile_fwhm_ratio"] = fit.ratio  # the data's FWHM / SliceThickness (models.profile)
         out_n, sig_n = vol_n, np.zeros(vol_n.shape, np.float32)  # calloc: pages untouched unless used

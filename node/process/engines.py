@@ -28,6 +28,7 @@ from models.engine import (
     Progress,
     VolumeInput,
     get_engine,
+    resolved_cpu_precision,
     upscale,
 )
 from models.engine import EngineError as ModelsEngineError
@@ -79,6 +80,8 @@ def settings_digest(options: EngineOptions) -> str:
     ``models/weights/*.pt``). It enters the derived UIDs, so a re-run with other settings or weights makes new
     SOP instances instead of reusing the UIDs of different pixels (a PACS keeping the first copy would show stale
     pixels under a confirmed delivery). Unreadable weight files count by name only (the engine itself reports them)."""
+    # ``auto`` precision as it runs here: bf16 and float32 passes differ by up to a few HU
+    options = dataclasses.replace(options, cpu_precision=resolved_cpu_precision(options.cpu_precision))
     fields = {k: str(v) for k, v in sorted(dataclasses.asdict(options).items())}
     paths = [Path(options.weights)] if options.weights else sorted(SHIPPED_WEIGHTS.glob("*.pt"))
     weights = {}

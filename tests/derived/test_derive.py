@@ -145,6 +145,7 @@ def _check_files(objs: DerivedObjects, tmp_path: Path) -> None:
 def test_other_engine_settings_or_weights_give_other_uids(phantom: SeriesVolume, tmp_path: Path) -> None:
     """Re-processing with other settings or weights must not reuse the UIDs of different pixels (a PACS that keeps
     the first copy would show stale pixels under a confirmed delivery); the same settings keep the same UIDs."""
+    from models.engine import CpuPrecision, resolved_cpu_precision
     from node.process.engines import settings_digest
 
     vol = _crop(phantom, 16)
@@ -154,6 +155,10 @@ def test_other_engine_settings_or_weights_give_other_uids(phantom: SeriesVolume,
     assert settings_digest(EngineOptions()) == base
     assert settings_digest(EngineOptions(tta_passes=4)) != base
     assert settings_digest(EngineOptions(fast=True)) != base
+    # cpu_precision "auto" counts as what it runs as on this CPU: the same UIDs as that value, others than the other
+    here = resolved_cpu_precision(CpuPrecision.AUTO)
+    there = CpuPrecision.FLOAT32 if here == CpuPrecision.BF16 else CpuPrecision.BF16
+    assert base == settings_digest(EngineOptions(cpu_precision=here)) != settings_digest(EngineOptions(cpu_precision=there))
     w = tmp_path / "w.pt"
     w.write_bytes(b"one")
     other = settings_digest(EngineOptions(weights=str(w)))
