@@ -129,8 +129,10 @@ def _lean_requests(assoc: Any, timeout_s: float) -> Any:
     instance (py-spy --gil, 4 associations to storescp), most of the node's delivery time (docs/benchmarks.md
     "Delivery"). Only plain sockets: a TLS socket must not be written by one thread while another reads it.
     pynetdicom's EVT_DIMSE_SENT / EVT_PDU_SENT are not triggered for these requests (the node binds neither on
-    a sender). A failed write aborts the association (nothing else may follow half a message) and raises
-    OSError, which ``_send_one`` reports as a retryable failure."""
+    a sender). A failed write (a peer that read nothing for ``timeout_s``, or closed) shuts the connection down
+    and aborts the association (nothing else may follow half a message; an A-ABORT queued behind a send buffer
+    the peer never reads would hold the sending thread, and the delivery, for ever) and raises OSError, which
+    ``_send_one`` reports as a retryable failure."""
     raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
     if not isinstance(raw, socket.socket) or isinstance(raw, ssl.SSLSocket):
         return assoc
@@ -157,6 +159,10 @@ def _lean_requests(assoc: Any, timeout_s: float) -> Any:
         try:
             _send_all(raw, data, timeout_s)
         except OSError:
+            try:  # the peer reads nothing more: pynetdicom's A-ABORT would wait on the full send buffer for ever
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             assoc.abort()
             raise
 

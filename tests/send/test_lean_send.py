@@ -111,3 +111,51 @@ def _echo(port: int) -> bool:
 def _dataset_bytes(path: Path) -> bytes:
     _, offset = split_dataset(path)
     return path.read_bytes()[offset:]
+
+
+def test_a_peer_that_stops_reading_ends_the_delivery_retryable(tmp_path: Path) -> None:
+    """A PACS whose reader blocks after a few PDUs of a large instance (its receive and our send buffers fill):
+    the send ends with a retryable DeliveryError after about ``timeout_s``, instead of holding the outbox's thread
+    (and with it the delivery) until the peer reads again."""
+    import threading
+
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    from node.bench.ingest import write_series
+    from node.errors import DeliveryError
+
+    files = write_series(tmp_path / "in", 7, 2, 3200, tag="stall-")  # two ~20 MB instances
+    release, pdus = threading.Event(), [0]
+
+    def on_pdu(event: object) -> None:
+        if isinstance(getattr(event, "pdu", None), P_DATA_TF):
+            pdus[0] += 1
+            if pdus[0] == 4:
+                release.wait(120)  # the peer's reader stops here
+
+    ae = AE("STALLING")
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_PDU_RECV, on_pdu)])
+    outcome: list[BaseException | None] = []
+
+    def send() -> None:
+        try:
+            make_sender(DicomDestination(name="stall", ae_title="STALLING", host="127.0.0.1", port=port,
+                                         timeout_s=5.0, associations=1)).send(files)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=send, daemon=True)
+    try:
+        worker.start()
+        worker.join(60)  # a deadline, far above timeout_s: the send must not wait for the peer
+        assert not worker.is_alive(), "the send still waits on a peer that reads nothing"
+        assert isinstance(outcome[0], DeliveryError) and outcome[0].retryable, outcome
+        assert "read nothing" in str(outcome[0]), outcome
+    finally:
+        release.set()
+        server.shutdown()
