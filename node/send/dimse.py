@@ -321,6 +321,10 @@ class DimseSender:
             except Exception as exc:  # noqa: BLE001 - pydicom/pylibjpeg errors
                 raise DeliveryError(f"{path}: cannot be read or transcoded for {self._where()}: {exc}",
                                     retryable=False) from exc
+            missing = [k for k in ("SOPClassUID", "SOPInstanceUID") if not what.get(k)]
+            if missing:  # only the file meta names it: pynetdicom finds no context for '' (a retry cannot help)
+                raise DeliveryError(f"{path}: cannot be transcoded for {self._where()}: the data set has no "
+                                    f"{' / '.join(missing)}", retryable=False)
         try:
             rsp = assoc.send_c_store(what)
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises on encoding/context problems

@@ -159,3 +159,26 @@ def test_a_peer_that_stops_reading_ends_the_delivery_retryable(tmp_path: Path) -
     finally:
         release.set()
         server.shutdown()
+
+
+def test_a_file_whose_data_set_lacks_its_sop_class_is_refused_once_not_retried(tmp_path: Path) -> None:
+    """A file that names its SOP class only in the file meta, to a peer that refuses its transfer syntax (here
+    storescp accepting implicit VR only): the transcoding path cannot send it (no context for ''); a clear,
+    non-retryable failure instead of attempts until the dead letter."""
+    from node.errors import DeliveryError
+
+    path = phantom(tmp_path / "in", seed=73, slices=1, size=16)[0]
+    ds = pydicom.dcmread(path)
+    del ds.SOPClassUID
+    ds.save_as(path)
+    port = free_port()
+    scp = subprocess.Popen(["storescp", "+xi", "-aet", "STORESCP", str(port)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _echo(port), timeout=30, what="storescp")
+        with pytest.raises(DeliveryError) as exc:
+            make_sender(DicomDestination(name="scp", ae_title="STORESCP", host="127.0.0.1", port=port)).send([path])
+        assert not exc.value.retryable and "SOPClassUID" in str(exc.value)
+    finally:
+        scp.terminate()
+        scp.wait(timeout=10)
