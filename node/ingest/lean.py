@@ -51,6 +51,8 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.dimse_messages import _MESSAGE_TYPES
 from pynetdicom.dsutils import decode
 
+from node.dimse import command_element, even_uid, pdata_pdus
+
 log = logging.getLogger(__name__)
 
 MAX_COMMAND_BYTES = 64 << 10  # a command set beyond this is aborted (C-STORE's are ~200 bytes; pynetdicom has no cap)
@@ -73,7 +75,6 @@ _STORE_RQ_ELEMENTS: dict[int, str] = {
 }
 _ELEMENT = struct.Struct("<HHL")
 _PDV = struct.Struct(">LBB")
-_PDU_HEAD = struct.Struct(">BBL")
 
 
 @dataclass(frozen=True)
@@ -161,22 +162,18 @@ def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str) -> 
     return b"\0" * 128 + b"DICM" + _explicit(0x0002_0000, b"UL", struct.pack("<L", len(body))) + body
 
 
-def _implicit(tag: int, value: bytes) -> bytes:
-    return _ELEMENT.pack(tag >> 16, tag & 0xFFFF, len(value)) + value
-
-
 def store_rsp_command(cmd: StoreCommand, status: int) -> bytes:
     """The C-STORE-RSP command set pynetdicom 3.0 encodes for ``cmd`` answered with ``status`` (implicit VR
     little endian; PS3.7 Table 9.3-2: Affected SOP Class/Instance UID, Message ID Being Responded To, Status)."""
     body = b"".join((
-        _implicit(0x0000_0002, _even(cmd.sop_class.encode("ascii"), b"\0")),
-        _implicit(0x0000_0100, struct.pack("<H", C_STORE_RSP)),
-        _implicit(0x0000_0120, struct.pack("<H", cmd.message_id)),
-        _implicit(0x0000_0800, struct.pack("<H", NO_DATASET)),
-        _implicit(0x0000_0900, struct.pack("<H", status)),
-        _implicit(0x0000_1000, _even(cmd.sop_instance.encode("ascii"), b"\0")),
+        command_element(0x0000_0002, even_uid(cmd.sop_class)),
+        command_element(0x0000_0100, struct.pack("<H", C_STORE_RSP)),
+        command_element(0x0000_0120, struct.pack("<H", cmd.message_id)),
+        command_element(0x0000_0800, struct.pack("<H", NO_DATASET)),
+        command_element(0x0000_0900, struct.pack("<H", status)),
+        command_element(0x0000_1000, even_uid(cmd.sop_instance)),
     ))
-    return _implicit(0x0000_0000, struct.pack("<L", len(body))) + body
+    return command_element(0x0000_0000, struct.pack("<L", len(body))) + body
 
 
 def store_rsp_pdus(cmd: StoreCommand, status: int, context_id: int, peer_max_pdu: int) -> bytes:
@@ -184,16 +181,10 @@ def store_rsp_pdus(cmd: StoreCommand, status: int, context_id: int, peer_max_pdu
     length is ``peer_max_pdu`` (bytes; 0: unlimited): one PDV per PDU, each at most ``peer_max_pdu - 6`` bytes
     of the command. Raises LeanAbort for a ``peer_max_pdu`` of 1-6 (no item fits: ``node.dimse.max_pdu_problem``;
     the SCP rejects such associations before any PDU)."""
-    command = store_rsp_command(cmd, status)
-    size = peer_max_pdu - 6 if peer_max_pdu else len(command)
-    if size < 1:
-        raise LeanAbort(f"the peer's maximum PDU length of {peer_max_pdu} byte(s) cannot carry a response")
-    out = []
-    for start in range(0, len(command), size):
-        piece = command[start:start + size]
-        control = 0x03 if start + size >= len(command) else 0x01
-        out.append(_PDU_HEAD.pack(0x04, 0, 6 + len(piece)) + _PDV.pack(2 + len(piece), context_id, control) + piece)
-    return b"".join(out)
+    try:
+        return b"".join(pdata_pdus(store_rsp_command(cmd, status), context_id, peer_max_pdu, command=True))
+    except ValueError as exc:
+        raise LeanAbort(f"the peer's maximum PDU length of {peer_max_pdu} byte(s) cannot carry a response") from exc
 
 
 def pdata_item_problem(pdu: bytes | bytearray, accepted: Container[int]) -> str | None:
