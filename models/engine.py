@@ -12,6 +12,7 @@ Geometry contract (the node relies on it):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from collections.abc import Callable, Mapping
@@ -135,14 +136,25 @@ class CpuPrecision(StrEnum):
     FLOAT32 = "float32"
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_bf16() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (AVX-512 BF16 / AMX, oneDNN): there bf16 inference
+    measured 2x faster than float32 (2-core shared CPU, ``SRNet`` 6 x 32 on 32 x 67 x 512 images) with a
+    residual error of <= 0.5 % of the residual (~1e-4 of the data range)."""
+    import torch  # only once an engine asks: this module stays importable without torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and bool(torch.cpu._is_avx512_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolved_cpu_precision(precision: CpuPrecision) -> CpuPrecision:
     """``precision`` as it runs on this machine's CPU: ``auto`` becomes ``bf16`` where the CPU has native bf16
-    convolutions (``models.internal.cpu_bf16``), else ``float32``; the others are themselves. The node's UID
+    convolutions (:func:`cpu_bf16`), else ``float32``; the others are themselves. The node's UID
     digest and the engine report use this, so one config on two CPUs that compute differently is told apart."""
     if precision != CpuPrecision.AUTO:
         return precision
-    from models.internal import cpu_bf16  # torch is imported only when an engine is used
-
     return CpuPrecision.BF16 if cpu_bf16() else CpuPrecision.FLOAT32
 
 

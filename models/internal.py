@@ -28,7 +28,7 @@ from models.degrade import (
     slice_profile,
     through_plane_matrix,
 )
-from models.engine import CpuPrecision, Progress
+from models.engine import CpuPrecision, Progress, cpu_bf16
 from models.nets import CpuBf16Forward, SRNet, SRNetConfig, cpu_fused_ok
 
 log = logging.getLogger(__name__)
@@ -179,17 +179,6 @@ def split_slices(n: int, n_train: int, n_val: int, seed: int) -> tuple[np.ndarra
     train = np.sort(rng.choice(train, min(n_train, train.size), replace=False))
     val = np.sort(rng.choice(val, min(n_val, val.size), replace=False))
     return train, val
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_bf16() -> bool:
-    """Whether this CPU runs bf16 convolutions natively (AVX-512 BF16 / AMX, oneDNN): there bf16 inference
-    measured 2x faster than float32 (2-core shared CPU, ``SRNet`` 6 x 32 on 32 x 67 x 512 images) with a
-    residual error of <= 0.5 % of the residual (~1e-4 of the data range)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and bool(torch.cpu._is_avx512_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def inference_bf16(net: SRNet, device: torch.device) -> bool:
