@@ -44,6 +44,11 @@ SMOOTH_RADIUS = 1
 # target's acquired positions less well: there the lower noise term over-covered (MPRAGE 0.993, XA30 0.984) and
 # the estimate is kept (docs/engines.md, sigma5)
 NOISE_FROM_PAIRS = True
+# sigma10: the fewest test-time views with which ``validate`` measures the noise level on the pairs (2: as before,
+# fast mode's one view keeps the estimate; 1: fast mode too). Under sigma9's "xy_zscale" q the z pairs set the level,
+# and the in-plane estimate (texture counted as noise on MR) flattens sigma: XA30 fast, 95 % of sigma^2 the constant
+# noise term (docs/engines.md, sigma10)
+NOISE_MIN_VIEWS = 2
 LOW_U_FRACTION = 0.2  # ``noise_level``: the share of voxels with the smallest feature u where noise dominates |err|
 # through-plane: True takes the held-out pairs' feature |engine - cubic| against the plain cubic B-spline up-sampling,
 # as on the target grid (``target_u`` gets the cubic before data consistency); False (the default, as before sigma6)
@@ -454,7 +459,7 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
     choice = choose_kj(h.std[sub], h.delta[sub], h.grad[sub], np.abs(err[sub]), h.block[sub],
                        KJ_RULE if through else "max")
     rho, k, j = choice.rho, choice.k, choice.j
-    from_pairs = NOISE_FROM_PAIRS and n_flips >= 2 and through
+    from_pairs = NOISE_FROM_PAIRS and n_flips >= NOISE_MIN_VIEWS and through
 
     def level_of(kk: float, jj: float) -> float:  # the fit part's noise level (``noise_level``) for u(kk, jj)
         return noise_level(np.abs(err[sub]), h.u(kk, jj)[sub], h.noise[sub]) if from_pairs else 1.0

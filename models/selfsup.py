@@ -68,6 +68,7 @@ T = TypeVar("T")
 # "zwidth" and PLAIN_CUBIC_FEATURE = True: 7 of the 8 eval runs in [0.93, 0.97] at 8-32 % less width, the
 # phantom's whole engine 0.917: not the default, docs/engines.md sigma8); sigma9: the default, with KJ_RULE "zrho"
 # (7 of 8 in range, the phantom's whole engine 0.9702, none under; docs/engines.md sigma9)
+# "xy_zscale_phase" (sigma10): "xy_zscale" without the floor at the pooled in-plane q (per phase alone)
 SIGMA_FROM = "xy_zscale"
 # the through-plane q x a factor after fine-tuning (FINETUNE_FAR): fine-tuning adapts the net to the in-plane
 # pairs' task, so the held-out pairs' error understates the target's (docs/engines.md, calib3 and calib4)
@@ -286,11 +287,11 @@ class SelfSupEngine:
             zf_rows = (vol_n.shape[0] - 1) * f + 1  # truth-noise sd per output slice (its phase k % f)
             extra = il.target_noise_rows(il.noise_sigma(vol_n), model, min(spacing[1:]), zf_rows)
             rho = il.z_difficulty(vol_n, spacing, model, val_z)
-            use_z = SIGMA_FROM in ("z", "mean", "max", "xy_zscale") or (
+            use_z = SIGMA_FROM in ("z", "mean", "max", "xy_zscale", "xy_zscale_phase") or (
                 FINETUNE_SIGMA and FINETUNE_FAR == "coarse" and not self._skip_training(kind))
             zsets = cal.z_pairs(vol_n, model, device, src_spacing=min(spacing[1:])) if use_z else []
             csets = (cal.coarse_pairs(vol_n, spacing, model, val_z, device)
-                     if SIGMA_FROM == "xy_zscale" and zsets else [])
+                     if SIGMA_FROM.startswith("xy_zscale") and zsets else [])
             return extra, rho, zsets, csets
 
         helpers = self._soon(device, sigma_helpers)
@@ -456,7 +457,7 @@ class SelfSupEngine:
         extra, rho, zsets, csets = helpers.result()
         n_views = max(1, passes // orients)
         zh = ch = None  # "xy_zscale": the engine's features and errors on the z pairs and the coarse in-plane pairs
-        if SIGMA_FROM == "xy_zscale" and zsets and csets:
+        if SIGMA_FROM.startswith("xy_zscale") and zsets and csets:
             zh = _on(side, lambda: cal.held(net, zsets, n_views))
             ch = _on(side, lambda: cal.held(net, csets, n_views))
         v = _on(side, lambda: self._validate(kind, net, val, n_views, report, tie=zh))
@@ -491,7 +492,8 @@ class SelfSupEngine:
         q_phase = {"z": q_z, "xy": q_xy, "xy_pooled": q_pool, "xy_floor": np.maximum(q_xy, q_pool),
                    "mean": 0.5 * (q_xy + q_z), "max": np.maximum(q_xy, q_z), "xy_shape": q_pool * transfer,
                    "xy_phase_shape": q_xy * transfer,
-                   "xy_zscale": np.maximum(v.q_rows(f), v.q) * zscale}[SIGMA_FROM]
+                   "xy_zscale": np.maximum(v.q_rows(f), v.q) * zscale,
+                   "xy_zscale_phase": v.q_rows(f) * zscale}[SIGMA_FROM]
         if prior_net is not None and FINETUNE_SIGMA:  # held-out pairs made optimistic by fine-tuning: undo it
             n_flips = n_views
             g_prior = _on(side, lambda: cal.heldout_gain(prior_net, val, n_flips))

@@ -510,3 +510,31 @@ def test_zrho_breaks_the_near_tie_by_the_rank_on_the_z_pairs(monkeypatch: pytest
     v = cal.validate(torch.nn.Identity(), [_Pairs()], 1, tie=_twin_features(100, True))  # type: ignore[arg-type, list-item]
     zt = _twin_features(100, True)
     assert v.k > 0 and v.j * zt.grad.mean() < 0.01 * v.k * zt.delta.mean() and v.n_near > 1, (v.k, v.j, v.n_near)
+
+
+def test_noise_min_views_measures_the_noise_level_with_one_view(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sigma10, ``NOISE_MIN_VIEWS``: held-out pairs whose |err| is white noise of sd 1 plus an error ~ the feature
+    delta, while the pairs report a noise 3 x too large (texture counted as noise). With one view (fast mode) and
+    the default (2 views needed) the estimate is kept (noise factor 1); with ``NOISE_MIN_VIEWS = 1`` ``validate``
+    measures it on the low-u voxels: about 1/3 (an upper bound: the engine's own error left there biases it up),
+    and the calibrated interval still covers 95 % of the pairs with the lowered noise term."""
+    rng = np.random.default_rng(7)
+    n = 40_000
+    delta = np.exp(rng.normal(0.0, 0.8, n))
+    err = rng.normal(0.0, 1.0, n) * np.sqrt(1.0 + (0.5 * delta) ** 2)
+    h = cal.Held(err, err, np.zeros(n), delta, np.zeros(n), np.full(n, 3.0), np.arange(n) % 2,
+                 np.arange(n) * cal.JACKKNIFE_BLOCKS // n)
+
+    class _Pairs:  # a through-plane pair set as ``validate`` sees it (features from the patched ``_held``)
+        task = il.Task(2, 1, True, DegradationModel(2, 1, 2.0, 2.0, 1.0))
+
+    monkeypatch.setattr(cal, "_held", lambda *a: cal.Held(*(np.copy(x) for x in (
+        h.err, h.base_err, h.std, h.delta, h.grad, h.noise, h.phase, h.block))))
+    monkeypatch.setattr(cal, "KJ_RULE", "max")
+    assert cal.NOISE_MIN_VIEWS == 2
+    v = cal.validate(torch.nn.Identity(), [_Pairs()], 1)  # type: ignore[arg-type, list-item]
+    assert v.noise_factor == 1.0
+    monkeypatch.setattr(cal, "NOISE_MIN_VIEWS", 1)
+    v1 = cal.validate(torch.nn.Identity(), [_Pairs()], 1)  # type: ignore[arg-type, list-item]
+    assert 0.3 <= v1.noise_factor <= 0.45, v1.noise_factor
+    assert 0.94 <= v1.coverage_95 <= 0.96, v1.coverage_95
