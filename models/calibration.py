@@ -49,6 +49,11 @@ NOISE_FROM_PAIRS = True
 # and the in-plane estimate (texture counted as noise on MR) flattens sigma: XA30 fast, 95 % of sigma^2 the constant
 # noise term (docs/engines.md, sigma10)
 NOISE_MIN_VIEWS = 2
+# sigma10: with one view (NOISE_MIN_VIEWS = 1), the noise factor is at least this (``noise_level`` measures only an
+# upper bound of the pairs' noise; with one view the features transfer to the target's acquired positions less well,
+# sigma5). 0.7 of the two values measured (0.5, 0.7) on XA30 / MPRAGE fast: XA30 fast Spearman 0.493 -> 0.542 at a
+# narrower interval; the runs with >= 2 views (whole engine) are unchanged (docs/engines.md, sigma10)
+ONE_VIEW_NOISE_MIN = 0.7
 LOW_U_FRACTION = 0.2  # ``noise_level``: the share of voxels with the smallest feature u where noise dominates |err|
 # through-plane: True takes the held-out pairs' feature |engine - cubic| against the plain cubic B-spline up-sampling,
 # as on the target grid (``target_u`` gets the cubic before data consistency); False (the default, as before sigma6)
@@ -462,7 +467,10 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
     from_pairs = NOISE_FROM_PAIRS and n_flips >= NOISE_MIN_VIEWS and through
 
     def level_of(kk: float, jj: float) -> float:  # the fit part's noise level (``noise_level``) for u(kk, jj)
-        return noise_level(np.abs(err[sub]), h.u(kk, jj)[sub], h.noise[sub]) if from_pairs else 1.0
+        if not from_pairs:
+            return 1.0
+        c = noise_level(np.abs(err[sub]), h.u(kk, jj)[sub], h.noise[sub])
+        return max(c, ONE_VIEW_NOISE_MIN) if n_flips < 2 else c
 
     if choice.near and tie is not None and through:
         k, j = (best_rank_on(tie, choice.near, seed) if KJ_RULE == "zrho"
