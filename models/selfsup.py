@@ -68,7 +68,8 @@ T = TypeVar("T")
 # "zwidth" and PLAIN_CUBIC_FEATURE = True: 7 of the 8 eval runs in [0.93, 0.97] at 8-32 % less width, the
 # phantom's whole engine 0.917: not the default, docs/engines.md sigma8); sigma9: the default, with KJ_RULE "zrho"
 # (7 of 8 in range, the phantom's whole engine 0.9702, none under; docs/engines.md sigma9)
-# "xy_zscale_phase" (sigma10): "xy_zscale" without the floor at the pooled in-plane q (per phase alone)
+# "xy_zscale_phase" (sigma10): "xy_zscale" without the floor at the pooled in-plane q (per phase alone); measured with
+# calibration.NOISE_MIN_VIEWS = 1, not kept: XA30 fast 0.928, phantom fast 0.937 (docs/engines.md, sigma10)
 SIGMA_FROM = "xy_zscale"
 # the through-plane q x a factor after fine-tuning (FINETUNE_FAR): fine-tuning adapts the net to the in-plane
 # pairs' task, so the held-out pairs' error understates the target's (docs/engines.md, calib3 and calib4)
