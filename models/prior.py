@@ -104,13 +104,17 @@ def _through_sets(vols: list[VolumeInput], f: int, device: torch.device, seed: i
     return sets
 
 
-def _in_sets(vols: list[VolumeInput], f: int, device: torch.device, seed: int, held_out: bool) -> list[il.PairSet]:
+IN_SLICES = 24  # training slices per series of the in-plane nets (``train_prior``'s default)
+
+
+def _in_sets(vols: list[VolumeInput], f: int, device: torch.device, seed: int, held_out: bool,
+             n_train: int = IN_SLICES) -> list[il.PairSet]:
     sets: list[il.PairSet] = []
     for i, v in enumerate(vols):
         vn = _normalise(v)
         if min(vn.shape[1:]) < 8 * f:
             continue
-        train_z, val_z = il.split_slices(vn.shape[0], 24, 6, seed + i)
+        train_z, val_z = il.split_slices(vn.shape[0], n_train, 6, seed + i)
         sets += ip.in_plane_pairs(vn, f, val_z if held_out else train_z, device, ip.CONTEXT,
                                   ip.square_pixels(v.spacing))
     return sets
@@ -118,13 +122,16 @@ def _in_sets(vols: list[VolumeInput], f: int, device: torch.device, seed: int, h
 
 def train_prior(vols: list[VolumeInput], steps: int, device: torch.device, cfg: SRNetConfig, seed: int = 0,
                 only: str = "", keep: dict[str, Any] | None = None, factors: tuple[int, ...] = (),
-                sampling: str = "uniform", progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                sampling: str = "uniform", progress: Progress | None = None,
+                in_slices: int = IN_SLICES) -> tuple[dict[str, Any], dict[str, Any]]:
     """(checkpoint, metrics): nets for every factor trained ``steps`` steps each on all ``vols``; in-plane nets
     see ``inplane.CONTEXT`` slices. ``only`` ("in" | "through"): train that kind only and copy the other kind's
     nets from the checkpoint ``keep`` (which must have the same width and depth); ``factors`` (with ``only``):
     train these factors of that kind only, the others are kept too. ``sampling`` ("uniform" | "gradient"): where
     training patches are drawn (``internal.train``). ``progress`` gets each net's steps and loss, stage
-    "<kind> x<f> (<k>/<n>)". ValueError when ``factors`` is given without ``only``."""
+    "<kind> x<f> (<k>/<n>)". ``in_slices``: training slices per series of the in-plane nets (drawn at random
+    from the 4 in 5 not held out for validation; all of them when fewer). ValueError when ``factors`` is given
+    without ``only``."""
     ckpt: dict[str, Any] = {"format": 1, "config": {"width": cfg.width, "depth": cfg.depth, "in_context": ip.CONTEXT},
                             "norm": "percentile 0.5-99.5", "through": {}, "in": {}}
     if only:
@@ -145,8 +152,11 @@ def train_prior(vols: list[VolumeInput], steps: int, device: torch.device, cfg: 
     jobs = [j for j in jobs if (not only or j[0] == only) and (not factors or j[1] in factors)]
     for k, (kind, f) in enumerate(jobs, start=1):
         t = time.perf_counter()
-        make = _through_sets if kind == "through" else _in_sets
-        sets, val = make(vols, f, device, seed, False), make(vols, f, device, seed, True)
+        if kind == "through":
+            sets, val = _through_sets(vols, f, device, seed, False), _through_sets(vols, f, device, seed, True)
+        else:
+            sets = _in_sets(vols, f, device, seed, False, in_slices)
+            val = _in_sets(vols, f, device, seed, True, in_slices)
         if not sets or not val:
             log.warning("prior %s x%d: no training pairs, skipped", kind, f)
             continue

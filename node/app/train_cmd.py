@@ -60,6 +60,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="with --only: retrain these factors only (the others are kept too)")
     parser.add_argument("--sampling", choices=["uniform", "gradient"], default="uniform",
                         help="training patch corners: uniform, or half in proportion to the input's |gradient|")
+    parser.add_argument("--in-slices", type=int, default=24,
+                        help="in-plane nets: training slices per series (at random from the 4 in 5 not held out "
+                             "for validation; all of them when fewer)")
     parser.add_argument("--sources", type=Path, default=None,
                         help="JSON list of where the training series came from (repository, commit, path, "
                              "licence), copied into <out>.json as 'sources'")
@@ -115,7 +118,8 @@ def _run(args: argparse.Namespace, bar: StageBar, bars: bool) -> int:
     t0 = time.perf_counter()
     bar.stage(f"training on {len(vols)} series")
     ckpt, metrics = train_prior(vols, args.steps, device, SRNetConfig(width=args.width, depth=args.depth), args.seed,
-                                args.only, keep, tuple(args.factors), args.sampling, bar.engine if bars else None)
+                                args.only, keep, tuple(args.factors), args.sampling, bar.engine if bars else None,
+                                in_slices=args.in_slices)
     if args.only:  # the kept nets' figures and provenance stay on record
         other = "through" if args.only == "in" else "in"
         kept = {k: v for k, v in kept_prov.get("metrics", {}).items()
@@ -124,7 +128,7 @@ def _run(args: argparse.Namespace, bar: StageBar, bars: bool) -> int:
         metrics = {**kept, **metrics}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, args.out)
-    prov = {"data": names, "steps_per_net": args.steps, "device": str(device),
+    prov = {"data": names, "steps_per_net": args.steps, "in_slices": args.in_slices, "device": str(device),
             "torch": torch.__version__, "commit": _commit(), "seconds": round(time.perf_counter() - t0, 1),
             "config": ckpt["config"], "metrics": metrics, "bytes": args.out.stat().st_size,
             "method": "internal pairs from in-plane axes (box profiles: contiguous, gap, overlap) and ZSSR pairs "
