@@ -45,9 +45,9 @@ SMOOTH_RADIUS = 1
 # the estimate is kept (docs/engines.md, sigma5)
 NOISE_FROM_PAIRS = True
 # sigma10: the fewest test-time views with which ``validate`` measures the noise level on the pairs (2: before
-# sigma10, fast mode's one view keeps the estimate; 1, the default since sigma10: fast mode too). Under sigma9's "xy_zscale" q the z pairs set the level,
-# and the in-plane estimate (texture counted as noise on MR) flattens sigma: XA30 fast, 95 % of sigma^2 the constant
-# noise term (docs/engines.md, sigma10)
+# sigma10, fast mode's one view keeps the estimate; 1, the default since sigma10: fast mode too). Under sigma9's
+# "xy_zscale" q the z pairs set the level, and the in-plane estimate (texture counted as noise on MR) flattens sigma:
+# XA30 fast, 95 % of sigma^2 the constant noise term (docs/engines.md, sigma10)
 NOISE_MIN_VIEWS = 1
 # sigma10: with one view (NOISE_MIN_VIEWS = 1), the noise factor is at least this (``noise_level`` measures only an
 # upper bound of the pairs' noise; with one view the features transfer to the target's acquired positions less well,

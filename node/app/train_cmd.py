@@ -18,6 +18,7 @@ import torch
 
 from models.engine import VolumeInput
 from models.nets import SRNetConfig
+from models.prior import IN_SLICES
 from node.app.progress import StageBar, logs_through_bars, wanted
 from node.app.volume_file import load_volume
 from node.errors import NodeError, VolumeError
@@ -60,7 +61,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="with --only: retrain these factors only (the others are kept too)")
     parser.add_argument("--sampling", choices=["uniform", "gradient"], default="uniform",
                         help="training patch corners: uniform, or half in proportion to the input's |gradient|")
-    parser.add_argument("--in-slices", type=int, default=24,
+    parser.add_argument("--in-slices", type=int, default=IN_SLICES,
                         help="in-plane nets: training slices per series (at random from the 4 in 5 not held out "
                              "for validation; all of them when fewer)")
     parser.add_argument("--sources", type=Path, default=None,
