@@ -180,8 +180,10 @@ def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty
     no_sigma = "" if has_sigma else f"no uncertainty (engine {made['engine']})"
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    draw_figure(rows, title, f"\u03c3 ({units_long}), 0 to its 99.5th percentile; bright = engine unsure",
-                no_sigma, png, dpi)
+    legend = f"\u03c3 ({units_long}), 0 to its 99.5th percentile; bright = engine unsure"
+    if der.shape[0] > orig.shape[0]:  # new slices between acquired ones: calibrated per slice phase
+        legend += "; new slices are less sure than acquired ones (stripes in reformats)"
+    draw_figure(rows, title, legend, no_sigma, png, dpi)
     log.info("preview written: %s", png)
     return png
 

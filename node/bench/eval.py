@@ -114,21 +114,54 @@ def match_truth(thick: Loaded, thin: Loaded, f: int) -> tuple[np.ndarray, np.nda
     return np.nonzero(ok)[0], j[ok]
 
 
-def panel(path: Path, truth: np.ndarray, outs: dict[str, np.ndarray], sigma: np.ndarray, axis: str) -> None:
-    """PNG: truth | cubic | engine | |engine - truth| | sigma, on the central coronal (through) or axial slice."""
-    from PIL import Image
+def panel(path: Path, truth: np.ndarray, outs: dict[str, np.ndarray], sigma: np.ndarray, axis: str,
+          spacing: tuple[float, float, float], doc: dict[str, Any]) -> None:
+    """PNG of five labelled panels on the central coronal (``axis`` "through") or axial ("in") slice of the compared
+    grid: truth | cubic | engine, on the truth's 1st..99th percentile; |engine - truth| and 1.96 sigma (the 95 %
+    half-width) on one colour scale, 0 to the error's 99.5th percentile, with a colour bar in modality units.
+    ``spacing`` (dz, dy, dx) mm of ``truth``, so that pixels are shown square in millimetres; ``doc`` gives each
+    title its figures (body-masked PSNR, coverage). matplotlib's object API on the Agg canvas (no display).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     def cut(a: np.ndarray) -> np.ndarray:
         return a[:, a.shape[1] // 2, :] if axis == "through" else a[a.shape[0] // 2]
 
+    dz, dy, dx = spacing
+    aspect = dz / dx if axis == "through" else dy / dx  # rows' mm over columns' mm
     lo, hi = np.percentile(cut(truth), [1, 99])
-    tiles = [cut(truth), cut(outs["cubic"]), cut(outs["engine"])]
-    imgs = [np.clip((t - lo) / max(hi - lo, 1e-6), 0, 1) for t in tiles]
     err = np.abs(cut(outs["engine"]) - cut(truth))
     emax = max(float(np.percentile(err, 99.5)), 1e-6)
-    imgs += [np.clip(err / emax, 0, 1), np.clip(cut(sigma) * 1.96 / emax, 0, 1)]
-    row = np.concatenate([(255 * i).astype(np.uint8) for i in imgs], axis=1)
-    Image.fromarray(row).save(path)
+    eng, cub = doc.get("engine", {}), doc.get("cubic", {})
+    unc = doc.get("uncertainty", {}) or {}
+    name = doc.get("engine_name", "engine") + (f" (fallback: {doc['fallback']})" if doc.get("fallback") else "")
+
+    def db(d: dict[str, Any]) -> str:
+        return f"{d['psnr_db']:.2f} dB" if "psnr_db" in d else ""
+
+    tiles = [(cut(truth), "truth", "grey"), (cut(outs["cubic"]), f"cubic  {db(cub)}", "grey"),
+             (cut(outs["engine"]), f"{name}  {db(eng)}", "grey"), (err, "|engine \u2212 truth|", "err"),
+             (cut(sigma) * 1.96, "1.96 \u03c3" + (f"  (coverage {unc['coverage_95']:.3f})"
+                                                 if "coverage_95" in unc else ""), "err")]
+    fig = Figure(figsize=(3.2 * len(tiles), 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(tiles))
+    shown = None
+    for ax, (img, title, kind) in zip(axes, tiles, strict=True):
+        if kind == "grey":
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+        else:
+            shown = ax.imshow(img, cmap="magma", vmin=0.0, vmax=emax, aspect=aspect, interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if shown is not None:
+        fig.colorbar(shown, ax=list(axes[3:]), fraction=0.04, pad=0.02, label="modality units (HU for CT)")
+    plane = "central coronal slice" if axis == "through" else "central axial slice"
+    fig.suptitle(f"srnode eval: {doc.get('series', '')} {axis}-plane x{doc.get('factor', '')}, {plane}; grey "
+                 f"{lo:.4g} to {hi:.4g} (truth's 1st-99th percentile)", fontsize=10)
+    fig.savefig(path)
 
 
 def evaluate(lr_in: VolumeInput, truth: np.ndarray, factors: Factors, options: EngineOptions, engine: str,
@@ -221,7 +254,8 @@ def run(args: argparse.Namespace) -> int:
                 "device": args.device, "fast": args.fast})
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2, default=float) + "\n")
-    panel(args.json.with_suffix(".png"), truth, outs, sigma, args.axis)
+    truth_spacing = thin.vin.spacing if args.truth is not None else series.vin.spacing
+    panel(args.json.with_suffix(".png"), truth, outs, sigma, args.axis, truth_spacing, doc)
     from models.evaluate import summary
 
     print(f"{series.name} {args.axis} x{args.factor}: " + summary(doc) + (f" [fallback: {doc['fallback']}]"
