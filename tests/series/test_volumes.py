@@ -233,3 +233,41 @@ def test_repeats_nothing_tells_apart_are_refused_naming_the_files(phantom: list[
     assert "4 of its 8 images share a slice position with another" in msg
     assert "files CT0001.dcm, again-CT0001.dcm, CT0002.dcm, again-CT0002.dcm)" in msg
     assert "repeats that no dimension tells apart" in msg and "not super-resolved" in msg
+
+
+# ---------------------------------------------------------------------------------------------- break12: 4D, no repeats
+
+
+def _shifted(mm: float) -> Callable[[pydicom.Dataset, int], None]:
+    """Moves an image ``mm`` along the slice normal (the phantom is axial: +z)."""
+    def change(ds: pydicom.Dataset, k: int) -> None:
+        p = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [p[0], p[1], p[2] + mm]
+    return change
+
+
+@pytest.mark.parametrize("what", ["echo", "time", "b-value"])
+def test_interleaved_volumes_at_offset_positions_are_not_stacked_into_one(phantom: list[Path], tmp_path: Path,
+                                                                          what: str) -> None:
+    """Two echoes (time points, b-values) whose slice positions are offset by half a step repeat no position, but
+    they are two volumes: stacked, the derived series would alternate contrast slice by slice (a derived image that
+    misleads). Found by break12: both were stacked into one volume at half the step."""
+    def tag(n: int, shift: float) -> Callable[[pydicom.Dataset, int], None]:
+        def change(ds: pydicom.Dataset, k: int) -> None:
+            _shifted(shift)(ds, k)
+            if what == "echo":
+                ds.EchoNumbers, ds.EchoTime = n, f"{10.0 * n:.1f}"
+            elif what == "time":
+                ds.TemporalPositionIdentifier = n
+            else:
+                ds.DiffusionBValue = 1000.0 * (n - 1)
+                ds.DiffusionGradientOrientation = [0.0, 0.0, 0.0] if n == 1 else [1.0, 0.0, 0.0]
+        return change
+
+    files = _variant(phantom, tmp_path, "v1", tag(1, 0.0)) + _variant(phantom, tmp_path, "v2", tag(2, 1.5))
+    try:
+        vols = load_volumes(files)
+    except VolumeError:
+        return  # refusing is also safe
+    assert len(vols) == 2, [(v.volume_label, v.shape) for v in vols]
+    assert [v.shape[0] for v in vols] == [6, 6]
