@@ -271,3 +271,27 @@ def test_interleaved_volumes_at_offset_positions_are_not_stacked_into_one(phanto
         return  # refusing is also safe
     assert len(vols) == 2, [(v.volume_label, v.shape) for v in vols]
     assert [v.shape[0] for v in vols] == [6, 6]
+
+
+@pytest.mark.parametrize("moved", [[3], [3, 4, 5]])
+def test_slices_moved_in_plane_off_the_stack_line_are_refused_naming_a_file(phantom: list[Path], tmp_path: Path,
+                                                                           moved: list[int]) -> None:
+    """break12: one slice (or the upper half of the stack: a second in-plane centre) moved 10 mm along the rows was
+    stacked as if aligned: the derived slices between blended anatomy 10 mm apart, their positions interpolated
+    between the two centres. A constant shear (gantry tilt) is a different thing and still loads."""
+    def change(ds: pydicom.Dataset, k: int) -> None:
+        if k in moved:
+            p = [float(v) for v in ds.ImagePositionPatient]
+            ds.ImagePositionPatient = [p[0] + 10.0, p[1], p[2]]
+
+    files = _variant(phantom, tmp_path / "moved", "mv", change)
+    with pytest.raises(VolumeError) as e:
+        load_volumes(files)
+    assert "mv-" in str(e.value) and "line" in str(e.value), str(e.value)
+
+    def shear(ds: pydicom.Dataset, k: int) -> None:
+        p = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [p[0], p[1] + 1.0 * k, p[2]]  # 1 mm per 3 mm step: an 18.4 deg tilt
+
+    vols = load_volumes(_variant(phantom, tmp_path / "shear", "sh", shear))
+    assert len(vols) == 1 and vols[0].shape[0] == 6 and vols[0].tilt_deg > 10
