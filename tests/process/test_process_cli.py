@@ -127,3 +127,26 @@ def test_process_ge_tilted_irregular_gives_one_derived_series_per_regular_run(tm
         assert np.max(np.abs(derived.data[::2] - original.data)) <= 1.0
         assert not (base / f"uncertainty-run{run}").exists()  # cubic: no sigma object
     assert len(uids) == 2
+
+
+@pytest.mark.parametrize("cut", ["mid-name", "bad-length"])
+def test_a_file_cut_inside_its_header_is_named_as_failed(tmp_path: Path, cut: str) -> None:
+    """break12: a file truncated inside its header (or with a corrupt element length that swallows the rest) was read
+    by pydicom as a partial header without SeriesInstanceUID, then reported as a separate series '(no
+    SeriesInstanceUID)' 'left alone: no rule matched: SliceThickness absent', exit 0: neither the file nor the real
+    reason was named, and the series it came from silently had one slice less."""
+    in_dir = tmp_path / "in"
+    files = write_phantom_series(in_dir, slices=6, size=32, step_mm=3.0, seed=3)
+    ds = pydicom.dcmread(files[2])
+    ds.PatientName = "CUT^HERE"
+    ds.save_as(files[2], enforce_file_format=True)
+    data = files[2].read_bytes()
+    k = data.find(b"CUT^HERE")
+    assert k > 0
+    data = data[: k + 3] if cut == "mid-name" else data[: k - 2] + b"\xff\xff" + data[k:]
+    files[2].write_bytes(data)
+    r = srnode("process", in_dir, tmp_path / "out", "--engine", "cubic", "--no-preview")
+    assert r.returncode == 1, r.stdout + r.stderr
+    failed = [line for line in r.stdout.splitlines() if line.startswith("FAILED") and files[2].name in line]
+    assert failed and "SeriesInstanceUID" in failed[0], r.stdout
+    assert "CUT" not in r.stdout + r.stderr  # the patient's name is not echoed
