@@ -295,3 +295,20 @@ def test_slices_moved_in_plane_off_the_stack_line_are_refused_naming_a_file(phan
 
     vols = load_volumes(_variant(phantom, tmp_path / "shear", "sh", shear))
     assert len(vols) == 1 and vols[0].shape[0] == 6 and vols[0].tilt_deg > 10
+
+
+def test_a_slice_moved_off_the_line_inside_a_run_of_an_irregular_stack_is_refused(tmp_path: Path) -> None:
+    """break12: with a slice missing (irregular steps: the stack is cut into runs), a slice moved 10 mm sideways
+    inside the longer run was super-resolved with it (exit 0), blending anatomy from two places."""
+    from node.series import regular_runs
+
+    files = write_phantom_series(tmp_path / "p", slices=9, size=32, step_mm=3.0, fov_mm=96.0)
+    files[1].unlink()  # the first slice is left alone, named; slices 3..9 are one run
+    ds = pydicom.dcmread(files[5])
+    p = [float(v) for v in ds.ImagePositionPatient]
+    ds.ImagePositionPatient = [p[0] + 10.0, p[1], p[2]]
+    ds.save_as(files[5], enforce_file_format=True)
+    vol = load_series([f for f in files if f.exists()])
+    with pytest.raises(VolumeError) as e:
+        regular_runs(vol)
+    assert files[5].name in str(e.value) and "line" in str(e.value), str(e.value)
