@@ -44,7 +44,7 @@ from node.series.slices import (
     sop_class_of,
 )
 from node.series.split import position_groups, split_volumes
-from node.series.steps import describe_steps, same_step
+from node.series.steps import describe_steps, off_line, off_line_message, same_step
 from node.series.volume import MAX_MODALITY_ABS, SeriesVolume, StoredFormat
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,8 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
             notes.append(f"gantry tilt / sheared stack: slice line is {tilt:.1f} deg from the slice normal")
         if irregular:
             notes.append("irregular slice steps: " + describe_steps(steps))
+        else:  # an irregular stack is split into runs, which check their own lines (node.series.runs)
+            _check_stack_line(slices, positions, dist, row, col, name)
     else:
         med = float(slices[0].thickness or 1.0)
     vol = SeriesVolume(
@@ -205,6 +207,19 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
     )
     log.info("%s%s", vol.describe(), ("; " + "; ".join(notes)) if notes else "")
     return vol
+
+
+def _check_stack_line(slices: list[Slice], positions: np.ndarray, dist: np.ndarray, row: np.ndarray,
+                      col: np.ndarray, name: str) -> None:
+    """Refuse a regular stack whose slices do not lie on one straight (or sheared) line within half a pixel
+    (``steps.off_line``): a slice (or part of the stack) moved in-plane off that line is an image of another
+    place, and interpolating through it would blend anatomy from two places."""
+    tol = 0.5 * min(slices[0].spacing)
+    worst, where = off_line(positions, row, col)
+    if worst > tol:
+        s = slices[where]
+        which = s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else "")
+        raise VolumeError(off_line_message(name, where, len(slices), which, worst, tol))
 
 
 def _record(s: Slice) -> SliceHeader:
