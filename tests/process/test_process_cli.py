@@ -150,3 +150,17 @@ def test_a_file_cut_inside_its_header_is_named_as_failed(tmp_path: Path, cut: st
     failed = [line for line in r.stdout.splitlines() if line.startswith("FAILED") and files[2].name in line]
     assert failed and "SeriesInstanceUID" in failed[0], r.stdout
     assert "CUT" not in r.stdout + r.stderr  # the patient's name is not echoed
+
+
+def test_the_nodes_own_derived_series_is_left_alone_not_super_resolved_again(tmp_path: Path) -> None:
+    """break12: a derived series fed back (a PACS that routes every CT to the node gets the derived series back;
+    here `process` on its own output) matched the default rule (it keeps the acquired SliceThickness) and was
+    super-resolved again: 6 -> 11 -> 21 slices of interpolated data, and in the live node an endless loop."""
+    in_dir = tmp_path / "in"
+    write_phantom_series(in_dir, slices=6, size=32, step_mm=3.0, seed=4)
+    r = srnode("process", in_dir, tmp_path / "out1", "--engine", "cubic", "--no-preview")
+    assert r.returncode == 0 and "11 derived" in r.stdout, r.stdout + r.stderr
+    r = srnode("process", tmp_path / "out1", tmp_path / "out2", "--engine", "cubic", "--no-preview")
+    lines = [line for line in r.stdout.splitlines() if line.startswith("[")]
+    assert lines and all("left alone" in line and "srnode" in line for line in lines), r.stdout + r.stderr
+    assert not list((tmp_path / "out2").rglob("*.dcm"))
