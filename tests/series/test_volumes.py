@@ -312,3 +312,19 @@ def test_a_slice_moved_off_the_line_inside_a_run_of_an_irregular_stack_is_refuse
     with pytest.raises(VolumeError) as e:
         regular_runs(vol)
     assert files[5].name in str(e.value) and "line" in str(e.value), str(e.value)
+
+
+def test_two_slice_thicknesses_in_one_regular_stack_are_refused(phantom: list[Path], tmp_path: Path) -> None:
+    """break12: a 5 mm and a 2 mm reconstruction under one SeriesInstanceUID, positions interleaved, made one regular
+    stack at half the step: it was super-resolved as one volume, every derived slice labelled with the first
+    slice's thickness, the engine's slice profile that of half the slices."""
+    def thick(t: str, shift: float) -> Callable[[pydicom.Dataset, int], None]:
+        def change(ds: pydicom.Dataset, k: int) -> None:
+            _shifted(shift)(ds, k)
+            ds.SliceThickness = t
+        return change
+
+    files = _variant(phantom, tmp_path, "t5", thick("5", 0.0)) + _variant(phantom, tmp_path, "t2", thick("2.0", 1.5))
+    with pytest.raises(VolumeError) as e:
+        load_volumes(files)
+    assert "SliceThickness" in str(e.value) and "t5-" in str(e.value) and "t2-" in str(e.value), str(e.value)
