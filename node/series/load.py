@@ -180,6 +180,7 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
             notes.append("irregular slice steps: " + describe_steps(steps))
         else:  # an irregular stack is split into runs, which check their own lines (node.series.runs)
             _check_stack_line(slices, positions, dist, row, col, name)
+            _check_one_thickness(slices, name)
     else:
         med = float(slices[0].thickness or 1.0)
     vol = SeriesVolume(
@@ -220,6 +221,26 @@ def _check_stack_line(slices: list[Slice], positions: np.ndarray, dist: np.ndarr
         s = slices[where]
         which = s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else "")
         raise VolumeError(off_line_message(name, where, len(slices), which, worst, tol))
+
+
+def _check_one_thickness(slices: list[Slice], name: str) -> None:
+    """Refuse a regular stack whose slices state different SliceThickness values (absent ones aside): two
+    reconstructions or acquisitions under one SeriesInstanceUID, interleaved; one slice profile cannot describe
+    them and every derived slice would be labelled with one of them. (An irregular stack's runs may differ: the
+    tilted GE head's 4 and 7 mm.)"""
+    groups: dict[float, list[str]] = {}
+    for s in slices:
+        t = float(s.thickness or 0.0)
+        if t <= 0:
+            continue
+        key = next((k for k in groups if abs(k - t) <= max(0.01, 1e-3 * t)), t)
+        groups.setdefault(key, []).append(s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else ""))
+    if len(groups) > 1:
+        parts = "; ".join(f"{k:g} mm x{len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                          for k, v in sorted(groups.items()))
+        raise VolumeError(f"{name}: its slices state {len(groups)} different SliceThickness values ({parts}): two "
+                          "reconstructions or acquisitions under one SeriesInstanceUID; one slice profile cannot "
+                          "describe them, so they are not super-resolved as one volume")
 
 
 def _record(s: Slice) -> SliceHeader:
