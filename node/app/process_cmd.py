@@ -75,10 +75,21 @@ def group_by_series(in_dir: Path) -> tuple[dict[SeriesKey, list[Path]], dict[Ser
         except VolumeError as exc:
             bad.append(str(exc))
             continue
+        if "SeriesInstanceUID" not in hdr and not _is_dicomdir(hdr):
+            # pydicom reads a file cut inside its header (or with an element length running past its end) as a
+            # partial header without complaint; every image has a SeriesInstanceUID, so name the file here
+            bad.append(f"{p.name}: no SeriesInstanceUID in its header ({p.stat().st_size} bytes): a truncated or "
+                       "corrupt file (an element cut short or with a wrong length); it is in no series")
+            continue
         key = (str(hdr.get("StudyInstanceUID", "") or ""), str(hdr.get("SeriesInstanceUID", "") or ""))
         groups.setdefault(key, []).append(p)
         headers.setdefault(key, hdr)
     return groups, headers, bad
+
+
+def _is_dicomdir(hdr: Dataset) -> bool:
+    meta = getattr(hdr, "file_meta", None)
+    return str(meta.get("MediaStorageSOPClassUID", "") if meta is not None else "") == "1.2.840.10008.1.3.10"
 
 
 def _safe(uid: str) -> str:

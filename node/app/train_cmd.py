@@ -44,13 +44,24 @@ def _commit() -> str:
         return ""
 
 
+def _positive(text: str) -> int:
+    """An argparse type: an integer >= 1 (0 or negative counts crashed training or wrote an untrained prior)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add ``srnode train`` options to ``parser``."""
     parser.add_argument("data", nargs="+", type=Path, help="series folders, folders of series, or .npz exports")
     parser.add_argument("--out", type=Path, default=Path("models/weights/prior.pt"))
-    parser.add_argument("--steps", type=int, default=2000, help="training steps per net (task x factor)")
+    parser.add_argument("--steps", type=_positive, default=2000, help="training steps per net (task x factor)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--width", type=int, default=24)
+    parser.add_argument("--width", type=_positive, default=24)
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["in", "through"], default="",
@@ -61,7 +72,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="with --only: retrain these factors only (the others are kept too)")
     parser.add_argument("--sampling", choices=["uniform", "gradient"], default="uniform",
                         help="training patch corners: uniform, or half in proportion to the input's |gradient|")
-    parser.add_argument("--in-slices", type=int, default=IN_SLICES,
+    parser.add_argument("--in-slices", type=_positive, default=IN_SLICES,
                         help="in-plane nets: training slices per series (at random from the 4 in 5 not held out "
                              "for validation; all of them when fewer)")
     parser.add_argument("--sources", type=Path, default=None,

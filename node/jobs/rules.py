@@ -89,6 +89,17 @@ def allowed_rules(stored: str) -> frozenset[str] | None:
     return names or None
 
 
+def derived_by_srnode(header: Dataset) -> bool:
+    """Whether ``header`` is one of srnode's own outputs (``node.derived.modules.contributing_equipment``)."""
+    try:
+        for item in header.get("ContributingEquipmentSequence") or []:
+            if str(item.get("Manufacturer", "")).strip() == "srnode":
+                return True
+    except (TypeError, AttributeError):  # a malformed sequence is not ours
+        return False
+    return False
+
+
 def match_rule(cfg: Config, header: Dataset, allowed: frozenset[str] | None = None,
                caller: str = "") -> tuple[RuleConfig | None, str]:
     """The first rule matching ``header`` among ``allowed`` (None: every rule), with a reason a person can read.
@@ -98,6 +109,10 @@ def match_rule(cfg: Config, header: Dataset, allowed: frozenset[str] | None = No
     """
     if not cfg.rules:
         return None, "no rules are configured"
+    if derived_by_srnode(header):
+        return None, ("derived by srnode already (ContributingEquipmentSequence names srnode as Modifying "
+                      "Equipment): super-resolving a derived series again would interpolate interpolated data, and "
+                      "a PACS that routes it back would loop")
     misses: list[str] = []
     for rule in cfg.rules:
         if allowed is not None and rule.name not in allowed:

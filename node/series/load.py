@@ -44,7 +44,7 @@ from node.series.slices import (
     sop_class_of,
 )
 from node.series.split import position_groups, split_volumes
-from node.series.steps import describe_steps, same_step
+from node.series.steps import describe_steps, off_line, off_line_message, same_step
 from node.series.volume import MAX_MODALITY_ABS, SeriesVolume, StoredFormat
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,9 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
             notes.append(f"gantry tilt / sheared stack: slice line is {tilt:.1f} deg from the slice normal")
         if irregular:
             notes.append("irregular slice steps: " + describe_steps(steps))
+        else:  # an irregular stack is split into runs, which check their own lines (node.series.runs)
+            _check_stack_line(slices, positions, dist, row, col, name)
+            _check_one_thickness(slices, name)
     else:
         med = float(slices[0].thickness or 1.0)
     vol = SeriesVolume(
@@ -205,6 +208,39 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
     )
     log.info("%s%s", vol.describe(), ("; " + "; ".join(notes)) if notes else "")
     return vol
+
+
+def _check_stack_line(slices: list[Slice], positions: np.ndarray, dist: np.ndarray, row: np.ndarray,
+                      col: np.ndarray, name: str) -> None:
+    """Refuse a regular stack whose slices do not lie on one straight (or sheared) line within half a pixel
+    (``steps.off_line``): a slice (or part of the stack) moved in-plane off that line is an image of another
+    place, and interpolating through it would blend anatomy from two places."""
+    tol = 0.5 * min(slices[0].spacing)
+    worst, where = off_line(positions, row, col)
+    if worst > tol:
+        s = slices[where]
+        which = s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else "")
+        raise VolumeError(off_line_message(name, where, len(slices), which, worst, tol))
+
+
+def _check_one_thickness(slices: list[Slice], name: str) -> None:
+    """Refuse a regular stack whose slices state different SliceThickness values (absent ones aside): two
+    reconstructions or acquisitions under one SeriesInstanceUID, interleaved; one slice profile cannot describe
+    them and every derived slice would be labelled with one of them. (An irregular stack's runs may differ: the
+    tilted GE head's 4 and 7 mm.)"""
+    groups: dict[float, list[str]] = {}
+    for s in slices:
+        t = float(s.thickness or 0.0)
+        if t <= 0:
+            continue
+        key = next((k for k in groups if abs(k - t) <= max(0.01, 1e-3 * t)), t)
+        groups.setdefault(key, []).append(s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else ""))
+    if len(groups) > 1:
+        parts = "; ".join(f"{k:g} mm x{len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                          for k, v in sorted(groups.items()))
+        raise VolumeError(f"{name}: its slices state {len(groups)} different SliceThickness values ({parts}): two "
+                          "reconstructions or acquisitions under one SeriesInstanceUID; one slice profile cannot "
+                          "describe them, so they are not super-resolved as one volume")
 
 
 def _record(s: Slice) -> SliceHeader:

@@ -20,7 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from node.errors import VolumeError
-from node.series.steps import MIN_SLICES_THROUGH_PLANE, describe_steps, same_step, step_segments
+from node.series.steps import (
+    MIN_SLICES_THROUGH_PLANE,
+    describe_steps,
+    off_line,
+    off_line_message,
+    same_step,
+    step_segments,
+)
 from node.series.volume import SeriesVolume
 
 MAX_LINE_ANGLE_DEG = 0.5  # a 2-slice stretch must lie on a line parallel to its longer stretch's (as tilt notes)
@@ -78,6 +85,13 @@ def split_runs(vol: SeriesVolume) -> RunSplit:
             taken[i:i + 2] = True
             spans.append((i, i + 1))
     spans.sort()
+    tol = 0.5 * min(vol.spacing[1], vol.spacing[2])
+    for a, b in spans:  # a run with a slice moved in-plane off its line is no stack (as load refuses a regular one)
+        worst, where = off_line(vol.positions[a:b + 1], vol.row_cosine, vol.col_cosine)
+        if worst > tol:
+            z = a + where
+            raise VolumeError(off_line_message(f"series {vol.series_uid}", z, n, vol.names[z] if z < len(vol.names)
+                                               else f"slice {z + 1}", worst, tol))
     runs = [_subvolume(vol, a, b) for a, b in spans]
     for k, r in enumerate(runs):
         r.run = (k + 1, len(runs))

@@ -1,8 +1,9 @@
 """Several volumes in one series: fMRI time points, echoes, magnitude + phase, diffusion b-values and directions,
 stacks and dimension indices of enhanced multi-frame objects. Each becomes a volume of its own.
 
-Decision: a series is split only where its images repeat a slice position (two images at one position cannot be
-one stack), or where an enhanced object names several stacks (StackID). The split uses the standard dimensions,
+Decision: a series is split where its images repeat a slice position (two images at one position cannot be
+one stack), where an enhanced object names several stacks (StackID), or where echo, diffusion or temporal
+position take several values even without repeats (``DISTINCT_VOLUMES``: interleaved volumes). The split uses the standard dimensions,
 read per image (classic attributes, or the frame's functional groups for enhanced objects):
 
 =================  ===========================================================================================
@@ -103,9 +104,25 @@ def split_volumes(slices: list[Slice], series: str) -> list[VolumeGroup]:
     return _split(slices, series)
 
 
+# dimensions that always name different volumes, even when their images repeat no position (two echoes or time
+# points whose positions are offset by a fraction of the step would otherwise stack into one volume of alternating
+# contrast); acquisition number, trigger time and image type may change within one stack and split only repeats
+DISTINCT_VOLUMES = ("echo", "diffusion b-value/direction", "temporal position")
+
+
 def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
     if not has_repeats(slices):
-        return [VolumeGroup(slices)]
+        columns = {d.name: canonical([d.of(s) for s in slices]) for d in DIMENSIONS if d.name in DISTINCT_VOLUMES}
+        distinct = [d for d in DIMENSIONS if d.name in columns
+                    and len({v for v in columns[d.name] if v is not None}) > 1]
+        if not distinct:
+            return [VolumeGroup(slices)]
+        keys = list(zip(*(columns[d.name] for d in distinct), strict=True))
+        groups = _groups(tuple(distinct), _partition(slices, keys))
+        for g in groups:
+            g.notes.append(f"{g.label}: its slice positions differ from the other volumes' (interleaved), "
+                           "still a volume of its own")
+        return groups
     columns = {d.name: canonical([d.of(s) for s in slices]) for d in DIMENSIONS}
     varying = [d for d in DIMENSIONS if len(set(columns[d.name])) > 1]
     for size in range(1, min(3, len(varying)) + 1):

@@ -32,3 +32,29 @@ def describe_steps(steps: np.ndarray) -> str:
     """``steps`` (Z-1,) mm in words, one median per segment: '4.00 mm x13, 1.08 mm, 7.00 mm x13'."""
     return ", ".join(f"{float(np.median(steps[i:j + 1])):.2f} mm" + (f" x{j - i + 1}" if j > i else "")
                      for i, j in step_segments(steps))
+
+
+def off_line(positions: np.ndarray, row: np.ndarray, col: np.ndarray) -> tuple[float, int]:
+    """How far (mm) the slice positions leave one straight (or sheared) stack, and which slice leaves it most:
+    each slice's in-plane offset along ``row`` and ``col`` must follow its distance along the normal linearly (0
+    for a straight stack, tan(tilt) per mm for a gantry tilt), fitted by least squares. (0.0, 0) for < 3 slices."""
+    if len(positions) < 3:
+        return 0.0, 0
+    normal = np.cross(row, col)
+    normal = normal / max(float(np.linalg.norm(normal)), 1e-12)
+    rel = positions - positions[0]
+    design = np.stack([np.ones(len(positions)), rel @ normal], axis=1)
+    worst, where = 0.0, 0
+    for axis in (row, col):
+        off = rel @ axis
+        coef, *_ = np.linalg.lstsq(design, off, rcond=None)
+        res = np.abs(off - design @ coef)
+        if float(res.max()) > worst:
+            worst, where = float(res.max()), int(np.argmax(res))
+    return worst, where
+
+
+def off_line_message(name: str, where: int, n: int, which: str, worst: float, tol: float) -> str:
+    return (f"{name}: slice {where + 1}/{n} ({which}) lies {worst:.2f} mm in-plane off the line through the other "
+            f"slice positions (tolerance {tol:.2f} mm, half a pixel): its ImagePositionPatient moves it sideways, so "
+            "the slices are not one straight or sheared stack and cannot be interpolated through")

@@ -206,3 +206,18 @@ def test_process_progress_bar_only_on_a_terminal(tmp_path: Path) -> None:
     assert rc == 0 and "stages" not in tty and "rule ct-mr-thick:" in out, tty
     r = srnode("process", src, tmp_path / "out2", "--engine", "cubic", "--no-preview")
     assert r.returncode == 0 and "stages" not in r.stderr and "rule ct-mr-thick:" in r.stdout
+
+
+@pytest.mark.parametrize("option", [("--in-slices", "0"), ("--in-slices", "-3"), ("--steps", "0"), ("--steps", "-5"),
+                                    ("--width", "0")])
+def test_train_refuses_non_positive_counts_before_writing_anything(tmp_path: Path, option: tuple[str, str]) -> None:
+    """break12: --in-slices 0 / -3 and --width 0 died in a traceback; --steps 0 / -5 wrote an untrained prior (loss
+    nan) to --out with exit 0 (by default over the shipped models/weights/prior.pt)."""
+    from node.app.phantom import write_phantom_series
+    data = tmp_path / "series"
+    write_phantom_series(data, slices=6, size=64, step_mm=3.0, fov_mm=96.0)
+    out = tmp_path / "prior.pt"
+    r = srnode("train", str(data), "--out", str(out), "--steps", "2", f"{option[0]}={option[1]}", timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and option[0] in r.stderr, r.stderr
+    assert not out.exists()

@@ -127,3 +127,40 @@ def test_process_ge_tilted_irregular_gives_one_derived_series_per_regular_run(tm
         assert np.max(np.abs(derived.data[::2] - original.data)) <= 1.0
         assert not (base / f"uncertainty-run{run}").exists()  # cubic: no sigma object
     assert len(uids) == 2
+
+
+@pytest.mark.parametrize("cut", ["mid-name", "bad-length"])
+def test_a_file_cut_inside_its_header_is_named_as_failed(tmp_path: Path, cut: str) -> None:
+    """break12: a file truncated inside its header (or with a corrupt element length that swallows the rest) was read
+    by pydicom as a partial header without SeriesInstanceUID, then reported as a separate series '(no
+    SeriesInstanceUID)' 'left alone: no rule matched: SliceThickness absent', exit 0: neither the file nor the real
+    reason was named, and the series it came from silently had one slice less."""
+    in_dir = tmp_path / "in"
+    files = write_phantom_series(in_dir, slices=6, size=32, step_mm=3.0, seed=3)
+    ds = pydicom.dcmread(files[2])
+    ds.PatientName = "CUT^HERE"
+    ds.save_as(files[2], enforce_file_format=True)
+    data = files[2].read_bytes()
+    k = data.find(b"CUT^HERE")
+    assert k > 0
+    data = data[: k + 3] if cut == "mid-name" else data[: k - 2] + b"\xff\xff" + data[k:]
+    files[2].write_bytes(data)
+    r = srnode("process", in_dir, tmp_path / "out", "--engine", "cubic", "--no-preview")
+    assert r.returncode == 1, r.stdout + r.stderr
+    failed = [line for line in r.stdout.splitlines() if line.startswith("FAILED") and files[2].name in line]
+    assert failed and "SeriesInstanceUID" in failed[0], r.stdout
+    assert "CUT" not in r.stdout + r.stderr  # the patient's name is not echoed
+
+
+def test_the_nodes_own_derived_series_is_left_alone_not_super_resolved_again(tmp_path: Path) -> None:
+    """break12: a derived series fed back (a PACS that routes every CT to the node gets the derived series back;
+    here `process` on its own output) matched the default rule (it keeps the acquired SliceThickness) and was
+    super-resolved again: 6 -> 11 -> 21 slices of interpolated data, and in the live node an endless loop."""
+    in_dir = tmp_path / "in"
+    write_phantom_series(in_dir, slices=6, size=32, step_mm=3.0, seed=4)
+    r = srnode("process", in_dir, tmp_path / "out1", "--engine", "cubic", "--no-preview")
+    assert r.returncode == 0 and "11 derived" in r.stdout, r.stdout + r.stderr
+    r = srnode("process", tmp_path / "out1", tmp_path / "out2", "--engine", "cubic", "--no-preview")
+    lines = [line for line in r.stdout.splitlines() if line.startswith("[")]
+    assert lines and all("left alone" in line and "srnode" in line for line in lines), r.stdout + r.stderr
+    assert not list((tmp_path / "out2").rglob("*.dcm"))

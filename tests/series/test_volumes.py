@@ -233,3 +233,98 @@ def test_repeats_nothing_tells_apart_are_refused_naming_the_files(phantom: list[
     assert "4 of its 8 images share a slice position with another" in msg
     assert "files CT0001.dcm, again-CT0001.dcm, CT0002.dcm, again-CT0002.dcm)" in msg
     assert "repeats that no dimension tells apart" in msg and "not super-resolved" in msg
+
+
+# ---------------------------------------------------------------------------------------------- break12: 4D, no repeats
+
+
+def _shifted(mm: float) -> Callable[[pydicom.Dataset, int], None]:
+    """Moves an image ``mm`` along the slice normal (the phantom is axial: +z)."""
+    def change(ds: pydicom.Dataset, k: int) -> None:
+        p = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [p[0], p[1], p[2] + mm]
+    return change
+
+
+@pytest.mark.parametrize("what", ["echo", "time", "b-value"])
+def test_interleaved_volumes_at_offset_positions_are_not_stacked_into_one(phantom: list[Path], tmp_path: Path,
+                                                                          what: str) -> None:
+    """Two echoes (time points, b-values) whose slice positions are offset by half a step repeat no position, but
+    they are two volumes: stacked, the derived series would alternate contrast slice by slice (a derived image that
+    misleads). Found by break12: both were stacked into one volume at half the step."""
+    def tag(n: int, shift: float) -> Callable[[pydicom.Dataset, int], None]:
+        def change(ds: pydicom.Dataset, k: int) -> None:
+            _shifted(shift)(ds, k)
+            if what == "echo":
+                ds.EchoNumbers, ds.EchoTime = n, f"{10.0 * n:.1f}"
+            elif what == "time":
+                ds.TemporalPositionIdentifier = n
+            else:
+                ds.DiffusionBValue = 1000.0 * (n - 1)
+                ds.DiffusionGradientOrientation = [0.0, 0.0, 0.0] if n == 1 else [1.0, 0.0, 0.0]
+        return change
+
+    files = _variant(phantom, tmp_path, "v1", tag(1, 0.0)) + _variant(phantom, tmp_path, "v2", tag(2, 1.5))
+    try:
+        vols = load_volumes(files)
+    except VolumeError:
+        return  # refusing is also safe
+    assert len(vols) == 2, [(v.volume_label, v.shape) for v in vols]
+    assert [v.shape[0] for v in vols] == [6, 6]
+
+
+@pytest.mark.parametrize("moved", [[3], [3, 4, 5]])
+def test_slices_moved_in_plane_off_the_stack_line_are_refused_naming_a_file(phantom: list[Path], tmp_path: Path,
+                                                                           moved: list[int]) -> None:
+    """break12: one slice (or the upper half of the stack: a second in-plane centre) moved 10 mm along the rows was
+    stacked as if aligned: the derived slices between blended anatomy 10 mm apart, their positions interpolated
+    between the two centres. A constant shear (gantry tilt) is a different thing and still loads."""
+    def change(ds: pydicom.Dataset, k: int) -> None:
+        if k in moved:
+            p = [float(v) for v in ds.ImagePositionPatient]
+            ds.ImagePositionPatient = [p[0] + 10.0, p[1], p[2]]
+
+    files = _variant(phantom, tmp_path / "moved", "mv", change)
+    with pytest.raises(VolumeError) as e:
+        load_volumes(files)
+    assert "mv-" in str(e.value) and "line" in str(e.value), str(e.value)
+
+    def shear(ds: pydicom.Dataset, k: int) -> None:
+        p = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [p[0], p[1] + 1.0 * k, p[2]]  # 1 mm per 3 mm step: an 18.4 deg tilt
+
+    vols = load_volumes(_variant(phantom, tmp_path / "shear", "sh", shear))
+    assert len(vols) == 1 and vols[0].shape[0] == 6 and vols[0].tilt_deg > 10
+
+
+def test_a_slice_moved_off_the_line_inside_a_run_of_an_irregular_stack_is_refused(tmp_path: Path) -> None:
+    """break12: with a slice missing (irregular steps: the stack is cut into runs), a slice moved 10 mm sideways
+    inside the longer run was super-resolved with it (exit 0), blending anatomy from two places."""
+    from node.series import regular_runs
+
+    files = write_phantom_series(tmp_path / "p", slices=9, size=32, step_mm=3.0, fov_mm=96.0)
+    files[1].unlink()  # the first slice is left alone, named; slices 3..9 are one run
+    ds = pydicom.dcmread(files[5])
+    p = [float(v) for v in ds.ImagePositionPatient]
+    ds.ImagePositionPatient = [p[0] + 10.0, p[1], p[2]]
+    ds.save_as(files[5], enforce_file_format=True)
+    vol = load_series([f for f in files if f.exists()])
+    with pytest.raises(VolumeError) as e:
+        regular_runs(vol)
+    assert files[5].name in str(e.value) and "line" in str(e.value), str(e.value)
+
+
+def test_two_slice_thicknesses_in_one_regular_stack_are_refused(phantom: list[Path], tmp_path: Path) -> None:
+    """break12: a 5 mm and a 2 mm reconstruction under one SeriesInstanceUID, positions interleaved, made one regular
+    stack at half the step: it was super-resolved as one volume, every derived slice labelled with the first
+    slice's thickness, the engine's slice profile that of half the slices."""
+    def thick(t: str, shift: float) -> Callable[[pydicom.Dataset, int], None]:
+        def change(ds: pydicom.Dataset, k: int) -> None:
+            _shifted(shift)(ds, k)
+            ds.SliceThickness = t
+        return change
+
+    files = _variant(phantom, tmp_path, "t5", thick("5", 0.0)) + _variant(phantom, tmp_path, "t2", thick("2.0", 1.5))
+    with pytest.raises(VolumeError) as e:
+        load_volumes(files)
+    assert "SliceThickness" in str(e.value) and "t5-" in str(e.value) and "t2-" in str(e.value), str(e.value)
