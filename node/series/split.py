@@ -110,11 +110,38 @@ def split_volumes(slices: list[Slice], series: str) -> list[VolumeGroup]:
 DISTINCT_VOLUMES = ("echo", "diffusion b-value/direction", "temporal position")
 
 
+def _interleaved_acquisitions(slices: list[Slice]) -> list[Dimension]:
+    """[the acquisition number dimension] when its values name interleaved volumes, else [].
+
+    AcquisitionNumber may change within one stack: per slice (helical CT, some MR) or per block of slices
+    (step-and-shoot CT, several table positions). Those are contiguous along the slice normal. Two acquisitions of
+    the same place (two contrast phases) whose positions are offset by a fraction of the step are not: sorted by
+    position, their numbers alternate. So the series is split by acquisition number when every number holds at
+    least ``MIN_INTERLEAVED`` images and, along the normal, the number changes more often than contiguous blocks
+    would (more than number of values - 1 times)."""
+    dim = next(d for d in DIMENSIONS if d.name == "acquisition number")
+    values = canonical([dim.of(s) for s in slices])
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    if len(counts) < 2 or None in counts or min(counts.values()) < MIN_INTERLEAVED:
+        return []
+    along = [values[g[0]] for g in position_groups(slices)]  # no repeats here: one image per position
+    changes = sum(1 for a, b in itertools.pairwise(along) if a != b)
+    return [dim] if changes > len(counts) - 1 else []
+
+
+MIN_INTERLEAVED = 3  # images per acquisition number for an interleaved split (fewer: a rescanned slice or two)
+
+
 def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
     if not has_repeats(slices):
         columns = {d.name: canonical([d.of(s) for s in slices]) for d in DIMENSIONS if d.name in DISTINCT_VOLUMES}
         distinct = [d for d in DIMENSIONS if d.name in columns
                     and len({v for v in columns[d.name] if v is not None}) > 1]
+        if not distinct:
+            distinct = _interleaved_acquisitions(slices)
+            columns.update({d.name: canonical([d.of(s) for s in slices]) for d in distinct})
         if not distinct:
             return [VolumeGroup(slices)]
         keys = list(zip(*(columns[d.name] for d in distinct), strict=True))

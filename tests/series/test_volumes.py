@@ -273,6 +273,32 @@ def test_interleaved_volumes_at_offset_positions_are_not_stacked_into_one(phanto
     assert [v.shape[0] for v in vols] == [6, 6]
 
 
+@pytest.mark.parametrize("numbering", ["interleaved", "blocks", "per slice"])
+def test_two_acquisitions_at_offset_positions_are_two_volumes(phantom: list[Path], tmp_path: Path,
+                                                              numbering: str) -> None:
+    """Two CT phases of one place under one SeriesInstanceUID, told apart only by AcquisitionNumber, positions
+    offset by half a step (break12's open finding): stacked, the derived series alternates phase slice by slice.
+    AcquisitionNumber that changes per slice or per contiguous block (step-and-shoot, table positions) is one stack."""
+    if numbering == "interleaved":
+        def first(ds: pydicom.Dataset, k: int) -> None:
+            ds.AcquisitionNumber = 1
+
+        def second(ds: pydicom.Dataset, k: int) -> None:
+            _shifted(1.5)(ds, k)
+            ds.AcquisitionNumber = 2
+            ds.RescaleIntercept = float(ds.RescaleIntercept) + 300.0  # the contrast phase
+        files = _variant(phantom, tmp_path, "a1", first) + _variant(phantom, tmp_path, "a2", second)
+        vols = load_volumes(files)
+        assert [v.shape[0] for v in vols] == [6, 6], [(v.volume_label, v.shape) for v in vols]
+        assert all("acquisition" in v.volume_label for v in vols), [v.volume_label for v in vols]
+        return
+
+    def number(ds: pydicom.Dataset, k: int) -> None:
+        ds.AcquisitionNumber = k + 1 if numbering == "per slice" else 1 + k // 3
+    vols = load_volumes(_variant(phantom, tmp_path, "n", number))
+    assert [v.shape[0] for v in vols] == [6]
+
+
 @pytest.mark.parametrize("moved", [[3], [3, 4, 5]])
 def test_slices_moved_in_plane_off_the_stack_line_are_refused_naming_a_file(phantom: list[Path], tmp_path: Path,
                                                                            moved: list[int]) -> None:
