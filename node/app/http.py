@@ -267,7 +267,10 @@ def build_app(ctx: NodeContext) -> Starlette:
         base = str(request.base_url).rstrip("/") + "/dicom-web/studies" + (f"/{study}" if study else "")
         log.info("STOW-RS from %s: %d stored, %d refused (%d bytes)", remote, len(result.stored),
                  len(result.failed), receiver.bytes_received)
-        return JSONResponse(result.as_json(base), status_code=result.http_status, media_type=DICOM_JSON)
+        response = JSONResponse(result.as_json(base), status_code=result.http_status, media_type=DICOM_JSON)
+        for warning in result.warnings():  # what was wrong with each refused part, in words
+            response.headers.append("Warning", warning)
+        return response
 
     async def wado_series(request: Request) -> Response:
         if not authorized(request):

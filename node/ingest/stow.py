@@ -73,6 +73,9 @@ def split_multipart(body: bytes, boundary: str) -> Iterator[tuple[dict[str, str]
     raise MultipartError("multipart body has no closing delimiter")
 
 
+MAX_WARNINGS = 10  # Warning headers on one STOW-RS response (a request of 3000 junk parts gets 10 and a count)
+
+
 @dataclass
 class StowResult:
     """Per-instance outcome of a STOW-RS request: stored (SOP class, SOP instance) pairs and failed ones with
@@ -104,6 +107,18 @@ class StowResult:
                 for c, i, reason, _ in self.failed]}
         if base_url:
             out["00081190"] = {"vr": "UR", "Value": [base_url]}
+        return out
+
+    def warnings(self, limit: int = MAX_WARNINGS) -> list[str]:
+        """The failed instances' reasons as HTTP Warning header values (PS3.18 10.5.3: ``299 <service>:
+        <text>``; RFC 7234 5.5), the first ``limit`` and a count of the rest; ASCII, quotes and line breaks
+        replaced. The Failure Reason codes alone do not say what was wrong with a part."""
+        def clean(text: str) -> str:
+            flat = " ".join(text.split()).replace('"', "'")
+            return flat.encode("ascii", "replace").decode("ascii")[:300]
+        out = [f'299 srnode "{clean(words)}"' for *_, words in self.failed[:limit]]
+        if len(self.failed) > limit:
+            out.append(f'299 srnode "and {len(self.failed) - limit} more refused instance(s): see the node log"')
         return out
 
 

@@ -103,6 +103,10 @@ def _assert_stow_refused(r: httpx.Response, sops: set[str]) -> None:
     failed = doc["00081198"]["Value"]  # FailedSOPSequence
     assert {f["00081155"]["Value"][0] for f in failed} == sops
     assert {f["00081197"]["Value"][0] for f in failed} == {NOT_AUTHORIZED}  # FailureReason
+    # the reason in words, one HTTP Warning per refused part (PS3.18 10.5.3), at most 10 and a count of the rest
+    warnings = r.headers.get_list("warning")
+    assert len(warnings) == min(len(sops), 10) + (len(sops) > 10), warnings
+    assert all(w.startswith('299 srnode "part ') for w in warnings[:10]), warnings
 
 
 def test_stow_rs_obeys_allowed_callers_and_caller_rules(tmp_path: Path) -> None:
