@@ -201,7 +201,11 @@ def test_full_run_logs_carry_no_patient_identifiers_and_audit_is_complete(
         jobs = node.wait_jobs(_finished(2), timeout=400, what="both shared series delivered")
         status = node.cli("status").stdout + node.cli("status", "--json").stdout
         api = httpx.get(f"{node.http_url}/jobs", timeout=10).text
-    assert [j["state"] for j in jobs] == ["delivered", "delivered"], json.dumps(jobs, indent=1)
+    # under load a sender may pause longer than the quiet period: a job started on part of a series is then
+    # superseded by the job on the whole series (the node's rule); what counts is that each series ends delivered
+    final = [j for j in jobs if j["state"] != "superseded"]
+    assert [j["state"] for j in final] == ["delivered", "delivered"], json.dumps(jobs, indent=1)
+    assert {j["series"] for j in final} == {j["series"] for j in jobs}, json.dumps(jobs, indent=1)
     texts = {"node log": node.log(), "audit log": (node.spool / "audit.log").read_text(), "srnode status": status,
              "GET /jobs": api}
     # a value counts when it stands alone: Siemens UIDs embed the acquisition date (…45152.2013030808…), and UIDs
@@ -215,11 +219,12 @@ def test_full_run_logs_carry_no_patient_identifiers_and_audit_is_complete(
     events = [a["event"] for a in audit]
     assoc = [a for a in audit if a["event"] == "association" and a["calling_ae"] == "SCANNER1"]
     assert sorted(a["stored"] for a in assoc) == sorted([len(ct), len(mprage)]), assoc
-    for j in jobs:
+    for j in final:
         mine = [a for a in audit if a.get("job") == j["id"] or a.get("series") == j["series"]]
         kinds = {a["event"] for a in mine}
         assert {"series-received", "job-decision", "job-processed", "delivery"} <= kinds, (j["id"], kinds)
-        assert [a["outcome"] for a in mine if a["event"] == "delivery"] == ["delivered"]
+        outcomes = [a["outcome"] for a in mine if a["event"] == "delivery"]  # a superseded job's too, if it sent
+        assert outcomes and set(outcomes) == {"delivered"}, outcomes
     assert "node-started" in events and events[-1] == "node-stopped", events
 
 
