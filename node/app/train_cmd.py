@@ -62,7 +62,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive, default=2000, help="training steps per net (task x factor)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--width", type=_positive, default=24)
-    parser.add_argument("--depth", type=int, default=6)
+    parser.add_argument("--depth", type=_positive, default=6)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["in", "through"], default="",
                         help="retrain these nets only; the others are copied from the existing --out checkpoint")

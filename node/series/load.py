@@ -44,7 +44,14 @@ from node.series.slices import (
     sop_class_of,
 )
 from node.series.split import position_groups, split_volumes
-from node.series.steps import describe_steps, off_line, off_line_message, same_step
+from node.series.steps import (
+    describe_steps,
+    off_line,
+    off_line_message,
+    same_step,
+    thickness_groups,
+    thickness_message,
+)
 from node.series.volume import MAX_MODALITY_ABS, SeriesVolume, StoredFormat
 
 log = logging.getLogger(__name__)
@@ -228,19 +235,10 @@ def _check_one_thickness(slices: list[Slice], name: str) -> None:
     reconstructions or acquisitions under one SeriesInstanceUID, interleaved; one slice profile cannot describe
     them and every derived slice would be labelled with one of them. (An irregular stack's runs may differ: the
     tilted GE head's 4 and 7 mm.)"""
-    groups: dict[float, list[str]] = {}
-    for s in slices:
-        t = float(s.thickness or 0.0)
-        if t <= 0:
-            continue
-        key = next((k for k in groups if abs(k - t) <= max(0.01, 1e-3 * t)), t)
-        groups.setdefault(key, []).append(s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else ""))
+    groups = thickness_groups([(float(s.thickness or 0.0),
+                                s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else "")) for s in slices])
     if len(groups) > 1:
-        parts = "; ".join(f"{k:g} mm x{len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
-                          for k, v in sorted(groups.items()))
-        raise VolumeError(f"{name}: its slices state {len(groups)} different SliceThickness values ({parts}): two "
-                          "reconstructions or acquisitions under one SeriesInstanceUID; one slice profile cannot "
-                          "describe them, so they are not super-resolved as one volume")
+        raise VolumeError(thickness_message(name, groups))
 
 
 def _record(s: Slice) -> SliceHeader:

@@ -27,6 +27,8 @@ from node.series.steps import (
     off_line_message,
     same_step,
     step_segments,
+    thickness_groups,
+    thickness_message,
 )
 from node.series.volume import SeriesVolume
 
@@ -92,6 +94,13 @@ def split_runs(vol: SeriesVolume) -> RunSplit:
             z = a + where
             raise VolumeError(off_line_message(f"series {vol.series_uid}", z, n, vol.names[z] if z < len(vol.names)
                                                else f"slice {z + 1}", worst, tol))
+        if not vol.multiframe:  # two thicknesses interleaved in a run are refused as in a regular stack (load)
+            groups = thickness_groups([(vol.datasets.record(z).slice_thickness,
+                                        vol.names[z] if z < len(vol.names) else f"slice {z + 1}")
+                                       for z in range(a, b + 1)])
+            if len(groups) > 1:
+                raise VolumeError(thickness_message(f"series {vol.series_uid} run of slices {a + 1}..{b + 1}",
+                                                    groups))
     runs = [_subvolume(vol, a, b) for a, b in spans]
     for k, r in enumerate(runs):
         r.run = (k + 1, len(runs))

@@ -35,7 +35,8 @@ import numpy as np
 
 from node.errors import VolumeError
 from node.series.dimensions import DIMENSIONS, STACK, Dimension, canonical, order
-from node.series.slices import Slice, stored_pixels
+from node.series.slices import Slice, header_value, stored_pixels
+from node.series.steps import STEP_ABS_TOL, STEP_REL_TOL
 
 # images whose centres lie within this distance (mm) along the slice normal share one slice position
 SAME_POSITION_MM = 0.01
@@ -126,9 +127,39 @@ def _interleaved_acquisitions(slices: list[Slice]) -> list[Dimension]:
         counts[v] = counts.get(v, 0) + 1
     if len(counts) < 2 or None in counts or min(counts.values()) < MIN_INTERLEAVED:
         return []
-    along = [values[g[0]] for g in position_groups(slices)]  # no repeats here: one image per position
+    groups = position_groups(slices)  # no repeats here: one image per position
+    along = [values[g[0]] for g in groups]
     changes = sum(1 for a, b in itertools.pairwise(along) if a != b)
-    return [dim] if changes > len(counts) - 1 else []
+    if changes <= len(counts) - 1 or _passes_of_one_mr_stack(slices, groups):
+        return []
+    return [dim]
+
+
+def _passes_of_one_mr_stack(slices: list[Slice], groups: list[list[int]]) -> bool:
+    """Whether interleaved acquisition numbers are the passes of one 2D MR acquisition: slices too many for one TR
+    are acquired in two or more passes, odd slices in the first and even ones in the second (GE 'interleaved'
+    acquisitions, zero gap against crosstalk), each pass its own AcquisitionNumber. Their slices touch or leave
+    gaps (the stack's step >= SliceThickness); two acquisitions of one place offset by a fraction of the step
+    overlap (step < thickness) and are still split. CT is always split (thin slices every 5 or 10 mm, HRCT, may
+    leave gaps in each of two phases)."""
+    if any(str(header_value(s, "Modality") or "").upper() != "MR" for s in slices):
+        return False
+    thick = [float(s.thickness or 0.0) for s in slices]
+    if min(thick) <= 0:
+        return False
+    iop = slices[0].iop
+    normal = np.cross(iop[:3], iop[3:])
+    normal = normal / max(float(np.linalg.norm(normal)), 1e-12)
+    dist = np.array([float(np.dot(slices[g[0]].ipp, normal)) for g in groups])
+    step = float(np.median(np.diff(dist)))
+    return step >= float(np.median(thick)) * (1.0 - STEP_REL_TOL) - STEP_ABS_TOL
+
+
+def _per_image(values: list[Any]) -> bool:
+    """Whether ``values`` (canonical, one per image) count the images one by one (>= 3 images, every value on one
+    image): a per-slice counter (a TemporalPositionIdentifier or EchoNumbers per slice), not volumes; split by
+    it, the series would become volumes of one image each, none of which can be super-resolved."""
+    return len(values) >= 3 and len(set(values)) == len(values)
 
 
 MIN_INTERLEAVED = 3  # images per acquisition number for an interleaved split (fewer: a rescanned slice or two)
@@ -138,7 +169,8 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
     if not has_repeats(slices):
         columns = {d.name: canonical([d.of(s) for s in slices]) for d in DIMENSIONS if d.name in DISTINCT_VOLUMES}
         distinct = [d for d in DIMENSIONS if d.name in columns
-                    and len({v for v in columns[d.name] if v is not None}) > 1]
+                    and len({v for v in columns[d.name] if v is not None}) > 1
+                    and not _per_image(columns[d.name])]
         if not distinct:
             distinct = _interleaved_acquisitions(slices)
             columns.update({d.name: canonical([d.of(s) for s in slices]) for d in distinct})

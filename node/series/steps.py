@@ -58,3 +58,23 @@ def off_line_message(name: str, where: int, n: int, which: str, worst: float, to
     return (f"{name}: slice {where + 1}/{n} ({which}) lies {worst:.2f} mm in-plane off the line through the other "
             f"slice positions (tolerance {tol:.2f} mm, half a pixel): its ImagePositionPatient moves it sideways, so "
             "the slices are not one straight or sheared stack and cannot be interpolated through")
+
+
+def thickness_groups(items: list[tuple[float | None, str]]) -> dict[float, list[str]]:
+    """Image names grouped by stated SliceThickness (``items``: (thickness mm or None/0 when absent, name)),
+    values within max(0.01 mm, 0.1 %) of a group's first one in that group; absent ones aside."""
+    groups: dict[float, list[str]] = {}
+    for t, name in items:
+        if t is None or t <= 0:
+            continue
+        key = next((k for k in groups if abs(k - t) <= max(0.01, 1e-3 * t)), t)
+        groups.setdefault(key, []).append(name)
+    return groups
+
+
+def thickness_message(name: str, groups: dict[float, list[str]]) -> str:
+    parts = "; ".join(f"{k:g} mm x{len(v)} ({', '.join(v[:3])}{', ...' if len(v) > 3 else ''})"
+                      for k, v in sorted(groups.items()))
+    return (f"{name}: its slices state {len(groups)} different SliceThickness values ({parts}): two "
+            "reconstructions or acquisitions under one SeriesInstanceUID; one slice profile cannot "
+            "describe them, so they are not super-resolved as one volume")

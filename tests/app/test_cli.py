@@ -209,10 +209,11 @@ def test_process_progress_bar_only_on_a_terminal(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("option", [("--in-slices", "0"), ("--in-slices", "-3"), ("--steps", "0"), ("--steps", "-5"),
-                                    ("--width", "0")])
+                                    ("--width", "0"), ("--depth", "0"), ("--depth", "-1")])
 def test_train_refuses_non_positive_counts_before_writing_anything(tmp_path: Path, option: tuple[str, str]) -> None:
     """break12: --in-slices 0 / -3 and --width 0 died in a traceback; --steps 0 / -5 wrote an untrained prior (loss
-    nan) to --out with exit 0 (by default over the shipped models/weights/prior.pt)."""
+    nan) to --out with exit 0 (by default over the shipped models/weights/prior.pt). rev12: --depth 0 / -1 wrote a
+    prior with exit 0 whose config states that depth (the net built as depth 1)."""
     from node.app.phantom import write_phantom_series
     data = tmp_path / "series"
     write_phantom_series(data, slices=6, size=64, step_mm=3.0, fov_mm=96.0)

@@ -354,3 +354,55 @@ def test_two_slice_thicknesses_in_one_regular_stack_are_refused(phantom: list[Pa
     with pytest.raises(VolumeError) as e:
         load_volumes(files)
     assert "SliceThickness" in str(e.value) and "t5-" in str(e.value) and "t2-" in str(e.value), str(e.value)
+
+
+def test_odd_and_even_slices_in_two_acquisitions_of_one_contiguous_stack_are_one_volume(tmp_path: Path) -> None:
+    """rev12: a 2D multi-slice MR acquired in two passes (GE 'interleaved' acquisitions, zero gap: odd slices in
+    acquisition 1, even slices in acquisition 2; dcm2niix stacks across GE acquisition numbers for this reason) is
+    one contiguous stack: its slice thickness equals the step of the stack as a whole. It was split into two
+    volumes at twice the step, each with a gap of one slice thickness (half the sampling, two derived series)."""
+    files = write_phantom_series(tmp_path / "p", slices=12, size=32, step_mm=3.0, fov_mm=96.0)
+
+    def passes(ds: pydicom.Dataset, k: int) -> None:
+        ds.AcquisitionNumber = 1 + k % 2
+        ds.SliceThickness = "3"
+        ds.Modality, ds.SOPClassUID = "MR", "1.2.840.10008.5.1.4.1.1.4"
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    vols = load_volumes(_variant(files, tmp_path / "v", "ps", passes))
+    assert [v.shape[0] for v in vols] == [12], [(v.volume_label, v.shape) for v in vols]
+
+
+@pytest.mark.parametrize("what", ["time", "echo"])
+def test_a_value_per_slice_is_no_set_of_volumes(phantom: list[Path], tmp_path: Path, what: str) -> None:
+    """rev12: TemporalPositionIdentifier (or EchoNumbers) that counts the images one by one, each at its own
+    position, names no interleaved volumes: the series was split into 6 'volumes' of one image each (none can be
+    super-resolved), where before it was one stack."""
+    def per_slice(ds: pydicom.Dataset, k: int) -> None:
+        if what == "time":
+            ds.TemporalPositionIdentifier = k + 1
+        else:
+            ds.EchoNumbers, ds.EchoTime = k + 1, "10"
+    vols = load_volumes(_variant(phantom, tmp_path, "ps", per_slice))
+    assert [v.shape[0] for v in vols] == [6], [(v.volume_label, v.shape) for v in vols]
+
+
+def test_two_slice_thicknesses_in_a_run_of_an_irregular_stack_are_refused(phantom: list[Path],
+                                                                          tmp_path: Path) -> None:
+    """rev12: the refusal of two SliceThickness values interleaved in one regular stack (break12) is bypassed when
+    one slice is missing: the stack is irregular, cut into runs, and the longer run (both reconstructions
+    interleaved) was super-resolved as one volume."""
+    from node.series import regular_runs
+
+    def thick(t: str, shift: float) -> Callable[[pydicom.Dataset, int], None]:
+        def change(ds: pydicom.Dataset, k: int) -> None:
+            _shifted(shift)(ds, k)
+            ds.SliceThickness = t
+        return change
+
+    t5 = _variant(phantom, tmp_path, "t5", thick("5", 0.0))
+    files = t5[:2] + t5[3:] + _variant(phantom, tmp_path, "t2", thick("2.0", 1.5))
+    vol = load_series(files)
+    assert vol.irregular
+    with pytest.raises(VolumeError) as e:
+        regular_runs(vol)
+    assert "SliceThickness" in str(e.value) and "t5-" in str(e.value) and "t2-" in str(e.value), str(e.value)
