@@ -283,6 +283,10 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
             copy_module(ds, ref, MR_IMAGE, from_groups=True)
             _mr_type1(ds, ref, frame)
             classic_mr_values(ds)
+        # one volume, one AcquisitionNumber (the first source image's): copied per slice from the passes of an
+        # interleaved 2D acquisition (1, 1, 2, 2, ...) the derived series would read as two acquisitions
+        # interleaved (node.series.split), and a reader could split it
+        copy_module(ds, ref0, ("AcquisitionNumber",), from_groups=True)
         # Modality LUT: one rescale for the series that holds every value (``node.derived.values``)
         if sop_class == CTImageStorage or fmt.slope != 1.0 or fmt.intercept != 0.0:
             ds.RescaleIntercept = ds_str(fmt.intercept)

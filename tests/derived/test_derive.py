@@ -222,3 +222,29 @@ def test_engine_failure_falls_back_to_cubic_and_says_so(phantom: SeriesVolume, t
     assert "fallback" in ds.DerivationDescription and "cubic" in ds.DerivationDescription
     assert "fallback" in ds.ContributingEquipmentSequence[0].ContributionDescription
     assert len(res.derived_files) == 7 and res.uncertainty_files == []  # cubic has no sigma: no sigma object
+
+
+def test_two_pass_mr_stack_derives_one_series_that_reads_back_as_one_volume(tmp_path: Path) -> None:
+    """rev12's open end: a 2D MR acquired in two interleaved passes (AcquisitionNumber 1, 2, 1, 2, ... on
+    contiguous slices) is one stack; its derived series copied the number of each slice's nearest source
+    (1, 1, 2, 2, ...) and so read back as two interleaved acquisitions (the preview refused it: "holds 2
+    volumes"). The derived series carries one AcquisitionNumber, the first source image's."""
+    src = write_phantom_series(tmp_path / "p", slices=12, size=32, step_mm=3.0, fov_mm=96.0)
+    for k, f in enumerate(src):
+        ds = pydicom.dcmread(f)
+        ds.AcquisitionNumber = 1 + k % 2
+        ds.SliceThickness = "3"
+        ds.Modality, ds.SOPClassUID = "MR", "1.2.840.10008.5.1.4.1.1.4"
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.save_as(f, enforce_file_format=True)
+    vol = load_series(src)
+    objs = _derive(vol, 2, 1)
+    out = tmp_path / "derived"
+    out.mkdir()
+    paths = []
+    for i, ds in enumerate(objs.derived):
+        paths.append(out / f"{i:03d}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    assert {int(pydicom.dcmread(p).AcquisitionNumber) for p in paths} == {int(vol.datasets[0].AcquisitionNumber)}
+    back = load_series(paths)
+    assert back.shape[0] == 2 * vol.shape[0] - 1
