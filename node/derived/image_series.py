@@ -211,6 +211,9 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     if windows and not all(math.isfinite(v) and abs(v) <= MAX_MODALITY_ABS for vals in windows for v in vals):
         windows = None  # a source window no reader or validator holds (VOI LUT is optional): not copied
     charset = character_set(ref0)
+    acquisition_number = ref0.get("AcquisitionNumber")  # a value, read once: make() holds no header beyond its own
+    if acquisition_number == "":
+        acquisition_number = None
 
     def stored_pixels(k: int) -> bytes:
         return np.ascontiguousarray(to_stored(result.data[k], fmt)).tobytes()
@@ -286,7 +289,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         # one volume, one AcquisitionNumber (the first source image's): copied per slice from the passes of an
         # interleaved 2D acquisition (1, 1, 2, 2, ...) the derived series would read as two acquisitions
         # interleaved (node.series.split), and a reader could split it
-        copy_module(ds, ref0, ("AcquisitionNumber",), from_groups=True)
+        ds.AcquisitionNumber = acquisition_number  # Type 2: empty when the source has none
         # Modality LUT: one rescale for the series that holds every value (``node.derived.values``)
         if sop_class == CTImageStorage or fmt.slope != 1.0 or fmt.intercept != 0.0:
             ds.RescaleIntercept = ds_str(fmt.intercept)
