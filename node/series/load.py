@@ -139,6 +139,7 @@ def _load_volumes(paths: list[Path], inspect: Callable[[Dataset], object] | None
     for k, g in enumerate(groups):
         name = f"series {series_uid}" + (f" volume {k + 1}/{len(groups)} ({g.label})" if len(groups) > 1 else "")
         _check_one_stack(g.slices, name)
+        _check_one_unit(g.slices, name)
         vol = _stack(g.slices, series_uid, name, notes + g.notes)
         if len(groups) > 1:
             vol.volume, vol.volume_label = (k + 1, len(groups)), g.label
@@ -405,6 +406,25 @@ def _check_one_series(slices: list[Slice], series_uid: str) -> None:
                           "a scout cannot be stacked with the axial/sagittal/coronal slices")
     if loc:
         raise VolumeError(f"series {series_uid}: is a localizer (scout) series; not super-resolved")
+
+
+# RescaleType defined terms (PS3.3 C.11.1.1.2 and C.8.2.1.1.11 for CT: HU, and the enhanced objects' terms)
+RESCALE_TYPES = frozenset({"OD", "HU", "US", "MGML", "Z_EFF", "ED", "EDW", "HU_MOD", "PCT"})
+
+
+def _check_one_unit(slices: list[Slice], name: str) -> None:
+    """VolumeError when the slices of one volume state different RescaleType values (absent ones aside): their
+    modality values are in different units (HU beside US, say), and one volume of them would mix the two."""
+    counts: dict[str, int] = {}
+    for s in slices:
+        unit = str(header_value(s, "RescaleType"))
+        if unit:
+            counts[unit] = counts.get(unit, 0) + 1
+    if len(counts) > 1:
+        # only the standard's defined terms are quoted (a value is a header string, never echoed as it is)
+        said = ", ".join(f"{u if u in RESCALE_TYPES else 'another value'} x{n}" for u, n in sorted(counts.items()))
+        raise VolumeError(f"{name}: its images state {len(counts)} different RescaleType values ({said}): their "
+                          "values are in different units and cannot be stacked into one volume")
 
 
 def _check_one_stack(slices: list[Slice], name: str) -> None:

@@ -177,6 +177,13 @@ def _text(keyword: str) -> Callable[[Slice], str]:
     return read
 
 
+def _rescale_type(s: Slice) -> str:
+    """The units of the slice's modality values (RescaleType, PS3.3 C.11.1.1.2), from the frame's Pixel Value
+    Transformation functional group for a frame of an enhanced object; "" when absent."""
+    item = frame_group_item(s.header, "PixelValueTransformationSequence", s.frame) if s.frame >= 0 else s.header
+    return str((item.get("RescaleType", "") if item is not None else "") or "").strip().upper()
+
+
 # what the load reads of every image's header once it is stacked (key -> how); ``header_value`` reads them
 HEADER_VALUES: Mapping[str, Callable[[Slice], Any]] = MappingProxyType({
     "SeriesInstanceUID": lambda s: str(s.header.get("SeriesInstanceUID", "")),
@@ -185,6 +192,7 @@ HEADER_VALUES: Mapping[str, Callable[[Slice], Any]] = MappingProxyType({
     "PhotometricInterpretation": _text("PhotometricInterpretation"),
     "Rows": lambda s: int(s.header.Rows),
     "Columns": lambda s: int(s.header.Columns),
+    "RescaleType": lambda s: _rescale_type(s),
     "localizer": lambda s: is_localizer(s.header),
     "sop_class": lambda s: sop_class_of(s.header),
 })

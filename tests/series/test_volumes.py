@@ -406,3 +406,20 @@ def test_two_slice_thicknesses_in_a_run_of_an_irregular_stack_are_refused(phanto
     with pytest.raises(VolumeError) as e:
         regular_runs(vol)
     assert "SliceThickness" in str(e.value) and "t5-" in str(e.value) and "t2-" in str(e.value), str(e.value)
+
+
+def test_two_rescale_types_in_one_volume_are_refused(phantom: list[Path], tmp_path: Path) -> None:
+    """break12's open finding: half the slices in HU, half in US (unspecified units) were stacked into one volume
+    without a word. Absent RescaleType beside a stated one is not a conflict (CT is HU by definition)."""
+    def units(ds: pydicom.Dataset, k: int) -> None:
+        ds.RescaleType = "HU" if k < 3 else "US"
+    with pytest.raises(VolumeError) as e:
+        load_volumes(_variant(phantom, tmp_path / "mixed", "ru", units))
+    assert "RescaleType" in str(e.value) and "HU x3" in str(e.value) and "US x3" in str(e.value), str(e.value)
+
+    def some(ds: pydicom.Dataset, k: int) -> None:
+        if k < 3:
+            ds.RescaleType = "HU"
+        elif "RescaleType" in ds:
+            del ds.RescaleType
+    assert [v.shape[0] for v in load_volumes(_variant(phantom, tmp_path / "some", "rs", some))] == [6]
