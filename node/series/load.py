@@ -73,7 +73,15 @@ def _pixels(ds: Dataset, name: str) -> np.ndarray:
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise VolumeError(f"{name}: colour image ({ds.get('PhotometricInterpretation', '?')}); "
                           "only grayscale series can be super-resolved")
-    return np.asarray(arr)
+    arr = np.asarray(arr)
+    declared = int(ds.get("NumberOfFrames", 1) or 1)
+    held = int(arr.shape[0]) if arr.ndim == 3 else 1
+    if held != declared:
+        # pydicom returns every whole frame the pixel data holds (with a warning): frames beyond NumberOfFrames
+        # were left out of the volume silently (or a single-frame image failed to broadcast, its file unnamed)
+        raise VolumeError(f"{name}: its pixel data holds {held} frames, NumberOfFrames {declared} (absent: 1); "
+                          "which frames the header describes cannot be told, none is stacked")
+    return arr
 
 
 def stored_format(ds: Dataset, slope: float, intercept: float) -> StoredFormat:

@@ -211,6 +211,12 @@ def slices_of(ds: Dataset, name: str) -> list[Slice]:
     multi-frame object has no functional groups, or a value is not numeric or has the wrong count.
     """
     nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and len(per_frame) != nframes:
+        # one item per frame (PS3.3 C.7.6.16): a count that differs leaves frames out or places them without
+        # their own geometry; which of the two is wrong cannot be told
+        raise VolumeError(f"{name}: NumberOfFrames {nframes} but PerFrameFunctionalGroupsSequence has "
+                          f"{len(per_frame)} item(s); the frames cannot be told apart, none is stacked")
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         out: list[Slice] = []
         for f in range(nframes):

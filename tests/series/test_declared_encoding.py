@@ -1,0 +1,78 @@
+"""What a header declares about its pixels must hold, or the series is refused naming the file (break13f): frames
+the header does not count are never dropped without a word, a rescale stated only at the top level of an enhanced
+object is applied, and pixels whose encoding cannot be read as a grey-scale image (PALETTE COLOR, a HighBit that is
+not BitsStored - 1) are never super-resolved as if they were."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from node.app.phantom import write_phantom_series
+from node.config import load_config
+from node.errors import VolumeError
+from node.process import process_series
+from node.series import load_volumes
+from tests.support.fixtures import shared_series
+
+
+def _enhanced(tmp_path: Path, change: Callable[[Dataset], None]) -> list[Path]:
+    """The shared enhanced MR (96 frames, one file), changed by ``change``, written to ``tmp_path/in``."""
+    src = sorted(shared_series("mr_t1_enhanced_multiframe_siemens_xa30").glob("*.dcm"))
+    ds = pydicom.dcmread(src[0])
+    change(ds)
+    (tmp_path / "in").mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "in" / "MF.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    return [out]
+
+
+def _refused(files: list[Path], tmp_path: Path, *reason: str) -> str:
+    with pytest.raises(VolumeError) as exc:
+        load_volumes(files)
+    msg = str(exc.value)
+    for r in reason:
+        assert r in msg, msg
+    cfg = load_config(None)
+    with pytest.raises(VolumeError):
+        process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name="cubic")
+    assert not list((tmp_path / "out").rglob("*.dcm")), "nothing may be derived"
+    return msg
+
+
+def test_number_of_frames_below_the_frames_present_is_refused_not_cut(tmp_path: Path) -> None:
+    """NumberOfFrames 90 on an object whose per-frame functional groups and pixel data hold 96 frames: the last
+    6 frames (12 mm of the head) were left out of the derived series, exit 0, only pydicom's warning."""
+    def fewer(ds: Dataset) -> None:
+        ds.NumberOfFrames = 90
+    _refused(_enhanced(tmp_path, fewer), tmp_path, "MF.dcm", "NumberOfFrames 90", "96")
+
+
+def test_per_frame_groups_shorter_than_number_of_frames_names_the_counts(tmp_path: Path) -> None:
+    def shorter(ds: Dataset) -> None:
+        del ds.PerFrameFunctionalGroupsSequence[90:]
+    _refused(_enhanced(tmp_path, shorter), tmp_path, "MF.dcm", "NumberOfFrames 96", "90")
+
+
+def test_pixel_data_holding_more_frames_than_declared_is_refused(tmp_path: Path) -> None:
+    """The per-frame groups agree with NumberOfFrames (90), the pixel data holds 96 frames: pydicom returns all 96
+    (with a warning); which 90 the groups describe cannot be told."""
+    def fewer_groups(ds: Dataset) -> None:
+        ds.NumberOfFrames = 90
+        del ds.PerFrameFunctionalGroupsSequence[90:]
+    _refused(_enhanced(tmp_path, fewer_groups), tmp_path, "MF.dcm", "96 frames", "NumberOfFrames 90")
+
+
+def test_single_frame_image_with_two_frames_of_pixels_is_named(tmp_path: Path) -> None:
+    """A single-frame slice whose PixelData holds two images: refused as "a header value cannot be read
+    (ValueError: could not broadcast ...)" naming the first file of the series, not the broken one."""
+    files = write_phantom_series(tmp_path / "in", slices=6, size=32, step_mm=3.0)
+    ds = pydicom.dcmread(files[3])
+    ds.PixelData = ds.PixelData * 2
+    ds.save_as(files[3])
+    msg = _refused(files, tmp_path, files[3].name, "2 frames")
+    assert files[0].name not in msg
