@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -16,7 +17,7 @@ from node.app.phantom import write_phantom_series
 from node.config import load_config
 from node.errors import VolumeError
 from node.process import process_series
-from node.series import load_volumes
+from node.series import load_series, load_volumes
 from tests.support.fixtures import shared_series
 
 
@@ -76,3 +77,28 @@ def test_single_frame_image_with_two_frames_of_pixels_is_named(tmp_path: Path) -
     ds.save_as(files[3])
     msg = _refused(files, tmp_path, files[3].name, "2 frames")
     assert files[0].name not in msg
+
+
+def test_enhanced_object_with_only_a_top_level_rescale_is_converted_with_it(tmp_path: Path) -> None:
+    """No Pixel Value Transformation functional group, RescaleSlope 2 / RescaleIntercept -100 at the top level
+    (converters write it there): the rescale was ignored (slope 1, intercept 0), every value wrong by 2x - 100."""
+    def top_level(ds: Dataset) -> None:
+        for item in ds.PerFrameFunctionalGroupsSequence:
+            del item.PixelValueTransformationSequence
+        ds.RescaleSlope = "2"
+        ds.RescaleIntercept = "-100"
+    files = _enhanced(tmp_path, top_level)
+    vol = load_series(files)
+    stored = pydicom.dcmread(files[0]).pixel_array.astype(np.float64)
+    want = np.stack([stored[f - 1] for f in vol.frame_numbers]) * 2 - 100
+    np.testing.assert_array_equal(vol.data, want.astype(np.float32))
+
+
+def test_a_functional_group_rescale_wins_over_a_top_level_one(tmp_path: Path) -> None:
+    def both(ds: Dataset) -> None:
+        ds.RescaleSlope = "2"
+        ds.RescaleIntercept = "-100"
+    files = _enhanced(tmp_path, both)
+    vol = load_series(files)
+    stored = pydicom.dcmread(files[0]).pixel_array.astype(np.float64)
+    np.testing.assert_array_equal(vol.data, np.stack([stored[f - 1] for f in vol.frame_numbers]).astype(np.float32))
