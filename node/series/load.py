@@ -65,6 +65,13 @@ IOP_UNIT_TOL = 1e-3  # |norm - 1| and |row . col| above this: not two orthogonal
 def _pixels(ds: Dataset, name: str) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise VolumeError(f"{name}: has no pixel data")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
+        # one sample per pixel that is not a grey level (PALETTE COLOR: an index into a colour table); it was
+        # interpolated as if it were one and written as MONOCHROME2 (only the defined terms are quoted)
+        said = photometric if photometric in ("PALETTE COLOR", "") else "another value"
+        raise VolumeError(f"{name}: PhotometricInterpretation {said or '(empty)'}: its pixel values are not grey "
+                          "levels (CT and MR images are MONOCHROME1 or MONOCHROME2); not super-resolved")
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoders raise many types; translated once here

@@ -102,3 +102,35 @@ def test_a_functional_group_rescale_wins_over_a_top_level_one(tmp_path: Path) ->
     vol = load_series(files)
     stored = pydicom.dcmread(files[0]).pixel_array.astype(np.float64)
     np.testing.assert_array_equal(vol.data, np.stack([stored[f - 1] for f in vol.frame_numbers]).astype(np.float32))
+
+
+def _phantom(tmp_path: Path, change: Callable[[int, Dataset], None]) -> list[Path]:
+    files = write_phantom_series(tmp_path / "in", slices=6, size=32, step_mm=3.0)
+    for k, f in enumerate(files):
+        ds = pydicom.dcmread(f)
+        change(k, ds)
+        ds.save_as(f)
+    return files
+
+
+def _palette(k: int, ds: Dataset) -> None:
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+
+
+def _high_bit_at_the_top(k: int, ds: Dataset) -> None:
+    """12 stored bits in bits 4..15 (HighBit 15, an ACR-NEMA layout the standard retired): pydicom reads the low
+    12 bits, garbage, and the derived series was that garbage, valid to every check."""
+    a = ds.pixel_array.astype(np.uint16) << 4
+    ds.HighBit = 15
+    ds.PixelData = a.tobytes()
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (_palette, "PhotometricInterpretation PALETTE COLOR"),
+])
+def test_pixels_that_are_not_grey_scale_values_as_read_are_refused(tmp_path: Path,
+                                                                   change: Callable[[int, Dataset], None],
+                                                                   reason: str) -> None:
+    files = _phantom(tmp_path, change)
+    msg = _refused(files, tmp_path, reason)
+    assert files[0].name in msg
