@@ -72,6 +72,13 @@ def _pixels(ds: Dataset, name: str) -> np.ndarray:
         said = photometric if photometric in ("PALETTE COLOR", "") else "another value"
         raise VolumeError(f"{name}: PhotometricInterpretation {said or '(empty)'}: its pixel values are not grey "
                           "levels (CT and MR images are MONOCHROME1 or MONOCHROME2); not super-resolved")
+    bits = int(ds.get("BitsStored", 16) or 16)
+    high = ds.get("HighBit")
+    if high not in (None, "") and int(high) != bits - 1:
+        # PS3.3 C.7.6.3: HighBit is BitsStored - 1 (the stored bits at the bottom of each word); an ACR-NEMA layout
+        # with the bits higher up was read by pydicom as the low bits, garbage, and derived as if it were values
+        raise VolumeError(f"{name}: HighBit {int(high)} with BitsStored {bits} (the standard has HighBit = "
+                          "BitsStored - 1): its stored values cannot be read as they are meant; not super-resolved")
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoders raise many types; translated once here

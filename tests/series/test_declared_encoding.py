@@ -127,6 +127,7 @@ def _high_bit_at_the_top(k: int, ds: Dataset) -> None:
 
 @pytest.mark.parametrize(("change", "reason"), [
     (_palette, "PhotometricInterpretation PALETTE COLOR"),
+    (_high_bit_at_the_top, "HighBit 15 with BitsStored 12"),
 ])
 def test_pixels_that_are_not_grey_scale_values_as_read_are_refused(tmp_path: Path,
                                                                    change: Callable[[int, Dataset], None],
