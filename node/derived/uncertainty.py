@@ -318,6 +318,9 @@ def sigma_card(derived: Sequence[Dataset], sig: np.ndarray, modality: str, engin
     sc.DerivationDescription = (f"Colour-mapped per-pixel 1-sigma uncertainty of the {engine} super-resolution "
                                 f"in {units_long}, derived slice {k + 1} of {len(derived)}")[:1024]
     sc.BurnedInAnnotation = "NO"
+    for kw in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        if kw in d:  # drawn from lossy images: said as on the derived slice (PS3.3 C.7.6.1.1.5)
+            sc[kw] = d[kw]
     sc.SourceImageSequence = DicomSequence([source_item(d, 0)])  # the derived slice drawn
     sc.ReferencedSeriesSequence = referenced_series(d.SeriesInstanceUID, [(d.SOPClassUID, d.SOPInstanceUID)])
     for kw in ("FrameOfReferenceUID", "PositionReferenceIndicator", "ImagePositionPatient",
