@@ -14,6 +14,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, JPEGLSNearLossless
 
+from node.app.check_cmd import check_folders
 from node.app.phantom import write_phantom_series
 from node.config import UncertaintyObject, load_config, replace
 from node.process import process_series
@@ -91,3 +92,21 @@ def test_a_lossless_input_is_not_marked_lossy(tmp_path: Path, change: Callable[[
     out = _derive(tmp_path, _series(tmp_path, change), sigma=change is _j2k_lossless)
     assert all(str(d.get("LossyImageCompression", "00")) == "00" for d in out)
     assert not any("LossyImageCompressionMethod" in d for d in out)
+
+
+def test_srnode_check_wants_the_lossy_marking(tmp_path: Path) -> None:
+    """``srnode check``'s own reader: a derived object of a lossy input without LossyImageCompression 01 fails."""
+    files = _series(tmp_path, _stated)
+    cfg = load_config(None)
+    cfg = replace(cfg, derive=dataclasses.replace(cfg.derive, uncertainty=UncertaintyObject.BOTH))
+    res = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name=SIGMA_TEST_ENGINE,
+                         engines=sigma_engines())
+    assert check_folders(tmp_path / "in", tmp_path / "out", run_dciodvfy=False).ok
+    pm_path = next(p for p in res.uncertainty_files if p.name.startswith("PM"))
+    pm = pydicom.dcmread(pm_path)
+    pm.LossyImageCompression = "00"  # what the map said before break13f
+    pm.save_as(pm_path, enforce_file_format=True)
+    result = check_folders(tmp_path / "in", tmp_path / "out", run_dciodvfy=False)
+    assert not result.ok
+    assert "6 input image(s) lossy compressed" in result.lines()[0], result.lines()
+    assert "without LossyImageCompression 01 (PM00001.dcm" in result.lines()[0], result.lines()

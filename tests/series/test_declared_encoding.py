@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from node.app.check_cmd import check_folders
 from node.app.phantom import write_phantom_series
 from node.config import load_config
 from node.errors import VolumeError
@@ -92,6 +93,11 @@ def test_enhanced_object_with_only_a_top_level_rescale_is_converted_with_it(tmp_
     stored = pydicom.dcmread(files[0]).pixel_array.astype(np.float64)
     want = np.stack([stored[f - 1] for f in vol.frame_numbers]) * 2 - 100
     np.testing.assert_array_equal(vol.data, want.astype(np.float32))
+    # srnode check's own reader applies it as well: the derived values equal the input's at acquired positions
+    cfg = load_config(None)
+    process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name="cubic")
+    result = check_folders(tmp_path / "in", tmp_path / "out", run_dciodvfy=False)
+    assert result.ok and "values at acquired positions equal" in result.lines()[0], result.lines()
 
 
 def test_a_functional_group_rescale_wins_over_a_top_level_one(tmp_path: Path) -> None:
