@@ -185,7 +185,7 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
     steps = np.diff(dist)
     repeats = [g for g in position_groups(slices) if len(g) > 1]
     if repeats:
-        files = ", ".join(slices[i].name for i in repeats[0][:4]) + (", ..." if len(repeats[0]) > 4 else "")
+        files = ", ".join(slices[i].where for i in repeats[0][:4]) + (", ..." if len(repeats[0]) > 4 else "")
         raise VolumeError(f"{name}: {sum(len(g) for g in repeats)} images share a slice position with another "
                           f"({files}); they are repeats, time points or echoes, not a stack of slices")
 
@@ -392,17 +392,17 @@ def _check_slice(s: Slice) -> None:
     ImageOrientationPatient is two orthogonal unit vectors; C.11.1 Modality LUT: a slope of 0 maps every stored
     value to one)."""
     if not all(math.isfinite(v) and v > 0 for v in s.spacing):
-        raise VolumeError(f"{s.name}: PixelSpacing {list(s.spacing)} is not two positive numbers")
+        raise VolumeError(f"{s.where}: PixelSpacing {list(s.spacing)} is not two positive numbers")
     if not all(math.isfinite(float(v)) for v in s.ipp):
-        raise VolumeError(f"{s.name}: ImagePositionPatient {[float(v) for v in s.ipp]} is not three finite numbers")
+        raise VolumeError(f"{s.where}: ImagePositionPatient {[float(v) for v in s.ipp]} is not three finite numbers")
     row, col = np.asarray(s.iop[:3], dtype=np.float64), np.asarray(s.iop[3:], dtype=np.float64)
     if not (np.all(np.isfinite(s.iop)) and abs(np.linalg.norm(row) - 1) < IOP_UNIT_TOL
             and abs(np.linalg.norm(col) - 1) < IOP_UNIT_TOL and abs(float(row @ col)) < IOP_UNIT_TOL):
-        raise VolumeError(f"{s.name}: ImageOrientationPatient {[round(float(v), 6) for v in s.iop]} is not two "
+        raise VolumeError(f"{s.where}: ImageOrientationPatient {[round(float(v), 6) for v in s.iop]} is not two "
                           "orthogonal unit vectors (row and column directions); the slice cannot be placed")
     if not math.isfinite(s.slope) or s.slope == 0 or not math.isfinite(s.intercept):
         why = ("a slope of 0 maps every pixel to one value" if s.slope == 0 else "not finite numbers")
-        raise VolumeError(f"{s.name}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} cannot convert "
+        raise VolumeError(f"{s.where}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} cannot convert "
                           f"stored values to modality values ({why})")
 
 
@@ -422,7 +422,7 @@ def _check_one_series(slices: list[Slice], series_uid: str) -> None:
         if len(values) > 1:
             raise VolumeError(f"series {series_uid}: its images have {len(values)} different {keyword} values: "
                               f"{len(values)} {what}; they cannot be stacked into one volume")
-    loc = [s.name for s in slices if header_value(s, "localizer")]
+    loc = [s.where for s in slices if header_value(s, "localizer")]
     if loc and len(loc) < len(slices):
         raise VolumeError(f"series {series_uid}: localizer image(s) mixed in ({', '.join(loc[:5])}); "
                           "a scout cannot be stacked with the axial/sagittal/coronal slices")
@@ -527,7 +527,7 @@ def _check_range(vals: np.ndarray, s: Slice) -> None:
         return
     peak = max(abs(lo), abs(hi))
     if not math.isfinite(peak) or peak > MAX_MODALITY_ABS:
-        raise VolumeError(f"{s.name}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} make modality "
+        raise VolumeError(f"{s.where}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} make modality "
                           f"values up to {peak:.3g} in magnitude, beyond the {MAX_MODALITY_ABS:g} the derived "
                           "objects can hold; the series is not super-resolved")
 
@@ -549,7 +549,7 @@ def _check_precision(data: np.ndarray, slices: list[Slice]) -> None:
     needed = max(float(np.spacing(np.float32(max(abs(lo), abs(hi))))), (hi - lo) * 2.0 ** -23)
     for s in slices:
         if abs(s.slope) < needed:
-            raise VolumeError(f"{s.name}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g}: its steps of "
+            raise VolumeError(f"{s.where}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g}: its steps of "
                               f"{abs(s.slope):g} cannot be held in 32-bit floats beside the series' values from "
                               f"{lo:g} to {hi:g} (they would round away); the series is not super-resolved")
 

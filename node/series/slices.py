@@ -139,6 +139,11 @@ class Slice:
     taken: dict[str, Any] = field(default_factory=dict, repr=False)  # header values taken before ``ds`` went
 
     @property
+    def where(self) -> str:
+        """How refusals name this image: its file, with " (frame N)" for a frame of a multi-frame object."""
+        return self.name + (f" (frame {self.frame + 1})" if self.frame >= 0 else "")
+
+    @property
     def header(self) -> Dataset:
         """The held header; RuntimeError (a programming error, not a malformed input) once it was let go of."""
         if self.ds is None:

@@ -141,3 +141,17 @@ def test_pixels_that_are_not_grey_scale_values_as_read_are_refused(tmp_path: Pat
     files = _phantom(tmp_path, change)
     msg = _refused(files, tmp_path, reason)
     assert files[0].name in msg
+
+
+def test_a_refusal_about_one_frame_names_the_frame(tmp_path: Path) -> None:
+    """One frame of 96 tilted 0.5 deg: the refusal said "1 slice(s) ... (MF.dcm)" and "(MF.dcm, MF.dcm, MF.dcm,
+    ...)", naming no frame of the object."""
+    def tilt(ds: Dataset) -> None:
+        item = ds.PerFrameFunctionalGroupsSequence[50].PlaneOrientationSequence[0]
+        iop = [float(v) for v in item.ImageOrientationPatient]
+        row, col = np.array(iop[:3]), np.array(iop[3:])
+        a = np.radians(0.5)
+        col = col * np.cos(a) + np.cross(row, col) * np.sin(a)
+        item.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *col)]
+    msg = _refused(_enhanced(tmp_path, tilt), tmp_path, "1 slice(s)", "(MF.dcm (frame 51))")
+    assert "MF.dcm (frame 1), MF.dcm (frame 2), MF.dcm (frame 3), ..." in msg, msg
