@@ -307,7 +307,10 @@ def _image_slices(path: Path, ds: Dataset) -> tuple[list[Slice], bool]:
             raise VolumeError(f"{path.name}: SOP class {uid or '(none)'} is not an image "
                               "(report, presentation state, RT or other non-image object)")
         if "PixelData" not in ds:
-            raise VolumeError(f"{path.name}: has no pixel data")
+            floats = [kw for kw in ("FloatPixelData", "DoubleFloatPixelData") if kw in ds]
+            raise VolumeError(f"{path.name}: " + (f"holds {floats[0]} (floating-point pixels: a parametric map or "
+                                                  "other computed image, not a CT or MR acquisition); not "
+                                                  "super-resolved" if floats else "has no pixel data"))
         if is_mosaic(ds):
             tiles = split_mosaic(ds, path.name)
             out: list[Slice] = []

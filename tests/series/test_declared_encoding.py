@@ -155,3 +155,11 @@ def test_a_refusal_about_one_frame_names_the_frame(tmp_path: Path) -> None:
         item.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *col)]
     msg = _refused(_enhanced(tmp_path, tilt), tmp_path, "1 slice(s)", "(MF.dcm (frame 51))")
     assert "MF.dcm (frame 1), MF.dcm (frame 2), MF.dcm (frame 3), ..." in msg, msg
+
+
+def test_float_pixel_data_is_named_for_what_it_is(tmp_path: Path) -> None:
+    """An image holding FloatPixelData was refused as "has no pixel data"."""
+    def floating(k: int, ds: Dataset) -> None:
+        ds.FloatPixelData = ds.pixel_array.astype("<f4").tobytes()
+        del ds.PixelData
+    _refused(_phantom(tmp_path, floating), tmp_path, "CT0001.dcm: holds FloatPixelData")
