@@ -19,6 +19,7 @@ import collections.abc
 import datetime as _dt
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -297,8 +298,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         if sop_class == CTImageStorage or fmt.slope != 1.0 or fmt.intercept != 0.0:
             ds.RescaleIntercept = ds_str(fmt.intercept)
             ds.RescaleSlope = ds_str(fmt.slope)
-            if sop_class == CTImageStorage:
-                ds.RescaleType = "HU"
+            if sop_class == CTImageStorage:  # the unit its slices state (a dual-energy map is no HU image)
+                ds.RescaleType = ct_rescale_type(vol)
         # VOI LUT: the series' window (median over its slices), in modality units
         if windows:
             centres, widths = ([ds_str(v) for v in vals] for vals in windows)
@@ -333,6 +334,16 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
             ds.PixelData = stored_pixels(k)
     return DerivedObjects(slices if lazy else headers, sigma_objs, series_uid, sigma_uids[0] if sigma_uids else "",
                           notes, sigma_uids)
+
+
+def ct_rescale_type(vol: SeriesVolume) -> str:
+    """The derived CT's RescaleType: "HU" unless the input's slices state another unit (PS3.3 C.8.2.1.1.11:
+    MGML, Z_EFF, ED, ... of dual-energy maps; US: unspecified), which is kept; a stated value that is no Code
+    String (at most 16 of A-Z, 0-9, space, _) becomes "US"."""
+    unit = vol.rescale_type
+    if not unit:
+        return "HU"
+    return unit if re.fullmatch(r"[A-Z0-9_ ]{1,16}", unit) else "US"
 
 
 def lossy_marking(vol: SeriesVolume) -> list[tuple[str, str | list[str]]]:

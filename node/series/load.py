@@ -191,7 +191,9 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
 
     first = slices[0]
     modality = str(header_value(first, "Modality"))
-    data, formats, notes = _modality_values(slices, modality)
+    stated = sorted({str(header_value(s, "RescaleType")) for s in slices} - {""})  # one at most (_check_one_unit)
+    unit = stated[0] if stated else ""
+    data, formats, notes = _modality_values(slices, modality == "CT" and unit in ("", "HU"))
     vrange = (min(f.value_range[0] for f in formats), max(f.value_range[1] for f in formats))
     notes = notes_in + notes
 
@@ -229,6 +231,7 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
         rescale_slope=slices[0].slope,
         rescale_intercept=slices[0].intercept,
         value_range=vrange,
+        rescale_type=unit,
         formats=formats,
         names=[s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else "") for s in slices],
         steps=steps,
@@ -460,11 +463,12 @@ def _check_one_stack(slices: list[Slice], name: str) -> None:
                           f"({describe_plane_groups(groups)}); they do not form one volume")
 
 
-def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, list[StoredFormat], list[str]]:
+def _modality_values(slices: list[Slice], hounsfield: bool) -> tuple[np.ndarray, list[StoredFormat], list[str]]:
     """(Z, Y, X) float32 modality values of the sorted slices, each slice's stored format, and remarks.
 
     Every slice is converted with its own RescaleSlope / Intercept (Philips MR and some CT store one per slice);
-    padding voxels (PixelPaddingValue) become air for CT, else the lowest value of the series. A slice whose
+    padding voxels (PixelPaddingValue) become air for values in HU (``hounsfield``: a CT stating no other
+    RescaleType), else the lowest value of the series. A slice whose
     header was let go of was converted as it was read (``_let_go``): its values are copied in and dropped. A held
     single-frame header's (a mosaic tile's) PixelData is dropped once its slice is converted (a multi-frame
     object's stays: several volumes may share it; the job releases it after all are built).
@@ -493,7 +497,7 @@ def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, li
     _check_precision(data, slices)
     if np.isnan(data).any():
         lowest = min(f.value_range[0] for f in formats)
-        fill = -1000.0 if modality == "CT" else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
+        fill = -1000.0 if hounsfield else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
         fill = max(fill, lowest)
         notes.append(f"PixelPaddingValue voxels ({int(np.isnan(data).sum())}) set to {fill:g}")
         np.nan_to_num(data, copy=False, nan=fill)
