@@ -32,6 +32,20 @@ SPACING_REL_TOL = 1e-4
 LOSSY_ONLY_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
 
 
+def input_rounding(positions: list[np.ndarray]) -> float:
+    """0.1 or 0.01 when every component of the input ImagePositionPatient values is a multiple of it (written with
+    one or two decimals, as some scanners and anonymisers do), else 0.0: the pipeline then takes a regular stack's
+    positions from the line fitted through them, up to r x sqrt(3) from the written ones."""
+    if not positions:
+        return 0.0
+    q0 = np.array(positions, dtype=np.float64)
+    for r in (0.1, 0.01):
+        q = q0 / r
+        if bool(np.all(np.abs(q - np.round(q)) <= 1e-6)):
+            return r
+    return 0.0
+
+
 def floats(v: Any) -> np.ndarray:
     return np.array([float(x) for x in v], dtype=np.float64)
 

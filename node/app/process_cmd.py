@@ -5,7 +5,10 @@ studies sharing a series UID are two series); each series goes through the confi
 may take it) and ``node.process.process_series`` (which refuses a series whose instances belong to more than one
 patient); one line per series says what was written, or why not, followed by one "NOT IN ANY DERIVED SERIES" line
 per input slice that no derived series holds (file and reason), and ``report.json`` in the series' output folder
-keeps the same (the job report, a refusal or "left alone" with the reason), for ``srnode check``. Results go to
+keeps the same (the job report, a refusal or "left alone" with the reason), for ``srnode check``.
+A file that is not DICOM is a FAILED line naming it (it may be a DICOM file cut short) unless it is recognisably
+something else (``node.app.not_dicom``): srnode's own report.json / preview.png (IN_DIR may be an earlier OUT_DIR,
+whose derived series are left alone), text, PDF, images, archives, a DICOMDIR; those are named on a "skipped" line. Results go to
 ``OUT_DIR/<SeriesUID>/``, or to ``OUT_DIR/<StudyUID>/<SeriesUID>/`` for a series UID found in more than one study.
 On a terminal a progress bar per series names the stage (``node.app.progress``).
 """
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
+from node.app.not_dicom import other_format, own_side_file
 from node.app.preview import write_preview
 from node.app.progress import SeriesBar, logs_through_bars
 from node.app.progress import wanted as progress_bar_wanted
@@ -50,8 +54,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
 
 
-def group_by_series(in_dir: Path) -> tuple[dict[SeriesKey, list[Path]], dict[SeriesKey, Dataset], list[str]]:
-    """Files of ``in_dir`` by (study, series), one header per series, and the files that are not DICOM.
+@dataclasses.dataclass
+class Found:
+    """The files of IN_DIR: by (study, series), one header per series, failures and skipped files as lines."""
+
+    groups: dict[SeriesKey, list[Path]]
+    headers: dict[SeriesKey, Dataset]
+    bad: list[str]  # "<file>: <why>": not readable as DICOM and maybe a DICOM file cut short (data lost)
+    skipped: list[str]  # "<file>: <what it is>": recognisably not an image of a series (nothing lost)
+    own: list[str]  # srnode's own side files (report.json, preview.png), relative paths
+
+
+def group_by_series(in_dir: Path) -> Found:
+    """Files of ``in_dir`` by (study, series), one header per series, the files that failed and those skipped.
 
     ``in_dir`` may be a single file (an enhanced multi-frame object holds a whole series); one that is not DICOM
     raises VolumeError, as does a path that does not exist.
@@ -61,30 +76,39 @@ def group_by_series(in_dir: Path) -> tuple[dict[SeriesKey, list[Path]], dict[Ser
     if in_dir.is_file():
         hdr = read_header(in_dir)  # VolumeError: not DICOM
         key = (str(hdr.get("StudyInstanceUID", "") or ""), str(hdr.get("SeriesInstanceUID", "") or ""))
-        return {key: [in_dir]}, {key: hdr}, []
+        return Found({key: [in_dir]}, {key: hdr}, [], [], [])
     if not in_dir.is_dir():
         raise VolumeError(f"{in_dir}: neither a folder nor a file")
-    groups: dict[SeriesKey, list[Path]] = {}
-    headers: dict[SeriesKey, Dataset] = {}
-    bad: list[str] = []
+    found = Found({}, {}, [], [], [])
     for p in sorted(in_dir.rglob("*")):
         if not p.is_file() or p.name.startswith("."):
             continue
+        rel = str(p.relative_to(in_dir))
         try:
             hdr = read_header(p)
         except VolumeError as exc:
-            bad.append(str(exc))
+            if own_side_file(p):
+                found.own.append(rel)
+            elif what := other_format(p):
+                found.skipped.append(f"{rel}: {what}, not DICOM")
+            elif p.stat().st_size == 0:
+                found.bad.append(f"{p.name}: an empty file (0 bytes), not a DICOM file; a copy that failed?")
+            else:
+                found.bad.append(str(exc))
             continue
-        if "SeriesInstanceUID" not in hdr and not _is_dicomdir(hdr):
+        if _is_dicomdir(hdr):  # the index of a DICOM medium (CD export): lists the files, holds no image
+            found.skipped.append(f"{rel}: a DICOMDIR, the index of a DICOM medium (no image)")
+            continue
+        if "SeriesInstanceUID" not in hdr:
             # pydicom reads a file cut inside its header (or with an element length running past its end) as a
             # partial header without complaint; every image has a SeriesInstanceUID, so name the file here
-            bad.append(f"{p.name}: no SeriesInstanceUID in its header ({p.stat().st_size} bytes): a truncated or "
-                       "corrupt file (an element cut short or with a wrong length); it is in no series")
+            found.bad.append(f"{p.name}: no SeriesInstanceUID in its header ({p.stat().st_size} bytes): a truncated "
+                             "or corrupt file (an element cut short or with a wrong length); it is in no series")
             continue
         key = (str(hdr.get("StudyInstanceUID", "") or ""), str(hdr.get("SeriesInstanceUID", "") or ""))
-        groups.setdefault(key, []).append(p)
-        headers.setdefault(key, hdr)
-    return groups, headers, bad
+        found.groups.setdefault(key, []).append(p)
+        found.headers.setdefault(key, hdr)
+    return found
 
 
 def _is_dicomdir(hdr: Dataset) -> bool:
@@ -103,13 +127,19 @@ def run(args: argparse.Namespace) -> int:
     in_dir, out_dir = Path(args.in_dir), Path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise VolumeError(f"{out_dir}: OUT_DIR exists and is not a folder")
-    groups, headers, bad = group_by_series(in_dir)
+    found = group_by_series(in_dir)
+    groups, headers = found.groups, found.headers
     failed = 0
-    for reason in bad:
+    for reason in found.bad:
         print(f"FAILED {reason}")
         failed += 1
+    for what in found.skipped:
+        print(f"skipped {what}")
+    if found.own:
+        shown = ", ".join(found.own[:4]) + (f" and {len(found.own) - 4} more" if len(found.own) > 4 else "")
+        print(f"skipped {len(found.own)} file(s) srnode writes beside its output ({shown})")
     if not groups:
-        if not bad:
+        if not found.bad and not found.skipped and not found.own:
             raise VolumeError(f"{in_dir}: no files in this folder")
         print(f"no DICOM series found in {in_dir}")
         return 1

@@ -57,6 +57,7 @@ from node.derived.modules import (
 )
 from node.derived.values import output_format, to_stored
 from node.errors import DeriveError
+from node.own import SRNODE_CODE
 from node.series import (
     ENHANCED_CT,
     ENHANCED_MR,
@@ -257,7 +258,9 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         copy_module(ds, ref, ACQUISITION)
         ds.ImageType = ["DERIVED", "SECONDARY"] + [str(v) for v in list(ref.get("ImageType") or [])[2:3]]
         ds.DerivationDescription = derivation[:1024]
-        ds.DerivationCodeSequence = DicomSequence([code_item("113085", "DCM", "Spatial resampling")])
+        # DICOM's code for what was done, and srnode's own (node.own: a marker that survives de-identification)
+        ds.DerivationCodeSequence = DicomSequence([code_item("113085", "DCM", "Spatial resampling"),
+                                                   code_item(*SRNODE_CODE)])
         for kw, value in lossy:  # PS3.3 C.7.6.1.1.5: once lossy, never reset in derived images
             setattr(ds, kw, value)
         src = [_source(vol, i)]

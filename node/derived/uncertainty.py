@@ -317,6 +317,8 @@ def sigma_card(derived: Sequence[Dataset], sig: np.ndarray, modality: str, engin
     if "BodyPartExamined" not in sc and "Laterality" not in sc:
         sc.Laterality = ""  # type 2C; dciodvfy wants it when the body part is unknown
     sc.ImageType = ["DERIVED", "SECONDARY", "UNCERTAINTY"]
+    sc.SoftwareVersions = f"srnode {__version__}"  # node.own: a marker that survives de-identification, as the
+    # derived images' and the map's
     sc.DerivationDescription = (f"Colour-mapped per-pixel 1-sigma uncertainty of the {engine} super-resolution "
                                 f"in {units_long}, derived slice {k + 1} of {len(derived)}")[:1024]
     sc.BurnedInAnnotation = "NO"

@@ -19,19 +19,19 @@ from node.config import Config, OrthancSource
 from node.errors import IngestError, NodeError
 from node.ingest.admit import Admission
 from node.ingest.pull import orthanc_call, orthanc_client, orthanc_series_files, source_caller
-from node.own import is_srnode_description
+from node.own import is_srnode_description, own_output_marker
 
 log = logging.getLogger(__name__)
 
 
 def is_own_output(ds: Dataset, suffix: str) -> bool:
-    """srnode's derived / uncertainty output (never pulled back in)."""
+    """srnode's derived / uncertainty output (never pulled back in): any of its markers (``node.own``), its
+    SeriesDescription; and, in this follower, every DERIVED image (as the Orthanc plugin does)."""
     if "DERIVED" in [str(v).upper() for v in (ds.get("ImageType") or [])]:
         return True
     if is_srnode_description(str(ds.get("SeriesDescription", "") or ""), suffix):
         return True
-    return any(str(item.get("Manufacturer", "")).strip().lower() == "srnode"
-               for item in (ds.get("ContributingEquipmentSequence") or []))
+    return bool(own_output_marker(ds))
 
 
 class ChangesFollower:

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from node.config import Config, RuleConfig
+from node.own import own_output_marker
 from node.phi import PHI_KEYWORDS
 from node.series import group_value
 
@@ -89,15 +90,10 @@ def allowed_rules(stored: str) -> frozenset[str] | None:
     return names or None
 
 
-def derived_by_srnode(header: Dataset) -> bool:
-    """Whether ``header`` is one of srnode's own outputs (``node.derived.modules.contributing_equipment``)."""
-    try:
-        for item in header.get("ContributingEquipmentSequence") or []:
-            if str(item.get("Manufacturer", "")).strip() == "srnode":
-                return True
-    except (TypeError, AttributeError):  # a malformed sequence is not ours
-        return False
-    return False
+def derived_by_srnode(header: Dataset) -> str:
+    """Which of srnode's markers ``header`` carries (``node.own.own_output_marker``), "" when it is not srnode's
+    output."""
+    return own_output_marker(header)
 
 
 def match_rule(cfg: Config, header: Dataset, allowed: frozenset[str] | None = None,
@@ -109,10 +105,10 @@ def match_rule(cfg: Config, header: Dataset, allowed: frozenset[str] | None = No
     """
     if not cfg.rules:
         return None, "no rules are configured"
-    if derived_by_srnode(header):
-        return None, ("derived by srnode already (ContributingEquipmentSequence names srnode as Modifying "
-                      "Equipment): super-resolving a derived series again would interpolate interpolated data, and "
-                      "a PACS that routes it back would loop")
+    marker = derived_by_srnode(header)
+    if marker:
+        return None, (f"derived by srnode already ({marker}): super-resolving a derived series again would "
+                      "interpolate interpolated data, and a PACS that routes it back would loop")
     misses: list[str] = []
     for rule in cfg.rules:
         if allowed is not None and rule.name not in allowed:

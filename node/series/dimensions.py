@@ -159,6 +159,10 @@ class Dimension:
     name: str
     key: Callable[[Slice], Hashable]
     label: Callable[[Any, list[Any]], str]  # (this volume's value, every volume's value) -> "echo 2"
+    attributes: str = ""  # the attributes it is read from, for messages: "EchoNumbers / EchoTime"
+    # whether a None inside a tuple value is an absent attribute (an echo without EchoNumbers: the value is
+    # unknown, not another value); False where None is a value of its own (a b-value without gradient direction)
+    parts_may_be_absent: bool = False
 
     def of(self, s: Slice) -> Hashable:
         """This dimension's value of slice ``s`` (``key``, read from its header or as taken from it:
@@ -218,15 +222,16 @@ def _index_label(value: Any, values: list[Any]) -> str:
 
 # in order of preference when two explain the repeats equally well
 DIMENSIONS: tuple[Dimension, ...] = (
-    Dimension("image type", _image_type, _type_label),
-    Dimension("echo", _echo, _echo_label),
-    Dimension("diffusion b-value/direction", _diffusion, _diffusion_label),
-    Dimension("temporal position", _temporal, _simple("time")),
-    Dimension("trigger time", _trigger, _simple("trigger", " ms")),
-    Dimension("acquisition number", _acquisition, _simple("acquisition")),
-    Dimension("dimension index", _dimension_index, _index_label),
+    Dimension("image type", _image_type, _type_label, "ImageType (FrameType)"),
+    Dimension("echo", _echo, _echo_label, "EchoNumbers / EchoTime (EffectiveEchoTime)", parts_may_be_absent=True),
+    Dimension("diffusion b-value/direction", _diffusion, _diffusion_label, "DiffusionBValue"),
+    Dimension("temporal position", _temporal, _simple("time"),
+              "TemporalPositionIdentifier (TemporalPositionIndex)"),
+    Dimension("trigger time", _trigger, _simple("trigger", " ms"), "TriggerTime (NominalCardiacTriggerDelayTime)"),
+    Dimension("acquisition number", _acquisition, _simple("acquisition"), "AcquisitionNumber"),
+    Dimension("dimension index", _dimension_index, _index_label, "DimensionIndexValues"),
 )
-STACK = Dimension("stack", _stack, _simple("stack"))
+STACK = Dimension("stack", _stack, _simple("stack"), "StackID")
 
 
 # ---------------------------------------------------------------------------------------------- values
@@ -250,6 +255,24 @@ def _close(a: Any, b: Any) -> bool:
     if isinstance(a, tuple) and isinstance(b, tuple):
         return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
+
+
+def is_partial(dim: Dimension, value: Any) -> bool:
+    """Whether ``value`` of ``dim`` says less than a whole value: None (the attribute absent), or, for a dimension
+    whose tuple parts may be absent (echo: number, time), a tuple with a None part."""
+    if value is None:
+        return True
+    return dim.parts_may_be_absent and isinstance(value, tuple) and any(v is None for v in value)
+
+
+def consistent(partial: Any, whole: Any) -> bool:
+    """Whether a partial value (``is_partial``) may be ``whole``: None fits every value; a tuple fits a tuple of
+    the same length whose parts it states are close (numbers within VALUE_TOL)."""
+    if partial is None:
+        return True
+    if isinstance(partial, tuple) and isinstance(whole, tuple) and len(partial) == len(whole):
+        return all(p is None or _close(p, w) for p, w in zip(partial, whole, strict=True))
+    return False
 
 
 def canonical(values: Sequence[Any]) -> list[Any]:

@@ -46,8 +46,14 @@ from node.series.slices import (
 from node.series.split import position_groups, split_volumes
 from node.series.steps import (
     describe_steps,
+    fitted_positions,
+    grid_segments,
+    in_plane_slack,
     off_line,
     off_line_message,
+    on_grid,
+    position_rounding,
+    rounding_slack,
     same_step,
     thickness_groups,
     thickness_message,
@@ -200,18 +206,26 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
     dy, dx = slices[0].spacing
     irregular = False
     tilt = 0.0
+    rounding = position_rounding(positions)
     if len(slices) > 1:
         med = float(np.median(steps))
+        slack = rounding_slack(rounding, normal, med)  # > 0: positions written rounded (node.series.steps)
         irregular = not all(same_step(float(st), med) for st in steps)
+        if slack and on_grid(dist, slack):  # else (real jitter beyond the rounding) judged and kept as measured
+            irregular = False
+            _check_stack_line(slices, positions, dist, row, col, name, in_plane_slack(rounding, row, col))
+            positions, dist, steps, med = _fitted(positions, normal, rounding, slack, notes)
         line = positions[-1] - positions[0]
         cosang = abs(float(np.dot(line, normal))) / max(float(np.linalg.norm(line)), 1e-9)
         tilt = math.degrees(math.acos(min(1.0, cosang)))
         if tilt > 0.5:
             notes.append(f"gantry tilt / sheared stack: slice line is {tilt:.1f} deg from the slice normal")
         if irregular:
-            notes.append("irregular slice steps: " + describe_steps(steps))
+            notes.append("irregular slice steps: " + describe_steps(steps, grid_segments(dist, slack)
+                                                                    if slack else None))
         else:  # an irregular stack is split into runs, which check their own lines (node.series.runs)
-            _check_stack_line(slices, positions, dist, row, col, name)
+            if not slack:
+                _check_stack_line(slices, positions, dist, row, col, name)
             _check_one_thickness(slices, name)
     else:
         med = float(slices[0].thickness or 1.0)
@@ -238,17 +252,36 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
         irregular=irregular,
         tilt_deg=tilt,
         notes=notes,
+        position_rounding=rounding,
     )
     log.info("%s%s", vol.describe(), ("; " + "; ".join(notes)) if notes else "")
     return vol
 
 
+def _fitted(positions: np.ndarray, normal: np.ndarray, rounding: float, slack: float,
+            notes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(positions, distances along the normal, steps, step) of a regular stack whose positions are written rounded
+    to ``rounding`` mm: on the straight line fitted through them (``steps.fitted_positions``), so that the step and
+    every derived position come from the stack, not from one slice's rounding; a note says so when it moved one."""
+    fit = fitted_positions(positions)
+    moved = float(np.max(np.linalg.norm(fit - positions, axis=1)))
+    dist = fit @ normal
+    steps = np.diff(dist)
+    step = float(np.mean(steps))
+    if moved > 1e-6:
+        notes.append(f"ImagePositionPatient written to {rounding:g} mm: slice positions taken from the regular "
+                     f"stack fitted through them (step {step:.4f} mm; rounding moved a position up to {moved:.3f} mm, "
+                     f"{slack:.3f} mm allowed along the normal)")
+    return fit, dist, steps, step
+
+
 def _check_stack_line(slices: list[Slice], positions: np.ndarray, dist: np.ndarray, row: np.ndarray,
-                      col: np.ndarray, name: str) -> None:
+                      col: np.ndarray, name: str, slack: float = 0.0) -> None:
     """Refuse a regular stack whose slices do not lie on one straight (or sheared) line within half a pixel
-    (``steps.off_line``): a slice (or part of the stack) moved in-plane off that line is an image of another
-    place, and interpolating through it would blend anatomy from two places."""
-    tol = 0.5 * min(slices[0].spacing)
+    (``steps.off_line``; plus ``slack`` mm for positions written rounded): a slice (or part of the stack) moved
+    in-plane off that line is an image of another place, and interpolating through it would blend anatomy from
+    two places."""
+    tol = 0.5 * min(slices[0].spacing) + slack
     worst, where = off_line(positions, row, col)
     if worst > tol:
         s = slices[where]

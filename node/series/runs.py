@@ -9,6 +9,8 @@ only when neither is in a longer run and its step and slice line are those of a 
 a slice is missing from a regular stack (the 5 mm phantom missing its 3rd slice: steps 5, 10, 5 x24 give runs of 2
 and 25 slices; steps 5, 32, 4 give none). A slice that ends in no run is returned with its file name and the
 reason, for the job report: nothing is left out without a word.
+Positions written rounded (one or two decimals, ``node.series.steps``): a stretch is slices on one regular grid
+within the rounding's error, and each run takes its positions from the line fitted through its slices.
 ``check_through_plane`` refuses, with the steps in the message, a stack that is still irregular.
 """
 
@@ -23,8 +25,13 @@ from node.errors import VolumeError
 from node.series.steps import (
     MIN_SLICES_THROUGH_PLANE,
     describe_steps,
+    fitted_positions,
+    grid_fit,
+    grid_segments,
+    in_plane_slack,
     off_line,
     off_line_message,
+    rounding_slack,
     same_step,
     step_segments,
     thickness_groups,
@@ -64,7 +71,9 @@ def split_runs(vol: SeriesVolume) -> RunSplit:
     if not vol.irregular:
         return RunSplit([vol], [])
     n = vol.shape[0]
-    segs = step_segments(vol.steps)  # steps i..j (slices i..j+1) equal
+    slack = _slack(vol)  # > 0: positions written rounded, judged on a grid within the rounding's error
+    dist = vol.positions @ vol.normal
+    segs = grid_segments(dist, slack) if slack else step_segments(vol.steps)  # steps i..j (slices i..j+1) equal
     taken = np.zeros(n, dtype=bool)
     spans: list[tuple[int, int]] = []
     anchors: list[tuple[float, np.ndarray]] = []  # (step, slice-line direction) of the stretches of >= 2 steps
@@ -77,17 +86,23 @@ def split_runs(vol: SeriesVolume) -> RunSplit:
         if b - a + 1 >= MIN_SLICES_THROUGH_PLANE and not taken[a:b + 1].any():
             taken[a:b + 1] = True
             spans.append((a, b))
-            anchors.append((float(np.median(vol.steps[i:j + 1])), _direction(vol, i, j + 1)))
+            if slack:
+                line = fitted_positions(vol.positions[i:j + 2])
+                d = (line[-1] - line[0]) / max(float(np.linalg.norm(line[-1] - line[0])), 1e-12)
+                anchors.append((grid_fit(dist[i:j + 2])[1], d))
+            else:
+                anchors.append((float(np.median(vol.steps[i:j + 1])), _direction(vol, i, j + 1)))
     for i, j in segs:
         # one lone step proves no regularity by itself: two slices form a run only when their step and slice line
         # are those of a longer stretch of the series (a slice missing from a regular stack), else they are named
-        if j == i and not taken[i] and not taken[i + 1] and any(
-                same_step(float(vol.steps[i]), st) and _angle_deg(d, _direction(vol, i, i + 1)) <= MAX_LINE_ANGLE_DEG
-                for st, d in anchors):
+        if j == i and not taken[i] and not taken[i + 1] and any(_same_stretch(vol, i, st, d, slack)
+                                                                 for st, d in anchors):
             taken[i:i + 2] = True
             spans.append((i, i + 1))
     spans.sort()
     tol = 0.5 * min(vol.spacing[1], vol.spacing[2])
+    if slack:
+        tol += in_plane_slack(vol.position_rounding, vol.row_cosine, vol.col_cosine)
     for a, b in spans:  # a run with a slice moved in-plane off its line is no stack (as load refuses a regular one)
         worst, where = off_line(vol.positions[a:b + 1], vol.row_cosine, vol.col_cosine)
         if worst > tol:
@@ -101,12 +116,32 @@ def split_runs(vol: SeriesVolume) -> RunSplit:
             if len(groups) > 1:
                 raise VolumeError(thickness_message(f"series {vol.series_uid} run of slices {a + 1}..{b + 1}",
                                                     groups))
-    runs = [_subvolume(vol, a, b) for a, b in spans]
+    runs = [_subvolume(vol, a, b, fitted=bool(slack)) for a, b in spans]
     for k, r in enumerate(runs):
         r.run = (k + 1, len(runs))
         r.part = vol.part + k
     left = [_left_out(vol, z) for z in range(n) if not taken[z]]
     return RunSplit(runs, left)
+
+
+def _slack(vol: SeriesVolume) -> float:
+    """``steps.rounding_slack`` of ``vol``'s positions (0.0: not written rounded, or too coarsely for its step)."""
+    if not vol.position_rounding or len(vol.steps) == 0:
+        return 0.0
+    return rounding_slack(vol.position_rounding, vol.normal, float(np.median(vol.steps)))
+
+
+def _same_stretch(vol: SeriesVolume, i: int, step: float, direction: np.ndarray, slack: float) -> bool:
+    """Whether the step from slice i to i + 1 is ``step`` along ``direction`` (a longer stretch's): within the step
+    tolerance and MAX_LINE_ANGLE_DEG, or for positions written rounded (``slack`` > 0) within the rounding at
+    each end (``slack`` along the normal, the rounding's length sideways)."""
+    if not slack:
+        return same_step(float(vol.steps[i]), step) and _angle_deg(direction, _direction(vol, i, i + 1)) \
+            <= MAX_LINE_ANGLE_DEG
+    vec = vol.positions[i + 1] - vol.positions[i]
+    sideways = float(np.linalg.norm(vec - direction * float(np.dot(vec, direction))))
+    return (abs(float(vol.steps[i]) - step) <= 2 * slack
+            and sideways <= vol.position_rounding * float(np.sqrt(3.0)) + np.radians(MAX_LINE_ANGLE_DEG) * abs(step))
 
 
 def _direction(vol: SeriesVolume, a: int, b: int) -> np.ndarray:
@@ -128,19 +163,23 @@ def _left_out(vol: SeriesVolume, z: int) -> LeftOut:
     n = vol.shape[0]
     around = [f"{float(vol.steps[z - 1]):.2f} mm to slice {z}" if z > 0 else "",
               f"{float(vol.steps[z]):.2f} mm to slice {z + 2}" if z < n - 1 else ""]
+    slack = _slack(vol)
+    segments = grid_segments(vol.positions @ vol.normal, slack) if slack else None
     reason = (f"isolated between irregular slice steps ({', '.join(s for s in around if s)}; the stack steps "
-              f"{describe_steps(vol.steps)}): no regular run of {MIN_SLICES_THROUGH_PLANE} or more slices on the "
+              f"{describe_steps(vol.steps, segments)}): no regular run of {MIN_SLICES_THROUGH_PLANE} or more slices on the "
               "series' step holds it, so it is not super-resolved through-plane")
     name = vol.names[z] if z < len(vol.names) else f"slice {z + 1}"
     return LeftOut(z + 1, n, name, vol.datasets.record(z).sop_instance_uid, reason)
 
 
-def _subvolume(vol: SeriesVolume, a: int, b: int) -> SeriesVolume:
-    """Slices a..b (inclusive) of ``vol`` as a regular volume of their own."""
+def _subvolume(vol: SeriesVolume, a: int, b: int, fitted: bool = False) -> SeriesVolume:
+    """Slices a..b (inclusive) of ``vol`` as a regular volume of their own; ``fitted``: positions written rounded,
+    taken from the line fitted through the run's slices (``steps.fitted_positions``)."""
     sl = slice(a, b + 1)
     n = vol.shape[0]
-    steps = vol.steps[a:b]
-    med = float(np.median(steps)) if len(steps) else vol.spacing[0]
+    positions = fitted_positions(vol.positions[sl]) if fitted else vol.positions[sl]
+    steps = np.diff(positions @ vol.normal) if fitted else vol.steps[a:b]
+    med = (float(np.mean(steps)) if fitted else float(np.median(steps))) if len(steps) else vol.spacing[0]
     thick = vol.slice_thickness
     own = vol.datasets.record(a).slice_thickness  # SliceThickness of a single-frame header, None when absent
     if own is not None and not vol.multiframe:
@@ -150,7 +189,7 @@ def _subvolume(vol: SeriesVolume, a: int, b: int) -> SeriesVolume:
         data=vol.data[sl],
         spacing=(med, vol.spacing[1], vol.spacing[2]),
         slice_thickness=thick,
-        positions=vol.positions[sl],
+        positions=positions,
         datasets=vol.datasets[sl],
         frame_numbers=vol.frame_numbers[sl] if vol.frame_numbers else [],
         formats=vol.formats[sl],

@@ -22,6 +22,14 @@ two images at one position wins; among sets of one size, the one giving the fewe
 the table). So a dimension that changes with every slice (an AcquisitionNumber per slice) never fragments a
 stack while a coarser one explains the repeats. Numbers are compared with a tolerance, never by rounding.
 When nothing explains the repeats the series is truly ambiguous and is refused, naming the files.
+
+An attribute absent on some images is no value of its own (``_column``): an image without it (or, for an echo,
+without EchoNumbers but with its EchoTime) whose stated parts fit exactly one value the series states takes that
+value (a single-echo stack with EchoNumbers missing on a few slices stays one stack; an echo is told by its
+EchoTime). When its parts fit several values (a 2-echo series, EchoNumbers and EchoTime both absent on a slice;
+two time points, TemporalPositionIdentifier absent) the volume it belongs to cannot be told: the series is
+refused naming the attribute and the files, unless another complete dimension splits the series with each volume
+holding one value of it. A value per image (a counter of the slices) names no volumes, absent values or not.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from node.errors import VolumeError
-from node.series.dimensions import DIMENSIONS, STACK, Dimension, canonical, order
+from node.series.dimensions import DIMENSIONS, STACK, Dimension, canonical, consistent, is_partial, order
 from node.series.slices import Slice, header_value, stored_pixels
 from node.series.steps import STEP_ABS_TOL, STEP_REL_TOL
 
@@ -111,7 +119,70 @@ def split_volumes(slices: list[Slice], series: str) -> list[VolumeGroup]:
 DISTINCT_VOLUMES = ("echo", "diffusion b-value/direction", "temporal position")
 
 
-def _interleaved_acquisitions(slices: list[Slice]) -> list[Dimension]:
+@dataclass
+class _Column:
+    """One dimension's value per image, an absent value taken as the one value it fits (``_column``)."""
+
+    dim: Dimension
+    values: list[Any]  # canonical; None where absent and fitting no value, or several (``ambiguous``)
+    wholes: list[Any]  # the values stated whole (no part absent), each once, in order of appearance
+    stating: int  # images that state one of ``wholes``
+    ambiguous: list[int]  # images whose absent value fits several of ``wholes``
+    filled: int  # images whose absent value was taken as the one value of ``wholes`` it fits
+
+    @property
+    def per_image(self) -> bool:
+        """Whether the stated values count the images that state them one by one (>= 3 images, every value on
+        one image): a per-slice counter (a TemporalPositionIdentifier or EchoNumbers per slice, absent on some
+        slices or not), not volumes; split by it, the series would become volumes of one image each, none of
+        which can be super-resolved."""
+        return self.stating >= 3 and len(self.wholes) == self.stating
+
+
+def _column(dim: Dimension, slices: Sequence[Slice]) -> _Column:
+    """``dim``'s values of ``slices`` with absent ones filled: an image whose value is partial (``is_partial``:
+    absent, or an echo without its number or time) takes the one whole value it is consistent with; with
+    several it is ambiguous, with none it keeps its partial value (an echo time no whole value states: a value of
+    its own). When no image states a whole value, the partial ones are the values and only absent ones fit."""
+    raw = canonical([dim.of(s) for s in slices])
+    wholes = list(dict.fromkeys(v for v in raw if not is_partial(dim, v)))
+    if wholes:
+        targets = [i for i, v in enumerate(raw) if is_partial(dim, v)]
+    else:
+        wholes = list(dict.fromkeys(v for v in raw if v is not None))
+        targets = [i for i, v in enumerate(raw) if v is None]
+    stating = sum(1 for v in raw if v in wholes)
+    values, ambiguous, filled = list(raw), [], 0
+    for i in targets:
+        fits = [w for w in wholes if consistent(raw[i], w)]
+        if len(fits) == 1:
+            values[i], filled = fits[0], filled + 1
+        elif len(fits) > 1:
+            values[i] = None
+            ambiguous.append(i)
+    return _Column(dim, values, wholes, stating, ambiguous, filled)
+
+
+def _varies(col: _Column) -> bool:
+    return len({v for v in col.values if v is not None}) > 1
+
+
+def _absent(col: _Column, slices: Sequence[Slice], series: str) -> VolumeError:
+    """The refusal of a series some of whose images lack ``col``'s attribute where it tells volumes apart."""
+    d, amb = col.dim, col.ambiguous
+    stated = sorted({v for v in col.values if v is not None}, key=order)
+    labels = ", ".join(d.label(v, stated) for v in stated[:6]) + (f" and {len(stated) - 6} more"
+                                                                  if len(stated) > 6 else "")
+    files = list(dict.fromkeys(slices[i].name.split(" (mosaic image")[0] for i in amb))
+    named = ", ".join(files[:8]) + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+    return VolumeError(f"{series}: {d.attributes} is absent on {len(amb)} of its {len(slices)} images (files "
+                       f"{named}) while the others state {len(stated)} different values ({labels}): which {d.name} "
+                       "those images belong to cannot be told, so the series is not split into volumes (a guess "
+                       "could stack two of them, leaving them out would drop slices) and is not super-resolved; "
+                       f"send the images with their {d.attributes.split(' (')[0]}")
+
+
+def _interleaved_acquisitions(slices: list[Slice], series: str) -> list[Dimension]:
     """[the acquisition number dimension] when its values name interleaved volumes, else [].
 
     AcquisitionNumber may change within one stack: per slice (helical CT, some MR) or per block of slices
@@ -119,20 +190,30 @@ def _interleaved_acquisitions(slices: list[Slice]) -> list[Dimension]:
     the same place (two contrast phases) whose positions are offset by a fraction of the step are not: sorted by
     position, their numbers alternate. So the series is split by acquisition number when every number holds at
     least ``MIN_INTERLEAVED`` images and, along the normal, the number changes more often than contiguous blocks
-    would (more than number of values - 1 times)."""
+    would (more than number of values - 1 times). Images without AcquisitionNumber take the one number of a single
+    acquisition; beside interleaved acquisitions they cannot be placed and the series is refused, naming them."""
     dim = next(d for d in DIMENSIONS if d.name == "acquisition number")
-    values = canonical([dim.of(s) for s in slices])
+    col = _column(dim, slices)
+    if col.ambiguous:
+        gone = set(col.ambiguous)
+        kept = [i for i in range(len(slices)) if i not in gone]
+        if _interleaved([slices[i] for i in kept], [col.values[i] for i in kept]):
+            raise _absent(col, slices, series)
+        return []
+    return [dim] if _interleaved(slices, col.values) else []
+
+
+def _interleaved(slices: list[Slice], values: list[Any]) -> bool:
+    """Whether acquisition numbers ``values`` (one per slice) name interleaved acquisitions (see above)."""
     counts: dict[Any, int] = {}
     for v in values:
         counts[v] = counts.get(v, 0) + 1
     if len(counts) < 2 or None in counts or min(counts.values()) < MIN_INTERLEAVED:
-        return []
+        return False
     groups = position_groups(slices)  # no repeats here: one image per position
     along = [values[g[0]] for g in groups]
     changes = sum(1 for a, b in itertools.pairwise(along) if a != b)
-    if changes <= len(counts) - 1 or _passes_of_one_mr_stack(slices, groups):
-        return []
-    return [dim]
+    return changes > len(counts) - 1 and not _passes_of_one_mr_stack(slices, groups)
 
 
 def _passes_of_one_mr_stack(slices: list[Slice], groups: list[list[int]]) -> bool:
@@ -155,46 +236,64 @@ def _passes_of_one_mr_stack(slices: list[Slice], groups: list[list[int]]) -> boo
     return step >= float(np.median(thick)) * (1.0 - STEP_REL_TOL) - STEP_ABS_TOL
 
 
-def _per_image(values: list[Any]) -> bool:
-    """Whether ``values`` (canonical, one per image) count the images one by one (>= 3 images, every value on one
-    image): a per-slice counter (a TemporalPositionIdentifier or EchoNumbers per slice), not volumes; split by
-    it, the series would become volumes of one image each, none of which can be super-resolved."""
-    return len(values) >= 3 and len(set(values)) == len(values)
-
-
 MIN_INTERLEAVED = 3  # images per acquisition number for an interleaved split (fewer: a rescanned slice or two)
+
+
+def _filled_notes(cols: Sequence[_Column]) -> list[str]:
+    return [f"{c.filled} image(s) without {c.dim.attributes} taken as the one {c.dim.name} value they fit"
+            for c in cols if c.filled]
 
 
 def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
     if not has_repeats(slices):
-        columns = {d.name: canonical([d.of(s) for s in slices]) for d in DIMENSIONS if d.name in DISTINCT_VOLUMES}
-        distinct = [d for d in DIMENSIONS if d.name in columns
-                    and len({v for v in columns[d.name] if v is not None}) > 1
-                    and not _per_image(columns[d.name])]
+        cols = {d.name: _column(d, slices) for d in DIMENSIONS if d.name in DISTINCT_VOLUMES}
+        distinct = []
+        for d in DIMENSIONS:
+            c = cols.get(d.name)
+            if c is None or c.per_image or not _varies(c):
+                continue
+            if c.ambiguous:
+                raise _absent(c, slices, series)
+            distinct.append(d)
+        notes = _filled_notes([c for c in cols.values() if c.dim in distinct or not _varies(c)])
         if not distinct:
-            distinct = _interleaved_acquisitions(slices)
-            columns.update({d.name: canonical([d.of(s) for s in slices]) for d in distinct})
+            distinct = _interleaved_acquisitions(slices, series)
+            cols.update({d.name: _column(d, slices) for d in distinct})
+            notes += _filled_notes([cols[d.name] for d in distinct])
         if not distinct:
-            return [VolumeGroup(slices)]
-        keys = list(zip(*(columns[d.name] for d in distinct), strict=True))
+            return [VolumeGroup(slices, notes=notes)]
+        keys = list(zip(*(cols[d.name].values for d in distinct), strict=True))
         groups = _groups(tuple(distinct), _partition(slices, keys))
         for g in groups:
             g.notes.append(f"{g.label}: its slice positions differ from the other volumes' (interleaved), "
                            "still a volume of its own")
+            g.notes.extend(notes)
         return groups
-    columns = {d.name: canonical([d.of(s) for s in slices]) for d in DIMENSIONS}
-    varying = [d for d in DIMENSIONS if len(set(columns[d.name])) > 1]
+    cols = {d.name: _column(d, slices) for d in DIMENSIONS}
+    varying = [d for d in DIMENSIONS if len(set(cols[d.name].values)) > 1]
+    # dimensions some of whose images' values cannot be told (a counter of the images aside: it names no volumes)
+    unsure = [cols[d.name] for d in varying if cols[d.name].ambiguous and not cols[d.name].per_image]
     for size in range(1, min(3, len(varying)) + 1):
         best: tuple[int, int, tuple[Dimension, ...], dict[tuple[Any, ...], list[Slice]]] | None = None
-        for rank, combo in enumerate(itertools.combinations(varying, size)):
-            keys = list(zip(*(columns[d.name] for d in combo), strict=True))
+        for rank, combo in enumerate(itertools.combinations([d for d in varying if not cols[d.name].ambiguous],
+                                                            size)):
+            keys = list(zip(*(cols[d.name].values for d in combo), strict=True))
             parts = _partition(slices, keys)
             if any(has_repeats(p) for p in parts.values()):
                 continue
             if best is None or len(parts) < best[0]:
                 best = (len(parts), rank, combo, parts)
         if best is not None:
-            return _groups(best[2], best[3])
+            index = {id(s): i for i, s in enumerate(slices)}
+            for c in unsure:  # a complete dimension splits it: each volume must hold one echo, time, b-value
+                if c.dim.name in DISTINCT_VOLUMES and any(len({c.values[index[id(s)]] for s in p} - {None}) > 1 for p in best[3].values()):
+                    raise _absent(c, slices, series)
+            groups = _groups(best[2], best[3])
+            for g in groups:
+                g.notes.extend(_filled_notes([cols[d.name] for d in best[2]]))
+            return groups
+    if unsure:
+        raise _absent(unsure[0], slices, series)
     raise _ambiguous(slices, series, varying)
 
 

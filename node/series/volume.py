@@ -84,6 +84,9 @@ class SeriesVolume:
     volume: tuple[int, int] | None = None  # (index, count) when the series holds several volumes
     volume_label: str = ""  # how a reader tells this volume from its siblings: "echo 2", "time 3", "type P"
     part: int = 0  # 0-based index among the derived series made from one input series (series numbers)
+    # r when every ImagePositionPatient component is written as a multiple of r mm (0.1 or 0.01: few decimals),
+    # else 0; a regular stack's ``positions`` are then fitted (``node.series.steps``: rounded positions)
+    position_rounding: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.datasets, InputHeaders):

@@ -77,10 +77,12 @@ def test_process_path_errors_are_one_line(tmp_path: Path) -> None:
 
 def test_a_folder_with_a_non_dicom_file_names_it_without_pydicom_advice(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
-    (tmp_path / "in" / "readme.txt").write_text("hello")
+    (tmp_path / "in" / "readme.txt").write_text("hello")  # recognisably text: skipped, named (fix13)
+    (tmp_path / "in" / "IM0001").write_bytes(b"\x08\x00\x05\x00" + bytes(300))  # no 'DICM': maybe a cut DICOM
     r = srnode("process", tmp_path / "in", tmp_path / "out", "--no-preview")
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "readme.txt: not a readable DICOM file (no DICOM header" in r.stdout, r.stdout
+    assert "IM0001: not a readable DICOM file (no DICOM header" in r.stdout, r.stdout
+    assert "skipped readme.txt: text, not DICOM" in r.stdout, r.stdout
     assert "force=True" not in r.stdout + r.stderr
 
 

@@ -73,14 +73,16 @@ def test_process_bad_inputs_give_reasons(tmp_path: Path) -> None:
     odd.Rows = odd.Columns = 16
     odd.PixelData = np.zeros((16, 16), np.uint16).tobytes()
     odd.save_as(in_dir / "mixed" / "odd.dcm", enforce_file_format=True)
-    (in_dir / "notes.txt").write_text("not DICOM")
+    (in_dir / "notes.txt").write_text("not DICOM")  # text: skipped with a line, not a failure (fix13)
+    (in_dir / "blob.dcm").write_bytes(bytes(range(256)) * 4)  # no 'DICM', no known format: maybe a cut DICOM file
     config = tmp_path / "all.toml"
     config.write_text('[[rules]]\nname = "everything"\nmatch = {}\nthrough_plane_factor = 2\n')
 
     r = srnode("process", in_dir, out_dir, "--engine", "cubic", "--config", config, "--no-preview")
     out = r.stdout
     assert r.returncode == 1, out + r.stderr
-    assert "notes.txt: not a readable DICOM file" in out
+    assert "skipped notes.txt: text, not DICOM" in out
+    assert "FAILED blob.dcm: not a readable DICOM file" in out
     assert "t.dcm" in out and "FAILED" in out
     assert "is not an image" in out
     assert "differ in matrix" in out
@@ -164,3 +166,52 @@ def test_the_nodes_own_derived_series_is_left_alone_not_super_resolved_again(tmp
     lines = [line for line in r.stdout.splitlines() if line.startswith("[")]
     assert lines and all("left alone" in line and "srnode" in line for line in lines), r.stdout + r.stderr
     assert not list((tmp_path / "out2").rglob("*.dcm"))
+
+
+def test_process_on_its_own_output_folder_skips_its_side_files_and_other_non_dicom_files(tmp_path: Path) -> None:
+    """fix13: `srnode process` on the OUT folder of an earlier run printed "FAILED report.json: not a readable DICOM
+    file" (and preview.png), exit 1; a README.txt or a .json beside the images of a CD export failed the same way and
+    a DICOMDIR was reported as a series "(no SeriesInstanceUID)". srnode's own side files and files that are
+    recognisably something else (text, PNG, PDF, ...) are skipped with a line, not failures; the derived series is
+    left alone; a DICOM file cut short (or an empty file) stays a FAILED line naming it: its data would be lost."""
+    in_dir = tmp_path / "in"
+    write_phantom_series(in_dir, slices=6, size=32, step_mm=3.0, seed=5)
+    out1 = tmp_path / "out1"
+    r = srnode("process", in_dir, out1, "--engine", "cubic")
+    assert r.returncode == 0 and "11 derived" in r.stdout, r.stdout + r.stderr
+    assert sorted(p.name for p in out1.rglob("*") if p.suffix in (".json", ".png")) == ["preview.png", "report.json"]
+
+    r = srnode("process", out1, tmp_path / "out2", "--engine", "cubic", "--no-preview")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FAILED" not in r.stdout, r.stdout
+    series = [line for line in r.stdout.splitlines() if line.startswith("[")]
+    assert len(series) == 1 and "left alone: derived by srnode already" in series[0], r.stdout
+    assert "report.json" in r.stdout and "preview.png" in r.stdout, r.stdout  # said, not silent
+    assert not list((tmp_path / "out2").rglob("*.dcm"))
+
+    # a CD export: DICOMDIR, README, a JSON and a PDF beside the images; one image cut short, one empty file
+    cd = tmp_path / "cd"
+    shutil.copytree(in_dir, cd / "IMAGES")
+    from pydicom.fileset import FileSet
+    fs = FileSet()
+    for p in sorted((cd / "IMAGES").glob("*.dcm")):
+        fs.add(pydicom.dcmread(p))
+    fs.write(cd / "media")
+    (cd / "README.txt").write_text("Images of the study. Open with any DICOM viewer.\n")
+    (cd / "notes.json").write_text('{"exported": true}\n')
+    (cd / "manual.pdf").write_bytes(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n")
+    r = srnode("process", cd, tmp_path / "out3", "--engine", "cubic", "--no-preview")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FAILED" not in r.stdout and "no SeriesInstanceUID" not in r.stdout, r.stdout
+    for name in ("README.txt", "notes.json", "manual.pdf", "DICOMDIR"):
+        assert any(name in line and "skipped" in line for line in r.stdout.splitlines()), (name, r.stdout)
+
+    whole = (cd / "IMAGES" / "CT0003.dcm").read_bytes()
+    for cut, size in (("cut-in-preamble.dcm", 100), ("cut-after-marker.dcm", 200), ("empty.dcm", 0)):
+        (cd / cut).write_bytes(whole[:size])
+    r = srnode("process", cd, tmp_path / "out4", "--engine", "cubic", "--no-preview")
+    assert r.returncode == 1, r.stdout + r.stderr
+    failed = [line for line in r.stdout.splitlines() if line.startswith("FAILED")]
+    for cut in ("cut-in-preamble.dcm", "cut-after-marker.dcm", "empty.dcm"):
+        assert any(cut in line for line in failed), (cut, r.stdout)
+    assert not any(name in line for line in failed for name in ("README", "notes", "manual", "DICOMDIR")), r.stdout

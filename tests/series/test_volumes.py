@@ -445,3 +445,97 @@ def test_two_rescale_types_in_one_volume_are_refused(phantom: list[Path], tmp_pa
         elif "RescaleType" in ds:
             del ds.RescaleType
     assert [v.shape[0] for v in load_volumes(_variant(phantom, tmp_path / "some", "rs", some))] == [6]
+
+
+# ---------------------------------------------------------------------------------------------- fix13: values absent
+
+
+def _mr(ds: pydicom.Dataset) -> None:
+    ds.Modality, ds.SOPClassUID = "MR", "1.2.840.10008.5.1.4.1.1.4"
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+
+
+def _tagged(what: str, n: int, missing: tuple[int, ...], shift: float = 0.0,
+            per_slice: bool = False) -> Callable[[pydicom.Dataset, int], None]:
+    """Volume ``n`` of an MR series: ``what`` ("echo": EchoNumbers n with EchoTime 10 n; "echo+te": the same, both
+    absent on ``missing``; "time": TemporalPositionIdentifier n, or k + 1 ``per_slice``) on every slice k except
+    ``missing``; positions moved ``shift`` mm along the normal."""
+    def change(ds: pydicom.Dataset, k: int) -> None:
+        _mr(ds)
+        _shifted(shift)(ds, k)
+        gone = k in missing
+        if what.startswith("echo"):
+            if not gone:
+                ds.EchoNumbers = n
+            if not (gone and what == "echo+te"):
+                ds.EchoTime = f"{10.0 * n:.1f}"
+        elif not gone:
+            ds.TemporalPositionIdentifier = k + 1 if per_slice else n
+    return change
+
+
+@pytest.mark.parametrize("what", ["echo", "echo+te", "time", "time per slice"])
+def test_a_value_absent_on_some_slices_of_one_volume_does_not_split_it(phantom: list[Path], tmp_path: Path,
+                                                                     what: str) -> None:
+    """fix13: EchoNumbers absent on 2 of the 6 slices of a single-echo stack (EchoTime on all) split it into 'echo 1'
+    (4 slices) and 'echo 2 TE 10' (2 slices); a TemporalPositionIdentifier counting the slices but absent on 2 made
+    4 one-slice volumes and a 'time ?' volume of 2. An absent value that fits only one value the series states is
+    that value: one stack of 6."""
+    files = _variant(phantom, tmp_path, "v", _tagged(what.split()[0], 1, (1, 4), per_slice="per slice" in what))
+    vols = load_volumes(files)
+    assert [(v.volume_label, v.shape[0]) for v in vols] == [("", 6)]
+
+
+def test_two_echoes_with_echo_numbers_absent_on_some_slices_are_told_apart_by_echo_time(phantom: list[Path],
+                                                                                       tmp_path: Path) -> None:
+    """fix13: a 2-echo series (each echo at the same 6 positions) with EchoNumbers absent on 3 slices became 4
+    volumes (echo 1 x4, echo 2 x5, 'echo 3 TE 10' x2, 'echo 4 TE 20' x1). EchoTime still says which echo they are."""
+    files = (_variant(phantom, tmp_path, "e1", _tagged("echo", 1, (1, 4)))
+             + _variant(phantom, tmp_path, "e2", _tagged("echo", 2, (2,))))
+    vols = load_volumes(files)
+    assert [(v.volume_label, v.shape[0]) for v in vols] == [("echo 1", 6), ("echo 2", 6)]
+    assert {float(d.EchoTime) for d in vols[0].datasets} == {10.0}
+    assert {float(d.EchoTime) for d in vols[1].datasets} == {20.0}
+
+
+@pytest.mark.parametrize(("what", "attribute", "shift"), [("echo+te", "EchoNumbers", 0.0),
+                                                         ("time", "TemporalPositionIdentifier", 0.0),
+                                                         ("echo+te", "EchoNumbers", 1.5),
+                                                         ("time", "TemporalPositionIdentifier", 1.5)])
+def test_two_volumes_with_the_value_absent_on_some_slices_are_refused_naming_it(phantom: list[Path], tmp_path: Path,
+                                                                               what: str, attribute: str,
+                                                                               shift: float) -> None:
+    """fix13: two echoes (time points) at the same positions, or interleaved (offset by half a step), with the value
+    absent on some slices made 'echo ?' / 'time ?' volumes of 2-3 slices beside echo 1 and echo 2 with slices
+    missing. Which volume those slices belong to cannot be told: refused, naming the attribute and the files."""
+    files = (_variant(phantom, tmp_path, "a1", _tagged(what, 1, (1,)))
+             + _variant(phantom, tmp_path, "a2", _tagged(what, 2, (3,), shift=shift)))
+    with pytest.raises(VolumeError) as e:
+        load_volumes(files)
+    msg = str(e.value)
+    assert attribute in msg and "a1-CT0002.dcm" in msg and "a2-CT0004.dcm" in msg, msg
+    assert "2 of its 12 images" in msg, msg
+
+
+def test_interleaved_acquisitions_with_acquisition_number_absent_on_some_slices_are_refused(
+        phantom: list[Path], tmp_path: Path) -> None:
+    """fix13: two CT phases interleaved (offset by half a step), AcquisitionNumber absent on one slice of each, were
+    stacked into one volume of 12 slices alternating phase (an absent number turned the interleaved split off).
+    One acquisition with the number absent on some slices is still one stack."""
+    def acquisition(n: int, missing: int, shift: float) -> Callable[[pydicom.Dataset, int], None]:
+        def change(ds: pydicom.Dataset, k: int) -> None:
+            _shifted(shift)(ds, k)
+            if k == missing:
+                if "AcquisitionNumber" in ds:
+                    del ds.AcquisitionNumber
+            else:
+                ds.AcquisitionNumber = n
+        return change
+
+    files = (_variant(phantom, tmp_path / "two", "q1", acquisition(1, 1, 0.0))
+             + _variant(phantom, tmp_path / "two", "q2", acquisition(2, 3, 1.5)))
+    with pytest.raises(VolumeError) as e:
+        load_volumes(files)
+    assert "AcquisitionNumber" in str(e.value) and "q1-CT0002.dcm" in str(e.value), str(e.value)
+    one = _variant(phantom, tmp_path / "one", "o", acquisition(1, 2, 0.0))
+    assert [v.shape[0] for v in load_volumes(one)] == [6]
