@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+import filetype  # type: ignore[import-untyped]
+
 # srnode's own side files: ``srnode process`` writes report.json and preview.png beside each series' output, the
 # demo preview-job<N>[-k].png into its folder destination
 _OWN_REPORT = "report.json"
@@ -21,28 +23,12 @@ _OWN_PREVIEW = re.compile(r"preview(-job\d+(-\d+)?)?\.png")
 
 _HEAD = 8192  # bytes read to recognise a file
 
-_MAGIC: tuple[tuple[int, bytes, str], ...] = (  # (offset, bytes, what): formats found beside images
-    (0, b"\x89PNG\r\n\x1a\n", "a PNG image"),
-    (0, b"\xff\xd8\xff", "a JPEG image"),
-    (0, b"GIF87a", "a GIF image"),
-    (0, b"GIF89a", "a GIF image"),
-    (0, b"II*\x00", "a TIFF image"),
-    (0, b"MM\x00*", "a TIFF image"),
-    (0, b"%PDF-", "a PDF document"),
-    (0, b"PK\x03\x04", "a ZIP archive (or Office document)"),
-    (0, b"PK\x05\x06", "an empty ZIP archive"),
-    (0, b"\x1f\x8b", "a gzip file"),
-    (0, b"BZh", "a bzip2 file"),
-    (0, b"\xfd7zXZ\x00", "an xz file"),
-    (0, b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
-    (0, b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "an Office (OLE) document"),
-    (0, b"MZ", "a Windows program or library"),
-    (0, b"\x7fELF", "an ELF program or library"),
-    (0, b"SQLite format 3\x00", "an SQLite database"),
-    (0, b"\x89HDF\r\n\x1a\n", "an HDF5 file"),
-    (344, b"n+1\x00", "a NIfTI-1 image"),
+# imaging formats found beside DICOM that ``filetype`` does not know: (offset, bytes, what)
+_IMAGING_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (344, b"n+1\x00", "a NIfTI-1 image"),  # NIfTI-1 header field 'magic' (nifti1.h)
     (344, b"ni1\x00", "a NIfTI-1 header"),
-    (4, b"n+2\x00", "a NIfTI-2 image"),
+    (4, b"n+2\x00", "a NIfTI-2 image"),  # NIfTI-2 header field 'magic' (nifti2.h)
+    (0, b"\x89HDF\r\n\x1a\n", "an HDF5 file"),  # HDF5 format signature (MINC 2, many research exports)
 )
 
 
@@ -66,7 +52,7 @@ def own_side_file(path: Path) -> str:
 
 
 def other_format(path: Path) -> str:
-    """What ``path`` recognisably is when it is not DICOM ("a PDF document", "text", ...), or "" when it may be a
+    """What ``path`` recognisably is when it is not DICOM ("application/pdf (.pdf)", "text", ...), or "" when it may be a
     DICOM file cut short or corrupt (the 'DICM' marker at byte 128, empty, binary without a known signature)."""
     try:
         with path.open("rb") as fh:
@@ -75,7 +61,10 @@ def other_format(path: Path) -> str:
         return ""
     if not head or head[128:132] == b"DICM":
         return ""
-    for offset, magic, what in _MAGIC:
+    kind = filetype.guess(head)  # the file signatures of ~80 common formats (images, documents, archives, programs)
+    if kind is not None and kind.extension != "dcm":
+        return f"{kind.mime} (.{kind.extension})"
+    for offset, magic, what in _IMAGING_MAGIC:
         if head[offset:offset + len(magic)] == magic:
             return what
     return "text" if _is_text(head) else ""
