@@ -29,7 +29,16 @@ from node.send import Outbox
 from node.send.confirm import NEITHER
 from node.store import Delivery, DeliveryState, Index, Instance, JobState
 from tests.support.nodeproc import NodeProc
-from tests.support.peers import STORESCP, STORESCU, Orthanc, free_port, start_orthanc, storescu, wait_until
+from tests.support.peers import (
+    ORTHANC_PLUGINS,
+    STORESCP,
+    STORESCU,
+    Orthanc,
+    free_port,
+    start_orthanc,
+    storescu,
+    wait_until,
+)
 
 DCMQRSCP = "/usr/bin/dcmqrscp"
 ECHOSCU = "/usr/bin/echoscu"
@@ -608,3 +617,42 @@ def test_a_pacs_slower_than_timeout_is_a_failed_attempt_not_a_refusal(tmp_path: 
         assert got.state is DeliveryState.PENDING and got.attempts == 1, (got.state, got.confirm_note)
     finally:
         pacs.server.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- a PACS that caps answers
+
+
+@pytest.fixture(scope="module")
+def capped_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """Orthanc (REST, DICOMweb, C-FIND) answering at most 5 instances per query (``LimitFindInstances``, a common
+    setting to protect a large PACS)."""
+    o = start_orthanc(tmp_path_factory.mktemp("capped"), plugins=[ORTHANC_PLUGINS / "libOrthancDicomWeb.so"],
+                      extra={"DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "LimitFindInstances": 5,
+                             "LimitFindResults": 5})
+    yield o
+    o.stop()
+
+
+@pytest.mark.parametrize("kind", ["dicom", "orthanc", "dicomweb"])
+def test_a_pacs_that_answers_a_page_of_the_series_is_still_counted_whole(tmp_path: Path, capped_orthanc: Orthanc,
+                                                                         kind: str) -> None:
+    """Found by break13p: an Orthanc answering at most 5 instances per query held all 12 sent, yet the count found
+    6 (QIDO-RS, REST /tools/find) or failed (C-FIND ended 0xFE00): every attempt resent the delivery, which was
+    dead-lettered "expected 12, PACS has 6". Instances the series' answer leaves out are asked for one by one."""
+    files = write_phantom_series(tmp_path / "ct", slices=12, size=16, seed=81)
+    dest = {"dicom": {"name": "pacs", "kind": "dicom", "ae_title": capped_orthanc.aet, "host": "127.0.0.1",
+                      "port": capped_orthanc.dicom_port, "confirm": "count", "timeout_s": 10.0},
+            "orthanc": {"name": "pacs", "kind": "orthanc", "url": capped_orthanc.url},
+            "dicomweb": {"name": "pacs", "kind": "dicomweb", "url": f"{capped_orthanc.url}/dicom-web"}}[kind]
+    h = Harness(tmp_path, _cfg(tmp_path, dest), files)
+    d = h.job(1)
+    h.outbox.attempt(h.now(d))
+    got = h.now(d)
+    assert got.state is DeliveryState.DELIVERED and got.confirmed == 12, (got.state, got.reason, got.confirm_note)
+    d2 = h.job(2)  # the PACS loses two of them after accepting them: still two missing
+    h.outbox._senders["pacs"] = Losing(h.outbox.sender("pacs"), capped_orthanc, files[3:5], times=1)
+    h.outbox.attempt(d2)
+    got = h.now(d2)
+    assert got.state is DeliveryState.PENDING and "expected 12, PACS has 10" in got.reason, got.reason
+    h.outbox.attempt(h.now(d2))  # resent: all 12 held again
+    assert h.now(d2).state is DeliveryState.DELIVERED
