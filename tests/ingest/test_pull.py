@@ -95,6 +95,21 @@ def test_pull_by_wado_rs_through_post_jobs(tmp_path: Path, pacs_and_node: tuple[
     assert _declared(node, ref, job)[:2] == (5, "wado-rs from web")
 
 
+@pytest.mark.parametrize("study", ["*", "1.2.*", "1.2.3/../..", "", "1." * 40])
+def test_a_pull_of_a_uid_that_is_not_one_is_refused_before_the_source_is_asked(
+        pacs_and_node: tuple[Orthanc, NodeProc], study: str) -> None:
+    """break13p: a study "*" went to the source as it was (a wildcard C-GET, C-MOVE, /tools/find or WADO-RS URL):
+    Orthanc refused each (its statuses came back as 502 or a C-GET left unanswered), a PACS matching wildcards
+    would have sent every study. Not a UID: 400 naming the field, nothing asked."""
+    _, node = pacs_and_node
+    with api(node) as c:
+        for source in ("web", "pacs"):
+            r = c.post("/jobs", json={"study": study, "source": source})
+            assert r.status_code == 400 and "StudyInstanceUID" in r.json()["error"], r.text
+            r = c.post("/jobs", json={"study": "1.2.3", "series": study or "*", "source": source})
+            assert r.status_code == 400 and "SeriesInstanceUID" in r.json()["error"], r.text
+
+
 def test_changes_follower_pulls_stable_series(tmp_path: Path) -> None:
     orthanc = orthanc_dicomweb(tmp_path / "orthanc")
     stable_age_s = 60.0  # the follower's declared size must make the job, never the quiet period
