@@ -92,6 +92,41 @@ def test_stow_reports_each_refused_instance(tmp_path: Path) -> None:
         node.stop()
 
 
+def _broken_meta(path: Path, how: str) -> bytes:
+    """``path``'s bytes with its file meta broken as pydicom's reader fails on it with other exceptions than the
+    usual ones: an unknown VR (NotImplementedError), a UL of 3 bytes (BytesLengthException)."""
+    b = bytearray(path.read_bytes())
+    if how == "vr":
+        i = b.index(b"\x02\x00\x10\x00UI")
+        b[i + 4:i + 6] = b"\x55\xb9"
+    else:
+        i = b.index(b"\x02\x00\x00\x00UL")
+        b[i + 6:i + 8] = b"\x03\x00"
+    return bytes(b)
+
+
+def test_stow_parts_whose_file_meta_breaks_the_reader_are_refused_one_by_one(tmp_path: Path) -> None:
+    """break13p: a part whose file meta made pydicom raise NotImplementedError or BytesLengthException (not the
+    exceptions the part check caught) ended the whole request with 500: no per-part answer, the parts after it
+    never read. Now each such part is refused (0xC210) with its reason and the others are stored."""
+    node = start_node(tmp_path / "node", {})
+    try:
+        files = phantom(tmp_path, seed=56, slices=4)
+        parts = [files[0].read_bytes(), _broken_meta(files[1], "vr"), _broken_meta(files[2], "length"),
+                 files[3].read_bytes()]
+        body = b"".join(b"--b1\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n" for p in parts)
+        with api(node) as c:
+            r = c.post("/dicom-web/studies", content=body + b"--b1--\r\n",
+                       headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b1'})
+        assert r.status_code == 202, (r.status_code, r.text[:300])
+        doc = r.json()
+        assert len(doc["00081199"]["Value"]) == 2
+        assert [item["00081197"]["Value"][0] for item in doc["00081198"]["Value"]] == [0xC210, 0xC210]
+        assert "Traceback" not in node.log()
+    finally:
+        node.stop()
+
+
 def test_stow_out_batches_into_orthanc(tmp_path: Path, web_orthanc: Orthanc) -> None:
     files = phantom(tmp_path, seed=54, slices=7)
     sender = make_sender(DicomwebDestination(name="web", url=f"{web_orthanc.url}/dicom-web",
