@@ -153,12 +153,33 @@ def _held_in_memory(message: Any) -> str | None:
     return None
 
 
+def _interleaved(message: Any, primitive: Any) -> str | None:
+    """Why the P-DATA ``primitive`` may not go to the DIMSE message being assembled (``message``, pynetdicom's
+    ``DIMSEServiceProvider.message``), or None. Once a message's command set is complete (its ``context_id`` set)
+    only its data set fragments, on its presentation context, may follow until the last one (PS3.8 9.3.5.1: no
+    interleaving without negotiated asynchronous operations; the lean path aborts the same). pynetdicom took a
+    command fragment there as more command set (both decoded as one: the first message never answered, its
+    partial file left in incoming/ until the next start) and data fragments of another context as this
+    message's. The PDVs after a last data fragment are not looked at (pynetdicom does not read them)."""
+    cx = getattr(message, "context_id", None)
+    if cx is None:
+        return None
+    for context_id, data in getattr(primitive, "presentation_data_value_list", []):
+        control = data[0] if data else 0
+        if control & 1 or context_id != cx:
+            return "a fragment of another message arrived while a data set was being received"
+        if control & 2:
+            return None
+    return None
+
+
 def _guard_disk_full(assoc: Any) -> None:
     """Make the association's receiver survive a full disk, and bound what it holds in memory: every dataset
     file pynetdicom opens for it is wrapped in a :class:`_DiskFullGuard` as soon as it is created (pynetdicom
     creates it when the command set is complete; its dataset fragments come in later P-DATA); a message whose
-    command set, or whose data set held in memory, grows past its bound (:func:`_held_in_memory`) is dropped
-    and the association aborted (A-ABORT, one line), as pynetdicom aborts a message it cannot decode. Both
+    command set, or whose data set held in memory, grows past its bound (:func:`_held_in_memory`), or into whose
+    data set another message's fragment comes (:func:`_interleaved`), is dropped with its partial file and the
+    association aborted (A-ABORT, one line), as pynetdicom aborts a message it cannot decode. Both
     receive paths (the lean one hands pynetdicom every message but a plain C-STORE). Installed per association,
     before it is accepted."""
     dimse = getattr(assoc, "dimse", None)
@@ -166,7 +187,28 @@ def _guard_disk_full(assoc: Any) -> None:
         return
     receive = dimse.receive_primitive
 
+    def drop(message: Any, problem: str) -> None:
+        """Abort for ``problem``: the message's buffers freed, its partial file removed, A-ABORT (Evt19)."""
+        log.warning("association from %s: %s: aborted", assoc.requestor.address, problem)
+        name = getattr(getattr(message, "_data_set_file", None), "name", None)
+        if name:
+            try:
+                message._data_set_file.close()
+            except OSError:
+                pass
+            Path(name).unlink(missing_ok=True)
+        message.encoded_command_set = io.BytesIO()  # freed now, not when the association ends
+        message.data_set = io.BytesIO()
+        message._data_set_file = None
+        dimse.message = None
+        dimse.dul.event_queue.put("Evt19")  # A-ABORT (as pynetdicom for a message it cannot decode)
+
     def guarded(primitive: Any) -> None:
+        message: Any = dimse.message
+        problem = _interleaved(message, primitive)
+        if problem is not None:
+            drop(message, problem)
+            return
         try:
             receive(primitive)
         except OSError as exc:  # the first bytes of a dataset met a full disk in the call that created its file
@@ -175,7 +217,7 @@ def _guard_disk_full(assoc: Any) -> None:
                 if name:
                     Path(name).unlink(missing_ok=True)
             raise
-        message: Any = dimse.message
+        message = dimse.message
         if message is None:
             return
         fh = getattr(message, "_data_set_file", None)
@@ -183,11 +225,7 @@ def _guard_disk_full(assoc: Any) -> None:
             message._data_set_file = _DiskFullGuard(fh)
         problem = _held_in_memory(message)
         if problem is not None:
-            log.warning("association from %s: %s: aborted", assoc.requestor.address, problem)
-            message.encoded_command_set = io.BytesIO()  # freed now, not when the association ends
-            message.data_set = io.BytesIO()
-            dimse.message = None
-            dimse.dul.event_queue.put("Evt19")  # A-ABORT (as pynetdicom for a message it cannot decode)
+            drop(message, problem)
 
     dimse.receive_primitive = guarded
     dimse._srnode_guarded = True
