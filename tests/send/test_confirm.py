@@ -438,8 +438,10 @@ def test_real_node_confirmed_by_commitment_after_a_restart(orthanc: Orthanc, tmp
             in metrics
 
 
-def _send_report(port: int, calling: str, uid: str, refs: Sequence[Sequence[str]]) -> int:
-    """An N-EVENT-REPORT (event 1: all committed) for ``refs`` under ``uid``, from AE ``calling``."""
+def _send_report(port: int, calling: str, uid: str, refs: Sequence[Sequence[str]],
+                 failed: Sequence[Sequence[str]] = ()) -> int:
+    """An N-EVENT-REPORT for ``refs`` under ``uid``, from AE ``calling`` (event 1: all committed; with ``failed``,
+    event 2 listing those as failed, reason 0x0110)."""
     from pydicom.dataset import Dataset
     from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 
@@ -457,9 +459,40 @@ def _send_report(port: int, calling: str, uid: str, refs: Sequence[Sequence[str]
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, sop
         items.append(item)
     info.ReferencedSOPSequence = items
-    status, _ = assoc.send_n_event_report(info, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+    if failed:
+        info.FailedSOPSequence = []
+        for _, _, cls, sop in failed:
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID, item.FailureReason = cls, sop, 0x0110
+            info.FailedSOPSequence.append(item)
+    status, _ = assoc.send_n_event_report(info, 2 if failed else 1, StorageCommitmentPushModel,
+                                          "1.2.840.10008.1.20.1.1")
     assoc.release()
     return int(status.Status)
+
+
+def test_a_report_listing_an_instance_both_committed_and_failed_is_a_failed_attempt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """break13p: a report (event 2) listing every instance in ReferencedSOPSequence and one of them again in
+    FailedSOPSequence was "all 3 committed", delivered. The PACS said it failed: a failed attempt, resent."""
+    from node.send.query_dimse import DimseQuery
+
+    files = write_phantom_series(tmp_path / "ct", slices=3, size=16, seed=42)
+    dest = {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": free_port(), "ae_title": "PACS"}
+    h = Harness(tmp_path, _cfg(tmp_path, dest), files)
+    monkeypatch.setattr(DimseQuery, "request_commitment", lambda *a: None)  # the PACS took the request, nothing else
+    d = h.job(1)
+    assert h.outbox.confirm.after_send(d, files) is False
+    sent = h.now(d)
+    port = free_port()
+    server = report_listener(port, [h])
+    try:
+        assert _send_report(port, "PACS", sent.transaction_uid, sent.sop_refs, failed=sent.sop_refs[1:2]) == 0
+        got = h.now(d)
+        assert got.state is DeliveryState.PENDING and "expected 3, PACS has 2" in got.reason, (got.state, got.reason)
+        assert "1 failed, reason 0x0110" in got.reason
+    finally:
+        server.shutdown()
 
 
 def test_a_report_from_another_ae_does_not_confirm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
