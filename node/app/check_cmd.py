@@ -13,6 +13,8 @@ a mistake in the pipeline's reading cannot hide itself. Per derived series (one 
   the output, plus float rounding; in-plane factors that put no derived pixel centre on an input one are
   reported as not compared);
 - photometric interpretation equal to the input's (the same grey-scale polarity);
+- LossyImageCompression 01 on every derived and uncertainty object when an input image says it was lossy
+  compressed (or came in JPEG baseline / extended);
 - its uncertainty objects: a Parametric Map has one frame per derived slice, frame k at derived slice k's position
   (0.01 mm) and in its frame of reference; a Secondary Capture card carries no plane or frame of reference; an
   engine without sigma (cubic) has none, any other at least one; dciodvfy reports 0 errors on every derived and
@@ -205,6 +207,12 @@ def check_volume(series: str, images: list[OutImage], inputs: dict[tuple[str, in
     uids = {str(o.ds.SOPInstanceUID) for o in outs}
     sig = [s for objs in sc.values() for s in objs if any(ref[0] in uids for ref in s.refs)]
     _check_sigma(check, outs, sig, engine)
+    # made from lossy-compressed images: said on every derived object (PS3.3 C.7.6.1.1.5, never reset)
+    lossy_in = [x for x in ins if x.lossy]
+    unsaid = [o for o in outs + sig if str(o.ds.get("LossyImageCompression", "") or "") != "01"]
+    if lossy_in and unsaid:
+        p.append(f"{len(lossy_in)} input image(s) lossy compressed ({lossy_in[0].name}, ...), {len(unsaid)} derived "
+                 f"or uncertainty object(s) without LossyImageCompression 01 ({unsaid[0].file.name}, ...)")
     if run_dciodvfy:
         errors, first = _dciodvfy_errors([o.file for o in outs] + [s.file for s in sig])
         if errors < 0:

@@ -28,6 +28,10 @@ IOP_TOL = 1e-4
 SPACING_REL_TOL = 1e-4
 
 
+# transfer syntaxes that are lossy whatever the stream (PS3.5 Table A-1): JPEG baseline and extended
+LOSSY_ONLY_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"})
+
+
 def floats(v: Any) -> np.ndarray:
     return np.array([float(x) for x in v], dtype=np.float64)
 
@@ -58,6 +62,7 @@ class InImage:
     intercept: float
     photometric: str
     padding: tuple[int, int] | None
+    lossy: bool = False  # LossyImageCompression 01, or a lossy-only transfer syntax (JPEG baseline / extended)
 
     @property
     def name(self) -> str:
@@ -106,18 +111,23 @@ def _read_input(path: Path, ds: Dataset) -> list[InImage]:
     rows, cols = int(ds.Rows), int(ds.Columns)
     photometric = str(ds.get("PhotometricInterpretation", ""))
     pad = _padding(ds)
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    lossy = str(ds.get("LossyImageCompression", "") or "").strip() == "01" or ts in LOSSY_ONLY_SYNTAXES
     if "PerFrameFunctionalGroupsSequence" in ds:
         out = []
         for f in range(int(ds.get("NumberOfFrames", 1) or 1)):
             pos, ori = _item(ds, "PlanePositionSequence", f), _item(ds, "PlaneOrientationSequence", f)
             meas, pvt = _item(ds, "PixelMeasuresSequence", f), _item(ds, "PixelValueTransformationSequence", f)
+            if pvt is None and ("RescaleSlope" in ds or "RescaleIntercept" in ds):
+                pvt = ds  # no functional group states a rescale: the top level's (where converters write it)
             if pos is None or ori is None or meas is None:
                 continue
             ps = floats(meas.PixelSpacing)
             out.append(InImage(path, sop, series, f + 1, -1, floats(pos.ImagePositionPatient),
                                floats(ori.ImageOrientationPatient), (ps[0], ps[1]), rows, cols,
                                float(pvt.get("RescaleSlope", 1) or 1) if pvt else 1.0,
-                               float(pvt.get("RescaleIntercept", 0) or 0) if pvt else 0.0, photometric, pad))
+                               float(pvt.get("RescaleIntercept", 0) or 0) if pvt else 0.0, photometric, pad,
+                               lossy))
         return out
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
         return []
@@ -125,7 +135,7 @@ def _read_input(path: Path, ds: Dataset) -> list[InImage]:
     slope, icpt = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     if "MOSAIC" not in [str(v).upper() for v in ds.get("ImageType") or []]:
         return [InImage(path, sop, series, 0, -1, ipp, iop, (ps[0], ps[1]), rows, cols, slope, icpt, photometric,
-                        pad)]
+                        pad, lossy)]
     n = _images_in_mosaic(ds) or 0
     centres = _ascconv_positions(ds, n) if n else None
     if not n or centres is None:
@@ -134,7 +144,7 @@ def _read_input(path: Path, ds: Dataset) -> list[InImage]:
     r, c = rows // grid, cols // grid
     first = ipp + iop[3:] * ps[0] * (rows - r) / 2 + iop[:3] * ps[1] * (cols - c) / 2
     return [InImage(path, sop, series, 0, k, first + centres[k] - centres[0], iop, (ps[0], ps[1]), r, c, slope,
-                    icpt, photometric, pad) for k in range(n)]
+                    icpt, photometric, pad, lossy) for k in range(n)]
 
 
 def read_inputs(in_dir: Path) -> list[InImage]:

@@ -88,9 +88,9 @@ def derivation(der: SeriesVolume, orig: SeriesVolume) -> dict[str, str]:
 
 
 def sigma_units(orig: SeriesVolume, sig: SeriesVolume | None) -> tuple[str, str]:
-    """Sigma's units, short and long: ('HU', 'HU') for CT; else the uncertainty series' RescaleType when it names
-    one, else ('a.u.', 'MR signal, arbitrary units')."""
-    if orig.modality == "CT":
+    """Sigma's units, short and long: ('HU', 'HU') for a CT in HU; else the uncertainty series' RescaleType when
+    it names one, else ('a.u.', 'MR signal, arbitrary units')."""
+    if orig.hounsfield:
         return "HU", "HU"
     kind = str(sig.datasets[0].get("RescaleType", "") or "") if sig is not None and sig.datasets else ""
     if kind and kind != "US":

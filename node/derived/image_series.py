@@ -19,6 +19,7 @@ import collections.abc
 import datetime as _dt
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -211,6 +212,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     if windows and not all(math.isfinite(v) and abs(v) <= MAX_MODALITY_ABS for vals in windows for v in vals):
         windows = None  # a source window no reader or validator holds (VOI LUT is optional): not copied
     charset = character_set(ref0)
+    lossy = lossy_marking(vol)
     acquisition_number = ref0.get("AcquisitionNumber")  # a value, read once: make() holds no header beyond its own
     if acquisition_number == "":
         acquisition_number = None
@@ -256,6 +258,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         ds.ImageType = ["DERIVED", "SECONDARY"] + [str(v) for v in list(ref.get("ImageType") or [])[2:3]]
         ds.DerivationDescription = derivation[:1024]
         ds.DerivationCodeSequence = DicomSequence([code_item("113085", "DCM", "Spatial resampling")])
+        for kw, value in lossy:  # PS3.3 C.7.6.1.1.5: once lossy, never reset in derived images
+            setattr(ds, kw, value)
         src = [_source(vol, i)]
         if r and i + 1 < vol.shape[0]:
             src.append(_source(vol, i + 1))
@@ -294,8 +298,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         if sop_class == CTImageStorage or fmt.slope != 1.0 or fmt.intercept != 0.0:
             ds.RescaleIntercept = ds_str(fmt.intercept)
             ds.RescaleSlope = ds_str(fmt.slope)
-            if sop_class == CTImageStorage:
-                ds.RescaleType = "HU"
+            if sop_class == CTImageStorage:  # the unit its slices state (a dual-energy map is no HU image)
+                ds.RescaleType = ct_rescale_type(vol)
         # VOI LUT: the series' window (median over its slices), in modality units
         if windows:
             centres, widths = ([ds_str(v) for v in vals] for vals in windows)
@@ -330,6 +334,34 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
             ds.PixelData = stored_pixels(k)
     return DerivedObjects(slices if lazy else headers, sigma_objs, series_uid, sigma_uids[0] if sigma_uids else "",
                           notes, sigma_uids)
+
+
+def ct_rescale_type(vol: SeriesVolume) -> str:
+    """The derived CT's RescaleType: "HU" unless the input's slices state another unit (PS3.3 C.8.2.1.1.11:
+    MGML, Z_EFF, ED, ... of dual-energy maps; US: unspecified), which is kept; a stated value that is no Code
+    String (at most 16 of A-Z, 0-9, space, _) becomes "US"."""
+    unit = vol.rescale_type
+    if not unit:
+        return "HU"
+    return unit if re.fullmatch(r"[A-Z0-9_ ]{1,16}", unit) else "US"
+
+
+def lossy_marking(vol: SeriesVolume) -> list[tuple[str, str | list[str]]]:
+    """The Lossy Image Compression attributes of every derived slice: [] when no input image has been through
+    lossy compression (``SliceHeader.lossy``); else LossyImageCompression "01" (PS3.3 C.7.6.1.1.5: never reset in
+    derived images), with LossyImageCompressionRatio / LossyImageCompressionMethod when every lossy input states
+    the same ones (a method alone when no ratio is known)."""
+    lossy = [rec.lossy for rec in vol.datasets.records if rec.lossy is not None]
+    if not lossy:
+        return []
+    out: list[tuple[str, str | list[str]]] = [("LossyImageCompression", "01")]
+    if len({(x.ratios, x.methods) for x in lossy}) == 1:
+        ratios, methods = lossy[0].ratios, lossy[0].methods
+        if ratios and len(ratios) == len(methods):
+            out.append(("LossyImageCompressionRatio", list(ratios) if len(ratios) > 1 else ratios[0]))
+        if methods and (not ratios or len(ratios) == len(methods)):
+            out.append(("LossyImageCompressionMethod", list(methods) if len(methods) > 1 else methods[0]))
+    return out
 
 
 def _source(vol: SeriesVolume, i: int) -> Dataset:

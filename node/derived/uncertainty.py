@@ -59,9 +59,11 @@ class SigmaSeries:
     description: str
 
 
-def units(modality: str) -> tuple[Code, str]:
-    """Sigma's unit as a UCUM code and its short text: Hounsfield unit ('HU') for CT, else arbitrary unit ('a.u.')."""
-    return (HOUNSFIELD, "HU") if modality == "CT" else (ARBITRARY, "a.u.")
+def units(modality: str, rescale_type: str = "") -> tuple[Code, str]:
+    """Sigma's unit as a UCUM code and its short text: Hounsfield unit ('HU') for a CT in HU (``rescale_type``,
+    the derived slices' RescaleType, absent or HU), else arbitrary unit ('a.u.': MR signal, a dual-energy map)."""
+    hu = modality == "CT" and rescale_type.strip().upper() in ("", "HU")
+    return (HOUNSFIELD, "HU") if hu else (ARBITRARY, "a.u.")
 
 
 def clean_sigma(sigma: np.ndarray) -> np.ndarray:
@@ -163,7 +165,7 @@ def sigma_parametric_map(derived: Sequence[Dataset], sig: np.ndarray, modality: 
     """
     d0 = derived[0]
     frames = [d0] + [frame_source(derived[k]) for k in range(1, len(derived))]  # each made once, its frame kept
-    unit, short = units(modality)
+    unit, short = units(modality, str(d0.get("RescaleType", "") or ""))
     smax = float(sig.max()) if sig.size else 0.0
     width = display_max(sig)
     step = float(d0.get("SpacingBetweenSlices") or 0.0)
@@ -287,7 +289,7 @@ def sigma_card(derived: Sequence[Dataset], sig: np.ndarray, modality: str, engin
     directions as drawn. No patient text on the card (BurnedInAnnotation NO)."""
     k = len(derived) // 2
     d = derived[k]
-    _, short = units(modality)
+    _, short = units(modality, str(d.get("RescaleType", "") or ""))
     units_long = "HU" if short == "HU" else f"{modality or 'image'} signal, arbitrary units"
     dy, dx = (float(v) for v in d.PixelSpacing)
     title = f"{engine} \u03c3 ({short})"
@@ -318,6 +320,9 @@ def sigma_card(derived: Sequence[Dataset], sig: np.ndarray, modality: str, engin
     sc.DerivationDescription = (f"Colour-mapped per-pixel 1-sigma uncertainty of the {engine} super-resolution "
                                 f"in {units_long}, derived slice {k + 1} of {len(derived)}")[:1024]
     sc.BurnedInAnnotation = "NO"
+    for kw in ("LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+        if kw in d:  # drawn from lossy images: said as on the derived slice (PS3.3 C.7.6.1.1.5)
+            sc[kw] = d[kw]
     sc.SourceImageSequence = DicomSequence([source_item(d, 0)])  # the derived slice drawn
     sc.ReferencedSeriesSequence = referenced_series(d.SeriesInstanceUID, [(d.SOPClassUID, d.SOPInstanceUID)])
     for kw in ("FrameOfReferenceUID", "PositionReferenceIndicator", "ImagePositionPatient",

@@ -1,8 +1,9 @@
 """A resend of a SOPInstanceUID the spool already holds: the same instance again, or a conflict?
 
 The first copy is kept (what a job may already have used). A resend that is the same instance (same bytes, or
-the same pixel data and patient identity in another encoding) is a plain duplicate. One that differs -- other
-pixel data, another patient identity, another study or series -- is a *conflict*: it is kept aside in
+the same pixel data, patient identity, position and value meaning (``node.meaning``) in another encoding) is a
+plain duplicate. One that differs -- other pixel data, another patient identity, another study or series, the same
+pixels at another position or with another rescale -- is a *conflict*: it is kept aside in
 ``spool/conflicts/`` and reported (``srnode status``, ``srnode_instance_conflicts_total``, the audit log), never
 silently dropped and never mixed into the series.
 """
@@ -16,6 +17,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from node.meaning import meaning_differs
 from node.phi import IDENTITY_KEYWORDS, raw_text
 from node.store import Instance
 
@@ -59,5 +61,6 @@ def resend_difference(kept: Instance, study_uid: str, series_uid: str, new_path:
     except Exception as exc:  # noqa: BLE001 - the kept copy gone or unreadable: keep the resend aside
         return f"the stored copy cannot be compared ({type(exc).__name__})"
     diffs = [f"{kw} differs" for kw in IDENTITY_KEYWORDS if raw_text(a, kw) != raw_text(b, kw)]
+    diffs += [f"{kw} differs" for kw in meaning_differs(a, b)]  # same pixels placed elsewhere or rescaled otherwise
     pixels = _pixels_differ(a, b)
     return "; ".join(([pixels] if pixels else []) + diffs)

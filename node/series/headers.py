@@ -36,6 +36,7 @@ from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
 from node.errors import DeriveError, dicom_read_problem
+from node.series.lossy import LossyCompression, lossy_compression
 from node.series.slices import MALFORMED, frame_group_item, sop_class_of, sop_instance_of
 
 _UNUSED_AFTER_LOAD = (Tag("IconImageSequence"),)
@@ -106,6 +107,8 @@ class SliceHeader:
     ``study_uid``; ``photometric``: PhotometricInterpretation as given ("" when absent); ``window``: the image's
     (centres, widths) (``slice_window``); ``slice_thickness``: the top-level SliceThickness in mm of a
     single-frame image (None when absent or multi-frame, 0 when empty); ``bits_stored`` (16 when absent) and ``pixel_representation`` (0 when absent);
+    ``lossy``: the lossy compression the image has been through (``node.series.lossy``; None: none known), read
+    while its pixel data is still there;
     ``seen``: what the job's check took of the header as it was read (``node.series.load_volumes``'s
     ``inspect``; None when not asked), so that the header need not be held, or read again, to check it.
     """
@@ -121,6 +124,7 @@ class SliceHeader:
     slice_thickness: float | None
     bits_stored: int
     pixel_representation: int
+    lossy: LossyCompression | None = None
     seen: Any = field(default=None, compare=False)
 
     @classmethod
@@ -143,6 +147,7 @@ class SliceHeader:
             slice_thickness=thick,
             bits_stored=int(ds.get("BitsStored", 16) or 16),
             pixel_representation=int(ds.get("PixelRepresentation", 0) or 0),
+            lossy=lossy_compression(ds),
             seen=seen,
         )
 

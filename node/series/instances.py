@@ -2,9 +2,11 @@
 is kept once); a folder given to ``srnode process`` often holds the same file twice ("IM0010 (1).dcm").
 
 Two files with one SOPInstanceUID are the same instance when their pixel data are equal (byte for byte, or, when
-the transfer syntaxes differ, after decoding); the first by file name is kept and the other named in a note.
-Two files with one SOPInstanceUID and different pixels contradict each other: which one is right cannot be
-told, so the series is refused naming both files.
+the transfer syntaxes differ, after decoding) and so is what places them and gives their values meaning
+(``node.meaning``: position, orientation, spacing, rescale, bits, functional groups...); the first by file name is
+kept and the other named in a note. Two files with one SOPInstanceUID and different pixels, or the same pixels
+placed elsewhere or rescaled otherwise, contradict each other: which one is right cannot be told, so the series is
+refused naming both files (and the attributes that differ).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from node.errors import VolumeError
+from node.meaning import meaning_differs
 from node.series.slices import sop_instance_of
 
 
@@ -59,8 +62,14 @@ class UniqueInstances:
         if p0 is None:
             self._first[uid] = path
             return True
-        if not _same_pixels(self._reread(p0), ds):
+        first = self._reread(p0)
+        if not _same_pixels(first, ds):
             raise VolumeError(f"{p0.name} and {path.name} carry the same SOPInstanceUID but different pixel data; "
                               "one instance cannot have two images, and which one is right cannot be told")
+        differ = meaning_differs(first, ds)  # same pixels placed elsewhere or meaning other values
+        if differ:
+            raise VolumeError(f"{p0.name} and {path.name} carry the same SOPInstanceUID but different "
+                              f"{', '.join(differ)}; one instance cannot lie in two places or mean two things, and "
+                              "which one is right cannot be told")
         self.notes.append(f"{path.name} is a second copy of {p0.name} (same SOPInstanceUID, same pixels): kept once")
         return False

@@ -65,6 +65,20 @@ IOP_UNIT_TOL = 1e-3  # |norm - 1| and |row . col| above this: not two orthogonal
 def _pixels(ds: Dataset, name: str) -> np.ndarray:
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise VolumeError(f"{name}: has no pixel data")
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2") and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
+        # one sample per pixel that is not a grey level (PALETTE COLOR: an index into a colour table); it was
+        # interpolated as if it were one and written as MONOCHROME2 (only the defined terms are quoted)
+        said = photometric if photometric in ("PALETTE COLOR", "") else "another value"
+        raise VolumeError(f"{name}: PhotometricInterpretation {said or '(empty)'}: its pixel values are not grey "
+                          "levels (CT and MR images are MONOCHROME1 or MONOCHROME2); not super-resolved")
+    bits = int(ds.get("BitsStored", 16) or 16)
+    high = ds.get("HighBit")
+    if high not in (None, "") and int(high) != bits - 1:
+        # PS3.3 C.7.6.3: HighBit is BitsStored - 1 (the stored bits at the bottom of each word); an ACR-NEMA layout
+        # with the bits higher up was read by pydicom as the low bits, garbage, and derived as if it were values
+        raise VolumeError(f"{name}: HighBit {int(high)} with BitsStored {bits} (the standard has HighBit = "
+                          "BitsStored - 1): its stored values cannot be read as they are meant; not super-resolved")
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoders raise many types; translated once here
@@ -73,7 +87,15 @@ def _pixels(ds: Dataset, name: str) -> np.ndarray:
     if int(ds.get("SamplesPerPixel", 1)) != 1:
         raise VolumeError(f"{name}: colour image ({ds.get('PhotometricInterpretation', '?')}); "
                           "only grayscale series can be super-resolved")
-    return np.asarray(arr)
+    arr = np.asarray(arr)
+    declared = int(ds.get("NumberOfFrames", 1) or 1)
+    held = int(arr.shape[0]) if arr.ndim == 3 else 1
+    if held != declared:
+        # pydicom returns every whole frame the pixel data holds (with a warning): frames beyond NumberOfFrames
+        # were left out of the volume silently (or a single-frame image failed to broadcast, its file unnamed)
+        raise VolumeError(f"{name}: its pixel data holds {held} frames, NumberOfFrames {declared} (absent: 1); "
+                          "which frames the header describes cannot be told, none is stacked")
+    return arr
 
 
 def stored_format(ds: Dataset, slope: float, intercept: float) -> StoredFormat:
@@ -163,13 +185,15 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
     steps = np.diff(dist)
     repeats = [g for g in position_groups(slices) if len(g) > 1]
     if repeats:
-        files = ", ".join(slices[i].name for i in repeats[0][:4]) + (", ..." if len(repeats[0]) > 4 else "")
+        files = ", ".join(slices[i].where for i in repeats[0][:4]) + (", ..." if len(repeats[0]) > 4 else "")
         raise VolumeError(f"{name}: {sum(len(g) for g in repeats)} images share a slice position with another "
                           f"({files}); they are repeats, time points or echoes, not a stack of slices")
 
     first = slices[0]
     modality = str(header_value(first, "Modality"))
-    data, formats, notes = _modality_values(slices, modality)
+    stated = sorted({str(header_value(s, "RescaleType")) for s in slices} - {""})  # one at most (_check_one_unit)
+    unit = stated[0] if stated else ""
+    data, formats, notes = _modality_values(slices, modality == "CT" and unit in ("", "HU"))
     vrange = (min(f.value_range[0] for f in formats), max(f.value_range[1] for f in formats))
     notes = notes_in + notes
 
@@ -207,6 +231,7 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
         rescale_slope=slices[0].slope,
         rescale_intercept=slices[0].intercept,
         value_range=vrange,
+        rescale_type=unit,
         formats=formats,
         names=[s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else "") for s in slices],
         steps=steps,
@@ -285,7 +310,10 @@ def _image_slices(path: Path, ds: Dataset) -> tuple[list[Slice], bool]:
             raise VolumeError(f"{path.name}: SOP class {uid or '(none)'} is not an image "
                               "(report, presentation state, RT or other non-image object)")
         if "PixelData" not in ds:
-            raise VolumeError(f"{path.name}: has no pixel data")
+            floats = [kw for kw in ("FloatPixelData", "DoubleFloatPixelData") if kw in ds]
+            raise VolumeError(f"{path.name}: " + (f"holds {floats[0]} (floating-point pixels: a parametric map or "
+                                                  "other computed image, not a CT or MR acquisition); not "
+                                                  "super-resolved" if floats else "has no pixel data"))
         if is_mosaic(ds):
             tiles = split_mosaic(ds, path.name)
             out: list[Slice] = []
@@ -370,17 +398,17 @@ def _check_slice(s: Slice) -> None:
     ImageOrientationPatient is two orthogonal unit vectors; C.11.1 Modality LUT: a slope of 0 maps every stored
     value to one)."""
     if not all(math.isfinite(v) and v > 0 for v in s.spacing):
-        raise VolumeError(f"{s.name}: PixelSpacing {list(s.spacing)} is not two positive numbers")
+        raise VolumeError(f"{s.where}: PixelSpacing {list(s.spacing)} is not two positive numbers")
     if not all(math.isfinite(float(v)) for v in s.ipp):
-        raise VolumeError(f"{s.name}: ImagePositionPatient {[float(v) for v in s.ipp]} is not three finite numbers")
+        raise VolumeError(f"{s.where}: ImagePositionPatient {[float(v) for v in s.ipp]} is not three finite numbers")
     row, col = np.asarray(s.iop[:3], dtype=np.float64), np.asarray(s.iop[3:], dtype=np.float64)
     if not (np.all(np.isfinite(s.iop)) and abs(np.linalg.norm(row) - 1) < IOP_UNIT_TOL
             and abs(np.linalg.norm(col) - 1) < IOP_UNIT_TOL and abs(float(row @ col)) < IOP_UNIT_TOL):
-        raise VolumeError(f"{s.name}: ImageOrientationPatient {[round(float(v), 6) for v in s.iop]} is not two "
+        raise VolumeError(f"{s.where}: ImageOrientationPatient {[round(float(v), 6) for v in s.iop]} is not two "
                           "orthogonal unit vectors (row and column directions); the slice cannot be placed")
     if not math.isfinite(s.slope) or s.slope == 0 or not math.isfinite(s.intercept):
         why = ("a slope of 0 maps every pixel to one value" if s.slope == 0 else "not finite numbers")
-        raise VolumeError(f"{s.name}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} cannot convert "
+        raise VolumeError(f"{s.where}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} cannot convert "
                           f"stored values to modality values ({why})")
 
 
@@ -400,7 +428,7 @@ def _check_one_series(slices: list[Slice], series_uid: str) -> None:
         if len(values) > 1:
             raise VolumeError(f"series {series_uid}: its images have {len(values)} different {keyword} values: "
                               f"{len(values)} {what}; they cannot be stacked into one volume")
-    loc = [s.name for s in slices if header_value(s, "localizer")]
+    loc = [s.where for s in slices if header_value(s, "localizer")]
     if loc and len(loc) < len(slices):
         raise VolumeError(f"series {series_uid}: localizer image(s) mixed in ({', '.join(loc[:5])}); "
                           "a scout cannot be stacked with the axial/sagittal/coronal slices")
@@ -435,11 +463,12 @@ def _check_one_stack(slices: list[Slice], name: str) -> None:
                           f"({describe_plane_groups(groups)}); they do not form one volume")
 
 
-def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, list[StoredFormat], list[str]]:
+def _modality_values(slices: list[Slice], hounsfield: bool) -> tuple[np.ndarray, list[StoredFormat], list[str]]:
     """(Z, Y, X) float32 modality values of the sorted slices, each slice's stored format, and remarks.
 
     Every slice is converted with its own RescaleSlope / Intercept (Philips MR and some CT store one per slice);
-    padding voxels (PixelPaddingValue) become air for CT, else the lowest value of the series. A slice whose
+    padding voxels (PixelPaddingValue) become air for values in HU (``hounsfield``: a CT stating no other
+    RescaleType), else the lowest value of the series. A slice whose
     header was let go of was converted as it was read (``_let_go``): its values are copied in and dropped. A held
     single-frame header's (a mosaic tile's) PixelData is dropped once its slice is converted (a multi-frame
     object's stays: several volumes may share it; the job releases it after all are built).
@@ -468,7 +497,7 @@ def _modality_values(slices: list[Slice], modality: str) -> tuple[np.ndarray, li
     _check_precision(data, slices)
     if np.isnan(data).any():
         lowest = min(f.value_range[0] for f in formats)
-        fill = -1000.0 if modality == "CT" else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
+        fill = -1000.0 if hounsfield else float(np.nanmin(data)) if np.isfinite(data).any() else 0.0
         fill = max(fill, lowest)
         notes.append(f"PixelPaddingValue voxels ({int(np.isnan(data).sum())}) set to {fill:g}")
         np.nan_to_num(data, copy=False, nan=fill)
@@ -505,7 +534,7 @@ def _check_range(vals: np.ndarray, s: Slice) -> None:
         return
     peak = max(abs(lo), abs(hi))
     if not math.isfinite(peak) or peak > MAX_MODALITY_ABS:
-        raise VolumeError(f"{s.name}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} make modality "
+        raise VolumeError(f"{s.where}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} make modality "
                           f"values up to {peak:.3g} in magnitude, beyond the {MAX_MODALITY_ABS:g} the derived "
                           "objects can hold; the series is not super-resolved")
 
@@ -527,7 +556,7 @@ def _check_precision(data: np.ndarray, slices: list[Slice]) -> None:
     needed = max(float(np.spacing(np.float32(max(abs(lo), abs(hi))))), (hi - lo) * 2.0 ** -23)
     for s in slices:
         if abs(s.slope) < needed:
-            raise VolumeError(f"{s.name}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g}: its steps of "
+            raise VolumeError(f"{s.where}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g}: its steps of "
                               f"{abs(s.slope):g} cannot be held in 32-bit floats beside the series' values from "
                               f"{lo:g} to {hi:g} (they would round away); the series is not super-resolved")
 

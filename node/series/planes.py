@@ -63,7 +63,7 @@ def describe_plane_groups(groups: Sequence[Sequence[Slice]]) -> str:
     parts = []
     for g in groups:
         s = g[0]
-        names = ", ".join(x.name for x in g[:3]) + (", ..." if len(g) > 3 else "")
+        names = ", ".join(x.where for x in g[:3]) + (", ..." if len(g) > 3 else "")
         parts.append(f"{len(g)} slice(s) {header_value(s, 'Rows')}x{header_value(s, 'Columns')} spacing "
                      f"{s.spacing[0]:.6g}/{s.spacing[1]:.6g} mm orientation "
                      f"{'/'.join(f'{c:.8g}' for c in s.iop)} ({names})")

@@ -139,6 +139,11 @@ class Slice:
     taken: dict[str, Any] = field(default_factory=dict, repr=False)  # header values taken before ``ds`` went
 
     @property
+    def where(self) -> str:
+        """How refusals name this image: its file, with " (frame N)" for a frame of a multi-frame object."""
+        return self.name + (f" (frame {self.frame + 1})" if self.frame >= 0 else "")
+
+    @property
     def header(self) -> Dataset:
         """The held header; RuntimeError (a programming error, not a malformed input) once it was let go of."""
         if self.ds is None:
@@ -179,8 +184,10 @@ def _text(keyword: str) -> Callable[[Slice], str]:
 
 def _rescale_type(s: Slice) -> str:
     """The units of the slice's modality values (RescaleType, PS3.3 C.11.1.1.2), from the frame's Pixel Value
-    Transformation functional group for a frame of an enhanced object; "" when absent."""
-    item = frame_group_item(s.header, "PixelValueTransformationSequence", s.frame) if s.frame >= 0 else s.header
+    Transformation functional group for a frame of an enhanced object (else its top level, as the rescale);
+    "" when absent."""
+    item = (frame_group_item(s.header, "PixelValueTransformationSequence", s.frame) or _top_level_rescale(s.header)
+            if s.frame >= 0 else s.header)
     return str((item.get("RescaleType", "") if item is not None else "") or "").strip().upper()
 
 
@@ -207,17 +214,27 @@ def slices_of(ds: Dataset, name: str) -> list[Slice]:
     """The placed slices of one dataset (one per frame; ``name`` is used in messages).
 
     Enhanced objects take geometry from the Plane Position / Plane Orientation / Pixel Measures functional
-    groups, per frame first, then shared (PS3.3 C.7.6.16). VolumeError when a frame's geometry is missing, a
-    multi-frame object has no functional groups, or a value is not numeric or has the wrong count.
+    groups, per frame first, then shared (PS3.3 C.7.6.16), and their rescale from the Pixel Value Transformation
+    group (else from the top level, where some converters write it). VolumeError when a frame's geometry is
+    missing, the per-frame groups do not hold one item per frame, a multi-frame object has no functional groups,
+    or a value is not numeric or has the wrong count.
     """
     nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and len(per_frame) != nframes:
+        # one item per frame (PS3.3 C.7.6.16): a count that differs leaves frames out or places them without
+        # their own geometry; which of the two is wrong cannot be told
+        raise VolumeError(f"{name}: NumberOfFrames {nframes} but PerFrameFunctionalGroupsSequence has "
+                          f"{len(per_frame)} item(s); the frames cannot be told apart, none is stacked")
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
         out: list[Slice] = []
         for f in range(nframes):
             pos = frame_group_item(ds, "PlanePositionSequence", f)
             ori = frame_group_item(ds, "PlaneOrientationSequence", f)
             meas = frame_group_item(ds, "PixelMeasuresSequence", f)
-            pvt = frame_group_item(ds, "PixelValueTransformationSequence", f)
+            # no Pixel Value Transformation group: a rescale stated at the top level (converters write it there)
+            # is the only one stated, never ignored
+            pvt = frame_group_item(ds, "PixelValueTransformationSequence", f) or _top_level_rescale(ds)
             if pos is None or ori is None or meas is None or "PixelSpacing" not in meas:
                 raise VolumeError(f"{name}: frame {f + 1} lacks Plane Position / Plane Orientation / Pixel "
                                   "Measures functional groups; its geometry is unknown")
@@ -246,6 +263,12 @@ def _placed(ds: Dataset, name: str, frame: int, pos: Dataset, ori: Dataset, meas
         _number(pvt, "RescaleSlope", 1.0),
         _number(pvt, "RescaleIntercept", 0.0),
     )
+
+
+def _top_level_rescale(ds: Dataset) -> Dataset | None:
+    """``ds`` itself when it states a rescale at its top level (RescaleSlope, RescaleIntercept or RescaleType;
+    not where an enhanced object's standard puts it, but where some converters do), else None."""
+    return ds if any(kw in ds for kw in ("RescaleSlope", "RescaleIntercept", "RescaleType")) else None
 
 
 def _number(ds: Dataset | None, keyword: str, default: float) -> float:

@@ -72,6 +72,7 @@ class SeriesVolume:
     rescale_slope: float = 1.0  # the first slice's (``formats`` holds every slice's own)
     rescale_intercept: float = 0.0
     value_range: tuple[float, float] = (-32768.0, 32767.0)  # representable range in modality units, all slices
+    rescale_type: str = ""  # the unit its slices state (RescaleType: "HU", "MGML", "Z_EFF", "US", ...); "" none
     formats: list[StoredFormat] = field(default_factory=list)  # per slice: its own rescale and stored bits
     names: list[str] = field(default_factory=list)  # per slice: file name (", frame N" for multi-frame)
     steps: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (Z-1,) measured steps, mm
@@ -104,6 +105,12 @@ class SeriesVolume:
         """(Z, Y, X): slices, rows, columns."""
         z, y, x = self.data.shape
         return int(z), int(y), int(x)
+
+    @property
+    def hounsfield(self) -> bool:
+        """Whether the values are Hounsfield units: a CT whose slices state no other RescaleType (PS3.3
+        C.8.2.1.1.11: a CT image's values are HU unless its RescaleType says otherwise)."""
+        return self.modality == "CT" and self.rescale_type in ("", "HU")
 
     @property
     def multiframe(self) -> bool:

@@ -61,7 +61,7 @@ def test_deriving_reads_each_input_uid_a_bounded_number_of_times(tmp_path: Path,
     assert made_large > 3.5 * made_small
     # linear: 4x the slices -> about 4x the calls (quadratic gave ~16x: every object hashed every input UID)
     assert large <= 5 * small, (small, large)
-    assert large <= 6 * 80, (small, large)
+    assert large <= 7 * 80, (small, large)  # a few reads per slice (window, lossy marking, sources, UIDs)
 
 
 def test_instances_digest_is_the_uid_set_hash_and_kept(tmp_path: Path) -> None:

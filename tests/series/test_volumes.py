@@ -106,6 +106,28 @@ def test_conflicting_duplicate_is_refused_naming_both_files(phantom: list[Path],
         load_series(_files(folder))
 
 
+@pytest.mark.parametrize(("keyword", "value"), [
+    ("ImagePositionPatient", None),  # moved 2.5 mm along the stack
+    ("RescaleIntercept", "-1000"),  # same stored pixels, other HU
+    ("ImageOrientationPatient", [1, 0, 0, 0, 0.99, 0.1410674]),
+])
+def test_a_copy_with_the_same_pixels_but_another_place_or_meaning_is_refused(phantom: list[Path], tmp_path: Path,
+                                                                            keyword: str, value: object) -> None:
+    """Same SOPInstanceUID, same stored pixels, another ImagePositionPatient / rescale / orientation (break13f):
+    the first file by name was kept as "a second copy (same pixels)", its geometry or values chosen by file name."""
+    folder = tmp_path / "in"
+    shutil.copytree(phantom[0].parent, folder)
+    ds = pydicom.dcmread(folder / "CT0003.dcm")
+    if value is None:
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        value = [ipp[0], ipp[1], ipp[2] + 2.5]
+    setattr(ds, keyword, value)
+    ds.save_as(folder / "CT0003 (1).dcm", enforce_file_format=True)
+    with pytest.raises(VolumeError, match=rf"CT0003\.dcm and CT0003 \(1\)\.dcm carry the same SOPInstanceUID but "
+                                          rf"different {keyword}"):
+        load_series(_files(folder))
+
+
 # ---------------------------------------------------------------------------------------------- item 10: mosaics
 
 
