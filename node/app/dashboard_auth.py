@@ -94,7 +94,7 @@ class DashboardAuth:
 
     def token_ok(self, given: str) -> bool:
         """Whether ``given`` is the token (constant-time)."""
-        return bool(self.token) and hmac.compare_digest(given.encode(), self.token.encode())
+        return bool(self.token) and hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self.token.encode())
 
     def host_ok(self, request: Request) -> bool:
         return not self.check_host or _loopback_host(request.headers.get("host", ""))
@@ -111,16 +111,18 @@ class DashboardAuth:
         value = request.cookies.get(COOKIE, "")
         expiry, _, rest = value.partition(".")
         nonce, _, mac = rest.partition(".")
-        if not (expiry.isdigit() and nonce and mac) or int(expiry) < time.time():
+        if not (expiry.isascii() and expiry.isdigit() and nonce and mac) or int(expiry) < time.time():
             return None
-        return value if hmac.compare_digest(mac, self._mac("session", f"{expiry}.{nonce}")) else None
+        # bytes: compare_digest raises TypeError on a str holding a character above 0x7F (a forged cookie's)
+        given = mac.encode("utf-8", "surrogateescape")
+        return value if hmac.compare_digest(given, self._mac("session", f"{expiry}.{nonce}").encode()) else None
 
     def csrf(self, session: str) -> str:
         """The CSRF value the session's forms carry."""
         return self._mac("csrf", session)
 
     def csrf_ok(self, session: str, form: dict[str, str]) -> bool:
-        return hmac.compare_digest(form.get("csrf", "").encode(), self.csrf(session).encode())
+        return hmac.compare_digest(form.get("csrf", "").encode("utf-8", "surrogateescape"), self.csrf(session).encode())
 
     @staticmethod
     def same_origin(request: Request) -> bool:

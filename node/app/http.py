@@ -62,7 +62,7 @@ from node.ingest import (
     start_followers,
 )
 from node.send import make_sender
-from node.store import Job, JobState, valid_uid
+from node.store import MAX_DECLARED_INSTANCES, Job, JobState, valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -304,10 +304,12 @@ def build_app(ctx: NodeContext) -> Starlette:
         try:
             body = await request.json()
             instances = body["instances"]
-            if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
+            if isinstance(instances, bool) or not isinstance(instances, int) \
+                    or not 1 <= instances <= MAX_DECLARED_INSTANCES:
                 raise ValueError(instances)
         except (ValueError, KeyError, TypeError):
-            return JSONResponse({"error": 'expected JSON {"instances": N} with N an integer >= 1'}, status_code=400)
+            return JSONResponse({"error": 'expected JSON {"instances": N} with N an integer from 1 to '
+                                 f'{MAX_DECLARED_INSTANCES}'}, status_code=400)
         remote = request.client.host if request.client else ""
         row = await run_in_threadpool(ctx.admission.declare, study, series, instances, f"http from {remote}")
         if row is None:

@@ -77,6 +77,8 @@ class ChangesFollower:
                     params = {"since": since, "limit": 100}
                     page = orthanc_call(self.src, "changes", lambda p=params: client.get(  # type: ignore[misc]
                         "/changes", params=p)).json()
+                    if not isinstance(page, dict):
+                        raise ValueError(f"GET /changes answered JSON that is not Orthanc's ({type(page).__name__})")
                     for change in page.get("Changes", []):
                         if change.get("ChangeType") == "StableSeries":
                             self._pull(client, change["ID"])
@@ -87,6 +89,11 @@ class ChangesFollower:
                 except (NodeError, OSError, ValueError) as exc:
                     log.warning("changes follower %s: %s; retrying in %.0f s", self.src.name, exc,
                                 self.src.poll_s)
+                    self._stop.wait(self.src.poll_s)
+                except Exception as exc:  # noqa: BLE001 - whatever a source's answer makes fail (a change that
+                    # is not an object, a file pydicom cannot read): the follower goes on; it ended the thread
+                    log.warning("changes follower %s: %s: %s; retrying in %.0f s", self.src.name, type(exc).__name__,
+                                str(exc)[:200], self.src.poll_s)
                     self._stop.wait(self.src.poll_s)
 
     def _pull(self, client: httpx.Client, series_id: str) -> None:

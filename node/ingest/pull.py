@@ -35,6 +35,7 @@ from node.dimse import (
 )
 from node.errors import ConfigError, DeliveryError, IngestError
 from node.ingest.admit import Admission, Caller
+from node.store import valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,16 @@ def fetch(cfg: Config, source_name: str, study: str, series: str = "", *, admiss
     applies as for C-STORE). A pull of one ``series`` that ended well with nothing refused declares the series'
     size (C-MOVE: the final response's NumberOfCompletedSuboperations; else the instances received), so the
     series completes after ``[node] declared_settle_s`` rather than the quiet period (``Admission.declare``).
-    Raises ConfigError for an unknown source or method, FetchError when the source refuses or cannot be
+    Raises ConfigError for an unknown source or method, or a ``study`` / ``series`` that is not a UID (a wildcard
+    would reach the source as one), FetchError when the source refuses or cannot be
     reached; refused instances are listed in the result.
     """
     src = cfg.source(source_name)
     if not study:
         raise ConfigError("fetch: a StudyInstanceUID is required")
+    for what, uid in (("StudyInstanceUID", study), ("SeriesInstanceUID", series)):
+        if uid and not valid_uid(uid):  # never a wildcard, a path or a list to the source (it may match them)
+            raise ConfigError(f"fetch: the {what} {uid[:70]!r} is not a UID (digits and dots, at most 64)")
     if isinstance(src, DicomSource):
         method = method or "move"
         if method not in METHODS:

@@ -31,6 +31,7 @@ is answered 0xA700 (``_DiskFullGuard``); the next instances of the association a
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import os
 import socketserver
@@ -52,7 +53,7 @@ from node.config import Config, ReceivePath
 from node.dimse import Status, label, max_pdu_problem
 from node.errors import ConfigError, IngestError, listen_problem
 from node.ingest.admit import Admission, Caller, find_caller
-from node.ingest.lean import LeanHooks
+from node.ingest.lean import MAX_COMMAND_BYTES, LeanHooks
 from node.ingest.reactor import pynetdicom_logs_info
 from node.ingest.server import start_guarded_server
 from node.metrics import Metrics
@@ -65,6 +66,9 @@ REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE titl
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
 REJECT_MAX_PDU = (0x01, 0x01, 0x01)  # permanent, service user, no reason given (a maximum PDU length of 1-6)
 WATERMARK_CHECK_BYTES = 1 << 20  # received on one association between two checks of the spool's free space
+# the largest data set of a message other than a C-STORE-RQ taken in memory (a Storage Commitment report of
+# ~100,000 instances; a C-ECHO has none): pynetdicom gathers those without a bound
+MAX_INLINE_DATASET_BYTES = 16 << 20
 
 
 def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
@@ -130,16 +134,81 @@ class _DiskFullGuard:
             pass
 
 
+def _held_in_memory(message: Any) -> str | None:
+    """What is wrong with the DIMSE message pynetdicom is assembling (``DIMSEServiceProvider.message``), or None:
+    pynetdicom holds its command set, and the data set of any message but a C-STORE-RQ (that one goes to a file),
+    in memory as the fragments come, without a bound. Past ``MAX_COMMAND_BYTES`` of command set or
+    ``MAX_INLINE_DATASET_BYTES`` of such a data set the message is not a request the node serves: the text says
+    which (no patient data)."""
+    command = getattr(message, "encoded_command_set", None)
+    if command is not None and command.tell() > MAX_COMMAND_BYTES:
+        return f"a command set of more than {MAX_COMMAND_BYTES} bytes"
+    data = getattr(message, "data_set", None)
+    if getattr(message, "_data_set_file", None) is None and data is not None \
+            and data.tell() > MAX_INLINE_DATASET_BYTES:
+        kind = type(message).__name__.replace("_", "-")  # C-ECHO-RQ, ...; DIMSEMessage: no command yet
+        name = "message's" if kind == "DIMSEMessage" else kind
+        return (f"a {name} data set of more than {MAX_INLINE_DATASET_BYTES} bytes held in memory (only a C-STORE's "
+                "is received to disk)")
+    return None
+
+
+def _interleaved(message: Any, primitive: Any) -> str | None:
+    """Why the P-DATA ``primitive`` may not go to the DIMSE message being assembled (``message``, pynetdicom's
+    ``DIMSEServiceProvider.message``), or None. Once a message's command set is complete (its ``context_id`` set)
+    only its data set fragments, on its presentation context, may follow until the last one (PS3.8 9.3.5.1: no
+    interleaving without negotiated asynchronous operations; the lean path aborts the same). pynetdicom took a
+    command fragment there as more command set (both decoded as one: the first message never answered, its
+    partial file left in incoming/ until the next start) and data fragments of another context as this
+    message's. The PDVs after a last data fragment are not looked at (pynetdicom does not read them)."""
+    cx = getattr(message, "context_id", None)
+    if cx is None:
+        return None
+    for context_id, data in getattr(primitive, "presentation_data_value_list", []):
+        control = data[0] if data else 0
+        if control & 1 or context_id != cx:
+            return "a fragment of another message arrived while a data set was being received"
+        if control & 2:
+            return None
+    return None
+
+
 def _guard_disk_full(assoc: Any) -> None:
-    """Make the association's receiver survive a full disk: every dataset file pynetdicom opens for it is
-    wrapped in a :class:`_DiskFullGuard` as soon as it is created (pynetdicom creates it when the command set is
-    complete; its dataset fragments come in later P-DATA). Installed per association, before it is accepted."""
+    """Make the association's receiver survive a full disk, and bound what it holds in memory: every dataset
+    file pynetdicom opens for it is wrapped in a :class:`_DiskFullGuard` as soon as it is created (pynetdicom
+    creates it when the command set is complete; its dataset fragments come in later P-DATA); a message whose
+    command set, or whose data set held in memory, grows past its bound (:func:`_held_in_memory`), or into whose
+    data set another message's fragment comes (:func:`_interleaved`), is dropped with its partial file and the
+    association aborted (A-ABORT, one line), as pynetdicom aborts a message it cannot decode. Both
+    receive paths (the lean one hands pynetdicom every message but a plain C-STORE). Installed per association,
+    before it is accepted."""
     dimse = getattr(assoc, "dimse", None)
     if dimse is None or getattr(dimse, "_srnode_guarded", False):
         return
     receive = dimse.receive_primitive
 
+    def drop(message: Any, problem: str) -> None:
+        """Abort for ``problem``: the message's buffers freed, its partial file removed, A-ABORT (Evt19)."""
+        log.warning("association from %s: %s: aborted", assoc.requestor.address, problem)
+        name = getattr(getattr(message, "_data_set_file", None), "name", None)
+        if name:
+            try:
+                message._data_set_file.close()
+            except OSError:
+                pass
+            Path(name).unlink(missing_ok=True)
+        message.encoded_command_set = io.BytesIO()  # freed now, not when the association ends
+        message.data_set = io.BytesIO()
+        message._data_set_file = None
+        dimse.message = None
+        dimse.dul.event_queue.put("Evt19")  # A-ABORT (as pynetdicom for a message it cannot decode)
+
     def guarded(primitive: Any) -> None:
+        message: Any = dimse.message
+        problem = _interleaved(message, primitive)
+        if problem is not None:
+            drop(message, problem)
+            return
         try:
             receive(primitive)
         except OSError as exc:  # the first bytes of a dataset met a full disk in the call that created its file
@@ -148,10 +217,15 @@ def _guard_disk_full(assoc: Any) -> None:
                 if name:
                     Path(name).unlink(missing_ok=True)
             raise
-        message: Any = dimse.message
+        message = dimse.message
+        if message is None:
+            return
         fh = getattr(message, "_data_set_file", None)
-        if message is not None and fh is not None and not isinstance(fh, _DiskFullGuard):
+        if fh is not None and not isinstance(fh, _DiskFullGuard):
             message._data_set_file = _DiskFullGuard(fh)
+        problem = _held_in_memory(message)
+        if problem is not None:
+            drop(message, problem)
 
     dimse.receive_primitive = guarded
     dimse._srnode_guarded = True

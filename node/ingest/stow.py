@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import pydicom
-from pydicom.errors import InvalidDicomError
 
 from node.dimse import Status
 from node.errors import IngestError, dicom_read_problem
@@ -340,19 +339,24 @@ class StowReceiver:
             path.unlink(missing_ok=True)
 
     def _admit_part(self, n: int, path: Path) -> None:
-        sop_class = sop_uid = ""
+        sop_class = sop_uid = study = ""
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
             sop_uid = str(ds.get("SOPInstanceUID", "") or ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
-            if self.study and str(ds.get("StudyInstanceUID", "")) != self.study:
+            study = str(ds.get("StudyInstanceUID", ""))
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file (as read_header):
+            # InvalidDicomError, EOFError, ValueError, but also NotImplementedError (an unknown VR in the file
+            # meta), BytesLengthException, struct.error -- which ended the whole request with 500
+            self.result.failed.append((sop_class, sop_uid, Status.CANNOT_UNDERSTAND,
+                                       f"part {n}: not a DICOM file: {dicom_read_problem(exc)}"))
+            return
+        try:
+            if self.study and study != self.study:
                 raise IngestError(f"part {n}: StudyInstanceUID does not match the study of the URL",
                                   status=Status.DATASET_DOES_NOT_MATCH)
             self.admit(path)
             self.result.stored.append((sop_class, sop_uid))
-        except (InvalidDicomError, EOFError, ValueError, AttributeError) as exc:
-            self.result.failed.append((sop_class, sop_uid, Status.CANNOT_UNDERSTAND,
-                                       f"part {n}: not a DICOM file: {dicom_read_problem(exc)}"))
         except IngestError as exc:
             self.result.failed.append((sop_class, sop_uid, exc.status, f"part {n}: {exc}"))
 

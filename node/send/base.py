@@ -85,6 +85,22 @@ def by_series(refs: Sequence[Ref]) -> dict[tuple[str, str], set[str]]:
     return series
 
 
+def count_series(refs: Sequence[Ref], search: Callable[[str, str, str], set[str]]) -> set[str]:
+    """The SOP Instance UIDs of ``refs`` a destination holds, asked with ``search(study, series, sop)`` (the UIDs
+    it lists; ``sop`` "" for the whole series): once per series, then once per instance of ``refs`` that answer
+    left out -- only when it listed any of them: a server answering a page of a large series (Orthanc's
+    ``LimitFindInstances``, a QIDO-RS limit) lists some, one holding none of the series lists none. Raises what
+    ``search`` raises."""
+    found: set[str] = set()
+    for (study, series), sops in by_series(refs).items():
+        listed = search(study, series, "") & sops
+        found |= listed
+        if listed:
+            for sop in sorted(sops - listed):
+                found |= search(study, series, sop) & {sop}
+    return found
+
+
 def in_parallel(items: Sequence[T], work: Callable[[T], None], workers: int, thread_name: str) -> None:
     """``work(item)`` for every item, on up to ``workers`` threads (in order on this one when 1). The first
     DeliveryError stops the items not yet started; once the running ones end it is raised again (a non-retryable

@@ -102,11 +102,13 @@ class Report:
 
 
 def parse_report(info: Dataset) -> Report:
-    """The report in an N-EVENT-REPORT's event information dataset."""
-    committed = frozenset(str(i.get("ReferencedSOPInstanceUID", "")) for i in info.get("ReferencedSOPSequence", []))
+    """The report in an N-EVENT-REPORT's event information dataset. An instance the report lists as failed is
+    not committed, even when it is also listed among the committed ones (a contradictory report: the failure
+    is believed)."""
     failed = {str(i.get("ReferencedSOPInstanceUID", "")): int(i.get("FailureReason", 0x0110))
               for i in info.get("FailedSOPSequence", [])}
-    return Report(str(info.get("TransactionUID", "")), committed, failed)
+    committed = frozenset(str(i.get("ReferencedSOPInstanceUID", "")) for i in info.get("ReferencedSOPSequence", []))
+    return Report(str(info.get("TransactionUID", "")), committed - failed.keys(), failed)
 
 
 def _not_from(dest: Destination, calling_ae: str, address: str) -> str:

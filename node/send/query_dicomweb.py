@@ -1,6 +1,8 @@
 """Asking a DICOMweb service (kind "dicomweb") what it holds: QIDO-RS
 ``GET {root}/studies/{study}/series/{series}/instances``, one search per series of a delivery (``node.send.confirm``
-runs the state machine). DICOMweb has no Storage Commitment."""
+runs the state machine), then -- when that answer listed some of the series but not every instance sent (a server
+answering a page: Orthanc's ``LimitFindInstances``) -- one search per instance left out (``SOPInstanceUID=``).
+DICOMweb has no Storage Commitment."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import requests
 
 from node.config import DicomwebDestination
 from node.errors import DeliveryError
-from node.send.base import Ref, Unsupported, by_series
+from node.send.base import Ref, Unsupported, count_series
 from node.send.dicomweb import client_for
 
 
@@ -27,23 +29,28 @@ class DicomwebQuery:
         raise Unsupported("no storage commitment over DICOMweb")
 
     def held(self, refs: Sequence[Ref]) -> set[str]:
-        """The SOP Instance UIDs of ``refs``' series that the DICOMweb service lists by QIDO-RS; DeliveryError when
-        the search fails."""
+        """The SOP Instance UIDs of ``refs`` that the DICOMweb service lists by QIDO-RS (a search per series, then
+        per instance it left out when it listed any: ``node.send.base.count_series``); DeliveryError when a search
+        fails."""
         client = client_for(self.dest)
-        found: set[str] = set()
-        for (study, series), _ in by_series(refs).items():
+
+        def search(study: str, series: str, sop: str) -> set[str]:
+            filters = {"SOPInstanceUID": sop} if sop else None
             try:
                 hits = client.search_for_instances(study_instance_uid=study, series_instance_uid=series,
-                                                   fields=["SOPInstanceUID"])
+                                                   fields=["SOPInstanceUID"], search_filters=filters)
             except requests.RequestException as exc:
                 status = getattr(getattr(exc, "response", None), "status_code", None)
-                if status == 404:  # some servers answer 404 for a series they do not have
-                    continue
+                if status == 404:  # some servers answer 404 for a series (an instance) they do not have
+                    return set()
                 raise DeliveryError(f"dicomweb destination {self.dest.name!r}: QIDO-RS count of the series failed: "
                                     f"{f'HTTP {status}' if status else type(exc).__name__}") from exc
+            found: set[str] = set()
             for h in hits or []:
                 found.update(str(v) for v in (h.get("00080018") or {}).get("Value", []))
-        return found
+            return found
+
+        return count_series(refs, search)
 
 
 def query(dest: DicomwebDestination) -> DicomwebQuery:

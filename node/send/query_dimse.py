@@ -26,12 +26,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from node.config import DicomDestination
 from node.dimse import PENDING_STATUSES, Status, assoc_no_delay, max_pdu_problem
 from node.errors import DeliveryError
-from node.send.base import Ref, Unsupported, by_series
+from node.send.base import Ref, Unsupported, count_series
 from node.send.dimse import client_ssl_context
 
 # the well-known SOP Instance of the Storage Commitment Push Model (PS3.4 J.3.5)
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
 REQUEST_COMMITMENT = 1  # N-ACTION Action Type ID (PS3.4 J.3.2)
+MATCHING_TERMINATED = 0xFE00  # C-FIND "Cancel: matching terminated" (PS3.4 C.4.1.1.4): what came is a page
 REJECTED_TRANSIENT = 0x02  # A-ASSOCIATE-RJ Result (PS3.8 9.3.4): rejected-transient, worth another try
 
 
@@ -122,38 +123,43 @@ class DimseQuery:
 
 
     def held(self, refs: Sequence[Ref]) -> set[str]:
-        """The SOP Instance UIDs of ``refs``' series that the peer lists by C-FIND (Study Root, IMAGE level).
-        Unsupported when the peer refuses C-FIND (the context, or aborting the query unanswered); DeliveryError when a
-        query fails otherwise."""
+        """The SOP Instance UIDs of ``refs`` that the peer lists by C-FIND (Study Root, IMAGE level: per series,
+        then per instance that answer left out when it listed any, ``node.send.base.count_series``; an answer
+        ended with 0xFE00, matching terminated, is taken as the page it is: Orthanc ends so past its
+        ``LimitFindInstances``). Unsupported when the peer refuses C-FIND (the context, or aborting the query
+        unanswered); DeliveryError when a query fails otherwise."""
         assoc = _associate(self.dest, StudyRootQueryRetrieveInformationModelFind)
-        found: set[str] = set()
+
+        def find(study: str, series: str, sop: str) -> set[str]:
+            q = Dataset()
+            q.QueryRetrieveLevel = "IMAGE"
+            q.StudyInstanceUID = study
+            q.SeriesInstanceUID = series
+            q.SOPInstanceUID = sop
+            found: set[str] = set()
+            last = -1
+            started = time.monotonic()
+            for status, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind):
+                last = int(status.get("Status", -1)) if status is not None and len(status) else -1
+                if last in PENDING_STATUSES and ident is not None:
+                    found.add(str(ident.get("SOPInstanceUID", "")))
+            if last == -1:
+                _unanswered(self.dest, "C-FIND to count the series", started)
+                assoc.join(2.0)  # an empty response: the association thread ends when the peer aborted
+            if last == -1 and assoc.is_aborted:
+                # Orthanc aborts the C-FIND of a caller it does not allow to query (DicomAlwaysAllowFind false and
+                # the node not in its DicomModalities): a refusal, not a failed delivery
+                raise Unsupported("C-FIND not answered (the peer aborted): may the node query it?")
+            if last not in (Status.SUCCESS, MATCHING_TERMINATED):
+                raise DeliveryError(f"destination {self.dest.name}: C-FIND to count the series ended with "
+                                    f"{'no response' if last == -1 else f'0x{last:04X}'}")
+            return found
+
         try:
-            for (study, series), _ in by_series(refs).items():
-                q = Dataset()
-                q.QueryRetrieveLevel = "IMAGE"
-                q.StudyInstanceUID = study
-                q.SeriesInstanceUID = series
-                q.SOPInstanceUID = ""
-                last = -1
-                started = time.monotonic()
-                for status, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind):
-                    last = int(status.get("Status", -1)) if status is not None and len(status) else -1
-                    if last in PENDING_STATUSES and ident is not None:
-                        found.add(str(ident.get("SOPInstanceUID", "")))
-                if last == -1:
-                    _unanswered(self.dest, "C-FIND to count the series", started)
-                    assoc.join(2.0)  # an empty response: the association thread ends when the peer aborted
-                if last == -1 and assoc.is_aborted:
-                    # Orthanc aborts the C-FIND of a caller it does not allow to query (DicomAlwaysAllowFind false and
-                    # the node not in its DicomModalities): a refusal, not a failed delivery
-                    raise Unsupported("C-FIND not answered (the peer aborted): may the node query it?")
-                if last != Status.SUCCESS:
-                    raise DeliveryError(f"destination {self.dest.name}: C-FIND to count the series ended with "
-                                        f"{'no response' if last == -1 else f'0x{last:04X}'}")
+            return count_series(refs, find)
         finally:
             if assoc.is_established:
                 assoc.release()
-        return found
 
 
 def query(dest: DicomDestination) -> DimseQuery:

@@ -1,6 +1,6 @@
 """Asking an Orthanc server (kind "orthanc") what it holds: its REST ``POST /tools/find`` at Instance level, one
-query per series of a delivery (``node.send.confirm`` runs the state machine). Orthanc offers no Storage
-Commitment over REST."""
+query per series of a delivery (``node.send.confirm`` runs the state machine), then one per instance that answer
+left out when it listed some (``LimitFindInstances`` caps it). Orthanc offers no Storage Commitment over REST."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from orthanc_api_client import exceptions
 
 from node.config import OrthancDestination
 from node.errors import DeliveryError
-from node.send.base import Ref, Unsupported, by_series
+from node.send.base import Ref, Unsupported, count_series
 from node.send.orthanc import client_for
 
 
@@ -27,22 +27,23 @@ class OrthancQuery:
         raise Unsupported("no storage commitment over Orthanc's REST API")
 
     def held(self, refs: Sequence[Ref]) -> set[str]:
-        """The SOP Instance UIDs of ``refs``' series that Orthanc holds (``POST /tools/find``, Instance level);
-        DeliveryError when Orthanc cannot be asked."""
+        """The SOP Instance UIDs of ``refs`` that Orthanc holds (``POST /tools/find``, Instance level, per series,
+        then per instance it left out when it listed any: ``node.send.base.count_series``); DeliveryError when
+        Orthanc cannot be asked."""
         client = client_for(self.dest)
-        found: set[str] = set()
-        for (study, series), _ in by_series(refs).items():
+
+        def find(study: str, series: str, sop: str) -> set[str]:
+            query = {"StudyInstanceUID": study, "SeriesInstanceUID": series, **({"SOPInstanceUID": sop} if sop else {})}
             try:
                 resp = client.post("tools/find", timeout=self.dest.timeout_s, json={
-                    "Level": "Instance", "Expand": True,
-                    "Query": {"StudyInstanceUID": study, "SeriesInstanceUID": series}})
+                    "Level": "Instance", "Expand": True, "Query": query})
             except exceptions.OrthancApiException as exc:
                 status = getattr(exc, "http_status_code", None)
                 raise DeliveryError(f"orthanc destination {self.dest.name!r}: count of the series failed: "
                                     f"{f'HTTP {status}' if status else type(exc).__name__}") from exc
-            for inst in resp.json() or []:
-                found.add(str((inst.get("MainDicomTags") or {}).get("SOPInstanceUID", "")))
-        return found
+            return {str((inst.get("MainDicomTags") or {}).get("SOPInstanceUID", "")) for inst in resp.json() or []}
+
+        return count_series(refs, find)
 
 
 def query(dest: OrthancDestination) -> OrthancQuery:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from node.config import Config
-from node.store.index import HEADER_DECLARED, NO_HINT, Index, SeriesKey, SizeHint
+from node.store.index import HEADER_DECLARED, MAX_DECLARED_INSTANCES, NO_HINT, Index, SeriesKey, SizeHint
 from node.store.jobs import poison_reason
 from node.store.schema import DAMAGED_HINT, Delivery, IndexDamaged, Instance, Job
 from node.store.spool import Spool, Stored, atomic_copy, fsync_dir, valid_uid
@@ -19,6 +19,7 @@ from node.store.states import JOB_DONE_STATES, DeliveryState, JobState, SeriesSt
 __all__ = [
     "DAMAGED_HINT",
     "HEADER_DECLARED",
+    "MAX_DECLARED_INSTANCES",
     "NO_HINT",
     "poison_reason",
     "JOB_DONE_STATES",

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
 
+MAX_DECLARED_INSTANCES = 1_000_000  # the largest series size a caller may declare (SQLite holds 64-bit integers)
 HEADER_DECLARED = "ImagesInAcquisition"  # declared_by of a size the series' headers agree on
 MIXED = "mixed"  # header_sig once two instances of a series said different things about its size
 
@@ -159,11 +160,12 @@ class Index(DeliveryTable):
         completes the series after ``[node] declared_settle_s``; with more, the quiet period applies (logged).
 
         Returns the series row after the change, None when the series is not in the index (nothing of it was
-        received: the declaration is not kept). ValueError when ``instances`` < 1; SpoolError when the index
-        cannot be written.
+        received: the declaration is not kept). ValueError when ``instances`` is not 1 to
+        ``MAX_DECLARED_INSTANCES``; SpoolError when the index cannot be written.
         """
-        if instances < 1:
-            raise ValueError(f"a declared series size must be >= 1 instance, not {instances}")
+        if not 1 <= instances <= MAX_DECLARED_INSTANCES:
+            raise ValueError(f"a declared series size must be 1 to {MAX_DECLARED_INSTANCES} instances, not "
+                             f"{str(instances)[:20]}")
         with self.tx() as c:
             cur = c.execute("UPDATE series SET declared_instances = ?, declared_by = ? WHERE study_uid = ? AND"
                             " series_uid = ?", (instances, by, study_uid, series_uid))

@@ -74,7 +74,10 @@ class JobTable(IndexDB):
         return job_id
 
     def job(self, job_id: int) -> Job:
-        """The job ``job_id``; SpoolError when there is none."""
+        """The job ``job_id``; SpoolError when there is none (also for an id no SQLite integer can hold: a
+        caller's number, e.g. a dashboard URL, would raise OverflowError)."""
+        if not -(2**63) <= job_id < 2**63:
+            raise SpoolError(f"index: no job {str(job_id)[:20]}")
         rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not rows:
             raise SpoolError(f"index: no job {job_id}")

@@ -154,6 +154,21 @@ def test_without_a_session_the_dashboard_sends_to_login_and_refuses_posts(dash: 
     assert len(dash.node.jobs()) == before  # nothing was queued
 
 
+def test_a_cookie_that_is_not_ascii_is_no_session_not_a_server_error(dash: Dash) -> None:
+    """break13p: a session cookie (or form value) holding a byte above 0x7F made hmac.compare_digest raise
+    TypeError: every dashboard page answered 500 with a traceback in the node's log. Now it is no session."""
+    job = dash.job_of(dash.good.SeriesInstanceUID)
+    with httpx.Client(base_url=dash.node.http_url, timeout=30, follow_redirects=False) as c:
+        for value in (b"9999999999.abcd.\xe9\xe9", b"9999999999.\xe9.0123"):
+            cookie = {"Cookie": b"srnode_dashboard=" + value}
+            r = c.get("/dashboard", headers=cookie)
+            assert r.status_code == 303 and r.headers["location"] == "/dashboard/login", r.status_code
+            r = c.post(f"/dashboard/jobs/{job['id']}/replay", data={"csrf": "x"},
+                       headers={**cookie, "Origin": dash.node.http_url})
+            assert r.status_code == 403, r.status_code
+    assert "Traceback" not in dash.node.log()
+
+
 def _csrf(page: str) -> str:
     return page.split('name="csrf" value="', 1)[1].split('"', 1)[0]
 

@@ -55,3 +55,33 @@ def test_probes_jobs_and_metrics(tmp_path: Path) -> None:
         assert _metric(after, "srnode_deliveries_total", 'destination="out",outcome="delivered"') >= 1
     finally:
         node.stop()
+
+
+def test_integers_beyond_the_index_are_refused_not_a_server_error(tmp_path: Path) -> None:
+    """break13p: ``POST /series/.../complete {"instances": 10**20}`` and a dashboard job id of 10**25 reached SQLite
+    as they were: OverflowError, 500 with a traceback in the node's log. Now 400 (a declared size of 1 to
+    MAX_DECLARED_INSTANCES) and 404 (no such job)."""
+    from node.store import MAX_DECLARED_INSTANCES
+    from tests.support.pacs import TOKEN
+
+    node = start_node(tmp_path / "node", {})
+    try:
+        files = phantom(tmp_path, seed=72, slices=3)
+        assert storescu(files, node.port).returncode == 0
+        ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+        url = f"/series/{ref.StudyInstanceUID}/{ref.SeriesInstanceUID}/complete"
+        with api(node) as c:
+            for n in (10**20, 2**63, MAX_DECLARED_INSTANCES + 1):
+                r = c.post(url, json={"instances": n})
+                assert r.status_code == 400 and "integer" in r.json()["error"], (n, r.status_code, r.text[:200])
+            assert c.post(url, json={"instances": 3}).status_code == 200
+        origin = {"Origin": node.http_url}
+        with httpx.Client(base_url=node.http_url, timeout=30, follow_redirects=False) as c:
+            assert c.post("/dashboard/login", data={"token": TOKEN}, headers=origin).status_code == 303
+            big = 10**25
+            assert c.get(f"/dashboard/jobs/{big}").status_code == 404
+            assert c.get(f"/dashboard/jobs/{big}/preview.png").status_code == 404
+            assert c.post(f"/dashboard/jobs/{big}/retry", data={"csrf": "x"}, headers=origin).status_code == 403
+        assert "Traceback" not in node.log()
+    finally:
+        node.stop()

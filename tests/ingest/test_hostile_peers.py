@@ -20,7 +20,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE, dimse_messages, evt
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, N_ACTION, N_GET
+from pynetdicom.dimse_primitives import C_ECHO, C_FIND, C_GET, C_MOVE, N_ACTION, N_GET
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     PatientRootQueryRetrieveInformationModelFind,
@@ -33,6 +33,8 @@ from node.config import DicomDestination
 from node.dimse import Status
 from node.errors import DeliveryError
 from node.ingest import StoreSCP
+from node.ingest.lean import MAX_COMMAND_BYTES
+from node.ingest.scp import MAX_INLINE_DATASET_BYTES
 from node.send.base import make_sender
 from tests.ingest.test_lean import CT, _dataset_bytes, _incoming, _pdu, _Peer, _rq_command, _spool
 from tests.ingest.test_scp import start_scp
@@ -309,3 +311,117 @@ def test_sender_aborts_on_a_destination_with_a_max_pdu_below_one_item(tmp_path: 
         assert not exc.value.retryable
     finally:
         server.shutdown()
+
+
+# ------------------------------------------------------------------------------------ data sets held in memory
+
+def _echo_with_data_set(msg_id: int = 31) -> bytes:
+    """A C-ECHO-RQ command set that says a data set follows (CommandDataSetType 0x0000; PS3.7 9.3.5: none may)."""
+    req = C_ECHO()
+    req.MessageID, req.AffectedSOPClassUID = msg_id, Verification
+    msg = dimse_messages.C_ECHO_RQ()
+    msg.primitive_to_message(req)
+    msg.command_set.CommandDataSetType = 0x0000
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, True
+    write_dataset(fp, msg.command_set)
+    return fp.getvalue()
+
+
+def _rss_mb() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) // 1024 for line in fh if line.startswith("VmRSS"))
+
+
+def test_a_data_set_pynetdicom_holds_in_memory_is_bounded(scp: StoreSCP, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by break13p: only a C-STORE's data set goes to a file; any other message's (a C-ECHO, C-FIND,
+    N-EVENT-REPORT ... declaring one) pynetdicom gathers in memory without a bound, on both receive paths: a
+    C-ECHO-RQ followed by 305 MB of data set fragments grew the node by 306 MB, the association went on. Now
+    aborted once such a data set passes MAX_INLINE_DATASET_BYTES, with one line; memory stays bounded, and a
+    small one is still answered."""
+    caplog.set_level(logging.WARNING)
+    piece = b"\0" * 16000
+    peer = _Peer(scp.cfg.node.port)
+    try:  # a small one: answered as before
+        peer.send(_pdu((peer.echo_cx, 0x03, _echo_with_data_set(30))), _pdu((peer.echo_cx, 0x02, piece)))
+        assert peer.answer() == Status.SUCCESS
+    finally:
+        peer.close()
+    before = _rss_mb()
+    peer = _Peer(scp.cfg.node.port)
+    sent = 0
+    try:
+        peer.send(_pdu((peer.echo_cx, 0x03, _echo_with_data_set())))
+        while sent < 200 << 20 and not peer.assoc.acse.is_aborted():
+            try:
+                peer.send(_pdu((peer.echo_cx, 0x00, piece)))
+            except OSError:  # the node closed the connection after its A-ABORT
+                break
+            sent += len(piece)
+        assert peer.answer(15) is None
+    finally:
+        peer.close()
+    _settled(scp)
+    assert sent < 4 * MAX_INLINE_DATASET_BYTES, sent
+    assert _rss_mb() - before < 4 * MAX_INLINE_DATASET_BYTES >> 20
+    assert len(_warnings(caplog, "held in memory")) == 1, caplog.text
+
+
+def test_a_command_set_that_never_ends_is_aborted(scp: StoreSCP, caplog: pytest.LogCaptureFixture) -> None:
+    """The lean path aborted command fragments past MAX_COMMAND_BYTES; the pynetdicom path gathered them without
+    a bound (break13p: 20 MB of command fragments taken). Both abort now, one line."""
+    caplog.set_level(logging.WARNING)
+    peer = _Peer(scp.cfg.node.port)
+    sent = 0
+    piece = b"\0" * 8000
+    try:
+        while sent < 20 << 20 and not peer.assoc.acse.is_aborted():
+            try:
+                peer.send(_pdu(*[(peer.cx, 0x01, piece)] * 2))
+            except OSError:  # the node closed the connection after its A-ABORT
+                break
+            sent += 2 * len(piece)
+        assert peer.answer(15) is None
+    finally:
+        peer.close()
+    _settled(scp)
+    assert sent < 4 << 20, sent
+    assert len(_warnings(caplog, f"a command set of more than {MAX_COMMAND_BYTES} bytes")) == 1, caplog.text
+
+
+# ------------------------------------------------------------------------------------ interleaved messages
+
+INTERLEAVED = {  # a C-STORE's data set half received, then ...
+    "the next message's command": lambda peer, c1, d1, c2, d2: [
+        _pdu((peer.cx, 0x03, c1)), _pdu((peer.cx, 0x00, d1[:4000])), _pdu((peer.cx, 0x03, c2)),
+        _pdu((peer.cx, 0x02, d2))],
+    "the rest on another presentation context": lambda peer, c1, d1, c2, d2: [
+        _pdu((peer.cx, 0x03, c1)), _pdu((peer.cx, 0x00, d1[:4000])), _pdu((peer.echo_cx, 0x02, d1[4000:]))],
+}
+
+
+@pytest.mark.parametrize("what", list(INTERLEAVED))
+def test_a_fragment_of_another_message_during_a_data_set_aborts_with_nothing_left(
+        scp: StoreSCP, tmp_path: Path, what: str, caplog: pytest.LogCaptureFixture) -> None:
+    """PS3.8 9.3.5.1: no interleaving without negotiated asynchronous operations. The lean path aborted; the
+    pynetdicom path (break13p) re-decoded both command sets as one, stored the second instance, never answered
+    the first and left its partial file in incoming/ past the association and the node's stop (4354 bytes per
+    attack: a disk leak); data set fragments on another context were appended to the same file. Both abort now,
+    one line, nothing left."""
+    caplog.set_level(logging.WARNING)
+    files = write_phantom_series(tmp_path / "ph", slices=2, size=64, seed=4)
+    (c1, d1), (c2, d2) = [(_rq_command(sop=str(dcmread(f, stop_before_pixels=True).SOPInstanceUID), msg_id=i + 1),
+                           _dataset_bytes(f)) for i, f in enumerate(files)]
+    peer = _Peer(scp.cfg.node.port)
+    try:
+        try:
+            peer.send(*INTERLEAVED[what](peer, c1, d1, c2, d2))
+        except OSError:  # the node closed the connection after its A-ABORT
+            pass
+        assert peer.answer(15) is None
+    finally:
+        peer.close()
+    _settled(scp)
+    assert not _spool(scp)
+    assert len(_warnings(caplog, "a fragment of another message arrived while a data set was being received")) == 1, \
+        caplog.text

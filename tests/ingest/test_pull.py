@@ -14,7 +14,7 @@ import pytest
 from node.store import Index
 from tests.support.nodeproc import NodeProc
 from tests.support.pacs import api, orthanc_dicomweb, phantom, start_node, upload, wait_job
-from tests.support.peers import Orthanc, free_port
+from tests.support.peers import Orthanc, free_port, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,21 @@ def test_pull_by_wado_rs_through_post_jobs(tmp_path: Path, pacs_and_node: tuple[
     assert _declared(node, ref, job)[:2] == (5, "wado-rs from web")
 
 
+@pytest.mark.parametrize("study", ["*", "1.2.*", "1.2.3/../..", "", "1." * 40])
+def test_a_pull_of_a_uid_that_is_not_one_is_refused_before_the_source_is_asked(
+        pacs_and_node: tuple[Orthanc, NodeProc], study: str) -> None:
+    """break13p: a study "*" went to the source as it was (a wildcard C-GET, C-MOVE, /tools/find or WADO-RS URL):
+    Orthanc refused each (its statuses came back as 502 or a C-GET left unanswered), a PACS matching wildcards
+    would have sent every study. Not a UID: 400 naming the field, nothing asked."""
+    _, node = pacs_and_node
+    with api(node) as c:
+        for source in ("web", "pacs"):
+            r = c.post("/jobs", json={"study": study, "source": source})
+            assert r.status_code == 400 and "StudyInstanceUID" in r.json()["error"], r.text
+            r = c.post("/jobs", json={"study": "1.2.3", "series": study or "*", "source": source})
+            assert r.status_code == 400 and "SeriesInstanceUID" in r.json()["error"], r.text
+
+
 def test_changes_follower_pulls_stable_series(tmp_path: Path) -> None:
     orthanc = orthanc_dicomweb(tmp_path / "orthanc")
     stable_age_s = 60.0  # the follower's declared size must make the job, never the quiet period
@@ -113,3 +128,48 @@ def test_changes_follower_pulls_stable_series(tmp_path: Path) -> None:
     finally:
         node.stop()
         orthanc.stop()
+
+
+def test_a_changes_feed_that_answers_nonsense_does_not_end_the_follower(tmp_path: Path) -> None:
+    """break13p: an Orthanc (or a proxy in front of it) answering GET /changes with JSON that is not an object
+    raised AttributeError in the follower's thread: the thread ended (a traceback on stderr) and no later series
+    was ever pulled, the node otherwise running. Now one warning per bad answer, and it polls on."""
+    import http.server
+    import threading
+
+    from node.config import config_from_dict
+    from node.ingest import Admission
+    from node.ingest.follower import ChangesFollower
+    from node.metrics import Metrics
+    from node.store import open_store
+
+    gets: list[str] = []
+
+    class Feed(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            gets.append(self.path)
+            body = b'["maintenance"]' if len(gets) <= 2 else b'{"Changes": [], "Done": true, "Last": 0}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    port = free_port()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Feed)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    cfg = config_from_dict({"node": {"spool_dir": str(tmp_path / "spool")}, "sources": [
+        {"name": "o", "kind": "orthanc", "url": f"http://127.0.0.1:{port}", "follow_changes": True, "poll_s": 0.1}]})
+    store = open_store(cfg)
+    (tmp_path / "spool" / "changes-o.json").write_text(json.dumps({"since": 0}))
+    follower = ChangesFollower(cfg, cfg.sources[0], Admission(cfg, store.spool, store.index, Metrics.create()))  # type: ignore[arg-type]
+    follower.start()
+    try:
+        wait_until(lambda: len(gets) >= 5, 20, what="the follower polling on after two bad answers")
+        assert follower._thread.is_alive()
+    finally:
+        follower.stop()
+        srv.shutdown()

@@ -29,7 +29,16 @@ from node.send import Outbox
 from node.send.confirm import NEITHER
 from node.store import Delivery, DeliveryState, Index, Instance, JobState
 from tests.support.nodeproc import NodeProc
-from tests.support.peers import STORESCP, STORESCU, Orthanc, free_port, start_orthanc, storescu, wait_until
+from tests.support.peers import (
+    ORTHANC_PLUGINS,
+    STORESCP,
+    STORESCU,
+    Orthanc,
+    free_port,
+    start_orthanc,
+    storescu,
+    wait_until,
+)
 
 DCMQRSCP = "/usr/bin/dcmqrscp"
 ECHOSCU = "/usr/bin/echoscu"
@@ -429,8 +438,10 @@ def test_real_node_confirmed_by_commitment_after_a_restart(orthanc: Orthanc, tmp
             in metrics
 
 
-def _send_report(port: int, calling: str, uid: str, refs: Sequence[Sequence[str]]) -> int:
-    """An N-EVENT-REPORT (event 1: all committed) for ``refs`` under ``uid``, from AE ``calling``."""
+def _send_report(port: int, calling: str, uid: str, refs: Sequence[Sequence[str]],
+                 failed: Sequence[Sequence[str]] = ()) -> int:
+    """An N-EVENT-REPORT for ``refs`` under ``uid``, from AE ``calling`` (event 1: all committed; with ``failed``,
+    event 2 listing those as failed, reason 0x0110)."""
     from pydicom.dataset import Dataset
     from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
 
@@ -448,9 +459,40 @@ def _send_report(port: int, calling: str, uid: str, refs: Sequence[Sequence[str]
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, sop
         items.append(item)
     info.ReferencedSOPSequence = items
-    status, _ = assoc.send_n_event_report(info, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+    if failed:
+        info.FailedSOPSequence = []
+        for _, _, cls, sop in failed:
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID, item.FailureReason = cls, sop, 0x0110
+            info.FailedSOPSequence.append(item)
+    status, _ = assoc.send_n_event_report(info, 2 if failed else 1, StorageCommitmentPushModel,
+                                          "1.2.840.10008.1.20.1.1")
     assoc.release()
     return int(status.Status)
+
+
+def test_a_report_listing_an_instance_both_committed_and_failed_is_a_failed_attempt(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """break13p: a report (event 2) listing every instance in ReferencedSOPSequence and one of them again in
+    FailedSOPSequence was "all 3 committed", delivered. The PACS said it failed: a failed attempt, resent."""
+    from node.send.query_dimse import DimseQuery
+
+    files = write_phantom_series(tmp_path / "ct", slices=3, size=16, seed=42)
+    dest = {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": free_port(), "ae_title": "PACS"}
+    h = Harness(tmp_path, _cfg(tmp_path, dest), files)
+    monkeypatch.setattr(DimseQuery, "request_commitment", lambda *a: None)  # the PACS took the request, nothing else
+    d = h.job(1)
+    assert h.outbox.confirm.after_send(d, files) is False
+    sent = h.now(d)
+    port = free_port()
+    server = report_listener(port, [h])
+    try:
+        assert _send_report(port, "PACS", sent.transaction_uid, sent.sop_refs, failed=sent.sop_refs[1:2]) == 0
+        got = h.now(d)
+        assert got.state is DeliveryState.PENDING and "expected 3, PACS has 2" in got.reason, (got.state, got.reason)
+        assert "1 failed, reason 0x0110" in got.reason
+    finally:
+        server.shutdown()
 
 
 def test_a_report_from_another_ae_does_not_confirm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -608,3 +650,42 @@ def test_a_pacs_slower_than_timeout_is_a_failed_attempt_not_a_refusal(tmp_path: 
         assert got.state is DeliveryState.PENDING and got.attempts == 1, (got.state, got.confirm_note)
     finally:
         pacs.server.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- a PACS that caps answers
+
+
+@pytest.fixture(scope="module")
+def capped_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """Orthanc (REST, DICOMweb, C-FIND) answering at most 5 instances per query (``LimitFindInstances``, a common
+    setting to protect a large PACS)."""
+    o = start_orthanc(tmp_path_factory.mktemp("capped"), plugins=[ORTHANC_PLUGINS / "libOrthancDicomWeb.so"],
+                      extra={"DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "LimitFindInstances": 5,
+                             "LimitFindResults": 5})
+    yield o
+    o.stop()
+
+
+@pytest.mark.parametrize("kind", ["dicom", "orthanc", "dicomweb"])
+def test_a_pacs_that_answers_a_page_of_the_series_is_still_counted_whole(tmp_path: Path, capped_orthanc: Orthanc,
+                                                                         kind: str) -> None:
+    """Found by break13p: an Orthanc answering at most 5 instances per query held all 12 sent, yet the count found
+    6 (QIDO-RS, REST /tools/find) or failed (C-FIND ended 0xFE00): every attempt resent the delivery, which was
+    dead-lettered "expected 12, PACS has 6". Instances the series' answer leaves out are asked for one by one."""
+    files = write_phantom_series(tmp_path / "ct", slices=12, size=16, seed=81)
+    dest = {"dicom": {"name": "pacs", "kind": "dicom", "ae_title": capped_orthanc.aet, "host": "127.0.0.1",
+                      "port": capped_orthanc.dicom_port, "confirm": "count", "timeout_s": 10.0},
+            "orthanc": {"name": "pacs", "kind": "orthanc", "url": capped_orthanc.url},
+            "dicomweb": {"name": "pacs", "kind": "dicomweb", "url": f"{capped_orthanc.url}/dicom-web"}}[kind]
+    h = Harness(tmp_path, _cfg(tmp_path, dest), files)
+    d = h.job(1)
+    h.outbox.attempt(h.now(d))
+    got = h.now(d)
+    assert got.state is DeliveryState.DELIVERED and got.confirmed == 12, (got.state, got.reason, got.confirm_note)
+    d2 = h.job(2)  # the PACS loses two of them after accepting them: still two missing
+    h.outbox._senders["pacs"] = Losing(h.outbox.sender("pacs"), capped_orthanc, files[3:5], times=1)
+    h.outbox.attempt(d2)
+    got = h.now(d2)
+    assert got.state is DeliveryState.PENDING and "expected 12, PACS has 10" in got.reason, got.reason
+    h.outbox.attempt(h.now(d2))  # resent: all 12 held again
+    assert h.now(d2).state is DeliveryState.DELIVERED
