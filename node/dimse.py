@@ -14,6 +14,8 @@ import struct
 from enum import IntEnum
 from typing import Any
 
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+
 
 class Status(IntEnum):
     """A DIMSE status (the Status (0000,0900) of a response)."""
@@ -55,9 +57,6 @@ def max_pdu_problem(value: int | None) -> str | None:
     return None
 
 
-# a C-STORE that stored the instance: success, or one of the Storage warnings (PS3.4 B.2.3)
-STORED_STATUSES = frozenset({Status.SUCCESS, Status.WARNING_COERCION, Status.WARNING_ELEMENTS_DISCARDED,
-                             Status.WARNING_DATASET_MISMATCH})
 # a C-MOVE / C-GET response that more will follow (PS3.4 C.4.2.1.5, C.4.3.1.4)
 PENDING_STATUSES = frozenset({Status.PENDING, Status.PENDING_WARNING})
 # a C-MOVE / C-GET that ended out of resources: worth another try later
@@ -67,9 +66,16 @@ RETRIEVE_RETRYABLE_STATUSES = frozenset({Status.MOVE_OUT_OF_RESOURCES_MATCHES, S
 _RETRYABLE_STORE_FAMILIES = (Status.OUT_OF_RESOURCES >> 8, Status.PROCESSING_FAILURE >> 8)
 
 
+def stored(status: int) -> bool:
+    """Whether a C-STORE answered ``status`` stored the instance: Success, or any Warning status (the Storage
+    warnings B000-BFFF of PS3.4 B.2.3 and the general warnings 0001, 0107, 0116 of PS3.7 C.4), as pynetdicom's
+    ``code_to_category`` classes them."""
+    return code_to_category(status) in (STATUS_SUCCESS, STATUS_WARNING)
+
+
 def store_retryable(status: int) -> bool:
-    """Whether a C-STORE refused with ``status`` may succeed if sent again later."""
-    return status >> 8 in _RETRYABLE_STORE_FAMILIES
+    """Whether a C-STORE refused with ``status`` may succeed if sent again later (a warning is no refusal)."""
+    return not stored(status) and status >> 8 in _RETRYABLE_STORE_FAMILIES
 
 
 def label(status: int) -> str:

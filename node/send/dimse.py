@@ -35,7 +35,6 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import DicomDestination
 from node.dimse import (
-    STORED_STATUSES,
     Status,
     assoc_no_delay,
     command_element,
@@ -45,6 +44,7 @@ from node.dimse import (
     pdata_file,
     pdata_pdus,
     store_retryable,
+    stored,
 )
 from node.errors import DeliveryError
 
@@ -336,7 +336,7 @@ class DimseSender:
                 raise DeliveryError(f"{path}: {damaged}; not sent to {self._where()}", retryable=False)
             raise _NoResponse(f"destination {self._where()}: no C-STORE response for {path.name} "
                                 "(connection lost or timed out)")
-        if status not in STORED_STATUSES:
+        if not stored(status):
             raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} answered {label(status)}",
                                 retryable=store_retryable(status))
 

@@ -47,8 +47,8 @@ class _Scp:
     """A pynetdicom C-STORE SCP that counts associations and instances and answers 0xA700 (out of resources,
     retryable) for the SOP instance UID ``refuse``."""
 
-    def __init__(self, refuse: str = "") -> None:
-        self.refuse, self.assocs, self.stored = refuse, 0, list[str]()
+    def __init__(self, refuse: str = "", answer: int = 0x0000) -> None:
+        self.refuse, self.answer, self.assocs, self.stored = refuse, answer, 0, list[str]()
         self.lock = threading.Lock()
         ae = AE(ae_title="COUNTER")
         ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
@@ -66,7 +66,7 @@ class _Scp:
             return 0xA700
         with self.lock:
             self.stored.append(uid)
-        return 0x0000
+        return self.answer
 
 
 def test_dimse_sender_uses_n_associations_and_stops_at_the_first_failure(tmp_path: Path) -> None:
@@ -91,6 +91,30 @@ def test_dimse_sender_uses_n_associations_and_stops_at_the_first_failure(tmp_pat
         assert len(bad.stored) <= len(files) // 2  # association 0 sent nothing after its refused first file
     finally:
         bad.server.shutdown()
+
+
+@pytest.mark.parametrize("answer", [0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007, 0xB123])
+def test_a_c_store_answered_with_a_warning_status_is_stored(tmp_path: Path, answer: int) -> None:
+    """PS3.7 C.4 general warnings (0001, 0107, 0116) and Storage warnings (Bxxx, PS3.4 B.2.3) mean stored with a
+    warning: delivered, not retried into a dead letter (break13p: 0107 / 0116 were read as failures)."""
+    files = phantom(tmp_path, seed=66, slices=3, size=16)
+    scp = _Scp(answer=answer)
+    try:
+        make_sender(DicomDestination(name="c", ae_title="COUNTER", host="127.0.0.1", port=scp.port)).send(files)
+        assert len(scp.stored) == 3
+    finally:
+        scp.server.shutdown()
+
+
+def test_a_c_store_answered_0110_is_a_retryable_failure(tmp_path: Path) -> None:
+    files = phantom(tmp_path, seed=67, slices=2, size=16)
+    scp = _Scp(answer=0x0110)  # processing failure (PS3.7 C.4.1)
+    try:
+        with pytest.raises(DeliveryError) as exc:
+            make_sender(DicomDestination(name="c", ae_title="COUNTER", host="127.0.0.1", port=scp.port)).send(files)
+        assert exc.value.retryable and "answered 0x0110" in str(exc.value)
+    finally:
+        scp.server.shutdown()
 
 
 def test_orthanc_sender_uploads_in_parallel(tmp_path: Path, orthanc: Orthanc) -> None:
