@@ -48,6 +48,7 @@ from node.derived.modules import (
     add_file_meta,
     character_set,
     code_item,
+    coding_scheme_item,
     contributing_equipment,
     copy_module,
     derived_uid,
@@ -234,6 +235,9 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         ds.SOPInstanceUID = derived_uid(cfg, vol, factors, uid_by, "derived", str(k))
         ds.InstanceCreationDate = now.strftime("%Y%m%d")
         ds.InstanceCreationTime = now.strftime("%H%M%S")
+        # the private coding scheme of srnode's code in DerivationCodeSequence, declared (PS3.3 C.12.1.1.4)
+        ds.CodingSchemeIdentificationSequence = DicomSequence([coding_scheme_item(
+            SRNODE_CODE[1], "srnode derivation codes", "srnode")])
         # Patient
         copy_module(ds, ref, PATIENT)
         # General Study

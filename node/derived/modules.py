@@ -96,6 +96,16 @@ def code_item(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
+def coding_scheme_item(designator: str, name: str, organization: str) -> Dataset:
+    """A Coding Scheme Identification Sequence item declaring a private or local coding scheme used in the object
+    (PS3.3 C.12.1.1.4, SOP Common Module; PS3.16 8.2 for "99" private designators)."""
+    item = Dataset()
+    item.CodingSchemeDesignator = designator
+    item.CodingSchemeName = name
+    item.CodingSchemeResponsibleOrganization = organization
+    return item
+
+
 DENOISE_NOTE = "self-supervised denoising (blind-spot network trained on this series)"
 
 

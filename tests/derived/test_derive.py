@@ -138,6 +138,9 @@ def _check_files(objs: DerivedObjects, tmp_path: Path) -> None:
         back = pydicom.dcmread(p)
         for elem in back.iterall():
             _ = elem.value
+        declared = {str(it.CodingSchemeDesignator) for it in back.get("CodingSchemeIdentificationSequence", [])}
+        used = {str(it.CodingSchemeDesignator) for it in back.get("DerivationCodeSequence", [])}
+        assert {d for d in used if d.startswith("99")} <= declared  # private schemes declared (PS3.3 C.12.1.1.4)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         assert back.pixel_array.shape == ((frames,) if frames > 1 else ()) + (int(ds.Rows), int(ds.Columns))
 
