@@ -23,6 +23,7 @@ import pydicom
 from node.app.preview_panels import Panel, draw_figure
 from node.app.preview_planes import PLANES, acquisition_plane, cut, shown_spacing, volume_centre
 from node.derived.modules import PARAMETRIC_MAP_STORAGE
+from node.derived.uncertainty import units
 from node.errors import VolumeError
 from node.series import SeriesVolume, load_series, load_volumes, series_photometric, series_window
 
@@ -87,15 +88,11 @@ def derivation(der: SeriesVolume, orig: SeriesVolume) -> dict[str, str]:
             "description": str(ds.get("SeriesDescription", "") or "")}
 
 
-def sigma_units(orig: SeriesVolume, sig: SeriesVolume | None) -> tuple[str, str]:
-    """Sigma's units, short and long: ('HU', 'HU') for a CT in HU; else the uncertainty series' RescaleType when
-    it names one, else ('a.u.', 'MR signal, arbitrary units')."""
-    if orig.hounsfield:
-        return "HU", "HU"
-    kind = str(sig.datasets[0].get("RescaleType", "") or "") if sig is not None and sig.datasets else ""
-    if kind and kind != "US":
-        return kind, kind
-    return "a.u.", f"{orig.modality or 'image'} signal, arbitrary units"
+def sigma_units(orig: SeriesVolume) -> tuple[str, str]:
+    """Sigma's units, short and long, as the uncertainty map states them (``node.derived.uncertainty.units``):
+    ('HU', 'HU') for a CT in HU, ('mg/mL', 'mg/mL') for an iodine map, ('a.u.', 'MR signal, arbitrary units')."""
+    _, short, long = units(orig.modality, orig.rescale_type)
+    return short, long
 
 
 def load_sigma(files: Sequence[Path], der: SeriesVolume) -> SeriesVolume | None:
@@ -151,7 +148,7 @@ def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty
     acquired = acquisition_plane(orig)
     lo, hi, wsource = window(orig)
     invert = series_photometric(orig)[0] == "MONOCHROME1"
-    units, units_long = sigma_units(orig, sig)
+    units, units_long = sigma_units(orig)
     srange = f"\u03c3 0\u2013{smax:.3g} {units}"
     rows: list[list[Panel]] = []
     for plane in [acquired] + [p for p in PLANES if p != acquired]:

@@ -59,11 +59,28 @@ class SigmaSeries:
     description: str
 
 
-def units(modality: str, rescale_type: str = "") -> tuple[Code, str]:
-    """Sigma's unit as a UCUM code and its short text: Hounsfield unit ('HU') for a CT in HU (``rescale_type``,
-    the derived slices' RescaleType, absent or HU), else arbitrary unit ('a.u.': MR signal, a dual-energy map)."""
-    hu = modality == "CT" and rescale_type.strip().upper() in ("", "HU")
-    return (HOUNSFIELD, "HU") if hu else (ARBITRARY, "a.u.")
+# CT RescaleType defined terms with a physical unit (PS3.3 C.11.1.1.2) -> (UCUM code, short text, long text); OD,
+# US (unspecified) and HU_MOD (a vendor's modified scale) name none: arbitrary units
+_CT_UNITS: dict[str, tuple[Code, str, str]] = {
+    "HU": (HOUNSFIELD, "HU", "HU"),
+    "MGML": (Code("mg/mL", "UCUM", "milligram per milliliter"), "mg/mL", "mg/mL"),
+    "Z_EFF": (Code("1", "UCUM", "no units"), "Z_eff", "effective atomic number"),
+    "ED": (Code("10*23/mL", "UCUM", "10^23 electrons per milliliter"), "1e23 e/mL", "10^23 electrons per mL"),
+    "EDW": (Code("1", "UCUM", "no units"), "ED/water", "electron density relative to water"),
+    "PCT": (Code("%", "UCUM", "percent"), "%", "percent"),
+}
+
+
+def units(modality: str, rescale_type: str = "") -> tuple[Code, str, str]:
+    """Sigma's unit (that of the derived values) as a UCUM code, its short text and its long text: Hounsfield unit
+    ('HU') for a CT whose ``rescale_type`` (the derived slices' RescaleType) is absent or HU; the stated unit for a
+    CT in another defined term that has one (MGML: mg/mL, Z_EFF, ED, EDW, PCT; PS3.3 C.11.1.1.2); else arbitrary
+    unit ('a.u.': MR signal, US, OD, HU_MOD)."""
+    if modality == "CT":
+        known = _CT_UNITS.get(rescale_type.strip().upper() or "HU")
+        if known is not None:
+            return known
+    return ARBITRARY, "a.u.", f"{modality or 'image'} signal, arbitrary units"
 
 
 def clean_sigma(sigma: np.ndarray) -> np.ndarray:
@@ -165,7 +182,7 @@ def sigma_parametric_map(derived: Sequence[Dataset], sig: np.ndarray, modality: 
     """
     d0 = derived[0]
     frames = [d0] + [frame_source(derived[k]) for k in range(1, len(derived))]  # each made once, its frame kept
-    unit, short = units(modality, str(d0.get("RescaleType", "") or ""))
+    unit, short, _ = units(modality, str(d0.get("RescaleType", "") or ""))
     smax = float(sig.max()) if sig.size else 0.0
     width = display_max(sig)
     step = float(d0.get("SpacingBetweenSlices") or 0.0)
@@ -289,8 +306,7 @@ def sigma_card(derived: Sequence[Dataset], sig: np.ndarray, modality: str, engin
     directions as drawn. No patient text on the card (BurnedInAnnotation NO)."""
     k = len(derived) // 2
     d = derived[k]
-    _, short = units(modality, str(d.get("RescaleType", "") or ""))
-    units_long = "HU" if short == "HU" else f"{modality or 'image'} signal, arbitrary units"
+    _, short, units_long = units(modality, str(d.get("RescaleType", "") or ""))
     dy, dx = (float(v) for v in d.PixelSpacing)
     title = f"{engine} \u03c3 ({short})"
     pixels = card_pixels(sig, k, units_long, title, dy / dx if dx > 0 else 1.0)

@@ -45,14 +45,17 @@ def _derive(tmp_path: Path, files: list[Path]) -> list[Dataset]:
     return [pydicom.dcmread(p) for p in (*res.derived_files, *res.uncertainty_files)]
 
 
-@pytest.mark.parametrize("unit", ["MGML", "Z_EFF", "US"])
-def test_a_ct_in_other_units_keeps_them(tmp_path: Path, unit: str) -> None:
+@pytest.mark.parametrize(("unit", "ucum"), [("MGML", "mg/mL"), ("Z_EFF", "1"), ("ED", "10*23/mL"), ("EDW", "1"),
+                                            ("PCT", "%"), ("US", "[arb'U]"), ("HU_MOD", "[arb'U]")])
+def test_a_ct_in_other_units_keeps_them(tmp_path: Path, unit: str, ucum: str) -> None:
+    """The derived slices keep the stated RescaleType; sigma is in that unit (UCUM, PS3.3 C.11.1.1.2), arbitrary
+    units where the term names none (US, HU_MOD), never Hounsfield units."""
     out = _derive(tmp_path, _series(tmp_path, _unit(unit)))
     derived = [d for d in out if d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"]
     assert derived and {str(d.RescaleType) for d in derived} == {unit}
     pm = hd.pm.ParametricMap.from_dataset(next(d for d in out if d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30"))
     mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
-    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "[arb'U]"  # not Hounsfield units
+    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == ucum  # not Hounsfield units
     card = next(d for d in out if d.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7")
     assert "HU" not in str(card.DerivationDescription)
 
