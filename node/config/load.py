@@ -168,6 +168,13 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"node.max_series_memory_mb: {n.max_series_memory_mb} must be >= 0 (0: 3/4 of the memory)")
     if n.max_job_attempts < 1:
         raise ConfigError(f"node.max_job_attempts: {n.max_job_attempts} must be >= 1")
+    if n.max_associations < 1:
+        raise ConfigError(f"node.max_associations: {n.max_associations} must be >= 1")
+    if n.max_associations_per_caller < 0:
+        raise ConfigError(f"node.max_associations_per_caller: {n.max_associations_per_caller} must be >= 0 "
+                          "(0: no per-caller limit)")
+    if not 0 < n.idle_timeout_s <= 86400:
+        raise ConfigError(f"node.idle_timeout_s: {n.idle_timeout_s:g} must be > 0 and <= 86400 seconds")
     for key, seconds in (("node.association_timeout_s", n.association_timeout_s),
                          ("node.tls.handshake_timeout_s", n.tls.handshake_timeout_s)):
         if not 0 < seconds <= 600:

@@ -108,6 +108,8 @@ class NodeConfig:
     declared_settle_s: float = 1.0  # s; a series holding its declared count completes after min(this, stable_age_s)
     min_free_mb: int = 500
     max_associations: int = 32
+    max_associations_per_caller: int = 8  # open at once per calling AE title + peer address; 0: no per-caller limit
+    idle_timeout_s: float = 60.0  # an association with no PDU for this long is aborted (pynetdicom's network timeout)
     max_pdu: int = 262144  # bytes we accept in one PDU (announced to callers); 0: pynetdicom's default (16382)
     association_timeout_s: float = 10.0  # a connection must start (and then finish) its A-ASSOCIATE-RQ within this
     receive_path: ReceivePath = ReceivePath.LEAN  # C-STORE receive path (node.ingest.lean); "pynetdicom": fall back

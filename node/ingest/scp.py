@@ -13,9 +13,10 @@ Statuses (``node.dimse.Status``): 0x0000 stored (a duplicate SOPInstanceUID is k
 differs from the stored copy is kept aside and reported as a conflict), 0xA700 spool disk below the watermark or
 not writable, 0xC210 cannot understand (truncated, UIDs missing or invalid, no pixel data in an image), 0x0122 SOP
 class not supported, 0xA900 the dataset's SOP class or SOP instance is not the command's, 0x0110 an unexpected
-failure. Associations calling another AE title than ours (``[node].require_called_ae``) and unknown callers
-(``[node].require_known_callers``) get an association rejection (logged and audited), as does everyone once the
-node is stopping.
+failure. Associations calling another AE title than ours (``[node].require_called_ae``), unknown callers
+(``[node].require_known_callers``) and a caller (calling AE title + address) that already has
+``[node].max_associations_per_caller`` open get an association rejection (logged and audited), as does everyone
+once the node is stopping. An association with no PDU for ``[node].idle_timeout_s`` is aborted.
 
 A transfer that ends before its dataset is complete (A-ABORT, a dropped connection, a network timeout) leaves the
 part pynetdicom had written in ``incoming/``; it is removed as soon as the association ends. What is being received
@@ -65,6 +66,7 @@ REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)  # permanent, service user, calling A
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
 REJECT_MAX_PDU = (0x01, 0x01, 0x01)  # permanent, service user, no reason given (a maximum PDU length of 1-6)
+REJECT_CALLER_LIMIT = (0x02, 0x03, 0x02)  # transient, presentation related, local limit exceeded (PS3.8 9.3.4)
 WATERMARK_CHECK_BYTES = 1 << 20  # received on one association between two checks of the spool's free space
 # the largest data set of a message other than a C-STORE-RQ taken in memory (a Storage Commitment report of
 # ~100,000 instances; a C-ECHO has none): pynetdicom gathers those without a bound
@@ -173,6 +175,25 @@ def _interleaved(message: Any, primitive: Any) -> str | None:
     return None
 
 
+def _held_by(assoc: Any, calling: str, address: str) -> int:
+    """How many other associations of ``assoc``'s AE, accepted or being negotiated and not yet ended, came from
+    the caller ``calling``@``address`` (its calling AE title and peer address; ``[node]
+    max_associations_per_caller``). Counted from the live association threads, as pynetdicom counts them for
+    ``max_associations``, so nothing can leak: a closed association no longer counts. Two requests of one caller
+    negotiated at the same moment each count the other (at the limit both may be refused; never more than the
+    limit are accepted)."""
+    n = 0
+    for other in assoc.ae.active_associations:
+        if other is assoc or not other.is_acceptor or other.is_released or other.is_aborted or other.is_rejected:
+            continue
+        rq = other.requestor.primitive
+        if rq is None or str(other.requestor.address) != address:
+            continue
+        if str(rq.calling_ae_title).strip() == calling:
+            n += 1
+    return n
+
+
 def _guard_disk_full(assoc: Any) -> None:
     """Make the association's receiver survive a full disk, and bound what it holds in memory: every dataset
     file pynetdicom opens for it is wrapped in a :class:`_DiskFullGuard` as soon as it is created (pynetdicom
@@ -279,8 +300,9 @@ class StoreSCP:
         """Reject the association (A-ASSOCIATE-RJ) when the node is stopping (``REJECT_BUSY``), when the caller's
         maximum PDU length is 1-6 bytes (``REJECT_MAX_PDU``, audited: no P-DATA-TF fits, so no response could be
         sent, ``node.dimse.max_pdu_problem``) or, with ``[node].require_known_callers``, when the caller is not
-        in ``[node].allowed_callers`` (``REJECT_UNKNOWN_CALLER``, audited). Installs the full-disk guard
-        (``_guard_disk_full``) first."""
+        in ``[node].allowed_callers`` (``REJECT_UNKNOWN_CALLER``, audited), or when the caller already has
+        ``[node].max_associations_per_caller`` associations open (``REJECT_CALLER_LIMIT``, audited; counted by
+        :func:`_held_by`). Installs the full-disk guard (``_guard_disk_full``) first."""
         assoc = event.assoc
         _guard_disk_full(assoc)
         calling = str(assoc.requestor.primitive.calling_ae_title).strip() if assoc.requestor.primitive else ""
@@ -315,6 +337,18 @@ class StoreSCP:
                 self.audit.write("association-rejected", calling_ae=calling, address=address,
                                  reason="caller not in node.allowed_callers")
             assoc.acse.send_reject(*REJECT_UNKNOWN_CALLER)
+            assoc.kill()
+            return
+        cap = node.max_associations_per_caller
+        held = _held_by(assoc, calling, address) if cap else 0
+        if cap and held >= cap:
+            why = (f"{held} open from this caller (calling AE title and address), node.max_associations_per_caller "
+                   f"= {cap}")
+            log.warning("association from %s@%s rejected (local limit exceeded): %s open, "
+                        "node.max_associations_per_caller = %d", calling, address, held, cap)
+            if self.audit:
+                self.audit.write("association-rejected", calling_ae=calling, address=address, reason=why)
+            assoc.acse.send_reject(*REJECT_CALLER_LIMIT)
             assoc.kill()
 
     def on_accepted(self, event: evt.Event) -> None:
@@ -485,6 +519,7 @@ class StoreSCP:
         node = self.cfg.node
         ae = AE(ae_title=node.ae_title)
         ae.maximum_associations = node.max_associations
+        ae.network_timeout = node.idle_timeout_s  # no PDU for this long: A-ABORT (the association reactor checks it)
         if node.max_pdu:
             ae.maximum_pdu_size = node.max_pdu
         ae.require_called_aet = False

@@ -9,13 +9,17 @@ Explicit/Implicit VR Little Endian. A file whose own syntax was accepted is stre
 decoding); one whose compressed syntax the peer refused is decompressed (pylibjpeg) and sent uncompressed. On a
 plain TCP connection such a file's C-STORE-RQ is written by :func:`_lean_requests` (its P-DATA-TF PDUs framed with
 ``struct`` and written by the sending thread), the rest of pynetdicom's ``send_c_store`` unchanged. TLS when
-``dest.tls``. The first failure stops the other associations; ``send`` then raises it (a non-retryable one
-before a retryable one) and the outbox resends the whole delivery later (harmless: deterministic UIDs).
+``dest.tls``. Each request of an association has its own MessageID (1, 2, ...) and a response counts only when
+it answers the request in flight and names its instance (:class:`_Responses`); a second, late or mismatched
+response leaves the association's outcome unknown: aborted, a retryable failure. The first failure stops the other
+associations; ``send`` then raises it (a non-retryable one before a retryable one) and the outbox resends the
+whole delivery later (harmless: deterministic UIDs).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import select
 import socket
 import ssl
@@ -55,28 +59,138 @@ MAX_CONTEXTS = 128
 NO_RESPONSE_RETRIES = 3  # per association and send: C-STOREs without a response sent again on a new association
 
 
-def _keep_responses(assoc: Any) -> Any:
-    """``assoc`` with its reactor handing a stolen C-STORE response back to the waiting ``send_c_store``.
+MAX_MESSAGE_ID = 0xFFFF  # MessageID is a US (PS3.7 Table 9.3-1); after it the next request is 1 again
 
-    pynetdicom 3.0's requestor reactor pauses for ``send_c_store`` through a checkpoint that has a window: under
-    heavy CPU load the reactor can take the response off the DIMSE queue itself, log "Received unexpected C-STORE
-    service message" and drop it, and ``send_c_store`` then waits until the peer gives up (Orthanc closes the
-    association after its 30 s DicomScpTimeout). Seen 2-5 times per 558-instance delivery with 4 associations at
-    load average 20 on 2 cores (pydicom/pynetdicom#875 reports it for C-FIND). This hook on the association
-    object (pynetdicom's private ``_serve_request`` and ``dimse.msg_queue``) puts a response back on the queue,
-    once per message, so the waiting call gets it; requests from the peer are served as before."""
-    serve = assoc._serve_request
-    requeued: set[int] = set()
 
-    def serve_or_requeue(msg: Any, context_id: int) -> None:
-        if not msg.is_valid_request and msg.is_valid_response and id(msg) not in requeued:
-            requeued.add(id(msg))
-            assoc.dimse.msg_queue.put((context_id, msg))
-            return
-        serve(msg, context_id)
+class _Responses:
+    """Matches the C-STORE responses of one requestor association to its requests (installed by :meth:`attach`).
 
-    assoc._serve_request = serve_or_requeue
-    return assoc
+    Each request gets its own MessageID (1, 2, ... per association, :meth:`next_id`). pynetdicom 3.0's
+    ``send_c_store`` takes the next message on the association as its response without looking at it; here the
+    message it takes (``dimse.get_msg(block=True)``) is checked: a response counts only when it is a C-STORE
+    response, its MessageIDBeingRespondedTo is the request in flight and its AffectedSOPInstanceUID (optional in a
+    C-STORE-RSP, PS3.7 Table 9.1-1) is absent or the instance sent. Anything else (a second answer to a request,
+    a late or stale one, another instance's UID, a request from the peer) is a *problem*: the association's
+    outcome is unknown, and the sender aborts it and fails the attempt (retryable; the delivery is sent again).
+
+    It also keeps pynetdicom's reactor from losing responses: the requestor reactor pauses for ``send_c_store``
+    through a checkpoint that has a window, and under heavy CPU load it can take the response off the DIMSE queue
+    itself, log "Received unexpected C-STORE service message" and drop it; ``send_c_store`` then waits until the
+    peer gives up (Orthanc closes the association after its 30 s DicomScpTimeout). Seen 2-5 times per 558-instance
+    delivery with 4 associations at load average 20 on 2 cores (pydicom/pynetdicom#875 reports it for C-FIND).
+    The reactor's ``_serve_request`` (pynetdicom's private hook) puts a response to the request in flight back on
+    the queue for the waiting call; a response it sees with no request waiting for it (a duplicate arriving
+    between two requests, or during the release) is recorded as a problem; requests from the peer are served as
+    before."""
+
+    def __init__(self, assoc: Any) -> None:
+        self.assoc = assoc
+        self.lock = threading.Lock()
+        self.last_id = 0
+        self.in_flight: tuple[int, str] | None = None  # (MessageID, SOPInstanceUID) awaiting its response
+        self.answered: set[int] = set()  # MessageIDs whose response came (a second one is a duplicate)
+        self.problem = ""  # the first unexpected message, in words
+
+    @classmethod
+    def attach(cls, assoc: Any) -> _Responses:
+        self = cls(assoc)
+        serve, send, get_msg = assoc._serve_request, assoc.dimse.send_msg, assoc.dimse.get_msg
+
+        def serve_or_keep(msg: Any, context_id: int) -> None:
+            if msg.is_valid_request:  # the peer's request: pynetdicom's as before
+                serve(msg, context_id)
+                return
+            with self.lock:
+                waiting = self.in_flight is not None and _responding_to(msg) == self.in_flight[0]
+                if not waiting:
+                    self._note(self._unexpected(msg))
+            if waiting:  # send_c_store is waiting for it: back on the queue (the reactor pauses very soon)
+                assoc.dimse.msg_queue.put((context_id, msg))
+
+        def send_msg(primitive: Any, context_id: int) -> None:
+            if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is None:
+                with self.lock:
+                    self.in_flight = (int(primitive.MessageID or 0), str(primitive.AffectedSOPInstanceUID))
+            send(primitive, context_id)
+
+        def checked_get_msg(block: bool = False) -> Any:
+            item = get_msg(block)
+            if block:  # send_c_store's wait for its response (the reactor's polls are non-blocking)
+                self._check(item[1])
+            return item
+
+        assoc._serve_request = serve_or_keep
+        assoc.dimse.send_msg = send_msg
+        assoc.dimse.get_msg = checked_get_msg
+        return self
+
+    def next_id(self) -> int:
+        """The MessageID for the next request."""
+        with self.lock:
+            self.last_id = self.last_id % MAX_MESSAGE_ID + 1
+            self.answered.discard(self.last_id)  # only after 65,535 requests on one association
+            return self.last_id
+
+    def leftover(self, timeout_s: float) -> str:
+        """After the release: the problem, including a message the peer sent before its A-RELEASE-RP that nobody
+        took (pynetdicom queues P-DATA received while it waits for the release response). Waits up to
+        ``timeout_s`` for the association's reactor to end (its last look at the queue)."""
+        self.assoc.join(timeout_s)
+        while True:
+            try:
+                _, msg = self.assoc.dimse.msg_queue.get_nowait()
+            except queue.Empty:
+                break
+            if msg is not None:
+                with self.lock:
+                    self._note(self._unexpected(msg))
+        return self.problem
+
+    def done(self) -> None:
+        """No request in flight any more (its response came, or ``send_c_store`` failed before sending)."""
+        with self.lock:
+            self.in_flight = None
+
+    def _note(self, problem: str) -> None:
+        if not self.problem:
+            self.problem = problem
+
+    def _unexpected(self, msg: Any) -> str:
+        """``msg`` (a message that came with no request waiting for it), in words. Lock held."""
+        what, name = _responding_to(msg), msg.__class__.__name__.replace("_", "-")
+        if what is None:
+            return f"an unexpected {name} message"
+        if name != "C-STORE":
+            return f"an unexpected {name} response"
+        if what in self.answered:
+            return f"a second response to message {what}"
+        return f"a response to message {what}, which was not in flight"
+
+    def _check(self, msg: Any) -> None:
+        """``msg`` is what ``send_c_store`` took as the response to the request in flight (None: nothing came)."""
+        with self.lock:
+            if self.in_flight is None or msg is None:
+                self.in_flight = None
+                return
+            expected, instance = self.in_flight
+            self.in_flight = None
+            what = _responding_to(msg)
+            if what == expected and msg.__class__.__name__ == "C_STORE":
+                uid = msg.AffectedSOPInstanceUID
+                if not msg.is_valid_response:
+                    self._note(f"the response to message {expected} is not a valid C-STORE response")
+                elif uid is not None and str(uid) != instance:
+                    self._note(f"the response to message {expected} names another SOP instance")
+                else:
+                    self.answered.add(expected)
+                return
+            self._note(f"{self._unexpected(msg)} came while message {expected} was awaited")
+
+
+def _responding_to(msg: Any) -> int | None:
+    """The MessageIDBeingRespondedTo of a DIMSE message (None when it has none)."""
+    value = getattr(msg, "MessageIDBeingRespondedTo", None)
+    return None if value is None else int(value)
 
 
 C_STORE_RQ = 0x0001  # CommandField (PS3.7 Table 9.3-1)
@@ -274,25 +388,32 @@ class DimseSender:
         if errors:
             raise next((e for e in errors if not e.retryable), errors[0])
 
+    def _open(self, ae: AE) -> tuple[Any, _Responses]:
+        """A new association to the destination, its requests streamed by :func:`_lean_requests` and its
+        responses matched to them by :class:`_Responses`."""
+        assoc = _lean_requests(self._associate(ae), self.dest.timeout_s)
+        return assoc, _Responses.attach(assoc)
+
     def _send_on_one(self, contexts: list[tuple[str, list[str]]], headers: list[tuple[Path, str, str]],
                      stop: threading.Event) -> None:
         """Send ``headers`` (path, SOP class, transfer syntax) in order on one new association; returns early
         when ``stop`` is set (another association failed). A C-STORE without a response (pynetdicom aborts the
         association) is sent again on a new association, up to ``NO_RESPONSE_RETRIES`` times per call: under
         heavy CPU load pynetdicom 3.0's association reactor can take a response meant for ``send_c_store``
-        ("Received unexpected C-STORE service message", pydicom/pynetdicom#875). Raises DeliveryError."""
+        ("Received unexpected C-STORE service message", pydicom/pynetdicom#875). A response that does not match
+        its request (:class:`_Responses`), before or during the release, fails the call. Raises DeliveryError."""
         ae = self._ae()
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, syntaxes)
         retries = NO_RESPONSE_RETRIES
-        assoc = _lean_requests(_keep_responses(self._associate(ae)), self.dest.timeout_s)
+        assoc, responses = self._open(ae)
         try:
             accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
             k = 0
             while k < len(headers) and not stop.is_set():
                 path, sop_class, ts = headers[k]
                 try:
-                    self._send_one(assoc, accepted, path, sop_class, ts)
+                    self._send_one(assoc, responses, accepted, path, sop_class, ts)
                 except _NoResponse:
                     if retries <= 0:
                         raise
@@ -301,14 +422,34 @@ class DimseSender:
                         assoc.abort()
                     log.warning("destination %s: no C-STORE response for %s; again on a new association",
                                 self._where(), path.name)
-                    assoc = _lean_requests(_keep_responses(self._associate(ae)), self.dest.timeout_s)
+                    assoc, responses = self._open(ae)
                     continue
                 k += 1
-        finally:
             if assoc.is_established:
                 assoc.release()
+                problem = responses.leftover(self.dest.timeout_s)
+                if problem:  # a second answer to the last request, or a late one: which one was meant is unknown
+                    last = f" ({headers[k - 1][0].name})" if k else ""
+                    raise self._unknown(f"after the last C-STORE{last}: {problem}", "released")
+        finally:
+            if assoc.is_established and responses.problem:
+                assoc.abort()
+            elif assoc.is_established:
+                assoc.release()
 
-    def _send_one(self, assoc: Any, accepted: set[tuple[str, str]], path: Path, sop_class: str, ts: str) -> None:
+    def _unknown(self, problem: str, ended: str = "aborted") -> DeliveryError:
+        """The retryable failure of an association whose responses did not match its requests (``ended``: how
+        the association ended)."""
+        log.warning("destination %s: %s; the association's outcome is unknown (%s); the delivery is sent again",
+                    self._where(), problem, ended)
+        return DeliveryError(f"destination {self._where()}: {problem}: the association's outcome unknown ({ended}; "
+                             "the delivery is sent again)")
+
+    def _send_one(self, assoc: Any, responses: _Responses, accepted: set[tuple[str, str]], path: Path,
+                  sop_class: str, ts: str) -> None:
+        if responses.problem:  # seen by the reactor between two requests
+            assoc.abort()
+            raise self._unknown(f"before the C-STORE of {path.name}: {responses.problem}")
         if not any(a[0] == sop_class for a in accepted):
             raise DeliveryError(f"destination {self._where()}: refused SOP class {UID(sop_class).name} "
                                 f"({path.name})", retryable=False)
@@ -325,10 +466,16 @@ class DimseSender:
             if missing:  # only the file meta names it: pynetdicom finds no context for '' (a retry cannot help)
                 raise DeliveryError(f"{path}: cannot be transcoded for {self._where()}: the data set has no "
                                     f"{' / '.join(missing)}", retryable=False)
+        message_id = responses.next_id()
         try:
-            rsp = assoc.send_c_store(what)
+            rsp = assoc.send_c_store(what, msg_id=message_id)
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises on encoding/context problems
             raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} failed: {exc}") from exc
+        finally:
+            responses.done()
+        if responses.problem:  # never a stale status for this instance: the association's outcome is unknown
+            assoc.abort()
+            raise self._unknown(f"C-STORE of {path.name} (message {message_id}): {responses.problem}")
         status = int(rsp.get("Status", -1)) if rsp is not None and len(rsp) else -1
         if status == -1:
             damaged = _damaged(path)  # a file the peer could not parse never gets an answer: do not resend it
