@@ -175,23 +175,10 @@ def _interleaved(message: Any, primitive: Any) -> str | None:
     return None
 
 
-def _held_by(assoc: Any, calling: str, address: str) -> int:
-    """How many other associations of ``assoc``'s AE, accepted or being negotiated and not yet ended, came from
-    the caller ``calling``@``address`` (its calling AE title and peer address; ``[node]
-    max_associations_per_caller``). Counted from the live association threads, as pynetdicom counts them for
-    ``max_associations``, so nothing can leak: a closed association no longer counts. Two requests of one caller
-    negotiated at the same moment each count the other (at the limit both may be refused; never more than the
-    limit are accepted)."""
-    n = 0
-    for other in assoc.ae.active_associations:
-        if other is assoc or not other.is_acceptor or other.is_released or other.is_aborted or other.is_rejected:
-            continue
-        rq = other.requestor.primitive
-        if rq is None or str(other.requestor.address) != address:
-            continue
-        if str(rq.calling_ae_title).strip() == calling:
-            n += 1
-    return n
+def _live(assoc: Any) -> bool:
+    """Whether an association is still open or being negotiated (its thread runs, not released, aborted or
+    rejected)."""
+    return bool(assoc.is_alive() and not (assoc.is_released or assoc.is_aborted or assoc.is_rejected))
 
 
 def _guard_disk_full(assoc: Any) -> None:
@@ -279,6 +266,9 @@ class StoreSCP:
     _received: dict[int, int] = field(default_factory=dict, init=False)  # assoc -> bytes since the last check
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
     _saved: tuple[bool, str | None] = field(default=(False, None), init=False)
+    # associations let through the per-caller limit: id -> (association, calling AE title, address); an ended one
+    # is dropped at the next admission (counted from live associations: nothing can leak)
+    _admitted: dict[int, tuple[Any, str, str]] = field(default_factory=dict, init=False)
 
     # ------------------------------------------------------------------------------------ handlers
 
@@ -296,13 +286,26 @@ class StoreSCP:
             (evt.EVT_DATA_RECV, self.on_data),
         ] + ([(evt.EVT_N_EVENT_REPORT, self.on_report)] if self.on_report is not None else [])
 
+    def _admit(self, assoc: Any, calling: str, address: str, cap: int) -> int:
+        """How many live associations the caller ``calling``@``address`` (calling AE title and peer address)
+        already has through this limit; when fewer than ``cap``, ``assoc`` is counted as one more. Atomic: of
+        requests negotiated at the same moment exactly as many as the limit allows get in (counting every
+        association being negotiated instead refused all four of four at a limit of 2)."""
+        with self._lock:
+            self._admitted = {k: v for k, v in self._admitted.items() if _live(v[0])}
+            held = sum(1 for other, c, a in self._admitted.values() if other is not assoc and (c, a) == (calling,
+                                                                                                      address))
+            if held < cap:
+                self._admitted[id(assoc)] = (assoc, calling, address)
+            return held
+
     def on_requested(self, event: evt.Event) -> None:
         """Reject the association (A-ASSOCIATE-RJ) when the node is stopping (``REJECT_BUSY``), when the caller's
         maximum PDU length is 1-6 bytes (``REJECT_MAX_PDU``, audited: no P-DATA-TF fits, so no response could be
         sent, ``node.dimse.max_pdu_problem``) or, with ``[node].require_known_callers``, when the caller is not
         in ``[node].allowed_callers`` (``REJECT_UNKNOWN_CALLER``, audited), or when the caller already has
         ``[node].max_associations_per_caller`` associations open (``REJECT_CALLER_LIMIT``, audited; counted by
-        :func:`_held_by`). Installs the full-disk guard (``_guard_disk_full``) first."""
+        :meth:`_admit`). Installs the full-disk guard (``_guard_disk_full``) first."""
         assoc = event.assoc
         _guard_disk_full(assoc)
         calling = str(assoc.requestor.primitive.calling_ae_title).strip() if assoc.requestor.primitive else ""
@@ -340,7 +343,7 @@ class StoreSCP:
             assoc.kill()
             return
         cap = node.max_associations_per_caller
-        held = _held_by(assoc, calling, address) if cap else 0
+        held = self._admit(assoc, calling, address, cap) if cap else 0
         if cap and held >= cap:
             why = (f"{held} open from this caller (calling AE title and address), node.max_associations_per_caller "
                    f"= {cap}")

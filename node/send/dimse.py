@@ -1,7 +1,8 @@
 """C-STORE SCU destination (kind "dicom").
 
-Up to ``dest.associations`` (N) associations per ``send``, in parallel threads; association i sends files
-i, i + N, i + 2N, ... in order: a PACS answers one C-STORE at a time per association, so one association is bound
+Up to ``dest.associations`` (N) associations per ``send``, in parallel threads, each taking the next file from one
+shared list (:class:`_Work`) until none is left; an association the PACS does not open while another one works (a
+limit of associations per caller, or a PACS that takes one at a time) leaves its share to the others: a PACS answers one C-STORE at a time per association, so one association is bound
 by the round trip and the peer's per-instance latency (measured: dcmtk ``storescu`` to Orthanc 1.10.1 on
 localhost 15 instances/s with one association, 55/s with four; docs/benchmarks.md "Delivery"). Each association
 proposes, for every SOP class among the files, the files' own transfer syntax and, in a second context,
@@ -197,6 +198,26 @@ C_STORE_RQ = 0x0001  # CommandField (PS3.7 Table 9.3-1)
 DATASET_PRESENT = 0x0001  # CommandDataSetType: a data set follows (any value but 0x0101; pynetdicom's)
 
 
+class _Work:
+    """The files of one delivery, handed out in order to the associations that send them (thread-safe)."""
+
+    def __init__(self, items: list[tuple[Path, str, str]]) -> None:
+        self._items, self._next, self._lock = items, 0, threading.Lock()
+
+    def take(self) -> tuple[Path, str, str] | None:
+        """The next file (path, SOP class, transfer syntax), or None when every file was handed out."""
+        with self._lock:
+            if self._next >= len(self._items):
+                return None
+            self._next += 1
+            return self._items[self._next - 1]
+
+    def left(self) -> int:
+        """How many files were not handed out yet."""
+        with self._lock:
+            return len(self._items) - self._next
+
+
 def store_rq_command(message_id: int, priority: int, sop_class: str, sop_instance: str) -> bytes:
     """The C-STORE-RQ command set (PS3.7 Table 9.3-1, implicit VR little endian) pynetdicom 3.0 encodes for a
     request with a data set and no Move Originator: the same bytes (tests/send/test_lean_send.py)."""
@@ -363,15 +384,17 @@ class DimseSender:
             raise DeliveryError(f"destination {self._where()}: too many SOP classes for one association",
                                 retryable=False)
         n = max(1, min(self.dest.associations, len(headers)))
+        work = _Work(headers)
         if n == 1:
-            self._send_on_one(contexts, headers, threading.Event())
+            self._send_on_one(contexts, work, threading.Event())
             return
         stop = threading.Event()
         errors: list[DeliveryError] = []
+        not_opened: list[DeliveryError] = []
 
-        def work(part: list[tuple[Path, str, str]]) -> None:
+        def run() -> None:
             try:
-                self._send_on_one(contexts, part, stop)
+                self._send_on_one(contexts, work, stop, not_opened)
             except DeliveryError as exc:
                 errors.append(exc)
                 stop.set()
@@ -379,14 +402,18 @@ class DimseSender:
                 errors.append(DeliveryError(f"destination {self._where()}: sending failed: {exc}"))
                 stop.set()
 
-        threads = [threading.Thread(target=work, args=(headers[i::n],), name=f"srnode-send-{self.name}-{i}",
-                                    daemon=True) for i in range(n)]
+        threads = [threading.Thread(target=run, name=f"srnode-send-{self.name}-{i}", daemon=True) for i in range(n)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         if errors:
             raise next((e for e in errors if not e.retryable), errors[0])
+        if not_opened:
+            if work.left():  # no association could be opened: the delivery fails as with one association
+                raise next((e for e in not_opened if not e.retryable), not_opened[0])
+            log.warning("destination %s: %d of %d associations not opened (%s); the others sent every file",
+                        self._where(), len(not_opened), n, not_opened[0])
 
     def _open(self, ae: AE) -> tuple[Any, _Responses]:
         """A new association to the destination, its requests streamed by :func:`_lean_requests` and its
@@ -394,10 +421,12 @@ class DimseSender:
         assoc = _lean_requests(self._associate(ae), self.dest.timeout_s)
         return assoc, _Responses.attach(assoc)
 
-    def _send_on_one(self, contexts: list[tuple[str, list[str]]], headers: list[tuple[Path, str, str]],
-                     stop: threading.Event) -> None:
-        """Send ``headers`` (path, SOP class, transfer syntax) in order on one new association; returns early
-        when ``stop`` is set (another association failed). A C-STORE without a response (pynetdicom aborts the
+    def _send_on_one(self, contexts: list[tuple[str, list[str]]], work: _Work, stop: threading.Event,
+                     not_opened: list[DeliveryError] | None = None) -> None:
+        """Send the files ``work`` hands out (path, SOP class, transfer syntax), in order, on one new association,
+        until none is left; returns early when ``stop`` is set (another association failed). With ``not_opened``
+        (several associations share ``work``), an association that cannot be opened is added to it and the call
+        returns: the others take its share. A C-STORE without a response (pynetdicom aborts the
         association) is sent again on a new association, up to ``NO_RESPONSE_RETRIES`` times per call: under
         heavy CPU load pynetdicom 3.0's association reactor can take a response meant for ``send_c_store``
         ("Received unexpected C-STORE service message", pydicom/pynetdicom#875). A response that does not match
@@ -406,12 +435,18 @@ class DimseSender:
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, syntaxes)
         retries = NO_RESPONSE_RETRIES
-        assoc, responses = self._open(ae)
+        try:
+            assoc, responses = self._open(ae)
+        except DeliveryError as exc:
+            if not_opened is None:
+                raise
+            not_opened.append(exc)
+            return
         try:
             accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
-            k = 0
-            while k < len(headers) and not stop.is_set():
-                path, sop_class, ts = headers[k]
+            current, last = work.take(), ""
+            while current is not None and not stop.is_set():
+                path, sop_class, ts = current
                 try:
                     self._send_one(assoc, responses, accepted, path, sop_class, ts)
                 except _NoResponse:
@@ -424,13 +459,13 @@ class DimseSender:
                                 self._where(), path.name)
                     assoc, responses = self._open(ae)
                     continue
-                k += 1
+                last, current = path.name, work.take()
             if assoc.is_established:
                 assoc.release()
                 problem = responses.leftover(self.dest.timeout_s)
                 if problem:  # a second answer to the last request, or a late one: which one was meant is unknown
-                    last = f" ({headers[k - 1][0].name})" if k else ""
-                    raise self._unknown(f"after the last C-STORE{last}: {problem}", "released")
+                    raise self._unknown(f"after the last C-STORE{f' ({last})' if last else ''}: {problem}",
+                                        "released")
         finally:
             if assoc.is_established and responses.problem:
                 assoc.abort()

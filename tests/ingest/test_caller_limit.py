@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,10 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.config import config_from_dict
+from node.app.phantom import write_phantom_series
+from node.config import DicomDestination, config_from_dict
 from node.errors import ConfigError
+from node.send import make_sender
 from tests.ingest.test_scp import start_scp
 from tests.support.nodeproc import NodeProc
 from tests.support.peers import ECHOSCU, wait_until
@@ -83,6 +86,44 @@ def test_one_caller_cannot_hold_every_slot(tmp_path: Path) -> None:
     lines = [ln for ln in log.splitlines() if "max_associations_per_caller" in ln and "rejected" in ln]
     assert len(lines) == 5, lines  # one line per rejection, nothing from pynetdicom's own limit
     assert "HOG@127.0.0.1" in lines[0] and "2 open" in lines[0], lines[0]
+
+
+def test_requests_at_the_same_moment_get_exactly_the_limit(tmp_path: Path) -> None:
+    """Four associations of one caller requested at once against a limit of 2: exactly 2 accepted (counting
+    every association still being negotiated refused all four at once)."""
+    scp = start_scp(tmp_path, max_associations=10, max_associations_per_caller=2)
+    held: list[Any] = []
+    try:
+        for _ in range(5):
+            with ThreadPoolExecutor(4) as pool:
+                burst = list(pool.map(lambda _: _associate(scp.cfg.node.port), range(4)))
+            held += burst
+            assert sorted(str(_rejection(a)) for a in burst) == sorted(["None"] * 2 + [str(LOCAL_LIMIT)] * 2)
+            for a in burst:
+                if a.is_established:
+                    a.release()
+            wait_until(lambda b=burst: all(not a.is_alive() for a in b), timeout=10,  # type: ignore[misc]
+                       what="the burst's associations ended")
+    finally:
+        for a in held:
+            if a.is_established:
+                a.release()
+        scp.stop()
+
+
+def test_srnode_delivering_over_more_associations_than_a_peer_allows_uses_those_it_gets(tmp_path: Path) -> None:
+    """A destination (srnode itself here) that allows 2 associations per caller, a sender configured for 4: the
+    delivery goes over the associations the peer accepts, every instance stored once (before: the rejected
+    ones failed the delivery, retried until dead-lettered)."""
+    scp = start_scp(tmp_path, max_associations_per_caller=2)
+    files = write_phantom_series(tmp_path / "in", slices=24, size=16)
+    try:
+        for _ in range(3):
+            make_sender(DicomDestination(name="peer", ae_title="SRNODE", host="127.0.0.1",
+                                         port=scp.cfg.node.port, associations=4)).send(files)
+            assert scp.admission.index.count_instances() == 24
+    finally:
+        scp.stop()
 
 
 def test_zero_turns_the_per_caller_limit_off(tmp_path: Path) -> None:
