@@ -7,7 +7,8 @@ State machines (every change records a reason in words; the states are ``node.st
   earlier one. A series is keyed by its study and its SeriesInstanceUID: two studies that share a
   SeriesInstanceUID are two series.
 - jobs: queued → processing → sending → delivered | failed | dead-letter; ignored (no rule matched);
-  superseded (a later job of the same series replaced it while queued).
+  superseded (a later job of the same series replaced it while queued, or late instances arrived before its
+  results were enqueued: ``supersede_if_moved_on``).
 - deliveries (the outbox, one row per job and destination): pending → delivered | dead-letter.
 
 Times (``received_at``, ``created``, ``updated``, ``next_attempt``, ...) are Unix seconds (``time.time()``).

@@ -136,6 +136,41 @@ class JobTable(IndexDB):
                           (series_state, reason, row["study_uid"], row["series_uid"], job_id,
                            SeriesState.RECEIVING, SeriesState.STABLE))
 
+    def supersede_if_moved_on(self, job_id: int) -> str:
+        """A job about to run, or whose results are about to be enqueued: when its series has moved on since the
+        job took it -- a later job of the series exists (two workers), or instances arrived after the job's
+        ``n_instances`` (late instances: the series is 'receiving' again) -- its results would be made from part
+        of the series, or replaced already, so the job becomes 'superseded' with the reason, which is returned;
+        nothing of it is to be sent. The series is decided again once complete (put back to 'receiving' if this
+        job still held it in another state). Returns '' when the series is as the job took it; SpoolError."""
+        now = time.time()
+        with self.tx() as c:
+            j = c.execute("SELECT study_uid, series_uid, n_instances, state FROM jobs WHERE id = ?",
+                          (job_id,)).fetchone()
+            if j is None:
+                raise SpoolError(f"index: no job {job_id}")
+            s = c.execute("SELECT job_id, state FROM series WHERE study_uid = ? AND series_uid = ?",
+                          (j["study_uid"], j["series_uid"])).fetchone()
+            n = int(c.execute("SELECT COUNT(*) FROM instances WHERE study_uid = ? AND series_uid = ?",
+                              (j["study_uid"], j["series_uid"])).fetchone()[0])
+            took = int(j["n_instances"])
+            if s is not None and s["job_id"] is not None and int(s["job_id"]) > job_id:
+                reason = (f"superseded by job {s['job_id']}: its series was decided again (late instances) before "
+                          f"this job's results were sent; they are not sent")
+            elif n > took:
+                reason = (f"{n - took} instance(s) arrived after it took the series' {took}: its results would be "
+                          f"made from part of the series and are not sent; the series is processed again, whole, "
+                          f"once complete")
+            else:
+                return ""
+            c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ?, finished = ? WHERE id = ?",
+                      (JobState.SUPERSEDED, reason, now, now, job_id))
+            c.execute("UPDATE series SET state = ?, reason = ? WHERE study_uid = ? AND series_uid = ? AND job_id = ?"
+                      " AND state NOT IN (?, ?)",
+                      (SeriesState.RECEIVING, f"job {job_id} superseded: {reason}", j["study_uid"], j["series_uid"],
+                       job_id, SeriesState.RECEIVING, SeriesState.STABLE))
+        return reason
+
     def poison_candidates(self, max_attempts: int) -> list[Job]:
         """Jobs left 'processing' whose ``attempts`` reached ``max_attempts`` (read only; what
         :meth:`requeue_interrupted` will fail as poison)."""
@@ -201,7 +236,7 @@ class JobTable(IndexDB):
             cur = c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ?, attempts = 0"
                             " WHERE id = ? AND state = ?",
                             (JobState.QUEUED, reason, now, job_id, JobState.FAILED))
-            if cur.rowcount == 1:
-                c.execute("UPDATE series SET state = ?, reason = ? WHERE job_id = ?",
-                          (SeriesState.QUEUED, reason, job_id))
+            if cur.rowcount == 1:  # a series receiving late instances stays so (the job is superseded at claim)
+                c.execute("UPDATE series SET state = ?, reason = ? WHERE job_id = ? AND state NOT IN (?, ?)",
+                          (SeriesState.QUEUED, reason, job_id, SeriesState.RECEIVING, SeriesState.STABLE))
             return cur.rowcount == 1
