@@ -2,7 +2,8 @@
 
 Both read the spool index directly, so they work whether or not the node is running; a running node picks up
 re-queued work within a second or two. A job whose input slices are not all in a derived series lists each such
-slice (file and reason) under its line, and in ``--json`` as ``left_out``. The series not yet complete (and, in
+slice (file and reason) under its line, and in ``--json`` as ``left_out``; a job made from fewer instances than
+its series declares says so (``INCOMPLETE: ...``; ``--json``: its report's ``declared`` and ``incomplete``). The series not yet complete (and, in
 ``--json``, the series of the jobs listed) are shown with their instance counts and declared sizes. Each delivery
 shows how the destination confirmed it (``node.send.confirm``): the method, instances confirmed of expected and
 when, or why it is not confirmed.
@@ -151,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
                                       f"supersedes job {d['supersedes']}" if d["supersedes"] else "") if s)
         print(f"{d['id']:>5}  {d['state']:<11} {d['rule'][:14]:<14} {d['instances']:>4}  {d['series']:<{width}}  "
               f"{extra}")
+        if (d["report"] or {}).get("incomplete"):  # fewer instances than the series declares
+            print(f"{'':>5}  INCOMPLETE: {d['report']['incomplete']}")
         for x in d["left_out"]:
             print(f"{'':>5}  NOT IN ANY DERIVED SERIES: slice {x.get('index')}/{x.get('of')} {x.get('file')}: "
                   f"{x.get('reason')}")

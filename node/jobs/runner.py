@@ -151,6 +151,7 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     report.setdefault("derived_files", len(result.derived_files))
     report.setdefault("uncertainty_files", len(result.uncertainty_files))
     report["left_out"] = [x.as_dict() for x in result.left_out]  # input slices in no derived series, with why
+    missing = _declared_shortfall(ctx, job, len(paths), report)  # fewer instances than the series declares
     state = JobState.SENDING if per_dest else JobState.DELIVERED
     reason = "" if per_dest else "rule has no destinations; results kept in the spool"
     _recorded(job, lambda: index.finish_job(
@@ -166,8 +167,25 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     audit.write("job-processed", job=job.id, series=job.series_uid, derived_series=result.derived_series_uid,
                 uncertainty_series=result.uncertainty_series_uid, engine=result.engine,
                 fallback=result.fallback or "", seconds=round(seconds, 2), destinations=list(per_dest),
-                left_out=[x.file for x in result.left_out])
+                left_out=[x.file for x in result.left_out], missing_declared=missing)
     return state
+
+
+def _declared_shortfall(ctx: JobContext, job: Job, inputs: int, report: dict[str, Any]) -> int:
+    """How many instances the series declares (ImagesInAcquisition, a puller, the HTTP hint) beyond the
+    ``inputs`` the job was made from (0: none declared, or no fewer). The job came from the quiet period without
+    them: its derived series may lack slices yet looks complete, so ``report`` says so (``declared``: instances,
+    by, missing; ``incomplete``: in words, shown by ``srnode status``) and a warning is logged."""
+    row = ctx.store.index.series(job.series_uid, job.study_uid) or {}
+    declared = row.get("declared_instances")
+    if declared is None or int(declared) <= inputs:
+        return 0
+    missing, by = int(declared) - inputs, str(row.get("declared_by") or "")
+    report["declared"] = {"instances": int(declared), "by": by, "missing": missing}
+    report["incomplete"] = (f"made from {inputs} of the {declared} instance(s) the series declares ({by}); {missing} "
+                            f"never came (quiet for stable_age_s {ctx.cfg.node.stable_age_s:g} s)")
+    log.warning("job %d (series %s): %s", job.id, job.series_uid, report["incomplete"])
+    return missing
 
 
 def _moved_on(ctx: JobContext, job: Job) -> bool:

@@ -117,6 +117,19 @@ def test_a_wrong_declared_size_waits_for_the_quiet_period(tmp_path: Path) -> Non
             # made only after stable_age_s without an instance: by the quiet period
             assert job.created - row["last_received"] >= stable_age_s, (job.created, row)
         assert f"more instances (6) than declared (5, by {HEADER_DECLARED})" in node.log()
+        # the job made from fewer instances than the series declared says so (the derived series looks complete)
+        status = node.cli("status")
+        assert status.returncode == 0, status.stderr
+        said = [ln for ln in status.stdout.splitlines() if "INCOMPLETE" in ln]
+        assert said == ["       INCOMPLETE: made from 6 of the 8 instance(s) the series declares (ImagesInAcquisition); "
+                        "2 never came (quiet for stable_age_s 4 s)"], status.stdout
+        by_series = {j["series"]: j for j in json.loads(node.cli("status", "--json").stdout)["jobs"]}
+        assert by_series[uids(fewer)[1]]["report"]["declared"] == {"instances": 8, "by": HEADER_DECLARED,
+                                                                  "missing": 2}
+        assert "declared" not in by_series[uids(more)[1]]["report"]
+        decided = [json.loads(ln) for ln in (node.spool / "audit.log").read_text().splitlines()
+                   if '"job-processed"' in ln]
+        assert sorted(a.get("missing_declared", 0) for a in decided) == [0, 2], decided
 
 
 def test_real_series_declaring_their_size_start_without_the_quiet_period(tmp_path: Path) -> None:
