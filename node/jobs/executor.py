@@ -43,6 +43,7 @@ class InProcessExecutor:
         self.ctx = ctx
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._pending: set[int] = set()
+        self._running: int | None = None  # the job id in hand
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -71,6 +72,8 @@ class InProcessExecutor:
             job_id = self._queue.get()
             if job_id is None:
                 return
+            with self._lock:
+                self._running = job_id
             try:
                 run_job(self.ctx, job_id)
             except Exception as exc:  # noqa: BLE001 - run_job records job failures; this is the spool failing
@@ -78,11 +81,14 @@ class InProcessExecutor:
             finally:
                 with self._lock:
                     self._pending.discard(job_id)
+                    self._running = None
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the job in hand (up to ``timeout`` seconds); queued jobs stay queued in the index.
 
-        A job still running after ``timeout`` dies with the process and is re-queued at the next start."""
+        A job still running after ``timeout`` dies with the process and is re-queued at the next start; that run
+        does not count toward ``[node] max_job_attempts`` (``Index.stopped_during``): only runs that stopped the
+        node (kill -9, out of memory) make a job poison."""
         if self._thread is None:
             return
         while True:  # drop what was not started: it is still 'queued' in the index
@@ -97,6 +103,14 @@ class InProcessExecutor:
         if self._thread.is_alive():
             log.warning("worker: the running job did not finish within %.0f s; it is re-queued at next start",
                         timeout)
+            with self._lock:
+                running = self._running
+            # a stop is no crash: this run must not count toward max_job_attempts (poison)
+            if running is not None:
+                try:
+                    self.ctx.store.index.stopped_during(running)
+                except Exception as exc:  # noqa: BLE001 - stopping anyway; the run then counts as one that stopped it
+                    log.warning("job %s: its interrupted run could not be recorded as such: %s", running, exc)
         self._thread = None
 
 

@@ -202,6 +202,16 @@ class JobTable(IndexDB):
             rows = c.execute("SELECT id FROM jobs WHERE state = ? ORDER BY id", (JobState.QUEUED,)).fetchall()
         return [int(r["id"]) for r in rows]
 
+    def stopped_during(self, job_id: int) -> bool:
+        """The node is stopping (SIGTERM) while job ``job_id`` still runs and will not wait for it: its run is not
+        one that stopped the node (it is re-queued at the next start, ``requeue_interrupted``), so it does not count
+        toward ``max_job_attempts`` (``attempts`` back by one). False when the job is not 'processing' any more."""
+        with self.tx() as c:
+            cur = c.execute("UPDATE jobs SET attempts = MAX(attempts - 1, 0), reason = ?, updated = ? WHERE id = ?"
+                            " AND state = ?", ("interrupted by the node's stop; re-queued at its next start",
+                                               time.time(), job_id, JobState.PROCESSING))
+            return cur.rowcount == 1
+
     def fail_poison(self, job_id: int, reason: str) -> None:
         """A job whose runs kept stopping the process: 'failed' with ``reason`` (and its series)."""
         with self.tx() as c:
