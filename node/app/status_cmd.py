@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``srnode status`` or ``srnode retry``; returns the exit code (retry: 1 for an unknown job id)."""
     index = _open(args)
     if args.command == "retry":
-        return _retry(index, list(args.jobs))
+        rules = {r.name for r in load_config(args.config).rules}
+        return _retry(index, list(args.jobs), rules)
     jobs = index.jobs(args.state)[-args.limit:] if args.limit > 0 else index.jobs(args.state)
     docs = [job_dict(index, j) for j in jobs]
     conflicts = [conflict_dict(c) for c in index.conflicts()]
@@ -172,7 +173,10 @@ def _print_waiting(waiting: list[dict[str, Any]]) -> None:
         print(f"  series {s['series']}: {s['instances']} instance(s){declared}, last received {s['last_received']}")
 
 
-def _retry(index: Index, job_ids: list[int]) -> int:
+def _retry(index: Index, job_ids: list[int], rules: set[str]) -> int:
+    """Re-queue each job of ``job_ids`` (default: every failed or dead-letter job): a failed job under a rule of
+    ``rules`` (the node's rule names) runs again; one whose rule is not among them (renamed, removed, or none
+    was chosen) has its series matched against the running node's rules again, as an ignored job named here."""
     targets = job_ids or sorted({j.id for j in index.jobs((JobState.FAILED, JobState.DEAD_LETTER))})
     if not targets:
         print("nothing to retry: no failed jobs or dead-letter deliveries")
@@ -185,7 +189,14 @@ def _retry(index: Index, job_ids: list[int]) -> int:
             print(f"job {jid}: {exc}", file=sys.stderr)
             rc = 1
             continue
-        if job.state is JobState.FAILED:
+        if job.state is JobState.FAILED and job.rule not in rules:
+            gone = f"its rule {job.rule!r} is no longer configured" if job.rule else "no rule was chosen"
+            if index.reconsider_ignored(jid, f"matched against the rules again by srnode retry ({gone})",
+                                        JobState.FAILED):
+                print(f"job {jid}: {gone}; the running node matches its series against its rules again")
+            else:
+                print(f"job {jid}: {gone}, and its series has a later job: nothing to retry")
+        elif job.state is JobState.FAILED:
             index.requeue_job(jid)
             print(f"job {jid}: re-queued for processing")
         elif index.requeue_deliveries(jid):

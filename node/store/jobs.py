@@ -225,17 +225,20 @@ class JobTable(IndexDB):
                   (SeriesState.FAILED, reason, job_id, SeriesState.RECEIVING, SeriesState.STABLE))
 
     def reconsider_ignored(self, job_id: int,
-                           reason: str = "matched against the rules again by srnode retry") -> bool:
+                           reason: str = "matched against the rules again by srnode retry",
+                           state: JobState = JobState.IGNORED) -> bool:
         """An ignored job's series (no rule matched it) goes back to 'receiving', as after a late instance: the
         running node's watcher takes it as stable at its next pass and matches it against its rules as they are
-        now (a new job, which supersedes this one). The job stays 'ignored' (its history). False when the job is
-        not 'ignored' or its series has moved on since (a later job)."""
+        now (a new job, which supersedes this one). The job stays 'ignored' (its history). ``state`` failed: the
+        same for a failed job (its rule is no longer configured, or the rules could not be matched). False when
+        the job is not in ``state`` or its series has moved on since (a later job)."""
+        state = JobState(state)
         with self.tx() as c:
             row = c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["state"] != JobState.IGNORED:
+            if row is None or row["state"] != state:
                 return False
             cur = c.execute("UPDATE series SET state = ?, reason = ? WHERE job_id = ? AND state = ?",
-                            (SeriesState.RECEIVING, reason, job_id, SeriesState.IGNORED))
+                            (SeriesState.RECEIVING, reason, job_id, series_state_of(state)))
             return cur.rowcount == 1
 
     def requeue_job(self, job_id: int, reason: str = "re-queued by srnode retry") -> bool:
