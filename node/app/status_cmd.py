@@ -86,6 +86,15 @@ def confirmation_text(x: dict[str, Any]) -> str:
     return f"not confirmed: {c['note']}"
 
 
+def _retrying(x: dict[str, Any]) -> str:
+    """Why a pending delivery is waiting for its next attempt (its last failure, shortened), for the status line;
+    "" when it has not failed (a dead-letter's reason is the job's)."""
+    if x["state"] != DeliveryState.PENDING or not x["attempts"] or not x["reason"]:
+        return ""
+    why = " ".join(str(x["reason"]).split())
+    return f" [last attempt failed: {why[:200]}{'...' if len(why) > 200 else ''}]"
+
+
 def _utc(t: float | None) -> str | None:
     """Unix seconds as UTC ISO 8601 with milliseconds (None stays None)."""
     if t is None:
@@ -148,7 +157,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'JOB':>5}  {'STATE':<11} {'RULE':<14} {'N':>4}  {'SERIES':<{width}}  REASON / DELIVERIES")
     for d in docs:
         dl = ", ".join(f"{x['destination']}:{x['state']}" + (f"({x['attempts']})" if x["attempts"] > 1 else "")
-                       + (f" [{confirmation_text(x)}]" if confirmation_text(x) else "") for x in d["deliveries"])
+                       + (f" [{confirmation_text(x)}]" if confirmation_text(x) else "") + _retrying(x)
+                       for x in d["deliveries"])
         extra = "; ".join(s for s in (d["reason"], dl, f"fallback: {d['fallback']}" if d["fallback"] else "",
                                       f"supersedes job {d['supersedes']}" if d["supersedes"] else "") if s)
         print(f"{d['id']:>5}  {d['state']:<11} {d['rule'][:14]:<14} {d['instances']:>4}  {d['series']:<{width}}  "

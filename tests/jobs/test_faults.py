@@ -204,6 +204,10 @@ def test_destination_down_then_back_dead_letter_and_retry(tmp_path: Path) -> Non
                        what="delivery attempts failing while Orthanc is down")
         (job,) = node.jobs()
         assert job["state"] == "sending" and "pacs" in job["deliveries"][0]["reason"], job
+        # `srnode status` says why the job is still sending: the delivery's last failure
+        st = node.cli("status")
+        (line,) = [ln for ln in st.stdout.splitlines() if job["series"] in ln]
+        assert "pacs:pending(" in line and "last attempt failed: " in line, st.stdout
         o = restart_orthanc(o)
         node.wait_jobs(lambda js: js[0]["state"] == "delivered", timeout=120, what="delivered after the outage")
         expect_delivered_once(o, first)
