@@ -45,6 +45,7 @@ DONE_MESSAGES = {  # ?done= codes after a POST (fixed words: nothing from the qu
     "requeued": "Re-queued for processing.",
     "redeliver": "Dead-letter deliveries re-queued.",
     "nothing": "Nothing to retry in this job's state.",
+    "replaced": "Not sent again: a later job of the series replaced its results, and its rejection note retires them.",
     "rematched": "Its rule is not configured (any more): its series is matched against the rules again.",
     "replayed": "Queued as a replay.",
     "no-replay": "Cannot replay: the job's rule is not configured (any more), or its series is not in the spool.",
@@ -176,6 +177,9 @@ def dashboard_routes(ctx: NodeContext) -> list[Route]:
         elif job.state is JobState.FAILED and await run_in_threadpool(
                 ctx.index.requeue_job, job.id, "re-queued from the dashboard"):
             done = "requeued"
+        elif job.state is JobState.DEAD_LETTER and (await run_in_threadpool(ctx.index.replaced_by, job.id)
+                                                    is not None):
+            done = "replaced"  # a later job's results (and its rejection note) replace these: never sent again
         elif await run_in_threadpool(ctx.index.requeue_deliveries, job.id):
             done = "redeliver"
         else:

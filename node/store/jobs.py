@@ -171,6 +171,15 @@ class JobTable(IndexDB):
                        job_id, SeriesState.RECEIVING, SeriesState.STABLE))
         return reason
 
+    def replaced_by(self, job_id: int) -> int | None:
+        """The latest later job of ``job_id``'s series that made results (a derived series): its results replace
+        this job's, and its IOCM rejection note retires them, so this job's are not to be sent again. None when
+        there is none (or no such job)."""
+        rows = self._query("SELECT l.id FROM jobs j JOIN jobs l ON l.study_uid = j.study_uid AND l.series_uid ="
+                           " j.series_uid AND l.id > j.id AND l.derived_series_uid != '' WHERE j.id = ?"
+                           " ORDER BY l.id DESC LIMIT 1", (job_id,))
+        return int(rows[0]["id"]) if rows else None
+
     def poison_candidates(self, max_attempts: int) -> list[Job]:
         """Jobs left 'processing' whose ``attempts`` reached ``max_attempts`` (read only; what
         :meth:`requeue_interrupted` will fail as poison)."""
