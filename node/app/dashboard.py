@@ -177,8 +177,8 @@ def dashboard_routes(ctx: NodeContext) -> list[Route]:
         elif job.state is JobState.FAILED and await run_in_threadpool(
                 ctx.index.requeue_job, job.id, "re-queued from the dashboard"):
             done = "requeued"
-        elif job.state is JobState.DEAD_LETTER and (await run_in_threadpool(ctx.index.replaced_by, job.id)
-                                                    is not None):
+        elif job.state in (JobState.DEAD_LETTER, JobState.SUPERSEDED) and (
+                await run_in_threadpool(ctx.index.replaced_by, job.id) is not None):
             done = "replaced"  # a later job's results (and its rejection note) replace these: never sent again
         elif await run_in_threadpool(ctx.index.requeue_deliveries, job.id):
             done = "redeliver"

@@ -209,7 +209,7 @@ def _retry(index: Index, job_ids: list[int], rules: set[str]) -> int:
         elif job.state is JobState.FAILED:
             index.requeue_job(jid)
             print(f"job {jid}: re-queued for processing")
-        elif job.state is JobState.DEAD_LETTER and (later := index.replaced_by(jid)) is not None:
+        elif job.state in (JobState.DEAD_LETTER, JobState.SUPERSEDED) and (later := index.replaced_by(jid)) is not None:
             print(f"job {jid}: its results were replaced by job {later} (late instances), whose rejection note "
                   "retires them: not sent again")
         elif index.requeue_deliveries(jid):

@@ -411,3 +411,32 @@ def test_retry_does_not_send_results_a_later_job_replaced(tmp_path: Path) -> Non
     finally:
         node.stop()
         o.stop()
+
+
+def test_results_a_later_job_replaced_are_not_sent_when_the_pacs_returns(tmp_path: Path) -> None:
+    """The PACS is down while a series' first job (6 of 8 slices) and, after the late slices, its second job (all
+    8, with the rejection note) wait in the outbox. When the PACS returns, the first job's results went too: a
+    partial series beside the whole one. Now only the second job's are sent; the first job ends superseded."""
+    o = start_orthanc(tmp_path / "orthanc")
+    files = write_phantom_series(tmp_path / "ct", slices=8, size=64, step_mm=3.0, seed=34)
+    study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    node = NodeProc.start(tmp_path / "node", {**pacs_sections(o), "outbox": {"max_attempts": 100,
+                                                                               "backoff_initial_s": 0.2,
+                                                                               "backoff_max_s": 1.0}})
+    try:
+        o.stop()
+        assert storescu(files[2:], node.port).returncode == 0
+        node.wait_jobs(lambda js: js and js[0]["state"] == "sending" and js[0]["deliveries"][0]["attempts"] >= 1,
+                       timeout=120, what="job 1 failing to reach the PACS")
+        assert storescu(files[:2], node.port).returncode == 0  # the late ones
+        node.wait_jobs(lambda js: len(js) == 2 and js[1]["state"] == "sending", timeout=120,
+                       what="job 2 waiting in the outbox too")
+        o = restart_orthanc(o)
+        jobs = node.wait_jobs(lambda js: len(js) == 2 and all(j["state"] in DONE for j in js), timeout=120,
+                              what="both jobs settled")
+        assert [j["state"] for j in jobs] == ["superseded", "delivered"], json.dumps(jobs, indent=1)
+        assert "replaced" in jobs[0]["reason"] and "job 2" in jobs[0]["reason"], jobs[0]["reason"]
+        assert series_counts(o, study) == [("CT", 15), ("KO", 1)], series_counts(o, study)
+    finally:
+        node.stop()
+        o.stop()
