@@ -233,6 +233,13 @@ class Index(DeliveryTable):
                            (SeriesState.RECEIVING, settled_since))
         return [(r["study_uid"], r["series_uid"]) for r in rows]
 
+    def stable_series(self) -> list[SeriesKey]:
+        """(study, series) of the series marked 'stable' that have no job for it yet (the decision could not be
+        recorded: the watcher tries again), oldest first."""
+        rows = self._query("SELECT study_uid, series_uid FROM series WHERE state = ? ORDER BY first_received",
+                           (SeriesState.STABLE,))
+        return [(r["study_uid"], r["series_uid"]) for r in rows]
+
     def receiving_series(self) -> list[dict[str, Any]]:
         """The series still 'receiving' or 'stable' (no job yet), oldest first (as ``series``)."""
         rows = self._query("SELECT * FROM series WHERE state IN (?, ?) ORDER BY first_received",

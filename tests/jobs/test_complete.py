@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -230,3 +231,26 @@ def test_duplicates_resent_after_a_kill_are_activity_one_job_on_the_whole_series
     finally:
         node.stop()
     shutil.rmtree(tmp_path / "ct", ignore_errors=True)
+
+
+def test_a_series_whose_decision_could_not_be_recorded_is_decided_again(tmp_path: Path) -> None:
+    """The index refuses to record a series' decision (here a trigger on the jobs table refuses new rows; in the
+    field a write lock held past SQLite's 60 s busy timeout, a full disk): the series was left 'stable' with no
+    job until the node restarted. Now the watcher decides it again at a later pass, once the index takes it."""
+    files = write_phantom_series(tmp_path / "ct", slices=4, size=32, step_mm=3.0, seed=57)
+    study, series = uids(files)
+    with NodeProc.start(tmp_path / "node", {"node": {"stable_age_s": 1.0}}) as node:
+        db = sqlite3.connect(node.spool / "index.sqlite", timeout=60, isolation_level=None)
+        db.execute("CREATE TRIGGER refuse_jobs BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'test: the index "
+                   "refuses new jobs'); END")
+        r = storescu(files, node.port, aet=node.ae_title)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_until(lambda: "could not decide what to do" in node.log(), timeout=60, what="the decision refused")
+        ix = Index(node.spool / "index.sqlite")
+        row = ix.series(series, study)
+        assert row is not None and (row["state"], row["job_id"]) == ("stable", None), row
+        db.execute("DROP TRIGGER refuse_jobs")
+        db.close()
+        jobs = node.wait_jobs(all_done(1), timeout=60, what="the series decided again and processed")
+        assert [(j["state"], j["instances"]) for j in jobs] == [("delivered", 4)], json.dumps(jobs, indent=1)
+        ix.close()
