@@ -254,3 +254,23 @@ def test_a_series_whose_decision_could_not_be_recorded_is_decided_again(tmp_path
         jobs = node.wait_jobs(all_done(1), timeout=60, what="the series decided again and processed")
         assert [(j["state"], j["instances"]) for j in jobs] == [("delivered", 4)], json.dumps(jobs, indent=1)
         ix.close()
+
+
+def test_a_job_the_index_would_not_let_start_is_started_again(tmp_path: Path) -> None:
+    """The index refuses the worker's claim of a queued job (a trigger here; in the field a lock held past the busy
+    timeout, a full disk): the job stayed 'queued' and was never handed to the worker again until the node
+    restarted. Now the worker tries it again a few seconds later."""
+    files = write_phantom_series(tmp_path / "ct", slices=4, size=32, step_mm=3.0, seed=58)
+    with NodeProc.start(tmp_path / "node", {"node": {"stable_age_s": 1.0}}) as node:
+        db = sqlite3.connect(node.spool / "index.sqlite", timeout=60, isolation_level=None)
+        db.execute("CREATE TRIGGER refuse_claims BEFORE UPDATE OF state ON jobs WHEN NEW.state = 'processing' BEGIN"
+                   " SELECT RAISE(ABORT, 'test: the index refuses to start jobs'); END")
+        r = storescu(files, node.port, aet=node.ae_title)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_until(lambda: "the worker could not record its outcome" in node.log(), timeout=60,
+                   what="the claim refused")
+        assert [j["state"] for j in node.jobs()] == ["queued"]
+        db.execute("DROP TRIGGER refuse_claims")
+        db.close()
+        jobs = node.wait_jobs(all_done(1), timeout=60, what="the job started again and processed")
+        assert [(j["state"], j["instances"]) for j in jobs] == [("delivered", 4)], json.dumps(jobs, indent=1)
