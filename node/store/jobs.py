@@ -149,11 +149,10 @@ class JobTable(IndexDB):
                           (job_id,)).fetchone()
             if j is None:
                 raise SpoolError(f"index: no job {job_id}")
-            s = c.execute("SELECT job_id, state FROM series WHERE study_uid = ? AND series_uid = ?",
+            s = c.execute("SELECT job_id, state, n_instances FROM series WHERE study_uid = ? AND series_uid = ?",
                           (j["study_uid"], j["series_uid"])).fetchone()
-            n = int(c.execute("SELECT COUNT(*) FROM instances WHERE study_uid = ? AND series_uid = ?",
-                              (j["study_uid"], j["series_uid"])).fetchone()[0])
-            took = int(j["n_instances"])
+            # the job's n_instances was the series' count when it was made: the same column, compared
+            n, took = int(s["n_instances"]) if s is not None else 0, int(j["n_instances"])
             if s is not None and s["job_id"] is not None and int(s["job_id"]) > job_id:
                 reason = (f"superseded by job {s['job_id']}: its series was decided again (late instances) before "
                           f"this job's results were sent; they are not sent")
