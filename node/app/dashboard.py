@@ -45,6 +45,8 @@ DONE_MESSAGES = {  # ?done= codes after a POST (fixed words: nothing from the qu
     "requeued": "Re-queued for processing.",
     "redeliver": "Dead-letter deliveries re-queued.",
     "nothing": "Nothing to retry in this job's state.",
+    "replaced": "Not sent again: a later job of the series replaced its results, and its rejection note retires them.",
+    "rematched": "Its rule is not configured (any more): its series is matched against the rules again.",
     "replayed": "Queued as a replay.",
     "no-replay": "Cannot replay: the job's rule is not configured (any more), or its series is not in the spool.",
     "busy": "Cannot replay now: the series has a job queued or in progress.",
@@ -151,7 +153,7 @@ def dashboard_routes(ctx: NodeContext) -> list[Route]:
         preview = await run_in_threadpool(data.has_preview, ctx.spool, job)
         done = request.query_params.get("done", "")
         return page(request, "job.html", job=view, preview=preview, message=DONE_MESSAGES.get(done, ""),
-                    message_ok=done in ("requeued", "redeliver", "replayed"),
+                    message_ok=done in ("requeued", "redeliver", "replayed", "rematched"),
                     refresh=not view["done"] and request.query_params.get("refresh", "") != "0")
 
     async def preview(request: Request) -> Response:
@@ -166,9 +168,18 @@ def dashboard_routes(ctx: NodeContext) -> list[Route]:
         job = await run_in_threadpool(_job, request)
         if job is None:
             return refused("no such job", 404)
-        if job.state is JobState.FAILED and await run_in_threadpool(
+        if job.state is JobState.FAILED and job.rule not in {r.name for r in cfg.rules}:
+            # re-running it under a rule that is gone would fail again: its series is decided again instead
+            rematched = await run_in_threadpool(ctx.index.reconsider_ignored, job.id, "matched against the rules "
+                                                f"again from the dashboard (its rule {job.rule!r} is not configured)",
+                                                JobState.FAILED)
+            done = "rematched" if rematched else "nothing"
+        elif job.state is JobState.FAILED and await run_in_threadpool(
                 ctx.index.requeue_job, job.id, "re-queued from the dashboard"):
             done = "requeued"
+        elif job.state in (JobState.DEAD_LETTER, JobState.SUPERSEDED) and (
+                await run_in_threadpool(ctx.index.replaced_by, job.id) is not None):
+            done = "replaced"  # a later job's results (and its rejection note) replace these: never sent again
         elif await run_in_threadpool(ctx.index.requeue_deliveries, job.id):
             done = "redeliver"
         else:

@@ -2,7 +2,8 @@
 
 Both read the spool index directly, so they work whether or not the node is running; a running node picks up
 re-queued work within a second or two. A job whose input slices are not all in a derived series lists each such
-slice (file and reason) under its line, and in ``--json`` as ``left_out``. The series not yet complete (and, in
+slice (file and reason) under its line, and in ``--json`` as ``left_out``; a job made from fewer instances than
+its series declares says so (``INCOMPLETE: ...``; ``--json``: its report's ``declared`` and ``incomplete``). The series not yet complete (and, in
 ``--json``, the series of the jobs listed) are shown with their instance counts and declared sizes. Each delivery
 shows how the destination confirmed it (``node.send.confirm``): the method, instances confirmed of expected and
 when, or why it is not confirmed.
@@ -85,6 +86,15 @@ def confirmation_text(x: dict[str, Any]) -> str:
     return f"not confirmed: {c['note']}"
 
 
+def _retrying(x: dict[str, Any]) -> str:
+    """Why a pending delivery is waiting for its next attempt (its last failure, shortened), for the status line;
+    "" when it has not failed (a dead-letter's reason is the job's)."""
+    if x["state"] != DeliveryState.PENDING or not x["attempts"] or not x["reason"]:
+        return ""
+    why = " ".join(str(x["reason"]).split())
+    return f" [last attempt failed: {why[:200]}{'...' if len(why) > 200 else ''}]"
+
+
 def _utc(t: float | None) -> str | None:
     """Unix seconds as UTC ISO 8601 with milliseconds (None stays None)."""
     if t is None:
@@ -125,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``srnode status`` or ``srnode retry``; returns the exit code (retry: 1 for an unknown job id)."""
     index = _open(args)
     if args.command == "retry":
-        return _retry(index, list(args.jobs))
+        rules = {r.name for r in load_config(args.config).rules}
+        return _retry(index, list(args.jobs), rules)
     jobs = index.jobs(args.state)[-args.limit:] if args.limit > 0 else index.jobs(args.state)
     docs = [job_dict(index, j) for j in jobs]
     conflicts = [conflict_dict(c) for c in index.conflicts()]
@@ -146,11 +157,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'JOB':>5}  {'STATE':<11} {'RULE':<14} {'N':>4}  {'SERIES':<{width}}  REASON / DELIVERIES")
     for d in docs:
         dl = ", ".join(f"{x['destination']}:{x['state']}" + (f"({x['attempts']})" if x["attempts"] > 1 else "")
-                       + (f" [{confirmation_text(x)}]" if confirmation_text(x) else "") for x in d["deliveries"])
+                       + (f" [{confirmation_text(x)}]" if confirmation_text(x) else "") + _retrying(x)
+                       for x in d["deliveries"])
         extra = "; ".join(s for s in (d["reason"], dl, f"fallback: {d['fallback']}" if d["fallback"] else "",
                                       f"supersedes job {d['supersedes']}" if d["supersedes"] else "") if s)
         print(f"{d['id']:>5}  {d['state']:<11} {d['rule'][:14]:<14} {d['instances']:>4}  {d['series']:<{width}}  "
               f"{extra}")
+        if (d["report"] or {}).get("incomplete"):  # fewer instances than the series declares
+            print(f"{'':>5}  INCOMPLETE: {d['report']['incomplete']}")
         for x in d["left_out"]:
             print(f"{'':>5}  NOT IN ANY DERIVED SERIES: slice {x.get('index')}/{x.get('of')} {x.get('file')}: "
                   f"{x.get('reason')}")
@@ -169,7 +183,10 @@ def _print_waiting(waiting: list[dict[str, Any]]) -> None:
         print(f"  series {s['series']}: {s['instances']} instance(s){declared}, last received {s['last_received']}")
 
 
-def _retry(index: Index, job_ids: list[int]) -> int:
+def _retry(index: Index, job_ids: list[int], rules: set[str]) -> int:
+    """Re-queue each job of ``job_ids`` (default: every failed or dead-letter job): a failed job under a rule of
+    ``rules`` (the node's rule names) runs again; one whose rule is not among them (renamed, removed, or none
+    was chosen) has its series matched against the running node's rules again, as an ignored job named here."""
     targets = job_ids or sorted({j.id for j in index.jobs((JobState.FAILED, JobState.DEAD_LETTER))})
     if not targets:
         print("nothing to retry: no failed jobs or dead-letter deliveries")
@@ -182,9 +199,19 @@ def _retry(index: Index, job_ids: list[int]) -> int:
             print(f"job {jid}: {exc}", file=sys.stderr)
             rc = 1
             continue
-        if job.state is JobState.FAILED:
+        if job.state is JobState.FAILED and job.rule not in rules:
+            gone = f"its rule {job.rule!r} is no longer configured" if job.rule else "no rule was chosen"
+            if index.reconsider_ignored(jid, f"matched against the rules again by srnode retry ({gone})",
+                                        JobState.FAILED):
+                print(f"job {jid}: {gone}; the running node matches its series against its rules again")
+            else:
+                print(f"job {jid}: {gone}, and its series has a later job: nothing to retry")
+        elif job.state is JobState.FAILED:
             index.requeue_job(jid)
             print(f"job {jid}: re-queued for processing")
+        elif job.state in (JobState.DEAD_LETTER, JobState.SUPERSEDED) and (later := index.replaced_by(jid)) is not None:
+            print(f"job {jid}: its results were replaced by job {later} (late instances), whose rejection note "
+                  "retires them: not sent again")
         elif index.requeue_deliveries(jid):
             print(f"job {jid}: dead-letter deliveries re-queued")
         elif job.state is JobState.IGNORED and index.reconsider_ignored(jid):

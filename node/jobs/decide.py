@@ -1,7 +1,8 @@
 """The decision on a stable series: which rule takes it (and so factors, engine, destinations), or why none.
 
-The rules a series may use were fixed when its instances were admitted (``node.ingest.admit.caller_rules``, stored
-as the series' ``allowed_rules``); here the rules are matched on the series' first instance's header.
+The rules each instance may use were fixed when it was admitted (``node.ingest.admit.caller_rules``, stored on the
+instance); a series whose instances came from several callers may use only the rules every one of them may (its
+derived series holds every instance). Here the rules are matched on the series' first instance's header.
 """
 
 from __future__ import annotations
@@ -14,9 +15,22 @@ from node.audit import AuditLog
 from node.config import Config, RuleConfig
 from node.jobs.rules import allowed_rules, match_rule
 from node.phi import dataset_values, mask_quoted, scrub
-from node.store import Index, JobState
+from node.store import Index, Instance, JobState
 
 log = logging.getLogger(__name__)
+
+
+def _series_rules(instances: list[Instance], series: dict[str, object]) -> tuple[frozenset[str] | None, str]:
+    """The rules the series may use -- those every instance's caller may use (None: every rule) -- and its
+    callers' AE titles in words. Instances of a caller restricted by ``[node] allowed_callers`` are never processed
+    by a rule it may not use because another caller sent the series' first instance."""
+    allowed: frozenset[str] | None = None
+    for stored in {i.allowed_rules for i in instances} or {str(series.get("allowed_rules", ""))}:
+        mine = allowed_rules(stored)
+        if mine is not None:
+            allowed = mine if allowed is None else allowed & mine
+    callers = sorted({i.calling_ae for i in instances}) or [str(series.get("calling_ae", ""))]
+    return allowed, ", ".join(callers)
 
 
 def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = None,
@@ -37,8 +51,8 @@ def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = 
     header = None
     try:
         header = dcmread(instances[0].path, stop_before_pixels=True)
-        rule, reason = match_rule(cfg, header, allowed_rules(str(s.get("allowed_rules", ""))),
-                                  str(s.get("calling_ae", "")))
+        allowed, callers = _series_rules(instances, s)
+        rule, reason = match_rule(cfg, header, allowed, callers)
     except Exception as exc:  # noqa: BLE001 - a broken first instance or rule: record it, keep watching
         reason = f"cannot match the rules on the series' first instance: {type(exc).__name__}: {exc}"
         # the exception's text may quote a header value: never let it reach the index, the log or the audit

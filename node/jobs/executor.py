@@ -21,6 +21,8 @@ from node.jobs.runner import run_job
 
 log = logging.getLogger(__name__)
 
+RETRY_S = 5.0  # seconds before a job whose claim or outcome the index refused is handed to the worker again
+
 
 @runtime_checkable
 class Executor(Protocol):
@@ -37,18 +39,23 @@ class Executor(Protocol):
 
 
 class InProcessExecutor:
-    """A single worker thread calling ``node.jobs.runner.run_job(ctx, job_id)`` for each submitted job."""
+    """A single worker thread calling ``node.jobs.runner.run_job(ctx, job_id)`` for each submitted job; a job
+    whose claim or outcome the index refused (SpoolError escaping ``run_job``) is submitted again ``RETRY_S``
+    later."""
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._pending: set[int] = set()
+        self._running: int | None = None  # the job id in hand
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         """Start the worker thread (a daemon); no-op when it runs."""
         if self._thread is None:
+            self._stopping.clear()
             self._thread = threading.Thread(target=self._loop, name="srnode-worker", daemon=True)
             self._thread.start()
 
@@ -59,6 +66,10 @@ class InProcessExecutor:
                 return
             self._pending.add(job_id)
         self._queue.put(job_id)
+
+    def _resubmit(self, job_id: int) -> None:
+        if not self._stopping.is_set():
+            self.submit(job_id)
 
     @property
     def pending(self) -> int:
@@ -71,20 +82,35 @@ class InProcessExecutor:
             job_id = self._queue.get()
             if job_id is None:
                 return
+            with self._lock:
+                self._running = job_id
+            failed = False
             try:
                 run_job(self.ctx, job_id)
             except Exception as exc:  # noqa: BLE001 - run_job records job failures; this is the spool failing
-                log.exception("job %s: the worker could not record its outcome: %s", job_id, exc)
+                log.exception("job %s: the worker could not record its outcome: %s; it is tried again in %.0f s",
+                              job_id, exc, RETRY_S)
+                failed = True
             finally:
                 with self._lock:
                     self._pending.discard(job_id)
+                    self._running = None
+            if failed and not self._stopping.is_set():
+                # the index refused the claim or the outcome (locked, full): the job is still queued (or left
+                # 'processing', then skipped); the watcher submits a job once per change, so submit it again here
+                retry = threading.Timer(RETRY_S, self._resubmit, (job_id,))
+                retry.daemon = True
+                retry.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the job in hand (up to ``timeout`` seconds); queued jobs stay queued in the index.
 
-        A job still running after ``timeout`` dies with the process and is re-queued at the next start."""
+        A job still running after ``timeout`` dies with the process and is re-queued at the next start; that run
+        does not count toward ``[node] max_job_attempts`` (``Index.stopped_during``): only runs that stopped the
+        node (kill -9, out of memory) make a job poison."""
         if self._thread is None:
             return
+        self._stopping.set()
         while True:  # drop what was not started: it is still 'queued' in the index
             try:
                 dropped = self._queue.get_nowait()
@@ -97,6 +123,14 @@ class InProcessExecutor:
         if self._thread.is_alive():
             log.warning("worker: the running job did not finish within %.0f s; it is re-queued at next start",
                         timeout)
+            with self._lock:
+                running = self._running
+            # a stop is no crash: this run must not count toward max_job_attempts (poison)
+            if running is not None:
+                try:
+                    self.ctx.store.index.stopped_during(running)
+                except Exception as exc:  # noqa: BLE001 - stopping anyway; the run then counts as one that stopped it
+                    log.warning("job %s: its interrupted run could not be recorded as such: %s", running, exc)
         self._thread = None
 
 

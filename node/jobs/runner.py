@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from node.config import RuleConfig
 from node.derived import reject_superseded, result_revision
@@ -43,6 +43,7 @@ from node.process import (
 from node.store import Job, JobState
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # seconds between tries to record a job's outcome while the index cannot be written (its disk full, a lock held
 # past sqlite's busy timeout): about 30 s in all, then the error escapes (the worker logs it; the job is re-queued
@@ -72,11 +73,15 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     """Run a job already claimed ('processing'); returns its new state (a ``JobState`` value).
 
     'sending' (deliveries enqueued, or originals forwarded when SR failed and the rule forwards them),
-    'delivered' (no destinations), or 'failed' with the reason. Only spool and index failures (SpoolError,
+    'delivered' (no destinations), 'failed' with the reason, or 'superseded' when the series moved on since the
+    job took it (late instances, a later job of the series), checked before it runs and again before its results
+    are enqueued: results made from part of a series are removed, never sent. Only spool and index failures (SpoolError,
     OSError, sqlite3.Error) escape.
     """
     cfg, spool, index, audit, metrics = ctx.cfg, ctx.store.spool, ctx.store.index, ctx.audit, ctx.metrics
     t0 = time.monotonic()
+    if _moved_on(ctx, job):  # late instances (or a later job) since the decision: the series is decided again
+        return JobState.SUPERSEDED
     rule = _rule(cfg.rules, job.rule)
     if rule is None:
         return _fail(ctx, job, f"rule {job.rule!r} is no longer in the configuration", "config")
@@ -118,6 +123,9 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
             _discard(job, out_dir)
     seconds = time.monotonic() - t0
     metrics.job_seconds.labels(stage="process").observe(seconds)
+    if _moved_on(ctx, job):  # instances arrived (or a later job was made) while it ran: never sent, removed
+        _discard(job, out_dir)
+        return JobState.SUPERSEDED
     files = [str(p) for p in [*result.derived_files, *result.uncertainty_files]]
     try:  # a reprocess after late instances: retire the earlier results in PACS (IOCM rejection note)
         room.check(0, "the rejection note")
@@ -143,6 +151,7 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     report.setdefault("derived_files", len(result.derived_files))
     report.setdefault("uncertainty_files", len(result.uncertainty_files))
     report["left_out"] = [x.as_dict() for x in result.left_out]  # input slices in no derived series, with why
+    missing = _declared_shortfall(ctx, job, len(paths), report)  # fewer instances than the series declares
     state = JobState.SENDING if per_dest else JobState.DELIVERED
     reason = "" if per_dest else "rule has no destinations; results kept in the spool"
     _recorded(job, lambda: index.finish_job(
@@ -158,8 +167,38 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     audit.write("job-processed", job=job.id, series=job.series_uid, derived_series=result.derived_series_uid,
                 uncertainty_series=result.uncertainty_series_uid, engine=result.engine,
                 fallback=result.fallback or "", seconds=round(seconds, 2), destinations=list(per_dest),
-                left_out=[x.file for x in result.left_out])
+                left_out=[x.file for x in result.left_out], missing_declared=missing)
     return state
+
+
+def _declared_shortfall(ctx: JobContext, job: Job, inputs: int, report: dict[str, Any]) -> int:
+    """How many instances the series declares (ImagesInAcquisition, a puller, the HTTP hint) beyond the
+    ``inputs`` the job was made from (0: none declared, or no fewer). The job came from the quiet period without
+    them: its derived series may lack slices yet looks complete, so ``report`` says so (``declared``: instances,
+    by, missing; ``incomplete``: in words, shown by ``srnode status``) and a warning is logged."""
+    row = ctx.store.index.series(job.series_uid, job.study_uid) or {}
+    declared = row.get("declared_instances")
+    if declared is None or int(declared) <= inputs:
+        return 0
+    missing, by = int(declared) - inputs, str(row.get("declared_by") or "")
+    report["declared"] = {"instances": int(declared), "by": by, "missing": missing}
+    report["incomplete"] = (f"made from {inputs} of the {declared} instance(s) the series declares ({by}); {missing} "
+                            f"never came (quiet for stable_age_s {ctx.cfg.node.stable_age_s:g} s)")
+    log.warning("job %d (series %s): %s", job.id, job.series_uid, report["incomplete"])
+    return missing
+
+
+def _moved_on(ctx: JobContext, job: Job) -> bool:
+    """Whether ``job``'s series moved on since the job took it (``Index.supersede_if_moved_on``: late instances,
+    or a later job of the series on another worker); if so the job is now 'superseded', logged and audited, and
+    nothing of it is sent: a derived series made from part of a series never reaches a destination."""
+    reason = _recorded_value(job, lambda: ctx.store.index.supersede_if_moved_on(job.id))
+    if not reason:
+        return False
+    log.warning("job %d (series %s): superseded: %s", job.id, job.series_uid, reason)
+    ctx.metrics.series_processed.labels(outcome="superseded").inc()
+    ctx.audit.write("job-superseded", job=job.id, series=job.series_uid, reason=reason)
+    return True
 
 
 def _scrubbed(reason: str, paths: list[Path]) -> str:
@@ -214,10 +253,14 @@ def _recorded(job: Job, record: Callable[[], None]) -> None:
     """Run ``record`` (an index write of the job's outcome), trying again after each of :data:`RECORD_DELAYS_S`
     while the index cannot be written (SpoolError, sqlite3.Error: its disk full, a lock held); the last error
     escapes."""
+    _recorded_value(job, record)
+
+
+def _recorded_value(job: Job, record: Callable[[], _T]) -> _T:
+    """As :func:`_recorded`, returning what ``record`` returns."""
     for delay in (*RECORD_DELAYS_S, None):
         try:
-            record()
-            return
+            return record()
         except (SpoolError, sqlite3.Error) as exc:
             if delay is None:
                 log.error("job %d: its outcome could not be recorded (%s); it stays 'processing' until the node "
@@ -226,6 +269,7 @@ def _recorded(job: Job, record: Callable[[], None]) -> None:
             log.warning("job %d: its outcome cannot be recorded yet (%s); trying again in %.2f s", job.id, exc,
                         delay)
             time.sleep(delay)
+    raise AssertionError("unreachable")  # the last try returns or raises
 
 
 def _fail(ctx: JobContext, job: Job, reason: str, category: str) -> str:

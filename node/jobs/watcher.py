@@ -11,6 +11,9 @@ When is a series complete:
   and the node itself has been up that long: silence while the node was down (a sender that could not reach
   it) is no evidence that a series is complete.
 
+A series marked stable whose decision could not be recorded (the index locked past its busy timeout, a full disk)
+stays 'stable' and is decided again ``RETRY_DECIDE_S`` later, never left without a job until a restart.
+
 To change when a series counts as complete, change :meth:`StabilityWatcher.tick` (and the index queries it
 uses, ``Index.quiet_series`` / ``Index.mark_stable``).
 """
@@ -31,6 +34,8 @@ from node.store import Index, JobState
 
 log = logging.getLogger(__name__)
 
+RETRY_DECIDE_S = 5.0  # seconds before a series whose decision could not be recorded is decided again
+
 
 class StabilityWatcher:
     """Polls the index: quiet series become jobs; queued jobs are handed to ``submit``."""
@@ -43,6 +48,7 @@ class StabilityWatcher:
         self._thread: threading.Thread | None = None
         self._submitted: dict[int, float] = {}  # job id -> its 'updated' time when last submitted
         self._up_since = 0.0  # Unix seconds the watcher started (0: never started; tick() called directly)
+        self._undecided: dict[tuple[str, str], float] = {}  # stable series whose decision failed -> next try (s)
 
     def hint(self) -> None:
         """An association was released: look now (the series must still be quiet for stable_age_s)."""
@@ -75,6 +81,12 @@ class StabilityWatcher:
         ``submit``; the queue depth metric is set. NodeError from a decision or a submit is logged; index errors
         (SpoolError) raise."""
         now = time.time()
+        # series left 'stable' without a job (recording the decision failed: the index locked or full): again
+        stable = self.index.stable_series()
+        self._undecided = {k: t for k, t in self._undecided.items() if k in stable}
+        for study_uid, series_uid in stable:
+            if self._undecided.get((study_uid, series_uid), 0.0) <= now:
+                self._decide(study_uid, series_uid)
         settled_since = now - self.settle_s
         for study_uid, series_uid in self.index.complete_series(settled_since):
             if self.index.mark_stable(series_uid, settled_since, study_uid=study_uid, complete=True):
@@ -103,10 +115,16 @@ class StabilityWatcher:
         self.metrics.queue_depth.set(self.index.queue_depth())
 
     def _decide(self, study_uid: str, series_uid: str) -> None:
+        """Decide a stable series (``node.jobs.decide``); when that fails (NodeError: the index cannot record it)
+        the series stays 'stable' and is decided again at a pass ``RETRY_DECIDE_S`` seconds later."""
         try:
             decide(self.cfg, self.index, series_uid, self.audit, study_uid=study_uid)
         except NodeError as exc:
-            log.error("series %s (study %s): could not decide what to do: %s", series_uid, study_uid, exc)
+            log.error("series %s (study %s): could not decide what to do: %s; trying again in %.0f s", series_uid,
+                      study_uid, exc, RETRY_DECIDE_S)
+            self._undecided[(study_uid, series_uid)] = time.time() + RETRY_DECIDE_S
+        else:
+            self._undecided.pop((study_uid, series_uid), None)
 
     def _loop(self) -> None:
         interval = min(0.5, self.cfg.node.stable_age_s / 4, max(self.settle_s / 2, 0.1))

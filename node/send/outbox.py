@@ -3,7 +3,8 @@
 A thread picks due deliveries, sends them with the destination's Sender and records the outcome. A retryable
 failure is tried again after an exponential backoff ([outbox] backoff_initial_s doubling up to backoff_max_s);
 after max_attempts, or at once for a non-retryable failure, the delivery goes to dead-letter with the reason
-(``srnode retry`` puts it back). A resend is harmless: derived UIDs are deterministic.
+(``srnode retry`` puts it back). A resend is harmless: derived UIDs are deterministic. A delivery whose results a
+later job of the same series replaced (late instances; that job's rejection note retires them) is not sent at all.
 
 Accepted files are not yet delivered: ``node.send.confirm`` asks the destination (Storage Commitment, or a count
 of what it holds), and only its answer makes the delivery 'delivered'; a shortfall is a failed attempt.
@@ -22,7 +23,7 @@ from node.errors import ConfigError, DeliveryError, NodeError
 from node.metrics import Metrics
 from node.send.base import Sender, make_sender
 from node.send.confirm import Confirmations, Mismatch
-from node.store import Delivery, DeliveryState, Index
+from node.store import Delivery, DeliveryState, Index, JobState
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,10 @@ class Outbox:
 
     def attempt(self, d: Delivery) -> None:
         t0 = time.monotonic()
+        later = self.index.replaced_by(d.job_id)
+        if later is not None:  # a later job of the series made results that replace these: never sent
+            self.replaced(d, later)
+            return
         try:
             missing = [f for f in d.files if not Path(f).is_file()]
             if missing:
@@ -141,6 +146,21 @@ class Outbox:
                 self.audit.write("delivery", job=d.job_id, destination=d.destination, outcome=DeliveryState.DEAD_LETTER,
                                  attempts=attempts, reason=str(exc))
         self.index.settle_job(d.job_id)
+
+    def replaced(self, d: Delivery, later: int) -> None:
+        """``d``'s results were replaced by job ``later``'s (late instances made the series be processed again; its
+        rejection note retires these): ``d`` is not sent (dead-letter, with why) and, once none of its job's
+        deliveries is pending or awaiting a confirmation, the job is 'superseded'. Logged and audited."""
+        why = (f"not sent: job {later} of the same series replaced these results (late instances), and its "
+               f"rejection note retires them")
+        self.index.delivery_failed(d.id, why, None)
+        log.warning("job %d -> %s: %s", d.job_id, d.destination, why)
+        self.metrics.deliveries.labels(destination=d.destination, outcome="replaced").inc()
+        if self.audit:
+            self.audit.write("delivery", job=d.job_id, destination=d.destination, outcome="replaced", reason=why)
+        if not self.index.deliveries(d.job_id, (DeliveryState.PENDING, DeliveryState.SENT)):
+            self.index.finish_job(d.job_id, JobState.SUPERSEDED, f"superseded by job {later}, whose results "
+                                                                 "replaced this job's before they were sent: not sent")
 
     def settled(self, d: Delivery) -> None:
         """``d`` ended delivered or unconfirmed (the index holds which, and how it was confirmed): settle its job,

@@ -7,7 +7,8 @@ State machines (every change records a reason in words; the states are ``node.st
   earlier one. A series is keyed by its study and its SeriesInstanceUID: two studies that share a
   SeriesInstanceUID are two series.
 - jobs: queued → processing → sending → delivered | failed | dead-letter; ignored (no rule matched);
-  superseded (a later job of the same series replaced it while queued).
+  superseded (a later job of the same series replaced it while queued, or late instances arrived before its
+  results were enqueued: ``supersede_if_moved_on``).
 - deliveries (the outbox, one row per job and destination): pending → delivered | dead-letter.
 
 Times (``received_at``, ``created``, ``updated``, ``next_attempt``, ...) are Unix seconds (``time.time()``).
@@ -230,6 +231,13 @@ class Index(DeliveryTable):
         rows = self._query("SELECT study_uid, series_uid FROM series WHERE state = ? AND declared_instances IS NOT"
                            " NULL AND n_instances = declared_instances AND last_received < ? ORDER BY first_received",
                            (SeriesState.RECEIVING, settled_since))
+        return [(r["study_uid"], r["series_uid"]) for r in rows]
+
+    def stable_series(self) -> list[SeriesKey]:
+        """(study, series) of the series marked 'stable' that have no job for it yet (the decision could not be
+        recorded: the watcher tries again), oldest first."""
+        rows = self._query("SELECT study_uid, series_uid FROM series WHERE state = ? ORDER BY first_received",
+                           (SeriesState.STABLE,))
         return [(r["study_uid"], r["series_uid"]) for r in rows]
 
     def receiving_series(self) -> list[dict[str, Any]]:

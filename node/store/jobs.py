@@ -136,6 +136,49 @@ class JobTable(IndexDB):
                           (series_state, reason, row["study_uid"], row["series_uid"], job_id,
                            SeriesState.RECEIVING, SeriesState.STABLE))
 
+    def supersede_if_moved_on(self, job_id: int) -> str:
+        """A job about to run, or whose results are about to be enqueued: when its series has moved on since the
+        job took it -- a later job of the series exists (two workers), or instances arrived after the job's
+        ``n_instances`` (late instances: the series is 'receiving' again) -- its results would be made from part
+        of the series, or replaced already, so the job becomes 'superseded' with the reason, which is returned;
+        nothing of it is to be sent. The series is decided again once complete (put back to 'receiving' if this
+        job still held it in another state). Returns '' when the series is as the job took it; SpoolError."""
+        now = time.time()
+        with self.tx() as c:
+            j = c.execute("SELECT study_uid, series_uid, n_instances, state FROM jobs WHERE id = ?",
+                          (job_id,)).fetchone()
+            if j is None:
+                raise SpoolError(f"index: no job {job_id}")
+            s = c.execute("SELECT job_id, state, n_instances FROM series WHERE study_uid = ? AND series_uid = ?",
+                          (j["study_uid"], j["series_uid"])).fetchone()
+            # the job's n_instances was the series' count when it was made: the same column, compared
+            n, took = int(s["n_instances"]) if s is not None else 0, int(j["n_instances"])
+            if s is not None and s["job_id"] is not None and int(s["job_id"]) > job_id:
+                reason = (f"superseded by job {s['job_id']}: its series was decided again (late instances) before "
+                          f"this job's results were sent; they are not sent")
+            elif n > took:
+                reason = (f"{n - took} instance(s) arrived after it took the series' {took}: its results would be "
+                          f"made from part of the series and are not sent; the series is processed again, whole, "
+                          f"once complete")
+            else:
+                return ""
+            c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ?, finished = ? WHERE id = ?",
+                      (JobState.SUPERSEDED, reason, now, now, job_id))
+            c.execute("UPDATE series SET state = ?, reason = ? WHERE study_uid = ? AND series_uid = ? AND job_id = ?"
+                      " AND state NOT IN (?, ?)",
+                      (SeriesState.RECEIVING, f"job {job_id} superseded: {reason}", j["study_uid"], j["series_uid"],
+                       job_id, SeriesState.RECEIVING, SeriesState.STABLE))
+        return reason
+
+    def replaced_by(self, job_id: int) -> int | None:
+        """The latest later job of ``job_id``'s series that made results (a derived series): its results replace
+        this job's, and its IOCM rejection note retires them, so this job's are not to be sent again. None when
+        there is none (or no such job)."""
+        rows = self._query("SELECT l.id FROM jobs j JOIN jobs l ON l.study_uid = j.study_uid AND l.series_uid ="
+                           " j.series_uid AND l.id > j.id AND l.derived_series_uid != '' WHERE j.id = ?"
+                           " ORDER BY l.id DESC LIMIT 1", (job_id,))
+        return int(rows[0]["id"]) if rows else None
+
     def poison_candidates(self, max_attempts: int) -> list[Job]:
         """Jobs left 'processing' whose ``attempts`` reached ``max_attempts`` (read only; what
         :meth:`requeue_interrupted` will fail as poison)."""
@@ -167,6 +210,16 @@ class JobTable(IndexDB):
             rows = c.execute("SELECT id FROM jobs WHERE state = ? ORDER BY id", (JobState.QUEUED,)).fetchall()
         return [int(r["id"]) for r in rows]
 
+    def stopped_during(self, job_id: int) -> bool:
+        """The node is stopping (SIGTERM) while job ``job_id`` still runs and will not wait for it: its run is not
+        one that stopped the node (it is re-queued at the next start, ``requeue_interrupted``), so it does not count
+        toward ``max_job_attempts`` (``attempts`` back by one). False when the job is not 'processing' any more."""
+        with self.tx() as c:
+            cur = c.execute("UPDATE jobs SET attempts = MAX(attempts - 1, 0), reason = ?, updated = ? WHERE id = ?"
+                            " AND state = ?", ("interrupted by the node's stop; re-queued at its next start",
+                                               time.time(), job_id, JobState.PROCESSING))
+            return cur.rowcount == 1
+
     def fail_poison(self, job_id: int, reason: str) -> None:
         """A job whose runs kept stopping the process: 'failed' with ``reason`` (and its series)."""
         with self.tx() as c:
@@ -180,17 +233,20 @@ class JobTable(IndexDB):
                   (SeriesState.FAILED, reason, job_id, SeriesState.RECEIVING, SeriesState.STABLE))
 
     def reconsider_ignored(self, job_id: int,
-                           reason: str = "matched against the rules again by srnode retry") -> bool:
+                           reason: str = "matched against the rules again by srnode retry",
+                           state: JobState = JobState.IGNORED) -> bool:
         """An ignored job's series (no rule matched it) goes back to 'receiving', as after a late instance: the
         running node's watcher takes it as stable at its next pass and matches it against its rules as they are
-        now (a new job, which supersedes this one). The job stays 'ignored' (its history). False when the job is
-        not 'ignored' or its series has moved on since (a later job)."""
+        now (a new job, which supersedes this one). The job stays 'ignored' (its history). ``state`` failed: the
+        same for a failed job (its rule is no longer configured, or the rules could not be matched). False when
+        the job is not in ``state`` or its series has moved on since (a later job)."""
+        state = JobState(state)
         with self.tx() as c:
             row = c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["state"] != JobState.IGNORED:
+            if row is None or row["state"] != state:
                 return False
             cur = c.execute("UPDATE series SET state = ?, reason = ? WHERE job_id = ? AND state = ?",
-                            (SeriesState.RECEIVING, reason, job_id, SeriesState.IGNORED))
+                            (SeriesState.RECEIVING, reason, job_id, series_state_of(state)))
             return cur.rowcount == 1
 
     def requeue_job(self, job_id: int, reason: str = "re-queued by srnode retry") -> bool:
@@ -201,7 +257,7 @@ class JobTable(IndexDB):
             cur = c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ?, attempts = 0"
                             " WHERE id = ? AND state = ?",
                             (JobState.QUEUED, reason, now, job_id, JobState.FAILED))
-            if cur.rowcount == 1:
-                c.execute("UPDATE series SET state = ?, reason = ? WHERE job_id = ?",
-                          (SeriesState.QUEUED, reason, job_id))
+            if cur.rowcount == 1:  # a series receiving late instances stays so (the job is superseded at claim)
+                c.execute("UPDATE series SET state = ?, reason = ? WHERE job_id = ? AND state NOT IN (?, ?)",
+                          (SeriesState.QUEUED, reason, job_id, SeriesState.RECEIVING, SeriesState.STABLE))
             return cur.rowcount == 1

@@ -4,7 +4,8 @@ first spool format, so existing spools keep working); a ``StrEnum`` member compa
 - series: receiving → stable → queued → processing → sending → delivered | failed | ignored | dead-letter; a late
   instance puts a series back to receiving, and the next stable point makes a job that supersedes the earlier one.
 - jobs: queued → processing → sending → delivered | failed | dead-letter; ignored (no rule took the series);
-  superseded (a later job of the same series replaced it before it ran).
+  superseded (a later job of the same series replaced it before it ran, or its series moved on -- late instances,
+  a later job -- before its results were enqueued: they are never sent).
 - deliveries (the outbox, one row per job and destination): pending → [sent →] delivered | unconfirmed |
   dead-letter. 'sent': the files were accepted and the destination's confirmation (a Storage Commitment report)
   is awaited; 'unconfirmed': accepted, but the destination offers no way to confirm it (``node.send.confirm``);

@@ -229,3 +229,30 @@ def test_c_store_obeys_the_same_caller_rules(tmp_path: Path) -> None:
         assert _status(node)["instances"] == 2 * SLICES
     finally:
         node.stop()
+
+
+def test_a_series_sent_by_two_callers_uses_only_rules_allowed_for_both(tmp_path: Path) -> None:
+    """One series, its first half sent by CT02 (every rule), the rest by CT01 (only r2): CT01's instances are in
+    the derived series, so the series may use only what both may: r2 (the first caller's rules alone gave r1).
+    CT01 (r2) and CT03 (r1) together: no rule allowed for both, left alone with the reason."""
+    shared, disjoint = (phantom(tmp_path, seed=s, slices=SLICES) for s in (724, 725))
+    callers = [{"ae_title": "CT01", "host": "127.0.0.1", "rules": ["r2"]}, {"ae_title": "CT02"},
+               {"ae_title": "CT03", "rules": ["r1"]}]
+    # one quiet period over both halves: each series makes one job
+    node = _start(tmp_path / "node", _sections(callers, node={"require_known_callers": True,
+                                                              "allowed_callers": callers, "stable_age_s": 5.0}))
+    try:
+        wait_until(lambda: _echo(node, "CT01"), 60, interval=0.2, what="C-ECHO from CT01")
+        half = SLICES // 2
+        for files, first, second in ((shared, "CT02", "CT01"), (disjoint, "CT01", "CT03")):
+            assert storescu(files[:half], node.port, calling=first).returncode == 0
+            assert storescu(files[half:], node.port, calling=second).returncode == 0
+        _assert_processed_by(node, _uids(shared)[1], "r2")
+        jobs = wait_until(lambda: [j for j in _status(node)["jobs"] if j["state"] in ("delivered", "ignored")]
+                          if len(_status(node)["jobs"]) == 2 else None, 60, interval=0.3, what="both series decided")
+        (left,) = [j for j in jobs if j["series"] == _uids(disjoint)[1]]
+        assert left["state"] == "ignored", left
+        assert "r1: not allowed for calling AE" in left["reason"] and "CT01" in left["reason"], left["reason"]
+        assert "r2: not allowed for calling AE" in left["reason"] and "CT03" in left["reason"], left["reason"]
+    finally:
+        node.stop()

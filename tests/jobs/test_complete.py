@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,19 @@ def test_a_wrong_declared_size_waits_for_the_quiet_period(tmp_path: Path) -> Non
             # made only after stable_age_s without an instance: by the quiet period
             assert job.created - row["last_received"] >= stable_age_s, (job.created, row)
         assert f"more instances (6) than declared (5, by {HEADER_DECLARED})" in node.log()
+        # the job made from fewer instances than the series declared says so (the derived series looks complete)
+        status = node.cli("status")
+        assert status.returncode == 0, status.stderr
+        said = [ln for ln in status.stdout.splitlines() if "INCOMPLETE" in ln]
+        assert said == ["       INCOMPLETE: made from 6 of the 8 instance(s) the series declares (ImagesInAcquisition); "
+                        "2 never came (quiet for stable_age_s 4 s)"], status.stdout
+        by_series = {j["series"]: j for j in json.loads(node.cli("status", "--json").stdout)["jobs"]}
+        assert by_series[uids(fewer)[1]]["report"]["declared"] == {"instances": 8, "by": HEADER_DECLARED,
+                                                                  "missing": 2}
+        assert "declared" not in by_series[uids(more)[1]]["report"]
+        decided = [json.loads(ln) for ln in (node.spool / "audit.log").read_text().splitlines()
+                   if '"job-processed"' in ln]
+        assert sorted(a.get("missing_declared", 0) for a in decided) == [0, 2], decided
 
 
 def test_real_series_declaring_their_size_start_without_the_quiet_period(tmp_path: Path) -> None:
@@ -217,3 +231,46 @@ def test_duplicates_resent_after_a_kill_are_activity_one_job_on_the_whole_series
     finally:
         node.stop()
     shutil.rmtree(tmp_path / "ct", ignore_errors=True)
+
+
+def test_a_series_whose_decision_could_not_be_recorded_is_decided_again(tmp_path: Path) -> None:
+    """The index refuses to record a series' decision (here a trigger on the jobs table refuses new rows; in the
+    field a write lock held past SQLite's 60 s busy timeout, a full disk): the series was left 'stable' with no
+    job until the node restarted. Now the watcher decides it again at a later pass, once the index takes it."""
+    files = write_phantom_series(tmp_path / "ct", slices=4, size=32, step_mm=3.0, seed=57)
+    study, series = uids(files)
+    with NodeProc.start(tmp_path / "node", {"node": {"stable_age_s": 1.0}}) as node:
+        db = sqlite3.connect(node.spool / "index.sqlite", timeout=60, isolation_level=None)
+        db.execute("CREATE TRIGGER refuse_jobs BEFORE INSERT ON jobs BEGIN SELECT RAISE(ABORT, 'test: the index "
+                   "refuses new jobs'); END")
+        r = storescu(files, node.port, aet=node.ae_title)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_until(lambda: "could not decide what to do" in node.log(), timeout=60, what="the decision refused")
+        ix = Index(node.spool / "index.sqlite")
+        row = ix.series(series, study)
+        assert row is not None and (row["state"], row["job_id"]) == ("stable", None), row
+        db.execute("DROP TRIGGER refuse_jobs")
+        db.close()
+        jobs = node.wait_jobs(all_done(1), timeout=60, what="the series decided again and processed")
+        assert [(j["state"], j["instances"]) for j in jobs] == [("delivered", 4)], json.dumps(jobs, indent=1)
+        ix.close()
+
+
+def test_a_job_the_index_would_not_let_start_is_started_again(tmp_path: Path) -> None:
+    """The index refuses the worker's claim of a queued job (a trigger here; in the field a lock held past the busy
+    timeout, a full disk): the job stayed 'queued' and was never handed to the worker again until the node
+    restarted. Now the worker tries it again a few seconds later."""
+    files = write_phantom_series(tmp_path / "ct", slices=4, size=32, step_mm=3.0, seed=58)
+    with NodeProc.start(tmp_path / "node", {"node": {"stable_age_s": 1.0}}) as node:
+        db = sqlite3.connect(node.spool / "index.sqlite", timeout=60, isolation_level=None)
+        db.execute("CREATE TRIGGER refuse_claims BEFORE UPDATE OF state ON jobs WHEN NEW.state = 'processing' BEGIN"
+                   " SELECT RAISE(ABORT, 'test: the index refuses to start jobs'); END")
+        r = storescu(files, node.port, aet=node.ae_title)
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_until(lambda: "the worker could not record its outcome" in node.log(), timeout=60,
+                   what="the claim refused")
+        assert [j["state"] for j in node.jobs()] == ["queued"]
+        db.execute("DROP TRIGGER refuse_claims")
+        db.close()
+        jobs = node.wait_jobs(all_done(1), timeout=60, what="the job started again and processed")
+        assert [(j["state"], j["instances"]) for j in jobs] == [("delivered", 4)], json.dumps(jobs, indent=1)

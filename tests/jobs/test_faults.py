@@ -204,6 +204,10 @@ def test_destination_down_then_back_dead_letter_and_retry(tmp_path: Path) -> Non
                        what="delivery attempts failing while Orthanc is down")
         (job,) = node.jobs()
         assert job["state"] == "sending" and "pacs" in job["deliveries"][0]["reason"], job
+        # `srnode status` says why the job is still sending: the delivery's last failure
+        st = node.cli("status")
+        (line,) = [ln for ln in st.stdout.splitlines() if job["series"] in ln]
+        assert "pacs:pending(" in line and "last attempt failed: " in line, st.stdout
         o = restart_orthanc(o)
         node.wait_jobs(lambda js: js[0]["state"] == "delivered", timeout=120, what="delivered after the outage")
         expect_delivered_once(o, first)
@@ -378,3 +382,61 @@ def test_sr_impossible_still_forwards_originals_with_sr_not_applied(tmp_path: Pa
     sent = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, files)}
     assert sorted(out) == sorted(sent)
     assert all(out[k] == sent[k] for k in sent), "originals were changed"  # every data element, file meta aside
+
+
+def test_retry_does_not_send_results_a_later_job_replaced(tmp_path: Path) -> None:
+    """A job's delivery dead-letters while the PACS is down; late instances then make a new job, delivered with
+    its rejection note once the PACS is back. `srnode retry` (every dead letter) sent the first job's results too:
+    a derived series of 6 of the 8 slices arriving after the note that retires it. Now retry says why not."""
+    o = start_orthanc(tmp_path / "orthanc")
+    files = write_phantom_series(tmp_path / "ct", slices=8, size=64, step_mm=3.0, seed=33)
+    study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    node = NodeProc.start(tmp_path / "node", {**pacs_sections(o), "outbox": {"max_attempts": 2}})
+    try:
+        o.stop()
+        assert storescu(files[2:], node.port).returncode == 0
+        node.wait_jobs(lambda js: [j["state"] for j in js] == ["dead-letter"], timeout=120,
+                       what="job 1 dead-letter while the PACS is down")
+        o = restart_orthanc(o)
+        assert storescu(files[:2], node.port).returncode == 0  # the late ones
+        jobs = node.wait_jobs(lambda js: len(js) == 2 and js[1]["state"] in DONE, timeout=120,
+                              what="job 2 delivered")
+        assert (jobs[1]["state"], jobs[1]["supersedes"]) == ("delivered", 1), json.dumps(jobs, indent=1)
+        r = node.cli("retry")
+        assert r.returncode == 0 and "job 1: its results were replaced by job 2" in r.stdout, r.stdout + r.stderr
+        r = node.cli("retry", "1")
+        assert r.returncode == 0 and "job 1: its results were replaced by job 2" in r.stdout, r.stdout + r.stderr
+        assert node.jobs()[0]["deliveries"][0]["state"] == "dead-letter"
+        assert series_counts(o, study) == [("CT", 15), ("KO", 1)], series_counts(o, study)
+    finally:
+        node.stop()
+        o.stop()
+
+
+def test_results_a_later_job_replaced_are_not_sent_when_the_pacs_returns(tmp_path: Path) -> None:
+    """The PACS is down while a series' first job (6 of 8 slices) and, after the late slices, its second job (all
+    8, with the rejection note) wait in the outbox. When the PACS returns, the first job's results went too: a
+    partial series beside the whole one. Now only the second job's are sent; the first job ends superseded."""
+    o = start_orthanc(tmp_path / "orthanc")
+    files = write_phantom_series(tmp_path / "ct", slices=8, size=64, step_mm=3.0, seed=34)
+    study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    node = NodeProc.start(tmp_path / "node", {**pacs_sections(o), "outbox": {"max_attempts": 100,
+                                                                               "backoff_initial_s": 0.2,
+                                                                               "backoff_max_s": 1.0}})
+    try:
+        o.stop()
+        assert storescu(files[2:], node.port).returncode == 0
+        node.wait_jobs(lambda js: js and js[0]["state"] == "sending" and js[0]["deliveries"][0]["attempts"] >= 1,
+                       timeout=120, what="job 1 failing to reach the PACS")
+        assert storescu(files[:2], node.port).returncode == 0  # the late ones
+        node.wait_jobs(lambda js: len(js) == 2 and js[1]["state"] == "sending", timeout=120,
+                       what="job 2 waiting in the outbox too")
+        o = restart_orthanc(o)
+        jobs = node.wait_jobs(lambda js: len(js) == 2 and all(j["state"] in DONE for j in js), timeout=120,
+                              what="both jobs settled")
+        assert [j["state"] for j in jobs] == ["superseded", "delivered"], json.dumps(jobs, indent=1)
+        assert "replaced" in jobs[0]["reason"] and "job 2" in jobs[0]["reason"], jobs[0]["reason"]
+        assert series_counts(o, study) == [("CT", 15), ("KO", 1)], series_counts(o, study)
+    finally:
+        node.stop()
+        o.stop()

@@ -16,6 +16,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
 from node.app.phantom import write_phantom_series
+from tests.support.gated import GATE_ENV, GATED_ENGINE, entered, open_gate
 from tests.support.nodeproc import NodeProc
 from tests.support.peers import storescu, wait_until
 
@@ -151,3 +152,29 @@ def test_a_job_that_kills_the_node_is_failed_as_poison(tmp_path: Path) -> None:
                    timeout=60, interval=0.05, what="the retried job running again, attempt 1")
     finally:
         node.kill9()
+
+
+def test_a_graceful_stop_during_a_job_is_not_counted_as_a_run_that_stopped_the_node(tmp_path: Path) -> None:
+    """SIGTERM while a job runs longer than the stop waits for it (30 s; a CPU selfsup job takes minutes): the node
+    stops cleanly, the job is re-queued at the next start and runs. Before, that run counted like a kill -9 toward
+    max_job_attempts: after that many restarts (here 1) the job was failed as poison, never run again."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    files = write_phantom_series(tmp_path / "ct", slices=4, size=32, step_mm=3.0, seed=86)
+    sections = {"node": {"max_job_attempts": 1},
+                "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "engine": GATED_ENGINE,
+                           "destinations": ["out"]}]}
+    node = NodeProc.start(tmp_path / "node", sections, module="tests.support.gated", env={GATE_ENV: str(gate)})
+    try:
+        assert storescu(files, node.port).returncode == 0
+        wait_until(lambda: entered(gate, 1), timeout=60, what="the job in its engine")
+        assert node.stop() == 0  # SIGTERM: the job is still in its engine when the stop gives up waiting
+        assert [(j["state"], j["attempts"]) for j in node.jobs()] == [("processing", 0)], node.jobs()
+        assert "it is re-queued at next start" in node.log()
+        open_gate(gate)
+        node.launch()
+        jobs = node.wait_jobs(lambda js: js and js[0]["state"] in DONE, timeout=120, what="the job ended")
+        assert [(j["state"], j["attempts"]) for j in jobs] == [("delivered", 1)], json.dumps(jobs, indent=1)
+        assert "failed as poison:" not in node.log()
+    finally:
+        node.stop()

@@ -57,13 +57,14 @@ class NodeProc:
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
+    module: str = "node.app.cli"  # what runs `serve` (tests.support.gated: the node with a test engine added)
     _index: Any = None
 
     @classmethod
     def start(cls, workdir: Path, sections: Mapping[str, Any] | None = None, *, env: dict[str, str] | None = None,
-              wait: bool = True) -> NodeProc:
+              wait: bool = True, module: str = "node.app.cli") -> NodeProc:
         workdir.mkdir(parents=True, exist_ok=True)
-        node = cls(workdir=workdir, config=merge(base_config(workdir), sections), env=dict(env or {}))
+        node = cls(workdir=workdir, config=merge(base_config(workdir), sections), env=dict(env or {}), module=module)
         node.config_path.write_text(dump_toml(node.config))
         node.launch(wait=wait)
         return node
@@ -107,7 +108,7 @@ class NodeProc:
         logf = self.log_path.open("ab")
         logf.write(f"\n===== start {self.starts} =====\n".encode())
         logf.flush()
-        self.proc = subprocess.Popen([sys.executable, "-m", "node.app.cli", "serve", "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module, "serve", "--config", str(self.config_path)],
                                      cwd=ROOT, stdout=logf, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env})
         logf.close()
