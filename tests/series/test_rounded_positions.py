@@ -148,3 +148,17 @@ def test_a_drift_beyond_the_rounding_keeps_the_measured_positions(tmp_path: Path
     vol = load_series(_stack(tmp_path / "s", 2, n=21, step=5.0, steps=[5.0] * 10 + [5.04] * 10))
     assert not vol.irregular
     np.testing.assert_allclose(vol.positions, _written(vol.datasets), atol=1e-9)
+
+
+def test_a_slice_moved_sideways_in_a_drifting_stack_written_rounded_is_still_refused(tmp_path: Path) -> None:
+    """Axial, z written to 0.01 mm, 20 steps of 1.000 mm then 19 of 1.008 mm: every step within 1 % / 0.02 mm of
+    the median (a regular stack as measured), but no grid holds the positions within the rounding's 0.015 mm (the
+    drift reaches 0.15 mm), so the positions are kept as measured. The in-plane line check was skipped for such a
+    stack (only fitted stacks were checked, with the rounding's allowance): slice 31 moved 2 mm (a pixel) sideways
+    was stacked and interpolated through."""
+    vol = load_series(_stack(tmp_path / "ok", 2, steps=[1.0] * 20 + [1.008] * 19, rotation=np.eye(3)))
+    assert not vol.irregular, vol.notes  # the control: regular as measured, not fitted
+    with pytest.raises(VolumeError) as e:
+        load_series(_stack(tmp_path / "s", 2, steps=[1.0] * 20 + [1.008] * 19, sideways={30: 2.0},
+                           rotation=np.eye(3)))
+    assert "CT0031.dcm" in str(e.value) and "off the line" in str(e.value), str(e.value)
