@@ -162,3 +162,20 @@ def test_a_slice_moved_sideways_in_a_drifting_stack_written_rounded_is_still_ref
         load_series(_stack(tmp_path / "s", 2, steps=[1.0] * 20 + [1.008] * 19, sideways={30: 2.0},
                            rotation=np.eye(3)))
     assert "CT0031.dcm" in str(e.value) and "off the line" in str(e.value), str(e.value)
+
+
+def test_the_grid_of_an_irregular_rounded_stack_is_found_once_not_per_slice_left_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each slice left out of every run named the stack's steps by fitting its grid again (``grid_segments``, a
+    search over every slice): quadratic in the slices (300 slices of irregular steps: 24 searches, 2.2 s of 2.2 s
+    in ``split_runs``; the work grows with the square of the count). The segments are found once per split."""
+    import node.series.runs as runs
+
+    rng = np.random.default_rng(2)
+    vol = load_series(_stack(tmp_path / "s", 1, n=120, steps=list(rng.uniform(0.8, 3.0, 119)), rotation=np.eye(3)))
+    calls = []
+    real = runs.grid_segments
+    monkeypatch.setattr(runs, "grid_segments", lambda *a, **k: calls.append(1) or real(*a, **k))
+    split = split_runs(vol)
+    assert split.left_out, "the control: some slices are in no run"
+    assert len(calls) == 1, len(calls)
