@@ -23,7 +23,7 @@ from node.config import DeriveConfig
 from node.derived.labels import Revision
 from node.derived.modules import character_set
 from node.errors import DeriveError
-from node.store import Index, Job
+from node.store import DeliveryState, Index, Job
 
 log = logging.getLogger(__name__)
 
@@ -156,23 +156,46 @@ def result_revision(index: Index, job: Job) -> Revision:
     return Revision(int(old.report.get("revision", 0) or 0), frozenset(u for u in uids if u))
 
 
+def _results_to_retire(index: Index, job: Job) -> list[Job]:
+    """The earlier jobs of ``job``'s series whose results ``job``'s rejection note must retire, newest first.
+
+    The chain of superseded jobs is followed back past jobs that produced nothing (superseded while queued). The
+    latest earlier job with results is always retired; an older one too unless a job between them was delivered
+    everywhere (its own note then reached every destination and retired it). A job whose results were replaced
+    before they were sent (``Outbox.replaced``: late instances while the PACS was down) took its note retiring
+    the older results with it: those older results may be in the PACS, retired by nothing."""
+    out: list[Job] = []
+    old_id, seen = job.supersedes, {job.id}
+    while old_id and old_id not in seen:
+        seen.add(old_id)
+        old = index.job(old_id)
+        if old.derived_series_uid:
+            out.append(old)
+            sent = index.deliveries(old.id)
+            if sent and all(d.state in (DeliveryState.DELIVERED, DeliveryState.UNCONFIRMED) for d in sent):
+                break  # its note (if it had one) reached every destination: anything older is retired
+        old_id = old.supersedes
+    return out
+
+
 def reject_superseded(index: Index, spool_outbox: Path, job: Job, new_derived_series: str, cfg: DeriveConfig,
                       out_dir: Path) -> list[Path]:
-    """The rejection note for the results of the latest earlier job of the series that produced any; else [].
+    """The rejection note for the results of the earlier jobs of the series (``_results_to_retire``); else [].
 
-    The chain of superseded jobs is followed back past jobs that produced nothing (superseded while queued) to
-    the first one with a derived series (its files under ``spool_outbox/job-<id>``); that job's own run already
-    retired anything older. Raises SpoolError (index) and as :func:`rejection_note`.
+    Their files are under ``spool_outbox/job-<id>``. Raises SpoolError (index) and as :func:`rejection_note`.
     """
-    old = _latest_result(index, job)
-    if old is None or old.derived_series_uid == new_derived_series:
-        return []
-    old_dir = spool_outbox / f"job-{old.id}"
-    files = sorted(p for p in old_dir.glob("**/*.dcm") if not p.name.startswith("KO-")) if old_dir.is_dir() else []
+    olds = [o for o in _results_to_retire(index, job) if o.derived_series_uid != new_derived_series]
+    files: list[Path] = []
+    for old in olds:
+        old_dir = spool_outbox / f"job-{old.id}"
+        mine = sorted(p for p in old_dir.glob("**/*.dcm") if not p.name.startswith("KO-")) if old_dir.is_dir() else []
+        if not mine:
+            log.warning("job %d supersedes job %d, whose results are no longer in the spool: not in the rejection "
+                        "note", job.id, old.id)
+        files += mine
     if not files:
-        log.warning("job %d supersedes job %d, whose results are no longer in the spool: no rejection note",
-                    job.id, old.id)
         return []
+    ids = ", ".join(str(o.id) for o in reversed(olds))
     reason = (f"superseded by srnode job {job.id} (series {new_derived_series}): late instances made the "
-              f"input of job {old.id} incomplete")
+              f"input of job{'s' if len(olds) > 1 else ''} {ids} incomplete")
     return [rejection_note(files, cfg, out_dir, reason)]

@@ -136,6 +136,7 @@ def _dimse(cfg: Config, src: DicomSource, result: FetchResult, admission: Admiss
 
     ae = AE(ae_title=cfg.node.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.connection_timeout = 60  # the TCP connection and its TLS handshake (node.send.dimse)
     handlers: list[Any] = []
     roles: list[Any] = []
     if method == "move":

@@ -93,13 +93,17 @@ def _xml_answer(body: bytes) -> StowAnswer:
     root = ElementTree.fromstring(body)  # noqa: S314 - the destination's answer; no entities are resolved
     answer = StowAnswer()
 
+    def children(el: ElementTree.Element, name: str) -> list[ElementTree.Element]:
+        # by local name: PS3.19 A.1 puts the model in a namespace (Orthanc writes it), some servers none
+        return [c for c in el if c.tag.rsplit("}", 1)[-1] == name]
+
     def seq(tag: str) -> list[ElementTree.Element] | None:
-        el = next((a for a in root.iter("DicomAttribute") if a.get("tag", "").upper() == tag), None)
-        return None if el is None else el.findall("Item")
+        el = next((a for a in children(root, "DicomAttribute") if a.get("tag", "").upper() == tag), None)
+        return None if el is None else children(el, "Item")
 
     def first(item: ElementTree.Element, tag: str) -> str:
-        el = next((a for a in item.findall("DicomAttribute") if a.get("tag", "").upper() == tag), None)
-        value = el.find("Value") if el is not None else None
+        el = next((a for a in children(item, "DicomAttribute") if a.get("tag", "").upper() == tag), None)
+        value = next(iter(children(el, "Value")), None) if el is not None else None
         return (value.text or "").strip() if value is not None else ""
 
     stored = seq(REFERENCED_SOP_SEQUENCE)

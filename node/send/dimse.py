@@ -334,6 +334,9 @@ class DimseSender:
         d = self.dest
         ae = AE(ae_title=d.calling_ae_title or "SRNODE")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = d.timeout_s
+        # the TCP connection and, with TLS, its handshake (pynetdicom wraps the socket before connecting): without
+        # it a peer that accepts the connection but never answers the handshake held send() for ever
+        ae.connection_timeout = d.timeout_s
         return ae
 
     def _where(self) -> str:

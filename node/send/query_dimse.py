@@ -41,6 +41,7 @@ def _associate(dest: DicomDestination, context: str) -> Any:
     rejects it or accepts no context; DeliveryError (retryable) when it cannot be reached."""
     ae = AE(ae_title=dest.calling_ae_title or "SRNODE")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
+    ae.connection_timeout = dest.timeout_s  # the TCP connection and its TLS handshake (node.send.dimse)
     ae.add_requested_context(context)
     kwargs: dict[str, Any] = {"ae_title": dest.ae_title}
     if dest.tls:

@@ -211,7 +211,8 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
         med = float(np.median(steps))
         slack = rounding_slack(rounding, normal, med)  # > 0: positions written rounded (node.series.steps)
         irregular = not all(same_step(float(st), med) for st in steps)
-        if slack and on_grid(dist, slack):  # else (real jitter beyond the rounding) judged and kept as measured
+        fitted = bool(slack) and on_grid(dist, slack)
+        if fitted:  # else (real jitter beyond the rounding) judged and kept as measured
             irregular = False
             _check_stack_line(slices, positions, dist, row, col, name, in_plane_slack(rounding, row, col))
             positions, dist, steps, med = _fitted(positions, normal, rounding, slack, notes)
@@ -224,7 +225,7 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
             notes.append("irregular slice steps: " + describe_steps(steps, grid_segments(dist, slack)
                                                                     if slack else None))
         else:  # an irregular stack is split into runs, which check their own lines (node.series.runs)
-            if not slack:
+            if not fitted:  # a fitted stack was checked above, with the rounding's allowance
                 _check_stack_line(slices, positions, dist, row, col, name)
             _check_one_thickness(slices, name)
     else:

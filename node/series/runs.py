@@ -74,6 +74,7 @@ def split_runs(vol: SeriesVolume) -> RunSplit:
     slack = _slack(vol)  # > 0: positions written rounded, judged on a grid within the rounding's error
     dist = vol.positions @ vol.normal
     segs = grid_segments(dist, slack) if slack else step_segments(vol.steps)  # steps i..j (slices i..j+1) equal
+    steps_said = describe_steps(vol.steps, segs if slack else None)  # for the slices left out, found once
     taken = np.zeros(n, dtype=bool)
     spans: list[tuple[int, int]] = []
     anchors: list[tuple[float, np.ndarray]] = []  # (step, slice-line direction) of the stretches of >= 2 steps
@@ -120,7 +121,7 @@ def split_runs(vol: SeriesVolume) -> RunSplit:
     for k, r in enumerate(runs):
         r.run = (k + 1, len(runs))
         r.part = vol.part + k
-    left = [_left_out(vol, z) for z in range(n) if not taken[z]]
+    left = [_left_out(vol, z, steps_said) for z in range(n) if not taken[z]]
     return RunSplit(runs, left)
 
 
@@ -159,14 +160,12 @@ def regular_runs(vol: SeriesVolume) -> list[SeriesVolume]:
     return split_runs(vol).runs
 
 
-def _left_out(vol: SeriesVolume, z: int) -> LeftOut:
+def _left_out(vol: SeriesVolume, z: int, steps_said: str) -> LeftOut:
     n = vol.shape[0]
     around = [f"{float(vol.steps[z - 1]):.2f} mm to slice {z}" if z > 0 else "",
               f"{float(vol.steps[z]):.2f} mm to slice {z + 2}" if z < n - 1 else ""]
-    slack = _slack(vol)
-    segments = grid_segments(vol.positions @ vol.normal, slack) if slack else None
     reason = (f"isolated between irregular slice steps ({', '.join(s for s in around if s)}; the stack steps "
-              f"{describe_steps(vol.steps, segments)}): no regular run of {MIN_SLICES_THROUGH_PLANE} or more slices on the "
+              f"{steps_said}): no regular run of {MIN_SLICES_THROUGH_PLANE} or more slices on the "
               "series' step holds it, so it is not super-resolved through-plane")
     name = vol.names[z] if z < len(vol.names) else f"slice {z + 1}"
     return LeftOut(z + 1, n, name, vol.datasets.record(z).sop_instance_uid, reason)

@@ -440,3 +440,43 @@ def test_results_a_later_job_replaced_are_not_sent_when_the_pacs_returns(tmp_pat
     finally:
         node.stop()
         o.stop()
+
+
+def test_a_note_dropped_with_replaced_results_still_retires_what_reached_the_pacs(tmp_path: Path) -> None:
+    """Job 1 (4 of 8 slices) reaches the PACS; the PACS goes down; 2 late slices make job 2 (its results and the
+    note retiring job 1's wait in the outbox), 2 more make job 3 before the PACS returns. Job 2's delivery is
+    replaced (never sent) and with it the only note retiring job 1; job 3's note retired job 2's results only
+    (which never reached the PACS): Orthanc kept job 1's partial series (CT 7) beside the whole one (CT 15) with
+    nothing retiring it. Now job 3's note also retires every earlier result its predecessors' notes did not."""
+    o = start_orthanc(tmp_path / "orthanc")
+    files = write_phantom_series(tmp_path / "ct", slices=8, size=64, step_mm=3.0, seed=35)
+    study = str(dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    node = NodeProc.start(tmp_path / "node", {**pacs_sections(o), "outbox": {"max_attempts": 100,
+                                                                               "backoff_initial_s": 0.2,
+                                                                               "backoff_max_s": 1.0}})
+    try:
+        assert storescu(files[4:], node.port).returncode == 0
+        node.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "delivered", timeout=120,
+                       what="job 1 delivered")
+        o.stop()
+        assert storescu(files[2:4], node.port).returncode == 0  # late
+        node.wait_jobs(lambda js: len(js) == 2 and js[1]["state"] == "sending"
+                       and js[1]["deliveries"][0]["attempts"] >= 1, timeout=120, what="job 2 failing to send")
+        assert storescu(files[:2], node.port).returncode == 0  # later still
+        node.wait_jobs(lambda js: len(js) == 3 and js[2]["state"] == "sending", timeout=120,
+                       what="job 3 waiting in the outbox too")
+        o = restart_orthanc(o)
+        jobs = node.wait_jobs(lambda js: len(js) == 3 and all(j["state"] in DONE for j in js), timeout=120,
+                              what="every job settled")
+        assert [j["state"] for j in jobs] == ["delivered", "superseded", "delivered"], json.dumps(jobs, indent=1)
+        rejected: set[str] = set()
+        for ko in (s for s in o.series_of_study(study) if s["MainDicomTags"].get("Modality") == "KO"):
+            for i in ko["Instances"]:
+                note = o.instance_file(i)
+                rejected |= {s.SeriesInstanceUID for st in note.CurrentRequestedProcedureEvidenceSequence
+                             for s in st.ReferencedSeriesSequence}
+        assert jobs[0]["derived_series"] in rejected, (series_counts(o, study), rejected)
+        assert jobs[2]["derived_series"] not in rejected
+    finally:
+        node.stop()
+        o.stop()

@@ -214,8 +214,9 @@ def _failed_body(files: list[Path], reasons: dict[int, int], ctype: str) -> byte
     return json.dumps(doc).encode()
 
 
-def _native_xml(doc: dict[str, Any]) -> bytes:
-    """``doc`` (DICOM JSON of sequences of UI/US items) in the DICOM Native model (PS3.19 A.1)."""
+def _native_xml(doc: dict[str, Any], ns: bool = False) -> bytes:
+    """``doc`` (DICOM JSON of sequences of UI/US items) in the DICOM Native model (PS3.19 A.1); ``ns``: in its
+    namespace, as Orthanc writes it."""
     def attrs(d: dict[str, Any]) -> str:
         out = ""
         for tag, el in d.items():
@@ -226,7 +227,8 @@ def _native_xml(doc: dict[str, Any]) -> bytes:
                 values = "".join(f'<Value number="{n}">{v}</Value>' for n, v in enumerate(el["Value"], 1))
                 out += f'<DicomAttribute tag="{tag}" vr="{el["vr"]}">{values}</DicomAttribute>'
         return out
-    return f'<?xml version="1.0" encoding="UTF-8"?><NativeDicomModel>{attrs(doc)}</NativeDicomModel>'.encode()
+    xmlns = ' xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM"' if ns else ""
+    return f'<?xml version="1.0" encoding="UTF-8"?><NativeDicomModel{xmlns}>{attrs(doc)}</NativeDicomModel>'.encode()
 
 
 @pytest.mark.parametrize("ctype", ["application/dicom+json; charset=utf-8", "application/dicom+json",
@@ -276,6 +278,29 @@ def test_a_stow_answered_503_is_sent_again_whole(tmp_path: Path, web_orthanc: Or
         stow.close()
     ref = pydicom.dcmread(files[0], stop_before_pixels=True)
     assert [len(s["Instances"]) for s in web_orthanc.series_of_study(ref.StudyInstanceUID)] == [24]
+
+
+@pytest.mark.parametrize("status", [200, 202])
+def test_a_stow_answer_in_the_native_model_namespace_is_read(tmp_path: Path, status: int) -> None:
+    """Orthanc (and PS3.19 A.1) writes the XML answer in the namespace http://dicom.nema.org/PS3.19/models/NativeDICOM:
+    its DicomAttribute elements were not found, a FailedSOPSequence unread and the batch delivered; a list of
+    stored instances leaving one out unread too."""
+    files = phantom(tmp_path, seed=75, slices=3)
+    ctype = "application/dicom+xml"
+    doc = json.loads(_failed_body(files, {1: 0xC000}, "application/dicom+json"))
+    stow = _Stow(lambda n: (status, ctype, _native_xml(doc, ns=True)))
+    try:
+        with pytest.raises(DeliveryError, match=r"1 of 3 instance\(s\) refused.*0xC000"):
+            stow.sender().send(files)
+    finally:
+        stow.close()
+    left_out = json.loads(_failed_body(files[:2], {}, "application/dicom+json"))
+    stow = _Stow(lambda n: (status, ctype, _native_xml(left_out, ns=True)))
+    try:
+        with pytest.raises(DeliveryError, match=r"1 of 3 instance\(s\) not in the answer"):
+            stow.sender().send(files)
+    finally:
+        stow.close()
 
 
 def test_a_stow_answer_that_leaves_out_instances_fails_the_delivery(tmp_path: Path) -> None:

@@ -128,3 +128,41 @@ def test_dimse_sender_over_tls(tmp_path: Path) -> None:
     finally:
         scp.terminate()
         scp.wait(10)
+
+
+def test_a_tls_peer_that_never_answers_the_handshake_fails_the_delivery_not_the_outbox(tmp_path: Path) -> None:
+    """A TLS destination whose host completes the TCP connection (the kernel's listen backlog) but whose program
+    never answers the TLS handshake (hung, or busy with one association at a time): pynetdicom wraps the socket
+    before connecting and connects without a timeout (AE.connection_timeout None), so the handshake waited for
+    ever and with it ``send``, the outbox's thread and every later delivery. Now it ends after ``timeout_s`` with
+    a retryable DeliveryError, as a plain connection to that peer does (its ACSE timeout)."""
+    import socket
+    import threading
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=pacs",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=11)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # never accepts, never reads
+        port = hung.getsockname()[1]
+        outcome: list[BaseException | None] = []
+
+        def send(tls: bool) -> None:
+            dest = DicomDestination(name="hung", ae_title="PACS", host="127.0.0.1", port=port, timeout_s=2,
+                                    associations=2, tls=tls, tls_ca=str(cert) if tls else "")
+            try:
+                make_sender(dest).send(files)
+                outcome.append(None)
+            except BaseException as exc:  # noqa: BLE001 - the outcome is asserted below
+                outcome.append(exc)
+
+        for tls in (False, True):
+            outcome.clear()
+            t = threading.Thread(target=send, args=(tls,), daemon=True)
+            t.start()
+            t.join(60)  # a deadline: the send must end by itself
+            assert not t.is_alive(), f"send (tls={tls}) still waiting for the peer after 60 s"
+            assert isinstance(outcome[0], DeliveryError) and outcome[0].retryable, outcome
