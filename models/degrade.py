@@ -149,10 +149,11 @@ class DegradationModel:
 
     def describe(self) -> str:
         gap = self.step_mm - self.thickness_mm
-        kind = "gap" if gap > 1e-3 else ("overlap" if gap < -1e-3 else "contiguous")
+        tol = max(1e-3, 0.01 * self.thickness_mm)  # a step within 1 % of the thickness touches (4.002 mm / 4 mm)
+        kind = (f"gap {gap:.3g} mm" if gap > tol else f"overlap {-gap:.3g} mm" if gap < -tol else "contiguous")
         return (
             f"through-plane x{self.factor}: {self.profile} profile FWHM {self.thickness_mm:.3g} mm, step "
-            f"{self.step_mm:.3g} mm ({kind}), output grid {self.fine_mm:.3g} mm; training pairs from in-plane "
+            f"{self.step_mm:.4g} mm ({kind}), output grid {self.fine_mm:.3g} mm; training pairs from in-plane "
             f"pixels {self.pixel_mm:.3g} mm; in-plane x{self.in_factor}: {self.in_factor}x{self.in_factor} "
             "block means"
         )

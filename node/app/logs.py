@@ -54,6 +54,16 @@ class PhiFilter(logging.Filter):
         return True
 
 
+class _AnsweredElsewhere(logging.Filter):
+    """Drops pynetdicom's ERROR "No accepted presentation contexts": the node asks peers what they support (a
+    Storage Commitment or C-FIND probe a plain storescp refuses) and says the outcome itself, in its own words
+    (``node.send``: "peer supports neither storage commitment nor C-FIND", "refused SOP class ..."); an ERROR
+    line for an expected answer alarms an operator for nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "No accepted presentation contexts"
+
+
 REDACT = _RedactFilter()  # the one filter on the stderr handler; the service adds the configured secrets
 PHI = PhiFilter()
 
@@ -89,6 +99,9 @@ def setup_logging(level: str = "INFO") -> None:
     threading.excepthook = _log_thread_uncaught
     # pynetdicom is chatty at INFO and logs identifiers from datasets at DEBUG
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    acse = logging.getLogger("pynetdicom.acse")
+    if not any(isinstance(f, _AnsweredElsewhere) for f in acse.filters):
+        acse.addFilter(_AnsweredElsewhere())
     # httpx logs every request (URLs with UIDs) at INFO
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # highdicom logs ~10 INFO lines per derived object ('copy attributes of module "..."'), which the

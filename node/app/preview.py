@@ -156,7 +156,7 @@ def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty
         (o_step, o_span), (d_step, _) = shown_spacing(orig, plane), shown_spacing(der, plane)
         pix = min(o_step, d_step, max(o_span, 1.0) / DISPLAY_PX)
         ocut, dcut = cut(orig, plane, point, pix), cut(der, plane, point, pix)
-        where = "acquired" if plane == acquired else "reformat"
+        where = "acquisition plane" if plane == acquired else "reformat"
         n = (f", slice {ocut.index + 1}/{orig.shape[0]}", f", slice {dcut.index + 1}/{der.shape[0]}") \
             if plane == acquired else ("", "")
         row = [Panel("original", f"original {plane} ({where}{n[0]})", ocut, (lo, hi), wsource, invert),

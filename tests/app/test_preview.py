@@ -165,7 +165,7 @@ def test_phantom_preview(tmp_path: Path) -> None:
     assert png == tmp_path / "preview-job7.png" and png.stat().st_size > 10_000
     boxes, title, _ = _read(png)
     assert [b["plane"] for b in boxes[::3]] == ["axial", "coronal", "sagittal"]
-    assert "acquired, slice 6/12" in boxes[0]["title"] and "reformat" in boxes[3]["title"]
+    assert "acquisition plane, slice 6/12" in boxes[0]["title"] and "reformat" in boxes[3]["title"]
     assert "engine cubic" in title[1] and "x2 through-plane" in title[1] and "SR x2 cubic" in title[0]
     # cubic: sigma all zero -> said in words in every sigma panel, no flat map
     assert all(b["note"] == "no uncertainty (engine cubic)" for b in boxes[2::3])
@@ -220,7 +220,7 @@ def test_axial_ct_preview(tmp_path: Path) -> None:
     derived, unc = _run(tmp_path, files)
     boxes, title, a = _read(write_preview(files, derived, unc, tmp_path / "ct.png"))
     assert [b["plane"] for b in boxes[::3]] == ["axial", "coronal", "sagittal"]
-    assert "acquired, slice 14/28" in boxes[0]["title"] and title[2].startswith("original: CT 28\u00d7512\u00d7512")
+    assert "acquisition plane, slice 14/28" in boxes[0]["title"] and title[2].startswith("original: CT 28\u00d7512\u00d7512")
     assert title[3].startswith("derived:  55\u00d7512\u00d7512, 2.5 mm steps")
     assert 1100 <= a.shape[1] <= 1500 and 900 <= a.shape[0] <= 1700
     assert boxes[0]["note"].startswith("W 80  L 40")  # the series' own brain window

@@ -86,3 +86,11 @@ def test_model_from_geometry_and_pairs() -> None:
     lr, hr = make_pairs(imgs, m, src_spacing=0.5)
     assert hr.shape[1] == (lr.shape[1] - 1) * 3 + 1 and hr.shape[2] == 40
     assert np.allclose(lr, degrade_through_plane(hr, 3, 3.0, axis=1), atol=1e-5)
+
+
+@pytest.mark.parametrize(("step", "thick", "kind"), [(4.002, 4.0, "contiguous"), (6.999, 7.0, "contiguous"),
+                                                     (5.0, 2.5, "gap 2.5 mm"), (2.5, 5.0, "overlap 2.5 mm")])
+def test_the_log_calls_slices_that_touch_contiguous(step: float, thick: float, kind: str) -> None:
+    """A step within 1 % of the slice thickness (positions written rounded) is contiguous, not a gap or overlap
+    (newuser13: "step 4 mm (gap)" for 4.002 mm slices of 4 mm)."""
+    assert f"({kind})" in DegradationModel(2, 1, step, thick, 0.5, "gaussian").describe()
