@@ -55,7 +55,7 @@ fuzz: install
 	$(PY) -m tests.ingest.fuzz_ingest -max_total_time=$${FUZZ_SECONDS:-60}
 
 lint: install
-	$(PY) -m ruff check node models tests orthanc
+	$(PY) -m ruff check node models tests orthanc bench
 	$(PY) -m mypy node models
 
 # the image cannot be built here (no Docker engine): lint it; its build steps are the two install scripts above
