@@ -58,7 +58,7 @@ from node.series.steps import (
     thickness_groups,
     thickness_message,
 )
-from node.series.volume import MAX_MODALITY_ABS, SeriesVolume, StoredFormat
+from node.series.volume import MAX_MODALITY_ABS, SeriesVolume, StoredFormat, in_hounsfield_units
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
     modality = str(header_value(first, "Modality"))
     stated = sorted({str(header_value(s, "RescaleType")) for s in slices} - {""})  # one at most (_check_one_unit)
     unit = stated[0] if stated else ""
-    data, formats, notes = _modality_values(slices, modality == "CT" and unit in ("", "HU"))
+    data, formats, notes = _modality_values(slices, in_hounsfield_units(modality, unit))
     vrange = (min(f.value_range[0] for f in formats), max(f.value_range[1] for f in formats))
     notes = notes_in + notes
 

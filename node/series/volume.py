@@ -50,6 +50,12 @@ class StoredFormat:
         return (float(min(a, b)), float(max(a, b)))
 
 
+def in_hounsfield_units(modality: str, rescale_type: str) -> bool:
+    """Whether values of ``modality`` stating ``rescale_type`` (RescaleType, "" when absent) are Hounsfield units:
+    a CT stating no other unit (PS3.3 C.8.2.1.1.11)."""
+    return modality == "CT" and rescale_type in ("", "HU")
+
+
 @dataclass
 class SeriesVolume:
     """One series as a regular (or measured-irregular) stack of slices, in modality units."""
@@ -113,7 +119,7 @@ class SeriesVolume:
     def hounsfield(self) -> bool:
         """Whether the values are Hounsfield units: a CT whose slices state no other RescaleType (PS3.3
         C.8.2.1.1.11: a CT image's values are HU unless its RescaleType says otherwise)."""
-        return self.modality == "CT" and self.rescale_type in ("", "HU")
+        return in_hounsfield_units(self.modality, self.rescale_type)
 
     @property
     def multiframe(self) -> bool:

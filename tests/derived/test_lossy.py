@@ -15,19 +15,14 @@ from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000, JPEG2000Lossless, JPEGLSLossless, JPEGLSNearLossless
 
 from node.app.check_cmd import check_folders
-from node.app.phantom import write_phantom_series
 from node.config import UncertaintyObject, load_config, replace
 from node.process import process_series
 from tests.support.engines import SIGMA_TEST_ENGINE, sigma_engines
+from tests.support.series import edited_phantom
 
 
 def _series(tmp_path: Path, change: Callable[[int, Dataset], None]) -> list[Path]:
-    files = write_phantom_series(tmp_path / "in", slices=6, size=32, step_mm=3.0)
-    for k, f in enumerate(files):
-        ds = pydicom.dcmread(f)
-        change(k, ds)
-        ds.save_as(f, enforce_file_format=True)
-    return files
+    return edited_phantom(tmp_path, change, enforce_file_format=True)
 
 
 def _derive(tmp_path: Path, files: list[Path], sigma: bool = False) -> list[Dataset]:

@@ -20,6 +20,7 @@ from node.errors import VolumeError
 from node.process import process_series
 from node.series import load_series, load_volumes
 from tests.support.fixtures import shared_series
+from tests.support.series import edited_phantom
 
 
 def _enhanced(tmp_path: Path, change: Callable[[Dataset], None]) -> list[Path]:
@@ -111,12 +112,7 @@ def test_a_functional_group_rescale_wins_over_a_top_level_one(tmp_path: Path) ->
 
 
 def _phantom(tmp_path: Path, change: Callable[[int, Dataset], None]) -> list[Path]:
-    files = write_phantom_series(tmp_path / "in", slices=6, size=32, step_mm=3.0)
-    for k, f in enumerate(files):
-        ds = pydicom.dcmread(f)
-        change(k, ds)
-        ds.save_as(f)
-    return files
+    return edited_phantom(tmp_path, change)
 
 
 def _palette(k: int, ds: Dataset) -> None:

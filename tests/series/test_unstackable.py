@@ -15,22 +15,17 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from node.app.phantom import write_phantom_series
 from node.config import UncertaintyObject, load_config, replace
 from node.errors import VolumeError
 from node.process import process_series
 from node.series import load_volumes
 from tests.support.engines import SIGMA_TEST_ENGINE, sigma_engines
 from tests.support.peers import dciodvfy
+from tests.support.series import edited_phantom
 
 
 def _series(tmp_path: Path, change: Callable[[int, Dataset], None], slices: int = 8) -> list[Path]:
-    files = write_phantom_series(tmp_path / "in", slices=slices, size=32, step_mm=3.0)
-    for k, f in enumerate(files):
-        ds = pydicom.dcmread(f)
-        change(k, ds)
-        ds.save_as(f)
-    return files
+    return edited_phantom(tmp_path, change, slices)
 
 
 def _frame_of_reference(k: int, ds: Dataset) -> None:
