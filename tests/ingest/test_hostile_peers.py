@@ -349,20 +349,22 @@ def test_a_data_set_pynetdicom_holds_in_memory_is_bounded(scp: StoreSCP, caplog:
         peer.close()
     before = _rss_mb()
     peer = _Peer(scp.cfg.node.port)
-    sent = 0
+    sent, stopped = 0, False
     try:
         peer.send(_pdu((peer.echo_cx, 0x03, _echo_with_data_set())))
-        while sent < 200 << 20 and not peer.assoc.acse.is_aborted():
+        while sent < 200 << 20 and not stopped:
             try:
                 peer.send(_pdu((peer.echo_cx, 0x00, piece)))
             except OSError:  # the node closed the connection after its A-ABORT
-                break
+                stopped = True
             sent += len(piece)
         assert peer.answer(15) is None
     finally:
         peer.close()
     _settled(scp)
-    assert sent < 4 * MAX_INLINE_DATASET_BYTES, sent
+    # How much the peer could still write after the node stopped reading is the two sockets' buffers (the kernel's
+    # tcp_wmem / tcp_rmem, several MB and machine-dependent): what the node took is measured by its memory.
+    assert stopped, f"the node took all {sent} bytes"
     assert _rss_mb() - before < 4 * MAX_INLINE_DATASET_BYTES >> 20
     assert len(_warnings(caplog, "held in memory")) == 1, caplog.text
 
@@ -371,21 +373,25 @@ def test_a_command_set_that_never_ends_is_aborted(scp: StoreSCP, caplog: pytest.
     """The lean path aborted command fragments past MAX_COMMAND_BYTES; the pynetdicom path gathered them without
     a bound (break13p: 20 MB of command fragments taken). Both abort now, one line."""
     caplog.set_level(logging.WARNING)
+    before = _rss_mb()
     peer = _Peer(scp.cfg.node.port)
-    sent = 0
+    sent, stopped = 0, False
     piece = b"\0" * 8000
     try:
-        while sent < 20 << 20 and not peer.assoc.acse.is_aborted():
+        while sent < 100 << 20 and not stopped:
             try:
                 peer.send(_pdu(*[(peer.cx, 0x01, piece)] * 2))
             except OSError:  # the node closed the connection after its A-ABORT
-                break
+                stopped = True
             sent += 2 * len(piece)
         assert peer.answer(15) is None
     finally:
         peer.close()
     _settled(scp)
-    assert sent < 4 << 20, sent
+    # The bytes written after the node stopped reading sit in the sockets' buffers (machine-dependent, CI took
+    # 4.3 MB where this VM took less): the node's memory tells what it took.
+    assert stopped, f"the node took all {sent} bytes"
+    assert _rss_mb() - before < 16, _rss_mb() - before
     assert len(_warnings(caplog, f"a command set of more than {MAX_COMMAND_BYTES} bytes")) == 1, caplog.text
 
 
