@@ -244,7 +244,8 @@ class _AssocCount:
     """What one association did: instances stored and refused, since when (monotonic seconds)."""
 
     started: float
-    stored: int = 0
+    stored: int = 0  # answered Success, duplicates included
+    duplicates: int = 0  # of those, SOPInstanceUIDs already held (the first copy kept, or a conflict kept aside)
     refused: int = 0
 
 
@@ -374,11 +375,12 @@ class StoreSCP:
         self.metrics.active_associations.dec()
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         calling, address = str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address)
-        log.info("association from %s@%s %s after %.1f s: %d instance(s) stored, %d refused", calling, address, how,
-                 time.monotonic() - counts.started, counts.stored, counts.refused)
+        held = f" ({counts.duplicates} of them already held: the first copy kept)" if counts.duplicates else ""
+        log.info("association from %s@%s %s after %.1f s: %d instance(s) stored%s, %d refused", calling, address,
+                 how, time.monotonic() - counts.started, counts.stored, held, counts.refused)
         if self.audit:
             self.audit.write("association", calling_ae=calling, address=address, end=how, stored=counts.stored,
-                             refused=counts.refused)
+                             duplicates=counts.duplicates, refused=counts.refused)
         if self.on_release is not None:
             self.on_release()
 
@@ -454,12 +456,13 @@ class StoreSCP:
         """C-ECHO (Verification SOP Class, PS3.4 Annex A): always 0x0000."""
         return Status.SUCCESS
 
-    def _count(self, key: int, ok: bool) -> None:
+    def _count(self, key: int, ok: bool, duplicate: bool = False) -> None:
         with self._lock:
             c = self._counts.get(key)
             if c is not None:
                 if ok:
                     c.stored += 1
+                    c.duplicates += duplicate
                 else:
                     c.refused += 1
 
@@ -499,8 +502,8 @@ class StoreSCP:
             self._count(key, False)
             return Status.OUT_OF_RESOURCES
         try:
-            self.admission.admit_file(path, caller, declared_sop_class=sop_class, transfer_syntax=transfer_syntax,
-                                      declared_sop_instance=sop_instance)
+            stored = self.admission.admit_file(path, caller, declared_sop_class=sop_class,
+                                               transfer_syntax=transfer_syntax, declared_sop_instance=sop_instance)
         except IngestError as exc:
             log.warning("C-STORE from %s refused (0x%04X): instance %s: %s", caller.ae_title, exc.status,
                         sop_instance, exc)
@@ -511,7 +514,7 @@ class StoreSCP:
             self.metrics.failures.labels(where="ingest", reason=type(exc).__name__).inc()
             self._count(key, False)
             return Status.PROCESSING_FAILURE
-        self._count(key, True)
+        self._count(key, True, stored.duplicate)
         return Status.SUCCESS
 
     # ------------------------------------------------------------------------------------ life cycle

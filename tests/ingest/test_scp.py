@@ -19,7 +19,7 @@ from node.ingest import Admission, StoreSCP
 from node.metrics import Metrics
 from node.store import open_store
 from tests.support.fixtures import shared_series
-from tests.support.peers import free_port, storescu
+from tests.support.peers import free_port, storescu, wait_until
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -106,6 +106,19 @@ def test_duplicate_instance_is_kept_once(scp: StoreSCP, phantom: list[Path], tmp
     assert scp.admission.index.count_instances() == 1
     assert scp.admission.spool.instance_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID).read_bytes() == first
     assert "duplicate instance" in caplog.text
+
+
+def test_association_summary_tells_duplicates_from_new_instances(scp: StoreSCP, phantom: list[Path],
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A resend of a whole series read "28 instance(s) stored" though nothing new was kept (newuser13): the
+    association's line now says how many were already held."""
+    with caplog.at_level(logging.INFO, logger="node.ingest.scp"):
+        assert storescu(phantom[:3], scp.cfg.node.port).returncode == 0
+        wait_until(lambda: "3 instance(s) stored, 0 refused" in caplog.text, 15, what="the first association's line")
+        assert storescu(phantom[:4], scp.cfg.node.port).returncode == 0
+        wait_until(lambda: "4 instance(s) stored (3 of them already held" in caplog.text, 15,
+                   what="the resend's line")
+    assert scp.admission.index.count_instances() == 4
 
 
 def test_truncated_file_is_refused_with_c210(scp: StoreSCP, phantom: list[Path], tmp_path: Path) -> None:
