@@ -156,13 +156,8 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(d["series"]) for d in docs)
     print(f"{'JOB':>5}  {'STATE':<11} {'RULE':<14} {'N':>4}  {'SERIES':<{width}}  REASON / DELIVERIES")
     for d in docs:
-        dl = ", ".join(f"{x['destination']}:{x['state']}" + (f"({x['attempts']})" if x["attempts"] > 1 else "")
-                       + (f" [{confirmation_text(x)}]" if confirmation_text(x) else "") + _retrying(x)
-                       for x in d["deliveries"])
-        extra = "; ".join(s for s in (d["reason"], dl, f"fallback: {d['fallback']}" if d["fallback"] else "",
-                                      f"supersedes job {d['supersedes']}" if d["supersedes"] else "") if s)
         print(f"{d['id']:>5}  {d['state']:<11} {d['rule'][:14]:<14} {d['instances']:>4}  {d['series']:<{width}}  "
-              f"{extra}")
+              f"{job_line(d)}")
         if (d["report"] or {}).get("incomplete"):  # fewer instances than the series declares
             print(f"{'':>5}  INCOMPLETE: {d['report']['incomplete']}")
         for x in d["left_out"]:
@@ -171,6 +166,18 @@ def run(args: argparse.Namespace) -> int:
     _print_waiting(waiting)
     _print_conflicts(conflicts)
     return 0
+
+
+def job_line(d: dict[str, Any]) -> str:
+    """The REASON / DELIVERIES column of a job (``job_dict``): its reason, each delivery (destination, state,
+    attempts, confirmation, why a pending one waits), fallback and what it supersedes. A delivered job's reason
+    only repeats its deliveries' confirmation notes, so it is left out there."""
+    dl = ", ".join(f"{x['destination']}:{x['state']}" + (f"({x['attempts']})" if x["attempts"] > 1 else "")
+                   + (f" [{confirmation_text(x)}]" if confirmation_text(x) else "") + _retrying(x)
+                   for x in d["deliveries"])
+    reason = "" if d["state"] == JobState.DELIVERED and d["deliveries"] else d["reason"]
+    return "; ".join(s for s in (reason, dl, f"fallback: {d['fallback']}" if d["fallback"] else "",
+                                 f"supersedes job {d['supersedes']}" if d["supersedes"] else "") if s)
 
 
 def _print_waiting(waiting: list[dict[str, Any]]) -> None:

@@ -23,6 +23,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from node.app.phantom import write_phantom_series
+from node.app.status_cmd import job_dict, job_line
 from node.config import Config, config_from_dict
 from node.metrics import Metrics
 from node.send import Outbox
@@ -378,6 +379,8 @@ def test_storescp_supports_neither_and_ends_unconfirmed(tmp_path: Path) -> None:
         job = h.index.job(d.job_id)
         assert job.state is JobState.DELIVERED and f"scp: sent, unconfirmed: {NEITHER}" in job.reason
         assert h.confirmed("count", "unconfirmed") == 1
+        line = job_line(job_dict(h.index, job))  # `srnode status`: the note once, not the job's copy of it too
+        assert line.count(NEITHER) == 1 and line.startswith("scp:unconfirmed ["), line
     finally:
         proc.terminate()
         proc.wait(10)
