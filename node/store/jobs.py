@@ -114,6 +114,12 @@ class JobTable(IndexDB):
         JSON); SpoolError for any other, ValueError when ``state`` is no ``JobState`` value. A done state or
         'sending' also sets ``finished``.
         """
+        with self.tx() as c:
+            self._finish(c, job_id, state, reason, **fields)
+
+    @staticmethod
+    def _finish(c: Any, job_id: int, state: JobState, reason: str = "", **fields: Any) -> None:
+        """:meth:`finish_job` inside the caller's transaction ``c``."""
         state = JobState(state)  # a bare string that is no state fails here
         now = time.time()
         allowed = {"derived_series_uid", "uncertainty_series_uid", "engine", "fallback", "report"}
@@ -126,15 +132,14 @@ class JobTable(IndexDB):
                 raise SpoolError(f"index: unknown job field {k!r}")
             sets.append(f"{k} = ?")
             args.append(json.dumps(v, default=str) if k == "report" else v)
-        with self.tx() as c:
-            c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
-            row = c.execute("SELECT study_uid, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            series_state = series_state_of(state)
-            if row is not None and series_state is not None:
-                c.execute("UPDATE series SET state = ?, reason = ? WHERE study_uid = ? AND series_uid = ?"
-                          " AND job_id = ? AND state NOT IN (?, ?)",
-                          (series_state, reason, row["study_uid"], row["series_uid"], job_id,
-                           SeriesState.RECEIVING, SeriesState.STABLE))
+        c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
+        row = c.execute("SELECT study_uid, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        series_state = series_state_of(state)
+        if row is not None and series_state is not None:
+            c.execute("UPDATE series SET state = ?, reason = ? WHERE study_uid = ? AND series_uid = ?"
+                      " AND job_id = ? AND state NOT IN (?, ?)",
+                      (series_state, reason, row["study_uid"], row["series_uid"], job_id,
+                       SeriesState.RECEIVING, SeriesState.STABLE))
 
     def supersede_if_moved_on(self, job_id: int) -> str:
         """A job about to run, or whose results are about to be enqueued: when its series has moved on since the
