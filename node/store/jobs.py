@@ -39,12 +39,14 @@ class JobTable(IndexDB):
 
 
     def create_job(self, series_uid: str, rule: str, state: JobState = JobState.QUEUED, reason: str = "",
-                   study_uid: str = "") -> int:
+                   study_uid: str = "", retire: tuple[int, str] | None = None) -> int:
         """A new job for the series' current instances. It records the series' earlier job in ``supersedes``, and
         that job, if still queued, becomes superseded.
 
         ``state`` is queued, or a decision already taken (failed, ignored); the series takes the same state.
-        ``study_uid``: the series' study (without it the series UID must be in one study only). Returns the new
+        ``study_uid``: the series' study (without it the series UID must be in one study only). ``retire``: (job id,
+        reason) of a dead-letter job this one replays: it becomes 'superseded' with the reason, in the same
+        transaction (``node.jobs.replay.redirect``). Returns the new
         job id. Raises SpoolError for an unknown series or ``state`` superseded, ValueError when ``state`` is no
         ``JobState`` value.
         """
@@ -71,6 +73,9 @@ class JobTable(IndexDB):
                           (JobState.SUPERSEDED, f"superseded by job {job_id}", now, s["job_id"], JobState.QUEUED))
             c.execute("UPDATE series SET state = ?, reason = ?, job_id = ? WHERE study_uid = ? AND series_uid = ?",
                       (series_state, reason, job_id, s["study_uid"], series_uid))
+            if retire is not None:
+                c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ? AND state = ?",
+                          (JobState.SUPERSEDED, f"{retire[1]} (job {job_id})", now, retire[0], JobState.DEAD_LETTER))
         return job_id
 
     def job(self, job_id: int) -> Job:
