@@ -8,10 +8,10 @@ localhost 15 instances/s with one association, 55/s with four; docs/benchmarks.m
 proposes, for every SOP class among the files, the files' own transfer syntax and, in a second context,
 Explicit/Implicit VR Little Endian. A file whose own syntax was accepted is streamed from disk as it is (no
 decoding); one whose compressed syntax the peer refused is decompressed (pylibjpeg) and sent uncompressed. On a
-plain TCP connection such a file's C-STORE-RQ is written by :func:`_lean_requests` (its P-DATA-TF PDUs framed with
+plain TCP connection such a file's C-STORE-RQ is written by ``node.send.dimse_lean`` (its P-DATA-TF PDUs framed with
 ``struct`` and written by the sending thread), the rest of pynetdicom's ``send_c_store`` unchanged. TLS when
 ``dest.tls``. Each request of an association has its own MessageID (1, 2, ...) and a response counts only when
-it answers the request in flight and names its instance (:class:`_Responses`); a second, late or mismatched
+it answers the request in flight and names its instance (``node.send.dimse_responses``); a second, late or mismatched
 response leaves the association's outcome unknown: aborted, a retryable failure. The first failure stops the other
 associations; ``send`` then raises it (a non-retryable one before a retryable one) and the outbox resends the
 whole delivery later (harmless: deterministic UIDs).
@@ -20,11 +20,7 @@ whole delivery later (harmless: deterministic UIDs).
 from __future__ import annotations
 
 import logging
-import queue
-import select
-import socket
 import ssl
-import struct
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,167 +31,26 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import DicomDestination
 from node.dimse import (
     Status,
     assoc_no_delay,
-    command_element,
-    even_uid,
     label,
     max_pdu_problem,
-    pdata_file,
-    pdata_pdus,
     store_retryable,
     stored,
 )
 from node.errors import DeliveryError
+from node.send.dimse_lean import _lean_requests
+from node.send.dimse_responses import _Responses
 
 log = logging.getLogger(__name__)
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 MAX_CONTEXTS = 128
 NO_RESPONSE_RETRIES = 3  # per association and send: C-STOREs without a response sent again on a new association
-
-
-MAX_MESSAGE_ID = 0xFFFF  # MessageID is a US (PS3.7 Table 9.3-1); after it the next request is 1 again
-
-
-class _Responses:
-    """Matches the C-STORE responses of one requestor association to its requests (installed by :meth:`attach`).
-
-    Each request gets its own MessageID (1, 2, ... per association, :meth:`next_id`). pynetdicom 3.0's
-    ``send_c_store`` takes the next message on the association as its response without looking at it; here the
-    message it takes (``dimse.get_msg(block=True)``) is checked: a response counts only when it is a C-STORE
-    response, its MessageIDBeingRespondedTo is the request in flight and its AffectedSOPInstanceUID (optional in a
-    C-STORE-RSP, PS3.7 Table 9.1-1) is absent or the instance sent. Anything else (a second answer to a request,
-    a late or stale one, another instance's UID, a request from the peer) is a *problem*: the association's
-    outcome is unknown, and the sender aborts it and fails the attempt (retryable; the delivery is sent again).
-
-    It also keeps pynetdicom's reactor from losing responses: the requestor reactor pauses for ``send_c_store``
-    through a checkpoint that has a window, and under heavy CPU load it can take the response off the DIMSE queue
-    itself, log "Received unexpected C-STORE service message" and drop it; ``send_c_store`` then waits until the
-    peer gives up (Orthanc closes the association after its 30 s DicomScpTimeout). Seen 2-5 times per 558-instance
-    delivery with 4 associations at load average 20 on 2 cores (pydicom/pynetdicom#875 reports it for C-FIND).
-    The reactor's ``_serve_request`` (pynetdicom's private hook) puts a response to the request in flight back on
-    the queue for the waiting call; a response it sees with no request waiting for it (a duplicate arriving
-    between two requests, or during the release) is recorded as a problem; requests from the peer are served as
-    before."""
-
-    def __init__(self, assoc: Any) -> None:
-        self.assoc = assoc
-        self.lock = threading.Lock()
-        self.last_id = 0
-        self.in_flight: tuple[int, str] | None = None  # (MessageID, SOPInstanceUID) awaiting its response
-        self.answered: set[int] = set()  # MessageIDs whose response came (a second one is a duplicate)
-        self.problem = ""  # the first unexpected message, in words
-
-    @classmethod
-    def attach(cls, assoc: Any) -> _Responses:
-        self = cls(assoc)
-        serve, send, get_msg = assoc._serve_request, assoc.dimse.send_msg, assoc.dimse.get_msg
-
-        def serve_or_keep(msg: Any, context_id: int) -> None:
-            if msg.is_valid_request:  # the peer's request: pynetdicom's as before
-                serve(msg, context_id)
-                return
-            with self.lock:
-                waiting = self.in_flight is not None and _responding_to(msg) == self.in_flight[0]
-                if not waiting:
-                    self._note(self._unexpected(msg))
-            if waiting:  # send_c_store is waiting for it: back on the queue (the reactor pauses very soon)
-                assoc.dimse.msg_queue.put((context_id, msg))
-
-        def send_msg(primitive: Any, context_id: int) -> None:
-            if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is None:
-                with self.lock:
-                    self.in_flight = (int(primitive.MessageID or 0), str(primitive.AffectedSOPInstanceUID))
-            send(primitive, context_id)
-
-        def checked_get_msg(block: bool = False) -> Any:
-            item = get_msg(block)
-            if block:  # send_c_store's wait for its response (the reactor's polls are non-blocking)
-                self._check(item[1])
-            return item
-
-        assoc._serve_request = serve_or_keep
-        assoc.dimse.send_msg = send_msg
-        assoc.dimse.get_msg = checked_get_msg
-        return self
-
-    def next_id(self) -> int:
-        """The MessageID for the next request."""
-        with self.lock:
-            self.last_id = self.last_id % MAX_MESSAGE_ID + 1
-            self.answered.discard(self.last_id)  # only after 65,535 requests on one association
-            return self.last_id
-
-    def leftover(self, timeout_s: float) -> str:
-        """After the release: the problem, including a message the peer sent before its A-RELEASE-RP that nobody
-        took (pynetdicom queues P-DATA received while it waits for the release response). Waits up to
-        ``timeout_s`` for the association's reactor to end (its last look at the queue)."""
-        self.assoc.join(timeout_s)
-        while True:
-            try:
-                _, msg = self.assoc.dimse.msg_queue.get_nowait()
-            except queue.Empty:
-                break
-            if msg is not None:
-                with self.lock:
-                    self._note(self._unexpected(msg))
-        return self.problem
-
-    def done(self) -> None:
-        """No request in flight any more (its response came, or ``send_c_store`` failed before sending)."""
-        with self.lock:
-            self.in_flight = None
-
-    def _note(self, problem: str) -> None:
-        if not self.problem:
-            self.problem = problem
-
-    def _unexpected(self, msg: Any) -> str:
-        """``msg`` (a message that came with no request waiting for it), in words. Lock held."""
-        what, name = _responding_to(msg), msg.__class__.__name__.replace("_", "-")
-        if what is None:
-            return f"an unexpected {name} message"
-        if name != "C-STORE":
-            return f"an unexpected {name} response"
-        if what in self.answered:
-            return f"a second response to message {what}"
-        return f"a response to message {what}, which was not in flight"
-
-    def _check(self, msg: Any) -> None:
-        """``msg`` is what ``send_c_store`` took as the response to the request in flight (None: nothing came)."""
-        with self.lock:
-            if self.in_flight is None or msg is None:
-                self.in_flight = None
-                return
-            expected, instance = self.in_flight
-            self.in_flight = None
-            what = _responding_to(msg)
-            if what == expected and msg.__class__.__name__ == "C_STORE":
-                uid = msg.AffectedSOPInstanceUID
-                if not msg.is_valid_response:
-                    self._note(f"the response to message {expected} is not a valid C-STORE response")
-                elif uid is not None and str(uid) != instance:
-                    self._note(f"the response to message {expected} names another SOP instance")
-                else:
-                    self.answered.add(expected)
-                return
-            self._note(f"{self._unexpected(msg)} came while message {expected} was awaited")
-
-
-def _responding_to(msg: Any) -> int | None:
-    """The MessageIDBeingRespondedTo of a DIMSE message (None when it has none)."""
-    value = getattr(msg, "MessageIDBeingRespondedTo", None)
-    return None if value is None else int(value)
-
-
-C_STORE_RQ = 0x0001  # CommandField (PS3.7 Table 9.3-1)
-DATASET_PRESENT = 0x0001  # CommandDataSetType: a data set follows (any value but 0x0101; pynetdicom's)
 
 
 class _Work:
@@ -216,93 +71,6 @@ class _Work:
         """How many files were not handed out yet."""
         with self._lock:
             return len(self._items) - self._next
-
-
-def store_rq_command(message_id: int, priority: int, sop_class: str, sop_instance: str) -> bytes:
-    """The C-STORE-RQ command set (PS3.7 Table 9.3-1, implicit VR little endian) pynetdicom 3.0 encodes for a
-    request with a data set and no Move Originator: the same bytes (tests/send/test_lean_send.py)."""
-    body = b"".join((
-        command_element(0x0000_0002, even_uid(sop_class)),  # AffectedSOPClassUID
-        command_element(0x0000_0100, struct.pack("<H", C_STORE_RQ)),  # CommandField
-        command_element(0x0000_0110, struct.pack("<H", message_id)),  # MessageID
-        command_element(0x0000_0700, struct.pack("<H", priority)),  # Priority
-        command_element(0x0000_0800, struct.pack("<H", DATASET_PRESENT)),  # CommandDataSetType
-        command_element(0x0000_1000, even_uid(sop_instance)),  # AffectedSOPInstanceUID
-    ))
-    return command_element(0x0000_0000, struct.pack("<L", len(body))) + body  # CommandGroupLength first
-
-
-def _send_all(sock: socket.socket, data: bytes | bytearray, timeout_s: float) -> None:
-    """Write ``data`` to ``sock`` (plain TCP, shared with pynetdicom's reading thread) without blocking past
-    ``timeout_s`` seconds of no progress: non-blocking sends, a ``poll`` for writability between them. Raises
-    OSError (TimeoutError when the peer stopped reading)."""
-    view = memoryview(data)
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    while view:
-        try:
-            sent = sock.send(view, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        if sent:
-            view = view[sent:]
-            continue
-        if not poller.poll(timeout_s * 1000):
-            raise TimeoutError(f"the peer read nothing for {timeout_s:g} s")
-
-
-def _lean_requests(assoc: Any, timeout_s: float) -> Any:
-    """``assoc`` (an established requestor association on a plain TCP socket) with its C-STORE-RQs of a file
-    streamed from disk written by the sending thread itself: the command set by :func:`store_rq_command`, the
-    data set read at once from the file, both framed by :func:`node.dimse.pdata_pdus` exactly as pynetdicom
-    3.0 frames them, and written with :func:`_send_all`. Everything else (context choice, pausing the
-    association's reactor, waiting for and checking the response, other messages) stays pynetdicom's
-    ``send_c_store``; only its ``dimse.send_msg`` is replaced on this association object.
-
-    Why: with pynetdicom each PDU of the request is a P-DATA primitive put on the DUL thread's queue, an event of
-    its state machine and an encoding (and the command set a pydicom encoding): ~2.7 ms of CPU per 512² CT
-    instance (py-spy --gil, 4 associations to storescp), most of the node's delivery time (docs/benchmarks.md
-    "Delivery"). Only plain sockets: a TLS socket must not be written by one thread while another reads it.
-    pynetdicom's EVT_DIMSE_SENT / EVT_PDU_SENT are not triggered for these requests (the node binds neither on
-    a sender). A failed write (a peer that read nothing for ``timeout_s``, or closed) shuts the connection down
-    and aborts the association (nothing else may follow half a message; an A-ABORT queued behind a send buffer
-    the peer never reads would hold the sending thread, and the delivery, for ever) and raises OSError, which
-    ``_send_one`` reports as a retryable failure."""
-    raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if not isinstance(raw, socket.socket) or isinstance(raw, ssl.SSLSocket):
-        return assoc
-    dimse = assoc.dimse
-    pynetdicom_send = dimse.send_msg
-
-    def send_msg(primitive: Any, context_id: int) -> None:
-        where = getattr(primitive, "_dataset_path", None)
-        if (not isinstance(primitive, C_STORE) or where is None or primitive.MessageIDBeingRespondedTo is not None
-                or primitive.MoveOriginatorApplicationEntityTitle or primitive.MoveOriginatorMessageID is not None):
-            pynetdicom_send(primitive, context_id)
-            return
-        path, offset = where
-        max_pdu = int(dimse.maximum_pdu_size or 0)
-        command = store_rq_command(int(primitive.MessageID or 0), int(primitive.Priority),
-                                   str(primitive.AffectedSOPClassUID), str(primitive.AffectedSOPInstanceUID))
-        with open(path, "rb") as f:
-            length = f.seek(0, 2) - f.seek(offset)
-            if length <= 0:  # nothing after the file meta: as pynetdicom has it
-                pynetdicom_send(primitive, context_id)
-                return
-            data = pdata_file(f, length, context_id, max_pdu,
-                              prefix=b"".join(pdata_pdus(command, context_id, max_pdu, command=True)))
-        try:
-            _send_all(raw, data, timeout_s)
-        except OSError:
-            try:  # the peer reads nothing more: pynetdicom's A-ABORT would wait on the full send buffer for ever
-                raw.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            assoc.abort()
-            raise
-
-    dimse.send_msg = send_msg
-    return assoc
 
 
 class _NoResponse(DeliveryError):
