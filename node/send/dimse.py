@@ -14,7 +14,9 @@ plain TCP connection such a file's C-STORE-RQ is written by ``node.send.dimse_le
 it answers the request in flight and names its instance (``node.send.dimse_responses``); a second, late or mismatched
 response leaves the association's outcome unknown: aborted, a retryable failure. The first failure stops the other
 associations; ``send`` then raises it (a non-retryable one before a retryable one) and the outbox resends the
-whole delivery later (harmless: deterministic UIDs).
+whole delivery later (harmless: deterministic UIDs). An association lost with a file in hand (the peer aborted it,
+no response) is no such failure while others work: the file goes back to the shared list for them
+(:meth:`_Work.give_back`); only when every association is lost does the attempt fail.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,23 +57,56 @@ NO_RESPONSE_RETRIES = 3  # per association and send: C-STOREs without a response
 
 
 class _Work:
-    """The files of one delivery, handed out in order to the associations that send them (thread-safe)."""
+    """The files of one delivery, handed out in order to the associations that send them (thread-safe).
+
+    Each file taken is in flight until the association that took it says it was stored (:meth:`done`) or hands it
+    back (:meth:`give_back`: its association was lost, aborted by the peer or without a response), which puts it
+    first in line for the associations still working. :meth:`take` waits while the list is empty and a file is
+    still in flight (it may come back), so that a file handed back at the end is not left unsent."""
+
+    WAIT_S = 1.0  # longest wait between two looks at ``stop`` (a file done or handed back wakes a waiter at once)
 
     def __init__(self, items: list[tuple[Path, str, str]]) -> None:
-        self._items, self._next, self._lock = items, 0, threading.Lock()
+        self._items: deque[tuple[Path, str, str]] = deque(items)
+        self._in_flight = 0
+        self._cond = threading.Condition()
 
-    def take(self) -> tuple[Path, str, str] | None:
-        """The next file (path, SOP class, transfer syntax), or None when every file was handed out."""
-        with self._lock:
-            if self._next >= len(self._items):
-                return None
-            self._next += 1
-            return self._items[self._next - 1]
+    def take(self, stop: threading.Event | None = None) -> tuple[Path, str, str] | None:
+        """The next file (path, SOP class, transfer syntax), or None when every file was sent (none left, none in
+        flight) or ``stop`` is set."""
+        with self._cond:
+            while True:
+                if stop is not None and stop.is_set():
+                    return None
+                if self._items:
+                    self._in_flight += 1
+                    return self._items.popleft()
+                if self._in_flight == 0:
+                    return None
+                self._cond.wait(self.WAIT_S)
+
+    def done(self) -> None:
+        """The file last taken by the caller was stored."""
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    def give_back(self, item: tuple[Path, str, str]) -> None:
+        """The file ``item`` the caller took was not stored (its association lost): first in line again."""
+        with self._cond:
+            self._in_flight -= 1
+            self._items.appendleft(item)
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake every waiting :meth:`take` (``stop`` was set)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def left(self) -> int:
-        """How many files were not handed out yet."""
-        with self._lock:
-            return len(self._items) - self._next
+        """How many files were not handed out yet (or were handed back)."""
+        with self._cond:
+            return len(self._items)
 
 
 class _NoResponse(DeliveryError):
@@ -161,17 +197,19 @@ class DimseSender:
             return
         stop = threading.Event()
         errors: list[DeliveryError] = []
-        not_opened: list[DeliveryError] = []
+        lost: list[DeliveryError] = []
 
         def run() -> None:
             try:
-                self._send_on_one(contexts, work, stop, not_opened)
+                self._send_on_one(contexts, work, stop, lost)
             except DeliveryError as exc:
                 errors.append(exc)
                 stop.set()
+                work.wake()
             except Exception as exc:  # noqa: BLE001 - a thread must not die silently; translated once here
                 errors.append(DeliveryError(f"destination {self._where()}: sending failed: {exc}"))
                 stop.set()
+                work.wake()
 
         threads = [threading.Thread(target=run, name=f"srnode-send-{self.name}-{i}", daemon=True) for i in range(n)]
         for t in threads:
@@ -180,11 +218,11 @@ class DimseSender:
             t.join()
         if errors:
             raise next((e for e in errors if not e.retryable), errors[0])
-        if not_opened:
-            if work.left():  # no association could be opened: the delivery fails as with one association
-                raise next((e for e in not_opened if not e.retryable), not_opened[0])
-            log.warning("destination %s: %d of %d associations not opened (%s); the others sent every file",
-                        self._where(), len(not_opened), n, not_opened[0])
+        if lost:
+            if work.left():  # no association could be opened, or every one was lost: failed as with one
+                raise next((e for e in lost if not e.retryable), lost[0])
+            log.warning("destination %s: %d of %d associations not opened or lost (%s); the others sent every file",
+                        self._where(), len(lost), n, lost[0])
 
     def _open(self, ae: AE) -> tuple[Any, _Responses]:
         """A new association to the destination, its requests streamed by :func:`_lean_requests` and its
@@ -193,15 +231,20 @@ class DimseSender:
         return assoc, _Responses.attach(assoc)
 
     def _send_on_one(self, contexts: list[tuple[str, list[str]]], work: _Work, stop: threading.Event,
-                     not_opened: list[DeliveryError] | None = None) -> None:
+                     lost: list[DeliveryError] | None = None) -> None:
         """Send the files ``work`` hands out (path, SOP class, transfer syntax), in order, on one new association,
-        until none is left; returns early when ``stop`` is set (another association failed). With ``not_opened``
-        (several associations share ``work``), an association that cannot be opened is added to it and the call
-        returns: the others take its share. A C-STORE without a response (pynetdicom aborts the
-        association) is sent again on a new association, up to ``NO_RESPONSE_RETRIES`` times per call: under
-        heavy CPU load pynetdicom 3.0's association reactor can take a response meant for ``send_c_store``
-        ("Received unexpected C-STORE service message", pydicom/pynetdicom#875). A response that does not match
-        its request (:class:`_Responses`), before or during the release, fails the call. Raises DeliveryError."""
+        until none is left; returns early when ``stop`` is set (another association failed).
+
+        An association lost with a file in hand (no C-STORE response: the peer aborted it, the connection dropped,
+        a timeout) is opened again, up to ``NO_RESPONSE_RETRIES`` times per call: under heavy CPU load pynetdicom
+        3.0's association reactor can take a response meant for ``send_c_store`` ("Received unexpected C-STORE
+        service message", pydicom/pynetdicom#875). With ``lost`` (several associations share ``work``) the file
+        goes back to ``work`` first, for whichever association is working (a PACS that accepts more associations
+        than it serves and aborts the others: the healthy ones finish the delivery), and an association that
+        cannot be opened, or is lost once more after its retries, is added to ``lost`` and the call returns: the
+        others take its share. Alone (no ``lost``), the same file is sent again on the new association, and the
+        last loss raises. A response that does not match its request (``node.send.dimse_responses``), before or
+        during the release, fails the call. Raises DeliveryError."""
         ae = self._ae()
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, syntaxes)
@@ -209,28 +252,47 @@ class DimseSender:
         try:
             assoc, responses = self._open(ae)
         except DeliveryError as exc:
-            if not_opened is None:
+            if lost is None:
                 raise
-            not_opened.append(exc)
+            lost.append(exc)
             return
         try:
-            accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
-            current, last = work.take(), ""
+            accepted = _accepted(assoc)
+            current, last = work.take(stop), ""
             while current is not None and not stop.is_set():
                 path, sop_class, ts = current
                 try:
                     self._send_one(assoc, responses, accepted, path, sop_class, ts)
-                except _NoResponse:
-                    if retries <= 0:
-                        raise
-                    retries -= 1
+                except _NoResponse as exc:
                     if assoc.is_established:  # pynetdicom may not have noticed the abort yet
                         assoc.abort()
-                    log.warning("destination %s: no C-STORE response for %s; again on a new association",
-                                self._where(), path.name)
-                    assoc, responses = self._open(ae)
+                    if lost is not None:  # first in line again, for the associations still working
+                        work.give_back(current)
+                        current = None
+                    if retries <= 0:
+                        if lost is None:
+                            raise
+                        log.warning("destination %s: %s; %s handed back to the other associations", self._where(),
+                                    exc, path.name)
+                        lost.append(exc)
+                        return
+                    retries -= 1
+                    log.warning("destination %s: no C-STORE response for %s; %s", self._where(), path.name,
+                                "handed back to the other associations, this one opened again" if lost is not None
+                                else "again on a new association")
+                    try:
+                        assoc, responses = self._open(ae)
+                    except DeliveryError as reopen:
+                        if lost is None:
+                            raise
+                        lost.append(reopen)
+                        return
+                    accepted = _accepted(assoc)
+                    if current is None:
+                        current = work.take(stop)
                     continue
-                last, current = path.name, work.take()
+                work.done()
+                last, current = path.name, work.take(stop)
             if assoc.is_established:
                 assoc.release()
                 problem = responses.leftover(self.dest.timeout_s)
@@ -272,9 +334,17 @@ class DimseSender:
             if missing:  # only the file meta names it: pynetdicom finds no context for '' (a retry cannot help)
                 raise DeliveryError(f"{path}: cannot be transcoded for {self._where()}: the data set has no "
                                     f"{' / '.join(missing)}", retryable=False)
+        if not assoc.is_established:  # the peer aborted it after the last response (or the connection dropped)
+            raise _NoResponse(f"destination {self._where()}: no C-STORE response for {path.name} (the association "
+                              "ended before it was sent)")
         message_id = responses.next_id()
         try:
             rsp = assoc.send_c_store(what, msg_id=message_id)
+        except RuntimeError as exc:  # pynetdicom's "not established": the peer aborted it just now
+            if assoc.is_established:
+                raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} failed: {exc}") from exc
+            raise _NoResponse(f"destination {self._where()}: no C-STORE response for {path.name} (the association "
+                              "ended before it was sent)") from exc
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises on encoding/context problems
             raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} failed: {exc}") from exc
         finally:
@@ -304,6 +374,11 @@ class DimseSender:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+
+def _accepted(assoc: Any) -> set[tuple[str, str]]:
+    """(SOP class, transfer syntax) of each presentation context ``assoc``'s peer accepted."""
+    return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
 
 
 def _damaged(path: Path) -> str:
