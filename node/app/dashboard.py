@@ -33,6 +33,7 @@ from node.app import dashboard_data as data
 from node.app.context import NodeContext
 from node.app.dashboard_auth import HTML_HEADERS, DashboardAuth, FormError, read_form
 from node.errors import SpoolError
+from node.jobs.replay import gone_destinations, redirect
 from node.store import JobState
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ DONE_MESSAGES = {  # ?done= codes after a POST (fixed words: nothing from the qu
     "replayed": "Queued as a replay.",
     "no-replay": "Cannot replay: the job's rule is not configured (any more), or its series is not in the spool.",
     "busy": "Cannot replay now: the series has a job queued or in progress.",
+    "no-destination": "Not retried: its destination is no longer configured, and its series cannot be replayed to "
+                      "the destinations its rule names now (the rule is gone or names none, the series is not in "
+                      "the spool, or it has a job in progress): the node's log says which.",
 }
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -180,6 +184,16 @@ def dashboard_routes(ctx: NodeContext) -> list[Route]:
         elif job.state in (JobState.DEAD_LETTER, JobState.SUPERSEDED) and (
                 await run_in_threadpool(ctx.index.replaced_by, job.id) is not None):
             done = "replaced"  # a later job's results (and its rejection note) replace these: never sent again
+        elif job.state in (JobState.DEAD_LETTER, JobState.SUPERSEDED) and (
+                gone := await run_in_threadpool(gone_destinations, cfg, ctx.index, job)):
+            # resent it would fail again: replayed to its rule's destinations now, or refused (node.jobs.replay)
+            out = await run_in_threadpool(redirect, cfg, ctx.index, job, gone, "the dashboard")
+            log.info("dashboard: %s", out.line)
+            if out.new_job:
+                ctx.audit.write("dashboard-retry", job=job.id, series=job.series_uid, outcome="replayed",
+                                replayed_as=out.new_job)
+                return RedirectResponse(f"/dashboard/jobs/{out.new_job}?done=replayed", status_code=303)
+            done = "no-destination"
         elif await run_in_threadpool(ctx.index.requeue_deliveries, job.id):
             done = "redeliver"
         else:

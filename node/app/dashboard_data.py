@@ -23,8 +23,9 @@ from pydicom.dataset import Dataset
 
 from node.app.preview import write_preview
 from node.config import Config, RuleConfig
+from node.jobs.replay import replay as replay_job
 from node.jobs.rules import allowed_rules, match_rule, rule_mismatch
-from node.store import JOB_DONE_STATES, Delivery, Index, Job, JobState, Spool
+from node.store import Delivery, Index, Job, JobState, Spool
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +89,8 @@ def jobs_view(index: Index, states: list[JobState], limit: int) -> tuple[list[di
 
 
 def replay(cfg: Config, index: Index, job: Job) -> tuple[int, str]:
-    """Queue the job's series (its study + series, the instances spooled now) again as a new job under the job's
-    rule: (new job id, ""), or (0, why not: 'no-replay', 'busy'). The new job supersedes the series' last one."""
-    s = index.series(job.series_uid, job.study_uid)
-    if (not job.rule or job.rule not in {r.name for r in cfg.rules} or s is None
-            or not index.instances_of(job.series_uid, job.study_uid)):
-        return 0, "no-replay"
-    current = s.get("job_id")
-    if current and current != job.id and index.job(int(current)).state not in JOB_DONE_STATES:
-        return 0, "busy"
-    return index.create_job(job.series_uid, job.rule, reason=f"replay of job {job.id}, requested from the "
-                            "dashboard", study_uid=job.study_uid), ""
+    """The dashboard's Replay: ``node.jobs.replay.replay`` (new job id, or 0 and why not)."""
+    return replay_job(cfg, index, job, f"replay of job {job.id}, requested from the dashboard")
 
 
 # ---------------------------------------------------------------------------------------------------- preview

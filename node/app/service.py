@@ -24,6 +24,7 @@ from node.ingest import Admission, StoreSCP, reindex_spool
 from node.jobs import JobContext, StabilityWatcher, make_executor
 from node.process import series_budget_mb
 from node.send import Outbox
+from node.store.jobs import MAX_INTERRUPTED_RUNS
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,8 @@ class Node:
             ctx.metrics.failures.labels(where="job", reason="poison").inc()
             ctx.audit.write("job-failed", job=job.id, series=job.series_uid, reason=reason)
         budget, how = series_budget_mb(self.cfg.node.max_series_memory_mb)
-        log.info("series memory budget %d MB (%s); a job is failed as poison after %d run(s) that stopped the node",
-                 budget, how, max_attempts)
+        log.info("series memory budget %d MB (%s); a job is failed as poison after %d run(s) that stopped the node, "
+                 "or %d a stop of the node interrupted", budget, how, max_attempts, MAX_INTERRUPTED_RUNS)
         log.info("spool %s: %d instances indexed, %d job(s) queued, %d partial file(s) removed",
                  ctx.spool.root, ctx.index.count_instances(), len(queued), leftovers)
         ctx.executor.start()

@@ -17,8 +17,9 @@ import sys
 import time
 from typing import Any
 
-from node.config import load_config
+from node.config import Config, load_config
 from node.errors import NodeError
+from node.jobs.replay import gone_destinations, redirect
 from node.store import Delivery, DeliveryState, Index, Job, JobState, SeriesState, Spool
 
 
@@ -135,8 +136,7 @@ def run(args: argparse.Namespace) -> int:
     """Run ``srnode status`` or ``srnode retry``; returns the exit code (retry: 1 for an unknown job id)."""
     index = _open(args)
     if args.command == "retry":
-        rules = {r.name for r in load_config(args.config).rules}
-        return _retry(index, list(args.jobs), rules)
+        return _retry(index, list(args.jobs), load_config(args.config))
     jobs = index.jobs(args.state)[-args.limit:] if args.limit > 0 else index.jobs(args.state)
     docs = [job_dict(index, j) for j in jobs]
     conflicts = [conflict_dict(c) for c in index.conflicts()]
@@ -190,10 +190,13 @@ def _print_waiting(waiting: list[dict[str, Any]]) -> None:
         print(f"  series {s['series']}: {s['instances']} instance(s){declared}, last received {s['last_received']}")
 
 
-def _retry(index: Index, job_ids: list[int], rules: set[str]) -> int:
+def _retry(index: Index, job_ids: list[int], cfg: Config) -> int:
     """Re-queue each job of ``job_ids`` (default: every failed or dead-letter job): a failed job under a rule of
-    ``rules`` (the node's rule names) runs again; one whose rule is not among them (renamed, removed, or none
-    was chosen) has its series matched against the running node's rules again, as an ignored job named here."""
+    ``cfg`` runs again; one whose rule is not among them (renamed, removed, or none was chosen) has its series
+    matched against the running node's rules again, as an ignored job named here. A dead letter to a destination
+    no longer configured is replayed to the destinations its rule names now, or refused with why
+    (``node.jobs.replay.redirect``: rc 1)."""
+    rules = {r.name for r in cfg.rules}
     targets = job_ids or sorted({j.id for j in index.jobs((JobState.FAILED, JobState.DEAD_LETTER))})
     if not targets:
         print("nothing to retry: no failed jobs or dead-letter deliveries")
@@ -219,6 +222,11 @@ def _retry(index: Index, job_ids: list[int], rules: set[str]) -> int:
         elif job.state in (JobState.DEAD_LETTER, JobState.SUPERSEDED) and (later := index.replaced_by(jid)) is not None:
             print(f"job {jid}: its results were replaced by job {later} (late instances), whose rejection note "
                   "retires them: not sent again")
+        elif job.state in (JobState.DEAD_LETTER, JobState.SUPERSEDED) and (
+                lost := gone_destinations(cfg, index, job)):
+            out = redirect(cfg, index, job, lost, "srnode retry")  # resent, it would fail again
+            print(out.line, file=sys.stdout if out.new_job else sys.stderr)
+            rc = rc if out.new_job else 1
         elif index.requeue_deliveries(jid):
             print(f"job {jid}: dead-letter deliveries re-queued")
         elif job.state is JobState.IGNORED and index.reconsider_ignored(jid):

@@ -1,8 +1,8 @@
 """The derived image series (pydicom), and with it the uncertainty objects (``node.derived.uncertainty``).
 
 The derived series sits in the input's study and frame of reference, with new UIDs that are deterministic from
-(input SeriesInstanceUID and SOPInstanceUIDs, PIPELINE_VERSION, factors, engine, run) so that reprocessing is
-recognisable. Patient, study and acquisition attributes are copied from the nearest input slice (a whitelist per
+(input SeriesInstanceUID and SOPInstanceUIDs, PIPELINE_VERSION, factors, engine, run, the [derive] settings that
+change the objects' labels: ``node.derived.modules.derived_uid``) so that reprocessing is recognisable. Patient, study and acquisition attributes are copied from the nearest input slice (a whitelist per
 module, never private tags; ``node.derived.modules``); geometry is recomputed from the input positions exactly as ``models.engine``
 documents it, then checked again by ``geometry_gate`` (``node.derived.geometry``) before anything leaves.
 
@@ -328,8 +328,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
 
         pm = SigmaSeries(derived_uid(cfg, vol, factors, uid_by, "sigma"),
                          derived_uid(cfg, vol, factors, uid_by, "sigma", "map"), series_number + 1, sigma_desc)
-        card = SigmaSeries(derived_uid(cfg, vol, factors, uid_by, "sigma-card"),
-                           derived_uid(cfg, vol, factors, uid_by, "sigma-card", "0"),
+        card = SigmaSeries(derived_uid(cfg, vol, factors, uid_by, "sigma-card", card=True),
+                           derived_uid(cfg, vol, factors, uid_by, "sigma-card", "0", card=True),
                            series_number + (2 if kind.parametric_map else 1), card_desc)
         sigma_objs = uncertainty_objects(headers, result.sigma, vol.modality, kind, made_by, equipment,
                                          parametric_map=pm, card=card)

@@ -195,7 +195,9 @@ def reject_superseded(index: Index, spool_outbox: Path, job: Job, new_derived_se
         files += mine
     if not files:
         return []
-    ids = ", ".join(str(o.id) for o in reversed(olds))
-    reason = (f"superseded by srnode job {job.id} (series {new_derived_series}): late instances made the "
-              f"input of job{'s' if len(olds) > 1 else ''} {ids} incomplete")
+    ids = f"job{'s' if len(olds) > 1 else ''} " + ", ".join(str(o.id) for o in reversed(olds))
+    why = (f"late instances made the input of {ids} incomplete" if all(o.n_instances < job.n_instances for o in olds)
+           else f"{ids} made with other settings (engine, its weights, the [derive] labels, the pipeline version) "
+                "or input")  # a replay after a settings change: new UIDs (node.derived.modules.derived_uid)
+    reason = f"superseded by srnode job {job.id} (series {new_derived_series}): {why}"
     return [rejection_note(files, cfg, out_dir, reason)]

@@ -5,6 +5,7 @@ Contributing Equipment and file meta (shared by ``node.derived.image_series`` an
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from collections.abc import Sequence
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -48,11 +49,31 @@ def ds_str(x: float) -> str:
     return str(format_number_as_ds(float(x)))
 
 
-def derived_uid(cfg: DeriveConfig, vol: SeriesVolume, factors: Factors, engine: str, *what: str) -> str:
-    """Deterministic UID under ``cfg.uid_root`` from input series, instances, pipeline, factors, engine, run.
+# the [derive] settings that change what every derived object says (SeriesDescription, SeriesNumber); uid_root is
+# the UIDs' root itself
+_LABEL_SETTINGS = ("series_description_suffix", "series_number_offset", "caution")
+_DEFAULT_DERIVE = DeriveConfig()
+
+
+def settings_token(cfg: DeriveConfig, card: bool = False) -> list[str]:
+    """The entropy of the ``[derive]`` settings that change the derived objects' content: [] at the defaults (the
+    UIDs of a node left at them are those made before this token existed), else one ``name=value`` per setting
+    that differs (a setting changed back to its default gives the default's UIDs again). ``card``: the uncertainty
+    card's SeriesNumber also depends on whether a Parametric Map is made beside it (``[derive] uncertainty``)."""
+    names = (*_LABEL_SETTINGS, "uncertainty") if card else _LABEL_SETTINGS
+    return [f"{n}={json.dumps(getattr(cfg, n))}" for n in names if getattr(cfg, n) != getattr(_DEFAULT_DERIVE, n)]
+
+
+def derived_uid(cfg: DeriveConfig, vol: SeriesVolume, factors: Factors, engine: str, *what: str,
+                card: bool = False) -> str:
+    """Deterministic UID under ``cfg.uid_root`` from input series, instances, pipeline, factors, engine, run and
+    the ``[derive]`` settings that change what the objects say (:func:`settings_token`; ``card``: the uncertainty
+    card's, which also depend on ``[derive] uncertainty``).
 
     ``what`` tells apart the UIDs of one output ("derived", "sigma", slice index). pydicom's ``generate_uid``
     hashes the entropy sources (SHA-512) into the root's remaining digits (at most 64 characters, PS3.5 9.1).
+    A reprocess after a change of caution, suffix, offset or uncertainty kind makes objects with other UIDs: never
+    another SeriesDescription or SeriesNumber under UIDs a PACS already holds.
     """
     run = f"run{vol.run[0]}" if vol.run else "all"
     if vol.volume:  # volumes of one enhanced object share their input instances: the volume tells them apart
@@ -61,7 +82,7 @@ def derived_uid(cfg: DeriveConfig, vol: SeriesVolume, factors: Factors, engine: 
     # slices of the earlier one in PACS); a re-run of the same input gives the same UIDs (a resend is harmless)
     inputs = vol.instances_digest  # computed once per volume (per call it made deriving O(slices²))
     ent = [vol.series_uid, PIPELINE_VERSION, f"tp{factors.through_plane}", f"ip{factors.in_plane}", engine, run,
-           inputs, *what]
+           inputs, *what, *settings_token(cfg, card)]
     return str(generate_uid(cfg.uid_root, entropy_srcs=ent))
 
 

@@ -3,6 +3,8 @@
 - ``watcher``: the completeness watcher (when a series counts as complete) and job submission;
 - ``decide``: which rule takes a stable series, or why none (``rules``: the matching itself);
 - ``runner``: claim a job, run ``node.process`` on it, enqueue its deliveries;
+- ``replay``: a job's series queued again under its rule (the dashboard's Replay; a retry of a dead letter whose
+  destination is gone);
 - ``executor``: where jobs run (in-process thread; ``celery_executor`` / ``celery_remote`` for scale-out);
 - ``context``: ``JobContext``, what a runner needs, opened once per process.
 """

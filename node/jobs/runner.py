@@ -138,10 +138,6 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     except OSError as exc:
         return _results_lost(ctx, job, out_dir, _scrubbed(describe_write_error(exc, spool.root), paths))
     per_dest = {d: files + ([str(p) for p in paths] if rule.forward_originals else []) for d in rule.destinations}
-    try:
-        index.add_deliveries(job.id, per_dest)
-    except (SpoolError, sqlite3.Error) as exc:  # e.g. "database or disk is full": nothing was enqueued
-        return _results_lost(ctx, job, out_dir, f"the results could not be recorded in the index: {exc}")
     report = dict(result.report or {})
     # for the next result's revision (node.derived.labels.Revision)
     report["revision"] = revision.of(result.derived_series_uid)
@@ -154,10 +150,14 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     missing = _declared_shortfall(ctx, job, len(paths), report)  # fewer instances than the series declares
     state = JobState.SENDING if per_dest else JobState.DELIVERED
     reason = "" if per_dest else "rule has no destinations; results kept in the spool"
-    _recorded(job, lambda: index.finish_job(
-        job.id, state, reason, derived_series_uid=result.derived_series_uid,
-        uncertainty_series_uid=result.uncertainty_series_uid, engine=result.engine, fallback=result.fallback or "",
-        report=report))
+    try:  # the deliveries and the job's new state: one transaction (never one without the other), tried again
+        # for a while when the index cannot take it yet
+        _recorded(job, lambda: index.enqueue_results(
+            job.id, per_dest, state, reason, derived_series_uid=result.derived_series_uid,
+            uncertainty_series_uid=result.uncertainty_series_uid, engine=result.engine,
+            fallback=result.fallback or "", report=report), "its results are removed and the job failed")
+    except (SpoolError, sqlite3.Error) as exc:  # e.g. "database or disk is full": nothing was recorded
+        return _results_lost(ctx, job, out_dir, f"the results could not be recorded in the index: {exc}")
     metrics.series_processed.labels(outcome="processed").inc()
     _gpu_peak(metrics)
     log.info("job %d: %d derived + %d uncertainty objects in %.1f s (engine %s%s); %s", job.id,
@@ -221,8 +221,8 @@ def _originals_only(ctx: JobContext, job: Job, rule: RuleConfig, paths: list[Pat
         return ""
     note = f"SR not applied: {why}; originals forwarded unchanged"
     index = ctx.store.index
-    index.add_deliveries(job.id, {d: [str(p) for p in paths] for d in rule.destinations})
-    index.finish_job(job.id, JobState.SENDING, "", engine="none", fallback=note)
+    index.enqueue_results(job.id, {d: [str(p) for p in paths] for d in rule.destinations}, JobState.SENDING, "",
+                          engine="none", fallback=note)  # one transaction: never deliveries of a job 'processing'
     ctx.metrics.series_processed.labels(outcome="originals-only").inc()
     log.warning("job %d (series %s): %s", job.id, job.series_uid, note)
     ctx.audit.write("job-processed", job=job.id, series=job.series_uid, engine="none", fallback=note,
@@ -249,22 +249,24 @@ def _discard(job: Job, out_dir: Path) -> None:
         log.error("job %d: its partial results in %s cannot be removed: %s", job.id, out_dir, exc)
 
 
-def _recorded(job: Job, record: Callable[[], None]) -> None:
+_STAYS = "it stays 'processing' until the node restarts and re-queues it"
+
+
+def _recorded(job: Job, record: Callable[[], None], then: str = _STAYS) -> None:
     """Run ``record`` (an index write of the job's outcome), trying again after each of :data:`RECORD_DELAYS_S`
     while the index cannot be written (SpoolError, sqlite3.Error: its disk full, a lock held); the last error
-    escapes."""
-    _recorded_value(job, record)
+    escapes (logged with ``then``: what happens next)."""
+    _recorded_value(job, record, then)
 
 
-def _recorded_value(job: Job, record: Callable[[], _T]) -> _T:
+def _recorded_value(job: Job, record: Callable[[], _T], then: str = _STAYS) -> _T:
     """As :func:`_recorded`, returning what ``record`` returns."""
     for delay in (*RECORD_DELAYS_S, None):
         try:
             return record()
         except (SpoolError, sqlite3.Error) as exc:
             if delay is None:
-                log.error("job %d: its outcome could not be recorded (%s); it stays 'processing' until the node "
-                          "restarts and re-queues it", job.id, exc)
+                log.error("job %d: its outcome could not be recorded (%s); %s", job.id, exc, then)
                 raise
             log.warning("job %d: its outcome cannot be recorded yet (%s); trying again in %.2f s", job.id, exc,
                         delay)

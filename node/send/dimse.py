@@ -8,24 +8,23 @@ localhost 15 instances/s with one association, 55/s with four; docs/benchmarks.m
 proposes, for every SOP class among the files, the files' own transfer syntax and, in a second context,
 Explicit/Implicit VR Little Endian. A file whose own syntax was accepted is streamed from disk as it is (no
 decoding); one whose compressed syntax the peer refused is decompressed (pylibjpeg) and sent uncompressed. On a
-plain TCP connection such a file's C-STORE-RQ is written by :func:`_lean_requests` (its P-DATA-TF PDUs framed with
+plain TCP connection such a file's C-STORE-RQ is written by ``node.send.dimse_lean`` (its P-DATA-TF PDUs framed with
 ``struct`` and written by the sending thread), the rest of pynetdicom's ``send_c_store`` unchanged. TLS when
 ``dest.tls``. Each request of an association has its own MessageID (1, 2, ...) and a response counts only when
-it answers the request in flight and names its instance (:class:`_Responses`); a second, late or mismatched
+it answers the request in flight and names its instance (``node.send.dimse_responses``); a second, late or mismatched
 response leaves the association's outcome unknown: aborted, a retryable failure. The first failure stops the other
 associations; ``send`` then raises it (a non-retryable one before a retryable one) and the outbox resends the
-whole delivery later (harmless: deterministic UIDs).
+whole delivery later (harmless: deterministic UIDs). An association lost with a file in hand (the peer aborted it,
+no response) is no such failure while others work: the file goes back to the shared list for them
+(:meth:`_Work.give_back`); only when every association is lost does the attempt fail.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import select
-import socket
 import ssl
-import struct
 import threading
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,23 +34,20 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import DicomDestination
 from node.dimse import (
     Status,
     assoc_no_delay,
-    command_element,
-    even_uid,
     label,
     max_pdu_problem,
-    pdata_file,
-    pdata_pdus,
     store_retryable,
     stored,
 )
 from node.errors import DeliveryError
+from node.send.dimse_lean import _lean_requests
+from node.send.dimse_responses import _Responses
 
 log = logging.getLogger(__name__)
 
@@ -60,249 +56,57 @@ MAX_CONTEXTS = 128
 NO_RESPONSE_RETRIES = 3  # per association and send: C-STOREs without a response sent again on a new association
 
 
-MAX_MESSAGE_ID = 0xFFFF  # MessageID is a US (PS3.7 Table 9.3-1); after it the next request is 1 again
-
-
-class _Responses:
-    """Matches the C-STORE responses of one requestor association to its requests (installed by :meth:`attach`).
-
-    Each request gets its own MessageID (1, 2, ... per association, :meth:`next_id`). pynetdicom 3.0's
-    ``send_c_store`` takes the next message on the association as its response without looking at it; here the
-    message it takes (``dimse.get_msg(block=True)``) is checked: a response counts only when it is a C-STORE
-    response, its MessageIDBeingRespondedTo is the request in flight and its AffectedSOPInstanceUID (optional in a
-    C-STORE-RSP, PS3.7 Table 9.1-1) is absent or the instance sent. Anything else (a second answer to a request,
-    a late or stale one, another instance's UID, a request from the peer) is a *problem*: the association's
-    outcome is unknown, and the sender aborts it and fails the attempt (retryable; the delivery is sent again).
-
-    It also keeps pynetdicom's reactor from losing responses: the requestor reactor pauses for ``send_c_store``
-    through a checkpoint that has a window, and under heavy CPU load it can take the response off the DIMSE queue
-    itself, log "Received unexpected C-STORE service message" and drop it; ``send_c_store`` then waits until the
-    peer gives up (Orthanc closes the association after its 30 s DicomScpTimeout). Seen 2-5 times per 558-instance
-    delivery with 4 associations at load average 20 on 2 cores (pydicom/pynetdicom#875 reports it for C-FIND).
-    The reactor's ``_serve_request`` (pynetdicom's private hook) puts a response to the request in flight back on
-    the queue for the waiting call; a response it sees with no request waiting for it (a duplicate arriving
-    between two requests, or during the release) is recorded as a problem; requests from the peer are served as
-    before."""
-
-    def __init__(self, assoc: Any) -> None:
-        self.assoc = assoc
-        self.lock = threading.Lock()
-        self.last_id = 0
-        self.in_flight: tuple[int, str] | None = None  # (MessageID, SOPInstanceUID) awaiting its response
-        self.answered: set[int] = set()  # MessageIDs whose response came (a second one is a duplicate)
-        self.problem = ""  # the first unexpected message, in words
-
-    @classmethod
-    def attach(cls, assoc: Any) -> _Responses:
-        self = cls(assoc)
-        serve, send, get_msg = assoc._serve_request, assoc.dimse.send_msg, assoc.dimse.get_msg
-
-        def serve_or_keep(msg: Any, context_id: int) -> None:
-            if msg.is_valid_request:  # the peer's request: pynetdicom's as before
-                serve(msg, context_id)
-                return
-            with self.lock:
-                waiting = self.in_flight is not None and _responding_to(msg) == self.in_flight[0]
-                if not waiting:
-                    self._note(self._unexpected(msg))
-            if waiting:  # send_c_store is waiting for it: back on the queue (the reactor pauses very soon)
-                assoc.dimse.msg_queue.put((context_id, msg))
-
-        def send_msg(primitive: Any, context_id: int) -> None:
-            if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is None:
-                with self.lock:
-                    self.in_flight = (int(primitive.MessageID or 0), str(primitive.AffectedSOPInstanceUID))
-            send(primitive, context_id)
-
-        def checked_get_msg(block: bool = False) -> Any:
-            item = get_msg(block)
-            if block:  # send_c_store's wait for its response (the reactor's polls are non-blocking)
-                self._check(item[1])
-            return item
-
-        assoc._serve_request = serve_or_keep
-        assoc.dimse.send_msg = send_msg
-        assoc.dimse.get_msg = checked_get_msg
-        return self
-
-    def next_id(self) -> int:
-        """The MessageID for the next request."""
-        with self.lock:
-            self.last_id = self.last_id % MAX_MESSAGE_ID + 1
-            self.answered.discard(self.last_id)  # only after 65,535 requests on one association
-            return self.last_id
-
-    def leftover(self, timeout_s: float) -> str:
-        """After the release: the problem, including a message the peer sent before its A-RELEASE-RP that nobody
-        took (pynetdicom queues P-DATA received while it waits for the release response). Waits up to
-        ``timeout_s`` for the association's reactor to end (its last look at the queue)."""
-        self.assoc.join(timeout_s)
-        while True:
-            try:
-                _, msg = self.assoc.dimse.msg_queue.get_nowait()
-            except queue.Empty:
-                break
-            if msg is not None:
-                with self.lock:
-                    self._note(self._unexpected(msg))
-        return self.problem
-
-    def done(self) -> None:
-        """No request in flight any more (its response came, or ``send_c_store`` failed before sending)."""
-        with self.lock:
-            self.in_flight = None
-
-    def _note(self, problem: str) -> None:
-        if not self.problem:
-            self.problem = problem
-
-    def _unexpected(self, msg: Any) -> str:
-        """``msg`` (a message that came with no request waiting for it), in words. Lock held."""
-        what, name = _responding_to(msg), msg.__class__.__name__.replace("_", "-")
-        if what is None:
-            return f"an unexpected {name} message"
-        if name != "C-STORE":
-            return f"an unexpected {name} response"
-        if what in self.answered:
-            return f"a second response to message {what}"
-        return f"a response to message {what}, which was not in flight"
-
-    def _check(self, msg: Any) -> None:
-        """``msg`` is what ``send_c_store`` took as the response to the request in flight (None: nothing came)."""
-        with self.lock:
-            if self.in_flight is None or msg is None:
-                self.in_flight = None
-                return
-            expected, instance = self.in_flight
-            self.in_flight = None
-            what = _responding_to(msg)
-            if what == expected and msg.__class__.__name__ == "C_STORE":
-                uid = msg.AffectedSOPInstanceUID
-                if not msg.is_valid_response:
-                    self._note(f"the response to message {expected} is not a valid C-STORE response")
-                elif uid is not None and str(uid) != instance:
-                    self._note(f"the response to message {expected} names another SOP instance")
-                else:
-                    self.answered.add(expected)
-                return
-            self._note(f"{self._unexpected(msg)} came while message {expected} was awaited")
-
-
-def _responding_to(msg: Any) -> int | None:
-    """The MessageIDBeingRespondedTo of a DIMSE message (None when it has none)."""
-    value = getattr(msg, "MessageIDBeingRespondedTo", None)
-    return None if value is None else int(value)
-
-
-C_STORE_RQ = 0x0001  # CommandField (PS3.7 Table 9.3-1)
-DATASET_PRESENT = 0x0001  # CommandDataSetType: a data set follows (any value but 0x0101; pynetdicom's)
-
-
 class _Work:
-    """The files of one delivery, handed out in order to the associations that send them (thread-safe)."""
+    """The files of one delivery, handed out in order to the associations that send them (thread-safe).
+
+    Each file taken is in flight until the association that took it says it was stored (:meth:`done`) or hands it
+    back (:meth:`give_back`: its association was lost, aborted by the peer or without a response), which puts it
+    first in line for the associations still working. :meth:`take` waits while the list is empty and a file is
+    still in flight (it may come back), so that a file handed back at the end is not left unsent."""
+
+    WAIT_S = 1.0  # longest wait between two looks at ``stop`` (a file done or handed back wakes a waiter at once)
 
     def __init__(self, items: list[tuple[Path, str, str]]) -> None:
-        self._items, self._next, self._lock = items, 0, threading.Lock()
+        self._items: deque[tuple[Path, str, str]] = deque(items)
+        self._in_flight = 0
+        self._cond = threading.Condition()
 
-    def take(self) -> tuple[Path, str, str] | None:
-        """The next file (path, SOP class, transfer syntax), or None when every file was handed out."""
-        with self._lock:
-            if self._next >= len(self._items):
-                return None
-            self._next += 1
-            return self._items[self._next - 1]
+    def take(self, stop: threading.Event | None = None) -> tuple[Path, str, str] | None:
+        """The next file (path, SOP class, transfer syntax), or None when every file was sent (none left, none in
+        flight) or ``stop`` is set."""
+        with self._cond:
+            while True:
+                if stop is not None and stop.is_set():
+                    return None
+                if self._items:
+                    self._in_flight += 1
+                    return self._items.popleft()
+                if self._in_flight == 0:
+                    return None
+                self._cond.wait(self.WAIT_S)
+
+    def done(self) -> None:
+        """The file last taken by the caller was stored."""
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
+
+    def give_back(self, item: tuple[Path, str, str]) -> None:
+        """The file ``item`` the caller took was not stored (its association lost): first in line again."""
+        with self._cond:
+            self._in_flight -= 1
+            self._items.appendleft(item)
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Wake every waiting :meth:`take` (``stop`` was set)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def left(self) -> int:
-        """How many files were not handed out yet."""
-        with self._lock:
-            return len(self._items) - self._next
-
-
-def store_rq_command(message_id: int, priority: int, sop_class: str, sop_instance: str) -> bytes:
-    """The C-STORE-RQ command set (PS3.7 Table 9.3-1, implicit VR little endian) pynetdicom 3.0 encodes for a
-    request with a data set and no Move Originator: the same bytes (tests/send/test_lean_send.py)."""
-    body = b"".join((
-        command_element(0x0000_0002, even_uid(sop_class)),  # AffectedSOPClassUID
-        command_element(0x0000_0100, struct.pack("<H", C_STORE_RQ)),  # CommandField
-        command_element(0x0000_0110, struct.pack("<H", message_id)),  # MessageID
-        command_element(0x0000_0700, struct.pack("<H", priority)),  # Priority
-        command_element(0x0000_0800, struct.pack("<H", DATASET_PRESENT)),  # CommandDataSetType
-        command_element(0x0000_1000, even_uid(sop_instance)),  # AffectedSOPInstanceUID
-    ))
-    return command_element(0x0000_0000, struct.pack("<L", len(body))) + body  # CommandGroupLength first
-
-
-def _send_all(sock: socket.socket, data: bytes | bytearray, timeout_s: float) -> None:
-    """Write ``data`` to ``sock`` (plain TCP, shared with pynetdicom's reading thread) without blocking past
-    ``timeout_s`` seconds of no progress: non-blocking sends, a ``poll`` for writability between them. Raises
-    OSError (TimeoutError when the peer stopped reading)."""
-    view = memoryview(data)
-    poller = select.poll()
-    poller.register(sock, select.POLLOUT)
-    while view:
-        try:
-            sent = sock.send(view, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        if sent:
-            view = view[sent:]
-            continue
-        if not poller.poll(timeout_s * 1000):
-            raise TimeoutError(f"the peer read nothing for {timeout_s:g} s")
-
-
-def _lean_requests(assoc: Any, timeout_s: float) -> Any:
-    """``assoc`` (an established requestor association on a plain TCP socket) with its C-STORE-RQs of a file
-    streamed from disk written by the sending thread itself: the command set by :func:`store_rq_command`, the
-    data set read at once from the file, both framed by :func:`node.dimse.pdata_pdus` exactly as pynetdicom
-    3.0 frames them, and written with :func:`_send_all`. Everything else (context choice, pausing the
-    association's reactor, waiting for and checking the response, other messages) stays pynetdicom's
-    ``send_c_store``; only its ``dimse.send_msg`` is replaced on this association object.
-
-    Why: with pynetdicom each PDU of the request is a P-DATA primitive put on the DUL thread's queue, an event of
-    its state machine and an encoding (and the command set a pydicom encoding): ~2.7 ms of CPU per 512² CT
-    instance (py-spy --gil, 4 associations to storescp), most of the node's delivery time (docs/benchmarks.md
-    "Delivery"). Only plain sockets: a TLS socket must not be written by one thread while another reads it.
-    pynetdicom's EVT_DIMSE_SENT / EVT_PDU_SENT are not triggered for these requests (the node binds neither on
-    a sender). A failed write (a peer that read nothing for ``timeout_s``, or closed) shuts the connection down
-    and aborts the association (nothing else may follow half a message; an A-ABORT queued behind a send buffer
-    the peer never reads would hold the sending thread, and the delivery, for ever) and raises OSError, which
-    ``_send_one`` reports as a retryable failure."""
-    raw = getattr(getattr(assoc.dul, "socket", None), "socket", None)
-    if not isinstance(raw, socket.socket) or isinstance(raw, ssl.SSLSocket):
-        return assoc
-    dimse = assoc.dimse
-    pynetdicom_send = dimse.send_msg
-
-    def send_msg(primitive: Any, context_id: int) -> None:
-        where = getattr(primitive, "_dataset_path", None)
-        if (not isinstance(primitive, C_STORE) or where is None or primitive.MessageIDBeingRespondedTo is not None
-                or primitive.MoveOriginatorApplicationEntityTitle or primitive.MoveOriginatorMessageID is not None):
-            pynetdicom_send(primitive, context_id)
-            return
-        path, offset = where
-        max_pdu = int(dimse.maximum_pdu_size or 0)
-        command = store_rq_command(int(primitive.MessageID or 0), int(primitive.Priority),
-                                   str(primitive.AffectedSOPClassUID), str(primitive.AffectedSOPInstanceUID))
-        with open(path, "rb") as f:
-            length = f.seek(0, 2) - f.seek(offset)
-            if length <= 0:  # nothing after the file meta: as pynetdicom has it
-                pynetdicom_send(primitive, context_id)
-                return
-            data = pdata_file(f, length, context_id, max_pdu,
-                              prefix=b"".join(pdata_pdus(command, context_id, max_pdu, command=True)))
-        try:
-            _send_all(raw, data, timeout_s)
-        except OSError:
-            try:  # the peer reads nothing more: pynetdicom's A-ABORT would wait on the full send buffer for ever
-                raw.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            assoc.abort()
-            raise
-
-    dimse.send_msg = send_msg
-    return assoc
+        """How many files were not handed out yet (or were handed back)."""
+        with self._cond:
+            return len(self._items)
 
 
 class _NoResponse(DeliveryError):
@@ -393,17 +197,19 @@ class DimseSender:
             return
         stop = threading.Event()
         errors: list[DeliveryError] = []
-        not_opened: list[DeliveryError] = []
+        lost: list[DeliveryError] = []
 
         def run() -> None:
             try:
-                self._send_on_one(contexts, work, stop, not_opened)
+                self._send_on_one(contexts, work, stop, lost)
             except DeliveryError as exc:
                 errors.append(exc)
                 stop.set()
+                work.wake()
             except Exception as exc:  # noqa: BLE001 - a thread must not die silently; translated once here
                 errors.append(DeliveryError(f"destination {self._where()}: sending failed: {exc}"))
                 stop.set()
+                work.wake()
 
         threads = [threading.Thread(target=run, name=f"srnode-send-{self.name}-{i}", daemon=True) for i in range(n)]
         for t in threads:
@@ -412,11 +218,11 @@ class DimseSender:
             t.join()
         if errors:
             raise next((e for e in errors if not e.retryable), errors[0])
-        if not_opened:
-            if work.left():  # no association could be opened: the delivery fails as with one association
-                raise next((e for e in not_opened if not e.retryable), not_opened[0])
-            log.warning("destination %s: %d of %d associations not opened (%s); the others sent every file",
-                        self._where(), len(not_opened), n, not_opened[0])
+        if lost:
+            if work.left():  # no association could be opened, or every one was lost: failed as with one
+                raise next((e for e in lost if not e.retryable), lost[0])
+            log.warning("destination %s: %d of %d associations not opened or lost (%s); the others sent every file",
+                        self._where(), len(lost), n, lost[0])
 
     def _open(self, ae: AE) -> tuple[Any, _Responses]:
         """A new association to the destination, its requests streamed by :func:`_lean_requests` and its
@@ -425,15 +231,20 @@ class DimseSender:
         return assoc, _Responses.attach(assoc)
 
     def _send_on_one(self, contexts: list[tuple[str, list[str]]], work: _Work, stop: threading.Event,
-                     not_opened: list[DeliveryError] | None = None) -> None:
+                     lost: list[DeliveryError] | None = None) -> None:
         """Send the files ``work`` hands out (path, SOP class, transfer syntax), in order, on one new association,
-        until none is left; returns early when ``stop`` is set (another association failed). With ``not_opened``
-        (several associations share ``work``), an association that cannot be opened is added to it and the call
-        returns: the others take its share. A C-STORE without a response (pynetdicom aborts the
-        association) is sent again on a new association, up to ``NO_RESPONSE_RETRIES`` times per call: under
-        heavy CPU load pynetdicom 3.0's association reactor can take a response meant for ``send_c_store``
-        ("Received unexpected C-STORE service message", pydicom/pynetdicom#875). A response that does not match
-        its request (:class:`_Responses`), before or during the release, fails the call. Raises DeliveryError."""
+        until none is left; returns early when ``stop`` is set (another association failed).
+
+        An association lost with a file in hand (no C-STORE response: the peer aborted it, the connection dropped,
+        a timeout) is opened again, up to ``NO_RESPONSE_RETRIES`` times per call: under heavy CPU load pynetdicom
+        3.0's association reactor can take a response meant for ``send_c_store`` ("Received unexpected C-STORE
+        service message", pydicom/pynetdicom#875). With ``lost`` (several associations share ``work``) the file
+        goes back to ``work`` first, for whichever association is working (a PACS that accepts more associations
+        than it serves and aborts the others: the healthy ones finish the delivery), and an association that
+        cannot be opened, or is lost once more after its retries, is added to ``lost`` and the call returns: the
+        others take its share. Alone (no ``lost``), the same file is sent again on the new association, and the
+        last loss raises. A response that does not match its request (``node.send.dimse_responses``), before or
+        during the release, fails the call. Raises DeliveryError."""
         ae = self._ae()
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, syntaxes)
@@ -441,28 +252,47 @@ class DimseSender:
         try:
             assoc, responses = self._open(ae)
         except DeliveryError as exc:
-            if not_opened is None:
+            if lost is None:
                 raise
-            not_opened.append(exc)
+            lost.append(exc)
             return
         try:
-            accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
-            current, last = work.take(), ""
+            accepted = _accepted(assoc)
+            current, last = work.take(stop), ""
             while current is not None and not stop.is_set():
                 path, sop_class, ts = current
                 try:
                     self._send_one(assoc, responses, accepted, path, sop_class, ts)
-                except _NoResponse:
-                    if retries <= 0:
-                        raise
-                    retries -= 1
+                except _NoResponse as exc:
                     if assoc.is_established:  # pynetdicom may not have noticed the abort yet
                         assoc.abort()
-                    log.warning("destination %s: no C-STORE response for %s; again on a new association",
-                                self._where(), path.name)
-                    assoc, responses = self._open(ae)
+                    if lost is not None:  # first in line again, for the associations still working
+                        work.give_back(current)
+                        current = None
+                    if retries <= 0:
+                        if lost is None:
+                            raise
+                        log.warning("destination %s: %s; %s handed back to the other associations", self._where(),
+                                    exc, path.name)
+                        lost.append(exc)
+                        return
+                    retries -= 1
+                    log.warning("destination %s: no C-STORE response for %s; %s", self._where(), path.name,
+                                "handed back to the other associations, this one opened again" if lost is not None
+                                else "again on a new association")
+                    try:
+                        assoc, responses = self._open(ae)
+                    except DeliveryError as reopen:
+                        if lost is None:
+                            raise
+                        lost.append(reopen)
+                        return
+                    accepted = _accepted(assoc)
+                    if current is None:
+                        current = work.take(stop)
                     continue
-                last, current = path.name, work.take()
+                work.done()
+                last, current = path.name, work.take(stop)
             if assoc.is_established:
                 assoc.release()
                 problem = responses.leftover(self.dest.timeout_s)
@@ -504,9 +334,17 @@ class DimseSender:
             if missing:  # only the file meta names it: pynetdicom finds no context for '' (a retry cannot help)
                 raise DeliveryError(f"{path}: cannot be transcoded for {self._where()}: the data set has no "
                                     f"{' / '.join(missing)}", retryable=False)
+        if not assoc.is_established:  # the peer aborted it after the last response (or the connection dropped)
+            raise _NoResponse(f"destination {self._where()}: no C-STORE response for {path.name} (the association "
+                              "ended before it was sent)")
         message_id = responses.next_id()
         try:
             rsp = assoc.send_c_store(what, msg_id=message_id)
+        except RuntimeError as exc:  # pynetdicom's "not established": the peer aborted it just now
+            if assoc.is_established:
+                raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} failed: {exc}") from exc
+            raise _NoResponse(f"destination {self._where()}: no C-STORE response for {path.name} (the association "
+                              "ended before it was sent)") from exc
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises on encoding/context problems
             raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} failed: {exc}") from exc
         finally:
@@ -536,6 +374,11 @@ class DimseSender:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+
+def _accepted(assoc: Any) -> set[tuple[str, str]]:
+    """(SOP class, transfer syntax) of each presentation context ``assoc``'s peer accepted."""
+    return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
 
 
 def _damaged(path: Path) -> str:

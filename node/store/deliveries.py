@@ -24,15 +24,30 @@ class DeliveryTable(JobTable):
     def add_deliveries(self, job_id: int, per_destination: dict[str, list[str]]) -> None:
         """Enqueue the job's files (paths) per destination name (idempotent: a re-run resets the job's rows
         for these destinations to pending, attempts 0)."""
-        now = time.time()
         with self.tx() as c:
-            for dest, files in per_destination.items():
-                c.execute(
-                    "INSERT INTO deliveries (job_id, destination, files, state, created, updated)"
-                    " VALUES (?,?,?,?,?,?) ON CONFLICT(job_id, destination) DO UPDATE SET"
-                    " files = excluded.files, state = excluded.state, attempts = 0, next_attempt = 0, reason = '',"
-                    " confirm_method = '', expected = NULL, confirmed = NULL, confirmed_at = NULL, confirm_note = '',"
-                    " transaction_uid = '', sop_refs = '[]', confirm_deadline = 0, updated = excluded.updated", (job_id, dest, json.dumps(files), DeliveryState.PENDING, now, now))
+            self._add_deliveries(c, job_id, per_destination)
+
+    def enqueue_results(self, job_id: int, per_destination: dict[str, list[str]], state: JobState,
+                        reason: str = "", **fields: Any) -> None:
+        """A processed job's outcome in ONE transaction: its deliveries (as :meth:`add_deliveries`) and its new
+        state (as :meth:`finish_job`: 'sending', or 'delivered' when there are none). Never the deliveries of a job
+        still 'processing' (a kill -9 between two transactions: the outbox sent results the next start re-ran,
+        wiping them), nor a 'sending' job without them. SpoolError when the index refuses it: nothing recorded."""
+        with self.tx() as c:
+            self._add_deliveries(c, job_id, per_destination)
+            self._finish(c, job_id, state, reason, **fields)
+
+    @staticmethod
+    def _add_deliveries(c: Any, job_id: int, per_destination: dict[str, list[str]]) -> None:
+        now = time.time()
+        for dest, files in per_destination.items():
+            c.execute(
+                "INSERT INTO deliveries (job_id, destination, files, state, created, updated)"
+                " VALUES (?,?,?,?,?,?) ON CONFLICT(job_id, destination) DO UPDATE SET"
+                " files = excluded.files, state = excluded.state, attempts = 0, next_attempt = 0, reason = '',"
+                " confirm_method = '', expected = NULL, confirmed = NULL, confirmed_at = NULL, confirm_note = '',"
+                " transaction_uid = '', sop_refs = '[]', confirm_deadline = 0, updated = excluded.updated",
+                (job_id, dest, json.dumps(files), DeliveryState.PENDING, now, now))
 
     def deliveries(self, job_id: int | None = None, states: Sequence[DeliveryState] = ()) -> list[Delivery]:
         """The deliveries (of one job, in one of ``states``, when given), oldest first."""

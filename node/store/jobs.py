@@ -1,5 +1,6 @@
 """The jobs of the spool index: created per stable series, claimed atomically, finished with a reason, re-queued
-after a crash or by ``srnode retry``, failed as poison after ``max_job_attempts`` runs that stopped the node.
+after a crash or by ``srnode retry``, failed as poison after ``max_job_attempts`` runs that stopped the node (or
+:data:`MAX_INTERRUPTED_RUNS` runs a stop of the node interrupted).
 
 Part of :class:`node.store.index.Index` (its mixin base); times are Unix seconds.
 """
@@ -22,6 +23,18 @@ def poison_reason(attempts: int, max_attempts: int) -> str:
             f"node.max_job_attempts = {max_attempts}, so it is not run again ('srnode retry' re-queues it)")
 
 
+MAX_INTERRUPTED_RUNS = 5  # runs of one job a stop of the node (SIGTERM) interrupted before it is failed as poison
+
+
+def interrupted_reason(runs: int) -> str:
+    """Why a job is failed as poison: ``runs`` of its runs were each still going when the node was stopped (SIGTERM)
+    and outlived the stop's wait; a single clean restart is no such failure, a job that hangs under a supervisor
+    restarting the node is."""
+    return (f"poison: {runs} run(s) of this job were still going when the node was stopped (SIGTERM) and did not end "
+            f"within the stop's wait (a hung job, the node restarted by a supervisor?); after "
+            f"{MAX_INTERRUPTED_RUNS} it is not run again ('srnode retry' re-queues it)")
+
+
 def _marks(values: Sequence[object]) -> str:
     """``?,?,...`` for an ``IN (...)`` of ``values`` (bound, never formatted into the SQL)."""
     return ",".join("?" * len(values))
@@ -39,12 +52,14 @@ class JobTable(IndexDB):
 
 
     def create_job(self, series_uid: str, rule: str, state: JobState = JobState.QUEUED, reason: str = "",
-                   study_uid: str = "") -> int:
+                   study_uid: str = "", retire: tuple[int, str] | None = None) -> int:
         """A new job for the series' current instances. It records the series' earlier job in ``supersedes``, and
         that job, if still queued, becomes superseded.
 
         ``state`` is queued, or a decision already taken (failed, ignored); the series takes the same state.
-        ``study_uid``: the series' study (without it the series UID must be in one study only). Returns the new
+        ``study_uid``: the series' study (without it the series UID must be in one study only). ``retire``: (job id,
+        reason) of a dead-letter job this one replays: it becomes 'superseded' with the reason, in the same
+        transaction (``node.jobs.replay.redirect``). Returns the new
         job id. Raises SpoolError for an unknown series or ``state`` superseded, ValueError when ``state`` is no
         ``JobState`` value.
         """
@@ -71,6 +86,9 @@ class JobTable(IndexDB):
                           (JobState.SUPERSEDED, f"superseded by job {job_id}", now, s["job_id"], JobState.QUEUED))
             c.execute("UPDATE series SET state = ?, reason = ?, job_id = ? WHERE study_uid = ? AND series_uid = ?",
                       (series_state, reason, job_id, s["study_uid"], series_uid))
+            if retire is not None:
+                c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ? WHERE id = ? AND state = ?",
+                          (JobState.SUPERSEDED, f"{retire[1]} (job {job_id})", now, retire[0], JobState.DEAD_LETTER))
         return job_id
 
     def job(self, job_id: int) -> Job:
@@ -114,6 +132,12 @@ class JobTable(IndexDB):
         JSON); SpoolError for any other, ValueError when ``state`` is no ``JobState`` value. A done state or
         'sending' also sets ``finished``.
         """
+        with self.tx() as c:
+            self._finish(c, job_id, state, reason, **fields)
+
+    @staticmethod
+    def _finish(c: Any, job_id: int, state: JobState, reason: str = "", **fields: Any) -> None:
+        """:meth:`finish_job` inside the caller's transaction ``c``."""
         state = JobState(state)  # a bare string that is no state fails here
         now = time.time()
         allowed = {"derived_series_uid", "uncertainty_series_uid", "engine", "fallback", "report"}
@@ -126,15 +150,14 @@ class JobTable(IndexDB):
                 raise SpoolError(f"index: unknown job field {k!r}")
             sets.append(f"{k} = ?")
             args.append(json.dumps(v, default=str) if k == "report" else v)
-        with self.tx() as c:
-            c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
-            row = c.execute("SELECT study_uid, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            series_state = series_state_of(state)
-            if row is not None and series_state is not None:
-                c.execute("UPDATE series SET state = ?, reason = ? WHERE study_uid = ? AND series_uid = ?"
-                          " AND job_id = ? AND state NOT IN (?, ?)",
-                          (series_state, reason, row["study_uid"], row["series_uid"], job_id,
-                           SeriesState.RECEIVING, SeriesState.STABLE))
+        c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id = ?", (*args, job_id))
+        row = c.execute("SELECT study_uid, series_uid FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        series_state = series_state_of(state)
+        if row is not None and series_state is not None:
+            c.execute("UPDATE series SET state = ?, reason = ? WHERE study_uid = ? AND series_uid = ?"
+                      " AND job_id = ? AND state NOT IN (?, ?)",
+                      (series_state, reason, row["study_uid"], row["series_uid"], job_id,
+                       SeriesState.RECEIVING, SeriesState.STABLE))
 
     def supersede_if_moved_on(self, job_id: int) -> str:
         """A job about to run, or whose results are about to be enqueued: when its series has moved on since the
@@ -180,10 +203,10 @@ class JobTable(IndexDB):
         return int(rows[0]["id"]) if rows else None
 
     def poison_candidates(self, max_attempts: int) -> list[Job]:
-        """Jobs left 'processing' whose ``attempts`` reached ``max_attempts`` (read only; what
-        :meth:`requeue_interrupted` will fail as poison)."""
-        rows = self._query("SELECT * FROM jobs WHERE state = ? AND attempts >= ? ORDER BY id",
-                           (JobState.PROCESSING, max_attempts))
+        """Jobs left 'processing' whose ``attempts`` reached ``max_attempts``, or whose runs a stop interrupted
+        :data:`MAX_INTERRUPTED_RUNS` times (read only; what :meth:`requeue_interrupted` will fail as poison)."""
+        rows = self._query("SELECT * FROM jobs WHERE state = ? AND (attempts >= ? OR interrupted >= ?) ORDER BY id",
+                           (JobState.PROCESSING, max_attempts, MAX_INTERRUPTED_RUNS))
         return [job_of(r) for r in rows]
 
     def requeue_interrupted(self, processing: bool = True, max_attempts: int = 0) -> list[int]:
@@ -191,7 +214,8 @@ class JobTable(IndexDB):
 
         ``max_attempts`` (> 0): a job left 'processing' that was claimed that many times (``attempts`` is counted
         by :meth:`claim_job` before each run, so it counts the runs that stopped the node) is failed as poison,
-        with the reason (:func:`poison_reason`), instead of being run again. ``processing=False`` leaves
+        with the reason (:func:`poison_reason`), instead of being run again; so is one whose runs a stop of the
+        node interrupted :data:`MAX_INTERRUPTED_RUNS` times (:meth:`stopped_during`; :func:`interrupted_reason`). ``processing=False`` leaves
         'processing' jobs alone: with Celery workers on a shared spool they may still be running elsewhere, and
         the broker re-delivers the jobs of workers that died.
         """
@@ -201,6 +225,9 @@ class JobTable(IndexDB):
                 for row in c.execute("SELECT id, attempts FROM jobs WHERE state = ? AND attempts >= ?",
                                      (JobState.PROCESSING, max_attempts)).fetchall():
                     self._fail_poison(c, int(row["id"]), poison_reason(int(row["attempts"]), max_attempts), now)
+                for row in c.execute("SELECT id, interrupted FROM jobs WHERE state = ? AND interrupted >= ?",
+                                     (JobState.PROCESSING, MAX_INTERRUPTED_RUNS)).fetchall():
+                    self._fail_poison(c, int(row["id"]), interrupted_reason(int(row["interrupted"])), now)
             if processing:
                 c.execute("UPDATE jobs SET state = ?, reason = 'interrupted (node restarted), re-queued',"
                           " updated = ? WHERE state = ?", (JobState.QUEUED, now, JobState.PROCESSING))
@@ -213,11 +240,15 @@ class JobTable(IndexDB):
     def stopped_during(self, job_id: int) -> bool:
         """The node is stopping (SIGTERM) while job ``job_id`` still runs and will not wait for it: its run is not
         one that stopped the node (it is re-queued at the next start, ``requeue_interrupted``), so it does not count
-        toward ``max_job_attempts`` (``attempts`` back by one). False when the job is not 'processing' any more."""
+        toward ``max_job_attempts`` (``attempts`` back by one): a clean restart is harmless. It is counted apart
+        (``interrupted``): a job that hangs while a supervisor keeps restarting the node is failed as poison at the
+        start after its :data:`MAX_INTERRUPTED_RUNS`-th interrupted run. False when the job is not 'processing'
+        any more."""
         with self.tx() as c:
-            cur = c.execute("UPDATE jobs SET attempts = MAX(attempts - 1, 0), reason = ?, updated = ? WHERE id = ?"
-                            " AND state = ?", ("interrupted by the node's stop; re-queued at its next start",
-                                               time.time(), job_id, JobState.PROCESSING))
+            cur = c.execute("UPDATE jobs SET attempts = MAX(attempts - 1, 0), interrupted = interrupted + 1,"
+                            " reason = 'interrupted by the node''s stop (' || (interrupted + 1) || ' of at most ' ||"
+                            " ? || ' runs); re-queued at its next start', updated = ? WHERE id = ? AND state = ?",
+                            (MAX_INTERRUPTED_RUNS, time.time(), job_id, JobState.PROCESSING))
             return cur.rowcount == 1
 
     def fail_poison(self, job_id: int, reason: str) -> None:
@@ -254,7 +285,7 @@ class JobTable(IndexDB):
         ``node.max_job_attempts`` runs again); False when the job is not 'failed'."""
         now = time.time()
         with self.tx() as c:
-            cur = c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ?, attempts = 0"
+            cur = c.execute("UPDATE jobs SET state = ?, reason = ?, updated = ?, attempts = 0, interrupted = 0"
                             " WHERE id = ? AND state = ?",
                             (JobState.QUEUED, reason, now, job_id, JobState.FAILED))
             if cur.rowcount == 1:  # a series receiving late instances stays so (the job is superseded at claim)

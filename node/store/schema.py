@@ -60,6 +60,8 @@ DELIVERY_COLUMNS_3 = (("confirm_method", "TEXT NOT NULL DEFAULT ''"), ("expected
                       ("confirmed", "INTEGER"), ("confirmed_at", "REAL"), ("confirm_note", "TEXT NOT NULL DEFAULT ''"),
                       ("transaction_uid", "TEXT NOT NULL DEFAULT ''"), ("sop_refs", "TEXT NOT NULL DEFAULT '[]'"),
                       ("confirm_deadline", "REAL NOT NULL DEFAULT 0"))
+# format 4: jobs count the runs a stop of the node (SIGTERM) interrupted, in a row (``JobTable.stopped_during``)
+JOB_COLUMNS_4 = (("interrupted", "INTEGER NOT NULL DEFAULT 0"),)
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS instances (
@@ -153,6 +155,7 @@ class Job:
     report: dict[str, Any]
     created: float
     updated: float
+    interrupted: int = 0  # runs in a row a stop of the node (SIGTERM) interrupted (``JobTable.stopped_during``)
 
 
 @dataclass(frozen=True)
@@ -219,7 +222,7 @@ def job_of(row: sqlite3.Row) -> Job:
                attempts=row["attempts"], supersedes=row["supersedes"],
                derived_series_uid=row["derived_series_uid"], uncertainty_series_uid=row["uncertainty_series_uid"],
                engine=row["engine"], fallback=row["fallback"], report=json.loads(row["report"] or "{}"),
-               created=row["created"], updated=row["updated"])
+               created=row["created"], updated=row["updated"], interrupted=row["interrupted"])
 
 
 def delivery_of(row: sqlite3.Row) -> Delivery:
@@ -247,9 +250,9 @@ def instance_of(row: sqlite3.Row) -> Instance:
                     calling_ae=row["calling_ae"], allowed_rules=row["allowed_rules"])
 
 
-SCHEMA_VERSION = 3  # PRAGMA user_version: 0 = the first format (series keyed by SeriesInstanceUID alone), 1 = series
+SCHEMA_VERSION = 4  # PRAGMA user_version: 0 = the first format (series keyed by SeriesInstanceUID alone), 1 = series
 # keyed by (study, series), 2 = the series' declared size (declared_instances, declared_by, header_sig), 3 = the
-# deliveries' confirmation (DELIVERY_COLUMNS_3)
+# deliveries' confirmation (DELIVERY_COLUMNS_3), 4 = the jobs' interrupted runs (JOB_COLUMNS_4)
 
 # the first format's series table keyed one series UID to one row, whatever the study: two studies sharing a
 # SeriesInstanceUID were one series (one job, one derived series holding both). Version 1 keys a series by
@@ -349,7 +352,8 @@ class IndexDB:
         0 → 1: series re-keyed by (study, series) (``_MIGRATE_TO_1``); 1 → 2: the declared-size columns
         (``SERIES_COLUMNS_2``, NULL/'' for every existing series: they complete by the quiet period as before);
         2 → 3: the deliveries' confirmation columns (``DELIVERY_COLUMNS_3``; existing deliveries keep their state,
-        their method '' shows they were delivered before confirmation existed).
+        their method '' shows they were delivered before confirmation existed); 3 → 4: the jobs' count of runs
+        interrupted by a stop (``JOB_COLUMNS_4``, 0 for existing jobs).
         SpoolError for an index of a newer format; sqlite3.Error from a failed step (rolled back)."""
         version = int(c.execute("PRAGMA user_version").fetchone()[0])
         if version == SCHEMA_VERSION:
@@ -384,6 +388,15 @@ class IndexDB:
                         c.execute(f"ALTER TABLE deliveries ADD COLUMN {name} {decl}")
                 if added and version > 0:  # a new index (format 0, empty) is not worth a warning
                     log.warning("index %s: migrated to format 3 (delivery confirmation: %s)", self.path,
+                                ", ".join(added))
+            if version < 4:
+                have = {r["name"] for r in c.execute("PRAGMA table_info(jobs)")}
+                added = [name for name, _ in JOB_COLUMNS_4 if name not in have]
+                for name, decl in JOB_COLUMNS_4:
+                    if name not in have:
+                        c.execute(f"ALTER TABLE jobs ADD COLUMN {name} {decl}")
+                if added and version > 0:
+                    log.warning("index %s: migrated to format 4 (interrupted job runs: %s)", self.path,
                                 ", ".join(added))
             c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:

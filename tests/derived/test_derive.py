@@ -251,3 +251,35 @@ def test_two_pass_mr_stack_derives_one_series_that_reads_back_as_one_volume(tmp_
     assert {int(pydicom.dcmread(p).AcquisitionNumber) for p in paths} == {int(vol.datasets[0].AcquisitionNumber)}
     back = load_series(paths)
     assert back.shape[0] == 2 * vol.shape[0] - 1
+
+
+def test_uids_follow_every_setting_that_changes_the_objects(phantom: SeriesVolume) -> None:
+    """[derive] caution, suffix, number offset and uncertainty kind change what the objects say (SeriesDescription,
+    SeriesNumber): a reprocess after changing one must not send other objects under the same UIDs (two different
+    objects under one UID in PACS); the same settings still give the same UIDs."""
+    from node.config import UncertaintyObject
+
+    vol = _crop(phantom, 16)
+
+    def uids(objs: DerivedObjects) -> set[str]:
+        return {str(x.SOPInstanceUID) for x in objs.derived + objs.uncertainty} | {
+            str(x.SeriesInstanceUID) for x in objs.derived + objs.uncertainty}
+
+    both = dataclasses.replace(CFG, uncertainty=UncertaintyObject.BOTH)
+    base, base_both = _derive(vol, 2, 1, sigma=True), _derive(vol, 2, 1, both, sigma=True)
+    assert uids(base) == uids(_derive(vol, 2, 1, sigma=True))  # the same settings: the same UIDs
+    assert uids(base_both) == uids(_derive(vol, 2, 1, both, sigma=True))
+    for change in ({"caution": "research only"}, {"series_description_suffix": " HR"},
+                   {"series_number_offset": 2000}, {"uid_root": "1.2.826.0.1.3680043.10.1088."}):
+        other = _derive(vol, 2, 1, dataclasses.replace(CFG, **change), sigma=True)  # type: ignore[arg-type]
+        assert not uids(other) & uids(base), change
+    # the card's SeriesNumber depends on whether a Parametric Map is made too: its UIDs follow the kind
+    card_only = _derive(vol, 2, 1, dataclasses.replace(CFG, uncertainty=UncertaintyObject.SECONDARY_CAPTURE),
+                        sigma=True)
+    (card,) = card_only.uncertainty
+    card_both = next(x for x in base_both.uncertainty if x.SeriesInstanceUID != base_both.uncertainty_series_uid)
+    assert int(card.SeriesNumber) != int(card_both.SeriesNumber)
+    assert card.SOPInstanceUID != card_both.SOPInstanceUID and card.SeriesInstanceUID != card_both.SeriesInstanceUID
+    # the derived image and the map are the same objects whatever else is made beside them: the same UIDs
+    assert base_both.derived_series_uid == base.derived_series_uid
+    assert base_both.uncertainty_series_uid == base.uncertainty_series_uid

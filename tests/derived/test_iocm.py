@@ -98,3 +98,26 @@ def test_a_superseding_result_gets_another_series_number_and_a_replay_the_same(
         earlier = {series_number(source, offset, "selfsup", factors, run) + d for d in range(3)}
         later = {series_number(source, offset, "selfsup", factors, run, revision=1) + d for d in range(3)}
         assert not earlier & later
+
+
+def test_a_replay_after_a_label_change_is_a_new_series_retiring_the_old_with_the_right_reason(tmp_path: Path) -> None:
+    """[derive] caution changed, then the series replayed (same instances): a new series (new UIDs, another
+    SeriesNumber) and a rejection note retiring the earlier one that names the settings, not late instances."""
+    cfg = load_config(None)
+    cfg = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, spool_dir=str(tmp_path / "spool")))
+    store = open_store(cfg)
+    files = write_phantom_series(tmp_path / "in", slices=5, size=32, step_mm=3.0, seed=77)
+    _index_files(store, files)
+    series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    job1 = store.index.create_job(series, "r")
+    _, number1 = _run(store, cfg, job1, series)
+    uid1 = store.index.job(job1).derived_series_uid
+    relabelled = dataclasses.replace(cfg, derive=dataclasses.replace(cfg.derive, caution="research use only"))
+    job2 = store.index.create_job(series, "r")
+    _, number2 = _run(store, relabelled, job2, series)
+    uid2 = store.index.job(job2).derived_series_uid
+    assert uid2 != uid1 and number2 != number1
+    (note,) = reject_superseded(store.index, store.spool.outbox, store.index.job(job2), uid2, relabelled.derive,
+                                tmp_path / "out")
+    text = pydicom.dcmread(note).ContentSequence[0].TextValue
+    assert f"superseded by srnode job {job2} (series {uid2}): job {job1} made with other settings" in text, text

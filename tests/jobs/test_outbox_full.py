@@ -146,7 +146,7 @@ def test_an_outcome_the_index_cannot_take_yet_is_recorded_on_a_later_try(
     ctx = JobContext.open(_cfg(tmp_path, min_free_mb=0))
     series = _admit(ctx, write_series(tmp_path / "ct", 34, 3, 32, tag="record-"))
     job_id = ctx.store.index.create_job(series, "ct")
-    real, calls = ctx.store.index.finish_job, []
+    real, calls = ctx.store.index.enqueue_results, []
 
     def full_once(*args: object, **kwargs: object) -> None:
         calls.append(args)
@@ -154,7 +154,7 @@ def test_an_outcome_the_index_cannot_take_yet_is_recorded_on_a_later_try(
             raise SpoolError("index: cannot commit: database or disk is full")
         real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(ctx.store.index, "finish_job", full_once)
+    monkeypatch.setattr(ctx.store.index, "enqueue_results", full_once)
     monkeypatch.setattr(runner_module, "RECORD_DELAYS_S", (0.0,))
     run_job(ctx, job_id)
     assert len(calls) == 2

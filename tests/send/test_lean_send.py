@@ -1,4 +1,4 @@
-"""The C-STORE SCU's lean request path (``node.send.dimse._lean_requests``): the bytes on the wire are pynetdicom's,
+"""The C-STORE SCU's lean request path (``node.send.dimse_lean._lean_requests``): the bytes on the wire are pynetdicom's,
 and what a real peer keeps is the file the node sent."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pynetdicom.pdu import P_DATA_TF
 from node.config import DicomDestination
 from node.dimse import pdata_file, pdata_pdus
 from node.send import make_sender
-from node.send.dimse import store_rq_command
+from node.send.dimse_lean import store_rq_command
 from tests.support.pacs import phantom
 from tests.support.peers import free_port, wait_until
 

@@ -57,7 +57,7 @@ def test_first_format_index_is_migrated_and_a_fused_series_split(tmp_path: Path)
     _old_index(db)
     assert _version(db) == 0
     ix = Index(db)
-    assert _version(db) == SCHEMA_VERSION == 3
+    assert _version(db) == SCHEMA_VERSION == 4
     a, b = ix.series(SHARED, STUDY_A), ix.series(SHARED, STUDY_B)
     assert a is not None and b is not None
     assert (a["n_instances"], b["n_instances"]) == (4, 3)
@@ -135,7 +135,7 @@ def test_a_format_1_index_opens_with_no_declared_sizes(tmp_path: Path) -> None:
     columns = {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(series)")}
     assert "declared_instances" not in columns
     ix = Index(db)
-    assert _version(db) == SCHEMA_VERSION == 3
+    assert _version(db) == SCHEMA_VERSION == 4
     other = ix.series(OTHER, STUDY_A)
     assert other is not None and other["state"] is SeriesState.RECEIVING and other["n_instances"] == 2
     assert (other["declared_instances"], other["declared_by"], other["header_sig"]) == (None, "", None)
@@ -219,7 +219,7 @@ def test_a_format_2_index_gets_the_confirmation_columns_and_keeps_its_deliveries
     c.commit()
     c.close()
     ix = Index(db)
-    assert _version(db) == SCHEMA_VERSION == 3
+    assert _version(db) == SCHEMA_VERSION == 4
     pacs, down = ix.deliveries(job)
     assert (pacs.state, down.state) == (DeliveryState.DELIVERED, DeliveryState.DEAD_LETTER)
     assert (pacs.confirm_method, pacs.expected, pacs.confirmed, pacs.confirmed_at, pacs.sop_refs) == ("", None, None,
