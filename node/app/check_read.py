@@ -1,5 +1,6 @@
 """The independent reader of ``srnode check``: input images (mosaic tiles included) and derived / uncertainty
-objects, with pydicom and numpy only (nothing of ``node.series`` or ``node.derived``).
+objects, with pydicom and numpy only (nothing of ``node.series`` or ``node.derived``); an input file is read by
+``node.dicom_read.read_dicom``, as everywhere srnode reads one (a data set without its preamble is DICOM there too).
 
 Mosaics are read without the CSA parser: the number of images from (0019,100A), the grid from it, the first
 tile's position from ImagePositionPatient corrected for the grid, and each tile's offset from the protocol's
@@ -19,6 +20,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+
+from node.dicom_read import read_dicom
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
@@ -170,7 +173,7 @@ def read_inputs(in_dir: Path) -> list[InImage]:
         if not p.is_file() or p.name.startswith(".") or p.name == "report.json":
             continue
         try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            ds = read_dicom(p, stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
             continue
         if "Rows" not in ds or "Columns" not in ds:
@@ -235,7 +238,7 @@ class Pixels:
         if path not in self._arrays:
             if len(self._arrays) > 64:
                 self._arrays.clear()
-            self._arrays[path] = np.asarray(pydicom.dcmread(path).pixel_array)
+            self._arrays[path] = np.asarray(read_dicom(path).pixel_array)
         return self._arrays[path]
 
     def of_input(self, img: InImage) -> np.ndarray:

@@ -6,7 +6,8 @@ may take it) and ``node.process.process_series`` (which refuses a series whose i
 patient); one line per series says what was written, or why not, followed by one "NOT IN ANY DERIVED SERIES" line
 per input slice that no derived series holds (file and reason), and ``report.json`` in the series' output folder
 keeps the same (the job report, a refusal or "left alone" with the reason), for ``srnode check``.
-A file that is not DICOM is a FAILED line naming it (it may be a DICOM file cut short) unless it is recognisably
+A DICOM data set without the 128-byte preamble and 'DICM' is read as DICOM (``node.dicom_read``). A file that is
+not DICOM is a FAILED line naming it (it may be a DICOM file cut short) unless it is recognisably
 something else (``node.app.not_dicom``): srnode's own report.json / preview.png (IN_DIR may be an earlier OUT_DIR,
 whose derived series are left alone), text, PDF, images, archives, a DICOMDIR; those are named on a "skipped" line. Results go to
 ``OUT_DIR/<SeriesUID>/``, or to ``OUT_DIR/<StudyUID>/<SeriesUID>/`` for a series UID found in more than one study.
