@@ -38,7 +38,8 @@ LOSSY_ONLY_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.
 def input_rounding(positions: list[np.ndarray]) -> float:
     """0.1 or 0.01 when every component of the input ImagePositionPatient values is a multiple of it (written with
     one or two decimals, as some scanners and anonymisers do), else 0.0: the pipeline then takes a regular stack's
-    positions from the line fitted through them, up to r x sqrt(3) from the written ones."""
+    positions from the line fitted through them, each within r/2 x sqrt(3) of the written one (``srnode check``
+    accepts derived positions on that fitted line, not anywhere near the written ones)."""
     if not positions:
         return 0.0
     q0 = np.array(positions, dtype=np.float64)
