@@ -9,8 +9,9 @@ is missing, tries once more with ``force`` and keeps the result only when it is 
   preamble) or group 0008 (the data set's first group), element number below 0x0100, and
 - it states a SOPClassUID and a SOPInstanceUID, both well-formed UIDs (digits and dots).
 
-Anything else raises pydicom's original error (``InvalidDicomError``: no 'DICM' marker), so a random or text file stays
-"not a readable DICOM file" naming it. A data set read this way without file meta gets the transfer syntax its
+Anything else raises pydicom's error (``InvalidDicomError``: no 'DICM' marker) saying the bytes are no data set
+without it either (``node.errors.NOT_A_RAW_DATA_SET``), so a random or text file stays "not a readable DICOM file"
+naming it. A data set read this way without file meta gets the transfer syntax its
 bytes were parsed with (implicit / explicit VR, little / big endian) so that its pixels decode; an encapsulated
 (compressed) pixel data element without file meta cannot name its codec and fails to decode with pydicom's reason.
 
@@ -22,8 +23,10 @@ DICOM or not the same way everywhere.
 from __future__ import annotations
 
 import io
+import logging
 import re
 import struct
+import threading
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -32,8 +35,24 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from node.errors import NOT_A_RAW_DATA_SET
+
 _UID = re.compile(r"[0-9]+(\.[0-9]+)+")
 _FIRST_GROUPS = (0x0002, 0x0008)
+_forcing = threading.local()
+
+
+class _QuietWhileForcing(logging.Filter):
+    """Drops pydicom's complaints (and the warnings it raises, logged as ``py.warnings``) made by this thread
+    while it reads a file with ``force``: for bytes that are no data set (noise with a plausible first tag) they
+    are garbage quoted into the log ("Unknown encoding '<noise>'"), and the file is named as failed anyway."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_forcing, "on", False)
+
+
+for _name in ("pydicom", "py.warnings"):
+    logging.getLogger(_name).addFilter(_QuietWhileForcing())
 
 
 def _missing_preamble(exc: InvalidDicomError) -> bool:
@@ -81,14 +100,18 @@ def read_dicom(source: str | Path | BinaryIO, *, stop_before_pixels: bool = Fals
                 raise
             fh.seek(start)
             if not _plausible_start(fh.read(8)):
-                raise
+                raise InvalidDicomError(f"{exc} ({NOT_A_RAW_DATA_SET})") from None
             fh.seek(start)
+            _forcing.on = True
             try:
                 ds: Dataset = pydicom.dcmread(fh, stop_before_pixels=stop_before_pixels, force=True)
+                accepted = is_raw_image_data_set(ds)
             except Exception:  # noqa: BLE001 - not a data set after all: the original reason stands
-                raise exc from None
-            if not is_raw_image_data_set(ds):
-                raise
+                raise InvalidDicomError(f"{exc} ({NOT_A_RAW_DATA_SET})") from None
+            finally:
+                _forcing.on = False
+            if not accepted:
+                raise InvalidDicomError(f"{exc} ({NOT_A_RAW_DATA_SET})") from None
             _set_transfer_syntax(ds)
             if specific_tags is not None:
                 ds = _only(ds, specific_tags)

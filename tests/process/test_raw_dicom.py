@@ -79,6 +79,9 @@ def test_process_and_check_read_raw_dumps_as_dicom_and_still_fail_noise(tmp_path
     failed = [ln for ln in r.stdout.splitlines() if ln.startswith("FAILED")]
     assert sorted(ln.split(":")[0] for ln in failed) == ["FAILED dump.raw", "FAILED noise.dcm", "FAILED stub.dcm"], \
         r.stdout
+    assert all("not a readable DICOM file (no DICOM header" in ln and "read without it the bytes are no DICOM data set" in ln
+               for ln in failed), r.stdout
+    assert "Unknown encoding" not in r.stderr, r.stderr  # pydicom's complaints about the noise read with force
     series = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]
     assert len(series) == 1 and "6 file(s)" in series[0] and "11 derived" in series[0], r.stdout
     assert "NOT IN ANY DERIVED SERIES" not in r.stdout, r.stdout
