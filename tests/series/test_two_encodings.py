@@ -26,6 +26,11 @@ def _classic(mf: Dataset, frame: int, out: Path) -> Path:
     for kw in _COPIED:
         if kw in mf:
             setattr(ds, kw, mf.data_element(kw).value)
+    for elem in mf.group_dataset(0x0010):  # the patient module as it is: one patient
+        ds.add(elem)
+    for kw in ("StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName"):
+        if kw in mf:
+            setattr(ds, kw, mf.data_element(kw).value)
     pf, sf = mf.PerFrameFunctionalGroupsSequence[frame], mf.SharedFunctionalGroupsSequence[0]
 
     def item(seq: str) -> Dataset:
