@@ -158,7 +158,7 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
     for n, ((study, uid), files) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])), start=1):
         hdr = headers[(study, uid)]
         in_study = f" of study {study}" if uid in shared else ""
-        label = f"[{n}/{total}] series {uid or '(no SeriesInstanceUID)'}{in_study} ({hdr.get('Modality', '?')}, " \
+        label = f"[{n}/{total}] series {uid or '(no SeriesInstanceUID)'}{in_study} ({hdr.get('Modality', '') or 'no Modality'}, " \
                 f"{str(hdr.get('SeriesDescription', '') or '').strip() or 'no description'}, {len(files)} file(s))"
         rule, why = match_rule(cfg, hdr)
         dest = out_dir / _safe(study) / _safe(uid) if uid in shared else out_dir / _safe(uid)
@@ -168,7 +168,7 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
             _write_report(dest, {"series": uid, "files": names, "left_alone": why})
             continue
 
-        bar = SeriesBar(f"[{n}/{total}] {hdr.get('Modality', '?')} {len(files)} file(s)", bars)
+        bar = SeriesBar(f"[{n}/{total}] {hdr.get('Modality', '') or 'no Modality'} {len(files)} file(s)", bars)
         partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"  # written here, moved into dest when whole
         shutil.rmtree(partial, ignore_errors=True)
         try:

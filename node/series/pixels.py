@@ -39,10 +39,10 @@ def decoded_pixels(ds: Dataset, name: str) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoders raise many types; translated once here
-        ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
+        ts = (ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else "") or "not stated"
         raise VolumeError(f"{name}: pixel data cannot be decoded (transfer syntax {ts}): {exc}") from exc
     if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise VolumeError(f"{name}: colour image ({ds.get('PhotometricInterpretation', '?')}); "
+        raise VolumeError(f"{name}: colour image ({ds.get('PhotometricInterpretation', '') or 'PhotometricInterpretation not stated'}); "
                           "only grayscale series can be super-resolved")
     arr = np.asarray(arr)
     declared = int(ds.get("NumberOfFrames", 1) or 1)
