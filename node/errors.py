@@ -60,6 +60,10 @@ def listen_problem(what: str, section: str, host: str, port: int, exc: OSError) 
     return f"{where}: cannot listen: {exc.strerror or exc}"
 
 
+# what ``node.dicom_read.read_dicom`` adds to pydicom's "no 'DICM'" error when the bytes, read without the preamble,
+# are no DICOM data set either
+NOT_A_RAW_DATA_SET = "and read without it the bytes are no DICOM data set (no SOP Class / Instance UID)"
+
 _FORCE_ADVICE = re.compile(r"\s*[^.]*\bforce\s*=\s*True\b[^.]*\.?")
 
 
@@ -67,6 +71,7 @@ def dicom_read_problem(exc: BaseException) -> str:
     """pydicom's reason a file could not be read, in words for a user (never its "Use force=True" advice)."""
     text = " ".join(str(exc).split())
     if "DICM" in text or "File Meta Information" in text:
-        return "no DICOM header: the 'DICM' marker after the 128-byte preamble is missing"
+        return "no DICOM header: the 'DICM' marker after the 128-byte preamble is missing" + (
+            f", {NOT_A_RAW_DATA_SET}" if NOT_A_RAW_DATA_SET in text else "")
     text = _FORCE_ADVICE.sub("", text).strip()
     return text or type(exc).__name__

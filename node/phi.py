@@ -17,9 +17,10 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+
+from node.dicom_read import read_dicom
 
 # the patient, study and encounter attributes whose values never leave the node but in the objects it sends
 PHI_KEYWORDS = (
@@ -100,7 +101,7 @@ def series_values(paths: Iterable[Path | str]) -> set[str]:
     out: set[str] = set()
     for p in paths:
         try:
-            ds = dcmread(p, stop_before_pixels=True, specific_tags=list(_TAGS))
+            ds = read_dicom(p, stop_before_pixels=True, specific_tags=list(_TAGS))
         except Exception:  # noqa: BLE001 - a file that cannot be read carries nothing we could quote
             continue
         out |= dataset_values(ds)

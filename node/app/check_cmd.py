@@ -7,8 +7,10 @@ a mistake in the pipeline's reading cannot hide itself. Per derived series (one 
 - the input images it came from (its SourceImageSequence; every tile of a referenced Siemens mosaic) form one
   stack, and the slice count is (N - 1) * f + 1 for a whole through-plane factor f;
 - every derived position lies on the source slice line at step / f (the first pixel moved back by
-  (g - 1) / 2g of an input pixel for an in-plane factor g), within 0.01 mm (plus r x sqrt(3) when every input
-  position is written rounded to r = 0.1 or 0.01 mm: the pipeline fits a regular stack through such positions);
+  (g - 1) / 2g of an input pixel for an in-plane factor g), within 0.01 mm; when every input position is written
+  rounded to r = 0.1 or 0.01 mm (the pipeline then takes a regular stack's positions from the line fitted through
+  them), on the line fitted the same way instead, within 0.01 mm, provided that fit moves no written position beyond
+  its rounding (r/2 x sqrt(3)): a derived position merely near the written ones is no longer accepted (series14);
 - orientation equal to the input's (1e-4 on the cosines), pixel spacing = input spacing / g;
 - modality values at the acquired positions equal to the input (padding excluded; within half a stored step of
   the output, plus float rounding; in-plane factors that put no derived pixel centre on an input one are
@@ -108,6 +110,28 @@ def _dciodvfy_errors(files: Iterable[Path]) -> tuple[int, str]:
     return count, first
 
 
+def _worst_position(outs: list[OutImage], positions: np.ndarray, f: int, shift: np.ndarray) -> tuple[float, str]:
+    """(mm, file) of the derived slice farthest from its place on the slice line through ``positions`` (the
+    inputs' in order along the normal), f derived slices per input step, first pixel moved back by ``shift``."""
+    n = len(positions)
+    worst, where = 0.0, ""
+    for k, o in enumerate(outs):
+        i, r = divmod(k, f)
+        want = positions[i] if i >= n - 1 else positions[i] + r / f * (positions[i + 1] - positions[i])
+        err = float(np.linalg.norm(o.ipp + shift - want))
+        if err > worst:
+            worst, where = err, o.file.name
+    return worst, where
+
+
+def _line_fit(positions: np.ndarray) -> np.ndarray:
+    """(N, 3) positions on the straight line fitted (least squares, each component against the slice index)."""
+    idx = np.arange(len(positions), dtype=np.float64)
+    design = np.stack([np.ones(len(positions)), idx - idx.mean()], axis=1)
+    coef, *_ = np.linalg.lstsq(design, positions, rcond=None)
+    return design @ coef  # type: ignore[no-any-return]
+
+
 def _engine_of(ds: Dataset) -> str:
     """The engine named in a derived object's DerivationDescription ("... by engine selfsup 1.2 ..."), or ""."""
     m = re.search(r"by engine (\S+)", str(ds.get("DerivationDescription", "") or ""))
@@ -169,18 +193,28 @@ def check_volume(series: str, images: list[OutImage], inputs: dict[tuple[str, in
                  "(the grey scale would display inverted)")
     # positions on the source slice line at step / f, first pixel moved back for the in-plane factor
     shift = (g - 1) / (2 * g) * (dx * ins[0].iop[:3] + dy * ins[0].iop[3:])
-    worst, where = 0.0, ""
-    for k, o in enumerate(outs):
-        i, r = divmod(k, f)
-        want = ins[i].ipp if i >= n - 1 else ins[i].ipp + r / f * (ins[i + 1].ipp - ins[i].ipp)
-        err = float(np.linalg.norm(o.ipp + shift - want))
-        if err > worst:
-            worst, where = err, o.file.name
-    rounding = input_rounding([x.ipp for x in ins])
-    tol = POSITION_TOL_MM + rounding * float(np.sqrt(3.0))
-    if worst > tol:
-        p.append(f"derived slice {where} is {worst:.3g} mm off its place on the source slice line (tolerance "
-                 f"{tol:.3g} mm" + (f", input positions written to {rounding:g} mm" if rounding else "") + ")")
+    written = np.array([x.ipp for x in ins])
+    worst, where = _worst_position(outs, written, f, shift)
+    if worst > POSITION_TOL_MM:
+        # input positions written rounded (0.1 / 0.01 mm): the pipeline takes a regular stack's positions from the
+        # line fitted through them. Accepted only if the derived positions lie on that same fitted line (within
+        # POSITION_TOL_MM) and the fit moves no written position beyond its rounding (r/2 x sqrt(3)): a derived
+        # position merely within r x sqrt(3) of the written line is not enough (series14)
+        rounding = input_rounding(list(written))
+        fitted = _line_fit(written) if rounding else written
+        moved = float(np.max(np.linalg.norm(fitted - written, axis=1)))
+        worst_fit, where_fit = _worst_position(outs, fitted, f, shift)
+        if rounding and moved <= rounding * float(np.sqrt(3.0)) / 2 + POSITION_TOL_MM and \
+                worst_fit <= POSITION_TOL_MM:
+            check.facts.append(f"positions on the line fitted through the input positions written to {rounding:g} mm "
+                               f"(a written one moved up to {moved:.3f} mm)")
+        else:
+            fit = (f"; nor on the line fitted through the input positions written to {rounding:g} mm ("
+                   f"{worst_fit:.3g} mm off at {where_fit}" + (f", the fit moving a written position {moved:.3g} mm, "
+                   "beyond the rounding" if moved > rounding * float(np.sqrt(3.0)) / 2 + POSITION_TOL_MM else "")
+                   + ")") if rounding else ""
+            p.append(f"derived slice {where} is {worst:.3g} mm off its place on the source slice line (tolerance "
+                     f"{POSITION_TOL_MM:g} mm){fit}")
     # values at the acquired positions (cubic interpolates them exactly; an SR engine keeps the acquired slices
     # through its data consistency over the slice profile, not point by point: compared for cubic only)
     engine = _engine_of(outs[0].ds)

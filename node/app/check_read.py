@@ -1,5 +1,6 @@
 """The independent reader of ``srnode check``: input images (mosaic tiles included) and derived / uncertainty
-objects, with pydicom and numpy only (nothing of ``node.series`` or ``node.derived``).
+objects, with pydicom and numpy only (nothing of ``node.series`` or ``node.derived``); an input file is read by
+``node.dicom_read.read_dicom``, as everywhere srnode reads one (a data set without its preamble is DICOM there too).
 
 Mosaics are read without the CSA parser: the number of images from (0019,100A), the grid from it, the first
 tile's position from ImagePositionPatient corrected for the grid, and each tile's offset from the protocol's
@@ -20,6 +21,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from node.dicom_read import read_dicom
+
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 PARAMETRIC_MAP = "1.2.840.10008.5.1.4.1.1.30"
 SIGMA_CLASSES = (SECONDARY_CAPTURE, PARAMETRIC_MAP)  # the uncertainty objects: Parametric Map, SC card
@@ -35,7 +38,8 @@ LOSSY_ONLY_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.
 def input_rounding(positions: list[np.ndarray]) -> float:
     """0.1 or 0.01 when every component of the input ImagePositionPatient values is a multiple of it (written with
     one or two decimals, as some scanners and anonymisers do), else 0.0: the pipeline then takes a regular stack's
-    positions from the line fitted through them, up to r x sqrt(3) from the written ones."""
+    positions from the line fitted through them, each within r/2 x sqrt(3) of the written one (``srnode check``
+    accepts derived positions on that fitted line, not anywhere near the written ones)."""
     if not positions:
         return 0.0
     q0 = np.array(positions, dtype=np.float64)
@@ -170,7 +174,7 @@ def read_inputs(in_dir: Path) -> list[InImage]:
         if not p.is_file() or p.name.startswith(".") or p.name == "report.json":
             continue
         try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            ds = read_dicom(p, stop_before_pixels=True)
         except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
             continue
         if "Rows" not in ds or "Columns" not in ds:
@@ -235,7 +239,7 @@ class Pixels:
         if path not in self._arrays:
             if len(self._arrays) > 64:
                 self._arrays.clear()
-            self._arrays[path] = np.asarray(pydicom.dcmread(path).pixel_array)
+            self._arrays[path] = np.asarray(read_dicom(path).pixel_array)
         return self._arrays[path]
 
     def of_input(self, img: InImage) -> np.ndarray:

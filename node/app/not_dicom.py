@@ -4,8 +4,9 @@ export. ``srnode process`` skips them with a line instead of counting them as fa
 
 Decision: a file that cannot be read as DICOM is skipped only when its bytes are *positively* recognised as
 something else. Anything else, in particular a file with the 'DICM' marker, an empty file, a file that is cut
-inside the 128-byte preamble (zeros) or a DICOM data set without the preamble (binary, not text), stays a failure
-naming the file: it may be a DICOM file cut short, and its data would be lost without a word.
+inside the 128-byte preamble (zeros) or binary bytes without a known signature, stays a failure naming the file: it
+may be a DICOM file cut short, and its data would be lost without a word. (A DICOM data set without the preamble is
+not asked about here: ``node.dicom_read.read_dicom`` reads it as DICOM when it is recognisably an image data set.)
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ may take it) and ``node.process.process_series`` (which refuses a series whose i
 patient); one line per series says what was written, or why not, followed by one "NOT IN ANY DERIVED SERIES" line
 per input slice that no derived series holds (file and reason), and ``report.json`` in the series' output folder
 keeps the same (the job report, a refusal or "left alone" with the reason), for ``srnode check``.
-A file that is not DICOM is a FAILED line naming it (it may be a DICOM file cut short) unless it is recognisably
+A DICOM data set without the 128-byte preamble and 'DICM' is read as DICOM (``node.dicom_read``). A file that is
+not DICOM is a FAILED line naming it (it may be a DICOM file cut short) unless it is recognisably
 something else (``node.app.not_dicom``): srnode's own report.json / preview.png (IN_DIR may be an earlier OUT_DIR,
 whose derived series are left alone), text, PDF, images, archives, a DICOMDIR; those are named on a "skipped" line. Results go to
 ``OUT_DIR/<SeriesUID>/``, or to ``OUT_DIR/<StudyUID>/<SeriesUID>/`` for a series UID found in more than one study.
@@ -157,7 +158,7 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
     for n, ((study, uid), files) in enumerate(sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])), start=1):
         hdr = headers[(study, uid)]
         in_study = f" of study {study}" if uid in shared else ""
-        label = f"[{n}/{total}] series {uid or '(no SeriesInstanceUID)'}{in_study} ({hdr.get('Modality', '?')}, " \
+        label = f"[{n}/{total}] series {uid or '(no SeriesInstanceUID)'}{in_study} ({hdr.get('Modality', '') or 'no Modality'}, " \
                 f"{str(hdr.get('SeriesDescription', '') or '').strip() or 'no description'}, {len(files)} file(s))"
         rule, why = match_rule(cfg, hdr)
         dest = out_dir / _safe(study) / _safe(uid) if uid in shared else out_dir / _safe(uid)
@@ -167,7 +168,7 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
             _write_report(dest, {"series": uid, "files": names, "left_alone": why})
             continue
 
-        bar = SeriesBar(f"[{n}/{total}] {hdr.get('Modality', '?')} {len(files)} file(s)", bars)
+        bar = SeriesBar(f"[{n}/{total}] {hdr.get('Modality', '') or 'no Modality'} {len(files)} file(s)", bars)
         partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"  # written here, moved into dest when whole
         shutil.rmtree(partial, ignore_errors=True)
         try:

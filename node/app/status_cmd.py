@@ -183,7 +183,7 @@ def job_line(d: dict[str, Any]) -> str:
 def _print_waiting(waiting: list[dict[str, Any]]) -> None:
     if not waiting:
         return
-    print(f"\n{len(waiting)} series not complete yet (quiet for stable_age_s, or their declared size reached):")
+    print(f"\n{len(waiting)} series not complete yet (quiet for stable_age_s, or the size a sender declared reached):")
     for s in waiting[-10:]:
         declared = (f", declared {s['declared_instances']} ({s['declared_by']})" if s["declared_instances"] is not None
                     else "")

@@ -105,7 +105,7 @@ class NodeConfig:
     port: int = 11112
     spool_dir: str = "./spool"
     stable_age_s: float = 10.0
-    declared_settle_s: float = 1.0  # s; a series holding its declared count completes after min(this, stable_age_s)
+    declared_settle_s: float = 1.0  # s; a series holding the count a sender declared completes after min(this, stable_age_s)
     min_free_mb: int = 500
     max_associations: int = 32
     max_associations_per_caller: int = 8  # open at once per calling AE title + peer address; 0: no per-caller limit

@@ -3,8 +3,9 @@ queued jobs are (re)submitted to the executor. An association release only wakes
 
 When is a series complete:
 
-- it declares its size (every instance agrees on ImagesInAcquisition; a puller or the Orthanc plugin said how
-  many it sent: ``Index.declare_series``) and exactly that many distinct instances are in, the last of them
+- a sender declared its size (a puller or the Orthanc plugin said how many it sent: ``Index.declare_series``;
+  not ImagesInAcquisition, which counts one acquisition of a series that may hold more, series14) and exactly
+  that many distinct instances are in, the last of them
   ``min([node].declared_settle_s, stable_age_s)`` ago: complete without waiting the quiet period. More instances
   than declared: the declaration no longer counts (logged), the quiet period applies;
 - else it has been quiet for ``stable_age_s``: no new instance, and no duplicate either (a resend is activity);

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
 from models.engine import Factors, output_shape
+from node.dicom_read import read_dicom
 from node.errors import VolumeError
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def instance_size(path: Path) -> InstanceSize | None:
     instance and the numbers when the pixel data cannot hold what is declared; OSError when unreadable."""
     with path.open("rb") as fh:
         try:
-            ds = dcmread(fh, stop_before_pixels=True)
+            ds = read_dicom(fh, stop_before_pixels=True)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
             raise VolumeError(f"instance {path.name}: header cannot be read: {exc}") from exc
         try:

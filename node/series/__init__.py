@@ -5,13 +5,14 @@ The door of the stage: other stages import from ``node.series`` only. Inside, im
 → their slices), ``planes`` (orientation within tolerance), ``split`` (several volumes in one series) and ``steps``
 (step tolerances) ← ``headers`` (what is kept of each input header after loading; the rest is read again from its
 file when a derived object copies from it) ← ``volume`` (the model) ← ``runs`` and ``display`` (the series' window and photometric
-interpretation) ← ``load``. Geometry comes only from ImagePositionPatient / ImageOrientationPatient (or the
+interpretation) and ``pixels`` (one image's pixel encoding checked and decoded, its modality values) ← ``load``. Geometry comes only from ImagePositionPatient / ImageOrientationPatient (or the
 enhanced functional groups), never from InstanceNumber.
 """
 
 from node.series.display import series_photometric, series_window, slice_window
 from node.series.headers import InputHeaders, SliceHeader
-from node.series.load import load_series, load_volumes, representable_range, stored_format
+from node.series.load import load_series, load_volumes
+from node.series.pixels import representable_range, stored_format
 from node.series.runs import LeftOut, RunSplit, check_through_plane, regular_runs, split_runs
 from node.series.slices import (
     ENHANCED_CT,

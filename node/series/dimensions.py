@@ -190,7 +190,7 @@ def _type_label(value: Any, values: list[Any]) -> str:
 
 def _echo_label(value: Any, values: list[Any]) -> str:
     if value is None:
-        return "echo ?"
+        return "no echo number"
     n, te = value
     numbers = {v[0] for v in values if v is not None}
     if n is not None and len(numbers) == len({v for v in values if v is not None}):
@@ -200,7 +200,7 @@ def _echo_label(value: Any, values: list[Any]) -> str:
 
 def _diffusion_label(value: Any, values: list[Any]) -> str:
     if value is None:
-        return "b=?"
+        return "no b-value"
     b, g = value
     same_b = [v for v in values if v is not None and v[0] == b]
     if len({v[1] for v in same_b}) > 1:
@@ -208,16 +208,18 @@ def _diffusion_label(value: Any, values: list[Any]) -> str:
     return f"b={b:g}"
 
 
-def _simple(prefix: str, unit: str = "") -> Callable[[Any, list[Any]], str]:
+def _simple(prefix: str, unit: str = "", absent: str = "") -> Callable[[Any, list[Any]], str]:
+    """Labels "<prefix> <value><unit>"; ``absent``: the label of the images that state no value (never "?":
+    a reader is told what is missing, series14)."""
     def label(value: Any, values: list[Any]) -> str:
         if value is None:
-            return f"{prefix} ?"
+            return absent or f"no {prefix}"
         return f"{prefix} {value:g}{unit}" if isinstance(value, float) else f"{prefix} {value}"
     return label
 
 
 def _index_label(value: Any, values: list[Any]) -> str:
-    return "index " + ("?" if value is None else ".".join(str(v) for v in value))
+    return "no DimensionIndexValues" if value is None else "index " + ".".join(str(v) for v in value)
 
 
 # in order of preference when two explain the repeats equally well
@@ -225,13 +227,14 @@ DIMENSIONS: tuple[Dimension, ...] = (
     Dimension("image type", _image_type, _type_label, "ImageType (FrameType)"),
     Dimension("echo", _echo, _echo_label, "EchoNumbers / EchoTime (EffectiveEchoTime)", parts_may_be_absent=True),
     Dimension("diffusion b-value/direction", _diffusion, _diffusion_label, "DiffusionBValue"),
-    Dimension("temporal position", _temporal, _simple("time"),
+    Dimension("temporal position", _temporal, _simple("time", absent="no temporal position"),
               "TemporalPositionIdentifier (TemporalPositionIndex)"),
-    Dimension("trigger time", _trigger, _simple("trigger", " ms"), "TriggerTime (NominalCardiacTriggerDelayTime)"),
-    Dimension("acquisition number", _acquisition, _simple("acquisition"), "AcquisitionNumber"),
+    Dimension("trigger time", _trigger, _simple("trigger", " ms", "no trigger time"), "TriggerTime (NominalCardiacTriggerDelayTime)"),
+    Dimension("acquisition number", _acquisition, _simple("acquisition", absent="no AcquisitionNumber"),
+              "AcquisitionNumber"),
     Dimension("dimension index", _dimension_index, _index_label, "DimensionIndexValues"),
 )
-STACK = Dimension("stack", _stack, _simple("stack"), "StackID")
+STACK = Dimension("stack", _stack, _simple("stack", absent="no StackID"), "StackID")
 
 
 # ---------------------------------------------------------------------------------------------- values

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
+from node.dicom_read import read_dicom
 from node.errors import DeriveError, dicom_read_problem
 from node.series.lossy import LossyCompression, lossy_compression
 from node.series.slices import MALFORMED, frame_group_item, sop_class_of, sop_instance_of
@@ -64,7 +64,7 @@ def read_stamped(path: Path, stop_before_pixels: bool = False) -> tuple[Dataset,
     ``pydicom.dcmread``."""
     with open(path, "rb") as fh:
         data = fh.read()
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+    ds = read_dicom(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
     ds.filename = str(path)  # as ``pydicom.dcmread(path)`` sets it (messages name the file)
     return ds, FileStamp.of_bytes(data)
 
@@ -176,7 +176,7 @@ def read_again(rec: SliceHeader, fix: Callable[[Dataset], object] | None = None)
         if FileStamp.of_bytes(data) != rec.stamp:
             why = "was changed since the series was loaded (its bytes differ)"
         else:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+            ds = read_dicom(io.BytesIO(data), stop_before_pixels=True)
             ds.filename = str(path)
             if sop_instance_of(ds) != rec.sop_instance_uid:
                 why = "holds another instance than when the series was loaded"

@@ -1,7 +1,8 @@
 """Series → volume: stack the slices of one series, decode pixels, measure geometry, convert to modality units.
 
 Headers are read into placed slices by ``node.series.slices`` (including the functional groups of enhanced multi-frame
-objects); this module checks that they form one stack, sorts and measures it, and decodes the pixels.
+objects); this module checks that they form one stack, sorts and measures it, and decodes the pixels (each image's
+encoding checked and converted to modality values by ``node.series.pixels``).
 
 Geometry comes only from ImagePositionPatient / ImageOrientationPatient (or, for enhanced multi-frame objects,
 from the Plane Position / Plane Orientation / Pixel Measures functional groups); intensities only from Rescale
@@ -33,6 +34,7 @@ from node.series.dimensions import DIMENSIONS, STACK
 from node.series.headers import FileStamp, InputHeaders, SliceHeader, read_stamped
 from node.series.instances import UniqueInstances
 from node.series.mosaic import is_mosaic, split_mosaic, tile_name
+from node.series.pixels import decoded_pixels, modality_values, stored_format
 from node.series.planes import describe_plane_groups, plane_groups
 from node.series.slices import (
     HEADER_VALUES,
@@ -58,61 +60,11 @@ from node.series.steps import (
     thickness_groups,
     thickness_message,
 )
-from node.series.volume import MAX_MODALITY_ABS, SeriesVolume, StoredFormat, in_hounsfield_units
+from node.series.volume import SeriesVolume, StoredFormat, in_hounsfield_units
 
 log = logging.getLogger(__name__)
 
 IOP_UNIT_TOL = 1e-3  # |norm - 1| and |row . col| above this: not two orthogonal unit vectors
-
-
-# ---------------------------------------------------------------------------------------------- pixels
-
-
-def _pixels(ds: Dataset, name: str) -> np.ndarray:
-    if "PixelData" not in ds and "FloatPixelData" not in ds:
-        raise VolumeError(f"{name}: has no pixel data")
-    photometric = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
-    if photometric not in ("MONOCHROME1", "MONOCHROME2") and int(ds.get("SamplesPerPixel", 1) or 1) == 1:
-        # one sample per pixel that is not a grey level (PALETTE COLOR: an index into a colour table); it was
-        # interpolated as if it were one and written as MONOCHROME2 (only the defined terms are quoted)
-        said = photometric if photometric in ("PALETTE COLOR", "") else "another value"
-        raise VolumeError(f"{name}: PhotometricInterpretation {said or '(empty)'}: its pixel values are not grey "
-                          "levels (CT and MR images are MONOCHROME1 or MONOCHROME2); not super-resolved")
-    bits = int(ds.get("BitsStored", 16) or 16)
-    high = ds.get("HighBit")
-    if high not in (None, "") and int(high) != bits - 1:
-        # PS3.3 C.7.6.3: HighBit is BitsStored - 1 (the stored bits at the bottom of each word); an ACR-NEMA layout
-        # with the bits higher up was read by pydicom as the low bits, garbage, and derived as if it were values
-        raise VolumeError(f"{name}: HighBit {int(high)} with BitsStored {bits} (the standard has HighBit = "
-                          "BitsStored - 1): its stored values cannot be read as they are meant; not super-resolved")
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:  # noqa: BLE001 - decoders raise many types; translated once here
-        ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
-        raise VolumeError(f"{name}: pixel data cannot be decoded (transfer syntax {ts}): {exc}") from exc
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise VolumeError(f"{name}: colour image ({ds.get('PhotometricInterpretation', '?')}); "
-                          "only grayscale series can be super-resolved")
-    arr = np.asarray(arr)
-    declared = int(ds.get("NumberOfFrames", 1) or 1)
-    held = int(arr.shape[0]) if arr.ndim == 3 else 1
-    if held != declared:
-        # pydicom returns every whole frame the pixel data holds (with a warning): frames beyond NumberOfFrames
-        # were left out of the volume silently (or a single-frame image failed to broadcast, its file unnamed)
-        raise VolumeError(f"{name}: its pixel data holds {held} frames, NumberOfFrames {declared} (absent: 1); "
-                          "which frames the header describes cannot be told, none is stacked")
-    return arr
-
-
-def stored_format(ds: Dataset, slope: float, intercept: float) -> StoredFormat:
-    """The slice's stored-value format: its own rescale, BitsStored (default 16) and PixelRepresentation."""
-    bits = int(ds.get("BitsStored", 16) or 16)
-    return StoredFormat(float(slope), float(intercept), bits, bool(int(ds.get("PixelRepresentation", 0) or 0)))
-
-
-def representable_range(ds: Dataset, slope: float, intercept: float) -> tuple[float, float]:
-    """Lowest and highest modality value the slice ``ds`` can hold with this rescale."""
-    return stored_format(ds, slope, intercept).value_range
 
 
 def load_series(paths: Sequence[Path]) -> SeriesVolume:
@@ -365,12 +317,12 @@ def _image_slices(path: Path, ds: Dataset) -> tuple[list[Slice], bool]:
 def _let_go(s: Slice, ds: Dataset, path: Path, stamp: FileStamp,
             inspect: Callable[[Dataset], object] | None) -> None:
     """Take from the single-frame header ``ds`` (read from ``path`` as ``stamp``) what the load reads later: its
-    header values, its modality values (``_converted``, float32, NaN for padding; or the error converting them
+    header values, its modality values (``modality_values``, float32, NaN for padding; or the error converting them
     raised, raised again when the volume is built), its record (``inspect``'s result in it, taken last: it may
     change the header), and let go of the header."""
     s.take(_TAKEN)
     try:
-        s.values = _converted(ds, s, _pixels(ds, s.name)).astype(np.float32)
+        s.values = modality_values(ds, s, decoded_pixels(ds, s.name)).astype(np.float32)
     except Exception as exc:  # noqa: BLE001 - raised again, as it was, where the volume's values are made
         s.values = exc
 
@@ -522,8 +474,8 @@ def _modality_values(slices: list[Slice], hounsfield: bool) -> tuple[np.ndarray,
             continue
         key = id(s.ds)
         if key not in decoded:
-            decoded[key] = _pixels(s.ds, s.name)
-        data[z] = _converted(s.ds, s, decoded[key])
+            decoded[key] = decoded_pixels(s.ds, s.name)
+        data[z] = modality_values(s.ds, s, decoded[key])
         if s.frame < 0:  # a single-frame header is this slice's alone: its stored and decoded pixels are done with
             del decoded[key]  # (a long series held every slice's twice until the volume was built; issue #15 item 5)
             if "PixelData" in s.ds:
@@ -542,37 +494,6 @@ def _modality_values(slices: list[Slice], hounsfield: bool) -> tuple[np.ndarray,
     return data, formats, notes
 
 
-def _converted(ds: Dataset, s: Slice, decoded: np.ndarray) -> np.ndarray:
-    """(Y, X) float64 modality values of slice ``s`` (NaN: padding, PixelPaddingValue of its header ``ds``) from
-    its header's decoded pixels ``decoded`` (all frames of a multi-frame object): stored * slope + intercept.
-    VolumeError when they reach beyond what the derived objects can hold (``_check_range``)."""
-    frame = decoded[s.frame] if s.frame >= 0 and decoded.ndim == 3 else decoded
-    stored = frame.astype(np.float64)
-    pad = _padding_mask(ds, frame)
-    with np.errstate(over="ignore", invalid="ignore"):
-        vals = stored * s.slope + s.intercept
-    if pad is not None and pad.any():
-        vals[pad] = np.nan
-    _check_range(vals, s)
-    return vals
-
-
-def _check_range(vals: np.ndarray, s: Slice) -> None:
-    """VolumeError when slice ``s``'s modality values ``vals`` (NaN: padding) reach beyond ``MAX_MODALITY_ABS``
-    or overflow (a rescale that makes values no derived object can hold, e.g. a RescaleSlope of 1e30: they were
-    written with a window dciodvfy rejects, or became infinite in float32)."""
-    if not vals.size:
-        return
-    lo, hi = float(np.fmin.reduce(vals, axis=None)), float(np.fmax.reduce(vals, axis=None))  # NaN skipped
-    if math.isnan(lo):  # padding only
-        return
-    peak = max(abs(lo), abs(hi))
-    if not math.isfinite(peak) or peak > MAX_MODALITY_ABS:
-        raise VolumeError(f"{s.where}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} make modality "
-                          f"values up to {peak:.3g} in magnitude, beyond the {MAX_MODALITY_ABS:g} the derived "
-                          "objects can hold; the series is not super-resolved")
-
-
 def _check_precision(data: np.ndarray, slices: list[Slice]) -> None:
     """VolumeError when the (Z, Y, X) float32 volume ``data`` (NaN: padding) cannot hold a slice's stored steps:
     one step of a slice is |RescaleSlope| modality units, and it must stay at least one float32 step (2^-23
@@ -582,7 +503,7 @@ def _check_precision(data: np.ndarray, slices: list[Slice]) -> None:
     one) otherwise round the detail away silently: the derived image would be wrong yet valid. The range is taken
     by reductions, not a copy of the finite values (a long series' volume again; issue #15 item 5)."""
     lo, hi = float(np.fmin.reduce(data, axis=None)), float(np.fmax.reduce(data, axis=None))  # NaN skipped
-    if not (math.isfinite(lo) and math.isfinite(hi)):  # padding only, or (never after _check_range) infinities
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # padding only, or (never after check_range) infinities
         finite = data[np.isfinite(data)]
         if not finite.size:
             return
@@ -593,12 +514,3 @@ def _check_precision(data: np.ndarray, slices: list[Slice]) -> None:
             raise VolumeError(f"{s.where}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g}: its steps of "
                               f"{abs(s.slope):g} cannot be held in 32-bit floats beside the series' values from "
                               f"{lo:g} to {hi:g} (they would round away); the series is not super-resolved")
-
-
-def _padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
-    if "PixelPaddingValue" not in ds:
-        return None
-    a = int(ds.PixelPaddingValue)
-    b = int(ds.get("PixelPaddingRangeLimit", a))
-    lo, hi = min(a, b), max(a, b)
-    return (stored >= lo) & (stored <= hi)  # type: ignore[no-any-return]

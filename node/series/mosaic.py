@@ -112,7 +112,7 @@ def split_mosaic(ds: Dataset, name: str) -> list[Dataset]:
     try:
         tiles = np.asarray(w.get_unscaled_data())  # (tile rows, tile columns, n)
     except Exception as exc:  # noqa: BLE001 - decoders raise many types; translated once here
-        ts = ds.file_meta.get("TransferSyntaxUID", "?") if hasattr(ds, "file_meta") else "?"
+        ts = (ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else "") or "not stated"
         raise _refuse(name, f"its pixel data cannot be decoded (transfer syntax {ts}): {exc}") from exc
     if tiles.ndim != 3 or tiles.shape[2] != n:
         raise _refuse(name, f"tiles have shape {tiles.shape}, expected (rows, columns, {n})")

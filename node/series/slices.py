@@ -16,10 +16,10 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 
+from node.dicom_read import read_dicom
 from node.errors import VolumeError, dicom_read_problem
 
 # SOP classes that carry no image a volume can be built from
@@ -74,7 +74,7 @@ def read_dataset(path: Path, pixels: bool = True) -> Dataset:
     VolumeError names the file when it cannot be read or is not DICOM.
     """
     try:
-        return pydicom.dcmread(path, stop_before_pixels=not pixels)
+        return read_dicom(path, stop_before_pixels=not pixels)
     except (InvalidDicomError, OSError, EOFError, *MALFORMED) as exc:
         raise VolumeError(f"{path.name}: not a readable DICOM file ({dicom_read_problem(exc)})") from exc
 
@@ -282,7 +282,7 @@ def _number(ds: Dataset | None, keyword: str, default: float) -> float:
 def stored_pixels(s: Slice) -> np.ndarray:
     """The slice's stored pixel values as decoded (frame ``s.frame`` of a multi-frame object): from the held
     header, else from its file read again (only for the wording of a refusal or to compare two copies)."""
-    ds = s.ds if s.ds is not None else pydicom.dcmread(s.file) if s.file is not None else s.header
+    ds = s.ds if s.ds is not None else read_dicom(s.file) if s.file is not None else s.header
     arr = ds.pixel_array
     return arr[s.frame] if s.frame >= 0 and arr.ndim == 3 else arr  # type: ignore[no-any-return]
 

@@ -100,7 +100,57 @@ def split_volumes(slices: list[Slice], series: str) -> list[VolumeGroup]:
 
     ``series``: how messages name the series. One group with an empty label when the series is one volume.
     Raises VolumeError, naming the files, when images repeat a position and no dimension tells them apart.
+
+    Frames of multi-frame (enhanced) objects beside single-frame images are two encodings (``_by_encoding``):
+    each is split on its own, its labels prefixed "multi-frame" / "single-frame", never stacked together.
     """
+    single = [s for s in slices if s.frame < 0]
+    if single and len(single) < len(slices):
+        return _by_encoding(slices, single, series)
+    return _split_stacks(slices, series)
+
+
+def _by_encoding(slices: list[Slice], single: list[Slice], series: str) -> list[VolumeGroup]:
+    """series14: an enhanced multi-frame object and classic single-frame images under one SeriesInstanceUID were
+    split by StackID into "stack 1" (the object's frames) and "stack ?" (the classic images, which have none). They
+    are two encodings, of the same acquisition (the same positions: the data twice, e.g. a scanner sending both the
+    enhanced object and its legacy images) or not (positions that interleave or lie apart: stacking them into one
+    volume would be a guess). Each encoding is its own volume (or volumes), labelled by it, with a note saying
+    what the series holds and how their positions relate."""
+    multi = [s for s in slices if s.frame >= 0]
+    objects = sorted({s.name for s in multi})
+    note = (f"{series} holds two encodings: {len(objects)} multi-frame object(s) ({_listed(objects)}, "
+            f"{len(multi)} frame(s)) and {len(single)} single-frame image(s) ({_listed(sorted(s.name for s in single))}); "
+            f"{_relation(multi, single)}; each encoding is super-resolved as its own volume, never stacked with the other")
+    out: list[VolumeGroup] = []
+    for label, part in (("multi-frame", multi), ("single-frame", single)):
+        for g in _split_stacks(part, f"{series} {label}"):
+            out.append(VolumeGroup(g.slices, " ".join(x for x in (label, g.label) if x), [note, *g.notes]))
+    return out
+
+
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _relation(multi: list[Slice], single: list[Slice]) -> str:
+    """How the positions of two encodings relate, in words."""
+    groups = position_groups(multi + single)
+    n = len(multi)
+    shared = sum(1 for g in groups if any(i < n for i in g) and any(i >= n for i in g))
+    if shared and shared == len({tuple(g) for g in groups}):
+        return f"they repeat the same {shared} position(s) (likely the same data twice)"
+    if shared:
+        return f"{shared} of their positions coincide"
+    first = [k for k, g in enumerate(groups) if g[0] < n]
+    second = [k for k, g in enumerate(groups) if g[0] >= n]
+    if max(first) < min(second) or max(second) < min(first):
+        return "they cover different ranges of positions"
+    return "their positions interleave (one volume in two encodings, or two acquisitions: it cannot be told)"
+
+
+def _split_stacks(slices: list[Slice], series: str) -> list[VolumeGroup]:
+    """``split_volumes`` of images of one encoding: by StackID first, then ``_split``."""
     stacks = canonical([STACK.of(s) for s in slices])
     if len(set(stacks)) > 1:
         out: list[VolumeGroup] = []

@@ -15,9 +15,10 @@ Times (``received_at``, ``created``, ``updated``, ``next_attempt``, ...) are Uni
 
 When a series is complete (the watcher, ``node.jobs.watcher``, asks :meth:`Index.quiet_series` and
 :meth:`Index.complete_series`): quiet for ``stable_age_s`` (``last_received``: the last instance, or the last
-plain duplicate while still receiving: a resend is activity), or sooner when it declares its size and that many
-distinct instances arrived (``declared_instances``, ``declared_by``): its headers agree on ImagesInAcquisition
-(:class:`SizeHint`), or a puller / the Orthanc plugin said how many it sent (:meth:`Index.declare_series`).
+plain duplicate while still receiving: a resend is activity), or sooner when a puller / the Orthanc plugin said how
+many it sent (:meth:`Index.declare_series`) and that many distinct instances arrived (``declared_instances``,
+``declared_by``). A size the headers agree on (ImagesInAcquisition, :class:`SizeHint`) is recorded too, but counts
+one acquisition: it never completes a series early (``_DECLARED_COMPLETE``), it names what is missing.
 
 Storage (SQLite in WAL mode, safe across threads and processes; a connection per thread; writes that must not
 race, such as claiming a job, in BEGIN IMMEDIATE transactions) is ``node.store.schema``.
@@ -44,6 +45,13 @@ SeriesKey = tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
 
 MAX_DECLARED_INSTANCES = 1_000_000  # the largest series size a caller may declare (SQLite holds 64-bit integers)
 HEADER_DECLARED = "ImagesInAcquisition"  # declared_by of a size the series' headers agree on
+# series14: ImagesInAcquisition is the number of images of ONE acquisition; a series may hold several (CT phases,
+# dynamic / perfusion time points, each declaring its own count), and the first one arriving alone then a pause held
+# exactly "its declared count": it completed early, a derived series of part of the series went out. Nothing in a
+# header states that no other acquisition follows, so a size only the headers declare never completes a series
+# early: it is kept to name what is missing (INCOMPLETE) and to log "more than declared"; the quiet period decides.
+_DECLARED_COMPLETE = (" AND declared_instances IS NOT NULL AND n_instances = declared_instances"
+                      " AND declared_by != ?")
 MIXED = "mixed"  # header_sig once two instances of a series said different things about its size
 
 
@@ -226,11 +234,14 @@ class Index(DeliveryTable):
         return [(r["study_uid"], r["series_uid"]) for r in rows]
 
     def complete_series(self, settled_since: float) -> list[SeriesKey]:
-        """(study, series) of the series still 'receiving' that hold exactly their declared number of distinct
-        instances, the last of them (or a duplicate) received before ``settled_since`` (Unix seconds)."""
-        rows = self._query("SELECT study_uid, series_uid FROM series WHERE state = ? AND declared_instances IS NOT"
-                           " NULL AND n_instances = declared_instances AND last_received < ? ORDER BY first_received",
-                           (SeriesState.RECEIVING, settled_since))
+        """(study, series) of the series still 'receiving' that hold exactly the number of distinct instances a
+        puller or the Orthanc plugin declared (:meth:`declare_series`), the last of them (or a duplicate) received
+        before ``settled_since`` (Unix seconds). A size only the headers declare (ImagesInAcquisition) never
+        completes a series early: it counts one acquisition, and the series may hold others still to come
+        (:data:`HEADER_DECLARED`)."""
+        rows = self._query(f"SELECT study_uid, series_uid FROM series WHERE state = ?{_DECLARED_COMPLETE}"
+                           " AND last_received < ? ORDER BY first_received",
+                           (SeriesState.RECEIVING, HEADER_DECLARED, settled_since))
         return [(r["study_uid"], r["series_uid"]) for r in rows]
 
     def stable_series(self) -> list[SeriesKey]:
@@ -248,14 +259,14 @@ class Index(DeliveryTable):
 
     def mark_stable(self, series_uid: str, quiet_since: float, study_uid: str = "", complete: bool = False) -> bool:
         """receiving → stable, only if no instance arrived since ``quiet_since`` (Unix seconds; atomic against
-        ingest). ``complete``: only if the series also holds exactly its declared number of instances
-        (:meth:`complete_series`; ``quiet_since`` is then the end of the settle time)."""
+        ingest). ``complete``: only if the series also holds exactly the number of instances a puller or the
+        Orthanc plugin declared (:meth:`complete_series`; ``quiet_since`` is then the end of the settle time)."""
         where, args = _of_series(series_uid, study_uid)
-        declared = " AND declared_instances IS NOT NULL AND n_instances = declared_instances" if complete else ""
+        declared, by = (_DECLARED_COMPLETE, (HEADER_DECLARED,)) if complete else ("", ())
         with self.tx() as c:
             cur = c.execute(f"UPDATE series SET state = ?, reason = '' WHERE {where}"
-                            f" AND state = ? AND last_received < ?{declared}",
-                            (SeriesState.STABLE, *args, SeriesState.RECEIVING, quiet_since))
+                            f" AND state = ?{declared} AND last_received < ?",
+                            (SeriesState.STABLE, *args, SeriesState.RECEIVING, *by, quiet_since))
             return cur.rowcount >= 1
 
     # ------------------------------------------------------------------------------------ conflicts

@@ -179,3 +179,39 @@ def test_the_grid_of_an_irregular_rounded_stack_is_found_once_not_per_slice_left
     split = split_runs(vol)
     assert split.left_out, "the control: some slices are in no run"
     assert len(calls) == 1, len(calls)
+
+
+@pytest.mark.parametrize("rotation", [OBLIQUE, np.eye(3)], ids=["oblique-fitted", "axial-exact"])
+def test_check_catches_a_derived_position_wrong_within_the_rounding_allowance(tmp_path: Path,
+                                                                               rotation: np.ndarray) -> None:
+    """series14: `srnode check` allowed 0.01 mm + r x sqrt(3) (0.183 mm at r = 0.1) on every derived position of an
+    input whose positions are 0.1 mm multiples, whether or not the pipeline fitted them: a derived slice moved
+    0.12 mm along the normal passed. It now accepts a position off the written line only when it lies on the line
+    fitted through the input positions (within 0.01 mm) and that fit stays within the rounding of each written one,
+    as the pipeline does; the derived slice moved 0.12 mm is caught, on an oblique stack the pipeline fitted and on
+    an axial one whose 0.1 mm positions are exact (no fit)."""
+    from node.app.check_cmd import check_folders
+
+    in_dir, out = tmp_path / "in", tmp_path / "out"
+    _stack(in_dir, 1, n=12, rotation=rotation)
+    config = tmp_path / "all.toml"
+    config.write_text('[[rules]]\nname = "everything"\nmatch = {}\nthrough_plane_factor = 2\n')
+    r = subprocess.run([sys.executable, "-m", "node.app.cli", "process", str(in_dir), str(out), "--engine", "cubic",
+                        "--config", str(config), "--no-preview", "--quiet"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "23 derived" in r.stdout, r.stdout + r.stderr
+    result = check_folders(in_dir, out, run_dciodvfy=False)
+    assert result.ok, result.lines()
+    derived = sorted(out.rglob("derived/*.dcm"))
+    ds = pydicom.dcmread(derived[9])
+    iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    ds.ImagePositionPatient = [f"{v:.6f}" for v in np.array([float(v) for v in ds.ImagePositionPatient])
+                               + 0.12 * normal]
+    ds.save_as(derived[9], enforce_file_format=True)
+    result = check_folders(in_dir, out, run_dciodvfy=False)
+    assert not result.ok
+    said = " ".join(result.lines())
+    assert f"derived slice {derived[9].name} is " in said and "off its place on the source slice line" in said, said
+    assert f"nor on the line fitted through the input positions written to 0.1 mm (0.12 mm off at {derived[9].name})" \
+        in said, said

@@ -59,21 +59,26 @@ def test_size_hint_reads_images_in_acquisition_and_counts_frames_per_object() ->
     assert "QZPID" not in hint.signature and "AcquisitionNumber=?" in hint.signature and hint.instances == 0
 
 
-def test_a_series_whose_instances_agree_completes_at_its_declared_count(tmp_path: Path) -> None:
+def test_a_count_only_the_headers_declare_is_recorded_but_never_completes_the_series(tmp_path: Path) -> None:
+    """series14: ImagesInAcquisition counts one acquisition. A series of two acquisitions, each declaring its own
+    count (3), whose first arrives alone and then pauses longer than the settle time, completed at 3 (a job on
+    half the series); now only the quiet period completes it, and it ends with both acquisitions."""
     ix = Index(tmp_path / "index.sqlite")
-    hint = size_hint(_header(images=3))
+    first = size_hint(_header(images=3, acquisition=1))
     for k in range(2):
-        ix.add_instance(_inst(k), "CT", 1, hint)
+        ix.add_instance(_inst(k), "CT", 1, first)
     row = ix.series(SERIES, STUDY)
     assert row is not None and (row["declared_instances"], row["declared_by"]) == (3, HEADER_DECLARED)
-    assert _settled(ix) == []  # 2 of 3
-    ix.add_instance(_inst(2), "CT", 1, hint)
-    assert _settled(ix) == [(STUDY, SERIES)]
-    assert ix.complete_series(time.time() - 60) == []  # within the settle time: not yet
-    assert not ix.mark_stable(SERIES, time.time() - 60, STUDY, complete=True)
-    assert ix.mark_stable(SERIES, time.time() + 1, STUDY, complete=True)
+    ix.add_instance(_inst(2), "CT", 1, first)  # the first acquisition, whole: "its declared count"
+    assert _settled(ix) == []  # past the settle time: not complete by the header's count
+    assert not ix.mark_stable(SERIES, time.time() + 1, STUDY, complete=True)
+    for k in range(3, 6):  # the second acquisition, after the pause
+        ix.add_instance(_inst(k), "CT", 1, size_hint(_header(images=3, acquisition=2)))
+    assert _settled(ix) == []
+    assert ix.quiet_series(time.time() + 1) == [(STUDY, SERIES)]  # the quiet period decides
+    assert ix.mark_stable(SERIES, time.time() + 1, STUDY)
     row = ix.series(SERIES, STUDY)
-    assert row is not None and row["state"] is SeriesState.STABLE
+    assert row is not None and row["state"] is SeriesState.STABLE and row["n_instances"] == 6
 
 
 def test_more_instances_than_declared_fall_back_to_the_quiet_period(tmp_path: Path,
