@@ -106,6 +106,9 @@ class NodeConfig:
     spool_dir: str = "./spool"
     stable_age_s: float = 10.0
     declared_settle_s: float = 1.0  # s; a series holding the count a sender declared completes after min(this, stable_age_s)
+    # True: a count every instance's ImagesInAcquisition agrees on completes the series like a sender's count (for
+    # modalities that send each series as one acquisition); False: it only names what is missing (series14)
+    images_in_acquisition_completes: bool = False
     min_free_mb: int = 500
     max_associations: int = 32
     max_associations_per_caller: int = 8  # open at once per calling AE title + peer address; 0: no per-caller limit

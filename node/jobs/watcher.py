@@ -89,8 +89,10 @@ class StabilityWatcher:
             if self._undecided.get((study_uid, series_uid), 0.0) <= now:
                 self._decide(study_uid, series_uid)
         settled_since = now - self.settle_s
-        for study_uid, series_uid in self.index.complete_series(settled_since):
-            if self.index.mark_stable(series_uid, settled_since, study_uid=study_uid, complete=True):
+        headers = self.cfg.node.images_in_acquisition_completes
+        for study_uid, series_uid in self.index.complete_series(settled_since, headers):
+            if self.index.mark_stable(series_uid, settled_since, study_uid=study_uid, complete=True,
+                                      headers=headers):
                 row = self.index.series(series_uid, study_uid) or {}
                 log.info("series %s (study %s): complete, %s of %s declared instance(s) (by %s), %.1f s after the "
                          "last", series_uid, study_uid, row.get("n_instances"), row.get("declared_instances"),

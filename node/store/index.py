@@ -233,15 +233,15 @@ class Index(DeliveryTable):
                            " ORDER BY first_received", (SeriesState.RECEIVING, quiet_since))
         return [(r["study_uid"], r["series_uid"]) for r in rows]
 
-    def complete_series(self, settled_since: float) -> list[SeriesKey]:
+    def complete_series(self, settled_since: float, headers: bool = False) -> list[SeriesKey]:
         """(study, series) of the series still 'receiving' that hold exactly the number of distinct instances a
         puller or the Orthanc plugin declared (:meth:`declare_series`), the last of them (or a duplicate) received
         before ``settled_since`` (Unix seconds). A size only the headers declare (ImagesInAcquisition) never
         completes a series early: it counts one acquisition, and the series may hold others still to come
-        (:data:`HEADER_DECLARED`)."""
+        (:data:`HEADER_DECLARED`), unless ``headers`` (``[node] images_in_acquisition_completes``)."""
         rows = self._query(f"SELECT study_uid, series_uid FROM series WHERE state = ?{_DECLARED_COMPLETE}"
                            " AND last_received < ? ORDER BY first_received",
-                           (SeriesState.RECEIVING, HEADER_DECLARED, settled_since))
+                           (SeriesState.RECEIVING, "" if headers else HEADER_DECLARED, settled_since))
         return [(r["study_uid"], r["series_uid"]) for r in rows]
 
     def stable_series(self) -> list[SeriesKey]:
@@ -257,12 +257,14 @@ class Index(DeliveryTable):
                            (SeriesState.RECEIVING, SeriesState.STABLE))
         return [series_of(r) for r in rows]
 
-    def mark_stable(self, series_uid: str, quiet_since: float, study_uid: str = "", complete: bool = False) -> bool:
+    def mark_stable(self, series_uid: str, quiet_since: float, study_uid: str = "", complete: bool = False,
+                    headers: bool = False) -> bool:
         """receiving → stable, only if no instance arrived since ``quiet_since`` (Unix seconds; atomic against
         ingest). ``complete``: only if the series also holds exactly the number of instances a puller or the
-        Orthanc plugin declared (:meth:`complete_series`; ``quiet_since`` is then the end of the settle time)."""
+        Orthanc plugin declared, or with ``headers`` one the headers agree on (:meth:`complete_series`;
+        ``quiet_since`` is then the end of the settle time)."""
         where, args = _of_series(series_uid, study_uid)
-        declared, by = (_DECLARED_COMPLETE, (HEADER_DECLARED,)) if complete else ("", ())
+        declared, by = (_DECLARED_COMPLETE, ("" if headers else HEADER_DECLARED,)) if complete else ("", ())
         with self.tx() as c:
             cur = c.execute(f"UPDATE series SET state = ?, reason = '' WHERE {where}"
                             f" AND state = ?{declared} AND last_received < ?",

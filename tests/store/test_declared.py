@@ -81,6 +81,21 @@ def test_a_count_only_the_headers_declare_is_recorded_but_never_completes_the_se
     assert row is not None and row["state"] is SeriesState.STABLE and row["n_instances"] == 6
 
 
+def test_a_site_may_let_the_headers_count_complete_a_series(tmp_path: Path) -> None:
+    """``[node] images_in_acquisition_completes = true`` (#15 item 3, for modalities that send a series as one
+    acquisition): the count every instance agrees on completes the series after the settle time, as a sender's."""
+    assert config_from_dict({}).node.images_in_acquisition_completes is False
+    assert config_from_dict({"node": {"images_in_acquisition_completes": True}}).node.images_in_acquisition_completes
+    ix = Index(tmp_path / "index.sqlite")
+    for k in range(3):
+        ix.add_instance(_inst(k), "CT", 1, size_hint(_header(images=3)))
+    assert _settled(ix) == []
+    assert ix.complete_series(time.time() + 1, headers=True) == [(STUDY, SERIES)]
+    assert ix.mark_stable(SERIES, time.time() + 1, STUDY, complete=True, headers=True)
+    row = ix.series(SERIES, STUDY)
+    assert row is not None and row["state"] is SeriesState.STABLE and row["n_instances"] == 3
+
+
 def test_more_instances_than_declared_fall_back_to_the_quiet_period(tmp_path: Path,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     ix = Index(tmp_path / "index.sqlite")
