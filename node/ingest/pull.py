@@ -33,7 +33,7 @@ from node.dimse import (
     label,
     max_pdu_problem,
 )
-from node.errors import ConfigError, DeliveryError, IngestError
+from node.errors import ConfigError, DeliveryError, IngestError, http_status_text
 from node.ingest.admit import Admission, Caller
 from node.store import valid_uid
 
@@ -212,7 +212,7 @@ def _wado(src: DicomwebSource, study: str, series: str) -> Iterator[bytes]:
     except requests.RequestException as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         raise FetchError(f"source {src.name!r}: WADO-RS from {src.url} failed: "
-                         f"{f'HTTP {status}' if status else type(exc).__name__}",
+                         f"{http_status_text(status) if status else type(exc).__name__}",
                          retryable=status not in (400, 401, 403, 404)) from exc
 
 
@@ -234,7 +234,7 @@ def orthanc_call(src: OrthancSource, what: str, fn: Callable[[], httpx.Response]
         return r
     except httpx.HTTPStatusError as exc:
         code = exc.response.status_code
-        raise FetchError(f"source {src.name!r}: {what}: HTTP {code}", retryable=code >= 500) from exc
+        raise FetchError(f"source {src.name!r}: {what}: {http_status_text(code)}", retryable=code >= 500) from exc
     except httpx.HTTPError as exc:
         raise FetchError(f"source {src.name!r}: {what}: {type(exc).__name__}") from exc
 

@@ -33,7 +33,7 @@ from dicomweb_client.session_utils import create_session, create_session_from_us
 
 from node.config import DicomwebDestination
 from node.dimse import store_retryable
-from node.errors import DeliveryError
+from node.errors import DeliveryError, http_status_text
 from node.send.base import in_parallel
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class DicomWebSender:
         resp = getattr(exc, "response", None)
         status = getattr(resp, "status_code", None)
         retryable = status not in _PERMANENT
-        detail = f"HTTP {status}" if status is not None else type(exc).__name__
+        detail = http_status_text(status) if status is not None else type(exc).__name__
         return DeliveryError(f"dicomweb destination {self.name!r} ({self.url}): {what}: {detail}", retryable)
 
     def send(self, paths: Sequence[Path]) -> None:
@@ -263,7 +263,7 @@ class DicomWebSender:
                                 f"instance(s) refused, HTTP {status} ({shown}; reasons {', '.join(reasons)})",
                                 retryable=retryable)
         if not 200 <= status < 300:
-            raise DeliveryError(f"dicomweb destination {self.name!r} ({self.url}): {what} failed: HTTP {status}",
+            raise DeliveryError(f"dicomweb destination {self.name!r} ({self.url}): {what} failed: {http_status_text(status)}",
                                 retryable=status not in _PERMANENT)
         if answer.stored is not None:
             missing = len(batch) - len(answer.stored & {_sop_uid(p) for p in batch})

@@ -173,3 +173,81 @@ def test_a_changes_feed_that_answers_nonsense_does_not_end_the_follower(tmp_path
     finally:
         follower.stop()
         srv.shutdown()
+
+
+def _follower(tmp_path: Path, src: dict[str, object]) -> tuple[object, object]:
+    """A ChangesFollower of ``src`` in this process, reading its feed from the start (since 0), and its store."""
+    from node.config import config_from_dict
+    from node.ingest import Admission
+    from node.ingest.follower import ChangesFollower
+    from node.metrics import Metrics
+    from node.store import open_store
+
+    cfg = config_from_dict({"node": {"spool_dir": str(tmp_path / "spool")}, "sources": [
+        {"name": "o", "kind": "orthanc", "follow_changes": True, "poll_s": 0.2, **src}]})
+    store = open_store(cfg)
+    (tmp_path / "spool" / f"changes-{src.get('name', 'o')}.json").write_text(json.dumps({"since": 0}))
+    follower = ChangesFollower(cfg, cfg.sources[0], Admission(cfg, store.spool, store.index, Metrics.create()))  # type: ignore[arg-type]
+    return follower, store
+
+
+def test_a_series_deleted_in_orthanc_before_it_is_pulled_does_not_stop_the_follower(tmp_path: Path) -> None:
+    """break14o (held): a series deleted in Orthanc after it was stable: Orthanc drops its changes with it, so the
+    follower never asks for it (and a 404 in a round that raced the delete is gone from the feed next round); the
+    series after it is pulled whole."""
+    from tests.support.peers import start_orthanc
+
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    follower = None
+    try:
+        gone = phantom(tmp_path, seed=141, slices=3)
+        upload(orthanc, gone)
+        wait_until(lambda: any(c["ChangeType"] == "StableSeries" for c in orthanc.get("/changes")["Changes"]), 30,
+                   what="Orthanc marking the first series stable")
+        for sid in orthanc.get("/series"):
+            with orthanc.client() as c:
+                c.delete(f"/series/{sid}").raise_for_status()
+        follower, store = _follower(tmp_path, {"url": orthanc.url})
+        follower.start()  # type: ignore[attr-defined]
+        files = phantom(tmp_path, seed=142, slices=4)
+        upload(orthanc, files)
+        ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+
+        def declared() -> object:
+            row = store.index.series(ref.SeriesInstanceUID, ref.StudyInstanceUID)  # type: ignore[attr-defined]
+            return row is not None and row["declared_instances"] == 4
+
+        wait_until(declared, 40, what="the series after the deleted one pulled whole")
+    finally:
+        if follower is not None:
+            follower.stop()  # type: ignore[attr-defined]
+        orthanc.stop()
+
+
+def test_wrong_credentials_for_orthanc_are_one_clear_error_without_the_password(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """break14o: Orthanc refusing the follower's credentials read "changes: HTTP 401; retrying in 0 s", the same
+    as a passing hiccup. Now the line says the credentials were refused and which key to check; never the
+    password."""
+    import logging
+
+    from tests.support.peers import start_orthanc
+
+    orthanc = start_orthanc(tmp_path / "orthanc", username="srnode", password="right-pass-7c1")
+    follower = None
+    try:
+        follower, _store = _follower(tmp_path, {"url": orthanc.url, "username": "srnode",
+                                                "password": "wrong-pass-9d2"})
+        with caplog.at_level(logging.INFO):
+            follower.start()  # type: ignore[attr-defined]
+            wait_until(lambda: any("401" in r.getMessage() for r in caplog.records), 20,
+                       what="the follower's first refused call")
+        wait_until(lambda: any("401" in r.getMessage() for r in caplog.records if r.name.startswith("node")), 20,
+                   what="the follower's warning")
+        lines = [r.getMessage() for r in caplog.records if "401" in r.getMessage() and r.name.startswith("node")]
+        assert "credentials" in lines[0] and "username" in lines[0], lines[0]
+        assert not any("wrong-pass-9d2" in r.getMessage() for r in caplog.records)
+    finally:
+        if follower is not None:
+            follower.stop()  # type: ignore[attr-defined]
+        orthanc.stop()
