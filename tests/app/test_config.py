@@ -194,3 +194,47 @@ def test_rule_volumes_is_all_or_first() -> None:
     assert _cfg().rules[0].volumes == VolumeChoice.ALL  # default: each volume of a series its own derived series
     assert _cfg(rules=[{**rule, "volumes": "first"}]).rules[0].volumes == VolumeChoice.FIRST
     assert _error(rules=[{**rule, "volumes": "some"}]) == "rules[0].volumes: 'some' is not one of all, first"
+
+
+def test_a_secret_of_the_wrong_type_is_named_without_its_value() -> None:
+    """break14o: ``password = 987654`` (a number: unquoted in the file) read "expected str, got int 987654": the
+    secret in the error, printed by every command that loads the config (and in the service's log)."""
+    msg = _error(destinations=[{"name": "o", "kind": "orthanc", "url": "http://o:8042", "username": "u",
+                                "password": 987654}])
+    assert msg == "destinations[0].password: expected str, got int (the value is a secret: not shown)"
+    msg = _error(sources=[{"name": "o", "kind": "orthanc", "url": "http://o:8042", "token": ["tok-SECRET"]}])
+    assert msg.startswith("sources[0].token: expected str, got list") and "tok-SECRET" not in msg
+    msg = _error(executor={"broker_url": 6379})
+    assert msg.startswith("executor.broker_url: expected str") and "6379" not in msg
+
+
+@pytest.mark.parametrize("where", ["sources", "destinations"])
+def test_a_url_with_a_password_in_it_is_refused_without_showing_it(where: str) -> None:
+    """break14o: ``url = "http://admin:pw@orthanc:8042"`` was accepted; the URL, password and all, went into the
+    service's "effective configuration" log line, every delivery error ("orthanc destination 'o' (http://admin:pw@
+    ...)") and so into job reasons and the dashboard: only ``password`` / ``token`` values are redacted."""
+    msg = _error(**{where: [{"name": "o", "kind": "orthanc", "url": "http://admin:pw-SECRET@o:8042/"}]})
+    assert msg.startswith(f"{where}[0].url: holds credentials (user:password@)"), msg
+    assert "pw-SECRET" not in msg and "admin" not in msg
+    msg = _error(**{where: [{"name": "o", "kind": "dicomweb", "url": "o:8042/dicom-web"}]})
+    assert msg == f"{where}[0].url: must be an http:// or https:// URL with a host", msg
+
+
+@pytest.mark.parametrize(("section", "value", "key"), [
+    ({"node": {"stable_age_s": float("nan")}}, "nan", "node.stable_age_s"),
+    ({"node": {"declared_settle_s": float("inf")}}, "inf", "node.declared_settle_s"),
+    ({"outbox": {"backoff_max_s": float("nan")}}, "nan", "outbox.backoff_max_s"),
+    ({"sources": [{"name": "o", "kind": "orthanc", "url": "http://o", "poll_s": 0}]}, "0", "sources[0].poll_s"),
+    ({"destinations": [{"name": "o", "kind": "orthanc", "url": "http://o", "timeout_s": -1}]}, "-1",
+     "destinations[0].timeout_s"),
+    ({"destinations": [{"name": "p", "kind": "dicom", "ae_title": "P", "host": "h", "port": 104, "timeout_s": 0}]},
+     "0", "destinations[0].timeout_s"),
+    ({"outbox": {"confirm_timeout_s": 0}}, "0", "outbox.confirm_timeout_s"),
+])
+def test_a_time_that_is_not_a_positive_finite_number_is_refused(section: dict[str, Any], value: str,
+                                                                key: str) -> None:
+    """break14o: TOML has ``nan`` and ``inf``; ``stable_age_s = nan`` passed "must be > 0" (nan <= 0 is false) and
+    no series ever became stable (age > nan is never true): nothing processed, nothing said. ``poll_s = 0``
+    polled Orthanc's /changes without a pause; a timeout of 0 or less failed every request."""
+    msg = _error(**section)
+    assert msg.startswith(f"{key}: {value} ") and "must be" in msg, msg
