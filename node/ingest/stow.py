@@ -353,7 +353,7 @@ class StowReceiver:
             return
         try:
             if self.study and study != self.study:
-                raise IngestError(f"part {n}: StudyInstanceUID does not match the study of the URL",
+                raise IngestError("StudyInstanceUID does not match the study of the URL",
                                   status=Status.DATASET_DOES_NOT_MATCH)
             self.admit(path)
             self.result.stored.append((sop_class, sop_uid))
