@@ -60,7 +60,11 @@ class ChangesFollower:
         except (OSError, ValueError, KeyError):
             # first start: begin at the end of the feed (do not pull the whole archive)
             last = orthanc_call(self.src, "changes", lambda: client.get("/changes", params={"last": ""})).json()
-            return int(last.get("Last", 0))
+            end = last.get("Last") if isinstance(last, dict) else None
+            if not isinstance(end, int) or isinstance(end, bool):  # never 0: that is the whole archive
+                raise ValueError("GET /changes?last answered without its 'Last' (an integer): where the feed ends "
+                                 "is unknown, nothing is pulled")
+            return end
 
     def _save(self, since: int) -> None:
         tmp = self.state_path.with_suffix(".tmp")

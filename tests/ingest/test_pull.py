@@ -251,3 +251,43 @@ def test_wrong_credentials_for_orthanc_are_one_clear_error_without_the_password(
         if follower is not None:
             follower.stop()  # type: ignore[attr-defined]
         orthanc.stop()
+
+
+def test_a_feed_that_does_not_say_where_it_ends_is_not_read_from_its_start(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """break14o: on its first start the follower asks GET /changes?last for the feed's end, so as not to pull the
+    whole archive; an answer without "Last" (a proxy's, another server's) read as 0: every series the archive ever
+    held was pulled and processed. Now that answer is a warning and the follower asks again."""
+    import http.server
+    import logging
+    import threading
+
+    gets: list[str] = []
+
+    class Feed(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            gets.append(self.path)
+            body = b'{"Changes": [], "Done": true}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    port = free_port()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Feed)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    follower, _store = _follower(tmp_path, {"url": f"http://127.0.0.1:{port}"})
+    (tmp_path / "spool" / "changes-o.json").unlink()  # a first start: no saved position
+    try:
+        with caplog.at_level(logging.WARNING):
+            follower.start()  # type: ignore[attr-defined]
+            wait_until(lambda: len(gets) >= 3, 20, what="the follower asking a few times")
+        assert not [g for g in gets if "since=" in g], gets
+        assert any("'Last'" in r.getMessage() for r in caplog.records)
+    finally:
+        follower.stop()  # type: ignore[attr-defined]
+        srv.shutdown()
