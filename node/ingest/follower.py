@@ -63,7 +63,7 @@ class ChangesFollower:
             end = last.get("Last") if isinstance(last, dict) else None
             if not isinstance(end, int) or isinstance(end, bool):  # never 0: that is the whole archive
                 raise ValueError("GET /changes?last answered without its 'Last' (an integer): where the feed ends "
-                                 "is unknown, nothing is pulled")
+                                 "is unknown, nothing is pulled") from None
             return end
 
     def _save(self, since: int) -> None:
