@@ -24,7 +24,10 @@ HttpUrl is set, it tells the node how many instances it sent (``POST /series/{st
 ``{"instances": N}``), so the node starts as soon as they are in instead of waiting its quiet period (a failure
 to tell is logged; the node then waits the quiet period). A tracker thread follows each
 series to its end — the node's ``GET /jobs?series=UID`` when HttpUrl is set, else the arrival of a derived series
-in the same study that references the original — and marks the original.
+in the same study that references the original — and marks the original. A series sent again (instances came
+after it was stable) is marked srnode-queued before the store job, and only a result of that send marks it
+again: a node job newer than the send, or holding every instance sent; a derived series not in the study before
+the send.
 
 Marks: Orthanc 1.10 has no labels, so the state is the series metadata ``SrNodeState`` (declare it in
 ``UserMetadata``, e.g. ``"UserMetadata": {"SrNodeState": 4242, "SrNodeReason": 4243}``) with values
@@ -197,6 +200,16 @@ class SrNodePlugin:
         if not ok:
             _log(f"series {series_id} left alone: {why}")
             return
+        # sent again (instances came after it was stable, maybe after it was done): an earlier mark and the
+        # tracking of an earlier send no longer say anything about the series as it is now
+        with self.lock:
+            self.pending.pop(series_id, None)
+        self.mark(series_id, QUEUED)
+        after = self._last_job_id(str(main.get("SeriesInstanceUID", "")))
+        known: list[str] = []  # without HttpUrl: the study's series before this send (an earlier result among them)
+        if not self.s.http_url:
+            study_id = _get(f"/series/{series_id}").get("ParentStudy", "")
+            known = [str(s.get("ID", "")) for s in _get(f"/studies/{study_id}/series")] if study_id else []
         body = {"Resources": [series_id], "Asynchronous": True, "Priority": 0}
         job = json.loads(orthanc.RestApiPost(f"/modalities/{MODALITY_NAME}/store", json.dumps(body)))
         job_id = job["ID"]
@@ -220,10 +233,9 @@ class SrNodePlugin:
             sent = len(now.get("Instances", [])) if info.get("State") == "Success" else 0
         self.declare(str(_get(f"/studies/{parent}").get("MainDicomTags", {}).get("StudyInstanceUID", "")),
                      str(main.get("SeriesInstanceUID", "")), sent)
-        self.mark(series_id, QUEUED)
         with self.lock:
             self.pending[series_id] = {"uid": main.get("SeriesInstanceUID", ""), "study": parent,
-                                       "since": time.monotonic()}
+                                       "since": time.monotonic(), "sent": sent, "after": after, "known": known}
         _log(f"series {series_id} sent to srnode ({sent} instance(s))")
 
     def declare(self, study_uid: str, series_uid: str, instances: int) -> bool:
@@ -267,19 +279,37 @@ class SrNodePlugin:
     # ---------------------------------------------------------------------------------- results
     def _result(self, info: dict[str, Any]) -> tuple[str, str]:
         if self.s.http_url:
-            return self._result_from_node(info["uid"])
+            return self._result_from_node(info)
         return self._result_from_study(info)
 
-    def _result_from_node(self, series_uid: str) -> tuple[str, str]:
+    def _node_jobs(self, series_uid: str) -> list[dict[str, Any]]:
         url = f"{self.s.http_url}/jobs?series={urllib.parse.quote(series_uid)}"
         req = urllib.request.Request(url, headers={"Accept": "application/json"})
         if self.s.token:
             req.add_header("Authorization", f"Bearer {self.s.token}")
         with urllib.request.urlopen(req, timeout=10) as resp:
             jobs = json.loads(resp.read().decode("utf-8")).get("jobs", [])
+        return [j for j in jobs if isinstance(j, dict)]
+
+    def _last_job_id(self, series_uid: str) -> int:
+        """The id of the node's newest job of the series before a send (0: none, no HttpUrl, or not known)."""
+        if not self.s.http_url or not series_uid:
+            return 0
+        try:
+            return max((int(j.get("id", 0) or 0) for j in self._node_jobs(series_uid)), default=0)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            _log(f"series {series_uid}: could not ask srnode for its jobs ({exc})")
+            return 0
+
+    def _result_from_node(self, info: dict[str, Any]) -> tuple[str, str]:
+        # only a job made after this send, or one holding all it sent: an earlier job of the series (made before
+        # instances that came late) says nothing of the series as it was sent
+        jobs = [j for j in self._node_jobs(str(info["uid"]))
+                if int(j.get("id", 0) or 0) > int(info.get("after", 0))
+                or int(j.get("n_instances", 0) or 0) >= int(info.get("sent", 0))]
         if not jobs:
             return "", ""
-        job = jobs[-1]
+        job = max(jobs, key=lambda j: int(j.get("id", 0) or 0))
         state = str(job.get("state", ""))
         if state == "delivered":
             return DONE, ""
@@ -289,6 +319,8 @@ class SrNodePlugin:
 
     def _result_from_study(self, info: dict[str, Any]) -> tuple[str, str]:
         for other in _get(f"/studies/{info['study']}/series"):
+            if other.get("ID") in info.get("known", ()):  # there before this send: a result of an earlier one
+                continue
             instances = other.get("Instances", [])
             if not instances:
                 continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from node.store import Index
 from tests.support.pacs import api, orthanc_dicomweb, phantom, start_node, upload, wait_job
@@ -60,6 +61,54 @@ def test_upload_to_orthanc_comes_back_derived_in_the_same_study(tmp_path: Path) 
         assert len(stores) == 1
         with api(node) as c:
             assert [j["series_uid"] for j in c.get("/jobs").json()["jobs"]] == [ref.SeriesInstanceUID]
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+@pytest.mark.parametrize("http", [True, False], ids=["node-jobs", "derived-series"])
+def test_instances_arriving_after_the_series_was_done_are_followed_to_their_own_result(tmp_path: Path,
+                                                                                      http: bool) -> None:
+    """break14o: 4 of a series' 6 slices uploaded, processed, the original marked srnode-done; then the other 2.
+    Orthanc reports the series stable again and the plugin sends it whole (6, declared); its tracker then took the
+    node's newest job of the series, still the first one (delivered, 4 instances), and marked the original
+    srnode-done again before the node had even made the job of the 6; without HttpUrl, the first job's derived
+    series in the study (referencing the original) did the same. The mark must wait for a result of this send."""
+    node_port, http_port = free_port(), free_port()
+    to_node = {"HttpUrl": f"http://127.0.0.1:{http_port}", "Token": "test-token-3f9a"} if http else {}
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", srnode={
+        "AeTitle": "SRNODE", "Host": "127.0.0.1", "Port": node_port, "Modalities": ["CT"], "PollSeconds": 0.2,
+        **to_node})
+    node = start_node(tmp_path / "node", {  # declared (HttpUrl) or not, the job comes 3 s after the last instance
+        "node": {"port": node_port, "stable_age_s": 60.0 if http else 3.0, "declared_settle_s": 3.0},
+        "http": {"port": http_port},
+        "destinations": [{"name": "orthanc", "kind": "orthanc", "url": orthanc.url}],
+        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
+                   "destinations": ["orthanc"]}]})
+    try:
+        files = phantom(tmp_path, seed=147, slices=6)
+        ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+        upload(orthanc, files[:4])
+        original = orthanc.series_of_study(ref.StudyInstanceUID)[0]["ID"]
+
+        def mark() -> str:
+            with orthanc.client() as c:
+                r = c.get(f"/series/{original}/metadata/SrNodeState")
+                return r.text if r.status_code == 200 else ""
+
+        def stores() -> int:
+            with orthanc.client() as c:
+                return sum(j["Type"] == "DicomModalityStore" and j["State"] == "Success"
+                           for j in c.get("/jobs?expand").json())
+
+        wait_until(lambda: mark() == "srnode-done", 120, interval=0.2, what="the first 4 marked done")
+        upload(orthanc, files[4:])
+        wait_until(lambda: stores() == 2, 60, interval=0.1, what="the plugin sending the series again")
+        wait_until(lambda: mark() == "srnode-done", 120, interval=0.05, what="the whole series marked done")
+        with api(node) as c:
+            jobs = c.get("/jobs", params={"series": ref.SeriesInstanceUID}).json()["jobs"]
+        done = [j for j in jobs if j["state"] == "delivered" and j["n_instances"] == 6]
+        assert done, f"marked srnode-done while the node's jobs were {[(j['n_instances'], j['state']) for j in jobs]}"
     finally:
         node.stop()
         orthanc.stop()
