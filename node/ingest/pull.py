@@ -234,6 +234,10 @@ def orthanc_call(src: OrthancSource, what: str, fn: Callable[[], httpx.Response]
         return r
     except httpx.HTTPStatusError as exc:
         code = exc.response.status_code
+        if 300 <= code < 400:  # not followed: the credentials stay with the configured host
+            where = " ".join(exc.response.headers.get("Location", "?").split())[:200]
+            raise FetchError(f"source {src.name!r}: {what}: HTTP {code}, redirected to {where}: give the address it "
+                             "names as url", retryable=False) from exc
         raise FetchError(f"source {src.name!r}: {what}: {http_status_text(code)}", retryable=code >= 500) from exc
     except httpx.HTTPError as exc:
         raise FetchError(f"source {src.name!r}: {what}: {type(exc).__name__}") from exc

@@ -291,3 +291,41 @@ def test_a_feed_that_does_not_say_where_it_ends_is_not_read_from_its_start(
     finally:
         follower.stop()  # type: ignore[attr-defined]
         srv.shutdown()
+
+
+def test_an_orthanc_source_that_redirects_names_where(tmp_path: Path) -> None:
+    """break14o: an Orthanc url moved (http to https behind a proxy: 301) read "find: HTTP 301", saying neither
+    that it was a redirect nor where to. Redirects are not followed (credentials stay with the configured
+    host); the error names the Location and is permanent."""
+    import http.server
+    import threading
+
+    from node.config import config_from_dict
+    from node.ingest import Admission, FetchError, fetch
+    from node.metrics import Metrics
+    from node.store import open_store
+
+    class Moved(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(301)
+            self.send_header("Location", "https://orthanc.example.org/tools/find")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    port = free_port()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Moved)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    cfg = config_from_dict({"node": {"spool_dir": str(tmp_path / "spool")}, "sources": [
+        {"name": "o", "kind": "orthanc", "url": f"http://127.0.0.1:{port}"}]})
+    store = open_store(cfg)
+    try:
+        with pytest.raises(FetchError) as info:
+            fetch(cfg, "o", "1.2.3", admission=Admission(cfg, store.spool, store.index, Metrics.create()))
+        assert str(info.value) == ("source 'o': find: HTTP 301, redirected to https://orthanc.example.org/tools/find: "
+                                   "give the address it names as url"), info.value
+        assert not info.value.retryable
+    finally:
+        srv.shutdown()
