@@ -88,6 +88,13 @@ def _log(msg: str) -> None:
     orthanc.LogWarning(f"srnode plugin: {msg}")
 
 
+def _node_problem(exc: Exception) -> str:
+    """Why a call to the node's HTTP API failed, in words; a 401 / 403 names the setting to fix (never its value)."""
+    if isinstance(exc, urllib.error.HTTPError) and exc.code in (401, 403):
+        return f"srnode refused the plugin's Token (HTTP {exc.code}): set SrNode.Token to the node's [http].token"
+    return str(exc)
+
+
 def _get(uri: str) -> Any:
     return json.loads(orthanc.RestApiGet(uri))
 
@@ -254,8 +261,8 @@ class SrNodePlugin:
                 resp.read()
             return True
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            _log(f"series {series_uid}: could not tell srnode its size ({instances}): {exc}; it waits its quiet "
-                 "period instead")
+            _log(f"series {series_uid}: could not tell srnode its size ({instances}): {_node_problem(exc)}; it "
+                 "waits its quiet period instead")
             return False
 
     def _track_loop(self) -> None:
@@ -266,10 +273,16 @@ class SrNodePlugin:
                 try:
                     state, reason = self._result(info)
                 except Exception as exc:  # noqa: BLE001 - node or REST hiccup: try again next round
-                    orthanc.LogInfo(f"srnode plugin: series {series_id}: state unknown yet: {exc}")
+                    problem = _node_problem(exc)
+                    if problem != str(exc) and info.get("problem") != problem:  # refused: said once, not at INFO
+                        _log(f"series {series_id}: state cannot be followed: {problem}")
+                    else:
+                        orthanc.LogInfo(f"srnode plugin: series {series_id}: state unknown yet: {exc}")
+                    info["problem"] = problem
                     state, reason = "", ""
                 if not state and time.monotonic() - info["since"] > self.s.timeout_s:
-                    state, reason = FAILED, f"no result after {self.s.timeout_s:.0f} s"
+                    state, reason = FAILED, f"no result after {self.s.timeout_s:.0f} s" + (
+                        f" (last: {info['problem']})" if info.get("problem") else "")
                 if state:
                     self.mark(series_id, state, reason)
                     with self.lock:
@@ -298,7 +311,7 @@ class SrNodePlugin:
         try:
             return max((int(j.get("id", 0) or 0) for j in self._node_jobs(series_uid)), default=0)
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            _log(f"series {series_uid}: could not ask srnode for its jobs ({exc})")
+            _log(f"series {series_uid}: could not ask srnode for its jobs ({_node_problem(exc)})")
             return 0
 
     def _result_from_node(self, info: dict[str, Any]) -> tuple[str, str]:

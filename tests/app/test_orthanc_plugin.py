@@ -112,3 +112,35 @@ def test_instances_arriving_after_the_series_was_done_are_followed_to_their_own_
     finally:
         node.stop()
         orthanc.stop()
+
+
+def test_a_plugin_token_the_node_refuses_is_said_not_retried_in_silence(tmp_path: Path) -> None:
+    """break14o: SrNode.Token not the node's [http].token: the size declaration logged "HTTP Error 401:
+    Unauthorized", and the tracker asked GET /jobs every PollSeconds, each 401 logged at INFO (not shown by
+    Orthanc by default), for TimeoutSeconds (1 h), then marked the series srnode-failed "no result after 3600 s".
+    Now one warning per series says the node refused the Token and what to set; the timeout's reason names it;
+    the token itself is never logged."""
+    node_port, http_port = free_port(), free_port()
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", srnode={
+        "AeTitle": "SRNODE", "Host": "127.0.0.1", "Port": node_port, "Modalities": ["CT"], "PollSeconds": 0.2,
+        "HttpUrl": f"http://127.0.0.1:{http_port}", "Token": "wrong-token-77c", "TimeoutSeconds": 8})
+    node = start_node(tmp_path / "node", {"node": {"port": node_port}, "http": {"port": http_port}})
+    try:
+        files = phantom(tmp_path, seed=150, slices=2)
+        upload(orthanc, files)
+        original = orthanc.series_of_study(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)[0]["ID"]
+        wait_until(lambda: "refused the plugin's Token" in orthanc.log_path.read_text(), 60, interval=0.3,
+                   what="the plugin saying the node refused its Token")
+
+        def reason() -> str:
+            with orthanc.client() as c:
+                r = c.get(f"/series/{original}/metadata/SrNodeReason")
+                return r.text if r.status_code == 200 else ""
+
+        assert "HTTP 401" in wait_until(reason, 60, interval=0.3, what="the timeout's reason")
+        log = orthanc.log_path.read_text()
+        # once per call that met it (the jobs before the send, the size, the tracker), never once per round
+        assert log.count("state cannot be followed") == 1 and "wrong-token-77c" not in log
+    finally:
+        node.stop()
+        orthanc.stop()
