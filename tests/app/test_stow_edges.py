@@ -60,3 +60,16 @@ def test_a_part_of_another_study_than_the_url_is_refused_in_one_clear_line(node:
     assert r.status_code == 409, r.text
     assert r.headers.get_list("warning") == ['299 srnode "part 1: StudyInstanceUID does not match the study of the URL"']
     assert r.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+
+
+@pytest.mark.parametrize("media", ["application/dicom+json", "application/dicom+xml", "application/octet-stream"])
+def test_a_request_type_other_than_application_dicom_is_415(node: NodeProc, tmp_path: Path, media: str) -> None:
+    """break14o: ``type="application/dicom+json"`` (PS3.18's metadata-and-bulk-data request, which the node does
+    not implement) was read as instances: its JSON parts refused one by one (409, 0xC210), or, holding Part 10
+    files after all, stored (200). An unsupported request media type is 415 (PS3.18 10.5.3), naming it; no
+    ``type`` at all stays application/dicom."""
+    data = [f.read_bytes() for f in phantom(tmp_path, seed=151, slices=1)]
+    r = _post(node, f'multipart/related; type="{media}"; boundary=b1', _body(b"b1", data))
+    assert r.status_code == 415, r.text
+    assert r.json()["error"] == (f"multipart/related type {media!r} is not supported: only application/dicom "
+                                 "(Part 10 instances)")
