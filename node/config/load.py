@@ -9,6 +9,7 @@ sources (picked by ``kind``). Secrets may be given as ``"env:VARNAME"`` and are 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from pydicom.datadict import keyword_dict, tag_for_keyword
+
 from models.engine import factor_problem
 from node.config.endpoints import (
     ConfirmMethod,
@@ -32,6 +35,7 @@ from node.config.endpoints import (
     WebEndpoint,
 )
 from node.config.schema import FLATTEN, NOT_A_KEY, SECRET_KEYS, Config, kind_tag
+from node.dimse import MIN_PEER_MAX_PDU, max_pdu_problem
 from node.errors import ConfigError
 
 _TABLE_ARRAYS = {"destinations", "sources", "rules"}  # written [[name]] in the file (for the error message)
@@ -156,9 +160,13 @@ def _check_port(port: int, key: str, allow_zero: bool = False) -> None:
 
 
 def _check_ae_title(title: str, key: str) -> None:
-    if not 1 <= len(title) <= 16:
-        raise ConfigError(f"{key}: {title!r} must be 1-16 characters")
+    """An AE title (PS3.5 6.2, VR AE): 1-16 characters, not only spaces, no backslash or control character."""
+    if not 1 <= len(title) <= 16 or not title.strip() or "\\" in title or not title.isprintable():
+        raise ConfigError(f"{key}: {title!r} must be 1-16 characters, not only spaces, without a backslash or "
+                          "control character")
 
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # time keys (every ``*_s``) where 0 has a meaning: no limit, or at once; every other one must be > 0
 _ZERO_TIME_OK = frozenset({"body_timeout_s", "declared_settle_s"})
@@ -206,6 +214,15 @@ def _check(cfg: Config) -> None:
     n = cfg.node
     _check_port(n.port, "node.port")
     _check_ae_title(n.ae_title, "node.ae_title")
+    if n.log_level.upper() not in _LOG_LEVELS:  # `serve` ended in a ValueError traceback
+        raise ConfigError(f"node.log_level: {n.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
+    if n.min_free_mb < 0:
+        raise ConfigError(f"node.min_free_mb: {n.min_free_mb} must be >= 0 (MB)")
+    if n.max_pdu < 0 or max_pdu_problem(n.max_pdu):
+        raise ConfigError(f"node.max_pdu: {n.max_pdu} must be 0 (pynetdicom's default) or at least "
+                          f"{MIN_PEER_MAX_PDU} (bytes)")
+    if cfg.outbox.max_attempts < 1:
+        raise ConfigError(f"outbox.max_attempts: {cfg.outbox.max_attempts} must be >= 1")
     if n.stable_age_s <= 0:
         raise ConfigError("node.stable_age_s: must be > 0")
     if n.declared_settle_s < 0:
@@ -257,6 +274,8 @@ def _check(cfg: Config) -> None:
             if isinstance(e, (DicomDestination, DicomSource)):
                 _check_port(e.port, f"{w}.port")
                 _check_ae_title(e.ae_title, f"{w}.ae_title")
+            if isinstance(e, DicomDestination) and e.calling_ae_title:
+                _check_ae_title(e.calling_ae_title, f"{w}.calling_ae_title")
             if getattr(e, "confirm", None) == ConfirmMethod.COMMITMENT and not isinstance(e, DicomDestination):
                 raise ConfigError(f"{w}.confirm: 'commitment' (DICOM Storage Commitment) needs kind = \"dicom\"; "
                                   "use 'auto', 'count' or 'none'")
@@ -278,6 +297,10 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{w}.name: duplicate rule name {r.name!r}")
         rule_names.add(r.name)
         for k, pattern in r.match.items():
+            if tag_for_keyword(k) is None:  # the element is never there: the rule would never match
+                near = difflib.get_close_matches(k, keyword_dict.keys(), n=1)
+                raise ConfigError(f"{w}.match.{k}: not a DICOM keyword" + (f" (did you mean {near[0]}?)" if near
+                                                                           else " (PS3.6, e.g. Modality)"))
             try:
                 re.compile(pattern)
             except re.error as exc:

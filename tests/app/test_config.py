@@ -238,3 +238,30 @@ def test_a_time_that_is_not_a_positive_finite_number_is_refused(section: dict[st
     polled Orthanc's /changes without a pause; a timeout of 0 or less failed every request."""
     msg = _error(**section)
     assert msg.startswith(f"{key}: {value} ") and "must be" in msg, msg
+
+
+@pytest.mark.parametrize(("sections", "expected"), [
+    ({"node": {"log_level": "LOUD"}}, "node.log_level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ({"node": {"min_free_mb": -1}}, "node.min_free_mb: -1 must be >= 0 (MB)"),
+    ({"node": {"max_pdu": -5}}, "node.max_pdu: -5 must be 0 (pynetdicom's default) or at least 7 (bytes)"),
+    ({"node": {"max_pdu": 3}}, "node.max_pdu: 3 must be 0 (pynetdicom's default) or at least 7 (bytes)"),
+    ({"outbox": {"max_attempts": 0}}, "outbox.max_attempts: 0 must be >= 1"),
+    ({"node": {"ae_title": "   "}}, "node.ae_title: '   ' must be 1-16 characters, not only spaces, without a "
+                                     "backslash or control character"),
+    ({"node": {"ae_title": "A\\B"}}, "node.ae_title: 'A\\\\B' must be 1-16 characters, not only spaces, without a "
+                                     "backslash or control character"),
+    ({"destinations": [{"name": "p", "kind": "dicom", "ae_title": "P", "host": "h", "port": 104,
+                        "calling_ae_title": "X" * 20}]},
+     f"destinations[0].calling_ae_title: {'X' * 20!r} must be 1-16 characters, not only spaces, without a backslash "
+     "or control character"),
+    ({"destinations": [{"name": "local", "kind": "folder", "path": "/x"}],
+      "rules": [{"name": "r", "match": {"Modaltiy": "CT"}, "destinations": ["local"]}]},
+     "rules[0].match.Modaltiy: not a DICOM keyword (did you mean Modality?)"),
+])
+def test_a_value_out_of_its_range_is_refused_at_load_naming_the_key(sections: dict[str, Any], expected: str) -> None:
+    """break14o: each was accepted. ``log_level = "LOUD"``: `srnode serve` ended in a ValueError traceback;
+    ``min_free_mb = -1`` / ``max_pdu = -5``: the node ran (a negative free-space floor never refuses a full disk);
+    ``max_attempts = 0``; an AE title of spaces or with a backslash (not a valid AE, PS3.5 6.2), a calling AE title
+    of 20 characters (refused by pynetdicom at each delivery); a rule matching on "Modaltiy" never matched any
+    series ("Modaltiy absent does not match 'CT'" on every job, the rule silently dead)."""
+    assert _error(**sections) == expected
