@@ -329,3 +329,54 @@ def test_an_orthanc_source_that_redirects_names_where(tmp_path: Path) -> None:
         assert not info.value.retryable
     finally:
         srv.shutdown()
+
+
+@pytest.mark.parametrize(("find", "series"), [
+    (b'{"error": "maintenance"}', b"{}"),  # /tools/find not a list
+    (b'["s1"]', b'["i1", "i2"]'),  # /series/{id} not an object
+    (b'["s1"]', b'{"Instances": {"i1": 1}}'),  # its Instances not a list
+    (b'[{"ID": "s1"}]', b"{}"),  # a find answer of objects (Expand) where ids were asked for
+])
+def test_an_orthanc_source_answering_json_of_another_shape_is_one_clear_error(
+        tmp_path: Path, find: bytes, series: bytes) -> None:
+    """break14o: a pull from an Orthanc source (or a proxy) answering JSON of another shape: a dict from
+    /tools/find was iterated as series ids ("series error: HTTP 404"), a list from /series/{id} raised
+    AttributeError (POST /jobs: a 500 and a traceback). Now a FetchError naming the call and what it got."""
+    import http.server
+    import threading
+
+    from node.config import config_from_dict
+    from node.ingest import Admission, FetchError, fetch
+    from node.metrics import Metrics
+    from node.store import open_store
+
+    class Odd(http.server.BaseHTTPRequestHandler):
+        def _answer(self, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self._answer(find)
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._answer(series)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    port = free_port()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Odd)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    cfg = config_from_dict({"node": {"spool_dir": str(tmp_path / "spool")}, "sources": [
+        {"name": "o", "kind": "orthanc", "url": f"http://127.0.0.1:{port}"}]})
+    store = open_store(cfg)
+    try:
+        with pytest.raises(FetchError) as info:
+            fetch(cfg, "o", "1.2.3", admission=Admission(cfg, store.spool, store.index, Metrics.create()))
+        assert "answered JSON that is not Orthanc's" in str(info.value), info.value
+    finally:
+        srv.shutdown()
