@@ -57,7 +57,11 @@ class ChangesFollower:
     def _since(self, client: httpx.Client) -> int:
         try:
             return int(json.loads(self.state_path.read_text())["since"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if not isinstance(exc, FileNotFoundError):  # not a first start: changes since the lost position are
+                log.warning("changes follower %s: %s cannot be read (%s): reading the feed from its end; series "
+                            "that became stable since the last position saved may not be pulled (pull them with "
+                            "srnode fetch)", self.src.name, self.state_path, type(exc).__name__)
             # first start: begin at the end of the feed (do not pull the whole archive)
             last = orthanc_call(self.src, "changes", lambda: client.get("/changes", params={"last": ""})).json()
             end = last.get("Last") if isinstance(last, dict) else None

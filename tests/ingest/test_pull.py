@@ -380,3 +380,29 @@ def test_an_orthanc_source_answering_json_of_another_shape_is_one_clear_error(
         assert "answered JSON that is not Orthanc's" in str(info.value), info.value
     finally:
         srv.shutdown()
+
+
+def test_an_unreadable_feed_position_is_said_not_silently_reset(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """break14o: ``changes-<source>.json`` unreadable (emptied by a power loss after its rename, edited by hand):
+    the follower started at the feed's end as on a first start, without a word: every series that became stable
+    since the saved position was never pulled. Now a warning names the file and what may have been missed."""
+    import logging
+
+    from tests.support.peers import start_orthanc
+
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    follower = None
+    try:
+        follower, _store = _follower(tmp_path, {"url": orthanc.url})
+        (tmp_path / "spool" / "changes-o.json").write_text("")
+        with caplog.at_level(logging.WARNING):
+            follower.start()  # type: ignore[attr-defined]
+            wait_until(lambda: any("changes-o.json" in r.getMessage() for r in caplog.records), 20,
+                       what="the follower's warning")
+        line = next(r.getMessage() for r in caplog.records if "changes-o.json" in r.getMessage())
+        assert "cannot be read" in line and "may not be pulled" in line, line
+    finally:
+        if follower is not None:
+            follower.stop()  # type: ignore[attr-defined]
+        orthanc.stop()
