@@ -1,13 +1,16 @@
 """Follow an Orthanc ``/changes`` feed: every StableSeries of a ``[[sources]]`` entry with ``follow_changes = true``
-is pulled over Orthanc's REST API and admitted like any received series (never srnode's own output). A series
-pulled whole, nothing refused, declares its size (``Admission.declare``): it completes without the quiet period.
+is pulled over Orthanc's REST API and admitted like any received series (never srnode's own output), once all of it
+was read (staged in the spool's ``incoming/``: a pull cut mid-way admits none of it). A series pulled whole,
+nothing refused, declares its size (``Admission.declare``): it completes without the quiet period.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
+import tempfile
 import threading
 from pathlib import Path
 
@@ -114,14 +117,21 @@ class ChangesFollower:
             log.info("changes follower %s: series %s is srnode output, left alone", self.src.name, series_id)
             return
         n, refused = 0, 0
-        for data in (first, *files):
-            try:
-                self.admission.admit_bytes(data, self.caller)
-                n += 1
-            except IngestError as exc:
-                refused += 1
-                log.warning("changes follower %s: instance of series %s refused: %s", self.src.name,
-                            series_id, exc)
+        # the whole series is read first, each instance to a file in the spool's incoming/ (one in memory at a
+        # time, never the series): a pull cut mid-way admits none of it, so no job is made from part of it
+        with tempfile.TemporaryDirectory(prefix="pull-", dir=self.admission.spool.incoming) as staged:
+            paths = []
+            for i, data in enumerate(itertools.chain((first,), files)):
+                paths.append(Path(staged) / f"{i:06d}.dcm")
+                paths[-1].write_bytes(data)
+            for path in paths:
+                try:
+                    self.admission.admit_file(path, self.caller)
+                    n += 1
+                except IngestError as exc:
+                    refused += 1
+                    log.warning("changes follower %s: instance of series %s refused: %s", self.src.name,
+                                series_id, exc)
         log.info("changes follower %s: series %s pulled, %d instance(s)", self.src.name, series_id, n)
         if n and not refused:  # Orthanc's whole stable series is in: its size is known
             self.admission.declare(str(head.StudyInstanceUID), str(head.SeriesInstanceUID), n,
