@@ -75,3 +75,13 @@ def dicom_read_problem(exc: BaseException) -> str:
             f", {NOT_A_RAW_DATA_SET}" if NOT_A_RAW_DATA_SET in text else "")
     text = _FORCE_ADVICE.sub("", text).strip()
     return text or type(exc).__name__
+
+
+def http_status_text(status: int) -> str:
+    """``HTTP <status>`` for a peer's refusal; a 401 / 403 says the credentials are the cause (the config keys to
+    check), so a wrong password never reads like a passing hiccup. Never names a credential's value."""
+    if status == 401:
+        return "HTTP 401: the credentials were refused (check username / password or token of this entry)"
+    if status == 403:
+        return "HTTP 403: these credentials may not do this (check username / password or token of this entry)"
+    return f"HTTP {status}"

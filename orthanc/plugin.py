@@ -24,7 +24,10 @@ HttpUrl is set, it tells the node how many instances it sent (``POST /series/{st
 ``{"instances": N}``), so the node starts as soon as they are in instead of waiting its quiet period (a failure
 to tell is logged; the node then waits the quiet period). A tracker thread follows each
 series to its end — the node's ``GET /jobs?series=UID`` when HttpUrl is set, else the arrival of a derived series
-in the same study that references the original — and marks the original.
+in the same study that references the original — and marks the original. A series sent again (instances came
+after it was stable) is marked srnode-queued before the store job, and only a result of that send marks it
+again: a node job newer than the send, or holding every instance sent; a derived series not in the study before
+the send.
 
 Marks: Orthanc 1.10 has no labels, so the state is the series metadata ``SrNodeState`` (declare it in
 ``UserMetadata``, e.g. ``"UserMetadata": {"SrNodeState": 4242, "SrNodeReason": 4243}``) with values
@@ -83,6 +86,13 @@ def _srnode_description(description: str, suffix: str) -> bool:
 
 def _log(msg: str) -> None:
     orthanc.LogWarning(f"srnode plugin: {msg}")
+
+
+def _node_problem(exc: Exception) -> str:
+    """Why a call to the node's HTTP API failed, in words; a 401 / 403 names the setting to fix (never its value)."""
+    if isinstance(exc, urllib.error.HTTPError) and exc.code in (401, 403):
+        return f"srnode refused the plugin's Token (HTTP {exc.code}): set SrNode.Token to the node's [http].token"
+    return str(exc)
 
 
 def _get(uri: str) -> Any:
@@ -197,6 +207,16 @@ class SrNodePlugin:
         if not ok:
             _log(f"series {series_id} left alone: {why}")
             return
+        # sent again (instances came after it was stable, maybe after it was done): an earlier mark and the
+        # tracking of an earlier send no longer say anything about the series as it is now
+        with self.lock:
+            self.pending.pop(series_id, None)
+        self.mark(series_id, QUEUED)
+        after = self._last_job_id(str(main.get("SeriesInstanceUID", "")))
+        known: list[str] = []  # without HttpUrl: the study's series before this send (an earlier result among them)
+        if not self.s.http_url:
+            study_id = _get(f"/series/{series_id}").get("ParentStudy", "")
+            known = [str(s.get("ID", "")) for s in _get(f"/studies/{study_id}/series")] if study_id else []
         body = {"Resources": [series_id], "Asynchronous": True, "Priority": 0}
         job = json.loads(orthanc.RestApiPost(f"/modalities/{MODALITY_NAME}/store", json.dumps(body)))
         job_id = job["ID"]
@@ -220,10 +240,9 @@ class SrNodePlugin:
             sent = len(now.get("Instances", [])) if info.get("State") == "Success" else 0
         self.declare(str(_get(f"/studies/{parent}").get("MainDicomTags", {}).get("StudyInstanceUID", "")),
                      str(main.get("SeriesInstanceUID", "")), sent)
-        self.mark(series_id, QUEUED)
         with self.lock:
             self.pending[series_id] = {"uid": main.get("SeriesInstanceUID", ""), "study": parent,
-                                       "since": time.monotonic()}
+                                       "since": time.monotonic(), "sent": sent, "after": after, "known": known}
         _log(f"series {series_id} sent to srnode ({sent} instance(s))")
 
     def declare(self, study_uid: str, series_uid: str, instances: int) -> bool:
@@ -242,8 +261,8 @@ class SrNodePlugin:
                 resp.read()
             return True
         except (urllib.error.URLError, OSError, ValueError) as exc:
-            _log(f"series {series_uid}: could not tell srnode its size ({instances}): {exc}; it waits its quiet "
-                 "period instead")
+            _log(f"series {series_uid}: could not tell srnode its size ({instances}): {_node_problem(exc)}; it "
+                 "waits its quiet period instead")
             return False
 
     def _track_loop(self) -> None:
@@ -254,10 +273,16 @@ class SrNodePlugin:
                 try:
                     state, reason = self._result(info)
                 except Exception as exc:  # noqa: BLE001 - node or REST hiccup: try again next round
-                    orthanc.LogInfo(f"srnode plugin: series {series_id}: state unknown yet: {exc}")
+                    problem = _node_problem(exc)
+                    if problem != str(exc) and info.get("problem") != problem:  # refused: said once, not at INFO
+                        _log(f"series {series_id}: state cannot be followed: {problem}")
+                    else:
+                        orthanc.LogInfo(f"srnode plugin: series {series_id}: state unknown yet: {exc}")
+                    info["problem"] = problem
                     state, reason = "", ""
                 if not state and time.monotonic() - info["since"] > self.s.timeout_s:
-                    state, reason = FAILED, f"no result after {self.s.timeout_s:.0f} s"
+                    state, reason = FAILED, f"no result after {self.s.timeout_s:.0f} s" + (
+                        f" (last: {info['problem']})" if info.get("problem") else "")
                 if state:
                     self.mark(series_id, state, reason)
                     with self.lock:
@@ -267,19 +292,37 @@ class SrNodePlugin:
     # ---------------------------------------------------------------------------------- results
     def _result(self, info: dict[str, Any]) -> tuple[str, str]:
         if self.s.http_url:
-            return self._result_from_node(info["uid"])
+            return self._result_from_node(info)
         return self._result_from_study(info)
 
-    def _result_from_node(self, series_uid: str) -> tuple[str, str]:
+    def _node_jobs(self, series_uid: str) -> list[dict[str, Any]]:
         url = f"{self.s.http_url}/jobs?series={urllib.parse.quote(series_uid)}"
         req = urllib.request.Request(url, headers={"Accept": "application/json"})
         if self.s.token:
             req.add_header("Authorization", f"Bearer {self.s.token}")
         with urllib.request.urlopen(req, timeout=10) as resp:
             jobs = json.loads(resp.read().decode("utf-8")).get("jobs", [])
+        return [j for j in jobs if isinstance(j, dict)]
+
+    def _last_job_id(self, series_uid: str) -> int:
+        """The id of the node's newest job of the series before a send (0: none, no HttpUrl, or not known)."""
+        if not self.s.http_url or not series_uid:
+            return 0
+        try:
+            return max((int(j.get("id", 0) or 0) for j in self._node_jobs(series_uid)), default=0)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            _log(f"series {series_uid}: could not ask srnode for its jobs ({_node_problem(exc)})")
+            return 0
+
+    def _result_from_node(self, info: dict[str, Any]) -> tuple[str, str]:
+        # only a job made after this send, or one holding all it sent: an earlier job of the series (made before
+        # instances that came late) says nothing of the series as it was sent
+        jobs = [j for j in self._node_jobs(str(info["uid"]))
+                if int(j.get("id", 0) or 0) > int(info.get("after", 0))
+                or int(j.get("n_instances", 0) or 0) >= int(info.get("sent", 0))]
         if not jobs:
             return "", ""
-        job = jobs[-1]
+        job = max(jobs, key=lambda j: int(j.get("id", 0) or 0))
         state = str(job.get("state", ""))
         if state == "delivered":
             return DONE, ""
@@ -289,6 +332,8 @@ class SrNodePlugin:
 
     def _result_from_study(self, info: dict[str, Any]) -> tuple[str, str]:
         for other in _get(f"/studies/{info['study']}/series"):
+            if other.get("ID") in info.get("known", ()):  # there before this send: a result of an earlier one
+                continue
             instances = other.get("Instances", [])
             if not instances:
                 continue

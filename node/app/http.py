@@ -55,6 +55,7 @@ from node.ingest import (
     ChangesFollower,
     MultipartError,
     StowReceiver,
+    UnsupportedMediaType,
     boundary_of,
     fetch,
     multipart_close,
@@ -244,7 +245,7 @@ def build_app(ctx: NodeContext) -> Starlette:
         try:
             boundary = boundary_of(request.headers.get("content-type", ""))
         except MultipartError as exc:
-            return JSONResponse({"error": str(exc)}, status_code=415 if "not multipart" in str(exc) else 400)
+            return JSONResponse({"error": str(exc)}, status_code=415 if isinstance(exc, UnsupportedMediaType) else 400)
         receiver = StowReceiver(boundary, lambda path: ctx.admission.admit_file(path, caller),
                                 ctx.spool.incoming, study, has_space=ctx.spool.has_space)
         try:

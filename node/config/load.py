@@ -9,6 +9,8 @@ sources (picked by ``kind``). Secrets may be given as ``"env:VARNAME"`` and are 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
 import re
 import tomllib
@@ -18,6 +20,9 @@ from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from pydicom.datadict import keyword_dict, tag_for_keyword
 
 from models.engine import factor_problem
 from node.config.endpoints import (
@@ -27,8 +32,10 @@ from node.config.endpoints import (
     DicomSource,
     DicomwebDestination,
     OrthancDestination,
+    WebEndpoint,
 )
-from node.config.schema import FLATTEN, NOT_A_KEY, Config, kind_tag
+from node.config.schema import FLATTEN, NOT_A_KEY, SECRET_KEYS, Config, kind_tag
+from node.dimse import MIN_PEER_MAX_PDU, max_pdu_problem
 from node.errors import ConfigError
 
 _TABLE_ARRAYS = {"destinations", "sources", "rules"}  # written [[name]] in the file (for the error message)
@@ -98,7 +105,11 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if (tp is not bool and isinstance(value, bool)) or not isinstance(value, tp):
-            raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+            shown = ("(the value is a secret: not shown)" if key.rsplit(".", 1)[-1] in SECRET_KEYS
+                     else repr(value))
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {shown}")
+        if tp is float and not math.isfinite(value):  # TOML's nan / inf: every comparison with nan is false
+            raise ConfigError(f"{key}: {value} must be a finite number")
         return value
     if isinstance(tp, type) and issubclass(tp, Enum):
         names = [m.value for m in tp]
@@ -149,8 +160,53 @@ def _check_port(port: int, key: str, allow_zero: bool = False) -> None:
 
 
 def _check_ae_title(title: str, key: str) -> None:
-    if not 1 <= len(title) <= 16:
-        raise ConfigError(f"{key}: {title!r} must be 1-16 characters")
+    """An AE title (PS3.5 6.2, VR AE): 1-16 characters, not only spaces, no backslash or control character."""
+    if not 1 <= len(title) <= 16 or not title.strip() or "\\" in title or not title.isprintable():
+        raise ConfigError(f"{key}: {title!r} must be 1-16 characters, not only spaces, without a backslash or "
+                          "control character")
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+# time keys (every ``*_s``) where 0 has a meaning: no limit, or at once; every other one must be > 0
+_ZERO_TIME_OK = frozenset({"body_timeout_s", "declared_settle_s"})
+
+
+def _check_times(obj: Any, where: str) -> None:
+    """Every ``*_s`` key of ``obj`` (a config dataclass, or a tuple of them) >= 0, and > 0 unless 0 means
+    something (``_ZERO_TIME_OK``); raises ConfigError naming the key."""
+    if isinstance(obj, tuple):
+        for i, item in enumerate(obj):
+            _check_times(item, f"{where}[{i}]")
+        return
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return
+    for f in dataclasses.fields(obj):
+        if f.metadata.get(NOT_A_KEY):
+            continue
+        value = getattr(obj, f.name)
+        key = where if f.metadata.get(FLATTEN) else (f"{where}.{f.name}" if where else f.name)
+        if f.name.endswith("_s") and isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value < 0 or (value == 0 and f.name not in _ZERO_TIME_OK):
+                raise ConfigError(f"{key}: {value:g} must be {'>= 0' if f.name in _ZERO_TIME_OK else '> 0'} "
+                                  "(seconds)")
+        else:
+            _check_times(value, key)
+
+
+def _check_url(e: WebEndpoint, key: str) -> None:
+    """An HTTP peer's ``url``: http(s) with a host, and no credentials in it (they would be shown wherever the URL
+    is: logs, errors, job reasons; only ``password`` / ``token`` values are kept out). Never names the URL."""
+    try:
+        parts = urlsplit(e.url)
+        scheme, host, has_user = parts.scheme, parts.hostname, parts.username is not None or parts.password is not None
+    except ValueError:  # a bad IPv6 literal
+        scheme, host, has_user = "", None, False
+    if has_user:
+        raise ConfigError(f"{key}: holds credentials (user:password@): give them as username and password (or "
+                          "token) of this entry, which are kept out of logs and messages; the URL is not")
+    if scheme not in ("http", "https") or not host:
+        raise ConfigError(f"{key}: must be an http:// or https:// URL with a host")
 
 
 def _check(cfg: Config) -> None:
@@ -158,6 +214,15 @@ def _check(cfg: Config) -> None:
     n = cfg.node
     _check_port(n.port, "node.port")
     _check_ae_title(n.ae_title, "node.ae_title")
+    if n.log_level.upper() not in _LOG_LEVELS:  # `serve` ended in a ValueError traceback
+        raise ConfigError(f"node.log_level: {n.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
+    if n.min_free_mb < 0:
+        raise ConfigError(f"node.min_free_mb: {n.min_free_mb} must be >= 0 (MB)")
+    if n.max_pdu < 0 or max_pdu_problem(n.max_pdu):
+        raise ConfigError(f"node.max_pdu: {n.max_pdu} must be 0 (pynetdicom's default) or at least "
+                          f"{MIN_PEER_MAX_PDU} (bytes)")
+    if cfg.outbox.max_attempts < 1:
+        raise ConfigError(f"outbox.max_attempts: {cfg.outbox.max_attempts} must be >= 1")
     if n.stable_age_s <= 0:
         raise ConfigError("node.stable_age_s: must be > 0")
     if n.declared_settle_s < 0:
@@ -204,9 +269,13 @@ def _check(cfg: Config) -> None:
             if e.name in names:
                 raise ConfigError(f"{w}.name: duplicate name {e.name!r}")
             names.add(e.name)
+            if isinstance(e, WebEndpoint):
+                _check_url(e, f"{w}.url")
             if isinstance(e, (DicomDestination, DicomSource)):
                 _check_port(e.port, f"{w}.port")
                 _check_ae_title(e.ae_title, f"{w}.ae_title")
+            if isinstance(e, DicomDestination) and e.calling_ae_title:
+                _check_ae_title(e.calling_ae_title, f"{w}.calling_ae_title")
             if getattr(e, "confirm", None) == ConfirmMethod.COMMITMENT and not isinstance(e, DicomDestination):
                 raise ConfigError(f"{w}.confirm: 'commitment' (DICOM Storage Commitment) needs kind = \"dicom\"; "
                                   "use 'auto', 'count' or 'none'")
@@ -219,6 +288,7 @@ def _check(cfg: Config) -> None:
                     raise ConfigError(f"{w}.batch_size: {e.batch_size} must be 1..1000")
                 if not e.batch_mb > 0:
                     raise ConfigError(f"{w}.batch_mb: {e.batch_mb:g} must be > 0 (MB)")
+    _check_times(cfg, "")
     dest_names = {d.name for d in cfg.destinations}
     rule_names: set[str] = set()
     for i, r in enumerate(cfg.rules):
@@ -227,6 +297,10 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{w}.name: duplicate rule name {r.name!r}")
         rule_names.add(r.name)
         for k, pattern in r.match.items():
+            if tag_for_keyword(k) is None:  # the element is never there: the rule would never match
+                near = difflib.get_close_matches(k, keyword_dict.keys(), n=1)
+                raise ConfigError(f"{w}.match.{k}: not a DICOM keyword" + (f" (did you mean {near[0]}?)" if near
+                                                                           else " (PS3.6, e.g. Modality)"))
             try:
                 re.compile(pattern)
             except re.error as exc:

@@ -1,13 +1,16 @@
 """Follow an Orthanc ``/changes`` feed: every StableSeries of a ``[[sources]]`` entry with ``follow_changes = true``
-is pulled over Orthanc's REST API and admitted like any received series (never srnode's own output). A series
-pulled whole, nothing refused, declares its size (``Admission.declare``): it completes without the quiet period.
+is pulled over Orthanc's REST API and admitted like any received series (never srnode's own output), once all of it
+was read (staged in the spool's ``incoming/``: a pull cut mid-way admits none of it). A series pulled whole,
+nothing refused, declares its size (``Admission.declare``): it completes without the quiet period.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
+import tempfile
 import threading
 from pathlib import Path
 
@@ -57,10 +60,18 @@ class ChangesFollower:
     def _since(self, client: httpx.Client) -> int:
         try:
             return int(json.loads(self.state_path.read_text())["since"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            if not isinstance(exc, FileNotFoundError):  # not a first start: changes since the lost position are
+                log.warning("changes follower %s: %s cannot be read (%s): reading the feed from its end; series "
+                            "that became stable since the last position saved may not be pulled (pull them with "
+                            "srnode fetch)", self.src.name, self.state_path, type(exc).__name__)
             # first start: begin at the end of the feed (do not pull the whole archive)
             last = orthanc_call(self.src, "changes", lambda: client.get("/changes", params={"last": ""})).json()
-            return int(last.get("Last", 0))
+            end = last.get("Last") if isinstance(last, dict) else None
+            if not isinstance(end, int) or isinstance(end, bool):  # never 0: that is the whole archive
+                raise ValueError("GET /changes?last answered without its 'Last' (an integer): where the feed ends "
+                                 "is unknown, nothing is pulled") from None
+            return end
 
     def _save(self, since: int) -> None:
         tmp = self.state_path.with_suffix(".tmp")
@@ -106,14 +117,21 @@ class ChangesFollower:
             log.info("changes follower %s: series %s is srnode output, left alone", self.src.name, series_id)
             return
         n, refused = 0, 0
-        for data in (first, *files):
-            try:
-                self.admission.admit_bytes(data, self.caller)
-                n += 1
-            except IngestError as exc:
-                refused += 1
-                log.warning("changes follower %s: instance of series %s refused: %s", self.src.name,
-                            series_id, exc)
+        # the whole series is read first, each instance to a file in the spool's incoming/ (one in memory at a
+        # time, never the series): a pull cut mid-way admits none of it, so no job is made from part of it
+        with tempfile.TemporaryDirectory(prefix="pull-", dir=self.admission.spool.incoming) as staged:
+            paths = []
+            for i, data in enumerate(itertools.chain((first,), files)):
+                paths.append(Path(staged) / f"{i:06d}.dcm")
+                paths[-1].write_bytes(data)
+            for path in paths:
+                try:
+                    self.admission.admit_file(path, self.caller)
+                    n += 1
+                except IngestError as exc:
+                    refused += 1
+                    log.warning("changes follower %s: instance of series %s refused: %s", self.src.name,
+                                series_id, exc)
         log.info("changes follower %s: series %s pulled, %d instance(s)", self.src.name, series_id, n)
         if n and not refused:  # Orthanc's whole stable series is in: its size is known
             self.admission.declare(str(head.StudyInstanceUID), str(head.SeriesInstanceUID), n,

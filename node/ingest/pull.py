@@ -33,7 +33,7 @@ from node.dimse import (
     label,
     max_pdu_problem,
 )
-from node.errors import ConfigError, DeliveryError, IngestError
+from node.errors import ConfigError, DeliveryError, IngestError, http_status_text
 from node.ingest.admit import Admission, Caller
 from node.store import valid_uid
 
@@ -212,7 +212,7 @@ def _wado(src: DicomwebSource, study: str, series: str) -> Iterator[bytes]:
     except requests.RequestException as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         raise FetchError(f"source {src.name!r}: WADO-RS from {src.url} failed: "
-                         f"{f'HTTP {status}' if status else type(exc).__name__}",
+                         f"{http_status_text(status) if status else type(exc).__name__}",
                          retryable=status not in (400, 401, 403, 404)) from exc
 
 
@@ -234,15 +234,34 @@ def orthanc_call(src: OrthancSource, what: str, fn: Callable[[], httpx.Response]
         return r
     except httpx.HTTPStatusError as exc:
         code = exc.response.status_code
-        raise FetchError(f"source {src.name!r}: {what}: HTTP {code}", retryable=code >= 500) from exc
+        if 300 <= code < 400:  # not followed: the credentials stay with the configured host
+            where = " ".join(exc.response.headers.get("Location", "?").split())[:200]
+            raise FetchError(f"source {src.name!r}: {what}: HTTP {code}, redirected to {where}: give the address it "
+                             "names as url", retryable=False) from exc
+        raise FetchError(f"source {src.name!r}: {what}: {http_status_text(code)}", retryable=code >= 500) from exc
     except httpx.HTTPError as exc:
         raise FetchError(f"source {src.name!r}: {what}: {type(exc).__name__}") from exc
 
 
+def orthanc_ids(src: OrthancSource, what: str, r: httpx.Response, key: str = "") -> list[str]:
+    """The list of Orthanc ids in ``r``'s JSON (``key``: in that key of an object); FetchError naming ``what``
+    when the answer is not JSON of that shape (a proxy's page, another server): never guessed from."""
+    try:
+        doc = r.json()
+    except ValueError:
+        doc = None
+    ids = (doc.get(key) if isinstance(doc, dict) else None) if key else doc
+    if not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids):
+        got = type(doc).__name__ if doc is not None else "no JSON"
+        raise FetchError(f"source {src.name!r}: {what}: answered JSON that is not Orthanc's (expected "
+                         f"{f'an object with {key!r}' if key else 'a list'} of ids, got {got})")
+    return ids
+
+
 def _orthanc_files(client: httpx.Client, src: OrthancSource, study: str, series: str) -> Iterator[bytes]:
     query = {"StudyInstanceUID": study, **({"SeriesInstanceUID": series} if series else {})}
-    found = orthanc_call(src, "find", lambda: client.post("/tools/find", json={
-        "Level": "Series", "Query": query})).json()
+    found = orthanc_ids(src, "find", orthanc_call(src, "find", lambda: client.post("/tools/find", json={
+        "Level": "Series", "Query": query})))
     if not found:
         raise FetchError(f"source {src.name!r}: no series for study {study}" + (f" series {series}" if series
                          else ""), retryable=False)
@@ -252,7 +271,8 @@ def _orthanc_files(client: httpx.Client, src: OrthancSource, study: str, series:
 
 def orthanc_series_files(client: httpx.Client, src: OrthancSource, series_id: str) -> Iterator[bytes]:
     """The files of Orthanc series ``series_id``, byte-exact; raises FetchError."""
-    instances = orthanc_call(src, f"series {series_id}", lambda: client.get(f"/series/{series_id}")).json()
-    for inst in instances.get("Instances", []):
+    instances = orthanc_ids(src, f"series {series_id}", orthanc_call(
+        src, f"series {series_id}", lambda: client.get(f"/series/{series_id}")), "Instances")
+    for inst in instances:
         url = f"/instances/{inst}/file"
         yield orthanc_call(src, f"instance {inst}", lambda u=url: client.get(u)).content  # type: ignore[misc]

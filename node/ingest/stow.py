@@ -26,17 +26,28 @@ from node.errors import IngestError, dicom_read_problem
 log = logging.getLogger(__name__)
 
 _BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.I)
+_TYPE = re.compile(r';\s*type\s*=\s*"?([^";]*)"?', re.I)
 
 
 class MultipartError(ValueError):
     """The request body is not a multipart/related message we can read."""
 
 
+class UnsupportedMediaType(MultipartError):
+    """The request's media type is not one the node takes (HTTP 415)."""
+
+
 def boundary_of(content_type: str) -> str:
     """The ``boundary`` parameter of a multipart/related Content-Type (RFC 2046 5.1.1, RFC 2387);
-    MultipartError when the type is another or the parameter is missing."""
+    UnsupportedMediaType when the type is another, or its ``type`` parameter is not application/dicom (PS3.18's
+    metadata-and-bulk-data requests are not implemented; no ``type`` is application/dicom); MultipartError when
+    the boundary is missing."""
     if not content_type.lower().startswith("multipart/related"):
-        raise MultipartError(f"Content-Type {content_type.split(';')[0]!r} is not multipart/related")
+        raise UnsupportedMediaType(f"Content-Type {content_type.split(';')[0]!r} is not multipart/related")
+    kind = _TYPE.search(content_type)
+    if kind and kind.group(1).strip().lower() != "application/dicom":
+        raise UnsupportedMediaType(f"multipart/related type {kind.group(1).strip()!r} is not supported: only "
+                                   "application/dicom (Part 10 instances)")
     m = _BOUNDARY.search(content_type)
     if not m:
         raise MultipartError("multipart/related without a boundary parameter")
@@ -353,7 +364,7 @@ class StowReceiver:
             return
         try:
             if self.study and study != self.study:
-                raise IngestError(f"part {n}: StudyInstanceUID does not match the study of the URL",
+                raise IngestError("StudyInstanceUID does not match the study of the URL",
                                   status=Status.DATASET_DOES_NOT_MATCH)
             self.admit(path)
             self.result.stored.append((sop_class, sop_uid))

@@ -33,7 +33,7 @@ from dicomweb_client.session_utils import create_session, create_session_from_us
 
 from node.config import DicomwebDestination
 from node.dimse import store_retryable
-from node.errors import DeliveryError
+from node.errors import DeliveryError, http_status_text
 from node.send.base import in_parallel
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ class DicomWebSender:
         resp = getattr(exc, "response", None)
         status = getattr(resp, "status_code", None)
         retryable = status not in _PERMANENT
-        detail = f"HTTP {status}" if status is not None else type(exc).__name__
+        detail = http_status_text(status) if status is not None else type(exc).__name__
         return DeliveryError(f"dicomweb destination {self.name!r} ({self.url}): {what}: {detail}", retryable)
 
     def send(self, paths: Sequence[Path]) -> None:
@@ -236,7 +236,7 @@ class DicomWebSender:
         for attempt in range(POST_TRIES):
             try:
                 resp = self._session.post(f"{self.url}/studies", data=body, headers=headers,
-                                          timeout=self.timeout_s)
+                                          timeout=self.timeout_s, allow_redirects=False)
             except requests.RequestException as exc:
                 raise self._error(f"{what} failed", exc) from exc
             if resp.status_code not in _BUSY or attempt == POST_TRIES - 1:
@@ -248,6 +248,14 @@ class DicomWebSender:
     def _judge(self, resp: requests.Response, batch: list[Path], what: str) -> None:
         """Whether the STOW-RS answer ``resp`` says every file of ``batch`` was stored; DeliveryError otherwise."""
         status = resp.status_code
+        if 300 <= status < 400:  # never followed: requests re-sends a POST redirected by 301-303 as a GET
+            where = " ".join(resp.headers.get("Location", "?").split())[:200]
+            raise DeliveryError(f"dicomweb destination {self.name!r} ({self.url}): {what}: HTTP {status}, redirected "
+                                f"to {where}: give the address that takes STOW-RS as url", retryable=False)
+        kind = _media_type(resp.headers.get("Content-Type", ""))
+        if 200 <= status < 300 and resp.content.strip() and kind not in _JSON_TYPES + _XML_TYPES:
+            raise DeliveryError(f"dicomweb destination {self.name!r} ({self.url}): {what}: HTTP {status} with an "
+                                f"answer that is not a STOW-RS response ({kind or 'no Content-Type'})")
         try:
             answer = stow_answer(resp.headers.get("Content-Type", ""), resp.content)
         except (ValueError, TypeError) as exc:
@@ -263,7 +271,7 @@ class DicomWebSender:
                                 f"instance(s) refused, HTTP {status} ({shown}; reasons {', '.join(reasons)})",
                                 retryable=retryable)
         if not 200 <= status < 300:
-            raise DeliveryError(f"dicomweb destination {self.name!r} ({self.url}): {what} failed: HTTP {status}",
+            raise DeliveryError(f"dicomweb destination {self.name!r} ({self.url}): {what} failed: {http_status_text(status)}",
                                 retryable=status not in _PERMANENT)
         if answer.stored is not None:
             missing = len(batch) - len(answer.stored & {_sop_uid(p) for p in batch})

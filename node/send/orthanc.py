@@ -16,7 +16,7 @@ from pathlib import Path
 from orthanc_api_client import OrthancApiClient, exceptions
 
 from node.config import OrthancDestination
-from node.errors import DeliveryError
+from node.errors import DeliveryError, http_status_text
 from node.send.base import in_parallel
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class OrthancSender:
     def _fail(self, what: str, exc: Exception) -> DeliveryError:
         status = getattr(exc, "http_status_code", None)
         retryable = status not in _PERMANENT
-        detail = f"HTTP {status}" if status else type(exc).__name__
+        detail = http_status_text(status) if status else type(exc).__name__
         return DeliveryError(f"orthanc destination {self.name!r} ({self.url}): {what}: {detail}", retryable)
 
     def send(self, paths: Sequence[Path]) -> None:

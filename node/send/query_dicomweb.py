@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import requests
 
 from node.config import DicomwebDestination
-from node.errors import DeliveryError
+from node.errors import DeliveryError, http_status_text
 from node.send.base import Ref, Unsupported, count_series
 from node.send.dicomweb import client_for
 
@@ -44,7 +44,7 @@ class DicomwebQuery:
                 if status == 404:  # some servers answer 404 for a series (an instance) they do not have
                     return set()
                 raise DeliveryError(f"dicomweb destination {self.dest.name!r}: QIDO-RS count of the series failed: "
-                                    f"{f'HTTP {status}' if status else type(exc).__name__}") from exc
+                                    f"{http_status_text(status) if status else type(exc).__name__}") from exc
             found: set[str] = set()
             for h in hits or []:
                 found.update(str(v) for v in (h.get("00080018") or {}).get("Value", []))

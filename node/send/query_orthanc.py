@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from orthanc_api_client import exceptions
 
 from node.config import OrthancDestination
-from node.errors import DeliveryError
+from node.errors import DeliveryError, http_status_text
 from node.send.base import Ref, Unsupported, count_series
 from node.send.orthanc import client_for
 
@@ -40,7 +40,7 @@ class OrthancQuery:
             except exceptions.OrthancApiException as exc:
                 status = getattr(exc, "http_status_code", None)
                 raise DeliveryError(f"orthanc destination {self.dest.name!r}: count of the series failed: "
-                                    f"{f'HTTP {status}' if status else type(exc).__name__}") from exc
+                                    f"{http_status_text(status) if status else type(exc).__name__}") from exc
             return {str((inst.get("MainDicomTags") or {}).get("SOPInstanceUID", "")) for inst in resp.json() or []}
 
         return count_series(refs, find)

@@ -194,3 +194,74 @@ def test_rule_volumes_is_all_or_first() -> None:
     assert _cfg().rules[0].volumes == VolumeChoice.ALL  # default: each volume of a series its own derived series
     assert _cfg(rules=[{**rule, "volumes": "first"}]).rules[0].volumes == VolumeChoice.FIRST
     assert _error(rules=[{**rule, "volumes": "some"}]) == "rules[0].volumes: 'some' is not one of all, first"
+
+
+def test_a_secret_of_the_wrong_type_is_named_without_its_value() -> None:
+    """break14o: ``password = 987654`` (a number: unquoted in the file) read "expected str, got int 987654": the
+    secret in the error, printed by every command that loads the config (and in the service's log)."""
+    msg = _error(destinations=[{"name": "o", "kind": "orthanc", "url": "http://o:8042", "username": "u",
+                                "password": 987654}])
+    assert msg == "destinations[0].password: expected str, got int (the value is a secret: not shown)"
+    msg = _error(sources=[{"name": "o", "kind": "orthanc", "url": "http://o:8042", "token": ["tok-SECRET"]}])
+    assert msg.startswith("sources[0].token: expected str, got list") and "tok-SECRET" not in msg
+    msg = _error(executor={"broker_url": 6379})
+    assert msg.startswith("executor.broker_url: expected str") and "6379" not in msg
+
+
+@pytest.mark.parametrize("where", ["sources", "destinations"])
+def test_a_url_with_a_password_in_it_is_refused_without_showing_it(where: str) -> None:
+    """break14o: ``url = "http://admin:pw@orthanc:8042"`` was accepted; the URL, password and all, went into the
+    service's "effective configuration" log line, every delivery error ("orthanc destination 'o' (http://admin:pw@
+    ...)") and so into job reasons and the dashboard: only ``password`` / ``token`` values are redacted."""
+    msg = _error(**{where: [{"name": "o", "kind": "orthanc", "url": "http://admin:pw-SECRET@o:8042/"}]})
+    assert msg.startswith(f"{where}[0].url: holds credentials (user:password@)"), msg
+    assert "pw-SECRET" not in msg and "admin" not in msg
+    msg = _error(**{where: [{"name": "o", "kind": "dicomweb", "url": "o:8042/dicom-web"}]})
+    assert msg == f"{where}[0].url: must be an http:// or https:// URL with a host", msg
+
+
+@pytest.mark.parametrize(("section", "value", "key"), [
+    ({"node": {"stable_age_s": float("nan")}}, "nan", "node.stable_age_s"),
+    ({"node": {"declared_settle_s": float("inf")}}, "inf", "node.declared_settle_s"),
+    ({"outbox": {"backoff_max_s": float("nan")}}, "nan", "outbox.backoff_max_s"),
+    ({"sources": [{"name": "o", "kind": "orthanc", "url": "http://o", "poll_s": 0}]}, "0", "sources[0].poll_s"),
+    ({"destinations": [{"name": "o", "kind": "orthanc", "url": "http://o", "timeout_s": -1}]}, "-1",
+     "destinations[0].timeout_s"),
+    ({"destinations": [{"name": "p", "kind": "dicom", "ae_title": "P", "host": "h", "port": 104, "timeout_s": 0}]},
+     "0", "destinations[0].timeout_s"),
+    ({"outbox": {"confirm_timeout_s": 0}}, "0", "outbox.confirm_timeout_s"),
+])
+def test_a_time_that_is_not_a_positive_finite_number_is_refused(section: dict[str, Any], value: str,
+                                                                key: str) -> None:
+    """break14o: TOML has ``nan`` and ``inf``; ``stable_age_s = nan`` passed "must be > 0" (nan <= 0 is false) and
+    no series ever became stable (age > nan is never true): nothing processed, nothing said. ``poll_s = 0``
+    polled Orthanc's /changes without a pause; a timeout of 0 or less failed every request."""
+    msg = _error(**section)
+    assert msg.startswith(f"{key}: {value} ") and "must be" in msg, msg
+
+
+@pytest.mark.parametrize(("sections", "expected"), [
+    ({"node": {"log_level": "LOUD"}}, "node.log_level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ({"node": {"min_free_mb": -1}}, "node.min_free_mb: -1 must be >= 0 (MB)"),
+    ({"node": {"max_pdu": -5}}, "node.max_pdu: -5 must be 0 (pynetdicom's default) or at least 7 (bytes)"),
+    ({"node": {"max_pdu": 3}}, "node.max_pdu: 3 must be 0 (pynetdicom's default) or at least 7 (bytes)"),
+    ({"outbox": {"max_attempts": 0}}, "outbox.max_attempts: 0 must be >= 1"),
+    ({"node": {"ae_title": "   "}}, "node.ae_title: '   ' must be 1-16 characters, not only spaces, without a "
+                                     "backslash or control character"),
+    ({"node": {"ae_title": "A\\B"}}, "node.ae_title: 'A\\\\B' must be 1-16 characters, not only spaces, without a "
+                                     "backslash or control character"),
+    ({"destinations": [{"name": "p", "kind": "dicom", "ae_title": "P", "host": "h", "port": 104,
+                        "calling_ae_title": "X" * 20}]},
+     f"destinations[0].calling_ae_title: {'X' * 20!r} must be 1-16 characters, not only spaces, without a backslash "
+     "or control character"),
+    ({"destinations": [{"name": "local", "kind": "folder", "path": "/x"}],
+      "rules": [{"name": "r", "match": {"Modaltiy": "CT"}, "destinations": ["local"]}]},
+     "rules[0].match.Modaltiy: not a DICOM keyword (did you mean Modality?)"),
+])
+def test_a_value_out_of_its_range_is_refused_at_load_naming_the_key(sections: dict[str, Any], expected: str) -> None:
+    """break14o: each was accepted. ``log_level = "LOUD"``: `srnode serve` ended in a ValueError traceback;
+    ``min_free_mb = -1`` / ``max_pdu = -5``: the node ran (a negative free-space floor never refuses a full disk);
+    ``max_attempts = 0``; an AE title of spaces or with a backslash (not a valid AE, PS3.5 6.2), a calling AE title
+    of 20 characters (refused by pynetdicom at each delivery); a rule matching on "Modaltiy" never matched any
+    series ("Modaltiy absent does not match 'CT'" on every job, the rule silently dead)."""
+    assert _error(**sections) == expected

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from node.store import Index
 from tests.support.pacs import api, orthanc_dicomweb, phantom, start_node, upload, wait_job
@@ -60,6 +61,86 @@ def test_upload_to_orthanc_comes_back_derived_in_the_same_study(tmp_path: Path) 
         assert len(stores) == 1
         with api(node) as c:
             assert [j["series_uid"] for j in c.get("/jobs").json()["jobs"]] == [ref.SeriesInstanceUID]
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+@pytest.mark.parametrize("http", [True, False], ids=["node-jobs", "derived-series"])
+def test_instances_arriving_after_the_series_was_done_are_followed_to_their_own_result(tmp_path: Path,
+                                                                                      http: bool) -> None:
+    """break14o: 4 of a series' 6 slices uploaded, processed, the original marked srnode-done; then the other 2.
+    Orthanc reports the series stable again and the plugin sends it whole (6, declared); its tracker then took the
+    node's newest job of the series, still the first one (delivered, 4 instances), and marked the original
+    srnode-done again before the node had even made the job of the 6; without HttpUrl, the first job's derived
+    series in the study (referencing the original) did the same. The mark must wait for a result of this send."""
+    node_port, http_port = free_port(), free_port()
+    to_node = {"HttpUrl": f"http://127.0.0.1:{http_port}", "Token": "test-token-3f9a"} if http else {}
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", srnode={
+        "AeTitle": "SRNODE", "Host": "127.0.0.1", "Port": node_port, "Modalities": ["CT"], "PollSeconds": 0.2,
+        **to_node})
+    node = start_node(tmp_path / "node", {  # declared (HttpUrl) or not, the job comes 3 s after the last instance
+        "node": {"port": node_port, "stable_age_s": 60.0 if http else 3.0, "declared_settle_s": 3.0},
+        "http": {"port": http_port},
+        "destinations": [{"name": "orthanc", "kind": "orthanc", "url": orthanc.url}],
+        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
+                   "destinations": ["orthanc"]}]})
+    try:
+        files = phantom(tmp_path, seed=147, slices=6)
+        ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+        upload(orthanc, files[:4])
+        original = orthanc.series_of_study(ref.StudyInstanceUID)[0]["ID"]
+
+        def mark() -> str:
+            with orthanc.client() as c:
+                r = c.get(f"/series/{original}/metadata/SrNodeState")
+                return r.text if r.status_code == 200 else ""
+
+        def stores() -> int:
+            with orthanc.client() as c:
+                return sum(j["Type"] == "DicomModalityStore" and j["State"] == "Success"
+                           for j in c.get("/jobs?expand").json())
+
+        wait_until(lambda: mark() == "srnode-done", 120, interval=0.2, what="the first 4 marked done")
+        upload(orthanc, files[4:])
+        wait_until(lambda: stores() == 2, 60, interval=0.1, what="the plugin sending the series again")
+        wait_until(lambda: mark() == "srnode-done", 120, interval=0.05, what="the whole series marked done")
+        with api(node) as c:
+            jobs = c.get("/jobs", params={"series": ref.SeriesInstanceUID}).json()["jobs"]
+        done = [j for j in jobs if j["state"] == "delivered" and j["n_instances"] == 6]
+        assert done, f"marked srnode-done while the node's jobs were {[(j['n_instances'], j['state']) for j in jobs]}"
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def test_a_plugin_token_the_node_refuses_is_said_not_retried_in_silence(tmp_path: Path) -> None:
+    """break14o: SrNode.Token not the node's [http].token: the size declaration logged "HTTP Error 401:
+    Unauthorized", and the tracker asked GET /jobs every PollSeconds, each 401 logged at INFO (not shown by
+    Orthanc by default), for TimeoutSeconds (1 h), then marked the series srnode-failed "no result after 3600 s".
+    Now one warning per series says the node refused the Token and what to set; the timeout's reason names it;
+    the token itself is never logged."""
+    node_port, http_port = free_port(), free_port()
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", srnode={
+        "AeTitle": "SRNODE", "Host": "127.0.0.1", "Port": node_port, "Modalities": ["CT"], "PollSeconds": 0.2,
+        "HttpUrl": f"http://127.0.0.1:{http_port}", "Token": "wrong-token-77c", "TimeoutSeconds": 8})
+    node = start_node(tmp_path / "node", {"node": {"port": node_port}, "http": {"port": http_port}})
+    try:
+        files = phantom(tmp_path, seed=150, slices=2)
+        upload(orthanc, files)
+        original = orthanc.series_of_study(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)[0]["ID"]
+        wait_until(lambda: "refused the plugin's Token" in orthanc.log_path.read_text(), 60, interval=0.3,
+                   what="the plugin saying the node refused its Token")
+
+        def reason() -> str:
+            with orthanc.client() as c:
+                r = c.get(f"/series/{original}/metadata/SrNodeReason")
+                return r.text if r.status_code == 200 else ""
+
+        assert "HTTP 401" in wait_until(reason, 60, interval=0.3, what="the timeout's reason")
+        log = orthanc.log_path.read_text()
+        # once per call that met it (the jobs before the send, the size, the tracker), never once per round
+        assert log.count("state cannot be followed") == 1 and "wrong-token-77c" not in log
     finally:
         node.stop()
         orthanc.stop()

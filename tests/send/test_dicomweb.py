@@ -316,3 +316,57 @@ def test_a_stow_answer_that_leaves_out_instances_fails_the_delivery(tmp_path: Pa
         assert exc.value.retryable
     finally:
         stow.close()
+
+
+def test_a_stow_destination_that_redirects_to_a_login_page_is_not_delivered(tmp_path: Path) -> None:
+    """break14o: a STOW-RS url behind a proxy that answers the POST with 302 to its login page (or an http URL
+    moved to https): requests followed the redirect as a GET, the page answered 200 text/html, and an answer of
+    another type "lists nothing": the batch counted as stored, nothing was (confirm = "none": delivered). Now a
+    redirect is not followed and is a permanent failure naming where it points; a 2xx whose body is neither
+    DICOM JSON nor XML is not trusted."""
+    import http.server
+    import threading
+
+    gets: list[str] = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            self.send_response(302)
+            self.send_header("Location", "/sso/login")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:  # noqa: N802
+            gets.append(self.path)
+            body = b"<html><body>Please log in</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    port = free_port()
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Proxy)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    files = phantom(tmp_path, seed=149, slices=2)
+    try:
+        sender = make_sender(DicomwebDestination(name="web", url=f"http://127.0.0.1:{port}/dicom-web"))
+        with pytest.raises(DeliveryError) as info:
+            sender.send(files)
+        assert "HTTP 302, redirected to /sso/login" in str(info.value) and not info.value.retryable, info.value
+        assert gets == []
+    finally:
+        srv.shutdown()
+    html = _Stow(lambda n: (200, "text/html", b"<html><body>Please log in</body></html>"))
+    try:
+        with pytest.raises(DeliveryError) as info:
+            html.sender().send(files)
+        assert "HTTP 200 with an answer that is not a STOW-RS response (text/html)" in str(info.value), info.value
+    finally:
+        html.close()

@@ -166,3 +166,28 @@ def test_a_tls_peer_that_never_answers_the_handshake_fails_the_delivery_not_the_
             t.join(60)  # a deadline: the send must end by itself
             assert not t.is_alive(), f"send (tls={tls}) still waiting for the peer after 60 s"
             assert isinstance(outcome[0], DeliveryError) and outcome[0].retryable, outcome
+
+
+def test_http_senders_refused_credentials_are_permanent_and_say_so(tmp_path: Path) -> None:
+    """break14o: a real Orthanc with authentication, the node's password wrong: the REST upload and the STOW-RS
+    batch failed with a bare "HTTP 401", read like any hiccup. Now the reason says the credentials were refused
+    and which keys to check, is not retried (the same credentials cannot pass), and never holds the password."""
+    from node.config import DicomwebDestination, OrthancDestination
+    from tests.support.pacs import ORTHANC_PLUGINS
+    from tests.support.peers import start_orthanc
+
+    orthanc = start_orthanc(tmp_path / "orthanc", username="srnode", password="right-pass-4e8",
+                            plugins=[ORTHANC_PLUGINS / "libOrthancDicomWeb.so"],
+                            extra={"DicomWeb": {"Enable": True, "Root": "/dicom-web/"}})
+    try:
+        files = write_phantom_series(tmp_path / "in", slices=2, size=32, step_mm=3.0, seed=148)
+        for dest in (OrthancDestination(name="o", url=orthanc.url, username="srnode", password="wrong-pass-1a3"),
+                     DicomwebDestination(name="w", url=f"{orthanc.url}/dicom-web", username="srnode",
+                                         password="wrong-pass-1a3")):
+            with pytest.raises(DeliveryError) as info:
+                make_sender(dest).send(files)
+            text = str(info.value)
+            assert "HTTP 401: the credentials were refused (check username / password or token" in text, text
+            assert not info.value.retryable and "wrong-pass-1a3" not in text
+    finally:
+        orthanc.stop()
