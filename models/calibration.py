@@ -170,14 +170,14 @@ def bracket_floor(sigma: torch.Tensor, out: torch.Tensor, lr: torch.Tensor, f: i
     bone/brain): "nothing there", a value inside the neighbours' range, is also consistent with the data, so the
     interval must include it. A clamp of the values to that range was measured instead and refused: the real
     thin-slice truth has such layers (the 1 mm phantom: 8083 voxels of the 5 mm series' x2 more than 200 HU below
-    both neighbours), clamping cost 0.8-1.0 dB there (docs/engines.md, rim14)."""
+    both neighbours), clamping cost 0.7-1.0 dB there (docs/engines.md, rim14)."""
     raised = torch.zeros((), dtype=torch.int64, device=sigma.device)
     for k in range(lr.shape[0] - 1):
         rows = slice(k * f + 1, (k + 1) * f)
         a, b = lr[k], lr[k + 1]
         v = out[rows]
         gap = (torch.minimum(a, b) - v).clamp_min_(0) + (v - torch.maximum(a, b)).clamp_min_(0)
-        need = gap.div_(Z95)
+        need = gap.div_(Z95).to(sigma.dtype)
         s = sigma[rows]
         raised += (need > s).sum()
         torch.maximum(s, need, out=s)

@@ -92,7 +92,7 @@ SAMPLING = "uniform"
 PROFILE_FROM = "geometry"
 # sigma between two acquired slices at least the distance of the value from their range / 1.96
 # (calibration.bracket_floor): new voxels far beyond both neighbours (overshoot of the residual at sharp edges, or
-# a thin layer the slab averages cannot place) are flagged; clamping the values there instead cost 0.8-1.0 dB on
+# a thin layer the slab averages cannot place) are flagged; clamping the values there instead cost 0.7-1.0 dB on
 # the real 5 mm / 1 mm phantom pair, whose truth has such layers (docs/engines.md, rim14)
 BRACKET_FLOOR = True
 FINETUNE_LR = 3e-4  # Adam learning rate of the fine-tuning from the prior (cosine to a tenth)
