@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models.calibration import bracket_floor
 from models.cubic import CubicEngine, resample_axis, upsample
 from models.degrade import DegradationModel, degrade_in_plane, make_pairs
 from models.engine import (
@@ -303,6 +304,10 @@ class DiffusionEngine:
                 if out.min() >= volume.value_range[0] - 0.5 and out.max() <= volume.value_range[1] + 0.5:
                     break
             np.clip(out, volume.value_range[0], volume.value_range[1], out=out)
+        sigma = np.ascontiguousarray(sigma, dtype=np.float32)  # between two slices: reaches their range (selfsup's)
+        raised = bracket_floor(torch.from_numpy(sigma), torch.from_numpy(np.asarray(out, np.float32)),
+                               torch.from_numpy(data), f)
+        report["sigma_bracket_raised"] = int(raised)
         out, sigma = self._in_plane(out, sigma, factors.in_plane, report)
         lr_check = degrade_in_plane(out, factors.in_plane) if factors.in_plane > 1 else out
         resid = (d @ lr_check.reshape(lr_check.shape[0], -1)).reshape(data.shape) - data

@@ -12,6 +12,8 @@ upscale(volume, factors):
      fitted on the held-out pairs and scaled by how much harder z is than in-plane at the acquired scale (internal.z_difficulty),
      the truth-grid noise no engine can predict (in-plane noise of the data x the per-slice-phase gain of
      internal.phase_noise) replaces, in quadrature, the pairs' own target noise that the q fit accounted for;
+     between two acquired slices at least |distance of the value outside their range| / 1.96
+     (calibration.bracket_floor: the 95 % interval reaches the neighbours' range);
   7. in-plane x f (models.inplane): the prior's ZSSR net (optionally 2.5D: neighbouring slices as channels), fine-tuned
      ``in_plane_finetune_steps`` on ZSSR pairs (acquired slices and their f x f block means; default none: the
      pairs' coarser scale pulled the net away from the finer one the prior learned, -4.4 dB on the phantom), the
@@ -88,6 +90,11 @@ SAMPLING = "uniform"
 # the through-plane slice FWHM: "geometry" (SliceThickness, or the slice step when unknown) or "data"
 # (models.profile.estimate_fwhm: the width whose degraded in-plane spectrum matches the z spectrum)
 PROFILE_FROM = "geometry"
+# sigma between two acquired slices at least the distance of the value from their range / 1.96
+# (calibration.bracket_floor): new voxels far beyond both neighbours (overshoot of the residual at sharp edges, or
+# a thin layer the slab averages cannot place) are flagged; clamping the values there instead cost 0.7-1.0 dB on
+# the real 5 mm / 1 mm phantom pair, whose truth has such layers (docs/engines.md, rim14)
+BRACKET_FLOOR = True
 FINETUNE_LR = 3e-4  # Adam learning rate of the fine-tuning from the prior (cosine to a tenth)
 FUSE_EPS = 2e-3  # normalised units (data range 1): below it, spreads count as equal
 OOM_TILES = (1 << 18, 1 << 16, 1 << 13)  # max_voxels_per_tile of the retries after a CUDA out-of-memory error
@@ -521,6 +528,9 @@ class SelfSupEngine:
         noise = torch.from_numpy(extra * v.noise_factor).float().to(fused.device)[:, None, None]  # pairs' level
         q_rows = torch.from_numpy(q_phase[np.arange(raw.shape[0]) % f]).float().to(fused.device)[:, None, None]
         sigma = ((raw * (q_rows / 1.96)) ** 2 + noise**2).sqrt()
+        if BRACKET_FLOOR:  # a layer between two slices outside both: its 95 % interval reaches their range
+            raised = cal.bracket_floor(sigma, fused, x, f)
+            report[f"{kind}_sigma_bracket_raised"] = int(raised)
         return fused, sigma, ""
 
     @staticmethod

@@ -67,3 +67,14 @@ def test_low_internal_gain_falls_back_to_cubic() -> None:
     vol, res = _run(2.0, seed=0, min_gain_db=99.0, finetune_steps=0)
     assert res.engine == "cubic" and "internal gain" in res.fallback
     np.testing.assert_allclose(res.data, upsample(vol.data, Factors(2, 1)), atol=1e-4)
+
+
+def test_sigma_between_slices_reaches_the_acquired_neighbours_range(
+        contiguous: tuple[VolumeInput, EngineResult]) -> None:
+    """Whatever a sample invents between two acquired slices, its 95 % interval reaches their [min, max]
+    (models.calibration.bracket_floor, as selfsup's)."""
+    vol, res = contiguous
+    lr, mid = vol.data, res.data[1::2]
+    gap = np.maximum(np.minimum(lr[:-1], lr[1:]) - mid, 0) + np.maximum(mid - np.maximum(lr[:-1], lr[1:]), 0)
+    assert np.all(gap <= 1.96 * res.sigma[1::2] + 1e-3 * (1.0 + gap))
+    assert "sigma_bracket_raised" in res.report

@@ -213,3 +213,50 @@ def test_through_and_in_plane_together_keep_both_consistencies() -> None:
     redeg = degrade_through_plane(degrade_in_plane(res.data, 2), 2, 2.0)
     assert np.abs(redeg - vin.data).max() < 0.1  # HU
     assert res.report["in_tta"] >= 1 and "through_internal_gain_db" in res.report
+
+
+def _outside_bracket(out: np.ndarray, lr: np.ndarray, f: int) -> np.ndarray:
+    """(Zf, Y, X) how far each voxel between two acquired slices lies outside their [min, max] (0 on acquired rows)."""
+    gap = np.zeros(out.shape, np.float32)
+    for k in range(lr.shape[0] - 1):
+        a, b = lr[k], lr[k + 1]
+        v = out[k * f + 1 : (k + 1) * f]
+        gap[k * f + 1 : (k + 1) * f] = np.maximum(np.minimum(a, b) - v, 0) + np.maximum(v - np.maximum(a, b), 0)
+    return gap
+
+
+@pytest.mark.parametrize("f", [2, 3])
+def test_new_voxels_beyond_their_acquired_neighbours_are_flagged_by_sigma(f: int) -> None:
+    """A sharp skull shell grazed by the slices (the demo phantom's equator: bone on two slices, air around) makes
+    the engine's residual overshoot between the slices by hundreds of HU (a bright or dark rim that is not in
+    the truth). Whatever value the engine writes there, its 95 % interval must reach the range of the two
+    acquired slices around it: sigma says the layer may not be there (calibration.bracket_floor)."""
+    from node.app.phantom import phantom_hu
+
+    fine = phantom_hu(slices=10 * f + 1, size=64, step_mm=2.5 / f, seed=0)
+    lr = np.ascontiguousarray(fine[::f])
+    px = 230.0 / 64
+    vin = VolumeInput(lr, (2.5, px, px), 2.5, "CT", (-1024.0, 3071.0))
+    opts = EngineOptions(device="cpu", fast=True, tta_passes=2, min_gain_db=-1e9)
+    res = get_engine("selfsup", opts).upscale(vin, Factors(f, 1))
+    assert res.engine == "selfsup" and not res.fallback, res.fallback
+    gap = _outside_bracket(res.data, lr, f)
+    assert gap.max() > 200.0  # the case does make the engine overshoot (else this test tests nothing)
+    assert np.all(gap <= 1.96 * res.sigma + 1e-3 * (1.0 + gap)), float((gap - 1.96 * res.sigma).max())
+    assert res.report["through_sigma_bracket_raised"] > 0
+
+
+def test_bracket_floor_raises_only_what_leaves_the_neighbours_range() -> None:
+    from models.calibration import bracket_floor
+
+    lr = torch.tensor([[[0.0, 0.0, 1.0]], [[1.0, 0.5, 1.0]], [[1.0, 0.5, 1.0]]])  # (3, 1, 3)
+    out = torch.zeros(5, 1, 3)
+    out[0], out[2], out[4] = lr[0], lr[1], lr[2]
+    out[1] = torch.tensor([[0.5, -0.196, 1.392]])  # inside [0, 1]; 0.196 below [0, 0.5]; 0.392 above [1, 1]
+    out[3] = torch.tensor([[1.0, 0.5, 0.804]])  # inside; inside; 0.196 below [1, 1]
+    sigma = torch.full((5, 1, 3), 0.05)
+    raised = bracket_floor(sigma, out, lr, 2)
+    assert int(raised) == 3
+    assert sigma[1, 0].tolist() == pytest.approx([0.05, 0.1, 0.2])
+    assert sigma[3, 0].tolist() == pytest.approx([0.05, 0.05, 0.1])
+    assert torch.all(sigma[::2] == 0.05)  # acquired rows untouched
