@@ -10,7 +10,6 @@ import io
 import itertools
 import json
 import logging
-import tempfile
 import threading
 from pathlib import Path
 
@@ -19,9 +18,16 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from node.config import Config, OrthancSource
-from node.errors import IngestError, NodeError
+from node.errors import NodeError
 from node.ingest.admit import Admission
-from node.ingest.pull import orthanc_call, orthanc_client, orthanc_series_files, source_caller
+from node.ingest.pull import (
+    Staging,
+    orthanc_call,
+    orthanc_client,
+    orthanc_series_files,
+    source_caller,
+    stage_all,
+)
 from node.own import is_srnode_description, own_output_marker
 
 log = logging.getLogger(__name__)
@@ -116,22 +122,15 @@ class ChangesFollower:
         if is_own_output(head, self.cfg.derive.series_description_suffix):
             log.info("changes follower %s: series %s is srnode output, left alone", self.src.name, series_id)
             return
-        n, refused = 0, 0
-        # the whole series is read first, each instance to a file in the spool's incoming/ (one in memory at a
-        # time, never the series): a pull cut mid-way admits none of it, so no job is made from part of it
-        with tempfile.TemporaryDirectory(prefix="pull-", dir=self.admission.spool.incoming) as staged:
-            paths = []
-            for i, data in enumerate(itertools.chain((first,), files)):
-                paths.append(Path(staged) / f"{i:06d}.dcm")
-                paths[-1].write_bytes(data)
-            for path in paths:
-                try:
-                    self.admission.admit_file(path, self.caller)
-                    n += 1
-                except IngestError as exc:
-                    refused += 1
-                    log.warning("changes follower %s: instance of series %s refused: %s", self.src.name,
-                                series_id, exc)
+        refused: list[str] = []
+        # the whole series is read first, staged in the spool's incoming/ (one instance in memory at a time): a
+        # pull cut mid-way admits none of it, so no job is made from part of it (the one staging path of pulls)
+        with Staging(self.admission, self.caller) as stage:
+            stage_all(stage, itertools.chain((first,), files),
+                       f"changes follower {self.src.name}: Orthanc series {series_id}")
+            n = stage.admit(refused)
+        for why in refused:
+            log.warning("changes follower %s: instance of series %s refused: %s", self.src.name, series_id, why)
         log.info("changes follower %s: series %s pulled, %d instance(s)", self.src.name, series_id, n)
         if n and not refused:  # Orthanc's whole stable series is in: its size is known
             self.admission.declare(str(head.StudyInstanceUID), str(head.SeriesInstanceUID), n,
