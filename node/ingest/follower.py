@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import logging
+import re
 import threading
 from pathlib import Path
 
@@ -29,8 +30,11 @@ from node.ingest.pull import (
     stage_all,
 )
 from node.own import is_srnode_description, own_output_marker
+from node.store import atomic_write
 
 log = logging.getLogger(__name__)
+
+_ORTHANC_ID = re.compile(r"[0-9A-Za-z-]{1,100}")  # Orthanc's ids (a SHA-1 in dashed groups): one URL path segment
 
 
 def is_own_output(ds: Dataset, suffix: str) -> bool:
@@ -80,9 +84,8 @@ class ChangesFollower:
             return end
 
     def _save(self, since: int) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"since": since}))
-        tmp.replace(self.state_path)
+        """Keep ``since`` in the state file, atomically and durably (a power cut leaves the old or the new)."""
+        atomic_write(self.state_path, json.dumps({"since": since}).encode())
 
     def _loop(self) -> None:
         since: int | None = None
@@ -96,10 +99,18 @@ class ChangesFollower:
                         "/changes", params=p)).json()
                     if not isinstance(page, dict):
                         raise ValueError(f"GET /changes answered JSON that is not Orthanc's ({type(page).__name__})")
-                    for change in page.get("Changes", []):
-                        if change.get("ChangeType") == "StableSeries":
-                            self._pull(client, change["ID"])
-                        since = int(change["Seq"])
+                    changes = page.get("Changes", [])
+                    if not isinstance(changes, list):
+                        raise ValueError(f"GET /changes answered 'Changes' that is not a list "
+                                         f"({type(changes).__name__})")
+                    for pos, change in enumerate(changes):
+                        seq = self._change(client, change, pos, since)
+                        if seq is not None and seq > since:
+                            since = seq
+                            self._save(since)
+                    last = page.get("Last")  # past a last change without its Seq: never read (nor said_nothing) again
+                    if isinstance(last, int) and not isinstance(last, bool) and changes and last > since:
+                        since = last
                         self._save(since)
                     if page.get("Done", True):
                         self._stop.wait(self.src.poll_s)
@@ -112,6 +123,39 @@ class ChangesFollower:
                     log.warning("changes follower %s: %s: %s; retrying in %.0f s", self.src.name, type(exc).__name__,
                                 str(exc)[:200], self.src.poll_s)
                     self._stop.wait(self.src.poll_s)
+
+    def _change(self, client: httpx.Client, change: object, pos: int, since: int) -> int | None:
+        """Act on one change of the feed (pull a StableSeries); returns its Seq, None when it has none usable.
+        A malformed change (not an object, no integer Seq, a StableSeries without a string ID) is skipped with
+        one warning naming its position, and whether a series may be lost by it: the feed goes on (it blocked
+        there, a warning every poll_s). Raises what a pull raises (the change is read again next round)."""
+        seq = change.get("Seq") if isinstance(change, dict) else None
+        seq_ok = isinstance(seq, int) and not isinstance(seq, bool)
+        where = f"change Seq {seq}" if seq_ok else f"change {pos + 1} of the page read after Seq {since}"
+        if not isinstance(change, dict):
+            log.warning("changes follower %s: %s is not an object (%s): skipped; had it told of a series becoming "
+                        "stable, that series is not pulled (pull it with srnode fetch)", self.src.name, where,
+                        type(change).__name__)
+            return None
+        kind, series_id = change.get("ChangeType"), change.get("ID")
+        id_ok = isinstance(series_id, str) and bool(_ORTHANC_ID.fullmatch(series_id))
+        said_nothing = kind != "StableSeries" and isinstance(kind, str) or kind == "StableSeries" and id_ok
+        if kind == "StableSeries" and not id_ok:
+            log.warning("changes follower %s: %s, a StableSeries, has no usable ID (%s): skipped; that series is "
+                        "not pulled (pull it with srnode fetch)", self.src.name, where, type(series_id).__name__)
+        elif not isinstance(kind, str):
+            log.warning("changes follower %s: %s has no ChangeType (%s): skipped; had it told of a series becoming "
+                        "stable, that series is not pulled (pull it with srnode fetch)", self.src.name, where,
+                        type(kind).__name__)
+        elif kind == "StableSeries":
+            self._pull(client, str(series_id))
+        if not seq_ok:
+            if said_nothing:  # one warning a change
+                log.warning("changes follower %s: %s has no integer Seq (%s): %s; the feed goes on from the next",
+                            self.src.name, where, type(seq).__name__,
+                            "its series pulled" if kind == "StableSeries" else "skipped")
+            return None
+        return int(seq)  # type: ignore[arg-type]
 
     def _pull(self, client: httpx.Client, series_id: str) -> None:
         files = orthanc_series_files(client, self.src, series_id)
