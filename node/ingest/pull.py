@@ -276,39 +276,69 @@ def _dimse_retrieve(cfg: Config, src: DicomSource, result: FetchResult, stage: S
                                  retryable=last in RETRIEVE_RETRYABLE_STATUSES)
                 if method == "get":
                     raise stage.failed(exc, what, result.series)
-                said = _move_fell_short(src, result, stage.admission, status, last)
+                said = _move_fell_short(cfg, src, result, stage.admission, status, last)
                 raise FetchError(f"{exc}; {said}", retryable=exc.retryable)
     finally:
         assoc.release()
 
 
-def _move_fell_short(src: DicomSource, result: FetchResult, admission: Admission, status: Dataset,
-                     last: int) -> str:
+def _move_fell_short(cfg: Config, src: DicomSource, result: FetchResult, admission: Admission,
+                     status: Dataset, last: int) -> str:
     """A C-MOVE ended without success: what it moved came through the node's SCP and is admitted already (the
     PACS answers once those C-STOREs ended). A series pull declares the size the PACS meant to move (completed +
-    failed + warning + remaining sub-operations, ``Admission.declare``), so the series never completes early
-    from what came: made after the quiet period, its job says ``INCOMPLETE`` with this C-MOVE's status (``srnode
-    status``, a warning); a retry that ends well declares the count again. A study pull cannot tell which of its
-    series fell short (the counts are the study's), nor can a PACS that gives no counts: a warning says so.
-    Returns what was done, in words."""
+    failed + warning + remaining sub-operations; a PACS that gives no counts, as Orthanc on a failure: the
+    series' NumberOfSeriesRelatedInstances by C-FIND), ``Admission.declare``, so the series never completes
+    early from what came: made after the quiet period, its job says ``INCOMPLETE`` with this C-MOVE's status
+    (``srnode status``, a warning); a retry that ends well declares the count again. A study pull cannot tell
+    which of its series fell short (the counts are the study's), nor a series pull whose size the PACS does not
+    say: a warning says so. Returns what was done, in words."""
     counts = {k: int(getattr(status, f"Number{k}Suboperations", 0) or 0)
               for k in ("OfCompleted", "OfFailed", "OfWarning", "OfRemaining")}
-    done, meant = counts["OfCompleted"] + counts["OfWarning"], sum(counts.values())
+    done, meant, how = counts["OfCompleted"] + counts["OfWarning"], sum(counts.values()), "sub-operation(s)"
+    if result.series and meant == 0:
+        meant, how = _series_size(cfg, src, result.study, result.series), "instance(s) by C-FIND"
     if not result.series or meant == 0:
-        log.warning("source %s: C-MOVE of study %s%s ended with status %s (%d of %d sub-operation(s) done): what "
-                    "it moved completes by the quiet period and may lack instances without a job saying so; pull "
-                    "%s again", src.name, result.study, f" series {result.series}" if result.series else "",
-                    label(last), done, meant, "it" if result.series else "each series")
-        return ("what it moved completes by the quiet period and may lack instances (no per-series count): pull "
-                "each series again")
+        log.warning("source %s: C-MOVE of study %s%s ended with status %s (no per-series count): what it moved "
+                    "completes by the quiet period and may lack instances without a job saying so; pull %s again",
+                    src.name, result.study, f" series {result.series}" if result.series else "", label(last),
+                    "it" if result.series else "each series")
+        return ("what it moved completes by the quiet period and may lack instances (no count per series): pull "
+                f"{'it' if result.series else 'each series'} again")
     result.moved = done
     row = admission.declare(result.study, result.series, meant,
-                            f"c-move from {src.name} ended with status {label(last)}: {done} of {meant} "
-                            f"sub-operation(s) done, {counts['OfFailed']} failed")
+                            f"c-move from {src.name} ended with status {label(last)}: {done} of {meant} {how} "
+                            f"done, {counts['OfFailed']} failed")
     if row is None:
         return f"nothing of series {result.series} came"
-    return (f"series {result.series} declared {meant} instance(s): unless a retry brings the rest, its job says "
-            f"INCOMPLETE ({row['n_instances']} in)")
+    return (f"series {result.series} declared {meant} instance(s) ({row['n_instances']} came): unless a retry "
+            "brings the rest, its job says INCOMPLETE")
+
+
+def _series_size(cfg: Config, src: DicomSource, study: str, series: str) -> int:
+    """The series' NumberOfSeriesRelatedInstances by a C-FIND to ``src``; 0 when it cannot be had."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=cfg.node.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = 30
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    q = _query(study, series)
+    q.NumberOfSeriesRelatedInstances = None
+    sizes: list[int] = []
+    try:
+        assoc = ae.associate(src.host, src.port, ae_title=src.ae_title)
+        if not assoc.is_established:
+            return 0
+        try:
+            for st, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind):
+                if st is not None and int(getattr(st, "Status", -1)) in PENDING_STATUSES and ident is not None:
+                    sizes.append(int(ident.get("NumberOfSeriesRelatedInstances") or 0))
+        finally:
+            assoc.release()
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        log.warning("source %s: C-FIND of the size of series %s failed: %s", src.name, series, type(exc).__name__)
+        return 0
+    return sizes[0] if len(sizes) == 1 else 0
 
 
 # ------------------------------------------------------------------------------------------ DICOMweb

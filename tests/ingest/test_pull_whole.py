@@ -195,3 +195,76 @@ def test_the_feed_position_is_written_atomically_and_durably(tmp_path: Path,
         assert any(Path(p).parent == state.parent and p != str(state.parent) for p in synced), synced  # the data
     finally:
         store.index.close()  # type: ignore[attr-defined]
+
+
+def _one_the_node_cannot_take(tmp_path: Path, seed: int) -> tuple[list[Path], pydicom.Dataset]:
+    """A series of 6 whose 4th instance is of a SOP class no storage context of the node offers (a private one):
+    the PACS stores it, and fails that one sub-operation of a C-MOVE / C-GET to the node."""
+    files = phantom(tmp_path, seed=seed, slices=6)
+    ds = pydicom.dcmread(files[3])
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.826.0.1.3680043.10.1087.99.1"
+    ds.save_as(files[3])
+    return files, pydicom.dcmread(files[0], stop_before_pixels=True)
+
+
+def test_a_c_move_with_failed_sub_operations_marks_its_series_incomplete(tmp_path: Path) -> None:
+    """A C-MOVE of a series that fails on its 4th instance (Orthanc: status 0xC000, no sub-operation counts, the
+    instances it sent before through the node's SCP). Before: exit 1 and no declaration: once quiet, what came
+    made a job that looked complete. Now the series is declared with the size the PACS gives (sub-operation
+    counts, else NumberOfSeriesRelatedInstances by C-FIND: 6), by this C-MOVE's status, so it never completes
+    early and its job says INCOMPLETE naming the C-MOVE (``srnode status``)."""
+    from tests.support.peers import free_port
+
+    node_port = free_port()
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", modalities={"SRNODE": ["SRNODE", "127.0.0.1", node_port]})
+    node = start_node(tmp_path / "node", {"node": {"port": node_port}, "sources": [
+        {"name": "pacs", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}]})
+    try:
+        files, ref = _one_the_node_cannot_take(tmp_path, 1405)
+        upload(orthanc, files)
+        r = node.cli("fetch", "--from", "pacs", "--study", ref.StudyInstanceUID, "--series", ref.SeriesInstanceUID)
+        assert r.returncode != 0, r.stdout
+        assert "INCOMPLETE" in r.stderr and ref.SeriesInstanceUID in r.stderr, r.stderr
+        ix = Index(node.spool / "index.sqlite")
+        try:
+            row = ix.series(ref.SeriesInstanceUID, ref.StudyInstanceUID)
+            assert row is not None and row["n_instances"] < 6 and row["declared_instances"] == 6, row
+            assert "c-move from pacs ended with status 0xC000" in row["declared_by"], row
+            came = row["n_instances"]
+        finally:
+            ix.close()
+        job = wait_job(node, ref.SeriesInstanceUID)
+        st = node.cli("status")
+        assert f"INCOMPLETE: made from {came} of the 6" in st.stdout and "c-move from pacs" in st.stdout, st.stdout
+        assert job["n_instances"] == came
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def test_a_c_get_with_failed_sub_operations_admits_nothing_of_the_series(tmp_path: Path) -> None:
+    """A C-GET of a series that fails on its 4th instance (Orthanc: status 0xC000, 1 sub-operation failed): before,
+    the instances stored on the same association before it were admitted as they came (a job from part of the
+    series after the quiet period); now none, the error names the series and how many were read."""
+    from node.config import config_from_dict
+    from node.ingest import Admission, fetch
+    from node.metrics import Metrics
+    from node.store import open_store
+
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", modalities={"SRNODE": ["SRNODE", "127.0.0.1", 11112]})
+    try:
+        files, ref = _one_the_node_cannot_take(tmp_path, 1406)
+        upload(orthanc, files)
+        cfg = config_from_dict({"node": {"spool_dir": str(tmp_path / "spool")}, "sources": [
+            {"name": "pacs", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1",
+             "port": orthanc.dicom_port}]})
+        store = open_store(cfg)
+        admission = Admission(cfg, store.spool, store.index, Metrics.create())
+        with pytest.raises(NodeError) as err:
+            fetch(cfg, "pacs", ref.StudyInstanceUID, ref.SeriesInstanceUID, admission=admission, method="get")
+        assert store.index.series(ref.SeriesInstanceUID, ref.StudyInstanceUID) is None
+        assert ref.SeriesInstanceUID in str(err.value) and "none of it admitted" in str(err.value), err.value
+        assert list((tmp_path / "spool" / "incoming").iterdir()) == []
+        store.index.close()
+    finally:
+        orthanc.stop()
