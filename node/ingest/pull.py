@@ -2,7 +2,10 @@
 
 ``srnode fetch --study UID [--series UID] --from NAME`` and ``POST /jobs`` both call :func:`fetch`.
 Instances go into the spool through the same admission as received ones (``node.ingest.admit``), so the normal
-stable → job path processes them.
+stable → job path processes them. A pull is all or nothing per series: what this process reads (C-GET, WADO-RS,
+Orthanc REST, the changes follower) is staged in the spool's ``incoming/`` (:class:`Staging`) and admitted only
+once the source sent all of it; a failure part-way admits none of it and names the series. A C-MOVE's instances
+come through the node's SCP: one that fails declares the series' size, so its job says INCOMPLETE.
 
 - kind ``dicom``: C-MOVE (default) with the node's own AE as move destination — the PACS sends the instances to the
   running node's SCP, so the PACS must know the node's AE title, host and port; or C-GET (``--method get``), where
@@ -294,9 +297,11 @@ def _move_fell_short(cfg: Config, src: DicomSource, result: FetchResult, admissi
     say: a warning says so. Returns what was done, in words."""
     counts = {k: int(getattr(status, f"Number{k}Suboperations", 0) or 0)
               for k in ("OfCompleted", "OfFailed", "OfWarning", "OfRemaining")}
-    done, meant, how = counts["OfCompleted"] + counts["OfWarning"], sum(counts.values()), "sub-operation(s)"
+    done, meant = counts["OfCompleted"] + counts["OfWarning"], sum(counts.values())
+    how = f"{done} of {meant} sub-operation(s) done, {counts['OfFailed']} failed"
     if result.series and meant == 0:
-        meant, how = _series_size(cfg, src, result.study, result.series), "instance(s) by C-FIND"
+        meant = _series_size(cfg, src, result.study, result.series)
+        how = f"no sub-operation counts; the series holds {meant} instance(s) by C-FIND"
     if not result.series or meant == 0:
         log.warning("source %s: C-MOVE of study %s%s ended with status %s (no per-series count): what it moved "
                     "completes by the quiet period and may lack instances without a job saying so; pull %s again",
@@ -306,8 +311,7 @@ def _move_fell_short(cfg: Config, src: DicomSource, result: FetchResult, admissi
                 f"{'it' if result.series else 'each series'} again")
     result.moved = done
     row = admission.declare(result.study, result.series, meant,
-                            f"c-move from {src.name} ended with status {label(last)}: {done} of {meant} {how} "
-                            f"done, {counts['OfFailed']} failed")
+                            f"c-move from {src.name} ended with status {label(last)}: {how}")
     if row is None:
         return f"nothing of series {result.series} came"
     return (f"series {result.series} declared {meant} instance(s) ({row['n_instances']} came): unless a retry "
