@@ -10,7 +10,7 @@ import io
 import itertools
 import json
 import logging
-import tempfile
+import re
 import threading
 from pathlib import Path
 
@@ -19,12 +19,22 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from node.config import Config, OrthancSource
-from node.errors import IngestError, NodeError
+from node.errors import NodeError
 from node.ingest.admit import Admission
-from node.ingest.pull import orthanc_call, orthanc_client, orthanc_series_files, source_caller
+from node.ingest.pull import (
+    Staging,
+    orthanc_call,
+    orthanc_client,
+    orthanc_series_files,
+    source_caller,
+    stage_all,
+)
 from node.own import is_srnode_description, own_output_marker
+from node.store import atomic_write
 
 log = logging.getLogger(__name__)
+
+_ORTHANC_ID = re.compile(r"[0-9A-Za-z-]{1,100}")  # Orthanc's ids (a SHA-1 in dashed groups): one URL path segment
 
 
 def is_own_output(ds: Dataset, suffix: str) -> bool:
@@ -74,9 +84,8 @@ class ChangesFollower:
             return end
 
     def _save(self, since: int) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"since": since}))
-        tmp.replace(self.state_path)
+        """Keep ``since`` in the state file, atomically and durably (a power cut leaves the old or the new)."""
+        atomic_write(self.state_path, json.dumps({"since": since}).encode())
 
     def _loop(self) -> None:
         since: int | None = None
@@ -90,10 +99,18 @@ class ChangesFollower:
                         "/changes", params=p)).json()
                     if not isinstance(page, dict):
                         raise ValueError(f"GET /changes answered JSON that is not Orthanc's ({type(page).__name__})")
-                    for change in page.get("Changes", []):
-                        if change.get("ChangeType") == "StableSeries":
-                            self._pull(client, change["ID"])
-                        since = int(change["Seq"])
+                    changes = page.get("Changes", [])
+                    if not isinstance(changes, list):
+                        raise ValueError(f"GET /changes answered 'Changes' that is not a list "
+                                         f"({type(changes).__name__})")
+                    for pos, change in enumerate(changes):
+                        seq = self._change(client, change, pos, since)
+                        if seq is not None and seq > since:
+                            since = seq
+                            self._save(since)
+                    last = page.get("Last")  # past a last change without its Seq: never read (nor said_nothing) again
+                    if isinstance(last, int) and not isinstance(last, bool) and changes and last > since:
+                        since = last
                         self._save(since)
                     if page.get("Done", True):
                         self._stop.wait(self.src.poll_s)
@@ -107,6 +124,39 @@ class ChangesFollower:
                                 str(exc)[:200], self.src.poll_s)
                     self._stop.wait(self.src.poll_s)
 
+    def _change(self, client: httpx.Client, change: object, pos: int, since: int) -> int | None:
+        """Act on one change of the feed (pull a StableSeries); returns its Seq, None when it has none usable.
+        A malformed change (not an object, no integer Seq, a StableSeries without a string ID) is skipped with
+        one warning naming its position, and whether a series may be lost by it: the feed goes on (it blocked
+        there, a warning every poll_s). Raises what a pull raises (the change is read again next round)."""
+        seq = change.get("Seq") if isinstance(change, dict) else None
+        seq_ok = isinstance(seq, int) and not isinstance(seq, bool)
+        where = f"change Seq {seq}" if seq_ok else f"change {pos + 1} of the page read after Seq {since}"
+        if not isinstance(change, dict):
+            log.warning("changes follower %s: %s is not an object (%s): skipped; had it told of a series becoming "
+                        "stable, that series is not pulled (pull it with srnode fetch)", self.src.name, where,
+                        type(change).__name__)
+            return None
+        kind, series_id = change.get("ChangeType"), change.get("ID")
+        id_ok = isinstance(series_id, str) and bool(_ORTHANC_ID.fullmatch(series_id))
+        said_nothing = kind != "StableSeries" and isinstance(kind, str) or kind == "StableSeries" and id_ok
+        if kind == "StableSeries" and not id_ok:
+            log.warning("changes follower %s: %s, a StableSeries, has no usable ID (%s): skipped; that series is "
+                        "not pulled (pull it with srnode fetch)", self.src.name, where, type(series_id).__name__)
+        elif not isinstance(kind, str):
+            log.warning("changes follower %s: %s has no ChangeType (%s): skipped; had it told of a series becoming "
+                        "stable, that series is not pulled (pull it with srnode fetch)", self.src.name, where,
+                        type(kind).__name__)
+        elif kind == "StableSeries":
+            self._pull(client, str(series_id))
+        if not seq_ok:
+            if said_nothing:  # one warning a change
+                log.warning("changes follower %s: %s has no integer Seq (%s): %s; the feed goes on from the next",
+                            self.src.name, where, type(seq).__name__,
+                            "its series pulled" if kind == "StableSeries" else "skipped")
+            return None
+        return int(seq)  # type: ignore[arg-type]
+
     def _pull(self, client: httpx.Client, series_id: str) -> None:
         files = orthanc_series_files(client, self.src, series_id)
         first = next(files, None)
@@ -116,22 +166,15 @@ class ChangesFollower:
         if is_own_output(head, self.cfg.derive.series_description_suffix):
             log.info("changes follower %s: series %s is srnode output, left alone", self.src.name, series_id)
             return
-        n, refused = 0, 0
-        # the whole series is read first, each instance to a file in the spool's incoming/ (one in memory at a
-        # time, never the series): a pull cut mid-way admits none of it, so no job is made from part of it
-        with tempfile.TemporaryDirectory(prefix="pull-", dir=self.admission.spool.incoming) as staged:
-            paths = []
-            for i, data in enumerate(itertools.chain((first,), files)):
-                paths.append(Path(staged) / f"{i:06d}.dcm")
-                paths[-1].write_bytes(data)
-            for path in paths:
-                try:
-                    self.admission.admit_file(path, self.caller)
-                    n += 1
-                except IngestError as exc:
-                    refused += 1
-                    log.warning("changes follower %s: instance of series %s refused: %s", self.src.name,
-                                series_id, exc)
+        refused: list[str] = []
+        # the whole series is read first, staged in the spool's incoming/ (one instance in memory at a time): a
+        # pull cut mid-way admits none of it, so no job is made from part of it (the one staging path of pulls)
+        with Staging(self.admission, self.caller) as stage:
+            stage_all(stage, itertools.chain((first,), files),
+                       f"changes follower {self.src.name}: Orthanc series {series_id}")
+            n = stage.admit(refused)
+        for why in refused:
+            log.warning("changes follower %s: instance of series %s refused: %s", self.src.name, series_id, why)
         log.info("changes follower %s: series %s pulled, %d instance(s)", self.src.name, series_id, n)
         if n and not refused:  # Orthanc's whole stable series is in: its size is known
             self.admission.declare(str(head.StudyInstanceUID), str(head.SeriesInstanceUID), n,

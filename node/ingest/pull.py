@@ -2,7 +2,10 @@
 
 ``srnode fetch --study UID [--series UID] --from NAME`` and ``POST /jobs`` both call :func:`fetch`.
 Instances go into the spool through the same admission as received ones (``node.ingest.admit``), so the normal
-stable → job path processes them.
+stable → job path processes them. A pull is all or nothing per series: what this process reads (C-GET, WADO-RS,
+Orthanc REST, the changes follower) is staged in the spool's ``incoming/`` (:class:`Staging`) and admitted only
+once the source sent all of it; a failure part-way admits none of it and names the series. A C-MOVE's instances
+come through the node's SCP: one that fails declares the series' size, so its job says INCOMPLETE.
 
 - kind ``dicom``: C-MOVE (default) with the node's own AE as move destination — the PACS sends the instances to the
   running node's SCP, so the PACS must know the node's AE title, host and port; or C-GET (``--method get``), where
@@ -17,8 +20,11 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable, Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,8 +39,8 @@ from node.dimse import (
     label,
     max_pdu_problem,
 )
-from node.errors import ConfigError, DeliveryError, IngestError, http_status_text
-from node.ingest.admit import Admission, Caller
+from node.errors import ConfigError, DeliveryError, IngestError, NodeError, http_status_text
+from node.ingest.admit import Admission, Caller, read_header
 from node.store import valid_uid
 
 log = logging.getLogger(__name__)
@@ -91,12 +97,19 @@ def fetch(cfg: Config, source_name: str, study: str, series: str = "", *, admiss
         result = FetchResult(src.name, f"c-{method}", study, series)
         _dimse(cfg, src, result, admission, method)
     elif isinstance(src, DicomwebSource):
+        # one WADO-RS answer: a series, or a whole study (its series interleaved), admitted once read whole
         result = FetchResult(src.name, "wado-rs", study, series)
-        _feed(result, admission, source_caller(src, "wado-rs"), _wado(src, study, series))
+        with Staging(admission, source_caller(src, "wado-rs")) as stage:
+            stage_all(stage, _wado(src, study, series), f"source {src.name!r}: WADO-RS of study {study}", series)
+            result.received = stage.admit(result.refused)
     else:
         result = FetchResult(src.name, "orthanc-rest", study, series)
         with orthanc_client(src) as client:
-            _feed(result, admission, source_caller(src, "orthanc-rest"), _orthanc_files(client, src, study, series))
+            for series_id in _orthanc_series(client, src, study, series):
+                with Staging(admission, source_caller(src, "orthanc-rest")) as stage:
+                    stage_all(stage, orthanc_series_files(client, src, series_id),
+                               f"source {src.name!r}: Orthanc series {series_id} of study {study}", series)
+                    result.received += stage.admit(result.refused)
     log.info("fetch from %s (%s): %d spooled, %d moved, %d refused", src.name, result.method,
              result.received, result.moved, len(result.refused))
     sent = result.moved if result.method == "c-move" else result.received
@@ -105,13 +118,81 @@ def fetch(cfg: Config, source_name: str, study: str, series: str = "", *, admiss
     return result
 
 
-def _feed(result: FetchResult, admission: Admission, caller: Caller, files: Iterator[bytes]) -> None:
-    for data in files:
+class Staging:
+    """Pulled instances staged in a folder of the spool's ``incoming/``, one file each as it comes (one in memory at
+    a time, never the series), admitted only by :meth:`admit`, once the source sent all of them: a pull that fails
+    part-way admits none of what it read (:meth:`failed`), so no job is ever made from part of a series the source
+    was still sending. The one staging path of every pull (``fetch`` from any source, the changes follower). A
+    context manager: on leaving, whatever was not admitted is removed with its folder.
+    """
+
+    def __init__(self, admission: Admission, caller: Caller) -> None:
+        self.admission, self.caller = admission, caller
         try:
-            admission.admit_bytes(data, caller)
-            result.received += 1
-        except IngestError as exc:
-            result.refused.append(str(exc))
+            self.folder = Path(tempfile.mkdtemp(prefix="pull-", dir=admission.spool.incoming))
+        except OSError as exc:
+            raise FetchError(f"cannot stage a pull in {admission.spool.incoming}: {exc}") from exc
+        self.paths: list[Path] = []
+        self.uids: dict[tuple[str, str], int] = {}  # (study, series) read so far -> instances
+
+    def __enter__(self) -> Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def add(self, data: bytes) -> None:
+        """Write one instance to the staging folder; FetchError when the spool's disk cannot hold it."""
+        path = self.folder / f"{len(self.paths):06d}.dcm"
+        try:
+            path.write_bytes(data)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise FetchError(f"cannot stage a pulled instance in {self.folder}: {exc}") from exc
+        self.paths.append(path)
+        try:
+            head = read_header(path)
+            key = (head.study_uid, head.series_uid)
+        except (IngestError, OSError):  # admission refuses it, naming why (:meth:`admit`)
+            key = ("?", "?")
+        self.uids[key] = self.uids.get(key, 0) + 1
+
+    def admit(self, refused: list[str]) -> int:
+        """Admit every staged instance in order (``Admission.admit_file``); a refused one is added to
+        ``refused`` (its reason, as admission words it). Returns how many were admitted; the stage is then empty."""
+        n = 0
+        for path in self.paths:
+            try:
+                self.admission.admit_file(path, self.caller)
+                n += 1
+            except IngestError as exc:
+                refused.append(str(exc))
+            path.unlink(missing_ok=True)
+        self.paths, self.uids = [], {}
+        return n
+
+    def failed(self, exc: Exception, what: str, series: str = "") -> FetchError:
+        """The error of a pull that failed part-way (``exc``, from call ``what``), naming by UID the series of
+        which nothing was admitted (``series``, the series asked for, when none of it was read yet); call it
+        inside the ``with``: the staged files are removed on leaving."""
+        staged = [f"series {se} (study {st}): {k} instance(s) read" for (st, se), k in self.uids.items()]
+        if not staged:
+            staged = [f"series {series}: none read" if series else "no instance read"]
+        shown = "; ".join(staged[:5]) + (f"; and {len(staged) - 5} more series" if len(staged) > 5 else "")
+        retryable = exc.retryable if isinstance(exc, DeliveryError) else True
+        detail = str(exc) if isinstance(exc, NodeError) else f"{type(exc).__name__}: {str(exc)[:200]}"
+        log.warning("pull %s failed part-way: %s; admitted none of %s", what, detail, shown)
+        return FetchError(f"{what} failed part-way ({detail}); none of it admitted ({shown}): a pull is all or "
+                          "nothing per series, pull it again", retryable=retryable)
+
+
+def stage_all(stage: Staging, files: Iterable[bytes], what: str, series: str = "") -> None:
+    """Stage every file of ``files``; FetchError naming the series (:meth:`Staging.failed`) when reading fails."""
+    try:
+        for data in files:
+            stage.add(data)
+    except (NodeError, httpx.HTTPError, OSError, ValueError) as exc:
+        raise stage.failed(exc, what, series) from exc
 
 
 # ------------------------------------------------------------------------------------------ DIMSE
@@ -127,6 +208,14 @@ def _query(study: str, series: str) -> Dataset:
 
 
 def _dimse(cfg: Config, src: DicomSource, result: FetchResult, admission: Admission, method: str) -> None:
+    caller = source_caller(src, "c-get")
+    with Staging(admission, caller) as stage:
+        _dimse_retrieve(cfg, src, result, stage, method)
+        if method == "get":  # the C-GET ended well: every instance it brought is in, admitted together
+            result.received = stage.admit(result.refused)
+
+
+def _dimse_retrieve(cfg: Config, src: DicomSource, result: FetchResult, stage: Staging, method: str) -> None:
     from pynetdicom import AE, build_role, evt
     from pynetdicom.presentation import StoragePresentationContexts
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
@@ -139,6 +228,7 @@ def _dimse(cfg: Config, src: DicomSource, result: FetchResult, admission: Admiss
     ae.connection_timeout = 60  # the TCP connection and its TLS handshake (node.send.dimse)
     handlers: list[Any] = []
     roles: list[Any] = []
+    what = f"source {src.name!r}: C-{method.upper()} of study {result.study}"
     if method == "move":
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         model = StudyRootQueryRetrieveInformationModelMove
@@ -150,16 +240,13 @@ def _dimse(cfg: Config, src: DicomSource, result: FetchResult, admission: Admiss
             roles.append(build_role(syntax, scp_role=True))
         model = StudyRootQueryRetrieveInformationModelGet
 
-        caller = source_caller(src, "c-get")
-
-        def on_store(event: Any) -> int:
+        def on_store(event: Any) -> int:  # staged: admitted only once the C-GET ended well (refusals listed then)
             try:
-                admission.admit_bytes(event.encoded_dataset(), caller)
-                result.received += 1
+                stage.add(event.encoded_dataset())
                 return Status.SUCCESS
-            except IngestError as exc:
-                result.refused.append(str(exc))
-                return exc.status
+            except FetchError as exc:
+                log.warning("%s: %s", what, exc)
+                return Status.OUT_OF_RESOURCES
 
         handlers = [(evt.EVT_C_STORE, on_store)]
     assoc = ae.associate(src.host, src.port, ae_title=src.ae_title, ext_neg=roles, evt_handlers=handlers)
@@ -178,17 +265,84 @@ def _dimse(cfg: Config, src: DicomSource, result: FetchResult, admission: Admiss
                      else assoc.send_c_get(query, model))
         for status, _identifier in responses:
             if status is None or "Status" not in status:
-                raise FetchError(f"source {src.name!r}: C-{method.upper()} got no answer (timeout or abort)")
+                exc = FetchError(f"source {src.name!r}: C-{method.upper()} got no answer (timeout or abort)")
+                if method == "move":
+                    raise exc
+                raise stage.failed(exc, what, result.series)
             last = int(status.Status)
             if last == Status.SUCCESS and method == "move":
                 result.moved = int(getattr(status, "NumberOfCompletedSuboperations", 0) or 0)
             if last != Status.SUCCESS and last not in PENDING_STATUSES:
                 failed = int(getattr(status, "NumberOfFailedSuboperations", 0) or 0)
-                raise FetchError(f"source {src.name!r}: C-{method.upper()} ended with status {label(last)}"
+                exc = FetchError(f"source {src.name!r}: C-{method.upper()} ended with status {label(last)}"
                                  f" ({failed} sub-operation(s) failed; is {cfg.node.ae_title} known to the PACS?)",
                                  retryable=last in RETRIEVE_RETRYABLE_STATUSES)
+                if method == "get":
+                    raise stage.failed(exc, what, result.series)
+                said = _move_fell_short(cfg, src, result, stage.admission, status, last)
+                raise FetchError(f"{exc}; {said}", retryable=exc.retryable)
     finally:
         assoc.release()
+
+
+def _move_fell_short(cfg: Config, src: DicomSource, result: FetchResult, admission: Admission,
+                     status: Dataset, last: int) -> str:
+    """A C-MOVE ended without success: what it moved came through the node's SCP and is admitted already (the
+    PACS answers once those C-STOREs ended). A series pull declares the size the PACS meant to move (completed +
+    failed + warning + remaining sub-operations; a PACS that gives no counts, as Orthanc on a failure: the
+    series' NumberOfSeriesRelatedInstances by C-FIND), ``Admission.declare``, so the series never completes
+    early from what came: made after the quiet period, its job says ``INCOMPLETE`` with this C-MOVE's status
+    (``srnode status``, a warning); a retry that ends well declares the count again. A study pull cannot tell
+    which of its series fell short (the counts are the study's), nor a series pull whose size the PACS does not
+    say: a warning says so. Returns what was done, in words."""
+    counts = {k: int(getattr(status, f"Number{k}Suboperations", 0) or 0)
+              for k in ("OfCompleted", "OfFailed", "OfWarning", "OfRemaining")}
+    done, meant = counts["OfCompleted"] + counts["OfWarning"], sum(counts.values())
+    how = f"{done} of {meant} sub-operation(s) done, {counts['OfFailed']} failed"
+    if result.series and meant == 0:
+        meant = _series_size(cfg, src, result.study, result.series)
+        how = f"no sub-operation counts; the series holds {meant} instance(s) by C-FIND"
+    if not result.series or meant == 0:
+        log.warning("source %s: C-MOVE of study %s%s ended with status %s (no per-series count): what it moved "
+                    "completes by the quiet period and may lack instances without a job saying so; pull %s again",
+                    src.name, result.study, f" series {result.series}" if result.series else "", label(last),
+                    "it" if result.series else "each series")
+        return ("what it moved completes by the quiet period and may lack instances (no count per series): pull "
+                f"{'it' if result.series else 'each series'} again")
+    result.moved = done
+    row = admission.declare(result.study, result.series, meant,
+                            f"c-move from {src.name} ended with status {label(last)}: {how}")
+    if row is None:
+        return f"nothing of series {result.series} came"
+    return (f"series {result.series} declared {meant} instance(s) ({row['n_instances']} came): unless a retry "
+            "brings the rest, its job says INCOMPLETE")
+
+
+def _series_size(cfg: Config, src: DicomSource, study: str, series: str) -> int:
+    """The series' NumberOfSeriesRelatedInstances by a C-FIND to ``src``; 0 when it cannot be had."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=cfg.node.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = 30
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    q = _query(study, series)
+    q.NumberOfSeriesRelatedInstances = None
+    sizes: list[int] = []
+    try:
+        assoc = ae.associate(src.host, src.port, ae_title=src.ae_title)
+        if not assoc.is_established:
+            return 0
+        try:
+            for st, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind):
+                if st is not None and int(getattr(st, "Status", -1)) in PENDING_STATUSES and ident is not None:
+                    sizes.append(int(ident.get("NumberOfSeriesRelatedInstances") or 0))
+        finally:
+            assoc.release()
+    except (OSError, ValueError, TypeError, RuntimeError) as exc:
+        log.warning("source %s: C-FIND of the size of series %s failed: %s", src.name, series, type(exc).__name__)
+        return 0
+    return sizes[0] if len(sizes) == 1 else 0
 
 
 # ------------------------------------------------------------------------------------------ DICOMweb
@@ -258,15 +412,15 @@ def orthanc_ids(src: OrthancSource, what: str, r: httpx.Response, key: str = "")
     return ids
 
 
-def _orthanc_files(client: httpx.Client, src: OrthancSource, study: str, series: str) -> Iterator[bytes]:
+def _orthanc_series(client: httpx.Client, src: OrthancSource, study: str, series: str) -> list[str]:
+    """The Orthanc ids of the series to pull (one when ``series`` is given); FetchError when none."""
     query = {"StudyInstanceUID": study, **({"SeriesInstanceUID": series} if series else {})}
     found = orthanc_ids(src, "find", orthanc_call(src, "find", lambda: client.post("/tools/find", json={
         "Level": "Series", "Query": query})))
     if not found:
         raise FetchError(f"source {src.name!r}: no series for study {study}" + (f" series {series}" if series
                          else ""), retryable=False)
-    for series_id in found:
-        yield from orthanc_series_files(client, src, series_id)
+    return found
 
 
 def orthanc_series_files(client: httpx.Client, src: OrthancSource, series_id: str) -> Iterator[bytes]:

@@ -13,7 +13,7 @@ from node.config import Config
 from node.store.index import HEADER_DECLARED, MAX_DECLARED_INSTANCES, NO_HINT, Index, SeriesKey, SizeHint
 from node.store.jobs import poison_reason
 from node.store.schema import DAMAGED_HINT, Delivery, IndexDamaged, Instance, Job
-from node.store.spool import Spool, Stored, atomic_copy, fsync_dir, valid_uid
+from node.store.spool import Spool, Stored, atomic_copy, atomic_write, fsync_dir, valid_uid
 from node.store.states import JOB_DONE_STATES, DeliveryState, JobState, SeriesState
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "Store",
     "Stored",
     "atomic_copy",
+    "atomic_write",
     "fsync_dir",
     "open_store",
     "valid_uid",

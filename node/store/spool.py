@@ -158,6 +158,23 @@ def atomic_copy(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
 
 
+def atomic_write(dst: Path, data: bytes) -> None:
+    """Write ``data`` to ``dst`` atomically and durably: a temporary file in dst's folder, fsync, rename (replaces
+    dst), fsync of the folder; a power cut leaves the old content or the new, never an empty or partial file.
+    Raises OSError (the temporary file is removed)."""
+    fd, tmp = tempfile.mkstemp(prefix=".part-", dir=dst.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(dst.parent)
+
+
 @dataclass(frozen=True)
 class Stored:
     """Where an admitted instance lies in the spool (``instances/<Study>/<Series>/<SOP>.dcm``)."""

@@ -199,3 +199,71 @@ def mount_tmpfs(where: Path, size: str) -> bool:
         return False
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
                           capture_output=True).returncode == 0
+
+
+class FaultyProxy:
+    """An HTTP proxy on a free loopback port in front of ``upstream`` (a real Orthanc) that breaks chosen answers:
+    ``fault(method, path, n)`` (``n``: how many requests of that path's kind came so far, 1-based; kinds are
+    ``file`` for ``/instances/{id}/file`` and ``other``) returns None to forward the answer as it is, ``"500"`` to
+    answer 500 instead, ``"cut"`` to send the answer's headers and half its body, then close the connection (a
+    source dying mid-transfer), bytes to answer them instead (200, JSON). ``log``: every (method, path) forwarded. A context manager (shuts it down)."""
+
+    def __init__(self, upstream: str, fault: Callable[[str, str, int], str | bytes | None]) -> None:
+        import http.server
+        import threading
+
+        self.log: list[tuple[str, str]] = []
+        counts: dict[str, int] = {}
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+                kind = "file" if self.path.split("?")[0].endswith("/file") else "other"
+                counts[kind] = counts.get(kind, 0) + 1
+                proxy.log.append((self.command, self.path))
+                what = fault(self.command, self.path, counts[kind])
+                if isinstance(what, bytes):
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(what)))
+                    self.end_headers()
+                    self.wfile.write(what)
+                    return
+                if what == "500":
+                    self.send_response(500)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
+                r = httpx.request(self.command, upstream + self.path, content=body or None, headers=headers,
+                                  timeout=60)
+                self.send_response(r.status_code)
+                self.send_header("Content-Type", r.headers.get("content-type", "application/octet-stream"))
+                self.send_header("Content-Length", str(len(r.content)))
+                self.end_headers()
+                if what == "cut":
+                    self.wfile.write(r.content[:len(r.content) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(r.content)
+
+            do_GET = do_POST = _forward  # noqa: N815 - http.server's names
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._srv = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._srv.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> FaultyProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._srv.shutdown()
+        self._srv.server_close()
