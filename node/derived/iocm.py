@@ -148,12 +148,29 @@ def result_revision(index: Index, job: Job) -> Revision:
     """What decides the revision of ``job``'s results (``node.derived.labels.Revision``: it moves the
     SeriesNumbers): the latest earlier job of the series that made results -- its report's ``revision`` (0 when
     absent) and its derived SeriesInstanceUIDs (report ``derived_series_uids``, else its ``derived_series_uid``);
-    no earlier result: revision 0. SpoolError (index)."""
+    no earlier result: revision 0; and the derived series UIDs and revision of every older result of the series
+    (``Revision.made``: UIDs made again after a setting was changed back keep their revision). SpoolError (index)."""
     old = _latest_result(index, job)
     if old is None:
         return Revision()
-    uids = [str(u) for u in old.report.get("derived_series_uids", []) or []] or [old.derived_series_uid]
-    return Revision(int(old.report.get("revision", 0) or 0), frozenset(u for u in uids if u))
+    made: list[tuple[str, int]] = []
+    seen: set[int] = {job.id}
+    older: Job | None = old
+    while older is not None and older.id not in seen:  # the chain of superseded jobs, the latest result first
+        seen.add(older.id)
+        made += [(u, _revision_of(older)) for u in _derived_uids(older)]
+        older = _latest_result(index, older)
+    return Revision(_revision_of(old), frozenset(_derived_uids(old)), tuple(reversed(made)))
+
+
+def _derived_uids(job: Job) -> list[str]:
+    """The derived SeriesInstanceUIDs of ``job``'s result (report ``derived_series_uids``, else its one)."""
+    uids = [str(u) for u in job.report.get("derived_series_uids", []) or []] or [job.derived_series_uid]
+    return [u for u in uids if u]
+
+
+def _revision_of(job: Job) -> int:
+    return int(job.report.get("revision", 0) or 0)
 
 
 def _results_to_retire(index: Index, job: Job) -> list[Job]:

@@ -102,12 +102,19 @@ class Revision:
 
     earlier: int = 0
     earlier_series: frozenset[str] = frozenset()
+    # every earlier result of the series (older than the latest too): (derived SeriesInstanceUID, its revision).
+    # rev14: a setting changed and then changed back gives the UIDs of an older result again; they keep its
+    # revision (the same UIDs never carry another SeriesNumber), and a new UID takes one above every revision made
+    made: tuple[tuple[str, int], ...] = ()
 
     def of(self, series_uid: str) -> int:
         """The revision of a derived series with SeriesInstanceUID ``series_uid``."""
         if not self.earlier_series or series_uid in self.earlier_series:
             return self.earlier
-        return self.earlier + 1
+        older = dict(self.made)
+        if series_uid in older:
+            return older[series_uid]
+        return max([self.earlier, *older.values()]) + 1
 
 
 def series_number(source: int, offset: int, engine: str, factors: Factors, run: int = 1, revision: int = 0) -> int:

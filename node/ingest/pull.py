@@ -142,8 +142,14 @@ class Staging:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def add(self, data: bytes) -> None:
-        """Write one instance to the staging folder; FetchError when the spool's disk cannot hold it."""
+        """Write one instance to the staging folder; FetchError when the spool's disk cannot hold it, or is below
+        ``[node] min_free_mb`` (checked before each write, as every input does: a series bigger than the room above
+        it is not staged down to a full disk, then refused whole at admission)."""
         path = self.folder / f"{len(self.paths):06d}.dcm"
+        try:
+            self.admission.spool.check_space()
+        except IngestError as exc:
+            raise FetchError(f"cannot stage a pulled instance: {exc}") from exc
         try:
             path.write_bytes(data)
         except OSError as exc:

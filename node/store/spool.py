@@ -249,14 +249,18 @@ class Spool:
         """Whether the free space is at least ``min_free_mb``."""
         return self.free_mb() >= self.min_free_mb
 
-    def incoming_bytes(self) -> int:
-        """Bytes in ``incoming/`` now: datasets being received, and partial files not yet cleaned."""
+    def incoming_bytes(self, folder: Path | None = None) -> int:
+        """Bytes in ``incoming/`` now: datasets being received, series the changes follower stages (a folder
+        in it), and partial files not yet cleaned."""
         total = 0
         try:
-            with os.scandir(self.incoming) as it:
+            with os.scandir(folder or self.incoming) as it:
                 for e in it:
                     try:
-                        total += e.stat(follow_symlinks=False).st_size if e.is_file(follow_symlinks=False) else 0
+                        if e.is_dir(follow_symlinks=False):
+                            total += self.incoming_bytes(Path(e.path))
+                        elif e.is_file(follow_symlinks=False):
+                            total += e.stat(follow_symlinks=False).st_size
                     except OSError:
                         continue  # removed while we looked
         except OSError:

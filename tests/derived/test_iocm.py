@@ -121,3 +121,26 @@ def test_a_replay_after_a_label_change_is_a_new_series_retiring_the_old_with_the
                                 tmp_path / "out")
     text = pydicom.dcmread(note).ContentSequence[0].TextValue
     assert f"superseded by srnode job {job2} (series {uid2}): job {job1} made with other settings" in text, text
+
+
+def test_a_label_changed_back_never_gives_uids_the_pacs_holds_other_content_under(tmp_path: Path) -> None:
+    """rev14: [derive] caution changed, the series replayed, then changed back and replayed again. The third result
+    took the first one's UIDs (the settings token is [] again) with the next revision's SeriesNumber: SOP Instance
+    UIDs the PACS holds (and the second result's note rejected) sent again with other content. A result's UIDs
+    must never come back with another SeriesNumber: either the same UIDs and numbers, or new UIDs."""
+    cfg = load_config(None)
+    cfg = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, spool_dir=str(tmp_path / "spool")))
+    store = open_store(cfg)
+    files = write_phantom_series(tmp_path / "in", slices=5, size=32, step_mm=3.0, seed=78)
+    _index_files(store, files)
+    series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    relabelled = dataclasses.replace(cfg, derive=dataclasses.replace(cfg.derive, caution="research use only"))
+    made: list[tuple[str, int]] = []
+    for c in (cfg, relabelled, cfg):
+        job = store.index.create_job(series, "r")
+        _, number = _run(store, c, job, series)
+        made.append((store.index.job(job).derived_series_uid, number))
+    numbers: dict[str, set[int]] = {}
+    for uid, number in made:
+        numbers.setdefault(uid, set()).add(number)
+    assert all(len(n) == 1 for n in numbers.values()), made

@@ -502,3 +502,38 @@ def test_a_series_pull_that_fails_midway_admits_nothing_of_it(tmp_path: Path) ->
     finally:
         srv.shutdown()
         orthanc.stop()
+
+
+def test_the_follower_stages_a_series_only_above_the_disk_watermark(tmp_path: Path) -> None:
+    """rev14: the follower staged a whole series in incoming/ without looking at ``[node] min_free_mb`` (every other
+    input checks it before each write), then admitted it: a series bigger than the room above the watermark went
+    below it (down to a full disk: the index, the SCP and the jobs fail meanwhile), every instance was then refused
+    at admission ("below node.min_free_mb") and the pull returned as done, so the feed position moved past it: the
+    series was never pulled again. Now staging stops at the watermark (a retryable FetchError: the follower keeps
+    its position and pulls the series again at the next poll), nothing of it admitted, incoming/ emptied; pulled
+    whole once there is room."""
+    from node.ingest.pull import FetchError
+    from tests.support.peers import start_orthanc
+
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    try:
+        files = phantom(tmp_path, seed=154, slices=40, size=512)
+        upload(orthanc, files)
+        ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+        series_mb = sum(f.stat().st_size for f in files) / (1024 * 1024)
+        follower, store = _follower(tmp_path, {"url": orthanc.url})
+        spool = store.spool  # type: ignore[attr-defined]
+        spool.min_free_mb = int(spool.free_mb() - series_mb / 2)  # room for half the series above the watermark
+        series_id = orthanc.get("/series")[0]
+        with orthanc_client_for(orthanc) as client:
+            with pytest.raises(FetchError, match="min_free_mb") as exc:
+                follower._pull(client, series_id)  # type: ignore[attr-defined]
+            assert exc.value.retryable
+            assert store.index.series(ref.SeriesInstanceUID, ref.StudyInstanceUID) is None  # type: ignore[attr-defined]
+            assert list((tmp_path / "spool" / "incoming").iterdir()) == []
+            spool.min_free_mb = 0
+            follower._pull(client, series_id)  # type: ignore[attr-defined]
+        row = store.index.series(ref.SeriesInstanceUID, ref.StudyInstanceUID)  # type: ignore[attr-defined]
+        assert row is not None and (row["n_instances"], row["declared_instances"]) == (40, 40), row
+    finally:
+        orthanc.stop()
