@@ -248,11 +248,17 @@ def _dimse_retrieve(cfg: Config, src: DicomSource, result: FetchResult, stage: S
 
         def on_store(event: Any) -> int:  # staged: admitted only once the C-GET ended well (refusals listed then)
             try:
-                stage.add(event.encoded_dataset())
+                # in a process whose SCP runs (``srnode serve``: pynetdicom's STORE_RECV_CHUNKED_DATASET is on)
+                # the data set is in a file pynetdicom wrote, with its file meta; else in memory
+                path = getattr(event.request, "_dataset_path", None)
+                stage.add(Path(path).read_bytes() if path is not None else event.encoded_dataset())
                 return Status.SUCCESS
             except FetchError as exc:
                 log.warning("%s: %s", what, exc)
                 return Status.OUT_OF_RESOURCES
+            except OSError as exc:  # the file pynetdicom wrote could not be read
+                log.warning("%s: a received instance could not be read: %s", what, exc)
+                return Status.PROCESSING_FAILURE
 
         handlers = [(evt.EVT_C_STORE, on_store)]
     assoc = ae.associate(src.host, src.port, ae_title=src.ae_title, ext_neg=roles, evt_handlers=handlers)

@@ -79,6 +79,25 @@ def test_fetch_by_c_get_into_the_spool(tmp_path: Path, pacs_and_node: tuple[Orth
     assert len(_derived_files(node, job)) == 7
 
 
+def test_pull_by_c_get_through_post_jobs_inside_the_running_node(tmp_path: Path,
+                                                                  pacs_and_node: tuple[Orthanc, NodeProc]) -> None:
+    """A C-GET run by the node itself (``POST /jobs`` with method get): its SCP has pynetdicom write received data
+    sets to files (STORE_RECV_CHUNKED_DATASET), so the C-GET's instances are in files, not in memory; they were
+    read as empty and the pull failed ("series ?", found by the lead's make test)."""
+    orthanc, node = pacs_and_node
+    files = phantom(tmp_path, seed=65, slices=4)
+    upload(orthanc, files)
+    ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+    with api(node) as c:
+        r = c.post("/jobs", json={"study": ref.StudyInstanceUID, "series": ref.SeriesInstanceUID, "source": "pacs",
+                                  "method": "get"})
+        assert r.status_code == 202, r.text
+        assert r.json()["received"] == 4
+    job = wait_job(node, ref.SeriesInstanceUID)
+    assert job["state"] == "delivered", job
+    assert len(_derived_files(node, job)) == 7
+
+
 def test_pull_by_wado_rs_through_post_jobs(tmp_path: Path, pacs_and_node: tuple[Orthanc, NodeProc]) -> None:
     orthanc, node = pacs_and_node
     files = phantom(tmp_path, seed=62, slices=5)
