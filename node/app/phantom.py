@@ -2,7 +2,9 @@
 
 Geometry is exact (axial, ImagePositionPatient stepping along +z by the slice step, PixelSpacing from the field
 of view) and values are in HU through RescaleIntercept -1024: air -1000, skull ring ~1000, brain ~35, a few small
-lesions (haemorrhage ~70 HU, hypodense ~10 HU, calcification ~300 HU). Deterministic for a given seed.
+lesions (haemorrhage ~70 HU, hypodense ~10 HU, calcification ~300 HU). Each slice is the mean of the object over
+its slab (a box profile of the declared SliceThickness), so the pixel values agree with the header an engine models
+the slice profile from. Deterministic for a given seed.
 """
 
 from __future__ import annotations
