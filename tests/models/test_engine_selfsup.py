@@ -233,9 +233,7 @@ def test_new_voxels_beyond_their_acquired_neighbours_are_flagged_by_sigma(f: int
     acquired slices around it: sigma says the layer may not be there (calibration.bracket_floor)."""
     from node.app.phantom import phantom_hu
 
-    # point samples (thickness 0): an infinitely sharp shell read as 2.5 mm slices, the worst case of a sharp
-    # edge for the residual (slab-averaged slices, the phantom's default, overshoot less)
-    fine = phantom_hu(slices=10 * f + 1, size=64, step_mm=2.5 / f, seed=0, thickness_mm=0.0)
+    fine = phantom_hu(slices=10 * f + 1, size=64, step_mm=2.5 / f, seed=0)
     lr = np.ascontiguousarray(fine[::f])
     px = 230.0 / 64
     vin = VolumeInput(lr, (2.5, px, px), 2.5, "CT", (-1024.0, 3071.0))
