@@ -3,9 +3,11 @@
 ``PYTHONPATH=. python bench/rim_check.py CASE [--fast] [--window Y0:Y1,X0:X1] [--slices Z0:Z1] --out X.json``
 
 CASE:
-- ``demo-synth``: the input ``make demo`` sends without ../shared/data (``node.app.phantom``: 40 slices 2.5 mm,
-  256 x 256) and its exact truth (the same phantom written every 1.25 mm: its even slices are the input's
-  geometry, the odd ones the new slices' truth; the noise realisation differs);
+- ``demo-synth``: the input ``make demo`` sends without ../shared/data (``node.app.phantom``: 40 slices, each the
+  mean of the object over its 2.5 mm slab, 256 x 256) and its exact truth (the same object, noise-free, as 1.25 mm
+  slabs every 1.25 mm: the profile thickness / f the engine targets);
+- ``demo-synth-point``: the phantom as it was before slab averaging (point samples declared 2.5 mm thick; truth
+  the point samples every 1.25 mm, the input its even rows);
 - ``demo-pair``: the input ``make demo`` sends with ../shared/data (the real 5 mm phantom CT) x2, truth the 1 mm
   reconstruction of the same acquisition at the output positions (acquired positions: the 1 mm slice there;
   new positions, 0.5 mm off the 1 mm grid: the mean of the two 1 mm slices around them);
@@ -51,11 +53,19 @@ def case_input(name: str, f: int) -> tuple[VolumeInput, np.ndarray, str]:
     if name == "demo-synth":
         from node.app.phantom import phantom_hu
 
-        fine = np.clip(np.rint(phantom_hu(slices=79, step_mm=1.25) + 1024), 0, 4095) - 1024.0
+        px = 230.0 / 256
+        lr = np.clip(np.rint(phantom_hu() + 1024), 0, 4095) - 1024.0  # exactly the pixel values make demo sends
+        vin = VolumeInput(lr.astype(np.float32), (2.5, px, px), 2.5, "CT", (-1024.0, 3071.0))
+        truth = phantom_hu(slices=79, step_mm=1.25, noise_hu=0.0)  # 1.25 mm slabs every 1.25 mm, no noise
+        return vin, truth, "generated phantom 40 x 256 x 256, 2.5 mm slabs; truth: 1.25 mm slabs every 1.25 mm, noise-free"
+    if name == "demo-synth-point":  # the phantom before slab averaging (point samples declared 2.5 mm thick)
+        from node.app.phantom import phantom_hu
+
+        fine = np.clip(np.rint(phantom_hu(slices=79, step_mm=1.25, thickness_mm=0.0) + 1024), 0, 4095) - 1024.0
         lr = np.ascontiguousarray(fine[::2]).astype(np.float32)
         px = 230.0 / 256
         vin = VolumeInput(lr, (2.5, px, px), 2.5, "CT", (-1024.0, 3071.0))
-        return vin, fine.astype(np.float32), "generated phantom 40 x 256 x 256, 2.5 mm, truth every 1.25 mm"
+        return vin, fine.astype(np.float32), "point-sampled phantom 40 x 256 x 256 (declared 2.5 mm), truth every 1.25 mm"
     from node.app.volume_file import load_volume
 
     if name == "demo-pair":

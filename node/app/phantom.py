@@ -2,7 +2,9 @@
 
 Geometry is exact (axial, ImagePositionPatient stepping along +z by the slice step, PixelSpacing from the field
 of view) and values are in HU through RescaleIntercept -1024: air -1000, skull ring ~1000, brain ~35, a few small
-lesions (haemorrhage ~70 HU, hypodense ~10 HU, calcification ~300 HU). Deterministic for a given seed.
+lesions (haemorrhage ~70 HU, hypodense ~10 HU, calcification ~300 HU). Each slice is the mean of the object over
+its slab (a box profile of the declared SliceThickness), so the pixel values agree with the header an engine models
+the slice profile from. Deterministic for a given seed.
 """
 
 from __future__ import annotations
@@ -19,20 +21,14 @@ from node import __version__
 UID_PREFIX = "1.2.826.0.1.3680043.10.1087.9."  # UIDs of the phantom series (deterministic per parameters)
 
 
-def phantom_hu(slices: int = 40, size: int = 256, step_mm: float = 2.5, fov_mm: float = 230.0,
-               seed: int = 0) -> np.ndarray:
-    """(Z, Y, X) = (``slices``, ``size``, ``size``) float32 HU volume of an ellipsoidal head: skull shell,
-    brain, CSF, lesions, Gaussian noise of 4 HU inside the head. ``step_mm``: slice step, ``fov_mm``: in-plane
-    field of view (mm), centred on the origin."""
-    rng = np.random.default_rng(seed)
-    px = fov_mm / size
-    zc = (np.arange(slices) - (slices - 1) / 2) * step_mm
-    yc = (np.arange(size) - (size - 1) / 2) * px
-    xc = (np.arange(size) - (size - 1) / 2) * px
-    z, y, x = np.meshgrid(zc, yc, xc, indexing="ij")
-    a, b, c = 75.0, 92.0, max(60.0, 0.45 * slices * step_mm)  # semi-axes (x, y, z) mm
+SLAB_SUBSAMPLES = 7  # sub-samples across each slice's thickness (midpoint rule over a box profile)
+
+
+def _object_hu(z: np.ndarray, y: np.ndarray, x: np.ndarray, c: float) -> np.ndarray:
+    """The analytic head (no noise) at the broadcast points (z, y, x) mm; ``c``: the z semi-axis (mm)."""
+    a, b = 75.0, 92.0  # semi-axes (x, y) mm
     r = np.sqrt((x / a) ** 2 + (y / b) ** 2 + (z / c) ** 2)
-    vol = np.full(z.shape, -1000.0)
+    vol = np.full(r.shape, -1000.0)
     vol[r <= 1.0] = 1000.0  # skull
     vol[r <= 0.92] = 35.0  # brain
     ventr = np.sqrt((x / 12) ** 2 + ((y + 8) / 30) ** 2 + (z / 25) ** 2) <= 1.0
@@ -40,7 +36,31 @@ def phantom_hu(slices: int = 40, size: int = 256, step_mm: float = 2.5, fov_mm: 
     for (lx, ly, lz, rad, hu) in ((30, 25, 0, 6, 70.0), (-35, -20, 5, 8, 10.0), (20, -45, -8, 3, 300.0),
                                   (-15, 40, 10, 4, 60.0)):
         vol[np.sqrt((x - lx) ** 2 + (y - ly) ** 2 + (z - lz) ** 2) <= rad] = hu
-    vol += rng.normal(0.0, 4.0, vol.shape) * (vol > -900)
+    return vol
+
+
+def phantom_hu(slices: int = 40, size: int = 256, step_mm: float = 2.5, fov_mm: float = 230.0,
+               seed: int = 0, *, thickness_mm: float | None = None, noise_hu: float = 4.0) -> np.ndarray:
+    """(Z, Y, X) = (``slices``, ``size``, ``size``) float32 HU volume of an ellipsoidal head: skull shell,
+    brain, CSF, lesions, Gaussian noise of ``noise_hu`` HU inside the head. ``step_mm``: slice step, ``fov_mm``:
+    in-plane field of view (mm), centred on the origin. Each slice is the mean of the object over its slab
+    (a box profile of ``thickness_mm``, the slice step when None; ``SLAB_SUBSAMPLES`` sub-samples), so that the
+    values agree with the SliceThickness that ``write_phantom_series`` declares; 0 gives point samples."""
+    rng = np.random.default_rng(seed)
+    thick = step_mm if thickness_mm is None else thickness_mm
+    px = fov_mm / size
+    zc = (np.arange(slices) - (slices - 1) / 2) * step_mm
+    yc = (np.arange(size) - (size - 1) / 2) * px
+    xc = (np.arange(size) - (size - 1) / 2) * px
+    c = max(60.0, 0.45 * slices * step_mm)  # z semi-axis mm
+    y, x = yc[None, :, None], xc[None, None, :]
+    n = SLAB_SUBSAMPLES if thick > 0 else 1
+    vol = np.zeros((slices, size, size))
+    for i in range(n):
+        dz = ((i + 0.5) / n - 0.5) * thick
+        vol += _object_hu((zc + dz)[:, None, None], y, x, c)
+    vol /= n
+    vol += rng.normal(0.0, noise_hu, vol.shape) * (vol > -900)
     return vol.astype(np.float32)
 
 
