@@ -346,6 +346,11 @@ class DimseSender:
             raise _NoResponse(f"destination {self._where()}: no C-STORE response for {path.name} (the association "
                               "ended before it was sent)") from exc
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises on encoding/context problems
+            # the connection broke while we wrote (the peer aborted it): unanswered, the file goes to another
+            # association; a peer that stopped reading (TimeoutError) fails the attempt as before
+            if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+                raise _NoResponse(f"destination {self._where()}: no C-STORE response for {path.name} (the "
+                                  f"connection ended while it was sent: {exc})") from exc
             raise DeliveryError(f"destination {self._where()}: C-STORE of {path.name} failed: {exc}") from exc
         finally:
             responses.done()

@@ -38,8 +38,13 @@ def _send_all(sock: socket.socket, data: bytes | bytearray, timeout_s: float) ->
     ``timeout_s`` seconds of no progress: non-blocking sends, a ``poll`` for writability between them. Raises
     OSError (TimeoutError when the peer stopped reading)."""
     view = memoryview(data)
+    if sock.fileno() < 0:  # closed by pynetdicom's reactor just now (the peer aborted the association)
+        raise ConnectionResetError("the association's socket is closed")
     poller = select.poll()
-    poller.register(sock, select.POLLOUT)
+    try:
+        poller.register(sock, select.POLLOUT)
+    except ValueError as exc:  # closed between the check and here
+        raise ConnectionResetError("the association's socket is closed") from exc
     while view:
         try:
             sent = sock.send(view, socket.MSG_DONTWAIT)

@@ -89,3 +89,19 @@ def test_a_delivery_whose_every_association_is_aborted_fails_retryable(tmp_path:
         assert pacs.stored == []
     finally:
         pacs.server.shutdown()
+
+
+def test_a_socket_closed_under_the_lean_writer_is_a_lost_connection() -> None:
+    """make test (lead): the peer aborted an association between the sender's check and its write; pynetdicom's
+    reactor had closed the socket, and the lean writer's poll raised ValueError ("file descriptor cannot be a
+    negative integer"), failing the whole attempt instead of handing the file to the other associations. A closed
+    socket is a ConnectionResetError now (an OSError: no response, the file goes back to the work list)."""
+    import socket
+
+    from node.send.dimse_lean import _send_all
+
+    a, b = socket.socketpair()
+    b.close()
+    a.close()
+    with pytest.raises(ConnectionResetError):
+        _send_all(a, b"\0" * 16, 1.0)
