@@ -249,13 +249,10 @@ class DimseSender:
         for sop_class, syntaxes in contexts:
             ae.add_requested_context(sop_class, syntaxes)
         retries = NO_RESPONSE_RETRIES
-        try:
-            assoc, responses = self._open(ae)
-        except DeliveryError as exc:
-            if lost is None:
-                raise
-            lost.append(exc)
+        opened = self._open_or_leave(ae, lost)
+        if opened is None:
             return
+        assoc, responses = opened
         try:
             accepted = _accepted(assoc)
             current, last = work.take(stop), ""
@@ -280,13 +277,10 @@ class DimseSender:
                     log.warning("destination %s: no C-STORE response for %s; %s", self._where(), path.name,
                                 "handed back to the other associations, this one opened again" if lost is not None
                                 else "again on a new association")
-                    try:
-                        assoc, responses = self._open(ae)
-                    except DeliveryError as reopen:
-                        if lost is None:
-                            raise
-                        lost.append(reopen)
+                    opened = self._open_or_leave(ae, lost)
+                    if opened is None:
                         return
+                    assoc, responses = opened
                     accepted = _accepted(assoc)
                     if current is None:
                         current = work.take(stop)
@@ -304,6 +298,17 @@ class DimseSender:
                 assoc.abort()
             elif assoc.is_established:
                 assoc.release()
+
+    def _open_or_leave(self, ae: AE, lost: list[DeliveryError] | None) -> tuple[Any, _Responses] | None:
+        """An association (and its response tracker) of ``ae``; when it cannot be opened: raised alone (``lost``
+        None), else recorded in ``lost`` and None (this association leaves its share to the others)."""
+        try:
+            return self._open(ae)
+        except DeliveryError as exc:
+            if lost is None:
+                raise
+            lost.append(exc)
+            return None
 
     def _unknown(self, problem: str, ended: str = "aborted") -> DeliveryError:
         """The retryable failure of an association whose responses did not match its requests (``ended``: how

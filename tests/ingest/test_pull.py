@@ -15,7 +15,7 @@ import pytest
 from node.store import Index
 from tests.support.nodeproc import NodeProc
 from tests.support.pacs import api, orthanc_dicomweb, phantom, start_node, upload, wait_job
-from tests.support.peers import Orthanc, free_port, wait_until
+from tests.support.peers import JsonStub, Orthanc, free_port, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +154,6 @@ def test_a_changes_feed_that_answers_nonsense_does_not_end_the_follower(tmp_path
     """break13p: an Orthanc (or a proxy in front of it) answering GET /changes with JSON that is not an object
     raised AttributeError in the follower's thread: the thread ended (a traceback on stderr) and no later series
     was ever pulled, the node otherwise running. Now one warning per bad answer, and it polls on."""
-    import http.server
-    import threading
 
     from node.config import config_from_dict
     from node.ingest import Admission
@@ -163,24 +161,9 @@ def test_a_changes_feed_that_answers_nonsense_does_not_end_the_follower(tmp_path
     from node.metrics import Metrics
     from node.store import open_store
 
-    gets: list[str] = []
-
-    class Feed(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            gets.append(self.path)
-            body = b'["maintenance"]' if len(gets) <= 2 else b'{"Changes": [], "Done": true, "Last": 0}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    port = free_port()
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Feed)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = JsonStub(lambda _path: b'["maintenance"]' if len(srv.gets) <= 2
+                   else b'{"Changes": [], "Done": true, "Last": 0}')
+    gets, port = srv.gets, srv.port
     cfg = config_from_dict({"node": {"spool_dir": str(tmp_path / "spool")}, "sources": [
         {"name": "o", "kind": "orthanc", "url": f"http://127.0.0.1:{port}", "follow_changes": True, "poll_s": 0.1}]})
     store = open_store(cfg)
@@ -192,7 +175,7 @@ def test_a_changes_feed_that_answers_nonsense_does_not_end_the_follower(tmp_path
         assert follower._thread.is_alive()
     finally:
         follower.stop()
-        srv.shutdown()
+        srv.close()
 
 
 def _follower(tmp_path: Path, src: dict[str, object]) -> tuple[object, object]:
@@ -278,28 +261,10 @@ def test_a_feed_that_does_not_say_where_it_ends_is_not_read_from_its_start(
     """break14o: on its first start the follower asks GET /changes?last for the feed's end, so as not to pull the
     whole archive; an answer without "Last" (a proxy's, another server's) read as 0: every series the archive ever
     held was pulled and processed. Now that answer is a warning and the follower asks again."""
-    import http.server
     import logging
-    import threading
 
-    gets: list[str] = []
-
-    class Feed(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            gets.append(self.path)
-            body = b'{"Changes": [], "Done": true}'
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    port = free_port()
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), Feed)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv = JsonStub(lambda _path: b'{"Changes": [], "Done": true}')
+    gets, port = srv.gets, srv.port
     follower, _store = _follower(tmp_path, {"url": f"http://127.0.0.1:{port}"})
     (tmp_path / "spool" / "changes-o.json").unlink()  # a first start: no saved position
     try:
@@ -310,7 +275,7 @@ def test_a_feed_that_does_not_say_where_it_ends_is_not_read_from_its_start(
         assert any("'Last'" in r.getMessage() for r in caplog.records)
     finally:
         follower.stop()  # type: ignore[attr-defined]
-        srv.shutdown()
+        srv.close()
 
 
 def test_an_orthanc_source_that_redirects_names_where(tmp_path: Path) -> None:

@@ -201,6 +201,38 @@ def mount_tmpfs(where: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+class JsonStub:
+    """A loopback HTTP server answering every GET with ``answer(path)`` (200, JSON), recording the paths in
+    ``gets``: a source that says only what a test needs (a changes feed in odd shapes). ``port``; ``close()``."""
+
+    def __init__(self, answer: Callable[[str], bytes]) -> None:
+        import http.server
+        import threading
+
+        self.gets: list[str] = []
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                stub.gets.append(self.path)
+                body = answer(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.port = free_port()
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
 class FaultyProxy:
     """An HTTP proxy on a free loopback port in front of ``upstream`` (a real Orthanc) that breaks chosen answers:
     ``fault(method, path, n)`` (``n``: how many requests of that path's kind came so far, 1-based; kinds are
