@@ -142,8 +142,10 @@ def both(tmp_path: Path) -> Iterator[tuple[StoreSCP, StoreSCP]]:
     plain = start_scp(tmp_path / "plain", receive_path="pynetdicom")
     assert plain._server is not None and getattr(plain._server, "lean_hooks", None) is None
     yield lean, plain
-    lean.stop()
+    # stopped in the reverse order of their starts: each restores the process-wide settings it found
+    # (pynetdicom's STORE_RECV_CHUNKED_DATASET, tempfile.tempdir), so the first started must be the last stopped
     plain.stop()
+    lean.stop()
 
 
 def _storescu(files: list[Path], port: int, *extra: str) -> subprocess.CompletedProcess[str]:
