@@ -207,6 +207,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     equipment = contributing_equipment(result.engine, engine_version, result.fallback, now, denoised)
     derivation = (f"srnode {__version__}: " + (f"{DENOISE_NOTE}, then " if denoised else "")
                   + f"super-resolution x{f} through-plane, x{g} in-plane by engine {result.engine} {engine_version}"
+                  # which weights and engine settings: two derived series with the same digest were made alike
+                  + (f" (settings and weights {settings})" if settings else "")
                   + (f"; fallback: {result.fallback}" if result.fallback else "")
                   + "".join(f"; {n}" for n in notes))
     iop = [ds_str(v) for v in (*vol.row_cosine, *vol.col_cosine)]

@@ -283,3 +283,15 @@ def test_uids_follow_every_setting_that_changes_the_objects(phantom: SeriesVolum
     # the derived image and the map are the same objects whatever else is made beside them: the same UIDs
     assert base_both.derived_series_uid == base.derived_series_uid
     assert base_both.uncertainty_series_uid == base.uncertainty_series_uid
+
+
+def test_derivation_description_names_the_settings_and_weights_digest(phantom: SeriesVolume) -> None:
+    """A reader comparing two derived series can tell whether the same weights and engine settings made them."""
+    factors = Factors(2, 1)
+    vol = _crop(phantom, slices=4)
+    res = CubicEngine().upscale(vol.to_engine_input(), factors)
+    made = derive_series(vol, res, factors, CFG, "1", settings="0123456789abcdef")
+    assert "(settings and weights 0123456789abcdef)" in made.derived[0].DerivationDescription
+    other = derive_series(vol, res, factors, CFG, "1", settings="fedcba9876543210")
+    assert made.derived_series_uid != other.derived_series_uid
+    assert "settings and weights" not in _derive(vol, 2, 1).derived[0].DerivationDescription  # cubic has none
