@@ -669,6 +669,19 @@ def capped_orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc
     o.stop()
 
 
+def _attempt_past_server_errors(h: Harness, d: Delivery, tries: int = 3) -> Delivery:
+    """Attempt ``d`` until it is no longer pending on an HTTP 5xx: a PACS's passing server error leaves the delivery
+    pending and the outbox retries it (CI once saw Orthanc 1.10.1 answer one upload HTTP 500 here); what the tests
+    below check is the count, not that a PACS never fails."""
+    got = h.now(d)
+    for _ in range(tries):
+        h.outbox.attempt(got)
+        got = h.now(d)
+        if not (got.state is DeliveryState.PENDING and ": HTTP 5" in got.reason):
+            break
+    return got
+
+
 @pytest.mark.parametrize("kind", ["dicom", "orthanc", "dicomweb"])
 def test_a_pacs_that_answers_a_page_of_the_series_is_still_counted_whole(tmp_path: Path, capped_orthanc: Orthanc,
                                                                          kind: str) -> None:
@@ -682,9 +695,9 @@ def test_a_pacs_that_answers_a_page_of_the_series_is_still_counted_whole(tmp_pat
             "dicomweb": {"name": "pacs", "kind": "dicomweb", "url": f"{capped_orthanc.url}/dicom-web"}}[kind]
     h = Harness(tmp_path, _cfg(tmp_path, dest), files)
     d = h.job(1)
-    h.outbox.attempt(h.now(d))
-    got = h.now(d)
-    assert got.state is DeliveryState.DELIVERED and got.confirmed == 12, (got.state, got.reason, got.confirm_note)
+    got = _attempt_past_server_errors(h, d)
+    assert got.state is DeliveryState.DELIVERED and got.confirmed == 12, \
+        (got.state, got.reason, got.confirm_note, capped_orthanc.log()[-2000:])
     d2 = h.job(2)  # the PACS loses two of them after accepting them: still two missing
     h.outbox._senders["pacs"] = Losing(h.outbox.sender("pacs"), capped_orthanc, files[3:5], times=1)
     h.outbox.attempt(d2)
