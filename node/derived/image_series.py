@@ -1,10 +1,13 @@
 """The derived image series (pydicom), and with it the uncertainty objects (``node.derived.uncertainty``).
 
 The derived series sits in the input's study and frame of reference, with new UIDs that are deterministic from
-(input SeriesInstanceUID and SOPInstanceUIDs, PIPELINE_VERSION, factors, engine, run, the [derive] settings that
-change the objects' labels: ``node.derived.modules.derived_uid``) so that reprocessing is recognisable. Patient, study and acquisition attributes are copied from the nearest input slice (a whitelist per
-module, never private tags; ``node.derived.modules``); geometry is recomputed from the input positions exactly as ``models.engine``
-documents it, then checked again by ``geometry_gate`` (``node.derived.geometry``) before anything leaves.
+(input SeriesInstanceUID and SOPInstanceUIDs, PIPELINE_VERSION, factors, engine, run, the [derive] settings
+that change the objects' labels: ``node.derived.modules.derived_uid``) so that reprocessing is recognisable.
+Patient, study, series and equipment attributes are copied from the first input instance into every derived
+slice, acquisition and CT/MR image attributes from the nearest input slice (a whitelist per module, never
+private tags; ``node.derived.modules``); geometry is recomputed from the input positions exactly as
+``models.engine`` documents it, then checked again by ``geometry_gate`` (``node.derived.geometry``) before
+anything leaves.
 
 Values and display (``node.derived.values``, ``node.series.display``): one output rescale holds every value of
 every input slice and of the engine's result (never a clip to the first slice's range); the photometric
@@ -161,8 +164,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     holds every derived slice at once (issue #15 item 5); the objects are the same as the eager list's (one
     ``now`` for the series, deterministic UIDs). The geometry gate (and the uncertainty objects, when made) read
     the headers before this returns, so a failing gate still raises before anything is written; that builds every
-    slice's headers twice (once here, once when written). Each derived slice copies from the full header of its
-    nearest input slice, ``vol.datasets[near]``: held, or read again from its file once the job released it
+    slice's headers twice (once here, once when written). Each derived slice copies its acquisition and CT/MR image
+    attributes from the full header of its nearest input slice, ``vol.datasets[near]``: held, or read again from its file once the job released it
     (``node.series.InputHeaders``; DeriveError naming the file when it is gone or replaced); its source references
     come from the input slices' records. The Parametric Map keeps of each derived slice only what it reads
     (``node.derived.uncertainty.FRAME_KEYWORDS``).
@@ -217,6 +220,13 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         windows = None  # a source window no reader or validator holds (VOI LUT is optional): not copied
     charset = character_set(ref0)
     lossy = lossy_marking(vol)
+    # Patient, General Study, General Series, Frame of Reference, General Equipment: one value per series, the first
+    # input instance's, in every derived slice whichever input slice is nearest (a source whose slices disagree on
+    # StudyDescription or PatientAge gave a derived series that disagreed with itself; the disagreement is noted by
+    # ``node.derived.inputs.check_inputs``)
+    series_level = Dataset()
+    for module in (PATIENT, STUDY, SERIES, FRAME_OF_REFERENCE, EQUIPMENT):
+        copy_module(series_level, ref0, module)
     acquisition_number = ref0.get("AcquisitionNumber")  # a value, read once: make() holds no header beyond its own
     if acquisition_number == "":
         acquisition_number = None
@@ -241,20 +251,20 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         ds.CodingSchemeIdentificationSequence = DicomSequence([coding_scheme_item(
             SRNODE_CODE[1], "srnode derivation codes", "srnode")])
         # Patient
-        copy_module(ds, ref, PATIENT)
+        copy_module(ds, series_level, PATIENT)
         # General Study
-        copy_module(ds, ref, STUDY)
+        copy_module(ds, series_level, STUDY)
         # General Series
-        copy_module(ds, ref, SERIES)
+        copy_module(ds, series_level, SERIES)
         ds.SeriesInstanceUID = series_uid
         ds.SeriesNumber = series_number
         ds.SeriesDescription = desc
         ds.SeriesDate = now.strftime("%Y%m%d")
         ds.SeriesTime = now.strftime("%H%M%S")
         # Frame of Reference
-        copy_module(ds, ref, FRAME_OF_REFERENCE)
+        copy_module(ds, series_level, FRAME_OF_REFERENCE)
         # General Equipment (the acquiring scanner; srnode is named in ContributingEquipmentSequence)
-        copy_module(ds, ref, EQUIPMENT)
+        copy_module(ds, series_level, EQUIPMENT)
         ds.SoftwareVersions = f"srnode {__version__}"
         ds.ContributingEquipmentSequence = DicomSequence([equipment])
         # General Image

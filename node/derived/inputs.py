@@ -6,6 +6,10 @@
 - :func:`conform_copied`: a value the derived objects would merely copy (patient, study, series, equipment and
   acquisition attributes) that is not valid for its VR -- ``PatientBirthDate = 1901-02-03`` -- must not fail the
   job: it is dropped (left empty where the attribute is type 2) and the attribute's name, never its value, is noted.
+- :func:`differing_series_values`: the patient, study, series, frame of reference and equipment attributes that
+  are not identity but still one value per series in the derived objects (PatientAge, StudyDescription,
+  BodyPartExamined, ...): where the input instances disagree, the derived objects carry the value of the
+  input's first slice (``node.derived.image_series``) and the job's report names the attributes, never their values.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from node.derived.modules import (
     ACQUISITION,
     CT_IMAGE,
     EQUIPMENT,
+    FRAME_OF_REFERENCE,
     MR_IMAGE,
     PATIENT,
     SERIES,
@@ -42,23 +47,42 @@ def _identity(ds: Dataset, kw: str) -> str:
 
 
 _IDENTITY = (*IDENTITY_KEYWORDS, "StudyInstanceUID")
+# one value per derived series (the first input instance's), compared across the input (``differing_series_values``)
+SERIES_LEVEL = tuple(kw for kw in dict.fromkeys((*PATIENT, *STUDY, *SERIES, *FRAME_OF_REFERENCE, *EQUIPMENT))
+                     if kw not in _IDENTITY)
 
 
 @dataclass(frozen=True)
 class InputCheck:
     """What the checks take of one input header as it is read (``inspect_input``), so that the load need not hold
     it: ``identity`` its ``IDENTITY_KEYWORDS`` and StudyInstanceUID values (as compared by ``check_one_patient``),
-    ``dropped`` {keyword: VR} of the copied attributes ``conform_dataset`` drops from it."""
+    ``dropped`` {keyword: VR} of the copied attributes ``conform_dataset`` drops from it, ``series_level`` its
+    ``SERIES_LEVEL`` values as copied (after ``conform_dataset``)."""
 
     identity: tuple[str, ...]
     dropped: dict[str, str]
+    series_level: tuple[str, ...] = ()
 
 
 def inspect_input(ds: Dataset) -> InputCheck:
     """Take the checks' values of the input header ``ds`` (its identity, then ``conform_dataset``: ``ds`` is
     changed). Given to ``node.series.load_volumes`` as ``inspect``, kept in each slice's record (``seen``)."""
     identity = tuple(_identity(ds, kw) for kw in _IDENTITY)
-    return InputCheck(identity, conform_dataset(ds))
+    dropped = conform_dataset(ds)
+    return InputCheck(identity, dropped, _series_level(ds))
+
+
+def _series_level(ds: Dataset) -> tuple[str, ...]:
+    return tuple(raw_text(ds, kw) for kw in SERIES_LEVEL)
+
+
+def differing_series_values(inputs: Sequence[Dataset | InputCheck]) -> list[str]:
+    """The ``SERIES_LEVEL`` keywords on which the input instances (headers, conformed, or what ``inspect_input``
+    took of them) disagree, in ``SERIES_LEVEL`` order; [] when they agree."""
+    rows = {x.series_level if isinstance(x, InputCheck) else _series_level(x) for x in inputs}
+    if len(rows) < 2:
+        return []
+    return [kw for i, kw in enumerate(SERIES_LEVEL) if len({row[i] for row in rows}) > 1]
 
 
 def check_one_patient(series_uid: str, datasets: Sequence[Dataset | InputCheck]) -> None:
@@ -162,3 +186,7 @@ def check_inputs(vols: Sequence[SeriesVolume]) -> None:
     check_one_patient(vols[0].series_uid, [x for xs in inputs for x in xs])
     for vol, xs in zip(vols, inputs, strict=True):
         vol.notes.extend(conform_copied(vol, xs))
+        differ = differing_series_values(xs)
+        if differ:
+            vol.notes.append(f"the input instances differ in {', '.join(differ)}: every derived object carries the "
+                             "value of the input's first slice")
