@@ -121,14 +121,22 @@ class DerivedObjects:
     uncertainty_series_uids: list[str] = field(default_factory=list)
 
 
+# the Modality a CT or MR image's SOP class states (PS3.3 C.8.2.1.1.1, C.8.3.1.1: an enumerated value of its IOD)
+_CLASS_MODALITY = {str(CTImageStorage): "CT", ENHANCED_CT: "CT", str(MRImageStorage): "MR", ENHANCED_MR: "MR"}
+
+
 def _output_sop_class(vol: SeriesVolume) -> str:
+    """The derived slices' SOP class: CT or MR Image Storage, from the input's SOP class, else its Modality.
+    DeriveError when neither is CT or MR, or when a CT or MR SOP class comes with another Modality (a CT image
+    stored as MR, or with Modality PT: which one is right cannot be told, and a derived object would state both)."""
     uid = vol.sop_class_uid
-    if uid == ENHANCED_MR:
-        return str(MRImageStorage)
-    if uid == ENHANCED_CT:
-        return str(CTImageStorage)
-    if uid in (CTImageStorage, MRImageStorage):
-        return uid
+    stated = _CLASS_MODALITY.get(uid)
+    if stated is not None:
+        if vol.modality and vol.modality != stated:
+            raise DeriveError(f"series {vol.series_uid}: its SOP class is {stated} Image Storage ({uid}) but its "
+                              f"Modality is {vol.modality!r}: which one is right cannot be told, so nothing is "
+                              "derived from it")
+        return str(CTImageStorage) if stated == "CT" else str(MRImageStorage)
     if vol.modality == "CT":
         return str(CTImageStorage)
     if vol.modality == "MR":
