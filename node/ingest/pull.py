@@ -111,6 +111,8 @@ def fetch(cfg: Config, source_name: str, study: str, series: str = "", *, admiss
                     stage_all(stage, orthanc_series_files(client, src, series_id),
                                f"source {src.name!r}: Orthanc series {series_id} of study {study}", series)
                     result.received += stage.admit(result.refused)
+    for why in result.refused:  # one line a series refused (or a caller refused), never one an instance
+        log.warning("fetch from %s (%s): %s", src.name, result.method, why)
     log.info("fetch from %s (%s): %d spooled, %d moved, %d refused", src.name, result.method,
              result.received, result.moved, len(result.refused))
     sent = result.moved if result.method == "c-move" else result.received
@@ -168,7 +170,7 @@ class Staging:
         gives one entry for the whole pull, not one per instance. The other series are admitted in order
         (``Admission.admit_file``; a refusal then is listed as admission words it). A staged file whose series
         cannot be read might be of any series: nothing staged is admitted then. Returns how many were admitted;
-        the stage is then empty."""
+        the stage is then empty. The caller logs the entries (one line each)."""
         try:
             return self._admit(refused)
         finally:
@@ -184,7 +186,6 @@ class Staging:
         except IngestError as exc:
             self.admission.count_refused(exc, len(self.paths))
             refused.append(f"{len(self.paths)} instance(s) of {self._series_named()} refused: {exc}")
-            log.warning("pull (%s): %s", self.caller.via, refused[-1])
             return 0
         series: dict[tuple[str, str], list[Path]] = {}
         bad: dict[tuple[str, str], list[str]] = {}
@@ -219,7 +220,6 @@ class Staging:
                         "instance(s) pulled with a file whose series cannot be read")
                 self.admission.count_refused(IngestError(shown), len(paths) - k)
             refused.append(f"{what} ({shown}); a pull is all or nothing per series: none of it admitted")
-            log.warning("pull (%s): %s", self.caller.via, refused[-1])
         return n
 
     def _key_of(self, path: Path) -> tuple[str, str]:
