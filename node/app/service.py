@@ -24,7 +24,6 @@ from node.ingest import Admission, StoreSCP, reindex_spool
 from node.jobs import JobContext, StabilityWatcher, make_executor
 from node.process import series_budget_mb
 from node.send import Outbox
-from node.store.jobs import MAX_INTERRUPTED_RUNS
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +66,10 @@ class Node:
         # in-process: nothing can still be running after a restart; Celery: workers may be (see requeue_interrupted)
         inprocess = self.cfg.executor.kind == ExecutorKind.INPROCESS
         max_attempts = self.cfg.node.max_job_attempts
-        poisoned = ctx.index.poison_candidates(max_attempts) if inprocess else []
-        queued = ctx.index.requeue_interrupted(processing=inprocess, max_attempts=max_attempts)
+        max_interrupted = self.cfg.node.max_interrupted_runs
+        poisoned = ctx.index.poison_candidates(max_attempts, max_interrupted) if inprocess else []
+        queued = ctx.index.requeue_interrupted(processing=inprocess, max_attempts=max_attempts,
+                                               max_interrupted=max_interrupted)
         for job in poisoned:  # their runs killed the node max_job_attempts times: failed, never run again
             reason = ctx.index.job(job.id).reason
             log.error("job %d (series %s): failed as poison: %s", job.id, job.series_uid, reason)
@@ -77,7 +78,7 @@ class Node:
             ctx.audit.write("job-failed", job=job.id, series=job.series_uid, reason=reason)
         budget, how = series_budget_mb(self.cfg.node.max_series_memory_mb)
         log.info("series memory budget %d MB (%s); a job is failed as poison after %d run(s) that stopped the node, "
-                 "or %d a stop of the node interrupted", budget, how, max_attempts, MAX_INTERRUPTED_RUNS)
+                 "or %d a stop of the node interrupted", budget, how, max_attempts, max_interrupted)
         log.info("spool %s: %d instances indexed, %d job(s) queued, %d partial file(s) removed",
                  ctx.spool.root, ctx.index.count_instances(), len(queued), leftovers)
         ctx.executor.start()

@@ -233,6 +233,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"node.max_series_memory_mb: {n.max_series_memory_mb} must be >= 0 (0: 3/4 of the memory)")
     if n.max_job_attempts < 1:
         raise ConfigError(f"node.max_job_attempts: {n.max_job_attempts} must be >= 1")
+    if n.max_interrupted_runs < 1:
+        raise ConfigError(f"node.max_interrupted_runs: {n.max_interrupted_runs} must be >= 1")
     if n.max_associations < 1:
         raise ConfigError(f"node.max_associations: {n.max_associations} must be >= 1")
     if n.max_associations_per_caller < 0:

@@ -120,6 +120,8 @@ class NodeConfig:
     audit_log: str = ""  # default: <spool_dir>/audit.log
     max_series_memory_mb: int = 0  # memory a series may need to process (estimated from headers); 0: 3/4 of RAM
     max_job_attempts: int = 3  # a job whose runs stopped the node this many times is failed as poison
+    # a job whose runs a stop of the node (SIGTERM) interrupted this many times in a row is failed as poison
+    max_interrupted_runs: int = 5
     require_known_callers: bool = False
     require_called_ae: bool = True  # associations calling another AE title than ae_title are rejected
     allowed_callers: tuple[CallerConfig, ...] = ()

@@ -18,10 +18,10 @@ from node.derived.inputs import (
     conform_dataset,
     inspect_input,
 )
-from node.derived.iocm import reject_superseded, rejection_note, result_revision
+from node.derived.iocm import reject_superseded, rejection_note, rejection_notes, result_revision
 from node.derived.labels import Revision
 from node.derived.uncertainty import uncertainty_objects
 
 __all__ = ["GEOMETRY_TOL_MM", "DerivedObjects", "InputCheck", "inspect_input", "Revision", "check_identifiers", "check_inputs", "check_one_patient",
            "conform_copied", "conform_dataset", "derive_series", "geometry_gate", "output_positions", "reject_superseded",
-           "rejection_note", "result_revision", "uncertainty_objects"]
+           "rejection_note", "rejection_notes", "result_revision", "uncertainty_objects"]

@@ -166,7 +166,9 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     ``settings``: a digest of the engine's settings and weights (``node.process.engines.settings_digest``); it
     enters the UIDs only, so other settings give other SOP instances, and the same settings the same UIDs.
     ``revision``: what decides the result's revision (``node.derived.labels.Revision``, from the series' earlier
-    result: a superseding result gets another SeriesNumber, a replay with the same UIDs the same one).
+    result: a superseding result gets another SeriesNumber, a replay with the same UIDs the same one; UIDs of an
+    older result a later one retired are reissued with a counter, ``Revision.retired``, and the
+    DerivationDescription says "UIDs reissued (n)").
     ``lazy``: ``DerivedObjects.derived`` is a ``DerivedSlices`` that builds slice k (headers and PixelData,
     ``to_stored`` of ``result.data[k]``) each time it is asked for and keeps nothing, so that a long series never
     holds every derived slice at once (issue #15 item 5); the objects are the same as the eager list's (one
@@ -190,6 +192,14 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     made_by = result.engine + ("+denoise" if denoised else "")  # what produced the pixels: labels and UIDs
     uid_by = made_by + (f"|{settings}" if settings else "")  # and with which settings and weights: UIDs only
     series_uid = derived_uid(cfg, vol, factors, uid_by, "derived")
+    # the UIDs of an older result a later one retired (settings A, B, then A again): never made again, as a PACS
+    # that took the rejection note holds them rejected; a counter in every UID's entropy reissues them
+    reissued = 0
+    while revision is not None and revision.retired(series_uid):
+        reissued += 1
+        series_uid = derived_uid(cfg, vol, factors, f"{uid_by}|reissue{reissued}", "derived")
+    if reissued:
+        uid_by = f"{uid_by}|reissue{reissued}"
     f, g = factors.through_plane, factors.in_plane
     positions = output_positions(vol, factors)
     nz = positions.shape[0]
@@ -221,6 +231,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
                   # which weights and engine settings: two derived series with the same digest were made alike
                   + (f" (settings and weights {settings})" if settings else "")
                   + (f"; fallback: {result.fallback}" if result.fallback else "")
+                  + (f"; UIDs reissued ({reissued}): an earlier result with these settings was retired"
+                     if reissued else "")
                   + "".join(f"; {n}" for n in notes))
     iop = [ds_str(v) for v in (*vol.row_cosine, *vol.col_cosine)]
     windows = series_window(vol)

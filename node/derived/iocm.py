@@ -23,7 +23,7 @@ from node.config import DeriveConfig
 from node.derived.labels import Revision
 from node.derived.modules import character_set
 from node.errors import DeriveError
-from node.store import DeliveryState, Index, Job
+from node.store import NOT_SENT, DeliveryState, Index, Job
 
 log = logging.getLogger(__name__)
 
@@ -195,26 +195,75 @@ def _results_to_retire(index: Index, job: Job) -> list[Job]:
     return out
 
 
-def reject_superseded(index: Index, spool_outbox: Path, job: Job, new_derived_series: str, cfg: DeriveConfig,
-                      out_dir: Path) -> list[Path]:
-    """The rejection note for the results of the earlier jobs of the series (``_results_to_retire``); else [].
+def _files_of(spool_outbox: Path, job: Job, old: Job) -> list[Path]:
+    """``old``'s result files under ``spool_outbox/job-<id>`` (not its own notes); [] (logged) when gone."""
+    old_dir = spool_outbox / f"job-{old.id}"
+    mine = sorted(p for p in old_dir.glob("**/*.dcm") if not p.name.startswith("KO-")) if old_dir.is_dir() else []
+    if not mine:
+        log.warning("job %d supersedes job %d, whose results are no longer in the spool: not in the rejection "
+                    "note", job.id, old.id)
+    return mine
 
-    Their files are under ``spool_outbox/job-<id>``. Raises SpoolError (index) and as :func:`rejection_note`.
-    """
-    olds = [o for o in _results_to_retire(index, job) if o.derived_series_uid != new_derived_series]
-    files: list[Path] = []
-    for old in olds:
-        old_dir = spool_outbox / f"job-{old.id}"
-        mine = sorted(p for p in old_dir.glob("**/*.dcm") if not p.name.startswith("KO-")) if old_dir.is_dir() else []
-        if not mine:
-            log.warning("job %d supersedes job %d, whose results are no longer in the spool: not in the rejection "
-                        "note", job.id, old.id)
-        files += mine
-    if not files:
-        return []
+
+def _note(olds: list[Job], files: list[Path], job: Job, new_derived_series: str, cfg: DeriveConfig,
+          out_dir: Path) -> Path:
+    """The rejection note retiring ``files`` (the results of ``olds``), its reason naming them and why."""
     ids = f"job{'s' if len(olds) > 1 else ''} " + ", ".join(str(o.id) for o in reversed(olds))
     why = (f"late instances made the input of {ids} incomplete" if all(o.n_instances < job.n_instances for o in olds)
            else f"{ids} made with other settings (engine, its weights, the [derive] labels, the pipeline version) "
                 "or input")  # a replay after a settings change: new UIDs (node.derived.modules.derived_uid)
     reason = f"superseded by srnode job {job.id} (series {new_derived_series}): {why}"
-    return [rejection_note(files, cfg, out_dir, reason)]
+    return rejection_note(files, cfg, out_dir, reason)
+
+
+def reject_superseded(index: Index, spool_outbox: Path, job: Job, new_derived_series: str, cfg: DeriveConfig,
+                      out_dir: Path) -> list[Path]:
+    """The rejection note for the results of the earlier jobs of the series (``_results_to_retire``); else [].
+    Wherever they went: :func:`rejection_notes` gives each destination the note of what had a delivery there.
+
+    Their files are under ``spool_outbox/job-<id>``. Raises SpoolError (index) and as :func:`rejection_note`.
+    """
+    olds = [o for o in _results_to_retire(index, job) if o.derived_series_uid != new_derived_series]
+    files = [f for old in olds for f in _files_of(spool_outbox, job, old)]
+    if not files:
+        return []
+    return [_note(olds, files, job, new_derived_series, cfg, out_dir)]
+
+
+def had_delivery(index: Index, job: Job, destination: str) -> bool:
+    """Whether ``job``'s results had a delivery to ``destination`` that may have reached it: any delivery there
+    but one dropped before it was ever sent (dead-letter whose reason begins with ``NOT_SENT``: replaced by a later
+    job's results). A delivery still waiting counts (it may be in hand, or be sent). SpoolError (index)."""
+    return any(not (d.state == DeliveryState.DEAD_LETTER and d.reason.startswith(NOT_SENT))
+               for d in index.deliveries(job.id) if d.destination == destination)
+
+
+def rejection_notes(index: Index, spool_outbox: Path, job: Job, new_derived_series: str, cfg: DeriveConfig,
+                    out_dir: Path, destinations: Sequence[str]) -> tuple[dict[str, list[Path]], dict[str, str]]:
+    """Per destination of ``job``, the rejection note retiring the earlier results of the series
+    (``_results_to_retire``) that had a delivery there (:func:`had_delivery`), never one naming instances that
+    destination never held: a PACS would hold a note rejecting objects it does not know. Returns (the notes per
+    destination: none, absent; what was decided per destination, for the job's report: "sent", or why not,
+    beginning with ``NOT_SENT``); both empty when nothing is to be retired. Destinations given the same earlier
+    results share one note (deterministic UIDs). Raises SpoolError (index) and as :func:`rejection_note`."""
+    olds = [o for o in _results_to_retire(index, job) if o.derived_series_uid != new_derived_series]
+    files = {o.id: _files_of(spool_outbox, job, o) for o in olds}
+    olds = [o for o in olds if files[o.id]]
+    if not olds:
+        return {}, {}
+    notes: dict[str, list[Path]] = {}
+    said: dict[str, str] = {}
+    made: dict[tuple[int, ...], Path] = {}
+    for dest in destinations:
+        here = [o for o in olds if had_delivery(index, o, dest)]
+        if not here:
+            ids = ", ".join(str(o.id) for o in reversed(olds))
+            said[dest] = (f"{NOT_SENT}the results it would retire (job{'s' if len(olds) > 1 else ''} {ids}) never "
+                          f"had a delivery to {dest}")
+            log.info("job %d -> %s: rejection note %s", job.id, dest, said[dest])
+            continue
+        key = tuple(o.id for o in here)
+        if key not in made:
+            made[key] = _note(here, [f for o in here for f in files[o.id]], job, new_derived_series, cfg, out_dir)
+        notes[dest], said[dest] = [made[key]], "sent"
+    return notes, said

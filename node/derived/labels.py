@@ -116,6 +116,12 @@ class Revision:
             return older[series_uid]
         return max([self.earlier, *older.values()]) + 1
 
+    def retired(self, series_uid: str) -> bool:
+        """Whether ``series_uid`` is a derived series of an older result that a later one superseded (its rejection
+        note retired it): made again -- settings A, then B, then A -- it would send live images under SOP Instance
+        UIDs a PACS holds as rejected. Such UIDs are reissued (``node.derived.image_series.derive_series``)."""
+        return series_uid not in self.earlier_series and series_uid in dict(self.made)
+
 
 def series_number(source: int, offset: int, engine: str, factors: Factors, run: int = 1, revision: int = 0) -> int:
     """The derived series' SeriesNumber (its uncertainty series take the next two); see the module's docstring.

@@ -289,9 +289,25 @@ class Admission:
                                   Status.OUT_OF_RESOURCES) from exc
             return self.admit_file(Path(tmp.name), caller)
 
-    def _admit(self, path: Path, caller: Caller, declared_sop_class: str, transfer_syntax: str,
-               declared_sop_instance: str) -> Stored:
-        allowed_rules = caller_rules(self.cfg, caller)
+    def count_refused(self, exc: IngestError, instances: int = 1) -> None:
+        """Count ``instances`` refused with ``exc`` without :meth:`admit_file` (a pulled series refused whole):
+        in ``srnode_instances_received_total{status}`` and ``srnode_failures_total{where="ingest"}``, as it does."""
+        status = Status(exc.status) if exc.status in Status._value2member_map_ else Status.CANNOT_UNDERSTAND
+        self.metrics.failures.labels(where="ingest", reason=label(exc.status)).inc(instances)
+        self.metrics.instances_received.labels(status=label(status)).inc(instances)
+
+    def check_file(self, path: Path, caller: Caller, declared_sop_class: str = "",
+                   declared_sop_instance: str = "") -> Header:
+        """What :meth:`admit_file` checks before it stores anything, without storing (nor counting) anything: the
+        caller may hand instances (``caller_rules``), the header is usable (:func:`read_header`), the SOP class is a
+        storage one and the C-STORE command's (``declared_*``) agree with the dataset. Returns the header; raises
+        IngestError with the DIMSE status, as :meth:`admit_file` would (a pull checks every instance of a series
+        with it before admitting any: all or nothing per series, ``node.ingest.pull.Staging``); OSError when
+        ``path`` cannot be read."""
+        caller_rules(self.cfg, caller)
+        return self._checked(path, declared_sop_class, declared_sop_instance)
+
+    def _checked(self, path: Path, declared_sop_class: str, declared_sop_instance: str) -> Header:
         header = read_header(path)
         if header.sop_class not in STORAGE_SOP_CLASSES:
             raise IngestError(f"SOP class {header.sop_class!r} is not a storage SOP class",
@@ -302,6 +318,12 @@ class Admission:
         if declared_sop_instance and declared_sop_instance.strip() != header.sop_uid:
             raise IngestError(f"the dataset's SOPInstanceUID {header.sop_uid} differs from the command's Affected "
                               f"SOP Instance UID {declared_sop_instance.strip()}", Status.DATASET_DOES_NOT_MATCH)
+        return header
+
+    def _admit(self, path: Path, caller: Caller, declared_sop_class: str, transfer_syntax: str,
+               declared_sop_instance: str) -> Stored:
+        allowed_rules = caller_rules(self.cfg, caller)
+        header = self._checked(path, declared_sop_class, declared_sop_instance)
         inst = Instance(sop_uid=header.sop_uid, series_uid=header.series_uid, study_uid=header.study_uid,
                         sop_class=header.sop_class, transfer_syntax=transfer_syntax or header.transfer_syntax,
                         path="", calling_ae=caller.ae_title, allowed_rules=allowed_rules)

@@ -174,7 +174,7 @@ class ChangesFollower:
                        f"changes follower {self.src.name}: Orthanc series {series_id}")
             n = stage.admit(refused)
         for why in refused:
-            log.warning("changes follower %s: instance of series %s refused: %s", self.src.name, series_id, why)
+            log.warning("changes follower %s: Orthanc series %s: %s", self.src.name, series_id, why)
         log.info("changes follower %s: series %s pulled, %d instance(s)", self.src.name, series_id, n)
         if n and not refused:  # Orthanc's whole stable series is in: its size is known
             self.admission.declare(str(head.StudyInstanceUID), str(head.SeriesInstanceUID), n,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from node.config import Config, DicomSource, DicomwebSource, OrthancSource, Source
@@ -40,7 +41,7 @@ from node.dimse import (
     max_pdu_problem,
 )
 from node.errors import ConfigError, DeliveryError, IngestError, NodeError, http_status_text
-from node.ingest.admit import Admission, Caller, read_header
+from node.ingest.admit import Admission, Caller, caller_rules
 from node.store import valid_uid
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ def fetch(cfg: Config, source_name: str, study: str, series: str = "", *, admiss
                     stage_all(stage, orthanc_series_files(client, src, series_id),
                                f"source {src.name!r}: Orthanc series {series_id} of study {study}", series)
                     result.received += stage.admit(result.refused)
+    for why in result.refused:  # one line a series refused (or a caller refused), never one an instance
+        log.warning("fetch from %s (%s): %s", src.name, result.method, why)
     log.info("fetch from %s (%s): %d spooled, %d moved, %d refused", src.name, result.method,
              result.received, result.moved, len(result.refused))
     sent = result.moved if result.method == "c-move" else result.received
@@ -156,26 +159,83 @@ class Staging:
             path.unlink(missing_ok=True)
             raise FetchError(f"cannot stage a pulled instance in {self.folder}: {exc}") from exc
         self.paths.append(path)
-        try:
-            head = read_header(path)
-            key = (head.study_uid, head.series_uid)
-        except (IngestError, OSError):  # admission refuses it, naming why (:meth:`admit`)
-            key = ("?", "?")
+        key = self._key_of(path)  # admission decides on it later (:meth:`admit`)
         self.uids[key] = self.uids.get(key, 0) + 1
 
     def admit(self, refused: list[str]) -> int:
-        """Admit every staged instance in order (``Admission.admit_file``); a refused one is added to
-        ``refused`` (its reason, as admission words it). Returns how many were admitted; the stage is then empty."""
-        n = 0
+        """Admit the staged instances, all or nothing per series: every one is checked first
+        (``Admission.check_file``); a series of which admission refuses any instance is refused whole (none of it
+        admitted: a job on it would lack a slice without a word), with one entry in ``refused`` naming it by UID,
+        how many of its instances were refused and why; a caller admission refuses (``[node].allowed_callers``)
+        gives one entry for the whole pull, not one per instance. The other series are admitted in order
+        (``Admission.admit_file``; a refusal then is listed as admission words it). A staged file whose series
+        cannot be read might be of any series: nothing staged is admitted then. Returns how many were admitted;
+        the stage is then empty. The caller logs the entries (one line each)."""
+        try:
+            return self._admit(refused)
+        finally:
+            for path in self.paths:
+                path.unlink(missing_ok=True)
+            self.paths, self.uids = [], {}
+
+    def _admit(self, refused: list[str]) -> int:
+        if not self.paths:
+            return 0
+        try:
+            caller_rules(self.admission.cfg, self.caller)
+        except IngestError as exc:
+            self.admission.count_refused(exc, len(self.paths))
+            refused.append(f"{len(self.paths)} instance(s) of {self._series_named()} refused: {exc}")
+            return 0
+        series: dict[tuple[str, str], list[Path]] = {}
+        bad: dict[tuple[str, str], list[str]] = {}
         for path in self.paths:
             try:
-                self.admission.admit_file(path, self.caller)
-                n += 1
-            except IngestError as exc:
-                refused.append(str(exc))
-            path.unlink(missing_ok=True)
-        self.paths, self.uids = [], {}
+                head = self.admission.check_file(path, self.caller)
+                key = (head.study_uid, head.series_uid)
+            except (IngestError, OSError) as exc:
+                key = self._key_of(path)
+                bad.setdefault(key, []).append(str(exc))
+                self.admission.count_refused(exc if isinstance(exc, IngestError) else IngestError(str(exc)))
+            series.setdefault(key, []).append(path)
+        unknown = ("?", "?") in bad  # a file whose series cannot be read: it may be a slice of any of them
+        n = 0
+        for key, paths in series.items():
+            if key not in bad and not unknown:
+                for path in paths:
+                    try:
+                        self.admission.admit_file(path, self.caller)
+                        n += 1
+                    except IngestError as exc:
+                        refused.append(str(exc))
+                continue
+            reasons = bad.get(key) or bad[("?", "?")]
+            shown = "; ".join(sorted(set(reasons))[:3]) + (" ..." if len(set(reasons)) > 3 else "")
+            if key == ("?", "?"):
+                what = f"{len(paths)} staged file(s) whose series cannot be read"
+            else:
+                k = len(bad.get(key, []))
+                what = (f"series {key[1]} (study {key[0]}) refused whole: {k} of {len(paths)} instance(s) refused by "
+                        f"admission" if k else f"series {key[1]} (study {key[0]}) refused whole: {len(paths)} "
+                        "instance(s) pulled with a file whose series cannot be read")
+                self.admission.count_refused(IngestError(shown), len(paths) - k)
+            refused.append(f"{what} ({shown}); a pull is all or nothing per series: none of it admitted")
         return n
+
+    def _key_of(self, path: Path) -> tuple[str, str]:
+        """The (study, series) of a staged file admission refused, when its header tells them (valid UIDs; the rest
+        of the file may be what admission refused); else ("?", "?")."""
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+            key = (str(ds.get("StudyInstanceUID", "") or "").strip(), str(ds.get("SeriesInstanceUID", "") or "").strip())
+        except Exception:  # noqa: BLE001 - pydicom raises many types on a broken file
+            return ("?", "?")
+        return key if all(valid_uid(u) for u in key) else ("?", "?")
+
+    def _series_named(self) -> str:
+        named = [f"series {se}" for (_st, se) in self.uids if se != "?"]
+        return ", ".join(named[:5]) + (f" and {len(named) - 5} more series" if len(named) > 5 else "") \
+            if named else "the pull"
 
     def failed(self, exc: Exception, what: str, series: str = "") -> FetchError:
         """The error of a pull that failed part-way (``exc``, from call ``what``), naming by UID the series of

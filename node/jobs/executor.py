@@ -128,7 +128,7 @@ class InProcessExecutor:
             # a stop is no crash: this run must not count toward max_job_attempts (poison)
             if running is not None:
                 try:
-                    self.ctx.store.index.stopped_during(running)
+                    self.ctx.store.index.stopped_during(running, self.ctx.cfg.node.max_interrupted_runs)
                 except Exception as exc:  # noqa: BLE001 - stopping anyway; the run then counts as one that stopped it
                     log.warning("job %s: its interrupted run could not be recorded as such: %s", running, exc)
         self._thread = None

@@ -63,13 +63,20 @@ def matches(pattern: str, values: list[str]) -> bool:
     return any(v == pattern or rx.fullmatch(v) is not None for v in candidates)
 
 
+def quoted(text: str) -> str:
+    """``text`` in single quotes as it is -- a pattern as config.toml says it, values as the header holds them,
+    a backslash once (``repr`` doubled each: ``'^\\\\d+$'`` for ``^\\d+$``) -- with only characters that are not
+    printable escaped (a newline as ``\\n``), so a reason stays one line in the log."""
+    return "'" + "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) + "'"
+
+
 def _shown(keyword: str, values: list[str] | None) -> str:
     if values is None:
         return f"{keyword} absent"
     if keyword in _PRIVATE_KEYWORDS:
         return f"{keyword} (value not shown)"
-    joined = "\\".join(values)
-    return f"{keyword} {joined!r}"
+    joined = "\\".join(values)  # the multi-value separator (PS3.5 6.4), once
+    return f"{keyword} {quoted(joined)}"
 
 
 def rule_mismatch(rule: RuleConfig, header: Dataset) -> str:
@@ -77,7 +84,7 @@ def rule_mismatch(rule: RuleConfig, header: Dataset) -> str:
     for keyword, pattern in rule.match.items():
         values = element_values(header, keyword)
         if values is None or not matches(str(pattern), values):
-            return f"{_shown(keyword, values)} does not match {pattern!r}"
+            return f"{_shown(keyword, values)} does not match {quoted(str(pattern))}"
     return ""
 
 

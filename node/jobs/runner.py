@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from node.config import RuleConfig
-from node.derived import reject_superseded, result_revision
+from node.derived import rejection_notes, result_revision
 from node.errors import DeriveError, EngineError, NodeError, SpoolError, VolumeError
 from node.jobs.context import JobContext
 from node.metrics import Metrics
@@ -127,18 +127,24 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
         _discard(job, out_dir)
         return JobState.SUPERSEDED
     files = [str(p) for p in [*result.derived_files, *result.uncertainty_files]]
-    try:  # a reprocess after late instances: retire the earlier results in PACS (IOCM rejection note)
+    notes: dict[str, list[Path]] = {}
+    notes_said: dict[str, str] = {}
+    try:  # a reprocess after late instances: retire the earlier results in PACS (IOCM rejection note), at each
+        # destination where they had a delivery (never a note naming instances a destination never held)
         room.check(0, "the rejection note")
-        files += [str(p) for p in reject_superseded(index, spool.outbox, job, result.derived_series_uid,
-                                                    cfg.derive, out_dir)]
+        notes, notes_said = rejection_notes(index, spool.outbox, job, result.derived_series_uid, cfg.derive, out_dir,
+                                            rule.destinations)
     except ResultsSpaceError as exc:
         return _results_lost(ctx, job, out_dir, str(exc))
     except NodeError as exc:
         log.warning("job %d: no rejection note for the superseded job: %s", job.id, exc)
     except OSError as exc:
         return _results_lost(ctx, job, out_dir, _scrubbed(describe_write_error(exc, spool.root), paths))
-    per_dest = {d: files + ([str(p) for p in paths] if rule.forward_originals else []) for d in rule.destinations}
+    per_dest = {d: files + [str(p) for p in notes.get(d, [])] + ([str(p) for p in paths] if rule.forward_originals
+                                                                 else []) for d in rule.destinations}
     report = dict(result.report or {})
+    if notes_said:  # per destination: "sent", or why no note went there (NOT_SENT ...)
+        report["rejection_notes"] = notes_said
     # for the next result's revision (node.derived.labels.Revision)
     report["revision"] = revision.of(result.derived_series_uid)
     report["derived_series_uids"] = result.derived_series_uids or [result.derived_series_uid]

@@ -23,7 +23,7 @@ from node.errors import ConfigError, DeliveryError, NodeError
 from node.metrics import Metrics
 from node.send.base import Sender, make_sender
 from node.send.confirm import Confirmations, Mismatch
-from node.store import Delivery, DeliveryState, Index, JobState
+from node.store import NOT_SENT, Delivery, DeliveryState, Index, JobState
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class Outbox:
         """``d``'s results were replaced by job ``later``'s (late instances made the series be processed again; its
         rejection note retires these): ``d`` is not sent (dead-letter, with why) and, once none of its job's
         deliveries is pending or awaiting a confirmation, the job is 'superseded'. Logged and audited."""
-        why = (f"not sent: job {later} of the same series replaced these results (late instances), and its "
+        why = (f"{NOT_SENT}job {later} of the same series replaced these results (late instances), and its "
                f"rejection note retires them")
         self.index.delivery_failed(d.id, why, None)
         log.warning("job %d -> %s: %s", d.job_id, d.destination, why)

@@ -14,7 +14,7 @@ from node.store.index import HEADER_DECLARED, MAX_DECLARED_INSTANCES, NO_HINT, I
 from node.store.jobs import poison_reason
 from node.store.schema import DAMAGED_HINT, Delivery, IndexDamaged, Instance, Job
 from node.store.spool import Spool, Stored, atomic_copy, atomic_write, fsync_dir, valid_uid
-from node.store.states import JOB_DONE_STATES, DeliveryState, JobState, SeriesState
+from node.store.states import JOB_DONE_STATES, NOT_SENT, DeliveryState, JobState, SeriesState
 
 __all__ = [
     "DAMAGED_HINT",
@@ -23,6 +23,7 @@ __all__ = [
     "NO_HINT",
     "poison_reason",
     "JOB_DONE_STATES",
+    "NOT_SENT",
     "Delivery",
     "DeliveryState",
     "Index",

@@ -1,6 +1,6 @@
 """The jobs of the spool index: created per stable series, claimed atomically, finished with a reason, re-queued
 after a crash or by ``srnode retry``, failed as poison after ``max_job_attempts`` runs that stopped the node (or
-:data:`MAX_INTERRUPTED_RUNS` runs a stop of the node interrupted).
+``[node] max_interrupted_runs``, default :data:`MAX_INTERRUPTED_RUNS`, runs a stop of the node interrupted).
 
 Part of :class:`node.store.index.Index` (its mixin base); times are Unix seconds.
 """
@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from node.config import NodeConfig
 from node.errors import SpoolError
 from node.store.schema import IndexDB, Job, job_of
 from node.store.states import JOB_DONE_STATES, JobState, SeriesState, series_state_of
@@ -23,16 +24,18 @@ def poison_reason(attempts: int, max_attempts: int) -> str:
             f"node.max_job_attempts = {max_attempts}, so it is not run again ('srnode retry' re-queues it)")
 
 
-MAX_INTERRUPTED_RUNS = 5  # runs of one job a stop of the node (SIGTERM) interrupted before it is failed as poison
+# the default of ``[node] max_interrupted_runs``: runs of one job a stop of the node (SIGTERM) interrupted before it
+# is failed as poison
+MAX_INTERRUPTED_RUNS: int = NodeConfig.max_interrupted_runs
 
 
-def interrupted_reason(runs: int) -> str:
+def interrupted_reason(runs: int, max_interrupted: int = MAX_INTERRUPTED_RUNS) -> str:
     """Why a job is failed as poison: ``runs`` of its runs were each still going when the node was stopped (SIGTERM)
     and outlived the stop's wait; a single clean restart is no such failure, a job that hangs under a supervisor
     restarting the node is."""
     return (f"poison: {runs} run(s) of this job were still going when the node was stopped (SIGTERM) and did not end "
             f"within the stop's wait (a hung job, the node restarted by a supervisor?); after "
-            f"{MAX_INTERRUPTED_RUNS} it is not run again ('srnode retry' re-queues it)")
+            f"node.max_interrupted_runs = {max_interrupted}, it is not run again ('srnode retry' re-queues it)")
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -202,20 +205,23 @@ class JobTable(IndexDB):
                            " ORDER BY l.id DESC LIMIT 1", (job_id,))
         return int(rows[0]["id"]) if rows else None
 
-    def poison_candidates(self, max_attempts: int) -> list[Job]:
+    def poison_candidates(self, max_attempts: int, max_interrupted: int = MAX_INTERRUPTED_RUNS) -> list[Job]:
         """Jobs left 'processing' whose ``attempts`` reached ``max_attempts``, or whose runs a stop interrupted
-        :data:`MAX_INTERRUPTED_RUNS` times (read only; what :meth:`requeue_interrupted` will fail as poison)."""
+        ``max_interrupted`` times (``[node] max_interrupted_runs``; read only: what :meth:`requeue_interrupted`
+        will fail as poison)."""
         rows = self._query("SELECT * FROM jobs WHERE state = ? AND (attempts >= ? OR interrupted >= ?) ORDER BY id",
-                           (JobState.PROCESSING, max_attempts, MAX_INTERRUPTED_RUNS))
+                           (JobState.PROCESSING, max_attempts, max_interrupted))
         return [job_of(r) for r in rows]
 
-    def requeue_interrupted(self, processing: bool = True, max_attempts: int = 0) -> list[int]:
+    def requeue_interrupted(self, processing: bool = True, max_attempts: int = 0,
+                            max_interrupted: int = MAX_INTERRUPTED_RUNS) -> list[int]:
         """Start-up: jobs left 'processing' by a crash go back to 'queued'; returns every queued job id.
 
         ``max_attempts`` (> 0): a job left 'processing' that was claimed that many times (``attempts`` is counted
         by :meth:`claim_job` before each run, so it counts the runs that stopped the node) is failed as poison,
         with the reason (:func:`poison_reason`), instead of being run again; so is one whose runs a stop of the
-        node interrupted :data:`MAX_INTERRUPTED_RUNS` times (:meth:`stopped_during`; :func:`interrupted_reason`). ``processing=False`` leaves
+        node interrupted ``max_interrupted`` times (``[node] max_interrupted_runs``, :meth:`stopped_during`;
+        :func:`interrupted_reason`). ``processing=False`` leaves
         'processing' jobs alone: with Celery workers on a shared spool they may still be running elsewhere, and
         the broker re-delivers the jobs of workers that died.
         """
@@ -226,8 +232,9 @@ class JobTable(IndexDB):
                                      (JobState.PROCESSING, max_attempts)).fetchall():
                     self._fail_poison(c, int(row["id"]), poison_reason(int(row["attempts"]), max_attempts), now)
                 for row in c.execute("SELECT id, interrupted FROM jobs WHERE state = ? AND interrupted >= ?",
-                                     (JobState.PROCESSING, MAX_INTERRUPTED_RUNS)).fetchall():
-                    self._fail_poison(c, int(row["id"]), interrupted_reason(int(row["interrupted"])), now)
+                                     (JobState.PROCESSING, max_interrupted)).fetchall():
+                    self._fail_poison(c, int(row["id"]), interrupted_reason(int(row["interrupted"]), max_interrupted),
+                                      now)
             if processing:
                 c.execute("UPDATE jobs SET state = ?, reason = 'interrupted (node restarted), re-queued',"
                           " updated = ? WHERE state = ?", (JobState.QUEUED, now, JobState.PROCESSING))
@@ -237,18 +244,19 @@ class JobTable(IndexDB):
             rows = c.execute("SELECT id FROM jobs WHERE state = ? ORDER BY id", (JobState.QUEUED,)).fetchall()
         return [int(r["id"]) for r in rows]
 
-    def stopped_during(self, job_id: int) -> bool:
+    def stopped_during(self, job_id: int, max_interrupted: int = MAX_INTERRUPTED_RUNS) -> bool:
         """The node is stopping (SIGTERM) while job ``job_id`` still runs and will not wait for it: its run is not
         one that stopped the node (it is re-queued at the next start, ``requeue_interrupted``), so it does not count
         toward ``max_job_attempts`` (``attempts`` back by one): a clean restart is harmless. It is counted apart
         (``interrupted``): a job that hangs while a supervisor keeps restarting the node is failed as poison at the
-        start after its :data:`MAX_INTERRUPTED_RUNS`-th interrupted run. False when the job is not 'processing'
+        start after its ``max_interrupted``-th interrupted run (``[node] max_interrupted_runs``; the reason says
+        "n of at most max_interrupted runs"). False when the job is not 'processing'
         any more."""
         with self.tx() as c:
             cur = c.execute("UPDATE jobs SET attempts = MAX(attempts - 1, 0), interrupted = interrupted + 1,"
                             " reason = 'interrupted by the node''s stop (' || (interrupted + 1) || ' of at most ' ||"
                             " ? || ' runs); re-queued at its next start', updated = ? WHERE id = ? AND state = ?",
-                            (MAX_INTERRUPTED_RUNS, time.time(), job_id, JobState.PROCESSING))
+                            (max_interrupted, time.time(), job_id, JobState.PROCESSING))
             return cur.rowcount == 1
 
     def fail_poison(self, job_id: int, reason: str) -> None:

@@ -54,6 +54,11 @@ class DeliveryState(StrEnum):
     DEAD_LETTER = "dead-letter"
 
 
+# how every reason saying that results were not sent to a destination, and never will be by this job, begins: a
+# delivery whose results a later job replaced before they went (dead-letter), a rejection note not sent where the
+# results it retires never had a delivery (the job's report ``rejection_notes``)
+NOT_SENT = "not sent: "
+
 # a job in one of these states will not change again by itself
 JOB_DONE_STATES = (JobState.DELIVERED, JobState.FAILED, JobState.DEAD_LETTER, JobState.IGNORED,
                    JobState.SUPERSEDED)

@@ -265,3 +265,14 @@ def test_a_value_out_of_its_range_is_refused_at_load_naming_the_key(sections: di
     of 20 characters (refused by pynetdicom at each delivery); a rule matching on "Modaltiy" never matched any
     series ("Modaltiy absent does not match 'CT'" on every job, the rule silently dead)."""
     assert _error(**sections) == expected
+
+
+def test_max_interrupted_runs_is_a_node_setting_checked_at_load() -> None:
+    """open16: the interrupted runs that make a job poison were a constant (5); now ``[node] max_interrupted_runs``
+    (default 5), at least 1, a wrong value refused at load naming the key."""
+    assert config_from_dict({}).node.max_interrupted_runs == 5
+    assert config_from_dict({"node": {"max_interrupted_runs": 2}}).node.max_interrupted_runs == 2
+    for bad in (0, -1):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict({"node": {"max_interrupted_runs": bad}})
+        assert "node.max_interrupted_runs" in str(info.value) and ">= 1" in str(info.value), info.value

@@ -52,3 +52,27 @@ def test_process_leaves_a_thin_mprage_alone_by_default(tmp_path: Path) -> None:
     assert "left alone: no rule matched: Modality 'MR' (ct-mr-thick (thick CT/MR only: SliceThickness 2 mm or " \
            "more): SliceThickness '0.90000003576279' does not match" in r.stdout, r.stdout
     assert not list((tmp_path / "out").rglob("*.dcm")), "a thin series left alone must produce no derived object"
+
+
+def test_a_rule_reason_shows_the_pattern_and_values_as_written(tmp_path: Path) -> None:
+    """open16: the reason of a series left alone showed the rule's regular expression as a Python repr, every
+    backslash doubled ('^([2-9]|[1-9][0-9]+)(\\\\.[0-9]*)?$' for the default rule's (\\.[0-9]*)), and a multi-valued
+    attribute's values joined by two backslashes: not what config.toml says nor what the header holds. Now both
+    are shown as they are (a control character in a value still escaped: one line in the log)."""
+    from pydicom.dataset import Dataset
+
+    from node.config import config_from_dict
+
+    header = read_header(sorted(shared_series("mr_t1_mprage_sag_siemens").glob("*.dcm"))[0])
+    cfg = load_config(None)
+    pattern = cfg.rules[0].match["SliceThickness"]
+    assert "\\." in pattern and "\\\\" not in pattern
+    _, why = match_rule(cfg, header)
+    assert f"does not match '{pattern}'" in why and "\\\\" not in why, why
+    ds = Dataset()
+    ds.Modality, ds.ImageType, ds.SeriesDescription = "CT", ["DERIVED", "SECONDARY"], "a\nb"
+    cfg = config_from_dict({"rules": [{"name": "r", "match": {"ImageType": r"^ORIGINAL\\PRIMARY", "Modality": "CT"}},
+                                      {"name": "s", "match": {"SeriesDescription": r"^\d+$"}}]})
+    _, why = match_rule(cfg, ds)
+    assert "ImageType 'DERIVED\\SECONDARY' does not match '^ORIGINAL\\\\PRIMARY'" in why, why
+    assert "SeriesDescription 'a\\nb' does not match '^\\d+$'" in why and "\n" not in why, why

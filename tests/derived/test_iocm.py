@@ -144,3 +144,36 @@ def test_a_label_changed_back_never_gives_uids_the_pacs_holds_other_content_unde
     for uid, number in made:
         numbers.setdefault(uid, set()).add(number)
     assert all(len(n) == 1 for n in numbers.values()), made
+
+
+def test_settings_changed_back_reissue_the_uids_the_rejection_note_retired(tmp_path: Path) -> None:
+    """open16: a series processed with settings A, then B (A's results retired by B's rejection note), then A again.
+    The third result took the first one's UIDs again (the same input and settings): a PACS that took B's note holds
+    those SOP Instance UIDs as "Rejected for Quality Reasons", so the live result would be hidden or refused there.
+    Now the third result gets new UIDs (a counter in their entropy) and its DerivationDescription says "UIDs
+    reissued (1)"; a fourth, B again, reissues B's, and a fifth, A again, takes the next counter."""
+    cfg = load_config(None)
+    cfg = dataclasses.replace(cfg, node=dataclasses.replace(cfg.node, spool_dir=str(tmp_path / "spool")))
+    store = open_store(cfg)
+    files = write_phantom_series(tmp_path / "in", slices=5, size=32, step_mm=3.0, seed=1602)
+    _index_files(store, files)
+    series = str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    relabelled = dataclasses.replace(cfg, derive=dataclasses.replace(cfg.derive, caution="research use only"))
+    made: list[tuple[str, set[str], str]] = []  # per run: derived series UID, its SOP Instance UIDs, derivation
+    for c in (cfg, relabelled, cfg, relabelled, cfg):
+        job = store.index.create_job(series, "r")
+        _run(store, c, job, series)
+        out = sorted(store.spool.job_dir(job).glob("**/*.dcm"))
+        heads = [pydicom.dcmread(p, stop_before_pixels=True) for p in out if not p.name.startswith("KO-")]
+        heads = [h for h in heads if h.SeriesInstanceUID == store.index.job(job).derived_series_uid]
+        made.append((store.index.job(job).derived_series_uid, {h.SOPInstanceUID for h in heads},
+                     str(heads[0].DerivationDescription)))
+    uids = [m[0] for m in made]
+    assert len(set(uids)) == 5, uids  # before: runs 3 and 5 took run 1's UIDs, run 4 run 2's
+    for i, (_, sops, _) in enumerate(made):
+        for _, other, _ in made[:i]:
+            assert not sops & other, "SOP Instance UIDs of a retired result made again"
+    said = [m[2] for m in made]
+    assert "UIDs reissued" not in said[0] and "UIDs reissued" not in said[1], said
+    assert "UIDs reissued (1)" in said[2] and "UIDs reissued (1)" in said[3], said
+    assert "UIDs reissued (2)" in said[4], said

@@ -179,13 +179,17 @@ def test_pulled_series_obey_allowed_callers_and_caller_rules(tmp_path: Path, pac
     web_study, web_series, _ = _uids(web)
     node = _start(tmp_path / "node", _sections([{"ae_title": "CT01"}], **_pull_sources(pacs)))
     try:
-        # neither source is a known caller: every pulled instance is refused (409), nothing is spooled, no job
+        # neither source is a known caller: every pulled instance is refused (409), nothing is spooled, no job;
+        # one refusal for the pull (naming the series and how many), not one per instance, in the answer and the log
         res = _post_pull(node, rest_study, rest_series, "pacs", status=409)
-        assert (res["method"], res["received"], len(res["refused"])) == ("orthanc-rest", 0, SLICES), res
-        assert all("'pacs'" in why and "not in node.allowed_callers" in why for why in res["refused"]), res
+        assert (res["method"], res["received"], len(res["refused"])) == ("orthanc-rest", 0, 1), res
+        (why,) = res["refused"]
+        assert "'pacs'" in why and "not in node.allowed_callers" in why and f"{SLICES} instance(s)" in why, why
+        assert rest_series in why, why
+        assert node.log().count("not in node.allowed_callers") == 1, node.log()[-3000:]
         rc, res = _cli_fetch(node, web_study, web_series, "web")
-        assert (rc, res["method"], res["received"], len(res["refused"])) == (1, "wado-rs", 0, SLICES), res
-        assert all("'WEBPACS'" in why for why in res["refused"]), res
+        assert (rc, res["method"], res["received"], len(res["refused"])) == (1, "wado-rs", 0, 1), res
+        assert "'WEBPACS'" in res["refused"][0] and web_series in res["refused"][0], res
         assert _status(node) == {"jobs": [], "instances": 0}
 
         # both known, restricted to r2: the same pulls now make jobs, and r2 takes both series

@@ -268,3 +268,39 @@ def test_a_c_get_with_failed_sub_operations_admits_nothing_of_the_series(tmp_pat
         store.index.close()
     finally:
         orthanc.stop()
+
+
+@pytest.mark.parametrize("kind", ["orthanc", "dicomweb", "c-get"])
+def test_a_pulled_series_with_one_instance_admission_refuses_is_refused_whole(tmp_path: Path, kind: str) -> None:
+    """A pull (Orthanc REST, WADO-RS, C-GET) of a series whose 4th instance admission refuses (a CT image without
+    pixel data: the PACS holds it and sends it, the node cannot take it). Before: the other 5 were admitted (no size
+    declared, the refusal listed): once quiet, a job made from 5 of the 6 (a slice dropped without a word in the
+    derived series). Now the series is refused whole: nothing of it in the index, one refusal naming the series by
+    UID and the instance's reason, the staging removed."""
+    from node.ingest import fetch
+
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", modalities={"SRNODE": ["SRNODE", "127.0.0.1", 11112]})
+    files = phantom(tmp_path, seed=1407, slices=6)
+    ds = pydicom.dcmread(files[3])
+    del ds.PixelData
+    ds.save_as(files[3])
+    upload(orthanc, files)
+    ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+    source: dict[str, object] = {
+        "orthanc": {"kind": "orthanc", "url": orthanc.url},
+        "dicomweb": {"kind": "dicomweb", "url": f"{orthanc.url}/dicom-web"},
+        "c-get": {"kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}}[kind]
+    cfg, store, admission = _store(tmp_path, source)
+    try:
+        result = fetch(cfg, "o", ref.StudyInstanceUID, ref.SeriesInstanceUID, admission=admission,  # type: ignore[arg-type]
+                       method="get" if kind == "c-get" else "")
+        row = store.index.series(ref.SeriesInstanceUID, ref.StudyInstanceUID)  # type: ignore[attr-defined]
+        assert row is None, row  # before: n_instances 5
+        assert result.received == 0 and len(result.refused) == 1, result
+        (why,) = result.refused
+        assert ref.SeriesInstanceUID in why and "refused whole" in why and "without pixel data" in why, why
+        assert "1 of 6" in why, why
+        assert list((tmp_path / "spool" / "incoming").iterdir()) == []
+    finally:
+        store.index.close()  # type: ignore[attr-defined]
+        orthanc.stop()

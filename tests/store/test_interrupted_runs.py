@@ -61,3 +61,22 @@ def test_one_clean_restart_is_harmless(tmp_path: Path) -> None:
     ix.finish_job(job, JobState.DELIVERED)
     j = ix.job(job)
     assert (j.state, j.attempts, j.interrupted) == (JobState.DELIVERED, 1, 1)
+
+
+def test_the_limit_is_the_node_setting(tmp_path: Path) -> None:
+    """``[node] max_interrupted_runs = 2``: the second interrupted run makes the job poison (the node passes the
+    setting to the index's transitions; the reason names it)."""
+    from node.config import config_from_dict
+
+    limit = config_from_dict({"node": {"max_interrupted_runs": 2}}).node.max_interrupted_runs
+    ix, job = _index_with_a_job(tmp_path)
+    assert ix.claim_job(job) is not None
+    assert ix.stopped_during(job, limit)
+    assert ix.requeue_interrupted(max_attempts=3, max_interrupted=limit) == [job]
+    assert ix.claim_job(job) is not None
+    assert ix.stopped_during(job, limit)
+    assert "(2 of at most 2 runs)" in ix.job(job).reason
+    assert [j.id for j in ix.poison_candidates(3, limit)] == [job]
+    assert ix.requeue_interrupted(max_attempts=3, max_interrupted=limit) == []
+    j = ix.job(job)
+    assert j.state is JobState.FAILED and "node.max_interrupted_runs = 2" in j.reason, j.reason
