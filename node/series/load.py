@@ -120,6 +120,7 @@ def _load_volumes(paths: list[Path], inspect: Callable[[Dataset], object] | None
         name = f"series {series_uid}" + (f" volume {k + 1}/{len(groups)} ({g.label})" if len(groups) > 1 else "")
         _check_one_stack(g.slices, name)
         _check_one_unit(g.slices, name)
+        _check_rescale_stated(g.slices, name)
         vol = _stack(g.slices, series_uid, name, notes + g.notes)
         if len(groups) > 1:
             vol.volume, vol.volume_label = (k + 1, len(groups)), g.label
@@ -439,6 +440,22 @@ def _check_one_unit(slices: list[Slice], name: str) -> None:
         said = ", ".join(f"{u if u in RESCALE_TYPES else 'another value'} x{n}" for u, n in sorted(counts.items()))
         raise VolumeError(f"{name}: its images state {len(counts)} different RescaleType values ({said}): their "
                           "values are in different units and cannot be stacked into one volume")
+
+
+def _check_rescale_stated(slices: list[Slice], name: str) -> None:
+    """VolumeError when RescaleSlope or RescaleIntercept is stated on some images of one volume and absent (or
+    empty) on others: the absent one would be taken as 1 / 0 (PS3.3 C.11.1 has no default for an image that
+    states a rescale beside images that do not), so those images' values would differ by the other images'
+    intercept (a CT with RescaleIntercept -1024 on all but two slices: those two 1024 HU off, written without a
+    word). The images without it are named (file, and frame of a multi-frame object), never a header value."""
+    for i, keyword in enumerate(("RescaleSlope", "RescaleIntercept")):
+        absent = [s for s in slices if not s.stated[i]]
+        if absent and len(absent) < len(slices):
+            which = ", ".join(s.where for s in absent[:6]) + (", ..." if len(absent) > 6 else "")
+            raise VolumeError(f"{name}: {keyword} is stated on {len(slices) - len(absent)} of its {len(slices)} "
+                              f"images and absent on {len(absent)} ({which}): their values cannot be converted "
+                              "alike (a default would put them off the others by the stated rescale); "
+                              "not super-resolved")
 
 
 def _check_one_stack(slices: list[Slice], name: str) -> None:
