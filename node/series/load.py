@@ -40,6 +40,7 @@ from node.series.slices import (
     HEADER_VALUES,
     MALFORMED,
     Slice,
+    frame_group_item,
     header_value,
     is_image_sop_class,
     slices_of,
@@ -393,10 +394,28 @@ def _check_slice(s: Slice) -> None:
             and abs(np.linalg.norm(col) - 1) < IOP_UNIT_TOL and abs(float(row @ col)) < IOP_UNIT_TOL):
         raise VolumeError(f"{s.where}: ImageOrientationPatient {[round(float(v), 6) for v in s.iop]} is not two "
                           "orthogonal unit vectors (row and column directions); the slice cannot be placed")
+    if _modality_lut(s):
+        # PS3.3 C.11.1: a Modality LUT Sequence maps stored values through a table instead of a rescale; read as
+        # stored values (slope 1, intercept 0) the derived image was up to the table's range off (30510 for a
+        # table of 16 x stored), valid to every check. Applying the table is not done (yet): refused.
+        raise VolumeError(f"{s.where}: has a Modality LUT Sequence (0028,3000): its stored values become modality "
+                          "values through a lookup table, which srnode does not apply (only RescaleSlope / "
+                          "RescaleIntercept); not super-resolved")
     if not math.isfinite(s.slope) or s.slope == 0 or not math.isfinite(s.intercept):
         why = ("a slope of 0 maps every pixel to one value" if s.slope == 0 else "not finite numbers")
         raise VolumeError(f"{s.where}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} cannot convert "
                           f"stored values to modality values ({why})")
+
+
+def _modality_lut(s: Slice) -> bool:
+    """Whether the image states a Modality LUT Sequence with an item: at its top level, or (a frame of an enhanced
+    object) in the frame's Pixel Value Transformation functional group."""
+    ds = s.header
+    items = [ds]
+    if s.frame >= 0:
+        pvt = frame_group_item(ds, "PixelValueTransformationSequence", s.frame)
+        items += [pvt] if pvt is not None else []
+    return any(len(it.get("ModalityLUTSequence") or []) > 0 for it in items)
 
 
 def _check_one_series(slices: list[Slice], series_uid: str) -> None:
