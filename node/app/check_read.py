@@ -89,11 +89,37 @@ class InImage:
 
 
 def _padding(ds: Dataset) -> tuple[int, int] | None:
-    if "PixelPaddingValue" not in ds:
+    a = _padding_value(ds, "PixelPaddingValue")
+    if a is None:
         return None
-    a = int(ds.PixelPaddingValue)
-    b = int(ds.get("PixelPaddingRangeLimit", a))
+    b = _padding_value(ds, "PixelPaddingRangeLimit")
+    b = a if b is None else b
     return (min(a, b), max(a, b))
+
+
+def _padding_value(ds: Dataset, keyword: str) -> int | None:
+    """A padding value as a stored pixel value: its 16 bits read as PixelRepresentation says (a writer may use US
+    for signed pixels or SS for unsigned ones, or UN bytes), not as the VR it was written with."""
+    if keyword not in ds:
+        return None
+    value = ds[keyword].value
+    signed = bool(int(ds.get("PixelRepresentation", 0) or 0))
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) < 2:
+            return None
+        order = "big" if ds.original_encoding[1] is False else "little"
+        return int.from_bytes(bytes(value[:2]), order, signed=signed)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        if not value:
+            return None
+        value = value[0]
+    v = int(value)
+    if -(2 ** 15) <= v < 2 ** 16:
+        v &= 0xFFFF
+        return v - 2 ** 16 if signed and v >= 2 ** 15 else v
+    return v
 
 
 def _ascconv_positions(ds: Dataset, n: int) -> np.ndarray | None:
