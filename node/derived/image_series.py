@@ -215,8 +215,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     windows = series_window(vol)
     if windows and not all(math.isfinite(v) and abs(v) <= MAX_MODALITY_ABS for vals in windows for v in vals):
         windows = None  # a source window no reader or validator holds (VOI LUT is optional): not copied
-    charset = character_set(ref0)
     lossy = lossy_marking(vol)
+    charset0 = character_set(ref0)
     acquisition_number = ref0.get("AcquisitionNumber")  # a value, read once: make() holds no header beyond its own
     if acquisition_number == "":
         acquisition_number = None
@@ -231,7 +231,13 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         frame = vol.frame_numbers[near] if vol.frame_numbers else 0
         ds = Dataset()
         # SOP Common
-        if charset is not None:  # the source's repertoire, so names keep their exact bytes
+        # the source's repertoire, so names keep their exact bytes; a slice copying from an input that states
+        # another repertoire than the first (one name written in ISO_IR 126 and in UTF-8) gets UTF-8, which holds
+        # the series' labels and the values it copies (either repertoire could lack a character of the other's)
+        charset = character_set(ref)
+        if charset != charset0:
+            charset = "ISO_IR 192"
+        if charset is not None:
             ds.SpecificCharacterSet = charset
         ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = derived_uid(cfg, vol, factors, uid_by, "derived", str(k))
