@@ -107,8 +107,8 @@ def _padding_value(ds: Dataset, keyword: str) -> int | None:
     if isinstance(value, (bytes, bytearray)):
         if len(value) < 2:
             return None
-        order = "big" if ds.original_encoding[1] is False else "little"
-        return int.from_bytes(bytes(value[:2]), order, signed=signed)
+        big = ds.original_encoding[1] is False
+        return int.from_bytes(bytes(value[:2]), "big" if big else "little", signed=signed)
     if value is None or value == "":
         return None
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
