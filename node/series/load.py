@@ -407,6 +407,16 @@ def _check_slice(s: Slice) -> None:
                           f"stored values to modality values ({why})")
 
 
+def _named_groups(groups: list[list[Slice]], most: int = 5) -> str:
+    """The images of each group (one per value of an attribute), the largest group first: "6 image(s) (CT0001.dcm,
+    CT0002.dcm, ...); 2 image(s) (CT0004.dcm, CT0007.dcm)" -- which images differ, never the values."""
+    out = []
+    for g in sorted(groups, key=lambda g: (-len(g), min(s.where for s in g))):
+        names = sorted(s.where for s in g)
+        out.append(f"{len(g)} image(s) ({', '.join(names[:most])}{', ...' if len(names) > most else ''})")
+    return "; ".join(out)
+
+
 def _modality_lut(s: Slice) -> bool:
     """Whether the image states a Modality LUT Sequence with an item: at its top level, or (a frame of an enhanced
     object) in the frame's Pixel Value Transformation functional group."""
@@ -430,10 +440,13 @@ def _check_one_series(slices: list[Slice], series_uid: str) -> None:
                           ("Modality", "modalities"),
                           ("PhotometricInterpretation", "photometric interpretations (MONOCHROME1 slices would "
                                                         "display inverted beside MONOCHROME2 ones)")):
-        values = {str(header_value(s, keyword)).strip() for s in slices}
-        if len(values) > 1:
-            raise VolumeError(f"series {series_uid}: its images have {len(values)} different {keyword} values: "
-                              f"{len(values)} {what}; they cannot be stacked into one volume")
+        by_value: dict[str, list[Slice]] = {}
+        for s in slices:
+            by_value.setdefault(str(header_value(s, keyword)).strip(), []).append(s)
+        if len(by_value) > 1:
+            raise VolumeError(f"series {series_uid}: its images have {len(by_value)} different {keyword} values: "
+                              f"{len(by_value)} {what}; by value: {_named_groups(list(by_value.values()))}; "
+                              "they cannot be stacked into one volume")
     loc = [s.where for s in slices if header_value(s, "localizer")]
     if loc and len(loc) < len(slices):
         raise VolumeError(f"series {series_uid}: localizer image(s) mixed in ({', '.join(loc[:5])}); "
