@@ -56,7 +56,7 @@ from node.derived.modules import (
     referenced_series,
     source_ref,
 )
-from node.derived.values import output_format, to_stored
+from node.derived.values import CT_MIN_BITS, output_format, to_stored
 from node.errors import DeriveError
 from node.own import SRNODE_CODE
 from node.series import (
@@ -185,7 +185,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     step = vol.spacing[0] / f
     thickness = vol.slice_thickness  # mm, acquired: the output is sampled every ``step``, not thinner slices
     dy, dx = vol.spacing[1] / g, vol.spacing[2] / g
-    fmt, value_note = output_format(vol, result.data)
+    fmt, value_note = output_format(vol, result.data, CT_MIN_BITS if sop_class == CTImageStorage else 1)
     photometric, photo_note = series_photometric(vol)
     notes = [n for n in (value_note, photo_note) if n]
     part_label = vol.volume_label if vol.volume else ""  # "echo 2", "time 3": one volume of several

@@ -65,7 +65,8 @@ from node.series.volume import SeriesVolume, StoredFormat, in_hounsfield_units
 
 log = logging.getLogger(__name__)
 
-IOP_UNIT_TOL = 1e-3  # |norm - 1| and |row . col| above this: not two orthogonal unit vectors
+IOP_UNIT_TOL = 1e-3  # |cos(row, col)| above this: not two orthogonal directions
+IOP_MIN_NORM = 1e-6  # a direction vector shorter than this (zero) gives no direction
 
 
 def load_series(paths: Sequence[Path]) -> SeriesVolume:
@@ -390,10 +391,14 @@ def _check_slice(s: Slice) -> None:
     if not all(math.isfinite(float(v)) for v in s.ipp):
         raise VolumeError(f"{s.where}: ImagePositionPatient {[float(v) for v in s.ipp]} is not three finite numbers")
     row, col = np.asarray(s.iop[:3], dtype=np.float64), np.asarray(s.iop[3:], dtype=np.float64)
-    if not (np.all(np.isfinite(s.iop)) and abs(np.linalg.norm(row) - 1) < IOP_UNIT_TOL
-            and abs(np.linalg.norm(col) - 1) < IOP_UNIT_TOL and abs(float(row @ col)) < IOP_UNIT_TOL):
+    nr, nc = (float(np.linalg.norm(v)) if np.all(np.isfinite(v)) else 0.0 for v in (row, col))
+    if not (nr > IOP_MIN_NORM and nc > IOP_MIN_NORM and abs(float(row @ col)) / (nr * nc) < IOP_UNIT_TOL):
         raise VolumeError(f"{s.where}: ImageOrientationPatient {[round(float(v), 6) for v in s.iop]} is not two "
                           "orthogonal unit vectors (row and column directions); the slice cannot be placed")
+    # two orthogonal directions written with another norm (a vendor's 0.9999, or 2.0): the directions are what
+    # they say; taken as unit vectors, so that every measure and the derived ImageOrientationPatient is (the
+    # 0.9999 was copied into the derived series, which dciodvfy rejects)
+    s.iop = np.concatenate([row / nr, col / nc])
     if _modality_lut(s):
         # PS3.3 C.11.1: a Modality LUT Sequence maps stored values through a table instead of a rescale; read as
         # stored values (slope 1, intercept 0) the derived image was up to the table's range off (30510 for a
