@@ -188,7 +188,7 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
     vol = SeriesVolume(
         data=data,
         spacing=(med if med > 0 else 1.0, dy, dx),
-        slice_thickness=float(slices[0].thickness),
+        slice_thickness=_stated_thickness(slices, notes),
         modality=modality,
         positions=positions,
         row_cosine=row,
@@ -243,6 +243,25 @@ def _check_stack_line(slices: list[Slice], positions: np.ndarray, dist: np.ndarr
         s = slices[where]
         which = s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else "")
         raise VolumeError(off_line_message(name, where, len(slices), which, worst, tol))
+
+
+def _stated_thickness(slices: list[Slice], notes: list[str]) -> float:
+    """The stack's SliceThickness (mm; 0 when no slice states one): the first slice's, or, when it states none
+    (absent or empty) and the slices that state one agree (``steps.thickness_groups``), theirs, with a note (it
+    was taken from the first slice alone: the derived series said nothing of its thickness and the engine had no
+    slice profile). Slices stating different ones (an irregular stack's runs): the first's, 0 when it has none
+    (each run takes its own: ``node.series.runs``)."""
+    if slices[0].thickness > 0:
+        return float(slices[0].thickness)
+    groups = thickness_groups([(float(s.thickness or 0.0), s.where) for s in slices])
+    if len(groups) != 1:
+        return 0.0
+    value = next(iter(groups))
+    absent = [s.where for s in slices if not s.thickness or s.thickness <= 0]
+    notes.append(f"SliceThickness absent on {len(absent)} image(s) ({', '.join(absent[:4])}"
+                 f"{', ...' if len(absent) > 4 else ''}): {value:g} mm, as the other {len(slices) - len(absent)} "
+                 "state")
+    return float(value)
 
 
 def _check_one_thickness(slices: list[Slice], name: str) -> None:
