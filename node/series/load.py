@@ -367,6 +367,7 @@ def _read_slices(paths: list[Path], inspect: Callable[[Dataset], object] | None)
     unique = UniqueInstances(lambda p: _read(p)[0])
     slices: list[Slice] = []
     mosaics = 0
+    renormed = 0  # images whose ImageOrientationPatient vectors were not of unit length
     failed: tuple[int, VolumeError] | None = None  # (step, refusal): the first refusal of the earliest step
     # shortest name first, so "IM0010 (1).dcm" is named as the copy of "IM0010.dcm"
     for p in sorted(paths, key=lambda p: (len(p.name), str(p))):
@@ -384,7 +385,7 @@ def _read_slices(paths: list[Path], inspect: Callable[[Dataset], object] | None)
             if failed and failed[0] <= step:
                 continue
             for s in made:
-                _check_slice(s)
+                renormed += _check_slice(s)
         except VolumeError as exc:
             failed = (step, exc)
             continue
@@ -398,13 +399,17 @@ def _read_slices(paths: list[Path], inspect: Callable[[Dataset], object] | None)
     notes = unique.notes
     if mosaics:
         notes.append(f"{mosaics} Siemens mosaic image(s) split into their slices (CSA header)")
+    if renormed:
+        notes.append(f"ImageOrientationPatient of {renormed} image(s) written with vectors not of unit length: "
+                     "taken as the unit vectors of their directions")
     return slices, notes
 
 
-def _check_slice(s: Slice) -> None:
+def _check_slice(s: Slice) -> bool:
     """VolumeError when one image's geometry or rescale cannot place or convert it (PS3.3 C.7.6.2 Image Plane:
     ImageOrientationPatient is two orthogonal unit vectors; C.11.1 Modality LUT: a slope of 0 maps every stored
-    value to one)."""
+    value to one, a Modality LUT Sequence is not applied). Two orthogonal directions of another norm are made unit
+    vectors in ``s.iop``; returns whether they were written with a norm off 1 beyond rounding."""
     if not all(math.isfinite(v) and v > 0 for v in s.spacing):
         raise VolumeError(f"{s.where}: PixelSpacing {list(s.spacing)} is not two positive numbers")
     if not all(math.isfinite(float(v)) for v in s.ipp):
@@ -418,6 +423,7 @@ def _check_slice(s: Slice) -> None:
     # they say; taken as unit vectors, so that every measure and the derived ImageOrientationPatient is (the
     # 0.9999 was copied into the derived series, which dciodvfy rejects)
     s.iop = np.concatenate([row / nr, col / nc])
+    renormed = max(abs(nr - 1.0), abs(nc - 1.0)) > 1e-5  # beyond the rounding of 6 written digits
     if _modality_lut(s):
         # PS3.3 C.11.1: a Modality LUT Sequence maps stored values through a table instead of a rescale; read as
         # stored values (slope 1, intercept 0) the derived image was up to the table's range off (30510 for a
@@ -429,6 +435,7 @@ def _check_slice(s: Slice) -> None:
         why = ("a slope of 0 maps every pixel to one value" if s.slope == 0 else "not finite numbers")
         raise VolumeError(f"{s.where}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} cannot convert "
                           f"stored values to modality values ({why})")
+    return renormed
 
 
 def _named_groups(groups: list[list[Slice]], most: int = 5) -> str:

@@ -6,6 +6,7 @@ orientation taken and written as unit vectors, and ``srnode check`` compares uni
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -67,3 +68,5 @@ def test_an_orientation_of_another_norm_is_written_as_unit_vectors(tmp_path: Pat
     assert not errors, errors
     result = check_folders(files[0].parent, out, run_dciodvfy=False)
     assert result.ok, result.lines()
+    report = json.loads(next(out.rglob("report.json")).read_text())
+    assert "ImageOrientationPatient of 8 image(s) written with vectors not of unit length" in json.dumps(report)
