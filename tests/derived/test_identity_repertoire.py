@@ -14,9 +14,11 @@ from pydicom.dataset import Dataset
 
 from node.config import load_config
 from node.errors import VolumeError
+from node.ingest.resend import resend_difference
 from node.phi import dataset_values, scrub
 from node.process import process_series
 from node.series import load_volumes
+from node.store import Instance
 from tests.support.peers import dciodvfy
 from tests.support.series import edited_phantom
 
@@ -67,3 +69,22 @@ def test_masking_covers_the_decoded_name(tmp_path: Path) -> None:
     values = dataset_values(pydicom.dcmread(files[0], stop_before_pixels=True))
     text = scrub("pydicom: cannot encode 'Διονυσιος^Γιαννης' (Διονυσιος)", values)
     assert "Διονυσιος" not in text and "Γιαννης" not in text
+
+
+@pytest.mark.parametrize(("resent", "same"), [
+    (("ISO_IR 192", GREEK), True),  # the name re-encoded in UTF-8 (a PACS's export): the same instance
+    (("ISO_IR 100", "MÃ¼LLER^ANNA"), False),  # another name, though its bytes equal the kept UTF-8 one's
+])
+def test_a_resend_compares_the_name_it_means(tmp_path: Path, resent: tuple[str, str], same: bool) -> None:
+    """The ingest's check of a resent SOPInstanceUID (``node.ingest.resend``) compares identities as text too."""
+    kept_as = ("ISO_IR 126", GREEK) if same else ("ISO_IR 192", "MüLLER^ANNA")
+    (kept_file,) = edited_phantom(tmp_path, _named(kept_as, kept_as), slices=1)
+    ds = pydicom.dcmread(kept_file)
+    ds.SpecificCharacterSet, ds.PatientName = resent
+    resend = tmp_path / "resend.dcm"
+    ds.save_as(resend)
+    head = pydicom.dcmread(kept_file, stop_before_pixels=True)
+    kept = Instance(str(head.SOPInstanceUID), str(head.SeriesInstanceUID), str(head.StudyInstanceUID),
+                    str(head.SOPClassUID), str(head.file_meta.TransferSyntaxUID), str(kept_file), "CT01", "")
+    why = resend_difference(kept, kept.study_uid, kept.series_uid, resend)
+    assert why == ("" if same else "PatientName differs"), why
