@@ -14,10 +14,11 @@ and highdicom's warnings and exception messages):
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataset import Dataset
 
 from node.dicom_read import read_dicom
@@ -69,6 +70,51 @@ def raw_text(ds: Dataset, keyword: str) -> str:
     return str(value).strip(" \x00")
 
 
+_DEFAULT_REPERTOIRE = frozenset({"", "ISO_IR 6", "ISO 2022 IR 6"})
+_PN_DELIMS = {0x5E, 0x3D, 0x5C}  # ^ = \\ : each component group and value starts in the initial repertoire
+_TEXT_DELIMS = {0x0D, 0x0A, 0x09, 0x0C, 0x5C}
+
+
+def decoded_text(ds: Dataset, keyword: str) -> str:
+    """The element's value as the text it means: its bytes decoded with the data set's SpecificCharacterSet
+    (PS3.5 6.1; ISO 2022 escapes included), without pydicom's conversion of the element (so without its
+    warnings). One name written in two repertoires (ISO_IR 126 bytes on some slices, UTF-8 on others) is one
+    text; two names with the same bytes in two repertoires (C3 BC is "Ã¼" in ISO_IR 100, "ü" in ISO_IR 192) are
+    two. With no SpecificCharacterSet (or only the default repertoire), ``raw_text``'s reading (UTF-8, else
+    Latin-1). "" when absent."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return ""
+    try:
+        elem = ds.get_item(tag)
+    except Exception:  # noqa: BLE001 - a broken element has no value worth comparing
+        return ""
+    if elem is None or not isinstance(elem.value, bytes):
+        return raw_text(ds, keyword)  # absent, or already converted to text by pydicom
+    charsets = [c.strip() for c in raw_text(ds, "SpecificCharacterSet").split("\\")]
+    if all(c in _DEFAULT_REPERTOIRE for c in charsets):
+        return raw_text(ds, keyword)
+    from pydicom.charset import convert_encodings, decode_bytes  # noqa: PLC0415 - only for a stated repertoire
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an unknown repertoire or an undecodable byte: replaced, not quoted
+            encodings = convert_encodings(charsets)
+            vr = str(getattr(elem, "VR", "") or dictionary_vr_of(tag))
+            text = decode_bytes(elem.value, encodings, _PN_DELIMS if vr == "PN" else _TEXT_DELIMS)
+    except Exception:  # noqa: BLE001 - a repertoire that cannot be applied: the bytes as raw_text reads them
+        return raw_text(ds, keyword)
+    return text.strip(" \x00")
+
+
+def dictionary_vr_of(tag: int) -> str:
+    """The data dictionary's VR of ``tag`` ("" when it has none)."""
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return ""
+
+
 def forms(value: str) -> set[str]:
     """Every way ``value`` may show up in a message: whole, each value of a multi-value, each name component,
     a DA written with dashes or slashes; only forms of ``MIN_FORM`` characters or more (words of a multi-word
@@ -90,9 +136,9 @@ def dataset_values(ds: Dataset) -> set[str]:
     """The forms of every patient/study value ``ds`` carries."""
     out: set[str] = set()
     for kw in PHI_KEYWORDS:
-        text = raw_text(ds, kw)
-        if text:
-            out |= forms(text)
+        for text in {raw_text(ds, kw), decoded_text(ds, kw)}:  # the bytes' reading and the text they mean
+            if text:
+                out |= forms(text)
     return out
 
 

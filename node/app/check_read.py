@@ -54,6 +54,17 @@ def floats(v: Any) -> np.ndarray:
     return np.array([float(x) for x in v], dtype=np.float64)
 
 
+def unit_iop(iop: np.ndarray) -> np.ndarray:
+    """ImageOrientationPatient (6,) as two unit vectors (each 3-vector over its norm; a zero one left as it is):
+    orientations are compared as directions, a vendor's 0.9999 or 2.0 norm aside (the node writes unit vectors)."""
+    out = np.array(iop, dtype=np.float64)
+    for k in (0, 3):
+        n = float(np.linalg.norm(out[k:k + 3])) if out.shape == (6,) else 0.0
+        if n > 0 and math.isfinite(n):
+            out[k:k + 3] /= n
+    return out
+
+
 def _item(ds: Dataset, seq: str, frame: int) -> Dataset | None:
     for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         g = ds.get(groups)
@@ -89,11 +100,37 @@ class InImage:
 
 
 def _padding(ds: Dataset) -> tuple[int, int] | None:
-    if "PixelPaddingValue" not in ds:
+    a = _padding_value(ds, "PixelPaddingValue")
+    if a is None:
         return None
-    a = int(ds.PixelPaddingValue)
-    b = int(ds.get("PixelPaddingRangeLimit", a))
+    b = _padding_value(ds, "PixelPaddingRangeLimit")
+    b = a if b is None else b
     return (min(a, b), max(a, b))
+
+
+def _padding_value(ds: Dataset, keyword: str) -> int | None:
+    """A padding value as a stored pixel value: its 16 bits read as PixelRepresentation says (a writer may use US
+    for signed pixels or SS for unsigned ones, or UN bytes), not as the VR it was written with."""
+    if keyword not in ds:
+        return None
+    value = ds[keyword].value
+    signed = bool(int(ds.get("PixelRepresentation", 0) or 0))
+    if isinstance(value, (bytes, bytearray)):
+        if len(value) < 2:
+            return None
+        big = ds.original_encoding[1] is False
+        return int.from_bytes(bytes(value[:2]), "big" if big else "little", signed=signed)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        if not value:
+            return None
+        value = value[0]
+    v = int(value)
+    if -(2 ** 15) <= v < 2 ** 16:
+        v &= 0xFFFF
+        return v - 2 ** 16 if signed and v >= 2 ** 15 else v
+    return v
 
 
 def _ascconv_positions(ds: Dataset, n: int) -> np.ndarray | None:
@@ -142,14 +179,14 @@ def _read_input(path: Path, ds: Dataset) -> list[InImage]:
                 continue
             ps = floats(meas.PixelSpacing)
             out.append(InImage(path, sop, series, f + 1, -1, floats(pos.ImagePositionPatient),
-                               floats(ori.ImageOrientationPatient), (ps[0], ps[1]), rows, cols,
+                               unit_iop(floats(ori.ImageOrientationPatient)), (ps[0], ps[1]), rows, cols,
                                float(pvt.get("RescaleSlope", 1) or 1) if pvt else 1.0,
                                float(pvt.get("RescaleIntercept", 0) or 0) if pvt else 0.0, photometric, pad,
                                lossy))
         return out
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
         return []
-    ipp, iop, ps = floats(ds.ImagePositionPatient), floats(ds.ImageOrientationPatient), floats(ds.PixelSpacing)
+    ipp, iop, ps = floats(ds.ImagePositionPatient), unit_iop(floats(ds.ImageOrientationPatient)), floats(ds.PixelSpacing)
     slope, icpt = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     if "MOSAIC" not in [str(v).upper() for v in ds.get("ImageType") or []]:
         return [InImage(path, sop, series, 0, -1, ipp, iop, (ps[0], ps[1]), rows, cols, slope, icpt, photometric,
@@ -204,7 +241,7 @@ class OutImage:
 
     @property
     def iop(self) -> np.ndarray:
-        return floats(self.ds.ImageOrientationPatient)
+        return unit_iop(floats(self.ds.ImageOrientationPatient))
 
 
 def read_outputs(out_dir: Path) -> tuple[dict[str, list[OutImage]], dict[str, list[OutImage]]]:

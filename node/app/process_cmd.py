@@ -32,7 +32,7 @@ from node.app.progress import SeriesBar, logs_through_bars
 from node.app.progress import wanted as progress_bar_wanted
 from node.config import Config, load_config
 from node.errors import NodeError, VolumeError
-from node.jobs import match_rule
+from node.jobs import match_rule, series_header
 from node.phi import scrub, series_values
 from node.process import EngineCache, ProcessResult, process_series
 from node.series import read_header
@@ -160,7 +160,9 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
         in_study = f" of study {study}" if uid in shared else ""
         label = f"[{n}/{total}] series {uid or '(no SeriesInstanceUID)'}{in_study} ({hdr.get('Modality', '') or 'no Modality'}, " \
                 f"{str(hdr.get('SeriesDescription', '') or '').strip() or 'no description'}, {len(files)} file(s))"
-        rule, why = match_rule(cfg, hdr)
+        match_hdr, taken = series_header(cfg, hdr, files[1:])  # files[0]: the file ``hdr`` was read from
+        rule, why = match_rule(cfg, match_hdr)
+        why += f"; {taken}" if taken else ""
         dest = out_dir / _safe(study) / _safe(uid) if uid in shared else out_dir / _safe(uid)
         names = sorted(p.name for p in files)
         if rule is None:

@@ -59,7 +59,7 @@ from node.derived.modules import (
     referenced_series,
     source_ref,
 )
-from node.derived.values import output_format, to_stored
+from node.derived.values import CT_MIN_BITS, output_format, to_stored
 from node.errors import DeriveError
 from node.own import SRNODE_CODE
 from node.series import (
@@ -206,7 +206,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     step = vol.spacing[0] / f
     thickness = vol.slice_thickness  # mm, acquired: the output is sampled every ``step``, not thinner slices
     dy, dx = vol.spacing[1] / g, vol.spacing[2] / g
-    fmt, value_note = output_format(vol, result.data)
+    fmt, value_note = output_format(vol, result.data, CT_MIN_BITS if sop_class == CTImageStorage else 1)
     photometric, photo_note = series_photometric(vol)
     notes = [n for n in (value_note, photo_note) if n]
     part_label = vol.volume_label if vol.volume else ""  # "echo 2", "time 3": one volume of several
@@ -238,7 +238,6 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     windows = series_window(vol)
     if windows and not all(math.isfinite(v) and abs(v) <= MAX_MODALITY_ABS for vals in windows for v in vals):
         windows = None  # a source window no reader or validator holds (VOI LUT is optional): not copied
-    charset = character_set(ref0)
     lossy = lossy_marking(vol)
     # Patient, General Study, General Series, Frame of Reference, General Equipment: one value per series, the first
     # input instance's, in every derived slice whichever input slice is nearest (a source whose slices disagree on
@@ -247,6 +246,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     series_level = Dataset()
     for module in (PATIENT, STUDY, SERIES, FRAME_OF_REFERENCE, EQUIPMENT):
         copy_module(series_level, ref0, module)
+    charset0 = character_set(ref0)
     acquisition_number = ref0.get("AcquisitionNumber")  # a value, read once: make() holds no header beyond its own
     if acquisition_number == "":
         acquisition_number = None
@@ -261,7 +261,13 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
         frame = vol.frame_numbers[near] if vol.frame_numbers else 0
         ds = Dataset()
         # SOP Common
-        if charset is not None:  # the source's repertoire, so names keep their exact bytes
+        # the source's repertoire, so names keep their exact bytes; a slice copying from an input that states
+        # another repertoire than the first (one name written in ISO_IR 126 and in UTF-8) gets UTF-8, which holds
+        # the series' labels and the values it copies (either repertoire could lack a character of the other's)
+        charset = character_set(ref)
+        if charset != charset0:
+            charset = "ISO_IR 192"
+        if charset is not None:
             ds.SpecificCharacterSet = charset
         ds.SOPClassUID = sop_class
         ds.SOPInstanceUID = derived_uid(cfg, vol, factors, uid_by, "derived", str(k))

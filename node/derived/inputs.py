@@ -33,7 +33,7 @@ from node.derived.modules import (
     STUDY,
 )
 from node.errors import VolumeError
-from node.phi import IDENTITY_KEYWORDS, raw_text
+from node.phi import IDENTITY_KEYWORDS, decoded_text, raw_text
 from node.series import SeriesVolume
 
 _RAISE = 2  # pydicom.config.RAISE
@@ -42,7 +42,10 @@ _NOT_CHECKED = frozenset({"StudyInstanceUID"})  # checked (and required) elsewhe
 
 
 def _identity(ds: Dataset, kw: str) -> str:
-    text = raw_text(ds, kw)
+    """``kw``'s value as compared: the text it means in the data set's character set (``decoded_text``: one name
+    written in two repertoires is one patient, two names with the same bytes are two), a PatientName without
+    trailing empty components."""
+    text = decoded_text(ds, kw)
     return text.rstrip("^ ") if kw == "PatientName" else text
 
 
@@ -73,7 +76,7 @@ def inspect_input(ds: Dataset) -> InputCheck:
 
 
 def _series_level(ds: Dataset) -> tuple[str, ...]:
-    return tuple(raw_text(ds, kw) for kw in SERIES_LEVEL)
+    return tuple(decoded_text(ds, kw) for kw in SERIES_LEVEL)
 
 
 def differing_series_values(inputs: Sequence[Dataset | InputCheck]) -> list[str]:

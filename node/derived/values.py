@@ -26,6 +26,7 @@ from node.errors import DeriveError
 from node.series import MAX_MODALITY_ABS, SeriesVolume, StoredFormat
 
 MAX_BITS = 16  # CT and MR Image IODs: BitsAllocated 16
+CT_MIN_BITS = 12  # CT Image IOD: BitsStored 12 to 16 (PS3.3 C.8.2.1.1.4)
 
 
 def ds_value(x: float) -> float:
@@ -43,8 +44,11 @@ def _bits_for(lo: int, hi: int, signed: bool) -> int:
         bits += 1
 
 
-def output_format(vol: SeriesVolume, data: np.ndarray) -> tuple[StoredFormat, str]:
+def output_format(vol: SeriesVolume, data: np.ndarray, min_bits: int = 1) -> tuple[StoredFormat, str]:
     """The one stored format of the derived series and a remark ("" when the input's format is kept as it was).
+
+    ``min_bits``: the fewest BitsStored the derived objects' IOD allows (12 for the CT Image IOD, PS3.3
+    C.8.2.1.1.4: Bits Stored 12 to 16; an 8-bit CT input was written with BitsStored 8, which dciodvfy rejects).
 
     ``data``: the engine's output, modality units (any shape). Raises DeriveError when it holds NaN or infinity
     (nothing is written that the engine did not compute) or values beyond ``MAX_MODALITY_ABS`` in magnitude
@@ -72,7 +76,7 @@ def output_format(vol: SeriesVolume, data: np.ndarray) -> tuple[StoredFormat, st
             slo, shi = int(np.rint((lo - icpt) / slope)), int(np.rint((hi - icpt) / slope))
             signed = any(f.signed for f in formats) or slo < 0
             in_bits = max(f.bits_stored for f in formats)
-            bits = max(min(in_bits, MAX_BITS), _bits_for(slo, shi, signed))
+            bits = max(min(in_bits, MAX_BITS), _bits_for(slo, shi, signed), min_bits)
             if bits <= MAX_BITS:
                 fmt = StoredFormat(slope, icpt, bits, signed)
                 changed = bits != in_bits or len({(f.bits_stored, f.signed) for f in formats}) > 1 or \

@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from node.meaning import meaning_differs
-from node.phi import IDENTITY_KEYWORDS, raw_text
+from node.phi import IDENTITY_KEYWORDS, decoded_text
 from node.store import Instance
 
 
@@ -60,7 +60,7 @@ def resend_difference(kept: Instance, study_uid: str, series_uid: str, new_path:
         a, b = dcmread(kept_path), dcmread(new_path)
     except Exception as exc:  # noqa: BLE001 - the kept copy gone or unreadable: keep the resend aside
         return f"the stored copy cannot be compared ({type(exc).__name__})"
-    diffs = [f"{kw} differs" for kw in IDENTITY_KEYWORDS if raw_text(a, kw) != raw_text(b, kw)]
+    diffs = [f"{kw} differs" for kw in IDENTITY_KEYWORDS if decoded_text(a, kw) != decoded_text(b, kw)]
     diffs += [f"{kw} differs" for kw in meaning_differs(a, b)]  # same pixels placed elsewhere or rescaled otherwise
     pixels = _pixels_differ(a, b)
     return "; ".join(([pixels] if pixels else []) + diffs)

@@ -12,9 +12,9 @@
 from node.jobs.context import JobContext
 from node.jobs.decide import decide
 from node.jobs.executor import Executor, InProcessExecutor, make_executor
-from node.jobs.rules import allowed_rules, match_rule, rule_mismatch
+from node.jobs.rules import allowed_rules, match_rule, rule_mismatch, series_header
 from node.jobs.runner import process_claimed, run_job
 from node.jobs.watcher import StabilityWatcher
 
 __all__ = ["Executor", "InProcessExecutor", "JobContext", "StabilityWatcher", "allowed_rules", "decide",
-           "make_executor", "match_rule", "process_claimed", "rule_mismatch", "run_job"]
+           "make_executor", "match_rule", "process_claimed", "rule_mismatch", "run_job", "series_header"]

@@ -13,7 +13,7 @@ from pydicom import dcmread
 
 from node.audit import AuditLog
 from node.config import Config, RuleConfig
-from node.jobs.rules import allowed_rules, match_rule
+from node.jobs.rules import allowed_rules, match_rule, series_header
 from node.phi import dataset_values, mask_quoted, scrub
 from node.store import Index, Instance, JobState
 
@@ -52,7 +52,9 @@ def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = 
     try:
         header = dcmread(instances[0].path, stop_before_pixels=True)
         allowed, callers = _series_rules(instances, s)
-        rule, reason = match_rule(cfg, header, allowed, callers)
+        match_header, taken = series_header(cfg, header, [i.path for i in instances[1:]])
+        rule, reason = match_rule(cfg, match_header, allowed, callers)
+        reason += f"; {taken}" if taken else ""
     except Exception as exc:  # noqa: BLE001 - a broken first instance or rule: record it, keep watching
         reason = f"cannot match the rules on the series' first instance: {type(exc).__name__}: {exc}"
         # the exception's text may quote a header value: never let it reach the index, the log or the audit

@@ -9,14 +9,19 @@ those rules.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
+from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from node.config import Config, RuleConfig
+from node.dicom_read import read_dicom
 from node.own import own_output_marker
 from node.phi import PHI_KEYWORDS
 from node.series import group_value
@@ -128,3 +133,39 @@ def match_rule(cfg: Config, header: Dataset, allowed: frozenset[str] | None = No
     modality = element_values(header, "Modality")
     head = f"no rule matched: {_shown('Modality', modality)}"
     return None, head + " (" + "; ".join(misses) + ")"
+
+
+def _lacks(header: Dataset, keyword: str) -> bool:
+    values = element_values(header, keyword)
+    return values is None or all(not v.strip() for v in values)
+
+
+def series_header(cfg: Config, header: Dataset, others: Sequence[Path | str]) -> tuple[Dataset, str]:
+    """The header the rules match on: ``header`` (the series' first instance's) with each value a rule matches on
+    that it lacks (absent or empty) taken from the series' other instances ``others`` when every one of them that
+    states it states the same (a scanner that left SliceThickness off the first slice only: the default rule's
+    "2 mm or more" read it as absent and the series was left alone); and a note naming what was taken ("" when
+    nothing). ``header`` itself is not changed; the other headers are read (those keywords only) only when a value
+    is missing. One that cannot be read is passed over (the job's load names it)."""
+    wanted = sorted({str(kw) for rule in cfg.rules for kw in rule.match} - {"SOPClassUID"})
+    missing = [kw for kw in wanted if _lacks(header, kw)]
+    if not missing or not others:
+        return header, ""
+    seen: dict[str, dict[tuple[str, ...], DataElement]] = {kw: {} for kw in missing}
+    for path in others:
+        try:
+            ds = read_dicom(path, stop_before_pixels=True, specific_tags=list(missing))
+        except Exception:  # noqa: BLE001 - an unreadable instance states nothing here
+            continue
+        for kw in missing:
+            if kw in ds and not _lacks(ds, kw):
+                seen[kw].setdefault(tuple(element_values(ds, kw) or []), ds[kw])
+    filled = [kw for kw in missing if len(seen[kw]) == 1]
+    if not filled:
+        return header, ""
+    out = copy.deepcopy(header)  # the first instance's header stays as it was read (a header: no pixels)
+    for kw in filled:
+        elem = next(iter(seen[kw].values()))
+        out[elem.tag] = elem
+    return out, (f"{', '.join(filled)} absent from the series' first instance: taken from the other instances, "
+                 "which agree")

@@ -40,6 +40,7 @@ from node.series.slices import (
     HEADER_VALUES,
     MALFORMED,
     Slice,
+    frame_group_item,
     header_value,
     is_image_sop_class,
     slices_of,
@@ -64,7 +65,8 @@ from node.series.volume import SeriesVolume, StoredFormat, in_hounsfield_units
 
 log = logging.getLogger(__name__)
 
-IOP_UNIT_TOL = 1e-3  # |norm - 1| and |row . col| above this: not two orthogonal unit vectors
+IOP_UNIT_TOL = 1e-3  # |cos(row, col)| above this: not two orthogonal directions
+IOP_MIN_NORM = 1e-6  # a direction vector shorter than this (zero) gives no direction
 
 
 def load_series(paths: Sequence[Path]) -> SeriesVolume:
@@ -120,6 +122,7 @@ def _load_volumes(paths: list[Path], inspect: Callable[[Dataset], object] | None
         name = f"series {series_uid}" + (f" volume {k + 1}/{len(groups)} ({g.label})" if len(groups) > 1 else "")
         _check_one_stack(g.slices, name)
         _check_one_unit(g.slices, name)
+        _check_rescale_stated(g.slices, name)
         vol = _stack(g.slices, series_uid, name, notes + g.notes)
         if len(groups) > 1:
             vol.volume, vol.volume_label = (k + 1, len(groups)), g.label
@@ -185,7 +188,7 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
     vol = SeriesVolume(
         data=data,
         spacing=(med if med > 0 else 1.0, dy, dx),
-        slice_thickness=float(slices[0].thickness),
+        slice_thickness=_stated_thickness(slices, notes),
         modality=modality,
         positions=positions,
         row_cosine=row,
@@ -240,6 +243,25 @@ def _check_stack_line(slices: list[Slice], positions: np.ndarray, dist: np.ndarr
         s = slices[where]
         which = s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else "")
         raise VolumeError(off_line_message(name, where, len(slices), which, worst, tol))
+
+
+def _stated_thickness(slices: list[Slice], notes: list[str]) -> float:
+    """The stack's SliceThickness (mm; 0 when no slice states one): the first slice's, or, when it states none
+    (absent or empty) and the slices that state one agree (``steps.thickness_groups``), theirs, with a note (it
+    was taken from the first slice alone: the derived series said nothing of its thickness and the engine had no
+    slice profile). Slices stating different ones (an irregular stack's runs): the first's, 0 when it has none
+    (each run takes its own: ``node.series.runs``)."""
+    if slices[0].thickness > 0:
+        return float(slices[0].thickness)
+    groups = thickness_groups([(float(s.thickness or 0.0), s.where) for s in slices])
+    if len(groups) != 1:
+        return 0.0
+    value = next(iter(groups))
+    absent = [s.where for s in slices if not s.thickness or s.thickness <= 0]
+    notes.append(f"SliceThickness absent on {len(absent)} image(s) ({', '.join(absent[:4])}"
+                 f"{', ...' if len(absent) > 4 else ''}): {value:g} mm, as the other {len(slices) - len(absent)} "
+                 "state")
+    return float(value)
 
 
 def _check_one_thickness(slices: list[Slice], name: str) -> None:
@@ -345,6 +367,7 @@ def _read_slices(paths: list[Path], inspect: Callable[[Dataset], object] | None)
     unique = UniqueInstances(lambda p: _read(p)[0])
     slices: list[Slice] = []
     mosaics = 0
+    renormed = 0  # images whose ImageOrientationPatient vectors were not of unit length
     failed: tuple[int, VolumeError] | None = None  # (step, refusal): the first refusal of the earliest step
     # shortest name first, so "IM0010 (1).dcm" is named as the copy of "IM0010.dcm"
     for p in sorted(paths, key=lambda p: (len(p.name), str(p))):
@@ -362,7 +385,7 @@ def _read_slices(paths: list[Path], inspect: Callable[[Dataset], object] | None)
             if failed and failed[0] <= step:
                 continue
             for s in made:
-                _check_slice(s)
+                renormed += _check_slice(s)
         except VolumeError as exc:
             failed = (step, exc)
             continue
@@ -376,26 +399,64 @@ def _read_slices(paths: list[Path], inspect: Callable[[Dataset], object] | None)
     notes = unique.notes
     if mosaics:
         notes.append(f"{mosaics} Siemens mosaic image(s) split into their slices (CSA header)")
+    if renormed:
+        notes.append(f"ImageOrientationPatient of {renormed} image(s) written with vectors not of unit length: "
+                     "taken as the unit vectors of their directions")
     return slices, notes
 
 
-def _check_slice(s: Slice) -> None:
+def _check_slice(s: Slice) -> bool:
     """VolumeError when one image's geometry or rescale cannot place or convert it (PS3.3 C.7.6.2 Image Plane:
     ImageOrientationPatient is two orthogonal unit vectors; C.11.1 Modality LUT: a slope of 0 maps every stored
-    value to one)."""
+    value to one, a Modality LUT Sequence is not applied). Two orthogonal directions of another norm are made unit
+    vectors in ``s.iop``; returns whether they were written with a norm off 1 beyond rounding."""
     if not all(math.isfinite(v) and v > 0 for v in s.spacing):
         raise VolumeError(f"{s.where}: PixelSpacing {list(s.spacing)} is not two positive numbers")
     if not all(math.isfinite(float(v)) for v in s.ipp):
         raise VolumeError(f"{s.where}: ImagePositionPatient {[float(v) for v in s.ipp]} is not three finite numbers")
     row, col = np.asarray(s.iop[:3], dtype=np.float64), np.asarray(s.iop[3:], dtype=np.float64)
-    if not (np.all(np.isfinite(s.iop)) and abs(np.linalg.norm(row) - 1) < IOP_UNIT_TOL
-            and abs(np.linalg.norm(col) - 1) < IOP_UNIT_TOL and abs(float(row @ col)) < IOP_UNIT_TOL):
+    nr, nc = (float(np.linalg.norm(v)) if np.all(np.isfinite(v)) else 0.0 for v in (row, col))
+    if not (nr > IOP_MIN_NORM and nc > IOP_MIN_NORM and abs(float(row @ col)) / (nr * nc) < IOP_UNIT_TOL):
         raise VolumeError(f"{s.where}: ImageOrientationPatient {[round(float(v), 6) for v in s.iop]} is not two "
                           "orthogonal unit vectors (row and column directions); the slice cannot be placed")
+    # two orthogonal directions written with another norm (a vendor's 0.9999, or 2.0): the directions are what
+    # they say; taken as unit vectors, so that every measure and the derived ImageOrientationPatient is (the
+    # 0.9999 was copied into the derived series, which dciodvfy rejects)
+    s.iop = np.concatenate([row / nr, col / nc])
+    renormed = max(abs(nr - 1.0), abs(nc - 1.0)) > 1e-5  # beyond the rounding of 6 written digits
+    if _modality_lut(s):
+        # PS3.3 C.11.1: a Modality LUT Sequence maps stored values through a table instead of a rescale; read as
+        # stored values (slope 1, intercept 0) the derived image was up to the table's range off (30510 for a
+        # table of 16 x stored), valid to every check. Applying the table is not done (yet): refused.
+        raise VolumeError(f"{s.where}: has a Modality LUT Sequence (0028,3000): its stored values become modality "
+                          "values through a lookup table, which srnode does not apply (only RescaleSlope / "
+                          "RescaleIntercept); not super-resolved")
     if not math.isfinite(s.slope) or s.slope == 0 or not math.isfinite(s.intercept):
         why = ("a slope of 0 maps every pixel to one value" if s.slope == 0 else "not finite numbers")
         raise VolumeError(f"{s.where}: RescaleSlope {s.slope:g} / RescaleIntercept {s.intercept:g} cannot convert "
                           f"stored values to modality values ({why})")
+    return renormed
+
+
+def _named_groups(groups: list[list[Slice]], most: int = 5) -> str:
+    """The images of each group (one per value of an attribute), the largest group first: "6 image(s) (CT0001.dcm,
+    CT0002.dcm, ...); 2 image(s) (CT0004.dcm, CT0007.dcm)" -- which images differ, never the values."""
+    out = []
+    for g in sorted(groups, key=lambda g: (-len(g), min(s.where for s in g))):
+        names = sorted(s.where for s in g)
+        out.append(f"{len(g)} image(s) ({', '.join(names[:most])}{', ...' if len(names) > most else ''})")
+    return "; ".join(out)
+
+
+def _modality_lut(s: Slice) -> bool:
+    """Whether the image states a Modality LUT Sequence with an item: at its top level, or (a frame of an enhanced
+    object) in the frame's Pixel Value Transformation functional group."""
+    ds = s.header
+    items = [ds]
+    if s.frame >= 0:
+        pvt = frame_group_item(ds, "PixelValueTransformationSequence", s.frame)
+        items += [pvt] if pvt is not None else []
+    return any(len(it.get("ModalityLUTSequence") or []) > 0 for it in items)
 
 
 def _check_one_series(slices: list[Slice], series_uid: str) -> None:
@@ -410,10 +471,13 @@ def _check_one_series(slices: list[Slice], series_uid: str) -> None:
                           ("Modality", "modalities"),
                           ("PhotometricInterpretation", "photometric interpretations (MONOCHROME1 slices would "
                                                         "display inverted beside MONOCHROME2 ones)")):
-        values = {str(header_value(s, keyword)).strip() for s in slices}
-        if len(values) > 1:
-            raise VolumeError(f"series {series_uid}: its images have {len(values)} different {keyword} values: "
-                              f"{len(values)} {what}; they cannot be stacked into one volume")
+        by_value: dict[str, list[Slice]] = {}
+        for s in slices:
+            by_value.setdefault(str(header_value(s, keyword)).strip(), []).append(s)
+        if len(by_value) > 1:
+            raise VolumeError(f"series {series_uid}: its images have {len(by_value)} different {keyword} values: "
+                              f"{len(by_value)} {what}; by value: {_named_groups(list(by_value.values()))}; "
+                              "they cannot be stacked into one volume")
     loc = [s.where for s in slices if header_value(s, "localizer")]
     if loc and len(loc) < len(slices):
         raise VolumeError(f"series {series_uid}: localizer image(s) mixed in ({', '.join(loc[:5])}); "
@@ -439,6 +503,22 @@ def _check_one_unit(slices: list[Slice], name: str) -> None:
         said = ", ".join(f"{u if u in RESCALE_TYPES else 'another value'} x{n}" for u, n in sorted(counts.items()))
         raise VolumeError(f"{name}: its images state {len(counts)} different RescaleType values ({said}): their "
                           "values are in different units and cannot be stacked into one volume")
+
+
+def _check_rescale_stated(slices: list[Slice], name: str) -> None:
+    """VolumeError when RescaleSlope or RescaleIntercept is stated on some images of one volume and absent (or
+    empty) on others: the absent one would be taken as 1 / 0 (PS3.3 C.11.1 has no default for an image that
+    states a rescale beside images that do not), so those images' values would differ by the other images'
+    intercept (a CT with RescaleIntercept -1024 on all but two slices: those two 1024 HU off, written without a
+    word). The images without it are named (file, and frame of a multi-frame object), never a header value."""
+    for i, keyword in enumerate(("RescaleSlope", "RescaleIntercept")):
+        absent = [s for s in slices if not s.stated[i]]
+        if absent and len(absent) < len(slices):
+            which = ", ".join(s.where for s in absent[:6]) + (", ..." if len(absent) > 6 else "")
+            raise VolumeError(f"{name}: {keyword} is stated on {len(slices) - len(absent)} of its {len(slices)} "
+                              f"images and absent on {len(absent)} ({which}): their values cannot be converted "
+                              "alike (a default would put them off the others by the stated rescale); "
+                              "not super-resolved")
 
 
 def _check_one_stack(slices: list[Slice], name: str) -> None:

@@ -99,10 +99,43 @@ def check_range(vals: np.ndarray, s: Slice) -> None:
 
 def padding_mask(ds: Dataset, stored: np.ndarray) -> np.ndarray | None:
     """Where ``stored`` (values of the image ``ds``) is padding (PixelPaddingValue, up to PixelPaddingRangeLimit);
-    None when the header states no padding."""
+    None when the header states no padding. Each value is read as the bit pattern of the pixel representation
+    (``padding_value``), whatever VR it was written with."""
     if "PixelPaddingValue" not in ds:
         return None
-    a = int(ds.PixelPaddingValue)
-    b = int(ds.get("PixelPaddingRangeLimit", a))
-    lo, hi = min(a, b), max(a, b)
+    a = padding_value(ds, "PixelPaddingValue")
+    if a is None:
+        return None
+    b = padding_value(ds, "PixelPaddingRangeLimit")
+    lo, hi = (a, a) if b is None else (min(a, b), max(a, b))
     return (stored >= lo) & (stored <= hi)  # type: ignore[no-any-return]
+
+
+def padding_value(ds: Dataset, keyword: str) -> int | None:
+    """PixelPaddingValue / PixelPaddingRangeLimit of ``ds`` as a stored pixel value; None when absent or empty.
+
+    Their VR is US or SS as the pixels are unsigned or signed (PS3.3 C.7.5.1.1.2), but a writer may use the other
+    one (or UN / OB bytes): -1000 written as US reads 64536, 65535 written as SS reads -1, and no pixel matched,
+    the padding then derived as values (a ring of -2000 or 64511 HU). The element's 16 bits are read as the pixel
+    representation says: two's complement when PixelRepresentation is 1, else unsigned."""
+    if keyword not in ds:
+        return None
+    elem = ds[keyword]
+    value = elem.value
+    signed = bool(int(ds.get("PixelRepresentation", 0) or 0))
+    if isinstance(value, (bytes, bytearray)):  # UN / OB: the element's bytes in the data set's byte order
+        if len(value) < 2:
+            return None
+        big = ds.original_encoding[1] is False
+        return int.from_bytes(bytes(value[:2]), "big" if big else "little", signed=signed)
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        if not value:
+            return None
+        value = value[0]
+    v = int(value)
+    if -(2 ** 15) <= v < 2 ** 16:  # a 16-bit US / SS value: its bit pattern as the pixels read it
+        v &= 0xFFFF
+        return v - 2 ** 16 if signed and v >= 2 ** 15 else v
+    return v  # beyond 16 bits (32-bit pixels of a writer that used UL / SL): as written

@@ -180,9 +180,16 @@ def _subvolume(vol: SeriesVolume, a: int, b: int, fitted: bool = False) -> Serie
     steps = np.diff(positions @ vol.normal) if fitted else vol.steps[a:b]
     med = (float(np.mean(steps)) if fitted else float(np.median(steps))) if len(steps) else vol.spacing[0]
     thick = vol.slice_thickness
-    own = vol.datasets.record(a).slice_thickness  # SliceThickness of a single-frame header, None when absent
-    if own is not None and not vol.multiframe:
-        thick = own
+    if not vol.multiframe:
+        # the run's own SliceThickness (single-frame headers; None when absent, 0 when empty): its first slice's,
+        # else the one its other slices agree on (a first slice without it took the stack's, or none)
+        own = [t for t in (vol.datasets.record(k).slice_thickness for k in range(a, b + 1)) if t]
+        groups = thickness_groups([(t, "") for t in own])
+        first = vol.datasets.record(a).slice_thickness
+        if first:
+            thick = first
+        elif len(groups) == 1:
+            thick = next(iter(groups))
     return dataclasses.replace(
         vol,
         data=vol.data[sl],

@@ -118,7 +118,8 @@ class Slice:
 
     ``ipp`` (3,) mm and ``iop`` (6,) direction cosines, float64 (PS3.3 C.7.6.2 Image Plane / C.7.6.16.2
     functional groups); ``spacing`` (row, column) = (dy, dx) mm; ``thickness`` mm (0 when absent); ``slope`` /
-    ``intercept`` map stored values to modality units (PS3.3 C.11.1).
+    ``intercept`` map stored values to modality units (PS3.3 C.11.1); ``stated`` says whether RescaleSlope and
+    RescaleIntercept were stated (present and not empty) for this image, or are the defaults 1 and 0.
 
     ``ds`` is the header while it is held; a single-frame image read from a file lets go of it as soon as it is
     read (``node.series.load``, issue #15 item 5): what the load reads of it later is taken first (``take``,
@@ -137,6 +138,7 @@ class Slice:
     file: Path | None = None  # the file a header let go of was read from (for its stored pixels, read again)
     values: np.ndarray | BaseException | None = None  # (Y, X) float32 modality values taken at read, or why not
     taken: dict[str, Any] = field(default_factory=dict, repr=False)  # header values taken before ``ds`` went
+    stated: tuple[bool, bool] = (True, True)  # (RescaleSlope, RescaleIntercept) stated, not defaulted
 
     @property
     def where(self) -> str:
@@ -262,6 +264,7 @@ def _placed(ds: Dataset, name: str, frame: int, pos: Dataset, ori: Dataset, meas
         float(meas.get("SliceThickness", 0) or 0),
         _number(pvt, "RescaleSlope", 1.0),
         _number(pvt, "RescaleIntercept", 0.0),
+        stated=(_stated(pvt, "RescaleSlope"), _stated(pvt, "RescaleIntercept")),
     )
 
 
@@ -269,6 +272,12 @@ def _top_level_rescale(ds: Dataset) -> Dataset | None:
     """``ds`` itself when it states a rescale at its top level (RescaleSlope, RescaleIntercept or RescaleType;
     not where an enhanced object's standard puts it, but where some converters do), else None."""
     return ds if any(kw in ds for kw in ("RescaleSlope", "RescaleIntercept", "RescaleType")) else None
+
+
+def _stated(ds: Dataset | None, keyword: str) -> bool:
+    """Whether ``keyword`` is present with a value in ``ds`` (``_number`` gives its default otherwise)."""
+    value = ds.get(keyword) if ds is not None else None
+    return not (value is None or (isinstance(value, str) and not value.strip()))
 
 
 def _number(ds: Dataset | None, keyword: str, default: float) -> float:
