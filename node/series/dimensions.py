@@ -78,6 +78,25 @@ def _image_type(s: Slice) -> Hashable:
     return tuple(str(v).upper() for v in it) if _present(it) else None
 
 
+# ImageType values past the third that name a kind of image (not a vendor's flag): complex components (PS3.3
+# C.8.13.1.1.1 value 4; ComplexImageComponent), Dixon water / fat / in / opposed phase, Siemens intensity
+# normalisation, motion correction and distortion correction, projections and reformats
+KIND_VALUES = frozenset({"M", "P", "R", "I", "MAGNITUDE", "PHASE", "REAL", "IMAGINARY", "MIXED",
+                         "W", "F", "WATER", "FAT", "IN_PHASE", "OUT_PHASE", "OPP_PHASE", "IP", "OP",
+                         "NORM", "MOCO", "DIS2D", "DIS3D", "MIP", "MINIP", "MPR", "PROJECTION IMAGE", "SUBTRACTION"})
+
+
+def _image_kind(s: Slice) -> Hashable:
+    """The kind of image ImageType (FrameType + ComplexImageComponent) names: its first three values (ORIGINAL /
+    DERIVED, PRIMARY / SECONDARY, the modality's kind: AXIAL, LOCALIZER, M, P, MIP, ...) and those of the later
+    values in ``KIND_VALUES``; the other later values are vendors' flags that may change within one stack (GE
+    writes ORIGINAL\\PRIMARY\\AXIAL\\ADD on some slices of one CT stack, ORIGINAL\\PRIMARY\\AXIAL on the others)."""
+    full = _image_type(s)
+    if not isinstance(full, tuple):
+        return full
+    return full[:3] + tuple(v for v in full[3:] if v in KIND_VALUES)
+
+
 def _echo(s: Slice) -> Hashable:
     number = s.header.get("EchoNumbers")
     te = _frame_value(s, "MREchoSequence", "EffectiveEchoTime") if s.frame >= 0 else None
@@ -234,6 +253,9 @@ DIMENSIONS: tuple[Dimension, ...] = (
               "AcquisitionNumber"),
     Dimension("dimension index", _dimension_index, _index_label, "DimensionIndexValues"),
 )
+# the image type in the values that name a kind of image: images of two kinds are two volumes even where they repeat
+# no position (``node.series.split``)
+IMAGE_KIND = Dimension("image kind", _image_kind, _type_label, "ImageType (FrameType)")
 STACK = Dimension("stack", _stack, _simple("stack", absent="no StackID"), "StackID")
 
 

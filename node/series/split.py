@@ -20,7 +20,9 @@ dimension index    enhanced DimensionIndexValues, less the in-stack position / p
 Of the dimensions that vary, the smallest set (1, then 2, then 3 dimensions) whose value combinations leave no
 two images at one position wins; among sets of one size, the one giving the fewest volumes (then the order of
 the table). So a dimension that changes with every slice (an AcquisitionNumber per slice) never fragments a
-stack while a coarser one explains the repeats. Numbers are compared with a tolerance, never by rounding.
+stack while a coarser one explains the repeats. Each volume the repeats were told apart by is split again as a
+series without repeats: images of two kinds (``IMAGE_KIND``: M and P, ORIGINAL and a DERIVED MIP), echoes,
+b-values or time points are two volumes even at positions of their own. Numbers are compared with a tolerance, never by rounding.
 When nothing explains the repeats the series is truly ambiguous and is refused, naming the files.
 
 An attribute absent on some images is no value of its own (``_column``): an image without it (or, for an echo,
@@ -42,7 +44,16 @@ from typing import Any
 import numpy as np
 
 from node.errors import VolumeError
-from node.series.dimensions import DIMENSIONS, STACK, Dimension, canonical, consistent, is_partial, order
+from node.series.dimensions import (
+    DIMENSIONS,
+    IMAGE_KIND,
+    STACK,
+    Dimension,
+    canonical,
+    consistent,
+    is_partial,
+    order,
+)
 from node.series.slices import Slice, header_value, stored_pixels
 from node.series.steps import STEP_ABS_TOL, STEP_REL_TOL
 
@@ -165,8 +176,10 @@ def _split_stacks(slices: list[Slice], series: str) -> list[VolumeGroup]:
 
 # dimensions that always name different volumes, even when their images repeat no position (two echoes or time
 # points whose positions are offset by a fraction of the step would otherwise stack into one volume of alternating
-# contrast); acquisition number, trigger time and image type may change within one stack and split only repeats
-DISTINCT_VOLUMES = ("echo", "diffusion b-value/direction", "temporal position")
+# contrast; so would magnitude and phase images at alternate positions, or a DERIVED MIP image one step past an
+# ORIGINAL stack: the image kind, ``IMAGE_KIND``); acquisition number, trigger time and the vendor's flags in the
+# full image type may change within one stack and split only repeats
+DISTINCT_VOLUMES = ("image kind", "echo", "diffusion b-value/direction", "temporal position")
 
 
 @dataclass
@@ -296,9 +309,9 @@ def _filled_notes(cols: Sequence[_Column]) -> list[str]:
 
 def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
     if not has_repeats(slices):
-        cols = {d.name: _column(d, slices) for d in DIMENSIONS if d.name in DISTINCT_VOLUMES}
+        cols = {d.name: _column(d, slices) for d in (IMAGE_KIND, *DIMENSIONS) if d.name in DISTINCT_VOLUMES}
         distinct = []
-        for d in DIMENSIONS:
+        for d in (IMAGE_KIND, *DIMENSIONS):
             c = cols.get(d.name)
             if c is None or c.per_image or not _varies(c):
                 continue
@@ -338,10 +351,16 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
             for c in unsure:  # a complete dimension splits it: each volume must hold one echo, time, b-value
                 if c.dim.name in DISTINCT_VOLUMES and any(len({c.values[index[id(s)]] for s in p} - {None}) > 1 for p in best[3].values()):
                     raise _absent(c, slices, series)
-            groups = _groups(best[2], best[3])
-            for g in groups:
+            out: list[VolumeGroup] = []
+            for g in _groups(best[2], best[3]):
                 g.notes.extend(_filled_notes([cols[d.name] for d in best[2]]))
-            return groups
+                # the repeats told apart, a volume may still hold images of two kinds, echoes, time points or
+                # interleaved acquisitions at other positions (two acquisitions, each of two echoes offset by half a
+                # step): split again, as a series that repeats no position
+                for sub in _split(g.slices, f"{series} {g.label}"):
+                    out.append(VolumeGroup(sub.slices, " ".join(x for x in (g.label, sub.label) if x),
+                                           [*g.notes, *sub.notes]))
+            return out
     if unsure:
         raise _absent(unsure[0], slices, series)
     raise _ambiguous(slices, series, varying)
