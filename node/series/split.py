@@ -13,6 +13,8 @@ diffusion          DiffusionBValue + DiffusionGradientOrientation (classic, MR D
                    Siemens MR header (0019,100C)/(0019,100E))
 temporal position  TemporalPositionIdentifier (classic), TemporalPositionIndex (enhanced Frame Content)
 trigger time       TriggerTime (classic), NominalCardiacTriggerDelayTime (enhanced Cardiac Synchronization)
+cardiac phase      the rank of the trigger time among the images at one position (a cine whose TriggerTimes
+                   change with the heart rate from position to position: ``_cardiac_phases``)
 acquisition        AcquisitionNumber
 dimension index    enhanced DimensionIndexValues, less the in-stack position / position / stack indices
 =================  ===========================================================================================
@@ -20,9 +22,10 @@ dimension index    enhanced DimensionIndexValues, less the in-stack position / p
 Of the dimensions that vary, the smallest set (1, then 2, then 3 dimensions) whose value combinations leave no
 two images at one position wins; among sets of one size, the one giving the fewest volumes (then the order of
 the table). So a dimension that changes with every slice (an AcquisitionNumber per slice) never fragments a
-stack while a coarser one explains the repeats. Each volume the repeats were told apart by is split again as a
-series without repeats: images of two kinds (``IMAGE_KIND``: M and P, ORIGINAL and a DERIVED MIP), echoes,
-b-values or time points are two volumes even at positions of their own. Numbers are compared with a tolerance, never by rounding.
+stack while a coarser one explains the repeats; a split leaving most of its volumes one image each is no split.
+Each volume the repeats were told apart by is split again as a series without repeats: images of two kinds
+(``IMAGE_KIND``: M and P, ORIGINAL and a DERIVED MIP), echoes, b-values or time points are two volumes even at
+positions of their own. Numbers are compared with a tolerance, never by rounding.
 When nothing explains the repeats the series is truly ambiguous and is refused, naming the files.
 
 An attribute absent on some images is no value of its own (``_column``): an image without it (or, for an echo,
@@ -333,7 +336,13 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
             g.notes.extend(notes)
         return groups
     cols = {d.name: _column(d, slices) for d in DIMENSIONS}
-    varying = [d for d in DIMENSIONS if len(set(cols[d.name].values)) > 1]
+    dims = list(DIMENSIONS)
+    phases, hint = _cardiac_phases(slices, cols["trigger time"])
+    if phases is not None:  # after trigger time: the same trigger times at every position keep their labels
+        cols[CARDIAC_PHASE.name] = phases
+        dims.insert(dims.index(next(d for d in dims if d.name == "trigger time")) + 1, CARDIAC_PHASE)
+    varying = [d for d in dims if len(set(cols[d.name].values)) > 1]
+    several = len(position_groups(slices)) > 1
     # dimensions some of whose images' values cannot be told (a counter of the images aside: it names no volumes)
     unsure = [cols[d.name] for d in varying if cols[d.name].ambiguous and not cols[d.name].per_image]
     for size in range(1, min(3, len(varying)) + 1):
@@ -343,6 +352,11 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
             keys = list(zip(*(cols[d.name].values for d in combo), strict=True))
             parts = _partition(slices, keys)
             if any(has_repeats(p) for p in parts.values()):
+                continue
+            if several and 2 * sum(1 for p in parts.values() if len(p) == 1) > len(parts):
+                # mostly a value per image (a counter of the images; cine TriggerTimes that change with the heart
+                # rate from position to position): that names no volumes, and none of one image can be
+                # super-resolved (a rescanned slice, one image beside a whole volume, is still split)
                 continue
             if best is None or len(parts) < best[0]:
                 best = (len(parts), rank, combo, parts)
@@ -354,6 +368,8 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
             out: list[VolumeGroup] = []
             for g in _groups(best[2], best[3]):
                 g.notes.extend(_filled_notes([cols[d.name] for d in best[2]]))
+                if CARDIAC_PHASE in best[2]:
+                    g.notes.append(hint)
                 # the repeats told apart, a volume may still hold images of two kinds, echoes, time points or
                 # interleaved acquisitions at other positions (two acquisitions, each of two echoes offset by half a
                 # step): split again, as a series that repeats no position
@@ -363,7 +379,53 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
             return out
     if unsure:
         raise _absent(unsure[0], slices, series)
-    raise _ambiguous(slices, series, varying)
+    raise _ambiguous(slices, series, varying, hint if phases is None else "")
+
+
+def _cardiac_phase_label(value: Any, values: list[Any]) -> str:
+    return f"phase {value}"
+
+
+# the phase of a cine stack: the rank of an image's TriggerTime among those at its slice position (``_cardiac_phases``)
+CARDIAC_PHASE = Dimension("cardiac phase", lambda s: None, _cardiac_phase_label,
+                          "TriggerTime (its rank among the images at one slice position)")
+
+
+def _cardiac_phases(slices: list[Slice], trigger: _Column) -> tuple[_Column | None, str]:
+    """The cardiac phase of each image of a cine stack, and a note on it (or, when phases cannot be told, why).
+
+    A retrospectively gated cine acquires each slice position over its own heart beats (one breath-hold each), its
+    phases spread over that position's R-R interval: TriggerTime of phase k changes from position to position with
+    the heart rate (800 ms R-R: 200 ms; 985 ms: 246 ms). Split by TriggerTime, every image would be a volume of
+    its own. The phase is the rank of the image's TriggerTime among those at its position, when every position
+    holds the same number (2 or more) of images with different TriggerTimes; otherwise (a phase missing at one
+    position) ranks would stack images of two phases: (None, the reason). (None, "") when TriggerTime is absent
+    on some image, the same at every position, or every position holds one image."""
+    values = trigger.values
+    if any(v is None for v in values):
+        return None, ""
+    groups = position_groups(slices)
+    sizes = sorted({len(g) for g in groups})
+    if sizes[-1] < 2 or any(len({values[i] for i in g}) < len(g) for g in groups):
+        return None, ""
+    per_position = [sorted(values[i] for i in g) for g in groups]
+    if all(t == per_position[0] for t in per_position):
+        return None, ""  # told by TriggerTime itself
+    if len(sizes) > 1:
+        return None, (f"its slice positions hold {sizes[0]} to {sizes[-1]} images of different TriggerTime (cardiac "
+                      "phases whose TriggerTime changes with the heart rate from position to position?): with a "
+                      "phase missing at some position, which phase each image is cannot be told")
+    ranks: list[Any] = [0] * len(slices)
+    for g in groups:
+        for r, i in enumerate(sorted(g, key=lambda i: values[i]), start=1):
+            ranks[i] = r
+    spans = [(min(p[r] for p in per_position), max(p[r] for p in per_position)) for r in range(sizes[0])]
+    note = (f"cardiac phases: the k-th of the {sizes[0]} TriggerTime values at each of the {len(groups)} slice "
+            "positions is phase k (TriggerTime changes with the heart rate from position to position: "
+            + ", ".join(f"phase {r + 1} {a:g}-{b:g} ms" for r, (a, b) in enumerate(spans[:4]))
+            + (f" and {len(spans) - 4} more" if len(spans) > 4 else "") + ")")
+    col = _Column(CARDIAC_PHASE, ranks, list(range(1, sizes[0] + 1)), len(slices), [], 0)
+    return col, note
 
 
 def _groups(combo: tuple[Dimension, ...], parts: dict[tuple[Any, ...], list[Slice]]) -> list[VolumeGroup]:
@@ -376,7 +438,7 @@ def _groups(combo: tuple[Dimension, ...], parts: dict[tuple[Any, ...], list[Slic
     return out
 
 
-def _ambiguous(slices: list[Slice], series: str, varying: list[Dimension]) -> VolumeError:
+def _ambiguous(slices: list[Slice], series: str, varying: list[Dimension], hint: str = "") -> VolumeError:
     groups = [g for g in position_groups(slices) if len(g) > 1]
     repeated = sum(len(g) for g in groups)
     worst = max(groups, key=len)
@@ -387,7 +449,7 @@ def _ambiguous(slices: list[Slice], series: str, varying: list[Dimension]) -> Vo
             else "repeats that no dimension tells apart")
     checked = ", ".join(d.name for d in DIMENSIONS)
     vary = (f"; of these only {', '.join(d.name for d in varying)} vary, and not in a way that separates them"
-            if varying else "")
+            if varying else "") + (f"; {hint}" if hint else "")
     return VolumeError(f"{series}: {repeated} of its {len(slices)} images share a slice position with another "
                        f"(up to {len(worst)} at one position; files {named}); they are {what}. Checked: {checked}{vary}. "
                        "The series is ambiguous and is not super-resolved; send one copy of each image")
