@@ -7,10 +7,12 @@ position take several values even without repeats (``DISTINCT_VOLUMES``: interle
 read per image (classic attributes, or the frame's functional groups for enhanced objects):
 
 =================  ===========================================================================================
-image type         ImageType (classic); FrameType + ComplexImageComponent (enhanced): M vs P, ...
+image type         ImageType (classic), with GE's image component (0043,102F); FrameType + ComplexImageComponent
+                   (enhanced): M vs P, ...
 echo               EchoNumbers, EchoTime / EffectiveEchoTime
 diffusion          DiffusionBValue + DiffusionGradientOrientation (classic, MR Diffusion Sequence, or the
-                   Siemens MR header (0019,100C)/(0019,100E))
+                   Siemens MR header (0019,100C)/(0019,100E), GE (0043,1039)/(0019,10BB-BD) on EPI images,
+                   Philips (2001,1003)/(2005,10B0-B2))
 temporal position  TemporalPositionIdentifier (classic), TemporalPositionIndex (enhanced Frame Content)
 trigger time       TriggerTime (classic), NominalCardiacTriggerDelayTime (enhanced Cardiac Synchronization)
 cardiac phase      the rank of the trigger time among the images at one position (a cine whose TriggerTimes
