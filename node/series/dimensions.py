@@ -6,6 +6,7 @@ enhanced dimension index, stack. Used by ``node.series.split``.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,63 @@ def _siemens(ds: Dataset, offset: int) -> Any:
         return None
 
 
+_UNPACK = {"FL": "f", "FD": "d", "SS": "h", "US": "H", "SL": "l", "UL": "L"}
+
+
+def _private(ds: Dataset, group: int, creator: str, offset: int, vr: str) -> Any:
+    """A vendor's private element (``creator``'s block of ``group``) as its values, or None when absent or
+    unreadable. ``vr``: the element's VR, for bytes read without one (implicit VR, or UN): IS / DS as text, binary
+    numbers little-endian, as the vendors write them."""
+    try:
+        elem = ds.private_block(group, creator)[offset]
+    except (KeyError, ValueError):
+        return None
+    value = elem.value
+    if not isinstance(value, bytes):
+        return value
+    try:
+        if vr in ("IS", "DS"):
+            return [v.strip() for v in value.decode("ascii").strip("\x00 ").split("\\")]
+        size = struct.calcsize("<" + _UNPACK[vr])
+        return list(struct.unpack(f"<{len(value) // size}{_UNPACK[vr]}", value[: len(value) // size * size]))
+    except (UnicodeDecodeError, KeyError, struct.error):
+        return None
+
+
+# GE: (0043,1039) "slop int 6..9", its first value the b-value (10^9 added to each in a multi-b scan),
+# (0019,10BB..BD) the gradient direction; (0043,102F) the image component (0 magnitude, 1 phase, 2 real,
+# 3 imaginary). Philips: (2001,1003) the b-value, (2005,10B0..B2) the gradient direction.
+GE_PARM, GE_ACQU = "GEMS_PARM_01", "GEMS_ACQU_01"
+PHILIPS_IMAGING, PHILIPS_MR = "Philips Imaging DD 001", "Philips MR Imaging DD 001"
+_GE_COMPONENT = {0: "M", 1: "P", 2: "R", 3: "I"}
+
+
+def _ge_diffusion(ds: Dataset) -> bool:
+    """Whether a GE image may be a diffusion image, so that (0043,1039) is a b-value: GE writes that element on
+    every MR image (the shared GE 3D T1: 0\\1073741824\\0\\0), a b-value only in diffusion scans, which are EPI
+    (ScanningSequence EP) and state their number of directions in (0019,10E0)."""
+    directions = _num(_private(ds, 0x0019, GE_ACQU, 0xE0, "DS"))
+    sequence = ds.get("ScanningSequence")
+    seqs = [sequence] if sequence is None or isinstance(sequence, str) else list(sequence)
+    return bool(directions and directions > 0) or "EP" in [str(v).upper() for v in seqs]
+
+
+def _vendor_diffusion(ds: Dataset) -> tuple[Any, Any]:
+    """(b-value, gradient direction) from GE's or Philips' private elements, (None, None) when neither states one."""
+    b = _private(ds, 0x0043, GE_PARM, 0x39, "IS") if _ge_diffusion(ds) else None
+    if _present(b):
+        bv = _num(b)
+        if bv is not None and bv >= 1e9:
+            bv = bv % 1e9
+        g = [_private(ds, 0x0019, GE_ACQU, o, "DS") for o in (0xBB, 0xBC, 0xBD)]
+        return bv, [_first(v) for v in g] if all(_present(v) for v in g) else None
+    b = _private(ds, 0x2001, PHILIPS_IMAGING, 0x03, "FL")
+    if _present(b):
+        g = [_private(ds, 0x2005, PHILIPS_MR, o, "FL") for o in (0xB0, 0xB1, 0xB2)]
+        return _first(b), [_first(v) for v in g] if all(_present(v) for v in g) else None
+    return None, None
+
+
 # ---------------------------------------------------------------------------------------------- dimensions
 
 
@@ -75,7 +133,29 @@ def _image_type(s: Slice) -> Hashable:
                 comp = _frame_value(s, seq, "ComplexImageComponent")
                 return tuple(str(v).upper() for v in ft) + ((str(comp).upper(),) if _present(comp) else ())
     it = s.header.get("ImageType")
+    component = _num(_private(s.header, 0x0043, GE_PARM, 0x2F, "SS")) if s.frame < 0 else None
+    if component is not None and int(component) in _GE_COMPONENT:  # GE keeps one ImageType for M, P, R and I
+        return (tuple(str(v).upper() for v in it) if _present(it) else ()) + (_GE_COMPONENT[int(component)],)
     return tuple(str(v).upper() for v in it) if _present(it) else None
+
+
+# ImageType values past the third that name a kind of image (not a vendor's flag): complex components (PS3.3
+# C.8.13.1.1.1 value 4; ComplexImageComponent), Dixon water / fat / in / opposed phase, Siemens intensity
+# normalisation, motion correction and distortion correction, projections and reformats
+KIND_VALUES = frozenset({"M", "P", "R", "I", "MAGNITUDE", "PHASE", "REAL", "IMAGINARY", "MIXED",
+                         "W", "F", "WATER", "FAT", "IN_PHASE", "OUT_PHASE", "OPP_PHASE", "IP", "OP",
+                         "NORM", "MOCO", "DIS2D", "DIS3D", "MIP", "MINIP", "MPR", "PROJECTION IMAGE", "SUBTRACTION"})
+
+
+def _image_kind(s: Slice) -> Hashable:
+    """The kind of image ImageType (FrameType + ComplexImageComponent) names: its first three values (ORIGINAL /
+    DERIVED, PRIMARY / SECONDARY, the modality's kind: AXIAL, LOCALIZER, M, P, MIP, ...) and those of the later
+    values in ``KIND_VALUES``; the other later values are vendors' flags that may change within one stack (GE
+    writes ORIGINAL\\PRIMARY\\AXIAL\\ADD on some slices of one CT stack, ORIGINAL\\PRIMARY\\AXIAL on the others)."""
+    full = _image_type(s)
+    if not isinstance(full, tuple):
+        return full
+    return full[:3] + tuple(v for v in full[3:] if v in KIND_VALUES)
 
 
 def _echo(s: Slice) -> Hashable:
@@ -107,6 +187,8 @@ def _diffusion(s: Slice) -> Hashable:
             g = seq[0].get("DiffusionGradientOrientation") if seq else None
     if not _present(b):
         b, g = _siemens(s.header, 0x0C), _siemens(s.header, 0x0E)
+    if not _present(b):
+        b, g = _vendor_diffusion(s.header)
     bv = _num(b) if _present(b) else None
     if bv is None:
         return None
@@ -234,6 +316,9 @@ DIMENSIONS: tuple[Dimension, ...] = (
               "AcquisitionNumber"),
     Dimension("dimension index", _dimension_index, _index_label, "DimensionIndexValues"),
 )
+# the image type in the values that name a kind of image: images of two kinds are two volumes even where they repeat
+# no position (``node.series.split``)
+IMAGE_KIND = Dimension("image kind", _image_kind, _type_label, "ImageType (FrameType)")
 STACK = Dimension("stack", _stack, _simple("stack", absent="no StackID"), "StackID")
 
 

@@ -30,7 +30,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from node.errors import VolumeError, dicom_read_problem
-from node.series.dimensions import DIMENSIONS, STACK
+from node.series.dimensions import DIMENSIONS, IMAGE_KIND, STACK
 from node.series.headers import FileStamp, InputHeaders, SliceHeader, read_stamped
 from node.series.instances import UniqueInstances
 from node.series.mosaic import is_mosaic, split_mosaic, tile_name
@@ -303,7 +303,7 @@ def _format_of(s: Slice) -> StoredFormat:
 # what the load reads of a slice's header after it was read: taken before a single-frame header is let go of
 _TAKEN: tuple[tuple[str, Callable[[Slice], Any]], ...] = (
     *HEADER_VALUES.items(),
-    *(d.reader for d in (*DIMENSIONS, STACK)),
+    *(d.reader for d in (*DIMENSIONS, IMAGE_KIND, STACK)),
     ("format", _format_of),
 )
 

@@ -7,12 +7,16 @@ position take several values even without repeats (``DISTINCT_VOLUMES``: interle
 read per image (classic attributes, or the frame's functional groups for enhanced objects):
 
 =================  ===========================================================================================
-image type         ImageType (classic); FrameType + ComplexImageComponent (enhanced): M vs P, ...
+image type         ImageType (classic), with GE's image component (0043,102F); FrameType + ComplexImageComponent
+                   (enhanced): M vs P, ...
 echo               EchoNumbers, EchoTime / EffectiveEchoTime
 diffusion          DiffusionBValue + DiffusionGradientOrientation (classic, MR Diffusion Sequence, or the
-                   Siemens MR header (0019,100C)/(0019,100E))
+                   Siemens MR header (0019,100C)/(0019,100E), GE (0043,1039)/(0019,10BB-BD) on EPI images,
+                   Philips (2001,1003)/(2005,10B0-B2))
 temporal position  TemporalPositionIdentifier (classic), TemporalPositionIndex (enhanced Frame Content)
 trigger time       TriggerTime (classic), NominalCardiacTriggerDelayTime (enhanced Cardiac Synchronization)
+cardiac phase      the rank of the trigger time among the images at one position (a cine whose TriggerTimes
+                   change with the heart rate from position to position: ``_cardiac_phases``)
 acquisition        AcquisitionNumber
 dimension index    enhanced DimensionIndexValues, less the in-stack position / position / stack indices
 =================  ===========================================================================================
@@ -20,7 +24,10 @@ dimension index    enhanced DimensionIndexValues, less the in-stack position / p
 Of the dimensions that vary, the smallest set (1, then 2, then 3 dimensions) whose value combinations leave no
 two images at one position wins; among sets of one size, the one giving the fewest volumes (then the order of
 the table). So a dimension that changes with every slice (an AcquisitionNumber per slice) never fragments a
-stack while a coarser one explains the repeats. Numbers are compared with a tolerance, never by rounding.
+stack while a coarser one explains the repeats; a split leaving most of its volumes one image each is no split.
+Each volume the repeats were told apart by is split again as a series without repeats: images of two kinds
+(``IMAGE_KIND``: M and P, ORIGINAL and a DERIVED MIP), echoes, b-values or time points are two volumes even at
+positions of their own. Numbers are compared with a tolerance, never by rounding.
 When nothing explains the repeats the series is truly ambiguous and is refused, naming the files.
 
 An attribute absent on some images is no value of its own (``_column``): an image without it (or, for an echo,
@@ -42,7 +49,16 @@ from typing import Any
 import numpy as np
 
 from node.errors import VolumeError
-from node.series.dimensions import DIMENSIONS, STACK, Dimension, canonical, consistent, is_partial, order
+from node.series.dimensions import (
+    DIMENSIONS,
+    IMAGE_KIND,
+    STACK,
+    Dimension,
+    canonical,
+    consistent,
+    is_partial,
+    order,
+)
 from node.series.slices import Slice, header_value, stored_pixels
 from node.series.steps import STEP_ABS_TOL, STEP_REL_TOL
 
@@ -165,8 +181,10 @@ def _split_stacks(slices: list[Slice], series: str) -> list[VolumeGroup]:
 
 # dimensions that always name different volumes, even when their images repeat no position (two echoes or time
 # points whose positions are offset by a fraction of the step would otherwise stack into one volume of alternating
-# contrast); acquisition number, trigger time and image type may change within one stack and split only repeats
-DISTINCT_VOLUMES = ("echo", "diffusion b-value/direction", "temporal position")
+# contrast; so would magnitude and phase images at alternate positions, or a DERIVED MIP image one step past an
+# ORIGINAL stack: the image kind, ``IMAGE_KIND``); acquisition number, trigger time and the vendor's flags in the
+# full image type may change within one stack and split only repeats
+DISTINCT_VOLUMES = ("image kind", "echo", "diffusion b-value/direction", "temporal position")
 
 
 @dataclass
@@ -296,9 +314,9 @@ def _filled_notes(cols: Sequence[_Column]) -> list[str]:
 
 def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
     if not has_repeats(slices):
-        cols = {d.name: _column(d, slices) for d in DIMENSIONS if d.name in DISTINCT_VOLUMES}
+        cols = {d.name: _column(d, slices) for d in (IMAGE_KIND, *DIMENSIONS) if d.name in DISTINCT_VOLUMES}
         distinct = []
-        for d in DIMENSIONS:
+        for d in (IMAGE_KIND, *DIMENSIONS):
             c = cols.get(d.name)
             if c is None or c.per_image or not _varies(c):
                 continue
@@ -320,7 +338,13 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
             g.notes.extend(notes)
         return groups
     cols = {d.name: _column(d, slices) for d in DIMENSIONS}
-    varying = [d for d in DIMENSIONS if len(set(cols[d.name].values)) > 1]
+    dims = list(DIMENSIONS)
+    phases, hint = _cardiac_phases(slices, cols["trigger time"])
+    if phases is not None:  # after trigger time: the same trigger times at every position keep their labels
+        cols[CARDIAC_PHASE.name] = phases
+        dims.insert(dims.index(next(d for d in dims if d.name == "trigger time")) + 1, CARDIAC_PHASE)
+    varying = [d for d in dims if len(set(cols[d.name].values)) > 1]
+    several = len(position_groups(slices)) > 1
     # dimensions some of whose images' values cannot be told (a counter of the images aside: it names no volumes)
     unsure = [cols[d.name] for d in varying if cols[d.name].ambiguous and not cols[d.name].per_image]
     for size in range(1, min(3, len(varying)) + 1):
@@ -331,6 +355,11 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
             parts = _partition(slices, keys)
             if any(has_repeats(p) for p in parts.values()):
                 continue
+            if several and 2 * sum(1 for p in parts.values() if len(p) == 1) > len(parts):
+                # mostly a value per image (a counter of the images; cine TriggerTimes that change with the heart
+                # rate from position to position): that names no volumes, and none of one image can be
+                # super-resolved (a rescanned slice, one image beside a whole volume, is still split)
+                continue
             if best is None or len(parts) < best[0]:
                 best = (len(parts), rank, combo, parts)
         if best is not None:
@@ -338,13 +367,67 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
             for c in unsure:  # a complete dimension splits it: each volume must hold one echo, time, b-value
                 if c.dim.name in DISTINCT_VOLUMES and any(len({c.values[index[id(s)]] for s in p} - {None}) > 1 for p in best[3].values()):
                     raise _absent(c, slices, series)
-            groups = _groups(best[2], best[3])
-            for g in groups:
+            out: list[VolumeGroup] = []
+            for g in _groups(best[2], best[3]):
                 g.notes.extend(_filled_notes([cols[d.name] for d in best[2]]))
-            return groups
+                if CARDIAC_PHASE in best[2]:
+                    g.notes.append(hint)
+                # the repeats told apart, a volume may still hold images of two kinds, echoes, time points or
+                # interleaved acquisitions at other positions (two acquisitions, each of two echoes offset by half a
+                # step): split again, as a series that repeats no position
+                for sub in _split(g.slices, f"{series} {g.label}"):
+                    out.append(VolumeGroup(sub.slices, " ".join(x for x in (g.label, sub.label) if x),
+                                           [*g.notes, *sub.notes]))
+            return out
     if unsure:
         raise _absent(unsure[0], slices, series)
-    raise _ambiguous(slices, series, varying)
+    raise _ambiguous(slices, series, varying, hint if phases is None else "")
+
+
+def _cardiac_phase_label(value: Any, values: list[Any]) -> str:
+    return f"phase {value}"
+
+
+# the phase of a cine stack: the rank of an image's TriggerTime among those at its slice position (``_cardiac_phases``)
+CARDIAC_PHASE = Dimension("cardiac phase", lambda s: None, _cardiac_phase_label,
+                          "TriggerTime (its rank among the images at one slice position)")
+
+
+def _cardiac_phases(slices: list[Slice], trigger: _Column) -> tuple[_Column | None, str]:
+    """The cardiac phase of each image of a cine stack, and a note on it (or, when phases cannot be told, why).
+
+    A retrospectively gated cine acquires each slice position over its own heart beats (one breath-hold each), its
+    phases spread over that position's R-R interval: TriggerTime of phase k changes from position to position with
+    the heart rate (800 ms R-R: 200 ms; 985 ms: 246 ms). Split by TriggerTime, every image would be a volume of
+    its own. The phase is the rank of the image's TriggerTime among those at its position, when every position
+    holds the same number (2 or more) of images with different TriggerTimes; otherwise (a phase missing at one
+    position) ranks would stack images of two phases: (None, the reason). (None, "") when TriggerTime is absent
+    on some image, the same at every position, or every position holds one image."""
+    values = trigger.values
+    if any(v is None for v in values):
+        return None, ""
+    groups = position_groups(slices)
+    sizes = sorted({len(g) for g in groups})
+    if sizes[-1] < 2 or any(len({values[i] for i in g}) < len(g) for g in groups):
+        return None, ""
+    per_position = [sorted(values[i] for i in g) for g in groups]
+    if all(t == per_position[0] for t in per_position):
+        return None, ""  # told by TriggerTime itself
+    if len(sizes) > 1:
+        return None, (f"its slice positions hold {sizes[0]} to {sizes[-1]} images of different TriggerTime (cardiac "
+                      "phases whose TriggerTime changes with the heart rate from position to position?): with a "
+                      "phase missing at some position, which phase each image is cannot be told")
+    ranks: list[Any] = [0] * len(slices)
+    for g in groups:
+        for r, i in enumerate(sorted(g, key=lambda i: values[i]), start=1):
+            ranks[i] = r
+    spans = [(min(p[r] for p in per_position), max(p[r] for p in per_position)) for r in range(sizes[0])]
+    note = (f"cardiac phases: the k-th of the {sizes[0]} TriggerTime values at each of the {len(groups)} slice "
+            "positions is phase k (TriggerTime changes with the heart rate from position to position: "
+            + ", ".join(f"phase {r + 1} {a:g}-{b:g} ms" for r, (a, b) in enumerate(spans[:4]))
+            + (f" and {len(spans) - 4} more" if len(spans) > 4 else "") + ")")
+    col = _Column(CARDIAC_PHASE, ranks, list(range(1, sizes[0] + 1)), len(slices), [], 0)
+    return col, note
 
 
 def _groups(combo: tuple[Dimension, ...], parts: dict[tuple[Any, ...], list[Slice]]) -> list[VolumeGroup]:
@@ -357,7 +440,7 @@ def _groups(combo: tuple[Dimension, ...], parts: dict[tuple[Any, ...], list[Slic
     return out
 
 
-def _ambiguous(slices: list[Slice], series: str, varying: list[Dimension]) -> VolumeError:
+def _ambiguous(slices: list[Slice], series: str, varying: list[Dimension], hint: str = "") -> VolumeError:
     groups = [g for g in position_groups(slices) if len(g) > 1]
     repeated = sum(len(g) for g in groups)
     worst = max(groups, key=len)
@@ -368,7 +451,7 @@ def _ambiguous(slices: list[Slice], series: str, varying: list[Dimension]) -> Vo
             else "repeats that no dimension tells apart")
     checked = ", ".join(d.name for d in DIMENSIONS)
     vary = (f"; of these only {', '.join(d.name for d in varying)} vary, and not in a way that separates them"
-            if varying else "")
+            if varying else "") + (f"; {hint}" if hint else "")
     return VolumeError(f"{series}: {repeated} of its {len(slices)} images share a slice position with another "
                        f"(up to {len(worst)} at one position; files {named}); they are {what}. Checked: {checked}{vary}. "
                        "The series is ambiguous and is not super-resolved; send one copy of each image")
