@@ -247,7 +247,8 @@ def build_app(ctx: NodeContext) -> Starlette:
         except MultipartError as exc:
             return JSONResponse({"error": str(exc)}, status_code=415 if isinstance(exc, UnsupportedMediaType) else 400)
         receiver = StowReceiver(boundary, lambda path: ctx.admission.admit_file(path, caller),
-                                ctx.spool.incoming, study, has_space=ctx.spool.has_space)
+                                ctx.spool.incoming, study, has_space=ctx.spool.has_space,
+                                max_instance_bytes=cfg.node.max_instance_mb << 20)
         try:
             async for chunk in request.stream():
                 await run_in_threadpool(receiver.feed, chunk)

@@ -231,6 +231,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("node.tls: enabled = true needs cert and key")
     if n.max_series_memory_mb < 0:
         raise ConfigError(f"node.max_series_memory_mb: {n.max_series_memory_mb} must be >= 0 (0: 3/4 of the memory)")
+    if not 1 <= n.max_instance_mb <= 1 << 20:
+        raise ConfigError(f"node.max_instance_mb: {n.max_instance_mb} must be from 1 to {1 << 20} (MB)")
     if n.max_job_attempts < 1:
         raise ConfigError(f"node.max_job_attempts: {n.max_job_attempts} must be >= 1")
     if n.max_associations < 1:

@@ -119,6 +119,9 @@ class NodeConfig:
     log_level: str = "INFO"
     audit_log: str = ""  # default: <spool_dir>/audit.log
     max_series_memory_mb: int = 0  # memory a series may need to process (estimated from headers); 0: 3/4 of RAM
+    # MB: the largest instance admitted, as received or, for the deflated transfer syntax, once inflated (a few KB
+    # of deflate stream inflate to GB); larger: refused 0xA700 before its header is parsed whole
+    max_instance_mb: int = 2048
     max_job_attempts: int = 3  # a job whose runs stopped the node this many times is failed as poison
     require_known_callers: bool = False
     require_called_ae: bool = True  # associations calling another AE title than ae_title are rejected

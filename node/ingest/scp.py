@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -71,6 +72,8 @@ WATERMARK_CHECK_BYTES = 1 << 20  # received on one association between two check
 # the largest data set of a message other than a C-STORE-RQ taken in memory (a Storage Commitment report of
 # ~100,000 instances; a C-ECHO has none): pynetdicom gathers those without a bound
 MAX_INLINE_DATASET_BYTES = 16 << 20
+# the transfer syntaxes of the Storage Commitment context: pynetdicom's defaults without Deflated (make_ae)
+REPORT_TRANSFER_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian]
 
 
 def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
@@ -533,7 +536,10 @@ class StoreSCP:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         if self.on_report is not None:  # the peer reports as the Storage Commitment SCP (role selection)
-            ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+            # not deflated: pynetdicom inflates an N-EVENT-REPORT's event information whole, before the node can
+            # ask who sent it (1 MB of deflate stream from any caller: +2 GB); every SCU has Implicit VR LE
+            ae.add_supported_context(StorageCommitmentPushModel, REPORT_TRANSFER_SYNTAXES, scu_role=True,
+                                     scp_role=True)
         return ae
 
     def lean_hooks(self) -> LeanHooks | None:
