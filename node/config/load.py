@@ -240,6 +240,9 @@ def _check(cfg: Config) -> None:
     if n.max_associations_per_caller < 0:
         raise ConfigError(f"node.max_associations_per_caller: {n.max_associations_per_caller} must be >= 0 "
                           "(0: no per-caller limit)")
+    if n.max_associations_per_address < 0:
+        raise ConfigError(f"node.max_associations_per_address: {n.max_associations_per_address} must be >= 0 "
+                          "(0: no per-address limit)")
     if not 0 < n.idle_timeout_s <= 86400:
         raise ConfigError(f"node.idle_timeout_s: {n.idle_timeout_s:g} must be > 0 and <= 86400 seconds")
     for key, seconds in (("node.association_timeout_s", n.association_timeout_s),
