@@ -251,6 +251,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{key}: {seconds:g} must be > 0 and <= 600 seconds")
     _check_port(cfg.http.port, "http.port", allow_zero=True)
     h = cfg.http
+    if not 1 <= h.max_connections <= 65536:
+        raise ConfigError(f"http.max_connections: {h.max_connections} must be from 1 to 65536")
     if h.max_body_mb < 1:
         raise ConfigError(f"http.max_body_mb: {h.max_body_mb} must be >= 1")
     for key, seconds, zero_ok in (("http.header_timeout_s", h.header_timeout_s, False),

@@ -160,6 +160,7 @@ class HttpConfig:
     allow_anonymous: bool = False  # serve without a token on an address beyond loopback (refused otherwise)
     max_body_mb: int = 2048  # largest request body (STOW-RS: the whole multipart request); above: 413
     header_timeout_s: float = 10.0  # a connection must deliver a complete request head within this; else 408
+    max_connections: int = 128  # HTTP connections open at once; one beyond it gets 503 and is closed at once
     body_idle_timeout_s: float = 30.0  # longest wait for the next bytes of a request body; else 408
     body_timeout_s: float = 3600.0  # longest time to read a whole request body (0: no limit); else 408
     stow_caller: str = "STOW-RS"  # the caller identity of STOW-RS instances, for [node].allowed_callers
