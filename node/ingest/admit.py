@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
@@ -60,6 +61,10 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR")  # 4-byte lengths
 IN_MEMORY_HEADER_BYTES = 1 << 20  # files up to this size are parsed from memory (read_header: one read, no seeks)
 DEFER_BYTES = 64 << 10  # a header value larger than this is left in the file, not read (header_dataset)
+MAX_META_BYTES = 1 << 20  # a file meta group (0002,xxxx) ending past this is refused unread (~200 bytes in practice)
+# the header values read_header and STOW-RS look at: each must have been read (not left in the file as too long)
+READ_KEYWORDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID", "Modality",
+                 "ImagesInAcquisition", "NumberOfFrames", "AcquisitionNumber")
 INFLATE_CHUNK = 1 << 20  # bytes inflated at a time from a deflated data set (_inflated_copy)
 DEFAULT_MAX_INSTANCE_BYTES = 2048 << 20  # [node] max_instance_mb's default, in bytes
 
@@ -268,6 +273,13 @@ def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, tuple[int, str] | None]:
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
         raise IngestError(f"file cannot be parsed: {type(exc).__name__}: {dicom_read_problem(exc)}",
                           Status.CANNOT_UNDERSTAND) from exc
+    for keyword in READ_KEYWORDS:  # values read below: one left in the file is no header value (and not read)
+        tag = tag_for_keyword(keyword)
+        raw = ds.get_item(tag, keep_deferred=True) if tag is not None and tag in ds else None
+        length = int(getattr(raw, "length", 0) or 0)
+        if raw is not None and raw.value is None and length > DEFER_BYTES:
+            raise IngestError(f"{keyword} is {length} bytes long: not a header value",
+                              Status.CANNOT_UNDERSTAND)
     past = _elements_inside(ds, size)
     if past is None and ends is not None and ends[0] > size:
         past = ends
@@ -290,7 +302,11 @@ def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> t
     if size > max_bytes:
         raise _too_large(f"an instance of {size} bytes", max_bytes)
     with _header_source(path, size) as fh:
-        deflated = _meta_end(fh)[1] == DeflatedExplicitVRLittleEndian
+        meta_end, syntax = _meta_end(fh)
+        if meta_end > min(size, MAX_META_BYTES):  # pydicom reads the file meta's values whatever their size
+            raise IngestError(f"file cannot be parsed: its file meta ends at byte {meta_end} (the file has {size}; "
+                              f"a file meta over {MAX_META_BYTES} bytes is not read)", Status.CANNOT_UNDERSTAND)
+        deflated = syntax == DeflatedExplicitVRLittleEndian
         if not deflated:
             fh.seek(0)
             return _parse(fh, size)

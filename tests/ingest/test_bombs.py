@@ -225,3 +225,65 @@ def _report(assoc: object, context_id: int, zeros: int) -> str:
     dimse.send_msg(req, context_id)
     _, rsp = dimse.get_msg(block=True)
     return "no answer" if rsp is None else hex(int(rsp.Status))
+
+
+def _with_element(tmp: Path, name: str, group: int, elem: int, vr: bytes, size: int) -> Path:
+    """A phantom CT slice (explicit VR little endian) with one element of ``size`` bytes of b"1" added: in the
+    file meta for group 2, else in the data set (in tag order, replacing any element of that tag)."""
+    src = write_phantom_series(tmp / f"src-{name}", slices=1, size=16, step_mm=3.0, seed=11)[0]
+    ds = dcmread(src)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta, body = DicomBytesIO(), DicomBytesIO()
+    for b in (meta, body):
+        b.is_little_endian, b.is_implicit_VR = True, False
+    head = struct.pack("<HH2s", group, elem, vr) + (struct.pack("<HL", 0, size) if vr in (b"OB", b"UT", b"UN")
+                                                    else struct.pack("<H", size))
+    out = tmp / f"{name}.dcm"
+    if group == 2:
+        write_file_meta_info(meta, ds.file_meta)
+        write_dataset(body, ds)
+        parts = [meta.getvalue(), head, b"1" * size, body.getvalue()]
+    else:
+        write_file_meta_info(meta, ds.file_meta)
+        before, after = Dataset(), Dataset()
+        for e in ds:
+            if e.tag != (group << 16 | elem):
+                (before if e.tag < (group << 16 | elem) else after).add(e)
+        first, second = DicomBytesIO(), DicomBytesIO()
+        for b in (first, second):
+            b.is_little_endian, b.is_implicit_VR = True, False
+        write_dataset(first, before)
+        write_dataset(second, after)
+        parts = [meta.getvalue(), first.getvalue(), head, b"1" * size, second.getvalue()]
+    with out.open("wb") as fh:
+        fh.write(b"\0" * 128 + b"DICM")
+        for p in parts:
+            fh.write(p)
+    return out
+
+
+@pytest.mark.parametrize(("name", "group", "elem", "vr", "size"), [
+    ("uid", 0x0008, 0x0018, b"UN", 64 * MiB),  # SOPInstanceUID of 64 MiB (UN: a 4-byte length)
+    ("images", 0x0020, 0x1002, b"UN", 64 * MiB),  # ImagesInAcquisition
+    ("meta", 0x0002, 0x0102, b"OB", 64 * MiB),  # PrivateInformation in the file meta
+])
+def test_a_header_value_of_megabytes_is_refused_without_reading_it(tmp_path: Path, name: str, group: int,
+                                                                    elem: int, vr: bytes, size: int) -> None:
+    """hostile16: the values the header check reads (UIDs, Modality, the size hints) and the file meta were read
+    whatever their length (a 64 MiB SOPInstanceUID: +64 MB in the check). Now 0xC210 naming it, memory flat."""
+    import tracemalloc
+
+    from node.errors import IngestError
+    from node.ingest.admit import read_header
+
+    path = _with_element(tmp_path, name, group, elem, vr, size)
+    tracemalloc.start()
+    try:
+        with pytest.raises(IngestError) as err:
+            read_header(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert err.value.status == 0xC210, str(err.value)
+    assert peak < 4 * MiB, f"{peak / MiB:.0f} MiB traced reading the header"
+    assert "bytes long: not a header value" in str(err.value) or "file meta ends at byte" in str(err.value)
