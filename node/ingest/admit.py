@@ -182,7 +182,8 @@ def _too_large(what: str, limit: int) -> IngestError:
 def _meta_end(fh: BinaryIO) -> tuple[int, str]:
     """(offset where the file meta group (0002,xxxx) of the Part 10 file ``fh`` ends, its TransferSyntaxUID or
     "") read from after its 128-byte preamble and 'DICM' (explicit VR little endian, PS3.10 7.1), without pydicom:
-    where a deflated data set starts, and whether it is one. ("", 0) ends where no file meta is; leaves ``fh``
+    where a deflated data set starts, and whether it is one; its end may lie past the end of a file whose meta
+    declares lengths it does not hold. (0, "") when the file has no 'DICM' after a preamble. Leaves ``fh``
     anywhere."""
     fh.seek(128)
     if fh.read(4) != b"DICM":
@@ -209,7 +210,8 @@ def _inflated_copy(path: Path, limit: int) -> Path:
     check reads it as any other file. Inflated in chunks, never whole in memory: pydicom inflates a deflated file
     whole (a 1 MB stream of zeros took 2 GB of memory and 10 s in the header check, and was accepted).
     IngestError(0xA700) once the inflated data set passes ``limit`` bytes, (0xC210) when its file meta cannot be
-    read or the stream is not deflate (the copy removed). The caller removes the copy. Raises OSError (disk)."""
+    read or the stream is not deflate, (0xA700) when the copy cannot be written (the copy removed). The caller
+    removes the copy."""
     try:
         meta = read_file_meta_info(path)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
@@ -244,6 +246,9 @@ def _inflated_copy(path: Path, limit: int) -> Path:
     except zlib.error as exc:
         raise IngestError(f"file cannot be parsed: its deflated data set is not a deflate stream ({exc})",
                           Status.CANNOT_UNDERSTAND) from exc
+    except OSError as exc:  # the spool's disk (ENOSPC): out of resources, as any write there
+        raise IngestError(f"its deflated data set cannot be inflated beside it in {path.parent}: {exc}",
+                          Status.OUT_OF_RESOURCES) from exc
     finally:
         if not done:
             copy.unlink(missing_ok=True)
