@@ -247,7 +247,8 @@ def build_app(ctx: NodeContext) -> Starlette:
         except MultipartError as exc:
             return JSONResponse({"error": str(exc)}, status_code=415 if isinstance(exc, UnsupportedMediaType) else 400)
         receiver = StowReceiver(boundary, lambda path: ctx.admission.admit_file(path, caller),
-                                ctx.spool.incoming, study, has_space=ctx.spool.has_space)
+                                ctx.spool.incoming, study, has_space=ctx.spool.has_space,
+                                max_instance_bytes=cfg.node.max_instance_mb << 20)
         try:
             async for chunk in request.stream():
                 await run_in_threadpool(receiver.feed, chunk)
@@ -358,6 +359,12 @@ class HttpHandle:
         self.thread.join(timeout=10)
 
 
+# listen() backlog, and how many connections asyncio accepts in one go before any is handled (uvicorn's 2048: a
+# burst of idle connections was accepted 2048 at a time before [http] max_connections could close one, up to the
+# process's limit of open files)
+ACCEPT_BATCH = 128
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """A listening-ready TCP socket on host:port; ConfigError in words when the port is taken or not allowed."""
     try:
@@ -383,7 +390,8 @@ def start_http(ctx: NodeContext) -> HttpHandle:
     cfg = ctx.cfg.http
     sock = _bind(cfg.host, cfg.port)  # here, so that a port in use is one ConfigError (uvicorn would log and exit)
     config = uvicorn.Config(build_app(ctx), host=cfg.host, port=cfg.port, log_level="warning",
-                            access_log=False, lifespan="off", http=guarded_h11(cfg.header_timeout_s),
+                            access_log=False, lifespan="off", backlog=ACCEPT_BATCH,
+                            http=guarded_h11(cfg.header_timeout_s, cfg.max_connections),
                             timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     # uvicorn installs signal handlers only in the main thread: the service keeps owning SIGTERM/SIGINT

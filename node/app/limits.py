@@ -1,5 +1,7 @@
 """Limits of the HTTP server against slow, lying and oversized clients (``[http]`` keys, times in seconds).
 
+- **connections**: at most ``max_connections`` open at once; one beyond is answered ``503`` and closed before it is
+  read (:func:`guarded_h11`): idle connections cannot take the file descriptors the DICOM side needs.
 - **headers**: a connection must deliver a complete request head within ``header_timeout_s`` of connecting (or of
   its previous response); else it gets ``408`` and is closed (:func:`guarded_h11`, a uvicorn h11 protocol).
   uvicorn alone waits forever on a connection that trickles its headers, or sends nothing.
@@ -126,10 +128,33 @@ async def _answer(send: Send, status: int, detail: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def guarded_h11(header_timeout_s: float) -> type[H11Protocol]:
+class _Refusals:
+    """Connections refused for ``[http] max_connections``: logged once, then at most once a minute with a count
+    (one line per refused connection would let the flood write the node's log)."""
+
+    def __init__(self) -> None:
+        self.unlogged = 0
+        self.logged_at: float | None = None
+
+    def note(self, client: str, limit: int) -> None:
+        self.unlogged += 1
+        now = time.monotonic()
+        if self.logged_at is not None and now - self.logged_at < 60:
+            return
+        log.warning("HTTP connection(s) refused with 503: %d open, [http] max_connections = %d (%d refused since "
+                    "the last such line; the latest from %s)", limit, limit, self.unlogged, client)
+        self.logged_at, self.unlogged = now, 0
+
+
+def guarded_h11(header_timeout_s: float, max_connections: int = 0) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a deadline on request heads: a connection that has not delivered a complete
     request head ``header_timeout_s`` seconds after it opened (or after its previous response) gets
-    ``408 Request Timeout`` and is closed. Pass as ``uvicorn.Config(http=...)``."""
+    ``408 Request Timeout`` and is closed. With ``max_connections`` (> 0) a connection opened while that many are
+    open gets ``503 Service Unavailable`` and is closed at once, before it is read (uvicorn's own
+    ``limit_concurrency`` answers 503 only once a request head came, so idle connections kept their file
+    descriptors: 1,100 of them took all 1,024 of a node under systemd's limit, and DICOM callers timed out).
+    Pass as ``uvicorn.Config(http=...)``."""
+    refusals = _Refusals()
 
     class GuardedH11Protocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
@@ -137,7 +162,18 @@ def guarded_h11(header_timeout_s: float) -> type[H11Protocol]:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            if max_connections and len(self.connections) > max_connections:
+                self._refuse(transport)
+                return
             self._arm_head_deadline()
+
+        def _refuse(self, transport: asyncio.Transport) -> None:
+            refusals.note(self.client[0] if self.client else "?", max_connections)
+            body = (f"too many connections: [http] max_connections = {max_connections} are open; try again "
+                    "later\n").encode()
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\nconnection: close\r\n"
+                            b"retry-after: 1\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            transport.close()
 
         def on_response_complete(self) -> None:
             self._arm_head_deadline()  # before the next (maybe pipelined) request is parsed

@@ -1,5 +1,5 @@
-"""Logging of the ``srnode`` commands: one stderr handler, third-party chatter lowered, secrets redacted, patient
-data kept out.
+"""Logging of the ``srnode`` commands: one stderr handler, third-party chatter lowered and bounded (a peer cannot
+make the libraries flood the log: :class:`FloodFilter`), secrets redacted, patient data kept out.
 
 Patient data: the node's own messages name UIDs, never patient or study values (``node.phi``). What other code
 says is filtered here: every record of a third-party logger (pydicom, highdicom, pynetdicom, uvicorn, ...) and
@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
+from collections.abc import Callable
 from types import TracebackType
 
 from node.phi import mask_quoted, mask_traceback
@@ -64,8 +66,63 @@ class _AnsweredElsewhere(logging.Filter):
         return record.getMessage() != "No accepted presentation contexts"
 
 
+class FloodFilter(logging.Filter):
+    """Bounds what third-party loggers (pynetdicom, pydicom and its warnings, uvicorn, ...) write, whatever a peer
+    makes them say: at most ``per_message`` records of one message (its text as the handler writes it, quoted
+    values already masked by :class:`PhiFilter`, so "Invalid value for VR UI: '***'" is one message whatever the
+    UID) and ``per_logger`` records of one logger in ``window_s`` seconds. The record that reaches a bound is
+    written with a note that more like it are suppressed; the first one written after its window names how many
+    were dropped. The node's own loggers (``OWN_LOGGERS``) are not bounded: they write one line per event.
+
+    One A-ASSOCIATE-RQ of 128 presentation contexts proposing 100 invalid transfer syntax UIDs each (878 KB) made
+    pynetdicom and pydicom write ~77,000 WARNING lines (11 MB), again on every association."""
+
+    def __init__(self, per_message: int = 10, per_logger: int = 100, window_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.per_message, self.per_logger, self.window_s, self.clock = per_message, per_logger, window_s, clock
+        self._counts: dict[tuple[str, str], list[float]] = {}  # (logger, message or "") -> [window start, count]
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """False to drop ``record``; may add a note to its message (then its args are consumed)."""
+        if record.name.split(".", 1)[0] in OWN_LOGGERS:
+            return True
+        message = record.getMessage()
+        now = self.clock()
+        with self._lock:
+            if len(self._counts) > 10_000:  # many different messages: forget the windows that ended
+                self._counts = {k: v for k, v in self._counts.items() if now - v[0] < self.window_s}
+            notes: list[str] = []
+            counts = [self._count((record.name, ""), self.per_logger, now, "from this logger", notes),
+                      self._count((record.name, message), self.per_message, now, "like this one", notes)]
+        (logger_n, logger_bound), (message_n, message_bound) = counts
+        if logger_n > logger_bound + 1 or message_n > message_bound + 1:
+            return False
+        if logger_n == logger_bound + 1:
+            notes.append(f"more messages from this logger are suppressed for up to {self.window_s:g} s (log flood)")
+        elif message_n == message_bound + 1:
+            notes.append(f"more messages like this one are suppressed for up to {self.window_s:g} s (log flood)")
+        if notes:
+            record.msg, record.args = f"{message} [{'; '.join(notes)}]", None
+        return True
+
+    def _count(self, key: tuple[str, str], bound: int, now: float, what: str, notes: list[str]) -> tuple[int, int]:
+        """One more record under ``key`` (its window restarted when over); (its count in the window, ``bound``).
+        A restarted window that dropped records adds a note saying how many."""
+        entry = self._counts.get(key)
+        if entry is None or now - entry[0] >= self.window_s:
+            if entry is not None and entry[1] > bound + 1:
+                notes.append(f"{int(entry[1]) - bound - 1} more message(s) {what} were suppressed in the previous "
+                             f"{self.window_s:g} s")
+            entry = self._counts[key] = [now, 0.0]
+        entry[1] += 1
+        return int(entry[1]), bound
+
+
 REDACT = _RedactFilter()  # the one filter on the stderr handler; the service adds the configured secrets
 PHI = PhiFilter()
+FLOOD = FloodFilter()
 
 
 def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None,
@@ -89,6 +146,7 @@ def setup_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
     handler.addFilter(PHI)
+    handler.addFilter(FLOOD)  # after PHI: a message's masked text is its identity
     handler.addFilter(REDACT)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import resource
 import signal
 import threading
 from types import FrameType
@@ -26,6 +27,9 @@ from node.process import series_budget_mb
 from node.send import Outbox
 
 log = logging.getLogger(__name__)
+
+
+MAX_OPEN_FILES = 1 << 20  # the soft limit of open files is raised to the hard one, at most this
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -112,8 +116,27 @@ class Node:
         log.info("stopped")
 
 
+def raise_open_files_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit (at most ``MAX_OPEN_FILES``), with one
+    INFO line when it changes; a WARNING when it cannot. Under systemd the soft limit is 1024, which 1,100 idle
+    connections to the HTTP port (or any mix of peers) used up: DICOM callers then timed out. The HTTP side is
+    bounded too (``[http] max_connections``); this leaves room for everything else (associations, spool files,
+    the index)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+    if soft != resource.RLIM_INFINITY and soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("open files limit %d could not be raised to %d: %s", soft, want, exc)
+        return
+    log.info("open files limit raised from %d to %d (the hard limit)", soft, want)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    raise_open_files_limit()
     if not args.log_level:
         logging.getLogger().setLevel(cfg.node.log_level.upper())
     REDACT.secrets.update(_secrets(cfg))

@@ -132,12 +132,15 @@ def peak_rss_mb(pid: int) -> float:
 
 def node_config(workdir: Path, port: int, receive_path: str = "") -> str:
     """config.toml text for the node under test: SCP on 127.0.0.1:``port``, spool in ``workdir``, stable_age_s
-    3600 s (no processing during the run), HTTP off, cubic engine on CPU; ``receive_path``: ``[node]
+    3600 s (no processing during the run), no per-address association limit (every sender is local), HTTP off,
+    cubic engine on CPU; ``receive_path``: ``[node]
     receive_path`` ("": the default)."""
     spool = workdir / "spool"
     path = f'receive_path = "{receive_path}"\n' if receive_path else ""
     return (f'[node]\nae_title = "SRNODE"\nhost = "127.0.0.1"\nport = {port}\nspool_dir = "{spool}"\n'
-            f"stable_age_s = 3600.0\nmin_free_mb = 1\nmax_associations = 32\n{path}\n[http]\nenabled = false\n\n"
+            f"stable_age_s = 3600.0\nmin_free_mb = 1\nmax_associations = 32\n"
+            # every sender is on 127.0.0.1: --senders above the per-address default (16) must not be refused
+            f"max_associations_per_address = 0\n{path}\n[http]\nenabled = false\n\n"
             f'[engine]\nname = "cubic"\ndevice = "cpu"\n')
 
 

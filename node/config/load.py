@@ -231,6 +231,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError("node.tls: enabled = true needs cert and key")
     if n.max_series_memory_mb < 0:
         raise ConfigError(f"node.max_series_memory_mb: {n.max_series_memory_mb} must be >= 0 (0: 3/4 of the memory)")
+    if not 1 <= n.max_instance_mb <= 1 << 20:
+        raise ConfigError(f"node.max_instance_mb: {n.max_instance_mb} must be from 1 to {1 << 20} (MB)")
     if n.max_job_attempts < 1:
         raise ConfigError(f"node.max_job_attempts: {n.max_job_attempts} must be >= 1")
     if n.max_interrupted_runs < 1:
@@ -240,6 +242,9 @@ def _check(cfg: Config) -> None:
     if n.max_associations_per_caller < 0:
         raise ConfigError(f"node.max_associations_per_caller: {n.max_associations_per_caller} must be >= 0 "
                           "(0: no per-caller limit)")
+    if n.max_associations_per_address < 0:
+        raise ConfigError(f"node.max_associations_per_address: {n.max_associations_per_address} must be >= 0 "
+                          "(0: no per-address limit)")
     if not 0 < n.idle_timeout_s <= 86400:
         raise ConfigError(f"node.idle_timeout_s: {n.idle_timeout_s:g} must be > 0 and <= 86400 seconds")
     for key, seconds in (("node.association_timeout_s", n.association_timeout_s),
@@ -248,6 +253,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"{key}: {seconds:g} must be > 0 and <= 600 seconds")
     _check_port(cfg.http.port, "http.port", allow_zero=True)
     h = cfg.http
+    if not 1 <= h.max_connections <= 65536:
+        raise ConfigError(f"http.max_connections: {h.max_connections} must be from 1 to 65536")
     if h.max_body_mb < 1:
         raise ConfigError(f"http.max_body_mb: {h.max_body_mb} must be >= 1")
     for key, seconds, zero_ok in (("http.header_timeout_s", h.header_timeout_s, False),

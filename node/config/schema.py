@@ -112,6 +112,7 @@ class NodeConfig:
     min_free_mb: int = 500
     max_associations: int = 32
     max_associations_per_caller: int = 8  # open at once per calling AE title + peer address; 0: no per-caller limit
+    max_associations_per_address: int = 16  # open at once from one peer address, whatever AE titles; 0: no limit
     idle_timeout_s: float = 60.0  # an association with no PDU for this long is aborted (pynetdicom's network timeout)
     max_pdu: int = 262144  # bytes we accept in one PDU (announced to callers); 0: pynetdicom's default (16382)
     association_timeout_s: float = 10.0  # a connection must start (and then finish) its A-ASSOCIATE-RQ within this
@@ -119,6 +120,9 @@ class NodeConfig:
     log_level: str = "INFO"
     audit_log: str = ""  # default: <spool_dir>/audit.log
     max_series_memory_mb: int = 0  # memory a series may need to process (estimated from headers); 0: 3/4 of RAM
+    # MB: the largest instance admitted, as received or, for the deflated transfer syntax, once inflated (a few KB
+    # of deflate stream inflate to GB); larger: refused 0xA700 before its header is parsed whole
+    max_instance_mb: int = 2048
     max_job_attempts: int = 3  # a job whose runs stopped the node this many times is failed as poison
     # a job whose runs a stop of the node (SIGTERM) interrupted this many times in a row is failed as poison
     max_interrupted_runs: int = 5
@@ -158,6 +162,7 @@ class HttpConfig:
     allow_anonymous: bool = False  # serve without a token on an address beyond loopback (refused otherwise)
     max_body_mb: int = 2048  # largest request body (STOW-RS: the whole multipart request); above: 413
     header_timeout_s: float = 10.0  # a connection must deliver a complete request head within this; else 408
+    max_connections: int = 128  # HTTP connections open at once; one beyond it gets 503 and is closed at once
     body_idle_timeout_s: float = 30.0  # longest wait for the next bytes of a request body; else 408
     body_timeout_s: float = 3600.0  # longest time to read a whole request body (0: no limit); else 408
     stow_caller: str = "STOW-RS"  # the caller identity of STOW-RS instances, for [node].allowed_callers

@@ -29,13 +29,18 @@ import logging
 import re
 import struct
 import tempfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 from pynetdicom import AllStoragePresentationContexts
 
 from node.audit import AuditLog
@@ -53,7 +58,15 @@ log = logging.getLogger(__name__)
 # the storage SOP classes pynetdicom knows (PS3.4 Annex B.5), as UID strings
 STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR")  # 4-byte lengths
 IN_MEMORY_HEADER_BYTES = 1 << 20  # files up to this size are parsed from memory (read_header: one read, no seeks)
+DEFER_BYTES = 64 << 10  # a header value larger than this is left in the file, not read (header_dataset)
+MAX_META_BYTES = 1 << 20  # a file meta group (0002,xxxx) ending past this is refused unread (~200 bytes in practice)
+# the header values read_header and STOW-RS look at: each must have been read (not left in the file as too long)
+READ_KEYWORDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID", "Modality",
+                 "ImagesInAcquisition", "NumberOfFrames", "AcquisitionNumber")
+INFLATE_CHUNK = 1 << 20  # bytes inflated at a time from a deflated data set (_inflated_copy)
+DEFAULT_MAX_INSTANCE_BYTES = 2048 << 20  # [node] max_instance_mb's default, in bytes
 
 
 @dataclass(frozen=True)
@@ -130,7 +143,7 @@ def _pixel_data_end(fh: BinaryIO, little: bool, implicit: bool) -> tuple[int, st
     tag = f"({group:04X},{elem:04X})"
     if implicit:
         (length,) = struct.unpack(end + "L", head[4:8])
-    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"):
+    elif head[4:6] in _LONG_VRS:
         more = fh.read(4)
         if len(more) < 4:
             return fh.tell() + 4, tag
@@ -161,28 +174,169 @@ def _header_source(path: Path, size: int) -> BinaryIO:
         return io.BytesIO(raw.readall())
 
 
-def read_header(path: Path) -> Header:
-    """Parse the header of a received file; IngestError(0xC210) naming the reason when it is unusable.
+def _too_large(what: str, limit: int) -> IngestError:
+    return IngestError(f"{what} is over node.max_instance_mb = {limit >> 20}: refused before its header is read "
+                       "whole", Status.OUT_OF_RESOURCES)
 
-    Pixels are not decoded; the pixel data element is only checked to lie wholly inside the file (not for a
-    deflated transfer syntax). The SOP class is the dataset's SOPClassUID, else the file meta's
-    MediaStorageSOPClassUID; the series' declared size is read too (:func:`size_hint`). OSError when ``path``
-    cannot be read at all.
-    """
-    size = path.stat().st_size
+
+def _meta_end(fh: BinaryIO) -> tuple[int, str]:
+    """(offset where the file meta group (0002,xxxx) of the Part 10 file ``fh`` ends, its TransferSyntaxUID or
+    "") read from after its 128-byte preamble and 'DICM' (explicit VR little endian, PS3.10 7.1), without pydicom:
+    where a deflated data set starts, and whether it is one; its end may lie past the end of a file whose meta
+    declares lengths it does not hold. (0, "") when the file has no 'DICM' after a preamble. Leaves ``fh``
+    anywhere."""
+    fh.seek(128)
+    if fh.read(4) != b"DICM":
+        return 0, ""
+    syntax = ""
+    while True:
+        head = fh.read(8)
+        if len(head) < 8 or struct.unpack("<H", head[:2])[0] != 0x0002:
+            return fh.tell() - len(head), syntax
+        if head[4:6] in _LONG_VRS:
+            more = fh.read(4)
+            length = struct.unpack("<L", more)[0] if len(more) == 4 else 0
+        else:
+            length = struct.unpack("<H", head[6:8])[0]
+        if head[2:4] == b"\x10\x00" and length <= 128:  # (0002,0010) Transfer Syntax UID
+            syntax = fh.read(length).rstrip(b"\0 ").decode("ascii", "replace")
+        else:
+            fh.seek(length, 1)
+
+
+def _inflated_copy(path: Path, limit: int) -> Path:
+    """A Part 10 copy of the deflated file at ``path`` in the same folder, its data set inflated and its meta
+    saying Explicit VR Little Endian (the syntax a deflated data set inflates to, PS3.5 A.5), so that the header
+    check reads it as any other file. Inflated in chunks, never whole in memory: pydicom inflates a deflated file
+    whole (a 1 MB stream of zeros took 2 GB of memory and 10 s in the header check, and was accepted).
+    IngestError(0xA700) once the inflated data set passes ``limit`` bytes, (0xC210) when its file meta cannot be
+    read or the stream is not deflate, (0xA700) when the copy cannot be written (the copy removed). The caller
+    removes the copy."""
     try:
-        with _header_source(path, size) as fh:
-            ds: Dataset = dcmread(fh, stop_before_pixels=True)
-            deflated = str(ds.file_meta.get("TransferSyntaxUID", "")) == DeflatedExplicitVRLittleEndian
-            has_pixels = fh.tell() < size and not deflated
-            ends = _pixel_data_end(fh, ds.original_encoding[1] is not False,
-                                   ds.original_encoding[0] is not False) if has_pixels else None
+        meta = read_file_meta_info(path)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
         raise IngestError(f"file cannot be parsed: {type(exc).__name__}: {dicom_read_problem(exc)}",
                           Status.CANNOT_UNDERSTAND) from exc
-    if ends is not None and ends[0] > size:
-        raise IngestError(f"file is truncated: element {ends[1]} ends at byte {ends[0]}, the file has {size}",
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_file_meta_info(head, meta, enforce_standard=False)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    fd, name = tempfile.mkstemp(prefix="inflated-", suffix=".dcm", dir=path.parent)
+    copy, done = Path(name), False
+    try:
+        with path.open("rb") as src, open(fd, "wb") as out:
+            out.write(b"\0" * 128 + b"DICM" + head.getvalue())
+            src.seek(_meta_end(src)[0])
+            total, pending = 0, b""
+            while not inflater.eof:
+                if not pending:
+                    pending = src.read(INFLATE_CHUNK)
+                    if not pending:
+                        break
+                part = inflater.decompress(pending, INFLATE_CHUNK)  # at most a chunk out, whatever the ratio
+                pending = inflater.unconsumed_tail
+                total += len(part)
+                if total > limit:
+                    raise _too_large(f"a deflated data set inflating to more than {limit} bytes", limit)
+                out.write(part)
+            out.write(inflater.flush())
+        done = True
+        return copy
+    except zlib.error as exc:
+        raise IngestError(f"file cannot be parsed: its deflated data set is not a deflate stream ({exc})",
+                          Status.CANNOT_UNDERSTAND) from exc
+    except OSError as exc:  # the spool's disk (ENOSPC): out of resources, as any write there
+        raise IngestError(f"its deflated data set cannot be inflated beside it in {path.parent}: {exc}",
+                          Status.OUT_OF_RESOURCES) from exc
+    finally:
+        if not done:
+            copy.unlink(missing_ok=True)
+
+
+def _elements_inside(ds: Dataset, size: int) -> tuple[int, str] | None:
+    """(where it ends, tag) of the first top-level element of ``ds`` (read from a file of ``size`` bytes) whose
+    value the file does not hold (its length past the end), else None. Values over ``DEFER_BYTES`` are left in the
+    file by the header check (not read), so a lying length must be caught here."""
+    for tag in ds.keys():
+        raw = ds.get_item(tag, keep_deferred=True)
+        tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+        if tell is None or length is None or length == _UNDEFINED_LENGTH:
+            continue
+        if tell + length > size:
+            return tell + length, f"({tag.group:04X},{tag.element:04X})"
+    return None
+
+
+def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, tuple[int, str] | None]:
+    """(header, where its pixel data element ends and its tag, None without one) of the file open as ``fh``
+    (``size`` bytes, not deflated); IngestError(0xC210) when it cannot be parsed or an element ends past it."""
+    try:
+        ds: Dataset = dcmread(fh, stop_before_pixels=True, defer_size=DEFER_BYTES)
+        ends = _pixel_data_end(fh, ds.original_encoding[1] is not False,
+                               ds.original_encoding[0] is not False) if fh.tell() < size else None
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
+        raise IngestError(f"file cannot be parsed: {type(exc).__name__}: {dicom_read_problem(exc)}",
+                          Status.CANNOT_UNDERSTAND) from exc
+    for keyword in READ_KEYWORDS:  # values read below: one left in the file is no header value (and not read)
+        tag = tag_for_keyword(keyword)
+        raw = ds.get_item(tag, keep_deferred=True) if tag is not None and tag in ds else None
+        length = int(getattr(raw, "length", 0) or 0)
+        if raw is not None and raw.value is None and length > DEFER_BYTES:
+            raise IngestError(f"{keyword} is {length} bytes long: not a header value",
+                              Status.CANNOT_UNDERSTAND)
+    past = _elements_inside(ds, size)
+    if past is None and ends is not None and ends[0] > size:
+        past = ends
+    if past is not None:
+        raise IngestError(f"file is truncated: element {past[1]} ends at byte {past[0]}, the file has {size}",
                           Status.CANNOT_UNDERSTAND)
+    return ds, ends
+
+
+def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> tuple[Dataset, tuple[int, str] | None]:
+    """(header, where its pixel data element ends and its tag, or None) of the DICOM file at ``path``, no pixel
+    data read, with bounded memory whatever the file declares or holds: values over ``DEFER_BYTES`` stay in the
+    file (not read: a 500 MB private element cost 500 MB of memory per association in the check), a file over
+    ``max_bytes`` is refused before it is read, and a deflated data set is inflated in chunks to a copy beside
+    the file (:func:`_inflated_copy`, refused once it passes ``max_bytes``), read there and removed (its values
+    over ``DEFER_BYTES`` cannot be read then).
+    IngestError 0xA700 (too large) or 0xC210 (cannot be parsed, an element past the end of the file); OSError
+    when unreadable."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise _too_large(f"an instance of {size} bytes", max_bytes)
+    with _header_source(path, size) as fh:
+        meta_end, syntax = _meta_end(fh)
+        if meta_end > min(size, MAX_META_BYTES):  # pydicom reads the file meta's values whatever their size
+            raise IngestError(f"file cannot be parsed: its file meta ends at byte {meta_end} (the file has {size}; "
+                              f"a file meta over {MAX_META_BYTES} bytes is not read)", Status.CANNOT_UNDERSTAND)
+        deflated = syntax == DeflatedExplicitVRLittleEndian
+        if not deflated:
+            fh.seek(0)
+            return _parse(fh, size)
+    copy = _inflated_copy(path, max_bytes)
+    try:
+        size = copy.stat().st_size
+        with _header_source(copy, size) as fh:
+            ds, ends = _parse(fh, size)
+        ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian  # as the file says, not its copy
+        return ds, ends
+    finally:
+        copy.unlink(missing_ok=True)
+
+
+def read_header(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> Header:
+    """Parse the header of a received file; IngestError(0xC210) naming the reason when it is unusable, (0xA700)
+    when the file, or its deflated data set once inflated, is over ``max_bytes`` (``[node] max_instance_mb``).
+
+    Pixels are not decoded; the pixel data element is only checked to lie wholly inside the file (for the deflated
+    transfer syntax: inside the inflated data set). Memory stays bounded whatever the file declares or holds
+    (:func:`header_dataset`). The SOP class is the dataset's SOPClassUID, else the file meta's
+    MediaStorageSOPClassUID; the series' declared size is read too (:func:`size_hint`). OSError when ``path``
+    cannot be read at all.
+    """
+    ds, ends = header_dataset(path, max_bytes)
     uids: dict[str, str] = {}
     for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
         try:
@@ -200,7 +354,7 @@ def read_header(path: Path) -> Header:
     except Exception as exc:  # noqa: BLE001 - a malformed value
         raise IngestError(f"SOPClassUID cannot be read: {exc}", Status.CANNOT_UNDERSTAND) from exc
     name = UID(sop_class).name if sop_class else ""
-    if "Image Storage" in name and ends is None and not deflated:
+    if "Image Storage" in name and ends is None:
         raise IngestError(f"{name} without pixel data", Status.CANNOT_UNDERSTAND)
     try:
         modality = str(ds.get("Modality", "") or "")
@@ -308,7 +462,7 @@ class Admission:
         return self._checked(path, declared_sop_class, declared_sop_instance)
 
     def _checked(self, path: Path, declared_sop_class: str, declared_sop_instance: str) -> Header:
-        header = read_header(path)
+        header = read_header(path, self.cfg.node.max_instance_mb << 20)
         if header.sop_class not in STORAGE_SOP_CLASSES:
             raise IngestError(f"SOP class {header.sop_class!r} is not a storage SOP class",
                               Status.SOP_CLASS_NOT_SUPPORTED)

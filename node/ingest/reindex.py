@@ -29,6 +29,9 @@ class ReindexResult:
     skipped: list[str] = field(default_factory=list)  # files left out, each with why (no patient data)
 
 
+ADMITTED = 1 << 62  # bytes: read_header's size limit for instances the spool holds (accepted before; never dropped)
+
+
 def reindex_spool(spool: Spool, index: Index) -> ReindexResult:
     """Record every instance file of ``spool`` that ``index`` lacks; returns what was found and done."""
     out = ReindexResult()
@@ -38,7 +41,7 @@ def reindex_spool(spool: Spool, index: Index) -> ReindexResult:
         if path.stem in known:
             continue
         try:
-            header = read_header(path)
+            header = read_header(path, ADMITTED)  # already accepted: no size limit (memory stays bounded)
             expected = spool.instance_path(header.study_uid, header.series_uid, header.sop_uid)
         except IngestError as exc:
             out.skipped.append(f"{path}: {exc}")

@@ -15,7 +15,8 @@ not writable, 0xC210 cannot understand (truncated, UIDs missing or invalid, no p
 class not supported, 0xA900 the dataset's SOP class or SOP instance is not the command's, 0x0110 an unexpected
 failure. Associations calling another AE title than ours (``[node].require_called_ae``), unknown callers
 (``[node].require_known_callers``) and a caller (calling AE title + address) that already has
-``[node].max_associations_per_caller`` open get an association rejection (logged and audited), as does everyone
+``[node].max_associations_per_caller`` open, or whose address already has ``max_associations_per_address`` open
+(whatever AE titles), get an association rejection (logged and audited), as does everyone
 once the node is stopping. An association with no PDU for ``[node].idle_timeout_s`` is aborted.
 
 A transfer that ends before its dataset is complete (A-ABORT, a dropped connection, a network timeout) leaves the
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -71,6 +73,8 @@ WATERMARK_CHECK_BYTES = 1 << 20  # received on one association between two check
 # the largest data set of a message other than a C-STORE-RQ taken in memory (a Storage Commitment report of
 # ~100,000 instances; a C-ECHO has none): pynetdicom gathers those without a bound
 MAX_INLINE_DATASET_BYTES = 16 << 20
+# the transfer syntaxes of the Storage Commitment context: pynetdicom's defaults without Deflated (make_ae)
+REPORT_TRANSFER_SYNTAXES = [ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian]
 
 
 def server_ssl_context(cfg: Config) -> ssl.SSLContext | None:
@@ -287,25 +291,39 @@ class StoreSCP:
             (evt.EVT_DATA_RECV, self.on_data),
         ] + ([(evt.EVT_N_EVENT_REPORT, self.on_report)] if self.on_report is not None else [])
 
-    def _admit(self, assoc: Any, calling: str, address: str, cap: int) -> int:
-        """How many live associations the caller ``calling``@``address`` (calling AE title and peer address)
-        already has through this limit; when fewer than ``cap``, ``assoc`` is counted as one more. Atomic: of
-        requests negotiated at the same moment exactly as many as the limit allows get in (counting every
-        association being negotiated instead refused all four of four at a limit of 2)."""
+    def _admit(self, assoc: Any, calling: str, address: str) -> str | None:
+        """Why ``assoc`` from the caller ``calling``@``address`` (calling AE title and peer address) may not be
+        let in, or None (it is then counted): the caller already has ``[node] max_associations_per_caller`` live
+        associations through this check, or its address ``max_associations_per_address`` (whatever AE titles
+        they call with: any title gets in unless ``require_known_callers``, so one host calling as HOG1, HOG2,
+        ... held every slot). Atomic: of requests negotiated at the same moment exactly as many as the limits
+        allow get in (counting every association being negotiated instead refused all four of four at a limit
+        of 2)."""
+        node = self.cfg.node
+        per_caller, per_address = node.max_associations_per_caller, node.max_associations_per_address
         with self._lock:
             self._admitted = {k: v for k, v in self._admitted.items() if _live(v[0])}
-            held = sum(1 for other, c, a in self._admitted.values() if other is not assoc and (c, a) == (calling,
-                                                                                                      address))
-            if held < cap:
+            others = [(c, a) for other, c, a in self._admitted.values() if other is not assoc]
+            caller = sum(1 for c, a in others if (c, a) == (calling, address))
+            host = sum(1 for _, a in others if a == address)
+            why = None
+            if per_caller and caller >= per_caller:
+                why = (f"{caller} open from this caller (calling AE title and address), "
+                       f"node.max_associations_per_caller = {per_caller}")
+            elif per_address and host >= per_address:
+                why = (f"{host} open from {address} (any calling AE title), "
+                       f"node.max_associations_per_address = {per_address}")
+            else:
                 self._admitted[id(assoc)] = (assoc, calling, address)
-            return held
+            return why
 
     def on_requested(self, event: evt.Event) -> None:
         """Reject the association (A-ASSOCIATE-RJ) when the node is stopping (``REJECT_BUSY``), when the caller's
         maximum PDU length is 1-6 bytes (``REJECT_MAX_PDU``, audited: no P-DATA-TF fits, so no response could be
         sent, ``node.dimse.max_pdu_problem``) or, with ``[node].require_known_callers``, when the caller is not
         in ``[node].allowed_callers`` (``REJECT_UNKNOWN_CALLER``, audited), or when the caller already has
-        ``[node].max_associations_per_caller`` associations open (``REJECT_CALLER_LIMIT``, audited; counted by
+        ``[node].max_associations_per_caller`` associations open, or its address ``max_associations_per_address``
+        (``REJECT_CALLER_LIMIT``, audited; counted by
         :meth:`_admit`). Installs the full-disk guard (``_guard_disk_full``) first."""
         assoc = event.assoc
         _guard_disk_full(assoc)
@@ -343,13 +361,9 @@ class StoreSCP:
             assoc.acse.send_reject(*REJECT_UNKNOWN_CALLER)
             assoc.kill()
             return
-        cap = node.max_associations_per_caller
-        held = self._admit(assoc, calling, address, cap) if cap else 0
-        if cap and held >= cap:
-            why = (f"{held} open from this caller (calling AE title and address), node.max_associations_per_caller "
-                   f"= {cap}")
-            log.warning("association from %s@%s rejected (local limit exceeded): %s open, "
-                        "node.max_associations_per_caller = %d", calling, address, held, cap)
+        why = self._admit(assoc, calling, address)
+        if why is not None:
+            log.warning("association from %s@%s rejected (local limit exceeded): %s", calling, address, why)
             if self.audit:
                 self.audit.write("association-rejected", calling_ae=calling, address=address, reason=why)
             assoc.acse.send_reject(*REJECT_CALLER_LIMIT)
@@ -533,7 +547,10 @@ class StoreSCP:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(str(cx.abstract_syntax), ALL_TRANSFER_SYNTAXES)
         if self.on_report is not None:  # the peer reports as the Storage Commitment SCP (role selection)
-            ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+            # not deflated: pynetdicom inflates an N-EVENT-REPORT's event information whole, before the node can
+            # ask who sent it (1 MB of deflate stream from any caller: +2 GB); every SCU has Implicit VR LE
+            ae.add_supported_context(StorageCommitmentPushModel, REPORT_TRANSFER_SYNTAXES, scu_role=True,
+                                     scp_role=True)
         return ae
 
     def lean_hooks(self) -> LeanHooks | None:

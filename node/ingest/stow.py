@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import pydicom
-
 from node.dimse import Status
 from node.errors import IngestError, dicom_read_problem
+from node.ingest.admit import DEFAULT_MAX_INSTANCE_BYTES, header_dataset
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +256,10 @@ class StowReceiver:
     """
 
     def __init__(self, boundary: str, admit: Callable[[Path], Any], incoming: Path, study: str = "",
-                 has_space: Callable[[], bool] | None = None) -> None:
+                 has_space: Callable[[], bool] | None = None,
+                 max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> None:
         self.parser = MultipartStream(boundary)
+        self.max_instance_bytes = max_instance_bytes  # [node] max_instance_mb: a larger part is refused 0xA700
         self.admit, self.incoming, self.study = admit, Path(incoming), study
         self.has_space = has_space or (lambda: True)
         self.result = StowResult()
@@ -352,10 +353,15 @@ class StowReceiver:
     def _admit_part(self, n: int, path: Path) -> None:
         sop_class = sop_uid = study = ""
         try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            # bounded whatever the part holds or declares (node.ingest.admit.header_dataset): pydicom's dcmread
+            # here inflated a deflated part whole and read every large value into memory
+            ds, _ = header_dataset(path, self.max_instance_bytes)
             sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
             sop_uid = str(ds.get("SOPInstanceUID", "") or ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
             study = str(ds.get("StudyInstanceUID", ""))
+        except IngestError as exc:
+            self.result.failed.append((sop_class, sop_uid, exc.status, f"part {n}: {exc}"))
+            return
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file (as read_header):
             # InvalidDicomError, EOFError, ValueError, but also NotImplementedError (an unknown VR in the file
             # meta), BytesLengthException, struct.error -- which ended the whole request with 500

@@ -23,3 +23,29 @@ def test_an_expected_pynetdicom_error_is_not_logged() -> None:
     assert r.returncode == 0, r.stderr
     assert "No accepted presentation contexts" not in r.stderr
     assert "Association Rejected" in r.stderr and r.stdout.strip() == "1"
+
+
+def _record(name: str, msg: str) -> object:
+    import logging
+
+    return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, None, None)
+
+
+def test_a_third_party_message_repeated_is_bounded_and_the_count_said() -> None:
+    """hostile16: a peer's A-ASSOCIATE-RQ made pynetdicom and pydicom write ~77,000 lines. Per minute: 10 copies
+    of one message, then one with a note, then none; the first after the window names how many were dropped; the
+    node's own loggers are never bounded; a logger saying ever-different things stops at 100 (+1 with a note)."""
+    from node.app.logs import FloodFilter
+
+    now = [0.0]
+    flood = FloodFilter(per_message=10, per_logger=100, window_s=60.0, clock=lambda: now[0])
+    kept = [r for r in (_record("pydicom", "Invalid value for VR UI: '***'") for _ in range(1000))
+            if flood.filter(r)]  # type: ignore[arg-type]
+    assert len(kept) == 11 and "are suppressed for up to 60 s (log flood)" in kept[-1].getMessage()  # type: ignore[attr-defined]
+    assert all(flood.filter(_record("node.ingest.scp", "association from X rejected")) for _ in range(500))  # type: ignore[arg-type]
+    now[0] = 61.0
+    after = _record("pydicom", "Invalid value for VR UI: '***'")
+    assert flood.filter(after)  # type: ignore[arg-type]
+    assert "989 more message(s) like this one were suppressed in the previous 60 s" in after.getMessage()  # type: ignore[attr-defined]
+    varied = [r for r in (_record("pynetdicom.utils", f"value {i}") for i in range(1000)) if flood.filter(r)]  # type: ignore[arg-type]
+    assert len(varied) == 101 and "from this logger are suppressed" in varied[-1].getMessage()  # type: ignore[attr-defined]

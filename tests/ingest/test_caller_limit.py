@@ -157,6 +157,7 @@ def test_an_idle_association_is_closed_after_idle_timeout_s(tmp_path: Path) -> N
     ({"max_associations": 0}, "node.max_associations"),
     ({"idle_timeout_s": 0}, "node.idle_timeout_s"),
     ({"idle_timeout_s": 90000}, "node.idle_timeout_s"),
+    ({"max_associations_per_address": -1}, "node.max_associations_per_address"),
 ])
 def test_limits_are_validated_at_load(node: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -166,3 +167,41 @@ def test_limits_are_validated_at_load(node: dict[str, Any], key: str) -> None:
 def test_the_defaults() -> None:
     n = config_from_dict({}).node
     assert (n.max_associations, n.max_associations_per_caller, n.idle_timeout_s) == (32, 8, 60.0)
+    assert n.max_associations_per_address == 16
+
+
+def test_one_address_cannot_hold_every_slot_under_many_ae_titles(tmp_path: Path) -> None:
+    """hostile16: the per-caller limit counts a calling AE title + address, and any AE title is accepted by default
+    (``require_known_callers = false``): one host opening 6 associations as HOG1..HOG6 (keeping each with a
+    C-ECHO, as a slowloris would) held all 6 slots, and a modality from another address got "local limit
+    exceeded". Now ``max_associations_per_address`` (here 3) bounds one address whatever titles it uses: HOG4..6
+    rejected (transient, local limit exceeded), one line and one audit record each naming the key; a caller from
+    another address gets in; a slot released is the address's again."""
+    sections = {"node": {"max_associations": 6, "max_associations_per_caller": 2,
+                         "max_associations_per_address": 3, "stable_age_s": 3600}}
+    with NodeProc.start(tmp_path / "node", sections) as node:
+        held: list[Any] = []
+        try:
+            hogs = [_associate(node.port, calling=f"HOG{i}") for i in range(1, 7)]
+            held += hogs
+            assert [_rejection(a) for a in hogs] == [None] * 3 + [LOCAL_LIMIT] * 3, node.log()[-2000:]
+            assert hogs[0].send_c_echo().Status == 0x0000  # its own associations go on
+            modality = _associate(node.port, calling="CT01", source="127.0.0.2")
+            held.append(modality)
+            assert _rejection(modality) is None and modality.is_established, node.log()[-2000:]
+            hogs[0].release()
+            again = _associate(node.port, calling="HOG7")
+            held.append(again)
+            assert _rejection(again) is None and again.is_established
+        finally:
+            for a in held:
+                if a.is_established:
+                    a.release()
+        wait_until(lambda: len([a for a in _audit(node) if a["event"] == "association-rejected"]) >= 3, timeout=10,
+                   what="the rejections audited")
+        log = node.log()
+    rejected = [a for a in _audit(node) if a["event"] == "association-rejected"]
+    assert [a["calling_ae"] for a in rejected] == ["HOG4", "HOG5", "HOG6"], rejected
+    assert all("node.max_associations_per_address = 3" in a["reason"] for a in rejected), rejected
+    lines = [ln for ln in log.splitlines() if "max_associations_per_address" in ln and "rejected" in ln]
+    assert len(lines) == 3 and "HOG4@127.0.0.1" in lines[0] and "3 open from 127.0.0.1" in lines[0], lines
