@@ -254,8 +254,14 @@ def _raw_association(port: int, calling_ae: str) -> socket.socket:
     slept on) so that only the test reads and writes it."""
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context("1.2.840.10008.1.1")
-    assoc = ae.associate("127.0.0.1", port, ae_title="SRNODE")
-    assert assoc.is_established
+
+    def established() -> Any:
+        # a rejection "local limit exceeded" is transient: with max_associations = 1 the readiness C-ECHO's
+        # association may still hold the slot for a moment after its release (its thread not yet ended)
+        a = ae.associate("127.0.0.1", port, ae_title="SRNODE")
+        return a if a.is_established else None
+
+    assoc = wait_until(established, timeout=20, interval=0.2, what="an association established")
     sock: socket.socket = assoc.dul.socket.socket
     assoc.dul._kill_thread = True
     wait_until(lambda: not assoc.dul.is_alive(), timeout=10, what="our DUL reactor stopped")
