@@ -24,7 +24,7 @@ dimension index    enhanced DimensionIndexValues, less the in-stack position / p
 Of the dimensions that vary, the smallest set (1, then 2, then 3 dimensions) whose value combinations leave no
 two images at one position wins; among sets of one size, the one giving the fewest volumes (then the order of
 the table). So a dimension that changes with every slice (an AcquisitionNumber per slice) never fragments a
-stack while a coarser one explains the repeats; a split leaving most of its volumes one image each is no split.
+stack while a coarser one explains the repeats; a split leaving most of its images in volumes of one is no split.
 Each volume the repeats were told apart by is split again as a series without repeats: images of two kinds
 (``IMAGE_KIND``: M and P, ORIGINAL and a DERIVED MIP), echoes, b-values or time points are two volumes even at
 positions of their own. Numbers are compared with a tolerance, never by rounding.
@@ -355,10 +355,11 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
             parts = _partition(slices, keys)
             if any(has_repeats(p) for p in parts.values()):
                 continue
-            if several and 2 * sum(1 for p in parts.values() if len(p) == 1) > len(parts):
-                # mostly a value per image (a counter of the images; cine TriggerTimes that change with the heart
-                # rate from position to position): that names no volumes, and none of one image can be
-                # super-resolved (a rescanned slice, one image beside a whole volume, is still split)
+            if several and 2 * sum(len(p) for p in parts.values() if len(p) == 1) > len(slices):
+                # most images a value of their own (a counter of the images; cine TriggerTimes that change with the
+                # heart rate from position to position): that names no volumes, and none of one image can be
+                # super-resolved. Images, not volumes, are counted: slices rescanned one by one beside a whole
+                # stack (each its own AcquisitionNumber: 2 of 3 volumes single) still split, the stack kept
                 continue
             if best is None or len(parts) < best[0]:
                 best = (len(parts), rank, combo, parts)
