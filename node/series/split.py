@@ -16,7 +16,8 @@ diffusion          DiffusionBValue + DiffusionGradientOrientation (classic, MR D
 temporal position  TemporalPositionIdentifier (classic), TemporalPositionIndex (enhanced Frame Content)
 trigger time       TriggerTime (classic), NominalCardiacTriggerDelayTime (enhanced Cardiac Synchronization)
 cardiac phase      the rank of the trigger time among the images at one position (a cine whose TriggerTimes
-                   change with the heart rate from position to position: ``_cardiac_phases``)
+                   change with the heart rate from position to position: ``_cardiac_phases``); inferred, so
+                   preferred last: a stated dimension explaining the repeats with as many volumes wins
 acquisition        AcquisitionNumber
 dimension index    enhanced DimensionIndexValues, less the in-stack position / position / stack indices
 =================  ===========================================================================================
@@ -340,9 +341,12 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
     cols = {d.name: _column(d, slices) for d in DIMENSIONS}
     dims = list(DIMENSIONS)
     phases, hint = _cardiac_phases(slices, cols["trigger time"])
-    if phases is not None:  # after trigger time: the same trigger times at every position keep their labels
+    if phases is not None:
+        # last: a rank is inferred, the other dimensions are stated; one that explains the repeats with as few
+        # volumes wins (two acquisitions whose TriggerTimes run in opposite slice orders: ranked, each 'phase'
+        # stacked slices of both acquisitions). The same trigger times at every position give no phases at all
         cols[CARDIAC_PHASE.name] = phases
-        dims.insert(dims.index(next(d for d in dims if d.name == "trigger time")) + 1, CARDIAC_PHASE)
+        dims.append(CARDIAC_PHASE)
     varying = [d for d in dims if len(set(cols[d.name].values)) > 1]
     several = len(position_groups(slices)) > 1
     # dimensions some of whose images' values cannot be told (a counter of the images aside: it names no volumes)
