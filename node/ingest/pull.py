@@ -121,6 +121,33 @@ def fetch(cfg: Config, source_name: str, study: str, series: str = "", *, admiss
     return result
 
 
+def _no_slice(path: Path, exc: Exception) -> bool:
+    """Whether a pulled instance admission refused is no slice of its series, so that its series need not be
+    refused whole: refused for its SOP class (0x0122: not a storage SOP class the node takes, however it comes; a
+    C-STORE of it is refused alike while the slices are stored) and without pixel data (a vendor's private non-image
+    object: Philips' MR Series Data / ExamCard, Siemens' CSA Non-Image, kept in the series of the images). One
+    with pixel data may be a slice: its series is refused whole."""
+    if not isinstance(exc, IngestError) or exc.status != Status.SOP_CLASS_NOT_SUPPORTED:
+        return False
+    try:
+        ds = dcmread(path, defer_size=256, specific_tags=list(_PIXEL_DATA))
+    except Exception:  # noqa: BLE001 - pydicom raises many types on a broken file: may be anything
+        return False
+    return not any(kw in ds for kw in _PIXEL_DATA)
+
+
+_PIXEL_DATA = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def _sop_of(path: Path) -> str:
+    """The SOPInstanceUID of a staged file, as it reads ("(unreadable)" when it does not)."""
+    try:
+        uid = str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).get("SOPInstanceUID", ""))
+    except Exception:  # noqa: BLE001 - pydicom raises many types on a broken file
+        return "(unreadable)"
+    return uid.strip() if valid_uid(uid.strip()) else "(no valid SOPInstanceUID)"
+
+
 class Staging:
     """Pulled instances staged in a folder of the spool's ``incoming/``, one file each as it comes (one in memory at
     a time, never the series), admitted only by :meth:`admit`, once the source sent all of them: a pull that fails
@@ -195,8 +222,13 @@ class Staging:
                 key = (head.study_uid, head.series_uid)
             except (IngestError, OSError) as exc:
                 key = self._key_of(path)
-                bad.setdefault(key, []).append(str(exc))
                 self.admission.count_refused(exc if isinstance(exc, IngestError) else IngestError(str(exc)))
+                if key != ("?", "?") and _no_slice(path, exc):
+                    refused.append(f"instance {_sop_of(path)} of series {key[1]} (study {key[0]}) refused ({exc}): "
+                                   "no image (no pixel data), so no slice of the series; its other instances "
+                                   "admitted")
+                    continue
+                bad.setdefault(key, []).append(str(exc))
             series.setdefault(key, []).append(path)
         unknown = ("?", "?") in bad  # a file whose series cannot be read: it may be a slice of any of them
         n = 0
@@ -222,7 +254,8 @@ class Staging:
             refused.append(f"{what} ({shown}); a pull is all or nothing per series: none of it admitted")
         return n
 
-    def _key_of(self, path: Path) -> tuple[str, str]:
+    @staticmethod
+    def _key_of(path: Path) -> tuple[str, str]:
         """The (study, series) of a staged file admission refused, when its header tells them (valid UIDs; the rest
         of the file may be what admission refused); else ("?", "?")."""
         try:

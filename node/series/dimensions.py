@@ -133,10 +133,22 @@ def _image_type(s: Slice) -> Hashable:
                 comp = _frame_value(s, seq, "ComplexImageComponent")
                 return tuple(str(v).upper() for v in ft) + ((str(comp).upper(),) if _present(comp) else ())
     it = s.header.get("ImageType")
+    stated = tuple(str(v).upper() for v in it) if _present(it) else None
     component = _num(_private(s.header, 0x0043, GE_PARM, 0x2F, "SS")) if s.frame < 0 else None
     if component is not None and int(component) in _GE_COMPONENT:  # GE keeps one ImageType for M, P, R and I
-        return (tuple(str(v).upper() for v in it) if _present(it) else ()) + (_GE_COMPONENT[int(component)],)
-    return tuple(str(v).upper() for v in it) if _present(it) else None
+        return (stated or ()) + (_GE_COMPONENT[int(component)],)
+    if stated is not None and s.frame < 0 and _ge_mr(s.header):
+        # a GE MR image without its component (private elements removed from some instances on their way): the
+        # component is unknown, not another kind; the image takes the one its series' other images state
+        # (``parts_may_be_absent``; with magnitude and phase both stated, which one cannot be told: refused)
+        return stated + (None,)
+    return stated
+
+
+def _ge_mr(ds: Dataset) -> bool:
+    """Whether ``ds`` is a GE MR image (whose image component (0043,102F) is M, P, R or I when stated)."""
+    return (str(ds.get("Modality", "") or "").strip().upper() == "MR"
+            and str(ds.get("Manufacturer", "") or "").strip().upper().split(" ")[0] in ("GE", "GEMS"))
 
 
 # ImageType values past the third that name a kind of image (not a vendor's flag): complex components (PS3.3
@@ -155,7 +167,7 @@ def _image_kind(s: Slice) -> Hashable:
     full = _image_type(s)
     if not isinstance(full, tuple):
         return full
-    return full[:3] + tuple(v for v in full[3:] if v in KIND_VALUES)
+    return full[:3] + tuple(v for v in full[3:] if v in KIND_VALUES or v is None)  # None: a GE component unknown
 
 
 def _echo(s: Slice) -> Hashable:
@@ -267,7 +279,7 @@ def _type_label(value: Any, values: list[Any]) -> str:
         return "type none"
     others = [v for v in values if v is not None and v != value]
     differing = [c for i, c in enumerate(value) if any(i >= len(o) or o[i] != c for o in others)]
-    return "type " + "/".join(differing or value)
+    return "type " + "/".join(str(c) if c is not None else "?" for c in (differing or value))
 
 
 def _echo_label(value: Any, values: list[Any]) -> str:
@@ -306,7 +318,8 @@ def _index_label(value: Any, values: list[Any]) -> str:
 
 # in order of preference when two explain the repeats equally well
 DIMENSIONS: tuple[Dimension, ...] = (
-    Dimension("image type", _image_type, _type_label, "ImageType (FrameType)"),
+    Dimension("image type", _image_type, _type_label, "ImageType (FrameType) / GE's image component (0043,102F)",
+              parts_may_be_absent=True),
     Dimension("echo", _echo, _echo_label, "EchoNumbers / EchoTime (EffectiveEchoTime)", parts_may_be_absent=True),
     Dimension("diffusion b-value/direction", _diffusion, _diffusion_label, "DiffusionBValue"),
     Dimension("temporal position", _temporal, _simple("time", absent="no temporal position"),
@@ -318,7 +331,8 @@ DIMENSIONS: tuple[Dimension, ...] = (
 )
 # the image type in the values that name a kind of image: images of two kinds are two volumes even where they repeat
 # no position (``node.series.split``)
-IMAGE_KIND = Dimension("image kind", _image_kind, _type_label, "ImageType (FrameType)")
+IMAGE_KIND = Dimension("image kind", _image_kind, _type_label,
+                       "ImageType (FrameType) / GE's image component (0043,102F)", parts_may_be_absent=True)
 STACK = Dimension("stack", _stack, _simple("stack", absent="no StackID"), "StackID")
 
 

@@ -16,7 +16,8 @@ diffusion          DiffusionBValue + DiffusionGradientOrientation (classic, MR D
 temporal position  TemporalPositionIdentifier (classic), TemporalPositionIndex (enhanced Frame Content)
 trigger time       TriggerTime (classic), NominalCardiacTriggerDelayTime (enhanced Cardiac Synchronization)
 cardiac phase      the rank of the trigger time among the images at one position (a cine whose TriggerTimes
-                   change with the heart rate from position to position: ``_cardiac_phases``)
+                   change with the heart rate from position to position: ``_cardiac_phases``); inferred, so
+                   preferred last: a stated dimension explaining the repeats with as many volumes wins
 acquisition        AcquisitionNumber
 dimension index    enhanced DimensionIndexValues, less the in-stack position / position / stack indices
 =================  ===========================================================================================
@@ -24,7 +25,7 @@ dimension index    enhanced DimensionIndexValues, less the in-stack position / p
 Of the dimensions that vary, the smallest set (1, then 2, then 3 dimensions) whose value combinations leave no
 two images at one position wins; among sets of one size, the one giving the fewest volumes (then the order of
 the table). So a dimension that changes with every slice (an AcquisitionNumber per slice) never fragments a
-stack while a coarser one explains the repeats; a split leaving most of its volumes one image each is no split.
+stack while a coarser one explains the repeats; a split leaving most of its images in volumes of one is no split.
 Each volume the repeats were told apart by is split again as a series without repeats: images of two kinds
 (``IMAGE_KIND``: M and P, ORIGINAL and a DERIVED MIP), echoes, b-values or time points are two volumes even at
 positions of their own. Numbers are compared with a tolerance, never by rounding.
@@ -340,9 +341,12 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
     cols = {d.name: _column(d, slices) for d in DIMENSIONS}
     dims = list(DIMENSIONS)
     phases, hint = _cardiac_phases(slices, cols["trigger time"])
-    if phases is not None:  # after trigger time: the same trigger times at every position keep their labels
+    if phases is not None:
+        # last: a rank is inferred, the other dimensions are stated; one that explains the repeats with as few
+        # volumes wins (two acquisitions whose TriggerTimes run in opposite slice orders: ranked, each 'phase'
+        # stacked slices of both acquisitions). The same trigger times at every position give no phases at all
         cols[CARDIAC_PHASE.name] = phases
-        dims.insert(dims.index(next(d for d in dims if d.name == "trigger time")) + 1, CARDIAC_PHASE)
+        dims.append(CARDIAC_PHASE)
     varying = [d for d in dims if len(set(cols[d.name].values)) > 1]
     several = len(position_groups(slices)) > 1
     # dimensions some of whose images' values cannot be told (a counter of the images aside: it names no volumes)
@@ -355,10 +359,11 @@ def _split(slices: list[Slice], series: str) -> list[VolumeGroup]:
             parts = _partition(slices, keys)
             if any(has_repeats(p) for p in parts.values()):
                 continue
-            if several and 2 * sum(1 for p in parts.values() if len(p) == 1) > len(parts):
-                # mostly a value per image (a counter of the images; cine TriggerTimes that change with the heart
-                # rate from position to position): that names no volumes, and none of one image can be
-                # super-resolved (a rescanned slice, one image beside a whole volume, is still split)
+            if several and 2 * sum(len(p) for p in parts.values() if len(p) == 1) > len(slices):
+                # most images a value of their own (a counter of the images; cine TriggerTimes that change with the
+                # heart rate from position to position): that names no volumes, and none of one image can be
+                # super-resolved. Images, not volumes, are counted: slices rescanned one by one beside a whole
+                # stack (each its own AcquisitionNumber: 2 of 3 volumes single) still split, the stack kept
                 continue
             if best is None or len(parts) < best[0]:
                 best = (len(parts), rank, combo, parts)

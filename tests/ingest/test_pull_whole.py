@@ -304,3 +304,62 @@ def test_a_pulled_series_with_one_instance_admission_refuses_is_refused_whole(tm
     finally:
         store.index.close()  # type: ignore[attr-defined]
         orthanc.stop()
+
+
+@pytest.mark.parametrize("kind", ["orthanc", "dicomweb"])
+def test_a_pulled_series_with_a_private_non_image_object_is_admitted_without_it(tmp_path: Path, kind: str) -> None:
+    """break16: a series of 6 slices with a 7th instance of a private SOP class without pixel data (as Philips MR
+    series hold their Private MR Series Data / ExamCard objects, Siemens their CSA Non-Image ones). No storage
+    context of the node takes it, however it comes (C-STORE: 0x0122 for it, the slices stored and processed). Since
+    open16 a pull refused the series whole ('1 of 7 instance(s) refused by admission': no slice of it admitted, the
+    series never processed), although that object is no slice of it. Now it alone is refused, named, and the 6
+    slices are admitted. A private instance with pixel data (it may be a slice) still refuses its series whole
+    (``test_a_c_get_with_failed_sub_operations_admits_nothing_of_the_series``'s object, pulled by REST)."""
+    from node.ingest import fetch
+
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc")
+    files = phantom(tmp_path, seed=1408, slices=6)
+    ds = pydicom.dcmread(files[0])
+    del ds.PixelData
+    for kw in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+               "SamplesPerPixel", "PhotometricInterpretation", "ImagePositionPatient", "ImageOrientationPatient"):
+        if kw in ds:
+            delattr(ds, kw)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.3.46.670589.11.0.0.12.2"  # Philips series data
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    private = tmp_path / "private.dcm"
+    ds.save_as(private, enforce_file_format=True)
+    upload(orthanc, [*files, private])
+    ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+    source: dict[str, object] = {"orthanc": {"kind": "orthanc", "url": orthanc.url},
+                                 "dicomweb": {"kind": "dicomweb", "url": f"{orthanc.url}/dicom-web"}}[kind]
+    cfg, store, admission = _store(tmp_path, source)
+    try:
+        result = fetch(cfg, "o", ref.StudyInstanceUID, ref.SeriesInstanceUID, admission=admission)  # type: ignore[arg-type]
+        row = store.index.series(ref.SeriesInstanceUID, ref.StudyInstanceUID)  # type: ignore[attr-defined]
+        assert row is not None and row["n_instances"] == 6, (row, result.refused)  # before: None, refused whole
+        assert result.received == 6 and len(result.refused) == 1, result
+        (why,) = result.refused
+        assert ds.SOPInstanceUID in why and "not a storage SOP class" in why and "refused whole" not in why, why
+        assert list((tmp_path / "spool" / "incoming").iterdir()) == []
+    finally:
+        store.index.close()  # type: ignore[attr-defined]
+        orthanc.stop()
+
+
+def test_a_pulled_private_instance_with_pixel_data_still_refuses_its_series_whole(tmp_path: Path) -> None:
+    """The other side of the test above: the 4th slice stored under a private SOP class (pixel data, a position):
+    it may be a slice of the series, so an Orthanc REST pull refuses the series whole, as before."""
+    from node.ingest import fetch
+
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc")
+    files, ref = _one_the_node_cannot_take(tmp_path, 1409)
+    upload(orthanc, files)
+    cfg, store, admission = _store(tmp_path, {"kind": "orthanc", "url": orthanc.url})
+    try:
+        result = fetch(cfg, "o", ref.StudyInstanceUID, ref.SeriesInstanceUID, admission=admission)  # type: ignore[arg-type]
+        assert store.index.series(ref.SeriesInstanceUID, ref.StudyInstanceUID) is None  # type: ignore[attr-defined]
+        assert result.received == 0 and len(result.refused) == 1 and "refused whole" in result.refused[0], result
+    finally:
+        store.index.close()  # type: ignore[attr-defined]
+        orthanc.stop()

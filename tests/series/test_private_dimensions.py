@@ -13,6 +13,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from node.app.phantom import write_phantom_series
+from node.errors import VolumeError
 from node.series import load_volumes
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
@@ -105,3 +106,48 @@ def test_a_ge_slop_value_outside_diffusion_scans_is_no_b_value(phantom: list[Pat
 
     vols = load_volumes(_variant(phantom, tmp_path, "t1", change))
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("", 6)]
+
+
+def _ge_component(c: int | None) -> Callable[[pydicom.Dataset, int], None]:
+    """A GE MR image, ImageType ORIGINAL\\PRIMARY\\OTHER, with image component ``c`` in (0043,102F) (None: the
+    element absent, as on images whose private elements were removed on their way)."""
+    def change(ds: pydicom.Dataset, k: int) -> None:
+        ds.Manufacturer = "GE MEDICAL SYSTEMS"
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+        if c is not None:
+            ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x2F, "SS", c)
+    return change
+
+
+def test_a_ge_stack_with_its_image_component_absent_on_some_images_stays_one_volume(
+        phantom: list[Path], tmp_path: Path) -> None:
+    """break16: (0043,102F) absent on 3 of the 6 images of one magnitude stack (private elements removed from some
+    instances on their way). Before, an image without it was a kind of its own: ORIGINAL\\PRIMARY\\OTHER and
+    ORIGINAL\\PRIMARY\\OTHER + M, two interleaved volumes 'type ORIGINAL/PRIMARY/OTHER' and 'type M' at twice the
+    step (the GE 3D T1 cut to 20 slices, every other one without it, likewise). Now the absent component is
+    unknown, not another value: the images take the one component the others state (a note says how many)."""
+    files = [f for k, f in enumerate(_variant(phantom, tmp_path, "m", _ge_component(0)))
+             if k % 2 == 0] + [f for k, f in enumerate(_variant(phantom, tmp_path, "x", _ge_component(None)))
+                               if k % 2 == 1]
+    vols = load_volumes(files)
+    assert [(v.volume_label, v.shape[0]) for v in vols] == [("", 6)]
+    assert any("3 image(s) without ImageType" in n and "image kind" in n for n in vols[0].notes), vols[0].notes
+
+
+def test_ge_magnitude_and_phase_beside_images_without_their_component_are_refused_naming_them(
+        phantom: list[Path], tmp_path: Path) -> None:
+    """Magnitude and phase stacks (0043,102F 0 and 1) and a seventh image at a position of its own without the
+    component: which of the two it belongs to cannot be told; refused naming its file (before: a third kind,
+    'type ORIGINAL/PRIMARY/OTHER', a volume of one image)."""
+    mag = _variant(phantom, tmp_path, "mag", _ge_component(0))
+    pha = _variant(phantom, tmp_path, "pha", _ge_component(1))
+    ds = pydicom.dcmread(mag[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.ImagePositionPatient = [float(v) - 9.0 for v in ds.ImagePositionPatient]  # one position of its own
+    del ds[ds.private_block(0x0043, "GEMS_PARM_01").get_tag(0x2F)]
+    lone = tmp_path / "lone.dcm"
+    ds.save_as(lone, enforce_file_format=True)
+    with pytest.raises(VolumeError) as e:
+        load_volumes([*mag, *pha, lone])
+    msg = str(e.value)
+    assert "lone.dcm" in msg and "cannot be told" in msg, msg
