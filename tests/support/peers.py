@@ -29,10 +29,21 @@ ECHOSCU = "/usr/bin/echoscu"
 DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port gave this test process: never given twice
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 free now and not given before in this process. The kernel may hand the same free
+    port to two binds in a row: a node's DICOM and HTTP ports drawn one after the other once came out equal (a new
+    user's make test: "HTTP port ... in use by another program")."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no free TCP port not handed out before in 100 tries")
 
 
 def wait_until(cond: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> Any:
