@@ -113,7 +113,10 @@ def test_a_job_that_kills_the_node_is_failed_as_poison(tmp_path: Path) -> None:
     slow = write_phantom_series(tmp_path / "slow", slices=4, size=32, step_mm=3.0, seed=84)
     for f in slow:  # the rule "slow" (selfsup, endless fine-tuning) takes MR; every kill lands in its run
         ds = pydicom.dcmread(f)
-        ds.Modality = "MR"
+        ds.Modality = "MR"  # and an MR image: a CT Image Storage object saying MR is refused before any run
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "GR", "NONE", "", "3D"
+        ds.EchoTime, ds.RepetitionTime = "2.0", "8.0"
         ds.save_as(f, enforce_file_format=True)
     good = write_phantom_series(tmp_path / "good", slices=4, size=32, step_mm=3.0, seed=85)
     sections = {
