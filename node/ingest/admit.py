@@ -204,8 +204,8 @@ def _meta_end(fh: BinaryIO) -> tuple[int, str]:
             fh.seek(length, 1)
 
 
-def _inflated_copy(path: Path, limit: int) -> Path:
-    """A Part 10 copy of the deflated file at ``path`` in the same folder, its data set inflated and its meta
+def _inflated_copy(path: Path, limit: int, scratch: Path | None = None) -> Path:
+    """A Part 10 copy of the deflated file at ``path`` in ``scratch`` (default: the file's folder), its data set inflated and its meta
     saying Explicit VR Little Endian (the syntax a deflated data set inflates to, PS3.5 A.5), so that the header
     check reads it as any other file. Inflated in chunks, never whole in memory: pydicom inflates a deflated file
     whole (a 1 MB stream of zeros took 2 GB of memory and 10 s in the header check, and was accepted).
@@ -222,7 +222,7 @@ def _inflated_copy(path: Path, limit: int) -> Path:
     head.is_little_endian, head.is_implicit_VR = True, False
     write_file_meta_info(head, meta, enforce_standard=False)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    fd, name = tempfile.mkstemp(prefix="inflated-", suffix=".dcm", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix="inflated-", suffix=".dcm", dir=scratch or path.parent)
     copy, done = Path(name), False
     try:
         with path.open("rb") as src, open(fd, "wb") as out:
@@ -294,13 +294,16 @@ def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, tuple[int, str] | None]:
     return ds, ends
 
 
-def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> tuple[Dataset, tuple[int, str] | None]:
+def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
+                   scratch: Path | None = None) -> tuple[Dataset, tuple[int, str] | None]:
     """(header, where its pixel data element ends and its tag, or None) of the DICOM file at ``path``, no pixel
     data read, with bounded memory whatever the file declares or holds: values over ``DEFER_BYTES`` stay in the
     file (not read: a 500 MB private element cost 500 MB of memory per association in the check), a file over
     ``max_bytes`` is refused before it is read, and a deflated data set is inflated in chunks to a copy beside
     the file (:func:`_inflated_copy`, refused once it passes ``max_bytes``), read there and removed (its values
-    over ``DEFER_BYTES`` cannot be read then).
+    over ``DEFER_BYTES`` cannot be read then). ``scratch``: the folder of that copy, default the file's own; a
+    file that is not in ``incoming/`` (reindex reads the spool's ``instances/``) must name ``incoming/``: a copy
+    a kill leaves there is removed at the next start, one left beside a stored instance stays for good.
     IngestError 0xA700 (too large) or 0xC210 (cannot be parsed, an element past the end of the file); OSError
     when unreadable."""
     size = path.stat().st_size
@@ -315,7 +318,7 @@ def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> t
         if not deflated:
             fh.seek(0)
             return _parse(fh, size)
-    copy = _inflated_copy(path, max_bytes)
+    copy = _inflated_copy(path, max_bytes, scratch)
     try:
         size = copy.stat().st_size
         with _header_source(copy, size) as fh:
@@ -326,17 +329,17 @@ def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> t
         copy.unlink(missing_ok=True)
 
 
-def read_header(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> Header:
+def read_header(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, scratch: Path | None = None) -> Header:
     """Parse the header of a received file; IngestError(0xC210) naming the reason when it is unusable, (0xA700)
     when the file, or its deflated data set once inflated, is over ``max_bytes`` (``[node] max_instance_mb``).
 
     Pixels are not decoded; the pixel data element is only checked to lie wholly inside the file (for the deflated
     transfer syntax: inside the inflated data set). Memory stays bounded whatever the file declares or holds
-    (:func:`header_dataset`). The SOP class is the dataset's SOPClassUID, else the file meta's
+    (:func:`header_dataset`; ``scratch``: where a deflated data set is inflated). The SOP class is the dataset's SOPClassUID, else the file meta's
     MediaStorageSOPClassUID; the series' declared size is read too (:func:`size_hint`). OSError when ``path``
     cannot be read at all.
     """
-    ds, ends = header_dataset(path, max_bytes)
+    ds, ends = header_dataset(path, max_bytes, scratch)
     uids: dict[str, str] = {}
     for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
         try:
