@@ -30,6 +30,7 @@ import re
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -204,14 +205,17 @@ def _meta_end(fh: BinaryIO) -> tuple[int, str]:
             fh.seek(length, 1)
 
 
-def _inflated_copy(path: Path, limit: int, scratch: Path | None = None) -> Path:
+def _inflated_copy(path: Path, limit: int, scratch: Path | None = None,
+                   has_space: Callable[[], bool] | None = None) -> Path:
     """A Part 10 copy of the deflated file at ``path`` in ``scratch`` (default: the file's folder), its data set inflated and its meta
     saying Explicit VR Little Endian (the syntax a deflated data set inflates to, PS3.5 A.5), so that the header
     check reads it as any other file. Inflated in chunks, never whole in memory: pydicom inflates a deflated file
     whole (a 1 MB stream of zeros took 2 GB of memory and 10 s in the header check, and was accepted).
     IngestError(0xA700) once the inflated data set passes ``limit`` bytes, (0xC210) when its file meta cannot be
-    read or the stream is not deflate, (0xA700) when the copy cannot be written (the copy removed). The caller
-    removes the copy."""
+    read or the stream is not deflate, (0xA700) when the copy cannot be written, or once ``has_space()`` (the
+    spool's ``[node] min_free_mb`` watermark, asked after every chunk) is False: the check's own copy must not
+    take the reserve the watermark keeps for the index, the jobs and their results (the copy removed). The
+    caller removes the copy."""
     try:
         meta = read_file_meta_info(path)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
@@ -222,7 +226,8 @@ def _inflated_copy(path: Path, limit: int, scratch: Path | None = None) -> Path:
     head.is_little_endian, head.is_implicit_VR = True, False
     write_file_meta_info(head, meta, enforce_standard=False)
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    fd, name = tempfile.mkstemp(prefix="inflated-", suffix=".dcm", dir=scratch or path.parent)
+    folder = scratch or path.parent
+    fd, name = tempfile.mkstemp(prefix="inflated-", suffix=".dcm", dir=folder)
     copy, done = Path(name), False
     try:
         with path.open("rb") as src, open(fd, "wb") as out:
@@ -240,6 +245,10 @@ def _inflated_copy(path: Path, limit: int, scratch: Path | None = None) -> Path:
                 if total > limit:
                     raise _too_large(f"a deflated data set inflating to more than {limit} bytes", limit)
                 out.write(part)
+                if has_space is not None and not has_space():
+                    raise IngestError(f"its deflated data set cannot be inflated in {folder} to check its header: "
+                                      f"the spool disk fell below node.min_free_mb after {total} bytes",
+                                      Status.OUT_OF_RESOURCES)
             out.write(inflater.flush())
         done = True
         return copy
@@ -247,7 +256,7 @@ def _inflated_copy(path: Path, limit: int, scratch: Path | None = None) -> Path:
         raise IngestError(f"file cannot be parsed: its deflated data set is not a deflate stream ({exc})",
                           Status.CANNOT_UNDERSTAND) from exc
     except OSError as exc:  # the spool's disk (ENOSPC): out of resources, as any write there
-        raise IngestError(f"its deflated data set cannot be inflated beside it in {path.parent}: {exc}",
+        raise IngestError(f"its deflated data set cannot be inflated in {folder}: {exc}",
                           Status.OUT_OF_RESOURCES) from exc
     finally:
         if not done:
@@ -294,8 +303,8 @@ def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, tuple[int, str] | None]:
     return ds, ends
 
 
-def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
-                   scratch: Path | None = None) -> tuple[Dataset, tuple[int, str] | None]:
+def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, scratch: Path | None = None,
+                   has_space: Callable[[], bool] | None = None) -> tuple[Dataset, tuple[int, str] | None]:
     """(header, where its pixel data element ends and its tag, or None) of the DICOM file at ``path``, no pixel
     data read, with bounded memory whatever the file declares or holds: values over ``DEFER_BYTES`` stay in the
     file (not read: a 500 MB private element cost 500 MB of memory per association in the check), a file over
@@ -304,6 +313,7 @@ def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
     over ``DEFER_BYTES`` cannot be read then). ``scratch``: the folder of that copy, default the file's own; a
     file that is not in ``incoming/`` (reindex reads the spool's ``instances/``) must name ``incoming/``: a copy
     a kill leaves there is removed at the next start, one left beside a stored instance stays for good.
+    ``has_space``: the spool's watermark, asked while inflating (0xA700 once it is False; None: not asked).
     IngestError 0xA700 (too large) or 0xC210 (cannot be parsed, an element past the end of the file); OSError
     when unreadable."""
     size = path.stat().st_size
@@ -318,7 +328,7 @@ def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
         if not deflated:
             fh.seek(0)
             return _parse(fh, size)
-    copy = _inflated_copy(path, max_bytes, scratch)
+    copy = _inflated_copy(path, max_bytes, scratch, has_space)
     try:
         size = copy.stat().st_size
         with _header_source(copy, size) as fh:
@@ -329,17 +339,19 @@ def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES,
         copy.unlink(missing_ok=True)
 
 
-def read_header(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, scratch: Path | None = None) -> Header:
+def read_header(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, scratch: Path | None = None,
+                has_space: Callable[[], bool] | None = None) -> Header:
     """Parse the header of a received file; IngestError(0xC210) naming the reason when it is unusable, (0xA700)
     when the file, or its deflated data set once inflated, is over ``max_bytes`` (``[node] max_instance_mb``).
 
     Pixels are not decoded; the pixel data element is only checked to lie wholly inside the file (for the deflated
     transfer syntax: inside the inflated data set). Memory stays bounded whatever the file declares or holds
-    (:func:`header_dataset`; ``scratch``: where a deflated data set is inflated). The SOP class is the dataset's SOPClassUID, else the file meta's
+    (:func:`header_dataset`; ``scratch``: where a deflated data set is inflated, ``has_space``: the watermark
+    asked meanwhile). The SOP class is the dataset's SOPClassUID, else the file meta's
     MediaStorageSOPClassUID; the series' declared size is read too (:func:`size_hint`). OSError when ``path``
     cannot be read at all.
     """
-    ds, ends = header_dataset(path, max_bytes, scratch)
+    ds, ends = header_dataset(path, max_bytes, scratch, has_space)
     uids: dict[str, str] = {}
     for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
         try:
@@ -465,7 +477,7 @@ class Admission:
         return self._checked(path, declared_sop_class, declared_sop_instance)
 
     def _checked(self, path: Path, declared_sop_class: str, declared_sop_instance: str) -> Header:
-        header = read_header(path, self.cfg.node.max_instance_mb << 20)
+        header = read_header(path, self.cfg.node.max_instance_mb << 20, has_space=self.spool.has_space)
         if header.sop_class not in STORAGE_SOP_CLASSES:
             raise IngestError(f"SOP class {header.sop_class!r} is not a storage SOP class",
                               Status.SOP_CLASS_NOT_SUPPORTED)

@@ -10,16 +10,23 @@ good (``clean_incoming`` only empties ``incoming/``), and every later reindex sk
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
+from node.dimse import Status
 from node.store import Spool
-from tests.ingest.test_bombs import MiB, _instance
+from tests.ingest.test_bombs import MiB, _instance, _store
+from tests.support.nodeproc import NodeProc
+from tests.support.peers import mount_tmpfs, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,6 +35,7 @@ def _copies(root: Path) -> list[Path]:
     return [p for p in root.rglob("inflated-*") if p.is_file()]
 
 
+@pytest.mark.faults
 def test_a_reindex_killed_while_inflating_leaves_no_copy_among_the_stored_instances(tmp_path: Path) -> None:
     src = _instance(tmp_path, 7, zeros=1024 * MiB, deflated=True)  # 1 GiB once inflated, ~5 MB as stored
     ds = dcmread(src, stop_before_pixels=True, defer_size=1024)
@@ -57,3 +65,45 @@ def test_a_reindex_killed_while_inflating_leaves_no_copy_among_the_stored_instan
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "1 added" in done.stdout and "0 skipped" in done.stdout, done.stdout + done.stderr
     assert not _copies(spool.root)
+
+
+@pytest.mark.faults
+def test_inflating_a_deflated_instance_to_check_it_does_not_take_the_spool_disk_reserve(tmp_path: Path) -> None:
+    """A deflated instance of ~100 KB inflating to 100 MiB, on a 128 MiB spool disk with ``min_free_mb = 48``:
+    the header check's copy took the disk down to ~20 MiB free (below the reserve min_free_mb keeps for the
+    index, the jobs and their results; 32 associations x 2 GiB bombs do the same to a real spool) and the
+    instance was stored. Now the check stops at the watermark: 0xA700 (as any C-STORE on a disk below it), one
+    line naming min_free_mb, the copy removed; a plain instance is stored right after."""
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "128m"):
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): no small real file system to fill")
+    node: NodeProc | None = None
+    try:
+        node = NodeProc.start(tmp_path / "node", {"node": {"spool_dir": str(disk / "spool"), "min_free_mb": 48,
+                                                           "stable_age_s": 3600.0}})
+        bomb = _instance(tmp_path, 11, zeros=100 * MiB, deflated=True)
+        lowest = [shutil.disk_usage(disk).free]
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                lowest[0] = min(lowest[0], shutil.disk_usage(disk).free)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            status = _store(node, bomb, DeflatedExplicitVRLittleEndian)
+        finally:
+            stop.set()
+            watcher.join()
+        assert status == Status.OUT_OF_RESOURCES, (hex(status), lowest[0] >> 20)
+        assert lowest[0] >= (48 - 2) * MiB, lowest[0] >> 20  # at most a chunk past the watermark
+        wait_until(lambda: "node.min_free_mb" in node.log(), timeout=30, what="the refusal's line")
+        assert not _copies(node.spool), _copies(node.spool)
+        plain = _instance(tmp_path, 12, zeros=0, deflated=False)
+        assert _store(node, plain, ExplicitVRLittleEndian) == Status.SUCCESS
+        node.stop()
+    finally:
+        if node is not None:
+            node.kill9()
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
