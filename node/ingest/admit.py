@@ -189,12 +189,18 @@ def _meta_end(fh: BinaryIO) -> tuple[int, str]:
     fh.seek(128)
     if fh.read(4) != b"DICM":
         return 0, ""
-    syntax = ""
+    syntax, implicit = "", None
     while True:
         head = fh.read(8)
         if len(head) < 8 or struct.unpack("<H", head[:2])[0] != 0x0002:
             return fh.tell() - len(head), syntax
-        if head[4:6] in _LONG_VRS:
+        if implicit is None:  # as pydicom decides (filereader._is_implicit_vr): from the first element's "VR"
+            # bytes, not two capitals: a file meta written in implicit VR, which pydicom reads (and then inflates a
+            # Deflated data set whole), was read here as explicit and its transfer syntax missed
+            implicit = not all(0x40 < c < 0x5B for c in head[4:6])
+        if implicit:
+            length = struct.unpack("<L", head[4:8])[0]
+        elif head[4:6] in _LONG_VRS:
             more = fh.read(4)
             length = struct.unpack("<L", more)[0] if len(more) == 4 else 0
         else:
@@ -207,8 +213,8 @@ def _meta_end(fh: BinaryIO) -> tuple[int, str]:
 
 def _inflated_copy(path: Path, limit: int, scratch: Path | None = None,
                    has_space: Callable[[], bool] | None = None) -> Path:
-    """A Part 10 copy of the deflated file at ``path`` in ``scratch`` (default: the file's folder), its data set inflated and its meta
-    saying Explicit VR Little Endian (the syntax a deflated data set inflates to, PS3.5 A.5), so that the header
+    """A Part 10 copy of the deflated file at ``path`` in ``scratch`` (default: the file's folder), its data set
+    inflated and its meta saying Explicit VR Little Endian (the syntax a deflated data set inflates to, PS3.5 A.5), so that the header
     check reads it as any other file. Inflated in chunks, never whole in memory: pydicom inflates a deflated file
     whole (a 1 MB stream of zeros took 2 GB of memory and 10 s in the header check, and was accepted).
     IngestError(0xA700) once the inflated data set passes ``limit`` bytes, (0xC210) when its file meta cannot be
@@ -224,7 +230,11 @@ def _inflated_copy(path: Path, limit: int, scratch: Path | None = None,
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     head = DicomBytesIO()
     head.is_little_endian, head.is_implicit_VR = True, False
-    write_file_meta_info(head, meta, enforce_standard=False)
+    try:
+        write_file_meta_info(head, meta, enforce_standard=False)
+    except Exception as exc:  # noqa: BLE001 - e.g. TypeError on the values of a file meta written in implicit VR
+        raise IngestError(f"file cannot be parsed: its file meta cannot be read as explicit VR little endian "
+                          f"(PS3.10 7.1; {type(exc).__name__})", Status.CANNOT_UNDERSTAND) from exc
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     folder = scratch or path.parent
     fd, name = tempfile.mkstemp(prefix="inflated-", suffix=".dcm", dir=folder)

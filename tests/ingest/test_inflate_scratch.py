@@ -12,20 +12,23 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from node.dimse import Status
 from node.store import Spool
-from tests.ingest.test_bombs import MiB, _instance, _store
+from tests.ingest.test_bombs import MiB, Peak, _instance, _store
 from tests.support.nodeproc import NodeProc
+from tests.support.pacs import TOKEN, start_node
 from tests.support.peers import mount_tmpfs, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,3 +110,56 @@ def test_inflating_a_deflated_instance_to_check_it_does_not_take_the_spool_disk_
         if node is not None:
             node.kill9()
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _implicit_meta_copy(src: Path, out: Path) -> Path:
+    """``src`` (a Part 10 file) with its file meta rewritten in implicit VR little endian (not PS3.10's explicit VR,
+    but pydicom reads it): the same elements, each tag + 4-byte length + value."""
+    from pydicom.filereader import read_file_meta_info
+
+    from node.ingest.admit import _meta_end
+
+    with src.open("rb") as fh:
+        end, _ = _meta_end(fh)
+    elements = b""
+    for e in read_file_meta_info(src):
+        if e.tag.element == 0:
+            continue
+        value = e.value.encode() if isinstance(e.value, str) else bytes(e.value)
+        value += b"\0" * (len(value) % 2)
+        elements += struct.pack("<HHL", 0x0002, e.tag.element, len(value)) + value
+    meta = struct.pack("<HHLL", 0x0002, 0x0000, 4, len(elements)) + elements
+    with src.open("rb") as fh, out.open("wb") as dst:
+        dst.write(fh.read(132) + meta)
+        fh.seek(end)
+        shutil.copyfileobj(fh, dst)
+    return out
+
+
+def test_a_deflate_bomb_behind_an_implicit_vr_file_meta_is_not_inflated_in_memory(tmp_path: Path) -> None:
+    """A STOW-RS part (a Part 10 file the peer writes whole, as a pulled instance is) whose file meta is in implicit
+    VR: the deflate-bomb guard read the meta as explicit VR only, missed its Deflated transfer syntax and let
+    pydicom parse the file, which inflated 300 MiB from a 307 KB part whole in memory (node +600 MB; a 16 MB part
+    would take ~32 GB). Now the meta is read as pydicom reads it (implicit when the first element's VR bytes are
+    not capitals): the part is refused 0xC210 naming its file meta, nothing inflated."""
+    node = start_node(tmp_path / "node", {})
+    try:
+        bomb = _implicit_meta_copy(_instance(tmp_path, 21, zeros=300 * MiB, deflated=True), tmp_path / "bomb.dcm")
+        assert bomb.stat().st_size < 2 * MiB
+        body = b"--b1\r\nContent-Type: application/dicom\r\n\r\n" + bomb.read_bytes() + b"\r\n--b1--\r\n"
+        with Peak(node) as peak:
+            r = httpx.post(f"{node.http_url}/dicom-web/studies", content=body, timeout=120,
+                           headers={"Authorization": f"Bearer {TOKEN}",
+                                    "Content-Type": 'multipart/related; type="application/dicom"; boundary=b1'})
+        assert peak.growth_mb < 48, f"the node grew by {peak.growth_mb:.0f} MB on a {bomb.stat().st_size} byte part"
+        assert r.status_code == 409 and "49680" in r.text, (r.status_code, r.text)  # FailureReason 0xC210
+        assert "file meta" in r.headers.get("warning", ""), r.headers
+        assert not _copies(node.spool)
+        plain = _implicit_meta_copy(_instance(tmp_path, 22, zeros=0, deflated=False), tmp_path / "plain.dcm")
+        body = b"--b1\r\nContent-Type: application/dicom\r\n\r\n" + plain.read_bytes() + b"\r\n--b1--\r\n"
+        r = httpx.post(f"{node.http_url}/dicom-web/studies", content=body, timeout=60,
+                       headers={"Authorization": f"Bearer {TOKEN}",
+                                "Content-Type": 'multipart/related; type="application/dicom"; boundary=b1'})
+        assert r.status_code == 200, r.text  # an implicit VR file meta on a plain file is still taken
+    finally:
+        node.stop()
