@@ -211,6 +211,15 @@ def _meta_end(fh: BinaryIO) -> tuple[int, str]:
             fh.seek(length, 1)
 
 
+def _pydicom_syntax(path: Path) -> str:
+    """The TransferSyntaxUID pydicom reads in the file meta of ``path`` ("" when it cannot read one); call only once
+    the file meta is known to be small (``MAX_META_BYTES``)."""
+    try:
+        return str(read_file_meta_info(path).get("TransferSyntaxUID", "") or "")
+    except Exception:  # noqa: BLE001 - pydicom raises many types on a broken file; dcmread will say what
+        return ""
+
+
 def _inflated_copy(path: Path, limit: int, scratch: Path | None = None,
                    has_space: Callable[[], bool] | None = None) -> Path:
     """A Part 10 copy of the deflated file at ``path`` in ``scratch`` (default: the file's folder), its data set
@@ -334,7 +343,9 @@ def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, scra
         if meta_end > min(size, MAX_META_BYTES):  # pydicom reads the file meta's values whatever their size
             raise IngestError(f"file cannot be parsed: its file meta ends at byte {meta_end} (the file has {size}; "
                               f"a file meta over {MAX_META_BYTES} bytes is not read)", Status.CANNOT_UNDERSTAND)
-        deflated = syntax == DeflatedExplicitVRLittleEndian
+        # the syntax pydicom will act on (it strips a UID's padding, whatever its length): a Deflated one missed
+        # here was inflated whole by dcmread (a TransferSyntaxUID padded past 128 bytes: +600 MB for 300 KB)
+        deflated = DeflatedExplicitVRLittleEndian in (syntax, _pydicom_syntax(path) if meta_end else "")
         if not deflated:
             fh.seek(0)
             return _parse(fh, size)

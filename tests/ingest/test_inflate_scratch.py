@@ -163,3 +163,54 @@ def test_a_deflate_bomb_behind_an_implicit_vr_file_meta_is_not_inflated_in_memor
         assert r.status_code == 200, r.text  # an implicit VR file meta on a plain file is still taken
     finally:
         node.stop()
+
+
+def _padded_syntax_copy(src: Path, out: Path, pad: int) -> Path:
+    """``src`` (a Part 10 file, explicit VR meta) with its TransferSyntaxUID value followed by ``pad`` NUL bytes
+    (pydicom strips them: the same transfer syntax to it)."""
+    from pydicom.filereader import read_file_meta_info
+
+    from node.ingest.admit import _meta_end
+
+    with src.open("rb") as fh:
+        end, _ = _meta_end(fh)
+    elements = b""
+    for e in read_file_meta_info(src):
+        if e.tag.element == 0:
+            continue
+        value = e.value.encode() if isinstance(e.value, str) else bytes(e.value)
+        value += b"\0" * (pad if e.tag.element == 0x0010 else 0)
+        value += b"\0" * (len(value) % 2)
+        vr = e.VR.encode()
+        if vr in (b"OB", b"UN"):
+            elements += struct.pack("<HH2sHL", 0x0002, e.tag.element, vr, 0, len(value)) + value
+        else:
+            elements += struct.pack("<HH2sH", 0x0002, e.tag.element, vr, len(value)) + value
+    meta = struct.pack("<HH2sHL", 0x0002, 0x0000, b"UL", 4, len(elements)) + elements
+    with src.open("rb") as fh, out.open("wb") as dst:
+        dst.write(fh.read(132) + meta)
+        fh.seek(end)
+        shutil.copyfileobj(fh, dst)
+    return out
+
+
+def test_a_deflate_bomb_behind_a_padded_transfer_syntax_uid_is_refused_without_inflating_it(tmp_path: Path) -> None:
+    """A STOW-RS part whose TransferSyntaxUID (Deflated) is followed by 120 NUL bytes: the guard read the value
+    only up to 128 bytes, saw no transfer syntax and let pydicom parse the file; pydicom strips the padding, sees
+    Deflated and inflated 300 MiB from 307 KB whole (node +600 MB). Now the syntax pydicom acts on decides: refused
+    0xA700 over node.max_instance_mb = 64 (inflated in chunks), memory flat."""
+    node = start_node(tmp_path / "node", {"node": {"max_instance_mb": 64}})
+    try:
+        bomb = _padded_syntax_copy(_instance(tmp_path, 31, zeros=300 * MiB, deflated=True), tmp_path / "bomb.dcm",
+                                   120)
+        body = b"--b1\r\nContent-Type: application/dicom\r\n\r\n" + bomb.read_bytes() + b"\r\n--b1--\r\n"
+        with Peak(node) as peak:
+            r = httpx.post(f"{node.http_url}/dicom-web/studies", content=body, timeout=120,
+                           headers={"Authorization": f"Bearer {TOKEN}",
+                                    "Content-Type": 'multipart/related; type="application/dicom"; boundary=b1'})
+        assert peak.growth_mb < 48, f"the node grew by {peak.growth_mb:.0f} MB on a {bomb.stat().st_size} byte part"
+        assert r.status_code == 409 and "42752" in r.text, (r.status_code, r.text)  # FailureReason 0xA700
+        assert "max_instance_mb" in r.headers.get("warning", ""), r.headers
+        assert not _copies(node.spool)
+    finally:
+        node.stop()
