@@ -66,6 +66,9 @@ class _AnsweredElsewhere(logging.Filter):
         return record.getMessage() != "No accepted presentation contexts"
 
 
+MAX_FLOOD_KEYS = 10_000  # (logger, message) counts FloodFilter keeps at most (then forgets the messages')
+
+
 class FloodFilter(logging.Filter):
     """Bounds what third-party loggers (pynetdicom, pydicom and its warnings, uvicorn, ...) write, whatever a peer
     makes them say: at most ``per_message`` records of one message (its text as the handler writes it, quoted
@@ -91,8 +94,13 @@ class FloodFilter(logging.Filter):
         message = record.getMessage()
         now = self.clock()
         with self._lock:
-            if len(self._counts) > 10_000:  # many different messages: forget the windows that ended
+            if len(self._counts) > MAX_FLOOD_KEYS:  # many different messages: forget the windows that ended and,
+                # when that is not enough, every message's count (the per-logger bounds still hold): only pruning
+                # rebuilt the whole table on every record while a peer's values made each message new (pydicom's
+                # "The value length (N) exceeds ..." for each N): 40,000 such records took 66 s of CPU, the lock held
                 self._counts = {k: v for k, v in self._counts.items() if now - v[0] < self.window_s}
+                if len(self._counts) > MAX_FLOOD_KEYS // 2:
+                    self._counts = {k: v for k, v in self._counts.items() if not k[1]}
             notes: list[str] = []
             counts = [self._count((record.name, ""), self.per_logger, now, "from this logger", notes),
                       self._count((record.name, message), self.per_message, now, "like this one", notes)]

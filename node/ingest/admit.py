@@ -30,6 +30,7 @@ import re
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -188,12 +189,18 @@ def _meta_end(fh: BinaryIO) -> tuple[int, str]:
     fh.seek(128)
     if fh.read(4) != b"DICM":
         return 0, ""
-    syntax = ""
+    syntax, implicit = "", None
     while True:
         head = fh.read(8)
         if len(head) < 8 or struct.unpack("<H", head[:2])[0] != 0x0002:
             return fh.tell() - len(head), syntax
-        if head[4:6] in _LONG_VRS:
+        if implicit is None:  # as pydicom decides (filereader._is_implicit_vr): from the first element's "VR"
+            # bytes, not two capitals: a file meta written in implicit VR, which pydicom reads (and then inflates a
+            # Deflated data set whole), was read here as explicit and its transfer syntax missed
+            implicit = not all(0x40 < c < 0x5B for c in head[4:6])
+        if implicit:
+            length = struct.unpack("<L", head[4:8])[0]
+        elif head[4:6] in _LONG_VRS:
             more = fh.read(4)
             length = struct.unpack("<L", more)[0] if len(more) == 4 else 0
         else:
@@ -204,14 +211,26 @@ def _meta_end(fh: BinaryIO) -> tuple[int, str]:
             fh.seek(length, 1)
 
 
-def _inflated_copy(path: Path, limit: int) -> Path:
-    """A Part 10 copy of the deflated file at ``path`` in the same folder, its data set inflated and its meta
-    saying Explicit VR Little Endian (the syntax a deflated data set inflates to, PS3.5 A.5), so that the header
+def _pydicom_syntax(path: Path) -> str:
+    """The TransferSyntaxUID pydicom reads in the file meta of ``path`` ("" when it cannot read one); call only once
+    the file meta is known to be small (``MAX_META_BYTES``)."""
+    try:
+        return str(read_file_meta_info(path).get("TransferSyntaxUID", "") or "")
+    except Exception:  # noqa: BLE001 - pydicom raises many types on a broken file; dcmread will say what
+        return ""
+
+
+def _inflated_copy(path: Path, limit: int, scratch: Path | None = None,
+                   has_space: Callable[[], bool] | None = None) -> Path:
+    """A Part 10 copy of the deflated file at ``path`` in ``scratch`` (default: the file's folder), its data set
+    inflated and its meta saying Explicit VR Little Endian (the syntax a deflated data set inflates to, PS3.5 A.5), so that the header
     check reads it as any other file. Inflated in chunks, never whole in memory: pydicom inflates a deflated file
     whole (a 1 MB stream of zeros took 2 GB of memory and 10 s in the header check, and was accepted).
     IngestError(0xA700) once the inflated data set passes ``limit`` bytes, (0xC210) when its file meta cannot be
-    read or the stream is not deflate, (0xA700) when the copy cannot be written (the copy removed). The caller
-    removes the copy."""
+    read or the stream is not deflate, (0xA700) when the copy cannot be written, or once ``has_space()`` (the
+    spool's ``[node] min_free_mb`` watermark, asked after every chunk) is False: the check's own copy must not
+    take the reserve the watermark keeps for the index, the jobs and their results (the copy removed). The
+    caller removes the copy."""
     try:
         meta = read_file_meta_info(path)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
@@ -220,9 +239,14 @@ def _inflated_copy(path: Path, limit: int) -> Path:
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     head = DicomBytesIO()
     head.is_little_endian, head.is_implicit_VR = True, False
-    write_file_meta_info(head, meta, enforce_standard=False)
+    try:
+        write_file_meta_info(head, meta, enforce_standard=False)
+    except Exception as exc:  # noqa: BLE001 - e.g. TypeError on the values of a file meta written in implicit VR
+        raise IngestError(f"file cannot be parsed: its file meta cannot be read as explicit VR little endian "
+                          f"(PS3.10 7.1; {type(exc).__name__})", Status.CANNOT_UNDERSTAND) from exc
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    fd, name = tempfile.mkstemp(prefix="inflated-", suffix=".dcm", dir=path.parent)
+    folder = scratch or path.parent
+    fd, name = tempfile.mkstemp(prefix="inflated-", suffix=".dcm", dir=folder)
     copy, done = Path(name), False
     try:
         with path.open("rb") as src, open(fd, "wb") as out:
@@ -240,6 +264,10 @@ def _inflated_copy(path: Path, limit: int) -> Path:
                 if total > limit:
                     raise _too_large(f"a deflated data set inflating to more than {limit} bytes", limit)
                 out.write(part)
+                if has_space is not None and not has_space():
+                    raise IngestError(f"its deflated data set cannot be inflated in {folder} to check its header: "
+                                      f"the spool disk fell below node.min_free_mb after {total} bytes",
+                                      Status.OUT_OF_RESOURCES)
             out.write(inflater.flush())
         done = True
         return copy
@@ -247,7 +275,7 @@ def _inflated_copy(path: Path, limit: int) -> Path:
         raise IngestError(f"file cannot be parsed: its deflated data set is not a deflate stream ({exc})",
                           Status.CANNOT_UNDERSTAND) from exc
     except OSError as exc:  # the spool's disk (ENOSPC): out of resources, as any write there
-        raise IngestError(f"its deflated data set cannot be inflated beside it in {path.parent}: {exc}",
+        raise IngestError(f"its deflated data set cannot be inflated in {folder}: {exc}",
                           Status.OUT_OF_RESOURCES) from exc
     finally:
         if not done:
@@ -294,13 +322,17 @@ def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, tuple[int, str] | None]:
     return ds, ends
 
 
-def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> tuple[Dataset, tuple[int, str] | None]:
+def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, scratch: Path | None = None,
+                   has_space: Callable[[], bool] | None = None) -> tuple[Dataset, tuple[int, str] | None]:
     """(header, where its pixel data element ends and its tag, or None) of the DICOM file at ``path``, no pixel
     data read, with bounded memory whatever the file declares or holds: values over ``DEFER_BYTES`` stay in the
     file (not read: a 500 MB private element cost 500 MB of memory per association in the check), a file over
     ``max_bytes`` is refused before it is read, and a deflated data set is inflated in chunks to a copy beside
     the file (:func:`_inflated_copy`, refused once it passes ``max_bytes``), read there and removed (its values
-    over ``DEFER_BYTES`` cannot be read then).
+    over ``DEFER_BYTES`` cannot be read then). ``scratch``: the folder of that copy, default the file's own; a
+    file that is not in ``incoming/`` (reindex reads the spool's ``instances/``) must name ``incoming/``: a copy
+    a kill leaves there is removed at the next start, one left beside a stored instance stays for good.
+    ``has_space``: the spool's watermark, asked while inflating (0xA700 once it is False; None: not asked).
     IngestError 0xA700 (too large) or 0xC210 (cannot be parsed, an element past the end of the file); OSError
     when unreadable."""
     size = path.stat().st_size
@@ -311,11 +343,13 @@ def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> t
         if meta_end > min(size, MAX_META_BYTES):  # pydicom reads the file meta's values whatever their size
             raise IngestError(f"file cannot be parsed: its file meta ends at byte {meta_end} (the file has {size}; "
                               f"a file meta over {MAX_META_BYTES} bytes is not read)", Status.CANNOT_UNDERSTAND)
-        deflated = syntax == DeflatedExplicitVRLittleEndian
+        # the syntax pydicom will act on (it strips a UID's padding, whatever its length): a Deflated one missed
+        # here was inflated whole by dcmread (a TransferSyntaxUID padded past 128 bytes: +600 MB for 300 KB)
+        deflated = DeflatedExplicitVRLittleEndian in (syntax, _pydicom_syntax(path) if meta_end else "")
         if not deflated:
             fh.seek(0)
             return _parse(fh, size)
-    copy = _inflated_copy(path, max_bytes)
+    copy = _inflated_copy(path, max_bytes, scratch, has_space)
     try:
         size = copy.stat().st_size
         with _header_source(copy, size) as fh:
@@ -326,17 +360,19 @@ def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> t
         copy.unlink(missing_ok=True)
 
 
-def read_header(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> Header:
+def read_header(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, scratch: Path | None = None,
+                has_space: Callable[[], bool] | None = None) -> Header:
     """Parse the header of a received file; IngestError(0xC210) naming the reason when it is unusable, (0xA700)
     when the file, or its deflated data set once inflated, is over ``max_bytes`` (``[node] max_instance_mb``).
 
     Pixels are not decoded; the pixel data element is only checked to lie wholly inside the file (for the deflated
     transfer syntax: inside the inflated data set). Memory stays bounded whatever the file declares or holds
-    (:func:`header_dataset`). The SOP class is the dataset's SOPClassUID, else the file meta's
+    (:func:`header_dataset`; ``scratch``: where a deflated data set is inflated, ``has_space``: the watermark
+    asked meanwhile). The SOP class is the dataset's SOPClassUID, else the file meta's
     MediaStorageSOPClassUID; the series' declared size is read too (:func:`size_hint`). OSError when ``path``
     cannot be read at all.
     """
-    ds, ends = header_dataset(path, max_bytes)
+    ds, ends = header_dataset(path, max_bytes, scratch, has_space)
     uids: dict[str, str] = {}
     for kw in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
         try:
@@ -462,7 +498,7 @@ class Admission:
         return self._checked(path, declared_sop_class, declared_sop_instance)
 
     def _checked(self, path: Path, declared_sop_class: str, declared_sop_instance: str) -> Header:
-        header = read_header(path, self.cfg.node.max_instance_mb << 20)
+        header = read_header(path, self.cfg.node.max_instance_mb << 20, has_space=self.spool.has_space)
         if header.sop_class not in STORAGE_SOP_CLASSES:
             raise IngestError(f"SOP class {header.sop_class!r} is not a storage SOP class",
                               Status.SOP_CLASS_NOT_SUPPORTED)

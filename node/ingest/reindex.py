@@ -41,7 +41,9 @@ def reindex_spool(spool: Spool, index: Index) -> ReindexResult:
         if path.stem in known:
             continue
         try:
-            header = read_header(path, ADMITTED)  # already accepted: no size limit (memory stays bounded)
+            # already accepted: no size limit (memory stays bounded); a deflated one is inflated in incoming/ (a
+            # copy beside it, in the series folder, stayed there for good when the start was killed meanwhile)
+            header = read_header(path, ADMITTED, spool.incoming)
             expected = spool.instance_path(header.study_uid, header.series_uid, header.sop_uid)
         except IngestError as exc:
             out.skipped.append(f"{path}: {exc}")

@@ -355,7 +355,7 @@ class StowReceiver:
         try:
             # bounded whatever the part holds or declares (node.ingest.admit.header_dataset): pydicom's dcmread
             # here inflated a deflated part whole and read every large value into memory
-            ds, _ = header_dataset(path, self.max_instance_bytes)
+            ds, _ = header_dataset(path, self.max_instance_bytes, has_space=self.has_space)
             sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
             sop_uid = str(ds.get("SOPInstanceUID", "") or ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
             study = str(ds.get("StudyInstanceUID", ""))

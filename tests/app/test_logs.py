@@ -3,8 +3,11 @@ of a probe) is dropped, its other errors kept (newuser13: two ERROR lines per de
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
+
+from node.app.logs import FloodFilter
 
 SCRIPT = """
 import logging
@@ -49,3 +52,20 @@ def test_a_third_party_message_repeated_is_bounded_and_the_count_said() -> None:
     assert "989 more message(s) like this one were suppressed in the previous 60 s" in after.getMessage()  # type: ignore[attr-defined]
     varied = [r for r in (_record("pynetdicom.utils", f"value {i}") for i in range(1000)) if flood.filter(r)]  # type: ignore[arg-type]
     assert len(varied) == 101 and "from this logger are suppressed" in varied[-1].getMessage()  # type: ignore[attr-defined]
+
+
+def test_the_flood_filter_stays_bounded_when_every_message_is_new() -> None:
+    """A peer decides part of a third-party message (pydicom's "The value length (N) exceeds the maximum length
+    of 16 allowed for VR CS." for a Modality of N bytes, N as the peer likes): every record a new message. The
+    filter's table grew by one per record and, past 10,000, was rebuilt whole on each (40,000 records: 66 s of
+    CPU under its lock, holding every library thread that logs). Now it forgets the messages' counts once it is
+    full; the per-logger bound still drops all but 101 a window (break16b, review of hostile16)."""
+    clock = [0.0]
+    flood = FloodFilter(clock=lambda: clock[0])
+    written = 0
+    for n in range(17, 17 + 30_000):
+        record = logging.LogRecord("pydicom", logging.WARNING, __file__, 1, "The value length (%d) exceeds the "
+                                   "maximum length of 16 allowed for VR CS.", (n,), None)
+        written += flood.filter(record)
+        assert len(flood._counts) <= 10_001, n  # node.app.logs.MAX_FLOOD_KEYS + the one just counted
+    assert written == 101
