@@ -345,7 +345,10 @@ def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, scra
                               f"a file meta over {MAX_META_BYTES} bytes is not read)", Status.CANNOT_UNDERSTAND)
         # the syntax pydicom will act on (it strips a UID's padding, whatever its length): a Deflated one missed
         # here was inflated whole by dcmread (a TransferSyntaxUID padded past 128 bytes: +600 MB for 300 KB)
-        deflated = DeflatedExplicitVRLittleEndian in (syntax, _pydicom_syntax(path) if meta_end else "")
+        # (asked of pydicom only when the read above found none: a second parse of every instance's meta is not
+        # needed for a syntax read whole)
+        deflated = syntax == DeflatedExplicitVRLittleEndian or (
+            not syntax and bool(meta_end) and _pydicom_syntax(path) == DeflatedExplicitVRLittleEndian)
         if not deflated:
             fh.seek(0)
             return _parse(fh, size)
