@@ -9,6 +9,7 @@
 - ``stow``: STOW-RS multipart bodies (the HTTP route lives in ``node.app.http``);
 - ``pull``: retrieval by UID from a configured source (C-MOVE, C-GET, WADO-RS, Orthanc REST);
 - ``follower``: the Orthanc ``/changes`` follower;
+- ``inflate``: admission's deflate-bomb guard: a Deflated data set inflated in chunks to a scratch copy;
 - ``resend``: a known SOPInstanceUID sent again: duplicate or conflict;
 - ``reindex``: spool files the index lacks, recorded again (start-up, ``srnode reindex``).
 

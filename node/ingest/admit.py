@@ -6,7 +6,8 @@ Orthanc changes follower all call :meth:`Admission.admit_file` or :meth:`Admissi
 1. decides what the caller may do (``[node].allowed_callers`` / ``require_known_callers``): one decision, by
    calling AE title and, where an entry names one, the caller's address;
 2. reads the header without decoding pixels (:func:`read_header`): UIDs present and valid, the pixel data
-   element wholly inside the file; the SOP class comes from the dataset itself (SOPClassUID, else the file meta),
+   element wholly inside the file (a Deflated data set is first inflated in chunks to a scratch copy, never whole
+   in memory: ``node.ingest.inflate``); the SOP class comes from the dataset itself (SOPClassUID, else the file meta),
    and a C-STORE whose command names another SOP class or another SOP instance than the dataset's is answered
    0xA900 (nothing is stored: the command and the data set disagree on what this is);
 3. hands the file to the group commit (``node.ingest.commit``), which checks the spool's disk watermark, links
@@ -29,7 +30,6 @@ import logging
 import re
 import struct
 import tempfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,10 +38,7 @@ from typing import Any, BinaryIO
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_file_meta_info
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 from pynetdicom import AllStoragePresentationContexts
 
 from node.audit import AuditLog
@@ -49,6 +46,7 @@ from node.config import CallerConfig, Config
 from node.dimse import Status, label
 from node.errors import IngestError, dicom_read_problem
 from node.ingest.commit import GroupCommit
+from node.ingest.inflate import LONG_VRS, inflated_copy, is_deflated
 from node.ingest.resend import resend_difference
 from node.metrics import Metrics
 from node.phi import raw_text
@@ -59,14 +57,11 @@ log = logging.getLogger(__name__)
 # the storage SOP classes pynetdicom knows (PS3.4 Annex B.5), as UID strings
 STORAGE_SOP_CLASSES = frozenset(str(cx.abstract_syntax) for cx in AllStoragePresentationContexts)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
-_LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR")  # 4-byte lengths
 IN_MEMORY_HEADER_BYTES = 1 << 20  # files up to this size are parsed from memory (read_header: one read, no seeks)
 DEFER_BYTES = 64 << 10  # a header value larger than this is left in the file, not read (header_dataset)
-MAX_META_BYTES = 1 << 20  # a file meta group (0002,xxxx) ending past this is refused unread (~200 bytes in practice)
 # the header values read_header and STOW-RS look at: each must have been read (not left in the file as too long)
 READ_KEYWORDS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "SOPClassUID", "Modality",
                  "ImagesInAcquisition", "NumberOfFrames", "AcquisitionNumber")
-INFLATE_CHUNK = 1 << 20  # bytes inflated at a time from a deflated data set (_inflated_copy)
 DEFAULT_MAX_INSTANCE_BYTES = 2048 << 20  # [node] max_instance_mb's default, in bytes
 
 
@@ -144,7 +139,7 @@ def _pixel_data_end(fh: BinaryIO, little: bool, implicit: bool) -> tuple[int, st
     tag = f"({group:04X},{elem:04X})"
     if implicit:
         (length,) = struct.unpack(end + "L", head[4:8])
-    elif head[4:6] in _LONG_VRS:
+    elif head[4:6] in LONG_VRS:
         more = fh.read(4)
         if len(more) < 4:
             return fh.tell() + 4, tag
@@ -178,108 +173,6 @@ def _header_source(path: Path, size: int) -> BinaryIO:
 def _too_large(what: str, limit: int) -> IngestError:
     return IngestError(f"{what} is over node.max_instance_mb = {limit >> 20}: refused before its header is read "
                        "whole", Status.OUT_OF_RESOURCES)
-
-
-def _meta_end(fh: BinaryIO) -> tuple[int, str]:
-    """(offset where the file meta group (0002,xxxx) of the Part 10 file ``fh`` ends, its TransferSyntaxUID or
-    "") read from after its 128-byte preamble and 'DICM' (explicit VR little endian, PS3.10 7.1), without pydicom:
-    where a deflated data set starts, and whether it is one; its end may lie past the end of a file whose meta
-    declares lengths it does not hold. (0, "") when the file has no 'DICM' after a preamble. Leaves ``fh``
-    anywhere."""
-    fh.seek(128)
-    if fh.read(4) != b"DICM":
-        return 0, ""
-    syntax, implicit = "", None
-    while True:
-        head = fh.read(8)
-        if len(head) < 8 or struct.unpack("<H", head[:2])[0] != 0x0002:
-            return fh.tell() - len(head), syntax
-        if implicit is None:  # as pydicom decides (filereader._is_implicit_vr): from the first element's "VR"
-            # bytes, not two capitals: a file meta written in implicit VR, which pydicom reads (and then inflates a
-            # Deflated data set whole), was read here as explicit and its transfer syntax missed
-            implicit = not all(0x40 < c < 0x5B for c in head[4:6])
-        if implicit:
-            length = struct.unpack("<L", head[4:8])[0]
-        elif head[4:6] in _LONG_VRS:
-            more = fh.read(4)
-            length = struct.unpack("<L", more)[0] if len(more) == 4 else 0
-        else:
-            length = struct.unpack("<H", head[6:8])[0]
-        if head[2:4] == b"\x10\x00" and length <= 128:  # (0002,0010) Transfer Syntax UID
-            syntax = fh.read(length).rstrip(b"\0 ").decode("ascii", "replace")
-        else:
-            fh.seek(length, 1)
-
-
-def _pydicom_syntax(path: Path) -> str:
-    """The TransferSyntaxUID pydicom reads in the file meta of ``path`` ("" when it cannot read one); call only once
-    the file meta is known to be small (``MAX_META_BYTES``)."""
-    try:
-        return str(read_file_meta_info(path).get("TransferSyntaxUID", "") or "")
-    except Exception:  # noqa: BLE001 - pydicom raises many types on a broken file; dcmread will say what
-        return ""
-
-
-def _inflated_copy(path: Path, limit: int, scratch: Path | None = None,
-                   has_space: Callable[[], bool] | None = None) -> Path:
-    """A Part 10 copy of the deflated file at ``path`` in ``scratch`` (default: the file's folder), its data set
-    inflated and its meta saying Explicit VR Little Endian (the syntax a deflated data set inflates to, PS3.5 A.5), so that the header
-    check reads it as any other file. Inflated in chunks, never whole in memory: pydicom inflates a deflated file
-    whole (a 1 MB stream of zeros took 2 GB of memory and 10 s in the header check, and was accepted).
-    IngestError(0xA700) once the inflated data set passes ``limit`` bytes, (0xC210) when its file meta cannot be
-    read or the stream is not deflate, (0xA700) when the copy cannot be written, or once ``has_space()`` (the
-    spool's ``[node] min_free_mb`` watermark, asked after every chunk) is False: the check's own copy must not
-    take the reserve the watermark keeps for the index, the jobs and their results (the copy removed). The
-    caller removes the copy."""
-    try:
-        meta = read_file_meta_info(path)
-    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on a broken file
-        raise IngestError(f"file cannot be parsed: {type(exc).__name__}: {dicom_read_problem(exc)}",
-                          Status.CANNOT_UNDERSTAND) from exc
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    head = DicomBytesIO()
-    head.is_little_endian, head.is_implicit_VR = True, False
-    try:
-        write_file_meta_info(head, meta, enforce_standard=False)
-    except Exception as exc:  # noqa: BLE001 - e.g. TypeError on the values of a file meta written in implicit VR
-        raise IngestError(f"file cannot be parsed: its file meta cannot be read as explicit VR little endian "
-                          f"(PS3.10 7.1; {type(exc).__name__})", Status.CANNOT_UNDERSTAND) from exc
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    folder = scratch or path.parent
-    fd, name = tempfile.mkstemp(prefix="inflated-", suffix=".dcm", dir=folder)
-    copy, done = Path(name), False
-    try:
-        with path.open("rb") as src, open(fd, "wb") as out:
-            out.write(b"\0" * 128 + b"DICM" + head.getvalue())
-            src.seek(_meta_end(src)[0])
-            total, pending = 0, b""
-            while not inflater.eof:
-                if not pending:
-                    pending = src.read(INFLATE_CHUNK)
-                    if not pending:
-                        break
-                part = inflater.decompress(pending, INFLATE_CHUNK)  # at most a chunk out, whatever the ratio
-                pending = inflater.unconsumed_tail
-                total += len(part)
-                if total > limit:
-                    raise _too_large(f"a deflated data set inflating to more than {limit} bytes", limit)
-                out.write(part)
-                if has_space is not None and not has_space():
-                    raise IngestError(f"its deflated data set cannot be inflated in {folder} to check its header: "
-                                      f"the spool disk fell below node.min_free_mb after {total} bytes",
-                                      Status.OUT_OF_RESOURCES)
-            out.write(inflater.flush())
-        done = True
-        return copy
-    except zlib.error as exc:
-        raise IngestError(f"file cannot be parsed: its deflated data set is not a deflate stream ({exc})",
-                          Status.CANNOT_UNDERSTAND) from exc
-    except OSError as exc:  # the spool's disk (ENOSPC): out of resources, as any write there
-        raise IngestError(f"its deflated data set cannot be inflated in {folder}: {exc}",
-                          Status.OUT_OF_RESOURCES) from exc
-    finally:
-        if not done:
-            copy.unlink(missing_ok=True)
 
 
 def _elements_inside(ds: Dataset, size: int) -> tuple[int, str] | None:
@@ -328,7 +221,7 @@ def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, scra
     data read, with bounded memory whatever the file declares or holds: values over ``DEFER_BYTES`` stay in the
     file (not read: a 500 MB private element cost 500 MB of memory per association in the check), a file over
     ``max_bytes`` is refused before it is read, and a deflated data set is inflated in chunks to a copy beside
-    the file (:func:`_inflated_copy`, refused once it passes ``max_bytes``), read there and removed (its values
+    the file (``node.ingest.inflate.inflated_copy``, refused once it passes ``max_bytes``), read there and removed (its values
     over ``DEFER_BYTES`` cannot be read then). ``scratch``: the folder of that copy, default the file's own; a
     file that is not in ``incoming/`` (reindex reads the spool's ``instances/``) must name ``incoming/``: a copy
     a kill leaves there is removed at the next start, one left beside a stored instance stays for good.
@@ -339,28 +232,15 @@ def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, scra
     if size > max_bytes:
         raise _too_large(f"an instance of {size} bytes", max_bytes)
     with _header_source(path, size) as fh:
-        meta_end, syntax = _meta_end(fh)
-        if meta_end > min(size, MAX_META_BYTES):  # pydicom reads the file meta's values whatever their size
-            raise IngestError(f"file cannot be parsed: its file meta ends at byte {meta_end} (the file has {size}; "
-                              f"a file meta over {MAX_META_BYTES} bytes is not read)", Status.CANNOT_UNDERSTAND)
-        # the syntax pydicom will act on (it strips a UID's padding, whatever its length): a Deflated one missed
-        # here was inflated whole by dcmread (a TransferSyntaxUID padded past 128 bytes: +600 MB for 300 KB)
-        # (asked of pydicom only when the read above found none: a second parse of every instance's meta is not
-        # needed for a syntax read whole)
-        deflated = syntax == DeflatedExplicitVRLittleEndian or (
-            not syntax and bool(meta_end) and _pydicom_syntax(path) == DeflatedExplicitVRLittleEndian)
-        if not deflated:
+        if not is_deflated(fh, path, size):  # 0xC210 for a file meta too long to read
             fh.seek(0)
             return _parse(fh, size)
-    copy = _inflated_copy(path, max_bytes, scratch, has_space)
-    try:
+    with inflated_copy(path, max_bytes, scratch, has_space) as copy:
         size = copy.stat().st_size
         with _header_source(copy, size) as fh:
             ds, ends = _parse(fh, size)
         ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian  # as the file says, not its copy
         return ds, ends
-    finally:
-        copy.unlink(missing_ok=True)
 
 
 def read_header(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, scratch: Path | None = None,

@@ -1,7 +1,7 @@
 """Where the header check inflates a deflated instance of the spool (break16b, review of hostile16).
 
 ``srnode reindex`` (and every ``srnode serve`` start) reads the header of each spool instance the index lacks; a
-deflated one is inflated to a copy first (``node.ingest.admit._inflated_copy``). That copy was written beside the
+deflated one is inflated to a copy first (``node.ingest.inflate.inflated_copy``). That copy was written beside the
 instance, in ``instances/<Study>/<Series>/``: a start killed meanwhile (systemd's start timeout, an OOM kill, an
 operator's Ctrl-C on ``srnode reindex``) left an ``inflated-*.dcm`` of up to the instance's inflated size there for
 good (``clean_incoming`` only empties ``incoming/``), and every later reindex skipped it with a warning and exited 1.
@@ -117,7 +117,7 @@ def _implicit_meta_copy(src: Path, out: Path) -> Path:
     but pydicom reads it): the same elements, each tag + 4-byte length + value."""
     from pydicom.filereader import read_file_meta_info
 
-    from node.ingest.admit import _meta_end
+    from node.ingest.inflate import _meta_end
 
     with src.open("rb") as fh:
         end, _ = _meta_end(fh)
@@ -170,7 +170,7 @@ def _padded_syntax_copy(src: Path, out: Path, pad: int) -> Path:
     (pydicom strips them: the same transfer syntax to it)."""
     from pydicom.filereader import read_file_meta_info
 
-    from node.ingest.admit import _meta_end
+    from node.ingest.inflate import _meta_end
 
     with src.open("rb") as fh:
         end, _ = _meta_end(fh)
