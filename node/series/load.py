@@ -510,15 +510,51 @@ def _check_rescale_stated(slices: list[Slice], name: str) -> None:
     empty) on others: the absent one would be taken as 1 / 0 (PS3.3 C.11.1 has no default for an image that
     states a rescale beside images that do not), so those images' values would differ by the other images'
     intercept (a CT with RescaleIntercept -1024 on all but two slices: those two 1024 HU off, written without a
-    word). The images without it are named (file, and frame of a multi-frame object), never a header value."""
+    word). The images without it are named (file, and frame of a multi-frame object), never a header value.
+
+    Absent on every image of a CT or PET volume (``_rescale_required``: Type 1 in their IODs; an enhanced object's
+    frames without a Pixel Value Transformation group or a top-level rescale): refused too, the values would be
+    the stored ones taken as HU (a CT stored 0..4095 for -1024..3071 derived 1024 HU off, exit 0, and the derived
+    object, stating slope 1 / intercept 0, valid to dciodvfy). An MR states none: its stored values are its
+    values."""
     for i, keyword in enumerate(("RescaleSlope", "RescaleIntercept")):
         absent = [s for s in slices if not s.stated[i]]
+        if len(absent) == len(slices) and _rescale_required(slices[0]):
+            which = ", ".join(s.where for s in absent[:3]) + (", ..." if len(absent) > 3 else "")
+            raise VolumeError(f"{name}: {keyword} is absent on all {len(slices)} of its images ({which}), "
+                              f"which a {_rescale_required(slices[0])} image must state (Type 1 in its IOD): its "
+                              "stored values cannot be read as modality values (a default of slope 1 / intercept 0 "
+                              "would be a guess); not super-resolved")
         if absent and len(absent) < len(slices):
             which = ", ".join(s.where for s in absent[:6]) + (", ..." if len(absent) > 6 else "")
             raise VolumeError(f"{name}: {keyword} is stated on {len(slices) - len(absent)} of its {len(slices)} "
                               f"images and absent on {len(absent)} ({which}): their values cannot be converted "
                               "alike (a default would put them off the others by the stated rescale); "
                               "not super-resolved")
+
+
+# SOP classes whose IOD makes RescaleSlope / RescaleIntercept Type 1 (PS3.3 C.8.2.1 CT Image, C.8.9.4 PET Image;
+# the enhanced and legacy converted enhanced CT / PET objects in their Pixel Value Transformation functional group,
+# C.7.6.16.2.9b / C.8.15.3.10 / C.8.22.5), and what each is called in a refusal
+_RESCALE_REQUIRED = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1": "CT",  # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2": "CT",  # Legacy Converted Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.128": "PET",  # Positron Emission Tomography Image Storage
+    "1.2.840.10008.5.1.4.1.1.130": "PET",  # Enhanced PET Image Storage
+    "1.2.840.10008.5.1.4.1.1.128.1": "PET",  # Legacy Converted Enhanced PET Image Storage
+}
+
+
+def _rescale_required(s: Slice) -> str:
+    """"CT" / "PET" when the image's values are CT or PET values that only a stated rescale gives: its SOP class's
+    IOD requires RescaleSlope and RescaleIntercept (``_RESCALE_REQUIRED``), or its Modality is CT or PT (a
+    Secondary Capture saying CT would be derived as a CT Image object stating Hounsfield units); "" otherwise (MR:
+    no rescale is the identity, PS3.3 C.8.3.1 has none)."""
+    by_class = _RESCALE_REQUIRED.get(str(header_value(s, "sop_class")))
+    if by_class:
+        return by_class
+    return {"CT": "CT", "PT": "PET"}.get(str(header_value(s, "Modality")).strip().upper(), "")
 
 
 def _check_one_stack(slices: list[Slice], name: str) -> None:
