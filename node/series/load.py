@@ -45,6 +45,7 @@ from node.series.slices import (
     is_image_sop_class,
     slices_of,
     sop_class_of,
+    unit_orientation,
 )
 from node.series.split import position_groups, split_volumes
 from node.series.steps import (
@@ -64,10 +65,6 @@ from node.series.steps import (
 from node.series.volume import SeriesVolume, StoredFormat, in_hounsfield_units
 
 log = logging.getLogger(__name__)
-
-IOP_UNIT_TOL = 1e-3  # |cos(row, col)| above this: not two orthogonal directions
-IOP_MIN_NORM = 1e-6  # a direction vector shorter than this (zero) gives no direction
-
 
 def load_series(paths: Sequence[Path]) -> SeriesVolume:
     """Assemble the files of one single-volume series into a ``SeriesVolume``; VolumeError says why it cannot be
@@ -414,16 +411,10 @@ def _check_slice(s: Slice) -> bool:
         raise VolumeError(f"{s.where}: PixelSpacing {list(s.spacing)} is not two positive numbers")
     if not all(math.isfinite(float(v)) for v in s.ipp):
         raise VolumeError(f"{s.where}: ImagePositionPatient {[float(v) for v in s.ipp]} is not three finite numbers")
-    row, col = np.asarray(s.iop[:3], dtype=np.float64), np.asarray(s.iop[3:], dtype=np.float64)
-    nr, nc = (float(np.linalg.norm(v)) if np.all(np.isfinite(v)) else 0.0 for v in (row, col))
-    if not (nr > IOP_MIN_NORM and nc > IOP_MIN_NORM and abs(float(row @ col)) / (nr * nc) < IOP_UNIT_TOL):
-        raise VolumeError(f"{s.where}: ImageOrientationPatient {[round(float(v), 6) for v in s.iop]} is not two "
-                          "orthogonal unit vectors (row and column directions); the slice cannot be placed")
     # two orthogonal directions written with another norm (a vendor's 0.9999, or 2.0): the directions are what
     # they say; taken as unit vectors, so that every measure and the derived ImageOrientationPatient is (the
     # 0.9999 was copied into the derived series, which dciodvfy rejects)
-    s.iop = np.concatenate([row / nr, col / nc])
-    renormed = max(abs(nr - 1.0), abs(nc - 1.0)) > 1e-5  # beyond the rounding of 6 written digits
+    s.iop, renormed = unit_orientation(s.iop, s.where)
     if _modality_lut(s):
         # PS3.3 C.11.1: a Modality LUT Sequence maps stored values through a table instead of a rescale; read as
         # stored values (slope 1, intercept 0) the derived image was up to the table's range off (30510 for a

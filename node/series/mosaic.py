@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
 from node.errors import VolumeError
+from node.series.slices import unit_orientation
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # nibabel.nicom warns that its readers are experimental
@@ -96,7 +97,13 @@ def split_mosaic(ds: Dataset, name: str) -> list[Dataset]:
     for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if kw not in ds or ds[kw].VM == 0:
             raise _refuse(name, f"{kw} is missing")
+    # nibabel places the first tile and checks the CSA slice normal with ImageOrientationPatient as written: vectors
+    # of norm 0.9999 or 2.0 failed its check of a unit normal (a valid mosaic refused as "not perpendicular"), and
+    # its offset from the mosaic's corner to the first tile (hundreds of mm) scales with their norm. It is given
+    # the unit vectors of their directions, as every other image is read (``unit_orientation``).
+    unit, _ = unit_orientation(ds.ImageOrientationPatient, name)
     w = _wrapper(ds, name)
+    w.__dict__["image_orient_patient"] = unit.reshape(2, 3).T  # nibabel's cached_property, set before first use
     n, grid = int(w.n_mosaic), int(w.mosaic_size)
     tag_n = images_in_mosaic_tag(ds)
     if tag_n is not None and tag_n != n:
