@@ -120,7 +120,7 @@ def _tile_step(ds: Dataset, n: int, normal: np.ndarray, name: str) -> float:
     """The step (mm) between the tiles' slices along ``normal``: SpacingBetweenSlices, checked against the slice
     positions of the scanner's protocol (``protocol_positions``) when the CSA header holds them; the protocol's
     step when SpacingBetweenSlices is absent. VolumeError when the two disagree (the last tile more than
-    ``STEP_TOL_MM`` apart), when the protocol's slices are not evenly spaced along the normal in tile order, or
+    ``STEP_TOL_MM`` apart), when the protocol's slices are not evenly spaced along the normal (either way), or
     when neither is there: nibabel took SliceThickness then, which leaves out any gap between slices (a
     SpacingBetweenSlices of 3.0 where the protocol says 2.4 put the shared mosaic's last tile 35.4 mm off)."""
     stated = ds.get("SpacingBetweenSlices")
@@ -129,10 +129,11 @@ def _tile_step(ds: Dataset, n: int, normal: np.ndarray, name: str) -> float:
     protocol = None
     if centres is not None:
         along = (centres - centres[0]) @ normal
-        protocol = float(along[-1] / (n - 1))
-        if not protocol > 0 or float(np.max(np.abs(along - protocol * np.arange(n)))) > STEP_TOL_MM:
+        signed = float(along[-1] / (n - 1))  # < 0: the protocol lists its slices against the tiles' order
+        if signed == 0 or float(np.max(np.abs(along - signed * np.arange(n)))) > STEP_TOL_MM:
             raise _refuse(name, "the slice positions of its protocol (CSA series header, sSliceArray) are not "
-                                "evenly spaced along the slice normal in the order of its tiles")
+                                "evenly spaced along the slice normal")
+        protocol = abs(signed)
     if header is not None and protocol is not None and abs(header - protocol) * (n - 1) > STEP_TOL_MM:
         raise _refuse(name, f"SpacingBetweenSlices {header:g} mm contradicts the {protocol:.4g} mm between the "
                             "slice positions of its protocol (CSA series header, sSliceArray): where its tiles lie "

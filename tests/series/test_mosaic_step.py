@@ -7,6 +7,7 @@ naming the file."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -82,3 +83,26 @@ def test_spacing_between_slices_alone_still_places_the_tiles(tmp_path: Path) -> 
     ref = load_series([_mosaic(tmp_path / "ref")])
     vol = load_series([_mosaic(tmp_path, _no_protocol)])
     np.testing.assert_allclose(vol.positions, ref.positions, atol=1e-5)
+
+
+def _protocol_tra(ds: Dataset, edit: Callable[[int, float], float]) -> None:
+    """Each protocol slice's dTra (sSliceArray.asSlice[k].sPosition.dTra) replaced by ``edit(k, value)``."""
+    for elem in list(ds):
+        if elem.tag.group == 0x0029 and isinstance(elem.value, bytes) and b"ASCCONV" in elem.value:
+            text = elem.value.decode("latin-1")
+            text = re.sub(r"(sSliceArray\.asSlice\[(\d+)\]\.sPosition\.dTra\s*=\s*)([-+0-9.eE]+)",
+                          lambda m: f"{m.group(1)}{edit(int(m.group(2)), float(m.group(3))):.11g}", text)
+            elem.value = text.encode("latin-1")
+
+
+def test_a_protocol_listing_its_slices_the_other_way_still_places_the_tiles(tmp_path: Path) -> None:
+    ref = load_series([_mosaic(tmp_path / "ref")])
+    vol = load_series([_mosaic(tmp_path, lambda ds: _protocol_tra(ds, lambda k, v: 13.4527 - v))])
+    np.testing.assert_allclose(vol.positions, ref.positions, atol=1e-6)
+
+
+def test_a_protocol_whose_slices_are_not_evenly_spaced_is_refused(tmp_path: Path) -> None:
+    f = _mosaic(tmp_path, lambda ds: _protocol_tra(ds, lambda k, v: v + (1.0 if k == 30 else 0.0)))
+    with pytest.raises(VolumeError, match=r"MOSAIC\.dcm: Siemens mosaic .* are not evenly spaced along the slice "
+                                          r"normal"):
+        load_series([f])
