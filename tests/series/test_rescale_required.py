@@ -16,6 +16,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from node.app.check_cmd import check_folders
 from node.config import load_config
 from node.errors import VolumeError
 from node.process import process_series
@@ -108,3 +109,27 @@ def test_an_enhanced_ct_whose_frames_state_no_rescale_is_refused(tmp_path: Path)
 def test_an_enhanced_ct_whose_frames_state_their_rescale_still_loads(tmp_path: Path) -> None:
     vol = load_series(_enhanced_ct(tmp_path, keep_rescale=True))
     assert vol.data.shape[0] == 96 and vol.rescale_type == "HU"
+
+
+def test_srnode_check_fails_a_derived_ct_whose_inputs_state_no_rescale(tmp_path: Path) -> None:
+    """A derived CT made before this refusal (inputs without a rescale read as slope 1 / intercept 0): its values
+    equal the inputs' stored values, so ``srnode check`` said OK. Simulated exactly: derived from inputs stating
+    slope 1 / intercept 0, which are then removed from the inputs."""
+    def identity(k: int, ds: Dataset) -> None:
+        hu = ds.pixel_array.astype("int32") + int(ds.RescaleIntercept)
+        ds.PixelRepresentation, ds.RescaleSlope, ds.RescaleIntercept = 1, "1", "0"
+        ds.PixelData = hu.astype("int16").tobytes()
+
+    files = edited_phantom(tmp_path, identity, slices=8)
+    out = tmp_path / "out"
+    cfg = load_config(None)
+    process_series(files, cfg.rules[0], cfg, out, engine_name="cubic")
+    assert check_folders(files[0].parent, out, run_dciodvfy=False).ok
+    for f in files[2:4]:
+        ds = pydicom.dcmread(f)
+        del ds.RescaleSlope, ds.RescaleIntercept
+        ds.save_as(f)
+    result = check_folders(files[0].parent, out, run_dciodvfy=False)
+    assert not result.ok
+    assert "2 of its 8 input image(s) state no RescaleSlope / RescaleIntercept (CT0003.dcm, ...)" in \
+        result.lines()[0], result.lines()
