@@ -16,6 +16,7 @@ a mistake in the pipeline's reading cannot hide itself. Per derived series (one 
   the output, plus float rounding; in-plane factors that put no derived pixel centre on an input one are
   reported as not compared);
 - photometric interpretation equal to the input's (the same grey-scale polarity);
+- a derived CT's input images all state RescaleSlope and RescaleIntercept (else its values are a guess);
 - LossyImageCompression 01 on every derived and uncertainty object when an input image says it was lossy
   compressed (or came in JPEG baseline / extended);
 - its uncertainty objects: a Parametric Map has one frame per derived slice, frame k at derived slice k's position
@@ -252,6 +253,12 @@ def check_volume(series: str, images: list[OutImage], inputs: dict[tuple[str, in
     if lossy_in and unsaid:
         p.append(f"{len(lossy_in)} input image(s) lossy compressed ({lossy_in[0].name}, ...), {len(unsaid)} derived "
                  f"or uncertainty object(s) without LossyImageCompression 01 ({unsaid[0].file.name}, ...)")
+    # a derived CT's values are HU only if every input image stated its rescale (Type 1 in the CT Image module):
+    # an image without one was read as slope 1 / intercept 0, a guess (field17), and compares equal to itself
+    unstated = [x for x in ins if not x.rescale_stated]
+    if unstated and str(ds0.get("Modality", "")).strip().upper() == "CT":
+        p.append(f"{len(unstated)} of its {n} input image(s) state no RescaleSlope / RescaleIntercept "
+                 f"({unstated[0].name}, ...): the derived CT values are a guess (slope 1 / intercept 0)")
     if run_dciodvfy:
         errors, first = _dciodvfy_errors([o.file for o in outs] + [s.file for s in sig])
         if errors < 0:

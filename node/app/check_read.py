@@ -65,6 +65,13 @@ def unit_iop(iop: np.ndarray) -> np.ndarray:
     return out
 
 
+def _rescale_stated(item: Dataset | None) -> bool:
+    """Whether RescaleSlope and RescaleIntercept are both present with a value in ``item`` (an image, or a frame's
+    Pixel Value Transformation item)."""
+    return item is not None and all(item.get(kw) is not None and str(item.get(kw)).strip()
+                                    for kw in ("RescaleSlope", "RescaleIntercept"))
+
+
 def _item(ds: Dataset, seq: str, frame: int) -> Dataset | None:
     for groups, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
         g = ds.get(groups)
@@ -92,6 +99,7 @@ class InImage:
     photometric: str
     padding: tuple[int, int] | None
     lossy: bool = False  # LossyImageCompression 01, or a lossy-only transfer syntax (JPEG baseline / extended)
+    rescale_stated: bool = True  # RescaleSlope and RescaleIntercept both stated (not empty) for this image
 
     @property
     def name(self) -> str:
@@ -182,7 +190,7 @@ def _read_input(path: Path, ds: Dataset) -> list[InImage]:
                                unit_iop(floats(ori.ImageOrientationPatient)), (ps[0], ps[1]), rows, cols,
                                float(pvt.get("RescaleSlope", 1) or 1) if pvt else 1.0,
                                float(pvt.get("RescaleIntercept", 0) or 0) if pvt else 0.0, photometric, pad,
-                               lossy))
+                               lossy, _rescale_stated(pvt)))
         return out
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
         return []
@@ -190,7 +198,7 @@ def _read_input(path: Path, ds: Dataset) -> list[InImage]:
     slope, icpt = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     if "MOSAIC" not in [str(v).upper() for v in ds.get("ImageType") or []]:
         return [InImage(path, sop, series, 0, -1, ipp, iop, (ps[0], ps[1]), rows, cols, slope, icpt, photometric,
-                        pad, lossy)]
+                        pad, lossy, _rescale_stated(ds))]
     n = _images_in_mosaic(ds) or 0
     centres = _ascconv_positions(ds, n) if n else None
     if not n or centres is None:

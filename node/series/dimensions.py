@@ -246,6 +246,21 @@ def _stack(s: Slice) -> Hashable:
     return str(v) if _present(v) else None
 
 
+def _kernel(s: Slice) -> Hashable:
+    """The CT reconstruction kernel (ConvolutionKernel, PS3.3 C.8.2.1; an enhanced CT's in its CT Reconstruction
+    functional group), all its values as one text joined by '/' (Siemens writes two: 'Br40d/3'), printable ASCII
+    but the backslash only, at most 32 characters (it labels a volume: SeriesDescription); None when absent."""
+    v = s.header.get("ConvolutionKernel")
+    if not _present(v):
+        v = _frame_value(s, "CTReconstructionSequence", "ConvolutionKernel")
+    if not _present(v):
+        return None
+    parts = [v] if isinstance(v, (str, bytes)) else list(v)
+    text = "/".join(str(x).strip() for x in parts)  # never a backslash: labels go into SeriesDescription (LO)
+    text = "".join(c for c in text if " " <= c <= "~" and c != "\\")[:32].strip()
+    return text or None
+
+
 @dataclass(frozen=True)
 class Dimension:
     """One way images of a series can differ, its value per image and a reader's label per value."""
@@ -328,6 +343,11 @@ DIMENSIONS: tuple[Dimension, ...] = (
     Dimension("acquisition number", _acquisition, _simple("acquisition", absent="no AcquisitionNumber"),
               "AcquisitionNumber"),
     Dimension("dimension index", _dimension_index, _index_label, "DimensionIndexValues"),
+    # two reconstructions of one acquisition (a soft-tissue and a bone kernel) under one SeriesInstanceUID: at the
+    # same positions they were refused as repeats nothing tells apart; offset by half a step, stacked into one
+    # volume alternating kernel slice by slice (field17)
+    Dimension("reconstruction kernel", _kernel, _simple("kernel", absent="no ConvolutionKernel"),
+              "ConvolutionKernel"),
 )
 # the image type in the values that name a kind of image: images of two kinds are two volumes even where they repeat
 # no position (``node.series.split``)

@@ -45,6 +45,7 @@ from node.series.slices import (
     is_image_sop_class,
     slices_of,
     sop_class_of,
+    unit_orientation,
 )
 from node.series.split import position_groups, split_volumes
 from node.series.steps import (
@@ -64,10 +65,6 @@ from node.series.steps import (
 from node.series.volume import SeriesVolume, StoredFormat, in_hounsfield_units
 
 log = logging.getLogger(__name__)
-
-IOP_UNIT_TOL = 1e-3  # |cos(row, col)| above this: not two orthogonal directions
-IOP_MIN_NORM = 1e-6  # a direction vector shorter than this (zero) gives no direction
-
 
 def load_series(paths: Sequence[Path]) -> SeriesVolume:
     """Assemble the files of one single-volume series into a ``SeriesVolume``; VolumeError says why it cannot be
@@ -414,16 +411,10 @@ def _check_slice(s: Slice) -> bool:
         raise VolumeError(f"{s.where}: PixelSpacing {list(s.spacing)} is not two positive numbers")
     if not all(math.isfinite(float(v)) for v in s.ipp):
         raise VolumeError(f"{s.where}: ImagePositionPatient {[float(v) for v in s.ipp]} is not three finite numbers")
-    row, col = np.asarray(s.iop[:3], dtype=np.float64), np.asarray(s.iop[3:], dtype=np.float64)
-    nr, nc = (float(np.linalg.norm(v)) if np.all(np.isfinite(v)) else 0.0 for v in (row, col))
-    if not (nr > IOP_MIN_NORM and nc > IOP_MIN_NORM and abs(float(row @ col)) / (nr * nc) < IOP_UNIT_TOL):
-        raise VolumeError(f"{s.where}: ImageOrientationPatient {[round(float(v), 6) for v in s.iop]} is not two "
-                          "orthogonal unit vectors (row and column directions); the slice cannot be placed")
     # two orthogonal directions written with another norm (a vendor's 0.9999, or 2.0): the directions are what
     # they say; taken as unit vectors, so that every measure and the derived ImageOrientationPatient is (the
     # 0.9999 was copied into the derived series, which dciodvfy rejects)
-    s.iop = np.concatenate([row / nr, col / nc])
-    renormed = max(abs(nr - 1.0), abs(nc - 1.0)) > 1e-5  # beyond the rounding of 6 written digits
+    s.iop, renormed = unit_orientation(s.iop, s.where)
     if _modality_lut(s):
         # PS3.3 C.11.1: a Modality LUT Sequence maps stored values through a table instead of a rescale; read as
         # stored values (slope 1, intercept 0) the derived image was up to the table's range off (30510 for a
@@ -510,15 +501,51 @@ def _check_rescale_stated(slices: list[Slice], name: str) -> None:
     empty) on others: the absent one would be taken as 1 / 0 (PS3.3 C.11.1 has no default for an image that
     states a rescale beside images that do not), so those images' values would differ by the other images'
     intercept (a CT with RescaleIntercept -1024 on all but two slices: those two 1024 HU off, written without a
-    word). The images without it are named (file, and frame of a multi-frame object), never a header value."""
+    word). The images without it are named (file, and frame of a multi-frame object), never a header value.
+
+    Absent on every image of a CT or PET volume (``_rescale_required``: Type 1 in their IODs; an enhanced object's
+    frames without a Pixel Value Transformation group or a top-level rescale): refused too, the values would be
+    the stored ones taken as HU (a CT stored 0..4095 for -1024..3071 derived 1024 HU off, exit 0, and the derived
+    object, stating slope 1 / intercept 0, valid to dciodvfy). An MR states none: its stored values are its
+    values."""
     for i, keyword in enumerate(("RescaleSlope", "RescaleIntercept")):
         absent = [s for s in slices if not s.stated[i]]
+        if len(absent) == len(slices) and _rescale_required(slices[0]):
+            which = ", ".join(s.where for s in absent[:3]) + (", ..." if len(absent) > 3 else "")
+            raise VolumeError(f"{name}: {keyword} is absent on all {len(slices)} of its images ({which}), "
+                              f"which a {_rescale_required(slices[0])} image must state (Type 1 in its IOD): its "
+                              "stored values cannot be read as modality values (a default of slope 1 / intercept 0 "
+                              "would be a guess); not super-resolved")
         if absent and len(absent) < len(slices):
             which = ", ".join(s.where for s in absent[:6]) + (", ..." if len(absent) > 6 else "")
             raise VolumeError(f"{name}: {keyword} is stated on {len(slices) - len(absent)} of its {len(slices)} "
                               f"images and absent on {len(absent)} ({which}): their values cannot be converted "
                               "alike (a default would put them off the others by the stated rescale); "
                               "not super-resolved")
+
+
+# SOP classes whose IOD makes RescaleSlope / RescaleIntercept Type 1 (PS3.3 C.8.2.1 CT Image, C.8.9.4 PET Image;
+# the enhanced and legacy converted enhanced CT / PET objects in their Pixel Value Transformation functional group,
+# C.7.6.16.2.9b / C.8.15.3.10 / C.8.22.5), and what each is called in a refusal
+_RESCALE_REQUIRED = {
+    "1.2.840.10008.5.1.4.1.1.2": "CT",  # CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.1": "CT",  # Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2.2": "CT",  # Legacy Converted Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.128": "PET",  # Positron Emission Tomography Image Storage
+    "1.2.840.10008.5.1.4.1.1.130": "PET",  # Enhanced PET Image Storage
+    "1.2.840.10008.5.1.4.1.1.128.1": "PET",  # Legacy Converted Enhanced PET Image Storage
+}
+
+
+def _rescale_required(s: Slice) -> str:
+    """"CT" / "PET" when the image's values are CT or PET values that only a stated rescale gives: its SOP class's
+    IOD requires RescaleSlope and RescaleIntercept (``_RESCALE_REQUIRED``), or its Modality is CT or PT (a
+    Secondary Capture saying CT would be derived as a CT Image object stating Hounsfield units); "" otherwise (MR:
+    no rescale is the identity, PS3.3 C.8.3.1 has none)."""
+    by_class = _RESCALE_REQUIRED.get(str(header_value(s, "sop_class")))
+    if by_class:
+        return by_class
+    return {"CT": "CT", "PT": "PET"}.get(str(header_value(s, "Modality")).strip().upper(), "")
 
 
 def _check_one_stack(slices: list[Slice], name: str) -> None:

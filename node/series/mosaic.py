@@ -6,15 +6,18 @@ sign gives the order of the tiles, and the position of the first tile corrected 
 The number of images is checked against the public tag (0019,100A) NumberOfImagesInMosaic when it is there. When
 any of it is missing or contradicts itself the mosaic is refused with the reason.
 
-Tile k (0-based, row-major in the grid) lies at ``first + k * step * normal``; ``step`` is SpacingBetweenSlices
-(else SliceThickness), mm. Each tile is returned as a single-frame dataset: the mosaic's header (same
-SOPInstanceUID, so derived images reference the mosaic they came from) with Rows/Columns of one tile, its own
-ImagePositionPatient and the tile's pixels, uncompressed little endian.
+Tile k (0-based, row-major in the grid) lies at ``first + k * step * normal``; ``step`` (mm) is the one between
+the slice positions of the scanner's protocol (the CSA series header's sSliceArray), which SpacingBetweenSlices
+must agree with (either alone is taken; neither, or the two disagreeing: refused). Each tile is returned as a
+single-frame dataset: the mosaic's header (same SOPInstanceUID, so derived images reference the mosaic they came
+from) with Rows/Columns of one tile, its own ImagePositionPatient and the tile's pixels, uncompressed little endian.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import re
 import warnings
 from typing import Any
 
@@ -24,6 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.valuerep import format_number_as_ds
 
 from node.errors import VolumeError
+from node.series.slices import unit_orientation
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # nibabel.nicom warns that its readers are experimental
@@ -86,6 +90,63 @@ def _slice_normal(w: MosaicWrapper, name: str) -> np.ndarray:
     return normal
 
 
+STEP_TOL_MM = 0.01  # how far the last tile may lie from where the protocol's slice positions put it
+
+
+def protocol_positions(ds: Dataset, n: int) -> np.ndarray | None:
+    """(n, 3) slice centres (mm, patient coordinates) of the scanner's protocol in the Siemens CSA series header's
+    ASCCONV text (``sSliceArray.asSlice[k].sPosition.dSag / dCor / dTra``; a component left out is 0), tile k at
+    row k; None when the text or any of the n slices is absent."""
+    text = ""
+    for elem in ds:
+        if elem.tag.group == 0x0029 and isinstance(elem.value, bytes) and b"ASCCONV" in elem.value:
+            text = elem.value.decode("latin-1", "replace")
+            break
+    if not text:
+        return None
+    out = np.zeros((n, 3))
+    seen: set[int] = set()
+    for m in re.finditer(r"sSliceArray\.asSlice\[(\d+)\]\.(sPosition\.d(Sag|Cor|Tra)|dThickness)\s*=\s*"
+                         r"([-+0-9.eE]+)", text):
+        k = int(m.group(1))
+        if k < n:
+            seen.add(k)
+            if m.group(3):
+                out[k, ("Sag", "Cor", "Tra").index(m.group(3))] = float(m.group(4))
+    return out if len(seen) == n else None
+
+
+def _tile_step(ds: Dataset, n: int, normal: np.ndarray, name: str) -> float:
+    """The step (mm) between the tiles' slices along ``normal``: SpacingBetweenSlices, checked against the slice
+    positions of the scanner's protocol (``protocol_positions``) when the CSA header holds them; the protocol's
+    step when SpacingBetweenSlices is absent. VolumeError when the two disagree (the last tile more than
+    ``STEP_TOL_MM`` apart), when the protocol's slices are not evenly spaced along the normal (either way), or
+    when neither is there: nibabel took SliceThickness then, which leaves out any gap between slices (a
+    SpacingBetweenSlices of 3.0 where the protocol says 2.4 put the shared mosaic's last tile 35.4 mm off)."""
+    stated = ds.get("SpacingBetweenSlices")
+    header = float(stated) if stated not in (None, "") else None
+    centres = protocol_positions(ds, n) if n > 1 else None
+    protocol = None
+    if centres is not None:
+        along = (centres - centres[0]) @ normal
+        signed = float(along[-1] / (n - 1))  # < 0: the protocol lists its slices against the tiles' order
+        if signed == 0 or float(np.max(np.abs(along - signed * np.arange(n)))) > STEP_TOL_MM:
+            raise _refuse(name, "the slice positions of its protocol (CSA series header, sSliceArray) are not "
+                                "evenly spaced along the slice normal")
+        protocol = abs(signed)
+    if header is not None and protocol is not None and abs(header - protocol) * (n - 1) > STEP_TOL_MM:
+        raise _refuse(name, f"SpacingBetweenSlices {header:g} mm contradicts the {protocol:.4g} mm between the "
+                            "slice positions of its protocol (CSA series header, sSliceArray): where its tiles lie "
+                            "cannot be told")
+    step = protocol if protocol is not None else header
+    if step is None:
+        raise _refuse(name, "SpacingBetweenSlices is absent and its CSA series header gives no slice positions: "
+                            "the step between its tiles is unknown (SliceThickness leaves out any gap)")
+    if not (math.isfinite(step) and step > 0):
+        raise _refuse(name, f"slice step {step} is not usable")
+    return step
+
+
 def split_mosaic(ds: Dataset, name: str) -> list[Dataset]:
     """The slices of the mosaic ``ds`` as single-frame datasets (tile order, tile k at first + k*step*normal).
 
@@ -96,7 +157,13 @@ def split_mosaic(ds: Dataset, name: str) -> list[Dataset]:
     for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
         if kw not in ds or ds[kw].VM == 0:
             raise _refuse(name, f"{kw} is missing")
+    # nibabel places the first tile and checks the CSA slice normal with ImageOrientationPatient as written: vectors
+    # of norm 0.9999 or 2.0 failed its check of a unit normal (a valid mosaic refused as "not perpendicular"), and
+    # its offset from the mosaic's corner to the first tile (hundreds of mm) scales with their norm. It is given
+    # the unit vectors of their directions, as every other image is read (``unit_orientation``).
+    unit, _ = unit_orientation(ds.ImageOrientationPatient, name)
     w = _wrapper(ds, name)
+    w.__dict__["image_orient_patient"] = unit.reshape(2, 3).T  # nibabel's cached_property, set before first use
     n, grid = int(w.n_mosaic), int(w.mosaic_size)
     tag_n = images_in_mosaic_tag(ds)
     if tag_n is not None and tag_n != n:
@@ -106,9 +173,9 @@ def split_mosaic(ds: Dataset, name: str) -> list[Dataset]:
         raise _refuse(name, f"{n} images in a {grid}x{grid} grid do not divide its {rows}x{cols} pixels")
     normal = _slice_normal(w, name)
     first = np.asarray(w.image_position, dtype=np.float64)
-    step = float(w.voxel_sizes[2])
-    if not np.isfinite(first).all() or not step > 0:
-        raise _refuse(name, f"first tile position {first.tolist()} or slice step {step} is not usable")
+    step = _tile_step(ds, n, normal, name)
+    if not np.isfinite(first).all():
+        raise _refuse(name, f"first tile position {first.tolist()} is not usable")
     try:
         tiles = np.asarray(w.get_unscaled_data())  # (tile rows, tile columns, n)
     except Exception as exc:  # noqa: BLE001 - decoders raise many types; translated once here

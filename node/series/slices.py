@@ -288,6 +288,25 @@ def _number(ds: Dataset | None, keyword: str, default: float) -> float:
     return float(value)
 
 
+IOP_UNIT_TOL = 1e-3  # |cos(row, col)| above this: not two orthogonal directions
+IOP_MIN_NORM = 1e-6  # a direction vector shorter than this (zero) gives no direction
+
+
+def unit_orientation(iop: Any, where: str) -> tuple[np.ndarray, bool]:
+    """ImageOrientationPatient ``iop`` (six numbers) as two unit vectors (6,) float64, and whether they were
+    written with a norm off 1 beyond the rounding of six written digits (a vendor's 0.9999, a converter's 2.0).
+    Two orthogonal directions of any norm are what they say (PS3.3 C.7.6.2.1.1 wants unit vectors; every measure
+    made from them, a position included, assumes it). VolumeError naming ``where`` when they are not two non-zero
+    orthogonal directions (or not finite): the image cannot be placed."""
+    vec = np.asarray([float(v) for v in iop], dtype=np.float64)
+    row, col = vec[:3], vec[3:]
+    nr, nc = (float(np.linalg.norm(v)) if v.shape == (3,) and np.all(np.isfinite(v)) else 0.0 for v in (row, col))
+    if not (nr > IOP_MIN_NORM and nc > IOP_MIN_NORM and abs(float(row @ col)) / (nr * nc) < IOP_UNIT_TOL):
+        raise VolumeError(f"{where}: ImageOrientationPatient {[round(float(v), 6) for v in vec]} is not two "
+                          "orthogonal unit vectors (row and column directions); the slice cannot be placed")
+    return np.concatenate([row / nr, col / nc]), max(abs(nr - 1.0), abs(nc - 1.0)) > 1e-5
+
+
 def stored_pixels(s: Slice) -> np.ndarray:
     """The slice's stored pixel values as decoded (frame ``s.frame`` of a multi-frame object): from the held
     header, else from its file read again (only for the wording of a refusal or to compare two copies)."""
