@@ -17,7 +17,8 @@ Routes (``[http]`` host/port; ``token``: bearer token for everything but the pro
 - ``/dashboard``    the operator dashboard (``node.app.dashboard``): the same token, taken once by a login form
 
 Limits (``node.app.limits``): request heads within ``header_timeout_s``, bodies up to ``max_body_mb`` (413) and
-within ``body_idle_timeout_s`` / ``body_timeout_s`` (408); STOW-RS bodies and WADO-RS files are streamed, never
+within ``body_idle_timeout_s`` / ``body_timeout_s`` (408), responses taken by the client within ``write_timeout_s``
+(else the connection is aborted); STOW-RS bodies and WADO-RS files are streamed, never
 held whole in memory. An API bound beyond loopback needs ``token`` (:func:`check_exposure`).
 """
 
@@ -391,7 +392,7 @@ def start_http(ctx: NodeContext) -> HttpHandle:
     sock = _bind(cfg.host, cfg.port)  # here, so that a port in use is one ConfigError (uvicorn would log and exit)
     config = uvicorn.Config(build_app(ctx), host=cfg.host, port=cfg.port, log_level="warning",
                             access_log=False, lifespan="off", backlog=ACCEPT_BATCH,
-                            http=guarded_h11(cfg.header_timeout_s, cfg.max_connections),
+                            http=guarded_h11(cfg.header_timeout_s, cfg.max_connections, cfg.write_timeout_s),
                             timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     # uvicorn installs signal handlers only in the main thread: the service keeps owning SIGTERM/SIGINT

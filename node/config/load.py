@@ -262,6 +262,9 @@ def _check(cfg: Config) -> None:
                                   ("http.body_timeout_s", h.body_timeout_s, True)):
         if seconds < 0 or (seconds == 0 and not zero_ok):
             raise ConfigError(f"{key}: {seconds:g} must be > 0" + (" (0: no limit)" if zero_ok else ""))
+    if not 0 < h.write_timeout_s <= 86400:
+        raise ConfigError(f"http.write_timeout_s: {h.write_timeout_s:g} must be > 0 and <= 86400 seconds (a client "
+                          "that stops reading a response would otherwise hold its connection for ever)")
     if not re.fullmatch(r"[0-9.]+\.", cfg.derive.uid_root) or len(cfg.derive.uid_root) > 40:
         raise ConfigError("derive.uid_root: must be digits and dots, end with '.', at most 40 characters")
     for key in ("caution", "series_description_suffix"):
