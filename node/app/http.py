@@ -56,6 +56,7 @@ from node.ingest import (
     ChangesFollower,
     MultipartError,
     StowReceiver,
+    TooManyParts,
     UnsupportedMediaType,
     boundary_of,
     fetch,
@@ -249,7 +250,7 @@ def build_app(ctx: NodeContext) -> Starlette:
             return JSONResponse({"error": str(exc)}, status_code=415 if isinstance(exc, UnsupportedMediaType) else 400)
         receiver = StowReceiver(boundary, lambda path: ctx.admission.admit_file(path, caller),
                                 ctx.spool.incoming, study, has_space=ctx.spool.has_space,
-                                max_instance_bytes=cfg.node.max_instance_mb << 20)
+                                max_instance_bytes=cfg.node.max_instance_mb << 20, max_parts=cfg.http.max_stow_parts)
         try:
             async for chunk in request.stream():
                 await run_in_threadpool(receiver.feed, chunk)
@@ -263,6 +264,11 @@ def build_app(ctx: NodeContext) -> Starlette:
             log.warning("STOW-RS from %s: the client went away after %d bytes; %d instance(s) stored before",
                         remote, receiver.bytes_received, len(receiver.result.stored))
             return Response(status_code=400)
+        except TooManyParts as exc:  # the body is not read further: the connection is closed
+            receiver.log_refusals()
+            log.warning("STOW-RS from %s: 413: %s", remote, exc)
+            return JSONResponse({"error": str(exc), "stored": len(receiver.result.stored)}, status_code=413,
+                                headers={"Connection": "close"})
         except MultipartError as exc:
             return JSONResponse({"error": str(exc), "stored": len(receiver.result.stored)}, status_code=400)
         finally:

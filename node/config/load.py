@@ -255,6 +255,8 @@ def _check(cfg: Config) -> None:
     h = cfg.http
     if not 1 <= h.max_connections <= 65536:
         raise ConfigError(f"http.max_connections: {h.max_connections} must be from 1 to 65536")
+    if not 1 <= h.max_stow_parts <= 10_000_000:
+        raise ConfigError(f"http.max_stow_parts: {h.max_stow_parts} must be from 1 to 10000000")
     if h.max_body_mb < 1:
         raise ConfigError(f"http.max_body_mb: {h.max_body_mb} must be >= 1")
     for key, seconds, zero_ok in (("http.header_timeout_s", h.header_timeout_s, False),
