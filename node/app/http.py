@@ -17,7 +17,8 @@ Routes (``[http]`` host/port; ``token``: bearer token for everything but the pro
 - ``/dashboard``    the operator dashboard (``node.app.dashboard``): the same token, taken once by a login form
 
 Limits (``node.app.limits``): request heads within ``header_timeout_s``, bodies up to ``max_body_mb`` (413) and
-within ``body_idle_timeout_s`` / ``body_timeout_s`` (408); STOW-RS bodies and WADO-RS files are streamed, never
+within ``body_idle_timeout_s`` / ``body_timeout_s`` (408), responses taken by the client within ``write_timeout_s``
+(else the connection is aborted); STOW-RS bodies and WADO-RS files are streamed, never
 held whole in memory. An API bound beyond loopback needs ``token`` (:func:`check_exposure`).
 """
 
@@ -55,6 +56,7 @@ from node.ingest import (
     ChangesFollower,
     MultipartError,
     StowReceiver,
+    TooManyParts,
     UnsupportedMediaType,
     boundary_of,
     fetch,
@@ -248,7 +250,7 @@ def build_app(ctx: NodeContext) -> Starlette:
             return JSONResponse({"error": str(exc)}, status_code=415 if isinstance(exc, UnsupportedMediaType) else 400)
         receiver = StowReceiver(boundary, lambda path: ctx.admission.admit_file(path, caller),
                                 ctx.spool.incoming, study, has_space=ctx.spool.has_space,
-                                max_instance_bytes=cfg.node.max_instance_mb << 20)
+                                max_instance_bytes=cfg.node.max_instance_mb << 20, max_parts=cfg.http.max_stow_parts)
         try:
             async for chunk in request.stream():
                 await run_in_threadpool(receiver.feed, chunk)
@@ -262,6 +264,11 @@ def build_app(ctx: NodeContext) -> Starlette:
             log.warning("STOW-RS from %s: the client went away after %d bytes; %d instance(s) stored before",
                         remote, receiver.bytes_received, len(receiver.result.stored))
             return Response(status_code=400)
+        except TooManyParts as exc:  # the body is not read further: the connection is closed
+            receiver.log_refusals()
+            log.warning("STOW-RS from %s: 413: %s", remote, exc)
+            return JSONResponse({"error": str(exc), "stored": len(receiver.result.stored)}, status_code=413,
+                                headers={"Connection": "close"})
         except MultipartError as exc:
             return JSONResponse({"error": str(exc), "stored": len(receiver.result.stored)}, status_code=400)
         finally:
@@ -391,7 +398,7 @@ def start_http(ctx: NodeContext) -> HttpHandle:
     sock = _bind(cfg.host, cfg.port)  # here, so that a port in use is one ConfigError (uvicorn would log and exit)
     config = uvicorn.Config(build_app(ctx), host=cfg.host, port=cfg.port, log_level="warning",
                             access_log=False, lifespan="off", backlog=ACCEPT_BATCH,
-                            http=guarded_h11(cfg.header_timeout_s, cfg.max_connections),
+                            http=guarded_h11(cfg.header_timeout_s, cfg.max_connections, cfg.write_timeout_s),
                             timeout_keep_alive=KEEP_ALIVE_S)
     server = uvicorn.Server(config)
     # uvicorn installs signal handlers only in the main thread: the service keeps owning SIGTERM/SIGINT

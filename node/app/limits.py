@@ -9,6 +9,11 @@
   body (chunked, or lying about its length) that grows past it is cut off with ``413``; a body that stalls for
   ``body_idle_timeout_s`` or takes longer than ``body_timeout_s`` in all gets ``408`` (:class:`BodyLimits`, an
   ASGI middleware around every route). Both answers close the connection.
+- **responses**: a client must take what the node sends: when a connection's send buffer stays full (the client
+  took less than the transport's window, 48 KiB, of a response) for ``write_timeout_s``, or bytes of a finished
+  response are still unsent that long after it, the connection is aborted with one WARNING line
+  (:func:`guarded_h11`). Without it a client asking for a whole series by WADO-RS (or a preview) and reading a
+  byte a second held its connection, a ``max_connections`` slot and the open instance file for ever.
 
 Reading stops at the limit, so memory and disk stay bounded by what the route itself keeps (STOW-RS streams to
 the spool).
@@ -146,19 +151,24 @@ class _Refusals:
         self.logged_at, self.unlogged = now, 0
 
 
-def guarded_h11(header_timeout_s: float, max_connections: int = 0) -> type[H11Protocol]:
+def guarded_h11(header_timeout_s: float, max_connections: int = 0,
+                write_timeout_s: float = 0.0) -> type[H11Protocol]:
     """uvicorn's h11 protocol with a deadline on request heads: a connection that has not delivered a complete
     request head ``header_timeout_s`` seconds after it opened (or after its previous response) gets
     ``408 Request Timeout`` and is closed. With ``max_connections`` (> 0) a connection opened while that many are
     open gets ``503 Service Unavailable`` and is closed at once, before it is read (uvicorn's own
     ``limit_concurrency`` answers 503 only once a request head came, so idle connections kept their file
     descriptors: 1,100 of them took all 1,024 of a node under systemd's limit, and DICOM callers timed out).
-    Pass as ``uvicorn.Config(http=...)``."""
+    With ``write_timeout_s`` (> 0), a connection whose send buffer stays above the transport's high-water mark
+    (asyncio's ``pause_writing`` without ``resume_writing``) that long, or that still holds unsent bytes that long
+    after its response completed, is aborted (the route's ``send`` then returns, Starlette cancels the stream and
+    its open file is closed). Pass as ``uvicorn.Config(http=...)``."""
     refusals = _Refusals()
 
     class GuardedH11Protocol(H11Protocol):
         _head_timer: asyncio.TimerHandle | None = None
         _head_cycle: Any = None
+        _write_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -177,12 +187,40 @@ def guarded_h11(header_timeout_s: float, max_connections: int = 0) -> type[H11Pr
 
         def on_response_complete(self) -> None:
             self._arm_head_deadline()  # before the next (maybe pipelined) request is parsed
+            if write_timeout_s and self._write_timer is None and self.transport.get_write_buffer_size():
+                self._write_timer = self.loop.call_later(write_timeout_s, self._write_deadline)
             super().on_response_complete()
 
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if write_timeout_s:
+                if self._write_timer is not None:
+                    self._write_timer.cancel()
+                self._write_timer = self.loop.call_later(write_timeout_s, self._write_deadline)
+
+        def resume_writing(self) -> None:
+            if self._write_timer is not None:
+                self._write_timer.cancel()
+                self._write_timer = None
+            super().resume_writing()
+
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
+            for timer in (self._head_timer, self._write_timer):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
+
+        def _write_deadline(self) -> None:
+            self._write_timer = None
+            unsent = self.transport.get_write_buffer_size()
+            if not unsent:
+                return
+            client = self.client[0] if self.client else "?"
+            request = f"{self.cycle.scope.get('method', '')} {self.cycle.scope.get('path', '')}" if self.cycle else ""
+            log.warning("HTTP connection from %s aborted: the client took too little of the response to %s for "
+                        "[http] write_timeout_s = %g (%d bytes unsent)", client, request or "its request",
+                        write_timeout_s, unsent)
+            self.transport.abort()
 
         def _arm_head_deadline(self) -> None:
             if self._head_timer is not None:

@@ -255,6 +255,8 @@ def _check(cfg: Config) -> None:
     h = cfg.http
     if not 1 <= h.max_connections <= 65536:
         raise ConfigError(f"http.max_connections: {h.max_connections} must be from 1 to 65536")
+    if not 1 <= h.max_stow_parts <= 10_000_000:
+        raise ConfigError(f"http.max_stow_parts: {h.max_stow_parts} must be from 1 to 10000000")
     if h.max_body_mb < 1:
         raise ConfigError(f"http.max_body_mb: {h.max_body_mb} must be >= 1")
     for key, seconds, zero_ok in (("http.header_timeout_s", h.header_timeout_s, False),
@@ -262,6 +264,9 @@ def _check(cfg: Config) -> None:
                                   ("http.body_timeout_s", h.body_timeout_s, True)):
         if seconds < 0 or (seconds == 0 and not zero_ok):
             raise ConfigError(f"{key}: {seconds:g} must be > 0" + (" (0: no limit)" if zero_ok else ""))
+    if not 0 < h.write_timeout_s <= 86400:
+        raise ConfigError(f"http.write_timeout_s: {h.write_timeout_s:g} must be > 0 and <= 86400 seconds (a client "
+                          "that stops reading a response would otherwise hold its connection for ever)")
     if not re.fullmatch(r"[0-9.]+\.", cfg.derive.uid_root) or len(cfg.derive.uid_root) > 40:
         raise ConfigError("derive.uid_root: must be digits and dots, end with '.', at most 40 characters")
     for key in ("caution", "series_description_suffix"):

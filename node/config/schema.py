@@ -165,6 +165,8 @@ class HttpConfig:
     max_connections: int = 128  # HTTP connections open at once; one beyond it gets 503 and is closed at once
     body_idle_timeout_s: float = 30.0  # longest wait for the next bytes of a request body; else 408
     body_timeout_s: float = 3600.0  # longest time to read a whole request body (0: no limit); else 408
+    max_stow_parts: int = 50_000  # parts in one STOW-RS request; the next one ends it with 413 (those before kept)
+    write_timeout_s: float = 60.0  # longest a response may wait for the client to take its next 48 KiB; else abort
     stow_caller: str = "STOW-RS"  # the caller identity of STOW-RS instances, for [node].allowed_callers
 
 

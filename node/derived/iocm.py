@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 from pydicom import dcmread
@@ -239,13 +239,20 @@ def had_delivery(index: Index, job: Job, destination: str) -> bool:
 
 
 def rejection_notes(index: Index, spool_outbox: Path, job: Job, new_derived_series: str, cfg: DeriveConfig,
-                    out_dir: Path, destinations: Sequence[str]) -> tuple[dict[str, list[Path]], dict[str, str]]:
+                    out_dir: Path, destinations: Sequence[str], configured: Collection[str] | None = None,
+                    ) -> tuple[dict[str, list[Path]], dict[str, str]]:
     """Per destination of ``job``, the rejection note retiring the earlier results of the series
     (``_results_to_retire``) that had a delivery there (:func:`had_delivery`), never one naming instances that
     destination never held: a PACS would hold a note rejecting objects it does not know. Returns (the notes per
     destination: none, absent; what was decided per destination, for the job's report: "sent", or why not,
     beginning with ``NOT_SENT``); both empty when nothing is to be retired. Destinations given the same earlier
-    results share one note (deterministic UIDs). Raises SpoolError (index) and as :func:`rejection_note`."""
+    results share one note (deterministic UIDs). Raises SpoolError (index) and as :func:`rejection_note`.
+
+    With ``configured`` (the names of the node's ``[[destinations]]`` now), a destination the earlier results had a
+    delivery to but that is no longer one of ``destinations`` (the rule changed since) is not forgotten: still
+    configured, it gets the note alone (its results would otherwise stay there, current in appearance); no longer
+    configured, the note cannot go there: its entry says so (``NOT_SENT``) and a WARNING line names it, so that
+    the results it holds are retired by hand."""
     olds = [o for o in _results_to_retire(index, job) if o.derived_series_uid != new_derived_series]
     files = {o.id: _files_of(spool_outbox, job, o) for o in olds}
     olds = [o for o in olds if files[o.id]]
@@ -266,4 +273,25 @@ def rejection_notes(index: Index, spool_outbox: Path, job: Job, new_derived_seri
         if key not in made:
             made[key] = _note(here, [f for o in here for f in files[o.id]], job, new_derived_series, cfg, out_dir)
         notes[dest], said[dest] = [made[key]], "sent"
+    if configured is None:
+        return notes, said
+    elsewhere = sorted({d.destination for o in olds for d in index.deliveries(o.id)} - set(destinations))
+    for dest in elsewhere:
+        here = [o for o in olds if had_delivery(index, o, dest)]
+        if not here:
+            continue
+        ids = f"job{'s' if len(here) > 1 else ''} " + ", ".join(str(o.id) for o in reversed(here))
+        if dest not in configured:
+            said[dest] = (f"{NOT_SENT}the results it would retire ({ids}) had a delivery to {dest}, which is no "
+                          "longer configured: they are not retired there (retire them in that PACS by hand, or "
+                          "configure it again and replay the series)")
+            log.warning("job %d -> %s: rejection note %s", job.id, dest, said[dest])
+            continue
+        key = tuple(o.id for o in here)
+        if key not in made:
+            made[key] = _note(here, [f for o in here for f in files[o.id]], job, new_derived_series, cfg, out_dir)
+        notes[dest] = [made[key]]
+        said[dest] = (f"sent alone: {dest} is no longer a destination of the rule, but holds the results it retires "
+                      f"({ids})")
+        log.info("job %d -> %s: rejection note %s", job.id, dest, said[dest])
     return notes, said

@@ -22,6 +22,7 @@ from node.config import Config, OrthancSource
 from node.errors import NodeError
 from node.ingest.admit import Admission
 from node.ingest.pull import (
+    FetchError,
     Staging,
     orthanc_call,
     orthanc_client,
@@ -175,6 +176,9 @@ class ChangesFollower:
             n = stage.admit(refused)
         for why in refused:
             log.warning("changes follower %s: Orthanc series %s: %s", self.src.name, series_id, why)
+        if stage.cut_short:  # stored in part (a commit failed part-way): pulled again, the feed position kept
+            raise FetchError(f"Orthanc series {series_id}: stored in part (series {', '.join(stage.cut_short)}); "
+                             "pulled again next round")
         log.info("changes follower %s: series %s pulled, %d instance(s)", self.src.name, series_id, n)
         if n and not refused:  # Orthanc's whole stable series is in: its size is known
             self.admission.declare(str(head.StudyInstanceUID), str(head.SeriesInstanceUID), n,

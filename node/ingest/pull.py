@@ -40,7 +40,7 @@ from node.dimse import (
     label,
     max_pdu_problem,
 )
-from node.errors import ConfigError, DeliveryError, IngestError, NodeError, http_status_text
+from node.errors import ConfigError, DeliveryError, IngestError, NodeError, SpoolError, http_status_text
 from node.ingest.admit import Admission, Caller, caller_rules
 from node.store import valid_uid
 
@@ -164,6 +164,7 @@ class Staging:
             raise FetchError(f"cannot stage a pull in {admission.spool.incoming}: {exc}") from exc
         self.paths: list[Path] = []
         self.uids: dict[tuple[str, str], int] = {}  # (study, series) read so far -> instances
+        self.cut_short: list[str] = []  # series UIDs :meth:`admit` stored in part (a commit failed part-way)
 
     def __enter__(self) -> Staging:
         return self
@@ -216,10 +217,12 @@ class Staging:
             return 0
         series: dict[tuple[str, str], list[Path]] = {}
         bad: dict[tuple[str, str], list[str]] = {}
+        sops: dict[tuple[str, str], set[str]] = {}  # the distinct instances of each series the source sent
         for path in self.paths:
             try:
                 head = self.admission.check_file(path, self.caller)
                 key = (head.study_uid, head.series_uid)
+                sops.setdefault(key, set()).add(head.sop_uid)
             except (IngestError, OSError) as exc:
                 key = self._key_of(path)
                 self.admission.count_refused(exc if isinstance(exc, IngestError) else IngestError(str(exc)))
@@ -234,12 +237,7 @@ class Staging:
         n = 0
         for key, paths in series.items():
             if key not in bad and not unknown:
-                for path in paths:
-                    try:
-                        self.admission.admit_file(path, self.caller)
-                        n += 1
-                    except IngestError as exc:
-                        refused.append(str(exc))
+                n += self._commit(key, paths, len(sops.get(key, ())), refused)
                 continue
             reasons = bad.get(key) or bad[("?", "?")]
             shown = "; ".join(sorted(set(reasons))[:3]) + (" ..." if len(set(reasons)) > 3 else "")
@@ -253,6 +251,38 @@ class Staging:
                 self.admission.count_refused(IngestError(shown), len(paths) - k)
             refused.append(f"{what} ({shown}); a pull is all or nothing per series: none of it admitted")
         return n
+
+    def _commit(self, key: tuple[str, str], paths: list[Path], distinct: int, refused: list[str]) -> int:
+        """Admit ``paths``, every one of series ``key`` checked already (``distinct`` instances); returns how many
+        were admitted. Committing may still fail part-way (the disk reaching ``min_free_mb`` between two commits,
+        an fsync or the index failing): what was admitted stays (it cannot be taken back), so the series is declared
+        with the ``distinct`` instances the source sent (``Admission.declare``): it never completes early and its
+        job says INCOMPLETE, unless a retry brings the rest; one entry in ``refused`` names the series and why."""
+        admitted, late = 0, []
+        for path in paths:
+            try:
+                self.admission.admit_file(path, self.caller)
+                admitted += 1
+            except (IngestError, SpoolError) as exc:
+                late.append(str(exc))
+        if not late:
+            return admitted
+        shown = "; ".join(sorted(set(late))[:3]) + (" ..." if len(set(late)) > 3 else "")
+        what = (f"series {key[1]} (study {key[0]}): {len(late)} of {len(paths)} instance(s) could not be stored after "
+                f"{admitted} were ({shown})")
+        if not admitted:
+            refused.append(f"{what}; none of it admitted")
+            return 0
+        self.cut_short.append(key[1])
+        by = f"{self.caller.via} from {self.caller.ae_title}: {admitted} of {distinct} stored, the rest failed"
+        try:
+            self.admission.declare(key[0], key[1], distinct, by)
+            said = (f"the series is declared {distinct} instance(s): unless a pull brings the rest, its job says "
+                    "INCOMPLETE")
+        except (SpoolError, ValueError) as exc:
+            said = f"its size could not be declared ({exc}): its job may not say it is INCOMPLETE"
+        refused.append(f"{what}; {said}")
+        return admitted
 
     @staticmethod
     def _key_of(path: Path) -> tuple[str, str]:

@@ -36,6 +36,10 @@ class UnsupportedMediaType(MultipartError):
     """The request's media type is not one the node takes (HTTP 415)."""
 
 
+class TooManyParts(MultipartError):
+    """The request holds more parts than ``[http] max_stow_parts`` (HTTP 413; the parts before are kept)."""
+
+
 def boundary_of(content_type: str) -> str:
     """The ``boundary`` parameter of a multipart/related Content-Type (RFC 2046 5.1.1, RFC 2387);
     UnsupportedMediaType when the type is another, or its ``type`` parameter is not application/dicom (PS3.18's
@@ -83,6 +87,8 @@ def split_multipart(body: bytes, boundary: str) -> Iterator[tuple[dict[str, str]
 
 
 MAX_WARNINGS = 10  # Warning headers on one STOW-RS response (a request of 3000 junk parts gets 10 and a count)
+MAX_LOGGED = 10  # log lines naming a refused part, per request (then one line with the count by status)
+DEFAULT_MAX_PARTS = 50_000  # [http] max_stow_parts
 
 
 @dataclass
@@ -257,8 +263,9 @@ class StowReceiver:
 
     def __init__(self, boundary: str, admit: Callable[[Path], Any], incoming: Path, study: str = "",
                  has_space: Callable[[], bool] | None = None,
-                 max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES) -> None:
+                 max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, max_parts: int = DEFAULT_MAX_PARTS) -> None:
         self.parser = MultipartStream(boundary)
+        self.max_parts = max_parts  # [http] max_stow_parts: a part beyond it ends the request (TooManyParts)
         self.max_instance_bytes = max_instance_bytes  # [node] max_instance_mb: a larger part is refused 0xA700
         self.admit, self.incoming, self.study = admit, Path(incoming), study
         self.has_space = has_space or (lambda: True)
@@ -289,9 +296,22 @@ class StowReceiver:
         before the fault are stored); else the per-instance result."""
         self.abort()
         self.parser.close()
-        for *_, words in self.result.failed:
-            log.warning("STOW-RS: instance refused: %s", words)
+        self.log_refusals()
         return self.result
+
+    def log_refusals(self) -> None:
+        """One WARNING line per refused part, at most ``MAX_LOGGED`` a request, then one line counting the rest by
+        status: a 1 MB body of 100,000 empty parts wrote 100,000 lines (17 MB) into the node's log."""
+        failed = self.result.failed
+        for *_, words in failed[:MAX_LOGGED]:
+            log.warning("STOW-RS: instance refused: %s", words)
+        if len(failed) > MAX_LOGGED:
+            by: dict[int, int] = {}
+            for _c, _i, status, _w in failed[MAX_LOGGED:]:
+                by[status] = by.get(status, 0) + 1
+            counts = ", ".join(f"{k} with 0x{st:04X}" for st, k in sorted(by.items()))
+            log.warning("STOW-RS: and %d more refused part(s) in this request (%s): not logged one by one",
+                        len(failed) - MAX_LOGGED, counts)
 
     def abort(self) -> None:
         """Drop a part still being written (its temporary file is removed, also when closing it fails: a full
@@ -310,6 +330,10 @@ class StowReceiver:
 
     def _start(self, headers: dict[str, str]) -> None:
         n = self.parser.parts
+        if self.max_parts and n > self.max_parts:
+            raise TooManyParts(f"more than [http] max_stow_parts = {self.max_parts} parts in one STOW-RS request: "
+                               f"the request ends here ({len(self.result.stored)} instance(s) stored before, "
+                               f"{len(self.result.failed)} refused); send the rest in another request")
         part_type = headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
         if part_type != "application/dicom":
             self.result.failed.append(("", "", Status.CANNOT_UNDERSTAND,

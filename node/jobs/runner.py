@@ -133,7 +133,7 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
         # destination where they had a delivery (never a note naming instances a destination never held)
         room.check(0, "the rejection note")
         notes, notes_said = rejection_notes(index, spool.outbox, job, result.derived_series_uid, cfg.derive, out_dir,
-                                            rule.destinations)
+                                            rule.destinations, configured={d.name for d in cfg.destinations})
     except ResultsSpaceError as exc:
         return _results_lost(ctx, job, out_dir, str(exc))
     except NodeError as exc:
@@ -142,6 +142,8 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
         return _results_lost(ctx, job, out_dir, _scrubbed(describe_write_error(exc, spool.root), paths))
     per_dest = {d: files + [str(p) for p in notes.get(d, [])] + ([str(p) for p in paths] if rule.forward_originals
                                                                  else []) for d in rule.destinations}
+    # a configured destination the rule no longer names, holding results the note retires: the note alone
+    per_dest.update({d: [str(p) for p in ps] for d, ps in notes.items() if d not in per_dest})
     report = dict(result.report or {})
     if notes_said:  # per destination: "sent", or why no note went there (NOT_SENT ...)
         report["rejection_notes"] = notes_said

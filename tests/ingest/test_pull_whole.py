@@ -363,3 +363,85 @@ def test_a_pulled_private_instance_with_pixel_data_still_refuses_its_series_whol
     finally:
         store.index.close()  # type: ignore[attr-defined]
         orthanc.stop()
+
+
+def test_a_pull_whose_admission_fails_after_part_of_the_series_is_in_is_declared_not_silent(tmp_path: Path) -> None:
+    """hostile17: every staged instance passed ``Admission.check_file``, then committing them failed part-way (here
+    the index refuses the 5th and 6th rows of the series; in the field a disk reaching ``min_free_mb`` between two
+    commits, an fsync failing, a write lock held past the busy timeout). Before: the SpoolError escaped ``fetch``
+    with 4 of the 6 instances already in the index, nothing declared: once quiet for stable_age_s a job from 4 of
+    the 6 slices, its derived series complete in appearance. Now every refusal of the commit is listed, naming the
+    series, and the series is declared with the 6 instances the source sent: its job says INCOMPLETE; a retry
+    that brings the rest makes it whole (6 of 6 declared)."""
+    import sqlite3
+
+    from node.ingest import fetch
+
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    files = phantom(tmp_path, seed=1701, slices=6)
+    upload(orthanc, files)
+    ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+    cfg, store, admission = _store(tmp_path, {"url": orthanc.url})
+    db = sqlite3.connect(tmp_path / "spool" / "index.sqlite", timeout=60, isolation_level=None)
+    try:
+        db.execute("CREATE TRIGGER refuse_late BEFORE INSERT ON instances WHEN (SELECT count(*) FROM instances WHERE "
+                   "series_uid = NEW.series_uid) >= 4 BEGIN SELECT RAISE(ABORT, 'test: the index refuses the row'); "
+                   "END")
+        result = fetch(cfg, "o", ref.StudyInstanceUID, ref.SeriesInstanceUID, admission=admission)  # type: ignore[arg-type]
+        row = store.index.series(ref.SeriesInstanceUID, ref.StudyInstanceUID)  # type: ignore[attr-defined]
+        assert row is not None and row["n_instances"] == 4, row
+        assert row["declared_instances"] == 6, row  # before: None (and SpoolError out of fetch)
+        assert result.received == 4 and len(result.refused) == 1, result
+        text = result.refused[0]
+        assert ref.SeriesInstanceUID in text and "2 of 6" in text and "INCOMPLETE" in text, text
+        for value in (ref.PatientName, ref.PatientID, ref.get("StudyDate", "")):
+            assert not str(value) or str(value) not in text
+        assert list((tmp_path / "spool" / "incoming").iterdir()) == []
+        db.execute("DROP TRIGGER refuse_late")
+        result = fetch(cfg, "o", ref.StudyInstanceUID, ref.SeriesInstanceUID, admission=admission)  # type: ignore[arg-type]
+        assert result.received == 6 and not result.refused, result
+        row = store.index.series(ref.SeriesInstanceUID, ref.StudyInstanceUID)  # type: ignore[attr-defined]
+        assert row is not None and (row["n_instances"], row["declared_instances"]) == (6, 6), row
+    finally:
+        db.close()
+        store.index.close()  # type: ignore[attr-defined]
+        orthanc.stop()
+
+
+def test_the_follower_pulls_again_a_series_it_could_store_only_in_part(tmp_path: Path) -> None:
+    """hostile17: the changes follower's commit fails after 4 of 6 instances of a stable series (the index refuses
+    the rest). Before the Staging fix the SpoolError ended the round (and the feed position stayed); once a part
+    stored is declared rather than raised, the follower must not move past the series as if done: it pulls it
+    again next round, the feed position kept, and once the index takes the rest the series is whole (6, declared
+    6 by the follower)."""
+    import sqlite3
+
+    from tests.ingest.test_pull import _follower
+
+    orthanc = start_orthanc(tmp_path / "orthanc")
+    follower, store = _follower(tmp_path, {"url": orthanc.url})
+    db = sqlite3.connect(tmp_path / "spool" / "index.sqlite", timeout=60, isolation_level=None)
+    try:
+        db.execute("CREATE TRIGGER refuse_late BEFORE INSERT ON instances WHEN (SELECT count(*) FROM instances WHERE "
+                   "series_uid = NEW.series_uid) >= 4 BEGIN SELECT RAISE(ABORT, 'test: the index refuses the row'); "
+                   "END")
+        files = phantom(tmp_path, seed=1702, slices=6)
+        ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+        upload(orthanc, files)
+        follower.start()  # type: ignore[attr-defined]
+
+        def row() -> dict[str, object] | None:
+            return store.index.series(ref.SeriesInstanceUID, ref.StudyInstanceUID)  # type: ignore[attr-defined,no-any-return]
+
+        wait_until(lambda: (r := row()) is not None and (r["n_instances"], r["declared_instances"]) == (4, 6), 60,
+                   what=f"4 of 6 stored, 6 declared ({row()})")
+        db.execute("DROP TRIGGER refuse_late")
+        wait_until(lambda: (r := row()) is not None and (r["n_instances"], r["declared_instances"]) == (6, 6)
+                   and str(r["declared_by"]).startswith("orthanc-changes"), 60,
+                   what=f"the series pulled again, whole ({row()})")
+    finally:
+        if follower is not None:
+            follower.stop()  # type: ignore[attr-defined]
+        db.close()
+        store.index.close()  # type: ignore[attr-defined]
+        orthanc.stop()

@@ -10,9 +10,11 @@ starting ``NOT_SENT``). The real runner, spool, index, cubic engine, outbox and 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from node.app.phantom import write_phantom_series
 from node.config import Config, config_from_dict
@@ -93,3 +95,51 @@ def test_a_rejection_note_goes_only_where_the_results_it_retires_had_a_delivery(
     assert notes == {"a": {d1, d2}, "b": {d2}, "c": {d2}}, notes
     sent = ix.job(job3).report["rejection_notes"]
     assert sent["a"] == "sent" and sent["b"] == sent["c"] == "sent", sent
+
+
+def _config_of(tmp_path: Path, configured: list[str], destinations: list[str]) -> Config:
+    raw = base_config(tmp_path)
+    raw["destinations"] = [{"name": n, "kind": "folder", "path": str(tmp_path / n)} for n in configured]
+    raw["rules"][0]["destinations"] = destinations
+    return config_from_dict(raw)
+
+
+def test_a_destination_the_rule_or_the_configuration_dropped_since_is_not_forgotten_by_the_note(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """hostile17: job 1's results delivered to a, b and c; then b removed from the configuration and c from the
+    rule (still configured). Job 2 (a late slice) sent its rejection note to a alone: c and b kept job 1's
+    derived series, current in appearance, retired by nothing, and nothing said so (the report named a only).
+    Now c, still configured, gets the note alone; b, gone, is named in the report (``NOT_SENT``) and a WARNING."""
+    files = write_phantom_series(tmp_path / "in", slices=8, size=32, step_mm=3.0, seed=1701)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    series, study = str(first.SeriesInstanceUID), str(first.StudyInstanceUID)
+    ctx = JobContext.open(_config_of(tmp_path, ["a", "b", "c"], ["a", "b", "c"]))
+    ix = ctx.store.index
+    outbox = Outbox(ctx.cfg, ix, ctx.metrics)
+    _add(ctx, files[1:])
+    job1 = ix.create_job(series, "all-ct-mr", study_uid=study)
+    run_job(ctx, job1)
+    for d in ix.deliveries(job1):
+        outbox.attempt(d)
+        assert ix.delivery(d.id).state == DeliveryState.DELIVERED  # type: ignore[union-attr]
+    ctx2 = dataclasses.replace(ctx, cfg=_config_of(tmp_path, ["a", "c"], ["a"]))
+    _add(ctx, files[:1])
+    job2 = ix.create_job(series, "all-ct-mr", study_uid=study)
+    with caplog.at_level(logging.WARNING, logger="node.derived.iocm"):
+        run_job(ctx2, job2)
+    d1 = ix.job(job1).derived_series_uid
+    assert ix.job(job2).state == JobState.SENDING
+    notes = _notes(ctx, job2)
+    assert notes == {"a": {d1}, "c": {d1}}, notes  # before: {"a": {d1}}
+    (to_c,) = [d for d in ix.deliveries(job2) if d.destination == "c"]
+    assert [pydicom.dcmread(f, stop_before_pixels=True).Modality for f in to_c.files] == ["KO"], to_c.files
+    sent = ix.job(job2).report["rejection_notes"]
+    assert sent["a"] == "sent" and sent["c"].startswith("sent alone: c is no longer a destination of the rule"), sent
+    assert sent["b"].startswith(NOT_SENT) and f"job {job1}" in sent["b"] and "b, which is no longer configured" \
+        in sent["b"], sent
+    assert any("no longer configured" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    # the note alone is delivered to c
+    outbox2 = Outbox(ctx2.cfg, ix, ctx.metrics)
+    outbox2.attempt(to_c)
+    assert ix.delivery(to_c.id).state == DeliveryState.DELIVERED  # type: ignore[union-attr]
+    assert [p.name for p in (tmp_path / "c").rglob("*.dcm") if pydicom.dcmread(p).Modality == "KO"], "no KO at c"

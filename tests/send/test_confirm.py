@@ -705,3 +705,32 @@ def test_a_pacs_that_answers_a_page_of_the_series_is_still_counted_whole(tmp_pat
     assert got.state is DeliveryState.PENDING and "expected 12, PACS has 10" in got.reason, got.reason
     h.outbox.attempt(h.now(d2))  # resent: all 12 held again
     assert h.now(d2).state is DeliveryState.DELIVERED
+
+
+def test_a_report_from_a_stranger_is_not_decoded(tmp_path: Path) -> None:
+    """hostile17: the Storage Commitment context is open to any caller of the node's AE title, and the report was
+    decoded before its sender was checked: 11 MB of event information listing 160,000 references (within the
+    16 MiB a data set may take in memory) cost the real node 12.8 s of CPU and ~350 MB (an in-process measure;
+    32 associations at once: ~11 GB), then 0x0110. Now a report from an AE title and address that are no DICOM
+    destination's is answered 0x0110 without being decoded."""
+    from tests.support.nodeproc import NodeProc
+
+    node = NodeProc.start(tmp_path / "node", {"node": {"stable_age_s": 3600}})
+    try:
+        pid = node.proc.pid if node.proc else 0
+
+        def hwm_mb() -> int:
+            text = Path(f"/proc/{pid}/status").read_text()
+            return next(int(line.split()[1]) // 1024 for line in text.splitlines() if line.startswith("VmHWM"))
+
+        before = hwm_mb()
+        refs = [("", "", "1.2.840.10008.5.1.4.1.1.2", f"1.2.3.4.5.6.7.8.9.{i}") for i in range(160_000)]
+        assert _send_report(node.port, "EVIL", "1.2.3.4.5", refs) == 0x0110
+        grown = hwm_mb() - before
+        assert grown < 150, f"the node grew by {grown} MB for a stranger's report"  # 11 MB received; before ~350
+        assert node.echo()
+    finally:
+        node.stop()
+    log = node.log()
+    assert "storage commitment report from EVIL@127.0.0.1 ignored unread" in log, log[-2000:]
+    assert "no delivery awaits it" not in log  # before: decoded, then found to concern no delivery
