@@ -79,7 +79,7 @@ if a.truth:
     out_idx, thin_idx = ev.match_truth(series, thin, a.factor)
     lr_in, truth = series.vin, thin.vin.data[thin_idx]
 else:
-    lr_in, truth, factors = ev.simulate(series, "through", a.factor)
+    lr_in, truth, factors = ev.simulate(series, "through", a.factor, ev.ThickProfile.DISCRETE)  # as recorded
 opts = EngineOptions(device=Device("cpu"), fast=a.fast)
 doc, outs, sigma = ev.evaluate(lr_in, truth, factors, opts, "selfsup", out_idx)
 doc.update({"series": series.name, "truth": a.truth or "simulated", "axis": "through", "factor": a.factor,

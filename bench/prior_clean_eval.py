@@ -17,12 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.engine import Device, EngineOptions  # noqa: E402
 from models.evaluate import body_mask, data_range, fidelity  # noqa: E402
 from node.app.volume_file import load_volume  # noqa: E402
-from node.bench.eval import evaluate, simulate  # noqa: E402
+from node.bench.eval import ThickProfile, evaluate, simulate  # noqa: E402
 
 
 def main(volume: Path, weights: str) -> dict[str, object]:
     lo = load_volume(volume)
-    lr, truth, fac = simulate(lo, "through", 2)
+    lr, truth, fac = simulate(lo, "through", 2, ThickProfile.DISCRETE)  # as recorded
     doc, outs, _sigma = evaluate(lr, truth, fac, EngineOptions(device=Device.CPU, fast=True, weights=weights),
                                  "selfsup")
     p = float(np.percentile(truth, 99.9))

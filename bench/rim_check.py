@@ -82,10 +82,10 @@ def case_input(name: str, f: int) -> tuple[VolumeInput, np.ndarray, str]:
             w = float(np.clip((p - tp[i]) / (tp[i + 1] - tp[i]), 0, 1))
             truth[k] = (1 - w) * td[i] + w * td[i + 1]
         return thick.vin, truth, "real 5 mm phantom CT, truth from the 1 mm reconstruction (interpolated at new rows)"
-    from node.bench.eval import simulate
+    from node.bench.eval import ThickProfile, simulate
 
     folder = {"ph1": "ct_head_phantom_philips_1mm", "mpr": "mr_t1_mprage_sag_siemens", "ge": "mr_t1_3d_axial_ge"}[name]
-    vin, truth, _ = simulate(load_volume(DATA / folder), "through", f)
+    vin, truth, _ = simulate(load_volume(DATA / folder), "through", f, ThickProfile.DISCRETE)  # as recorded
     return vin, truth, f"{folder} simulated x{f} (srnode eval)"
 
 

@@ -95,6 +95,10 @@ PROFILE_FROM = "geometry"
 # a thin layer the slab averages cannot place) are flagged; clamping the values there instead cost 0.7-1.0 dB on
 # the real 5 mm / 1 mm phantom pair, whose truth has such layers (docs/engines.md, rim14)
 BRACKET_FLOOR = True
+# data consistency: the share of the acquired slices' residual put back (1: the exact projection D y = x; 0: none).
+# The exact projection assumes the declared slice profile is the scanner's: under another profile of the same FWHM
+# it amplifies the mismatch (docs/engines.md, "Thick-slice operators")
+DC_WEIGHT = 1.0
 FINETUNE_LR = 3e-4  # Adam learning rate of the fine-tuning from the prior (cosine to a tenth)
 FUSE_EPS = 2e-3  # normalised units (data range 1): below it, spreads count as equal
 OOM_TILES = (1 << 18, 1 << 16, 1 << 13)  # max_voxels_per_tile of the retries after a CUDA out-of-memory error
@@ -561,7 +565,7 @@ class SelfSupEngine:
         for c0 in range(0, yv.shape[1], step):  # the products in column blocks on the CPU (il.cols_matmul)
             r = xv[:, c0 : c0 + step] - il.cols_matmul(d, yv[:, c0 : c0 + step])
             before.append((r * r).sum())
-            yv[:, c0 : c0 + step] += il.cols_matmul(p, r)
+            yv[:, c0 : c0 + step] += il.cols_matmul(p, r) if DC_WEIGHT == 1.0 else DC_WEIGHT * il.cols_matmul(p, r)
             r2 = xv[:, c0 : c0 + step] - il.cols_matmul(d, yv[:, c0 : c0 + step])
             after.append((r2 * r2).sum())
         return yv.view_as(y), (before, after)

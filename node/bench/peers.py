@@ -61,6 +61,7 @@ from node.bench.eclare import (
     run_peer,
     training_progress,
 )
+from node.bench.eval import DEFAULT_PROFILE, ThickProfile
 from node.bench.nifti import geometry_of, regrid_ceiling
 from node.errors import EngineError, VolumeError
 
@@ -76,6 +77,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--factor", type=int, default=2, help="through-plane factor (default 2)")
     parser.add_argument("--max-slices", type=int, default=0, help="central slices only (0: all)")
     parser.add_argument("--crop", type=int, default=0, help="central N x N in-plane window (0: whole matrix)")
+    parser.add_argument("--profile", choices=[p.value for p in ThickProfile], default=DEFAULT_PROFILE.value,
+                        help="how the thick input is simulated (srnode eval --profile)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="srnode's engine and ECLARE on this device (cuda: ECLARE's --gpu-id, stopped if its "
                              "torch finds no GPU)")
@@ -134,7 +137,7 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
     if not np.array_equal(lo.vin.data, whole.vin.data[z0 : z0 + lo.vin.data.shape[0], y0 : y0 + lo.vin.data.shape[1],
                                                       x0 : x0 + lo.vin.data.shape[2]]):
         raise VolumeError(f"{path.name}: the crop's offset could not be found")
-    lr, truth, factors = simulate(lo, "through", args.factor)
+    lr, truth, factors = simulate(lo, "through", args.factor, ThickProfile(args.profile))
     f = factors.through_plane
     pixel = (float(lo.vin.spacing[1]), float(lo.vin.spacing[2]))
     g_truth = geometry_of(lo.positions[: truth.shape[0]], whole.row_cosine, whole.col_cosine, pixel, (y0, x0))
@@ -164,7 +167,8 @@ def compare(path: Path, args: argparse.Namespace, command: list[str], workdir: P
         "srnode": {**doc["engine"], "seconds": doc["seconds"], "engine": doc["engine_name"],
                    "fallback": doc["fallback"]}}
     figures = {
-        "series": path.name, "modality": lr.modality, "factor": f, "truth_shape": list(truth.shape),
+        "series": path.name, "modality": lr.modality, "factor": f, "thick_profile": args.profile,
+        "truth_shape": list(truth.shape),
         "input_shape": list(lr.data.shape), "crop": [int(z0), int(y0), int(x0)],
         "spacing_truth_mm": [round(float(s), 4) for s in (lo.vin.spacing[0], *pixel)],
         "input_slice_step_mm": round(float(lr.spacing[0]), 4),
