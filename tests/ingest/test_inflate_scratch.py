@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -51,12 +50,10 @@ def test_a_reindex_killed_while_inflating_leaves_no_copy_among_the_stored_instan
     cmd = [sys.executable, "-m", "node.app.cli", "reindex", "--config", str(config)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
     try:
-        while not _copies(spool.root):
-            assert proc.poll() is None, f"reindex ended before its inflated copy was seen: {proc.stdout.read()!r}"
-            assert time.monotonic() < deadline, "no inflated copy within 120 s"
-            time.sleep(0.005)
+        seen = wait_until(lambda: _copies(spool.root) or proc.poll() is not None, timeout=120, interval=0.005,
+                          what="an inflated copy")  # the copies, or True once reindex has ended without one
+        assert isinstance(seen, list), f"reindex ended before its inflated copy was seen: {proc.stdout.read()!r}"
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()

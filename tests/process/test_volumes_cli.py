@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
 from node.app.phantom import write_phantom_series
 from tests.support.fixtures import ROOT, shared_series
 from tests.support.peers import dciodvfy
+from tests.support.series import variant
 
 
 def srnode(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -115,17 +115,8 @@ def test_mosaic_becomes_a_volume_never_a_picture(tmp_path: Path) -> None:
 
 
 def _copy_series(files: list[Path], out: Path, tag: str, time: int) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for f in files:
-        ds = pydicom.dcmread(f)
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), tag])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.TemporalPositionIdentifier = time
-        p = out / f"{tag}-{f.name}"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
+    """Copies of ``files`` as new instances of time point ``time`` (TemporalPositionIdentifier)."""
+    return variant(files, out, tag, lambda ds, k: setattr(ds, "TemporalPositionIdentifier", time))
 
 
 def test_a_volume_too_short_is_refused_alone_naming_its_files(tmp_path: Path) -> None:

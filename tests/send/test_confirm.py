@@ -474,52 +474,53 @@ def _send_report(port: int, calling: str, uid: str, refs: Sequence[Sequence[str]
     return int(status.Status)
 
 
-def test_a_report_listing_an_instance_both_committed_and_failed_is_a_failed_attempt(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_report_listing_an_instance_both_committed_and_failed_is_a_failed_attempt(tmp_path: Path) -> None:
     """break13p: a report (event 2) listing every instance in ReferencedSOPSequence and one of them again in
     FailedSOPSequence was "all 3 committed", delivered. The PACS said it failed: a failed attempt, resent."""
-    from node.send.query_dimse import DimseQuery
-
     files = write_phantom_series(tmp_path / "ct", slices=3, size=16, seed=42)
-    dest = {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": free_port(), "ae_title": "PACS"}
+    pacs = _Pacs(0.0)  # a real PACS that takes the N-ACTION and sends nothing else
+    dest = {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}
     h = Harness(tmp_path, _cfg(tmp_path, dest), files)
-    monkeypatch.setattr(DimseQuery, "request_commitment", lambda *a: None)  # the PACS took the request, nothing else
-    d = h.job(1)
-    assert h.outbox.confirm.after_send(d, files) is False
-    sent = h.now(d)
-    port = free_port()
-    server = report_listener(port, [h])
+    server = None
     try:
+        d = h.job(1)
+        assert h.outbox.confirm.after_send(d, files) is False
+        sent = h.now(d)
+        port = free_port()
+        server = report_listener(port, [h])
         assert _send_report(port, "PACS", sent.transaction_uid, sent.sop_refs, failed=sent.sop_refs[1:2]) == 0
         got = h.now(d)
         assert got.state is DeliveryState.PENDING and "expected 3, PACS has 2" in got.reason, (got.state, got.reason)
         assert "1 failed, reason 0x0110" in got.reason
     finally:
-        server.shutdown()
+        if server is not None:
+            server.shutdown()
+        pacs.server.shutdown()
 
 
-def test_a_report_from_another_ae_does_not_confirm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_report_from_another_ae_does_not_confirm(tmp_path: Path) -> None:
     """A third party that learnt the transaction UID (it is logged, and travels in clear) cannot make a delivery
     'delivered': only the destination's AE title, from its host's address, settles it."""
-    from node.send.query_dimse import DimseQuery
-
     files = write_phantom_series(tmp_path / "ct", slices=3, size=16, seed=41)
-    dest = {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": free_port(), "ae_title": "PACS"}
+    pacs = _Pacs(0.0)  # a real PACS that takes the N-ACTION and sends nothing else
+    dest = {"name": "pacs", "kind": "dicom", "host": "127.0.0.1", "port": pacs.port, "ae_title": "PACS"}
     h = Harness(tmp_path, _cfg(tmp_path, dest), files)
-    monkeypatch.setattr(DimseQuery, "request_commitment", lambda *a: None)  # the PACS took the request, nothing else
-    d = h.job(1)
-    assert h.outbox.confirm.after_send(d, files) is False
-    sent = h.now(d)
-    port = free_port()
-    server = report_listener(port, [h])
+    server = None
     try:
+        d = h.job(1)
+        assert h.outbox.confirm.after_send(d, files) is False
+        sent = h.now(d)
+        port = free_port()
+        server = report_listener(port, [h])
         assert _send_report(port, "EVIL", sent.transaction_uid, sent.sop_refs) == 0x0110
         assert h.now(d).state is DeliveryState.SENT and h.now(d).transaction_uid == sent.transaction_uid
         assert _send_report(port, "PACS", sent.transaction_uid, sent.sop_refs) == 0
         got = h.now(d)
         assert got.state is DeliveryState.DELIVERED and got.confirmed == 3
     finally:
-        server.shutdown()
+        if server is not None:
+            server.shutdown()
+        pacs.server.shutdown()
 
 
 def test_an_orthanc_answer_that_is_not_json_is_a_counted_attempt(tmp_path: Path) -> None:

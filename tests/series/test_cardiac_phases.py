@@ -11,35 +11,17 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
-from node.app.phantom import write_phantom_series
 from node.errors import VolumeError
 from node.series import load_volumes
+from tests.support.series import mr_variant, phantom_stack
 
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 PHASES = 4
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return write_phantom_series(tmp_path_factory.mktemp("phantom"), slices=6, size=32, step_mm=3.0, fov_mm=96.0)
-
-
-def _variant(files: list[Path], out: Path, tag: str, change: Callable[[pydicom.Dataset, int], None]) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, f in enumerate(files):
-        ds = pydicom.dcmread(f)
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), tag])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.Modality, ds.SOPClassUID = "MR", MR_IMAGE_STORAGE
-        ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-        change(ds, k)
-        p = out / f"{tag}-{f.name}"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
+    return phantom_stack(tmp_path_factory.mktemp("phantom"))
 
 
 def _cine(phantom: list[Path], out: Path, rr_ms: Callable[[int], float]) -> list[Path]:
@@ -52,7 +34,7 @@ def _cine(phantom: list[Path], out: Path, rr_ms: Callable[[int], float]) -> list
             a = ds.pixel_array
             ds.PixelData = (a.astype(np.int32) + 100 * p).clip(0, 4095).astype(a.dtype).tobytes()
         return change
-    return [f for p in range(PHASES) for f in _variant(phantom, out, f"ph{p}", phase(p))]
+    return [f for p in range(PHASES) for f in mr_variant(phantom, out, f"ph{p}", phase(p))]
 
 
 def test_cine_phases_whose_trigger_times_vary_with_the_heart_rate_are_one_volume_each(phantom: list[Path],
@@ -101,7 +83,7 @@ def test_two_acquisitions_whose_trigger_times_run_in_opposite_slice_orders_are_s
                 ds.PixelData = (a.astype(np.int32) + 100).clip(0, 4095).astype(a.dtype).tobytes()
         return change
 
-    files = _variant(phantom, tmp_path, "a1", acquisition(1)) + _variant(phantom, tmp_path, "a2", acquisition(2))
+    files = mr_variant(phantom, tmp_path, "a1", acquisition(1)) + mr_variant(phantom, tmp_path, "a2", acquisition(2))
     vols = load_volumes(files)
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("acquisition 1", 6), ("acquisition 2", 6)]
     for n, v in enumerate(vols, start=1):

@@ -16,11 +16,10 @@ from pydicom.dataset import Dataset
 from node.app.check_cmd import check_folders
 from node.app.phantom import write_phantom_series
 from node.config import load_config
-from node.errors import VolumeError
 from node.process import process_series
-from node.series import load_series, load_volumes
+from node.series import load_series
 from tests.support.fixtures import shared_series
-from tests.support.series import edited_phantom
+from tests.support.series import edited_phantom, refused
 
 
 def _enhanced(tmp_path: Path, change: Callable[[Dataset], None]) -> list[Path]:
@@ -34,31 +33,18 @@ def _enhanced(tmp_path: Path, change: Callable[[Dataset], None]) -> list[Path]:
     return [out]
 
 
-def _refused(files: list[Path], tmp_path: Path, *reason: str) -> str:
-    with pytest.raises(VolumeError) as exc:
-        load_volumes(files)
-    msg = str(exc.value)
-    for r in reason:
-        assert r in msg, msg
-    cfg = load_config(None)
-    with pytest.raises(VolumeError):
-        process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name="cubic")
-    assert not list((tmp_path / "out").rglob("*.dcm")), "nothing may be derived"
-    return msg
-
-
 def test_number_of_frames_below_the_frames_present_is_refused_not_cut(tmp_path: Path) -> None:
     """NumberOfFrames 90 on an object whose per-frame functional groups and pixel data hold 96 frames: the last
     6 frames (12 mm of the head) were left out of the derived series, exit 0, only pydicom's warning."""
     def fewer(ds: Dataset) -> None:
         ds.NumberOfFrames = 90
-    _refused(_enhanced(tmp_path, fewer), tmp_path, "MF.dcm", "NumberOfFrames 90", "96")
+    refused(_enhanced(tmp_path, fewer), tmp_path, "MF.dcm", "NumberOfFrames 90", "96")
 
 
 def test_per_frame_groups_shorter_than_number_of_frames_names_the_counts(tmp_path: Path) -> None:
     def shorter(ds: Dataset) -> None:
         del ds.PerFrameFunctionalGroupsSequence[90:]
-    _refused(_enhanced(tmp_path, shorter), tmp_path, "MF.dcm", "NumberOfFrames 96", "90")
+    refused(_enhanced(tmp_path, shorter), tmp_path, "MF.dcm", "NumberOfFrames 96", "90")
 
 
 def test_pixel_data_holding_more_frames_than_declared_is_refused(tmp_path: Path) -> None:
@@ -67,7 +53,7 @@ def test_pixel_data_holding_more_frames_than_declared_is_refused(tmp_path: Path)
     def fewer_groups(ds: Dataset) -> None:
         ds.NumberOfFrames = 90
         del ds.PerFrameFunctionalGroupsSequence[90:]
-    _refused(_enhanced(tmp_path, fewer_groups), tmp_path, "MF.dcm", "96 frames", "NumberOfFrames 90")
+    refused(_enhanced(tmp_path, fewer_groups), tmp_path, "MF.dcm", "96 frames", "NumberOfFrames 90")
 
 
 def test_single_frame_image_with_two_frames_of_pixels_is_named(tmp_path: Path) -> None:
@@ -77,7 +63,7 @@ def test_single_frame_image_with_two_frames_of_pixels_is_named(tmp_path: Path) -
     ds = pydicom.dcmread(files[3])
     ds.PixelData = ds.PixelData * 2
     ds.save_as(files[3])
-    msg = _refused(files, tmp_path, files[3].name, "2 frames")
+    msg = refused(files, tmp_path, files[3].name, "2 frames")
     assert files[0].name not in msg
 
 
@@ -111,10 +97,6 @@ def test_a_functional_group_rescale_wins_over_a_top_level_one(tmp_path: Path) ->
     np.testing.assert_array_equal(vol.data, np.stack([stored[f - 1] for f in vol.frame_numbers]).astype(np.float32))
 
 
-def _phantom(tmp_path: Path, change: Callable[[int, Dataset], None]) -> list[Path]:
-    return edited_phantom(tmp_path, change)
-
-
 def _palette(k: int, ds: Dataset) -> None:
     ds.PhotometricInterpretation = "PALETTE COLOR"
 
@@ -134,8 +116,8 @@ def _high_bit_at_the_top(k: int, ds: Dataset) -> None:
 def test_pixels_that_are_not_grey_scale_values_as_read_are_refused(tmp_path: Path,
                                                                    change: Callable[[int, Dataset], None],
                                                                    reason: str) -> None:
-    files = _phantom(tmp_path, change)
-    msg = _refused(files, tmp_path, reason)
+    files = edited_phantom(tmp_path, change)
+    msg = refused(files, tmp_path, reason)
     assert files[0].name in msg
 
 
@@ -149,7 +131,7 @@ def test_a_refusal_about_one_frame_names_the_frame(tmp_path: Path) -> None:
         a = np.radians(0.5)
         col = col * np.cos(a) + np.cross(row, col) * np.sin(a)
         item.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *col)]
-    msg = _refused(_enhanced(tmp_path, tilt), tmp_path, "1 slice(s)", "(MF.dcm (frame 51))")
+    msg = refused(_enhanced(tmp_path, tilt), tmp_path, "1 slice(s)", "(MF.dcm (frame 51))")
     assert "MF.dcm (frame 1), MF.dcm (frame 2), MF.dcm (frame 3), ..." in msg, msg
 
 
@@ -158,4 +140,4 @@ def test_float_pixel_data_is_named_for_what_it_is(tmp_path: Path) -> None:
     def floating(k: int, ds: Dataset) -> None:
         ds.FloatPixelData = ds.pixel_array.astype("<f4").tobytes()
         del ds.PixelData
-    _refused(_phantom(tmp_path, floating), tmp_path, "CT0001.dcm: holds FloatPixelData")
+    refused(edited_phantom(tmp_path, floating), tmp_path, "CT0001.dcm: holds FloatPixelData")

@@ -11,35 +11,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
-from node.app.phantom import write_phantom_series
 from node.errors import VolumeError
 from node.series import load_volumes
-
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+from tests.support.series import mr_variant, phantom_stack
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return write_phantom_series(tmp_path_factory.mktemp("phantom"), slices=6, size=32, step_mm=3.0, fov_mm=96.0)
-
-
-def _variant(files: list[Path], out: Path, tag: str, change: Callable[[pydicom.Dataset, int], None]) -> list[Path]:
-    """Copies of ``files`` in ``out`` as new MR instances of the same series, each changed by ``change(ds, k)``."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, f in enumerate(files):
-        ds = pydicom.dcmread(f)
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), tag])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.Modality, ds.SOPClassUID = "MR", MR_IMAGE_STORAGE
-        ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-        change(ds, k)
-        p = out / f"{tag}-{f.name}"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
+    return phantom_stack(tmp_path_factory.mktemp("phantom"))
 
 
 def _move(ds: pydicom.Dataset, mm: float) -> None:
@@ -69,7 +49,7 @@ def test_a_derived_mip_slice_one_step_past_the_stack_is_not_stacked_with_the_ori
         _move(ds, 3.0)
         _scale(ds, 3.0)
 
-    files = _variant(phantom, tmp_path, "o", original) + _variant(phantom[-1:], tmp_path, "mip", mip)
+    files = mr_variant(phantom, tmp_path, "o", original) + mr_variant(phantom[-1:], tmp_path, "mip", mip)
     try:
         vols = load_volumes(files)
     except VolumeError as e:  # refusing, naming the image type and the file, is safe too
@@ -91,7 +71,7 @@ def test_magnitude_and_phase_at_alternate_positions_are_two_volumes(phantom: lis
         if kind(k) == "P":
             _scale(ds, 0.25)
 
-    vols = load_volumes(_variant(phantom, tmp_path, "mp", change))
+    vols = load_volumes(mr_variant(phantom, tmp_path, "mp", change))
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("type M", 3), ("type P", 3)]
     assert [_kinds(v) for v in vols] == [{"ORIGINAL\\PRIMARY\\M\\ND"}, {"ORIGINAL\\PRIMARY\\P\\ND"}]
 
@@ -103,7 +83,7 @@ def test_a_vendor_flag_past_the_third_image_type_value_does_not_split_a_stack(ph
     def change(ds: pydicom.Dataset, k: int) -> None:
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"] + (["ADD"] if k < 3 else [])
 
-    vols = load_volumes(_variant(phantom, tmp_path, "ge", change))
+    vols = load_volumes(mr_variant(phantom, tmp_path, "ge", change))
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("", 6)]
 
 
@@ -120,7 +100,7 @@ def test_two_echoes_are_not_left_together_in_each_of_two_acquisitions_that_repea
             _scale(ds, 1.0 / echo)
         return change
 
-    files = [p for a in (1, 2) for e in (1, 2) for p in _variant(phantom, tmp_path, f"a{a}e{e}", tag(a, e))]
+    files = [p for a in (1, 2) for e in (1, 2) for p in mr_variant(phantom, tmp_path, f"a{a}e{e}", tag(a, e))]
     try:
         vols = load_volumes(files)
     except VolumeError as e:  # refusing, naming the echo, is safe too

@@ -10,36 +10,16 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
-from node.app.phantom import write_phantom_series
 from node.errors import VolumeError
 from node.series import load_volumes
-
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+from tests.support.series import mr_variant, phantom_stack
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return write_phantom_series(tmp_path_factory.mktemp("phantom"), slices=6, size=32, step_mm=3.0, fov_mm=96.0)
-
-
-def _variant(files: list[Path], out: Path, tag: str, change: Callable[[pydicom.Dataset, int], None],
-             implicit: bool = False) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, f in enumerate(files):
-        ds = pydicom.dcmread(f)
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), tag])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.Modality, ds.SOPClassUID = "MR", MR_IMAGE_STORAGE
-        ds.file_meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
-        change(ds, k)
-        p = out / f"{tag}-{f.name}"
-        ds.save_as(p, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
-        paths.append(p)
-    return paths
+    return phantom_stack(tmp_path_factory.mktemp("phantom"))
 
 
 def _ge_dwi(b: float, g: tuple[float, float, float]) -> Callable[[pydicom.Dataset, int], None]:
@@ -69,9 +49,9 @@ def test_diffusion_told_only_by_private_elements_is_split_by_b_value_and_directi
         phantom: list[Path], tmp_path: Path, vendor: str, implicit: bool) -> None:
     make = _philips_dwi if vendor == "Philips" else _ge_dwi
     bias = 1e9 if vendor == "GE multi-b bias" else 0.0  # GE adds 10^9 to each b-value of a multi-b scan
-    files = (_variant(phantom, tmp_path, "b0", make(bias + 0, (0.0, 0.0, 0.0)), implicit)
-             + _variant(phantom, tmp_path, "bx", make(bias + 1000, (1.0, 0.0, 0.0)), implicit)
-             + _variant(phantom, tmp_path, "by", make(bias + 1000, (0.0, 1.0, 0.0)), implicit))
+    files = (mr_variant(phantom, tmp_path, "b0", make(bias + 0, (0.0, 0.0, 0.0)), implicit)
+             + mr_variant(phantom, tmp_path, "bx", make(bias + 1000, (1.0, 0.0, 0.0)), implicit)
+             + mr_variant(phantom, tmp_path, "by", make(bias + 1000, (0.0, 1.0, 0.0)), implicit))
     vols = load_volumes(files)
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("b=0", 6), ("b=1000 dir 1", 6), ("b=1000 dir 2", 6)]
     origins = [{v.datasets.record(k).file.name[:2] for k in range(6)} for v in vols]  # type: ignore[union-attr]
@@ -88,8 +68,8 @@ def test_ge_magnitude_and_phase_with_one_image_type_are_two_volumes(phantom: lis
             ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x2F, "SS", c)
         return change
 
-    files = (_variant(phantom, tmp_path, "mag", component(0), implicit)
-             + _variant(phantom, tmp_path, "pha", component(1), implicit))
+    files = (mr_variant(phantom, tmp_path, "mag", component(0), implicit)
+             + mr_variant(phantom, tmp_path, "pha", component(1), implicit))
     vols = load_volumes(files)
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("type M", 6), ("type P", 6)]
 
@@ -104,7 +84,7 @@ def test_a_ge_slop_value_outside_diffusion_scans_is_no_b_value(phantom: list[Pat
         ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x39, "IS", [str(k % 2), "0", "0", "0"])
         ds.private_block(0x0019, "GEMS_ACQU_01", create=True).add_new(0xE0, "DS", "0")
 
-    vols = load_volumes(_variant(phantom, tmp_path, "t1", change))
+    vols = load_volumes(mr_variant(phantom, tmp_path, "t1", change))
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("", 6)]
 
 
@@ -126,8 +106,8 @@ def test_a_ge_stack_with_its_image_component_absent_on_some_images_stays_one_vol
     ORIGINAL\\PRIMARY\\OTHER + M, two interleaved volumes 'type ORIGINAL/PRIMARY/OTHER' and 'type M' at twice the
     step (the GE 3D T1 cut to 20 slices, every other one without it, likewise). Now the absent component is
     unknown, not another value: the images take the one component the others state (a note says how many)."""
-    files = [f for k, f in enumerate(_variant(phantom, tmp_path, "m", _ge_component(0)))
-             if k % 2 == 0] + [f for k, f in enumerate(_variant(phantom, tmp_path, "x", _ge_component(None)))
+    files = [f for k, f in enumerate(mr_variant(phantom, tmp_path, "m", _ge_component(0)))
+             if k % 2 == 0] + [f for k, f in enumerate(mr_variant(phantom, tmp_path, "x", _ge_component(None)))
                                if k % 2 == 1]
     vols = load_volumes(files)
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("", 6)]
@@ -139,8 +119,8 @@ def test_ge_magnitude_and_phase_beside_images_without_their_component_are_refuse
     """Magnitude and phase stacks (0043,102F 0 and 1) and a seventh image at a position of its own without the
     component: which of the two it belongs to cannot be told; refused naming its file (before: a third kind,
     'type ORIGINAL/PRIMARY/OTHER', a volume of one image)."""
-    mag = _variant(phantom, tmp_path, "mag", _ge_component(0))
-    pha = _variant(phantom, tmp_path, "pha", _ge_component(1))
+    mag = mr_variant(phantom, tmp_path, "mag", _ge_component(0))
+    pha = mr_variant(phantom, tmp_path, "pha", _ge_component(1))
     ds = pydicom.dcmread(mag[0])
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.ImagePositionPatient = [float(v) - 9.0 for v in ds.ImagePositionPatient]  # one position of its own

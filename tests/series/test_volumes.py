@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
 
 from node.app.phantom import write_phantom_series
 from node.errors import VolumeError
 from node.series import load_series, load_volumes
 from tests.support.fixtures import shared_series
+from tests.support.series import phantom_stack, variant
 
 
 def _files(folder: Path) -> list[Path]:
@@ -25,22 +25,7 @@ def _files(folder: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return write_phantom_series(tmp_path_factory.mktemp("phantom"), slices=6, size=32, step_mm=3.0, fov_mm=96.0)
-
-
-def _variant(files: list[Path], out: Path, tag: str, change: Callable[[pydicom.Dataset, int], None]) -> list[Path]:
-    """Copies of ``files`` in ``out`` as new instances of the same series, each changed by ``change(ds, k)``."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for k, f in enumerate(files):
-        ds = pydicom.dcmread(f)
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(ds.SOPInstanceUID), tag])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        change(ds, k)
-        p = out / f"{tag}-{f.name}"
-        ds.save_as(p, enforce_file_format=True)
-        paths.append(p)
-    return paths
+    return phantom_stack(tmp_path_factory.mktemp("phantom"))
 
 
 def _set_pixels(ds: pydicom.Dataset, arr: np.ndarray) -> None:
@@ -58,7 +43,7 @@ def _rotated(files: list[Path], out: Path, cosines: Callable[[int], tuple[float,
         ipp = rot @ np.array([float(v) for v in ds.ImagePositionPatient])
         ds.ImageOrientationPatient = ["1", "0", "0", "0", f"{c:.8f}", f"{s:.8f}"]
         ds.ImagePositionPatient = [f"{v:.6f}" for v in ipp]
-    return _variant(files, out, "rot", change)
+    return variant(files, out, "rot", change)
 
 
 def test_orientation_jitter_below_1e6_is_one_orientation(phantom: list[Path], tmp_path: Path) -> None:
@@ -200,7 +185,7 @@ def test_magnitude_and_phase_are_two_volumes(phantom: list[Path], tmp_path: Path
         ds.ImageType = ["ORIGINAL", "PRIMARY", "P", "ND"]
         _set_pixels(ds, ds.pixel_array // 2)
 
-    files = _variant(phantom, tmp_path, "m", mag) + _variant(phantom, tmp_path, "p", phase)
+    files = variant(phantom, tmp_path, "m", mag) + variant(phantom, tmp_path, "p", phase)
     vols = load_volumes(files)
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("type M", 6), ("type P", 6)]
     assert all(str(d.ImageType[2]) == "P" for d in vols[1].datasets)
@@ -213,7 +198,7 @@ def test_echoes_with_jittered_echo_times_are_two_volumes(phantom: list[Path], tm
             ds.EchoTime = f"{te + (4e-4 if k % 2 else 0):.4f}"  # TE written 10.0000 / 10.0004: one echo
         return change
 
-    files = _variant(phantom, tmp_path, "e1", echo(1, 10.0)) + _variant(phantom, tmp_path, "e2", echo(2, 20.0))
+    files = variant(phantom, tmp_path, "e1", echo(1, 10.0)) + variant(phantom, tmp_path, "e2", echo(2, 20.0))
     vols = load_volumes(files)
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("echo 1", 6), ("echo 2", 6)]
 
@@ -225,9 +210,9 @@ def test_diffusion_b_values_and_directions_are_volumes(phantom: list[Path], tmp_
             ds.DiffusionGradientOrientation = list(g)
         return change
 
-    files = (_variant(phantom, tmp_path, "b0", dwi(0, (0, 0, 0)))
-             + _variant(phantom, tmp_path, "bx", dwi(1000, (1, 0, 0)))
-             + _variant(phantom, tmp_path, "by", dwi(1000, (0, 1, 0))))
+    files = (variant(phantom, tmp_path, "b0", dwi(0, (0, 0, 0)))
+             + variant(phantom, tmp_path, "bx", dwi(1000, (1, 0, 0)))
+             + variant(phantom, tmp_path, "by", dwi(1000, (0, 1, 0))))
     vols = load_volumes(files)
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("b=0", 6), ("b=1000 dir 1", 6), ("b=1000 dir 2", 6)]
 
@@ -239,7 +224,7 @@ def test_a_per_slice_acquisition_number_does_not_fragment_the_volumes(phantom: l
             ds.AcquisitionNumber = 100 * t + k  # changes with every slice
         return change
 
-    files = _variant(phantom, tmp_path, "t1", time(1)) + _variant(phantom, tmp_path, "t2", time(2))
+    files = variant(phantom, tmp_path, "t1", time(1)) + variant(phantom, tmp_path, "t2", time(2))
     vols = load_volumes(files)
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("time 1", 6), ("time 2", 6)]
 
@@ -248,7 +233,7 @@ def test_repeats_nothing_tells_apart_are_refused_naming_the_files(phantom: list[
     def other(ds: pydicom.Dataset, k: int) -> None:
         _set_pixels(ds, ds.pixel_array // 3)
 
-    files = list(phantom) + _variant(phantom[:2], tmp_path, "again", other)
+    files = list(phantom) + variant(phantom[:2], tmp_path, "again", other)
     with pytest.raises(VolumeError) as err:
         load_volumes(files)
     msg = str(err.value)
@@ -286,7 +271,7 @@ def test_interleaved_volumes_at_offset_positions_are_not_stacked_into_one(phanto
                 ds.DiffusionGradientOrientation = [0.0, 0.0, 0.0] if n == 1 else [1.0, 0.0, 0.0]
         return change
 
-    files = _variant(phantom, tmp_path, "v1", tag(1, 0.0)) + _variant(phantom, tmp_path, "v2", tag(2, 1.5))
+    files = variant(phantom, tmp_path, "v1", tag(1, 0.0)) + variant(phantom, tmp_path, "v2", tag(2, 1.5))
     try:
         vols = load_volumes(files)
     except VolumeError:
@@ -309,7 +294,7 @@ def test_two_acquisitions_at_offset_positions_are_two_volumes(phantom: list[Path
             _shifted(1.5)(ds, k)
             ds.AcquisitionNumber = 2
             ds.RescaleIntercept = float(ds.RescaleIntercept) + 300.0  # the contrast phase
-        files = _variant(phantom, tmp_path, "a1", first) + _variant(phantom, tmp_path, "a2", second)
+        files = variant(phantom, tmp_path, "a1", first) + variant(phantom, tmp_path, "a2", second)
         vols = load_volumes(files)
         assert [v.shape[0] for v in vols] == [6, 6], [(v.volume_label, v.shape) for v in vols]
         assert all("acquisition" in v.volume_label for v in vols), [v.volume_label for v in vols]
@@ -317,7 +302,7 @@ def test_two_acquisitions_at_offset_positions_are_two_volumes(phantom: list[Path
 
     def number(ds: pydicom.Dataset, k: int) -> None:
         ds.AcquisitionNumber = k + 1 if numbering == "per slice" else 1 + k // 3
-    vols = load_volumes(_variant(phantom, tmp_path, "n", number))
+    vols = load_volumes(variant(phantom, tmp_path, "n", number))
     assert [v.shape[0] for v in vols] == [6]
 
 
@@ -332,7 +317,7 @@ def test_slices_moved_in_plane_off_the_stack_line_are_refused_naming_a_file(phan
             p = [float(v) for v in ds.ImagePositionPatient]
             ds.ImagePositionPatient = [p[0] + 10.0, p[1], p[2]]
 
-    files = _variant(phantom, tmp_path / "moved", "mv", change)
+    files = variant(phantom, tmp_path / "moved", "mv", change)
     with pytest.raises(VolumeError) as e:
         load_volumes(files)
     assert "mv-" in str(e.value) and "line" in str(e.value), str(e.value)
@@ -341,7 +326,7 @@ def test_slices_moved_in_plane_off_the_stack_line_are_refused_naming_a_file(phan
         p = [float(v) for v in ds.ImagePositionPatient]
         ds.ImagePositionPatient = [p[0], p[1] + 1.0 * k, p[2]]  # 1 mm per 3 mm step: an 18.4 deg tilt
 
-    vols = load_volumes(_variant(phantom, tmp_path / "shear", "sh", shear))
+    vols = load_volumes(variant(phantom, tmp_path / "shear", "sh", shear))
     assert len(vols) == 1 and vols[0].shape[0] == 6 and vols[0].tilt_deg > 10
 
 
@@ -372,7 +357,7 @@ def test_two_slice_thicknesses_in_one_regular_stack_are_refused(phantom: list[Pa
             ds.SliceThickness = t
         return change
 
-    files = _variant(phantom, tmp_path, "t5", thick("5", 0.0)) + _variant(phantom, tmp_path, "t2", thick("2.0", 1.5))
+    files = variant(phantom, tmp_path, "t5", thick("5", 0.0)) + variant(phantom, tmp_path, "t2", thick("2.0", 1.5))
     with pytest.raises(VolumeError) as e:
         load_volumes(files)
     assert "SliceThickness" in str(e.value) and "t5-" in str(e.value) and "t2-" in str(e.value), str(e.value)
@@ -390,7 +375,7 @@ def test_odd_and_even_slices_in_two_acquisitions_of_one_contiguous_stack_are_one
         ds.SliceThickness = "3"
         ds.Modality, ds.SOPClassUID = "MR", "1.2.840.10008.5.1.4.1.1.4"
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    vols = load_volumes(_variant(files, tmp_path / "v", "ps", passes))
+    vols = load_volumes(variant(files, tmp_path / "v", "ps", passes))
     assert [v.shape[0] for v in vols] == [12], [(v.volume_label, v.shape) for v in vols]
 
 
@@ -404,7 +389,7 @@ def test_a_value_per_slice_is_no_set_of_volumes(phantom: list[Path], tmp_path: P
             ds.TemporalPositionIdentifier = k + 1
         else:
             ds.EchoNumbers, ds.EchoTime = k + 1, "10"
-    vols = load_volumes(_variant(phantom, tmp_path, "ps", per_slice))
+    vols = load_volumes(variant(phantom, tmp_path, "ps", per_slice))
     assert [v.shape[0] for v in vols] == [6], [(v.volume_label, v.shape) for v in vols]
 
 
@@ -421,8 +406,8 @@ def test_two_slice_thicknesses_in_a_run_of_an_irregular_stack_are_refused(phanto
             ds.SliceThickness = t
         return change
 
-    t5 = _variant(phantom, tmp_path, "t5", thick("5", 0.0))
-    files = t5[:2] + t5[3:] + _variant(phantom, tmp_path, "t2", thick("2.0", 1.5))
+    t5 = variant(phantom, tmp_path, "t5", thick("5", 0.0))
+    files = t5[:2] + t5[3:] + variant(phantom, tmp_path, "t2", thick("2.0", 1.5))
     vol = load_series(files)
     assert vol.irregular
     with pytest.raises(VolumeError) as e:
@@ -436,7 +421,7 @@ def test_two_rescale_types_in_one_volume_are_refused(phantom: list[Path], tmp_pa
     def units(ds: pydicom.Dataset, k: int) -> None:
         ds.RescaleType = "HU" if k < 3 else "US"
     with pytest.raises(VolumeError) as e:
-        load_volumes(_variant(phantom, tmp_path / "mixed", "ru", units))
+        load_volumes(variant(phantom, tmp_path / "mixed", "ru", units))
     assert "RescaleType" in str(e.value) and "HU x3" in str(e.value) and "US x3" in str(e.value), str(e.value)
 
     def some(ds: pydicom.Dataset, k: int) -> None:
@@ -444,7 +429,7 @@ def test_two_rescale_types_in_one_volume_are_refused(phantom: list[Path], tmp_pa
             ds.RescaleType = "HU"
         elif "RescaleType" in ds:
             del ds.RescaleType
-    assert [v.shape[0] for v in load_volumes(_variant(phantom, tmp_path / "some", "rs", some))] == [6]
+    assert [v.shape[0] for v in load_volumes(variant(phantom, tmp_path / "some", "rs", some))] == [6]
 
 
 # ---------------------------------------------------------------------------------------------- fix13: values absent
@@ -481,7 +466,7 @@ def test_a_value_absent_on_some_slices_of_one_volume_does_not_split_it(phantom: 
     (4 slices) and 'echo 2 TE 10' (2 slices); a TemporalPositionIdentifier counting the slices but absent on 2 made
     4 one-slice volumes and a 'time ?' volume of 2. An absent value that fits only one value the series states is
     that value: one stack of 6."""
-    files = _variant(phantom, tmp_path, "v", _tagged(what.split()[0], 1, (1, 4), per_slice="per slice" in what))
+    files = variant(phantom, tmp_path, "v", _tagged(what.split()[0], 1, (1, 4), per_slice="per slice" in what))
     vols = load_volumes(files)
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("", 6)]
 
@@ -490,8 +475,8 @@ def test_two_echoes_with_echo_numbers_absent_on_some_slices_are_told_apart_by_ec
                                                                                        tmp_path: Path) -> None:
     """fix13: a 2-echo series (each echo at the same 6 positions) with EchoNumbers absent on 3 slices became 4
     volumes (echo 1 x4, echo 2 x5, 'echo 3 TE 10' x2, 'echo 4 TE 20' x1). EchoTime still says which echo they are."""
-    files = (_variant(phantom, tmp_path, "e1", _tagged("echo", 1, (1, 4)))
-             + _variant(phantom, tmp_path, "e2", _tagged("echo", 2, (2,))))
+    files = (variant(phantom, tmp_path, "e1", _tagged("echo", 1, (1, 4)))
+             + variant(phantom, tmp_path, "e2", _tagged("echo", 2, (2,))))
     vols = load_volumes(files)
     assert [(v.volume_label, v.shape[0]) for v in vols] == [("echo 1", 6), ("echo 2", 6)]
     assert {float(d.EchoTime) for d in vols[0].datasets} == {10.0}
@@ -508,8 +493,8 @@ def test_two_volumes_with_the_value_absent_on_some_slices_are_refused_naming_it(
     """fix13: two echoes (time points) at the same positions, or interleaved (offset by half a step), with the value
     absent on some slices made 'echo ?' / 'time ?' volumes of 2-3 slices beside echo 1 and echo 2 with slices
     missing. Which volume those slices belong to cannot be told: refused, naming the attribute and the files."""
-    files = (_variant(phantom, tmp_path, "a1", _tagged(what, 1, (1,)))
-             + _variant(phantom, tmp_path, "a2", _tagged(what, 2, (3,), shift=shift)))
+    files = (variant(phantom, tmp_path, "a1", _tagged(what, 1, (1,)))
+             + variant(phantom, tmp_path, "a2", _tagged(what, 2, (3,), shift=shift)))
     with pytest.raises(VolumeError) as e:
         load_volumes(files)
     msg = str(e.value)
@@ -532,10 +517,10 @@ def test_interleaved_acquisitions_with_acquisition_number_absent_on_some_slices_
                 ds.AcquisitionNumber = n
         return change
 
-    files = (_variant(phantom, tmp_path / "two", "q1", acquisition(1, 1, 0.0))
-             + _variant(phantom, tmp_path / "two", "q2", acquisition(2, 3, 1.5)))
+    files = (variant(phantom, tmp_path / "two", "q1", acquisition(1, 1, 0.0))
+             + variant(phantom, tmp_path / "two", "q2", acquisition(2, 3, 1.5)))
     with pytest.raises(VolumeError) as e:
         load_volumes(files)
     assert "AcquisitionNumber" in str(e.value) and "q1-CT0002.dcm" in str(e.value), str(e.value)
-    one = _variant(phantom, tmp_path / "one", "o", acquisition(1, 2, 0.0))
+    one = variant(phantom, tmp_path / "one", "o", acquisition(1, 2, 0.0))
     assert [v.shape[0] for v in load_volumes(one)] == [6]
