@@ -7,8 +7,9 @@
 #   bench/thick_ops.sh --switches TAG SWITCH... [-- extra eval args]   (= bench/thick_ops_variants.sh)
 #       selfsup switches (bench/ops17_variant.py NAME=VALUE); PROFILES default: the 4 blurring operators;
 #       CASES default: ph1 mpr ctbody pair.
-# Cases: ph1, mpr, ctbody (192-pixel central crops, factor 2 through-plane), ph1x5 (factor 5), pair (the real 5 mm /
-# 1 mm phantom pair, one run, no --profile). Environment: PY (python3), DATA (../shared/data), PROFILES, CASES.
+# Cases: ph1, mpr, ctbody (192-pixel central crops, factor 2 through-plane), ph1_whole (the whole 1 mm phantom, 512²,
+# factor 2: the published figures' input), ph1x5 (factor 5), pair (the real 5 mm / 1 mm phantom pair, one run, no
+# --profile). Environment: PY (python3), DATA (../shared/data), PROFILES, CASES.
 # Writes bench/results/ops17-<profile>-<case>-<TAG>.json (+ .png; pair: ops17-real-ph5_truth1_c192-<TAG>.json)
 # and prints each summary line.
 set -u
@@ -39,6 +40,7 @@ for c in $CASES; do case $c in
   ph1) ev ph1_c192x61 $D/ct_head_phantom_philips_1mm --axis through --factor 2 --crop 192 --max-slices 61 ;;
   mpr) ev mpr_c192x61 $D/mr_t1_mprage_sag_siemens --axis through --factor 2 --crop 192 --max-slices 61 ;;
   ctbody) ev ctbody_c192x41 $D/ct_body_j2k_siemens_petct --axis through --factor 2 --crop 192 --max-slices 41 ;;
+  ph1_whole) ev ph1_whole $D/ct_head_phantom_philips_1mm --axis through --factor 2 ;;
   ph1x5) ev ph1x5_c192 $D/ct_head_phantom_philips_1mm --axis through --factor 5 --crop 192 ;;
   pair) echo -n "real ph5_truth1_c192: "; $PY "${RUN[@]}" $D/ct_head_phantom_philips_5mm \
     --truth $D/ct_head_phantom_philips_1mm --factor 5 --crop 192 --device cpu --quiet \
