@@ -247,6 +247,8 @@ def _check(cfg: Config) -> None:
                           "(0: no per-address limit)")
     if not 0 < n.idle_timeout_s <= 86400:
         raise ConfigError(f"node.idle_timeout_s: {n.idle_timeout_s:g} must be > 0 and <= 86400 seconds")
+    if not 0 < n.message_timeout_s <= 86400:
+        raise ConfigError(f"node.message_timeout_s: {n.message_timeout_s:g} must be > 0 and <= 86400 seconds")
     for key, seconds in (("node.association_timeout_s", n.association_timeout_s),
                          ("node.tls.handshake_timeout_s", n.tls.handshake_timeout_s)):
         if not 0 < seconds <= 600:
