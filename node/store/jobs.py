@@ -125,6 +125,11 @@ class JobTable(IndexDB):
             rows = self._query(f"SELECT * FROM jobs{cond} ORDER BY id", args)
         return [job_of(r) for r in rows]
 
+    def job_counts(self) -> dict[JobState, int]:
+        """How many jobs are in each state (those with none left out), counted by SQLite."""
+        rows = self._query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {JobState(r["state"]): int(r["n"]) for r in rows}
+
     def claim_job(self, job_id: int) -> Job | None:
         """queued → processing, atomically; None if another worker has it or it is no longer queued."""
         now = time.time()

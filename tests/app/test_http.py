@@ -90,8 +90,9 @@ def test_integers_beyond_the_index_are_refused_not_a_server_error(tmp_path: Path
 def test_a_page_of_jobs_is_read_as_a_page_and_bounded(tmp_path: Path) -> None:
     """hostile18: ``GET /jobs`` loaded every job of the index for any page (100,000 jobs with 1 KB reports: 2.5 s
     and +380 MB per request, whatever ``limit``), and ``?limit=0`` (``jobs[-0:]``) or ``?limit=10**9`` answered the
-    whole history in one JSON. Now the newest ``limit`` jobs (of ``?series=``, ``?state=``) are read by SQLite;
-    ``limit`` out of 1..10000 is 400 naming the range."""
+    whole history in one JSON; the dashboard's job list loaded it all too (3.3 s, +379 MB a page). Now the newest
+    ``limit`` jobs (of ``?series=``, ``?state=``) and the counts per state are read by SQLite; ``limit`` out of
+    1..10000 is 400 naming the range."""
     import json
     import time
 
@@ -117,5 +118,13 @@ def test_a_page_of_jobs_is_read_as_a_page_and_bounded(tmp_path: Path) -> None:
             old = c.get("/jobs", params={"series": "1.2.7", "limit": "1"}).json()["jobs"]
             assert [j["series_uid"] for j in old] == ["1.2.7"], old
             assert c.get("/jobs", params={"state": "failed", "limit": "5"}).json()["jobs"] == []
+        from tests.support.pacs import TOKEN  # the dashboard's job list: a page and counts, read the same way
+
+        origin = {"Origin": node.http_url}
+        with httpx.Client(base_url=node.http_url, timeout=30, follow_redirects=False) as c:
+            assert c.post("/dashboard/login", data={"token": TOKEN}, headers=origin).status_code == 303
+            page = c.get("/dashboard")
+            assert page.status_code == 200 and "3000" in page.text, page.text[:500]
+        assert "Traceback" not in node.log()
     finally:
         node.stop()
