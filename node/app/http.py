@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import uvicorn
@@ -68,6 +69,7 @@ from node.send import make_sender
 from node.store import MAX_DECLARED_INSTANCES, Job, JobState, valid_uid
 
 log = logging.getLogger(__name__)
+MAX_JOBS_PAGE = 10_000  # jobs one GET /jobs may answer (?limit=); the newest first read by SQLite
 
 DICOM_JSON = "application/dicom+json"
 READY_CACHE_S = 10.0
@@ -170,13 +172,13 @@ def build_app(ctx: NodeContext) -> Starlette:
         except ValueError:
             return JSONResponse({"error": f"state must be one of {', '.join(JobState)}"}, status_code=400)
         try:
-            limit = max(0, int(request.query_params.get("limit", "500") or 500))
+            limit = int(request.query_params.get("limit", "500") or 500)
         except ValueError:
             return JSONResponse({"error": "limit must be an integer"}, status_code=400)
-        jobs = await run_in_threadpool(ctx.index.jobs, states)
-        if series:
-            jobs = [j for j in jobs if j.series_uid == series]
-        return JSONResponse({"jobs": [_job_dict(j) for j in jobs[-limit:]]})
+        if not 1 <= limit <= MAX_JOBS_PAGE:  # 0 gave every job (jobs[-0:]), 10**9 too: one answer of the history
+            return JSONResponse({"error": f"limit must be from 1 to {MAX_JOBS_PAGE}"}, status_code=400)
+        jobs = await run_in_threadpool(partial(ctx.index.jobs, states, series_uid=series, limit=limit))
+        return JSONResponse({"jobs": [_job_dict(j) for j in jobs]})
 
     async def jobs_pull(request: Request) -> Response:
         if not authorized(request):

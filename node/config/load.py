@@ -229,6 +229,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"node.declared_settle_s: {n.declared_settle_s:g} must be >= 0 (seconds)")
     if n.tls.enabled and not (n.tls.cert and n.tls.key):
         raise ConfigError("node.tls: enabled = true needs cert and key")
+    if n.tls.enabled and n.tls.require_client_cert and not n.tls.ca:
+        raise ConfigError("node.tls.require_client_cert: true needs node.tls.ca, the CA the callers' certificates "
+                          "are checked against (without it every caller's handshake fails: none is trusted)")
     if n.max_series_memory_mb < 0:
         raise ConfigError(f"node.max_series_memory_mb: {n.max_series_memory_mb} must be >= 0 (0: 3/4 of the memory)")
     if not 1 <= n.max_instance_mb <= 1 << 20:
@@ -247,6 +250,8 @@ def _check(cfg: Config) -> None:
                           "(0: no per-address limit)")
     if not 0 < n.idle_timeout_s <= 86400:
         raise ConfigError(f"node.idle_timeout_s: {n.idle_timeout_s:g} must be > 0 and <= 86400 seconds")
+    if not 0 < n.message_timeout_s <= 86400:
+        raise ConfigError(f"node.message_timeout_s: {n.message_timeout_s:g} must be > 0 and <= 86400 seconds")
     for key, seconds in (("node.association_timeout_s", n.association_timeout_s),
                          ("node.tls.handshake_timeout_s", n.tls.handshake_timeout_s)):
         if not 0 < seconds <= 600:

@@ -114,6 +114,9 @@ class NodeConfig:
     max_associations_per_caller: int = 8  # open at once per calling AE title + peer address; 0: no per-caller limit
     max_associations_per_address: int = 16  # open at once from one peer address, whatever AE titles; 0: no limit
     idle_timeout_s: float = 60.0  # an association with no PDU for this long is aborted (pynetdicom's network timeout)
+    # seconds a DIMSE message's command set, or its data set, may take from its first fragment to its last, plus
+    # 1 s per 64 KiB received: a data set trickled in PDUs each inside idle_timeout_s is aborted past it
+    message_timeout_s: float = 120.0
     max_pdu: int = 262144  # bytes we accept in one PDU (announced to callers); 0: pynetdicom's default (16382)
     association_timeout_s: float = 10.0  # a connection must start (and then finish) its A-ASSOCIATE-RQ within this
     receive_path: ReceivePath = ReceivePath.LEAN  # C-STORE receive path (node.ingest.lean); "pynetdicom": fall back

@@ -212,7 +212,61 @@ def _parse(fh: BinaryIO, size: int) -> tuple[Dataset, tuple[int, str] | None]:
     if past is not None:
         raise IngestError(f"file is truncated: element {past[1]} ends at byte {past[0]}, the file has {size}",
                           Status.CANNOT_UNDERSTAND)
+    if ends is not None and ends[0] < size:
+        problem = _trailing_problem(fh, ends, size, ds.original_encoding[1] is not False,
+                                    ds.original_encoding[0] is not False)
+        if problem is not None:
+            raise IngestError(f"file cannot be parsed: {size - ends[0]} byte(s) after its pixel data {ends[1]} "
+                              f"(which ends at byte {ends[0]}) are no data set elements: {problem}",
+                              Status.CANNOT_UNDERSTAND)
     return ds, ends
+
+
+MAX_TRAILING_ELEMENTS = 1000  # elements after the pixel data walked (padding, a signature, private groups)
+
+
+def _trailing_problem(fh: BinaryIO, ends: tuple[int, str], size: int, little: bool, implicit: bool) -> str | None:
+    """What is wrong with the bytes between the end of the pixel data element (``ends``: offset, tag) and the
+    end of the file (``size``), None when they are whole data set elements, each of a tag above the one before
+    (PS3.5 7.1: ascending order; Data Set Trailing Padding (FFFC,FFFC), a Digital Signatures Sequence, private
+    groups above 7FE0 are such), each ending inside the file; an undefined-length one ends the walk (believed).
+    Before hostile18 bytes after the pixel data were stored as they came (0x0000): zeros, text, an element header
+    announcing 1 GB past the end: a file every later reader parses its own way, or fails on."""
+    end = "<" if little else ">"
+    at = ends[0]
+    previous = int(ends[1][1:5], 16) << 16 | int(ends[1][6:10], 16)
+    for _ in range(MAX_TRAILING_ELEMENTS):
+        if at >= size:
+            return None
+        fh.seek(at)
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"{size - at} byte(s) at byte {at}, too few for an element header"
+        group, elem = struct.unpack(end + "HH", head[:4])
+        tag = group << 16 | elem
+        if tag <= previous:
+            return (f"the tag ({group:04X},{elem:04X}) at byte {at} does not follow "
+                    f"({previous >> 16:04X},{previous & 0xFFFF:04X}) (tags ascend in a data set)")
+        if implicit:
+            (length,) = struct.unpack(end + "L", head[4:8])
+            at += 8
+        elif not (65 <= head[4] <= 90 and 65 <= head[5] <= 90):
+            return f"the element ({group:04X},{elem:04X}) at byte {at} has no VR (bytes {bytes(head[4:6])!r})"
+        elif head[4:6] in LONG_VRS:
+            more = fh.read(4)
+            if len(more) < 4:
+                return f"the element ({group:04X},{elem:04X}) at byte {at} is cut in its header"
+            (length,) = struct.unpack(end + "L", more)
+            at += 12
+        else:
+            (length,) = struct.unpack(end + "H", head[6:8])
+            at += 8
+        if length == _UNDEFINED_LENGTH:
+            return None
+        if at + length > size:
+            return f"the element ({group:04X},{elem:04X}) ends at byte {at + length}, the file has {size}"
+        at, previous = at + length, tag
+    return f"more than {MAX_TRAILING_ELEMENTS} elements after the pixel data"
 
 
 def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, scratch: Path | None = None,

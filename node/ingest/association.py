@@ -100,6 +100,10 @@ class QuietAssociation(Association):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.dul = QuietDUL(self)
+        # the timers of the DUL pynetdicom made took the AE's timeouts (the setters write them there); this one has
+        # pynetdicom's defaults (60 s, 30 s): [node] idle_timeout_s was never applied (hostile18)
+        self.network_timeout = self.network_timeout
+        self.acse_timeout = self.acse_timeout
         self.dul.ended = partial(poke, self)
         self.dul.to_user_queue = _PokingQueue(self)
         dul = self.dul
@@ -295,6 +299,7 @@ class QuietRequestHandler(RequestHandler):
         assoc.acceptor.supported_contexts = copy_contexts(self.server.contexts)
         assoc.requestor.address_info = self.remote
         hooks = getattr(self.server, "lean_hooks", None)
+        cast(QuietDUL, assoc.dul).message_timeout_s = float(getattr(self.server, "message_timeout_s", 0.0) or 0.0)
         skip = {handler for _, handler in LOG_ONLY_HANDLERS} if not pynetdicom_logs_info() else set()
         for event in self.server._handlers:
             if event.is_intervention and self.server._handlers[event]:

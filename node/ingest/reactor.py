@@ -156,6 +156,8 @@ class QuietDUL(DULServiceProvider):
         self.failure: str | None = None  # why this reader failed (an exception ended it), once it did
         self._readable = False  # the last idle wait saw the socket readable (not yet read)
         self.ended: Callable[[], None] | None = None  # called once the reader ends (the association pokes itself)
+        self.message_timeout_s = 0.0  # [node] message_timeout_s (0: no deadline), set by the association's maker
+        self._message: tuple[float, int, bool] | None = None  # the fragmented message read: (since, bytes, data set)
         super().__init__(assoc)
 
     def _idle_wait(self) -> None:
@@ -302,6 +304,8 @@ class QuietDUL(DULServiceProvider):
             self.event_queue.put("Evt17")
             return
         state = self.state_machine.current_state
+        if pdu_type == 0x04 and self._message_overdue(pdu_bytes):
+            return
         if pdu_type == 0x04 and self.lean is not None and state == "Sta6":
             self._lean_feed(self.lean, pdu_bytes)  # checks the items first (the same check, the same line)
             return
@@ -436,6 +440,45 @@ class QuietDUL(DULServiceProvider):
             got += k
         return got
 
+    def _message_overdue(self, pdu_bytes: bytearray) -> bool:
+        """Follow the fragments of the message being received (a P-DATA-TF's PDV headers: PS3.8 E.2) and abort
+        (one line, the lean path's partial file removed, Evt19: A-ABORT; pynetdicom's is removed on EVT_ABORTED)
+        when its command set, or its data set, took longer than ``message_timeout_s`` from its first fragment,
+        plus 1 s per ``PDU_MIN_RATE`` bytes of it: each PDU of a trickle arrives inside the idle timeout and its
+        own deadline, so the association slot and the partial file were held as long as the peer liked. A
+        fragment with the 'last' bit ends the command set or data set (a data set then starts a clock of its own).
+        True when aborted. Malformed items are left to the checks that follow (``pdata_item_problem``)."""
+        if not self.message_timeout_s:
+            return False
+        now, at, end = time.monotonic(), 6, len(pdu_bytes)
+        while at + 6 <= end:
+            length = int.from_bytes(pdu_bytes[at:at + 4], "big")
+            if length < 2:
+                break
+            control = pdu_bytes[at + 5]
+            since, got, _kind = self._message if self._message is not None else (now, 0, False)
+            self._message = None if control & 0x02 else (since, got + length - 2, not control & 0x01)
+            at += 4 + length
+        if self._message is None:
+            return False
+        since, got, data_set = self._message
+        if now - since <= self.message_timeout_s + got / PDU_MIN_RATE:
+            return False
+        what = "data set" if data_set else "command set"
+        log.warning("association from %s: a %s took over %.0f s (node.message_timeout_s %g s, +1 s per %d KiB; %d "
+                    "bytes of it came, never its last fragment): aborted", self.assoc.requestor.address, what,
+                    now - since, self.message_timeout_s, PDU_MIN_RATE >> 10, got)
+        self._message = None
+        self._drop_lean_partial()
+        self.event_queue.put("Evt19")
+        return True
+
+    def _message_checked(self) -> None:
+        """A message still unfinished with no PDU coming: :meth:`_message_overdue` on nothing new (its deadline
+        passes between PDUs too, up to ``idle_timeout_s`` before the network timeout would end it)."""
+        if self._message is not None and self.message_timeout_s:
+            self._message_overdue(bytearray(6))
+
     def _trickled(self) -> None:
         log.warning("association from %s: a PDU did not arrive within %.0f s (+1 s per %d KiB): aborted",
                     self.assoc.requestor.address, PDU_TIMEOUT_S, PDU_MIN_RATE >> 10)
@@ -462,6 +505,8 @@ class QuietDUL(DULServiceProvider):
                 break
             if self.artim_timer.expired:
                 self.event_queue.put("Evt18")
+            if self._message is not None:
+                self._message_checked()
             try:
                 if self._process_recv_primitive():
                     pass

@@ -582,7 +582,8 @@ class StoreSCP:
                                                 server_ssl_context(self.cfg),
                                                 handshake_timeout_s=node.tls.handshake_timeout_s,
                                                 association_timeout_s=node.association_timeout_s, audit=self.audit,
-                                                lean_hooks=self.lean_hooks())
+                                                lean_hooks=self.lean_hooks(),
+                                                message_timeout_s=node.message_timeout_s)
         except OSError as exc:
             _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved
             raise ConfigError(listen_problem("DICOM port", "node", node.host, node.port, exc)) from exc

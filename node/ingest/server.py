@@ -85,8 +85,10 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def __init__(self, ae: AE, address: Address, ae_title: str, contexts: Any, ssl_context: ssl.SSLContext | None,
                  evt_handlers: Any = None, *, handshake_timeout_s: float = 10.0,
                  association_timeout_s: float = 10.0, audit: AuditLog | None = None,
-                 max_pending: int = MAX_PENDING, lean_hooks: LeanHooks | None = None) -> None:
+                 max_pending: int = MAX_PENDING, lean_hooks: LeanHooks | None = None,
+                 message_timeout_s: float = 0.0) -> None:
         self.lean_hooks = lean_hooks  # the lean C-STORE receive path (node.ingest.lean); None: pynetdicom's
+        self.message_timeout_s = message_timeout_s  # QuietDUL's deadline of one fragmented message (0: none)
         self.handshake_timeout_s = handshake_timeout_s
         self.association_timeout_s = association_timeout_s
         self.audit = audit
@@ -232,18 +234,21 @@ class GuardedAssociationServer(ThreadedAssociationServer):
 def start_guarded_server(ae: AE, address: tuple[str, int], evt_handlers: list[Any],
                          ssl_context: ssl.SSLContext | None, *, handshake_timeout_s: float,
                          association_timeout_s: float, audit: AuditLog | None,
-                         lean_hooks: LeanHooks | None = None) -> GuardedAssociationServer:
+                         lean_hooks: LeanHooks | None = None,
+                         message_timeout_s: float = 0.0) -> GuardedAssociationServer:
     """Start ``ae`` as an association acceptor on ``address`` behind the gate, in a daemon thread (as
     ``AE.start_server(block=False)`` does); returns the server (``shutdown()`` stops it).
 
     Sets the AE's ``acse_timeout`` to ``association_timeout_s`` (the rest of the A-ASSOCIATE-RQ after its first
-    byte). ``lean_hooks``: receive plain C-STOREs on the lean path (``node.ingest.lean``). Raises OSError when
+    byte). ``lean_hooks``: receive plain C-STOREs on the lean path (``node.ingest.lean``). ``message_timeout_s``:
+    seconds a fragmented command set or data set may take (``QuietDUL``; 0: no deadline). Raises OSError when
     the address cannot be bound.
     """
     ae.acse_timeout = association_timeout_s
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
                             server_class=GuardedAssociationServer, handshake_timeout_s=handshake_timeout_s,
-                            association_timeout_s=association_timeout_s, audit=audit, lean_hooks=lean_hooks)
+                            association_timeout_s=association_timeout_s, audit=audit, lean_hooks=lean_hooks,
+                            message_timeout_s=message_timeout_s)
     assert isinstance(server, GuardedAssociationServer)
     thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}",
                               daemon=True)

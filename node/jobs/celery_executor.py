@@ -93,10 +93,10 @@ def make_app(cfg: Config, worker: JobContext | None = None) -> Celery:
     )
 
     def run_job_task(self: Task, job_id: int | str, study_uid: str = "", series_uid: str = "", rule: str = "",
-                     takeover: bool = False) -> dict[str, Any] | None:
+                     takeover: bool = False, n_instances: int = 0) -> dict[str, Any] | None:
         if worker is None:  # pragma: no cover - only `srnode worker` consumes the queue
             raise NodeError("srnode worker: no job context")
-        return _run_job_task(worker, self, job_id, study_uid, series_uid, rule, takeover)
+        return _run_job_task(worker, self, job_id, study_uid, series_uid, rule, takeover, n_instances)
 
     app.task(name=TASK_NAME, bind=True, max_retries=MAX_RETRIES)(run_job_task)
     return app
@@ -183,7 +183,7 @@ class CeleryExecutor:
 
 
 def _run_job_task(ctx: JobContext, self: Task, job_id: int | str, study_uid: str, series_uid: str, rule: str,
-                  takeover: bool) -> dict[str, Any] | None:
+                  takeover: bool, n_instances: int = 0) -> dict[str, Any] | None:
     """The Celery task: run one job from the index (shared spool) or from a WADO-RS fetch (dicomweb)."""
     cfg = ctx.cfg
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
@@ -193,7 +193,7 @@ def _run_job_task(ctx: JobContext, self: Task, job_id: int | str, study_uid: str
     outcome: dict[str, Any] | None = None
     try:
         if cfg.executor.data_access == DataAccess.DICOMWEB:
-            outcome = run_remote_job(ctx, job_id, study_uid, series_uid, rule)
+            outcome = run_remote_job(ctx, job_id, study_uid, series_uid, rule, n_instances)
         else:
             run_shared_job(ctx, int(job_id), takeover=takeover or redelivered, worker=me)
     except Exception as exc:
@@ -202,7 +202,7 @@ def _run_job_task(ctx: JobContext, self: Task, job_id: int | str, study_uid: str
                   self.request.retries + 1, MAX_RETRIES, RETRY_COUNTDOWN_S)
         raise self.retry(exc=exc, countdown=RETRY_COUNTDOWN_S,
                          kwargs={"study_uid": study_uid, "series_uid": series_uid, "rule": rule,
-                                 "takeover": True}) from exc
+                                 "takeover": True, "n_instances": n_instances}) from exc
     log.info("job %s: finished on %s in %.1f s", job_id, me, time.monotonic() - t0)
     return outcome
 

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 from celery import Celery
 from celery.result import AsyncResult
+from pydicom import dcmread
 
 from node.config import Config
 from node.errors import DeliveryError, NodeError
@@ -43,10 +44,11 @@ class FetchFromNodeError(DeliveryError):
 
 
 def job_spec(index: Index, job_id: int | str) -> dict[str, Any]:
-    """The task arguments a remote worker needs: the job's study/series UIDs and rule (no PHI); SpoolError
-    when there is no such job."""
+    """The task arguments a remote worker needs: the job's study/series UIDs, rule and the instances it took of
+    the series (no PHI); SpoolError when there is no such job."""
     job = index.job(int(job_id))
-    return {"study_uid": job.study_uid, "series_uid": job.series_uid, "rule": job.rule}
+    return {"study_uid": job.study_uid, "series_uid": job.series_uid, "rule": job.rule,
+            "n_instances": job.n_instances}
 
 
 def fetch_series(cfg: Config, study_uid: str, series_uid: str) -> list[bytes]:
@@ -79,15 +81,16 @@ def fetch_series(cfg: Config, study_uid: str, series_uid: str) -> list[bytes]:
 
 
 def run_remote_job(ctx: JobContext, job_id: int | str, study_uid: str, series_uid: str,
-                   rule: str) -> dict[str, Any]:
+                   rule: str, n_instances: int = 0) -> dict[str, Any]:
     """Fetch, process and deliver one job in this worker's own spool; returns the outcome for the node.
 
     The outcome: state, reason, derived / uncertainty series UIDs, engine, fallback, report (no PHI). A series
-    already delivered here under the same rule and instance count is not fetched again. Raises as
+    already delivered here under the same rule and the instance count the node's job took (``n_instances``; 0,
+    from a node before hostile18: never taken as delivered) is not fetched again. Raises as
     :func:`fetch_series`, IngestError for a refused instance, SpoolError (index).
     """
     cfg, spool, index = ctx.cfg, ctx.store.spool, ctx.store.index
-    done = _already_delivered(index, study_uid, series_uid, rule)
+    done = _already_delivered(index, study_uid, series_uid, rule, n_instances)
     if done is not None:
         log.info("job %s: series %s already processed and delivered here (local job %d)", job_id, series_uid,
                  done.id)
@@ -113,17 +116,37 @@ def run_remote_job(ctx: JobContext, job_id: int | str, study_uid: str, series_ui
 
 def _clean(spool: Spool, study_uid: str, series_uid: str, local_job: int) -> None:
     """A delivered job's files leave the worker's scratch spool (its index rows stay: a re-run is recognised;
-    a later fetch of the same series stores the files again). Dead-lettered jobs keep theirs for a retry."""
-    for d in (spool.instances / study_uid / series_uid, spool.outbox / f"job-{local_job}"):
-        shutil.rmtree(d, ignore_errors=True)
+    a later fetch of the same series stores the files again). Dead-lettered jobs keep theirs for a retry. Its
+    results stay as headers without pixel data (a few KB each): what the rejection note of a later job of the
+    series made here must list (``node.derived.iocm.rejection_notes`` reads them from ``outbox/job-<id>``);
+    before hostile18 they were removed, and a re-made result went out without a note."""
+    shutil.rmtree(spool.instances / study_uid / series_uid, ignore_errors=True)
+    outbox = spool.outbox / f"job-{local_job}"
+    for path in sorted(outbox.glob("**/*.dcm")) if outbox.is_dir() else []:
+        try:
+            if path.name.startswith("KO-"):
+                path.unlink()
+                continue
+            ds = dcmread(path, stop_before_pixels=True)
+            tmp = path.with_name(path.name + ".tmp")
+            ds.save_as(tmp, enforce_file_format=True)
+            tmp.replace(path)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types; the file is removed, the note said
+            log.warning("job %d: result %s kept for a later rejection note could not be cut to its header: %s",
+                        local_job, path.name, type(exc).__name__)
+            path.unlink(missing_ok=True)
 
 
-def _already_delivered(index: Index, study_uid: str, series_uid: str, rule: str) -> Job | None:
+def _already_delivered(index: Index, study_uid: str, series_uid: str, rule: str, n_instances: int) -> Job | None:
+    """The job of this worker that delivered the series under ``rule`` from the ``n_instances`` the node's job
+    took, else None. Before hostile18 the count compared was the worker's own, kept from its last fetch: late
+    instances made a second node job that this took as delivered, answering the first result's UIDs (the late
+    slices in no derived series, the node's job 'delivered')."""
     s = index.series(series_uid, study_uid)
-    if not s or s.get("job_id") is None:
+    if not n_instances or not s or s.get("job_id") is None:
         return None
     job = index.job(int(s["job_id"]))
-    same = job.rule == rule and job.n_instances == s.get("n_instances")
+    same = job.rule == rule and job.n_instances == n_instances == s.get("n_instances")
     return job if same and job.state == JobState.DELIVERED else None
 
 
@@ -191,6 +214,32 @@ class OutcomeWatcher:
                 with self._lock:
                     self._pending.pop(job_id, None)
 
+    def _unretired(self, job_id: int, state: JobState, out: dict[str, Any]) -> str:
+        """Why the earlier result this remote job's new one replaces is not retired, or "": a worker retires only
+        results it made itself (their headers stay in its scratch spool); one made on another worker (or before
+        its scratch spool was emptied) gets no rejection note, which a WARNING line and the job's reason say, naming
+        the series to retire by hand (hostile18: before, nothing said so)."""
+        if state != JobState.DELIVERED:
+            return ""
+        job = self.index.job(job_id)
+        old_id, seen = job.supersedes, {job_id}
+        while old_id and old_id not in seen:  # the latest earlier job of the series that made a result
+            seen.add(old_id)
+            old = self.index.job(old_id)
+            if old.derived_series_uid:
+                break
+            old_id = old.supersedes
+        else:
+            return ""
+        new_uid = str(out.get("derived_series_uid") or "")
+        report = out.get("report") if isinstance(out.get("report"), dict) else {}
+        if not new_uid or new_uid == old.derived_series_uid or (report or {}).get("rejection_notes"):
+            return ""
+        said = (f"no rejection note retires job {old.id}'s derived series {old.derived_series_uid} (made on another "
+                "worker, whose record of it this one does not hold): retire it in the PACS by hand")
+        log.warning("job %d: %s", job_id, said)
+        return said
+
     def _record(self, job_id: int, res: AsyncResult) -> None:
         if res.successful() and isinstance(res.result, dict):
             out = res.result
@@ -202,7 +251,11 @@ class OutcomeWatcher:
                 self.index.finish_job(job_id, JobState.FAILED, f"remote worker answered an unknown state: {out!r}")
                 log.warning("job %d: the remote worker answered an unknown state: %r", job_id, out.get("state"))
                 return
-            self.index.finish_job(job_id, state, str(out.get("reason", "")), **fields)
+            reason = str(out.get("reason", ""))
+            unretired = self._unretired(job_id, state, out)
+            if unretired:
+                reason = f"{reason}; {unretired}" if reason else unretired
+            self.index.finish_job(job_id, state, reason, **fields)
             log.info("job %d: %s on a remote worker", job_id, state)
         else:
             self.index.finish_job(job_id, JobState.FAILED, f"remote worker: {res.result!r}")

@@ -104,14 +104,31 @@ class JobTable(IndexDB):
             raise SpoolError(f"index: no job {job_id}")
         return job_of(rows[0])
 
-    def jobs(self, states: Sequence[JobState] = ()) -> list[Job]:
-        """Every job (in one of ``states``, when given), oldest first."""
+    def jobs(self, states: Sequence[JobState] = (), *, series_uid: str = "", limit: int = 0) -> list[Job]:
+        """Every job (in one of ``states``, when given; of series ``series_uid``, when given), oldest first; with
+        ``limit`` > 0 only the newest ``limit`` of them (read so by SQLite: a page of a long history no longer
+        loads it whole, hostile18)."""
+        where: list[str] = []
+        args: list[Any] = []
         if states:
             wanted = [JobState(s) for s in states]
-            rows = self._query(f"SELECT * FROM jobs WHERE state IN ({_marks(wanted)}) ORDER BY id", wanted)
+            where.append(f"state IN ({_marks(wanted)})")
+            args += wanted
+        if series_uid:
+            where.append("series_uid = ?")
+            args.append(series_uid)
+        cond = f" WHERE {' AND '.join(where)}" if where else ""
+        if limit > 0:
+            rows = self._query(f"SELECT * FROM (SELECT * FROM jobs{cond} ORDER BY id DESC LIMIT ?) ORDER BY id",
+                               [*args, int(limit)])
         else:
-            rows = self._query("SELECT * FROM jobs ORDER BY id")
+            rows = self._query(f"SELECT * FROM jobs{cond} ORDER BY id", args)
         return [job_of(r) for r in rows]
+
+    def job_counts(self) -> dict[JobState, int]:
+        """How many jobs are in each state (those with none left out), counted by SQLite."""
+        rows = self._query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {JobState(r["state"]): int(r["n"]) for r in rows}
 
     def claim_job(self, job_id: int) -> Job | None:
         """queued → processing, atomically; None if another worker has it or it is no longer queued."""

@@ -246,6 +246,10 @@ def test_a_time_that_is_not_a_positive_finite_number_is_refused(section: dict[st
     ({"node": {"max_instance_mb": 0}}, "node.max_instance_mb: 0 must be from 1 to 1048576 (MB)"),
     ({"node": {"max_pdu": -5}}, "node.max_pdu: -5 must be 0 (pynetdicom's default) or at least 7 (bytes)"),
     ({"node": {"max_pdu": 3}}, "node.max_pdu: 3 must be 0 (pynetdicom's default) or at least 7 (bytes)"),
+    ({"node": {"message_timeout_s": 0}}, "node.message_timeout_s: 0 must be > 0 and <= 86400 seconds"),
+    ({"node": {"tls": {"enabled": True, "cert": "c.pem", "key": "k.pem", "require_client_cert": True}}},
+     "node.tls.require_client_cert: true needs node.tls.ca, the CA the callers' certificates are checked against "
+     "(without it every caller's handshake fails: none is trusted)"),
     ({"outbox": {"max_attempts": 0}}, "outbox.max_attempts: 0 must be >= 1"),
     ({"http": {"max_stow_parts": 0}}, "http.max_stow_parts: 0 must be from 1 to 10000000"),
     ({"http": {"write_timeout_s": 0}}, "http.write_timeout_s: 0 must be > 0 and <= 86400 seconds (a client that "

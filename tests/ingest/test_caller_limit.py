@@ -146,6 +146,7 @@ def test_an_idle_association_is_closed_after_idle_timeout_s(tmp_path: Path) -> N
     scp = start_scp(tmp_path, idle_timeout_s=1.0)
     try:
         assoc = _associate(scp.cfg.node.port)
+        assoc.network_timeout = 120  # hostile18: the caller's own 10 s timeout ended it while the node's was 60 s
         assert assoc.is_established
         wait_until(lambda: not assoc.is_established and assoc.is_aborted, timeout=20, what="the idle association closed")
     finally:

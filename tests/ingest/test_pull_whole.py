@@ -445,3 +445,83 @@ def test_the_follower_pulls_again_a_series_it_could_store_only_in_part(tmp_path:
         db.close()
         store.index.close()  # type: ignore[attr-defined]
         orthanc.stop()
+
+
+def _series_with_private_non_image(tmp_path: Path, seed: int) -> tuple[list[Path], Path, pydicom.Dataset]:
+    """6 slices and, uploaded last, a Philips private non-image object (SOP class 1.3.46.670589.11.0.0.12.2, no
+    pixel data, no image attributes) of the same series."""
+    files = phantom(tmp_path, seed=seed, slices=6)
+    ds = pydicom.dcmread(files[0])
+    del ds.PixelData
+    for kw in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+               "SamplesPerPixel", "PhotometricInterpretation", "ImagePositionPatient", "ImageOrientationPatient"):
+        if kw in ds:
+            delattr(ds, kw)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.3.46.670589.11.0.0.12.2"  # Philips series data
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    private = tmp_path / "private.dcm"
+    ds.save_as(private, enforce_file_format=True)
+    return files, private, pydicom.dcmread(files[0], stop_before_pixels=True)
+
+
+def test_a_c_move_of_a_series_with_a_private_non_image_object_is_complete(tmp_path: Path) -> None:
+    """hostile18: a C-MOVE of 6 slices + a Philips private non-image object (no storage context of the node takes
+    it: Orthanc fails that one sub-operation). Before: the C-MOVE 'ended with status 0xC000', the series declared 7
+    by that status and its job 'INCOMPLETE: made from 6 of the 7', exit 1, although every slice came. Now the
+    failed sub-operations are matched by an IMAGE-level C-FIND of the series: the only instances that did not come
+    are objects of a SOP class the node does not take and without Rows (no image): the series is declared its 6
+    slices, exit 0, the object named as refused."""
+    from tests.support.peers import free_port
+
+    node_port = free_port()
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", modalities={"SRNODE": ["SRNODE", "127.0.0.1", node_port]})
+    node = start_node(tmp_path / "node", {"node": {"port": node_port}, "sources": [
+        {"name": "pacs", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}]})
+    try:
+        files, private, ref = _series_with_private_non_image(tmp_path, 1801)
+        upload(orthanc, [private, *files])  # Orthanc 1.10 moves it last, once the slices are sent, then 0xC000
+        r = node.cli("fetch", "--from", "pacs", "--study", ref.StudyInstanceUID, "--series", ref.SeriesInstanceUID)
+        assert r.returncode == 1, (r.stdout, r.stderr)  # as any refused instance (the Orthanc REST pull's too)
+        assert "INCOMPLETE" not in r.stderr + r.stdout and "0xC000" in r.stderr, r.stderr
+        assert "1.3.46.670589.11.0.0.12.2" in r.stderr + r.stdout, (r.stdout, r.stderr)
+        ix = Index(node.spool / "index.sqlite")
+        try:
+            row = ix.series(ref.SeriesInstanceUID, ref.StudyInstanceUID)
+            assert row is not None and row["n_instances"] == 6 and row["declared_instances"] == 6, row
+        finally:
+            ix.close()
+        wait_job(node, ref.SeriesInstanceUID)
+        st = node.cli("status")
+        assert "INCOMPLETE" not in st.stdout, st.stdout
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def test_a_c_get_of_a_series_with_a_private_non_image_object_admits_its_slices(tmp_path: Path) -> None:
+    """hostile18: the same series by C-GET. Before: the C-GET 'failed part-way' (0xC000, 1 sub-operation failed)
+    and none of the 6 slices was admitted. Now the failed sub-operation is matched to the private non-image object
+    by a C-FIND: the 6 slices are admitted and declared, the object listed as refused."""
+    from node.config import config_from_dict
+    from node.ingest import Admission, fetch
+    from node.metrics import Metrics
+    from node.store import open_store
+
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", modalities={"SRNODE": ["SRNODE", "127.0.0.1", 11112]})
+    try:
+        files, private, ref = _series_with_private_non_image(tmp_path, 1802)
+        upload(orthanc, [private, *files])
+        cfg = config_from_dict({"node": {"spool_dir": str(tmp_path / "spool")}, "sources": [
+            {"name": "pacs", "kind": "dicom", "ae_title": orthanc.aet, "host": "127.0.0.1",
+             "port": orthanc.dicom_port}]})
+        store = open_store(cfg)
+        admission = Admission(cfg, store.spool, store.index, Metrics.create())
+        result = fetch(cfg, "pacs", ref.StudyInstanceUID, ref.SeriesInstanceUID, admission=admission, method="get")
+        row = store.index.series(ref.SeriesInstanceUID, ref.StudyInstanceUID)
+        assert row is not None and row["n_instances"] == 6 and row["declared_instances"] == 6, (row, result)
+        assert result.received == 6 and len(result.refused) == 1, result
+        assert "1.3.46.670589.11.0.0.12.2" in result.refused[0], result.refused
+        assert list((tmp_path / "spool" / "incoming").iterdir()) == []
+        store.index.close()
+    finally:
+        orthanc.stop()

@@ -219,3 +219,96 @@ def test_deployment_files_are_consistent(monkeypatch: pytest.MonkeyPatch) -> Non
     if hadolint:
         r = subprocess.run([hadolint, str(root / "Dockerfile")], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_dicomweb_worker_retires_the_results_late_instances_replace(tmp_path: Path, redis_server: RedisServer,
+                                                                      pacs: tuple[int, Path]) -> None:
+    """hostile18: data_access = "dicomweb", 8 of 10 slices, delivered by the remote worker; then the 2 late
+    slices: a second node job. Before: the worker took it as 'already delivered' (it compared the series' count
+    from its own last fetch, 8, with its job's, 8) and answered the first result: the node's job 2 'delivered'
+    with job 1's derived series (SeriesNumber 98002 both), the 2 late slices in no derived series, nothing said.
+    And the worker removed its delivered results, so a re-made one could carry no rejection note. Now the node
+    sends the count its job took (10): the 10 slices are fetched, processed (19 derived slices) and delivered
+    with a KO retiring exactly the first result, under the next SeriesNumber revision, as in process."""
+    pacs_port, pacs_dir = pacs
+    executor = {"kind": "celery", "broker_url": redis_server.url, "data_access": "dicomweb",
+                "visibility_timeout_s": 60}
+    node = NodeProc.start(tmp_path / "node", {
+        "node": {"stable_age_s": 1.0},
+        "http": {"token": "t0ken"},
+        "executor": executor,
+        "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                          "port": pacs_port}],
+        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
+                   "destinations": ["pacs"]}],
+    })
+    wcfg = tmp_path / "worker.toml"
+    wcfg.write_text(dump_toml(merge(node.config, {"node": {"spool_dir": str(tmp_path / "worker-spool")},
+                                                  "executor": {**executor, "node_url": node.http_url}})))
+    worker = WorkerProcess(wcfg, "remote@test", tmp_path / "worker.log")
+    try:
+        worker.start()
+        files = write_phantom_series(tmp_path / "in", seed=18, slices=10, size=64)
+        assert storescu(files[:8], node.port).returncode == 0
+        node.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "delivered", timeout=120,
+                       what="the first job delivered")
+        assert storescu(files[8:], node.port).returncode == 0
+        jobs = node.wait_jobs(lambda js: len(js) == 2 and all(j["state"] in ("delivered", "failed") for j in js),
+                              timeout=120, what="the second job done")
+        assert [j["state"] for j in jobs] == ["delivered", "delivered"], jobs
+        received = [dcmread(p, stop_before_pixels=True) for p in pacs_dir.rglob("*") if p.is_file()]
+        kos = [ds for ds in received if ds.Modality == "KO"]
+        first = {ds.SeriesNumber for ds in received if ds.SeriesInstanceUID == jobs[0]["derived_series"]}
+        second = {ds.SeriesNumber for ds in received if ds.SeriesInstanceUID == jobs[1]["derived_series"]}
+        assert jobs[0]["derived_series"] != jobs[1]["derived_series"] and first != second, (first, second)
+        assert sum(ds.SeriesInstanceUID == jobs[1]["derived_series"] for ds in received) == 19
+        assert len(kos) == 1, [ds.Modality for ds in received]
+        (ko,) = kos
+        rejected = {r.ReferencedSOPInstanceUID for s in ko.CurrentRequestedProcedureEvidenceSequence[0]
+                    .ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
+        assert rejected == {ds.SOPInstanceUID for ds in received if ds.SeriesInstanceUID == jobs[0]["derived_series"]}
+    finally:
+        worker.stop()
+        node.stop()
+
+
+def test_a_result_made_on_another_dicomweb_worker_is_said_unretired(tmp_path: Path, redis_server: RedisServer,
+                                                                   pacs: tuple[int, Path]) -> None:
+    """hostile18: the first result made by worker A, the late slices' job by worker B (its own scratch spool: no
+    record of A's result). B cannot make the rejection note; the node's job 2 says so, naming the series to
+    retire by hand, and a WARNING line (before: nothing said)."""
+    pacs_port, _pacs_dir = pacs
+    executor = {"kind": "celery", "broker_url": redis_server.url, "data_access": "dicomweb",
+                "visibility_timeout_s": 60}
+    node = NodeProc.start(tmp_path / "node", {
+        "node": {"stable_age_s": 1.0}, "http": {"token": "t0ken"}, "executor": executor,
+        "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                          "port": pacs_port}],
+        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
+                   "destinations": ["pacs"]}],
+    })
+    wcfg = tmp_path / "worker.toml"
+    wcfg.write_text(dump_toml(merge(node.config, {"node": {"spool_dir": str(tmp_path / "worker-spool")},
+                                                  "executor": {**executor, "node_url": node.http_url}})))
+    files = write_phantom_series(tmp_path / "in", seed=19, slices=10, size=64)
+    a = WorkerProcess(wcfg, "a@test", tmp_path / "a.log")
+    try:
+        a.start()
+        assert storescu(files[:8], node.port).returncode == 0
+        first = node.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "delivered", timeout=120,
+                               what="the first job delivered")[0]
+    finally:
+        a.stop()
+    b = WorkerProcess(wcfg, "b@test", tmp_path / "b.log")
+    try:
+        b.start()
+        assert storescu(files[8:], node.port).returncode == 0
+        jobs = node.wait_jobs(lambda js: len(js) == 2 and all(j["state"] in ("delivered", "failed") for j in js),
+                              timeout=120, what="the second job done")
+        assert jobs[1]["state"] == "delivered", jobs
+        assert f"no rejection note retires job {first['id']}'s derived series {first['derived_series']}" in \
+            jobs[1]["reason"], jobs[1]
+        assert "retire it in the PACS by hand" in node.log()
+    finally:
+        b.stop()
+        node.stop()
