@@ -147,13 +147,37 @@ class DegradationModel:
         """Slice FWHM in samples of the output grid (what data consistency re-applies)."""
         return self.thickness_mm / self.fine_mm
 
+    @property
+    def gap(self) -> bool:
+        """Whether the slices leave gaps: the stated thickness is under the step between them (beyond 1 %)."""
+        return self.step_mm - self.thickness_mm > max(1e-3, 0.01 * self.thickness_mm)
+
+    @property
+    def target_mm(self) -> float:
+        """FWHM (mm) of the output slices the engine aims at, and of the training pairs' targets: thickness / f
+        when the acquired slabs fill their step or overlap (each thick slice is f output slices side by side);
+        for a gap acquisition (thickness < step) the stated thickness itself: the acquired slices are thin
+        slices every ``step_mm``, and the output fills the gaps with slices like them (it made slices f times
+        thinner than the acquired ones, sharpening beyond what the scanner gave: 1.4-2.2 dB under cubic on the
+        decimated abdomen, docs/engines.md 2026-12-03)."""
+        return self.thickness_mm if self.gap else self.thickness_mm / self.factor
+
+    @property
+    def dc_fwhm_px(self) -> float:
+        """FWHM in output samples of the discrete profile D that maps the output slices to the acquired ones (what
+        data consistency re-applies, and what makes the training pairs' inputs): the thickness for contiguous or
+        overlapping slabs; 0 (D picks every f-th output slice as it is) for a gap acquisition, whose output slices
+        have the acquired slices' own thickness (``target_mm``)."""
+        return 0.0 if self.gap else self.thickness_fine_px
+
     def describe(self) -> str:
         gap = self.step_mm - self.thickness_mm
         tol = max(1e-3, 0.01 * self.thickness_mm)  # a step within 1 % of the thickness touches (4.002 mm / 4 mm)
         kind = (f"gap {gap:.3g} mm" if gap > tol else f"overlap {-gap:.3g} mm" if gap < -tol else "contiguous")
         return (
             f"through-plane x{self.factor}: {self.profile} profile FWHM {self.thickness_mm:.3g} mm, step "
-            f"{self.step_mm:.4g} mm ({kind}), output grid {self.fine_mm:.3g} mm; training pairs from in-plane "
+            f"{self.step_mm:.4g} mm ({kind}), output grid {self.fine_mm:.3g} mm of FWHM {self.target_mm:.3g} mm; "
+            "training pairs from in-plane "
             f"pixels {self.pixel_mm:.3g} mm; in-plane x{self.in_factor}: {self.in_factor}x{self.in_factor} "
             "block means"
         )
@@ -164,15 +188,16 @@ def make_pairs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Through-plane training pairs from fine in-plane images (B, H, W): degrade along axis 1 (H).
 
-    hr: the object on the output grid (step/f) seen through a profile of FWHM thickness/f (what a scanner would
-    give at the output spacing); lr = ``degrade_through_plane(hr, f, thickness/fine)``: exactly the operator that
-    data consistency re-applies and that ``srnode eval`` uses to simulate thick slices. Returns lr (B, n, W) and
+    hr: the object on the output grid (step/f) seen through a profile of FWHM ``model.target_mm`` (thickness/f,
+    what a scanner would give at the output spacing; for a gap acquisition the stated thickness);
+    lr = ``degrade_through_plane(hr, f, model.dc_fwhm_px)``: exactly the operator that data consistency re-applies
+    (thickness / fine step; for a gap acquisition every f-th target slice as it is). Returns lr (B, n, W) and
     hr (B, (n-1)*f + 1, W), float32. To train along W as well, pass the images transposed.
     """
     src = model.pixel_mm if src_spacing is None else src_spacing
     f = model.factor
-    hr = resample_profile(images, 1, src, model.thickness_mm / f, model.fine_mm, model.profile)
+    hr = resample_profile(images, 1, src, model.target_mm, model.fine_mm, model.profile)
     n_lr = (hr.shape[1] - 1) // f + 1
     hr = hr[:, : (n_lr - 1) * f + 1]
-    lr = degrade_through_plane(hr, f, model.thickness_fine_px, axis=1, profile=model.profile)
+    lr = degrade_through_plane(hr, f, model.dc_fwhm_px, axis=1, profile=model.profile)
     return np.ascontiguousarray(lr), np.ascontiguousarray(hr)

@@ -1,0 +1,65 @@
+"""Gap acquisitions (SliceThickness under the step between slices): the engine's targets, training pairs and data
+consistency use the stated thickness, and a series on which the engine does worse than cubic along its own z axis
+falls back to cubic with the reason (issue #13, helper engine18; docs/engines.md 2026-12-03)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models import selfsup
+from models.degrade import DegradationModel, make_pairs, resample_profile
+from models.engine import EngineOptions, Factors, VolumeInput, get_engine
+from tests.models.test_engine_selfsup import _phantom
+
+
+def test_gap_pairs_target_the_stated_thickness_and_their_inputs_are_every_fth_target_slice() -> None:
+    """2 mm slices every 4 mm at x2: the output slices are 2 mm thick every 2 mm (the acquired ones' own
+    thickness), and the thick inputs are every 2nd of them as they are (what a gap acquisition is). They were
+    1 mm targets blurred by a 1-output-sample box: inputs sharper than the scanner's slices."""
+    rng = np.random.default_rng(0)
+    images = rng.normal(0.0, 1.0, (3, 97, 40)).astype(np.float32)
+    gap = DegradationModel(2, 1, 4.0, 2.0, 0.5)
+    assert gap.gap and gap.target_mm == 2.0 and gap.dc_fwhm_px == 0.0
+    assert "gap 2 mm" in gap.describe() and "FWHM 2 mm;" in gap.describe()
+    lr, hr = make_pairs(images, gap)
+    np.testing.assert_array_equal(lr, hr[:, ::2])
+    want = resample_profile(images, 1, 0.5, 2.0, 2.0)[:, : hr.shape[1]]
+    np.testing.assert_allclose(hr, want, atol=1e-6)
+
+
+@pytest.mark.parametrize(("step", "thick"), [(4.0, 4.0), (4.0, 6.0), (4.0, 3.98)])
+def test_contiguous_and_overlapping_slices_keep_their_model(step: float, thick: float) -> None:
+    m = DegradationModel(2, 1, step, thick, 0.5)
+    assert not m.gap
+    assert m.target_mm == pytest.approx(thick / 2) and m.dc_fwhm_px == pytest.approx(thick / 2.0)
+
+
+def _gap_input() -> tuple[np.ndarray, VolumeInput]:
+    truth = _phantom((33, 64, 64), noise=10.0, seed=2)  # 1 mm slices every 1 mm (the truth)
+    return truth, VolumeInput(np.ascontiguousarray(truth[::2]), (2.0, 0.8, 0.8), 1.4, "CT")  # 1.4 mm every 2 mm
+
+
+def test_a_gap_acquisitions_slices_are_kept_as_acquired_at_their_positions() -> None:
+    """The acquired slices are output slices (same thickness, same place): data consistency keeps them as they
+    are. With D a box of the stated 1.4 mm over 1 mm output samples (1/7 the neighbours), the output there
+    differed from the acquired slices by tens of HU."""
+    truth, vin = _gap_input()
+    opts = EngineOptions(device="cpu", fast=True, tta_passes=2, min_gain_db=-1e9)
+    res = get_engine("selfsup", opts).upscale(vin, Factors(2, 1))
+    assert res.engine == "selfsup" and not res.fallback
+    assert "gap 0.6 mm" in res.report["degradation"] and "FWHM 1.4 mm;" in res.report["degradation"]
+    assert np.abs(res.data[::2] - vin.data).max() < 0.05  # HU, the range is ~1600 HU
+    assert "through_z_pairs_gain_db" in res.report
+
+
+def test_worse_than_cubic_along_z_falls_back_to_cubic_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The safety net along z: when the engine's gain over cubic on the series' own z pairs is under
+    ``Z_MIN_GAIN_DB``, the output is cubic's, with no sigma, and the reason names the check."""
+    _, vin = _gap_input()
+    monkeypatch.setattr(selfsup, "Z_MIN_GAIN_DB", 50.0)
+    opts = EngineOptions(device="cpu", fast=True, tta_passes=2, min_gain_db=-1e9)
+    res = get_engine("selfsup", opts).upscale(vin, Factors(2, 1))
+    cubic = get_engine("cubic").upscale(vin, Factors(2, 1))
+    assert res.engine == "cubic" and "along z" in res.fallback and "< 50.00 dB" in res.fallback
+    assert np.array_equal(res.data, cubic.data) and not res.sigma.any() and not res.has_sigma
