@@ -7,10 +7,11 @@ set -u
 TAG=${1:?tag}; shift
 PY=${PY:-python3}
 D=${DATA:-../shared/data}
-R=${RESULTS:-bench/results}
+R=${RESULTS:-$PWD/bench/results}
+D=$(realpath "$D")
 EXTRA=("$@")
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-[ -n "${CODE:-}" ] && export PYTHONPATH=$CODE
+if [ -n "${CODE:-}" ]; then export PYTHONPATH=$CODE; cd "$CODE"; fi  # python -m puts the cwd first on sys.path
 PROFILES=${PROFILES:-"decimate trapezoid"}
 ev() { local c=$1; shift; for p in $PROFILES; do
   echo -n "$p $c: "; $PY -m node.app.cli eval "$@" --profile "$p" --device cpu --quiet \
