@@ -28,6 +28,10 @@ from models.engine import Factors, VolumeInput
 log = logging.getLogger(__name__)
 
 PROFILES = ("box", "gaussian")
+# the output slices' FWHM for a gap acquisition (``DegradationModel.target_mm``): "thickness" (the stated
+# thickness: slices like the acquired ones) or "per_slice" (thickness / f, as for contiguous slabs; measured, not
+# kept: docs/engines.md 2026-12-03)
+GAP_TARGET = "thickness"
 
 
 def slice_profile(fwhm_px: float, kind: str = "box") -> np.ndarray:
@@ -160,7 +164,9 @@ class DegradationModel:
         slices every ``step_mm``, and the output fills the gaps with slices like them (it made slices f times
         thinner than the acquired ones, sharpening beyond what the scanner gave: 1.4-2.2 dB under cubic on the
         decimated abdomen, docs/engines.md 2026-12-03)."""
-        return self.thickness_mm if self.gap else self.thickness_mm / self.factor
+        if self.gap and GAP_TARGET == "thickness":
+            return self.thickness_mm
+        return self.thickness_mm / self.factor
 
     @property
     def dc_fwhm_px(self) -> float:
