@@ -28,10 +28,11 @@ from models.engine import Factors, VolumeInput
 log = logging.getLogger(__name__)
 
 PROFILES = ("box", "gaussian")
-# the output slices' FWHM for a gap acquisition (``DegradationModel.target_mm``): "thickness" (the stated
-# thickness: slices like the acquired ones) or "per_slice" (thickness / f, as for contiguous slabs; measured, not
-# kept: docs/engines.md 2026-12-03)
-GAP_TARGET = "thickness"
+# the output slices' FWHM for a gap acquisition (``DegradationModel.target_mm``): "per_slice" (thickness / f, as
+# for contiguous slabs; the in-plane pixels the pairs come from carry their own blur) or "thickness" (the stated
+# thickness; measured, not kept: -1.03 dB on the decimated phantom, +0.07 dB on the abdomen; docs/engines.md
+# 2026-12-03)
+GAP_TARGET = "per_slice"
 
 
 def slice_profile(fwhm_px: float, kind: str = "box") -> np.ndarray:
@@ -159,11 +160,7 @@ class DegradationModel:
     @property
     def target_mm(self) -> float:
         """FWHM (mm) of the output slices the engine aims at, and of the training pairs' targets: thickness / f
-        when the acquired slabs fill their step or overlap (each thick slice is f output slices side by side);
-        for a gap acquisition (thickness < step) the stated thickness itself: the acquired slices are thin
-        slices every ``step_mm``, and the output fills the gaps with slices like them (it made slices f times
-        thinner than the acquired ones, sharpening beyond what the scanner gave: 1.4-2.2 dB under cubic on the
-        decimated abdomen, docs/engines.md 2026-12-03)."""
+        (``GAP_TARGET`` "thickness": the stated thickness itself for a gap acquisition)."""
         if self.gap and GAP_TARGET == "thickness":
             return self.thickness_mm
         return self.thickness_mm / self.factor
@@ -171,9 +168,12 @@ class DegradationModel:
     @property
     def dc_fwhm_px(self) -> float:
         """FWHM in output samples of the discrete profile D that maps the output slices to the acquired ones (what
-        data consistency re-applies, and what makes the training pairs' inputs): the thickness for contiguous or
-        overlapping slabs; 0 (D picks every f-th output slice as it is) for a gap acquisition, whose output slices
-        have the acquired slices' own thickness (``target_mm``)."""
+        data consistency re-applies, and what makes the training pairs' inputs from their targets): the thickness
+        for contiguous or overlapping slabs; 0 for a gap acquisition (thickness < step), whose acquired slices are
+        output slices as they are (D picks every f-th one). It was a box of the thickness there too, as if the
+        slab filled its step: data consistency then moved each acquired slice by what its neighbours differ
+        (35 HU on a 2 mm / 3 mm DICOM phantom) and the self-check's pairs had blurred inputs the series has not
+        (the decimated abdomen: self-check +1.65 dB, output 2.23 dB under cubic; docs/engines.md 2026-12-03)."""
         return 0.0 if self.gap else self.thickness_fine_px
 
     def describe(self) -> str:
@@ -195,7 +195,7 @@ def make_pairs(
     """Through-plane training pairs from fine in-plane images (B, H, W): degrade along axis 1 (H).
 
     hr: the object on the output grid (step/f) seen through a profile of FWHM ``model.target_mm`` (thickness/f,
-    what a scanner would give at the output spacing; for a gap acquisition the stated thickness);
+    what a scanner would give at the output spacing);
     lr = ``degrade_through_plane(hr, f, model.dc_fwhm_px)``: exactly the operator that data consistency re-applies
     (thickness / fine step; for a gap acquisition every f-th target slice as it is). Returns lr (B, n, W) and
     hr (B, (n-1)*f + 1, W), float32. To train along W as well, pass the images transposed.

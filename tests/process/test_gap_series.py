@@ -58,7 +58,7 @@ def test_a_gap_series_keeps_its_acquired_slices_where_they_were_acquired(tmp_pat
     r = subprocess.run([sys.executable, "-m", "node.app.cli", "process", str(src), str(out), "--config", str(cfg),
                         "--no-preview"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "(gap 1 mm)" in r.stderr and "of FWHM 2 mm" in r.stderr, r.stderr
+    assert "(gap 1 mm)" in r.stderr and "of FWHM 1 mm" in r.stderr, r.stderr
     derived = sorted(out.glob("*/derived/*.dcm"))
     assert len(derived) == 17
     d0 = dcmread(derived[0], stop_before_pixels=True)
