@@ -58,8 +58,28 @@ def test_worse_than_cubic_along_z_falls_back_to_cubic_with_the_reason(monkeypatc
     ``Z_MIN_GAIN_DB``, the output is cubic's, with no sigma, and the reason names the check."""
     _, vin = _gap_input()
     monkeypatch.setattr(selfsup, "Z_MIN_GAIN_DB", 50.0)
-    opts = EngineOptions(device="cpu", fast=True, tta_passes=2, min_gain_db=-1e9)
+    opts = EngineOptions(device="cpu", fast=True, tta_passes=2, min_gain_db=60.0)
+    monkeypatch.setattr(selfsup.SelfSupEngine, "_validate", _passing(selfsup.SelfSupEngine._validate))
     res = get_engine("selfsup", opts).upscale(vin, Factors(2, 1))
     cubic = get_engine("cubic").upscale(vin, Factors(2, 1))
     assert res.engine == "cubic" and "along z" in res.fallback and "< 50.00 dB" in res.fallback
     assert np.array_equal(res.data, cubic.data) and not res.sigma.any() and not res.has_sigma
+
+
+def test_the_z_check_is_off_when_the_configuration_turns_the_self_check_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[engine] min_gain_db`` below ``Z_MIN_GAIN_DB`` lowers the z bar too (-99: no fallback at all)."""
+    _, vin = _gap_input()
+    monkeypatch.setattr(selfsup, "Z_MIN_GAIN_DB", 50.0)
+    res = get_engine("selfsup", EngineOptions(device="cpu", fast=True, tta_passes=2, min_gain_db=-99.0)).upscale(
+        vin, Factors(2, 1))
+    assert res.engine == "selfsup" and not res.fallback
+
+
+def _passing(validate):  # type: ignore[no-untyped-def]
+    """``_validate`` whose gain reads 99 dB (the in-plane check passes), so that the z check decides."""
+    from dataclasses import replace
+
+    def wrapped(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return replace(validate(self, *args, **kwargs), gain_db=99.0)
+
+    return wrapped
