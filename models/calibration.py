@@ -522,7 +522,12 @@ def validate(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05, 
 def heldout_gain(net: SRNet, sets: list[PairSet], n_flips: int, body: float = 0.05) -> float:
     """PSNR gain in dB of ``net`` (+ data consistency) over cubic on the held-out pairs' body voxels, as
     ``validate``'s ``gain_db`` (0.0 without voxels)."""
-    h = _held(net, sets, n_flips, body)
+    return held_gain(_held(net, sets, n_flips, body))
+
+
+def held_gain(h: _Held) -> float:
+    """PSNR gain in dB of the engine over cubic on the body voxels of ``h`` (``held``): 10 log10 of cubic's mean
+    squared error over the engine's (0.0 without voxels)."""
     if h.err.size == 0:
         return 0.0
     return 10 * math.log10(max(float(np.mean(h.base_err**2)), 1e-20) / max(float(np.mean(h.err**2)), 1e-20))
@@ -651,10 +656,10 @@ def z_pairs(vol: np.ndarray, model: DegradationModel, device: torch.device, plan
         return []
     coarse = DegradationModel(f, 1, model.step_mm * f, model.thickness_mm * f, model.pixel_mm, model.profile)
     sub = vol[: (n_lr - 1) * f + 1]
-    lr = degrade_through_plane(sub, f, coarse.thickness_fine_px, axis=0, profile=model.profile)  # (n_lr, Y, X)
+    lr = degrade_through_plane(sub, f, coarse.dc_fwhm_px, axis=0, profile=model.profile)  # (n_lr, Y, X)
     # the coarse inputs' noise from the acquired slices' (white along z assumed, as for the target grid): the
     # profile's noise gain, not noise_sigma(lr), which the blurred slices' structure inflates relative to noise
-    d = through_plane_matrix(max(n_lr, 9), f, coarse.thickness_fine_px, model.profile)
+    d = through_plane_matrix(max(n_lr, 9), f, coarse.dc_fwhm_px, model.profile)
     gain = float(np.sqrt((d[d.shape[0] // 2] ** 2).sum()))
     g = phase_noise(coarse, src_spacing or model.pixel_mm)[0]
     noise = tuple(float(noise_sigma(vol) * gain * x) for x in g)

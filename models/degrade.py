@@ -28,6 +28,11 @@ from models.engine import Factors, VolumeInput
 log = logging.getLogger(__name__)
 
 PROFILES = ("box", "gaussian")
+# the output slices' FWHM for a gap acquisition (``DegradationModel.target_mm``): "per_slice" (thickness / f, as
+# for contiguous slabs; the in-plane pixels the pairs come from carry their own blur) or "thickness" (the stated
+# thickness; measured, not kept: -1.03 dB on the decimated phantom, +0.07 dB on the abdomen; docs/engines.md
+# 2026-12-03)
+GAP_TARGET = "per_slice"
 
 
 def slice_profile(fwhm_px: float, kind: str = "box") -> np.ndarray:
@@ -147,13 +152,38 @@ class DegradationModel:
         """Slice FWHM in samples of the output grid (what data consistency re-applies)."""
         return self.thickness_mm / self.fine_mm
 
+    @property
+    def gap(self) -> bool:
+        """Whether the slices leave gaps: the stated thickness is under the step between them (beyond 1 %)."""
+        return self.step_mm - self.thickness_mm > max(1e-3, 0.01 * self.thickness_mm)
+
+    @property
+    def target_mm(self) -> float:
+        """FWHM (mm) of the output slices the engine aims at, and of the training pairs' targets: thickness / f
+        (``GAP_TARGET`` "thickness": the stated thickness itself for a gap acquisition)."""
+        if self.gap and GAP_TARGET == "thickness":
+            return self.thickness_mm
+        return self.thickness_mm / self.factor
+
+    @property
+    def dc_fwhm_px(self) -> float:
+        """FWHM in output samples of the discrete profile D that maps the output slices to the acquired ones (what
+        data consistency re-applies, and what makes the training pairs' inputs from their targets): the thickness
+        for contiguous or overlapping slabs; 0 for a gap acquisition (thickness < step), whose acquired slices are
+        output slices as they are (D picks every f-th one). It was a box of the thickness there too, as if the
+        slab filled its step: data consistency then moved each acquired slice by what its neighbours differ
+        (35 HU on a 2 mm / 3 mm DICOM phantom) and the self-check's pairs had blurred inputs the series has not
+        (the decimated abdomen: self-check +1.65 dB, output 2.23 dB under cubic; docs/engines.md 2026-12-03)."""
+        return 0.0 if self.gap else self.thickness_fine_px
+
     def describe(self) -> str:
         gap = self.step_mm - self.thickness_mm
         tol = max(1e-3, 0.01 * self.thickness_mm)  # a step within 1 % of the thickness touches (4.002 mm / 4 mm)
         kind = (f"gap {gap:.3g} mm" if gap > tol else f"overlap {-gap:.3g} mm" if gap < -tol else "contiguous")
         return (
             f"through-plane x{self.factor}: {self.profile} profile FWHM {self.thickness_mm:.3g} mm, step "
-            f"{self.step_mm:.4g} mm ({kind}), output grid {self.fine_mm:.3g} mm; training pairs from in-plane "
+            f"{self.step_mm:.4g} mm ({kind}), output grid {self.fine_mm:.3g} mm of FWHM {self.target_mm:.3g} mm; "
+            "training pairs from in-plane "
             f"pixels {self.pixel_mm:.3g} mm; in-plane x{self.in_factor}: {self.in_factor}x{self.in_factor} "
             "block means"
         )
@@ -164,15 +194,16 @@ def make_pairs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Through-plane training pairs from fine in-plane images (B, H, W): degrade along axis 1 (H).
 
-    hr: the object on the output grid (step/f) seen through a profile of FWHM thickness/f (what a scanner would
-    give at the output spacing); lr = ``degrade_through_plane(hr, f, thickness/fine)``: exactly the operator that
-    data consistency re-applies and that ``srnode eval`` uses to simulate thick slices. Returns lr (B, n, W) and
+    hr: the object on the output grid (step/f) seen through a profile of FWHM ``model.target_mm`` (thickness/f,
+    what a scanner would give at the output spacing);
+    lr = ``degrade_through_plane(hr, f, model.dc_fwhm_px)``: exactly the operator that data consistency re-applies
+    (thickness / fine step; for a gap acquisition every f-th target slice as it is). Returns lr (B, n, W) and
     hr (B, (n-1)*f + 1, W), float32. To train along W as well, pass the images transposed.
     """
     src = model.pixel_mm if src_spacing is None else src_spacing
     f = model.factor
-    hr = resample_profile(images, 1, src, model.thickness_mm / f, model.fine_mm, model.profile)
+    hr = resample_profile(images, 1, src, model.target_mm, model.fine_mm, model.profile)
     n_lr = (hr.shape[1] - 1) // f + 1
     hr = hr[:, : (n_lr - 1) * f + 1]
-    lr = degrade_through_plane(hr, f, model.thickness_fine_px, axis=1, profile=model.profile)
+    lr = degrade_through_plane(hr, f, model.dc_fwhm_px, axis=1, profile=model.profile)
     return np.ascontiguousarray(lr), np.ascontiguousarray(hr)

@@ -85,7 +85,7 @@ def cols_matmul(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def dc_matrices(n_lr: int, model: DegradationModel) -> tuple[np.ndarray, np.ndarray]:
     """Through-plane data consistency: D (n_lr x n_fine) and its pseudo-inverse P = D^T (D D^T)^-1."""
-    d = through_plane_matrix(n_lr, model.factor, model.thickness_fine_px, model.profile)
+    d = through_plane_matrix(n_lr, model.factor, model.dc_fwhm_px, model.profile)
     gram = d @ d.T + 1e-9 * np.eye(n_lr)
     return d, d.T @ np.linalg.inv(gram)
 
@@ -421,7 +421,7 @@ def missing_noise(sigma_in: float, model: DegradationModel | None, src_spacing: 
     if model is None:
         return sigma_in * math.sqrt(max(in_factor**2 - 1, 0))
 
-    k = slice_profile(model.thickness_fine_px, model.profile)
+    k = slice_profile(model.dc_fwhm_px, model.profile)
     noise = np.random.default_rng(0).normal(0, 1, (4, 96, 64)).astype(np.float32)
     _, hr = make_pairs(noise, model, src_spacing=src_spacing)
     g = float(hr[:, 4:-4, 4:-4].std())
@@ -436,7 +436,7 @@ def phase_noise(model: DegradationModel, src_spacing: float, n_lr: int = 33, col
 
     Target grid: thin noise degraded with the slice profile (what the thick slices carry), restored, and
     compared with the thin noise (the eval truth holds it; no engine can predict it). The thin slices have the
-    FWHM thickness / f (as ``make_pairs``' targets): where that exceeds the output step (overlapping acquisitions,
+    FWHM ``model.target_mm`` (as ``make_pairs``' targets): where that exceeds the output step (overlapping acquisitions,
     thickness > step), their noise is correlated along z, white noise on a 4x finer grid seen through that profile,
     so part of it is predictable from the thick neighbours; otherwise it is white. Pairs: in-plane noise of
     sd 1 through ``make_pairs``, restored, compared with the pair's target. Node rows (phase 0) keep part of the
@@ -447,7 +447,7 @@ def phase_noise(model: DegradationModel, src_spacing: float, n_lr: int = 33, col
     d, p = dc_matrices(n_lr, model)
     c = cubic_matrix(n_lr, f, True)
     n = (n_lr - 1) * f + 1
-    thin_px = model.thickness_fine_px / f  # the thin slices' FWHM in output-grid samples
+    thin_px = model.target_mm / model.fine_mm  # the thin slices' FWHM in output-grid samples
     if thin_px > 1.0 + 1e-6:
         sup = 4  # the white noise's grid, 4x finer than the output grid
         white = rng.normal(0.0, 1.0, (n * sup, cols))
@@ -489,7 +489,7 @@ def z_difficulty(vol: np.ndarray, spacing: tuple[float, float, float], model: De
     coarse = DegradationModel(f, 1, model.step_mm * f, model.thickness_mm * f, model.pixel_mm, model.profile)
     n_lr = (vol.shape[0] - 1) // f + 1
     sub = vol[: (n_lr - 1) * f + 1, :: max(1, vol.shape[1] // 64)]  # (Z', rows, X) along z
-    lr_z = degrade_through_plane(sub, f, coarse.thickness_fine_px, axis=0, profile=model.profile)
+    lr_z = degrade_through_plane(sub, f, coarse.dc_fwhm_px, axis=0, profile=model.profile)
     up_z = (cubic_matrix(n_lr, f, True) @ lr_z.reshape(n_lr, -1)).reshape(-1, *lr_z.shape[1:])  # BLAS, not einsum
     m = sub > body
     e_z = float(np.sqrt(np.mean((up_z - sub)[m] ** 2))) if m.sum() > 100 else 0.0

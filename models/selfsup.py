@@ -99,6 +99,14 @@ BRACKET_FLOOR = True
 # The exact projection assumes the declared slice profile is the scanner's: under another profile of the same FWHM
 # it amplifies the mismatch (docs/engines.md, "Thick-slice operators")
 DC_WEIGHT = 1.0
+# the safety net along z: the engine's gain over cubic on the z pairs (calibration.z_pairs: the acquired slices as
+# targets, degraded x f along z one scale coarser; built for sigma anyway) below this -> cubic, with the reason.
+# The in-plane self-check cannot see a z axis unlike the in-plane ones. -1 dB: the z pairs are one scale coarser,
+# where the engine's gain runs lower (measured -0.30 dB on a decimated phantom whose output gained +3.00 dB; -2.08 dB
+# on a GE 3D T1 whose output was 0.04 dB under cubic, HU-MAE +8.7 %; docs/engines.md, 2026-12-03). The bar is
+# min(this, [engine] min_gain_db): a configuration that turns the self-check off (-99) turns this one off too.
+# None: off
+Z_MIN_GAIN_DB: float | None = -1.0
 FINETUNE_LR = 3e-4  # Adam learning rate of the fine-tuning from the prior (cosine to a tenth)
 FUSE_EPS = 2e-3  # normalised units (data range 1): below it, spreads count as equal
 OOM_TILES = (1 << 18, 1 << 16, 1 << 13)  # max_voxels_per_tile of the retries after a CUDA out-of-memory error
@@ -475,6 +483,13 @@ class SelfSupEngine:
         v = _on(side, lambda: self._validate(kind, net, val, n_views, report, tie=zh))
         if not math.isfinite(v.gain_db) or v.gain_db < self.options.min_gain_db:  # NaN: not a pass
             return None, None, f"internal gain {v.gain_db:.2f} dB < {self.options.min_gain_db:.2f} dB"
+        if zh is not None:  # the same check along the series' own z axis (its acquired slices, one scale coarser)
+            zg = cal.held_gain(zh)
+            report[f"{kind}_z_pairs_gain_db"] = round(zg, 3)
+            bar = None if Z_MIN_GAIN_DB is None else min(Z_MIN_GAIN_DB, self.options.min_gain_db)
+            if bar is not None and not zg >= bar:  # NaN: not a pass
+                return None, None, (f"internal gain along z (the acquired slices, one scale coarser) {zg:.2f} dB "
+                                    f"< {bar:.2f} dB")
         if timer:
             timer[1].synchronize()
         report[f"{kind}_inference_s"] = round(timer[0].elapsed_time(timer[1]) / 1e3 if timer else wall, 3)
