@@ -41,8 +41,10 @@ srnode-failed with the same words.
 
 Marks: Orthanc 1.10 has no labels, so the state is the series metadata ``SrNodeState`` (declare it in
 ``UserMetadata``, e.g. ``"UserMetadata": {"SrNodeState": 4242, "SrNodeReason": 4243}``) with values
-``srnode-queued`` / ``srnode-done`` / ``srnode-failed``; the reason of a failure goes to ``SrNodeReason``.
-When the server supports labels (Orthanc >= 1.12) the same three words are also set as series labels.
+``srnode-queued`` / ``srnode-done`` / ``srnode-failed``, or ``srnode-ignored`` (with HttpUrl: the node's rules
+left the series alone on purpose, e.g. a thin series; not a failure); the reason of a failure or of being left
+alone goes to ``SrNodeReason``. When the server supports labels (Orthanc >= 1.12) the same words are also set as
+series labels.
 
 The Orthanc Python plugin is AGPL-3.0; this script runs inside it (see docs/integration.md, Orthanc plugin).
 """
@@ -64,7 +66,7 @@ import orthanc  # type: ignore[import-not-found]  # provided by libOrthancPython
 MODALITY_NAME = "srnode"
 STATE_KEY = "SrNodeState"
 REASON_KEY = "SrNodeReason"
-QUEUED, DONE, FAILED = "srnode-queued", "srnode-done", "srnode-failed"
+QUEUED, DONE, FAILED, IGNORED = "srnode-queued", "srnode-done", "srnode-failed", "srnode-ignored"
 NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "RTSTRUCT", "RTPLAN", "RTDOSE", "SEG", "REG", "DOC", "AU", "ECG"}
 
 
@@ -183,7 +185,7 @@ class SrNodePlugin:
                 except Exception:  # noqa: BLE001 - there was none
                     pass
             if self.labels:
-                for other in (QUEUED, DONE, FAILED):
+                for other in (QUEUED, DONE, FAILED, IGNORED):
                     if other != state:
                         try:
                             orthanc.RestApiDelete(f"/series/{series_id}/labels/{other}")
@@ -402,7 +404,9 @@ class SrNodePlugin:
         state = str(job.get("state", ""))
         if state == "delivered":
             return DONE, ""
-        if state in ("failed", "dead-letter", "ignored", "skipped"):
+        if state in ("ignored", "skipped"):  # left alone by the node's rules on purpose: no failure
+            return IGNORED, str(job.get("reason", state))
+        if state in ("failed", "dead-letter"):
             return FAILED, str(job.get("reason", state))
         return "", ""
 

@@ -217,3 +217,32 @@ def test_a_node_out_of_space_is_said_and_tried_until_the_timeout(tmp_path: Path)
     finally:
         node.stop()
         orthanc.stop()
+
+
+def test_a_series_the_node_rules_leave_alone_is_not_marked_failed(tmp_path: Path) -> None:
+    """break18: a series no rule of the node takes (a CT where the rules name MR only; as every thin series with
+    the default rule) was marked srnode-failed "no rule matched: ...", like a real failure: an Orthanc user
+    looking for failed series saw every series left alone on purpose among them. Now srnode-ignored, the node's
+    reason in SrNodeReason; a failure is still srnode-failed."""
+    node_port, http_port = free_port(), free_port()
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", srnode={
+        "AeTitle": "SRNODE", "Host": "127.0.0.1", "Port": node_port, "Modalities": ["CT"], "PollSeconds": 0.2,
+        "HttpUrl": f"http://127.0.0.1:{http_port}", "Token": "test-token-3f9a"})
+    node = start_node(tmp_path / "node", {
+        "node": {"port": node_port}, "http": {"port": http_port},
+        "rules": [{"name": "mr", "match": {"Modality": "^MR$"}, "through_plane_factor": 2, "destinations": []}]})
+    try:
+        files = phantom(tmp_path, seed=185, slices=3)
+        ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+        upload(orthanc, files)
+        original = orthanc.series_of_study(ref.StudyInstanceUID)[0]["ID"]
+        state = wait_until(lambda: _meta(orthanc, original, "SrNodeState") not in ("", "srnode-queued")
+                           and _meta(orthanc, original, "SrNodeState"), 120, interval=0.2, what="the series marked")
+        reason = _meta(orthanc, original, "SrNodeReason")
+        assert (state, reason.startswith("no rule matched")) == ("srnode-ignored", True), (state, reason)
+        with api(node) as c:
+            jobs = c.get("/jobs", params={"series": ref.SeriesInstanceUID}).json()["jobs"]
+        assert [j["state"] for j in jobs] == ["ignored"], jobs
+    finally:
+        node.stop()
+        orthanc.stop()
