@@ -231,7 +231,7 @@ def _retry(index: Index, job_ids: list[int], cfg: Config) -> int:
     if not targets:
         print("nothing to retry: no failed jobs or dead-letter deliveries")
         return 0
-    rc = 0
+    rc, acted = 0, False
     for jid in targets:
         try:
             job = index.job(jid)
@@ -244,11 +244,13 @@ def _retry(index: Index, job_ids: list[int], cfg: Config) -> int:
             if index.reconsider_ignored(jid, f"matched against the rules again by srnode retry ({gone})",
                                         JobState.FAILED):
                 print(f"job {jid}: {gone}; the running node matches its series against its rules again")
+                acted = True
             else:
                 print(f"job {jid}: {gone}, and its series has a later job: nothing to retry")
         elif job.state is JobState.FAILED:
             index.requeue_job(jid)
             print(f"job {jid}: re-queued for processing")
+            acted = True
         elif job.state in (JobState.DEAD_LETTER, JobState.SUPERSEDED) and (later := index.replaced_by(jid)) is not None:
             print(f"job {jid}: its results were replaced by job {later} (late instances), whose rejection note "
                   "retires them: not sent again")
@@ -256,11 +258,16 @@ def _retry(index: Index, job_ids: list[int], cfg: Config) -> int:
                 lost := gone_destinations(cfg, index, job)):
             out = redirect(cfg, index, job, lost, "srnode retry")  # resent, it would fail again
             print(out.line, file=sys.stdout if out.new_job else sys.stderr)
-            rc = rc if out.new_job else 1
+            rc, acted = (rc, True) if out.new_job else (1, acted)
         elif index.requeue_deliveries(jid):
             print(f"job {jid}: dead-letter deliveries re-queued")
+            acted = True
         elif job.state is JobState.IGNORED and index.reconsider_ignored(jid):
             print(f"job {jid}: no rule had matched; the running node matches its series against its rules again")
+            acted = True
         else:
             print(f"job {jid}: nothing to retry (state {job.state})")
+    if acted and Spool(cfg.spool_path).served() is False:
+        print(f"NODE NOT RUNNING: no srnode serve holds the spool {cfg.spool_path.resolve()}: what was re-queued "
+              "waits in the index until it starts")
     return rc

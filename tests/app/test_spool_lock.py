@@ -66,3 +66,27 @@ def test_status_of_a_killed_node_says_it_is_not_running(tmp_path: Path) -> None:
         assert "NODE NOT RUNNING" not in node.cli("status").stdout
     finally:
         node.stop()
+
+
+def test_retry_while_no_node_runs_says_the_work_waits_for_it(tmp_path: Path) -> None:
+    """break18: `srnode retry` with the node stopped printed "job 1: re-queued for processing" and nothing else:
+    the job then waited, queued, until someone started the node. Now a NODE NOT RUNNING line says so; with the
+    node running, no such line."""
+    from tests.support.peers import storescu
+
+    files = write_phantom_series(tmp_path / "ct", slices=1, size=64, step_mm=3.0, seed=186)  # 1 slice: fails
+    node = NodeProc.start(tmp_path / "node", {"rules": [{"name": "ct", "match": {"Modality": "CT"},
+                                                         "through_plane_factor": 2, "destinations": []}]})
+    try:
+        assert storescu(files, node.port).returncode == 0
+        (job,) = node.wait_jobs(lambda js: js and js[0]["state"] == "failed", timeout=120, what="the job failed")
+        running = node.cli("retry", str(job["id"]))
+        assert "re-queued" in running.stdout and "NODE NOT RUNNING" not in running.stdout, running.stdout
+        node.wait_jobs(lambda js: js[0]["state"] == "failed" and js[0]["attempts"] >= 1, timeout=120,
+                       what="the job failed again")
+        assert node.stop() == 0
+        r = node.cli("retry", str(job["id"]))
+        assert r.returncode == 0 and "re-queued" in r.stdout, r.stdout + r.stderr
+        assert [ln for ln in r.stdout.splitlines() if ln.startswith("NODE NOT RUNNING")], r.stdout
+    finally:
+        node.stop()
