@@ -13,7 +13,10 @@ It reads the ``"SrNode"`` section of the Orthanc configuration:
       "DeclareSize": true,                 // with HttpUrl: after the store job, tell the node the series' size
       "Token": "",                         // bearer token of the node's HTTP API ([http].token)
       "DerivedSuffix": " SR",              // [derive].series_description_suffix of the node
-      "TimeoutSeconds": 3600               // a series not done after this long is marked srnode-failed
+      "TimeoutSeconds": 3600,              // a series not done after this long is marked srnode-failed
+      "RetrySeconds": 30                   // a store the node could not take (down, restarting, out of space:
+                                           //   0xA7xx) is tried again after this, doubling up to 300 s, until
+                                           //   TimeoutSeconds after its first failure; meanwhile srnode-queued
     }
 
 Flow: on STABLE_SERIES the callback only queues the series id (Orthanc must never wait on us). A worker thread
@@ -29,10 +32,19 @@ after it was stable) is marked srnode-queued before the store job, and only a re
 again: a node job newer than the send, or holding every instance sent; a derived series not in the study before
 the send.
 
+A store job that fails because the node could not take the series (not reachable: stopped, restarting; or a
+C-STORE status 0xA7xx, out of resources: its disk below min_free_mb) is tried again (RetrySeconds, doubling up
+to 300 s) until TimeoutSeconds after the first failure; the series stays srnode-queued, its SrNodeReason saying
+what failed (Orthanc's ErrorDetails: the address refused, the DIMSE status), how many attempts and when the next
+is. Any other refusal (a C-STORE status the node gives a bad instance), or the last attempt, marks it
+srnode-failed with the same words.
+
 Marks: Orthanc 1.10 has no labels, so the state is the series metadata ``SrNodeState`` (declare it in
 ``UserMetadata``, e.g. ``"UserMetadata": {"SrNodeState": 4242, "SrNodeReason": 4243}``) with values
-``srnode-queued`` / ``srnode-done`` / ``srnode-failed``; the reason of a failure goes to ``SrNodeReason``.
-When the server supports labels (Orthanc >= 1.12) the same three words are also set as series labels.
+``srnode-queued`` / ``srnode-done`` / ``srnode-failed``, or ``srnode-ignored`` (with HttpUrl: the node's rules
+left the series alone on purpose, e.g. a thin series; not a failure); the reason of a failure or of being left
+alone goes to ``SrNodeReason``. When the server supports labels (Orthanc >= 1.12) the same words are also set as
+series labels.
 
 The Orthanc Python plugin is AGPL-3.0; this script runs inside it (see docs/integration.md, Orthanc plugin).
 """
@@ -54,7 +66,7 @@ import orthanc  # type: ignore[import-not-found]  # provided by libOrthancPython
 MODALITY_NAME = "srnode"
 STATE_KEY = "SrNodeState"
 REASON_KEY = "SrNodeReason"
-QUEUED, DONE, FAILED = "srnode-queued", "srnode-done", "srnode-failed"
+QUEUED, DONE, FAILED, IGNORED = "srnode-queued", "srnode-done", "srnode-failed", "srnode-ignored"
 NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "RTSTRUCT", "RTPLAN", "RTDOSE", "SEG", "REG", "DOC", "AU", "ECG"}
 
 
@@ -73,6 +85,32 @@ class _Settings:
         self.suffix = str(section.get("DerivedSuffix", " SR"))
         self.timeout_s = float(section.get("TimeoutSeconds", 3600))
         self.poll_s = float(section.get("PollSeconds", 1.0))
+        self.retry_s = max(0.1, float(section.get("RetrySeconds", 30.0)))
+
+
+class _StoreFailed(RuntimeError):
+    """Orthanc's store job to the node failed; ``retryable`` when the node could not take it (not reachable, or
+    a C-STORE status 0xA7xx: out of resources), not when it refused an instance."""
+
+    def __init__(self, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def _store_failure(job_id: str, info: dict[str, Any]) -> _StoreFailed:
+    """The words of a failed store job: Orthanc's ErrorDetails (the address refused, the DIMSE status), which its
+    ErrorDescription ("Error in the network protocol" for every one of them) does not say."""
+    details = str(info.get("ErrorDetails", "") or "").strip()
+    words = details or str(info.get("ErrorDescription", "") or "?")
+    status = re.search(r"status 0x([0-9A-Fa-f]{4})", details)
+    if status is None:  # no DIMSE answer: no connection, no association, a lost link
+        return _StoreFailed(f"C-STORE job {job_id} failed: srnode not reachable ({words})", retryable=True)
+    code = status.group(1).upper()
+    if code.startswith("A7"):
+        return _StoreFailed(f"C-STORE job {job_id} failed: srnode out of resources ({words}; its spool disk "
+                            "is below [node].min_free_mb, or the node is busy: see its log)", retryable=True)
+    return _StoreFailed(f"C-STORE job {job_id} failed: srnode refused it ({words}; the reason is in the node's "
+                        "log)", retryable=False)
 
 
 def _srnode_description(description: str, suffix: str) -> bool:
@@ -106,6 +144,7 @@ class SrNodePlugin:
         self.s = settings
         self.work: queue.Queue[str] = queue.Queue()
         self.pending: dict[str, dict[str, Any]] = {}  # orthanc series id -> {uid, study, since}
+        self.retries: dict[str, dict[str, Any]] = {}  # orthanc series id -> {attempts, first, next}
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.labels = False
@@ -140,8 +179,13 @@ class SrNodePlugin:
             orthanc.RestApiPut(f"/series/{series_id}/metadata/{STATE_KEY}", state)
             if reason:
                 orthanc.RestApiPut(f"/series/{series_id}/metadata/{REASON_KEY}", reason[:500])
+            else:  # an earlier failure's words must not stay beside a later state
+                try:
+                    orthanc.RestApiDelete(f"/series/{series_id}/metadata/{REASON_KEY}")
+                except Exception:  # noqa: BLE001 - there was none
+                    pass
             if self.labels:
-                for other in (QUEUED, DONE, FAILED):
+                for other in (QUEUED, DONE, FAILED, IGNORED):
                     if other != state:
                         try:
                             orthanc.RestApiDelete(f"/series/{series_id}/labels/{other}")
@@ -193,14 +237,45 @@ class SrNodePlugin:
         except Exception as exc:  # noqa: BLE001 - keep the thread alive; a later store names the failure
             _log(f"could not register modality {MODALITY_NAME}: {exc}")
         while not self.stop.is_set():
-            series_id = self.work.get()
-            if not series_id:
+            due = [sid for sid, r in self.retries.items() if r["next"] <= time.monotonic()]
+            if due:
+                for sid in due:
+                    self._attempt(sid)
                 continue
+            wait = min((r["next"] for r in self.retries.values()), default=None)
             try:
-                self._dispatch(series_id)
-            except Exception as exc:  # noqa: BLE001 - one bad series must not stop routing
-                _log(f"series {series_id}: not sent: {exc}")
-                self.mark(series_id, FAILED, f"not sent to srnode: {exc}")
+                series_id = self.work.get(timeout=None if wait is None else max(0.0, wait - time.monotonic()))
+            except queue.Empty:
+                continue
+            if series_id:
+                self._attempt(series_id)
+
+    def _attempt(self, series_id: str) -> None:
+        """One send of a series; a failure the node may get over is tried again later (``retries``)."""
+        try:
+            self._dispatch(series_id)
+            self.retries.pop(series_id, None)
+        except _StoreFailed as exc:
+            now = time.monotonic()
+            retry = self.retries.setdefault(series_id, {"attempts": 0, "first": now})
+            retry["attempts"] += 1
+            n, spent = retry["attempts"], now - retry["first"]
+            delay = min(self.s.retry_s * 2 ** (n - 1), max(self.s.retry_s, 300.0))
+            if exc.retryable and spent + delay <= self.s.timeout_s:
+                retry["next"] = now + delay
+                reason = (f"not sent yet: attempt {n} failed: {exc}; next attempt in {delay:.0f} s (until "
+                          f"{self.s.timeout_s:.0f} s after the first failure)")
+                _log(f"series {series_id}: {reason}")
+                self.mark(series_id, QUEUED, reason)
+                return
+            self.retries.pop(series_id, None)
+            reason = f"not sent to srnode after {n} attempt(s) over {spent:.0f} s: {exc}"
+            _log(f"series {series_id}: {reason}")
+            self.mark(series_id, FAILED, reason)
+        except Exception as exc:  # noqa: BLE001 - one bad series must not stop routing
+            self.retries.pop(series_id, None)
+            _log(f"series {series_id}: not sent: {exc}")
+            self.mark(series_id, FAILED, f"not sent to srnode: {exc}")
 
     def _dispatch(self, series_id: str) -> None:
         ok, why, main = self.wanted(series_id)
@@ -211,7 +286,8 @@ class SrNodePlugin:
         # tracking of an earlier send no longer say anything about the series as it is now
         with self.lock:
             self.pending.pop(series_id, None)
-        self.mark(series_id, QUEUED)
+        if series_id not in self.retries:  # a retry keeps the words of the failure before it until it is sent
+            self.mark(series_id, QUEUED)
         after = self._last_job_id(str(main.get("SeriesInstanceUID", "")))
         known: list[str] = []  # without HttpUrl: the study's series before this send (an earlier result among them)
         if not self.s.http_url:
@@ -227,10 +303,12 @@ class SrNodePlugin:
             if info.get("State") == "Success":
                 break
             if info.get("State") == "Failure":
-                raise RuntimeError(f"C-STORE job {job_id} failed: {info.get('ErrorDescription', '?')}")
+                raise _store_failure(job_id, info)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"C-STORE job {job_id} did not finish in {self.s.timeout_s:.0f} s")
             self.stop.wait(0.5)
+        if series_id in self.retries:  # sent at last: the words of the failed attempts no longer hold
+            self.mark(series_id, QUEUED)
         now = _get(f"/series/{series_id}")
         parent = now["ParentStudy"]
         content = (info.get("Content", {}) or {}) if info.get("State") == "Success" else {}
@@ -326,7 +404,9 @@ class SrNodePlugin:
         state = str(job.get("state", ""))
         if state == "delivered":
             return DONE, ""
-        if state in ("failed", "dead-letter", "ignored", "skipped"):
+        if state in ("ignored", "skipped"):  # left alone by the node's rules on purpose: no failure
+            return IGNORED, str(job.get("reason", state))
+        if state in ("failed", "dead-letter"):
             return FAILED, str(job.get("reason", state))
         return "", ""
 

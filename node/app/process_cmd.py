@@ -34,7 +34,7 @@ from node.config import Config, load_config
 from node.errors import NodeError, VolumeError
 from node.jobs import match_rule, series_header
 from node.phi import scrub, series_values
-from node.process import EngineCache, ProcessResult, process_series
+from node.process import EngineCache, ProcessResult, process_series, write_error
 from node.series import read_header
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,14 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
             print(f"{label}: FAILED: {why}")
             _write_report(dest, {"series": uid, "files": names, "failed": why})
             continue
+        except OSError as exc:  # the output's disk (full, read-only): the run stops, naming where and how far
+            bar.close()
+            done = f"the {n - 1} series before it are complete in {out_dir}" if n > 1 else "no series written"
+            # the system's error under pydicom's re-raise ("With tag (7FE0,0010) got exception: ... Traceback ...")
+            cause = write_error(exc) or exc
+            text = cause.strerror or " ".join(str(cause).splitlines()[:1]) or type(cause).__name__
+            raise OSError(cause.errno, f"{text} (writing series {n} of {total}: nothing of it kept; {done})",
+                          cause.filename or str(dest)) from exc
         finally:  # a build that failed part-way leaves nothing: no partial derived series beside a "failed" report
             shutil.rmtree(partial, ignore_errors=True)
         bar.close()

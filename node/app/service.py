@@ -14,6 +14,7 @@ import json
 import logging
 import resource
 import signal
+import ssl
 import threading
 from types import FrameType
 
@@ -21,6 +22,7 @@ from node.app.context import NodeContext
 from node.app.http import HttpHandle, check_exposure, start_http
 from node.app.logs import REDACT
 from node.config import Config, ExecutorKind, load_config, secret_values
+from node.errors import ConfigError
 from node.ingest import Admission, StoreSCP, reindex_spool
 from node.jobs import JobContext, StabilityWatcher, make_executor
 from node.process import series_budget_mb
@@ -54,9 +56,11 @@ class Node:
 
     def start(self) -> None:
         """Start every component; raises ConfigError before anything starts when ``[http]`` would serve
-        patient data to the network without a token (``check_exposure``)."""
+        patient data to the network without a token (``check_exposure``), or ``[node.tls]`` names files that are
+        no usable certificate, key or CA (``check_tls_files``)."""
         if self.cfg.http.enabled:
             check_exposure(self.cfg.http)
+        check_tls_files(self.cfg)
         ctx = self.ctx
         self._spool_lock = ctx.spool.lock()  # one serving node per spool, before the spool is touched
         leftovers = ctx.spool.clean_incoming()
@@ -116,6 +120,36 @@ class Node:
         log.info("stopped")
 
 
+def check_tls_files(cfg: Config) -> None:
+    """ConfigError naming the ``[node.tls]`` key and file when TLS is on and its cert, key or ca cannot be read
+    or is no certificate / key / CA bundle. The SCP loads them only when it binds its port, so these errors came
+    out as "DICOM port host:port ([node] host, port): cannot listen: No such file or directory", after the
+    executor and the outbox had started."""
+    t = cfg.node.tls
+    if not t.enabled:
+        return
+    for key, path in (("cert", t.cert), ("key", t.key), ("ca", t.ca)):
+        if not path:
+            continue
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise ConfigError(f"node.tls.{key}: {path}: {exc.strerror or exc}") from exc
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(certfile=t.cert, keyfile=t.key)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ConfigError(f"node.tls.cert / node.tls.key: {t.cert} and {t.key} are not a certificate (PEM) and its "
+                          f"private key: {' '.join(str(exc).split())}") from exc
+    if t.ca:
+        try:
+            ctx.load_verify_locations(cafile=t.ca)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ConfigError(f"node.tls.ca: {t.ca} is no CA bundle (PEM certificates): "
+                              f"{' '.join(str(exc).split())}") from exc
+
+
 def raise_open_files_limit() -> None:
     """Raise this process's soft limit of open files to its hard limit (at most ``MAX_OPEN_FILES``), with one
     INFO line when it changes; a WARNING when it cannot. Under systemd the soft limit is 1024, which 1,100 idle
@@ -136,6 +170,7 @@ def raise_open_files_limit() -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    check_tls_files(cfg)  # before the spool and its index are opened
     raise_open_files_limit()
     if not args.log_level:
         logging.getLogger().setLevel(cfg.node.log_level.upper())

@@ -6,7 +6,9 @@ slice (file and reason) under its line, and in ``--json`` as ``left_out``; a job
 its series declares says so (``INCOMPLETE: ...``; ``--json``: its report's ``declared`` and ``incomplete``). The series not yet complete (and, in
 ``--json``, the series of the jobs listed) are shown with their instance counts and declared sizes. Each delivery
 shows how the destination confirmed it (``node.send.confirm``): the method, instances confirmed of expected and
-when, or why it is not confirmed.
+when, or why it is not confirmed. When no ``srnode serve`` holds the spool (stopped, killed) while the index shows
+jobs queued, processing or sending, a ``NODE NOT RUNNING`` line says so (``--json``: ``node_running``, null when
+it cannot be told).
 """
 
 from __future__ import annotations
@@ -34,6 +36,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--state", action="append", default=[], type=JobState, choices=list(JobState),
                             help="only jobs in this state (repeatable)")
         parser.add_argument("--limit", type=int, default=50, help="the most recent N jobs (default 50)")
+
+
+def _not_running(served: bool | None, cfg_spool: str, jobs: list[Job]) -> str:
+    """A line for a stopped node whose index still shows work under way (a kill -9, a power cut, a stop): the
+    states are what the node recorded, and nothing moves them until it runs again. "" otherwise."""
+    if served is not False:
+        return ""
+    running = [j for j in jobs if j.state in (JobState.PROCESSING, JobState.SENDING)]
+    queued = sum(j.state == JobState.QUEUED for j in jobs)
+    if not running and not queued:
+        return ""
+    said = []
+    if running:
+        said.append(f"{len(running)} job(s) shown processing or sending (" + ", ".join(str(j.id) for j in running[:10])
+                    + (", ..." if len(running) > 10 else "") + ") were interrupted: it re-queues them when it starts "
+                    "(one whose runs stopped the node [node].max_job_attempts times is failed as poison instead)")
+    if queued:
+        said.append(f"{queued} queued job(s) wait for it")
+    return (f"NODE NOT RUNNING: no srnode serve holds the spool {cfg_spool}: nothing is processed or sent until it "
+            f"starts; " + "; ".join(said))
 
 
 def _open(args: argparse.Namespace) -> Index:
@@ -138,6 +160,10 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "retry":
         return _retry(index, list(args.jobs), load_config(args.config))
     jobs = index.jobs(args.state)[-args.limit:] if args.limit > 0 else index.jobs(args.state)
+    cfg = load_config(args.config)
+    served = Spool(cfg.spool_path).served()
+    stopped = _not_running(served, str(cfg.spool_path.resolve()), index.jobs([JobState.PROCESSING, JobState.SENDING,
+                                                                              JobState.QUEUED]))
     docs = [job_dict(index, j) for j in jobs]
     conflicts = [conflict_dict(c) for c in index.conflicts()]
     waiting = [series_dict(s) for s in index.receiving_series()]
@@ -146,12 +172,14 @@ def run(args: argparse.Namespace) -> int:
         series = waiting + [series_dict(s) for s in index.all_series() if (s["study_uid"], s["series_uid"]) in listed
                             and s["state"] not in (SeriesState.RECEIVING, SeriesState.STABLE)]
         print(json.dumps({"jobs": docs, "series": series, "instances": index.count_instances(),
-                          "conflicts": conflicts}, indent=2))
+                          "conflicts": conflicts, "node_running": served}, indent=2))
         return 0
     if not docs:
-        print(f"no jobs ({index.count_instances()} instances in the spool)")
+        print(f"no jobs{' in this state' if args.state else ''} ({index.count_instances()} instances in the spool)")
         _print_waiting(waiting)
         _print_conflicts(conflicts)
+        if stopped:
+            print(f"\n{stopped}")
         return 0
     width = max(len(d["series"]) for d in docs)
     print(f"{'JOB':>5}  {'STATE':<11} {'RULE':<14} {'N':>4}  {'SERIES':<{width}}  REASON / DELIVERIES")
@@ -165,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{x.get('reason')}")
     _print_waiting(waiting)
     _print_conflicts(conflicts)
+    if stopped:
+        print(f"\n{stopped}")
     return 0
 
 
@@ -201,7 +231,7 @@ def _retry(index: Index, job_ids: list[int], cfg: Config) -> int:
     if not targets:
         print("nothing to retry: no failed jobs or dead-letter deliveries")
         return 0
-    rc = 0
+    rc, acted = 0, False
     for jid in targets:
         try:
             job = index.job(jid)
@@ -214,11 +244,13 @@ def _retry(index: Index, job_ids: list[int], cfg: Config) -> int:
             if index.reconsider_ignored(jid, f"matched against the rules again by srnode retry ({gone})",
                                         JobState.FAILED):
                 print(f"job {jid}: {gone}; the running node matches its series against its rules again")
+                acted = True
             else:
                 print(f"job {jid}: {gone}, and its series has a later job: nothing to retry")
         elif job.state is JobState.FAILED:
             index.requeue_job(jid)
             print(f"job {jid}: re-queued for processing")
+            acted = True
         elif job.state in (JobState.DEAD_LETTER, JobState.SUPERSEDED) and (later := index.replaced_by(jid)) is not None:
             print(f"job {jid}: its results were replaced by job {later} (late instances), whose rejection note "
                   "retires them: not sent again")
@@ -226,11 +258,16 @@ def _retry(index: Index, job_ids: list[int], cfg: Config) -> int:
                 lost := gone_destinations(cfg, index, job)):
             out = redirect(cfg, index, job, lost, "srnode retry")  # resent, it would fail again
             print(out.line, file=sys.stdout if out.new_job else sys.stderr)
-            rc = rc if out.new_job else 1
+            rc, acted = (rc, True) if out.new_job else (1, acted)
         elif index.requeue_deliveries(jid):
             print(f"job {jid}: dead-letter deliveries re-queued")
+            acted = True
         elif job.state is JobState.IGNORED and index.reconsider_ignored(jid):
             print(f"job {jid}: no rule had matched; the running node matches its series against its rules again")
+            acted = True
         else:
             print(f"job {jid}: nothing to retry (state {job.state})")
+    if acted and Spool(cfg.spool_path).served() is False:
+        print(f"NODE NOT RUNNING: no srnode serve holds the spool {cfg.spool_path.resolve()}: what was re-queued "
+              "waits in the index until it starts")
     return rc

@@ -209,9 +209,36 @@ def _check_url(e: WebEndpoint, key: str) -> None:
         raise ConfigError(f"{key}: must be an http:// or https:// URL with a host")
 
 
+# kombu's transports a Celery broker URL may name (its scheme; "sqla+..." / "db+..." are result backends only)
+_BROKER_SCHEMES = frozenset({"redis", "rediss", "sentinel", "amqp", "amqps", "pyamqp", "librabbitmq", "sqs",
+                             "memory", "filesystem", "mongodb", "zookeeper", "etcd", "consul", "qpid",
+                             "confluentkafka", "gcpubsub", "azurestoragequeues", "azureservicebus"})
+
+
+def _check_celery_urls(broker_url: str, result_backend: str) -> None:
+    """With ``executor.kind = "celery"``: a broker URL whose scheme no transport takes ("amqpx://", "redis:/"
+    typos) or whose port is not one made the node start and log "broker ... not reachable yet" for ever, every
+    job waiting in the index. Both are secrets (credentials in them): the URL is never named, only its scheme."""
+    for key, url in (("executor.broker_url", broker_url), ("executor.result_backend", result_backend)):
+        if not url:
+            continue
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if key == "executor.broker_url" and scheme not in _BROKER_SCHEMES:
+            raise ConfigError(f"{key}: {scheme + '://' if scheme else 'no scheme'} is no Celery broker transport "
+                              f"(e.g. redis://host:6379/0, amqp://host:5672//; the value is a secret: not shown)")
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not 0..65535
+        except ValueError:
+            raise ConfigError(f"{key}: its port is not a number from 0 to 65535 (the value is a secret: not "
+                              "shown)") from None
+
+
 def _check(cfg: Config) -> None:
     """Checks across keys and of value ranges; raises ConfigError naming the key."""
     n = cfg.node
+    if cfg.executor.kind == "celery":
+        _check_celery_urls(cfg.executor.broker_url, cfg.executor.result_backend)
     _check_port(n.port, "node.port")
     _check_ae_title(n.ae_title, "node.ae_title")
     if n.log_level.upper() not in _LOG_LEVELS:  # `serve` ended in a ValueError traceback

@@ -231,6 +231,34 @@ class Spool:
                              "that node, or give this one its own [node] spool_dir") from exc
         return fd
 
+    def served(self) -> bool | None:
+        """Whether a serving node holds the spool's lock now (:meth:`lock`), read from ``/proc/locks`` without
+        taking it (a probe by flock could make a node starting at that moment refuse the spool). False when
+        the lock file is absent or no lock on it is listed; None when that cannot be told (no ``/proc/locks``)."""
+        try:
+            st = os.stat(self.root / "srnode.lock")
+        except OSError:
+            return False
+        try:
+            text = Path("/proc/locks").read_text()
+        except OSError:
+            return None
+        for line in text.splitlines():
+            fields = line.split()
+            if "->" in fields or "FLOCK" not in fields:  # a waiter, or another kind of lock
+                continue
+            for f in fields:
+                parts = f.split(":")
+                if len(parts) == 3 and parts[2].isdigit():
+                    try:
+                        major, minor = int(parts[0], 16), int(parts[1], 16)
+                    except ValueError:
+                        continue
+                    if (int(parts[2]) == st.st_ino and major == os.major(st.st_dev)
+                            and minor == os.minor(st.st_dev)):
+                        return True
+        return False
+
     @staticmethod
     def unlock(fd: int) -> None:
         """Release a lock taken by :meth:`lock` (closing its descriptor)."""

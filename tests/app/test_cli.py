@@ -135,6 +135,31 @@ def test_serve_with_the_http_port_in_use(tmp_path: Path, busy_port: int) -> None
     assert f"HTTP port 127.0.0.1:{busy_port} ([http] host, port): in use by another program" in line, line
 
 
+@pytest.mark.parametrize("case", ["cert-missing", "key-of-another-cert", "ca-not-a-bundle"])
+def test_serve_with_tls_files_it_cannot_use_names_the_key_and_file(tmp_path: Path, case: str) -> None:
+    """break18: `[node.tls] cert` naming a file that does not exist: "srnode serve: error: DICOM port
+    127.0.0.1:P ([node] host, port): cannot listen: No such file or directory", after the executor, the watcher
+    and the outbox had started; a key of another certificate: "cannot listen: [X509: KEY_VALUES_MISMATCH] key
+    values mismatch"; a CA that is a key: "cannot listen: [X509: NO_CERTIFICATE_OR_CRL_FOUND] ...".
+    Now one line naming the key and the file, before anything starts (no spool lock, no index)."""
+    from tests.support.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    tls = {"cert-missing": (tmp_path / "nonexistent.pem", pki.server_key, ""),
+           "key-of-another-cert": (pki.server_cert, pki.rogue_key, ""),
+           "ca-not-a-bundle": (pki.server_cert, pki.server_key, pki.server_key)}[case]
+    cfg = _serve_config(tmp_path, free_port(), free_port())
+    cfg.write_text(cfg.read_text() + f'[node.tls]\nenabled = true\ncert = "{tls[0]}"\nkey = "{tls[1]}"\n'
+                   f'ca = "{tls[2]}"\n')
+    line = one_error_line(srnode("--log-level", "WARNING", "serve", "--config", cfg), "serve")
+    assert "DICOM port" not in line and "cannot listen" not in line, line
+    expect = {"cert-missing": f"node.tls.cert: {tls[0]}: No such file or directory",
+              "key-of-another-cert": f"node.tls.cert / node.tls.key: {tls[0]} and {tls[1]} are not a certificate",
+              "ca-not-a-bundle": f"node.tls.ca: {tls[2]} is no CA bundle"}[case]
+    assert expect in line, line
+    assert not (tmp_path / "spool" / "index.sqlite").exists()  # refused before the spool was touched
+
+
 def _spool_with_an_index(tmp_path: Path) -> Path:
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[node]\nspool_dir = "{tmp_path / "spool"}"\n')

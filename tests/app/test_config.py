@@ -208,6 +208,24 @@ def test_a_secret_of_the_wrong_type_is_named_without_its_value() -> None:
     assert msg.startswith("executor.broker_url: expected str") and "6379" not in msg
 
 
+@pytest.mark.parametrize(("executor", "expected"), [
+    ({"broker_url": "amqpx://u:Br0ker-SECRET@mq/0"}, "executor.broker_url: amqpx:// is no Celery broker transport"),
+    ({"broker_url": "mq.example:5672"}, "executor.broker_url: mq.example:// is no Celery broker transport"),
+    ({"broker_url": "redis://u:Br0ker-SECRET@mq:99999/0"}, "executor.broker_url: its port is not a number"),
+    ({"result_backend": "redis://u:Br0ker-SECRET@mq:6379x/1"}, "executor.result_backend: its port is not a number"),
+])
+def test_a_celery_url_no_transport_can_use_is_refused_at_load(executor: dict[str, Any], expected: str) -> None:
+    """break18: `executor.kind = "celery"` with `broker_url = "amqpx://..."` (or a port of 99999) was accepted:
+    `srnode serve` started and logged "celery executor: broker host/0 not reachable yet ('No such transport:
+    amqpx.  Did you mean amqp?'); jobs wait in the index" for ever (measured: still running after 25 s, no job
+    could ever run). Now the load refuses it naming the key and the scheme, never the URL (a secret)."""
+    msg = _error(executor={"kind": "celery", **executor})
+    assert msg.startswith(expected), msg
+    assert "SECRET" not in msg and "u:" not in msg, msg
+    # the same URLs are not checked for the in-process executor, which never uses them
+    _cfg(executor={"kind": "inprocess", **executor})
+
+
 @pytest.mark.parametrize("where", ["sources", "destinations"])
 def test_a_url_with_a_password_in_it_is_refused_without_showing_it(where: str) -> None:
     """break14o: ``url = "http://admin:pw@orthanc:8042"`` was accepted; the URL, password and all, went into the

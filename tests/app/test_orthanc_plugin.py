@@ -5,6 +5,7 @@ tells the node how many instances its store job sent, so the node starts without
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -141,6 +142,107 @@ def test_a_plugin_token_the_node_refuses_is_said_not_retried_in_silence(tmp_path
         log = orthanc.log_path.read_text()
         # once per call that met it (the jobs before the send, the size, the tracker), never once per round
         assert log.count("state cannot be followed") == 1 and "wrong-token-77c" not in log
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def _meta(orthanc: Any, series_id: str, key: str) -> str:
+    with orthanc.client() as c:
+        r = c.get(f"/series/{series_id}/metadata/{key}")
+        return str(r.text) if r.status_code == 200 else ""
+
+
+def test_a_series_stable_while_the_node_is_down_is_sent_when_it_is_back(tmp_path: Path) -> None:
+    """break18: the node stopped (an upgrade, a restart) when a series became stable in Orthanc: the store job
+    failed and the plugin marked the series srnode-failed "C-STORE job … failed: Error in the network protocol"
+    (the same words for a node down and a node out of space) and never sent it again: the series was never
+    processed. Now the series stays srnode-queued, its reason naming what failed (Orthanc's ErrorDetails:
+    connection refused) and when the next attempt is, and it is sent once the node is back."""
+    node_port, http_port = free_port(), free_port()
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", srnode={
+        "AeTitle": "SRNODE", "Host": "127.0.0.1", "Port": node_port, "Modalities": ["CT"], "PollSeconds": 0.2,
+        "HttpUrl": f"http://127.0.0.1:{http_port}", "Token": "test-token-3f9a", "RetrySeconds": 1,
+        "TimeoutSeconds": 600})
+    node = None
+    try:
+        files = phantom(tmp_path, seed=181, slices=3)
+        ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+        upload(orthanc, files)  # no node listening
+        original = orthanc.series_of_study(ref.StudyInstanceUID)[0]["ID"]
+        reason = wait_until(lambda: _meta(orthanc, original, "SrNodeReason"), 60, interval=0.2,
+                            what="the failed attempt's reason")
+        assert _meta(orthanc, original, "SrNodeState") == "srnode-queued", reason
+        assert "not reachable" in reason and "Connection refused" in reason and "next attempt in" in reason, reason
+        node = start_node(tmp_path / "node", {
+            "node": {"port": node_port}, "http": {"port": http_port},
+            "destinations": [{"name": "orthanc", "kind": "orthanc", "url": orthanc.url}],
+            "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
+                       "destinations": ["orthanc"]}]})
+        assert wait_until(lambda: _meta(orthanc, original, "SrNodeState") in ("srnode-done", "srnode-failed")
+                          and _meta(orthanc, original, "SrNodeState"), 240, interval=0.3,
+                          what="the series sent once the node is back") == "srnode-done", orthanc.log()
+        assert _meta(orthanc, original, "SrNodeReason") == ""  # the failed attempts' words are gone
+        job = wait_job(node, ref.SeriesInstanceUID)
+        assert (job["state"], job["n_instances"]) == ("delivered", 3)
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
+
+
+def test_a_node_out_of_space_is_said_and_tried_until_the_timeout(tmp_path: Path) -> None:
+    """break18: the node answering C-STORE 0xA700 (its spool below min_free_mb): marked srnode-failed at once
+    with "Error in the network protocol", never sent again. Now the reason says out of resources with the
+    status, the series is tried again, and marked srnode-failed only after TimeoutSeconds, with the count."""
+    node_port, http_port = free_port(), free_port()
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", srnode={
+        "AeTitle": "SRNODE", "Host": "127.0.0.1", "Port": node_port, "Modalities": ["CT"], "PollSeconds": 0.2,
+        "HttpUrl": f"http://127.0.0.1:{http_port}", "Token": "test-token-3f9a", "RetrySeconds": 1,
+        "TimeoutSeconds": 5})
+    node = start_node(tmp_path / "node", {"node": {"port": node_port, "min_free_mb": 10**9},
+                                          "http": {"port": http_port}})
+    try:
+        files = phantom(tmp_path, seed=182, slices=2)
+        upload(orthanc, files)
+        original = orthanc.series_of_study(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)[0]["ID"]
+        wait_until(lambda: _meta(orthanc, original, "SrNodeState") == "srnode-failed", 120, interval=0.2,
+                   what="the series given up")
+        reason = _meta(orthanc, original, "SrNodeReason")
+        assert "out of resources" in reason and "0xA700" in reason, reason
+        attempts = int(reason.split("after ")[1].split(" attempt")[0])
+        assert attempts >= 2, reason
+        log = orthanc.log_path.read_text()
+        assert log.count("not sent yet: attempt") == attempts - 1, log
+    finally:
+        node.stop()
+        orthanc.stop()
+
+
+def test_a_series_the_node_rules_leave_alone_is_not_marked_failed(tmp_path: Path) -> None:
+    """break18: a series no rule of the node takes (a CT where the rules name MR only; as every thin series with
+    the default rule) was marked srnode-failed "no rule matched: ...", like a real failure: an Orthanc user
+    looking for failed series saw every series left alone on purpose among them. Now srnode-ignored, the node's
+    reason in SrNodeReason; a failure is still srnode-failed."""
+    node_port, http_port = free_port(), free_port()
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", srnode={
+        "AeTitle": "SRNODE", "Host": "127.0.0.1", "Port": node_port, "Modalities": ["CT"], "PollSeconds": 0.2,
+        "HttpUrl": f"http://127.0.0.1:{http_port}", "Token": "test-token-3f9a"})
+    node = start_node(tmp_path / "node", {
+        "node": {"port": node_port}, "http": {"port": http_port},
+        "rules": [{"name": "mr", "match": {"Modality": "^MR$"}, "through_plane_factor": 2, "destinations": []}]})
+    try:
+        files = phantom(tmp_path, seed=185, slices=3)
+        ref = pydicom.dcmread(files[0], stop_before_pixels=True)
+        upload(orthanc, files)
+        original = orthanc.series_of_study(ref.StudyInstanceUID)[0]["ID"]
+        state = wait_until(lambda: _meta(orthanc, original, "SrNodeState") not in ("", "srnode-queued")
+                           and _meta(orthanc, original, "SrNodeState"), 120, interval=0.2, what="the series marked")
+        reason = _meta(orthanc, original, "SrNodeReason")
+        assert (state, reason.startswith("no rule matched")) == ("srnode-ignored", True), (state, reason)
+        with api(node) as c:
+            jobs = c.get("/jobs", params={"series": ref.SeriesInstanceUID}).json()["jobs"]
+        assert [j["state"] for j in jobs] == ["ignored"], jobs
     finally:
         node.stop()
         orthanc.stop()

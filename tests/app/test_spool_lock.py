@@ -3,10 +3,12 @@ touches anything (it used to delete the running node's partial files and requeue
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+from node.app.phantom import write_phantom_series
 from node.config.dump import dump_toml
 from tests.support.nodeproc import ROOT, NodeProc
 from tests.support.peers import free_port
@@ -33,3 +35,58 @@ def test_a_second_node_on_a_spool_in_use_refuses_before_touching_it(tmp_path: Pa
     # once the first is stopped, the spool is free again
     again = NodeProc.start(tmp_path / "again", {"node": {"spool_dir": str(first.spool)}})
     assert again.stop() == 0
+
+
+def test_status_of_a_killed_node_says_it_is_not_running(tmp_path: Path) -> None:
+    """break18: after a kill -9 of the node during processing, `srnode status` showed the job "processing" (and
+    `--json` the same), exactly as while the node ran: nothing said that no node was running it, nor that it runs
+    again only when the node is started. Now a NODE NOT RUNNING line names the interrupted jobs, `--json` says
+    "node_running": false, and while a node holds the spool the line is absent ("node_running": true)."""
+    from tests.support.peers import storescu, wait_until
+
+    files = write_phantom_series(tmp_path / "ct", slices=40, size=256, step_mm=3.0, seed=183)
+    node = NodeProc.start(tmp_path / "node", {"rules": [{"name": "ct", "match": {"Modality": "CT"},
+                                                         "through_plane_factor": 4, "destinations": []}]})
+    try:
+        running = node.cli("status", "--json")
+        assert json.loads(running.stdout)["node_running"] is True, running.stdout + running.stderr
+        assert storescu(files, node.port).returncode == 0
+        wait_until(lambda: any(j["state"] == "processing" for j in node.jobs()), timeout=120, interval=0.02,
+                   what="the job processing")
+        node.kill9()
+        job = next(j for j in node.jobs() if j["state"] == "processing")
+        r = node.cli("status")
+        assert r.returncode == 0, r.stderr
+        line = [ln for ln in r.stdout.splitlines() if ln.startswith("NODE NOT RUNNING")]
+        assert len(line) == 1 and f"({job['id']})" in line[0] and "re-queues them" in line[0], r.stdout
+        assert json.loads(node.cli("status", "--json").stdout)["node_running"] is False
+        node.launch()
+        node.wait_jobs(lambda js: all(j["state"] not in ("queued", "processing", "sending") for j in js),
+                       timeout=300, what="the job run again")
+        assert "NODE NOT RUNNING" not in node.cli("status").stdout
+    finally:
+        node.stop()
+
+
+def test_retry_while_no_node_runs_says_the_work_waits_for_it(tmp_path: Path) -> None:
+    """break18: `srnode retry` with the node stopped printed "job 1: re-queued for processing" and nothing else:
+    the job then waited, queued, until someone started the node. Now a NODE NOT RUNNING line says so; with the
+    node running, no such line."""
+    from tests.support.peers import storescu
+
+    files = write_phantom_series(tmp_path / "ct", slices=1, size=64, step_mm=3.0, seed=186)  # 1 slice: fails
+    node = NodeProc.start(tmp_path / "node", {"rules": [{"name": "ct", "match": {"Modality": "CT"},
+                                                         "through_plane_factor": 2, "destinations": []}]})
+    try:
+        assert storescu(files, node.port).returncode == 0
+        (job,) = node.wait_jobs(lambda js: js and js[0]["state"] == "failed", timeout=120, what="the job failed")
+        running = node.cli("retry", str(job["id"]))
+        assert "re-queued" in running.stdout and "NODE NOT RUNNING" not in running.stdout, running.stdout
+        node.wait_jobs(lambda js: js[0]["state"] == "failed" and js[0]["attempts"] >= 1, timeout=120,
+                       what="the job failed again")
+        assert node.stop() == 0
+        r = node.cli("retry", str(job["id"]))
+        assert r.returncode == 0 and "re-queued" in r.stdout, r.stdout + r.stderr
+        assert [ln for ln in r.stdout.splitlines() if ln.startswith("NODE NOT RUNNING")], r.stdout
+    finally:
+        node.stop()

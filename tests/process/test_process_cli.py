@@ -215,3 +215,30 @@ def test_process_on_its_own_output_folder_skips_its_side_files_and_other_non_dic
     for cut in ("cut-in-preamble.dcm", "cut-after-marker.dcm", "empty.dcm"):
         assert any(cut in line for line in failed), (cut, r.stdout)
     assert not any(name in line for line in failed for name in ("README", "notes", "manual", "DICOMDIR")), r.stdout
+
+
+def test_a_full_output_disk_is_one_line_naming_the_folder(tmp_path: Path) -> None:
+    """break18: OUT_DIR on a disk that fills while the derived slices are written: "srnode process: error: With
+    tag (7FE0,0010) got exception: [Errno 28] No space left on device Traceback (most recent call last): File ..."
+    (pydicom's re-raise, its traceback folded into the line), or "error: No space left on device" with no folder
+    (a failed close). Now one line names the series' output folder, the system's error and how far the run got;
+    nothing of the series is left behind."""
+    from tests.support.peers import mount_tmpfs
+
+    disk = tmp_path / "disk"
+    if not mount_tmpfs(disk, "1m"):
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): no small real file system to fill")
+    try:
+        in_dir = tmp_path / "in"
+        files = write_phantom_series(in_dir, slices=8, size=256, step_mm=2.5)  # 15 derived x 128 KiB > 1 MiB
+        uid = pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID
+        r = srnode("process", in_dir, disk / "out", "--engine", "cubic", "--no-preview")
+        assert r.returncode == 1, r.stdout + r.stderr
+        errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+        assert errors == [ln for ln in r.stderr.splitlines() if ln.startswith("srnode process: error:")], r.stderr
+        assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+        assert str(disk / "out" / uid) in errors[0] and "No space left on device" in errors[0], errors
+        assert "series 1 of 1" in errors[0], errors
+        assert not any(p.name.endswith(".dcm") for p in (disk / "out").rglob("*")), list((disk / "out").rglob("*"))
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
