@@ -36,6 +36,7 @@ from node.series.instances import UniqueInstances
 from node.series.mosaic import is_mosaic, split_mosaic, tile_name
 from node.series.pixels import decoded_pixels, modality_values, stored_format
 from node.series.planes import describe_plane_groups, plane_groups
+from node.series.realworld import one_mapping
 from node.series.slices import (
     HEADER_VALUES,
     MALFORMED,
@@ -120,7 +121,10 @@ def _load_volumes(paths: list[Path], inspect: Callable[[Dataset], object] | None
         _check_one_stack(g.slices, name)
         _check_one_unit(g.slices, name)
         _check_rescale_stated(g.slices, name)
+        real_world = one_mapping([header_value(s, "real_world") for s in g.slices], [s.where for s in g.slices],
+                                 name)
         vol = _stack(g.slices, series_uid, name, notes + g.notes)
+        vol.real_world = real_world
         if len(groups) > 1:
             vol.volume, vol.volume_label = (k + 1, len(groups)), g.label
         vols.append(vol)
