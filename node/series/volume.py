@@ -97,6 +97,9 @@ class SeriesVolume:
     # the real-world value mappings every slice states alike, as lines of modality values (node.series.realworld:
     # a RealWorldValueMappingSequence, or Philips' ScaleSlope); restated on the derived series in its stored units
     real_world: tuple[RealWorld, ...] = ()
+    # images of the series in none of its volumes (a localizer filed in it, a single stray plane): (file, and frame
+    # of a multi-frame object; SOPInstanceUID; why), the same on every volume of the series (node.series.load)
+    set_aside: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.datasets, InputHeaders):
