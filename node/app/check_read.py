@@ -160,6 +160,19 @@ def _ascconv_positions(ds: Dataset, n: int) -> np.ndarray | None:
     return out if found else None
 
 
+def _tile_order(centres: np.ndarray, first: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """The protocol's slice centres (n, 3) in the mosaic's tile order. Siemens stores the tiles in spatial order,
+    tile 0 at the mosaic's first position (``first``, from its ImagePositionPatient); sSliceArray lists the same
+    slices in the protocol's order, which may run the other way (a protocol placed head to foot): tile k is the
+    k-th centre along the slice normal from the end nearest ``first``. (Read as listed, tile k = asSlice[k], a
+    reversed list put the derived series of such a mosaic 142 mm off its input: a right series FAILED.)"""
+    along = centres @ normal
+    order = np.argsort(along, kind="stable")
+    if abs(float(along[order[-1]] - first @ normal)) < abs(float(along[order[0]] - first @ normal)):
+        order = order[::-1]
+    return centres[order]
+
+
 def _images_in_mosaic(ds: Dataset) -> int | None:
     try:
         return int(ds.private_block(0x0019, "SIEMENS MR HEADER")[0x0A].value)
@@ -206,6 +219,7 @@ def _read_input(path: Path, ds: Dataset) -> list[InImage]:
     grid = math.ceil(math.sqrt(n))
     r, c = rows // grid, cols // grid
     first = ipp + iop[3:] * ps[0] * (rows - r) / 2 + iop[:3] * ps[1] * (cols - c) / 2
+    centres = _tile_order(centres, first, np.cross(iop[:3], iop[3:]))
     return [InImage(path, sop, series, 0, k, first + centres[k] - centres[0], iop, (ps[0], ps[1]), r, c, slope,
                     icpt, photometric, pad, lossy) for k in range(n)]
 
