@@ -19,6 +19,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from node.app.check_cmd import check_folders
 from node.errors import VolumeError
 from node.series import load_volumes
 from tests.support.fixtures import shared_series
@@ -164,3 +165,29 @@ def test_the_implicit_vr_scale_slope_is_read(tmp_path: Path) -> None:
     assert len(vols) == 1 and len(vols[0].real_world) == 1, raw
     rs, ss = 1.29035409035409, 0.004284040071070194
     assert vols[0].real_world[0].a == pytest.approx(1 / (rs * ss), rel=1e-6)
+
+
+def test_srnode_check_fails_a_derived_series_without_the_input_mapping(tmp_path: Path) -> None:
+    """A derived series made before this fix (no RealWorldValueMappingSequence): ``srnode check`` said OK, its
+    values equal the input's displayed values. Simulated exactly: the mapping removed from the derived slices."""
+    files = _volume_one(shared_series(FMRI), tmp_path)
+    out = tmp_path / "out"
+    assert _process(files[0].parent, out).returncode == 0
+    result = check_folders(files[0].parent, out, run_dciodvfy=False)
+    assert result.ok, result.lines()
+    assert "real-world value mapping of the input stated alike" in result.lines()[0]
+    derived = sorted(out.rglob("derived*/*.dcm"))
+    for f in derived[:1]:
+        ds = pydicom.dcmread(f)
+        del ds.RealWorldValueMappingSequence
+        ds.save_as(f)
+    result = check_folders(files[0].parent, out, run_dciodvfy=False)
+    assert not result.ok
+    assert "real = 180.9 x value + 0" in result.lines()[0] and "does not state" in result.lines()[0], result.lines()
+    ds = pydicom.dcmread(derived[0])
+    item = pydicom.dcmread(derived[1]).RealWorldValueMappingSequence
+    item[0].RealWorldValueSlope = float(item[0].RealWorldValueSlope) * 1.01
+    ds.RealWorldValueMappingSequence = item
+    ds.save_as(derived[0])
+    result = check_folders(files[0].parent, out, run_dciodvfy=False)
+    assert not result.ok and "states otherwise" in result.lines()[0], result.lines()
