@@ -191,3 +191,25 @@ def test_srnode_check_fails_a_derived_series_without_the_input_mapping(tmp_path:
     ds.save_as(derived[0])
     result = check_folders(files[0].parent, out, run_dciodvfy=False)
     assert not result.ok and "states otherwise" in result.lines()[0], result.lines()
+
+
+def test_the_parametric_map_gives_sigma_in_the_real_world_units_too(tmp_path: Path) -> None:
+    """The map's sigma is in modality (displayed) units; a Philips-aware reader reads the derived values in FP: the
+    map adds a mapping per derived real-world mapping, slope |a| (180.9 here), and dciodvfy is clean."""
+    from node.config import load_config
+    from node.process import process_series
+    from tests.support.engines import SIGMA_TEST_ENGINE, sigma_engines
+
+    files = _volume_one(shared_series(FMRI), tmp_path)
+    cfg = load_config(None)
+    res = process_series(files, cfg.rules[0], cfg, tmp_path / "out", engine_name=SIGMA_TEST_ENGINE,
+                         engines=sigma_engines())
+    pm = pydicom.dcmread(res.uncertainty_files[0])
+    d0 = pydicom.dcmread(res.derived_files[0])
+    maps = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence
+    assert [str(m.LUTLabel) for m in maps][1:] == ["PHILIPS_FP_SD"]
+    derived_a = float(d0.RealWorldValueMappingSequence[0].RealWorldValueSlope) / float(d0.RescaleSlope)
+    assert float(maps[1].RealWorldValueSlope) == pytest.approx(derived_a * float(maps[0].RealWorldValueSlope))
+    assert float(maps[1].RealWorldValueIntercept) == 0.0
+    errors, _ = dciodvfy(res.uncertainty_files[0])
+    assert not errors, errors
