@@ -127,3 +127,26 @@ def test_strays_as_many_as_half_the_stack_are_still_refused(tmp_path: Path) -> N
     odd = [_odd(files, 0, "ODD1.dcm", _oblique), _odd(files, 1, "ODD2.dcm", _matrix)]
     with pytest.raises(VolumeError, match="differ in matrix, orientation or pixel spacing"):
         load_volumes([*files, *odd])
+
+
+def test_the_node_derives_the_rest_and_status_names_the_localizer(tmp_path: Path) -> None:
+    """The real node, the series sent by dcmtk storescu: delivered (before: failed, "localizer image(s) mixed in"),
+    the localizer in ``srnode status`` (and --json) as an image in no derived series, by file."""
+    from tests.support.nodeproc import NodeProc
+    from tests.support.peers import storescu
+
+    files = _cut(tmp_path)
+    odd = _odd(files, 3, "ODD.dcm", _localizer)
+    sop = str(pydicom.dcmread(odd, stop_before_pixels=True).SOPInstanceUID)
+    with NodeProc.start(tmp_path / "node") as node:
+        r = storescu([*files, odd], node.port, aet=node.ae_title)
+        assert r.returncode == 0, r.stderr
+        node.wait_jobs(lambda js: js and all(j["state"] in ("delivered", "failed") for j in js), timeout=120,
+                       what="job delivered")
+        jobs = node.status_cli()
+        text = node.cli("status")
+    assert [j["state"] for j in jobs] == ["delivered"], jobs
+    left = jobs[0]["left_out"]
+    assert [(x["index"], x["sop_instance_uid"]) for x in left] == [(0, sop)], left
+    assert left[0]["reason"].startswith("a localizer (scout) image")
+    assert f"NOT IN ANY DERIVED SERIES: image {left[0]['file']}: a localizer" in text.stdout, text.stdout
