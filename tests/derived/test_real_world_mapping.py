@@ -213,3 +213,28 @@ def test_the_parametric_map_gives_sigma_in_the_real_world_units_too(tmp_path: Pa
     assert float(maps[1].RealWorldValueIntercept) == 0.0
     errors, _ = dciodvfy(res.uncertainty_files[0])
     assert not errors, errors
+
+
+def test_an_enhanced_objects_per_frame_mapping_is_carried(tmp_path: Path) -> None:
+    """The shared enhanced MR (96 frames) with a mapping in each frame's functional groups (where enhanced objects
+    state it): every derived classic slice states it; ``srnode check`` OK, dciodvfy clean."""
+    ds = pydicom.dcmread(sorted(shared_series("mr_t1_enhanced_multiframe_siemens_xa30").glob("*.dcm"))[0])
+    for group in ds.PerFrameFunctionalGroupsSequence:
+        item = Dataset()
+        item.RealWorldValueFirstValueMapped, item.RealWorldValueLastValueMapped = 0, 4095
+        item.RealWorldValueSlope, item.RealWorldValueIntercept = 0.25, 10.0
+        item.LUTLabel, item.LUTExplanation = "T1", "T1 in ms"
+        unit = Dataset()
+        unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning = "ms", "UCUM", "millisecond"
+        item.MeasurementUnitsCodeSequence = Sequence([unit])
+        group.RealWorldValueMappingSequence = Sequence([item])
+    (tmp_path / "in").mkdir()
+    ds.save_as(tmp_path / "in" / "MF.dcm", enforce_file_format=True)
+    out = tmp_path / "out"
+    assert _process(tmp_path / "in", out).returncode == 0
+    derived = sorted(out.rglob("derived/*.dcm"))
+    assert len(derived) == 191
+    item = pydicom.dcmread(derived[0]).RealWorldValueMappingSequence[0]
+    assert (float(item.RealWorldValueSlope), float(item.RealWorldValueIntercept), item.LUTLabel) == (0.25, 10.0, "T1")
+    result = check_folders(tmp_path / "in", out)
+    assert result.ok and "real-world value mapping of the input stated alike" in result.lines()[0], result.lines()
