@@ -21,6 +21,8 @@ a mistake in the pipeline's reading cannot hide itself. Per derived series (one 
   compressed (or came in JPEG baseline / extended);
 - the real-world value mapping its input images state (RealWorldValueMappingSequence, or Philips' private
   ScaleSlope (2005,100E): FP = value / (RS x SS)) stated by every derived slice as the same line of values;
+- its input images state one ConvolutionKernel and one ContrastBolusAgent (two reconstructions, or a pre- and a
+  post-contrast pass, are never one volume);
 - its uncertainty objects: a Parametric Map has one frame per derived slice, frame k at derived slice k's position
   (0.01 mm) and in its frame of reference; a Secondary Capture card carries no plane or frame of reference; an
   engine without sigma (cubic) has none, any other at least one; dciodvfy reports 0 errors on every derived and
@@ -264,6 +266,12 @@ def check_volume(series: str, images: list[OutImage], inputs: dict[tuple[str, in
         p.append(f"{len(unstated)} of its {n} input image(s) state no RescaleSlope / RescaleIntercept "
                  f"({unstated[0].name}, ...): the derived CT values are a guess (slope 1 / intercept 0)")
     _check_real_world(check, ins, outs)
+    for k, what in enumerate(("ConvolutionKernel", "ContrastBolusAgent")):
+        values = {x.acquired_as[k] for x in ins}
+        if len(values) > 1:  # counted, never quoted
+            p.append(f"its input images state {len(values)} different {what} values: "
+                     + ("two reconstructions" if k == 0 else "images without and with contrast (or two agents)")
+                     + " stacked into one volume")
     if run_dciodvfy:
         errors, first = _dciodvfy_errors([o.file for o in outs] + [s.file for s in sig])
         if errors < 0:

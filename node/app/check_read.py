@@ -105,6 +105,9 @@ class InImage:
     # the real-world value mappings it states as lines of its modality values, (a, c): real = a * modality + c
     # (RealWorldValueMappingSequence items with a slope; else Philips' ScaleSlope (2005,100E): a = 1 / (RS * SS))
     real_world: tuple[tuple[float, float], ...] = ()
+    # (ConvolutionKernel, ContrastBolusAgent) as written at the top level ("" when absent): one derived volume of
+    # images that differ in either stacks two reconstructions or a pre- and a post-contrast pass
+    acquired_as: tuple[str, str] = ("", "")
 
     @property
     def name(self) -> str:
@@ -189,6 +192,14 @@ def _number(value: object) -> float | None:
         return None
 
 
+def _text(value: object) -> str:
+    """A header value as one text (several values joined by '/'), "" when absent or empty."""
+    if value is None:
+        return ""
+    parts = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    return "/".join(str(v).strip() for v in parts)
+
+
 def real_world_lines(items: object, philips: Dataset | None, slope: float,
                      intercept: float) -> tuple[tuple[float, float], ...]:
     """The linear real-world mappings of RealWorldValueMappingSequence ``items`` (stored values -> real), else of
@@ -253,7 +264,8 @@ def _read_input(path: Path, ds: Dataset) -> list[InImage]:
     if "MOSAIC" not in [str(v).upper() for v in ds.get("ImageType") or []]:
         return [InImage(path, sop, series, 0, -1, ipp, iop, (ps[0], ps[1]), rows, cols, slope, icpt, photometric,
                         pad, lossy, _rescale_stated(ds),
-                        real_world_lines(ds.get("RealWorldValueMappingSequence"), ds, slope, icpt))]
+                        real_world_lines(ds.get("RealWorldValueMappingSequence"), ds, slope, icpt),
+                        (_text(ds.get("ConvolutionKernel")), _text(ds.get("ContrastBolusAgent"))))]
     n = _images_in_mosaic(ds) or 0
     centres = _ascconv_positions(ds, n) if n else None
     if not n or centres is None:
