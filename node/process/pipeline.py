@@ -258,8 +258,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         report["refused"] = refused
     result = ProcessResult([], [], "", "", name, report=report, left_out=left_out)
     for x in left_out:
-        log.warning("series %s: input slice %d/%d (%s) is in no derived series: %s", found[0].series_uid,
-                    x.index, x.of, x.file, x.reason)
+        log.warning("series %s: input %s is in no derived series: %s", found[0].series_uid, x.where, x.reason)
     fallbacks: list[str] = []
     for v in volumes:
         tag = (f"volume {v.volume[0]}/{v.volume[1]} ({v.volume_label}) " if v.volume else "") \

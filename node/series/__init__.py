@@ -19,6 +19,7 @@ from node.series.slices import (
     ENHANCED_CT,
     ENHANCED_MR,
     group_value,
+    is_localizer,
     read_header,
     sop_class_of,
     sop_instance_of,
@@ -27,6 +28,7 @@ from node.series.steps import MIN_SLICES_THROUGH_PLANE, describe_steps, same_ste
 from node.series.volume import MAX_MODALITY_ABS, SeriesVolume, StoredFormat
 
 __all__ = [
+    "is_localizer",
     "RealWorld",
     "MAX_MODALITY_ABS",
     "ENHANCED_CT",

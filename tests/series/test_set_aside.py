@@ -61,6 +61,11 @@ def _localizer(ds: Dataset) -> None:
     ds.PixelData = np.zeros((256, 256), np.int16).tobytes()
 
 
+def _thin_localizer(ds: Dataset) -> None:
+    _localizer(ds)
+    ds.SliceThickness = "1.0"
+
+
 def _oblique(ds: Dataset) -> None:
     c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
     ds.ImageOrientationPatient = [1, 0, 0, 0, float(c), float(s)]
@@ -136,10 +141,12 @@ def test_the_node_derives_the_rest_and_status_names_the_localizer(tmp_path: Path
     from tests.support.peers import storescu
 
     files = _cut(tmp_path)
-    odd = _odd(files, 3, "ODD.dcm", _localizer)
+    odd = _odd(files, 3, "ODD.dcm", _thin_localizer)
     sop = str(pydicom.dcmread(odd, stop_before_pixels=True).SOPInstanceUID)
     with NodeProc.start(tmp_path / "node") as node:
-        r = storescu([*files, odd], node.port, aet=node.ae_title)
+        # the scout first, as scanners acquire it: the rules matched on its header (SliceThickness 1.0, where the
+        # default rule wants 2 mm or more) and left the whole series alone; now on the first image of the series
+        r = storescu([odd, *files], node.port, aet=node.ae_title)
         assert r.returncode == 0, r.stderr
         node.wait_jobs(lambda js: js and all(j["state"] in ("delivered", "failed") for j in js), timeout=120,
                        what="job delivered")
@@ -150,3 +157,14 @@ def test_the_node_derives_the_rest_and_status_names_the_localizer(tmp_path: Path
     assert [(x["index"], x["sop_instance_uid"]) for x in left] == [(0, sop)], left
     assert left[0]["reason"].startswith("a localizer (scout) image")
     assert f"NOT IN ANY DERIVED SERIES: image {left[0]['file']}: a localizer" in text.stdout, text.stdout
+
+
+def test_srnode_process_matches_the_rules_on_an_image_not_on_the_scout_filed_first(tmp_path: Path) -> None:
+    """The scout's file sorts first (A_LOC.dcm) and states SliceThickness 1.0: the default rule ("2 mm or more")
+    left the whole series alone; now the rules read the first image that is no localizer."""
+    files = _cut(tmp_path)
+    _odd(files, 3, "A_LOC.dcm", _thin_localizer)
+    out = tmp_path / "out"
+    r = _process(files[0].parent, out)
+    assert r.returncode == 0 and "rule ct-mr-thick: 15 derived" in r.stdout, r.stdout + r.stderr
+    assert "NOT IN ANY DERIVED SERIES: image A_LOC.dcm: a localizer" in r.stdout
