@@ -19,6 +19,10 @@ a mistake in the pipeline's reading cannot hide itself. Per derived series (one 
 - a derived CT's input images all state RescaleSlope and RescaleIntercept (else its values are a guess);
 - LossyImageCompression 01 on every derived and uncertainty object when an input image says it was lossy
   compressed (or came in JPEG baseline / extended);
+- the real-world value mapping its input images state (RealWorldValueMappingSequence, or Philips' private
+  ScaleSlope (2005,100E): FP = value / (RS x SS)) stated by every derived slice as the same line of values;
+- its input images state one ConvolutionKernel and one ContrastBolusAgent (two reconstructions, or a pre- and a
+  post-contrast pass, are never one volume);
 - its uncertainty objects: a Parametric Map has one frame per derived slice, frame k at derived slice k's position
   (0.01 mm) and in its frame of reference; a Secondary Capture card carries no plane or frame of reference; an
   engine without sigma (cubic) has none, any other at least one; dciodvfy reports 0 errors on every derived and
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -58,6 +63,7 @@ from node.app.check_read import (
     input_rounding,
     read_inputs,
     read_outputs,
+    real_world_lines,
 )
 from node.errors import VolumeError
 
@@ -259,6 +265,13 @@ def check_volume(series: str, images: list[OutImage], inputs: dict[tuple[str, in
     if unstated and str(ds0.get("Modality", "")).strip().upper() == "CT":
         p.append(f"{len(unstated)} of its {n} input image(s) state no RescaleSlope / RescaleIntercept "
                  f"({unstated[0].name}, ...): the derived CT values are a guess (slope 1 / intercept 0)")
+    _check_real_world(check, ins, outs)
+    for k, what in enumerate(("ConvolutionKernel", "ContrastBolusAgent")):
+        values = {x.acquired_as[k] for x in ins}
+        if len(values) > 1:  # counted, never quoted
+            p.append(f"its input images state {len(values)} different {what} values: "
+                     + ("two reconstructions" if k == 0 else "images without and with contrast (or two agents)")
+                     + " stacked into one volume")
     if run_dciodvfy:
         errors, first = _dciodvfy_errors([o.file for o in outs] + [s.file for s in sig])
         if errors < 0:
@@ -269,6 +282,37 @@ def check_volume(series: str, images: list[OutImage], inputs: dict[tuple[str, in
             check.facts.append("dciodvfy 0 errors")
     check.covered = ins  # covered by this derived series (which passed or is reported as failed)
     return check
+
+
+def _check_real_world(check: VolumeCheck, ins: list[InImage], outs: list[OutImage]) -> None:
+    """The real-world value mapping its input images state (a RealWorldValueMappingSequence, or Philips' ScaleSlope
+    (2005,100E)) must be stated by every derived slice in its own stored values: the same line of modality values
+    (relative 1e-6). Before field18 the derived series carried none: a Philips-aware reader got the input in its
+    precise (FP) values and the derived in displayed values, 180.9x apart on the shared fMRI."""
+    stated = {x.real_world for x in ins}
+    if stated == {()}:
+        return
+    if len(stated) > 1:
+        check.problems.append(f"its input images state {len(stated)} different real-world value mappings: one "
+                              "derived value stands for several real ones")
+        return
+    want = next(iter(stated))
+    for o in outs:
+        slope = float(o.ds.get("RescaleSlope", 1) or 1)
+        icpt = float(o.ds.get("RescaleIntercept", 0) or 0)
+        got = real_world_lines(o.ds.get("RealWorldValueMappingSequence"), None, slope, icpt)
+        same = len(got) == len(want) and all(
+            math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9 * max(abs(x[0]) for x in want))
+            for g, w in zip(got, want, strict=True) for a, b in zip(g, w, strict=True))
+        if not same:
+            check.problems.append(
+                f"its input images state a real-world value mapping (real = {want[0][0]:.6g} x value + "
+                f"{want[0][1]:.6g}; RealWorldValueMappingSequence or Philips ScaleSlope (2005,100E)) that derived "
+                f"slice {o.file.name} " + ("does not state" if not got else
+                                           f"states otherwise (real = {got[0][0]:.6g} x value + {got[0][1]:.6g})")
+                + ": a quantitative reader gets other values from the derived series")
+            return
+    check.facts.append(f"real-world value mapping of the input stated alike ({len(want)} item(s))")
 
 
 def _check_sigma(check: VolumeCheck, outs: list[OutImage], sig: list[OutImage], engine: str) -> None:

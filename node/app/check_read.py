@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import re
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,12 @@ class InImage:
     padding: tuple[int, int] | None
     lossy: bool = False  # LossyImageCompression 01, or a lossy-only transfer syntax (JPEG baseline / extended)
     rescale_stated: bool = True  # RescaleSlope and RescaleIntercept both stated (not empty) for this image
+    # the real-world value mappings it states as lines of its modality values, (a, c): real = a * modality + c
+    # (RealWorldValueMappingSequence items with a slope; else Philips' ScaleSlope (2005,100E): a = 1 / (RS * SS))
+    real_world: tuple[tuple[float, float], ...] = ()
+    # (ConvolutionKernel, ContrastBolusAgent) as written at the top level ("" when absent): one derived volume of
+    # images that differ in either stacks two reconstructions or a pre- and a post-contrast pass
+    acquired_as: tuple[str, str] = ("", "")
 
     @property
     def name(self) -> str:
@@ -160,6 +168,58 @@ def _ascconv_positions(ds: Dataset, n: int) -> np.ndarray | None:
     return out if found else None
 
 
+def _tile_order(centres: np.ndarray, first: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """The protocol's slice centres (n, 3) in the mosaic's tile order. Siemens stores the tiles in spatial order,
+    tile 0 at the mosaic's first position (``first``, from its ImagePositionPatient); sSliceArray lists the same
+    slices in the protocol's order, which may run the other way (a protocol placed head to foot): tile k is the
+    k-th centre along the slice normal from the end nearest ``first``. (Read as listed, tile k = asSlice[k], a
+    reversed list put the derived series of such a mosaic 142 mm off its input: a right series FAILED.)"""
+    along = centres @ normal
+    order = np.argsort(along, kind="stable")
+    if abs(float(along[order[-1]] - first @ normal)) < abs(float(along[order[0]] - first @ normal)):
+        order = order[::-1]
+    return centres[order]
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, (bytes, bytearray)):  # a private FL / FD read without its VR (implicit VR)
+        return float(struct.unpack("<f" if len(value) == 4 else "<d", value)[0]) if len(value) in (4, 8) else None
+    if isinstance(value, Sequence) and not isinstance(value, str):  # several values (a MultiValue): the first
+        value = value[0] if len(value) else None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def _text(value: object) -> str:
+    """A header value as one text (several values joined by '/'), "" when absent or empty."""
+    if value is None:
+        return ""
+    parts = list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+    return "/".join(str(v).strip() for v in parts)
+
+
+def real_world_lines(items: object, philips: Dataset | None, slope: float,
+                     intercept: float) -> tuple[tuple[float, float], ...]:
+    """The linear real-world mappings of RealWorldValueMappingSequence ``items`` (stored values -> real), else of
+    the Philips ScaleSlope (2005,100E) in ``philips``, as (a, c) lines of modality values (rescale ``slope`` /
+    ``intercept``): real = a * modality + c. Items given as a table are left out."""
+    out = []
+    for item in items or []:  # type: ignore[attr-defined]
+        m, b = _number(item.get("RealWorldValueSlope")), _number(item.get("RealWorldValueIntercept"))
+        if m is not None and b is not None and slope:
+            out.append((m / slope, b - intercept * m / slope))
+    if out or philips is None:
+        return tuple(out)
+    try:
+        block = philips.private_block(0x2005, "Philips MR Imaging DD 001")
+        ss = _number(block[0x0E].value) if 0x0E in block else None
+    except KeyError:
+        ss = None
+    return ((1.0 / (slope * ss), 0.0),) if ss and slope else ()
+
+
 def _images_in_mosaic(ds: Dataset) -> int | None:
     try:
         return int(ds.private_block(0x0019, "SIEMENS MR HEADER")[0x0A].value)
@@ -186,11 +246,16 @@ def _read_input(path: Path, ds: Dataset) -> list[InImage]:
             if pos is None or ori is None or meas is None:
                 continue
             ps = floats(meas.PixelSpacing)
+            fs = float(pvt.get("RescaleSlope", 1) or 1) if pvt else 1.0
+            fi = float(pvt.get("RescaleIntercept", 0) or 0) if pvt else 0.0
+            groups = [g[i] for g, i in ((ds.PerFrameFunctionalGroupsSequence, f),
+                                        (ds.get("SharedFunctionalGroupsSequence") or [], 0)) if len(g) > i]
+            rwvm = next((g.RealWorldValueMappingSequence for g in groups if "RealWorldValueMappingSequence" in g),
+                        None)
             out.append(InImage(path, sop, series, f + 1, -1, floats(pos.ImagePositionPatient),
                                unit_iop(floats(ori.ImageOrientationPatient)), (ps[0], ps[1]), rows, cols,
-                               float(pvt.get("RescaleSlope", 1) or 1) if pvt else 1.0,
-                               float(pvt.get("RescaleIntercept", 0) or 0) if pvt else 0.0, photometric, pad,
-                               lossy, _rescale_stated(pvt)))
+                               fs, fi, photometric, pad, lossy, _rescale_stated(pvt),
+                               real_world_lines(rwvm, ds, fs, fi)))
         return out
     if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds or "PixelSpacing" not in ds:
         return []
@@ -198,7 +263,9 @@ def _read_input(path: Path, ds: Dataset) -> list[InImage]:
     slope, icpt = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
     if "MOSAIC" not in [str(v).upper() for v in ds.get("ImageType") or []]:
         return [InImage(path, sop, series, 0, -1, ipp, iop, (ps[0], ps[1]), rows, cols, slope, icpt, photometric,
-                        pad, lossy, _rescale_stated(ds))]
+                        pad, lossy, _rescale_stated(ds),
+                        real_world_lines(ds.get("RealWorldValueMappingSequence"), ds, slope, icpt),
+                        (_text(ds.get("ConvolutionKernel")), _text(ds.get("ContrastBolusAgent"))))]
     n = _images_in_mosaic(ds) or 0
     centres = _ascconv_positions(ds, n) if n else None
     if not n or centres is None:
@@ -206,6 +273,7 @@ def _read_input(path: Path, ds: Dataset) -> list[InImage]:
     grid = math.ceil(math.sqrt(n))
     r, c = rows // grid, cols // grid
     first = ipp + iop[3:] * ps[0] * (rows - r) / 2 + iop[:3] * ps[1] * (cols - c) / 2
+    centres = _tile_order(centres, first, np.cross(iop[:3], iop[3:]))
     return [InImage(path, sop, series, 0, k, first + centres[k] - centres[0], iop, (ps[0], ps[1]), r, c, slope,
                     icpt, photometric, pad, lossy) for k in range(n)]
 

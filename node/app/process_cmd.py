@@ -35,7 +35,7 @@ from node.errors import NodeError, VolumeError
 from node.jobs import match_rule, series_header
 from node.phi import scrub, series_values
 from node.process import EngineCache, ProcessResult, process_series, write_error
-from node.series import read_header
+from node.series import is_localizer, read_header
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def group_by_series(in_dir: Path) -> Found:
             continue
         key = (str(hdr.get("StudyInstanceUID", "") or ""), str(hdr.get("SeriesInstanceUID", "") or ""))
         found.groups.setdefault(key, []).append(p)
-        found.headers.setdefault(key, hdr)
+        if key not in found.headers or (is_localizer(found.headers[key]) and not is_localizer(hdr)):
+            found.headers[key] = hdr  # the rules match on an image of the series, not on a scout filed in it
     return found
 
 

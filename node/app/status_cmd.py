@@ -189,8 +189,8 @@ def run(args: argparse.Namespace) -> int:
         if (d["report"] or {}).get("incomplete"):  # fewer instances than the series declares
             print(f"{'':>5}  INCOMPLETE: {d['report']['incomplete']}")
         for x in d["left_out"]:
-            print(f"{'':>5}  NOT IN ANY DERIVED SERIES: slice {x.get('index')}/{x.get('of')} {x.get('file')}: "
-                  f"{x.get('reason')}")
+            where = (f"slice {x.get('index')}/{x.get('of')}" if x.get("index") else "image") + f" {x.get('file')}"
+            print(f"{'':>5}  NOT IN ANY DERIVED SERIES: {where}: {x.get('reason')}")
     _print_waiting(waiting)
     _print_conflicts(conflicts)
     if stopped:

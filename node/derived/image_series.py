@@ -59,7 +59,7 @@ from node.derived.modules import (
     referenced_series,
     source_ref,
 )
-from node.derived.values import CT_MIN_BITS, output_format, to_stored
+from node.derived.values import CT_MIN_BITS, output_format, real_world_mapping, to_stored
 from node.errors import DeriveError
 from node.own import SRNODE_CODE
 from node.series import (
@@ -208,7 +208,8 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     dy, dx = vol.spacing[1] / g, vol.spacing[2] / g
     fmt, value_note = output_format(vol, result.data, CT_MIN_BITS if sop_class == CTImageStorage else 1)
     photometric, photo_note = series_photometric(vol)
-    notes = [n for n in (value_note, photo_note) if n]
+    real_world, real_world_note = real_world_mapping(vol.real_world, fmt)
+    notes = [n for n in (value_note, photo_note, real_world_note) if n]
     part_label = vol.volume_label if vol.volume else ""  # "echo 2", "time 3": one volume of several
     if vol.run:
         # one run of an irregular series is not the whole series: "run 1/1" would say it is
@@ -345,6 +346,11 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
             ds.RescaleSlope = ds_str(fmt.slope)
             if sop_class == CTImageStorage:  # the unit its slices state (a dual-energy map is no HU image)
                 ds.RescaleType = ct_rescale_type(vol)
+        # Real World Value Mapping (General Image, PS3.3 C.7.6.1; item macro C.7.6.16.2.11.1): the input's mapping
+        # (a standard one, or Philips' private ScaleSlope, which no derived object copies) in the derived's own
+        # stored values, so that a quantitative reader gets the same real-world value at the same place
+        if real_world is not None:
+            ds.RealWorldValueMappingSequence = real_world
         # VOI LUT: the series' window (median over its slices), in modality units
         if windows:
             centres, widths = ([ds_str(v) for v in vals] for vals in windows)

@@ -27,6 +27,7 @@ import copy
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -124,6 +125,35 @@ def uncertainty_objects(derived: Sequence[Dataset], sigma: np.ndarray, modality:
     return out
 
 
+def _real_world_sigma(d0: Dataset, smax: float) -> list[Any]:
+    """sigma in the real-world units of the derived series: one more mapping for each of the derived slices'
+    linear RealWorldValueMappingSequence items (the input's, restated: a Philips ScaleSlope, a standard mapping;
+    ``node.derived.values.real_world_mapping``). A mapping real = a * value + c takes a 1-sigma of s modality units
+    to |a| * s real-world units (the intercept moves no spread), so a quantitative reader gets sigma in the units in
+    which it reads the derived values (field18: the map gave it only in displayed units, 180.9x off the Philips
+    precise values)."""
+    out = []
+    slope = float(d0.get("RescaleSlope", 1) or 1)
+    for item in d0.get("RealWorldValueMappingSequence") or []:
+        m = item.get("RealWorldValueSlope")
+        if m is None or not slope:
+            continue
+        code = (item.get("MeasurementUnitsCodeSequence") or [None])[0]
+        unit = (Code(str(code.CodeValue), str(code.CodingSchemeDesignator), str(code.CodeMeaning))
+                if code is not None else Code("1", "UCUM", "no units"))
+        label = str(item.get("LUTLabel", "") or "RWV")
+        out.append(hd.pm.RealWorldValueMapping(
+            lut_label=f"{label[:13]}_SD",
+            lut_explanation=f"1-sigma uncertainty in {label} units"[:64],
+            unit=unit,
+            value_range=(0.0, smax),
+            slope=abs(float(m)) / slope,
+            intercept=0.0,
+            quantity_definition=STANDARD_DEVIATION,
+        ))
+    return out
+
+
 def _without_charset(d: Dataset) -> Dataset:
     """``d``'s elements without SpecificCharacterSet (a new element map over the same elements).
 
@@ -199,6 +229,7 @@ def sigma_parametric_map(derived: Sequence[Dataset], sig: np.ndarray, modality: 
         intercept=0.0,
         quantity_definition=STANDARD_DEVIATION,
     )
+    mappings = [mapping, *_real_world_sigma(d0, max(smax, 0.0))]
     sources = [_without_charset(d) for d in frames]
     with warnings.catch_warnings():
         # highdicom warns about unusual person names by quoting them: never let a name reach a log
@@ -215,7 +246,7 @@ def sigma_parametric_map(derived: Sequence[Dataset], sig: np.ndarray, modality: 
             software_versions=f"srnode {__version__}",
             device_serial_number="none",
             contains_recognizable_visual_features=False,
-            real_world_value_mappings=[mapping],
+            real_world_value_mappings=mappings,
             voi_lut_transformations=[hd.VOILUTTransformation(
                 window_center=[width / 2], window_width=[width],
                 window_explanation=["sigma 0 to its 99th percentile"])],

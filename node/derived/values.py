@@ -20,10 +20,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.valuerep import format_number_as_ds
 
 from node.errors import DeriveError
-from node.series import MAX_MODALITY_ABS, SeriesVolume, StoredFormat
+from node.series import MAX_MODALITY_ABS, RealWorld, SeriesVolume, StoredFormat
 
 MAX_BITS = 16  # CT and MR Image IODs: BitsAllocated 16
 CT_MIN_BITS = 12  # CT Image IOD: BitsStored 12 to 16 (PS3.3 C.8.2.1.1.4)
@@ -107,3 +109,40 @@ def to_stored(values: np.ndarray, fmt: StoredFormat) -> np.ndarray:
                           f"{stored.max() * fmt.slope + fmt.intercept:g} fall outside the stored range "
                           f"{lo}..{hi}; not written")
     return stored.astype(np.int16 if fmt.signed else np.uint16)
+
+
+def real_world_mapping(mappings: tuple[RealWorld, ...], fmt: StoredFormat) -> tuple[Sequence | None, str]:
+    """The RealWorldValueMappingSequence of every derived slice (PS3.3 C.7.6.16.2.11.1: one item per mapping the
+    input states, each restated for the derived stored values of ``fmt``: real = stored * slope + intercept over
+    the whole stored range), and a one-line note for the job report ("" when the input states none). A mapping the
+    input gives as a lookup table is not restated (the note says so): stored values other than the input's would
+    need another table.
+
+    A line ``real = a * modality + c`` (``node.series.realworld``) becomes, with modality = stored * S + I of
+    ``fmt``, RealWorldValueSlope a * S and RealWorldValueIntercept a * I + c (FD: no DS rounding)."""
+    if not mappings:
+        return None, ""
+    lo, hi = fmt.stored_range
+    items, notes = [], []
+    for m in mappings:
+        if not m.linear:
+            notes.append(f"real-world value mapping {m.label or '(unlabelled)'} given as a lookup table: not "
+                         "carried to the derived series")
+            continue
+        item = Dataset()
+        vr = "SS" if fmt.signed else "US"  # US or SS: as the stored values (PS3.3 C.7.6.16.2.11.1.1)
+        item.add_new(0x00409216, vr, int(lo))  # RealWorldValueFirstValueMapped
+        item.add_new(0x00409211, vr, int(hi))  # RealWorldValueLastValueMapped
+        item.RealWorldValueIntercept = float(m.a * fmt.intercept + m.c)
+        item.RealWorldValueSlope = float(m.a * fmt.slope)
+        item.LUTExplanation = m.explanation or m.label or "real-world values"
+        item.LUTLabel = m.label or "RWV"
+        units = Dataset()
+        units.CodeValue, units.CodingSchemeDesignator, units.CodeMeaning = m.units
+        item.MeasurementUnitsCodeSequence = Sequence([units])
+        items.append(item)
+        what = ("Philips ScaleSlope (2005,100E)" if m.source == "philips" else f"real-world mapping {m.label}")
+        notes.append(f"{what} of the input restated as RealWorldValueMappingSequence {item.LUTLabel} "
+                     f"in the derived stored values (real = stored x {format_number_as_ds(item.RealWorldValueSlope)}"
+                     f" + {format_number_as_ds(item.RealWorldValueIntercept)})")
+    return (Sequence(items) if items else None), "; ".join(notes)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 
 from node.audit import AuditLog
 from node.config import Config, RuleConfig
 from node.jobs.rules import allowed_rules, match_rule, series_header
 from node.phi import dataset_values, mask_quoted, scrub
+from node.series import is_localizer
 from node.store import Index, Instance, JobState
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,9 @@ def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = 
     rule: RuleConfig | None = None
     header = None
     try:
-        header = dcmread(instances[0].path, stop_before_pixels=True)
+        first, header = _first_image(instances)
         allowed, callers = _series_rules(instances, s)
-        match_header, taken = series_header(cfg, header, [i.path for i in instances[1:]])
+        match_header, taken = series_header(cfg, header, [i.path for i in instances if i is not first])
         rule, reason = match_rule(cfg, match_header, allowed, callers)
         reason += f"; {taken}" if taken else ""
     except Exception as exc:  # noqa: BLE001 - a broken first instance or rule: record it, keep watching
@@ -81,3 +83,15 @@ def decide(cfg: Config, index: Index, series_uid: str, audit: AuditLog | None = 
         audit.write("job-decision", job=job_id, series=series_uid, instances=len(instances), decision=JobState.QUEUED,
                     rule=rule.name, calling_ae=s.get("calling_ae", ""))
     return job_id
+
+
+def _first_image(instances: list[Instance]) -> tuple[Instance, Dataset]:
+    """The series' first instance that is no localizer, and its header: what the rules match on. A scout filed
+    first in an axial series (scanners acquire it first; its SliceThickness, matrix and orientation are the
+    scout's) made the default rule leave the whole series alone ("SliceThickness '1.0' does not match", field18);
+    the load sets such an image aside and derives the rest. The first instance when every one is a localizer."""
+    for inst in instances:
+        header = dcmread(inst.path, stop_before_pixels=True)
+        if not is_localizer(header):
+            return inst, header
+    return instances[0], dcmread(instances[0].path, stop_before_pixels=True)

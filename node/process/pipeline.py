@@ -67,7 +67,7 @@ class ProcessResult:
 
     def left_out_lines(self) -> list[str]:
         """One line per input slice that is in no derived series: 'slice 1/27 IM0001.dcm: reason'."""
-        return [f"slice {x.index}/{x.of} {x.file}: {x.reason}" for x in self.left_out]
+        return [f"{x.where}: {x.reason}" for x in self.left_out]
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -248,6 +248,8 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
     options = cfg.engine.options
     chosen, notes = _select_volumes(found, rule.volumes)
     volumes, left_out, run_notes, refused = _volumes_of(chosen, factors)
+    # images of the series in none of its volumes (a localizer filed in it, a single stray plane): named by file
+    left_out = [LeftOut(0, 0, where, sop, why) for where, sop, why in found[0].set_aside] + left_out
     vol_notes = list(dict.fromkeys(n for v in chosen for n in v.notes))
     report: dict[str, Any] = {"input": _describe_input(found), "notes": vol_notes + notes + run_notes,
                               "factors": [factors.through_plane, factors.in_plane], "runs": [],
@@ -256,8 +258,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         report["refused"] = refused
     result = ProcessResult([], [], "", "", name, report=report, left_out=left_out)
     for x in left_out:
-        log.warning("series %s: input slice %d/%d (%s) is in no derived series: %s", found[0].series_uid,
-                    x.index, x.of, x.file, x.reason)
+        log.warning("series %s: input %s is in no derived series: %s", found[0].series_uid, x.where, x.reason)
     fallbacks: list[str] = []
     for v in volumes:
         tag = (f"volume {v.volume[0]}/{v.volume[1]} ({v.volume_label}) " if v.volume else "") \

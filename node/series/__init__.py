@@ -13,11 +13,13 @@ from node.series.display import series_photometric, series_window, slice_window
 from node.series.headers import InputHeaders, SliceHeader
 from node.series.load import load_series, load_volumes
 from node.series.pixels import representable_range, stored_format
+from node.series.realworld import RealWorld
 from node.series.runs import LeftOut, RunSplit, check_through_plane, regular_runs, split_runs
 from node.series.slices import (
     ENHANCED_CT,
     ENHANCED_MR,
     group_value,
+    is_localizer,
     read_header,
     sop_class_of,
     sop_instance_of,
@@ -26,6 +28,8 @@ from node.series.steps import MIN_SLICES_THROUGH_PLANE, describe_steps, same_ste
 from node.series.volume import MAX_MODALITY_ABS, SeriesVolume, StoredFormat
 
 __all__ = [
+    "is_localizer",
+    "RealWorld",
     "MAX_MODALITY_ABS",
     "ENHANCED_CT",
     "ENHANCED_MR",

@@ -246,6 +246,26 @@ def _stack(s: Slice) -> Hashable:
     return str(v) if _present(v) else None
 
 
+NO_CONTRAST = "none"
+
+
+def _contrast(s: Slice) -> Hashable:
+    """Whether, and which, contrast agent the image was acquired with: ContrastBolusAgent (PS3.3 C.7.6.4, Type 2;
+    an enhanced object's frame: its Contrast/Bolus Usage functional group, ContrastBolusAgentAdministered YES) as
+    printable ASCII without backslash, at most 32 characters (it labels a volume); ``NO_CONTRAST`` when it states
+    none (the module absent or empty, as a pre-contrast image writes it): never None, so that an image without
+    contrast is never taken as one with it (``split._column`` fills an absent value with the one value stated)."""
+    v = s.header.get("ContrastBolusAgent")
+    if not _present(v) and s.frame >= 0:
+        usage = frame_group_item(s.header, "ContrastBolusUsageSequence", s.frame)
+        if usage is not None and str(usage.get("ContrastBolusAgentAdministered", "") or "").upper() == "YES":
+            v = "administered"
+    if not _present(v):
+        return NO_CONTRAST
+    text = "".join(c for c in str(_first(v)) if " " <= c <= "~" and c != "\\")[:32].strip()
+    return text or NO_CONTRAST
+
+
 def _kernel(s: Slice) -> Hashable:
     """The CT reconstruction kernel (ConvolutionKernel, PS3.3 C.8.2.1; an enhanced CT's in its CT Reconstruction
     functional group), all its values as one text joined by '/' (Siemens writes two: 'Br40d/3'), printable ASCII
@@ -348,6 +368,10 @@ DIMENSIONS: tuple[Dimension, ...] = (
     # volume alternating kernel slice by slice (field17)
     Dimension("reconstruction kernel", _kernel, _simple("kernel", absent="no ConvolutionKernel"),
               "ConvolutionKernel"),
+    # images acquired without and with a contrast agent (a pre- and a post-contrast pass) under one
+    # SeriesInstanceUID: at positions offset by a fraction of the step they stacked into one volume alternating
+    # contrast slice by slice, exit 0 (field18); at the same positions, refused as repeats nothing tells apart
+    Dimension("contrast agent", _contrast, _simple("contrast"), "ContrastBolusAgent (Contrast/Bolus Usage)"),
 )
 # the image type in the values that name a kind of image: images of two kinds are two volumes even where they repeat
 # no position (``node.series.split``)

@@ -35,7 +35,14 @@ from node.series.headers import FileStamp, InputHeaders, SliceHeader, read_stamp
 from node.series.instances import UniqueInstances
 from node.series.mosaic import is_mosaic, split_mosaic, tile_name
 from node.series.pixels import decoded_pixels, modality_values, stored_format
-from node.series.planes import describe_plane_groups, plane_groups
+from node.series.planes import (
+    IOP_TOL,
+    SPACING_REL_TOL,
+    describe_plane_groups,
+    orientation_difference,
+    plane_groups,
+)
+from node.series.realworld import one_mapping
 from node.series.slices import (
     HEADER_VALUES,
     MALFORMED,
@@ -109,6 +116,8 @@ def _load_volumes(paths: list[Path], inspect: Callable[[Dataset], object] | None
     slices, notes = _read_slices(paths, inspect)
     series_uid = str(header_value(slices[0], "SeriesInstanceUID"))
     _check_one_series(slices, series_uid)
+    slices, aside = _set_aside(slices, series_uid)
+    set_aside = [(s.where, _record(s).sop_instance_uid, why) for s, why in aside]
     try:
         groups = split_volumes(slices, f"series {series_uid}")
     except VolumeError:
@@ -120,7 +129,11 @@ def _load_volumes(paths: list[Path], inspect: Callable[[Dataset], object] | None
         _check_one_stack(g.slices, name)
         _check_one_unit(g.slices, name)
         _check_rescale_stated(g.slices, name)
+        real_world = one_mapping([header_value(s, "real_world") for s in g.slices], [s.where for s in g.slices],
+                                 name)
         vol = _stack(g.slices, series_uid, name, notes + g.notes)
+        vol.real_world = real_world
+        vol.set_aside = set_aside
         if len(groups) > 1:
             vol.volume, vol.volume_label = (k + 1, len(groups)), g.label
         vols.append(vol)
@@ -452,7 +465,8 @@ def _modality_lut(s: Slice) -> bool:
 
 def _check_one_series(slices: list[Slice], series_uid: str) -> None:
     """VolumeError unless the slices belong to one series, one frame of reference, one modality and one grey-scale
-    polarity, and are not (or do not include) localizer images (the reasons count values, never quote them)."""
+    polarity, and are not all localizer images (the reasons count values, never quote them; localizers beside
+    other images are set aside by ``_set_aside``)."""
     uids = {str(header_value(s, "SeriesInstanceUID")) for s in slices}
     if len(uids) > 1:
         raise VolumeError(f"files belong to {len(uids)} different series ({', '.join(sorted(uids))}); "
@@ -469,12 +483,52 @@ def _check_one_series(slices: list[Slice], series_uid: str) -> None:
             raise VolumeError(f"series {series_uid}: its images have {len(by_value)} different {keyword} values: "
                               f"{len(by_value)} {what}; by value: {_named_groups(list(by_value.values()))}; "
                               "they cannot be stacked into one volume")
-    loc = [s.where for s in slices if header_value(s, "localizer")]
-    if loc and len(loc) < len(slices):
-        raise VolumeError(f"series {series_uid}: localizer image(s) mixed in ({', '.join(loc[:5])}); "
-                          "a scout cannot be stacked with the axial/sagittal/coronal slices")
-    if loc:
+    if all(header_value(s, "localizer") for s in slices):
         raise VolumeError(f"series {series_uid}: is a localizer (scout) series; not super-resolved")
+
+
+def _set_aside(slices: list[Slice], series_uid: str) -> tuple[list[Slice], list[tuple[Slice, str]]]:
+    """The slices that form the series' volumes, and the images set aside, each with why (``SeriesVolume.
+    set_aside``: named in the report by file, never by a header value).
+
+    A scanner or a PACS export often files a scout into the axial series: localizer images (ImageType LOCALIZER)
+    beside others are set aside (a series of localizers only is refused by ``_check_one_series``). So is a single
+    stray plane: once they are gone, an image alone in its matrix / pixel spacing / orientation while at least
+    twice as many images share one (a slice re-acquired at another matrix, a stray oblique image without
+    LOCALIZER in its ImageType). Groups of two or more images, or strays as many as half the stack, stay a
+    refusal (``_check_one_stack``): which of them is the series cannot be told."""
+    aside: list[tuple[Slice, str]] = []
+    kept = [s for s in slices if not header_value(s, "localizer")]
+    if len(kept) < len(slices):
+        aside += [(s, "a localizer (scout) image (ImageType LOCALIZER) filed in the series: not stacked with its "
+                      "slices") for s in slices if header_value(s, "localizer")]
+    groups = plane_groups(kept)
+    if len(groups) > 1:
+        main = max(groups, key=len)
+        strays = [g[0] for g in groups if g is not main]
+        if all(len(g) == 1 for g in groups if g is not main) and len(main) >= 2 * len(strays):
+            ref = main[0]
+            for s in strays:
+                why = []
+                if (header_value(s, "Rows"), header_value(s, "Columns")) != \
+                        (header_value(ref, "Rows"), header_value(ref, "Columns")):
+                    why.append(f"matrix {header_value(s, 'Rows')}x{header_value(s, 'Columns')} (the others "
+                               f"{header_value(ref, 'Rows')}x{header_value(ref, 'Columns')})")
+                if any(abs(x - y) > SPACING_REL_TOL * max(abs(x), abs(y)) for x, y in zip(s.spacing, ref.spacing,
+                                                                                          strict=True)):
+                    why.append(f"pixel spacing {s.spacing[0]:.6g}/{s.spacing[1]:.6g} mm (the others "
+                               f"{ref.spacing[0]:.6g}/{ref.spacing[1]:.6g})")
+                angle = orientation_difference(ref.iop, s.iop)[1]
+                if orientation_difference(ref.iop, s.iop)[0] > IOP_TOL:
+                    why.append(f"orientation {angle:.3g} deg from the others'")
+                aside.append((s, f"a stray plane: its {', '.join(why)} differs from the {len(main)} other images "
+                                 "of the series; not stacked with them"))
+            gone = {id(s) for s in strays}
+            kept = [s for s in kept if id(s) not in gone]
+    if aside:
+        log.warning("series %s: %d image(s) set aside, in no derived series: %s", series_uid, len(aside),
+                    "; ".join(f"{s.where} ({why})" for s, why in aside))
+    return kept, aside
 
 
 # RescaleType defined terms (PS3.3 C.11.1.1.2 and C.8.2.1.1.11 for CT: HU, and the enhanced objects' terms)

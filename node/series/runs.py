@@ -45,7 +45,7 @@ MAX_LINE_ANGLE_DEG = 0.5  # a 2-slice stretch must lie on a line parallel to its
 @dataclass(frozen=True)
 class LeftOut:
     """An input slice that is in no derived series: which one (1-based position along the stack of ``of``
-    slices, file name, SOPInstanceUID) and why, in words."""
+    slices, 0 for an image in no stack; file name, SOPInstanceUID) and why, in words."""
 
     index: int
     of: int
@@ -55,6 +55,12 @@ class LeftOut:
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+    @property
+    def where(self) -> str:
+        """"slice 4/10 CT0004.dcm", or "image LOC.dcm" for an image set aside before any stack was made
+        (``index`` 0: a localizer filed in the series, a stray plane; ``SeriesVolume.set_aside``)."""
+        return f"slice {self.index}/{self.of} {self.file}" if self.index else f"image {self.file}"
 
 
 @dataclass

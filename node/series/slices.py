@@ -21,6 +21,7 @@ from pydicom.errors import BytesLengthException, InvalidDicomError
 
 from node.dicom_read import read_dicom
 from node.errors import VolumeError, dicom_read_problem
+from node.series.realworld import real_world_of
 
 # SOP classes that carry no image a volume can be built from
 _NON_IMAGE_PREFIXES = (
@@ -204,6 +205,8 @@ HEADER_VALUES: Mapping[str, Callable[[Slice], Any]] = MappingProxyType({
     "RescaleType": lambda s: _rescale_type(s),
     "localizer": lambda s: is_localizer(s.header),
     "sop_class": lambda s: sop_class_of(s.header),
+    # the real-world value mappings it states, as lines of its modality values (node.series.realworld)
+    "real_world": lambda s: real_world_of(s.header, s.frame, s.slope, s.intercept, s.where),
 })
 
 

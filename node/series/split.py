@@ -185,7 +185,8 @@ def _split_stacks(slices: list[Slice], series: str) -> list[VolumeGroup]:
 # contrast; so would magnitude and phase images at alternate positions, or a DERIVED MIP image one step past an
 # ORIGINAL stack: the image kind, ``IMAGE_KIND``); acquisition number, trigger time and the vendor's flags in the
 # full image type may change within one stack and split only repeats
-DISTINCT_VOLUMES = ("image kind", "echo", "diffusion b-value/direction", "temporal position", "reconstruction kernel")
+DISTINCT_VOLUMES = ("image kind", "echo", "diffusion b-value/direction", "temporal position", "reconstruction kernel",
+                    "contrast agent")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 
 from models.engine import VolumeInput
 from node.series.headers import InputHeaders
+from node.series.realworld import RealWorld
 
 # the largest magnitude of a modality value (HU, MR signal, ...) the node derives from: DS values derived from it
 # (WindowCenter / WindowWidth, RescaleSlope, the Parametric Map's window) are read by validators as signed 64-bit
@@ -93,6 +94,12 @@ class SeriesVolume:
     # r when every ImagePositionPatient component is written as a multiple of r mm (0.1 or 0.01: few decimals),
     # else 0; a regular stack's ``positions`` are then fitted (``node.series.steps``: rounded positions)
     position_rounding: float = 0.0
+    # the real-world value mappings every slice states alike, as lines of modality values (node.series.realworld:
+    # a RealWorldValueMappingSequence, or Philips' ScaleSlope); restated on the derived series in its stored units
+    real_world: tuple[RealWorld, ...] = ()
+    # images of the series in none of its volumes (a localizer filed in it, a single stray plane): (file, and frame
+    # of a multi-frame object; SOPInstanceUID; why), the same on every volume of the series (node.series.load)
+    set_aside: list[tuple[str, str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.datasets, InputHeaders):

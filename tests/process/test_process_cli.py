@@ -73,6 +73,10 @@ def test_process_bad_inputs_give_reasons(tmp_path: Path) -> None:
     odd.Rows = odd.Columns = 16
     odd.PixelData = np.zeros((16, 16), np.uint16).tobytes()
     odd.save_as(in_dir / "mixed" / "odd.dcm", enforce_file_format=True)
+    # two of them (field18: a single stray plane is set aside, tests/series/test_set_aside.py; two are refused)
+    odd.SOPInstanceUID = pydicom.uid.generate_uid()
+    odd.ImagePositionPatient = pydicom.dcmread(mixed[1]).ImagePositionPatient
+    odd.save_as(in_dir / "mixed" / "odd2.dcm", enforce_file_format=True)
     (in_dir / "notes.txt").write_text("not DICOM")  # text: skipped with a line, not a failure (fix13)
     (in_dir / "blob.dcm").write_bytes(bytes(range(256)) * 4)  # no 'DICM', no known format: maybe a cut DICOM file
     config = tmp_path / "all.toml"

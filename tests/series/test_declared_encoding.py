@@ -121,18 +121,31 @@ def test_pixels_that_are_not_grey_scale_values_as_read_are_refused(tmp_path: Pat
     assert files[0].name in msg
 
 
-def test_a_refusal_about_one_frame_names_the_frame(tmp_path: Path) -> None:
-    """One frame of 96 tilted 0.5 deg: the refusal said "1 slice(s) ... (MF.dcm)" and "(MF.dcm, MF.dcm, MF.dcm,
-    ...)", naming no frame of the object."""
+def _tilted(frames: tuple[int, ...]) -> Callable[[Dataset], None]:
     def tilt(ds: Dataset) -> None:
-        item = ds.PerFrameFunctionalGroupsSequence[50].PlaneOrientationSequence[0]
-        iop = [float(v) for v in item.ImageOrientationPatient]
-        row, col = np.array(iop[:3]), np.array(iop[3:])
-        a = np.radians(0.5)
-        col = col * np.cos(a) + np.cross(row, col) * np.sin(a)
-        item.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *col)]
-    msg = refused(_enhanced(tmp_path, tilt), tmp_path, "1 slice(s)", "(MF.dcm (frame 51))")
+        for f in frames:
+            item = ds.PerFrameFunctionalGroupsSequence[f].PlaneOrientationSequence[0]
+            iop = [float(v) for v in item.ImageOrientationPatient]
+            row, col = np.array(iop[:3]), np.array(iop[3:])
+            a = np.radians(0.5)
+            col = col * np.cos(a) + np.cross(row, col) * np.sin(a)
+            item.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *col)]
+    return tilt
+
+
+def test_a_refusal_about_one_frame_names_the_frame(tmp_path: Path) -> None:
+    """Two frames of 96 tilted 0.5 deg: the refusal said "2 slice(s) ... (MF.dcm, MF.dcm)" and "(MF.dcm, MF.dcm,
+    MF.dcm, ...)", naming no frame of the object. (One such frame alone is a stray plane, set aside by its frame
+    since field18, ``tests/series/test_set_aside.py``.)"""
+    msg = refused(_enhanced(tmp_path, _tilted((50, 51))), tmp_path, "2 slice(s)",
+                   "(MF.dcm (frame 51), MF.dcm (frame 52))")
     assert "MF.dcm (frame 1), MF.dcm (frame 2), MF.dcm (frame 3), ..." in msg, msg
+
+
+def test_one_stray_frame_is_set_aside_by_its_frame(tmp_path: Path) -> None:
+    vols = load_volumes(_enhanced(tmp_path, _tilted((50,))))
+    assert [w for v in vols[:1] for w, _, _ in v.set_aside] == ["MF.dcm (frame 51)"]
+    assert sum(v.shape[0] for v in vols) == 95
 
 
 def test_float_pixel_data_is_named_for_what_it_is(tmp_path: Path) -> None:

@@ -134,15 +134,23 @@ def test_refusals_say_why(phantom_dir: Path, tmp_path: Path) -> None:
     loc.SOPInstanceUID = pydicom.uid.generate_uid()
     loc.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
     loc.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    # (field18: one localizer, or one stray plane, beside a stack is set aside, tests/series/test_set_aside.py;
+    # a series of localizers only, or two images of another matrix, are refused)
+    loc_vol = load_series([*files[:4], _write(loc, tmp_path / "loc.dcm")])
+    assert loc_vol.shape[0] == 4 and [w for w, _, _ in loc_vol.set_aside] == ["loc.dcm"]
     with pytest.raises(VolumeError, match="localizer"):
-        load_series([*files[:4], _write(loc, tmp_path / "loc.dcm")])
+        load_series([_write(loc, tmp_path / "loc.dcm")])
     # varying matrix
     small = pydicom.dcmread(files[1])
     small.SOPInstanceUID = pydicom.uid.generate_uid()
     small.Rows = small.Columns = 48
     small.PixelData = np.zeros((48, 48), np.uint16).tobytes()
+    small2 = pydicom.dcmread(files[2])
+    small2.SOPInstanceUID = pydicom.uid.generate_uid()
+    small2.Rows = small2.Columns = 48
+    small2.PixelData = np.zeros((48, 48), np.uint16).tobytes()
     with pytest.raises(VolumeError, match="differ in matrix"):
-        load_series([*files[:4], _write(small, tmp_path / "small.dcm")])
+        load_series([*files[:4], _write(small, tmp_path / "small.dcm"), _write(small2, tmp_path / "small2.dcm")])
     # too few slices for through-plane: one (two are a regular run the cubic spline interpolates)
     check_through_plane(load_series(files[:2]), 2)
     with pytest.raises(VolumeError, match="at least 2"):
