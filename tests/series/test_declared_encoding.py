@@ -17,7 +17,7 @@ from node.app.check_cmd import check_folders
 from node.app.phantom import write_phantom_series
 from node.config import load_config
 from node.process import process_series
-from node.series import load_series
+from node.series import load_series, load_volumes
 from tests.support.fixtures import shared_series
 from tests.support.series import edited_phantom, refused
 
