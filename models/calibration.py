@@ -611,6 +611,18 @@ def calibrate_held(h: _Held, v: Validation, seed: int = 0, level: float = 0.95) 
     return Validation(v.gain_db, v.k, q, rank, cov, v.j, q_phase, int(idx.size), shape, v.noise_factor)
 
 
+def held_coverage(h: _Held, v: Validation, q_phase: np.ndarray, level_z: float = 1.96) -> float:
+    """The share of ``h``'s voxels (``held``: e.g. the z pairs) whose |error| lies within the 95 % interval of the
+    sigma the engine ships, 1.96 sqrt((u q / 1.96)^2 + noise^2), with ``v``'s features k, j and noise level and
+    ``q_phase`` (nph,) the shipped q per row phase; NaN without voxels."""
+    if h.err.size == 0:
+        return float("nan")
+    u = h.u(v.k, v.j)
+    q = np.asarray(q_phase, dtype=np.float64)[h.phase % max(1, len(q_phase))]
+    n = h.noise * v.noise_factor
+    return float(np.mean(np.abs(h.err) <= level_z * np.sqrt((u * (q / 1.96)) ** 2 + n**2)))
+
+
 def zscale(vz: Validation | None, vc: Validation | None, nph: int, fallback: float, clip: float = 4.0) -> np.ndarray:
     """(nph,) the factor on the in-plane pairs' q per phase that carries it to the target's axis: the q the z pairs
     need (``vz``, ``calibrate`` on ``z_pairs``: the target's axis one scale coarser) over the q the in-plane pairs

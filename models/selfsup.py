@@ -107,6 +107,11 @@ DC_WEIGHT = 1.0
 # min(this, [engine] min_gain_db): a configuration that turns the self-check off (-99) turns this one off too.
 # None: off
 Z_MIN_GAIN_DB: float | None = -1.0
+# sigma checked on the series' own z pairs (calibration.held_coverage, reported as
+# ``through_sigma_z_pairs_coverage_shipped``): below this share, q per phase is widened to the z pairs' conformal q
+# (``through_sigma_widened_from_z``). None: measured only. Off: the shipped sigma's coverage on the z pairs does not
+# tell the series it misleads on from those it covers (docs/engines.md, 2026-12-03 (b))
+Z_SIGMA_MIN_COVERAGE: float | None = None
 FINETUNE_LR = 3e-4  # Adam learning rate of the fine-tuning from the prior (cosine to a tenth)
 FUSE_EPS = 2e-3  # normalised units (data range 1): below it, spreads count as equal
 OOM_TILES = (1 << 18, 1 << 16, 1 << 13)  # max_voxels_per_tile of the retries after a CUDA out-of-memory error
@@ -533,6 +538,13 @@ class SelfSupEngine:
                 report[f"{kind}_sigma_coarse_direct_factor"] = round(cal.leak_factor(*cp), 4)
             q_phase = q_phase * ft
             report[f"{kind}_sigma_finetune_factor"] = round(ft, 4)
+        if zh is not None and vz is not None:  # the shipped sigma checked on the series' own z pairs
+            cz = cal.held_coverage(zh, v, q_phase)
+            report[f"{kind}_sigma_z_pairs_coverage_shipped"] = round(cz, 4)
+            if Z_SIGMA_MIN_COVERAGE is not None and not cz >= Z_SIGMA_MIN_COVERAGE:
+                widened = np.maximum(q_phase, vz.q_rows(f))
+                report[f"{kind}_sigma_widened_from_z"] = [round(float(x), 4) for x in widened / q_phase]
+                q_phase = widened
         report.update({f"{kind}_sigma_target_noise": [round(float(e), 5) for e in extra[:f]],
                        f"{kind}_sigma_noise_factor": round(v.noise_factor, 4),
                        f"{kind}_sigma_z_difficulty": round(rho, 3),
