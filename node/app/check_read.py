@@ -105,8 +105,9 @@ class InImage:
     # the real-world value mappings it states as lines of its modality values, (a, c): real = a * modality + c
     # (RealWorldValueMappingSequence items with a slope; else Philips' ScaleSlope (2005,100E): a = 1 / (RS * SS))
     real_world: tuple[tuple[float, float], ...] = ()
-    # (ConvolutionKernel, ContrastBolusAgent) as written at the top level ("" when absent; the agent as the node compares it: ``_agent``): one derived volume of
-    # images that differ in either stacks two reconstructions or a pre- and a post-contrast pass
+    # (ConvolutionKernel, ContrastBolusAgent) as written at the top level ("" when absent; the agent as the node
+    # compares it: ``_agent``): one derived volume of images that differ in either stacks two reconstructions or a
+    # pre- and a post-contrast pass
     acquired_as: tuple[str, str] = ("", "")
 
     @property
