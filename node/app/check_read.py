@@ -212,12 +212,18 @@ def real_world_lines(items: object, philips: Dataset | None, slope: float,
                      intercept: float) -> tuple[tuple[float, float], ...]:
     """The linear real-world mappings of RealWorldValueMappingSequence ``items`` (stored values -> real), else of
     the Philips ScaleSlope (2005,100E) in ``philips``, as (a, c) lines of modality values (rescale ``slope`` /
-    ``intercept``): real = a * modality + c. Items given as a table are left out."""
-    out = []
+    ``intercept``): real = a * modality + c. Items given as a table are left out, and so
+    are the pieces of a piecewise mapping (linear items over different ranges of stored values: no line holds for
+    every value; ``node.series.realworld``, review18)."""
+    out, ranges = [], set()
     for item in items or []:  # type: ignore[attr-defined]
         m, b = _number(item.get("RealWorldValueSlope")), _number(item.get("RealWorldValueIntercept"))
         if m is not None and b is not None and slope:
             out.append((m / slope, b - intercept * m / slope))
+            ranges.add((str(item.get("RealWorldValueFirstValueMapped")),
+                        str(item.get("RealWorldValueLastValueMapped"))))
+    if len(ranges) > 1:
+        out = []
     if out or philips is None:
         return tuple(out)
     try:
