@@ -105,8 +105,9 @@ class InImage:
     # the real-world value mappings it states as lines of its modality values, (a, c): real = a * modality + c
     # (RealWorldValueMappingSequence items with a slope; else Philips' ScaleSlope (2005,100E): a = 1 / (RS * SS))
     real_world: tuple[tuple[float, float], ...] = ()
-    # (ConvolutionKernel, ContrastBolusAgent) as written at the top level ("" when absent): one derived volume of
-    # images that differ in either stacks two reconstructions or a pre- and a post-contrast pass
+    # (ConvolutionKernel, ContrastBolusAgent) as written at the top level ("" when absent; the agent as the node
+    # compares it: ``_agent``): one derived volume of images that differ in either stacks two reconstructions or a
+    # pre- and a post-contrast pass
     acquired_as: tuple[str, str] = ("", "")
 
     @property
@@ -192,6 +193,13 @@ def _number(value: object) -> float | None:
         return None
 
 
+def _agent(value: object) -> str:
+    """A ContrastBolusAgent as the node compares it (console text, LO): upper case, runs of spaces as one, "" when
+    absent, empty, NONE or NO ("Omnipaque 350" and "OMNIPAQUE  350" are one agent: review18)."""
+    text = " ".join(_text(value).split()).upper()
+    return "" if text in ("NONE", "NO") else text
+
+
 def _text(value: object) -> str:
     """A header value as one text (several values joined by '/'), "" when absent or empty."""
     if value is None:
@@ -204,12 +212,18 @@ def real_world_lines(items: object, philips: Dataset | None, slope: float,
                      intercept: float) -> tuple[tuple[float, float], ...]:
     """The linear real-world mappings of RealWorldValueMappingSequence ``items`` (stored values -> real), else of
     the Philips ScaleSlope (2005,100E) in ``philips``, as (a, c) lines of modality values (rescale ``slope`` /
-    ``intercept``): real = a * modality + c. Items given as a table are left out."""
-    out = []
+    ``intercept``): real = a * modality + c. Items given as a table are left out, and so
+    are the pieces of a piecewise mapping (linear items over different ranges of stored values: no line holds for
+    every value; ``node.series.realworld``, review18)."""
+    out, ranges = [], set()
     for item in items or []:  # type: ignore[attr-defined]
         m, b = _number(item.get("RealWorldValueSlope")), _number(item.get("RealWorldValueIntercept"))
         if m is not None and b is not None and slope:
             out.append((m / slope, b - intercept * m / slope))
+            ranges.add((str(item.get("RealWorldValueFirstValueMapped")),
+                        str(item.get("RealWorldValueLastValueMapped"))))
+    if len(ranges) > 1:
+        out = []
     if out or philips is None:
         return tuple(out)
     try:
@@ -265,7 +279,7 @@ def _read_input(path: Path, ds: Dataset) -> list[InImage]:
         return [InImage(path, sop, series, 0, -1, ipp, iop, (ps[0], ps[1]), rows, cols, slope, icpt, photometric,
                         pad, lossy, _rescale_stated(ds),
                         real_world_lines(ds.get("RealWorldValueMappingSequence"), ds, slope, icpt),
-                        (_text(ds.get("ConvolutionKernel")), _text(ds.get("ContrastBolusAgent"))))]
+                        (_text(ds.get("ConvolutionKernel")), _agent(ds.get("ContrastBolusAgent"))))]
     n = _images_in_mosaic(ds) or 0
     centres = _ascconv_positions(ds, n) if n else None
     if not n or centres is None:

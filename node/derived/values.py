@@ -126,7 +126,7 @@ def real_world_mapping(mappings: tuple[RealWorld, ...], fmt: StoredFormat) -> tu
     items, notes = [], []
     for m in mappings:
         if not m.linear:
-            notes.append(f"real-world value mapping {m.label or '(unlabelled)'} given as a lookup table: not "
+            notes.append(f"real-world value mapping {m.label or '(unlabelled)'} {m.not_restated}: not "
                          "carried to the derived series")
             continue
         item = Dataset()

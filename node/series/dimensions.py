@@ -252,9 +252,10 @@ NO_CONTRAST = "none"
 def _contrast(s: Slice) -> Hashable:
     """Whether, and which, contrast agent the image was acquired with: ContrastBolusAgent (PS3.3 C.7.6.4, Type 2;
     an enhanced object's frame: its Contrast/Bolus Usage functional group, ContrastBolusAgentAdministered YES) as
-    printable ASCII without backslash, at most 32 characters (it labels a volume); ``NO_CONTRAST`` when it states
-    none (the module absent or empty, as a pre-contrast image writes it): never None, so that an image without
-    contrast is never taken as one with it (``split._column`` fills an absent value with the one value stated)."""
+    printable ASCII without backslash, runs of spaces as one, upper case, at most 32 characters (it labels a
+    volume); ``NO_CONTRAST`` when it states none (the module absent or empty, as a pre-contrast image writes it, or
+    the words NONE / NO): never None, so that an image without contrast is never taken as one with it
+    (``split._column`` fills an absent value with the one value stated)."""
     v = s.header.get("ContrastBolusAgent")
     if not _present(v) and s.frame >= 0:
         usage = frame_group_item(s.header, "ContrastBolusUsageSequence", s.frame)
@@ -262,8 +263,10 @@ def _contrast(s: Slice) -> Hashable:
             v = "administered"
     if not _present(v):
         return NO_CONTRAST
-    text = "".join(c for c in str(_first(v)) if " " <= c <= "~" and c != "\\")[:32].strip()
-    return text or NO_CONTRAST
+    # free text typed at the console (LO): case and runs of spaces say nothing about the agent ("Omnipaque 350" and
+    # "OMNIPAQUE  350" on the slices of one acquisition were two volumes at twice the step: review18)
+    text = " ".join("".join(c for c in str(_first(v)) if " " <= c <= "~" and c != "\\").split()).upper()[:32]
+    return NO_CONTRAST if text in ("", "NONE", "NO") else text
 
 
 def _kernel(s: Slice) -> Hashable:

@@ -9,12 +9,14 @@ the private ScaleIntercept (2005,100D) is not part of that rule). The derived se
 has its own rescale, so each mapping is read here as ``real = a * modality + c`` (modality = SV * RS + RI, the values
 srnode derives) and restated by ``node.derived`` in the derived series' own stored units.
 
-A mapping given as a lookup table (RealWorldValueLUTData) cannot be restated as a line: ``RealWorld.linear`` False,
-and the derived series says it was not carried.
+A mapping given as a lookup table (RealWorldValueLUTData), or piecewise (several linear items over different ranges
+of stored values), cannot be restated as lines over the derived series' values: ``RealWorld.linear`` False, and
+the derived series says it was not carried (``RealWorld.not_restated``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from dataclasses import dataclass
@@ -46,6 +48,8 @@ class RealWorld:
     c: float
     source: str
     linear: bool = True
+    # why a mapping that is not ``linear`` cannot be restated (the derived series' note says it)
+    not_restated: str = "given as a lookup table"
 
     def same(self, other: RealWorld) -> bool:
         """Whether ``other`` is the same mapping (labels, units, kind, and a / c within ``REL_TOL``)."""
@@ -99,7 +103,24 @@ def _standard(items: Any, slope: float, intercept: float, where: str) -> list[Re
                               "values cannot be restated; not super-resolved")
         # real = stored * m + b, stored = (modality - intercept) / slope
         out.append(RealWorld(label, explanation, _units(item), m / slope, b - intercept * m / slope, "standard"))
+    ranges = {_mapped_range(item) for item, rw in zip(items or [], out, strict=True) if rw.linear}
+    if len(ranges) > 1:  # a piecewise mapping: restated over the whole stored range, each piece would be wrong
+        out = [dataclasses.replace(rw, linear=False, a=0.0, c=0.0, not_restated=PIECEWISE) if rw.linear else rw
+               for rw in out]
     return out
+
+
+PIECEWISE = "given piecewise (items over different ranges of stored values)"
+
+
+def _mapped_range(item: Dataset) -> tuple[object, object]:
+    """(RealWorldValueFirstValueMapped, RealWorldValueLastValueMapped) of a mapping item as read (US / SS: raw
+    bytes where the VR was not known): the range of stored values it maps (PS3.3 C.7.6.16.2.11.1.1). Several items
+    over different ranges are pieces of one mapping (review18: two pieces, 0-2000 x1 and 2001-4095 x3, were both
+    restated as lines over every derived value: half the range read 3x off)."""
+    def raw(value: object) -> object:
+        return bytes(value) if isinstance(value, (bytes, bytearray)) else str(value)
+    return raw(item.get("RealWorldValueFirstValueMapped")), raw(item.get("RealWorldValueLastValueMapped"))
 
 
 def _philips_scale(item: Dataset | None) -> float | None:

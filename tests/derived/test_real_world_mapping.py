@@ -238,3 +238,32 @@ def test_an_enhanced_objects_per_frame_mapping_is_carried(tmp_path: Path) -> Non
     assert (float(item.RealWorldValueSlope), float(item.RealWorldValueIntercept), item.LUTLabel) == (0.25, 10.0, "T1")
     result = check_folders(tmp_path / "in", out)
     assert result.ok and "real-world value mapping of the input stated alike" in result.lines()[0], result.lines()
+
+
+def test_a_piecewise_input_mapping_is_not_restated_as_lines_over_every_value(tmp_path: Path) -> None:
+    """Two linear items over different ranges of stored values (0-2000 x1, 2001-4095 x3: one piecewise mapping,
+    PS3.3 C.7.6.16.2.11.1.1). Before (review18): both restated as lines over the derived series' whole stored
+    range, same label: a reader taking the second item read the values under 2001 3x off (and one taking the
+    first, those above), exit 0, ``srnode check`` OK. Now neither is restated, the derivation note says why, and
+    ``srnode check`` (which no longer expects the pieces) is OK."""
+    def edit(k: int, ds: Dataset) -> None:
+        del ds[0x2005, 0x100E]
+        items = []
+        for lo, hi, m in ((0, 2000, 1.0), (2001, 4095, 3.0)):
+            item = Dataset()
+            item.RealWorldValueFirstValueMapped, item.RealWorldValueLastValueMapped = lo, hi
+            item.RealWorldValueSlope, item.RealWorldValueIntercept = m, 0.0
+            item.LUTExplanation, item.LUTLabel = "piecewise", "PW"
+            items.append(item)
+        ds.RealWorldValueMappingSequence = Sequence(items)
+
+    files = _volume_one(shared_series(FMRI), tmp_path, edit)
+    out = tmp_path / "out"
+    r = _process(files[0].parent, out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    derived = sorted(out.rglob("derived*/*.dcm"))
+    d = pydicom.dcmread(derived[0])
+    assert "RealWorldValueMappingSequence" not in d  # before: 2 items, each over every derived value
+    assert "given piecewise (items over different ranges of stored values): not carried" in d.DerivationDescription
+    result = check_folders(files[0].parent, out, run_dciodvfy=False)
+    assert result.ok, result.lines()

@@ -130,3 +130,32 @@ def test_elements_after_the_pixel_data_in_ascending_order_are_stored(scp: StoreS
         peer.close()
     _settled(scp)
     assert status == 0 and len(_spool(scp)) == 1, status
+
+
+def test_a_large_data_set_sent_slowly_but_steadily_past_message_timeout_s_is_stored(
+        scp: StoreSCP, tmp_path: Path) -> None:
+    """The deadline must not catch a real slow link (review18): a 512 KiB CT slice in 16 KiB fragments every
+    0.2 s (80 KiB/s, over 1 s per 64 KiB) takes ~6.4 s, past message_timeout_s = 4 s, inside its allowance
+    (4 s + 8 s): stored, 0x0000, on both paths."""
+    f = write_phantom_series(tmp_path / "big", slices=1, size=512, seed=19)[0]
+    cmd, data = _rq_command(sop=str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)), _dataset_bytes(f)
+    assert len(data) > 500_000
+    peer = _Peer(scp.cfg.node.port)
+    pace = threading.Event()
+    chunk = 16 << 10
+    try:
+        peer.send(_pdu((peer.cx, 0x03, cmd)))
+        t0 = time.monotonic()
+        for at in range(0, len(data), chunk):
+            last = at + chunk >= len(data)
+            peer.send(_pdu((peer.cx, 0x02 if last else 0x00, data[at:at + chunk])))
+            if not last:
+                pace.wait(0.2)  # the link's pace, not a wait for the node
+        took = time.monotonic() - t0
+        status = peer.answer(30)
+    finally:
+        peer.close()
+    _settled(scp)
+    assert took > 4.0  # past message_timeout_s: the case the deadline must let through
+    assert status == 0x0000
+    assert len(_spool(scp)) == 1

@@ -97,3 +97,25 @@ def test_srnode_check_fails_one_volume_made_of_two_passes(tmp_path: Path, keywor
     result = check_folders(files[0].parent, out, run_dciodvfy=False)
     assert not result.ok
     assert f"its input images state 2 different {keyword} values: {what}" in result.lines()[0], result.lines()
+
+
+@pytest.mark.parametrize("agents", [("Omnipaque 350", "OMNIPAQUE  350"), ("", "None")])
+def test_one_agent_written_in_two_cases_or_spacings_is_one_volume(tmp_path: Path, agents: tuple[str, str]) -> None:
+    """ContrastBolusAgent is text typed at the console (LO): "Omnipaque 350" on the odd slices of one acquisition
+    and "OMNIPAQUE  350" on the even ones (or empty beside "None") split the 5 mm phantom's 28 slices into two
+    volumes of 14 at 10 mm (review18; 5e094e6: one volume of 28 at 5 mm). Now one volume of 28 at 5 mm, and
+    ``srnode check`` of its derived series OK (it compared the agents as written: it would fail it)."""
+    dst = tmp_path / "in"
+    dst.mkdir()
+    for k, f in enumerate(sorted(shared_series("ct_head_phantom_philips_5mm").glob("*.dcm"))):
+        ds = pydicom.dcmread(f)
+        ds.ContrastBolusAgent = agents[k % 2]
+        ds.save_as(dst / f.name)
+    vols = load_volumes(sorted(dst.iterdir()))
+    assert [(v.shape[0], round(float(v.spacing[0]), 3)) for v in vols] == [(28, 5.0)]
+    out = tmp_path / "out"  # and ``srnode check`` reads the agent the same way: one agent, OK
+    r = subprocess.run([sys.executable, "-m", "node.app.cli", "process", str(dst), str(out), "--engine", "cubic",
+                        "--no-preview", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    result = check_folders(dst, out, run_dciodvfy=False)
+    assert result.ok and len(result.volumes) == 1, result.lines()
