@@ -33,6 +33,7 @@ from node.errors import VolumeError, dicom_read_problem
 from node.series.dimensions import DIMENSIONS, IMAGE_KIND, STACK
 from node.series.headers import FileStamp, InputHeaders, SliceHeader, read_stamped
 from node.series.instances import UniqueInstances
+from node.series.levels import level_jumps
 from node.series.mosaic import is_mosaic, split_mosaic, tile_name
 from node.series.pixels import decoded_pixels, modality_values, stored_format
 from node.series.planes import (
@@ -167,6 +168,10 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
     data, formats, notes = _modality_values(slices, in_hounsfield_units(modality, unit))
     vrange = (min(f.value_range[0] for f in formats), max(f.value_range[1] for f in formats))
     notes = notes_in + notes
+    names = [s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else "") for s in slices]
+    for jump in level_jumps(data, names):  # derived as stored, but said (node.series.levels)
+        log.warning("%s: %s", name, jump)
+        notes.append(jump)
 
     dy, dx = slices[0].spacing
     irregular = False
@@ -213,7 +218,7 @@ def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str])
         value_range=vrange,
         rescale_type=unit,
         formats=formats,
-        names=[s.name + (f", frame {s.frame + 1}" if s.frame >= 0 else "") for s in slices],
+        names=names,
         steps=steps,
         irregular=irregular,
         tilt_deg=tilt,
