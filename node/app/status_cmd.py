@@ -77,6 +77,8 @@ def job_dict(index: Index, j: Job) -> dict[str, Any]:
         "reason": j.reason, "instances": j.n_instances, "attempts": j.attempts, "engine": j.engine,
         "fallback": j.fallback, "derived_series": j.derived_series_uid,
         "uncertainty_series": j.uncertainty_series_uid, "supersedes": j.supersedes,
+        # every one: a job of several volumes / runs has a derived (and an uncertainty) series per volume / run
+        "derived_series_uids": j.derived_series_uids, "uncertainty_series_uids": j.uncertainty_series_uids,
         "report": j.report,
         "left_out": list((j.report or {}).get("left_out", [])),  # input slices in no derived series, with why
         "created": _utc(j.created),
