@@ -110,7 +110,9 @@ def confirmation_text(x: dict[str, Any]) -> str:
     if x["state"] == DeliveryState.SENT:
         return f"awaiting {c['method']} of {c['expected']}"
     if x["state"] in (DeliveryState.PENDING, DeliveryState.DEAD_LETTER):
-        return f"{c['method']}: {c['confirmed'] if c['confirmed'] is not None else '?'}/{c['expected']}"
+        if c["confirmed"] is None:
+            return f"{c['method']}: not confirmed yet ({c['expected']} instance(s) sent)"
+        return f"{c['method']}: {c['confirmed']} of {c['expected']} instance(s) found in the peer"
     return f"not confirmed: {c['note']}"
 
 
