@@ -6,6 +6,8 @@ VENV ?= .venv
 PY = $(VENV)/bin/python
 PIP = $(PY) -m pip
 STAMP = $(VENV)/.installed
+# what pytest runs in `make test` / `make test-faults` / `make test-peers`: e.g. make test PYTEST_ARGS="tests/app -k cli"
+PYTEST_ARGS ?= tests
 
 .PHONY: install system venv demo test test-faults test-peers bench bench-eval bench-peers peers-venv fuzz lint lint-docker typecheck clean
 
@@ -27,10 +29,10 @@ demo: install
 	$(PY) -m node.app.demo
 
 test: install
-	$(PY) -m pytest -q -m "not faults and not gpu and not peers" tests
+	$(PY) -m pytest -q -m "not faults and not gpu and not peers" $(PYTEST_ARGS)
 
 test-faults: install
-	$(PY) -m pytest -q -m faults tests
+	$(PY) -m pytest -q -m faults $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m node.app.cli bench all --cpu-only
@@ -40,7 +42,7 @@ peers-venv:
 	bash scripts/peers-venv.sh
 
 test-peers: install peers-venv
-	$(PY) -m pytest -q -m peers tests
+	$(PY) -m pytest -q -m peers $(PYTEST_ARGS)
 
 # side by side on the held-out MR and the body CT; CPU: central crops and a reduced ECLARE budget (in the JSON)
 bench-peers: install peers-venv

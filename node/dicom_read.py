@@ -153,3 +153,19 @@ def _only(ds: Dataset, tags: list[Any]) -> Dataset:
 def read_dicom_bytes(data: bytes, *, stop_before_pixels: bool = False) -> Dataset:
     """:func:`read_dicom` of bytes already read."""
     return read_dicom(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+
+
+def dicom_files(folder: Path) -> list[Path]:
+    """The DICOM files directly in ``folder`` (sorted by name), told by content (``read_dicom`` of the header),
+    not by name: a dcmtk storescp folder holds ``CT.<uid>`` files, an export ``IM0001`` ones. Dot files and
+    unreadable files are left out; raises OSError when ``folder`` cannot be listed."""
+    out: list[Path] = []
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        try:
+            read_dicom(p, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            continue
+        out.append(p)
+    return out

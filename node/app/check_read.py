@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -336,13 +335,18 @@ class OutImage:
 
 def read_outputs(out_dir: Path) -> tuple[dict[str, list[OutImage]], dict[str, list[OutImage]]]:
     """(derived image series, uncertainty series: Parametric Maps and Secondary Captures), each
-    SeriesInstanceUID -> images."""
+    SeriesInstanceUID -> images. Files are read by content, whatever their name (``srnode process`` writes
+    ``IM00001.dcm``, a dcmtk storescp ``CT.<uid>`` / ``PM.<uid>``); non-DICOM files are left out."""
     derived: dict[str, list[OutImage]] = {}
     sc: dict[str, list[OutImage]] = {}
-    for p in sorted(out_dir.rglob("*.dcm")):
+    for p in sorted(out_dir.rglob("*")):
+        if not p.is_file() or p.name.startswith(".") or p.name == "report.json":
+            continue
         try:
-            ds = pydicom.dcmread(p, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, EOFError):
+            ds = read_dicom(p, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):
+            continue
+        if "SeriesInstanceUID" not in ds:
             continue
         items = list(ds.get("SourceImageSequence") or [])
         for frame in ds.get("PerFrameFunctionalGroupsSequence") or []:

@@ -137,9 +137,12 @@ def dashboard_routes(ctx: NodeContext) -> list[Route]:
     async def jobs(request: Request) -> Response:
         wanted = [s for s in JobState if s.value in request.query_params.getlist("state")]
         rows, counts = await run_in_threadpool(data.jobs_view, ctx.index, wanted, JOB_LIMIT)
+        # series still arriving or in their quiet period: no job yet, but not "nothing here"
+        receiving = len(await run_in_threadpool(ctx.index.receiving_series))
         refresh = request.query_params.get("refresh", "") != "0"
         return page(request, "jobs.html", jobs=rows, counts=counts, states=[s.value for s in wanted],
-                    refresh=refresh, queue=counts["queued"] + counts["processing"], limit=JOB_LIMIT)
+                    refresh=refresh, queue=counts["queued"] + counts["processing"], limit=JOB_LIMIT,
+                    receiving=receiving)
 
     def _job(request: Request) -> Any:
         jid = int(request.path_params["job_id"])

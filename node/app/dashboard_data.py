@@ -59,7 +59,8 @@ def job_view(job: Job, deliveries: list[Delivery], now: float) -> dict[str, Any]
         "id": job.id, "state": str(job.state), "rule": job.rule, "engine": job.engine, "fallback": job.fallback,
         "reason": job.reason, "series": job.series_uid, "study": job.study_uid, "instances": job.n_instances,
         "attempts": job.attempts, "supersedes": job.supersedes, "derived": job.derived_series_uid,
-        "uncertainty": job.uncertainty_series_uid, "created": when(job.created), "updated": when(job.updated),
+        "uncertainty": job.uncertainty_series_uid, "derived_all": job.derived_series_uids,
+        "uncertainty_all": job.uncertainty_series_uids, "created": when(job.created), "updated": when(job.updated),
         "age": ago(job.created, now), "since_update": ago(job.updated, now),
         "seconds": report.get("seconds"), "engine_seconds": round(sum(float(r.get("engine_seconds", 0) or 0)
                                                                         for r in runs), 3) if runs else None,

@@ -14,6 +14,7 @@ import json
 import logging
 import resource
 import signal
+import socket
 import ssl
 import threading
 from types import FrameType
@@ -22,7 +23,7 @@ from node.app.context import NodeContext
 from node.app.http import HttpHandle, check_exposure, start_http
 from node.app.logs import REDACT
 from node.config import Config, ExecutorKind, load_config, secret_values
-from node.errors import ConfigError
+from node.errors import ConfigError, listen_problem
 from node.ingest import Admission, StoreSCP, reindex_spool
 from node.jobs import JobContext, StabilityWatcher, make_executor
 from node.process import series_budget_mb
@@ -101,8 +102,11 @@ class Node:
         ctx.audit.write("node-started", ae_title=self.cfg.node.ae_title, port=self.cfg.node.port,
                         queued_jobs=len(queued))
 
-    def stop(self) -> None:
-        log.info("stopping: refusing new associations, finishing the stores in flight")
+    def stop(self, refused: bool = False) -> None:
+        """Stop every component (those not started do nothing). ``refused``: after a start that failed: its
+        progress is logged at DEBUG only, so that the refusal's one error line is what the user sees."""
+        say = log.debug if refused else log.info
+        say("stopping: refusing new associations, finishing the stores in flight")
         self.ctx.stopping.set()
         self.scp.stop()
         if self.http is not None:
@@ -117,7 +121,24 @@ class Node:
         if self._spool_lock is not None:
             self.ctx.spool.unlock(self._spool_lock)
             self._spool_lock = None
-        log.info("stopped")
+        say("stopped")
+
+
+def check_ports(cfg: Config) -> None:
+    """ConfigError in words (``listen_problem``) when the DICOM port, or the HTTP port when enabled (not 0), cannot
+    be bound now: checked before the spool is opened (a refused `serve` left a new, empty spool_dir behind, and
+    logged its components starting and stopping before the error). A probe: the real bind comes later."""
+    ports = [("DICOM port", "node", cfg.node.host, cfg.node.port)]
+    if cfg.http.enabled and cfg.http.port:
+        ports.append(("HTTP port", "http", cfg.http.host, cfg.http.port))
+    for what, section, host, port in ports:
+        try:
+            family, kind, proto, _name, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+                probe.bind(addr)
+        except OSError as exc:
+            raise ConfigError(listen_problem(what, section, host, port, exc)) from exc
 
 
 def check_tls_files(cfg: Config) -> None:
@@ -171,6 +192,7 @@ def raise_open_files_limit() -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     check_tls_files(cfg)  # before the spool and its index are opened
+    check_ports(cfg)
     raise_open_files_limit()
     if not args.log_level:
         logging.getLogger().setLevel(cfg.node.log_level.upper())
@@ -189,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         node.start()
     except BaseException:
-        node.stop()  # what did start (executor, watcher, outbox, SCP) stops before the error is reported
+        node.stop(refused=True)  # what did start (executor, watcher, outbox, SCP) stops before the error is reported
         raise
     log.info("srnode %s ready (DICOM %s:%d)", cfg.node.ae_title, cfg.node.host, cfg.node.port)
     while not stop.wait(1.0):

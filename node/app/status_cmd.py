@@ -21,16 +21,19 @@ from typing import Any
 
 from node.config import Config, load_config
 from node.errors import NodeError
-from node.jobs.replay import gone_destinations, redirect
+from node.jobs.replay import gone_destinations, redirect, replay
 from node.store import Delivery, DeliveryState, Index, Job, JobState, SeriesState, Spool
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add ``srnode status`` (or, for the ``retry`` parser, ``srnode retry``) options to ``parser``."""
+    """Add ``srnode status`` (or, for the ``retry`` / ``replay`` parser, ``srnode retry`` / ``replay``) options to
+    ``parser``."""
     parser.add_argument("--config", default=None, help="config.toml (default: the embedded defaults)")
     if parser.prog.endswith("retry"):
         parser.add_argument("jobs", nargs="*", type=int, metavar="JOB",
                             help="job ids (default: every dead-letter delivery and failed job)")
+    elif parser.prog.endswith("replay"):
+        parser.add_argument("jobs", nargs="+", type=int, metavar="JOB", help="job ids")
     else:
         parser.add_argument("--json", action="store_true", help="machine-readable output")
         parser.add_argument("--state", action="append", default=[], type=JobState, choices=list(JobState),
@@ -77,6 +80,8 @@ def job_dict(index: Index, j: Job) -> dict[str, Any]:
         "reason": j.reason, "instances": j.n_instances, "attempts": j.attempts, "engine": j.engine,
         "fallback": j.fallback, "derived_series": j.derived_series_uid,
         "uncertainty_series": j.uncertainty_series_uid, "supersedes": j.supersedes,
+        # every one: a job of several volumes / runs has a derived (and an uncertainty) series per volume / run
+        "derived_series_uids": j.derived_series_uids, "uncertainty_series_uids": j.uncertainty_series_uids,
         "report": j.report,
         "left_out": list((j.report or {}).get("left_out", [])),  # input slices in no derived series, with why
         "created": _utc(j.created),
@@ -105,7 +110,9 @@ def confirmation_text(x: dict[str, Any]) -> str:
     if x["state"] == DeliveryState.SENT:
         return f"awaiting {c['method']} of {c['expected']}"
     if x["state"] in (DeliveryState.PENDING, DeliveryState.DEAD_LETTER):
-        return f"{c['method']}: {c['confirmed'] if c['confirmed'] is not None else '?'}/{c['expected']}"
+        if c["confirmed"] is None:
+            return f"{c['method']}: not confirmed yet ({c['expected']} instance(s) sent)"
+        return f"{c['method']}: {c['confirmed']} of {c['expected']} instance(s) found in the peer"
     return f"not confirmed: {c['note']}"
 
 
@@ -159,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     index = _open(args)
     if args.command == "retry":
         return _retry(index, list(args.jobs), load_config(args.config))
+    if args.command == "replay":
+        return _replay(index, list(args.jobs), load_config(args.config))
     jobs = index.jobs(args.state)[-args.limit:] if args.limit > 0 else index.jobs(args.state)
     cfg = load_config(args.config)
     served = Spool(cfg.spool_path).served()
@@ -265,9 +274,46 @@ def _retry(index: Index, job_ids: list[int], cfg: Config) -> int:
         elif job.state is JobState.IGNORED and index.reconsider_ignored(jid):
             print(f"job {jid}: no rule had matched; the running node matches its series against its rules again")
             acted = True
+        elif job.state is JobState.DELIVERED:
+            print(f"job {jid}: nothing to retry (state delivered); `srnode replay {jid}` sends its series again "
+                  "under its rule as configured now (add a destination to the rule first to send it there)")
         else:
             print(f"job {jid}: nothing to retry (state {job.state})")
     if acted and Spool(cfg.spool_path).served() is False:
         print(f"NODE NOT RUNNING: no srnode serve holds the spool {cfg.spool_path.resolve()}: what was re-queued "
               "waits in the index until it starts")
+    return rc
+
+
+_REPLAY_REFUSED = {
+    "no-replay": "its rule is not configured (any more), or its series has no instance in the spool",
+    "busy": "its series has a job queued or in progress: replay it when that one is done",
+}
+
+
+def _replay(index: Index, job_ids: list[int], cfg: Config) -> int:
+    """``srnode replay JOB...``: each job's series (the instances spooled now) queued again as a new job under the
+    job's rule as ``cfg`` configures it now, to the destinations it names now (``node.jobs.replay.replay``, the
+    dashboard's Replay): how a delivered job is sent to another destination (add it to the rule first). One line
+    per job: the new job, or why not (rc 1 when any was refused or unknown)."""
+    rc, acted = 0, False
+    for jid in job_ids:
+        try:
+            job = index.job(jid)
+            new_id, why = replay(cfg, index, job, f"replay of job {jid}, requested by srnode replay")
+        except Exception as exc:  # noqa: BLE001 - SpoolError: unknown job, index busy
+            print(f"job {jid}: {exc}", file=sys.stderr)
+            rc = 1
+            continue
+        if not new_id:
+            print(f"job {jid}: not replayed: {_REPLAY_REFUSED.get(why, why)}", file=sys.stderr)
+            rc = 1
+            continue
+        rule = next(r for r in cfg.rules if r.name == job.rule)
+        dests = ", ".join(rule.destinations) or "no destination (results kept in the spool)"
+        print(f"job {jid}: replayed as job {new_id} (rule {job.rule!r}, to {dests})")
+        acted = True
+    if acted and Spool(cfg.spool_path).served() is False:
+        print(f"NODE NOT RUNNING: no srnode serve holds the spool {cfg.spool_path.resolve()}: the new job(s) wait in "
+              "the index until it starts")
     return rc

@@ -36,6 +36,7 @@ import httpx
 
 from node.bench.ingest import DCMTK_ENV
 from node.bench.results import write_result
+from node.dicom_read import dicom_files
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_1MM = ROOT.parent / "shared" / "data" / "ct_head_phantom_philips_1mm"
@@ -100,7 +101,7 @@ def _toml(cfg: dict[str, Any]) -> str:
 
 def _series_files(args: argparse.Namespace, work: Path) -> tuple[list[Path], str]:
     if args.series:
-        return sorted(Path(args.series).glob("*.dcm")), args.series
+        return dicom_files(Path(args.series)), args.series
     if SHARED_1MM.is_dir():
         return sorted(SHARED_1MM.glob("*.dcm")), "shared ct_head_phantom_philips_1mm"
     from node.app.phantom import write_phantom_series

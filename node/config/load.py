@@ -24,17 +24,18 @@ from urllib.parse import urlsplit
 
 from pydicom.datadict import keyword_dict, tag_for_keyword
 
-from models.engine import factor_problem
+from models.engine import EngineOptions, factor_problem
 from node.config.endpoints import (
     ConfirmMethod,
     DestinationKind,
     DicomDestination,
     DicomSource,
     DicomwebDestination,
+    FolderDestination,
     OrthancDestination,
     WebEndpoint,
 )
-from node.config.schema import FLATTEN, NOT_A_KEY, SECRET_KEYS, Config, kind_tag
+from node.config.schema import FLATTEN, NOT_A_KEY, SECRET_KEYS, Config, NodeConfig, TlsConfig, kind_tag
 from node.dimse import MIN_PEER_MAX_PDU, max_pdu_problem
 from node.errors import ConfigError
 
@@ -365,15 +366,64 @@ def _check(cfg: Config) -> None:
                 raise ConfigError(f"node.allowed_callers[{i}].rules: no rule named {rn!r}")
 
 
-def config_from_dict(data: Mapping[str, Any], path: str = "") -> Config:
-    """Build and validate a Config from a parsed TOML document; raises ConfigError naming the key."""
+# The keys that name files or folders, by the config class that holds them. Relative values in a config file are
+# taken relative to that file's folder (not the directory the command runs in); "none" is engine.weights' word
+# for "no prior", not a file.
+_PATH_KEYS: Mapping[type, tuple[str, ...]] = {
+    NodeConfig: ("spool_dir", "audit_log"),
+    TlsConfig: ("cert", "key", "ca"),
+    EngineOptions: ("weights",),
+    FolderDestination: ("path",),
+    DicomDestination: ("tls_ca", "tls_cert", "tls_key"),
+    OrthancDestination: ("tls_ca", "tls_cert", "tls_key"),
+    DicomwebDestination: ("tls_ca", "tls_cert", "tls_key"),
+}
+_NOT_A_PATH = frozenset({"", "none"})
+
+
+def _resolve_paths(obj: Any, base: Path) -> Any:
+    """``obj`` (a config dataclass, a tuple of them, or any other value) with every relative path key
+    (``_PATH_KEYS``) joined to ``base``; absolute paths, "" and "none" are kept as they are."""
+    if isinstance(obj, tuple):
+        return tuple(_resolve_paths(v, base) for v in obj)
+    if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
+        return obj
+    path_keys = _PATH_KEYS.get(type(obj), ())
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        if not f.init or f.metadata.get(NOT_A_KEY):
+            continue
+        value = getattr(obj, f.name)
+        if f.name in path_keys and isinstance(value, str):
+            if value not in _NOT_A_PATH and not Path(value).expanduser().is_absolute():
+                changes[f.name] = os.path.abspath(base / value)
+            continue
+        new = _resolve_paths(value, base)
+        if new is not value:
+            changes[f.name] = new
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
+def config_from_dict(data: Mapping[str, Any], path: str = "", base: Path | None = None) -> Config:
+    """Build and validate a Config from a parsed TOML document; raises ConfigError naming the key.
+
+    With ``base`` (the folder of the file it was read from) relative file and folder keys (``_PATH_KEYS``:
+    ``spool_dir``, a folder destination's ``path``, TLS PEM files, ``weights``, ``audit_log``) are made absolute
+    under it; without it (the embedded defaults) they stay relative to the current directory.
+    """
     cfg: Config = _build(Config, data, "")
     _check(cfg)
+    if base is not None:
+        cfg = _resolve_paths(cfg, base)
     return dataclasses.replace(cfg, path=path)
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
     """Load config.toml; ``None`` gives the embedded defaults (used by ``make demo``).
+
+    Relative paths in the file (``spool_dir``, a folder destination's ``path``, TLS PEM files, ``weights``,
+    ``audit_log``) are relative to the file's own folder, not to the current directory; the embedded defaults'
+    ``./spool`` and ``./srnode-out`` are relative to the current directory.
 
     Raises ConfigError (prefixed with the file name) for a missing file, invalid TOML or an invalid key.
     """
@@ -388,7 +438,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
     try:
-        return config_from_dict(data, str(p))
+        return config_from_dict(data, str(p), base=p.parent)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from exc
 

@@ -165,8 +165,7 @@ def result_revision(index: Index, job: Job) -> Revision:
 
 def _derived_uids(job: Job) -> list[str]:
     """The derived SeriesInstanceUIDs of ``job``'s result (report ``derived_series_uids``, else its one)."""
-    uids = [str(u) for u in job.report.get("derived_series_uids", []) or []] or [job.derived_series_uid]
-    return [u for u in uids if u]
+    return job.derived_series_uids
 
 
 def _revision_of(job: Job) -> int:

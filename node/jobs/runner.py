@@ -150,6 +150,7 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     # for the next result's revision (node.derived.labels.Revision)
     report["revision"] = revision.of(result.derived_series_uid)
     report["derived_series_uids"] = result.derived_series_uids or [result.derived_series_uid]
+    report["uncertainty_series_uids"] = result.uncertainty_series_uids or [result.uncertainty_series_uid]
     report["inputs"] = len(paths)
     report.setdefault("seconds", round(seconds, 3))
     report.setdefault("derived_files", len(result.derived_files))

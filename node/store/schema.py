@@ -157,6 +157,21 @@ class Job:
     updated: float
     interrupted: int = 0  # runs in a row a stop of the node (SIGTERM) interrupted (``JobTable.stopped_during``)
 
+    @property
+    def derived_series_uids(self) -> list[str]:
+        """Every derived SeriesInstanceUID of the result (one per volume / run: an fMRI of 3 volumes has 3), in
+        order; ``derived_series_uid`` is the first. A job recorded before the report listed them: that one."""
+        uids = [str(u) for u in self.report.get("derived_series_uids", []) or []] or [self.derived_series_uid]
+        return [u for u in dict.fromkeys(uids) if u]
+
+    @property
+    def uncertainty_series_uids(self) -> list[str]:
+        """Every uncertainty SeriesInstanceUID of the result (a Parametric Map per derived series, then the SC
+        sigma cards), in order; ``uncertainty_series_uid`` is the first. An older job: that one."""
+        uids = [str(u) for u in self.report.get("uncertainty_series_uids", []) or []] or [self.uncertainty_series_uid]
+        uids += [str(u) for u in self.report.get("sigma_card_series_uids", []) or []]
+        return [u for u in dict.fromkeys(uids) if u]
+
 
 @dataclass(frozen=True)
 class Delivery:

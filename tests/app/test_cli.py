@@ -127,6 +127,8 @@ def test_serve_with_the_dicom_port_in_use(tmp_path: Path, busy_port: int) -> Non
     r = srnode("serve", "--config", cfg)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert [ln for ln in r.stderr.splitlines() if "error" in ln.lower()] == [line], r.stderr
+    # refused before the spool is opened (no new, empty spool_dir) and without "stopping... / stopped" (user18)
+    assert not (tmp_path / "spool").exists() and "stopping" not in r.stderr and "stopped" not in r.stderr, r.stderr
 
 
 def test_serve_with_the_http_port_in_use(tmp_path: Path, busy_port: int) -> None:

@@ -302,3 +302,36 @@ def test_max_interrupted_runs_is_a_node_setting_checked_at_load() -> None:
         with pytest.raises(ConfigError) as info:
             config_from_dict({"node": {"max_interrupted_runs": bad}})
         assert "node.max_interrupted_runs" in str(info.value) and ">= 1" in str(info.value), info.value
+
+
+def test_relative_paths_in_a_config_file_follow_the_file_not_the_current_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new user's `srnode status --config /x/node/config.toml`, run from elsewhere, looked for the spool under
+    the current directory: every relative path key is now taken from the config file's folder."""
+    folder = tmp_path / "node"
+    folder.mkdir()
+    (folder / "config.toml").write_text(
+        '[node]\nspool_dir = "./spool"\naudit_log = "logs/audit.log"\n'
+        '[node.tls]\ncert = "pki/node.pem"\nkey = "/etc/abs/key.pem"\nca = ""\n'
+        '[engine]\nweights = "w/prior.pt"\n'
+        '[[destinations]]\nname = "local"\nkind = "folder"\npath = "./srnode-out"\n'
+        '[[destinations]]\nname = "pacs"\nkind = "dicom"\nae_title = "PACS"\nhost = "h"\nport = 104\n'
+        'tls_ca = "ca.pem"\n'
+        '[[rules]]\nname = "r"\ndestinations = ["local", "pacs"]\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(Path("..") / "node" / "config.toml")
+    node = folder.absolute()
+    assert cfg.spool_path == node / "spool"
+    assert Path(cfg.node.audit_log) == node / "logs/audit.log"
+    assert Path(cfg.node.tls.cert) == node / "pki/node.pem"
+    assert cfg.node.tls.key == "/etc/abs/key.pem" and cfg.node.tls.ca == ""
+    assert Path(cfg.engine.options.weights) == node / "w/prior.pt"
+    local, pacs = cfg.destinations
+    assert isinstance(local, FolderDestination) and Path(local.path) == node / "srnode-out"
+    assert isinstance(pacs, DicomDestination) and Path(pacs.tls_ca) == node / "ca.pem"
+    # the embedded defaults (no file) keep the current directory; "none" is a word, not a file
+    assert load_config(None).spool_path == Path("spool")
+    (folder / "none.toml").write_text('[engine]\nweights = "none"\n')
+    assert load_config(folder / "none.toml").engine.options.weights == "none"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from pydicom import dcmread
@@ -35,9 +36,15 @@ def test_tilted_ge_ct_gives_one_derived_series_per_regular_run(tmp_path: Path) -
         assert r.returncode == 0, r.stderr
         jobs = node.wait_jobs(lambda js: js and all(j["state"] in ("delivered", "failed") for j in js),
                               timeout=240, what="GE job delivered")
+        listed = node.status_cli()
+        page = httpx.get(f"{node.http_url}/dashboard/jobs/{jobs[0]['id']}", timeout=30)
     assert [j["state"] for j in jobs] == ["delivered"], jobs
     series = _series_dirs(tmp_path / "out")
     derived = {uid: fs for uid, fs in series.items() if dcmread(fs[0]).Modality == "CT"}
+    # status --json and the dashboard's job page name both derived series, not only the first (user18)
+    assert len(derived) == 2 and sorted(listed[0]["derived_series_uids"]) == sorted(derived), listed[0]
+    assert listed[0]["derived_series"] == listed[0]["derived_series_uids"][0]
+    assert page.status_code == 200 and all(uid in page.text for uid in derived), page.text[-2000:]
     sc = {uid: fs for uid, fs in series.items() if uid not in derived}
     # two regular runs (14 slices at 4 mm, 14 at 7 mm): (14-1)*2+1 = 27 derived slices each (cubic: no sigma)
     assert sorted(len(fs) for fs in derived.values()) == [27, 27]
