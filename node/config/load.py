@@ -438,9 +438,25 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
     try:
+        _check_spool_moved(data, p.parent)
         return config_from_dict(data, str(p), base=p.parent)
     except ConfigError as exc:
         raise ConfigError(f"{p}: {exc}") from exc
+
+
+def _check_spool_moved(data: Mapping[str, Any], base: Path) -> None:
+    """ConfigError when a relative ``node.spool_dir`` names, under the file's folder, no spool while under the current
+    directory (where a relative spool_dir led before it followed the file) it names one: the node would start on an
+    empty spool and leave every accepted instance and job of the old one behind, unprocessed and unsaid."""
+    node = data.get("node")
+    value = node.get("spool_dir") if isinstance(node, Mapping) else None
+    if not isinstance(value, str) or value in _NOT_A_PATH or Path(value).expanduser().is_absolute():
+        return
+    by_file, by_cwd = Path(os.path.abspath(base / value)), Path(os.path.abspath(value))
+    if by_file != by_cwd and (by_cwd / "index.sqlite").is_file() and not (by_file / "index.sqlite").is_file():
+        raise ConfigError(f"node.spool_dir: {value!r} is relative to the config file's folder ({by_file}), which "
+                          f"holds no spool, while the current directory's {by_cwd} holds one (a relative spool_dir "
+                          "followed the current directory before): give spool_dir as an absolute path")
 
 
 def replace(cfg: Config, **sections: Any) -> Config:

@@ -335,3 +335,25 @@ def test_relative_paths_in_a_config_file_follow_the_file_not_the_current_directo
     assert load_config(None).spool_path == Path("spool")
     (folder / "none.toml").write_text('[engine]\nweights = "none"\n')
     assert load_config(folder / "none.toml").engine.options.weights == "none"
+
+
+def test_a_relative_spool_dir_that_moved_with_this_release_is_refused_not_started_empty(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site whose relative spool_dir followed the directory `serve` ran in: after relative paths began to follow
+    the config file, the node would have started on an empty spool beside the file and left the old one's accepted
+    instances and jobs behind without a word. Refused at load, naming the key and both folders; a fresh site (no
+    spool anywhere) and a spool already beside the file load as before."""
+    folder = tmp_path / "etc"
+    folder.mkdir()
+    (folder / "config.toml").write_text('[node]\nspool_dir = "./spool"\n')
+    run = tmp_path / "run"
+    (run / "spool").mkdir(parents=True)
+    monkeypatch.chdir(run)
+    assert load_config(folder / "config.toml").spool_path == folder.absolute() / "spool"  # no spool anywhere yet
+    (run / "spool" / "index.sqlite").write_bytes(b"")
+    with pytest.raises(ConfigError) as exc:
+        load_config(folder / "config.toml")
+    assert "node.spool_dir" in str(exc.value) and str(run / "spool") in str(exc.value), exc.value
+    (folder / "spool").mkdir()
+    (folder / "spool" / "index.sqlite").write_bytes(b"")
+    assert load_config(folder / "config.toml").spool_path == folder.absolute() / "spool"
