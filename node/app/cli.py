@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("node.app.status_cmd", "list jobs and their states from the spool index"),
     "retry": ("node.app.status_cmd", "re-queue dead-letter deliveries and failed jobs; an ignored job named by id:"
               " its series matched against the rules again"),
+    "prune": ("node.app.prune_cmd", "remove from the spool what [node] retention_days allows (every delivery "
+              "delivered): one line per series; --dry-run says what would be freed"),
     "reindex": ("node.app.reindex_cmd", "rebuild the spool index from the spool's instance files"),
     "eval": ("node.bench.eval", "measure an engine against cubic/linear on a series (PSNR, SSIM, HU, uncertainty)"),
     "bench": ("node.bench.command", "benchmarks: engine timings, end-to-end latency, throughput"),
