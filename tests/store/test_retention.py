@@ -108,3 +108,18 @@ def test_prune_keeps_a_series_whose_delivery_is_not_delivered(tmp_path: Path) ->
         assert out.startswith("pruned 0 series"), out
     finally:
         node.stop()
+
+
+def test_serving_node_prunes_by_itself(tmp_path: Path) -> None:
+    files = series(tmp_path / "ct", 53, 3)
+    node = NodeProc.start(tmp_path / "node", {"node": {"retention_days": 2e-5, "prune_interval_s": 0.5}})
+    try:
+        assert storescu(files, node.port).returncode == 0
+        jobs = node.wait_jobs(_delivered(1), what="delivery")
+        wait_until(lambda: not _dcm(node.spool / "instances") and "prune: series" in node.log(), timeout=60,
+                   what="the node's own prune")
+        assert f"prune: series {jobs[0]['series']}" in node.log()
+        assert node.cli("status", "--json").stdout.count('"state": "pruned"') == 1
+        assert _dcm(tmp_path / "node" / "out")  # what was delivered stays delivered
+    finally:
+        node.stop()
