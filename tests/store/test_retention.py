@@ -86,6 +86,9 @@ def test_prune_dry_run_then_prune_frees_a_delivered_series_and_a_resend_is_new(t
         jobs = node.wait_jobs(_delivered(2), what="the resent series delivered")
         assert [j["instances"] for j in jobs if j["id"] != job] == [4], dump(jobs)
         assert len(_dcm(node.spool / "instances")) == 4
+        # the same instances make the same derived series (deterministic UIDs): no rejection note retires it
+        assert {j["derived_series"] for j in jobs} == {jobs[0]["derived_series"]}, dump(jobs)
+        assert not [p for p in _dcm(tmp_path / "node" / "out") if p.name.startswith("KO-")]
     finally:
         node.stop()
 
