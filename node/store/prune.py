@@ -22,6 +22,11 @@ Crash safety: the index is changed first (one transaction), the files after. A k
 files that no index row lists under a series marked 'pruned': the start-up re-index
 (``node.ingest.reindex``) removes those instead of re-indexing them (:func:`pruned_leftover`); derived files
 not yet stripped are stripped by the next prune run (a pruned job's folder is stripped again, idempotently).
+
+A resend racing the prune of its own series: the files are removed under the index's write lock, and a file whose
+SOP Instance UID the index lists again is kept. Still open: a resend that the ingest linked as a duplicate of the
+old file just before its removal, and indexed just after, is acknowledged with its row pointing at no file (the
+window is the removal of one series' files, for a series quiet for ``retention_days``).
 """
 
 from __future__ import annotations
@@ -168,14 +173,20 @@ def prune(spool: Spool, db: IndexDB, retention_days: float, dry_run: bool = Fals
             todo.append((study, series, ids, paths))
     for study, series, ids, paths in todo:
         done = Pruned(study, series, ids, 0, 0, 0, 0)
-        for p in paths:
-            size = _size(p)
-            try:
-                p.unlink(missing_ok=True)
-                done.instances += 1
-                done.instance_bytes += size
-            except OSError as exc:
-                out.errors.append(f"{p}: {exc.strerror or exc}")
+        # under the index's write lock: a resend of an instance recorded again since (its row committed before
+        # this) keeps its file; no row can be recorded between this check and the removal
+        with db.tx() as c:
+            for p in paths:
+                if c.execute("SELECT 1 FROM instances WHERE sop_uid = ?", (p.stem,)).fetchone():
+                    log.warning("prune: %s was received again meanwhile: kept", p.name)
+                    continue
+                size = _size(p)
+                try:
+                    p.unlink(missing_ok=True)
+                    done.instances += 1
+                    done.instance_bytes += size
+                except OSError as exc:
+                    out.errors.append(f"{p}: {exc.strerror or exc}")
         folder = spool.instances / study / series
         try:
             folder.rmdir()  # only when empty
