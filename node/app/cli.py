@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               " its series matched against the rules again"),
     "replay": ("node.app.status_cmd", "queue a job's series again under its rule as configured now (a delivered "
                "job sent to another destination)"),
+    "prune": ("node.app.prune_cmd", "remove from the spool what [node] retention_days allows (every delivery "
+              "delivered): one line per series; --dry-run says what would be freed"),
     "reindex": ("node.app.reindex_cmd", "rebuild the spool index from the spool's instance files"),
     "eval": ("node.bench.eval", "measure an engine against cubic/linear on a series (PSNR, SSIM, HU, uncertainty)"),
     "bench": ("node.bench.command", "benchmarks: engine timings, end-to-end latency, throughput"),

@@ -28,6 +28,7 @@ from node.ingest import Admission, StoreSCP, reindex_spool
 from node.jobs import JobContext, StabilityWatcher, make_executor
 from node.process import series_budget_mb
 from node.send import Outbox
+from node.store import prune
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class Node:
                             on_report=self.outbox.confirm.on_report)
         self.http: HttpHandle | None = None
         self._spool_lock: int | None = None  # the spool's lock while serving (Spool.lock)
+        self._pruner: threading.Thread | None = None
+        self._stop_pruning = threading.Event()
 
     def start(self) -> None:
         """Start every component; raises ConfigError before anything starts when ``[http]`` would serve
@@ -95,6 +98,9 @@ class Node:
         self.outbox.start()
         self.scp.start()
         self.outbox.resume()  # the SCP takes the Storage Commitment reports now: ask again for those still awaited
+        if self.cfg.node.retention_days > 0:
+            self._pruner = threading.Thread(target=self._prune_loop, name="pruner", daemon=True)
+            self._pruner.start()
         if self.cfg.http.enabled:
             self.http = start_http(ctx)
         else:
@@ -102,12 +108,30 @@ class Node:
         ctx.audit.write("node-started", ae_title=self.cfg.node.ae_title, port=self.cfg.node.port,
                         queued_jobs=len(queued))
 
+    def _prune_loop(self) -> None:
+        """Every ``[node] prune_interval_s`` (the first that long after the start): prune the spool
+        (``node.store.prune``), one log line per series pruned (UIDs, MB freed). A failure is logged and tried
+        again at the next interval; the thread never stops the node."""
+        ctx, days = self.ctx, self.cfg.node.retention_days
+        while not self._stop_pruning.wait(self.cfg.node.prune_interval_s):
+            try:
+                result = prune(ctx.spool, ctx.index, days)
+            except Exception as exc:  # noqa: BLE001 - logged; the next interval tries again
+                log.error("prune: %s (tried again in %g s)", exc, self.cfg.node.prune_interval_s)
+                continue
+            for p in result.series:
+                log.info("prune: %s", p.line(dry_run=False))
+            if result.series:
+                ctx.audit.write("spool-pruned", series=len(result.series),
+                                mb=round(sum(p.mb for p in result.series), 1), errors=len(result.errors))
+
     def stop(self, refused: bool = False) -> None:
         """Stop every component (those not started do nothing). ``refused``: after a start that failed: its
         progress is logged at DEBUG only, so that the refusal's one error line is what the user sees."""
         say = log.debug if refused else log.info
         say("stopping: refusing new associations, finishing the stores in flight")
         self.ctx.stopping.set()
+        self._stop_pruning.set()
         self.scp.stop()
         if self.http is not None:
             try:
@@ -116,6 +140,8 @@ class Node:
                 log.warning("HTTP API did not stop cleanly: %s", exc)
         self.watcher.stop()
         self.outbox.stop()
+        if self._pruner is not None:
+            self._pruner.join(timeout=60)  # a prune under way finishes its series (a kill leaves no half state)
         self.ctx.executor.stop()
         self.ctx.audit.write("node-stopped", ae_title=self.cfg.node.ae_title)
         if self._spool_lock is not None:

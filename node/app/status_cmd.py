@@ -197,6 +197,9 @@ def run(args: argparse.Namespace) -> int:
               f"{job_line(d)}")
         if (d["report"] or {}).get("incomplete"):  # fewer instances than the series declares
             print(f"{'':>5}  INCOMPLETE: {d['report']['incomplete']}")
+        if (d["report"] or {}).get("pruned"):  # retention removed its instances and its results' pixels
+            print(f"{'':>5}  PRUNED at {_utc(d['report']['pruned'])}: its received instances and its results' "
+                  "pixels were removed from the spool ([node] retention_days; headers kept)")
         for x in d["left_out"]:
             where = (f"slice {x.get('index')}/{x.get('of')}" if x.get("index") else "image") + f" {x.get('file')}"
             print(f"{'':>5}  NOT IN ANY DERIVED SERIES: {where}: {x.get('reason')}")

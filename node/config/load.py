@@ -246,6 +246,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"node.log_level: {n.log_level!r} is not one of {', '.join(_LOG_LEVELS)}")
     if n.min_free_mb < 0:
         raise ConfigError(f"node.min_free_mb: {n.min_free_mb} must be >= 0 (MB)")
+    if not math.isfinite(n.retention_days) or n.retention_days < 0:
+        raise ConfigError(f"node.retention_days: {n.retention_days} must be >= 0 (days; 0 keeps everything)")
+    if not math.isfinite(n.prune_interval_s) or n.prune_interval_s <= 0:
+        raise ConfigError(f"node.prune_interval_s: {n.prune_interval_s} must be > 0 (seconds)")
     if n.max_pdu < 0 or max_pdu_problem(n.max_pdu):
         raise ConfigError(f"node.max_pdu: {n.max_pdu} must be 0 (pynetdicom's default) or at least "
                           f"{MIN_PEER_MAX_PDU} (bytes)")

@@ -110,6 +110,10 @@ class NodeConfig:
     # modalities that send each series as one acquisition); False: it only names what is missing (series14)
     images_in_acquisition_completes: bool = False
     min_free_mb: int = 500
+    # days after a series' job ended (every delivery delivered) before its received instances and its results'
+    # pixels are removed from the spool (node.store.prune); 0: kept for ever
+    retention_days: float = 7.0
+    prune_interval_s: float = 3600.0  # s; how often a serving node prunes (the first run this long after its start)
     max_associations: int = 32
     max_associations_per_caller: int = 8  # open at once per calling AE title + peer address; 0: no per-caller limit
     max_associations_per_address: int = 16  # open at once from one peer address, whatever AE titles; 0: no limit

@@ -3,6 +3,7 @@ first spool format, so existing spools keep working); a ``StrEnum`` member compa
 
 - series: receiving → stable → queued → processing → sending → delivered | failed | ignored | dead-letter; a late
   instance puts a series back to receiving, and the next stable point makes a job that supersedes the earlier one.
+  delivered | ignored → pruned (``[node] retention_days`` after, node.store.prune); a resend → receiving again.
 - jobs: queued → processing → sending → delivered | failed | dead-letter; ignored (no rule took the series);
   superseded (a later job of the same series replaced it before it ran, or its series moved on -- late instances,
   a later job -- before its results were enqueued: they are never sent).
@@ -42,6 +43,7 @@ class SeriesState(StrEnum):
     FAILED = "failed"
     DEAD_LETTER = "dead-letter"
     IGNORED = "ignored"
+    PRUNED = "pruned"  # retention removed its received instances and its results' pixels (node.store.prune)
 
 
 class DeliveryState(StrEnum):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from node.errors import SpoolError
-from node.store import DeliveryState, Index, Instance, JobState, SeriesState
+from node.store import DeliveryState, Index, Instance, JobState, SeriesState, Spool, prune
 
 # The index schema of the previous layout (node/indexdb.py before the stage folders; node/store/schema.py kept it
 # unchanged until format 1 keyed series by study + series), as it is on disk in existing spools. Kept here verbatim:
@@ -243,6 +243,10 @@ def test_every_stored_state_is_a_member_of_its_enum(tmp_path: Path) -> None:
         ix.add_instance(_inst(series + ".1", series), "CT", 1)
         ix.mark_stable(series, quiet_since=time.time() + 1)
         ix.create_job(series, "", state=state, reason="decided")
+    raw.look()
+    # retention: the ignored series C, long after it ended, is pruned (node.store.prune)
+    assert [p.series_uid for p in prune(Spool(tmp_path / "spool"), ix, 1.0, now=time.time() + 30 * 86400).series
+            if p.series_uid == SERIES_A + ".3"] == [SERIES_A + ".3"]
     raw.look()
 
     assert raw.seen["jobs"] <= {s.value for s in JobState}, raw.seen
