@@ -160,6 +160,7 @@ class GroupCommit:
                                           f"{self.spool.root}: {failed[p.stored.path]}", Status.OUT_OF_RESOURCES)
             linked = [p for p in linked if p.error is None]
         self._index(linked)
+        self._relink_pruned(linked)
         self._wake(batch)
         self.batches += 1
         self.committed += len(linked)
@@ -192,6 +193,32 @@ class GroupCommit:
                     self._unlink([p])
                     removed.add(p.stored.path)
                 p.error = _disk_full(exc) or exc
+
+    def _relink_pruned(self, linked: list[Pending]) -> None:
+        """A resend linked as the duplicate of a first copy that a prune (``node.store.prune``) removed before this
+        batch's rows were written: its row now names no file. The prune removes files under the index's write lock
+        and keeps those whose row is back, so once the rows are in, a first copy still missing stays missing:
+        link the received copy (``src``, still there) again and make it durable; if that fails the sender gets
+        0xA700 and sends it again (its row is then a duplicate's, and that resend's link makes the file)."""
+        lost = [p for p in linked if p.error is None and p.stored is not None and p.stored.duplicate
+                and not p.stored.path.exists()]
+        if not lost:
+            return
+        log.warning("ingest commit: %d resent instance(s) whose first copy a prune had just removed: written again",
+                    len(lost))
+        relinked: list[Pending] = []
+        for p in lost:
+            try:
+                p.stored = self.spool.link_instance(p.src, p.inst.study_uid, p.inst.series_uid, p.inst.sop_uid)
+                relinked.append(p)
+            except (IngestError, OSError) as exc:
+                p.error = IngestError(f"instance {p.inst.sop_uid}: its first copy was pruned meanwhile and it could "
+                                      f"not be written again: {exc}; send it again", Status.OUT_OF_RESOURCES)
+        failed = self.spool.sync([p.stored for p in relinked if p.stored and not p.stored.duplicate], self._pool)
+        for p in relinked:
+            if p.stored and p.stored.path in failed:
+                p.error = IngestError(f"instance {p.inst.sop_uid}: could not be made durable in the spool "
+                                      f"{self.spool.root}: {failed[p.stored.path]}", Status.OUT_OF_RESOURCES)
 
     @staticmethod
     def _unlink(items: list[Pending]) -> None:

@@ -24,9 +24,9 @@ files that no index row lists under a series marked 'pruned': the start-up re-in
 not yet stripped are stripped by the next prune run (a pruned job's folder is stripped again, idempotently).
 
 A resend racing the prune of its own series: the files are removed under the index's write lock, and a file whose
-SOP Instance UID the index lists again is kept. Still open: a resend that the ingest linked as a duplicate of the
-old file just before its removal, and indexed just after, is acknowledged with its row pointing at no file (the
-window is the removal of one series' files, for a series quiet for ``retention_days``).
+SOP Instance UID the index lists again is kept. A resend that the ingest linked as a duplicate of the old file just
+before its removal, and indexed just after, finds its first copy gone once its row is in: the ingest links the
+received copy again before acknowledging it (``node.ingest.commit.GroupCommit._relink_pruned``).
 """
 
 from __future__ import annotations

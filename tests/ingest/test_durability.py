@@ -462,3 +462,37 @@ def test_a_stalled_writer_answers_a700_after_the_deadline(tmp_path: Path, monkey
     # not acknowledged, but stored once the writer went on: a resend is a plain duplicate
     wait_until(lambda: adm.index.count_instances() == 1, timeout=30, what="the late commit")
     assert adm.admit_file(files[0], Caller("CT01")).duplicate
+
+
+def test_a_resend_whose_first_copy_a_prune_removes_meanwhile_is_kept(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A series resent while the spool's retention prunes it (node.store.prune): the resend was linked as the
+    duplicate of the first copy, the prune then removed that copy and its row (under the index's write lock), and
+    the resend's row was written after: acknowledged, its row naming no file -- an accepted instance lost. The
+    prune's removal is made to fall in exactly that window (between the link and the rows); every resent instance
+    must then be on disk, byte for byte, and listed."""
+    adm = _admission(tmp_path)
+    files = write_series(tmp_path / "ct", 12, 4, 32, tag="prune-race-")
+    assert all(not isinstance(r, Exception) for r in _admit_all(adm, files))
+    real = adm.index.add_instances
+    pruned: list[Path] = []
+
+    def prune_first(items: Any) -> list[bool]:
+        if not pruned:  # what prune() does to the series, in the window between the resend's link and its row
+            with adm.index.tx() as c:
+                for r in c.execute("SELECT path FROM instances").fetchall():
+                    pruned.append(Path(r["path"]))
+                c.execute("DELETE FROM instances")
+                for p in pruned:
+                    p.unlink()
+        return real(items)
+
+    monkeypatch.setattr(adm.index, "add_instances", prune_first)
+    results = _admit_all(adm, files)
+    assert pruned and all(not isinstance(r, Exception) for r in results), results  # all acknowledged ...
+    stored = {p.stem: p for p in adm.spool.instances.rglob("*.dcm")}
+    for f in files:  # ... and all kept: the file each row names is there, with the bytes sent
+        sop = str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        assert sop in stored, f"{f.name}: acknowledged, its first copy pruned, nothing on disk"
+        assert dataset_bytes(stored[sop]) == dataset_bytes(f)
+    assert adm.index.count_instances() == len(files)
