@@ -46,6 +46,7 @@ from node.store.states import NOT_SENT, DeliveryState, JobState, SeriesState
 log = logging.getLogger(__name__)
 
 DAY_S = 86400.0
+SOURCES = "pruned-sources.txt"  # in outbox/job-<id>/ of the series' latest job: the SOP UIDs pruned, one a line
 _SERIES_DONE = (SeriesState.DELIVERED, SeriesState.IGNORED)
 _JOBS_DONE = (JobState.DELIVERED, JobState.IGNORED, JobState.SUPERSEDED)
 _DELIVERIES_DONE = (DeliveryState.DELIVERED, DeliveryState.UNCONFIRMED)
@@ -160,6 +161,11 @@ def prune(spool: Spool, db: IndexDB, retention_days: float, dry_run: bool = Fals
         for study, series, ids in _prunable(c, cutoff):
             paths = [Path(r["path"]) for r in c.execute(
                 "SELECT path FROM instances WHERE study_uid = ? AND series_uid = ?", (study, series))]
+            # what the latest job's results were made from, kept: a later resend of part of them is covered by
+            # those results (``pruned_cover``), never processed alone (its results would retire the complete ones)
+            job_dir = spool.outbox / f"job-{max(ids)}"
+            if job_dir.is_dir():
+                atomic_write(job_dir / SOURCES, "".join(f"{p.stem}\n" for p in paths).encode())
             c.execute("DELETE FROM instances WHERE study_uid = ? AND series_uid = ?", (study, series))
             c.execute("UPDATE series SET state = ?, n_instances = 0, reason = ? WHERE study_uid = ? AND"
                       " series_uid = ?", (SeriesState.PRUNED,
@@ -206,6 +212,47 @@ def prune(spool: Spool, db: IndexDB, retention_days: float, dry_run: bool = Fals
     for why in out.errors:
         log.warning("prune: %s", why)
     return out
+
+
+def pruned_cover(db: IndexDB, outbox: Path, job_id: int, sop_uids: set[str]) -> str:
+    """Why job ``job_id``'s input (``sop_uids``, the SOP Instance UIDs of its series now) is not to be processed:
+    the series' latest earlier job that made results was pruned (its report's ``pruned``) and these instances are
+    a strict part of those it was made from (a resend of part of a pruned series: processed alone, its results,
+    made from fewer slices, would retire the complete ones in every PACS). '' when it is to be processed (no pruned
+    earlier result; the same instances again, which make the same UIDs; or any instance those results lack).
+    Without the list of the pruned instances (a prune killed before writing it), fewer instances than that job
+    had count as part of them. SpoolError (index)."""
+    old_id, seen = _supersedes(db, job_id), {job_id}
+    while old_id and old_id not in seen:
+        seen.add(old_id)
+        rows = db._query("SELECT id, derived_series_uid, report, n_instances, supersedes FROM jobs WHERE id = ?",
+                         (old_id,))
+        if not rows:
+            return ""
+        old = rows[0]
+        if old["derived_series_uid"]:
+            if not json.loads(old["report"] or "{}").get("pruned"):
+                return ""
+            listed = outbox / f"job-{old_id}" / SOURCES
+            try:
+                before = {line.strip() for line in listed.read_text().splitlines() if line.strip()}
+            except OSError:
+                before = set()
+            n_before = len(before) or int(old["n_instances"] or 0)
+            part = sop_uids < before if before else len(sop_uids) < n_before
+            if not part:
+                return ""
+            return (f"a resend of {len(sop_uids)} of the {n_before} instance(s) job {old_id}'s results (delivered,"
+                    " then pruned from the spool by [node] retention_days) were made from: those results cover"
+                    " them; not processed alone (their results would retire the complete ones). Send the whole"
+                    " series again to process it again")
+        old_id = old["supersedes"]
+    return ""
+
+
+def _supersedes(db: IndexDB, job_id: int) -> int:
+    rows = db._query("SELECT supersedes FROM jobs WHERE id = ?", (job_id,))
+    return int(rows[0]["supersedes"] or 0) if rows else 0
 
 
 def pruned_leftover(db: IndexDB, study_uid: str, series_uid: str, sop_uid: str) -> bool:
