@@ -24,6 +24,10 @@ def test_a_partial_resend_of_a_pruned_series_does_not_retire_its_complete_result
         first = jobs[0]
         wait_until(lambda: "pruned 1 series" in node.cli("prune").stdout, timeout=60, interval=0.5,
                    what="the retention to pass and the prune")
+        # a replay / retry of the pruned job says why it cannot (before: "its rule is not configured (any more), or
+        # its series has no instance in the spool", the rule being configured)
+        r = node.cli("replay", str(first["id"]))
+        assert r.returncode == 1 and "removed from the spool by the retention" in r.stderr, (r.stdout, r.stderr)
         out = tmp_path / "node" / "out"
         before = _dcm(out)
         # a modality / PACS forwards 2 of the 4 instances again (a re-send of part of the series)
