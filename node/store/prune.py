@@ -13,7 +13,8 @@ instance to it meanwhile):
 
 What is removed: the received instance files (``instances/<Study>/<Series>/``) and their index rows (so that a
 later resend of the series is received as new and processed again), and the PIXELS of the derived results
-(``outbox/job-<id>/``): each derived file is rewritten, atomically, as its header alone, since a later rejection
+(``outbox/job-<id>/``): each derived file is rewritten, atomically, as its header alone (and the dashboard's
+preview PNG, pixels too, is removed), since a later rejection
 note (``node.derived.iocm``) retiring those results reads their headers (UIDs, SOP classes, study). What stays:
 the series, job and delivery rows; the series' state becomes 'pruned' and each job's report gets ``pruned``
 (Unix seconds), so ``srnode status`` and the dashboard keep the history.
@@ -199,6 +200,14 @@ def prune(spool: Spool, db: IndexDB, retention_days: float, dry_run: bool = Fals
         except OSError:
             pass
         for j in ids:
+            # the dashboard's preview (node.app.dashboard_data.PREVIEW): the patient's pixels, made from these
+            for png in (spool.outbox / f"job-{j}").glob("preview*.png"):
+                size = _size(png)
+                try:
+                    png.unlink()
+                    done.result_bytes += size
+                except OSError as exc:
+                    out.errors.append(f"{png}: {exc.strerror or exc}")
             for f in _result_files(spool.outbox, j):
                 try:
                     freed = _strip(f)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from node.app.dashboard_data import preview_png
+from node.store import Index, Spool
 from tests.support.hostile import dump, series
 from tests.support.nodeproc import NodeProc
 from tests.support.peers import storescu, wait_until
@@ -22,12 +24,17 @@ def test_a_partial_resend_of_a_pruned_series_does_not_retire_its_complete_result
         assert storescu(files, node.port).returncode == 0
         jobs = node.wait_jobs(lambda js: [j for j in js if j["state"] == "delivered"], what="first delivery")
         first = jobs[0]
+        # the dashboard's preview of the job (the patient's pixels, in the job's outbox folder)
+        job = Index(node.spool / "index.sqlite").job(first["id"])
+        png = preview_png(Spool(node.spool), Index(node.spool / "index.sqlite"), job)
+        assert png is not None and png.is_file()
         wait_until(lambda: "pruned 1 series" in node.cli("prune").stdout, timeout=60, interval=0.5,
                    what="the retention to pass and the prune")
         # a replay / retry of the pruned job says why it cannot (before: "its rule is not configured (any more), or
         # its series has no instance in the spool", the rule being configured)
         r = node.cli("replay", str(first["id"]))
         assert r.returncode == 1 and "removed from the spool by the retention" in r.stderr, (r.stdout, r.stderr)
+        assert not png.exists()  # before: kept, the pixels the prune says it removed
         out = tmp_path / "node" / "out"
         before = _dcm(out)
         # a modality / PACS forwards 2 of the 4 instances again (a re-send of part of the series)
