@@ -22,7 +22,8 @@ the series, job and delivery rows; the series' state becomes 'pruned' and each j
 Crash safety: the index is changed first (one transaction), the files after. A kill -9 between leaves instance
 files that no index row lists under a series marked 'pruned': the start-up re-index
 (``node.ingest.reindex``) removes those instead of re-indexing them (:func:`pruned_leftover`); derived files
-not yet stripped are stripped by the next prune run (a pruned job's folder is stripped again, idempotently).
+not yet stripped are stripped by the next prune run: each job's report gets ``stripped`` (Unix seconds) once all
+its results are, and a pruned series with a job whose report lacks it is stripped again (idempotently).
 
 A resend racing the prune of its own series: the files are removed under the index's write lock, and a file whose
 SOP Instance UID the index lists again is kept. A resend that the ingest linked as a duplicate of the old file just
@@ -108,6 +109,29 @@ def _prunable(c: Any, cutoff: float) -> list[tuple[str, str, list[int]]]:
     return out
 
 
+def _unstripped(c: Any) -> list[tuple[str, str, list[int]]]:
+    """(study, series, job ids) of the series marked 'pruned' whose jobs' results are not known to be stripped
+    (a job report with ``pruned`` and without ``stripped``: the prune stopped, or failed on a file, before)."""
+    out: list[tuple[str, str, list[int]]] = []
+    for r in c.execute("SELECT study_uid, series_uid FROM series WHERE state = ?", (SeriesState.PRUNED,)).fetchall():
+        jobs = c.execute("SELECT id, report FROM jobs WHERE study_uid = ? AND series_uid = ?",
+                         (r["study_uid"], r["series_uid"])).fetchall()
+        reports = [json.loads(j["report"] or "{}") for j in jobs]
+        if any(rep.get("pruned") and not rep.get("stripped") for rep in reports):
+            out.append((r["study_uid"], r["series_uid"], [int(j["id"]) for j in jobs]))
+    return out
+
+
+def _mark_stripped(db: IndexDB, ids: list[int], now: float) -> None:
+    with db.tx() as c:
+        for j in ids:
+            row = c.execute("SELECT report FROM jobs WHERE id = ?", (j,)).fetchone()
+            report = json.loads(row["report"] or "{}") if row is not None else {}
+            if report.get("pruned") and not report.get("stripped"):
+                report["stripped"] = now
+                c.execute("UPDATE jobs SET report = ? WHERE id = ?", (json.dumps(report), j))
+
+
 def _result_files(outbox: Path, job_id: int) -> list[Path]:
     d = outbox / f"job-{job_id}"
     return sorted(p for p in d.glob("**/*.dcm") if p.is_file()) if d.is_dir() else []
@@ -178,7 +202,11 @@ def prune(spool: Spool, db: IndexDB, retention_days: float, dry_run: bool = Fals
                 report["pruned"] = now
                 c.execute("UPDATE jobs SET report = ? WHERE id = ?", (json.dumps(report), j))
             todo.append((study, series, ids, paths))
+        # series pruned before whose results a stop (kill -9) or an error left unstripped: stripped again now
+        taken = {(s, r) for s, r, _, _ in todo}
+        todo += [(s, r, ids, []) for s, r, ids in _unstripped(c) if (s, r) not in taken]
     for study, series, ids, paths in todo:
+        failed = len(out.errors)
         done = Pruned(study, series, ids, 0, 0, 0, 0)
         # under the index's write lock: a resend of an instance recorded again since (its row committed before
         # this) keeps its file; no row can be recorded between this check and the removal
@@ -217,7 +245,10 @@ def prune(spool: Spool, db: IndexDB, retention_days: float, dry_run: bool = Fals
                 if freed:
                     done.results += 1
                     done.result_bytes += freed
-        out.series.append(done)
+        if len(out.errors) == failed:  # every result stripped: not looked at again
+            _mark_stripped(db, ids, now)
+        if paths or done.results or done.result_bytes:
+            out.series.append(done)
     for why in out.errors:
         log.warning("prune: %s", why)
     return out

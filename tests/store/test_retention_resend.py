@@ -59,3 +59,38 @@ def test_a_partial_resend_of_a_pruned_series_does_not_retire_its_complete_result
         assert not (last.get("report") or {}).get("rejection_notes"), dump(jobs)
     finally:
         node.stop()
+
+
+def test_results_a_killed_prune_left_unstripped_are_stripped_by_the_next_run(tmp_path: Path) -> None:
+    """break18b: the prune marks the series pruned (one transaction) and strips the results after; a kill -9 (or a
+    file it could not rewrite) between left the results' pixels for good: the next run looked only at series not
+    yet pruned ("pruned 0 series"), though the module said it would strip them. Now a pruned job's report says
+    when its results were all stripped, and the next run strips those it does not say it of."""
+    import json
+    import sqlite3
+
+    files = series(tmp_path / "ct", 62, 3)
+    node = NodeProc.start(tmp_path / "node", RETENTION)
+    try:
+        assert storescu(files, node.port).returncode == 0
+        job = node.wait_jobs(lambda js: [j for j in js if j["state"] == "delivered"], what="delivery")[0]["id"]
+        results = _dcm(node.spool / "outbox" / f"job-{job}")
+        full = {p: p.read_bytes() for p in results}
+        wait_until(lambda: "pruned 1 series" in node.cli("prune").stdout, timeout=60, interval=0.5,
+                   what="the retention to pass and the prune")
+        assert all(p.stat().st_size < len(full[p]) for p in results)
+        # the state a kill -9 after the prune's transaction, before its strips, leaves: the report says pruned (and
+        # not stripped), the results are whole
+        with sqlite3.connect(node.spool / "index.sqlite") as db:
+            report = json.loads(db.execute("SELECT report FROM jobs WHERE id = ?", (job,)).fetchone()[0])
+            report.pop("stripped", None)
+            db.execute("UPDATE jobs SET report = ? WHERE id = ?", (json.dumps(report), job))
+        for p, data in full.items():
+            p.write_bytes(data)
+        r = node.cli("prune")
+        assert r.returncode == 0, r.stderr
+        assert all(p.stat().st_size < len(full[p]) for p in results), r.stdout  # before: "pruned 0 series", whole
+        assert f"series {node.jobs()[0]['series']}" in r.stdout and "derived file(s) stripped" in r.stdout, r.stdout
+        assert "pruned 0 series" in node.cli("prune").stdout  # stripped once: not looked at again
+    finally:
+        node.stop()
