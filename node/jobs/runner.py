@@ -86,12 +86,14 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     if rule is None:
         return _fail(ctx, job, f"rule {job.rule!r} is no longer in the configuration", "config")
     inputs = index.instances_of(job.series_uid, job.study_uid)
-    covered = pruned_cover(index, spool.outbox, job.id, {i.sop_uid for i in inputs})
-    if covered:  # a resend of part of a pruned series: its delivered results cover it (node.store.prune)
-        log.warning("job %d (series %s): ignored: %s", job.id, job.series_uid, covered)
-        _recorded(job, lambda: index.finish_job(job.id, JobState.IGNORED, covered))
+    state, why = pruned_cover(index, spool.outbox, job.id, {i.sop_uid for i in inputs})
+    if state is JobState.FAILED:  # new instances, but pruned ones missing (node.store.prune)
+        return _fail(ctx, job, why, "pruned")
+    if state is not None:  # a resend of part of a pruned series: its delivered results cover it
+        log.warning("job %d (series %s): ignored: %s", job.id, job.series_uid, why)
+        _recorded(job, lambda: index.finish_job(job.id, JobState.IGNORED, why))
         metrics.series_processed.labels(outcome="ignored").inc()
-        audit.write("job-ignored", job=job.id, series=job.series_uid, reason=covered)
+        audit.write("job-ignored", job=job.id, series=job.series_uid, reason=why)
         return JobState.IGNORED
     paths = [Path(i.path) for i in inputs]
     revision = result_revision(index, job)  # a superseding result gets other SeriesNumbers

@@ -254,40 +254,48 @@ def prune(spool: Spool, db: IndexDB, retention_days: float, dry_run: bool = Fals
     return out
 
 
-def pruned_cover(db: IndexDB, outbox: Path, job_id: int, sop_uids: set[str]) -> str:
-    """Why job ``job_id``'s input (``sop_uids``, the SOP Instance UIDs of its series now) is not to be processed:
-    the series' latest earlier job that made results was pruned (its report's ``pruned``) and these instances are
-    a strict part of those it was made from (a resend of part of a pruned series: processed alone, its results,
-    made from fewer slices, would retire the complete ones in every PACS). '' when it is to be processed (no pruned
-    earlier result; the same instances again, which make the same UIDs; or any instance those results lack).
-    Without the list of the pruned instances (a prune killed before writing it), fewer instances than that job
-    had count as part of them. SpoolError (index)."""
+def pruned_cover(db: IndexDB, outbox: Path, job_id: int, sop_uids: set[str]) -> tuple[JobState | None, str]:
+    """Whether job ``job_id``'s input (``sop_uids``, the SOP Instance UIDs of its series now) may be processed,
+    when the series' latest earlier job that made results was pruned (its report's ``pruned``): processed without
+    the pruned instances, its results would lack those slices, and its rejection note would retire the complete
+    results in every PACS. (IGNORED, why): these instances are a strict part of those results' (a resend of part of
+    the series: those results cover them); (FAILED, why): some are new but some of the pruned ones are missing
+    (late instances after the prune: the whole series must be sent again); (None, '') to process it (no pruned
+    earlier result; the same instances again, which make the same UIDs; or all of them and more). Without the list
+    of the pruned instances (a prune killed before writing it), fewer instances than that job had count as a
+    part. SpoolError (index)."""
     old_id, seen = _supersedes(db, job_id), {job_id}
     while old_id and old_id not in seen:
         seen.add(old_id)
         rows = db._query("SELECT id, derived_series_uid, report, n_instances, supersedes FROM jobs WHERE id = ?",
                          (old_id,))
         if not rows:
-            return ""
+            return None, ""
         old = rows[0]
         if old["derived_series_uid"]:
             if not json.loads(old["report"] or "{}").get("pruned"):
-                return ""
+                return None, ""
             listed = outbox / f"job-{old_id}" / SOURCES
             try:
                 before = {line.strip() for line in listed.read_text().splitlines() if line.strip()}
             except OSError:
                 before = set()
             n_before = len(before) or int(old["n_instances"] or 0)
-            part = sop_uids < before if before else len(sop_uids) < n_before
-            if not part:
-                return ""
-            return (f"a resend of {len(sop_uids)} of the {n_before} instance(s) job {old_id}'s results (delivered,"
-                    " then pruned from the spool by [node] retention_days) were made from: those results cover"
-                    " them; not processed alone (their results would retire the complete ones). Send the whole"
-                    " series again to process it again")
+            was = (f"job {old_id}'s results (delivered, then pruned from the spool by [node] retention_days) were "
+                   f"made from {n_before} instance(s)")
+            if (sop_uids < before) if before else len(sop_uids) < n_before:
+                return JobState.IGNORED, (f"{was}; {len(sop_uids)} of them were sent again: those results cover "
+                                          "them, not processed alone (their results would retire the complete "
+                                          "ones). Send the whole series again to process it again")
+            missing = before - sop_uids
+            if missing:
+                return JobState.FAILED, (f"{was}; {len(sop_uids - before)} new instance(s) arrived since, but "
+                                         f"{len(missing)} of those are no longer in the spool: processed without "
+                                         "them, its results would lack their slices and retire the complete ones. "
+                                         "Send the whole series again to process it with them")
+            return None, ""
         old_id = old["supersedes"]
-    return ""
+    return None, ""
 
 
 def _supersedes(db: IndexDB, job_id: int) -> int:

@@ -45,7 +45,7 @@ def test_a_partial_resend_of_a_pruned_series_does_not_retire_its_complete_result
         # before: job 2 processed the 2 instances alone and its rejection note retired the complete 4-slice
         # results in the PACS (report rejection_notes {"out": "sent"}), replaced by a 2-slice series
         assert [j["state"] for j in later] == ["ignored"], dump(jobs)
-        assert "a resend of 2 of the 4 instance(s)" in later[0]["reason"], dump(jobs)
+        assert "made from 4 instance(s); 2 of them were sent again" in later[0]["reason"], dump(jobs)
         assert not (later[0].get("report") or {}).get("rejection_notes"), dump(jobs)
         assert _dcm(out) == before  # nothing sent: neither a note nor a partial series
 
@@ -92,5 +92,34 @@ def test_results_a_killed_prune_left_unstripped_are_stripped_by_the_next_run(tmp
         assert all(p.stat().st_size < len(full[p]) for p in results), r.stdout  # before: "pruned 0 series", whole
         assert f"series {node.jobs()[0]['series']}" in r.stdout and "derived file(s) stripped" in r.stdout, r.stdout
         assert "pruned 0 series" in node.cli("prune").stdout  # stripped once: not looked at again
+    finally:
+        node.stop()
+
+
+def test_a_late_instance_after_a_prune_is_not_processed_without_the_pruned_ones(tmp_path: Path) -> None:
+    """break18b: 2 instances of a series arriving after its first 4 were delivered and pruned were processed alone
+    (a 2-slice derived series) and its rejection note retired the complete results. Now the job fails, its reason
+    saying the pruned instances are missing and to send the whole series again; nothing is sent."""
+    files = series(tmp_path / "ct", 63, 6)
+    node = NodeProc.start(tmp_path / "node", RETENTION)
+    try:
+        assert storescu(files[:4], node.port).returncode == 0
+        node.wait_jobs(lambda js: [j for j in js if j["state"] == "delivered"], what="first delivery")
+        wait_until(lambda: "pruned 1 series" in node.cli("prune").stdout, timeout=60, interval=0.5,
+                   what="the retention to pass and the prune")
+        out = tmp_path / "node" / "out"
+        before = _dcm(out)
+        assert storescu(files[4:], node.port).returncode == 0
+        jobs = node.wait_jobs(lambda js: len(js) >= 2 and all(j["state"] not in ("queued", "processing", "sending")
+                                                               for j in js), what="the late instances settled")
+        late = max(jobs, key=lambda j: j["id"])
+        assert late["state"] == "failed", dump(jobs)
+        assert "2 new instance(s) arrived since, but 4 of those are no longer in the spool" in late["reason"], late
+        assert _dcm(out) == before  # no 1-slice series, no rejection note
+        # the whole series sent again: processed, all 6
+        assert storescu(files, node.port).returncode == 0
+        jobs = node.wait_jobs(lambda js: max(js, key=lambda j: j["id"])["state"] == "delivered",
+                              what="the whole series delivered")
+        assert max(jobs, key=lambda j: j["id"])["instances"] == 6, dump(jobs)
     finally:
         node.stop()
