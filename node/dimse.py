@@ -32,6 +32,10 @@ class Status(IntEnum):
     WARNING_ELEMENTS_DISCARDED = 0xB006  # PS3.4 B.2.3: stored, elements discarded
     WARNING_DATASET_MISMATCH = 0xB007  # PS3.4 B.2.3: stored, though the data set does not match the SOP class
     CANNOT_UNDERSTAND = 0xC210  # PS3.4 B.2.3: cannot understand (unparseable, UIDs missing or invalid)
+    # PS3.4 B.2.3 Cxxx (an error, not a refusal): the instance is over [node] max_instance_mb; sent again it is
+    # refused again (0xA7xx, out of resources, tells a sender to try later: the Orthanc plugin and modalities did,
+    # for an hour, blaming the disk)
+    TOO_LARGE = 0xC211
     PENDING = 0xFF00
     PENDING_WARNING = 0xFF01
 

@@ -36,8 +36,8 @@ A store job that fails because the node could not take the series (not reachable
 C-STORE status 0xA7xx, out of resources: its disk below min_free_mb) is tried again (RetrySeconds, doubling up
 to 300 s) until TimeoutSeconds after the first failure; the series stays srnode-queued, its SrNodeReason saying
 what failed (Orthanc's ErrorDetails: the address refused, the DIMSE status), how many attempts and when the next
-is. Any other refusal (a C-STORE status the node gives a bad instance), or the last attempt, marks it
-srnode-failed with the same words.
+is. Any other refusal (a C-STORE status the node gives a bad instance; 0xC211: an instance over the node's
+[node].max_instance_mb, said so), or the last attempt, marks it srnode-failed with the same words.
 
 Marks: Orthanc 1.10 has no labels, so the state is the series metadata ``SrNodeState`` (declare it in
 ``UserMetadata``, e.g. ``"UserMetadata": {"SrNodeState": 4242, "SrNodeReason": 4243}``) with values
@@ -106,6 +106,10 @@ def _store_failure(job_id: str, info: dict[str, Any]) -> _StoreFailed:
     if status is None:  # no DIMSE answer: no connection, no association, a lost link
         return _StoreFailed(f"C-STORE job {job_id} failed: srnode not reachable ({words})", retryable=True)
     code = status.group(1).upper()
+    if code == "C211":  # node.dimse.Status.TOO_LARGE: the same instance is refused the same way every time
+        return _StoreFailed(f"C-STORE job {job_id} failed: srnode refused an instance over its "
+                            f"[node].max_instance_mb ({words}): not sent again (raise max_instance_mb on the node, "
+                            "then send the series again)", retryable=False)
     if code.startswith("A7"):
         return _StoreFailed(f"C-STORE job {job_id} failed: srnode out of resources ({words}; its spool disk "
                             "is below [node].min_free_mb, or the node is busy: see its log)", retryable=True)

@@ -51,6 +51,8 @@ DONE_MESSAGES = {  # ?done= codes after a POST (fixed words: nothing from the qu
     "replayed": "Queued as a replay.",
     "no-replay": "Cannot replay: the job's rule is not configured (any more), or its series is not in the spool.",
     "busy": "Cannot replay now: the series has a job queued or in progress.",
+    "pruned": "Cannot replay: the retention ([node] retention_days) removed its series' instances from the spool; "
+              "send the series to the node again to process it again.",
     "no-destination": "Not retried: its destination is no longer configured, and its series cannot be replayed to "
                       "the destinations its rule names now (the rule is gone or names none, the series is not in "
                       "the spool, or it has a job in progress): the node's log says which.",

@@ -277,6 +277,8 @@ def _retry(index: Index, job_ids: list[int], cfg: Config) -> int:
         elif job.state is JobState.IGNORED and index.reconsider_ignored(jid):
             print(f"job {jid}: no rule had matched; the running node matches its series against its rules again")
             acted = True
+        elif (job.report or {}).get("pruned") and job.state is not JobState.DELIVERED:
+            print(f"job {jid}: nothing to retry: {PRUNED_WORDS}")
         elif job.state is JobState.DELIVERED:
             print(f"job {jid}: nothing to retry (state delivered); `srnode replay {jid}` sends its series again "
                   "under its rule as configured now (add a destination to the rule first to send it there)")
@@ -288,9 +290,12 @@ def _retry(index: Index, job_ids: list[int], cfg: Config) -> int:
     return rc
 
 
+PRUNED_WORDS = ("its series' received instances were removed from the spool by the retention ([node] retention_days): "
+                "send the series to the node again to process it again")
 _REPLAY_REFUSED = {
     "no-replay": "its rule is not configured (any more), or its series has no instance in the spool",
     "busy": "its series has a job queued or in progress: replay it when that one is done",
+    "pruned": PRUNED_WORDS,
 }
 
 

@@ -385,9 +385,10 @@ _PATH_KEYS: Mapping[type, tuple[str, ...]] = {
 _NOT_A_PATH = frozenset({"", "none"})
 
 
-def _resolve_paths(obj: Any, base: Path) -> Any:
+def _resolve_paths(obj: Any, base: Path | None) -> Any:
     """``obj`` (a config dataclass, a tuple of them, or any other value) with every relative path key
-    (``_PATH_KEYS``) joined to ``base``; absolute paths, "" and "none" are kept as they are."""
+    (``_PATH_KEYS``) joined to ``base`` and ``~`` / ``~user`` expanded (ConfigError for an unknown user); absolute
+    paths, "" and "none" are kept as they are."""
     if isinstance(obj, tuple):
         return tuple(_resolve_paths(v, base) for v in obj)
     if not dataclasses.is_dataclass(obj) or isinstance(obj, type):
@@ -399,7 +400,12 @@ def _resolve_paths(obj: Any, base: Path) -> Any:
             continue
         value = getattr(obj, f.name)
         if f.name in path_keys and isinstance(value, str):
-            if value not in _NOT_A_PATH and not Path(value).expanduser().is_absolute():
+            if value.startswith("~"):  # the user's home: Path() never expands it (it made a folder named "~")
+                home = os.path.expanduser(value)
+                if home.startswith("~"):
+                    raise ConfigError(f"{type(obj).__name__}.{f.name}: {value!r}: no such user's home folder")
+                changes[f.name] = home
+            elif base is not None and value not in _NOT_A_PATH and not Path(value).is_absolute():
                 changes[f.name] = os.path.abspath(base / value)
             continue
         new = _resolve_paths(value, base)
@@ -413,12 +419,12 @@ def config_from_dict(data: Mapping[str, Any], path: str = "", base: Path | None 
 
     With ``base`` (the folder of the file it was read from) relative file and folder keys (``_PATH_KEYS``:
     ``spool_dir``, a folder destination's ``path``, TLS PEM files, ``weights``, ``audit_log``) are made absolute
-    under it; without it (the embedded defaults) they stay relative to the current directory.
+    under it; without it (the embedded defaults) they stay relative to the current directory. ``~`` is expanded
+    either way.
     """
     cfg: Config = _build(Config, data, "")
     _check(cfg)
-    if base is not None:
-        cfg = _resolve_paths(cfg, base)
+    cfg = _resolve_paths(cfg, base)
     return dataclasses.replace(cfg, path=path)
 
 
@@ -454,7 +460,7 @@ def _check_spool_moved(data: Mapping[str, Any], base: Path) -> None:
     empty spool and leave every accepted instance and job of the old one behind, unprocessed and unsaid."""
     node = data.get("node")
     value = node.get("spool_dir") if isinstance(node, Mapping) else None
-    if not isinstance(value, str) or value in _NOT_A_PATH or Path(value).expanduser().is_absolute():
+    if not isinstance(value, str) or value in _NOT_A_PATH or value.startswith("~") or Path(value).is_absolute():
         return
     by_file, by_cwd = Path(os.path.abspath(base / value)), Path(os.path.abspath(value))
     if by_file != by_cwd and (by_cwd / "index.sqlite").is_file() and not (by_file / "index.sqlite").is_file():

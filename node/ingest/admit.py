@@ -172,7 +172,7 @@ def _header_source(path: Path, size: int) -> BinaryIO:
 
 def _too_large(what: str, limit: int) -> IngestError:
     return IngestError(f"{what} is over node.max_instance_mb = {limit >> 20}: refused before its header is read "
-                       "whole", Status.OUT_OF_RESOURCES)
+                       "whole", Status.TOO_LARGE)
 
 
 def _elements_inside(ds: Dataset, size: int) -> tuple[int, str] | None:
@@ -280,7 +280,7 @@ def header_dataset(path: Path, max_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, scra
     file that is not in ``incoming/`` (reindex reads the spool's ``instances/``) must name ``incoming/``: a copy
     a kill leaves there is removed at the next start, one left beside a stored instance stays for good.
     ``has_space``: the spool's watermark, asked while inflating (0xA700 once it is False; None: not asked).
-    IngestError 0xA700 (too large) or 0xC210 (cannot be parsed, an element past the end of the file); OSError
+    IngestError 0xC211 (too large) or 0xC210 (cannot be parsed, an element past the end of the file); OSError
     when unreadable."""
     size = path.stat().st_size
     if size > max_bytes:

@@ -17,7 +17,7 @@ could make the node hold gigabytes (a 1 MB stream: +2 GB and 10 s in the header 
 
 Limits (units): the file meta may end at most ``MAX_META_BYTES`` (1 MiB) into the file; the deflate stream is read
 and inflated ``INFLATE_CHUNK`` (1 MiB) at a time, so memory stays ~2 MiB whatever the ratio; the inflated data set
-may reach ``limit`` bytes (``[node] max_instance_mb`` << 20) and no more (0xA700); the copy lives on disk (the
+may reach ``limit`` bytes (``[node] max_instance_mb`` << 20) and no more (0xC211); the copy lives on disk (the
 ``scratch`` folder, default the file's own), and the spool's ``[node] min_free_mb`` watermark is asked after every
 chunk (0xA700 once it is crossed). Not guarded here: what the inflated data set holds (admission's header check reads
 it with the same bounds as any other file) and a deflated N-EVENT-REPORT (``node.ingest.scp`` does not offer the
@@ -163,7 +163,7 @@ def _inflate(path: Path, limit: int, scratch: Path | None = None,
                 if total > limit:
                     raise IngestError(f"a deflated data set inflating to more than {limit} bytes is over "
                                       f"node.max_instance_mb = {limit >> 20}: refused before its header is read "
-                                      "whole", Status.OUT_OF_RESOURCES)
+                                      "whole", Status.TOO_LARGE)
                 out.write(part)
                 if has_space is not None and not has_space():
                     raise IngestError(f"its deflated data set cannot be inflated in {folder} to check its header: "

@@ -266,7 +266,7 @@ class StowReceiver:
                  max_instance_bytes: int = DEFAULT_MAX_INSTANCE_BYTES, max_parts: int = DEFAULT_MAX_PARTS) -> None:
         self.parser = MultipartStream(boundary)
         self.max_parts = max_parts  # [http] max_stow_parts: a part beyond it ends the request (TooManyParts)
-        self.max_instance_bytes = max_instance_bytes  # [node] max_instance_mb: a larger part is refused 0xA700
+        self.max_instance_bytes = max_instance_bytes  # [node] max_instance_mb: a larger part is refused 0xC211
         self.admit, self.incoming, self.study = admit, Path(incoming), study
         self.has_space = has_space or (lambda: True)
         self.result = StowResult()

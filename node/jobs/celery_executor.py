@@ -32,7 +32,7 @@ from node.errors import NodeError
 from node.jobs.celery_remote import OutcomeWatcher, job_spec, run_remote_job
 from node.jobs.context import JobContext
 from node.jobs.runner import process_claimed, run_job
-from node.store import Index, Job, JobState, poison_reason
+from node.store import Index, Job, JobState, poison_reason, pruned_cover
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class CeleryExecutor:
     def __init__(self, ctx: JobContext) -> None:
         self.cfg = ctx.cfg
         self.index = ctx.store.index
+        self.outbox = ctx.store.spool.outbox
         self.app: Celery | None = None
         self.outcomes: OutcomeWatcher | None = None  # data_access = "dicomweb": records remote outcomes on the node's jobs
         self._down_until = 0.0  # after a failed publish, fail fast for a while (the watcher retries each tick)
@@ -145,6 +146,8 @@ class CeleryExecutor:
         where = broker_display(self.cfg.executor.broker_url)
         if time.monotonic() < self._down_until:
             raise NodeError(f"job {job_id}: the Celery broker {where} was unreachable moments ago; stays queued")
+        if self.outcomes is not None and self._pruned_part(int(job_id)):
+            return
         try:
             res = self.app.send_task(
                 TASK_NAME,
@@ -162,6 +165,20 @@ class CeleryExecutor:
             # the job runs in the worker's own spool: this node's job is 'processing' until the outcome comes back
             if self.index.claim_job(int(job_id)) is not None and not self.app.conf.task_ignore_result:
                 self.outcomes.track(int(job_id), res)
+
+    def _pruned_part(self, job_id: int) -> bool:
+        """"dicomweb" workers: a job whose series the node pruned, holding part of the pruned instances (or new ones
+        without them), is decided here (``node.store.prune.pruned_cover``: ignored, or failed, with why), not
+        published: a worker's own spool does not know what the node pruned, and would process it alone."""
+        job = self.index.job(job_id)
+        sops = {i.sop_uid for i in self.index.instances_of(job.series_uid, job.study_uid)}
+        state, why = pruned_cover(self.index, self.outbox, job_id, sops)
+        if state is None:
+            return False
+        if self.index.claim_job(job_id) is not None:
+            self.index.finish_job(job_id, state, why)
+            log.warning("job %d (series %s): %s: %s", job_id, job.series_uid, state, why)
+        return True
 
     def _job_spec(self, job_id: int | str) -> dict[str, Any]:
         """What a "dicomweb" worker needs to fetch the series: its UIDs (no PHI)."""

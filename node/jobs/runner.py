@@ -40,7 +40,7 @@ from node.process import (
     process_series,
     write_error,
 )
-from node.store import Job, JobState
+from node.store import Job, JobState, pruned_cover
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -85,7 +85,17 @@ def process_claimed(ctx: JobContext, job: Job) -> str:
     rule = _rule(cfg.rules, job.rule)
     if rule is None:
         return _fail(ctx, job, f"rule {job.rule!r} is no longer in the configuration", "config")
-    paths = [Path(i.path) for i in index.instances_of(job.series_uid, job.study_uid)]
+    inputs = index.instances_of(job.series_uid, job.study_uid)
+    state, why = pruned_cover(index, spool.outbox, job.id, {i.sop_uid for i in inputs})
+    if state is JobState.FAILED:  # new instances, but pruned ones missing (node.store.prune)
+        return _fail(ctx, job, why, "pruned")
+    if state is not None:  # a resend of part of a pruned series: its delivered results cover it
+        log.warning("job %d (series %s): ignored: %s", job.id, job.series_uid, why)
+        _recorded(job, lambda: index.finish_job(job.id, JobState.IGNORED, why))
+        metrics.series_processed.labels(outcome="ignored").inc()
+        audit.write("job-ignored", job=job.id, series=job.series_uid, reason=why)
+        return JobState.IGNORED
+    paths = [Path(i.path) for i in inputs]
     revision = result_revision(index, job)  # a superseding result gets other SeriesNumbers
     log.info("job %d: series %s, %d instances, rule %s", job.id, job.series_uid, len(paths), rule.name)
     out_dir = spool.outbox / f"job-{job.id}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from node.config import Config
 from node.store.index import HEADER_DECLARED, MAX_DECLARED_INSTANCES, NO_HINT, Index, SeriesKey, SizeHint
 from node.store.jobs import poison_reason
-from node.store.prune import PruneResult, prune, pruned_leftover
+from node.store.prune import PruneResult, prune, pruned_cover, pruned_leftover
 from node.store.schema import DAMAGED_HINT, Delivery, IndexDamaged, Instance, Job
 from node.store.spool import Spool, Stored, atomic_copy, atomic_write, fsync_dir, valid_uid
 from node.store.states import JOB_DONE_STATES, NOT_SENT, DeliveryState, JobState, SeriesState
@@ -24,6 +24,7 @@ __all__ = [
     "NO_HINT",
     "poison_reason",
     "prune",
+    "pruned_cover",
     "pruned_leftover",
     "PruneResult",
     "JOB_DONE_STATES",

@@ -13,7 +13,8 @@ instance to it meanwhile):
 
 What is removed: the received instance files (``instances/<Study>/<Series>/``) and their index rows (so that a
 later resend of the series is received as new and processed again), and the PIXELS of the derived results
-(``outbox/job-<id>/``): each derived file is rewritten, atomically, as its header alone, since a later rejection
+(``outbox/job-<id>/``): each derived file is rewritten, atomically, as its header alone (and the dashboard's
+preview PNG, pixels too, is removed), since a later rejection
 note (``node.derived.iocm``) retiring those results reads their headers (UIDs, SOP classes, study). What stays:
 the series, job and delivery rows; the series' state becomes 'pruned' and each job's report gets ``pruned``
 (Unix seconds), so ``srnode status`` and the dashboard keep the history.
@@ -21,7 +22,8 @@ the series, job and delivery rows; the series' state becomes 'pruned' and each j
 Crash safety: the index is changed first (one transaction), the files after. A kill -9 between leaves instance
 files that no index row lists under a series marked 'pruned': the start-up re-index
 (``node.ingest.reindex``) removes those instead of re-indexing them (:func:`pruned_leftover`); derived files
-not yet stripped are stripped by the next prune run (a pruned job's folder is stripped again, idempotently).
+not yet stripped are stripped by the next prune run: each job's report gets ``stripped`` (Unix seconds) once all
+its results are, and a pruned series with a job whose report lacks it is stripped again (idempotently).
 
 A resend racing the prune of its own series: the files are removed under the index's write lock, and a file whose
 SOP Instance UID the index lists again is kept. A resend that the ingest linked as a duplicate of the old file just
@@ -46,6 +48,7 @@ from node.store.states import NOT_SENT, DeliveryState, JobState, SeriesState
 log = logging.getLogger(__name__)
 
 DAY_S = 86400.0
+SOURCES = "pruned-sources.txt"  # in outbox/job-<id>/ of the series' latest job: the SOP UIDs pruned, one a line
 _SERIES_DONE = (SeriesState.DELIVERED, SeriesState.IGNORED)
 _JOBS_DONE = (JobState.DELIVERED, JobState.IGNORED, JobState.SUPERSEDED)
 _DELIVERIES_DONE = (DeliveryState.DELIVERED, DeliveryState.UNCONFIRMED)
@@ -106,6 +109,29 @@ def _prunable(c: Any, cutoff: float) -> list[tuple[str, str, list[int]]]:
     return out
 
 
+def _unstripped(c: Any) -> list[tuple[str, str, list[int]]]:
+    """(study, series, job ids) of the series marked 'pruned' whose jobs' results are not known to be stripped
+    (a job report with ``pruned`` and without ``stripped``: the prune stopped, or failed on a file, before)."""
+    out: list[tuple[str, str, list[int]]] = []
+    for r in c.execute("SELECT study_uid, series_uid FROM series WHERE state = ?", (SeriesState.PRUNED,)).fetchall():
+        jobs = c.execute("SELECT id, report FROM jobs WHERE study_uid = ? AND series_uid = ?",
+                         (r["study_uid"], r["series_uid"])).fetchall()
+        reports = [json.loads(j["report"] or "{}") for j in jobs]
+        if any(rep.get("pruned") and not rep.get("stripped") for rep in reports):
+            out.append((r["study_uid"], r["series_uid"], [int(j["id"]) for j in jobs]))
+    return out
+
+
+def _mark_stripped(db: IndexDB, ids: list[int], now: float) -> None:
+    with db.tx() as c:
+        for j in ids:
+            row = c.execute("SELECT report FROM jobs WHERE id = ?", (j,)).fetchone()
+            report = json.loads(row["report"] or "{}") if row is not None else {}
+            if report.get("pruned") and not report.get("stripped"):
+                report["stripped"] = now
+                c.execute("UPDATE jobs SET report = ? WHERE id = ?", (json.dumps(report), j))
+
+
 def _result_files(outbox: Path, job_id: int) -> list[Path]:
     d = outbox / f"job-{job_id}"
     return sorted(p for p in d.glob("**/*.dcm") if p.is_file()) if d.is_dir() else []
@@ -160,6 +186,11 @@ def prune(spool: Spool, db: IndexDB, retention_days: float, dry_run: bool = Fals
         for study, series, ids in _prunable(c, cutoff):
             paths = [Path(r["path"]) for r in c.execute(
                 "SELECT path FROM instances WHERE study_uid = ? AND series_uid = ?", (study, series))]
+            # what the latest job's results were made from, kept: a later resend of part of them is covered by
+            # those results (``pruned_cover``), never processed alone (its results would retire the complete ones)
+            job_dir = spool.outbox / f"job-{max(ids)}"
+            if job_dir.is_dir():
+                atomic_write(job_dir / SOURCES, "".join(f"{p.stem}\n" for p in paths).encode())
             c.execute("DELETE FROM instances WHERE study_uid = ? AND series_uid = ?", (study, series))
             c.execute("UPDATE series SET state = ?, n_instances = 0, reason = ? WHERE study_uid = ? AND"
                       " series_uid = ?", (SeriesState.PRUNED,
@@ -171,7 +202,11 @@ def prune(spool: Spool, db: IndexDB, retention_days: float, dry_run: bool = Fals
                 report["pruned"] = now
                 c.execute("UPDATE jobs SET report = ? WHERE id = ?", (json.dumps(report), j))
             todo.append((study, series, ids, paths))
+        # series pruned before whose results a stop (kill -9) or an error left unstripped: stripped again now
+        taken = {(s, r) for s, r, _, _ in todo}
+        todo += [(s, r, ids, []) for s, r, ids in _unstripped(c) if (s, r) not in taken]
     for study, series, ids, paths in todo:
+        failed = len(out.errors)
         done = Pruned(study, series, ids, 0, 0, 0, 0)
         # under the index's write lock: a resend of an instance recorded again since (its row committed before
         # this) keeps its file; no row can be recorded between this check and the removal
@@ -193,6 +228,14 @@ def prune(spool: Spool, db: IndexDB, retention_days: float, dry_run: bool = Fals
         except OSError:
             pass
         for j in ids:
+            # the dashboard's preview (node.app.dashboard_data.PREVIEW): the patient's pixels, made from these
+            for png in (spool.outbox / f"job-{j}").glob("preview*.png"):
+                size = _size(png)
+                try:
+                    png.unlink()
+                    done.result_bytes += size
+                except OSError as exc:
+                    out.errors.append(f"{png}: {exc.strerror or exc}")
             for f in _result_files(spool.outbox, j):
                 try:
                     freed = _strip(f)
@@ -202,10 +245,62 @@ def prune(spool: Spool, db: IndexDB, retention_days: float, dry_run: bool = Fals
                 if freed:
                     done.results += 1
                     done.result_bytes += freed
-        out.series.append(done)
+        if len(out.errors) == failed:  # every result stripped: not looked at again
+            _mark_stripped(db, ids, now)
+        if paths or done.results or done.result_bytes:
+            out.series.append(done)
     for why in out.errors:
         log.warning("prune: %s", why)
     return out
+
+
+def pruned_cover(db: IndexDB, outbox: Path, job_id: int, sop_uids: set[str]) -> tuple[JobState | None, str]:
+    """Whether job ``job_id``'s input (``sop_uids``, the SOP Instance UIDs of its series now) may be processed,
+    when the series' latest earlier job that made results was pruned (its report's ``pruned``): processed without
+    the pruned instances, its results would lack those slices, and its rejection note would retire the complete
+    results in every PACS. (IGNORED, why): these instances are a strict part of those results' (a resend of part of
+    the series: those results cover them); (FAILED, why): some are new but some of the pruned ones are missing
+    (late instances after the prune: the whole series must be sent again); (None, '') to process it (no pruned
+    earlier result; the same instances again, which make the same UIDs; or all of them and more). Without the list
+    of the pruned instances (a prune killed before writing it), fewer instances than that job had count as a
+    part. SpoolError (index)."""
+    old_id, seen = _supersedes(db, job_id), {job_id}
+    while old_id and old_id not in seen:
+        seen.add(old_id)
+        rows = db._query("SELECT id, derived_series_uid, report, n_instances, supersedes FROM jobs WHERE id = ?",
+                         (old_id,))
+        if not rows:
+            return None, ""
+        old = rows[0]
+        if old["derived_series_uid"]:
+            if not json.loads(old["report"] or "{}").get("pruned"):
+                return None, ""
+            listed = outbox / f"job-{old_id}" / SOURCES
+            try:
+                before = {line.strip() for line in listed.read_text().splitlines() if line.strip()}
+            except OSError:
+                before = set()
+            n_before = len(before) or int(old["n_instances"] or 0)
+            was = (f"job {old_id}'s results (delivered, then pruned from the spool by [node] retention_days) were "
+                   f"made from {n_before} instance(s)")
+            if (sop_uids < before) if before else len(sop_uids) < n_before:
+                return JobState.IGNORED, (f"{was}; {len(sop_uids)} of them were sent again: those results cover "
+                                          "them, not processed alone (their results would retire the complete "
+                                          "ones). Send the whole series again to process it again")
+            missing = before - sop_uids
+            if missing:
+                return JobState.FAILED, (f"{was}; {len(sop_uids - before)} new instance(s) arrived since, but "
+                                         f"{len(missing)} of those are no longer in the spool: processed without "
+                                         "them, its results would lack their slices and retire the complete ones. "
+                                         "Send the whole series again to process it with them")
+            return None, ""
+        old_id = old["supersedes"]
+    return None, ""
+
+
+def _supersedes(db: IndexDB, job_id: int) -> int:
+    rows = db._query("SELECT supersedes FROM jobs WHERE id = ?", (job_id,))
+    return int(rows[0]["supersedes"] or 0) if rows else 0
 
 
 def pruned_leftover(db: IndexDB, study_uid: str, series_uid: str, sop_uid: str) -> bool:

@@ -357,3 +357,27 @@ def test_a_relative_spool_dir_that_moved_with_this_release_is_refused_not_starte
     (folder / "spool").mkdir()
     (folder / "spool" / "index.sqlite").write_bytes(b"")
     assert load_config(folder / "config.toml").spool_path == folder.absolute() / "spool"
+
+
+def test_a_path_under_the_home_folder_is_expanded_not_a_folder_named_tilde(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """break18b: ``spool_dir = "~/srnode/spool"`` (and every path key) was kept as written -- the relative-path rule
+    took "~" for absolute -- and used as a relative path: the node made a folder named "~" in the directory it ran
+    in (the spool following the current directory again). Now "~" is the user's home; an unknown "~user" is
+    refused naming the key."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "config.toml").write_text(
+        '[node]\nspool_dir = "~/srnode/spool"\naudit_log = "~/srnode/audit.log"\n'
+        '[[destinations]]\nname = "local"\nkind = "folder"\npath = "~/srnode-out"\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(etc / "config.toml")
+    assert cfg.spool_path == home / "srnode/spool"
+    assert Path(cfg.node.audit_log) == home / "srnode/audit.log"
+    local = cfg.destinations[0]
+    assert isinstance(local, FolderDestination) and Path(local.path) == home / "srnode-out"
+    (etc / "bad.toml").write_text('[node]\nspool_dir = "~no-such-user-b18b/spool"\n')
+    with pytest.raises(ConfigError, match="NodeConfig.spool_dir: '~no-such-user-b18b/spool': no such user"):
+        load_config(etc / "bad.toml")

@@ -246,3 +246,33 @@ def test_a_series_the_node_rules_leave_alone_is_not_marked_failed(tmp_path: Path
     finally:
         node.stop()
         orthanc.stop()
+
+
+def test_an_instance_over_max_instance_mb_is_said_once_not_resent_for_an_hour(tmp_path: Path) -> None:
+    """break18b: an instance over the node's [node] max_instance_mb was answered 0xA700 (out of resources, as a
+    full disk): the plugin sent the whole series again ~14 times over TimeoutSeconds (3600 s), its reason blaming
+    min_free_mb. Now the node answers 0xC211 (an error: sent again it is refused again) and the plugin marks the
+    series srnode-failed at the first attempt, the reason naming max_instance_mb."""
+    node_port, http_port = free_port(), free_port()
+    orthanc = orthanc_dicomweb(tmp_path / "orthanc", srnode={
+        "AeTitle": "SRNODE", "Host": "127.0.0.1", "Port": node_port, "Modalities": ["CT"], "PollSeconds": 0.2,
+        "HttpUrl": f"http://127.0.0.1:{http_port}", "Token": "test-token-3f9a", "RetrySeconds": 1,
+        "TimeoutSeconds": 3600})
+    node = start_node(tmp_path / "node", {"node": {"port": node_port, "max_instance_mb": 1},
+                                          "http": {"port": http_port}})
+    try:
+        files = phantom(tmp_path, seed=183, slices=2, size=1024)  # 2 MiB per slice
+        upload(orthanc, files)
+        original = orthanc.series_of_study(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)[0]["ID"]
+        # before: srnode-queued, "out of resources (… 0xA700; its spool disk is below [node].min_free_mb …)",
+        # sent again every 1, 2, 4 … s for the hour
+        state = wait_until(lambda: _meta(orthanc, original, "SrNodeState") in ("srnode-failed", "srnode-done")
+                           and _meta(orthanc, original, "SrNodeState"), 60, interval=0.2, what="the series given up")
+        reason = _meta(orthanc, original, "SrNodeReason")
+        assert state == "srnode-failed", reason
+        assert "max_instance_mb" in reason and "0xC211" in reason and "min_free_mb" not in reason, reason
+        assert "not sent yet: attempt" not in orthanc.log_path.read_text()
+        assert "node.max_instance_mb = 1" in node.log()
+    finally:
+        node.stop()
+        orthanc.stop()

@@ -195,7 +195,7 @@ def test_a_deflate_bomb_behind_a_padded_transfer_syntax_uid_is_refused_without_i
     """A STOW-RS part whose TransferSyntaxUID (Deflated) is followed by 120 NUL bytes: the guard read the value
     only up to 128 bytes, saw no transfer syntax and let pydicom parse the file; pydicom strips the padding, sees
     Deflated and inflated 300 MiB from 307 KB whole (node +600 MB). Now the syntax pydicom acts on decides: refused
-    0xA700 over node.max_instance_mb = 64 (inflated in chunks), memory flat."""
+    0xC211 over node.max_instance_mb = 64 (inflated in chunks), memory flat."""
     node = start_node(tmp_path / "node", {"node": {"max_instance_mb": 64}})
     try:
         bomb = _padded_syntax_copy(_instance(tmp_path, 31, zeros=300 * MiB, deflated=True), tmp_path / "bomb.dcm",
@@ -206,7 +206,7 @@ def test_a_deflate_bomb_behind_a_padded_transfer_syntax_uid_is_refused_without_i
                            headers={"Authorization": f"Bearer {TOKEN}",
                                     "Content-Type": 'multipart/related; type="application/dicom"; boundary=b1'})
         assert peak.growth_mb < 48, f"the node grew by {peak.growth_mb:.0f} MB on a {bomb.stat().st_size} byte part"
-        assert r.status_code == 409 and "42752" in r.text, (r.status_code, r.text)  # FailureReason 0xA700
+        assert r.status_code == 409 and "49681" in r.text, (r.status_code, r.text)  # FailureReason 0xC211
         assert "max_instance_mb" in r.headers.get("warning", ""), r.headers
         assert not _copies(node.spool)
     finally:

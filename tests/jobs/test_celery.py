@@ -312,3 +312,46 @@ def test_a_result_made_on_another_dicomweb_worker_is_said_unretired(tmp_path: Pa
     finally:
         b.stop()
         node.stop()
+
+
+def test_a_dicomweb_worker_is_not_given_part_of_a_series_the_node_pruned(tmp_path: Path, redis_server: RedisServer,
+                                                                         pacs: tuple[int, Path]) -> None:
+    """break18b: data_access = "dicomweb"; a series delivered, pruned by the node's retention, then 2 of its 4
+    instances sent again: published to the worker, whose own spool knows nothing of the prune (it still listed the 4
+    instances it had removed after delivering): the job failed "write error while writing results: No such file or
+    directory (ENOENT) …; 'srnode retry' re-queues the job once there is room" (a retry failed the same way). Now
+    the node decides it before publishing: 'ignored', its reason saying the pruned results cover it; nothing sent."""
+    pacs_port, pacs_dir = pacs
+    executor = {"kind": "celery", "broker_url": redis_server.url, "data_access": "dicomweb",
+                "visibility_timeout_s": 60}
+    node = NodeProc.start(tmp_path / "node", {
+        "node": {"stable_age_s": 1.0, "retention_days": 2e-5},
+        "http": {"token": "t0ken"},
+        "executor": executor,
+        "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                          "port": pacs_port}],
+        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
+                   "destinations": ["pacs"]}],
+    })
+    wcfg = tmp_path / "worker.toml"
+    wcfg.write_text(dump_toml(merge(node.config, {"node": {"spool_dir": str(tmp_path / "worker-spool")},
+                                                  "executor": {**executor, "node_url": node.http_url}})))
+    worker = WorkerProcess(wcfg, "remote@test", tmp_path / "worker.log")
+    try:
+        worker.start()
+        files = write_phantom_series(tmp_path / "in", seed=19, slices=4, size=64)
+        assert storescu(files, node.port).returncode == 0
+        node.wait_jobs(lambda js: len(js) == 1 and js[0]["state"] == "delivered", timeout=120,
+                       what="the first job delivered")
+        wait_until(lambda: "pruned 1 series" in node.cli("prune").stdout, timeout=60, interval=0.5,
+                   what="the retention to pass and the prune")
+        sent = sorted(p for p in pacs_dir.rglob("*") if p.is_file())
+        assert storescu(files[:2], node.port).returncode == 0
+        jobs = node.wait_jobs(lambda js: len(js) == 2 and js[1]["state"] not in ("queued", "processing", "sending"),
+                              timeout=120, what="the resend decided")
+        assert jobs[1]["state"] == "ignored", (jobs[1]["state"], jobs[1]["reason"])
+        assert "2 of them were sent again" in jobs[1]["reason"], jobs
+        assert sorted(p for p in pacs_dir.rglob("*") if p.is_file()) == sent
+    finally:
+        worker.stop()
+        node.stop()
