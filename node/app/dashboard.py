@@ -50,6 +50,9 @@ DONE_MESSAGES = {  # ?done= codes after a POST (fixed words: nothing from the qu
     "rematched": "Its rule is not configured (any more): its series is matched against the rules again.",
     "replayed": "Queued as a replay.",
     "no-replay": "Cannot replay: the job's rule is not configured (any more), or its series is not in the spool.",
+    "no-rule": "Cannot replay: the job's rule is not configured (any more).",
+    "pruned": "Cannot replay: the retention removed its series' instances from this node; send the series again.",
+    "no-instances": "Cannot replay: its series has no instance in this node's spool; send the series again.",
     "busy": "Cannot replay now: the series has a job queued or in progress.",
     "no-destination": "Not retried: its destination is no longer configured, and its series cannot be replayed to "
                       "the destinations its rule names now (the rule is gone or names none, the series is not in "

@@ -289,7 +289,10 @@ def _retry(index: Index, job_ids: list[int], cfg: Config) -> int:
 
 
 _REPLAY_REFUSED = {
-    "no-replay": "its rule is not configured (any more), or its series has no instance in the spool",
+    "no-rule": "its rule is not configured (any more)",
+    "pruned": "the retention removed its series' instances from this node (`srnode status` says when): send the "
+              "series again to process it again",
+    "no-instances": "its series has no instance in this node's spool: send the series again",
     "busy": "its series has a job queued or in progress: replay it when that one is done",
 }
 

@@ -46,6 +46,7 @@ from node.store.states import NOT_SENT, DeliveryState, JobState, SeriesState
 log = logging.getLogger(__name__)
 
 DAY_S = 86400.0
+PREVIEW = "preview.png"  # the dashboard's preview in a job's outbox folder (node.app.dashboard_data): pruned too
 _SERIES_DONE = (SeriesState.DELIVERED, SeriesState.IGNORED)
 _JOBS_DONE = (JobState.DELIVERED, JobState.IGNORED, JobState.SUPERSEDED)
 _DELIVERIES_DONE = (DeliveryState.DELIVERED, DeliveryState.UNCONFIRMED)
@@ -193,6 +194,13 @@ def prune(spool: Spool, db: IndexDB, retention_days: float, dry_run: bool = Fals
         except OSError:
             pass
         for j in ids:
+            preview = spool.outbox / f"job-{j}" / PREVIEW
+            try:  # the dashboard's preview is the patient's pixels too, made from the results now stripped
+                if preview.is_file():
+                    done.result_bytes += _size(preview)
+                    preview.unlink()
+            except OSError as exc:
+                out.errors.append(f"{preview}: {exc.strerror or exc}")
             for f in _result_files(spool.outbox, j):
                 try:
                     freed = _strip(f)
