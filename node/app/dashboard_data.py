@@ -191,8 +191,9 @@ def parse_tags(text: str) -> tuple[Dataset, list[str]]:
 
 
 def spooled_series(index: Index, limit: int = 200) -> list[dict[str, Any]]:
-    """The latest ``limit`` series in the spool, newest first: UIDs, modality, calling AE, state, counts."""
-    rows = index.all_series()[-limit:][::-1]
+    """The latest ``limit`` series in the spool, newest first: UIDs, modality, calling AE, state, counts (not those
+    the retention pruned: no instance of them is left to test a rule on)."""
+    rows = [r for r in index.all_series() if str(r["state"]) != "pruned"][-limit:][::-1]
     return [{"key": f"{r['study_uid']}|{r['series_uid']}", "series": r["series_uid"], "study": r["study_uid"],
              "modality": r["modality"], "calling_ae": r["calling_ae"], "state": str(r["state"]),
              "instances": r["n_instances"], "job": r["job_id"]} for r in rows]
