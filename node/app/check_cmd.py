@@ -437,6 +437,8 @@ def run(args: argparse.Namespace) -> int:
     for ln in result.lines():
         print(ln)
     failed = sum(not v.ok for v in result.volumes) + len(result.unreported)
-    print(f"{len(result.volumes)} derived series checked, {len(result.reported)} input series reported as not "
-          f"processed, {failed} failure(s)")
+    skipped = sum(v.skipped for v in result.volumes)
+    print(f"{len(result.volumes) - skipped} derived series checked"
+          + (f" ({skipped} skipped: their source images are not in IN_DIR)" if skipped else "")
+          + f", {len(result.reported)} input series reported as not processed, {failed} failure(s)")
     return 0 if result.ok else 1

@@ -50,6 +50,8 @@ DONE_MESSAGES = {  # ?done= codes after a POST (fixed words: nothing from the qu
     "rematched": "Its rule is not configured (any more): its series is matched against the rules again.",
     "replayed": "Queued as a replay.",
     "no-replay": "Cannot replay: the job's rule is not configured (any more), or its series is not in the spool.",
+    "no-rule": "Cannot replay: the job's rule is not configured (any more).",
+    "no-instances": "Cannot replay: its series has no instance in this node's spool; send the series again.",
     "busy": "Cannot replay now: the series has a job queued or in progress.",
     "pruned": "Cannot replay: the retention ([node] retention_days) removed its series' instances from the spool; "
               "send the series to the node again to process it again.",

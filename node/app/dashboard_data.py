@@ -26,10 +26,12 @@ from node.config import Config, RuleConfig
 from node.jobs.replay import replay as replay_job
 from node.jobs.rules import allowed_rules, match_rule, rule_mismatch
 from node.store import Delivery, Index, Job, JobState, Spool
+from node.store.prune import (
+    PREVIEW,  # in the job's outbox folder, next to its results (never delivered); pruned with them
+)
 
 log = logging.getLogger(__name__)
 
-PREVIEW = "preview.png"  # in the job's outbox folder, next to its results (never delivered: not in a delivery)
 PREVIEW_STATES = (JobState.SENDING, JobState.DELIVERED, JobState.DEAD_LETTER)  # results complete
 _preview_lock = threading.Lock()  # one preview at a time: they are CPU work beside the jobs
 _INT_VRS = {"US", "SS", "UL", "SL", "UV", "SV"}
@@ -73,7 +75,9 @@ def job_view(job: Job, deliveries: list[Delivery], now: float) -> dict[str, Any]
                         "expected": d.expected, "confirmed": d.confirmed, "confirmed_at": when(d.confirmed_at)
                         if d.confirmed_at else None, "confirm_note": d.confirm_note} for d in deliveries],
         "can_retry": job.state in (JobState.FAILED, JobState.DEAD_LETTER),
-        "can_replay": job.state in (JobState.DELIVERED, JobState.DEAD_LETTER) and bool(job.rule),
+        "can_replay": job.state in (JobState.DELIVERED, JobState.DEAD_LETTER) and bool(job.rule)
+        and not report.get("pruned"),
+        "pruned": when(float(report["pruned"])) if report.get("pruned") else None,
         "done": job.state not in (JobState.QUEUED, JobState.PROCESSING, JobState.SENDING),
     }
 
@@ -103,7 +107,10 @@ def job_results(spool: Spool, job: Job) -> tuple[list[Path], list[Path]]:
 
 
 def has_preview(spool: Spool, job: Job) -> bool:
-    """Whether a preview can be made: the job's results are complete and still in the outbox."""
+    """Whether a preview can be made: the job's results are complete and still in the outbox (not for a job the
+    retention pruned, ``node.store.prune``: its results are headers only and its preview was removed with them)."""
+    if (job.report or {}).get("pruned"):
+        return False
     return job.state in PREVIEW_STATES and bool(job_results(spool, job)[0])
 
 
@@ -117,6 +124,8 @@ def preview_png(spool: Spool, index: Index, job: Job) -> Path | None:
     if not derived:
         return None
     png = spool.outbox / f"job-{job.id}" / PREVIEW
+    if (job.report or {}).get("pruned"):  # its results are headers now (a preview would fail on every request)
+        return None
     with _preview_lock:
         newest = max(p.stat().st_mtime for p in [*derived, *sigma])
         if png.is_file() and png.stat().st_mtime >= newest:
@@ -182,8 +191,9 @@ def parse_tags(text: str) -> tuple[Dataset, list[str]]:
 
 
 def spooled_series(index: Index, limit: int = 200) -> list[dict[str, Any]]:
-    """The latest ``limit`` series in the spool, newest first: UIDs, modality, calling AE, state, counts."""
-    rows = index.all_series()[-limit:][::-1]
+    """The latest ``limit`` series in the spool, newest first: UIDs, modality, calling AE, state, counts (not those
+    the retention pruned: no instance of them is left to test a rule on)."""
+    rows = [r for r in index.all_series() if str(r["state"]) != "pruned"][-limit:][::-1]
     return [{"key": f"{r['study_uid']}|{r['series_uid']}", "series": r["series_uid"], "study": r["study_uid"],
              "modality": r["modality"], "calling_ae": r["calling_ae"], "state": str(r["state"]),
              "instances": r["n_instances"], "job": r["job_id"]} for r in rows]

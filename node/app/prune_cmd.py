@@ -26,7 +26,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     days = cfg.node.retention_days
     if not cfg.spool_path.is_dir() or not Spool(cfg.spool_path).index_path.is_file():
-        raise NodeError(f"no spool index under {cfg.spool_path.resolve()}: nothing to prune")
+        where = f"the spool_dir of {cfg.path}" if cfg.path else "the embedded default; pass the node's --config"
+        raise NodeError(f"no spool index under {cfg.spool_path.resolve()} ({where}): nothing to prune")
     spool = Spool(cfg.spool_path, cfg.node.min_free_mb)
     if days <= 0:
         print("[node] retention_days = 0: the spool is kept for ever, nothing pruned")

@@ -293,7 +293,8 @@ def _retry(index: Index, job_ids: list[int], cfg: Config) -> int:
 PRUNED_WORDS = ("its series' received instances were removed from the spool by the retention ([node] retention_days): "
                 "send the series to the node again to process it again")
 _REPLAY_REFUSED = {
-    "no-replay": "its rule is not configured (any more), or its series has no instance in the spool",
+    "no-rule": "its rule is not configured (any more)",
+    "no-instances": "its series has no instance in this node's spool: send the series again",
     "busy": "its series has a job queued or in progress: replay it when that one is done",
     "pruned": PRUNED_WORDS,
 }

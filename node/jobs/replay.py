@@ -14,18 +14,16 @@ from node.store import JOB_DONE_STATES, DeliveryState, Index, Job, SeriesState
 
 def replay(cfg: Config, index: Index, job: Job, reason: str, retire: str = "") -> tuple[int, str]:
     """Queue the job's series (its study + series, the instances spooled now) again as a new job under the job's
-    rule: (new job id, ""), or (0, why not: 'no-replay': the rule is not configured (any more), or the series has
-    no instance in the spool; 'pruned': the retention removed its instances (``node.store.prune``); 'busy': the
-    series has a job queued or in progress). The new job supersedes the series' last one. ``retire``: also mark
-    ``job`` (dead-letter) 'superseded' with this reason, in the same transaction (a retry does not replay it
-    twice). SpoolError (index)."""
+    rule: (new job id, ""), or (0, why not: 'no-rule': the job has no rule or it is not configured (any more);
+    'pruned': the retention removed the series' instances (``node.store.prune``); 'no-instances': the series has
+    no instance in the spool; 'busy': the series has a job queued or in progress). The new job supersedes the
+    series' last one. ``retire``: also mark ``job`` (dead-letter) 'superseded' with this reason, in the same
+    transaction (a retry does not replay it twice). SpoolError (index)."""
+    if not job.rule or job.rule not in {r.name for r in cfg.rules}:
+        return 0, "no-rule"
     s = index.series(job.series_uid, job.study_uid)
-    if (job.rule in {r.name for r in cfg.rules} and s is not None and s["state"] == SeriesState.PRUNED
-            and not index.instances_of(job.series_uid, job.study_uid)):
-        return 0, "pruned"
-    if (not job.rule or job.rule not in {r.name for r in cfg.rules} or s is None
-            or not index.instances_of(job.series_uid, job.study_uid)):
-        return 0, "no-replay"
+    if s is None or not index.instances_of(job.series_uid, job.study_uid):
+        return 0, "pruned" if s is not None and str(s.get("state")) == str(SeriesState.PRUNED) else "no-instances"
     current = s.get("job_id")
     if current and current != job.id and index.job(int(current)).state not in JOB_DONE_STATES:
         return 0, "busy"

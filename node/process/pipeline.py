@@ -293,8 +293,8 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         if len(objs.uncertainty_series_uids) > 1:
             report.setdefault("sigma_card_series_uids", []).append(objs.uncertainty_series_uids[1])
         result.engine = er.engine
-        if er.fallback:
-            fallbacks.append(er.fallback)
+        if er.fallback:  # which volume, when there are several (a fMRI's three fell back with two alike reasons)
+            fallbacks.append(f"{tag.strip()}: {er.fallback}" if len(volumes) > 1 and tag else er.fallback)
         report["notes"].extend(n for n in objs.notes if n not in report["notes"])
         report["runs"].append({"volume": v.volume_label, "slices_in": v.shape[0],
                                "input_slices": list(v.run_slices or (1, v.shape[0], v.shape[0])),

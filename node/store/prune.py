@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 DAY_S = 86400.0
 SOURCES = "pruned-sources.txt"  # in outbox/job-<id>/ of the series' latest job: the SOP UIDs pruned, one a line
+PREVIEW = "preview.png"  # the dashboard's preview in a job's outbox folder (node.app.dashboard_data): pruned too
 _SERIES_DONE = (SeriesState.DELIVERED, SeriesState.IGNORED)
 _JOBS_DONE = (JobState.DELIVERED, JobState.IGNORED, JobState.SUPERSEDED)
 _DELIVERIES_DONE = (DeliveryState.DELIVERED, DeliveryState.UNCONFIRMED)

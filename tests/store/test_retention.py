@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 from pydicom import dcmread
 
 from node.store import Index, Spool, prune
@@ -124,5 +125,31 @@ def test_serving_node_prunes_by_itself(tmp_path: Path) -> None:
         assert f"prune: series {jobs[0]['series']}" in node.log()
         assert node.cli("status", "--json").stdout.count('"state": "pruned"') == 1
         assert _dcm(tmp_path / "node" / "out")  # what was delivered stays delivered
+    finally:
+        node.stop()
+
+
+def test_a_pruned_job_says_so_and_is_neither_replayed_nor_previewed(tmp_path: Path) -> None:
+    """A new user's look at a pruned job: its dashboard page said nothing of the prune, showed a broken preview
+    (made again from results that are headers now: "no pixel data"), offered Replay; `srnode replay` refused with
+    "its rule is not configured (any more), or its series has no instance in the spool" though the rule was."""
+    files = series(tmp_path / "ct", 54, 4)
+    node = NodeProc.start(tmp_path / "node", RETENTION)
+    try:
+        assert storescu(files, node.port).returncode == 0
+        job = node.wait_jobs(_delivered(1), what="delivery")[0]["id"]
+        page_url = f"{node.http_url}/dashboard/jobs/{job}"
+        assert httpx.get(f"{page_url}/preview.png", timeout=60).status_code == 200
+        preview = node.spool / "outbox" / f"job-{job}" / "preview.png"
+        assert preview.is_file()
+        wait_until(lambda: "pruned 1 series" in node.cli("prune").stdout, timeout=60, interval=0.5,
+                   what="the prune")
+        assert not preview.exists()  # the patient's pixels too: removed with the results' pixels
+        page = httpx.get(page_url, timeout=30).text
+        assert 'id="pruned"' in page and "retention" in page, page
+        assert 'id="replay"' not in page and 'id="preview"' not in page, page
+        assert httpx.get(f"{page_url}/preview.png", timeout=30).status_code == 404
+        r = node.cli("replay", str(job))
+        assert r.returncode == 1 and "removed from the spool by the retention" in r.stderr, r
     finally:
         node.stop()
