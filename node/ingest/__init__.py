@@ -8,6 +8,7 @@
 - ``reactor`` / ``association``: pynetdicom's DUL and association threads without their millisecond polling;
 - ``stow``: STOW-RS multipart bodies (the HTTP route lives in ``node.app.http``);
 - ``pull``: retrieval by UID from a configured source (C-MOVE, C-GET, WADO-RS, Orthanc REST);
+- ``listing``: a series' instances at a DICOM source by C-FIND, its slices told from non-image objects (for ``pull``);
 - ``follower``: the Orthanc ``/changes`` follower;
 - ``inflate``: admission's deflate-bomb guard: a Deflated data set inflated in chunks to a scratch copy;
 - ``resend``: a known SOPInstanceUID sent again: duplicate or conflict;

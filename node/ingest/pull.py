@@ -41,7 +41,8 @@ from node.dimse import (
     max_pdu_problem,
 )
 from node.errors import ConfigError, DeliveryError, IngestError, NodeError, SpoolError, http_status_text
-from node.ingest.admit import STORAGE_SOP_CLASSES, Admission, Caller, caller_rules
+from node.ingest.admit import Admission, Caller, caller_rules
+from node.ingest.listing import list_series
 from node.store import valid_uid
 
 log = logging.getLogger(__name__)
@@ -433,18 +434,18 @@ def _move_fell_short(cfg: Config, src: DicomSource, result: FetchResult, admissi
     early from what came: made after the quiet period, its job says ``INCOMPLETE`` with this C-MOVE's status
     (``srnode status``, a warning); a retry that ends well declares the count again. A study pull cannot tell
     which of its series fell short (the counts are the study's), nor a series pull whose size the PACS does not
-    say: a warning says so. What failed may be no slice (hostile18): an IMAGE-level C-FIND (``_series_listing``)
+    say: a warning says so. What failed may be no slice (hostile18): an IMAGE-level C-FIND (``node.ingest.listing``)
     tells the series' non-image objects of a SOP class the node does not take (a Philips series data object) from
     its images; they never count as missing, and when every image came the series is declared its images, the
     objects listed in ``result.refused``, and "" is returned (the pull did not fall short). Returns what was done,
     in words."""
-    listing = _series_listing(cfg, src, result.study, result.series) if result.series else None
+    listing = list_series(cfg.node.ae_title, src, result.study, result.series) if result.series else None
     if listing is not None:
-        slices, others = listing
+        slices, others = listing.images, listing.non_images
         missing = slices - {i.sop_uid for i in admission.index.instances_of(result.series, result.study)}
         if others and slices and not missing:  # every image came: what failed is no slice of the series
             result.moved = len(slices)
-            result.refused.extend(_non_images_refused(result, others))
+            result.refused.extend(listing.refused(result.study, result.series))
             admission.declare(result.study, result.series, len(slices),
                               f"c-move from {src.name}: all {len(slices)} image instance(s) came; {len(others)} "
                               "non-image object(s) of a SOP class the node does not take were not (no slices)")
@@ -457,9 +458,9 @@ def _move_fell_short(cfg: Config, src: DicomSource, result: FetchResult, admissi
               for k in ("OfCompleted", "OfFailed", "OfWarning", "OfRemaining")}
     done, meant = counts["OfCompleted"] + counts["OfWarning"], sum(counts.values())
     how = f"{done} of {meant} sub-operation(s) done, {counts['OfFailed']} failed"
-    if listing is not None and listing[1] and listing[0]:  # objects that are no slice never count as missing
-        meant = len(listing[0])
-        how += (f"; the series holds {meant} image instance(s) by C-FIND (and {len(listing[1])} non-image "
+    if listing is not None and listing.non_images and listing.images:  # objects that are no slice: never missing
+        meant = len(listing.images)
+        how += (f"; the series holds {meant} image instance(s) by C-FIND (and {len(listing.non_images)} non-image "
                 "object(s) the node does not take)")
     elif result.series and meant == 0:
         meant = _series_size(cfg, src, result.study, result.series)
@@ -482,81 +483,25 @@ def _move_fell_short(cfg: Config, src: DicomSource, result: FetchResult, admissi
 
 def _get_fell_short_of_non_images_only(cfg: Config, src: DicomSource, result: FetchResult, stage: Staging) -> bool:
     """A C-GET of a series ended without success: whether what it did not bring is only non-image objects of a SOP
-    class the node does not take (``_series_listing``: a Philips series data object has no storage context
+    class the node does not take (``node.ingest.listing``: a Philips series data object has no storage context
     the node offers, so the PACS fails that sub-operation), every image instance of the series being staged. If
     so the staged instances are admitted (``Staging.admit``), the objects listed in ``result.refused`` and the
     series declared its image instances; True. Else nothing is done (the pull fails whole, as before)."""
     if not result.series:
         return False
-    listing = _series_listing(cfg, src, result.study, result.series)
-    if listing is None or not listing[0] or not listing[1]:
+    listing = list_series(cfg.node.ae_title, src, result.study, result.series)
+    if listing is None or not listing.images or not listing.non_images:
         return False
-    slices, others = listing
+    slices, others = listing.images, listing.non_images
     if slices - {_sop_of(p) for p in stage.paths}:
         return False
     result.received = stage.admit(result.refused)
-    result.refused.extend(_non_images_refused(result, others))
+    result.refused.extend(listing.refused(result.study, result.series))
     if result.received:
         stage.admission.declare(result.study, result.series, len(slices),
                                 f"c-get from {src.name}: all {len(slices)} image instance(s) came; {len(others)} "
                                 "non-image object(s) of a SOP class the node does not take were not (no slices)")
     return True
-
-
-def _non_images_refused(result: FetchResult, others: dict[str, str]) -> list[str]:
-    """One entry per non-image object a retrieve could not bring (at most 10, then a count)."""
-    said = [f"instance {sop} of series {result.series} (study {result.study}) not retrieved: SOP class {cls} is not "
-            "a storage SOP class the node takes, and it has no Rows (no image), so no slice of the series; its "
-            "other instances admitted" for sop, cls in sorted(others.items())[:10]]
-    if len(others) > 10:
-        said.append(f"and {len(others) - 10} more such non-image object(s) of series {result.series}")
-    return said
-
-
-def _series_listing(cfg: Config, src: DicomSource, study: str, series: str) -> tuple[set[str], dict[str, str]] | None:
-    """The instances of a series by an IMAGE-level C-FIND to ``src``: (the SOPInstanceUIDs that may be slices,
-    {SOPInstanceUID: SOPClassUID} of the objects that are none: of a SOP class the node does not take
-    (``STORAGE_SOP_CLASSES``) and without Rows, a PACS answering Rows for the series' other instances). None when
-    it cannot be had (refused, a status other than success, an answer without SOPInstanceUID or SOPClassUID): an
-    object is never taken for no slice on a guess."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # type: ignore[attr-defined]
-
-    ae = AE(ae_title=cfg.node.ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = 30
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    q = _query(study, series)
-    q.QueryRetrieveLevel = "IMAGE"
-    q.SOPInstanceUID = q.SOPClassUID = ""
-    q.Rows = None
-    found: list[tuple[str, str, bool]] = []
-    try:
-        assoc = ae.associate(src.host, src.port, ae_title=src.ae_title)
-        if not assoc.is_established:
-            return None
-        try:
-            for st, ident in assoc.send_c_find(q, StudyRootQueryRetrieveInformationModelFind):
-                code = int(getattr(st, "Status", -1)) if st is not None else -1
-                if code in PENDING_STATUSES and ident is not None:
-                    sop, cls = (str(ident.get(k, "") or "").strip() for k in ("SOPInstanceUID", "SOPClassUID"))
-                    if not (valid_uid(sop) and valid_uid(cls)) or len(found) >= MAX_LISTED:
-                        return None
-                    found.append((sop, cls, ident.get("Rows") not in (None, "")))
-                elif code != Status.SUCCESS:
-                    return None
-        finally:
-            assoc.release()
-    except (OSError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
-        log.warning("source %s: C-FIND of the instances of series %s failed: %s", src.name, series,
-                    type(exc).__name__)
-        return None
-    if not any(rows for _s, _c, rows in found):  # the PACS does not answer Rows: no object told from a slice
-        return set(sop for sop, _c, _r in found), {}
-    others = {sop: cls for sop, cls, rows in found if cls not in STORAGE_SOP_CLASSES and not rows}
-    return {sop for sop, _c, _r in found if sop not in others}, others
-
-
-MAX_LISTED = 100_000  # instances an IMAGE-level C-FIND of one series may answer before it is not believed
 
 
 def _series_size(cfg: Config, src: DicomSource, study: str, series: str) -> int:

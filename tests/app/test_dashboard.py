@@ -21,7 +21,7 @@ import pydicom
 import pytest
 
 from node.store import Index
-from tests.support.nodeproc import NodeProc
+from tests.support.nodeproc import NodeProc, delivered
 from tests.support.pacs import TOKEN, phantom, start_node
 from tests.support.peers import storescu, wait_until
 
@@ -306,3 +306,27 @@ def test_retry_a_failed_job_and_replay_a_delivered_one(dash: Dash, browser: WebD
     assert row.get_attribute("data-state") == "delivered" and f"supersedes #{job['id']}" in row.text
     assert browser.find_element(By.ID, f"job-{job['id']}").get_attribute("data-state") == "delivered"
     dash.shot(browser, "jobs-after-replay")
+
+
+def test_the_rule_tester_leaves_out_a_series_the_retention_pruned(tmp_path: Path, browser: WebDriver) -> None:
+    """A series the retention pruned has no instance left to test a rule on: the rule tester's list of spooled
+    series leaves it out (listed, testing it could only say "that series is not in the spool (any more)"), while a
+    series still in the spool is listed."""
+    node = start_node(tmp_path / "node", {"rules": RULES, "node": {"retention_days": 2e-5}})  # 1.7 s
+    try:
+        pruned, kept = phantom(tmp_path, seed=83, slices=5), phantom(tmp_path, seed=84, slices=5)
+        assert storescu(pruned, node.port).returncode == 0
+        node.wait_jobs(delivered(), what="the first series delivered")
+        wait_until(lambda: "pruned 1 series" in node.cli("prune").stdout, timeout=60, interval=0.5,
+                   what="the retention to pass and the prune")
+        assert storescu(kept, node.port).returncode == 0
+        pruned_ds, kept_ds = (pydicom.dcmread(f[0], stop_before_pixels=True) for f in (pruned, kept))
+        dash = Dash(node, kept_ds, tmp_path)
+        _login(browser, dash)
+        browser.get(dash.url + "/rules")
+        listed = {o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#series option")}
+        assert f"{kept_ds.StudyInstanceUID}|{kept_ds.SeriesInstanceUID}" in listed, listed
+        assert f"{pruned_ds.StudyInstanceUID}|{pruned_ds.SeriesInstanceUID}" not in listed, listed
+        dash.shot(browser, "rules-after-prune")
+    finally:
+        node.stop()

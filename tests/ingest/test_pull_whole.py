@@ -318,19 +318,8 @@ def test_a_pulled_series_with_a_private_non_image_object_is_admitted_without_it(
     from node.ingest import fetch
 
     orthanc = orthanc_dicomweb(tmp_path / "orthanc")
-    files = phantom(tmp_path, seed=1408, slices=6)
-    ds = pydicom.dcmread(files[0])
-    del ds.PixelData
-    for kw in ("Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-               "SamplesPerPixel", "PhotometricInterpretation", "ImagePositionPatient", "ImageOrientationPatient"):
-        if kw in ds:
-            delattr(ds, kw)
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.3.46.670589.11.0.0.12.2"  # Philips series data
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
-    private = tmp_path / "private.dcm"
-    ds.save_as(private, enforce_file_format=True)
+    files, private, ref = _series_with_private_non_image(tmp_path, 1408)
     upload(orthanc, [*files, private])
-    ref = pydicom.dcmread(files[0], stop_before_pixels=True)
     source: dict[str, object] = {"orthanc": {"kind": "orthanc", "url": orthanc.url},
                                  "dicomweb": {"kind": "dicomweb", "url": f"{orthanc.url}/dicom-web"}}[kind]
     cfg, store, admission = _store(tmp_path, source)
@@ -340,7 +329,8 @@ def test_a_pulled_series_with_a_private_non_image_object_is_admitted_without_it(
         assert row is not None and row["n_instances"] == 6, (row, result.refused)  # before: None, refused whole
         assert result.received == 6 and len(result.refused) == 1, result
         (why,) = result.refused
-        assert ds.SOPInstanceUID in why and "not a storage SOP class" in why and "refused whole" not in why, why
+        uid = pydicom.dcmread(private, stop_before_pixels=True).SOPInstanceUID
+        assert uid in why and "not a storage SOP class" in why and "refused whole" not in why, why
         assert list((tmp_path / "spool" / "incoming").iterdir()) == []
     finally:
         store.index.close()  # type: ignore[attr-defined]

@@ -16,6 +16,7 @@ import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -57,6 +58,28 @@ def _jobs_done(index: Index, n: int) -> list[int]:
     jobs = [j for j in index.jobs() if j.state != "superseded"]
     done = [j.id for j in jobs if j.state in ("delivered", "failed", "dead-letter")]
     return done if len(done) >= n else []
+
+
+def _dicomweb_node(tmp_path: Path, redis: RedisServer, pacs_port: int,
+                   node: dict[str, Any] | None = None) -> tuple[NodeProc, Path]:
+    """The real node on Celery with ``data_access = "dicomweb"`` (HTTP token, visibility timeout 60 s, stable_age_s
+    1 s and ``node`` over its [node] section) whose rule "ct" (x2) sends to the storescp ``pacs`` on ``pacs_port``;
+    and the config file of its workers (``tmp_path/worker.toml``): their own spool under ``tmp_path/worker-spool``,
+    the series fetched from the node over WADO-RS. The caller stops the node."""
+    executor = {"kind": "celery", "broker_url": redis.url, "data_access": "dicomweb", "visibility_timeout_s": 60}
+    proc = NodeProc.start(tmp_path / "node", {
+        "node": {"stable_age_s": 1.0, **(node or {})},
+        "http": {"token": "t0ken"},
+        "executor": executor,
+        "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                          "port": pacs_port}],
+        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
+                   "destinations": ["pacs"]}],
+    })
+    wcfg = tmp_path / "worker.toml"
+    wcfg.write_text(dump_toml(merge(proc.config, {"node": {"spool_dir": str(tmp_path / "worker-spool")},
+                                                  "executor": {**executor, "node_url": proc.http_url}})))
+    return proc, wcfg
 
 
 def test_settings_for_scale_out() -> None:
@@ -161,19 +184,7 @@ def test_worker_without_shared_spool_fetches_over_dicomweb(tmp_path: Path, redis
     """data_access = "dicomweb": the worker has its own spool, fetches the series from the node over WADO-RS,
     delivers the results itself, and the node's job records the outcome."""
     pacs_port, pacs_dir = pacs
-    executor = {"kind": "celery", "broker_url": redis_server.url, "data_access": "dicomweb",
-                "visibility_timeout_s": 60}
-    node = NodeProc.start(tmp_path / "node", {
-        "http": {"token": "t0ken"},
-        "executor": executor,
-        "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
-                          "port": pacs_port}],
-        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
-                   "destinations": ["pacs"]}],
-    })
-    wcfg = tmp_path / "worker.toml"
-    wcfg.write_text(dump_toml(merge(node.config, {"node": {"spool_dir": str(tmp_path / "worker-spool")},
-                                                  "executor": {**executor, "node_url": node.http_url}})))
+    node, wcfg = _dicomweb_node(tmp_path, redis_server, pacs_port)
     worker = WorkerProcess(wcfg, "remote@test", tmp_path / "worker.log")
     try:
         worker.start()
@@ -231,20 +242,7 @@ def test_a_dicomweb_worker_retires_the_results_late_instances_replace(tmp_path: 
     sends the count its job took (10): the 10 slices are fetched, processed (19 derived slices) and delivered
     with a KO retiring exactly the first result, under the next SeriesNumber revision, as in process."""
     pacs_port, pacs_dir = pacs
-    executor = {"kind": "celery", "broker_url": redis_server.url, "data_access": "dicomweb",
-                "visibility_timeout_s": 60}
-    node = NodeProc.start(tmp_path / "node", {
-        "node": {"stable_age_s": 1.0},
-        "http": {"token": "t0ken"},
-        "executor": executor,
-        "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
-                          "port": pacs_port}],
-        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
-                   "destinations": ["pacs"]}],
-    })
-    wcfg = tmp_path / "worker.toml"
-    wcfg.write_text(dump_toml(merge(node.config, {"node": {"spool_dir": str(tmp_path / "worker-spool")},
-                                                  "executor": {**executor, "node_url": node.http_url}})))
+    node, wcfg = _dicomweb_node(tmp_path, redis_server, pacs_port)
     worker = WorkerProcess(wcfg, "remote@test", tmp_path / "worker.log")
     try:
         worker.start()
@@ -278,18 +276,7 @@ def test_a_result_made_on_another_dicomweb_worker_is_said_unretired(tmp_path: Pa
     record of A's result). B cannot make the rejection note; the node's job 2 says so, naming the series to
     retire by hand, and a WARNING line (before: nothing said)."""
     pacs_port, _pacs_dir = pacs
-    executor = {"kind": "celery", "broker_url": redis_server.url, "data_access": "dicomweb",
-                "visibility_timeout_s": 60}
-    node = NodeProc.start(tmp_path / "node", {
-        "node": {"stable_age_s": 1.0}, "http": {"token": "t0ken"}, "executor": executor,
-        "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
-                          "port": pacs_port}],
-        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
-                   "destinations": ["pacs"]}],
-    })
-    wcfg = tmp_path / "worker.toml"
-    wcfg.write_text(dump_toml(merge(node.config, {"node": {"spool_dir": str(tmp_path / "worker-spool")},
-                                                  "executor": {**executor, "node_url": node.http_url}})))
+    node, wcfg = _dicomweb_node(tmp_path, redis_server, pacs_port)
     files = write_phantom_series(tmp_path / "in", seed=19, slices=10, size=64)
     a = WorkerProcess(wcfg, "a@test", tmp_path / "a.log")
     try:
@@ -322,20 +309,7 @@ def test_a_dicomweb_worker_is_not_given_part_of_a_series_the_node_pruned(tmp_pat
     directory (ENOENT) …; 'srnode retry' re-queues the job once there is room" (a retry failed the same way). Now
     the node decides it before publishing: 'ignored', its reason saying the pruned results cover it; nothing sent."""
     pacs_port, pacs_dir = pacs
-    executor = {"kind": "celery", "broker_url": redis_server.url, "data_access": "dicomweb",
-                "visibility_timeout_s": 60}
-    node = NodeProc.start(tmp_path / "node", {
-        "node": {"stable_age_s": 1.0, "retention_days": 2e-5},
-        "http": {"token": "t0ken"},
-        "executor": executor,
-        "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
-                          "port": pacs_port}],
-        "rules": [{"name": "ct", "match": {"Modality": "^CT$"}, "through_plane_factor": 2,
-                   "destinations": ["pacs"]}],
-    })
-    wcfg = tmp_path / "worker.toml"
-    wcfg.write_text(dump_toml(merge(node.config, {"node": {"spool_dir": str(tmp_path / "worker-spool")},
-                                                  "executor": {**executor, "node_url": node.http_url}})))
+    node, wcfg = _dicomweb_node(tmp_path, redis_server, pacs_port, {"retention_days": 2e-5})
     worker = WorkerProcess(wcfg, "remote@test", tmp_path / "worker.log")
     try:
         worker.start()

@@ -15,16 +15,12 @@ from pathlib import Path
 
 from node.store import Index
 from tests.support.hostile import dump, series
-from tests.support.nodeproc import NodeProc
+from tests.support.nodeproc import NodeProc, delivered
 from tests.support.peers import storescu, wait_until
 
 
 def _index_files(spool: Path) -> list[Path]:
     return [spool / f"index.sqlite{s}" for s in ("", "-wal", "-shm")]
-
-
-def _delivered(n: int) -> object:
-    return lambda js: len([j for j in js if j["state"] == "delivered"]) >= n
 
 
 def _start_again(node: NodeProc) -> None:
@@ -37,7 +33,7 @@ def test_lost_or_emptied_index_is_rebuilt_from_the_spool_at_start(tmp_path: Path
     node = NodeProc.start(tmp_path / "node")
     try:
         assert storescu(files, node.port).returncode == 0
-        node.wait_jobs(_delivered(1), what="first delivery")
+        node.wait_jobs(delivered(), what="first delivery")
         node.stop()
         for how in ("deleted", "emptied"):
             for p in _index_files(node.spool):
@@ -50,7 +46,7 @@ def test_lost_or_emptied_index_is_rebuilt_from_the_spool_at_start(tmp_path: Path
             status = node.cli("status", "--json")
             assert '"instances": 4' in status.stdout, status.stdout + status.stderr
             # the series takes the normal way again: a new job, delivered
-            jobs = node.wait_jobs(_delivered(1), what=f"delivery after the index was {how}")
+            jobs = node.wait_jobs(delivered(), what=f"delivery after the index was {how}")
             assert [(j["state"], j["instances"]) for j in jobs] == [("delivered", 4)], dump(jobs)
             node.stop()
         # a start with a complete index re-indexes nothing and says nothing about it
@@ -66,7 +62,7 @@ def test_damaged_index_stops_serve_with_one_line_and_reindex_rebuilds_it(tmp_pat
     node = NodeProc.start(tmp_path / "node")
     try:
         assert storescu([*files, *other], node.port).returncode == 0
-        node.wait_jobs(_delivered(2), what="both series delivered")
+        node.wait_jobs(delivered(2), what="both series delivered")
         node.stop()
         db = node.spool / "index.sqlite"
         c = sqlite3.connect(db)
@@ -93,7 +89,7 @@ def test_damaged_index_stops_serve_with_one_line_and_reindex_rebuilds_it(tmp_pat
         assert list(node.spool.glob("index.sqlite.damaged-*")), "the damaged index was not kept"
         assert Index(db).count_instances() == 7
         _start_again(node)
-        jobs = node.wait_jobs(_delivered(2), what="both series delivered again after reindex")
+        jobs = node.wait_jobs(delivered(2), what="both series delivered again after reindex")
         assert sorted(j["instances"] for j in jobs) == [3, 4], dump(jobs)
         wait_until(lambda: node.echo(), timeout=10, what="node up")
     finally:

@@ -15,18 +15,10 @@ from pydicom import dcmread
 
 from node.store import Index, Spool, prune
 from tests.support.hostile import dump, series
-from tests.support.nodeproc import NodeProc
+from tests.support.nodeproc import NodeProc, dcm_files, delivered
 from tests.support.peers import free_port, storescu, wait_until
 
 RETENTION = {"node": {"retention_days": 2e-5}}  # 1.7 s
-
-
-def _delivered(n: int) -> object:
-    return lambda js: len([j for j in js if j["state"] == "delivered"]) >= n
-
-
-def _dcm(folder: Path) -> list[Path]:
-    return sorted(folder.glob("**/*.dcm"))
 
 
 def test_prune_dry_run_then_prune_frees_a_delivered_series_and_a_resend_is_new(tmp_path: Path) -> None:
@@ -34,11 +26,11 @@ def test_prune_dry_run_then_prune_frees_a_delivered_series_and_a_resend_is_new(t
     node = NodeProc.start(tmp_path / "node", RETENTION)
     try:
         assert storescu(files, node.port).returncode == 0
-        jobs = node.wait_jobs(_delivered(1), what="first delivery")
+        jobs = node.wait_jobs(delivered(), what="first delivery")
         job = jobs[0]["id"]
-        received = _dcm(node.spool / "instances")
-        results = _dcm(node.spool / "outbox" / f"job-{job}")
-        sent = _dcm(tmp_path / "node" / "out")
+        received = dcm_files(node.spool / "instances")
+        results = dcm_files(node.spool / "outbox" / f"job-{job}")
+        sent = dcm_files(tmp_path / "node" / "out")
         assert len(received) == 4 and results and sent, (received, results, sent)
         sizes = {p: p.stat().st_size for p in results}
 
@@ -50,7 +42,7 @@ def test_prune_dry_run_then_prune_frees_a_delivered_series_and_a_resend_is_new(t
         out = wait_until(dry, timeout=60, interval=0.5, what="the retention to pass")
         assert f"series {jobs[0]['series']}" in out and "would free" in out, out
         assert "4 instance file(s)" in out, out
-        assert _dcm(node.spool / "instances") == received
+        assert dcm_files(node.spool / "instances") == received
         assert {p: p.stat().st_size for p in results} == sizes
         assert node.status_cli()[0].get("report", {}).get("pruned") is None
 
@@ -58,12 +50,12 @@ def test_prune_dry_run_then_prune_frees_a_delivered_series_and_a_resend_is_new(t
         r = node.cli("prune")
         assert r.returncode == 0, r.stderr
         assert "pruned 1 series" in r.stdout and "freed" in r.stdout, r.stdout
-        assert _dcm(node.spool / "instances") == []
+        assert dcm_files(node.spool / "instances") == []
         for p in results:  # headers kept (a later rejection note reads them), pixels gone
             ds = dcmread(p)
             assert "PixelData" not in ds and ds.SOPInstanceUID and ds.SeriesInstanceUID
             assert p.stat().st_size < sizes[p]
-        assert _dcm(tmp_path / "node" / "out") == sent  # the destination's copy is not ours to touch
+        assert dcm_files(tmp_path / "node" / "out") == sent  # the destination's copy is not ours to touch
         r = node.cli("status", "--json", "--limit", "0")
         assert '"state": "pruned"' in r.stdout, r.stdout
         assert "PRUNED at" in node.cli("status").stdout
@@ -79,17 +71,17 @@ def test_prune_dry_run_then_prune_frees_a_delivered_series_and_a_resend_is_new(t
         node._index = None
         node.launch()
         assert "removed 4 instance file(s) left by an interrupted prune" in node.log().split("===== start")[-1]
-        assert _dcm(node.spool / "instances") == []
+        assert dcm_files(node.spool / "instances") == []
         assert [j["id"] for j in node.jobs()] == [job]
 
         # a resend of the series is received as new and processed again
         assert storescu(files, node.port).returncode == 0
-        jobs = node.wait_jobs(_delivered(2), what="the resent series delivered")
+        jobs = node.wait_jobs(delivered(2), what="the resent series delivered")
         assert [j["instances"] for j in jobs if j["id"] != job] == [4], dump(jobs)
-        assert len(_dcm(node.spool / "instances")) == 4
+        assert len(dcm_files(node.spool / "instances")) == 4
         # the same instances make the same derived series (deterministic UIDs): no rejection note retires it
         assert {j["derived_series"] for j in jobs} == {jobs[0]["derived_series"]}, dump(jobs)
-        assert not [p for p in _dcm(tmp_path / "node" / "out") if p.name.startswith("KO-")]
+        assert not [p for p in dcm_files(tmp_path / "node" / "out") if p.name.startswith("KO-")]
     finally:
         node.stop()
 
@@ -107,7 +99,7 @@ def test_prune_keeps_a_series_whose_delivery_is_not_delivered(tmp_path: Path) ->
         index = Index(node.spool / "index.sqlite")
         result = prune(Spool(node.spool), index, 2e-5, now=1e12)  # long after any retention
         assert result.series == [], result
-        assert len(_dcm(node.spool / "instances")) == 3
+        assert len(dcm_files(node.spool / "instances")) == 3
         out = node.cli("prune").stdout
         assert out.startswith("pruned 0 series"), out
     finally:
@@ -119,12 +111,12 @@ def test_serving_node_prunes_by_itself(tmp_path: Path) -> None:
     node = NodeProc.start(tmp_path / "node", {"node": {"retention_days": 2e-5, "prune_interval_s": 0.5}})
     try:
         assert storescu(files, node.port).returncode == 0
-        jobs = node.wait_jobs(_delivered(1), what="delivery")
-        wait_until(lambda: not _dcm(node.spool / "instances") and "prune: series" in node.log(), timeout=60,
+        jobs = node.wait_jobs(delivered(), what="delivery")
+        wait_until(lambda: not dcm_files(node.spool / "instances") and "prune: series" in node.log(), timeout=60,
                    what="the node's own prune")
         assert f"prune: series {jobs[0]['series']}" in node.log()
         assert node.cli("status", "--json").stdout.count('"state": "pruned"') == 1
-        assert _dcm(tmp_path / "node" / "out")  # what was delivered stays delivered
+        assert dcm_files(tmp_path / "node" / "out")  # what was delivered stays delivered
     finally:
         node.stop()
 
@@ -137,7 +129,7 @@ def test_a_pruned_job_says_so_and_is_neither_replayed_nor_previewed(tmp_path: Pa
     node = NodeProc.start(tmp_path / "node", RETENTION)
     try:
         assert storescu(files, node.port).returncode == 0
-        job = node.wait_jobs(_delivered(1), what="delivery")[0]["id"]
+        job = node.wait_jobs(delivered(), what="delivery")[0]["id"]
         page_url = f"{node.http_url}/dashboard/jobs/{job}"
         assert httpx.get(f"{page_url}/preview.png", timeout=60).status_code == 200
         preview = node.spool / "outbox" / f"job-{job}" / "preview.png"

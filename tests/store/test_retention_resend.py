@@ -7,14 +7,10 @@ from pathlib import Path
 from node.app.dashboard_data import preview_png
 from node.store import Index, Spool
 from tests.support.hostile import dump, series
-from tests.support.nodeproc import NodeProc
+from tests.support.nodeproc import NodeProc, dcm_files, delivered
 from tests.support.peers import storescu, wait_until
 
 RETENTION = {"node": {"retention_days": 2e-5}}  # 1.7 s
-
-
-def _dcm(folder: Path) -> list[Path]:
-    return sorted(folder.glob("**/*.dcm"))
 
 
 def test_a_partial_resend_of_a_pruned_series_does_not_retire_its_complete_results(tmp_path: Path) -> None:
@@ -22,7 +18,7 @@ def test_a_partial_resend_of_a_pruned_series_does_not_retire_its_complete_result
     node = NodeProc.start(tmp_path / "node", RETENTION)
     try:
         assert storescu(files, node.port).returncode == 0
-        jobs = node.wait_jobs(lambda js: [j for j in js if j["state"] == "delivered"], what="first delivery")
+        jobs = node.wait_jobs(delivered(), what="first delivery")
         first = jobs[0]
         # the dashboard's preview of the job (the patient's pixels, in the job's outbox folder)
         job = Index(node.spool / "index.sqlite").job(first["id"])
@@ -36,7 +32,7 @@ def test_a_partial_resend_of_a_pruned_series_does_not_retire_its_complete_result
         assert r.returncode == 1 and "removed from the spool by the retention" in r.stderr, (r.stdout, r.stderr)
         assert not png.exists()  # before: kept, the pixels the prune says it removed
         out = tmp_path / "node" / "out"
-        before = _dcm(out)
+        before = dcm_files(out)
         # a modality / PACS forwards 2 of the 4 instances again (a re-send of part of the series)
         assert storescu(files[:2], node.port).returncode == 0
         jobs = node.wait_jobs(lambda js: len(js) >= 2 and all(j["state"] not in ("queued", "processing", "sending")
@@ -47,7 +43,7 @@ def test_a_partial_resend_of_a_pruned_series_does_not_retire_its_complete_result
         assert [j["state"] for j in later] == ["ignored"], dump(jobs)
         assert "made from 4 instance(s); 2 of them were sent again" in later[0]["reason"], dump(jobs)
         assert not (later[0].get("report") or {}).get("rejection_notes"), dump(jobs)
-        assert _dcm(out) == before  # nothing sent: neither a note nor a partial series
+        assert dcm_files(out) == before  # nothing sent: neither a note nor a partial series
 
         # the rest of the series arrives too: the whole series is processed again, the same UIDs (no note)
         assert storescu(files[2:], node.port).returncode == 0
@@ -73,8 +69,8 @@ def test_results_a_killed_prune_left_unstripped_are_stripped_by_the_next_run(tmp
     node = NodeProc.start(tmp_path / "node", RETENTION)
     try:
         assert storescu(files, node.port).returncode == 0
-        job = node.wait_jobs(lambda js: [j for j in js if j["state"] == "delivered"], what="delivery")[0]["id"]
-        results = _dcm(node.spool / "outbox" / f"job-{job}")
+        job = node.wait_jobs(delivered(), what="delivery")[0]["id"]
+        results = dcm_files(node.spool / "outbox" / f"job-{job}")
         full = {p: p.read_bytes() for p in results}
         wait_until(lambda: "pruned 1 series" in node.cli("prune").stdout, timeout=60, interval=0.5,
                    what="the retention to pass and the prune")
@@ -104,18 +100,18 @@ def test_a_late_instance_after_a_prune_is_not_processed_without_the_pruned_ones(
     node = NodeProc.start(tmp_path / "node", RETENTION)
     try:
         assert storescu(files[:4], node.port).returncode == 0
-        node.wait_jobs(lambda js: [j for j in js if j["state"] == "delivered"], what="first delivery")
+        node.wait_jobs(delivered(), what="first delivery")
         wait_until(lambda: "pruned 1 series" in node.cli("prune").stdout, timeout=60, interval=0.5,
                    what="the retention to pass and the prune")
         out = tmp_path / "node" / "out"
-        before = _dcm(out)
+        before = dcm_files(out)
         assert storescu(files[4:], node.port).returncode == 0
         jobs = node.wait_jobs(lambda js: len(js) >= 2 and all(j["state"] not in ("queued", "processing", "sending")
                                                                for j in js), what="the late instances settled")
         late = max(jobs, key=lambda j: j["id"])
         assert late["state"] == "failed", dump(jobs)
         assert "2 new instance(s) arrived since, but 4 of those are no longer in the spool" in late["reason"], late
-        assert _dcm(out) == before  # no 1-slice series, no rejection note
+        assert dcm_files(out) == before  # no 1-slice series, no rejection note
         # the whole series sent again: processed, all 6
         assert storescu(files, node.port).returncode == 0
         jobs = node.wait_jobs(lambda js: max(js, key=lambda j: j["id"])["state"] == "delivered",

@@ -50,6 +50,17 @@ def merge(base: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, An
     return out
 
 
+def dcm_files(folder: Path) -> list[Path]:
+    """The ``*.dcm`` files anywhere under ``folder`` (a spool's ``instances/``, a job's outbox folder, a folder
+    destination), sorted by path; [] when ``folder`` does not exist."""
+    return sorted(folder.glob("**/*.dcm"))
+
+
+def delivered(n: int = 1) -> Callable[[list[dict[str, Any]]], bool]:
+    """A :meth:`NodeProc.wait_jobs` condition: at least ``n`` of the jobs are in state ``delivered``."""
+    return lambda jobs: len([j for j in jobs if j["state"] == "delivered"]) >= n
+
+
 @dataclass
 class NodeProc:
     workdir: Path
