@@ -119,7 +119,13 @@ OOM_TILES = (1 << 18, 1 << 16, 1 << 13)  # max_voxels_per_tile of the retries af
 
 class SelfSupEngine:
     name = "selfsup"
-    version = "1"
+    # Bumped whenever the same input, settings and weights give other pixels or sigma (it is written into
+    # SoftwareVersions, ContributionDescription and DerivationDescription, and enters the derived UIDs through
+    # ``node.process.engines.settings_digest``, so new pixels never go out under UIDs a PACS already holds).
+    # 1: up to 2026-12-03. 2: gap acquisitions (SliceThickness under the slice step) keep every f-th output slice
+    # as acquired (D = decimation, targets of the stated thickness; was a box of the thickness), and the fallback
+    # to cubic when the gain on the series' own z pairs is under -1 dB (docs/engines.md, 2026-12-03).
+    version = "2"
 
     def __init__(self, options: EngineOptions | None = None, mem_fraction: float = 0.4) -> None:
         self.options = options or EngineOptions()
