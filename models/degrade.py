@@ -190,7 +190,7 @@ class DegradationModel:
 
 
 def make_pairs(
-    images: np.ndarray, model: DegradationModel, src_spacing: float | None = None
+    images: np.ndarray, model: DegradationModel, src_spacing: float | None = None, lr_profile: str | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Through-plane training pairs from fine in-plane images (B, H, W): degrade along axis 1 (H).
 
@@ -199,6 +199,12 @@ def make_pairs(
     lr = ``degrade_through_plane(hr, f, model.dc_fwhm_px)``: exactly the operator that data consistency re-applies
     (thickness / fine step; for a gap acquisition every f-th target slice as it is). Returns lr (B, n, W) and
     hr (B, (n-1)*f + 1, W), float32. To train along W as well, pass the images transposed.
+    ``lr_profile`` (one of ``PROFILES``): lr made instead from ``images`` themselves through a profile of that kind
+    and FWHM ``model.thickness_mm`` on their own (finer) grid, sampled every ``model.step_mm`` (row k at hr row k*f):
+    the thick slices as a scanner with that profile would integrate them. With the model's own kind this equals D's
+    output on contiguous box slabs (a 2-sample box of 1-sample boxes is a 2-sample box); with another kind of the
+    same FWHM the pairs' errors include the engine's error under a slice profile other than it assumes
+    (``selfsup.VAL_PAIRS_LR``).
     """
     src = model.pixel_mm if src_spacing is None else src_spacing
     f = model.factor
@@ -206,4 +212,7 @@ def make_pairs(
     n_lr = (hr.shape[1] - 1) // f + 1
     hr = hr[:, : (n_lr - 1) * f + 1]
     lr = degrade_through_plane(hr, f, model.dc_fwhm_px, axis=1, profile=model.profile)
+    if lr_profile is not None:  # the end rows stay D's: the two mirror their ends differently (only the first and
+        # last row differ on a smooth image, by up to 6 % of its range)
+        lr[:, 1:-1] = resample_profile(images, 1, src, model.thickness_mm, model.step_mm, lr_profile)[:, 1 : n_lr - 1]
     return np.ascontiguousarray(lr), np.ascontiguousarray(hr)

@@ -226,7 +226,9 @@ def _psnr(err: np.ndarray, peak: float) -> float:
 
 class DiffusionEngine:
     name = "diffusion"
-    version = "1"
+    # as ``SelfSupEngine.version``. 2: a gap acquisition's pairs and data consistency keep every f-th output slice
+    # (``DegradationModel.dc_fwhm_px``, ``target_mm``; 2026-12-03), which changed its pixels on gap series
+    version = "2"
 
     def __init__(self, options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()

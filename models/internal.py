@@ -154,15 +154,16 @@ class PairSet:
 
 def through_pairs(
     vol: np.ndarray, spacing: tuple[float, float, float], model: DegradationModel, z_idx: np.ndarray,
-    device: torch.device,
+    device: torch.device, lr_profile: str | None = None,
 ) -> list[PairSet]:
-    """Pairs from axial slices ``z_idx`` of a normalised (Z, Y, X) volume, degraded along y and along x."""
+    """Pairs from axial slices ``z_idx`` of a normalised (Z, Y, X) volume, degraded along y and along x
+    (``lr_profile``: inputs through that profile over the source images, ``degrade.make_pairs``)."""
     task = Task(model.factor, 1, True, model)
     imgs = vol[z_idx]
     sd = noise_sigma(vol)
     out = []
     for images, src in ((imgs, spacing[1]), (np.ascontiguousarray(imgs.transpose(0, 2, 1)), spacing[2])):
-        lr, hr = make_pairs(images, model, src_spacing=src)
+        lr, hr = make_pairs(images, model, src_spacing=src, lr_profile=lr_profile)
         if lr.shape[1] >= 4:
             noise = tuple(float(sd * g) for g in phase_noise(model, src)[1])
             out.append(PairSet(torch.from_numpy(lr).to(device), torch.from_numpy(hr).to(device), task, noise))

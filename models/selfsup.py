@@ -112,6 +112,12 @@ Z_MIN_GAIN_DB: float | None = -1.0
 # (``through_sigma_widened_from_z``). None: measured only. Off: the shipped sigma's coverage on the z pairs does not
 # tell the series it misleads on from those it covers (docs/engines.md, 2026-12-03 (b))
 Z_SIGMA_MIN_COVERAGE: float | None = None
+# the held-out through-plane pairs' inputs (self-check, k/j, sigma's q): "discrete" = the engine's own operator D
+# applied to the pairs' thin targets (as the training pairs); "other_shape" = the thick slices integrated over the
+# source images through the other profile kind of the same FWHM (box <-> gaussian; ``degrade.make_pairs``'s
+# ``lr_profile``), so that q sees the engine's error under a slice profile it does not assume, as a real series'
+# unknown profile gives it (measured, not kept: docs/engines.md, 2026-12-03 (c))
+VAL_PAIRS_LR = "discrete"
 FINETUNE_LR = 3e-4  # Adam learning rate of the fine-tuning from the prior (cosine to a tenth)
 FUSE_EPS = 2e-3  # normalised units (data range 1): below it, spreads count as equal
 OOM_TILES = (1 << 18, 1 << 16, 1 << 13)  # max_voxels_per_tile of the retries after a CUDA out-of-memory error
@@ -119,7 +125,13 @@ OOM_TILES = (1 << 18, 1 << 16, 1 << 13)  # max_voxels_per_tile of the retries af
 
 class SelfSupEngine:
     name = "selfsup"
-    version = "1"
+    # Bumped whenever the same input, settings and weights give other pixels or sigma (it is written into
+    # SoftwareVersions, ContributionDescription and DerivationDescription, and enters the derived UIDs through
+    # ``node.process.engines.settings_digest``, so new pixels never go out under UIDs a PACS already holds).
+    # 1: up to 2026-12-03. 2: gap acquisitions (SliceThickness under the slice step) keep every f-th output slice
+    # as acquired (D = decimation, targets of the stated thickness; was a box of the thickness), and the fallback
+    # to cubic when the gain on the series' own z pairs is under -1 dB (docs/engines.md, 2026-12-03).
+    version = "2"
 
     def __init__(self, options: EngineOptions | None = None, mem_fraction: float = 0.4) -> None:
         self.options = options or EngineOptions()
@@ -305,8 +317,8 @@ class SelfSupEngine:
         f = model.factor
         train_z, val_z = il.split_slices(vol_n.shape[0], 48, 12, self.options.seed)
         side = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None  # validation beside passes
-        val_job = self._soon(device, lambda: _on(side, lambda: il.through_pairs(vol_n, spacing, model, val_z,
-                                                                                device)))
+        val_job = self._soon(device, lambda: _on(side, lambda: il.through_pairs(
+            vol_n, spacing, model, val_z, device, lr_profile=_val_lr_profile(model))))
 
         def sigma_helpers() -> tuple[np.ndarray, float, list[il.PairSet], list[il.PairSet]]:  # host-side
             zf_rows = (vol_n.shape[0] - 1) * f + 1  # truth-noise sd per output slice (its phase k % f)
@@ -649,6 +661,15 @@ class SelfSupEngine:
         sig = np.concatenate(sigs)
         prev = np.repeat(np.repeat(cur_sigma, g, axis=1), g, axis=2)
         return np.concatenate(outs), np.sqrt(sig**2 + prev**2).astype(np.float32), ""
+
+
+def _val_lr_profile(model: DegradationModel) -> str | None:
+    """The held-out pairs' input profile kind under ``VAL_PAIRS_LR`` (None: the engine's own operator D)."""
+    if VAL_PAIRS_LR == "discrete" or model.gap:
+        return None
+    if VAL_PAIRS_LR == "other_shape":
+        return "gaussian" if model.profile == "box" else "box"
+    raise ValueError(f"VAL_PAIRS_LR {VAL_PAIRS_LR!r} is not 'discrete' or 'other_shape'")
 
 
 def _on(stream: torch.cuda.Stream | None, fn: Callable[[], T]) -> T:

@@ -74,12 +74,15 @@ def _file_digest(path: str, mtime_ns: int, size: int) -> str:
     return h.hexdigest()
 
 
-def settings_digest(options: EngineOptions) -> str:
+def settings_digest(options: EngineOptions, engine_version: str = "") -> str:
     """A digest (hex, 16 characters) of everything besides the input that shapes an engine's pixels: every
-    ``EngineOptions`` field and the bytes of the prior weights it loads (``options.weights``, else the shipped
-    ``models/weights/*.pt``). It enters the derived UIDs, so a re-run with other settings or weights makes new
-    SOP instances instead of reusing the UIDs of different pixels (a PACS keeping the first copy would show stale
-    pixels under a confirmed delivery). Unreadable weight files count by name only (the engine itself reports them)."""
+    ``EngineOptions`` field, the bytes of the prior weights it loads (``options.weights``, else the shipped
+    ``models/weights/*.pt``) and the engine's code version (``engine_version``, the engine class's ``version``,
+    bumped when its code gives other pixels for the same input). It enters the derived UIDs, so a re-run with
+    other settings, weights or engine code makes new SOP instances instead of reusing the UIDs of different pixels
+    (a PACS keeping the first copy would show stale pixels under a confirmed delivery). Unreadable weight files
+    count by name only (the engine itself reports them). Version "1" (or none) leaves the digest as it was before
+    versions entered it, so the results of engines whose code has not changed keep their UIDs."""
     # ``auto`` precision as it runs here: bf16 and float32 passes differ by up to a few HU
     options = dataclasses.replace(options, cpu_precision=resolved_cpu_precision(options.cpu_precision))
     fields = {k: str(v) for k, v in sorted(dataclasses.asdict(options).items())}
@@ -91,12 +94,28 @@ def settings_digest(options: EngineOptions) -> str:
             weights[p.name] = _file_digest(str(p), st.st_mtime_ns, st.st_size)
         except OSError:
             weights[p.name] = "unreadable"
-    blob = json.dumps({"options": fields, "weights": weights}, sort_keys=True).encode()
+    what: dict[str, object] = {"options": fields, "weights": weights}
+    if engine_version not in ("", "1"):
+        what["engine_version"] = engine_version
+    blob = json.dumps(what, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc)
+
+
+def _version_of(engines: EngineCache, options: EngineOptions, engine: object, result: EngineResult) -> str:
+    """The version of the engine that made ``result``'s pixels. When ``engine`` handed back another engine's
+    pixels (selfsup's self-checks fall back to cubic: ``result.engine`` is "cubic"), that engine's version and
+    which version of ``engine`` decided it: "1 (fallback decided by selfsup 2)", so that SoftwareVersions never
+    reads "cubic 2" (cubic has no version 2) and still says which code chose cubic."""
+    own = str(getattr(engine, "version", ""))
+    name = str(getattr(engine, "name", result.engine))
+    if result.engine == name:
+        return own
+    other = str(getattr(engines.get(result.engine, options), "version", ""))
+    return f"{other} (fallback decided by {name} {own})"
 
 
 def run_engine(engines: EngineCache, name: str, options: EngineOptions, vin: VolumeInput,
@@ -114,7 +133,7 @@ def run_engine(engines: EngineCache, name: str, options: EngineOptions, vin: Vol
             result = upscale(engine, vin, factors, progress)
         except ModelsEngineError as exc:  # the engine boundary: translated once
             raise EngineError(str(exc)) from exc
-        return result, str(getattr(engine, "version", ""))
+        return result, _version_of(engines, options, engine, result)
     except Exception as exc:
         if name == FALLBACK_ENGINE or not (isinstance(exc, EngineError) or _is_oom(exc)):
             if isinstance(exc, EngineError):

@@ -277,7 +277,7 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
         t_engine = time.perf_counter() - t1
         say(f"{tag}deriving {er.data.shape[0]} slices")
         objs = derive_series(v, er, factors, cfg.derive, version,
-                             "" if er.engine == "cubic" else settings_digest(options), revision,
+                             "" if er.engine == "cubic" else settings_digest(options, version), revision,
                              lazy=True)
         suffix = (f"-vol{v.volume[0]}" if v.volume else "") + (f"-run{v.run[0]}" if v.run else "")
         for k, ds in enumerate(objs.derived):  # each slice made as it is written, then dropped (issue #15 item 5)
