@@ -50,7 +50,7 @@ from pynetdicom import evt
 
 from node.config import Config, ConfirmMethod, Destination, DicomDestination, FolderDestination
 from node.dimse import Status
-from node.errors import DeliveryError
+from node.errors import DeliveryError, NodeError
 from node.metrics import Metrics
 from node.send.base import QUERY_MODULES, PeerQuery, Ref, Unsupported, make_query
 from node.store import Delivery, DeliveryState, Index
@@ -309,11 +309,18 @@ class Confirmations:
             self.recheck(d)
 
     def recheck(self, d: Delivery) -> None:
-        """Run ``d``'s confirmation again without sending its files (they were accepted)."""
+        """Run ``d``'s confirmation again without sending its files (they were accepted). Whatever it raises is a
+        counted attempt of ``d`` alone (as a send's in ``Outbox.attempt``): a destination no longer configured
+        (a ConfigError) dead-letters it at once; before, the exception left ``resume`` / ``overdue`` and, every
+        0.5 s, the outbox's whole pass, so no delivery to any destination went out again."""
         try:
             settled = self.after_send(d, [Path(f) for f in d.files])
-        except DeliveryError as exc:
+        except NodeError as exc:  # DeliveryError; ConfigError: the destination was removed from the config
             self.settle.failed(d, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a client library raised something else: still this delivery's
+            log.exception("job %d -> %s: unexpected error while confirming: %s", d.job_id, d.destination, exc)
+            self.settle.failed(d, DeliveryError(f"unexpected {type(exc).__name__} while confirming: {exc}"[:500]))
             return
         if settled:
             self.settle.settled(d)
