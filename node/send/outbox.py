@@ -81,6 +81,12 @@ class Outbox:
 
     def run_due(self) -> int:
         """Attempt every due delivery once; returns how many were attempted."""
+        ob = self.cfg.outbox
+        restamped = self.index.unstamp_future_deliveries(time.time(), ob.backoff_max_s, ob.confirm_timeout_s)
+        if restamped:
+            log.warning("the clock is behind the time %d deliveries' next attempt or confirmation deadline was set "
+                        "with (it stepped back): brought back to at most backoff_max_s / confirm_timeout_s from now",
+                        restamped)
         self.confirm.overdue(time.time())
         due = self.index.due_deliveries(time.time())
         for d in due:
