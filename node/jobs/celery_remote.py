@@ -155,7 +155,10 @@ def _deliver_now(ctx: JobContext, job_id: int) -> None:
     is done or dead-lettered. Only this task touches them (one job at a time per worker): sent once."""
     index = ctx.store.index
     outbox = Outbox(ctx.cfg, index, ctx.metrics)  # its thread is not started: the attempts happen here, in order
+    ob = ctx.cfg.outbox
     while True:
+        # a clock stepped back since a next attempt was set would add the step to its wait (node.send.outbox)
+        index.unstamp_future_deliveries(time.time(), ob.backoff_max_s, ob.confirm_timeout_s)
         pending = index.deliveries(job_id, states=(DeliveryState.PENDING,))
         if not pending:
             break

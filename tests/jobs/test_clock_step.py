@@ -66,3 +66,44 @@ def test_a_delivery_retried_across_a_clock_step_back_waits_its_backoff_not_the_s
     assert jobs[0]["deliveries"][0]["state"] == "delivered"
     assert wait_until(lambda: list(blocker.rglob("*.dcm")), 5, what="files in the folder")
     assert "the clock is behind the time 1 deliveries' next attempt" in node.log()
+
+
+def test_a_dicomweb_worker_s_delivery_retried_across_a_clock_step_back_waits_its_backoff(tmp_path: Path) -> None:
+    """break19: a `data_access = "dicomweb"` Celery worker delivers its job's results itself
+    (``celery_remote._deliver_now``: attempts in order, sleeping until the next is due). A next attempt stamped
+    before the clock stepped back an hour: before, the worker slept 5 s at a time for that hour (its job, and
+    every job behind it on that worker, waiting; still pending after 60 s here). Now brought back to backoff_max_s
+    from now, as in the node's outbox: delivered."""
+    import threading
+    import time
+
+    from node.config import config_from_dict
+    from node.jobs.celery_remote import _deliver_now
+    from node.jobs.context import JobContext
+    from node.store import DeliveryState, Instance, JobState
+
+    out = tmp_path / "out"
+    cfg = config_from_dict({"node": {"spool_dir": str(tmp_path / "spool"), "min_free_mb": 1},
+                            "outbox": {"backoff_initial_s": 1.0, "backoff_max_s": 1.0},
+                            "destinations": [{"name": "out", "kind": "folder", "path": str(out)}],
+                            "rules": [{"name": "ct", "match": {"Modality": "CT"}, "destinations": ["out"]}]})
+    ctx = JobContext.open(cfg)
+    index = ctx.store.index
+    results = write_phantom_series(tmp_path / "results", slices=2, size=32, step_mm=5.0, seed=5)
+    series = "1.2.826.0.1.77.19"
+    index.add_instance(Instance(f"{series}.1", series, "1.2.826.0.1.76", "1.2.840.10008.5.1.4.1.1.2",
+                                "1.2.840.10008.1.2.1", "/x.dcm", "CT01", ""), "CT", 1)
+    assert index.mark_stable(series, time.time() + 1)
+    job = index.create_job(series, "ct")
+    assert index.claim_job(job) is not None
+    index.add_deliveries(job, {"out": [str(f) for f in results]})
+    index.finish_job(job, JobState.SENDING)
+    (d,) = index.deliveries(job)
+    index.delivery_failed(d.id, "the folder could not be written", time.time() + 1.0 + HOUR)  # then the step
+    worker = threading.Thread(target=_deliver_now, args=(ctx, job), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive(), "the worker still waits for a next attempt an hour ahead of the clock"
+    (d,) = index.deliveries(job)
+    assert d.state is DeliveryState.DELIVERED, (d.state, d.reason)
+    assert len(list(out.rglob("*.dcm"))) == 2
