@@ -138,8 +138,14 @@ class Confirmations:
     handles Storage Commitment reports (``on_report``, the SCP's N-EVENT-REPORT handler), overdue reports
     (``overdue``) and deliveries left awaiting confirmation by a stopped node (``resume``)."""
 
-    def __init__(self, cfg: Config, index: Index, metrics: Metrics, settle: Settle) -> None:
+    def __init__(self, cfg: Config, index: Index, metrics: Metrics, settle: Settle, takes_reports: bool = True) -> None:
+        """``takes_reports`` False: no Storage Commitment report can reach this process (a ``data_access =
+        "dicomweb"`` Celery worker: the peer sends it to the AE title's host, the node, whose index knows no such
+        transaction). Storage Commitment is then not requested: ``auto`` counts by C-FIND, ``commitment`` is a
+        failed delivery saying why. Before break19 the worker requested it, its delivery stayed 'sent' for good,
+        the node ignored the report ("no delivery awaits it") and its job stayed 'sending' with nothing said."""
         self.cfg, self.index, self.metrics, self.settle = cfg, index, metrics, settle
+        self.takes_reports = takes_reports
         self._lock = threading.Lock()  # one outcome per delivery: a report and the deadline may race
 
     def method(self, dest: Destination) -> ConfirmMethod:
@@ -163,7 +169,12 @@ class Confirmations:
         deadline = time.time() + self.cfg.outbox.confirm_timeout_s
         refused = ""
         peer = make_query(dest)
-        if peer.offers_commitment and method in (ConfirmMethod.AUTO, ConfirmMethod.COMMITMENT):
+        if peer.offers_commitment and method is ConfirmMethod.COMMITMENT and not self.takes_reports:
+            raise DeliveryError(f"destination {dest.name}: confirm = 'commitment', but this is a Celery worker "
+                                "without the shared spool (data_access = 'dicomweb'): the peer sends its Storage "
+                                "Commitment report to the receiving node, never here; use confirm = 'auto' or 'count'",
+                                retryable=False)
+        if peer.offers_commitment and self.takes_reports and method in (ConfirmMethod.AUTO, ConfirmMethod.COMMITMENT):
             try:
                 self._request(d, peer, refs, deadline)
                 return False
