@@ -48,3 +48,24 @@ def test_a_dicomweb_worker_confirms_a_commitment_peer_by_count(tmp_path: Path, r
     assert len(derived) == 1 and len(derived[0]["Instances"]) == 11, derived
     assert "11 of 11 instance(s) listed by the destination" in worker.log()
     assert "no delivery awaits it" not in node.log()
+
+
+def test_commitment_on_dicomweb_workers_is_refused_at_load_naming_the_key() -> None:
+    """break19: ``confirm = "commitment"`` with workers that deliver themselves (``data_access = "dicomweb"``) can
+    never be confirmed (the report goes to the node): refused at load, naming the key, instead of a dead letter
+    after every send. On a shared spool (the node takes the reports) it stays allowed."""
+    import pytest
+
+    from node.config import config_from_dict
+    from node.errors import ConfigError
+
+    def cfg(access: str) -> object:
+        return config_from_dict({
+            "executor": {"kind": "celery", "data_access": access, "node_url": "http://127.0.0.1:8080"},
+            "destinations": [{"name": "pacs", "kind": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
+                              "confirm": "commitment"}],
+            "rules": [{"name": "ct", "match": {"Modality": "CT"}, "destinations": ["pacs"]}]})
+
+    with pytest.raises(ConfigError, match=r"destinations\[0\]\.confirm: 'commitment' with executor.data_access"):
+        cfg("dicomweb")
+    cfg("shared")
