@@ -6,7 +6,7 @@ runs. A damaged index (``srnode serve`` stops with "index ... is damaged") is mo
 and -shm files, as ``index.sqlite.damaged-<time>``, and a new one is built; ``--fresh`` does the same with a
 readable index, kept as ``index.sqlite.replaced-<time>`` (its jobs and deliveries are forgotten; every series is
 processed again; to process one ignored series again after a rule change, ``srnode retry JOB`` is enough). Stop
-the node first.
+the node first: a reindex takes the spool's lock, so it is refused while a node serves the spool.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from node.config import load_config
+from node.errors import NodeError, SpoolError
 from node.ingest import reindex_spool
 from node.store import Index, IndexDamaged, Spool
 
@@ -41,6 +42,20 @@ def move_aside(index_path: Path, why: str = "damaged") -> Path:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     spool = Spool(cfg.spool_path, cfg.node.min_free_mb)
+    try:
+        fd = spool.lock()  # the serving node's lock: a reindex beside it would rebuild the index it writes
+    except SpoolError as exc:
+        raise NodeError(f"spool {spool.root} is in use by a running srnode serve (its lock srnode.lock is held): "
+                        "stop the node first; a reindex beside it would move its index aside or add rows under it "
+                        "(break19: with --fresh the node went on writing the moved-aside index, instances it "
+                        "acknowledged then were in no index the next start reads)") from exc
+    try:
+        return _reindex(args, spool)
+    finally:
+        spool.unlock(fd)
+
+
+def _reindex(args: argparse.Namespace, spool: Spool) -> int:
     path = spool.index_path
     if args.fresh and path.exists():
         print(f"index {path}: moved aside as {move_aside(path, 'replaced')} (--fresh; its job history is kept "

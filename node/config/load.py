@@ -35,7 +35,16 @@ from node.config.endpoints import (
     OrthancDestination,
     WebEndpoint,
 )
-from node.config.schema import FLATTEN, NOT_A_KEY, SECRET_KEYS, Config, NodeConfig, TlsConfig, kind_tag
+from node.config.schema import (
+    FLATTEN,
+    NOT_A_KEY,
+    SECRET_KEYS,
+    Config,
+    DataAccess,
+    NodeConfig,
+    TlsConfig,
+    kind_tag,
+)
 from node.dimse import MIN_PEER_MAX_PDU, max_pdu_problem
 from node.errors import ConfigError
 
@@ -330,6 +339,11 @@ def _check(cfg: Config) -> None:
             if getattr(e, "confirm", None) == ConfirmMethod.COMMITMENT and not isinstance(e, DicomDestination):
                 raise ConfigError(f"{w}.confirm: 'commitment' (DICOM Storage Commitment) needs kind = \"dicom\"; "
                                   "use 'auto', 'count' or 'none'")
+            if (getattr(e, "confirm", None) == ConfirmMethod.COMMITMENT and cfg.executor.kind == "celery"
+                    and cfg.executor.data_access == DataAccess.DICOMWEB):
+                raise ConfigError(f"{w}.confirm: 'commitment' with executor.data_access = \"dicomweb\": the workers "
+                                  "deliver the results, and the peer sends its Storage Commitment report to the "
+                                  "node, never to them; use 'auto' (a count by C-FIND there) or 'count'")
             if isinstance(e, DicomDestination) and not 1 <= e.associations <= 32:
                 raise ConfigError(f"{w}.associations: {e.associations} must be 1..32")
             if isinstance(e, (OrthancDestination, DicomwebDestination)) and not 1 <= e.parallel <= 32:

@@ -154,8 +154,13 @@ def _deliver_now(ctx: JobContext, job_id: int) -> None:
     """Deliver the job's results from this worker, with the outbox's retries and backoff, until each delivery
     is done or dead-lettered. Only this task touches them (one job at a time per worker): sent once."""
     index = ctx.store.index
-    outbox = Outbox(ctx.cfg, index, ctx.metrics)  # its thread is not started: the attempts happen here, in order
+    # its thread is not started: the attempts happen here, in order; Storage Commitment reports go to the node's
+    # AE title, not here: DICOM destinations are confirmed by count (break19: the delivery stayed 'sent' for good)
+    outbox = Outbox(ctx.cfg, index, ctx.metrics, takes_reports=False)
+    ob = ctx.cfg.outbox
     while True:
+        # a clock stepped back since a next attempt was set would add the step to its wait (node.send.outbox)
+        index.unstamp_future_deliveries(time.time(), ob.backoff_max_s, ob.confirm_timeout_s)
         pending = index.deliveries(job_id, states=(DeliveryState.PENDING,))
         if not pending:
             break

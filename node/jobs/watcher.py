@@ -82,6 +82,10 @@ class StabilityWatcher:
         ``submit``; the queue depth metric is set. NodeError from a decision or a submit is logged; index errors
         (SpoolError) raise."""
         now = time.time()
+        restamped = self.index.unstamp_future_series(now)
+        if restamped:
+            log.warning("the clock is behind the time %d series' last instance was stamped with (it stepped back): "
+                        "their quiet time counts from now", restamped)
         # series left 'stable' without a job (recording the decision failed: the index locked or full): again
         stable = self.index.stable_series()
         self._undecided = {k: t for k, t in self._undecided.items() if k in stable}

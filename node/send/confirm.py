@@ -50,7 +50,7 @@ from pynetdicom import evt
 
 from node.config import Config, ConfirmMethod, Destination, DicomDestination, FolderDestination
 from node.dimse import Status
-from node.errors import DeliveryError
+from node.errors import DeliveryError, NodeError
 from node.metrics import Metrics
 from node.send.base import QUERY_MODULES, PeerQuery, Ref, Unsupported, make_query
 from node.store import Delivery, DeliveryState, Index
@@ -138,8 +138,14 @@ class Confirmations:
     handles Storage Commitment reports (``on_report``, the SCP's N-EVENT-REPORT handler), overdue reports
     (``overdue``) and deliveries left awaiting confirmation by a stopped node (``resume``)."""
 
-    def __init__(self, cfg: Config, index: Index, metrics: Metrics, settle: Settle) -> None:
+    def __init__(self, cfg: Config, index: Index, metrics: Metrics, settle: Settle, takes_reports: bool = True) -> None:
+        """``takes_reports`` False: no Storage Commitment report can reach this process (a ``data_access =
+        "dicomweb"`` Celery worker: the peer sends it to the AE title's host, the node, whose index knows no such
+        transaction). Storage Commitment is then not requested: ``auto`` counts by C-FIND, ``commitment`` is a
+        failed delivery saying why. Before break19 the worker requested it, its delivery stayed 'sent' for good,
+        the node ignored the report ("no delivery awaits it") and its job stayed 'sending' with nothing said."""
         self.cfg, self.index, self.metrics, self.settle = cfg, index, metrics, settle
+        self.takes_reports = takes_reports
         self._lock = threading.Lock()  # one outcome per delivery: a report and the deadline may race
 
     def method(self, dest: Destination) -> ConfirmMethod:
@@ -163,7 +169,12 @@ class Confirmations:
         deadline = time.time() + self.cfg.outbox.confirm_timeout_s
         refused = ""
         peer = make_query(dest)
-        if peer.offers_commitment and method in (ConfirmMethod.AUTO, ConfirmMethod.COMMITMENT):
+        if peer.offers_commitment and method is ConfirmMethod.COMMITMENT and not self.takes_reports:
+            raise DeliveryError(f"destination {dest.name}: confirm = 'commitment', but this is a Celery worker "
+                                "without the shared spool (data_access = 'dicomweb'): the peer sends its Storage "
+                                "Commitment report to the receiving node, never here; use confirm = 'auto' or 'count'",
+                                retryable=False)
+        if peer.offers_commitment and self.takes_reports and method in (ConfirmMethod.AUTO, ConfirmMethod.COMMITMENT):
             try:
                 self._request(d, peer, refs, deadline)
                 return False
@@ -309,11 +320,18 @@ class Confirmations:
             self.recheck(d)
 
     def recheck(self, d: Delivery) -> None:
-        """Run ``d``'s confirmation again without sending its files (they were accepted)."""
+        """Run ``d``'s confirmation again without sending its files (they were accepted). Whatever it raises is a
+        counted attempt of ``d`` alone (as a send's in ``Outbox.attempt``): a destination no longer configured
+        (a ConfigError) dead-letters it at once; before, the exception left ``resume`` / ``overdue`` and, every
+        0.5 s, the outbox's whole pass, so no delivery to any destination went out again."""
         try:
             settled = self.after_send(d, [Path(f) for f in d.files])
-        except DeliveryError as exc:
+        except NodeError as exc:  # DeliveryError; ConfigError: the destination was removed from the config
             self.settle.failed(d, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - a client library raised something else: still this delivery's
+            log.exception("job %d -> %s: unexpected error while confirming: %s", d.job_id, d.destination, exc)
+            self.settle.failed(d, DeliveryError(f"unexpected {type(exc).__name__} while confirming: {exc}"[:500]))
             return
         if settled:
             self.settle.settled(d)

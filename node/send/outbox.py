@@ -37,14 +37,18 @@ def backoff_s(cfg: Config, failed_attempts: int) -> float:
 class Outbox:
     """Delivers due deliveries of ``index`` with one Sender per destination of ``cfg``, in its own thread."""
 
-    def __init__(self, cfg: Config, index: Index, metrics: Metrics, audit: AuditLog | None = None) -> None:
+    def __init__(self, cfg: Config, index: Index, metrics: Metrics, audit: AuditLog | None = None,
+                 takes_reports: bool = True) -> None:
+        """``takes_reports``: whether Storage Commitment reports for this outbox's requests reach it (the node's
+        SCP hands them to ``confirm.on_report``); False on a ``data_access = "dicomweb"`` Celery worker, whose
+        peers send their reports to the node: then DICOM destinations are confirmed by count."""
         self.cfg, self.index, self.metrics, self.audit = cfg, index, metrics, audit
         self._senders: dict[str, Sender] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._resume = threading.Event()
         self._thread: threading.Thread | None = None
-        self.confirm = Confirmations(cfg, index, metrics, self)
+        self.confirm = Confirmations(cfg, index, metrics, self, takes_reports)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="srnode-outbox", daemon=True)
@@ -81,6 +85,12 @@ class Outbox:
 
     def run_due(self) -> int:
         """Attempt every due delivery once; returns how many were attempted."""
+        ob = self.cfg.outbox
+        restamped = self.index.unstamp_future_deliveries(time.time(), ob.backoff_max_s, ob.confirm_timeout_s)
+        if restamped:
+            log.warning("the clock is behind the time %d deliveries' next attempt or confirmation deadline was set "
+                        "with (it stepped back): brought back to at most backoff_max_s / confirm_timeout_s from now",
+                        restamped)
         self.confirm.overdue(time.time())
         due = self.index.due_deliveries(time.time())
         for d in due:

@@ -67,6 +67,23 @@ class DeliveryTable(JobTable):
                            (DeliveryState.SENT, now))
         return [delivery_of(r) for r in rows]
 
+    def unstamp_future_deliveries(self, now: float, retry_max_s: float, confirm_max_s: float,
+                                  slack: float = 2.0) -> int:
+        """Pending deliveries whose next attempt lies more than ``retry_max_s`` (+ ``slack``) seconds after ``now``,
+        and 'sent' ones whose confirmation deadline lies more than ``confirm_max_s`` after it: stamped by a clock
+        that has stepped back since (NTP), they would wait that step on top (an hour's step: a PACS back at once
+        and the delivery an hour later). Brought back to ``now`` + their longest wait. Returns how many."""
+        args = (DeliveryState.PENDING, now + retry_max_s + slack, DeliveryState.SENT, now + confirm_max_s + slack)
+        where = "(state = ? AND next_attempt > ?) OR (state = ? AND confirm_deadline > ?)"
+        if not self._query(f"SELECT COUNT(*) AS n FROM deliveries WHERE {where}", args)[0]["n"]:
+            return 0
+        with self.tx() as c:
+            n = c.execute("UPDATE deliveries SET next_attempt = ? WHERE state = ? AND next_attempt > ?",
+                          (now + retry_max_s, *args[:2])).rowcount
+            n += c.execute("UPDATE deliveries SET confirm_deadline = ? WHERE state = ? AND confirm_deadline > ?",
+                           (now + confirm_max_s, *args[2:])).rowcount
+            return int(n)
+
     def due_deliveries(self, now: float) -> list[Delivery]:
         """Pending deliveries whose next attempt is due at ``now`` (Unix seconds)."""
         rows = self._query("SELECT * FROM deliveries WHERE state = ? AND next_attempt <= ? ORDER BY id",

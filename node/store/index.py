@@ -52,6 +52,7 @@ HEADER_DECLARED = "ImagesInAcquisition"  # declared_by of a size the series' hea
 # early: it is kept to name what is missing (INCOMPLETE) and to log "more than declared"; the quiet period decides.
 _DECLARED_COMPLETE = (" AND declared_instances IS NOT NULL AND n_instances = declared_instances"
                       " AND declared_by != ?")
+CLOCK_SLACK_S = 2.0  # seconds a time stamped in the index may lie ahead of the clock before it counts as a step back
 MIXED = "mixed"  # header_sig once two instances of a series said different things about its size
 
 
@@ -232,6 +233,21 @@ class Index(DeliveryTable):
         rows = self._query("SELECT study_uid, series_uid FROM series WHERE state = ? AND last_received < ?"
                            " ORDER BY first_received", (SeriesState.RECEIVING, quiet_since))
         return [(r["study_uid"], r["series_uid"]) for r in rows]
+
+    def unstamp_future_series(self, now: float, slack: float = CLOCK_SLACK_S) -> int:
+        """Series still 'receiving' whose ``last_received`` is later than ``now`` + ``slack`` seconds: the clock
+        stepped back since it was stamped (NTP correcting a clock that ran ahead, a hardware clock set to local
+        time corrected after boot). Their quiet time counted from a moment the clock reaches only later (an hour
+        on for an hour's step) and nothing was said; it is stamped ``now`` instead, so a quiet series waits
+        ``stable_age_s`` from now. Returns how many series were restamped (usually 0: one read, no write)."""
+        ahead = self._query("SELECT COUNT(*) AS n FROM series WHERE state = ? AND last_received > ?",
+                            (SeriesState.RECEIVING, now + slack))[0]["n"]
+        if not ahead:
+            return 0
+        with self.tx() as c:
+            cur = c.execute("UPDATE series SET last_received = ? WHERE state = ? AND last_received > ?",
+                            (now, SeriesState.RECEIVING, now + slack))
+            return int(cur.rowcount)
 
     def complete_series(self, settled_since: float, headers: bool = False) -> list[SeriesKey]:
         """(study, series) of the series still 'receiving' that hold exactly the number of distinct instances a

@@ -90,3 +90,31 @@ def test_retry_while_no_node_runs_says_the_work_waits_for_it(tmp_path: Path) -> 
         assert [ln for ln in r.stdout.splitlines() if ln.startswith("NODE NOT RUNNING")], r.stdout
     finally:
         node.stop()
+
+
+def test_reindex_beside_a_running_node_is_refused(tmp_path: Path) -> None:
+    """break19: ``srnode reindex --fresh`` run while ``srnode serve`` served the spool (its docstring said "stop
+    the node first", nothing enforced it): rc 0, the index moved aside under the node, which went on writing the
+    moved-aside file; a series acknowledged after it was in no index the next start reads (`srnode status`: "no
+    jobs", the first series listed again as 'not complete yet', to be processed again). Now refused, rc 1, one
+    line saying to stop the node; the index untouched. Once the node is stopped, the reindex runs."""
+    from tests.support.peers import storescu
+
+    node = NodeProc.start(tmp_path / "node")
+    try:
+        storescu(write_phantom_series(tmp_path / "a", slices=6, size=64, step_mm=5.0, seed=1), node.port)
+        node.wait_jobs(lambda js: js and js[0]["state"] == "delivered", 60, what="job 1 delivered")
+        for extra in ((), ("--fresh",)):
+            r = node.cli("reindex", *extra)
+            assert r.returncode == 1, (r.stdout, r.stderr)
+            assert "is in use by a running srnode serve" in r.stderr and "stop the node first" in r.stderr, r.stderr
+            assert r.stderr.count("\n") == 1, r.stderr  # one line, no traceback
+        assert sorted(p.name for p in node.spool.glob("index.sqlite*")) == ["index.sqlite", "index.sqlite-shm",
+                                                                             "index.sqlite-wal"]
+        storescu(write_phantom_series(tmp_path / "b", slices=6, size=64, step_mm=5.0, seed=2), node.port)
+        node.wait_jobs(lambda js: len(js) == 2 and all(j["state"] == "delivered" for j in js), 60,
+                       what="job 2 delivered, in the one index")
+    finally:
+        assert node.stop() == 0
+    r = node.cli("reindex", "--fresh")
+    assert r.returncode == 0 and "12 added (2 series)" in r.stdout, (r.stdout, r.stderr)

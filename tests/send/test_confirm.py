@@ -735,3 +735,90 @@ def test_a_report_from_a_stranger_is_not_decoded(tmp_path: Path) -> None:
     log = node.log()
     assert "storage commitment report from EVIL@127.0.0.1 ignored unread" in log, log[-2000:]
     assert "no delivery awaits it" not in log  # before: decoded, then found to concern no delivery
+
+
+class _CountHangs:
+    """An Orthanc REST stand-in that takes every upload (``POST /instances``: Success) and holds every count
+    (``POST /tools/find``) until ``release`` is set: a PACS whose query side hangs while the node is killed."""
+
+    def __init__(self) -> None:
+        import http.server
+        import json
+        import threading
+
+        self.release = threading.Event()
+        release = self.release
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _json(self, obj: Any) -> None:
+                body = json.dumps(obj).encode()
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the node was killed while it waited
+
+            def do_GET(self) -> None:
+                self._json({})
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path.startswith("/instances"):
+                    self._json({"ID": "x", "Status": "Success"})
+                else:
+                    release.wait(120)
+                    self._json([])
+
+        self.port = free_port()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_delivery_awaiting_a_count_from_a_removed_destination_does_not_stop_the_outbox(tmp_path: Path) -> None:
+    """break19: the node killed -9 while a delivery to 'pacs' awaited its count check (state 'sent'), then
+    config.toml edited to remove 'pacs' (the rule now sends to the folder 'out'), the node started again. Before:
+    the start's re-check raised "no destination named 'pacs'" out of the outbox's resume, and once the delivery's
+    confirmation deadline passed out of every pass of the outbox (86 ERROR tracebacks in 40 s): job 2's delivery to
+    'out' stayed pending for ever, job 1 'sending' "pacs:sent [awaiting count of 11]". Now the re-check's failure
+    is that delivery's own attempt: job 1 dead-lettered naming the missing destination, job 2 delivered."""
+    from node.config.dump import dump_toml
+    from tests.support.nodeproc import NodeProc
+
+    pacs = _CountHangs()
+    folder = {"name": "out", "kind": "folder", "path": str(tmp_path / "out")}
+    dests = [{"name": "pacs", "kind": "orthanc", "url": f"http://127.0.0.1:{pacs.port}", "confirm": "count",
+              "timeout_s": 60.0}, folder]
+    rule = {"name": "ct", "match": {"Modality": "CT"}, "through_plane_factor": 2}
+    node = NodeProc.start(tmp_path / "node", {"destinations": dests, "rules": [{**rule, "destinations": ["pacs"]}],
+                                              "outbox": {"confirm_timeout_s": 1.0}})
+    try:
+        storescu(write_phantom_series(tmp_path / "a", slices=6, size=64, step_mm=5.0, seed=1), node.port)
+        node.wait_jobs(lambda js: js and any(str(d["state"]) == "sent" for d in js[0]["deliveries"]), 60,
+                       what="job 1's delivery awaiting its count")
+        node.kill9()
+        pacs.release.set()
+        node.config["destinations"] = [folder]
+        node.config["rules"] = [{**rule, "destinations": ["out"]}]
+        node.config_path.write_text(dump_toml(node.config))
+        node.launch()
+        storescu(write_phantom_series(tmp_path / "b", slices=6, size=64, step_mm=5.0, seed=2), node.port)
+        jobs = node.wait_jobs(lambda js: len(js) == 2 and str(js[1]["state"]) == "delivered"
+                              and str(js[0]["state"]) == "dead-letter", 60,
+                              what="job 2 delivered to 'out', job 1 dead-lettered")
+    finally:
+        node.stop()
+        pacs.close()
+    (d1,) = jobs[0]["deliveries"]
+    assert "no destination named 'pacs'" in d1["reason"], d1
+    assert "outbox: destinations" not in node.log()  # the outbox's pass never failed
