@@ -468,6 +468,17 @@ def _modality_lut(s: Slice) -> bool:
     return any(len(it.get("ModalityLUTSequence") or []) > 0 for it in items)
 
 
+# what a refusal of a series whose images disagree on one of these asks of the user (a series has one of each)
+_WHAT_TO_DO = {
+    "FrameOfReferenceUID": (
+        " (positions in two frames of reference are not comparable even where they look continuous: the patient "
+        "may have moved, or the table been set again, between them). If these images are one acquisition whose "
+        "FrameOfReferenceUID a de-identifier, archive or converter rewrote image by image, restore the original "
+        "value and send the series again; otherwise send the images of each frame of reference as a series of "
+        "their own"),
+}
+
+
 def _check_one_series(slices: list[Slice], series_uid: str) -> None:
     """VolumeError unless the slices belong to one series, one frame of reference, one modality and one grey-scale
     polarity, and are not all localizer images (the reasons count values, never quote them; localizers beside
@@ -487,7 +498,7 @@ def _check_one_series(slices: list[Slice], series_uid: str) -> None:
         if len(by_value) > 1:
             raise VolumeError(f"series {series_uid}: its images have {len(by_value)} different {keyword} values: "
                               f"{len(by_value)} {what}; by value: {_named_groups(list(by_value.values()))}; "
-                              "they cannot be stacked into one volume")
+                              f"they cannot be stacked into one volume{_WHAT_TO_DO.get(keyword, '')}")
     if all(header_value(s, "localizer") for s in slices):
         raise VolumeError(f"series {series_uid}: is a localizer (scout) series; not super-resolved")
 
