@@ -19,7 +19,9 @@ offset jump when that is at least ``SHIFT_FRACTION`` (0.08) and its two neighbou
 ``NEIGHBOUR_SPREAD`` of the range. Measured on the 11 shared series (field19): at most 0.029 (the EPI mosaic) but
 for the GE slice 66 (0.376); +1024 HU on a slice of the 5 mm phantom 0.59, +200 HU 0.12. The note of a slice both
 measures flag in the same direction is the ratio's; a ratio flagging the other direction than the shift, or the
-shift alone, gives the shift's note, in modality units.
+shift alone, gives the shift's note: "x times its neighbours'" when a line through the percentiles has a gain off 1
+(an MR slice scaled 1.5x or 0.6x, under the ratio's 2x bar: 0.128 / -0.105 of the range on the shared MPRAGE), else
+an offset in modality units.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ MASK_FRACTION = 0.1  # voxels above floor + this x (99th percentile - floor) cou
 QUANTILES = np.linspace(0.05, 0.95, 19)  # the percentiles whose shift from the neighbours' is an offset jump
 SHIFT_FRACTION = 0.08  # the median shift, over the volume's floor-to-99th-percentile range, that is reported
 QUANTILE_SAMPLES = 16384  # about this many pixels of a slice (every k-th row and column) give its percentiles
+GAIN_OFF = 0.15  # a shifted slice whose percentiles are this far from 1x its neighbours' is said to be scaled
 NEIGHBOUR_SPREAD = 0.05  # the two neighbours' percentiles agree within this fraction of that range
 
 
@@ -77,12 +80,25 @@ def level_jumps(data: np.ndarray, names: Sequence[str]) -> list[str]:
         disagree = scaled and np.isfinite(shift) and abs(shift) >= NEIGHBOUR_SPREAD * span and \
             (ratio > 1) != (shift > 0)
         if disagree or (offset and not scaled):
-            notes.append(f"image {names[z]}: its values lie {shift:+.4g} (modality units) from its two neighbours' "
-                         "across the slice (the median shift of its 5th to 95th percentiles; as stored, after its "
-                         "own rescale): a slice-level offset (a rescale intercept its header states wrongly, an "
-                         "artefact) that the derived slices around it carry")
+            notes.append(_shift_note(names[z], shift, quant[z], 0.5 * (quant[z - 1] + quant[z + 1])))
         elif scaled:
             notes.append(f"image {names[z]}: its level is {ratio:.1f}x its two neighbours' (as stored, after its own "
                          "rescale): a slice-level intensity jump (an artefact, or a scaling its header does not "
                          "state) that the derived slices around it carry")
     return notes
+
+
+def _shift_note(name: str, shift: float, own: np.ndarray, theirs: np.ndarray) -> str:
+    """The note of a slice whose percentiles ``own`` lie ``shift`` (median, modality units) from ``theirs`` (its
+    two neighbours' mean): worded as a scaling when a line through them (own = g x theirs + o) has a gain g off 1
+    by more than ``GAIN_OFF`` and explains most of the shift (an MR slice 1.5x its neighbours'), else as an
+    offset (a CT slice 1024 HU off: g about 1)."""
+    gain, off = np.polyfit(theirs, own, 1) if np.ptp(theirs) > 0 else (1.0, shift)
+    if abs(gain - 1.0) > GAIN_OFF and abs(off) < 0.5 * abs(shift):
+        return (f"image {name}: its values are {gain:.2g}x its two neighbours' across the slice (its 5th to 95th "
+                "percentiles against theirs; as stored, after its own rescale): a slice-level intensity jump (an "
+                "artefact, or a scaling its header does not state) that the derived slices around it carry")
+    return (f"image {name}: its values lie {shift:+.4g} (modality units) from its two neighbours' across the slice "
+            "(the median shift of its 5th to 95th percentiles; as stored, after its own rescale): a slice-level "
+            "offset (a rescale intercept its header states wrongly, an artefact) that the derived slices around it "
+            "carry")
