@@ -18,6 +18,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from node.app.check_cmd import check_folders
 from tests.support.fixtures import shared_series
 
 CT5 = "ct_head_phantom_philips_5mm"
@@ -67,6 +68,25 @@ def test_slices_missing_at_an_end_of_a_declared_series_are_said(tmp_path: Path, 
     report = _report(out)
     assert report["declared"] == {"instances": 8, "by": "ImagesInAcquisition", "missing": len(gone)}, report
     assert len(list(out.rglob("derived/*.dcm"))) == 2 * left - 1
+    result = check_folders(files[0].parent if files[0].exists() else files[-1].parent, out, run_dciodvfy=False)
+    assert result.ok, result.lines()
+    assert [ln for ln in result.reported if f"INCOMPLETE, {left} of the 8 instance(s)" in ln], result.lines()
+
+
+def test_check_fails_an_output_whose_report_does_not_say_it_is_incomplete(tmp_path: Path) -> None:
+    """``srnode check`` counts the instances the inputs declare with its own reader: an output made before this
+    fix (its report.json without ``incomplete``) FAILS."""
+    files = _declared(tmp_path)
+    files[0].unlink()
+    out = tmp_path / "out"
+    assert _process(files[1].parent, out).returncode == 0
+    [path] = out.rglob("report.json")
+    record = json.loads(path.read_text())
+    del record["report"]["incomplete"], record["report"]["declared"]
+    path.write_text(json.dumps(record))
+    result = check_folders(files[1].parent, out, run_dciodvfy=False)
+    assert not result.ok
+    assert [ln for ln in result.unreported if "holds 7 of the 8 instance(s) its images declare" in ln], result.lines()
 
 
 def test_a_whole_declared_series_and_a_copy_of_an_instance_say_nothing(tmp_path: Path) -> None:
