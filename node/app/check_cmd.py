@@ -381,13 +381,14 @@ class CheckResult:
     volumes: list[VolumeCheck] = field(default_factory=list)
     reported: list[str] = field(default_factory=list)  # lines: images left out, with the reason recorded
     unreported: list[str] = field(default_factory=list)  # lines: images left out silently (failures)
+    incomplete: list[str] = field(default_factory=list)  # lines: series derived from part of what they declare
 
     @property
     def ok(self) -> bool:
         return not self.unreported and all(v.ok for v in self.volumes)
 
     def lines(self) -> list[str]:
-        return [v.line() for v in self.volumes] + self.reported + self.unreported
+        return [v.line() for v in self.volumes] + self.reported + self.incomplete + self.unreported
 
 
 def check_folders(in_dir: Path, out_dir: Path, run_dciodvfy: bool = True,
@@ -446,7 +447,7 @@ def _check_declared(inputs: list[InImage], reports: dict[str, str], result: Chec
         if not text or "left_alone" in json.loads(text) or "failed" in json.loads(text):
             continue  # not derived: nothing made from part of it
         if json.loads(text).get("report", {}).get("incomplete"):
-            result.reported.append(f"REPORTED input series {label}: INCOMPLETE, {held} of the {declared} "
+            result.incomplete.append(f"REPORTED input series {label}: INCOMPLETE, {held} of the {declared} "
                                    "instance(s) its images declare (ImagesInAcquisition): said in report.json")
         else:
             result.unreported.append(f"FAILED input series {label}: holds {held} of the {declared} instance(s) its "
@@ -467,5 +468,8 @@ def run(args: argparse.Namespace) -> int:
     skipped = sum(v.skipped for v in result.volumes)
     print(f"{len(result.volumes) - skipped} derived series checked"
           + (f" ({skipped} skipped: their source images are not in IN_DIR)" if skipped else "")
-          + f", {len(result.reported)} input series reported as not processed, {failed} failure(s)")
+          + f", {len(result.reported)} input series reported as not processed"
+          + (f", {len(result.incomplete)} reported as derived from part of what they declare"
+             if result.incomplete else "")
+          + f", {failed} failure(s)")
     return 0 if result.ok else 1
