@@ -59,6 +59,7 @@ from node.app.check_read import (
     InImage,
     OutImage,
     Pixels,
+    declared_instances,
     floats,
     input_rounding,
     read_inputs,
@@ -380,13 +381,14 @@ class CheckResult:
     volumes: list[VolumeCheck] = field(default_factory=list)
     reported: list[str] = field(default_factory=list)  # lines: images left out, with the reason recorded
     unreported: list[str] = field(default_factory=list)  # lines: images left out silently (failures)
+    incomplete: list[str] = field(default_factory=list)  # lines: series derived from part of what they declare
 
     @property
     def ok(self) -> bool:
         return not self.unreported and all(v.ok for v in self.volumes)
 
     def lines(self) -> list[str]:
-        return [v.line() for v in self.volumes] + self.reported + self.unreported
+        return [v.line() for v in self.volumes] + self.reported + self.incomplete + self.unreported
 
 
 def check_folders(in_dir: Path, out_dir: Path, run_dciodvfy: bool = True,
@@ -422,9 +424,35 @@ def check_folders(in_dir: Path, out_dir: Path, run_dciodvfy: bool = True,
         else:
             result.unreported.append(f"FAILED input series {label}: {len(left) - len(named)} image(s) in no "
                                      f"derived series and not reported ({listed})")
+    _check_declared(inputs, reports, result)
     if not inputs:
         result.unreported.append(f"FAILED no input images found in {in_dir}")
     return result
+
+
+def _check_declared(inputs: list[InImage], reports: dict[str, str], result: CheckResult) -> None:
+    """An input series holding fewer instances than its images declare (``declared_instances``: a slice missing
+    at an end of the stack leaves no gap to see) must be said in its report.json (``incomplete``, field19): a
+    REPORTED line when it is, a FAILED one when its report does not say so (the outputs made before)."""
+    by_series: dict[str, list[InImage]] = {}
+    for x in inputs:
+        by_series.setdefault(x.series, []).append(x)
+    for series, images in sorted(by_series.items()):
+        declared = declared_instances(images)
+        held = len({x.sop for x in images})
+        if declared <= held:
+            continue
+        text = reports.get(series, "")
+        label = series or "(no SeriesInstanceUID)"
+        if not text or "left_alone" in json.loads(text) or "failed" in json.loads(text):
+            continue  # not derived: nothing made from part of it
+        if json.loads(text).get("report", {}).get("incomplete"):
+            result.incomplete.append(f"REPORTED input series {label}: INCOMPLETE, {held} of the {declared} "
+                                   "instance(s) its images declare (ImagesInAcquisition): said in report.json")
+        else:
+            result.unreported.append(f"FAILED input series {label}: holds {held} of the {declared} instance(s) its "
+                                     "images declare (ImagesInAcquisition), and report.json does not say its derived "
+                                     "series was made from part of it")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -440,5 +468,8 @@ def run(args: argparse.Namespace) -> int:
     skipped = sum(v.skipped for v in result.volumes)
     print(f"{len(result.volumes) - skipped} derived series checked"
           + (f" ({skipped} skipped: their source images are not in IN_DIR)" if skipped else "")
-          + f", {len(result.reported)} input series reported as not processed, {failed} failure(s)")
+          + f", {len(result.reported)} input series reported as not processed"
+          + (f", {len(result.incomplete)} reported as derived from part of what they declare"
+             if result.incomplete else "")
+          + f", {failed} failure(s)")
     return 0 if result.ok else 1

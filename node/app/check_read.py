@@ -108,6 +108,9 @@ class InImage:
     # compares it: ``_agent``): one derived volume of images that differ in either stacks two reconstructions or a
     # pre- and a post-contrast pass
     acquired_as: tuple[str, str] = ("", "")
+    # what its header says of its series' size: (ImagesInAcquisition, NumberOfFrames, AcquisitionNumber) as
+    # written ("" when absent; ``declared_instances``)
+    declares: tuple[str, str, str] = ("", "", "")
 
     @property
     def name(self) -> str:
@@ -309,12 +312,29 @@ def read_inputs(in_dir: Path) -> list[InImage]:
             images = _read_input(p, ds)
         except (ValueError, TypeError, AttributeError, KeyError, IndexError):
             continue
+        declares = tuple(str(ds.get(k, "") or "").strip() for k in ("ImagesInAcquisition", "NumberOfFrames",
+                                                                     "AcquisitionNumber"))
         for x in images:
+            x.declares = (declares[0], declares[1], declares[2])
             key = (x.sop, x.frame, x.tile)
             if not x.sop or key not in seen:
                 seen.add(key)
                 out.append(x)
     return out
+
+
+def declared_instances(images: Sequence[InImage]) -> int:
+    """How many instances the images of one series declare it holds: ImagesInAcquisition (/ NumberOfFrames of a
+    multi-frame object) when every image states the same ImagesInAcquisition, NumberOfFrames and AcquisitionNumber
+    (one acquisition: the count is of that acquisition's images); 0 when they do not, or none states it."""
+    said = {x.declares for x in images}
+    if len(said) != 1:
+        return 0
+    images_in, frames, _ = said.pop()
+    if not images_in.isdigit() or int(images_in) <= 0:
+        return 0
+    n_frames = int(frames) if frames.isdigit() and int(frames) > 0 else 1
+    return int(images_in) // n_frames if int(images_in) % n_frames == 0 else 0
 
 
 @dataclass

@@ -32,10 +32,12 @@ from node.app.progress import SeriesBar, logs_through_bars
 from node.app.progress import wanted as progress_bar_wanted
 from node.config import Config, load_config
 from node.errors import NodeError, VolumeError
+from node.ingest import size_hint
 from node.jobs import match_rule, series_header
 from node.phi import scrub, series_values
 from node.process import EngineCache, ProcessResult, process_series, write_error
 from node.series import is_localizer, read_header
+from node.store import HEADER_DECLARED, SizeHint
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,8 @@ class Found:
     bad: list[str]  # "<file>: <why>": not readable as DICOM and maybe a DICOM file cut short (data lost)
     skipped: list[str]  # "<file>: <what it is>": recognisably not an image of a series (nothing lost)
     own: list[str]  # srnode's own side files (report.json, preview.png), relative paths
+    # per series: (SOPInstanceUID, what its header says of the series' size) of each file (``declared_size``)
+    sizes: dict[SeriesKey, list[tuple[str, SizeHint]]] = dataclasses.field(default_factory=dict)
 
 
 def group_by_series(in_dir: Path) -> Found:
@@ -77,7 +81,8 @@ def group_by_series(in_dir: Path) -> Found:
     if in_dir.is_file():
         hdr = read_header(in_dir)  # VolumeError: not DICOM
         key = (str(hdr.get("StudyInstanceUID", "") or ""), str(hdr.get("SeriesInstanceUID", "") or ""))
-        return Found({key: [in_dir]}, {key: hdr}, [], [], [])
+        return Found({key: [in_dir]}, {key: hdr}, [], [], [],
+                     {key: [(str(hdr.get("SOPInstanceUID", "") or ""), size_hint(hdr))]})
     if not in_dir.is_dir():
         raise VolumeError(f"{in_dir}: neither a folder nor a file")
     found = Found({}, {}, [], [], [])
@@ -108,9 +113,22 @@ def group_by_series(in_dir: Path) -> Found:
             continue
         key = (str(hdr.get("StudyInstanceUID", "") or ""), str(hdr.get("SeriesInstanceUID", "") or ""))
         found.groups.setdefault(key, []).append(p)
+        found.sizes.setdefault(key, []).append((str(hdr.get("SOPInstanceUID", "") or ""), size_hint(hdr)))
         if key not in found.headers or (is_localizer(found.headers[key]) and not is_localizer(hdr)):
             found.headers[key] = hdr  # the rules match on an image of the series, not on a scout filed in it
     return found
+
+
+def declared_size(sizes: list[tuple[str, SizeHint]]) -> tuple[int, int]:
+    """(instances the series declares, distinct instances found) from each file's (SOPInstanceUID, size hint);
+    (0, n) when nothing is declared. As the node's index (``node.store.Index.add_instance``): a size is declared
+    only when every file's header says the same (ImagesInAcquisition, NumberOfFrames and AcquisitionNumber alike:
+    one acquisition); a copy of an instance counts once."""
+    distinct = len({sop for sop, _ in sizes})
+    signatures = {hint.signature for _, hint in sizes}
+    if len(signatures) != 1 or not sizes[0][1].signature or sizes[0][1].instances <= 0:
+        return 0, distinct
+    return sizes[0][1].instances, distinct
 
 
 def _is_dicomdir(hdr: Dataset) -> bool:
@@ -147,12 +165,18 @@ def run(args: argparse.Namespace) -> int:
         return 1
     bars = progress_bar_wanted(args.quiet)
     with logs_through_bars(bars):
-        return _process(cfg, groups, headers, out_dir, args, bars, failed)
+        return _process(cfg, groups, headers, out_dir, args, bars, failed, found.sizes)
 
 
 def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[SeriesKey, Dataset], out_dir: Path,
-             args: argparse.Namespace, bars: bool, failed: int) -> int:
-    """Each series through its rule; one result line per series on stdout. Returns the exit status."""
+             args: argparse.Namespace, bars: bool, failed: int,
+             sizes: dict[SeriesKey, list[tuple[str, SizeHint]]] | None = None) -> int:
+    """Each series through its rule; one result line per series on stdout. Returns the exit status.
+
+    A series whose headers declare more instances than IN_DIR holds (``declared_size``) is derived from what is
+    there, and says so as the node's job does (``INCOMPLETE: made from 27 of the 28 instance(s) the series declares
+    (ImagesInAcquisition) ...``: a line, a WARNING and the report's ``declared`` / ``incomplete``): a slice missing at
+    either end of the stack leaves no gap for the irregular-step note to see."""
     total = len(groups)
     engines = EngineCache()
     shared = {uid for _study, uid in groups if sum(1 for k in groups if k[1] == uid) > 1}
@@ -196,6 +220,15 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
         finally:  # a build that failed part-way leaves nothing: no partial derived series beside a "failed" report
             shutil.rmtree(partial, ignore_errors=True)
         bar.close()
+        declared, distinct = declared_size((sizes or {}).get((study, uid), []))
+        incomplete = ""
+        if declared > distinct:
+            incomplete = (f"made from {distinct} of the {declared} instance(s) the series declares "
+                          f"({HEADER_DECLARED}); {declared - distinct} not in {args.in_dir}: the derived series may "
+                          "lack slices (at either end of the stack, or a gap) yet looks complete")
+            res.report["declared"] = {"instances": declared, "by": HEADER_DECLARED, "missing": declared - distinct}
+            res.report["incomplete"] = incomplete
+            log.warning("series %s: %s", uid, incomplete)
         _write_report(dest, {"series": uid, "files": names, "rule": rule.name, "report": res.report})
         preview = ""
         if not args.no_preview:
@@ -207,6 +240,8 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
         print(f"{label}: rule {rule.name}: {len(res.derived_files)} derived -> "
               f"{sorted({str(p.parent) for p in res.derived_files})}, {unc} (engine {res.engine}{fb}, "
               f"{res.report.get('seconds', 0):.1f} s){preview}")
+        if incomplete:
+            print(f"{label}: INCOMPLETE: {incomplete}")
         for line in res.left_out_lines():
             print(f"{label}: NOT IN ANY DERIVED SERIES: {line}")
         for why in res.report.get("refused", []):  # volumes of the series that could not be super-resolved

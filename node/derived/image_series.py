@@ -19,6 +19,7 @@ step is written as SpacingBetweenSlices and in the positions, never as a thickne
 from __future__ import annotations
 
 import collections.abc
+import copy
 import datetime as _dt
 import logging
 import math
@@ -69,6 +70,7 @@ from node.series import (
     SeriesVolume,
     group_value,
     series_photometric,
+    series_voi,
     series_window,
 )
 
@@ -239,6 +241,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     windows = series_window(vol)
     if windows and not all(math.isfinite(v) and abs(v) <= MAX_MODALITY_ABS for vals in windows for v in vals):
         windows = None  # a source window no reader or validator holds (VOI LUT is optional): not copied
+    voi_function, voi_lut = series_voi(vol)  # the window's function and a VOI LUT table, as the source states them
     lossy = lossy_marking(vol)
     # Patient, General Study, General Series, Frame of Reference, General Equipment: one value per series, the first
     # input instance's, in every derived slice whichever input slice is nearest (a source whose slices disagree on
@@ -356,6 +359,10 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
             centres, widths = ([ds_str(v) for v in vals] for vals in windows)
             ds.WindowCenter = centres if len(centres) > 1 else centres[0]
             ds.WindowWidth = widths if len(widths) > 1 else widths[0]
+            if voi_function:
+                ds.VOILUTFunction = voi_function
+        if voi_lut is not None:
+            ds.VOILUTSequence = [copy.deepcopy(voi_lut)]
         if pixels:
             ds.PixelData = stored_pixels(k)
         add_file_meta(ds)

@@ -26,6 +26,7 @@ from node.ingest.admit import (
     caller_rules,
     find_caller,
     read_header,
+    size_hint,
 )
 from node.ingest.follower import ChangesFollower, is_own_output, start_followers
 from node.ingest.pull import FetchError, FetchResult, fetch, source_caller
@@ -69,6 +70,7 @@ __all__ = [
     "multipart_part",
     "read_header",
     "reindex_spool",
+    "size_hint",
     "source_caller",
     "start_followers",
 ]

@@ -9,7 +9,7 @@ interpretation) and ``pixels`` (one image's pixel encoding checked and decoded, 
 enhanced functional groups), never from InstanceNumber.
 """
 
-from node.series.display import series_photometric, series_window, slice_window
+from node.series.display import series_photometric, series_voi, series_window, slice_window
 from node.series.headers import InputHeaders, SliceHeader
 from node.series.load import load_series, load_volumes
 from node.series.pixels import representable_range, stored_format
@@ -50,6 +50,7 @@ __all__ = [
     "representable_range",
     "same_step",
     "series_photometric",
+    "series_voi",
     "series_window",
     "slice_window",
     "sop_class_of",

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections import Counter
 from statistics import median
 
-from node.series.headers import slice_window
+from pydicom.dataset import Dataset
+
+from node.series.headers import slice_window, voi_lut_key
 from node.series.volume import SeriesVolume
 
 __all__ = ["series_photometric", "series_window", "slice_window"]
@@ -31,6 +33,20 @@ def series_window(vol: SeriesVolume) -> tuple[list[float], list[float]] | None:
     centres = [float(median(c[i] for c, _ in same)) for i in range(count)]
     widths = [float(median(w[i] for _, w in same)) for i in range(count)]
     return centres, widths
+
+
+def series_voi(vol: SeriesVolume) -> tuple[str, Dataset | None]:
+    """The VOI LUT Function every slice with a window states alike ("" when none or they differ, or it is LINEAR,
+    the default), and the VOI LUT item every slice states alike (None when any lacks it or they differ). Both act
+    on modality values, which the derived series keeps whatever its own rescale: copied, the derived series
+    displays as its source (field19: before, a SIGMOID window was shown LINEAR and a VOI LUT table dropped, the
+    viewer falling back on the whole value range)."""
+    records = vol.datasets.records
+    functions = {rec.voi_function for rec in records if rec.window}
+    function = functions.pop() if len(functions) == 1 else ""
+    keys = {voi_lut_key(rec.voi_lut) for rec in records}
+    lut = records[0].voi_lut if records and len(keys) == 1 and None not in keys else None
+    return ("" if function == "LINEAR" else function), lut
 
 
 def series_photometric(vol: SeriesVolume) -> tuple[str, str]:

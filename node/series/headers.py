@@ -80,6 +80,43 @@ def _numbers(value: Any) -> list[float]:
         return []
 
 
+VOI_FUNCTIONS = ("LINEAR", "LINEAR_EXACT", "SIGMOID")  # VOILUTFunction's defined terms (PS3.3 C.11.2.1.3)
+
+
+def slice_voi(ds: Dataset, frame: int = -1) -> tuple[str, Dataset | None]:
+    """The image's VOI LUT Function (one of ``VOI_FUNCTIONS``, "" when absent, another value, or unreadable) and
+    its VOI LUT Sequence's first item as a new data set (LUTDescriptor, LUTData, LUTExplanation; None when absent
+    or incomplete): at the top level, or for a frame of an enhanced object (``frame`` 0-based) in its Frame VOI LUT
+    functional group. Both act on modality values (after the rescale), as the window does."""
+    try:
+        src: Dataset | None = ds if frame < 0 else frame_group_item(ds, "FrameVOILUTSequence", frame)
+        if src is None:
+            return "", None
+        fn = str(src.get("VOILUTFunction", "") or "").strip().upper()
+        seq = src.get("VOILUTSequence")
+        lut = None
+        if seq is not None and len(seq) and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]:
+            lut = Dataset()
+            for keyword in ("LUTDescriptor", "LUTExplanation", "LUTData"):
+                if keyword in seq[0]:
+                    elem = seq[0][keyword]
+                    lut.add_new(elem.tag, elem.VR, elem.value)
+    except MALFORMED:
+        return "", None
+    return (fn if fn in VOI_FUNCTIONS else ""), lut
+
+
+def voi_lut_key(lut: Dataset | None) -> tuple[str, str, bytes] | None:
+    """What makes two VOI LUT items the same table: descriptor, explanation and the table's values as bytes."""
+    if lut is None:
+        return None
+    data = lut.LUTData
+    raw = bytes(data) if isinstance(data, (bytes, bytearray)) else b",".join(str(int(v)).encode() for v in
+                                                                              (data if isinstance(data, list | tuple |
+                                                                               collections.abc.Sequence) else [data]))
+    return str(list(lut.LUTDescriptor)), str(lut.get("LUTExplanation", "") or ""), raw
+
+
 def slice_window(ds: Dataset, frame: int = -1) -> tuple[list[float], list[float]] | None:
     """The (centres, widths) of one image: its WindowCenter / WindowWidth, or for a frame of an enhanced object
     (``frame`` 0-based) its Frame VOI LUT functional group. None when absent, unreadable or a width is not > 0."""
@@ -126,6 +163,8 @@ class SliceHeader:
     pixel_representation: int
     lossy: LossyCompression | None = None
     seen: Any = field(default=None, compare=False)
+    voi_function: str = ""  # ``slice_voi``: VOILUTFunction, a defined term or ""
+    voi_lut: Dataset | None = field(default=None, compare=False)  # ``slice_voi``: the VOI LUT item, or None
 
     @classmethod
     def of(cls, ds: Dataset, frame: int = -1, file: Path | None = None,
@@ -134,6 +173,7 @@ class SliceHeader:
         as it is (what can be read again); ``seen``: what the job's check took of the header as it was read
         (``node.series.load_volumes(inspect=...)``)."""
         win = slice_window(ds, frame)
+        voi_function, voi_lut = slice_voi(ds, frame)
         thick = float(ds.get("SliceThickness") or 0) if frame < 0 and "SliceThickness" in ds else None
         return cls(
             file=file,
@@ -149,6 +189,8 @@ class SliceHeader:
             pixel_representation=int(ds.get("PixelRepresentation", 0) or 0),
             lossy=lossy_compression(ds),
             seen=seen,
+            voi_function=voi_function,
+            voi_lut=voi_lut,
         )
 
 

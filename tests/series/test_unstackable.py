@@ -135,3 +135,36 @@ def test_a_streaming_load_refuses_in_the_order_of_reading_every_header_first(tmp
     with pytest.raises(VolumeError, match="pixel data cannot be decoded"):
         load_volumes(_series(tmp_path / "d", lambda k, ds: setattr(ds, "PixelData", ds.PixelData[:10])
                              if k == 3 else None))
+
+
+def test_two_frames_of_reference_with_one_geometry_are_refused_saying_what_to_do(tmp_path: Path) -> None:
+    """field19: 8 slices of the shared 5 mm phantom, 4 of them under a new FrameOfReferenceUID, positions unchanged
+    (one regular stack to the eye; a de-identifier rewriting the UID image by image does this). Still refused, by
+    ``srnode process`` (exit 1, nothing derived); before, the line said only "they cannot be stacked into one
+    volume", not why positions that look continuous are not enough nor what to do."""
+    import subprocess
+    import sys
+
+    from tests.support.fixtures import shared_series
+
+    src = sorted(shared_series("ct_head_phantom_philips_5mm").glob("*.dcm"),
+                 key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2]))[10:18]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    other = generate_uid()
+    for k, f in enumerate(src):
+        ds = pydicom.dcmread(f)
+        if k >= 4:
+            ds.FrameOfReferenceUID = other
+        ds.save_as(folder / f"CT{k + 1:04d}.dcm")
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "node.app.cli", "process", str(folder), str(out), "--engine", "cubic",
+                        "--no-preview", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    [line] = [x for x in r.stdout.splitlines() if "FAILED" in x]
+    assert "2 different FrameOfReferenceUID values" in line and "(CT0005.dcm, CT0006.dcm, CT0007.dcm, CT0008.dcm)" \
+        in line, line
+    assert "the patient may have moved" in line and "restore the original value and send the series again" in line \
+        and "send the images of each frame of reference as a series of their own" in line, line
+    assert other not in line  # named by file, never by value
+    assert not list(out.rglob("*.dcm"))
