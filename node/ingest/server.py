@@ -197,10 +197,13 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         if not wait_ready([sock], self.association_timeout_s):
             raise GateClosed(f"no A-ASSOCIATE-RQ within {self.association_timeout_s:g} s")
 
-    def _refused(self, address: str, handshake: bool, reason: str) -> None:
+    def _refused(self, address: str, handshake: bool, reason: str, stage: str = "no request") -> None:
+        """One WARNING line and one audit record for a connection that ended before an association: at the
+        gate (the TLS handshake, no request) or, ``stage`` "A-ASSOCIATE-RQ", its request refused or unreadable by
+        the DICOM upper layer (``QuietAssociation._reader_ended``)."""
         event = "tls-handshake-failed" if handshake else "connection-dropped"
         log.warning("DICOM connection from %s closed before an association (%s): %s", address,
-                    "TLS handshake" if handshake else "no request", reason)
+                    "TLS handshake" if handshake else stage, reason)
         if self.audit is not None:
             self.audit.write(event, address=address, reason=reason)
 
