@@ -64,6 +64,7 @@ from node.metrics import Metrics
 log = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4 (Table 9-21)
+MAX_LOGGED_REFUSALS = 10  # WARNING lines naming a refused C-STORE, per association (then counted, as STOW-RS parts)
 REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
@@ -251,6 +252,7 @@ class _AssocCount:
     stored: int = 0  # answered Success, duplicates included
     duplicates: int = 0  # of those, SOPInstanceUIDs already held (the first copy kept, or a conflict kept aside)
     refused: int = 0
+    unlogged: dict[int, int] = field(default_factory=dict)  # refusals past MAX_LOGGED_REFUSALS, by DIMSE status
 
 
 @dataclass
@@ -390,11 +392,16 @@ class StoreSCP:
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         calling, address = str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address)
         held = f" ({counts.duplicates} of them already held: the first copy kept)" if counts.duplicates else ""
-        log.info("association from %s@%s %s after %.1f s: %d instance(s) stored%s, %d refused", calling, address,
-                 how, time.monotonic() - counts.started, counts.stored, held, counts.refused)
+        unlogged = ", ".join(f"0x{k:04X} x{v}" for k, v in sorted(counts.unlogged.items()))
+        quiet = (f" ({sum(counts.unlogged.values())} of them not logged one by one: {unlogged})"
+                 if counts.unlogged else "")
+        log.info("association from %s@%s %s after %.1f s: %d instance(s) stored%s, %d refused%s", calling, address,
+                 how, time.monotonic() - counts.started, counts.stored, held, counts.refused, quiet)
         if self.audit:
+            extra = {"refused_not_logged": {f"0x{k:04X}": v for k, v in sorted(counts.unlogged.items())}} \
+                if counts.unlogged else {}
             self.audit.write("association", calling_ae=calling, address=address, end=how, stored=counts.stored,
-                             duplicates=counts.duplicates, refused=counts.refused)
+                             duplicates=counts.duplicates, refused=counts.refused, **extra)
         if self.on_release is not None:
             self.on_release()
 
@@ -480,15 +487,37 @@ class StoreSCP:
                 else:
                     c.refused += 1
 
+    def _refusal(self, assoc: Any, status: int) -> bool:
+        """Count a refused C-STORE of ``assoc`` (answered ``status``); True when its WARNING line is to be written:
+        the first ``MAX_LOGGED_REFUSALS`` of an association. The next one writes one line saying that the rest are
+        counted; they are counted by status in the association's end line and audit record. A peer sending
+        thousands of instances the node refuses on one association wrote one line each (2,000 tiny data sets
+        without SeriesInstanceUID: 2,000 lines, 284 KB), where a STOW-RS request logs 10 (hostile17)."""
+        key = id(assoc)
+        with self._lock:
+            c = self._counts.get(key)
+            if c is None:
+                return True
+            c.refused += 1
+            if c.refused <= MAX_LOGGED_REFUSALS:
+                return True
+            c.unlogged[status] = c.unlogged.get(status, 0) + 1
+            first = c.refused == MAX_LOGGED_REFUSALS + 1
+        if first:
+            log.warning("association from %s@%s: more than %d C-STOREs refused: the next ones are counted, not "
+                        "logged one by one (their count by status ends the association's line)",
+                        str(assoc.requestor.ae_title).strip(), assoc.requestor.address, MAX_LOGGED_REFUSALS)
+        return False
+
     def on_store(self, event: evt.Event) -> int:
         """C-STORE (pynetdicom's receive path): admit the file pynetdicom wrote to the spool's ``incoming/`` (no
         decoding here), as :meth:`store_received`."""
         req: Any = event.request  # a C_STORE primitive
         if getattr(req, "_dataset_path", None) is None and getattr(req, "_dataset_file", None) is None:
             caller = str(event.assoc.requestor.ae_title).strip()
-            log.warning("C-STORE from %s refused (0x%04X): the request carries no data set", caller,
-                        Status.CANNOT_UNDERSTAND)
-            self._count(id(event.assoc), False)
+            if self._refusal(event.assoc, Status.CANNOT_UNDERSTAND):
+                log.warning("C-STORE from %s refused (0x%04X): the request carries no data set", caller,
+                            Status.CANNOT_UNDERSTAND)
             return Status.CANNOT_UNDERSTAND
         full = getattr(req._dataset_file, "disk_full", False)  # its partial file is already removed
         return self.store_received(event.assoc, None if full else Path(event.dataset_path),
@@ -508,25 +537,26 @@ class StoreSCP:
         caller = Caller(str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address))
         key = id(assoc)
         if path is None:
-            log.warning("C-STORE from %s refused (0x%04X): instance %s: the spool disk %s filled up while it "
-                        "arrived; its partial file was removed", caller.ae_title, Status.OUT_OF_RESOURCES,
-                        sop_instance, self.admission.spool.root)
+            if self._refusal(assoc, Status.OUT_OF_RESOURCES):
+                log.warning("C-STORE from %s refused (0x%04X): instance %s: the spool disk %s filled up while it "
+                            "arrived; its partial file was removed", caller.ae_title, Status.OUT_OF_RESOURCES,
+                            sop_instance, self.admission.spool.root)
             self.metrics.instances_received.labels(status=label(Status.OUT_OF_RESOURCES)).inc()
             self.metrics.failures.labels(where="ingest", reason="disk-full").inc()
-            self._count(key, False)
             return Status.OUT_OF_RESOURCES
         try:
             stored = self.admission.admit_file(path, caller, declared_sop_class=sop_class,
                                                transfer_syntax=transfer_syntax, declared_sop_instance=sop_instance)
         except IngestError as exc:
-            log.warning("C-STORE from %s refused (0x%04X): instance %s: %s", caller.ae_title, exc.status,
-                        sop_instance, exc)
-            self._count(key, False)
+            if self._refusal(assoc, exc.status):
+                log.warning("C-STORE from %s refused (0x%04X): instance %s: %s", caller.ae_title, exc.status,
+                            sop_instance, exc)
             return exc.status
         except Exception as exc:  # noqa: BLE001 - an SCP must answer with a status, never crash
-            log.exception("C-STORE from %s: instance %s: unexpected error: %s", caller.ae_title, sop_instance, exc)
+            if self._refusal(assoc, Status.PROCESSING_FAILURE):
+                log.exception("C-STORE from %s: instance %s: unexpected error: %s", caller.ae_title, sop_instance,
+                              exc)
             self.metrics.failures.labels(where="ingest", reason=type(exc).__name__).inc()
-            self._count(key, False)
             return Status.PROCESSING_FAILURE
         self._count(key, True, stored.duplicate)
         return Status.SUCCESS

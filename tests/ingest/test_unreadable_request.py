@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import socket
 import struct
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
@@ -45,7 +45,7 @@ BAD_REQUESTS = {
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> NodeProc:
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProc]:
     # one slot, and a request wait far beyond the test's deadline: a slot held until association_timeout_s is seen
     with NodeProc.start(tmp_path_factory.mktemp("node"), {"node": {
             "stable_age_s": 3600, "max_associations": 1, "association_timeout_s": 120}}) as n:
