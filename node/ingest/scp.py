@@ -51,7 +51,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.audit import AuditLog
+from node.audit import AuditLog, PeerBudget
 from node.config import Config, ReceivePath
 from node.dimse import Status, label, max_pdu_problem
 from node.errors import ConfigError, IngestError, listen_problem
@@ -276,6 +276,25 @@ class StoreSCP:
     # associations let through the per-caller limit: id -> (association, calling AE title, address); an ended one
     # is dropped at the next admission (counted from live associations: nothing can leak)
     _admitted: dict[int, tuple[Any, str, str]] = field(default_factory=dict, init=False)
+    _budget: PeerBudget | None = field(default=None, init=False)
+
+    @property
+    def budget(self) -> PeerBudget:
+        """The per-address bound on refusal lines and audit records (``[node] refusals_logged_per_minute``)."""
+        if self._budget is None:
+            self._budget = PeerBudget(self.cfg.node.refusals_logged_per_minute)
+        return self._budget
+
+    def _rejected(self, calling: str, address: str, line: str, **fields: Any) -> None:
+        """One WARNING line ``line`` and one ``association-rejected`` audit record (``fields``), within the
+        address's budget (:class:`node.audit.PeerBudget`: beyond it counted, the count written later)."""
+        write, note = self.budget.take(address)
+        if not write:
+            return
+        log.warning("%s%s", line, f" ({note})" if note else "")
+        if self.audit:
+            self.audit.write("association-rejected", calling_ae=calling, address=address, **fields,
+                             **({"note": note} if note else {}))
 
     # ------------------------------------------------------------------------------------ handlers
 
@@ -339,35 +358,29 @@ class StoreSCP:
         node = self.cfg.node
         too_small = max_pdu_problem(assoc.requestor.maximum_length) if assoc.requestor.primitive else None
         if too_small is not None:  # no response could be sent within it (node.dimse.max_pdu_problem)
-            log.warning("association from %s@%s rejected: %s", calling, address, too_small)
-            if self.audit:
-                self.audit.write("association-rejected", calling_ae=calling, address=address, reason=too_small)
+            self._rejected(calling, address, f"association from {calling}@{address} rejected: {too_small}",
+                           reason=too_small)
             assoc.acse.send_reject(*REJECT_MAX_PDU)
             assoc.kill()
             return
         called = str(assoc.requestor.primitive.called_ae_title).strip() if assoc.requestor.primitive else ""
         if node.require_called_ae and called != node.ae_title.strip():
-            log.warning("association from %s@%s rejected: it called AE title %r, ours is %r "
-                        "(node.require_called_ae)", calling, address, called, node.ae_title)
-            if self.audit:
-                self.audit.write("association-rejected", calling_ae=calling, address=address, called_ae=called,
-                                 reason=f"called AE title is not ours ({node.ae_title})")
+            self._rejected(calling, address, f"association from {calling}@{address} rejected: it called AE title "
+                           f"{called!r}, ours is {node.ae_title!r} (node.require_called_ae)", called_ae=called,
+                           reason=f"called AE title is not ours ({node.ae_title})")
             assoc.acse.send_reject(*REJECT_CALLED_AE)
             assoc.kill()
             return
         if node.require_known_callers and find_caller(node.allowed_callers, calling, address) is None:
-            log.warning("association from %s@%s rejected: caller not in node.allowed_callers", calling, address)
-            if self.audit:
-                self.audit.write("association-rejected", calling_ae=calling, address=address,
-                                 reason="caller not in node.allowed_callers")
+            self._rejected(calling, address, f"association from {calling}@{address} rejected: caller not in "
+                           "node.allowed_callers", reason="caller not in node.allowed_callers")
             assoc.acse.send_reject(*REJECT_UNKNOWN_CALLER)
             assoc.kill()
             return
         why = self._admit(assoc, calling, address)
         if why is not None:
-            log.warning("association from %s@%s rejected (local limit exceeded): %s", calling, address, why)
-            if self.audit:
-                self.audit.write("association-rejected", calling_ae=calling, address=address, reason=why)
+            self._rejected(calling, address, f"association from {calling}@{address} rejected (local limit "
+                           f"exceeded): {why}", reason=why)
             assoc.acse.send_reject(*REJECT_CALLER_LIMIT)
             assoc.kill()
 
@@ -613,7 +626,7 @@ class StoreSCP:
                                                 handshake_timeout_s=node.tls.handshake_timeout_s,
                                                 association_timeout_s=node.association_timeout_s, audit=self.audit,
                                                 lean_hooks=self.lean_hooks(),
-                                                message_timeout_s=node.message_timeout_s)
+                                                message_timeout_s=node.message_timeout_s, budget=self.budget)
         except OSError as exc:
             _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved
             raise ConfigError(listen_problem("DICOM port", "node", node.host, node.port, exc)) from exc
@@ -639,4 +652,10 @@ class StoreSCP:
         server.shutdown()
         self._server = None
         _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved
+        for address, n in self.budget.flush().items():  # refusals counted, not written yet (PeerBudget)
+            log.warning("%d more refused association(s) / dropped connection(s) from %s were counted, not written "
+                        "one by one (node.refusals_logged_per_minute = %d)", n, address,
+                        self.cfg.node.refusals_logged_per_minute)
+            if self.audit:
+                self.audit.write("refusals-not-written", address=address, count=n)
         log.info("DICOM SCP stopped")
