@@ -48,6 +48,7 @@ from node.ingest.reactor import (
 
 log = logging.getLogger(__name__)
 
+MAX_LOGGED_NOT_SERVED = 10  # lines naming a request refused 0x0122 (not served on its context), per association
 ASSOC_IDLE_S = 0.5  # longest wait of the association reactor when nothing pokes it (its network timeout check)
 
 
@@ -105,6 +106,7 @@ class QuietAssociation(Association):
         self.network_timeout = self.network_timeout
         self.acse_timeout = self.acse_timeout
         self.dul.ended = self._reader_ended
+        self.not_served = 0  # requests answered 0x0122 on this association (the first MAX_LOGGED_NOT_SERVED logged)
         self.dul.to_user_queue = _PokingQueue(self)
         dul = self.dul
         receive = self.dimse.receive_primitive
@@ -177,10 +179,16 @@ class QuietAssociation(Association):
         if isinstance(msg, C_STORE):
             _remove_dataset_file(msg)
         named = getattr(msg, "AffectedSOPClassUID", None) or getattr(msg, "RequestedSOPClassUID", None)
-        log.warning("association from %s@%s: %s naming SOP class %s on presentation context %d (%s) refused "
-                    "(%s): not served there", str(self.requestor.ae_title).strip(), self.requestor.address,
-                    _request_name(msg), str(named)[:64], context_id, context.abstract_syntax,
-                    Status.SOP_CLASS_NOT_SUPPORTED)
+        self.not_served += 1
+        if self.not_served <= MAX_LOGGED_NOT_SERVED:
+            log.warning("association from %s@%s: %s naming SOP class %s on presentation context %d (%s) refused "
+                        "(%s): not served there", str(self.requestor.ae_title).strip(), self.requestor.address,
+                        _request_name(msg), str(named)[:64], context_id, context.abstract_syntax,
+                        Status.SOP_CLASS_NOT_SUPPORTED)
+        elif self.not_served == MAX_LOGGED_NOT_SERVED + 1:
+            log.warning("association from %s@%s: more than %d requests refused (0x0122) as not served on their "
+                        "presentation context: the next ones are answered so, not logged one by one",
+                        str(self.requestor.ae_title).strip(), self.requestor.address, MAX_LOGGED_NOT_SERVED)
         try:
             self.dimse.send_msg(refusal(msg, Status.SOP_CLASS_NOT_SUPPORTED), context_id)
         except Exception as exc:  # noqa: BLE001 - a response pynetdicom cannot encode: end it cleanly
