@@ -99,13 +99,32 @@ class _DiskFullGuard:
     and drops the rest of the dataset, so that the C-STORE still reaches the handler, which answers 0xA700
     (PS3.4 B.2.3), instead of the error ending the association. ``disk_full`` tells the handler."""
 
-    def __init__(self, fh: Any) -> None:
+    def __init__(self, fh: Any, max_bytes: int = 0) -> None:
         self._fh = fh
         self.name: str = fh.name
         self.file = self  # pynetdicom flushes through ``.file.flush()``
         self.disk_full = False
+        self.max_bytes = max_bytes  # [node] max_instance_mb in bytes (0: none)
+        self.written = 0
+        self.oversize = 0  # bytes received once the data set passed max_bytes (then nothing more written)
 
     def write(self, data: bytes) -> int:
+        if self.oversize:
+            self.oversize += len(data)
+            return len(data)
+        self.written += len(data)
+        if 0 < self.max_bytes < self.written:  # not written further: the file removed, answered 0xC211 (hostile19)
+            self.oversize = self.written
+            self.disk_full = True  # nothing more is written or flushed
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            try:
+                os.unlink(self.name)
+            except OSError:
+                pass
+            return len(data)
         if not self.disk_full:
             try:
                 return int(self._fh.write(data))
@@ -186,7 +205,7 @@ def _live(assoc: Any) -> bool:
     return bool(assoc.is_alive() and not (assoc.is_released or assoc.is_aborted or assoc.is_rejected))
 
 
-def _guard_disk_full(assoc: Any) -> None:
+def _guard_disk_full(assoc: Any, max_bytes: int = 0) -> None:
     """Make the association's receiver survive a full disk, and bound what it holds in memory: every dataset
     file pynetdicom opens for it is wrapped in a :class:`_DiskFullGuard` as soon as it is created (pynetdicom
     creates it when the command set is complete; its dataset fragments come in later P-DATA); a message whose
@@ -235,7 +254,7 @@ def _guard_disk_full(assoc: Any) -> None:
             return
         fh = getattr(message, "_data_set_file", None)
         if fh is not None and not isinstance(fh, _DiskFullGuard):
-            message._data_set_file = _DiskFullGuard(fh)
+            message._data_set_file = _DiskFullGuard(fh, max_bytes)
         problem = _held_in_memory(message)
         if problem is not None:
             drop(message, problem)
@@ -347,7 +366,7 @@ class StoreSCP:
         (``REJECT_CALLER_LIMIT``, audited; counted by
         :meth:`_admit`). Installs the full-disk guard (``_guard_disk_full``) first."""
         assoc = event.assoc
-        _guard_disk_full(assoc)
+        _guard_disk_full(assoc, self.cfg.node.max_instance_mb << 20)
         calling = str(assoc.requestor.primitive.calling_ae_title).strip() if assoc.requestor.primitive else ""
         address = str(assoc.requestor.address)
         if self._stopping:
@@ -532,10 +551,27 @@ class StoreSCP:
                 log.warning("C-STORE from %s refused (0x%04X): the request carries no data set", caller,
                             Status.CANNOT_UNDERSTAND)
             return Status.CANNOT_UNDERSTAND
+        oversize = getattr(req._dataset_file, "oversize", 0)
+        if oversize:  # written only up to max_instance_mb: its partial file is already removed
+            return self.store_oversize(event.assoc, str(req.AffectedSOPInstanceUID or ""), oversize)
         full = getattr(req._dataset_file, "disk_full", False)  # its partial file is already removed
         return self.store_received(event.assoc, None if full else Path(event.dataset_path),
                                    str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),
                                    str(event.context.transfer_syntax))
+
+    def store_oversize(self, assoc: Any, sop_instance: str, received: int) -> int:
+        """A C-STORE whose data set passed ``[node] max_instance_mb`` while it arrived (both receive paths): what
+        came beyond it was read and dropped, not written (the partial file removed at the limit); answered 0xC211
+        (as a file over it found once written: sent again it is refused again), one line within the association's
+        budget. Before, the whole data set went to the spool's ``incoming/`` first (100 MiB sent under
+        ``max_instance_mb = 8``: 100 MiB written), down to the disk watermark that refuses every caller."""
+        limit = self.cfg.node.max_instance_mb
+        if self._refusal(assoc, Status.TOO_LARGE):
+            log.warning("C-STORE from %s refused (0x%04X): instance %s: its data set passed node.max_instance_mb = "
+                        "%d while it arrived (%d bytes came): not written beyond it", str(assoc.requestor.ae_title)
+                        .strip(), Status.TOO_LARGE, sop_instance, limit, received)
+        self.metrics.instances_received.labels(status=label(Status.TOO_LARGE)).inc()
+        return Status.TOO_LARGE
 
     def store_received(self, assoc: Any, path: Path | None, sop_class: str, sop_instance: str,
                        transfer_syntax: str) -> int:
@@ -606,7 +642,8 @@ class StoreSCP:
                         "(its log handlers watch every PDU and DIMSE message): C-STOREs are received by pynetdicom; "
                         "set the pynetdicom logger to WARNING for the lean path")
         return LeanHooks(incoming=self.admission.spool.incoming, store=self.store_received,
-                         received=self.data_received)
+                         received=self.data_received, max_bytes=self.cfg.node.max_instance_mb << 20,
+                         oversize=self.store_oversize)
 
     def start(self) -> None:
         """Listen on [node].host:port (TLS when [node.tls].enabled); returns once the socket is bound.
