@@ -289,6 +289,9 @@ def _check(cfg: Config) -> None:
     if n.max_associations_per_address < 0:
         raise ConfigError(f"node.max_associations_per_address: {n.max_associations_per_address} must be >= 0 "
                           "(0: no per-address limit)")
+    if not 0 <= n.refusals_logged_per_minute <= 1_000_000:
+        raise ConfigError(f"node.refusals_logged_per_minute: {n.refusals_logged_per_minute} must be from 0 to 1000000 "
+                          "(lines and audit records a minute per peer address; 0: every one)")
     if not 0 < n.idle_timeout_s <= 86400:
         raise ConfigError(f"node.idle_timeout_s: {n.idle_timeout_s:g} must be > 0 and <= 86400 seconds")
     if not 0 < n.message_timeout_s <= 86400:

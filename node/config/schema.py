@@ -117,6 +117,7 @@ class NodeConfig:
     max_associations: int = 32
     max_associations_per_caller: int = 8  # open at once per calling AE title + peer address; 0: no per-caller limit
     max_associations_per_address: int = 16  # open at once from one peer address, whatever AE titles; 0: no limit
+    refusals_logged_per_minute: int = 60  # rejected associations / dropped connections written per address; 0: all
     idle_timeout_s: float = 60.0  # an association with no PDU for this long is aborted (pynetdicom's network timeout)
     # seconds a DIMSE message's command set, or its data set, may take from its first fragment to its last, plus
     # 1 s per 64 KiB received: a data set trickled in PDUs each inside idle_timeout_s is aborted past it

@@ -23,7 +23,6 @@ import queue
 import ssl
 import threading
 from datetime import datetime
-from functools import partial
 from typing import Any, cast
 
 from pynetdicom import evt
@@ -31,6 +30,7 @@ from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import LOGGER as ASSOC_LOG
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
@@ -48,6 +48,7 @@ from node.ingest.reactor import (
 
 log = logging.getLogger(__name__)
 
+MAX_LOGGED_NOT_SERVED = 10  # lines naming a request refused 0x0122 (not served on its context), per association
 ASSOC_IDLE_S = 0.5  # longest wait of the association reactor when nothing pokes it (its network timeout check)
 
 
@@ -104,7 +105,8 @@ class QuietAssociation(Association):
         # pynetdicom's defaults (60 s, 30 s): [node] idle_timeout_s was never applied (hostile18)
         self.network_timeout = self.network_timeout
         self.acse_timeout = self.acse_timeout
-        self.dul.ended = partial(poke, self)
+        self.dul.ended = self._reader_ended
+        self.not_served = 0  # requests answered 0x0122 on this association (the first MAX_LOGGED_NOT_SERVED logged)
         self.dul.to_user_queue = _PokingQueue(self)
         dul = self.dul
         receive = self.dimse.receive_primitive
@@ -128,6 +130,33 @@ class QuietAssociation(Association):
                 if any(h[0] is handler for h in bound):
                     self.unbind(event, handler)
 
+    def _reader_ended(self) -> None:
+        """The DUL reader thread ended: poke the reactor (it sees the reader gone at once). When no A-ASSOCIATE-RQ
+        was handed to this association (the DUL refused or could not decode the one the peer sent: a calling AE
+        title of non-ASCII bytes or with a backslash, an even presentation context ID, another protocol version, a
+        PDU of another type first; or the peer closed before it was whole), pynetdicom's ``run_reactor`` still
+        waited ``acse_timeout`` (``[node] association_timeout_s``) for one, the association counted toward
+        ``max_associations`` all that time and past the per-caller and per-address limits (never asked: no
+        EVT_REQUESTED), nothing logged by the node: one 100-byte request per slot every 10 s locked every modality
+        out. Now its wait ends at once (``None``: pynetdicom's "no request", the thread ends and the slot is free)
+        and the connection is logged and audited as dropped (``connection-dropped``) with why."""
+        waiting = self.requestor.primitive is None and not any(
+            isinstance(p, A_ASSOCIATE) for p in list(self.dul.to_user_queue.queue))
+        if waiting:
+            self.dul.to_user_queue.put(None)  # run_reactor: "timed out waiting for the A-ASSOCIATE-RQ": ends
+            failure = getattr(self.dul, "failure", None)
+            problem = getattr(self.dul, "request_problem", None) or (
+                f"the DICOM upper layer failed on its A-ASSOCIATE-RQ ({failure.split(':')[0]})" if failure else None) or (
+                "its A-ASSOCIATE-RQ was refused by the DICOM upper layer (another protocol version, a PDU of another "
+                "type first) or the connection closed before the request was whole")
+            refused = getattr(self._server, "_refused", None)
+            if callable(refused):
+                refused(str(self.requestor.address), False, problem, "A-ASSOCIATE-RQ")
+            else:
+                log.warning("DICOM connection from %s closed before an association: %s", self.requestor.address,
+                            problem)
+        poke(self)
+
     def kill(self) -> None:
         """As pynetdicom's, with the kill flag set before the checkpoint's ``set()`` pokes the reactor (else it
         could look before the flag is set, then wait ASSOC_IDLE_S)."""
@@ -150,10 +179,16 @@ class QuietAssociation(Association):
         if isinstance(msg, C_STORE):
             _remove_dataset_file(msg)
         named = getattr(msg, "AffectedSOPClassUID", None) or getattr(msg, "RequestedSOPClassUID", None)
-        log.warning("association from %s@%s: %s naming SOP class %s on presentation context %d (%s) refused "
-                    "(%s): not served there", str(self.requestor.ae_title).strip(), self.requestor.address,
-                    _request_name(msg), str(named)[:64], context_id, context.abstract_syntax,
-                    Status.SOP_CLASS_NOT_SUPPORTED)
+        self.not_served += 1
+        if self.not_served <= MAX_LOGGED_NOT_SERVED:
+            log.warning("association from %s@%s: %s naming SOP class %s on presentation context %d (%s) refused "
+                        "(%s): not served there", str(self.requestor.ae_title).strip(), self.requestor.address,
+                        _request_name(msg), str(named)[:64], context_id, context.abstract_syntax,
+                        Status.SOP_CLASS_NOT_SUPPORTED)
+        elif self.not_served == MAX_LOGGED_NOT_SERVED + 1:
+            log.warning("association from %s@%s: more than %d requests refused (0x0122) as not served on their "
+                        "presentation context: the next ones are answered so, not logged one by one",
+                        str(self.requestor.ae_title).strip(), self.requestor.address, MAX_LOGGED_NOT_SERVED)
         try:
             self.dimse.send_msg(refusal(msg, Status.SOP_CLASS_NOT_SUPPORTED), context_id)
         except Exception as exc:  # noqa: BLE001 - a response pynetdicom cannot encode: end it cleanly

@@ -229,6 +229,10 @@ class LeanHooks:
     incoming: Path
     store: StoreCallback
     received: Callable[[Any, int], None] | None = None
+    # [node] max_instance_mb in bytes (0: none): a data set growing past it is no longer written (its partial file
+    # removed, the rest read and dropped) and, once whole, answered by ``oversize(assoc, sop_instance, bytes)``
+    max_bytes: int = 0
+    oversize: Callable[[Any, str, int], int] | None = None
 
 
 _IDLE, _DATA, _PASS, _DEAD = range(4)
@@ -253,6 +257,8 @@ class LeanReceiver:
         self._fh: Any = None  # the file being written (None: none, or dropped after ENOSPC)
         self._path: Path | None = None
         self._disk_full = False
+        self._written = 0  # bytes of the current data set's file written (file meta included)
+        self._oversize = 0  # bytes of the current data set received once it passed hooks.max_bytes (0: it did not)
         self._lock = threading.Lock()
         self.stored = 0  # C-STORE-RQs answered on the lean path (for tests)
         self.passed = 0  # messages handed to pynetdicom
@@ -372,6 +378,7 @@ class LeanReceiver:
             return False
         self._store, self._cx, self._ts = cmd, cx, ts
         self._disk_full = False
+        self._written, self._oversize = 0, 0
         with self._lock:
             try:
                 fd, name = tempfile.mkstemp(suffix=".dcm", dir=self.hooks.incoming)
@@ -388,12 +395,26 @@ class LeanReceiver:
         return True
 
     def _write(self, data: bytes | memoryview) -> None:
+        if self._oversize:
+            self._oversize += len(data)
+            return
         if self._disk_full:
             return
         with self._lock:
             fh = self._fh
             if fh is None:
                 raise LeanAbort("the data set's file was removed (the association is ending)")
+            self._written += len(data)
+            if 0 < self.hooks.max_bytes < self._written and self.hooks.oversize is not None:
+                self._oversize = self._written  # over max_instance_mb: not written further (hostile19)
+                path, self._fh, self._path = self._path, None, None
+                try:
+                    fh.close()
+                except OSError:
+                    pass
+                if path is not None:
+                    path.unlink(missing_ok=True)
+                return
             try:
                 fh.write(data)
             except OSError as exc:
@@ -427,15 +448,18 @@ class LeanReceiver:
                     self._spill(exc)
                     path = None
             self._fh, self._path = None, None  # complete: no longer a partial file for drop_partial
-        if not self._disk_full and path is None:
+        if not self._disk_full and not self._oversize and path is None:
             raise LeanAbort("the data set's file was removed (the association is ending)")
         self._mode = _IDLE
         timer = getattr(getattr(self.assoc, "dul", None), "_idle_timer", None)
         if timer is not None:  # the DUL thread waits for the commit: not the peer's silence (network timeout)
             timer.stop()
         try:
-            status = self.hooks.store(self.assoc, None if self._disk_full else path, cmd.sop_class,
-                                      cmd.sop_instance, self._ts)
+            if self._oversize and self.hooks.oversize is not None:
+                status = self.hooks.oversize(self.assoc, cmd.sop_instance, self._oversize)
+            else:
+                status = self.hooks.store(self.assoc, None if self._disk_full else path, cmd.sop_class,
+                                          cmd.sop_instance, self._ts)
         finally:
             if path is not None:
                 path.unlink(missing_ok=True)  # the spool holds its own link; as pynetdicom after the handler

@@ -158,6 +158,7 @@ class QuietDUL(DULServiceProvider):
         self.ended: Callable[[], None] | None = None  # called once the reader ends (the association pokes itself)
         self.message_timeout_s = 0.0  # [node] message_timeout_s (0: no deadline), set by the association's maker
         self._message: tuple[float, int, bool] | None = None  # the fragmented message read: (since, bytes, data set)
+        self.request_problem: str | None = None  # why the peer's A-ASSOCIATE-RQ could not be read, once it could not
         super().__init__(assoc)
 
     def _idle_wait(self) -> None:
@@ -319,7 +320,9 @@ class QuietDUL(DULServiceProvider):
         try:
             pdu, event = self._decode_pdu(pdu_bytes)
             self.event_queue.put(event)
-        except Exception:  # noqa: BLE001 - as pynetdicom: an undecodable PDU is Evt19
+        except Exception as exc:  # noqa: BLE001 - as pynetdicom: an undecodable PDU is Evt19
+            if pdu_type == 0x01:  # the type only: pynetdicom's texts quote the peer's bytes (AE titles)
+                self.request_problem = f"its A-ASSOCIATE-RQ ({pdu_length} bytes) cannot be decoded ({type(exc).__name__})"
             self.event_queue.put("Evt19")
             return
         self._recv_pdu.put(pdu)

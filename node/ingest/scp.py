@@ -51,7 +51,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import StorageCommitmentPushModel, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.audit import AuditLog
+from node.audit import AuditLog, PeerBudget
 from node.config import Config, ReceivePath
 from node.dimse import Status, label, max_pdu_problem
 from node.errors import ConfigError, IngestError, listen_problem
@@ -64,6 +64,7 @@ from node.metrics import Metrics
 log = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4 (Table 9-21)
+MAX_LOGGED_REFUSALS = 10  # WARNING lines naming a refused C-STORE, per association (then counted, as STOW-RS parts)
 REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
@@ -98,13 +99,32 @@ class _DiskFullGuard:
     and drops the rest of the dataset, so that the C-STORE still reaches the handler, which answers 0xA700
     (PS3.4 B.2.3), instead of the error ending the association. ``disk_full`` tells the handler."""
 
-    def __init__(self, fh: Any) -> None:
+    def __init__(self, fh: Any, max_bytes: int = 0) -> None:
         self._fh = fh
         self.name: str = fh.name
         self.file = self  # pynetdicom flushes through ``.file.flush()``
         self.disk_full = False
+        self.max_bytes = max_bytes  # [node] max_instance_mb in bytes (0: none)
+        self.written = 0
+        self.oversize = 0  # bytes received once the data set passed max_bytes (then nothing more written)
 
     def write(self, data: bytes) -> int:
+        if self.oversize:
+            self.oversize += len(data)
+            return len(data)
+        self.written += len(data)
+        if 0 < self.max_bytes < self.written:  # not written further: the file removed, answered 0xC211 (hostile19)
+            self.oversize = self.written
+            self.disk_full = True  # nothing more is written or flushed
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            try:
+                os.unlink(self.name)
+            except OSError:
+                pass
+            return len(data)
         if not self.disk_full:
             try:
                 return int(self._fh.write(data))
@@ -185,7 +205,7 @@ def _live(assoc: Any) -> bool:
     return bool(assoc.is_alive() and not (assoc.is_released or assoc.is_aborted or assoc.is_rejected))
 
 
-def _guard_disk_full(assoc: Any) -> None:
+def _guard_disk_full(assoc: Any, max_bytes: int = 0) -> None:
     """Make the association's receiver survive a full disk, and bound what it holds in memory: every dataset
     file pynetdicom opens for it is wrapped in a :class:`_DiskFullGuard` as soon as it is created (pynetdicom
     creates it when the command set is complete; its dataset fragments come in later P-DATA); a message whose
@@ -234,7 +254,7 @@ def _guard_disk_full(assoc: Any) -> None:
             return
         fh = getattr(message, "_data_set_file", None)
         if fh is not None and not isinstance(fh, _DiskFullGuard):
-            message._data_set_file = _DiskFullGuard(fh)
+            message._data_set_file = _DiskFullGuard(fh, max_bytes)
         problem = _held_in_memory(message)
         if problem is not None:
             drop(message, problem)
@@ -251,6 +271,7 @@ class _AssocCount:
     stored: int = 0  # answered Success, duplicates included
     duplicates: int = 0  # of those, SOPInstanceUIDs already held (the first copy kept, or a conflict kept aside)
     refused: int = 0
+    unlogged: dict[int, int] = field(default_factory=dict)  # refusals past MAX_LOGGED_REFUSALS, by DIMSE status
 
 
 @dataclass
@@ -274,6 +295,25 @@ class StoreSCP:
     # associations let through the per-caller limit: id -> (association, calling AE title, address); an ended one
     # is dropped at the next admission (counted from live associations: nothing can leak)
     _admitted: dict[int, tuple[Any, str, str]] = field(default_factory=dict, init=False)
+    _budget: PeerBudget | None = field(default=None, init=False)
+
+    @property
+    def budget(self) -> PeerBudget:
+        """The per-address bound on refusal lines and audit records (``[node] refusals_logged_per_minute``)."""
+        if self._budget is None:
+            self._budget = PeerBudget(self.cfg.node.refusals_logged_per_minute)
+        return self._budget
+
+    def _rejected(self, calling: str, address: str, line: str, **fields: Any) -> None:
+        """One WARNING line ``line`` and one ``association-rejected`` audit record (``fields``), within the
+        address's budget (:class:`node.audit.PeerBudget`: beyond it counted, the count written later)."""
+        write, note = self.budget.take(address)
+        if not write:
+            return
+        log.warning("%s%s", line, f" ({note})" if note else "")
+        if self.audit:
+            self.audit.write("association-rejected", calling_ae=calling, address=address, **fields,
+                             **({"note": note} if note else {}))
 
     # ------------------------------------------------------------------------------------ handlers
 
@@ -326,7 +366,7 @@ class StoreSCP:
         (``REJECT_CALLER_LIMIT``, audited; counted by
         :meth:`_admit`). Installs the full-disk guard (``_guard_disk_full``) first."""
         assoc = event.assoc
-        _guard_disk_full(assoc)
+        _guard_disk_full(assoc, self.cfg.node.max_instance_mb << 20)
         calling = str(assoc.requestor.primitive.calling_ae_title).strip() if assoc.requestor.primitive else ""
         address = str(assoc.requestor.address)
         if self._stopping:
@@ -337,35 +377,29 @@ class StoreSCP:
         node = self.cfg.node
         too_small = max_pdu_problem(assoc.requestor.maximum_length) if assoc.requestor.primitive else None
         if too_small is not None:  # no response could be sent within it (node.dimse.max_pdu_problem)
-            log.warning("association from %s@%s rejected: %s", calling, address, too_small)
-            if self.audit:
-                self.audit.write("association-rejected", calling_ae=calling, address=address, reason=too_small)
+            self._rejected(calling, address, f"association from {calling}@{address} rejected: {too_small}",
+                           reason=too_small)
             assoc.acse.send_reject(*REJECT_MAX_PDU)
             assoc.kill()
             return
         called = str(assoc.requestor.primitive.called_ae_title).strip() if assoc.requestor.primitive else ""
         if node.require_called_ae and called != node.ae_title.strip():
-            log.warning("association from %s@%s rejected: it called AE title %r, ours is %r "
-                        "(node.require_called_ae)", calling, address, called, node.ae_title)
-            if self.audit:
-                self.audit.write("association-rejected", calling_ae=calling, address=address, called_ae=called,
-                                 reason=f"called AE title is not ours ({node.ae_title})")
+            self._rejected(calling, address, f"association from {calling}@{address} rejected: it called AE title "
+                           f"{called!r}, ours is {node.ae_title!r} (node.require_called_ae)", called_ae=called,
+                           reason=f"called AE title is not ours ({node.ae_title})")
             assoc.acse.send_reject(*REJECT_CALLED_AE)
             assoc.kill()
             return
         if node.require_known_callers and find_caller(node.allowed_callers, calling, address) is None:
-            log.warning("association from %s@%s rejected: caller not in node.allowed_callers", calling, address)
-            if self.audit:
-                self.audit.write("association-rejected", calling_ae=calling, address=address,
-                                 reason="caller not in node.allowed_callers")
+            self._rejected(calling, address, f"association from {calling}@{address} rejected: caller not in "
+                           "node.allowed_callers", reason="caller not in node.allowed_callers")
             assoc.acse.send_reject(*REJECT_UNKNOWN_CALLER)
             assoc.kill()
             return
         why = self._admit(assoc, calling, address)
         if why is not None:
-            log.warning("association from %s@%s rejected (local limit exceeded): %s", calling, address, why)
-            if self.audit:
-                self.audit.write("association-rejected", calling_ae=calling, address=address, reason=why)
+            self._rejected(calling, address, f"association from {calling}@{address} rejected (local limit "
+                           f"exceeded): {why}", reason=why)
             assoc.acse.send_reject(*REJECT_CALLER_LIMIT)
             assoc.kill()
 
@@ -390,11 +424,16 @@ class StoreSCP:
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         calling, address = str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address)
         held = f" ({counts.duplicates} of them already held: the first copy kept)" if counts.duplicates else ""
-        log.info("association from %s@%s %s after %.1f s: %d instance(s) stored%s, %d refused", calling, address,
-                 how, time.monotonic() - counts.started, counts.stored, held, counts.refused)
+        unlogged = ", ".join(f"0x{k:04X} x{v}" for k, v in sorted(counts.unlogged.items()))
+        quiet = (f" ({sum(counts.unlogged.values())} of them not logged one by one: {unlogged})"
+                 if counts.unlogged else "")
+        log.info("association from %s@%s %s after %.1f s: %d instance(s) stored%s, %d refused%s", calling, address,
+                 how, time.monotonic() - counts.started, counts.stored, held, counts.refused, quiet)
         if self.audit:
+            extra = {"refused_not_logged": {f"0x{k:04X}": v for k, v in sorted(counts.unlogged.items())}} \
+                if counts.unlogged else {}
             self.audit.write("association", calling_ae=calling, address=address, end=how, stored=counts.stored,
-                             duplicates=counts.duplicates, refused=counts.refused)
+                             duplicates=counts.duplicates, refused=counts.refused, **extra)
         if self.on_release is not None:
             self.on_release()
 
@@ -480,20 +519,59 @@ class StoreSCP:
                 else:
                     c.refused += 1
 
+    def _refusal(self, assoc: Any, status: int) -> bool:
+        """Count a refused C-STORE of ``assoc`` (answered ``status``); True when its WARNING line is to be written:
+        the first ``MAX_LOGGED_REFUSALS`` of an association. The next one writes one line saying that the rest are
+        counted; they are counted by status in the association's end line and audit record. A peer sending
+        thousands of instances the node refuses on one association wrote one line each (2,000 tiny data sets
+        without SeriesInstanceUID: 2,000 lines, 284 KB), where a STOW-RS request logs 10 (hostile17)."""
+        key = id(assoc)
+        with self._lock:
+            c = self._counts.get(key)
+            if c is None:
+                return True
+            c.refused += 1
+            if c.refused <= MAX_LOGGED_REFUSALS:
+                return True
+            c.unlogged[status] = c.unlogged.get(status, 0) + 1
+            first = c.refused == MAX_LOGGED_REFUSALS + 1
+        if first:
+            log.warning("association from %s@%s: more than %d C-STOREs refused: the next ones are counted, not "
+                        "logged one by one (their count by status ends the association's line)",
+                        str(assoc.requestor.ae_title).strip(), assoc.requestor.address, MAX_LOGGED_REFUSALS)
+        return False
+
     def on_store(self, event: evt.Event) -> int:
         """C-STORE (pynetdicom's receive path): admit the file pynetdicom wrote to the spool's ``incoming/`` (no
         decoding here), as :meth:`store_received`."""
         req: Any = event.request  # a C_STORE primitive
         if getattr(req, "_dataset_path", None) is None and getattr(req, "_dataset_file", None) is None:
             caller = str(event.assoc.requestor.ae_title).strip()
-            log.warning("C-STORE from %s refused (0x%04X): the request carries no data set", caller,
-                        Status.CANNOT_UNDERSTAND)
-            self._count(id(event.assoc), False)
+            if self._refusal(event.assoc, Status.CANNOT_UNDERSTAND):
+                log.warning("C-STORE from %s refused (0x%04X): the request carries no data set", caller,
+                            Status.CANNOT_UNDERSTAND)
             return Status.CANNOT_UNDERSTAND
+        oversize = getattr(req._dataset_file, "oversize", 0)
+        if oversize:  # written only up to max_instance_mb: its partial file is already removed
+            return self.store_oversize(event.assoc, str(req.AffectedSOPInstanceUID or ""), oversize)
         full = getattr(req._dataset_file, "disk_full", False)  # its partial file is already removed
         return self.store_received(event.assoc, None if full else Path(event.dataset_path),
                                    str(req.AffectedSOPClassUID or ""), str(req.AffectedSOPInstanceUID or ""),
                                    str(event.context.transfer_syntax))
+
+    def store_oversize(self, assoc: Any, sop_instance: str, received: int) -> int:
+        """A C-STORE whose data set passed ``[node] max_instance_mb`` while it arrived (both receive paths): what
+        came beyond it was read and dropped, not written (the partial file removed at the limit); answered 0xC211
+        (as a file over it found once written: sent again it is refused again), one line within the association's
+        budget. Before, the whole data set went to the spool's ``incoming/`` first (100 MiB sent under
+        ``max_instance_mb = 8``: 100 MiB written), down to the disk watermark that refuses every caller."""
+        limit = self.cfg.node.max_instance_mb
+        if self._refusal(assoc, Status.TOO_LARGE):
+            log.warning("C-STORE from %s refused (0x%04X): instance %s: its data set passed node.max_instance_mb = "
+                        "%d while it arrived (%d bytes came): not written beyond it", str(assoc.requestor.ae_title)
+                        .strip(), Status.TOO_LARGE, sop_instance, limit, received)
+        self.metrics.instances_received.labels(status=label(Status.TOO_LARGE)).inc()
+        return Status.TOO_LARGE
 
     def store_received(self, assoc: Any, path: Path | None, sop_class: str, sop_instance: str,
                        transfer_syntax: str) -> int:
@@ -508,25 +586,26 @@ class StoreSCP:
         caller = Caller(str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address))
         key = id(assoc)
         if path is None:
-            log.warning("C-STORE from %s refused (0x%04X): instance %s: the spool disk %s filled up while it "
-                        "arrived; its partial file was removed", caller.ae_title, Status.OUT_OF_RESOURCES,
-                        sop_instance, self.admission.spool.root)
+            if self._refusal(assoc, Status.OUT_OF_RESOURCES):
+                log.warning("C-STORE from %s refused (0x%04X): instance %s: the spool disk %s filled up while it "
+                            "arrived; its partial file was removed", caller.ae_title, Status.OUT_OF_RESOURCES,
+                            sop_instance, self.admission.spool.root)
             self.metrics.instances_received.labels(status=label(Status.OUT_OF_RESOURCES)).inc()
             self.metrics.failures.labels(where="ingest", reason="disk-full").inc()
-            self._count(key, False)
             return Status.OUT_OF_RESOURCES
         try:
             stored = self.admission.admit_file(path, caller, declared_sop_class=sop_class,
                                                transfer_syntax=transfer_syntax, declared_sop_instance=sop_instance)
         except IngestError as exc:
-            log.warning("C-STORE from %s refused (0x%04X): instance %s: %s", caller.ae_title, exc.status,
-                        sop_instance, exc)
-            self._count(key, False)
+            if self._refusal(assoc, exc.status):
+                log.warning("C-STORE from %s refused (0x%04X): instance %s: %s", caller.ae_title, exc.status,
+                            sop_instance, exc)
             return exc.status
         except Exception as exc:  # noqa: BLE001 - an SCP must answer with a status, never crash
-            log.exception("C-STORE from %s: instance %s: unexpected error: %s", caller.ae_title, sop_instance, exc)
+            if self._refusal(assoc, Status.PROCESSING_FAILURE):
+                log.exception("C-STORE from %s: instance %s: unexpected error: %s", caller.ae_title, sop_instance,
+                              exc)
             self.metrics.failures.labels(where="ingest", reason=type(exc).__name__).inc()
-            self._count(key, False)
             return Status.PROCESSING_FAILURE
         self._count(key, True, stored.duplicate)
         return Status.SUCCESS
@@ -563,7 +642,8 @@ class StoreSCP:
                         "(its log handlers watch every PDU and DIMSE message): C-STOREs are received by pynetdicom; "
                         "set the pynetdicom logger to WARNING for the lean path")
         return LeanHooks(incoming=self.admission.spool.incoming, store=self.store_received,
-                         received=self.data_received)
+                         received=self.data_received, max_bytes=self.cfg.node.max_instance_mb << 20,
+                         oversize=self.store_oversize)
 
     def start(self) -> None:
         """Listen on [node].host:port (TLS when [node.tls].enabled); returns once the socket is bound.
@@ -583,7 +663,7 @@ class StoreSCP:
                                                 handshake_timeout_s=node.tls.handshake_timeout_s,
                                                 association_timeout_s=node.association_timeout_s, audit=self.audit,
                                                 lean_hooks=self.lean_hooks(),
-                                                message_timeout_s=node.message_timeout_s)
+                                                message_timeout_s=node.message_timeout_s, budget=self.budget)
         except OSError as exc:
             _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved
             raise ConfigError(listen_problem("DICOM port", "node", node.host, node.port, exc)) from exc
@@ -609,4 +689,10 @@ class StoreSCP:
         server.shutdown()
         self._server = None
         _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved
+        for address, n in self.budget.flush().items():  # refusals counted, not written yet (PeerBudget)
+            log.warning("%d more refused association(s) / dropped connection(s) from %s were counted, not written "
+                        "one by one (node.refusals_logged_per_minute = %d)", n, address,
+                        self.cfg.node.refusals_logged_per_minute)
+            if self.audit:
+                self.audit.write("refusals-not-written", address=address, count=n)
         log.info("DICOM SCP stopped")

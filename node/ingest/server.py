@@ -35,7 +35,7 @@ from pynetdicom import AE
 from pynetdicom.transport import ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
-from node.audit import AuditLog
+from node.audit import AuditLog, PeerBudget
 from node.dimse import no_delay
 from node.ingest.association import QuietRequestHandler
 from node.ingest.fdwait import wait_ready
@@ -86,7 +86,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                  evt_handlers: Any = None, *, handshake_timeout_s: float = 10.0,
                  association_timeout_s: float = 10.0, audit: AuditLog | None = None,
                  max_pending: int = MAX_PENDING, lean_hooks: LeanHooks | None = None,
-                 message_timeout_s: float = 0.0) -> None:
+                 message_timeout_s: float = 0.0, budget: PeerBudget | None = None) -> None:
+        self.budget = budget  # the per-address bound on refusal lines and audit records (None: none)
         self.lean_hooks = lean_hooks  # the lean C-STORE receive path (node.ingest.lean); None: pynetdicom's
         self.message_timeout_s = message_timeout_s  # QuietDUL's deadline of one fragmented message (0: none)
         self.handshake_timeout_s = handshake_timeout_s
@@ -197,12 +198,18 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         if not wait_ready([sock], self.association_timeout_s):
             raise GateClosed(f"no A-ASSOCIATE-RQ within {self.association_timeout_s:g} s")
 
-    def _refused(self, address: str, handshake: bool, reason: str) -> None:
+    def _refused(self, address: str, handshake: bool, reason: str, stage: str = "no request") -> None:
+        """One WARNING line and one audit record for a connection that ended before an association: at the
+        gate (the TLS handshake, no request) or, ``stage`` "A-ASSOCIATE-RQ", its request refused or unreadable by
+        the DICOM upper layer (``QuietAssociation._reader_ended``)."""
+        write, note = self.budget.take(address) if self.budget is not None else (True, "")
+        if not write:  # beyond [node] refusals_logged_per_minute for this address: counted (PeerBudget)
+            return
         event = "tls-handshake-failed" if handshake else "connection-dropped"
-        log.warning("DICOM connection from %s closed before an association (%s): %s", address,
-                    "TLS handshake" if handshake else "no request", reason)
+        log.warning("DICOM connection from %s closed before an association (%s): %s%s", address,
+                    "TLS handshake" if handshake else stage, reason, f" ({note})" if note else "")
         if self.audit is not None:
-            self.audit.write(event, address=address, reason=reason)
+            self.audit.write(event, address=address, reason=reason, **({"note": note} if note else {}))
 
     def _forget(self, key: int) -> None:
         with self._pending_lock:
@@ -235,20 +242,22 @@ def start_guarded_server(ae: AE, address: tuple[str, int], evt_handlers: list[An
                          ssl_context: ssl.SSLContext | None, *, handshake_timeout_s: float,
                          association_timeout_s: float, audit: AuditLog | None,
                          lean_hooks: LeanHooks | None = None,
-                         message_timeout_s: float = 0.0) -> GuardedAssociationServer:
+                         message_timeout_s: float = 0.0,
+                         budget: PeerBudget | None = None) -> GuardedAssociationServer:
     """Start ``ae`` as an association acceptor on ``address`` behind the gate, in a daemon thread (as
     ``AE.start_server(block=False)`` does); returns the server (``shutdown()`` stops it).
 
     Sets the AE's ``acse_timeout`` to ``association_timeout_s`` (the rest of the A-ASSOCIATE-RQ after its first
     byte). ``lean_hooks``: receive plain C-STOREs on the lean path (``node.ingest.lean``). ``message_timeout_s``:
-    seconds a fragmented command set or data set may take (``QuietDUL``; 0: no deadline). Raises OSError when
+    seconds a fragmented command set or data set may take (``QuietDUL``; 0: no deadline). ``budget``: the
+    per-address bound on the lines and audit records of dropped connections (``PeerBudget``). Raises OSError when
     the address cannot be bound.
     """
     ae.acse_timeout = association_timeout_s
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
                             server_class=GuardedAssociationServer, handshake_timeout_s=handshake_timeout_s,
                             association_timeout_s=association_timeout_s, audit=audit, lean_hooks=lean_hooks,
-                            message_timeout_s=message_timeout_s)
+                            message_timeout_s=message_timeout_s, budget=budget)
     assert isinstance(server, GuardedAssociationServer)
     thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}",
                               daemon=True)

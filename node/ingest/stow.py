@@ -273,6 +273,7 @@ class StowReceiver:
         self.bytes_received = 0
         self._fh: IO[bytes] | None = None
         self._path: Path | None = None
+        self._part_bytes = 0  # bytes of the part being written
 
     def feed(self, data: bytes) -> None:
         """Parse ``data`` (the next bytes of the body), writing and admitting parts as they complete.
@@ -345,10 +346,18 @@ class StowReceiver:
             return
         fd, name = tempfile.mkstemp(prefix="stow-", suffix=".dcm", dir=self.incoming)
         self._fh, self._path = os.fdopen(fd, "wb"), Path(name)
+        self._part_bytes = 0
 
     def _write(self, data: bytes) -> None:
         if self._fh is None:
             return  # a part being skipped
+        self._part_bytes += len(data)
+        if 0 < self.max_instance_bytes < self._part_bytes:  # not written past the limit (as C-STORE, hostile19):
+            self.abort()  # checked once whole, a part wrote up to [http] max_body_mb to incoming/ first
+            self.result.failed.append(("", "", Status.TOO_LARGE,
+                                       f"part {self.parser.parts}: over node.max_instance_mb = "
+                                       f"{self.max_instance_bytes >> 20} while it arrived: not written beyond it"))
+            return
         try:
             self._fh.write(data)
         except OSError as exc:

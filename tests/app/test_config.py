@@ -261,6 +261,8 @@ def test_a_time_that_is_not_a_positive_finite_number_is_refused(section: dict[st
 @pytest.mark.parametrize(("sections", "expected"), [
     ({"node": {"log_level": "LOUD"}}, "node.log_level: 'LOUD' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
     ({"node": {"min_free_mb": -1}}, "node.min_free_mb: -1 must be >= 0 (MB)"),
+    ({"node": {"refusals_logged_per_minute": -1}}, "node.refusals_logged_per_minute: -1 must be from 0 to 1000000 "
+     "(lines and audit records a minute per peer address; 0: every one)"),
     ({"node": {"max_instance_mb": 0}}, "node.max_instance_mb: 0 must be from 1 to 1048576 (MB)"),
     ({"node": {"max_pdu": -5}}, "node.max_pdu: -5 must be 0 (pynetdicom's default) or at least 7 (bytes)"),
     ({"node": {"max_pdu": 3}}, "node.max_pdu: 3 must be 0 (pynetdicom's default) or at least 7 (bytes)"),

@@ -233,6 +233,28 @@ def test_requests_not_served_on_a_storage_context_get_0x0122_and_the_association
     assert not any(r.exc_info for r in caplog.records), caplog.text
 
 
+def test_requests_not_served_on_a_context_are_logged_ten_an_association(
+        scp: StoreSCP, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """25 C-FINDs on a storage context, one association (hostile19): each answered 0x0122, 10 lines naming one,
+    then one line saying the next ones are not logged one by one (before: 25 lines, one per request, without a
+    bound: the node's own loggers are not under the flood filter); the next C-STORE is stored."""
+    caplog.set_level(logging.WARNING)
+    make, sop_class, message, _ = REQUESTS["C-FIND naming the storage class"]
+    cmd, data = _one_c_store(tmp_path)
+    peer = _Peer(scp.cfg.node.port)
+    try:
+        for _ in range(25):
+            peer.send(*_message_pdus(make(sop_class), message, peer.cx, _query()))
+            assert peer.answer() == Status.SOP_CLASS_NOT_SUPPORTED
+        peer.send(_pdu((peer.cx, 0x03, cmd)), _pdu((peer.cx, 0x02, data)))
+        assert peer.answer() == Status.SUCCESS
+    finally:
+        peer.close()
+    _settled(scp)
+    assert len(_warnings(caplog, "refused (0x0122): not served there")) == 10
+    assert len(_warnings(caplog, "more than 10 requests refused (0x0122)")) == 1
+
+
 def test_c_store_on_the_verification_context_gets_0x0122_and_no_file_stays(scp: StoreSCP, tmp_path: Path) -> None:
     cmd, data = _one_c_store(tmp_path)
     peer = _Peer(scp.cfg.node.port)
