@@ -250,11 +250,57 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--only", action="append", default=[])
     ap.add_argument("--sigma", action="store_true")
+    ap.add_argument("--orthanc", action="store_true", help="only the delivery paths, on an earlier --sigma sweep")
+    ap.add_argument("--sample", type=int, default=60)
     args = ap.parse_args()
     names = args.only or sorted(d.name for d in SHARED.iterdir() if d.is_dir() and d.name != "licenses")
+    if args.orthanc:
+        rows = orthanc_paths(args.out, [n for n in names if (args.out / "sigma" / n).is_dir()], args.sample)
+        (args.out / "orthanc.json").write_text(json.dumps(rows, indent=1, default=str))
+        return 0
     rows = sweep(names, args.out, args.sigma)
     (args.out / "sweep.json").write_text(json.dumps(rows, indent=1, default=str))
     return 0
+
+
+
+def orthanc_paths(work: Path, names: list[str], sample: int) -> dict[str, Any]:
+    """The ``--sigma`` outputs of ``names`` through C-STORE, STOW-RS and Orthanc REST into a real Orthanc 1.10.1
+    (DICOMweb plugin), each read back by REST file download and compared (tests/send/test_delivery_paths_keep_
+    objects.py's ``differences``); series of more than ``sample`` objects: every k-th derived slice + every map."""
+    sys.path[:0] = [str(ROOT / "tests")]
+    from node.config import DicomDestination, DicomwebDestination, OrthancDestination
+    from node.send import make_sender
+    from tests.send.test_delivery_paths_keep_objects import _held, differences
+    from tests.support.pacs import orthanc_dicomweb
+
+    o = orthanc_dicomweb(work / "orthanc")
+    dests = {"dicom": DicomDestination(name="pacs", ae_title=o.aet, host="127.0.0.1", port=o.dicom_port),
+             "dicomweb": DicomwebDestination(name="web", url=f"{o.url}/dicom-web"),
+             "orthanc": OrthancDestination(name="rest", url=o.url)}
+    rows: dict[str, Any] = {}
+    try:
+        for name in names:
+            objs = [p for p, _ in _read_dir(work / "sigma" / name)]
+            if len(objs) > sample:
+                step = max(1, len(objs) // sample)
+                objs = sorted(set(objs[::step]) | {p for p in objs if not p.name.startswith("IM")})
+            for path, dest in dests.items():
+                o.clear()
+                make_sender(dest).send(objs)
+                diffs: collections.Counter[str] = collections.Counter()
+                same_bytes = 0
+                for p in objs:
+                    ds = pydicom.dcmread(p, stop_before_pixels=True)
+                    held = _held(o, str(ds.SOPInstanceUID))
+                    same_bytes += held == p.read_bytes()
+                    for d in differences(p, held):
+                        diffs[f"{ds.SOPClassUID.name}: {d}"] += 1
+                rows[f"{name} {path}"] = {"sent": len(objs), "byte_identical": same_bytes, "differences": dict(diffs)}
+                print(name, path, json.dumps(rows[f"{name} {path}"]), flush=True)
+    finally:
+        o.stop()
+    return rows
 
 
 if __name__ == "__main__":
