@@ -26,12 +26,13 @@ SECONDARY_CAPTURE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")  # the uncertainty 
 # Patient (PS3.3 C.7.1.1) and Patient Study (C.7.2.2) attributes: every one of the modules' that a derived object
 # can carry as the source has it (a short list lost PatientIdentityRemoved / DeidentificationMethod of de-identified
 # input, PatientComments, OtherPatientIDsSequence, PregnancyStatus ...: a derived object must say of its patient
-# what the source says)
+# what the source says). Only the modules' own attributes: RequestingService (Imaging Service Request) or the retired
+# OtherPatientIDs copied would make every object a Standard Extended SOP Class (dciodvfy warns))
 PATIENT = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
            "PatientSize", "PatientWeight", "EthnicGroup",
            "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID", "PatientBirthTime",
            "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar",
-           "PatientAlternativeCalendar", "QualityControlSubject", "OtherPatientIDs", "OtherPatientNames",
+           "PatientAlternativeCalendar", "QualityControlSubject", "OtherPatientNames",
            "OtherPatientIDsSequence", "EthnicGroupCodeSequence", "PatientSpeciesDescription",
            "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence",
            "BreedRegistrationSequence", "StrainDescription", "StrainNomenclature", "StrainCodeSequence",
@@ -41,7 +42,7 @@ PATIENT = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", 
            "PatientSizeCodeSequence", "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension",
            "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus", "AdditionalPatientHistory",
            "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "AdmittingDiagnosesDescription",
-           "AdmittingDiagnosesCodeSequence", "PatientState", "AdmissionID", "IssuerOfAdmissionIDSequence",
+           "AdmittingDiagnosesCodeSequence", "AdmissionID", "IssuerOfAdmissionIDSequence",
            "ServiceEpisodeID", "IssuerOfServiceEpisodeIDSequence", "ServiceEpisodeDescription", "ReasonForVisit",
            "ReasonForVisitCodeSequence")
 # General Study (PS3.3 C.7.2.1)
@@ -50,7 +51,7 @@ STUDY = ("StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName",
          "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
          "ConsultingPhysicianIdentificationSequence", "IssuerOfAccessionNumberSequence", "PhysiciansOfRecord",
          "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
-         "PhysiciansReadingStudyIdentificationSequence", "RequestingService", "RequestingServiceCodeSequence",
+         "PhysiciansReadingStudyIdentificationSequence", "RequestingServiceCodeSequence",
          "ReferencedStudySequence", "ProcedureCodeSequence", "ReasonForPerformedProcedureCodeSequence")
 SERIES = ("Modality", "BodyPartExamined", "PatientPosition", "Laterality", "ProtocolName")
 FRAME_OF_REFERENCE = ("FrameOfReferenceUID", "PositionReferenceIndicator")
