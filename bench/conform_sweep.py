@@ -271,7 +271,15 @@ def orthanc_paths(work: Path, names: list[str], sample: int) -> dict[str, Any]:
     sys.path[:0] = [str(ROOT / "tests")]
     from node.config import DicomDestination, DicomwebDestination, OrthancDestination
     from node.send import make_sender
-    from tests.send.test_delivery_paths_keep_objects import _held, differences
+    import httpx
+
+    from tests.send.test_delivery_paths_keep_objects import differences
+
+    def _held(o: Any, sop_uid: str) -> bytes:  # a map of 279 512² float frames is 292 MB: a long read timeout
+        with httpx.Client(base_url=o.url, timeout=600, auth=o.auth) as c:
+            found = [x for x in c.post("/tools/lookup", content=sop_uid).json() if x["Type"] == "Instance"]
+            assert found, f"instance {sop_uid} not in Orthanc"
+            return c.get(f"/instances/{found[0]['ID']}/file").content
     from tests.support.pacs import orthanc_dicomweb
 
     o = orthanc_dicomweb(work / "orthanc")
