@@ -269,10 +269,10 @@ def orthanc_paths(work: Path, names: list[str], sample: int) -> dict[str, Any]:
     (DICOMweb plugin), each read back by REST file download and compared (tests/send/test_delivery_paths_keep_
     objects.py's ``differences``); series of more than ``sample`` objects: every k-th derived slice + every map."""
     sys.path[:0] = [str(ROOT / "tests")]
-    from node.config import DicomDestination, DicomwebDestination, OrthancDestination
-    from node.send import make_sender
     import httpx
 
+    from node.config import DicomDestination, DicomwebDestination, OrthancDestination
+    from node.send import make_sender
     from tests.send.test_delivery_paths_keep_objects import differences
 
     def _held(o: Any, sop_uid: str) -> bytes:  # a map of 279 512² float frames is 292 MB: a long read timeout
