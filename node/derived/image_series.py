@@ -59,6 +59,7 @@ from node.derived.modules import (
     ds_str,
     referenced_series,
     source_ref,
+    state_deidentification,
 )
 from node.derived.values import CT_MIN_BITS, output_format, real_world_mapping, to_stored
 from node.errors import DeriveError
@@ -250,6 +251,7 @@ def derive_series(vol: SeriesVolume, result: EngineResult, factors: Factors, cfg
     series_level = Dataset()
     for module in (PATIENT, STUDY, SERIES, FRAME_OF_REFERENCE, EQUIPMENT):
         copy_module(series_level, ref0, module)
+    state_deidentification(series_level)
     charset0 = character_set(ref0)
     acquisition_number = ref0.get("AcquisitionNumber")  # a value, read once: make() holds no header beyond its own
     if acquisition_number == "":

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -124,6 +125,21 @@ def _valid(vr: str, text: str) -> bool:
     return True
 
 
+# binary number VRs: their value is not text (``raw_text`` gave its bytes, which ``_valid`` refused, so a valid
+# PregnancyStatus (US) was dropped); valid when pydicom can read the value
+_BINARY = frozenset({"US", "SS", "UL", "SL", "UV", "SV", "FL", "FD", "AT", "OF", "OD", "OL", "OV"})
+
+
+def _binary_ok(ds: Dataset, tag: int) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ds[tag].value  # noqa: B018 - the conversion is the check
+    except Exception:  # noqa: BLE001 - pydicom raises many types on a value of the wrong length
+        return False
+    return True
+
+
 def conform_dataset(ds: Dataset) -> dict[str, str]:
     """Drop the copied attributes of ``ds`` whose values are not valid for their VR (in memory; a type 2 one is
     left empty); returns {keyword: VR} of those dropped. Also applied to an input header read again from its file
@@ -139,7 +155,8 @@ def conform_dataset(ds: Dataset) -> dict[str, str]:
             vr = dictionary_VR(tag)
             ok = False
         else:
-            ok = vr in ("SQ", "UN", "OB", "OW") or _valid(vr, raw_text(ds, kw))
+            ok = vr in ("SQ", "UN", "OB", "OW") or (_binary_ok(ds, tag) if vr in _BINARY else
+                                                       _valid(vr, raw_text(ds, kw)))
         if ok:
             continue
         bad[kw] = vr

@@ -8,6 +8,7 @@ series whose description says which series were superseded. Its UIDs are determi
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import logging
 from collections.abc import Collection, Sequence
@@ -21,15 +22,16 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from node import __version__
 from node.config import DeriveConfig
 from node.derived.labels import Revision
-from node.derived.modules import character_set
+from node.derived.modules import PATIENT, STUDY, character_set
 from node.errors import DeriveError
 from node.store import NOT_SENT, DeliveryState, Index, Job
 
 log = logging.getLogger(__name__)
 
 KEY_OBJECT_SELECTION = UID("1.2.840.10008.5.1.4.1.1.88.59")  # Key Object Selection Document (PS3.4 B.5)
-_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-                  "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID")
+# the Patient and General Study modules the derived objects carry (a shorter list here filed the note without the
+# rejected objects' IssuerOfPatientID, PatientIdentityRemoved ...)
+_PATIENT_STUDY = tuple(dict.fromkeys((*PATIENT, *STUDY)))
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -64,7 +66,7 @@ def rejection_note(files: Sequence[Path], cfg: DeriveConfig, out_dir: Path, reas
     # Patient / General Study: copied from the rejected instances (the note must file into the same study)
     for kw in _PATIENT_STUDY:
         if kw in first:
-            setattr(ds, kw, first.data_element(kw).value)  # type: ignore[union-attr]
+            ds[kw] = copy.deepcopy(first[kw])
     # Key Object Document Series
     ds.Modality = "KO"
     ds.SeriesInstanceUID = generate_uid(cfg.uid_root, [*ent, "series"])

@@ -4,6 +4,7 @@ Contributing Equipment and file meta (shared by ``node.derived.image_series`` an
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 from collections.abc import Sequence
@@ -22,10 +23,36 @@ PARAMETRIC_MAP_STORAGE = UID("1.2.840.10008.5.1.4.1.1.30")  # PS3.4 B.5: the unc
 SECONDARY_CAPTURE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.7")  # the uncertainty card
 
 # attributes copied from the nearest input slice, per module (a whitelist; never private tags)
+# Patient (PS3.3 C.7.1.1) and Patient Study (C.7.2.2) attributes: every one of the modules' that a derived object
+# can carry as the source has it (a short list lost PatientIdentityRemoved / DeidentificationMethod of de-identified
+# input, PatientComments, OtherPatientIDsSequence, PregnancyStatus ...: a derived object must say of its patient
+# what the source says). Only the modules' own attributes: RequestingService (Imaging Service Request) or the retired
+# OtherPatientIDs copied would make every object a Standard Extended SOP Class (dciodvfy warns))
 PATIENT = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "PatientAge",
-           "PatientSize", "PatientWeight", "EthnicGroup")
+           "PatientSize", "PatientWeight", "EthnicGroup",
+           "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID", "PatientBirthTime",
+           "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar",
+           "PatientAlternativeCalendar", "QualityControlSubject", "OtherPatientNames",
+           "OtherPatientIDsSequence", "EthnicGroupCodeSequence", "PatientSpeciesDescription",
+           "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence",
+           "BreedRegistrationSequence", "StrainDescription", "StrainNomenclature", "StrainCodeSequence",
+           "StrainAdditionalInformation", "StrainStockSequence", "GeneticModificationsSequence",
+           "ResponsiblePerson", "ResponsiblePersonRole", "ResponsibleOrganization", "PatientComments",
+           "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+           "PatientSizeCodeSequence", "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension",
+           "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus", "AdditionalPatientHistory",
+           "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "AdmittingDiagnosesDescription",
+           "AdmittingDiagnosesCodeSequence", "AdmissionID", "IssuerOfAdmissionIDSequence",
+           "ServiceEpisodeID", "IssuerOfServiceEpisodeIDSequence", "ServiceEpisodeDescription", "ReasonForVisit",
+           "ReasonForVisitCodeSequence")
+# General Study (PS3.3 C.7.2.1)
 STUDY = ("StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-         "StudyDescription")
+         "StudyDescription",
+         "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
+         "ConsultingPhysicianIdentificationSequence", "IssuerOfAccessionNumberSequence", "PhysiciansOfRecord",
+         "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
+         "PhysiciansReadingStudyIdentificationSequence", "RequestingServiceCodeSequence",
+         "ReferencedStudySequence", "ProcedureCodeSequence", "ReasonForPerformedProcedureCodeSequence")
 SERIES = ("Modality", "BodyPartExamined", "PatientPosition", "Laterality", "ProtocolName")
 FRAME_OF_REFERENCE = ("FrameOfReferenceUID", "PositionReferenceIndicator")
 EQUIPMENT = ("Manufacturer", "InstitutionName", "StationName", "ManufacturerModelName", "DeviceSerialNumber")
@@ -102,10 +129,27 @@ def copy_module(dst: Dataset, src: Dataset, keywords: Sequence[str], from_groups
     shared functional groups) to ``dst``; an absent Type 2 attribute is written empty (PS3.5 7.4.2)."""
     for kw in keywords:
         value = src.get(kw) if kw in src else (group_value(src, kw) if from_groups else None)
-        if value is not None and value != "":
+        if isinstance(value, DicomSequence):  # never one Sequence object shared between data sets
+            if len(value):
+                setattr(dst, kw, copy.deepcopy(value))
+        elif value is not None and value != "":
             setattr(dst, kw, value)
         elif kw in _TYPE2:
             setattr(dst, kw, "" if kw != "AcquisitionNumber" else None)
+
+
+DEIDENTIFICATION_UNSTATED = "not stated in the source images"
+
+
+def state_deidentification(ds: Dataset) -> None:
+    """A Patient module saying PatientIdentityRemoved YES must name the method (DeidentificationMethod or its code
+    sequence, Type 1C, PS3.3 C.7.1.1): when the source says YES without one (real de-identified exports do), the
+    derived objects keep the YES and say the method was not stated (dciodvfy: "Missing attribute Type 1C")."""
+    if str(ds.get("PatientIdentityRemoved", "") or "").strip().upper() != "YES":
+        return
+    if ds.get("DeidentificationMethod") or ds.get("DeidentificationMethodCodeSequence"):
+        return
+    ds.DeidentificationMethod = DEIDENTIFICATION_UNSTATED
 
 
 def code_item(value: str, scheme: str, meaning: str) -> Dataset:

@@ -97,6 +97,52 @@ def _process(in_dir: Path, out_dir: Path) -> int:
                                               "--config", str(cfg)]))
 
 
+# PS3.3 C.7.1.1 Patient, C.7.2.1 General Study, C.7.2.2 Patient Study: written here, not taken from the node (whose
+# short list is what lost PatientIdentityRemoved, PatientComments, PhysiciansOfRecord, PregnancyStatus)
+PATIENT_STUDY_MODULES = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence", "TypeOfPatientID",
+    "PatientBirthDate", "PatientBirthTime", "PatientSex", "QualityControlSubject", "OtherPatientNames",
+    "OtherPatientIDsSequence", "EthnicGroup", "EthnicGroupCodeSequence", "PatientSpeciesDescription",
+    "PatientSpeciesCodeSequence", "PatientBreedDescription", "PatientBreedCodeSequence", "ResponsiblePerson",
+    "ResponsiblePersonRole", "ResponsibleOrganization", "PatientComments", "PatientIdentityRemoved",
+    "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "ReferringPhysicianIdentificationSequence",
+    "ConsultingPhysicianName", "StudyID", "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyDescription",
+    "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy", "RequestingServiceCodeSequence", "ReferencedStudySequence",
+    "ProcedureCodeSequence", "ReasonForPerformedProcedureCodeSequence",
+    "AdmittingDiagnosesDescription", "PatientAge", "PatientSize", "PatientWeight", "PatientBodyMassIndex",
+    "MeasuredAPDimension", "MeasuredLateralDimension", "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus",
+    "AdditionalPatientHistory", "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "ReasonForVisit",
+    "AdmissionID", "ServiceEpisodeID", "ServiceEpisodeDescription", "SpecificCharacterSet")
+
+
+def _patient_study_kept(in_dir: Path, out_dir: Path) -> dict[str, int]:
+    """{keyword lost / changed: objects} over every object in ``out_dir``: each Patient / General Study / Patient
+    Study attribute (``PATIENT_STUDY_MODULES``) and the SpecificCharacterSet of the input image
+    the object names first in its references (the input's first file when it names none of them)."""
+    by_sop: dict[str, pydicom.Dataset] = {}
+    first: pydicom.Dataset | None = None
+    for p in sorted(in_dir.rglob("*")):
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001, S112 - not DICOM
+            continue
+        first = first if first is not None else ds
+        by_sop[str(ds.get("SOPInstanceUID", ""))] = ds
+    out: dict[str, int] = {}
+    for p in sorted(out_dir.rglob("*.dcm")):
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        refs = sorted(str(i.ReferencedSOPInstanceUID) for i in ds.get("SourceImageSequence", []) or [])
+        src = next((by_sop[r] for r in refs if r in by_sop), first)
+        if src is None or ds.get("Modality") == "KO":
+            continue
+        for kw in PATIENT_STUDY_MODULES:
+            if kw in src and src[kw].value not in (None, "") and (kw not in ds or ds[kw].value != src[kw].value):
+                key = f"{kw} {'lost' if kw not in ds else 'changed'}"
+                out[key] = out.get(key, 0) + 1
+    return out
+
+
 def _conforms(name: str, in_dir: Path, out_dir: Path, expect: Expect | None, capsys: pytest.CaptureFixture[str],
               dciodvfy: bool = True) -> CheckResult:
     rc = _process(in_dir, out_dir)
@@ -113,6 +159,8 @@ def _conforms(name: str, in_dir: Path, out_dir: Path, expect: Expect | None, cap
             assert sorted(v.slices for v in result.volumes) == expect.slices, report
             for label in expect.labels:
                 assert sum(label in v.description for v in result.volumes) == 1, report
+        kept = _patient_study_kept(in_dir, out_dir)
+        assert not kept, f"{report}\npatient / study attributes not kept: {kept}"
         if not result.ok and name in KNOWN_OPEN:
             pytest.xfail(f"{KNOWN_OPEN[name]}:\n{lines}")
         assert result.ok, report
