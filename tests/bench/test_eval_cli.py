@@ -18,6 +18,7 @@ def _eval(args: list[str], out: Path) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "PSNR" in proc.stdout and "cubic" in proc.stdout  # the one-line summary
+    assert "s, whole run " in proc.stdout and "; engine " in proc.stdout, proc.stdout
     assert out.with_suffix(".png").stat().st_size > 1000  # the panel beside the JSON
     return json.loads(out.read_text())
 
@@ -30,6 +31,8 @@ def test_eval_simulated_through_plane_writes_all_figures(tmp_path: Path) -> None
         assert KEYS <= set(doc[k]), doc[k]
     assert {"spearman", "coverage_95", "ause_ratio"} <= set(doc["uncertainty"])
     assert doc["seconds"] > 0 and doc["compared_shape"] == [13, 64, 64] and doc["input_shape"] == [7, 64, 64]
+    # the engine's seconds and the whole command's, named apart (a new user read 159 s for a 6 min 37 s run)
+    assert doc["engine_seconds"] == doc["seconds"] and doc["wall_seconds"] > doc["engine_seconds"]
     assert doc["cubic"]["psnr_db"] > doc["linear"]["psnr_db"] - 1.0  # sane baselines on a real phantom
     assert abs(doc["cubic"]["hu_bias"]) < 50
 
