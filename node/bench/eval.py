@@ -197,28 +197,56 @@ def match_truth(thick: Loaded, thin: Loaded, f: int) -> tuple[np.ndarray, np.nda
     return np.nonzero(ok)[0], j[ok]
 
 
+def shown_plane(axis: str, directions: np.ndarray | None) -> tuple[str, str, str]:
+    """(plane, down, right) of the picture's cut: the anatomical plane nearest to it ("axial", "coronal",
+    "sagittal"; "oblique, nearest axial" when its normal is over ~26 degrees off every patient axis) and the
+    orientation letters of the image's downward and rightward directions ("" without ``directions``).
+
+    The cut holds array axes (0, 2) for ``axis`` "through" (the slice axis down, columns right) and (1, 2) for
+    "in" (rows down, columns right); ``directions`` (3, 3): row ``a`` the patient direction (LPS) of increasing
+    index along array axis ``a`` (the slice normal, IOP[3:6], IOP[0:3]). Without it the plane is named as for an
+    axial acquisition, with "(orientation unknown)"."""
+    from node.app.preview_planes import PLANE_OF_AXIS, orientation_letters
+
+    perp, down = (1, 0) if axis == "through" else (0, 1)
+    if directions is None:
+        return ("coronal (orientation unknown)" if axis == "through" else "axial (orientation unknown)"), "", ""
+    d = np.asarray(directions, dtype=np.float64)
+    d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+    n = np.abs(d[perp])
+    plane = PLANE_OF_AXIS[int(n.argmax())]
+    if float(n.max()) < 0.9:
+        plane = f"oblique, nearest {plane}"
+    return plane, orientation_letters(d[down]), orientation_letters(d[2])
+
+
 def panel(path: Path, truth: np.ndarray, outs: dict[str, np.ndarray], sigma: np.ndarray, axis: str,
-          spacing: tuple[float, float, float], doc: dict[str, Any]) -> None:
-    """PNG of five labelled panels on the central coronal (``axis`` "through") or axial ("in") slice of the compared
-    grid: truth | cubic | engine, on the truth's 1st..99th percentile; |engine - truth| and 1.96 sigma (the 95 %
-    half-width) on one colour scale, 0 to the error's 99.5th percentile, with a colour bar in modality units.
-    ``spacing`` (dz, dy, dx) mm of ``truth``, so that pixels are shown square in millimetres; ``doc`` gives each
-    title its figures (body-masked PSNR, coverage). matplotlib's object API on the Agg canvas (no display).
+          spacing: tuple[float, float, float], doc: dict[str, Any], directions: np.ndarray | None = None) -> str:
+    """PNG of five labelled panels of one size on the central cut of the compared grid holding the slice axis
+    (``axis`` "through") or the acquired plane ("in"): truth | cubic | engine, on the truth's 1st..99th percentile;
+    |engine - truth| and 1.96 sigma (the 95 % half-width) on one colour scale, 0 to the error's 99.5th percentile,
+    with a colour bar in modality units. ``spacing`` (dz, dy, dx) mm of ``truth``: pixels are shown square in
+    millimetres, with a millimetre scale bar; ``directions`` (``shown_plane``) names the plane from the patient
+    axes and puts orientation letters on the first panel's edges. ``doc`` gives each title its figures
+    (body-masked PSNR, coverage). matplotlib's object API on the Agg canvas (no display). Returns the title.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from node.app.preview_planes import orientation_letters
 
     def cut(a: np.ndarray) -> np.ndarray:
         return a[:, a.shape[1] // 2, :] if axis == "through" else a[a.shape[0] // 2]
 
     dz, dy, dx = spacing
-    aspect = dz / dx if axis == "through" else dy / dx  # rows' mm over columns' mm
+    dv = dz if axis == "through" else dy  # mm down the image (columns: dx)
     lo, hi = np.percentile(cut(truth), [1, 99])
     err = np.abs(cut(outs["engine"]) - cut(truth))
     emax = max(float(np.percentile(err, 99.5)), 1e-6)
     eng, cub = doc.get("engine", {}), doc.get("cubic", {})
     unc = doc.get("uncertainty", {}) or {}
     name = doc.get("engine_name", "engine") + (f" (fallback: {doc['fallback']})" if doc.get("fallback") else "")
+    plane, down, right = shown_plane(axis, directions)
 
     def db(d: dict[str, Any]) -> str:
         return f"{d['psnr_db']:.2f} dB" if "psnr_db" in d else ""
@@ -227,24 +255,41 @@ def panel(path: Path, truth: np.ndarray, outs: dict[str, np.ndarray], sigma: np.
              (cut(outs["engine"]), f"{name}  {db(eng)}", "grey"), (err, "|engine \u2212 truth|", "err"),
              (cut(sigma) * 1.96, "1.96 \u03c3" + (f"  (coverage {unc['coverage_95']:.3f})"
                                                  if "coverage_95" in unc else ""), "err")]
-    fig = Figure(figsize=(3.2 * len(tiles), 3.6), dpi=100)
+    fig = Figure(figsize=(3.2 * len(tiles) + 0.9, 3.9), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(tiles))
+    grid = fig.add_gridspec(1, len(tiles) + 1, width_ratios=[1.0] * len(tiles) + [0.06], wspace=0.08)
+    axes = [fig.add_subplot(grid[0, k]) for k in range(len(tiles))]  # one size each: the colour bar has its own
     shown = None
+    h, w = tiles[0][0].shape
+    extent = (0.0, w * dx, h * dv, 0.0)  # millimetres: square pixels, and the scale bar in mm
     for ax, (img, title, kind) in zip(axes, tiles, strict=True):
         if kind == "grey":
-            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, extent=extent, interpolation="nearest")
         else:
-            shown = ax.imshow(img, cmap="magma", vmin=0.0, vmax=emax, aspect=aspect, interpolation="nearest")
+            shown = ax.imshow(img, cmap="magma", vmin=0.0, vmax=emax, extent=extent, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+    width_mm = w * dx
+    bar = max([n for n in (5, 10, 20, 25, 50, 100, 200) if n <= width_mm / 4] or [width_mm / 4])
+    ax0 = axes[0]
+    y = h * dv * 0.94
+    ax0.plot([width_mm * 0.96 - bar, width_mm * 0.96], [y, y], color="yellow", lw=2.5, solid_capstyle="butt")
+    ax0.text(width_mm * 0.96 - bar / 2, y - 0.02 * h * dv, f"{bar:g} mm", color="yellow", fontsize=8,
+             ha="center", va="bottom")
+    if right and directions is not None:  # letters of the edges: up / down, left / right
+        d = np.asarray(directions, dtype=np.float64)
+        up, left = orientation_letters(-d[0 if axis == "through" else 1]), orientation_letters(-d[2])
+        for text, xy, ha, va in ((up, (0.5, 0.98), "center", "top"), (down, (0.5, 0.02), "center", "bottom"),
+                                 (left, (0.02, 0.5), "left", "center"), (right, (0.98, 0.5), "right", "center")):
+            ax0.text(*xy, text, transform=ax0.transAxes, color="yellow", fontsize=9, ha=ha, va=va)
     if shown is not None:
-        fig.colorbar(shown, ax=list(axes[3:]), fraction=0.04, pad=0.02, label="modality units (HU for CT)")
-    plane = "central coronal slice" if axis == "through" else "central axial slice"
-    fig.suptitle(f"srnode eval: {doc.get('series', '')} {axis}-plane x{doc.get('factor', '')}, {plane}; grey "
-                 f"{lo:.4g} to {hi:.4g} (truth's 1st-99th percentile)", fontsize=10)
+        fig.colorbar(shown, cax=fig.add_subplot(grid[0, len(tiles)]), label="modality units (HU for CT)")
+    title = (f"srnode eval: {doc.get('series', '')} {axis}-plane x{doc.get('factor', '')}, central {plane} "
+             f"slice; grey {lo:.4g} to {hi:.4g} (truth's 1st-99th percentile)")
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path)
+    return title
 
 
 def evaluate(lr_in: VolumeInput, truth: np.ndarray, factors: Factors, options: EngineOptions, engine: str,
@@ -354,7 +399,9 @@ def run(args: argparse.Namespace) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2, default=float) + "\n")
     truth_spacing = thin.vin.spacing if args.truth is not None else series.vin.spacing
-    panel(args.json.with_suffix(".png"), truth, outs, sigma, args.axis, truth_spacing, doc)
+    geo = thin if args.truth is not None else series  # the compared grid: the truth's slices and cosines
+    directions = np.stack([geo.normal, geo.col_cosine, geo.row_cosine])
+    panel(args.json.with_suffix(".png"), truth, outs, sigma, args.axis, truth_spacing, doc, directions)
     from models.evaluate import summary
 
     print(f"{series.name} {args.axis} x{args.factor}: " + summary(doc) + (f" [fallback: {doc['fallback']}]"
