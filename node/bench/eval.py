@@ -343,26 +343,58 @@ def evaluate(lr_in: VolumeInput, truth: np.ndarray, factors: Factors, options: E
     return doc, outs, sigma
 
 
+PROFILE_HELP = {
+    ThickProfile.TRAPEZOID: "a trapezoid slice profile of FWHM f x the thickness (ramps of half the FWHM): the "
+                            "closest to real 5 mm CT slices made from 1 mm ones; the default",
+    ThickProfile.DISCRETE: "the engine's own operator (a box over the thin slices' bins): an inverse crime that "
+                           "flatters the engine; the older figures in docs/benchmarks.md",
+    ThickProfile.BOX_FINE: "a box of FWHM f x the thickness over the thin slices' spline",
+    ThickProfile.GAUSSIAN: "a Gaussian of that FWHM",
+    ThickProfile.DECIMATE: "every f-th thin slice as it is (a gap acquisition: no blur)",
+}
+
+
+class _ShowDefaults(argparse.HelpFormatter):
+    """Help lines end with "(default: X)" where there is a default to show (not None, False or "")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d == "" or d == argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add ``srnode eval`` options to ``parser``."""
+    """Add ``srnode eval`` options to ``parser`` (its help shows every default)."""
+    parser.formatter_class = _ShowDefaults
     parser.add_argument("series", type=Path, help="series folder (the truth, or the thick series with --truth)")
-    parser.add_argument("--axis", choices=["through", "in"], default="through")
-    parser.add_argument("--factor", type=int, default=2)
-    parser.add_argument("--engine", default="selfsup")
-    parser.add_argument("--device", choices=[d.value for d in Device], default="auto")
+    parser.add_argument("--axis", choices=["through", "in"], default="through",
+                        help="through: thicker slices (fewer along the slice normal); in: a coarser in-plane matrix "
+                             "(f x f block means)")
+    parser.add_argument("--factor", type=int, default=2,
+                        help="the factor f: simulated input f times coarser along --axis, the engine upscales x f "
+                             "(with --truth: the thick series' step over the thin one's)")
+    parser.add_argument("--engine", default="selfsup", help="the engine to test (selfsup, diffusion, cubic)")
+    parser.add_argument("--device", choices=[d.value for d in Device], default="auto",
+                        help="auto: CUDA when there is one, else the CPU")
     parser.add_argument("--max-slices", type=int, default=0, help="central slices only (0: all)")
     parser.add_argument("--crop", type=int, default=0, help="central N x N in-plane window (0: whole matrix)")
     parser.add_argument("--truth", type=Path, default=None, help="thin series: compare a real thick SERIES to it")
-    parser.add_argument("--json", type=Path, required=True, help="where to write the figures")
+    parser.add_argument("--json", type=Path, required=True,
+                        help="where to write the figures (the PNG goes beside it, same name)")
     parser.add_argument("--fast", action="store_true", help="engine fast mode (no per-series fine-tuning)")
-    parser.add_argument("--finetune-steps", type=int, default=EngineOptions.finetune_steps)
-    parser.add_argument("--in-plane-finetune-steps", type=int, default=EngineOptions.in_plane_finetune_steps)
-    parser.add_argument("--tta-passes", type=int, default=EngineOptions.tta_passes)
+    parser.add_argument("--finetune-steps", type=int, default=EngineOptions.finetune_steps,
+                        help="through-plane fine-tuning steps on the series' own pairs")
+    parser.add_argument("--in-plane-finetune-steps", type=int, default=EngineOptions.in_plane_finetune_steps,
+                        help="in-plane fine-tuning steps")
+    parser.add_argument("--tta-passes", type=int, default=EngineOptions.tta_passes,
+                        help="network passes over flipped / transposed copies, averaged (their spread feeds sigma)")
     parser.add_argument("--weights", default="", help="prior weights (default: models/weights/prior.pt)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (pairs, fine-tuning)")
     parser.add_argument("--profile", choices=[p.value for p in ThickProfile], default=DEFAULT_PROFILE.value,
-                        help="how the simulated thick slices are made (through-plane without --truth; see "
-                             "ThickProfile: 'discrete' is the engine's own operator, an inverse crime)")
+                        help="how the simulated thick slices are made from the thin ones (--axis through without "
+                             "--truth): " + "; ".join(f"{k.value}: {v}" for k, v in PROFILE_HELP.items()))
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar (there is none either when stderr is not a terminal)")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,30 @@ def test_eval_against_real_thin_truth(tmp_path: Path) -> None:
     assert doc["truth"] == thin.name and doc["input_shape"] == [4, 48, 48]
     assert doc["compared_shape"][0] == 16  # (4 - 1) * 5 + 1 output slices, each at a thin slice position
     assert KEYS <= set(doc["engine"])
+
+
+def test_eval_help_explains_every_option_and_its_default() -> None:
+    """``srnode eval -h``: --axis and --factor had no help, no default was shown and --profile said "see
+    ThickProfile" (a class name) (helper user19)."""
+    proc = subprocess.run([sys.executable, "-m", "node.app.cli", "eval", "-h"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "COLUMNS": "400"})
+    assert proc.returncode == 0, proc.stderr
+    groups: dict[str, str] = {}  # option -> its help, wrapping undone
+    name = ""
+    for ln in proc.stdout.splitlines():
+        if ln.startswith("  -"):
+            name = ln.split()[0].rstrip(",")
+        if name:
+            groups[name] = groups.get(name, "") + " " + " ".join(ln.split())
+    text = " ".join(proc.stdout.split())
+
+    def option(opt: str) -> str:
+        return groups[opt.split()[0]]
+
+    assert "coarser in-plane matrix" in option("--axis {through,in}") and "(default: through)" in option("--axis {through,in}")
+    assert "the factor f" in option("--factor FACTOR") and "(default: 2)" in option("--factor FACTOR")
+    assert "(default: 0)" in option("--seed SEED") and "(default: None)" not in text
+    profile = option("--profile {discrete,box-fine,gaussian,trapezoid,decimate}")
+    for words in ("trapezoid: a trapezoid slice profile", "discrete: the engine's own operator", "decimate: every"):
+        assert words in profile, profile
+    assert "ThickProfile" not in text
