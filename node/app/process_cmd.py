@@ -230,6 +230,8 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
             res.report["incomplete"] = incomplete
             log.warning("series %s: %s", uid, incomplete)
         summary = res.report.get("summary", {})
+        if incomplete and summary:  # the summary says it too: a derived series made from part of its series
+            summary = {**summary, "incomplete": incomplete, "line": f"{summary['line']}; INCOMPLETE input"}
         _write_report(dest, {"summary": summary, "series": uid, "files": names, "rule": rule.name,
                              "report": {k: v for k, v in res.report.items() if k != "summary"}})
         preview = ""

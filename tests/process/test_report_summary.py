@@ -81,3 +81,19 @@ def test_the_summary_of_a_fallback_says_so_with_the_reason_and_the_measured_gain
     assert s["engine"] == "selfsup" and s["made_by"] == "cubic" and s["fallback"] is True
     assert "internal gain" in s["fallback_reason"] and isinstance(s["gain_over_cubic_db"], float)
     assert "FELL BACK to cubic" in s["line"] and f"summary: {s['line']}" in stdout
+
+
+def test_the_summary_of_an_incomplete_series_says_so(tmp_path: Path) -> None:
+    """A series holding fewer instances than its images declare: the summary carries ``incomplete`` too."""
+    from tests.process.test_declared_size import _declared
+
+    files = _declared(tmp_path)
+    files[7].unlink()
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "node.app.cli", "process", str(files[0].parent), str(out), "--engine",
+                        "cubic", "--no-preview", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (report,) = out.glob("*/report.json")
+    s = json.loads(report.read_text())["summary"]
+    assert "made from 7 of the 8 instance(s)" in s["incomplete"] and s["line"].endswith("; INCOMPLETE input")
+    assert f"summary: {s['line']}" in r.stdout
