@@ -11,6 +11,7 @@ torch + numpy only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -49,35 +50,49 @@ def psnr(pred: np.ndarray, truth: np.ndarray, drange: float, mask: np.ndarray | 
     return float("inf") if mse == 0 else 10 * math.log10(drange**2 / mse)
 
 
-def ssim(pred: np.ndarray, truth: np.ndarray, drange: float, mask: np.ndarray | None = None) -> float:
-    """Mean SSIM (Gaussian window sigma 1.5, 11 x 11, per axial slice) over the mask."""
-    g = torch.exp(-((torch.arange(11, dtype=torch.float64) - 5) ** 2) / (2 * 1.5**2))
+def _blur11(t: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """(Z, Y, X) float64 filtered along Y then X with the 11-tap window ``g`` (edges mirrored, as torch's
+    "reflect" pad): sums of shifted views, 4-7x faster than float64 conv2d on the CPU and equal to it."""
+    r = g.size // 2
+    p = np.pad(t, ((0, 0), (r, r), (r, r)), mode="reflect")
+    y = np.zeros((t.shape[0], t.shape[1], p.shape[2]))
+    for k in range(g.size):
+        y += g[k] * p[:, k : k + t.shape[1], :]
+    out = np.zeros(t.shape)
+    for k in range(g.size):
+        out += g[k] * y[:, :, k : k + t.shape[2]]
+    return out
+
+
+def ssim(pred: np.ndarray, truth: np.ndarray, drange: float, mask: np.ndarray | None = None,
+         progress: Callable[[int, int], None] | None = None) -> float:
+    """Mean SSIM (Gaussian window sigma 1.5, 11 x 11, per axial slice) over the mask. ``progress(done, total)``
+    after each block of 16 slices (a 136 x 512 x 512 comparison takes tens of seconds)."""
+    g = np.exp(-((np.arange(11, dtype=np.float64) - 5) ** 2) / (2 * 1.5**2))
     g = g / g.sum()
-    wy, wx = g.view(1, 1, 11, 1), g.view(1, 1, 1, 11)  # separable window
     c1, c2 = (0.01 * drange) ** 2, (0.03 * drange) ** 2
     total, count = 0.0, 0
     for z0 in range(0, pred.shape[0], 16):
-        a = torch.from_numpy(np.asarray(pred[z0 : z0 + 16], dtype=np.float64))[:, None]
-        b = torch.from_numpy(np.asarray(truth[z0 : z0 + 16], dtype=np.float64))[:, None]
-
-        def blur(t: torch.Tensor) -> torch.Tensor:
-            return F.conv2d(F.conv2d(F.pad(t, (5, 5, 5, 5), mode="reflect"), wy), wx)
-
-        ma, mb = blur(a), blur(b)
-        va, vb, cov = blur(a * a) - ma**2, blur(b * b) - mb**2, blur(a * b) - ma * mb
-        s = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
-        s_np = s[:, 0].numpy()
+        a = np.asarray(pred[z0 : z0 + 16], dtype=np.float64)
+        b = np.asarray(truth[z0 : z0 + 16], dtype=np.float64)
+        ma, mb = _blur11(a, g), _blur11(b, g)
+        va, vb, cov = _blur11(a * a, g) - ma**2, _blur11(b * b, g) - mb**2, _blur11(a * b, g) - ma * mb
+        s_np = ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma**2 + mb**2 + c1) * (va + vb + c2))
         m = mask[z0 : z0 + 16] if mask is not None else np.ones(s_np.shape, bool)
         total += float(s_np[m].sum())
         count += int(m.sum())
+        if progress is not None:
+            progress(min(z0 + 16, pred.shape[0]), pred.shape[0])
     return total / max(count, 1)
 
 
-def fidelity(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, drange: float) -> dict[str, float]:
+def fidelity(pred: np.ndarray, truth: np.ndarray, mask: np.ndarray, drange: float,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """PSNR (dB), SSIM, mean |error| and mean error (data units) over ``mask``; ``progress`` as ``ssim``'s."""
     err = (pred.astype(np.float64) - truth)[mask]
     return {
         "psnr_db": round(psnr(pred, truth, drange, mask), 3),
-        "ssim": round(ssim(pred, truth, drange, mask), 4),
+        "ssim": round(ssim(pred, truth, drange, mask, progress), 4),
         "hu_mae": round(float(np.mean(np.abs(err))) if err.size else 0.0, 3),
         "hu_bias": round(float(np.mean(err)) if err.size else 0.0, 3),
     }
@@ -162,5 +177,6 @@ def summary(doc: dict[str, Any]) -> str:
         f"{u.get('spearman', 0):.3f} (local-error oracle {u.get('spearman_local_oracle', 0):.3f}), coverage95 "
         f"{u.get('coverage_95', 0):.3f}, width95 {u.get('width_95', 0):.4g}, AUSE ratio "
         f"{u.get('ause_ratio', float('nan')):.3f}; "
-        f"{doc.get('seconds', 0):.1f} s"
+        + (f"engine {doc['engine_seconds']:.1f} s, whole run {doc['wall_seconds']:.1f} s"
+           if "wall_seconds" in doc else f"{doc.get('seconds', 0):.1f} s")
     )

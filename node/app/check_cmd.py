@@ -50,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 
 from node.app.check_read import (
     IOP_TOL,
@@ -66,7 +67,9 @@ from node.app.check_read import (
     read_outputs,
     real_world_lines,
 )
+from node.dicom_read import read_dicom
 from node.errors import VolumeError
+from node.own import own_output_marker
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -455,12 +458,38 @@ def _check_declared(inputs: list[InImage], reports: dict[str, str], result: Chec
                                      "series was made from part of it")
 
 
+def _only_derived(folder: Path) -> str:
+    """The marker that srnode made every DICOM file under ``folder`` (``node.own``: the first of them), "" when
+    one is not srnode's or there is none. Stops at the first file that is not srnode's (an input folder: one
+    header read)."""
+    marker = ""
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or p.name.startswith(".") or p.name == "report.json":
+            continue
+        try:
+            ds = read_dicom(p, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError):  # not DICOM (preview.png)
+            continue
+        if "SeriesInstanceUID" not in ds:
+            continue
+        found = own_output_marker(ds)
+        if not found:
+            return ""
+        marker = marker or found
+    return marker
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``srnode check``: one line per derived series and a summary; 0 when everything holds, else 1.
     VolumeError (one line, exit 1) when IN_DIR or OUT_DIR does not exist."""
     for what, path in (("IN_DIR", Path(args.in_dir)), ("OUT_DIR", Path(args.out_dir))):
         if not path.exists():
             raise VolumeError(f"{path}: {what} does not exist")
+    # the folders swapped (OUTPUT INPUT): the derived objects were read as inputs, "55 image(s) in no derived
+    # series" counting one Parametric Map's frames
+    if marker := _only_derived(Path(args.in_dir)):
+        raise VolumeError(f"{args.in_dir}: the first folder holds derived objects only (made by srnode: {marker}): "
+                          f"check takes INPUT then OUTPUT: srnode check IN_DIR OUT_DIR")
     result = check_folders(Path(args.in_dir), Path(args.out_dir), not args.no_dciodvfy, args.value_tol)
     for ln in result.lines():
         print(ln)

@@ -3,7 +3,8 @@
 Three rows of panels, the acquisition plane first, then the two orthogonal planes (``node.app.preview_planes``:
 oriented as viewers show them, letters on the edges, square millimetre pixels), and three columns: original,
 derived, uncertainty (sigma, from the Parametric Map: ``load_sigma``). Original and derived share the source series' own window (median over its slices,
-``node.series.series_window``), else its 1st..99th percentile, stated in each grey panel; a MONOCHROME1 source is
+``node.series.series_window``) when it holds a third of the body's voxels, else its 1st..99th percentile, stated in
+each grey panel; sigma runs 0 to its 99th percentile, as the map's own window (``display_max``); a MONOCHROME1 source is
 shown as a viewer shows it (lowest value white). Sigma has a colour map and a colour bar in the modality's units
 (HU for CT). The title names the derived series, the engine and the factors as the derived objects record them.
 The PNG's text chunks hold the panel boxes (``srnode-panels``, JSON) for tests and tools.
@@ -23,7 +24,7 @@ import pydicom
 from node.app.preview_panels import Panel, draw_figure
 from node.app.preview_planes import PLANES, acquisition_plane, cut, shown_spacing, volume_centre
 from node.derived.modules import PARAMETRIC_MAP_STORAGE
-from node.derived.uncertainty import units
+from node.derived.uncertainty import display_max, units
 from node.errors import VolumeError
 from node.series import SeriesVolume, load_series, load_volumes, series_photometric, series_window
 
@@ -32,15 +33,36 @@ log = logging.getLogger(__name__)
 DISPLAY_PX = 500  # pixels across the longer side of a cut, at least (resampled linearly, as viewers do)
 
 
+# the series' own window is used when at least this share of the body's voxels lie inside it: a brain window
+# (W80 L40) holds 58 % of the real GE head CT's body voxels, but 8 % of the plastic head phantom's (all white)
+MIN_BODY_IN_WINDOW = 1 / 3
+
+
+def _body(data: np.ndarray, modality: str) -> np.ndarray:
+    """The body's voxels (every 2nd slice, 4th row and column): CT above -500 HU, else above 10 % of the 99th
+    percentile (as ``models.evaluate.body_mask``, without its filling)."""
+    sub = data[::2, ::4, ::4]
+    cut = -500.0 if modality.upper() == "CT" else 0.1 * float(np.percentile(sub, 99))
+    return sub[sub > cut]
+
+
 def window(vol: SeriesVolume) -> tuple[float, float, str]:
-    """(lowest, highest) modality value of the grey ramp and where it comes from: the series' first window
-    (median over its slices), else its 1st..99th percentile."""
+    """(lowest, highest) modality value of the grey ramp and where it comes from, said in the panels: the
+    series' first window (median over its slices) when it holds at least ``MIN_BODY_IN_WINDOW`` of the body's
+    voxels, else the volume's 1st..99th percentile (naming the series window it replaces and its share)."""
     win = series_window(vol)
     if win is not None:
         c, w = win[0][0], win[1][0]
-        return c - w / 2, c + w / 2, "series window"
+        lo, hi = c - w / 2, c + w / 2
+        body = _body(vol.data, vol.modality)
+        share = float(np.mean((body >= lo) & (body <= hi))) if body.size else 1.0
+        if share >= MIN_BODY_IN_WINDOW:
+            return lo, hi, "series window"
+        note = f" (series window W{w:g} L{c:g} holds {share:.0%} of the body)"
+    else:
+        note = ""
     lo, hi = np.percentile(vol.data, [1, 99])
-    return float(lo), float(max(hi, lo + 1)), "1st-99th percentile"
+    return float(lo), float(max(hi, lo + 1)), "1st-99th percentile" + note
 
 
 def _groups(paths: Sequence[Path]) -> list[tuple[str, list[Path]]]:
@@ -135,10 +157,9 @@ def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty
         sig_files = list(uncertainty)
     sig = load_sigma(sig_files, der)
     made = derivation(der, orig)
-    smax = float(np.percentile(sig.data[::2, ::2, ::2], 99.5)) if sig is not None else 0.0
-    if sig is not None and smax <= 0:
-        smax = float(np.max(sig.data))
-    has_sigma = sig is not None and smax > 0
+    has_sigma = sig is not None and float(np.max(sig.data)) > 0  # all zero: "no uncertainty", no flat map
+    # the map's own window (its WindowWidth, node.derived.uncertainty): 0 to sigma's 99th percentile
+    smax = display_max(sig.data) if sig is not None and has_sigma else 0.0
 
     # the cut point: the middle of the derived volume, moved onto the original slice nearest it
     point = volume_centre(der)
@@ -177,7 +198,7 @@ def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty
     no_sigma = "" if has_sigma else f"no uncertainty (engine {made['engine']})"
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    legend = f"\u03c3 ({units_long}), 0 to its 99.5th percentile; bright = engine unsure"
+    legend = f"\u03c3 ({units_long}), 0 to its 99th percentile; bright = engine unsure"
     if der.shape[0] > orig.shape[0]:  # new slices between acquired ones: calibrated per slice phase
         legend += "; new slices are less sure than acquired ones (stripes in reformats)"
     draw_figure(rows, title, legend, no_sigma, png, dpi)

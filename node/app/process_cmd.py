@@ -229,7 +229,11 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
             res.report["declared"] = {"instances": declared, "by": HEADER_DECLARED, "missing": declared - distinct}
             res.report["incomplete"] = incomplete
             log.warning("series %s: %s", uid, incomplete)
-        _write_report(dest, {"series": uid, "files": names, "rule": rule.name, "report": res.report})
+        summary = res.report.get("summary", {})
+        if incomplete and summary:  # the summary says it too: a derived series made from part of its series
+            summary = {**summary, "incomplete": incomplete, "line": f"{summary['line']}; INCOMPLETE input"}
+        _write_report(dest, {"summary": summary, "series": uid, "files": names, "rule": rule.name,
+                             "report": {k: v for k, v in res.report.items() if k != "summary"}})
         preview = ""
         if not args.no_preview:
             preview = _write_preview(files, res, dest)
@@ -242,6 +246,8 @@ def _process(cfg: Config, groups: dict[SeriesKey, list[Path]], headers: dict[Ser
               f"{res.report.get('seconds', 0):.1f} s){preview}")
         if incomplete:
             print(f"{label}: INCOMPLETE: {incomplete}")
+        if summary.get("line"):  # the short answer (docs/commands.md "report.json")
+            print(f"    summary: {summary['line']}")
         for line in res.left_out_lines():
             print(f"{label}: NOT IN ANY DERIVED SERIES: {line}")
         for why in res.report.get("refused", []):  # volumes of the series that could not be super-resolved

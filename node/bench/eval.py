@@ -8,7 +8,8 @@ truth. With ``--truth THIN_DIR``: SERIES_DIR is a real thick series and the outp
 thin slices at matching patient positions (along the slice normal). ``--max-slices`` / ``--crop`` take a central
 sub-volume. Writes OUT.json (engine/cubic/linear: psnr_db, ssim, hu_mae, hu_bias; uncertainty: spearman,
 spearman_local_oracle, coverage_95, width_95 (mean 2 x 1.96 sigma), scale_to_95, per slice phase for
-through-plane, ause_ratio; seconds) and a PNG panel beside it; prints a one-line summary.
+through-plane, ause_ratio; engine_seconds: the engine alone (also as ``seconds``, for older readers),
+wall_seconds: the whole command but the picture) and a PNG panel beside it; prints a one-line summary.
 SERIES_DIR may also be a ``.npz`` (data int16/float, spacing, thickness, modality, value_range, positions,
 normal; optional row_cosine, col_cosine) for machines without the DICOM stack.
 """
@@ -196,28 +197,56 @@ def match_truth(thick: Loaded, thin: Loaded, f: int) -> tuple[np.ndarray, np.nda
     return np.nonzero(ok)[0], j[ok]
 
 
+def shown_plane(axis: str, directions: np.ndarray | None) -> tuple[str, str, str]:
+    """(plane, down, right) of the picture's cut: the anatomical plane nearest to it ("axial", "coronal",
+    "sagittal"; "oblique, nearest axial" when its normal is over ~26 degrees off every patient axis) and the
+    orientation letters of the image's downward and rightward directions ("" without ``directions``).
+
+    The cut holds array axes (0, 2) for ``axis`` "through" (the slice axis down, columns right) and (1, 2) for
+    "in" (rows down, columns right); ``directions`` (3, 3): row ``a`` the patient direction (LPS) of increasing
+    index along array axis ``a`` (the slice normal, IOP[3:6], IOP[0:3]). Without it the plane is named as for an
+    axial acquisition, with "(orientation unknown)"."""
+    from node.app.preview_planes import PLANE_OF_AXIS, orientation_letters
+
+    perp, down = (1, 0) if axis == "through" else (0, 1)
+    if directions is None:
+        return ("coronal (orientation unknown)" if axis == "through" else "axial (orientation unknown)"), "", ""
+    d = np.asarray(directions, dtype=np.float64)
+    d = d / np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-12)
+    n = np.abs(d[perp])
+    plane = PLANE_OF_AXIS[int(n.argmax())]
+    if float(n.max()) < 0.9:
+        plane = f"oblique, nearest {plane}"
+    return plane, orientation_letters(d[down]), orientation_letters(d[2])
+
+
 def panel(path: Path, truth: np.ndarray, outs: dict[str, np.ndarray], sigma: np.ndarray, axis: str,
-          spacing: tuple[float, float, float], doc: dict[str, Any]) -> None:
-    """PNG of five labelled panels on the central coronal (``axis`` "through") or axial ("in") slice of the compared
-    grid: truth | cubic | engine, on the truth's 1st..99th percentile; |engine - truth| and 1.96 sigma (the 95 %
-    half-width) on one colour scale, 0 to the error's 99.5th percentile, with a colour bar in modality units.
-    ``spacing`` (dz, dy, dx) mm of ``truth``, so that pixels are shown square in millimetres; ``doc`` gives each
-    title its figures (body-masked PSNR, coverage). matplotlib's object API on the Agg canvas (no display).
+          spacing: tuple[float, float, float], doc: dict[str, Any], directions: np.ndarray | None = None) -> str:
+    """PNG of five labelled panels of one size on the central cut of the compared grid holding the slice axis
+    (``axis`` "through") or the acquired plane ("in"): truth | cubic | engine, on the truth's 1st..99th percentile;
+    |engine - truth| and 1.96 sigma (the 95 % half-width) on one colour scale, 0 to the error's 99.5th percentile,
+    with a colour bar in modality units. ``spacing`` (dz, dy, dx) mm of ``truth``: pixels are shown square in
+    millimetres, with a millimetre scale bar; ``directions`` (``shown_plane``) names the plane from the patient
+    axes and puts orientation letters on the first panel's edges. ``doc`` gives each title its figures
+    (body-masked PSNR, coverage). matplotlib's object API on the Agg canvas (no display). Returns the title.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
+    from node.app.preview_planes import orientation_letters
 
     def cut(a: np.ndarray) -> np.ndarray:
         return a[:, a.shape[1] // 2, :] if axis == "through" else a[a.shape[0] // 2]
 
     dz, dy, dx = spacing
-    aspect = dz / dx if axis == "through" else dy / dx  # rows' mm over columns' mm
+    dv = dz if axis == "through" else dy  # mm down the image (columns: dx)
     lo, hi = np.percentile(cut(truth), [1, 99])
     err = np.abs(cut(outs["engine"]) - cut(truth))
     emax = max(float(np.percentile(err, 99.5)), 1e-6)
     eng, cub = doc.get("engine", {}), doc.get("cubic", {})
     unc = doc.get("uncertainty", {}) or {}
     name = doc.get("engine_name", "engine") + (f" (fallback: {doc['fallback']})" if doc.get("fallback") else "")
+    plane, down, right = shown_plane(axis, directions)
 
     def db(d: dict[str, Any]) -> str:
         return f"{d['psnr_db']:.2f} dB" if "psnr_db" in d else ""
@@ -226,31 +255,49 @@ def panel(path: Path, truth: np.ndarray, outs: dict[str, np.ndarray], sigma: np.
              (cut(outs["engine"]), f"{name}  {db(eng)}", "grey"), (err, "|engine \u2212 truth|", "err"),
              (cut(sigma) * 1.96, "1.96 \u03c3" + (f"  (coverage {unc['coverage_95']:.3f})"
                                                  if "coverage_95" in unc else ""), "err")]
-    fig = Figure(figsize=(3.2 * len(tiles), 3.6), dpi=100)
+    fig = Figure(figsize=(3.2 * len(tiles) + 0.9, 3.9), dpi=100)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(tiles))
+    grid = fig.add_gridspec(1, len(tiles) + 1, width_ratios=[1.0] * len(tiles) + [0.06], wspace=0.08)
+    axes = [fig.add_subplot(grid[0, k]) for k in range(len(tiles))]  # one size each: the colour bar has its own
     shown = None
+    h, w = tiles[0][0].shape
+    extent = (0.0, w * dx, h * dv, 0.0)  # millimetres: square pixels, and the scale bar in mm
     for ax, (img, title, kind) in zip(axes, tiles, strict=True):
         if kind == "grey":
-            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, aspect=aspect, interpolation="nearest")
+            ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, extent=extent, interpolation="nearest")
         else:
-            shown = ax.imshow(img, cmap="magma", vmin=0.0, vmax=emax, aspect=aspect, interpolation="nearest")
+            shown = ax.imshow(img, cmap="magma", vmin=0.0, vmax=emax, extent=extent, interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+    width_mm = w * dx
+    bar = max([n for n in (5, 10, 20, 25, 50, 100, 200) if n <= width_mm / 4] or [width_mm / 4])
+    ax0 = axes[0]
+    y = h * dv * 0.94
+    ax0.plot([width_mm * 0.96 - bar, width_mm * 0.96], [y, y], color="yellow", lw=2.5, solid_capstyle="butt")
+    ax0.text(width_mm * 0.96 - bar / 2, y - 0.02 * h * dv, f"{bar:g} mm", color="yellow", fontsize=8,
+             ha="center", va="bottom")
+    if right and directions is not None:  # letters of the edges: up / down, left / right
+        d = np.asarray(directions, dtype=np.float64)
+        up, left = orientation_letters(-d[0 if axis == "through" else 1]), orientation_letters(-d[2])
+        for text, xy, ha, va in ((up, (0.5, 0.98), "center", "top"), (down, (0.5, 0.02), "center", "bottom"),
+                                 (left, (0.02, 0.5), "left", "center"), (right, (0.98, 0.5), "right", "center")):
+            ax0.text(*xy, text, transform=ax0.transAxes, color="yellow", fontsize=9, ha=ha, va=va)
     if shown is not None:
-        fig.colorbar(shown, ax=list(axes[3:]), fraction=0.04, pad=0.02, label="modality units (HU for CT)")
-    plane = "central coronal slice" if axis == "through" else "central axial slice"
-    fig.suptitle(f"srnode eval: {doc.get('series', '')} {axis}-plane x{doc.get('factor', '')}, {plane}; grey "
-                 f"{lo:.4g} to {hi:.4g} (truth's 1st-99th percentile)", fontsize=10)
+        fig.colorbar(shown, cax=fig.add_subplot(grid[0, len(tiles)]), label="modality units (HU for CT)")
+    title = (f"srnode eval: {doc.get('series', '')} {axis}-plane x{doc.get('factor', '')}, central {plane} "
+             f"slice; grey {lo:.4g} to {hi:.4g} (truth's 1st-99th percentile)")
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path)
+    return title
 
 
 def evaluate(lr_in: VolumeInput, truth: np.ndarray, factors: Factors, options: EngineOptions, engine: str,
              out_idx: np.ndarray | None = None, stage: Callable[[str], None] | None = None,
              engine_progress: Progress | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
     """Run engine, cubic and linear on ``lr_in``; compare with ``truth`` (rows ``out_idx`` of the output).
-    ``stage`` gets the name of each of the three stages as it starts, ``engine_progress`` the engine's own.
+    ``stage`` gets the name of each of the four stages (engine, baselines, metrics, uncertainty) as it starts,
+    ``engine_progress`` the engine's own and the metrics' SSIM slices.
 
     Returns (figures, outputs by method, sigma); the outputs and sigma have ``truth``'s shape. EngineError
     when the engine refuses the input.
@@ -258,7 +305,7 @@ def evaluate(lr_in: VolumeInput, truth: np.ndarray, factors: Factors, options: E
     from models.evaluate import body_mask, data_range, fidelity, uncertainty
 
     say = stage or (lambda _name: None)
-    log.info("[1/3] engine %s on %s input (factors %s)", engine, lr_in.data.shape, factors)
+    log.info("[1/4] engine %s on %s input (factors %s)", engine, lr_in.data.shape, factors)
     say(f"engine {engine}")
     t0 = time.perf_counter()
     try:
@@ -266,7 +313,7 @@ def evaluate(lr_in: VolumeInput, truth: np.ndarray, factors: Factors, options: E
     except (ValueError, ModelsEngineError) as exc:
         raise EngineError(str(exc)) from exc
     seconds = time.perf_counter() - t0
-    log.info("[2/3] baselines (cubic, linear)")
+    log.info("[2/4] baselines (cubic, linear)")
     say("baselines")
     outs = {"engine": res.data, "cubic": get_engine("cubic").upscale(lr_in, factors).data,
             "linear": linear_upsample(lr_in.data, factors)}
@@ -274,46 +321,87 @@ def evaluate(lr_in: VolumeInput, truth: np.ndarray, factors: Factors, options: E
     if out_idx is not None:
         outs = {k: v[out_idx] for k, v in outs.items()}
         sigma = sigma[out_idx]
-    log.info("[3/3] metrics on %s voxels", truth.shape)
+    log.info("[3/4] metrics on %s voxels", truth.shape)
     say("metrics")
     mask = body_mask(truth, lr_in.modality)
     drange = data_range(truth)
-    doc: dict[str, Any] = {k: fidelity(v, truth, mask, drange) for k, v in outs.items()}
+    doc: dict[str, Any] = {}
+    for k, v in outs.items():  # SSIM's slices shown under the stage bar (the longest part of the metrics)
+        tick = (lambda done, total, k=k: engine_progress(f"SSIM {k}", done, total)) if engine_progress else None
+        doc[k] = fidelity(v, truth, mask, drange, tick)
+    log.info("[4/4] uncertainty")
+    say("uncertainty")
     f = factors.through_plane
     rows = out_idx if out_idx is not None else np.arange(truth.shape[0])
     phase = rows % f if f > 1 and factors.in_plane == 1 else None  # 0: the acquired slice positions
     doc["uncertainty"] = uncertainty(sigma, outs["engine"], truth, mask, phase=phase)
-    doc.update({"seconds": round(seconds, 2), "engine_name": res.engine, "fallback": res.fallback,
+    # "seconds" (kept for older readers) is the engine's alone, as "engine_seconds"; "wall_seconds" (set by
+    # ``run``) is the whole command: reading, simulating, engine, baselines, metrics (not the picture)
+    doc.update({"seconds": round(seconds, 2), "engine_seconds": round(seconds, 2), "engine_name": res.engine,
+                "fallback": res.fallback,
                 "report": res.report, "data_range": drange, "mask_fraction": round(float(mask.mean()), 4)})
     return doc, outs, sigma
 
 
+PROFILE_HELP = {
+    ThickProfile.TRAPEZOID: "a trapezoid slice profile of FWHM f x the thickness (ramps of half the FWHM): the "
+                            "closest to real 5 mm CT slices made from 1 mm ones; the default",
+    ThickProfile.DISCRETE: "the engine's own operator (a box over the thin slices' bins): an inverse crime that "
+                           "flatters the engine; the older figures in docs/benchmarks.md",
+    ThickProfile.BOX_FINE: "a box of FWHM f x the thickness over the thin slices' spline",
+    ThickProfile.GAUSSIAN: "a Gaussian of that FWHM",
+    ThickProfile.DECIMATE: "every f-th thin slice as it is (a gap acquisition: no blur)",
+}
+
+
+class _ShowDefaults(argparse.HelpFormatter):
+    """Help lines end with "(default: X)" where there is a default to show (not None, False or "")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is False or d == "" or d == argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add ``srnode eval`` options to ``parser``."""
+    """Add ``srnode eval`` options to ``parser`` (its help shows every default)."""
+    parser.formatter_class = _ShowDefaults
     parser.add_argument("series", type=Path, help="series folder (the truth, or the thick series with --truth)")
-    parser.add_argument("--axis", choices=["through", "in"], default="through")
-    parser.add_argument("--factor", type=int, default=2)
-    parser.add_argument("--engine", default="selfsup")
-    parser.add_argument("--device", choices=[d.value for d in Device], default="auto")
+    parser.add_argument("--axis", choices=["through", "in"], default="through",
+                        help="through: thicker slices (fewer along the slice normal); in: a coarser in-plane matrix "
+                             "(f x f block means)")
+    parser.add_argument("--factor", type=int, default=2,
+                        help="the factor f: simulated input f times coarser along --axis, the engine upscales x f "
+                             "(with --truth: the thick series' step over the thin one's)")
+    parser.add_argument("--engine", default="selfsup", help="the engine to test (selfsup, diffusion, cubic)")
+    parser.add_argument("--device", choices=[d.value for d in Device], default="auto",
+                        help="auto: CUDA when there is one, else the CPU")
     parser.add_argument("--max-slices", type=int, default=0, help="central slices only (0: all)")
     parser.add_argument("--crop", type=int, default=0, help="central N x N in-plane window (0: whole matrix)")
     parser.add_argument("--truth", type=Path, default=None, help="thin series: compare a real thick SERIES to it")
-    parser.add_argument("--json", type=Path, required=True, help="where to write the figures")
+    parser.add_argument("--json", type=Path, required=True,
+                        help="where to write the figures (the PNG goes beside it, same name)")
     parser.add_argument("--fast", action="store_true", help="engine fast mode (no per-series fine-tuning)")
-    parser.add_argument("--finetune-steps", type=int, default=EngineOptions.finetune_steps)
-    parser.add_argument("--in-plane-finetune-steps", type=int, default=EngineOptions.in_plane_finetune_steps)
-    parser.add_argument("--tta-passes", type=int, default=EngineOptions.tta_passes)
+    parser.add_argument("--finetune-steps", type=int, default=EngineOptions.finetune_steps,
+                        help="through-plane fine-tuning steps on the series' own pairs")
+    parser.add_argument("--in-plane-finetune-steps", type=int, default=EngineOptions.in_plane_finetune_steps,
+                        help="in-plane fine-tuning steps")
+    parser.add_argument("--tta-passes", type=int, default=EngineOptions.tta_passes,
+                        help="network passes over flipped / transposed copies, averaged (their spread feeds sigma)")
     parser.add_argument("--weights", default="", help="prior weights (default: models/weights/prior.pt)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random seed (pairs, fine-tuning)")
     parser.add_argument("--profile", choices=[p.value for p in ThickProfile], default=DEFAULT_PROFILE.value,
-                        help="how the simulated thick slices are made (through-plane without --truth; see "
-                             "ThickProfile: 'discrete' is the engine's own operator, an inverse crime)")
+                        help="how the simulated thick slices are made from the thin ones (--axis through without "
+                             "--truth): " + "; ".join(f"{k.value}: {v}" for k, v in PROFILE_HELP.items()))
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bar (there is none either when stderr is not a terminal)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``srnode eval``; returns the exit code. Raises VolumeError or EngineError (see above)."""
+    t_start = time.perf_counter()
     options = EngineOptions(device=Device(args.device), fast=args.fast, finetune_steps=args.finetune_steps,
                             in_plane_finetune_steps=args.in_plane_finetune_steps,
                             tta_passes=args.tta_passes, weights=args.weights, seed=args.seed)
@@ -331,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
     from node.app.progress import StageBar, logs_through_bars, wanted
 
     bars = wanted(getattr(args, "quiet", False))
-    with logs_through_bars(bars), StageBar(f"eval {series.name} {args.axis} x{args.factor}", 3, bars) as bar:
+    with logs_through_bars(bars), StageBar(f"eval {series.name} {args.axis} x{args.factor}", 4, bars) as bar:
         doc, outs, sigma = evaluate(lr_in, truth, factors, options, args.engine, out_idx, bar.stage,
                                     bar.engine if bars else None)
     doc.update({"series": series.name, "truth": args.truth.name if args.truth else "simulated", "axis": args.axis,
@@ -339,10 +427,13 @@ def run(args: argparse.Namespace) -> int:
                 "device": args.device, "fast": args.fast,
                 "thick_profile": "real" if args.truth is not None else
                 (args.profile if args.axis == "through" else "block-mean")})
+    doc["wall_seconds"] = round(time.perf_counter() - t_start, 2)  # all but the picture, drawn after the JSON
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2, default=float) + "\n")
     truth_spacing = thin.vin.spacing if args.truth is not None else series.vin.spacing
-    panel(args.json.with_suffix(".png"), truth, outs, sigma, args.axis, truth_spacing, doc)
+    geo = thin if args.truth is not None else series  # the compared grid: the truth's slices and cosines
+    directions = np.stack([geo.normal, geo.col_cosine, geo.row_cosine])
+    panel(args.json.with_suffix(".png"), truth, outs, sigma, args.axis, truth_spacing, doc, directions)
     from models.evaluate import summary
 
     print(f"{series.name} {args.axis} x{args.factor}: " + summary(doc) + (f" [fallback: {doc['fallback']}]"

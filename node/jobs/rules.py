@@ -130,9 +130,10 @@ def match_rule(cfg: Config, header: Dataset, allowed: frozenset[str] | None = No
         if not miss:
             return rule, f"rule {rule.name!r} matched"
         misses.append(f"{rule.name}" + (f" ({rule.description})" if rule.description else "") + f": {miss}")
+    # each rule with the value that failed it first; the series' Modality last, as context (it read as the failing
+    # key when it came first: "no rule matched: Modality 'MR' (ct-mr-thick (...): SliceThickness ...)")
     modality = element_values(header, "Modality")
-    head = f"no rule matched: {_shown('Modality', modality)}"
-    return None, head + " (" + "; ".join(misses) + ")"
+    return None, "no rule matched: " + "; ".join(misses) + f" (the series: {_shown('Modality', modality)})"
 
 
 def _lacks(header: Dataset, keyword: str) -> bool:

@@ -35,6 +35,7 @@ from node.errors import VolumeError
 from node.process.budget import check_series
 from node.process.engines import EngineCache, add_denoise_sigma, denoise_input, run_engine, settings_digest
 from node.process.space import ResultsRoom, failed_write, pixel_bytes, results_bytes
+from node.process.summary import summarize
 from node.series import (
     LeftOut,
     SeriesVolume,
@@ -300,10 +301,13 @@ def process_series(paths: Sequence[Path], rule: RuleConfig, cfg: Config, out_dir
                                "input_slices": list(v.run_slices or (1, v.shape[0], v.shape[0])),
                                "slices_out": len(objs.derived),
                                "spacing_out": [round(s, 6) for s in er.spacing], "engine": er.engine,
+                               "fallback": er.fallback,
                                "engine_seconds": round(t_engine, 3), "engine_report": er.report,
                                "derived_series_uid": objs.derived_series_uid})
     result.derived_series_uid = result.derived_series_uids[0]
     result.uncertainty_series_uid = result.uncertainty_series_uids[0]
     result.fallback = "; ".join(dict.fromkeys(fallbacks))
     report["seconds"] = round(time.perf_counter() - t0, 3)
+    # the short answer first (is it better than cubic, can its sigma be trusted): node.process.summary
+    result.report = {"summary": summarize(report, name, result.fallback), **report}
     return result

@@ -53,3 +53,23 @@ def test_check_reads_a_storescp_folder_whose_files_have_no_dcm_extension(tmp_pat
     # `srnode bench e2e --series` lists a folder the same way (by content)
     (received / "notes.txt").write_text("not DICOM\n")
     assert [p.name for p in dicom_files(received)] == names
+
+
+def test_check_with_its_folders_swapped_says_so(tmp_path: Path) -> None:
+    """``srnode check OUT IN`` read the derived objects as inputs and failed with "55 image(s) in no derived series"
+    (one Parametric Map's frames counted as images; helper user19). Now: one line saying the first folder holds
+    derived objects and that check takes INPUT then OUTPUT, exit 1; the right order still passes."""
+    files = write_phantom_series(tmp_path / "in", slices=8, size=32, step_mm=3.0)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "node.app.cli", "process", str(files[0].parent), str(out),
+                        "--engine", "cubic", "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    swapped = subprocess.run([sys.executable, "-m", "node.app.cli", "check", str(out), str(files[0].parent),
+                              "--no-dciodvfy"], capture_output=True, text=True, timeout=300)
+    assert swapped.returncode == 1
+    said = swapped.stdout + swapped.stderr
+    assert "the first folder holds derived objects only" in said and "check takes INPUT then OUTPUT" in said, said
+    assert "in no derived series" not in said
+    right = subprocess.run([sys.executable, "-m", "node.app.cli", "check", str(files[0].parent), str(out),
+                            "--no-dciodvfy"], capture_output=True, text=True, timeout=300)
+    assert right.returncode == 0, right.stdout + right.stderr

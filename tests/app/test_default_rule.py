@@ -49,8 +49,10 @@ def test_process_leaves_a_thin_mprage_alone_by_default(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "node.app.cli", "process", str(tmp_path), str(tmp_path / "out")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "left alone: no rule matched: Modality 'MR' (ct-mr-thick (thick CT/MR only: SliceThickness 2 mm or " \
-           "more): SliceThickness '0.90000003576279' does not match" in r.stdout, r.stdout
+    # the failing key first, the series' Modality last as context (it read as the failing key first; user19)
+    assert "left alone: no rule matched: ct-mr-thick (thick CT/MR only: SliceThickness 2 mm or more): " \
+           "SliceThickness '0.90000003576279' does not match" in r.stdout, r.stdout
+    assert "(the series: Modality 'MR')" in r.stdout, r.stdout
     assert not list((tmp_path / "out").rglob("*.dcm")), "a thin series left alone must produce no derived object"
 
 

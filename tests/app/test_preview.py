@@ -186,7 +186,10 @@ def test_sigma_gets_a_colour_bar_in_hu(tmp_path: Path) -> None:
     boxes, _, a = _read(write_preview(files, derived_s, with_sigma, tmp_path / "p.png"))
     assert all(b["note"].startswith("\u03c3 0\u2013") and " HU" in b["note"] for b in boxes[2::3])
     top = float(boxes[2]["note"].split("\u2013")[1].split()[0])
-    assert 45 <= top <= 51  # the 99.5th percentile of the ramp, in HU
+    assert 45 <= top <= 51  # the 99th percentile of the ramp, in HU, as the map's own window (not 99.5th)
+    pm = pydicom.dcmread(with_sigma[0], stop_before_pixels=True)
+    voi = pm.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    assert top == pytest.approx(float(voi.WindowWidth), rel=2e-3)  # 3 digits shown  # one sigma range: the preview's and the map's
     x0, y0, x1, y1 = boxes[2]["box"]
     assert a.shape[1] > x1 + 60  # the colour bar's room right of the sigma column
     boxes0, _, a0 = _read(write_preview(files, derived, unc, tmp_path / "p0.png"))
@@ -223,7 +226,12 @@ def test_axial_ct_preview(tmp_path: Path) -> None:
     assert "acquisition plane, slice 14/28" in boxes[0]["title"] and title[2].startswith("original: CT 28\u00d7512\u00d7512")
     assert title[3].startswith("derived:  55\u00d7512\u00d7512, 2.5 mm steps")
     assert 1100 <= a.shape[1] <= 1500 and 900 <= a.shape[0] <= 1700
-    assert boxes[0]["note"].startswith("W 80  L 40")  # the series' own brain window
+    # the series' own brain window (W80 L40) holds 7 % of this plastic phantom's body (all white in it, user19):
+    # the volume's 1st-99th percentile instead, saying which window it replaces and why
+    note = boxes[0]["note"]
+    assert "1st-99th percentile (series window W80 L40 holds 7% of the body)" in note, note
+    w = float(note.split()[1])
+    assert w > 1000  # air to plastic
 
 
 def test_sagittal_mr_preview(tmp_path: Path) -> None:

@@ -95,7 +95,8 @@ def test_process_bad_inputs_give_reasons(tmp_path: Path) -> None:
 
     # the default rules leave a report alone, with the reason
     r = srnode("process", in_dir / "sr", tmp_path / "out2", "--engine", "cubic")
-    assert r.returncode == 0 and "left alone: no rule matched: Modality 'SR'" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "left alone: no rule matched: ct-mr-thick" in r.stdout, r.stdout + r.stderr
+    assert "Modality 'SR' does not match" in r.stdout and "(the series: Modality 'SR')" in r.stdout, r.stdout
 
 
 def test_process_j2k_ct_without_uids_is_refused_with_reason(tmp_path: Path) -> None:
