@@ -11,7 +11,7 @@ a mistake in the pipeline's reading cannot hide itself. Per derived series (one 
   rounded to r = 0.1 or 0.01 mm (the pipeline then takes a regular stack's positions from the line fitted through
   them), on the line fitted the same way instead, within 0.01 mm, provided that fit moves no written position beyond
   its rounding (r/2 x sqrt(3)): a derived position merely near the written ones is no longer accepted (series14);
-- orientation equal to every input image's (``node.series.planes.orientation_gap``: within 0.25 px in-plane,
+- orientation equal to every input image's (``node.series.planes.orientation_gap``: within 0.5 px in-plane,
   0.25 of the slice step through-plane, 0.1 deg), pixel spacing = input spacing / g;
 - modality values at the acquired positions equal to the input (padding excluded; within half a stored step of
   the output, plus float rounding; in-plane factors that put no derived pixel centre on an input one are

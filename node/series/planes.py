@@ -25,9 +25,12 @@ import numpy as np
 
 from node.series.slices import Slice, header_value
 
-# largest in-plane displacement (pixels, at the far corner of the field of view) an orientation difference may cause
-IN_PLANE_PX_TOL = 0.25
-# largest through-plane displacement (fraction of the slice step, where known) an orientation difference may cause
+# largest in-plane displacement (pixels, at the far corner of the field of view) an orientation difference may cause:
+# half a pixel, the house's in-plane tolerance for a slice off the stack line (load._check_stack_line): each pixel
+# stays nearer its own place than its neighbour's (a 512x512 CT of 0.45 mm pixels: 1e-3 rad; 5e-4 moves 0.36 px)
+IN_PLANE_PX_TOL = 0.5
+# largest through-plane displacement (fraction of the slice step, where known) an orientation difference may cause:
+# a quarter step (a 0.5 deg tilt moves the far corner of a 230 mm field 2.8 mm: 0.57 of a 5 mm step)
 THROUGH_STEP_TOL = 0.25
 # hard cap on the angle between the row (or the column) directions (deg): beyond it, another plane whatever the
 # field of view (a stray oblique image of 0.5 deg, a localizer at 90 deg)
