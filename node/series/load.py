@@ -577,7 +577,8 @@ def _set_aside(slices: list[Slice], series_uid: str) -> tuple[list[Slice], list[
                                f"{ref.spacing[0]:.6g}/{ref.spacing[1]:.6g})")
                 gap = slice_gap(ref, s, step)
                 if not gap.same:
-                    why.append(f"orientation {gap.angle_deg:.3g} deg from the others'")
+                    why.append(f"orientation {gap.angle_deg:.3g} deg from the others' (moving its pixels by up to "
+                               f"{gap.in_plane_px:.2g} px in-plane, {gap.through_mm:.2g} mm through-plane)")
                 aside.append((s, f"a stray plane: its {', '.join(why)} differs from the {len(main)} other images "
                                  "of the series; not stacked with them"))
             gone = {id(s) for s in strays}
