@@ -37,11 +37,12 @@ from node.series.levels import level_jumps
 from node.series.mosaic import is_mosaic, split_mosaic, tile_name
 from node.series.pixels import decoded_pixels, modality_values, stored_format
 from node.series.planes import (
-    IOP_TOL,
     SPACING_REL_TOL,
     describe_plane_groups,
-    orientation_difference,
+    mean_orientation,
     plane_groups,
+    slice_gap,
+    slice_step,
 )
 from node.series.realworld import one_mapping
 from node.series.slices import (
@@ -179,8 +180,11 @@ def _note_missing_positions(vols: list[SeriesVolume], series_uid: str) -> None:
 
 def _stack(slices: list[Slice], series_uid: str, name: str, notes_in: list[str]) -> SeriesVolume:
     """One volume from slices of one plane family without repeated positions: sorted, measured, decoded; each
-    slice's header with its record (``node.series.headers``: the file and stamp it can be read again from)."""
-    iop = slices[0].iop
+    slice's header with its record (``node.series.headers``: the file and stamp it can be read again from).
+
+    The volume's orientation is ``mean_orientation`` of its slices' (the first one's when all are equal): slices of
+    one plane family may differ by jitter within ``node.series.planes``' tolerance."""
+    iop = mean_orientation([s.iop for s in slices])
     row, col = iop[:3], iop[3:]
     normal = np.cross(row, col)
     nn = float(np.linalg.norm(normal))
@@ -560,6 +564,7 @@ def _set_aside(slices: list[Slice], series_uid: str) -> tuple[list[Slice], list[
         strays = [g[0] for g in groups if g is not main]
         if all(len(g) == 1 for g in groups if g is not main) and len(main) >= 2 * len(strays):
             ref = main[0]
+            step = slice_step(main)
             for s in strays:
                 why = []
                 if (header_value(s, "Rows"), header_value(s, "Columns")) != \
@@ -570,9 +575,10 @@ def _set_aside(slices: list[Slice], series_uid: str) -> tuple[list[Slice], list[
                                                                                           strict=True)):
                     why.append(f"pixel spacing {s.spacing[0]:.6g}/{s.spacing[1]:.6g} mm (the others "
                                f"{ref.spacing[0]:.6g}/{ref.spacing[1]:.6g})")
-                angle = orientation_difference(ref.iop, s.iop)[1]
-                if orientation_difference(ref.iop, s.iop)[0] > IOP_TOL:
-                    why.append(f"orientation {angle:.3g} deg from the others'")
+                gap = slice_gap(ref, s, step)
+                if not gap.same:
+                    why.append(f"orientation {gap.angle_deg:.3g} deg from the others' (moving its pixels by up to "
+                               f"{gap.in_plane_px:.2g} px in-plane, {gap.through_mm:.2g} mm through-plane)")
                 aside.append((s, f"a stray plane: its {', '.join(why)} differs from the {len(main)} other images "
                                  "of the series; not stacked with them"))
             gone = {id(s) for s in strays}
