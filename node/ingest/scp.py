@@ -305,10 +305,11 @@ class StoreSCP:
             self._budget = PeerBudget(self.cfg.node.refusals_logged_per_minute)
         return self._budget
 
-    def _rejected(self, calling: str, address: str, line: str, **fields: Any) -> None:
+    def _rejected(self, calling: str, address: str, kind: str, line: str, **fields: Any) -> None:
         """One WARNING line ``line`` and one ``association-rejected`` audit record (``fields``), within the
-        address's budget (:class:`node.audit.PeerBudget`: beyond it counted, the count written later)."""
-        write, note = self.budget.take(address)
+        address's budget for that ``kind`` of rejection (:class:`node.audit.PeerBudget`: beyond it counted, the
+        count written later)."""
+        write, note = self.budget.take(address, kind)
         if not write:
             return
         log.warning("%s%s", line, f" ({note})" if note else "")
@@ -378,29 +379,31 @@ class StoreSCP:
         node = self.cfg.node
         too_small = max_pdu_problem(assoc.requestor.maximum_length) if assoc.requestor.primitive else None
         if too_small is not None:  # no response could be sent within it (node.dimse.max_pdu_problem)
-            self._rejected(calling, address, f"association from {calling}@{address} rejected: {too_small}",
-                           reason=too_small)
+            self._rejected(calling, address, "max PDU",
+                           f"association from {calling}@{address} rejected: {too_small}", reason=too_small)
             assoc.acse.send_reject(*REJECT_MAX_PDU)
             assoc.kill()
             return
         called = str(assoc.requestor.primitive.called_ae_title).strip() if assoc.requestor.primitive else ""
         if node.require_called_ae and called != node.ae_title.strip():
-            self._rejected(calling, address, f"association from {calling}@{address} rejected: it called AE title "
+            self._rejected(calling, address, "called AE title",
+                           f"association from {calling}@{address} rejected: it called AE title "
                            f"{called!r}, ours is {node.ae_title!r} (node.require_called_ae)", called_ae=called,
                            reason=f"called AE title is not ours ({node.ae_title})")
             assoc.acse.send_reject(*REJECT_CALLED_AE)
             assoc.kill()
             return
         if node.require_known_callers and find_caller(node.allowed_callers, calling, address) is None:
-            self._rejected(calling, address, f"association from {calling}@{address} rejected: caller not in "
-                           "node.allowed_callers", reason="caller not in node.allowed_callers")
+            self._rejected(calling, address, "unknown caller",
+                           f"association from {calling}@{address} rejected: caller not in node.allowed_callers",
+                           reason="caller not in node.allowed_callers")
             assoc.acse.send_reject(*REJECT_UNKNOWN_CALLER)
             assoc.kill()
             return
         why = self._admit(assoc, calling, address)
         if why is not None:
-            self._rejected(calling, address, f"association from {calling}@{address} rejected (local limit "
-                           f"exceeded): {why}", reason=why)
+            self._rejected(calling, address, "limit",
+                           f"association from {calling}@{address} rejected (local limit exceeded): {why}", reason=why)
             assoc.acse.send_reject(*REJECT_CALLER_LIMIT)
             assoc.kill()
 
