@@ -60,7 +60,12 @@ class PeerBudget:
     """How many refusals of one peer address (rejected associations, connections dropped before one) the node
     writes one by one: at most ``per_minute`` lines and audit records per address in ``window_s`` seconds; the
     rest are counted, and the count is written with the first one of the next window (and by :meth:`flush` at
-    the node's stop). ``per_minute`` 0: no bound.
+    the node's stop). ``per_minute`` 0: no bound. The budget is per address and ``kind`` (what was refused: another
+    called AE title, a limit, an unreadable request, ...): review19, with one budget per address, 60 rejections
+    for one reason (a modality retrying with a wrong called AE title) left every other refusal of that address for
+    the rest of the minute (a TLS handshake failing, a limit reached by another AE title behind the same address)
+    without its line and audit record, its reason known nowhere. The lines stay bounded: at most ``per_minute``
+    for each of the few kinds.
 
     One host opening and closing associations that are refused (another called AE title: 128 a second from one
     sequential client on the CI machine) wrote a WARNING line (163 bytes) and an fsync'ed audit record (186
@@ -70,30 +75,33 @@ class PeerBudget:
     def __init__(self, per_minute: int, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic,
                  max_peers: int = 10_000) -> None:
         self.per_minute, self.window_s, self.clock, self.max_peers = per_minute, window_s, clock, max_peers
-        self._peers: dict[str, list[float]] = {}  # address -> [window start, written, counted]
+        self._peers: dict[tuple[str, str], list[float]] = {}  # (address, kind) -> [window start, written, counted]
         self._lock = threading.Lock()
 
-    def take(self, address: str) -> tuple[bool, str]:
+    def take(self, address: str, kind: str = "") -> tuple[bool, str]:
         """(write this one?, a note to add to it: the count of those not written since the last one, or that the
-        next ones are counted; "" for none)."""
+        next ones are counted; "" for none). ``kind``: what was refused (a fixed word, never a peer's value); each
+        kind of an address has its own budget."""
         if self.per_minute <= 0:
             return True, ""
         now = self.clock()
+        key = (address, kind)
+        what = f"{address} ({kind})" if kind else address
         with self._lock:
-            entry = self._peers.get(address)
+            entry = self._peers.get(key)
             note = ""
             if entry is None or now - entry[0] >= self.window_s:
                 if entry is not None and entry[2]:
-                    note = f"{int(entry[2])} more from {address} were counted, not written one by one, before this"
+                    note = f"{int(entry[2])} more from {what} were counted, not written one by one, before this"
                 if entry is None and len(self._peers) >= self.max_peers:
                     self._prune(now)
-                entry = self._peers[address] = [now, 0, 0]
+                entry = self._peers[key] = [now, 0, 0]
             if entry[1] >= self.per_minute:
                 entry[2] += 1
                 return False, ""
             entry[1] += 1
             if entry[1] == self.per_minute:
-                note = "; ".join(x for x in (note, f"the next ones from {address} are counted, not written one by "
+                note = "; ".join(x for x in (note, f"the next ones from {what} are counted, not written one by "
                                              f"one, for up to {self.window_s:g} s") if x)
             return True, note
 
@@ -104,8 +112,12 @@ class PeerBudget:
                 del self._peers[a]
 
     def flush(self) -> dict[str, int]:
-        """The counts not written yet, by address (then forgotten): for one last line at the node's stop."""
+        """The counts not written yet, by address, all kinds together (then forgotten): for one last line at the
+        node's stop."""
+        out: dict[str, int] = {}
         with self._lock:
-            out = {a: int(e[2]) for a, e in self._peers.items() if e[2]}
+            for (address, _kind), e in self._peers.items():
+                if e[2]:
+                    out[address] = out.get(address, 0) + int(e[2])
             self._peers.clear()
         return out

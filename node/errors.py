@@ -28,6 +28,12 @@ class SpoolError(NodeError):
     """The spool or its index could not be read or written."""
 
 
+class SpoolInUse(SpoolError):
+    """Another process holds the spool's lock (``node.store.Spool.lock``): a node serves it. Not raised when the
+    lock could not be opened or taken for another reason (permissions, a file system without locks): those are
+    plain SpoolError, so that nobody is told to stop a node that does not run."""
+
+
 class VolumeError(NodeError):
     """A series cannot be assembled into a volume (the message says why, for a PACS administrator)."""
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from node.config import load_config
-from node.errors import NodeError, SpoolError
+from node.errors import NodeError, SpoolInUse
 from node.ingest import reindex_spool
 from node.store import Index, IndexDamaged, Spool
 
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     spool = Spool(cfg.spool_path, cfg.node.min_free_mb)
     try:
         fd = spool.lock()  # the serving node's lock: a reindex beside it would rebuild the index it writes
-    except SpoolError as exc:
+    except SpoolInUse as exc:  # another reason (the lock cannot be opened: permissions) says itself, as SpoolError
         raise NodeError(f"spool {spool.root} is in use by a running srnode serve (its lock srnode.lock is held): "
                         "stop the node first; a reindex beside it would move its index aside or add rows under it "
                         "(break19: with --fresh the node went on writing the moved-aside index, instances it "

@@ -64,7 +64,7 @@ from node.metrics import Metrics
 log = logging.getLogger(__name__)
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4 (Table 9-21)
-MAX_LOGGED_REFUSALS = 10  # WARNING lines naming a refused C-STORE, per association (then counted, as STOW-RS parts)
+MAX_LOGGED_REFUSALS = 10  # WARNING lines naming a refused C-STORE, per association and status (then counted)
 REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
 REJECT_BUSY = (0x02, 0x03, 0x01)  # transient, presentation related, temporary congestion
@@ -272,6 +272,7 @@ class _AssocCount:
     duplicates: int = 0  # of those, SOPInstanceUIDs already held (the first copy kept, or a conflict kept aside)
     refused: int = 0
     unlogged: dict[int, int] = field(default_factory=dict)  # refusals past MAX_LOGGED_REFUSALS, by DIMSE status
+    logged: dict[int, int] = field(default_factory=dict)  # refusals logged one by one, by DIMSE status
 
 
 @dataclass
@@ -304,10 +305,11 @@ class StoreSCP:
             self._budget = PeerBudget(self.cfg.node.refusals_logged_per_minute)
         return self._budget
 
-    def _rejected(self, calling: str, address: str, line: str, **fields: Any) -> None:
+    def _rejected(self, calling: str, address: str, kind: str, line: str, **fields: Any) -> None:
         """One WARNING line ``line`` and one ``association-rejected`` audit record (``fields``), within the
-        address's budget (:class:`node.audit.PeerBudget`: beyond it counted, the count written later)."""
-        write, note = self.budget.take(address)
+        address's budget for that ``kind`` of rejection (:class:`node.audit.PeerBudget`: beyond it counted, the
+        count written later)."""
+        write, note = self.budget.take(address, kind)
         if not write:
             return
         log.warning("%s%s", line, f" ({note})" if note else "")
@@ -377,29 +379,31 @@ class StoreSCP:
         node = self.cfg.node
         too_small = max_pdu_problem(assoc.requestor.maximum_length) if assoc.requestor.primitive else None
         if too_small is not None:  # no response could be sent within it (node.dimse.max_pdu_problem)
-            self._rejected(calling, address, f"association from {calling}@{address} rejected: {too_small}",
-                           reason=too_small)
+            self._rejected(calling, address, "max PDU",
+                           f"association from {calling}@{address} rejected: {too_small}", reason=too_small)
             assoc.acse.send_reject(*REJECT_MAX_PDU)
             assoc.kill()
             return
         called = str(assoc.requestor.primitive.called_ae_title).strip() if assoc.requestor.primitive else ""
         if node.require_called_ae and called != node.ae_title.strip():
-            self._rejected(calling, address, f"association from {calling}@{address} rejected: it called AE title "
+            self._rejected(calling, address, "called AE title",
+                           f"association from {calling}@{address} rejected: it called AE title "
                            f"{called!r}, ours is {node.ae_title!r} (node.require_called_ae)", called_ae=called,
                            reason=f"called AE title is not ours ({node.ae_title})")
             assoc.acse.send_reject(*REJECT_CALLED_AE)
             assoc.kill()
             return
         if node.require_known_callers and find_caller(node.allowed_callers, calling, address) is None:
-            self._rejected(calling, address, f"association from {calling}@{address} rejected: caller not in "
-                           "node.allowed_callers", reason="caller not in node.allowed_callers")
+            self._rejected(calling, address, "unknown caller",
+                           f"association from {calling}@{address} rejected: caller not in node.allowed_callers",
+                           reason="caller not in node.allowed_callers")
             assoc.acse.send_reject(*REJECT_UNKNOWN_CALLER)
             assoc.kill()
             return
         why = self._admit(assoc, calling, address)
         if why is not None:
-            self._rejected(calling, address, f"association from {calling}@{address} rejected (local limit "
-                           f"exceeded): {why}", reason=why)
+            self._rejected(calling, address, "limit",
+                           f"association from {calling}@{address} rejected (local limit exceeded): {why}", reason=why)
             assoc.acse.send_reject(*REJECT_CALLER_LIMIT)
             assoc.kill()
 
@@ -521,24 +525,28 @@ class StoreSCP:
 
     def _refusal(self, assoc: Any, status: int) -> bool:
         """Count a refused C-STORE of ``assoc`` (answered ``status``); True when its WARNING line is to be written:
-        the first ``MAX_LOGGED_REFUSALS`` of an association. The next one writes one line saying that the rest are
-        counted; they are counted by status in the association's end line and audit record. A peer sending
-        thousands of instances the node refuses on one association wrote one line each (2,000 tiny data sets
-        without SeriesInstanceUID: 2,000 lines, 284 KB), where a STOW-RS request logs 10 (hostile17)."""
+        the first ``MAX_LOGGED_REFUSALS`` of an association with that status. The next one with it writes one line
+        saying that the rest with it are counted; they are counted by status in the association's end line and
+        audit record. A peer sending thousands of instances the node refuses on one association wrote one line each
+        (2,000 tiny data sets without SeriesInstanceUID: 2,000 lines, 284 KB), where a STOW-RS request logs 10
+        (hostile17). The bound is per status (review19: one bound for all, 30 refusals 0xC210 silenced the line of
+        a later 0xC211, or the traceback of an unexpected error, 0x0110, on the same association): at most
+        ``MAX_LOGGED_REFUSALS`` lines for each of the few statuses a C-STORE is refused with."""
         key = id(assoc)
         with self._lock:
             c = self._counts.get(key)
             if c is None:
                 return True
             c.refused += 1
-            if c.refused <= MAX_LOGGED_REFUSALS:
+            if c.logged.get(status, 0) < MAX_LOGGED_REFUSALS:
+                c.logged[status] = c.logged.get(status, 0) + 1
                 return True
             c.unlogged[status] = c.unlogged.get(status, 0) + 1
-            first = c.refused == MAX_LOGGED_REFUSALS + 1
+            first = c.unlogged[status] == 1
         if first:
             log.warning("association from %s@%s: more than %d C-STOREs refused: the next ones are counted, not "
-                        "logged one by one (their count by status ends the association's line)",
-                        str(assoc.requestor.ae_title).strip(), assoc.requestor.address, MAX_LOGGED_REFUSALS)
+                        "logged one by one (status 0x%04X; their count by status ends the association's line)",
+                        str(assoc.requestor.ae_title).strip(), assoc.requestor.address, MAX_LOGGED_REFUSALS, status)
         return False
 
     def on_store(self, event: evt.Event) -> int:

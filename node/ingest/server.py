@@ -202,7 +202,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         """One WARNING line and one audit record for a connection that ended before an association: at the
         gate (the TLS handshake, no request) or, ``stage`` "A-ASSOCIATE-RQ", its request refused or unreadable by
         the DICOM upper layer (``QuietAssociation._reader_ended``)."""
-        write, note = self.budget.take(address) if self.budget is not None else (True, "")
+        kind = "TLS handshake" if handshake else stage
+        write, note = self.budget.take(address, kind) if self.budget is not None else (True, "")
         if not write:  # beyond [node] refusals_logged_per_minute for this address: counted (PeerBudget)
             return
         event = "tls-handshake-failed" if handshake else "connection-dropped"

@@ -95,7 +95,8 @@ def slice_voi(ds: Dataset, frame: int = -1) -> tuple[str, Dataset | None]:
         fn = str(src.get("VOILUTFunction", "") or "").strip().upper()
         seq = src.get("VOILUTSequence")
         lut = None
-        if seq is not None and len(seq) and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]:
+        if seq is not None and len(seq) and "LUTDescriptor" in seq[0] and "LUTData" in seq[0] and \
+                _table_whole(seq[0]):
             lut = Dataset()
             for keyword in ("LUTDescriptor", "LUTExplanation", "LUTData"):
                 if keyword in seq[0]:
@@ -104,6 +105,27 @@ def slice_voi(ds: Dataset, frame: int = -1) -> tuple[str, Dataset | None]:
     except MALFORMED:
         return "", None
     return (fn if fn in VOI_FUNCTIONS else ""), lut
+
+
+def _table_whole(item: Dataset) -> bool:
+    """Whether a VOI LUT item is a table a reader can apply (PS3.3 C.11.2.1.1): a LUTDescriptor of 3 integers
+    (entries, 0 meaning 65536; first value mapped; 8 to 16 bits an entry) and LUTData holding that many 16-bit
+    entries. review19: a descriptor of one value failed the whole series (TypeError comparing the slices' tables),
+    and a table shorter than its descriptor, or of 40 bits an entry, was copied to every derived slice (dciodvfy:
+    "LookupTableData has wrong length")."""
+    desc = item.LUTDescriptor
+    values = list(desc) if isinstance(desc, collections.abc.Sequence) and not isinstance(desc, (str, bytes)) \
+        else [desc]
+    if len(values) != 3 or not all(isinstance(v, int) for v in values):
+        return False
+    entries = values[0] or 65536
+    if not 8 <= values[2] <= 16:
+        return False
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray)):
+        return len(data) == 2 * entries
+    held = len(data) if isinstance(data, collections.abc.Sequence) and not isinstance(data, str) else 1
+    return held == entries
 
 
 def voi_lut_key(lut: Dataset | None) -> tuple[str, str, bytes] | None:

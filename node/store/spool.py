@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import os
 import re
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.dimse import Status
-from node.errors import IngestError, SpoolError
+from node.errors import IngestError, SpoolError, SpoolInUse
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,9 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             os.close(fd)
-            raise SpoolError(f"spool {self.root} is in use by another srnode (its lock {path.name} is held): stop "
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # e.g. ENOLCK: a file system without flock
+                raise SpoolError(f"spool {self.root}: cannot take its lock {path.name}: {exc}") from exc
+            raise SpoolInUse(f"spool {self.root} is in use by another srnode (its lock {path.name} is held): stop "
                              "that node, or give this one its own [node] spool_dir") from exc
         return fd
 

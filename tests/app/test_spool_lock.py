@@ -118,3 +118,20 @@ def test_reindex_beside_a_running_node_is_refused(tmp_path: Path) -> None:
         assert node.stop() == 0
     r = node.cli("reindex", "--fresh")
     assert r.returncode == 0 and "12 added (2 series)" in r.stdout, (r.stdout, r.stderr)
+
+
+def test_reindex_on_a_lock_it_cannot_open_says_why_not_that_a_node_runs(tmp_path: Path) -> None:
+    """review19: every SpoolError of the lock read "is in use by a running srnode serve ... stop the node first",
+    also when no node ran and the lock could not be opened (here its path is a folder; as well a user without
+    write access to the spool, or a file system without flock: ENOLCK). Now only a lock held by another process
+    says so; any other reason is said as it is."""
+    spool = tmp_path / "spool"
+    (spool / "srnode.lock").mkdir(parents=True)
+    cfg = tmp_path / "srnode.toml"
+    cfg.write_text(dump_toml({"node": {"spool_dir": str(spool)}}))
+    r = subprocess.run([sys.executable, "-m", "node.app.cli", "reindex", "--config", str(cfg)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "cannot open its lock srnode.lock" in r.stderr, r.stderr
+    assert "in use by a running srnode serve" not in r.stderr, r.stderr  # before: said, no node running
+    assert r.stderr.count("\n") <= 1, r.stderr  # one line, no traceback

@@ -66,3 +66,42 @@ def test_refused_c_stores_of_one_association_are_logged_ten_then_counted(node: N
     audit = [json.loads(ln) for ln in (node.spool / "audit.log").read_text().splitlines()]
     rec = next(r for r in audit if r["event"] == "association" and r["calling_ae"] == "FLOOD")
     assert rec["refused"] == SENT and rec["refused_not_logged"] == {"0xC210": SENT - MAX_LOGGED_REFUSALS}, rec
+
+
+@pytest.fixture(params=["lean", "pynetdicom"])
+def small_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[NodeProc]:
+    with NodeProc.start(tmp_path / "node", {"node": {"stable_age_s": 3600, "receive_path": request.param,
+                                                    "max_instance_mb": 1}}) as n:
+        yield n
+
+
+def test_a_refusal_of_another_kind_after_the_flood_is_still_logged(small_node: NodeProc) -> None:
+    """review19: the bound was 10 lines an association whatever the status, so once 10 instances had been refused
+    for one reason, a refusal for another reason on the same association (here an instance over max_instance_mb,
+    0xC211; as well an unexpected error, 0x0110, whose traceback was the only trace of a bug) wrote nothing but a
+    count in the end line: its instance and reason were lost. Now the bound is per status."""
+    node = small_node
+    ae = AE(ae_title="FLOOD")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    big = _refused_instance(SENT)
+    big.SeriesInstanceUID = "1.2.826.0.1.3680043.10.1087.19.99"
+    big.Rows, big.Columns, big.BitsAllocated, big.BitsStored, big.HighBit = 1024, 1024, 16, 16, 15
+    big.SamplesPerPixel, big.PixelRepresentation, big.PhotometricInterpretation = 1, 0, "MONOCHROME2"
+    big.PixelData = bytes(2 << 20)  # 2 MiB: over max_instance_mb = 1
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    try:
+        statuses = [assoc.send_c_store(_refused_instance(k)).get("Status") for k in range(SENT)]
+        statuses.append(assoc.send_c_store(big).get("Status"))
+    finally:
+        assoc.release()
+    assert statuses == [0xC210] * SENT + [0xC211], statuses
+    wait_until(lambda: "association from FLOOD@127.0.0.1 released" in node.log(), timeout=30,
+               what="the association's end line")
+    log = node.log().splitlines()
+    assert sum("C-STORE from FLOOD refused (0xC210)" in ln for ln in log) == MAX_LOGGED_REFUSALS
+    too_large = [ln for ln in log if "C-STORE from FLOOD refused (0xC211)" in ln]
+    assert len(too_large) == 1 and big.SOPInstanceUID in too_large[0], too_large  # before: none
+    end = next(ln for ln in log if "association from FLOOD@127.0.0.1 released" in ln)
+    assert f"{SENT + 1} refused ({SENT - MAX_LOGGED_REFUSALS} of them not logged one by one: 0xC210 x20)" in end, end

@@ -92,9 +92,11 @@ def test_a_peer_sending_such_requests_cannot_hold_the_slot(node: NodeProc) -> No
 def test_refusals_from_one_address_are_written_within_its_budget_then_counted(tmp_path: Path) -> None:
     """20 associations calling another AE title and 10 unreadable requests from one address, with
     ``refusals_logged_per_minute = 5``: each still answered (A-ASSOCIATE-RJ / A-ABORT), 5 lines and audit records
-    written (the 5th saying the next ones are counted), the other 25 counted and written as one line and one
-    ``refusals-not-written`` record at the stop. Before: one WARNING line and one fsync'ed audit record per
-    refusal (128 a second from one sequential client: ~45 KB/s on the spool's disk)."""
+    of each kind written (the 5th saying the next ones of that kind are counted), the other 20 counted and written
+    as one line and one ``refusals-not-written`` record at the stop. Before hostile19: one WARNING line and one
+    fsync'ed audit record per refusal (128 a second from one sequential client: ~45 KB/s on the spool's disk).
+    review19: with one budget per address, the 20 rejections of one kind left the 10 unreadable requests without
+    a single line or record (their reason written nowhere); the budget is now per address and kind."""
     node = NodeProc.start(tmp_path / "node", {"node": {"stable_age_s": 3600, "refusals_logged_per_minute": 5}})
     try:
         for k in range(30):
@@ -110,13 +112,16 @@ def test_refusals_from_one_address_are_written_within_its_budget_then_counted(tm
     log = node.log().splitlines()
     written = [ln for ln in log if "rejected: it called AE title 'ELSEWHERE'" in ln]
     assert len(written) == 5, written
-    assert "the next ones from 127.0.0.1 are counted, not written one by one, for up to 60 s" in written[-1]
-    assert not any("closed before an association (A-ASSOCIATE-RQ)" in ln for ln in log)
-    assert any("25 more refused association(s) / dropped connection(s) from 127.0.0.1 were counted" in ln
+    assert ("the next ones from 127.0.0.1 (called AE title) are counted, not written one by one, for up to 60 s"
+            in written[-1]), written[-1]
+    unreadable = [ln for ln in log if "closed before an association (A-ASSOCIATE-RQ)" in ln]
+    assert len(unreadable) == 5, unreadable  # before (one budget an address): 0
+    assert any("20 more refused association(s) / dropped connection(s) from 127.0.0.1 were counted" in ln
                for ln in log), log[-10:]
     audit = [json.loads(ln) for ln in (node.spool / "audit.log").read_text().splitlines()]
     assert sum(r["event"] == "association-rejected" for r in audit) == 5
-    assert [r["count"] for r in audit if r["event"] == "refusals-not-written"] == [25]
+    assert sum(r["event"] == "connection-dropped" for r in audit) == 5
+    assert [r["count"] for r in audit if r["event"] == "refusals-not-written"] == [20]
 
 
 def test_the_budget_writes_the_count_with_the_first_refusal_of_the_next_window() -> None:
@@ -130,3 +135,15 @@ def test_the_budget_writes_the_count_with_the_first_refusal_of_the_next_window()
     assert budget.take("a") == (True, "3 more from a were counted, not written one by one, before this")
     assert budget.flush() == {}
     assert PeerBudget(0).take("a") == (True, "")  # 0: every one written
+
+
+def test_each_kind_of_refusal_of_an_address_has_its_own_budget() -> None:
+    """review19: one kind flooding an address's budget no longer silences another kind from it."""
+    now = [0.0]
+    budget = PeerBudget(2, window_s=60.0, clock=lambda: now[0])
+    assert [budget.take("a", "called AE title")[0] for _ in range(5)] == [True, True, False, False, False]
+    assert budget.take("a", "TLS handshake") == (True, "")  # before: (False, "") -- counted, its reason lost
+    assert budget.take("a", "TLS handshake") == (
+        True, "the next ones from a (TLS handshake) are counted, not written one by one, for up to 60 s")
+    assert budget.take("a", "TLS handshake") == (False, "")
+    assert budget.flush() == {"a": 4}  # the counts of every kind, by address
