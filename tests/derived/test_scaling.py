@@ -61,7 +61,9 @@ def test_deriving_reads_each_input_uid_a_bounded_number_of_times(tmp_path: Path,
     assert made_large > 3.5 * made_small
     # linear: 4x the slices -> about 4x the calls (quadratic gave ~16x: every object hashed every input UID)
     assert large <= 5 * small, (small, large)
-    assert large <= 7 * 80, (small, large)  # a few reads per slice (window, lossy marking, sources, UIDs)
+    # a few reads of the held records per slice (window, VOI LUT / function since field19, lossy marking, sources,
+    # UIDs); the bound is on their number per slice, the line above on their growth
+    assert large <= 8 * 80, (small, large)
 
 
 def test_instances_digest_is_the_uid_set_hash_and_kept(tmp_path: Path) -> None:
