@@ -653,6 +653,10 @@ class StoreSCP:
         """
         # pynetdicom writes each received dataset to a temporary file; keep those on the spool's disk
         self._saved = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
+        # torch's compile cache folder defaults to tempfile's folder: keep it where it was, not in incoming/,
+        # which the next start empties (before ops19 every run of a job left incoming/torchinductor_<user>/,
+        # removed at the next start as "1 partial file(s) removed" after a graceful stop)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "torchinductor_srnode"))
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.admission.spool.incoming)
         node = self.cfg.node
