@@ -9,6 +9,7 @@ read as the reason: one node line per attempt, naming it. Records of association
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import struct
@@ -20,7 +21,9 @@ from types import SimpleNamespace
 import pytest
 
 from node.app.phantom import write_phantom_series
+from node.app.status_cmd import job_dict, job_line
 from node.config import config_from_dict
+from node.errors import DeliveryError
 from node.metrics import Metrics
 from node.send import Outbox
 from node.send.peer_log import FILTER
@@ -125,3 +128,23 @@ def test_records_of_accepted_associations_and_other_threads_pass() -> None:
     requestor.join()
     assert result == [True, False]
     assert requestor.assoc.srnode_problems == ["boom"]  # type: ignore[attr-defined]
+
+
+def test_dead_letter_and_status_say_what_to_do_and_when(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """ops19: the dead-letter ERROR line and ``srnode status`` did not say ``srnode retry N``; a pending delivery
+    showed "pacs:pending(5)" without saying what 5 counts or when the next attempt is."""
+    outbox, index, job = _outbox(tmp_path, free_port())
+    caplog.set_level(logging.INFO)
+    (d,) = index.deliveries(job)
+    outbox.attempt(d)
+    (d,) = index.deliveries(job)
+    outbox.attempt(d)  # the second failure: next in 4 s
+    line = job_line(job_dict(index, index.job(job)))
+    assert "pacs:pending(2 attempts, next at " in line and ", in " in line, line
+    assert "connection refused" in line, line
+    last = dataclasses.replace(index.deliveries(job)[0], attempts=7)  # the 8th of max_attempts 8 fails
+    outbox.failed(last, DeliveryError("destination pacs: cannot connect: connection refused"))
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"srnode retry {job}" in errors[0], errors
+    line = job_line(job_dict(index, index.job(job)))
+    assert "pacs:dead-letter" in line and f"`srnode retry {job}` sends it again" in line, line
