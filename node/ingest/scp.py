@@ -304,9 +304,11 @@ class StoreSCP:
             self._budget = PeerBudget(self.cfg.node.refusals_logged_per_minute)
         return self._budget
 
-    def _rejected(self, calling: str, address: str, line: str, **fields: Any) -> None:
+    def _rejected(self, calling: str, address: str, line: str, label: str, **fields: Any) -> None:
         """One WARNING line ``line`` and one ``association-rejected`` audit record (``fields``), within the
-        address's budget (:class:`node.audit.PeerBudget`: beyond it counted, the count written later)."""
+        address's budget (:class:`node.audit.PeerBudget`: beyond it counted, the count written later); always
+        counted in ``srnode_associations_refused_total{reason=label}``."""
+        self.metrics.associations_refused.labels(reason=label).inc()
         write, note = self.budget.take(address)
         if not write:
             return
@@ -377,7 +379,7 @@ class StoreSCP:
         node = self.cfg.node
         too_small = max_pdu_problem(assoc.requestor.maximum_length) if assoc.requestor.primitive else None
         if too_small is not None:  # no response could be sent within it (node.dimse.max_pdu_problem)
-            self._rejected(calling, address, f"association from {calling}@{address} rejected: {too_small}",
+            self._rejected(calling, address, f"association from {calling}@{address} rejected: {too_small}", "max-pdu",
                            reason=too_small)
             assoc.acse.send_reject(*REJECT_MAX_PDU)
             assoc.kill()
@@ -385,21 +387,21 @@ class StoreSCP:
         called = str(assoc.requestor.primitive.called_ae_title).strip() if assoc.requestor.primitive else ""
         if node.require_called_ae and called != node.ae_title.strip():
             self._rejected(calling, address, f"association from {calling}@{address} rejected: it called AE title "
-                           f"{called!r}, ours is {node.ae_title!r} (node.require_called_ae)", called_ae=called,
+                           f"{called!r}, ours is {node.ae_title!r} (node.require_called_ae)", "called-ae", called_ae=called,
                            reason=f"called AE title is not ours ({node.ae_title})")
             assoc.acse.send_reject(*REJECT_CALLED_AE)
             assoc.kill()
             return
         if node.require_known_callers and find_caller(node.allowed_callers, calling, address) is None:
             self._rejected(calling, address, f"association from {calling}@{address} rejected: caller not in "
-                           "node.allowed_callers", reason="caller not in node.allowed_callers")
+                           "node.allowed_callers", "unknown-caller", reason="caller not in node.allowed_callers")
             assoc.acse.send_reject(*REJECT_UNKNOWN_CALLER)
             assoc.kill()
             return
         why = self._admit(assoc, calling, address)
         if why is not None:
             self._rejected(calling, address, f"association from {calling}@{address} rejected (local limit "
-                           f"exceeded): {why}", reason=why)
+                           f"exceeded): {why}", "limit", reason=why)
             assoc.acse.send_reject(*REJECT_CALLER_LIMIT)
             assoc.kill()
 
@@ -667,7 +669,9 @@ class StoreSCP:
                                                 handshake_timeout_s=node.tls.handshake_timeout_s,
                                                 association_timeout_s=node.association_timeout_s, audit=self.audit,
                                                 lean_hooks=self.lean_hooks(),
-                                                message_timeout_s=node.message_timeout_s, budget=self.budget)
+                                                message_timeout_s=node.message_timeout_s, budget=self.budget,
+                                                on_refused=lambda why: self.metrics.associations_refused.labels(
+                                                    reason=why).inc())
         except OSError as exc:
             _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved
             raise ConfigError(listen_problem("DICOM port", "node", node.host, node.port, exc)) from exc
