@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from node.config import Config, load_config
-from node.errors import NodeError
+from node.errors import NodeError, SpoolError
 from node.jobs.replay import gone_destinations, redirect, replay
 from node.store import NOT_SENT, Delivery, DeliveryState, Index, Job, JobState, SeriesState, Spool
 
@@ -88,7 +88,32 @@ def job_dict(index: Index, j: Job) -> dict[str, Any]:
         "created": _utc(j.created),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.updated)),
         "deliveries": [delivery_dict(d) for d in index.deliveries(j.id)],
+        "supersedes_text": _supersedes_text(index, j),
     }
+
+
+def _supersedes_text(index: Index, j: Job) -> str:
+    """How job ``j`` relates to the series' earlier job it follows (``j.supersedes``), in words for the status line:
+    "supersedes job N" only when its results replace job N's at a destination they share (other derived series);
+    a replay of the same instances makes the same derived series ("same derived series as job N, sent again"), and
+    one to other destinations replaces nothing there ("" then). Before ops19 every replay read "supersedes job 1"
+    while job 1 stayed 'delivered' (docs: 'superseded' is a job whose results a later one replaced before they
+    were sent)."""
+    if not j.supersedes:
+        return ""
+    try:
+        old = index.job(j.supersedes)
+    except SpoolError:  # the earlier job is gone: say only what is known
+        return f"after job {j.supersedes}"
+    if old.derived_series_uid and old.derived_series_uid == j.derived_series_uid:
+        return f"same derived series as job {old.id}, sent again"
+    mine = {d.destination for d in index.deliveries(j.id)}
+    theirs = {d.destination for d in index.deliveries(old.id)}
+    if mine and theirs and not mine & theirs:
+        return ""
+    if not j.derived_series_uid or not old.derived_series_uid:
+        return f"after job {old.id}"
+    return f"supersedes job {old.id}"
 
 
 def delivery_dict(d: Delivery) -> dict[str, Any]:
@@ -236,7 +261,8 @@ def job_line(d: dict[str, Any]) -> str:
         dl += f" (once the cause is fixed, `srnode retry {d['id']}` sends it again)"
     reason = "" if d["state"] == JobState.DELIVERED and d["deliveries"] else d["reason"]
     return "; ".join(s for s in (reason, dl, f"fallback: {d['fallback']}" if d["fallback"] else "",
-                                 f"supersedes job {d['supersedes']}" if d["supersedes"] else "") if s)
+                                 d.get("supersedes_text", f"supersedes job {d['supersedes']}" if d["supersedes"]
+                                       else "")) if s)
 
 
 def _print_waiting(waiting: list[dict[str, Any]]) -> None:

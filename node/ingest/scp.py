@@ -425,12 +425,14 @@ class StoreSCP:
         self.metrics.active_associations.dec()
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         calling, address = str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address)
-        held = f" ({counts.duplicates} of them already held: the first copy kept)" if counts.duplicates else ""
+        # "0 new, 28 already held" (ops19: "28 instance(s) stored (28 of them already held)" read as 28 stored)
+        stored = (f"{counts.stored} instance(s) accepted: {counts.stored - counts.duplicates} new, {counts.duplicates} "
+                  "already held (the first copy kept)" if counts.duplicates else f"{counts.stored} instance(s) stored")
         unlogged = ", ".join(f"0x{k:04X} x{v}" for k, v in sorted(counts.unlogged.items()))
         quiet = (f" ({sum(counts.unlogged.values())} of them not logged one by one: {unlogged})"
                  if counts.unlogged else "")
-        log.info("association from %s@%s %s after %.1f s: %d instance(s) stored%s, %d refused%s", calling, address,
-                 how, time.monotonic() - counts.started, counts.stored, held, counts.refused, quiet)
+        log.info("association from %s@%s %s after %.1f s: %s, %d refused%s", calling, address,
+                 how, time.monotonic() - counts.started, stored, counts.refused, quiet)
         if self.audit:
             extra = {"refused_not_logged": {f"0x{k:04X}": v for k, v in sorted(counts.unlogged.items())}} \
                 if counts.unlogged else {}

@@ -73,6 +73,7 @@ class _Work:
         self._items: deque[tuple[Path, str, str]] = deque(items)
         self._in_flight = 0
         self._cond = threading.Condition()
+        self._lost: set[Path] = set()  # files whose response was lost once already (said once: ops19)
 
     def take(self, stop: threading.Event | None = None) -> tuple[Path, str, str] | None:
         """The next file (path, SOP class, transfer syntax), or None when every file was sent (none left, none in
@@ -100,6 +101,14 @@ class _Work:
             self._in_flight -= 1
             self._items.appendleft(item)
             self._cond.notify_all()
+
+    def first_loss(self, path: Path) -> bool:
+        """Whether this is the first time a response for ``path`` was lost in this delivery (before ops19 one
+        file that every association took in turn from a PACS that had gone was logged once per association)."""
+        with self._cond:
+            first = path not in self._lost
+            self._lost.add(path)
+            return first
 
     def wake(self) -> None:
         """Wake every waiting :meth:`take` (``stop`` was set)."""
@@ -276,14 +285,16 @@ class DimseSender:
                     if retries <= 0:
                         if lost is None:
                             raise
-                        log.warning("destination %s: %s; %s handed back to the other associations", self._where(),
-                                    exc, path.name)
+                        log.log(logging.WARNING if work.first_loss(path) else logging.DEBUG,
+                                "destination %s: %s; %s handed back to the other associations", self._where(), exc,
+                                path.name)
                         lost.append(exc)
                         return
                     retries -= 1
-                    log.warning("destination %s: no C-STORE response for %s; %s", self._where(), path.name,
-                                "handed back to the other associations, this one opened again" if lost is not None
-                                else "again on a new association")
+                    log.log(logging.WARNING if work.first_loss(path) else logging.DEBUG,
+                            "destination %s: no C-STORE response for %s; %s", self._where(), path.name,
+                            "handed back to the other associations, this one opened again" if lost is not None
+                            else "again on a new association")
                     opened = self._open_or_leave(ae, lost)
                     if opened is None:
                         return
