@@ -17,7 +17,7 @@ class Metrics:
     """The node's metrics, all in ``registry``: instances received {status}, series processed {outcome}, job
     seconds {stage}, queue depth, failures {where, reason}, deliveries {destination, outcome}, GPU memory
     bytes (peak of the last job), active DICOM associations, delivery confirmations {destination, method,
-    outcome}. Make one with :meth:`create`."""
+    outcome}, associations refused {reason}. Make one with :meth:`create`."""
 
     registry: CollectorRegistry
     instances_received: Counter
@@ -31,6 +31,7 @@ class Metrics:
     instance_conflicts: Counter
     incoming_bytes: Gauge
     confirmations: Counter
+    associations_refused: Counter
 
     @classmethod
     def create(cls) -> Metrics:
@@ -59,4 +60,8 @@ class Metrics:
             confirmations=Counter("srnode_delivery_confirmations_total", "delivery confirmations by destination,"
                                   " method (commitment, count, none) and outcome (confirmed, mismatch, overdue,"
                                   " unconfirmed, not-confirmed)", ["destination", "method", "outcome"], registry=r),
+            associations_refused=Counter("srnode_associations_refused_total", "DICOM associations or connections"
+                                         " refused, by reason (unknown-caller, called-ae, limit, max-pdu,"
+                                         " tls-handshake, no-request, unreadable-request), counted even when the"
+                                         " log line is over refusals_logged_per_minute", ["reason"], registry=r),
         )

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 from node.phi import mask_quoted, mask_traceback
+from node.send.peer_log import install as quiet_outgoing
 
 # loggers whose messages are the node's own (they name UIDs and reasons, never values of patient attributes)
 OWN_LOGGERS = frozenset({"node", "models", "srnode", "__main__"})
@@ -168,6 +169,8 @@ def setup_logging(level: str = "INFO") -> None:
     acse = logging.getLogger("pynetdicom.acse")
     if not any(isinstance(f, _AnsweredElsewhere) for f in acse.filters):
         acse.addFilter(_AnsweredElsewhere())
+    # pynetdicom's records about the node's own outgoing associations: the sender says the outcome (ops19)
+    quiet_outgoing()
     # httpx logs every request (URLs with UIDs) at INFO
     logging.getLogger("httpx").setLevel(logging.WARNING)
     # highdicom logs ~10 INFO lines per derived object ('copy attributes of module "..."'), which the

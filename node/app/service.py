@@ -28,7 +28,7 @@ from node.ingest import Admission, StoreSCP, reindex_spool
 from node.jobs import JobContext, StabilityWatcher, make_executor
 from node.process import series_budget_mb
 from node.send import Outbox
-from node.store import prune
+from node.store import DeliveryState, prune
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,25 @@ class Node:
         budget, how = series_budget_mb(self.cfg.node.max_series_memory_mb)
         log.info("series memory budget %d MB (%s); a job is failed as poison after %d run(s) that stopped the node, "
                  "or %d a stop of the node interrupted", budget, how, max_attempts, max_interrupted)
-        log.info("spool %s: %d instances indexed, %d job(s) queued, %d partial file(s) removed",
-                 ctx.spool.root, ctx.index.count_instances(), len(queued), leftovers)
+        to_send = len(ctx.index.deliveries(states=(DeliveryState.PENDING,)))
+        awaiting = len(ctx.index.deliveries(states=(DeliveryState.SENT,)))
+        partial = [n for n in leftovers if not n.endswith("/")]
+        log.info("spool %s: %d instances indexed, %d job(s) queued, %d delivery(ies) resumed (%d to send, %d awaiting "
+                 "confirmation: asked again), %d partial file(s) removed", ctx.spool.root, ctx.index.count_instances(),
+                 len(queued), to_send + awaiting, to_send, awaiting, len(partial))
+        if leftovers:
+            log.info("spool incoming/: removed %s (a file: a data set whose transfer was cut; a folder: a library's "
+                     "scratch left while the SCP pointed tempfile at incoming/)", ", ".join(leftovers[:10])
+                     + (f" and {len(leftovers) - 10} more" if len(leftovers) > 10 else ""))
         ctx.executor.start()
         self.watcher.start()  # submits the queued jobs on its first tick
-        self.outbox.start()
+        # the outbox's first pass asks again for the confirmations a stopped node left awaiting, before it sends
+        # anything (a delivery it sends itself is never asked twice), and only once the SCP that takes the Storage
+        # Commitment reports listens (before ops19 the outbox started first: a pending delivery sent at once was
+        # asked again by the resume that followed, two N-ACTIONs 70 ms apart)
+        self.outbox.resume()
         self.scp.start()
-        self.outbox.resume()  # the SCP takes the Storage Commitment reports now: ask again for those still awaited
+        self.outbox.start()
         if self.cfg.node.retention_days > 0:
             self._pruner = threading.Thread(target=self._prune_loop, name="pruner", daemon=True)
             self._pruner.start()

@@ -14,15 +14,16 @@ it cannot be told).
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import sys
 import time
 from typing import Any
 
 from node.config import Config, load_config
-from node.errors import NodeError
+from node.errors import NodeError, SpoolError
 from node.jobs.replay import gone_destinations, redirect, replay
-from node.store import Delivery, DeliveryState, Index, Job, JobState, SeriesState, Spool
+from node.store import NOT_SENT, Delivery, DeliveryState, Index, Job, JobState, SeriesState, Spool
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -87,7 +88,32 @@ def job_dict(index: Index, j: Job) -> dict[str, Any]:
         "created": _utc(j.created),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(j.updated)),
         "deliveries": [delivery_dict(d) for d in index.deliveries(j.id)],
+        "supersedes_text": _supersedes_text(index, j),
     }
+
+
+def _supersedes_text(index: Index, j: Job) -> str:
+    """How job ``j`` relates to the series' earlier job it follows (``j.supersedes``), in words for the status line:
+    "supersedes job N" only when its results replace job N's at a destination they share (other derived series);
+    a replay of the same instances makes the same derived series ("same derived series as job N, sent again"), and
+    one to other destinations replaces nothing there ("" then). Before ops19 every replay read "supersedes job 1"
+    while job 1 stayed 'delivered' (docs: 'superseded' is a job whose results a later one replaced before they
+    were sent)."""
+    if not j.supersedes:
+        return ""
+    try:
+        old = index.job(j.supersedes)
+    except SpoolError:  # the earlier job is gone: say only what is known
+        return f"after job {j.supersedes}"
+    if old.derived_series_uid and old.derived_series_uid == j.derived_series_uid:
+        return f"same derived series as job {old.id}, sent again"
+    mine = {d.destination for d in index.deliveries(j.id)}
+    theirs = {d.destination for d in index.deliveries(old.id)}
+    if mine and theirs and not mine & theirs:
+        return ""
+    if not j.derived_series_uid or not old.derived_series_uid:
+        return f"after job {old.id}"
+    return f"supersedes job {old.id}"
 
 
 def delivery_dict(d: Delivery) -> dict[str, Any]:
@@ -96,6 +122,8 @@ def delivery_dict(d: Delivery) -> dict[str, Any]:
     (null: not known), ``confirmed_at`` (UTC ISO 8601, ms; null: not confirmed), ``note`` (how, or why not)."""
     return {"destination": d.destination, "state": d.state, "attempts": d.attempts, "files": len(d.files),
             "reason": d.reason,
+            # when a pending delivery is tried next (UTC ISO 8601; null: not pending, or at once)
+            "next_attempt": _utc(d.next_attempt) if d.state is DeliveryState.PENDING and d.next_attempt else None,
             "confirmation": {"method": d.confirm_method, "expected": d.expected, "confirmed": d.confirmed,
                              "confirmed_at": _utc(d.confirmed_at), "note": d.confirm_note}}
 
@@ -114,6 +142,17 @@ def confirmation_text(x: dict[str, Any]) -> str:
             return f"{c['method']}: not confirmed yet ({c['expected']} instance(s) sent)"
         return f"{c['method']}: {c['confirmed']} of {c['expected']} instance(s) found in the peer"
     return f"not confirmed: {c['note']}"
+
+
+def _tries(x: dict[str, Any]) -> str:
+    """"(N attempts, next at HH:MM:SSZ, in S s)" for a delivery tried more than once or waiting for its next try
+    (before ops19 a bare "(5)" that said neither what it counted nor when the next attempt was)."""
+    parts = [f"{x['attempts']} attempts"] if x["attempts"] > 1 else []
+    nxt = x.get("next_attempt")
+    if x["state"] == DeliveryState.PENDING and nxt:
+        wait = calendar.timegm(time.strptime(nxt[:19], "%Y-%m-%dT%H:%M:%S")) - time.time()
+        parts.append(f"next at {nxt[11:19]}Z" + (f", in {wait:.0f} s" if wait >= 1 else ", due now"))
+    return f"({', '.join(parts)})" if parts else ""
 
 
 def _retrying(x: dict[str, Any]) -> str:
@@ -214,12 +253,16 @@ def job_line(d: dict[str, Any]) -> str:
     """The REASON / DELIVERIES column of a job (``job_dict``): its reason, each delivery (destination, state,
     attempts, confirmation, why a pending one waits), fallback and what it supersedes. A delivered job's reason
     only repeats its deliveries' confirmation notes, so it is left out there."""
-    dl = ", ".join(f"{x['destination']}:{x['state']}" + (f"({x['attempts']})" if x["attempts"] > 1 else "")
+    dl = ", ".join(f"{x['destination']}:{x['state']}" + _tries(x)
                    + (f" [{confirmation_text(x)}]" if confirmation_text(x) else "") + _retrying(x)
                    for x in d["deliveries"])
+    if any(x["state"] == DeliveryState.DEAD_LETTER for x in d["deliveries"]) and not any(
+            str(x["reason"]).startswith(NOT_SENT) for x in d["deliveries"]):
+        dl += f" (once the cause is fixed, `srnode retry {d['id']}` sends it again)"
     reason = "" if d["state"] == JobState.DELIVERED and d["deliveries"] else d["reason"]
     return "; ".join(s for s in (reason, dl, f"fallback: {d['fallback']}" if d["fallback"] else "",
-                                 f"supersedes job {d['supersedes']}" if d["supersedes"] else "") if s)
+                                 d.get("supersedes_text", f"supersedes job {d['supersedes']}" if d["supersedes"]
+                                       else "")) if s)
 
 
 def _print_waiting(waiting: list[dict[str, Any]]) -> None:

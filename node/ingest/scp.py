@@ -63,6 +63,10 @@ from node.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
+# the kinds of association rejection (PeerBudget kinds) as srnode_associations_refused_total reasons
+_REFUSAL_LABELS = {"max PDU": "max-pdu", "called AE title": "called-ae", "unknown caller": "unknown-caller",
+                   "limit": "limit"}
+
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4 (Table 9-21)
 MAX_LOGGED_REFUSALS = 10  # WARNING lines naming a refused C-STORE, per association and status (then counted)
 REJECT_UNKNOWN_CALLER = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
@@ -308,7 +312,8 @@ class StoreSCP:
     def _rejected(self, calling: str, address: str, kind: str, line: str, **fields: Any) -> None:
         """One WARNING line ``line`` and one ``association-rejected`` audit record (``fields``), within the
         address's budget for that ``kind`` of rejection (:class:`node.audit.PeerBudget`: beyond it counted, the
-        count written later)."""
+        count written later); always counted in ``srnode_associations_refused_total{reason=...}``."""
+        self.metrics.associations_refused.labels(reason=_REFUSAL_LABELS[kind]).inc()
         write, note = self.budget.take(address, kind)
         if not write:
             return
@@ -427,12 +432,14 @@ class StoreSCP:
         self.metrics.active_associations.dec()
         how = "released" if event.event is evt.EVT_RELEASED else "aborted"
         calling, address = str(event.assoc.requestor.ae_title).strip(), str(event.assoc.requestor.address)
-        held = f" ({counts.duplicates} of them already held: the first copy kept)" if counts.duplicates else ""
+        # "0 new, 28 already held" (ops19: "28 instance(s) stored (28 of them already held)" read as 28 stored)
+        stored = (f"{counts.stored} instance(s) accepted: {counts.stored - counts.duplicates} new, {counts.duplicates} "
+                  "already held (the first copy kept)" if counts.duplicates else f"{counts.stored} instance(s) stored")
         unlogged = ", ".join(f"0x{k:04X} x{v}" for k, v in sorted(counts.unlogged.items()))
         quiet = (f" ({sum(counts.unlogged.values())} of them not logged one by one: {unlogged})"
                  if counts.unlogged else "")
-        log.info("association from %s@%s %s after %.1f s: %d instance(s) stored%s, %d refused%s", calling, address,
-                 how, time.monotonic() - counts.started, counts.stored, held, counts.refused, quiet)
+        log.info("association from %s@%s %s after %.1f s: %s, %d refused%s", calling, address,
+                 how, time.monotonic() - counts.started, stored, counts.refused, quiet)
         if self.audit:
             extra = {"refused_not_logged": {f"0x{k:04X}": v for k, v in sorted(counts.unlogged.items())}} \
                 if counts.unlogged else {}
@@ -661,6 +668,10 @@ class StoreSCP:
         """
         # pynetdicom writes each received dataset to a temporary file; keep those on the spool's disk
         self._saved = (_config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir)
+        # torch's compile cache folder defaults to tempfile's folder: keep it where it was, not in incoming/,
+        # which the next start empties (before ops19 every run of a job left incoming/torchinductor_<user>/,
+        # removed at the next start as "1 partial file(s) removed" after a graceful stop)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), "torchinductor_srnode"))
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.admission.spool.incoming)
         node = self.cfg.node
@@ -671,7 +682,9 @@ class StoreSCP:
                                                 handshake_timeout_s=node.tls.handshake_timeout_s,
                                                 association_timeout_s=node.association_timeout_s, audit=self.audit,
                                                 lean_hooks=self.lean_hooks(),
-                                                message_timeout_s=node.message_timeout_s, budget=self.budget)
+                                                message_timeout_s=node.message_timeout_s, budget=self.budget,
+                                                on_refused=lambda why: self.metrics.associations_refused.labels(
+                                                    reason=why).inc())
         except OSError as exc:
             _config.STORE_RECV_CHUNKED_DATASET, tempfile.tempdir = self._saved
             raise ConfigError(listen_problem("DICOM port", "node", node.host, node.port, exc)) from exc

@@ -28,6 +28,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -86,7 +87,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
                  evt_handlers: Any = None, *, handshake_timeout_s: float = 10.0,
                  association_timeout_s: float = 10.0, audit: AuditLog | None = None,
                  max_pending: int = MAX_PENDING, lean_hooks: LeanHooks | None = None,
-                 message_timeout_s: float = 0.0, budget: PeerBudget | None = None) -> None:
+                 message_timeout_s: float = 0.0, budget: PeerBudget | None = None,
+                 on_refused: Callable[[str], None] | None = None) -> None:
+        self.on_refused = on_refused  # counts each refused connection by reason (the node's metrics), unbudgeted
         self.budget = budget  # the per-address bound on refusal lines and audit records (None: none)
         self.lean_hooks = lean_hooks  # the lean C-STORE receive path (node.ingest.lean); None: pynetdicom's
         self.message_timeout_s = message_timeout_s  # QuietDUL's deadline of one fragmented message (0: none)
@@ -202,6 +205,9 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         """One WARNING line and one audit record for a connection that ended before an association: at the
         gate (the TLS handshake, no request) or, ``stage`` "A-ASSOCIATE-RQ", its request refused or unreadable by
         the DICOM upper layer (``QuietAssociation._reader_ended``)."""
+        if self.on_refused is not None:
+            self.on_refused("tls-handshake" if handshake else "no-request" if stage == "no request"
+                            else "unreadable-request")
         kind = "TLS handshake" if handshake else stage
         write, note = self.budget.take(address, kind) if self.budget is not None else (True, "")
         if not write:  # beyond [node] refusals_logged_per_minute for this address: counted (PeerBudget)
@@ -244,21 +250,24 @@ def start_guarded_server(ae: AE, address: tuple[str, int], evt_handlers: list[An
                          association_timeout_s: float, audit: AuditLog | None,
                          lean_hooks: LeanHooks | None = None,
                          message_timeout_s: float = 0.0,
-                         budget: PeerBudget | None = None) -> GuardedAssociationServer:
+                         budget: PeerBudget | None = None,
+                         on_refused: Callable[[str], None] | None = None) -> GuardedAssociationServer:
     """Start ``ae`` as an association acceptor on ``address`` behind the gate, in a daemon thread (as
     ``AE.start_server(block=False)`` does); returns the server (``shutdown()`` stops it).
 
     Sets the AE's ``acse_timeout`` to ``association_timeout_s`` (the rest of the A-ASSOCIATE-RQ after its first
     byte). ``lean_hooks``: receive plain C-STOREs on the lean path (``node.ingest.lean``). ``message_timeout_s``:
     seconds a fragmented command set or data set may take (``QuietDUL``; 0: no deadline). ``budget``: the
-    per-address bound on the lines and audit records of dropped connections (``PeerBudget``). Raises OSError when
+    per-address bound on the lines and audit records of dropped connections (``PeerBudget``). ``on_refused``: called
+    with the reason of each connection refused before an association (tls-handshake, no-request,
+    unreadable-request), for the node's metrics. Raises OSError when
     the address cannot be bound.
     """
     ae.acse_timeout = association_timeout_s
     server = ae.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
                             server_class=GuardedAssociationServer, handshake_timeout_s=handshake_timeout_s,
                             association_timeout_s=association_timeout_s, audit=audit, lean_hooks=lean_hooks,
-                            message_timeout_s=message_timeout_s, budget=budget)
+                            message_timeout_s=message_timeout_s, budget=budget, on_refused=on_refused)
     assert isinstance(server, GuardedAssociationServer)
     thread = threading.Thread(target=make_target(server.serve_forever), name=f"AcceptorServer@{datetime.now():%Y%m%d%H%M%S}",
                               daemon=True)

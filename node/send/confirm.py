@@ -147,6 +147,10 @@ class Confirmations:
         self.cfg, self.index, self.metrics, self.settle = cfg, index, metrics, settle
         self.takes_reports = takes_reports
         self._lock = threading.Lock()  # one outcome per delivery: a report and the deadline may race
+        # Transaction UIDs this process requested: ``resume`` asks again only for those a stopped node left
+        # awaiting. Before ops19 a pending delivery sent at start-up before the resume pass ran was asked twice
+        # (two N-ACTIONs 70 ms apart; the first report then found "no delivery awaits it").
+        self._asked: set[str] = set()
 
     def method(self, dest: Destination) -> ConfirmMethod:
         """The configured method; none for a kind that cannot be asked (no ``QUERY_MODULES`` line: folders)."""
@@ -202,6 +206,7 @@ class Confirmations:
         uid = generate_uid(prefix=None)  # 2.25.<UUID>: a new transaction each time
         self.index.delivery_sent(d.id, METHOD_COMMITMENT, refs, "storage commitment requested, report awaited",
                                  transaction_uid=uid, deadline=deadline)
+        self._asked.add(uid)
         try:
             peer.request_commitment(uid, refs)
         except (Unsupported, DeliveryError):
@@ -313,11 +318,17 @@ class Confirmations:
             else:
                 self.recheck(d)
 
-    def resume(self) -> None:
+    def resume(self) -> int:
         """At start-up: ask again for every delivery left awaiting confirmation by a stopped node (a new Storage
-        Commitment transaction, or the count check again)."""
+        Commitment transaction, or the count check again); a delivery this process already asked (its transaction
+        is one of ours: the outbox sent it since the start) is not asked twice. Returns how many were asked."""
+        n = 0
         for d in self.index.deliveries(states=(DeliveryState.SENT,)):
+            if d.transaction_uid and d.transaction_uid in self._asked:
+                continue
+            n += 1
             self.recheck(d)
+        return n
 
     def recheck(self, d: Delivery) -> None:
         """Run ``d``'s confirmation again without sending its files (they were accepted). Whatever it raises is a

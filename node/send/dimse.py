@@ -48,6 +48,9 @@ from node.dimse import (
 from node.errors import DeliveryError
 from node.send.dimse_lean import _lean_requests
 from node.send.dimse_responses import _Responses
+from node.send.peer_log import install as quiet_outgoing
+from node.send.peer_log import outgoing
+from node.send.peer_log import reason as peer_reason
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,7 @@ class _Work:
         self._items: deque[tuple[Path, str, str]] = deque(items)
         self._in_flight = 0
         self._cond = threading.Condition()
+        self._lost: set[Path] = set()  # files whose response was lost once already (said once: ops19)
 
     def take(self, stop: threading.Event | None = None) -> tuple[Path, str, str] | None:
         """The next file (path, SOP class, transfer syntax), or None when every file was sent (none left, none in
@@ -97,6 +101,14 @@ class _Work:
             self._in_flight -= 1
             self._items.appendleft(item)
             self._cond.notify_all()
+
+    def first_loss(self, path: Path) -> bool:
+        """Whether this is the first time a response for ``path`` was lost in this delivery (before ops19 one
+        file that every association took in turn from a PACS that had gone was logged once per association)."""
+        with self._cond:
+            first = path not in self._lost
+            self._lost.add(path)
+            return first
 
     def wake(self) -> None:
         """Wake every waiting :meth:`take` (``stop`` was set)."""
@@ -133,6 +145,7 @@ class DimseSender:
         # was accepted (``_send_one``), which is what the switch requires; this module is the node's only
         # caller of ``send_c_store`` with a path (the SCP side uses STORE_RECV_CHUNKED_DATASET, not this).
         _config.STORE_SEND_CHUNKED_DATASET = True
+        quiet_outgoing()  # pynetdicom's records about these associations: kept off the log, read as the reason
 
     def _ae(self) -> AE:
         d = self.dest
@@ -152,15 +165,16 @@ class DimseSender:
         kwargs: dict[str, Any] = {"ae_title": d.ae_title}
         if d.tls:
             kwargs["tls_args"] = (client_ssl_context(d), d.host)
-        try:
-            assoc = ae.associate(d.host, d.port, **kwargs)
-        except (OSError, ssl.SSLError) as exc:
-            raise DeliveryError(f"destination {self._where()}: cannot connect: {exc}") from exc
+        with outgoing() as said:
+            try:
+                assoc = ae.associate(d.host, d.port, **kwargs)
+            except (OSError, ssl.SSLError) as exc:
+                raise DeliveryError(f"destination {self._where()}: cannot connect: {exc}") from exc
         if not assoc.is_established:
-            why = ("rejected" if assoc.is_rejected
-                   else "aborted (peer not reachable or it dropped the connection)" if assoc.is_aborted
-                   else "not established")
-            raise DeliveryError(f"destination {self._where()}: association {why}")
+            why = ("association rejected" if assoc.is_rejected
+                   else peer_reason(assoc, "association aborted (the peer dropped the connection)", said)
+                   if assoc.is_aborted else peer_reason(assoc, "association not established", said))
+            raise DeliveryError(f"destination {self._where()}: {why}")
         too_small = max_pdu_problem(assoc.acceptor.maximum_length)
         if too_small is not None:  # nothing could be sent within it (pynetdicom would divide by zero)
             assoc.abort()
@@ -193,7 +207,8 @@ class DimseSender:
         n = max(1, min(self.dest.associations, len(headers)))
         work = _Work(headers)
         if n == 1:
-            self._send_on_one(contexts, work, threading.Event())
+            with outgoing():  # pynetdicom's records of this thread: this delivery's, said by the node's error
+                self._send_on_one(contexts, work, threading.Event())
             return
         stop = threading.Event()
         errors: list[DeliveryError] = []
@@ -201,7 +216,8 @@ class DimseSender:
 
         def run() -> None:
             try:
-                self._send_on_one(contexts, work, stop, lost)
+                with outgoing():
+                    self._send_on_one(contexts, work, stop, lost)
             except DeliveryError as exc:
                 errors.append(exc)
                 stop.set()
@@ -269,14 +285,16 @@ class DimseSender:
                     if retries <= 0:
                         if lost is None:
                             raise
-                        log.warning("destination %s: %s; %s handed back to the other associations", self._where(),
-                                    exc, path.name)
+                        log.log(logging.WARNING if work.first_loss(path) else logging.DEBUG,
+                                "destination %s: %s; %s handed back to the other associations", self._where(), exc,
+                                path.name)
                         lost.append(exc)
                         return
                     retries -= 1
-                    log.warning("destination %s: no C-STORE response for %s; %s", self._where(), path.name,
-                                "handed back to the other associations, this one opened again" if lost is not None
-                                else "again on a new association")
+                    log.log(logging.WARNING if work.first_loss(path) else logging.DEBUG,
+                            "destination %s: no C-STORE response for %s; %s", self._where(), path.name,
+                            "handed back to the other associations, this one opened again" if lost is not None
+                            else "again on a new association")
                     opened = self._open_or_leave(ae, lost)
                     if opened is None:
                         return

@@ -149,7 +149,8 @@ class Outbox:
         else:
             why = f"after {attempts} attempt(s): {exc}" if retryable else f"not retryable: {exc}"
             self.index.delivery_failed(d.id, why, None, confirmed)
-            log.error("job %d -> %s: dead-letter %s", d.job_id, d.destination, why)
+            log.error("job %d -> %s: dead-letter %s; once the cause is fixed, `srnode retry %d` sends it again",
+                      d.job_id, d.destination, why, d.job_id)
             self.metrics.deliveries.labels(destination=d.destination, outcome=DeliveryState.DEAD_LETTER).inc()
             self.metrics.failures.labels(where="delivery", reason=type(exc).__name__).inc()
             if self.audit:

@@ -28,6 +28,9 @@ from node.dimse import PENDING_STATUSES, Status, assoc_no_delay, max_pdu_problem
 from node.errors import DeliveryError
 from node.send.base import Ref, Unsupported, count_series
 from node.send.dimse import client_ssl_context
+from node.send.peer_log import install as quiet_outgoing
+from node.send.peer_log import outgoing
+from node.send.peer_log import reason as peer_reason
 
 # the well-known SOP Instance of the Storage Commitment Push Model (PS3.4 J.3.5)
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
@@ -39,6 +42,7 @@ REJECTED_TRANSIENT = 0x02  # A-ASSOCIATE-RJ Result (PS3.8 9.3.4): rejected-trans
 def _associate(dest: DicomDestination, context: str) -> Any:
     """An association to ``dest`` proposing only ``context`` (Implicit/Explicit VR LE). Unsupported when the peer
     rejects it or accepts no context; DeliveryError (retryable) when it cannot be reached."""
+    quiet_outgoing()
     ae = AE(ae_title=dest.calling_ae_title or "SRNODE")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = dest.timeout_s
     ae.connection_timeout = dest.timeout_s  # the TCP connection and its TLS handshake (node.send.dimse)
@@ -48,10 +52,11 @@ def _associate(dest: DicomDestination, context: str) -> Any:
         kwargs["tls_args"] = (client_ssl_context(dest), dest.host)
     answers: list[Any] = []  # the peer's A-ASSOCIATE-AC / -RJ, if one came
     kwargs["evt_handlers"] = [(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))]
-    try:
-        assoc = ae.associate(dest.host, dest.port, **kwargs)
-    except (OSError, ssl.SSLError) as exc:
-        raise DeliveryError(f"destination {dest.name} ({dest.address}): cannot connect to confirm: {exc}") from exc
+    with outgoing() as said:
+        try:
+            assoc = ae.associate(dest.host, dest.port, **kwargs)
+        except (OSError, ssl.SSLError) as exc:
+            raise DeliveryError(f"destination {dest.name} ({dest.address}): cannot connect to confirm: {exc}") from exc
     if assoc.is_rejected:
         if any(getattr(a, "result", None) == REJECTED_TRANSIENT for a in answers):
             raise DeliveryError(f"destination {dest.name} ({dest.address}): association to confirm rejected "
@@ -59,8 +64,8 @@ def _associate(dest: DicomDestination, context: str) -> Any:
         raise Unsupported("association rejected")
     if not assoc.is_established:
         if not answers:  # no A-ASSOCIATE answer at all: refused connection, timeout, or the peer went away
-            raise DeliveryError(f"destination {dest.name} ({dest.address}): no association to confirm "
-                                "(peer not reachable or no answer)")
+            raise DeliveryError(f"destination {dest.name} ({dest.address}): no association to confirm: "
+                                + peer_reason(assoc, "the peer did not answer", said))
         # the peer answered but accepted none of the proposed contexts (pynetdicom aborts then)
         raise Unsupported("association not established (no acceptable presentation context)")
     if not any(str(cx.abstract_syntax) == context for cx in assoc.accepted_contexts):

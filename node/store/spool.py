@@ -455,20 +455,22 @@ class Spool:
                     out.extend(sorted(p for p in series.iterdir() if p.is_file() and p.suffix == ".dcm"))
         return out
 
-    def clean_incoming(self) -> int:
-        """Remove leftovers of interrupted writes (start-up); returns how many. An entry that cannot be
-        removed is logged and left."""
-        n = 0
-        for p in self.incoming.iterdir():
+    def clean_incoming(self) -> list[str]:
+        """Remove leftovers of interrupted writes (start-up); returns the names removed, a folder's with a trailing
+        ``/`` (a received data set's partial file is a file; a folder is a library's scratch: while the SCP runs,
+        ``tempfile.tempdir`` is ``incoming/``). An entry that cannot be removed is logged and left."""
+        removed: list[str] = []
+        for p in sorted(self.incoming.iterdir()):
             try:
                 if p.is_dir():
                     shutil.rmtree(p)
+                    removed.append(p.name + "/")
                 else:
                     p.unlink()
-                n += 1
+                    removed.append(p.name)
             except OSError as exc:  # pragma: no cover - permissions
                 log.warning("spool: cannot remove leftover %s: %s", p, exc)
-        return n
+        return removed
 
     # ------------------------------------------------------------------------------------ outbox area
 

@@ -105,3 +105,23 @@ def test_a_socket_closed_under_the_lean_writer_is_a_lost_connection() -> None:
     a.close()
     with pytest.raises(ConnectionResetError):
         _send_all(a, b"\0" * 16, 1.0)
+
+
+def test_a_lost_response_is_logged_once_per_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """ops19: a PACS gone mid-delivery: the file in hand went back to the work list and every association took it
+    in turn: "no C-STORE response for PM00001.dcm" logged 4 times for one file. Now once per file and delivery."""
+    import collections
+    import logging
+
+    files = phantom(tmp_path, seed=77, slices=6, size=16)
+    pacs = _Shedding("store", healthy=0)
+    caplog.set_level(logging.INFO)
+    try:
+        with pytest.raises(DeliveryError):
+            make_sender(DicomDestination(name="p", ae_title="SHEDDING", host="127.0.0.1", port=pacs.port,
+                                         associations=4, timeout_s=10.0)).send(files)
+    finally:
+        pacs.server.shutdown()
+    lines = collections.Counter(r.getMessage().split(" for ", 1)[1].split(";", 1)[0] for r in caplog.records
+                                if r.levelno >= logging.WARNING and "no C-STORE response for" in r.getMessage())
+    assert lines and max(lines.values()) == 1, lines

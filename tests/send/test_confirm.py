@@ -822,3 +822,58 @@ def test_a_delivery_awaiting_a_count_from_a_removed_destination_does_not_stop_th
     (d1,) = jobs[0]["deliveries"]
     assert "no destination named 'pacs'" in d1["reason"], d1
     assert "outbox: destinations" not in node.log()  # the outbox's pass never failed
+
+
+# ---------------------------------------------------------------------------------------------- ops19: asked once
+
+
+def _commitment_jobs(orthanc: Orthanc, before: set[str]) -> list[dict[str, Any]]:
+    with orthanc.client() as c:
+        new = [c.get(f"/jobs/{j}").json() for j in set(c.get("/jobs").json()) - before]
+    return [j for j in new if j["Type"] == "StorageCommitmentScp"]
+
+
+def test_resume_does_not_ask_again_for_a_delivery_this_process_sent(orthanc: Orthanc, tmp_path: Path) -> None:
+    """ops19: the node started its outbox before the start-up resume ran; a pending delivery sent by the first pass
+    (transaction T1) was then asked again by the resume (T2, 70 ms later) and T1's report found "no delivery
+    awaits it". Now resume asks only for transactions this process did not open."""
+    files = write_phantom_series(tmp_path / "ct", slices=2, size=32, seed=61)
+    put_modality(orthanc, "confirm-o19", "SRCONO19", free_port())  # reports cannot come: the delivery stays 'sent'
+    h = Harness(tmp_path, _cfg(tmp_path, _dicom(orthanc, "SRCONO19")), files)
+    d = h.job(1)
+    with orthanc.client() as c:
+        before = set(c.get("/jobs").json())
+    h.outbox.attempt(d)  # the outbox's first pass sent it: transaction T1
+    sent = h.now(d)
+    assert sent.state is DeliveryState.SENT and sent.transaction_uid
+    h.outbox.confirm.resume()  # the start-up resume that follows: nothing was left by a stopped node
+    assert h.now(d).transaction_uid == sent.transaction_uid  # not asked again under a new transaction
+    assert len(_commitment_jobs(orthanc, before)) == 1
+
+
+def test_real_node_restarted_with_a_pending_delivery_asks_once_and_says_so(orthanc: Orthanc, tmp_path: Path) -> None:
+    """ops19, as hospital IT saw it: the PACS down (the delivery pending, retried every second), the node stopped
+    with SIGTERM, then both back: exactly one Storage Commitment request, no "no delivery awaits it", and the start
+    line counts the resumed delivery; a job's run (selfsup) leaves nothing in incoming/ for the next start to
+    remove (before: torch's torchinductor_<user>/ folder, counted "1 partial file(s) removed")."""
+    port = free_port()
+    sections = {"destinations": [{**_dicom(orthanc, "SRNODE", name="pacs"), "port": free_port()}],  # PACS "down"
+                "rules": [{"name": "ct", "match": {"Modality": "CT"}, "destinations": ["pacs"],
+                           "through_plane_factor": 2}],
+                "engine": {"name": "selfsup", "device": "cpu", "fast": True, "finetune_steps": 5, "tta_passes": 1,
+                           "samples": 2},
+                "outbox": {"max_attempts": 100, "backoff_initial_s": 0.2, "backoff_max_s": 0.5},
+                "node": {"require_known_callers": False, "port": port}}
+    files = write_phantom_series(tmp_path / "ct", slices=4, size=64, seed=62)
+    with NodeProc.start(tmp_path / "node", sections) as node:
+        put_modality(orthanc, "confirm-o19n", "SRNODE", node.port)
+        assert storescu(files, node.port).returncode == 0, STORESCU
+        node.wait_jobs(lambda js: js and js[-1]["deliveries"] and js[-1]["deliveries"][0]["attempts"] >= 2,
+                       timeout=180, what="delivery failing")
+        node.restart({"destinations": [_dicom(orthanc, "SRNODE", name="pacs")]})  # PACS back, node restarted
+        (job,) = node.wait_jobs(lambda js: js[-1]["state"] == "delivered", timeout=60, what="delivered")
+        log = node.log().split("===== start 2 =====")[1]
+        assert log.count("storage commitment of") == 1, log
+        assert "no delivery awaits it" not in log, log
+        assert "1 delivery(ies) resumed (1 to send, 0 awaiting confirmation" in log, log
+        assert "0 partial file(s) removed" in log and "spool incoming/: removed" not in log, log
