@@ -119,15 +119,7 @@ class _DiskFullGuard:
         self.written += len(data)
         if 0 < self.max_bytes < self.written:  # not written further: the file removed, answered 0xC211 (hostile19)
             self.oversize = self.written
-            self.disk_full = True  # nothing more is written or flushed
-            try:
-                self._fh.close()
-            except OSError:
-                pass
-            try:
-                os.unlink(self.name)
-            except OSError:
-                pass
+            self._discard()
             return len(data)
         if not self.disk_full:
             try:
@@ -153,9 +145,14 @@ class _DiskFullGuard:
     def _spill(self, exc: OSError) -> None:
         if exc.errno != errno.ENOSPC:
             raise exc
+        self._discard()
+
+    def _discard(self) -> None:
+        """Nothing more is written or flushed; the file is closed (a close that flushes again after ENOSPC fails the
+        same way, and closes all the same) and removed."""
         self.disk_full = True
         try:
-            self._fh.close()  # flushes again: fails the same way, and closes all the same
+            self._fh.close()
         except OSError:
             pass
         try:

@@ -8,8 +8,6 @@ version decided it instead of "cubic 2"."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 from pydicom import dcmread
@@ -19,38 +17,12 @@ from models.engine import CpuPrecision, EngineOptions
 from models.selfsup import SelfSupEngine
 from node.app.phantom import write_phantom_series
 from node.process.engines import settings_digest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-CONFIG = """
-[engine]
-name = "selfsup"
-device = "cpu"
-fast = true
-tta_passes = 2
-min_gain_db = {min_gain}
-cpu_precision = "float32"
-
-[[destinations]]
-name = "unused"
-kind = "folder"
-path = "{out}/unused"
-
-[[rules]]
-name = "sr"
-match = {{ Modality = "CT" }}
-through_plane_factor = 2
-destinations = ["unused"]
-"""
+from tests.support.process import engine_config, run_process
 
 
 def _process(tmp_path: Path, src: Path, tag: str, min_gain: float) -> list[Path]:
-    cfg = tmp_path / f"config-{tag}.toml"
-    cfg.write_text(CONFIG.format(out=tmp_path, min_gain=min_gain))
     out = tmp_path / f"out-{tag}"
-    r = subprocess.run([sys.executable, "-m", "node.app.cli", "process", str(src), str(out), "--config", str(cfg),
-                        "--no-preview"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_process(src, out, engine_config(tmp_path / f"config-{tag}.toml", min_gain_db=min_gain))
     derived = sorted(out.glob("*/derived/*.dcm"))
     assert derived, r.stderr
     return derived

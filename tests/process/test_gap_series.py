@@ -4,37 +4,13 @@ thickness, and the engine log names the gap (issue #13, helper engine18; docs/en
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 from pydicom import dcmread
 
 from node.app.phantom import write_phantom_series
-
-ROOT = Path(__file__).resolve().parents[2]
-
-CONFIG = """
-[engine]
-name = "selfsup"
-device = "cpu"
-fast = true
-tta_passes = 2
-min_gain_db = -99.0
-cpu_precision = "float32"
-
-[[destinations]]
-name = "unused"
-kind = "folder"
-path = "{out}/unused"
-
-[[rules]]
-name = "sr"
-match = {{ Modality = "CT" }}
-through_plane_factor = 2
-destinations = ["unused"]
-"""
+from tests.support.process import engine_config, run_process
 
 
 def _hu(path: Path) -> np.ndarray:
@@ -52,12 +28,8 @@ def test_a_gap_series_keeps_its_acquired_slices_where_they_were_acquired(tmp_pat
         ds = dcmread(p)
         ds.SliceThickness = 2.0
         ds.save_as(p)
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(CONFIG.format(out=tmp_path))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "node.app.cli", "process", str(src), str(out), "--config", str(cfg),
-                        "--no-preview"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_process(src, out, engine_config(tmp_path / "config.toml"))
     assert "(gap 1 mm)" in r.stderr and "of FWHM 1 mm" in r.stderr, r.stderr
     derived = sorted(out.glob("*/derived/*.dcm"))
     assert len(derived) == 17

@@ -10,40 +10,14 @@ import sys
 from pathlib import Path
 
 from node.app.phantom import write_phantom_series
-
-ROOT = Path(__file__).resolve().parents[2]
-
-CONFIG = """
-[engine]
-name = "{engine}"
-device = "cpu"
-fast = true
-tta_passes = 2
-min_gain_db = {min_gain}
-cpu_precision = "float32"
-
-[[destinations]]
-name = "unused"
-kind = "folder"
-path = "{out}/unused"
-
-[[rules]]
-name = "sr"
-match = {{ Modality = "CT" }}
-through_plane_factor = 2
-destinations = ["unused"]
-"""
+from tests.support.process import ROOT, engine_config, run_process
 
 
 def _process(tmp_path: Path, engine: str, min_gain: float = -99.0) -> tuple[dict, str]:
     src = tmp_path / "in"
     write_phantom_series(src, slices=9, size=64, step_mm=3.0, fov_mm=96.0)
-    cfg = tmp_path / "config.toml"
-    cfg.write_text(CONFIG.format(out=tmp_path, engine=engine, min_gain=min_gain))
     out = tmp_path / "out"
-    r = subprocess.run([sys.executable, "-m", "node.app.cli", "process", str(src), str(out), "--config", str(cfg),
-                        "--no-preview", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_process(src, out, engine_config(tmp_path / "config.toml", engine, min_gain), "--quiet")
     (report,) = out.glob("*/report.json")
     return json.loads(report.read_text()), r.stdout
 
