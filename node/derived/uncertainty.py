@@ -91,8 +91,12 @@ def clean_sigma(sigma: np.ndarray) -> np.ndarray:
 
 
 def display_max(sig: np.ndarray) -> float:
-    """The top of sigma's display range: its 99th percentile (every 2nd slice, 4th row and column), at least 1."""
-    sub = sig[::2, ::4, ::4]
+    """The top of sigma's display range: its 99th percentile (every slice, every 4th row and column), at least 1.
+
+    Every slice: with a through-plane factor f, every f-th derived slice is an acquired one, where sigma is far
+    smaller; a stride along z sharing a factor with f sampled those alone (the shared fMRI's map said 0-1 a.u. while
+    its new slices' sigma reached 570-2400)."""
+    sub = sig[:, ::4, ::4]
     return max(float(np.percentile(sub, 99)) if sub.size else 0.0, 1.0)
 
 

@@ -184,3 +184,19 @@ def test_map_of_a_source_without_body_part_is_valid(tmp_path: Path) -> None:
         refs = [it.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
                 for it in pm.PerFrameFunctionalGroupsSequence]
         assert refs == [d.SOPInstanceUID for d in out.derived]
+
+
+def test_the_maps_window_spans_the_new_slices_not_only_the_acquired_ones(phantom: SeriesVolume) -> None:
+    """x2 through-plane: every 2nd derived slice is an acquired one, where sigma is small. The window was taken on
+    every 2nd slice only, i.e. on the acquired slices alone: on the shared Philips fMRI it said 0-1 a.u. while the new
+    slices' sigma reached 570-2400, and a viewer (and the preview) showed every new slice saturated, air included."""
+    factors = Factors(2, 1)
+    shape = SigmaCubic().upscale(phantom.to_engine_input(), factors).data.shape
+    sigma = np.full(shape, 0.05, np.float32)  # acquired slices (even k): nearly sure
+    sigma[1::2] = np.linspace(500, 2400, sigma[1::2].size, dtype=np.float32).reshape(sigma[1::2].shape)
+    out, _ = _derive(phantom, DeriveConfig(), sigma=sigma)
+    (pm,) = out.uncertainty
+    want = float(np.percentile(sigma[:, ::4, ::4], 99))
+    voi = pm.SharedFunctionalGroupsSequence[0].FrameVOILUTSequence[0]
+    assert float(voi.WindowCenter) * 2 == pytest.approx(float(voi.WindowWidth))
+    assert float(voi.WindowWidth) == pytest.approx(want, rel=0.05), (voi.WindowWidth, want)
