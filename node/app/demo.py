@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     derived = sorted((out_dir / job.study_uid / job.derived_series_uid).glob("*.dcm"))
     unc = sorted((out_dir / job.study_uid / job.uncertainty_series_uid).glob("*.dcm")) if job.uncertainty_series_uid else []
     print(f"\ndone in {took:.1f} s (engine {job.engine}{'; fallback: ' + job.fallback if job.fallback else ''})")
+    summary = (job.report or {}).get("summary") or {}
+    if summary.get("line"):
+        print(f"  summary: {summary['line']}")
     print(f"  derived series     {len(derived):4d} instances -> {out_dir / job.study_uid / job.derived_series_uid}")
     if unc:
         head = dcmread(unc[0], stop_before_pixels=True)

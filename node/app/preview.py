@@ -58,7 +58,7 @@ def window(vol: SeriesVolume) -> tuple[float, float, str]:
         share = float(np.mean((body >= lo) & (body <= hi))) if body.size else 1.0
         if share >= MIN_BODY_IN_WINDOW:
             return lo, hi, "series window"
-        note = f" (series window W{w:g} L{c:g} holds {share:.0%} of the body)"
+        note = f"\n(series W{w:g} L{c:g}: {share:.0%} of body)"  # own line: the panel is ~40 characters wide
     else:
         note = ""
     lo, hi = np.percentile(vol.data, [1, 99])
@@ -170,7 +170,7 @@ def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty
     lo, hi, wsource = window(orig)
     invert = series_photometric(orig)[0] == "MONOCHROME1"
     units, units_long = sigma_units(orig)
-    srange = f"\u03c3 0\u2013{smax:.3g} {units}"
+    srange = f"\u03c3 0\u2013{smax:.3g} {units}\n(its 99th percentile)"
     rows: list[list[Panel]] = []
     for plane in [acquired] + [p for p in PLANES if p != acquired]:
         # square pixels no coarser than the finer series nor than the panel's (~500 px across the longer side)
@@ -198,9 +198,9 @@ def write_preview(original: Sequence[Path], derived: Sequence[Path], uncertainty
     no_sigma = "" if has_sigma else f"no uncertainty (engine {made['engine']})"
     png = Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
-    legend = f"\u03c3 ({units_long}), 0 to its 99th percentile; bright = engine unsure"
+    legend = f"\u03c3 ({units_long}); bright = engine unsure"  # short: it runs along the colour bar's height
     if der.shape[0] > orig.shape[0]:  # new slices between acquired ones: calibrated per slice phase
-        legend += "; new slices are less sure than acquired ones (stripes in reformats)"
+        legend += "; new slices less sure (stripes)"
     draw_figure(rows, title, legend, no_sigma, png, dpi)
     log.info("preview written: %s", png)
     return png

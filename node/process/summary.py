@@ -32,19 +32,39 @@ def _worst(values: list[float | None]) -> float | None:
     return min(got) if got else None
 
 
+def _farthest(values: list[float | None], target: float = 0.95) -> float | None:
+    """The coverage farthest from ``target`` (the worst calibrated run), None when none was measured."""
+    got = [float(v) for v in values if v is not None]
+    return max(got, key=lambda v: abs(v - target)) if got else None
+
+
+# A 95 % interval is called calibrated when it covers between these fractions of the errors (issue #13's bar).
+CALIBRATED = (0.93, 0.97)
+
+
+def coverage_words(coverage: float) -> str:
+    """What a 95 % coverage means for a reader: 'calibrated', 'wider than its errors' or 'too narrow'."""
+    if coverage < CALIBRATED[0]:
+        return "sigma too narrow: trust it less than it says"
+    if coverage > CALIBRATED[1]:
+        return "sigma wider than its errors: conservative"
+    return "sigma calibrated"
+
+
 def summarize(report: dict[str, Any], engine: str, fallback: str) -> dict[str, Any]:
     """The summary of a ``process_series`` report. ``engine``: the engine asked for; ``fallback``: the joined
     fallback reasons ("" when none). Gains in dB over cubic (None where the engine measured none, e.g. cubic
     itself); coverages as fractions (0..1) of the pairs' errors within σ's 95 % interval; with several runs
-    (volumes of a series) the worst run's figure. Never raises on a report without runs (counts 0)."""
+    (volumes of a series) the worst run's figure (the lowest gain, the coverage farthest from 0.95; the line says
+    "worst of N"). Never raises on a report without runs (counts 0)."""
     runs: list[dict[str, Any]] = list(report.get("runs", []))
     reps = [r.get("engine_report", {}) or {} for r in runs]
     made_by = sorted({str(r.get("engine", "")) for r in runs if r.get("engine")})
     gain = _worst([_first(x, "through_internal_gain_db", "internal_gain_db") for x in reps])
     gain_z = _worst([_first(x, "through_z_pairs_gain_db") for x in reps])
-    cov = _worst([_first(x, "through_internal_coverage_95") for x in reps])
-    cov_z = _worst([_first(x, "through_sigma_z_pairs_coverage_shipped", "through_z_pairs_coverage_95")
-                    for x in reps])
+    cov = _farthest([_first(x, "through_internal_coverage_95") for x in reps])
+    cov_z = _farthest([_first(x, "through_sigma_z_pairs_coverage_shipped", "through_z_pairs_coverage_95")
+                       for x in reps])
     slices_in = sum(int(r.get("slices_in", 0)) for r in runs)
     slices_out = sum(int(r.get("slices_out", 0)) for r in runs)
     left_out = len(report.get("left_out", []))
@@ -73,20 +93,25 @@ def summarize(report: dict[str, Any], engine: str, fallback: str) -> dict[str, A
 def summary_line(s: dict[str, Any]) -> str:
     """One line of the summary for people: engine, fallback, gain over cubic, σ coverage, slices."""
     parts = [f"engine {s['engine']}"]
+    worst = f" (worst of {s['runs']} volumes)" if s.get("runs", 0) > 1 else ""
     if s["fallback"]:
         parts.append(f"FELL BACK to {s['made_by']}: {s['fallback_reason']}")
-    if s["gain_over_cubic_db"] is not None:
-        g = f"self-check {s['gain_over_cubic_db']:+.2f} dB over cubic on held-out pairs of this series"
+    gain = s["gain_over_cubic_db"]
+    if gain is not None:
+        verdict = "better than cubic" if gain > 0 else "NOT better than cubic"
+        g = f"self-check: {verdict}, {gain:+.2f} dB on held-out pairs of this series"
         if s["gain_over_cubic_along_z_db"] is not None:
             g += f" ({s['gain_over_cubic_along_z_db']:+.2f} dB along z)"
-        parts.append(g)
+        parts.append(g + worst)
     elif s["made_by"] == "cubic":
         parts.append("cubic interpolation (no self-check: it is the baseline)")
-    if s["sigma_coverage_95"] is not None:
-        c = f"sigma 95 % coverage {s['sigma_coverage_95']:.2f} on those pairs"
-        if s["sigma_coverage_95_along_z"] is not None:
-            c += f", {s['sigma_coverage_95_along_z']:.2f} along z"
-        parts.append(c)
+    cov = s["sigma_coverage_95"]
+    if cov is not None:
+        c = f"sigma 95 % coverage {cov:.2f} on those pairs ({coverage_words(cov)})"
+        cov_z = s["sigma_coverage_95_along_z"]
+        if cov_z is not None:
+            c += f", {cov_z:.2f} along z ({coverage_words(cov_z)})"
+        parts.append(c + worst)
     sl = f"{s['slices_in']} slices in, {s['slices_out']} out"
     if s["input_slices_left_out"]:
         sl += f", {s['input_slices_left_out']} input slice(s) in no derived series"

@@ -229,7 +229,7 @@ def test_axial_ct_preview(tmp_path: Path) -> None:
     # the series' own brain window (W80 L40) holds 7 % of this plastic phantom's body (all white in it, user19):
     # the volume's 1st-99th percentile instead, saying which window it replaces and why
     note = boxes[0]["note"]
-    assert "1st-99th percentile (series window W80 L40 holds 7% of the body)" in note, note
+    assert "1st-99th percentile\n(series W80 L40: 7% of body)" in note, note
     w = float(note.split()[1])
     assert w > 1000  # air to plastic
 

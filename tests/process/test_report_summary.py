@@ -45,7 +45,9 @@ def test_the_summary_of_the_fast_engine_gives_its_gain_over_cubic_and_sigma_cove
     assert 0.0 <= s["sigma_coverage_95"] <= 1.0
     assert "held-out pairs of this series" in s["gain_pairs"]
     assert (s["slices_in"], s["slices_out"]) == (9, 17)
-    assert f"{s['gain_over_cubic_db']:+.2f} dB over cubic" in s["line"]
+    verdict = "better than cubic" if s["gain_over_cubic_db"] > 0 else "NOT better than cubic"
+    assert f"self-check: {verdict}, {s['gain_over_cubic_db']:+.2f} dB on held-out pairs" in s["line"]
+    assert "sigma calibrated" in s["line"] or "sigma too narrow" in s["line"] or "conservative" in s["line"]
     assert f"summary: {s['line']}" in stdout
 
 
@@ -71,3 +73,25 @@ def test_the_summary_of_an_incomplete_series_says_so(tmp_path: Path) -> None:
     s = json.loads(report.read_text())["summary"]
     assert "made from 7 of the 8 instance(s)" in s["incomplete"] and s["line"].endswith("; INCOMPLETE input")
     assert f"summary: {s['line']}" in r.stdout
+
+
+def test_the_summary_line_says_its_verdicts_in_words_and_names_the_worst_of_several_volumes() -> None:
+    """A last fresh-clone user read figures without a verdict ("is +4.25 good? is 0.98 good?") and one line for three
+    fMRI volumes that did not say its figures were the worst volume's."""
+    from node.process.summary import summarize
+
+    def run(gain: float, cov: float, cov_z: float) -> dict:
+        return {"engine": "selfsup", "slices_in": 17, "slices_out": 33, "engine_report": {
+            "through_internal_gain_db": gain, "through_z_pairs_gain_db": gain - 3, "through_internal_coverage_95": cov,
+            "through_sigma_z_pairs_coverage_shipped": cov_z}}
+
+    s = summarize({"runs": [run(4.25, 0.95, 0.96), run(5.0, 0.977, 0.99), run(6.0, 0.96, 0.94)]}, "selfsup", "")
+    assert s["gain_over_cubic_db"] == 4.25  # the lowest gain
+    assert s["sigma_coverage_95"] == 0.977 and s["sigma_coverage_95_along_z"] == 0.99  # the farthest from 0.95
+    line = s["line"]
+    assert "self-check: better than cubic, +4.25 dB on held-out pairs of this series (+1.25 dB along z) " \
+           "(worst of 3 volumes)" in line, line
+    assert "0.98 on those pairs (sigma wider than its errors: conservative)" in line, line
+    one = summarize({"runs": [run(-0.5, 0.90, 0.95)]}, "selfsup", "")["line"]
+    assert "NOT better than cubic, -0.50 dB" in one and "sigma too narrow: trust it less" in one
+    assert "0.95 along z (sigma calibrated)" in one and "worst of" not in one
