@@ -83,7 +83,19 @@ class OrientationGap:
                                                  "slice step)" if self.step else "")
         return (f"{self.cos_diff:.3g} in a direction cosine ({self.angle_deg:.3g} deg): moves pixels by up to "
                 f"{self.in_plane_px:.3g} px in-plane and {through} through-plane at the far corner (tolerance "
-                f"{IN_PLANE_PX_TOL:g} px, {THROUGH_STEP_TOL:g} of the slice step, {MAX_ANGLE_DEG:g} deg)")
+                f"{IN_PLANE_PX_TOL:g} px, {THROUGH_STEP_TOL:g} of the slice step, {MAX_ANGLE_DEG:g} deg"
+                + (f"; over: {', '.join(self.exceeded())})" if self.exceeded() else ")"))
+
+    def exceeded(self) -> list[str]:
+        """The tolerances this gap is over, in words ([] when ``same``)."""
+        over = []
+        if self.in_plane_px > IN_PLANE_PX_TOL:
+            over.append("the in-plane one")
+        if self.step and self.step > 0 and self.through_mm > THROUGH_STEP_TOL * self.step:
+            over.append("the through-plane one")
+        if self.angle_deg > MAX_ANGLE_DEG:
+            over.append("the angle cap")
+        return over
 
 
 def orientation_gap(a: np.ndarray, b: np.ndarray, rows: int, cols: int, spacing: tuple[float, float],

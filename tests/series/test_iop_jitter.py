@@ -147,6 +147,7 @@ def test_two_halves_one_degree_apart_are_still_refused(tmp_path: Path) -> None:
     assert "differ in matrix, orientation or pixel spacing" in msg
     assert "0.0175 in a direction cosine (1 deg): moves pixels by up to" in msg, msg
     assert "(0.805 of the 5 mm slice step) through-plane" in msg, msg
+    assert "over: the through-plane one, the angle cap)" in msg, msg  # a tilt: 0.08 px in-plane
 
 
 def test_in_plane_jitter_of_more_than_half_a_pixel_is_refused_naming_it(tmp_path: Path) -> None:
@@ -155,6 +156,7 @@ def test_in_plane_jitter_of_more_than_half_a_pixel_is_refused_naming_it(tmp_path
     with pytest.raises(VolumeError) as err:
         load_volumes(_jittered(files, tmp_path / "in", _alternate(_rot("z", 1e-3))))
     assert "moves pixels by up to 0.723 px in-plane" in str(err.value), str(err.value)
+    assert "; over: the in-plane one)" in str(err.value), str(err.value)  # which tolerance failed is named
 
 
 def _mr64(tmp_path: Path) -> list[Path]:
