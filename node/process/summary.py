@@ -113,6 +113,8 @@ def summary_line(s: dict[str, Any]) -> str:
             c += f", {cov_z:.2f} along z ({coverage_words(cov_z)})"
         parts.append(c + worst)
     sl = f"{s['slices_in']} slices in, {s['slices_out']} out"
+    if s.get("runs", 0) > 1:
+        sl += f" in {s['runs']} derived series (volumes or regular runs: report.notes says why)"
     if s["input_slices_left_out"]:
         sl += f", {s['input_slices_left_out']} input slice(s) in no derived series"
     parts.append(sl)

@@ -95,3 +95,4 @@ def test_the_summary_line_says_its_verdicts_in_words_and_names_the_worst_of_seve
     one = summarize({"runs": [run(-0.5, 0.90, 0.95)]}, "selfsup", "")["line"]
     assert "NOT better than cubic, -0.50 dB" in one and "sigma too narrow: trust it less" in one
     assert "0.95 along z (sigma calibrated)" in one and "worst of" not in one
+    assert "51 slices in, 99 out in 3 derived series" in line and "derived series" not in one
