@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -43,7 +44,9 @@ def _incoming_bytes(node: NodeProc) -> int:
     return total
 
 
-def test_a_data_set_past_max_instance_mb_is_not_written_beyond_it(node: NodeProc, tmp_path: Path) -> None:
+@contextmanager
+def _peak_incoming(node: NodeProc) -> Iterator[list[int]]:
+    """While inside: the largest number of bytes seen in the node's incoming/ (polled every 10 ms), as ``[n]``."""
     peak = [0]
     stop = threading.Event()
 
@@ -54,20 +57,27 @@ def test_a_data_set_past_max_instance_mb_is_not_written_beyond_it(node: NodeProc
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    peer = _Peer(node.port)
     try:
-        peer.send(_pdu((peer.cx, 0x03, _rq_command(sop="1.2.826.0.1.3680043.10.1087.19.99"))))
-        chunk = b"\0" * (128 << 10)
-        for _ in range(SENT_MB * 8):
-            peer.send(_pdu((peer.cx, 0x00, chunk)))
-        peer.send(_pdu((peer.cx, 0x02, b"\0\0")))
-        assert peer.answer(60) == Status.TOO_LARGE
-        cmd, data = _one_c_store(tmp_path)  # the association goes on
-        peer.send(_pdu((peer.cx, 0x03, cmd)), _pdu((peer.cx, 0x02, data)))
-        assert peer.answer(60) == Status.SUCCESS
+        yield peak
     finally:
         stop.set()
         watcher.join()
+
+
+def test_a_data_set_past_max_instance_mb_is_not_written_beyond_it(node: NodeProc, tmp_path: Path) -> None:
+    peer = _Peer(node.port)
+    try:
+        with _peak_incoming(node) as peak:
+            peer.send(_pdu((peer.cx, 0x03, _rq_command(sop="1.2.826.0.1.3680043.10.1087.19.99"))))
+            chunk = b"\0" * (128 << 10)
+            for _ in range(SENT_MB * 8):
+                peer.send(_pdu((peer.cx, 0x00, chunk)))
+            peer.send(_pdu((peer.cx, 0x02, b"\0\0")))
+            assert peer.answer(60) == Status.TOO_LARGE
+            cmd, data = _one_c_store(tmp_path)  # the association goes on
+            peer.send(_pdu((peer.cx, 0x03, cmd)), _pdu((peer.cx, 0x02, data)))
+            assert peer.answer(60) == Status.SUCCESS
+    finally:
         peer.close()
     assert peak[0] <= (LIMIT_MB << 20) + (1 << 20), f"incoming/ held {peak[0] / 2**20:.1f} MiB"
     wait_until(lambda: _incoming_bytes(node) == 0, timeout=30, what="incoming/ empty")
@@ -80,14 +90,6 @@ def test_a_stow_rs_part_past_max_instance_mb_is_not_written_beyond_it(tmp_path: 
     request): a 48 MiB part under ``max_instance_mb = 8`` between two good instances: refused 0xC211, the two
     stored, ``incoming/`` never above the limit (before: 48 MiB written, then refused)."""
     node = start_node(tmp_path / "node", {"node": {"stable_age_s": 3600, "max_instance_mb": LIMIT_MB}})
-    peak = [0]
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _incoming_bytes(node))
-            stop.wait(0.01)
-
     def body() -> Iterator[bytes]:
         good = [f.read_bytes() for f in phantom(tmp_path, seed=1919, slices=2)]
         yield b"--b\r\nContent-Type: application/dicom\r\n\r\n" + good[0] + b"\r\n"
@@ -96,15 +98,12 @@ def test_a_stow_rs_part_past_max_instance_mb_is_not_written_beyond_it(tmp_path: 
             yield b"\0" * (128 << 10)
         yield b"\r\n--b\r\nContent-Type: application/dicom\r\n\r\n" + good[1] + b"\r\n--b--\r\n"
 
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
     try:
-        r = httpx.post(f"{node.http_url}/dicom-web/studies", content=body(), timeout=120,
-                       headers={"Authorization": f"Bearer {TOKEN}",
-                                "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
+        with _peak_incoming(node) as peak:
+                r = httpx.post(f"{node.http_url}/dicom-web/studies", content=body(), timeout=120,
+                           headers={"Authorization": f"Bearer {TOKEN}",
+                                    "Content-Type": 'multipart/related; type="application/dicom"; boundary=b'})
     finally:
-        stop.set()
-        watcher.join()
         node.stop()
     assert r.status_code in (200, 202), r.text
     failed = r.json()["00081198"]["Value"]
